@@ -1,0 +1,170 @@
+"""The one typed dataset every loader produces and every model consumes.
+
+Implicit feedback (``../shared/PROTOCOL.md``): every rating is one interaction. Users and
+items get dense ids ``0..n-1`` in first-seen order of the sorted raw ids; raw ids are kept so
+exports (``recs.csv``) speak the dataset's own language.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import DataError
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Flat interaction log, already in dense ids.
+
+    Rows are in file order; ``timestamp`` is seconds (any monotone unit works) and ``rating``
+    is kept only for reference (the protocol treats every row as a positive).
+    """
+
+    user: IntArray
+    item: IntArray
+    timestamp: IntArray
+    rating: FloatArray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.user)
+        if len(self.item) != n or len(self.timestamp) != n:
+            raise DataError(
+                f"interaction columns differ in length: user={n}, item={len(self.item)}, "
+                f"timestamp={len(self.timestamp)}"
+            )
+        if self.rating is not None and len(self.rating) != n:
+            raise DataError(f"rating column has {len(self.rating)} rows, expected {n}")
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+@dataclass(frozen=True)
+class RecDataset:
+    """Users' chronological item sequences plus item text, in dense ids.
+
+    ``sequences[u]`` holds user ``u``'s items sorted by time with a *stable* sort, so ties keep
+    file order (the protocol's leave-one-out depends on it); ``timestamps[u]`` is aligned.
+    """
+
+    name: str
+    user_ids: list[str]
+    item_ids: list[str]
+    item_text: list[str]
+    sequences: list[IntArray]
+    timestamps: list[IntArray]
+    item_titles: list[str] = field(default_factory=list)
+    item_categories: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.item_text) != len(self.item_ids):
+            raise DataError(
+                f"{self.name}: {len(self.item_ids)} items but {len(self.item_text)} texts"
+            )
+        if len(self.sequences) != len(self.user_ids) or len(self.timestamps) != len(
+            self.user_ids
+        ):
+            raise DataError(f"{self.name}: sequences/timestamps do not match the user count")
+        n_items = len(self.item_ids)
+        for u, seq in enumerate(self.sequences):
+            if len(seq) and (seq.min() < 0 or seq.max() >= n_items):
+                raise DataError(f"{self.name}: user {self.user_ids[u]} references unknown items")
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def fingerprint(self) -> str:
+        """Content hash: same data gives the same key for caches of trained models."""
+        h = hashlib.sha256(self.name.encode())
+        h.update(str(self.n_users).encode())
+        h.update(str(self.n_items).encode())
+        for seq in self.sequences:
+            h.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
+            h.update(b"|")
+        for t in self.item_text:
+            h.update(t.encode())
+            h.update(b"\x00")
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict[str, float | int | str]:
+        lengths = np.array([len(s) for s in self.sequences]) if self.sequences else np.zeros(1)
+        return {
+            "name": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": self.n_interactions,
+            "density": self.n_interactions / max(1, self.n_users * self.n_items),
+            "median_seq_len": float(np.median(lengths)),
+        }
+
+
+def build_dataset(
+    name: str,
+    raw_user: list[str] | npt.NDArray[np.str_],
+    raw_item: list[str] | npt.NDArray[np.str_],
+    timestamp: IntArray,
+    item_ids: list[str],
+    item_text: list[str],
+    item_titles: list[str] | None = None,
+    item_categories: list[list[str]] | None = None,
+) -> RecDataset:
+    """Turn raw-id interaction columns into a :class:`RecDataset`.
+
+    ``item_ids``/``item_text`` define the catalog (in that order); every interaction item must
+    be in it (loaders filter and log unknown items before calling this).
+    """
+    raw_user_arr = np.asarray(raw_user).astype(str)
+    raw_item_arr = np.asarray(raw_item).astype(str)
+    item_index = {iid: i for i, iid in enumerate(item_ids)}
+    try:
+        item_dense = np.fromiter(
+            (item_index[i] for i in raw_item_arr), dtype=np.int64, count=len(raw_item_arr)
+        )
+    except KeyError as err:
+        raise DataError(
+            f"{name}: interaction references item {err.args[0]!r} that is not in the catalog"
+        ) from None
+    user_ids, user_dense = _dense_ids(raw_user_arr)
+    order = np.lexsort((np.arange(len(user_dense)), timestamp, user_dense))  # stable by time
+    user_sorted = user_dense[order]
+    bounds = np.searchsorted(user_sorted, np.arange(len(user_ids) + 1))
+    item_sorted = item_dense[order]
+    ts_sorted = np.asarray(timestamp, dtype=np.int64)[order]
+    sequences = [item_sorted[bounds[u] : bounds[u + 1]].copy() for u in range(len(user_ids))]
+    timestamps = [ts_sorted[bounds[u] : bounds[u + 1]].copy() for u in range(len(user_ids))]
+    return RecDataset(
+        name=name,
+        user_ids=user_ids,
+        item_ids=list(item_ids),
+        item_text=list(item_text),
+        sequences=sequences,
+        timestamps=timestamps,
+        item_titles=list(item_titles) if item_titles is not None else [],
+        item_categories=list(item_categories) if item_categories is not None else [],
+    )
+
+
+def _dense_ids(raw: npt.NDArray[np.str_]) -> tuple[list[str], IntArray]:
+    """Dense ids ordered by raw id (numerically when all raw ids are integers)."""
+    uniq = np.unique(raw)
+    if all(u.lstrip("-").isdigit() for u in uniq):
+        uniq = uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
+    index = {u: i for i, u in enumerate(uniq.tolist())}
+    dense = np.fromiter((index[r] for r in raw), dtype=np.int64, count=len(raw))
+    return [str(u) for u in uniq.tolist()], dense

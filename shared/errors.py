@@ -1,0 +1,28 @@
+"""Typed errors. Each message names the problem and what to do about it.
+
+The CLI turns any :class:`FedRecError` into one line on stderr (no traceback).
+"""
+
+
+class FedRecError(Exception):
+    """Base class for errors a user can fix (bad input, missing files, bad config)."""
+
+
+class ConfigError(FedRecError, ValueError):
+    """A configuration value is invalid or contradicts another one."""
+
+
+class DataError(FedRecError, ValueError):
+    """Input data is missing, malformed, or inconsistent."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A dataset is not available locally and could not be downloaded."""
+
+
+class ModelFileError(FedRecError):
+    """A model artifact is corrupt, tampered with, or does not match this catalog."""
+
+
+class PrivacyBudgetExceededError(FedRecError):
+    """Training would spend more privacy than the configured budget allows."""
