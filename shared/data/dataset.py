@@ -68,9 +68,7 @@ class RecDataset:
             raise DataError(
                 f"{self.name}: {len(self.item_ids)} items but {len(self.item_text)} texts"
             )
-        if len(self.sequences) != len(self.user_ids) or len(self.timestamps) != len(
-            self.user_ids
-        ):
+        if len(self.sequences) != len(self.user_ids) or len(self.timestamps) != len(self.user_ids):
             raise DataError(f"{self.name}: sequences/timestamps do not match the user count")
         n_items = len(self.item_ids)
         for u, seq in enumerate(self.sequences):

@@ -1,0 +1,54 @@
+"""``fedrec``: the one console command. The root only wires sub-commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import typer
+
+from fedrec.commands import data, evaluate
+from shared.errors import FedRecError
+
+app = typer.Typer(
+    name="fedrec",
+    help="Federated, privacy-preserving, few-shot recommender.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data.app, name="data")
+app.add_typer(evaluate.app, name="evaluate")
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
+) -> None:
+    """Federated, privacy-preserving, few-shot recommender."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except FedRecError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``fedrec evaluate``: the protocol's evaluations from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from shared.data.registry import load_dataset
+
+from fedrec.options import (
+    DataDirOpt,
+    DatasetOpt,
+    FormatOpt,
+    OutputOpt,
+    RunConfigOpt,
+    SeedOpt,
+    explicit_options,
+)
+from shared.config import from_flat, parse_run_config
+from shared.errors import ConfigError
+from shared.eval.baseline_benchmark import (
+    BaselineConfig,
+    EmbeddingFn,
+    run_baseline_benchmark,
+    summary_rows,
+)
+from shared.eval.protocol import EvalConfig
+from shared.eval.splits import SplitConfig
+from shared.io import write_json_atomic
+
+app = typer.Typer(help="Evaluate models under ../shared/PROTOCOL.md.", no_args_is_help=True)
+
+
+@app.command("baselines")
+def baselines(
+    ctx: typer.Context,
+    dataset: DatasetOpt = "synthetic",
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = 42,
+    cold_user_fraction: Annotated[
+        float, typer.Option(help="Share of users held out as cold-start (0 disables).")
+    ] = 0.1,
+    public_fraction: Annotated[
+        float, typer.Option(help="Share of the remaining users that are public.")
+    ] = 0.2,
+    text: Annotated[
+        bool, typer.Option("--text/--no-text", help="Run the LM text-only baseline.")
+    ] = True,
+    cold_items: Annotated[
+        bool, typer.Option("--cold-items/--no-cold-items", help="Run the cold-start item split.")
+    ] = True,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="Write recs.csv (user,item,rank; top 100).")
+    ] = None,
+    export_model: Annotated[str, typer.Option(help="Baseline whose top-100 is exported.")] = "ease",
+    output: OutputOpt = None,
+    fmt: FormatOpt = "table",
+    run_config: RunConfigOpt = "",
+) -> None:
+    """Pop, ItemKNN, EASE and text-only, side by side on one seeded split."""
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
+    values: dict[str, Any] = dict(parse_run_config(run_config))
+    values.update(
+        explicit_options(
+            ctx,
+            {
+                "seed": "seed",
+                "cold_user_fraction": "cold-user-fraction",
+                "public_fraction": "public-fraction",
+                "cold_items": "cold-items",
+            },
+        )
+    )
+    values.setdefault("seed", seed)
+    split_cfg = from_flat(SplitConfig, _pick(values, SplitConfig))
+    eval_cfg = from_flat(EvalConfig, _pick(values, EvalConfig))
+    base_cfg = from_flat(BaselineConfig, _pick(values, BaselineConfig))
+    unknown = set(values) - _keys(SplitConfig) - _keys(EvalConfig) - _keys(BaselineConfig)
+    if unknown:
+        raise ConfigError(f"unknown --run-config keys: {', '.join(sorted(unknown))}")
+
+    ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
+    embed = _text_embedder() if text else None
+    report = run_baseline_benchmark(
+        ds,
+        split_cfg,
+        eval_cfg,
+        base_cfg,
+        embed=embed,
+        export_path=export,
+        export_model=export_model,
+    )
+    report["command"] = " ".join(["fedrec", *sys.argv[1:]])
+    if output is not None:
+        write_json_atomic(output, report)
+    if fmt == "json":
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_table(report, eval_cfg.k)
+
+
+def _text_embedder() -> EmbeddingFn:
+    from shared.text.encoder import encode_items
+
+    return encode_items
+
+
+def _keys(cls: type) -> set[str]:
+    from shared.config import field_names
+
+    return field_names(cls)
+
+
+def _pick(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    keys = _keys(cls)
+    return {k: v for k, v in values.items() if k.replace("_", "-") in keys}
+
+
+def _print_table(report: dict[str, Any], k: int) -> None:
+    table = Table(title=f"{report['dataset']['name']}: HR@{k} / NDCG@{k}")
+    for col in ("model", "protocol", "population", f"HR@{k}", f"NDCG@{k}"):
+        table.add_column(col, justify="right" if col.startswith(("HR", "NDCG")) else "left")
+    for model, section, pop, hr, ndcg in summary_rows(report, k):
+        table.add_row(model, section, pop, f"{hr:.4f}", f"{ndcg:.4f}")
+    Console().print(table)

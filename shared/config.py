@@ -1,0 +1,147 @@
+"""Typed configuration plumbing shared by the CLI, Flower's ``run_config`` and tests.
+
+Every config is a frozen dataclass whose field defaults are *the* defaults. Flat mappings with
+kebab-case keys (Flower's ``[tool.flwr.app.config]`` / ``--run-config "k=v"`` style) are
+turned into dataclasses here, with values coerced to the field types and unknown keys refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from shared.errors import ConfigError
+
+T = TypeVar("T")
+
+Scalar = bool | int | float | str
+
+
+def kebab(name: str) -> str:
+    """``cold_user_fraction`` -> ``cold-user-fraction``."""
+    return name.replace("_", "-")
+
+
+def parse_run_config(text: str) -> dict[str, Scalar]:
+    """Parse ``"a=1 b=0.5 c='x' d=true"`` (TOML values; bare words are strings).
+
+    >>> parse_run_config("rounds=3 dataset=ml-100k dp=true")
+    {'rounds': 3, 'dataset': 'ml-100k', 'dp': True}
+    """
+    out: dict[str, Scalar] = {}
+    for token in shlex.split(text):
+        if "=" not in token:
+            raise ConfigError(f"--run-config entry {token!r} is not of the form key=value")
+        key, raw = token.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--run-config entry {token!r} has an empty key")
+        out[key] = _parse_value(raw)
+    return out
+
+
+def _parse_value(raw: str) -> Scalar:
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    if isinstance(value, bool | int | float | str):
+        return value
+    return raw
+
+
+def field_names(cls: type) -> set[str]:
+    """The kebab-case keys a dataclass accepts."""
+    return {kebab(f.name) for f in dataclasses.fields(cls)}
+
+
+def from_flat(cls: type[T], values: Mapping[str, Any], *, strict: bool = True) -> T:
+    """Build dataclass ``cls`` from a flat kebab- or snake-case mapping.
+
+    Missing keys keep their defaults; with ``strict`` an unknown key is an error that lists
+    the valid keys. Values are coerced to the annotated field type (``"3"`` -> 3).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    by_key = {kebab(f.name): f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        f = by_key.get(kebab(key))
+        if f is None:
+            if strict:
+                valid = ", ".join(sorted(by_key))
+                raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; valid: {valid}")
+            continue
+        kwargs[f.name] = coerce(value, hints[f.name], kebab(key))
+    return cls(**kwargs)
+
+
+def to_flat(obj: Any) -> dict[str, Any]:
+    """Dataclass instance -> flat kebab-case dict (tuples become lists for JSON/TOML)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[kebab(f.name)] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Coerce ``value`` to the type ``hint`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (
+            isinstance(value, str) and value.lower() in ("none", "null", "")
+        )
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = args[0] if args else str
+        return tuple(coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+            "false",
+            "0",
+            "no",
+            "off",
+        ):
+            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
+    if hint is str:
+        return str(value)
+    return value

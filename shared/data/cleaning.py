@@ -1,0 +1,457 @@
+"""Validation and the documented, logged filters that every dataset loader applies.
+
+Loaders parse their files into :class:`RawInteractions` (raw ids, file order) plus a
+:class:`Catalog` (every item with its text), then call :func:`finalize`. It applies these
+filters, in this order, logs each one with its counts, and builds the :class:`RecDataset`:
+
+1. **Unknown items** -- interactions whose item is not in the catalog are dropped (logged as a
+   warning): an item without text can be neither embedded nor recommended.
+2. **Exact duplicates** -- rows with the same user, item *and* timestamp are dropped, keeping
+   the first in file order: a copy of the test item in training would leak the answer.
+3. **Short users** -- users with fewer than ``min_user_interactions`` interactions (default 3:
+   leave-one-out needs one train, one validation and one test item) are dropped.
+
+Items nobody interacted with stay in the catalog: they are the cold items. Malformed input
+(missing files, wrong columns, non-numeric values) is never guessed around: it raises a
+:class:`DataError` that names the file, the line and what was expected, so a loader never
+produces a silently wrong dataset. The counts are returned as a :class:`CleaningReport`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.data.dataset import IntArray, RecDataset, build_dataset
+from shared.errors import ConfigError, DataError, DatasetNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MIN_USER_INTERACTIONS = 3
+"""Leave-one-out needs a train, a validation and a test interaction per user."""
+
+ColumnKinds = Mapping[str, type[int] | type[float]]
+"""Expected columns of a numeric table, in file order: name -> ``int`` or ``float``."""
+
+
+@dataclass(frozen=True)
+class CleaningReport:
+    """How many rows each filter removed, so a CLI can show what happened to the data."""
+
+    dataset: str
+    source: str
+    rows_read: int
+    users_read: int
+    unknown_items_dropped: int
+    duplicates_dropped: int
+    min_user_interactions: int
+    short_users_dropped: int
+    short_user_interactions_dropped: int
+    users: int
+    items: int
+    cold_items: int
+    interactions: int
+    filtered: bool = True
+    """False when the data was used as generated, without the filters (synthetic)."""
+
+    def as_dict(self) -> dict[str, int | str | bool]:
+        """Plain dict (JSON-ready) of every count."""
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one line per filter."""
+        head = (
+            f"{self.dataset}: read {self.rows_read} interactions of {self.users_read} users "
+            f"from {self.source}"
+        )
+        kept = (
+            f"  kept {self.users} users, {self.items} items ({self.cold_items} cold: never "
+            f"interacted with), {self.interactions} interactions"
+        )
+        if not self.filtered:
+            return [head, "  no filters applied (generated data)", kept]
+        return [
+            head,
+            f"  dropped {self.unknown_items_dropped} interactions with items not in the catalog",
+            f"  dropped {self.duplicates_dropped} exact duplicates (same user, item, timestamp)",
+            f"  dropped {self.short_users_dropped} users with fewer than "
+            f"{self.min_user_interactions} interactions "
+            f"({self.short_user_interactions_dropped} interactions)",
+            kept,
+        ]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    @classmethod
+    def unfiltered(cls, dataset: RecDataset, source: str) -> CleaningReport:
+        """Report for a dataset that was built without filtering (e.g. synthetic data)."""
+        seen = {int(i) for seq in dataset.sequences for i in seq}
+        return cls(
+            dataset=dataset.name,
+            source=source,
+            rows_read=dataset.n_interactions,
+            users_read=dataset.n_users,
+            unknown_items_dropped=0,
+            duplicates_dropped=0,
+            min_user_interactions=0,
+            short_users_dropped=0,
+            short_user_interactions_dropped=0,
+            users=dataset.n_users,
+            items=dataset.n_items,
+            cold_items=dataset.n_items - len(seen),
+            interactions=dataset.n_interactions,
+            filtered=False,
+        )
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A loaded dataset together with the report of what cleaning removed."""
+
+    dataset: RecDataset
+    report: CleaningReport
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every item of a dataset, in file order; ``ids`` must be unique."""
+
+    path: Path
+    ids: list[str]
+    titles: list[str]
+    categories: list[list[str]]
+    texts: list[str]
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not len(self.titles) == len(self.categories) == len(self.texts) == n:
+            raise DataError(f"{self.path}: catalog columns differ in length")
+        if n == 0:
+            raise DataError(f"{self.path}: the item file lists no items")
+        if len(set(self.ids)) != n:
+            dupes = sorted(i for i, count in Counter(self.ids).items() if count > 1)
+            raise DataError(
+                f"{self.path}: item ids must be unique, but {len(dupes)} repeat "
+                f"(e.g. {dupes[:5]}); fix the file so every item appears once"
+            )
+
+
+@dataclass(frozen=True)
+class RawInteractions:
+    """Interaction columns in raw ids and file order, as parsed from ``path``.
+
+    ``user``/``item`` hold either integers (MovieLens) or strings (generic format); integer
+    ids are turned into their decimal strings only when the dataset is built.
+    """
+
+    path: Path
+    user: npt.NDArray[Any]
+    item: npt.NDArray[Any]
+    timestamp: IntArray
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def select(self, keep: npt.NDArray[np.bool_]) -> RawInteractions:
+        """The rows where ``keep`` is true, order preserved."""
+        return RawInteractions(self.path, self.user[keep], self.item[keep], self.timestamp[keep])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def require_file(path: Path, dataset: str) -> Path:
+    """``path`` if it is a file, else a :class:`DatasetNotFoundError` saying how to fix it."""
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"{dataset}: required file {path} not found. Pass --data-dir PATH pointing at the "
+            f"folder that holds the dataset's files, or download it (ml-100k, ml-1m and "
+            f"ml-latest-small are downloaded automatically when --data-dir is omitted)."
+        )
+    return path
+
+
+def check_min_user_interactions(value: int) -> int:
+    """Validate the short-user threshold (an integer >= 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"min_user_interactions must be an integer >= 1, got {value!r}")
+    return value
+
+
+def column_index(
+    path: Path, found: Sequence[str], required: Sequence[str], optional: Sequence[str] = ()
+) -> dict[str, int]:
+    """Map header names to positions; reject missing, unknown or repeated columns.
+
+    Unknown columns are an error rather than ignored: a misspelt ``rating``/``timestamp``
+    column would otherwise silently change the data.
+    """
+    names = [c.strip() for c in found]
+    missing = [c for c in required if c not in names]
+    unknown = [c for c in names if c not in required and c not in optional]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if missing or unknown or repeated:
+        expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
+        problems = [f"missing {missing}"] if missing else []
+        problems += [f"unexpected {unknown}"] if unknown else []
+        problems += [f"repeated {repeated}"] if repeated else []
+        raise DataError(
+            f"{path}: expected the header {expected!r} but found {','.join(names)!r} "
+            f"({'; '.join(problems)})"
+        )
+    return {name: i for i, name in enumerate(names)}
+
+
+def parse_int(value: str, path: Path, line: int, column: str) -> int:
+    """``int(value)`` or a :class:`DataError` naming file, line and column."""
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {line}: column {column!r} must be an integer"
+            f"{' (e.g. Unix seconds)' if 'time' in column.lower() else ''}, found {value!r}"
+        ) from None
+
+
+def parse_float(value: str, path: Path, line: int, column: str) -> float:
+    """``float(value)`` or a :class:`DataError` naming file, line and column."""
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {line}: column {column!r} must be a number, found {value!r}"
+        ) from None
+
+
+def read_numeric_table(
+    path: Path, *, sep: str, columns: ColumnKinds, has_header: bool, encoding: str = "latin-1"
+) -> dict[str, npt.NDArray[Any]]:
+    """Read an all-numeric delimited file into one array per column (fast: ``np.loadtxt``).
+
+    ``columns`` lists the expected columns in file order. With ``has_header`` the first line
+    must name exactly those columns. Any malformed row raises a :class:`DataError` with the
+    file, the line number and what was expected; multi-character separators (ML-1M's ``::``)
+    are supported.
+    """
+    names = list(columns)
+    if has_header:
+        with path.open(encoding=encoding) as f:
+            header = f.readline().rstrip("\r\n").split(sep)
+        index = column_index(path, header, names)
+        names = sorted(names, key=index.__getitem__)  # file order
+    dtype = np.dtype(
+        [(f"c{i}", np.int64 if columns[n] is int else np.float64) for i, n in enumerate(names)]
+    )
+    try:
+        table = _loadtxt(path, sep=sep, dtype=dtype, skip=int(has_header), encoding=encoding)
+    except ValueError as err:
+        raise _diagnose(path, sep, names, columns, int(has_header), encoding, err) from None
+    return {n: np.ascontiguousarray(table[f"c{i}"]) for i, n in enumerate(names)}
+
+
+def _loadtxt(
+    path: Path, *, sep: str, dtype: np.dtype[Any], skip: int, encoding: str
+) -> npt.NDArray[Any]:
+    """``np.loadtxt`` without comment handling; a long ``sep`` is rewritten to a tab first."""
+    source: Path | io.StringIO = path
+    delimiter = sep
+    if len(sep) > 1:
+        source = io.StringIO(path.read_text(encoding=encoding).replace(sep, "\t"))
+        delimiter = "\t"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
+        return np.loadtxt(
+            source,
+            delimiter=delimiter,
+            dtype=dtype,
+            skiprows=skip,
+            ndmin=1,
+            comments=None,
+            encoding=encoding,
+        )
+
+
+def _diagnose(
+    path: Path,
+    sep: str,
+    names: Sequence[str],
+    columns: ColumnKinds,
+    skip: int,
+    encoding: str,
+    err: ValueError,
+) -> DataError:
+    """Find the first bad line of a table ``np.loadtxt`` rejected and describe it."""
+    with path.open(encoding=encoding) as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.rstrip("\r\n")
+            if number <= skip or not line:
+                continue
+            fields = line.split(sep)
+            if len(fields) != len(names):
+                return DataError(
+                    f"{path}, line {number}: expected {len(names)} columns "
+                    f"({', '.join(names)}) separated by {sep!r}, found {len(fields)}: "
+                    f"{line[:80]!r}"
+                )
+            for name, value in zip(names, fields, strict=True):
+                parse = parse_int if columns[name] is int else parse_float
+                parse(value, path, number, name)
+    return DataError(f"{path}: could not parse the file ({err})")
+
+
+# --------------------------------------------------------------------------- item text
+
+
+def format_item_text(title: str, genres: Sequence[str], description: str = "") -> str:
+    """The language-model text of an item: ``"Title. Genres: A, B."`` plus any description."""
+    parts = [_sentence(title)]
+    if genres:
+        parts.append(f"Genres: {', '.join(genres)}.")
+    parts.append(_sentence(description))
+    return " ".join(p for p in parts if p)
+
+
+def _sentence(text: str) -> str:
+    """``text`` stripped and ending in sentence punctuation (empty stays empty)."""
+    text = text.strip()
+    return text if not text or text[-1] in ".!?" else text + "."
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def finalize(
+    name: str,
+    raw: RawInteractions,
+    catalog: Catalog,
+    min_user_interactions: int = DEFAULT_MIN_USER_INTERACTIONS,
+) -> LoadedDataset:
+    """Apply the filters of this module (logged, counted) and build the dataset."""
+    check_min_user_interactions(min_user_interactions)
+    if len(raw) == 0:
+        raise DataError(f"{name}: {raw.path} holds no interactions")
+    rows_read, users_read = len(raw), len(np.unique(raw.user))
+    raw, unknown = drop_unknown_items(name, raw, catalog)
+    raw, duplicates = drop_duplicates(name, raw)
+    raw, short_users, short_rows = drop_short_users(name, raw, min_user_interactions)
+    if len(raw) == 0:
+        raise DataError(
+            f"{name}: no interactions left after cleaning {raw.path} ({unknown} with unknown "
+            f"items, {duplicates} duplicates, {short_rows} of users with fewer than "
+            f"{min_user_interactions} interactions); check the files or lower "
+            f"min_user_interactions"
+        )
+    dataset = build_dataset(
+        name,
+        raw.user.astype(str),
+        raw.item.astype(str),
+        raw.timestamp,
+        catalog.ids,
+        catalog.texts,
+        catalog.titles,
+        catalog.categories,
+    )
+    report = CleaningReport(
+        dataset=name,
+        source=str(raw.path),
+        rows_read=rows_read,
+        users_read=users_read,
+        unknown_items_dropped=unknown,
+        duplicates_dropped=duplicates,
+        min_user_interactions=min_user_interactions,
+        short_users_dropped=short_users,
+        short_user_interactions_dropped=short_rows,
+        users=dataset.n_users,
+        items=dataset.n_items,
+        cold_items=dataset.n_items - len(np.unique(raw.item)),
+        interactions=dataset.n_interactions,
+    )
+    logger.info("%s", report)
+    return LoadedDataset(dataset, report)
+
+
+def drop_unknown_items(
+    name: str, raw: RawInteractions, catalog: Catalog
+) -> tuple[RawInteractions, int]:
+    """Drop interactions whose item is not in the catalog; warn with examples."""
+    ids = np.asarray(catalog.ids)
+    keys = ids.astype(raw.item.dtype) if raw.item.dtype.kind in "iu" else ids
+    known = np.isin(raw.item, keys)
+    dropped = int((~known).sum())
+    if dropped:
+        examples = _examples(np.unique(raw.item[~known]))
+        logger.warning(
+            "%s: dropped %d of %d interactions whose item is not in %s (e.g. items %s)",
+            name,
+            dropped,
+            len(raw),
+            catalog.path,
+            examples,
+        )
+    else:
+        logger.info("%s: all %d interactions reference catalog items", name, len(raw))
+    return raw.select(known), dropped
+
+
+def drop_duplicates(name: str, raw: RawInteractions) -> tuple[RawInteractions, int]:
+    """Drop rows repeating an earlier (user, item, timestamp); the first occurrence stays."""
+    duplicate = _duplicate_mask(raw)
+    dropped = int(duplicate.sum())
+    logger.info(
+        "%s: dropped %d exact duplicate interactions (same user, item, timestamp) of %d",
+        name,
+        dropped,
+        len(raw),
+    )
+    return raw.select(~duplicate), dropped
+
+
+def _duplicate_mask(raw: RawInteractions) -> npt.NDArray[np.bool_]:
+    """True for every row whose (user, item, timestamp) already appeared earlier in the file."""
+    duplicate = np.zeros(len(raw), dtype=bool)
+    if len(raw) < 2:
+        return duplicate
+    _, user = np.unique(raw.user, return_inverse=True)
+    _, item = np.unique(raw.item, return_inverse=True)
+    order = np.lexsort((raw.timestamp, item, user))  # stable: equal keys keep file order
+    keys = np.stack([user[order], item[order], raw.timestamp[order]])
+    same_as_previous = np.all(keys[:, 1:] == keys[:, :-1], axis=0)
+    duplicate[order[1:][same_as_previous]] = True
+    return duplicate
+
+
+def drop_short_users(
+    name: str, raw: RawInteractions, min_interactions: int
+) -> tuple[RawInteractions, int, int]:
+    """Drop users with fewer than ``min_interactions`` rows; returns (rest, users, rows)."""
+    _, inverse, counts = np.unique(raw.user, return_inverse=True, return_counts=True)
+    keep = counts[inverse] >= min_interactions
+    users, rows = int((counts < min_interactions).sum()), int((~keep).sum())
+    logger.info(
+        "%s: dropped %d users with fewer than %d interactions (%d interactions)",
+        name,
+        users,
+        min_interactions,
+        rows,
+    )
+    return raw.select(keep), users, rows
+
+
+def _examples(values: Iterable[Any], limit: int = 5) -> list[str]:
+    """A few values as strings, for log and error messages."""
+    out: list[str] = []
+    for v in values:
+        if len(out) == limit:
+            break
+        out.append(str(v))
+    return out

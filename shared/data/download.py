@@ -1,0 +1,286 @@
+"""Download the public MovieLens archives into a local cache, verified and extracted safely.
+
+Only small, stable archives are fetched automatically (``ARCHIVES``); bigger ones
+(``MANUAL_ARCHIVES``) must be downloaded by hand and passed with ``--data-dir``. Every step
+is built so that a failure leaves nothing half-done behind:
+
+* the archive is streamed into a temporary folder inside the cache dir, hashed on the fly,
+  and its SHA-256 checked against ``ARCHIVES`` before anything is extracted;
+* extraction refuses absolute paths, ``..`` components and symbolic links (no path
+  traversal) and caps the unpacked size;
+* the extracted folder is renamed into place (``<cache>/<name>``) in one atomic step, so a
+  folder in the cache is always complete;
+* the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
+  :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``).
+
+The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` or an explicit
+argument says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import stat
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shared.errors import DataError, DatasetNotFoundError
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "FEDREC_CACHE_DIR"
+DEFAULT_TIMEOUT_S = 10.0
+MAX_EXTRACTED_BYTES = 2 * 1024**3
+PROVENANCE_FILE = ".fedrec-source.json"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Where an archive lives and what it must hash to.
+
+    ``sha256 = None`` means "not known": the download is accepted, and the computed hash is
+    logged and written to the provenance file so that it can be recorded here.
+    """
+
+    url: str
+    sha256: str | None
+    top_dir: str
+    files: tuple[str, ...]
+
+
+# SHA-256 values as published in TensorFlow Datasets' checksum list
+# (tensorflow_datasets/url_checksums/movielens.txt); the GroupLens site only lists MD5s.
+# ml-latest-small is a "latest" release that GroupLens may republish: on a mismatch, check
+# the new archive and update the value here (or download it by hand and use --data-dir).
+ARCHIVES: dict[str, ArchiveSpec] = {
+    "ml-100k": ArchiveSpec(
+        url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+        sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+        top_dir="ml-100k",
+        files=("u.data", "u.item"),
+    ),
+    "ml-1m": ArchiveSpec(
+        url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+        sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        top_dir="ml-1m",
+        files=("ratings.dat", "movies.dat"),
+    ),
+    "ml-latest-small": ArchiveSpec(
+        url="https://files.grouplens.org/datasets/movielens/ml-latest-small.zip",
+        sha256="696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
+        top_dir="ml-latest-small",
+        files=("ratings.csv", "movies.csv"),
+    ),
+}
+"""Archives fetched automatically when no ``--data-dir`` is given."""
+
+MANUAL_ARCHIVES: dict[str, str] = {
+    "ml-latest": "https://files.grouplens.org/datasets/movielens/ml-latest.zip",
+    "ml-25m": "https://files.grouplens.org/datasets/movielens/ml-25m.zip",
+}
+"""Large archives that are never downloaded automatically (hundreds of MB)."""
+
+
+def default_cache_dir() -> Path:
+    """``$FEDREC_CACHE_DIR`` if set, else ``~/.cache/fedrec/datasets``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedrec" / "datasets"
+
+
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The explicit ``cache_dir`` if given, else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def cached_dataset_dir(name: str, cache_dir: str | Path | None = None) -> Path | None:
+    """``<cache>/<name>`` if it exists and is not empty, else ``None``.
+
+    Downloads are renamed into place atomically, so an existing folder is a complete one.
+    """
+    path = resolve_cache_dir(cache_dir) / name
+    return path if path.is_dir() and any(path.iterdir()) else None
+
+
+def download_dataset(
+    name: str, cache_dir: str | Path | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+) -> Path:
+    """Download, verify and extract archive ``name`` into the cache; return its folder.
+
+    Returns the cached folder at once if it is already there. Raises
+    :class:`DatasetNotFoundError` when the network fails and :class:`DataError` when the
+    archive does not match its checksum or is unsafe to extract.
+    """
+    spec = _spec(name)
+    root = resolve_cache_dir(cache_dir)
+    cached = cached_dataset_dir(name, root)
+    if cached is not None:
+        return cached
+    _make_dir(root)
+    final = root / name
+    logger.info("%s: downloading %s into %s", name, spec.url, root)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:
+        archive = Path(tmp) / "archive.zip"
+        digest = fetch(spec.url, archive, timeout=timeout, name=name, cache_dir=root)
+        verify_sha256(name, spec, digest)
+        extracted = Path(tmp) / "extracted"
+        safe_extract(archive, extracted)
+        folder = extracted / spec.top_dir
+        folder = folder if folder.is_dir() else extracted
+        _write_provenance(folder, name, spec, digest)
+        _publish(folder, final)
+    logger.info("%s: ready in %s", name, final)
+    return final
+
+
+def fetch(url: str, dest: Path, *, timeout: float, name: str, cache_dir: Path) -> str:
+    """Stream ``url`` into ``dest`` and return its SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    response = _open(url, timeout, name, cache_dir)
+    try:
+        with _open_for_write(dest) as out:
+            while chunk := _read(response, url, name, cache_dir):
+                out.write(chunk)
+                digest.update(chunk)
+    finally:
+        response.close()
+    return digest.hexdigest()
+
+
+def verify_sha256(name: str, spec: ArchiveSpec, digest: str) -> None:
+    """Raise :class:`DataError` on a mismatch; log the hash when none is known."""
+    if spec.sha256 is None:
+        logger.warning(
+            "%s: no SHA-256 is recorded for %s; the download hashes to %s -- record it in "
+            "shared/data/download.py ARCHIVES after checking it",
+            name,
+            spec.url,
+            digest,
+        )
+        return
+    if digest.lower() != spec.sha256.lower():
+        raise DataError(
+            f"{name}: checksum mismatch for {spec.url}: expected SHA-256 {spec.sha256}, got "
+            f"{digest}. The download is corrupt or was altered, so it was discarded. Retry; if "
+            f"GroupLens republished the archive, check it and update ARCHIVES, or download it "
+            f"by hand and pass --data-dir PATH."
+        )
+    logger.info("%s: SHA-256 verified (%s)", name, digest)
+
+
+def safe_extract(archive: Path, dest: Path, *, max_bytes: int = MAX_EXTRACTED_BYTES) -> None:
+    """Extract a zip into ``dest`` after checking every member stays inside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for info in members:
+                _check_member(info, root, archive)
+            total = sum(info.file_size for info in members)
+            if total > max_bytes:
+                raise DataError(f"{archive}: refusing to extract {total} bytes (limit {max_bytes})")
+            zf.extractall(root, members)
+    except zipfile.BadZipFile as err:
+        raise DataError(
+            f"{archive} is not a valid zip archive ({err}); retry the download"
+        ) from err
+
+
+def _check_member(info: zipfile.ZipInfo, root: Path, archive: Path) -> None:
+    """Reject absolute paths, drive letters, ``..`` and symlinks (zip-slip)."""
+    name = info.filename
+    path = PurePosixPath(name.replace("\\", "/"))
+    escapes = path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":")
+    if escapes or not (root / path).resolve().is_relative_to(root):
+        raise DataError(f"{archive}: refusing to extract {name!r}: it points outside {root}")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise DataError(f"{archive}: refusing to extract symbolic link {name!r}")
+
+
+def offline_error(name: str, url: str, reason: object, cache_dir: Path) -> DatasetNotFoundError:
+    """The error for a failed download: what failed and how to use a local copy instead."""
+    spec = ARCHIVES.get(name)
+    files = " and ".join(spec.files) if spec else "the dataset's files"
+    return DatasetNotFoundError(
+        f"{name}: could not download {url} ({reason}). If this machine is offline, get the "
+        f"archive elsewhere, unzip it and pass --data-dir PATH (the folder holding {files}), "
+        f"or unzip it into {cache_dir / name}."
+    )
+
+
+def _spec(name: str) -> ArchiveSpec:
+    """The archive entry for ``name``, or a :class:`DatasetNotFoundError` explaining why not."""
+    if name in ARCHIVES:
+        return ARCHIVES[name]
+    if name in MANUAL_ARCHIVES:
+        raise DatasetNotFoundError(
+            f"{name} is too large to download automatically: download "
+            f"{MANUAL_ARCHIVES[name]}, unzip it and pass --data-dir PATH"
+        )
+    raise DatasetNotFoundError(
+        f"{name} cannot be downloaded; downloadable datasets: {', '.join(ARCHIVES)}"
+    )
+
+
+def _open(url: str, timeout: float, name: str, cache_dir: Path) -> Any:
+    """``urlopen`` with a short timeout; network failures become the offline error."""
+    try:
+        return urllib.request.urlopen(url, timeout=timeout)
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        raise offline_error(name, url, getattr(err, "reason", err), cache_dir) from err
+
+
+def _read(response: Any, url: str, name: str, cache_dir: Path) -> bytes:
+    """One chunk of the response; a broken connection becomes the offline error."""
+    try:
+        chunk: bytes = response.read(_CHUNK)
+    except (OSError, http.client.HTTPException) as err:
+        raise offline_error(name, url, err, cache_dir) from err
+    return chunk
+
+
+def _open_for_write(path: Path) -> Any:
+    """Open ``path`` for binary writing; a disk problem becomes a :class:`DataError`."""
+    try:
+        return path.open("wb")
+    except OSError as err:
+        raise DataError(
+            f"cannot write {path}: {err}; set ${CACHE_ENV} to a writable folder"
+        ) from err
+
+
+def _make_dir(path: Path) -> None:
+    """Create the cache dir, or explain how to choose another."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"cannot create the dataset cache {path}: {err}; set ${CACHE_ENV} to a writable folder"
+        ) from err
+
+
+def _write_provenance(folder: Path, name: str, spec: ArchiveSpec, digest: str) -> None:
+    """Record where the files came from and the archive's hash, next to the files."""
+    record = {"name": name, "url": spec.url, "sha256": digest, "verified": spec.sha256 is not None}
+    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _publish(folder: Path, final: Path) -> None:
+    """Atomically rename ``folder`` to ``final``; keep a copy another process put there first."""
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()  # an empty leftover, e.g. made by hand
+    try:
+        os.replace(folder, final)
+    except OSError:
+        if cached_dataset_dir(final.name, final.parent) is None:
+            raise
+        logger.info("%s appeared while downloading; keeping the existing copy", final)

@@ -1,0 +1,123 @@
+"""Loader for the generic format: any implicit-feedback data set as two CSV files.
+
+``interactions.csv`` -- header ``user,item,timestamp`` plus an optional ``rating`` column;
+ids are arbitrary strings, timestamps integers in any monotone unit (e.g. Unix seconds).
+``items.csv`` -- header ``item,text`` plus optional ``title`` and ``genres`` (``A|B``) columns.
+``text`` is used verbatim as the language-model text; ``title`` (default: the text) and
+``genres`` only fill ``item_titles`` and ``item_categories``. Both files are UTF-8 (a byte-order
+mark is accepted). Unknown columns are an error, so a misspelt column never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from shared.data.cleaning import (
+    DEFAULT_MIN_USER_INTERACTIONS,
+    Catalog,
+    LoadedDataset,
+    RawInteractions,
+    column_index,
+    finalize,
+    parse_float,
+    parse_int,
+    require_file,
+)
+from shared.data.movielens import split_genres
+from shared.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+INTERACTIONS_FILE = "interactions.csv"
+ITEMS_FILE = "items.csv"
+INTERACTION_COLUMNS = ("user", "item", "timestamp")
+INTERACTION_OPTIONAL_COLUMNS = ("rating",)
+ITEM_COLUMNS = ("item", "text")
+ITEM_OPTIONAL_COLUMNS = ("title", "genres")
+
+
+def load_generic(
+    data_dir: str | Path,
+    *,
+    name: str = "generic",
+    min_user_interactions: int = DEFAULT_MIN_USER_INTERACTIONS,
+    interactions_file: str = INTERACTIONS_FILE,
+    items_file: str = ITEMS_FILE,
+) -> LoadedDataset:
+    """Load ``interactions.csv`` + ``items.csv`` from ``data_dir`` and apply the filters."""
+    root = Path(data_dir)
+    interactions = require_file(root / interactions_file, name)
+    catalog = read_generic_items(require_file(root / items_file, name))
+    raw = read_generic_interactions(interactions)
+    return finalize(name, raw, catalog, min_user_interactions)
+
+
+def read_generic_items(path: Path) -> Catalog:
+    """Parse ``items.csv`` into a catalog (file order); empty texts are logged as a warning."""
+    ids: list[str] = []
+    texts: list[str] = []
+    titles: list[str] = []
+    categories: list[list[str]] = []
+    for line, row in _rows(path, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS):
+        ids.append(_required(row, "item", path, line))
+        texts.append(row["text"].strip())
+        titles.append(row.get("title", row["text"]).strip())
+        categories.append(split_genres(row.get("genres", "")))
+    empty = sum(1 for t in texts if not t)
+    if empty:
+        logger.warning("%s: %d of %d items have an empty text", path, empty, len(texts))
+    return Catalog(path, ids, titles, categories, texts)
+
+
+def read_generic_interactions(path: Path) -> RawInteractions:
+    """Parse ``interactions.csv``; non-integer timestamps and non-numeric ratings raise."""
+    users: list[str] = []
+    items: list[str] = []
+    stamps: list[int] = []
+    for line, row in _rows(path, INTERACTION_COLUMNS, INTERACTION_OPTIONAL_COLUMNS):
+        users.append(_required(row, "user", path, line))
+        items.append(_required(row, "item", path, line))
+        stamps.append(parse_int(row["timestamp"].strip(), path, line, "timestamp"))
+        if "rating" in row:
+            parse_float(row["rating"].strip(), path, line, "rating")  # validated, then unused
+    return RawInteractions(
+        path,
+        np.asarray(users, dtype=str),
+        np.asarray(items, dtype=str),
+        np.asarray(stamps, dtype=np.int64),
+    )
+
+
+def _rows(
+    path: Path, required: Sequence[str], optional: Sequence[str]
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, {column: value})`` for every non-blank row, header checked."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
+            raise DataError(f"{path} is empty; expected a header line {expected!r}")
+        index = column_index(path, header, required, optional)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(index):
+                raise DataError(
+                    f"{path}, line {reader.line_num}: expected {len(index)} columns "
+                    f"({','.join(index)}), found {len(row)}: {row[:6]}"
+                )
+            yield reader.line_num, {name: row[i] for name, i in index.items()}
+
+
+def _required(row: dict[str, str], column: str, path: Path, line: int) -> str:
+    """The stripped value of ``column``; an empty id is an error, not a new id ``""``."""
+    value = row[column].strip()
+    if not value:
+        raise DataError(f"{path}, line {line}: column {column!r} is empty")
+    return value

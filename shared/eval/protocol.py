@@ -1,0 +1,192 @@
+"""Evaluation under ``../shared/PROTOCOL.md``: sampled (99 negatives) and full ranking,
+leave-one-out per population, few-shot for cold-start users, cold-start items, and the
+``recs.csv`` export.
+
+Every function takes any :class:`~shared.models.base.Scorer`, so baselines, the teacher, the
+student and the int8 on-device model are measured by the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.data.dataset import IntArray, RecDataset
+from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, ranks_from_scores
+from shared.eval.splits import ColdItemSplit, ProtocolSplit
+from shared.models.base import Scorer
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``k`` for HR/NDCG, number of sampled negatives, seed of the negative sampler."""
+
+    k: int = 10
+    n_negatives: int = 99
+    seed: int = 42
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One ranking case: score the catalog from ``history``, find ``target``.
+
+    ``exclude`` are items never used as candidates (the history, plus any other items the
+    protocol excludes); ``seen`` are items never drawn as sampled negatives.
+    """
+
+    user: int
+    history: IntArray
+    target: int
+    exclude: IntArray
+    seen: IntArray
+
+
+def sample_negatives(seen: IntArray, n_items: int, n: int, seed: int, user: int) -> IntArray:
+    """``n`` distinct items the user never interacted with, seeded per user (order-free)."""
+    rng = np.random.default_rng([seed, user])
+    allowed = np.ones(n_items, dtype=bool)
+    allowed[seen] = False
+    pool = np.flatnonzero(allowed)
+    if len(pool) <= n:
+        return pool.astype(np.int64)
+    return np.sort(rng.choice(pool, size=n, replace=False)).astype(np.int64)
+
+
+def rank_cases(
+    scorer: Scorer, cases: Sequence[EvalCase], config: EvalConfig = EvalConfig()
+) -> dict[str, float]:
+    """HR@k / NDCG@k, sampled and full, over ``cases``."""
+    n_items = scorer.n_items
+    sampled: list[np.ndarray] = []
+    full: list[np.ndarray] = []
+    for batch in _batches(cases, config.batch_size):
+        scores = np.asarray(scorer.score([c.history for c in batch]), dtype=np.float64)
+        targets = np.array([c.target for c in batch], dtype=np.int64)
+        target_scores = scores[np.arange(len(batch)), targets]
+        full_mask = np.ones_like(scores, dtype=bool)
+        sampled_mask = np.zeros_like(scores, dtype=bool)
+        for row, c in enumerate(batch):
+            full_mask[row, c.exclude] = False
+            full_mask[row, c.target] = False
+            negs = sample_negatives(c.seen, n_items, config.n_negatives, config.seed, c.user)
+            sampled_mask[row, negs] = True
+        full.append(ranks_from_scores(target_scores, scores, full_mask))
+        sampled.append(ranks_from_scores(target_scores, scores, sampled_mask))
+    s = np.concatenate(sampled) if sampled else np.zeros(0)
+    f = np.concatenate(full) if full else np.zeros(0)
+    k = config.k
+    return {
+        "users": len(cases),
+        f"sampled_hr@{k}": hit_rate_at_k(s, k),
+        f"sampled_ndcg@{k}": ndcg_at_k(s, k),
+        f"full_hr@{k}": hit_rate_at_k(f, k),
+        f"full_ndcg@{k}": ndcg_at_k(f, k),
+    }
+
+
+def loo_cases(split: ProtocolSplit, users: IntArray, stage: str = "test") -> list[EvalCase]:
+    """Leave-one-out cases for ``users`` at ``stage`` ('valid' or 'test')."""
+    cases = []
+    for u in split.evaluable(np.asarray(users, dtype=np.int64), stage):
+        u = int(u)
+        hist = split.history(u, stage)
+        cases.append(EvalCase(u, hist, split.target(u, stage), hist, split.full_sequences[u]))
+    return cases
+
+
+def fewshot_cases(split: ProtocolSplit, k_shots: int) -> list[EvalCase]:
+    """Cold-start users with more than ``k_shots`` interactions: first K support, K+1 query."""
+    cases = []
+    for u in split.cold_users:
+        seq = split.full_sequences[int(u)]
+        if len(seq) <= k_shots:
+            continue
+        support = seq[:k_shots]
+        seen = np.append(support, seq[k_shots])
+        cases.append(EvalCase(int(u), support, int(seq[k_shots]), support, seen))
+    return cases
+
+
+def cold_item_cases(cold: ColdItemSplit, users: IntArray) -> list[EvalCase]:
+    """One case per interaction of an evaluation user with a held-out item.
+
+    The history is the user's sequence without held-out items; negatives come from items the
+    user never interacted with.
+    """
+    is_held = np.zeros(cold.original.n_items, dtype=bool)
+    is_held[cold.held_out] = True
+    cases = []
+    for u in users:
+        seq = cold.original.sequences[int(u)]
+        hist = seq[~is_held[seq]]
+        for item in np.unique(seq[is_held[seq]]):
+            cases.append(EvalCase(int(u), hist, int(item), hist, seq))
+    return cases
+
+
+def evaluate_split(
+    scorer: Scorer,
+    split: ProtocolSplit,
+    populations: Sequence[str] = ("public", "federated"),
+    stage: str = "test",
+    config: EvalConfig = EvalConfig(),
+) -> dict[str, dict[str, float]]:
+    """Leave-one-out metrics per population."""
+    return {
+        pop: rank_cases(scorer, loo_cases(split, split.population(pop), stage), config)
+        for pop in populations
+    }
+
+
+def evaluate_fewshot(
+    scorer: Scorer,
+    split: ProtocolSplit,
+    shots: Sequence[int] = (1, 3, 5, 10),
+    config: EvalConfig = EvalConfig(),
+) -> dict[str, dict[str, float]]:
+    """Few-shot metrics per K for the cold-start users (fold-in from the support set)."""
+    return {f"k={k}": rank_cases(scorer, fewshot_cases(split, k), config) for k in shots}
+
+
+def export_recs(
+    scorer: Scorer,
+    dataset: RecDataset,
+    histories: dict[int, IntArray],
+    path: str | Path,
+    top_n: int = 100,
+    batch_size: int = 512,
+) -> int:
+    """Write ``user,item,rank`` (raw ids, rank 1 = best) with each user's top ``top_n`` items,
+    history excluded. Returns the number of rows written. Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    users = sorted(histories)
+    rows = 0
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["user", "item", "rank"])
+        for start in range(0, len(users), batch_size):
+            chunk = users[start : start + batch_size]
+            scores = np.asarray(scorer.score([histories[u] for u in chunk]), dtype=np.float64)
+            for row, u in enumerate(chunk):
+                s = scores[row]
+                s[histories[u]] = -np.inf
+                s[np.isnan(s)] = -np.inf
+                n = min(top_n, dataset.n_items - len(np.unique(histories[u])))
+                top = np.argsort(-s, kind="stable")[:n]
+                for rank, item in enumerate(top, start=1):
+                    writer.writerow([dataset.user_ids[u], dataset.item_ids[int(item)], rank])
+                    rows += 1
+    tmp.replace(path)
+    return rows
+
+
+def _batches(cases: Sequence[EvalCase], size: int) -> Iterator[Sequence[EvalCase]]:
+    for start in range(0, len(cases), size):
+        yield cases[start : start + size]

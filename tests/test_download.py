@@ -1,0 +1,278 @@
+"""Dataset download: verified, atomic, safe extraction, fast offline failure -- no network.
+
+Archives are built locally and served through ``file://`` URLs; network failures are
+simulated by replacing ``urllib.request.urlopen`` (plus one refused loopback connection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import stat
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.data import download
+from shared.data.download import (
+    ARCHIVES,
+    PROVENANCE_FILE,
+    ArchiveSpec,
+    cached_dataset_dir,
+    default_cache_dir,
+    download_dataset,
+    resolve_cache_dir,
+    safe_extract,
+)
+from shared.data.registry import load_dataset
+from shared.errors import DataError, DatasetNotFoundError
+
+ML100K_FILES = {
+    "u.data": b"1\t1\t5\t10\n1\t2\t4\t11\n1\t3\t3\t12\n2\t1\t1\t5\n2\t3\t1\t6\n2\t2\t1\t7\n",
+    "u.item": b"1|Toy Story (1995)|||u|0|1\n2|Heat (1995)|||u|1|0\n3|Caf\xe9 (1990)|||u|0|0\n",
+    "u.genre": b"unknown|0\nComedy|1\n",
+}
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> tuple[Path, str]:
+    """Write a zip with ``members`` and return it with its SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def serve(
+    monkeypatch: pytest.MonkeyPatch, archive: Path, sha256: str | None, top_dir: str = "ml-100k"
+) -> ArchiveSpec:
+    """Point the ml-100k entry at a local archive."""
+    spec = ArchiveSpec(archive.as_uri(), sha256, top_dir, ("u.data", "u.item"))
+    monkeypatch.setitem(ARCHIVES, "ml-100k", spec)
+    return spec
+
+
+def ml100k_zip(tmp_path: Path, prefix: str = "ml-100k/") -> tuple[Path, str]:
+    return make_zip(
+        tmp_path / "src" / "ml-100k.zip", {prefix + k: v for k, v in ML100K_FILES.items()}
+    )
+
+
+def no_network(monkeypatch: pytest.MonkeyPatch, calls: list[dict[str, Any]] | None = None) -> None:
+    """Make every ``urlopen`` fail like an offline machine, recording its arguments."""
+
+    def urlopen(url: str, *args: Any, **kwargs: Any) -> Any:
+        if calls is not None:
+            calls.append({"url": url, **kwargs})
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def leftovers(cache: Path) -> list[str]:
+    """Names in the cache other than finished dataset folders (temp files must be gone)."""
+    return [p.name for p in cache.iterdir() if p.name.startswith(".")] if cache.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Never touch the real ``~/.cache``."""
+    cache = tmp_path / "env-cache"
+    monkeypatch.setenv(download.CACHE_ENV, str(cache))
+    return cache
+
+
+# --------------------------------------------------------------------------- success
+
+
+def test_download_verifies_extracts_and_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    cache = tmp_path / "cache"
+    folder = download_dataset("ml-100k", cache)
+    assert folder == cache / "ml-100k"
+    assert (folder / "u.item").read_bytes() == ML100K_FILES["u.item"]
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert record == {
+        "name": "ml-100k",
+        "url": archive.as_uri(),
+        "sha256": digest,
+        "verified": True,
+    }
+    assert leftovers(cache) == []
+    assert cached_dataset_dir("ml-100k", cache) == folder
+
+
+def test_cached_copy_needs_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    cache = tmp_path / "cache"
+    download_dataset("ml-100k", cache)
+    calls: list[dict[str, Any]] = []
+    no_network(monkeypatch, calls)
+    assert download_dataset("ml-100k", cache) == cache / "ml-100k"
+    ds = load_dataset("ml-100k", cache_dir=cache)
+    assert (ds.n_users, ds.n_items, ds.n_interactions) == (2, 3, 6)
+    assert calls == []
+
+
+def test_load_dataset_downloads_into_env_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _cache_env: Path
+) -> None:
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    ds = load_dataset("ml-100k")
+    assert ds.item_text[2] == "Café (1990)."
+    assert (_cache_env / "ml-100k" / "u.data").is_file()
+
+
+def test_archive_without_top_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, digest = ml100k_zip(tmp_path, prefix="")
+    serve(monkeypatch, archive, digest)
+    folder = download_dataset("ml-100k", tmp_path / "cache")
+    assert (folder / "u.data").is_file()
+
+
+def test_unknown_checksum_is_logged_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, None)
+    with caplog.at_level(logging.WARNING, logger="shared.data.download"):
+        folder = download_dataset("ml-100k", tmp_path / "cache")
+    assert any(digest in r.getMessage() for r in caplog.records)
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert record["sha256"] == digest and record["verified"] is False
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_checksum_mismatch_discards_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, "0" * 64)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="checksum mismatch") as err:
+        download_dataset("ml-100k", cache)
+    assert "0" * 64 in str(err.value) and digest in str(err.value)
+    assert "--data-dir" in str(err.value)
+    assert not (cache / "ml-100k").exists()
+    assert leftovers(cache) == []
+
+
+def test_offline_fails_fast_with_data_dir_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    no_network(monkeypatch, calls)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("ml-100k", cache_dir=cache)
+    msg = str(err.value)
+    assert "--data-dir PATH" in msg and ARCHIVES["ml-100k"].url in msg
+    assert "name resolution" in msg and "u.data" in msg
+    assert calls == [{"url": ARCHIVES["ml-100k"].url, "timeout": download.DEFAULT_TIMEOUT_S}]
+    assert download.DEFAULT_TIMEOUT_S <= 10
+    assert leftovers(cache) == [] and not (cache / "ml-100k").exists()
+
+
+def test_connection_lost_mid_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        def read(self, size: int) -> bytes:
+            raise TimeoutError("timed out")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Broken())
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetNotFoundError, match="timed out"):
+        download_dataset("ml-1m", cache)
+    assert leftovers(cache) == []
+
+
+@pytest.mark.network
+def test_refused_loopback_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ArchiveSpec("http://127.0.0.1:9/ml-100k.zip", None, "ml-100k", ("u.data",))
+    monkeypatch.setitem(ARCHIVES, "ml-100k", spec)
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotFoundError, match="--data-dir"):
+        download_dataset("ml-100k", tmp_path / "cache", timeout=2.0)
+    assert time.perf_counter() - start < 5
+
+
+def test_large_archives_are_not_downloaded(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match=r"ml-25m\.zip.*--data-dir"):
+        download_dataset("ml-25m", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "member",
+    ["../evil.txt", "ml-100k/../../evil.txt", "/tmp/evil.txt", "C:/evil.txt", "..\\evil.txt"],
+)
+def test_path_traversal_is_refused(tmp_path: Path, member: str) -> None:
+    archive, _ = make_zip(tmp_path / "bad.zip", {"ml-100k/u.data": b"x", member: b"boom"})
+    dest = tmp_path / "deep" / "out"
+    with pytest.raises(DataError, match="refusing to extract"):
+        safe_extract(archive, dest)
+    assert not list(tmp_path.rglob("evil.txt"))
+    assert not (dest / "ml-100k" / "u.data").exists()  # checked before anything is written
+
+
+def test_symlink_member_is_refused(tmp_path: Path) -> None:
+    info = zipfile.ZipInfo("ml-100k/u.data")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="symbolic link"):
+        safe_extract(archive, tmp_path / "out")
+
+
+def test_oversized_archive_is_refused(tmp_path: Path) -> None:
+    archive, _ = make_zip(tmp_path / "big.zip", {"a": b"0" * 1000})
+    with pytest.raises(DataError, match="refusing to extract 1000 bytes"):
+        safe_extract(archive, tmp_path / "out", max_bytes=999)
+
+
+def test_corrupt_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "src" / "ml-100k.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(b"this is not a zip")
+    serve(monkeypatch, archive, None)
+    with pytest.raises(DataError, match="not a valid zip"):
+        download_dataset("ml-100k", tmp_path / "cache")
+    assert leftovers(tmp_path / "cache") == []
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "env"))
+    assert default_cache_dir() == tmp_path / "env"
+    assert resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert resolve_cache_dir(None) == tmp_path / "env"
+    monkeypatch.delenv(download.CACHE_ENV)
+    assert default_cache_dir() == Path.home() / ".cache" / "fedrec" / "datasets"
+
+
+def test_official_archive_table() -> None:
+    base = "https://files.grouplens.org/datasets/movielens/"
+    assert {n: s.url for n, s in ARCHIVES.items()} == {
+        n: f"{base}{n}.zip" for n in ("ml-100k", "ml-1m", "ml-latest-small")
+    }
+    assert ARCHIVES["ml-100k"].sha256 == (
+        "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
+    )
+    assert all(s.sha256 is None or len(s.sha256) == 64 for s in ARCHIVES.values())

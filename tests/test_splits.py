@@ -1,0 +1,84 @@
+"""Protocol splits: seeded populations, leave-one-out by time, cold-start items."""
+
+import numpy as np
+import pytest
+
+from shared.data.dataset import build_dataset
+from shared.errors import ConfigError
+from shared.eval.splits import SplitConfig, split_cold_items, split_users
+from tests.conftest import make_dataset
+
+
+def test_populations_partition_users_and_are_seeded():
+    ds = make_dataset(n_users=100)
+    a = split_users(ds, SplitConfig(seed=1))
+    b = split_users(ds, SplitConfig(seed=1))
+    c = split_users(ds, SplitConfig(seed=2))
+    everyone = np.concatenate([a.cold_users, a.public_users, a.federated_users])
+    assert sorted(everyone.tolist()) == list(range(100))
+    assert len(a.cold_users) == 10
+    assert len(a.public_users) == 18  # 20% of the remaining 90
+    assert np.array_equal(a.cold_users, b.cold_users)
+    assert not np.array_equal(a.cold_users, c.cold_users)
+
+
+def test_leave_one_out_by_time_with_stable_ties():
+    # user "a": timestamps tie at 5; file order must decide.
+    ds = build_dataset(
+        "t",
+        ["a"] * 4,
+        ["x", "y", "z", "w"],
+        np.array([1, 5, 5, 2]),
+        ["x", "y", "z", "w"],
+        ["x", "y", "z", "w"],
+    )
+    sp = split_users(ds, SplitConfig(cold_user_fraction=0.0, public_fraction=0.0))
+    # order by time: x(1) w(2) y(5) z(5)  -> test z, valid y, train x w
+    assert ds.item_ids[sp.test[0]] == "z"
+    assert ds.item_ids[sp.valid[0]] == "y"
+    assert [ds.item_ids[i] for i in sp.train[0]] == ["x", "w"]
+    assert [ds.item_ids[i] for i in sp.history(0, "test")] == ["x", "w", "y"]
+    assert [ds.item_ids[i] for i in sp.history(0, "valid")] == ["x", "w"]
+
+
+def test_cold_users_have_no_training_data_and_no_target():
+    ds = make_dataset(n_users=50)
+    sp = split_users(ds)
+    for u in sp.cold_users:
+        assert len(sp.train[u]) == 0
+        assert sp.test[u] == -1
+    assert all(len(s) > 0 for s in sp.train_sequences())
+
+
+def test_short_users_train_only():
+    ds = build_dataset(
+        "t",
+        ["a", "a", "b", "b", "b"],
+        ["x", "y", "x", "y", "z"],
+        np.arange(5),
+        ["x", "y", "z"],
+        ["x", "y", "z"],
+    )
+    sp = split_users(ds, SplitConfig(cold_user_fraction=0.0, public_fraction=0.0))
+    assert sp.test[0] == -1 and len(sp.train[0]) == 2
+    assert list(sp.evaluable(np.array([0, 1]))) == [1]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"cold_user_fraction": 1.0}, {"public_fraction": -0.1}, {"cold_item_min_interactions": 0}],
+)
+def test_bad_split_config_is_refused(bad):
+    with pytest.raises(ConfigError):
+        SplitConfig(**bad)
+
+
+def test_cold_items_removed_from_every_training_input():
+    ds = make_dataset(n_users=60, n_items=40)
+    cold = split_cold_items(ds, SplitConfig(cold_item_fraction=0.2, cold_item_min_interactions=5))
+    assert len(cold.held_out) > 0
+    counts = np.bincount(np.concatenate(ds.sequences), minlength=ds.n_items)
+    assert (counts[cold.held_out] >= 5).all()
+    remaining = np.concatenate(cold.dataset.sequences)
+    assert not np.isin(remaining, cold.held_out).any()
+    assert cold.dataset.n_items == ds.n_items
