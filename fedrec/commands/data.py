@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
-from shared.data.registry import load_dataset
 
 from fedrec.options import DataDirOpt, DatasetOpt, SeedOpt
+from shared.data.registry import load_dataset_with_report
 
 app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 
@@ -17,7 +18,13 @@ def info(
     dataset: DatasetOpt = "synthetic",
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 42,
+    min_user_interactions: Annotated[
+        int, typer.Option(help="Drop users with fewer interactions (logged with counts).")
+    ] = 3,
 ) -> None:
-    """Load a dataset (applying the documented filters) and print its summary as JSON."""
-    ds = load_dataset(dataset, data_dir, synthetic_seed=seed)
-    typer.echo(json.dumps(ds.summary(), indent=2))
+    """Load a dataset, apply the documented filters, print its summary and what was dropped."""
+    loaded = load_dataset_with_report(
+        dataset, data_dir, synthetic_seed=seed, min_user_interactions=min_user_interactions
+    )
+    out = {"summary": loaded.dataset.summary(), "cleaning": loaded.report.as_dict()}
+    typer.echo(json.dumps(out, indent=2))
