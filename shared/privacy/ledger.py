@@ -1,0 +1,171 @@
+"""A persistent privacy ledger: the accountant's history survives rounds, restarts and crashes.
+
+A fresh Opacus ``PrivacyEngine`` per round would reset epsilon; instead every DP mechanism
+run (``noise_multiplier``, ``sample_rate``, ``steps``) is appended here and epsilon is always
+computed over the whole history, so the reported figure is cumulative. Accounting is separate
+from training: the trainer asks :meth:`PrivacyLedger.check` *before* it trains and
+:meth:`PrivacyLedger.record` after, and the ledger is written atomically each time.
+
+>>> ledger = PrivacyLedger(PrivacyBudget(epsilon=8.0, delta=1e-5))
+>>> ledger.record(noise_multiplier=1.0, sample_rate=0.1, steps=10)
+>>> 0 < ledger.epsilon() < 8
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import RDPAccountant
+
+from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
+from shared.io import write_json_atomic
+
+LEDGER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """The most (epsilon, delta) a client (or the server's user-level ledger) may spend."""
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(
+                f"privacy budget epsilon must be a positive number, got {self.epsilon}"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy budget delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One mechanism run: ``steps`` noisy steps at ``noise_multiplier`` and ``sample_rate``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(
+                f"noise_multiplier must be > 0 for DP accounting, got {self.noise_multiplier}"
+            )
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+
+
+class PrivacyLedger:
+    """Cumulative RDP accounting with an optional file that is rewritten atomically."""
+
+    def __init__(self, budget: PrivacyBudget, path: str | Path | None = None) -> None:
+        self.budget = budget
+        self.path = Path(path) if path is not None else None
+        self.history: list[Spend] = []
+        self.declined = 0
+
+    # -- accounting -------------------------------------------------------------------------
+    def epsilon(self, extra: Spend | None = None, delta: float | None = None) -> float:
+        """Epsilon spent so far (plus ``extra`` if given) at ``delta`` (default: the budget's)."""
+        spends = [*self.history, *([extra] if extra is not None else [])]
+        spends = [s for s in spends if s.steps > 0]
+        if not spends:
+            return 0.0
+        acc = RDPAccountant()
+        acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in spends]
+        return float(acc.get_epsilon(delta=self.budget.delta if delta is None else delta))
+
+    def would_exceed(self, spend: Spend) -> bool:
+        """True when running ``spend`` would take epsilon past the budget."""
+        return self.epsilon(extra=spend) > self.budget.epsilon
+
+    def check(self, spend: Spend) -> None:
+        """Raise :class:`PrivacyBudgetExceededError` (and count a decline) if over budget."""
+        if self.would_exceed(spend):
+            self.declined += 1
+            self.save()
+            raise PrivacyBudgetExceededError(
+                f"training would spend epsilon {self.epsilon(extra=spend):.3f} > budget "
+                f"{self.budget.epsilon} at delta {self.budget.delta} (spent so far "
+                f"{self.epsilon():.3f}); this client declines to train. Raise the budget, "
+                "lower the steps or raise the noise multiplier."
+            )
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Append one mechanism run and persist the ledger before returning."""
+        spend = Spend(float(noise_multiplier), float(sample_rate), int(steps))
+        if self.history and (
+            self.history[-1].noise_multiplier == spend.noise_multiplier
+            and self.history[-1].sample_rate == spend.sample_rate
+        ):
+            last = self.history[-1]
+            self.history[-1] = Spend(
+                last.noise_multiplier, last.sample_rate, last.steps + spend.steps
+            )
+        else:
+            self.history.append(spend)
+        self.save()
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the spent epsilon has reached the budget."""
+        return self.epsilon() >= self.budget.epsilon
+
+    # -- persistence ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": LEDGER_VERSION,
+            "mechanism": "rdp",
+            "budget": {"epsilon": self.budget.epsilon, "delta": self.budget.delta},
+            "history": [[s.noise_multiplier, s.sample_rate, s.steps] for s in self.history],
+            "declined": self.declined,
+            "epsilon": self.epsilon(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a saved state, validating it. The spent history always survives; the budget in
+        force is the configured one (the saved one is informational)."""
+        if state.get("version") != LEDGER_VERSION or state.get("mechanism") != "rdp":
+            raise DataError(
+                f"privacy ledger has version {state.get('version')!r} / mechanism "
+                f"{state.get('mechanism')!r}; expected {LEDGER_VERSION} / 'rdp'"
+            )
+        try:
+            history = [Spend(float(n), float(q), int(t)) for n, q, t in state["history"]]
+            declined = int(state.get("declined", 0))
+        except (KeyError, TypeError, ValueError, ConfigError) as err:
+            raise DataError(f"privacy ledger is malformed: {err}") from None
+        self.history = history
+        self.declined = declined
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self.state_dict())
+
+    @classmethod
+    def open(cls, path: str | Path, budget: PrivacyBudget) -> PrivacyLedger:
+        """Load the ledger at ``path`` (or start an empty one there).
+
+        A corrupt ledger is an error, never silently reset: resetting would forget spent
+        privacy.
+        """
+        ledger = cls(budget, path)
+        p = Path(path)
+        if p.exists():
+            try:
+                state = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise DataError(
+                    f"privacy ledger {p} is unreadable ({err}); refusing to reset spent privacy. "
+                    "Restore it from backup or remove it deliberately."
+                ) from None
+            ledger.load_state_dict(state)
+        return ledger

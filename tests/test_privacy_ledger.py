@@ -1,0 +1,76 @@
+"""The persistent privacy ledger: cumulative epsilon, budget refusal, survival of restarts."""
+
+import json
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
+from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
+
+
+def test_epsilon_is_cumulative_over_rounds_and_matches_one_accountant():
+    ledger = PrivacyLedger(PrivacyBudget(epsilon=100, delta=1e-5))
+    for _ in range(3):
+        ledger.record(noise_multiplier=1.1, sample_rate=0.05, steps=20)
+    ledger.record(noise_multiplier=0.9, sample_rate=0.05, steps=10)
+    acc = RDPAccountant()
+    acc.history = [(1.1, 0.05, 60), (0.9, 0.05, 10)]
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(1e-5))
+    one_round = PrivacyLedger(PrivacyBudget(100, 1e-5))
+    one_round.record(1.1, 0.05, 20)
+    assert ledger.epsilon() > one_round.epsilon() * 1.5  # a fresh engine per round resets
+
+
+def test_survives_restart(tmp_path):
+    path = tmp_path / "ledger.json"
+    a = PrivacyLedger.open(path, PrivacyBudget(8, 1e-5))
+    a.record(1.0, 0.1, 30)
+    eps = a.epsilon()
+    b = PrivacyLedger.open(path, PrivacyBudget(8, 1e-5))
+    assert b.epsilon() == pytest.approx(eps)
+    assert json.loads(path.read_text())["history"] == [[1.0, 0.1, 30]]
+
+
+def test_budget_exceeded_declines_and_is_counted(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=1.0, delta=1e-5))
+    big = Spend(noise_multiplier=0.5, sample_rate=1.0, steps=50)
+    with pytest.raises(PrivacyBudgetExceededError, match="declines"):
+        ledger.check(big)
+    assert ledger.epsilon() == 0.0  # nothing was spent
+    assert PrivacyLedger.open(path, PrivacyBudget(1.0, 1e-5)).declined == 1
+
+
+def test_exhausted_client_stays_exhausted_after_restart(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=2.0, delta=1e-5))
+    ledger.record(0.6, 1.0, 20)
+    assert ledger.exhausted
+    again = PrivacyLedger.open(path, PrivacyBudget(epsilon=2.0, delta=1e-5))
+    assert again.exhausted
+    with pytest.raises(PrivacyBudgetExceededError):
+        again.check(Spend(10.0, 0.01, 1))
+
+
+def test_corrupt_ledger_is_refused_not_reset(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="refusing to reset"):
+        PrivacyLedger.open(path, PrivacyBudget())
+    path.write_text(json.dumps({"version": 1, "mechanism": "rdp", "history": [["x", 1, 2]]}))
+    with pytest.raises(DataError, match="malformed"):
+        PrivacyLedger.open(path, PrivacyBudget())
+
+
+@pytest.mark.parametrize("kwargs", [{"epsilon": 0}, {"delta": 1.5}, {"epsilon": float("inf")}])
+def test_bad_budget(kwargs):
+    with pytest.raises(ConfigError):
+        PrivacyBudget(**kwargs)
+
+
+def test_bad_spend():
+    with pytest.raises(ConfigError):
+        Spend(0.0, 0.1, 1)
+    with pytest.raises(ConfigError):
+        Spend(1.0, 1.5, 1)
