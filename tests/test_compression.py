@@ -1,0 +1,393 @@
+"""Pruning, ONNX export, int8 quantization and the on-device runtime (all CPU, ~15 s)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from shared.compression import (
+    ExportConfig,
+    PruneConfig,
+    QuantizeConfig,
+    export_onnx,
+    prune_model,
+    quantize_onnx,
+    random_histories,
+    sparsity_report,
+    top_k_agreement,
+)
+from shared.errors import ConfigError, DataError, ModelFileError
+from shared.ondevice import (
+    INPUT_NAMES,
+    ModelMetadata,
+    OnDeviceModel,
+    RuntimeConfig,
+    catalog_fingerprint,
+    ort_max_opset,
+)
+
+N_ITEMS, DIM, MAX_LEN = 1682, 64, 50
+CATALOG = catalog_fingerprint([f"item{i}" for i in range(N_ITEMS)])
+
+
+class StandInStudent(nn.Module):
+    """Student contract stand-in: embed -> additive attention pool -> LayerNorm -> item table.
+
+    The item table is clustered (centre + noise), so top-10 lists have real structure and
+    int8 agreement is meaningful; ``tied`` shares the input embedding with the output table.
+    """
+
+    def __init__(
+        self,
+        n_items: int = N_ITEMS,
+        dim: int = DIM,
+        max_len: int = MAX_LEN,
+        tied: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.n_items, self.max_len = n_items, max_len
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            centers = torch.randn(24, dim)
+            table = centers[torch.randint(0, 24, (n_items,))] + 0.35 * torch.randn(n_items, dim)
+            self.item_emb = nn.Embedding(n_items, dim)
+            self.pos = nn.Parameter(0.02 * torch.randn(max_len, dim))
+            self.att_hidden = nn.Linear(dim, dim)
+            self.att_score = nn.Linear(dim, 1)
+            self.proj = nn.Linear(dim, dim)
+            self.norm = nn.LayerNorm(dim)
+            with torch.no_grad():
+                self.item_emb.weight.copy_(table)
+                self.proj.weight.copy_(torch.eye(dim) + 0.05 * torch.randn(dim, dim))
+            if tied:
+                self.item_table = self.item_emb.weight
+            else:
+                self.item_table = nn.Parameter(table + 0.1 * torch.randn(n_items, dim))
+
+    def precompute_item_table(self) -> None:
+        """The real student builds its table from item features; here it is a parameter."""
+
+    def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.item_emb(items) + self.pos[-items.shape[1] :]
+        logits = self.att_score(torch.tanh(self.att_hidden(x))).squeeze(-1)
+        weights = torch.softmax(logits.masked_fill(~mask, -1e4), dim=-1) * mask
+        h = self.norm(self.proj((weights.unsqueeze(-1) * x).sum(dim=1)))
+        return h @ self.item_table.T
+
+
+def left_pad(histories: list[np.ndarray], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference padding: keep the last ``length`` ids, pad on the left, mask the real ones."""
+    items = np.zeros((len(histories), length), dtype=np.int64)
+    mask = np.zeros((len(histories), length), dtype=bool)
+    for row, h in enumerate(histories):
+        h = np.asarray(h, dtype=np.int64)[-length:]
+        if len(h):
+            items[row, -len(h) :] = h
+            mask[row, -len(h) :] = True
+    return torch.from_numpy(items), torch.from_numpy(mask)
+
+
+def torch_scores(model: nn.Module, histories: list[np.ndarray], length: int) -> np.ndarray:
+    items, mask = left_pad(histories, length)
+    with torch.no_grad():
+        return model(items, mask).numpy()
+
+
+@pytest.fixture(scope="module")
+def student() -> StandInStudent:
+    return StandInStudent().eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_path(student: StandInStudent, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "student.onnx"
+    export_onnx(student, path, model_version="test-1", catalog_fingerprint=CATALOG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_path(fp32_path: Path) -> Path:
+    path = fp32_path.with_name("student_int8.onnx")
+    quantize_onnx(fp32_path, path)
+    return path
+
+
+def _tampered(src: Path, dst: Path, edit: Callable[[onnx.ModelProto], object]) -> Path:
+    proto = onnx.load(str(src))
+    edit(proto)
+    dst.write_bytes(proto.SerializeToString())
+    return dst
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def test_top_k_agreement_hand_computed() -> None:
+    a = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    b = np.array([[5.0, 1.0, 1.0, 1.0, 9.0], [0.0, 0.0, 0.0, 7.0, 8.0]])
+    # row 0: top2(a)={0,1}, top2(b)={4,0} -> 1/2; row 1: {4,3} vs {4,3} -> 2/2
+    assert top_k_agreement(a, b, k=2) == pytest.approx(0.75)
+    assert top_k_agreement(a, a, k=5) == 1.0
+    # ties break toward the lower item id: top1 of [1,1,1] is item 0, of [0,1,1] is item 1
+    assert top_k_agreement([[1.0, 1.0, 1.0]], [[0.0, 1.0, 1.0]], k=1) == 0.0
+    with pytest.raises(ValueError, match="equal in shape"):
+        top_k_agreement(a, b[:1], k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_agreement(a, b, k=6)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.8])
+def test_pruning_reaches_requested_sparsity(scope: str, sparsity: float) -> None:
+    model = StandInStudent(n_items=200, dim=32, max_len=10)
+    report = prune_model(model, PruneConfig(sparsity=sparsity, scope=scope))  # type: ignore[arg-type]
+    names = {layer.name for layer in report.layers}
+    assert names == {"att_hidden.weight", "att_score.weight", "proj.weight"}
+    assert report.overall == pytest.approx(sparsity, abs=0.01)
+    if scope == "per_layer":
+        for layer in report.layers:
+            assert layer.sparsity == pytest.approx(sparsity, abs=1.0 / layer.numel + 1e-9)
+    # permanent: plain parameters again, no masks or *_orig, and the report is reproducible
+    assert not any(n.endswith(("_orig", "_mask")) for n, _ in model.named_parameters())
+    assert not any(n.endswith("_mask") for n, _ in model.named_buffers())
+    assert sparsity_report(model, report.config).overall == pytest.approx(report.overall)
+
+
+def test_pruning_embeddings_keeps_tied_table_tied(tmp_path: Path) -> None:
+    model = StandInStudent(n_items=200, dim=32, max_len=10)
+    report = prune_model(model, PruneConfig(sparsity=0.5, include_embeddings=True))
+    assert "item_emb.weight" in {layer.name for layer in report.layers}
+    assert len(report.layers) == 5  # tied table counted once; pos included
+    assert model.item_table is model.item_emb.weight
+    assert report.overall == pytest.approx(0.5, abs=0.01)
+    export_onnx(model, tmp_path / "p.onnx", model_version="p", catalog_fingerprint="c")
+
+
+def test_prune_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="sparsity"):
+        PruneConfig(sparsity=1.0)
+    with pytest.raises(ConfigError, match="scope"):
+        PruneConfig(scope="layerwise")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no parameters"):
+        prune_model(nn.Sequential(nn.LayerNorm(4)))
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_matches_torch_for_any_batch_and_length(tied: bool, tmp_path: Path) -> None:
+    model = StandInStudent(n_items=300, dim=32, max_len=20, tied=tied, seed=1).eval()
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, model_version="v", catalog_fingerprint="c")
+    assert report.max_abs_diff < 1e-4
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for batch, length in [(1, 1), (1, 20), (4, 7), (9, 13), (2, 20)]:
+        histories = [rng.integers(0, 300, rng.integers(1, length + 1)) for _ in range(batch)]
+        items, mask = left_pad(histories, length)
+        (got,) = session.run(None, {"items": items.numpy(), "mask": mask.numpy()})
+        with torch.no_grad():
+            want = model(items, mask).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_exported_metadata_and_runtime_scores(student: StandInStudent, fp32_path: Path) -> None:
+    proto = onnx.load(str(fp32_path))
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert (meta.n_items, meta.max_len, meta.model_version) == (N_ITEMS, MAX_LEN, "test-1")
+    assert meta.catalog_fingerprint == CATALOG and meta.input_names == INPUT_NAMES
+    model = OnDeviceModel(fp32_path, expected_n_items=N_ITEMS, expected_catalog_fingerprint=CATALOG)
+    rng = np.random.default_rng(1)
+    histories = [rng.integers(0, N_ITEMS, n) for n in (1, 5, 50, 80, 0, 17)]
+    got = model.score(histories)
+    assert got.shape == (len(histories), N_ITEMS) and got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_scores(student, histories, MAX_LEN), atol=1e-4)
+    # single-user fast path == batched path; long histories are truncated to the last max_len
+    np.testing.assert_allclose(model.score([histories[3]])[0], got[3], atol=1e-4)
+    np.testing.assert_allclose(model.score([histories[3][-MAX_LEN:]])[0], got[3], atol=1e-4)
+
+
+def test_export_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="opset"):
+        ExportConfig(opset=11)
+    with pytest.raises(ConfigError, match="n_items and max_len"):
+        export_onnx(
+            nn.Linear(2, 2), "/nonexistent/x.onnx", model_version="v", catalog_fingerprint="c"
+        )
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def test_int8_is_small_and_agrees_with_torch(
+    student: StandInStudent, fp32_path: Path, int8_path: Path
+) -> None:
+    fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    assert int8_bytes < fp32_bytes / 4
+    assert int8_bytes <= 1_000_000
+    model = OnDeviceModel(int8_path, expected_n_items=N_ITEMS)
+    assert model.metadata.quantization == "weight_int8"
+    # the tied table (Gather input and transposed MatMul weight) is stored once, as int8
+    tables = [t for t in onnx.load(str(int8_path)).graph.initializer if N_ITEMS in t.dims]
+    assert [t.data_type for t in tables if len(t.dims) == 2] == [onnx.TensorProto.INT8]
+    histories = random_histories(N_ITEMS, MAX_LEN, 300, seed=123)
+    agreement = top_k_agreement(torch_scores(student, histories, MAX_LEN), model.score(histories))
+    assert agreement >= 0.97
+
+
+def test_int8_weights_unfolded_give_same_scores(int8_path: Path) -> None:
+    histories = random_histories(N_ITEMS, MAX_LEN, 8, seed=5)
+    folded = OnDeviceModel(int8_path).score(histories)
+    # dequantized at every call instead of at load (basic level: no int8-kernel fusions)
+    cfg = RuntimeConfig(fold_int8_weights=False, graph_optimization="basic")
+    np.testing.assert_allclose(
+        OnDeviceModel(int8_path, config=cfg).score(histories), folded, rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        RuntimeConfig(max_batch_size=0)
+
+
+def test_ort_dynamic_quantization_is_smaller(fp32_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dyn.onnx"
+    cfg = QuantizeConfig(method="dynamic_int8", min_agreement=None)
+    report = quantize_onnx(fp32_path, out, config=cfg)
+    assert report.dst_bytes == out.stat().st_size < fp32_path.stat().st_size
+    assert OnDeviceModel(out).metadata.quantization == "dynamic_int8"
+
+
+def test_quantization_gate_refuses_and_writes_nothing(fp32_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never.onnx"
+    cfg = QuantizeConfig(min_agreement=1.0, min_elements=(1024,), residual_clusters=0)
+    with pytest.raises(ModelFileError, match=r"required 1\.0"):
+        quantize_onnx(fp32_path, out, config=cfg)
+    assert not out.exists()
+    with pytest.raises(ModelFileError, match="already quantized"):
+        quantize_onnx(fp32_path.with_name("student_int8.onnx"), out)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def test_recommend_excludes_history_and_sorts(int8_path: Path) -> None:
+    model = OnDeviceModel(int8_path)
+    history = np.array([3, 14, 15, 92, 65])
+    recs = model.recommend(history, k=10)
+    assert len(recs) == 10 and not set(recs) & set(history.tolist())
+    scores = model.score([history])[0]
+    assert np.all(np.diff(scores[recs]) <= 0)
+    assert set(model.recommend(history, k=10, exclude_history=False)) <= set(
+        np.argsort(-scores)[:11].tolist()
+    )
+    with pytest.raises(DataError, match="outside"):
+        model.score([np.array([N_ITEMS])])
+    with pytest.raises(DataError, match="outside"):  # too old to be scored, still excluded
+        model.recommend(np.r_[N_ITEMS + 5, np.ones(MAX_LEN + 10, dtype=np.int64)])
+    empty = model.score([np.array([], dtype=np.int64)])
+    assert empty.shape == (1, N_ITEMS) and np.isfinite(empty).all()
+    assert len(model.recommend([], k=5)) == 5
+
+
+@pytest.mark.parametrize(
+    "make_bytes",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: np.random.default_rng(0).bytes(4096), id="random"),
+        pytest.param(lambda data: b"", id="empty"),
+    ],
+)
+def test_corrupt_files_are_refused(
+    fp32_path: Path, tmp_path: Path, make_bytes: Callable[[bytes], bytes]
+) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(make_bytes(fp32_path.read_bytes()))
+    with pytest.raises(ModelFileError, match="download it again"):
+        OnDeviceModel(bad)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="cannot read model file"):
+        OnDeviceModel(tmp_path / "nope.onnx")
+
+
+def test_wrong_catalog_is_refused(fp32_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"scores 1682 items but the local catalog has 1000"):
+        OnDeviceModel(fp32_path, expected_n_items=1000)
+    with pytest.raises(ModelFileError, match="exported for catalog"):
+        OnDeviceModel(fp32_path, expected_catalog_fingerprint="0123456789abcdef")
+
+
+def _set_meta(proto: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+
+
+def test_output_width_mismatch_is_refused(fp32_path: Path, tmp_path: Path) -> None:
+    # metadata claims 1600 items, graph says 1682 (static output shape)
+    bad = _tampered(
+        fp32_path, tmp_path / "w.onnx", lambda p: _set_meta(p, "fedrec.n_items", "1600")
+    )
+    with pytest.raises(ModelFileError, match="output width is 1682 items but the metadata says"):
+        OnDeviceModel(bad)
+
+    # same, with the static width erased: caught by the probe inference
+    def erase(p: onnx.ModelProto) -> None:
+        _set_meta(p, "fedrec.n_items", "1600")
+        p.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "n"
+
+    bad = _tampered(fp32_path, tmp_path / "w2.onnx", erase)
+    with pytest.raises(ModelFileError, match=r"expected float32\[1, 1600\]"):
+        OnDeviceModel(bad)
+
+
+def test_wrong_inputs_are_refused(fp32_path: Path, tmp_path: Path) -> None:
+    def rename(p: onnx.ModelProto) -> None:
+        p.graph.input[1].name = "attention_mask"
+        for node in p.graph.node:
+            for i, name in enumerate(node.input):
+                if name == "mask":
+                    node.input[i] = "attention_mask"
+
+    bad = _tampered(fp32_path, tmp_path / "names.onnx", rename)
+    with pytest.raises(ModelFileError, match=r"inputs are \['attention_mask', 'items'\], expected"):
+        OnDeviceModel(bad)
+
+    def retype(p: onnx.ModelProto) -> None:
+        p.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
+
+    bad = _tampered(fp32_path, tmp_path / "types.onnx", retype)
+    with pytest.raises(ModelFileError, match="input 'items' is int32"):
+        OnDeviceModel(bad)
+
+
+def test_unsupported_opset_is_refused(fp32_path: Path, tmp_path: Path) -> None:
+    def bump(p: onnx.ModelProto) -> None:
+        for imp in p.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = 99
+
+    bad = _tampered(fp32_path, tmp_path / "opset.onnx", bump)
+    with pytest.raises(ModelFileError, match=rf"opset 99.*up to {ort_max_opset()}.*re-export"):
+        OnDeviceModel(bad)
+
+
+def test_missing_or_foreign_metadata_is_refused(fp32_path: Path, tmp_path: Path) -> None:
+    bad = _tampered(fp32_path, tmp_path / "m.onnx", lambda p: p.ClearField("metadata_props"))
+    with pytest.raises(ModelFileError, match=r"metadata is missing fedrec\.format"):
+        OnDeviceModel(bad)
+    bad = _tampered(fp32_path, tmp_path / "f.onnx", lambda p: _set_meta(p, "fedrec.format", "x/9"))
+    with pytest.raises(ModelFileError, match="model format is 'x/9'"):
+        OnDeviceModel(bad)
