@@ -1,0 +1,62 @@
+"""Run directory and report: metrics survive a torn line, plots and markdown are written."""
+
+from pathlib import Path
+
+from simulation.report import write_report
+from simulation.run_dir import RunDirectory
+
+
+def _metrics(hr: float) -> dict[str, float]:
+    return {
+        "sampled_hr@10": hr,
+        "sampled_ndcg@10": hr / 2,
+        "full_hr@10": hr / 3,
+        "full_ndcg@10": hr / 6,
+        "users": 10,
+    }
+
+
+def test_run_directory_logs_jsonl_and_skips_a_torn_line(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    run.write_config({"rounds": 2})
+    run.log("round", 1, loss=0.5, clients=3)
+    run.log("round", 2, loss=0.4, clients=3)
+    with run.metrics_path.open("a") as fh:
+        fh.write('{"event": "round", "step": 3, "lo')  # crash mid-write
+    run.close()
+    records = list(run.records("round"))
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[1]["loss"] == 0.4
+    assert (run.root / "config.json").exists()
+    assert any(run.tensorboard.iterdir())
+
+
+def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
+    summary = {
+        "meta": {"dataset": "synthetic", "rounds": 2},
+        "rounds": [
+            {
+                "round": 1,
+                "valid_sampled_hr@10": 0.3,
+                "valid_full_hr@10": 0.1,
+                "epsilon_record": 1.0,
+                "epsilon_user": None,
+            },
+            {
+                "round": 2,
+                "valid_sampled_hr@10": 0.4,
+                "valid_full_hr@10": 0.12,
+                "epsilon_record": 1.5,
+                "epsilon_user": None,
+            },
+        ],
+        "final": {"ease": {"federated": _metrics(0.6)}, "student": {"federated": _metrics(0.7)}},
+        "fewshot": {"student": {"k=1": _metrics(0.5), "k=3": _metrics(0.6)}},
+    }
+    path = write_report(summary, tmp_path)
+    text = path.read_text()
+    assert "| student | federated | 0.7000" in text
+    for name in ("accuracy_per_round", "epsilon_per_round", "fewshot_vs_k", "comparison"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+        assert f"plots/{name}.png" in text
