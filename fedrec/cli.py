@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from fedrec.commands import data, evaluate
+from fedrec.commands import client, data, evaluate
 from shared.errors import FedRecError
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(evaluate.app, name="evaluate")
+app.add_typer(client.app, name="client")
 
 
 @app.callback()

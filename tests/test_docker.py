@@ -16,7 +16,9 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
         pytest.fail("hadolint is missing: install the dev extra (pip install -e '.[dev]')")
     proc = subprocess.run(
         [exe, "--ignore", "DL3008", "--ignore", "DL3013", str(dockerfile)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

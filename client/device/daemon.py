@@ -1,0 +1,764 @@
+"""The device daemon: owns the store, the sealed models, the catalog, the exploration policy
+and the processes that run next to the local API (the Flower SuperNode, added later).
+
+One :class:`Daemon` per state directory. The API (:mod:`client.device.api`) only talks to
+it through the methods of :class:`DeviceBackend`; the daemon does the domain work:
+
+* :meth:`Daemon.add_events` refuses items the catalog does not know (nothing of the batch
+  is stored), stores the rest atomically and calls the :meth:`Daemon.on_new_events` hook,
+  which the few-shot adaptation will use ("adaptation pending" is counted in the store).
+* :meth:`Daemon.recommend` scores the catalog with the current int8 ONNX model over the
+  local history, excludes the history, takes the top ``candidate_pool`` candidates and lets
+  the exploration policy (:class:`Reranker`; greedy by default) pick ``k``. Every returned
+  item is remembered as an impression so that feedback can be checked.
+* :meth:`Daemon.add_feedback` **rejects** (:class:`UnknownImpressionError`, HTTP 422) the
+  whole batch if any (recommendation, item) pair was never returned by ``recommend`` or has
+  expired, so a bug in the app cannot feed the policy made-up impressions.
+* :meth:`Daemon.erase` deletes every local trace of the user: events, impressions, feedback,
+  adaptation state, model records and the sealed model files (an adapted model is personal
+  data). It **keeps** the device identity (its keys stay registered), the catalog (public,
+  not personal), the rounds-joined counter and the **privacy ledger**: erasing the ledger
+  would let the device spend its privacy budget a second time on the same user.
+
+Processes: :meth:`Daemon.add_process` registers a :class:`ProcessSpec` (argv, env, restart
+policy); :meth:`Daemon.run` starts them, serves the API with uvicorn in the main thread,
+watches the processes from a monitor thread (restart with back-off, or stop the daemon once
+``max_restarts`` is used up), and on SIGTERM/SIGINT shuts everything down cleanly: the API
+stops accepting, each process gets SIGTERM then SIGKILL after ``shutdown_grace_s``, the store
+is checkpointed and closed, ``api.json`` removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from client.device.identity import DeviceIdentity, DeviceLayout
+from client.device.sealed import Catalog, SealedModelInfo, SealedModelStore
+from client.device.store import (
+    DeviceStore,
+    Event,
+    Feedback,
+    Impression,
+    ModelRecord,
+    UnknownImpressionError,
+    UnknownItemsError,
+)
+from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
+from shared.io import write_json_atomic
+from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
+
+if TYPE_CHECKING:
+    import uvicorn
+
+logger = logging.getLogger(__name__)
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+
+__all__ = [
+    "Daemon",
+    "DaemonConfig",
+    "DeviceBackend",
+    "DeviceStatus",
+    "GreedyReranker",
+    "NoCatalogError",
+    "NoModelError",
+    "ProcessSpec",
+    "Recommendation",
+    "RecommendedItem",
+    "Reranker",
+    "UnknownImpressionError",
+    "UnknownItemsError",
+]
+
+
+class NoModelError(FedRecError):
+    """No usable model is installed yet (the API answers 503)."""
+
+
+class NoCatalogError(FedRecError):
+    """No catalog is installed yet, so item ids cannot be checked (the API answers 503)."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """How the daemon runs. Kebab-case keys work with :func:`shared.config.from_flat`.
+
+    ``host`` must be a loopback address unless ``allow_remote`` (the API serves one user's
+    data; exposing it to the network is a deliberate choice). ``max_batch`` bounds events or
+    feedback per request (413 beyond it) and ``max_body_bytes`` the request body (413).
+    ``candidate_pool``: how many model candidates the exploration policy re-ranks.
+    ``keep_models``: sealed versions kept on disk (for rollback). ``max_impressions``: how many
+    recommended items are remembered for feedback checks. ``privacy_*``: the budget reported
+    by ``/status`` (the ledger file holds what was spent).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    allow_remote: bool = False
+    max_batch: int = 1000
+    max_body_bytes: int = 1_048_576
+    candidate_pool: int = 100
+    keep_models: int = 3
+    max_impressions: int = 10_000
+    privacy_epsilon: float = 8.0
+    privacy_delta: float = 1e-5
+    shutdown_grace_s: float = 10.0
+    monitor_interval_s: float = 0.5
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not self.allow_remote and not _is_loopback(self.host):
+            raise ConfigError(
+                f"host {self.host!r} is not a loopback address; the local API serves this "
+                f"user's data, so it binds to 127.0.0.1 by default. Set allow-remote=true only "
+                f"if it must be reachable from the network (and put TLS in front of it)"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port}")
+        for name in ("max_batch", "max_body_bytes", "candidate_pool", "keep_models"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.max_impressions < 1:
+            raise ConfigError(f"max-impressions must be >= 1, got {self.max_impressions}")
+        if not self.privacy_epsilon > 0 or not 0 < self.privacy_delta < 1:
+            raise ConfigError(
+                f"privacy budget needs epsilon > 0 and 0 < delta < 1, got "
+                f"{self.privacy_epsilon}, {self.privacy_delta}"
+            )
+        if self.shutdown_grace_s < 0 or self.monitor_interval_s <= 0:
+            raise ConfigError("shutdown-grace-s must be >= 0 and monitor-interval-s > 0")
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if self.log_level not in levels:
+            raise ConfigError(
+                f"log-level must be one of {', '.join(levels)}, got {self.log_level!r}"
+            )
+
+
+# --------------------------------------------------------------------------- exploration
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """The exploration policy's interface to the daemon (``shared.bandits`` plugs in here).
+
+    ``candidates`` are model columns (best model score first), ``scores`` their model
+    scores; return at most ``k`` distinct candidates, best first. Output that breaks this
+    contract is replaced by the greedy order (and logged), never served.
+    """
+
+    name: str
+
+    def rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> Sequence[int]: ...
+
+
+class GreedyReranker:
+    """No exploration: the model's own top-``k`` (ties: lower column first)."""
+
+    name = "greedy"
+
+    def rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> Sequence[int]:
+        order = np.lexsort((candidates, -scores))
+        return [int(c) for c in candidates[order][:k]]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RecommendedItem:
+    item_id: str
+    rank: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommendation list; ``recommendation_id`` is what feedback refers to."""
+
+    recommendation_id: str
+    model_version: str
+    sealed_version: int
+    policy: str
+    items: tuple[RecommendedItem, ...]
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """What ``GET /status`` reports."""
+
+    device_id: str | None
+    model_version: str | None
+    sealed_version: int | None
+    model_error: str | None
+    catalog_items: int | None
+    rounds_joined: int
+    epsilon_spent: float | None
+    epsilon_budget: float
+    delta: float
+    privacy_error: str | None
+    events: int
+    feedback: int
+    adaptation_pending: int
+    policy: str
+
+
+class DeviceBackend(Protocol):
+    """What the HTTP API needs from the daemon (tests may pass any object with these)."""
+
+    def add_events(self, events: Sequence[Event]) -> int: ...
+    def recommend(self, k: int) -> Recommendation: ...
+    def add_feedback(self, feedback: Sequence[Feedback]) -> int: ...
+    def status(self) -> DeviceStatus: ...
+    def erase(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """A process the daemon runs next to the API (e.g. ``flower-supernode ...``).
+
+    ``restart``: start it again (after ``backoff_s``, doubling) when it exits on its own,
+    at most ``max_restarts`` times; after that, or with ``restart=False``, its exit stops the
+    whole daemon (exit status 1), so a supervisor (systemd, Docker) can act on it.
+    """
+
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    restart: bool = True
+    max_restarts: int = 5
+    backoff_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.argv:
+            raise ConfigError("a managed process needs a name and a non-empty argv")
+        if self.max_restarts < 0 or self.backoff_s < 0:
+            raise ConfigError(f"{self.name}: max_restarts and backoff_s must be >= 0")
+
+
+@dataclass
+class ManagedProcess:
+    """Runtime state of one :class:`ProcessSpec`."""
+
+    spec: ProcessSpec
+    popen: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float | None = None
+    exit_codes: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        env = {**os.environ, **dict(self.spec.env)}
+        self.popen = subprocess.Popen(list(self.spec.argv), env=env, cwd=self.spec.cwd)
+        self.next_start = None
+        logger.info("started %s (pid %d)", self.spec.name, self.popen.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit status."""
+        proc = self.popen
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s ignored SIGTERM for %.1f s; killing it", self.spec.name, grace_s)
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+class Daemon:
+    """The device side of the system; see the module docstring."""
+
+    def __init__(
+        self,
+        layout: DeviceLayout,
+        store: DeviceStore,
+        models: SealedModelStore,
+        config: DaemonConfig | None = None,
+        *,
+        device_id: str | None = None,
+        reranker: Reranker | None = None,
+        runtime: RuntimeConfig | None = None,
+    ) -> None:
+        self.layout = layout
+        self.store = store
+        self.models = models
+        self.config = config or DaemonConfig()
+        self.device_id = device_id
+        self.reranker: Reranker = reranker or GreedyReranker()
+        self.runtime = runtime or RuntimeConfig()
+        self.processes: list[ManagedProcess] = []
+        self.exit_code = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._closed = False
+        self._server: uvicorn.Server | None = None
+        self._monitor: threading.Thread | None = None
+        self._event_listeners: list[Callable[[int], None]] = []
+        self.catalog: Catalog | None = None
+        self.model: OnDeviceModel | None = None
+        self.model_info: SealedModelInfo | None = None
+        self.model_error: str | None = None
+        self._load_installed()
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: str | Path,
+        *,
+        data_key: bytes | None = None,
+        passphrase: str | None = None,
+        config: DaemonConfig | None = None,
+        reranker: Reranker | None = None,
+        runtime: RuntimeConfig | None = None,
+    ) -> Daemon:
+        """Open the device in ``state_dir`` (identity from ``init``; key from it unless
+        ``data_key`` is given)."""
+        cfg = config or DaemonConfig()
+        layout = DeviceLayout(Path(state_dir))
+        device_id = None
+        if data_key is None:
+            identity = DeviceIdentity.load(layout.state_dir)
+            data_key = identity.data_key(passphrase)
+            device_id = identity.device_id
+        store = DeviceStore.open(layout.store_db, data_key, max_impressions=cfg.max_impressions)
+        try:
+            models = SealedModelStore(layout.models_dir, data_key, keep=cfg.keep_models)
+            return cls(
+                layout,
+                store,
+                models,
+                cfg,
+                device_id=device_id,
+                reranker=reranker,
+                runtime=runtime,
+            )
+        except BaseException:
+            store.close()
+            raise
+
+    def _load_installed(self) -> None:
+        """Load the catalog and current model; a bad model is logged and reported, not fatal
+        (the API must stay up so the user can still erase data or get a new model)."""
+        if self.layout.catalog.exists():
+            self.catalog = Catalog.load(self.layout.catalog)
+        try:
+            loaded = self.models.load(catalog=self.catalog, runtime=self.runtime)
+        except ModelFileError as exc:
+            self.model_error = str(exc)
+            logger.error("the installed model is unusable: %s", exc)
+            return
+        if loaded is not None:
+            self.model_info, self.model = loaded
+
+    # -- installing ---------------------------------------------------------------------------
+
+    def install_model(self, data: bytes, catalog: Catalog | None = None) -> SealedModelInfo:
+        """Validate, seal and switch to a new model (and its catalog, if given).
+
+        The model must match the catalog (given, or the installed one). Raises
+        :class:`ModelFileError` / :class:`NoCatalogError` and changes nothing on failure.
+        """
+        with self._lock:
+            catalog = catalog or self.catalog
+            if catalog is None:
+                raise NoCatalogError(
+                    "no catalog installed: install the model together with its catalog "
+                    "(`fedrec client install-model --catalog catalog.json`)"
+                )
+            info, model = self.models.install(data, catalog=catalog, runtime=self.runtime)
+            if catalog is not self.catalog:
+                catalog.save(self.layout.catalog)
+            self.store.record_model(
+                ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
+            )
+            self.catalog, self.model, self.model_info, self.model_error = catalog, model, info, None
+            logger.info("installed model %s as sealed v%d", info.model_version, info.version)
+            return info
+
+    def install_catalog(self, catalog: Catalog) -> None:
+        """Install a catalog alone (before the first model). Refused if it does not match
+        the installed model."""
+        with self._lock:
+            if self.model is not None and (
+                self.model.metadata.catalog_fingerprint != catalog.fingerprint
+            ):
+                raise ModelFileError(
+                    f"catalog {catalog.fingerprint} does not match the installed model's "
+                    f"catalog {self.model.metadata.catalog_fingerprint}; install a model "
+                    f"together with its catalog instead"
+                )
+            catalog.save(self.layout.catalog)
+            self.catalog = catalog
+
+    # -- API operations -------------------------------------------------------------------------
+
+    def add_events(self, events: Sequence[Event]) -> int:
+        """Store a batch atomically; unknown items refuse the whole batch (422)."""
+        catalog = self.catalog
+        if catalog is None:
+            raise NoCatalogError(
+                "no catalog installed yet, so item ids cannot be checked; install a model "
+                "with its catalog first (`fedrec client install-model`)"
+            )
+        unknown = catalog.unknown(e.item_id for e in events)
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:20])
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise UnknownItemsError(
+                unknown,
+                f"{len(unknown)} item id(s) are not in the catalog ({len(catalog)} items): "
+                f"{shown}{more}; nothing of this batch was stored — send the dataset's raw item "
+                f"ids, without the unknown ones",
+            )
+        ids = self.store.add_events(events)
+        if ids:
+            self.on_new_events(len(ids))
+        return len(ids)
+
+    def on_new_events(self, count: int) -> None:
+        """Hook: ``count`` new events were durably stored and counted as adaptation pending.
+
+        The few-shot adaptation registers itself with :meth:`add_new_events_listener` (or
+        a subclass overrides this). Listeners run in the request's thread and must be quick
+        (schedule work, don't do it); their errors are logged, never returned to the app.
+        """
+        for listener in list(self._event_listeners):
+            try:
+                listener(count)
+            except Exception:
+                logger.exception("new-events listener %r failed", listener)
+
+    def add_new_events_listener(self, listener: Callable[[int], None]) -> None:
+        self._event_listeners.append(listener)
+
+    def history(self) -> list[int]:
+        """The local history as model columns, oldest first (unknown items skipped)."""
+        catalog = self.catalog
+        if catalog is None:
+            return []
+        out = []
+        for event in self.store.events():
+            col = catalog.dense(event.item_id)
+            if col is None:  # only after a catalog change dropped the item
+                logger.debug("history item %r is not in the current catalog", event.item_id)
+            else:
+                out.append(col)
+        return out
+
+    def recommend(self, k: int) -> Recommendation:
+        """Top-``k`` items for the local history (history excluded), re-ranked by the policy."""
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+        with self._lock:
+            model, info, catalog = self.model, self.model_info, self.catalog
+        if model is None or info is None or catalog is None:
+            why = (
+                f" (the installed one is unusable: {self.model_error})" if self.model_error else ""
+            )
+            raise NoModelError(
+                f"no model is installed on this device yet{why}; recommendations are available "
+                f"once the first federated round delivered one (or after `fedrec client "
+                f"install-model`)"
+            )
+        history = np.asarray(self.history(), dtype=np.int64)
+        scores = model.score([history[-model.max_len :]])[0].astype(np.float32)
+        available = np.ones(model.n_items, dtype=bool)
+        available[np.unique(history)] = False
+        columns = np.flatnonzero(available)
+        pool = min(max(k, self.config.candidate_pool), columns.size)
+        if pool == 0:
+            chosen: list[int] = []
+        else:
+            top = columns[np.argpartition(-scores[columns], pool - 1)[:pool]]
+            candidates = top[np.lexsort((top, -scores[top]))].astype(np.int64)
+            chosen = self._rerank(candidates, scores[candidates], min(k, pool))
+        rec_id = uuid.uuid4().hex
+        now = time.time()
+        items = tuple(
+            RecommendedItem(catalog.item_ids[c], rank, float(scores[c]))
+            for rank, c in enumerate(chosen, start=1)
+        )
+        self.store.record_impressions(
+            [Impression(rec_id, it.item_id, it.rank, it.score, now) for it in items]
+        )
+        return Recommendation(rec_id, info.model_version, info.version, self.reranker.name, items)
+
+    def _rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> list[int]:
+        greedy = GreedyReranker()
+        try:
+            out = [int(c) for c in self.reranker.rerank(candidates, scores, k)]
+        except Exception:
+            logger.exception("reranker %s failed; serving the model's order", self.reranker.name)
+            return list(greedy.rerank(candidates, scores, k))
+        allowed = set(candidates.tolist())
+        if len(out) > k or len(set(out)) != len(out) or not set(out) <= allowed:
+            logger.error(
+                "reranker %s returned %d items (k=%d, duplicates or non-candidates); serving "
+                "the model's order",
+                self.reranker.name,
+                len(out),
+                k,
+            )
+            return list(greedy.rerank(candidates, scores, k))
+        return out
+
+    def add_feedback(self, feedback: Sequence[Feedback]) -> int:
+        """Store feedback; the whole batch is refused (422) if any pair was never shown."""
+        return len(self.store.add_feedback(feedback))
+
+    def status(self) -> DeviceStatus:
+        stats = self.store.stats()
+        spent, privacy_error = self._privacy_spent()
+        with self._lock:
+            model, info, catalog = self.model, self.model_info, self.catalog
+        return DeviceStatus(
+            device_id=self.device_id,
+            model_version=model.metadata.model_version if model else None,
+            sealed_version=info.version if info else None,
+            model_error=self.model_error,
+            catalog_items=len(catalog) if catalog else None,
+            rounds_joined=stats.rounds_joined,
+            epsilon_spent=spent,
+            epsilon_budget=self.config.privacy_epsilon,
+            delta=self.config.privacy_delta,
+            privacy_error=privacy_error,
+            events=stats.events,
+            feedback=stats.feedback,
+            adaptation_pending=stats.adaptation_pending,
+            policy=self.reranker.name,
+        )
+
+    def _privacy_spent(self) -> tuple[float | None, str | None]:
+        """Epsilon spent per the ledger file (written by the training process); the import
+        is lazy because the accountant pulls in torch."""
+        from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+
+        budget = PrivacyBudget(self.config.privacy_epsilon, self.config.privacy_delta)
+        try:
+            return PrivacyLedger.open(self.layout.ledger, budget).epsilon(), None
+        except DataError as exc:
+            logger.error("privacy ledger unreadable: %s", exc)
+            return None, str(exc)
+
+    def erase(self) -> None:
+        """Delete all local user data (see the module docstring for what is kept and why)."""
+        with self._lock:
+            self.models.erase()
+            self.store.erase()
+            self.model = None
+            self.model_info = None
+            self.model_error = None
+        logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    # -- processes and lifecycle ----------------------------------------------------------------
+
+    def add_process(self, spec: ProcessSpec) -> None:
+        """Register a process to run next to the API (started by :meth:`run`)."""
+        if any(p.spec.name == spec.name for p in self.processes):
+            raise ConfigError(f"a managed process named {spec.name!r} is already registered")
+        self.processes.append(ManagedProcess(spec))
+
+    def request_stop(self, reason: str = "requested", exit_code: int | None = None) -> None:
+        """Ask :meth:`run` to shut down (thread- and signal-safe, idempotent)."""
+        if exit_code is not None and not self._stop.is_set():
+            self.exit_code = exit_code
+        if not self._stop.is_set():
+            logger.info("stopping the daemon: %s", reason)
+        self._stop.set()
+        server = self._server
+        if server is not None:
+            server.should_exit = True
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.request_stop(f"signal {signal.Signals(signum).name}")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the daemon cleanly (main thread only)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def run(self, *, api: bool = True, token: str | None = None) -> int:
+        """Start the processes, serve the API until stopped, shut down; the exit status."""
+        if api and not token:
+            token = DeviceIdentity.load(self.layout.state_dir).api_token()
+        self.install_signal_handlers()
+        threading.Thread(target=self._warm_up, name="fedrec-warm-up", daemon=True).start()
+        try:
+            for proc in self.processes:
+                proc.start()
+            self._monitor = threading.Thread(
+                target=self._monitor_loop, name="fedrec-monitor", daemon=True
+            )
+            self._monitor.start()
+            if api and not self._stop.is_set():
+                assert token is not None
+                self.serve_api(token)
+            else:
+                self._stop.wait()
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def _warm_up(self) -> None:
+        """Import the privacy accountant off the request path (it pulls in torch)."""
+        with contextlib.suppress(Exception):
+            import shared.privacy.ledger  # noqa: F401
+
+    def bind_socket(self) -> socket.socket:
+        """Bind the API socket (so the real port is known before serving, e.g. for port 0)."""
+        host, port = self.config.host, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another daemon may be "
+                f"running — pick another port with --port"
+            ) from exc
+        sock.set_inheritable(True)
+        return sock
+
+    def serve_api(self, token: str) -> None:
+        """Serve the local API with uvicorn until :meth:`request_stop` (blocks)."""
+        import uvicorn
+
+        from client.device.api import ApiConfig, create_app
+
+        app = create_app(
+            self,
+            token,
+            config=ApiConfig.from_daemon(self.config),
+            token_hint=str(self.layout.api_token),
+        )
+        sock = self.bind_socket()
+        host, port = sock.getsockname()[:2]
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level=self.config.log_level,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=max(1, int(self.config.shutdown_grace_s)),
+            )
+        )
+        self._server = server
+        write_json_atomic(
+            self.layout.api_info,
+            {"host": host, "port": port, "url": f"http://{host}:{port}", "pid": os.getpid()},
+        )
+        if self._stop.is_set():
+            server.should_exit = True
+        try:
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
+            self._server = None
+
+    def _monitor_loop(self) -> None:
+        interval = self.config.monitor_interval_s
+        while not self._stop.wait(interval):
+            for proc in self.processes:
+                self._check_process(proc)
+
+    def _check_process(self, proc: ManagedProcess) -> None:
+        now = time.monotonic()
+        if proc.next_start is not None:
+            if now >= proc.next_start and not self._stop.is_set():
+                try:
+                    proc.start()
+                except OSError as exc:
+                    logger.error("cannot restart %s: %s", proc.spec.name, exc)
+                    self.request_stop(f"{proc.spec.name} cannot start", exit_code=1)
+            return
+        if proc.popen is None or proc.popen.poll() is None:
+            return
+        code = proc.popen.returncode
+        proc.exit_codes.append(code)
+        spec = proc.spec
+        if spec.restart and proc.restarts < spec.max_restarts:
+            delay = spec.backoff_s * (2**proc.restarts)
+            proc.restarts += 1
+            proc.next_start = now + delay
+            logger.warning(
+                "%s exited with status %d; restart %d/%d in %.1f s",
+                spec.name,
+                code,
+                proc.restarts,
+                spec.max_restarts,
+                delay,
+            )
+        else:
+            logger.error("%s exited with status %d; stopping the daemon", spec.name, code)
+            self.request_stop(f"{spec.name} exited", exit_code=1)
+
+    def shutdown(self) -> None:
+        """Stop processes, close the store, remove ``api.json`` (idempotent)."""
+        self.request_stop("shutdown")
+        if self._closed:
+            return
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        for proc in self.processes:
+            code = proc.stop(self.config.shutdown_grace_s)
+            logger.info("%s stopped (status %s)", proc.spec.name, code)
+        with self._lock:
+            self.store.close()
+        self.layout.api_info.unlink(missing_ok=True)
+
+    close = shutdown
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

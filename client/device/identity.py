@@ -1,0 +1,432 @@
+"""The device's identity: its key pair, its local data key and its API token.
+
+``fedrec client init`` creates, in ``STATE_DIR/identity/``:
+
+``client.key`` (0600)
+    An EC private key on SECP256R1 (NIST P-256) in OpenSSH format (PEM-armored
+    ``-----BEGIN OPENSSH PRIVATE KEY-----``). That is the format Flower's SuperNode reads for
+    node authentication (``flower-supernode --auth-supernode-private-key client.key``; it
+    loads the file with ``load_ssh_private_key``).
+``client.pub`` (0644)
+    The public key as one OpenSSH line (``ecdsa-sha2-nistp256 AAAA... fedrec-device``), the
+    format ``flwr supernode register client.pub`` accepts; ``init`` also prints it.
+``data.key`` (0600) *or* ``data.key.scrypt.json`` (0600)
+    The 32-byte data key that encrypts the local store and seals model files. Either random
+    (stored in ``data.key``), or derived from a passphrase with scrypt (n=2**15, r=8, p=1);
+    then only the salt, the parameters, the name of the environment variable the passphrase
+    is read from and a short check value are stored, so a wrong passphrase is reported as
+    such instead of as a decryption failure. A passphrase is only ever read from an
+    environment variable, never from argv (argv is visible to every local user via ``ps``).
+``api.token`` (0600)
+    The bearer token of the local HTTP API.
+
+Every purpose-specific key is derived from the data key with HKDF-SHA256 and a distinct
+label (:func:`derive_subkey`), so the store, the blind index and the sealed models never
+share a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from shared.errors import ConfigError, FedRecError
+from shared.io import write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+DATA_KEY_BYTES = 32
+KDF_FORMAT = "fedrec-data-key-scrypt/1"
+_CHECK_MESSAGE = b"fedrec data key check v1"
+_KEY_COMMENT = b"fedrec-device"
+
+
+class IdentityError(FedRecError):
+    """The device identity is missing, unreadable, or would be overwritten."""
+
+
+class WrongPassphraseError(IdentityError):
+    """The passphrase does not derive this device's data key."""
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class DeviceLayout:
+    """Where everything of one device lives under its state directory.
+
+    One place names every path so the store, the sealed models, the daemon and the CLI agree.
+    """
+
+    state_dir: Path
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.state_dir / "identity"
+
+    @property
+    def private_key(self) -> Path:
+        return self.identity_dir / "client.key"
+
+    @property
+    def public_key(self) -> Path:
+        return self.identity_dir / "client.pub"
+
+    @property
+    def data_key(self) -> Path:
+        return self.identity_dir / "data.key"
+
+    @property
+    def data_key_kdf(self) -> Path:
+        return self.identity_dir / "data.key.scrypt.json"
+
+    @property
+    def api_token(self) -> Path:
+        return self.identity_dir / "api.token"
+
+    @property
+    def store_db(self) -> Path:
+        return self.state_dir / "store.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def catalog(self) -> Path:
+        return self.state_dir / "catalog.json"
+
+    @property
+    def ledger(self) -> Path:
+        """The privacy ledger: never deleted by an erase (that would let a device re-spend)."""
+        return self.state_dir / "privacy" / "ledger.json"
+
+    @property
+    def api_info(self) -> Path:
+        """Written by a running daemon: where its API listens (host, port, pid)."""
+        return self.state_dir / "api.json"
+
+    def identity_files(self) -> tuple[Path, ...]:
+        """Every file ``init`` may create (any of them existing means an identity exists)."""
+        return (
+            self.private_key,
+            self.public_key,
+            self.data_key,
+            self.data_key_kdf,
+            self.api_token,
+        )
+
+
+# --------------------------------------------------------------------------- key derivation
+
+
+@dataclass(frozen=True)
+class ScryptParams:
+    """scrypt cost parameters. n=2**15, r=8 uses 32 MiB and ~0.1 s: fine once per start."""
+
+    n: int = 2**15
+    r: int = 8
+    p: int = 1
+    salt_bytes: int = 16
+
+    def __post_init__(self) -> None:
+        if self.n < 2 or self.n & (self.n - 1):
+            raise ConfigError(f"scrypt n must be a power of two >= 2, got {self.n}")
+        if self.r < 1 or self.p < 1:
+            raise ConfigError(f"scrypt r and p must be >= 1, got r={self.r}, p={self.p}")
+        if self.salt_bytes < 16:
+            raise ConfigError(f"scrypt salt must be >= 16 bytes, got {self.salt_bytes}")
+
+
+def derive_subkey(data_key: bytes, label: str, length: int = 32) -> bytes:
+    """A purpose-specific key: HKDF-SHA256(data_key, info="fedrec/<label>").
+
+    Distinct labels give independent keys, so e.g. the store's AEAD key never doubles as the
+    sealed-model key.
+    """
+    check_data_key(data_key)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=None, info=f"fedrec/{label}".encode()
+    ).derive(data_key)
+
+
+def check_data_key(data_key: bytes) -> None:
+    """Refuse anything but 32 bytes (a hex string or a short key is a caller bug)."""
+    if not isinstance(data_key, bytes) or len(data_key) != DATA_KEY_BYTES:
+        n = len(data_key) if isinstance(data_key, bytes | str) else type(data_key).__name__
+        raise ConfigError(f"the data key must be {DATA_KEY_BYTES} raw bytes, got {n}")
+
+
+def key_check_value(data_key: bytes) -> str:
+    """A short public value that tells whether a key is the right one (not the key itself)."""
+    mac = hmac.new(derive_subkey(data_key, "key-check"), _CHECK_MESSAGE, hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+def derive_passphrase_key(passphrase: str, salt: bytes, params: ScryptParams) -> bytes:
+    """scrypt(passphrase, salt) -> 32-byte data key."""
+    if not passphrase:
+        raise ConfigError("the passphrase is empty; set a non-empty passphrase")
+    return Scrypt(salt=salt, length=DATA_KEY_BYTES, n=params.n, r=params.r, p=params.p).derive(
+        passphrase.encode()
+    )
+
+
+def read_passphrase_env(var: str) -> str:
+    """The passphrase from environment variable ``var`` (never from the command line)."""
+    if not var or not var.replace("_", "").isalnum():
+        raise ConfigError(
+            f"--passphrase-env takes the *name* of an environment variable (e.g. "
+            f"FEDREC_PASSPHRASE), got {var!r}; never put the passphrase itself on the command line"
+        )
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(
+            f"environment variable {var} is not set or empty; export {var}=<passphrase> before "
+            f"running (the passphrase is never read from the command line)"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Atomic write of a file only the owner may read (mkstemp creates it 0600)."""
+    write_bytes_atomic(path, data)
+    os.chmod(path, 0o600)
+
+
+def _read_secret(path: Path) -> bytes:
+    """Read a secret file, refusing one that others can read (as ssh does)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise IdentityError(
+            f"{path} is missing; create the device identity with `fedrec client init "
+            f"--state-dir {path.parent.parent}`"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(
+            f"{path} is accessible by other users (mode {stat.S_IMODE(mode):o}); it holds a "
+            f"secret — run `chmod 600 {path}`"
+        )
+    return path.read_bytes()
+
+
+# --------------------------------------------------------------------------- identity
+
+
+DataKeyMode = Literal["random", "passphrase"]
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What ``init`` created: the public key to register and where the files are."""
+
+    layout: DeviceLayout
+    public_key_openssh: str
+    device_id: str
+    data_key_mode: DataKeyMode
+
+
+def _public_openssh(public_key: ec.EllipticCurvePublicKey) -> str:
+    line = public_key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+    return f"{line} {_KEY_COMMENT.decode()}"
+
+
+def device_id_of(public_openssh: str) -> str:
+    """OpenSSH-style fingerprint ``SHA256:<base64>`` of the public key (as ``ssh-keygen -l``)."""
+    parts = public_openssh.split()
+    if len(parts) < 2:
+        raise IdentityError(f"not an OpenSSH public key line: {public_openssh[:40]!r}")
+    blob = base64.b64decode(parts[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def existing_identity_files(layout: DeviceLayout) -> list[Path]:
+    return [p for p in layout.identity_files() if p.exists()]
+
+
+def init_identity(
+    state_dir: str | Path,
+    *,
+    passphrase: str | None = None,
+    passphrase_env: str | None = None,
+    force: bool = False,
+    scrypt: ScryptParams | None = None,
+) -> InitResult:
+    """Create a fresh device identity under ``state_dir`` (see the module docstring).
+
+    Refuses (:class:`IdentityError`) when any identity file exists, unless ``force``: the
+    key pair may be registered with a SuperLink and the data key encrypts the local store.
+    ``passphrase_env`` is only recorded (so ``start`` knows where to read the passphrase).
+    """
+    layout = DeviceLayout(Path(state_dir))
+    existing = existing_identity_files(layout)
+    if existing and not force:
+        names = ", ".join(p.name for p in existing)
+        raise IdentityError(
+            f"a device identity already exists in {layout.identity_dir} ({names}); refusing to "
+            f"overwrite it: its key may be registered with the SuperLink and its data key "
+            f"encrypts the local store. Pass --force to replace it (the local store and sealed "
+            f"models become unreadable and are erased; the privacy ledger is kept)"
+        )
+    if not layout.state_dir.exists():  # a directory we create is owner-only
+        layout.state_dir.mkdir(mode=0o700, parents=True)
+    layout.identity_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(layout.identity_dir, 0o700)
+    for path in existing:
+        path.unlink()
+
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    _write_secret(
+        layout.private_key,
+        private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public_line = _public_openssh(private_key.public_key())
+    write_bytes_atomic(layout.public_key, (public_line + "\n").encode())
+    os.chmod(layout.public_key, 0o644)
+
+    mode: DataKeyMode
+    if passphrase is None:
+        mode = "random"
+        _write_secret(layout.data_key, secrets.token_bytes(DATA_KEY_BYTES))
+    else:
+        mode = "passphrase"
+        params = scrypt or ScryptParams()
+        salt = secrets.token_bytes(params.salt_bytes)
+        key = derive_passphrase_key(passphrase, salt, params)
+        descriptor = {
+            "format": KDF_FORMAT,
+            "kdf": "scrypt",
+            "n": params.n,
+            "r": params.r,
+            "p": params.p,
+            "salt": base64.b64encode(salt).decode(),
+            "passphrase_env": passphrase_env,
+            "check": key_check_value(key),
+        }
+        _write_secret(layout.data_key_kdf, (json.dumps(descriptor, indent=2) + "\n").encode())
+    _write_secret(layout.api_token, (secrets.token_urlsafe(32) + "\n").encode())
+    return InitResult(layout, public_line, device_id_of(public_line), mode)
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """A loaded identity: reads the key files lazily and checks them."""
+
+    layout: DeviceLayout
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> DeviceIdentity:
+        """The identity in ``state_dir``; :class:`IdentityError` naming ``init`` if absent."""
+        layout = DeviceLayout(Path(state_dir))
+        if not layout.private_key.exists() or not layout.api_token.exists():
+            raise IdentityError(
+                f"no device identity in {layout.state_dir}; create one with `fedrec client "
+                f"init --state-dir {layout.state_dir}`"
+            )
+        if not layout.data_key.exists() and not layout.data_key_kdf.exists():
+            raise IdentityError(
+                f"{layout.identity_dir} has no data key ({layout.data_key.name} or "
+                f"{layout.data_key_kdf.name}); restore it from backup or re-create the identity "
+                f"with `fedrec client init --force` (the local store is then erased)"
+            )
+        return cls(layout)
+
+    @property
+    def data_key_mode(self) -> DataKeyMode:
+        return "passphrase" if self.layout.data_key_kdf.exists() else "random"
+
+    @property
+    def public_key_openssh(self) -> str:
+        return self.layout.public_key.read_text().strip()
+
+    @property
+    def device_id(self) -> str:
+        return device_id_of(self.public_key_openssh)
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The SuperNode authentication key (checked to be an EC key)."""
+        key = serialization.load_ssh_private_key(_read_secret(self.layout.private_key), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise IdentityError(f"{self.layout.private_key} is not an EC private key")
+        return key
+
+    def api_token(self) -> str:
+        token = _read_secret(self.layout.api_token).decode().strip()
+        if len(token) < 16:
+            raise IdentityError(
+                f"{self.layout.api_token} holds no usable token; re-create the identity with "
+                f"`fedrec client init --force`"
+            )
+        return token
+
+    def kdf_descriptor(self) -> dict[str, Any]:
+        raw = _read_secret(self.layout.data_key_kdf)
+        try:
+            desc = json.loads(raw)
+            if desc.get("format") != KDF_FORMAT or desc.get("kdf") != "scrypt":
+                raise ValueError(f"format {desc.get('format')!r}")
+            base64.b64decode(desc["salt"], validate=True)
+            int(desc["n"]), int(desc["r"]), int(desc["p"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IdentityError(
+                f"{self.layout.data_key_kdf} is malformed ({exc}); restore it from backup"
+            ) from None
+        return dict(desc)
+
+    def passphrase_env(self) -> str | None:
+        """The environment variable named at ``init`` (None for a random key)."""
+        if self.data_key_mode != "passphrase":
+            return None
+        value = self.kdf_descriptor().get("passphrase_env")
+        return str(value) if value else None
+
+    def data_key(self, passphrase: str | None = None) -> bytes:
+        """The 32-byte data key: read from ``data.key`` or derived from ``passphrase``."""
+        if self.data_key_mode == "random":
+            key = _read_secret(self.layout.data_key)
+            if len(key) != DATA_KEY_BYTES:
+                raise IdentityError(
+                    f"{self.layout.data_key} holds {len(key)} bytes, expected {DATA_KEY_BYTES}; "
+                    f"it is corrupt — restore it from backup"
+                )
+            return key
+        desc = self.kdf_descriptor()
+        if passphrase is None:
+            env = desc.get("passphrase_env") or "FEDREC_PASSPHRASE"
+            raise WrongPassphraseError(
+                f"this device's data key is derived from a passphrase; export it in an "
+                f"environment variable and pass --passphrase-env (e.g. {env})"
+            )
+        params = ScryptParams(n=int(desc["n"]), r=int(desc["r"]), p=int(desc["p"]))
+        key = derive_passphrase_key(passphrase, base64.b64decode(desc["salt"]), params)
+        if not hmac.compare_digest(key_check_value(key), str(desc.get("check", ""))):
+            raise WrongPassphraseError(
+                "the passphrase does not unlock this device's data key (check value mismatch); "
+                "use the passphrase given at `fedrec client init`"
+            )
+        return key

@@ -1,0 +1,665 @@
+"""The device's local store: SQLite (WAL, ``synchronous=FULL``) with encrypted rows.
+
+Durability
+    ``journal_mode=WAL`` + ``synchronous=FULL``: every commit fsyncs the write-ahead log
+    before it returns, so a write that :meth:`DeviceStore.add_events` acknowledged survives a
+    ``kill -9`` of the process (and a power loss). A second process (e.g. the Flower
+    ClientApp that trains on the events) may open the same file: WAL lets readers run next
+    to the writer, and writers wait up to ``busy_timeout_ms`` for each other.
+
+Encryption at rest
+    Everything user-derived (item ids, timestamps, ratings, feedback, key-value state) is in
+    an AES-GCM ``payload`` column: a fresh random 96-bit nonce per row (stored in front of the
+    ciphertext) and associated data ``fedrec-store/v1/<table>/<row id>/<kind>``, so a row
+    copied to another id, table or kind fails authentication instead of being read. In clear
+    are only the row ids, the event kind / feedback action, recommendation ids (random
+    UUIDs), and for impressions a *blind index* ``HMAC(k_index, item_id)`` so feedback can be
+    matched to what was shown without decrypting every impression (it reveals only that two
+    impressions are of the same item). ``secure_delete`` is on, and :meth:`erase` checkpoints
+    and ``VACUUM``s, so erased rows do not linger in free pages or the WAL.
+
+Keys
+    The AEAD key, the blind-index key and a key-check value are HKDF-derived from the
+    device's data key (:func:`client.device.identity.derive_subkey`). The check value is
+    stored in the ``meta`` table at creation; opening with another key raises
+    :class:`WrongDataKeyError` before any row is touched.
+
+Schema
+    ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`; a newer file is refused (upgrade
+    fedrec), an older one is migrated by :data:`_MIGRATIONS` (none yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, get_args
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from client.device.identity import derive_subkey, key_check_value
+from shared.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+NONCE_BYTES: Final = 12
+
+EventKind = Literal["view", "click", "rating"]
+FeedbackAction = Literal["shown", "clicked"]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+FEEDBACK_ACTIONS: tuple[str, ...] = get_args(FeedbackAction)
+
+#: Key-value state that :meth:`DeviceStore.erase` keeps: participation is privacy
+#: accounting (it must stay consistent with the privacy ledger, which is never erased).
+KEPT_ON_ERASE: tuple[str, ...] = ("rounds_joined",)
+
+STATE_ROUNDS_JOINED = "rounds_joined"
+STATE_ADAPTATION_PENDING = "adaptation_pending"
+
+#: Latest timestamp accepted (2100-01-01 UTC): catches milliseconds sent as seconds.
+MAX_TIMESTAMP: Final = 4_102_444_800.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('view', 'click', 'rating')),
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS impressions (
+    id INTEGER PRIMARY KEY,
+    recommendation_id TEXT NOT NULL,
+    item_tag BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS impressions_lookup ON impressions (recommendation_id, item_tag);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    action TEXT NOT NULL CHECK (action IN ('shown', 'clicked')),
+    recommendation_id TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    version INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, payload BLOB NOT NULL);
+"""
+
+#: ``from_version -> SQL`` upgrading the file by one version (applied in order).
+_MIGRATIONS: dict[int, str] = {}
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated statements inside the open transaction (``executescript`` would
+    commit it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+class WrongDataKeyError(DataError):
+    """The data key does not open this store (another device's key or a wrong passphrase)."""
+
+
+class StoreIntegrityError(DataError):
+    """A row failed authentication or does not parse: tampered with, swapped or corrupt."""
+
+
+class UnknownItemsError(DataError):
+    """A batch names items the catalog does not have; nothing of the batch is stored."""
+
+    def __init__(self, items: Sequence[str], message: str) -> None:
+        super().__init__(message)
+        self.items = list(items)
+
+
+class UnknownImpressionError(DataError):
+    """Feedback names (recommendation, item) pairs that were never recommended."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str]], message: str) -> None:
+        super().__init__(message)
+        self.pairs = list(pairs)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _check_timestamp(ts: float, what: str) -> None:
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise DataError(f"{what} timestamp must be a finite number of seconds, got {ts!r}")
+    if not 0 <= ts <= MAX_TIMESTAMP:
+        raise DataError(
+            f"{what} timestamp {ts} is outside [0, {MAX_TIMESTAMP:.0f}] (seconds since the "
+            f"epoch; milliseconds must be divided by 1000)"
+        )
+
+
+def _check_item_id(item_id: str, what: str) -> None:
+    if not isinstance(item_id, str) or not item_id:
+        raise DataError(f"{what} item id must be a non-empty string, got {item_id!r}")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One behavior event: ``item_id`` is the dataset's raw id, ``timestamp`` in seconds."""
+
+    item_id: str
+    kind: EventKind
+    timestamp: float
+    rating: float | None = None
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_item_id(self.item_id, "event")
+        if self.kind not in EVENT_KINDS:
+            raise DataError(f"event kind must be one of {EVENT_KINDS}, got {self.kind!r}")
+        _check_timestamp(self.timestamp, "event")
+        if (self.rating is None) != (self.kind != "rating"):
+            raise DataError(
+                f"a {self.kind!r} event must {'have' if self.kind == 'rating' else 'not have'} "
+                f"a rating (item {self.item_id!r})"
+            )
+        if self.rating is not None and not math.isfinite(self.rating):
+            raise DataError(f"rating must be finite, got {self.rating!r}")
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What became of one recommended item: ``shown`` to the user, or ``clicked``."""
+
+    recommendation_id: str
+    item_id: str
+    action: FeedbackAction
+    timestamp: float
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_item_id(self.item_id, "feedback")
+        if self.action not in FEEDBACK_ACTIONS:
+            raise DataError(
+                f"feedback action must be one of {FEEDBACK_ACTIONS}, got {self.action!r}"
+            )
+        if not self.recommendation_id:
+            raise DataError("feedback needs the recommendation_id it refers to")
+        _check_timestamp(self.timestamp, "feedback")
+
+
+@dataclass(frozen=True)
+class Impression:
+    """One item of one recommendation list, as shown by ``GET /recommendations``."""
+
+    recommendation_id: str
+    item_id: str
+    rank: int
+    score: float
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One installed model version (the sealed file ``model-v{version}.onnx.sealed``)."""
+
+    version: int
+    model_version: str
+    sha256: str
+    installed_at: float
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    events: int
+    feedback: int
+    impressions: int
+    models: int
+    adaptation_pending: int
+    rounds_joined: int
+
+
+# --------------------------------------------------------------------------- store
+
+
+class DeviceStore:
+    """The encrypted local store (see the module docstring). Thread-safe; one connection.
+
+    Open with :meth:`open`; use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        data_key: bytes,
+        *,
+        max_impressions: int = 10_000,
+    ) -> None:
+        self.path = path
+        self._conn = conn
+        self._aead = AESGCM(derive_subkey(data_key, "store/aes-gcm"))
+        self._index_key = derive_subkey(data_key, "store/blind-index")
+        self._lock = threading.RLock()
+        self.max_impressions = max_impressions
+
+    # -- open / close -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        data_key: bytes,
+        *,
+        busy_timeout_ms: int = 5000,
+        max_impressions: int = 10_000,
+    ) -> DeviceStore:
+        """Open (creating if needed) the store at ``path`` with ``data_key``.
+
+        Raises :class:`WrongDataKeyError` if the file was created with another key, and
+        :class:`DataError` if it is not a store, is newer than this code, or WAL is refused.
+        """
+        if max_impressions < 1:
+            raise ConfigError(f"max_impressions must be >= 1, got {max_impressions}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check = key_check_value(data_key)
+        if not path.exists():  # owner-only from the start; SQLite gives -wal/-shm the same mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        try:
+            conn = sqlite3.connect(
+                path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise DataError(f"cannot open the local store {path}: {exc}") from exc
+        try:
+            cls._configure(conn, path, busy_timeout_ms)
+            cls._prepare_schema(conn, path, check)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn, data_key, max_impressions=max_impressions)
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection, path: Path, busy_timeout_ms: int) -> None:
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as exc:
+            raise DataError(
+                f"{path} is not a fedrec device store ({exc}); move it away or erase the device"
+            ) from exc
+        if str(mode).lower() != "wal":
+            raise DataError(
+                f"SQLite refused write-ahead logging for {path} (journal_mode={mode}); put the "
+                f"state directory on a local filesystem that supports it"
+            )
+
+    @staticmethod
+    def _prepare_schema(conn: sqlite3.Connection, path: Path, check: str) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if version > SCHEMA_VERSION:
+                raise DataError(
+                    f"{path} has store schema v{version}, this fedrec reads up to "
+                    f"v{SCHEMA_VERSION}; upgrade fedrec"
+                )
+            if version == 0 and tables:
+                raise DataError(
+                    f"{path} is an SQLite file but not a fedrec device store (tables: "
+                    f"{', '.join(sorted(tables))}); move it away"
+                )
+            if version == 0:
+                _run_script(conn, _SCHEMA)
+                conn.execute("INSERT INTO meta VALUES ('key_check', ?)", (check,))
+                conn.execute("INSERT INTO meta VALUES ('created_at', ?)", (repr(time.time()),))
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            while version and version < SCHEMA_VERSION:
+                _run_script(conn, _MIGRATIONS[version])
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+            if row is None:
+                raise DataError(f"{path} has no key check value; the store is corrupt")
+            if not hmac.compare_digest(str(row[0]), check):
+                raise WrongDataKeyError(
+                    f"the data key does not open the local store {path} (it was created with "
+                    f"another key): check the passphrase / key file in the identity directory, "
+                    f"or erase the device to start over with this key"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # another process reading: the WAL stays, still safe
+                logger.debug("checkpoint on close skipped: %s", exc)
+            self._conn.close()
+
+    def __enter__(self) -> DeviceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, fsynced)."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # -- encryption -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _ad(table: str, row_id: int | str, kind: str) -> bytes:
+        return f"fedrec-store/v{SCHEMA_VERSION}/{table}/{row_id}/{kind}".encode()
+
+    def _seal(self, table: str, row_id: int | str, kind: str, obj: Any) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        return nonce + self._aead.encrypt(nonce, data, self._ad(table, row_id, kind))
+
+    def _open(self, table: str, row_id: int | str, kind: str, blob: bytes) -> Any:
+        try:
+            if len(blob) < NONCE_BYTES + 16:
+                raise InvalidTag
+            data = self._aead.decrypt(
+                blob[:NONCE_BYTES], blob[NONCE_BYTES:], self._ad(table, row_id, kind)
+            )
+            return json.loads(data)
+        except (InvalidTag, ValueError) as exc:
+            raise StoreIntegrityError(
+                f"{self.path}: row {table}#{row_id} ({kind}) failed authentication — it was "
+                f"tampered with, moved from another row or corrupted; erase the local data "
+                f"(DELETE /data) if this persists"
+            ) from exc
+
+    def item_tag(self, item_id: str) -> bytes:
+        """Blind index of an item id: equal ids give equal tags; the id is not recoverable."""
+        return hmac.new(
+            self._index_key, item_id.encode("utf-8", "surrogatepass"), hashlib.sha256
+        ).digest()[:16]
+
+    @staticmethod
+    def _next_id(conn: sqlite3.Connection, table: str, key: str = "id") -> int:
+        return int(conn.execute(f"SELECT COALESCE(MAX({key}), 0) + 1 FROM {table}").fetchone()[0])
+
+    # -- events -------------------------------------------------------------------------------
+
+    def add_events(self, events: Sequence[Event]) -> list[int]:
+        """Store ``events`` in one transaction (all or none) and bump "adaptation pending".
+
+        Returns the new row ids; when this returns, the events are durable.
+        """
+        events = list(events)
+        if not events:
+            return []
+        with self._write() as conn:
+            first = self._next_id(conn, "events")
+            rows = []
+            for offset, ev in enumerate(events):
+                row_id = first + offset
+                payload = {"item": ev.item_id, "ts": ev.timestamp, "rating": ev.rating}
+                rows.append((row_id, ev.kind, self._seal("events", row_id, ev.kind, payload)))
+            conn.executemany("INSERT INTO events (id, kind, payload) VALUES (?, ?, ?)", rows)
+            self._increment(conn, STATE_ADAPTATION_PENDING, len(events))
+        return [r[0] for r in rows]
+
+    def events(self) -> list[Event]:
+        """Every event, oldest first (by timestamp, then insertion order)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT id, kind, payload FROM events").fetchall()
+        out = []
+        for row_id, kind, blob in rows:
+            p = self._open("events", row_id, kind, blob)
+            try:
+                out.append(Event(str(p["item"]), kind, float(p["ts"]), p["rating"], row_id))
+            except (KeyError, TypeError, DataError) as exc:
+                raise StoreIntegrityError(f"{self.path}: row events#{row_id} is malformed") from exc
+        out.sort(key=lambda e: (e.timestamp, e.id or 0))
+        return out
+
+    def count_events(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    # -- impressions and feedback ---------------------------------------------------------------
+
+    def record_impressions(self, impressions: Sequence[Impression]) -> None:
+        """Remember what was recommended (so feedback can be checked), pruning the oldest
+        beyond ``max_impressions``."""
+        if not impressions:
+            return
+        with self._write() as conn:
+            first = self._next_id(conn, "impressions")
+            rows = []
+            for offset, imp in enumerate(impressions):
+                row_id = first + offset
+                payload = {
+                    "item": imp.item_id,
+                    "rank": imp.rank,
+                    "score": imp.score,
+                    "ts": imp.timestamp,
+                }
+                rows.append(
+                    (
+                        row_id,
+                        imp.recommendation_id,
+                        self.item_tag(imp.item_id),
+                        self._seal("impressions", row_id, imp.recommendation_id, payload),
+                    )
+                )
+            conn.executemany(
+                "INSERT INTO impressions (id, recommendation_id, item_tag, payload) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            last = first + len(rows) - 1
+            conn.execute("DELETE FROM impressions WHERE id <= ?", (last - self.max_impressions,))
+
+    def missing_impressions(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The ``(recommendation_id, item_id)`` pairs that were never recommended (or expired)."""
+        with self._lock:
+            return [
+                (rec, item)
+                for rec, item in pairs
+                if self._conn.execute(
+                    "SELECT 1 FROM impressions WHERE recommendation_id = ? AND item_tag = ?",
+                    (rec, self.item_tag(item)),
+                ).fetchone()
+                is None
+            ]
+
+    def add_feedback(self, feedback: Sequence[Feedback]) -> list[int]:
+        """Store feedback atomically; *all* of it must refer to recorded impressions.
+
+        Raises :class:`UnknownImpressionError` listing the pairs that were never recommended
+        (or whose impression expired), and then stores nothing.
+        """
+        feedback = list(feedback)
+        if not feedback:
+            return []
+        with self._write() as conn:
+            pairs = list(dict.fromkeys((f.recommendation_id, f.item_id) for f in feedback))
+            missing = self.missing_impressions(pairs)
+            if missing:
+                shown = ", ".join(f"{item!r} in {rec}" for rec, item in missing[:20])
+                more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+                raise UnknownImpressionError(
+                    missing,
+                    f"feedback refers to {len(missing)} item(s) that recommendation(s) never "
+                    f"returned (or whose impression expired): {shown}{more}; send feedback only "
+                    f"for items of a GET /recommendations response, with its recommendation_id",
+                )
+            first = self._next_id(conn, "feedback")
+            rows = []
+            for offset, fb in enumerate(feedback):
+                row_id = first + offset
+                payload = {"item": fb.item_id, "ts": fb.timestamp}
+                rows.append(
+                    (
+                        row_id,
+                        fb.action,
+                        fb.recommendation_id,
+                        self._seal("feedback", row_id, fb.action, payload),
+                    )
+                )
+            conn.executemany(
+                "INSERT INTO feedback (id, action, recommendation_id, payload) VALUES (?, ?, ?, ?)",
+                rows,
+            )
+        return [r[0] for r in rows]
+
+    def feedback(self) -> list[Feedback]:
+        """All feedback, in insertion order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, action, recommendation_id, payload FROM feedback ORDER BY id"
+            ).fetchall()
+        out = []
+        for row_id, action, rec, blob in rows:
+            p = self._open("feedback", row_id, action, blob)
+            out.append(Feedback(rec, str(p["item"]), action, float(p["ts"]), row_id))
+        return out
+
+    # -- models -------------------------------------------------------------------------------
+
+    def record_model(self, record: ModelRecord) -> None:
+        """Log an installed model version (the sealed file is the source of the bytes)."""
+        payload = {
+            "model_version": record.model_version,
+            "sha256": record.sha256,
+            "installed_at": record.installed_at,
+        }
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO models (version, payload) VALUES (?, ?)",
+                (record.version, self._seal("models", record.version, "model", payload)),
+            )
+
+    def models(self) -> list[ModelRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT version, payload FROM models ORDER BY version"
+            ).fetchall()
+        out = []
+        for version, blob in rows:
+            p = self._open("models", version, "model", blob)
+            out.append(ModelRecord(version, p["model_version"], p["sha256"], p["installed_at"]))
+        return out
+
+    # -- key-value state -----------------------------------------------------------------------
+
+    def _get(self, conn: sqlite3.Connection, key: str, default: Any) -> Any:
+        row = conn.execute("SELECT payload FROM state WHERE key = ?", (key,)).fetchone()
+        return default if row is None else self._open("state", key, "kv", row[0])["v"]
+
+    def _put(self, conn: sqlite3.Connection, key: str, value: Any) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO state (key, payload) VALUES (?, ?)",
+            (key, self._seal("state", key, "kv", {"v": value})),
+        )
+
+    def _increment(self, conn: sqlite3.Connection, key: str, by: int) -> int:
+        value = int(self._get(conn, key, 0)) + by
+        self._put(conn, key, value)
+        return value
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        """A JSON value from the encrypted key-value table."""
+        with self._lock:
+            return self._get(self._conn, key, default)
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Set a JSON-serialisable value (encrypted, durable on return)."""
+        json.dumps(value)  # fail before the transaction on a non-JSON value
+        with self._write() as conn:
+            self._put(conn, key, value)
+
+    def increment(self, key: str, by: int = 1) -> int:
+        """Atomically add ``by`` to an integer state value; returns the new value."""
+        with self._write() as conn:
+            return self._increment(conn, key, by)
+
+    def record_round_joined(self) -> int:
+        """Count one federated round this device took part in (kept by :meth:`erase`)."""
+        return self.increment(STATE_ROUNDS_JOINED)
+
+    def adaptation_pending(self) -> int:
+        """New local events not yet used by the few-shot adaptation."""
+        return int(self.get_state(STATE_ADAPTATION_PENDING, 0))
+
+    def consume_adaptation_pending(self, count: int) -> int:
+        """Mark ``count`` pending events as adapted on (clamped at 0); returns what is left."""
+        with self._write() as conn:
+            left = max(0, int(self._get(conn, STATE_ADAPTATION_PENDING, 0)) - count)
+            self._put(conn, STATE_ADAPTATION_PENDING, left)
+            return left
+
+    # -- stats / erase ---------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            counts = {
+                t: int(self._conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+                for t in ("events", "feedback", "impressions", "models")
+            }
+            pending = int(self._get(self._conn, STATE_ADAPTATION_PENDING, 0))
+            rounds = int(self._get(self._conn, STATE_ROUNDS_JOINED, 0))
+        return StoreStats(
+            events=counts["events"],
+            feedback=counts["feedback"],
+            impressions=counts["impressions"],
+            models=counts["models"],
+            adaptation_pending=pending,
+            rounds_joined=rounds,
+        )
+
+    def erase(self, keep_state: Sequence[str] = KEPT_ON_ERASE) -> None:
+        """Delete every event, impression, feedback, model record and state value.
+
+        State keys in ``keep_state`` survive (by default the rounds joined: participation
+        belongs to privacy accounting). The deleted rows are overwritten (``secure_delete``),
+        the WAL is truncated and the file ``VACUUM``-ed, so nothing lingers on disk.
+        """
+        keep = list(keep_state)
+        with self._lock:
+            with self._write() as conn:
+                for table in ("events", "impressions", "feedback", "models"):
+                    conn.execute(f"DELETE FROM {table}")
+                marks = ",".join("?" * len(keep))
+                conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
+            self._conn.execute("VACUUM")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,221 @@
+"""``fedrec client``: the on-device side — identity, local daemon, local API, models."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from shared.config import from_flat, parse_run_config
+from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from client.device.daemon import DaemonConfig
+
+app = typer.Typer(
+    help="On-device client: identity, encrypted local store, local API.", no_args_is_help=True
+)
+
+StateDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        help="The device's state directory (identity, store, sealed models, privacy ledger).",
+    ),
+]
+PassphraseEnvOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--passphrase-env",
+        help="NAME of an environment variable holding the passphrase of the data key "
+        "(the passphrase itself is never accepted on the command line).",
+    ),
+]
+ConfigOpt = Annotated[
+    str,
+    typer.Option(
+        "--config",
+        help="Daemon settings as 'key=value ...' (kebab-case keys of DaemonConfig, e.g. "
+        "'max-batch=500 candidate-pool=50').",
+    ),
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")]
+PortOpt = Annotated[
+    int | None, typer.Option("--port", help="Port to bind (default 8765; 0 = any free port).")
+]
+
+
+def _daemon_config(config: str, host: str | None, port: int | None) -> DaemonConfig:
+    from client.device.daemon import DaemonConfig
+
+    values: dict[str, object] = dict(parse_run_config(config))
+    if host is not None:
+        values["host"] = host
+    if port is not None:
+        values["port"] = port
+    return from_flat(DaemonConfig, values)
+
+
+def _passphrase(state_dir: Path, passphrase_env: str | None) -> str | None:
+    from client.device.identity import DeviceIdentity, read_passphrase_env
+
+    identity = DeviceIdentity.load(state_dir)
+    if identity.data_key_mode != "passphrase":
+        if passphrase_env:
+            raise ConfigError(
+                f"the data key of {state_dir} is a random key file, not a passphrase; drop "
+                f"--passphrase-env"
+            )
+        return None
+    var = passphrase_env or identity.passphrase_env()
+    if not var:
+        raise ConfigError(
+            "this device's data key is derived from a passphrase; pass --passphrase-env NAME "
+            "with the passphrase exported in $NAME"
+        )
+    return read_passphrase_env(var)
+
+
+@app.command("init")
+def init(
+    state_dir: StateDirOpt,
+    passphrase_env: PassphraseEnvOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing identity. The local store and sealed models (encrypted "
+            "with the old key) are erased; the privacy ledger and catalog are kept.",
+        ),
+    ] = False,
+    catalog: Annotated[
+        Path | None,
+        typer.Option("--catalog", help="Install this catalog (JSON list of raw item ids)."),
+    ] = None,
+) -> None:
+    """Create the device identity: EC key pair, data key, API token (all secrets 0600).
+
+    Prints the OpenSSH public key on stdout (register it with `flwr supernode register`);
+    everything else goes to stderr.
+    """
+    from client.device.identity import DeviceLayout, init_identity, read_passphrase_env
+    from client.device.sealed import Catalog
+
+    parsed_catalog = Catalog.load(catalog) if catalog is not None else None
+    passphrase = read_passphrase_env(passphrase_env) if passphrase_env else None
+    result = init_identity(
+        state_dir, passphrase=passphrase, passphrase_env=passphrase_env, force=force
+    )
+    layout: DeviceLayout = result.layout
+    if force:
+        # encrypted with the old data key: unreadable now, so remove rather than leave junk
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(layout.models_dir, ignore_errors=True)
+    if parsed_catalog is not None:
+        parsed_catalog.save(layout.catalog)
+    key_note = (
+        f"passphrase (scrypt n=2**15, r=8, p=1) from ${passphrase_env}"
+        if passphrase_env
+        else f"random, {layout.data_key} (0600)"
+    )
+    lines = [
+        f"device identity created in {layout.state_dir}",
+        f"  device id:   {result.device_id}",
+        f"  private key: {layout.private_key} (0600; flower-supernode "
+        f"--auth-supernode-private-key)",
+        f"  public key:  {layout.public_key}",
+        f"  data key:    {key_note}",
+        f"  API token:   {layout.api_token} (0600)",
+        f"register the public key with the SuperLink: flwr supernode register {layout.public_key}",
+    ]
+    typer.echo("\n".join(lines), err=True)
+    typer.echo(result.public_key_openssh)
+
+
+def _run_daemon(
+    state_dir: Path, passphrase_env: str | None, config: str, host: str | None, port: int | None
+) -> None:
+    from client.device.daemon import Daemon
+
+    cfg = _daemon_config(config, host, port)
+    daemon = Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env), config=cfg)
+    # `fedrec client start` will register the Flower SuperNode here:
+    #     daemon.add_process(ProcessSpec("supernode", (...flower-supernode argv...)))
+    code = daemon.run(api=True)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("start")
+def start(
+    state_dir: StateDirOpt,
+    passphrase_env: PassphraseEnvOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    config: ConfigOpt = "",
+) -> None:
+    """Run the device daemon: the local API (and, once added, the Flower SuperNode).
+
+    Stops cleanly on SIGTERM/SIGINT. Writes STATE_DIR/api.json (host, port) while running.
+    """
+    _run_daemon(state_dir, passphrase_env, config, host, port)
+
+
+@app.command("serve-api")
+def serve_api(
+    state_dir: StateDirOpt,
+    passphrase_env: PassphraseEnvOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    config: ConfigOpt = "",
+) -> None:
+    """Serve only the local HTTP API (no federated processes)."""
+    _run_daemon(state_dir, passphrase_env, config, host, port)
+
+
+@app.command("install-model")
+def install_model(
+    state_dir: StateDirOpt,
+    model: Annotated[Path, typer.Option("--model", help="An exported (int8) ONNX student.")],
+    catalog: Annotated[
+        Path | None,
+        typer.Option("--catalog", help="Its catalog (JSON list of raw item ids, model order)."),
+    ] = None,
+    passphrase_env: PassphraseEnvOpt = None,
+) -> None:
+    """Validate a model against the catalog, seal it and make it current."""
+    from client.device.daemon import Daemon
+    from client.device.sealed import Catalog
+
+    parsed = Catalog.load(catalog) if catalog is not None else None
+    try:
+        data = model.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --model {model}: {exc.strerror or exc}") from exc
+    with Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env)) as daemon:
+        info = daemon.install_model(data, parsed)
+    typer.echo(f"installed {info.model_version} as {info.path.name}")
+
+
+@app.command("openapi")
+def openapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the schema here (else stdout).")
+    ] = None,
+    config: ConfigOpt = "",
+) -> None:
+    """Write the local API's OpenAPI schema (JSON)."""
+    from client.device.api import ApiConfig, openapi_json
+    from shared.io import write_bytes_atomic
+
+    cfg = _daemon_config(config, None, None)
+    text = openapi_json(ApiConfig.from_daemon(cfg))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_bytes_atomic(output, text.encode())
+        typer.echo(f"wrote {output}", err=True)

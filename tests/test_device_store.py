@@ -1,0 +1,467 @@
+"""Device identity, encrypted local store and sealed model files (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from client.device.identity import (
+    DeviceIdentity,
+    DeviceLayout,
+    IdentityError,
+    WrongPassphraseError,
+    init_identity,
+)
+from client.device.sealed import Catalog, SealedModelStore, sealed_name
+from client.device.store import (
+    DeviceStore,
+    Event,
+    Feedback,
+    Impression,
+    StoreIntegrityError,
+    UnknownImpressionError,
+    WrongDataKeyError,
+)
+from fedrec.commands.client import app as client_app
+from shared.errors import DataError, ModelFileError
+from shared.ondevice.runtime import ModelMetadata, OnDeviceModel
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET_IDS = [f"secret-item-{i:04d}-zq" for i in range(40)]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def key() -> bytes:
+    return os.urandom(32)
+
+
+@pytest.fixture
+def store(tmp_path: Path, key: bytes) -> Iterator[DeviceStore]:
+    s = DeviceStore.open(tmp_path / "store.db", key)
+    yield s
+    s.close()
+
+
+# --------------------------------------------------------------------------- store
+
+
+def test_events_roundtrip_in_time_order_and_count_adaptation(store: DeviceStore) -> None:
+    ids = store.add_events(
+        [
+            Event("b", "click", 20.0),
+            Event("a", "view", 10.0),
+            Event("c", "rating", 20.0, rating=4.5),
+        ]
+    )
+    assert ids == [1, 2, 3]
+    assert [(e.item_id, e.kind, e.rating) for e in store.events()] == [
+        ("a", "view", None),
+        ("b", "click", None),
+        ("c", "rating", 4.5),
+    ]
+    assert store.count_events() == 3 and store.adaptation_pending() == 3
+    assert store.consume_adaptation_pending(2) == 1
+    store.set_state("bandit", {"theta": [0.5, 1.0]})
+    assert store.get_state("bandit") == {"theta": [0.5, 1.0]}
+    assert store.record_round_joined() == 1
+
+
+def test_events_are_validated() -> None:
+    with pytest.raises(DataError, match="must have a rating"):
+        Event("a", "rating", 1.0)
+    with pytest.raises(DataError, match="must not have"):
+        Event("a", "view", 1.0, rating=3.0)
+    with pytest.raises(DataError, match="milliseconds"):
+        Event("a", "view", 1.7e12)
+    with pytest.raises(DataError, match="kind"):
+        Event("a", "like", 1.0)  # type: ignore[arg-type]
+
+
+def _raw_bytes(db: Path) -> bytes:
+    return b"".join(
+        Path(f"{db}{s}").read_bytes() for s in ("", "-wal", "-shm") if Path(f"{db}{s}").exists()
+    )
+
+
+def test_database_file_holds_no_plaintext_item_ids(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    store = DeviceStore.open(db, key)
+    store.add_events([Event(i, "view", 1000.0 + n) for n, i in enumerate(SECRET_IDS)])
+    imps = [Impression("ab" * 16, i, r, 1.0, 5.0) for r, i in enumerate(SECRET_IDS[:5], 1)]
+    store.record_impressions(imps)
+    store.add_feedback([Feedback("ab" * 16, SECRET_IDS[0], "clicked", 6.0)])
+    assert _mode(db) == 0o600 and _mode(Path(f"{db}-wal")) == 0o600
+    raw = _raw_bytes(db)  # while open: the rows are in the WAL
+    assert b"secret-item" not in raw and b"zq" not in raw
+    store.close()  # checkpointed into the main file
+    raw = _raw_bytes(db)
+    assert b"secret-item" not in raw
+    # and yet they are all there
+    with DeviceStore.open(db, key) as again:
+        assert [e.item_id for e in again.events()] == SECRET_IDS
+
+
+def test_wrong_key_is_refused_clearly(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event("x", "view", 1.0)])
+    with pytest.raises(WrongDataKeyError, match=r"does not open the local store.*passphrase"):
+        DeviceStore.open(db, os.urandom(32))
+    with pytest.raises(Exception, match="32 raw bytes"):
+        DeviceStore.open(db, key.hex().encode())
+
+
+def test_swapped_or_flipped_rows_fail_authentication(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event("a", "view", 1.0), Event("b", "view", 2.0)])
+    with sqlite3.connect(db) as conn:  # an attacker swaps the two ciphertexts
+        (p1,), (p2,) = conn.execute("SELECT payload FROM events ORDER BY id").fetchall()
+        conn.execute("UPDATE events SET payload = ? WHERE id = 1", (p2,))
+        conn.execute("UPDATE events SET payload = ? WHERE id = 2", (p1,))
+    with (
+        DeviceStore.open(db, key) as store,
+        pytest.raises(StoreIntegrityError, match=r"events#\d.*failed authentication"),
+    ):
+        store.events()
+    with sqlite3.connect(db) as conn:  # restore, then change the kind in clear
+        conn.execute("UPDATE events SET payload = ? WHERE id = 1", (p1,))
+        conn.execute("UPDATE events SET payload = ? WHERE id = 2", (p2,))
+        conn.execute("UPDATE events SET kind = 'click' WHERE id = 1")
+    with DeviceStore.open(db, key) as store, pytest.raises(StoreIntegrityError, match="events#1"):
+        store.events()
+
+
+def test_schema_version_and_foreign_files_are_refused(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    DeviceStore.open(db, key).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(DataError, match=r"schema v99.*upgrade fedrec"):
+        DeviceStore.open(db, key)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(DataError, match="not a fedrec device store"):
+        DeviceStore.open(other, key)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(DataError, match="not a fedrec device store"):
+        DeviceStore.open(junk, key)
+
+
+def test_store_is_in_wal_mode_with_full_sync(store: DeviceStore) -> None:
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from client.device.store import DeviceStore, Event
+    store = DeviceStore.open(sys.argv[1], bytes.fromhex(os.environ["FEDREC_TEST_KEY"]))
+    for i in range(100000):
+        store.add_events([Event(f"item-{i}", "view", 1000.0 + i)])
+        print(f"acked {i}", flush=True)
+    """
+)
+
+
+def test_acknowledged_writes_survive_kill_9(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    env = {**os.environ, "FEDREC_TEST_KEY": key.hex(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.stdout is not None
+    acked: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(acked) < 30 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked.append(int(line.split()[1]))
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way: the writer is still writing
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(acked) == 30, "the writer did not get going"
+    with DeviceStore.open(db, key) as store:
+        stored = {e.item_id for e in store.events()}
+    assert {f"item-{i}" for i in acked} <= stored
+    assert len(stored) <= len(acked) + 1  # at most the one in flight when killed
+
+
+def test_feedback_must_refer_to_an_impression(store: DeviceStore) -> None:
+    rec = "0123456789abcdef0123456789abcdef"
+    store.record_impressions([Impression(rec, "a", 1, 2.0, 1.0), Impression(rec, "b", 2, 1.0, 1.0)])
+    with pytest.raises(UnknownImpressionError, match=r"1 item.*'zzz'") as err:
+        store.add_feedback([Feedback(rec, "a", "shown", 2.0), Feedback(rec, "zzz", "clicked", 2.0)])
+    assert err.value.pairs == [(rec, "zzz")]
+    assert store.feedback() == []  # atomic: the valid entry was not stored either
+    other = "f" * 32
+    with pytest.raises(UnknownImpressionError):
+        store.add_feedback([Feedback(other, "a", "shown", 2.0)])  # right item, wrong list
+    assert store.add_feedback([Feedback(rec, "a", "shown", 2.0), Feedback(rec, "a", "clicked", 3)])
+    assert [(f.item_id, f.action) for f in store.feedback()] == [("a", "shown"), ("a", "clicked")]
+
+
+def test_old_impressions_expire(tmp_path: Path, key: bytes) -> None:
+    with DeviceStore.open(tmp_path / "s.db", key, max_impressions=3) as store:
+        for n in range(5):
+            store.record_impressions([Impression(f"{n:032x}", "a", 1, 1.0, 1.0)])
+        assert store.stats().impressions == 3
+        assert store.missing_impressions([(f"{0:032x}", "a"), (f"{4:032x}", "a")]) == [
+            (f"{0:032x}", "a")
+        ]
+
+
+def test_erase_deletes_data_but_keeps_rounds_joined(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event(i, "view", 1.0) for i in SECRET_IDS])
+        store.record_impressions([Impression("c" * 32, SECRET_IDS[0], 1, 1.0, 1.0)])
+        store.add_feedback([Feedback("c" * 32, SECRET_IDS[0], "shown", 1.0)])
+        store.set_state("bandit", {"x": 1})
+        store.record_round_joined()
+        store.record_round_joined()
+        store.erase()
+        stats = store.stats()
+        assert (stats.events, stats.feedback, stats.impressions, stats.adaptation_pending) == (
+            0,
+            0,
+            0,
+            0,
+        )
+        assert store.get_state("bandit") is None
+        assert stats.rounds_joined == 2
+        store.add_events([Event("after", "view", 2.0)])  # still usable
+        assert [e.item_id for e in store.events()] == ["after"]
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_init_identity_files_and_formats(tmp_path: Path) -> None:
+    result = init_identity(tmp_path / "dev")
+    layout = result.layout
+    for secret in (layout.private_key, layout.data_key, layout.api_token):
+        assert _mode(secret) == 0o600, secret
+    assert _mode(layout.identity_dir) == 0o700
+    assert not layout.data_key_kdf.exists()
+    # what Flower reads: the SuperNode loads the private key with load_ssh_private_key, and
+    # `flwr supernode register` loads the public key with load_ssh_public_key
+    private = load_ssh_private_key(layout.private_key.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert private.curve.name == "secp256r1"
+    public = load_ssh_public_key(layout.public_key.read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert result.public_key_openssh.startswith("ecdsa-sha2-nistp256 ")
+    identity = DeviceIdentity.load(layout.state_dir)
+    assert len(identity.data_key()) == 32 and len(identity.api_token()) >= 32
+    assert identity.device_id == result.device_id and result.device_id.startswith("SHA256:")
+    with pytest.raises(IdentityError, match=r"already exists.*--force"):
+        init_identity(layout.state_dir)
+    again = init_identity(layout.state_dir, force=True)
+    assert again.public_key_openssh != result.public_key_openssh
+
+
+def test_flower_accepts_the_public_key(tmp_path: Path) -> None:
+    register = pytest.importorskip("flwr.cli.supernode.register")
+    layout = init_identity(tmp_path).layout
+    assert register.try_load_public_key(layout.public_key)
+
+
+def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
+    layout = init_identity(tmp_path).layout
+    os.chmod(layout.data_key, 0o644)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        DeviceIdentity.load(tmp_path).data_key()
+
+
+def test_passphrase_key_is_derived_and_checked(tmp_path: Path) -> None:
+    result = init_identity(tmp_path, passphrase="correct horse", passphrase_env="MY_PASS")
+    assert result.data_key_mode == "passphrase"
+    layout = result.layout
+    assert not layout.data_key.exists() and _mode(layout.data_key_kdf) == 0o600
+    assert b"correct horse" not in layout.data_key_kdf.read_bytes()
+    identity = DeviceIdentity.load(tmp_path)
+    assert identity.passphrase_env() == "MY_PASS"
+    k1 = identity.data_key("correct horse")
+    assert k1 == identity.data_key("correct horse") and len(k1) == 32
+    with pytest.raises(WrongPassphraseError, match="does not unlock"):
+        identity.data_key("wrong horse")
+    with pytest.raises(WrongPassphraseError, match="MY_PASS"):
+        identity.data_key()
+
+
+# --------------------------------------------------------------------------- CLI init
+
+runner = CliRunner()
+
+
+def test_cli_init_creates_0600_files_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    state = tmp_path / "device"
+    result = runner.invoke(client_app, ["init", "--state-dir", str(state)])
+    assert result.exit_code == 0, result.output
+    layout = DeviceLayout(state)
+    assert result.stdout.strip() == layout.public_key.read_text().strip()
+    assert "flwr supernode register" in result.stderr
+    for secret in (layout.private_key, layout.data_key, layout.api_token):
+        assert _mode(secret) == 0o600
+    before = layout.private_key.read_bytes()
+    again = runner.invoke(client_app, ["init", "--state-dir", str(state)])
+    assert again.exit_code != 0
+    assert isinstance(again.exception, IdentityError)
+    assert "--force" in str(again.exception)
+    assert layout.private_key.read_bytes() == before
+    forced = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
+    assert forced.exit_code == 0 and layout.private_key.read_bytes() != before
+
+
+def test_cli_init_with_passphrase_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "device"
+    missing = runner.invoke(
+        client_app, ["init", "--state-dir", str(state), "--passphrase-env", "P"]
+    )
+    assert "environment variable P is not set" in str(missing.exception)
+    assert not DeviceLayout(state).private_key.exists()
+    monkeypatch.setenv("FEDREC_TEST_PASS", "s3cret passphrase")
+    args = ["init", "--state-dir", str(state), "--passphrase-env", "FEDREC_TEST_PASS"]
+    result = runner.invoke(client_app, args)
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    assert DeviceIdentity.load(state).data_key("s3cret passphrase")
+    bad = runner.invoke(client_app, ["init", "--state-dir", str(state), "--passphrase-env", "a b"])
+    assert "name* of an environment variable" in str(bad.exception)
+
+
+# --------------------------------------------------------------------------- sealed models
+
+
+def tiny_onnx(
+    n_items: int = 40, dim: int = 8, max_len: int = 6, catalog: str = "c", version: str = "v1"
+) -> bytes:
+    """A student-shaped ONNX graph built by hand (no torch): sum-pool embeddings, dot table."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(n_items, dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "items"], ["x"]),
+        helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis_last"], ["m3"]),
+        helper.make_node("Mul", ["x", "m3"], ["xm"]),
+        helper.make_node("ReduceSum", ["xm", "axis_seq"], ["h"], keepdims=0),
+        helper.make_node("MatMul", ["h", "ET"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("items", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", n_items])],
+        initializer=[
+            numpy_helper.from_array(table, "E"),
+            numpy_helper.from_array(table.T.copy(), "ET"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis_last"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis_seq"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ModelMetadata(n_items, max_len, version, catalog).apply_to(model)
+    return bytes(model.SerializeToString())
+
+
+CATALOG = Catalog(tuple(f"m{i}" for i in range(40)))
+
+
+def test_seal_install_load_and_versions(tmp_path: Path, key: bytes) -> None:
+    sealed = SealedModelStore(tmp_path / "models", key, keep=2)
+    assert sealed.current_version() is None and sealed.load() is None
+    data = tiny_onnx(catalog=CATALOG.fingerprint)
+    info, model = sealed.install(data, catalog=CATALOG)
+    assert (info.version, info.model_version, info.path.name) == (1, "v1", "model-v1.onnx.sealed")
+    assert data not in info.path.read_bytes()  # encrypted, not just signed
+    loaded = sealed.load(catalog=CATALOG)
+    assert loaded is not None and isinstance(loaded[1], OnDeviceModel)
+    np.testing.assert_allclose(loaded[1].score([[1, 2]]), model.score([[1, 2]]))
+    sealed.install(tiny_onnx(catalog=CATALOG.fingerprint, version="v2"), catalog=CATALOG)
+    sealed.install(tiny_onnx(catalog=CATALOG.fingerprint, version="v3"), catalog=CATALOG)
+    assert sealed.versions() == [2, 3] and sealed.current_version() == 3
+    assert (tmp_path / "models" / "current").read_text().strip() == sealed_name(3)
+    assert sealed.read(3)[1] == tiny_onnx(catalog=CATALOG.fingerprint, version="v3")
+    sealed.erase()
+    assert sealed.versions() == [] and sealed.current_version() is None
+
+
+@pytest.mark.parametrize("where", [0, 20, -100, -1])
+def test_one_flipped_byte_is_refused(tmp_path: Path, key: bytes, where: int) -> None:
+    sealed = SealedModelStore(tmp_path, key)
+    info, _ = sealed.install(tiny_onnx())
+    blob = bytearray(info.path.read_bytes())
+    blob[where] ^= 0x01
+    info.path.write_bytes(bytes(blob))
+    with pytest.raises(ModelFileError, match=r"model-v1\.onnx\.sealed.*(authentication|magic)"):
+        sealed.load()
+
+
+def test_renamed_wrong_key_and_foreign_models_are_refused(tmp_path: Path, key: bytes) -> None:
+    sealed = SealedModelStore(tmp_path, key)
+    sealed.install(tiny_onnx(version="a"))
+    sealed.install(tiny_onnx(version="b"))
+    v1, v2 = sealed.path(1), sealed.path(2)
+    b1 = v1.read_bytes()
+    v1.write_bytes(v2.read_bytes())  # v2's file under v1's name: a rollback/swap
+    with pytest.raises(ModelFileError, match="holds sealed version 2, not 1"):
+        sealed.read(1)
+    v1.write_bytes(b1)
+    with pytest.raises(ModelFileError, match="another device's data key"):
+        SealedModelStore(tmp_path, os.urandom(32)).load()
+    with pytest.raises(ModelFileError, match="exported for catalog"):
+        sealed.install(tiny_onnx(catalog="other"), catalog=CATALOG)
+    with pytest.raises(ModelFileError, match="not a valid ONNX"):
+        sealed.install(b"garbage")
+    assert sealed.versions() == [1, 2]  # nothing written by the refused installs
+    (tmp_path / "current").write_text("model-v9.onnx.sealed\n")
+    with pytest.raises(ModelFileError, match="missing; install the model again"):
+        sealed.load()
+
+
+def test_catalog_roundtrip_and_validation(tmp_path: Path) -> None:
+    CATALOG.save(tmp_path / "c.json")
+    assert Catalog.load(tmp_path / "c.json") == CATALOG
+    assert CATALOG.unknown(["m1", "zz", "zz", "m2", "yy"]) == ["zz", "yy"]
+    assert CATALOG.dense("m3") == 3 and CATALOG.dense("zz") is None
+    with pytest.raises(DataError, match="more than once"):
+        Catalog(("a", "a"))
+    bad = CATALOG.to_json() | {"fingerprint": "0" * 16}
+    with pytest.raises(DataError, match="does not match"):
+        Catalog.from_json(bad)
