@@ -1,0 +1,275 @@
+"""Federation throughput: client updates/s and seconds per round, plain vs SecAgg+.
+
+Runs the real ServerApp/ClientApp code (``server.server_app``, ``client.client_app``)
+with the toy task, every node in the cohort, federated evaluation off, and prints one
+JSON document. Round 1 pays Ray actor start-up and is reported separately
+(``warmup_round_s``); steady-state numbers are medians over the later rounds.
+
+Besides the end-to-end numbers it times every ``grid.send_and_receive`` call (one per
+plain fit round; four per SecAgg+ round: setup, share-keys, collect, unmask) to show
+where the time goes. ``--runtime inprocess`` runs the same protocol without Ray
+(loopback grid, thread pool) to separate protocol cost from Ray overhead.
+
+Examples::
+
+    python bench/federation_throughput.py                      # small, quick
+    python bench/federation_throughput.py --cohorts 50 200 --rounds 4
+    python bench/federation_throughput.py --runtime inprocess --cohorts 50 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from flwr.app import Context, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+
+from client.client_app import make_client_app
+from server.secagg import run_rounds
+from server.server_app import (
+    ServerConfig,
+    SimulationBackend,
+    build_strategy,
+    run_in_process,
+    run_simulation,
+)
+from server.strategy import RoundReport
+from shared.federated.task import RunConfigValue, get_task
+
+SECAGG_STAGES = ("setup", "share-keys", "collect", "unmask")
+
+
+@dataclass
+class CallLog:
+    """Duration and fan-out of each ``send_and_receive`` call, in order."""
+
+    calls: list[tuple[int, int, float]] = field(default_factory=list)  # (sent, replies, s)
+
+
+class TimingGrid(Grid):
+    """Delegating ``Grid`` that records how long each ``send_and_receive`` takes."""
+
+    def __init__(self, inner: Grid, log: CallLog, pull_interval: float | None) -> None:
+        self._inner = inner
+        self._log = log
+        if pull_interval is not None and hasattr(inner, "pull_interval"):
+            inner.pull_interval = pull_interval
+
+    def set_run(self, run: Run) -> None:
+        """Delegate."""
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegate."""
+        return self._inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Delegate."""
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegate."""
+        return self._inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """Delegate."""
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegate."""
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate."""
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegate and time."""
+        batch = list(messages)
+        started = time.perf_counter()
+        replies = list(self._inner.send_and_receive(batch, timeout=timeout))
+        self._log.calls.append((len(batch), len(replies), time.perf_counter() - started))
+        return replies
+
+
+def make_bench_server_app(
+    run_config: Mapping[str, RunConfigValue],
+    reports: list[RoundReport],
+    call_log: CallLog,
+    pull_interval: float | None,
+) -> ServerApp:
+    """Same wiring as ``server.server_app.make_server_app``, plus a timing grid."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = ServerConfig.from_run_config(run_config)
+        task = get_task(config.task, run_config)
+        strategy = build_strategy(config, task.initial_parameters())
+        run_rounds(
+            TimingGrid(grid, call_log, pull_interval),
+            context,
+            strategy=strategy,
+            num_rounds=config.num_rounds,
+            secagg=config.secagg_settings,
+            round_timeout=config.round_timeout or None,
+            on_round_end=reports.append,
+        )
+
+    return app
+
+
+def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) -> dict[str, Any]:
+    """One (runtime, cohort, mode) measurement."""
+    run_config: dict[str, RunConfigValue] = {
+        "task": "toy-linear",
+        "num-rounds": args.rounds,
+        "cohort-size": cohort,
+        "min-cohort": 2,
+        "min-available-clients": cohort,
+        "eval-fraction": 0.0,
+        "secagg": secagg,
+        "secagg-num-shares": args.num_shares,
+        "secagg-reconstruction-threshold": args.threshold,
+        "secagg-timeout": args.secagg_timeout,
+        "toy-dim": args.dim,
+        "toy-local-steps": args.local_steps,
+    }
+    reports: list[RoundReport] = []
+    call_log = CallLog()
+    server_app = make_bench_server_app(run_config, reports, call_log, args.pull_interval)
+    client_app = make_client_app(run_config)
+    started = time.perf_counter()
+    if runtime == "ray":
+        backend = SimulationBackend(
+            num_cpus_per_client=args.num_cpus_per_client,
+            ray_address=args.ray_address,
+            ray_num_cpus=None if args.ray_address else args.ray_num_cpus,
+        )
+        run_simulation(server_app, client_app, cohort, backend)
+    else:
+        run_in_process(
+            server_app, client_app, cohort, run_config=run_config, max_workers=args.workers
+        )
+    wall = time.perf_counter() - started
+
+    steady = [r for r in reports if r.server_round > 1] or reports
+    fit_s = [r.fit_seconds for r in steady]
+    ok = [r.fit.ok for r in steady]
+    per_round = statistics.median(fit_s) if fit_s else float("nan")
+    calls_per_round = 4 if secagg else 1
+    steady_calls = call_log.calls[calls_per_round:] or call_log.calls
+    stage_names = SECAGG_STAGES if secagg else ("fit",)
+    stages: dict[str, float] = {}
+    for i, name in enumerate(stage_names):
+        durations = [c[2] for c in steady_calls[i::calls_per_round]]
+        if durations:
+            stages[name] = round(statistics.median(durations), 4)
+    return {
+        "runtime": runtime,
+        "cohort": cohort,
+        "secagg": secagg,
+        "rounds": len(reports),
+        "seconds_per_round": round(per_round, 4),
+        "client_updates_per_s": round(statistics.median(ok) / per_round, 2) if fit_s else None,
+        "warmup_round_s": round(reports[0].fit_seconds, 3) if reports else None,
+        "stage_seconds": stages,
+        "client_train_s_mean": round(
+            statistics.mean(r.fit.client_metrics.get("train-seconds", 0.0) for r in steady), 4
+        )
+        if steady
+        else None,
+        "clients_ok_per_round": ok,
+        "clients_failed_per_round": [r.fit.failed for r in steady],
+        "wall_s": round(wall, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run every case, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cohorts", type=int, nargs="+", default=[10])
+    parser.add_argument("--rounds", type=int, default=3, help="incl. 1 warm-up round")
+    parser.add_argument(
+        "--modes", nargs="+", choices=["plain", "secagg"], default=["plain", "secagg"]
+    )
+    parser.add_argument("--runtime", choices=["ray", "inprocess", "both"], default="ray")
+    parser.add_argument("--num-cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--ray-num-cpus", type=int, default=None)
+    parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--pull-interval", type=float, default=None, help="InMemoryGrid poll (s)")
+    parser.add_argument("--workers", type=int, default=8, help="in-process thread pool size")
+    parser.add_argument("--num-shares", type=int, default=5)
+    parser.add_argument("--threshold", type=int, default=3)
+    parser.add_argument("--secagg-timeout", type=float, default=60.0)
+    parser.add_argument("--dim", type=int, default=8, help="toy model size (parameters - 1)")
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    runtimes = ["ray", "inprocess"] if args.runtime == "both" else [args.runtime]
+    results = [
+        run_case(args, runtime, cohort, mode == "secagg")
+        for runtime in runtimes
+        for cohort in args.cohorts
+        for mode in args.modes
+    ]
+    ratios: dict[str, float] = {}
+    for runtime in runtimes:
+        for cohort in args.cohorts:
+            plain = [
+                r
+                for r in results
+                if (r["runtime"], r["cohort"], r["secagg"]) == (runtime, cohort, False)
+            ]
+            secure = [
+                r
+                for r in results
+                if (r["runtime"], r["cohort"], r["secagg"]) == (runtime, cohort, True)
+            ]
+            if plain and secure:
+                ratio = secure[0]["seconds_per_round"] / plain[0]["seconds_per_round"]
+                ratios[f"{runtime}/{cohort}"] = round(ratio, 2)
+    document = {
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "results": results,
+        "secagg_over_plain_round_time": ratios,
+    }
+    text = json.dumps(document, indent=2, default=str)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""The Flower ``ClientApp``: unpack the instruction, call the task, pack the reply.
+
+One ``ClientApp`` serves plain FedAvg and SecAgg+ runs: its app-level mod
+(:func:`server.secagg.secaggplus_when_requested_mod`) engages Flower's
+``secaggplus_mod`` only for train messages carrying the SecAgg+ config record (mods
+are fixed when a ``ClientApp`` is built, and the bare ``secaggplus_mod`` raises on
+plain train messages).
+
+Wire format: Flower's legacy ``FitIns``/``FitRes``/``EvaluateIns``/``EvaluateRes``
+record layout (``fitins.parameters``, ``fitres.metrics``, ...), because both
+``DefaultWorkflow`` and ``SecAggPlusWorkflow`` speak it. A fit reply carries the
+*update* (new - received parameters), validated and optionally L2-clipped; a declined
+client sends a zero update with zero weight (neutral under FedAvg and SecAgg+); a task
+failure becomes a Flower error reply, so the server counts the client as failed and
+the round goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.compat.common.recorddict_compat import (
+    evaluateres_to_recorddict,
+    fitres_to_recorddict,
+    recorddict_to_evaluateins,
+    recorddict_to_fitins,
+)
+
+from server.secagg import secaggplus_when_requested_mod
+from shared.errors import DataError
+from shared.federated.task import (
+    CONFIG_UPDATE_CLIP_NORM,
+    METRIC_REASON,
+    METRIC_STATUS,
+    Arrays,
+    ArraysKind,
+    ClientStateful,
+    FederatedTask,
+    FitOutcome,
+    FitStatus,
+    MetricValue,
+    RunConfigValue,
+    get_task,
+)
+from shared.federated.validation import clip_update_l2, l2_norm, validate_update
+
+DEFAULT_TASK = "toy-linear"
+
+# One task instance per (task name, run config) per process: a Ray actor serves many
+# virtual clients and the ClientApp object is re-sent with every message, so the
+# cache lives at module level.
+_TASKS: dict[tuple[str, tuple[tuple[str, RunConfigValue], ...]], FederatedTask] = {}
+_TASKS_LOCK = threading.Lock()
+
+
+#: Name of the ``Context.state`` array record holding a ClientStateful task's state.
+CLIENT_STATE_RECORD = "fedrec.client-state"
+
+
+def _restore_state(task: FederatedTask, client_id: int, context: Context) -> None:
+    if isinstance(task, ClientStateful):
+        record = context.state.array_records.get(CLIENT_STATE_RECORD)
+        arrays = {k: v.numpy() for k, v in record.items()} if record is not None else {}
+        task.import_client_state(client_id, arrays)
+
+
+def _save_state(task: FederatedTask, client_id: int, context: Context) -> None:
+    if isinstance(task, ClientStateful):
+        state = task.export_client_state(client_id)
+        context.state.array_records[CLIENT_STATE_RECORD] = ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in state.items()}
+        )
+
+
+class TaskFailedError(RuntimeError):
+    """The task reported ``FitStatus.ERROR`` instead of raising."""
+
+
+def _task_for(run_config: Mapping[str, RunConfigValue]) -> FederatedTask:
+    name = str(run_config.get("task", DEFAULT_TASK))
+    key = (name, tuple(sorted(run_config.items())))
+    with _TASKS_LOCK:
+        task = _TASKS.get(key)
+        if task is None:
+            task = get_task(name, run_config)
+            _TASKS[key] = task
+    return task
+
+
+def client_id_of(context: Context) -> int:
+    """The task-level client id: ``partition-id`` from the node config, else node id."""
+    partition = context.node_config.get("partition-id")
+    if isinstance(partition, int) and not isinstance(partition, bool):
+        return partition
+    if isinstance(partition, str) and partition.strip().lstrip("-").isdigit():
+        return int(partition)
+    return int(context.node_id)
+
+
+def _checked_metrics(metrics: Mapping[str, MetricValue]) -> dict[str, Scalar]:
+    out: dict[str, Scalar] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or key in (METRIC_STATUS, METRIC_REASON):
+            raise DataError(f"task metric key {key!r} is not allowed")
+        if not isinstance(value, bool | int | float | str):
+            raise DataError(
+                f"task metric '{key}' is a {type(value).__name__}; use bool/int/float/str"
+            )
+        out[key] = value
+    return out
+
+
+def encode_fit_outcome(
+    outcome: FitOutcome, received: Arrays, *, clip_norm: float = 0.0
+) -> RecordDict:
+    """Turn a task's :class:`FitOutcome` into the ``FitRes`` records of the reply.
+
+    Raises :class:`TaskFailedError` for ``FitStatus.ERROR`` and
+    :class:`~shared.federated.validation.InvalidUpdateError` for unusable arrays.
+    """
+    if outcome.status is FitStatus.ERROR:
+        raise TaskFailedError(outcome.reason)
+    if outcome.status is FitStatus.DECLINED:
+        update: Arrays = [np.zeros_like(p) for p in received]
+        metrics: dict[str, Scalar] = {
+            METRIC_STATUS: FitStatus.DECLINED.value,
+            METRIC_REASON: outcome.reason,
+        }
+        num_examples = 0
+    else:
+        what = "update" if outcome.kind is ArraysKind.UPDATE else "parameters"
+        validate_update(outcome.arrays, received, what=f"task {what}")
+        if outcome.kind is ArraysKind.UPDATE:
+            update = [np.array(a, copy=True) for a in outcome.arrays]
+        else:
+            update = [
+                (new - old).astype(old.dtype)
+                for new, old in zip(outcome.arrays, received, strict=True)
+            ]
+        validate_update(update, received)  # e.g. inf - inf
+        norm = l2_norm(update)
+        clipped = False
+        if clip_norm > 0 and norm > clip_norm:
+            update, _ = clip_update_l2(update, clip_norm)
+            clipped = True
+        metrics = {
+            **_checked_metrics(outcome.metrics),
+            METRIC_STATUS: FitStatus.OK.value,
+            "update-norm": norm,
+            "update-clipped": clipped,
+        }
+        num_examples = outcome.num_examples
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(update),
+        num_examples=num_examples,
+        metrics=metrics,
+    )
+    return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def _error_reply(msg: Message, exc: BaseException, phase: str) -> Message:
+    reason = f"fedrec {phase} failed: {type(exc).__name__}: {exc}"
+    log(WARNING, "%s", reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def handle_train(
+    msg: Message, context: Context, run_config: Mapping[str, RunConfigValue] | None = None
+) -> Message:
+    """Train handler: ``FitIns`` -> ``task.fit`` -> ``FitRes`` (or an error reply)."""
+    try:
+        merged = {**context.run_config, **(run_config or {})}
+        fitins = recorddict_to_fitins(msg.content, keep_input=True)
+        received = parameters_to_ndarrays(fitins.parameters)
+        config = dict(fitins.config)
+        task, client_id = _task_for(merged), client_id_of(context)
+        _restore_state(task, client_id, context)
+        outcome = task.fit(client_id, received, config)
+        _save_state(task, client_id, context)
+        clip = config.get(CONFIG_UPDATE_CLIP_NORM, 0.0)
+        clip_norm = float(clip) if isinstance(clip, int | float) else 0.0
+        content = encode_fit_outcome(outcome, received, clip_norm=clip_norm)
+    except Exception as exc:
+        return _error_reply(msg, exc, "fit")
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(
+    msg: Message, context: Context, run_config: Mapping[str, RunConfigValue] | None = None
+) -> Message:
+    """Evaluate handler: ``EvaluateIns`` -> ``task.evaluate`` -> ``EvaluateRes``."""
+    try:
+        merged = {**context.run_config, **(run_config or {})}
+        ins = recorddict_to_evaluateins(msg.content, keep_input=True)
+        parameters = parameters_to_ndarrays(ins.parameters)
+        task, client_id = _task_for(merged), client_id_of(context)
+        _restore_state(task, client_id, context)
+        outcome = task.evaluate(client_id, parameters, dict(ins.config))
+        _save_state(task, client_id, context)
+        if not math.isfinite(outcome.loss):
+            raise DataError(f"evaluation loss is not finite ({outcome.loss})")
+        res = EvaluateRes(
+            status=Status(code=Code.OK, message="Success"),
+            loss=float(outcome.loss),
+            num_examples=outcome.num_examples,
+            metrics=_checked_metrics(outcome.metrics),
+        )
+        content = evaluateres_to_recorddict(res)
+    except Exception as exc:
+        return _error_reply(msg, exc, "evaluate")
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(
+    run_config: Mapping[str, RunConfigValue] | None = None,
+    *,
+    extra_mods: Sequence[Mod] = (),
+) -> ClientApp:
+    """Build the ``ClientApp``.
+
+    ``run_config`` entries override ``context.run_config`` (the Python simulation API
+    gives clients an empty run config). ``extra_mods`` run outermost, before the
+    SecAgg+ mod (e.g. message-size logging, or fault injection in tests).
+    """
+    overrides = dict(run_config or {})
+    client_app = ClientApp(mods=[*extra_mods, secaggplus_when_requested_mod])
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, overrides)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, overrides)
+
+    return client_app
+
+
+#: Entry point for ``flwr run`` (``clientapp = "client.client_app:app"``).
+app = make_client_app()

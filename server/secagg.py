@@ -1,0 +1,367 @@
+"""The one module that touches Flower's legacy SecAgg+ / workflow API (Flower 1.42).
+
+Everything that depends on ``flwr.server.workflow`` (``DefaultWorkflow``,
+``SecAggPlusWorkflow``), ``LegacyContext`` and ``flwr.client.mod.secaggplus_mod`` is
+here, so a future move to a Message-API SecAgg+ touches this file only:
+
+* :class:`SecAggSettings` - validated SecAgg+ parameters.
+* :func:`run_rounds` - runs ``num_rounds`` of fit (plain or SecAgg+) + federated
+  evaluation on a ``Grid`` with a :class:`~server.strategy.ValidatingFedAvg`, calling a
+  hook after each round.
+* :func:`secaggplus_when_requested_mod` - the client-side mod. Flower's
+  ``secaggplus_mod`` raises ``KeyError`` on any train message without its
+  ``"secaggplus"`` config record, so it is *not* harmless when the server runs plain
+  FedAvg; this wrapper only engages it when the record is present, which lets a single
+  ``ClientApp`` serve both modes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import ERROR, WARNING
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import NDArrays, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
+from flwr.server import LegacyContext, SimpleClientManager
+from flwr.server import ServerConfig as LegacyServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from server.strategy import FitRoundStats, RoundCallback, RoundReport, ValidatingFedAvg
+from shared.errors import ConfigError
+from shared.federated.task import METRIC_STATUS, FitStatus
+
+#: Name of the config record that marks a train message as a SecAgg+ stage.
+SECAGG_RECORD = RECORD_KEY_CONFIGS
+# Record names of a legacy FitRes inside a RecordDict (flwr.compat recorddict_compat).
+FITRES_METRICS = "fitres.metrics"
+FITRES_NUM_EXAMPLES = "fitres.num_examples"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ parameters (see ``flwr.server.workflow.SecAggPlusWorkflow``).
+
+    ``num_shares``/``reconstruction_threshold``: an ``int`` is an absolute count, a
+    ``float`` a fraction (of the cohort / of ``num_shares``). Each client's masks are
+    shared with ``num_shares - 1`` neighbours; up to ``num_shares - threshold``
+    neighbours of any client may drop out and the round still completes. Smaller
+    ``num_shares`` makes key exchange cheaper (O(cohort * num_shares) instead of
+    O(cohort**2)). ``timeout`` bounds each of the four stages (``None``: wait forever).
+
+    Each client update ``u`` with weight ``r = num_examples / max_weight`` enters the
+    sum as ``clip(r * u, -clipping_range, clipping_range)`` quantized to
+    ``quantization_range`` levels; the server gets ``sum(clip(r u)) / sum(r)``.
+    ``cohort * quantization_range`` must stay below ``modulus_range``.
+    """
+
+    num_shares: int | float = 5
+    reconstruction_threshold: int | float = 3
+    timeout: float | None = 30.0
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 1000.0
+
+    def __post_init__(self) -> None:
+        def number(name: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"secagg-{name} must be a number, got {value!r}")
+
+        number("num-shares", self.num_shares)
+        number("reconstruction-threshold", self.reconstruction_threshold)
+        if isinstance(self.num_shares, int) and self.num_shares < 3:
+            raise ConfigError(
+                f"secagg-num-shares as an integer must be >= 3, got {self.num_shares}"
+            )
+        if isinstance(self.num_shares, float) and not 0 < self.num_shares <= 1:
+            raise ConfigError(
+                f"secagg-num-shares as a fraction must be in (0, 1], got {self.num_shares}"
+            )
+        t = self.reconstruction_threshold
+        if isinstance(t, int):
+            if t < 2:
+                raise ConfigError(f"secagg-reconstruction-threshold must be >= 2, got {t}")
+            if isinstance(self.num_shares, int) and t >= self.num_shares:
+                raise ConfigError(
+                    f"secagg-reconstruction-threshold ({t}) must be < secagg-num-shares "
+                    f"({self.num_shares})"
+                )
+        elif not 0 < t <= 1:
+            raise ConfigError(
+                f"secagg-reconstruction-threshold as a fraction must be in (0, 1], got {t}"
+            )
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(
+                f"secagg-timeout must be > 0 seconds (or 0 for none), got {self.timeout}"
+            )
+        if not self.clipping_range > 0:
+            raise ConfigError(f"secagg-clipping-range must be > 0, got {self.clipping_range}")
+        if not self.max_weight > 0:
+            raise ConfigError(f"secagg-max-weight must be > 0, got {self.max_weight}")
+        q, m = self.quantization_range, self.modulus_range
+        if isinstance(q, bool) or not isinstance(q, int) or q < 2:
+            raise ConfigError(f"secagg-quantization-range must be an integer >= 2, got {q!r}")
+        if isinstance(m, bool) or not isinstance(m, int) or m > 2**32 or m & (m - 1) or m <= q:
+            raise ConfigError(
+                "secagg-modulus-range must be a power of two, <= 2**32 and > "
+                f"secagg-quantization-range ({q}), got {m!r}"
+            )
+
+    @property
+    def max_cohort(self) -> int:
+        """Largest cohort whose quantized sum cannot wrap around the modulus."""
+        return (self.modulus_range - 1) // self.quantization_range
+
+    def workflow(self) -> SecAggPlusWorkflow:
+        """The Flower fit workflow implementing SecAgg+ with these settings."""
+        return EarlyDropoutTolerantSecAggPlusWorkflow(
+            num_shares=self.num_shares,
+            reconstruction_threshold=self.reconstruction_threshold,
+            max_weight=self.max_weight,
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+            modulus_range=self.modulus_range,
+            timeout=self.timeout,
+        )
+
+
+class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """``SecAggPlusWorkflow`` that survives dropouts before the masked-vector stage.
+
+    Flower 1.42 treats a client that drops in the *setup* or *share-keys* stage as
+    "dead" in the unmask stage and asks its neighbours for shares of its key, which
+    they never received (it never sent them): every survivor fails with ``KeyError``
+    and the round halts. Such a client contributed no masks, so it is simply not a
+    participant: after each of these two stages it is removed from the sampled set
+    and from every neighbour set, and the threshold is re-checked without it. Clients
+    dropping later (collect/unmask) are handled by Flower's own mask recovery.
+    """
+
+    @staticmethod
+    def _forget_dropouts(state: WorkflowState) -> None:
+        dropped = state.sampled_node_ids - state.active_node_ids
+        if not dropped:
+            return
+        log(WARNING, "SecAgg+: %s client(s) dropped before sending masks", len(dropped))
+        state.sampled_node_ids = state.sampled_node_ids - dropped
+        for node_id in dropped:
+            state.nid_to_neighbours.pop(node_id, None)
+        for neighbours in state.nid_to_neighbours.values():
+            neighbours.difference_update(dropped)
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's setup stage, then forget clients that did not send public keys."""
+        if not super().setup_stage(grid, context, state) and not state.nid_to_neighbours:
+            return False  # nothing sampled / configuration error: nothing to repair
+        self._forget_dropouts(state)
+        return len(state.active_node_ids) >= 2 and self._check_threshold(state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's share-keys stage, then forget clients that did not share keys."""
+        super().share_keys_stage(grid, context, state)
+        self._forget_dropouts(state)
+        return len(state.active_node_ids) >= 2 and self._check_threshold(state)
+
+
+class _DefaultTimeoutGrid(Grid):
+    """Delegating ``Grid`` that applies a default timeout to ``send_and_receive``.
+
+    Flower 1.42's ``default_fit_workflow`` / ``default_evaluate_workflow`` call
+    ``grid.send_and_receive(...)`` without a timeout, so one silent client would stall
+    the run forever. Explicit timeouts (SecAgg+ stages) are passed through unchanged.
+    """
+
+    def __init__(self, inner: Grid, timeout: float) -> None:
+        self._inner = inner
+        self._timeout = timeout
+
+    def set_run(self, run: Run) -> None:
+        """Delegate."""
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._inner.send_and_receive(
+            messages, timeout=self._timeout if timeout is None else timeout
+        )
+
+
+def _current_round(context: LegacyContext) -> int:
+    value = context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]
+    if not isinstance(value, int):
+        raise TypeError(f"workflow round counter is {value!r}, expected an int")
+    return value
+
+
+def _global_parameters(context: LegacyContext) -> NDArrays:
+    record = context.state.array_records[MAIN_PARAMS_RECORD]
+    return parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
+
+
+def run_rounds(
+    grid: Grid,
+    context: Context,
+    *,
+    strategy: ValidatingFedAvg,
+    num_rounds: int,
+    secagg: SecAggSettings | None = None,
+    round_timeout: float | None = None,
+    on_round_end: RoundCallback | None = None,
+) -> None:
+    """Run ``num_rounds`` rounds of fit + federated evaluation with ``strategy``.
+
+    Fit uses ``SecAggPlusWorkflow`` when ``secagg`` is given, else Flower's default
+    fit workflow; ``round_timeout`` (seconds) bounds every plain send/receive. After
+    each round (fit, then evaluation) ``on_round_end`` gets a :class:`RoundReport`; an
+    exception raised there stops the run (so a failing checkpoint is never silent).
+    """
+    if round_timeout is not None:
+        grid = _DefaultTimeoutGrid(grid, round_timeout)
+    legacy = LegacyContext(
+        context=context,
+        config=LegacyServerConfig(num_rounds=num_rounds, round_timeout=round_timeout),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    inner_fit = secagg.workflow() if secagg is not None else default_fit_workflow
+    timing: dict[str, float] = {}
+
+    def fit_workflow(grid: Grid, ctx: Context) -> None:
+        assert isinstance(ctx, LegacyContext)
+        timing["start"] = time.perf_counter()
+        inner_fit(grid, ctx)
+        timing["fit_end"] = time.perf_counter()
+        server_round = _current_round(ctx)
+        if server_round not in strategy.fit_stats:
+            # SecAgg+ halts without calling aggregate_fit when too many clients drop.
+            log(ERROR, "round %s: fit aborted, global model unchanged", server_round)
+            sampled = strategy.sampled_in_round(server_round)
+            strategy.fit_stats[server_round] = FitRoundStats(
+                server_round=server_round,
+                sampled=sampled,
+                failed=sampled,
+                secure_aggregation=secagg is not None,
+                failures=("secure aggregation halted: not enough surviving clients",)
+                if secagg is not None
+                else ("no results",),
+            )
+
+    def evaluate_workflow(grid: Grid, ctx: Context) -> None:
+        assert isinstance(ctx, LegacyContext)
+        default_evaluate_workflow(grid, ctx)
+        if on_round_end is None:
+            return
+        server_round = _current_round(ctx)
+        now = time.perf_counter()
+        on_round_end(
+            RoundReport(
+                server_round=server_round,
+                parameters=_global_parameters(ctx),
+                fit=strategy.fit_stats[server_round],
+                evaluate=strategy.eval_stats.get(server_round),
+                fit_seconds=timing["fit_end"] - timing["start"],
+                round_seconds=now - timing["start"],
+            )
+        )
+
+    DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)(grid, legacy)
+
+
+def secaggplus_when_requested_mod(
+    msg: Message, ctxt: Context, call_next: ClientAppCallable
+) -> Message:
+    """Client mod: run Flower's ``secaggplus_mod`` only for SecAgg+ train messages.
+
+    Also turns any failure inside the protocol (bad stage order, too few neighbours,
+    or the wrapped train handler replying with an error) into an error *reply*, so the
+    server counts this client as dropped instead of the ClientApp crashing.
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or not (
+        msg.has_content() and SECAGG_RECORD in msg.content.config_records
+    ):
+        return call_next(msg, ctxt)
+    stage = str(msg.content.config_records[SECAGG_RECORD].get(Key.STAGE, "?"))
+    inner_errors: list[Message] = []
+
+    def guarded_next(inner_msg: Message, inner_ctxt: Context) -> Message:
+        reply = call_next(inner_msg, inner_ctxt)
+        if reply.has_error():
+            inner_errors.append(reply)
+            raise _HandlerReplied
+        return reply
+
+    try:
+        reply = secaggplus_mod(msg, ctxt, guarded_next)
+    except _HandlerReplied:
+        return inner_errors[0]
+    except Exception as exc:
+        log(WARNING, "SecAgg+ stage '%s' failed on this client: %s", stage, exc)
+        reason = f"secagg+ stage '{stage}' failed: {type(exc).__name__}: {exc}"
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+        )
+    if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content():
+        _scrub_fit_reply(reply.content)
+    return reply
+
+
+def _scrub_fit_reply(content: RecordDict) -> None:
+    """Under SecAgg+, reveal no per-client statistics next to the masked vector.
+
+    Flower's ``secaggplus_mod`` masks the weighted update (and the weight), but leaves
+    the ``FitRes`` metrics and ``num_examples`` in clear text. Keep only the
+    ok/declined status (needed to count declines; participation is visible anyway)
+    and report ``num_examples`` as 0.
+    """
+    metrics = content.config_records.get(FITRES_METRICS)
+    status = metrics.get(METRIC_STATUS, FitStatus.OK.value) if metrics is not None else "ok"
+    content.config_records[FITRES_METRICS] = ConfigRecord({METRIC_STATUS: status})
+    if FITRES_NUM_EXAMPLES in content.metric_records:
+        content.metric_records[FITRES_NUM_EXAMPLES] = MetricRecord({"num_examples": 0})
+
+
+class _HandlerReplied(Exception):
+    """Internal: the wrapped train handler already replied with an error."""

@@ -1,0 +1,541 @@
+"""The Flower ``ServerApp`` (thin glue) and ways to run it programmatically.
+
+* :class:`ServerConfig` - typed, validated, frozen view of ``context.run_config``
+  (kebab-case keys), read once per run.
+* :func:`make_server_app` / ``app`` - a ``ServerApp`` whose ``@app.main()`` builds the
+  task, the :class:`~server.strategy.ValidatingFedAvg` strategy and runs the rounds
+  (plain FedAvg or SecAgg+) via :func:`server.secagg.run_rounds`.
+* :func:`run_simulation` - Flower's Ray simulation runtime, CPU-only by default,
+  offline-safe, optionally attached to an existing Ray cluster.
+* :class:`InProcessGrid` / :func:`run_in_process` - a loopback runtime that delivers
+  messages to a ``ClientApp`` in this process (thread pool, per-stage timeouts). Same
+  protocol code, no Ray: for fast tests and for separating protocol cost from Ray
+  overhead in benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Offline by default: no Flower telemetry, no Ray usage stats (must precede flwr import).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import copy
+import difflib
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field, fields
+from logging import INFO
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.secagg import SecAggSettings, run_rounds
+from server.strategy import RoundCallback, RoundReport, ValidatingFedAvg
+from shared.errors import ConfigError
+from shared.federated.task import RunConfigValue, get_task
+
+# ============================================================================ config
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server settings, read once from ``context.run_config`` (kebab-case keys).
+
+    Keys are the field names with ``_`` -> ``-`` (e.g. ``num-rounds``,
+    ``secagg-num-shares``). Other keys (e.g. ``toy-*`` task settings) are ignored here
+    and read by the task; a key that looks like a misspelt server key is an error.
+    ``0`` means "off/none" for ``cohort-size``, ``eval-size``, ``round-timeout``,
+    ``update-clip-norm`` and ``secagg-timeout``.
+    """
+
+    task: str = "toy-linear"
+    num_rounds: int = 3
+    #: Clients per fit round; 0 = use ``cohort-fraction`` of the available clients.
+    cohort_size: int = 0
+    cohort_fraction: float = 1.0
+    min_cohort: int = 2
+    min_available_clients: int = 2
+    #: Clients per evaluation round; 0 = use ``eval-fraction`` (0 disables evaluation).
+    eval_size: int = 0
+    eval_fraction: float = 1.0
+    #: Seconds to wait for plain fit/evaluate replies; 0 = wait for all.
+    round_timeout: float = 0.0
+    #: Seconds to wait for ``min-available-clients`` to connect.
+    availability_timeout: float = 120.0
+    #: Max L2 norm of a client update (clipped on the client; again on the server in
+    #: plain mode); 0 = no clipping.
+    update_clip_norm: float = 0.0
+    seed: int = 0
+    secagg: bool = False
+    secagg_num_shares: int | float = 5
+    secagg_reconstruction_threshold: int | float = 3
+    secagg_timeout: float = 30.0
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 2**22
+    secagg_modulus_range: int = 2**32
+    secagg_max_weight: float = 1000.0
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, key: str, what: str, value: object) -> None:
+            if not ok:
+                raise ConfigError(f"'{key}' must be {what}, got {value!r}")
+
+        require(bool(self.task), "task", "a non-empty task name", self.task)
+        require(self.num_rounds >= 1, "num-rounds", ">= 1", self.num_rounds)
+        require(self.cohort_size >= 0, "cohort-size", ">= 0", self.cohort_size)
+        require(0 < self.cohort_fraction <= 1, "cohort-fraction", "in (0, 1]", self.cohort_fraction)
+        require(self.min_cohort >= 1, "min-cohort", ">= 1", self.min_cohort)
+        require(
+            self.min_available_clients >= 1,
+            "min-available-clients",
+            ">= 1",
+            self.min_available_clients,
+        )
+        require(self.eval_size >= 0, "eval-size", ">= 0", self.eval_size)
+        require(0 <= self.eval_fraction <= 1, "eval-fraction", "in [0, 1]", self.eval_fraction)
+        require(self.round_timeout >= 0, "round-timeout", ">= 0", self.round_timeout)
+        require(
+            self.availability_timeout > 0,
+            "availability-timeout",
+            "> 0",
+            self.availability_timeout,
+        )
+        require(self.update_clip_norm >= 0, "update-clip-norm", ">= 0", self.update_clip_norm)
+        require(self.secagg_timeout >= 0, "secagg-timeout", ">= 0", self.secagg_timeout)
+        settings = self._secagg_settings()  # validates the secagg-* values
+        if self.secagg:
+            smallest = self.cohort_size if self.cohort_size > 0 else self.min_cohort
+            require(smallest >= 2, "cohort-size/min-cohort", ">= 2 with SecAgg+", smallest)
+            t = self.secagg_reconstruction_threshold
+            if self.cohort_size > 0 and isinstance(t, int) and t > self.cohort_size:
+                raise ConfigError(
+                    f"'secagg-reconstruction-threshold' ({t}) exceeds 'cohort-size' "
+                    f"({self.cohort_size}); no client could ever be unmasked"
+                )
+            if self.cohort_size > settings.max_cohort:
+                raise ConfigError(
+                    f"'cohort-size' {self.cohort_size} overflows SecAgg+ (max "
+                    f"{settings.max_cohort} for the quantization/modulus ranges)"
+                )
+
+    def _secagg_settings(self) -> SecAggSettings:
+        return SecAggSettings(
+            num_shares=self.secagg_num_shares,
+            reconstruction_threshold=self.secagg_reconstruction_threshold,
+            timeout=self.secagg_timeout or None,
+            clipping_range=self.secagg_clipping_range,
+            quantization_range=self.secagg_quantization_range,
+            modulus_range=self.secagg_modulus_range,
+            max_weight=self.secagg_max_weight,
+        )
+
+    @property
+    def secagg_settings(self) -> SecAggSettings | None:
+        """SecAgg+ settings when ``secagg`` is on, else ``None``."""
+        return self._secagg_settings() if self.secagg else None
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The run-config keys this class reads."""
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, RunConfigValue]) -> ServerConfig:
+        """Parse and validate; raises :class:`ConfigError` naming the bad key."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        for key in run_config:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
+            if key.startswith("secagg-") or close:
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown server setting '{key}'{hint}")
+        kwargs: dict[str, Any] = {}
+        for key, f in known.items():
+            if key not in run_config:
+                continue
+            kwargs[f.name] = _coerce(key, run_config[key], cls.__dataclass_fields__[f.name].type)
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, RunConfigValue]:
+        """The kebab-case run config that reproduces this object."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(key: str, value: RunConfigValue, annotation: object) -> Any:
+    """Check a run-config value against a field annotation (as written, a string)."""
+    kind = str(annotation)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if kind == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+            return int(value)
+        return value
+    if kind == "float":
+        return float(value)
+    return value  # int | float: keep the type (int = count, float = fraction)
+
+
+# ============================================================================ app
+
+
+def build_strategy(config: ServerConfig, initial_parameters: list[Any]) -> ValidatingFedAvg:
+    """The FedAvg strategy configured from ``config``."""
+    settings = config.secagg_settings
+    return ValidatingFedAvg(
+        initial_parameters=initial_parameters,
+        cohort_size=config.cohort_size,
+        cohort_fraction=config.cohort_fraction,
+        min_cohort=config.min_cohort,
+        min_available_clients=config.min_available_clients,
+        eval_size=config.eval_size,
+        eval_fraction=config.eval_fraction,
+        update_clip_norm=config.update_clip_norm,
+        secure_aggregation=settings is not None,
+        secagg_max_cohort=settings.max_cohort if settings is not None else None,
+        seed=config.seed,
+        availability_timeout=config.availability_timeout,
+    )
+
+
+def _log_round(report: RoundReport) -> None:
+    loss = report.evaluate.loss if report.evaluate is not None else None
+    log(
+        INFO,
+        "round %s done in %.2fs (fit %.2fs): eval loss %s",
+        report.server_round,
+        report.round_seconds,
+        report.fit_seconds,
+        "n/a" if loss is None else f"{loss:.6g}",
+    )
+
+
+def make_server_app(
+    run_config: Mapping[str, RunConfigValue] | None = None,
+    *,
+    on_round_end: RoundCallback | None = None,
+) -> ServerApp:
+    """Build the ``ServerApp``.
+
+    ``run_config`` entries override ``context.run_config`` (needed for the Python
+    simulation API, which gives the ServerApp an empty run config). ``on_round_end``
+    is called in the server process after each round (checkpointing, logging).
+    """
+    overrides = dict(run_config or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        merged: dict[str, RunConfigValue] = {**context.run_config, **overrides}
+        config = ServerConfig.from_run_config(merged)
+        task = get_task(config.task, merged)
+        strategy = build_strategy(config, task.initial_parameters())
+
+        def hook(report: RoundReport) -> None:
+            _log_round(report)
+            if on_round_end is not None:
+                on_round_end(report)
+
+        run_rounds(
+            grid,
+            context,
+            strategy=strategy,
+            num_rounds=config.num_rounds,
+            secagg=config.secagg_settings,
+            round_timeout=config.round_timeout or None,
+            on_round_end=hook,
+        )
+
+    return app
+
+
+#: Entry point for ``flwr run`` (``serverapp = "server.server_app:app"``).
+app = make_server_app()
+
+
+# ============================================================================ runtimes
+
+
+@dataclass(frozen=True)
+class SimulationBackend:
+    """Ray backend settings for :func:`run_simulation`.
+
+    ``num_cpus_per_client`` may be fractional: the actor pool has
+    ``total_cpus / num_cpus_per_client`` actors. ``ray_address`` attaches to a running
+    cluster (``ray start --head``; e.g. ``"127.0.0.1:6379"`` or ``"auto"``) instead of
+    starting a private one; ``ray_num_cpus`` caps a private one. GPUs stay hidden from
+    Ray unless ``num_gpus_per_client > 0``.
+    """
+
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    ray_init_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.num_cpus_per_client > 0:
+            raise ConfigError(f"num_cpus_per_client must be > 0, got {self.num_cpus_per_client}")
+        if self.num_gpus_per_client < 0:
+            raise ConfigError(f"num_gpus_per_client must be >= 0, got {self.num_gpus_per_client}")
+        if self.ray_address and self.ray_num_cpus is not None:
+            raise ConfigError(
+                "ray_num_cpus cannot be set when attaching to a cluster (ray_address)"
+            )
+
+    def to_backend_config(self) -> dict[str, Any]:
+        """Flower ``backend_config`` dict (``client_resources`` + ``init_args``)."""
+        init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR"}
+        if self.ray_address:
+            init_args["address"] = self.ray_address
+        else:
+            if self.ray_num_cpus is not None:
+                init_args["num_cpus"] = self.ray_num_cpus
+            if self.num_gpus_per_client == 0:
+                init_args["num_gpus"] = 0
+        init_args.update(self.ray_init_args)
+        return {
+            "client_resources": {
+                "num_cpus": float(self.num_cpus_per_client),
+                "num_gpus": float(self.num_gpus_per_client),
+            },
+            "init_args": init_args,
+        }
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast if a ``host:port`` Ray address does not accept connections.
+
+    Otherwise Ray's GCS client keeps retrying for minutes while the ServerApp thread
+    times out every round with zero clients.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", "ray://..." etc.: let Ray resolve it
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+
+
+def run_simulation(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    backend_config: SimulationBackend | Mapping[str, Any] | None = None,
+    *,
+    verbose: bool = False,
+) -> None:
+    """Run a simulation with Flower's Ray runtime (``flwr.simulation.run_simulation``).
+
+    Works offline (telemetry and Ray usage stats are disabled via environment
+    variables that Ray workers inherit). Notes for Flower 1.42: the function logs a
+    deprecation warning (``flwr run`` is the preferred entry point; this API still
+    works and is the only way to pass Python objects such as a round hook); it gives
+    the ServerApp and ClientApps an empty ``run_config`` (hence the ``run_config``
+    overrides of :func:`make_server_app` / ``make_client_app``); and it shuts Ray down
+    at the end of every run (``ray.shutdown()``), so each call pays Ray start-up
+    (~10-20 s on 2 CPUs) unless it attaches to a running cluster via
+    ``SimulationBackend(ray_address=...)``.
+    """
+    if num_supernodes < 1:
+        raise ConfigError(f"num_supernodes must be >= 1, got {num_supernodes}")
+    if isinstance(backend_config, SimulationBackend) and backend_config.ray_address:
+        _check_reachable(backend_config.ray_address)
+    os.environ["FLWR_TELEMETRY_ENABLED"] = os.environ.get("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = os.environ.get("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    if backend_config is None:
+        backend_config = SimulationBackend()
+    config = (
+        backend_config.to_backend_config()
+        if isinstance(backend_config, SimulationBackend)
+        else copy.deepcopy(dict(backend_config))
+    )
+    flwr_run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_supernodes,
+        backend_name="ray",
+        backend_config=config,
+        verbose_logging=verbose,
+    )
+
+
+class InProcessGrid(Grid):
+    """Loopback ``Grid``: runs a ``ClientApp`` per message in a local thread pool.
+
+    Each virtual node has its own persistent ``Context`` (``node_config`` carries
+    ``partition-id``/``num-partitions`` like Flower's simulation) and processes its
+    messages one at a time. Message contents are deep-copied on delivery, as if
+    serialized. ``send_and_receive(timeout=...)`` returns what arrived in time; late
+    replies are dropped (the client keeps running), like Flower's grids. A ClientApp
+    exception becomes an error reply, like Flower's simulation runtime.
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        *,
+        run_config: Mapping[str, RunConfigValue] | None = None,
+        max_workers: int = 8,
+        run_id: int | None = None,
+    ) -> None:
+        self._client_app = client_app
+        self._run = Run.create_empty(run_id if run_id is not None else secrets.randbits(63))
+        self._contexts: dict[int, Context] = {}
+        self._locks: dict[int, threading.Lock] = {}
+        for partition in range(num_nodes):
+            node_id = 1_000 + partition
+            self._contexts[node_id] = Context(
+                run_id=self._run.run_id,
+                node_id=node_id,
+                node_config={"partition-id": partition, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            self._locks[node_id] = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="node")
+        self._pending: dict[str, Future[Message]] = {}
+
+    def set_run(self, run: Run) -> None:
+        """Replace the run (only its id is used)."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """The current run."""
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Deprecated Grid API; builds an instruction message."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """All virtual node ids."""
+        return list(self._contexts)
+
+    def node_context(self, node_id: int) -> Context:
+        """The persistent context of a node (for inspection in tests)."""
+        return self._contexts[node_id]
+
+    def _deliver(self, message: Message) -> Message:
+        node_id = message.metadata.dst_node_id
+        delivered = copy.deepcopy(message)  # as if serialized over the wire
+        with self._locks[node_id]:
+            try:
+                reply = self._client_app(delivered, self._contexts[node_id])
+            except Exception as exc:
+                reason = f"{type(exc)}:<'{exc}'>"
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                    reply_to=delivered,
+                )
+        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        return reply
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Start delivering ``messages``; returns their ids."""
+        ids: list[str] = []
+        for message in messages:
+            if message.metadata.dst_node_id not in self._contexts:
+                raise ValueError(f"unknown node id {message.metadata.dst_node_id}")
+            message_id = str(uuid.uuid4())
+            message.metadata.__dict__["_message_id"] = message_id
+            self._pending[message_id] = self._pool.submit(self._deliver, message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Replies that are ready among ``message_ids`` (each returned once)."""
+        replies: list[Message] = []
+        for message_id in list(message_ids):
+            future = self._pending.get(message_id)
+            if future is not None and future.done():
+                del self._pending[message_id]
+                replies.append(future.result())
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push, then wait up to ``timeout`` seconds (``None``: all) for the replies."""
+        ids = list(self.push_messages(messages))
+        wait_futures([self._pending[i] for i in ids], timeout=timeout)
+        replies = list(self.pull_messages(ids))
+        for message_id in ids:  # late replies are discarded, like the real runtime
+            self._pending.pop(message_id, None)
+        return replies
+
+    def close(self) -> None:
+        """Stop the thread pool (waits for running handlers)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_in_process(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_supernodes: int,
+    *,
+    run_config: Mapping[str, RunConfigValue] | None = None,
+    max_workers: int = 8,
+) -> None:
+    """Run ``server_app`` against ``num_supernodes`` in-process clients (no Ray).
+
+    ``run_config`` becomes both the server's and every node's ``context.run_config``.
+    """
+    try:
+        _ = TaskIdentity.run_id
+    except RuntimeError:  # instruction messages need a task identity to be built
+        TaskIdentity.run_id = 0
+        TaskIdentity.node_id = 1
+        TaskIdentity.task_id = 1
+    grid = InProcessGrid(client_app, num_supernodes, run_config=run_config, max_workers=max_workers)
+    context = Context(
+        run_id=grid.run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(run_config or {}),
+    )
+    started = time.perf_counter()
+    try:
+        server_app(grid, context)
+    finally:
+        grid.close()
+    log(INFO, "in-process run finished in %.2fs", time.perf_counter() - started)

@@ -1,0 +1,545 @@
+"""FedAvg that validates client updates and reports per-round participation.
+
+Clients send *updates* (new minus received parameters, see ``client/client_app.py``);
+this strategy averages them weighted by ``num_examples`` and adds the average to the
+current global model. Averaging deltas equals averaging parameters, but keeps the
+values small, which is what SecAgg+'s fixed ``clipping_range`` needs.
+
+Why the legacy ``flwr.server.strategy.FedAvg``: ``SecAggPlusWorkflow`` (Flower 1.42)
+drives the legacy ``Strategy`` interface through a ``LegacyContext``; the Message-API
+strategies in ``flwr.serverapp.strategy`` have no SecAgg+ integration.
+
+Per round it counts sampled / ok / declined (client chose not to train, zero weight) /
+rejected (failed validation: NaN/inf, wrong count/shape/dtype, non-positive weight) /
+failed (error reply, timeout, or SecAgg+ dropout) clients, and keeps a
+:class:`FitRoundStats` / :class:`EvalRoundStats` per round for the round-end hook.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from shared.errors import ConfigError
+from shared.federated.task import (
+    CONFIG_SERVER_ROUND,
+    CONFIG_UPDATE_CLIP_NORM,
+    METRIC_REASON,
+    METRIC_STATUS,
+    FitStatus,
+)
+from shared.federated.validation import (
+    InvalidUpdateError,
+    check_float_arrays,
+    clip_update_l2,
+    find_problem,
+)
+
+Arrays: TypeAlias = list[npt.NDArray[np.floating]]
+FitFailure: TypeAlias = tuple[ClientProxy, FitRes] | BaseException
+EvalFailure: TypeAlias = tuple[ClientProxy, EvaluateRes] | BaseException
+
+#: How many rejection/failure reasons a round keeps (the counts are always exact).
+MAX_REASONS = 20
+
+
+@dataclass(frozen=True)
+class FitRoundStats:
+    """What happened in the fit phase of one round."""
+
+    server_round: int
+    sampled: int
+    ok: int = 0
+    declined: int = 0
+    rejected: int = 0
+    failed: int = 0
+    num_examples: int = 0
+    secure_aggregation: bool = False
+    #: Whether the global model changed this round.
+    updated: bool = False
+    rejections: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
+    #: ``num_examples``-weighted means of the numeric metrics of ok clients.
+    client_metrics: Mapping[str, float] = field(default_factory=dict)
+    #: L2 norm of the applied (averaged) update; 0 if not updated.
+    update_norm: float = 0.0
+
+    def as_metrics(self) -> dict[str, Scalar]:
+        """Flat metrics for Flower's history (counts plus client metric means)."""
+        metrics: dict[str, Scalar] = {
+            "clients-sampled": self.sampled,
+            "clients-ok": self.ok,
+            "clients-declined": self.declined,
+            "clients-rejected": self.rejected,
+            "clients-failed": self.failed,
+            "num-examples": self.num_examples,
+            "updated": self.updated,
+            "update-norm": self.update_norm,
+        }
+        metrics.update({f"client-{k}": v for k, v in self.client_metrics.items()})
+        return metrics
+
+
+@dataclass(frozen=True)
+class EvalRoundStats:
+    """What happened in the federated-evaluation phase of one round."""
+
+    server_round: int
+    sampled: int
+    ok: int = 0
+    failed: int = 0
+    loss: float | None = None
+    num_examples: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """Everything the round-end hook gets: the new global model and what happened."""
+
+    server_round: int
+    parameters: Arrays
+    fit: FitRoundStats
+    evaluate: EvalRoundStats | None
+    fit_seconds: float
+    round_seconds: float
+
+
+RoundCallback: TypeAlias = Callable[[RoundReport], None]
+
+
+def _failure_reason(failure: FitFailure | EvalFailure) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure)
+    _, res = failure
+    return f"status {res.status.code.name}: {res.status.message}"
+
+
+def _dedupe(failures: Sequence[FitFailure]) -> list[FitFailure]:
+    """Drop repeated reports of the same error reply.
+
+    Flower 1.42's ``SecAggPlusWorkflow.collect_masked_vectors_stage`` appends every
+    error reply of that stage to ``failures`` twice (two loops over the replies), each
+    time as a new ``Exception(msg.error)`` around the same ``Error`` object.
+    """
+    seen: set[int] = set()
+    unique: list[FitFailure] = []
+    for failure in failures:
+        key = (
+            id(failure.args[0])
+            if isinstance(failure, BaseException) and failure.args
+            else id(failure)
+        )
+        if key not in seen:
+            seen.add(key)
+            unique.append(failure)
+    return unique
+
+
+def _failure_summary(
+    sampled: int, replied: int, failures: Sequence[FitFailure | EvalFailure]
+) -> tuple[int, tuple[str, ...]]:
+    """Failed-client count and reasons: error replies plus clients that never replied.
+
+    Timed-out clients appear neither in ``results`` nor in ``failures`` (Flower's
+    workflows simply do not get their reply), so they are inferred from the sample.
+    """
+    silent = max(0, sampled - replied - len(failures))
+    reasons = [_failure_reason(f) for f in failures[:MAX_REASONS]]
+    if silent:
+        reasons.append(f"{silent} client(s) did not reply in time (timeout or dropout)")
+    return len(failures) + silent, tuple(reasons)
+
+
+def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:
+    """``num_examples``-weighted means of the numeric (non-bool) metric values."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for n, metrics in pairs:
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(float(value)):
+                continue
+            sums[key] = sums.get(key, 0.0) + n * float(value)
+            weights[key] = weights.get(key, 0.0) + n
+    return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+
+
+def _status_of(res: FitRes) -> str:
+    return str(res.metrics.get(METRIC_STATUS, FitStatus.OK.value))
+
+
+def _public_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    return {k: v for k, v in metrics.items() if k not in (METRIC_STATUS, METRIC_REASON)}
+
+
+def wait_for_clients(client_manager: ClientManager, minimum: int, timeout: float) -> int:
+    """Wait until ``minimum`` clients are available; return how many there are.
+
+    Polls ``num_available()`` because in Flower 1.42 that call (not ``wait_for``)
+    refreshes the node list from the grid; ``wait_for`` alone can sleep through the
+    first 5 s registration interval of ``DefaultWorkflow``'s updater thread.
+    """
+    deadline = time.monotonic() + timeout
+    available = client_manager.num_available()
+    while available < minimum and time.monotonic() < deadline:
+        time.sleep(0.05)
+        available = client_manager.num_available()
+    return available
+
+
+class ValidatingFedAvg(FedAvg):
+    """FedAvg over client updates with validation, seeded cohort sampling and stats.
+
+    Parameters
+    ----------
+    initial_parameters:
+        Initial global model (list of float arrays); fixes the expected shapes/dtypes.
+    cohort_size / cohort_fraction:
+        Clients per fit round: ``cohort_size`` if > 0, else
+        ``max(min_cohort, int(fraction * available))``; never more than available.
+    eval_size / eval_fraction:
+        Same for federated evaluation; both 0 disables it.
+    update_clip_norm:
+        If > 0, sent to clients (they clip their update's L2 norm) and, in plain mode,
+        enforced again here since the server sees individual updates.
+    secure_aggregation:
+        Results arrive already summed by ``SecAggPlusWorkflow`` (every ``FitRes``
+        carries the same aggregate); only the aggregate can be validated. Clients
+        withhold per-client metrics and ``num_examples`` in this mode (see
+        ``server.secagg``), so the stats have empty ``client_metrics`` and
+        ``num_examples`` 0.
+    secagg_max_cohort:
+        Largest cohort SecAgg+ can sum without overflowing its modulus.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_parameters: Arrays,
+        cohort_size: int = 0,
+        cohort_fraction: float = 1.0,
+        min_cohort: int = 2,
+        min_available_clients: int = 2,
+        eval_size: int = 0,
+        eval_fraction: float = 1.0,
+        min_eval: int = 1,
+        update_clip_norm: float = 0.0,
+        secure_aggregation: bool = False,
+        secagg_max_cohort: int | None = None,
+        seed: int = 0,
+        availability_timeout: float = 120.0,
+        extra_fit_config: Mapping[str, Scalar] | None = None,
+        extra_eval_config: Mapping[str, Scalar] | None = None,
+    ) -> None:
+        check_float_arrays(initial_parameters, what="initial parameters")
+        super().__init__(
+            fraction_fit=cohort_fraction,
+            fraction_evaluate=eval_fraction,
+            min_fit_clients=min_cohort,
+            min_evaluate_clients=min_eval,
+            min_available_clients=min_available_clients,
+            initial_parameters=ndarrays_to_parameters(initial_parameters),
+            accept_failures=True,
+        )
+        self.cohort_size = cohort_size
+        self.eval_size = eval_size
+        self.update_clip_norm = update_clip_norm
+        self.secure_aggregation = secure_aggregation
+        self.secagg_max_cohort = secagg_max_cohort
+        self.seed = seed
+        self.availability_timeout = availability_timeout
+        self.extra_fit_config = dict(extra_fit_config or {})
+        self.extra_eval_config = dict(extra_eval_config or {})
+        self._reference: Arrays = [np.array(a, copy=True) for a in initial_parameters]
+        self._sampled: dict[int, int] = {}
+        self._eval_sampled: dict[int, int] = {}
+        self.fit_stats: dict[int, FitRoundStats] = {}
+        self.eval_stats: dict[int, EvalRoundStats] = {}
+
+    def __repr__(self) -> str:
+        """Short description for Flower's logs."""
+        mode = "secagg+" if self.secure_aggregation else "plain"
+        return f"ValidatingFedAvg({mode}, clip={self.update_clip_norm})"
+
+    # ------------------------------------------------------------------ sampling
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Cohort size for this round (count or fraction), capped by availability."""
+        if self.cohort_size > 0:
+            wanted = self.cohort_size
+        else:
+            wanted = max(int(num_available_clients * self.fraction_fit), self.min_fit_clients)
+        return min(wanted, num_available_clients), self.min_available_clients
+
+    def num_evaluation_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Evaluation cohort size (count or fraction), capped by availability."""
+        if self.eval_size > 0:
+            wanted = self.eval_size
+        elif self.fraction_evaluate <= 0:
+            return 0, self.min_available_clients
+        else:
+            wanted = max(
+                int(num_available_clients * self.fraction_evaluate), self.min_evaluate_clients
+            )
+        return min(wanted, num_available_clients), self.min_available_clients
+
+    def _sample(
+        self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
+    ) -> list[ClientProxy]:
+        available = wait_for_clients(
+            client_manager, self.min_available_clients, self.availability_timeout
+        )
+        size, minimum = size_fn(available)
+        if available < minimum or size <= 0:
+            log(WARNING, "%s: %s clients available, need %s; skipping", salt, available, minimum)
+            return []
+        clients = client_manager.all()
+        rng = random.Random(salt)  # str seeds are deterministic across processes
+        chosen = rng.sample(sorted(clients), size)
+        return [clients[cid] for cid in chosen]
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample the cohort (seeded) and send the global model plus round config."""
+        self._reference = parameters_to_ndarrays(parameters)
+        clients = self._sample(
+            client_manager, self.num_fit_clients, f"fit-{self.seed}-{server_round}"
+        )
+        if (
+            self.secure_aggregation
+            and self.secagg_max_cohort is not None
+            and len(clients) > self.secagg_max_cohort
+        ):
+            raise ConfigError(
+                f"SecAgg+ cohort of {len(clients)} clients would overflow the modulus "
+                f"(max {self.secagg_max_cohort}); lower secagg-quantization-range, raise "
+                "secagg-modulus-range (<= 2**32) or sample fewer clients"
+            )
+        self._sampled[server_round] = len(clients)
+        config: dict[str, Scalar] = {
+            **self.extra_fit_config,
+            CONFIG_SERVER_ROUND: server_round,
+            CONFIG_UPDATE_CLIP_NORM: float(self.update_clip_norm),
+        }
+        fit_ins = FitIns(parameters, config)
+        return [(client, fit_ins) for client in clients]
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Sample the evaluation cohort (seeded); empty when evaluation is off."""
+        if self.eval_size <= 0 and self.fraction_evaluate <= 0:
+            return []
+        clients = self._sample(
+            client_manager, self.num_evaluation_clients, f"eval-{self.seed}-{server_round}"
+        )
+        self._eval_sampled[server_round] = len(clients)
+        config: dict[str, Scalar] = {**self.extra_eval_config, CONFIG_SERVER_ROUND: server_round}
+        evaluate_ins = EvaluateIns(parameters, config)
+        return [(client, evaluate_ins) for client in clients]
+
+    # ------------------------------------------------------------------ aggregation
+
+    def sampled_in_round(self, server_round: int) -> int:
+        """How many clients ``configure_fit`` sampled in ``server_round`` (0 if none)."""
+        return self._sampled.get(server_round, 0)
+
+    @property
+    def current_parameters(self) -> Arrays:
+        """The global model as of the last ``configure_fit`` / ``aggregate_fit``."""
+        return [np.array(a, copy=True) for a in self._reference]
+
+    def _apply(self, delta: Sequence[npt.NDArray[np.floating]]) -> tuple[Arrays, float]:
+        new = [
+            (ref.astype(np.float64) + d.astype(np.float64)).astype(ref.dtype)
+            for ref, d in zip(self._reference, delta, strict=True)
+        ]
+        norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta))
+        return new, norm
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[FitFailure],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate, average the accepted updates, and apply them to the global model."""
+        failures = _dedupe(failures)
+        if self.secure_aggregation:
+            stats, new = self._aggregate_secure(server_round, results, failures)
+        else:
+            stats, new = self._aggregate_plain(server_round, results, failures)
+        self.fit_stats[server_round] = stats
+        log(
+            INFO,
+            "round %s fit: %s sampled, %s ok, %s declined, %s rejected, %s failed%s",
+            server_round,
+            stats.sampled,
+            stats.ok,
+            stats.declined,
+            stats.rejected,
+            stats.failed,
+            "" if stats.updated else " (global model unchanged)",
+        )
+        if new is None:
+            return None, stats.as_metrics()
+        self._reference = new
+        return ndarrays_to_parameters(new), stats.as_metrics()
+
+    def _aggregate_plain(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[FitFailure],
+    ) -> tuple[FitRoundStats, Arrays | None]:
+        declined = 0
+        rejections: list[str] = []
+        accepted: list[tuple[int, Arrays, Mapping[str, Scalar]]] = []
+        for proxy, res in results:
+            if _status_of(res) == FitStatus.DECLINED.value:
+                declined += 1
+                continue
+            try:
+                update = parameters_to_ndarrays(res.parameters)
+            except Exception as exc:  # malformed bytes from a client
+                rejections.append(f"node {proxy.node_id}: undecodable update ({exc})")
+                continue
+            problem = find_problem(update, self._reference)
+            if problem is None and res.num_examples <= 0:
+                problem = InvalidUpdateError(
+                    "bad-weight", f"num_examples is {res.num_examples}, expected > 0"
+                )
+            if problem is not None:
+                rejections.append(f"node {proxy.node_id}: {problem}")
+                continue
+            if self.update_clip_norm > 0:
+                update, _ = clip_update_l2(update, self.update_clip_norm)
+            accepted.append((res.num_examples, update, res.metrics))
+
+        new: Arrays | None = None
+        norm = 0.0
+        total = sum(n for n, _, _ in accepted)
+        if accepted:
+            sums = [np.zeros(ref.shape, dtype=np.float64) for ref in self._reference]
+            for n, update, _ in accepted:
+                for acc, arr in zip(sums, update, strict=True):
+                    acc += n * arr.astype(np.float64)
+            new, norm = self._apply([s / total for s in sums])
+        sampled = self._sampled.get(server_round, len(results) + len(failures))
+        failed, reasons = _failure_summary(sampled, len(results), failures)
+        stats = FitRoundStats(
+            server_round=server_round,
+            sampled=sampled,
+            ok=len(accepted),
+            declined=declined,
+            rejected=len(rejections),
+            failed=failed,
+            num_examples=total,
+            secure_aggregation=False,
+            updated=new is not None,
+            rejections=tuple(rejections[:MAX_REASONS]),
+            failures=reasons,
+            client_metrics=_weighted_means([(n, _public_metrics(m)) for n, _, m in accepted]),
+            update_norm=norm,
+        )
+        return stats, new
+
+    def _aggregate_secure(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[FitFailure],
+    ) -> tuple[FitRoundStats, Arrays | None]:
+        contributors = [(p, r) for p, r in results if _status_of(r) != FitStatus.DECLINED.value]
+        declined = len(results) - len(contributors)
+        rejections: list[str] = []
+        new: Arrays | None = None
+        norm = 0.0
+        if contributors:
+            # SecAggPlusWorkflow already divided the masked sum by the summed weights and
+            # put that same average into every FitRes; one copy is enough.
+            aggregate = parameters_to_ndarrays(contributors[0][1].parameters)
+            problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
+            if problem is not None:
+                rejections.append(f"secure aggregate: {problem}")
+            else:
+                new, norm = self._apply(aggregate)
+        total = sum(r.num_examples for _, r in contributors)
+        sampled = self._sampled.get(server_round, len(results) + len(failures))
+        failed, reasons = _failure_summary(sampled, len(results), failures)
+        stats = FitRoundStats(
+            server_round=server_round,
+            sampled=sampled,
+            ok=len(contributors) if new is not None else 0,
+            declined=declined,
+            rejected=len(contributors) if new is None and contributors else 0,
+            failed=failed,
+            num_examples=total,
+            secure_aggregation=True,
+            updated=new is not None,
+            rejections=tuple(rejections),
+            failures=reasons,
+            client_metrics=_weighted_means(
+                [(r.num_examples, _public_metrics(r.metrics)) for _, r in contributors]
+            ),
+            update_norm=norm,
+        )
+        return stats, new
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[EvalFailure],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Weighted loss/metric means over clients that returned a finite loss."""
+        good = [(p, r) for p, r in results if r.num_examples > 0 and math.isfinite(float(r.loss))]
+        bad = len(results) - len(good)
+        total = sum(r.num_examples for _, r in good)
+        loss = sum(r.num_examples * float(r.loss) for _, r in good) / total if total else None
+        sampled = self._eval_sampled.get(server_round, len(results) + len(failures))
+        failed, reasons = _failure_summary(sampled, len(results), failures)
+        stats = EvalRoundStats(
+            server_round=server_round,
+            sampled=sampled,
+            ok=len(good),
+            failed=failed + bad,
+            loss=loss,
+            num_examples=total,
+            metrics=_weighted_means([(r.num_examples, r.metrics) for _, r in good]),
+            failures=reasons,
+        )
+        self.eval_stats[server_round] = stats
+        metrics: dict[str, Scalar] = {
+            "clients-sampled": stats.sampled,
+            "clients-ok": stats.ok,
+            "clients-failed": stats.failed,
+            **stats.metrics,
+        }
+        return loss, metrics

@@ -1,0 +1,152 @@
+"""Checks and clipping for client updates, as pure functions.
+
+Used on both sides: the client glue checks what its task produced before sending it,
+and the server strategy checks every update it receives before aggregating (in plain
+FedAvg; under SecAgg+ it only sees the sum, so it checks that instead). Errors carry a
+short machine-readable ``code`` and a message that names the array and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import DataError
+
+NON_FINITE = "non-finite"
+COUNT_MISMATCH = "count-mismatch"
+SHAPE_MISMATCH = "shape-mismatch"
+DTYPE_MISMATCH = "dtype-mismatch"
+NOT_FLOAT = "not-float"
+NOT_AN_ARRAY = "not-an-array"
+
+
+class InvalidUpdateError(DataError):
+    """An update (or parameter list) is unusable; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _label(what: str, index: int, names: Sequence[str] | None) -> str:
+    if names is not None and index < len(names):
+        return f"{what} array {index} ('{names[index]}')"
+    return f"{what} array {index}"
+
+
+def check_float_arrays(
+    arrays: Sequence[object], *, what: str = "update", names: Sequence[str] | None = None
+) -> None:
+    """Raise unless every element is a NumPy array with a floating dtype."""
+    for i, arr in enumerate(arrays):
+        if not isinstance(arr, np.ndarray):
+            raise InvalidUpdateError(
+                NOT_AN_ARRAY, f"{_label(what, i, names)} is a {type(arr).__name__}, not an ndarray"
+            )
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InvalidUpdateError(
+                NOT_FLOAT, f"{_label(what, i, names)} has dtype {arr.dtype}, expected a float dtype"
+            )
+
+
+def check_structure(
+    arrays: Sequence[npt.NDArray[np.generic]],
+    reference: Sequence[npt.NDArray[np.generic]],
+    *,
+    what: str = "update",
+    names: Sequence[str] | None = None,
+    check_dtype: bool = True,
+) -> None:
+    """Raise unless ``arrays`` matches ``reference`` in count, shapes and dtypes."""
+    if len(arrays) != len(reference):
+        raise InvalidUpdateError(
+            COUNT_MISMATCH, f"{what} has {len(arrays)} arrays, expected {len(reference)}"
+        )
+    check_float_arrays(arrays, what=what, names=names)
+    for i, (arr, ref) in enumerate(zip(arrays, reference, strict=True)):
+        if arr.shape != ref.shape:
+            raise InvalidUpdateError(
+                SHAPE_MISMATCH,
+                f"{_label(what, i, names)} has shape {arr.shape}, expected {ref.shape}",
+            )
+        if check_dtype and arr.dtype != ref.dtype:
+            raise InvalidUpdateError(
+                DTYPE_MISMATCH,
+                f"{_label(what, i, names)} has dtype {arr.dtype}, expected {ref.dtype}",
+            )
+
+
+def check_finite(
+    arrays: Sequence[npt.NDArray[np.floating]],
+    *,
+    what: str = "update",
+    names: Sequence[str] | None = None,
+) -> None:
+    """Raise if any array contains NaN or +/-inf."""
+    for i, arr in enumerate(arrays):
+        if not np.all(np.isfinite(arr)):
+            n_nan = int(np.count_nonzero(np.isnan(arr)))
+            n_inf = int(np.count_nonzero(np.isinf(arr)))
+            raise InvalidUpdateError(
+                NON_FINITE,
+                f"{_label(what, i, names)} contains {n_nan} NaN and {n_inf} inf values",
+            )
+
+
+def validate_update(
+    arrays: Sequence[npt.NDArray[np.floating]],
+    reference: Sequence[npt.NDArray[np.floating]],
+    *,
+    what: str = "update",
+    names: Sequence[str] | None = None,
+    check_dtype: bool = True,
+) -> None:
+    """All checks: same count/shapes/dtypes as ``reference``, float, and finite."""
+    check_structure(arrays, reference, what=what, names=names, check_dtype=check_dtype)
+    check_finite(arrays, what=what, names=names)
+
+
+def find_problem(
+    arrays: Sequence[npt.NDArray[np.floating]],
+    reference: Sequence[npt.NDArray[np.floating]],
+    *,
+    what: str = "update",
+    check_dtype: bool = True,
+) -> InvalidUpdateError | None:
+    """Non-raising :func:`validate_update`: the first problem found, or ``None``."""
+    try:
+        validate_update(arrays, reference, what=what, check_dtype=check_dtype)
+    except InvalidUpdateError as exc:
+        return exc
+    return None
+
+
+def l2_norm(arrays: Sequence[npt.NDArray[np.floating]]) -> float:
+    """Global L2 norm over all arrays (as if flattened and concatenated), in float64."""
+    total = 0.0
+    for arr in arrays:
+        total += float(np.sum(np.square(arr, dtype=np.float64)))
+    return math.sqrt(total)
+
+
+def clip_update_l2(
+    arrays: Sequence[npt.NDArray[np.floating]], max_norm: float
+) -> tuple[list[npt.NDArray[np.floating]], float]:
+    """Scale the update down so its global L2 norm is at most ``max_norm``.
+
+    Returns ``(clipped arrays, norm before clipping)``. Dtypes are preserved and the
+    direction is unchanged; updates already within the bound are returned as copies.
+    Raises :class:`InvalidUpdateError` for non-finite updates (they cannot be clipped)
+    and ``ValueError`` for a non-positive ``max_norm``.
+    """
+    if not max_norm > 0 or not math.isfinite(max_norm):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+    check_finite(arrays)
+    norm = l2_norm(arrays)
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    clipped = [(arr * scale).astype(arr.dtype, copy=False) for arr in arrays]
+    return clipped, norm

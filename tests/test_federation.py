@@ -1,0 +1,827 @@
+"""Tests of the federation layer: task, validation, config, handlers, strategy, runs.
+
+Most end-to-end tests use the in-process loopback runtime (``run_in_process``): the
+same ServerApp/ClientApp/SecAgg+ code as the Ray simulation, without Ray start-up.
+The Ray runtime itself is covered by the ``network``-marked tests at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.compat.common.recorddict_compat import (
+    evaluateins_to_recorddict,
+    fitins_to_recorddict,
+    recorddict_to_evaluateres,
+    recorddict_to_fitres,
+)
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import CLIENT_STATE_RECORD, client_id_of, make_client_app
+from server.secagg import SECAGG_RECORD, SecAggSettings
+from server.server_app import (
+    ServerConfig,
+    SimulationBackend,
+    make_server_app,
+    run_in_process,
+    run_simulation,
+)
+from server.strategy import RoundReport, ValidatingFedAvg
+from shared.errors import ConfigError, DataError
+from shared.federated import (
+    METRIC_STATUS,
+    FitOutcome,
+    InvalidUpdateError,
+    ToyLinearConfig,
+    ToyLinearTask,
+    available_tasks,
+    clip_update_l2,
+    find_problem,
+    get_task,
+    l2_norm,
+    register_task,
+    validate_update,
+)
+
+Arrays = list[npt.NDArray[Any]]
+RunConfig = dict[str, bool | int | float | str]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Instruction messages need a process task identity (Flower's runtimes set it)."""
+    try:
+        _ = TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 1
+        TaskIdentity.task_id = 1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _context(partition_id: int = 3, run_config: RunConfig | None = None) -> Context:
+    return Context(
+        run_id=1,
+        node_id=100 + partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": 10},
+        state=RecordDict(),
+        run_config=dict(run_config or {}),
+    )
+
+
+def _fit_message(params: Arrays, config: dict[str, Scalar] | None = None) -> Message:
+    ins = FitIns(ndarrays_to_parameters(params), dict(config or {"server-round": 1}))
+    return Message(fitins_to_recorddict(ins, keep_input=True), 103, "train", group_id="1")
+
+
+def _eval_message(params: Arrays) -> Message:
+    ins = EvaluateIns(ndarrays_to_parameters(params), {"server-round": 1})
+    return Message(evaluateins_to_recorddict(ins, keep_input=True), 103, "evaluate")
+
+
+def _run(
+    run_config: RunConfig, num_nodes: int, *, extra_mods: Sequence[Any] = ()
+) -> list[RoundReport]:
+    reports: list[RoundReport] = []
+    run_in_process(
+        make_server_app(run_config, on_round_end=reports.append),
+        make_client_app(extra_mods=extra_mods),
+        num_nodes,
+        run_config=run_config,
+    )
+    return reports
+
+
+def _expected_fedavg(task: ToyLinearTask, clients: Sequence[int], params: Arrays) -> Arrays:
+    """Plain weighted average of the survivors' updates, applied to ``params``."""
+    total = 0
+    sums = [np.zeros(p.shape, dtype=np.float64) for p in params]
+    for c in clients:
+        out = task.fit(c, params, {})
+        total += out.num_examples
+        for acc, new, old in zip(sums, out.arrays, params, strict=True):
+            acc += out.num_examples * (new.astype(np.float32) - old).astype(np.float64)
+    return [p.astype(np.float64) + s / total for p, s in zip(params, sums, strict=True)]
+
+
+def _secagg_tolerance(task: ToyLinearTask, clients: Sequence[int], c: float, q: int) -> float:
+    """Bound on SecAgg+ quantization error: one level per client, over summed weights."""
+    sum_r = sum(task.num_examples(i) for i in clients) / 1000.0  # max_weight = 1000
+    return 4 * len(clients) * (2 * c / q) / sum_r + 1e-5
+
+
+def _max_diff(a: Arrays, b: Arrays) -> float:
+    return max(float(np.max(np.abs(x.astype(np.float64) - y))) for x, y in zip(a, b, strict=True))
+
+
+# ------------------------------------------------------------------------- toy task
+
+
+def test_toy_task_is_deterministic_and_training_reduces_loss() -> None:
+    task_a, task_b = ToyLinearTask(), ToyLinearTask()
+    params = task_a.initial_parameters()
+    out_a = task_a.fit(4, params, {})
+    out_b = task_b.fit(4, params, {})
+    for x, y in zip(out_a.arrays, out_b.arrays, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert float(out_a.metrics["train-loss"]) < float(out_a.metrics["train-loss-before"])
+    assert out_a.num_examples == task_a.num_examples(4)
+    assert [a.dtype for a in out_a.arrays] == [np.float32, np.float32]
+    before = task_a.evaluate(4, params, {}).loss
+    assert task_a.evaluate(4, out_a.arrays, {}).loss < before
+
+
+def test_toy_task_clients_have_different_sizes() -> None:
+    task = ToyLinearTask()
+    assert len({task.num_examples(c) for c in range(10)}) > 3
+
+
+def test_fit_outcome_requires_consistent_fields() -> None:
+    with pytest.raises(ValueError, match="at least one array"):
+        FitOutcome.with_parameters([], num_examples=3)
+    with pytest.raises(ValueError, match="num_examples > 0"):
+        FitOutcome.with_parameters([np.zeros(2, np.float32)], num_examples=0)
+    with pytest.raises(ValueError, match="needs a reason"):
+        FitOutcome.declined("")
+    assert FitOutcome.declined("opted out").reason == "opted out"
+
+
+def test_get_task_by_name_reference_and_unknown() -> None:
+    assert "toy-linear" in available_tasks()
+    task = get_task("toy-linear", {"toy-dim": 3})
+    assert [p.shape for p in task.initial_parameters()] == [(3,), (1,)]
+    by_ref = get_task("shared.federated.task:ToyLinearTask.from_run_config", {"toy-dim": 2})
+    assert by_ref.initial_parameters()[0].shape == (2,)
+    with pytest.raises(ConfigError, match="unknown federated task 'nope'; known tasks"):
+        get_task("nope", {})
+    with pytest.raises(ConfigError, match="cannot import task module"):
+        get_task("no_such_module_xyz:factory", {})
+
+
+def test_toy_config_parses_client_lists_and_rejects_bad_values() -> None:
+    cfg = ToyLinearConfig.from_run_config({"toy-empty-clients": "1, 3", "toy-nan-clients": 2})
+    assert cfg.empty_clients == frozenset({1, 3}) and cfg.nan_clients == frozenset({2})
+    with pytest.raises(ConfigError, match="'toy-dim' must be an integer"):
+        ToyLinearConfig.from_run_config({"toy-dim": "eight"})
+    with pytest.raises(ConfigError, match="comma-separated list"):
+        ToyLinearConfig.from_run_config({"toy-empty-clients": "a,b"})
+
+
+# ----------------------------------------------------------------------- validation
+
+REF = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "code", "message"),
+    [
+        (
+            [np.array([[0, np.nan, 0], [0, 0, 0]], np.float32), np.zeros(4, np.float32)],
+            "non-finite",
+            r"update array 0 contains 1 NaN and 0 inf values",
+        ),
+        (
+            [np.zeros((2, 3), np.float32), np.array([0, np.inf, -np.inf, 0], np.float32)],
+            "non-finite",
+            r"update array 1 contains 0 NaN and 2 inf values",
+        ),
+        (
+            [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)],
+            "shape-mismatch",
+            r"update array 0 has shape \(3, 2\), expected \(2, 3\)",
+        ),
+        ([np.zeros((2, 3), np.float32)], "count-mismatch", "update has 1 arrays, expected 2"),
+        (
+            [np.zeros((2, 3), np.float64), np.zeros(4, np.float32)],
+            "dtype-mismatch",
+            "update array 0 has dtype float64, expected float32",
+        ),
+        (
+            [np.zeros((2, 3), np.int32), np.zeros(4, np.float32)],
+            "not-float",
+            "update array 0 has dtype int32, expected a float dtype",
+        ),
+    ],
+)
+def test_validation_rejects_bad_updates(arrays: Arrays, code: str, message: str) -> None:
+    with pytest.raises(InvalidUpdateError, match=message) as info:
+        validate_update(arrays, REF)
+    assert info.value.code == code
+    assert isinstance(info.value, DataError)
+    problem = find_problem(arrays, REF)
+    assert problem is not None and problem.code == code
+
+
+def test_validation_accepts_good_update_and_names_arrays() -> None:
+    good = [np.ones((2, 3), np.float32), np.ones(4, np.float32)]
+    validate_update(good, REF)
+    assert find_problem(good, REF) is None
+    bad = [np.ones((2, 3), np.float32), np.full(4, np.nan, np.float32)]
+    with pytest.raises(InvalidUpdateError, match=r"array 1 \('bias'\)"):
+        validate_update(bad, REF, names=["weight", "bias"])
+
+
+def test_clip_update_l2_scales_down_only_above_the_bound() -> None:
+    update = [np.array([3.0, 0.0], np.float32), np.array([4.0], np.float32)]  # norm 5
+    clipped, norm = clip_update_l2(update, 1.0)
+    assert norm == pytest.approx(5.0)
+    assert l2_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    assert [a.dtype for a in clipped] == [np.float32, np.float32]
+    np.testing.assert_allclose(clipped[0], [0.6, 0.0], rtol=1e-6)  # same direction
+    same, _ = clip_update_l2(update, 10.0)
+    np.testing.assert_array_equal(same[1], update[1])
+    with pytest.raises(InvalidUpdateError, match="NaN"):
+        clip_update_l2([np.array([np.nan], np.float32)], 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        clip_update_l2(update, 0.0)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_server_config_defaults_and_kebab_keys() -> None:
+    cfg = ServerConfig.from_run_config(
+        {"num-rounds": 5, "cohort-size": 7, "secagg": True, "toy-dim": 3, "round-timeout": 2}
+    )
+    assert (cfg.num_rounds, cfg.cohort_size, cfg.secagg, cfg.round_timeout) == (5, 7, True, 2.0)
+    assert cfg.secagg_settings is not None and cfg.secagg_settings.num_shares == 5
+    assert ServerConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert ServerConfig().secagg_settings is None
+    with pytest.raises(FrozenInstanceError):
+        cfg.num_rounds = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ({"num-rounds": "3"}, "'num-rounds' must be a number"),
+        ({"num-rounds": 0}, "'num-rounds' must be >= 1"),
+        ({"num-rounds": 2.5}, "'num-rounds' must be an integer"),
+        ({"secagg": 1}, "'secagg' must be true or false"),
+        ({"cohort-fraction": 1.5}, r"'cohort-fraction' must be in \(0, 1\]"),
+        ({"num-round": 3}, "unknown server setting 'num-round'; did you mean 'num-rounds'"),
+        ({"secagg-shares": 3}, "unknown server setting 'secagg-shares'"),
+        (
+            {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 3},
+            "must be < secagg-num-shares",
+        ),
+        ({"secagg-num-shares": 2}, "secagg-num-shares as an integer must be >= 3"),
+        ({"secagg-modulus-range": 1000}, "secagg-modulus-range must be a power of two"),
+        (
+            {"secagg": True, "cohort-size": 2000},
+            "'cohort-size' 2000 overflows SecAgg",
+        ),
+        (
+            {"secagg": True, "cohort-size": 2, "secagg-reconstruction-threshold": 3},
+            "exceeds 'cohort-size'",
+        ),
+    ],
+)
+def test_server_config_rejects_bad_values(run_config: RunConfig, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig.from_run_config(run_config)
+
+
+def test_secagg_fraction_parameters_are_kept_as_floats() -> None:
+    cfg = ServerConfig.from_run_config(
+        {"secagg": True, "secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 0.6}
+    )
+    settings = cfg.secagg_settings
+    assert settings is not None
+    assert isinstance(settings.num_shares, float) and isinstance(settings.num_shares, float)
+    assert SecAggSettings().max_cohort == 1023
+
+
+def test_simulation_backend_config_is_cpu_only_and_can_attach() -> None:
+    local = SimulationBackend(num_cpus_per_client=0.5, ray_num_cpus=2).to_backend_config()
+    assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert local["init_args"]["num_gpus"] == 0 and local["init_args"]["num_cpus"] == 2
+    attached = SimulationBackend(ray_address="127.0.0.1:6379").to_backend_config()
+    assert attached["init_args"]["address"] == "127.0.0.1:6379"
+    assert "num_cpus" not in attached["init_args"]
+    with pytest.raises(ConfigError, match="ray_num_cpus cannot be set"):
+        SimulationBackend(ray_address="auto", ray_num_cpus=2)
+    with pytest.raises(ConfigError, match="num_cpus_per_client must be > 0"):
+        SimulationBackend(num_cpus_per_client=0)
+
+
+# ------------------------------------------------------------------ client handlers
+
+
+def test_train_handler_replies_with_the_update() -> None:
+    # Prepare
+    task = ToyLinearTask()
+    params = task.initial_parameters()
+    app = make_client_app()
+    msg, ctx = _fit_message(params), _context(partition_id=3)
+    # Execute
+    reply = app(msg, ctx)
+    # Assert
+    assert reply.has_content() and reply.metadata.reply_to_message_id == msg.metadata.message_id
+    fitres = recorddict_to_fitres(reply.content, keep_input=True)
+    expected = task.fit(3, params, {})
+    assert fitres.status.code == Code.OK
+    assert fitres.num_examples == expected.num_examples
+    assert fitres.metrics[METRIC_STATUS] == "ok"
+    update = parameters_to_ndarrays(fitres.parameters)
+    for got, new, old in zip(update, expected.arrays, params, strict=True):
+        np.testing.assert_allclose(got, new - old, rtol=1e-6)
+        assert got.dtype == old.dtype
+
+
+def test_train_handler_clips_the_update_norm() -> None:
+    params = ToyLinearTask().initial_parameters()
+    reply = make_client_app()(
+        _fit_message(params, {"server-round": 1, "update-clip-norm": 0.01}), _context()
+    )
+    fitres = recorddict_to_fitres(reply.content, keep_input=True)
+    assert l2_norm(parameters_to_ndarrays(fitres.parameters)) == pytest.approx(0.01, rel=1e-5)
+    assert fitres.metrics["update-clipped"] is True
+    assert float(fitres.metrics["update-norm"]) > 0.01
+
+
+def test_train_handler_declined_client_sends_zero_weight() -> None:
+    params = ToyLinearTask().initial_parameters()
+    reply = make_client_app({"toy-decline-clients": "3"})(_fit_message(params), _context(3))
+    fitres = recorddict_to_fitres(reply.content, keep_input=True)
+    assert fitres.num_examples == 0
+    assert fitres.metrics[METRIC_STATUS] == "declined"
+    assert all(not np.any(a) for a in parameters_to_ndarrays(fitres.parameters))
+
+
+@pytest.mark.parametrize(
+    ("run_config", "reason"),
+    [
+        ({"toy-empty-clients": "3"}, "DataError: client 3 has no local training examples"),
+        ({"toy-nan-clients": "3"}, "InvalidUpdateError: task parameters array 0 contains 1 NaN"),
+        ({"task": "nope"}, "ConfigError: unknown federated task 'nope'"),
+    ],
+)
+def test_train_handler_turns_task_failures_into_error_replies(
+    run_config: RunConfig, reason: str
+) -> None:
+    params = ToyLinearTask().initial_parameters()
+    reply = make_client_app()(_fit_message(params), _context(3, run_config))
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reason in str(reply.error.reason)
+
+
+def test_train_handler_survives_a_malformed_message() -> None:
+    msg = Message(RecordDict(), 103, "train")
+    reply = make_client_app()(msg, _context())
+    assert reply.has_error() and "fedrec fit failed" in str(reply.error.reason)
+
+
+def test_evaluate_handler_reports_loss_and_examples() -> None:
+    task = ToyLinearTask()
+    params = task.initial_parameters()
+    reply = make_client_app()(_eval_message(params), _context(2))
+    res = recorddict_to_evaluateres(reply.content)
+    expected = task.evaluate(2, params, {})
+    assert res.loss == pytest.approx(expected.loss)
+    assert res.num_examples == expected.num_examples
+    assert res.metrics["mse"] == pytest.approx(expected.loss)
+
+
+def test_secagg_mod_errors_become_replies_not_crashes() -> None:
+    params = ToyLinearTask().initial_parameters()
+    msg = _fit_message(params)
+    # A SecAgg+ stage out of order (share_keys before setup) must not crash the app.
+    msg.content.config_records[SECAGG_RECORD] = ConfigRecord({"stage": "share_keys"})
+    reply = make_client_app()(msg, _context())
+    assert reply.has_error()
+    assert "secagg+ stage 'share_keys' failed" in str(reply.error.reason)
+
+
+class _CountingTask(ToyLinearTask):
+    """Counts fits per client in client state only (forgets it after each export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+
+    def import_client_state(self, client_id: int, state: Mapping[str, Any]) -> None:
+        self.live[client_id] = int(state["count"][0]) if "count" in state else 0
+
+    def export_client_state(self, client_id: int) -> dict[str, npt.NDArray[Any]]:
+        return {"count": np.array([self.live.pop(client_id)], dtype=np.int64)}
+
+    def fit(self, client_id: int, parameters: Arrays, config: Mapping[str, Any]) -> FitOutcome:
+        self.live[client_id] += 1
+        out = super().fit(client_id, parameters, config)
+        return FitOutcome.with_parameters(
+            out.arrays, out.num_examples, {"fit-count": self.live[client_id]}
+        )
+
+
+def test_client_state_of_a_stateful_task_persists_in_the_node_context() -> None:
+    register_task("counting-test", lambda _cfg: _CountingTask(), replace=True)
+    params = ToyLinearTask().initial_parameters()
+    app = make_client_app({"task": "counting-test"})
+    ctx = _context(partition_id=2)
+    counts = []
+    for _ in range(3):
+        reply = app(_fit_message(params), ctx)
+        counts.append(recorddict_to_fitres(reply.content, keep_input=True).metrics["fit-count"])
+    assert counts == [1, 2, 3]
+    assert CLIENT_STATE_RECORD in ctx.state.array_records
+    other = app(_fit_message(params), _context(partition_id=5))
+    assert recorddict_to_fitres(other.content, keep_input=True).metrics["fit-count"] == 1
+
+
+def test_client_id_prefers_partition_id() -> None:
+    assert client_id_of(_context(partition_id=5)) == 5
+    ctx = Context(run_id=1, node_id=77, node_config={}, state=RecordDict(), run_config={})
+    assert client_id_of(ctx) == 77
+
+
+# ------------------------------------------------------------------------ strategy
+
+
+def _proxy(node_id: int) -> ClientProxy:
+    return GridClientProxy(node_id=node_id, grid=None, run_id=0)  # type: ignore[arg-type]
+
+
+def _fitres(update: Arrays, n: int, status: str = "ok") -> FitRes:
+    return FitRes(
+        status=Status(Code.OK, "Success"),
+        parameters=ndarrays_to_parameters(update),
+        num_examples=n,
+        metrics={METRIC_STATUS: status, "train-loss": float(n)},
+    )
+
+
+def test_strategy_validates_counts_and_averages() -> None:
+    ref = [np.ones(3, np.float32), np.zeros(1, np.float32)]
+    strategy = ValidatingFedAvg(initial_parameters=ref)
+    u1 = [np.full(3, 1.0, np.float32), np.full(1, 1.0, np.float32)]
+    u2 = [np.full(3, 4.0, np.float32), np.full(1, -2.0, np.float32)]
+    results = [
+        (_proxy(1), _fitres(u1, 10)),
+        (_proxy(2), _fitres(u2, 30)),
+        (_proxy(3), _fitres([np.full(3, np.nan, np.float32), u1[1]], 10)),
+        (_proxy(4), _fitres([np.zeros(2, np.float32), u1[1]], 10)),
+        (_proxy(5), _fitres([np.zeros(3, np.float32), np.zeros(1, np.float32)], 0, "declined")),
+    ]
+    params, metrics = strategy.aggregate_fit(1, results, [RuntimeError("boom")])
+    assert params is not None
+    new = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(new[0], 1.0 + (10 * 1.0 + 30 * 4.0) / 40)
+    np.testing.assert_allclose(new[1], (10 * 1.0 + 30 * -2.0) / 40)
+    stats = strategy.fit_stats[1]
+    assert (stats.ok, stats.rejected, stats.declined, stats.failed) == (2, 2, 1, 1)
+    assert metrics["clients-rejected"] == 2 and metrics["client-train-loss"] == pytest.approx(25)
+    assert any("contains 3 NaN" in r for r in stats.rejections)
+    assert any("shape-mismatch" in r or "has shape (2,)" in r for r in stats.rejections)
+
+
+def test_strategy_keeps_model_when_everything_is_rejected_and_clips_in_plain_mode() -> None:
+    ref = [np.zeros(2, np.float32)]
+    strategy = ValidatingFedAvg(initial_parameters=ref, update_clip_norm=1.0)
+    bad = [(_proxy(1), _fitres([np.array([np.inf, 0], np.float32)], 5))]
+    params, metrics = strategy.aggregate_fit(1, bad, [])
+    assert params is None and metrics["updated"] is False
+    big = [(_proxy(1), _fitres([np.array([30.0, 40.0], np.float32)], 5))]
+    params, _ = strategy.aggregate_fit(2, big, [])
+    assert params is not None
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [0.6, 0.8], rtol=1e-6)
+
+
+def test_strategy_rejects_unusable_initial_parameters() -> None:
+    with pytest.raises(InvalidUpdateError, match="initial parameters array 0 has dtype int64"):
+        ValidatingFedAvg(initial_parameters=[np.zeros(2, np.int64)])
+
+
+# ------------------------------------------------------------- in-process federation
+
+
+def test_plain_federation_converges_with_five_clients() -> None:
+    reports = _run({"num-rounds": 2, "toy-local-steps": 5}, num_nodes=5)
+    assert [r.server_round for r in reports] == [1, 2]
+    assert all(r.fit.ok == 5 and r.fit.failed == 0 for r in reports)
+    losses = [r.evaluate.loss for r in reports if r.evaluate is not None]
+    initial = float(
+        np.mean(
+            [
+                ToyLinearTask().evaluate(c, ToyLinearTask().initial_parameters(), {}).loss
+                for c in range(5)
+            ]
+        )
+    )
+    assert losses[0] is not None and losses[1] is not None
+    assert losses[1] < losses[0] < initial
+
+
+def test_round_aggregate_equals_weighted_fedavg() -> None:
+    task = ToyLinearTask()
+    reports = _run({"num-rounds": 1, "eval-fraction": 0.0}, num_nodes=5)
+    expected = _expected_fedavg(task, range(5), task.initial_parameters())
+    assert _max_diff(reports[0].parameters, expected) < 1e-5
+    assert reports[0].evaluate is None
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_erroring_client_does_not_stop_the_round(secagg: bool) -> None:
+    task = ToyLinearTask()
+    reports = _run(
+        {"num-rounds": 2, "secagg": secagg, "secagg-timeout": 10.0, "toy-empty-clients": "1"},
+        num_nodes=5,
+    )
+    assert len(reports) == 2
+    first = reports[0]
+    assert (first.fit.ok, first.fit.failed, first.fit.updated) == (4, 1, True)
+    assert "no local training examples" in first.fit.failures[0]
+    assert first.evaluate is not None and first.evaluate.failed == 1
+    expected = _expected_fedavg(task, [0, 2, 3, 4], task.initial_parameters())
+    assert _max_diff(first.parameters, expected) < _secagg_tolerance(task, [0, 2, 3, 4], 8.0, 2**22)
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_declined_client_is_neutral(secagg: bool) -> None:
+    task = ToyLinearTask()
+    reports = _run(
+        {"num-rounds": 1, "secagg": secagg, "eval-fraction": 0.0, "toy-decline-clients": "0"},
+        num_nodes=4,
+    )
+    assert (reports[0].fit.declined, reports[0].fit.ok) == (1, 3)
+    expected = _expected_fedavg(task, [1, 2, 3], task.initial_parameters())
+    assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(
+        task, [1, 2, 3], 8.0, 2**22
+    )
+
+
+def test_cohort_sampling_by_count_is_seeded() -> None:
+    config: RunConfig = {"num-rounds": 2, "cohort-size": 3, "eval-size": 2, "seed": 7}
+    first, second = _run(config, num_nodes=6), _run(config, num_nodes=6)
+    assert [r.fit.sampled for r in first] == [3, 3]
+    assert [r.evaluate.sampled for r in first if r.evaluate] == [2, 2]
+    assert _max_diff(first[-1].parameters, second[-1].parameters) == 0.0
+
+
+def test_round_hook_failure_stops_the_run() -> None:
+    def hook(report: RoundReport) -> None:
+        raise OSError(f"disk full while checkpointing round {report.server_round}")
+
+    with pytest.raises(OSError, match="disk full while checkpointing round 1"):
+        run_in_process(make_server_app({"num-rounds": 3}, on_round_end=hook), make_client_app(), 3)
+
+
+def test_secagg_aggregate_matches_plain_fedavg_within_quantization_error() -> None:
+    task = ToyLinearTask()
+    base: RunConfig = {"num-rounds": 1, "eval-fraction": 0.0, "secagg-clipping-range": 8.0}
+    plain = _run({**base, "secagg": False}, num_nodes=5)[0]
+    secure = _run({**base, "secagg": True}, num_nodes=5)[0]
+    assert secure.fit.secure_aggregation and secure.fit.ok == 5
+    # Nothing per-client leaks next to the masked vectors.
+    assert secure.fit.client_metrics == {} and secure.fit.num_examples == 0
+    assert plain.fit.client_metrics["train-loss"] > 0 and plain.fit.num_examples > 0
+    tol = _secagg_tolerance(task, range(5), 8.0, 2**22)
+    assert _max_diff(secure.parameters, [p.astype(np.float64) for p in plain.parameters]) < tol
+    assert _max_diff(plain.parameters, secure.parameters) > 0  # it did go through SecAgg+
+
+
+def _dropout_mod(clients: set[int], stage: str) -> Callable[..., Message]:
+    """Client mod that makes ``clients`` fail in the given SecAgg+ stage."""
+
+    def mod(
+        msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        records = msg.content.config_records if msg.has_content() else {}
+        if (
+            SECAGG_RECORD in records
+            and client_id_of(ctx) in clients
+            and records[SECAGG_RECORD].get("stage") == stage
+        ):
+            raise ConnectionError(f"client {client_id_of(ctx)} dropped in {stage}")
+        return call_next(msg, ctx)
+
+    return mod
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+@pytest.mark.parametrize("dropped", [{1}, {1, 4}])
+def test_secagg_early_dropouts_leave_the_survivor_aggregate(stage: str, dropped: set[int]) -> None:
+    # Flower 1.42 alone halts here (KeyError on every survivor in the unmask stage);
+    # EarlyDropoutTolerantSecAggPlusWorkflow forgets clients that never sent masks.
+    task = ToyLinearTask()
+    config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+    reports = _run(config, num_nodes=6, extra_mods=[_dropout_mod(dropped, stage)])
+    survivors = [c for c in range(6) if c not in dropped]
+    assert (reports[0].fit.ok, reports[0].fit.failed) == (len(survivors), len(dropped))
+    expected = _expected_fedavg(task, survivors, task.initial_parameters())
+    tol = _secagg_tolerance(task, survivors, 8.0, 2**22)
+    assert _max_diff(reports[0].parameters, expected) < tol
+
+
+def test_secagg_dropout_in_unmask_stage_keeps_its_masked_update() -> None:
+    # A client that already sent its masked vector and then drops is still summed:
+    # its private mask is removed with the shares its neighbours hold.
+    task = ToyLinearTask()
+    config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+    reports = _run(config, num_nodes=6, extra_mods=[_dropout_mod({2}, "unmask")])
+    assert reports[0].fit.updated
+    expected = _expected_fedavg(task, range(6), task.initial_parameters())
+    assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(
+        task, range(6), 8.0, 2**22
+    )
+
+
+def test_secagg_dropouts_past_timeout_in_collect_stage_up_to_threshold() -> None:
+    # num-shares 5 / threshold 3 with 6 clients: every client keeps >= 3 live neighbours
+    # when 2 clients sleep past the stage timeout after the key exchange.
+    task = ToyLinearTask()
+    config: RunConfig = {
+        "num-rounds": 1,
+        "secagg": True,
+        "secagg-timeout": 1.0,
+        "eval-fraction": 0.0,
+        "toy-sleep-clients": "2,5",
+        "toy-sleep-s": 2.5,
+    }
+    reports = _run(config, num_nodes=6)
+    survivors = [0, 1, 3, 4]
+    assert (reports[0].fit.ok, reports[0].fit.failed, reports[0].fit.updated) == (4, 2, True)
+    expected = _expected_fedavg(task, survivors, task.initial_parameters())
+    assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(
+        task, survivors, 8.0, 2**22
+    )
+
+
+def test_secagg_halts_and_keeps_model_when_too_many_drop() -> None:
+    config: RunConfig = {
+        "num-rounds": 1,
+        "secagg": True,
+        "secagg-num-shares": 5,
+        "secagg-reconstruction-threshold": 4,
+        "eval-fraction": 0.0,
+    }
+    reports = _run(config, num_nodes=5, extra_mods=[_dropout_mod({0, 1}, "share_keys")])
+    assert reports[0].fit.updated is False and reports[0].fit.ok == 0
+    assert "secure aggregation halted" in reports[0].fit.failures[0]
+    for arr in reports[0].parameters:
+        assert not np.any(arr)  # still the initial (zero) model
+
+
+def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
+    task = ToyLinearTask()
+    params = task.initial_parameters()
+    clip = 1.0
+    base: RunConfig = {
+        "num-rounds": 1,
+        "eval-fraction": 0.0,
+        "toy-malicious-clients": "0",
+        "toy-malicious-value": 1e6,
+        "secagg-clipping-range": clip,
+    }
+    plain = _run({**base, "secagg": False}, num_nodes=5)[0]
+    secure = _run({**base, "secagg": True}, num_nodes=5)[0]
+    honest = _expected_fedavg(task, range(1, 5), params)
+    # Without SecAgg+ clipping the attacker moves the model by ~1e6 * its weight share.
+    assert _max_diff(plain.parameters, honest) > 1e4
+    # With it, each client adds clip(r_i * u_i, +-c) / sum(r): the attacker's pull is at
+    # most (c + |r_0 * honest|) / sum(r) per coordinate.
+    r = np.array([task.num_examples(c) for c in range(5)]) / 1000.0
+    bound = 2 * clip / r.sum()
+    assert _max_diff(secure.parameters, honest) < bound
+    # ...and the result is exactly the clipped weighted sum (within quantization).
+    attacked = ToyLinearTask.from_run_config(base)
+    values = []
+    for c in range(5):
+        out = attacked.fit(c, params, {})
+        delta = [
+            (a.astype(np.float32) - p).astype(np.float64)
+            for a, p in zip(out.arrays, params, strict=True)
+        ]
+        values.append([np.clip(r[c] * d, -clip, clip) for d in delta])
+    expected = [sum(v[i] for v in values) / r.sum() for i in range(len(params))]
+    assert _max_diff(secure.parameters, expected) < _secagg_tolerance(task, range(5), clip, 2**22)
+
+
+# ------------------------------------------------------------------ Ray simulation
+
+
+@pytest.mark.network
+def test_ray_simulation_five_clients_two_rounds_with_a_failing_client() -> None:
+    config: RunConfig = {"num-rounds": 2, "toy-empty-clients": "4", "round-timeout": 60.0}
+    reports: list[RoundReport] = []
+    run_simulation(
+        make_server_app(config, on_round_end=reports.append),
+        make_client_app(config),
+        num_supernodes=5,
+        backend_config=SimulationBackend(num_cpus_per_client=1.0, ray_num_cpus=2),
+    )
+    assert [r.server_round for r in reports] == [1, 2]
+    assert all((r.fit.ok, r.fit.failed) == (4, 1) for r in reports)
+    losses = [r.evaluate.loss for r in reports if r.evaluate is not None]
+    assert len(losses) == 2 and losses[1] is not None and losses[0] is not None
+    assert losses[1] < losses[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.network
+def test_ray_simulation_secagg_on_an_existing_cluster() -> None:
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    # Ray's unix socket paths must stay short: pytest's tmp_path is too long.
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+            "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray head did not start (exit code {head.poll()})")
+            time.sleep(0.5)
+        task = ToyLinearTask()
+        config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+        reports: list[RoundReport] = []
+        run_simulation(
+            make_server_app(config, on_round_end=reports.append),
+            make_client_app(config),
+            num_supernodes=5,
+            backend_config=SimulationBackend(ray_address=f"127.0.0.1:{port}"),
+        )
+        assert reports[0].fit.secure_aggregation and reports[0].fit.ok == 5
+        expected = _expected_fedavg(task, range(5), task.initial_parameters())
+        tol = _secagg_tolerance(task, range(5), 8.0, 2**22)
+        assert _max_diff(reports[0].parameters, expected) < tol
+    finally:
+        head.terminate()  # `ray start --block` stops its raylet/GCS on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_unreachable_ray_address_fails_fast() -> None:
+    port = _free_port()  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        run_simulation(
+            make_server_app({"num-rounds": 1}),
+            make_client_app(),
+            num_supernodes=2,
+            backend_config=SimulationBackend(ray_address=f"127.0.0.1:{port}"),
+        )
+    assert time.monotonic() - started < 10
+
+
+def test_parameters_helper_roundtrip() -> None:
+    """Guard for the wire format: float32 arrays survive ``Parameters`` unchanged."""
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+    back = parameters_to_ndarrays(ndarrays_to_parameters(arrays))
+    assert isinstance(ndarrays_to_parameters(arrays), Parameters)
+    np.testing.assert_array_equal(back[0], arrays[0])
