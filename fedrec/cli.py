@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from fedrec.commands import client, data, evaluate
+from fedrec.commands import client, data, evaluate, simulate
 from shared.errors import FedRecError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(evaluate.app, name="evaluate")
 app.add_typer(client.app, name="client")
+app.command("simulate")(simulate.simulate)
 
 
 @app.callback()
@@ -28,10 +29,13 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
 ) -> None:
     """Federated, privacy-preserving, few-shot recommender."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower logs through its own handler; keep it from printing everything twice and from
+    # flooding the live progress display unless asked to.
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    flwr_logger.setLevel(level)
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""Turn a student into the on-device artifact: optional pruning, fp32 ONNX export with the
+catalog's metadata, int8 quantization gated on top-10 agreement. One call, used by the
+pretraining benchmark, the simulation and the server's per-round publication."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy.typing as npt
+
+from shared.compression.onnx_export import export_onnx
+from shared.compression.prune import PruneConfig, prune_model
+from shared.compression.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
+from shared.models.student import ExportableStudent, StudentModel
+from shared.ondevice.runtime import catalog_fingerprint
+
+
+@dataclass(frozen=True)
+class ArtifactReport:
+    """Where the int8 file is and what it cost."""
+
+    path: Path
+    int8_bytes: int
+    fp32_bytes: int
+    agreement: float
+    sparsity: float
+
+
+def publish_student(
+    student: StudentModel,
+    item_ids: Sequence[str],
+    out_path: str | Path,
+    *,
+    version: str,
+    prune: PruneConfig | None = None,
+    quantize: QuantizeConfig | None = None,
+    validation_histories: Sequence[npt.ArrayLike] | None = None,
+) -> ArtifactReport:
+    """Export ``student`` (global parameters, identity adapter) to an int8 ONNX file.
+
+    Pruning works on a copy of the folded export graph so the caller's student is untouched.
+    """
+    import copy
+
+    model = copy.deepcopy(student).eval()
+    model.adapter.reset()
+    exportable = ExportableStudent(model).eval()
+    # The exporter reads the on-device contract (catalog size, window) from these attributes.
+    exportable.n_items = model.n_items
+    exportable.max_len = model.config.max_len
+    sparsity = 0.0
+    if prune is not None and prune.sparsity > 0:
+        sparsity = prune_model(exportable, prune).overall
+    out = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(
+            exportable,
+            fp32,
+            model_version=version,
+            catalog_fingerprint=catalog_fingerprint(item_ids),
+        )
+        report: QuantizeReport = quantize_onnx(
+            fp32, out, config=quantize, validation_histories=validation_histories
+        )
+        fp32_bytes = fp32.stat().st_size
+    return ArtifactReport(
+        path=out,
+        int8_bytes=out.stat().st_size,
+        fp32_bytes=fp32_bytes,
+        agreement=float(report.agreement) if report.agreement is not None else float("nan"),
+        sparsity=sparsity,
+    )

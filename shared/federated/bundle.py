@@ -1,0 +1,112 @@
+"""The pretrained bundle a federation starts from: the distilled student (all parameters,
+frozen tables included) plus, for simulation only, each virtual client's local data.
+
+One file, written atomically by the server-side pipeline and read once per process by the
+clients (simulated clients are Ray actors, so the bundle travels as a path, not an object).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.data.dataset import IntArray
+from shared.errors import ModelFileError
+from shared.io import write_bytes_atomic
+from shared.models.student import StudentConfig, StudentModel
+
+BUNDLE_FORMAT = "fedrec-bundle-1"
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Local data of the virtual clients (client id = index): train sequence, valid, test."""
+
+    train: list[IntArray]
+    valid: IntArray
+    test: IntArray
+    full: list[IntArray]
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A student plus (optionally) the simulated clients' data."""
+
+    student: StudentModel
+    clients: ClientData | None
+    n_items: int
+
+
+def save_bundle(path: str | Path, student: StudentModel, clients: ClientData | None) -> None:
+    """Write the bundle atomically."""
+    payload: dict[str, object] = {
+        "format": BUNDLE_FORMAT,
+        "student_config": asdict(student.config),
+        "text_shape": list(student.items.text.weight.shape),
+        "ids_shape": list(student.items.ids.weight.shape),
+        "state_dict": student.state_dict(),
+    }
+    if clients is not None:
+        payload["clients"] = {
+            "train": _pack(clients.train),
+            "full": _pack(clients.full),
+            "valid": torch.as_tensor(clients.valid),
+            "test": torch.as_tensor(clients.test),
+        }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle, refusing anything that is not one (with what to do about it)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(
+            f"pretrained bundle {p} does not exist; run the pretraining stage "
+            "(fedrec simulate does it and caches the result)"
+        )
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise ModelFileError(f"pretrained bundle {p} is unreadable: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
+        raise ModelFileError(f"{p} is not a {BUNDLE_FORMAT} file")
+    config = StudentConfig(**payload["student_config"])
+    text = np.zeros(payload["text_shape"], dtype=np.float32)
+    ids = np.zeros(payload["ids_shape"], dtype=np.float32)
+    student = StudentModel(text, ids, config)
+    try:
+        student.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ModelFileError(f"bundle {p} does not match the student architecture: {err}") from None
+    student.eval()
+    clients = None
+    if "clients" in payload:
+        c = payload["clients"]
+        clients = ClientData(
+            train=_unpack(c["train"]),
+            full=_unpack(c["full"]),
+            valid=c["valid"].numpy().astype(np.int64),
+            test=c["test"].numpy().astype(np.int64),
+        )
+    return Bundle(student=student, clients=clients, n_items=student.n_items)
+
+
+def _pack(seqs: list[IntArray]) -> dict[str, torch.Tensor]:
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    flat = np.concatenate(seqs).astype(np.int64) if seqs else np.zeros(0, dtype=np.int64)
+    return {"flat": torch.from_numpy(flat), "lengths": torch.from_numpy(lengths)}
+
+
+def _unpack(packed: dict[str, torch.Tensor]) -> list[IntArray]:
+    flat = packed["flat"].numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(packed["lengths"].numpy())])
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]

@@ -1,0 +1,196 @@
+"""What one client does with the student on its own data: DP-SGD on the global parameters
+(Opacus), plain local steps on the personal adapter, and few-shot adaptation of a new user.
+
+Accounting is not done here: the caller asks the client's persistent
+:class:`~shared.privacy.ledger.PrivacyLedger` before training and records what
+:func:`train_global_dp` reports (``noise_multiplier``, ``sample_rate``, ``steps``) after.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.data.dataset import IntArray
+from shared.errors import ConfigError, DataError
+from shared.models.sequence import pad_histories
+from shared.models.student import StudentModel
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """Local training of one client per round.
+
+    ``noise_multiplier`` / ``max_grad_norm``: Opacus DP-SGD on the global parameters
+    (``dp=False`` trains them without noise or clipping, for the no-DP comparison).
+    ``personal_steps`` / ``personal_lr``: full-batch steps on the personal adapter after the
+    global update (they never leave the device, so they need no DP).
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    personal_steps: int = 5
+    personal_lr: float = 0.05
+    max_examples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ConfigError(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0 or not self.personal_lr > 0:
+            raise ConfigError("lr and personal-lr must be > 0")
+        if self.dp and not self.noise_multiplier > 0:
+            raise ConfigError(
+                f"noise-multiplier must be > 0 with DP on (got {self.noise_multiplier}); "
+                "set dp=false to train without DP"
+            )
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.personal_steps < 0 or self.max_examples < 1:
+            raise ConfigError("personal-steps must be >= 0 and max-examples >= 1")
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training did: for the reply's metrics and the privacy ledger."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    sample_rate: float
+
+
+def next_item_examples(
+    sequence: IntArray, max_len: int, max_examples: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (window of the previous ``max_len`` items, next item) pair of one sequence.
+
+    The most recent ``max_examples`` pairs are kept (recent behavior matters most).
+    """
+    seq = np.asarray(sequence, dtype=np.int64)
+    if seq.ndim != 1:
+        raise DataError(f"a local sequence must be 1-D item ids, got shape {seq.shape}")
+    if len(seq) < 2:
+        raise DataError(
+            f"local data has {len(seq)} interaction(s); at least 2 are needed to train"
+        )
+    starts = range(1, len(seq))
+    if max_examples is not None:
+        starts = range(max(1, len(seq) - max_examples), len(seq))
+    prefixes = [seq[max(0, t - max_len) : t] for t in starts]
+    items, mask = pad_histories(prefixes, max_len)
+    targets = torch.as_tensor(seq[list(starts)], dtype=torch.long)
+    return items, mask, targets
+
+
+def check_items(sequence: IntArray, n_items: int) -> None:
+    """Refuse local data with ids outside the catalog (malformed data)."""
+    seq = np.asarray(sequence)
+    if len(seq) and (seq.min() < 0 or seq.max() >= n_items):
+        raise DataError(f"local data references items outside the catalog [0, {n_items})")
+
+
+def train_global_dp(
+    model: StudentModel, sequence: IntArray, config: LocalTrainConfig
+) -> LocalResult:
+    """DP-SGD (Opacus, Poisson sampling, per-sample clipping + noise) on the global group.
+
+    Personal and frozen parameters do not move. Returns the accounting inputs.
+    """
+    check_items(sequence, model.n_items)
+    items, mask, targets = next_item_examples(sequence, model.config.max_len, config.max_examples)
+    n = len(targets)
+    batch = min(config.batch_size, n)
+    model.set_trainable(["global"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        TensorDataset(items, mask, targets), batch_size=batch, shuffle=True, generator=generator
+    )
+    losses: list[float] = []
+    steps = 0
+    if config.dp:
+        from opacus import PrivacyEngine
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+            module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=config.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                poisson_sampling=True,
+            )
+    else:
+        module = model
+    try:
+        with warnings.catch_warnings():
+            # Opacus' hooks fire on module outputs when the inputs (item ids) need no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(config.local_epochs):
+                for b_items, b_mask, b_targets in loader:
+                    steps += 1  # an empty Poisson batch is still a (noise-only) DP step
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(b_targets) == 0:
+                        if config.dp:
+                            optimizer.step()
+                        continue
+                    loss = F.cross_entropy(module(b_items, b_mask), b_targets)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+    finally:
+        if config.dp:
+            module._close()  # removes Opacus hooks and grad_sample fields from the model
+    model.eval()
+    return LocalResult(
+        loss=float(np.mean(losses)) if losses else math.nan,
+        num_examples=n,
+        steps=steps,
+        sample_rate=batch / n,
+    )
+
+
+def adapt_personal(
+    model: StudentModel, support: IntArray, steps: int, lr: float, max_examples: int = 256
+) -> float:
+    """A few full-batch steps on the personal adapter only (few-shot adaptation).
+
+    With at least 2 interactions each one is predicted from the ones before it; with fewer
+    there is nothing to fit and the global model is used as is. Returns the last loss (NaN if
+    nothing was trained).
+    """
+    if steps <= 0 or len(support) < 2:
+        return math.nan
+    check_items(support, model.n_items)
+    items, mask, targets = next_item_examples(support, model.config.max_len, max_examples)
+    model.set_trainable(["personal"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    loss = torch.tensor(math.nan)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(items, mask), targets)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.set_trainable(["global"])
+    return float(loss.detach())

@@ -1,0 +1,389 @@
+"""``fedrec simulate``: the whole product loop on one machine.
+
+Stages: data and protocol split -> LM item text -> teacher + distilled student (cached) ->
+federated fine-tuning of the student on Flower's simulation engine (SecAgg+, Opacus DP-SGD,
+per-client ledgers and personal adapters on each virtual device's disk) -> evaluation under
+``../shared/PROTOCOL.md`` (baselines, teacher, student before/after federation, the int8
+on-device model, few-shot) -> run directory with ``metrics.jsonl``, TensorBoard logs,
+checkpoints, plots and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.config import to_flat
+from shared.data.dataset import IntArray, RecDataset
+from shared.data.registry import load_dataset
+from shared.eval.protocol import EvalConfig, evaluate_fewshot, evaluate_split
+from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
+from shared.federated.bundle import ClientData, save_bundle
+from shared.federated.local_training import adapt_personal
+from shared.federated.student_task import set_global_arrays
+from shared.io import write_json_atomic
+from shared.models.base import ScoreArray
+from shared.models.baselines import EASE, Pop
+from shared.models.sequence import pad_histories
+from shared.models.student import DistilledStudent, StudentModel
+from shared.text.encoder import EncoderConfig, default_cache_dir, encode_items
+from simulation.config import SimulationConfig
+from simulation.pretrain import configs_for, pretrain
+from simulation.report import write_report
+from simulation.run_dir import RunDirectory
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+TASK = "shared.federated.student_task:make_task"
+
+
+def _noop(stage: str, info: dict[str, Any]) -> None:
+    log.info("%s %s", stage, info)
+
+
+def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
+    """Run every stage; returns the summary (also written to ``summary.json``)."""
+    started = time.perf_counter()
+    run = RunDirectory(_run_root(config))
+    run.write_config({"simulation": to_flat(config)})
+    cache = Path(config.cache_dir) if config.cache_dir else Path(default_cache_dir()).parent
+
+    progress("data", {"dataset": config.dataset})
+    dataset = load_dataset(config.dataset, config.data_dir or None, synthetic_seed=config.seed)
+    split_cfg = SplitConfig(
+        seed=config.seed,
+        cold_user_fraction=config.cold_user_fraction,
+        public_fraction=config.public_fraction,
+    )
+    split = split_users(dataset, split_cfg)
+    progress("text", {"items": dataset.n_items})
+    text = encode_items(dataset.item_text, EncoderConfig(show_progress=config.progress))
+
+    progress("pretrain", {"public_users": len(split.public_users)})
+    teacher_cfg, student_cfg = configs_for(
+        config.teacher_epochs, config.student_epochs, config.seed
+    )
+    pre = pretrain(
+        dataset,
+        split,
+        text,
+        cache,
+        teacher_config=teacher_cfg,
+        student_config=student_cfg,
+        progress=config.progress,
+    )
+    run.log("pretrain", 0, seconds=round(pre.seconds, 2), cached=pre.cached)
+    initial = copy.deepcopy(pre.student.model)
+
+    clients = _client_data(split)
+    bundle_path = run.root / "bundle.pt"
+    save_bundle(bundle_path, pre.student.model, clients)
+
+    progress("federate", {"clients": len(clients), "rounds": config.rounds})
+    federation = _federate(config, run, bundle_path, len(clients), progress)
+    final_model = copy.deepcopy(initial)
+    set_global_arrays(final_model, federation["parameters"])
+
+    progress("evaluate", {})
+    summary = _evaluate(config, run, dataset, split, pre, initial, final_model, text)
+    summary["rounds"] = federation["rounds"]
+    summary["meta"] = {
+        "dataset": dataset.name,
+        "users": dataset.n_users,
+        "items": dataset.n_items,
+        "federated clients": len(clients),
+        "rounds": config.rounds,
+        "cohort": min(config.cohort_size, len(clients)),
+        "secagg": config.secagg,
+        "dp": config.dp,
+        "noise multiplier": config.noise_multiplier,
+        "pretraining seconds": round(pre.seconds, 1),
+        "pretraining cached": pre.cached,
+        "federation seconds": round(federation["seconds"], 1),
+        "client updates per second": round(federation["updates_per_second"], 2),
+        "total seconds": round(time.perf_counter() - started, 1),
+        "run directory": str(run.root),
+    }
+    write_json_atomic(run.root / "summary.json", summary)
+    report = write_report(summary, run.root)
+    run.close()
+    progress("done", {"report": str(report)})
+    return summary
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def _run_root(config: SimulationConfig) -> Path:
+    name = config.name or time.strftime(f"{config.dataset}-%Y%m%d-%H%M%S")
+    return Path(config.run_dir) / name
+
+
+def _client_data(split: ProtocolSplit) -> ClientData:
+    """Virtual client ``i`` is federated user ``split.federated_users[i]``."""
+    users = split.evaluable(split.federated_users)
+    return ClientData(
+        train=[split.train[int(u)] for u in users],
+        valid=np.array([split.valid[int(u)] for u in users], dtype=np.int64),
+        test=np.array([split.test[int(u)] for u in users], dtype=np.int64),
+        full=[split.full_sequences[int(u)] for u in users],
+    )
+
+
+def _server_run_config(
+    config: SimulationConfig, run: RunDirectory, bundle: Path, n: int
+) -> dict[str, Any]:
+    cohort = min(config.cohort_size, n)
+    return {
+        "task": TASK,
+        "num-rounds": config.rounds,
+        "cohort-size": cohort,
+        "min-cohort": min(2, cohort),
+        "min-available-clients": n,
+        "eval-size": min(config.eval_size, n),
+        "eval-fraction": 1.0 if config.eval_size else 0.0,
+        "seed": config.seed,
+        "secagg": config.secagg,
+        "secagg-num-shares": config.secagg_num_shares,
+        "secagg-reconstruction-threshold": config.secagg_reconstruction_threshold,
+        "secagg-clipping-range": config.secagg_clipping_range,
+        "secagg-timeout": config.secagg_timeout,
+        "bundle": str(bundle),
+        "state-dir": str(run.root / "clients"),
+        "epsilon-budget": config.epsilon_budget,
+        "delta": config.delta,
+        "dp": config.dp,
+        "noise-multiplier": config.noise_multiplier,
+        "max-grad-norm": config.max_grad_norm,
+        "local-epochs": config.local_epochs,
+        "batch-size": config.batch_size,
+        "lr": config.lr,
+        "personal-steps": config.personal_steps,
+        "personal-lr": config.personal_lr,
+    }
+
+
+def _client_epsilons(state_dir: Path) -> list[float]:
+    """Each virtual device's cumulative epsilon, read from its ledger on 'its' disk."""
+    out = []
+    for path in state_dir.glob("client-*/ledger.json"):
+        try:
+            out.append(float(json.loads(path.read_text())["epsilon"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def _federate(
+    config: SimulationConfig, run: RunDirectory, bundle: Path, n_clients: int, progress: ProgressFn
+) -> dict[str, Any]:
+    from client.client_app import make_client_app
+    from server.server_app import (
+        SimulationBackend,
+        make_server_app,
+        run_in_process,
+        run_simulation,
+    )
+    from server.strategy import RoundReport
+
+    run_config = _server_run_config(config, run, bundle, n_clients)
+    rounds: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"parameters": None, "updates": 0, "fit_seconds": 0.0}
+    started = time.perf_counter()
+
+    def on_round_end(report: RoundReport) -> None:
+        state["parameters"] = [np.asarray(a) for a in report.parameters]
+        state["updates"] += report.fit.ok
+        state["fit_seconds"] += report.fit_seconds
+        eps = _client_epsilons(run.root / "clients")
+        row: dict[str, Any] = {
+            "round": report.server_round,
+            "clients_ok": report.fit.ok,
+            "clients_declined": report.fit.declined,
+            "clients_failed": report.fit.failed + report.fit.rejected,
+            "fit_seconds": round(report.fit_seconds, 3),
+            "round_seconds": round(report.round_seconds, 3),
+            "epsilon_record": max(eps) if eps else None,
+            "epsilon_record_mean": float(np.mean(eps)) if eps else None,
+        }
+        if report.evaluate is not None and report.evaluate.ok:
+            m = report.evaluate.metrics
+            row["valid_loss"] = report.evaluate.loss
+            row["valid_sampled_hr@10"] = m.get("sampled_hr@10")
+            row["valid_full_hr@10"] = m.get("full_hr@10")
+        rounds.append(row)
+        run.log("round", report.server_round, **row)
+        progress("round", row)
+
+    server_app = make_server_app(run_config, on_round_end=on_round_end)
+    client_app = make_client_app(run_config)
+    if config.backend == "inprocess":
+        run_in_process(server_app, client_app, n_clients, run_config=run_config)
+    else:
+        backend = SimulationBackend(
+            num_cpus_per_client=config.num_cpus_per_client,
+            num_gpus_per_client=config.num_gpus_per_client,
+            ray_address=config.ray_address or None,
+        )
+        run_simulation(server_app, client_app, n_clients, backend)
+    seconds = time.perf_counter() - started
+    if state["parameters"] is None:
+        from shared.errors import FedRecError
+
+        raise FedRecError("the federation finished no round; see the log above for why")
+    return {
+        "parameters": state["parameters"],
+        "rounds": rounds,
+        "seconds": seconds,
+        "updates_per_second": state["updates"] / max(state["fit_seconds"], 1e-9),
+    }
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class PersonalizedStudent:
+    """Scores each federated user with the global model plus that device's own adapter."""
+
+    def __init__(self, model: StudentModel, state_dir: Path, client_of_user: dict[int, int]):
+        self.model = model
+        self.state_dir = state_dir
+        self.client_of_user = client_of_user
+        self._users: list[int] = []
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items
+
+    def for_users(self, users: Sequence[int]) -> PersonalizedStudent:
+        self._users = [int(u) for u in users]
+        return self
+
+    def score(self, histories: Sequence[IntArray]) -> ScoreArray:
+        out = np.zeros((len(histories), self.n_items), dtype=np.float32)
+        for row, hist in enumerate(histories):
+            user = self._users[row] if row < len(self._users) else -1
+            self._load_adapter(user)
+            items, mask = pad_histories([hist], self.model.config.max_len)
+            with torch.no_grad():
+                out[row] = self.model(items, mask)[0].numpy()
+        self._users = self._users[len(histories) :]
+        return out
+
+    def _load_adapter(self, user: int) -> None:
+        client = self.client_of_user.get(user)
+        path = self.state_dir / f"client-{client}" / "personal.pt"
+        if client is not None and path.exists():
+            self.model.adapter.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            self.model.adapter.reset()
+
+
+class FewShotStudent:
+    """Few-shot adaptation: per cold user, a few steps on a fresh personal adapter from the
+    global initialization, then score from the support set."""
+
+    def __init__(self, model: StudentModel, steps: int, lr: float) -> None:
+        self.model = copy.deepcopy(model)
+        self.steps = steps
+        self.lr = lr
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items
+
+    def score(self, histories: Sequence[IntArray]) -> ScoreArray:
+        out = np.zeros((len(histories), self.n_items), dtype=np.float32)
+        for row, support in enumerate(histories):
+            torch.manual_seed(row)
+            self.model.adapter.reset()
+            adapt_personal(self.model, support, self.steps, self.lr)
+            items, mask = pad_histories([support], self.model.config.max_len)
+            self.model.eval()
+            with torch.no_grad():
+                out[row] = self.model(items, mask)[0].numpy()
+        return out
+
+
+def _evaluate(
+    config: SimulationConfig,
+    run: RunDirectory,
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    pre: Any,
+    initial: StudentModel,
+    final: StudentModel,
+    text: np.ndarray,
+) -> dict[str, Any]:
+    from shared.compression.artifact import publish_student
+    from shared.ondevice.runtime import OnDeviceModel
+
+    eval_cfg = EvalConfig(seed=config.seed)
+    pops = ("public", "federated")
+    final_results: dict[str, Any] = {}
+    fewshot: dict[str, Any] = {}
+    everyone = split.train_sequences()
+    public = split.train_sequences(split.public_users)
+    models: dict[str, Any] = {
+        "pop": Pop().fit(everyone, dataset.n_items),
+        "ease (public)": EASE().fit(public, dataset.n_items),
+        "ease (all)": EASE().fit(everyone, dataset.n_items),
+        "teacher": pre.teacher,
+        "student (pretrained)": DistilledStudent.from_model(initial),
+        "student (federated)": DistilledStudent.from_model(final),
+    }
+    artifact = publish_student(
+        final,
+        dataset.item_ids,
+        run.checkpoints / f"model-v{config.rounds}.int8.onnx",
+        version=str(config.rounds),
+    )
+    models["student int8 onnx"] = OnDeviceModel(artifact.path)
+    for name, model in models.items():
+        final_results[name] = evaluate_split(model, split, pops, "test", eval_cfg)
+    users = split.evaluable(split.federated_users)
+    personalized = PersonalizedStudent(
+        copy.deepcopy(final), run.root / "clients", {int(u): i for i, u in enumerate(users)}
+    )
+    from shared.eval.protocol import loo_cases, rank_cases
+
+    cases = loo_cases(split, users, "test")
+    personalized.for_users([c.user for c in cases])
+    final_results["student (federated + personal)"] = {
+        "federated": rank_cases(personalized, cases, eval_cfg)
+    }
+    if len(split.cold_users):
+        shots = config.shots
+        fewshot["pop"] = evaluate_fewshot(models["pop"], split, shots, eval_cfg)
+        fewshot["ease fold-in"] = evaluate_fewshot(models["ease (all)"], split, shots, eval_cfg)
+        fewshot["student (no adaptation)"] = evaluate_fewshot(
+            models["student (federated)"], split, shots, eval_cfg
+        )
+        fewshot["student (adapted)"] = evaluate_fewshot(
+            FewShotStudent(final, config.adapt_steps, config.adapt_lr), split, shots, eval_cfg
+        )
+    run.log(
+        "artifact",
+        config.rounds,
+        int8_bytes=artifact.int8_bytes,
+        fp32_bytes=artifact.fp32_bytes,
+        agreement=artifact.agreement,
+    )
+    out: dict[str, Any] = {"final": final_results, "fewshot": fewshot}
+    out["artifact"] = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(artifact).items()
+    }
+    if any(isinstance(v, float) and math.isnan(v) for v in out["artifact"].values()):
+        out["artifact"]["agreement"] = None
+    return out

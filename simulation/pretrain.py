@@ -1,0 +1,114 @@
+"""Server-side pretraining for the simulation: teacher on public users, student distilled
+from it. Cached on disk keyed by everything that determines the result, so a second run (or
+a rerun after a crash) reuses it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from shared.data.dataset import RecDataset
+from shared.eval.splits import ProtocolSplit
+from shared.io import write_bytes_atomic
+from shared.models.student import DistilledStudent, StudentConfig, StudentModel
+from shared.models.teacher import SASRecTeacher, TeacherConfig
+from shared.training.trainer import Validation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pretrained:
+    """The fitted teacher and student, and whether they came from the cache."""
+
+    teacher: SASRecTeacher
+    student: DistilledStudent
+    seconds: float
+    cached: bool
+
+
+def cache_key(
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    text: npt.NDArray[np.float32],
+    teacher: TeacherConfig,
+    student: StudentConfig,
+) -> str:
+    h = hashlib.sha256()
+    h.update(dataset.fingerprint().encode())
+    h.update(json.dumps(asdict(split.config), sort_keys=True).encode())
+    h.update(json.dumps(asdict(teacher), sort_keys=True).encode())
+    h.update(json.dumps(asdict(student), sort_keys=True).encode())
+    h.update(np.ascontiguousarray(text).tobytes())
+    return h.hexdigest()[:20]
+
+
+def pretrain(
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    text: npt.NDArray[np.float32],
+    cache_dir: Path,
+    *,
+    teacher_config: TeacherConfig,
+    student_config: StudentConfig,
+    progress: bool = False,
+) -> Pretrained:
+    """Fit (or load) the teacher and the student on the public users' training data."""
+    key = cache_key(dataset, split, text, teacher_config, student_config)
+    path = cache_dir / "pretrained" / f"{dataset.name}-{key}.pt"
+    teacher = SASRecTeacher(text, teacher_config, progress=progress)
+    start = time.perf_counter()
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            teacher.build(dataset.n_items).load_state_dict(state["teacher"])
+            teacher.model.eval()
+            model = StudentModel(
+                np.zeros(state["text_shape"], np.float32),
+                np.zeros(state["ids_shape"], np.float32),
+                student_config,
+            )
+            model.load_state_dict(state["student"])
+            model.eval()
+            log.info("pretrained teacher and student loaded from %s", path)
+            student = DistilledStudent.from_model(model)
+            student.teacher = teacher
+            return Pretrained(teacher, student, time.perf_counter() - start, cached=True)
+        except (RuntimeError, KeyError, OSError) as err:
+            log.warning("ignoring unusable pretraining cache %s (%s); retraining", path, err)
+    public = split.public_users
+    validation = Validation(split, ("public",))
+    teacher.fit(split.train_sequences(public), dataset.n_items, validation)
+    student = DistilledStudent(teacher, student_config, progress=progress)
+    student.fit(split.train_sequences(public), dataset.n_items, validation)
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "teacher": teacher.model.state_dict(),
+            "student": student.model.state_dict(),
+            "text_shape": list(student.model.items.text.weight.shape),
+            "ids_shape": list(student.model.items.ids.weight.shape),
+        },
+        buf,
+    )
+    write_bytes_atomic(path, buf.getvalue())
+    return Pretrained(teacher, student, time.perf_counter() - start, cached=False)
+
+
+def configs_for(
+    epochs_teacher: int, epochs_student: int, seed: int
+) -> tuple[TeacherConfig, StudentConfig]:
+    """The teacher/student configs of a simulation (defaults, with its epoch caps and seed)."""
+    return (
+        replace(TeacherConfig(), epochs=epochs_teacher, seed=seed),
+        replace(StudentConfig(), epochs=epochs_student, seed=seed),
+    )
