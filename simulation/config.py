@@ -20,6 +20,8 @@ class SimulationConfig:
     dataset: str = "synthetic"
     data_dir: str = ""
     seed: int = 42
+    synthetic_users: int = 1000
+    synthetic_items: int = 600
     cold_user_fraction: float = 0.1
     public_fraction: float = 0.2
     # pretraining (server side; cached)
@@ -36,12 +38,12 @@ class SimulationConfig:
     secagg_timeout: float = 60.0
     # client training and record-level DP
     dp: bool = True
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
     epsilon_budget: float = 8.0
     delta: float = 1e-5
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 0.05
     personal_steps: int = 5
     personal_lr: float = 0.05

@@ -5,11 +5,13 @@ pretraining benchmark, the simulation and the server's per-round publication."""
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy.typing as npt
+import torch
 
 from shared.compression.onnx_export import export_onnx
 from shared.compression.prune import PruneConfig, prune_model
@@ -27,6 +29,18 @@ class ArtifactReport:
     fp32_bytes: int
     agreement: float
     sparsity: float
+
+
+class _OnDeviceStudent(ExportableStudent):
+    """The export graph plus the on-device contract the exporter reads (catalog, window)."""
+
+    @property
+    def n_items(self) -> int:
+        return self.student.n_items
+
+    @property
+    def max_len(self) -> int:
+        return self.student.config.max_len
 
 
 def publish_student(
@@ -47,22 +61,22 @@ def publish_student(
 
     model = copy.deepcopy(student).eval()
     model.adapter.reset()
-    exportable = ExportableStudent(model).eval()
-    # The exporter reads the on-device contract (catalog size, window) from these attributes.
-    exportable.n_items = model.n_items
-    exportable.max_len = model.config.max_len
+    exportable = _OnDeviceStudent(model).eval()
     sparsity = 0.0
     if prune is not None and prune.sparsity > 0:
         sparsity = prune_model(exportable, prune).overall
     out = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(
-            exportable,
-            fp32,
-            model_version=version,
-            catalog_fingerprint=catalog_fingerprint(item_ids),
-        )
+        with warnings.catch_warnings():
+            # Tracing turns the attention scale (a shape-derived constant) into a float.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            export_onnx(
+                exportable,
+                fp32,
+                model_version=version,
+                catalog_fingerprint=catalog_fingerprint(item_ids),
+            )
         report: QuantizeReport = quantize_onnx(
             fp32, out, config=quantize, validation_histories=validation_histories
         )

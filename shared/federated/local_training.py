@@ -34,11 +34,11 @@ class LocalTrainConfig:
     """
 
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 0.05
     momentum: float = 0.0
     dp: bool = True
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
     personal_steps: int = 5
     personal_lr: float = 0.05
@@ -146,12 +146,10 @@ def train_global_dp(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(config.local_epochs):
                 for b_items, b_mask, b_targets in loader:
-                    steps += 1  # an empty Poisson batch is still a (noise-only) DP step
+                    steps += 1  # counted even when empty: the accounting stays conservative
                     optimizer.zero_grad(set_to_none=True)
                     if len(b_targets) == 0:
-                        if config.dp:
-                            optimizer.step()
-                        continue
+                        continue  # an empty Poisson batch releases nothing: skip the update
                     loss = F.cross_entropy(module(b_items, b_mask), b_targets)
                     loss.backward()
                     optimizer.step()
