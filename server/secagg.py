@@ -7,20 +7,24 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
 * :class:`SecAggSettings` - validated SecAgg+ parameters.
 * :func:`run_rounds` - runs ``num_rounds`` of fit (plain or SecAgg+) + federated
   evaluation on a ``Grid`` with a :class:`~server.strategy.ValidatingFedAvg`, calling a
-  hook after each round.
+  hook after each round; rounds may start at ``first_round`` (resume from a
+  checkpoint) and a hook may end the run early with
+  :class:`~server.strategy.StopTraining`.
 * :func:`secaggplus_when_requested_mod` - the client-side mod. Flower's
   ``secaggplus_mod`` raises ``KeyError`` on any train message without its
   ``"secaggplus"`` config record, so it is *not* harmless when the server runs plain
   FedAvg; this wrapper only engages it when the record is present, which lets a single
-  ``ClientApp`` serve both modes.
+  ``ClientApp`` serve both modes. It also makes the client report weight 1 when the
+  round config asks for uniform weights (user-level DP).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import ERROR, WARNING
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -40,9 +44,16 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+from flwr.supercore.run import Run, RunNotRunningException
 
-from server.strategy import FitRoundStats, RoundCallback, RoundReport, ValidatingFedAvg
+from server.strategy import (
+    CONFIG_UNIFORM_WEIGHT,
+    FitRoundStats,
+    RoundCallback,
+    RoundReport,
+    StopTraining,
+    ValidatingFedAvg,
+)
 from shared.errors import ConfigError
 from shared.federated.task import METRIC_STATUS, FitStatus
 
@@ -51,6 +62,7 @@ SECAGG_RECORD = RECORD_KEY_CONFIGS
 # Record names of a legacy FitRes inside a RecordDict (flwr.compat recorddict_compat).
 FITRES_METRICS = "fitres.metrics"
 FITRES_NUM_EXAMPLES = "fitres.num_examples"
+FITINS_CONFIG = "fitins.config"
 
 
 @dataclass(frozen=True)
@@ -180,16 +192,24 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
 
 
 class _DefaultTimeoutGrid(Grid):
-    """Delegating ``Grid`` that applies a default timeout to ``send_and_receive``.
+    """Delegating ``Grid``: a default timeout for ``send_and_receive``, and a stop switch.
 
     Flower 1.42's ``default_fit_workflow`` / ``default_evaluate_workflow`` call
     ``grid.send_and_receive(...)`` without a timeout, so one silent client would stall
     the run forever. Explicit timeouts (SecAgg+ stages) are passed through unchanged.
+    ``timeout=None`` keeps waiting for all replies.
+
+    Once ``stopped`` is set, ``get_node_ids`` raises ``RunNotRunningException``: that is
+    how ``DefaultWorkflow``'s node-updater thread learns to exit when the run ends early
+    (a hook raised), since the workflow itself only stops it on normal completion.
     """
 
-    def __init__(self, inner: Grid, timeout: float) -> None:
+    def __init__(
+        self, inner: Grid, timeout: float | None, stopped: threading.Event | None = None
+    ) -> None:
         self._inner = inner
         self._timeout = timeout
+        self._stopped = stopped if stopped is not None else threading.Event()
 
     def set_run(self, run: Run) -> None:
         """Delegate."""
@@ -210,6 +230,8 @@ class _DefaultTimeoutGrid(Grid):
         return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        if self._stopped.is_set():
+            raise RunNotRunningException("the run has ended")
         return self._inner.get_node_ids()
 
     def get_nodes(self) -> Iterable[NodeInfo]:
@@ -250,16 +272,26 @@ def run_rounds(
     secagg: SecAggSettings | None = None,
     round_timeout: float | None = None,
     on_round_end: RoundCallback | None = None,
-) -> None:
+    first_round: int = 1,
+) -> int:
     """Run ``num_rounds`` rounds of fit + federated evaluation with ``strategy``.
 
     Fit uses ``SecAggPlusWorkflow`` when ``secagg`` is given, else Flower's default
     fit workflow; ``round_timeout`` (seconds) bounds every plain send/receive. After
     each round (fit, then evaluation) ``on_round_end`` gets a :class:`RoundReport`; an
-    exception raised there stops the run (so a failing checkpoint is never silent).
+    exception raised there stops the run (so a failing checkpoint is never silent),
+    except :class:`~server.strategy.StopTraining`, which ends it cleanly.
+
+    Rounds are numbered ``first_round .. first_round + num_rounds - 1`` (a run resumed
+    from the checkpoint of round ``k`` passes ``first_round=k + 1``); the numbers reach
+    the strategy, the clients' round config and the reports. Returns the number of
+    rounds completed.
     """
-    if round_timeout is not None:
-        grid = _DefaultTimeoutGrid(grid, round_timeout)
+    if first_round < 1:
+        raise ConfigError(f"first_round must be >= 1, got {first_round}")
+    stopped = threading.Event()
+    grid = _DefaultTimeoutGrid(grid, round_timeout, stopped)
+    completed: list[int] = []
     legacy = LegacyContext(
         context=context,
         config=LegacyServerConfig(num_rounds=num_rounds, round_timeout=round_timeout),
@@ -272,6 +304,10 @@ def run_rounds(
     def fit_workflow(grid: Grid, ctx: Context) -> None:
         assert isinstance(ctx, LegacyContext)
         timing["start"] = time.perf_counter()
+        # DefaultWorkflow counts 1..num_rounds and writes the counter before each
+        # round; shift it so that every later reader sees the continued numbering.
+        cfg = ctx.state.config_records[MAIN_CONFIGS_RECORD]
+        cfg[WorkflowKey.CURRENT_ROUND] = _current_round(ctx) + first_round - 1
         inner_fit(grid, ctx)
         timing["fit_end"] = time.perf_counter()
         server_round = _current_round(ctx)
@@ -292,9 +328,10 @@ def run_rounds(
     def evaluate_workflow(grid: Grid, ctx: Context) -> None:
         assert isinstance(ctx, LegacyContext)
         default_evaluate_workflow(grid, ctx)
+        server_round = _current_round(ctx)
+        completed.append(server_round)
         if on_round_end is None:
             return
-        server_round = _current_round(ctx)
         now = time.perf_counter()
         on_round_end(
             RoundReport(
@@ -307,7 +344,15 @@ def run_rounds(
             )
         )
 
-    DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)(grid, legacy)
+    try:
+        DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)(
+            grid, legacy
+        )
+    except StopTraining as stop:
+        log(INFO, "run stopped after round %s: %s", completed[-1] if completed else "-", stop)
+    finally:
+        stopped.set()  # lets the node-updater thread exit if the workflow did not stop it
+    return len(completed)
 
 
 def secaggplus_when_requested_mod(
@@ -331,6 +376,8 @@ def secaggplus_when_requested_mod(
         if reply.has_error():
             inner_errors.append(reply)
             raise _HandlerReplied
+        if _uniform_weight_requested(inner_msg.content) and reply.has_content():
+            _report_unit_weight(reply.content)
         return reply
 
     try:
@@ -346,6 +393,28 @@ def secaggplus_when_requested_mod(
     if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content():
         _scrub_fit_reply(reply.content)
     return reply
+
+
+def _uniform_weight_requested(content: RecordDict) -> bool:
+    """Whether the fit instruction's config asks for weight 1 (user-level DP)."""
+    config = content.config_records.get(FITINS_CONFIG)
+    return config is not None and config.get(CONFIG_UNIFORM_WEIGHT) is True
+
+
+def _report_unit_weight(content: RecordDict) -> None:
+    """Replace a positive ``num_examples`` with 1 before ``secaggplus_mod`` masks it.
+
+    SecAgg+ sums ``r * update`` with ``r = num_examples / max_weight`` and divides by
+    the summed ``r``; with every ``r`` equal the result is the plain mean of the
+    contributors, which is what user-level DP needs (sensitivity ``C`` per client).
+    Declined clients keep weight 0.
+    """
+    record = content.metric_records.get(FITRES_NUM_EXAMPLES)
+    if record is None:
+        return
+    value = record.get("num_examples", 0)
+    if isinstance(value, int | float) and value > 0:
+        content.metric_records[FITRES_NUM_EXAMPLES] = MetricRecord({"num_examples": 1})
 
 
 def _scrub_fit_reply(content: RecordDict) -> None:

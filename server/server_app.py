@@ -4,7 +4,12 @@
   (kebab-case keys), read once per run.
 * :func:`make_server_app` / ``app`` - a ``ServerApp`` whose ``@app.main()`` builds the
   task, the :class:`~server.strategy.ValidatingFedAvg` strategy and runs the rounds
-  (plain FedAvg or SecAgg+) via :func:`server.secagg.run_rounds`.
+  (plain FedAvg or SecAgg+) via :func:`server.secagg.run_rounds`. Optionally it
+  checkpoints every round and resumes from the newest valid checkpoint
+  (``checkpoint-dir``, :mod:`server.checkpoint`), publishes every new model as a
+  versioned artifact (``artifact-dir``, tasks implementing
+  :class:`~server.checkpoint.ArtifactPublisher`), and trains with user-level
+  differential privacy (``user-dp``, :mod:`server.user_dp`).
 * :func:`run_simulation` - Flower's Ray simulation runtime, CPU-only by default,
   offline-safe, optionally attached to an existing Ray cluster.
 * :class:`InProcessGrid` / :func:`run_in_process` - a loopback runtime that delivers
@@ -23,6 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import copy
 import difflib
+import math
 import secrets
 import socket
 import threading
@@ -31,9 +37,10 @@ import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field, fields
-from logging import INFO
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -43,12 +50,21 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.checkpoint import ArtifactPublisher, Checkpoint, CheckpointStore
 from server.secagg import SecAggSettings, run_rounds
-from server.strategy import RoundCallback, RoundReport, ValidatingFedAvg
+from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
 from shared.errors import ConfigError
-from shared.federated.task import RunConfigValue, get_task
+from shared.federated.task import FederatedTask, RunConfigValue, get_task
+from shared.federated.validation import find_problem
+
+if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-dp is on
+    from server.user_dp import UserLevelDP
 
 # ============================================================================ config
+
+#: Key prefixes that belong to the server: an unknown key with one of them is an error
+#: (a silently ignored ``user-dp-*`` typo could switch privacy settings off).
+_SERVER_PREFIXES = ("secagg-", "user-dp-", "checkpoint-")
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,17 @@ class ServerConfig:
     ``secagg-num-shares``). Other keys (e.g. ``toy-*`` task settings) are ignored here
     and read by the task; a key that looks like a misspelt server key is an error.
     ``0`` means "off/none" for ``cohort-size``, ``eval-size``, ``round-timeout``,
-    ``update-clip-norm`` and ``secagg-timeout``.
+    ``update-clip-norm``, ``secagg-timeout``, ``population-size`` (= the number of
+    connected nodes at the start), ``user-dp-delta`` (= 1 / population) and
+    ``user-dp-epsilon-budget`` (= no budget); an empty string means "off" for
+    ``checkpoint-dir`` and ``artifact-dir``.
+
+    User-level DP (``user-dp = true``) clips every client update to ``user-dp-clip``
+    (sent to the clients as ``update-clip-norm``, which must then be 0 or equal),
+    weighs clients uniformly, and adds ``N(0, (z C / m)^2)`` to the averaged update
+    (``z`` = ``user-dp-noise-multiplier``, ``m`` = clients sampled). With SecAgg+ it
+    also sets SecAgg+'s ``max_weight`` to 1 (every client reports weight 1, so that is
+    the best quantization precision); ``secagg-clipping-range`` should be >= ``C``.
     """
 
     task: str = "toy-linear"
@@ -88,6 +114,23 @@ class ServerConfig:
     secagg_quantization_range: int = 2**22
     secagg_modulus_range: int = 2**32
     secagg_max_weight: float = 1000.0
+    #: Directory of the per-round checkpoints; "" = no checkpoints (no resume).
+    checkpoint_dir: str = ""
+    #: How many of the newest checkpoints to keep.
+    checkpoint_keep: int = 3
+    #: Directory for versioned model artifacts (tasks implementing ArtifactPublisher).
+    artifact_dir: str = ""
+    #: User-level differential privacy (DP-FedAvg).
+    user_dp: bool = False
+    user_dp_noise_multiplier: float = 1.0
+    #: Per-client update L2 bound C (required with user-dp).
+    user_dp_clip: float = 0.0
+    #: 0 = 1 / population-size.
+    user_dp_delta: float = 0.0
+    #: 0 = no budget; else the run ends before a round that would exceed it.
+    user_dp_epsilon_budget: float = 0.0
+    #: Number of clients that can be sampled (N in q = m / N); 0 = nodes at the start.
+    population_size: int = 0
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, what: str, value: object) -> None:
@@ -116,6 +159,25 @@ class ServerConfig:
         )
         require(self.update_clip_norm >= 0, "update-clip-norm", ">= 0", self.update_clip_norm)
         require(self.secagg_timeout >= 0, "secagg-timeout", ">= 0", self.secagg_timeout)
+        require(self.checkpoint_keep >= 1, "checkpoint-keep", ">= 1", self.checkpoint_keep)
+        require(self.population_size >= 0, "population-size", ">= 0", self.population_size)
+        if self.user_dp:
+            z, c = self.user_dp_noise_multiplier, self.user_dp_clip
+            require(z > 0 and math.isfinite(z), "user-dp-noise-multiplier", "> 0 with user-dp", z)
+            require(c > 0 and math.isfinite(c), "user-dp-clip", "> 0 with user-dp", c)
+            require(0 <= self.user_dp_delta < 1, "user-dp-delta", "in [0, 1)", self.user_dp_delta)
+            require(
+                self.user_dp_epsilon_budget >= 0 and math.isfinite(self.user_dp_epsilon_budget),
+                "user-dp-epsilon-budget",
+                ">= 0",
+                self.user_dp_epsilon_budget,
+            )
+            require(self.population_size != 1, "population-size", ">= 2 with user-dp", 1)
+            if self.update_clip_norm not in (0.0, c):
+                raise ConfigError(
+                    f"'update-clip-norm' ({self.update_clip_norm}) differs from 'user-dp-clip' "
+                    f"({c}); with user-dp leave it 0 (clients then clip to user-dp-clip)"
+                )
         settings = self._secagg_settings()  # validates the secagg-* values
         if self.secagg:
             smallest = self.cohort_size if self.cohort_size > 0 else self.min_cohort
@@ -140,8 +202,14 @@ class ServerConfig:
             clipping_range=self.secagg_clipping_range,
             quantization_range=self.secagg_quantization_range,
             modulus_range=self.secagg_modulus_range,
-            max_weight=self.secagg_max_weight,
+            # Under user-level DP every client reports weight 1 (uniform weights).
+            max_weight=1.0 if self.user_dp else self.secagg_max_weight,
         )
+
+    @property
+    def effective_clip_norm(self) -> float:
+        """The update L2 bound sent to clients: ``user-dp-clip`` under user-dp."""
+        return self.user_dp_clip if self.user_dp else self.update_clip_norm
 
     @property
     def secagg_settings(self) -> SecAggSettings | None:
@@ -161,7 +229,7 @@ class ServerConfig:
             if key in known:
                 continue
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.85)
-            if key.startswith("secagg-") or close:
+            if key.startswith(_SERVER_PREFIXES) or close:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown server setting '{key}'{hint}")
         kwargs: dict[str, Any] = {}
@@ -203,8 +271,19 @@ def _coerce(key: str, value: RunConfigValue, annotation: object) -> Any:
 # ============================================================================ app
 
 
-def build_strategy(config: ServerConfig, initial_parameters: list[Any]) -> ValidatingFedAvg:
-    """The FedAvg strategy configured from ``config``."""
+def build_strategy(
+    config: ServerConfig,
+    initial_parameters: list[Any],
+    *,
+    user_dp: UserLevelDP | None = None,
+) -> ValidatingFedAvg:
+    """The FedAvg strategy configured from ``config``.
+
+    ``user_dp`` is required when ``config.user_dp`` is on (it needs the population
+    size, known only once the run has started; see :func:`make_user_dp`).
+    """
+    if config.user_dp and user_dp is None:
+        raise ConfigError("'user-dp' is on but no UserLevelDP was given to build_strategy")
     settings = config.secagg_settings
     return ValidatingFedAvg(
         initial_parameters=initial_parameters,
@@ -214,24 +293,103 @@ def build_strategy(config: ServerConfig, initial_parameters: list[Any]) -> Valid
         min_available_clients=config.min_available_clients,
         eval_size=config.eval_size,
         eval_fraction=config.eval_fraction,
-        update_clip_norm=config.update_clip_norm,
+        update_clip_norm=config.effective_clip_norm,
         secure_aggregation=settings is not None,
         secagg_max_cohort=settings.max_cohort if settings is not None else None,
         seed=config.seed,
         availability_timeout=config.availability_timeout,
+        user_dp=user_dp if config.user_dp else None,
     )
 
 
 def _log_round(report: RoundReport) -> None:
     loss = report.evaluate.loss if report.evaluate is not None else None
+    eps = report.epsilon_user
     log(
         INFO,
-        "round %s done in %.2fs (fit %.2fs): eval loss %s",
+        "round %s done in %.2fs (fit %.2fs): eval loss %s%s",
         report.server_round,
         report.round_seconds,
         report.fit_seconds,
         "n/a" if loss is None else f"{loss:.6g}",
+        "" if eps is None else f", user-level epsilon {eps:.4g}",
     )
+
+
+def _round_metrics(report: RoundReport) -> dict[str, bool | int | float | str | None]:
+    """What a checkpoint records about its round (fit counts, eval loss, timings)."""
+    metrics: dict[str, bool | int | float | str | None] = {}
+    for key, value in report.fit.as_metrics().items():
+        if not isinstance(value, bytes):
+            metrics[key] = value
+    metrics["eval-loss"] = report.evaluate.loss if report.evaluate is not None else None
+    metrics["fit-seconds"] = report.fit_seconds
+    metrics["round-seconds"] = report.round_seconds
+    return metrics
+
+
+def count_population(grid: Grid, config: ServerConfig) -> int:
+    """``population-size``, or the number of nodes connected at the start.
+
+    Waits up to ``availability-timeout`` for ``min-available-clients`` nodes first (as
+    cohort sampling does). With an explicit ``population-size``, more connected nodes
+    than that is an error: the sampling rate ``q = m / N`` would be understated.
+    """
+    deadline = time.monotonic() + config.availability_timeout
+    nodes = len(list(grid.get_node_ids()))
+    while (
+        config.population_size == 0
+        and nodes < config.min_available_clients
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+        nodes = len(list(grid.get_node_ids()))
+    if config.population_size == 0:
+        return nodes
+    if nodes > config.population_size:
+        raise ConfigError(
+            f"{nodes} nodes are connected but 'population-size' is {config.population_size}; "
+            "the population must count every client that can be sampled"
+        )
+    return config.population_size
+
+
+def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
+    """The server's user-level DP mechanism + accountant for ``config``."""
+    from server.user_dp import UserDPSettings, UserLevelDP
+
+    settings = UserDPSettings.create(
+        noise_multiplier=config.user_dp_noise_multiplier,
+        clip_norm=config.user_dp_clip,
+        population=population,
+        delta=config.user_dp_delta,
+        epsilon_budget=config.user_dp_epsilon_budget,
+    )
+    return UserLevelDP(settings)
+
+
+def _check_checkpoint(
+    checkpoint: Checkpoint, initial: list[Any], config: ServerConfig, user_dp: UserLevelDP | None
+) -> None:
+    """Refuse a checkpoint of another model, or one whose privacy history is unusable."""
+    problem = find_problem(checkpoint.parameters, initial, what="checkpoint parameters")
+    if problem is not None:
+        raise ConfigError(
+            f"checkpoint {checkpoint.manifest_path} does not fit task '{config.task}': "
+            f"{problem}. Use another 'checkpoint-dir' for a different model."
+        )
+    if user_dp is not None and checkpoint.ledger_state is None and checkpoint.server_round > 0:
+        raise ConfigError(
+            f"checkpoint {checkpoint.manifest_path} (round {checkpoint.server_round}) was "
+            "trained without user-level DP; epsilon would not cover those rounds. Start "
+            "from a fresh 'checkpoint-dir' to train with 'user-dp'."
+        )
+    if user_dp is None and checkpoint.ledger_state is not None:
+        log(
+            WARNING,
+            "checkpoint carries a user-level privacy ledger but 'user-dp' is off: the "
+            "rounds from now on are not differentially private",
+        )
 
 
 def make_server_app(
@@ -253,24 +411,147 @@ def make_server_app(
         merged: dict[str, RunConfigValue] = {**context.run_config, **overrides}
         config = ServerConfig.from_run_config(merged)
         task = get_task(config.task, merged)
-        strategy = build_strategy(config, task.initial_parameters())
-
-        def hook(report: RoundReport) -> None:
-            _log_round(report)
-            if on_round_end is not None:
-                on_round_end(report)
-
-        run_rounds(
-            grid,
-            context,
-            strategy=strategy,
-            num_rounds=config.num_rounds,
-            secagg=config.secagg_settings,
-            round_timeout=config.round_timeout or None,
-            on_round_end=hook,
-        )
+        _run_server(grid, context, config, task, on_round_end)
 
     return app
+
+
+def _run_server(
+    grid: Grid,
+    context: Context,
+    config: ServerConfig,
+    task: FederatedTask,
+    on_round_end: RoundCallback | None,
+) -> None:
+    """The body of the ServerApp: resume, run the remaining rounds, checkpoint each.
+
+    Per round, in this order: checkpoint (atomic), publish the artifact, log, the
+    caller's ``on_round_end``, then the privacy-budget check for the next round.
+    """
+    initial = task.initial_parameters()
+    store = (
+        CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep)
+        if config.checkpoint_dir
+        else None
+    )
+    checkpoint = store.latest() if store is not None else None
+
+    user_dp: UserLevelDP | None = None
+    population = 0
+    if config.user_dp:
+        population = count_population(grid, config)
+        user_dp = make_user_dp(config, population)
+    if checkpoint is not None:
+        _check_checkpoint(checkpoint, initial, config, user_dp)
+    strategy = build_strategy(
+        config, checkpoint.parameters if checkpoint is not None else initial, user_dp=user_dp
+    )
+    first_round = 1
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint.strategy_state)
+        if user_dp is not None and checkpoint.ledger_state is not None:
+            user_dp.load_state_dict(checkpoint.ledger_state)
+        first_round = checkpoint.server_round + 1
+        log(
+            INFO,
+            "resuming from the checkpoint of round %s (%s)%s",
+            checkpoint.server_round,
+            checkpoint.manifest_path,
+            "" if user_dp is None else f"; user-level epsilon so far {user_dp.epsilon():.4g}",
+        )
+
+    publisher: ArtifactPublisher | None = None
+    artifact_dir = Path(config.artifact_dir) if config.artifact_dir else None
+    if artifact_dir is not None:
+        if isinstance(task, ArtifactPublisher):
+            publisher = task
+        else:
+            log(
+                WARNING,
+                "'artifact-dir' is set but task '%s' does not implement publish_artifact; "
+                "no artifacts will be written",
+                config.task,
+            )
+    if publisher is not None and artifact_dir is not None and checkpoint is not None:
+        # The previous process may have died between checkpoint and publication.
+        publisher.publish_artifact(checkpoint.parameters, checkpoint.server_round, artifact_dir)
+
+    remaining = config.num_rounds - first_round + 1
+    if remaining <= 0:
+        log(
+            INFO,
+            "checkpoint is at round %s of %s: nothing left to run",
+            first_round - 1,
+            config.num_rounds,
+        )
+        return
+
+    def budget_stop(next_round: int) -> str | None:
+        """Why ``next_round`` must not run (privacy budget), or ``None``."""
+        if user_dp is None:
+            return None
+        # Cohort if every client of the population were available: an upper bound on
+        # the sampling rate and so on the epsilon the round can cost.
+        planned = strategy.num_fit_clients(population)[0]
+        if not user_dp.would_exceed(planned):
+            return None
+        return (
+            f"round {next_round} would take user-level epsilon from {user_dp.epsilon():.4g} "
+            f"to {user_dp.epsilon_if(planned):.4g} > budget "
+            f"{user_dp.settings.epsilon_budget} (delta {user_dp.settings.delta:.3g}); "
+            "ending the run"
+        )
+
+    reason = budget_stop(first_round)
+    if reason is not None:
+        log(INFO, "%s before it started", reason)
+        return
+    if user_dp is not None:
+        log(INFO, "user-level DP: %r", user_dp)
+        if config.secagg and config.secagg_clipping_range < config.user_dp_clip:
+            log(
+                WARNING,
+                "secagg-clipping-range %s < user-dp-clip %s: SecAgg+ will clip large "
+                "coordinates further (still private, but biased)",
+                config.secagg_clipping_range,
+                config.user_dp_clip,
+            )
+
+    def hook(report: RoundReport) -> None:
+        if user_dp is not None and report.fit.epsilon_user is None:
+            # Rounds whose fit aborted skip aggregate_fit; report the ledger anyway.
+            eps = user_dp.epsilon_after(report.server_round)
+            fit = replace(report.fit, epsilon_user=eps if eps is not None else user_dp.epsilon())
+            report = replace(report, fit=fit)
+        if store is not None:
+            store.save(
+                report.server_round,
+                report.parameters,
+                strategy.state_dict(),
+                user_dp.state_dict() if user_dp is not None else None,
+                _round_metrics(report),
+            )
+        if publisher is not None and artifact_dir is not None:
+            path = publisher.publish_artifact(report.parameters, report.server_round, artifact_dir)
+            log(INFO, "published model version %s: %s", report.server_round, path)
+        _log_round(report)
+        if on_round_end is not None:
+            on_round_end(report)
+        if report.server_round < config.num_rounds:
+            why = budget_stop(report.server_round + 1)
+            if why is not None:
+                raise StopTraining(why)
+
+    run_rounds(
+        grid,
+        context,
+        strategy=strategy,
+        num_rounds=remaining,
+        first_round=first_round,
+        secagg=config.secagg_settings,
+        round_timeout=config.round_timeout or None,
+        on_round_end=hook,
+    )
 
 
 #: Entry point for ``flwr run`` (``serverapp = "server.server_app:app"``).

@@ -13,6 +13,12 @@ Per round it counts sampled / ok / declined (client chose not to train, zero wei
 rejected (failed validation: NaN/inf, wrong count/shape/dtype, non-positive weight) /
 failed (error reply, timeout, or SecAgg+ dropout) clients, and keeps a
 :class:`FitRoundStats` / :class:`EvalRoundStats` per round for the round-end hook.
+
+With user-level DP (a :class:`server.user_dp.UserLevelDP` passed as ``user_dp``) the
+aggregate step changes: every client has weight 1, the sum of the (clipped) updates is
+divided by the number of clients *sampled* and Gaussian noise is added there - in the
+one place both plain FedAvg and SecAgg+ (which hands over a single, already averaged
+result) go through. See ``server/user_dp.py`` for the mechanism and its accounting.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -57,12 +63,31 @@ from shared.federated.validation import (
     find_problem,
 )
 
+if TYPE_CHECKING:  # user_dp imports Opacus/torch: only where user-level DP is on
+    from server.user_dp import UserLevelDP
+
 Arrays: TypeAlias = list[npt.NDArray[np.floating]]
 FitFailure: TypeAlias = tuple[ClientProxy, FitRes] | BaseException
 EvalFailure: TypeAlias = tuple[ClientProxy, EvaluateRes] | BaseException
 
 #: How many rejection/failure reasons a round keeps (the counts are always exact).
 MAX_REASONS = 20
+
+#: Fit-config key: when true, clients report weight 1 instead of ``num_examples`` (so
+#: SecAgg+'s weighted average becomes a plain one; user-level DP needs uniform weights).
+#: Honoured under SecAgg+ by ``server.secagg.secaggplus_when_requested_mod``; in plain
+#: mode the strategy ignores the reported weights itself.
+CONFIG_UNIFORM_WEIGHT = "uniform-weight"
+#: Version of :meth:`ValidatingFedAvg.state_dict`.
+STRATEGY_STATE_VERSION = 1
+
+
+class StopTraining(Exception):
+    """Raise from a round-end hook to end the run cleanly after the current round.
+
+    ``server.secagg.run_rounds`` catches it, logs the message and returns normally
+    (e.g. the next round would exceed the user-level privacy budget).
+    """
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,8 @@ class FitRoundStats:
     client_metrics: Mapping[str, float] = field(default_factory=dict)
     #: L2 norm of the applied (averaged) update; 0 if not updated.
     update_norm: float = 0.0
+    #: Cumulative user-level epsilon after this round (``None`` without user-level DP).
+    epsilon_user: float | None = None
 
     def as_metrics(self) -> dict[str, Scalar]:
         """Flat metrics for Flower's history (counts plus client metric means)."""
@@ -98,6 +125,8 @@ class FitRoundStats:
             "updated": self.updated,
             "update-norm": self.update_norm,
         }
+        if self.epsilon_user is not None:
+            metrics["epsilon-user"] = self.epsilon_user
         metrics.update({f"client-{k}": v for k, v in self.client_metrics.items()})
         return metrics
 
@@ -126,6 +155,11 @@ class RoundReport:
     evaluate: EvalRoundStats | None
     fit_seconds: float
     round_seconds: float
+
+    @property
+    def epsilon_user(self) -> float | None:
+        """Cumulative user-level epsilon after this round (``None`` without user DP)."""
+        return self.fit.epsilon_user
 
 
 RoundCallback: TypeAlias = Callable[[RoundReport], None]
@@ -235,6 +269,10 @@ class ValidatingFedAvg(FedAvg):
         ``num_examples`` 0.
     secagg_max_cohort:
         Largest cohort SecAgg+ can sum without overflowing its modulus.
+    user_dp:
+        User-level DP (DP-FedAvg): uniform client weights, ``sum / sampled`` plus
+        Gaussian noise, one accountant step per sampled round. ``update_clip_norm``
+        must then equal the mechanism's clip norm ``C``.
     """
 
     def __init__(
@@ -255,8 +293,14 @@ class ValidatingFedAvg(FedAvg):
         availability_timeout: float = 120.0,
         extra_fit_config: Mapping[str, Scalar] | None = None,
         extra_eval_config: Mapping[str, Scalar] | None = None,
+        user_dp: UserLevelDP | None = None,
     ) -> None:
         check_float_arrays(initial_parameters, what="initial parameters")
+        if user_dp is not None and update_clip_norm != user_dp.settings.clip_norm:
+            raise ConfigError(
+                f"user-level DP clips updates to {user_dp.settings.clip_norm}, but "
+                f"update_clip_norm is {update_clip_norm}; they must be equal"
+            )
         super().__init__(
             fraction_fit=cohort_fraction,
             fraction_evaluate=eval_fraction,
@@ -275,6 +319,7 @@ class ValidatingFedAvg(FedAvg):
         self.availability_timeout = availability_timeout
         self.extra_fit_config = dict(extra_fit_config or {})
         self.extra_eval_config = dict(extra_eval_config or {})
+        self.user_dp = user_dp
         self._reference: Arrays = [np.array(a, copy=True) for a in initial_parameters]
         self._sampled: dict[int, int] = {}
         self._eval_sampled: dict[int, int] = {}
@@ -284,7 +329,52 @@ class ValidatingFedAvg(FedAvg):
     def __repr__(self) -> str:
         """Short description for Flower's logs."""
         mode = "secagg+" if self.secure_aggregation else "plain"
-        return f"ValidatingFedAvg({mode}, clip={self.update_clip_norm})"
+        dp = f", {self.user_dp!r}" if self.user_dp is not None else ""
+        return f"ValidatingFedAvg({mode}, clip={self.update_clip_norm}{dp})"
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state for a checkpoint.
+
+        Cohort sampling is a pure function of ``(seed, round)`` (``random.Random`` salted
+        with ``fit-{seed}-{round}``), so the seed *is* the sampler state: a resumed run
+        samples the same cohorts as an uninterrupted one. The user-level DP ledger is
+        checkpointed separately (``UserLevelDP.state_dict``).
+        """
+        return {
+            "version": STRATEGY_STATE_VERSION,
+            "sampler": "random.Random(salt=fit|eval-{seed}-{round})",
+            "seed": self.seed,
+            "sampled": {str(r): n for r, n in sorted(self._sampled.items())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the sampler seed of the checkpointed run wins)."""
+        if state.get("version") != STRATEGY_STATE_VERSION:
+            raise ConfigError(
+                f"strategy state has version {state.get('version')!r}, expected "
+                f"{STRATEGY_STATE_VERSION}"
+            )
+        seed = state.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"strategy state has a malformed seed {seed!r}")
+        if seed != self.seed:
+            log(
+                WARNING,
+                "checkpoint was sampled with seed %s, config says %s; keeping %s so the "
+                "resumed run samples like the original",
+                seed,
+                self.seed,
+                seed,
+            )
+            self.seed = seed
+        sampled = state.get("sampled", {})
+        try:
+            restored = {int(r): int(n) for r, n in dict(sampled).items()}
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"strategy state has malformed 'sampled' counts: {exc}") from None
+        self._sampled.update(restored)
 
     # ------------------------------------------------------------------ sampling
 
@@ -341,12 +431,27 @@ class ValidatingFedAvg(FedAvg):
                 f"(max {self.secagg_max_cohort}); lower secagg-quantization-range, raise "
                 "secagg-modulus-range (<= 2**32) or sample fewer clients"
             )
+        if self.user_dp is not None and clients:
+            if self.user_dp.would_exceed(len(clients)):
+                # Backstop only: the server loop stops before this (see server_app).
+                log(
+                    WARNING,
+                    "round %s: %s clients would exceed the user-level privacy budget; not training",
+                    server_round,
+                    len(clients),
+                )
+                clients = []
+            else:
+                eps = self.user_dp.charge_round(server_round, len(clients))
+                log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
         self._sampled[server_round] = len(clients)
         config: dict[str, Scalar] = {
             **self.extra_fit_config,
             CONFIG_SERVER_ROUND: server_round,
             CONFIG_UPDATE_CLIP_NORM: float(self.update_clip_norm),
         }
+        if self.user_dp is not None:
+            config[CONFIG_UNIFORM_WEIGHT] = True
         fit_ins = FitIns(parameters, config)
         return [(client, fit_ins) for client in clients]
 
@@ -395,6 +500,8 @@ class ValidatingFedAvg(FedAvg):
             stats, new = self._aggregate_secure(server_round, results, failures)
         else:
             stats, new = self._aggregate_plain(server_round, results, failures)
+        if self.user_dp is not None:
+            stats = replace(stats, epsilon_user=self.user_dp.epsilon_after(server_round))
         self.fit_stats[server_round] = stats
         log(
             INFO,
@@ -445,13 +552,18 @@ class ValidatingFedAvg(FedAvg):
         new: Arrays | None = None
         norm = 0.0
         total = sum(n for n, _, _ in accepted)
+        sampled = self._sampled.get(server_round, len(results) + len(failures))
         if accepted:
             sums = [np.zeros(ref.shape, dtype=np.float64) for ref in self._reference]
             for n, update, _ in accepted:
+                weight = 1 if self.user_dp is not None else n
                 for acc, arr in zip(sums, update, strict=True):
-                    acc += n * arr.astype(np.float64)
-            new, norm = self._apply([s / total for s in sums])
-        sampled = self._sampled.get(server_round, len(results) + len(failures))
+                    acc += weight * arr.astype(np.float64)
+            if self.user_dp is not None:
+                cohort = max(sampled, len(accepted))
+                new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
+            else:
+                new, norm = self._apply([s / total for s in sums])
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = FitRoundStats(
             server_round=server_round,
@@ -481,6 +593,7 @@ class ValidatingFedAvg(FedAvg):
         rejections: list[str] = []
         new: Arrays | None = None
         norm = 0.0
+        sampled = self._sampled.get(server_round, len(results) + len(failures))
         if contributors:
             # SecAggPlusWorkflow already divided the masked sum by the summed weights and
             # put that same average into every FitRes; one copy is enough.
@@ -488,10 +601,15 @@ class ValidatingFedAvg(FedAvg):
             problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
             if problem is not None:
                 rejections.append(f"secure aggregate: {problem}")
+            elif self.user_dp is not None:
+                # Clients reported weight 1 (CONFIG_UNIFORM_WEIGHT), so the aggregate is
+                # the plain mean over the contributors: times their count = the sum.
+                k = len(contributors)
+                sums = [a.astype(np.float64) * k for a in aggregate]
+                new, norm = self._apply(self.user_dp.noisy_mean(sums, max(sampled, k)))
             else:
                 new, norm = self._apply(aggregate)
         total = sum(r.num_examples for _, r in contributors)
-        sampled = self._sampled.get(server_round, len(results) + len(failures))
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = FitRoundStats(
             server_round=server_round,

@@ -1,0 +1,285 @@
+"""User-level differential privacy for federated averaging (DP-FedAvg, server side).
+
+The mechanism of McMahan et al., "Learning Differentially Private Recurrent Language
+Models" (ICLR 2018), with a fixed denominator:
+
+1. every client clips its whole model update to L2 norm ``C`` (the server sends
+   ``update-clip-norm = C`` in the round config; ``client/client_app.py`` clips);
+2. every client has weight 1 (not ``num_examples``), so one user changes the *sum* of
+   the updates by at most ``C``;
+3. the server divides the sum by ``m``, the number of clients **sampled** for the round
+   (not the number that replied), and adds ``N(0, (z C / m)^2)`` to every coordinate.
+
+Why the sampled ``m`` and not the survivors: the sensitivity of ``sum / m`` is ``C / m``
+only with a fixed ``m``. Dividing by the survivor count ``k <= m`` would make the
+sensitivity ``C / k`` while the noise stayed calibrated to ``m`` - dropouts would shrink
+the noise below calibration. The cost is a bias: with dropouts the applied update is
+``k/m`` of the survivors' mean (it shrinks towards zero), which FedAvg tolerates.
+
+Accounting: one Gaussian step per round with noise multiplier ``z`` and sampling rate
+``q = m / N`` (``N`` = population, the number of clients that could have been
+sampled), composed with Opacus' RDP accountant (through
+:class:`shared.privacy.ledger.PrivacyLedger`, whose state is saved in each server
+checkpoint). Caveats, as in DP-FedAvg practice: the cohort is a uniform sample of fixed
+size while the RDP bound is for Poisson sampling with rate ``q``; and a round is charged
+as soon as its cohort is sampled (conservative: a round that later aborts is still
+counted).
+
+Trust model: the server is trusted to add the noise (central DP). In plain mode it
+re-clips every update to ``C``, so even a client that skips clipping cannot exceed the
+sensitivity; under SecAgg+ it only sees the sum and relies on the clients' clipping
+(SecAgg+'s own per-coordinate ``clipping_range`` is the only server-side bound there).
+
+Noise comes from a NumPy generator freshly seeded from the OS CSPRNG each round (unless
+a generator is injected, for tests). It is deliberately *not* part of any checkpoint:
+whoever could read the noise state could subtract the noise.
+
+This module imports Opacus (and so torch); import it only when user-level DP is on.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import ConfigError, DataError
+from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
+
+Arrays = list[npt.NDArray[np.floating]]
+
+#: Version of :meth:`UserLevelDP.state_dict`.
+USER_DP_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UserDPSettings:
+    """Validated parameters of the mechanism and its accountant.
+
+    ``delta`` is the resolved value (the run-config default 0 means ``1 / population``
+    and is resolved by :meth:`create`). ``epsilon_budget`` ``None`` means unlimited.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    population: int
+    delta: float
+    epsilon_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        z, c = self.noise_multiplier, self.clip_norm
+        if not (isinstance(z, int | float) and z > 0 and math.isfinite(z)):
+            raise ConfigError(f"'user-dp-noise-multiplier' must be > 0, got {z!r}")
+        if not (isinstance(c, int | float) and c > 0 and math.isfinite(c)):
+            raise ConfigError(f"'user-dp-clip' must be > 0, got {c!r}")
+        if isinstance(self.population, bool) or self.population < 2:
+            raise ConfigError(
+                f"'population-size' must be >= 2 for user-level DP, got {self.population!r}"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"'user-dp-delta' must be in (0, 1), got {self.delta!r}")
+        budget = self.epsilon_budget
+        if budget is not None and not (budget > 0 and math.isfinite(budget)):
+            raise ConfigError(f"'user-dp-epsilon-budget' must be > 0, got {budget!r}")
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        population: int,
+        delta: float = 0.0,
+        epsilon_budget: float = 0.0,
+    ) -> UserDPSettings:
+        """Build from run-config style values: ``delta`` 0 = 1/population, budget 0 = none."""
+        if isinstance(population, bool) or population < 2:
+            raise ConfigError(
+                f"'population-size' must be >= 2 for user-level DP, got {population!r}"
+            )
+        return cls(
+            noise_multiplier=float(noise_multiplier),
+            clip_norm=float(clip_norm),
+            population=int(population),
+            delta=float(delta) if delta > 0 else 1.0 / population,
+            epsilon_budget=float(epsilon_budget) if epsilon_budget > 0 else None,
+        )
+
+    def noise_std(self, cohort: int) -> float:
+        """Per-coordinate noise std of the averaged update: ``z * C / m``."""
+        if cohort < 1:
+            raise ValueError(f"cohort must be >= 1, got {cohort}")
+        return self.noise_multiplier * self.clip_norm / cohort
+
+    def sample_rate(self, cohort: int) -> float:
+        """``q = m / N``; :class:`ConfigError` if the cohort exceeds the population."""
+        if cohort > self.population:
+            raise ConfigError(
+                f"cohort of {cohort} clients exceeds 'population-size' {self.population}; "
+                "the population must count every client that can be sampled"
+            )
+        return cohort / self.population
+
+
+class _MemoizedLedger(PrivacyLedger):
+    """A :class:`PrivacyLedger` that remembers epsilon per (history, extra, delta).
+
+    The RDP -> (epsilon, delta) conversion costs ~0.1-0.3 s for ``q < 1`` and the
+    server asks it several times per round (charge, report, checkpoint, budget check)
+    for the same history. Accounting is unchanged: the key is the full history.
+    """
+
+    def __init__(self, budget: PrivacyBudget) -> None:
+        super().__init__(budget)
+        self._memo: dict[tuple[object, ...], float] = {}
+
+    def epsilon(self, extra: Spend | None = None, delta: float | None = None) -> float:
+        """Same as :meth:`PrivacyLedger.epsilon`, memoized."""
+        spends = [*self.history, *([extra] if extra is not None else [])]
+        key = (
+            tuple((s.noise_multiplier, s.sample_rate, s.steps) for s in spends),
+            self.budget.delta if delta is None else delta,
+        )
+        if key not in self._memo:
+            self._memo[key] = super().epsilon(extra=extra, delta=delta)
+        return self._memo[key]
+
+
+class UserLevelDP:
+    """Server-side DP-FedAvg: noise for the averaged update plus a persistent accountant.
+
+    The strategy calls :meth:`charge_round` when it samples a cohort,
+    :meth:`noisy_mean` when it aggregates, and reports :meth:`epsilon_after`. The
+    server loop uses :meth:`would_exceed` to stop before the budget is broken, and
+    saves :meth:`state_dict` in every checkpoint.
+    """
+
+    def __init__(self, settings: UserDPSettings, *, rng: np.random.Generator | None = None) -> None:
+        self.settings = settings
+        budget = PrivacyBudget(
+            epsilon=settings.epsilon_budget
+            if settings.epsilon_budget is not None
+            else sys.float_info.max,
+            delta=settings.delta,
+        )
+        self.ledger: PrivacyLedger = _MemoizedLedger(budget)
+        self._rng = rng
+        self._epsilon_by_round: dict[int, float] = {}
+        self._cohort_by_round: dict[int, int] = {}
+
+    def __repr__(self) -> str:
+        """Short description for logs."""
+        s = self.settings
+        return (
+            f"UserLevelDP(z={s.noise_multiplier}, C={s.clip_norm}, N={s.population}, "
+            f"delta={s.delta:.3g}, budget={s.epsilon_budget})"
+        )
+
+    # ------------------------------------------------------------------ accounting
+
+    def spend(self, cohort: int) -> Spend:
+        """The ledger entry of one round with ``cohort`` sampled clients."""
+        return Spend(self.settings.noise_multiplier, self.settings.sample_rate(cohort), 1)
+
+    def epsilon(self) -> float:
+        """User-level epsilon spent so far (at the settings' delta)."""
+        return self.ledger.epsilon()
+
+    def epsilon_if(self, cohort: int) -> float:
+        """Epsilon after one more round with ``cohort`` sampled clients."""
+        return self.ledger.epsilon(extra=self.spend(cohort))
+
+    def would_exceed(self, cohort: int) -> bool:
+        """True if one more round with ``cohort`` clients would break the budget."""
+        if self.settings.epsilon_budget is None or cohort <= 0:
+            return False
+        return self.epsilon_if(cohort) > self.settings.epsilon_budget
+
+    def charge_round(self, server_round: int, cohort: int) -> float:
+        """Record one round's step (``q = cohort / N``); returns the new epsilon.
+
+        Charging the same round twice (a strategy re-configuring a round) is an error,
+        since it would silently double-count.
+        """
+        if server_round in self._cohort_by_round:
+            raise DataError(f"round {server_round} was already charged to the privacy ledger")
+        if cohort <= 0:
+            raise ValueError(f"cannot charge a round with {cohort} clients")
+        spend = self.spend(cohort)
+        self.ledger.record(spend.noise_multiplier, spend.sample_rate, spend.steps)
+        eps = self.epsilon()
+        self._cohort_by_round[server_round] = cohort
+        self._epsilon_by_round[server_round] = eps
+        return eps
+
+    def epsilon_after(self, server_round: int) -> float | None:
+        """Epsilon reported for ``server_round`` (``None`` if that round was not charged)."""
+        return self._epsilon_by_round.get(server_round)
+
+    # ------------------------------------------------------------------ mechanism
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is not None:
+            return self._rng
+        return np.random.default_rng(secrets.randbits(128))
+
+    def noisy_mean(
+        self, update_sum: Sequence[npt.NDArray[np.floating]], cohort: int
+    ) -> list[npt.NDArray[np.float64]]:
+        """``update_sum / m + N(0, (z C / m)^2)`` per coordinate, in float64.
+
+        ``update_sum`` is the sum of the clipped, weight-1 client updates; ``cohort``
+        is ``m``, the number of clients sampled for the round (see module doc).
+        """
+        std = self.settings.noise_std(cohort)
+        rng = self._generator()
+        return [
+            np.asarray(s, dtype=np.float64) / cohort + rng.normal(0.0, std, size=np.shape(s))
+            for s in update_sum
+        ]
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state for the checkpoint (ledger plus per-round record)."""
+        s = self.settings
+        return {
+            "version": USER_DP_STATE_VERSION,
+            "ledger": self.ledger.state_dict(),
+            "noise_multiplier": s.noise_multiplier,
+            "clip_norm": s.clip_norm,
+            "population": s.population,
+            "delta": s.delta,
+            "rounds": [
+                [r, self._cohort_by_round[r], self._epsilon_by_round[r]]
+                for r in sorted(self._cohort_by_round)
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the ledger history from a checkpoint.
+
+        The spent history always survives (never reset); the settings in force are the
+        configured ones. Raises :class:`DataError` for a malformed state.
+        """
+        if state.get("version") != USER_DP_STATE_VERSION or "ledger" not in state:
+            raise DataError(
+                f"user-level DP state has version {state.get('version')!r}; expected "
+                f"{USER_DP_STATE_VERSION} with a 'ledger'"
+            )
+        ledger_state = state["ledger"]
+        if not isinstance(ledger_state, dict):
+            raise DataError("user-level DP state: 'ledger' is not an object")
+        self.ledger.load_state_dict(ledger_state)
+        try:
+            rounds = [(int(r), int(m), float(e)) for r, m, e in state.get("rounds", [])]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"user-level DP state: malformed 'rounds' ({exc})") from None
+        self._cohort_by_round = {r: m for r, m, _ in rounds}
+        self._epsilon_by_round = {r: e for r, _, e in rounds}

@@ -1,0 +1,576 @@
+"""Server checkpoints (atomic, verified, resumable), artifact publication, user-level DP.
+
+End-to-end tests use the in-process runner with the toy task, which is deterministic
+(data from ``(seed, client)``, cohorts from ``(seed, round)``, replies aggregated in
+send order), so a resumed run can be compared bit for bit with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from flwr.app import Context, Message
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+
+from client.client_app import make_client_app
+from server.checkpoint import ArtifactPublisher, CheckpointStore, write_npz_artifact
+from server.server_app import ServerConfig, make_server_app, run_in_process
+from server.strategy import RoundReport
+from server.user_dp import UserDPSettings, UserLevelDP
+from shared.errors import ConfigError, DataError
+from shared.federated import ToyLinearConfig, ToyLinearTask, clip_update_l2, register_task
+
+Arrays = list[npt.NDArray[Any]]
+RunConfig = dict[str, bool | int | float | str]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Instruction messages need a process task identity (Flower's runtimes set it)."""
+    try:
+        _ = TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 1
+        TaskIdentity.task_id = 1
+
+
+def _run(
+    run_config: RunConfig,
+    num_nodes: int,
+    *,
+    hook: Callable[[RoundReport], None] | None = None,
+    extra_mods: Sequence[Any] = (),
+) -> list[RoundReport]:
+    reports: list[RoundReport] = []
+
+    def on_round_end(report: RoundReport) -> None:
+        reports.append(report)
+        if hook is not None:
+            hook(report)
+
+    run_in_process(
+        make_server_app(run_config, on_round_end=on_round_end),
+        make_client_app(extra_mods=extra_mods),
+        num_nodes,
+        run_config=run_config,
+    )
+    return reports
+
+
+def _params(seed: int = 0) -> Arrays:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=1).astype(np.float32)]
+
+
+def _temp_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def _round_recorder(seen: list[int]) -> Callable[..., Message]:
+    """Client mod recording the ``server-round`` of every plain train instruction."""
+
+    def mod(
+        msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        if msg.metadata.message_type == "train" and "fitins.config" in msg.content.config_records:
+            value = msg.content.config_records["fitins.config"].get("server-round")
+            if isinstance(value, int):
+                seen.append(value)
+        return call_next(msg, ctx)
+
+    return mod
+
+
+# ------------------------------------------------------------------ checkpoint store
+
+
+def test_store_roundtrip_keeps_the_newest_n_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=2)
+    assert store.latest() is None
+    for r in range(1, 5):
+        store.save(r, _params(r), {"seed": r}, {"history": [[1.0, 0.5, r]]}, {"loss": 1.0 / r})
+    assert store.rounds() == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round-00000003.json",
+        "round-00000003.npz",
+        "round-00000004.json",
+        "round-00000004.npz",
+    ]
+    latest = store.latest()
+    assert latest is not None and latest.server_round == 4
+    for got, want in zip(latest.parameters, _params(4), strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+    assert latest.strategy_state == {"seed": 4}
+    assert latest.ledger_state == {"history": [[1.0, 0.5, 4]]}
+    assert latest.metrics == {"loss": 0.25}
+    manifest = json.loads((tmp_path / "round-00000004.json").read_text())
+    assert len(manifest["sha256"]) == 64 and manifest["round"] == 4
+    # Non-finite metrics become null (strict JSON); unserializable state is refused.
+    store.save(5, _params(), {}, None, {"loss": float("nan")})
+    assert store.load(5).metrics == {"loss": None} and store.load(5).ledger_state is None
+    with pytest.raises(ConfigError, match="strategy state is not strict-JSON"):
+        store.save(6, _params(), {"rng": object()}, None)
+    assert store.rounds() == [4, 5]
+    assert _temp_files(tmp_path) == []
+
+
+def test_store_removes_stale_temp_files_and_orphan_arrays(tmp_path: Path) -> None:
+    (tmp_path / ".round-00000007.npz.abc.tmp").write_bytes(b"half a write")
+    store = CheckpointStore(tmp_path)
+    assert _temp_files(tmp_path) == []
+    (tmp_path / "round-00000009.npz").write_bytes(b"crashed before its manifest")
+    assert store.latest() is None  # no manifest = no checkpoint
+    store.save(1, _params(), {}, None)
+    assert store.rounds() == [1] and not (tmp_path / "round-00000009.npz").exists()
+
+
+def _truncate_arrays(path: Path) -> None:
+    npz = path.with_suffix(".npz")
+    npz.write_bytes(npz.read_bytes()[:50])
+
+
+def _flip_a_byte(path: Path) -> None:
+    npz = path.with_suffix(".npz")
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+
+
+def _garble_manifest(path: Path) -> None:
+    path.write_text(path.read_text()[:40])
+
+
+def _drop_arrays(path: Path) -> None:
+    path.with_suffix(".npz").unlink()
+
+
+def _wrong_version(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    manifest["version"] = 99
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_truncate_arrays, "do not match their manifest"),
+        (_flip_a_byte, "do not match their manifest"),
+        (_garble_manifest, "is unreadable"),
+        (_drop_arrays, "are unreadable"),
+        (_wrong_version, "has version 99"),
+    ],
+)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    corrupt: Callable[[Path], None],
+    message: str,
+) -> None:
+    store = CheckpointStore(tmp_path, keep=3)
+    for r in (1, 2, 3):
+        store.save(r, _params(r), {"r": r}, None)
+    corrupt(tmp_path / "round-00000003.json")
+    with caplog.at_level(logging.WARNING, logger="server.checkpoint"):
+        latest = store.latest()
+    assert latest is not None and latest.server_round == 2
+    np.testing.assert_array_equal(latest.parameters[0], _params(2)[0])
+    assert "skipping invalid checkpoint of round 3" in caplog.text and message in caplog.text
+    with pytest.raises(DataError, match=message):
+        store.load(3)
+
+
+def test_all_checkpoints_invalid_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=2)
+    for r in (1, 2):
+        store.save(r, _params(r), {}, None)
+        _truncate_arrays(tmp_path / f"round-{r:08d}.json")
+    with pytest.raises(DataError, match=r"all 2 checkpoint.*refusing to start over"):
+        store.latest()
+
+
+def test_store_rejects_bad_keep() -> None:
+    with pytest.raises(ConfigError, match="'checkpoint-keep' must be an integer >= 1"):
+        CheckpointStore("unused", keep=0)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_server_config_reads_the_new_keys() -> None:
+    cfg = ServerConfig.from_run_config(
+        {
+            "checkpoint-dir": "/tmp/ck",
+            "checkpoint-keep": 5,
+            "artifact-dir": "/tmp/art",
+            "user-dp": True,
+            "user-dp-clip": 0.5,
+            "user-dp-noise-multiplier": 1.2,
+            "user-dp-delta": 1e-4,
+            "user-dp-epsilon-budget": 8,
+            "population-size": 100,
+            "secagg": True,
+        }
+    )
+    assert (cfg.checkpoint_dir, cfg.checkpoint_keep, cfg.artifact_dir) == ("/tmp/ck", 5, "/tmp/art")
+    assert cfg.user_dp and cfg.user_dp_epsilon_budget == 8.0 and cfg.population_size == 100
+    assert cfg.effective_clip_norm == 0.5
+    assert cfg.secagg_settings is not None and cfg.secagg_settings.max_weight == 1.0
+    assert ServerConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ({"checkpoint-keep": 0}, "'checkpoint-keep' must be >= 1"),
+        ({"checkpoint-dir": 3}, "'checkpoint-dir' must be a string"),
+        ({"user-dp": True}, "'user-dp-clip' must be > 0 with user-dp"),
+        (
+            {"user-dp": True, "user-dp-clip": 1.0, "user-dp-noise-multiplier": 0},
+            "'user-dp-noise-multiplier' must be > 0",
+        ),
+        ({"user-dp": True, "user-dp-clip": 1.0, "user-dp-delta": 1.0}, "'user-dp-delta'"),
+        (
+            {"user-dp": True, "user-dp-clip": 1.0, "update-clip-norm": 2.0},
+            "'update-clip-norm' .* differs from 'user-dp-clip'",
+        ),
+        ({"user-dp": True, "user-dp-clip": 1.0, "population-size": 1}, "'population-size'"),
+        ({"user-dp-budget": 3.0}, "unknown server setting 'user-dp-budget'"),
+    ],
+)
+def test_server_config_rejects_bad_new_values(run_config: RunConfig, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig.from_run_config(run_config)
+
+
+# ------------------------------------------------------------------ checkpoint + resume
+
+
+def test_checkpoint_written_every_round_atomically(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    seen: list[tuple[int, list[int]]] = []
+
+    def hook(report: RoundReport) -> None:  # runs after the server saved the round
+        store = CheckpointStore(ck, keep=2)
+        latest = store.latest()
+        assert latest is not None and latest.server_round == report.server_round
+        for got, want in zip(latest.parameters, report.parameters, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert latest.metrics["clients-ok"] == report.fit.ok
+        assert _temp_files(ck) == []
+        seen.append((report.server_round, store.rounds()))
+
+    config: RunConfig = {"num-rounds": 3, "checkpoint-dir": str(ck), "checkpoint-keep": 2}
+    _run(config, num_nodes=3, hook=hook)
+    assert seen == [(1, [1]), (2, [1, 2]), (3, [2, 3])]
+    assert _temp_files(ck) == []
+
+
+RESUME_CONFIG: RunConfig = {
+    "num-rounds": 4,
+    "cohort-size": 3,
+    "eval-size": 2,
+    "seed": 11,
+    "toy-heterogeneity": 0.5,
+}
+
+
+def test_killed_run_resumes_with_the_remaining_rounds_and_same_result(tmp_path: Path) -> None:
+    reference = _run(RESUME_CONFIG, num_nodes=5)
+    assert [r.server_round for r in reference] == [1, 2, 3, 4]
+
+    config = {**RESUME_CONFIG, "checkpoint-dir": str(tmp_path / "ck")}
+
+    def kill_after_round_2(report: RoundReport) -> None:
+        if report.server_round == 2:
+            raise RuntimeError("killed after round 2")
+
+    with pytest.raises(RuntimeError, match="killed after round 2"):
+        _run(config, num_nodes=5, hook=kill_after_round_2)
+    assert CheckpointStore(tmp_path / "ck").rounds() == [1, 2]
+
+    fit_rounds: list[int] = []
+    resumed = _run(config, num_nodes=5, extra_mods=[_round_recorder(fit_rounds)])
+    assert [r.server_round for r in resumed] == [3, 4]
+    assert sorted(set(fit_rounds)) == [3, 4]  # clients see the continued numbering
+    assert [r.fit.sampled for r in resumed] == [3, 3]
+    for got, want in zip(resumed[-1].parameters, reference[-1].parameters, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert CheckpointStore(tmp_path / "ck").rounds() == [2, 3, 4]
+
+    # A finished run restarted with the same directory has nothing left to do.
+    assert _run(config, num_nodes=5) == []
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_reruns_that_round(tmp_path: Path) -> None:
+    reference = _run({**RESUME_CONFIG, "num-rounds": 3}, num_nodes=5)
+    ck = tmp_path / "ck"
+    config = {**RESUME_CONFIG, "num-rounds": 3, "checkpoint-dir": str(ck)}
+
+    def kill_after_round_2(report: RoundReport) -> None:
+        if report.server_round == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(config, num_nodes=5, hook=kill_after_round_2)
+    _truncate_arrays(ck / "round-00000002.json")
+    resumed = _run(config, num_nodes=5)
+    assert [r.server_round for r in resumed] == [2, 3]
+    for got, want in zip(resumed[-1].parameters, reference[-1].parameters, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert CheckpointStore(ck).latest() is not None
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    ck = str(tmp_path / "ck")
+    _run({"num-rounds": 1, "checkpoint-dir": ck, "eval-fraction": 0.0}, num_nodes=2)
+    with pytest.raises(ConfigError, match="does not fit task 'toy-linear'"):
+        _run(
+            {"num-rounds": 2, "checkpoint-dir": ck, "eval-fraction": 0.0, "toy-dim": 3},
+            num_nodes=2,
+        )
+
+
+# ------------------------------------------------------------------ publication
+
+
+class PublishingToyTask(ToyLinearTask):
+    """The toy task plus the optional ArtifactPublisher protocol (npz artifacts)."""
+
+    def publish_artifact(
+        self, parameters: Sequence[npt.NDArray[np.floating]], version: int, out_dir: Path
+    ) -> Path:
+        return write_npz_artifact(parameters, version, out_dir, stem="toy")
+
+
+def test_publisher_writes_a_versioned_artifact_per_round(tmp_path: Path) -> None:
+    register_task(
+        "toy-publishing",
+        lambda rc: PublishingToyTask(ToyLinearConfig.from_run_config(rc)),
+        replace=True,
+    )
+    assert isinstance(PublishingToyTask(), ArtifactPublisher)
+    assert not isinstance(ToyLinearTask(), ArtifactPublisher)
+    out = tmp_path / "artifacts"
+    config: RunConfig = {
+        "task": "toy-publishing",
+        "num-rounds": 3,
+        "eval-fraction": 0.0,
+        "artifact-dir": str(out),
+        "checkpoint-dir": str(tmp_path / "ck"),
+    }
+    reports = _run(config, num_nodes=3)
+    assert sorted(p.name for p in out.glob("*.npz")) == ["toy-v1.npz", "toy-v2.npz", "toy-v3.npz"]
+    for report in reports:
+        with np.load(out / f"toy-v{report.server_round}.npz") as npz:
+            for i, arr in enumerate(report.parameters):
+                np.testing.assert_array_equal(npz[f"arr_{i:04d}"], arr)
+        meta = json.loads((out / f"toy-v{report.server_round}.json").read_text())
+        assert meta["version"] == report.server_round and len(meta["sha256"]) == 64
+    assert _temp_files(out) == []
+    # The plain toy task has no publisher: artifact-dir is ignored (with a warning).
+    plain = {**config, "task": "toy-linear", "checkpoint-dir": "", "num-rounds": 1}
+    _run({**plain, "artifact-dir": str(tmp_path / "none")}, num_nodes=2)
+    assert not (tmp_path / "none").exists()
+
+
+# ------------------------------------------------------------------ user-level DP
+
+
+def _dp_config(overrides: RunConfig | None = None) -> RunConfig:
+    config: RunConfig = {
+        "num-rounds": 1,
+        "eval-fraction": 0.0,
+        "user-dp": True,
+        "user-dp-clip": 0.5,
+        "user-dp-noise-multiplier": 1.0,
+        "secagg-timeout": 10.0,
+    }
+    config.update(overrides or {})
+    return config
+
+
+def _flat(arrays: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_user_dp_noise_std_is_z_c_over_sampled_cohort(secagg: bool) -> None:
+    # toy-lr 0: every client update is exactly zero, so the new model is pure noise.
+    # Client 1 fails: 5 sampled, 4 aggregated - the noise stays calibrated to m = 5.
+    z, c, m = 1.3, 0.5, 5
+    config = _dp_config(
+        {
+            "secagg": secagg,
+            "toy-lr": 0.0,
+            "toy-dim": 6000,
+            "toy-empty-clients": "1",
+            "user-dp-noise-multiplier": z,
+            "user-dp-clip": c,
+        }
+    )
+    (report,) = _run(config, num_nodes=m)
+    assert (report.fit.sampled, report.fit.ok, report.fit.failed) == (5, 4, 1)
+    noise = _flat(report.parameters)
+    expected = z * c / m
+    assert abs(float(np.mean(noise))) < 4 * expected / np.sqrt(noise.size)
+    assert float(np.std(noise)) == pytest.approx(expected, rel=0.05)
+    assert report.epsilon_user is not None and report.epsilon_user > 0
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+@pytest.mark.parametrize("secagg", [False, True])
+def test_user_dp_aggregate_is_the_uniform_mean_of_clipped_updates(secagg: bool) -> None:
+    task = ToyLinearTask()
+    params = task.initial_parameters()
+    clip = 0.5
+    # Tiny noise: the aggregate is sum(clip(u_i)) / m with every weight 1 (toy clients
+    # have different num_examples, so num_examples weighting would differ visibly).
+    config = _dp_config({"secagg": secagg, "user-dp-noise-multiplier": 1e-9, "user-dp-clip": clip})
+    (report,) = _run(config, num_nodes=4)
+    total = np.zeros(_flat(params).size)
+    for client in range(4):
+        out = task.fit(client, params, {})
+        update = [
+            (a.astype(np.float32) - p).astype(np.float32)
+            for a, p in zip(out.arrays, params, strict=True)
+        ]
+        clipped, norm = clip_update_l2(update, clip)
+        assert norm > clip  # clipping is active in this test
+        total += _flat(clipped)
+    expected = total / 4
+    tol = 1e-6 if not secagg else 4 * 4 * (2 * 8.0 / 2**22)  # SecAgg+ quantization
+    np.testing.assert_allclose(_flat(report.parameters), expected, rtol=0, atol=tol)
+    assert report.fit.update_norm == pytest.approx(float(np.linalg.norm(expected)), rel=1e-3)
+
+
+def test_user_dp_epsilon_each_round_matches_an_opacus_accountant(tmp_path: Path) -> None:
+    z, n, m = 1.1, 6, 2
+    config = _dp_config(
+        {
+            "num-rounds": 3,
+            "cohort-size": m,
+            "user-dp-noise-multiplier": z,
+            "checkpoint-dir": str(tmp_path / "ck"),
+        }
+    )
+    reports = _run(config, num_nodes=n)
+    acc = RDPAccountant()
+    for report in reports:
+        acc.step(noise_multiplier=z, sample_rate=m / n)
+        assert report.epsilon_user == pytest.approx(acc.get_epsilon(delta=1 / n), rel=1e-9)
+    eps = [r.epsilon_user for r in reports if r.epsilon_user is not None]
+    assert len(eps) == 3 and eps == sorted(eps) and len(set(eps)) == 3
+    # The ledger is in the checkpoint, and resuming keeps accounting from it.
+    latest = CheckpointStore(tmp_path / "ck").latest()
+    assert latest is not None and latest.ledger_state is not None
+    assert latest.ledger_state["ledger"]["history"] == [[z, m / n, 3]]
+    assert latest.metrics["epsilon-user"] == pytest.approx(eps[-1])
+    more = _run({**config, "num-rounds": 5}, num_nodes=n)
+    assert [r.server_round for r in more] == [4, 5]
+    acc.step(noise_multiplier=z, sample_rate=m / n)
+    acc.step(noise_multiplier=z, sample_rate=m / n)
+    assert more[-1].epsilon_user == pytest.approx(acc.get_epsilon(delta=1 / n), rel=1e-9)
+
+
+def test_user_dp_explicit_delta_and_population() -> None:
+    z, m, population, delta = 0.9, 3, 50, 1e-3
+    config = _dp_config(
+        {
+            "num-rounds": 2,
+            "cohort-size": m,
+            "user-dp-noise-multiplier": z,
+            "population-size": population,
+            "user-dp-delta": delta,
+        }
+    )
+    reports = _run(config, num_nodes=4)
+    acc = RDPAccountant()
+    acc.history = [(z, m / population, 2)]
+    assert reports[-1].epsilon_user == pytest.approx(acc.get_epsilon(delta=delta), rel=1e-9)
+    with pytest.raises(ConfigError, match="5 nodes are connected but 'population-size' is 4"):
+        _run({**config, "population-size": 4}, num_nodes=5)
+
+
+def _epsilon(z: float, q: float, steps: int, delta: float) -> float:
+    acc = RDPAccountant()
+    acc.history = [(z, q, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def test_user_dp_run_stops_cleanly_before_the_budget_would_be_exceeded(tmp_path: Path) -> None:
+    z, n = 1.0, 4
+    two, three = _epsilon(z, 1.0, 2, 1 / n), _epsilon(z, 1.0, 3, 1 / n)
+    budget = (two + three) / 2  # affords exactly two rounds
+    ck = tmp_path / "ck"
+    config = _dp_config(
+        {
+            "num-rounds": 5,
+            "user-dp-noise-multiplier": z,
+            "user-dp-epsilon-budget": budget,
+            "checkpoint-dir": str(ck),
+        }
+    )
+    reports = _run(config, num_nodes=n)  # no exception: a clean end
+    assert [r.server_round for r in reports] == [1, 2]
+    assert reports[-1].epsilon_user == pytest.approx(two) and two <= budget
+    # Restarting does not train further: the ledger in the checkpoint is spent.
+    assert _run(config, num_nodes=n) == []
+    # A budget too small for even one round trains nothing.
+    tiny = _epsilon(z, 1.0, 1, 1 / n) / 2
+    assert _run(_dp_config({"user-dp-epsilon-budget": tiny}), num_nodes=n) == []
+
+
+def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
+    config = _dp_config({"secagg": True, "num-rounds": 2, "cohort-size": 4, "eval-fraction": 1.0})
+    reports = _run(config, num_nodes=5)
+    assert [r.server_round for r in reports] == [1, 2]
+    assert all(r.fit.secure_aggregation and r.fit.updated for r in reports)
+    acc = RDPAccountant()
+    for report in reports:
+        acc.step(noise_multiplier=1.0, sample_rate=4 / 5)
+        assert report.epsilon_user == pytest.approx(acc.get_epsilon(delta=1 / 5))
+        assert report.fit.as_metrics()["epsilon-user"] == report.epsilon_user
+        assert report.evaluate is not None and report.evaluate.ok > 0
+
+
+def test_user_dp_resume_refuses_a_non_private_checkpoint(tmp_path: Path) -> None:
+    ck = str(tmp_path / "ck")
+    _run({"num-rounds": 1, "eval-fraction": 0.0, "checkpoint-dir": ck}, num_nodes=3)
+    with pytest.raises(ConfigError, match="trained without user-level DP"):
+        _run(_dp_config({"num-rounds": 2, "checkpoint-dir": ck}), num_nodes=3)
+
+
+def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
+    settings = UserDPSettings.create(noise_multiplier=2.0, clip_norm=0.25, population=10)
+    assert settings.delta == pytest.approx(0.1) and settings.epsilon_budget is None
+    assert settings.noise_std(5) == pytest.approx(0.1)
+    dp = UserLevelDP(settings, rng=np.random.default_rng(0))
+    mean = dp.noisy_mean([np.full(200_000, 5.0)], cohort=5)[0]
+    assert float(np.mean(mean)) == pytest.approx(1.0, abs=1e-3)
+    assert float(np.std(mean)) == pytest.approx(0.1, rel=0.01)
+    dp.charge_round(1, 5)
+    with pytest.raises(DataError, match="already charged"):
+        dp.charge_round(1, 5)
+    with pytest.raises(ConfigError, match="exceeds 'population-size' 10"):
+        dp.charge_round(2, 11)
+    restored = UserLevelDP(settings)
+    restored.load_state_dict(json.loads(json.dumps(dp.state_dict())))
+    assert restored.epsilon() == pytest.approx(dp.epsilon())
+    assert restored.epsilon_after(1) == pytest.approx(dp.epsilon())
+    with pytest.raises(DataError, match="user-level DP state has version"):
+        restored.load_state_dict({"version": 7})
