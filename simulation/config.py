@@ -60,7 +60,7 @@ class SimulationConfig:
     run_dir: str = "runs"
     name: str = ""
     cache_dir: str = ""
-    publish_every: int = 0
+    publish_each_round: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -80,5 +80,3 @@ class SimulationConfig:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
-        if self.publish_every < 0:
-            raise ConfigError(f"publish-every must be >= 0, got {self.publish_every}")

@@ -88,7 +88,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
 
     clients = _client_data(split)
     bundle_path = run.root / "bundle.pt"
-    save_bundle(bundle_path, pre.student.model, clients)
+    save_bundle(bundle_path, pre.student.model, clients, dataset.item_ids)
 
     progress("federate", {"clients": len(clients), "rounds": config.rounds})
     federation = _federate(config, run, bundle_path, len(clients), progress)
@@ -171,6 +171,8 @@ def _server_run_config(
         "secagg-clipping-range": config.secagg_clipping_range,
         "secagg-timeout": config.secagg_timeout,
         "bundle": str(bundle),
+        "checkpoint-dir": str(run.checkpoints),
+        "artifact-dir": str(run.root / "models") if config.publish_each_round else "",
         "state-dir": str(run.root / "clients"),
         "epsilon-budget": config.epsilon_budget,
         "delta": config.delta,
@@ -367,7 +369,7 @@ def _evaluate(
     artifact = publish_student(
         final,
         dataset.item_ids,
-        run.checkpoints / f"model-v{config.rounds}.int8.onnx",
+        run.root / "models" / f"model-v{config.rounds}.int8.onnx",
         version=str(config.rounds),
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)

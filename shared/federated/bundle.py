@@ -42,12 +42,22 @@ class Bundle:
     student: StudentModel
     clients: ClientData | None
     n_items: int
+    item_ids: list[str]
 
 
-def save_bundle(path: str | Path, student: StudentModel, clients: ClientData | None) -> None:
-    """Write the bundle atomically."""
+def save_bundle(
+    path: str | Path,
+    student: StudentModel,
+    clients: ClientData | None,
+    item_ids: list[str] | None = None,
+) -> None:
+    """Write the bundle atomically; ``item_ids`` (the catalog, raw ids in column order) lets
+    clients and the server publish artifacts pinned to this catalog."""
     payload: dict[str, object] = {
         "format": BUNDLE_FORMAT,
+        "item_ids": list(item_ids)
+        if item_ids is not None
+        else [str(i) for i in range(student.n_items)],
         "student_config": asdict(student.config),
         "text_shape": list(student.items.text.weight.shape),
         "ids_shape": list(student.items.ids.weight.shape),
@@ -97,7 +107,8 @@ def load_bundle(path: str | Path) -> Bundle:
             valid=c["valid"].numpy().astype(np.int64),
             test=c["test"].numpy().astype(np.int64),
         )
-    return Bundle(student=student, clients=clients, n_items=student.n_items)
+    item_ids = [str(i) for i in payload.get("item_ids", range(student.n_items))]
+    return Bundle(student=student, clients=clients, n_items=student.n_items, item_ids=item_ids)
 
 
 def _pack(seqs: list[IntArray]) -> dict[str, torch.Tensor]:

@@ -84,9 +84,7 @@ def next_item_examples(
     if seq.ndim != 1:
         raise DataError(f"a local sequence must be 1-D item ids, got shape {seq.shape}")
     if len(seq) < 2:
-        raise DataError(
-            f"local data has {len(seq)} interaction(s); at least 2 are needed to train"
-        )
+        raise DataError(f"local data has {len(seq)} interaction(s); at least 2 are needed to train")
     starts = range(1, len(seq))
     if max_examples is not None:
         starts = range(max(1, len(seq) - max_examples), len(seq))

@@ -235,6 +235,16 @@ class StudentTask:
                 },
             )
 
+    def publish_artifact(self, parameters: Arrays, version: int, out_dir: Path) -> Path:
+        """Publish global model ``version`` as ``model-v{version}.int8.onnx`` (idempotent)."""
+        from shared.compression.artifact import publish_student
+
+        path = Path(out_dir) / f"model-v{version}.int8.onnx"
+        with self._lock:
+            set_global_arrays(self.model, parameters)
+            publish_student(self.model, self.bundle.item_ids, path, version=str(version))
+        return path
+
     def _round_config(self, config: Mapping[str, ConfigValue], client_id: int) -> LocalTrainConfig:
         """Per-round overrides sent by the server (same keys as the run config)."""
         keys = field_names(LocalTrainConfig)
