@@ -1,0 +1,158 @@
+"""Knowledge distillation from the teacher into the student (server side, public users).
+
+Objective (Hinton et al. 2015), per next-item example::
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+      + (1 - alpha) * CE(student, true next item)
+
+The ``T^2`` keeps the KL gradients on the same scale as the cross-entropy's whatever the
+temperature. Both distributions are over the whole catalog.
+
+Batches are built so the (expensive) teacher runs once per window: a batch holds teacher
+windows (:func:`shared.training.trainer.make_causal_windows`), one causal teacher pass gives
+its logits at *every* position, and :func:`prefix_windows` cuts the student's input for each
+position (the last ``student max_len`` items up to it) out of the same window. One window of
+``L`` items thus yields up to ``L`` student examples without ``L`` teacher passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.data.dataset import IntArray
+from shared.errors import ConfigError, DataError
+from shared.models.base import Scorer
+from shared.models.sequence import IGNORE_TARGET, PAD_ITEM
+from shared.training.trainer import (
+    Batch,
+    TrainHistory,
+    Validation,
+    fit_with_early_stopping,
+    limited_threads,
+    make_causal_windows,
+    make_loader,
+    seeded,
+    train_epoch,
+    trim_padding,
+)
+
+if TYPE_CHECKING:
+    from shared.models.student import StudentConfig, StudentModel
+    from shared.models.teacher import SASRecModel
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``T^2 * KL(p_teacher || p_student)`` with both softened by ``T``, batch mean.
+
+    Exactly 0 when the logits are equal (up to a per-row constant), positive otherwise.
+    """
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def kd_objective(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """``alpha * distillation_loss + (1 - alpha) * cross_entropy(student, targets)``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    loss = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device)
+    if alpha > 0:
+        loss = loss + alpha * distillation_loss(student_logits, teacher_logits, temperature)
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(student_logits, targets)
+    return loss
+
+
+def prefix_windows(
+    items: torch.Tensor, mask: torch.Tensor, select: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every selected position ``(b, j)``, the last ``max_len`` items of ``items[b, :j+1]``.
+
+    ``items``/``mask``/``select`` are ``[B, L]``; returns left-padded ``items``/``mask``
+    ``[N, max_len]`` in row-major order of ``select`` (the order of ``x[select]``).
+    """
+    if max_len < 1:
+        raise ConfigError(f"max_len must be >= 1, got {max_len}")
+    padded = F.pad(items, (max_len - 1, 0), value=PAD_ITEM)
+    padded_mask = F.pad(mask, (max_len - 1, 0), value=False)
+    windows = padded.unfold(1, max_len, 1)  # [B, L, max_len]
+    window_masks = padded_mask.unfold(1, max_len, 1)
+    return windows[select], window_masks[select]
+
+
+def distill(
+    student: StudentModel,
+    teacher: SASRecModel,
+    sequences: Sequence[IntArray],
+    config: StudentConfig,
+    *,
+    teacher_max_len: int,
+    validation: Validation | None = None,
+    scorer: Scorer | None = None,
+    progress: bool = False,
+    num_threads: int | None = None,
+) -> TrainHistory:
+    """Train ``student``'s trainable parameters to mimic ``teacher`` on ``sequences``.
+
+    Only parameters with ``requires_grad`` are optimised (call
+    ``student.set_trainable(['global'])`` first). The teacher is frozen and run in eval
+    mode. With ``validation`` and ``scorer`` (a :class:`Scorer` wrapping ``student``), early
+    stopping selects the best epoch on ``config.metric``; otherwise all epochs run.
+    """
+    windows = make_causal_windows(sequences, teacher_max_len)
+    if len(windows) == 0:
+        raise DataError("no distillation sequence has two or more items")
+    if validation is not None and scorer is None:
+        raise ConfigError("validation needs a scorer that wraps the student")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the student has no trainable parameters; call set_trainable first")
+    teacher.eval()
+    train_config = config.train_config(progress, num_threads)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        items, mask, targets = trim_padding(*batch)
+        select = targets != IGNORE_TARGET
+        with torch.no_grad():
+            teacher_logits = teacher.all_logits(items, mask)[select]
+        student_items, student_mask = prefix_windows(items, mask, select, config.max_len)
+        student_items, student_mask = trim_padding(student_items, student_mask)
+        student_logits = model(student_items, student_mask, gather_first=False)
+        return kd_objective(
+            student_logits, teacher_logits, targets[select], config.temperature, config.alpha
+        )
+
+    with limited_threads(num_threads), seeded(config.seed + 1) as gen:
+        loader = make_loader(windows.dataset(), config.batch_size, gen, lengths=windows.mask.sum(1))
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+        def run_epoch(epoch: int) -> float:
+            return train_epoch(student, loader, optimizer, loss_fn, config.grad_clip)
+
+        def validate() -> float:
+            assert validation is not None and scorer is not None
+            return validation.metric(scorer, config.metric)
+
+        return fit_with_early_stopping(
+            student,
+            run_epoch,
+            validate if validation is not None else None,
+            train_config,
+            desc="distill",
+        )

@@ -1,0 +1,509 @@
+"""Teacher (SASRec), student (distilled, on-device) and the training utilities.
+
+Tiny synthetic data and tiny models so the whole file runs in seconds: the point is the
+contracts (shapes, parameter budget and groups, determinism, export equivalence, Opacus
+per-sample gradients), plus one small learning check on data with real sequential structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from shared.data.dataset import RecDataset, build_dataset
+from shared.errors import ConfigError, DataError, ModelFileError
+from shared.eval.protocol import evaluate_split
+from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
+from shared.models.baselines import Pop
+from shared.models.sequence import (
+    IGNORE_TARGET,
+    PAD_ITEM,
+    ItemRepresentation,
+    pad_histories,
+    svd_compress,
+)
+from shared.models.student import (
+    DistilledStudent,
+    ExportableStudent,
+    StudentConfig,
+    StudentModel,
+)
+from shared.models.teacher import SASRecModel, SASRecTeacher, TeacherConfig
+from shared.training.distill import distillation_loss, kd_objective, prefix_windows
+from shared.training.trainer import (
+    TrainConfig,
+    Validation,
+    make_causal_windows,
+    make_next_item_examples,
+    next_item_loss,
+    seeded,
+    train_epoch,
+    trim_padding,
+)
+
+N_ITEMS = 40
+TEXT_DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chain_dataset(n_users: int = 80, length: int = 12, seed: int = 0) -> RecDataset:
+    """Users walk along a cycle of items (next = current + 1) with 10% random jumps.
+
+    Every item is about equally popular, so Pop is near chance, while a sequential model
+    that learns "next = last + 1" is nearly perfect.
+    """
+    rng = np.random.default_rng(seed)
+    users, items, ts = [], [], []
+    for u in range(n_users):
+        current = int(rng.integers(N_ITEMS))
+        seen: set[int] = set()
+        for t in range(length):
+            seen.add(current)
+            users.append(f"u{u}")
+            items.append(f"i{current}")
+            ts.append(t)
+            nxt = (current + 1) % N_ITEMS
+            if rng.random() < 0.1:
+                nxt = int(rng.integers(N_ITEMS))
+            current = nxt
+    ids = [f"i{i}" for i in range(N_ITEMS)]
+    return build_dataset("chains", users, items, np.array(ts), ids, [f"item {i}" for i in ids])
+
+
+def text_features(n: int = N_ITEMS, dim: int = TEXT_DIM, seed: int = 1) -> np.ndarray:
+    """Random unit vectors standing in for LM text embeddings (fast, no model download)."""
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+TINY_TEACHER = TeacherConfig(
+    dim=32, n_layers=1, n_heads=1, max_len=16, dropout=0.1, epochs=40, batch_size=16,
+    lr=5e-3, eval_every=5, patience=3,
+)  # fmt: skip
+TINY_STUDENT = StudentConfig(
+    dim=16, max_len=8, text_dim=8, id_dim=16, dropout=0.1, epochs=30, batch_size=16,
+    lr=1e-2, eval_every=5, patience=3,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def split() -> ProtocolSplit:
+    return split_users(chain_dataset(), SplitConfig(seed=3, public_fraction=0.5))
+
+
+@pytest.fixture(scope="module")
+def teacher(split: ProtocolSplit) -> SASRecTeacher:
+    model = SASRecTeacher(text_features(), TINY_TEACHER)
+    return model.fit(split.train_sequences(split.public_users), N_ITEMS, Validation(split))
+
+
+@pytest.fixture(scope="module")
+def student(split: ProtocolSplit, teacher: SASRecTeacher) -> DistilledStudent:
+    model = DistilledStudent(teacher, TINY_STUDENT)
+    return model.fit(split.train_sequences(split.public_users), N_ITEMS, Validation(split))
+
+
+def small_student(dropout: float = 0.0) -> StudentModel:
+    config = StudentConfig(dim=16, max_len=8, text_dim=8, id_dim=12, dropout=dropout)
+    rng = np.random.default_rng(5)
+    with seeded(0):
+        return StudentModel(
+            rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+            rng.normal(size=(N_ITEMS, 12)).astype(np.float32),
+            config,
+        )
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_pad_histories_keeps_the_latest_items_left_padded() -> None:
+    items, mask = pad_histories([np.array([1, 2, 3, 4]), np.array([7]), np.array([], int)], 3)
+    assert items.tolist() == [[2, 3, 4], [PAD_ITEM, PAD_ITEM, 7], [PAD_ITEM] * 3]
+    assert mask.tolist() == [[True] * 3, [False, False, True], [False] * 3]
+    items, mask = pad_histories([np.array([5])], 4, pad_to=4)
+    assert items.shape == (1, 4) and mask[0].tolist() == [False, False, False, True]
+    with pytest.raises(ConfigError):
+        pad_histories([np.array([1, 2])], 4, pad_to=1)
+
+
+def test_next_item_examples_one_per_transition() -> None:
+    ex = make_next_item_examples([np.array([3, 4, 5]), np.array([9])], max_len=2)
+    assert len(ex) == 2  # the single-item sequence has no transition
+    assert ex.targets.tolist() == [4, 5]
+    assert ex.items.tolist() == [[PAD_ITEM, 3], [3, 4]]
+    assert ex.mask.tolist() == [[False, True], [True, True]]
+
+
+def test_causal_windows_cover_every_transition_once() -> None:
+    seq = np.arange(1, 8)  # 6 transitions
+    w = make_causal_windows([seq], max_len=4)
+    targets = w.targets[w.targets != IGNORE_TARGET]
+    assert sorted(targets.tolist()) == list(range(2, 8))
+    for items, mask, tgt in zip(w.items, w.mask, w.targets, strict=True):
+        real = mask.nonzero().squeeze(1)
+        assert (tgt[real] == items[real] + 1).all()  # target = next item of the sequence
+
+
+def test_trim_padding_and_prefix_windows() -> None:
+    items = torch.tensor([[0, 0, 5, 6], [0, 1, 2, 3]])
+    mask = items > 0
+    trimmed = trim_padding(items, mask, items.clone())
+    assert trimmed[0].tolist() == [[0, 5, 6], [1, 2, 3]]
+    select = torch.tensor([[False, False, True, True], [False, True, False, True]])
+    win, win_mask = prefix_windows(items, mask, select, max_len=2)
+    assert win.tolist() == [[0, 5], [5, 6], [0, 1], [2, 3]]
+    assert win_mask.tolist() == [[False, True], [True, True], [False, True], [True, True]]
+
+
+def test_item_representation_table_matches_gather() -> None:
+    rep = ItemRepresentation(text_features(), 8)
+    ids = torch.tensor([[3, 0, 7]])
+    assert torch.allclose(rep(ids)[0], rep.table()[ids[0]], atol=1e-6)
+    frozen_ids = ItemRepresentation(
+        text_features(), 8, id_features=np.eye(N_ITEMS, 5, dtype=np.float32)
+    )
+    assert not frozen_ids.ids.weight.requires_grad and not frozen_ids.text.weight.requires_grad
+
+
+def test_svd_compress_preserves_dot_products_at_full_rank() -> None:
+    x = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32)
+    c = svd_compress(x, 6)
+    gram_x, gram_c = x @ x.T, c @ c.T
+    assert np.allclose(gram_c / gram_c[0, 0], gram_x / gram_x[0, 0], atol=1e-4)
+    assert svd_compress(x, 9).shape == (20, 9)
+
+
+# --------------------------------------------------------------------------- distillation loss
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise() -> None:
+    logits = torch.randn(4, 10)
+    for temperature in (0.5, 1.0, 3.0):
+        assert distillation_loss(logits, logits.clone(), temperature).item() == pytest.approx(
+            0.0, abs=1e-6
+        )
+        assert distillation_loss(logits + 5.0, logits, temperature).item() == pytest.approx(
+            0.0, abs=1e-5
+        )  # a per-row shift is the same distribution
+        assert distillation_loss(torch.randn(4, 10), logits, temperature).item() > 0
+    targets = torch.tensor([1, 2, 3, 4])
+    assert kd_objective(logits, logits, targets, 2.0, 1.0).item() == pytest.approx(0, abs=1e-6)
+    assert kd_objective(logits, logits, targets, 2.0, 0.0).item() == pytest.approx(
+        F.cross_entropy(logits, targets).item()
+    )
+
+
+def test_distillation_loss_scales_with_t_squared() -> None:
+    """The T^2 factor: at high T the loss approaches (T^2 / 2T^2) * var, not zero."""
+    s, t = torch.randn(3, 50), torch.randn(3, 50)
+    assert distillation_loss(s, t, 20.0).item() > 0.1 * distillation_loss(s, t, 1.0).item()
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def test_teacher_scores_the_catalog(teacher: SASRecTeacher) -> None:
+    histories = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.arange(30) % N_ITEMS]
+    scores = teacher.score(histories)
+    assert scores.shape == (3, N_ITEMS) and scores.dtype == np.float32
+    assert np.isfinite(scores).all()
+    assert teacher.n_items == N_ITEMS
+    assert int(np.argmax(scores[0])) == 4  # learned "next = last + 1"
+
+
+def test_teacher_training_reduces_loss_and_beats_pop(
+    teacher: SASRecTeacher, split: ProtocolSplit
+) -> None:
+    losses = teacher.history.losses
+    assert losses[-1] < 0.5 * losses[0]
+    pop = Pop().fit(split.train_sequences(split.public_users), N_ITEMS)
+    for pop_name in ("public", "federated"):
+        ours = evaluate_split(teacher, split, [pop_name])[pop_name]
+        base = evaluate_split(pop, split, [pop_name])[pop_name]
+        assert ours["full_hr@10"] > base["full_hr@10"] + 0.3, pop_name
+        assert ours["sampled_ndcg@10"] > base["sampled_ndcg@10"] + 0.3, pop_name
+
+
+def test_teacher_score_is_deterministic_and_length_invariant(teacher: SASRecTeacher) -> None:
+    history = [np.array([5, 9, 10, 11])]
+    first = teacher.score(history)
+    assert np.array_equal(first, teacher.score(history))
+    items, mask = pad_histories(history, 16, pad_to=16)  # same history, longer padding
+    with torch.no_grad():
+        padded = teacher.model(items, mask).numpy()
+    assert np.allclose(first, padded, atol=1e-5)
+
+
+def test_teacher_sampled_softmax_option_trains() -> None:
+    config = TeacherConfig(
+        dim=16, n_layers=1, n_heads=1, max_len=8, loss="sampled", n_negatives=8, epochs=2
+    )
+    seqs = [np.arange(i, i + 6) % N_ITEMS for i in range(20)]
+    teacher = SASRecTeacher(text_features(), config).fit(seqs, N_ITEMS)
+    assert len(teacher.history.losses) == 2 and np.isfinite(teacher.history.losses).all()
+
+
+def test_teacher_rejects_bad_configs_and_data() -> None:
+    with pytest.raises(ConfigError):
+        TeacherConfig(dim=30, n_heads=4)
+    with pytest.raises(ConfigError):
+        TeacherConfig(loss="nope")  # type: ignore[arg-type]
+    with pytest.raises(DataError):
+        SASRecTeacher(text_features(n=5)).fit([np.array([0, 1])], N_ITEMS)
+    with pytest.raises(ConfigError):
+        SASRecTeacher(text_features()).score([np.array([1])])  # not fitted
+
+
+# --------------------------------------------------------------------------- student
+
+
+def test_student_parameter_budget_against_the_default_teacher() -> None:
+    """Default configs on an ml-100k-sized catalog with 384-d MiniLM text embeddings."""
+    n_items = 1682
+    text = text_features(n_items, 384)
+    teacher = SASRecModel(text, TeacherConfig())
+    teacher_trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    student = StudentModel.from_teacher(teacher, StudentConfig())
+    assert student.config.dim <= 64
+    assert student.num_parameters() <= teacher_trainable / 10
+    attention_layers = [m for m in student.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert not attention_layers  # one hand-written read-out attention, no stacks
+
+
+def test_student_config_refuses_wide_models() -> None:
+    with pytest.raises(ConfigError):
+        StudentConfig(dim=128)
+    with pytest.raises(ConfigError):
+        StudentConfig(alpha=1.5)
+
+
+def test_parameter_groups_are_disjoint_and_cover_everything() -> None:
+    model = small_student()
+    groups = model.named_parameter_groups()
+    names = [set(g) for g in groups.values()]
+    assert all(names)  # no empty group
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert set().union(*names) == {n for n, _ in model.named_parameters()}
+    ids = {id(p) for p in model.parameters()}
+    assert {id(p) for p in model.global_parameters()} | {
+        id(p) for p in model.personal_parameters()
+    } | {id(p) for p in model.frozen_parameters()} == ids
+    assert set(groups["frozen"]) == {"items.text.weight", "items.ids.weight"}
+    assert all(n.startswith("adapter.") for n in groups["personal"])
+    assert not any(p.requires_grad for p in model.frozen_parameters())
+    model.set_trainable(["personal"])
+    assert all(p.requires_grad for p in model.personal_parameters())
+    assert not any(p.requires_grad for p in model.global_parameters())
+    with pytest.raises(ConfigError):
+        model.set_trainable(["frozen"])
+
+
+def test_global_state_round_trip() -> None:
+    a, b = small_student(), small_student()
+    with torch.no_grad():
+        for p in a.global_parameters():
+            p.add_(1.0)
+    b.load_global_state_dict(a.global_state_dict())
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        if a.parameter_group(name) == "global":
+            assert torch.equal(pa, pb)
+    with pytest.raises(ModelFileError):
+        b.load_global_state_dict({"nope": torch.zeros(1)})
+
+
+def test_student_forward_shapes_and_fresh_adapter_is_identity() -> None:
+    model = small_student().eval()
+    items, mask = pad_histories([np.array([1, 2, 3]), np.array([4])], 8)
+    scores = model(items, mask)
+    assert scores.shape == (2, N_ITEMS) and scores.dtype == torch.float32
+    u = model.encode(items, mask)
+    with torch.no_grad():
+        model.adapter.up.bias.fill_(0.5)
+    assert torch.allclose(model.encode(items, mask), u + 0.5, atol=1e-6)
+    model.adapter.reset()
+    assert torch.allclose(model.encode(items, mask), u, atol=1e-6)
+    assert torch.allclose(model(items, mask, gather_first=False), scores, atol=1e-5)
+
+
+def test_student_score_is_deterministic_in_eval_mode(student: DistilledStudent) -> None:
+    histories = [np.array([3, 4, 5]), np.array([10]), np.array([], dtype=np.int64)]
+    first = student.score(histories)
+    assert np.array_equal(first, student.score(histories))
+    assert first.shape == (3, N_ITEMS) and np.isfinite(first).all()
+    model = student.model
+    items, mask = pad_histories(histories, TINY_STUDENT.max_len)
+    model.train()
+    with torch.no_grad():
+        noisy = model(items, mask)  # dropout on: differs from eval
+    model.eval()
+    assert not torch.allclose(noisy, torch.from_numpy(first))
+
+
+def test_exportable_student_matches_and_handles_any_length(student: DistilledStudent) -> None:
+    model = student.model.eval()
+    export = ExportableStudent(model).eval()
+    assert export.output_table.shape == (N_ITEMS, TINY_STUDENT.dim)
+    for length in (3, TINY_STUDENT.max_len):
+        items, mask = pad_histories([np.array([1, 2, 3]), np.array([7])], 8, pad_to=length)
+        with torch.no_grad():
+            assert torch.allclose(export(items, mask), model(items, mask), atol=1e-4)
+    with torch.no_grad():  # padding to a longer window changes nothing
+        short = export(*pad_histories([np.array([1, 2, 3])], 8, pad_to=3))
+        long = export(*pad_histories([np.array([1, 2, 3])], 8, pad_to=8))
+    assert torch.allclose(short, long, atol=1e-5)
+
+
+def test_distilled_student_learns_and_beats_pop(
+    student: DistilledStudent, teacher: SASRecTeacher, split: ProtocolSplit
+) -> None:
+    losses = student.history.losses
+    assert losses[-1] < losses[0]
+    pop = Pop().fit(split.train_sequences(split.public_users), N_ITEMS)
+    ours = evaluate_split(student, split)
+    base = evaluate_split(pop, split)
+    for name in ("public", "federated"):
+        assert ours[name]["full_hr@10"] > base[name]["full_hr@10"] + 0.3, name
+    assert student.model.num_parameters() < sum(
+        p.numel() for p in teacher.model.parameters() if p.requires_grad
+    )
+    # the frozen tables stayed frozen through distillation
+    assert not any(p.requires_grad for p in student.model.frozen_parameters())
+    assert not any(p.requires_grad for p in student.model.personal_parameters())
+
+
+def test_student_needs_a_teacher() -> None:
+    with pytest.raises(ConfigError):
+        DistilledStudent(None).fit([np.array([1, 2])], N_ITEMS)
+
+
+def test_train_epoch_with_next_item_examples_reduces_loss() -> None:
+    """The client-side loop: per-transition examples, plain CE, global parameters only."""
+    model = small_student()
+    model.set_trainable(["global"])
+    seqs = [np.arange(i, i + 10) % N_ITEMS for i in range(N_ITEMS)]
+    ex = make_next_item_examples(seqs, 8)
+    with seeded(0) as gen:
+        loader = DataLoader(ex.dataset(), batch_size=32, shuffle=True, generator=gen)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = [train_epoch(model, loader, opt, next_item_loss, 5.0) for _ in range(8)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_seeded_restores_the_global_rng() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    with seeded(5):
+        torch.rand(3)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_train_config_validation() -> None:
+    with pytest.raises(ConfigError):
+        TrainConfig(metric="auc")
+    with pytest.raises(ConfigError):
+        TrainConfig(lr=0)
+
+
+# --------------------------------------------------------------------------- Opacus
+
+
+def test_opacus_dp_sgd_step_on_the_student() -> None:
+    """A real DP-SGD step: per-sample grads for every trainable (global) parameter, exact in
+    hooks mode, parameters updated, frozen and personal ones untouched."""
+    opacus = pytest.importorskip("opacus")
+    model = small_student(dropout=0.0)
+    model.set_trainable(["global"])
+    seqs = [np.arange(i, i + 3 + i % 6) % N_ITEMS for i in range(24)]
+    ex = make_next_item_examples(seqs, 8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(model.named_parameter_groups()["global"])
+
+    with seeded(0) as gen:
+        loader = DataLoader(ex.dataset(), batch_size=16, shuffle=True, generator=gen)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        engine = opacus.PrivacyEngine()
+        private, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+        items, mask, targets = next(iter(loader))
+        private.train()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(private(items, mask), targets)
+        loss.backward()
+        batch = len(targets)
+        named = dict(model.named_parameters())
+        samples: dict[str, torch.Tensor] = {}
+        for name in trainable:
+            gs = getattr(named[name], "grad_sample", None)
+            assert gs is not None, name
+            assert gs.shape == (batch, *named[name].shape), name
+            samples[name] = gs
+        for p in model.frozen_parameters():
+            assert getattr(p, "grad_sample", None) is None and p.grad is None
+
+        # hooks-mode per-sample gradient == autograd gradient of that example alone
+        probe = small_student(dropout=0.0)
+        probe.load_state_dict(model.state_dict())
+        probe.set_trainable(["global"])
+        probe_loss = F.cross_entropy(probe(items[:1], mask[:1]), targets[:1])
+        grads = torch.autograd.grad(
+            probe_loss, [dict(probe.named_parameters())[n] for n in trainable]
+        )
+        for name, g in zip(trainable, grads, strict=True):
+            assert torch.allclose(samples[name][0], g, atol=1e-5), name
+
+        optimizer.step()
+    after = dict(model.named_parameters())
+    for name, p in after.items():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == (name in trainable), name
+
+
+# --------------------------------------------------------------------------- real data (slow)
+
+
+@pytest.mark.slow
+def test_ml100k_teacher_beats_public_ease_and_student_tracks_it(ml100k_dir: object) -> None:
+    """The bench's acceptance check with the default configs (minutes on 2 CPU cores)."""
+    from shared.data.registry import load_dataset
+    from shared.models.baselines import EASE
+    from shared.text.encoder import encode_items
+
+    dataset = load_dataset("ml-100k", str(ml100k_dir), download=False)
+    try:
+        text = encode_items(dataset.item_text)
+    except ConfigError as err:  # the bundled MiniLM package is missing
+        pytest.skip(str(err))
+    torch.set_num_threads(2)
+    split = split_users(dataset, SplitConfig(seed=42))
+    public = split.train_sequences(split.public_users)
+    ease = EASE(250.0).fit(public, dataset.n_items)
+    teacher = SASRecTeacher(text, TeacherConfig()).fit(public, dataset.n_items, Validation(split))
+    student = DistilledStudent(teacher, StudentConfig()).fit(
+        public, dataset.n_items, Validation(split)
+    )
+    base, ours, small = (evaluate_split(m, split) for m in (ease, teacher, student))
+    for pop_name in ("public", "federated"):
+        for metric in ("sampled_hr@10", "full_hr@10"):
+            assert ours[pop_name][metric] > base[pop_name][metric], (pop_name, metric)
+            assert small[pop_name][metric] >= ours[pop_name][metric] - 0.02, (pop_name, metric)
