@@ -25,8 +25,8 @@ class SimulationConfig:
     cold_user_fraction: float = 0.1
     public_fraction: float = 0.2
     # pretraining (server side; cached)
-    teacher_epochs: int = 40
-    student_epochs: int = 30
+    teacher_epochs: int = 20
+    student_epochs: int = 10
     # federation
     rounds: int = 10
     cohort_size: int = 50

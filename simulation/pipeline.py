@@ -211,7 +211,6 @@ def _federate(
     from server.strategy import RoundReport
 
     run_config = _server_run_config(config, run, bundle, n_clients)
-    rounds: list[dict[str, Any]] = []
     state: dict[str, Any] = {"parameters": None, "updates": 0, "fit_seconds": 0.0}
     # Round 1 pays Ray's start-up and every actor's imports; throughput counts later rounds.
     warm: dict[str, float] = {"updates": 0, "seconds": 0.0}
@@ -240,7 +239,6 @@ def _federate(
             row["valid_loss"] = report.evaluate.loss
             row["valid_sampled_hr@10"] = m.get("sampled_hr@10")
             row["valid_full_hr@10"] = m.get("full_hr@10")
-        rounds.append(row)
         run.log("round", report.server_round, **row)
         progress("round", row)
 
@@ -258,12 +256,17 @@ def _federate(
         run_simulation(server_app, client_app, n_clients, backend)
     seconds = time.perf_counter() - started
     if state["parameters"] is None:
+        # Nothing left to run: a rerun of a finished run resumes from its last checkpoint.
+        from server.checkpoint import CheckpointStore
         from shared.errors import FedRecError
 
-        raise FedRecError("the federation finished no round; see the log above for why")
+        latest = CheckpointStore(run.checkpoints).latest()
+        if latest is None:
+            raise FedRecError("the federation finished no round; see the log above for why")
+        state["parameters"] = [np.asarray(a) for a in latest.parameters]
     return {
         "parameters": state["parameters"],
-        "rounds": rounds,
+        "rounds": _logged_rounds(run),
         "seconds": seconds,
         "updates_per_second": (
             warm["updates"] / warm["seconds"]
@@ -271,6 +274,15 @@ def _federate(
             else state["updates"] / max(state["fit_seconds"], 1e-9)
         ),
     }
+
+
+def _logged_rounds(run: RunDirectory) -> list[dict[str, Any]]:
+    """Every round of this run directory, across restarts (the last record of a round wins)."""
+    by_round: dict[int, dict[str, Any]] = {}
+    for record in run.records("round"):
+        row = {k: v for k, v in record.items() if k not in ("event", "step", "time")}
+        by_round[int(record["step"])] = row
+    return [by_round[r] for r in sorted(by_round)]
 
 
 # ---------------------------------------------------------------------------- evaluation
