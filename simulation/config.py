@@ -35,7 +35,7 @@ class SimulationConfig:
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2
     secagg_clipping_range: float = 8.0
-    secagg_timeout: float = 60.0
+    secagg_timeout: float = 300.0
     # client training and record-level DP
     dp: bool = True
     noise_multiplier: float = 1.5
