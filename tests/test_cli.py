@@ -15,7 +15,20 @@ from fedrec.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["evaluate"], ["evaluate", "baselines"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["data"],
+        ["evaluate"],
+        ["evaluate", "baselines"],
+        ["bandits"],
+        ["bandits", "evaluate"],
+        ["simulate"],
+        ["client"],
+        ["client", "init"],
+    ],
+)
 def test_help_everywhere(args: list[str]) -> None:
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0

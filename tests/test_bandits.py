@@ -1,0 +1,574 @@
+"""Bandit re-ranking: policies on hand-made cases, the posterior's safety under adversarial
+feedback, state round-trips, MMR, and small end-to-end runs of the harness and the replay."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from shared.bandits.diversity import (
+    MMRReranker,
+    catalog_coverage,
+    intra_list_diversity,
+    item_popularity,
+    mmr_select,
+    novelty,
+    top_k,
+)
+from shared.bandits.harness import (
+    Arm,
+    SimulationConfig,
+    mf_features,
+    pca_features,
+    run_simulation,
+    summarize_runs,
+)
+from shared.bandits.policies import (
+    BanditConfig,
+    EpsilonGreedyPolicy,
+    GreedyPolicy,
+    LinUCBPolicy,
+    Policy,
+    ThompsonPolicy,
+    make_policy,
+)
+from shared.bandits.replay import ReplayConfig, run_replay
+from shared.config import from_flat
+from shared.data.synthetic import SyntheticConfig, generate_world
+from shared.errors import ConfigError, DataError, ModelFileError
+from shared.eval.protocol import evaluate_split
+from shared.eval.splits import SplitConfig, split_users
+from shared.models.baselines import EASE
+from tests.conftest import make_dataset
+
+N_ITEMS = 40
+
+
+def _cfg(**kw: Any) -> BanditConfig:
+    base: dict[str, Any] = {"top_n": 8, "slate_size": 3, "feature_dim": 3, "mmr_lambda": 1.0}
+    base.update(kw)
+    return BanditConfig(**base)
+
+
+def _inputs(seed: int = 0, n: int = 8, d: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cand = rng.choice(N_ITEMS, size=n, replace=False).astype(np.int64)
+    return cand, rng.standard_normal(n), rng.standard_normal((n, d))
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_validates_every_field() -> None:
+    with pytest.raises(ConfigError, match="policy"):
+        BanditConfig(policy="ucb2")
+    with pytest.raises(ConfigError, match="epsilon"):
+        BanditConfig(epsilon=1.5)
+    with pytest.raises(ConfigError, match="feature_dim"):
+        BanditConfig(feature_dim=63)  # d = 65 > 64
+    with pytest.raises(ConfigError, match="slate_size"):
+        BanditConfig(top_n=5, slate_size=10)
+    with pytest.raises(ConfigError, match="prior_variance"):
+        BanditConfig(prior_variance=float("nan"))
+    with pytest.raises(ConfigError, match="reward_max"):
+        BanditConfig(reward_min=1.0, reward_max=1.0)
+    cfg = from_flat(BanditConfig, {"policy": "thompson", "mmr-lambda": "0.5", "top-n": "20"})
+    assert (cfg.policy, cfg.mmr_lambda, cfg.top_n) == ("thompson", 0.5, 20)
+    assert BanditConfig().context_dim <= 64
+
+
+# ---------------------------------------------------------------------------- policies
+def test_greedy_picks_top_scores() -> None:
+    policy = GreedyPolicy(_cfg(feature_dim=0), N_ITEMS)
+    cand = np.array([5, 3, 9, 1])
+    slate = policy.select(cand, [0.1, 0.9, 0.5, 0.7], np.zeros((4, 0)), k=2)
+    assert slate.tolist() == [3, 1]
+    # NaN never wins a slot; k is capped at the number of candidates
+    slate = policy.select(cand, [np.nan, 0.2, 0.1, 0.3], np.zeros((4, 0)), k=9)
+    assert slate.tolist() == [1, 3, 9, 5]
+
+
+def test_epsilon_zero_equals_greedy() -> None:
+    greedy = GreedyPolicy(_cfg(), N_ITEMS)
+    eps = EpsilonGreedyPolicy(_cfg(epsilon=0.0), N_ITEMS)
+    for seed in range(20):
+        cand, scores, feats = _inputs(seed)
+        rng = np.random.default_rng(seed)
+        assert eps.select(cand, scores, feats, rng=rng).tolist() == (
+            greedy.select(cand, scores, feats).tolist()
+        )
+
+
+def test_epsilon_one_explores_every_candidate() -> None:
+    policy = EpsilonGreedyPolicy(_cfg(epsilon=1.0), N_ITEMS)
+    cand, scores, feats = _inputs(1)
+    rng = np.random.default_rng(0)
+    shown = {int(i) for _ in range(40) for i in policy.select(cand, scores, feats, rng=rng)}
+    assert shown == set(cand.tolist())
+
+
+@pytest.mark.parametrize("refresh_every", [1, 5, 1000])
+def test_linucb_posterior_matches_closed_form_ridge(refresh_every: int) -> None:
+    cfg = _cfg(prior_variance=2.0, score_prior=0.3, refresh_every=refresh_every, alpha=0.7)
+    policy = LinUCBPolicy(cfg, N_ITEMS)
+    rng = np.random.default_rng(3)
+    xs, rs = [], []
+    for step in range(7):
+        cand, scores, feats = _inputs(step)
+        contexts = policy.contexts(scores, feats)
+        slate = policy.select(cand, scores, feats, rng=rng)
+        rewards = rng.integers(0, 2, size=len(slate)).astype(float)
+        if step % 2:
+            assert policy.update_many(slate.tolist(), rewards.tolist()) == len(slate)
+        else:
+            for item, r in zip(slate, rewards, strict=True):
+                assert policy.update(int(item), float(r))
+        pos = [int(np.flatnonzero(cand == i)[0]) for i in slate]
+        xs.append(contexts[pos])
+        rs.append(rewards)
+    x, r = np.concatenate(xs), np.concatenate(rs)
+    a0 = np.eye(cfg.context_dim) / cfg.prior_variance
+    theta0 = np.zeros(cfg.context_dim)
+    theta0[1] = cfg.score_prior
+    a = a0 + x.T @ x
+    ridge = np.linalg.solve(a, a0 @ theta0 + x.T @ r)
+    post = policy.posterior
+    np.testing.assert_allclose(post.A, a, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(post.theta, ridge, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(post.A_inv, np.linalg.inv(a), rtol=1e-9, atol=1e-10)
+    # the UCB index is mean + alpha * sqrt(x A^-1 x)
+    cand, scores, feats = _inputs(99)
+    ctx = policy.contexts(scores, feats)
+    expected = ctx @ ridge + cfg.alpha * np.sqrt(
+        np.einsum("ij,jk,ik->i", ctx, np.linalg.inv(a), ctx)
+    )
+    slate = policy.select(cand, scores, feats, k=3)
+    assert slate.tolist() == cand[np.argsort(-expected, kind="stable")[:3]].tolist()
+
+
+def test_untrained_learning_policies_rank_like_the_model() -> None:
+    cand, scores, feats = _inputs(5)
+    greedy = GreedyPolicy(_cfg(), N_ITEMS).select(cand, scores, feats).tolist()
+    assert LinUCBPolicy(_cfg(alpha=0.0), N_ITEMS).select(cand, scores, feats).tolist() == greedy
+    thompson = ThompsonPolicy(_cfg(thompson_scale=0.0), N_ITEMS)
+    assert thompson.select(cand, scores, feats).tolist() == greedy
+
+
+def test_linucb_learns_which_feature_pays() -> None:
+    """Clicks follow feature 0, not the model score: LinUCB moves those items up."""
+    cfg = _cfg(alpha=0.3, top_n=8)
+    policy = LinUCBPolicy(cfg, N_ITEMS)
+    cand = np.arange(8)
+    scores = np.linspace(1.0, 0.0, 8)  # the model prefers low ids
+    feats = np.zeros((8, 3))
+    feats[5:, 0] = 1.0  # the user likes 5, 6, 7
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        slate = policy.select(cand, scores, feats, rng=rng)
+        policy.update_many(slate.tolist(), [float(i >= 5) for i in slate])
+    assert set(policy.select(cand, scores, feats, rng=rng).tolist()) == {5, 6, 7}
+
+
+def test_user_prior_seeds_the_feature_weights() -> None:
+    cfg = _cfg(alpha=0.0, score_prior=0.0)
+    cand = np.arange(4)
+    feats = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]])
+    policy = LinUCBPolicy(cfg, N_ITEMS, user_prior=np.array([0.0, 0.0, 0.5]))
+    assert policy.select(cand, np.zeros(4), feats, k=1).tolist() == [2]
+    with pytest.raises(ConfigError, match="user_prior"):
+        LinUCBPolicy(cfg, N_ITEMS, user_prior=np.array([np.nan, 0.0, 0.0]))
+
+
+# ---------------------------------------------------------------------------- feedback checks
+def test_bad_feedback_is_refused_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    policy = LinUCBPolicy(_cfg(), N_ITEMS)
+    cand, scores, feats = _inputs(2)
+    slate = policy.select(cand, scores, feats)
+    never_shown = int(next(i for i in range(N_ITEMS) if i not in slate))
+    before = policy.posterior.state_dict()
+    with caplog.at_level(logging.WARNING, logger="shared.bandits.policies"):
+        assert not policy.update(N_ITEMS + 5, 1.0)
+        assert not policy.update(-1, 1.0)
+        assert not policy.update(never_shown, 1.0)
+        assert not policy.update("7", 1.0)
+        assert not policy.update(int(slate[0]), float("nan"))
+        assert not policy.update(int(slate[0]), float("inf"))
+        assert not policy.update(int(slate[0]), "1")
+    assert policy.posterior.state_dict() == before
+    counts = policy.feedback_counts
+    assert counts["rejected_unknown_item"] == 2
+    assert counts["rejected_not_shown"] == 1
+    assert counts["rejected_bad_item"] == 1
+    assert counts["rejected_nonfinite_reward"] == 2
+    assert counts["rejected_bad_reward"] == 1
+    assert "unknown_item" in caplog.text and "not_shown" in caplog.text
+    # one feedback per impression: the second answer for the same impression is refused
+    assert policy.update(int(slate[0]), 5.0)  # clipped to reward_max
+    assert counts["clipped_reward"] == 1
+    assert not policy.update(int(slate[0]), 1.0)
+    assert counts["rejected_not_shown"] == 2
+    assert policy.update(int(slate[1]), np.True_)  # a click flag is a reward of 1
+    assert counts["accepted"] == 2
+
+
+def test_pending_impressions_are_bounded() -> None:
+    policy = LinUCBPolicy(_cfg(max_pending=5), N_ITEMS)
+    cand, scores, feats = _inputs(4)
+    for _ in range(4):
+        policy.select(cand, scores, feats)
+    assert policy.n_pending == 5
+    assert policy.feedback_counts["expired_impressions"] == 7
+    assert policy.clear_pending() == 5 and policy.n_pending == 0
+
+
+def test_bad_select_input_is_an_error() -> None:
+    policy = GreedyPolicy(_cfg(), N_ITEMS)
+    cand, scores, feats = _inputs(0)
+    with pytest.raises(DataError, match=r"catalog|item ids"):
+        policy.select(np.array([0, N_ITEMS]), [1.0, 2.0], np.zeros((2, 3)))
+    with pytest.raises(DataError, match="distinct"):
+        policy.select(np.array([1, 1]), [1.0, 2.0], np.zeros((2, 3)))
+    with pytest.raises(DataError, match="item_features"):
+        policy.select(cand, scores, feats[:, :2])
+    with pytest.raises(DataError, match="model_scores"):
+        policy.select(cand, scores[:3], feats)
+
+
+# ---------------------------------------------------------------------------- property tests
+_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, 1.0, -1.0, 1e300, -1e300, 1e-300, np.nan, np.inf, -np.inf]),
+)
+_event = st.one_of(
+    st.tuples(
+        st.just("select"),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from(["zero", "huge", "wild", "normal"]),
+    ),
+    st.tuples(st.just("feedback"), st.integers(-3, N_ITEMS + 3), _floats),
+    st.tuples(st.just("shown"), st.integers(0, 9), _floats),
+)
+
+
+def _check_posterior(policy: Policy) -> None:
+    post = policy.posterior
+    a, b = post.A, post.b
+    assert np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(post.A_inv).all()
+    np.testing.assert_allclose(a, a.T, rtol=0, atol=1e-9 * max(1.0, float(np.abs(a).max())))
+    np.linalg.cholesky(a)  # raises unless positive definite
+    assert float(np.linalg.eigvalsh(a).min()) >= post.prior_precision * (1 - 1e-9)
+    cfg = policy.config
+    n = post.n_updates
+    m = cfg.max_feature_norm
+    r = max(abs(cfg.reward_min), abs(cfg.reward_max))
+    theta0 = post.prior_mean
+    # ridge never fits worse than its prior mean => bounded distance from it
+    bound = math.sqrt(n * cfg.prior_variance) * (r + float(np.linalg.norm(theta0)) * m)
+    assert float(np.linalg.norm(post.theta - theta0)) <= bound * (1 + 1e-6) + 1e-9
+    assert float(np.abs(a).max()) <= 1 / cfg.prior_variance + n * m * m * (1 + 1e-9)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy_name=st.sampled_from(["epsilon_greedy", "thompson", "linucb"]),
+    events=st.lists(_event, min_size=1, max_size=40),
+)
+def test_adversarial_feedback_keeps_the_posterior_safe(
+    policy_name: str, events: list[tuple[str, int, Any]]
+) -> None:
+    cfg = _cfg(policy=policy_name, refresh_every=7, max_pending=16, mmr_lambda=0.7)
+    policy = make_policy(cfg, N_ITEMS)
+    rng = np.random.default_rng(0)
+    last: list[int] = []
+    logging.getLogger("shared.bandits.policies").setLevel(logging.ERROR)
+    for kind, value, extra in events:
+        if kind == "select":
+            local = np.random.default_rng(value)
+            cand = local.choice(N_ITEMS, size=8, replace=False)
+            scores = local.standard_normal(8)
+            feats = local.standard_normal((8, 3))
+            if extra == "zero":
+                feats[:] = 0.0
+            elif extra == "huge":
+                feats *= 1e300
+                scores *= 1e300
+            elif extra == "wild":
+                feats[local.random((8, 3)) < 0.3] = np.nan
+                feats[local.random((8, 3)) < 0.2] = np.inf
+                scores[0] = np.nan
+                scores[1] = -np.inf
+            last = policy.select(cand, scores, feats, rng=rng).tolist()
+        elif kind == "feedback":
+            policy.update(value, extra)
+        elif last:  # feedback for an item that was shown (repeats included)
+            policy.update(last[value % len(last)], extra)
+        _check_posterior(policy)
+    state = json.loads(json.dumps(policy.state_dict()))
+    clone = make_policy(cfg, N_ITEMS)
+    clone.load_state_dict(state)
+    np.testing.assert_allclose(clone.posterior.theta, policy.posterior.theta, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- state
+def _trained(policy_name: str = "linucb") -> Policy:
+    policy = make_policy(_cfg(policy=policy_name), N_ITEMS)
+    rng = np.random.default_rng(1)
+    for step in range(5):
+        cand, scores, feats = _inputs(step)
+        slate = policy.select(cand, scores, feats, rng=rng)
+        policy.update_many(slate[:2].tolist(), [1.0, 0.0])  # one impression left pending
+    return policy
+
+
+@pytest.mark.parametrize("name", ["greedy", "epsilon_greedy", "thompson", "linucb"])
+def test_state_round_trip(name: str) -> None:
+    policy = _trained(name)
+    state = json.loads(json.dumps(policy.state_dict()))
+    clone = make_policy(_cfg(policy=name), N_ITEMS)
+    clone.load_state_dict(state)
+    np.testing.assert_allclose(clone.posterior.A, policy.posterior.A)
+    np.testing.assert_allclose(clone.posterior.theta, policy.posterior.theta)
+    assert clone.feedback_counts == policy.feedback_counts
+    assert clone.n_pending == policy.n_pending == 5
+    cand, scores, feats = _inputs(42)
+    a = policy.select(cand, scores, feats, rng=np.random.default_rng(5))
+    b = clone.select(cand, scores, feats, rng=np.random.default_rng(5))
+    assert a.tolist() == b.tolist()
+    pending_item = int(policy.state_dict()["pending"][0][0])
+    assert clone.update(pending_item, 1.0)  # an impression shown before the restart
+
+
+def _corrupt(state: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    out = json.loads(json.dumps(state))
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return out
+
+
+def test_corrupt_state_is_refused() -> None:
+    policy = _trained()
+    state = policy.state_dict()
+    d = policy.config.context_dim
+    nan_a = [[float("nan")] * d for _ in range(d)]
+    asym = [
+        [float(i == j) + (0.5 if (i, j) == (0, 1) else 0.0) for j in range(d)] for i in range(d)
+    ]
+    negative = [[-float(i == j) for j in range(d)] for i in range(d)]
+    bad = [
+        (("format",), "other/v9"),
+        (("policy",), "thompson"),
+        (("n_items",), N_ITEMS + 1),
+        (("config", "alpha"), 123.0),
+        (("posterior", "A"), nan_a),
+        (("posterior", "A"), asym),
+        (("posterior", "A"), negative),
+        (("posterior", "A"), [[1.0]]),
+        (("posterior", "b"), [1.0] * (d + 1)),
+        (("posterior", "n_updates"), -1),
+        (("posterior", "prior_precision"), 0.5),
+        (("feedback_counts",), {"accepted": -3}),
+        (("pending",), [[N_ITEMS + 1, [0.0] * d]]),
+        (("pending",), [[1, [1e9] * d]]),
+    ]
+    for path, value in bad:
+        fresh = make_policy(_cfg(), N_ITEMS)
+        with pytest.raises(ModelFileError):
+            fresh.load_state_dict(_corrupt(state, path, value))
+        # a refused state leaves the policy untouched
+        assert fresh.posterior.n_updates == 0
+    with pytest.raises(ModelFileError):
+        make_policy(_cfg(), N_ITEMS).load_state_dict("not a dict")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- diversity
+def test_mmr_lambda_one_is_greedy() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rel = rng.standard_normal(12)
+        emb = rng.standard_normal((12, 5))
+        assert mmr_select(rel, emb, 5, 1.0).tolist() == top_k(rel, 5).tolist()
+    policy = GreedyPolicy(_cfg(mmr_lambda=1.0), N_ITEMS)
+    cand, scores, feats = _inputs(3)
+    assert policy.select(cand, scores, feats, diversity_embeddings=feats).tolist() == (
+        cand[top_k(scores, 3)].tolist()
+    )
+
+
+def test_mmr_lambda_zero_maximizes_diversity() -> None:
+    # three tight clusters on orthogonal axes; relevance favours cluster 0
+    rng = np.random.default_rng(1)
+    emb = np.repeat(np.eye(3), 3, axis=0) + 0.001 * rng.standard_normal((9, 3))
+    rel = np.array([0.9, 0.95, 0.8, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    k = 3
+    greedy = mmr_select(rel, emb, k, 1.0)
+    diverse = mmr_select(rel, emb, k, 0.0)
+    assert diverse[0] == 1  # the most relevant item first
+    assert sorted(int(i) // 3 for i in diverse) == [0, 1, 2]
+    best = max(intra_list_diversity(list(c), emb) for c in itertools.combinations(range(9), k))
+    assert intra_list_diversity(diverse, emb) == pytest.approx(best, abs=1e-3)
+    assert intra_list_diversity(greedy, emb) < 0.1
+    # intermediate lambda: in between
+    mid = mmr_select(rel, emb, k, 0.7)
+    assert intra_list_diversity(greedy, emb) <= intra_list_diversity(mid, emb)
+
+
+def test_beyond_accuracy_metrics() -> None:
+    emb = np.eye(4)
+    assert intra_list_diversity([0, 1], emb) == pytest.approx(1.0)
+    assert intra_list_diversity([0], emb) == 0.0
+    pop = item_popularity([np.array([0, 1]), np.array([0])], 4)  # (c + 1) / (U + 1)
+    np.testing.assert_allclose(pop, [1.0, 2 / 3, 1 / 3, 1 / 3])
+    assert novelty([2], pop) == pytest.approx(math.log2(3))
+    assert catalog_coverage([[0, 1], [1, 2]], 4) == 0.75
+
+
+def test_mmr_reranker_under_the_protocol(toy_dataset: Any) -> None:
+    split = split_users(toy_dataset, SplitConfig(seed=1, cold_user_fraction=0.0))
+    model = EASE(l2=10.0).fit(split.train_sequences(), toy_dataset.n_items)
+    emb = np.random.default_rng(0).standard_normal((toy_dataset.n_items, 6))
+    same = MMRReranker(model, emb, 1.0, top_n=10)
+    pops = ("public", "federated")
+    assert evaluate_split(same, split, pops) == evaluate_split(model, split, pops)
+    hist = [split.history(int(u)) for u in split.federated_users[:5]]
+    base = np.asarray(model.score(hist), dtype=np.float64)
+    diverse = np.asarray(MMRReranker(model, emb, 0.3, top_n=10).score(hist), dtype=np.float64)
+    for row, h in enumerate(hist):
+        b = base[row].copy()
+        b[h] = -np.inf
+        d = diverse[row].copy()
+        d[h] = -np.inf
+        # the same top-10 set with the same score values, possibly reordered; the rest and
+        # the history keep their base scores
+        top = top_k(b, 10)
+        assert set(top.tolist()) == set(top_k(d, 10).tolist())
+        np.testing.assert_allclose(np.sort(d[top]), np.sort(b[top]))
+        rest = np.setdiff1d(np.arange(len(b)), top)
+        np.testing.assert_array_equal(diverse[row, rest], base[row, rest])
+
+
+# ---------------------------------------------------------------------------- harness
+def test_vectorised_clicks_are_sample_click() -> None:
+    world = generate_world(SyntheticConfig(n_users=20, n_items=40, mean_interactions=8))
+    items = np.arange(10)
+    p = world.true_preference(3, items)
+    a = np.random.default_rng(7).random(10) < p
+    rng = np.random.default_rng(7)
+    b = [world.sample_click(3, int(i), rng) for i in items]
+    assert a.tolist() == b
+
+
+def test_features_come_from_data() -> None:
+    rng = np.random.default_rng(0)
+    f = pca_features(rng.standard_normal((30, 12)), 4)
+    assert f.shape == (30, 4)
+    assert np.mean(np.sum(f * f, axis=1)) == pytest.approx(1.0)
+    seqs = [rng.choice(20, size=6, replace=False) for _ in range(40)]
+    g = mf_features(seqs, 20, 5)
+    assert g.shape == (20, 5) and np.isfinite(g).all()
+
+
+def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:
+    world = generate_world(SyntheticConfig(seed=3, n_users=150, n_items=80, mean_interactions=12))
+    shape: dict[str, Any] = {"top_n": 20, "slate_size": 5, "feature_dim": 6, "mmr_lambda": 1.0}
+    arms = [
+        Arm("greedy", BanditConfig(policy="greedy", **shape)),
+        Arm("linucb", BanditConfig(policy="linucb", alpha=0.5, **shape)),
+        Arm("thompson", BanditConfig(policy="thompson", thompson_scale=0.1, **shape)),
+    ]
+    cfg = SimulationConfig(world_seed=3, n_world_users=150, n_users=15, steps=60, features="mf")
+    report = run_simulation(cfg, arms, world=world)
+    res = report["arms"]
+    assert res["linucb"]["final_regret"] < res["greedy"]["final_regret"]
+    assert res["thompson"]["final_regret"] < res["greedy"]["final_regret"]
+    assert res["linucb"]["distinct_items_per_user"] > res["greedy"]["distinct_items_per_user"]
+    assert res["greedy"]["distinct_items_per_user"] == 5
+    assert res["greedy"]["rejected_feedback"] == 0
+    assert len(res["greedy"]["cumulative_regret"]) == 60
+    summary = summarize_runs([report, report])
+    assert summary["linucb"]["regret_ratio_vs_greedy"] < 1.0
+    assert "meets_targets_user_coverage_every_seed" in summary["linucb"]
+
+
+def test_replay_on_a_toy_log() -> None:
+    ds = make_dataset(n_users=40, n_items=30, length=10, seed=2)
+    rng = np.random.default_rng(0)
+    ratings = [rng.integers(1, 6, size=len(s)).astype(float) for s in ds.sequences]
+
+    def embed(texts: Any) -> np.ndarray:
+        return np.random.default_rng(1).standard_normal((len(texts), 6)).astype(np.float32)
+
+    shape: dict[str, Any] = {"top_n": 10, "slate_size": 3, "feature_dim": 4}
+    arms = [
+        Arm("greedy", BanditConfig(policy="greedy", mmr_lambda=1.0, **shape)),
+        Arm("linucb", BanditConfig(policy="linucb", **shape)),
+    ]
+    cfg = ReplayConfig(seed=1, window=4, min_history=4, features="text")
+    report = run_replay(ds, ratings, arms, cfg, embed, mmr_grid=(1.0, 0.5))
+    greedy = report["replay"]["greedy"]
+    assert greedy["events"] == report["replay_events"] == 4 * report["replay_users"]
+    assert 0 <= greedy["matched"] <= greedy["events"]
+    assert greedy["rejected_feedback"] == 0
+    acc = report["diversity_accuracy"]
+    assert set(acc) == {"1", "0.5"}
+    assert acc["1"]["test"]["full_hr@10_relative_change"] == 0.0
+
+
+def test_ml100k_ratings_align_with_the_sequences(ml100k_dir: Path) -> None:
+    from shared.bandits.replay import load_ml100k_ratings
+    from shared.data.registry import load_dataset
+
+    ds = load_dataset("ml-100k", ml100k_dir)
+    ratings = load_ml100k_ratings(ml100k_dir, ds)
+    assert [len(r) for r in ratings] == [len(s) for s in ds.sequences]
+    flat = np.concatenate(ratings)
+    assert set(np.unique(flat).tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    # u.data line 1: user 196 rated item 242 with 3
+    u = ds.user_ids.index("196")
+    pos = int(np.flatnonzero(ds.sequences[u] == ds.item_ids.index("242"))[0])
+    assert ratings[u][pos] == 3.0
+
+
+@pytest.mark.slow
+def test_replay_on_ml100k(ml100k_dir: Path) -> None:
+    from shared.bandits.replay import load_ml100k_ratings
+    from shared.data.registry import load_dataset
+
+    ds = load_dataset("ml-100k", ml100k_dir)
+    ratings = load_ml100k_ratings(ml100k_dir, ds)
+
+    def embed(texts: Any) -> np.ndarray:
+        return np.random.default_rng(1).standard_normal((len(texts), 16)).astype(np.float32)
+
+    arms = [
+        Arm("greedy", BanditConfig(policy="greedy", mmr_lambda=1.0)),
+        Arm("linucb", BanditConfig(policy="linucb")),
+    ]
+    cfg = ReplayConfig(max_users=30, features="mf")
+    report = run_replay(ds, ratings, arms, cfg, embed, mmr_grid=(1.0, 0.4))
+    assert report["replay_users"] == 30
+    for arm in report["replay"].values():
+        assert arm["matched"] > 0 and 0.0 <= arm["replay_click_rate"] <= 1.0
+    hr = report["diversity_accuracy"]["1"]["test"]["full_hr@10"]
+    assert 0.05 < hr < 0.3  # EASE's full-ranking HR@10 on ml-100k is about 0.14
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_refuses_bad_options(tmp_path: Path) -> None:
+    from fedrec.commands.bandits import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--world", "mars", "-o", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError) and "synthetic" in str(result.exception)
+    result = runner.invoke(app, ["evaluate", "--run-config", "nonsense=1", "-o", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError) and "nonsense" in str(result.exception)
+    assert runner.invoke(app, ["evaluate", "--help"]).exit_code == 0
