@@ -16,7 +16,6 @@ TINY = (
 )
 
 
-@pytest.mark.slow
 def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     args = [
         "simulate",
