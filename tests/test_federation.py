@@ -737,7 +737,13 @@ def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
 
 @pytest.mark.network
 def test_ray_simulation_five_clients_two_rounds_with_a_failing_client() -> None:
-    config: RunConfig = {"num-rounds": 2, "toy-empty-clients": "4", "round-timeout": 60.0}
+    # Wait for all 5 nodes: Flower starts the ServerApp before the nodes register.
+    config: RunConfig = {
+        "num-rounds": 2,
+        "toy-empty-clients": "4",
+        "round-timeout": 60.0,
+        "min-available-clients": 5,
+    }
     reports: list[RoundReport] = []
     run_simulation(
         make_server_app(config, on_round_end=reports.append),
