@@ -113,19 +113,7 @@ class StudentConfig:
         self.train_config()
 
     def train_config(self, progress: bool = False, num_threads: int | None = None) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            metric=self.metric,
-            seed=self.seed,
-            progress=progress,
-            num_threads=num_threads,
-        )
+        return TrainConfig.of(self, progress=progress, num_threads=num_threads)
 
 
 class PersonalAdapter(nn.Module):

@@ -102,19 +102,7 @@ class TeacherConfig:
         self.train_config()  # validates the training fields
 
     def train_config(self, progress: bool = False, num_threads: int | None = None) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            metric=self.metric,
-            seed=self.seed,
-            progress=progress,
-            num_threads=num_threads,
-        )
+        return TrainConfig.of(self, progress=progress, num_threads=num_threads)
 
 
 class CausalSelfAttentionBlock(nn.Module):

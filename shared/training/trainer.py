@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,6 +79,25 @@ class TrainConfig:
     seed: int = 42
     progress: bool = False
     num_threads: int | None = None
+
+    @classmethod
+    def of(
+        cls, model_config: Any, *, progress: bool = False, num_threads: int | None = None
+    ) -> TrainConfig:
+        """The training fields of a model config (teacher, student) as a TrainConfig."""
+        shared = (
+            "epochs",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "eval_every",
+            "patience",
+            "metric",
+            "seed",
+        )
+        values = {name: getattr(model_config, name) for name in shared}
+        return cls(**values, progress=progress, num_threads=num_threads)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
