@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -63,6 +64,17 @@ class Spend:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Epsilon of a composed history (memoized: a fit asks the same question several times,
+    and the RDP computation dominates a small client's round)."""
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
 class PrivacyLedger:
     """Cumulative RDP accounting with an optional file that is rewritten atomically."""
 
@@ -76,12 +88,8 @@ class PrivacyLedger:
     def epsilon(self, extra: Spend | None = None, delta: float | None = None) -> float:
         """Epsilon spent so far (plus ``extra`` if given) at ``delta`` (default: the budget's)."""
         spends = [*self.history, *([extra] if extra is not None else [])]
-        spends = [s for s in spends if s.steps > 0]
-        if not spends:
-            return 0.0
-        acc = RDPAccountant()
-        acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in spends]
-        return float(acc.get_epsilon(delta=self.budget.delta if delta is None else delta))
+        key = tuple((s.noise_multiplier, s.sample_rate, s.steps) for s in spends if s.steps > 0)
+        return _rdp_epsilon(key, self.budget.delta if delta is None else delta)
 
     def would_exceed(self, spend: Spend) -> bool:
         """True when running ``spend`` would take epsilon past the budget."""
