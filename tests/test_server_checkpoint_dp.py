@@ -32,6 +32,12 @@ from server.strategy import RoundReport
 from server.user_dp import UserDPSettings, UserLevelDP
 from shared.errors import ConfigError, DataError
 from shared.federated import ToyLinearConfig, ToyLinearTask, clip_update_l2, register_task
+from shared.privacy.ledger import RDP_ORDERS
+
+
+def _eps(acc: RDPAccountant, delta: float) -> float:
+    """Epsilon at the ledger's Renyi orders (what the server reports)."""
+    return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 Arrays = list[npt.NDArray[Any]]
 RunConfig = dict[str, bool | int | float | str]
@@ -472,7 +478,9 @@ def test_user_dp_epsilon_each_round_matches_an_opacus_accountant(tmp_path: Path)
     acc = RDPAccountant()
     for report in reports:
         acc.step(noise_multiplier=z, sample_rate=m / n)
-        assert report.epsilon_user == pytest.approx(acc.get_epsilon(delta=1 / n), rel=1e-9)
+        assert report.epsilon_user == pytest.approx(
+            _eps(acc, 1 / n), rel=1e-9
+        )
     eps = [r.epsilon_user for r in reports if r.epsilon_user is not None]
     assert len(eps) == 3 and eps == sorted(eps) and len(set(eps)) == 3
     # The ledger is in the checkpoint, and resuming keeps accounting from it.
@@ -484,7 +492,9 @@ def test_user_dp_epsilon_each_round_matches_an_opacus_accountant(tmp_path: Path)
     assert [r.server_round for r in more] == [4, 5]
     acc.step(noise_multiplier=z, sample_rate=m / n)
     acc.step(noise_multiplier=z, sample_rate=m / n)
-    assert more[-1].epsilon_user == pytest.approx(acc.get_epsilon(delta=1 / n), rel=1e-9)
+    assert more[-1].epsilon_user == pytest.approx(
+        _eps(acc, 1 / n), rel=1e-9
+    )
 
 
 def test_user_dp_explicit_delta_and_population() -> None:
@@ -501,7 +511,9 @@ def test_user_dp_explicit_delta_and_population() -> None:
     reports = _run(config, num_nodes=4)
     acc = RDPAccountant()
     acc.history = [(z, m / population, 2)]
-    assert reports[-1].epsilon_user == pytest.approx(acc.get_epsilon(delta=delta), rel=1e-9)
+    assert reports[-1].epsilon_user == pytest.approx(
+        _eps(acc, delta), rel=1e-9
+    )
     with pytest.raises(ConfigError, match="5 nodes are connected but 'population-size' is 4"):
         _run({**config, "population-size": 4}, num_nodes=5)
 
@@ -509,7 +521,7 @@ def test_user_dp_explicit_delta_and_population() -> None:
 def _epsilon(z: float, q: float, steps: int, delta: float) -> float:
     acc = RDPAccountant()
     acc.history = [(z, q, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    return float(_eps(acc, delta))
 
 
 def test_user_dp_run_stops_cleanly_before_the_budget_would_be_exceeded(tmp_path: Path) -> None:
@@ -543,7 +555,7 @@ def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
     acc = RDPAccountant()
     for report in reports:
         acc.step(noise_multiplier=1.0, sample_rate=4 / 5)
-        assert report.epsilon_user == pytest.approx(acc.get_epsilon(delta=1 / 5))
+        assert report.epsilon_user == pytest.approx(_eps(acc, 1 / 5))
         assert report.fit.as_metrics()["epsilon-user"] == report.epsilon_user
         assert report.evaluate is not None and report.evaluate.ok > 0
 

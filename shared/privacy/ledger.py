@@ -64,6 +64,12 @@ class Spend:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
 
 
+RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
+"""Integer Renyi orders used for accounting. Opacus' default list adds fractional orders whose
+computation dominated a small client's round (seconds per call); integer orders only make the
+bound slightly looser (conservative: about +0.05% epsilon at sigma 1.5, q 0.06)."""
+
+
 @functools.lru_cache(maxsize=1024)
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """Epsilon of a composed history (memoized: a fit asks the same question several times,
@@ -72,7 +78,7 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
         return 0.0
     acc = RDPAccountant()
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 
 class PrivacyLedger:
