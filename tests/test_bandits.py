@@ -25,11 +25,10 @@ from shared.bandits.diversity import (
     novelty,
     top_k,
 )
+from shared.bandits.features import mf_features, model_features, pca_features
 from shared.bandits.harness import (
     Arm,
     SimulationConfig,
-    mf_features,
-    pca_features,
     run_simulation,
     summarize_runs,
 )
@@ -475,6 +474,35 @@ def test_features_come_from_data() -> None:
     seqs = [rng.choice(20, size=6, replace=False) for _ in range(40)]
     g = mf_features(seqs, 20, 5)
     assert g.shape == (20, 5) and np.isfinite(g).all()
+
+
+def test_model_features_recover_the_models_item_space_and_ignore_popularity() -> None:
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((40, 3))
+    pop = rng.standard_normal(40) * 5
+
+    def scorer(bias: np.ndarray) -> Any:
+        def score(histories: Any) -> np.ndarray:
+            return np.stack([emb[int(h[-1])] @ emb.T + bias for h in histories])
+
+        return score
+
+    for probes in (40, 12):  # every item probed, then a seeded sample of items
+        f = model_features(scorer(pop), 40, 3, max_probes=probes, batch_size=7)
+        assert f.shape == (40, 3)
+        assert np.mean(np.sum(f * f, axis=1)) == pytest.approx(1.0)
+        # the features span the model's (centred) item embedding space
+        target = emb - emb.mean(axis=0)
+        coef, *_ = np.linalg.lstsq(f, target, rcond=None)
+        r2 = 1 - np.sum((f @ coef - target) ** 2) / np.sum(target**2)
+        assert r2 > 0.99
+        # popularity enters the policy as the model score, not as a feature
+        no_pop = model_features(scorer(np.zeros(40)), 40, 3, max_probes=probes, batch_size=7)
+        assert np.allclose(f, no_pop)
+    with pytest.raises(ConfigError, match="feature_dim"):
+        model_features(scorer(pop), 40, 12, max_probes=12)
+    with pytest.raises(DataError, match="shape"):
+        model_features(lambda hs: np.zeros((len(hs), 39)), 40, 3)
 
 
 def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:

@@ -29,9 +29,11 @@ from typer.testing import CliRunner
 
 from client.device.api import ApiConfig, create_app, openapi_schema
 from client.device.daemon import Daemon, DaemonConfig, ProcessSpec
+from client.device.exploration import STATE_KEY, BanditReranker
 from client.device.identity import DeviceIdentity, init_identity
 from client.device.sealed import Catalog
 from fedrec.commands.client import app as client_app
+from shared.bandits import BanditConfig
 from shared.compression import QuantizeConfig, export_onnx, quantize_onnx
 from shared.errors import ConfigError
 from shared.ondevice import OnDeviceModel
@@ -43,16 +45,24 @@ CATALOG = Catalog(tuple(str(1000 + 7 * i) for i in range(N_ITEMS)))
 MAX_BATCH = 50
 
 
+def _item_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """Item vectors in 8 tight clusters, and each item's cluster."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(8, DIM, generator=gen)
+    cluster = torch.randint(0, 8, (N_ITEMS,), generator=gen)
+    return centers[cluster] + 0.3 * torch.randn(N_ITEMS, DIM, generator=gen), cluster
+
+
+CLUSTER = _item_table()[1].numpy()
+
+
 class TinyStudent(nn.Module):
     """Student-contract stand-in (as in test_compression): embed, attention-pool, item table."""
 
     def __init__(self) -> None:
         super().__init__()
         self.n_items, self.max_len = N_ITEMS, MAX_LEN
-        gen = torch.Generator().manual_seed(0)
-        centers = torch.randn(8, DIM, generator=gen)
-        table = centers[torch.randint(0, 8, (N_ITEMS,), generator=gen)]
-        table = table + 0.3 * torch.randn(N_ITEMS, DIM, generator=gen)
+        table, _ = _item_table()
         self.item_emb = nn.Embedding(N_ITEMS, DIM)
         with torch.no_grad():
             self.item_emb.weight.copy_(table)
@@ -107,7 +117,8 @@ class Device:
 
 @pytest.fixture
 def device(tmp_path: Path, int8_model: bytes) -> Iterator[Device]:
-    dev = Device(tmp_path / "device", int8_model, CATALOG)
+    """A device serving the model's own order (the bandit policy has its own tests)."""
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=GREEDY)
     yield dev
     dev.daemon.shutdown()
 
@@ -117,6 +128,7 @@ def ev(item: Any, kind: str = "view", **extra: Any) -> dict[str, Any]:
 
 
 ITEM = CATALOG.item_ids
+GREEDY = BanditConfig(policy="greedy", mmr_lambda=1.0)
 
 # --------------------------------------------------------------------------- auth
 
@@ -433,6 +445,74 @@ def test_the_exploration_policy_orders_the_list_and_bad_output_falls_back(
     device.daemon.reranker = _Broken()
     rec = device.client.get("/recommendations?k=5").json()
     assert [i["item_id"] for i in rec["items"]] == greedy
+
+
+def test_the_default_bandit_learns_from_clicks_and_keeps_its_posterior(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    dev = Device(tmp_path / "bandit", int8_model, CATALOG)
+    history = [ITEM[3], ITEM[17], ITEM[42], ITEM[99]]
+    assert dev.client.post("/events", json={"events": [ev(i) for i in history]}).status_code == 200
+    model = OnDeviceModel(int8_model)
+    pool = model.recommend([ITEM.index(i) for i in history], k=dev.daemon.config.exploration.top_n)
+
+    def slate() -> tuple[str, list[str]]:
+        rec = dev.client.get("/recommendations", params={"k": 10}).json()
+        assert rec["policy"] == "linucb+mmr"
+        return rec["recommendation_id"], [i["item_id"] for i in rec["items"]]
+
+    rid, first = slate()
+    assert len(set(first)) == 10 and not set(first) & set(history)
+    assert {ITEM.index(i) for i in first} <= set(pool.tolist())  # re-ranks the model's top-N
+    # the user clicks one taste the first slate under-serves
+    in_pool = {c: int((CLUSTER[pool] == c).sum()) for c in range(8)}
+    target = min(
+        (c for c in in_pool if in_pool[c] >= 10),
+        key=lambda c: sum(CLUSTER[ITEM.index(i)] == c for i in first),
+    )
+    counts = []
+    for _ in range(12):
+        counts.append(sum(CLUSTER[ITEM.index(i)] == target for i in first))
+        fb = [
+            {
+                "recommendation_id": rid,
+                "item_id": i,
+                "action": "clicked" if CLUSTER[ITEM.index(i)] == target else "shown",
+            }
+            for i in first
+        ]
+        assert dev.client.post("/feedback", json={"feedback": fb}).status_code == 200
+        rid, first = slate()
+    assert np.mean(counts[-3:]) >= counts[0] + 3, counts
+    reranker = dev.daemon.reranker
+    assert isinstance(reranker, BanditReranker)
+    assert reranker.feedback_counts["accepted"] == 120
+    state = reranker.state()
+    dev.daemon.shutdown()
+
+    # a restart (or kill -9: the state is written with each slate) keeps what it learned
+    again = Daemon.open(tmp_path / "bandit", config=DaemonConfig())
+    try:
+        restored = again.reranker
+        assert isinstance(restored, BanditReranker)
+        assert restored.state()["posterior"] == state["posterior"]
+        assert restored.state()["pending"] == state["pending"]
+        again.erase()  # erasing the user's data forgets the posterior too
+        assert again.store.get_state(STATE_KEY) is None
+    finally:
+        again.shutdown()
+
+
+def test_exploration_config_from_flat_keys() -> None:
+    cfg = DaemonConfig.from_values({"bandit-policy": "thompson", "bandit-mmr-lambda": "0.6"})
+    assert cfg.exploration.policy == "thompson" and cfg.exploration.mmr_lambda == 0.6
+    assert DaemonConfig.from_values({"port": "0"}).exploration == BanditConfig()
+    with pytest.raises(ConfigError, match="candidate-pool"):
+        DaemonConfig.from_values({"candidate-pool": 20, "bandit-top-n": 50})
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        DaemonConfig.from_values({"bandit-nope": 1})
+    with pytest.raises(ConfigError, match="policy"):
+        DaemonConfig.from_values({"bandit-policy": "oracle"})
 
 
 def test_history_covering_the_catalog_gives_an_empty_list(device: Device) -> None:

@@ -9,11 +9,14 @@ it through the methods of :class:`DeviceBackend`; the daemon does the domain wor
   which the few-shot adaptation will use ("adaptation pending" is counted in the store).
 * :meth:`Daemon.recommend` scores the catalog with the current int8 ONNX model over the
   local history, excludes the history, takes the top ``candidate_pool`` candidates and lets
-  the exploration policy (:class:`Reranker`; greedy by default) pick ``k``. Every returned
-  item is remembered as an impression so that feedback can be checked.
+  the exploration policy pick ``k``: by default the configured bandit
+  (:class:`~client.device.exploration.BanditReranker`, ``DaemonConfig.exploration``), any
+  :class:`Reranker` when given. Every returned item is remembered as an impression so that
+  feedback can be checked.
 * :meth:`Daemon.add_feedback` **rejects** (:class:`UnknownImpressionError`, HTTP 422) the
   whole batch if any (recommendation, item) pair was never returned by ``recommend`` or has
-  expired, so a bug in the app cannot feed the policy made-up impressions.
+  expired, so a bug in the app cannot feed the policy made-up impressions; accepted feedback
+  updates a learning policy's posterior at once (:class:`LearningReranker`).
 * :meth:`Daemon.erase` deletes every local trace of the user: events, impressions, feedback,
   adaptation state, model records and the sealed model files (an adapted model is personal
   data). It **keeps** the device identity (its keys stay registered), the catalog (public,
@@ -40,8 +43,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -49,6 +52,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from client.device.exploration import BanditReranker
 from client.device.identity import DeviceIdentity, DeviceLayout
 from client.device.sealed import Catalog, SealedModelInfo, SealedModelStore
 from client.device.store import (
@@ -60,6 +64,8 @@ from client.device.store import (
     UnknownImpressionError,
     UnknownItemsError,
 )
+from shared.bandits.policies import BanditConfig
+from shared.config import from_flat, kebab
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
@@ -78,6 +84,7 @@ __all__ = [
     "DeviceBackend",
     "DeviceStatus",
     "GreedyReranker",
+    "LearningReranker",
     "NoCatalogError",
     "NoModelError",
     "ProcessSpec",
@@ -119,7 +126,9 @@ class DaemonConfig:
     ``candidate_pool``: how many model candidates the exploration policy re-ranks.
     ``keep_models``: sealed versions kept on disk (for rollback). ``max_impressions``: how many
     recommended items are remembered for feedback checks. ``privacy_*``: the budget reported
-    by ``/status`` (the ledger file holds what was spent).
+    by ``/status`` (the ledger file holds what was spent). ``exploration``: the re-ranking
+    policy (:class:`~shared.bandits.policies.BanditConfig`; flat keys ``bandit-<key>`` in
+    :meth:`from_values`); its ``top_n`` must fit in ``candidate_pool``.
     """
 
     host: str = "127.0.0.1"
@@ -135,6 +144,24 @@ class DaemonConfig:
     shutdown_grace_s: float = 10.0
     monitor_interval_s: float = 0.5
     log_level: str = "warning"
+    exploration: BanditConfig = field(default_factory=BanditConfig)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object]) -> DaemonConfig:
+        """Build from flat kebab-case keys; ``bandit-<key>`` keys configure ``exploration``
+        (e.g. ``bandit-policy=thompson bandit-mmr-lambda=0.6``)."""
+        own: dict[str, object] = {}
+        bandit: dict[str, object] = {}
+        for key, value in values.items():
+            name = kebab(key)
+            if name.startswith("bandit-"):
+                bandit[name.removeprefix("bandit-")] = value
+            elif name == "exploration":
+                raise ConfigError("set the exploration policy with bandit-<key>=value keys")
+            else:
+                own[name] = value
+        cfg = from_flat(cls, own)
+        return replace(cfg, exploration=from_flat(BanditConfig, bandit)) if bandit else cfg
 
     def __post_init__(self) -> None:
         if not self.allow_remote and not _is_loopback(self.host):
@@ -152,6 +179,16 @@ class DaemonConfig:
                 )
         if self.max_impressions < 1:
             raise ConfigError(f"max-impressions must be >= 1, got {self.max_impressions}")
+        if not isinstance(self.exploration, BanditConfig):
+            raise ConfigError(
+                f"exploration must be a BanditConfig, got {type(self.exploration).__name__}"
+            )
+        if self.exploration.top_n > self.candidate_pool:
+            raise ConfigError(
+                f"bandit-top-n ({self.exploration.top_n}) exceeds candidate-pool "
+                f"({self.candidate_pool}): the policy re-ranks the daemon's candidates; raise "
+                f"candidate-pool or lower bandit-top-n"
+            )
         if not self.privacy_epsilon > 0 or not 0 < self.privacy_delta < 1:
             raise ConfigError(
                 f"privacy budget needs epsilon > 0 and 0 < delta < 1, got "
@@ -181,6 +218,18 @@ class Reranker(Protocol):
     name: str
 
     def rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> Sequence[int]: ...
+
+
+@runtime_checkable
+class LearningReranker(Reranker, Protocol):
+    """A policy that learns on the device: told which model it serves, fed feedback, reset on
+    erase. The daemon calls these hooks; :class:`Reranker`-only policies never see them."""
+
+    def on_model(self, model: OnDeviceModel | None) -> None: ...
+
+    def observe(self, columns: Sequence[int], rewards: Sequence[float]) -> int: ...
+
+    def reset(self) -> None: ...
 
 
 class GreedyReranker:
@@ -263,12 +312,18 @@ class ProcessSpec:
     restart: bool = True
     max_restarts: int = 5
     backoff_s: float = 2.0
+    #: Upper bound of the doubling back-off (``None``: no bound).
+    max_backoff_s: float | None = None
+    #: Append the process's stdout and stderr to this file (``None``: inherit the daemon's).
+    log_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.argv:
             raise ConfigError("a managed process needs a name and a non-empty argv")
         if self.max_restarts < 0 or self.backoff_s < 0:
             raise ConfigError(f"{self.name}: max_restarts and backoff_s must be >= 0")
+        if self.max_backoff_s is not None and self.max_backoff_s < 0:
+            raise ConfigError(f"{self.name}: max_backoff_s must be >= 0")
 
 
 @dataclass
@@ -283,7 +338,18 @@ class ManagedProcess:
 
     def start(self) -> None:
         env = {**os.environ, **dict(self.spec.env)}
-        self.popen = subprocess.Popen(list(self.spec.argv), env=env, cwd=self.spec.cwd)
+        if self.spec.log_file is None:
+            self.popen = subprocess.Popen(list(self.spec.argv), env=env, cwd=self.spec.cwd)
+        else:
+            Path(self.spec.log_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spec.log_file, "ab") as log:
+                self.popen = subprocess.Popen(
+                    list(self.spec.argv),
+                    env=env,
+                    cwd=self.spec.cwd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         self.next_start = None
         logger.info("started %s (pid %d)", self.spec.name, self.popen.pid)
 
@@ -329,7 +395,7 @@ class Daemon:
         self.models = models
         self.config = config or DaemonConfig()
         self.device_id = device_id
-        self.reranker: Reranker = reranker or GreedyReranker()
+        self.reranker: Reranker = reranker or BanditReranker(self.config.exploration, store)
         self.runtime = runtime or RuntimeConfig()
         self.processes: list[ManagedProcess] = []
         self.exit_code = 0
@@ -339,11 +405,13 @@ class Daemon:
         self._server: uvicorn.Server | None = None
         self._monitor: threading.Thread | None = None
         self._event_listeners: list[Callable[[int], None]] = []
+        self._shutdown_callbacks: list[Callable[[], None]] = []
         self.catalog: Catalog | None = None
         self.model: OnDeviceModel | None = None
         self.model_info: SealedModelInfo | None = None
         self.model_error: str | None = None
         self._load_installed()
+        self._model_changed()
 
     @classmethod
     def open(
@@ -417,8 +485,13 @@ class Daemon:
                 ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
             )
             self.catalog, self.model, self.model_info, self.model_error = catalog, model, info, None
+            self._model_changed()
             logger.info("installed model %s as sealed v%d", info.model_version, info.version)
             return info
+
+    def _model_changed(self) -> None:
+        if isinstance(self.reranker, LearningReranker):
+            self.reranker.on_model(self.model)
 
     def install_catalog(self, catalog: Catalog) -> None:
         """Install a catalog alone (before the first model). Refused if it does not match
@@ -475,6 +548,11 @@ class Daemon:
 
     def add_new_events_listener(self, listener: Callable[[int], None]) -> None:
         self._event_listeners.append(listener)
+
+    def add_shutdown_callback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` at shutdown, before the processes stop and the store closes
+        (background services that use the store stop here)."""
+        self._shutdown_callbacks.append(callback)
 
     def history(self) -> list[int]:
         """The local history as model columns, oldest first (unknown items skipped)."""
@@ -548,8 +626,27 @@ class Daemon:
         return out
 
     def add_feedback(self, feedback: Sequence[Feedback]) -> int:
-        """Store feedback; the whole batch is refused (422) if any pair was never shown."""
-        return len(self.store.add_feedback(feedback))
+        """Store feedback; the whole batch is refused (422) if any pair was never shown.
+
+        Stored feedback then updates a learning policy at once (``clicked`` = 1, ``shown`` =
+        0); a policy failure is logged, never lost feedback: the store already has it.
+        """
+        stored = len(self.store.add_feedback(feedback))
+        reranker, catalog = self.reranker, self.catalog
+        if isinstance(reranker, LearningReranker) and catalog is not None:
+            columns, rewards = [], []
+            for fb in feedback:
+                col = catalog.dense(fb.item_id)
+                if col is not None:
+                    columns.append(col)
+                    rewards.append(1.0 if fb.action == "clicked" else 0.0)
+            try:
+                reranker.observe(columns, rewards)
+            except Exception:
+                logger.exception(
+                    "exploration policy %s failed to learn from feedback", reranker.name
+                )
+        return stored
 
     def status(self) -> DeviceStatus:
         stats = self.store.stats()
@@ -593,6 +690,9 @@ class Daemon:
             self.model = None
             self.model_info = None
             self.model_error = None
+            if isinstance(self.reranker, LearningReranker):
+                self.reranker.reset()
+                self.reranker.on_model(None)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
 
     # -- processes and lifecycle ----------------------------------------------------------------
@@ -725,7 +825,9 @@ class Daemon:
         proc.exit_codes.append(code)
         spec = proc.spec
         if spec.restart and proc.restarts < spec.max_restarts:
-            delay = spec.backoff_s * (2**proc.restarts)
+            delay = spec.backoff_s * (2 ** min(proc.restarts, 30))
+            if spec.max_backoff_s is not None:
+                delay = min(delay, spec.max_backoff_s)
             proc.restarts += 1
             proc.next_start = now + delay
             logger.warning(
@@ -746,6 +848,11 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        for callback in list(self._shutdown_callbacks):
+            try:
+                callback()
+            except Exception:
+                logger.exception("shutdown callback %r failed", callback)
         if self._monitor is not None:
             self._monitor.join(timeout=5)
         for proc in self.processes:

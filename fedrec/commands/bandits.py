@@ -206,7 +206,8 @@ def _evaluate_synthetic(
 
 
 def _synthetic_targets(summary: dict[str, Any], runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Which arm is best (lowest mean regret ratio) and whether it meets the targets.
+    """Which arm is best (lowest mean regret ratio), whether it meets the targets, and which
+    arms meet both targets (regret <= 0.8x and catalog coverage >= 3x greedy's) on every seed.
 
     Also the most catalog coverage any re-ranker could reach relative to greedy: the union of
     the users' top-N candidates over greedy's coverage, per seed.
@@ -226,6 +227,9 @@ def _synthetic_targets(summary: dict[str, Any], runs: Sequence[dict[str, Any]]) 
         "user_coverage_ratio_vs_greedy_per_seed": e["user_coverage_ratio_vs_greedy_per_seed"],
         "meets_regret_and_catalog_coverage": e["meets_targets_coverage_every_seed"],
         "meets_regret_and_user_coverage": e["meets_targets_user_coverage_every_seed"],
+        "policies_meeting_regret_and_catalog_coverage": sorted(
+            n for n, entry in learning.items() if entry["meets_targets_coverage_every_seed"]
+        ),
         "catalog_coverage_upper_bound_ratio_per_seed": [
             r["candidate_coverage"] / r["arms"]["greedy"]["coverage"]
             for r in runs

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from shared.config import from_flat, parse_run_config
+from shared.config import parse_run_config
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         help="Daemon settings as 'key=value ...' (kebab-case keys of DaemonConfig, e.g. "
-        "'max-batch=500 candidate-pool=50').",
+        "'max-batch=500 candidate-pool=200'; the exploration policy as bandit-<key>, e.g. "
+        "'bandit-policy=thompson bandit-mmr-lambda=0.6').",
     ),
 ]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")]
@@ -56,7 +57,7 @@ def _daemon_config(config: str, host: str | None, port: int | None) -> DaemonCon
         values["host"] = host
     if port is not None:
         values["port"] = port
-    return from_flat(DaemonConfig, values)
+    return DaemonConfig.from_values(values)
 
 
 def _passphrase(state_dir: Path, passphrase_env: str | None) -> str | None:

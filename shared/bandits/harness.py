@@ -48,24 +48,21 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.bandits.diversity import item_popularity, normalize_rows, top_k
+from shared.bandits.features import FEATURE_SOURCES, item_features, mf_features
 from shared.bandits.policies import BanditConfig, make_policy
 from shared.data.dataset import RecDataset
 from shared.data.synthetic import SyntheticConfig, SyntheticWorld, generate_world
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig, split_users
 from shared.models.base import Recommender
 from shared.models.baselines import EASE, ItemKNN, TextOnly
 
 __all__ = [
-    "FEATURE_SOURCES",
     "Arm",
     "EmbedFn",
     "SimulationConfig",
     "default_arms",
     "fit_base_model",
-    "item_features",
-    "mf_features",
-    "pca_features",
     "run_simulation",
     "summarize_runs",
 ]
@@ -76,7 +73,6 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 EmbedFn = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 
-FEATURE_SOURCES: tuple[str, ...] = ("text", "mf")
 REGRET_TARGET = 0.8
 """The issue's target: the best policy's regret after ``steps`` <= 0.8x greedy's ..."""
 COVERAGE_TARGET = 3.0
@@ -176,76 +172,6 @@ def _replace(cfg: BanditConfig, **changes: Any) -> BanditConfig:
     values = cfg.as_dict()
     values.update(changes)
     return BanditConfig(**values)
-
-
-# ---------------------------------------------------------------------------- features
-def pca_features(embeddings: npt.ArrayLike, dim: int) -> FloatArray:
-    """Project ``embeddings`` on their top ``dim`` principal components.
-
-    Scaled so the mean squared row norm is 1: the policies' unit prior then means the same
-    thing whatever the source. Deterministic (signs fixed so each component's largest
-    loading is positive).
-    """
-    x = np.asarray(embeddings, dtype=np.float64)
-    if x.ndim != 2 or not np.isfinite(x).all():
-        raise DataError(f"embeddings must be a finite 2-D array, got shape {x.shape}")
-    if dim == 0:
-        return np.zeros((x.shape[0], 0))
-    if dim > min(x.shape):
-        raise ConfigError(f"feature_dim {dim} exceeds the embedding rank bound {min(x.shape)}")
-    centred = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    comps = vt[:dim]
-    signs = np.sign(comps[np.arange(dim), np.argmax(np.abs(comps), axis=1)])
-    proj = centred @ (comps * signs[:, None]).T
-    return _unit_mean_square(proj)
-
-
-def mf_features(sequences: Sequence[IntArray], n_items: int, dim: int) -> FloatArray:
-    """Item factors estimated from interactions: top eigenvectors of the item-item Gram.
-
-    The binary user-item matrix ``X`` is column-normalised by ``1/sqrt(popularity)`` (so the
-    first factors are tastes, not just popularity) and the items get ``V sqrt(S)`` from
-    ``X^T X = V S V^T``; rows scaled to unit mean square like :func:`pca_features`.
-    """
-    if dim == 0:
-        return np.zeros((n_items, 0))
-    if dim >= n_items:
-        raise ConfigError(f"feature_dim {dim} must be below the number of items {n_items}")
-    gram = np.zeros((n_items, n_items))
-    for seq in sequences:
-        items = np.unique(np.asarray(seq, dtype=np.int64))
-        gram[np.ix_(items, items)] += 1.0
-    scale = 1.0 / np.sqrt(np.maximum(np.diag(gram), 1.0))
-    gram *= scale[:, None] * scale[None, :]
-    vals, vecs = np.linalg.eigh(gram)
-    top = np.argsort(-vals, kind="stable")[:dim]
-    factors = vecs[:, top] * np.sqrt(np.maximum(vals[top], 0.0))
-    signs = np.sign(factors[np.argmax(np.abs(factors), axis=0), np.arange(dim)])
-    return _unit_mean_square(factors * signs)
-
-
-def _unit_mean_square(x: FloatArray) -> FloatArray:
-    ms = float(np.mean(np.sum(x * x, axis=1)))
-    return x / math.sqrt(ms) if ms > 0 else x
-
-
-def item_features(
-    source: str,
-    dim: int,
-    *,
-    text_embeddings: npt.ArrayLike | None,
-    sequences: Sequence[IntArray],
-    n_items: int,
-) -> FloatArray:
-    """Features of every item from ``source`` (``text`` or ``mf``), ``(n_items, dim)``."""
-    if source == "text":
-        if text_embeddings is None:
-            raise ConfigError("features 'text' need the item text embeddings")
-        return pca_features(text_embeddings, dim)
-    if source == "mf":
-        return mf_features(sequences, n_items, dim)
-    raise ConfigError(f"unknown feature source {source!r}; use {', '.join(FEATURE_SOURCES)}")
 
 
 def fit_base_model(

@@ -48,7 +48,8 @@ from shared.bandits.diversity import (
     novelty,
     top_k,
 )
-from shared.bandits.harness import Arm, EmbedFn, fit_base_model, item_features
+from shared.bandits.features import item_features
+from shared.bandits.harness import Arm, EmbedFn, fit_base_model
 from shared.bandits.policies import make_policy
 from shared.data.cleaning import read_numeric_table
 from shared.data.dataset import RecDataset

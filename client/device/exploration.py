@@ -1,0 +1,149 @@
+"""The device's exploration policy: a :mod:`shared.bandits` policy behind the daemon's
+:class:`~client.device.daemon.Reranker` interface.
+
+What it adds to the policy itself:
+
+* **Features from the model being served.** The policy needs item features (LinUCB's and
+  Thompson's linear reward, MMR's similarity). The device computes them from the installed
+  int8 model alone (:func:`shared.bandits.features.model_features`, once per model version),
+  so no extra artifact has to be shipped or kept in sync with the catalog. The student's item
+  representation is built from the LM text embedding, so these features carry the text
+  knowledge.
+* **A posterior that survives restarts.** After every slate and every feedback batch the
+  policy's state (posterior, pending impressions, counters) is written to the encrypted store
+  (one durable SQLite transaction), so a ``kill -9`` loses nothing acknowledged.
+* **One posterior per model version.** Features are derived from the model, so a posterior
+  learned under one version's features means nothing under the next one: a new global model
+  starts a fresh posterior (what was learned federatedly is in the model itself, and the
+  clicks stay in the store for the next few-shot adaptation).
+* **Feedback semantics.** An impression reported ``clicked`` is reward 1, ``shown`` (seen, not
+  clicked) reward 0. Each impression is learned from once; a later report on the same
+  impression is stored but ignored by the policy (logged and counted as ``no_impression``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from client.device.store import DeviceStore
+from shared.bandits.features import model_features
+from shared.bandits.policies import BanditConfig, Policy, make_policy
+from shared.errors import ConfigError, ModelFileError
+from shared.ondevice.runtime import OnDeviceModel
+
+__all__ = ["STATE_KEY", "BanditReranker"]
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "exploration"
+"""Key of the policy state in the store's encrypted key-value table."""
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.floating[Any]]
+
+
+class BanditReranker:
+    """Re-ranks the daemon's candidates with the configured bandit policy (see module doc).
+
+    Thread-safe: the API serves requests from several threads.
+    """
+
+    def __init__(self, config: BanditConfig, store: DeviceStore) -> None:
+        if not isinstance(config, BanditConfig):
+            raise ConfigError(f"expected a BanditConfig, got {type(config).__name__}")
+        self.config = config
+        self.store = store
+        self.name = config.policy if config.mmr_lambda >= 1.0 else f"{config.policy}+mmr"
+        self._lock = threading.Lock()
+        self._model: OnDeviceModel | None = None
+        self._model_version: str | None = None
+        self._features: npt.NDArray[np.float64] | None = None
+        self._policy: Policy | None = None
+
+    # -- the daemon's hooks ----------------------------------------------------------------------
+
+    def on_model(self, model: OnDeviceModel | None) -> None:
+        """The daemon now serves ``model`` (None: no model). Features are computed lazily."""
+        with self._lock:
+            version = None if model is None else model.metadata.model_version
+            if model is self._model:
+                return
+            self._model, self._features = model, None
+            if version != self._model_version:
+                self._model_version, self._policy = version, None
+
+    def rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> Sequence[int]:
+        with self._lock:
+            policy, features = self._ready()
+            slate = policy.select(
+                candidates,
+                scores,
+                features[candidates],
+                k,
+                diversity_embeddings=features[candidates],
+            )
+            self._save(policy)
+        return [int(c) for c in slate]
+
+    def observe(self, columns: Sequence[int], rewards: Sequence[float]) -> int:
+        """Learn from the outcome of shown items (model columns); returns how many counted."""
+        if not columns:
+            return 0
+        with self._lock:
+            if self._model is None:
+                return 0
+            policy, _ = self._ready()
+            accepted = policy.update_many(list(columns), list(rewards))
+            self._save(policy)
+        return accepted
+
+    def reset(self) -> None:
+        """Forget the posterior (the daemon's erase removed the stored state already)."""
+        with self._lock:
+            self._policy = None
+
+    def state(self) -> dict[str, Any]:
+        """The policy's persisted state for the current model (loaded or fresh)."""
+        with self._lock:
+            return self._ready()[0].state_dict()
+
+    @property
+    def feedback_counts(self) -> dict[str, int]:
+        """Accepted / refused feedback by reason, for this model version."""
+        with self._lock:
+            return {} if self._policy is None else dict(self._policy.feedback_counts)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _ready(self) -> tuple[Policy, npt.NDArray[np.float64]]:
+        model = self._model
+        if model is None:
+            raise ModelFileError("the exploration policy has no model to re-rank for")
+        if self._features is None:
+            self._features = model_features(model.score, model.n_items, self.config.feature_dim)
+        if self._policy is None:
+            self._policy = self._restore(model)
+        return self._policy, self._features
+
+    def _restore(self, model: OnDeviceModel) -> Policy:
+        policy = make_policy(self.config, model.n_items)
+        saved = self.store.get_state(STATE_KEY)
+        if not isinstance(saved, dict) or saved.get("model_version") != self._model_version:
+            return policy
+        try:
+            policy.load_state_dict(saved.get("policy"))  # type: ignore[arg-type]
+        except ModelFileError as exc:
+            logger.warning("stored exploration state not reused (%s); starting fresh", exc)
+            return make_policy(self.config, model.n_items)
+        return policy
+
+    def _save(self, policy: Policy) -> None:
+        self.store.set_state(
+            STATE_KEY, {"model_version": self._model_version, "policy": policy.state_dict()}
+        )
