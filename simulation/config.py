@@ -47,6 +47,7 @@ class SimulationConfig:
     lr: float = 0.05
     personal_steps: int = 5
     personal_lr: float = 0.05
+    meta_learning: bool = False
     # few-shot
     shots: tuple[int, ...] = (1, 3, 5, 10)
     adapt_steps: int = 10
@@ -56,6 +57,7 @@ class SimulationConfig:
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     ray_address: str = ""
+    device: str = "auto"
     # output
     run_dir: str = "runs"
     name: str = ""

@@ -92,11 +92,15 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
 
     progress("federate", {"clients": len(clients), "rounds": config.rounds})
     federation = _federate(config, run, bundle_path, len(clients), progress)
-    final_model = copy.deepcopy(initial)
-    set_global_arrays(final_model, federation["parameters"])
+    final_model = copy.deepcopy(initial).cpu()
+    final_model.adapter.reset()
+    set_global_arrays(final_model, federation["parameters"], config.meta_learning)
+    # a new user's adapter starts here: the meta-learned initialization, or the identity
+    adapter_init = copy.deepcopy(final_model.adapter.state_dict())
+    final_model.adapter.reset()  # the global model itself is served with the identity
 
     progress("evaluate", {})
-    summary = _evaluate(config, run, dataset, split, pre, initial, final_model, text)
+    summary = _evaluate(config, run, dataset, split, pre, initial, final_model, adapter_init)
     summary["rounds"] = federation["rounds"]
     summary["meta"] = {
         "dataset": dataset.name,
@@ -107,6 +111,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         "cohort": min(config.cohort_size, len(clients)),
         "secagg": config.secagg,
         "dp": config.dp,
+        "meta-learning": config.meta_learning,
         "noise multiplier": config.noise_multiplier,
         "pretraining seconds": round(pre.seconds, 1),
         "pretraining cached": pre.cached,
@@ -184,6 +189,8 @@ def _server_run_config(
         "lr": config.lr,
         "personal-steps": config.personal_steps,
         "personal-lr": config.personal_lr,
+        "meta-learning": config.meta_learning,
+        "device": config.device,
     }
 
 
@@ -291,11 +298,18 @@ def _logged_rounds(run: RunDirectory) -> list[dict[str, Any]]:
 class PersonalizedStudent:
     """Scores each federated user with the global model plus that device's own adapter."""
 
-    def __init__(self, model: StudentModel, state_dir: Path, client_of_user: dict[int, int]):
+    def __init__(
+        self,
+        model: StudentModel,
+        state_dir: Path,
+        client_of_user: dict[int, int],
+        adapter_init: dict[str, torch.Tensor],
+    ):
         self.model = model
         self.state_dir = state_dir
         self.client_of_user = client_of_user
         self._users: list[int] = []
+        self._init = adapter_init  # a device that never trained its own adapter
 
     @property
     def n_items(self) -> int:
@@ -322,17 +336,21 @@ class PersonalizedStudent:
         if client is not None and path.exists():
             self.model.adapter.load_state_dict(torch.load(path, weights_only=True))
         else:
-            self.model.adapter.reset()
+            self.model.adapter.load_state_dict(self._init)
 
 
 class FewShotStudent:
     """Few-shot adaptation: per cold user, a few steps on a fresh personal adapter from the
-    global initialization, then score from the support set."""
+    model's adapter (the identity, or the meta-learned initialization), then score from the
+    support set."""
 
-    def __init__(self, model: StudentModel, steps: int, lr: float) -> None:
+    def __init__(
+        self, model: StudentModel, steps: int, lr: float, adapter_init: dict[str, torch.Tensor]
+    ) -> None:
         self.model = copy.deepcopy(model)
         self.steps = steps
         self.lr = lr
+        self._init = adapter_init
 
     @property
     def n_items(self) -> int:
@@ -341,8 +359,7 @@ class FewShotStudent:
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
         for row, support in enumerate(histories):
-            torch.manual_seed(row)
-            self.model.adapter.reset()
+            self.model.adapter.load_state_dict(self._init)
             adapt_personal(self.model, support, self.steps, self.lr)
             items, mask = pad_histories([support], self.model.config.max_len)
             self.model.eval()
@@ -359,7 +376,7 @@ def _evaluate(
     pre: Any,
     initial: StudentModel,
     final: StudentModel,
-    text: np.ndarray,
+    adapter_init: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
     from shared.compression.artifact import publish_student
     from shared.ondevice.runtime import OnDeviceModel
@@ -389,7 +406,10 @@ def _evaluate(
         final_results[name] = evaluate_split(model, split, pops, "test", eval_cfg)
     users = split.evaluable(split.federated_users)
     personalized = PersonalizedStudent(
-        copy.deepcopy(final), run.root / "clients", {int(u): i for i, u in enumerate(users)}
+        copy.deepcopy(final),
+        run.root / "clients",
+        {int(u): i for i, u in enumerate(users)},
+        adapter_init,
     )
     from shared.eval.protocol import loo_cases, rank_cases
 
@@ -406,7 +426,10 @@ def _evaluate(
             models["student (federated)"], split, shots, eval_cfg
         )
         fewshot["student (adapted)"] = evaluate_fewshot(
-            FewShotStudent(final, config.adapt_steps, config.adapt_lr), split, shots, eval_cfg
+            FewShotStudent(final, config.adapt_steps, config.adapt_lr, adapter_init),
+            split,
+            shots,
+            eval_cfg,
         )
     run.log(
         "artifact",

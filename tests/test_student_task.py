@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.federated.bundle import ClientData, load_bundle, save_bundle
-from shared.federated.student_task import StudentTask, get_global_arrays
+from shared.federated.student_task import (
+    StudentTask,
+    adapter_names,
+    get_global_arrays,
+    resolve_device,
+)
 from shared.federated.task import FitStatus
 from shared.models.student import StudentConfig, StudentModel
 
@@ -153,3 +158,44 @@ def test_tiny_federation_in_process_goes_on_despite_a_bad_client(
         float(np.abs(a - b).sum()) for a, b in zip(reports[-1].parameters, initial, strict=True)
     )
     assert moved > 0
+
+
+def test_meta_learning_mode_trains_the_adapter_initialization(bundle: Path, tmp_path: Path) -> None:
+    plain = _task(bundle, tmp_path / "plain").initial_parameters()
+    task = _task(bundle, tmp_path / "meta", **{"meta-learning": True, "dp": False})
+    params = task.initial_parameters()
+    n_adapter = len(adapter_names(task.model))
+    assert n_adapter == 3 and len(params) == len(plain) + n_adapter
+    out = task.fit(0, params, {"server-round": 1})
+    assert out.status is FitStatus.OK
+    assert [u.shape for u in out.arrays] == [p.shape for p in params]
+    # the released update moves the shared initialization of the adapter (Reptile's step)...
+    assert sum(float(np.abs(u).sum()) for u in out.arrays[-n_adapter:]) > 0
+    # ... and the device kept its own, adapted from that initialization, on its disk
+    personal = torch.load(tmp_path / "meta" / "client-0" / "personal.pt", weights_only=True)
+    init = dict(zip(adapter_names(task.model), params[-n_adapter:], strict=True))
+    assert not np.allclose(personal["up.weight"].numpy(), init["adapter.up.weight"])
+    assert task.evaluate(0, params, {}).num_examples == 1
+    with pytest.raises(DataError, match="adapter initialization"):
+        task.fit(1, plain, {})  # a plain-mode model sent to a meta-learning client
+
+
+def test_meta_learning_with_dp_records_privacy_like_plain_mode(
+    bundle: Path, tmp_path: Path
+) -> None:
+    meta = _task(bundle, tmp_path / "meta", **{"meta-learning": True})
+    plain = _task(bundle, tmp_path / "plain")
+    a = meta.fit(0, meta.initial_parameters(), {"server-round": 1})
+    b = plain.fit(0, plain.initial_parameters(), {"server-round": 1})
+    assert a.status is b.status is FitStatus.OK
+    assert float(a.metrics["epsilon"]) == pytest.approx(float(b.metrics["epsilon"]))
+
+
+def test_device_selection() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no GPU"):
+            resolve_device("cuda")

@@ -101,18 +101,31 @@ def check_items(sequence: IntArray, n_items: int) -> None:
         raise DataError(f"local data references items outside the catalog [0, {n_items})")
 
 
-def train_global_dp(
-    model: StudentModel, sequence: IntArray, config: LocalTrainConfig
-) -> LocalResult:
-    """DP-SGD (Opacus, Poisson sampling, per-sample clipping + noise) on the global group.
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (inputs are moved there)."""
+    return next(model.parameters()).device
 
-    Personal and frozen parameters do not move. Returns the accounting inputs.
+
+def train_global_dp(
+    model: StudentModel,
+    sequence: IntArray,
+    config: LocalTrainConfig,
+    groups: tuple[str, ...] = ("global",),
+) -> LocalResult:
+    """DP-SGD (Opacus, Poisson sampling, per-sample clipping + noise) on ``groups``.
+
+    By default the global group only: personal and frozen parameters do not move. The
+    meta-learning mode also trains the personal adapter from the shared initialization (its
+    change is then released, so it is clipped and noised with the rest). Runs where the model
+    is (CPU or CUDA). Returns the accounting inputs.
     """
     check_items(sequence, model.n_items)
     items, mask, targets = next_item_examples(sequence, model.config.max_len, config.max_examples)
+    device = model_device(model)
+    items, mask, targets = items.to(device), mask.to(device), targets.to(device)
     n = len(targets)
     batch = min(config.batch_size, n)
-    model.set_trainable(["global"])
+    model.set_trainable(groups)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
@@ -177,6 +190,8 @@ def adapt_personal(
         return math.nan
     check_items(support, model.n_items)
     items, mask, targets = next_item_examples(support, model.config.max_len, max_examples)
+    device = model_device(model)
+    items, mask, targets = items.to(device), mask.to(device), targets.to(device)
     model.set_trainable(["personal"])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -4,8 +4,19 @@ keeps its personal adapter and its privacy ledger on disk, and declines once its
 spent.
 
 Run-config keys (kebab-case): ``bundle`` (pretrained bundle path), ``state-dir`` (per-client
-ledgers and personal parameters), ``epsilon-budget``, ``delta``, plus every
-:class:`~shared.federated.local_training.LocalTrainConfig` key.
+ledgers and personal parameters), ``epsilon-budget``, ``delta``, ``meta-learning``,
+``device``, plus every :class:`~shared.federated.local_training.LocalTrainConfig` key.
+
+**Two modes.** Plain (default): FedAvg over the global parameters; a new user's personal
+adapter starts at the identity and is fine-tuned locally. **Meta-learning**
+(``meta-learning=true``, Reptile-style; Nichol et al. 2018, Jiang et al. 2019): the
+*initialization* of the personal adapter is also a global parameter. Each client trains it,
+together with the global parameters, from the shared value with DP-SGD (its change is
+released, so it is clipped and noised like the rest), and the server's average of those
+changes is the Reptile step. A new user's adapter then starts from the learned
+initialization instead of the identity, which is what few-shot adaptation benefits from. The
+client's own adapter still never leaves the device: it is adapted after the round, from the
+client's saved adapter (or from the new initialization for a first-time client).
 """
 
 from __future__ import annotations
@@ -51,6 +62,8 @@ class StudentTaskConfig:
     eval_negatives: int = 99
     eval_seed: int = 42
     num_threads: int = 1
+    meta_learning: bool = False
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.bundle:
@@ -58,6 +71,31 @@ class StudentTaskConfig:
         if not self.state_dir:
             raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
         PrivacyBudget(self.epsilon_budget, self.delta)
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when a GPU is visible, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as
+    given (refused with a clear error when that device is not there)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {name!r} asked for CUDA but torch sees no GPU (torch "
+                f"{torch.__version__}); use device=auto or device=cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 def global_names(model: StudentModel) -> list[str]:
@@ -65,21 +103,56 @@ def global_names(model: StudentModel) -> list[str]:
     return sorted(model.named_parameter_groups()["global"])
 
 
-def get_global_arrays(model: StudentModel) -> Arrays:
+def adapter_names(model: StudentModel) -> list[str]:
+    """The personal adapter's parameters, in wire order (meta-learning mode only)."""
+    return sorted(model.named_parameter_groups()["personal"])
+
+
+def get_global_arrays(model: StudentModel, meta: bool = False) -> Arrays:
+    """The arrays on the wire: the global parameters, then with ``meta`` the adapter (which
+    then holds the meta-learned initialization)."""
     state = model.global_state_dict()
-    return [state[name].numpy().astype(np.float32) for name in global_names(model)]
+    out = [state[name].cpu().numpy().astype(np.float32) for name in global_names(model)]
+    if meta:
+        personal = model.named_parameter_groups()["personal"]
+        out += [personal[n].detach().cpu().numpy().astype(np.float32) for n in adapter_names(model)]
+    return out
 
 
-def set_global_arrays(model: StudentModel, arrays: Arrays) -> None:
+def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -> None:
+    """Inverse of :func:`get_global_arrays`; with ``meta`` the adapter is set to the
+    initialization carried at the end."""
     names = global_names(model)
-    if len(arrays) != len(names):
-        raise DataError(f"expected {len(names)} global arrays, got {len(arrays)}")
+    extra = adapter_names(model) if meta else []
+    if len(arrays) != len(names) + len(extra):
+        raise DataError(
+            f"expected {len(names) + len(extra)} arrays ({len(names)} global"
+            f"{f' + {len(extra)} adapter initialization' if meta else ''}), got {len(arrays)}"
+        )
+    device = next(model.parameters()).device
     model.load_global_state_dict(
         {
-            n: torch.as_tensor(np.asarray(a, dtype=np.float32))
-            for n, a in zip(names, arrays, strict=True)
+            n: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+            for n, a in zip(names, arrays[: len(names)], strict=True)
         }
     )
+    if meta:
+        set_adapter_arrays(model, arrays[len(names) :])
+
+
+def set_adapter_arrays(model: StudentModel, arrays: Arrays) -> None:
+    """Set the personal adapter from its wire arrays (:func:`adapter_names` order)."""
+    names = adapter_names(model)
+    if len(arrays) != len(names):
+        raise DataError(f"expected {len(names)} adapter arrays, got {len(arrays)}")
+    personal = model.named_parameter_groups()["personal"]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for n, a in zip(names, arrays, strict=True):
+            value = torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+            if value.shape != personal[n].shape:
+                raise DataError(f"{n}: shape {tuple(value.shape)} != {tuple(personal[n].shape)}")
+            personal[n].copy_(value)
 
 
 class ClientState:
@@ -90,12 +163,13 @@ class ClientState:
         self.ledger = PrivacyLedger.open(self.dir / "ledger.json", budget)
         self.personal_path = self.dir / "personal.pt"
 
-    def load_personal(self, model: StudentModel) -> None:
-        """Load this client's adapter, or reset to the identity for a first-time client."""
+    def load_personal(self, model: StudentModel, keep_init: bool = False) -> None:
+        """Load this client's adapter; a first-time client gets the identity, or with
+        ``keep_init`` whatever the adapter holds now (the meta-learned initialization)."""
         if self.personal_path.exists():
             state = torch.load(self.personal_path, map_location="cpu", weights_only=True)
             model.adapter.load_state_dict(state)
-        else:
+        elif not keep_init:
             model.adapter.reset()
 
     def save_personal(self, model: StudentModel) -> None:
@@ -113,6 +187,8 @@ class StudentTask:
         self._bundle: Bundle | None = None
         self._lock = threading.Lock()
         self._budget = PrivacyBudget(config.epsilon_budget, config.delta)
+        self._meta = config.meta_learning
+        self._device = resolve_device(config.device)
 
     @classmethod
     def from_run_config(cls, run_config: RunConfig) -> StudentTask:
@@ -129,7 +205,9 @@ class StudentTask:
     @property
     def bundle(self) -> Bundle:
         if self._bundle is None:
-            self._bundle = load_bundle(self.config.bundle)
+            bundle = load_bundle(self.config.bundle)
+            bundle.student.to(self._device)
+            self._bundle = bundle
         return self._bundle
 
     @property
@@ -152,7 +230,9 @@ class StudentTask:
 
     # ------------------------------------------------------------------ FederatedTask
     def initial_parameters(self) -> Arrays:
-        return get_global_arrays(self.model)
+        """The bundle's global parameters (and in meta mode its adapter as the first
+        initialization: the identity, since the pretrained student's adapter is reset)."""
+        return get_global_arrays(self.model, self._meta)
 
     def fit(
         self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
@@ -173,15 +253,24 @@ class StudentTask:
                     state.ledger.check(Spend(train.noise_multiplier, q, steps))
                 except PrivacyBudgetExceededError as err:
                     return FitOutcome.declined(str(err))
-            set_global_arrays(self.model, parameters)
-            state.load_personal(self.model)
-            result = train_global_dp(self.model, sequence, train)
+            set_global_arrays(self.model, parameters, self._meta)
+            if self._meta:  # Reptile: train the shared adapter initialization too
+                result = train_global_dp(self.model, sequence, train, ("global", "personal"))
+                new = get_global_arrays(self.model, meta=True)
+                # back to this round's initialization: a newcomer's personal start point
+                set_adapter_arrays(self.model, parameters[len(global_names(self.model)) :])
+            else:
+                state.load_personal(self.model)
+                result = train_global_dp(self.model, sequence, train)
             if train.dp:
                 state.ledger.record(train.noise_multiplier, result.sample_rate, result.steps)
             if train.personal_steps:
+                if self._meta:  # own adapter, or the round's initialization for a newcomer
+                    state.load_personal(self.model, keep_init=True)
                 adapt_personal(self.model, sequence, train.personal_steps, train.personal_lr)
                 state.save_personal(self.model)
-            new = get_global_arrays(self.model)
+            if not self._meta:
+                new = get_global_arrays(self.model)
             update = [
                 n - np.asarray(o, dtype=np.float32) for n, o in zip(new, parameters, strict=True)
             ]
@@ -204,12 +293,12 @@ class StudentTask:
             history = clients.train[client_id]
             if target < 0 or len(history) == 0:
                 raise DataError(f"client {client_id} has no validation interaction")
-            set_global_arrays(self.model, parameters)
-            self.client_state(client_id).load_personal(self.model)
+            set_global_arrays(self.model, parameters, self._meta)
+            self.client_state(client_id).load_personal(self.model, keep_init=self._meta)
             self.model.eval()
             items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
-                scores = self.model(items, mask)[0]
+                scores = self.model(items.to(self._device), mask.to(self._device))[0].cpu()
             loss = float(F.cross_entropy(scores[None], torch.tensor([target])))
             s = scores.numpy().astype(np.float64)
             negs = sample_negatives(
@@ -241,7 +330,8 @@ class StudentTask:
 
         path = Path(out_dir) / f"model-v{version}.int8.onnx"
         with self._lock:
-            set_global_arrays(self.model, parameters)
+            set_global_arrays(self.model, parameters, self._meta)
+            self.model.adapter.reset()  # the published model is the global one
             publish_student(self.model, self.bundle.item_ids, path, version=str(version))
         return path
 
