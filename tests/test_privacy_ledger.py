@@ -74,3 +74,17 @@ def test_bad_spend():
         Spend(0.0, 0.1, 1)
     with pytest.raises(ConfigError):
         Spend(1.0, 1.5, 1)
+
+
+@pytest.mark.parametrize("q", [1e-4, 0.003, 0.0625, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 1.5, 20.0])
+def test_vectorized_rdp_equals_opacus_series(q, sigma):
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from shared.privacy.ledger import _rdp_per_step
+
+    ours = _rdp_per_step(sigma, q)
+    ref = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS))
+    assert np.array_equal(np.isfinite(ours), np.isfinite(ref))
+    assert np.allclose(ours, ref, rtol=1e-5, atol=0)

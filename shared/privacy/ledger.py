@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import RDPAccountant
+import numpy as np
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from scipy.special import gammaln, logsumexp
 
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.io import write_json_atomic
@@ -70,15 +72,53 @@ computation dominated a small client's round (seconds per call); integer orders 
 bound slightly looser (conservative: about +0.05% epsilon at sigma 1.5, q 0.06)."""
 
 
+_ALPHAS = np.asarray(RDP_ORDERS, dtype=np.int64)
+_I = np.arange(int(_ALPHAS.max()) + 1)
+_LOG_BINOM = np.where(
+    _I[None, :] <= _ALPHAS[:, None],
+    gammaln(_ALPHAS[:, None] + 1.0)
+    - gammaln(_I[None, :] + 1.0)
+    - gammaln(np.maximum(_ALPHAS[:, None] - _I[None, :], 0) + 1.0),
+    -np.inf,
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one subsampled Gaussian step at every order in :data:`RDP_ORDERS`.
+
+    Mironov et al. (2019), integer orders: ``log A_a = logsumexp_i [log C(a, i) + i log q +
+    (a - i) log(1 - q) + (i^2 - i) / (2 sigma^2)]``, RDP ``= log A_a / (a - 1)``: the series
+    Opacus sums term by term, here evaluated for all orders at once (tested equal to Opacus'
+    ``compute_rdp``). Memoized per ``(sigma, q)``. Edge cases go to Opacus.
+    """
+    q, sigma = sample_rate, noise_multiplier
+    if not 0 < q < 1 or not sigma > 0:
+        return np.asarray(
+            compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS),
+            dtype=np.float64,
+        )
+    with np.errstate(invalid="ignore"):  # -inf + finite beyond each order's last term
+        terms = (
+            _LOG_BINOM
+            + _I[None, :] * math.log(q)
+            + (_ALPHAS[:, None] - _I[None, :]) * math.log1p(-q)
+            + (_I[None, :] ** 2 - _I[None, :]) / (2 * sigma**2)
+        )
+    terms = np.where(_I[None, :] <= _ALPHAS[:, None], terms, -np.inf)
+    rdp: np.ndarray = logsumexp(terms, axis=1) / (_ALPHAS - 1)
+    return rdp
+
+
 @functools.lru_cache(maxsize=1024)
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """Epsilon of a composed history (memoized: a fit asks the same question several times,
-    and the RDP computation dominates a small client's round)."""
+    """Epsilon of a composed history: RDP adds up over steps and mechanisms (what Opacus'
+    ``RDPAccountant`` does, with the per-step RDP memoized)."""
     if not history:
         return 0.0
-    acc = RDPAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+    rdp = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in history)
+    eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 class PrivacyLedger:
