@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from server.strategy import RoundReport
 from shared.federated.task import RunConfigValue, get_task
 
 SECAGG_STAGES = ("setup", "share-keys", "collect", "unmask")
+STUDENT_TASK = "shared.federated.student_task:make_task"
 
 
 @dataclass
@@ -149,7 +151,7 @@ def make_bench_server_app(
 def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) -> dict[str, Any]:
     """One (runtime, cohort, mode) measurement."""
     run_config: dict[str, RunConfigValue] = {
-        "task": "toy-linear",
+        "task": "toy-linear" if args.task == "toy" else STUDENT_TASK,
         "num-rounds": args.rounds,
         "cohort-size": cohort,
         "min-cohort": 2,
@@ -162,6 +164,11 @@ def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) 
         "toy-dim": args.dim,
         "toy-local-steps": args.local_steps,
     }
+    if args.task == "student":
+        if args.bundle is None:
+            raise SystemExit("--task student needs --bundle (e.g. a run directory's bundle.pt)")
+        state = tempfile.mkdtemp(prefix="fedrec-throughput-")
+        run_config.update({"bundle": str(args.bundle), "state-dir": state, "dp": args.dp})
     reports: list[RoundReport] = []
     call_log = CallLog()
     server_app = make_bench_server_app(run_config, reports, call_log, args.pull_interval)
@@ -232,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=8, help="toy model size (parameters - 1)")
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--task",
+        choices=["toy", "student"],
+        default="toy",
+        help="toy: protocol cost only; student: the real client (Opacus DP-SGD on the student)",
+    )
+    parser.add_argument("--bundle", type=Path, default=None, help="pretrained bundle (student)")
+    parser.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
 
     runtimes = ["ray", "inprocess"] if args.runtime == "both" else [args.runtime]

@@ -42,6 +42,12 @@ class SimulationConfig:
     max_grad_norm: float = 1.0
     epsilon_budget: float = 8.0
     delta: float = 1e-5
+    # user-level DP (server noise on the clipped, weight-1 updates; delta 0 = 1 / clients)
+    user_dp: bool = False
+    user_dp_noise_multiplier: float = 1.0
+    user_dp_clip: float = 0.5
+    user_dp_delta: float = 0.0
+    user_dp_epsilon_budget: float = 8.0
     local_epochs: int = 1
     batch_size: int = 16
     lr: float = 0.05

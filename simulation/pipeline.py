@@ -111,6 +111,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         "cohort": min(config.cohort_size, len(clients)),
         "secagg": config.secagg,
         "dp": config.dp,
+        "user-level dp": config.user_dp,
         "meta-learning": config.meta_learning,
         "noise multiplier": config.noise_multiplier,
         "pretraining seconds": round(pre.seconds, 1),
@@ -191,6 +192,12 @@ def _server_run_config(
         "personal-lr": config.personal_lr,
         "meta-learning": config.meta_learning,
         "device": config.device,
+        "user-dp": config.user_dp,
+        "user-dp-noise-multiplier": config.user_dp_noise_multiplier,
+        "user-dp-clip": config.user_dp_clip,
+        "user-dp-delta": config.user_dp_delta,
+        "user-dp-epsilon-budget": config.user_dp_epsilon_budget,
+        "population-size": n,
     }
 
 
@@ -240,6 +247,7 @@ def _federate(
             "round_seconds": round(report.round_seconds, 3),
             "epsilon_record": max(eps) if eps else None,
             "epsilon_record_mean": float(np.mean(eps)) if eps else None,
+            "epsilon_user": report.epsilon_user,
         }
         if report.evaluate is not None and report.evaluate.ok:
             m = report.evaluate.metrics

@@ -61,7 +61,12 @@ class TeacherConfig:
 
     ``loss='full'`` is a softmax over the whole catalog (cheap for thousands of items);
     ``'sampled'`` scores the target against ``n_negatives`` uniformly drawn items shared by
-    the batch (for catalogs too big for a full softmax).
+    the batch (for catalogs too big for a full softmax). ``batch_size`` counts windows of up
+    to ``max_len`` items, each trained at every position.
+
+    Defaults (d = 64, 2 layers, 2 heads, dropout 0.3, full softmax, AdamW 1e-3, early stopping
+    on the public users' validation sampled NDCG@10) reach their best epoch around 26 on the
+    170 public users of ml-100k: about 40 s on two idle CPU cores.
     """
 
     dim: int = 64

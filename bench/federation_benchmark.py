@@ -1,0 +1,178 @@
+"""Federated fine-tuning benchmark: the whole pipeline once per privacy / learning mode,
+side by side, as one JSON document (issue 4's table).
+
+Every variant is one ``fedrec simulate`` run (:func:`simulation.pipeline.run_pipeline`) on the
+same data, split and cached pretrained student, so rows differ only in the federation:
+
+* ``no-dp``: FedAvg, no DP, no SecAgg+;
+* ``record-dp``: SecAgg+ and record-level DP-SGD on every client (Opacus; per-client budget);
+* ``user-dp``: user-level DP (clipped weight-1 updates, server noise), delta = 1 / clients;
+* ``meta``: as ``record-dp`` with the Reptile meta-learning mode (few-shot comparison).
+
+Rows (federated users, the protocol's test item): the baselines, the student before
+federation, after each variant (global model, and with each device's personal adapter), the
+int8 artifact; few-shot K = 1, 3, 5, 10 for the cold users against EASE fold-in and Pop;
+privacy spent; seconds, rounds and client updates per second.
+
+Example (MovieLens 100K, the committed result)::
+
+    python bench/federation_benchmark.py --dataset ml-100k \\
+        --data-dir ../shared/datasets/ml-100k --out bench/results/federation-ml-100k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from shared.config import parse_run_config, to_flat
+from simulation.config import SimulationConfig
+from simulation.pipeline import run_pipeline
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no-dp": {"dp": False, "secagg": False},
+    "record-dp": {"dp": True, "secagg": True},
+    "user-dp": {"dp": False, "secagg": True, "user_dp": True},
+    "meta": {"dp": True, "secagg": True, "meta_learning": True},
+}
+TARGETS = {
+    "sampled_hr@10": 0.70,
+    "full_hr@10": 0.20,
+    "dp_relative_cost": 0.10,
+    "epsilon": 8.0,
+    "updates_per_second": 10.0,
+}
+
+
+def _row(results: dict[str, Any], name: str) -> dict[str, float] | None:
+    entry = results.get(name, {}).get("federated")
+    return None if entry is None else {k: round(float(v), 4) for k, v in entry.items()}
+
+
+def _variant_summary(name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    final = summary["final"]
+    rounds = summary.get("rounds", [])
+    last = rounds[-1] if rounds else {}
+    seconds = [r["round_seconds"] for r in rounds if r.get("round", 0) > 1]
+    return {
+        "federated": _row(final, "student (federated)"),
+        "federated + personal": _row(final, "student (federated + personal)"),
+        "int8 onnx": _row(final, "student int8 onnx"),
+        "fewshot": {k: v for k, v in summary.get("fewshot", {}).items() if k.startswith("student")},
+        "epsilon_record_max": last.get("epsilon_record"),
+        "epsilon_user": last.get("epsilon_user"),
+        "rounds": len(rounds),
+        "seconds_per_round_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
+        "federation_seconds": summary["meta"]["federation seconds"],
+        "client_updates_per_second": summary["meta"]["client updates per second"],
+        "valid_sampled_hr@10_per_round": [r.get("valid_sampled_hr@10") for r in rounds],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--cohort", type=int, default=50)
+    parser.add_argument("--teacher-epochs", type=int, default=200)
+    parser.add_argument("--student-epochs", type=int, default=100)
+    parser.add_argument("--backend", default="ray", choices=["ray", "inprocess"])
+    parser.add_argument("--run-dir", default="runs/bench")
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="SimulationConfig overrides for every variant, e.g. 'user-dp-noise-multiplier=0.8'",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    common: dict[str, Any] = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "rounds": args.rounds,
+        "cohort_size": args.cohort,
+        "teacher_epochs": args.teacher_epochs,
+        "student_epochs": args.student_epochs,
+        "backend": args.backend,
+        "run_dir": args.run_dir,
+        "progress": False,
+    }
+    overrides = {k.replace("-", "_"): v for k, v in parse_run_config(args.run_config).items()}
+    started = time.perf_counter()
+    variants: dict[str, Any] = {}
+    shared_rows: dict[str, Any] = {}
+    configs: dict[str, Any] = {}
+    for name in args.variants:
+        cfg = SimulationConfig(
+            **{**common, **VARIANTS[name], **overrides, "name": f"{args.dataset}-{name}"}
+        )
+        print(f"[{time.strftime('%H:%M:%S')}] variant {name} ...", file=sys.stderr, flush=True)
+        summary = run_pipeline(cfg)
+        configs[name] = to_flat(cfg)
+        variants[name] = _variant_summary(name, summary)
+        if not shared_rows:
+            final = summary["final"]
+            for row in ("pop", "ease (public)", "ease (all)", "teacher", "student (pretrained)"):
+                shared_rows[row] = _row(final, row)
+            fewshot = summary.get("fewshot", {})
+            shared_rows["fewshot"] = {
+                k: v for k, v in fewshot.items() if k in ("pop", "ease fold-in")
+            }
+        print(json.dumps({name: variants[name]}, default=str), file=sys.stderr, flush=True)
+
+    checks: dict[str, Any] = {}
+    base = variants.get("no-dp", {}).get("federated")
+    for name, v in variants.items():
+        row = v["federated"] or {}
+        check: dict[str, Any] = {
+            "sampled_hr@10 >= 0.70": row.get("sampled_hr@10", 0) >= TARGETS["sampled_hr@10"],
+            "full_hr@10 >= 0.20": row.get("full_hr@10", 0) >= TARGETS["full_hr@10"],
+        }
+        eps = v["epsilon_user"] if name == "user-dp" else v["epsilon_record_max"]
+        if name != "no-dp":
+            check["epsilon <= 8"] = eps is not None and eps <= TARGETS["epsilon"]
+            if base:
+                rel = 1 - row.get("sampled_hr@10", 0) / max(base["sampled_hr@10"], 1e-9)
+                check["relative sampled HR@10 cost vs no-dp"] = round(rel, 4)
+                check["dp cost <= 10%"] = rel <= TARGETS["dp_relative_cost"]
+        ease = shared_rows.get("fewshot", {}).get("ease fold-in", {})
+        adapted = v["fewshot"].get("student (adapted)", {})
+        if ease and adapted:
+            check["few-shot beats EASE fold-in at every K"] = all(
+                adapted[k]["sampled_hr@10"] > ease[k]["sampled_hr@10"] for k in ease
+            )
+        checks[name] = check
+    document = {
+        "dataset": args.dataset,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": "python bench/federation_benchmark.py " + " ".join(argv or sys.argv[1:]),
+        "configs": configs,
+        "baselines_and_pretrained": shared_rows,
+        "variants": variants,
+        "targets": TARGETS,
+        "checks": checks,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    text = json.dumps(document, indent=2, default=str)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
