@@ -103,7 +103,7 @@ def main() -> None:
         p for p in pre.teacher.model.parameters() if p.requires_grad
     )
     student_model = pre.student.model
-    out = {
+    out: dict[str, Any] = {
         "dataset": ds.summary(),
         "split": {"public": len(split.public_users), "federated": len(split.federated_users)},
         "results": results,
