@@ -199,3 +199,13 @@ def test_device_selection() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_no_dp_mode_clips_the_batch_gradient(bundle: Path, tmp_path: Path) -> None:
+    # even at an absurd learning rate every SGD step moves at most lr * max-grad-norm
+    task = _task(bundle, tmp_path / "state", dp=False, lr=50.0, **{"personal-steps": 0})
+    out = task.fit(2, task.initial_parameters(), {})
+    assert out.status is FitStatus.OK
+    norm = float(np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in out.arrays)))
+    steps = int(out.metrics["steps"])
+    assert 0 < norm <= 50.0 * 1.0 * steps + 1e-6

@@ -27,8 +27,10 @@ from shared.models.student import StudentModel
 class LocalTrainConfig:
     """Local training of one client per round.
 
-    ``noise_multiplier`` / ``max_grad_norm``: Opacus DP-SGD on the global parameters
-    (``dp=False`` trains them without noise or clipping, for the no-DP comparison).
+    ``noise_multiplier`` / ``max_grad_norm``: Opacus DP-SGD on the global parameters.
+    ``dp=False`` (the no-DP comparison) trains them without noise and clips the *batch*
+    gradient to ``max_grad_norm`` instead of every example's: plain SGD on a client's few
+    hundred examples otherwise diverges within a few rounds.
     ``personal_steps`` / ``personal_lr``: full-batch steps on the personal adapter after the
     global update (they never leave the device, so they need no DP).
     """
@@ -163,6 +165,8 @@ def train_global_dp(
                         continue  # an empty Poisson batch releases nothing: skip the update
                     loss = F.cross_entropy(module(b_items, b_mask), b_targets)
                     loss.backward()
+                    if not config.dp:
+                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
                     losses.append(float(loss.detach()))
     finally:
