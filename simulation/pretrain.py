@@ -21,7 +21,7 @@ from shared.eval.splits import ProtocolSplit
 from shared.io import write_bytes_atomic
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
 from shared.models.teacher import SASRecTeacher, TeacherConfig
-from shared.training.trainer import Validation
+from shared.training.trainer import Validation, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,31 @@ def pretrain(
     student_config: StudentConfig,
     progress: bool = False,
 ) -> Pretrained:
-    """Fit (or load) the teacher and the student on the public users' training data."""
+    """Fit (or load) the teacher and the student on the public users' training data.
+
+    The student is narrowed, if needed, to a tenth of this teacher's trainable parameters
+    (:meth:`StudentConfig.scaled_to`: the teacher grows with the catalog, the student does
+    not).
+    """
+    teacher = SASRecTeacher(text, teacher_config, progress=progress)
+    teacher_trainable = count_parameters(
+        p for p in teacher.build(dataset.n_items).parameters() if p.requires_grad
+    )
+    scaled = student_config.scaled_to(teacher_trainable)
+    if scaled != student_config:
+        log.info(
+            "student narrowed to dim %d (text %d, id %d): %d trainable parameters, %.3f of the "
+            "teacher's %d",
+            scaled.dim,
+            scaled.text_dim,
+            scaled.id_dim,
+            scaled.trainable_parameters(),
+            scaled.trainable_parameters() / teacher_trainable,
+            teacher_trainable,
+        )
+    student_config = scaled
     key = cache_key(dataset, split, text, teacher_config, student_config)
     path = cache_dir / "pretrained" / f"{dataset.name}-{key}.pt"
-    teacher = SASRecTeacher(text, teacher_config, progress=progress)
     start = time.perf_counter()
     if path.exists():
         try:

@@ -507,3 +507,19 @@ def test_ml100k_teacher_beats_public_ease_and_student_tracks_it(ml100k_dir: obje
         for metric in ("sampled_hr@10", "full_hr@10"):
             assert ours[pop_name][metric] > base[pop_name][metric], (pop_name, metric)
             assert small[pop_name][metric] >= ours[pop_name][metric] - 0.02, (pop_name, metric)
+
+
+def test_student_config_narrows_to_a_tenth_of_the_teacher() -> None:
+    from shared.models.student import MAX_TEACHER_RATIO
+
+    cfg = StudentConfig()
+    full = cfg.trainable_parameters()
+    assert cfg.scaled_to(20 * full) == cfg  # fits already: unchanged
+    small = cfg.scaled_to(7 * full)
+    assert small.dim < cfg.dim and small.dim % 8 == 0
+    assert small.trainable_parameters() <= MAX_TEACHER_RATIO * 7 * full
+    assert cfg.scaled_to(10).dim == 16  # nothing fits: the narrowest, for the caller to report
+    built = StudentModel(
+        np.zeros((5, small.text_dim), np.float32), np.zeros((5, small.id_dim), np.float32), small
+    )
+    assert built.num_parameters() == small.trainable_parameters()

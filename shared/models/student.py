@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -59,6 +59,10 @@ from shared.training.trainer import (
 
 GROUPS = ("global", "personal", "frozen")
 """Parameter groups of the student: see ``docs/parameters.md``."""
+
+
+MAX_TEACHER_RATIO = 0.1
+"""The student's trainable parameters are at most this share of the teacher's."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,41 @@ class StudentConfig:
 
     def train_config(self, progress: bool = False, num_threads: int | None = None) -> TrainConfig:
         return TrainConfig.of(self, progress=progress, num_threads=num_threads)
+
+    def trainable_parameters(self) -> int:
+        """Scalars the device trains (global + personal); the frozen tables do not count."""
+        probe = StudentModel(
+            np.zeros((2, self.text_dim), np.float32), np.zeros((2, self.id_dim), np.float32), self
+        )
+        return probe.num_parameters()
+
+    def scaled_to(
+        self, teacher_trainable: int, max_ratio: float = MAX_TEACHER_RATIO
+    ) -> StudentConfig:
+        """This config, narrowed until the student has at most ``max_ratio`` of the teacher's
+        trainable parameters (the issue's budget: a tenth).
+
+        The teacher's size depends on its catalog (its ID table is trainable) while the
+        student's does not (its tables are frozen), so a student that fits next to a large
+        catalog's teacher can be too big next to a small one. ``dim`` shrinks in steps of 8
+        (``text_dim`` / ``id_dim`` with it, proportionally) down to 16; if even that is too
+        big, the smallest is returned and the caller reports the ratio.
+        """
+        if teacher_trainable < 1 or not max_ratio > 0:
+            raise ConfigError("teacher_trainable must be >= 1 and max_ratio > 0")
+        budget = max_ratio * teacher_trainable
+        candidate = self
+        for dim in range(self.dim, 15, -8):
+            shrink = dim / self.dim
+            candidate = replace(
+                self,
+                dim=dim,
+                text_dim=max(8, round(self.text_dim * shrink)),
+                id_dim=max(8, round(self.id_dim * shrink)),
+            )
+            if candidate.trainable_parameters() <= budget:
+                return candidate
+        return candidate
 
 
 class PersonalAdapter(nn.Module):
