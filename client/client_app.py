@@ -105,6 +105,29 @@ def _task_for(run_config: Mapping[str, RunConfigValue]) -> FederatedTask:
     return task
 
 
+#: ``--node-config`` key set by ``fedrec client start``: this node is a real device whose
+#: state directory (encrypted event store, ledger) the ClientApp trains on.
+NODE_DEVICE_DIR = "fedrec-device-dir"
+#: ``--node-config`` key: the device's copy of the pretrained bundle.
+NODE_BUNDLE = "fedrec-bundle"
+DEVICE_TASK = "client.device.training:make_device_task"
+
+
+def deployment_run_config(
+    run_config: Mapping[str, RunConfigValue], node_config: Mapping[str, object]
+) -> dict[str, RunConfigValue]:
+    """The run config a node uses: on a device (``fedrec-device-dir`` in its node config) the
+    server's task is swapped for the device task and the server-side paths (``bundle``,
+    ``state-dir``) for the device's own; elsewhere (simulation) it is unchanged."""
+    merged = dict(run_config)
+    device_dir = node_config.get(NODE_DEVICE_DIR)
+    if device_dir:
+        merged["task"] = DEVICE_TASK
+        merged["state-dir"] = str(device_dir)
+        merged["bundle"] = str(node_config.get(NODE_BUNDLE, ""))
+    return merged
+
+
 def client_id_of(context: Context) -> int:
     """The task-level client id: ``partition-id`` from the node config, else node id."""
     partition = context.node_config.get("partition-id")
@@ -188,7 +211,9 @@ def handle_train(
 ) -> Message:
     """Train handler: ``FitIns`` -> ``task.fit`` -> ``FitRes`` (or an error reply)."""
     try:
-        merged = {**context.run_config, **(run_config or {})}
+        merged = deployment_run_config(
+            {**context.run_config, **(run_config or {})}, context.node_config
+        )
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
         received = parameters_to_ndarrays(fitins.parameters)
         config = dict(fitins.config)
@@ -209,7 +234,9 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate handler: ``EvaluateIns`` -> ``task.evaluate`` -> ``EvaluateRes``."""
     try:
-        merged = {**context.run_config, **(run_config or {})}
+        merged = deployment_run_config(
+            {**context.run_config, **(run_config or {})}, context.node_config
+        )
         ins = recorddict_to_evaluateins(msg.content, keep_input=True)
         parameters = parameters_to_ndarrays(ins.parameters)
         task, client_id = _task_for(merged), client_id_of(context)

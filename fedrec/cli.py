@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from fedrec.commands import bandits, client, data, evaluate, simulate
+from fedrec.commands import bandits, client, data, evaluate, server, simulate
 from shared.errors import FedRecError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(evaluate.app, name="evaluate")
 app.add_typer(client.app, name="client")
+app.add_typer(server.app, name="server")
 app.add_typer(bandits.app, name="bandits")
 app.command("simulate")(simulate.simulate)
 

@@ -1,0 +1,204 @@
+"""``fedrec server``: the federation's server: TLS material, device registrations, the
+Flower SuperLink and the federated run (logic in :mod:`server.state`, :mod:`server.pki`,
+:mod:`server.superlink`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedrec.options import RunConfigOpt
+from shared.config import parse_run_config
+
+app = typer.Typer(
+    help="Federation server: certificates, device registration, SuperLink and run.",
+    no_args_is_help=True,
+)
+
+StateDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        help="The server's state directory (certificates, registrations, SuperLink database, "
+        "checkpoints, artifacts, progress).",
+    ),
+]
+
+
+@app.command("init")
+def init(
+    state_dir: StateDirOpt,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="A DNS name or IP address devices use to reach the server (repeat; default "
+            "localhost and 127.0.0.1). Each becomes a SAN of the server certificate.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing state directory: new CA (devices must get the new "
+            "ca.pem), registrations and run state wiped.",
+        ),
+    ] = False,
+) -> None:
+    """Create the state directory, a CA and a server certificate signed by it."""
+    from server.pki import DEFAULT_HOSTS, server_names
+    from server.state import init_state_dir
+
+    layout = init_state_dir(state_dir, host or DEFAULT_HOSTS, force=force)
+    pki = layout.pki
+    typer.echo(
+        "\n".join(
+            [
+                f"server state created in {layout.state_dir}",
+                f"  CA certificate:     {pki.ca_cert} (give it to every device: "
+                "fedrec client start --root-cert)",
+                f"  server certificate: {pki.server_cert} for {', '.join(server_names(pki))}",
+                f"  private keys:       {pki.ca_key}, {pki.server_key} (0600)",
+                "next: fedrec server register-client DEVICE.pub, then fedrec server start",
+            ]
+        )
+    )
+
+
+@app.command("register-client")
+def register_client(
+    public_key_file: Annotated[
+        Path,
+        typer.Argument(help="The device's OpenSSH EC public key (identity/client.pub)."),
+    ],
+    state_dir: StateDirOpt,
+    name: Annotated[
+        str | None, typer.Option("--name", help="A name for the device (default device-N).")
+    ] = None,
+) -> None:
+    """Authorize a device's key. Takes effect at once on a running server, else at start."""
+    from server.state import ClientRegistry, ServerLayout, read_public_key_file
+    from server.superlink import apply_registrations, live_cli
+
+    layout = ServerLayout(state_dir).require()
+    key, fingerprint = read_public_key_file(public_key_file)
+    registry = ClientRegistry.load(layout.registry)
+    record = registry.add(key, fingerprint, name)
+    registry.save()
+    typer.echo(f"registered {record.name} ({fingerprint})")
+    cli = live_cli(layout)
+    if cli is None:
+        typer.echo(
+            "the server is not running: the key is applied at the next `fedrec server start`"
+        )
+        return
+    for line in apply_registrations(layout, cli):
+        typer.echo(f"  SuperLink: {line}")
+
+
+@app.command("revoke-client")
+def revoke_client(
+    client: Annotated[
+        str, typer.Argument(help="The device: its name, key fingerprint (SHA256:...) or node id.")
+    ],
+    state_dir: StateDirOpt,
+) -> None:
+    """Withdraw a device's key. A running SuperLink refuses the device from its next request."""
+    from server.state import ClientRegistry, ServerLayout
+    from server.superlink import apply_registrations, live_cli
+    from shared.errors import ConfigError
+
+    layout = ServerLayout(state_dir).require()
+    registry = ClientRegistry.load(layout.registry)
+    record = registry.find(client)
+    if record.revoked is not None:
+        raise ConfigError(f"{record.name} is already revoked")
+    record.revoked = time.time()
+    registry.save()
+    typer.echo(f"revoked {record.name} ({record.fingerprint})")
+    cli = live_cli(layout)
+    if cli is None:
+        typer.echo("the server is not running: the SuperLink unregisters it at the next start")
+        return
+    for line in apply_registrations(layout, cli):
+        typer.echo(f"  SuperLink: {line}")
+
+
+@app.command("start")
+def start(
+    state_dir: StateDirOpt,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            help="The pretrained bundle (runs/<name>/bundle.pt from `fedrec simulate`); the "
+            "devices run with the same file.",
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds in total.")] = 3,
+    min_clients: Annotated[
+        int, typer.Option("--min-clients", help="Devices that must be connected to start.")
+    ] = 2,
+    host: Annotated[
+        str, typer.Option("--host", help="Address the SuperLink listens on.")
+    ] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port.")] = 9093,
+    run_config: RunConfigOpt = "",
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", help="Restarts of a SuperLink that dies.")
+    ] = 3,
+) -> None:
+    """Run the SuperLink (TLS, device authentication, state database, no run-time installs),
+    submit the federated run and follow it; resumes from the last checkpoint."""
+    from server.state import ServerLayout
+    from server.superlink import ServerRunner, SuperLinkOptions, deployment_run_config
+
+    layout = ServerLayout(state_dir).require()
+    overrides = dict(parse_run_config(run_config))
+    overrides.setdefault("min-available-clients", min_clients)
+    overrides.setdefault("min-cohort", min(min_clients, 2) if min_clients >= 2 else 2)
+    config = deployment_run_config(layout, bundle=bundle, num_rounds=rounds, overrides=overrides)
+    options = SuperLinkOptions(host=host, port=port, max_restarts=max_restarts)
+    runner = ServerRunner(layout, options, config, echo=lambda line: typer.echo(line))
+    code = runner.run()
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("status")
+def status(
+    state_dir: StateDirOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Round, clients, accuracy and privacy spent, read from the state directory (whether or
+    not the server runs)."""
+    from server.state import ClientRegistry, ServerLayout, server_status
+    from server.superlink import format_round
+
+    layout = ServerLayout(state_dir)
+    info = server_status(layout)
+    if as_json:
+        typer.echo(json.dumps(info.to_json(), indent=2))
+        return
+    state = (
+        f"running (pid {info.pid}, https://{info.address}, run {info.run_id})"
+        if info.running
+        else "not running"
+    )
+    lines = [
+        f"server {layout.state_dir}: {state}",
+        f"  checkpoint: round {info.checkpoint_round}"
+        if info.checkpoint_round is not None
+        else "  checkpoint: none yet",
+        f"  last round: {format_round(info.last)}" if info.last else "  last round: none yet",
+        f"  model:      {info.latest_artifact or 'none published yet'}",
+        f"  clients:    {info.clients_registered} registered, {info.clients_revoked} revoked",
+    ]
+    for record in ClientRegistry.load(layout.registry).clients:
+        mark = "revoked" if record.revoked is not None else f"node {record.node_id or '-'}"
+        lines.append(f"    {record.name:<14} {record.fingerprint}  {mark}")
+    typer.echo("\n".join(lines))

@@ -1,0 +1,95 @@
+"""The ServerApp ``fedrec server start`` submits: the simulation's ServerApp
+(:func:`server.server_app.make_server_app`, same strategy, SecAgg+, checkpoints, resume,
+artifacts), plus one line per finished round in ``progress-file`` for the operator's
+follow-up display and ``fedrec server status``.
+
+The progress line is written after the round's checkpoint (the ServerApp's round hook runs
+after it), so a round shown as done is a round a restart resumes after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.server_app import make_server_app
+from server.strategy import RoundReport
+
+#: Run-config key of this wrapper (removed before the inner ServerApp sees the config).
+PROGRESS_FILE_KEY = "progress-file"
+
+
+def round_record(report: RoundReport, num_rounds: int) -> dict[str, Any]:
+    """The JSON line of one finished round."""
+    fit = report.fit
+    evaluation = report.evaluate
+    client_eps = fit.client_metrics.get("epsilon")
+    if client_eps is None and evaluation is not None:
+        # SecAgg+ hides per-client fit metrics; devices report their epsilon on evaluation
+        client_eps = evaluation.metrics.get("epsilon")
+    return {
+        "round": report.server_round,
+        "num_rounds": num_rounds,
+        "time": time.time(),
+        "clients_sampled": fit.sampled,
+        "clients_ok": fit.ok,
+        "clients_declined": fit.declined,
+        "clients_failed": fit.failed + fit.rejected,
+        "secure_aggregation": fit.secure_aggregation,
+        "updated": fit.updated,
+        "eval_clients": evaluation.ok if evaluation is not None else 0,
+        "eval_loss": evaluation.loss if evaluation is not None else None,
+        "eval_metrics": dict(evaluation.metrics) if evaluation is not None else {},
+        "epsilon_record_mean": float(client_eps) if client_eps is not None else None,
+        "epsilon_user": report.epsilon_user,
+        "round_seconds": report.round_seconds,
+    }
+
+
+def append_progress(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it (a reader skips a torn last line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, allow_nan=False, default=_finite) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _finite(value: object) -> object:
+    return str(value)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the simulation's ServerApp with a progress hook (see the module docstring)."""
+    run_config = dict(context.run_config)
+    progress = str(run_config.pop(PROGRESS_FILE_KEY, "") or "")
+    num_rounds = int(run_config.get("num-rounds", 0) or 0)
+
+    def on_round_end(report: RoundReport) -> None:
+        if progress:
+            record = round_record(report, num_rounds)
+            for key in ("eval_loss", "epsilon_record_mean", "epsilon_user"):
+                value = record[key]
+                if isinstance(value, float) and value != value:  # NaN is not JSON
+                    record[key] = None
+            append_progress(Path(progress), record)
+
+    inner = make_server_app(on_round_end=on_round_end)
+    inner_context = Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config=run_config,
+    )
+    inner(grid, inner_context)

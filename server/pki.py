@@ -1,0 +1,276 @@
+"""The server's TLS material: a private CA and a server certificate it signs.
+
+``fedrec server init`` calls :func:`create_pki`. The CA certificate (``ca.pem``) is what
+devices trust (``fedrec client start --root-cert ca.pem``, Flower's
+``--root-certificates``); the server certificate carries the host names and IP addresses
+devices use to reach the SuperLink as subject alternative names (TLS clients check SANs,
+not the common name). Keys are EC P-384 (small, fast, accepted by gRPC/uvicorn TLS) and
+written 0600 in PKCS#8 PEM, certificates 0644.
+
+The CA key signs nothing after ``init`` (a new server certificate for new names is a new
+``init --force``); it is kept so an operator can issue one with standard tools.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.errors import ConfigError, FedRecError
+from shared.io import write_bytes_atomic
+
+#: What a server certificate names when the operator gives no ``--host``.
+DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+
+
+class PkiError(FedRecError):
+    """The TLS material is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where the CA and server key pair live (all in one ``certs/`` folder)."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server.key"
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
+
+
+@dataclass(frozen=True)
+class SubjectNames:
+    """The SANs of a server certificate: DNS names and IP addresses."""
+
+    dns: tuple[str, ...]
+    ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+
+    @classmethod
+    def parse(cls, hosts: Sequence[str]) -> SubjectNames:
+        """Split ``hosts`` into IP addresses and DNS names; refuse junk with the reason."""
+        dns: list[str] = []
+        ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for raw in hosts:
+            host = raw.strip()
+            if not host:
+                continue
+            try:
+                ip = ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                label_ok = all(
+                    part and len(part) <= 63 and part.replace("-", "").replace("*", "").isalnum()
+                    for part in host.rstrip(".").split(".")
+                )
+                if not label_ok or len(host) > 253:
+                    raise ConfigError(
+                        f"--host {raw!r} is neither an IP address nor a DNS name; give the "
+                        "names devices use to reach the server (e.g. --host fedrec.example.org "
+                        "--host 10.0.0.5)"
+                    ) from None
+                if host not in dns:
+                    dns.append(host)
+            else:
+                if ip not in ips:
+                    ips.append(ip)
+        if not dns and not ips:
+            raise ConfigError("the server certificate needs at least one --host (name or IP)")
+        return cls(tuple(dns), tuple(ips))
+
+    def general_names(self) -> list[x509.GeneralName]:
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in self.dns]
+        names.extend(x509.IPAddress(ip) for ip in self.ips)
+        return names
+
+    @property
+    def common_name(self) -> str:
+        return self.dns[0] if self.dns else str(self.ips[0])
+
+
+def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_bytes_atomic(path, pem)
+    os.chmod(path, 0o600)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    write_bytes_atomic(path, cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(path, 0o644)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedrec"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def create_pki(
+    directory: str | Path,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    *,
+    valid_days: int = 825,
+    ca_valid_days: int = 3650,
+) -> PkiPaths:
+    """Create a CA and a server certificate for ``hosts`` in ``directory``.
+
+    Overwrites files in ``directory`` (the caller decides whether that is allowed).
+    """
+    if valid_days < 1 or ca_valid_days < valid_days:
+        raise ConfigError(
+            f"certificate lifetimes must be >= 1 day and the CA's >= the server's, got "
+            f"{valid_days} / {ca_valid_days}"
+        )
+    names = SubjectNames.parse(hosts)
+    paths = PkiPaths(Path(directory))
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = _name("fedrec federation CA")
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=ca_valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names.common_name))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    _write_private_key(paths.ca_key, ca_key)
+    _write_cert(paths.ca_cert, ca_cert)
+    _write_private_key(paths.server_key, server_key)
+    _write_cert(paths.server_cert, server_cert)
+    return paths
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    """Read a PEM certificate; :class:`PkiError` with the fix if it is missing or bad."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"certificate {path} is missing; run `fedrec server init`") from None
+    except (OSError, ValueError) as exc:
+        raise PkiError(
+            f"certificate {path} is unreadable ({exc}); rerun `fedrec server init --force`"
+        ) from exc
+
+
+def server_names(paths: PkiPaths) -> list[str]:
+    """The SANs of the server certificate (DNS names, then IP addresses)."""
+    cert = load_cert(paths.server_cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = san.get_values_for_type(x509.DNSName)
+    return [*dns, *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def check_pki(paths: PkiPaths) -> None:
+    """Refuse a missing file, a key readable by others, or a server cert the CA did not sign."""
+    for path in paths.all():
+        if not path.is_file():
+            raise PkiError(f"{path} is missing; run `fedrec server init` (or `--force` to redo it)")
+    for key in (paths.ca_key, paths.server_key):
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:
+            raise PkiError(
+                f"private key {key} is readable by others (mode {mode:o}); run `chmod 600 {key}`"
+            )
+    ca, server = load_cert(paths.ca_cert), load_cert(paths.server_cert)
+    try:
+        server.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PkiError(
+            f"{paths.server_cert} was not issued by {paths.ca_cert} "
+            f"({exc or 'bad signature'}); rerun `fedrec server init --force`"
+        ) from None
+    if server.not_valid_after_utc < dt.datetime.now(dt.UTC):
+        raise PkiError(
+            f"server certificate {paths.server_cert} expired on "
+            f"{server.not_valid_after_utc:%Y-%m-%d}; rerun `fedrec server init --force`"
+        )

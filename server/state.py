@@ -1,0 +1,405 @@
+"""The server's state directory: one folder an operator backs up, mounts into a container, or
+points ``fedrec server status`` at.
+
+``fedrec server init --state-dir DIR`` creates::
+
+    DIR/server.toml          marker: layout version, host names of the certificate
+    DIR/certs/               ca.pem (give to devices), ca.key, server.pem, server.key (0600)
+    DIR/clients.json         the registered device keys (and revoked ones), see ClientRegistry
+    DIR/superlink.db         the SuperLink's state database (created by flower-superlink)
+    DIR/checkpoints/         one verified checkpoint per round (the run resumes from here)
+    DIR/artifacts/           model-v{round}.int8.onnx, the published global models
+    DIR/progress.jsonl       one line per finished round (clients, accuracy, epsilon)
+    DIR/flwr-home/           FLWR_HOME of the SuperLink and of the `flwr` calls
+    DIR/app/                 the Flower app `fedrec server start` submits (generated)
+    DIR/logs/                superlink.log
+    DIR/running.json         while `fedrec server start` runs: pids, address, run id
+
+Everything is written atomically (:mod:`shared.io`), so a crash leaves the old or the new
+version of every file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.pki import DEFAULT_HOSTS, PkiPaths, create_pki
+from shared.errors import ConfigError, DataError, FedRecError
+from shared.io import write_bytes_atomic, write_json_atomic
+
+LAYOUT_VERSION = 1
+
+
+class StateDirError(FedRecError):
+    """The server state directory is missing, not one, or would be overwritten."""
+
+
+class BadPublicKeyError(FedRecError):
+    """A device public key file is not an OpenSSH EC public key."""
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """Every path of one server state directory (see the module docstring)."""
+
+    state_dir: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.state_dir / "server.toml"
+
+    @property
+    def pki(self) -> PkiPaths:
+        return PkiPaths(self.state_dir / "certs")
+
+    @property
+    def registry(self) -> Path:
+        return self.state_dir / "clients.json"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "superlink.db"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.state_dir / "artifacts"
+
+    @property
+    def progress(self) -> Path:
+        return self.state_dir / "progress.jsonl"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.state_dir / "app"
+
+    @property
+    def task_state(self) -> Path:
+        """``state-dir`` of the server-side task object (it never trains; kept separate)."""
+        return self.state_dir / "task-state"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.logs / "superlink.log"
+
+    @property
+    def running(self) -> Path:
+        return self.state_dir / "running.json"
+
+    def require(self) -> ServerLayout:
+        """Refuse a directory that ``fedrec server init`` did not create."""
+        if not self.marker.is_file():
+            raise StateDirError(
+                f"{self.state_dir} is not a server state directory (no {self.marker.name}); "
+                f"create it with `fedrec server init --state-dir {self.state_dir}`"
+            )
+        return self
+
+
+def init_state_dir(
+    state_dir: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: bool = False
+) -> ServerLayout:
+    """Create the layout, the CA and the server certificate for ``hosts``.
+
+    An existing state directory is refused unless ``force``; with ``force`` the certificates
+    are replaced and the run state (checkpoints, progress, SuperLink database, registrations)
+    is wiped, because devices must then trust the new CA and be registered again.
+    """
+    layout = ServerLayout(Path(state_dir))
+    if layout.state_dir.exists() and any(layout.state_dir.iterdir()):
+        if not force:
+            what = "a server state directory" if layout.marker.exists() else "not empty"
+            raise StateDirError(
+                f"{layout.state_dir} is {what}; refusing to overwrite it (its CA may already "
+                "be trusted by devices). Pick another --state-dir, or pass --force to replace "
+                "certificates, registrations and run state"
+            )
+        if not layout.marker.exists():
+            raise StateDirError(
+                f"{layout.state_dir} is not empty and not a server state directory; --force "
+                "only replaces a server state directory. Pick an empty --state-dir"
+            )
+        _refuse_if_running(layout)
+        for name in ("certs", "checkpoints", "artifacts", "flwr-home", "app", "logs", "task-state"):
+            shutil.rmtree(layout.state_dir / name, ignore_errors=True)
+        for path in (layout.registry, layout.progress, layout.running):
+            path.unlink(missing_ok=True)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{layout.database}{suffix}").unlink(missing_ok=True)
+    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(layout.state_dir, 0o700)
+    for directory in (layout.checkpoints, layout.artifacts, layout.flwr_home, layout.logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    create_pki(layout.pki.directory, hosts)
+    ClientRegistry(layout.registry).save()
+    import tomli_w
+
+    from server.pki import server_names
+
+    marker = {
+        "format": "fedrec-server-state",
+        "version": LAYOUT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hosts": server_names(layout.pki),
+    }
+    write_bytes_atomic(layout.marker, tomli_w.dumps(marker).encode())
+    return layout
+
+
+def _refuse_if_running(layout: ServerLayout) -> None:
+    info = read_running(layout)
+    if info is not None and pid_alive(int(info.get("pid", 0))):
+        raise StateDirError(
+            f"a server is running from {layout.state_dir} (pid {info['pid']}); stop it first"
+        )
+
+
+# --------------------------------------------------------------------------- device keys
+
+
+def load_public_key(text: str, *, source: str) -> tuple[str, str]:
+    """Validate one OpenSSH EC public key line; returns ``(normalized line, fingerprint)``.
+
+    Flower's SuperNode authentication takes NIST-curve EC keys (what `fedrec client init`
+    writes); anything else is refused with what to do.
+    """
+    from client.device.identity import device_id_of
+
+    line = text.strip()
+    if not line or "PRIVATE KEY" in line:
+        hint = " (this is a private key: never copy it off the device)" if line else ""
+        raise BadPublicKeyError(
+            f"{source} is not a public key{hint}; register the device's "
+            "identity/client.pub, the line `fedrec client init` printed"
+        )
+    try:
+        key = serialization.load_ssh_public_key(line.encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise BadPublicKeyError(
+            f"{source} is not an OpenSSH public key ({exc}); register the device's "
+            "identity/client.pub (one line starting with 'ecdsa-sha2-nistp')"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
+        "secp256r1",
+        "secp384r1",
+        "secp521r1",
+    ):
+        kind = getattr(getattr(key, "curve", None), "name", type(key).__name__)
+        raise BadPublicKeyError(
+            f"{source} is a {kind} key; Flower's SuperNode authentication needs an EC key on a "
+            "NIST curve (P-256/384/521), like the one `fedrec client init` creates"
+        )
+    normalized = key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+    return normalized, device_id_of(normalized)
+
+
+def read_public_key_file(path: Path) -> tuple[str, str]:
+    """:func:`load_public_key` of a file, with a clear error when it cannot be read."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise BadPublicKeyError(f"public key file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadPublicKeyError(f"cannot read public key file {path}: {exc}") from None
+    return load_public_key(text, source=str(path))
+
+
+@dataclass
+class ClientRecord:
+    """One device key. ``node_id``: the SuperLink's id for it once registered there."""
+
+    name: str
+    public_key: str
+    fingerprint: str
+    added: float
+    node_id: int | None = None
+    revoked: float | None = None
+    #: Whether the SuperLink still lists the key (a revoked key is unregistered there).
+    applied: bool = False
+
+
+@dataclass
+class ClientRegistry:
+    """The authorized device keys (``clients.json``): the source of truth that
+    ``fedrec server start`` applies to the SuperLink (register new, unregister revoked)."""
+
+    path: Path
+    clients: list[ClientRecord] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> ClientRegistry:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"the client registry {path} is unreadable: {exc}") from exc
+        try:
+            clients = [ClientRecord(**c) for c in raw.get("clients", [])]
+        except TypeError as exc:
+            raise DataError(f"the client registry {path} is malformed: {exc}") from exc
+        return cls(path, clients)
+
+    def save(self) -> None:
+        write_json_atomic(
+            self.path, {"format": "fedrec-clients/1", "clients": [asdict(c) for c in self.clients]}
+        )
+
+    def active(self) -> list[ClientRecord]:
+        return [c for c in self.clients if c.revoked is None]
+
+    def find(self, ref: str) -> ClientRecord:
+        """A record by name, fingerprint or node id (active ones first)."""
+        ordered = self.active() + [c for c in self.clients if c.revoked is not None]
+        for c in ordered:
+            if ref in (c.name, c.fingerprint, str(c.node_id)):
+                return c
+        names = ", ".join(c.name for c in self.active()) or "none"
+        raise ConfigError(f"no registered client {ref!r} (registered: {names})")
+
+    def add(self, public_key: str, fingerprint: str, name: str | None) -> ClientRecord:
+        """Add an active record; the same key twice is refused, a revoked one re-added."""
+        for c in self.active():
+            if c.fingerprint == fingerprint:
+                raise ConfigError(f"this key ({fingerprint}) is already registered as {c.name!r}")
+            if name is not None and c.name == name:
+                raise ConfigError(
+                    f"a client named {name!r} is already registered; pick another --name"
+                )
+        record = ClientRecord(
+            name=name or f"device-{len(self.clients) + 1}",
+            public_key=public_key,
+            fingerprint=fingerprint,
+            added=time.time(),
+        )
+        self.clients.append(record)
+        return record
+
+
+# --------------------------------------------------------------------------- running / status
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not reaped) is not running
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_running(layout: ServerLayout) -> dict[str, Any] | None:
+    try:
+        data = json.loads(layout.running.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_progress(layout: ServerLayout) -> list[dict[str, Any]]:
+    """Every round record (a torn last line, from a crash mid-write, is skipped)."""
+    try:
+        lines = layout.progress.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def checkpoint_rounds(layout: ServerLayout) -> list[int]:
+    """Rounds with a checkpoint manifest, oldest first. Reads names only: opening a
+    :class:`~server.checkpoint.CheckpointStore` would tidy the directory under a running
+    server's feet."""
+    if not layout.checkpoints.is_dir():
+        return []
+    rounds = []
+    for path in layout.checkpoints.glob("round-*.json"):
+        digits = path.stem.removeprefix("round-")
+        if digits.isdigit():
+            rounds.append(int(digits))
+    return sorted(rounds)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What ``fedrec server status`` shows (all read from the state directory)."""
+
+    state_dir: str
+    running: bool
+    pid: int | None
+    address: str | None
+    run_id: str | None
+    checkpoint_round: int | None
+    num_rounds: int | None
+    last: dict[str, Any] | None
+    clients_registered: int
+    clients_revoked: int
+    latest_artifact: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def server_status(layout: ServerLayout) -> ServerStatus:
+    """Read the state directory; works with or without a running server."""
+    layout.require()
+    running = read_running(layout)
+    alive = running is not None and pid_alive(int(running.get("pid", 0)))
+    rounds = checkpoint_rounds(layout)
+    progress = read_progress(layout)
+    registry = ClientRegistry.load(layout.registry)
+    artifacts = sorted(
+        layout.artifacts.glob("model-v*.int8.onnx"),
+        key=lambda p: int(p.name.split("-v", 1)[1].split(".", 1)[0]),
+    )
+    return ServerStatus(
+        state_dir=str(layout.state_dir),
+        running=alive,
+        pid=int(running["pid"]) if alive and running else None,
+        address=str(running.get("address")) if alive and running else None,
+        run_id=str(running.get("run_id")) if alive and running and running.get("run_id") else None,
+        checkpoint_round=rounds[-1] if rounds else None,
+        num_rounds=int(progress[-1]["num_rounds"]) if progress else None,
+        last=progress[-1] if progress else None,
+        clients_registered=len(registry.active()),
+        clients_revoked=len(registry.clients) - len(registry.active()),
+        latest_artifact=artifacts[-1].name if artifacts else None,
+    )

@@ -1,0 +1,655 @@
+"""``fedrec server start``: run Flower's SuperLink from a server state directory, keep its
+device registrations in line with ``clients.json``, submit the federated run, follow it.
+
+How Flower 1.42 is used (its deployment engine; nothing of it is reimplemented here):
+
+* ``flower-superlink`` serves the Fleet API (devices), the Control API (``flwr`` CLI) and the
+  runtime API on **one HTTPS port**, with ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``
+  from ``certs/``, ``--database superlink.db`` (runs, nodes and registrations survive a
+  restart), ``--enable-supernode-auth`` (a SuperNode must sign with a key registered through
+  the Control API; any other is refused at activation) and
+  ``--disable-runtime-dependency-installation`` (the SuperExec it starts runs the ServerApp
+  with the packages already installed; nothing is fetched at run time: the app's FAB carries
+  only a generated ``pyproject.toml`` whose components point at this installed package).
+* ``flwr supernode register/unregister/ls``, ``flwr run`` and ``flwr ls/stop`` talk to the
+  Control API with ``FLWR_HOME=STATE_DIR/flwr-home``, whose ``config.toml`` names this
+  SuperLink (address + ``root-certificates = certs/ca.pem``).
+* Registration takes effect at once on a running SuperLink (a revoked device's next request
+  is refused); ``clients.json`` is the source of truth that every start re-applies (register
+  what is missing, unregister what was revoked while the server was down).
+
+Resume: every run is submitted with the same ``checkpoint-dir``, so a new run after a crash
+(of this process, the SuperLink or the machine) continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.pki import check_pki, server_names
+from server.state import (
+    ClientRegistry,
+    ServerLayout,
+    StateDirError,
+    pid_alive,
+    read_progress,
+    read_running,
+)
+from shared.errors import ConfigError, FedRecError
+from shared.federated.task import RunConfigValue
+from shared.io import write_bytes_atomic, write_json_atomic
+
+CONNECTION = "fedrec"
+#: The task the server runs when a bundle is given (the recommender's student).
+STUDENT_TASK = "shared.federated.student_task:make_task"
+DEPLOY_SERVERAPP = "server.deploy_app:app"
+CLIENTAPP = "client.client_app:app"
+
+
+class SuperLinkError(FedRecError):
+    """The SuperLink did not start, died, or refused a request."""
+
+
+class RunFailedError(FedRecError):
+    """The federated run ended without completing."""
+
+
+# --------------------------------------------------------------------------- executables
+
+
+def executable(name: str) -> str:
+    """A console script of the installed packages: beside the interpreter, else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"`{name}` is not installed; install the project (pip install .)")
+    return found
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def flower_env(layout: ServerLayout) -> dict[str, str]:
+    """Environment of every Flower process of this server (offline, own FLWR_HOME)."""
+    env = dict(os.environ)
+    # flower-superlink starts `flower-superexec` (and it `flwr-serverapp`) by name: the
+    # installed console scripts go first on PATH (a virtual environment need not be active).
+    bin_dir = str(Path(executable("flower-superlink")).parent)
+    env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
+    env["FLWR_HOME"] = str(layout.flwr_home.resolve())
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+# --------------------------------------------------------------------------- flwr CLI
+
+
+@dataclass(frozen=True)
+class FlwrCli:
+    """The ``flwr`` command against this server's SuperLink (``--format json`` parsed)."""
+
+    layout: ServerLayout
+    timeout_s: float = 60.0
+
+    def call(self, *args: str) -> dict[str, Any]:
+        argv = [executable("flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(
+                argv,
+                env=flower_env(self.layout),
+                capture_output=True,
+                text=True,
+                timeout=self.timeout_s,
+                cwd=self.layout.state_dir,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SuperLinkError(
+                f"`flwr {args[0]}` did not answer in {self.timeout_s:.0f} s; is the SuperLink "
+                f"up? (see {self.layout.superlink_log})"
+            ) from None
+        text = done.stdout.strip()
+        start = text.find("{")
+        try:
+            result = json.loads(text[start:]) if start >= 0 else {}
+        except json.JSONDecodeError:
+            result = {}
+        if not isinstance(result, dict) or not result.get("success", False):
+            message = result.get("error-message") if isinstance(result, dict) else None
+            detail = str(message or done.stderr.strip() or text or f"exit status {done.returncode}")
+            raise SuperLinkError(f"`flwr {' '.join(args[:2])}` failed: {detail.strip()}")
+        return result
+
+    def nodes(self) -> dict[int, str]:
+        """Registered node ids and their status (``registered``, ``online``, ...)."""
+        out = self.call("supernode", "ls", CONNECTION)
+        return {int(n["node-id"]): str(n.get("status", "")) for n in out.get("nodes", [])}
+
+    def register(self, public_key_file: Path) -> int:
+        out = self.call("supernode", "register", str(public_key_file.resolve()), CONNECTION)
+        return int(out["node-id"])
+
+    def unregister(self, node_id: int) -> None:
+        self.call("supernode", "unregister", str(node_id), CONNECTION)
+
+    def run(self, app_dir: Path) -> int:
+        out = self.call("run", str(app_dir.resolve()), CONNECTION)
+        return int(out["run-id"])
+
+    def runs(self) -> list[dict[str, Any]]:
+        runs = self.call("ls", CONNECTION).get("runs", [])
+        return [r for r in runs if isinstance(r, dict)]
+
+    def run_status(self, run_id: int) -> str:
+        for run in self.call("ls", CONNECTION, "--run-id", str(run_id)).get("runs", []):
+            if str(run.get("run-id")) == str(run_id):
+                return str(run.get("status", ""))
+        return ""
+
+    def stop(self, run_id: int) -> None:
+        self.call("stop", str(run_id), CONNECTION)
+
+    def save_log(self, run_id: int, path: Path) -> None:
+        """Write the run's logs (ServerApp output) to ``path``; best effort."""
+        argv = [executable("flwr"), "log", str(run_id), CONNECTION, "--show"]
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            done = subprocess.run(
+                argv,
+                env=flower_env(self.layout),
+                capture_output=True,
+                timeout=self.timeout_s,
+                cwd=self.layout.state_dir,
+                check=False,
+            )
+            write_bytes_atomic(path, done.stdout + done.stderr)
+
+
+def write_connection(layout: ServerLayout, address: str) -> None:
+    """``FLWR_HOME/config.toml``: the ``fedrec`` connection to this SuperLink over TLS."""
+    import tomli_w
+
+    config = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {
+                "address": address,
+                "root-certificates": str(layout.pki.ca_cert.resolve()),
+            },
+        }
+    }
+    write_bytes_atomic(layout.flwr_home / "config.toml", tomli_w.dumps(config).encode())
+
+
+# --------------------------------------------------------------------------- registrations
+
+
+def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
+    """Make the SuperLink's registrations match ``clients.json``; returns what was done."""
+    registry = ClientRegistry.load(layout.registry)
+    listed = cli.nodes()
+    done: list[str] = []
+    for record in registry.clients:
+        present = record.node_id is not None and record.node_id in listed
+        if record.revoked is None and not present:
+            key_file = (layout.logs / f".{record.name}.pub").resolve()
+            write_bytes_atomic(key_file, (record.public_key + "\n").encode())
+            try:
+                record.node_id = cli.register(key_file)
+            except SuperLinkError as exc:
+                if "already in use" not in str(exc):
+                    raise
+                done.append(f"{record.name}: already registered")
+            else:
+                done.append(f"registered {record.name} as node {record.node_id}")
+            finally:
+                key_file.unlink(missing_ok=True)
+            record.applied = True
+        elif record.revoked is not None and present and record.node_id is not None:
+            cli.unregister(record.node_id)
+            record.applied = False
+            done.append(f"unregistered {record.name} (node {record.node_id})")
+        else:
+            record.applied = record.revoked is None
+    registry.save()
+    return done
+
+
+def live_cli(layout: ServerLayout) -> FlwrCli | None:
+    """A CLI for the running server of ``layout``, or ``None`` when none runs."""
+    info = read_running(layout)
+    if info is None or not pid_alive(int(info.get("pid", 0))) or not info.get("ready"):
+        return None
+    return FlwrCli(layout)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def deployment_run_config(
+    layout: ServerLayout,
+    *,
+    bundle: Path | None,
+    num_rounds: int,
+    overrides: Mapping[str, RunConfigValue],
+) -> dict[str, RunConfigValue]:
+    """The run config of the submitted run: server defaults, the deployment's paths, and
+    the operator's overrides (``--run-config``)."""
+    from server.server_app import ServerConfig
+
+    config: dict[str, RunConfigValue] = dict(ServerConfig().to_run_config())
+    config.update(
+        {
+            "num-rounds": num_rounds,
+            "secagg": True,
+            "checkpoint-dir": str(layout.checkpoints.resolve()),
+            "artifact-dir": str(layout.artifacts.resolve()),
+            "progress-file": str(layout.progress.resolve()),
+        }
+    )
+    if bundle is not None:
+        if not bundle.is_file():
+            raise ConfigError(
+                f"--bundle {bundle} does not exist; write one with `fedrec simulate` "
+                "(runs/<name>/bundle.pt) and give every device the same file"
+            )
+        config.update(
+            {
+                "task": STUDENT_TASK,
+                "bundle": str(bundle.resolve()),
+                "state-dir": str(layout.task_state.resolve()),
+            }
+        )
+    config.update(overrides)
+    for key in ("checkpoint-dir", "artifact-dir", "progress-file"):
+        if (
+            config.get(key)
+            != {
+                "checkpoint-dir": str(layout.checkpoints.resolve()),
+                "artifact-dir": str(layout.artifacts.resolve()),
+                "progress-file": str(layout.progress.resolve()),
+            }[key]
+        ):
+            raise ConfigError(
+                f"'{key}' is part of the state directory and cannot be overridden; use "
+                "another --state-dir instead"
+            )
+    if config.get("task") == STUDENT_TASK and not config.get("bundle"):
+        raise ConfigError("the student task needs --bundle (the pretrained bundle)")
+    if bundle is None and "task" not in overrides:
+        raise ConfigError(
+            "give --bundle (the pretrained bundle from `fedrec simulate`), or "
+            "--run-config task=toy-linear for a smoke test without a model"
+        )
+    return config
+
+
+def write_app(layout: ServerLayout, run_config: Mapping[str, RunConfigValue]) -> Path:
+    """Generate the Flower app submitted by ``flwr run``: only a ``pyproject.toml`` whose
+    components are this installed package's ServerApp/ClientApp and whose config is the
+    run config (``flwr run`` only accepts keys the app declares)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    import tomli_w
+
+    try:
+        version = package_version("fedrec")
+    except PackageNotFoundError:
+        version = "0.1.0"
+    pyproject = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {
+            "name": "fedrec-deployment",
+            "version": version if version.count(".") == 2 else "0.1.0",
+            "description": "fedrec federated run (generated by `fedrec server start`)",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedrec",
+                    "components": {"serverapp": DEPLOY_SERVERAPP, "clientapp": CLIENTAPP},
+                    "config": dict(run_config),
+                }
+            }
+        },
+    }
+    path = layout.app_dir / "pyproject.toml"
+    write_bytes_atomic(path, tomli_w.dumps(pyproject).encode())
+    return layout.app_dir
+
+
+# --------------------------------------------------------------------------- the SuperLink
+
+
+@dataclass(frozen=True)
+class SuperLinkOptions:
+    """Where the SuperLink listens, and how patiently it is supervised."""
+
+    host: str = "0.0.0.0"
+    port: int = 9093
+    ready_timeout_s: float = 60.0
+    max_restarts: int = 3
+    status_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_restarts < 0 or not self.ready_timeout_s > 0:
+            raise ConfigError("max-restarts must be >= 0 and the ready timeout > 0")
+
+
+def control_host(layout: ServerLayout, listen_host: str) -> str:
+    """The name this machine uses to reach its own SuperLink; it must be in the
+    certificate's SANs (TLS is checked on this connection too)."""
+    names = server_names(layout.pki)
+    if listen_host not in ("0.0.0.0", "::", ""):
+        if listen_host not in names:
+            raise ConfigError(
+                f"--host {listen_host} is not in the server certificate ({', '.join(names)}); "
+                f"rerun `fedrec server init --force --host {listen_host} ...`"
+            )
+        return listen_host
+    for candidate in ("127.0.0.1", "localhost", "::1"):
+        if candidate in names:
+            return candidate
+    return names[0]
+
+
+class SuperLinkProcess:
+    """``flower-superlink`` as a child process (stdout/stderr to ``logs/superlink.log``)."""
+
+    def __init__(self, layout: ServerLayout, options: SuperLinkOptions) -> None:
+        self.layout = layout
+        self.options = options
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.address = f"{control_host(layout, options.host)}:{options.port}"
+
+    def argv(self) -> list[str]:
+        pki = self.layout.pki
+        return [
+            executable("flower-superlink"),
+            "--ssl-ca-certfile",
+            str(pki.ca_cert.resolve()),
+            "--ssl-certfile",
+            str(pki.server_cert.resolve()),
+            "--ssl-keyfile",
+            str(pki.server_key.resolve()),
+            "--database",
+            str(self.layout.database.resolve()),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            self.options.host,
+            "--port",
+            str(self.options.port),
+        ]
+
+    def start(self) -> None:
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        self._check_port_free()
+        with open(self.layout.superlink_log, "ab") as log:
+            log.write(f"\n=== fedrec server start: {time.ctime()} ===\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.argv(),
+                env=flower_env(self.layout),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.layout.state_dir,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self.wait_ready()
+
+    def _check_port_free(self) -> None:
+        host = "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex((host, self.options.port)) == 0:
+                raise SuperLinkError(
+                    f"port {self.options.port} is already in use on {host}; another SuperLink "
+                    "may be running - stop it or pick another --port"
+                )
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def wait_ready(self) -> None:
+        """Until ``GET /health`` answers over TLS (verifying the certificate chain)."""
+        host, port = self.address.rsplit(":", 1)
+        context = ssl.create_default_context(cafile=str(self.layout.pki.ca_cert))
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.popen.returncode if self.popen else "?"
+                raise SuperLinkError(
+                    f"flower-superlink exited with status {code} during start-up; see "
+                    f"{self.layout.superlink_log}"
+                )
+            try:
+                conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except ssl.SSLCertVerificationError as exc:
+                raise SuperLinkError(
+                    f"the SuperLink's certificate does not verify against certs/ca.pem for "
+                    f"{host} ({exc.verify_message}); rerun `fedrec server init --force`"
+                ) from exc
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.3)
+        self.stop()
+        raise SuperLinkError(
+            f"the SuperLink did not answer on https://{self.address} within "
+            f"{self.options.ready_timeout_s:.0f} s ({last}); see {self.layout.superlink_log}"
+        )
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        proc = self.popen
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- start + follow
+
+
+def format_round(record: Mapping[str, Any]) -> str:
+    """One progress line for people."""
+    metrics = record.get("eval_metrics") or {}
+    acc = next((metrics[k] for k in ("sampled_hr@10", "full_hr@10", "mse") if k in metrics), None)
+    acc_name = next((k for k in ("sampled_hr@10", "full_hr@10", "mse") if k in metrics), "acc")
+    eps = record.get("epsilon_record_mean")
+    eps_user = record.get("epsilon_user")
+    parts = [
+        f"round {record.get('round')}/{record.get('num_rounds')}",
+        f"clients {record.get('clients_ok')}/{record.get('clients_sampled')} ok "
+        f"({record.get('clients_declined', 0)} declined, "
+        f"{record.get('clients_failed', 0)} failed)",
+        f"{acc_name} {acc:.4f}" if isinstance(acc, int | float) else f"{acc_name} n/a",
+        f"eval loss {record['eval_loss']:.4f}"
+        if isinstance(record.get("eval_loss"), int | float)
+        else "eval loss n/a",
+        f"epsilon {eps:.3f}" if isinstance(eps, int | float) else "epsilon n/a",
+    ]
+    if isinstance(eps_user, int | float):
+        parts.append(f"user-level epsilon {eps_user:.3f}")
+    parts.append(f"{record.get('round_seconds', 0):.1f} s")
+    return ", ".join(parts)
+
+
+_FINISHED = "finished:"
+
+
+class ServerRunner:
+    """One ``fedrec server start``: SuperLink up, registrations applied, run submitted and
+    followed; a SuperLink that dies is restarted and the run resubmitted (it resumes)."""
+
+    def __init__(
+        self,
+        layout: ServerLayout,
+        options: SuperLinkOptions,
+        run_config: Mapping[str, RunConfigValue],
+        echo: Callable[[str], None],
+    ) -> None:
+        self.layout = layout.require()
+        check_pki(layout.pki)
+        self.options = options
+        self.run_config = dict(run_config)
+        self.echo = echo
+        self.superlink = SuperLinkProcess(layout, options)
+        self.cli = FlwrCli(layout)
+        self.run_id: int | None = None
+        self._stopping = False
+
+    def _write_running(self, ready: bool) -> None:
+        write_json_atomic(
+            self.layout.running,
+            {
+                "pid": os.getpid(),
+                "superlink_pid": self.superlink.popen.pid if self.superlink.popen else None,
+                "address": self.superlink.address,
+                "listen": f"{self.options.host}:{self.options.port}",
+                "run_id": str(self.run_id) if self.run_id is not None else None,
+                "ready": ready,
+                "started": time.time(),
+            },
+        )
+
+    def _refuse_second_server(self) -> None:
+        info = read_running(self.layout)
+        pid = int(info.get("pid", 0)) if info is not None else 0
+        if info is not None and pid != os.getpid() and pid_alive(pid):
+            raise StateDirError(
+                f"a server already runs from {self.layout.state_dir} (pid {pid}, "
+                f"{info.get('address')}); stop it first"
+            )
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+        raise KeyboardInterrupt
+
+    def run(self) -> int:
+        """Start, follow to the end of the run; the exit status (0 = completed)."""
+        self._refuse_second_server()
+        write_connection(self.layout, self.superlink.address)
+        write_app(self.layout, self.run_config)
+        if threading_main():
+            signal.signal(signal.SIGTERM, self._on_signal)
+        restarts = 0
+        try:
+            while True:
+                self._start_superlink()
+                outcome = self._follow()
+                if outcome is not None:
+                    return outcome
+                if restarts >= self.options.max_restarts:
+                    raise SuperLinkError(
+                        f"the SuperLink died {restarts + 1} times; giving up (see "
+                        f"{self.layout.superlink_log})"
+                    )
+                restarts += 1
+                self.echo(
+                    f"the SuperLink exited unexpectedly; restarting it ({restarts}/"
+                    f"{self.options.max_restarts}); the run resumes from its checkpoint"
+                )
+        except KeyboardInterrupt:
+            self.echo("stopping (the next `fedrec server start` resumes from the checkpoint)")
+            return 130
+        finally:
+            self.superlink.stop()
+            self.layout.running.unlink(missing_ok=True)
+
+    def _start_superlink(self) -> None:
+        self.superlink.start()
+        self._write_running(ready=False)
+        for line in apply_registrations(self.layout, self.cli):
+            self.echo(line)
+        for run in self.cli.runs():
+            status = str(run.get("status", ""))
+            if not status.startswith(_FINISHED):
+                # a run of a previous process (its ServerApp died with that SuperLink)
+                with contextlib.suppress(SuperLinkError):
+                    self.cli.stop(int(run["run-id"]))
+                    self.echo(f"stopped stale run {run['run-id']} ({status})")
+        self.run_id = self.cli.run(self.layout.app_dir)
+        self._write_running(ready=True)
+        self.echo(
+            f"SuperLink on https://{self.superlink.address} (listening on "
+            f"{self.options.host}:{self.options.port}); run {self.run_id} submitted "
+            f"({self.run_config.get('num-rounds')} rounds, task {self.run_config.get('task')})"
+        )
+
+    def _follow(self) -> int | None:
+        """Print each finished round; the exit status at the end of the run, or ``None``
+        when the SuperLink died (the caller restarts it)."""
+        assert self.run_id is not None
+        shown = len(read_progress(self.layout))
+        next_check = 0.0
+        while True:
+            records = read_progress(self.layout)
+            for record in records[shown:]:
+                self.echo(format_round(record))
+            shown = len(records)
+            if not self.superlink.alive():
+                return None
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.options.status_interval_s
+                try:
+                    status = self.cli.run_status(self.run_id)
+                except SuperLinkError:
+                    if not self.superlink.alive():
+                        return None
+                    raise
+                if status.startswith(_FINISHED):
+                    for record in read_progress(self.layout)[shown:]:
+                        self.echo(format_round(record))
+                    run_log = self.layout.logs / f"run-{self.run_id}.log"
+                    self.cli.save_log(self.run_id, run_log)
+                    if status == "finished:completed":
+                        self.echo(f"run {self.run_id} completed")
+                        return 0
+                    raise RunFailedError(
+                        f"run {self.run_id} ended as {status}; the ServerApp's log is in "
+                        f"{run_log} (`fedrec server start` again resumes from the last "
+                        "checkpoint)"
+                    )
+            time.sleep(0.5)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

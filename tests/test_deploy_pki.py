@@ -1,0 +1,285 @@
+"""Server side of deployment without processes: the CA and server certificate, the state
+directory, device key registration, the run config `fedrec server start` submits, and the CLI's
+errors for missing or bad input."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from typer.testing import CliRunner
+
+from client.client_app import deployment_run_config as node_run_config
+from client.device.identity import init_identity
+from fedrec.cli import app
+from server.pki import PkiError, check_pki, create_pki, server_names
+from server.state import (
+    BadPublicKeyError,
+    ClientRegistry,
+    ServerLayout,
+    StateDirError,
+    init_state_dir,
+    load_public_key,
+    read_public_key_file,
+    server_status,
+)
+from server.superlink import (
+    STUDENT_TASK,
+    control_host,
+    deployment_run_config,
+    format_round,
+    write_app,
+)
+from shared.errors import ConfigError
+
+runner = CliRunner()
+
+
+def _ssh_line(key: object) -> str:
+    return (
+        key.public_key()  # type: ignore[attr-defined]
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+
+
+# --------------------------------------------------------------------------- PKI
+
+
+def test_server_certificate_chains_to_the_ca_with_the_requested_sans(tmp_path: Path) -> None:
+    paths = create_pki(tmp_path / "certs", ["fedrec.example.org", "10.1.2.3", "localhost"])
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fedrec.example.org", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+    assert server_names(paths) == ["fedrec.example.org", "localhost", "10.1.2.3"]
+    check_pki(paths)
+
+
+def test_private_keys_are_owner_only_and_certs_readable(tmp_path: Path) -> None:
+    paths = create_pki(tmp_path / "certs")
+    for key in (paths.ca_key, paths.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for cert in (paths.ca_cert, paths.server_cert):
+        assert stat.S_IMODE(cert.stat().st_mode) == 0o644
+    assert server_names(paths) == ["localhost", "127.0.0.1"]  # the defaults
+
+
+def test_check_pki_refuses_open_keys_and_foreign_certificates(tmp_path: Path) -> None:
+    paths = create_pki(tmp_path / "a")
+    paths.server_key.chmod(0o644)
+    with pytest.raises(PkiError, match="chmod 600"):
+        check_pki(paths)
+    paths.server_key.chmod(0o600)
+    other = create_pki(tmp_path / "b")
+    paths.server_cert.write_bytes(other.server_cert.read_bytes())
+    with pytest.raises(PkiError, match="not issued by"):
+        check_pki(paths)
+
+
+@pytest.mark.parametrize("host", ["bad host!", "a..b", ""])
+def test_bad_host_names_are_refused(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError):
+        create_pki(tmp_path / "certs", [host])
+
+
+def test_init_creates_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    state = tmp_path / "server"
+    layout = init_state_dir(state)
+    for path in (layout.marker, layout.registry, layout.checkpoints, layout.artifacts):
+        assert path.exists(), path
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    ca_before = layout.pki.ca_cert.read_bytes()
+    with pytest.raises(StateDirError, match="--force"):
+        init_state_dir(state)
+    assert layout.pki.ca_cert.read_bytes() == ca_before  # untouched
+    (layout.checkpoints / "round-00000001.json").write_text("{}")
+    init_state_dir(state, ["10.0.0.1"], force=True)
+    assert layout.pki.ca_cert.read_bytes() != ca_before
+    assert not (layout.checkpoints / "round-00000001.json").exists()
+    assert server_names(layout.pki) == ["10.0.0.1"]
+
+
+def test_force_never_wipes_a_directory_that_is_not_a_server_state(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(StateDirError, match="not a server state"):
+        init_state_dir(tmp_path, force=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_device_keys_from_client_init_are_accepted(tmp_path: Path) -> None:
+    identity = init_identity(tmp_path / "device")
+    line, fingerprint = read_public_key_file(identity.layout.public_key)
+    assert line.startswith("ecdsa-sha2-nistp256 ")
+    assert fingerprint == identity.device_id
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (_ssh_line(rsa.generate_private_key(65537, 2048)), "NIST curve"),
+        (_ssh_line(ed25519.Ed25519PrivateKey.generate()), "NIST curve"),
+        ("ecdsa-sha2-nistp256 AAAAnotbase64", "not an OpenSSH public key"),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n", "private key"),
+        ("", "not a public key"),
+    ],
+)
+def test_bad_keys_are_refused_with_the_reason(text: str, match: str) -> None:
+    with pytest.raises(BadPublicKeyError, match=match):
+        load_public_key(text, source="key.pub")
+
+
+def test_registry_add_revoke_find(tmp_path: Path) -> None:
+    registry = ClientRegistry(tmp_path / "clients.json")
+    keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(2)]
+    a = registry.add(*load_public_key(keys[0], source="a"), name="phone")
+    registry.add(*load_public_key(keys[1], source="b"), name=None)
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.add(*load_public_key(keys[0], source="a"), name="again")
+    registry.save()
+    loaded = ClientRegistry.load(registry.path)
+    assert [c.name for c in loaded.active()] == ["phone", "device-2"]
+    assert loaded.find(a.fingerprint).name == "phone"
+    with pytest.raises(ConfigError, match="no registered client"):
+        loaded.find("nobody")
+
+
+def test_cli_register_and_revoke_without_a_running_server(tmp_path: Path) -> None:
+    state = tmp_path / "server"
+    assert runner.invoke(app, ["server", "init", "--state-dir", str(state)]).exit_code == 0
+    identity = init_identity(tmp_path / "device")
+    ok = runner.invoke(
+        app,
+        ["server", "register-client", str(identity.layout.public_key), "--state-dir", str(state)],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "next `fedrec server start`" in ok.output
+    bad = runner.invoke(
+        app,
+        ["server", "register-client", str(identity.layout.private_key), "--state-dir", str(state)],
+    )
+    assert bad.exit_code != 0 and isinstance(bad.exception, BadPublicKeyError)
+    revoked = runner.invoke(app, ["server", "revoke-client", "device-1", "--state-dir", str(state)])
+    assert revoked.exit_code == 0, revoked.output
+    info = server_status(ServerLayout(state))
+    assert (info.clients_registered, info.clients_revoked, info.running) == (0, 1, False)
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
+    """Through the real entry point (main()): bad key, missing client options, no state."""
+    cmd = [sys.executable, "-m", "fedrec.cli"]
+    init = subprocess.run(
+        [*cmd, "server", "init", "--state-dir", str(tmp_path / "s")], capture_output=True
+    )
+    assert init.returncode == 0
+    junk = tmp_path / "junk.pub"
+    junk.write_text("ssh-rsa nope\n")
+    cases = [
+        ["server", "register-client", str(junk), "--state-dir", str(tmp_path / "s")],
+        ["server", "status", "--state-dir", str(tmp_path / "nothing")],
+        ["client", "start", "--state-dir", str(tmp_path / "d")],
+    ]
+    for args in cases:
+        done = subprocess.run([*cmd, *args], capture_output=True, text=True)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    missing = subprocess.run([*cmd, *cases[2]], capture_output=True, text=True).stderr
+    assert "--server, --root-cert, --bundle" in missing
+
+
+# --------------------------------------------------------------------------- run config
+
+
+def test_deployment_run_config_points_at_the_state_dir(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s")
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(b"x")
+    config = deployment_run_config(
+        layout, bundle=bundle, num_rounds=4, overrides={"secagg-num-shares": 3}
+    )
+    assert config["task"] == STUDENT_TASK and config["num-rounds"] == 4
+    assert config["checkpoint-dir"] == str(layout.checkpoints.resolve())
+    assert config["secagg"] is True and config["secagg-num-shares"] == 3
+    with pytest.raises(ConfigError, match="cannot be overridden"):
+        deployment_run_config(
+            layout, bundle=bundle, num_rounds=1, overrides={"checkpoint-dir": "/tmp/x"}
+        )
+    with pytest.raises(ConfigError, match="--bundle"):
+        deployment_run_config(layout, bundle=None, num_rounds=1, overrides={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        deployment_run_config(layout, bundle=tmp_path / "no.pt", num_rounds=1, overrides={})
+    toy = deployment_run_config(layout, bundle=None, num_rounds=1, overrides={"task": "toy-linear"})
+    app_dir = write_app(layout, toy)
+    import tomllib
+
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    flwr_app = pyproject["tool"]["flwr"]["app"]
+    assert flwr_app["components"] == {
+        "serverapp": "server.deploy_app:app",
+        "clientapp": "client.client_app:app",
+    }
+    assert flwr_app["config"]["progress-file"] == str(layout.progress.resolve())
+    assert pyproject["project"]["dependencies"] == []  # nothing to install at run time
+
+
+def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s", ["server", "127.0.0.1"])
+    assert control_host(layout, "0.0.0.0") == "127.0.0.1"
+    assert control_host(layout, "server") == "server"
+    with pytest.raises(ConfigError, match="not in the server certificate"):
+        control_host(layout, "10.9.9.9")
+
+
+def test_a_node_with_a_device_dir_trains_on_that_device() -> None:
+    server = {"task": STUDENT_TASK, "bundle": "/server/b.pt", "state-dir": "/server/t", "lr": 0.1}
+    assert node_run_config(server, {"partition-id": 3}) == server  # simulation: unchanged
+    device = node_run_config(
+        server, {"fedrec-device-dir": "/dev/state", "fedrec-bundle": "/dev/b.pt"}
+    )
+    assert device["task"] == "client.device.training:make_device_task"
+    assert (device["state-dir"], device["bundle"], device["lr"]) == ("/dev/state", "/dev/b.pt", 0.1)
+
+
+def test_progress_lines_and_status_json(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s")
+    record = {
+        "round": 2,
+        "num_rounds": 5,
+        "clients_ok": 3,
+        "clients_sampled": 4,
+        "clients_declined": 0,
+        "clients_failed": 1,
+        "eval_loss": 0.5,
+        "eval_metrics": {"sampled_hr@10": 0.25},
+        "epsilon_record_mean": 1.5,
+        "epsilon_user": None,
+        "round_seconds": 3.0,
+    }
+    line = format_round(record)
+    assert "round 2/5" in line and "3/4 ok" in line and "sampled_hr@10 0.2500" in line
+    assert "epsilon 1.500" in line
+    layout.progress.write_text(json.dumps(record) + "\n{torn")
+    (layout.checkpoints / "round-00000002.json").write_text("{}")
+    result = runner.invoke(
+        app, ["server", "status", "--state-dir", str(layout.state_dir), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["checkpoint_round"] == 2 and status["last"]["round"] == 2
+    assert status["num_rounds"] == 5 and status["running"] is False
