@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -326,6 +327,13 @@ class ProcessSpec:
             raise ConfigError(f"{self.name}: max_backoff_s must be >= 0")
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class ManagedProcess:
     """Runtime state of one :class:`ProcessSpec`."""
@@ -338,8 +346,13 @@ class ManagedProcess:
 
     def start(self) -> None:
         env = {**os.environ, **dict(self.spec.env)}
+        # Linux: the child is sent SIGTERM if the daemon dies, even by SIGKILL (no orphan
+        # SuperNode training without its daemon).
+        preexec = _die_with_parent if sys.platform == "linux" else None
         if self.spec.log_file is None:
-            self.popen = subprocess.Popen(list(self.spec.argv), env=env, cwd=self.spec.cwd)
+            self.popen = subprocess.Popen(
+                list(self.spec.argv), env=env, cwd=self.spec.cwd, preexec_fn=preexec
+            )
         else:
             Path(self.spec.log_file).parent.mkdir(parents=True, exist_ok=True)
             with open(self.spec.log_file, "ab") as log:
@@ -349,6 +362,7 @@ class ManagedProcess:
                     cwd=self.spec.cwd,
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    preexec_fn=preexec,
                 )
         self.next_start = None
         logger.info("started %s (pid %d)", self.spec.name, self.popen.pid)

@@ -14,6 +14,7 @@ from shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from client.device.daemon import DaemonConfig
+    from client.device.supernode import SuperNodeOptions
 
 app = typer.Typer(
     help="On-device client: identity, encrypted local store, local API.", no_args_is_help=True
@@ -99,8 +100,8 @@ def init(
 ) -> None:
     """Create the device identity: EC key pair, data key, API token (all secrets 0600).
 
-    Prints the OpenSSH public key on stdout (register it with `flwr supernode register`);
-    everything else goes to stderr.
+    Prints the OpenSSH public key on stdout (register it on the server with
+    `fedrec server register-client`); everything else goes to stderr.
     """
     from client.device.identity import DeviceLayout, init_identity, read_passphrase_env
     from client.device.sealed import Catalog
@@ -131,21 +132,39 @@ def init(
         f"  public key:  {layout.public_key}",
         f"  data key:    {key_note}",
         f"  API token:   {layout.api_token} (0600)",
-        f"register the public key with the SuperLink: flwr supernode register {layout.public_key}",
+        f"register the public key on the server: fedrec server register-client "
+        f"{layout.public_key.name} --state-dir SERVER_STATE (it runs flwr supernode register "
+        f"against the SuperLink)",
     ]
     typer.echo("\n".join(lines), err=True)
     typer.echo(result.public_key_openssh)
 
 
 def _run_daemon(
-    state_dir: Path, passphrase_env: str | None, config: str, host: str | None, port: int | None
+    state_dir: Path,
+    passphrase_env: str | None,
+    config: str,
+    host: str | None,
+    port: int | None,
+    federation: SuperNodeOptions | None = None,
+    adapt_debounce: float = 2.0,
 ) -> None:
     from client.device.daemon import Daemon
 
     cfg = _daemon_config(config, host, port)
     daemon = Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env), config=cfg)
-    # `fedrec client start` will register the Flower SuperNode here:
-    #     daemon.add_process(ProcessSpec("supernode", (...flower-supernode argv...)))
+    if federation is not None:
+        from client.device.supernode import supernode_spec
+        from client.device.training import DeviceLearner, LearnerConfig
+
+        try:
+            daemon.add_process(supernode_spec(daemon.layout, federation))
+            DeviceLearner(
+                daemon, federation.bundle, LearnerConfig(debounce_s=adapt_debounce)
+            ).attach()
+        except BaseException:
+            daemon.shutdown()
+            raise
     code = daemon.run(api=True)
     if code:
         raise typer.Exit(code)
@@ -154,16 +173,71 @@ def _run_daemon(
 @app.command("start")
 def start(
     state_dir: StateDirOpt,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="The federation's SuperLink as HOST:PORT (e.g. fedrec.example.org:9093).",
+        ),
+    ] = None,
+    root_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--root-cert",
+            help="The federation's CA certificate (the server's certs/ca.pem) to verify TLS.",
+        ),
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle", help="The federation's pretrained bundle (same file as the server)."
+        ),
+    ] = None,
+    supernode_port: Annotated[
+        int,
+        typer.Option(
+            "--supernode-port",
+            help="Local port of the SuperNode's runtime API (distinct per device on one host).",
+        ),
+    ] = 9094,
+    adapt_debounce: Annotated[
+        float,
+        typer.Option(
+            "--adapt-debounce",
+            help="Seconds after the last new event before the personal adaptation runs.",
+        ),
+    ] = 2.0,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     config: ConfigOpt = "",
 ) -> None:
-    """Run the device daemon: the local API (and, once added, the Flower SuperNode).
+    """Run the device daemon: the local API plus a Flower SuperNode (TLS, device key) whose
+    ClientApp trains on this device's store; new global models and new events refresh the
+    served model.
 
-    Stops cleanly on SIGTERM/SIGINT. Writes STATE_DIR/api.json (host, port) while running.
+    Stops cleanly on SIGTERM/SIGINT. Writes STATE_DIR/api.json (host, port) while running;
+    the SuperNode logs to STATE_DIR/logs/supernode.log.
     """
-    _run_daemon(state_dir, passphrase_env, config, host, port)
+    from client.device.supernode import SuperNodeOptions
+
+    missing = [
+        flag
+        for flag, value in (("--server", server), ("--root-cert", root_cert), ("--bundle", bundle))
+        if value is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"`fedrec client start` joins a federation and needs {', '.join(missing)} "
+            "(--server HOST:PORT of the SuperLink, --root-cert the server's certs/ca.pem, "
+            "--bundle the federation's pretrained bundle); `fedrec client serve-api` runs the "
+            "local API alone"
+        )
+    assert server is not None and root_cert is not None and bundle is not None
+    options = SuperNodeOptions(
+        server=server, root_cert=root_cert, bundle=bundle, runtime_port=supernode_port
+    )
+    _run_daemon(state_dir, passphrase_env, config, host, port, options, adapt_debounce)
 
 
 @app.command("serve-api")

@@ -1,0 +1,137 @@
+"""The device's Flower SuperNode: the process ``fedrec client start`` runs next to the local API.
+
+``flower-supernode`` connects to the server's SuperLink over TLS (``--root-certificates``: the
+federation's CA from ``fedrec server init``), authenticates with the device key from
+``fedrec client init`` (``--auth-supernode-private-key``; the server must have registered the
+public key, otherwise the SuperLink refuses the node at activation), and runs the ClientApp
+for every message it receives. Its ``--node-config`` names this device's state directory and
+bundle, which makes the ClientApp train on this device's store
+(:func:`client.client_app.deployment_run_config`). The SuperNode never installs packages at
+run time (its default in Flower 1.42; ``--allow-runtime-dependency-installation`` is not
+given).
+
+The daemon supervises it (:class:`~client.device.daemon.ProcessSpec`): it is restarted with a
+back-off capped at ``max_backoff_s`` for as long as the daemon runs, so a device whose key is
+registered later, or a server that is down for a while, joins by itself. Its output goes to
+``STATE_DIR/logs/supernode.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.device.daemon import ProcessSpec
+from client.device.identity import DeviceLayout
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SuperNodeOptions:
+    """How the device reaches the federation."""
+
+    server: str
+    root_cert: Path
+    bundle: Path
+    runtime_port: int = 9094
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.server.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"--server {self.server!r} must be HOST:PORT of the SuperLink (e.g. "
+                "fedrec.example.org:9093 or 127.0.0.1:9093)"
+            )
+        if "://" in self.server:
+            raise ConfigError(f"--server {self.server!r}: give HOST:PORT without a scheme")
+        if not 0 < self.runtime_port < 65536:
+            raise ConfigError(f"--supernode-port must be in 1..65535, got {self.runtime_port}")
+        _check_root_cert(self.root_cert)
+        if not self.bundle.is_file():
+            raise ConfigError(
+                f"--bundle {self.bundle} does not exist; every device needs the federation's "
+                "pretrained bundle (the file the server runs with)"
+            )
+        for path in (self.root_cert, self.bundle):
+            if "'" in str(path.resolve()):
+                raise ConfigError(f"{path}: a path with a single quote cannot be passed on")
+
+
+def _check_root_cert(path: Path) -> None:
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--root-cert {path} does not exist; copy the server's certs/ca.pem (from "
+            "`fedrec server init`) to the device"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--root-cert {path} is not a PEM certificate ({exc}); use the server's certs/ca.pem"
+        ) from None
+
+
+def supernode_executable() -> str:
+    beside = Path(sys.executable).with_name("flower-supernode")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("flower-supernode")
+    if found is None:
+        raise ConfigError("flower-supernode is not installed; install the project (pip install .)")
+    return found
+
+
+def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSpec:
+    """The :class:`ProcessSpec` of this device's SuperNode."""
+    from client.client_app import NODE_BUNDLE, NODE_DEVICE_DIR
+
+    key = layout.private_key
+    if not key.is_file():
+        raise ConfigError(
+            f"{key} is missing; create the device identity with `fedrec client init "
+            f"--state-dir {layout.state_dir}`"
+        )
+    state_dir = layout.state_dir.resolve()
+    if "'" in str(state_dir):
+        raise ConfigError(f"--state-dir {state_dir}: a path with a single quote cannot be used")
+    node_config = f"{NODE_DEVICE_DIR}='{state_dir}' {NODE_BUNDLE}='{options.bundle.resolve()}'"
+    argv = (
+        supernode_executable(),
+        "--superlink",
+        options.server,
+        "--root-certificates",
+        str(options.root_cert.resolve()),
+        "--auth-supernode-private-key",
+        str(key.resolve()),
+        "--node-config",
+        node_config,
+        "--port",
+        str(options.runtime_port),
+    )
+    # flower-supernode starts `flower-superexec` and `flwr-clientapp` by name: put the
+    # installed console scripts first on PATH (a virtual environment need not be activated).
+    bin_dir = str(Path(argv[0]).parent)
+    path = os.environ.get("PATH", "")
+    env = (
+        ("PATH", f"{bin_dir}{os.pathsep}{path}" if path else bin_dir),
+        ("FLWR_HOME", str(state_dir / "flwr-home")),
+        ("FLWR_TELEMETRY_ENABLED", "0"),
+        ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        ("PYTHONUNBUFFERED", "1"),
+    )
+    return ProcessSpec(
+        name="supernode",
+        argv=argv,
+        env=env,
+        restart=True,
+        max_restarts=1_000_000,
+        backoff_s=2.0,
+        max_backoff_s=options.max_backoff_s,
+        log_file=str(state_dir / "logs" / "supernode.log"),
+    )

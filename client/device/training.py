@@ -1,0 +1,523 @@
+"""Federated learning on a real device: the ClientApp's task over this device's store, and
+the daemon's learner that turns new global models and new local events into the served model.
+
+Two processes share one device state directory:
+
+* **The ClientApp** (``flwr-clientapp``, started by the device's SuperNode for every message)
+  runs :class:`DeviceStudentTask`: the student task of the simulation, except that its
+  training data is this device's event history (read from the encrypted store, mapped through
+  the catalog), its privacy ledger is the device's ledger (``privacy/ledger.json``, what
+  ``/status`` reports and what an erase keeps) and its personal adapter lives in
+  ``federated/personal.pt``. After every fit or evaluate it leaves the global parameters it was
+  sent in ``federated/global.npz`` (with their version: the server round that produced
+  them), and after every fit it counts the round in ``federated/joined.json``. It never writes
+  the store or the sealed models.
+* **The daemon** (``fedrec client start``) runs a :class:`DeviceLearner` thread, the single
+  writer of the sealed model store. It notices a newer ``global.npz``, a grown
+  ``joined.json`` or new local events (debounced), then rebuilds the served model: the bundle's
+  student with the newest global parameters and the personal adapter, after a few-shot
+  adaptation of the adapter on the local history when events arrived; exports it to int8 ONNX
+  and installs it (sealed). ``GET /status`` shows the global version as ``model_version``
+  (``"3"``, or ``"3+personal"`` once the adapter is personal).
+
+Why files and not the model artifact the server publishes: the device already receives every
+new global model through Flower (fit and evaluate instructions carry it), over the TLS and
+authenticated channel, so nothing else has to be served, fetched or trusted. The global
+parameters are the aggregate the server sees anyway, so ``global.npz`` is not personal data;
+the personal adapter and the ledger stay on the device. ``personal.pt`` is written by both
+processes under an advisory file lock (``federated/.lock``); each write is atomic, so a crash
+leaves the old or the new adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
+from client.device.sealed import Catalog
+from shared.errors import ConfigError, DataError, FedRecError
+from shared.io import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from client.device.daemon import Daemon
+    from shared.federated.bundle import Bundle
+    from shared.federated.student_task import StudentTask
+    from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
+    from shared.models.student import StudentModel
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- shared files
+
+
+@dataclass(frozen=True)
+class FederatedFiles:
+    """The files the ClientApp and the daemon exchange under ``STATE_DIR/federated/``."""
+
+    state_dir: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.state_dir / "federated"
+
+    @property
+    def global_params(self) -> Path:
+        return self.directory / "global.npz"
+
+    @property
+    def personal(self) -> Path:
+        return self.directory / "personal.pt"
+
+    @property
+    def joined(self) -> Path:
+        return self.directory / "joined.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.directory / ".lock"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Advisory inter-process lock around read-modify-write of these files."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def global_version(self) -> int | None:
+        """Version of ``global.npz`` without loading the arrays (``None``: none yet)."""
+        loaded = self.read_global(arrays=False)
+        return loaded[0] if loaded is not None else None
+
+    def read_global(self, *, arrays: bool = True) -> tuple[int, list[npt.NDArray[Any]]] | None:
+        """``(version, arrays)`` of the newest global model received, or ``None``."""
+        try:
+            with np.load(self.global_params, allow_pickle=False) as data:
+                version = int(data["version"])
+                out = []
+                if arrays:
+                    count = int(data["count"])
+                    out = [np.asarray(data[f"arr_{i:04d}"]) for i in range(count)]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("unreadable %s (%s); waiting for the next round", self.global_params, exc)
+            return None
+        return version, out
+
+    def write_global(self, version: int, arrays: Arrays) -> bool:
+        """Keep ``arrays`` as global model ``version`` unless a newer one is already kept."""
+        current = self.global_version()
+        if current is not None and current >= version:
+            return False
+        buf = io.BytesIO()
+        named: dict[str, npt.NDArray[Any]] = {
+            f"arr_{i:04d}": np.asarray(a, dtype=np.float32) for i, a in enumerate(arrays)
+        }
+        named["version"] = np.asarray(version, dtype=np.int64)
+        named["count"] = np.asarray(len(arrays), dtype=np.int64)
+        np.savez(buf, allow_pickle=False, **named)
+        write_bytes_atomic(self.global_params, buf.getvalue())
+        return True
+
+    def rounds_joined(self) -> int:
+        try:
+            return int(json.loads(self.joined.read_text())["count"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("unreadable %s (%s)", self.joined, exc)
+            return 0
+
+    def add_round_joined(self, server_round: int) -> None:
+        write_json_atomic(
+            self.joined,
+            {"count": self.rounds_joined() + 1, "last_round": server_round, "at": time.time()},
+        )
+
+
+def _data_key(state_dir: Path) -> bytes:
+    """The device's data key, from its key file or its passphrase environment variable."""
+    identity = DeviceIdentity.load(state_dir)
+    passphrase = None
+    if identity.data_key_mode == "passphrase":
+        var = identity.passphrase_env()
+        if not var:
+            raise ConfigError(
+                f"the data key of {state_dir} comes from a passphrase but no variable name is "
+                "recorded; rerun `fedrec client init --passphrase-env NAME`"
+            )
+        passphrase = read_passphrase_env(var)
+    return identity.data_key(passphrase)
+
+
+def local_history(state_dir: Path, catalog: Catalog) -> npt.NDArray[np.int64]:
+    """This device's events as model columns, oldest first (items not in ``catalog`` skipped)."""
+    from client.device.store import DeviceStore
+
+    layout = DeviceLayout(state_dir)
+    if not layout.store_db.exists():
+        return np.zeros(0, dtype=np.int64)
+    with DeviceStore.open(layout.store_db, _data_key(state_dir)) as store:
+        events = store.events()
+    columns = [catalog.dense(e.item_id) for e in events]
+    return np.asarray([c for c in columns if c is not None], dtype=np.int64)
+
+
+def _round_of(config: Mapping[str, ConfigValue]) -> int:
+    value = config.get("server-round", 0)
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+# --------------------------------------------------------------------------- ClientApp side
+
+
+def make_device_task(run_config: RunConfig) -> StudentTask:
+    """Task-registry factory: the student task over the device named by ``state-dir``."""
+    from shared.federated.student_task import ClientState, StudentTask
+    from shared.federated.task import EvalOutcome
+    from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+
+    class DeviceClientState(ClientState):
+        """The device's ledger (``privacy/ledger.json``) and ``federated/personal.pt``."""
+
+        def __init__(self, layout: DeviceLayout, files: FederatedFiles, budget: PrivacyBudget):
+            self.dir = files.directory
+            self.ledger = PrivacyLedger.open(layout.ledger, budget)
+            self.personal_path = files.personal
+
+    class DeviceStudentTask(StudentTask):
+        """:class:`StudentTask` whose only client is this device (see the module docstring)."""
+
+        @property
+        def layout(self) -> DeviceLayout:
+            return DeviceLayout(Path(self.config.state_dir))
+
+        @property
+        def files(self) -> FederatedFiles:
+            return FederatedFiles(Path(self.config.state_dir))
+
+        def catalog(self) -> Catalog:
+            return Catalog(tuple(self.bundle.item_ids))
+
+        def local_sequence(self, client_id: int) -> np.ndarray:
+            return local_history(self.layout.state_dir, self.catalog())
+
+        def client_state(self, client_id: int) -> ClientState:
+            return DeviceClientState(self.layout, self.files, self._budget)
+
+        def fit(
+            self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
+        ) -> FitOutcome:
+            server_round = _round_of(config)
+            with self.files.lock():
+                self.files.write_global(max(server_round - 1, 0), parameters)
+                outcome = super().fit(client_id, parameters, config)
+                if outcome.status.value == "ok":
+                    self.files.add_round_joined(server_round)
+            return outcome
+
+        def evaluate(
+            self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
+        ) -> EvalOutcome:
+            with self.files.lock():
+                self.files.write_global(_round_of(config), parameters)
+            return self._evaluate_local(parameters)
+
+        def _evaluate_local(self, parameters: Arrays) -> EvalOutcome:
+            """Leave-last-out on the local history: the newest event is the target."""
+            import torch
+            import torch.nn.functional as F
+
+            from shared.eval.metrics import rank_of_target
+            from shared.federated.student_task import set_global_arrays
+            from shared.models.sequence import pad_histories
+
+            history = self.local_sequence(0)
+            if len(history) < 2:
+                raise DataError(f"this device has {len(history)} event(s); evaluation needs >= 2")
+            context, target = history[:-1], int(history[-1])
+            with self._lock:
+                torch.set_num_threads(self.config.num_threads)
+                set_global_arrays(self.model, parameters, self._meta)
+                self.client_state(0).load_personal(self.model, keep_init=self._meta)
+                self.model.eval()
+                items, mask = pad_histories([context], self.model.config.max_len)
+                device = next(self.model.parameters()).device
+                with torch.no_grad():
+                    scores = self.model(items.to(device), mask.to(device))[0].cpu()
+            loss = float(F.cross_entropy(scores[None], torch.tensor([target])))
+            s = scores.numpy().astype(np.float64)
+            excluded = np.zeros(len(s), dtype=bool)
+            excluded[context] = True
+            excluded[target] = True
+            rank = rank_of_target(s[target], s[~excluded])
+            # Under SecAgg+ the server sees no per-client fit metrics; the epsilon this device
+            # spent so far (its ledger; the server knows which rounds it joined anyway) comes
+            # with the evaluation reply so the operator can follow privacy spent.
+            epsilon = self.client_state(0).ledger.epsilon()
+            return EvalOutcome(
+                loss=loss,
+                num_examples=1,
+                metrics={
+                    "full_hr@10": float(rank < 10),
+                    "full_ndcg@10": 1 / math.log2(rank + 2) if rank < 10 else 0.0,
+                    "epsilon": float(epsilon),
+                },
+            )
+
+    if not str(run_config.get("state-dir", "")):
+        raise ConfigError(
+            "the device task needs the device state directory (node config "
+            "'fedrec-device-dir', set by `fedrec client start`)"
+        )
+    return DeviceStudentTask.from_run_config(run_config)
+
+
+# --------------------------------------------------------------------------- daemon side
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How the daemon adapts and refreshes the served model.
+
+    ``debounce_s``: wait this long after the last new event before adapting (a burst of
+    events costs one adaptation). ``poll_s``: how often the ClientApp's files are checked.
+    ``personal_steps`` / ``personal_lr``: the few-shot steps on the personal adapter.
+    """
+
+    debounce_s: float = 2.0
+    poll_s: float = 0.5
+    personal_steps: int = 5
+    personal_lr: float = 0.05
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.debounce_s < 0 or not self.poll_s > 0:
+            raise ConfigError("debounce-s must be >= 0 and poll-s > 0")
+        if self.personal_steps < 0 or not self.personal_lr > 0:
+            raise ConfigError("personal-steps must be >= 0 and personal-lr > 0")
+
+
+class _ExportablePersonal:
+    """Factory for the export graph *with* the personal adapter (the published server
+    artifact resets it to the identity; the device serves its own)."""
+
+    @staticmethod
+    def build(student: StudentModel) -> torch.nn.Module:
+        from shared.models.student import ExportableStudent
+
+        class _Graph(ExportableStudent):
+            @property
+            def n_items(self) -> int:
+                return self.student.n_items
+
+            @property
+            def max_len(self) -> int:
+                return self.student.config.max_len
+
+        return _Graph(student).eval()
+
+
+def export_personal_model(student: StudentModel, item_ids: tuple[str, ...], version: str) -> bytes:
+    """The int8 ONNX bytes of ``student`` (global parameters and personal adapter)."""
+    import warnings
+
+    import torch
+
+    from shared.compression.onnx_export import export_onnx
+    from shared.compression.quantize import quantize_onnx
+    from shared.ondevice.runtime import catalog_fingerprint
+
+    graph = _ExportablePersonal.build(student)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            export_onnx(
+                graph,
+                fp32,
+                model_version=version,
+                catalog_fingerprint=catalog_fingerprint(item_ids),
+            )
+        quantize_onnx(fp32, int8)
+        return int8.read_bytes()
+
+
+class DeviceLearner:
+    """The daemon's model refresher (see the module docstring); one background thread.
+
+    Register it with :meth:`attach` before :meth:`Daemon.run`; it installs the catalog and a
+    first model (the bundle's student, version 0) if the device has none, so events are
+    accepted and recommendations served before the first round.
+    """
+
+    def __init__(self, daemon: Daemon, bundle_path: Path, config: LearnerConfig | None = None):
+        self.daemon = daemon
+        self.bundle_path = Path(bundle_path)
+        self.config = config or LearnerConfig()
+        self.files = FederatedFiles(daemon.layout.state_dir)
+        self._bundle: Bundle | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._events_at: float | None = None
+        self._thread: threading.Thread | None = None
+        self.installed_global: int | None = None
+        self.adaptations = 0
+        self.last_error: str | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    @property
+    def bundle(self) -> Bundle:
+        if self._bundle is None:
+            from shared.federated.bundle import load_bundle
+
+            self._bundle = load_bundle(self.bundle_path)
+        return self._bundle
+
+    def prepare(self) -> None:
+        """Check the bundle against the device and install catalog + first model if missing.
+
+        Runs before the API starts, so a wrong bundle is refused at once with the reason.
+        """
+        catalog = Catalog(tuple(self.bundle.item_ids))
+        installed = self.daemon.catalog
+        if installed is None:
+            self.daemon.install_catalog(catalog)
+        elif installed.fingerprint != catalog.fingerprint:
+            raise ConfigError(
+                f"the bundle {self.bundle_path} has another catalog ({catalog.fingerprint}) "
+                f"than this device ({installed.fingerprint}); use the bundle of this "
+                "federation (or `fedrec client init --force` for a new one)"
+            )
+        model = self.daemon.model
+        if model is None or self.files.global_version() is not None:
+            self.refresh(adapt=False)
+
+    def attach(self) -> None:
+        """Prepare, listen to new events, and run the refresher while the daemon runs."""
+        self.prepare()
+        self.daemon.add_new_events_listener(self._on_events)
+        self.daemon.add_shutdown_callback(self.stop)
+        self._thread = threading.Thread(target=self._loop, name="fedrec-learner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+
+    # -- triggers ----------------------------------------------------------------------------
+
+    def _on_events(self, count: int) -> None:
+        self._events_at = time.monotonic()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._tick()
+            except FedRecError as exc:
+                self.last_error = str(exc)
+                logger.error("model refresh failed: %s", exc)
+            except Exception as exc:  # keep serving the last good model
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("model refresh failed")
+
+    def _tick(self) -> None:
+        joined = self.files.rounds_joined()
+        store = self.daemon.store
+        missing = joined - store.stats().rounds_joined
+        for _ in range(max(0, missing)):
+            store.record_round_joined()
+        version = self.files.global_version()
+        new_global = version is not None and version != self.installed_global
+        events_due = (
+            self._events_at is not None
+            and time.monotonic() - self._events_at >= self.config.debounce_s
+        )
+        if events_due or (self._events_at is None and store.adaptation_pending() > 0):
+            self._events_at = None
+            self.refresh(adapt=True)
+        elif new_global:
+            self.refresh(adapt=False)
+        elif self._events_at is not None:
+            self._wake.set()  # check again soon: the debounce is running
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def refresh(self, *, adapt: bool) -> None:
+        """Rebuild and install the served model (see the module docstring)."""
+        import torch
+
+        from shared.federated.local_training import adapt_personal
+        from shared.federated.student_task import global_names, set_global_arrays
+
+        torch.set_num_threads(self.config.num_threads)
+        bundle = self.bundle
+        student = bundle.student
+        catalog = Catalog(tuple(bundle.item_ids))
+        with self.files.lock():
+            received = self.files.read_global()
+            version, meta = 0, False
+            student.adapter.reset()
+            if received is not None:
+                version, arrays = received
+                # meta-learning runs also carry the adapter's initialization
+                meta = len(arrays) != len(global_names(student))
+                set_global_arrays(student, arrays, meta)
+            personal = self.files.personal
+            if personal.exists():
+                state = torch.load(personal, map_location="cpu", weights_only=True)
+                student.adapter.load_state_dict(state)
+            pending = self.daemon.store.adaptation_pending()
+            if adapt and self.config.personal_steps > 0:
+                history = np.asarray(self.daemon.history(), dtype=np.int64)
+                if len(history) >= 2:
+                    adapt_personal(
+                        student, history, self.config.personal_steps, self.config.personal_lr
+                    )
+                    buf = io.BytesIO()
+                    torch.save(student.adapter.state_dict(), buf)
+                    write_bytes_atomic(personal, buf.getvalue())
+                    self.adaptations += 1
+            is_personal = personal.exists()
+        label = f"{version}+personal" if is_personal else str(version)
+        data = export_personal_model(student, catalog.item_ids, label)
+        info = self.daemon.install_model(data, catalog)
+        if adapt and pending:
+            self.daemon.store.consume_adaptation_pending(pending)
+        self.installed_global = version
+        self.last_error = None
+        logger.info("serving model %s (sealed v%d)", label, info.version)
+
+
+def attach_learner(daemon: Daemon, bundle: Path, config: LearnerConfig | None = None) -> None:
+    """Convenience for the CLI: build, prepare and start a :class:`DeviceLearner`."""
+    DeviceLearner(daemon, bundle, config).attach()

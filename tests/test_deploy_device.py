@@ -1,0 +1,184 @@
+"""The device side of deployment in one process: the ClientApp's task trains on the device's
+encrypted store and leaves the global model for the daemon; the daemon's learner installs new
+global versions and adapts the personal adapter on new events; the SuperNode command line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.client_app import deployment_run_config
+from client.device.daemon import Daemon, DaemonConfig
+from client.device.identity import init_identity
+from client.device.store import Event
+from client.device.supernode import SuperNodeOptions, supernode_spec
+from client.device.training import DeviceLearner, FederatedFiles, LearnerConfig
+from server.pki import create_pki
+from shared.errors import ConfigError
+from shared.federated.bundle import save_bundle
+from shared.federated.student_task import get_global_arrays
+from shared.federated.task import FitStatus, get_task
+from shared.models.student import StudentConfig, StudentModel
+
+N_ITEMS = 30
+ITEMS = [f"item-{i}" for i in range(N_ITEMS)]
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    student = StudentModel(
+        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+    path = tmp_path / "bundle.pt"
+    save_bundle(path, student, None, ITEMS)
+    return path
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Path:
+    state = tmp_path / "device"
+    init_identity(state)
+    return state
+
+
+def _events(n: int, seed: int = 0) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    return [
+        Event(f"item-{int(i)}", "click", 1_700_000_000.0 + k)
+        for k, i in enumerate(rng.choice(N_ITEMS, size=n, replace=False))
+    ]
+
+
+def _device_task(device: Path, bundle: Path) -> object:
+    server_side = {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": "/server/only/bundle.pt",
+        "state-dir": "/server/only/state",
+        "batch-size": 4,
+    }
+    run_config = deployment_run_config(
+        server_side, {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
+    )
+    return get_task(str(run_config["task"]), run_config)
+
+
+def test_device_task_trains_on_the_store_and_leaves_the_global_model(
+    device: Path, bundle: Path
+) -> None:
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()  # installs the catalog and model version 0
+        assert daemon.status().model_version == "0"
+        daemon.add_events(_events(10))
+    task = _device_task(device, bundle)
+    params = task.initial_parameters()  # type: ignore[attr-defined]
+    fit = task.fit(0, params, {"server-round": 3})  # type: ignore[attr-defined]
+    assert fit.status is FitStatus.OK and fit.num_examples == 9  # 10 events -> 9 examples
+    assert fit.metrics["epsilon"] > 0
+    files = FederatedFiles(device)
+    assert files.global_version() == 2  # round 3 trains from the model of round 2
+    assert files.rounds_joined() == 1 and files.personal.exists()
+    assert (device / "privacy" / "ledger.json").exists()  # the device's own ledger
+    evaluation = task.evaluate(0, params, {"server-round": 3})  # type: ignore[attr-defined]
+    assert evaluation.metrics["epsilon"] == pytest.approx(fit.metrics["epsilon"])
+    assert files.global_version() == 3
+    assert not files.write_global(1, params)  # an older model never replaces a newer one
+
+
+def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(1))
+    task = _device_task(device, bundle)
+    with pytest.raises(Exception, match="interactions"):
+        task.fit(0, task.initial_parameters(), {"server-round": 1})  # type: ignore[attr-defined]
+
+
+def test_learner_serves_new_global_models_and_adapts_on_new_events(
+    device: Path, bundle: Path
+) -> None:
+    with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
+        learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.05, poll_s=0.05))
+        learner.attach()
+        first = daemon.recommend(5)
+        assert first.model_version == "0"
+        # the ClientApp received global model 4
+        files = FederatedFiles(device)
+        arrays = [a + 0.5 for a in get_global_arrays(learner.bundle.student)]
+        files.write_global(4, arrays)
+        deadline = time.monotonic() + 30
+        while daemon.status().model_version != "4" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.status().model_version == "4"
+        second = daemon.recommend(5)
+        assert [i.score for i in second.items] != [i.score for i in first.items]
+        # new events: debounced few-shot adaptation of the personal adapter, off the caller
+        started = time.monotonic()
+        daemon.add_events(_events(8, seed=1))
+        assert time.monotonic() - started < 1.0
+        while daemon.status().adaptation_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = daemon.status()
+        assert status.model_version == "4+personal" and status.adaptation_pending == 0
+        assert files.personal.exists() and learner.adaptations == 1
+        learner.stop()
+
+
+def test_learner_refuses_a_bundle_of_another_catalog(
+    device: Path, bundle: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    student = StudentModel(
+        np.zeros((5, 8), dtype=np.float32),
+        np.zeros((5, 8), dtype=np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+    save_bundle(other, student, None, [f"x{i}" for i in range(5)])
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        with pytest.raises(ConfigError, match="another catalog"):
+            DeviceLearner(daemon, other).prepare()
+
+
+def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> None:
+    ca = create_pki(tmp_path / "certs").ca_cert
+    options = SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle)
+    with Daemon.open(device) as daemon:
+        spec = supernode_spec(daemon.layout, options)
+    argv = list(spec.argv)
+    assert Path(argv[0]).name == "flower-supernode"
+    assert argv[argv.index("--superlink") + 1] == "127.0.0.1:9093"
+    assert argv[argv.index("--root-certificates") + 1] == str(ca.resolve())
+    assert argv[argv.index("--auth-supernode-private-key") + 1].endswith("client.key")
+    assert "--insecure" not in argv and "--allow-runtime-dependency-installation" not in argv
+    assert f"fedrec-device-dir='{device.resolve()}'" in argv[argv.index("--node-config") + 1]
+    assert spec.restart and spec.max_backoff_s is not None and spec.log_file
+
+
+@pytest.mark.parametrize(
+    ("server", "root", "match"),
+    [
+        ("nohost", "ca", "HOST:PORT"),
+        ("https://x:1", "ca", "HOST:PORT|scheme"),
+        ("127.0.0.1:9093", "missing", "does not exist"),
+        ("127.0.0.1:9093", "junk", "not a PEM certificate"),
+    ],
+)
+def test_supernode_options_are_checked(
+    bundle: Path, tmp_path: Path, server: str, root: str, match: str
+) -> None:
+    ca = create_pki(tmp_path / "certs").ca_cert
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    paths = {"ca": ca, "missing": tmp_path / "nope.pem", "junk": junk}
+    with pytest.raises(ConfigError, match=match):
+        SuperNodeOptions(server=server, root_cert=paths[root], bundle=bundle)
