@@ -29,3 +29,70 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
 def test_dockerfile_entrypoint_is_the_tested_cli() -> None:
     for dockerfile in DOCKER.glob("*Dockerfile"):
         assert 'ENTRYPOINT ["fedrec"]' in dockerfile.read_text()
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def _compose() -> dict:
+    import yaml
+
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _command_options(group: str, name: str) -> set[str]:
+    """The option names of `fedrec GROUP NAME` (so a service cannot call a flag that is gone)."""
+    import typer
+
+    from fedrec.cli import app
+
+    root = typer.main.get_command(app)
+    command = root.commands[group].commands[name]  # type: ignore[attr-defined]
+    return {opt for param in command.params for opt in getattr(param, "opts", [])}
+
+
+def _check_invocation(argv: list[str]) -> None:
+    group, name = argv[0], argv[1]
+    assert (group, name) in {("server", "start"), ("client", "start")}, argv
+    options = _command_options(group, name)
+    for token in argv[2:]:
+        if token.startswith("--"):
+            assert token in options, f"`fedrec {group} {name}` has no option {token}"
+
+
+def test_compose_runs_a_server_and_three_clients_with_the_tested_commands() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(services) == {"server", "client-1", "client-2", "client-3"}
+    for name, service in services.items():
+        build = service["build"]
+        dockerfile = (DOCKER / build["context"] / build["dockerfile"]).resolve()
+        assert dockerfile.exists(), (name, dockerfile)
+        expected = "server.Dockerfile" if name == "server" else "client.Dockerfile"
+        assert dockerfile.name == expected
+        _check_invocation(service["command"])
+        mounts = [m if isinstance(m, str) else m["target"] for m in service["volumes"]]
+        assert any(str(m).endswith("/bundle/bundle.pt") for m in mounts)
+    server_cmd = services["server"]["command"]
+    assert server_cmd[server_cmd.index("--state-dir") + 1] == "/state"
+    for name in ("client-1", "client-2", "client-3"):
+        cmd = services[name]["command"]
+        assert cmd[cmd.index("--server") + 1] == "server:9093"  # the server's service name
+        assert "ca:/ca:ro" in services[name]["volumes"]  # the CA only, never the server keys
+        assert not any(str(v).startswith("server-state") for v in services[name]["volumes"])
+    named = {
+        v.split(":", 1)[0] for s in services.values() for v in s["volumes"] if isinstance(v, str)
+    }
+    assert named == {"server-state", "client-1-state", "client-2-state", "client-3-state", "ca"}
+    assert named <= set(compose["volumes"])  # every named volume is declared
+
+
+@pytest.mark.parametrize("image", ["server", "client"])
+def test_image_default_command_is_a_tested_command(image: str) -> None:
+    import json
+    import re
+
+    text = (DOCKER / f"{image}.Dockerfile").read_text()
+    match = re.search(r"^CMD (\[.*\])$", text, re.MULTILINE)
+    assert match is not None
+    _check_invocation(json.loads(match.group(1)))
