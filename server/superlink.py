@@ -46,6 +46,7 @@ from server.state import (
     ClientRegistry,
     ServerLayout,
     StateDirError,
+    checkpoint_rounds,
     pid_alive,
     read_progress,
     read_running,
@@ -208,7 +209,7 @@ def write_connection(layout: ServerLayout, address: str) -> None:
 def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
     """Make the SuperLink's registrations match ``clients.json``; returns what was done."""
     registry = ClientRegistry.load(layout.registry)
-    listed = cli.nodes()
+    listed = {n for n, status in cli.nodes().items() if status != "unregistered"}
     done: list[str] = []
     for record in registry.clients:
         present = record.node_id is not None and record.node_id in listed
@@ -238,8 +239,8 @@ def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
 
 def live_cli(layout: ServerLayout) -> FlwrCli | None:
     """A CLI for the running server of ``layout``, or ``None`` when none runs."""
-    info = read_running(layout)
-    if info is None or not pid_alive(int(info.get("pid", 0))) or not info.get("ready"):
+    info = read_running(layout)  # written once the SuperLink answers, before registrations
+    if info is None or not pid_alive(int(info.get("pid", 0))):
         return None
     return FlwrCli(layout)
 
@@ -603,6 +604,9 @@ class ServerRunner:
                 with contextlib.suppress(SuperLinkError):
                     self.cli.stop(int(run["run-id"]))
                     self.echo(f"stopped stale run {run['run-id']} ({status})")
+        done = checkpoint_rounds(self.layout)
+        if done:
+            self.echo(f"resuming: the run continues after round {done[-1]} (its checkpoint)")
         self.run_id = self.cli.run(self.layout.app_dir)
         self._write_running(ready=True)
         self.echo(

@@ -9,6 +9,7 @@ import json
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,34 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
     status = json.loads(result.output)
     assert status["checkpoint_round"] == 2 and status["last"]["round"] == 2
     assert status["num_rounds"] == 5 and status["running"] is False
+
+
+def test_responsive_grid_returns_replies_as_they_arrive_and_honours_the_timeout() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from server.deploy_app import ResponsiveGrid
+
+    class Slow:
+        """Replies to message i after i+1 pulls; never to 'silent'."""
+
+        def __init__(self) -> None:
+            self.pulls = 0
+
+        def push_messages(self, messages: Any) -> list[str]:
+            return list(messages)
+
+        def pull_messages(self, ids: Any) -> list[Any]:
+            self.pulls += 1
+            ready = [i for i in ids if i != "silent" and int(i) < self.pulls]
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+    inner = Slow()
+    grid = ResponsiveGrid(inner, poll_s=0.01)  # type: ignore[arg-type]
+    replies = list(grid.send_and_receive(["0", "1", "2"], timeout=5))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
+    assert inner.pulls == 3
+    started = time.monotonic()
+    partial = list(grid.send_and_receive(["0", "silent"], timeout=0.2))
+    assert [r.metadata.reply_to_message_id for r in partial] == ["0"]
+    assert 0.2 <= time.monotonic() - started < 2
