@@ -129,6 +129,13 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         status = daemon.status()
         assert status.model_version == "4+personal" and status.adaptation_pending == 0
         assert files.personal.exists() and learner.adaptations == 1
+        # erasing the user's data also erases the adapter fitted on it; the global model
+        # (version 4, not personal) is served again
+        daemon.erase()
+        assert not files.personal.exists()
+        while daemon.status().model_version != "4" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.status().model_version == "4"
         learner.stop()
 
 

@@ -420,6 +420,7 @@ class Daemon:
         self._monitor: threading.Thread | None = None
         self._event_listeners: list[Callable[[int], None]] = []
         self._shutdown_callbacks: list[Callable[[], None]] = []
+        self._erase_callbacks: list[Callable[[], None]] = []
         self.catalog: Catalog | None = None
         self.model: OnDeviceModel | None = None
         self.model_info: SealedModelInfo | None = None
@@ -707,7 +708,17 @@ class Daemon:
             if isinstance(self.reranker, LearningReranker):
                 self.reranker.reset()
                 self.reranker.on_model(None)
+        for callback in list(self._erase_callbacks):
+            try:
+                callback()
+            except Exception:
+                logger.exception("erase callback %r failed", callback)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    def add_erase_callback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after :meth:`erase` (services holding personal data of their own,
+        e.g. the personal adapter of the federated learner, delete it there)."""
+        self._erase_callbacks.append(callback)
 
     # -- processes and lifecycle ----------------------------------------------------------------
 

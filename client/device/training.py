@@ -420,6 +420,7 @@ class DeviceLearner:
         self.prepare()
         self.daemon.add_new_events_listener(self._on_events)
         self.daemon.add_shutdown_callback(self.stop)
+        self.daemon.add_erase_callback(self._on_erase)
         self._thread = threading.Thread(target=self._loop, name="fedrec-learner", daemon=True)
         self._thread.start()
 
@@ -435,18 +436,33 @@ class DeviceLearner:
         self._events_at = time.monotonic()
         self._wake.set()
 
+    def _on_erase(self) -> None:
+        """The user's data is gone: so is the personal adapter (it was fitted on it). The
+        global model (not personal) is served again at the next tick."""
+        with self.files.lock():
+            self.files.personal.unlink(missing_ok=True)
+        self._events_at = None
+        self.installed_global = None  # reinstall: erase removed the sealed models
+        self._wake.set()
+
     def _loop(self) -> None:
+        failures = 0
         while not self._stop.is_set():
-            self._wake.wait(self.config.poll_s)
+            # after a failure, back off (capped) instead of retrying every poll
+            delay = self.config.poll_s if not failures else min(60.0, 2.0**failures)
+            self._wake.wait(delay)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
                 self._tick()
+                failures = 0
             except FedRecError as exc:
+                failures += 1
                 self.last_error = str(exc)
                 logger.error("model refresh failed: %s", exc)
             except Exception as exc:  # keep serving the last good model
+                failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 logger.exception("model refresh failed")
 
@@ -465,10 +481,8 @@ class DeviceLearner:
         if events_due or (self._events_at is None and store.adaptation_pending() > 0):
             self._events_at = None
             self.refresh(adapt=True)
-        elif new_global:
+        elif new_global or self.daemon.model is None:
             self.refresh(adapt=False)
-        elif self._events_at is not None:
-            self._wake.set()  # check again soon: the debounce is running
 
     # -- the work ----------------------------------------------------------------------------
 
