@@ -1,0 +1,461 @@
+"""A real federation on loopback: `fedrec server init/register-client/start` and
+`fedrec client init/start` as separate processes (the commands the Docker images run), TLS with
+the init'd CA, SuperNode authentication, SecAgg+, the tiny student on each device's own store.
+
+The main test walks one deployment through: three registered devices and one unregistered
+(refused), events through each daemon's HTTP API, round 1, the server killed (-9) and started
+again (it resumes from the round-1 checkpoint), round 2; every registered device then serves
+global model version 2 with changed recommendations. A device killed in the middle of a round
+is the separate, slower test (-m slow).
+
+Timing on 2 loaded CPUs: each SecAgg+ stage costs a SuperNode poll (<= 3 s) plus one
+`flwr-clientapp` process per device, so a round takes 20-60 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from shared.federated.bundle import save_bundle
+from shared.models.student import StudentConfig, StudentModel
+
+pytestmark = pytest.mark.network
+
+N_ITEMS = 40
+
+
+def fedrec_cmd() -> list[str]:
+    beside = Path(sys.executable).with_name("fedrec")
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "fedrec.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def write_bundle(path: Path) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    student = StudentModel(
+        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+    save_bundle(path, student, None, [f"item-{i}" for i in range(N_ITEMS)])
+
+
+class Device:
+    """One `fedrec client start` process and its local HTTP API."""
+
+    def __init__(self, root: Path, index: int) -> None:
+        self.state = root / f"device-{index}"
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api_port = free_port()
+        self.supernode_port = free_port()
+
+    def init(self) -> None:
+        subprocess.run(
+            [*fedrec_cmd(), "client", "init", "--state-dir", str(self.state)],
+            check=True,
+            capture_output=True,
+        )
+
+    @property
+    def public_key(self) -> Path:
+        return self.state / "identity" / "client.pub"
+
+    @property
+    def supernode_log(self) -> Path:
+        return self.state / "logs" / "supernode.log"
+
+    def start(self, server: str, ca: Path, bundle: Path) -> None:
+        log = open(self.state.parent / f"device-{self.index}.out", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                *fedrec_cmd(),
+                "client",
+                "start",
+                "--state-dir",
+                str(self.state),
+                "--server",
+                server,
+                "--root-cert",
+                str(ca),
+                "--bundle",
+                str(bundle),
+                "--supernode-port",
+                str(self.supernode_port),
+                "--port",
+                str(self.api_port),
+                "--adapt-debounce",
+                "0.2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            out = (self.state.parent / f"device-{self.index}.out").read_text()
+            raise AssertionError(f"device {self.index} exited ({self.proc.returncode}): {out}")
+        if not (self.state / "api.json").exists():
+            return False
+        try:  # api.json is written when the socket is bound, a moment before it accepts
+            self.status()
+        except OSError:
+            return False
+        return True
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        token = (self.state / "identity" / "api.token").read_text().strip()
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.call("GET", "/status"))
+
+    def scores(self) -> dict[str, float]:
+        items = self.call("GET", "/recommendations?k=10")["items"]
+        return {it["item_id"]: round(float(it["score"]), 4) for it in items}
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+class Federation:
+    """The server state directory and its `fedrec server start` process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "server"
+        self.bundle = root / "bundle.pt"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        write_bundle(self.bundle)
+        subprocess.run(
+            [*fedrec_cmd(), "server", "init", "--state-dir", str(self.state)],
+            check=True,
+            capture_output=True,
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.state / "certs" / "ca.pem"
+
+    def register(self, device: Device, name: str) -> None:
+        subprocess.run(
+            [
+                *fedrec_cmd(),
+                "server",
+                "register-client",
+                str(device.public_key),
+                "--state-dir",
+                str(self.state),
+                "--name",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self, rounds: int, min_clients: int, run_config: str) -> None:
+        self.starts += 1
+        out = open(self.root / f"server-{self.starts}.out", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                *fedrec_cmd(),
+                "server",
+                "start",
+                "--state-dir",
+                str(self.state),
+                "--bundle",
+                str(self.bundle),
+                "--rounds",
+                str(rounds),
+                "--min-clients",
+                str(min_clients),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--run-config",
+                run_config,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        out.close()
+
+    def output(self) -> str:
+        return "\n".join(
+            (self.root / f"server-{i}.out").read_text() for i in range(1, self.starts + 1)
+        )
+
+    def progress(self) -> list[dict[str, Any]]:
+        path = self.state / "progress.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def cli(self, command: str, *args: str) -> str:
+        """`fedrec server COMMAND ... --state-dir STATE`; its output."""
+        return subprocess.run(
+            [*fedrec_cmd(), "server", command, *args, "--state-dir", str(self.state)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    def ready(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return bool(json.loads((self.state / "running.json").read_text()).get("ready"))
+        return False
+
+    def superlink_pid(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return int(json.loads((self.state / "running.json").read_text())["superlink_pid"])
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL `fedrec server start` and wait until its SuperLink is gone too."""
+        assert self.proc is not None
+        superlink = self.superlink_pid()
+        self.proc.kill()
+        self.proc.wait()
+        if superlink is not None:
+            wait_for("the SuperLink to exit", lambda: not _alive(superlink), 60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    return True
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Device | Federation]]:
+    started: list[Device | Federation] = []
+    yield started
+    for thing in started:
+        if isinstance(thing, Device):
+            thing.stop()
+        elif thing.proc is not None and thing.proc.poll() is None:
+            thing.proc.terminate()
+            try:
+                thing.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                thing.proc.kill()
+
+
+def _events(index: int) -> dict[str, Any]:
+    rng = np.random.default_rng(100 + index)
+    items = rng.choice(N_ITEMS, size=12, replace=False)
+    return {
+        "events": [
+            {"item_id": f"item-{int(i)}", "kind": "click", "timestamp": 1_700_000_000 + k}
+            for k, i in enumerate(items)
+        ]
+    }
+
+
+def _global_version(status: dict[str, Any]) -> int:
+    return int(str(status["model_version"]).split("+", 1)[0])
+
+
+SECAGG = (
+    "secagg-num-shares=3 secagg-reconstruction-threshold=2 secagg-timeout=150 "
+    "round-timeout=150 batch-size=4 availability-timeout=180"
+)
+
+
+def test_tls_authenticated_secagg_federation_with_server_restart(
+    tmp_path: Path, cleanup: list[Device | Federation]
+) -> None:
+    fed = Federation(tmp_path)
+    cleanup.append(fed)
+    devices = [Device(tmp_path, i) for i in range(4)]
+    for device in devices:
+        device.init()
+    for device in devices[:3]:
+        fed.register(device, f"dev{device.index}")
+    # device 3 is never registered
+    for device in devices:
+        device.start(fed.address, fed.ca, fed.bundle)
+        cleanup.append(device)
+    for device in devices:
+        wait_for(f"device {device.index}'s API", device.ready, 120)
+
+    # Events through each daemon's HTTP API; the few-shot adaptation makes the model personal.
+    before: dict[int, dict[str, float]] = {}
+    for device in devices[:3]:
+        assert device.call("POST", "/events", _events(device.index)) == {"stored": 12}
+    for device in devices[:3]:
+        wait_for(
+            "the personal adaptation",
+            lambda d=device: d.status()["model_version"] == "0+personal",
+            60,
+        )
+        before[device.index] = device.scores()
+
+    fed.start(rounds=2, min_clients=3, run_config=SECAGG)
+
+    # The unregistered device is refused by the SuperLink (Flower exit code 305 per attempt).
+    unregistered = devices[3]
+    wait_for(
+        "the unregistered device to be refused",
+        lambda: (
+            unregistered.supernode_log.exists()
+            and "Failed to activate" in unregistered.supernode_log.read_text()
+        ),
+        120,
+    )
+    status = unregistered.status()
+    assert _global_version(status) == 0 and status["rounds_joined"] == 0
+    assert unregistered.stop() == 0  # it only costs CPU from here on
+
+    # Registration and revocation apply to the running SuperLink at once.
+    wait_for("the run to be submitted", fed.ready, 120)
+    late = fed.cli("register-client", str(unregistered.public_key), "--name", "late")
+    assert "SuperLink: registered late as node" in late
+    assert "SuperLink: unregistered late" in fed.cli("revoke-client", "late")
+
+    # Round 1, then the server dies hard; a new `fedrec server start` resumes.
+    wait_for("round 1", lambda: len(fed.progress()) >= 1, 400, interval=1.0)
+    fed.kill()
+    assert [r["round"] for r in fed.progress()] == [1]
+    first = fed.progress()[0]
+    assert first["clients_ok"] == 3 and first["secure_aggregation"] is True
+    fed.start(rounds=2, min_clients=3, run_config=SECAGG)
+    assert fed.proc is not None
+    assert fed.proc.wait(timeout=500) == 0, fed.output()
+    rounds = [r["round"] for r in fed.progress()]
+    assert rounds == [1, 2], fed.output()  # round 1 was not run again
+    assert fed.progress()[1]["clients_ok"] == 3
+    run_logs = list((fed.state / "logs").glob("run-*.log"))
+    assert any("resuming from the checkpoint of round 1" in p.read_text() for p in run_logs)
+
+    # Every registered device serves global model 2, counted its rounds and spent privacy.
+    for device in devices[:3]:
+        status = wait_for(
+            f"device {device.index} to serve model version 2",
+            lambda d=device: (s := d.status()) and _global_version(s) == 2 and s,
+            90,
+        )
+        assert status["rounds_joined"] >= 2
+        assert status["privacy"]["epsilon_spent"] > 0
+        assert device.scores() != before[device.index]
+
+    server_status = json.loads(
+        subprocess.run(
+            [*fedrec_cmd(), "server", "status", "--state-dir", str(fed.state), "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert server_status["checkpoint_round"] == 2 and server_status["running"] is False
+    assert (server_status["clients_registered"], server_status["clients_revoked"]) == (3, 1)
+    assert server_status["latest_artifact"] == "model-v2.int8.onnx"
+    assert server_status["last"]["epsilon_record_mean"] > 0
+    for device in devices[:3]:
+        assert device.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_device_killed_mid_round_does_not_stop_the_round(
+    tmp_path: Path, cleanup: list[Device | Federation]
+) -> None:
+    """Four devices, SecAgg+ threshold 2: one daemon is SIGKILLed (its SuperNode dies with
+    it) after it received the round's training instruction; the three others finish it."""
+    fed = Federation(tmp_path)
+    cleanup.append(fed)
+    devices = [Device(tmp_path, i) for i in range(4)]
+    for device in devices:
+        device.init()
+        fed.register(device, f"dev{device.index}")
+        device.start(fed.address, fed.ca, fed.bundle)
+        cleanup.append(device)
+    for device in devices:
+        wait_for(f"device {device.index}'s API", device.ready, 120)
+        device.call("POST", "/events", _events(device.index))
+    fed.start(
+        rounds=1,
+        min_clients=4,
+        run_config=SECAGG.replace("secagg-timeout=150", "secagg-timeout=60"),
+    )
+    victim = devices[3]
+    # SecAgg+ sends three train messages before the unmasking one; kill after the third
+    # (the one carrying the model to train): the device has sent its keys and shares.
+    wait_for(
+        "the victim to receive the training stage",
+        lambda: (
+            victim.supernode_log.exists()
+            and victim.supernode_log.read_text().count("Receiving: train message") >= 3
+        ),
+        400,
+    )
+    victim.stop(signal.SIGKILL)
+    assert fed.proc is not None
+    assert fed.proc.wait(timeout=500) == 0, fed.output()
+    (record,) = fed.progress()
+    assert record["clients_sampled"] == 4 and record["clients_ok"] == 3, record
+    assert record["updated"] is True
+    for device in devices[:3]:
+        wait_for(
+            f"device {device.index} to serve model version 1",
+            lambda d=device: _global_version(d.status()) == 1,
+            90,
+        )
