@@ -52,12 +52,12 @@ class SimulationConfig:
     batch_size: int = 16
     lr: float = 0.05
     personal_steps: int = 5
-    personal_lr: float = 0.05
+    personal_lr: float = 0.001
     meta_learning: bool = False
     # few-shot
     shots: tuple[int, ...] = (1, 3, 5, 10)
     adapt_steps: int = 10
-    adapt_lr: float = 0.05
+    adapt_lr: float = 0.001
     # runtime
     backend: str = "ray"
     num_cpus_per_client: float = 1.0

@@ -32,7 +32,11 @@ class LocalTrainConfig:
     gradient to ``max_grad_norm`` instead of every example's: plain SGD on a client's few
     hundred examples otherwise diverges within a few rounds.
     ``personal_steps`` / ``personal_lr``: full-batch steps on the personal adapter after the
-    global update (they never leave the device, so they need no DP).
+    global update (they never leave the device, so they need no DP). The small default rate
+    is measured, not arbitrary: on ml-100k (200 federated users, validation item) adapting
+    with Adam at 0.05 for 5 steps cut sampled HR@10 from 0.70 to 0.65, at 0.01 to 0.695, at
+    0.001 it left it at 0.70; next-item likelihood on a user's own history over-fits the
+    items that are then excluded from their recommendations.
     """
 
     local_epochs: int = 1
@@ -43,7 +47,7 @@ class LocalTrainConfig:
     noise_multiplier: float = 1.5
     max_grad_norm: float = 1.0
     personal_steps: int = 5
-    personal_lr: float = 0.05
+    personal_lr: float = 0.001
     max_examples: int = 256
     seed: int = 0
 
