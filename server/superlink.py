@@ -259,16 +259,19 @@ def deployment_run_config(
     the operator's overrides (``--run-config``)."""
     from server.server_app import ServerConfig
 
+    fixed: dict[str, RunConfigValue] = {
+        "checkpoint-dir": str(layout.checkpoints.resolve()),
+        "artifact-dir": str(layout.artifacts.resolve()),
+        "progress-file": str(layout.progress.resolve()),
+    }
+    for key in fixed:
+        if key in overrides and overrides[key] != fixed[key]:
+            raise ConfigError(
+                f"'{key}' is part of the state directory and cannot be overridden; use "
+                "another --state-dir instead"
+            )
     config: dict[str, RunConfigValue] = dict(ServerConfig().to_run_config())
-    config.update(
-        {
-            "num-rounds": num_rounds,
-            "secagg": True,
-            "checkpoint-dir": str(layout.checkpoints.resolve()),
-            "artifact-dir": str(layout.artifacts.resolve()),
-            "progress-file": str(layout.progress.resolve()),
-        }
-    )
+    config.update({"num-rounds": num_rounds, "secagg": True, **fixed})
     if bundle is not None:
         if not bundle.is_file():
             raise ConfigError(
@@ -283,19 +286,6 @@ def deployment_run_config(
             }
         )
     config.update(overrides)
-    for key in ("checkpoint-dir", "artifact-dir", "progress-file"):
-        if (
-            config.get(key)
-            != {
-                "checkpoint-dir": str(layout.checkpoints.resolve()),
-                "artifact-dir": str(layout.artifacts.resolve()),
-                "progress-file": str(layout.progress.resolve()),
-            }[key]
-        ):
-            raise ConfigError(
-                f"'{key}' is part of the state directory and cannot be overridden; use "
-                "another --state-dir instead"
-            )
     if config.get("task") == STUDENT_TASK and not config.get("bundle"):
         raise ConfigError("the student task needs --bundle (the pretrained bundle)")
     if bundle is None and "task" not in overrides:

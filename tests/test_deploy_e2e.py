@@ -9,7 +9,9 @@ global model version 2 with changed recommendations. A device killed in the midd
 is the separate, slower test (-m slow).
 
 Timing on 2 loaded CPUs: each SecAgg+ stage costs a SuperNode poll (<= 3 s) plus one
-`flwr-clientapp` process per device, so a round takes 20-60 s.
+`flwr-clientapp` process per device (and the daemons import torch at start). Measured with
+other jobs loading the 2 CPUs (load average ~10): ~100 s per round, ~6-7 min for the main test;
+a quiet machine should need well under half of that (not measured).
 """
 
 from __future__ import annotations
@@ -431,10 +433,15 @@ def test_a_device_killed_mid_round_does_not_stop_the_round(
     for device in devices:
         wait_for(f"device {device.index}'s API", device.ready, 120)
         device.call("POST", "/events", _events(device.index))
+    # Without the victim, no 4 devices are available again: evaluation is skipped after
+    # availability-timeout (the round itself is what this test is about).
     fed.start(
         rounds=1,
         min_clients=4,
-        run_config=SECAGG.replace("secagg-timeout=150", "secagg-timeout=60"),
+        run_config=(
+            "secagg-num-shares=3 secagg-reconstruction-threshold=2 secagg-timeout=60 "
+            "round-timeout=60 batch-size=4 availability-timeout=90 eval-fraction=0"
+        ),
     )
     victim = devices[3]
     # SecAgg+ sends three train messages before the unmasking one; kill after the third
@@ -453,9 +460,10 @@ def test_a_device_killed_mid_round_does_not_stop_the_round(
     (record,) = fed.progress()
     assert record["clients_sampled"] == 4 and record["clients_ok"] == 3, record
     assert record["updated"] is True
-    for device in devices[:3]:
+    for device in devices[:3]:  # the survivors trained (and the daemons counted it)
         wait_for(
-            f"device {device.index} to serve model version 1",
-            lambda d=device: _global_version(d.status()) == 1,
-            90,
+            f"device {device.index} to count the round",
+            lambda d=device: d.status()["rounds_joined"] == 1,
+            60,
         )
+    assert (fed.state / "artifacts" / "model-v1.int8.onnx").exists()

@@ -319,24 +319,21 @@ class LearnerConfig:
             raise ConfigError("personal-steps must be >= 0 and personal-lr > 0")
 
 
-class _ExportablePersonal:
-    """Factory for the export graph *with* the personal adapter (the published server
-    artifact resets it to the identity; the device serves its own)."""
+def _export_graph(student: StudentModel) -> torch.nn.Module:
+    """The on-device scoring graph *with* the personal adapter (the server's published
+    artifact resets it to the identity; a device serves its own)."""
+    from shared.models.student import ExportableStudent
 
-    @staticmethod
-    def build(student: StudentModel) -> torch.nn.Module:
-        from shared.models.student import ExportableStudent
+    class _Graph(ExportableStudent):
+        @property
+        def n_items(self) -> int:
+            return self.student.n_items
 
-        class _Graph(ExportableStudent):
-            @property
-            def n_items(self) -> int:
-                return self.student.n_items
+        @property
+        def max_len(self) -> int:
+            return self.student.config.max_len
 
-            @property
-            def max_len(self) -> int:
-                return self.student.config.max_len
-
-        return _Graph(student).eval()
+    return _Graph(student).eval()
 
 
 def export_personal_model(student: StudentModel, item_ids: tuple[str, ...], version: str) -> bytes:
@@ -349,7 +346,7 @@ def export_personal_model(student: StudentModel, item_ids: tuple[str, ...], vers
     from shared.compression.quantize import quantize_onnx
     from shared.ondevice.runtime import catalog_fingerprint
 
-    graph = _ExportablePersonal.build(student)
+    graph = _export_graph(student)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         with warnings.catch_warnings():

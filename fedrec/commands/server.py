@@ -160,7 +160,6 @@ def start(
     layout = ServerLayout(state_dir).require()
     overrides = dict(parse_run_config(run_config))
     overrides.setdefault("min-available-clients", min_clients)
-    overrides.setdefault("min-cohort", min(min_clients, 2) if min_clients >= 2 else 2)
     config = deployment_run_config(layout, bundle=bundle, num_rounds=rounds, overrides=overrides)
     options = SuperLinkOptions(host=host, port=port, max_restarts=max_restarts)
     runner = ServerRunner(layout, options, config, echo=lambda line: typer.echo(line))
