@@ -5,6 +5,7 @@ global versions and adapts the personal adapter on new events; the SuperNode com
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,13 @@ def _events(n: int, seed: int = 0) -> list[Event]:
         Event(f"item-{int(i)}", "click", 1_700_000_000.0 + k)
         for k, i in enumerate(rng.choice(N_ITEMS, size=n, replace=False))
     ]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _device_task(device: Path, bundle: Path) -> object:
@@ -114,18 +122,14 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         files = FederatedFiles(device)
         arrays = [a + 0.5 for a in get_global_arrays(learner.bundle.student)]
         files.write_global(4, arrays)
-        deadline = time.monotonic() + 30
-        while daemon.status().model_version != "4" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert daemon.status().model_version == "4"
+        _wait_until(lambda: daemon.status().model_version == "4")
         second = daemon.recommend(5)
         assert [i.score for i in second.items] != [i.score for i in first.items]
         # new events: debounced few-shot adaptation of the personal adapter, off the caller
         started = time.monotonic()
         daemon.add_events(_events(8, seed=1))
         assert time.monotonic() - started < 1.0
-        while daemon.status().adaptation_pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: daemon.status().adaptation_pending == 0)
         status = daemon.status()
         assert status.model_version == "4+personal" and status.adaptation_pending == 0
         assert files.personal.exists() and learner.adaptations == 1
@@ -133,9 +137,7 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         # (version 4, not personal) is served again
         daemon.erase()
         assert not files.personal.exists()
-        while daemon.status().model_version != "4" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert daemon.status().model_version == "4"
+        _wait_until(lambda: daemon.status().model_version == "4")
         learner.stop()
 
 
