@@ -137,7 +137,7 @@ class DaemonConfig:
     allow_remote: bool = False
     max_batch: int = 1000
     max_body_bytes: int = 1_048_576
-    candidate_pool: int = 100
+    candidate_pool: int = 200
     keep_models: int = 3
     max_impressions: int = 10_000
     privacy_epsilon: float = 8.0
@@ -348,10 +348,16 @@ class ManagedProcess:
         env = {**os.environ, **dict(self.spec.env)}
         # Linux: the child is sent SIGTERM if the daemon dies, even by SIGKILL (no orphan
         # SuperNode training without its daemon).
+        # Its own process group: stopping it signals its descendants too (a SuperNode's
+        # SuperExec and ClientApp processes, whose --parent-pid checks are fooled by PID reuse).
         preexec = _die_with_parent if sys.platform == "linux" else None
         if self.spec.log_file is None:
             self.popen = subprocess.Popen(
-                list(self.spec.argv), env=env, cwd=self.spec.cwd, preexec_fn=preexec
+                list(self.spec.argv),
+                env=env,
+                cwd=self.spec.cwd,
+                preexec_fn=preexec,
+                start_new_session=True,
             )
         else:
             Path(self.spec.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +369,7 @@ class ManagedProcess:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     preexec_fn=preexec,
+                    start_new_session=True,
                 )
         self.next_start = None
         logger.info("started %s (pid %d)", self.spec.name, self.popen.pid)
@@ -372,19 +379,42 @@ class ManagedProcess:
         return self.popen.pid if self.popen else None
 
     def stop(self, grace_s: float) -> int | None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit status."""
+        """SIGTERM its process group, wait up to ``grace_s``, then SIGKILL; returns the exit
+        status. Descendants still alive once it exited are killed too."""
         proc = self.popen
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.terminate()
+            _signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 logger.warning("%s ignored SIGTERM for %.1f s; killing it", self.spec.name, grace_s)
-                proc.kill()
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
+        self.reap_group(min(grace_s, 2.0))
         return proc.returncode
+
+    def reap_group(self, grace_s: float = 2.0) -> None:
+        """After the process exited: let its descendants finish for ``grace_s``, then kill
+        what is left of its process group."""
+        if self.popen is None:
+            return
+        deadline = time.monotonic() + grace_s
+        while _signal_group(self.popen.pid, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(self.popen.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; whether the group still exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- daemon
@@ -848,6 +878,7 @@ class Daemon:
             return
         code = proc.popen.returncode
         proc.exit_codes.append(code)
+        proc.reap_group(0.5)
         spec = proc.spec
         if spec.restart and proc.restarts < spec.max_restarts:
             delay = spec.backoff_s * (2 ** min(proc.restarts, 30))

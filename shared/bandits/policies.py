@@ -117,7 +117,10 @@ class BanditConfig:
     (``bench/results/bandits-*-tuning.json``) and reported on seeds 42, 43 and 44:
     ``alpha``, ``thompson_scale`` and ``epsilon`` on the synthetic world (lowest regret among
     settings that show each user >= 3x greedy's distinct items), ``mmr_lambda`` on ml-100k's
-    validation items (the most diversity whose mean HR@10 cost is within 2.5%).
+    validation items (the most diversity whose mean HR@10 cost is within 2.5%). ``top_n`` is
+    200: the union of the users' top-50 candidates covers only about twice greedy's catalog
+    coverage on the synthetic world, so no re-ranker could reach 3x there; at 200 the bound
+    is 3.0-3.5x (``bench/results/bandits-*-top200.json``).
 
     Attributes:
         policy: one of :data:`POLICY_NAMES`. ``greedy`` is the baseline (the model's top-k,
@@ -150,7 +153,7 @@ class BanditConfig:
     prior_variance: float = 1.0
     score_prior: float = 0.1
     mmr_lambda: float = 0.4
-    top_n: int = 50
+    top_n: int = 200
     slate_size: int = 10
     feature_dim: int = 16
     max_feature_norm: float = 10.0
