@@ -413,6 +413,8 @@ class SuperLinkProcess:
                 stdin=subprocess.DEVNULL,
                 cwd=self.layout.state_dir,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # its own process group: stop() reaches the SuperExec and ServerApp it starts
+                start_new_session=True,
             )
         self.wait_ready()
 
@@ -462,15 +464,33 @@ class SuperLinkProcess:
         )
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the SuperLink's process group, SIGKILL after ``grace_s``; then whatever
+        of the group outlived it (a ServerApp still running) after a short grace."""
         proc = self.popen
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        deadline = time.monotonic() + 3.0
+        while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; whether the group still exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- start + follow
@@ -565,6 +585,7 @@ class ServerRunner:
                 outcome = self._follow()
                 if outcome is not None:
                     return outcome
+                self.superlink.stop()  # the rest of its process group
                 if restarts >= self.options.max_restarts:
                     raise SuperLinkError(
                         f"the SuperLink died {restarts + 1} times; giving up (see "
