@@ -191,3 +191,13 @@ def test_supernode_options_are_checked(
     paths = {"ca": ca, "missing": tmp_path / "nope.pem", "junk": junk}
     with pytest.raises(ConfigError, match=match):
         SuperNodeOptions(server=server, root_cert=paths[root], bundle=bundle)
+
+
+def test_learner_adapts_like_the_federated_client() -> None:
+    from shared.federated.local_training import LocalTrainConfig
+
+    train, learner = LocalTrainConfig(), LearnerConfig()
+    assert (learner.personal_steps, learner.personal_lr) == (
+        train.personal_steps,
+        train.personal_lr,
+    )

@@ -303,13 +303,15 @@ class LearnerConfig:
 
     ``debounce_s``: wait this long after the last new event before adapting (a burst of
     events costs one adaptation). ``poll_s``: how often the ClientApp's files are checked.
-    ``personal_steps`` / ``personal_lr``: the few-shot steps on the personal adapter.
+    ``personal_steps`` / ``personal_lr``: the few-shot steps on the personal adapter (kept
+    equal to the federated client's defaults, :class:`LocalTrainConfig`, which were tuned
+    against over-fitting a user's own history).
     """
 
     debounce_s: float = 2.0
     poll_s: float = 0.5
     personal_steps: int = 5
-    personal_lr: float = 0.05
+    personal_lr: float = 0.001
     num_threads: int = 1
 
     def __post_init__(self) -> None:
