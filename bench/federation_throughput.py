@@ -37,12 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from flwr.app import Context, Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from client.client_app import make_client_app
+from server.grid import DelegatingGrid
 from server.secagg import run_rounds
 from server.server_app import (
     ServerConfig,
@@ -65,50 +64,14 @@ class CallLog:
     calls: list[tuple[int, int, float]] = field(default_factory=list)  # (sent, replies, s)
 
 
-class TimingGrid(Grid):
+class TimingGrid(DelegatingGrid):
     """Delegating ``Grid`` that records how long each ``send_and_receive`` takes."""
 
     def __init__(self, inner: Grid, log: CallLog, pull_interval: float | None) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._log = log
         if pull_interval is not None and hasattr(inner, "pull_interval"):
             inner.pull_interval = pull_interval
-
-    def set_run(self, run: Run) -> None:
-        """Delegate."""
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegate."""
-        return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegate."""
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate."""
-        return self._inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        """Delegate."""
-        return self._inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegate."""
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate."""
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

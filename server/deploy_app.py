@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
+from server.grid import DelegatingGrid
 from server.server_app import make_server_app
 from server.strategy import RoundReport
 
@@ -67,7 +67,7 @@ def _finite(value: object) -> object:
     return str(value)
 
 
-class ResponsiveGrid(Grid):
+class ResponsiveGrid(DelegatingGrid):
     """Delegating ``Grid`` whose ``send_and_receive`` polls for replies every ``poll_s``.
 
     Flower 1.42's deployment grid sleeps 3 s between pulls, which adds up to 3 s to every
@@ -76,37 +76,8 @@ class ResponsiveGrid(Grid):
     """
 
     def __init__(self, inner: Grid, poll_s: float = 0.25) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._poll_s = poll_s
-
-    def set_run(self, run: Run) -> None:
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
-
-    def get_nodes(self) -> Any:
-        return self._inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

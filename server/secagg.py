@@ -35,7 +35,6 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.server import LegacyContext, SimpleClientManager
 from flwr.server import ServerConfig as LegacyServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -44,8 +43,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run, RunNotRunningException
+from flwr.supercore.run import RunNotRunningException
 
+from server.grid import DelegatingGrid
 from server.strategy import (
     CONFIG_UNIFORM_WEIGHT,
     FitRoundStats,
@@ -191,7 +191,7 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         return len(state.active_node_ids) >= 2 and self._check_threshold(state)
 
 
-class _DefaultTimeoutGrid(Grid):
+class _DefaultTimeoutGrid(DelegatingGrid):
     """Delegating ``Grid``: a default timeout for ``send_and_receive``, and a stop switch.
 
     Flower 1.42's ``default_fit_workflow`` / ``default_evaluate_workflow`` call
@@ -207,41 +207,14 @@ class _DefaultTimeoutGrid(Grid):
     def __init__(
         self, inner: Grid, timeout: float | None, stopped: threading.Event | None = None
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._timeout = timeout
         self._stopped = stopped if stopped is not None else threading.Event()
-
-    def set_run(self, run: Run) -> None:
-        """Delegate."""
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         if self._stopped.is_set():
             raise RunNotRunningException("the run has ended")
         return self._inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self._inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
