@@ -36,7 +36,6 @@ import fcntl
 import io
 import json
 import logging
-import math
 import tempfile
 import threading
 import time
@@ -54,8 +53,6 @@ from shared.errors import ConfigError, DataError, FedRecError
 from shared.io import write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
-    import torch
-
     from client.device.daemon import Daemon
     from shared.federated.bundle import Bundle
     from shared.federated.student_task import StudentTask
@@ -249,7 +246,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             import torch
             import torch.nn.functional as F
 
-            from shared.eval.metrics import rank_of_target
+            from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
             from shared.federated.student_task import set_global_arrays
             from shared.models.sequence import pad_histories
 
@@ -280,8 +277,8 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 loss=loss,
                 num_examples=1,
                 metrics={
-                    "full_hr@10": float(rank < 10),
-                    "full_ndcg@10": 1 / math.log2(rank + 2) if rank < 10 else 0.0,
+                    "full_hr@10": hit_rate_at_k([rank]),
+                    "full_ndcg@10": ndcg_at_k([rank]),
                     "epsilon": float(epsilon),
                 },
             )
@@ -321,46 +318,14 @@ class LearnerConfig:
             raise ConfigError("personal-steps must be >= 0 and personal-lr > 0")
 
 
-def _export_graph(student: StudentModel) -> torch.nn.Module:
-    """The on-device scoring graph *with* the personal adapter (the server's published
-    artifact resets it to the identity; a device serves its own)."""
-    from shared.models.student import ExportableStudent
-
-    class _Graph(ExportableStudent):
-        @property
-        def n_items(self) -> int:
-            return self.student.n_items
-
-        @property
-        def max_len(self) -> int:
-            return self.student.config.max_len
-
-    return _Graph(student).eval()
-
-
 def export_personal_model(student: StudentModel, item_ids: tuple[str, ...], version: str) -> bytes:
     """The int8 ONNX bytes of ``student`` (global parameters and personal adapter)."""
-    import warnings
+    from shared.compression.artifact import publish_student
 
-    import torch
-
-    from shared.compression.onnx_export import export_onnx
-    from shared.compression.quantize import quantize_onnx
-    from shared.ondevice.runtime import catalog_fingerprint
-
-    graph = _export_graph(student)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            export_onnx(
-                graph,
-                fp32,
-                model_version=version,
-                catalog_fingerprint=catalog_fingerprint(item_ids),
-            )
-        quantize_onnx(fp32, int8)
-        return int8.read_bytes()
+        path = Path(tmp) / "int8.onnx"
+        publish_student(student, item_ids, path, version=version, personal=True)
+        return path.read_bytes()
 
 
 class DeviceLearner:

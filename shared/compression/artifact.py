@@ -52,15 +52,18 @@ def publish_student(
     prune: PruneConfig | None = None,
     quantize: QuantizeConfig | None = None,
     validation_histories: Sequence[npt.ArrayLike] | None = None,
+    personal: bool = False,
 ) -> ArtifactReport:
-    """Export ``student`` (global parameters, identity adapter) to an int8 ONNX file.
+    """Export ``student`` to an int8 ONNX file: the global model (identity adapter) that the
+    server publishes, or with ``personal`` the student's own adapter (a device's model).
 
     Pruning works on a copy of the folded export graph so the caller's student is untouched.
     """
     import copy
 
     model = copy.deepcopy(student).eval()
-    model.adapter.reset()
+    if not personal:
+        model.adapter.reset()
     exportable = _OnDeviceStudent(model).eval()
     sparsity = 0.0
     if prune is not None and prune.sparsity > 0:

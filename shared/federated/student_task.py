@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from shared.config import field_names, from_flat
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
-from shared.eval.metrics import rank_of_target
+from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, load_bundle
 from shared.federated.local_training import (
@@ -317,10 +317,10 @@ class StudentTask:
                 loss=loss,
                 num_examples=1,
                 metrics={
-                    "sampled_hr@10": float(sampled < 10),
-                    "sampled_ndcg@10": 1 / math.log2(sampled + 2) if sampled < 10 else 0.0,
-                    "full_hr@10": float(full < 10),
-                    "full_ndcg@10": 1 / math.log2(full + 2) if full < 10 else 0.0,
+                    "sampled_hr@10": hit_rate_at_k([sampled]),
+                    "sampled_ndcg@10": ndcg_at_k([sampled]),
+                    "full_hr@10": hit_rate_at_k([full]),
+                    "full_ndcg@10": ndcg_at_k([full]),
                 },
             )
 
@@ -331,7 +331,6 @@ class StudentTask:
         path = Path(out_dir) / f"model-v{version}.int8.onnx"
         with self._lock:
             set_global_arrays(self.model, parameters, self._meta)
-            self.model.adapter.reset()  # the published model is the global one
             publish_student(self.model, self.bundle.item_ids, path, version=str(version))
         return path
 
