@@ -7,6 +7,7 @@ minutes on 2 CPUs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
@@ -88,3 +89,6 @@ class SimulationConfig:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
+        # the form only: whether that GPU exists is checked where the clients train
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -38,3 +38,12 @@ def test_from_flat_coerces_and_validates():
 def test_to_flat_round_trips():
     cfg = BaselineConfig(shots=(1, 5))
     assert from_flat(BaselineConfig, to_flat(cfg)) == cfg
+
+
+def test_simulation_refuses_a_malformed_device_before_any_work():
+    from simulation.config import SimulationConfig
+
+    for ok in ("auto", "cpu", "cuda", "cuda:1"):
+        assert SimulationConfig(device=ok).device == ok
+    with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
+        from_flat(SimulationConfig, {"device": "tpu"})
