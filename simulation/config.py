@@ -28,6 +28,7 @@ class SimulationConfig:
     # pretraining (server side; cached)
     teacher_epochs: int = 20
     student_epochs: int = 10
+    teacher_id_init: str = "cooccurrence"
     # federation
     rounds: int = 10
     cohort_size: int = 50
@@ -87,6 +88,10 @@ class SimulationConfig:
             raise ConfigError("num-cpus-per-client must be > 0 and num-gpus-per-client >= 0")
         if self.teacher_epochs < 1 or self.student_epochs < 1:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
+        if self.teacher_id_init not in ("cooccurrence", "random"):
+            raise ConfigError(
+                f"teacher-id-init must be 'cooccurrence' or 'random', got {self.teacher_id_init!r}"
+            )
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
         # the form only: whether that GPU exists is checked where the clients train

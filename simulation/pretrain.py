@@ -17,6 +17,7 @@ import numpy.typing as npt
 import torch
 
 from shared.data.dataset import RecDataset
+from shared.errors import ConfigError
 from shared.eval.splits import ProtocolSplit
 from shared.io import write_bytes_atomic
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
@@ -126,10 +127,20 @@ def pretrain(
 
 
 def configs_for(
-    epochs_teacher: int, epochs_student: int, seed: int
+    epochs_teacher: int, epochs_student: int, seed: int, teacher_id_init: str = "cooccurrence"
 ) -> tuple[TeacherConfig, StudentConfig]:
-    """The teacher/student configs of a simulation (defaults, with its epoch caps and seed)."""
+    """The teacher/student configs of a simulation (defaults, with its epoch caps, seed and
+    the teacher's ID-table initialisation)."""
+    if teacher_id_init not in ("cooccurrence", "random"):
+        raise ConfigError(
+            f"teacher id-init must be 'cooccurrence' or 'random', got {teacher_id_init!r}"
+        )
     return (
-        replace(TeacherConfig(), epochs=epochs_teacher, seed=seed),
+        replace(
+            TeacherConfig(),
+            epochs=epochs_teacher,
+            seed=seed,
+            id_init="cooccurrence" if teacher_id_init == "cooccurrence" else "random",
+        ),
         replace(StudentConfig(), epochs=epochs_student, seed=seed),
     )

@@ -14,13 +14,13 @@ mean square, so the policies' unit prior means the same thing whatever the sourc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError, DataError
+from shared.models.item_factors import cooccurrence_factors, unit_mean_square
 
 __all__ = [
     "FEATURE_SOURCES",
@@ -56,36 +56,14 @@ def pca_features(embeddings: npt.ArrayLike, dim: int) -> FloatArray:
     comps = vt[:dim]
     signs = np.sign(comps[np.arange(dim), np.argmax(np.abs(comps), axis=1)])
     proj = centred @ (comps * signs[:, None]).T
-    return _unit_mean_square(proj)
+    return unit_mean_square(proj)
 
 
 def mf_features(sequences: Sequence[IntArray], n_items: int, dim: int) -> FloatArray:
-    """Item factors estimated from interactions: top eigenvectors of the item-item Gram.
-
-    The binary user-item matrix ``X`` is column-normalised by ``1/sqrt(popularity)`` (so the
-    first factors are tastes, not just popularity) and the items get ``V sqrt(S)`` from
-    ``X^T X = V S V^T``; rows scaled to unit mean square like :func:`pca_features`.
-    """
-    if dim == 0:
-        return np.zeros((n_items, 0))
+    """Item factors of the training interactions (:func:`cooccurrence_factors`)."""
     if dim >= n_items:
         raise ConfigError(f"feature_dim {dim} must be below the number of items {n_items}")
-    gram = np.zeros((n_items, n_items))
-    for seq in sequences:
-        items = np.unique(np.asarray(seq, dtype=np.int64))
-        gram[np.ix_(items, items)] += 1.0
-    scale = 1.0 / np.sqrt(np.maximum(np.diag(gram), 1.0))
-    gram *= scale[:, None] * scale[None, :]
-    vals, vecs = np.linalg.eigh(gram)
-    top = np.argsort(-vals, kind="stable")[:dim]
-    factors = vecs[:, top] * np.sqrt(np.maximum(vals[top], 0.0))
-    signs = np.sign(factors[np.argmax(np.abs(factors), axis=0), np.arange(dim)])
-    return _unit_mean_square(factors * signs)
-
-
-def _unit_mean_square(x: FloatArray) -> FloatArray:
-    ms = float(np.mean(np.sum(x * x, axis=1)))
-    return x / math.sqrt(ms) if ms > 0 else x
+    return cooccurrence_factors(sequences, n_items, dim)
 
 
 def item_features(
@@ -160,4 +138,4 @@ def model_features(
     factors = vt[:dim].T * np.sqrt(sv[:dim])
     signs = np.sign(factors[np.argmax(np.abs(factors), axis=0), np.arange(dim)])
     signs[signs == 0] = 1.0
-    return _unit_mean_square(factors * signs)
+    return unit_mean_square(factors * signs)

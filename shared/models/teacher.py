@@ -31,6 +31,7 @@ from torch import nn
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.models.base import Recommender, ScoreArray
+from shared.models.item_factors import cooccurrence_factors
 from shared.models.sequence import (
     IGNORE_TARGET,
     ItemRepresentation,
@@ -64,8 +65,15 @@ class TeacherConfig:
     the batch (for catalogs too big for a full softmax). ``batch_size`` counts windows of up
     to ``max_len`` items, each trained at every position.
 
+    ``id_init``: ``'cooccurrence'`` starts the ID table from the public users' co-occurrence
+    factors (:func:`shared.models.item_factors.cooccurrence_factors`, rows of unit mean
+    square); ``'random'`` from ``N(0, 0.02^2)``. With a few hundred public users a random
+    table is learned from too few transitions: the co-occurrence start raised federated-user
+    full HR@10 from 0.153 to 0.171 on ml-100k and from 0.131 to 0.2 on the synthetic world
+    (``bench/results/pretrain-*.json``).
+
     Defaults (d = 64, 2 layers, 2 heads, dropout 0.3, full softmax, AdamW 1e-3, early stopping
-    on the public users' validation sampled NDCG@10) reach their best epoch around 26 on the
+    on the public users' validation sampled NDCG@10) reach their best epoch around 20 on the
     170 public users of ml-100k: about 40 s on two idle CPU cores.
     """
 
@@ -74,6 +82,7 @@ class TeacherConfig:
     n_heads: int = 2
     max_len: int = 200
     dropout: float = 0.3
+    id_init: Literal["cooccurrence", "random"] = "cooccurrence"
     loss: Literal["full", "sampled"] = "full"
     n_negatives: int = 256
     epochs: int = 200
@@ -96,6 +105,10 @@ class TeacherConfig:
             raise ConfigError(f"teacher max_len must be >= 2, got {self.max_len}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"teacher dropout must be in [0, 1), got {self.dropout}")
+        if self.id_init not in ("cooccurrence", "random"):
+            raise ConfigError(
+                f"teacher id_init must be 'cooccurrence' or 'random', got {self.id_init!r}"
+            )
         if self.loss not in ("full", "sampled"):
             raise ConfigError(f"teacher loss must be 'full' or 'sampled', got {self.loss!r}")
         if self.n_negatives < 1:
@@ -272,6 +285,10 @@ class SASRecTeacher(Recommender):
             raise DataError("no training sequence has two or more items")
         with limited_threads(self.num_threads):
             model = self.build(n_items)
+            if config.id_init == "cooccurrence":
+                factors = cooccurrence_factors(sequences, n_items, config.dim)
+                with torch.no_grad():
+                    model.items.ids.weight.copy_(torch.as_tensor(factors, dtype=torch.float32))
             with seeded(config.seed + 1) as gen:
                 loader = make_loader(
                     windows.dataset(), config.batch_size, gen, lengths=windows.mask.sum(1)
