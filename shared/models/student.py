@@ -74,6 +74,11 @@ class StudentConfig:
     ``alpha`` weighs KL against the ground-truth next-item cross-entropy
     (``alpha * KD + (1 - alpha) * CE``). ``batch_size`` counts teacher windows per step; each
     window yields one student example per position.
+
+    ``patience`` (validations without improvement before stopping) is 20: distillation's
+    validation curve is flat for long stretches, and with 6 the synthetic student stopped at
+    epoch 30 with sampled HR@10 0.478 against 0.521 when trained on to its best epoch (92);
+    on ml-100k the best epoch (14) and the result are the same either way.
     """
 
     dim: int = 64
@@ -92,7 +97,7 @@ class StudentConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 5.0
     eval_every: int = 2
-    patience: int = 6
+    patience: int = 20
     metric: str = "sampled_ndcg@10"
     seed: int = 7
     score_batch_size: int = 256
