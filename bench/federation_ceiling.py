@@ -1,0 +1,161 @@
+"""What the federation could reach at best: the pretrained student fine-tuned *centrally and
+without privacy* on the federated users' training data. Prints JSON.
+
+The federation trains the student's global group on the federated users' data under DP-SGD
+and secure aggregation. Removing both and pooling the data gives an upper bound on what any
+federated optimiser (FedAvg, FedAdam, more rounds) can extract with the same parameter
+placement. The ``global+item-table`` mode also unfreezes the student's ID table: the bound for
+a design that learns per-item parameters from federated data, which ``docs/parameters.md``
+rules out under DP. Each mode trains with Adam for ``--epochs`` epochs, keeps the epoch with
+the best validation sampled NDCG@10 (the protocol's model selection) and reports test.
+
+    python bench/federation_ceiling.py --dataset ml-100k --data-dir ../shared/datasets/ml-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.data.registry import load_dataset
+from shared.eval.protocol import EvalConfig, evaluate_split
+from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
+from shared.models.sequence import pad_histories
+from shared.models.student import DistilledStudent, StudentModel
+from shared.text.encoder import EncoderConfig, encode_items
+from simulation.pretrain import configs_for, pretrain
+
+MODES = {"global": False, "global+item-table": True}
+
+
+def _examples(
+    sequences: list[np.ndarray], max_len: int, per_user: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (previous ``max_len`` items, next item) pair; a user's last ``per_user`` pairs
+    (what a client trains on, see ``LocalTrainConfig.max_examples``)."""
+    prefixes: list[np.ndarray] = []
+    targets: list[int] = []
+    for seq in sequences:
+        for t in range(max(1, len(seq) - per_user), len(seq)):
+            prefixes.append(seq[max(0, t - max_len) : t])
+            targets.append(int(seq[t]))
+    items, mask = pad_histories(prefixes, max_len, pad_to=max_len)
+    return items, mask, torch.tensor(targets, dtype=torch.long)
+
+
+def _evaluate(model: StudentModel, split: ProtocolSplit, stage: str) -> dict[str, float]:
+    result = evaluate_split(
+        DistilledStudent.from_model(model), split, ("federated",), stage, EvalConfig(seed=42)
+    )["federated"]
+    return {k: round(float(v), 4) for k, v in result.items()}
+
+
+def fine_tune(
+    pretrained: StudentModel,
+    split: ProtocolSplit,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    item_table: bool,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Adam on the global group (and the ID table if ``item_table``); best validation epoch."""
+    model = copy.deepcopy(pretrained)
+    model.set_trainable(["global"])
+    model.items.ids.weight.requires_grad_(item_table)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    items, mask, targets = data
+    generator = torch.Generator().manual_seed(seed)
+
+    def row(epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "valid": _evaluate(model, split, "valid"),
+            "test": _evaluate(model, split, "test"),
+        }
+
+    curve = [row(0)]
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(items[batch], mask[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        curve.append(row(epoch))
+    best = max(curve, key=lambda r: float(r["valid"]["sampled_ndcg@10"]))
+    return {"trainable": sum(p.numel() for p in params), "selected": best, "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--per-user", type=int, default=256)
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "fedrec"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    ds = load_dataset(args.dataset, args.data_dir, synthetic_seed=args.seed)
+    split = split_users(ds, SplitConfig(seed=args.seed))
+    text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
+    teacher_cfg, student_cfg = configs_for(200, 100, args.seed)
+    pre = pretrain(
+        ds,
+        split,
+        text,
+        Path(args.cache_dir),
+        teacher_config=teacher_cfg,
+        student_config=student_cfg,
+    )
+    federated = split.federated_users
+    sequences = [s for s in split.train_sequences(federated) if len(s) >= 2]
+    data = _examples(sequences, pre.student.model.config.max_len, args.per_user)
+    modes = {
+        name: fine_tune(
+            pre.student.model,
+            split,
+            data,
+            item_table=item_table,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        for name, item_table in MODES.items()
+    }
+    out = {
+        "dataset": ds.summary(),
+        "federated_users": len(federated),
+        "training_examples": len(data[2]),
+        "what": "pretrained student fine-tuned centrally, without DP, on the federated users' "
+        "train data; test at the best validation epoch (federated users)",
+        "modes": modes,
+        "seconds": round(time.perf_counter() - start, 1),
+        "command": "python bench/federation_ceiling.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
