@@ -39,6 +39,7 @@ def _eps(acc: RDPAccountant, delta: float) -> float:
     """Epsilon at the ledger's Renyi orders (what the server reports)."""
     return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
+
 Arrays = list[npt.NDArray[Any]]
 RunConfig = dict[str, bool | int | float | str]
 
@@ -478,9 +479,7 @@ def test_user_dp_epsilon_each_round_matches_an_opacus_accountant(tmp_path: Path)
     acc = RDPAccountant()
     for report in reports:
         acc.step(noise_multiplier=z, sample_rate=m / n)
-        assert report.epsilon_user == pytest.approx(
-            _eps(acc, 1 / n), rel=1e-9
-        )
+        assert report.epsilon_user == pytest.approx(_eps(acc, 1 / n), rel=1e-9)
     eps = [r.epsilon_user for r in reports if r.epsilon_user is not None]
     assert len(eps) == 3 and eps == sorted(eps) and len(set(eps)) == 3
     # The ledger is in the checkpoint, and resuming keeps accounting from it.
@@ -492,9 +491,7 @@ def test_user_dp_epsilon_each_round_matches_an_opacus_accountant(tmp_path: Path)
     assert [r.server_round for r in more] == [4, 5]
     acc.step(noise_multiplier=z, sample_rate=m / n)
     acc.step(noise_multiplier=z, sample_rate=m / n)
-    assert more[-1].epsilon_user == pytest.approx(
-        _eps(acc, 1 / n), rel=1e-9
-    )
+    assert more[-1].epsilon_user == pytest.approx(_eps(acc, 1 / n), rel=1e-9)
 
 
 def test_user_dp_explicit_delta_and_population() -> None:
@@ -511,9 +508,7 @@ def test_user_dp_explicit_delta_and_population() -> None:
     reports = _run(config, num_nodes=4)
     acc = RDPAccountant()
     acc.history = [(z, m / population, 2)]
-    assert reports[-1].epsilon_user == pytest.approx(
-        _eps(acc, delta), rel=1e-9
-    )
+    assert reports[-1].epsilon_user == pytest.approx(_eps(acc, delta), rel=1e-9)
     with pytest.raises(ConfigError, match="5 nodes are connected but 'population-size' is 4"):
         _run({**config, "population-size": 4}, num_nodes=5)
 
