@@ -25,7 +25,6 @@ Resume: every run is submitted with the same ``checkpoint-dir``, so a new run af
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import json
 import os
@@ -54,6 +53,7 @@ from server.state import (
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import RunConfigValue
 from shared.io import write_bytes_atomic, write_json_atomic
+from shared.processes import die_with_parent, reap_group, terminate_group
 
 CONNECTION = "fedrec"
 #: The task the server runs when a bundle is given (the recommender's student).
@@ -82,12 +82,6 @@ def executable(name: str) -> str:
     if found is None:
         raise ConfigError(f"`{name}` is not installed; install the project (pip install .)")
     return found
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def flower_env(layout: ServerLayout) -> dict[str, str]:
@@ -412,7 +406,7 @@ class SuperLinkProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.layout.state_dir,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
                 # its own process group: stop() reaches the SuperExec and ServerApp it starts
                 start_new_session=True,
             )
@@ -469,28 +463,8 @@ class SuperLinkProcess:
         proc = self.popen
         if proc is None:
             return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-        deadline = time.monotonic() + 3.0
-        while _signal_group(proc.pid, 0) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        _signal_group(proc.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid``; whether the group still exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        terminate_group(proc, grace_s)
+        reap_group(proc.pid, 3.0)
 
 
 # --------------------------------------------------------------------------- start + follow

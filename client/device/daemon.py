@@ -70,6 +70,7 @@ from shared.config import from_flat, kebab
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
+from shared.processes import die_with_parent, reap_group, terminate_group
 
 if TYPE_CHECKING:
     import uvicorn
@@ -327,13 +328,6 @@ class ProcessSpec:
             raise ConfigError(f"{self.name}: max_backoff_s must be >= 0")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class ManagedProcess:
     """Runtime state of one :class:`ProcessSpec`."""
@@ -350,7 +344,7 @@ class ManagedProcess:
         # SuperNode training without its daemon).
         # Its own process group: stopping it signals its descendants too (a SuperNode's
         # SuperExec and ClientApp processes, whose --parent-pid checks are fooled by PID reuse).
-        preexec = _die_with_parent if sys.platform == "linux" else None
+        preexec = die_with_parent if sys.platform == "linux" else None
         if self.spec.log_file is None:
             self.popen = subprocess.Popen(
                 list(self.spec.argv),
@@ -384,37 +378,16 @@ class ManagedProcess:
         proc = self.popen
         if proc is None:
             return None
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s ignored SIGTERM for %.1f s; killing it", self.spec.name, grace_s)
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if terminate_group(proc, grace_s):
+            logger.warning("%s ignored SIGTERM for %.1f s; killed it", self.spec.name, grace_s)
         self.reap_group(min(grace_s, 2.0))
         return proc.returncode
 
     def reap_group(self, grace_s: float = 2.0) -> None:
         """After the process exited: let its descendants finish for ``grace_s``, then kill
         what is left of its process group."""
-        if self.popen is None:
-            return
-        deadline = time.monotonic() + grace_s
-        while _signal_group(self.popen.pid, 0) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        _signal_group(self.popen.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid``; whether the group still exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self.popen is not None:
+            reap_group(self.popen.pid, grace_s)
 
 
 # --------------------------------------------------------------------------- daemon
