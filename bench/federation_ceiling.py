@@ -25,13 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
-from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
-from shared.models.sequence import pad_histories
+from shared.eval.splits import ProtocolSplit
+from shared.federated.local_training import next_item_examples
 from shared.models.student import DistilledStudent, StudentModel
-from shared.text.encoder import EncoderConfig, encode_items
-from simulation.pretrain import configs_for, pretrain
+from simulation.pretrain import pretrain_on
 
 MODES = {"global": False, "global+item-table": True}
 
@@ -39,16 +37,11 @@ MODES = {"global": False, "global+item-table": True}
 def _examples(
     sequences: list[np.ndarray], max_len: int, per_user: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every (previous ``max_len`` items, next item) pair; a user's last ``per_user`` pairs
-    (what a client trains on, see ``LocalTrainConfig.max_examples``)."""
-    prefixes: list[np.ndarray] = []
-    targets: list[int] = []
-    for seq in sequences:
-        for t in range(max(1, len(seq) - per_user), len(seq)):
-            prefixes.append(seq[max(0, t - max_len) : t])
-            targets.append(int(seq[t]))
-    items, mask = pad_histories(prefixes, max_len, pad_to=max_len)
-    return items, mask, torch.tensor(targets, dtype=torch.long)
+    """What every client trains on (:func:`next_item_examples`, its last ``per_user`` pairs;
+    see ``LocalTrainConfig.max_examples``), pooled: windows padded to ``max_len``."""
+    parts = [next_item_examples(s, max_len, per_user, pad_to=max_len) for s in sequences]
+    items, mask, targets = (torch.cat(column) for column in zip(*parts, strict=True))
+    return items, mask, targets
 
 
 def _evaluate(model: StudentModel, split: ProtocolSplit, stage: str) -> dict[str, float]:
@@ -115,18 +108,8 @@ def main() -> None:
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    ds = load_dataset(args.dataset, args.data_dir, synthetic_seed=args.seed)
-    split = split_users(ds, SplitConfig(seed=args.seed))
-    text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
-    teacher_cfg, student_cfg = configs_for(200, 100, args.seed)
-    pre = pretrain(
-        ds,
-        split,
-        text,
-        Path(args.cache_dir),
-        teacher_config=teacher_cfg,
-        student_config=student_cfg,
-    )
+    run = pretrain_on(args.dataset, args.data_dir, args.seed, Path(args.cache_dir))
+    ds, split, pre = run.dataset, run.split, run.pretrained
     federated = split.federated_users
     sequences = [s for s in split.train_sequences(federated) if len(s) >= 2]
     data = _examples(sequences, pre.student.model.config.max_len, args.per_user)

@@ -21,14 +21,12 @@ import torch
 
 from shared.compression.artifact import publish_student
 from shared.compression.quantize import top_k_agreement
-from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
-from shared.eval.splits import SplitConfig, split_users
 from shared.models.baselines import EASE, TextOnly
 from shared.ondevice.runtime import OnDeviceModel
-from shared.text.encoder import EncoderConfig, ItemEncoder, encode_items
+from shared.text.encoder import EncoderConfig, ItemEncoder
 from shared.training.trainer import count_parameters
-from simulation.pretrain import configs_for, pretrain
+from simulation.pretrain import pretrain_on
 
 
 def _latency(model: OnDeviceModel, history: np.ndarray, calls: int) -> dict[str, float]:
@@ -61,18 +59,15 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(2)
-    ds = load_dataset(args.dataset, args.data_dir, synthetic_seed=args.seed)
-    split = split_users(ds, SplitConfig(seed=args.seed))
-    text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
-    teacher_cfg, student_cfg = configs_for(args.teacher_epochs, args.student_epochs, args.seed)
-    pre = pretrain(
-        ds,
-        split,
-        text,
+    run = pretrain_on(
+        args.dataset,
+        args.data_dir,
+        args.seed,
         Path(args.cache_dir),
-        teacher_config=teacher_cfg,
-        student_config=student_cfg,
+        teacher_epochs=args.teacher_epochs,
+        student_epochs=args.student_epochs,
     )
+    ds, split, text, pre = run.dataset, run.split, run.text, run.pretrained
     pops = ("public", "federated")
     cfg = EvalConfig(seed=args.seed)
     results: dict[str, Any] = {}

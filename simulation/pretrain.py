@@ -11,17 +11,19 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from shared.data.dataset import RecDataset
-from shared.errors import ConfigError
-from shared.eval.splits import ProtocolSplit
+from shared.data.registry import load_dataset
+from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.io import write_bytes_atomic
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
-from shared.models.teacher import SASRecTeacher, TeacherConfig
+from shared.models.teacher import IdInit, SASRecTeacher, TeacherConfig
+from shared.text.encoder import EncoderConfig, encode_items
 from shared.training.trainer import Validation, count_parameters
 
 log = logging.getLogger(__name__)
@@ -130,17 +132,45 @@ def configs_for(
     epochs_teacher: int, epochs_student: int, seed: int, teacher_id_init: str = "cooccurrence"
 ) -> tuple[TeacherConfig, StudentConfig]:
     """The teacher/student configs of a simulation (defaults, with its epoch caps, seed and
-    the teacher's ID-table initialisation)."""
-    if teacher_id_init not in ("cooccurrence", "random"):
-        raise ConfigError(
-            f"teacher id-init must be 'cooccurrence' or 'random', got {teacher_id_init!r}"
-        )
+    the teacher's ID-table initialisation; :class:`TeacherConfig` refuses an unknown one)."""
     return (
         replace(
             TeacherConfig(),
             epochs=epochs_teacher,
             seed=seed,
-            id_init="cooccurrence" if teacher_id_init == "cooccurrence" else "random",
+            id_init=cast(IdInit, teacher_id_init),
         ),
         replace(StudentConfig(), epochs=epochs_student, seed=seed),
     )
+
+
+@dataclass
+class PretrainedRun:
+    """A dataset, its protocol split, the item text embeddings and the pretrained models."""
+
+    dataset: RecDataset
+    split: ProtocolSplit
+    text: npt.NDArray[np.float32]
+    pretrained: Pretrained
+
+
+def pretrain_on(
+    dataset: str,
+    data_dir: str | None,
+    seed: int,
+    cache_dir: Path,
+    *,
+    teacher_epochs: int = 200,
+    student_epochs: int = 100,
+) -> PretrainedRun:
+    """Load ``dataset``, split it by the protocol (``seed``), encode the item text and
+    pretrain (or load from ``cache_dir``) the default teacher and student: the common start
+    of the benchmarks, which then share one pretraining cache."""
+    ds = load_dataset(dataset, data_dir, synthetic_seed=seed)
+    split = split_users(ds, SplitConfig(seed=seed))
+    text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
+    teacher_cfg, student_cfg = configs_for(teacher_epochs, student_epochs, seed)
+    pre = pretrain(
+        ds, split, text, cache_dir, teacher_config=teacher_cfg, student_config=student_cfg
+    )
+    return PretrainedRun(ds, split, text, pre)

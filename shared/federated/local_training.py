@@ -80,11 +80,13 @@ class LocalResult:
 
 
 def next_item_examples(
-    sequence: IntArray, max_len: int, max_examples: int | None = None
+    sequence: IntArray, max_len: int, max_examples: int | None = None, pad_to: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every (window of the previous ``max_len`` items, next item) pair of one sequence.
 
-    The most recent ``max_examples`` pairs are kept (recent behavior matters most).
+    The most recent ``max_examples`` pairs are kept (recent behavior matters most). Windows
+    are left-padded to the longest one, or to ``pad_to`` (e.g. ``max_len``, to pool the
+    examples of several sequences).
     """
     seq = np.asarray(sequence, dtype=np.int64)
     if seq.ndim != 1:
@@ -95,7 +97,7 @@ def next_item_examples(
     if max_examples is not None:
         starts = range(max(1, len(seq) - max_examples), len(seq))
     prefixes = [seq[max(0, t - max_len) : t] for t in starts]
-    items, mask = pad_histories(prefixes, max_len)
+    items, mask = pad_histories(prefixes, max_len, pad_to=pad_to)
     targets = torch.as_tensor(seq[list(starts)], dtype=torch.long)
     return items, mask, targets
 

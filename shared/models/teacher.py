@@ -55,6 +55,9 @@ from shared.training.trainer import (
     trim_padding,
 )
 
+IdInit = Literal["cooccurrence", "random"]
+"""How the teacher's ID table starts (see :class:`TeacherConfig`)."""
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -82,7 +85,7 @@ class TeacherConfig:
     n_heads: int = 2
     max_len: int = 200
     dropout: float = 0.3
-    id_init: Literal["cooccurrence", "random"] = "cooccurrence"
+    id_init: IdInit = "cooccurrence"
     loss: Literal["full", "sampled"] = "full"
     n_negatives: int = 256
     epochs: int = 200
