@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
+from shared.federated.local_config import LocalTrainConfig
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class SimulationConfig:
     secagg_reconstruction_threshold: int = 2
     secagg_clipping_range: float = 8.0
     secagg_timeout: float = 300.0
-    # client training and record-level DP
-    dp: bool = True
-    noise_multiplier: float = 1.5
-    max_grad_norm: float = 1.0
+    # client training and record-level DP (defaults: LocalTrainConfig, the one place for them)
+    dp: bool = LocalTrainConfig.dp
+    noise_multiplier: float = LocalTrainConfig.noise_multiplier
+    max_grad_norm: float = LocalTrainConfig.max_grad_norm
     epsilon_budget: float = 8.0
     delta: float = 1e-5
     # user-level DP (server noise on the clipped, weight-1 updates; delta 0 = 1 / clients)
@@ -50,11 +51,11 @@ class SimulationConfig:
     user_dp_clip: float = 0.5
     user_dp_delta: float = 0.0
     user_dp_epsilon_budget: float = 8.0
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 0.05
-    personal_steps: int = 5
-    personal_lr: float = 0.001
+    local_epochs: int = LocalTrainConfig.local_epochs
+    batch_size: int = LocalTrainConfig.batch_size
+    lr: float = LocalTrainConfig.lr
+    personal_steps: int = LocalTrainConfig.personal_steps
+    personal_lr: float = LocalTrainConfig.personal_lr
     meta_learning: bool = False
     # few-shot
     shots: tuple[int, ...] = (1, 3, 5, 10)

@@ -194,7 +194,7 @@ def test_supernode_options_are_checked(
 
 
 def test_learner_adapts_like_the_federated_client() -> None:
-    from shared.federated.local_training import LocalTrainConfig
+    from shared.federated.local_config import LocalTrainConfig
 
     train, learner = LocalTrainConfig(), LearnerConfig()
     assert (learner.personal_steps, learner.personal_lr) == (

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 from server.server_app import ServerConfig
 from shared.config import field_names
-from shared.federated.local_training import LocalTrainConfig
+from shared.federated.local_config import LocalTrainConfig
 from shared.federated.student_task import StudentTaskConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -46,6 +47,17 @@ def test_every_student_task_knob_is_declared() -> None:
         "num-threads",
     }
     assert wanted <= declared, sorted(wanted - declared)
+
+
+def test_declared_student_task_values_are_the_dataclass_defaults() -> None:
+    """pyproject.toml repeats the client-training defaults for `flwr run`; they must not drift
+    from the dataclasses that own them (which the simulation and the daemon also use)."""
+    declared = _app()["config"]
+    for cls in (LocalTrainConfig, StudentTaskConfig):
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in declared:
+                assert declared[key] == f.default, (cls.__name__, key, declared[key], f.default)
 
 
 # --------------------------------------------------------------------------- the Flower way

@@ -50,6 +50,7 @@ import numpy.typing as npt
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
 from client.device.sealed import Catalog
 from shared.errors import ConfigError, DataError, FedRecError
+from shared.federated.local_config import LocalTrainConfig
 from shared.io import write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
@@ -300,15 +301,15 @@ class LearnerConfig:
 
     ``debounce_s``: wait this long after the last new event before adapting (a burst of
     events costs one adaptation). ``poll_s``: how often the ClientApp's files are checked.
-    ``personal_steps`` / ``personal_lr``: the few-shot steps on the personal adapter (kept
-    equal to the federated client's defaults, :class:`LocalTrainConfig`, which were tuned
-    against over-fitting a user's own history).
+    ``personal_steps`` / ``personal_lr``: the few-shot steps on the personal adapter (their
+    defaults are the federated client's, :class:`LocalTrainConfig`, which were tuned against
+    over-fitting a user's own history).
     """
 
     debounce_s: float = 2.0
     poll_s: float = 0.5
-    personal_steps: int = 5
-    personal_lr: float = 0.001
+    personal_steps: int = LocalTrainConfig.personal_steps
+    personal_lr: float = LocalTrainConfig.personal_lr
     num_threads: int = 1
 
     def __post_init__(self) -> None:

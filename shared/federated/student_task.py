@@ -5,7 +5,7 @@ spent.
 
 Run-config keys (kebab-case): ``bundle`` (pretrained bundle path), ``state-dir`` (per-client
 ledgers and personal parameters), ``epsilon-budget``, ``delta``, ``meta-learning``,
-``device``, plus every :class:`~shared.federated.local_training.LocalTrainConfig` key.
+``device``, plus every :class:`~shared.federated.local_config.LocalTrainConfig` key.
 
 **Two modes.** Plain (default): FedAvg over the global parameters; a new user's personal
 adapter starts at the identity and is fine-tuned locally. **Meta-learning**
@@ -38,12 +38,8 @@ from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, load_bundle
-from shared.federated.local_training import (
-    LocalTrainConfig,
-    adapt_personal,
-    check_items,
-    train_global_dp,
-)
+from shared.federated.local_config import LocalTrainConfig
+from shared.federated.local_training import adapt_personal, check_items, train_global_dp
 from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
 from shared.io import write_bytes_atomic
 from shared.models.sequence import pad_histories
