@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny hand-made datasets and the real ML-100K path (read in place)."""
+"""Shared fixtures: tiny hand-made datasets and models, and the real ML-100K path (read in
+place)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,29 @@ def make_dataset(
 @pytest.fixture
 def toy_dataset() -> RecDataset:
     return make_dataset()
+
+
+def _write_tiny_bundle(path: Path, n_items: int) -> list[str]:
+    """A seeded, untrained 16-d student over ``n_items`` items (ids ``item-0``...), saved as
+    a pretrained bundle at ``path``; returns the item ids."""
+    import torch
+
+    from shared.federated.bundle import save_bundle
+    from shared.models.student import StudentConfig, StudentModel
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    student = StudentModel(
+        rng.normal(size=(n_items, 8)).astype(np.float32),
+        rng.normal(size=(n_items, 8)).astype(np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+    item_ids = [f"item-{i}" for i in range(n_items)]
+    save_bundle(path, student, None, item_ids)
+    return item_ids
+
+
+@pytest.fixture
+def write_tiny_bundle() -> Callable[[Path, int], list[str]]:
+    """Writes a tiny student bundle: ``write_tiny_bundle(path, n_items) -> item ids``."""
+    return _write_tiny_bundle

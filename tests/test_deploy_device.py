@@ -30,16 +30,9 @@ ITEMS = [f"item-{i}" for i in range(N_ITEMS)]
 
 
 @pytest.fixture
-def bundle(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    student = StudentModel(
-        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
-        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
-        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
-    )
+def bundle(tmp_path: Path, write_tiny_bundle: Callable[[Path, int], list[str]]) -> Path:
     path = tmp_path / "bundle.pt"
-    save_bundle(path, student, None, ITEMS)
+    assert write_tiny_bundle(path, N_ITEMS) == ITEMS
     return path
 
 

@@ -31,10 +31,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-
-from shared.federated.bundle import save_bundle
-from shared.models.student import StudentConfig, StudentModel
 
 pytestmark = pytest.mark.network
 
@@ -60,17 +56,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def write_bundle(path: Path) -> None:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    student = StudentModel(
-        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
-        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
-        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
-    )
-    save_bundle(path, student, None, [f"item-{i}" for i in range(N_ITEMS)])
 
 
 class Device:
@@ -171,14 +156,14 @@ class Device:
 class Federation:
     """The server state directory and its `fedrec server start` process."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, write_bundle: Callable[[Path, int], list[str]]) -> None:
         self.root = root
         self.state = root / "server"
         self.bundle = root / "bundle.pt"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
-        write_bundle(self.bundle)
+        write_bundle(self.bundle, N_ITEMS)
         subprocess.run(
             [*fedrec_cmd(), "server", "init", "--state-dir", str(self.state)],
             check=True,
@@ -324,9 +309,11 @@ SECAGG = (
 
 
 def test_tls_authenticated_secagg_federation_with_server_restart(
-    tmp_path: Path, cleanup: list[Device | Federation]
+    tmp_path: Path,
+    cleanup: list[Device | Federation],
+    write_tiny_bundle: Callable[[Path, int], list[str]],
 ) -> None:
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, write_tiny_bundle)
     cleanup.append(fed)
     devices = [Device(tmp_path, i) for i in range(4)]
     for device in devices:
@@ -418,11 +405,13 @@ def test_tls_authenticated_secagg_federation_with_server_restart(
 
 @pytest.mark.slow
 def test_a_device_killed_mid_round_does_not_stop_the_round(
-    tmp_path: Path, cleanup: list[Device | Federation]
+    tmp_path: Path,
+    cleanup: list[Device | Federation],
+    write_tiny_bundle: Callable[[Path, int], list[str]],
 ) -> None:
     """Four devices, SecAgg+ threshold 2: one daemon is SIGKILLed (its SuperNode dies with
     it) after it received the round's training instruction; the three others finish it."""
-    fed = Federation(tmp_path)
+    fed = Federation(tmp_path, write_tiny_bundle)
     cleanup.append(fed)
     devices = [Device(tmp_path, i) for i in range(4)]
     for device in devices:
