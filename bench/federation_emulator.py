@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ def main() -> None:
             row["test"] = _evaluate(model, split, "test")
             row["seconds"] = round(time.perf_counter() - start, 1)
             curve.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout is the JSON
     best = max(curve, key=lambda r: float(r["valid"]["sampled_hr@10"]))
     out = {
         "what": "Flower-free emulation of the federation's optimisation (federated users)",
