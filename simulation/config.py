@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
+from shared.models.item_factors import ID_INITS
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,10 @@ class SimulationConfig:
             raise ConfigError("num-cpus-per-client must be > 0 and num-gpus-per-client >= 0")
         if self.teacher_epochs < 1 or self.student_epochs < 1:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
-        if self.teacher_id_init not in ("cooccurrence", "random"):
+        if self.teacher_id_init not in ID_INITS:
             raise ConfigError(
-                f"teacher-id-init must be 'cooccurrence' or 'random', got {self.teacher_id_init!r}"
+                f"teacher-id-init must be {' or '.join(map(repr, ID_INITS))}, "
+                f"got {self.teacher_id_init!r}"
             )
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")

@@ -21,8 +21,9 @@ from shared.data.dataset import RecDataset
 from shared.data.registry import load_dataset
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.io import write_bytes_atomic
+from shared.models.item_factors import IdInit
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
-from shared.models.teacher import IdInit, SASRecTeacher, TeacherConfig
+from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import EncoderConfig, encode_items
 from shared.training.trainer import Validation, count_parameters
 

@@ -47,3 +47,12 @@ def test_simulation_refuses_a_malformed_device_before_any_work():
         assert SimulationConfig(device=ok).device == ok
     with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
         from_flat(SimulationConfig, {"device": "tpu"})
+
+
+def test_simulation_refuses_an_unknown_teacher_id_init_before_any_work():
+    from simulation.config import SimulationConfig
+
+    for ok in ("cooccurrence", "random"):
+        assert SimulationConfig(teacher_id_init=ok).teacher_id_init == ok
+    with pytest.raises(ConfigError, match="teacher-id-init must be 'cooccurrence' or 'random'"):
+        from_flat(SimulationConfig, {"teacher-id-init": "svd"})

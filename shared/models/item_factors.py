@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +18,10 @@ from shared.errors import ConfigError
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+
+IdInit = Literal["cooccurrence", "random"]
+"""How a model's ID table starts: from :func:`cooccurrence_factors` or at random."""
+ID_INITS: tuple[str, ...] = get_args(IdInit)
 
 MAX_DENSE_ITEMS = 20_000
 """Largest catalog whose item-item Gram matrix is formed densely (20k^2 doubles = 3.2 GB)."""

@@ -31,7 +31,7 @@ from torch import nn
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.models.base import Recommender, ScoreArray
-from shared.models.item_factors import cooccurrence_factors
+from shared.models.item_factors import ID_INITS, IdInit, cooccurrence_factors
 from shared.models.sequence import (
     IGNORE_TARGET,
     ItemRepresentation,
@@ -54,9 +54,6 @@ from shared.training.trainer import (
     train_epoch,
     trim_padding,
 )
-
-IdInit = Literal["cooccurrence", "random"]
-"""How the teacher's ID table starts (see :class:`TeacherConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +105,9 @@ class TeacherConfig:
             raise ConfigError(f"teacher max_len must be >= 2, got {self.max_len}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"teacher dropout must be in [0, 1), got {self.dropout}")
-        if self.id_init not in ("cooccurrence", "random"):
+        if self.id_init not in ID_INITS:
             raise ConfigError(
-                f"teacher id_init must be 'cooccurrence' or 'random', got {self.id_init!r}"
+                f"teacher id_init must be {' or '.join(map(repr, ID_INITS))}, got {self.id_init!r}"
             )
         if self.loss not in ("full", "sampled"):
             raise ConfigError(f"teacher loss must be 'full' or 'sampled', got {self.loss!r}")
