@@ -25,11 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.eval.protocol import EvalConfig, evaluate_split
-from shared.eval.splits import ProtocolSplit
 from shared.federated.local_training import next_item_examples
-from shared.models.student import DistilledStudent, StudentModel
-from simulation.pretrain import pretrain_on
+from simulation.pretrain import PretrainedRun, pretrain_on
 
 MODES = {"global": False, "global+item-table": True}
 
@@ -44,16 +41,8 @@ def _examples(
     return items, mask, targets
 
 
-def _evaluate(model: StudentModel, split: ProtocolSplit, stage: str) -> dict[str, float]:
-    result = evaluate_split(
-        DistilledStudent.from_model(model), split, ("federated",), stage, EvalConfig(seed=42)
-    )["federated"]
-    return {k: round(float(v), 4) for k, v in result.items()}
-
-
 def fine_tune(
-    pretrained: StudentModel,
-    split: ProtocolSplit,
+    run: PretrainedRun,
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     item_table: bool,
@@ -62,8 +51,9 @@ def fine_tune(
     batch_size: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Adam on the global group (and the ID table if ``item_table``); best validation epoch."""
-    model = copy.deepcopy(pretrained)
+    """Adam on a copy of the pretrained student's global group (and its ID table if
+    ``item_table``); the epoch with the best validation."""
+    model = copy.deepcopy(run.pretrained.student.model)
     model.set_trainable(["global"])
     model.items.ids.weight.requires_grad_(item_table)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,8 +64,8 @@ def fine_tune(
     def row(epoch: int) -> dict[str, Any]:
         return {
             "epoch": epoch,
-            "valid": _evaluate(model, split, "valid"),
-            "test": _evaluate(model, split, "test"),
+            "valid": run.evaluate_federated(model, "valid"),
+            "test": run.evaluate_federated(model, "test"),
         }
 
     curve = [row(0)]
@@ -115,8 +105,7 @@ def main() -> None:
     data = _examples(sequences, pre.student.model.config.max_len, args.per_user)
     modes = {
         name: fine_tune(
-            pre.student.model,
-            split,
+            run,
             data,
             item_table=item_table,
             epochs=args.epochs,

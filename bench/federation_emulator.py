@@ -29,18 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import train_global_dp
-from shared.models.student import DistilledStudent, StudentModel
-from simulation.pretrain import pretrain_on
+from simulation.pretrain import PretrainedRun, pretrain_on
+
+REPORTED = ("sampled_hr@10", "full_hr@10")
 
 
-def _evaluate(model: StudentModel, split: Any, stage: str) -> dict[str, float]:
-    result = evaluate_split(
-        DistilledStudent.from_model(model), split, ("federated",), stage, EvalConfig(seed=42)
-    )["federated"]
-    return {k: round(float(result[k]), 4) for k in ("sampled_hr@10", "full_hr@10")}
+def _evaluate(run: PretrainedRun, stage: str) -> dict[str, float]:
+    """The reported metrics of the current global model (trained in place)."""
+    metrics = run.evaluate_federated(run.pretrained.student.model, stage)
+    return {k: metrics[k] for k in REPORTED}
 
 
 class ServerOptimizer:
@@ -105,8 +104,8 @@ def main() -> None:
     curve: list[dict[str, Any]] = [
         {
             "round": 0,
-            "valid": _evaluate(model, split, "valid"),
-            "test": _evaluate(model, split, "test"),
+            "valid": _evaluate(run, "valid"),
+            "test": _evaluate(run, "test"),
         }
     ]
     for rnd in range(1, args.rounds + 1):
@@ -135,8 +134,8 @@ def main() -> None:
             for n in names:
                 params[n].copy_(reference[n] + server.step(n, mean_delta[n]))
         if rnd % args.every == 0 or rnd == args.rounds:
-            row: dict[str, Any] = {"round": rnd, "valid": _evaluate(model, split, "valid")}
-            row["test"] = _evaluate(model, split, "test")
+            row: dict[str, Any] = {"round": rnd, "valid": _evaluate(run, "valid")}
+            row["test"] = _evaluate(run, "test")
             row["seconds"] = round(time.perf_counter() - start, 1)
             curve.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout is the JSON

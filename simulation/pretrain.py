@@ -19,6 +19,7 @@ import torch
 
 from shared.data.dataset import RecDataset
 from shared.data.registry import load_dataset
+from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.io import write_bytes_atomic
 from shared.models.item_factors import IdInit
@@ -153,6 +154,14 @@ class PretrainedRun:
     split: ProtocolSplit
     text: npt.NDArray[np.float32]
     pretrained: Pretrained
+
+    def evaluate_federated(self, model: StudentModel, stage: str) -> dict[str, float]:
+        """Protocol metrics of ``model`` on the federated users' ``stage`` item (``'valid'``
+        for model selection, ``'test'`` for the figure), rounded to 4 places."""
+        result = evaluate_split(
+            DistilledStudent.from_model(model), self.split, ("federated",), stage, EvalConfig()
+        )["federated"]
+        return {k: round(float(v), 4) for k, v in result.items()}
 
 
 def pretrain_on(
