@@ -87,6 +87,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    # Opacus (outside secure mode) and dropout draw from torch's global RNG, which a fresh
+    # process seeds at random: seed it so a run is repeatable.
+    torch.manual_seed(args.seed)
     start = time.perf_counter()
     run = pretrain_on(args.dataset, args.data_dir, args.seed, Path(args.cache_dir))
     split, model = run.split, run.pretrained.student.model
