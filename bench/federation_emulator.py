@@ -23,12 +23,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import train_global_dp
 from simulation.pretrain import PretrainedRun, pretrain_on
@@ -36,10 +38,14 @@ from simulation.pretrain import PretrainedRun, pretrain_on
 REPORTED = ("sampled_hr@10", "full_hr@10")
 
 
-def _evaluate(run: PretrainedRun, stage: str) -> dict[str, float]:
-    """The reported metrics of the current global model (trained in place)."""
-    metrics = run.evaluate_federated(run.pretrained.student.model, stage)
-    return {k: metrics[k] for k in REPORTED}
+def _row(run: PretrainedRun, rnd: int) -> dict[str, Any]:
+    """The reported validation and test metrics of the current global model (trained in
+    place) after round ``rnd``."""
+    row: dict[str, Any] = {"round": rnd}
+    for stage in ("valid", "test"):
+        metrics = run.evaluate_federated(run.pretrained.student.model, stage)
+        row[stage] = {k: metrics[k] for k in REPORTED}
+    return row
 
 
 class ServerOptimizer:
@@ -85,6 +91,23 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam's epsilon")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "fedrec"))
     args = parser.parse_args()
+    for name in ("rounds", "cohort", "every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not (args.server_lr > 0 and args.tau > 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        parser.error("--server-lr and --tau must be > 0, --beta1 and --beta2 in [0, 1)")
+    try:  # the client settings are checked before any loading or training
+        client = LocalTrainConfig(
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            dp=not args.no_dp,
+            noise_multiplier=args.noise_multiplier,
+            max_grad_norm=args.max_grad_norm,
+            personal_steps=0,
+        )
+    except ConfigError as err:
+        parser.error(str(err))
 
     torch.set_num_threads(1)
     # Opacus (outside secure mode) and dropout draw from torch's global RNG, which a fresh
@@ -104,13 +127,7 @@ def main() -> None:
     names = [n for n in params if model.parameter_group(n) == "global"]
     server = ServerOptimizer(args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau)
     rng = np.random.default_rng(args.seed)
-    curve: list[dict[str, Any]] = [
-        {
-            "round": 0,
-            "valid": _evaluate(run, "valid"),
-            "test": _evaluate(run, "test"),
-        }
-    ]
+    curve: list[dict[str, Any]] = [_row(run, 0)]
     for rnd in range(1, args.rounds + 1):
         reference = {n: params[n].detach().clone() for n in names}
         mean_delta = {n: torch.zeros_like(params[n]) for n in names}
@@ -119,16 +136,7 @@ def main() -> None:
             with torch.no_grad():
                 for n in names:
                     params[n].copy_(reference[n])
-            local = LocalTrainConfig(
-                local_epochs=args.local_epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                dp=not args.no_dp,
-                noise_multiplier=args.noise_multiplier,
-                max_grad_norm=args.max_grad_norm,
-                personal_steps=0,
-                seed=int(user) * 1000 + rnd,
-            )
+            local = replace(client, seed=int(user) * 1000 + rnd)
             train_global_dp(model, sequences[int(user)], local)
             with torch.no_grad():
                 for n in names:
@@ -137,9 +145,7 @@ def main() -> None:
             for n in names:
                 params[n].copy_(reference[n] + server.step(n, mean_delta[n]))
         if rnd % args.every == 0 or rnd == args.rounds:
-            row: dict[str, Any] = {"round": rnd, "valid": _evaluate(run, "valid")}
-            row["test"] = _evaluate(run, "test")
-            row["seconds"] = round(time.perf_counter() - start, 1)
+            row = {**_row(run, rnd), "seconds": round(time.perf_counter() - start, 1)}
             curve.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout is the JSON
     best = max(curve, key=lambda r: float(r["valid"]["sampled_hr@10"]))
