@@ -6,9 +6,12 @@ Each round samples a cohort of federated users, runs the client's own local step
 group, or clipped SGD without DP) from the current global parameters, averages the deltas
 with equal weights (what SecAgg+ releases) and applies a server optimiser to the mean delta:
 ``avg`` (FedAvg, ``server-lr`` 1 is plain averaging), ``avgm`` (FedAvg with server momentum)
-or ``adam`` (FedAdam, Reddi et al. 2021). No secure aggregation, no ledger, no budget: the
-privacy spent is what ``bench/federation_benchmark.py`` reports for the same settings.
-Validation and test (federated users, protocol metrics) every ``--every`` rounds.
+or ``adam`` (FedAdam, Reddi et al. 2021). No secure aggregation and no budget: every sampled
+client trains. Under DP each client's runs go into a
+:class:`~shared.privacy.ledger.PrivacyLedger` as the real client records them, and the output
+reports the largest epsilon any client reached and how many clients passed
+``--epsilon-budget`` (the real system would have had them decline). Validation and test
+(federated users, protocol metrics) every ``--every`` rounds.
 
     python bench/federation_emulator.py --data-dir ../shared/datasets/ml-100k --rounds 20
 
@@ -33,6 +36,7 @@ import torch
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import train_global_dp
+from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 from simulation.pretrain import PretrainedRun, pretrain_on
 
 REPORTED = ("sampled_hr@10", "full_hr@10")
@@ -69,6 +73,19 @@ class ServerOptimizer:
         return self.lr * self.m[name] / (self.v[name].sqrt() + self.tau)
 
 
+def _privacy(ledgers: dict[int, PrivacyLedger], budget: PrivacyBudget) -> dict[str, Any]:
+    """Record-level privacy spent per client: the largest epsilon, and how many clients went
+    past the budget (in the real system they decline once it would be exceeded)."""
+    spent = [ledger.epsilon() for ledger in ledgers.values()]
+    return {
+        "delta": budget.delta,
+        "clients_trained": len(spent),
+        "max_epsilon": round(max(spent), 3) if spent else 0.0,
+        "clients_over_budget": sum(e > budget.epsilon for e in spent),
+        "epsilon_budget": budget.epsilon,
+    }
+
+
 def main() -> None:
     defaults = LocalTrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,6 +106,8 @@ def main() -> None:
     parser.add_argument("--beta1", type=float, default=0.9)
     parser.add_argument("--beta2", type=float, default=0.99)
     parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam's epsilon")
+    parser.add_argument("--epsilon-budget", type=float, default=PrivacyBudget.epsilon)
+    parser.add_argument("--delta", type=float, default=PrivacyBudget.delta)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "fedrec"))
     args = parser.parse_args()
     for name in ("rounds", "cohort", "every"):
@@ -106,6 +125,7 @@ def main() -> None:
             max_grad_norm=args.max_grad_norm,
             personal_steps=0,
         )
+        budget = PrivacyBudget(args.epsilon_budget, args.delta)
     except ConfigError as err:
         parser.error(str(err))
 
@@ -127,6 +147,7 @@ def main() -> None:
     names = [n for n in params if model.parameter_group(n) == "global"]
     server = ServerOptimizer(args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau)
     rng = np.random.default_rng(args.seed)
+    ledgers: dict[int, PrivacyLedger] = {}
     curve: list[dict[str, Any]] = [_row(run, 0)]
     for rnd in range(1, args.rounds + 1):
         reference = {n: params[n].detach().clone() for n in names}
@@ -137,7 +158,10 @@ def main() -> None:
                 for n in names:
                     params[n].copy_(reference[n])
             local = replace(client, seed=int(user) * 1000 + rnd)
-            train_global_dp(model, sequences[int(user)], local)
+            result = train_global_dp(model, sequences[int(user)], local)
+            if client.dp:
+                ledger = ledgers.setdefault(int(user), PrivacyLedger(budget))
+                ledger.record(client.noise_multiplier, result.sample_rate, result.steps)
             with torch.no_grad():
                 for n in names:
                     mean_delta[n] += (params[n] - reference[n]) / len(cohort)
@@ -154,6 +178,7 @@ def main() -> None:
         "settings": vars(args),
         "curve": curve,
         "best_by_validation": best,
+        "privacy": _privacy(ledgers, budget) if client.dp else None,
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(out, indent=2))
