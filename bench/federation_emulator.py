@@ -88,7 +88,7 @@ def _privacy(ledgers: dict[int, PrivacyLedger], budget: PrivacyBudget) -> dict[s
 
 def main() -> None:
     defaults = LocalTrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=42)

@@ -48,7 +48,7 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=42)
