@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.federated.local_training import next_item_examples
-from simulation.pretrain import PretrainedRun, pretrain_on
+from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
 
 MODES = {"global": False, "global+item-table": True}
 
@@ -86,19 +85,16 @@ def fine_tune(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=42)
+    add_pretrain_arguments(parser, dataset="ml-100k")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--per-user", type=int, default=256)
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "fedrec"))
     args = parser.parse_args()
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    run = pretrain_on(args.dataset, args.data_dir, args.seed, Path(args.cache_dir))
+    run = pretrain_from_args(args)
     ds, split, pre = run.dataset, run.split, run.pretrained
     federated = split.federated_users
     sequences = [s for s in split.train_sequences(federated) if len(s) >= 2]

@@ -27,7 +27,6 @@ import json
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import train_global_dp
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
-from simulation.pretrain import PretrainedRun, pretrain_on
+from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
 
 REPORTED = ("sampled_hr@10", "full_hr@10")
 
@@ -89,9 +88,7 @@ def _privacy(ledgers: dict[int, PrivacyLedger], budget: PrivacyBudget) -> dict[s
 def main() -> None:
     defaults = LocalTrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=42)
+    add_pretrain_arguments(parser, dataset="ml-100k")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--cohort", type=int, default=50)
     parser.add_argument("--every", type=int, default=5, help="evaluate every N rounds")
@@ -108,7 +105,6 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam's epsilon")
     parser.add_argument("--epsilon-budget", type=float, default=PrivacyBudget.epsilon)
     parser.add_argument("--delta", type=float, default=PrivacyBudget.delta)
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "fedrec"))
     args = parser.parse_args()
     for name in ("rounds", "cohort", "every"):
         if getattr(args, name) < 1:
@@ -134,7 +130,7 @@ def main() -> None:
     # process seeds at random: seed it so a run is repeatable.
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    run = pretrain_on(args.dataset, args.data_dir, args.seed, Path(args.cache_dir))
+    run = pretrain_from_args(args)
     split, model = run.split, run.pretrained.student.model
     federated = split.federated_users
     sequences = {

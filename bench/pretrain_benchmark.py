@@ -26,7 +26,7 @@ from shared.models.baselines import EASE, TextOnly
 from shared.ondevice.runtime import OnDeviceModel
 from shared.text.encoder import EncoderConfig, ItemEncoder
 from shared.training.trainer import count_parameters
-from simulation.pretrain import pretrain_on
+from simulation.pretrain import add_pretrain_arguments, pretrain_from_args
 
 
 def _latency(model: OnDeviceModel, history: np.ndarray, calls: int) -> dict[str, float]:
@@ -49,23 +49,15 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=42)
+    add_pretrain_arguments(parser, dataset="synthetic")
     parser.add_argument("--teacher-epochs", type=int, default=200)
     parser.add_argument("--student-epochs", type=int, default=100)
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "fedrec"))
     parser.add_argument("--latency-calls", type=int, default=2000)
     args = parser.parse_args()
 
     torch.set_num_threads(2)
-    run = pretrain_on(
-        args.dataset,
-        args.data_dir,
-        args.seed,
-        Path(args.cache_dir),
-        teacher_epochs=args.teacher_epochs,
-        student_epochs=args.student_epochs,
+    run = pretrain_from_args(
+        args, teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs
     )
     ds, split, text, pre = run.dataset, run.split, run.text, run.pretrained
     pops = ("public", "federated")

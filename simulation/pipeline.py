@@ -36,9 +36,9 @@ from shared.models.base import ScoreArray
 from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
-from shared.text.encoder import EncoderConfig, default_cache_dir, encode_items
+from shared.text.encoder import EncoderConfig, encode_items
 from simulation.config import SimulationConfig
-from simulation.pretrain import configs_for, pretrain
+from simulation.pretrain import configs_for, default_cache_root, pretrain
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
 
@@ -57,7 +57,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     started = time.perf_counter()
     run = RunDirectory(_run_root(config))
     run.write_config({"simulation": to_flat(config)})
-    cache = Path(config.cache_dir) if config.cache_dir else Path(default_cache_dir()).parent
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_root()
 
     progress("data", {"dataset": config.dataset})
     dataset = _load(config)

@@ -4,6 +4,7 @@ a rerun after a crash) reuses it."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ from shared.io import write_bytes_atomic
 from shared.models.item_factors import IdInit
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
 from shared.models.teacher import SASRecTeacher, TeacherConfig
-from shared.text.encoder import EncoderConfig, encode_items
+from shared.text.encoder import EncoderConfig, default_cache_dir, encode_items
 from shared.training.trainer import Validation, count_parameters
 
 log = logging.getLogger(__name__)
@@ -184,3 +185,34 @@ def pretrain_on(
         ds, split, text, cache_dir, teacher_config=teacher_cfg, student_config=student_cfg
     )
     return PretrainedRun(ds, split, text, pre)
+
+
+def default_cache_root() -> Path:
+    """Where pretrained models (and text embeddings, under ``embeddings/``) are cached unless
+    configured: ``$FEDREC_CACHE_DIR`` if set, else ``~/.cache/fedrec``."""
+    return Path(default_cache_dir()).parent
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
+    """The options :func:`pretrain_from_args` reads (``--dataset``, ``--data-dir``,
+    ``--seed``, ``--cache-dir``), for the benchmarks that start from a pretrained run."""
+    parser.add_argument("--dataset", default=dataset)
+    parser.add_argument("--data-dir", default=None, help="dataset folder (not for synthetic)")
+    parser.add_argument("--seed", type=int, default=42, help="split and synthetic-world seed")
+    parser.add_argument(
+        "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
+    )
+
+
+def pretrain_from_args(
+    args: argparse.Namespace, *, teacher_epochs: int = 200, student_epochs: int = 100
+) -> PretrainedRun:
+    """:func:`pretrain_on` with the options of :func:`add_pretrain_arguments`."""
+    return pretrain_on(
+        args.dataset,
+        args.data_dir,
+        args.seed,
+        Path(args.cache_dir),
+        teacher_epochs=teacher_epochs,
+        student_epochs=student_epochs,
+    )
