@@ -7,11 +7,19 @@ group, or clipped SGD without DP) from the current global parameters, averages t
 with equal weights (what SecAgg+ releases) and applies a server optimiser to the mean delta:
 ``avg`` (FedAvg, ``server-lr`` 1 is plain averaging), ``avgm`` (FedAvg with server momentum)
 or ``adam`` (FedAdam, Reddi et al. 2021). No secure aggregation and no budget: every sampled
-client trains. Under DP each client's runs go into a
+client trains. Under record-level DP each client's runs go into a
 :class:`~shared.privacy.ledger.PrivacyLedger` as the real client records them, and the output
 reports the largest epsilon any client reached and how many clients passed
 ``--epsilon-budget`` (the real system would have had them decline). Validation and test
 (federated users, protocol metrics) every ``--every`` rounds.
+
+``--user-dp`` emulates user-level DP-FedAvg instead, with the server's own mechanism
+(:class:`server.user_dp.UserLevelDP`): clients train without record-level noise, clip their
+whole update to ``--user-dp-clip`` (:func:`shared.federated.validation.clip_update_l2`, as
+``client/client_app.py`` does), and the server adds ``N(0, (z C / m)^2)`` to the mean and
+charges one step at ``q = m / N`` per round. Each evaluated row then carries the user-level
+epsilon so far, and the output the clients' median update norm before clipping (to size
+the clip). The noise is seeded here, unlike in the server.
 
     python bench/federation_emulator.py --data-dir ../shared/datasets/ml-100k --rounds 20
 
@@ -32,9 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.user_dp import UserDPSettings, UserLevelDP
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import train_global_dp
+from shared.federated.validation import clip_update_l2
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
 
@@ -85,6 +95,16 @@ def _privacy(ledgers: dict[int, PrivacyLedger], budget: PrivacyBudget) -> dict[s
     }
 
 
+def _user_dp_settings(args: argparse.Namespace, population: int) -> UserDPSettings:
+    """The server's user-level DP settings from the ``--user-dp-*`` options (validated)."""
+    return UserDPSettings.create(
+        noise_multiplier=args.user_dp_noise_multiplier,
+        clip_norm=args.user_dp_clip,
+        population=population,
+        delta=args.user_dp_delta,
+    )
+
+
 def main() -> None:
     defaults = LocalTrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,6 +125,14 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam's epsilon")
     parser.add_argument("--epsilon-budget", type=float, default=PrivacyBudget.epsilon)
     parser.add_argument("--delta", type=float, default=PrivacyBudget.delta)
+    parser.add_argument(
+        "--user-dp", action="store_true", help="user-level DP-FedAvg (clients train without DP)"
+    )
+    parser.add_argument("--user-dp-noise-multiplier", type=float, default=1.4)
+    parser.add_argument("--user-dp-clip", type=float, default=1.0)
+    parser.add_argument(
+        "--user-dp-delta", type=float, default=0.0, help="0 = 1 / number of clients"
+    )
     args = parser.parse_args()
     for name in ("rounds", "cohort", "every"):
         if getattr(args, name) < 1:
@@ -116,12 +144,14 @@ def main() -> None:
             local_epochs=args.local_epochs,
             batch_size=args.batch_size,
             lr=args.lr,
-            dp=not args.no_dp,
+            dp=not (args.no_dp or args.user_dp),
             noise_multiplier=args.noise_multiplier,
             max_grad_norm=args.max_grad_norm,
             personal_steps=0,
         )
         budget = PrivacyBudget(args.epsilon_budget, args.delta)
+        if args.user_dp:  # the population is known only after loading; 2 checks the rest
+            _user_dp_settings(args, population=2)
     except ConfigError as err:
         parser.error(str(err))
 
@@ -139,6 +169,14 @@ def main() -> None:
         if len(s) >= 2
     }
     users = np.array(sorted(sequences))
+    user_dp = (
+        UserLevelDP(
+            _user_dp_settings(args, population=len(users)), rng=np.random.default_rng(args.seed + 1)
+        )
+        if args.user_dp
+        else None
+    )
+    norms: list[float] = []
     params = dict(model.named_parameters())
     names = [n for n in params if model.parameter_group(n) == "global"]
     server = ServerOptimizer(args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau)
@@ -149,6 +187,8 @@ def main() -> None:
         reference = {n: params[n].detach().clone() for n in names}
         mean_delta = {n: torch.zeros_like(params[n]) for n in names}
         cohort = rng.choice(users, min(args.cohort, len(users)), replace=False)
+        if user_dp is not None:
+            user_dp.charge_round(rnd, len(cohort))
         for user in cohort:
             with torch.no_grad():
                 for n in names:
@@ -159,13 +199,26 @@ def main() -> None:
                 ledger = ledgers.setdefault(int(user), PrivacyLedger(budget))
                 ledger.record(client.noise_multiplier, result.sample_rate, result.steps)
             with torch.no_grad():
-                for n in names:
-                    mean_delta[n] += (params[n] - reference[n]) / len(cohort)
+                update = [(params[n] - reference[n]).numpy() for n in names]
+                if user_dp is not None:
+                    update, norm = clip_update_l2(update, args.user_dp_clip)
+                    norms.append(norm)
+                for n, u in zip(names, update, strict=True):
+                    mean_delta[n] += torch.from_numpy(u) / len(cohort)
+        if user_dp is not None:  # the server's noisy mean of the clipped sum
+            total = [(mean_delta[n] * len(cohort)).numpy() for n in names]
+            noisy = user_dp.noisy_mean(total, len(cohort))
+            mean_delta = {
+                n: torch.from_numpy(a).to(params[n].dtype)
+                for n, a in zip(names, noisy, strict=True)
+            }
         with torch.no_grad():
             for n in names:
                 params[n].copy_(reference[n] + server.step(n, mean_delta[n]))
         if rnd % args.every == 0 or rnd == args.rounds:
             row = {**_row(run, rnd), "seconds": round(time.perf_counter() - start, 1)}
+            if user_dp is not None:
+                row["user_epsilon"] = round(user_dp.epsilon(), 3)
             curve.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)  # progress; stdout is the JSON
     best = max(curve, key=lambda r: float(r["valid"]["sampled_hr@10"]))
@@ -175,6 +228,13 @@ def main() -> None:
         "curve": curve,
         "best_by_validation": best,
         "privacy": _privacy(ledgers, budget) if client.dp else None,
+        "user_dp": None
+        if user_dp is None
+        else {
+            "epsilon": round(user_dp.epsilon(), 3),
+            "delta": user_dp.settings.delta,
+            "median_update_norm": round(float(np.median(norms)), 4),
+        },
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(out, indent=2))
