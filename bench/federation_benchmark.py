@@ -45,8 +45,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-dp": {"dp": False, "secagg": False},
     "record-dp": {"dp": True, "secagg": True},
     # User-level DP noise on the mean is z * C / cohort, so a larger cohort at about the same
-    # epsilon wins: on ml-100k, cohort 100 / z 0.8 (epsilon 6.71) gave 0.579 / 0.105 int8 HR@10
-    # (federation-ml-100k.json), cohort 300 / z 1.4 (epsilon 6.56) 0.627 / 0.131
+    # epsilon wins (cohort 100 / z 0.8, epsilon 6.71: 0.579 / 0.105 int8 HR@10 on ml-100k), and
+    # C should sit near the clients' update norms, not above them: with C = 1 the noise was
+    # about ten times what the median update (norm 0.096) needed, and cohort 300 / z 1.4 gave
+    # 0.627 / 0.131. The emulator (bench/federation_emulator.py --user-dp) reports that median
+    # and, at C = 0.1, matched its own no-DP run exactly (0.675 / 0.171 after 20 rounds); here
+    # C = 0.1 gave 0.676 / 0.165 against no DP's 0.675 / 0.169, a 2.7% full-ranking cost
     # (federation-ml-100k-user-dp-cohort300.json).
     "user-dp": {
         "dp": False,
@@ -54,7 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "user_dp": True,
         "cohort_size": 300,
         "user_dp_noise_multiplier": 1.4,
-        "user_dp_clip": 1.0,
+        "user_dp_clip": 0.1,
     },
     "meta": {"dp": True, "secagg": True, "meta_learning": True},
 }
@@ -157,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         if name != "no-dp":
             check["epsilon <= 8"] = eps is not None and eps <= TARGETS["epsilon"]
             if base:
-                rel = 1 - row.get("sampled_hr@10", 0) / max(base["sampled_hr@10"], 1e-9)
-                check["relative sampled HR@10 cost vs no-dp"] = round(rel, 4)
-                check["dp cost <= 10%"] = rel <= TARGETS["dp_relative_cost"]
+                costs = {
+                    metric: 1 - row.get(metric, 0) / max(base[metric], 1e-9)
+                    for metric in ("sampled_hr@10", "full_hr@10")
+                }
+                for metric, rel in costs.items():
+                    check[f"relative {metric} cost vs no-dp"] = round(rel, 4)
+                check["dp cost <= 10%"] = max(costs.values()) <= TARGETS["dp_relative_cost"]
         ease = shared_rows.get("fewshot", {}).get("ease fold-in", {})
         adapted = v["fewshot"].get("student (adapted)", {})
         if ease and adapted:
