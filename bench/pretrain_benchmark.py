@@ -94,6 +94,10 @@ def main() -> None:
         "dataset": ds.summary(),
         "split": {"public": len(split.public_users), "federated": len(split.federated_users)},
         "results": results,
+        "teacher_order": {  # how the teacher reads histories, chosen on public validation
+            "chosen": pre.teacher.fitted_order,
+            "validation_" + pre.teacher.config.metric: pre.teacher.order_scores,
+        },
         "parameters": {
             "teacher_trainable": teacher_trainable,
             "student_trainable": student_model.num_parameters(("global", "personal")),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
+from shared.models.history_order import ORDERS
 from shared.models.item_factors import ID_INITS
 
 
@@ -31,6 +32,7 @@ class SimulationConfig:
     teacher_epochs: int = 20
     student_epochs: int = 10
     teacher_id_init: str = "cooccurrence"
+    teacher_order: str = "auto"
     # federation
     rounds: int = 10
     cohort_size: int = 50
@@ -92,6 +94,11 @@ class SimulationConfig:
             raise ConfigError("num-cpus-per-client must be > 0 and num-gpus-per-client >= 0")
         if self.teacher_epochs < 1 or self.student_epochs < 1:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
+        if self.teacher_order not in ORDERS:
+            raise ConfigError(
+                f"teacher-order must be one of {', '.join(map(repr, ORDERS))}, "
+                f"got {self.teacher_order!r}"
+            )
         if self.teacher_id_init not in ID_INITS:
             raise ConfigError(
                 f"teacher-id-init must be {' or '.join(map(repr, ID_INITS))}, "

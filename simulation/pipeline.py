@@ -72,7 +72,11 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
 
     progress("pretrain", {"public_users": len(split.public_users)})
     teacher_cfg, student_cfg = configs_for(
-        config.teacher_epochs, config.student_epochs, config.seed, config.teacher_id_init
+        config.teacher_epochs,
+        config.student_epochs,
+        config.seed,
+        config.teacher_id_init,
+        config.teacher_order,
     )
     pre = pretrain(
         dataset,

@@ -23,6 +23,7 @@ from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.io import write_bytes_atomic
+from shared.models.history_order import Order
 from shared.models.item_factors import IdInit
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
 from shared.models.teacher import SASRecTeacher, TeacherConfig
@@ -99,6 +100,8 @@ def pretrain(
             state = torch.load(path, map_location="cpu", weights_only=True)
             teacher.build(dataset.n_items).load_state_dict(state["teacher"])
             teacher.model.eval()
+            teacher.fitted_order = state["teacher_order"]
+            teacher.order_scores = dict(state["teacher_order_scores"])
             model = StudentModel(
                 np.zeros(state["text_shape"], np.float32),
                 np.zeros(state["ids_shape"], np.float32),
@@ -121,6 +124,8 @@ def pretrain(
     torch.save(
         {
             "teacher": teacher.model.state_dict(),
+            "teacher_order": teacher.fitted_order,
+            "teacher_order_scores": teacher.order_scores,
             "student": student.model.state_dict(),
             "text_shape": list(student.model.items.text.weight.shape),
             "ids_shape": list(student.model.items.ids.weight.shape),
@@ -132,16 +137,22 @@ def pretrain(
 
 
 def configs_for(
-    epochs_teacher: int, epochs_student: int, seed: int, teacher_id_init: str = "cooccurrence"
+    epochs_teacher: int,
+    epochs_student: int,
+    seed: int,
+    teacher_id_init: str = TeacherConfig.id_init,
+    teacher_order: str = TeacherConfig.order,
 ) -> tuple[TeacherConfig, StudentConfig]:
-    """The teacher/student configs of a simulation (defaults, with its epoch caps, seed and
-    the teacher's ID-table initialisation; :class:`TeacherConfig` refuses an unknown one)."""
+    """The teacher/student configs of a simulation (defaults, with its epoch caps, seed,
+    the teacher's ID-table initialisation and history order; :class:`TeacherConfig` refuses
+    an unknown one)."""
     return (
         replace(
             TeacherConfig(),
             epochs=epochs_teacher,
             seed=seed,
             id_init=cast(IdInit, teacher_id_init),
+            order=cast(Order, teacher_order),
         ),
         replace(StudentConfig(), epochs=epochs_student, seed=seed),
     )

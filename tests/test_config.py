@@ -56,3 +56,15 @@ def test_simulation_refuses_an_unknown_teacher_id_init_before_any_work():
         assert SimulationConfig(teacher_id_init=ok).teacher_id_init == ok
     with pytest.raises(ConfigError, match="teacher-id-init must be 'cooccurrence' or 'random'"):
         from_flat(SimulationConfig, {"teacher-id-init": "svd"})
+
+
+def test_simulation_refuses_an_unknown_teacher_order_and_passes_a_known_one_on():
+    from simulation.config import SimulationConfig
+    from simulation.pretrain import configs_for
+
+    for ok in ("sequence", "set", "auto"):
+        config = from_flat(SimulationConfig, {"teacher-order": ok})
+        teacher, _ = configs_for(3, 2, 0, config.teacher_id_init, config.teacher_order)
+        assert teacher.order == ok
+    with pytest.raises(ConfigError, match="teacher-order must be one of 'sequence', 'set'"):
+        from_flat(SimulationConfig, {"teacher-order": "shuffled"})

@@ -33,7 +33,13 @@ from shared.models.student import (
     StudentConfig,
     StudentModel,
 )
-from shared.models.teacher import SASRecModel, SASRecTeacher, TeacherConfig
+from shared.models.teacher import (
+    SASRecModel,
+    SASRecTeacher,
+    TeacherConfig,
+    permute_windows,
+    seen_items,
+)
 from shared.training.distill import distillation_loss, kd_objective, prefix_windows
 from shared.training.trainer import (
     TrainConfig,
@@ -258,11 +264,108 @@ def test_teacher_sampled_softmax_option_trains() -> None:
     assert len(teacher.history.losses) == 2 and np.isfinite(teacher.history.losses).all()
 
 
+def test_auto_order_keeps_sequence_on_a_sequential_world(
+    teacher: SASRecTeacher, split: ProtocolSplit
+) -> None:
+    """The chain world is all order: 'auto' trains both readings and validation keeps
+    'sequence', whose validation metric the kept model reproduces."""
+    assert set(teacher.order_scores) == {"sequence", "set"}
+    assert teacher.fitted_order == "sequence"
+    assert teacher.order_scores["sequence"] > teacher.order_scores["set"] + 0.05
+    kept = Validation(split).metric(teacher, TINY_TEACHER.metric)
+    assert kept == pytest.approx(teacher.order_scores["sequence"], abs=1e-6)
+
+
+def test_auto_order_without_validation_trains_only_sequence() -> None:
+    seqs = [np.arange(i, i + 6) % N_ITEMS for i in range(20)]
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, epochs=1)
+    teacher = SASRecTeacher(text_features(), config).fit(seqs, N_ITEMS)
+    assert teacher.fitted_order == "sequence" and list(teacher.order_scores) == ["sequence"]
+
+
+def test_set_order_trains_and_sees_no_order() -> None:
+    """Trained on shuffled histories, the 'set' teacher scores a history the same whatever
+    its order much more than the 'sequence' teacher does on the chain world."""
+    rng = np.random.default_rng(4)
+    seqs = [(int(rng.integers(N_ITEMS)) + np.arange(10)) % N_ITEMS for _ in range(60)]
+    gaps = {}
+    for order in ("sequence", "set"):
+        config = TeacherConfig(
+            dim=16, n_layers=1, n_heads=1, max_len=12, dropout=0.0, epochs=15, lr=5e-3,
+            order=order,
+        )  # fmt: skip
+        teacher = SASRecTeacher(text_features(), config).fit(seqs, N_ITEMS)
+        assert teacher.fitted_order == order
+        history = np.array([3, 4, 5, 6])
+        forward, backward = teacher.score([history, history[::-1].copy()])
+        gaps[order] = float(np.abs(forward - backward).mean())
+    assert gaps["set"] < 0.5 * gaps["sequence"]
+
+
+def test_permute_windows_shuffles_each_history_and_keeps_padding() -> None:
+    windows = make_causal_windows([np.array([1, 2, 3, 4, 5]), np.array([7, 8])], max_len=6)
+    gen = torch.Generator().manual_seed(0)
+    changed = False
+    for _ in range(5):
+        items, mask, targets = permute_windows(windows.items, windows.mask, windows.targets, gen)
+        assert torch.equal(mask, windows.mask)
+        for row in range(len(items)):
+            length = int(mask[row].sum())
+            inputs, nexts = items[row, -length:], targets[row, -length:]
+            history = torch.cat([inputs, nexts[-1:]])
+            original = torch.cat([windows.items[row, -length:], windows.targets[row, -1:]])
+            assert sorted(history.tolist()) == sorted(original.tolist())
+            assert torch.equal(nexts[:-1], inputs[1:])  # still next-item targets
+            assert torch.equal(items[row, :-length], windows.items[row, :-length])
+            assert (targets[row, :-length] == IGNORE_TARGET).all()
+            changed |= not torch.equal(history, original)
+    assert changed
+    assert torch.equal(windows.items[0, -4:], torch.tensor([1, 2, 3, 4]))  # input untouched
+
+
+def test_seen_items_marks_the_prefix_of_each_position() -> None:
+    items = torch.tensor([[0, 2, 1], [0, 0, 3]])  # row 1: two padding slots holding item 0
+    mask = torch.tensor([[True, True, True], [False, False, True]])
+    seen = seen_items(items, mask, 4)
+    assert seen[0].tolist() == [
+        [True, False, False, False],
+        [True, False, True, False],
+        [True, True, True, False],
+    ]
+    assert seen[1].tolist() == [[False] * 4, [False] * 4, [False, False, False, True]]
+
+
+def test_loss_excluding_seen_items_is_the_masked_cross_entropy() -> None:
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=4, dropout=0.0)
+    with seeded(0):
+        model = SASRecModel(text_features(), config).eval()
+    items = torch.tensor([[0, 5, 6, 7], [3, 4, 9, 2]])
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    targets = torch.tensor([[IGNORE_TARGET, 6, 7, 8], [4, 9, 2, 1]])
+    with torch.no_grad():
+        logits = model.all_logits(items, mask)
+        got = model.loss(items, mask, targets, exclude_seen=True)
+        plain = model.loss(items, mask, targets)
+    expected = []
+    for b in range(2):
+        for j in range(4):
+            if targets[b, j] == IGNORE_TARGET:
+                continue
+            row = logits[b, j].clone()
+            row[items[b, : j + 1][mask[b, : j + 1]]] = float("-inf")
+            expected.append(F.cross_entropy(row[None], targets[b, j][None]))
+    want = torch.stack(expected).mean()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(plain) > float(got)  # seen items took mass
+
+
 def test_teacher_rejects_bad_configs_and_data() -> None:
     with pytest.raises(ConfigError):
         TeacherConfig(dim=30, n_heads=4)
     with pytest.raises(ConfigError):
         TeacherConfig(loss="nope")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="order"):
+        TeacherConfig(order="random")  # type: ignore[arg-type]
     with pytest.raises(DataError):
         SASRecTeacher(text_features(n=5)).fit([np.array([0, 1])], N_ITEMS)
     with pytest.raises(ConfigError):
