@@ -14,6 +14,7 @@ from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.models.history_order import ORDERS
 from shared.models.item_factors import ID_INITS
+from shared.privacy.budget import PrivacyBudget
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class SimulationConfig:
     dp: bool = LocalTrainConfig.dp
     noise_multiplier: float = LocalTrainConfig.noise_multiplier
     max_grad_norm: float = LocalTrainConfig.max_grad_norm
-    epsilon_budget: float = 8.0
-    delta: float = 1e-5
+    epsilon_budget: float = PrivacyBudget.epsilon
+    delta: float = PrivacyBudget.delta
     # user-level DP (server noise on the clipped, weight-1 updates; delta 0 = 1 / clients)
     user_dp: bool = False
     user_dp_noise_multiplier: float = 1.0
@@ -55,7 +56,7 @@ class SimulationConfig:
     # on ml-100k and 0.07 on the synthetic world (bench/federation_emulator.py --user-dp)
     user_dp_clip: float = 0.1
     user_dp_delta: float = 0.0
-    user_dp_epsilon_budget: float = 8.0
+    user_dp_epsilon_budget: float = PrivacyBudget.epsilon
     local_epochs: int = LocalTrainConfig.local_epochs
     batch_size: int = LocalTrainConfig.batch_size
     lr: float = LocalTrainConfig.lr

@@ -70,6 +70,7 @@ from shared.config import from_flat, kebab
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
+from shared.privacy.budget import PrivacyBudget
 from shared.processes import die_with_parent, reap_group, terminate_group
 
 if TYPE_CHECKING:
@@ -141,8 +142,8 @@ class DaemonConfig:
     candidate_pool: int = 200
     keep_models: int = 3
     max_impressions: int = 10_000
-    privacy_epsilon: float = 8.0
-    privacy_delta: float = 1e-5
+    privacy_epsilon: float = PrivacyBudget.epsilon
+    privacy_delta: float = PrivacyBudget.delta
     shutdown_grace_s: float = 10.0
     monitor_interval_s: float = 0.5
     log_level: str = "warning"
@@ -691,7 +692,7 @@ class Daemon:
     def _privacy_spent(self) -> tuple[float | None, str | None]:
         """Epsilon spent per the ledger file (written by the training process); the import
         is lazy because the accountant pulls in torch."""
-        from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+        from shared.privacy.ledger import PrivacyLedger
 
         budget = PrivacyBudget(self.config.privacy_epsilon, self.config.privacy_delta)
         try:

@@ -53,8 +53,8 @@ class StudentTaskConfig:
 
     bundle: str = ""
     state_dir: str = ""
-    epsilon_budget: float = 8.0
-    delta: float = 1e-5
+    epsilon_budget: float = PrivacyBudget.epsilon
+    delta: float = PrivacyBudget.delta
     eval_negatives: int = 99
     eval_seed: int = 42
     num_threads: int = 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,43 +26,9 @@ from scipy.special import gammaln, logsumexp
 
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.io import write_json_atomic
+from shared.privacy.budget import PrivacyBudget, Spend
 
 LEDGER_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PrivacyBudget:
-    """The most (epsilon, delta) a client (or the server's user-level ledger) may spend."""
-
-    epsilon: float = 8.0
-    delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ConfigError(
-                f"privacy budget epsilon must be a positive number, got {self.epsilon}"
-            )
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"privacy budget delta must be in (0, 1), got {self.delta}")
-
-
-@dataclass(frozen=True)
-class Spend:
-    """One mechanism run: ``steps`` noisy steps at ``noise_multiplier`` and ``sample_rate``."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError(
-                f"noise_multiplier must be > 0 for DP accounting, got {self.noise_multiplier}"
-            )
-        if not 0 < self.sample_rate <= 1:
-            raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}")
 
 
 RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
