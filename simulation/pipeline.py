@@ -120,6 +120,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         "noise multiplier": config.noise_multiplier,
         "pretraining seconds": round(pre.seconds, 1),
         "pretraining cached": pre.cached,
+        "teacher order": pre.teacher.fitted_order,
         "federation seconds": round(federation["seconds"], 1),
         "client updates per second": round(federation["updates_per_second"], 2),
         "total seconds": round(time.perf_counter() - started, 1),

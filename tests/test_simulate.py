@@ -58,6 +58,9 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     summary2 = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary2["rounds"]] == [1, 2]
     assert summary2["meta"]["pretraining cached"] is True
+    # 'auto' chose a reading on validation; the cache remembers which
+    assert summary["meta"]["teacher order"] in ("sequence", "set")
+    assert summary2["meta"]["teacher order"] == summary["meta"]["teacher order"]
 
 
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
