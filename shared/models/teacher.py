@@ -372,34 +372,37 @@ class SASRecTeacher(Recommender):
         windows = make_causal_windows(sequences, self.config.max_len)
         if len(windows) == 0:
             raise DataError("no training sequence has two or more items")
-        self.order_scores = {}
-        best: tuple[SASRecModel, TrainHistory, Order] | None = None
-        for order in orders:
-            model = self._fit_order(order, sequences, windows, n_items, validation)
-            self.order_scores[order] = self.history.best_metric
-            if best is None or self.history.best_metric > best[1].best_metric:
-                best = (model, self.history, order)
-        assert best is not None
-        self._model, self.history, self.fitted_order = best
+        ids = None
+        if self.config.id_init == "cooccurrence":  # the same start for every order
+            with limited_threads(self.num_threads):
+                factors = cooccurrence_factors(sequences, n_items, self.config.dim)
+            ids = torch.as_tensor(factors, dtype=torch.float32)
+        runs = {
+            order: self._fit_order(order, windows, n_items, ids, validation) for order in orders
+        }
+        self.order_scores = {order: history.best_metric for order, (_, history) in runs.items()}
+        chosen = max(runs, key=lambda order: runs[order][1].best_metric)
+        self._model, self.history = runs[chosen]
+        self.fitted_order = chosen
         return self
 
     def _fit_order(
         self,
         order: Order,
-        sequences: Sequence[IntArray],
         windows: CausalWindows,
         n_items: int,
+        ids: torch.Tensor | None,
         validation: Validation | None,
-    ) -> SASRecModel:
-        """One training run reading the histories in ``order``; sets ``history``."""
+    ) -> tuple[SASRecModel, TrainHistory]:
+        """One training run reading the histories in ``order``, the ID table started from
+        ``ids`` (else at random); the model at its best validation, and its history."""
         config = self.config
         train_config = config.train_config(self.progress, self.num_threads)
         with limited_threads(self.num_threads):
             model = self.build(n_items)
-            if config.id_init == "cooccurrence":
-                factors = cooccurrence_factors(sequences, n_items, config.dim)
+            if ids is not None:
                 with torch.no_grad():
-                    model.items.ids.weight.copy_(torch.as_tensor(factors, dtype=torch.float32))
+                    model.items.ids.weight.copy_(ids)
             with seeded(config.seed + 1) as gen:
                 loader = make_loader(
                     windows.dataset(), config.batch_size, gen, lengths=windows.mask.sum(1)
@@ -419,14 +422,14 @@ class SASRecTeacher(Recommender):
                     assert validation is not None
                     return validation.metric(self, config.metric)
 
-                self.history = fit_with_early_stopping(
+                history = fit_with_early_stopping(
                     model,
                     run_epoch,
                     validate if validation is not None else None,
                     train_config,
                     desc=f"teacher ({order})",
                 )
-        return model
+        return model, history
 
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
         """Next-item logits from the last ``max_len`` items of each history."""
