@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
-from shared.models.history_order import ORDERS
-from shared.models.item_factors import ID_INITS
+from shared.models.history_order import DEFAULT_ORDER, ORDERS
+from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
 from shared.privacy.budget import PrivacyBudget
 
 
@@ -32,8 +32,8 @@ class SimulationConfig:
     # pretraining (server side; cached)
     teacher_epochs: int = 20
     student_epochs: int = 10
-    teacher_id_init: str = "cooccurrence"
-    teacher_order: str = "auto"
+    teacher_id_init: str = DEFAULT_ID_INIT
+    teacher_order: str = DEFAULT_ORDER
     # federation
     rounds: int = 10
     cohort_size: int = 50

@@ -17,3 +17,5 @@ from typing import Literal, get_args
 
 Order = Literal["sequence", "set", "auto"]
 ORDERS: tuple[Order, ...] = get_args(Order)
+DEFAULT_ORDER: Order = "auto"
+"""The teacher's and the simulation's default."""

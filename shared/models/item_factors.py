@@ -22,6 +22,8 @@ IntArray = npt.NDArray[np.int64]
 IdInit = Literal["cooccurrence", "random"]
 """How a model's ID table starts: from :func:`cooccurrence_factors` or at random."""
 ID_INITS: tuple[str, ...] = get_args(IdInit)
+DEFAULT_ID_INIT: IdInit = "cooccurrence"
+"""The teacher's and the simulation's default."""
 
 MAX_DENSE_ITEMS = 20_000
 """Largest catalog whose item-item Gram matrix is formed densely (20k^2 doubles = 3.2 GB)."""

@@ -34,8 +34,8 @@ from torch import nn
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.models.base import Recommender, ScoreArray
-from shared.models.history_order import ORDERS, Order
-from shared.models.item_factors import ID_INITS, IdInit, cooccurrence_factors
+from shared.models.history_order import DEFAULT_ORDER, ORDERS, Order
+from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS, IdInit, cooccurrence_factors
 from shared.models.sequence import (
     IGNORE_TARGET,
     MASKED_LOGIT,
@@ -99,8 +99,8 @@ class TeacherConfig:
     n_heads: int = 2
     max_len: int = 200
     dropout: float = 0.3
-    id_init: IdInit = "cooccurrence"
-    order: Order = "auto"
+    id_init: IdInit = DEFAULT_ID_INIT
+    order: Order = DEFAULT_ORDER
     loss: Literal["full", "sampled"] = "full"
     n_negatives: int = 256
     epochs: int = 200
