@@ -46,6 +46,7 @@ from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import train_global_dp
 from shared.federated.validation import clip_update_l2
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+from simulation.config import SimulationConfig
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
 
 REPORTED = ("sampled_hr@10", "full_hr@10")
@@ -106,7 +107,7 @@ def _user_dp_settings(args: argparse.Namespace, population: int) -> UserDPSettin
 
 
 def main() -> None:
-    defaults = LocalTrainConfig()
+    defaults, sim = LocalTrainConfig(), SimulationConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pretrain_arguments(parser, dataset="ml-100k")
     parser.add_argument("--rounds", type=int, default=20)
@@ -128,10 +129,12 @@ def main() -> None:
     parser.add_argument(
         "--user-dp", action="store_true", help="user-level DP-FedAvg (clients train without DP)"
     )
-    parser.add_argument("--user-dp-noise-multiplier", type=float, default=1.4)
-    parser.add_argument("--user-dp-clip", type=float, default=1.0)
     parser.add_argument(
-        "--user-dp-delta", type=float, default=0.0, help="0 = 1 / number of clients"
+        "--user-dp-noise-multiplier", type=float, default=sim.user_dp_noise_multiplier
+    )
+    parser.add_argument("--user-dp-clip", type=float, default=sim.user_dp_clip)
+    parser.add_argument(
+        "--user-dp-delta", type=float, default=sim.user_dp_delta, help="0 = 1 / number of clients"
     )
     args = parser.parse_args()
     for name in ("rounds", "cohort", "every"):
@@ -185,7 +188,7 @@ def main() -> None:
     curve: list[dict[str, Any]] = [_row(run, 0)]
     for rnd in range(1, args.rounds + 1):
         reference = {n: params[n].detach().clone() for n in names}
-        mean_delta = {n: torch.zeros_like(params[n]) for n in names}
+        total = {n: torch.zeros_like(params[n]) for n in names}  # sum of the (clipped) deltas
         cohort = rng.choice(users, min(args.cohort, len(users)), replace=False)
         if user_dp is not None:
             user_dp.charge_round(rnd, len(cohort))
@@ -204,10 +207,11 @@ def main() -> None:
                     update, norm = clip_update_l2(update, args.user_dp_clip)
                     norms.append(norm)
                 for n, u in zip(names, update, strict=True):
-                    mean_delta[n] += torch.from_numpy(u) / len(cohort)
-        if user_dp is not None:  # the server's noisy mean of the clipped sum
-            total = [(mean_delta[n] * len(cohort)).numpy() for n in names]
-            noisy = user_dp.noisy_mean(total, len(cohort))
+                    total[n] += torch.from_numpy(u)
+        if user_dp is None:
+            mean_delta = {n: total[n] / len(cohort) for n in names}
+        else:  # the server's noisy mean of the clipped sum
+            noisy = user_dp.noisy_mean([total[n].numpy() for n in names], len(cohort))
             mean_delta = {
                 n: torch.from_numpy(a).to(params[n].dtype)
                 for n, a in zip(names, noisy, strict=True)
