@@ -7,6 +7,7 @@ from shared.errors import ConfigError, DataError
 from shared.eval.protocol import (
     EvalCase,
     EvalConfig,
+    case_ranks,
     evaluate_fewshot,
     evaluate_split,
     export_recs,
@@ -120,6 +121,25 @@ def test_full_ranking_excludes_history():
     case = EvalCase(0, np.array([0]), 4, np.array([0]), np.array([0, 4]))
     m = rank_cases(Oracle(), [case], EvalConfig(n_negatives=3))
     assert m["full_hr@10"] == 1.0 and m["full_ndcg@10"] == 1.0
+
+
+def test_case_ranks_are_per_case_and_agree_with_the_summary():
+    class Fixed:
+        n_items = 6
+
+        def score(self, histories):
+            return np.tile(np.arange(6, dtype=np.float32), (len(histories), 1))  # item 5 best
+
+    h = np.array([0])
+    cases = [
+        EvalCase(0, h, 5, h, np.array([0, 5])),  # best item: rank 0
+        EvalCase(1, h, 1, h, np.array([0, 1])),  # items 2..5 above it: full rank 4
+    ]
+    ranks = case_ranks(Fixed(), cases, EvalConfig(k=3, n_negatives=4))
+    assert ranks.full.tolist() == [0.0, 4.0]
+    assert ranks.sampled.tolist() == [0.0, 4.0]  # the 4 unseen items are all the negatives
+    summary = rank_cases(Fixed(), cases, EvalConfig(k=3, n_negatives=4))
+    assert summary["full_hr@3"] == 0.5 and summary["sampled_hr@3"] == 0.5
 
 
 def test_export_recs_writes_raw_ids_without_history(tmp_path):

@@ -57,3 +57,53 @@ def test_ranks_from_scores_rejects_shape_mismatch():
 def test_k_must_be_positive():
     with pytest.raises(DataError):
         hit_rate_at_k([0], 0)
+
+
+# --------------------------------------------------------------------- paired comparison
+
+
+def test_paired_difference_hand_computed_cases():
+    from shared.eval.compare import paired_difference
+
+    same = paired_difference([0, 5, 30, np.inf], [0, 5, 30, np.inf])
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
+    assert not same.a_better and not same.b_better
+    # A hits all four users, B none: every resample gives +1.
+    all_a = paired_difference([0, 1, 2, 3], [10, 11, np.inf, 50])
+    assert (all_a.mean, all_a.low, all_a.high) == (1.0, 1.0, 1.0)
+    assert all_a.a_better and all_a.users == 4
+    # One user flips (rank 20 -> 0) out of four: +0.25, and no resample can go below zero.
+    one = paired_difference([0, 0, 20, 20], [0, 20, 20, 20])
+    assert one.mean == pytest.approx(0.25)
+    assert 0.0 <= one.low <= one.mean <= one.high <= 1.0
+    # k decides what a hit is: at k = 1 only rank 0 counts.
+    assert paired_difference([1, 1], [0, 0], k=1).mean == -1.0
+    assert paired_difference([1, 1], [0, 0], k=1).b_better
+
+
+def test_paired_difference_interval_width_matches_the_normal_approximation():
+    from shared.eval.compare import paired_difference
+
+    # Differences of +1 / -1 in equal shares: sd 1, so the 95% half-width is about 1.96 / sqrt(n).
+    n = 4000
+    a = np.where(np.arange(n) % 2 == 0, 0.0, 50.0)
+    b = np.where(np.arange(n) % 2 == 0, 50.0, 0.0)
+    d = paired_difference(a, b, n_resamples=2000, seed=1)
+    assert d.mean == 0.0
+    half = (d.high - d.low) / 2
+    assert half == pytest.approx(1.96 / math.sqrt(n), rel=0.15)
+    assert not d.a_better and not d.b_better
+    # Seeded: the same call gives the same interval.
+    assert paired_difference(a, b, n_resamples=2000, seed=1) == d
+
+
+def test_paired_difference_refuses_unpaired_or_empty_input():
+    from shared.errors import ConfigError
+    from shared.eval.compare import paired_difference
+
+    with pytest.raises(DataError, match="same cases"):
+        paired_difference([0, 1, 2], [0, 1])
+    with pytest.raises(DataError, match="no paired cases"):
+        paired_difference([], [])
+    with pytest.raises(ConfigError, match="level"):
+        paired_difference([0], [0], level=1.0)

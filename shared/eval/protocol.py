@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.data.dataset import IntArray, RecDataset
-from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, ranks_from_scores
+from shared.eval.metrics import FloatArray, hit_rate_at_k, ndcg_at_k, ranks_from_scores
 from shared.eval.splits import ColdItemSplit, ProtocolSplit
 from shared.models.base import Scorer
 
@@ -57,13 +57,25 @@ def sample_negatives(seen: IntArray, n_items: int, n: int, seed: int, user: int)
     return np.sort(rng.choice(pool, size=n, replace=False)).astype(np.int64)
 
 
-def rank_cases(
+@dataclass(frozen=True)
+class CaseRanks:
+    """0-based rank of each case's target (``np.inf`` = miss), sampled and full, in case order.
+
+    Kept per case so that two models ranked on the same cases can be compared pairwise
+    (:func:`shared.eval.compare.paired_difference`).
+    """
+
+    sampled: FloatArray
+    full: FloatArray
+
+
+def case_ranks(
     scorer: Scorer, cases: Sequence[EvalCase], config: EvalConfig = EvalConfig()
-) -> dict[str, float]:
-    """HR@k / NDCG@k, sampled and full, over ``cases``."""
+) -> CaseRanks:
+    """The target's rank in every case, among 99 sampled negatives and among the full catalog."""
     n_items = scorer.n_items
-    sampled: list[np.ndarray] = []
-    full: list[np.ndarray] = []
+    sampled: list[FloatArray] = []
+    full: list[FloatArray] = []
     for batch in _batches(cases, config.batch_size):
         scores = np.asarray(scorer.score([c.history for c in batch]), dtype=np.float64)
         targets = np.array([c.target for c in batch], dtype=np.int64)
@@ -77,15 +89,27 @@ def rank_cases(
             sampled_mask[row, negs] = True
         full.append(ranks_from_scores(target_scores, scores, full_mask))
         sampled.append(ranks_from_scores(target_scores, scores, sampled_mask))
-    s = np.concatenate(sampled) if sampled else np.zeros(0)
-    f = np.concatenate(full) if full else np.zeros(0)
-    k = config.k
+    return CaseRanks(
+        np.concatenate(sampled) if sampled else np.zeros(0),
+        np.concatenate(full) if full else np.zeros(0),
+    )
+
+
+def rank_cases(
+    scorer: Scorer, cases: Sequence[EvalCase], config: EvalConfig = EvalConfig()
+) -> dict[str, float]:
+    """HR@k / NDCG@k, sampled and full, over ``cases``."""
+    return summarize_ranks(case_ranks(scorer, cases, config), config.k)
+
+
+def summarize_ranks(ranks: CaseRanks, k: int = 10) -> dict[str, float]:
+    """HR@k / NDCG@k, sampled and full, of per-case ranks (and how many cases)."""
     return {
-        "users": len(cases),
-        f"sampled_hr@{k}": hit_rate_at_k(s, k),
-        f"sampled_ndcg@{k}": ndcg_at_k(s, k),
-        f"full_hr@{k}": hit_rate_at_k(f, k),
-        f"full_ndcg@{k}": ndcg_at_k(f, k),
+        "users": len(ranks.full),
+        f"sampled_hr@{k}": hit_rate_at_k(ranks.sampled, k),
+        f"sampled_ndcg@{k}": ndcg_at_k(ranks.sampled, k),
+        f"full_hr@{k}": hit_rate_at_k(ranks.full, k),
+        f"full_ndcg@{k}": ndcg_at_k(ranks.full, k),
     }
 
 
