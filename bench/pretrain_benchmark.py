@@ -1,6 +1,7 @@
 """Issue 3's benchmark: EASE (public users only / all), text-only, teacher, student fp32 and
 the int8 ONNX student, side by side on one protocol split; parameter counts, file sizes (the
-teacher counted with its language model) and one-thread full-catalog latency. Prints JSON.
+teacher counted with its language model), one-thread full-catalog latency, and paired
+differences (95% bootstrap intervals over users) behind each "A beats B" claim. Prints JSON.
 
     python bench/pretrain_benchmark.py --dataset ml-100k --data-dir ../shared/datasets/ml-100k
     python bench/pretrain_benchmark.py --dataset synthetic
@@ -21,7 +22,8 @@ import torch
 
 from shared.compression.artifact import publish_student
 from shared.compression.quantize import top_k_agreement
-from shared.eval.protocol import EvalConfig, evaluate_split
+from shared.eval.compare import compare_ranks
+from shared.eval.protocol import CaseRanks, EvalConfig, case_ranks, loo_cases, summarize_ranks
 from shared.models.baselines import EASE, TextOnly
 from shared.ondevice.runtime import OnDeviceModel
 from shared.text.encoder import EncoderConfig, ItemEncoder
@@ -70,14 +72,19 @@ def main() -> None:
         "teacher": pre.teacher,
         "student fp32": pre.student,
     }
+    if pre.teacher.config.members > 1:  # what averaging members adds over the first alone
+        models["teacher (first member alone)"] = pre.teacher.member_scorer(0)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = publish_student(
             pre.student.model, ds.item_ids, Path(tmp) / "student.onnx", version="0"
         )
         int8 = OnDeviceModel(artifact.path)
         models["student int8 onnx"] = int8
+        cases = {pop: loo_cases(split, split.population(pop), "test") for pop in pops}
+        ranks: dict[str, dict[str, CaseRanks]] = {}
         for name, model in models.items():
-            results[name] = evaluate_split(model, split, pops, "test", cfg)
+            ranks[name] = {pop: case_ranks(model, cases[pop], cfg) for pop in pops}
+            results[name] = {pop: summarize_ranks(ranks[name][pop], cfg.k) for pop in pops}
         users = split.evaluable(split.population("all"))
         hist = [split.history(int(u)) for u in users]
         agreement = top_k_agreement(pre.student.score(hist), int8.score(hist), k=10)
@@ -89,23 +96,51 @@ def main() -> None:
     teacher_trainable = count_parameters(
         p for p in pre.teacher.model.parameters() if p.requires_grad
     )
+    member_trainable = count_parameters(
+        p for p in pre.teacher.model.first.parameters() if p.requires_grad
+    )
+    # "A beats B" claims, paired on the same users, with 95% bootstrap intervals over users
+    pairs = [
+        ("teacher", "ease (public users)"),
+        ("student int8 onnx", "teacher"),
+        ("student int8 onnx", "ease (public users)"),
+    ]
+    if "teacher (first member alone)" in ranks:
+        pairs.append(("teacher", "teacher (first member alone)"))
+    comparisons = {
+        f"{a} - {b}": {
+            pop: {m: d.as_dict() for m, d in compare_ranks(ranks[a][pop], ranks[b][pop]).items()}
+            for pop in pops
+        }
+        for a, b in pairs
+    }
     student_model = pre.student.model
     out: dict[str, Any] = {
         "dataset": ds.summary(),
         "split": {"public": len(split.public_users), "federated": len(split.federated_users)},
         "results": results,
+        "paired_differences_hr@10": comparisons,
+        "teacher_members": {  # independently seeded teachers whose log-probabilities are averaged
+            "count": pre.teacher.config.members,
+            "validation_" + pre.teacher.config.metric: pre.teacher.member_scores,
+        },
         "teacher_order": {  # how the teacher reads histories, chosen on public validation
             "chosen": pre.teacher.fitted_order,
+            "dim": pre.teacher.fitted_config.dim,
+            "max_len": pre.teacher.fitted_config.max_len,
             "validation_" + pre.teacher.config.metric: pre.teacher.order_scores,
         },
         "parameters": {
             "teacher_trainable": teacher_trainable,
+            "teacher_member_trainable": member_trainable,
             "student_trainable": student_model.num_parameters(("global", "personal")),
             "student_global": student_model.num_parameters(("global",)),
             "student_personal": student_model.num_parameters(("personal",)),
             "student_frozen": student_model.num_parameters(("frozen",)),
             "student_over_teacher": student_model.num_parameters(("global", "personal"))
             / teacher_trainable,
+            "student_over_teacher_member": student_model.num_parameters(("global", "personal"))
+            / member_trainable,
         },
         "sizes_bytes": {
             "teacher_state": _state_bytes(pre.teacher.model),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
+from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
 from shared.privacy.budget import PrivacyBudget
@@ -34,6 +35,7 @@ class SimulationConfig:
     student_epochs: int = 10
     teacher_id_init: str = DEFAULT_ID_INIT
     teacher_order: str = DEFAULT_ORDER
+    teacher_members: int = DEFAULT_MEMBERS
     # federation
     rounds: int = 10
     cohort_size: int = 50
@@ -100,6 +102,8 @@ class SimulationConfig:
                 f"teacher-order must be one of {', '.join(map(repr, ORDERS))}, "
                 f"got {self.teacher_order!r}"
             )
+        if self.teacher_members < 1:
+            raise ConfigError(f"teacher-members must be >= 1, got {self.teacher_members}")
         if self.teacher_id_init not in ID_INITS:
             raise ConfigError(
                 f"teacher-id-init must be {' or '.join(map(repr, ID_INITS))}, "

@@ -11,6 +11,7 @@ checkpoints, plots and ``report.md``.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -26,12 +27,19 @@ import torch
 from shared.config import to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.registry import load_dataset
-from shared.eval.protocol import EvalConfig, evaluate_fewshot, evaluate_split
+from shared.eval.protocol import (
+    CaseRanks,
+    EvalConfig,
+    case_ranks,
+    fewshot_cases,
+    loo_cases,
+    summarize_ranks,
+)
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.federated.bundle import ClientData, save_bundle
 from shared.federated.local_training import adapt_personal
 from shared.federated.student_task import set_global_arrays
-from shared.io import write_json_atomic
+from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.base import ScoreArray
 from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
@@ -77,6 +85,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         config.seed,
         config.teacher_id_init,
         config.teacher_order,
+        config.teacher_members,
     )
     pre = pretrain(
         dataset,
@@ -121,6 +130,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         "pretraining seconds": round(pre.seconds, 1),
         "pretraining cached": pre.cached,
         "teacher order": pre.teacher.fitted_order,
+        "teacher members": pre.teacher.config.members,
         "federation seconds": round(federation["seconds"], 1),
         "client updates per second": round(federation["updates_per_second"], 2),
         "total seconds": round(time.perf_counter() - started, 1),
@@ -381,6 +391,26 @@ class FewShotStudent:
         return out
 
 
+def _save_ranks(path: Path, ranks: dict[str, CaseRanks]) -> None:
+    """Every evaluated case's rank (``'<cases>/<model>/sampled'`` and ``.../full``), so two
+    runs on the same split can be compared user by user (:mod:`shared.eval.compare`)."""
+    arrays = {
+        f"{key}/{kind}": getattr(r, kind)
+        for key, r in ranks.items()
+        for kind in ("sampled", "full")
+    }
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_ranks(path: Path) -> dict[str, CaseRanks]:
+    """The per-case ranks a run saved (:func:`_save_ranks`), keyed ``'<cases>/<model>'``."""
+    with np.load(path) as data:
+        keys = {name.rsplit("/", 1)[0] for name in data.files}
+        return {key: CaseRanks(data[f"{key}/sampled"], data[f"{key}/full"]) for key in keys}
+
+
 def _evaluate(
     config: SimulationConfig,
     run: RunDirectory,
@@ -415,8 +445,15 @@ def _evaluate(
         version=str(config.rounds),
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
+    ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
+    cases_by_pop = {pop: loo_cases(split, split.population(pop), "test") for pop in pops}
     for name, model in models.items():
-        final_results[name] = evaluate_split(model, split, pops, "test", eval_cfg)
+        final_results[name] = {}
+        for pop in pops:
+            pop_ranks = case_ranks(model, cases_by_pop[pop], eval_cfg)
+            final_results[name][pop] = summarize_ranks(pop_ranks, eval_cfg.k)
+            if pop == "federated":
+                ranks[f"federated/{name}"] = pop_ranks
     users = split.evaluable(split.federated_users)
     personalized = PersonalizedStudent(
         copy.deepcopy(final),
@@ -424,26 +461,29 @@ def _evaluate(
         {int(u): i for i, u in enumerate(users)},
         adapter_init,
     )
-    from shared.eval.protocol import loo_cases, rank_cases
-
     cases = loo_cases(split, users, "test")
     personalized.for_users([c.user for c in cases])
+    personal_ranks = case_ranks(personalized, cases, eval_cfg)
+    ranks["federated/student (federated + personal)"] = personal_ranks
     final_results["student (federated + personal)"] = {
-        "federated": rank_cases(personalized, cases, eval_cfg)
+        "federated": summarize_ranks(personal_ranks, eval_cfg.k)
     }
     if len(split.cold_users):
-        shots = config.shots
-        fewshot["pop"] = evaluate_fewshot(models["pop"], split, shots, eval_cfg)
-        fewshot["ease fold-in"] = evaluate_fewshot(models["ease (all)"], split, shots, eval_cfg)
-        fewshot["student (no adaptation)"] = evaluate_fewshot(
-            models["student (federated)"], split, shots, eval_cfg
-        )
-        fewshot["student (adapted)"] = evaluate_fewshot(
-            FewShotStudent(final, config.adapt_steps, config.adapt_lr, adapter_init),
-            split,
-            shots,
-            eval_cfg,
-        )
+        fewshot_models = {
+            "pop": models["pop"],
+            "ease fold-in": models["ease (all)"],
+            "student (no adaptation)": models["student (federated)"],
+            "student (adapted)": FewShotStudent(
+                final, config.adapt_steps, config.adapt_lr, adapter_init
+            ),
+        }
+        for k in config.shots:
+            k_cases = fewshot_cases(split, k)
+            for name, model in fewshot_models.items():
+                k_ranks = case_ranks(model, k_cases, eval_cfg)
+                fewshot.setdefault(name, {})[f"k={k}"] = summarize_ranks(k_ranks, eval_cfg.k)
+                ranks[f"fewshot k={k}/{name}"] = k_ranks
+    _save_ranks(run.root / "ranks.npz", ranks)
     run.log(
         "artifact",
         config.rounds,

@@ -59,6 +59,24 @@ def cache_key(
     return h.hexdigest()[:20]
 
 
+def _student_budget(teacher: SASRecTeacher, config: StudentConfig) -> StudentConfig:
+    """``config`` narrowed to a tenth of one member of the (fitted or loaded) teacher."""
+    member = count_parameters(p for p in teacher.model.first.parameters() if p.requires_grad)
+    scaled = config.scaled_to(member)
+    if scaled != config:
+        log.info(
+            "student narrowed to dim %d (text %d, id %d): %d trainable parameters, %.3f of the "
+            "teacher member's %d",
+            scaled.dim,
+            scaled.text_dim,
+            scaled.id_dim,
+            scaled.trainable_parameters(),
+            scaled.trainable_parameters() / member,
+            member,
+        )
+    return scaled
+
+
 def pretrain(
     dataset: RecDataset,
     split: ProtocolSplit,
@@ -71,41 +89,26 @@ def pretrain(
 ) -> Pretrained:
     """Fit (or load) the teacher and the student on the public users' training data.
 
-    The student is narrowed, if needed, to a tenth of this teacher's trainable parameters
-    (:meth:`StudentConfig.scaled_to`: the teacher grows with the catalog, the student does
-    not).
+    The student is narrowed, if needed, to a tenth of the trainable parameters of one member
+    of the fitted teacher (:meth:`StudentConfig.scaled_to`): the teacher grows with the
+    catalog and its shape depends on the reading validation chose, the student's does not.
+    Counting one member, not the whole ensemble, keeps the student the same whatever
+    ``members`` is.
     """
     teacher = SASRecTeacher(text, teacher_config, progress=progress)
-    teacher_trainable = count_parameters(
-        p for p in teacher.build(dataset.n_items).parameters() if p.requires_grad
-    )
-    scaled = student_config.scaled_to(teacher_trainable)
-    if scaled != student_config:
-        log.info(
-            "student narrowed to dim %d (text %d, id %d): %d trainable parameters, %.3f of the "
-            "teacher's %d",
-            scaled.dim,
-            scaled.text_dim,
-            scaled.id_dim,
-            scaled.trainable_parameters(),
-            scaled.trainable_parameters() / teacher_trainable,
-            teacher_trainable,
-        )
-    student_config = scaled
     key = cache_key(dataset, split, text, teacher_config, student_config)
     path = cache_dir / "pretrained" / f"{dataset.name}-{key}.pt"
     start = time.perf_counter()
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            teacher.build(dataset.n_items).load_state_dict(state["teacher"])
-            teacher.model.eval()
-            teacher.fitted_order = state["teacher_order"]
+            teacher.build(dataset.n_items, state["teacher_order"]).load_state_dict(state["teacher"])
             teacher.order_scores = dict(state["teacher_order_scores"])
+            teacher.member_scores = list(state["teacher_member_scores"])
             model = StudentModel(
                 np.zeros(state["text_shape"], np.float32),
                 np.zeros(state["ids_shape"], np.float32),
-                student_config,
+                _student_budget(teacher, student_config),
             )
             model.load_state_dict(state["student"])
             model.eval()
@@ -118,7 +121,7 @@ def pretrain(
     public = split.public_users
     validation = Validation(split, ("public",))
     teacher.fit(split.train_sequences(public), dataset.n_items, validation)
-    student = DistilledStudent(teacher, student_config, progress=progress)
+    student = DistilledStudent(teacher, _student_budget(teacher, student_config), progress=progress)
     student.fit(split.train_sequences(public), dataset.n_items, validation)
     buf = io.BytesIO()
     torch.save(
@@ -126,6 +129,7 @@ def pretrain(
             "teacher": teacher.model.state_dict(),
             "teacher_order": teacher.fitted_order,
             "teacher_order_scores": teacher.order_scores,
+            "teacher_member_scores": teacher.member_scores,
             "student": student.model.state_dict(),
             "text_shape": list(student.model.items.text.weight.shape),
             "ids_shape": list(student.model.items.ids.weight.shape),
@@ -142,10 +146,11 @@ def configs_for(
     seed: int,
     teacher_id_init: str = TeacherConfig.id_init,
     teacher_order: str = TeacherConfig.order,
+    teacher_members: int = TeacherConfig.members,
 ) -> tuple[TeacherConfig, StudentConfig]:
     """The teacher/student configs of a simulation (defaults, with its epoch caps, seed,
-    the teacher's ID-table initialisation and history order; :class:`TeacherConfig` refuses
-    an unknown one)."""
+    the teacher's ID-table initialisation, history order and ensemble size;
+    :class:`TeacherConfig` refuses an unknown one)."""
     return (
         replace(
             TeacherConfig(),
@@ -153,6 +158,7 @@ def configs_for(
             seed=seed,
             id_init=cast(IdInit, teacher_id_init),
             order=cast(Order, teacher_order),
+            members=teacher_members,
         ),
         replace(StudentConfig(), epochs=epochs_student, seed=seed),
     )

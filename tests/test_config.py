@@ -64,7 +64,20 @@ def test_simulation_refuses_an_unknown_teacher_order_and_passes_a_known_one_on()
 
     for ok in ("sequence", "set", "auto"):
         config = from_flat(SimulationConfig, {"teacher-order": ok})
-        teacher, _ = configs_for(3, 2, 0, config.teacher_id_init, config.teacher_order)
-        assert teacher.order == ok
+        teacher, _ = configs_for(
+            3, 2, 0, config.teacher_id_init, config.teacher_order, config.teacher_members
+        )
+        assert teacher.order == ok and teacher.members == SimulationConfig.teacher_members
     with pytest.raises(ConfigError, match="teacher-order must be one of 'sequence', 'set'"):
         from_flat(SimulationConfig, {"teacher-order": "shuffled"})
+
+
+def test_simulation_teacher_members_reach_the_teacher_and_zero_is_refused():
+    from simulation.config import SimulationConfig
+    from simulation.pretrain import configs_for
+
+    config = from_flat(SimulationConfig, {"teacher-members": "2"})
+    teacher, _ = configs_for(3, 2, 0, teacher_members=config.teacher_members)
+    assert teacher.members == 2
+    with pytest.raises(ConfigError, match="teacher-members must be >= 1"):
+        from_flat(SimulationConfig, {"teacher-members": "0"})

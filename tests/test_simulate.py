@@ -9,6 +9,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from fedrec.cli import app
+from shared.eval.metrics import hit_rate_at_k
+from simulation.pipeline import load_ranks
 
 TINY = (
     "synthetic-users=150 synthetic-items=80 teacher-epochs=1 student-epochs=1 eval-size=5 shots=1,3"
@@ -51,6 +53,17 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     assert len(list((run / "checkpoints").glob("round-*.npz"))) == 2
     ledgers = list((run / "clients").glob("client-*/ledger.json"))
     assert ledgers
+    # every case's rank is kept, so runs can be compared user by user; it matches the summary
+    ranks = load_ranks(run / "ranks.npz")
+    int8 = ranks["federated/student int8 onnx"]
+    assert len(int8.full) == final["student int8 onnx"]["federated"]["users"]
+    assert hit_rate_at_k(int8.full) == final["student int8 onnx"]["federated"]["full_hr@10"]
+    adapted = ranks["fewshot k=3/student (adapted)"]
+    assert (
+        hit_rate_at_k(adapted.sampled)
+        == (summary["fewshot"]["student (adapted)"]["k=3"]["sampled_hr@10"])
+    )
+    assert "fewshot k=1/ease fold-in" in ranks
 
     # A rerun of the same run directory resumes from the checkpoint: no round is repeated.
     again = CliRunner().invoke(app, args)

@@ -8,6 +8,8 @@ per-sample gradients), plus one small learning check on data with real sequentia
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +36,7 @@ from shared.models.student import (
     StudentModel,
 )
 from shared.models.teacher import (
+    SASRecEnsemble,
     SASRecModel,
     SASRecTeacher,
     TeacherConfig,
@@ -272,8 +275,9 @@ def test_auto_order_keeps_sequence_on_a_sequential_world(
     assert set(teacher.order_scores) == {"sequence", "set"}
     assert teacher.fitted_order == "sequence"
     assert teacher.order_scores["sequence"] > teacher.order_scores["set"] + 0.05
-    kept = Validation(split).metric(teacher, TINY_TEACHER.metric)
+    kept = Validation(split).metric(teacher.member_scorer(0), TINY_TEACHER.metric)
     assert kept == pytest.approx(teacher.order_scores["sequence"], abs=1e-6)
+    assert teacher.member_scores[0] == teacher.order_scores["sequence"]
 
 
 def test_auto_order_without_validation_trains_only_sequence() -> None:
@@ -281,6 +285,94 @@ def test_auto_order_without_validation_trains_only_sequence() -> None:
     config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, epochs=1)
     teacher = SASRecTeacher(text_features(), config).fit(seqs, N_ITEMS)
     assert teacher.fitted_order == "sequence" and list(teacher.order_scores) == ["sequence"]
+
+
+def test_ensemble_averages_member_log_probabilities() -> None:
+    """Two members: the ensemble's scores are the mean of their log-softmaxes, its item table
+    has the mean Gram matrix, and a one-member ensemble is its member exactly."""
+    text = text_features()
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, members=2)
+    teacher = SASRecTeacher(text, config)
+    ensemble = teacher.build(N_ITEMS).eval()
+    a, b = ensemble.models
+    assert not torch.equal(a.positions.weight, b.positions.weight)  # seeded apart
+    items, mask = pad_histories([np.array([1, 2, 3]), np.array([7])], 8)
+    with torch.no_grad():
+        got = ensemble(items, mask)
+        want = (torch.log_softmax(a(items, mask), -1) + torch.log_softmax(b(items, mask), -1)) / 2
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(ensemble.all_logits(items, mask)[:, -1], got, atol=1e-5)
+        table = ensemble.item_table()
+        assert table.shape == (N_ITEMS, 32)
+        gram = (a.item_table() @ a.item_table().T + b.item_table() @ b.item_table().T) / 2
+        assert torch.allclose(table @ table.T, gram, atol=1e-4)
+        alone = SASRecEnsemble([a])
+        assert torch.equal(alone(items, mask), a(items, mask))
+        assert torch.equal(alone.item_table(), a.item_table())
+    with pytest.raises(ConfigError, match="members"):
+        TeacherConfig(members=0)
+    with pytest.raises(ConfigError, match="no member 2"):
+        teacher.member_scorer(2)
+
+
+def test_ensemble_members_train_in_the_chosen_order_and_the_student_learns_from_them(
+    split: ProtocolSplit,
+) -> None:
+    config = replace(TINY_TEACHER, members=2, order="set", epochs=10)
+    teacher = SASRecTeacher(text_features(), config).fit(
+        split.train_sequences(split.public_users), N_ITEMS, Validation(split)
+    )
+    assert teacher.fitted_order == "set" and len(teacher.member_scores) == 2
+    first, second = teacher.model.models
+    assert not torch.equal(first.positions.weight, second.positions.weight)
+    for i, score in enumerate(teacher.member_scores):  # each member kept at its best epoch
+        got = Validation(split).metric(teacher.member_scorer(i), config.metric)
+        assert got == pytest.approx(score, abs=1e-6)
+    student = StudentModel.from_teacher(teacher.model, TINY_STUDENT)
+    assert student.items.ids.weight.shape == (N_ITEMS, TINY_STUDENT.id_dim)
+
+
+def test_each_reading_has_its_shape_and_the_fitted_teacher_scores_in_it() -> None:
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=20, set_dim=8, set_max_len=6)
+    assert (config.reading("sequence").dim, config.reading("sequence").max_len) == (16, 20)
+    set_config = config.reading("set")
+    assert (set_config.order, set_config.dim, set_config.max_len) == ("set", 8, 6)
+    with pytest.raises(ConfigError, match="set_dim 3 must be >= 1 and divisible by n_heads 2"):
+        TeacherConfig(n_heads=2, set_dim=3)
+    seqs = [np.arange(i, i + 9) % N_ITEMS for i in range(20)]
+    teacher = SASRecTeacher(text_features(), replace(config, order="set", epochs=2))
+    teacher.fit(seqs, N_ITEMS)
+    assert teacher.fitted_order == "set" and teacher.fitted_config.max_len == 6
+    assert teacher.model.first.positions.weight.shape == (6, 8)
+    long, recent = np.arange(15), np.arange(9, 15)  # only the last 6 items are read
+    scores = teacher.score([long, recent])
+    assert np.allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
+    tmp_path: Path,
+) -> None:
+    from simulation.pretrain import pretrain
+
+    ds = chain_dataset(n_users=40, length=8)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    teacher_cfg = replace(TINY_TEACHER, order="set", set_dim=16, set_max_len=8, epochs=3)
+    student_cfg = replace(TINY_STUDENT, dim=32, text_dim=8, id_dim=16, epochs=2)
+    first = pretrain(
+        ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
+    )
+    member = sum(p.numel() for p in first.teacher.model.first.parameters() if p.requires_grad)
+    assert first.teacher.fitted_config.dim == 16  # the set reading's width, not dim 32
+    assert first.student.config == student_cfg.scaled_to(member)
+    assert first.student.config.dim < student_cfg.dim  # narrowed against the small teacher
+    again = pretrain(
+        ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
+    )
+    assert again.cached and not first.cached
+    assert again.teacher.fitted_order == "set" and again.student.config == first.student.config
+    histories = [split.history(int(u)) for u in split.public_users[:5]]
+    assert np.array_equal(again.teacher.score(histories), first.teacher.score(histories))
+    assert np.array_equal(again.student.score(histories), first.student.score(histories))
 
 
 def test_set_order_trains_and_sees_no_order() -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+Reading = Literal["sequence", "set"]
+"""A concrete way of reading a history (what ``'auto'`` chooses between)."""
 Order = Literal["sequence", "set", "auto"]
 ORDERS: tuple[Order, ...] = get_args(Order)
 DEFAULT_ORDER: Order = "auto"

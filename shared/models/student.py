@@ -46,7 +46,7 @@ from shared.models.sequence import (
     score_histories,
     svd_compress,
 )
-from shared.models.teacher import SASRecModel, SASRecTeacher
+from shared.models.teacher import SASRecTeacher, TeacherNet
 from shared.training.trainer import (
     METRICS,
     TrainConfig,
@@ -224,7 +224,7 @@ class StudentModel(nn.Module):
 
     @classmethod
     def from_teacher(
-        cls, teacher: SASRecModel, config: StudentConfig = StudentConfig()
+        cls, teacher: TeacherNet, config: StudentConfig = StudentConfig()
     ) -> StudentModel:
         """Frozen tables from the teacher: PCA of its LM text features, SVD of its item table.
 
@@ -461,7 +461,7 @@ class DistilledStudent(Recommender):
             teacher_model,
             sequences,
             self.config,
-            teacher_max_len=self.teacher.config.max_len,
+            teacher_max_len=self.teacher.fitted_config.max_len,
             validation=validation,
             scorer=self,
             progress=self.progress,

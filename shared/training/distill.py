@@ -43,7 +43,7 @@ from shared.training.trainer import (
 
 if TYPE_CHECKING:
     from shared.models.student import StudentConfig, StudentModel
-    from shared.models.teacher import SASRecModel
+    from shared.models.teacher import TeacherNet
 
 
 def distillation_loss(
@@ -98,7 +98,7 @@ def prefix_windows(
 
 def distill(
     student: StudentModel,
-    teacher: SASRecModel,
+    teacher: TeacherNet,
     sequences: Sequence[IntArray],
     config: StudentConfig,
     *,
