@@ -190,14 +190,17 @@ def pretrain_on(
     *,
     teacher_epochs: int = 200,
     student_epochs: int = 100,
+    teacher_members: int = TeacherConfig.members,
 ) -> PretrainedRun:
     """Load ``dataset``, split it by the protocol (``seed``), encode the item text and
-    pretrain (or load from ``cache_dir``) the default teacher and student: the common start
-    of the benchmarks, which then share one pretraining cache."""
+    pretrain (or load from ``cache_dir``) the default teacher (of ``teacher_members``) and
+    student: the common start of the benchmarks, which then share one pretraining cache."""
     ds = load_dataset(dataset, data_dir, synthetic_seed=seed)
     split = split_users(ds, SplitConfig(seed=seed))
     text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
-    teacher_cfg, student_cfg = configs_for(teacher_epochs, student_epochs, seed)
+    teacher_cfg, student_cfg = configs_for(
+        teacher_epochs, student_epochs, seed, teacher_members=teacher_members
+    )
     pre = pretrain(
         ds, split, text, cache_dir, teacher_config=teacher_cfg, student_config=student_cfg
     )
@@ -212,12 +215,19 @@ def default_cache_root() -> Path:
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     """The options :func:`pretrain_from_args` reads (``--dataset``, ``--data-dir``,
-    ``--seed``, ``--cache-dir``), for the benchmarks that start from a pretrained run."""
+    ``--seed``, ``--cache-dir``, ``--teacher-members``), for the benchmarks that start from a
+    pretrained run."""
     parser.add_argument("--dataset", default=dataset)
     parser.add_argument("--data-dir", default=None, help="dataset folder (not for synthetic)")
     parser.add_argument("--seed", type=int, default=42, help="split and synthetic-world seed")
     parser.add_argument(
         "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
+    )
+    parser.add_argument(
+        "--teacher-members",
+        type=int,
+        default=TeacherConfig.members,
+        help="independently seeded teachers whose log-probabilities are averaged",
     )
 
 
@@ -232,4 +242,5 @@ def pretrain_from_args(
         Path(args.cache_dir),
         teacher_epochs=teacher_epochs,
         student_epochs=student_epochs,
+        teacher_members=args.teacher_members,
     )

@@ -81,3 +81,15 @@ def test_simulation_teacher_members_reach_the_teacher_and_zero_is_refused():
     assert teacher.members == 2
     with pytest.raises(ConfigError, match="teacher-members must be >= 1"):
         from_flat(SimulationConfig, {"teacher-members": "0"})
+
+
+def test_benchmarks_take_the_teacher_ensemble_size_from_the_command_line():
+    import argparse
+
+    from shared.models.teacher import TeacherConfig
+    from simulation.pretrain import add_pretrain_arguments
+
+    parser = argparse.ArgumentParser()
+    add_pretrain_arguments(parser, dataset="synthetic")
+    assert parser.parse_args([]).teacher_members == TeacherConfig.members
+    assert parser.parse_args(["--teacher-members", "3"]).teacher_members == 3

@@ -101,9 +101,10 @@ class TeacherConfig:
 
     ``members``: the teacher can be an ensemble of independently seeded copies, each
     early-stopped on its own, whose next-item log-probabilities are averaged (only the first
-    chooses the order). Three members of the 64 x 200 set teacher on the synthetic world
-    added +0.011 / +0.018 HR@10 (paired, 95% intervals [-0.006, 0.029] / [0.000, 0.035]);
-    of the 32 x 50 one, nothing (0.611 / 0.264), so the default is one. Members cost
+    chooses the order). Measured on the synthetic world's federated users, three members of
+    a 64 x 200 set teacher added +0.011 / +0.018 HR@10 (paired 95% intervals [-0.006, 0.029]
+    / [0.000, 0.035]), three of the 32 x 50 one nothing (0.611 / 0.264 against 0.613 /
+    0.267), so the default is one; ``--teacher-members`` of the benchmarks sets it. Members cost
     pretraining time only (the teacher never leaves the server); the student's parameter
     budget is set against one member (:func:`simulation.pretrain.pretrain`).
 
