@@ -434,7 +434,6 @@ class SASRecTeacher(Recommender):
         self.num_threads = num_threads
         self._model: SASRecEnsemble | None = None
         self.history = TrainHistory()
-        self.fitted_order: Order | None = None
         self.order_scores: dict[str, float] = {}
         self.member_scores: list[float] = []
 
@@ -473,8 +472,12 @@ class SASRecTeacher(Recommender):
         members = [self.build_member(n_items, i, order) for i in range(self.config.members)]
         self._model = SASRecEnsemble(members).eval()
         self._n_items = n_items
-        self.fitted_order = members[0].config.order
         return self._model
+
+    @property
+    def fitted_order(self) -> Reading | None:
+        """The reading the fitted (or built) teacher uses; ``None`` before either."""
+        return None if self._model is None else cast(Reading, self._model.config.order)
 
     @property
     def fitted_config(self) -> TeacherConfig:
@@ -525,7 +528,6 @@ class SASRecTeacher(Recommender):
         self.history = trained[0][1]
         self.member_scores = [history.best_metric for _, history in trained]
         self._model = SASRecEnsemble([model for model, _ in trained]).eval()
-        self.fitted_order = chosen
         return self
 
     def _fit_member(
