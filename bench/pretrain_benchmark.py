@@ -23,7 +23,7 @@ import torch
 from shared.compression.artifact import publish_student
 from shared.compression.quantize import top_k_agreement
 from shared.eval.compare import compare_ranks
-from shared.eval.protocol import CaseRanks, EvalConfig, case_ranks, loo_cases, summarize_ranks
+from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE, TextOnly
 from shared.ondevice.runtime import OnDeviceModel
 from shared.text.encoder import EncoderConfig, ItemEncoder
@@ -80,11 +80,10 @@ def main() -> None:
         )
         int8 = OnDeviceModel(artifact.path)
         models["student int8 onnx"] = int8
-        cases = {pop: loo_cases(split, split.population(pop), "test") for pop in pops}
         ranks: dict[str, dict[str, CaseRanks]] = {}
         for name, model in models.items():
-            ranks[name] = {pop: case_ranks(model, cases[pop], cfg) for pop in pops}
-            results[name] = {pop: summarize_ranks(ranks[name][pop], cfg.k) for pop in pops}
+            ranks[name] = split_ranks(model, split, pops, "test", cfg)
+            results[name] = summarize_each(ranks[name], cfg.k)
         users = split.evaluable(split.population("all"))
         hist = [split.history(int(u)) for u in users]
         agreement = top_k_agreement(pre.student.score(hist), int8.score(hist), k=10)

@@ -31,8 +31,10 @@ from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
     case_ranks,
-    fewshot_cases,
+    fewshot_ranks,
     loo_cases,
+    split_ranks,
+    summarize_each,
     summarize_ranks,
 )
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
@@ -446,14 +448,10 @@ def _evaluate(
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
-    cases_by_pop = {pop: loo_cases(split, split.population(pop), "test") for pop in pops}
     for name, model in models.items():
-        final_results[name] = {}
-        for pop in pops:
-            pop_ranks = case_ranks(model, cases_by_pop[pop], eval_cfg)
-            final_results[name][pop] = summarize_ranks(pop_ranks, eval_cfg.k)
-            if pop == "federated":
-                ranks[f"federated/{name}"] = pop_ranks
+        by_pop = split_ranks(model, split, pops, "test", eval_cfg)
+        final_results[name] = summarize_each(by_pop, eval_cfg.k)
+        ranks[f"federated/{name}"] = by_pop["federated"]
     users = split.evaluable(split.federated_users)
     personalized = PersonalizedStudent(
         copy.deepcopy(final),
@@ -477,12 +475,10 @@ def _evaluate(
                 final, config.adapt_steps, config.adapt_lr, adapter_init
             ),
         }
-        for k in config.shots:
-            k_cases = fewshot_cases(split, k)
-            for name, model in fewshot_models.items():
-                k_ranks = case_ranks(model, k_cases, eval_cfg)
-                fewshot.setdefault(name, {})[f"k={k}"] = summarize_ranks(k_ranks, eval_cfg.k)
-                ranks[f"fewshot k={k}/{name}"] = k_ranks
+        for name, model in fewshot_models.items():
+            by_shot = fewshot_ranks(model, split, config.shots, eval_cfg)
+            fewshot[name] = summarize_each(by_shot, eval_cfg.k)
+            ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})
     _save_ranks(run.root / "ranks.npz", ranks)
     run.log(
         "artifact",

@@ -153,6 +153,20 @@ def cold_item_cases(cold: ColdItemSplit, users: IntArray) -> list[EvalCase]:
     return cases
 
 
+def split_ranks(
+    scorer: Scorer,
+    split: ProtocolSplit,
+    populations: Sequence[str] = ("public", "federated"),
+    stage: str = "test",
+    config: EvalConfig = EvalConfig(),
+) -> dict[str, CaseRanks]:
+    """Leave-one-out ranks per population (what :func:`evaluate_split` summarises)."""
+    return {
+        pop: case_ranks(scorer, loo_cases(split, split.population(pop), stage), config)
+        for pop in populations
+    }
+
+
 def evaluate_split(
     scorer: Scorer,
     split: ProtocolSplit,
@@ -161,10 +175,17 @@ def evaluate_split(
     config: EvalConfig = EvalConfig(),
 ) -> dict[str, dict[str, float]]:
     """Leave-one-out metrics per population."""
-    return {
-        pop: rank_cases(scorer, loo_cases(split, split.population(pop), stage), config)
-        for pop in populations
-    }
+    return summarize_each(split_ranks(scorer, split, populations, stage, config), config.k)
+
+
+def fewshot_ranks(
+    scorer: Scorer,
+    split: ProtocolSplit,
+    shots: Sequence[int] = (1, 3, 5, 10),
+    config: EvalConfig = EvalConfig(),
+) -> dict[str, CaseRanks]:
+    """Few-shot ranks per ``'k=K'`` (what :func:`evaluate_fewshot` summarises)."""
+    return {f"k={k}": case_ranks(scorer, fewshot_cases(split, k), config) for k in shots}
 
 
 def evaluate_fewshot(
@@ -174,7 +195,12 @@ def evaluate_fewshot(
     config: EvalConfig = EvalConfig(),
 ) -> dict[str, dict[str, float]]:
     """Few-shot metrics per K for the cold-start users (fold-in from the support set)."""
-    return {f"k={k}": rank_cases(scorer, fewshot_cases(split, k), config) for k in shots}
+    return summarize_each(fewshot_ranks(scorer, split, shots, config), config.k)
+
+
+def summarize_each(ranks: dict[str, CaseRanks], k: int = 10) -> dict[str, dict[str, float]]:
+    """:func:`summarize_ranks` of every entry, keys kept."""
+    return {key: summarize_ranks(r, k) for key, r in ranks.items()}
 
 
 def export_recs(
