@@ -213,6 +213,17 @@ def default_cache_root() -> Path:
     return Path(default_cache_dir()).parent
 
 
+def _members(text: str) -> int:
+    """``--teacher-members``: a whole number of at least one, refused by argparse otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     """The options :func:`pretrain_from_args` reads (``--dataset``, ``--data-dir``,
     ``--seed``, ``--cache-dir``, ``--teacher-members``), for the benchmarks that start from a
@@ -225,7 +236,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> Non
     )
     parser.add_argument(
         "--teacher-members",
-        type=int,
+        type=_members,
         default=TeacherConfig.members,
         help="independently seeded teachers whose log-probabilities are averaged",
     )

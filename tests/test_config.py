@@ -93,3 +93,6 @@ def test_benchmarks_take_the_teacher_ensemble_size_from_the_command_line():
     add_pretrain_arguments(parser, dataset="synthetic")
     assert parser.parse_args([]).teacher_members == TeacherConfig.members
     assert parser.parse_args(["--teacher-members", "3"]).teacher_members == 3
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--teacher-members", bad])
