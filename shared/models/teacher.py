@@ -453,16 +453,13 @@ class SASRecTeacher(Recommender):
         """Member ``index`` is built from this seed and shuffled from the next one."""
         return self.config.seed + 2 * index
 
-    def _default_reading(self) -> Reading:
-        return "sequence" if self.config.order == "auto" else self.config.order
-
     def build_member(
         self, n_items: int, index: int = 0, order: Reading | None = None
     ) -> SASRecModel:
         """A fresh (seeded) member ``index`` for ``n_items`` items in the shape of reading
         ``order`` (default: the configured one, ``'sequence'`` for ``'auto'``), untrained."""
         self._check_items(n_items)
-        config = self.config.reading(order or self._default_reading())
+        config = self.config.reading(order or self.config.readings(with_validation=False)[0])
         with seeded(self._member_seed(index)):
             return SASRecModel(self.text_embeddings, config)
 
