@@ -4,9 +4,12 @@ in minutes instead of a full benchmark run. Prints JSON.
 Each round samples a cohort of federated users, runs the client's own local step
 (:func:`shared.federated.local_training.train_global_dp`: Opacus DP-SGD on the student's global
 group, or clipped SGD without DP) from the current global parameters, averages the deltas
-with equal weights (what SecAgg+ releases) and applies a server optimiser to the mean delta:
-``avg`` (FedAvg, ``server-lr`` 1 is plain averaging), ``avgm`` (FedAvg with server momentum)
-or ``adam`` (FedAdam, Reddi et al. 2021). No secure aggregation and no budget: every sampled
+with equal weights (what SecAgg+ releases) and applies the server's own optimiser
+(:class:`server.server_optimizer.ServerOptimizer`) to the mean delta: ``avg`` (FedAvg,
+``server-lr`` 1 is plain averaging) or ``adam`` (FedAdam, Reddi et al. 2021).
+``--noise-shares m`` runs the clients' distributed-noise step (one gradient per round with
+1/m of the noise variance; the cohort's sum carries all of it), charged in the ledgers as
+the real client charges it. No secure aggregation and no budget: every sampled
 client trains. Under record-level DP each client's runs go into a
 :class:`~shared.privacy.ledger.PrivacyLedger` as the real client records them, and the output
 reports the largest epsilon any client reached and how many clients passed
@@ -40,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.server_optimizer import SERVER_OPTIMIZERS, ServerOptimizer, ServerOptimizerSettings
 from server.user_dp import UserDPSettings, UserLevelDP
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
@@ -60,27 +64,6 @@ def _row(run: PretrainedRun, rnd: int) -> dict[str, Any]:
         metrics = run.evaluate_federated(run.pretrained.student.model, stage)
         row[stage] = {k: metrics[k] for k in REPORTED}
     return row
-
-
-class ServerOptimizer:
-    """Turns the cohort's mean delta into the global step (state kept across rounds)."""
-
-    def __init__(self, kind: str, lr: float, beta1: float, beta2: float, tau: float) -> None:
-        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
-        self.m: dict[str, torch.Tensor] = {}
-        self.v: dict[str, torch.Tensor] = {}
-
-    def step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        if self.kind == "avg":
-            return self.lr * delta
-        m = self.m.get(name, torch.zeros_like(delta))
-        if self.kind == "avgm":
-            self.m[name] = self.beta1 * m + delta
-            return self.lr * self.m[name]
-        v = self.v.get(name, torch.zeros_like(delta))
-        self.m[name] = self.beta1 * m + (1 - self.beta1) * delta
-        self.v[name] = self.beta2 * v + (1 - self.beta2) * delta * delta
-        return self.lr * self.m[name] / (self.v[name].sqrt() + self.tau)
 
 
 def _privacy(ledgers: dict[int, PrivacyLedger], budget: PrivacyBudget) -> dict[str, Any]:
@@ -119,11 +102,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="client learning rate")
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--server-opt", choices=("avg", "avgm", "adam"), default="avg")
-    parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--beta1", type=float, default=0.9)
-    parser.add_argument("--beta2", type=float, default=0.99)
-    parser.add_argument("--tau", type=float, default=1e-3, help="FedAdam's epsilon")
+    opt = ServerOptimizerSettings()
+    parser.add_argument("--server-opt", choices=SERVER_OPTIMIZERS, default=opt.kind)
+    parser.add_argument("--server-lr", type=float, default=opt.lr)
+    parser.add_argument("--beta1", type=float, default=opt.beta1)
+    parser.add_argument("--beta2", type=float, default=opt.beta2)
+    parser.add_argument("--tau", type=float, default=opt.tau, help="FedAdam's epsilon")
+    parser.add_argument(
+        "--noise-shares",
+        type=int,
+        default=defaults.noise_shares,
+        help="> 1: each client adds 1/m of the record-level noise (distributed DP over SecAgg+)",
+    )
     parser.add_argument("--epsilon-budget", type=float, default=PrivacyBudget.epsilon)
     parser.add_argument("--delta", type=float, default=PrivacyBudget.delta)
     parser.add_argument(
@@ -140,9 +130,10 @@ def main() -> None:
     for name in ("rounds", "cohort", "every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not (args.server_lr > 0 and args.tau > 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        parser.error("--server-lr and --tau must be > 0, --beta1 and --beta2 in [0, 1)")
-    try:  # the client settings are checked before any loading or training
+    try:  # the client and server settings are checked before any loading or training
+        server_settings = ServerOptimizerSettings(
+            args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau
+        )
         client = LocalTrainConfig(
             local_epochs=args.local_epochs,
             batch_size=args.batch_size,
@@ -151,7 +142,10 @@ def main() -> None:
             noise_multiplier=args.noise_multiplier,
             max_grad_norm=args.max_grad_norm,
             personal_steps=0,
+            noise_shares=args.noise_shares,
         )
+        if args.noise_shares > args.cohort:
+            raise ConfigError(f"--noise-shares {args.noise_shares} exceeds --cohort {args.cohort}")
         budget = PrivacyBudget(args.epsilon_budget, args.delta)
         if args.user_dp:  # the population is known only after loading; 2 checks the rest
             _user_dp_settings(args, population=2)
@@ -182,7 +176,7 @@ def main() -> None:
     norms: list[float] = []
     params = dict(model.named_parameters())
     names = [n for n in params if model.parameter_group(n) == "global"]
-    server = ServerOptimizer(args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau)
+    server = ServerOptimizer(server_settings, [tuple(params[n].shape) for n in names])
     rng = np.random.default_rng(args.seed)
     ledgers: dict[int, PrivacyLedger] = {}
     curve: list[dict[str, Any]] = [_row(run, 0)]
@@ -216,9 +210,10 @@ def main() -> None:
                 n: torch.from_numpy(a).to(params[n].dtype)
                 for n, a in zip(names, noisy, strict=True)
             }
+        step = server.step([mean_delta[n].double().numpy() for n in names])
         with torch.no_grad():
-            for n in names:
-                params[n].copy_(reference[n] + server.step(n, mean_delta[n]))
+            for n, d in zip(names, step, strict=True):
+                params[n].copy_(reference[n] + torch.from_numpy(d).to(params[n].dtype))
         if rnd % args.every == 0 or rnd == args.rounds:
             row = {**_row(run, rnd), "seconds": round(time.perf_counter() - start, 1)}
             if user_dp is not None:

@@ -52,6 +52,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpoint import ArtifactPublisher, Checkpoint, CheckpointStore
 from server.secagg import SecAggSettings, run_rounds
+from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
 from shared.errors import ConfigError
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
@@ -64,7 +65,7 @@ if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-
 
 #: Key prefixes that belong to the server: an unknown key with one of them is an error
 #: (a silently ignored ``user-dp-*`` typo could switch privacy settings off).
-_SERVER_PREFIXES = ("secagg-", "user-dp-", "checkpoint-")
+_SERVER_PREFIXES = ("secagg-", "user-dp-", "checkpoint-", "server-")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ class ServerConfig:
     (``z`` = ``user-dp-noise-multiplier``, ``m`` = clients sampled). With SecAgg+ it
     also sets SecAgg+'s ``max_weight`` to 1 (every client reports weight 1, so that is
     the best quantization precision); ``secagg-clipping-range`` should be >= ``C``.
+
+    ``server-optimizer`` (``avg`` | ``adam``), ``server-lr``, ``server-beta1``,
+    ``server-beta2``, ``server-tau``: how the round's mean update becomes the global step
+    (:mod:`server.server_optimizer`). ``noise-shares`` (also read by the clients, see
+    :class:`~shared.federated.local_config.LocalTrainConfig`): > 1 splits the record-level
+    DP noise over that many contributors of a secure aggregate; it needs ``secagg``, sets
+    uniform weights, and a round with fewer contributors is discarded.
     """
 
     task: str = "toy-linear"
@@ -131,6 +139,14 @@ class ServerConfig:
     user_dp_epsilon_budget: float = 0.0
     #: Number of clients that can be sampled (N in q = m / N); 0 = nodes at the start.
     population_size: int = 0
+    #: The server optimiser (server/server_optimizer.py): 'avg' (FedAvg) or 'adam' (FedAdam).
+    server_optimizer: str = ServerOptimizerSettings.kind
+    server_lr: float = ServerOptimizerSettings.lr
+    server_beta1: float = ServerOptimizerSettings.beta1
+    server_beta2: float = ServerOptimizerSettings.beta2
+    server_tau: float = ServerOptimizerSettings.tau
+    #: Contributors the record-level DP noise is split over (1 = each client adds all of it).
+    noise_shares: int = 1
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, what: str, value: object) -> None:
@@ -178,6 +194,20 @@ class ServerConfig:
                     f"'update-clip-norm' ({self.update_clip_norm}) differs from 'user-dp-clip' "
                     f"({c}); with user-dp leave it 0 (clients then clip to user-dp-clip)"
                 )
+        _ = self.server_optimizer_settings  # validates the server-* values
+        require(self.noise_shares >= 1, "noise-shares", ">= 1", self.noise_shares)
+        if self.noise_shares > 1:
+            if not self.secagg:
+                raise ConfigError(
+                    f"'noise-shares' {self.noise_shares} splits the record-level DP noise over "
+                    "the clients, which only holds when the server sees nothing but their "
+                    "sum: set secagg=true, or noise-shares=1"
+                )
+            if 0 < self.cohort_size < self.noise_shares:
+                raise ConfigError(
+                    f"'noise-shares' ({self.noise_shares}) exceeds 'cohort-size' "
+                    f"({self.cohort_size}); every round's aggregate would be discarded"
+                )
         settings = self._secagg_settings()  # validates the secagg-* values
         if self.secagg:
             smallest = self.cohort_size if self.cohort_size > 0 else self.min_cohort
@@ -202,8 +232,19 @@ class ServerConfig:
             clipping_range=self.secagg_clipping_range,
             quantization_range=self.secagg_quantization_range,
             modulus_range=self.secagg_modulus_range,
-            # Under user-level DP every client reports weight 1 (uniform weights).
-            max_weight=1.0 if self.user_dp else self.secagg_max_weight,
+            # Under either noise mechanism every client reports weight 1 (uniform weights).
+            max_weight=1.0 if self.user_dp or self.noise_shares > 1 else self.secagg_max_weight,
+        )
+
+    @property
+    def server_optimizer_settings(self) -> ServerOptimizerSettings:
+        """The ``server-*`` settings as the optimiser's typed config (validated)."""
+        return ServerOptimizerSettings(
+            kind=self.server_optimizer,
+            lr=self.server_lr,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
         )
 
     @property
@@ -299,6 +340,8 @@ def build_strategy(
         seed=config.seed,
         availability_timeout=config.availability_timeout,
         user_dp=user_dp if config.user_dp else None,
+        server_optimizer=config.server_optimizer_settings,
+        noise_shares=config.noise_shares,
     )
 
 

@@ -48,6 +48,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from server.server_optimizer import ServerOptimizer, ServerOptimizerSettings
 from shared.errors import ConfigError
 from shared.federated.task import (
     CONFIG_SERVER_ROUND,
@@ -273,6 +274,15 @@ class ValidatingFedAvg(FedAvg):
         User-level DP (DP-FedAvg): uniform client weights, ``sum / sampled`` plus
         Gaussian noise, one accountant step per sampled round. ``update_clip_norm``
         must then equal the mechanism's clip norm ``C``.
+    server_optimizer:
+        How the round's mean update becomes the global step (FedAvg or FedAdam,
+        :mod:`server.server_optimizer`); default plain averaging.
+    noise_shares:
+        Record-level DP noise split over the clients (``noise-shares`` > 1, see
+        :class:`~shared.federated.local_config.LocalTrainConfig`): each contributor added
+        ``1/noise_shares`` of the noise variance, so a secure aggregate of fewer
+        contributors carries less noise than the clients' ledgers charged for and is
+        discarded (the global model stays). Needs ``secure_aggregation``.
     """
 
     def __init__(
@@ -294,8 +304,18 @@ class ValidatingFedAvg(FedAvg):
         extra_fit_config: Mapping[str, Scalar] | None = None,
         extra_eval_config: Mapping[str, Scalar] | None = None,
         user_dp: UserLevelDP | None = None,
+        server_optimizer: ServerOptimizerSettings | None = None,
+        noise_shares: int = 1,
     ) -> None:
         check_float_arrays(initial_parameters, what="initial parameters")
+        if noise_shares < 1:
+            raise ConfigError(f"noise-shares must be >= 1, got {noise_shares}")
+        if noise_shares > 1 and not secure_aggregation:
+            raise ConfigError(
+                f"noise-shares={noise_shares} splits the record-level DP noise over the "
+                "clients, which only holds when the server sees their sum: turn secagg on, "
+                "or set noise-shares=1 (every client adds all the noise)"
+            )
         if user_dp is not None and update_clip_norm != user_dp.settings.clip_norm:
             raise ConfigError(
                 f"user-level DP clips updates to {user_dp.settings.clip_norm}, but "
@@ -320,6 +340,11 @@ class ValidatingFedAvg(FedAvg):
         self.extra_fit_config = dict(extra_fit_config or {})
         self.extra_eval_config = dict(extra_eval_config or {})
         self.user_dp = user_dp
+        self.noise_shares = noise_shares
+        self.optimizer = ServerOptimizer(
+            server_optimizer or ServerOptimizerSettings(),
+            [np.shape(a) for a in initial_parameters],
+        )
         self._reference: Arrays = [np.array(a, copy=True) for a in initial_parameters]
         self._sampled: dict[int, int] = {}
         self._eval_sampled: dict[int, int] = {}
@@ -330,7 +355,11 @@ class ValidatingFedAvg(FedAvg):
         """Short description for Flower's logs."""
         mode = "secagg+" if self.secure_aggregation else "plain"
         dp = f", {self.user_dp!r}" if self.user_dp is not None else ""
-        return f"ValidatingFedAvg({mode}, clip={self.update_clip_norm}{dp})"
+        shares = f", noise_shares={self.noise_shares}" if self.noise_shares > 1 else ""
+        return (
+            f"ValidatingFedAvg({mode}, {self.optimizer!r}, clip={self.update_clip_norm}"
+            f"{shares}{dp})"
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -339,14 +368,16 @@ class ValidatingFedAvg(FedAvg):
 
         Cohort sampling is a pure function of ``(seed, round)`` (``random.Random`` salted
         with ``fit-{seed}-{round}``), so the seed *is* the sampler state: a resumed run
-        samples the same cohorts as an uninterrupted one. The user-level DP ledger is
-        checkpointed separately (``UserLevelDP.state_dict``).
+        samples the same cohorts as an uninterrupted one. The server optimiser's moments
+        are part of it. The user-level DP ledger is checkpointed separately
+        (``UserLevelDP.state_dict``).
         """
         return {
             "version": STRATEGY_STATE_VERSION,
             "sampler": "random.Random(salt=fit|eval-{seed}-{round})",
             "seed": self.seed,
             "sampled": {str(r): n for r, n in sorted(self._sampled.items())},
+            "server_optimizer": self.optimizer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -375,6 +406,11 @@ class ValidatingFedAvg(FedAvg):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"strategy state has malformed 'sampled' counts: {exc}") from None
         self._sampled.update(restored)
+        # checkpoints written before the server optimiser existed were plain FedAvg
+        optimizer = state.get("server_optimizer", {"kind": "avg", "steps": 0})
+        if not isinstance(optimizer, Mapping):
+            raise ConfigError(f"strategy state has a malformed server optimizer {optimizer!r}")
+        self.optimizer.load_state_dict(optimizer)
 
     # ------------------------------------------------------------------ sampling
 
@@ -450,7 +486,9 @@ class ValidatingFedAvg(FedAvg):
             CONFIG_SERVER_ROUND: server_round,
             CONFIG_UPDATE_CLIP_NORM: float(self.update_clip_norm),
         }
-        if self.user_dp is not None:
+        if self.user_dp is not None or self.noise_shares > 1:
+            # both noise mechanisms bound one client's (or one record's) share of the mean
+            # only when every contributor weighs the same
             config[CONFIG_UNIFORM_WEIGHT] = True
         fit_ins = FitIns(parameters, config)
         return [(client, fit_ins) for client in clients]
@@ -480,7 +518,10 @@ class ValidatingFedAvg(FedAvg):
         """The global model as of the last ``configure_fit`` / ``aggregate_fit``."""
         return [np.array(a, copy=True) for a in self._reference]
 
-    def _apply(self, delta: Sequence[npt.NDArray[np.floating]]) -> tuple[Arrays, float]:
+    def _apply(self, mean_update: Sequence[npt.NDArray[np.floating]]) -> tuple[Arrays, float]:
+        """The new global model from the round's mean update (through the server optimiser)
+        and the L2 norm of the step taken."""
+        delta = self.optimizer.step(mean_update)
         new = [
             (ref.astype(np.float64) + d.astype(np.float64)).astype(ref.dtype)
             for ref, d in zip(self._reference, delta, strict=True)
@@ -601,6 +642,12 @@ class ValidatingFedAvg(FedAvg):
             problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
             if problem is not None:
                 rejections.append(f"secure aggregate: {problem}")
+            elif len(contributors) < self.noise_shares:
+                rejections.append(
+                    f"secure aggregate of {len(contributors)} contributions, fewer than "
+                    f"noise-shares={self.noise_shares}: it carries less DP noise than the "
+                    "clients were charged for, so it is discarded"
+                )
             elif self.user_dp is not None:
                 # Clients reported weight 1 (CONFIG_UNIFORM_WEIGHT), so the aggregate is
                 # the plain mean over the contributors: times their count = the sum.

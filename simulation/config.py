@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from server.server_optimizer import ServerOptimizerSettings
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.models.ensemble import DEFAULT_MEMBERS
@@ -64,7 +65,15 @@ class SimulationConfig:
     lr: float = LocalTrainConfig.lr
     personal_steps: int = LocalTrainConfig.personal_steps
     personal_lr: float = LocalTrainConfig.personal_lr
+    # > 1: distributed record-level DP (each client adds 1/m of the noise; needs SecAgg+)
+    noise_shares: int = LocalTrainConfig.noise_shares
     meta_learning: bool = False
+    # the server's optimiser (server/server_optimizer.py): FedAvg or FedAdam
+    server_optimizer: str = ServerOptimizerSettings.kind
+    server_lr: float = ServerOptimizerSettings.lr
+    server_beta1: float = ServerOptimizerSettings.beta1
+    server_beta2: float = ServerOptimizerSettings.beta2
+    server_tau: float = ServerOptimizerSettings.tau
     # few-shot
     shots: tuple[int, ...] = (1, 3, 5, 10)
     adapt_steps: int = 10
@@ -109,8 +118,40 @@ class SimulationConfig:
                 f"teacher-id-init must be {' or '.join(map(repr, ID_INITS))}, "
                 f"got {self.teacher_id_init!r}"
             )
+        self.local_train_config()  # the client-training knobs, checked where they are defined
+        ServerOptimizerSettings(
+            self.server_optimizer,
+            self.server_lr,
+            self.server_beta1,
+            self.server_beta2,
+            self.server_tau,
+        )
+        if self.noise_shares > 1 and not self.secagg:
+            raise ConfigError(
+                f"noise-shares={self.noise_shares} splits the DP noise over the clients and "
+                "needs secure aggregation: set secagg=true or noise-shares=1"
+            )
+        if self.noise_shares > self.cohort_size:
+            raise ConfigError(
+                f"noise-shares ({self.noise_shares}) exceeds cohort-size ({self.cohort_size}); "
+                "every round's aggregate would be discarded"
+            )
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
         # the form only: whether that GPU exists is checked where the clients train
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def local_train_config(self) -> LocalTrainConfig:
+        """How a client trains in this simulation (validated by :class:`LocalTrainConfig`)."""
+        return LocalTrainConfig(
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            dp=self.dp,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            personal_steps=self.personal_steps,
+            personal_lr=self.personal_lr,
+            noise_shares=self.noise_shares,
+        )

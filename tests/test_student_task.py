@@ -3,6 +3,7 @@ personal parameters, and a whole (tiny) federation in process."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,132 @@ def test_no_dp_mode_clips_the_batch_gradient(bundle: Path, tmp_path: Path) -> No
     norm = float(np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in out.arrays)))
     steps = int(out.metrics["steps"])
     assert 0 < norm <= 50.0 * 1.0 * steps + 1e-6
+
+
+# ------------------------------------------------------------- distributed noise (noise-shares)
+
+
+def _ledger_history(state: Path, client: int) -> list[list[float]]:
+    import json
+
+    history: list[list[float]] = json.loads(
+        (state / f"client-{client}" / "ledger.json").read_text()
+    )["history"]
+    return history
+
+
+def test_noise_shares_release_one_gradient_charged_at_the_full_noise(
+    bundle: Path, tmp_path: Path
+) -> None:
+    # Prepare: 12 interactions -> 11 examples; batch 4 -> q = 4/11
+    shares = _task(bundle, tmp_path / "shares", **{"noise-shares": 4, "personal-steps": 0})
+    local = _task(bundle, tmp_path / "local", **{"personal-steps": 0})
+    params = shares.initial_parameters()
+    # Execute
+    a = shares.fit(0, params, {"server-round": 1})
+    b = local.fit(0, params, {"server-round": 1})
+    # Assert: one step, charged at the aggregate's noise multiplier (1.5), not the share's
+    assert a.status is b.status is FitStatus.OK
+    assert int(a.metrics["steps"]) == 1 and int(b.metrics["steps"]) == 3
+    assert _ledger_history(tmp_path / "shares", 0) == [[1.5, pytest.approx(4 / 11), 1]]
+    assert 0 < float(a.metrics["epsilon"]) < float(b.metrics["epsilon"])
+
+
+def test_noise_share_is_the_aggregate_noise_over_sqrt_shares(tmp_path: Path) -> None:
+    """With a negligible clip the released step is pure noise: its per-coordinate std must be
+    lr * sigma * C / (sqrt(m) * batch_size), so m shares sum to the full noise."""
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.local_training import train_global_dp
+
+    model = _student()
+    sequence = np.arange(12, dtype=np.int64)
+    before = torch.cat([p.detach().flatten().clone() for p in model.global_parameters()])
+    for m in (1, 16):
+        model.load_global_state_dict(
+            dict(zip(model.global_state_dict(), _split_like(model, before), strict=True))
+        )
+        config = LocalTrainConfig(
+            batch_size=4, lr=2.0, max_grad_norm=1e-6, noise_multiplier=1.5, noise_shares=m
+        )
+        torch.manual_seed(m)
+        result = train_global_dp(model, sequence, config)
+        after = torch.cat([p.detach().flatten() for p in model.global_parameters()])
+        std = float((after - before).std())
+        expected = 2.0 * 1.5 * 1e-6 / (math.sqrt(m) * 4)
+        if m == 1:
+            # local noise: three batches (q = 4/11), each divided by Opacus' own batch
+            assert result.steps == 3
+        else:
+            assert result.steps == 1
+            assert std == pytest.approx(expected, rel=0.05)
+
+
+def _split_like(model: StudentModel, flat: torch.Tensor) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in model.global_parameters():
+        out.append(flat[start : start + p.numel()].view_as(p).clone())
+        start += p.numel()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"noise-shares": 2, "local-epochs": 2}, "local-epochs must be 1"),
+        ({"noise-shares": 2, "dp": False}, "needs dp=true"),
+        ({"noise-shares": 0}, "noise-shares must be >= 1"),
+    ],
+)
+def test_noise_shares_config_is_checked(
+    bundle: Path, tmp_path: Path, extra: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _task(bundle, tmp_path / "state", **extra)
+
+
+@pytest.mark.parametrize(("shares", "updated"), [(5, True), (6, False)])
+def test_federation_with_noise_shares_discards_an_aggregate_of_too_few_contributors(
+    bundle: Path, tmp_path: Path, shares: int, updated: bool
+) -> None:
+    """Six sampled, five train (client 5 fails): five shares of the noise are enough for
+    noise-shares=5 and too few for 6, whose round must leave the model as it was."""
+    from client.client_app import make_client_app
+    from server.server_app import make_server_app, run_in_process
+
+    config = {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": str(bundle),
+        "state-dir": str(tmp_path / "state"),
+        "num-rounds": 1,
+        "cohort-size": 6,
+        "min-cohort": 2,
+        "min-available-clients": 6,
+        "eval-size": 0,
+        "eval-fraction": 0.0,
+        "secagg": True,
+        "secagg-num-shares": 3,
+        "secagg-reconstruction-threshold": 2,
+        "batch-size": 4,
+        "noise-shares": shares,
+        "server-optimizer": "adam",
+        "server-lr": 0.01,
+    }
+    reports = []
+    server = make_server_app(config, on_round_end=reports.append)
+    run_in_process(server, make_client_app(config), 6, run_config=config)
+    (report,) = reports
+    assert report.fit.updated is updated
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(report.parameters, get_global_arrays(_student()), strict=True)
+    )
+    if updated:
+        assert report.fit.ok == 5
+        # FedAdam's first step is lr * u / (|u| + tau): at most lr in any coordinate
+        assert 0.005 < moved <= 0.01
+    else:
+        assert moved == 0.0 and report.fit.rejected == 5
+        assert any("fewer than noise-shares=6" in r for r in report.fit.rejections)
+    # every client that trained was charged one step at the full noise, whatever happened
+    for client in range(5):
+        assert _ledger_history(tmp_path / "state", client)[0][2] == 1

@@ -69,6 +69,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _noise_only_step(params: list[torch.nn.Parameter], config: LocalTrainConfig) -> None:
+    """The step Opacus takes on an empty batch: SGD on the noise share alone (std
+    ``noise_multiplier * max_grad_norm / sqrt(noise_shares)``, over ``batch_size``)."""
+    std = config.noise_multiplier * config.max_grad_norm / math.sqrt(config.noise_shares)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p), alpha=-config.lr * std / config.batch_size)
+
+
 def train_global_dp(
     model: StudentModel,
     sequence: IntArray,
@@ -108,10 +117,14 @@ def train_global_dp(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
-                noise_multiplier=config.noise_multiplier,
+                noise_multiplier=config.noise_multiplier / math.sqrt(config.noise_shares),
                 max_grad_norm=config.max_grad_norm,
                 poisson_sampling=True,
             )
+        if config.noise_shares > 1:
+            # a fixed normaliser: the same bound on one record's share of the mean in
+            # every client (see LocalTrainConfig.noise_shares)
+            optimizer.expected_batch_size = config.batch_size
     else:
         module = model
     try:
@@ -123,6 +136,10 @@ def train_global_dp(
                     steps += 1  # counted even when empty: the accounting stays conservative
                     optimizer.zero_grad(set_to_none=True)
                     if len(b_targets) == 0:
+                        if config.noise_shares > 1:
+                            # the aggregate still needs this client's share of the noise
+                            _noise_only_step(params, config)
+                            break
                         continue  # an empty Poisson batch releases nothing: skip the update
                     loss = F.cross_entropy(module(b_items, b_mask), b_targets)
                     loss.backward()
@@ -130,6 +147,8 @@ def train_global_dp(
                         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
                     losses.append(float(loss.detach()))
+                    if config.noise_shares > 1:
+                        break  # one released gradient per round (local_epochs is 1)
     finally:
         if config.dp:
             module._close()  # removes Opacus hooks and grad_sample fields from the model

@@ -244,7 +244,8 @@ class StudentTask:
             if train.dp:
                 n = min(len(sequence) - 1, train.max_examples)
                 q = min(train.batch_size, n) / n
-                steps = train.local_epochs * math.ceil(1 / q)
+                # one released gradient per round when the noise is split (noise-shares)
+                steps = 1 if train.noise_shares > 1 else train.local_epochs * math.ceil(1 / q)
                 try:
                     state.ledger.check(Spend(train.noise_multiplier, q, steps))
                 except PrivacyBudgetExceededError as err:
