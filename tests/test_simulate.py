@@ -80,3 +80,41 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--rounds", "0", "--run-dir", str(tmp_path)])
     assert result.exit_code != 0
     assert "rounds must be >= 1" in str(result.exception or result.output)
+
+
+def test_every_federation_knob_of_the_simulation_reaches_server_and_clients(
+    tmp_path: Path,
+) -> None:
+    """The run config the simulation hands to Flower carries each client-training and
+    server-optimiser setting (a knob missing there would silently run with its default)."""
+    from dataclasses import replace
+
+    from server.server_app import ServerConfig
+    from server.server_optimizer import ServerOptimizerSettings
+    from shared.federated.student_task import StudentTask
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import _server_run_config
+    from simulation.run_dir import RunDirectory
+
+    config = SimulationConfig(
+        noise_shares=10,
+        noise_multiplier=3.0,
+        batch_size=256,
+        lr=1.0,
+        max_grad_norm=0.5,
+        personal_steps=2,
+        personal_lr=0.01,
+        server_optimizer="adam",
+        server_lr=0.002,
+        server_beta1=0.8,
+        server_beta2=0.95,
+        server_tau=1e-4,
+    )
+    run_config = _server_run_config(config, RunDirectory(tmp_path / "run"), tmp_path / "b.pt", 40)
+    server = ServerConfig.from_run_config(run_config)
+    assert server.server_optimizer_settings == ServerOptimizerSettings(
+        "adam", 0.002, 0.8, 0.95, 1e-4
+    )
+    assert server.noise_shares == 10 and server.secagg
+    client = StudentTask.from_run_config(run_config).train_config
+    assert client == replace(config.local_train_config(), seed=client.seed)
