@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.strategy import RoundReport
 from shared.errors import ConfigError, DataError
 from shared.federated.bundle import ClientData, load_bundle, save_bundle
 from shared.federated.student_task import (
@@ -18,7 +19,7 @@ from shared.federated.student_task import (
     get_global_arrays,
     resolve_device,
 )
-from shared.federated.task import FitStatus
+from shared.federated.task import FitStatus, RunConfigValue
 from shared.models.student import StudentConfig, StudentModel
 
 N_ITEMS = 40
@@ -125,6 +126,27 @@ def test_no_dp_mode_spends_no_privacy(bundle: Path, tmp_path: Path) -> None:
     assert out.status is FitStatus.OK and out.metrics["epsilon"] == 0.0
 
 
+def _federation_config(
+    bundle: Path, tmp_path: Path, **extra: RunConfigValue
+) -> dict[str, RunConfigValue]:
+    """The six clients of ``_clients()`` (client 5 cannot train), one round, all sampled."""
+    return {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": str(bundle),
+        "state-dir": str(tmp_path / "state"),
+        "num-rounds": 1,
+        "cohort-size": 6,
+        "min-cohort": 2,
+        "min-available-clients": 6,
+        "eval-size": 0,
+        "eval-fraction": 0.0,
+        "secagg-num-shares": 3,
+        "secagg-reconstruction-threshold": 2,
+        "batch-size": 4,
+        **extra,
+    }
+
+
 @pytest.mark.parametrize("secagg", [False, True])
 def test_tiny_federation_in_process_goes_on_despite_a_bad_client(
     bundle: Path, tmp_path: Path, secagg: bool
@@ -132,22 +154,9 @@ def test_tiny_federation_in_process_goes_on_despite_a_bad_client(
     from client.client_app import make_client_app
     from server.server_app import make_server_app, run_in_process
 
-    config = {
-        "task": "shared.federated.student_task:make_task",
-        "bundle": str(bundle),
-        "state-dir": str(tmp_path / "state"),
-        "num-rounds": 2,
-        "cohort-size": 6,
-        "min-cohort": 2,
-        "min-available-clients": 6,
-        "eval-size": 0,
-        "eval-fraction": 0.0,
-        "secagg": secagg,
-        "secagg-num-shares": 3,
-        "secagg-reconstruction-threshold": 2,
-        "batch-size": 4,
-    }
-    reports = []
+    extra: dict[str, RunConfigValue] = {"num-rounds": 2, "secagg": secagg}
+    config = _federation_config(bundle, tmp_path, **extra)
+    reports: list[RoundReport] = []
     server = make_server_app(config, on_round_end=reports.append)
     run_in_process(server, make_client_app(config), 6, run_config=config)
     assert [r.server_round for r in reports] == [1, 2]
@@ -302,25 +311,14 @@ def test_federation_with_noise_shares_discards_an_aggregate_of_too_few_contribut
     from client.client_app import make_client_app
     from server.server_app import make_server_app, run_in_process
 
-    config = {
-        "task": "shared.federated.student_task:make_task",
-        "bundle": str(bundle),
-        "state-dir": str(tmp_path / "state"),
-        "num-rounds": 1,
-        "cohort-size": 6,
-        "min-cohort": 2,
-        "min-available-clients": 6,
-        "eval-size": 0,
-        "eval-fraction": 0.0,
+    extra: dict[str, RunConfigValue] = {
         "secagg": True,
-        "secagg-num-shares": 3,
-        "secagg-reconstruction-threshold": 2,
-        "batch-size": 4,
         "noise-shares": shares,
         "server-optimizer": "adam",
         "server-lr": 0.01,
     }
-    reports = []
+    config = _federation_config(bundle, tmp_path, **extra)
+    reports: list[RoundReport] = []
     server = make_server_app(config, on_round_end=reports.append)
     run_in_process(server, make_client_app(config), 6, run_config=config)
     (report,) = reports
