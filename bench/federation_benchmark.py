@@ -98,6 +98,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 #: The no-DP run a variant's DP cost is measured against (same optimiser and rounds).
 BASELINES = {"record-dp-split": "no-dp-fedadam"}
 NO_DP = ("no-dp", "no-dp-fedadam")
+
+
+def _baseline(name: str) -> str:
+    """The no-DP variant ``name``'s DP cost is measured against."""
+    return BASELINES.get(name, "no-dp")
+
+
 TARGETS = {
     "sampled_hr@10": 0.70,
     "full_hr@10": 0.20,
@@ -139,7 +146,7 @@ def _paired(ranks: dict[str, dict[str, CaseRanks]], name: str) -> dict[str, Any]
     own = ranks[name]
     out: dict[str, Any] = {}
     key = "federated/student (federated)"
-    reference = BASELINES.get(name, "no-dp")
+    reference = _baseline(name)
     if name not in NO_DP and reference in ranks:
         base = ranks[reference][key]
         diffs = compare_ranks(own[key], base)
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[str, Any] = {}
     for name, v in variants.items():
         row = v["federated"] or {}
-        base = variants.get(BASELINES.get(name, "no-dp"), {}).get("federated")
+        base = variants.get(_baseline(name), {}).get("federated")
         check: dict[str, Any] = {
             "sampled_hr@10 >= 0.70": row.get("sampled_hr@10", 0) >= TARGETS["sampled_hr@10"],
             "full_hr@10 >= 0.20": row.get("full_hr@10", 0) >= TARGETS["full_hr@10"],
@@ -245,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     for metric in ("sampled_hr@10", "full_hr@10")
                 }
                 for metric, rel in costs.items():
-                    check[f"relative {metric} cost vs {BASELINES.get(name, 'no-dp')}"] = round(
-                        rel, 4
-                    )
+                    check[f"relative {metric} cost vs {_baseline(name)}"] = round(rel, 4)
                 check["dp cost <= 10%"] = max(costs.values()) <= TARGETS["dp_relative_cost"]
         ease = shared_rows.get("fewshot", {}).get("ease fold-in", {})
         adapted = v["fewshot"].get("student (adapted)", {})

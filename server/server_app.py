@@ -55,6 +55,7 @@ from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
 from shared.errors import ConfigError
+from shared.federated.local_config import check_noise_shares
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
 
@@ -195,19 +196,9 @@ class ServerConfig:
                     f"({c}); with user-dp leave it 0 (clients then clip to user-dp-clip)"
                 )
         _ = self.server_optimizer_settings  # validates the server-* values
-        require(self.noise_shares >= 1, "noise-shares", ">= 1", self.noise_shares)
-        if self.noise_shares > 1:
-            if not self.secagg:
-                raise ConfigError(
-                    f"'noise-shares' {self.noise_shares} splits the record-level DP noise over "
-                    "the clients, which only holds when the server sees nothing but their "
-                    "sum: set secagg=true, or noise-shares=1"
-                )
-            if 0 < self.cohort_size < self.noise_shares:
-                raise ConfigError(
-                    f"'noise-shares' ({self.noise_shares}) exceeds 'cohort-size' "
-                    f"({self.cohort_size}); every round's aggregate would be discarded"
-                )
+        check_noise_shares(
+            self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
+        )
         settings = self._secagg_settings()  # validates the secagg-* values
         if self.secagg:
             smallest = self.cohort_size if self.cohort_size > 0 else self.min_cohort

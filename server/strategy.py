@@ -50,6 +50,7 @@ from flwr.server.strategy import FedAvg
 
 from server.server_optimizer import ServerOptimizer, ServerOptimizerSettings
 from shared.errors import ConfigError
+from shared.federated.local_config import check_noise_shares
 from shared.federated.task import (
     CONFIG_SERVER_ROUND,
     CONFIG_UPDATE_CLIP_NORM,
@@ -308,14 +309,9 @@ class ValidatingFedAvg(FedAvg):
         noise_shares: int = 1,
     ) -> None:
         check_float_arrays(initial_parameters, what="initial parameters")
-        if noise_shares < 1:
-            raise ConfigError(f"noise-shares must be >= 1, got {noise_shares}")
-        if noise_shares > 1 and not secure_aggregation:
-            raise ConfigError(
-                f"noise-shares={noise_shares} splits the record-level DP noise over the "
-                "clients, which only holds when the server sees their sum: turn secagg on, "
-                "or set noise-shares=1 (every client adds all the noise)"
-            )
+        check_noise_shares(
+            noise_shares, secure_aggregation=secure_aggregation, cohort_size=cohort_size
+        )
         if user_dp is not None and update_clip_norm != user_dp.settings.clip_norm:
             raise ConfigError(
                 f"user-level DP clips updates to {user_dp.settings.clip_norm}, but "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from server.server_optimizer import ServerOptimizerSettings
 from shared.errors import ConfigError
-from shared.federated.local_config import LocalTrainConfig
+from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
@@ -126,16 +126,9 @@ class SimulationConfig:
             self.server_beta2,
             self.server_tau,
         )
-        if self.noise_shares > 1 and not self.secagg:
-            raise ConfigError(
-                f"noise-shares={self.noise_shares} splits the DP noise over the clients and "
-                "needs secure aggregation: set secagg=true or noise-shares=1"
-            )
-        if self.noise_shares > self.cohort_size:
-            raise ConfigError(
-                f"noise-shares ({self.noise_shares}) exceeds cohort-size ({self.cohort_size}); "
-                "every round's aggregate would be discarded"
-            )
+        check_noise_shares(
+            self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
+        )
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
         # the form only: whether that GPU exists is checked where the clients train

@@ -162,5 +162,5 @@ def test_strategy_steps_with_fedadam_and_checkpoints_its_moments() -> None:
 
 
 def test_strategy_refuses_split_noise_without_secure_aggregation() -> None:
-    with pytest.raises(ConfigError, match="turn secagg on"):
+    with pytest.raises(ConfigError, match="set secagg=true, or noise-shares=1"):
         ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)], noise_shares=3)

@@ -12,7 +12,31 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 
-__all__ = ["LocalTrainConfig"]
+__all__ = ["LocalTrainConfig", "check_noise_shares"]
+
+
+def check_noise_shares(
+    noise_shares: int, *, secure_aggregation: bool | None = None, cohort_size: int = 0
+) -> None:
+    """The rules of ``noise-shares``, wherever it is configured (client, server, simulation):
+    at least 1; above 1 only where the server sees nothing but the secure sum (checked when
+    ``secure_aggregation`` is known) and never above the clients of a round (checked when
+    ``cohort_size`` is a count, > 0), or every aggregate would be discarded."""
+    if noise_shares < 1:
+        raise ConfigError(f"noise-shares must be >= 1, got {noise_shares}")
+    if noise_shares == 1:
+        return
+    if secure_aggregation is False:
+        raise ConfigError(
+            f"'noise-shares' {noise_shares} splits the record-level DP noise over the clients, "
+            "which only holds when the server sees nothing but their sum: set secagg=true, "
+            "or noise-shares=1"
+        )
+    if 0 < cohort_size < noise_shares:
+        raise ConfigError(
+            f"'noise-shares' ({noise_shares}) exceeds 'cohort-size' ({cohort_size}); every "
+            "round's aggregate would be discarded"
+        )
 
 
 @dataclass(frozen=True)
@@ -74,8 +98,7 @@ class LocalTrainConfig:
             )
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if self.noise_shares < 1:
-            raise ConfigError(f"noise-shares must be >= 1, got {self.noise_shares}")
+        check_noise_shares(self.noise_shares)
         if self.noise_shares > 1 and not self.dp:
             raise ConfigError("noise-shares > 1 splits DP noise; it needs dp=true")
         if self.noise_shares > 1 and self.local_epochs != 1:
