@@ -2,7 +2,7 @@
 
 Stages: data and protocol split -> LM item text -> teacher + distilled student (cached) ->
 federated fine-tuning of the student on Flower's simulation engine (SecAgg+, Opacus DP-SGD,
-per-client ledgers and personal adapters on each virtual device's disk) -> evaluation under
+per-client privacy ledgers on each virtual device's disk) -> evaluation under
 ``../shared/PROTOCOL.md`` (baselines, teacher, student before/after federation, the int8
 on-device model, few-shot) -> run directory with ``metrics.jsonl``, TensorBoard logs,
 checkpoints, plots and ``report.md``.
@@ -39,7 +39,7 @@ from shared.eval.protocol import (
 )
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.federated.bundle import ClientData, save_bundle
-from shared.federated.local_training import adapt_personal
+from shared.federated.local_training import fit_personal
 from shared.federated.student_task import set_global_arrays
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.base import ScoreArray
@@ -70,13 +70,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_root()
 
     progress("data", {"dataset": config.dataset})
-    dataset = _load(config)
-    split_cfg = SplitConfig(
-        seed=config.seed,
-        cold_user_fraction=config.cold_user_fraction,
-        public_fraction=config.public_fraction,
-    )
-    split = split_users(dataset, split_cfg)
+    dataset, split = load_split(config)
     progress("text", {"items": dataset.n_items})
     text = encode_items(dataset.item_text, EncoderConfig(show_progress=config.progress))
 
@@ -149,6 +143,20 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
 
 
 # ---------------------------------------------------------------------------- stages
+
+
+def load_split(config: SimulationConfig) -> tuple[RecDataset, ProtocolSplit]:
+    """The run's dataset and its protocol split (a rerun of the same config gets the same)."""
+    dataset = _load(config)
+    split = split_users(
+        dataset,
+        SplitConfig(
+            seed=config.seed,
+            cold_user_fraction=config.cold_user_fraction,
+            public_fraction=config.public_fraction,
+        ),
+    )
+    return dataset, split
 
 
 def _load(config: SimulationConfig) -> RecDataset:
@@ -323,54 +331,12 @@ def _logged_rounds(run: RunDirectory) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- evaluation
 
 
-class PersonalizedStudent:
-    """Scores each federated user with the global model plus that device's own adapter."""
-
-    def __init__(
-        self,
-        model: StudentModel,
-        state_dir: Path,
-        client_of_user: dict[int, int],
-        adapter_init: dict[str, torch.Tensor],
-    ):
-        self.model = model
-        self.state_dir = state_dir
-        self.client_of_user = client_of_user
-        self._users: list[int] = []
-        self._init = adapter_init  # a device that never trained its own adapter
-
-    @property
-    def n_items(self) -> int:
-        return self.model.n_items
-
-    def for_users(self, users: Sequence[int]) -> PersonalizedStudent:
-        self._users = [int(u) for u in users]
-        return self
-
-    def score(self, histories: Sequence[IntArray]) -> ScoreArray:
-        out = np.zeros((len(histories), self.n_items), dtype=np.float32)
-        for row, hist in enumerate(histories):
-            user = self._users[row] if row < len(self._users) else -1
-            self._load_adapter(user)
-            items, mask = pad_histories([hist], self.model.config.max_len)
-            with torch.no_grad():
-                out[row] = self.model(items, mask)[0].numpy()
-        self._users = self._users[len(histories) :]
-        return out
-
-    def _load_adapter(self, user: int) -> None:
-        client = self.client_of_user.get(user)
-        path = self.state_dir / f"client-{client}" / "personal.pt"
-        if client is not None and path.exists():
-            self.model.adapter.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            self.model.adapter.load_state_dict(self._init)
-
-
-class FewShotStudent:
-    """Few-shot adaptation: per cold user, a few steps on a fresh personal adapter from the
-    model's adapter (the identity, or the meta-learned initialization), then score from the
-    support set."""
+class AdaptedStudent:
+    """The global model with a personal adapter fitted, per scored history, the way a device
+    fits its own (:func:`fit_personal`): from ``adapter_init`` (the identity, or the
+    meta-learned initialization), ``steps`` Adam steps on that history, then scored from it.
+    For a federated user the history is their device's (train, plus validation at test);
+    for a cold user it is the few-shot support set."""
 
     def __init__(
         self, model: StudentModel, steps: int, lr: float, adapter_init: dict[str, torch.Tensor]
@@ -386,11 +352,9 @@ class FewShotStudent:
 
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
-        for row, support in enumerate(histories):
-            self.model.adapter.load_state_dict(self._init)
-            adapt_personal(self.model, support, self.steps, self.lr)
-            items, mask = pad_histories([support], self.model.config.max_len)
-            self.model.eval()
+        for row, history in enumerate(histories):
+            fit_personal(self.model, history, self._init, self.steps, self.lr)
+            items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
                 out[row] = self.model(items, mask)[0].numpy()
         return out
@@ -455,16 +419,10 @@ def _evaluate(
         by_pop = split_ranks(model, split, pops, "test", eval_cfg)
         final_results[name] = summarize_each(by_pop, eval_cfg.k)
         ranks[f"federated/{name}"] = by_pop["federated"]
-    users = split.evaluable(split.federated_users)
-    personalized = PersonalizedStudent(
-        copy.deepcopy(final),
-        run.root / "clients",
-        {int(u): i for i, u in enumerate(users)},
-        adapter_init,
+    personalized = AdaptedStudent(final, config.personal_steps, config.personal_lr, adapter_init)
+    personal_ranks = case_ranks(
+        personalized, loo_cases(split, split.federated_users, "test"), eval_cfg
     )
-    cases = loo_cases(split, users, "test")
-    personalized.for_users([c.user for c in cases])
-    personal_ranks = case_ranks(personalized, cases, eval_cfg)
     ranks["federated/student (federated + personal)"] = personal_ranks
     final_results["student (federated + personal)"] = {
         "federated": summarize_ranks(personal_ranks, eval_cfg.k)
@@ -474,7 +432,7 @@ def _evaluate(
             "pop": models["pop"],
             "ease fold-in": models["ease (all)"],
             "student (no adaptation)": models["student (federated)"],
-            "student (adapted)": FewShotStudent(
+            "student (adapted)": AdaptedStudent(
                 final, config.adapt_steps, config.adapt_lr, adapter_init
             ),
         }

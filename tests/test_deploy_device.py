@@ -86,7 +86,8 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     assert fit.metrics["epsilon"] > 0
     files = FederatedFiles(device)
     assert files.global_version() == 2  # round 3 trains from the model of round 2
-    assert files.rounds_joined() == 1 and files.personal.exists()
+    assert files.rounds_joined() == 1
+    assert not files.personal.exists()  # the adapter is the daemon's, fitted when it serves
     assert (device / "privacy" / "ledger.json").exists()  # the device's own ledger
     evaluation = task.evaluate(0, params, {"server-round": 3})  # type: ignore[attr-defined]
     assert evaluation.metrics["epsilon"] == pytest.approx(fit.metrics["epsilon"])
@@ -126,11 +127,16 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         status = daemon.status()
         assert status.model_version == "4+personal" and status.adaptation_pending == 0
         assert files.personal.exists() and learner.adaptations == 1
+        adapter = files.personal.read_bytes()
+        # a new global model: the adapter is refitted against it, not carried over
+        files.write_global(5, [a - 0.25 for a in arrays])
+        _wait_until(lambda: daemon.status().model_version == "5+personal")
+        assert learner.adaptations == 2 and files.personal.read_bytes() != adapter
         # erasing the user's data also erases the adapter fitted on it; the global model
-        # (version 4, not personal) is served again
+        # (version 5, not personal) is served again
         daemon.erase()
         assert not files.personal.exists()
-        _wait_until(lambda: daemon.status().model_version == "4")
+        _wait_until(lambda: daemon.status().model_version == "5")
         learner.stop()
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from server.strategy import RoundReport
 from shared.errors import ConfigError, DataError
 from shared.federated.bundle import ClientData, load_bundle, save_bundle
+from shared.federated.local_training import fit_personal, next_item_examples
 from shared.federated.student_task import (
     StudentTask,
     adapter_names,
@@ -71,12 +73,14 @@ def test_bundle_round_trip(bundle: Path) -> None:
         assert torch.equal(a, b), name
 
 
-def test_fit_trains_global_params_records_privacy_and_keeps_personal(
+def test_fit_trains_global_params_records_privacy_and_leaves_the_adapter(
     bundle: Path, tmp_path: Path
 ) -> None:
     # Prepare
     task = _task(bundle, tmp_path / "state")
     params = task.initial_parameters()
+    with torch.no_grad():  # an adapter left over from another client of this process
+        task.model.adapter.up.weight.fill_(0.5)
     # Execute
     out = task.fit(0, params, {"server-round": 1})
     # Assert
@@ -85,11 +89,47 @@ def test_fit_trains_global_params_records_privacy_and_keeps_personal(
     assert sum(float(np.abs(u).sum()) for u in out.arrays) > 0
     ledger = tmp_path / "state" / "client-0" / "ledger.json"
     assert ledger.exists() and float(out.metrics["epsilon"]) > 0
-    assert (tmp_path / "state" / "client-0" / "personal.pt").exists()
+    # the global model is trained as a newcomer is served it (adapter at the identity), and
+    # the adapter is the serving device's to fit (fit_personal), not the federated round's
+    assert float(task.model.adapter.up.weight.abs().sum()) == 0.0
+    assert not (tmp_path / "state" / "client-0" / "personal.pt").exists()
     # epsilon is cumulative across rounds and across a fresh task (a restart)
     first = float(out.metrics["epsilon"])
     again = _task(bundle, tmp_path / "state").fit(0, params, {"server-round": 2})
     assert float(again.metrics["epsilon"]) > first
+
+
+def _history_loss(model: StudentModel, history: np.ndarray) -> float:
+    items, mask, targets = next_item_examples(history, model.config.max_len)
+    with torch.no_grad():
+        return float(F.cross_entropy(model(items, mask), targets))
+
+
+def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model() -> None:
+    model = _student()
+    model.eval()
+    init = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    global_before = model.global_state_dict()
+    history = _clients().train[0]
+    before = _history_loss(model, history)
+    torch.manual_seed(1)  # dropout is on while fitting
+    fit_personal(model, history, init, steps=20, lr=0.01)
+    fitted = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    assert _history_loss(model, history) < before  # it fits the user's own history
+    for name, value in model.global_state_dict().items():
+        assert torch.equal(value, global_before[name]), name
+    # a stale adapter (fitted against another global model) is not continued: the same
+    # history and global model give the same adapter whatever the adapter held before
+    with torch.no_grad():
+        model.adapter.up.weight.normal_()
+    torch.manual_seed(1)
+    fit_personal(model, history, init, steps=20, lr=0.01)
+    for name, value in model.adapter.state_dict().items():
+        assert torch.allclose(value, fitted[name], atol=1e-6), name
+    # one interaction: nothing to fit, the initialization is served
+    fit_personal(model, history[:1], init, steps=20, lr=0.01)
+    for name, value in model.adapter.state_dict().items():
+        assert torch.equal(value, init[name]), name
 
 
 def test_budget_exhausted_client_declines_also_after_restart(bundle: Path, tmp_path: Path) -> None:
@@ -181,10 +221,6 @@ def test_meta_learning_mode_trains_the_adapter_initialization(bundle: Path, tmp_
     assert [u.shape for u in out.arrays] == [p.shape for p in params]
     # the released update moves the shared initialization of the adapter (Reptile's step)...
     assert sum(float(np.abs(u).sum()) for u in out.arrays[-n_adapter:]) > 0
-    # ... and the device kept its own, adapted from that initialization, on its disk
-    personal = torch.load(tmp_path / "meta" / "client-0" / "personal.pt", weights_only=True)
-    init = dict(zip(adapter_names(task.model), params[-n_adapter:], strict=True))
-    assert not np.allclose(personal["up.weight"].numpy(), init["adapter.up.weight"])
     assert task.evaluate(0, params, {}).num_examples == 1
     with pytest.raises(DataError, match="adapter initialization"):
         task.fit(1, plain, {})  # a plain-mode model sent to a meta-learning client

@@ -6,28 +6,28 @@ Two processes share one device state directory:
 * **The ClientApp** (``flwr-clientapp``, started by the device's SuperNode for every message)
   runs :class:`DeviceStudentTask`: the student task of the simulation, except that its
   training data is this device's event history (read from the encrypted store, mapped through
-  the catalog), its privacy ledger is the device's ledger (``privacy/ledger.json``, what
-  ``/status`` reports and what an erase keeps) and its personal adapter lives in
-  ``federated/personal.pt``. After every fit or evaluate it leaves the global parameters it was
-  sent in ``federated/global.npz`` (with their version: the server round that produced
-  them), and after every fit it counts the round in ``federated/joined.json``. It never writes
-  the store or the sealed models.
+  the catalog) and its privacy ledger is the device's ledger (``privacy/ledger.json``, what
+  ``/status`` reports and what an erase keeps). After every fit or evaluate it leaves the
+  global parameters it was sent in ``federated/global.npz`` (with their version: the server
+  round that produced them), and after every fit it counts the round in
+  ``federated/joined.json``. It never writes the store, the sealed models or the adapter.
 * **The daemon** (``fedrec client start``) runs a :class:`DeviceLearner` thread, the single
-  writer of the sealed model store. It notices a newer ``global.npz``, a grown
-  ``joined.json`` or new local events (debounced), then rebuilds the served model: the bundle's
-  student with the newest global parameters and the personal adapter, after a few-shot
-  adaptation of the adapter on the local history when events arrived; exports it to int8 ONNX
-  and installs it (sealed). ``GET /status`` shows the global version as ``model_version``
-  (``"3"``, or ``"3+personal"`` once the adapter is personal).
+  writer of the sealed model store and of the personal adapter (``federated/personal.pt``).
+  It notices a newer ``global.npz``, a grown ``joined.json`` or new local events (debounced),
+  then rebuilds the served model: the bundle's student with the newest global parameters and
+  a personal adapter **refitted against them** from its initialization on the local history
+  (:func:`~shared.federated.local_training.fit_personal`; an adapter kept from an older
+  global model is stale); exports it to int8 ONNX and installs it (sealed). ``GET /status``
+  shows the global version as ``model_version`` (``"3"``, or ``"3+personal"`` once the
+  adapter is personal).
 
 Why files and not the model artifact the server publishes: the device already receives every
 new global model through Flower (fit and evaluate instructions carry it), over the TLS and
 authenticated channel, so nothing else has to be served, fetched or trusted. The global
 parameters are the aggregate the server sees anyway, so ``global.npz`` is not personal data;
-the personal adapter and the ledger stay on the device. ``personal.pt`` is written by both
-processes under an advisory file lock (``federated/.lock``); each write is atomic, so a crash
-leaves the old or the new adapter.
-"""
+the personal adapter and the ledger stay on the device. The files are written under an
+advisory file lock (``federated/.lock``); each write is atomic, so a crash leaves the old or
+the new file."""
 
 from __future__ import annotations
 
@@ -197,12 +197,11 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
     class DeviceClientState(ClientState):
-        """The device's ledger (``privacy/ledger.json``) and ``federated/personal.pt``."""
+        """The device's own ledger (``privacy/ledger.json``)."""
 
         def __init__(self, layout: DeviceLayout, files: FederatedFiles, budget: PrivacyBudget):
             self.dir = files.directory
             self.ledger = PrivacyLedger.open(layout.ledger, budget)
-            self.personal_path = files.personal
 
     class DeviceStudentTask(StudentTask):
         """:class:`StudentTask` whose only client is this device (see the module docstring)."""
@@ -258,7 +257,8 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             with self._lock:
                 torch.set_num_threads(self.config.num_threads)
                 set_global_arrays(self.model, parameters, self._meta)
-                self.client_state(0).load_personal(self.model, keep_init=self._meta)
+                if not self._meta:
+                    self.model.adapter.reset()  # the global model, as the server selects it
                 self.model.eval()
                 items, mask = pad_histories([context], self.model.config.max_len)
                 device = next(self.model.parameters()).device
@@ -301,9 +301,8 @@ class LearnerConfig:
 
     ``debounce_s``: wait this long after the last new event before adapting (a burst of
     events costs one adaptation). ``poll_s``: how often the ClientApp's files are checked.
-    ``personal_steps`` / ``personal_lr``: the few-shot steps on the personal adapter (their
-    defaults are the federated client's, :class:`LocalTrainConfig`, which were tuned against
-    over-fitting a user's own history).
+    ``personal_steps`` / ``personal_lr``: how the personal adapter is refitted against each
+    served global model (defaults: :class:`LocalTrainConfig`'s, where they were measured).
     """
 
     debounce_s: float = 2.0
@@ -452,10 +451,11 @@ class DeviceLearner:
     # -- the work ----------------------------------------------------------------------------
 
     def refresh(self, *, adapt: bool) -> None:
-        """Rebuild and install the served model (see the module docstring)."""
+        """Rebuild and install the served model (see the module docstring). ``adapt``: new
+        events are being taken in (they are marked consumed once the model is installed)."""
         import torch
 
-        from shared.federated.local_training import adapt_personal
+        from shared.federated.local_training import fit_personal
         from shared.federated.student_task import global_names, set_global_arrays
 
         torch.set_num_threads(self.config.num_threads)
@@ -464,28 +464,28 @@ class DeviceLearner:
         catalog = Catalog(tuple(bundle.item_ids))
         with self.files.lock():
             received = self.files.read_global()
-            version, meta = 0, False
+            version = 0
             student.adapter.reset()
             if received is not None:
                 version, arrays = received
                 # meta-learning runs also carry the adapter's initialization
                 meta = len(arrays) != len(global_names(student))
                 set_global_arrays(student, arrays, meta)
-            personal = self.files.personal
-            if personal.exists():
-                state = torch.load(personal, map_location="cpu", weights_only=True)
-                student.adapter.load_state_dict(state)
+            init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
             pending = self.daemon.store.adaptation_pending()
-            if adapt and self.config.personal_steps > 0:
-                history = np.asarray(self.daemon.history(), dtype=np.int64)
-                if len(history) >= 2:
-                    adapt_personal(
-                        student, history, self.config.personal_steps, self.config.personal_lr
-                    )
-                    buf = io.BytesIO()
-                    torch.save(student.adapter.state_dict(), buf)
-                    write_bytes_atomic(personal, buf.getvalue())
-                    self.adaptations += 1
+            history = np.asarray(self.daemon.history(), dtype=np.int64)
+            personal = self.files.personal
+            if self.config.personal_steps > 0 and len(history) >= 2:
+                # refitted against the global model it will be served with, from the start
+                fit_personal(
+                    student, history, init, self.config.personal_steps, self.config.personal_lr
+                )
+                buf = io.BytesIO()
+                torch.save(student.adapter.state_dict(), buf)
+                write_bytes_atomic(personal, buf.getvalue())
+                self.adaptations += 1
+            else:
+                personal.unlink(missing_ok=True)
             is_personal = personal.exists()
         label = f"{version}+personal" if is_personal else str(version)
         data = export_personal_model(student, catalog.item_ids, label)

@@ -1,27 +1,29 @@
 """The recommender's :class:`~shared.federated.task.FederatedTask`: the distilled student's
 global parameters travel; each client trains them with Opacus DP-SGD on its own sequence,
-keeps its personal adapter and its privacy ledger on disk, and declines once its budget is
-spent.
+keeps its privacy ledger on disk, and declines once its budget is spent.
 
 Run-config keys (kebab-case): ``bundle`` (pretrained bundle path), ``state-dir`` (per-client
-ledgers and personal parameters), ``epsilon-budget``, ``delta``, ``meta-learning``,
-``device``, plus every :class:`~shared.federated.local_config.LocalTrainConfig` key.
+ledgers), ``epsilon-budget``, ``delta``, ``meta-learning``, ``device``, plus every
+:class:`~shared.federated.local_config.LocalTrainConfig` key.
 
-**Two modes.** Plain (default): FedAvg over the global parameters; a new user's personal
-adapter starts at the identity and is fine-tuned locally. **Meta-learning**
-(``meta-learning=true``, Reptile-style; Nichol et al. 2018, Jiang et al. 2019): the
-*initialization* of the personal adapter is also a global parameter. Each client trains it,
-together with the global parameters, from the shared value with DP-SGD (its change is
-released, so it is clipped and noised like the rest), and the server's average of those
-changes is the Reptile step. A new user's adapter then starts from the learned
-initialization instead of the identity, which is what few-shot adaptation benefits from. The
-client's own adapter still never leaves the device: it is adapted after the round, from the
-client's saved adapter (or from the new initialization for a first-time client).
-"""
+**The personal adapter is not trained here.** Fit and evaluate see the global model as a
+device serves it to a newcomer (the adapter at its initialization). A device fits its own
+adapter against the global model it serves, from the initialization, whenever that model or
+its history changes (:func:`~shared.federated.local_training.fit_personal`; the daemon's
+``DeviceLearner``, and the simulation's evaluation): an adapter carried across rounds was
+fitted against an older global model and cost accuracy (``docs/parameters.md``).
+
+**Two modes.** Plain (default): FedAvg (or FedAdam) over the global parameters; the adapter's
+initialization is the identity. **Meta-learning** (``meta-learning=true``, Reptile-style;
+Nichol et al. 2018, Jiang et al. 2019): the *initialization* of the personal adapter is also a
+global parameter. Each client trains it, together with the global parameters, from the shared
+value with DP-SGD (its change is released, so it is clipped and noised like the rest), and the
+server's average of those changes is the Reptile step. A device's adapter then starts from the
+learned initialization instead of the identity, which is what few-shot adaptation benefits
+from."""
 
 from __future__ import annotations
 
-import io
 import math
 import threading
 from collections.abc import Mapping
@@ -39,9 +41,8 @@ from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, load_bundle
 from shared.federated.local_config import LocalTrainConfig
-from shared.federated.local_training import adapt_personal, check_items, train_global_dp
+from shared.federated.local_training import check_items, train_global_dp
 from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
-from shared.io import write_bytes_atomic
 from shared.models.sequence import pad_histories
 from shared.models.student import StudentModel
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
@@ -152,26 +153,11 @@ def set_adapter_arrays(model: StudentModel, arrays: Arrays) -> None:
 
 
 class ClientState:
-    """One client's on-disk state: the privacy ledger and the personal adapter."""
+    """One client's on-disk state: its persistent privacy ledger."""
 
     def __init__(self, root: Path, client_id: int, budget: PrivacyBudget) -> None:
         self.dir = root / f"client-{client_id}"
         self.ledger = PrivacyLedger.open(self.dir / "ledger.json", budget)
-        self.personal_path = self.dir / "personal.pt"
-
-    def load_personal(self, model: StudentModel, keep_init: bool = False) -> None:
-        """Load this client's adapter; a first-time client gets the identity, or with
-        ``keep_init`` whatever the adapter holds now (the meta-learned initialization)."""
-        if self.personal_path.exists():
-            state = torch.load(self.personal_path, map_location="cpu", weights_only=True)
-            model.adapter.load_state_dict(state)
-        elif not keep_init:
-            model.adapter.reset()
-
-    def save_personal(self, model: StudentModel) -> None:
-        buf = io.BytesIO()
-        torch.save(model.adapter.state_dict(), buf)
-        write_bytes_atomic(self.personal_path, buf.getvalue())
 
 
 class StudentTask:
@@ -251,23 +237,14 @@ class StudentTask:
                 except PrivacyBudgetExceededError as err:
                     return FitOutcome.declined(str(err))
             set_global_arrays(self.model, parameters, self._meta)
-            if self._meta:  # Reptile: train the shared adapter initialization too
-                result = train_global_dp(self.model, sequence, train, ("global", "personal"))
-                new = get_global_arrays(self.model, meta=True)
-                # back to this round's initialization: a newcomer's personal start point
-                set_adapter_arrays(self.model, parameters[len(global_names(self.model)) :])
-            else:
-                state.load_personal(self.model)
-                result = train_global_dp(self.model, sequence, train)
+            if not self._meta:
+                self.model.adapter.reset()  # the global model is trained as it is served
+            # Reptile in meta mode: the adapter's initialization is trained and sent too
+            groups = ("global", "personal") if self._meta else ("global",)
+            result = train_global_dp(self.model, sequence, train, groups)
             if train.dp:
                 state.ledger.record(train.noise_multiplier, result.sample_rate, result.steps)
-            if train.personal_steps:
-                if self._meta:  # own adapter, or the round's initialization for a newcomer
-                    state.load_personal(self.model, keep_init=True)
-                adapt_personal(self.model, sequence, train.personal_steps, train.personal_lr)
-                state.save_personal(self.model)
-            if not self._meta:
-                new = get_global_arrays(self.model)
+            new = get_global_arrays(self.model, self._meta)
             update = [
                 n - np.asarray(o, dtype=np.float32) for n, o in zip(new, parameters, strict=True)
             ]
@@ -291,7 +268,8 @@ class StudentTask:
             if target < 0 or len(history) == 0:
                 raise DataError(f"client {client_id} has no validation interaction")
             set_global_arrays(self.model, parameters, self._meta)
-            self.client_state(client_id).load_personal(self.model, keep_init=self._meta)
+            if not self._meta:
+                self.model.adapter.reset()
             self.model.eval()
             items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
