@@ -53,10 +53,9 @@ class LocalTrainConfig:
     device, so it needs no DP). Both are measured, not arbitrary. The rate: on ml-100k (200
     federated users, validation item) 5 steps at 0.05 cut sampled HR@10 from 0.70 to 0.65, at
     0.01 to 0.695, at 0.001 they left it at 0.70; next-item likelihood on a user's own history
-    over-fits the items that are then excluded from their recommendations. The steps, at
-    0.001, on the ml-100k federated users' validation item (sampled / full HR@10 against no
-    adapter, global model after 100 split-noise FedAdam rounds): 20 steps +0.018 / +0.003, 35
-    steps +0.007 / -0.009 (``docs/parameters.md``, "Personal adapters").
+    over-fits the items that are then excluded from their recommendations. The steps: 20 was
+    the best on ml-100k validation without a full-ranking loss, within noise of 5 and 35
+    (``bench/personal_steps.py``; ``docs/parameters.md``, "Personal parameters").
 
     ``noise_shares`` m > 1: distributed DP over secure aggregation. The server sees only the
     SecAgg+ sum of at least m contributions (it discards a smaller aggregate), so each client
