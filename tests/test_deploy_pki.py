@@ -194,6 +194,20 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
         ["server", "register-client", str(junk), "--state-dir", str(tmp_path / "s")],
         ["server", "status", "--state-dir", str(tmp_path / "nothing")],
         ["client", "start", "--state-dir", str(tmp_path / "d")],
+        [
+            "client",
+            "start",
+            "--state-dir",
+            str(tmp_path / "d"),
+            "--server",
+            "127.0.0.1:1",
+            "--root-cert",
+            str(junk),
+            "--bundle",
+            str(junk),
+            "--personal-steps",
+            "-1",
+        ],
     ]
     for args in cases:
         done = subprocess.run([*cmd, *args], capture_output=True, text=True)
@@ -202,6 +216,8 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     missing = subprocess.run([*cmd, *cases[2]], capture_output=True, text=True).stderr
     assert "--server, --root-cert, --bundle" in missing
+    steps = subprocess.run([*cmd, *cases[3]], capture_output=True, text=True).stderr
+    assert "personal-steps must be >= 0" in steps
 
 
 # --------------------------------------------------------------------------- run config

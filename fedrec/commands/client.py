@@ -11,10 +11,12 @@ import typer
 
 from shared.config import parse_run_config
 from shared.errors import ConfigError
+from shared.federated.local_config import LocalTrainConfig
 
 if TYPE_CHECKING:
     from client.device.daemon import DaemonConfig
     from client.device.supernode import SuperNodeOptions
+    from client.device.training import LearnerConfig
 
 app = typer.Typer(
     help="On-device client: identity, encrypted local store, local API.", no_args_is_help=True
@@ -147,7 +149,7 @@ def _run_daemon(
     host: str | None,
     port: int | None,
     federation: SuperNodeOptions | None = None,
-    adapt_debounce: float = 2.0,
+    learner: LearnerConfig | None = None,
 ) -> None:
     from client.device.daemon import Daemon
 
@@ -155,13 +157,11 @@ def _run_daemon(
     daemon = Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env), config=cfg)
     if federation is not None:
         from client.device.supernode import supernode_spec
-        from client.device.training import DeviceLearner, LearnerConfig
+        from client.device.training import DeviceLearner
 
         try:
             daemon.add_process(supernode_spec(daemon.layout, federation))
-            DeviceLearner(
-                daemon, federation.bundle, LearnerConfig(debounce_s=adapt_debounce)
-            ).attach()
+            DeviceLearner(daemon, federation.bundle, learner).attach()
         except BaseException:
             daemon.shutdown()
             raise
@@ -204,9 +204,20 @@ def start(
         float,
         typer.Option(
             "--adapt-debounce",
-            help="Seconds after the last new event before the personal adaptation runs.",
+            help="Seconds after the last new event before the personal adapter is refitted.",
         ),
     ] = 2.0,
+    personal_steps: Annotated[
+        int,
+        typer.Option(
+            "--personal-steps",
+            help="Adam steps that refit the personal adapter against each served global model "
+            "(0: serve the global model as it is).",
+        ),
+    ] = LocalTrainConfig.personal_steps,
+    personal_lr: Annotated[
+        float, typer.Option("--personal-lr", help="Learning rate of those steps.")
+    ] = LocalTrainConfig.personal_lr,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
@@ -220,6 +231,7 @@ def start(
     the SuperNode logs to STATE_DIR/logs/supernode.log.
     """
     from client.device.supernode import SuperNodeOptions
+    from client.device.training import LearnerConfig
 
     missing = [
         flag
@@ -234,10 +246,13 @@ def start(
             "local API alone"
         )
     assert server is not None and root_cert is not None and bundle is not None
+    learner = LearnerConfig(
+        debounce_s=adapt_debounce, personal_steps=personal_steps, personal_lr=personal_lr
+    )
     options = SuperNodeOptions(
         server=server, root_cert=root_cert, bundle=bundle, runtime_port=supernode_port
     )
-    _run_daemon(state_dir, passphrase_env, config, host, port, options, adapt_debounce)
+    _run_daemon(state_dir, passphrase_env, config, host, port, options, learner)
 
 
 @app.command("serve-api")
