@@ -53,7 +53,6 @@ def main() -> None:
         raise ConfigError(f"{args.run} has no checkpoint; run `fedrec simulate` to the end first")
     _, split = load_split(config)
     model = load_bundle(args.run / "bundle.pt").student
-    model.adapter.reset()
     set_global_arrays(model, checkpoint.parameters, config.meta_learning)
     init = copy.deepcopy(model.adapter.state_dict())  # identity, or the meta-learned start
     eval_cfg = EvalConfig(seed=config.seed)

@@ -102,7 +102,6 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     progress("federate", {"clients": len(clients), "rounds": config.rounds})
     federation = _federate(config, run, bundle_path, len(clients), progress)
     final_model = copy.deepcopy(initial).cpu()
-    final_model.adapter.reset()
     set_global_arrays(final_model, federation["parameters"], config.meta_learning)
     # a new user's adapter starts here: the meta-learned initialization, or the identity
     adapter_init = copy.deepcopy(final_model.adapter.state_dict())

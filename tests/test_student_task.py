@@ -20,6 +20,7 @@ from shared.federated.student_task import (
     adapter_names,
     get_global_arrays,
     resolve_device,
+    set_global_arrays,
 )
 from shared.federated.task import FitStatus, RunConfigValue
 from shared.models.student import StudentConfig, StudentModel
@@ -97,6 +98,18 @@ def test_fit_trains_global_params_records_privacy_and_leaves_the_adapter(
     first = float(out.metrics["epsilon"])
     again = _task(bundle, tmp_path / "state").fit(0, params, {"server-round": 2})
     assert float(again.metrics["epsilon"]) > first
+
+
+def test_set_global_arrays_leaves_the_adapter_at_its_initialization() -> None:
+    model = _student()
+    plain = get_global_arrays(model)
+    with torch.no_grad():
+        model.adapter.up.weight.fill_(0.5)  # a personal adapter fitted earlier
+    set_global_arrays(model, plain)
+    assert float(model.adapter.up.weight.abs().sum()) == 0.0  # plain mode: the identity
+    carried = [np.full(a.shape, 0.25, np.float32) for a in get_global_arrays(model, meta=True)]
+    set_global_arrays(model, [*plain, *carried[len(plain) :]], meta=True)
+    assert torch.all(model.adapter.up.weight == 0.25)  # meta: the carried initialization
 
 
 def _history_loss(model: StudentModel, history: np.ndarray) -> float:

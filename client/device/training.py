@@ -257,8 +257,6 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             with self._lock:
                 torch.set_num_threads(self.config.num_threads)
                 set_global_arrays(self.model, parameters, self._meta)
-                if not self._meta:
-                    self.model.adapter.reset()  # the global model, as the server selects it
                 self.model.eval()
                 items, mask = pad_histories([context], self.model.config.max_len)
                 device = next(self.model.parameters()).device
@@ -465,8 +463,9 @@ class DeviceLearner:
         with self.files.lock():
             received = self.files.read_global()
             version = 0
-            student.adapter.reset()
-            if received is not None:
+            if received is None:  # no global model yet: the bundle's, as a newcomer gets it
+                student.adapter.reset()
+            else:
                 version, arrays = received
                 # meta-learning runs also carry the adapter's initialization
                 meta = len(arrays) != len(global_names(student))

@@ -117,8 +117,10 @@ def get_global_arrays(model: StudentModel, meta: bool = False) -> Arrays:
 
 
 def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -> None:
-    """Inverse of :func:`get_global_arrays`; with ``meta`` the adapter is set to the
-    initialization carried at the end."""
+    """Inverse of :func:`get_global_arrays`, leaving the model as a newcomer is served it:
+    the adapter at its initialization, i.e. the one carried at the end with ``meta``, else the
+    identity (a personal adapter is fitted afterwards, against these parameters, by
+    :func:`~shared.federated.local_training.fit_personal`)."""
     names = global_names(model)
     extra = adapter_names(model) if meta else []
     if len(arrays) != len(names) + len(extra):
@@ -135,6 +137,8 @@ def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -
     )
     if meta:
         set_adapter_arrays(model, arrays[len(names) :])
+    else:
+        model.adapter.reset()
 
 
 def set_adapter_arrays(model: StudentModel, arrays: Arrays) -> None:
@@ -236,9 +240,8 @@ class StudentTask:
                     state.ledger.check(Spend(train.noise_multiplier, q, steps))
                 except PrivacyBudgetExceededError as err:
                     return FitOutcome.declined(str(err))
+            # the global model is trained as a newcomer is served it (adapter at its start)
             set_global_arrays(self.model, parameters, self._meta)
-            if not self._meta:
-                self.model.adapter.reset()  # the global model is trained as it is served
             # Reptile in meta mode: the adapter's initialization is trained and sent too
             groups = ("global", "personal") if self._meta else ("global",)
             result = train_global_dp(self.model, sequence, train, groups)
@@ -268,8 +271,6 @@ class StudentTask:
             if target < 0 or len(history) == 0:
                 raise DataError(f"client {client_id} has no validation interaction")
             set_global_arrays(self.model, parameters, self._meta)
-            if not self._meta:
-                self.model.adapter.reset()
             self.model.eval()
             items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
