@@ -64,6 +64,16 @@ class ServerOptimizerSettings:
         if not (self.tau > 0 and math.isfinite(self.tau)):
             raise ConfigError(f"'server-tau' must be a finite number > 0, got {self.tau!r}")
 
+    def run_config(self) -> dict[str, str | float]:
+        """These settings as the ``server-*`` run-config keys the server's config reads."""
+        return {
+            "server-optimizer": self.kind,
+            "server-lr": self.lr,
+            "server-beta1": self.beta1,
+            "server-beta2": self.beta2,
+            "server-tau": self.tau,
+        }
+
 
 def _encode(array: npt.NDArray[np.float64]) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype="<f8").tobytes()).decode("ascii")

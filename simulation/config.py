@@ -119,13 +119,7 @@ class SimulationConfig:
                 f"got {self.teacher_id_init!r}"
             )
         self.local_train_config()  # the client-training knobs, checked where they are defined
-        ServerOptimizerSettings(
-            self.server_optimizer,
-            self.server_lr,
-            self.server_beta1,
-            self.server_beta2,
-            self.server_tau,
-        )
+        self.server_optimizer_settings()
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
@@ -134,6 +128,16 @@ class SimulationConfig:
         # the form only: whether that GPU exists is checked where the clients train
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def server_optimizer_settings(self) -> ServerOptimizerSettings:
+        """The server's optimiser in this simulation (validated where it is defined)."""
+        return ServerOptimizerSettings(
+            kind=self.server_optimizer,
+            lr=self.server_lr,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            tau=self.server_tau,
+        )
 
     def local_train_config(self) -> LocalTrainConfig:
         """How a client trains in this simulation (validated by :class:`LocalTrainConfig`)."""

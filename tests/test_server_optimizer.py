@@ -111,6 +111,9 @@ def test_server_config_reads_the_optimiser_and_noise_shares() -> None:
     )
     assert config.server_optimizer_settings == ServerOptimizerSettings("adam", lr=0.003)
     assert config.noise_shares == 4
+    # the run-config keys the settings write are the ones the server's config reads back
+    settings = ServerOptimizerSettings("adam", lr=0.02, beta1=0.5, beta2=0.75, tau=0.01)
+    assert ServerConfig.from_run_config(settings.run_config()).server_optimizer_settings == settings
     # the split noise bounds a record's share of the mean only with uniform weights
     assert config.secagg_settings is not None and config.secagg_settings.max_weight == 1.0
     with pytest.raises(ConfigError, match="did you mean 'server-optimizer'"):
