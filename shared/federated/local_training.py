@@ -163,19 +163,31 @@ def train_global_dp(
     )
 
 
-def adapt_personal(
-    model: StudentModel, support: IntArray, steps: int, lr: float, max_examples: int = 256
+def fit_personal(
+    model: StudentModel,
+    history: IntArray,
+    init: Mapping[str, torch.Tensor],
+    steps: int,
+    lr: float,
+    max_examples: int = 256,
 ) -> float:
-    """A few full-batch steps on the personal adapter only (few-shot adaptation).
+    """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
+    (the identity, or the meta-learned initialization), then ``steps`` full-batch Adam steps
+    on the adapter alone, each interaction of ``history`` predicted from the ones before it.
+    With fewer than 2 interactions there is nothing to fit and ``init`` is served. Returns the
+    last loss (NaN if nothing was trained).
 
-    With at least 2 interactions each one is predicted from the ones before it; with fewer
-    there is nothing to fit and the global model is used as is. Returns the last loss (NaN if
-    nothing was trained).
+    A device calls this whenever the global model it serves changes, never continuing an
+    adapter fitted against an older one: adapters kept across rounds (each fitted for a few
+    steps against the global model of the round its device last trained) cost the served
+    model up to 0.022 full HR@10 on ml-100k; refitted ones cost nothing (``docs/parameters.md``,
+    section 4).
     """
-    if steps <= 0 or len(support) < 2:
+    model.adapter.load_state_dict(init)
+    if steps <= 0 or len(history) < 2:
         return math.nan
-    check_items(support, model.n_items)
-    items, mask, targets = next_item_examples(support, model.config.max_len, max_examples)
+    check_items(history, model.n_items)
+    items, mask, targets = next_item_examples(history, model.config.max_len, max_examples)
     device = model_device(model)
     items, mask, targets = items.to(device), mask.to(device), targets.to(device)
     model.set_trainable(["personal"])
@@ -191,24 +203,3 @@ def adapt_personal(
     model.eval()
     model.set_trainable(["global"])
     return float(loss.detach())
-
-
-def fit_personal(
-    model: StudentModel,
-    history: IntArray,
-    init: Mapping[str, torch.Tensor],
-    steps: int,
-    lr: float,
-) -> float:
-    """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
-    (the identity, or the meta-learned initialization), then :func:`adapt_personal` on
-    ``history``. Returns the last loss (NaN if nothing was trained).
-
-    A device calls this whenever the global model it serves changes, never continuing an
-    adapter fitted against an older one: adapters kept across rounds (each fitted for a few
-    steps against the global model of the round its device last trained) cost the served
-    model up to 0.022 full HR@10 on ml-100k; refitted ones cost nothing (``docs/parameters.md``,
-    section 4).
-    """
-    model.adapter.load_state_dict(init)
-    return adapt_personal(model, history, steps, lr)
