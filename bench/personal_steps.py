@@ -23,7 +23,6 @@ import torch
 
 from server.checkpoint import CheckpointStore
 from shared.config import from_flat
-from shared.errors import ConfigError
 from shared.eval.compare import compare_ranks
 from shared.eval.protocol import EvalConfig, case_ranks, loo_cases, summarize_ranks
 from shared.federated.bundle import load_bundle
@@ -39,6 +38,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--data-dir", default=None, help="override the run's dataset folder")
     args = parser.parse_args()
+    if any(k < 0 for k in args.steps) or not args.lr > 0:
+        parser.error("--steps must be >= 0 and --lr > 0")
+    if not (args.run / "config.json").is_file():
+        parser.error(f"{args.run} is not a `fedrec simulate` run directory (no config.json)")
     if 0 not in args.steps:
         args.steps = [0, *args.steps]  # the reference every difference is taken against
 
@@ -50,7 +53,7 @@ def main() -> None:
     config = from_flat(SimulationConfig, sim)
     checkpoint = CheckpointStore(args.run / "checkpoints").latest()
     if checkpoint is None:
-        raise ConfigError(f"{args.run} has no checkpoint; run `fedrec simulate` to the end first")
+        parser.error(f"{args.run} has no checkpoint; run `fedrec simulate` to the end first")
     _, split = load_split(config)
     model = load_bundle(args.run / "bundle.pt").student
     set_global_arrays(model, checkpoint.parameters, config.meta_learning)
