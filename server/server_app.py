@@ -230,13 +230,7 @@ class ServerConfig:
     @property
     def server_optimizer_settings(self) -> ServerOptimizerSettings:
         """The ``server-*`` settings as the optimiser's typed config (validated)."""
-        return ServerOptimizerSettings(
-            kind=self.server_optimizer,
-            lr=self.server_lr,
-            beta1=self.server_beta1,
-            beta2=self.server_beta2,
-            tau=self.server_tau,
-        )
+        return ServerOptimizerSettings.of(self)
 
     @property
     def effective_clip_norm(self) -> float:

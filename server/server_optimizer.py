@@ -64,6 +64,19 @@ class ServerOptimizerSettings:
         if not (self.tau > 0 and math.isfinite(self.tau)):
             raise ConfigError(f"'server-tau' must be a finite number > 0, got {self.tau!r}")
 
+    @classmethod
+    def of(cls, config: Any) -> ServerOptimizerSettings:
+        """The settings held by a config's ``server_*`` fields (the server's config, the
+        simulation's): ``server_optimizer``, ``server_lr``, ``server_beta1``,
+        ``server_beta2``, ``server_tau``."""
+        return cls(
+            kind=config.server_optimizer,
+            lr=config.server_lr,
+            beta1=config.server_beta1,
+            beta2=config.server_beta2,
+            tau=config.server_tau,
+        )
+
     def run_config(self) -> dict[str, str | float]:
         """These settings as the ``server-*`` run-config keys the server's config reads."""
         return {

@@ -131,13 +131,7 @@ class SimulationConfig:
 
     def server_optimizer_settings(self) -> ServerOptimizerSettings:
         """The server's optimiser in this simulation (validated where it is defined)."""
-        return ServerOptimizerSettings(
-            kind=self.server_optimizer,
-            lr=self.server_lr,
-            beta1=self.server_beta1,
-            beta2=self.server_beta2,
-            tau=self.server_tau,
-        )
+        return ServerOptimizerSettings.of(self)
 
     def local_train_config(self) -> LocalTrainConfig:
         """How a client trains in this simulation (validated by :class:`LocalTrainConfig`)."""
