@@ -41,7 +41,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from client.client_app import make_client_app
-from server.grid import DelegatingGrid
+from server.grid import DelegatingGrid, ResponsiveGrid
 from server.secagg import run_rounds
 from server.server_app import (
     ServerConfig,
@@ -67,11 +67,9 @@ class CallLog:
 class TimingGrid(DelegatingGrid):
     """Delegating ``Grid`` that records how long each ``send_and_receive`` takes."""
 
-    def __init__(self, inner: Grid, log: CallLog, pull_interval: float | None) -> None:
+    def __init__(self, inner: Grid, log: CallLog) -> None:
         super().__init__(inner)
         self._log = log
-        if pull_interval is not None and hasattr(inner, "pull_interval"):
-            inner.pull_interval = pull_interval
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -88,7 +86,6 @@ def make_bench_server_app(
     run_config: Mapping[str, RunConfigValue],
     reports: list[RoundReport],
     call_log: CallLog,
-    pull_interval: float | None,
 ) -> ServerApp:
     """Same wiring as ``server.server_app.make_server_app``, plus a timing grid."""
     app = ServerApp()
@@ -99,7 +96,7 @@ def make_bench_server_app(
         task = get_task(config.task, run_config)
         strategy = build_strategy(config, task.initial_parameters())
         run_rounds(
-            TimingGrid(grid, call_log, pull_interval),
+            TimingGrid(ResponsiveGrid(grid), call_log),
             context,
             strategy=strategy,
             num_rounds=config.num_rounds,
@@ -134,7 +131,7 @@ def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) 
         run_config.update({"bundle": str(args.bundle), "state-dir": state, "dp": args.dp})
     reports: list[RoundReport] = []
     call_log = CallLog()
-    server_app = make_bench_server_app(run_config, reports, call_log, args.pull_interval)
+    server_app = make_bench_server_app(run_config, reports, call_log)
     client_app = make_client_app(run_config)
     started = time.perf_counter()
     if runtime == "ray":
@@ -194,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus-per-client", type=float, default=1.0)
     parser.add_argument("--ray-num-cpus", type=int, default=None)
     parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--pull-interval", type=float, default=None, help="InMemoryGrid poll (s)")
     parser.add_argument("--workers", type=int, default=8, help="in-process thread pool size")
     parser.add_argument("--num-shares", type=int, default=5)
     parser.add_argument("--threshold", type=int, default=3)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.grid import DelegatingGrid
 from server.server_app import make_server_app
 from server.strategy import RoundReport
 
@@ -67,34 +65,6 @@ def _finite(value: object) -> object:
     return str(value)
 
 
-class ResponsiveGrid(DelegatingGrid):
-    """Delegating ``Grid`` whose ``send_and_receive`` polls for replies every ``poll_s``.
-
-    Flower 1.42's deployment grid sleeps 3 s between pulls, which adds up to 3 s to every
-    stage of a round (SecAgg+ has four, plus evaluation). Pulling more often changes no
-    semantics: the same push, the same pulls, the same timeout.
-    """
-
-    def __init__(self, inner: Grid, poll_s: float = 0.25) -> None:
-        super().__init__(inner)
-        self._poll_s = poll_s
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            for reply in self.pull_messages(pending):
-                replies.append(reply)
-                pending.discard(reply.metadata.reply_to_message_id)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self._poll_s)
-        return replies
-
-
 app = ServerApp()
 
 
@@ -122,4 +92,4 @@ def main(grid: Grid, context: Context) -> None:
         state=context.state,
         run_config=run_config,
     )
-    inner(ResponsiveGrid(grid), inner_context)
+    inner(grid, inner_context)

@@ -16,10 +16,16 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
   FedAvg; this wrapper only engages it when the record is present, which lets a single
   ``ClientApp`` serve both modes. It also makes the client report weight 1 when the
   round config asks for uniform weights (user-level DP).
+* :func:`use_inline_secret_sharing` - Flower 1.42's Shamir helpers start a thread pool on
+  every call (for 2 to 20 chunks of pure-Python work the GIL serializes anyway; in a
+  busy server each thread start waits for the GIL) and reconstruct bit by bit: 0.3 s
+  per round to recover 50 seeds. The workflow and the client mod use
+  :mod:`server.shamir`'s equivalents instead, which share Flower's byte layout.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Iterable
@@ -33,6 +39,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import NDArrays, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import LegacyContext, SimpleClientManager
@@ -41,11 +48,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
+from flwr.server.workflow.secure_aggregation import secaggplus_workflow as _flwr_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.supercore.run import RunNotRunningException
 
 from server.grid import DelegatingGrid
+from server.shamir import combine_shares, create_shares
 from server.strategy import (
     CONFIG_UNIFORM_WEIGHT,
     FitRoundStats,
@@ -63,6 +72,20 @@ SECAGG_RECORD = RECORD_KEY_CONFIGS
 FITRES_METRICS = "fitres.metrics"
 FITRES_NUM_EXAMPLES = "fitres.num_examples"
 FITINS_CONFIG = "fitins.config"
+# The package re-exports the mod function under its module's name: import the module.
+_flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+
+
+def use_inline_secret_sharing() -> None:
+    """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares` and
+    :func:`combine_shares` (idempotent; a Flower whose modules no longer hold its own
+    helpers under these names is left alone)."""
+    for module, name, replacement in (
+        (_flwr_workflow, "combine_shares", combine_shares),
+        (_flwr_client_mod, "create_shares", create_shares),
+    ):
+        if getattr(module, name, None) is getattr(_flwr_shamir, name):
+            setattr(module, name, replacement)
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,7 @@ class SecAggSettings:
 
     def workflow(self) -> SecAggPlusWorkflow:
         """The Flower fit workflow implementing SecAgg+ with these settings."""
+        use_inline_secret_sharing()
         return EarlyDropoutTolerantSecAggPlusWorkflow(
             num_shares=self.num_shares,
             reconstruction_threshold=self.reconstruction_threshold,
@@ -342,6 +366,7 @@ def secaggplus_when_requested_mod(
     ):
         return call_next(msg, ctxt)
     stage = str(msg.content.config_records[SECAGG_RECORD].get(Key.STAGE, "?"))
+    use_inline_secret_sharing()
     inner_errors: list[Message] = []
 
     def guarded_next(inner_msg: Message, inner_ctxt: Context) -> Message:

@@ -51,6 +51,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpoint import ArtifactPublisher, Checkpoint, CheckpointStore
+from server.grid import ResponsiveGrid
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
@@ -571,7 +572,7 @@ def _run_server(
                 raise StopTraining(why)
 
     run_rounds(
-        grid,
+        ResponsiveGrid(grid),
         context,
         strategy=strategy,
         num_rounds=remaining,

@@ -306,7 +306,7 @@ def test_responsive_grid_returns_replies_as_they_arrive_and_honours_the_timeout(
     from types import SimpleNamespace
     from typing import Any
 
-    from server.deploy_app import ResponsiveGrid
+    from server.grid import ResponsiveGrid
 
     class Slow:
         """Replies to message i after i+1 pulls; never to 'silent'."""
@@ -323,7 +323,7 @@ def test_responsive_grid_returns_replies_as_they_arrive_and_honours_the_timeout(
             return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
 
     inner = Slow()
-    grid = ResponsiveGrid(inner, poll_s=0.01)  # type: ignore[arg-type]
+    grid = ResponsiveGrid(inner, min_poll_s=0.01, max_poll_s=0.01)  # type: ignore[arg-type]
     replies = list(grid.send_and_receive(["0", "1", "2"], timeout=5))
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
     assert inner.pulls == 3
@@ -331,3 +331,67 @@ def test_responsive_grid_returns_replies_as_they_arrive_and_honours_the_timeout(
     partial = list(grid.send_and_receive(["0", "silent"], timeout=0.2))
     assert [r.metadata.reply_to_message_id for r in partial] == ["0"]
     assert 0.2 <= time.monotonic() - started < 2
+
+
+def test_responsive_grid_backs_off_while_waiting_and_polls_fast_after_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    import server.grid
+    from server.grid import ResponsiveGrid
+
+    class Clock:
+        """Virtual time: sleeping advances it, nothing else does."""
+
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    clock = Clock()
+    monkeypatch.setattr(server.grid, "time", clock)
+
+    class Timed:
+        """Reply i lands at ready[i] seconds after the push."""
+
+        def __init__(self, ready: dict[str, float]) -> None:
+            self.ready, self.pulls, self.pushed = ready, 0, 0.0
+
+        def push_messages(self, messages: Any) -> list[str]:
+            self.pushed = clock.now
+            return list(messages)
+
+        def pull_messages(self, ids: Any) -> list[Any]:
+            self.pulls += 1
+            return [
+                SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                for i in ids
+                if self.ready[i] <= clock.now - self.pushed
+            ]
+
+    slow = Timed({"a": 6.0})
+    grid = ResponsiveGrid(slow, min_poll_s=0.01, max_poll_s=1.0)  # type: ignore[arg-type]
+    assert len(list(grid.send_and_receive(["a"], timeout=60))) == 1
+    assert 6.0 <= clock.now < 7.0  # seen at most one max wait late
+    assert slow.pulls <= 15  # waits 0.01, 0.02, ..., 0.64, then 1 s: a fixed poll pulls 600x
+
+    clock.now = 0.0
+    spread = Timed({"a": 0.5, "c": 3.0})
+    grid = ResponsiveGrid(spread, min_poll_s=0.01, max_poll_s=2.0)  # type: ignore[arg-type]
+    assert len(list(grid.send_and_receive(["a", "c"], timeout=60))) == 2
+    # seeing "a" at 0.63 s resets the wait: "c" is seen at 3.19 s; had the wait kept
+    # doubling from the push, the pulls would fall at 2.55 s and 4.55 s
+    assert 3.0 <= clock.now < 3.5
+
+    clock.now = 0.0
+    silent = Timed({"a": 0.0, "b": 100.0})
+    grid = ResponsiveGrid(silent, min_poll_s=0.01, max_poll_s=2.0)  # type: ignore[arg-type]
+    assert len(list(grid.send_and_receive(["a", "b"], timeout=5))) == 1
+    assert clock.now == pytest.approx(5.0)  # the last wait is cut to the deadline
+    with pytest.raises(ValueError, match="min_poll_s"):
+        ResponsiveGrid(spread, min_poll_s=0.5, max_poll_s=0.1)  # type: ignore[arg-type]
