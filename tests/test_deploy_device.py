@@ -64,6 +64,8 @@ def _device_task(device: Path, bundle: Path) -> object:
         "bundle": "/server/only/bundle.pt",
         "state-dir": "/server/only/state",
         "batch-size": 4,
+        "personal-steps": 7,
+        "personal-lr": 0.02,
     }
     run_config = deployment_run_config(
         server_side, {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
@@ -86,6 +88,7 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     assert fit.metrics["epsilon"] > 0
     files = FederatedFiles(device)
     assert files.global_version() == 2  # round 3 trains from the model of round 2
+    assert files.read_personal_fit() == (7, 0.02)  # the federation's, for the daemon's refit
     assert files.rounds_joined() == 1
     assert not files.personal.exists()  # the adapter is the daemon's, fitted when it serves
     assert (device / "privacy" / "ledger.json").exists()  # the device's own ledger
@@ -132,11 +135,17 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         files.write_global(5, [a - 0.25 for a in arrays])
         _wait_until(lambda: daemon.status().model_version == "5+personal")
         assert learner.adaptations == 2 and files.personal.read_bytes() != adapter
+        # the federation's run config turns the refit off (personal-steps = 0)
+        files.write_global(6, arrays, personal_fit=(0, 0.001))
+        _wait_until(lambda: daemon.status().model_version == "6")
+        assert learner.adaptations == 2 and not files.personal.exists()
+        files.write_global(7, arrays, personal_fit=(3, 0.001))
+        _wait_until(lambda: daemon.status().model_version == "7+personal")
         # erasing the user's data also erases the adapter fitted on it; the global model
-        # (version 5, not personal) is served again
+        # (version 7, not personal) is served again
         daemon.erase()
         assert not files.personal.exists()
-        _wait_until(lambda: daemon.status().model_version == "5")
+        _wait_until(lambda: daemon.status().model_version == "7")
         learner.stop()
 
 
@@ -192,11 +201,13 @@ def test_supernode_options_are_checked(
         SuperNodeOptions(server=server, root_cert=paths[root], bundle=bundle)
 
 
-def test_learner_adapts_like_the_federated_client() -> None:
+def test_learner_refits_with_its_flags_else_the_federations_else_the_defaults() -> None:
     from shared.federated.local_config import LocalTrainConfig
 
-    train, learner = LocalTrainConfig(), LearnerConfig()
-    assert (learner.personal_steps, learner.personal_lr) == (
-        train.personal_steps,
-        train.personal_lr,
-    )
+    train = LocalTrainConfig()
+    assert LearnerConfig().personal_fit(None) == (train.personal_steps, train.personal_lr)
+    assert LearnerConfig().personal_fit((7, 0.02)) == (7, 0.02)
+    assert LearnerConfig(personal_steps=0).personal_fit((7, 0.02)) == (0, 0.02)
+    assert LearnerConfig(personal_lr=0.5).personal_fit(None) == (train.personal_steps, 0.5)
+    with pytest.raises(ConfigError, match="personal-steps must be >= 0"):
+        LearnerConfig(personal_steps=-1)

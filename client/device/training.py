@@ -107,6 +107,20 @@ class FederatedFiles:
         loaded = self.read_global(arrays=False)
         return loaded[0] if loaded is not None else None
 
+    def read_personal_fit(self) -> tuple[int, float] | None:
+        """``(personal_steps, personal_lr)`` of the federation that sent the newest global
+        model (its run config), or ``None`` (no model yet, or one kept by an older version)."""
+        try:
+            with np.load(self.global_params, allow_pickle=False) as data:
+                if "personal_steps" not in data or "personal_lr" not in data:
+                    return None
+                return int(data["personal_steps"]), float(data["personal_lr"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("unreadable %s (%s)", self.global_params, exc)
+            return None
+
     def read_global(self, *, arrays: bool = True) -> tuple[int, list[npt.NDArray[Any]]] | None:
         """``(version, arrays)`` of the newest global model received, or ``None``."""
         try:
@@ -123,8 +137,11 @@ class FederatedFiles:
             return None
         return version, out
 
-    def write_global(self, version: int, arrays: Arrays) -> bool:
-        """Keep ``arrays`` as global model ``version`` unless a newer one is already kept."""
+    def write_global(
+        self, version: int, arrays: Arrays, personal_fit: tuple[int, float] | None = None
+    ) -> bool:
+        """Keep ``arrays`` as global model ``version`` unless a newer one is already kept,
+        with the federation's ``(personal_steps, personal_lr)`` for the daemon's refit."""
         current = self.global_version()
         if current is not None and current >= version:
             return False
@@ -134,6 +151,9 @@ class FederatedFiles:
         }
         named["version"] = np.asarray(version, dtype=np.int64)
         named["count"] = np.asarray(len(arrays), dtype=np.int64)
+        if personal_fit is not None:
+            named["personal_steps"] = np.asarray(personal_fit[0], dtype=np.int64)
+            named["personal_lr"] = np.asarray(personal_fit[1], dtype=np.float64)
         np.savez(buf, allow_pickle=False, **named)
         write_bytes_atomic(self.global_params, buf.getvalue())
         return True
@@ -223,12 +243,17 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         def client_state(self, client_id: int) -> ClientState:
             return DeviceClientState(self.layout, self.files, self._budget)
 
+        def _keep_global(self, version: int, parameters: Arrays) -> None:
+            train = self.train_config
+            fit = (train.personal_steps, train.personal_lr)
+            self.files.write_global(version, parameters, personal_fit=fit)
+
         def fit(
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
         ) -> FitOutcome:
             server_round = _round_of(config)
             with self.files.lock():
-                self.files.write_global(max(server_round - 1, 0), parameters)
+                self._keep_global(max(server_round - 1, 0), parameters)
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
                     self.files.add_round_joined(server_round)
@@ -238,7 +263,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
         ) -> EvalOutcome:
             with self.files.lock():
-                self.files.write_global(_round_of(config), parameters)
+                self._keep_global(_round_of(config), parameters)
             return self._evaluate_local(parameters)
 
         def _evaluate_local(self, parameters: Arrays) -> EvalOutcome:
@@ -300,20 +325,34 @@ class LearnerConfig:
     ``debounce_s``: wait this long after the last new event before adapting (a burst of
     events costs one adaptation). ``poll_s``: how often the ClientApp's files are checked.
     ``personal_steps`` / ``personal_lr``: how the personal adapter is refitted against each
-    served global model (defaults: :class:`LocalTrainConfig`'s, where they were measured).
+    served global model. ``None`` follows the federation: the values of the run config that
+    came with the newest global model (``personal-steps`` / ``personal-lr``), or
+    :class:`LocalTrainConfig`'s defaults (where they were measured) before any model came.
+    A value set here overrides the federation's on this device.
     """
 
     debounce_s: float = 2.0
     poll_s: float = 0.5
-    personal_steps: int = LocalTrainConfig.personal_steps
-    personal_lr: float = LocalTrainConfig.personal_lr
+    personal_steps: int | None = None
+    personal_lr: float | None = None
     num_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.debounce_s < 0 or not self.poll_s > 0:
             raise ConfigError("debounce-s must be >= 0 and poll-s > 0")
-        if self.personal_steps < 0 or not self.personal_lr > 0:
+        if (self.personal_steps is not None and self.personal_steps < 0) or (
+            self.personal_lr is not None and not self.personal_lr > 0
+        ):
             raise ConfigError("personal-steps must be >= 0 and personal-lr > 0")
+
+    def personal_fit(self, federation: tuple[int, float] | None) -> tuple[int, float]:
+        """The ``(steps, lr)`` to refit with: this config's, else the federation's, else
+        the defaults."""
+        steps, lr = federation or (LocalTrainConfig.personal_steps, LocalTrainConfig.personal_lr)
+        return (
+            steps if self.personal_steps is None else self.personal_steps,
+            lr if self.personal_lr is None else self.personal_lr,
+        )
 
 
 def export_personal_model(student: StudentModel, item_ids: tuple[str, ...], version: str) -> bytes:
@@ -474,11 +513,10 @@ class DeviceLearner:
             pending = self.daemon.store.adaptation_pending()
             history = np.asarray(self.daemon.history(), dtype=np.int64)
             personal = self.files.personal
-            if self.config.personal_steps > 0 and len(history) >= 2:
+            steps, lr = self.config.personal_fit(self.files.read_personal_fit())
+            if steps > 0 and len(history) >= 2:
                 # refitted against the global model it will be served with, from the start
-                fit_personal(
-                    student, history, init, self.config.personal_steps, self.config.personal_lr
-                )
+                fit_personal(student, history, init, steps, lr)
                 buf = io.BytesIO()
                 torch.save(student.adapter.state_dict(), buf)
                 write_bytes_atomic(personal, buf.getvalue())

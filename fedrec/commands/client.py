@@ -208,16 +208,22 @@ def start(
         ),
     ] = 2.0,
     personal_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--personal-steps",
             help="Adam steps that refit the personal adapter against each served global model "
-            "(0: serve the global model as it is).",
+            "(0: serve the global model as it is). Default: the federation's run config "
+            f"(personal-steps), else {LocalTrainConfig.personal_steps}.",
         ),
-    ] = LocalTrainConfig.personal_steps,
+    ] = None,
     personal_lr: Annotated[
-        float, typer.Option("--personal-lr", help="Learning rate of those steps.")
-    ] = LocalTrainConfig.personal_lr,
+        float | None,
+        typer.Option(
+            "--personal-lr",
+            help="Learning rate of those steps. Default: the federation's run config "
+            f"(personal-lr), else {LocalTrainConfig.personal_lr}.",
+        ),
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
