@@ -12,7 +12,8 @@ same data, split and cached pretrained student, so rows differ only in the feder
 * ``no-dp-fedadam``: one full-batch gradient per client and FedAdam on the server, 100 rounds
   (the recipe that learns: ``docs/parameters.md``);
 * ``record-dp-split``: the same with SecAgg+ and record-level DP whose noise is split over the
-  cohort (``noise-shares`` 50, z 3); its DP cost is measured against ``no-dp-fedadam``.
+  cohort (``noise-shares`` 50, z 3, per-example clip C 30); its DP cost is measured against
+  ``no-dp-fedadam``.
 
 Rows (federated users, the protocol's test item): the baselines, the student before
 federation, after each variant (global model, and with each device's personal adapter), the
@@ -89,6 +90,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "rounds": 100,
         "batch_size": 256,
         "lr": 1.0,
+        "max_grad_norm": 30.0,
         "noise_multiplier": 3.0,
         "noise_shares": 50,
         "server_optimizer": "adam",
