@@ -88,7 +88,8 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     assert fit.metrics["epsilon"] > 0
     files = FederatedFiles(device)
     assert files.global_version() == 2  # round 3 trains from the model of round 2
-    assert files.read_personal_fit() == (7, 0.02)  # the federation's, for the daemon's refit
+    received = files.read_global()
+    assert received is not None and received.personal_fit == (7, 0.02)  # for the daemon's refit
     assert files.rounds_joined() == 1
     assert not files.personal.exists()  # the adapter is the daemon's, fitted when it serves
     assert (device / "privacy" / "ledger.json").exists()  # the device's own ledger

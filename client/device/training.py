@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- shared files
+
+
+class ReceivedGlobal(NamedTuple):
+    """A global model as the ClientApp kept it in ``global.npz``."""
+
+    version: int
+    arrays: list[npt.NDArray[Any]]
+    #: ``(personal_steps, personal_lr)`` of the run config it came with; ``None`` in a file
+    #: kept by an older version
+    personal_fit: tuple[int, float] | None
 
 
 @dataclass(frozen=True)
@@ -104,25 +114,11 @@ class FederatedFiles:
 
     def global_version(self) -> int | None:
         """Version of ``global.npz`` without loading the arrays (``None``: none yet)."""
-        loaded = self.read_global(arrays=False)
-        return loaded[0] if loaded is not None else None
+        received = self.read_global(arrays=False)
+        return received.version if received is not None else None
 
-    def read_personal_fit(self) -> tuple[int, float] | None:
-        """``(personal_steps, personal_lr)`` of the federation that sent the newest global
-        model (its run config), or ``None`` (no model yet, or one kept by an older version)."""
-        try:
-            with np.load(self.global_params, allow_pickle=False) as data:
-                if "personal_steps" not in data or "personal_lr" not in data:
-                    return None
-                return int(data["personal_steps"]), float(data["personal_lr"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError) as exc:
-            logger.error("unreadable %s (%s)", self.global_params, exc)
-            return None
-
-    def read_global(self, *, arrays: bool = True) -> tuple[int, list[npt.NDArray[Any]]] | None:
-        """``(version, arrays)`` of the newest global model received, or ``None``."""
+    def read_global(self, *, arrays: bool = True) -> ReceivedGlobal | None:
+        """The newest global model received (its arrays only with ``arrays``), or ``None``."""
         try:
             with np.load(self.global_params, allow_pickle=False) as data:
                 version = int(data["version"])
@@ -130,12 +126,15 @@ class FederatedFiles:
                 if arrays:
                     count = int(data["count"])
                     out = [np.asarray(data[f"arr_{i:04d}"]) for i in range(count)]
+                personal_fit = None
+                if "personal_steps" in data and "personal_lr" in data:
+                    personal_fit = (int(data["personal_steps"]), float(data["personal_lr"]))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError) as exc:
             logger.error("unreadable %s (%s); waiting for the next round", self.global_params, exc)
             return None
-        return version, out
+        return ReceivedGlobal(version, out, personal_fit)
 
     def write_global(
         self, version: int, arrays: Arrays, personal_fit: tuple[int, float] | None = None
@@ -219,8 +218,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
     class DeviceClientState(ClientState):
         """The device's own ledger (``privacy/ledger.json``)."""
 
-        def __init__(self, layout: DeviceLayout, files: FederatedFiles, budget: PrivacyBudget):
-            self.dir = files.directory
+        def __init__(self, layout: DeviceLayout, budget: PrivacyBudget):
             self.ledger = PrivacyLedger.open(layout.ledger, budget)
 
     class DeviceStudentTask(StudentTask):
@@ -241,7 +239,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             return local_history(self.layout.state_dir, self.catalog())
 
         def client_state(self, client_id: int) -> ClientState:
-            return DeviceClientState(self.layout, self.files, self._budget)
+            return DeviceClientState(self.layout, self._budget)
 
         def _keep_global(self, version: int, parameters: Arrays) -> None:
             train = self.train_config
@@ -501,11 +499,11 @@ class DeviceLearner:
         catalog = Catalog(tuple(bundle.item_ids))
         with self.files.lock():
             received = self.files.read_global()
-            version = 0
+            version, federation_fit = 0, None
             if received is None:  # no global model yet: the bundle's, as a newcomer gets it
                 student.adapter.reset()
             else:
-                version, arrays = received
+                version, arrays, federation_fit = received
                 # meta-learning runs also carry the adapter's initialization
                 meta = len(arrays) != len(global_names(student))
                 set_global_arrays(student, arrays, meta)
@@ -513,7 +511,7 @@ class DeviceLearner:
             pending = self.daemon.store.adaptation_pending()
             history = np.asarray(self.daemon.history(), dtype=np.int64)
             personal = self.files.personal
-            steps, lr = self.config.personal_fit(self.files.read_personal_fit())
+            steps, lr = self.config.personal_fit(federation_fit)
             if steps > 0 and len(history) >= 2:
                 # refitted against the global model it will be served with, from the start
                 fit_personal(student, history, init, steps, lr)
