@@ -139,10 +139,13 @@ def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model
     fit_personal(model, history, init, steps=20, lr=0.01)
     for name, value in model.adapter.state_dict().items():
         assert torch.allclose(value, fitted[name], atol=1e-6), name
-    # one interaction: nothing to fit, the initialization is served
+    assert not model.training  # left ready to serve
+    # one interaction: nothing to fit, the initialization is served (in eval mode too)
+    model.train()
     fit_personal(model, history[:1], init, steps=20, lr=0.01)
     for name, value in model.adapter.state_dict().items():
         assert torch.equal(value, init[name]), name
+    assert not model.training
 
 
 def test_budget_exhausted_client_declines_also_after_restart(bundle: Path, tmp_path: Path) -> None:

@@ -174,8 +174,9 @@ def fit_personal(
     """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
     (the identity, or the meta-learned initialization), then ``steps`` full-batch Adam steps
     on the adapter alone, each interaction of ``history`` predicted from the ones before it.
-    With fewer than 2 interactions there is nothing to fit and ``init`` is served. Returns the
-    last loss (NaN if nothing was trained).
+    With fewer than 2 interactions there is nothing to fit and ``init`` is served. Either way
+    the model is left in eval mode, ready to serve. Returns the last loss (NaN if nothing was
+    trained).
 
     A device calls this whenever the global model it serves changes, never continuing an
     adapter fitted against an older one: adapters kept across rounds (each fitted for a few
@@ -185,6 +186,7 @@ def fit_personal(
     """
     model.adapter.load_state_dict(init)
     if steps <= 0 or len(history) < 2:
+        model.eval()
         return math.nan
     check_items(history, model.n_items)
     items, mask, targets = next_item_examples(history, model.config.max_len, max_examples)
