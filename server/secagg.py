@@ -16,11 +16,12 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
   FedAvg; this wrapper only engages it when the record is present, which lets a single
   ``ClientApp`` serve both modes. It also makes the client report weight 1 when the
   round config asks for uniform weights (user-level DP).
-* :func:`use_inline_secret_sharing` - Flower 1.42's Shamir helpers start a thread pool on
+* :func:`use_fast_secagg_helpers` - Flower 1.42's Shamir helpers start a thread pool on
   every call (for 2 to 20 chunks of pure-Python work the GIL serializes anyway; in a
-  busy server each thread start waits for the GIL) and reconstruct bit by bit: 0.3 s
-  per round to recover 50 seeds. The workflow and the client mod use
-  :mod:`server.shamir`'s equivalents instead, which share Flower's byte layout.
+  busy server each thread start waits for the GIL) and compute bit by bit: 0.3 s per
+  round to recover 50 seeds. The workflow and the client mod use :mod:`server.shamir`'s
+  equivalents instead, which share Flower's byte layout. The client mod also parses its
+  own PEM private key once per stage instead of once per neighbour.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from logging import ERROR, INFO, WARNING
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -51,6 +54,7 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow, de
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as _flwr_workflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
+from flwr.supercore.primitives import asymmetric as _flwr_asymmetric
 from flwr.supercore.run import RunNotRunningException
 
 from server.grid import DelegatingGrid
@@ -76,15 +80,32 @@ FITINS_CONFIG = "fitins.config"
 _flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
 
-def use_inline_secret_sharing() -> None:
-    """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares` and
-    :func:`combine_shares` (idempotent; a Flower whose modules no longer hold its own
-    helpers under these names is left alone)."""
-    for module, name, replacement in (
-        (_flwr_workflow, "combine_shares", combine_shares),
-        (_flwr_client_mod, "create_shares", create_shares),
+_flwr_bytes_to_private_key = _flwr_asymmetric.bytes_to_private_key
+
+
+@lru_cache(maxsize=4)
+def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """Flower's ``bytes_to_private_key``, remembered for the last few keys: the client mod
+    parses the same PEM key once per neighbour in two stages (0.25 ms each). The keys
+    are a round's throw-away pairs, which the client's state holds anyway."""
+    return _flwr_bytes_to_private_key(data)
+
+
+def use_fast_secagg_helpers() -> None:
+    """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares`,
+    :func:`combine_shares` and :func:`parsed_private_key` (idempotent; a Flower whose
+    modules no longer hold its own helpers under these names is left alone)."""
+    for module, name, original, replacement in (
+        (_flwr_workflow, "combine_shares", _flwr_shamir.combine_shares, combine_shares),
+        (_flwr_client_mod, "create_shares", _flwr_shamir.create_shares, create_shares),
+        (
+            _flwr_client_mod,
+            "bytes_to_private_key",
+            _flwr_bytes_to_private_key,
+            parsed_private_key,
+        ),
     ):
-        if getattr(module, name, None) is getattr(_flwr_shamir, name):
+        if getattr(module, name, None) is original:
             setattr(module, name, replacement)
 
 
@@ -165,7 +186,7 @@ class SecAggSettings:
 
     def workflow(self) -> SecAggPlusWorkflow:
         """The Flower fit workflow implementing SecAgg+ with these settings."""
-        use_inline_secret_sharing()
+        use_fast_secagg_helpers()
         return EarlyDropoutTolerantSecAggPlusWorkflow(
             num_shares=self.num_shares,
             reconstruction_threshold=self.reconstruction_threshold,
@@ -366,7 +387,7 @@ def secaggplus_when_requested_mod(
     ):
         return call_next(msg, ctxt)
     stage = str(msg.content.config_records[SECAGG_RECORD].get(Key.STAGE, "?"))
-    use_inline_secret_sharing()
+    use_fast_secagg_helpers()
     inner_errors: list[Message] = []
 
     def guarded_next(inner_msg: Message, inner_ctxt: Context) -> Message:

@@ -17,15 +17,16 @@ The field and encodings are PyCryptodome's (GF(2^128) modulo x^128 + x^7 + x^2 +
 a 16-byte big-endian element per 16-byte chunk) and the share layout Flower's (4-byte
 little-endian index, then the chunk shares of the PKCS#7-padded secret), so shares move
 freely between these functions and Flower's or PyCryptodome's own; the tests check it.
-Splitting stays PyCryptodome's (its randomness; evaluating at the small indices is cheap).
+Splitting evaluates the polynomials at the small indices directly: a product by an
+index of a few bits is a few shifts, where PyCryptodome's generic product takes 128 steps.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 
-from Crypto.Protocol.SecretSharing import Shamir
 from Crypto.Util.Padding import pad, unpad
 
 __all__ = ["combine_shares", "create_shares"]
@@ -40,13 +41,24 @@ _ByteTables = tuple[tuple[int, ...], ...]
 
 
 def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
-    """Split ``secret`` into ``num`` shares, any ``threshold`` of which recover it."""
+    """Split ``secret`` into ``num`` shares, any ``threshold`` of which recover it.
+
+    Per 16-byte chunk, a polynomial of degree ``threshold - 1`` with the chunk as its
+    constant term and uniformly random other coefficients (``os.urandom``), evaluated
+    at the indices 1 to ``num``: PyCryptodome's ``Shamir.split`` without ``ssss``.
+    """
+    if not 1 <= threshold <= num < 1 << (8 * INDEX):
+        raise ValueError(f"need 1 <= threshold <= num shares, got {threshold} and {num}")
     padded = pad(secret, CHUNK)
     shares = [bytearray(index.to_bytes(INDEX, "little")) for index in range(1, num + 1)]
     for start in range(0, len(padded), CHUNK):
-        chunk = padded[start : start + CHUNK]
-        for index, share in Shamir.split(threshold, num, chunk, ssss=False):
-            shares[index - 1] += share
+        constant = int.from_bytes(padded[start : start + CHUNK], "big")
+        randoms = [int.from_bytes(os.urandom(CHUNK), "big") for _ in range(threshold - 1)]
+        for index, share in enumerate(shares, start=1):
+            value = 0
+            for coefficient in randoms:  # Horner, highest degree first
+                value = _multiply(value, index) ^ coefficient
+            share += (_multiply(value, index) ^ constant).to_bytes(CHUNK, "big")
     return [bytes(share) for share in shares]
 
 
@@ -91,6 +103,7 @@ def _times_x(value: int) -> int:
 
 
 def _multiply(a: int, b: int) -> int:
+    """``a * b`` in the field; the steps grow with the bit length of ``b``."""
     product = 0
     while b:
         if b & 1:

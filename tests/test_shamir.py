@@ -13,7 +13,7 @@ from flwr.common.secure_aggregation.crypto import shamir as flwr_shamir
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flwr_workflow
 
 from server import shamir
-from server.secagg import use_inline_secret_sharing
+from server.secagg import use_fast_secagg_helpers
 
 flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
@@ -69,8 +69,8 @@ def test_combine_refuses_malformed_share_lists() -> None:
 
 
 def test_flower_secagg_modules_use_the_inline_helpers() -> None:
-    use_inline_secret_sharing()
-    use_inline_secret_sharing()  # idempotent
+    use_fast_secagg_helpers()
+    use_fast_secagg_helpers()  # idempotent
     assert flwr_workflow.combine_shares is shamir.combine_shares
     assert flwr_client_mod.create_shares is shamir.create_shares
     assert flwr_shamir.combine_shares is not shamir.combine_shares  # Flower's own is kept

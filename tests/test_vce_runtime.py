@@ -1,0 +1,162 @@
+"""The simulation-runtime fixes of ``server.vce_runtime``: dispatch that asks only the
+nodes with pending instructions, and two jobs in flight per Ray actor."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from queue import Queue
+from typing import Any
+
+import pytest
+
+from server import vce_runtime
+
+
+@dataclass
+class _Metadata:
+    dst_node_id: int
+    delivered_at: str = ""
+
+
+@dataclass
+class _Message:
+    name: str
+    metadata: _Metadata
+
+
+@dataclass
+class _InMemoryState:
+    """The parts of Flower's ``InMemoryLinkState`` the dispatcher touches."""
+
+    message_ins_store: dict[str, _Message] = field(default_factory=dict)
+    lock: Any = field(default_factory=threading.RLock)
+    asked: list[int] = field(default_factory=list)
+
+    def add(self, name: str, node: int) -> None:
+        with self.lock:
+            self.message_ins_store[name] = _Message(name, _Metadata(node))
+
+    def get_message_ins(self, node_id: int, limit: int | None) -> list[_Message]:
+        with self.lock:
+            self.asked.append(node_id)
+            found = [
+                m
+                for m in self.message_ins_store.values()
+                if m.metadata.dst_node_id == node_id and not m.metadata.delivered_at
+            ][:limit]
+            for message in found:
+                message.metadata.delivered_at = "now"
+            return found
+
+
+def _drain(queue: Queue[Any], count: int, timeout: float = 5.0) -> list[str]:
+    return [queue.get(timeout=timeout).name for _ in range(count)]
+
+
+def test_pending_node_ids_lists_each_node_with_an_undelivered_instruction_once() -> None:
+    state = _InMemoryState()
+    state.add("a", 7)
+    state.add("b", 3)
+    state.add("c", 7)
+    state.message_ins_store["b"].metadata.delivered_at = "earlier"
+    state.add("d", 5)
+    assert vce_runtime.pending_node_ids(state) == [7, 5]
+    assert vce_runtime.pending_node_ids(object()) is None
+
+
+def test_dispatch_asks_only_pending_nodes_and_delivers_every_instruction_in_order() -> None:
+    state = _InMemoryState()
+    nodes = {node: i for i, node in enumerate(range(100, 1100))}  # 1000 registered nodes
+    queue: Queue[Any] = Queue()
+    stop = threading.Event()
+    for i, node in enumerate((105, 300, 105)):
+        state.add(f"m{i}", node)
+    state.add("stranger", 5)  # not a node of this simulation: never dispatched
+    thread = threading.Thread(
+        target=vce_runtime.add_pending_messages_to_queue, args=(state, queue, nodes, stop)
+    )
+    thread.start()
+    try:
+        first = _drain(queue, 3)
+        started = time.monotonic()
+        state.add("late", 999)  # a message stored while the loop runs is picked up soon
+        assert _drain(queue, 1) == ["late"]
+        picked_up_after = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert sorted(first) == ["m0", "m1", "m2"]
+    assert first.index("m0") < first.index("m2")  # one node's instructions keep their order
+    assert queue.empty()
+    assert set(state.asked) <= {105, 300, 999}  # never a sweep over all 1000 nodes
+    assert picked_up_after < 1.0
+
+
+def test_dispatch_leaves_a_state_without_an_in_memory_store_to_flowers_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(vce_runtime, "_flower_dispatch", lambda *args: calls.append(args))
+    other = object()
+    queue: Queue[Any] = Queue()
+    stop = threading.Event()
+    vce_runtime.add_pending_messages_to_queue(other, queue, {1: 0}, stop)
+    assert calls == [(other, queue, {1: 0}, stop)]
+
+
+_STOPPED: list[str] = []
+
+
+@dataclass(frozen=True)
+class _FakeActor:
+    name: str
+
+    @property
+    def terminate(self) -> Any:
+        return type("Remote", (), {"remote": staticmethod(lambda: _STOPPED.append(self.name))})
+
+
+class _FakePool:
+    """Flower's ``BasicActorPool`` without Ray: a list of idle actors."""
+
+    def __init__(self, actor_type: Any, client_resources: Any, actor_kwargs: Any) -> None:
+        self.pool: list[_FakeActor] = []
+        self.num_actors = 0
+        self.actors_capacity = 2
+        self._future_to_actor: dict[str, _FakeActor] = {}
+
+    def add_actors_to_pool(self, num_actors: int) -> None:
+        self.pool += [_FakeActor(f"actor{i}") for i in range(num_actors)]
+        self.num_actors += num_actors
+
+    def terminate_all_actors(self) -> None:
+        for actor in self.pool:
+            actor.terminate.remote()
+
+
+def test_pipelined_backend_feeds_each_actor_two_jobs_and_stops_each_actor_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vce_runtime._ray_backend, "BasicActorPool", _FakePool)
+    backend = object.__new__(vce_runtime.PipelinedRayBackend)
+    backend.client_resources = {"num_cpus": 1}
+    backend.actor_kwargs = {}
+    backend.build(lambda: None)  # type: ignore[arg-type, return-value]
+    assert backend.num_workers == 2 * vce_runtime.JOBS_PER_ACTOR  # a worker thread a slot
+    pool = backend.pool
+    assert [a.name for a in pool.pool] == ["actor0", "actor0", "actor1", "actor1"]
+    pool._future_to_actor["job"] = pool.pool.pop()  # a job still holds a slot of actor1
+    _STOPPED.clear()
+    backend.terminate()
+    assert sorted(_STOPPED) == ["actor0", "actor1"]
+
+
+def test_tuning_swaps_flowers_runtime_objects_once() -> None:
+    vce_runtime.tune_simulation_runtime()
+    vce_runtime.tune_simulation_runtime()  # idempotent
+    assert vce_runtime._vce_api.add_messages_to_queue is vce_runtime.add_pending_messages_to_queue
+    assert vce_runtime._ray_backend.RayBackend is vce_runtime.PipelinedRayBackend
+    assert vce_runtime.PipelinedRayBackend.__mro__[1] is vce_runtime._FlowerRayBackend
