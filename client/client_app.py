@@ -36,7 +36,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.constant import ErrorCode
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.compat.common.recorddict_compat import (
     evaluateres_to_recorddict,
     fitres_to_recorddict,
@@ -63,6 +63,12 @@ from shared.federated.task import (
 from shared.federated.validation import clip_update_l2, l2_norm, validate_update
 
 DEFAULT_TASK = "toy-linear"
+
+# Importing Opacus calls ``logging.basicConfig``, which gives the root logger a handler in
+# every process that trains (Ray workers too). Flower's logger has its own handler at
+# INFO and passes every record on to the root's, so each DEBUG line of the SecAgg+ mod
+# (eight per client and round) was formatted and printed, and each INFO line twice.
+FLOWER_LOGGER.propagate = False
 
 # One task instance per (task name, run config) per process: a Ray actor serves many
 # virtual clients and the ClientApp object is re-sent with every message, so the
