@@ -831,3 +831,26 @@ def test_parameters_helper_roundtrip() -> None:
     back = parameters_to_ndarrays(ndarrays_to_parameters(arrays))
     assert isinstance(ndarrays_to_parameters(arrays), Parameters)
     np.testing.assert_array_equal(back[0], arrays[0])
+
+
+def test_a_training_process_prints_flowers_records_once_and_no_debug_lines() -> None:
+    """Opacus' import-time ``logging.basicConfig`` must not make Flower's records print
+    twice, nor its DEBUG records (the SecAgg+ mod's per-stage lines) print at all."""
+    script = (
+        "from logging import DEBUG, INFO\n"
+        "import client.client_app, opacus\n"  # what a Ray worker imports
+        "from flwr.common.logger import log\n"
+        "log(DEBUG, 'debug-marker')\n"
+        "log(INFO, 'info-marker')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    printed = out.stdout + out.stderr
+    assert printed.count("info-marker") == 1
+    assert "debug-marker" not in printed
