@@ -20,8 +20,10 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
   every call (for 2 to 20 chunks of pure-Python work the GIL serializes anyway; in a
   busy server each thread start waits for the GIL) and compute bit by bit: 0.3 s per
   round to recover 50 seeds. The workflow and the client mod use :mod:`server.shamir`'s
-  equivalents instead, which share Flower's byte layout. The client mod also parses its
-  own PEM private key once per stage instead of once per neighbour.
+  equivalents instead, which share Flower's byte layout. The workflow reads the masked
+  vectors with :func:`server.npy.load_npy` (each ``.npy`` header parsed once, not once
+  per client and tensor), and the client mod parses its own PEM private key once per
+  stage instead of once per neighbour.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import parameter as _flwr_parameter
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import LegacyContext, SimpleClientManager
 from flwr.server import ServerConfig as LegacyServerConfig
@@ -58,6 +61,7 @@ from flwr.supercore.primitives import asymmetric as _flwr_asymmetric
 from flwr.supercore.run import RunNotRunningException
 
 from server.grid import DelegatingGrid
+from server.npy import load_npy
 from server.shamir import combine_shares, create_shares
 from server.strategy import (
     CONFIG_UNIFORM_WEIGHT,
@@ -93,10 +97,12 @@ def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
 
 def use_fast_secagg_helpers() -> None:
     """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares`,
-    :func:`combine_shares` and :func:`parsed_private_key` (idempotent; a Flower whose
-    modules no longer hold its own helpers under these names is left alone)."""
+    :func:`combine_shares`, :func:`server.npy.load_npy` and :func:`parsed_private_key`
+    (idempotent; a Flower whose modules no longer hold its own helpers under these names
+    is left alone)."""
     for module, name, original, replacement in (
         (_flwr_workflow, "combine_shares", _flwr_shamir.combine_shares, combine_shares),
+        (_flwr_workflow, "bytes_to_ndarray", _flwr_parameter.bytes_to_ndarray, load_npy),
         (_flwr_client_mod, "create_shares", _flwr_shamir.create_shares, create_shares),
         (
             _flwr_client_mod,

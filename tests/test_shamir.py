@@ -11,9 +11,15 @@ import pytest
 from Crypto.Protocol.SecretSharing import Shamir
 from flwr.common.secure_aggregation.crypto import shamir as flwr_shamir
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flwr_workflow
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+)
 
 from server import shamir
-from server.secagg import use_fast_secagg_helpers
+from server.npy import load_npy
+from server.secagg import parsed_private_key, use_fast_secagg_helpers
 
 flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
@@ -68,9 +74,27 @@ def test_combine_refuses_malformed_share_lists() -> None:
         assert shamir.combine_shares(mixed) not in (b"k" * 32, b"z" * 32)
 
 
-def test_flower_secagg_modules_use_the_inline_helpers() -> None:
+def test_split_refuses_a_threshold_outside_one_to_num_and_one_share_can_suffice() -> None:
+    for threshold, num in ((0, 3), (4, 3), (-1, 2)):
+        with pytest.raises(ValueError, match="threshold"):
+            shamir.create_shares(b"secret", threshold, num)
+    shares = shamir.create_shares(b"secret", 1, 3)
+    assert all(shamir.combine_shares([share]) == b"secret" for share in shares)
+
+
+def test_flower_secagg_modules_use_the_fast_helpers() -> None:
     use_fast_secagg_helpers()
     use_fast_secagg_helpers()  # idempotent
     assert flwr_workflow.combine_shares is shamir.combine_shares
+    assert flwr_workflow.bytes_to_ndarray is load_npy
     assert flwr_client_mod.create_shares is shamir.create_shares
+    assert flwr_client_mod.bytes_to_private_key is parsed_private_key
     assert flwr_shamir.combine_shares is not shamir.combine_shares  # Flower's own is kept
+
+
+def test_a_parsed_key_is_flowers_parse_remembered() -> None:
+    private, _ = generate_key_pairs()
+    pem = private_key_to_bytes(private)
+    parsed = parsed_private_key(pem)
+    assert parsed is parsed_private_key(pem)  # parsed once
+    assert parsed.private_numbers() == bytes_to_private_key(pem).private_numbers()
