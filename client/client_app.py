@@ -18,6 +18,7 @@ the round goes on.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from logging import WARNING
@@ -290,3 +291,12 @@ def make_client_app(
 
 #: Entry point for ``flwr run`` (``clientapp = "client.client_app:app"``).
 app = make_client_app()
+
+# ``flwr run . local-simulation`` loads this module in the simulation engine's process
+# before the engine starts its dispatcher and Ray backend: tune them there as
+# ``server_app.run_simulation`` does (see ``server.vce_runtime``). In a SuperNode the
+# engine is not loaded and nothing changes.
+if "flwr.server.superlink.fleet.vce.vce_api" in sys.modules:
+    from server.vce_runtime import tune_simulation_runtime
+
+    tune_simulation_runtime()
