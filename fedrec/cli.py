@@ -34,10 +34,13 @@ def _root(
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Flower logs through its own handler; keep it from printing everything twice and from
-    # flooding the live progress display unless asked to.
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.propagate = False
-    flwr_logger.setLevel(level)
+    # flooding the live progress display unless asked to. Importing Flower sets its
+    # logger's level (DEBUG), so import it before setting ours: the commands import Flower
+    # later, lazily.
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.propagate = False
+    FLOWER_LOGGER.setLevel(level)
 
 
 def main() -> None:

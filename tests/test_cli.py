@@ -119,3 +119,17 @@ def test_evaluate_baselines_on_synthetic_default_prints_a_table() -> None:
     result = runner.invoke(app, ["evaluate", "baselines", "--no-text", "--run-config", "shots=1,3"])
     assert result.exit_code == 0, result.output
     assert "ease" in result.output and "fewshot" in result.output
+
+
+def test_flowers_info_lines_reach_the_terminal_only_with_verbose(tmp_path: Path) -> None:
+    """Flower's logger gets its level when Flower is first imported, after the CLI has set
+    up logging; the CLI's choice must still hold (the live progress display stays clean)."""
+    tiny = "synthetic-users=120 synthetic-items=60 teacher-epochs=1 student-epochs=1 eval-size=5"
+    args = ["simulate", "--backend", "inprocess", "--rounds", "1", "--cohort-size", "4"]
+    args += ["--run-dir", str(tmp_path), "--run-config", tiny, "--json"]
+    quiet = _fedrec(*args, "--name", "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "configure_fit" not in quiet.stderr
+    verbose = _fedrec("--verbose", *args, "--name", "verbose")
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert verbose.stderr.count("configure_fit: strategy sampled 4 clients") == 1
