@@ -199,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure every case this many times (plain and SecAgg+ interleaved); the "
+        "ratio reported is the median of the repeats' ratios",
+    )
+    parser.add_argument(
         "--task",
         choices=["toy", "student"],
         default="toy",
@@ -207,35 +214,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=None, help="pretrained bundle (student)")
     parser.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
 
     runtimes = ["ray", "inprocess"] if args.runtime == "both" else [args.runtime]
     results = [
-        run_case(args, runtime, cohort, mode == "secagg")
+        {**run_case(args, runtime, cohort, mode == "secagg"), "repeat": repeat}
+        for repeat in range(args.repeats)
         for runtime in runtimes
         for cohort in args.cohorts
         for mode in args.modes
     ]
-    ratios: dict[str, float] = {}
-    for runtime in runtimes:
-        for cohort in args.cohorts:
-            plain = [
-                r
-                for r in results
-                if (r["runtime"], r["cohort"], r["secagg"]) == (runtime, cohort, False)
-            ]
-            secure = [
-                r
-                for r in results
-                if (r["runtime"], r["cohort"], r["secagg"]) == (runtime, cohort, True)
-            ]
-            if plain and secure:
-                ratio = secure[0]["seconds_per_round"] / plain[0]["seconds_per_round"]
-                ratios[f"{runtime}/{cohort}"] = round(ratio, 2)
+    per_repeat: dict[str, list[float]] = {}
+    for repeat in range(args.repeats):
+        for runtime in runtimes:
+            for cohort in args.cohorts:
+                seconds = {
+                    r["secagg"]: r["seconds_per_round"]
+                    for r in results
+                    if (r["repeat"], r["runtime"], r["cohort"]) == (repeat, runtime, cohort)
+                }
+                if len(seconds) == 2:
+                    ratio = round(seconds[True] / seconds[False], 2)
+                    per_repeat.setdefault(f"{runtime}/{cohort}", []).append(ratio)
+    ratios = {case: round(statistics.median(values), 2) for case, values in per_repeat.items()}
     document = {
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "results": results,
-        "secagg_over_plain_round_time": ratios,
+        "secagg_over_plain_round_time": ratios,  # the median over repeats
+        "secagg_over_plain_round_time_per_repeat": per_repeat,
     }
     text = json.dumps(document, indent=2, default=str)
     print(text)
