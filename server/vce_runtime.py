@@ -98,13 +98,14 @@ class PipelinedRayBackend(_FlowerRayBackend):
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         super().build(app_fn)
         pool = self.pool
-        pool.pool = [actor for actor in pool.pool for _ in range(JOBS_PER_ACTOR)]
-        pool.num_actors = len(pool.pool)
+        if isinstance(getattr(pool, "pool", None), list):  # Flower 1.42's BasicActorPool
+            pool.pool = [actor for actor in pool.pool for _ in range(JOBS_PER_ACTOR)]
+            pool.num_actors = len(pool.pool)
 
     def terminate(self) -> None:
-        if self.pool is not None:
-            actors = list(self.pool.pool) + list(self.pool._future_to_actor.values())
-            self.pool.pool = list(dict.fromkeys(actors))
+        if isinstance(getattr(self.pool, "pool", None), list):
+            in_flight = getattr(self.pool, "_future_to_actor", {}).values()
+            self.pool.pool = list(dict.fromkeys([*self.pool.pool, *in_flight]))
         super().terminate()
 
 

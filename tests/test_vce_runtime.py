@@ -154,6 +154,37 @@ def test_pipelined_backend_feeds_each_actor_two_jobs_and_stops_each_actor_once(
     assert sorted(_STOPPED) == ["actor0", "actor1"]
 
 
+class _OtherPool(_FakePool):
+    """A pool of another shape (a later Flower): no list of idle actors."""
+
+    def __init__(self, actor_type: Any, client_resources: Any, actor_kwargs: Any) -> None:
+        super().__init__(actor_type, client_resources, actor_kwargs)
+        del self.pool
+        self.idle: tuple[_FakeActor, ...] = ()
+
+    def add_actors_to_pool(self, num_actors: int) -> None:
+        self.idle += tuple(_FakeActor(f"actor{i}") for i in range(num_actors))
+        self.num_actors += num_actors
+
+    def terminate_all_actors(self) -> None:
+        for actor in self.idle:
+            actor.terminate.remote()
+
+
+def test_pipelined_backend_leaves_a_pool_of_another_shape_as_flower_built_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(vce_runtime._ray_backend, "BasicActorPool", _OtherPool)
+    backend = object.__new__(vce_runtime.PipelinedRayBackend)
+    backend.client_resources = {"num_cpus": 1}
+    backend.actor_kwargs = {}
+    backend.build(lambda: None)  # type: ignore[arg-type, return-value]
+    assert backend.num_workers == 2  # one job per actor, as in Flower
+    _STOPPED.clear()
+    backend.terminate()
+    assert sorted(_STOPPED) == ["actor0", "actor1"]
+
+
 def test_tuning_swaps_flowers_runtime_objects_once() -> None:
     vce_runtime.tune_simulation_runtime()
     vce_runtime.tune_simulation_runtime()  # idempotent
