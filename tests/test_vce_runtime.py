@@ -120,69 +120,68 @@ class _FakeActor:
 
 
 class _FakePool:
-    """Flower's ``BasicActorPool`` without Ray: a list of idle actors."""
+    """Flower 1.42's ``BasicActorPool`` without Ray: its idle actors in a list, ``pool``."""
+
+    idle_attribute = "pool"
 
     def __init__(self, actor_type: Any, client_resources: Any, actor_kwargs: Any) -> None:
-        self.pool: list[_FakeActor] = []
+        setattr(self, self.idle_attribute, [])
         self.num_actors = 0
         self.actors_capacity = 2
         self._future_to_actor: dict[str, _FakeActor] = {}
 
     def add_actors_to_pool(self, num_actors: int) -> None:
-        self.pool += [_FakeActor(f"actor{i}") for i in range(num_actors)]
+        getattr(self, self.idle_attribute).extend(
+            _FakeActor(f"actor{i}") for i in range(num_actors)
+        )
         self.num_actors += num_actors
 
     def terminate_all_actors(self) -> None:
-        for actor in self.pool:
+        for actor in getattr(self, self.idle_attribute):
             actor.terminate.remote()
+
+
+class _OtherPool(_FakePool):
+    """A pool of another shape (a later Flower): its idle actors under another name."""
+
+    idle_attribute = "idle"
+
+
+def _built_backend(
+    monkeypatch: pytest.MonkeyPatch, pool_type: type[_FakePool]
+) -> vce_runtime.PipelinedRayBackend:
+    monkeypatch.setattr(vce_runtime._ray_backend, "BasicActorPool", pool_type)
+    backend = object.__new__(vce_runtime.PipelinedRayBackend)
+    backend.client_resources = {"num_cpus": 1}
+    backend.actor_kwargs = {}
+    backend.build(lambda: None)  # type: ignore[arg-type, return-value]
+    return backend
+
+
+def _stopped_by_terminate(backend: vce_runtime.PipelinedRayBackend) -> list[str]:
+    _STOPPED.clear()
+    backend.terminate()
+    return sorted(_STOPPED)
 
 
 def test_pipelined_backend_feeds_each_actor_two_jobs_and_stops_each_actor_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(vce_runtime._ray_backend, "BasicActorPool", _FakePool)
-    backend = object.__new__(vce_runtime.PipelinedRayBackend)
-    backend.client_resources = {"num_cpus": 1}
-    backend.actor_kwargs = {}
-    backend.build(lambda: None)  # type: ignore[arg-type, return-value]
+    backend = _built_backend(monkeypatch, _FakePool)
     assert backend.num_workers == 2 * vce_runtime.JOBS_PER_ACTOR  # a worker thread a slot
     pool = backend.pool
     assert [a.name for a in pool.pool] == ["actor0", "actor0", "actor1", "actor1"]
     pool._future_to_actor["job"] = pool.pool.pop()  # a job still holds a slot of actor1
-    _STOPPED.clear()
-    backend.terminate()
-    assert sorted(_STOPPED) == ["actor0", "actor1"]
-
-
-class _OtherPool(_FakePool):
-    """A pool of another shape (a later Flower): no list of idle actors."""
-
-    def __init__(self, actor_type: Any, client_resources: Any, actor_kwargs: Any) -> None:
-        super().__init__(actor_type, client_resources, actor_kwargs)
-        del self.pool
-        self.idle: tuple[_FakeActor, ...] = ()
-
-    def add_actors_to_pool(self, num_actors: int) -> None:
-        self.idle += tuple(_FakeActor(f"actor{i}") for i in range(num_actors))
-        self.num_actors += num_actors
-
-    def terminate_all_actors(self) -> None:
-        for actor in self.idle:
-            actor.terminate.remote()
+    assert _stopped_by_terminate(backend) == ["actor0", "actor1"]
 
 
 def test_pipelined_backend_leaves_a_pool_of_another_shape_as_flower_built_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(vce_runtime._ray_backend, "BasicActorPool", _OtherPool)
-    backend = object.__new__(vce_runtime.PipelinedRayBackend)
-    backend.client_resources = {"num_cpus": 1}
-    backend.actor_kwargs = {}
-    backend.build(lambda: None)  # type: ignore[arg-type, return-value]
+    backend = _built_backend(monkeypatch, _OtherPool)
     assert backend.num_workers == 2  # one job per actor, as in Flower
-    _STOPPED.clear()
-    backend.terminate()
-    assert sorted(_STOPPED) == ["actor0", "actor1"]
+    assert not hasattr(backend.pool, "pool")
+    assert _stopped_by_terminate(backend) == ["actor0", "actor1"]
 
 
 def test_tuning_swaps_flowers_runtime_objects_once() -> None:
