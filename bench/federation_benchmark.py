@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of the variants that do not fix their own (--run-config rounds=N forces all)",
     )
     parser.add_argument("--cohort", type=int, default=50)
-    parser.add_argument("--teacher-epochs", type=int, default=200)
-    parser.add_argument("--student-epochs", type=int, default=100)
+    parser.add_argument("--teacher-epochs", type=int, default=SimulationConfig.teacher_epochs)
+    parser.add_argument("--student-epochs", type=int, default=SimulationConfig.student_epochs)
     parser.add_argument("--backend", default="ray", choices=["ray", "inprocess"])
     parser.add_argument("--run-dir", default="runs/bench")
     parser.add_argument(

@@ -25,6 +25,7 @@ from shared.compression.quantize import top_k_agreement
 from shared.eval.compare import compare_ranks
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE, TextOnly
+from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.ondevice.runtime import OnDeviceModel
 from shared.text.encoder import EncoderConfig, ItemEncoder
 from shared.training.trainer import count_parameters
@@ -52,8 +53,8 @@ def _state_bytes(module: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pretrain_arguments(parser, dataset="synthetic")
-    parser.add_argument("--teacher-epochs", type=int, default=200)
-    parser.add_argument("--student-epochs", type=int, default=100)
+    parser.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
+    parser.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
     parser.add_argument("--latency-calls", type=int, default=2000)
     args = parser.parse_args()
 

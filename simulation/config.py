@@ -14,6 +14,7 @@ from server.server_optimizer import ServerOptimizerSettings
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.models.ensemble import DEFAULT_MEMBERS
+from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
 from shared.privacy.budget import PrivacyBudget
@@ -32,8 +33,9 @@ class SimulationConfig:
     cold_user_fraction: float = 0.1
     public_fraction: float = 0.2
     # pretraining (server side; cached)
-    teacher_epochs: int = 20
-    student_epochs: int = 10
+    # caps; early stopping on the public users' validation ends pretraining at the best epoch
+    teacher_epochs: int = TEACHER_EPOCHS
+    student_epochs: int = STUDENT_EPOCHS
     teacher_id_init: str = DEFAULT_ID_INIT
     teacher_order: str = DEFAULT_ORDER
     teacher_members: int = DEFAULT_MEMBERS

@@ -23,6 +23,7 @@ from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.io import write_bytes_atomic
+from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import Order
 from shared.models.item_factors import IdInit
 from shared.models.student import DistilledStudent, StudentConfig, StudentModel
@@ -188,8 +189,8 @@ def pretrain_on(
     seed: int,
     cache_dir: Path,
     *,
-    teacher_epochs: int = 200,
-    student_epochs: int = 100,
+    teacher_epochs: int = TEACHER_EPOCHS,
+    student_epochs: int = STUDENT_EPOCHS,
     teacher_members: int = TeacherConfig.members,
 ) -> PretrainedRun:
     """Load ``dataset``, split it by the protocol (``seed``), encode the item text and
@@ -243,7 +244,10 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> Non
 
 
 def pretrain_from_args(
-    args: argparse.Namespace, *, teacher_epochs: int = 200, student_epochs: int = 100
+    args: argparse.Namespace,
+    *,
+    teacher_epochs: int = TEACHER_EPOCHS,
+    student_epochs: int = STUDENT_EPOCHS,
 ) -> PretrainedRun:
     """:func:`pretrain_on` with the options of :func:`add_pretrain_arguments`."""
     return pretrain_on(

@@ -39,6 +39,7 @@ from torch import nn
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError, ModelFileError
 from shared.models.base import Recommender, ScoreArray
+from shared.models.epochs import STUDENT_EPOCHS
 from shared.models.sequence import (
     MASKED_LOGIT,
     ItemRepresentation,
@@ -91,7 +92,7 @@ class StudentConfig:
     adapter_rank: int = 4
     temperature: float = 2.0
     alpha: float = 0.7
-    epochs: int = 100
+    epochs: int = STUDENT_EPOCHS
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0

@@ -35,6 +35,7 @@ from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.models.base import Recommender, ScoreArray, Scorer
 from shared.models.ensemble import DEFAULT_MEMBERS
+from shared.models.epochs import TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS, Order, Reading
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS, IdInit, cooccurrence_factors
 from shared.models.sequence import (
@@ -128,7 +129,7 @@ class TeacherConfig:
     members: int = DEFAULT_MEMBERS
     loss: Literal["full", "sampled"] = "full"
     n_negatives: int = 256
-    epochs: int = 200
+    epochs: int = TEACHER_EPOCHS
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
