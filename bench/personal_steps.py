@@ -37,6 +37,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 5, 20, 35])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--data-dir", default=None, help="override the run's dataset folder")
+    parser.add_argument(
+        "--exclude-seen",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="leave the window's own items out of the adapter's next-item softmax",
+    )
     args = parser.parse_args()
     if any(k < 0 for k in args.steps) or not args.lr > 0:
         parser.error("--steps must be >= 0 and --lr > 0")
@@ -60,14 +66,20 @@ def main() -> None:
     init = copy.deepcopy(model.adapter.state_dict())  # identity, or the meta-learned start
     eval_cfg = EvalConfig(seed=config.seed)
 
-    out: dict[str, Any] = {"run": str(args.run), "round": checkpoint.server_round, "lr": args.lr}
+    out: dict[str, Any] = {
+        "run": str(args.run),
+        "round": checkpoint.server_round,
+        "lr": args.lr,
+        "exclude_seen": args.exclude_seen,
+    }
     for stage in ("valid", "test"):
         cases = loo_cases(split, split.federated_users, stage)
         rows: dict[str, Any] = {}
         reference = None
         for steps in sorted(args.steps):
             torch.manual_seed(0)  # dropout is on while an adapter is fitted
-            ranks = case_ranks(AdaptedStudent(model, steps, args.lr, init), cases, eval_cfg)
+            adapted = AdaptedStudent(model, steps, args.lr, init, args.exclude_seen)
+            ranks = case_ranks(adapted, cases, eval_cfg)
             row: dict[str, Any] = {k: round(float(v), 4) for k, v in summarize_ranks(ranks).items()}
             if reference is None:
                 reference = ranks
@@ -80,6 +92,7 @@ def main() -> None:
     out["seconds"] = round(time.perf_counter() - start, 1)
     out["command"] = "python bench/personal_steps.py " + " ".join(
         [str(args.run), "--steps", *map(str, args.steps), "--lr", str(args.lr)]
+        + ([] if args.exclude_seen else ["--no-exclude-seen"])
     )
     print(json.dumps(out, indent=2))
 

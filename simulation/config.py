@@ -69,6 +69,8 @@ class SimulationConfig:
     personal_lr: float = LocalTrainConfig.personal_lr
     # > 1: distributed record-level DP (each client adds 1/m of the noise; needs SecAgg+)
     noise_shares: int = LocalTrainConfig.noise_shares
+    # the window's own items out of the next-item softmax (clients, personal and few-shot fits)
+    exclude_seen: bool = LocalTrainConfig.exclude_seen
     meta_learning: bool = False
     # the server's optimiser (server/server_optimizer.py): FedAvg or FedAdam
     server_optimizer: str = ServerOptimizerSettings.kind
@@ -147,4 +149,5 @@ class SimulationConfig:
             personal_steps=self.personal_steps,
             personal_lr=self.personal_lr,
             noise_shares=self.noise_shares,
+            exclude_seen=self.exclude_seen,
         )

@@ -334,12 +334,18 @@ class AdaptedStudent:
     for a cold user it is the few-shot support set."""
 
     def __init__(
-        self, model: StudentModel, steps: int, lr: float, adapter_init: dict[str, torch.Tensor]
+        self,
+        model: StudentModel,
+        steps: int,
+        lr: float,
+        adapter_init: dict[str, torch.Tensor],
+        exclude_seen: bool = True,
     ) -> None:
         self.model = copy.deepcopy(model)
         self.steps = steps
         self.lr = lr
         self._init = adapter_init
+        self.exclude_seen = exclude_seen
 
     @property
     def n_items(self) -> int:
@@ -348,7 +354,14 @@ class AdaptedStudent:
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
         for row, history in enumerate(histories):
-            fit_personal(self.model, history, self._init, self.steps, self.lr)
+            fit_personal(
+                self.model,
+                history,
+                self._init,
+                self.steps,
+                self.lr,
+                exclude_seen=self.exclude_seen,
+            )
             items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
                 out[row] = self.model(items, mask)[0].numpy()
@@ -414,7 +427,9 @@ def _evaluate(
         by_pop = split_ranks(model, split, pops, "test", eval_cfg)
         final_results[name] = summarize_each(by_pop, eval_cfg.k)
         ranks[f"federated/{name}"] = by_pop["federated"]
-    personalized = AdaptedStudent(final, config.personal_steps, config.personal_lr, adapter_init)
+    personalized = AdaptedStudent(
+        final, config.personal_steps, config.personal_lr, adapter_init, config.exclude_seen
+    )
     personal_ranks = case_ranks(
         personalized, loo_cases(split, split.federated_users, "test"), eval_cfg
     )
@@ -428,7 +443,7 @@ def _evaluate(
             "ease fold-in": models["ease (all)"],
             "student (no adaptation)": models["student (federated)"],
             "student (adapted)": AdaptedStudent(
-                final, config.adapt_steps, config.adapt_lr, adapter_init
+                final, config.adapt_steps, config.adapt_lr, adapter_init, config.exclude_seen
             ),
         }
         for name, model in fewshot_models.items():

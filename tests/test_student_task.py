@@ -23,6 +23,7 @@ from shared.federated.student_task import (
     set_global_arrays,
 )
 from shared.federated.task import FitStatus, RunConfigValue
+from shared.models.sequence import next_item_cross_entropy
 from shared.models.student import StudentConfig, StudentModel
 
 N_ITEMS = 40
@@ -115,7 +116,7 @@ def test_set_global_arrays_leaves_the_adapter_at_its_initialization() -> None:
 def _history_loss(model: StudentModel, history: np.ndarray) -> float:
     items, mask, targets = next_item_examples(history, model.config.max_len)
     with torch.no_grad():
-        return float(F.cross_entropy(model(items, mask), targets))
+        return float(next_item_cross_entropy(model(items, mask), items, mask, targets))
 
 
 def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model() -> None:
@@ -261,6 +262,45 @@ def test_device_selection() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_next_item_cross_entropy_leaves_the_window_out_of_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]], requires_grad=True)
+    items = torch.tensor([[0, 3, 1]])  # position 0 is padding: item 0 is not in the window
+    mask = torch.tensor([[False, True, True]])
+    target = torch.tensor([2])
+    loss = next_item_cross_entropy(logits, items, mask, target)
+    # candidates 0, 2, 4 (the window's 3 and 1 are out)
+    expected = -math.log(math.exp(0.5) / (math.exp(2.0) + math.exp(0.5) + math.exp(0.0)))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad is not None
+    assert float(logits.grad[0, 1]) == 0.0 and float(logits.grad[0, 3]) == 0.0
+    # off: the plain softmax over every item
+    plain = next_item_cross_entropy(logits, items, mask, target, exclude_seen=False)
+    assert float(plain) == pytest.approx(float(F.cross_entropy(logits, target)))
+    # a repeated target stays a candidate: only the other window item (1) is left out
+    again = next_item_cross_entropy(
+        logits, torch.tensor([[2, 1]]), torch.tensor([[True, True]]), target
+    )
+    candidates = logits[:, [0, 2, 3, 4]]  # the target, item 2, is candidate 1 here
+    assert float(again) == pytest.approx(float(F.cross_entropy(candidates, target - 1)))
+
+
+def test_exclude_seen_changes_what_a_client_learns(bundle: Path, tmp_path: Path) -> None:
+    updates = []
+    for exclude in (True, False):
+        task = _task(
+            bundle,
+            tmp_path / f"state-{exclude}",
+            dp=False,
+            **{"personal-steps": 0, "exclude-seen": exclude},
+        )
+        assert task.train_config.exclude_seen is exclude
+        out = task.fit(0, task.initial_parameters(), {})
+        assert out.status is FitStatus.OK
+        updates.append(np.concatenate([a.ravel() for a in out.arrays]))
+    assert not np.allclose(updates[0], updates[1])
 
 
 def test_no_dp_mode_clips_the_batch_gradient(bundle: Path, tmp_path: Path) -> None:

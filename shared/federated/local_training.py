@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.data.dataset import IntArray
 from shared.errors import DataError
 from shared.federated.local_config import LocalTrainConfig
-from shared.models.sequence import pad_histories
+from shared.models.sequence import next_item_cross_entropy, pad_histories
 from shared.models.student import StudentModel
 
 
@@ -143,7 +142,13 @@ def train_global_dp(
                             _noise_only_step(params, config)
                             break
                         continue  # an empty Poisson batch releases nothing: skip the update
-                    loss = F.cross_entropy(module(b_items, b_mask), b_targets)
+                    loss = next_item_cross_entropy(
+                        module(b_items, b_mask),
+                        b_items,
+                        b_mask,
+                        b_targets,
+                        exclude_seen=config.exclude_seen,
+                    )
                     loss.backward()
                     if not config.dp:
                         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -170,6 +175,7 @@ def fit_personal(
     steps: int,
     lr: float,
     max_examples: int = 256,
+    exclude_seen: bool = True,
 ) -> float:
     """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
     (the identity, or the meta-learned initialization), then ``steps`` full-batch Adam steps
@@ -199,7 +205,9 @@ def fit_personal(
     loss = torch.tensor(math.nan)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(items, mask), targets)
+        loss = next_item_cross_entropy(
+            model(items, mask), items, mask, targets, exclude_seen=exclude_seen
+        )
         loss.backward()
         optimizer.step()
     model.eval()

@@ -153,6 +153,32 @@ class ItemRepresentation(nn.Module):
         return out
 
 
+def next_item_cross_entropy(
+    logits: torch.Tensor,
+    items: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    exclude_seen: bool = True,
+) -> torch.Tensor:
+    """Mean cross-entropy of next-item ``logits [B, n_items]`` for windows ``items``/``mask``
+    ``[B, L]`` against ``targets [B]``.
+
+    ``exclude_seen``: the items of a row's window get no probability mass (its target is
+    never excluded, should a dataset repeat it). No dataset here repeats an item and the
+    protocol never recommends one the user has, so what matters is how the next item ranks
+    among the *unseen* ones; a plain softmax also pushes the window's own items (those most
+    like the target, in a world of stable tastes) below it, which is not the task. The
+    teacher's ``'set'`` reading trains the same way.
+    """
+    if exclude_seen:
+        seen = torch.zeros(logits.shape, dtype=torch.uint8, device=logits.device)
+        seen.scatter_reduce_(1, items, mask.to(torch.uint8), reduce="amax")
+        seen.scatter_(1, targets.unsqueeze(1), 0)
+        logits = logits.masked_fill(seen.bool(), MASKED_LOGIT)
+    return nn.functional.cross_entropy(logits, targets)
+
+
 def causal_attention_mask(mask: torch.Tensor) -> torch.Tensor:
     """``BoolTensor[B, 1, L, L]`` (True = may attend) for causal self-attention.
 
