@@ -27,6 +27,7 @@ import torch
 from shared.config import to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.registry import load_dataset
+from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
@@ -56,6 +57,17 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 TASK = "shared.federated.student_task:make_task"
+
+PAIRED_COMPARISONS = (
+    ("student (federated)", "student (pretrained)"),  # did the federation help?
+    ("student (federated + personal)", "student (federated)"),  # the personal adapters
+    ("student int8 onnx", "student (federated)"),  # what the int8 artifact costs
+    ("student int8 onnx", "ease (public)"),  # the device's model vs the server-side baseline
+    ("student (adapted)", "ease fold-in"),  # few-shot, at every K
+    ("student (adapted)", "student (no adaptation)"),
+)
+"""Model pairs the report compares user by user (HR@10 A - B, 95% bootstrap interval over
+users: is a difference more than the noise of this many users?)."""
 
 
 def _noop(stage: str, info: dict[str, Any]) -> None:
@@ -451,6 +463,11 @@ def _evaluate(
             fewshot[name] = summarize_each(by_shot, eval_cfg.k)
             ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})
     _save_ranks(run.root / "ranks.npz", ranks)
+    by_group: dict[str, dict[str, CaseRanks]] = {}
+    for key, case in ranks.items():
+        group, name = key.split("/", 1)
+        by_group.setdefault(group, {})[name] = case
+    comparisons = compare_pairs(by_group, PAIRED_COMPARISONS, eval_cfg.k, seed=config.seed)
     run.log(
         "artifact",
         config.rounds,
@@ -458,7 +475,7 @@ def _evaluate(
         fp32_bytes=artifact.fp32_bytes,
         agreement=artifact.agreement,
     )
-    out: dict[str, Any] = {"final": final_results, "fewshot": fewshot}
+    out: dict[str, Any] = {"final": final_results, "fewshot": fewshot, "paired": comparisons}
     out["artifact"] = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(artifact).items()
     }

@@ -7,6 +7,7 @@ Input is the run's summary, a plain dict so it can also be rebuilt from ``summar
                  "epsilon_record": ..., "epsilon_user": ..., "seconds": ...}, ...],
      "final": {model: {population: {"sampled_hr@10": ..., ...}}},
      "fewshot": {model: {"k=1": {"sampled_hr@10": ..., ...}}},
+     "paired": {cases: {"A - B": {"sampled_hr@10": {"mean", "low", "high", ...}, ...}}},
      "meta": {...}}
 """
 
@@ -163,6 +164,21 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
                     f"{m[f'full_hr@{K}']:.4f} |"
                 )
         lines.append("")
+    paired = summary.get("paired", {})
+    if paired:
+        lines += [
+            f"## Paired differences (HR@{K}, A - B on the same users, 95% bootstrap interval)",
+            "",
+            "| cases | A - B | sampled | full |",
+            "|---|---|---|---|",
+        ]
+        for cases, rows in paired.items():
+            for pair, d in rows.items():
+                lines.append(
+                    f"| {cases} | {pair} | {format_difference(d[f'sampled_hr@{K}'])} | "
+                    f"{format_difference(d[f'full_hr@{K}'])} |"
+                )
+        lines.append("")
     rounds = summary.get("rounds", [])
     if rounds:
         keys = [k for k in rounds[0] if k != "round"]
@@ -179,6 +195,12 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
     for title, p in plots.items():
         lines += [f"![{title}]({p.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
+
+
+def format_difference(d: dict[str, float]) -> str:
+    """``+0.031 [+0.001, +0.064], A better`` (or ``B better``, or ``within noise``)."""
+    verdict = "A better" if d["low"] > 0 else "B better" if d["high"] < 0 else "within noise"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {verdict}"
 
 
 def _fmt(value: Any) -> str:

@@ -133,3 +133,27 @@ def test_flowers_info_lines_reach_the_terminal_only_with_verbose(tmp_path: Path)
     verbose = _fedrec("--verbose", *args, "--name", "verbose")
     assert verbose.returncode == 0, verbose.stderr[-2000:]
     assert verbose.stderr.count("configure_fit: strategy sampled 4 clients") == 1
+
+
+def test_simulate_summary_prints_the_paired_differences(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedrec.commands.simulate import _print_summary
+
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: no cell is wrapped
+
+    m = {"sampled_hr@10": 0.6, "sampled_ndcg@10": 0.4, "full_hr@10": 0.2, "full_ndcg@10": 0.1}
+    d_up = {"mean": 0.03, "low": 0.01, "high": 0.05}
+    d_flat = {"mean": 0.0, "low": -0.02, "high": 0.02}
+    summary = {
+        "final": {"student": {"federated": m}},
+        "paired": {"federated": {"a - b": {"sampled_hr@10": d_up, "full_hr@10": d_flat}}},
+        "meta": {"run directory": "runs/x"},
+    }
+    _print_summary(summary)
+    out = capsys.readouterr().out
+    assert "A better" in out and "within noise" in out and "+0.030" in out
+    # a summary without comparisons (e.g. rebuilt from an older summary.json) still prints
+    del summary["paired"]
+    _print_summary(summary)
+    assert "A better" not in capsys.readouterr().out

@@ -81,6 +81,30 @@ def test_paired_difference_hand_computed_cases():
     assert paired_difference([1, 1], [0, 0], k=1).b_better
 
 
+def test_compare_pairs_in_every_case_group_that_ranked_both():
+    from shared.eval.compare import compare_pairs
+    from shared.eval.protocol import CaseRanks
+
+    def ranks(*values: float) -> CaseRanks:
+        return CaseRanks(np.array(values), np.array(values) * 10)
+
+    groups = {
+        "federated": {"a": ranks(0, 0, 50, 50), "b": ranks(0, 50, 50, 50), "c": ranks(0, 0, 0, 0)},
+        "fewshot k=1": {"a": ranks(0, 50), "c": ranks(50, 50)},  # no b here
+    }
+    out = compare_pairs(groups, [("a", "b"), ("a", "c"), ("b", "missing")])
+    assert set(out) == {"federated", "fewshot k=1"}
+    assert set(out["federated"]) == {"a - b", "a - c"}
+    assert set(out["fewshot k=1"]) == {"a - c"}
+    # sampled ranks 0,0,50,50 vs 0,50,50,50: one more hit in four; full ranks are x10, so
+    # a's second case (rank 0) is still a hit and b's (500) a miss
+    assert out["federated"]["a - b"]["sampled_hr@10"]["mean"] == pytest.approx(0.25)
+    assert out["federated"]["a - b"]["full_hr@10"]["mean"] == pytest.approx(0.25)
+    assert out["federated"]["a - c"]["sampled_hr@10"]["mean"] == pytest.approx(-0.5)
+    assert out["fewshot k=1"]["a - c"]["full_hr@10"]["users"] == 2
+    assert compare_pairs(groups, [("x", "y")]) == {}
+
+
 def test_paired_difference_interval_width_matches_the_normal_approximation():
     from shared.eval.compare import paired_difference
 

@@ -52,10 +52,29 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         ],
         "final": {"ease": {"federated": _metrics(0.6)}, "student": {"federated": _metrics(0.7)}},
         "fewshot": {"student": {"k=1": _metrics(0.5), "k=3": _metrics(0.6)}},
+        "paired": {
+            "federated": {
+                "student - ease": {
+                    "sampled_hr@10": {"mean": 0.03, "low": 0.001, "high": 0.06},
+                    "full_hr@10": {"mean": -0.01, "low": -0.04, "high": 0.02},
+                }
+            },
+            "fewshot k=1": {
+                "student - ease": {
+                    "sampled_hr@10": {"mean": -0.05, "low": -0.09, "high": -0.01},
+                    "full_hr@10": {"mean": 0.0, "low": 0.0, "high": 0.0},
+                }
+            },
+        },
     }
     path = write_report(summary, tmp_path)
     text = path.read_text()
     assert "| student | federated | 0.7000" in text
+    assert (
+        "| federated | student - ease | +0.030 [+0.001, +0.060], A better | "
+        "-0.010 [-0.040, +0.020], within noise |" in text
+    )
+    assert "| fewshot k=1 | student - ease | -0.050 [-0.090, -0.010], B better |" in text
     for name in ("accuracy_per_round", "epsilon_per_round", "fewshot_vs_k", "comparison"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"

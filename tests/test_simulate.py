@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fedrec.cli import app
@@ -64,6 +65,18 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
         == (summary["fewshot"]["student (adapted)"]["k=3"]["sampled_hr@10"])
     )
     assert "fewshot k=1/ease fold-in" in ranks
+    # the report says which differences are beyond the noise of this many users
+    paired = summary["paired"]
+    assert set(paired) == {"federated", "fewshot k=1", "fewshot k=3"}
+    fed = paired["federated"]["student (federated) - student (pretrained)"]["full_hr@10"]
+    assert fed["users"] == final["student (federated)"]["federated"]["users"]
+    assert fed["mean"] == pytest.approx(
+        final["student (federated)"]["federated"]["full_hr@10"]
+        - final["student (pretrained)"]["federated"]["full_hr@10"]
+    )
+    assert fed["low"] <= fed["mean"] <= fed["high"]
+    assert "student (adapted) - ease fold-in" in paired["fewshot k=3"]
+    assert "## Paired differences" in (run / "report.md").read_text()
 
     # A rerun of the same run directory resumes from the checkpoint: no round is repeated.
     again = CliRunner().invoke(app, args)

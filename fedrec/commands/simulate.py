@@ -129,4 +129,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"{m['full_ndcg@10']:.4f}",
             )
     console.print(table)
+    paired = summary.get("paired", {}).get("federated", {})
+    if paired:
+        from simulation.report import format_difference
+
+        diffs = Table(title="Federated users, HR@10 A - B (95% interval over users)")
+        for col in ("A - B", "sampled", "full"):
+            diffs.add_column(col)
+        for pair, d in paired.items():
+            diffs.add_row(
+                pair, format_difference(d["sampled_hr@10"]), format_difference(d["full_hr@10"])
+            )
+        console.print(diffs)
     console.print(f"report: {summary['meta']['run directory']}/report.md")

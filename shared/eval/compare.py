@@ -13,6 +13,7 @@ on hand-computed cases and used by every benchmark that claims "A beats B".
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,3 +109,31 @@ def compare_ranks(
         f"sampled_hr@{k}": paired_difference(a.sampled, b.sampled, k, seed=seed),
         f"full_hr@{k}": paired_difference(a.full, b.full, k, seed=seed),
     }
+
+
+def compare_pairs(
+    ranks: Mapping[str, Mapping[str, CaseRanks]],
+    pairs: Iterable[tuple[str, str]],
+    k: int = 10,
+    *,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
+    """:func:`compare_ranks` of model ``a`` against model ``b`` for every ``(a, b)`` of
+    ``pairs``, in every case group of ``ranks`` (``{group: {model: CaseRanks}}``, e.g. the
+    federated users and each few-shot K) that ranked both; a group without one of the two is
+    left out. Returns ``{group: {"a - b": {"sampled_hr@k": {...}, "full_hr@k": {...}}}}`` as
+    plain dicts (for a JSON summary)."""
+    pairs = list(pairs)
+    out: dict[str, dict[str, dict[str, dict[str, float | int]]]] = {}
+    for group, models in ranks.items():
+        rows = {
+            f"{a} - {b}": {
+                metric: d.as_dict()
+                for metric, d in compare_ranks(models[a], models[b], k, seed=seed).items()
+            }
+            for a, b in pairs
+            if a in models and b in models
+        }
+        if rows:
+            out[group] = rows
+    return out
