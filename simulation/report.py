@@ -13,6 +13,7 @@ Input is the run's summary, a plain dict so it can also be rebuilt from ``summar
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -133,68 +134,69 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
         lines.append(f"- **{key}**: {value}")
     lines.append("")
     final = summary.get("final", {})
-    if final:
-        lines += [
-            "## Test accuracy (leave-one-out)",
-            "",
-            f"| model | population | sampled HR@{K} | sampled NDCG@{K} | full HR@{K} "
-            f"| full NDCG@{K} |",
-            "|---|---|---|---|---|---|",
-        ]
-        for model, pops in final.items():
-            for pop, m in pops.items():
-                lines.append(
-                    f"| {model} | {pop} | {m[f'sampled_hr@{K}']:.4f} | "
-                    f"{m[f'sampled_ndcg@{K}']:.4f} | {m[f'full_hr@{K}']:.4f} | "
-                    f"{m[f'full_ndcg@{K}']:.4f} |"
-                )
-        lines.append("")
+    lines += _table(
+        "Test accuracy (leave-one-out)",
+        ["model", "population", *(f"{m}@{K}" for m in _FINAL_COLUMNS)],
+        (
+            [model, pop, *(f"{m[key]:.4f}" for key in _FINAL_KEYS)]
+            for model, pops in final.items()
+            for pop, m in pops.items()
+        ),
+    )
     fewshot = summary.get("fewshot", {})
-    if fewshot:
-        lines += [
-            "## Few-shot (cold-start users)",
-            "",
-            f"| model | K | users | sampled HR@{K} | full HR@{K} |",
-            "|---|---|---|---|---|",
-        ]
-        for model, by_k in fewshot.items():
-            for k, m in by_k.items():
-                lines.append(
-                    f"| {model} | {k} | {m.get('users', '')} | {m[f'sampled_hr@{K}']:.4f} | "
-                    f"{m[f'full_hr@{K}']:.4f} |"
-                )
-        lines.append("")
+    lines += _table(
+        "Few-shot (cold-start users)",
+        ["model", "K", "users", f"sampled HR@{K}", f"full HR@{K}"],
+        (
+            [
+                model,
+                k,
+                str(m.get("users", "")),
+                f"{m[f'sampled_hr@{K}']:.4f}",
+                f"{m[f'full_hr@{K}']:.4f}",
+            ]
+            for model, by_k in fewshot.items()
+            for k, m in by_k.items()
+        ),
+    )
     paired = summary.get("paired", {})
-    if paired:
-        lines += [
-            f"## Paired differences (HR@{K}, A - B on the same users, 95% bootstrap interval)",
-            "",
-            "| cases | A - B | sampled | full |",
-            "|---|---|---|---|",
-        ]
-        for cases, rows in paired.items():
-            for pair, d in rows.items():
-                lines.append(
-                    f"| {cases} | {pair} | {format_difference(d[f'sampled_hr@{K}'])} | "
-                    f"{format_difference(d[f'full_hr@{K}'])} |"
-                )
-        lines.append("")
+    lines += _table(
+        f"Paired differences (HR@{K}, A - B on the same users, 95% bootstrap interval)",
+        ["cases", "A - B", "sampled", "full"],
+        (
+            [
+                cases,
+                pair,
+                format_difference(d[f"sampled_hr@{K}"]),
+                format_difference(d[f"full_hr@{K}"]),
+            ]
+            for cases, rows in paired.items()
+            for pair, d in rows.items()
+        ),
+    )
     rounds = summary.get("rounds", [])
-    if rounds:
-        keys = [k for k in rounds[0] if k != "round"]
-        lines += [
-            "## Rounds",
-            "",
-            "| round | " + " | ".join(keys) + " |",
-            "|---|" + "---|" * len(keys),
-        ]
-        for r in rounds:
-            cells = [_fmt(r.get(k)) for k in keys]
-            lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
-        lines.append("")
+    keys = [k for k in rounds[0] if k != "round"] if rounds else []
+    lines += _table(
+        "Rounds",
+        ["round", *keys],
+        ([str(r["round"]), *(_fmt(r.get(k)) for k in keys)] for r in rounds),
+    )
     for title, p in plots.items():
         lines += [f"![{title}]({p.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
+
+
+_FINAL_COLUMNS = ("sampled HR", "sampled NDCG", "full HR", "full NDCG")
+_FINAL_KEYS = tuple(f"{m}@{K}" for m in ("sampled_hr", "sampled_ndcg", "full_hr", "full_ndcg"))
+
+
+def _table(title: str, header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """A markdown section: ``## title`` and a table, or nothing when there is no row."""
+    body = ["| " + " | ".join(row) + " |" for row in rows]
+    if not body:
+        return []
+    head = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return [f"## {title}", "", *head, *body, ""]
 
 
 def format_difference(d: dict[str, float]) -> str:
