@@ -60,6 +60,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives import asymmetric as _flwr_asymmetric
 from flwr.supercore.run import RunNotRunningException
 
+from server.flower_patch import replace_if_unchanged
 from server.grid import DelegatingGrid
 from server.npy import load_npy
 from server.shamir import combine_shares, create_shares
@@ -111,8 +112,7 @@ def use_fast_secagg_helpers() -> None:
             parsed_private_key,
         ),
     ):
-        if getattr(module, name, None) is original:
-            setattr(module, name, replacement)
+        replace_if_unchanged(module, name, original, replacement)
 
 
 @dataclass(frozen=True)

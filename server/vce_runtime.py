@@ -38,6 +38,8 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
+from server.flower_patch import replace_if_unchanged
+
 __all__ = [
     "DISPATCH_INTERVAL_S",
     "JOBS_PER_ACTOR",
@@ -112,7 +114,7 @@ class PipelinedRayBackend(_FlowerRayBackend):
 def tune_simulation_runtime() -> None:
     """Make Flower's simulation runtime use :func:`add_pending_messages_to_queue` and
     :class:`PipelinedRayBackend` (see the module docstring)."""
-    if getattr(_vce_api, "add_messages_to_queue", None) is _flower_dispatch:
-        setattr(_vce_api, "add_messages_to_queue", add_pending_messages_to_queue)  # noqa: B010
-    if getattr(_ray_backend, "RayBackend", None) is _FlowerRayBackend:
-        setattr(_ray_backend, "RayBackend", PipelinedRayBackend)  # noqa: B010
+    replace_if_unchanged(
+        _vce_api, "add_messages_to_queue", _flower_dispatch, add_pending_messages_to_queue
+    )
+    replace_if_unchanged(_ray_backend, "RayBackend", _FlowerRayBackend, PipelinedRayBackend)

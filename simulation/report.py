@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from shared.eval.compare import PairedDifference
 from shared.io import write_bytes_atomic
 
 K = 10
@@ -199,10 +200,12 @@ def _table(title: str, header: list[str], rows: Iterable[list[str]]) -> list[str
     return [f"## {title}", "", *head, *body, ""]
 
 
-def format_difference(d: dict[str, float]) -> str:
-    """``+0.031 [+0.001, +0.064], A better`` (or ``B better``, or ``within noise``)."""
-    verdict = "A better" if d["low"] > 0 else "B better" if d["high"] < 0 else "within noise"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {verdict}"
+def format_difference(d: dict[str, Any]) -> str:
+    """``+0.031 [+0.001, +0.064], A better`` (or ``B better``, or ``within noise``) for a
+    :meth:`PairedDifference.as_dict` of the summary."""
+    diff = PairedDifference(**d)
+    verdict = "A better" if diff.a_better else "B better" if diff.b_better else "within noise"
+    return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}], {verdict}"
 
 
 def _fmt(value: Any) -> str:

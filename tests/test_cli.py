@@ -143,8 +143,8 @@ def test_simulate_summary_prints_the_paired_differences(
     monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: no cell is wrapped
 
     m = {"sampled_hr@10": 0.6, "sampled_ndcg@10": 0.4, "full_hr@10": 0.2, "full_ndcg@10": 0.1}
-    d_up = {"mean": 0.03, "low": 0.01, "high": 0.05}
-    d_flat = {"mean": 0.0, "low": -0.02, "high": 0.02}
+    d_up = {"mean": 0.03, "low": 0.01, "high": 0.05, "level": 0.95, "users": 9}
+    d_flat = {"mean": 0.0, "low": -0.02, "high": 0.02, "level": 0.95, "users": 9}
     summary = {
         "final": {"student": {"federated": m}},
         "paired": {"federated": {"a - b": {"sampled_hr@10": d_up, "full_hr@10": d_flat}}},

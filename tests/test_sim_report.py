@@ -32,6 +32,7 @@ def test_run_directory_logs_jsonl_and_skips_a_torn_line(tmp_path: Path) -> None:
 
 
 def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
+    n = {"level": 0.95, "users": 40}  # as PairedDifference.as_dict writes them
     summary = {
         "meta": {"dataset": "synthetic", "rounds": 2},
         "rounds": [
@@ -55,14 +56,14 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         "paired": {
             "federated": {
                 "student - ease": {
-                    "sampled_hr@10": {"mean": 0.03, "low": 0.001, "high": 0.06},
-                    "full_hr@10": {"mean": -0.01, "low": -0.04, "high": 0.02},
+                    "sampled_hr@10": {"mean": 0.03, "low": 0.001, "high": 0.06, **n},
+                    "full_hr@10": {"mean": -0.01, "low": -0.04, "high": 0.02, **n},
                 }
             },
             "fewshot k=1": {
                 "student - ease": {
-                    "sampled_hr@10": {"mean": -0.05, "low": -0.09, "high": -0.01},
-                    "full_hr@10": {"mean": 0.0, "low": 0.0, "high": 0.0},
+                    "sampled_hr@10": {"mean": -0.05, "low": -0.09, "high": -0.01, **n},
+                    "full_hr@10": {"mean": 0.0, "low": 0.0, "high": 0.0, **n},
                 }
             },
         },
