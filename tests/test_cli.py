@@ -157,3 +157,28 @@ def test_simulate_summary_prints_the_paired_differences(
     del summary["paired"]
     _print_summary(summary)
     assert "A better" not in capsys.readouterr().out
+
+
+def test_client_start_passes_the_refit_flags_to_the_learner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedrec.commands.client as client_commands
+    from client.device.training import LearnerConfig
+    from server.pki import create_pki
+
+    seen: list[LearnerConfig | None] = []
+    monkeypatch.setattr(
+        client_commands, "_run_daemon", lambda *args, **kwargs: seen.append(args[-1])
+    )
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(b"x")
+    common = ["client", "start", "--state-dir", str(tmp_path / "d"), "--server", "127.0.0.1:1"]
+    common += ["--root-cert", str(create_pki(tmp_path / "certs").ca_cert), "--bundle", str(bundle)]
+    for flags in ([], ["--no-exclude-seen", "--personal-steps", "3"], ["--exclude-seen"]):
+        result = runner.invoke(app, [*common, *flags])
+        assert result.exit_code == 0, result.output
+    assert [(c.exclude_seen, c.personal_steps) for c in seen if c] == [
+        (None, None),  # the federation's
+        (False, 3),
+        (True, None),
+    ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from client.device.daemon import Daemon, DaemonConfig
 from client.device.identity import init_identity
 from client.device.store import Event
 from client.device.supernode import SuperNodeOptions, supernode_spec
-from client.device.training import DeviceLearner, FederatedFiles, LearnerConfig
+from client.device.training import DeviceLearner, FederatedFiles, LearnerConfig, PersonalFit
 from server.pki import create_pki
 from shared.errors import ConfigError
 from shared.federated.bundle import save_bundle
@@ -66,6 +67,7 @@ def _device_task(device: Path, bundle: Path) -> object:
         "batch-size": 4,
         "personal-steps": 7,
         "personal-lr": 0.02,
+        "exclude-seen": False,
     }
     run_config = deployment_run_config(
         server_side, {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
@@ -89,7 +91,8 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     files = FederatedFiles(device)
     assert files.global_version() == 2  # round 3 trains from the model of round 2
     received = files.read_global()
-    assert received is not None and received.personal_fit == (7, 0.02)  # for the daemon's refit
+    # for the daemon's refit: the federation's steps, rate and objective
+    assert received is not None and received.personal_fit == PersonalFit(7, 0.02, False)
     assert files.rounds_joined() == 1
     assert not files.personal.exists()  # the adapter is the daemon's, fitted when it serves
     assert (device / "privacy" / "ledger.json").exists()  # the device's own ledger
@@ -137,10 +140,10 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         _wait_until(lambda: daemon.status().model_version == "5+personal")
         assert learner.adaptations == 2 and files.personal.read_bytes() != adapter
         # the federation's run config turns the refit off (personal-steps = 0)
-        files.write_global(6, arrays, personal_fit=(0, 0.001))
+        files.write_global(6, arrays, personal_fit=PersonalFit(0, 0.001))
         _wait_until(lambda: daemon.status().model_version == "6")
         assert learner.adaptations == 2 and not files.personal.exists()
-        files.write_global(7, arrays, personal_fit=(3, 0.001))
+        files.write_global(7, arrays, personal_fit=PersonalFit(3, 0.001))
         _wait_until(lambda: daemon.status().model_version == "7+personal")
         # erasing the user's data also erases the adapter fitted on it; the global model
         # (version 7, not personal) is served again
@@ -148,6 +151,46 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         assert not files.personal.exists()
         _wait_until(lambda: daemon.status().model_version == "7")
         learner.stop()
+
+
+def test_learner_refits_with_the_federations_objective(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.federated.local_training as local_training
+
+    calls: list[bool] = []
+    real = local_training.fit_personal
+
+    def spy(*args: Any, exclude_seen: bool = True, **kwargs: Any) -> float:
+        calls.append(exclude_seen)
+        return real(*args, exclude_seen=exclude_seen, **kwargs)
+
+    monkeypatch.setattr(local_training, "fit_personal", spy)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        daemon.add_events(_events(6))
+        arrays = get_global_arrays(learner.bundle.student)
+        learner.files.write_global(2, arrays, personal_fit=PersonalFit(2, 0.01, False))
+        learner.refresh(adapt=False)
+        learner.files.write_global(3, arrays, personal_fit=PersonalFit(2, 0.01, True))
+        learner.refresh(adapt=False)
+        assert daemon.status().model_version == "3+personal"
+    assert calls == [False, True]
+
+
+def test_global_model_file_of_an_older_version_refits_with_the_default_objective(
+    tmp_path: Path,
+) -> None:
+    files = FederatedFiles(tmp_path)
+    files.directory.mkdir(parents=True)
+    arrays = {"arr_0000": np.ones(3, dtype=np.float32)}
+    np.savez(files.global_params, version=4, count=1, personal_steps=5, personal_lr=0.01, **arrays)
+    received = files.read_global()
+    assert received is not None and received.personal_fit == PersonalFit(5, 0.01, True)
+    np.savez(files.global_params, version=5, count=1, **arrays)
+    received = files.read_global()
+    assert received is not None and received.personal_fit is None
 
 
 def test_learner_refuses_a_bundle_of_another_catalog(
@@ -206,9 +249,12 @@ def test_learner_refits_with_its_flags_else_the_federations_else_the_defaults() 
     from shared.federated.local_config import LocalTrainConfig
 
     train = LocalTrainConfig()
-    assert LearnerConfig().personal_fit(None) == (train.personal_steps, train.personal_lr)
-    assert LearnerConfig().personal_fit((7, 0.02)) == (7, 0.02)
-    assert LearnerConfig(personal_steps=0).personal_fit((7, 0.02)) == (0, 0.02)
-    assert LearnerConfig(personal_lr=0.5).personal_fit(None) == (train.personal_steps, 0.5)
+    defaults = PersonalFit(train.personal_steps, train.personal_lr, train.exclude_seen)
+    federation = PersonalFit(7, 0.02, False)
+    assert LearnerConfig().personal_fit(None) == defaults
+    assert LearnerConfig().personal_fit(federation) == federation
+    assert LearnerConfig(personal_steps=0).personal_fit(federation) == (0, 0.02, False)
+    assert LearnerConfig(personal_lr=0.5).personal_fit(None) == (train.personal_steps, 0.5, True)
+    assert LearnerConfig(exclude_seen=True).personal_fit(federation) == (7, 0.02, True)
     with pytest.raises(ConfigError, match="personal-steps must be >= 0"):
         LearnerConfig(personal_steps=-1)

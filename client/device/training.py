@@ -65,14 +65,29 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- shared files
 
 
+class PersonalFit(NamedTuple):
+    """How a device refits its personal adapter against a global model: the federation's
+    ``personal-steps``, ``personal-lr`` and ``exclude-seen``
+    (:func:`~shared.federated.local_training.fit_personal`)."""
+
+    steps: int
+    lr: float
+    exclude_seen: bool = True
+
+    @classmethod
+    def of(cls, train: LocalTrainConfig) -> PersonalFit:
+        return cls(train.personal_steps, train.personal_lr, train.exclude_seen)
+
+
 class ReceivedGlobal(NamedTuple):
     """A global model as the ClientApp kept it in ``global.npz``."""
 
     version: int
     arrays: list[npt.NDArray[Any]]
-    #: ``(personal_steps, personal_lr)`` of the run config it came with; ``None`` in a file
-    #: kept by an older version
-    personal_fit: tuple[int, float] | None
+    #: the refit of the run config it came with; ``None`` in a file kept by a version that
+    #: did not record it (``exclude_seen`` defaults to ``True`` in one that recorded only
+    #: the steps and the rate)
+    personal_fit: PersonalFit | None
 
 
 @dataclass(frozen=True)
@@ -128,7 +143,10 @@ class FederatedFiles:
                     out = [np.asarray(data[f"arr_{i:04d}"]) for i in range(count)]
                 personal_fit = None
                 if "personal_steps" in data and "personal_lr" in data:
-                    personal_fit = (int(data["personal_steps"]), float(data["personal_lr"]))
+                    exclude = bool(data["exclude_seen"]) if "exclude_seen" in data else True
+                    personal_fit = PersonalFit(
+                        int(data["personal_steps"]), float(data["personal_lr"]), exclude
+                    )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError) as exc:
@@ -137,10 +155,10 @@ class FederatedFiles:
         return ReceivedGlobal(version, out, personal_fit)
 
     def write_global(
-        self, version: int, arrays: Arrays, personal_fit: tuple[int, float] | None = None
+        self, version: int, arrays: Arrays, personal_fit: PersonalFit | None = None
     ) -> bool:
         """Keep ``arrays`` as global model ``version`` unless a newer one is already kept,
-        with the federation's ``(personal_steps, personal_lr)`` for the daemon's refit."""
+        with the federation's refit settings for the daemon."""
         current = self.global_version()
         if current is not None and current >= version:
             return False
@@ -153,6 +171,7 @@ class FederatedFiles:
         if personal_fit is not None:
             named["personal_steps"] = np.asarray(personal_fit[0], dtype=np.int64)
             named["personal_lr"] = np.asarray(personal_fit[1], dtype=np.float64)
+            named["exclude_seen"] = np.asarray(personal_fit.exclude_seen, dtype=np.bool_)
         np.savez(buf, allow_pickle=False, **named)
         write_bytes_atomic(self.global_params, buf.getvalue())
         return True
@@ -242,8 +261,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             return DeviceClientState(self.layout, self._budget)
 
         def _keep_global(self, version: int, parameters: Arrays) -> None:
-            train = self.train_config
-            fit = (train.personal_steps, train.personal_lr)
+            fit = PersonalFit.of(self.train_config)
             self.files.write_global(version, parameters, personal_fit=fit)
 
         def fit(
@@ -322,17 +340,19 @@ class LearnerConfig:
 
     ``debounce_s``: wait this long after the last new event before adapting (a burst of
     events costs one adaptation). ``poll_s``: how often the ClientApp's files are checked.
-    ``personal_steps`` / ``personal_lr``: how the personal adapter is refitted against each
-    served global model. ``None`` follows the federation: the values of the run config that
-    came with the newest global model (``personal-steps`` / ``personal-lr``), or
-    :class:`LocalTrainConfig`'s defaults (where they were measured) before any model came.
-    A value set here overrides the federation's on this device.
+    ``personal_steps`` / ``personal_lr`` / ``exclude_seen``: how the personal adapter is
+    refitted against each served global model. ``None`` follows the federation: the values
+    of the run config that came with the newest global model (``personal-steps`` /
+    ``personal-lr`` / ``exclude-seen``), or :class:`LocalTrainConfig`'s defaults (where they
+    were measured) before any model came. A value set here overrides the federation's on
+    this device.
     """
 
     debounce_s: float = 2.0
     poll_s: float = 0.5
     personal_steps: int | None = None
     personal_lr: float | None = None
+    exclude_seen: bool | None = None
     num_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -343,13 +363,14 @@ class LearnerConfig:
         ):
             raise ConfigError("personal-steps must be >= 0 and personal-lr > 0")
 
-    def personal_fit(self, federation: tuple[int, float] | None) -> tuple[int, float]:
-        """The ``(steps, lr)`` to refit with: this config's, else the federation's, else
-        the defaults."""
-        steps, lr = federation or (LocalTrainConfig.personal_steps, LocalTrainConfig.personal_lr)
-        return (
-            steps if self.personal_steps is None else self.personal_steps,
-            lr if self.personal_lr is None else self.personal_lr,
+    def personal_fit(self, federation: PersonalFit | None) -> PersonalFit:
+        """The refit to use: each of this config's values, else the federation's, else the
+        defaults."""
+        base = federation or PersonalFit.of(LocalTrainConfig())
+        return PersonalFit(
+            base.steps if self.personal_steps is None else self.personal_steps,
+            base.lr if self.personal_lr is None else self.personal_lr,
+            base.exclude_seen if self.exclude_seen is None else self.exclude_seen,
         )
 
 
@@ -511,10 +532,12 @@ class DeviceLearner:
             pending = self.daemon.store.adaptation_pending()
             history = np.asarray(self.daemon.history(), dtype=np.int64)
             personal = self.files.personal
-            steps, lr = self.config.personal_fit(federation_fit)
-            if steps > 0 and len(history) >= 2:
+            fit = self.config.personal_fit(federation_fit)
+            if fit.steps > 0 and len(history) >= 2:
                 # refitted against the global model it will be served with, from the start
-                fit_personal(student, history, init, steps, lr)
+                fit_personal(
+                    student, history, init, fit.steps, fit.lr, exclude_seen=fit.exclude_seen
+                )
                 buf = io.BytesIO()
                 torch.save(student.adapter.state_dict(), buf)
                 write_bytes_atomic(personal, buf.getvalue())

@@ -224,6 +224,15 @@ def start(
             f"(personal-lr), else {LocalTrainConfig.personal_lr}.",
         ),
     ] = None,
+    exclude_seen: Annotated[
+        bool | None,
+        typer.Option(
+            "--exclude-seen/--no-exclude-seen",
+            help="Leave the history window's own items out of those steps' softmax. Default: "
+            f"the federation's run config (exclude-seen), else {LocalTrainConfig.exclude_seen}.",
+            show_default=False,
+        ),
+    ] = None,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
@@ -253,7 +262,10 @@ def start(
         )
     assert server is not None and root_cert is not None and bundle is not None
     learner = LearnerConfig(
-        debounce_s=adapt_debounce, personal_steps=personal_steps, personal_lr=personal_lr
+        debounce_s=adapt_debounce,
+        personal_steps=personal_steps,
+        personal_lr=personal_lr,
+        exclude_seen=exclude_seen,
     )
     options = SuperNodeOptions(
         server=server, root_cert=root_cert, bundle=bundle, runtime_port=supernode_port

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from shared.data.registry import load_dataset
 
 from fedrec.options import (
     DataDirOpt,
@@ -22,6 +21,7 @@ from fedrec.options import (
     explicit_options,
 )
 from shared.config import from_flat, parse_run_config
+from shared.data.registry import load_dataset
 from shared.errors import ConfigError
 from shared.eval.baseline_benchmark import (
     BaselineConfig,

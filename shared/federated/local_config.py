@@ -66,8 +66,7 @@ class LocalTrainConfig:
     -0.001, -0.017 (within noise) and -0.019. The personal adapter gained +0.019, +0.017,
     +0.019, +0.022 (intervals above 0) and +0.006 sampled HR@10 over the federated model
     where it had gained +0.013 and +0.006. The device daemon's refits
-    (``client/device/training.py``) always exclude: its model files carry the federation's
-    ``personal-steps`` / ``personal-lr``, not this flag. On
+    (``client/device/training.py``) follow it too: it comes with each global model. On
     ml-100k it changes nothing measurable: the split-noise recipe in
     ``bench/federation_emulator.py`` (100 rounds) gives 0.682 / 0.178 against 0.688 / 0.181
     sampled / full, and 20 adapter steps ``bench/personal_steps.py`` +0.015 against +0.018
