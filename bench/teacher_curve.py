@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,8 +134,7 @@ def main() -> None:
         "picks": picks,
         "default_stop": at(stop),
         "seconds": round(time.perf_counter() - start, 1),
-        "command": "python bench/teacher_curve.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": " ".join(["python", "bench/teacher_curve.py", *sys.argv[1:]]),
     }
     print(json.dumps(out, indent=2))
 
