@@ -117,8 +117,8 @@ class TeacherConfig:
     170 public users of ml-100k: about 40 s on two idle CPU cores.
 
     Keep ``patience`` short on ml-100k: past epoch 20 the sequence teacher over-fits the 170
-    public users while their validation sampled NDCG@10 stays flat (0.44 to 0.455 up to
-    epoch 70), so a longer wait keeps a late, worse epoch. Run without stopping
+    public users while their validation sampled NDCG@10 stays flat (0.43 to 0.455 from
+    epoch 12 to 70), so a longer wait keeps a late, worse epoch. Run without stopping
     (``bench/teacher_curve.py``, ``bench/results/teacher-curve-ml-100k.json``), sampled NDCG
     picks epoch 62, whose federated-user test is 0.632 / 0.118 HR@10, against 0.682 / 0.171
     where patience 5 stops (epoch 20). The public users' validation NLL and full NDCG@10 see
