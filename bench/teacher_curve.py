@@ -32,7 +32,7 @@ from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.models.base import Scorer
 from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import EncoderConfig, encode_items
-from shared.training.trainer import Validation
+from shared.training.trainer import EarlyStopping, Validation
 
 CRITERIA = {  # name -> (row key, True when larger is better)
     "public validation sampled NDCG@10": ("valid_sampled_ndcg@10", True),
@@ -76,17 +76,14 @@ class RecordingValidation(Validation):
 
 
 def default_stop(values: list[float], patience: int) -> int:
-    """Index of the row the default early stopping keeps: the best so far when ``patience``
-    validations in a row have not improved on it (or the best of all)."""
-    best, since = 0, 0
+    """Index of the row the default early stopping (:class:`EarlyStopping`) keeps."""
+    stopping, kept = EarlyStopping(patience), 0
     for i, value in enumerate(values):
-        if value > values[best]:
-            best, since = i, 0
-        elif i:
-            since += 1
-            if since >= patience:
-                break
-    return best
+        if stopping.update(value):
+            kept = i
+        elif stopping.exhausted:
+            break
+    return kept
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ from shared.models.teacher import (
 )
 from shared.training.distill import distillation_loss, kd_objective, prefix_windows
 from shared.training.trainer import (
+    EarlyStopping,
     TrainConfig,
     Validation,
     make_causal_windows,
@@ -136,6 +137,21 @@ def small_student(dropout: float = 0.0) -> StudentModel:
 
 
 # --------------------------------------------------------------------------- building blocks
+
+
+def test_early_stopping_counts_validations_without_a_new_best() -> None:
+    stopping = EarlyStopping(patience=2)
+    # a tie is not a new best; a new best resets the count
+    seen = [(stopping.update(v), stopping.exhausted) for v in (0.1, 0.3, 0.2, 0.4, 0.4, 0.3)]
+    assert seen == [
+        (True, False),
+        (True, False),
+        (False, False),
+        (True, False),
+        (False, False),
+        (False, True),
+    ]
+    assert stopping.best == 0.4
 
 
 def test_pad_histories_keeps_the_latest_items_left_padded() -> None:

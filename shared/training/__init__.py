@@ -8,6 +8,7 @@
 from shared.training.distill import distill, distillation_loss, kd_objective, prefix_windows
 from shared.training.trainer import (
     CausalWindows,
+    EarlyStopping,
     LengthBucketSampler,
     NextItemExamples,
     TrainConfig,
@@ -28,6 +29,7 @@ from shared.training.trainer import (
 
 __all__ = [
     "CausalWindows",
+    "EarlyStopping",
     "LengthBucketSampler",
     "NextItemExamples",
     "TrainConfig",

@@ -400,6 +400,30 @@ class TrainHistory:
     seconds: float = 0.0
 
 
+@dataclass
+class EarlyStopping:
+    """The stopping rule of :func:`fit_with_early_stopping`: a validation value is a new best
+    when it beats every earlier one, and training stops once ``patience`` validations in a
+    row brought none. Replayable on a recorded curve (``bench/teacher_curve.py``)."""
+
+    patience: int
+    best: float = -math.inf
+    bad: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record one validation value; True when it is a new best."""
+        if value > self.best:
+            self.best, self.bad = value, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """``patience`` validations in a row without a new best."""
+        return self.bad >= self.patience
+
+
 def fit_with_early_stopping(
     model: nn.Module,
     run_epoch: Callable[[int], float],
@@ -416,8 +440,7 @@ def fit_with_early_stopping(
     history = TrainHistory()
     start = time.perf_counter()
     best_state: dict[str, torch.Tensor] | None = None
-    best = -math.inf
-    bad = 0
+    stopping = EarlyStopping(config.patience)
     bar = tqdm(range(1, config.epochs + 1), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
         loss = run_epoch(epoch)
@@ -429,16 +452,13 @@ def fit_with_early_stopping(
                 value = float(validate())
             history.validations.append((epoch, value))
             postfix[config.metric] = f"{value:.4f}"
-            if value > best:
-                best, bad = value, 0
+            if stopping.update(value):
                 history.best_epoch, history.best_metric = epoch, value
                 best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad += 1
-                if bad >= config.patience:
-                    history.stopped_early = True
-                    bar.set_postfix(postfix)
-                    break
+            elif stopping.exhausted:
+                history.stopped_early = True
+                bar.set_postfix(postfix)
+                break
         bar.set_postfix(postfix)
         log.debug("%s epoch %d: %s", desc, epoch, postfix)
     bar.close()
