@@ -169,8 +169,8 @@ class FederatedFiles:
         named["version"] = np.asarray(version, dtype=np.int64)
         named["count"] = np.asarray(len(arrays), dtype=np.int64)
         if personal_fit is not None:
-            named["personal_steps"] = np.asarray(personal_fit[0], dtype=np.int64)
-            named["personal_lr"] = np.asarray(personal_fit[1], dtype=np.float64)
+            named["personal_steps"] = np.asarray(personal_fit.steps, dtype=np.int64)
+            named["personal_lr"] = np.asarray(personal_fit.lr, dtype=np.float64)
             named["exclude_seen"] = np.asarray(personal_fit.exclude_seen, dtype=np.bool_)
         np.savez(buf, allow_pickle=False, **named)
         write_bytes_atomic(self.global_params, buf.getvalue())
