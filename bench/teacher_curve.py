@@ -27,6 +27,7 @@ import numpy.typing as npt
 import torch
 
 from shared.data.registry import load_dataset
+from shared.errors import FedRecError
 from shared.eval.protocol import evaluate_split, loo_cases
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.models.base import Scorer
@@ -95,10 +96,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=70)
     parser.add_argument("--eval-every", type=int, default=TeacherConfig.eval_every)
     args = parser.parse_args()
+    if args.epochs < 1 or args.eval_every < 1:
+        parser.error("--epochs and --eval-every must be >= 1")
     torch.set_num_threads(2)
     start = time.perf_counter()
 
-    ds = load_dataset(args.dataset, args.data_dir, synthetic_seed=args.seed, download=False)
+    try:
+        ds = load_dataset(args.dataset, args.data_dir, synthetic_seed=args.seed)
+    except FedRecError as err:
+        parser.error(str(err))
     split = split_users(ds, SplitConfig(seed=args.seed))
     text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
     config = TeacherConfig(
