@@ -59,6 +59,7 @@ from shared.errors import ConfigError
 from shared.federated.local_config import check_noise_shares
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
+from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 
 if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-dp is on
     from server.user_dp import UserLevelDP
@@ -133,12 +134,12 @@ class ServerConfig:
     #: User-level differential privacy (DP-FedAvg).
     user_dp: bool = False
     user_dp_noise_multiplier: float = 1.0
-    #: Per-client update L2 bound C (required with user-dp).
-    user_dp_clip: float = 0.0
+    #: Per-client update L2 bound C (> 0 with user-dp); the default is the simulation's.
+    user_dp_clip: float = USER_DP_CLIP
     #: 0 = 1 / population-size.
     user_dp_delta: float = 0.0
-    #: 0 = no budget; else the run ends before a round that would exceed it.
-    user_dp_epsilon_budget: float = 0.0
+    #: The run ends before a round that would exceed it; 0 = no budget.
+    user_dp_epsilon_budget: float = PrivacyBudget.epsilon
     #: Number of clients that can be sampled (N in q = m / N); 0 = nodes at the start.
     population_size: int = 0
     #: The server optimiser (server/server_optimizer.py): 'avg' (FedAvg) or 'adam' (FedAdam).

@@ -11,13 +11,42 @@ import re
 from dataclasses import dataclass
 
 from server.server_optimizer import ServerOptimizerSettings
+from shared.config import to_flat
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
+from shared.federated.task import RunConfigValue
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
-from shared.privacy.budget import PrivacyBudget
+from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
+
+TASK = "shared.federated.student_task:make_task"
+"""The federated task every simulation runs: the distilled student."""
+
+RESUMABLE_KEYS = frozenset(
+    {
+        "rounds",  # a rerun with more rounds continues the run
+        "eval-size",
+        "shots",
+        "adapt-steps",
+        "adapt-lr",
+        "secagg-timeout",
+        "backend",
+        "num-cpus-per-client",
+        "num-gpus-per-client",
+        "ray-address",
+        "device",
+        "run-dir",
+        "name",
+        "cache-dir",
+        "publish-each-round",
+        "progress",
+    }
+)
+"""Keys a rerun of a run directory may change: how far it trains, how it is evaluated, and
+where and how it runs. Any other change would resume the checkpoints and privacy ledgers
+under settings they were not produced with (:meth:`simulation.run_dir.RunDirectory.claim`)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +86,7 @@ class SimulationConfig:
     # user-level DP (server noise on the clipped, weight-1 updates; delta 0 = 1 / clients)
     user_dp: bool = False
     user_dp_noise_multiplier: float = 1.0
-    # near the clients' median update norm, which bounds the noise without biting: about 0.1
-    # on ml-100k and 0.07 on the synthetic world (bench/federation_emulator.py --user-dp)
-    user_dp_clip: float = 0.1
+    user_dp_clip: float = USER_DP_CLIP
     user_dp_delta: float = 0.0
     user_dp_epsilon_budget: float = PrivacyBudget.epsilon
     local_epochs: int = LocalTrainConfig.local_epochs
@@ -127,11 +154,66 @@ class SimulationConfig:
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
+        if self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            raise ConfigError(
+                f"name must be a folder name inside run-dir (no '/' and not '.' or '..'), "
+                f"got {self.name!r}"
+            )
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
         # the form only: whether that GPU exists is checked where the clients train
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_apps_accept()
+
+    def server_run_config(self, n_clients: int) -> dict[str, RunConfigValue]:
+        """The ServerApp's and ClientApp's run config over ``n_clients`` virtual clients,
+        without the run's files (bundle, checkpoint, artifact and state directories: empty,
+        i.e. off, until the pipeline sets them)."""
+        cohort = min(self.cohort_size, n_clients)
+        return {
+            "task": TASK,
+            "num-rounds": self.rounds,
+            "cohort-size": cohort,
+            "min-cohort": min(2, cohort),
+            "min-available-clients": n_clients,
+            "eval-size": min(self.eval_size, n_clients),
+            "eval-fraction": 1.0 if self.eval_size else 0.0,
+            "seed": self.seed,
+            "secagg": self.secagg,
+            "secagg-num-shares": self.secagg_num_shares,
+            "secagg-reconstruction-threshold": self.secagg_reconstruction_threshold,
+            "secagg-clipping-range": self.secagg_clipping_range,
+            "secagg-timeout": self.secagg_timeout,
+            "bundle": "",
+            "checkpoint-dir": "",
+            "artifact-dir": "",
+            "state-dir": "",
+            "epsilon-budget": self.epsilon_budget,
+            "delta": self.delta,
+            # every client-training knob, from the one object that defines them (each client
+            # re-seeds its own rounds, so the base seed is not sent)
+            **{k: v for k, v in to_flat(self.local_train_config()).items() if k != "seed"},
+            "meta-learning": self.meta_learning,
+            "device": self.device,
+            **self.server_optimizer_settings().run_config(),
+            "user-dp": self.user_dp,
+            "user-dp-noise-multiplier": self.user_dp_noise_multiplier,
+            "user-dp-clip": self.user_dp_clip,
+            "user-dp-delta": self.user_dp_delta,
+            "user-dp-epsilon-budget": self.user_dp_epsilon_budget,
+            "population-size": n_clients,
+        }
+
+    def _check_apps_accept(self) -> None:
+        """Build the server's and the clients' typed configs from this run config now, so
+        a bad privacy or SecAgg+ setting stops the command before data, text encoding and
+        pretraining rather than after them. The population is not known yet: the smallest
+        that fits the cohort stands in (the pipeline caps the cohort at the population)."""
+        from server.server_app import ServerConfig  # Flower: imported only when checked
+
+        PrivacyBudget(self.epsilon_budget, self.delta)
+        ServerConfig.from_run_config(self.server_run_config(max(self.cohort_size, 2)))
 
     def server_optimizer_settings(self) -> ServerOptimizerSettings:
         """The server's optimiser in this simulation (validated where it is defined)."""

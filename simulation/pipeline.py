@@ -48,7 +48,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import EncoderConfig, encode_items
-from simulation.config import SimulationConfig
+from simulation.config import RESUMABLE_KEYS, SimulationConfig
 from simulation.pretrain import configs_for, default_cache_root, pretrain
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
@@ -56,7 +56,6 @@ from simulation.run_dir import RunDirectory
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
-TASK = "shared.federated.student_task:make_task"
 
 PAIRED_COMPARISONS = (
     ("student (federated)", "student (pretrained)"),  # did the federation help?
@@ -78,7 +77,18 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     """Run every stage; returns the summary (also written to ``summary.json``)."""
     started = time.perf_counter()
     run = RunDirectory(_run_root(config))
-    run.write_config({"simulation": to_flat(config)})
+    try:
+        run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
+        return _run_stages(config, run, started, progress)
+    except BaseException:
+        # a run that failed before its first round leaves no empty folder behind
+        run.discard_if_new_and_empty()
+        raise
+
+
+def _run_stages(
+    config: SimulationConfig, run: RunDirectory, started: float, progress: ProgressFn
+) -> dict[str, Any]:
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_root()
 
     progress("data", {"dataset": config.dataset})
@@ -200,39 +210,13 @@ def _client_data(split: ProtocolSplit) -> ClientData:
 def _server_run_config(
     config: SimulationConfig, run: RunDirectory, bundle: Path, n: int
 ) -> dict[str, Any]:
-    cohort = min(config.cohort_size, n)
+    """The run config of this simulation's apps, with this run's files."""
     return {
-        "task": TASK,
-        "num-rounds": config.rounds,
-        "cohort-size": cohort,
-        "min-cohort": min(2, cohort),
-        "min-available-clients": n,
-        "eval-size": min(config.eval_size, n),
-        "eval-fraction": 1.0 if config.eval_size else 0.0,
-        "seed": config.seed,
-        "secagg": config.secagg,
-        "secagg-num-shares": config.secagg_num_shares,
-        "secagg-reconstruction-threshold": config.secagg_reconstruction_threshold,
-        "secagg-clipping-range": config.secagg_clipping_range,
-        "secagg-timeout": config.secagg_timeout,
+        **config.server_run_config(n),
         "bundle": str(bundle),
         "checkpoint-dir": str(run.checkpoints),
         "artifact-dir": str(run.root / "models") if config.publish_each_round else "",
         "state-dir": str(run.root / "clients"),
-        "epsilon-budget": config.epsilon_budget,
-        "delta": config.delta,
-        # every client-training knob, from the one object that defines them (each client
-        # re-seeds its own rounds, so the base seed is not sent)
-        **{k: v for k, v in to_flat(config.local_train_config()).items() if k != "seed"},
-        "meta-learning": config.meta_learning,
-        "device": config.device,
-        **config.server_optimizer_settings().run_config(),
-        "user-dp": config.user_dp,
-        "user-dp-noise-multiplier": config.user_dp_noise_multiplier,
-        "user-dp-clip": config.user_dp_clip,
-        "user-dp-delta": config.user_dp_delta,
-        "user-dp-epsilon-budget": config.user_dp_epsilon_budget,
-        "population-size": n,
     }
 
 
@@ -260,18 +244,16 @@ def _federate(
     from server.strategy import RoundReport
 
     run_config = _server_run_config(config, run, bundle, n_clients)
-    state: dict[str, Any] = {"parameters": None, "updates": 0, "fit_seconds": 0.0}
-    # Round 1 pays Ray's start-up and every actor's imports; throughput counts later rounds.
-    warm: dict[str, float] = {"updates": 0, "seconds": 0.0}
+    state: dict[str, Any] = {"parameters": None}
     started = time.perf_counter()
+    done = _logged_rounds(run)
+    first = int(done[-1]["round"]) + 1 if done else 1
+    run.log("federate", first)  # where this process starts (its first round is a cold one)
+    if done:
+        progress("resume", {"round": first - 1})
 
     def on_round_end(report: RoundReport) -> None:
         state["parameters"] = [np.asarray(a) for a in report.parameters]
-        state["updates"] += report.fit.ok
-        state["fit_seconds"] += report.fit_seconds
-        if report.server_round > 1:
-            warm["updates"] += report.fit.ok
-            warm["seconds"] += report.round_seconds
         eps = _client_epsilons(run.root / "clients")
         row: dict[str, Any] = {
             "round": report.server_round,
@@ -318,12 +300,21 @@ def _federate(
         "parameters": state["parameters"],
         "rounds": _logged_rounds(run),
         "seconds": seconds,
-        "updates_per_second": (
-            warm["updates"] / warm["seconds"]
-            if warm["seconds"] > 0
-            else state["updates"] / max(state["fit_seconds"], 1e-9)
-        ),
+        "updates_per_second": _updates_per_second(run),
     }
+
+
+def _updates_per_second(run: RunDirectory) -> float:
+    """Client updates per second of wall time over every round the run directory logged,
+    across restarts. The first round of each process pays Ray's start-up and every actor's
+    imports, so those rounds are left out, unless no other round exists (then the clients'
+    fit time of all rounds is the measure)."""
+    rounds = _logged_rounds(run)
+    cold = {1} | {int(record["step"]) for record in run.records("federate")}
+    warm = [r for r in rounds if r["round"] not in cold]
+    chosen, clock = (warm, "round_seconds") if warm else (rounds, "fit_seconds")
+    seconds = sum(float(r.get(clock) or 0.0) for r in chosen)
+    return sum(int(r.get("clients_ok") or 0) for r in chosen) / seconds if seconds > 0 else 0.0
 
 
 def _logged_rounds(run: RunDirectory) -> list[dict[str, Any]]:

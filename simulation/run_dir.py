@@ -3,18 +3,27 @@ checkpoints, plots and the report, all under one folder.
 
 Metrics are appended one JSON object per line and flushed at once, so a crash loses at most
 the line being written; TensorBoard gets the same scalars.
+
+A run directory is also what a rerun resumes from (its checkpoints and the virtual devices'
+privacy ledgers), so :meth:`RunDirectory.claim` refuses settings that differ from the stored
+ones in anything but the keys a resume may change: a checkpoint trained on another split, or
+without DP, must never be continued and reported under new labels.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.errors import ConfigError
 from shared.io import write_json_atomic
+
+CONFIG_FILE = "config.json"
 
 
 class RunDirectory:
@@ -22,9 +31,16 @@ class RunDirectory:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
-        self.plots.mkdir(exist_ok=True)
+        self.created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.checkpoints.mkdir(exist_ok=True)
+            self.plots.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run directory {self.root}: {exc.strerror or exc}; pass "
+                "--run-dir a writable folder"
+            ) from exc
         self._tb: Any = None
 
     @property
@@ -44,7 +60,63 @@ class RunDirectory:
         return self.root / "tensorboard"
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        write_json_atomic(self.root / "config.json", dict(config))
+        write_json_atomic(self.root / CONFIG_FILE, dict(config))
+
+    def stored_config(self) -> dict[str, Any] | None:
+        """The settings a previous run left here, or ``None`` (a new directory)."""
+        path = self.root / CONFIG_FILE
+        if not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"{path} is unreadable ({exc}); it records what the run in {self.root} was "
+                "trained with. Pass another --name to start a fresh run"
+            ) from exc
+        if not isinstance(stored, dict):
+            raise ConfigError(f"{path} is not a JSON object; pass another --name")
+        return stored
+
+    def claim(self, section: str, settings: Mapping[str, Any], may_change: Collection[str]) -> None:
+        """Record ``settings`` under ``section`` of ``config.json``, after checking that a
+        previous run here used the same ones (but for the ``may_change`` keys).
+
+        Raises :class:`ConfigError` listing every differing key (keys only one side has are
+        settings added or removed by an upgrade and are not compared): resuming its checkpoints
+        (and its devices' privacy ledgers) under other settings would mix two runs and label
+        the result with the new settings.
+        """
+        stored = self.stored_config()
+        previous = (stored or {}).get(section)
+        if isinstance(previous, dict) and self.has_progress():
+            # a key only one side has is a setting added or removed by an upgrade: not compared
+            differing = [
+                f"{key} {previous[key]!r} -> {value!r}"
+                for key, value in settings.items()
+                if key not in may_change and key in previous and previous[key] != value
+            ]
+            if differing:
+                raise ConfigError(
+                    f"{self.root} holds a run with other settings ({'; '.join(differing)}); "
+                    "resuming it would mix the two runs. Rerun with its settings to resume it, "
+                    "or pass another --name to start a fresh run"
+                )
+        self.write_config({**(stored or {}), section: dict(settings)})
+
+    def has_progress(self) -> bool:
+        """Whether a run here got far enough to leave something a rerun resumes from:
+        a checkpoint, or a virtual device's state (its privacy ledger)."""
+        return any(self.checkpoints.iterdir()) or (self.root / "clients").exists()
+
+    def discard_if_new_and_empty(self) -> bool:
+        """Remove the directory if this process created it and no round left anything in
+        it (a run that failed on bad input); returns whether it did."""
+        if not self.created or not self.root.exists() or self.has_progress():
+            return False
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+        return True
 
     def log(self, event: str, step: int, **metrics: Any) -> None:
         """Append one record to ``metrics.jsonl`` and its numeric fields to TensorBoard."""

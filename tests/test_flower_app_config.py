@@ -15,6 +15,8 @@ from server.server_app import ServerConfig
 from shared.config import field_names
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.student_task import StudentTaskConfig
+from shared.federated.task import ToyLinearConfig
+from simulation.config import SimulationConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -36,28 +38,53 @@ def test_app_config_parses_into_server_config() -> None:
     assert config.num_rounds >= 1
 
 
-def test_every_student_task_knob_is_declared() -> None:
+#: Read from the run config but not declared: the clients re-seed every round from the
+#: server's ``seed``, and the toy task's fault-injection sets are test fixtures.
+UNDECLARED = {"seed"}
+
+
+def _toy_keys() -> set[str]:
+    return {f"toy-{name}" for name in field_names(ToyLinearConfig)}
+
+
+def test_every_knob_the_apps_read_is_declared() -> None:
+    """`flwr run --run-config` only overrides declared keys: a key the server or a client
+    reads but pyproject lacks could not be set the Flower way."""
     declared = set(_app()["config"])
-    wanted = (field_names(LocalTrainConfig) | field_names(StudentTaskConfig)) - {
-        "max-examples",
-        "momentum",
-        "seed",
-        "eval-negatives",
-        "eval-seed",
-        "num-threads",
-    }
+    wanted = (
+        field_names(ServerConfig) | field_names(LocalTrainConfig) | field_names(StudentTaskConfig)
+    ) - UNDECLARED
     assert wanted <= declared, sorted(wanted - declared)
+    toy_scalars = {
+        f"toy-{f.name.replace('_', '-')}"
+        for f in fields(ToyLinearConfig)
+        if not isinstance(f.default, frozenset)
+    }
+    assert toy_scalars <= declared, sorted(toy_scalars - declared)
+    assert declared <= wanted | _toy_keys() | {"seed"}, sorted(declared - wanted - _toy_keys())
 
 
-def test_declared_student_task_values_are_the_dataclass_defaults() -> None:
-    """pyproject.toml repeats the client-training defaults for `flwr run`; they must not drift
-    from the dataclasses that own them (which the simulation and the daemon also use)."""
+def test_declared_values_are_the_dataclass_defaults() -> None:
+    """pyproject.toml repeats the defaults for `flwr run`; they must not drift from the
+    dataclasses that own them (which the simulation and the daemon also use)."""
     declared = _app()["config"]
-    for cls in (LocalTrainConfig, StudentTaskConfig):
+    for cls, prefix in (
+        (ServerConfig, ""),
+        (LocalTrainConfig, ""),
+        (StudentTaskConfig, ""),
+        (ToyLinearConfig, "toy-"),
+    ):
         for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key in declared:
+            key = prefix + f.name.replace("_", "-")
+            if key in declared and key not in UNDECLARED:
                 assert declared[key] == f.default, (cls.__name__, key, declared[key], f.default)
+
+
+def test_the_simulation_and_the_server_share_the_privacy_defaults() -> None:
+    simulation, server = SimulationConfig(), ServerConfig()
+    assert simulation.user_dp_clip == server.user_dp_clip > 0
+    assert simulation.user_dp_epsilon_budget == server.user_dp_epsilon_budget
+    assert simulation.user_dp_noise_multiplier == server.user_dp_noise_multiplier
 
 
 # --------------------------------------------------------------------------- the Flower way

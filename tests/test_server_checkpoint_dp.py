@@ -245,7 +245,7 @@ def test_server_config_reads_the_new_keys() -> None:
     [
         ({"checkpoint-keep": 0}, "'checkpoint-keep' must be >= 1"),
         ({"checkpoint-dir": 3}, "'checkpoint-dir' must be a string"),
-        ({"user-dp": True}, "'user-dp-clip' must be > 0 with user-dp"),
+        ({"user-dp": True, "user-dp-clip": 0.0}, "'user-dp-clip' must be > 0 with user-dp"),
         (
             {"user-dp": True, "user-dp-clip": 1.0, "user-dp-noise-multiplier": 0},
             "'user-dp-noise-multiplier' must be > 0",
@@ -447,7 +447,14 @@ def test_user_dp_aggregate_is_the_uniform_mean_of_clipped_updates(secagg: bool) 
     clip = 0.5
     # Tiny noise: the aggregate is sum(clip(u_i)) / m with every weight 1 (toy clients
     # have different num_examples, so num_examples weighting would differ visibly).
-    config = _dp_config({"secagg": secagg, "user-dp-noise-multiplier": 1e-9, "user-dp-clip": clip})
+    config = _dp_config(
+        {
+            "secagg": secagg,
+            "user-dp-noise-multiplier": 1e-9,
+            "user-dp-clip": clip,
+            "user-dp-epsilon-budget": 0.0,  # no budget: this noise spends any within one round
+        }
+    )
     (report,) = _run(config, num_nodes=4)
     total = np.zeros(_flat(params).size)
     for client in range(4):

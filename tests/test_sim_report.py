@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import pytest
+
+from shared.errors import ConfigError
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
 
@@ -29,6 +32,53 @@ def test_run_directory_logs_jsonl_and_skips_a_torn_line(tmp_path: Path) -> None:
     assert records[1]["loss"] == 0.4
     assert (run.root / "config.json").exists()
     assert any(run.tensorboard.iterdir())
+
+
+def test_a_run_directory_resumes_only_under_the_settings_it_was_trained_with(
+    tmp_path: Path,
+) -> None:
+    run = RunDirectory(tmp_path / "run")
+    settings = {"seed": 42, "dp": True, "rounds": 2, "backend": "ray"}
+    run.claim("simulation", settings, may_change={"rounds", "backend"})
+    # no round has run yet: nothing to protect, any settings may take the directory over
+    run.claim("simulation", {**settings, "seed": 7}, may_change={"rounds"})
+    run.claim("simulation", settings, may_change={"rounds"})
+    (run.checkpoints / "round-000001.npz").write_bytes(b"x")
+
+    resumable = {"rounds", "backend"}
+    run.claim("simulation", {**settings, "rounds": 5, "backend": "inprocess"}, resumable)
+    stored = run.stored_config()
+    assert stored is not None and stored["simulation"]["rounds"] == 5
+    with pytest.raises(ConfigError) as err:
+        run.claim("simulation", {**settings, "seed": 1, "dp": False}, {"rounds", "backend"})
+    assert "seed 42 -> 1" in str(err.value) and "dp True -> False" in str(err.value)
+    # a setting only one side knows (added or removed by an upgrade) does not block a resume
+    run.claim("simulation", {**settings, "new-knob": 2.0}, resumable)
+    with pytest.raises(ConfigError, match="seed 42 -> 7"):
+        run.claim("simulation", {**settings, "new-knob": 2.0, "seed": 7}, resumable)
+    stored = run.stored_config()
+    assert stored is not None and stored["simulation"]["seed"] == 42  # the refusal kept it
+
+
+def test_only_a_new_directory_without_progress_is_discarded(tmp_path: Path) -> None:
+    fresh = RunDirectory(tmp_path / "fresh")
+    fresh.write_config({"simulation": {}})
+    assert fresh.discard_if_new_and_empty() and not fresh.root.exists()
+
+    trained = RunDirectory(tmp_path / "trained")
+    (trained.root / "clients" / "client-0").mkdir(parents=True)  # a device's ledger lives here
+    assert not trained.discard_if_new_and_empty() and trained.root.exists()
+
+    (tmp_path / "old").mkdir()
+    existing = RunDirectory(tmp_path / "old")
+    assert not existing.discard_if_new_and_empty() and existing.root.exists()
+
+
+def test_a_run_directory_with_an_unreadable_config_is_refused(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    (run.root / "config.json").write_text("{torn")
+    with pytest.raises(ConfigError, match="--name"):
+        run.claim("simulation", {"seed": 1}, may_change=())
 
 
 def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrec.cli import app
+from shared.errors import ConfigError
 from shared.eval.metrics import hit_rate_at_k
 from simulation.pipeline import load_ranks
 
@@ -84,15 +85,70 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     summary2 = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary2["rounds"]] == [1, 2]
     assert summary2["meta"]["pretraining cached"] is True
+    # its throughput is that of the logged rounds, not of a process that trained none
+    assert summary2["meta"]["client updates per second"] > 0
     # 'auto' chose a reading on validation; the cache remembers which
     assert summary["meta"]["teacher order"] in ("sequence", "set")
     assert summary2["meta"]["teacher order"] == summary["meta"]["teacher order"]
+
+    # ... but not under other settings: those checkpoints and ledgers were trained with DP
+    other = CliRunner().invoke(app, [*args, "--no-dp"])
+    assert other.exit_code != 0
+    message = str(other.exception)
+    assert "holds a run with other settings" in message and "dp True -> False" in message
+    assert "--name" in message
+    assert len(list((run / "checkpoints").glob("round-*.npz"))) == 2
+    assert json.loads((run / "config.json").read_text())["simulation"]["dp"] is True
 
 
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--rounds", "0", "--run-dir", str(tmp_path)])
     assert result.exit_code != 0
     assert "rounds must be >= 1" in str(result.exception or result.output)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--run-config", "epsilon-budget=0"], "epsilon must be a positive number"),
+        (["--run-config", "user-dp=true user-dp-clip=0"], "'user-dp-clip' must be > 0"),
+        (["--run-config", "secagg-reconstruction-threshold=10"], "must be < secagg-num-shares"),
+        (["--name", "../elsewhere"], "name must be a folder name inside run-dir"),
+    ],
+)
+def test_simulate_refuses_bad_privacy_and_secagg_settings_before_any_work(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    """Settings the server or clients would refuse stop the command at once: before data,
+    text encoding and pretraining, and without leaving a run directory behind."""
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["simulate", "--run-dir", str(runs), *extra])
+    assert result.exit_code != 0
+    assert expected in str(result.exception or result.output)
+    assert not runs.exists() or not any(runs.iterdir())
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_run_that_fails_on_bad_data_leaves_no_run_directory(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    missing = tmp_path / "no-such-copy"
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--dataset", "ml-100k", "--data-dir", str(missing), "--run-dir", str(runs)],
+    )
+    assert result.exit_code != 0
+    assert str(missing) in str(result.exception or result.output)
+    assert runs.exists() and not any(runs.iterdir())
+
+
+def test_an_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    result = CliRunner().invoke(app, ["simulate", "--run-dir", str(not_a_folder)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError)
+    assert "cannot create the run directory" in str(result.exception)
+    assert "--run-dir" in str(result.exception)
 
 
 def test_every_federation_knob_of_the_simulation_reaches_server_and_clients(
@@ -131,3 +187,23 @@ def test_every_federation_knob_of_the_simulation_reaches_server_and_clients(
     assert server.noise_shares == 10 and server.secagg
     client = StudentTask.from_run_config(run_config).train_config
     assert client == replace(config.local_train_config(), seed=client.seed)
+
+
+def test_throughput_counts_every_logged_round_but_each_process_first(tmp_path: Path) -> None:
+    """A resumed run reports the client updates per second of all its rounds, not of the
+    (possibly empty) last process; the first round of each process pays start-up."""
+    from simulation.pipeline import _updates_per_second
+    from simulation.run_dir import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    assert _updates_per_second(run) == 0.0
+    run.log("federate", 1)
+    run.log("round", 1, round=1, clients_ok=10, round_seconds=50.0, fit_seconds=4.0)
+    assert _updates_per_second(run) == 10 / 4.0  # only a cold round: the clients' fit time
+    run.log("round", 2, round=2, clients_ok=10, round_seconds=2.0, fit_seconds=1.0)
+    run.log("federate", 3)  # a restart
+    run.log("round", 3, round=3, clients_ok=8, round_seconds=40.0, fit_seconds=3.0)
+    run.log("round", 4, round=4, clients_ok=6, round_seconds=1.0, fit_seconds=0.5)
+    assert _updates_per_second(run) == (10 + 6) / (2.0 + 1.0)
+    run.log("federate", 5)  # a rerun with nothing left to train changes nothing
+    assert _updates_per_second(run) == (10 + 6) / (2.0 + 1.0)

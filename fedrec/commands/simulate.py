@@ -97,6 +97,9 @@ def simulate(
                     f"eps {_fmt(info.get('epsilon_record'))}"
                 )
                 bar.update(task, description="round", completed=info["round"], info=text)
+            elif stage == "resume":
+                text = f"from the checkpoint of round {info['round']}"
+                bar.update(task, description="resume", completed=info["round"], info=text)
             else:
                 bar.update(
                     task, description=stage, info=" ".join(f"{k}={v}" for k, v in info.items())
