@@ -50,6 +50,18 @@ def main() -> None:
     except FedRecError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a real fault, keep it loud
+            raise
+        # a path given on the command line that cannot be created, read or written
+        logging.getLogger("fedrec").debug("file system error", exc_info=True)
+        where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+        typer.secho(
+            f"error: {err.strerror or err}: {where}; check the path and its permissions",
+            fg="red",
+            err=True,
+        )
+        sys.exit(2)
     except click.exceptions.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)

@@ -182,3 +182,34 @@ def test_client_start_passes_the_refit_flags_to_the_learner(
         (False, 3),
         (True, None),
     ]
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    """Run the console entry point as a user would; returns its exit code."""
+    from fedrec.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedrec", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return int(exit_.value.code or 0)
+
+
+def test_a_path_that_cannot_be_used_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    code = _main(monkeypatch, "server", "init", "--state-dir", str(not_a_folder / "srv"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: Not a directory") and str(not_a_folder) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_user_error_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _main(monkeypatch, "simulate", "--run-config", "epsilon-budget=0")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "error: privacy budget epsilon must be a positive number, got 0.0"
