@@ -51,7 +51,7 @@ from server.state import (
     read_running,
 )
 from shared.errors import ConfigError, FedRecError
-from shared.federated.task import RunConfigValue
+from shared.federated.task import RunConfigValue, get_task
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.processes import die_with_parent, reap_group, terminate_group
 
@@ -287,7 +287,19 @@ def deployment_run_config(
             "give --bundle (the pretrained bundle from `fedrec simulate`), or "
             "--run-config task=toy-linear for a smoke test without a model"
         )
+    _check_apps_accept(config)
     return config
+
+
+def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
+    """Refuse now what the ServerApp would refuse at its start: its settings, the task and
+    the task's model (a bundle that is not one). After submission such a failure only shows
+    as a failed run whose reason is inside the ServerApp's log, and every restart of the
+    server would submit the same failing run."""
+    from server.server_app import ServerConfig
+
+    server = ServerConfig.from_run_config(config)
+    get_task(server.task, config).initial_parameters()
 
 
 def write_app(layout: ServerLayout, run_config: Mapping[str, RunConfigValue]) -> Path:

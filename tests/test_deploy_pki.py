@@ -10,7 +10,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -39,7 +41,7 @@ from server.superlink import (
     format_round,
     write_app,
 )
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelFileError
 
 runner = CliRunner()
 
@@ -223,12 +225,17 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- run config
 
 
-def test_deployment_run_config_points_at_the_state_dir(tmp_path: Path) -> None:
+def test_deployment_run_config_points_at_the_state_dir(
+    tmp_path: Path, write_tiny_bundle: Callable[[Path, int], list[str]]
+) -> None:
     layout = init_state_dir(tmp_path / "s")
     bundle = tmp_path / "bundle.pt"
-    bundle.write_bytes(b"x")
+    write_tiny_bundle(bundle, 12)
     config = deployment_run_config(
-        layout, bundle=bundle, num_rounds=4, overrides={"secagg-num-shares": 3}
+        layout,
+        bundle=bundle,
+        num_rounds=4,
+        overrides={"secagg-num-shares": 3, "secagg-reconstruction-threshold": 2},
     )
     assert config["task"] == STUDENT_TASK and config["num-rounds"] == 4
     assert config["checkpoint-dir"] == str(layout.checkpoints.resolve())
@@ -253,6 +260,35 @@ def test_deployment_run_config_points_at_the_state_dir(tmp_path: Path) -> None:
     }
     assert flwr_app["config"]["progress-file"] == str(layout.progress.resolve())
     assert pyproject["project"]["dependencies"] == []  # nothing to install at run time
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rounds", "message"),
+    [
+        ({}, 0, "'num-rounds' must be >= 1"),
+        ({"min-available-clients": 0}, 2, "'min-available-clients' must be >= 1"),
+        ({"secagg-num-shares": "abc"}, 2, "secagg-num-shares"),
+        ({"task": "no-such-task"}, 2, "unknown federated task 'no-such-task'"),
+    ],
+)
+def test_server_start_refuses_what_the_server_app_would_before_launching(
+    tmp_path: Path, overrides: dict[str, Any], rounds: int, message: str
+) -> None:
+    """A setting the ServerApp refuses would only show as a failed run, its reason inside
+    the ServerApp's log, and every restart would submit it again: refused before launch."""
+    layout = init_state_dir(tmp_path / "s")
+    with pytest.raises(ConfigError, match=message):
+        deployment_run_config(
+            layout, bundle=None, num_rounds=rounds, overrides={"task": "toy-linear", **overrides}
+        )
+
+
+def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s")
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(b"not a bundle")
+    with pytest.raises(ModelFileError, match="unreadable"):
+        deployment_run_config(layout, bundle=bundle, num_rounds=1, overrides={})
 
 
 def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
@@ -304,7 +340,6 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
 
 def test_responsive_grid_returns_replies_as_they_arrive_and_honours_the_timeout() -> None:
     from types import SimpleNamespace
-    from typing import Any
 
     from server.grid import ResponsiveGrid
 
@@ -337,7 +372,6 @@ def test_responsive_grid_backs_off_while_waiting_and_polls_fast_after_a_reply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from types import SimpleNamespace
-    from typing import Any
 
     import server.grid
     from server.grid import ResponsiveGrid
