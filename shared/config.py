@@ -137,6 +137,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if hint in (int, float):
         try:
+            if isinstance(value, bool):  # true/false is not a number, though Python says 1/0
+                raise ValueError
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return hint(value)

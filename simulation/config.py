@@ -154,6 +154,22 @@ class SimulationConfig:
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
+        if self.dataset == "synthetic" and self.data_dir:
+            raise ConfigError(
+                f"data-dir {self.data_dir!r} is given but the dataset is 'synthetic', which is "
+                "generated and reads no files; add --dataset (e.g. ml-100k) for that folder"
+            )
+        for key, value in (
+            ("cold-user-fraction", self.cold_user_fraction),
+            ("public-fraction", self.public_fraction),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {value}")
+        if self.synthetic_users < 1 or self.synthetic_items < 2:
+            raise ConfigError(
+                f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
+                f"{self.synthetic_users} and {self.synthetic_items}"
+            )
         if self.name in (".", "..") or "/" in self.name or "\\" in self.name:
             raise ConfigError(
                 f"name must be a folder name inside run-dir (no '/' and not '.' or '..'), "

@@ -244,6 +244,13 @@ def _federate(
     from server.strategy import RoundReport
 
     run_config = _server_run_config(config, run, bundle, n_clients)
+    if config.cohort_size > n_clients:
+        log.warning(
+            "cohort-size %s exceeds the %s federated clients: every client takes part in "
+            "every round",
+            config.cohort_size,
+            n_clients,
+        )
     state: dict[str, Any] = {"parameters": None}
     started = time.perf_counter()
     done = _logged_rounds(run)

@@ -33,6 +33,11 @@ def test_from_flat_coerces_and_validates():
         from_flat(SplitConfig, {"seed": "abc"})
     with pytest.raises(ConfigError):
         from_flat(SplitConfig, {"public-fraction": 2})
+    # a boolean is not a number, though Python's int(True) is 1
+    with pytest.raises(ConfigError, match="seed must be int, got True"):
+        from_flat(SplitConfig, {"seed": True})
+    with pytest.raises(ConfigError, match="public-fraction must be float"):
+        from_flat(SplitConfig, {"public-fraction": False})
 
 
 def test_to_flat_round_trips():

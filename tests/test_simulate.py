@@ -114,6 +114,10 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--run-config", "user-dp=true user-dp-clip=0"], "'user-dp-clip' must be > 0"),
         (["--run-config", "secagg-reconstruction-threshold=10"], "must be < secagg-num-shares"),
         (["--name", "../elsewhere"], "name must be a folder name inside run-dir"),
+        (["--data-dir", "/some/copy"], "add --dataset"),
+        (["--run-config", "max-grad-norm=inf"], "max-grad-norm must be finite with DP on"),
+        (["--run-config", "rounds=true"], "rounds must be int, got True"),
+        (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
     ],
 )
 def test_simulate_refuses_bad_privacy_and_secagg_settings_before_any_work(

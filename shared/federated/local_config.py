@@ -8,6 +8,7 @@ a test keeps its values equal to these defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
@@ -108,15 +109,20 @@ class LocalTrainConfig:
             raise ConfigError(f"local-epochs must be >= 1, got {self.local_epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0 or not self.personal_lr > 0:
-            raise ConfigError("lr and personal-lr must be > 0")
-        if self.dp and not self.noise_multiplier > 0:
+        if not 0 < self.lr < math.inf or not 0 < self.personal_lr < math.inf:
+            raise ConfigError("lr and personal-lr must be finite numbers > 0")
+        if self.dp and not 0 < self.noise_multiplier < math.inf:
             raise ConfigError(
-                f"noise-multiplier must be > 0 with DP on (got {self.noise_multiplier}); "
-                "set dp=false to train without DP"
+                f"noise-multiplier must be a finite number > 0 with DP on (got "
+                f"{self.noise_multiplier}); set dp=false to train without DP"
             )
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.dp and not math.isfinite(self.max_grad_norm):
+            raise ConfigError(
+                "max-grad-norm must be finite with DP on: the noise is noise-multiplier times "
+                "it; an unbounded clip (inf) only makes sense with dp=false"
+            )
         check_noise_shares(self.noise_shares)
         if self.noise_shares > 1 and not self.dp:
             raise ConfigError("noise-shares > 1 splits DP noise; it needs dp=true")
