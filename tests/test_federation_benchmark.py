@@ -1,0 +1,76 @@
+"""The federation benchmark's pooling of several protocol splits: the pooled figures are
+those of every split's users side by side, computed by hand here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from shared.eval.protocol import CaseRanks
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "federation_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("federation_benchmark", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ranks(*values: float) -> CaseRanks:
+    ranks = np.array(values, dtype=np.float64)
+    return CaseRanks(sampled=ranks, full=ranks * 10)
+
+
+def _split(federated: CaseRanks, adapted: CaseRanks, ease: CaseRanks, eps: float) -> dict[str, Any]:
+    ranks = {
+        "federated/student (federated)": federated,
+        "fewshot k=1/student (adapted)": adapted,
+        "fewshot k=1/ease fold-in": ease,
+    }
+    summary = {"epsilon_record_max": eps, "epsilon_user": None, "client_updates_per_second": eps}
+    return {"ranks": {"record-dp": ranks}, "variants": {"record-dp": summary}}
+
+
+def test_pooled_figures_are_every_splits_users_side_by_side(bench: ModuleType) -> None:
+    inf = np.inf
+    one = _split(_ranks(0, 3, inf), _ranks(0, 20), _ranks(inf, inf), eps=5.0)
+    two = _split(_ranks(12, 1), _ranks(2, inf, 4), _ranks(0, inf, inf), eps=7.0)
+    pooled = bench._pooled_section([one, two])
+    row = pooled["variants"]["record-dp"]
+    # federated: sampled ranks 0, 3, inf, 12, 1 -> 3 hits of 5; full ranks x10 -> 0 and 10
+    assert row["federated"]["users"] == 5
+    assert row["federated"]["sampled_hr@10"] == pytest.approx(3 / 5, abs=1e-4)
+    assert row["federated"]["full_hr@10"] == pytest.approx(1 / 5, abs=1e-4)
+    ndcg = (1 + 1 / np.log2(5) + 1 / np.log2(3)) / 5
+    assert row["federated"]["sampled_ndcg@10"] == pytest.approx(ndcg, abs=1e-4)
+    # few-shot, K = 1: adapted hits 0, 2, 4 of 5; EASE fold-in hits 1 of 5
+    assert row["fewshot"]["student (adapted)"]["k=1"]["sampled_hr@10"] == pytest.approx(3 / 5)
+    ease = pooled["baselines_and_pretrained"]["fewshot"]["ease fold-in"]["k=1"]
+    assert ease["sampled_hr@10"] == pytest.approx(1 / 5)
+    assert row["epsilon_record_max"] == 7.0  # the most any split spent
+    assert row["client_updates_per_second_median"] == 6.0
+    check = pooled["checks"]["record-dp"]
+    assert check["epsilon <= 8"] and check["few-shot beats EASE fold-in at every K"]
+    paired = check["paired differences hr@10 (95% interval over users)"]["fewshot"]["k=1"]
+    assert paired["sampled_hr@10"]["users"] == 5
+    assert paired["sampled_hr@10"]["mean"] == pytest.approx(3 / 5 - 1 / 5)
+
+
+def test_pooling_keeps_only_cases_every_split_has(bench: ModuleType) -> None:
+    one = {"v": {"a": _ranks(1, 2), "b": _ranks(3)}}
+    two = {"v": {"a": _ranks(4)}}
+    pooled = bench._pool([one, two])
+    assert set(pooled["v"]) == {"a"}
+    np.testing.assert_array_equal(pooled["v"]["a"].sampled, [1, 2, 4])
+    np.testing.assert_array_equal(pooled["v"]["a"].full, [10, 20, 40])
