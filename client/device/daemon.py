@@ -1,8 +1,13 @@
 """The device daemon: owns the store, the sealed models, the catalog, the exploration policy
 and the processes that run next to the local API (the Flower SuperNode, added later).
 
-One :class:`Daemon` per state directory. The API (:mod:`client.device.api`) only talks to
-it through the methods of :class:`DeviceBackend`; the daemon does the domain work:
+One :class:`Daemon` per state directory, enforced: :meth:`Daemon.open` takes the directory's
+single-writer lock (:class:`~client.device.identity.StateDirLock`, ``STATE/daemon.lock``)
+before it derives the data key or writes anything, and holds it until
+:meth:`Daemon.shutdown`, so a second daemon (or ``init --force``) on the same directory fails
+at once with :class:`~client.device.identity.StateDirInUseError`; the kernel drops the lock if
+the daemon dies, even by SIGKILL. The API (:mod:`client.device.api`) only talks to it through
+the methods of :class:`DeviceBackend`; the daemon does the domain work:
 
 * :meth:`Daemon.add_events` refuses items the catalog does not know (nothing of the batch
   is stored), stores the rest atomically and calls the :meth:`Daemon.on_new_events` hook,
@@ -28,7 +33,8 @@ policy); :meth:`Daemon.run` starts them, serves the API with uvicorn in the main
 watches the processes from a monitor thread (restart with back-off, or stop the daemon once
 ``max_restarts`` is used up), and on SIGTERM/SIGINT shuts everything down cleanly: the API
 stops accepting, each process gets SIGTERM then SIGKILL after ``shutdown_grace_s``, the store
-is checkpointed and closed, ``api.json`` removed.
+is checkpointed and closed, ``api.json`` removed (only if this daemon wrote it) and the lock
+released.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import numpy as np
 import numpy.typing as npt
 
 from client.device.exploration import BanditReranker
-from client.device.identity import DeviceIdentity, DeviceLayout
+from client.device.identity import DeviceIdentity, DeviceLayout, StateDirLock
 from client.device.sealed import Catalog, SealedModelInfo, SealedModelStore
 from client.device.store import (
     DeviceStore,
@@ -97,6 +103,12 @@ __all__ = [
     "UnknownImpressionError",
     "UnknownItemsError",
 ]
+
+
+_DAEMON_ADVICE = (
+    "stop it first (SIGTERM or Ctrl-C): one daemon per device state directory; a second "
+    "device needs its own --state-dir"
+)
 
 
 class NoModelError(FedRecError):
@@ -407,8 +419,12 @@ class Daemon:
         device_id: str | None = None,
         reranker: Reranker | None = None,
         runtime: RuntimeConfig | None = None,
+        lock: StateDirLock | None = None,
     ) -> None:
         self.layout = layout
+        #: the state directory's single-writer lock (from :meth:`open`), released at shutdown
+        self.state_lock = lock
+        self._wrote_api_info = False
         self.store = store
         self.models = models
         self.config = config or DaemonConfig()
@@ -444,28 +460,40 @@ class Daemon:
         runtime: RuntimeConfig | None = None,
     ) -> Daemon:
         """Open the device in ``state_dir`` (identity from ``init``; key from it unless
-        ``data_key`` is given)."""
+        ``data_key`` is given).
+
+        Takes the directory's single-writer lock before the data key is derived or anything
+        is written: :class:`StateDirInUseError` (nothing changed) while another daemon holds
+        it. On any failure the lock is released.
+        """
         cfg = config or DaemonConfig()
         layout = DeviceLayout(Path(state_dir))
-        device_id = None
-        if data_key is None:
-            identity = DeviceIdentity.load(layout.state_dir)
-            data_key = identity.data_key(passphrase)
-            device_id = identity.device_id
-        store = DeviceStore.open(layout.store_db, data_key, max_impressions=cfg.max_impressions)
+        identity = DeviceIdentity.load(layout.state_dir) if data_key is None else None
+        lock = StateDirLock.acquire(layout, role="daemon", advice=_DAEMON_ADVICE)
         try:
-            models = SealedModelStore(layout.models_dir, data_key, keep=cfg.keep_models)
-            return cls(
-                layout,
-                store,
-                models,
-                cfg,
-                device_id=device_id,
-                reranker=reranker,
-                runtime=runtime,
-            )
+            device_id = None
+            if identity is not None:
+                data_key = identity.data_key(passphrase)
+                device_id = identity.device_id
+            assert data_key is not None
+            store = DeviceStore.open(layout.store_db, data_key, max_impressions=cfg.max_impressions)
+            try:
+                models = SealedModelStore(layout.models_dir, data_key, keep=cfg.keep_models)
+                return cls(
+                    layout,
+                    store,
+                    models,
+                    cfg,
+                    device_id=device_id,
+                    reranker=reranker,
+                    runtime=runtime,
+                    lock=lock,
+                )
+            except BaseException:
+                store.close()
+                raise
         except BaseException:
-            store.close()
+            lock.release()
             raise
 
     def _load_installed(self) -> None:
@@ -824,6 +852,7 @@ class Daemon:
             self.layout.api_info,
             {"host": host, "port": port, "url": f"http://{host}:{port}", "pid": os.getpid()},
         )
+        self._wrote_api_info = True
         if self._stop.is_set():
             server.should_exit = True
         try:
@@ -873,24 +902,30 @@ class Daemon:
             self.request_stop(f"{spec.name} exited", exit_code=1)
 
     def shutdown(self) -> None:
-        """Stop processes, close the store, remove ``api.json`` (idempotent)."""
+        """Stop processes, close the store, remove ``api.json`` if this daemon wrote it, release
+        the state directory's lock (idempotent)."""
         self.request_stop("shutdown")
         if self._closed:
             return
         self._closed = True
-        for callback in list(self._shutdown_callbacks):
-            try:
-                callback()
-            except Exception:
-                logger.exception("shutdown callback %r failed", callback)
-        if self._monitor is not None:
-            self._monitor.join(timeout=5)
-        for proc in self.processes:
-            code = proc.stop(self.config.shutdown_grace_s)
-            logger.info("%s stopped (status %s)", proc.spec.name, code)
-        with self._lock:
-            self.store.close()
-        self.layout.api_info.unlink(missing_ok=True)
+        try:
+            for callback in list(self._shutdown_callbacks):
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("shutdown callback %r failed", callback)
+            if self._monitor is not None:
+                self._monitor.join(timeout=5)
+            for proc in self.processes:
+                code = proc.stop(self.config.shutdown_grace_s)
+                logger.info("%s stopped (status %s)", proc.spec.name, code)
+            with self._lock:
+                self.store.close()
+            if self._wrote_api_info:  # never another daemon's (one that failed to start)
+                self.layout.api_info.unlink(missing_ok=True)
+        finally:
+            if self.state_lock is not None:
+                self.state_lock.release()
 
     close = shutdown
 

@@ -23,21 +23,31 @@
 Every purpose-specific key is derived from the data key with HKDF-SHA256 and a distinct
 label (:func:`derive_subkey`), so the store, the blind index and the sealed models never
 share a key.
+
+One writer per state directory: :class:`StateDirLock` (``STATE_DIR/daemon.lock``) is held by
+a running daemon for its whole life and by ``init`` while it rewrites the identity, so a
+second daemon, or ``init --force`` under a running daemon, is refused instead of silently
+losing data.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
 import secrets
+import shutil
 import stat
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -46,6 +56,9 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.errors import ConfigError, FedRecError
 from shared.io import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from client.device.sealed import Catalog
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +74,10 @@ class IdentityError(FedRecError):
 
 class WrongPassphraseError(IdentityError):
     """The passphrase does not derive this device's data key."""
+
+
+class StateDirInUseError(FedRecError):
+    """Another process (a running daemon) holds the state directory's single-writer lock."""
 
 
 # --------------------------------------------------------------------------- layout
@@ -121,6 +138,11 @@ class DeviceLayout:
         """Written by a running daemon: where its API listens (host, port, pid)."""
         return self.state_dir / "api.json"
 
+    @property
+    def lock_file(self) -> Path:
+        """The single-writer lock (:class:`StateDirLock`); never deleted."""
+        return self.state_dir / "daemon.lock"
+
     def identity_files(self) -> tuple[Path, ...]:
         """Every file ``init`` may create (any of them existing means an identity exists)."""
         return (
@@ -130,6 +152,109 @@ class DeviceLayout:
             self.data_key_kdf,
             self.api_token,
         )
+
+
+# --------------------------------------------------------------------------- single writer
+
+
+LockRole = Literal["daemon", "init"]
+_ROLE_NAMES: dict[str, str] = {"daemon": "a fedrec daemon", "init": "`fedrec client init`"}
+
+
+class StateDirLock:
+    """The single-writer lock of a device state directory (``STATE_DIR/daemon.lock``).
+
+    Why: a daemon holds the data key, the API token and the open store in memory and is the
+    only writer of the sealed model store and the personal adapter. A second daemon on the
+    same directory would overwrite (and on exit delete) the first one's ``api.json`` and race
+    on the models; ``init --force`` under a running daemon would leave it writing with the old
+    key to a store that was deleted, so events would be lost silently. Both must fail loudly.
+
+    How: an exclusive, non-blocking ``fcntl.flock`` on the lock file, held open as long as the
+    holder lives. The kernel drops it when the descriptor is closed or the process dies (even
+    by SIGKILL), so a crash never leaves a stale lock; the file itself is never deleted
+    (unlinking a lock file lets two processes lock two different inodes). flock locks belong
+    to the open file description, so a second :meth:`acquire` conflicts even within one
+    process, and the descriptor is close-on-exec (child processes such as the SuperNode do not
+    inherit it). The file holds the holder's PID and role, only to name it in the error.
+    """
+
+    def __init__(self, layout: DeviceLayout, fd: int) -> None:
+        self.layout = layout
+        self._fd: int | None = fd
+        # released when the holder is garbage-collected without close (the fd is closed once)
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def acquire(
+        cls, state_dir: str | Path | DeviceLayout, *, role: LockRole, advice: str
+    ) -> StateDirLock:
+        """Take the lock now or raise :class:`StateDirInUseError` (``advice``: what to do).
+
+        Creates the state directory (owner-only) if it does not exist yet.
+        """
+        layout = state_dir if isinstance(state_dir, DeviceLayout) else DeviceLayout(Path(state_dir))
+        if not layout.state_dir.exists():
+            layout.state_dir.mkdir(mode=0o700, parents=True)
+        path = layout.lock_file
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StateDirInUseError(_in_use_message(layout, holder, advice)) from None
+            raise ConfigError(
+                f"cannot lock {path} ({exc.strerror or exc}); put the device state directory "
+                f"on a local file system that supports file locks"
+            ) from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps({"pid": os.getpid(), "role": role}) + "\n").encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(layout, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock (idempotent); the file stays, emptied of the holder's PID."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        self._finalizer()  # closing the descriptor releases the flock
+
+    def __enter__(self) -> StateDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """What the holder wrote into the lock file ({} if unreadable or not written yet)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _in_use_message(layout: DeviceLayout, holder: dict[str, Any], advice: str) -> str:
+    who = _ROLE_NAMES.get(str(holder.get("role")), "another fedrec daemon")
+    pid = holder.get("pid")
+    who += f" (pid {pid})" if isinstance(pid, int) else ""
+    return (
+        f"the device state directory {layout.state_dir} is in use: {who} is running on it and "
+        f"holds its lock {layout.lock_file.name}; {advice}"
+    )
 
 
 # --------------------------------------------------------------------------- key derivation
@@ -265,21 +390,13 @@ def existing_identity_files(layout: DeviceLayout) -> list[Path]:
     return [p for p in layout.identity_files() if p.exists()]
 
 
-def init_identity(
-    state_dir: str | Path,
-    *,
-    passphrase: str | None = None,
-    passphrase_env: str | None = None,
-    force: bool = False,
-    scrypt: ScryptParams | None = None,
-) -> InitResult:
-    """Create a fresh device identity under ``state_dir`` (see the module docstring).
+_INIT_ADVICE = (
+    "stop it first (a daemon keeps the current key, token and store in memory and would go on "
+    "writing to the store that `init --force` deletes), then rerun `fedrec client init`"
+)
 
-    Refuses (:class:`IdentityError`) when any identity file exists, unless ``force``: the
-    key pair may be registered with a SuperLink and the data key encrypts the local store.
-    ``passphrase_env`` is only recorded (so ``start`` knows where to read the passphrase).
-    """
-    layout = DeviceLayout(Path(state_dir))
+
+def _existing_or_refuse(layout: DeviceLayout, force: bool) -> list[Path]:
     existing = existing_identity_files(layout)
     if existing and not force:
         names = ", ".join(p.name for p in existing)
@@ -289,8 +406,51 @@ def init_identity(
             f"encrypts the local store. Pass --force to replace it (the local store and sealed "
             f"models become unreadable and are erased; the privacy ledger is kept)"
         )
-    if not layout.state_dir.exists():  # a directory we create is owner-only
-        layout.state_dir.mkdir(mode=0o700, parents=True)
+    return existing
+
+
+def init_identity(
+    state_dir: str | Path,
+    *,
+    passphrase: str | None = None,
+    passphrase_env: str | None = None,
+    force: bool = False,
+    scrypt: ScryptParams | None = None,
+    catalog: Catalog | None = None,
+) -> InitResult:
+    """Create a fresh device identity under ``state_dir`` (see the module docstring).
+
+    Refuses (:class:`IdentityError`) when any identity file exists, unless ``force``: the
+    key pair may be registered with a SuperLink and the data key encrypts the local store.
+    With ``force`` the local store and sealed models (encrypted with the old key) are erased;
+    the privacy ledger and the catalog are kept. ``catalog`` is installed too, if given.
+    ``passphrase_env`` is only recorded (so ``start`` knows where to read the passphrase).
+
+    Everything is rewritten under the directory's :class:`StateDirLock`: while a daemon runs
+    on it, this raises :class:`StateDirInUseError` and changes nothing.
+    """
+    layout = DeviceLayout(Path(state_dir))
+    _existing_or_refuse(layout, force)  # before the lock: the more useful message first
+    with StateDirLock.acquire(layout, role="init", advice=_INIT_ADVICE):
+        existing = _existing_or_refuse(layout, force)
+        result = _create_identity(layout, existing, passphrase, passphrase_env, scrypt)
+        if force:  # unreadable with the new key: remove rather than leave junk
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
+            shutil.rmtree(layout.models_dir, ignore_errors=True)
+        if catalog is not None:
+            catalog.save(layout.catalog)
+    return result
+
+
+def _create_identity(
+    layout: DeviceLayout,
+    existing: list[Path],
+    passphrase: str | None,
+    passphrase_env: str | None,
+    scrypt: ScryptParams | None,
+) -> InitResult:
+    """Write the key pair, the data key (or its KDF descriptor) and the API token."""
     layout.identity_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(layout.identity_dir, 0o700)
     for path in existing:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -103,24 +102,24 @@ def init(
     """Create the device identity: EC key pair, data key, API token (all secrets 0600).
 
     Prints the OpenSSH public key on stdout (register it on the server with
-    `fedrec server register-client`); everything else goes to stderr.
+    `fedrec server register-client`); everything else goes to stderr. Refused while a daemon
+    runs on STATE_DIR (it holds STATE_DIR/daemon.lock): stop it first.
     """
     from client.device.identity import DeviceLayout, init_identity, read_passphrase_env
     from client.device.sealed import Catalog
 
     parsed_catalog = Catalog.load(catalog) if catalog is not None else None
     passphrase = read_passphrase_env(passphrase_env) if passphrase_env else None
+    # under the state directory's single-writer lock: with --force, the store and sealed
+    # models (encrypted with the old data key) are erased there, and the catalog installed
     result = init_identity(
-        state_dir, passphrase=passphrase, passphrase_env=passphrase_env, force=force
+        state_dir,
+        passphrase=passphrase,
+        passphrase_env=passphrase_env,
+        force=force,
+        catalog=parsed_catalog,
     )
     layout: DeviceLayout = result.layout
-    if force:
-        # encrypted with the old data key: unreadable now, so remove rather than leave junk
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(layout.models_dir, ignore_errors=True)
-    if parsed_catalog is not None:
-        parsed_catalog.save(layout.catalog)
     key_note = (
         f"passphrase (scrypt n=2**15, r=8, p=1) from ${passphrase_env}"
         if passphrase_env
@@ -243,7 +242,8 @@ def start(
     served model.
 
     Stops cleanly on SIGTERM/SIGINT. Writes STATE_DIR/api.json (host, port) while running;
-    the SuperNode logs to STATE_DIR/logs/supernode.log.
+    the SuperNode logs to STATE_DIR/logs/supernode.log. One daemon per state directory: it
+    holds STATE_DIR/daemon.lock, and a second one on the same directory is refused.
     """
     from client.device.supernode import SuperNodeOptions
     from client.device.training import LearnerConfig
@@ -281,7 +281,8 @@ def serve_api(
     port: PortOpt = None,
     config: ConfigOpt = "",
 ) -> None:
-    """Serve only the local HTTP API (no federated processes)."""
+    """Serve only the local HTTP API (no federated processes). One daemon per state directory
+    (STATE_DIR/daemon.lock): a second one on the same directory is refused."""
     _run_daemon(state_dir, passphrase_env, config, host, port)
 
 
@@ -295,7 +296,8 @@ def install_model(
     ] = None,
     passphrase_env: PassphraseEnvOpt = None,
 ) -> None:
-    """Validate a model against the catalog, seal it and make it current."""
+    """Validate a model against the catalog, seal it and make it current (refused while a
+    daemon runs on STATE_DIR: it is the only writer of the sealed model store)."""
     from client.device.daemon import Daemon
     from client.device.sealed import Catalog
 

@@ -1,0 +1,195 @@
+"""One writer per device state directory: the daemon holds ``STATE/daemon.lock`` (an
+exclusive ``flock``) for its whole life, so a second daemon or ``init --force`` on the same
+directory is refused, a daemon that fails to start never deletes another one's ``api.json``,
+and the lock goes away with its holder, even after ``kill -9``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from client.device.daemon import Daemon, DaemonConfig
+from client.device.identity import (
+    DeviceIdentity,
+    DeviceLayout,
+    StateDirInUseError,
+    StateDirLock,
+    init_identity,
+)
+from shared.errors import ConfigError
+from tests.test_deploy_device import _wait_until, device  # noqa: F401  (device: a fixture)
+from tests.test_deploy_e2e import fedrec_cmd
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from client.device.identity import StateDirLock
+    lock = StateDirLock.acquire(sys.argv[1], role="daemon", advice="stop it")
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _acquire(state: Path) -> StateDirLock:
+    return StateDirLock.acquire(state, role="daemon", advice="stop it first")
+
+
+def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path) -> None:
+    layout = DeviceLayout(tmp_path / "new" / "dev")
+    first = _acquire(layout.state_dir)
+    assert first.held
+    assert stat.S_IMODE(layout.state_dir.stat().st_mode) == 0o700  # created owner-only
+    assert json.loads(layout.lock_file.read_text()) == {"pid": os.getpid(), "role": "daemon"}
+    # a second open file description conflicts even within one process
+    with pytest.raises(StateDirInUseError) as refused:
+        _acquire(layout.state_dir)
+    message = str(refused.value)
+    assert str(layout.state_dir) in message and "in use" in message
+    assert f"a fedrec daemon (pid {os.getpid()})" in message and "stop it first" in message
+    assert "\n" not in message  # the CLI prints it as one line
+    first.release()
+    first.release()  # idempotent
+    assert not first.held
+    assert layout.lock_file.exists() and layout.lock_file.read_text() == ""  # kept, emptied
+    with _acquire(layout.state_dir) as again:
+        assert again.held
+    assert not again.held
+    _acquire(layout.state_dir)  # dropped at once: garbage collection releases it too
+    _acquire(layout.state_dir).release()
+
+
+def test_the_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(state)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StateDirInUseError, match=rf"\(pid {holder.pid}\)"):
+            _acquire(state)
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+        # nothing cleaned up (the file still names the dead holder), yet the lock is free
+        assert str(holder.pid) in DeviceLayout(state).lock_file.read_text()
+        _acquire(state).release()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_second_daemon_and_init_force_are_refused_while_a_daemon_runs(
+    device: Path,  # noqa: F811  (the imported fixture)
+) -> None:
+    before = DeviceIdentity.load(device).device_id
+    with Daemon.open(device) as first:
+        with pytest.raises(StateDirInUseError, match=r"one daemon per device state directory"):
+            Daemon.open(device)
+        with pytest.raises(StateDirInUseError, match=r"stop it first.*fedrec client init"):
+            init_identity(device, force=True)
+        assert DeviceIdentity.load(device).device_id == before == first.device_id
+        assert DeviceLayout(device).store_db.exists()  # not deleted under the daemon
+        assert first.status().events == 0  # and the daemon still works
+    with Daemon.open(device):  # released at shutdown
+        pass
+    # a daemon that fails to open (after taking the lock) releases it
+    with pytest.raises(ConfigError, match="32 raw bytes"):
+        Daemon.open(device, data_key=b"too short")
+    assert init_identity(device, force=True).device_id != before
+
+
+def test_a_daemon_that_fails_to_start_leaves_api_json_alone(
+    device: Path,  # noqa: F811  (the imported fixture)
+) -> None:
+    api_json = DeviceLayout(device).api_info
+    theirs = '{"host": "127.0.0.1", "port": 1, "pid": 1}\n'
+    api_json.write_text(theirs)  # not written by the daemon below
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        daemon = Daemon.open(device, config=DaemonConfig(port=busy.getsockname()[1]))
+        errors: list[BaseException] = []
+
+        def run() -> None:  # off the main thread: run() leaves the test's signal handlers alone
+            try:
+                daemon.run(api=True)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ConfigError)
+    assert "cannot listen" in str(errors[0])
+    assert api_json.read_text() == theirs
+    _acquire(device).release()  # and the lock is released
+
+
+@pytest.mark.network
+def test_cli_refuses_a_second_daemon_and_init_force_while_one_runs(
+    device: Path,  # noqa: F811  (the imported fixture)
+) -> None:
+    def fedrec(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*fedrec_cmd(), "client", *args, "--state-dir", str(device)]
+        return subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+
+    layout = DeviceLayout(device)
+    key = layout.private_key.read_bytes()
+    argv = [*fedrec_cmd(), "client", "serve-api", "--state-dir", str(device), "--port", "0"]
+    first = subprocess.Popen(argv, cwd=REPO, env=ENV)
+    try:
+        _wait_until(lambda: layout.api_info.exists() or first.poll() is not None, timeout=60)
+        assert first.poll() is None
+        info = layout.api_info.read_text()
+        assert json.loads(info)["pid"] == first.pid
+
+        second = fedrec("serve-api", "--port", "0")
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")
+        assert str(device) in lines[0] and f"(pid {first.pid})" in lines[0]
+        assert "stop it first" in lines[0] and "--state-dir" in lines[0]
+        assert layout.api_info.read_text() == info  # neither overwritten nor deleted
+
+        token = DeviceIdentity.load(device).api_token()
+        request = urllib.request.Request(
+            json.loads(info)["url"] + "/status", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200  # the first daemon still serves
+
+        forced = fedrec("init", "--force")
+        assert forced.returncode == 2, forced.stderr
+        assert forced.stderr.startswith("error: ") and "stop it first" in forced.stderr
+        assert layout.private_key.read_bytes() == key and layout.store_db.exists()
+
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        assert not layout.api_info.exists()  # its own api.json: removed
+        assert fedrec("init", "--force").returncode == 0  # the lock went with the daemon
+        assert layout.private_key.read_bytes() != key
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
