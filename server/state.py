@@ -282,7 +282,18 @@ class ClientRegistry:
         raise ConfigError(f"no registered client {ref!r} (registered: {names})")
 
     def add(self, public_key: str, fingerprint: str, name: str | None) -> ClientRecord:
-        """Add an active record; the same key twice is refused, a revoked one re-added."""
+        """Add an active record. The same key twice is refused, and so is a key revoked after
+        the SuperLink had registered it: the SuperLink keeps an unregistered node's key and
+        never activates a node with it again, so re-adding would only look like success. A
+        key revoked before any ``server start`` applied it may be added again."""
+        for c in self.clients:
+            if c.revoked is not None and c.fingerprint == fingerprint and c.node_id is not None:
+                raise ConfigError(
+                    f"this key ({fingerprint}) was revoked (as {c.name!r}, node {c.node_id}) "
+                    "and the SuperLink never accepts a revoked key again; give the device a "
+                    "new identity (`fedrec client init --force` on it erases its local store "
+                    "and keeps its privacy ledger) and register the new public key"
+                )
         for c in self.active():
             if c.fingerprint == fingerprint:
                 raise ConfigError(f"this key ({fingerprint}) is already registered as {c.name!r}")

@@ -162,6 +162,23 @@ def test_registry_add_revoke_find(tmp_path: Path) -> None:
         loaded.find("nobody")
 
 
+def test_a_key_revoked_after_the_superlink_had_it_cannot_be_registered_again(
+    tmp_path: Path,
+) -> None:
+    registry = ClientRegistry(tmp_path / "clients.json")
+    keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(2)]
+    applied = registry.add(*load_public_key(keys[0], source="a"), name="phone-1")
+    applied.node_id = 1234  # a `server start` registered it with the SuperLink
+    applied.revoked = time.time()
+    with pytest.raises(ConfigError, match=r"never accepts a revoked key again.*client init"):
+        registry.add(*load_public_key(keys[0], source="a"), name="phone-1b")
+    # revoked before any SuperLink saw it: nothing to forget, so it may come back
+    never = registry.add(*load_public_key(keys[1], source="b"), name="tablet")
+    never.revoked = time.time()
+    again = registry.add(*load_public_key(keys[1], source="b"), name="tablet-2")
+    assert [c.name for c in registry.active()] == ["tablet-2"] and again.revoked is None
+
+
 def test_cli_register_and_revoke_without_a_running_server(tmp_path: Path) -> None:
     state = tmp_path / "server"
     assert runner.invoke(app, ["server", "init", "--state-dir", str(state)]).exit_code == 0
