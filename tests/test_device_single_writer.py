@@ -157,7 +157,7 @@ def test_cli_refuses_a_second_daemon_and_init_force_while_one_runs(
     layout = DeviceLayout(device)
     key = layout.private_key.read_bytes()
     argv = [*fedrec_cmd(), "client", "serve-api", "--state-dir", str(device), "--port", "0"]
-    first = subprocess.Popen(argv, cwd=REPO, env=ENV)
+    first = subprocess.Popen(argv, cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
         _wait_until(lambda: layout.api_info.exists() or first.poll() is not None, timeout=60)
         assert first.poll() is None
@@ -186,6 +186,11 @@ def test_cli_refuses_a_second_daemon_and_init_force_while_one_runs(
 
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
+        assert first.stderr is not None
+        # it told the user where it listens and where the token is
+        said = first.stderr.read()
+        url = json.loads(info)["url"]
+        assert f"device API on {url} (bearer token in {layout.api_token})" in said
         assert not layout.api_info.exists()  # its own api.json: removed
         assert fedrec("init", "--force").returncode == 0  # the lock went with the daemon
         assert layout.private_key.read_bytes() != key

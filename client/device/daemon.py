@@ -780,8 +780,16 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
 
-    def run(self, *, api: bool = True, token: str | None = None) -> int:
-        """Start the processes, serve the API until stopped, shut down; the exit status."""
+    def run(
+        self,
+        *,
+        api: bool = True,
+        token: str | None = None,
+        on_ready: Callable[[str], None] | None = None,
+    ) -> int:
+        """Start the processes, serve the API until stopped, shut down; the exit status.
+
+        ``on_ready`` gets the API's URL once it listens (the CLI tells the user where)."""
         if api and not token:
             token = DeviceIdentity.load(self.layout.state_dir).api_token()
         self.install_signal_handlers()
@@ -795,7 +803,7 @@ class Daemon:
             self._monitor.start()
             if api and not self._stop.is_set():
                 assert token is not None
-                self.serve_api(token)
+                self.serve_api(token, on_ready)
             else:
                 self._stop.wait()
         finally:
@@ -824,7 +832,7 @@ class Daemon:
         sock.set_inheritable(True)
         return sock
 
-    def serve_api(self, token: str) -> None:
+    def serve_api(self, token: str, on_ready: Callable[[str], None] | None = None) -> None:
         """Serve the local API with uvicorn until :meth:`request_stop` (blocks)."""
         import uvicorn
 
@@ -853,6 +861,8 @@ class Daemon:
             {"host": host, "port": port, "url": f"http://{host}:{port}", "pid": os.getpid()},
         )
         self._wrote_api_info = True
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}")
         if self._stop.is_set():
             server.should_exit = True
         try:

@@ -164,7 +164,15 @@ def _run_daemon(
         except BaseException:
             daemon.shutdown()
             raise
-    code = daemon.run(api=True)
+
+    def ready(url: str) -> None:
+        typer.echo(
+            f"device API on {url} (bearer token in {daemon.layout.api_token}); "
+            "SIGTERM or Ctrl-C stops it",
+            err=True,
+        )
+
+    code = daemon.run(api=True, on_ready=ready)
     if code:
         raise typer.Exit(code)
 
