@@ -4,6 +4,7 @@ ONNX model, fuzzing against its own OpenAPI schema, and clean shutdown on SIGTER
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -692,3 +693,78 @@ def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path:
     assert not thread.is_alive()
     assert result == [1]
     assert daemon.processes[0].exit_codes == [3, 3, 3]  # first run + 2 restarts
+
+
+def test_a_managed_process_that_exits_says_why_in_the_log_and_in_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SuperNode the server refuses exits and is restarted for ever: the device's owner
+    must see why (its log's last error line, and what it means) without reading that log."""
+    from client.device.supernode import explain_supernode_error
+
+    state = tmp_path / "device"
+    init_identity(state)
+    log = tmp_path / "supernode.log"
+    refused = (
+        "import sys; print('INFO : starting'); "
+        "print('\\x1b[91mERROR \\x1b[0m: [code: 2004] Failed to activate SuperNode.'); "
+        "print('INFO : retrying later'); sys.exit(1)"
+    )
+    daemon = Daemon.open(state, config=DaemonConfig(monitor_interval_s=0.05))
+    daemon.add_process(
+        ProcessSpec(
+            "supernode",
+            (sys.executable, "-c", refused),
+            backoff_s=600,  # the restart waits: the daemon serves on, as on a real device
+            log_file=str(log),
+            explain=explain_supernode_error,
+        )
+    )
+    (proc,) = daemon.processes
+    with caplog.at_level(logging.WARNING, logger="client.device.daemon"):
+        thread = threading.Thread(target=lambda: daemon.run(api=False))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while proc.last_error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            status = daemon.status().processes
+            token = "t" * 32
+            api = TestClient(create_app(daemon, token))
+            served = api.get("/status", headers={"Authorization": f"Bearer {token}"}).json()
+        finally:
+            daemon.request_stop("test over")
+            thread.join(timeout=60)
+    assert not thread.is_alive()
+    reason = proc.last_error
+    assert reason is not None and reason.startswith("ERROR : [code: 2004] Failed to activate")
+    assert "fedrec server register-client" in reason and "\x1b" not in reason
+    assert any("exited with status 1 (ERROR" in r.getMessage() for r in caplog.records)
+    assert [(p.name, p.running, p.restarts, p.last_exit_code) for p in status] == [
+        ("supernode", False, 1, 1)
+    ]
+    assert status[0].last_error == reason
+    assert served["processes"] == [
+        {
+            "name": "supernode",
+            "running": False,
+            "restarts": 1,
+            "last_exit_code": 1,
+            "last_error": reason,
+        }
+    ]
+
+
+def test_last_error_line_reads_the_tail_of_a_log(tmp_path: Path) -> None:
+    from client.device.daemon import last_error_line
+
+    log = tmp_path / "x.log"
+    assert last_error_line(str(log)) is None  # no file yet
+    assert last_error_line(None) is None
+    log.write_text("INFO: up\nWARNING: slow\n")
+    assert last_error_line(str(log)) is None
+    log.write_text("ERROR: first\nINFO: up\nTraceback\nValueError: bad thing\nINFO: bye\n")
+    assert last_error_line(str(log)) == "ValueError: bad thing"
+    log.write_text("x" * 50_000 + "\nERROR: " + "y" * 1000 + "\n")
+    line = last_error_line(str(log))
+    assert line is not None and line.startswith("ERROR: yyy") and len(line) == 300

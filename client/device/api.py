@@ -27,6 +27,7 @@ Errors (always JSON ``{"detail": "<one line: the problem and the fix>", ...}``)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -187,6 +188,16 @@ class PrivacyOut(BaseModel):
     error: str | None = None
 
 
+class ProcessOut(BaseModel):
+    name: str = Field(description="The managed process, e.g. 'supernode'.")
+    running: bool
+    restarts: int
+    last_exit_code: int | None
+    last_error: str | None = Field(
+        description="Why it last exited: the last error line of its log, and what it means."
+    )
+
+
 class StatusOut(BaseModel):
     device_id: str | None
     model_version: str | None
@@ -199,6 +210,10 @@ class StatusOut(BaseModel):
     feedback: int
     adaptation_pending: int
     policy: str
+    processes: list[ProcessOut] = Field(
+        default_factory=list,
+        description="Processes run next to the API (the SuperNode under `fedrec client start`).",
+    )
 
 
 class ErrorOut(BaseModel):
@@ -495,6 +510,7 @@ def create_app(
             feedback=s.feedback,
             adaptation_pending=s.adaptation_pending,
             policy=s.policy,
+            processes=[ProcessOut(**dataclasses.asdict(p)) for p in s.processes],
         )
 
     @app.delete(

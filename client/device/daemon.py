@@ -43,6 +43,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -296,6 +297,19 @@ class DeviceStatus:
     feedback: int
     adaptation_pending: int
     policy: str
+    processes: tuple[ProcessState, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """A managed process as ``GET /status`` reports it: is it running, how often it was
+    restarted, and why it last exited (its log's last error line, and what it means)."""
+
+    name: str
+    running: bool
+    restarts: int
+    last_exit_code: int | None
+    last_error: str | None
 
 
 class DeviceBackend(Protocol):
@@ -309,6 +323,27 @@ class DeviceBackend(Protocol):
 
 
 # --------------------------------------------------------------------------- processes
+
+_ERROR_MARKERS = ("ERROR", "Error", "error:", "Exception", "Failed", "failed")
+
+
+def last_error_line(log_file: str | None, tail_bytes: int = 16_384) -> str | None:
+    """The last line of ``log_file``'s tail that reports an error (``None`` if there is none
+    or the file is unreadable): why a managed process exited, for the log and ``/status``."""
+    if log_file is None:
+        return None
+    try:
+        with open(log_file, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for raw in reversed(tail.splitlines()):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", raw).strip()  # Flower colours its log levels
+        if any(marker in line for marker in _ERROR_MARKERS):
+            return line[:300]
+    return None
 
 
 @dataclass(frozen=True)
@@ -331,6 +366,8 @@ class ProcessSpec:
     max_backoff_s: float | None = None
     #: Append the process's stdout and stderr to this file (``None``: inherit the daemon's).
     log_file: str | None = None
+    #: What an error line of its log means for the user (``None``: nothing to add).
+    explain: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.argv:
@@ -350,6 +387,17 @@ class ManagedProcess:
     restarts: int = 0
     next_start: float | None = None
     exit_codes: list[int] = field(default_factory=list)
+    #: Why it last exited: the last error line of its log, with ``spec.explain``'s reading.
+    last_error: str | None = None
+
+    def state(self) -> ProcessState:
+        return ProcessState(
+            name=self.spec.name,
+            running=self.popen is not None and self.popen.poll() is None,
+            restarts=self.restarts,
+            last_exit_code=self.exit_codes[-1] if self.exit_codes else None,
+            last_error=self.last_error,
+        )
 
     def start(self) -> None:
         env = {**os.environ, **dict(self.spec.env)}
@@ -715,6 +763,7 @@ class Daemon:
             feedback=stats.feedback,
             adaptation_pending=stats.adaptation_pending,
             policy=self.reranker.name,
+            processes=tuple(proc.state() for proc in self.processes),
         )
 
     def _privacy_spent(self) -> tuple[float | None, str | None]:
@@ -893,6 +942,10 @@ class Daemon:
         proc.exit_codes.append(code)
         proc.reap_group(0.5)
         spec = proc.spec
+        line = last_error_line(spec.log_file)
+        meaning = spec.explain(line) if line is not None and spec.explain is not None else None
+        proc.last_error = None if line is None else line + (f" ({meaning})" if meaning else "")
+        why = f" ({proc.last_error})" if proc.last_error else ""
         if spec.restart and proc.restarts < spec.max_restarts:
             delay = spec.backoff_s * (2 ** min(proc.restarts, 30))
             if spec.max_backoff_s is not None:
@@ -900,15 +953,16 @@ class Daemon:
             proc.restarts += 1
             proc.next_start = now + delay
             logger.warning(
-                "%s exited with status %d; restart %d/%d in %.1f s",
+                "%s exited with status %d%s; restart %d/%d in %.1f s",
                 spec.name,
                 code,
+                why,
                 proc.restarts,
                 spec.max_restarts,
                 delay,
             )
         else:
-            logger.error("%s exited with status %d; stopping the daemon", spec.name, code)
+            logger.error("%s exited with status %d%s; stopping the daemon", spec.name, code, why)
             self.request_stop(f"{spec.name} exited", exit_code=1)
 
     def shutdown(self) -> None:

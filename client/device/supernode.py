@@ -134,4 +134,19 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         backoff_s=2.0,
         max_backoff_s=options.max_backoff_s,
         log_file=str(state_dir / "logs" / "supernode.log"),
+        explain=explain_supernode_error,
     )
+
+
+def explain_supernode_error(line: str) -> str | None:
+    """What a SuperNode log error means for the device's owner, where Flower's words do not
+    say it: a node the SuperLink will not activate has a key it does not accept."""
+    if "Failed to activate SuperNode" in line or "FLEET_NODE_ACTIVATION_FAILED" in line:
+        return (
+            "the server does not accept this device's key: register the public key printed "
+            "by `fedrec client init` with `fedrec server register-client`; a revoked key "
+            "needs a new device identity"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
+        return "the server's certificate does not verify against --root-cert"
+    return None
