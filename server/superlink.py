@@ -584,6 +584,8 @@ class ServerRunner:
                 )
         except KeyboardInterrupt:
             self.echo("stopping (the next `fedrec server start` resumes from the checkpoint)")
+            if self.run_id is not None and self.superlink.alive():
+                self.cli.save_log(self.run_id, self._run_log(self.run_id))
             return 130
         finally:
             self.superlink.stop()
@@ -597,10 +599,13 @@ class ServerRunner:
         for run in self.cli.runs():
             status = str(run.get("status", ""))
             if not status.startswith(_FINISHED):
-                # a run of a previous process (its ServerApp died with that SuperLink)
+                # a run of a previous process (its ServerApp died with that SuperLink): keep
+                # its log, where whatever went wrong is, before stopping it
+                stale = int(run["run-id"])
+                self.cli.save_log(stale, self._run_log(stale))
                 with contextlib.suppress(SuperLinkError):
-                    self.cli.stop(int(run["run-id"]))
-                    self.echo(f"stopped stale run {run['run-id']} ({status})")
+                    self.cli.stop(stale)
+                    self.echo(f"stopped stale run {stale} ({status}); its log is in logs/")
         done = checkpoint_rounds(self.layout)
         if done:
             self.echo(f"resuming: the run continues after round {done[-1]} (its checkpoint)")
@@ -611,6 +616,11 @@ class ServerRunner:
             f"{self.options.host}:{self.options.port}); run {self.run_id} submitted "
             f"({self.run_config.get('num-rounds')} rounds, task {self.run_config.get('task')})"
         )
+
+    def _run_log(self, run_id: int) -> Path:
+        """Where the ServerApp's log of ``run_id`` is kept: saved when the run finishes, when
+        the server is stopped, and when a restart finds the run stale."""
+        return self.layout.logs / f"run-{run_id}.log"
 
     def _follow(self) -> int | None:
         """Print each finished round; the exit status at the end of the run, or ``None``
@@ -637,7 +647,7 @@ class ServerRunner:
                 if status.startswith(_FINISHED):
                     for record in read_progress(self.layout)[shown:]:
                         self.echo(format_round(record))
-                    run_log = self.layout.logs / f"run-{self.run_id}.log"
+                    run_log = self._run_log(self.run_id)
                     self.cli.save_log(self.run_id, run_log)
                     if status == "finished:completed":
                         self.echo(f"run {self.run_id} completed")

@@ -375,6 +375,8 @@ def test_tls_authenticated_secagg_federation_with_server_restart(
     assert fed.progress()[1]["clients_ok"] == 3
     run_logs = list((fed.state / "logs").glob("run-*.log"))
     assert any("resuming from the checkpoint of round 1" in p.read_text() for p in run_logs)
+    # the killed server's run is kept too (found stale by the restart): two runs, two logs
+    assert len(run_logs) == 2, fed.output()
 
     # Every registered device serves global model 2, counted its rounds and spent privacy.
     for device in devices[:3]:
