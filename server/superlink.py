@@ -53,7 +53,14 @@ from server.state import (
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import RunConfigValue, get_task
 from shared.io import write_bytes_atomic, write_json_atomic
-from shared.processes import die_with_parent, reap_group, terminate_group
+from shared.processes import (
+    ProcessKey,
+    descendants,
+    die_with_parent,
+    reap_group,
+    terminate_group,
+    terminate_processes,
+)
 
 CONNECTION = "fedrec"
 #: The task the server runs when a bundle is given (the recommender's student).
@@ -384,6 +391,14 @@ class SuperLinkProcess:
         self.options = options
         self.popen: subprocess.Popen[bytes] | None = None
         self.address = f"{control_host(layout, options.host)}:{options.port}"
+        # its SuperExec and ServerApps as last seen: a crashed SuperLink's orphans are stopped
+        # with it although they left its process group (see remember_descendants)
+        self._descendants: set[ProcessKey] = set()
+
+    def remember_descendants(self) -> None:
+        """Note the processes the SuperLink runs now (called while following a run)."""
+        if self.popen is not None and self.alive():
+            self._descendants |= descendants(self.popen.pid)
 
     def argv(self) -> list[str]:
         pki = self.layout.pki
@@ -471,12 +486,17 @@ class SuperLinkProcess:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the SuperLink's process group, SIGKILL after ``grace_s``; then whatever
-        of the group outlived it (a ServerApp still running) after a short grace."""
+        of the group outlived it (a ServerApp still running) after a short grace; then every
+        descendant seen running under it that is still alive, wherever it went (a ServerApp
+        in a session of its own, or orphaned by a SuperLink that crashed)."""
         proc = self.popen
         if proc is None:
             return
+        family = self._descendants | (descendants(proc.pid) if self.alive() else set())
         terminate_group(proc, grace_s)
         reap_group(proc.pid, 3.0)
+        terminate_processes(family, 3.0)
+        self._descendants = set()
 
 
 # --------------------------------------------------------------------------- start + follow
@@ -638,6 +658,7 @@ class ServerRunner:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + self.options.status_interval_s
+                self.superlink.remember_descendants()
                 try:
                     status = self.cli.run_status(self.run_id)
                 except SuperLinkError:

@@ -59,3 +59,61 @@ def reap_group(pgid: int, grace_s: float) -> None:
     while signal_group(pgid, 0) and time.monotonic() < deadline:
         time.sleep(0.1)
     signal_group(pgid, signal.SIGKILL)
+
+
+ProcessKey = tuple[int, int]
+"""A process as ``(pid, start time)``: the start time tells a reused pid from the original."""
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """``(parent pid, start time in clock ticks)`` of ``pid`` from ``/proc``, or ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[-1].split()  # the command name may hold spaces and ')'
+    try:
+        return int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> set[ProcessKey]:
+    """Every live descendant of ``pid``, however deep and in whatever process group or
+    session (Linux ``/proc``; empty elsewhere). Flower's SuperExec starts each ServerApp in
+    a session of its own, out of reach of a signal to the SuperLink's group."""
+    children: dict[int, list[ProcessKey]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return set()
+    for name in entries:
+        if name.isdigit() and (info := _stat(int(name))) is not None:
+            children.setdefault(info[0], []).append((int(name), info[1]))
+    found: set[ProcessKey] = set()
+    stack = [pid]
+    while stack:
+        for key in children.get(stack.pop(), []):
+            if key not in found:
+                found.add(key)
+                stack.append(key[0])
+    return found
+
+
+def terminate_processes(processes: set[ProcessKey], grace_s: float) -> None:
+    """SIGTERM each process still alive (same pid *and* start time), SIGKILL those left after
+    ``grace_s``: what outlived its group, e.g. orphans of a SuperLink that crashed."""
+
+    def alive() -> list[int]:
+        return [pid for pid, start in processes if (s := _stat(pid)) is not None and s[1] == start]
+
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)

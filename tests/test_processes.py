@@ -1,0 +1,95 @@
+"""Stopping a daemon's children reaches everything they started: a process in a session of
+its own (Flower's ServerApp) and the orphans of a child that crashed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.state import init_state_dir
+from server.superlink import SuperLinkOptions, SuperLinkProcess
+from shared.processes import descendants, terminate_processes
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+# A stand-in for the SuperLink: it starts a "ServerApp" in a session of its own (as Flower's
+# SuperExec does), prints that process's pid and waits.
+PARENT = (
+    "import subprocess, sys, time\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+    " start_new_session=True)\n"
+    "print(p.pid, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+@pytest.fixture
+def parent() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PARENT], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    yield proc, child
+    for pid in (proc.pid, child):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_descendants_reach_a_child_in_its_own_session(
+    parent: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    proc, child = parent
+    found = {pid for pid, _ in descendants(proc.pid)}
+    assert child in found and proc.pid not in found
+    assert os.getsid(child) != os.getsid(proc.pid)  # a signal to the group would miss it
+    assert descendants(child) == set()
+
+
+def test_terminate_processes_spares_a_reused_pid(
+    parent: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    _, child = parent
+    ((pid, start),) = [key for key in descendants(parent[0].pid) if key[0] == child]
+    terminate_processes({(pid, start + 1)}, grace_s=0.2)  # same pid, another process
+    assert _alive(child)
+    terminate_processes({(pid, start)}, grace_s=5.0)
+    assert _wait_gone(child)
+
+
+def test_stopping_a_crashed_superlink_stops_the_serverapp_it_left_behind(
+    tmp_path: Path, parent: tuple[subprocess.Popen[bytes], int]
+) -> None:
+    proc, server_app = parent
+    superlink = SuperLinkProcess(init_state_dir(tmp_path / "s"), SuperLinkOptions(port=19999))
+    superlink.popen = proc
+    superlink.remember_descendants()  # what following the run notes every few seconds
+    proc.kill()  # the SuperLink crashes; its ServerApp is orphaned, out of its group
+    proc.wait()
+    assert _alive(server_app)
+    superlink.stop()
+    assert _wait_gone(server_app)
