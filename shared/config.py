@@ -111,7 +111,15 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        if isinstance(value, str):  # "1,3", or a TOML list "[1, 3]" kept as text
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            items = [v for v in text.split(",") if v.strip()] if text.strip() else []
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:  # one value: shots=2
+            items = [value]
         inner = args[0] if args else str
         return tuple(coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items)
     if origin is typing.Literal:

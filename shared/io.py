@@ -28,3 +28,32 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Make sure ``path`` can be written as a file, before the work that produces it: its
+    folder is created, and a folder in its place or an unwritable folder is a
+    :class:`~shared.errors.ConfigError` that says so (rather than a failure after the run)."""
+    from shared.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the output a file name inside it")
+    check_output_dir(path.parent)
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Create the output folder ``path`` now, or say why it cannot be written."""
+    from shared.errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the output folder {path} ({exc.strerror or exc}); give a writable path"
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output folder {path} is not writable; give a writable path")
+    return path

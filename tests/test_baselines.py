@@ -142,6 +142,51 @@ def test_case_ranks_are_per_case_and_agree_with_the_summary():
     assert summary["full_hr@3"] == 0.5 and summary["sampled_hr@3"] == 0.5
 
 
+def test_export_recs_ranks_ties_against_the_model_like_the_metrics(tmp_path):
+    """Tied items share the rank of the last of them, so 'rank <= k' read from recs.csv is
+    the metric's hit (ties count against the model), whatever order the file lists them in."""
+    ds = make_dataset(n_users=4, n_items=8)
+    scores = np.array([3, 2, 2, 2, 1, 0, 9, np.nan], dtype=np.float64)
+
+    class Tied:
+        n_items = 8
+
+        def score(self, histories):
+            return np.tile(scores, (len(histories), 1))
+
+    history = np.array([6])  # the best-scored item is in the history: never listed
+    out = tmp_path / "recs.csv"
+    assert export_recs(Tied(), ds, {0: history}, out, top_n=5) == 5
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    ranks = {ds.item_ids.index(item): int(rank) for _, item, rank in rows}
+    # the NaN-scored item 7 counts as above every other (a NaN never helps the model)
+    assert ranks == {0: 2, 1: 5, 2: 5, 3: 5, 4: 6}
+    for target in range(8):  # the metric's rank of every candidate as the test item
+        if target == 6:
+            continue
+        case = EvalCase(0, history, target, history, np.array([6, target]))
+        full = case_ranks(Tied(), [case], EvalConfig(k=3, n_negatives=4)).full[0]
+        if target in ranks:
+            assert full + 1 == ranks[target]
+        else:  # not listed: ranked after the top 5 (item 5), or a miss (item 7, NaN)
+            assert full + 1 > 6 or not np.isfinite(full)
+    assert not (tmp_path / "recs.csv.tmp").exists()
+
+
+def test_export_recs_refuses_a_folder_before_any_work(tmp_path):
+    ds = make_dataset(n_users=4, n_items=8)
+
+    class Never:
+        n_items = 8
+
+        def score(self, histories):
+            raise AssertionError("scored although the output cannot be written")
+
+    with pytest.raises(ConfigError, match="is a folder"):
+        export_recs(Never(), ds, {0: np.array([1])}, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no stray temporary file beside it either
+
+
 def test_export_recs_writes_raw_ids_without_history(tmp_path):
     ds = make_dataset()
     sp = split_users(ds, SplitConfig(cold_user_fraction=0.0))
@@ -155,4 +200,4 @@ def test_export_recs_writes_raw_ids_without_history(tmp_path):
         user, item, rank = line.split(",")
         u = ds.user_ids.index(user)
         assert ds.item_ids.index(item) not in set(hist[u].tolist())
-        assert 1 <= int(rank) <= 5
+        assert 1 <= int(rank) <= ds.n_items  # tied items share a rank, which may pass 5

@@ -213,3 +213,34 @@ def test_a_user_error_exits_2_with_one_line(
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == "error: privacy budget epsilon must be a positive number, got 0.0"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["bandits", "evaluate", "--users", "0"], "--users must be >= 1"),
+        (
+            [
+                "evaluate",
+                "baselines",
+                "--no-text",
+                "--export-model",
+                "foo",
+                "--export",
+                "{tmp}/r.csv",
+            ],
+            "--export-model 'foo' is not one of pop, itemknn, ease",
+        ),
+        (["evaluate", "baselines", "--no-text", "--export", "{tmp}"], "is a folder"),
+        (["bandits", "evaluate", "-o", "{tmp}/file"], "cannot create the output folder"),
+    ],
+)
+def test_outputs_and_counts_are_checked_before_the_run(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """Refused at once, not after minutes of work (or run with another value silently)."""
+    (tmp_path / "file").write_text("")
+    proc = _fedrec(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written

@@ -5,6 +5,7 @@ import pytest
 from shared.config import from_flat, parse_run_config, to_flat
 from shared.errors import ConfigError
 from shared.eval.baseline_benchmark import BaselineConfig
+from shared.eval.protocol import EvalConfig
 from shared.eval.splits import SplitConfig
 
 
@@ -33,6 +34,15 @@ def test_from_flat_coerces_and_validates():
         from_flat(SplitConfig, {"seed": "abc"})
     with pytest.raises(ConfigError):
         from_flat(SplitConfig, {"public-fraction": 2})
+    # a tuple takes "1,3", a TOML list (kept as text by the run-config parser) or one value
+    assert from_flat(BaselineConfig, parse_run_config("shots=[1,3]")).shots == (1, 3)
+    assert from_flat(BaselineConfig, parse_run_config("shots=2")).shots == (2,)
+    with pytest.raises(ConfigError, match="shots must be positive"):
+        from_flat(BaselineConfig, parse_run_config('shots="0,-1"'))
+    with pytest.raises(ConfigError, match="n-negatives must be >= 1"):
+        from_flat(EvalConfig, {"n-negatives": 0})
+    with pytest.raises(ConfigError, match="batch-size must be >= 1"):
+        from_flat(EvalConfig, {"batch-size": 0})
     # a boolean is not a number, though Python's int(True) is 1
     with pytest.raises(ConfigError, match="seed must be int, got True"):
         from_flat(SplitConfig, {"seed": True})

@@ -173,6 +173,14 @@ def test_ml_latest_loads_quoted_titles_and_no_genres(tmp_path: Path) -> None:
     assert seq_raw(ds, "7") == ["2", "1", "5"]  # tie at t=2 keeps file order
 
 
+def test_ml_latest_movies_not_in_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    root = ml_latest_dir(tmp_path)
+    movies = root / "movies.csv"
+    movies.write_bytes(movies.read_text().replace("Some Doc", "Am\u00e9lie").encode("latin-1"))
+    with pytest.raises(DataError, match=r"movies.csv is not UTF-8 \(it holds byte 0xe9\).*re-save"):
+        load_ml_latest(root, name="ml-latest-small")
+
+
 def test_generic_loads_string_ids(tmp_path: Path) -> None:
     loaded = load_generic(generic_dir(tmp_path))
     ds = loaded.dataset

@@ -34,7 +34,7 @@ from shared.bandits.harness import (
 from shared.bandits.policies import BanditConfig
 from shared.config import field_names, from_flat, parse_run_config
 from shared.errors import ConfigError
-from shared.io import write_json_atomic
+from shared.io import check_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -107,20 +107,21 @@ def evaluate(
     fmt: FormatOpt = "table",
 ) -> None:
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
-    _check_common(world, fmt)
+    _check_common(world, fmt, output_dir, users)
     base = _bandit_config(run_config)
     arms = default_arms(base)
     chosen = list(seeds) if seeds else list(DEFAULT_SEEDS)
     stem = f"bandits-{world}" + (f"-{tag}" if tag else "")
     start = time.perf_counter()
     if world == "synthetic":
-        report = _evaluate_synthetic(arms, chosen, users or 200, steps, features, base_model)
+        report = _evaluate_synthetic(
+            arms, chosen, 200 if users is None else users, steps, features, base_model
+        )
     else:
         report = _evaluate_ml100k(arms, chosen, data_dir, users, features, base.mmr_lambda)
     report["bandit_config"] = base.as_dict()
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("evaluate")
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / f"{stem}.json", report)
     if plots:
         report["plots"] = _write_plots(world, report, output_dir, stem)
@@ -146,7 +147,7 @@ def tune(
     synthetic: exploration parameters per policy, for both feature sources, and the MMR
     lambda under LinUCB. ml-100k: the MMR lambda on the protocol's *validation* items.
     """
-    _check_common(world, fmt)
+    _check_common(world, fmt, output_dir, users)
     chosen = list(seeds) if seeds else list(TUNING_SEEDS)
     start = time.perf_counter()
     if world == "synthetic":
@@ -155,7 +156,6 @@ def tune(
         report = _tune_ml100k(chosen, data_dir)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("tune")
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / f"bandits-{world}-tuning.json", report)
     if fmt == "json":
         typer.echo(json.dumps(report, indent=2))
@@ -543,11 +543,16 @@ def _save(fig: Any, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_common(world: str, fmt: str) -> None:
+def _check_common(world: str, fmt: str, output_dir: Path, users: int | None) -> None:
+    """What can be refused before the run: the world, the format, the user count and an
+    output folder that cannot be written (which would fail only after the run)."""
     if world not in WORLDS:
         raise ConfigError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
+    if users is not None and users < 1:
+        raise ConfigError(f"--users must be >= 1, got {users}")
+    check_output_dir(output_dir)
 
 
 def _bandit_config(run_config: str) -> BanditConfig:

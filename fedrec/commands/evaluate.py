@@ -31,7 +31,7 @@ from shared.eval.baseline_benchmark import (
 )
 from shared.eval.protocol import EvalConfig
 from shared.eval.splits import SplitConfig
-from shared.io import write_json_atomic
+from shared.io import check_output_file, write_json_atomic
 
 app = typer.Typer(help="Evaluate models under ../shared/PROTOCOL.md.", no_args_is_help=True)
 
@@ -57,7 +57,9 @@ def baselines(
     export: Annotated[
         Path | None, typer.Option("--export", help="Write recs.csv (user,item,rank; top 100).")
     ] = None,
-    export_model: Annotated[str, typer.Option(help="Baseline whose top-100 is exported.")] = "ease",
+    export_model: Annotated[
+        str, typer.Option(help="Baseline whose top-100 is exported: pop, itemknn or ease.")
+    ] = "ease",
     output: OutputOpt = None,
     fmt: FormatOpt = "table",
     run_config: RunConfigOpt = "",
@@ -85,6 +87,8 @@ def baselines(
     if unknown:
         raise ConfigError(f"unknown --run-config keys: {', '.join(sorted(unknown))}")
 
+    if output is not None:
+        check_output_file(output)
     ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
     embed = _text_embedder() if text else None
     report = run_baseline_benchmark(

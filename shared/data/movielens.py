@@ -169,20 +169,27 @@ def read_ml_latest_movies(path: Path) -> Catalog:
     builder = _CatalogBuilder(path)
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path} is empty; expected the header movieId,title,genres")
-        index = column_index(path, header, ML_LATEST_MOVIE_COLUMNS)
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}, line {reader.line_num}: expected {len(header)} columns "
-                    f"({','.join(header)}), found {len(row)}: {row[:4]}"
-                )
-            movie = parse_int(row[index["movieId"]], path, reader.line_num, "movieId")
-            builder.add(movie, row[index["title"]], split_genres(row[index["genres"]]))
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path} is empty; expected the header movieId,title,genres")
+            index = column_index(path, header, ML_LATEST_MOVIE_COLUMNS)
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: expected {len(header)} columns "
+                        f"({','.join(header)}), found {len(row)}: {row[:4]}"
+                    )
+                movie = parse_int(row[index["movieId"]], path, reader.line_num, "movieId")
+                builder.add(movie, row[index["title"]], split_genres(row[index["genres"]]))
+        except UnicodeDecodeError as err:
+            byte = err.object[err.start]
+            raise DataError(
+                f"{path} is not UTF-8 (it holds byte {byte:#04x}); the ml-latest layout is "
+                "UTF-8: re-save the file as UTF-8"
+            ) from None
     return builder.build()
 
 

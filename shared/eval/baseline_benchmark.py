@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.data.dataset import RecDataset
+from shared.errors import ConfigError
 from shared.eval.protocol import (
     EvalConfig,
     cold_item_cases,
@@ -23,6 +24,7 @@ from shared.eval.protocol import (
     rank_cases,
 )
 from shared.eval.splits import SplitConfig, split_cold_items, split_users
+from shared.io import check_output_file
 from shared.models.base import Recommender
 from shared.models.baselines import EASE, ItemKNN, Pop, TextOnly
 
@@ -41,6 +43,12 @@ class BaselineConfig:
     knn_neighbors: int = 100
     shots: tuple[int, ...] = (1, 3, 5, 10)
     cold_items: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.ease_l2 > 0 or self.knn_neighbors < 1:
+            raise ConfigError("ease-l2 must be > 0 and knn-neighbors >= 1")
+        if not self.shots or any(k < 1 for k in self.shots):
+            raise ConfigError(f"shots must be positive support sizes, got {list(self.shots)}")
 
 
 def make_baseline(name: str, config: BaselineConfig) -> Recommender:
@@ -68,6 +76,12 @@ def run_baseline_benchmark(
     ``embed`` maps item texts to vectors for the text-only baseline (cold items); without it
     the text baseline is skipped. ``export_path`` writes ``recs.csv`` for ``export_model``.
     """
+    if export_path is not None:  # before the work, not after it
+        if export_model not in BASELINE_NAMES:
+            raise ConfigError(
+                f"--export-model {export_model!r} is not one of {', '.join(BASELINE_NAMES)}"
+            )
+        check_output_file(export_path)
     split = split_users(dataset, split_config)
     populations = tuple(
         p for p in ("public", "federated", "all") if len(split.evaluable(split.population(p)))

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from shared.data.dataset import IntArray, RecDataset
+from shared.errors import ConfigError
 from shared.eval.metrics import FloatArray, hit_rate_at_k, ndcg_at_k, ranks_from_scores
 from shared.eval.splits import ColdItemSplit, ProtocolSplit
+from shared.io import check_output_file
 from shared.models.base import Scorer
 
 
@@ -29,6 +32,15 @@ class EvalConfig:
     n_negatives: int = 99
     seed: int = 42
     batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("k", self.k),
+            ("n-negatives", self.n_negatives),
+            ("batch-size", self.batch_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -212,29 +224,54 @@ def export_recs(
     batch_size: int = 512,
 ) -> int:
     """Write ``user,item,rank`` (raw ids, rank 1 = best) with each user's top ``top_n`` items,
-    history excluded. Returns the number of rows written. Written atomically."""
+    history excluded. Returns the number of rows written. Written atomically.
+
+    Ties count against the model, as in the metrics: an item's rank is the number of the
+    user's candidates (items outside the history) scoring at least as high, itself included,
+    so tied items share the rank of the last of them. "The test item is a hit if its rank is
+    at most 10" then gives exactly the reported full-ranking HR@10 (with distinct scores the
+    ranks are 1, 2, 3, ...).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    check_output_file(path)
+    tmp = path.with_name(path.name + ".tmp")
     users = sorted(histories)
     rows = 0
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["user", "item", "rank"])
-        for start in range(0, len(users), batch_size):
-            chunk = users[start : start + batch_size]
-            scores = np.asarray(scorer.score([histories[u] for u in chunk]), dtype=np.float64)
-            for row, u in enumerate(chunk):
-                s = scores[row]
-                s[histories[u]] = -np.inf
-                s[np.isnan(s)] = -np.inf
-                n = min(top_n, dataset.n_items - len(np.unique(histories[u])))
-                top = np.argsort(-s, kind="stable")[:n]
-                for rank, item in enumerate(top, start=1):
-                    writer.writerow([dataset.user_ids[u], dataset.item_ids[int(item)], rank])
-                    rows += 1
-    tmp.replace(path)
+    try:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["user", "item", "rank"])
+            for start in range(0, len(users), batch_size):
+                chunk = users[start : start + batch_size]
+                scores = np.asarray(scorer.score([histories[u] for u in chunk]), dtype=np.float64)
+                for row, u in enumerate(chunk):
+                    candidate = np.ones(dataset.n_items, dtype=bool)
+                    candidate[histories[u]] = False
+                    items = np.flatnonzero(candidate)
+                    ranks = _pessimistic_ranks(scores[row][items])
+                    order = np.argsort(ranks, kind="stable")[:top_n]
+                    for item, rank in zip(items[order], ranks[order], strict=True):
+                        writer.writerow(
+                            [dataset.user_ids[u], dataset.item_ids[int(item)], int(rank)]
+                        )
+                        rows += 1
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return rows
+
+
+def _pessimistic_ranks(scores: FloatArray) -> npt.NDArray[np.int64]:
+    """Each candidate's 1-based rank as the metrics count it when it is the target: the
+    candidates scoring at least as high, itself included, plus every NaN (a NaN candidate
+    counts as above the target); a non-finite score is a miss, so it gets the last rank."""
+    finite = np.isfinite(scores)
+    nans = int(np.isnan(scores).sum())
+    above = np.sort(-scores[~np.isnan(scores)])  # -score ascending: best first, +inf first
+    ranks = np.searchsorted(above, -scores, side="right") + nans
+    ranks[~finite] = len(scores)
+    return ranks.astype(np.int64)
 
 
 def _batches(cases: Sequence[EvalCase], size: int) -> Iterator[Sequence[EvalCase]]:
