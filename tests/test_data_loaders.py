@@ -432,6 +432,9 @@ def test_registry_missing_or_empty_data_dir(tmp_path: Path) -> None:
     write(tmp_path / "README.txt", "hi")
     with pytest.raises(DatasetNotFoundError, match=r"lacks ratings\.dat and movies\.dat"):
         load_dataset("ml-1m", tmp_path)
+    write(tmp_path / "ratings.dat", "1::1::5::978300760\n")
+    with pytest.raises(DatasetNotFoundError, match=r"lacks movies\.dat \(found"):
+        load_dataset("ml-1m", tmp_path)  # only the missing one is named
 
 
 def test_registry_without_data_dir(tmp_path: Path) -> None:

@@ -158,9 +158,11 @@ def _find_layout(name: str, root: Path) -> Path:
             f"({_files(name)}); choose the matching dataset name"
         )
     present = sorted(p.name for p in root.iterdir())[:10]
+    missing = [f for f in LAYOUT_FILES[layout] if not (root / f).is_file()]
     raise DatasetNotFoundError(
-        f"{name}: {root} lacks {_files(name)} (found: {present or 'nothing'}); pass --data-dir "
-        f"PATH pointing at the folder that holds them, or omit it to download the dataset"
+        f"{name}: {root} lacks {' and '.join(missing)} (found: {present or 'nothing'}); pass "
+        f"--data-dir PATH pointing at the folder that holds {_files(name)}, or omit it to "
+        "download the dataset"
     )
 
 
