@@ -32,6 +32,7 @@ from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
     case_ranks,
+    export_recs,
     fewshot_ranks,
     loo_cases,
     split_ranks,
@@ -461,6 +462,14 @@ def _evaluate(
             fewshot[name] = summarize_each(by_shot, eval_cfg.k)
             ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})
     _save_ranks(run.root / "ranks.npz", ranks)
+    # the device model's top 100 for every evaluated user, to recompute its figures from
+    evaluated = [int(u) for pop in pops for u in split.evaluable(split.population(pop))]
+    export_recs(
+        models["student int8 onnx"],
+        dataset,
+        {u: split.history(u) for u in evaluated},
+        run.root / "recs.csv",
+    )
     by_group: dict[str, dict[str, CaseRanks]] = {}
     for key, case in ranks.items():
         group, name = key.split("/", 1)

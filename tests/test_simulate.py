@@ -66,6 +66,22 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
         == (summary["fewshot"]["student (adapted)"]["k=3"]["sampled_hr@10"])
     )
     assert "fewshot k=1/ease fold-in" in ranks
+    # and anyone can recompute the device model's full-ranking HR@10 from recs.csv
+    from shared.config import from_flat, parse_run_config
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import load_split
+
+    dataset, split = load_split(from_flat(SimulationConfig, parse_run_config(TINY)))
+    listed: dict[tuple[str, str], int] = {}
+    for line in (run / "recs.csv").read_text().splitlines()[1:]:
+        user, item, rank = line.split(",")
+        listed[(user, item)] = int(rank)
+    users = split.evaluable(split.federated_users)
+    hits = [
+        listed.get((dataset.user_ids[u], dataset.item_ids[split.test[u]]), 999) <= 10 for u in users
+    ]
+    expected = final["student int8 onnx"]["federated"]["full_hr@10"]
+    assert sum(hits) / len(hits) == pytest.approx(expected, abs=1e-12)
     # the report says which differences are beyond the noise of this many users
     paired = summary["paired"]
     assert set(paired) == {"federated", "fewshot k=1", "fewshot k=3"}
