@@ -47,13 +47,39 @@ def check_output_dir(path: str | Path) -> Path:
     """Create the output folder ``path`` now, or say why it cannot be written."""
     from shared.errors import ConfigError
 
+    path = ensure_dir(path, what="the output folder", fix="give a writable path")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output folder {path} is not writable; give a writable path")
+    return path
+
+
+def ensure_dir(
+    path: str | Path, *, what: str, fix: str, error: type[Exception] | None = None
+) -> Path:
+    """Create folder ``path`` (and its parents), or raise ``error`` (default
+    :class:`~shared.errors.ConfigError`) saying which folder (``what``), why, and ``fix``."""
+    from shared.errors import ConfigError
+
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot create the output folder {path} ({exc.strerror or exc}); give a writable path"
+        raise (error or ConfigError)(
+            f"cannot create {what} {path} ({exc.strerror or exc}); {fix}"
         ) from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"the output folder {path} is not writable; give a writable path")
     return path
+
+
+def read_json(
+    path: str | Path, *, what: str, consequence: str, error: type[Exception] | None = None
+) -> Any:
+    """Parse the JSON file ``path``, or raise ``error`` (default
+    :class:`~shared.errors.ConfigError`): "``what`` ``path`` is unreadable (why);
+    ``consequence``" (what the file guards, and what to do)."""
+    from shared.errors import ConfigError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise (error or ConfigError)(f"{what} {path} is unreadable ({exc}); {consequence}") from exc

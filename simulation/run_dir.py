@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.io import write_json_atomic
+from shared.io import read_json, write_json_atomic
 
 CONFIG_FILE = "config.json"
 
@@ -67,13 +67,12 @@ class RunDirectory:
         path = self.root / CONFIG_FILE
         if not path.exists():
             return None
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"{path} is unreadable ({exc}); it records what the run in {self.root} was "
-                "trained with. Pass another --name to start a fresh run"
-            ) from exc
+        stored = read_json(
+            path,
+            what="the run settings",
+            consequence=f"they record what the run in {self.root} was trained with. Pass "
+            "another --name to start a fresh run",
+        )
         if not isinstance(stored, dict):
             raise ConfigError(f"{path} is not a JSON object; pass another --name")
         return stored

@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.errors import DataError, DatasetNotFoundError
+from shared.io import ensure_dir
 
 logger = logging.getLogger(__name__)
 
@@ -260,12 +261,12 @@ def _open_for_write(path: Path) -> Any:
 
 def _make_dir(path: Path) -> None:
     """Create the cache dir, or explain how to choose another."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(
-            f"cannot create the dataset cache {path}: {err}; set ${CACHE_ENV} to a writable folder"
-        ) from err
+    ensure_dir(
+        path,
+        what="the dataset cache",
+        fix=f"set ${CACHE_ENV} to a writable folder",
+        error=DataError,
+    )
 
 
 def _write_provenance(folder: Path, name: str, spec: ArchiveSpec, digest: str) -> None:

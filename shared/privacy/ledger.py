@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.special import gammaln, logsumexp
 
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
-from shared.io import write_json_atomic
+from shared.io import read_json, write_json_atomic
 from shared.privacy.budget import PrivacyBudget, Spend
 
 LEDGER_VERSION = 1
@@ -179,12 +178,12 @@ class PrivacyLedger:
         ledger = cls(budget, path)
         p = Path(path)
         if p.exists():
-            try:
-                state = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise DataError(
-                    f"privacy ledger {p} is unreadable ({err}); refusing to reset spent privacy. "
-                    "Restore it from backup or remove it deliberately."
-                ) from None
+            state = read_json(
+                p,
+                what="privacy ledger",
+                consequence="refusing to reset spent privacy. Restore it from backup or remove "
+                "it deliberately.",
+                error=DataError,
+            )
             ledger.load_state_dict(state)
         return ledger
