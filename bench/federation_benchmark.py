@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -300,6 +301,15 @@ def _pooled_section(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _fresh(run_dir: Path) -> None:
+    """Every variant starts from scratch in its own run directory under ``--run-dir`` (the
+    benchmark's scratch space): one left by an earlier benchmark run is removed, since the
+    simulation would resume it (or refuse it, if the settings changed)."""
+    if run_dir.exists():
+        print(f"replacing {run_dir} (an earlier benchmark run)", file=sys.stderr, flush=True)
+        shutil.rmtree(run_dir)
+
+
 def _run_split(args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
     """Every requested variant on one protocol split (``seed``)."""
     common: dict[str, Any] = {  # a variant's own settings (VARIANTS) override these
@@ -324,6 +334,7 @@ def _run_split(args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
             SimulationConfig,
             {**common, **VARIANTS[name], **overrides, "name": f"{args.dataset}-{name}{tag}"},
         )
+        _fresh(Path(cfg.run_dir) / cfg.name)
         print(f"[{time.strftime('%H:%M:%S')}] variant {name}{tag} ...", file=sys.stderr, flush=True)
         summary = run_pipeline(cfg)
         configs[name] = to_flat(cfg)
@@ -369,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-epochs", type=int, default=SimulationConfig.teacher_epochs)
     parser.add_argument("--student-epochs", type=int, default=SimulationConfig.student_epochs)
     parser.add_argument("--backend", default="ray", choices=["ray", "inprocess"])
-    parser.add_argument("--run-dir", default="runs/bench")
+    parser.add_argument(
+        "--run-dir",
+        default="runs/bench",
+        help="scratch folder of the variants' run directories (earlier ones are replaced)",
+    )
     parser.add_argument(
         "--run-config",
         default="",
@@ -382,12 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     several = len(args.seeds) > 1
-    # fresh run directories: an old one of the same name would be resumed (or refused)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = [
-        _run_split(args, seed, (f"-seed{seed}" if several else "") + f"-{stamp}")
-        for seed in args.seeds
-    ]
+    runs = [_run_split(args, seed, f"-seed{seed}" if several else "") for seed in args.seeds]
     document: dict[str, Any] = {
         "dataset": args.dataset,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},

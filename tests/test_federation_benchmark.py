@@ -74,3 +74,16 @@ def test_pooling_keeps_only_cases_every_split_has(bench: ModuleType) -> None:
     assert set(pooled["v"]) == {"a"}
     np.testing.assert_array_equal(pooled["v"]["a"].sampled, [1, 2, 4])
     np.testing.assert_array_equal(pooled["v"]["a"].full, [10, 20, 40])
+
+
+def test_each_variant_starts_from_a_fresh_run_directory(bench: ModuleType, tmp_path: Path) -> None:
+    """An earlier benchmark's run directory would be resumed by the simulation (or refused
+    under other settings), so the benchmark replaces it; nothing else is touched."""
+    old = tmp_path / "runs" / "ml-100k-no-dp"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "round-000100.npz").write_bytes(b"x")
+    neighbour = tmp_path / "runs" / "mine"
+    neighbour.mkdir()
+    bench._fresh(old)
+    bench._fresh(tmp_path / "runs" / "never-made")
+    assert not old.exists() and neighbour.exists()
