@@ -181,6 +181,15 @@ def test_ml_latest_movies_not_in_utf8_is_a_clear_error(tmp_path: Path) -> None:
         load_ml_latest(root, name="ml-latest-small")
 
 
+def test_an_id_beyond_64_bits_names_its_line(tmp_path: Path) -> None:
+    ratings = "userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,3.0,11\n" + (
+        "12345678901234567890,5,3.0,12\n"
+    )
+    root = ml_latest_dir(tmp_path, ratings)
+    with pytest.raises(DataError, match=r"ratings.csv, line 4: column 'userId' .*64-bit"):
+        load_ml_latest(root, name="ml-latest-small")
+
+
 def test_generic_loads_string_ids(tmp_path: Path) -> None:
     loaded = load_generic(generic_dir(tmp_path))
     ds = loaded.dataset

@@ -212,15 +212,26 @@ def column_index(
     return {name: i for i, name in enumerate(names)}
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The range of the integer columns' array type."""
+
+
 def parse_int(value: str, path: Path, line: int, column: str) -> int:
     """``int(value)`` or a :class:`DataError` naming file, line and column."""
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise DataError(
             f"{path}, line {line}: column {column!r} must be an integer"
             f"{' (e.g. Unix seconds)' if 'time' in column.lower() else ''}, found {value!r}"
         ) from None
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise DataError(
+            f"{path}, line {line}: column {column!r} holds {value!r}, which does not fit a "
+            "64-bit integer; map such ids to smaller numbers (or load the file as 'generic', "
+            "which takes string ids)"
+        )
+    return number
 
 
 def parse_float(value: str, path: Path, line: int, column: str) -> float:
