@@ -161,6 +161,22 @@ def test_ml1m_loads(tmp_path: Path) -> None:
     assert loaded.report.interactions == 6
 
 
+def test_ml1m_movies_resaved_as_utf8_keep_their_titles(tmp_path: Path) -> None:
+    """The format is latin-1; a copy converted to UTF-8 must not load as 'AmÃ©lie'."""
+    root = ml1m_dir(tmp_path)
+    movies = root / "movies.dat"
+    movies.write_text(movies.read_text(encoding="latin-1"), encoding="utf-8")
+    assert load_ml1m(root).dataset.item_text[1] == "Amélie (2001). Genres: Comedy, Romance."
+
+
+def test_latin1_lines_end_only_at_line_breaks(tmp_path: Path) -> None:
+    from shared.data.movielens import _lines
+
+    path = tmp_path / "movies.dat"
+    path.write_bytes(b"1::A\x85B::X\r\n\n2::C::Y\r3::D\xe9::Z\n")  # 0x85: NEL once decoded
+    assert _lines(path, "latin-1") == [(1, "1::A\x85B::X"), (3, "2::C::Y"), (4, "3::D\u00e9::Z")]
+
+
 def test_ml_latest_loads_quoted_titles_and_no_genres(tmp_path: Path) -> None:
     ds = load_ml_latest(ml_latest_dir(tmp_path), name="ml-latest-small").dataset
     assert ds.name == "ml-latest-small"

@@ -10,6 +10,7 @@ to :func:`shared.data.cleaning.finalize` for the documented filters. The genre m
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 
@@ -239,7 +240,19 @@ def _ml100k_genres(root: Path) -> tuple[str, ...]:
 
 
 def _lines(path: Path, encoding: str) -> list[tuple[int, str]]:
-    """Non-blank lines of a small text file with their 1-based line numbers."""
-    with path.open(encoding=encoding, newline="") as f:
-        rows = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, start=1)]
+    """Non-blank lines of a small text file with their 1-based line numbers.
+
+    ``encoding`` is the format's (MovieLens 100K and 1M ship latin-1), but a copy re-saved as
+    UTF-8 is read as UTF-8: text with accented letters in latin-1 is almost never valid
+    UTF-8, so the two are told apart, and a UTF-8 copy no longer loads with garbled titles.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode(encoding)
+    # as a file opened with newline="": lines end at \n, \r or \r\n only (str.splitlines
+    # would also break at \x85, a byte latin-1 titles may hold)
+    lines = io.StringIO(text, newline="")
+    rows = [(n, line.rstrip("\r\n")) for n, line in enumerate(lines, start=1)]
     return [(n, line) for n, line in rows if line.strip()]
