@@ -244,3 +244,35 @@ def test_outputs_and_counts_are_checked_before_the_run(
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
+def test_install_model_names_the_file_it_refuses(tmp_path: Path) -> None:
+    state = tmp_path / "device"
+    assert _fedrec("client", "init", "--state-dir", str(state)).returncode == 0
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"\x08\x07" + b"not onnx" * 100)
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps([f"i{k}" for k in range(5)]))
+    proc = _fedrec(
+        "client",
+        "install-model",
+        "--state-dir",
+        str(state),
+        "--model",
+        str(broken),
+        "--catalog",
+        str(catalog),
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {broken}: ")
+    binary = _fedrec(
+        "client",
+        "install-model",
+        "--state-dir",
+        str(state),
+        "--model",
+        str(broken),
+        "--catalog",
+        str(broken),
+    )
+    assert binary.returncode == 2 and "cannot read the catalog" in binary.stderr
+    assert "Traceback" not in binary.stderr

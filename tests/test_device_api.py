@@ -80,19 +80,22 @@ class TinyStudent(nn.Module):
         return h @ self.item_emb.weight.T
 
 
-@pytest.fixture(scope="module")
-def int8_model(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def _int8(folder: Path, model_version: str) -> bytes:
     """The stand-in exported to ONNX and quantized to int8, as the server ships it."""
-    folder = tmp_path_factory.mktemp("device-model")
     export_onnx(
         TinyStudent().eval(),
         folder / "fp32.onnx",
-        model_version="round-7",
+        model_version=model_version,
         catalog_fingerprint=CATALOG.fingerprint,
     )
     cfg = QuantizeConfig(min_elements=(256,), residual_clusters=0, min_agreement=None)
     quantize_onnx(folder / "fp32.onnx", folder / "int8.onnx", config=cfg)
     return (folder / "int8.onnx").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return _int8(tmp_path_factory.mktemp("device-model"), "round-7")
 
 
 class Device:
@@ -392,7 +395,7 @@ def test_end_to_end_with_an_int8_model(device: Device, int8_model: bytes) -> Non
     assert status["privacy"]["epsilon_budget"] == 8.0
 
 
-def test_erase_keeps_the_privacy_ledger_and_identity(device: Device) -> None:
+def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: Path) -> None:
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
     ledger_path = device.daemon.layout.ledger
@@ -405,20 +408,27 @@ def test_erase_keeps_the_privacy_ledger_and_identity(device: Device) -> None:
     before = device.client.get("/status").json()
     assert before["privacy"]["epsilon_spent"] == pytest.approx(spent) and spent > 0
 
+    # the device also serves a personal model (an adapted one: personal data)
+    personal = _int8(tmp_path, "round-7+personal")
+    device.daemon.install_model(personal)
+    assert device.client.get("/status").json()["model_version"] == "round-7+personal"
+
     ledger_bytes = ledger_path.read_bytes()
     r = device.client.delete("/data")
     assert r.status_code == 204 and r.content == b""
 
     after = device.client.get("/status").json()
     assert (after["events"], after["feedback"], after["adaptation_pending"]) == (0, 0, 0)
-    assert after["model_version"] is None and after["sealed_version"] is None
-    assert not list(device.daemon.layout.models_dir.glob("*.sealed"))
+    # every sealed file went; the global model (not personal) is installed again
+    assert after["model_version"] == "round-7" and after["sealed_version"] == 1
+    sealed = sorted(p.name for p in device.daemon.layout.models_dir.glob("*.sealed"))
+    assert sealed == ["model-v1.onnx.sealed"]
     assert after["rounds_joined"] == 1  # participation is privacy accounting: kept
     assert after["privacy"]["epsilon_spent"] == pytest.approx(spent)  # never re-spendable
     assert ledger_path.read_bytes() == ledger_bytes
     assert device.identity.layout.private_key.exists()
     assert after["catalog_items"] == N_ITEMS  # public, not personal: kept
-    assert device.client.get("/recommendations").status_code == 503
+    assert device.client.get("/recommendations").json()["model_version"] == "round-7"
 
 
 class _Reversed:

@@ -80,6 +80,9 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     hits = [
         listed.get((dataset.user_ids[u], dataset.item_ids[split.test[u]]), 999) <= 10 for u in users
     ]
+    # a device installs the published model with the catalog written next to it
+    catalog = json.loads((run / "models" / "catalog.json").read_text())
+    assert catalog == list(dataset.item_ids)
     expected = final["student int8 onnx"]["federated"]["full_hr@10"]
     assert sum(hits) / len(hits) == pytest.approx(expected, abs=1e-12)
     # the report says which differences are beyond the noise of this many users

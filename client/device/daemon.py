@@ -322,6 +322,10 @@ class DeviceBackend(Protocol):
     def erase(self) -> None: ...
 
 
+PERSONAL_SUFFIX = "+personal"
+"""Ends the ``model_version`` of a model carrying a device's personal adapter (personal data;
+``"3+personal"``); a global model's is its round (``"3"``)."""
+
 # --------------------------------------------------------------------------- processes
 
 _ERROR_MARKERS = ("ERROR", "Error", "error:", "Exception", "Failed", "failed")
@@ -560,8 +564,11 @@ class Daemon:
 
     # -- installing ---------------------------------------------------------------------------
 
-    def install_model(self, data: bytes, catalog: Catalog | None = None) -> SealedModelInfo:
-        """Validate, seal and switch to a new model (and its catalog, if given).
+    def install_model(
+        self, data: bytes, catalog: Catalog | None = None, *, name: str | None = None
+    ) -> SealedModelInfo:
+        """Validate, seal and switch to a new model (and its catalog, if given); ``name``
+        (e.g. the file it was read from) is what errors call it.
 
         The model must match the catalog (given, or the installed one). Raises
         :class:`ModelFileError` / :class:`NoCatalogError` and changes nothing on failure.
@@ -573,7 +580,9 @@ class Daemon:
                     "no catalog installed: install the model together with its catalog "
                     "(`fedrec client install-model --catalog catalog.json`)"
                 )
-            info, model = self.models.install(data, catalog=catalog, runtime=self.runtime)
+            info, model = self.models.install(
+                data, catalog=catalog, runtime=self.runtime, name=name
+            )
             if catalog is not self.catalog:
                 catalog.save(self.layout.catalog)
             self.store.record_model(
@@ -779,8 +788,13 @@ class Daemon:
             return None, str(exc)
 
     def erase(self) -> None:
-        """Delete all local user data (see the module docstring for what is kept and why)."""
+        """Delete all local user data (see the module docstring for what is kept and why).
+
+        Every sealed model file goes, since an adapted model is personal data; the newest
+        installed model that is *not* personal (a global one: what every device of the
+        federation got) is installed again, so the device keeps recommending."""
         with self._lock:
+            global_model = self._newest_global_model()
             self.models.erase()
             self.store.erase()
             self.model = None
@@ -789,12 +803,28 @@ class Daemon:
             if isinstance(self.reranker, LearningReranker):
                 self.reranker.reset()
                 self.reranker.on_model(None)
+            if global_model is not None and self.catalog is not None:
+                try:
+                    self.install_model(global_model, self.catalog)
+                except FedRecError as exc:  # erasing must not fail on the reinstall
+                    self.model_error = f"the global model could not be reinstalled: {exc}"
         for callback in list(self._erase_callbacks):
             try:
                 callback()
             except Exception:
                 logger.exception("erase callback %r failed", callback)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    def _newest_global_model(self) -> bytes | None:
+        """The ONNX bytes of the newest sealed model that is not personal (``None``: none)."""
+        for version in reversed(self.models.versions()):
+            try:
+                info, data = self.models.read(version)
+            except ModelFileError:
+                continue
+            if not info.model_version.endswith(PERSONAL_SUFFIX):
+                return data
+        return None
 
     def add_erase_callback(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after :meth:`erase` (services holding personal data of their own,

@@ -137,8 +137,11 @@ class Catalog:
         path = Path(path)
         try:
             obj = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read the catalog {path}: {exc}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(
+                f"cannot read the catalog {path}: {exc}; it must be the JSON catalog written "
+                "next to the model (models/catalog.json of a simulation run)"
+            ) from exc
         return cls.from_json(obj, source=str(path))
 
 
@@ -242,6 +245,7 @@ class SealedModelStore:
         *,
         catalog: Catalog | None = None,
         runtime: RuntimeConfig | None = None,
+        name: str | None = None,
     ) -> tuple[SealedModelInfo, OnDeviceModel]:
         """Validate ``data`` (ONNX bytes), seal it as the next version and make it current.
 
@@ -254,6 +258,7 @@ class SealedModelStore:
             expected_n_items=len(catalog) if catalog else None,
             expected_catalog_fingerprint=catalog.fingerprint if catalog else None,
             config=runtime,
+            name=name,
         )
         version = max(self.versions(), default=0) + 1
         header = {

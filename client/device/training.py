@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from client.device.daemon import PERSONAL_SUFFIX
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
 from client.device.sealed import Catalog
 from shared.errors import ConfigError, DataError, FedRecError
@@ -545,7 +546,7 @@ class DeviceLearner:
             else:
                 personal.unlink(missing_ok=True)
             is_personal = personal.exists()
-        label = f"{version}+personal" if is_personal else str(version)
+        label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
         data = export_personal_model(student, catalog.item_ids, label)
         info = self.daemon.install_model(data, catalog)
         if adapt and pending:

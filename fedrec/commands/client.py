@@ -315,7 +315,7 @@ def install_model(
     except OSError as exc:
         raise ConfigError(f"cannot read --model {model}: {exc.strerror or exc}") from exc
     with Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env)) as daemon:
-        info = daemon.install_model(data, parsed)
+        info = daemon.install_model(data, parsed, name=str(model))
     typer.echo(f"installed {info.model_version} as {info.path.name}")
 
 

@@ -16,6 +16,7 @@ import torch
 from shared.compression.onnx_export import export_onnx
 from shared.compression.prune import PruneConfig, prune_model
 from shared.compression.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
+from shared.io import write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
 from shared.ondevice.runtime import catalog_fingerprint
 
@@ -41,6 +42,10 @@ class _OnDeviceStudent(ExportableStudent):
     @property
     def max_len(self) -> int:
         return self.student.config.max_len
+
+
+CATALOG_FILE = "catalog.json"
+"""Written next to every published model: its raw item ids in model order (a JSON list)."""
 
 
 def publish_student(
@@ -84,6 +89,8 @@ def publish_student(
             fp32, out, config=quantize, validation_histories=validation_histories
         )
         fp32_bytes = fp32.stat().st_size
+    # what a device installs the model with (`fedrec client install-model --catalog`)
+    write_json_atomic(out.parent / CATALOG_FILE, list(item_ids))
     return ArtifactReport(
         path=out,
         int8_bytes=out.stat().st_size,

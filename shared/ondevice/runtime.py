@@ -279,9 +279,11 @@ class OnDeviceModel:
         expected_n_items: int | None = None,
         expected_catalog_fingerprint: str | None = None,
         config: RuntimeConfig | None = None,
+        name: str | None = None,
     ) -> None:
         self.config = config or RuntimeConfig()
-        self.source = "<bytes>" if isinstance(source, bytes) else str(source)
+        # ``name``: where bytes came from, for the errors (a file read by the caller)
+        self.source = name or ("<bytes>" if isinstance(source, bytes) else str(source))
         data = self._read(source)
         proto = self._parse(data)
         self._check_opset(proto)
