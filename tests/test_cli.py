@@ -253,26 +253,13 @@ def test_install_model_names_the_file_it_refuses(tmp_path: Path) -> None:
     broken.write_bytes(b"\x08\x07" + b"not onnx" * 100)
     catalog = tmp_path / "catalog.json"
     catalog.write_text(json.dumps([f"i{k}" for k in range(5)]))
-    proc = _fedrec(
-        "client",
-        "install-model",
-        "--state-dir",
-        str(state),
-        "--model",
-        str(broken),
-        "--catalog",
-        str(catalog),
-    )
+
+    def install(model: Path, catalog: Path) -> subprocess.CompletedProcess[str]:
+        args = ["--state-dir", str(state), "--model", str(model), "--catalog", str(catalog)]
+        return _fedrec("client", "install-model", *args)
+
+    proc = install(broken, catalog)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {broken}: ")
-    binary = _fedrec(
-        "client",
-        "install-model",
-        "--state-dir",
-        str(state),
-        "--model",
-        str(broken),
-        "--catalog",
-        str(broken),
-    )
+    binary = install(broken, broken)
     assert binary.returncode == 2 and "cannot read the catalog" in binary.stderr
     assert "Traceback" not in binary.stderr
