@@ -263,3 +263,18 @@ def test_install_model_names_the_file_it_refuses(tmp_path: Path) -> None:
     binary = install(broken, broken)
     assert binary.returncode == 2 and "cannot read the catalog" in binary.stderr
     assert "Traceback" not in binary.stderr
+
+
+def test_bandit_plots_are_written_and_stale_ones_removed(tmp_path: Path) -> None:
+    from fedrec.commands.bandits import PLOTS
+
+    run = ["bandits", "evaluate", "--world", "synthetic", "--users", "4", "--steps", "3"]
+    run += ["--seed", "1", "-o", str(tmp_path), "--format", "json"]
+    first = runner.invoke(app, run)
+    assert first.exit_code == 0, first.output
+    pngs = {f"bandits-synthetic-{name}.png" for name in PLOTS["synthetic"]}
+    assert {p.name for p in tmp_path.glob("*.png")} == pngs
+    again = runner.invoke(app, [*run, "--no-plots"])
+    assert again.exit_code == 0, again.output
+    assert not list(tmp_path.glob("*.png"))  # they belonged to the earlier report
+    assert (tmp_path / "bandits-synthetic.json").exists()

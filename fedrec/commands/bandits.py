@@ -122,6 +122,8 @@ def evaluate(
     report["bandit_config"] = base.as_dict()
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("evaluate")
+    if not plots:
+        _remove_stale_plots(world, output_dir, stem)
     write_json_atomic(output_dir / f"{stem}.json", report)
     if plots:
         report["plots"] = _write_plots(world, report, output_dir, stem)
@@ -456,6 +458,20 @@ def _tune_ml100k(seeds: Sequence[int], data_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- plots
+PLOTS = {"synthetic": ("regret", "coverage"), "ml-100k": ("coverage", "diversity")}
+"""The PNGs ``evaluate`` writes per world, as ``<stem>-<name>.png``."""
+
+
+def _remove_stale_plots(world: str, out: Path, stem: str) -> None:
+    """With ``--no-plots``, the plots an earlier run wrote under the same name would sit next
+    to a report they no longer belong to: remove them."""
+    for name in PLOTS[world]:
+        stale = out / f"{stem}-{name}.png"
+        if stale.exists():
+            stale.unlink()
+            typer.echo(f"removed {stale} (from an earlier run; --no-plots)", err=True)
+
+
 def _write_plots(world: str, report: dict[str, Any], out: Path, stem: str) -> list[str]:
     import matplotlib
 
