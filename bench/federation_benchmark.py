@@ -56,8 +56,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from shared.config import from_flat, parse_run_config, to_flat
 from shared.eval.compare import compare_ranks
-from shared.eval.metrics import hit_rate_at_k, ndcg_at_k
-from shared.eval.protocol import CaseRanks
+from shared.eval.metrics import hit_rate_at_k
+from shared.eval.protocol import CaseRanks, summarize_ranks
 from simulation.config import SimulationConfig
 from simulation.pipeline import load_ranks, run_pipeline
 
@@ -150,6 +150,14 @@ def _variant_summary(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shots(ranks: dict[str, CaseRanks]) -> list[str]:
+    """The few-shot case groups of a run's ranks (``'fewshot k=1'``, ...), by K."""
+    return sorted(
+        {key.split("/")[0] for key in ranks if key.startswith("fewshot ")},
+        key=lambda shot: int(shot.rsplit("=", 1)[1]),
+    )
+
+
 def _paired(ranks: dict[str, dict[str, CaseRanks]], name: str) -> dict[str, Any]:
     """User-by-user comparisons behind the checks: this variant's global model against the
     no-DP one on the same federated users (the DP cost, absolute and relative), and its
@@ -169,10 +177,7 @@ def _paired(ranks: dict[str, dict[str, CaseRanks]], name: str) -> dict[str, Any]
                 **d.as_dict(),
                 "relative_cost": [-d.high / base_hr, -d.low / base_hr] if base_hr else None,
             }
-    shots = sorted(
-        {k.split("/")[0] for k in own if k.startswith("fewshot ")},
-        key=lambda shot: int(shot.rsplit("=", 1)[1]),
-    )
+    shots = _shots(own)
     if shots:
         out["fewshot"] = {
             shot.removeprefix("fewshot "): {
@@ -229,14 +234,8 @@ def _checks(
 
 
 def _metrics(ranks: CaseRanks) -> dict[str, float]:
-    """HR@10 / NDCG@10, sampled and full, of a set of cases' ranks (as the runs report them)."""
-    return {
-        "users": float(len(ranks.full)),
-        "sampled_hr@10": round(hit_rate_at_k(ranks.sampled), 4),
-        "sampled_ndcg@10": round(ndcg_at_k(ranks.sampled), 4),
-        "full_hr@10": round(hit_rate_at_k(ranks.full), 4),
-        "full_ndcg@10": round(ndcg_at_k(ranks.full), 4),
-    }
+    """HR@10 / NDCG@10, sampled and full, of a set of cases' ranks, rounded as ``_row``."""
+    return {key: round(float(value), 4) for key, value in summarize_ranks(ranks).items()}
 
 
 def _pool(per_seed: list[dict[str, dict[str, CaseRanks]]]) -> dict[str, dict[str, CaseRanks]]:
@@ -260,10 +259,7 @@ def _pooled_section(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ranks = _pool([run["ranks"] for run in runs])
     variants: dict[str, Any] = {}
     for name, own in ranks.items():
-        shots = sorted(
-            {k.split("/")[0] for k in own if k.startswith("fewshot ")},
-            key=lambda shot: int(shot.rsplit("=", 1)[1]),
-        )
+        shots = _shots(own)
         per_split = [run["variants"][name] for run in runs]
 
         def largest(key: str, splits: list[dict[str, Any]] = per_split) -> float | None:
