@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.io import read_json, write_json_atomic
+from shared.io import ensure_dir, read_json, write_json_atomic
 
 CONFIG_FILE = "config.json"
 
@@ -32,15 +32,8 @@ class RunDirectory:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.created = not self.root.exists()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.checkpoints.mkdir(exist_ok=True)
-            self.plots.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create the run directory {self.root}: {exc.strerror or exc}; pass "
-                "--run-dir a writable folder"
-            ) from exc
+        for folder in (self.root, self.checkpoints, self.plots):
+            ensure_dir(folder, what="the run directory", fix="pass --run-dir a writable folder")
         self._tb: Any = None
 
     @property
