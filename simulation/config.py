@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from server.server_optimizer import ServerOptimizerSettings
 from shared.config import to_flat
 from shared.errors import ConfigError
+from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.federated.task import RunConfigValue
 from shared.models.ensemble import DEFAULT_MEMBERS
@@ -159,12 +160,7 @@ class SimulationConfig:
                 f"data-dir {self.data_dir!r} is given but the dataset is 'synthetic', which is "
                 "generated and reads no files; add --dataset (e.g. ml-100k) for that folder"
             )
-        for key, value in (
-            ("cold-user-fraction", self.cold_user_fraction),
-            ("public-fraction", self.public_fraction),
-        ):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{key} must be in [0, 1), got {value}")
+        self.split_config()  # the split's fractions, checked where they are defined
         if self.synthetic_users < 1 or self.synthetic_items < 2:
             raise ConfigError(
                 f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
@@ -230,6 +226,14 @@ class SimulationConfig:
 
         PrivacyBudget(self.epsilon_budget, self.delta)
         ServerConfig.from_run_config(self.server_run_config(max(self.cohort_size, 2)))
+
+    def split_config(self) -> SplitConfig:
+        """The protocol split of this simulation (validated by :class:`SplitConfig`)."""
+        return SplitConfig(
+            seed=self.seed,
+            cold_user_fraction=self.cold_user_fraction,
+            public_fraction=self.public_fraction,
+        )
 
     def server_optimizer_settings(self) -> ServerOptimizerSettings:
         """The server's optimiser in this simulation (validated where it is defined)."""

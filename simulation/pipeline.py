@@ -39,7 +39,7 @@ from shared.eval.protocol import (
     summarize_each,
     summarize_ranks,
 )
-from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
+from shared.eval.splits import ProtocolSplit, split_users
 from shared.federated.bundle import ClientData, save_bundle
 from shared.federated.local_training import fit_personal
 from shared.federated.student_task import set_global_arrays
@@ -170,15 +170,7 @@ def _run_stages(
 def load_split(config: SimulationConfig) -> tuple[RecDataset, ProtocolSplit]:
     """The run's dataset and its protocol split (a rerun of the same config gets the same)."""
     dataset = _load(config)
-    split = split_users(
-        dataset,
-        SplitConfig(
-            seed=config.seed,
-            cold_user_fraction=config.cold_user_fraction,
-            public_fraction=config.public_fraction,
-        ),
-    )
-    return dataset, split
+    return dataset, split_users(dataset, config.split_config())
 
 
 def _load(config: SimulationConfig) -> RecDataset:

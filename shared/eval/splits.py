@@ -34,13 +34,14 @@ class SplitConfig:
     cold_item_min_interactions: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("cold_user_fraction", "public_fraction", "cold_item_fraction"):
-            value = getattr(self, name)
+        # errors name the keys as users type them (--run-config, CLI flags)
+        for name in ("cold-user-fraction", "public-fraction", "cold-item-fraction"):
+            value = getattr(self, name.replace("-", "_"))
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
         if self.cold_item_min_interactions < 1:
             raise ConfigError(
-                f"cold_item_min_interactions must be >= 1, got {self.cold_item_min_interactions}"
+                f"cold-item-min-interactions must be >= 1, got {self.cold_item_min_interactions}"
             )
 
 
