@@ -291,8 +291,8 @@ class ClientRegistry:
                 raise ConfigError(
                     f"this key ({fingerprint}) was revoked (as {c.name!r}, node {c.node_id}) "
                     "and the SuperLink never accepts a revoked key again; give the device a "
-                    "new identity (`fedrec client init --force` on it erases its local store "
-                    "and keeps its privacy ledger) and register the new public key"
+                    "new key (`fedrec client rotate-key` on it keeps its data and privacy "
+                    "ledger) and register the new public key"
                 )
         for c in self.active():
             if c.fingerprint == fingerprint:

@@ -170,7 +170,7 @@ def test_a_key_revoked_after_the_superlink_had_it_cannot_be_registered_again(
     applied = registry.add(*load_public_key(keys[0], source="a"), name="phone-1")
     applied.node_id = 1234  # a `server start` registered it with the SuperLink
     applied.revoked = time.time()
-    with pytest.raises(ConfigError, match=r"never accepts a revoked key again.*client init"):
+    with pytest.raises(ConfigError, match=r"never accepts a revoked key again.*client rotate-key"):
         registry.add(*load_public_key(keys[0], source="a"), name="phone-1b")
     # revoked before any SuperLink saw it: nothing to forget, so it may come back
     never = registry.add(*load_public_key(keys[1], source="b"), name="tablet")

@@ -24,8 +24,11 @@ from client.device.identity import (
     DeviceIdentity,
     DeviceLayout,
     IdentityError,
+    StateDirInUseError,
+    StateDirLock,
     WrongPassphraseError,
     init_identity,
+    rotate_key,
 )
 from client.device.sealed import Catalog, SealedModelStore, sealed_name
 from client.device.store import (
@@ -38,6 +41,7 @@ from client.device.store import (
     WrongDataKeyError,
 )
 from fedrec.commands.client import app as client_app
+from server.state import ClientRegistry, load_public_key
 from shared.errors import DataError, ModelFileError
 from shared.ondevice.runtime import ModelMetadata, OnDeviceModel
 
@@ -363,6 +367,66 @@ def test_cli_init_with_passphrase_env(tmp_path: Path, monkeypatch: pytest.Monkey
     assert DeviceIdentity.load(state).data_key("s3cret passphrase")
     bad = runner.invoke(client_app, ["init", "--state-dir", str(state), "--passphrase-env", "a b"])
     assert "name* of an environment variable" in str(bad.exception)
+
+
+def test_cli_rotate_key_replaces_only_the_key_pair(tmp_path: Path, key: bytes) -> None:
+    state = tmp_path / "device"
+    first = init_identity(state)
+    layout = first.layout
+    identity = DeviceIdentity.load(state)
+    with DeviceStore.open(layout.store_db, identity.data_key()) as store:
+        store.add_events([Event(i, "view", 1.0) for i in SECRET_IDS])
+    layout.ledger.parent.mkdir()
+    layout.ledger.write_text('{"spent": "kept"}')
+    kept = {p: p.read_bytes() for p in (layout.data_key, layout.api_token, layout.ledger)}
+    server_fingerprint = load_public_key(first.public_key_openssh, source="old")[1]
+
+    result = runner.invoke(client_app, ["rotate-key", "--state-dir", str(state)])
+
+    assert result.exit_code == 0, result.output
+    new_public = layout.public_key.read_text().strip()
+    assert result.stdout.strip() == new_public != first.public_key_openssh
+    assert layout.previous_public_key.read_text().strip() == first.public_key_openssh
+    # the old key's id is what the server's revoke-client takes; the new key is a new device
+    assert f"revoke-client {server_fingerprint}" in result.stderr
+    rotated = DeviceIdentity.load(state)
+    assert rotated.device_id == load_public_key(new_public, source="new")[1]
+    private = load_ssh_private_key(layout.private_key.read_bytes(), None)
+    assert _mode(layout.private_key) == 0o600
+    assert load_ssh_public_key(new_public.encode()).public_numbers() == (  # type: ignore[union-attr]
+        private.public_key().public_numbers()  # type: ignore[union-attr]
+    )
+    assert {p: p.read_bytes() for p in kept} == kept  # data key, API token, ledger untouched
+    with DeviceStore.open(layout.store_db, rotated.data_key()) as store:
+        assert sorted(e.item_id for e in store.events()) == sorted(SECRET_IDS)
+    # the server takes the new key where the old one was revoked after a SuperLink had it
+    registry = ClientRegistry(tmp_path / "clients.json")
+    old = registry.add(*load_public_key(first.public_key_openssh, source="old"), name="phone")
+    old.node_id, old.revoked = 7, 1.0
+    assert registry.add(*load_public_key(new_public, source="new"), name="phone-2").revoked is None
+
+
+def test_rotate_key_is_refused_under_a_daemon_and_without_an_identity(tmp_path: Path) -> None:
+    with pytest.raises(IdentityError, match="client init"):
+        rotate_key(tmp_path / "none")
+    layout = init_identity(tmp_path / "device").layout
+    before = layout.private_key.read_bytes()
+    with (
+        StateDirLock.acquire(layout, role="daemon", advice="stop it"),
+        pytest.raises(StateDirInUseError, match="stop it"),
+    ):
+        rotate_key(layout.state_dir)
+    assert layout.private_key.read_bytes() == before
+    assert not layout.previous_public_key.exists()
+
+
+def test_the_public_key_in_use_comes_from_the_private_key(tmp_path: Path) -> None:
+    """A rotation interrupted between its two writes leaves client.pub stale; the identity
+    still reports (and the daemon registers as) the key the SuperNode authenticates with."""
+    first = init_identity(tmp_path)
+    second = rotate_key(tmp_path)
+    first.layout.public_key.write_text(first.public_key_openssh + "\n")  # the stale copy
+    assert DeviceIdentity.load(tmp_path).device_id == second.device_id != first.device_id
 
 
 # --------------------------------------------------------------------------- sealed models

@@ -20,6 +20,9 @@
 ``api.token`` (0600)
     The bearer token of the local HTTP API.
 
+``fedrec client rotate-key`` (:func:`rotate_key`) replaces only the key pair, keeping the
+replaced public key in ``client.pub.previous`` for the operator to revoke.
+
 Every purpose-specific key is derived from the data key with HKDF-SHA256 and a distinct
 label (:func:`derive_subkey`), so the store, the blind index and the sealed models never
 share a key.
@@ -139,6 +142,11 @@ class DeviceLayout:
         return self.state_dir / "api.json"
 
     @property
+    def previous_public_key(self) -> Path:
+        """The key ``rotate-key`` replaced, kept so the operator can revoke it."""
+        return self.identity_dir / "client.pub.previous"
+
+    @property
     def lock_file(self) -> Path:
         """The single-writer lock (:class:`StateDirLock`); never deleted."""
         return self.state_dir / "daemon.lock"
@@ -157,8 +165,12 @@ class DeviceLayout:
 # --------------------------------------------------------------------------- single writer
 
 
-LockRole = Literal["daemon", "init"]
-_ROLE_NAMES: dict[str, str] = {"daemon": "a fedrec daemon", "init": "`fedrec client init`"}
+LockRole = Literal["daemon", "init", "rotate-key"]
+_ROLE_NAMES: dict[str, str] = {
+    "daemon": "a fedrec daemon",
+    "init": "`fedrec client init`",
+    "rotate-key": "`fedrec client rotate-key`",
+}
 
 
 class StateDirLock:
@@ -456,19 +468,7 @@ def _create_identity(
     for path in existing:
         path.unlink()
 
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    _write_secret(
-        layout.private_key,
-        private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public_line = _public_openssh(private_key.public_key())
-    write_bytes_atomic(layout.public_key, (public_line + "\n").encode())
-    os.chmod(layout.public_key, 0o644)
-
+    public_line = _write_key_pair(layout)
     mode: DataKeyMode
     if passphrase is None:
         mode = "random"
@@ -491,6 +491,64 @@ def _create_identity(
         _write_secret(layout.data_key_kdf, (json.dumps(descriptor, indent=2) + "\n").encode())
     _write_secret(layout.api_token, (secrets.token_urlsafe(32) + "\n").encode())
     return InitResult(layout, public_line, device_id_of(public_line), mode)
+
+
+def _write_key_pair(layout: DeviceLayout) -> str:
+    """A new SuperNode key pair: the private key first, then ``client.pub`` (derived from it,
+    so a crash in between leaves a stale public file, never a stale private key); returns the
+    public OpenSSH line."""
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    _write_secret(
+        layout.private_key,
+        private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public_line = _public_openssh(private_key.public_key())
+    _write_public(layout.public_key, public_line)
+    return public_line
+
+
+def _write_public(path: Path, public_line: str) -> None:
+    write_bytes_atomic(path, (public_line + "\n").encode())
+    os.chmod(path, 0o644)
+
+
+@dataclass(frozen=True)
+class RotateResult:
+    """What ``rotate-key`` changed: the new key to register and the old one to revoke."""
+
+    layout: DeviceLayout
+    public_key_openssh: str
+    device_id: str
+    previous_device_id: str
+
+
+_ROTATE_ADVICE = (
+    "stop it first (its SuperNode authenticates with the current key), then rerun "
+    "`fedrec client rotate-key`"
+)
+
+
+def rotate_key(state_dir: str | Path) -> RotateResult:
+    """Replace the device's SuperNode key pair and keep everything else.
+
+    Why: the SuperLink never accepts a revoked key again, and a key may leak; the device
+    then needs a new key, but its encrypted store, sealed models, API token and privacy ledger
+    are still valid (they do not depend on this key), so unlike ``init --force`` nothing is
+    erased. The replaced public key is kept in ``identity/client.pub.previous`` (revoke it on
+    the server). Runs under the state directory's :class:`StateDirLock`: refused
+    (:class:`StateDirInUseError`) while a daemon runs on it.
+    """
+    layout = DeviceLayout(Path(state_dir))
+    with StateDirLock.acquire(layout, role="rotate-key", advice=_ROTATE_ADVICE):
+        identity = DeviceIdentity.load(layout.state_dir)
+        previous = identity.public_key_openssh  # derived from the private key in use
+        _write_public(layout.previous_public_key, previous)
+        public_line = _write_key_pair(layout)
+    return RotateResult(layout, public_line, device_id_of(public_line), device_id_of(previous))
 
 
 @dataclass(frozen=True)
@@ -522,7 +580,9 @@ class DeviceIdentity:
 
     @property
     def public_key_openssh(self) -> str:
-        return self.layout.public_key.read_text().strip()
+        """The public key of the private key in use (derived from it: ``client.pub`` is a copy
+        for the operator, and could be stale after an interrupted ``rotate-key``)."""
+        return _public_openssh(self.private_key().public_key())
 
     @property
     def device_id(self) -> str:

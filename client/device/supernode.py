@@ -145,7 +145,7 @@ def explain_supernode_error(line: str) -> str | None:
         return (
             "the server does not accept this device's key: register the public key printed "
             "by `fedrec client init` with `fedrec server register-client`; a revoked key "
-            "needs a new device identity"
+            "needs a new one (`fedrec client rotate-key` keeps the device's data)"
         )
     if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
         return "the server's certificate does not verify against --root-cert"

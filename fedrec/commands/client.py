@@ -141,6 +141,32 @@ def init(
     typer.echo(result.public_key_openssh)
 
 
+@app.command("rotate-key")
+def rotate_key(state_dir: StateDirOpt) -> None:
+    """Give the device a new SuperNode key pair, keeping its data, models and privacy ledger.
+
+    For a key the server revoked (the SuperLink never accepts it again) or one that may have
+    leaked. Prints the new OpenSSH public key on stdout; the replaced one is kept in
+    identity/client.pub.previous. Refused while a daemon runs on STATE_DIR: stop it first.
+    """
+    from client.device.identity import rotate_key as rotate
+
+    result = rotate(state_dir)
+    layout = result.layout
+    lines = [
+        f"new device key in {layout.private_key} (0600)",
+        f"  device id:    {result.previous_device_id} -> {result.device_id}",
+        f"  public key:   {layout.public_key}",
+        f"  replaced key: {layout.previous_public_key}",
+        "on the server: fedrec server register-client "
+        f"{layout.public_key.name} --state-dir SERVER_STATE, then (unless it is revoked "
+        f"already) fedrec server revoke-client {result.previous_device_id} "
+        "--state-dir SERVER_STATE; then start the daemon again",
+    ]
+    typer.echo("\n".join(lines), err=True)
+    typer.echo(result.public_key_openssh)
+
+
 def _run_daemon(
     state_dir: Path,
     passphrase_env: str | None,
