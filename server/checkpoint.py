@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -82,20 +81,6 @@ class Checkpoint:
     manifest_path: Path
     arrays_path: Path
     extra: dict[str, JSONValue] = field(default_factory=dict)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _json_metrics(metrics: Mapping[str, MetricScalar]) -> dict[str, JSONValue]:
@@ -204,7 +189,6 @@ class CheckpointStore:
         write_bytes_atomic(
             manifest_path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
         )
-        _fsync_dir(self.directory)
         self._prune()
         return manifest_path
 

@@ -10,7 +10,6 @@ after it), so a round shown as done is a round a restart resumes after.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.server_app import make_server_app
 from server.strategy import RoundReport
+from shared.io import append_line
 
 #: Run-config key of this wrapper (removed before the inner ServerApp sees the config).
 PROGRESS_FILE_KEY = "progress-file"
@@ -54,11 +54,7 @@ def round_record(report: RoundReport, num_rounds: int) -> dict[str, Any]:
 
 def append_progress(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and fsync it (a reader skips a torn last line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, allow_nan=False, default=_finite) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_line(path, json.dumps(record, allow_nan=False, default=_finite))
 
 
 def _finite(value: object) -> object:

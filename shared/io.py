@@ -10,9 +10,12 @@ from typing import Any
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves either the old or the new file."""
+    """Replace ``path`` with ``data`` so a crash, even a power loss, leaves either the old or
+    the new file: the data is fsynced before the rename, and the folder after it (the rename
+    itself is only durable once the folder is; a ledger that reverted after its update had
+    left would under-count privacy). Folders it creates are made durable too."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -23,6 +26,48 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of folder ``path`` (a rename, a new file or folder) durable; a no-op
+    where folders cannot be opened or synced (e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durable(folder: Path) -> None:
+    """``mkdir -p folder``, syncing the parent of every folder it creates."""
+    if folder.is_dir():
+        return
+    missing = [folder, *(p for p in folder.parents if not p.exists())]
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(created.parent)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to the log ``path`` and fsync it.
+
+    A crash in the middle of an append leaves a torn last line (which readers skip); the next
+    append first ends it, so the record after a crash is not glued onto the torn one and lost
+    with it."""
+    path = Path(path)
+    _make_dirs_durable(path.parent)
+    with open(path, "a+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        torn = end > 0 and fh.seek(end - 1) >= 0 and fh.read(1) != b"\n"
+        fh.write((b"\n" if torn else b"") + line.encode("utf-8") + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.io import ensure_dir, read_json, write_json_atomic
+from shared.io import append_line, ensure_dir, read_json, write_json_atomic
 
 CONFIG_FILE = "config.json"
 
@@ -113,9 +113,7 @@ class RunDirectory:
     def log(self, event: str, step: int, **metrics: Any) -> None:
         """Append one record to ``metrics.jsonl`` and its numeric fields to TensorBoard."""
         record = {"event": event, "step": step, "time": round(time.time(), 3), **metrics}
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(record, default=_jsonable) + "\n")
-            fh.flush()
+        append_line(self.metrics_path, json.dumps(record, default=_jsonable))
         writer = self._writer()
         if writer is not None:
             for key, value in metrics.items():
