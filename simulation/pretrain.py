@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -117,7 +118,9 @@ def pretrain(
             student = DistilledStudent.from_model(model)
             student.teacher = teacher
             return Pretrained(teacher, student, time.perf_counter() - start, cached=True)
-        except (RuntimeError, KeyError, OSError) as err:
+        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
+            # an empty file (EOFError), garbage (UnpicklingError) or a truncated one
+            # (RuntimeError): the cache is derived data, so it is rebuilt
             log.warning("ignoring unusable pretraining cache %s (%s); retraining", path, err)
     public = split.public_users
     validation = Validation(split, ("public",))

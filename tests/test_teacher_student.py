@@ -389,6 +389,16 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
     histories = [split.history(int(u)) for u in split.public_users[:5]]
     assert np.array_equal(again.teacher.score(histories), first.teacher.score(histories))
     assert np.array_equal(again.student.score(histories), first.student.score(histories))
+    # an empty, garbage or truncated cache file (a crash, a full disk) is retrained, not fatal
+    (cached,) = (tmp_path / "pretrained").glob("*.pt")
+    good = cached.read_bytes()
+    for broken in (b"", b"not a torch file", good[: len(good) // 2]):
+        cached.write_bytes(broken)
+        rebuilt = pretrain(
+            ds, split, text_features(), tmp_path, teacher_config=teacher_cfg,
+            student_config=student_cfg,
+        )  # fmt: skip
+        assert not rebuilt.cached and cached.read_bytes()[:4] == good[:4]
 
 
 def test_set_order_trains_and_sees_no_order() -> None:
