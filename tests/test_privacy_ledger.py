@@ -58,9 +58,16 @@ def test_corrupt_ledger_is_refused_not_reset(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="refusing to reset"):
         PrivacyLedger.open(path, PrivacyBudget())
-    path.write_text(json.dumps({"version": 1, "mechanism": "rdp", "history": [["x", 1, 2]]}))
-    with pytest.raises(DataError, match="malformed"):
-        PrivacyLedger.open(path, PrivacyBudget())
+    # every way a ledger can be unusable names the file and says it is never reset
+    for state in (
+        {"version": 1, "mechanism": "rdp", "history": [["x", 1, 2]]},
+        {"version": 1, "mechanism": "rdp", "history": [[1.0, 0.5]]},
+        {"version": 2, "mechanism": "rdp", "history": []},
+        [1.0, 0.5, 3],
+    ):
+        path.write_text(json.dumps(state))
+        with pytest.raises(DataError, match=rf"{path}.*restore it from backup.*never reset"):
+            PrivacyLedger.open(path, PrivacyBudget())
 
 
 @pytest.mark.parametrize("kwargs", [{"epsilon": 0}, {"delta": 1.5}, {"epsilon": float("inf")}])

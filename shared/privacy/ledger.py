@@ -148,19 +148,24 @@ class PrivacyLedger:
             "epsilon": self.epsilon(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a saved state, validating it. The spent history always survives; the budget in
-        force is the configured one (the saved one is informational)."""
+    def load_state_dict(self, state: Any, source: str = "privacy ledger") -> None:
+        """Load a saved state, validating it (:class:`DataError` naming ``source``, e.g. the
+        file, otherwise). The spent history always survives; the budget in force is the
+        configured one (the saved one is informational)."""
+        fix = "restore it from backup; it is never reset, as that would forget spent privacy"
+        if not isinstance(state, dict):
+            raise DataError(f"{source} is not a JSON object but {type(state).__name__}; {fix}")
         if state.get("version") != LEDGER_VERSION or state.get("mechanism") != "rdp":
             raise DataError(
-                f"privacy ledger has version {state.get('version')!r} / mechanism "
-                f"{state.get('mechanism')!r}; expected {LEDGER_VERSION} / 'rdp'"
+                f"{source} has version {state.get('version')!r} / mechanism "
+                f"{state.get('mechanism')!r}; expected {LEDGER_VERSION} / 'rdp' (written by "
+                f"another fedrec version?); {fix}"
             )
         try:
             history = [Spend(float(n), float(q), int(t)) for n, q, t in state["history"]]
             declined = int(state.get("declined", 0))
         except (KeyError, TypeError, ValueError, ConfigError) as err:
-            raise DataError(f"privacy ledger is malformed: {err}") from None
+            raise DataError(f"{source} is malformed ({err}); {fix}") from None
         self.history = history
         self.declined = declined
 
@@ -185,5 +190,5 @@ class PrivacyLedger:
                 "it deliberately.",
                 error=DataError,
             )
-            ledger.load_state_dict(state)
+            ledger.load_state_dict(state, source=f"privacy ledger {p}")
         return ledger
