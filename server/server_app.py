@@ -66,6 +66,9 @@ if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-
 
 # ============================================================================ config
 
+#: The user-level DP journal in the checkpoint directory (see :meth:`UserLevelDP.resume`).
+USER_DP_JOURNAL = "user-dp-journal.json"
+
 #: Key prefixes that belong to the server: an unknown key with one of them is an error
 #: (a silently ignored ``user-dp-*`` typo could switch privacy settings off).
 _SERVER_PREFIXES = ("secagg-", "user-dp-", "checkpoint-", "server-")
@@ -395,7 +398,8 @@ def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
         delta=config.user_dp_delta,
         epsilon_budget=config.user_dp_epsilon_budget,
     )
-    return UserLevelDP(settings)
+    journal = Path(config.checkpoint_dir) / USER_DP_JOURNAL if config.checkpoint_dir else None
+    return UserLevelDP(settings, journal=journal)
 
 
 def _check_checkpoint(
@@ -477,10 +481,21 @@ def _run_server(
         config, checkpoint.parameters if checkpoint is not None else initial, user_dp=user_dp
     )
     first_round = 1
+    if user_dp is not None:
+        done = checkpoint.server_round if checkpoint is not None else 0
+        unrecorded = user_dp.resume(checkpoint.ledger_state if checkpoint else None, done)
+        if unrecorded:
+            log(
+                WARNING,
+                "%s round(s) after round %s were charged to the user-level privacy ledger but "
+                "not checkpointed (a crash, or an unusable newer checkpoint); their spending "
+                "stays counted (epsilon so far %.4g) and they run again",
+                unrecorded,
+                done,
+                user_dp.epsilon(),
+            )
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint.strategy_state)
-        if user_dp is not None and checkpoint.ledger_state is not None:
-            user_dp.load_state_dict(checkpoint.ledger_state)
         first_round = checkpoint.server_round + 1
         log(
             INFO,

@@ -20,7 +20,10 @@ Accounting: one Gaussian step per round with noise multiplier ``z`` and sampling
 ``q = m / N`` (``N`` = population, the number of clients that could have been
 sampled), composed with Opacus' RDP accountant (through
 :class:`shared.privacy.ledger.PrivacyLedger`, whose state is saved in each server
-checkpoint). Caveats, as in DP-FedAvg practice: the cohort is a uniform sample of fixed
+checkpoint, and in a journal written durably the moment a round is charged, before its
+instructions leave: a crash after an aggregate was released but before that round's
+checkpoint then cannot make a restart forget the spend; see :meth:`UserLevelDP.resume`).
+Caveats, as in DP-FedAvg practice: the cohort is a uniform sample of fixed
 size while the RDP bound is for Poisson sampling with rate ``q``; and a round is charged
 as soon as its cohort is sampled (conservative: a round that later aborts is still
 counted).
@@ -44,12 +47,14 @@ import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError, DataError
+from shared.io import read_json, write_json_atomic
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
 
 Arrays = list[npt.NDArray[np.floating]]
@@ -160,8 +165,15 @@ class UserLevelDP:
     saves :meth:`state_dict` in every checkpoint.
     """
 
-    def __init__(self, settings: UserDPSettings, *, rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self,
+        settings: UserDPSettings,
+        *,
+        rng: np.random.Generator | None = None,
+        journal: str | Path | None = None,
+    ) -> None:
         self.settings = settings
+        self.journal = Path(journal) if journal is not None else None
         budget = PrivacyBudget(
             epsilon=settings.epsilon_budget
             if settings.epsilon_budget is not None
@@ -216,6 +228,8 @@ class UserLevelDP:
         eps = self.epsilon()
         self._cohort_by_round[server_round] = cohort
         self._epsilon_by_round[server_round] = eps
+        if self.journal is not None:  # durable before the round's instructions leave
+            write_json_atomic(self.journal, self.state_dict())
         return eps
 
     def epsilon_after(self, server_round: int) -> float | None:
@@ -262,24 +276,58 @@ class UserLevelDP:
             ],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the ledger history from a checkpoint.
+    def resume(self, checkpoint_state: Mapping[str, Any] | None, server_round: int) -> int:
+        """Restore the accountant for a run resuming after round ``server_round`` (0: from
+        the start) from that round's checkpoint state and the journal; returns how many
+        charged rounds the checkpoint had not recorded (0 without a journal).
+
+        The journal is written when a round is charged and the checkpoint only after the
+        round, so after a crash in between (or when the newest checkpoint was unusable and
+        an older one is resumed) the journal holds rounds past ``server_round``. Their
+        spending stays in the ledger, as their aggregates may have been released; only
+        their per-round records are dropped, so the rerun rounds are charged again
+        (over-counting, the safe direction).
+        """
+        if checkpoint_state is not None:
+            self.load_state_dict(checkpoint_state)
+        if self.journal is None or not self.journal.exists():
+            return 0
+        journal = UserLevelDP(self.settings)
+        journal.load_state_dict(
+            read_json(
+                self.journal,
+                what="user-level DP journal",
+                consequence="refusing to resume, as it may hold privacy spent after the last "
+                "checkpoint. Restore it from backup, or remove it deliberately",
+                error=DataError,
+            ),
+            source=f"user-level DP journal {self.journal}",
+        )
+        later = [r for r in journal._cohort_by_round if r > server_round]
+        if journal.epsilon() > self.epsilon():
+            self.ledger.history = list(journal.ledger.history)
+        write_json_atomic(self.journal, self.state_dict())  # the spend stays; the rounds go
+        return len(later)
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], source: str = "user-level DP state"
+    ) -> None:
+        """Restore the ledger history from a checkpoint (or the journal: ``source`` names it).
 
         The spent history always survives (never reset); the settings in force are the
         configured ones. Raises :class:`DataError` for a malformed state.
         """
+        if not isinstance(state, Mapping):
+            raise DataError(f"{source} is not a JSON object")
         if state.get("version") != USER_DP_STATE_VERSION or "ledger" not in state:
             raise DataError(
-                f"user-level DP state has version {state.get('version')!r}; expected "
+                f"{source} has version {state.get('version')!r}; expected "
                 f"{USER_DP_STATE_VERSION} with a 'ledger'"
             )
-        ledger_state = state["ledger"]
-        if not isinstance(ledger_state, dict):
-            raise DataError("user-level DP state: 'ledger' is not an object")
-        self.ledger.load_state_dict(ledger_state)
+        self.ledger.load_state_dict(state["ledger"], source=f"the ledger of {source}")
         try:
             rounds = [(int(r), int(m), float(e)) for r, m, e in state.get("rounds", [])]
         except (TypeError, ValueError) as exc:
-            raise DataError(f"user-level DP state: malformed 'rounds' ({exc})") from None
+            raise DataError(f"{source}: malformed 'rounds' ({exc})") from None
         self._cohort_by_round = {r: m for r, m, _ in rounds}
         self._epsilon_by_round = {r: e for r, _, e in rounds}

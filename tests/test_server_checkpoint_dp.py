@@ -562,6 +562,58 @@ def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
         assert report.evaluate is not None and report.evaluate.ok > 0
 
 
+def test_user_dp_spend_of_a_round_that_crashed_before_its_checkpoint_stays_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2 is charged and its aggregate released (to evaluation), then the server dies
+    before round 2's checkpoint: the journal keeps round 2's spend, so the resumed run's
+    epsilon counts it, plus round 2 again."""
+    z, n, m = 1.1, 5, 2
+    ck = tmp_path / "ck"
+    config = _dp_config(
+        {
+            "num-rounds": 3,
+            "cohort-size": m,
+            "user-dp-noise-multiplier": z,
+            "checkpoint-dir": str(ck),
+        }
+    )
+    real_save = CheckpointStore.save
+
+    def save_dies_in_round_2(self: CheckpointStore, server_round: int, *a: Any, **k: Any) -> Path:
+        if server_round == 2:
+            raise RuntimeError("killed before the checkpoint of round 2")
+        return real_save(self, server_round, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointStore, "save", save_dies_in_round_2)
+        with pytest.raises(RuntimeError, match="killed before the checkpoint"):
+            _run(config, num_nodes=n)
+    assert CheckpointStore(ck).rounds() == [1]
+    resumed = _run(config, num_nodes=n)
+    assert [r.server_round for r in resumed] == [2, 3]
+    charged = 4  # rounds 1, 2 (crashed), 2 again and 3
+    assert resumed[-1].epsilon_user == pytest.approx(_epsilon(z, m / n, charged, 1 / n))
+    latest = CheckpointStore(ck).latest()
+    assert latest is not None and latest.ledger_state is not None
+    assert latest.ledger_state["ledger"]["history"] == [[z, m / n, charged]]
+
+
+def test_user_dp_resuming_an_older_checkpoint_keeps_the_newer_spend(tmp_path: Path) -> None:
+    z, n = 1.0, 4
+    ck = tmp_path / "ck"
+    config = _dp_config({"num-rounds": 2, "user-dp-noise-multiplier": z, "checkpoint-dir": str(ck)})
+    assert len(_run(config, num_nodes=n)) == 2
+    _truncate_arrays(ck / "round-00000002.json")  # round 2's model was sent out all the same
+    rerun = _run(config, num_nodes=n)
+    assert [r.server_round for r in rerun] == [2]
+    assert rerun[-1].epsilon_user == pytest.approx(_epsilon(z, 1.0, 3, 1 / n))
+    # an unreadable journal is refused, never taken as "nothing spent"
+    (ck / "user-dp-journal.json").write_text("{")
+    with pytest.raises(DataError, match=r"user-level DP journal .* refusing to resume"):
+        _run({**config, "num-rounds": 3}, num_nodes=n)
+
+
 def test_user_dp_resume_refuses_a_non_private_checkpoint(tmp_path: Path) -> None:
     ck = str(tmp_path / "ck")
     _run({"num-rounds": 1, "eval-fraction": 0.0, "checkpoint-dir": ck}, num_nodes=3)
@@ -588,3 +640,5 @@ def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
     assert restored.epsilon_after(1) == pytest.approx(dp.epsilon())
     with pytest.raises(DataError, match="user-level DP state has version"):
         restored.load_state_dict({"version": 7})
+    with pytest.raises(DataError, match="not a JSON object"):
+        restored.load_state_dict([1, 2])  # type: ignore[arg-type]
