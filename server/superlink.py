@@ -286,6 +286,7 @@ def deployment_run_config(
                 "state-dir": str(layout.task_state.resolve()),
             }
         )
+    _check_known(overrides)
     config.update(overrides)
     if config.get("task") == STUDENT_TASK and not config.get("bundle"):
         raise ConfigError("the student task needs --bundle (the pretrained bundle)")
@@ -296,6 +297,39 @@ def deployment_run_config(
         )
     _check_apps_accept(config)
     return config
+
+
+def run_config_keys() -> set[str]:
+    """Every key the submitted apps read: the server's, the clients' training and student
+    task settings, the toy task's (``toy-*``), the shared ``seed`` and the progress file."""
+    from dataclasses import fields
+
+    from server.deploy_app import PROGRESS_FILE_KEY
+    from server.server_app import ServerConfig
+    from shared.config import field_names
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.student_task import StudentTaskConfig
+    from shared.federated.task import ToyLinearConfig
+
+    toy = {f"toy-{f.name.replace('_', '-')}" for f in fields(ToyLinearConfig)}
+    readers = (ServerConfig, LocalTrainConfig, StudentTaskConfig)
+    return set().union(*(field_names(c) for c in readers)) | toy | {"seed", PROGRESS_FILE_KEY}
+
+
+def _check_known(overrides: Mapping[str, RunConfigValue]) -> None:
+    """Refuse a key no app reads (a typo would otherwise be ignored silently, e.g. a privacy
+    setting that never takes effect), naming the closest valid keys."""
+    import difflib
+
+    known = run_config_keys()
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown --run-config key {key!r}{hint} (the keys are those of "
+                "[tool.flwr.app.config] in the project's pyproject.toml)"
+            )
 
 
 def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:

@@ -34,13 +34,22 @@ def parse_run_config(text: str) -> dict[str, Scalar]:
     {'rounds': 3, 'dataset': 'ml-100k', 'dp': True}
     """
     out: dict[str, Scalar] = {}
-    for token in shlex.split(text):
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+        raise ConfigError(
+            f"cannot split {text!r} into key=value entries ({exc}); close the quote, or quote "
+            "a value with spaces as key='a b'"
+        ) from None
+    for token in tokens:
         if "=" not in token:
             raise ConfigError(f"--run-config entry {token!r} is not of the form key=value")
         key, raw = token.split("=", 1)
         key = key.strip()
         if not key:
             raise ConfigError(f"--run-config entry {token!r} has an empty key")
+        if key in out:
+            raise ConfigError(f"{key!r} is given twice in {text!r}; give each key once")
         out[key] = _parse_value(raw)
     return out
 

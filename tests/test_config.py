@@ -22,6 +22,10 @@ def test_parse_run_config_types():
 def test_parse_run_config_rejects_garbage():
     with pytest.raises(ConfigError, match="key=value"):
         parse_run_config("rounds")
+    with pytest.raises(ConfigError, match=r"No closing quotation.*close the quote"):
+        parse_run_config("rounds='3")
+    with pytest.raises(ConfigError, match="'rounds' is given twice"):
+        parse_run_config("rounds=1 lr=0.1 rounds=0")
 
 
 def test_from_flat_coerces_and_validates():

@@ -279,6 +279,43 @@ def test_deployment_run_config_points_at_the_state_dir(
     assert pyproject["project"]["dependencies"] == []  # nothing to install at run time
 
 
+def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.superlink as superlink
+
+    layout = init_state_dir(tmp_path / "s")
+    with pytest.raises(ConfigError, match=r"unknown --run-config key 'user-dp-clp'.*user-dp-clip"):
+        deployment_run_config(
+            layout,
+            bundle=None,
+            num_rounds=1,
+            overrides={"task": "toy-linear", "user-dp-clp": 0.5},
+        )
+    submitted: list[dict[str, Any]] = []
+
+    class Runner:
+        def __init__(self, layout: Any, options: Any, config: dict[str, Any], echo: Any) -> None:
+            submitted.append(config)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(superlink, "ServerRunner", Runner)
+    base = ["server", "start", "--state-dir", str(layout.state_dir)]
+    given = "task=toy-linear num-rounds=5 min-available-clients=4"
+    for extra, rounds, clients in (
+        ([], 5, 4),  # from --run-config
+        (["--rounds", "2", "--min-clients", "3"], 2, 3),  # the flags win
+    ):
+        result = runner.invoke(app, [*base, "--run-config", given, *extra])
+        assert result.exit_code == 0, result.output
+        config = submitted[-1]
+        assert (config["num-rounds"], config["min-available-clients"]) == (rounds, clients)
+    result = runner.invoke(app, [*base, "--run-config", "task=toy-linear"])
+    assert (submitted[-1]["num-rounds"], submitted[-1]["min-available-clients"]) == (3, 2)
+
+
 @pytest.mark.parametrize(
     ("overrides", "rounds", "message"),
     [

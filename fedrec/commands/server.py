@@ -128,6 +128,10 @@ def revoke_client(
         typer.echo(f"  SuperLink: {line}")
 
 
+DEFAULT_ROUNDS = 3
+DEFAULT_MIN_CLIENTS = 2
+
+
 @app.command("start")
 def start(
     state_dir: StateDirOpt,
@@ -139,10 +143,24 @@ def start(
             "devices run with the same file.",
         ),
     ] = None,
-    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds in total.")] = 3,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--rounds",
+            help=f"Federated rounds in total [default: {DEFAULT_ROUNDS}; or num-rounds in "
+            "--run-config].",
+            show_default=False,
+        ),
+    ] = None,
     min_clients: Annotated[
-        int, typer.Option("--min-clients", help="Devices that must be connected to start.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            "--min-clients",
+            help=f"Devices that must be connected to start [default: {DEFAULT_MIN_CLIENTS}; or "
+            "min-available-clients in --run-config].",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[
         str, typer.Option("--host", help="Address the SuperLink listens on.")
     ] = "0.0.0.0",
@@ -153,14 +171,25 @@ def start(
     ] = 3,
 ) -> None:
     """Run the SuperLink (TLS, device authentication, state database, no run-time installs),
-    submit the federated run and follow it; resumes from the last checkpoint."""
+    submit the federated run and follow it; resumes from the last checkpoint.
+
+    A flag given on the command line wins over the same setting in --run-config (as in
+    `fedrec simulate`)."""
     from server.state import ServerLayout
     from server.superlink import ServerRunner, SuperLinkOptions, deployment_run_config
 
     layout = ServerLayout(state_dir).require()
     overrides = dict(parse_run_config(run_config))
-    overrides.setdefault("min-available-clients", min_clients)
-    config = deployment_run_config(layout, bundle=bundle, num_rounds=rounds, overrides=overrides)
+    for key, flag, default in (
+        ("num-rounds", rounds, DEFAULT_ROUNDS),
+        ("min-available-clients", min_clients, DEFAULT_MIN_CLIENTS),
+    ):
+        if flag is not None:
+            overrides[key] = flag
+        overrides.setdefault(key, default)
+    config = deployment_run_config(
+        layout, bundle=bundle, num_rounds=rounds or DEFAULT_ROUNDS, overrides=overrides
+    )
     options = SuperLinkOptions(host=host, port=port, max_restarts=max_restarts)
     runner = ServerRunner(layout, options, config, echo=lambda line: typer.echo(line))
     code = runner.run()
