@@ -624,10 +624,9 @@ class SimulationBackend:
     ray_init_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.num_cpus_per_client > 0:
-            raise ConfigError(f"num_cpus_per_client must be > 0, got {self.num_cpus_per_client}")
-        if self.num_gpus_per_client < 0:
-            raise ConfigError(f"num_gpus_per_client must be >= 0, got {self.num_gpus_per_client}")
+        check_client_resources(
+            self.num_cpus_per_client, self.num_gpus_per_client, attach=bool(self.ray_address)
+        )
         if self.ray_address and self.ray_num_cpus is not None:
             raise ConfigError(
                 "ray_num_cpus cannot be set when attaching to a cluster (ray_address)"
@@ -651,6 +650,28 @@ class SimulationBackend:
             },
             "init_args": init_args,
         }
+
+
+def check_client_resources(num_cpus: float, num_gpus: float, *, attach: bool) -> None:
+    """Refuse client resources Ray cannot give: not finite, negative, or (on the private
+    cluster this machine starts, ``attach=False``) more GPU per client than this machine
+    has. Ray would otherwise build an empty actor pool and the simulation would wait
+    forever instead of failing."""
+    if not (math.isfinite(num_cpus) and num_cpus > 0):
+        raise ConfigError(f"num-cpus-per-client must be a finite number > 0, got {num_cpus}")
+    if not (math.isfinite(num_gpus) and num_gpus >= 0):
+        raise ConfigError(f"num-gpus-per-client must be a finite number >= 0, got {num_gpus}")
+    if num_gpus == 0 or attach:
+        return
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus > available:
+        fix = f"at most {available}" if available else "0 (the clients then run on CPU)"
+        raise ConfigError(
+            f"num-gpus-per-client is {num_gpus} but this machine has {available} CUDA GPU(s) "
+            f"visible to torch; use {fix}, or --ray-address of a cluster with GPUs"
+        )
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -134,8 +134,12 @@ class SimulationConfig:
             raise ConfigError("SecAgg+ needs cohort-size >= 2 (or set secagg=false)")
         if self.backend not in ("ray", "inprocess"):
             raise ConfigError(f"backend must be 'ray' or 'inprocess', got {self.backend!r}")
-        if self.num_gpus_per_client < 0 or self.num_cpus_per_client <= 0:
-            raise ConfigError("num-cpus-per-client must be > 0 and num-gpus-per-client >= 0")
+        if self.backend == "ray":  # before pretraining: Ray would wait forever on them
+            from server.server_app import check_client_resources
+
+            check_client_resources(
+                self.num_cpus_per_client, self.num_gpus_per_client, attach=bool(self.ray_address)
+            )
         if self.teacher_epochs < 1 or self.student_epochs < 1:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
         if self.teacher_order not in ORDERS:

@@ -120,6 +120,17 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     assert json.loads((run / "config.json").read_text())["simulation"]["dp"] is True
 
 
+def test_simulate_refuses_more_gpu_per_client_than_the_machine_has(tmp_path: Path) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args = ["simulate", "--num-gpus-per-client", str(gpus + 1), "--run-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert f"this machine has {gpus} CUDA GPU(s)" in str(result.exception)
+    assert not any(tmp_path.iterdir())
+
+
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--rounds", "0", "--run-dir", str(tmp_path)])
     assert result.exit_code != 0
@@ -137,6 +148,10 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--run-config", "max-grad-norm=inf"], "max-grad-norm must be finite with DP on"),
         (["--run-config", "rounds=true"], "rounds must be int, got True"),
         (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
+        # Ray would build an empty actor pool and wait for ever
+        (["--num-gpus-per-client", "nan"], "must be a finite number >= 0, got nan"),
+        (["--run-config", "num-cpus-per-client=inf"], "must be a finite number > 0, got inf"),
+        (["--run-config", "rounds='3"], "No closing quotation"),
     ],
 )
 def test_simulate_refuses_bad_privacy_and_secagg_settings_before_any_work(
