@@ -62,7 +62,7 @@ def main() -> None:
             err=True,
         )
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:

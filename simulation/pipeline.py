@@ -74,16 +74,31 @@ def _noop(stage: str, info: dict[str, Any]) -> None:
     log.info("%s %s", stage, info)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """The user interrupted the run (Ctrl-C). ``root``: its run directory; ``resumable``:
+    whether a round finished there (its checkpoint and the clients' ledgers are on disk, so
+    rerunning the same command with ``--name`` continues from it)."""
+
+    def __init__(self, root: Path, resumable: bool) -> None:
+        super().__init__(f"interrupted: {root}")
+        self.root = root
+        self.resumable = resumable
+
+
 def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
-    """Run every stage; returns the summary (also written to ``summary.json``)."""
+    """Run every stage; returns the summary (also written to ``summary.json``).
+
+    Ctrl-C raises :class:`RunInterrupted`, naming the run directory to resume from."""
     started = time.perf_counter()
     run = RunDirectory(_run_root(config))
     try:
         run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
         return _run_stages(config, run, started, progress)
-    except BaseException:
+    except BaseException as exc:
         # a run that failed before its first round leaves no empty folder behind
-        run.discard_if_new_and_empty()
+        discarded = run.discard_if_new_and_empty()
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+            raise RunInterrupted(run.root, resumable=not discarded and run.has_progress()) from exc
         raise
 
 

@@ -245,3 +245,51 @@ def test_throughput_counts_every_logged_round_but_each_process_first(tmp_path: P
     assert _updates_per_second(run) == (10 + 6) / (2.0 + 1.0)
     run.log("federate", 5)  # a rerun with nothing left to train changes nothing
     assert _updates_per_second(run) == (10 + 6) / (2.0 + 1.0)
+
+
+def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group. The Ray engine's threads would keep
+    the interpreter alive for ever; the command says where to resume and exits (130), leaving
+    no process of its group behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    args = ["--run-dir", str(tmp_path), "--name", "tiny", "--cohort-size", "6"]
+    command = [sys.executable, "-m", "fedrec.cli", "simulate", *args, "--rounds", "500"]
+    proc = subprocess.Popen(
+        [*command, "--run-config", f"{TINY} num-cpus-per-client=1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and '"round"' in metrics.read_text()):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no round finished"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"rerun with --name tiny (and --run-dir {tmp_path}) to resume" in err
+    for _ in range(30):  # Ray's own processes stop within seconds of ray.shutdown()
+        left = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True)
+        if not left.stdout.strip():
+            break
+        time.sleep(1)
+    assert left.stdout.strip() == "", left.stdout
+    done = sum('"event": "round"' in line for line in metrics.read_text().splitlines())
+    again = ["simulate", *args, "--backend", "inprocess", "--rounds", str(done + 1)]
+    resumed = CliRunner().invoke(app, [*again, "--run-config", TINY, "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    rounds = json.loads((tmp_path / "tiny" / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds][-1] == done + 1

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -14,6 +18,9 @@ from rich.table import Table
 from fedrec.options import DataDirOpt, DatasetOpt, RunConfigOpt, SeedOpt, explicit_options
 from shared.config import from_flat, parse_run_config
 from simulation.config import SimulationConfig
+
+if TYPE_CHECKING:
+    from simulation.pipeline import RunInterrupted
 
 FLAGS = {
     "dataset": "dataset",
@@ -73,7 +80,7 @@ def simulate(
     if "run-dir" in values:
         values["run-dir"] = str(values["run-dir"])
     config = from_flat(SimulationConfig, values)
-    from simulation.pipeline import run_pipeline
+    from simulation.pipeline import RunInterrupted, run_pipeline
 
     console = Console(stderr=True)
     with Progress(
@@ -105,11 +112,44 @@ def simulate(
                     task, description=stage, info=" ".join(f"{k}={v}" for k, v in info.items())
                 )
 
-        summary = run_pipeline(config, progress)
+        try:
+            summary = run_pipeline(config, progress)
+        except RunInterrupted as stop:
+            bar.stop()
+            _exit_interrupted(stop)
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     _print_summary(summary)
+
+
+def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
+    """Say what an interrupted run kept and leave at once (exit status 130).
+
+    At once: the simulation engine's worker threads wait on Ray actors that the interrupt
+    stopped, and the interpreter would wait for them for ever at a normal exit. Nothing is
+    lost by not waiting: every checkpoint and ledger is written atomically when it is
+    written, so the run resumes from its last finished round as after a crash."""
+    if stop.resumable:
+        message = (
+            f"interrupted: {stop.root} keeps the checkpoint of every finished round and the "
+            f"clients' privacy ledgers; rerun with --name {stop.root.name} (and --run-dir "
+            f"{stop.root.parent}) to resume"
+        )
+    else:
+        message = "interrupted before the first round finished; nothing to resume"
+    typer.secho(message, fg="yellow", err=True)
+    with contextlib.suppress(Exception):  # Ray's processes would otherwise outlive us
+        import ray
+
+        if ray.is_initialized():
+            watchdog = threading.Timer(10.0, os._exit, args=(130,))  # a hung shutdown
+            watchdog.daemon = True
+            watchdog.start()
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _fmt(value: object) -> str:
