@@ -24,7 +24,10 @@ DataDirOpt = Annotated[
         "MovieLens is downloaded into the cache and checksum-verified.",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every split and sampler.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", help="Seed of every split and sampler.", min=0, max=2**63 - 1),
+]
 RunConfigOpt = Annotated[
     str,
     typer.Option(

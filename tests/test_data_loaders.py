@@ -193,8 +193,26 @@ def test_ml_latest_movies_not_in_utf8_is_a_clear_error(tmp_path: Path) -> None:
     root = ml_latest_dir(tmp_path)
     movies = root / "movies.csv"
     movies.write_bytes(movies.read_text().replace("Some Doc", "Am\u00e9lie").encode("latin-1"))
-    with pytest.raises(DataError, match=r"movies.csv is not UTF-8 \(it holds byte 0xe9\).*re-save"):
+    with pytest.raises(
+        DataError, match=r"movies.csv, line \d+: not UTF-8 text \(byte 0xe9\).*re-save"
+    ):
         load_ml_latest(root, name="ml-latest-small")
+
+
+@pytest.mark.parametrize("name", ["interactions.csv", "items.csv", "ratings.csv"])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path: Path, name: str) -> None:
+    """Generic files and ml-latest ratings (read by numpy) fail like the movie list: file,
+    line and byte, not a UnicodeDecodeError traceback."""
+    root = ml_latest_dir(tmp_path / "ml") if name == "ratings.csv" else generic_dir(tmp_path)
+    path = root / name
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b",", b",\xff", 1)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=rf"{name}, line 3: not UTF-8 text \(byte 0xff\)"):
+        if name == "ratings.csv":
+            load_ml_latest(root, name="ml-latest-small")
+        else:
+            load_generic(root)
 
 
 def test_an_id_beyond_64_bits_names_its_line(tmp_path: Path) -> None:

@@ -244,6 +244,23 @@ def parse_float(value: str, path: Path, line: int, column: str) -> float:
         ) from None
 
 
+def not_decodable(path: Path, encoding: str) -> DataError:
+    """The error for a file that does not decode as ``encoding``: its first bad line and
+    byte, and the fix (every text layout this project reads is UTF-8 unless it is one of
+    MovieLens' latin-1 originals)."""
+    codec = "UTF-8" if encoding.replace("-", "").lower().startswith("utf8") else encoding
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                return DataError(
+                    f"{path}, line {number}: not {codec} text (byte {raw[err.start]:#04x}); "
+                    f"re-save the file as {codec}"
+                )
+    return DataError(f"{path} is not {codec} text; re-save the file as {codec}")
+
+
 def read_numeric_table(
     path: Path, *, sep: str, columns: ColumnKinds, has_header: bool, encoding: str = "latin-1"
 ) -> dict[str, npt.NDArray[Any]]:
@@ -255,18 +272,23 @@ def read_numeric_table(
     are supported.
     """
     names = list(columns)
-    if has_header:
-        with path.open(encoding=encoding) as f:
-            header = f.readline().rstrip("\r\n").split(sep)
-        index = column_index(path, header, names)
-        names = sorted(names, key=index.__getitem__)  # file order
-    dtype = np.dtype(
-        [(f"c{i}", np.int64 if columns[n] is int else np.float64) for i, n in enumerate(names)]
-    )
     try:
-        table = _loadtxt(path, sep=sep, dtype=dtype, skip=int(has_header), encoding=encoding)
-    except ValueError as err:
-        raise _diagnose(path, sep, names, columns, int(has_header), encoding, err) from None
+        if has_header:
+            with path.open(encoding=encoding) as f:
+                header = f.readline().rstrip("\r\n").split(sep)
+            index = column_index(path, header, names)
+            names = sorted(names, key=index.__getitem__)  # file order
+        dtype = np.dtype(
+            [(f"c{i}", np.int64 if columns[n] is int else np.float64) for i, n in enumerate(names)]
+        )
+        try:
+            table = _loadtxt(path, sep=sep, dtype=dtype, skip=int(has_header), encoding=encoding)
+        except UnicodeDecodeError:
+            raise
+        except ValueError as err:
+            raise _diagnose(path, sep, names, columns, int(has_header), encoding, err) from None
+    except UnicodeDecodeError:
+        raise not_decodable(path, encoding) from None
     return {n: np.ascontiguousarray(table[f"c{i}"]) for i, n in enumerate(names)}
 
 

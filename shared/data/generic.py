@@ -24,6 +24,7 @@ from shared.data.cleaning import (
     RawInteractions,
     column_index,
     finalize,
+    not_decodable,
     parse_float,
     parse_int,
     require_file,
@@ -99,20 +100,23 @@ def _rows(
     """Yield ``(line number, {column: value})`` for every non-blank row, header checked."""
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
-            raise DataError(f"{path} is empty; expected a header line {expected!r}")
-        index = column_index(path, header, required, optional)
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(index):
-                raise DataError(
-                    f"{path}, line {reader.line_num}: expected {len(index)} columns "
-                    f"({','.join(index)}), found {len(row)}: {row[:6]}"
-                )
-            yield reader.line_num, {name: row[i] for name, i in index.items()}
+        try:
+            header = next(reader, None)
+            if header is None:
+                expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
+                raise DataError(f"{path} is empty; expected a header line {expected!r}")
+            index = column_index(path, header, required, optional)
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(index):
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: expected {len(index)} columns "
+                        f"({','.join(index)}), found {len(row)}: {row[:6]}"
+                    )
+                yield reader.line_num, {name: row[i] for name, i in index.items()}
+        except UnicodeDecodeError:
+            raise not_decodable(path, "utf-8") from None
 
 
 def _required(row: dict[str, str], column: str, path: Path, line: int) -> str:

@@ -23,6 +23,7 @@ from shared.data.cleaning import (
     column_index,
     finalize,
     format_item_text,
+    not_decodable,
     parse_int,
     read_numeric_table,
     require_file,
@@ -185,12 +186,8 @@ def read_ml_latest_movies(path: Path) -> Catalog:
                     )
                 movie = parse_int(row[index["movieId"]], path, reader.line_num, "movieId")
                 builder.add(movie, row[index["title"]], split_genres(row[index["genres"]]))
-        except UnicodeDecodeError as err:
-            byte = err.object[err.start]
-            raise DataError(
-                f"{path} is not UTF-8 (it holds byte {byte:#04x}); the ml-latest layout is "
-                "UTF-8: re-save the file as UTF-8"
-            ) from None
+        except UnicodeDecodeError:
+            raise not_decodable(path, "utf-8") from None
     return builder.build()
 
 

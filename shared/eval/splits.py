@@ -17,6 +17,17 @@ from shared.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+MAX_SEED = 2**63 - 1
+"""Seeds reach torch, which takes a signed 64-bit integer."""
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed the samplers cannot take (torch raised "Overflow when unpacking long
+    long" deep inside a run)."""
+    if isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {seed}")
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     """Split fractions and seed.
@@ -35,6 +46,7 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         # errors name the keys as users type them (--run-config, CLI flags)
+        check_seed(self.seed)
         for name in ("cold-user-fraction", "public-fraction", "cold-item-fraction"):
             value = getattr(self, name.replace("-", "_"))
             if not 0.0 <= value < 1.0:
