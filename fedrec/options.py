@@ -5,7 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+
+
+class NonEmptyPath(click.ParamType):
+    """A path option that refuses ``""``: ``Path("")`` is the current directory, so an empty
+    variable in a script would silently write a state directory, or read a dataset, there."""
+
+    name = "path"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Path:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        if not text.strip():
+            self.fail("must not be empty (give a folder; '.' for the current one)", param, ctx)
+        return Path(text)
+
+
+NON_EMPTY_PATH = NonEmptyPath()
+"""``click_type`` of every folder option."""
 
 DatasetOpt = Annotated[
     str,
@@ -20,6 +42,7 @@ DataDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
+        click_type=NON_EMPTY_PATH,
         help="Local copy of the dataset (e.g. ../shared/datasets/ml-100k). Without it, "
         "MovieLens is downloaded into the cache and checksum-verified.",
     ),

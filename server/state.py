@@ -34,7 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.pki import DEFAULT_HOSTS, PkiPaths, create_pki
+from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.io import write_bytes_atomic, write_json_atomic
 
@@ -128,6 +128,7 @@ def init_state_dir(
     is wiped, because devices must then trust the new CA and be registered again.
     """
     layout = ServerLayout(Path(state_dir))
+    SubjectNames.parse(hosts)  # bad --host values are refused before anything is written
     if layout.state_dir.exists() and any(layout.state_dir.iterdir()):
         if not force:
             what = "a server state directory" if layout.marker.exists() else "not empty"

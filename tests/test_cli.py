@@ -278,3 +278,41 @@ def test_bandit_plots_are_written_and_stale_ones_removed(tmp_path: Path) -> None
     assert again.exit_code == 0, again.output
     assert not list(tmp_path.glob("*.png"))  # they belonged to the earlier report
     assert (tmp_path / "bandits-synthetic.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["client", "init", "--state-dir", ""],
+        ["server", "init", "--state-dir", ""],
+        ["data", "info", "-d", "ml-100k", "--data-dir", ""],
+        ["simulate", "-d", "ml-100k", "--data-dir", " "],
+        ["simulate", "--run-dir", ""],
+        ["bandits", "evaluate", "--world", "ml-100k", "--data-dir", ""],
+    ],
+)
+def test_an_empty_folder_option_is_refused_not_taken_as_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "must not be empty" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written in the current folder
+
+
+def test_bad_init_input_writes_nothing(tmp_path: Path) -> None:
+    """A bad --host or an empty --passphrase-env is refused before any file is written, so
+    the retry is not blocked by a half-made state directory (or a random key is not made
+    where a passphrase was meant)."""
+    server = runner.invoke(
+        app, ["server", "init", "--state-dir", str(tmp_path / "s"), "--host", "bad host!"]
+    )
+    assert server.exit_code != 0 and "neither an IP address nor a DNS name" in str(server.exception)
+    device = runner.invoke(
+        app, ["client", "init", "--state-dir", str(tmp_path / "d"), "--passphrase-env", ""]
+    )
+    assert device.exit_code != 0 and "takes the *name*" in str(device.exception)
+    assert list(tmp_path.iterdir()) == []
+    retry = runner.invoke(app, ["server", "init", "--state-dir", str(tmp_path / "s")])
+    assert retry.exit_code == 0, retry.output

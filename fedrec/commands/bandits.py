@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
+from fedrec.options import NON_EMPTY_PATH
 from shared.bandits.harness import (
     COVERAGE_TARGET,
     REGRET_TARGET,
@@ -54,7 +55,11 @@ HR_BUDGET = 0.05
 WorldOpt = Annotated[str, typer.Option("--world", help="synthetic or ml-100k.")]
 DataDirOpt = Annotated[
     Path,
-    typer.Option("--data-dir", help="MovieLens 100K folder (u.data, u.item) for --world ml-100k."),
+    typer.Option(
+        "--data-dir",
+        click_type=NON_EMPTY_PATH,
+        help="MovieLens 100K folder (u.data, u.item) for --world ml-100k.",
+    ),
 ]
 OutDirOpt = Annotated[
     Path, typer.Option("--output-dir", "-o", help="Folder for the JSON report and PNG plots.")

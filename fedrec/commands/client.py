@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedrec.options import NON_EMPTY_PATH
 from shared.config import parse_run_config
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
@@ -25,6 +26,7 @@ StateDirOpt = Annotated[
     Path,
     typer.Option(
         "--state-dir",
+        click_type=NON_EMPTY_PATH,
         help="The device's state directory (identity, store, sealed models, privacy ledger).",
     ),
 ]
@@ -67,13 +69,13 @@ def _passphrase(state_dir: Path, passphrase_env: str | None) -> str | None:
 
     identity = DeviceIdentity.load(state_dir)
     if identity.data_key_mode != "passphrase":
-        if passphrase_env:
+        if passphrase_env is not None:
             raise ConfigError(
                 f"the data key of {state_dir} is a random key file, not a passphrase; drop "
                 f"--passphrase-env"
             )
         return None
-    var = passphrase_env or identity.passphrase_env()
+    var = passphrase_env if passphrase_env is not None else identity.passphrase_env()
     if not var:
         raise ConfigError(
             "this device's data key is derived from a passphrase; pass --passphrase-env NAME "
@@ -109,7 +111,7 @@ def init(
     from client.device.sealed import Catalog
 
     parsed_catalog = Catalog.load(catalog) if catalog is not None else None
-    passphrase = read_passphrase_env(passphrase_env) if passphrase_env else None
+    passphrase = read_passphrase_env(passphrase_env) if passphrase_env is not None else None
     # under the state directory's single-writer lock: with --force, the store and sealed
     # models (encrypted with the old data key) are erased there, and the catalog installed
     result = init_identity(

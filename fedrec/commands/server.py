@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.options import RunConfigOpt
+from fedrec.options import NON_EMPTY_PATH, RunConfigOpt
 from shared.config import parse_run_config
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ StateDirOpt = Annotated[
     Path,
     typer.Option(
         "--state-dir",
+        click_type=NON_EMPTY_PATH,
         help="The server's state directory (certificates, registrations, SuperLink database, "
         "checkpoints, artifacts, progress).",
     ),

@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedrec.options import DataDirOpt, DatasetOpt, RunConfigOpt, SeedOpt, explicit_options
+from fedrec.options import (
+    NON_EMPTY_PATH,
+    DataDirOpt,
+    DatasetOpt,
+    RunConfigOpt,
+    SeedOpt,
+    explicit_options,
+)
 from shared.config import from_flat, parse_run_config
 from simulation.config import SimulationConfig
 
@@ -66,7 +73,9 @@ def simulate(
     ray_address: Annotated[
         str, typer.Option(help="Attach to a running Ray cluster (e.g. 127.0.0.1:6379).")
     ] = "",
-    run_dir: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("runs"),
+    run_dir: Annotated[
+        Path, typer.Option(click_type=NON_EMPTY_PATH, help="Parent folder of run directories.")
+    ] = Path("runs"),
     name: Annotated[str, typer.Option(help="Run directory name (default: dataset-time).")] = "",
     run_config: RunConfigOpt = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
