@@ -302,8 +302,13 @@ class ClientRegistry:
                 raise ConfigError(
                     f"a client named {name!r} is already registered; pick another --name"
                 )
+        if name is None:  # the first device-N no record (active or revoked) has taken
+            taken = {c.name for c in self.clients}
+            name = next(
+                f"device-{n}" for n in range(1, len(taken) + 2) if f"device-{n}" not in taken
+            )
         record = ClientRecord(
-            name=name or f"device-{len(self.clients) + 1}",
+            name=name,
             public_key=public_key,
             fingerprint=fingerprint,
             added=time.time(),

@@ -156,7 +156,12 @@ def test_registry_add_revoke_find(tmp_path: Path) -> None:
         registry.add(*load_public_key(keys[0], source="a"), name="again")
     registry.save()
     loaded = ClientRegistry.load(registry.path)
-    assert [c.name for c in loaded.active()] == ["phone", "device-2"]
+    assert [c.name for c in loaded.active()] == ["phone", "device-1"]
+    # a default name never repeats one given explicitly (revoke-client would pick either)
+    third = init_identity(tmp_path / "d2").public_key_openssh
+    loaded.add(*load_public_key(third, source="c"), name="device-2")
+    fourth = init_identity(tmp_path / "d3").public_key_openssh
+    assert loaded.add(*load_public_key(fourth, source="d"), name=None).name == "device-3"
     assert loaded.find(a.fingerprint).name == "phone"
     with pytest.raises(ConfigError, match="no registered client"):
         loaded.find("nobody")
