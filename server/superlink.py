@@ -276,7 +276,7 @@ def deployment_run_config(
     if bundle is not None:
         if not bundle.is_file():
             raise ConfigError(
-                f"--bundle {bundle} does not exist; write one with `fedrec simulate` "
+                f"--bundle {bundle} is not a file; write one with `fedrec simulate` "
                 "(runs/<name>/bundle.pt) and give every device the same file"
             )
         config.update(

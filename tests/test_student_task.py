@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from server.strategy import RoundReport
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, ModelFileError
 from shared.federated.bundle import ClientData, load_bundle, save_bundle
 from shared.federated.local_training import fit_personal, next_item_examples
 from shared.federated.student_task import (
@@ -73,6 +73,15 @@ def test_bundle_round_trip(bundle: Path) -> None:
         original.state_dict().items(), loaded.student.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_a_file_that_is_not_a_bundle_is_refused_in_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "bundle.pt"
+    garbage.write_bytes(b"not a bundle")
+    for path, match in ((garbage, r"not a readable .* give the bundle.pt"), (tmp_path, "folder")):
+        with pytest.raises(ModelFileError, match=match) as caught:
+            load_bundle(path)
+        assert "\n" not in str(caught.value) and "weights_only=False" not in str(caught.value)
 
 
 def test_fit_trains_global_params_records_privacy_and_leaves_the_adapter(

@@ -53,7 +53,7 @@ class SuperNodeOptions:
         _check_root_cert(self.root_cert)
         if not self.bundle.is_file():
             raise ConfigError(
-                f"--bundle {self.bundle} does not exist; every device needs the federation's "
+                f"--bundle {self.bundle} is not a file; every device needs the federation's "
                 "pretrained bundle (the file the server runs with)"
             )
         for path in (self.root_cert, self.bundle):

@@ -83,10 +83,22 @@ def load_bundle(path: str | Path) -> Bundle:
             f"pretrained bundle {p} does not exist; run the pretraining stage "
             "(fedrec simulate does it and caches the result)"
         )
+    if p.is_dir():
+        raise ModelFileError(
+            f"pretrained bundle {p} is a folder; give the file (runs/<name>/bundle.pt from "
+            "`fedrec simulate`)"
+        )
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
-        raise ModelFileError(f"pretrained bundle {p} is unreadable: {err}") from None
+        # torch's own text is a page that suggests weights_only=False (unsafe for a file of
+        # unknown origin): keep its first line only
+        text = str(err).strip()
+        first = type(err).__name__ if "weights_only" in text or not text else text.splitlines()[0]
+        raise ModelFileError(
+            f"pretrained bundle {p} is not a readable {BUNDLE_FORMAT} file ({first[:200]}); "
+            "give the bundle.pt that `fedrec simulate` wrote"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
         raise ModelFileError(f"{p} is not a {BUNDLE_FORMAT} file")
     config = StudentConfig(**payload["student_config"])
