@@ -258,3 +258,11 @@ def test_learner_refits_with_its_flags_else_the_federations_else_the_defaults() 
     assert LearnerConfig(exclude_seen=True).personal_fit(federation) == (7, 0.02, True)
     with pytest.raises(ConfigError, match="personal-steps must be >= 0"):
         LearnerConfig(personal_steps=-1)
+    for bad, match in (
+        ({"debounce_s": float("nan")}, "--adapt-debounce must be a finite number"),
+        ({"debounce_s": float("inf")}, "--adapt-debounce must be a finite number"),
+        ({"personal_lr": float("nan")}, "--personal-lr must be a finite number > 0, got nan"),
+        ({"poll_s": 0.0}, "poll-s must be a finite number > 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            LearnerConfig(**bad)  # type: ignore[arg-type]

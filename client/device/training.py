@@ -36,6 +36,7 @@ import fcntl
 import io
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -357,12 +358,20 @@ class LearnerConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.debounce_s < 0 or not self.poll_s > 0:
-            raise ConfigError("debounce-s must be >= 0 and poll-s > 0")
-        if (self.personal_steps is not None and self.personal_steps < 0) or (
-            self.personal_lr is not None and not self.personal_lr > 0
+        # named as `fedrec client start` takes them; NaN fails every comparison, so the
+        # checks are written to refuse it (a NaN debounce would never adapt)
+        if not (math.isfinite(self.debounce_s) and self.debounce_s >= 0):
+            raise ConfigError(
+                f"--adapt-debounce must be a finite number of seconds >= 0, got {self.debounce_s}"
+            )
+        if not (math.isfinite(self.poll_s) and self.poll_s > 0):
+            raise ConfigError(f"poll-s must be a finite number > 0, got {self.poll_s}")
+        if self.personal_steps is not None and self.personal_steps < 0:
+            raise ConfigError(f"--personal-steps must be >= 0, got {self.personal_steps}")
+        if self.personal_lr is not None and not (
+            math.isfinite(self.personal_lr) and self.personal_lr > 0
         ):
-            raise ConfigError("personal-steps must be >= 0 and personal-lr > 0")
+            raise ConfigError(f"--personal-lr must be a finite number > 0, got {self.personal_lr}")
 
     def personal_fit(self, federation: PersonalFit | None) -> PersonalFit:
         """The refit to use: each of this config's values, else the federation's, else the

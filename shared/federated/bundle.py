@@ -93,8 +93,8 @@ def load_bundle(path: str | Path) -> Bundle:
     except Exception as err:  # torch raises many types for a bad file
         # torch's own text is a page that suggests weights_only=False (unsafe for a file of
         # unknown origin): keep its first line only
-        text = str(err).strip()
-        first = type(err).__name__ if "weights_only" in text or not text else text.splitlines()[0]
+        said = str(err).strip()
+        first = type(err).__name__ if "weights_only" in said or not said else said.splitlines()[0]
         raise ModelFileError(
             f"pretrained bundle {p} is not a readable {BUNDLE_FORMAT} file ({first[:200]}); "
             "give the bundle.pt that `fedrec simulate` wrote"
