@@ -76,9 +76,10 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def check_output_file(path: str | Path) -> Path:
-    """Make sure ``path`` can be written as a file, before the work that produces it: its
-    folder is created, and a folder in its place or an unwritable folder is a
-    :class:`~shared.errors.ConfigError` that says so (rather than a failure after the run)."""
+    """Make sure ``path`` can be written as a file, before the work that produces it: a
+    folder in its place or a folder that cannot be created or written is a
+    :class:`~shared.errors.ConfigError` that says so (rather than a failure after the run).
+    Nothing is created, so a command refused for another reason leaves no folder behind."""
     from shared.errors import ConfigError
 
     path = Path(path)
@@ -89,12 +90,19 @@ def check_output_file(path: str | Path) -> Path:
 
 
 def check_output_dir(path: str | Path) -> Path:
-    """Create the output folder ``path`` now, or say why it cannot be written."""
+    """Say now why the output folder ``path`` could not be created or written (see
+    :func:`check_output_file`); the writer creates it when it writes."""
     from shared.errors import ConfigError
 
-    path = ensure_dir(path, what="the output folder", fix="give a writable path")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"the output folder {path} is not writable; give a writable path")
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" (in the way of {path})"
+        raise ConfigError(f"{existing} is a file, not a folder{where}; give another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output folder {existing} is not writable; give a writable path")
     return path
 
 

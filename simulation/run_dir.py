@@ -32,6 +32,8 @@ class RunDirectory:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.created = not self.root.exists()
+        # the folders above it that this run creates (e.g. ./runs), removed with it if empty
+        self._created_parents = [p for p in self.root.parents if not p.exists()]
         for folder in (self.root, self.checkpoints, self.plots):
             ensure_dir(folder, what="the run directory", fix="pass --run-dir a writable folder")
         self._tb: Any = None
@@ -108,6 +110,11 @@ class RunDirectory:
             return False
         self.close()
         shutil.rmtree(self.root, ignore_errors=True)
+        for parent in self._created_parents:  # innermost first; never one that holds more
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         return True
 
     def log(self, event: str, step: int, **metrics: Any) -> None:

@@ -232,7 +232,11 @@ def test_a_user_error_exits_2_with_one_line(
             "--export-model 'foo' is not one of pop, itemknn, ease",
         ),
         (["evaluate", "baselines", "--no-text", "--export", "{tmp}"], "is a folder"),
-        (["bandits", "evaluate", "-o", "{tmp}/file"], "cannot create the output folder"),
+        (["bandits", "evaluate", "-o", "{tmp}/file"], "file is a file, not a folder"),
+        (["bandits", "evaluate", "-o", "{tmp}/file/sub"], "in the way of"),
+        # refused for another reason: the output folder it would write is not left behind
+        (["evaluate", "baselines", "-o", "{tmp}/new/sub/r.json", "-d", "bogus"], "bogus"),
+        (["bandits", "evaluate", "-o", "{tmp}/new/sub", "--users", "0"], "--users must be"),
     ],
 )
 def test_outputs_and_counts_are_checked_before_the_run(

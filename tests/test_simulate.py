@@ -176,7 +176,15 @@ def test_a_run_that_fails_on_bad_data_leaves_no_run_directory(tmp_path: Path) ->
     )
     assert result.exit_code != 0
     assert str(missing) in str(result.exception or result.output)
-    assert runs.exists() and not any(runs.iterdir())
+    assert not runs.exists()  # nor the parent folder the run had created
+    runs.mkdir()
+    (runs / "earlier").mkdir()
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--dataset", "ml-100k", "--data-dir", str(missing), "--run-dir", str(runs)],
+    )
+    assert result.exit_code != 0
+    assert [p.name for p in runs.iterdir()] == ["earlier"]  # a folder it did not create stays
 
 
 def test_an_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from shared.data.dataset import IntArray, RecDataset
 from shared.errors import ConfigError
 from shared.eval.metrics import FloatArray, hit_rate_at_k, ndcg_at_k, ranks_from_scores
 from shared.eval.splits import ColdItemSplit, ProtocolSplit
-from shared.io import check_output_file
+from shared.io import check_output_file, ensure_dir
 from shared.models.base import Scorer
 
 
@@ -234,6 +234,7 @@ def export_recs(
     """
     path = Path(path)
     check_output_file(path)
+    ensure_dir(path.parent, what="the output folder", fix="give a writable path")
     tmp = path.with_name(path.name + ".tmp")
     users = sorted(histories)
     rows = 0
