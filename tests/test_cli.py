@@ -237,6 +237,7 @@ def test_a_user_error_exits_2_with_one_line(
         # refused for another reason: the output folder it would write is not left behind
         (["evaluate", "baselines", "-o", "{tmp}/new/sub/r.json", "-d", "bogus"], "bogus"),
         (["bandits", "evaluate", "-o", "{tmp}/new/sub", "--users", "0"], "--users must be"),
+        (["bandits", "evaluate", "-o", "{tmp}/out", "--tag", "a/b"], "--tag is part of a file"),
     ],
 )
 def test_outputs_and_counts_are_checked_before_the_run(
@@ -320,3 +321,14 @@ def test_bad_init_input_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     retry = runner.invoke(app, ["server", "init", "--state-dir", str(tmp_path / "s")])
     assert retry.exit_code == 0, retry.output
+
+
+def test_data_info_refuses_loading_options_for_the_generated_world(tmp_path: Path) -> None:
+    """The synthetic world is generated unfiltered: a filter given for it was silently
+    ignored (the output said 0 whatever was asked)."""
+    for extra in (["--min-user-interactions", "50"], ["--data-dir", str(tmp_path)]):
+        result = runner.invoke(app, ["data", "info", *extra])
+        assert result.exit_code != 0
+        assert "do not apply to it" in str(result.exception)
+    plain = runner.invoke(app, ["data", "info"])
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["summary"]["name"] == "synthetic"

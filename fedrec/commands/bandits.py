@@ -64,6 +64,9 @@ DataDirOpt = Annotated[
 OutDirOpt = Annotated[
     Path, typer.Option("--output-dir", "-o", help="Folder for the JSON report and PNG plots.")
 ]
+TuneOutDirOpt = Annotated[
+    Path, typer.Option("--output-dir", "-o", help="Folder for the JSON report (no plots).")
+]
 SeedsOpt = Annotated[
     list[int] | None,
     typer.Option(
@@ -113,6 +116,8 @@ def evaluate(
 ) -> None:
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
     _check_common(world, fmt, output_dir, users)
+    if tag in (".", "..") or "/" in tag or "\\" in tag:
+        raise ConfigError(f"--tag is part of a file name (no '/', not '.' or '..'), got {tag!r}")
     base = _bandit_config(run_config)
     arms = default_arms(base)
     chosen = list(seeds) if seeds else list(DEFAULT_SEEDS)
@@ -143,7 +148,7 @@ def evaluate(
 def tune(
     world: WorldOpt = "synthetic",
     data_dir: DataDirOpt = DEFAULT_ML100K,
-    output_dir: OutDirOpt = Path("bench/results"),
+    output_dir: TuneOutDirOpt = Path("bench/results"),
     seeds: SeedsOpt = None,
     users: Annotated[int, typer.Option("--users", help="synthetic: simulated users.")] = 50,
     steps: StepsOpt = 200,

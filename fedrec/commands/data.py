@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from fedrec.options import DataDirOpt, DatasetOpt, SeedOpt
+from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS
 from shared.data.registry import load_dataset_with_report
+from shared.errors import ConfigError
 
 app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 
@@ -19,10 +21,23 @@ def info(
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 42,
     min_user_interactions: Annotated[
-        int, typer.Option(help="Drop users with fewer interactions (logged with counts).")
-    ] = 3,
+        int | None,
+        typer.Option(
+            help="Drop users with fewer interactions (logged with counts) "
+            f"[default: {DEFAULT_MIN_USER_INTERACTIONS}; loaded datasets only, the synthetic "
+            "world is generated unfiltered].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Load a dataset, apply the documented filters, print its summary and what was dropped."""
+    if dataset == "synthetic" and (min_user_interactions is not None or data_dir is not None):
+        raise ConfigError(
+            "the synthetic world is generated, not loaded: --data-dir and "
+            "--min-user-interactions do not apply to it; add --dataset (e.g. ml-100k)"
+        )
+    if min_user_interactions is None:
+        min_user_interactions = DEFAULT_MIN_USER_INTERACTIONS
     loaded = load_dataset_with_report(
         dataset, data_dir, synthetic_seed=seed, min_user_interactions=min_user_interactions
     )

@@ -184,7 +184,7 @@ def require_file(path: Path, dataset: str) -> Path:
 def check_min_user_interactions(value: int) -> int:
     """Validate the short-user threshold (an integer >= 1)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"min_user_interactions must be an integer >= 1, got {value!r}")
+        raise ConfigError(f"min-user-interactions must be an integer >= 1, got {value!r}")
     return value
 
 

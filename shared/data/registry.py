@@ -143,9 +143,10 @@ def detect_layout(directory: str | Path) -> str | None:
 def _find_layout(name: str, root: Path) -> Path:
     """``root`` or ``root/name`` if it holds ``name``'s layout; else explain what is there."""
     if not root.is_dir():
+        download = ", or omit it to download the dataset" if name in ARCHIVES else ""
         raise DatasetNotFoundError(
             f"{name}: data dir {root} does not exist or is not a folder; pass --data-dir PATH "
-            f"pointing at the folder with {_files(name)}, or omit it to download the dataset"
+            f"pointing at the folder with {_files(name)}{download}"
         )
     layout = _LAYOUT_OF[name]
     for candidate in (root, root / name):
