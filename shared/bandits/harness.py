@@ -123,27 +123,30 @@ class SimulationConfig:
         _check_int("steps", self.steps, 1)
         if self.features not in FEATURE_SOURCES:
             raise ConfigError(
-                f"simulation.features must be one of {', '.join(FEATURE_SOURCES)}, "
-                f"got {self.features!r}"
+                f"--features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}"
             )
         if self.base_model not in BASE_MODELS:
             raise ConfigError(
-                f"simulation.base_model must be one of {', '.join(BASE_MODELS)}, "
-                f"got {self.base_model!r}"
+                f"--base-model must be one of {', '.join(BASE_MODELS)}, got {self.base_model!r}"
             )
         if not (math.isfinite(self.ease_l2) and self.ease_l2 > 0):
-            raise ConfigError(f"simulation.ease_l2 must be > 0, got {self.ease_l2}")
+            raise ConfigError(f"ease-l2 must be > 0, got {self.ease_l2}")
         w = self.user_prior_weight
         if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 100:
-            raise ConfigError(f"simulation.user_prior_weight must be in [0, 100], got {w!r}")
+            raise ConfigError(f"user-prior-weight must be in [0, 100], got {w!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+#: The flags of `fedrec bandits` that set a simulation field of another name.
+_FLAGS = {"n_users": "--users", "steps": "--steps", "seed": "--seed"}
+
+
 def _check_int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"simulation.{name} must be an integer >= {low}, got {value!r}")
+        key = _FLAGS.get(name, name.replace("_", "-"))
+        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
 
 
 def default_arms(base: BanditConfig | None = None) -> list[Arm]:
@@ -262,9 +265,7 @@ def run_simulation(
     rng = np.random.default_rng([config.seed, 7])
     pool = split.federated_users
     if len(pool) < config.n_users:
-        raise ConfigError(
-            f"simulation.n_users ({config.n_users}) exceeds the {len(pool)} federated users"
-        )
+        raise ConfigError(f"--users ({config.n_users}) exceeds the {len(pool)} federated users")
     users = np.sort(rng.choice(pool, size=config.n_users, replace=False))
 
     traces = {

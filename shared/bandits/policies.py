@@ -88,25 +88,33 @@ def _is_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
 
 
+def _key(name: str) -> str:
+    """A field as users type it (``mmr-lambda``; ``bandit-mmr-lambda`` in a daemon's
+    --config)."""
+    return name.replace("_", "-")
+
+
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(f"bandit.{name} must be an integer, got {value!r}")
+        raise ConfigError(f"bandit setting {_key(name)} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"bandit.{name} must be {bound}, got {value}")
+        raise ConfigError(f"bandit setting {_key(name)} must be {bound}, got {value}")
 
 
 def _check_float(
     name: str, value: object, low: float, high: float | None = None, *, low_open: bool = False
 ) -> None:
     if not _is_number(value):
-        raise ConfigError(f"bandit.{name} must be a number, got {value!r}")
+        raise ConfigError(f"bandit setting {_key(name)} must be a number, got {value!r}")
     v = float(value)  # type: ignore[arg-type]
     too_low = v <= low if low_open else v < low
     if not math.isfinite(v) or too_low or (high is not None and v > high):
         lo = f"({low}" if low_open else f"[{low}"
         hi = "inf)" if high is None else f"{high}]"
-        raise ConfigError(f"bandit.{name} must be finite and in {lo}, {hi}, got {value!r}")
+        raise ConfigError(
+            f"bandit setting {_key(name)} must be finite and in {lo}, {hi}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,8 @@ class BanditConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
             raise ConfigError(
-                f"bandit.policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}"
+                f"bandit setting policy must be one of {', '.join(POLICY_NAMES)}, "
+                f"got {self.policy!r}"
             )
         _check_float("epsilon", self.epsilon, 0.0, 1.0)
         _check_float("alpha", self.alpha, 0.0, 100.0)
@@ -178,7 +187,7 @@ class BanditConfig:
         _check_int("slate_size", self.slate_size, 1)
         if self.slate_size > self.top_n:
             raise ConfigError(
-                f"bandit.slate_size ({self.slate_size}) must not exceed bandit.top_n "
+                f"bandit setting slate-size ({self.slate_size}) must not exceed top-n "
                 f"({self.top_n}): the slate is chosen among the top-N candidates"
             )
         _check_int("feature_dim", self.feature_dim, 0, MAX_CONTEXT_DIM - 2)
@@ -187,7 +196,7 @@ class BanditConfig:
         _check_float("reward_max", self.reward_max, -1e6, 1e6)
         if self.reward_max <= self.reward_min:
             raise ConfigError(
-                f"bandit.reward_max ({self.reward_max}) must exceed bandit.reward_min "
+                f"bandit setting reward-max ({self.reward_max}) must exceed reward-min "
                 f"({self.reward_min})"
             )
         _check_int("max_pending", self.max_pending, 1)
