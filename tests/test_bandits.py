@@ -182,7 +182,7 @@ def test_user_prior_seeds_the_feature_weights() -> None:
     feats = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]])
     policy = LinUCBPolicy(cfg, N_ITEMS, user_prior=np.array([0.0, 0.0, 0.5]))
     assert policy.select(cand, np.zeros(4), feats, k=1).tolist() == [2]
-    with pytest.raises(ConfigError, match="user-prior-weight"):
+    with pytest.raises(ConfigError, match="user_prior"):
         LinUCBPolicy(cfg, N_ITEMS, user_prior=np.array([np.nan, 0.0, 0.0]))
 
 
@@ -499,7 +499,7 @@ def test_model_features_recover_the_models_item_space_and_ignore_popularity() ->
         # popularity enters the policy as the model score, not as a feature
         no_pop = model_features(scorer(np.zeros(40)), 40, 3, max_probes=probes, batch_size=7)
         assert np.allclose(f, no_pop)
-    with pytest.raises(ConfigError, match="bandit setting feature-dim"):
+    with pytest.raises(ConfigError, match="feature_dim"):
         model_features(scorer(pop), 40, 12, max_probes=12)
     with pytest.raises(DataError, match="shape"):
         model_features(lambda hs: np.zeros((len(hs), 39)), 40, 3)
