@@ -232,6 +232,7 @@ def test_a_user_error_exits_2_with_one_line(
             "--export-model 'foo' is not one of pop, itemknn, ease",
         ),
         (["evaluate", "baselines", "--no-text", "--export", "{tmp}"], "is a folder"),
+        (["evaluate", "baselines", "--export-model", "pop"], "give --export FILE too"),
         (["bandits", "evaluate", "-o", "{tmp}/file"], "file is a file, not a folder"),
         (["bandits", "evaluate", "-o", "{tmp}/file/sub"], "in the way of"),
         # refused for another reason: the output folder it would write is not left behind

@@ -67,6 +67,8 @@ def baselines(
     """Pop, ItemKNN, EASE and text-only, side by side on one seeded split."""
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
+    if export is None and explicit_options(ctx, {"export_model": "export-model"}):
+        raise ConfigError("--export-model chooses what --export writes; give --export FILE too")
     values: dict[str, Any] = dict(parse_run_config(run_config))
     values.update(
         explicit_options(
