@@ -414,8 +414,13 @@ def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: P
     assert device.client.get("/status").json()["model_version"] == "round-7+personal"
 
     ledger_bytes = ledger_path.read_bytes()
+    # data derived from the events (the learner's personal adapter) goes before them and is
+    # dropped again after, so a crash mid-erase never leaves it behind the erased events
+    seen: list[int] = []
+    device.daemon.add_erase_callback(lambda: seen.append(device.daemon.store.stats().events))
     r = device.client.delete("/data")
     assert r.status_code == 204 and r.content == b""
+    assert seen == [1, 0]
 
     after = device.client.get("/status").json()
     assert (after["events"], after["feedback"], after["adaptation_pending"]) == (0, 0, 0)

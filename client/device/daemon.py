@@ -793,6 +793,7 @@ class Daemon:
         Every sealed model file goes, since an adapted model is personal data; the newest
         installed model that is *not* personal (a global one: what every device of the
         federation got) is installed again, so the device keeps recommending."""
+        self._run_erase_callbacks()  # derived personal data first: see add_erase_callback
         with self._lock:
             global_model = self._newest_global_model()
             self.models.erase()
@@ -808,12 +809,15 @@ class Daemon:
                     self.install_model(global_model, self.catalog)
                 except FedRecError as exc:  # erasing must not fail on the reinstall
                     self.model_error = f"the global model could not be reinstalled: {exc}"
+        self._run_erase_callbacks()
+        logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    def _run_erase_callbacks(self) -> None:
         for callback in list(self._erase_callbacks):
             try:
                 callback()
             except Exception:
                 logger.exception("erase callback %r failed", callback)
-        logger.warning("local data erased (identity, catalog and privacy ledger kept)")
 
     def _newest_global_model(self) -> bytes | None:
         """The ONNX bytes of the newest sealed model that is not personal (``None``: none)."""
@@ -827,8 +831,14 @@ class Daemon:
         return None
 
     def add_erase_callback(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` after :meth:`erase` (services holding personal data of their own,
-        e.g. the personal adapter of the federated learner, delete it there)."""
+        """Run ``callback`` in :meth:`erase` (services holding personal data of their own,
+        e.g. the personal adapter of the federated learner, delete it there).
+
+        It runs twice, so it must be idempotent: before the store is erased (a crash in
+        between then leaves the user's data, which a repeated erase removes, never a model
+        fitted on data the user was told is gone) and after (dropping anything derived in
+        between). Both calls are outside the daemon's lock: a callback may wait for a
+        refit that is itself waiting for that lock."""
         self._erase_callbacks.append(callback)
 
     # -- processes and lifecycle ----------------------------------------------------------------
