@@ -54,11 +54,30 @@ def parse_run_config(text: str) -> dict[str, Scalar]:
     return out
 
 
+class _SpelledInt(int):
+    """A TOML integer that remembers how it was typed (``0x10``, ``1_000``)."""
+
+    raw: str
+
+
+class _SpelledFloat(float):
+    """A TOML float that remembers how it was typed (``1e3``)."""
+
+    raw: str
+
+
 def _parse_value(raw: str) -> Scalar:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+    if isinstance(value, int | float) and not isinstance(value, bool) and str(value) != raw:
+        # a text setting (e.g. name=1e3) must get the text as typed, not "1000.0"
+        spelled: _SpelledInt | _SpelledFloat = (
+            _SpelledInt(value) if isinstance(value, int) else _SpelledFloat(value)
+        )
+        spelled.raw = raw.strip()
+        return spelled
     if isinstance(value, bool | int | float | str):
         return value
     return raw
@@ -161,6 +180,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return hint(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
-    if hint is str:
-        return str(value)
+    if hint is str:  # a text setting gets what was typed: true, 1e3, 0x10 (not True, 1000.0)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(getattr(value, "raw", value))
     return value

@@ -28,6 +28,18 @@ def test_parse_run_config_rejects_garbage():
         parse_run_config("rounds=1 lr=0.1 rounds=0")
 
 
+def test_a_text_setting_keeps_the_text_as_typed():
+    """TOML reads name=true as a boolean and name=1e3 as 1000.0; a text field must get the
+    text the user typed (it was the folder 'True', or '1000.0')."""
+    from simulation.config import SimulationConfig
+
+    for typed in ("true", "1e3", "0x10", "1_000", "7", "-0.50"):
+        values = parse_run_config(f"name={typed} rounds={typed if typed == '7' else 3}")
+        config = from_flat(SimulationConfig, values)
+        assert config.name == typed and config.rounds in (3, 7)
+    assert from_flat(SimulationConfig, parse_run_config("lr=1e-2")).lr == 0.01
+
+
 def test_from_flat_coerces_and_validates():
     cfg = from_flat(SplitConfig, {"seed": "7", "cold-user-fraction": "0.2"})
     assert cfg.seed == 7 and cfg.cold_user_fraction == 0.2
