@@ -382,7 +382,7 @@ def test_short_users_dropped_counted_and_configurable(tmp_path: Path) -> None:
     assert report.cold_items == 1  # b4 lost its only user but stays in the catalog
     ds = load_generic(root, min_user_interactions=1).dataset
     assert ds.user_ids == ["a", "b", "c"]
-    with pytest.raises(ConfigError, match="min_user_interactions"):
+    with pytest.raises(ConfigError, match="min-user-interactions"):
         load_generic(root, min_user_interactions=0)
 
 

@@ -418,9 +418,17 @@ def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: P
     # dropped again after, so a crash mid-erase never leaves it behind the erased events
     seen: list[int] = []
     device.daemon.add_erase_callback(lambda: seen.append(device.daemon.store.stats().events))
+    before_erase = device.daemon.erasures
     r = device.client.delete("/data")
     assert r.status_code == 204 and r.content == b""
     assert seen == [1, 0]
+    # a model fitted on the erased data (a refit that read the history before the erase)
+    # is refused, so the erase cannot be undone by it
+    from client.device.daemon import StaleModelError
+
+    assert device.daemon.erasures == before_erase + 1
+    with pytest.raises(StaleModelError, match="erased since"):
+        device.daemon.install_model(personal, erasures=before_erase)
 
     after = device.client.get("/status").json()
     assert (after["events"], after["feedback"], after["adaptation_pending"]) == (0, 0, 0)

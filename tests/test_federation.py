@@ -335,7 +335,7 @@ def test_simulation_backend_config_is_cpu_only_and_can_attach() -> None:
     assert "num_cpus" not in attached["init_args"]
     with pytest.raises(ConfigError, match="ray_num_cpus cannot be set"):
         SimulationBackend(ray_address="auto", ray_num_cpus=2)
-    with pytest.raises(ConfigError, match="num_cpus_per_client must be > 0"):
+    with pytest.raises(ConfigError, match="num-cpus-per-client must be a finite number > 0"):
         SimulationBackend(num_cpus_per_client=0)
 
 

@@ -120,6 +120,10 @@ class NoCatalogError(FedRecError):
     """No catalog is installed yet, so item ids cannot be checked (the API answers 503)."""
 
 
+class StaleModelError(FedRecError):
+    """A model built from local data that was erased while it was being built."""
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -493,6 +497,8 @@ class Daemon:
         self._event_listeners: list[Callable[[int], None]] = []
         self._shutdown_callbacks: list[Callable[[], None]] = []
         self._erase_callbacks: list[Callable[[], None]] = []
+        #: How many times local data was erased (see :meth:`install_model`'s ``erasures``).
+        self.erasures = 0
         self.catalog: Catalog | None = None
         self.model: OnDeviceModel | None = None
         self.model_info: SealedModelInfo | None = None
@@ -565,15 +571,27 @@ class Daemon:
     # -- installing ---------------------------------------------------------------------------
 
     def install_model(
-        self, data: bytes, catalog: Catalog | None = None, *, name: str | None = None
+        self,
+        data: bytes,
+        catalog: Catalog | None = None,
+        *,
+        name: str | None = None,
+        erasures: int | None = None,
     ) -> SealedModelInfo:
         """Validate, seal and switch to a new model (and its catalog, if given); ``name``
         (e.g. the file it was read from) is what errors call it.
 
         The model must match the catalog (given, or the installed one). Raises
         :class:`ModelFileError` / :class:`NoCatalogError` and changes nothing on failure.
+        ``erasures``: the :attr:`erasures` count when the model's inputs were read; a model
+        built from local data read before an erase since is refused
+        (:class:`StaleModelError`), so an erase cannot be undone by a refit in flight.
         """
         with self._lock:
+            if erasures is not None and erasures != self.erasures:
+                raise StaleModelError(
+                    "the model was fitted on local data that has been erased since; not installed"
+                )
             catalog = catalog or self.catalog
             if catalog is None:
                 raise NoCatalogError(
@@ -798,6 +816,10 @@ class Daemon:
             global_model = self._newest_global_model()
             self.models.erase()
             self.store.erase()
+            # counted once the data is gone (readers of the history do not take the lock):
+            # whoever reads the new count reads an erased store, and a refit that read the
+            # old count is refused at install (which waits for this lock)
+            self.erasures += 1
             self.model = None
             self.model_info = None
             self.model_error = None

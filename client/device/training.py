@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from client.device.daemon import PERSONAL_SUFFIX
+from client.device.daemon import PERSONAL_SUFFIX, StaleModelError
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
 from client.device.sealed import Catalog
 from shared.errors import ConfigError, DataError, FedRecError
@@ -529,6 +529,8 @@ class DeviceLearner:
         student = bundle.student
         catalog = Catalog(tuple(bundle.item_ids))
         with self.files.lock():
+            # before the history is read: an erase from now on makes this refit stale
+            erasures = self.daemon.erasures
             received = self.files.read_global()
             version, federation_fit = 0, None
             if received is None:  # no global model yet: the bundle's, as a newcomer gets it
@@ -557,7 +559,11 @@ class DeviceLearner:
             is_personal = personal.exists()
         label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
         data = export_personal_model(student, catalog.item_ids, label)
-        info = self.daemon.install_model(data, catalog)
+        try:
+            info = self.daemon.install_model(data, catalog, erasures=erasures)
+        except StaleModelError:  # the erase's callback asked for a new refresh already
+            logger.info("discarded model %s: the local data it was fitted on was erased", label)
+            return
         if adapt and pending:
             self.daemon.store.consume_adaptation_pending(pending)
         self.installed_global = version
