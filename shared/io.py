@@ -75,6 +75,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_file_name(value: str, what: str) -> str:
+    """Refuse a value that becomes one file or folder name (``what``: how the user gives it,
+    e.g. ``--tag``) but would point elsewhere: a path separator, or ``.`` / ``..``."""
+    from shared.errors import ConfigError
+
+    if value in (".", "..") or "/" in value or "\\" in value:
+        raise ConfigError(
+            f"{what} becomes a file or folder name (no '/' or '\\', not '.' or '..'), got {value!r}"
+        )
+    return value
+
+
 def check_output_file(path: str | Path) -> Path:
     """Make sure ``path`` can be written as a file, before the work that produces it: a
     folder in its place or a folder that cannot be created or written is a

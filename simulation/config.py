@@ -16,6 +16,7 @@ from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.federated.task import RunConfigValue
+from shared.io import check_file_name
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
@@ -170,11 +171,7 @@ class SimulationConfig:
                 f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
                 f"{self.synthetic_users} and {self.synthetic_items}"
             )
-        if self.name in (".", "..") or "/" in self.name or "\\" in self.name:
-            raise ConfigError(
-                f"name must be a folder name inside run-dir (no '/' and not '.' or '..'), "
-                f"got {self.name!r}"
-            )
+        check_file_name(self.name, "name (a folder inside run-dir)")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
         # the form only: whether that GPU exists is checked where the clients train

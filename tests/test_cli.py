@@ -238,7 +238,7 @@ def test_a_user_error_exits_2_with_one_line(
         # refused for another reason: the output folder it would write is not left behind
         (["evaluate", "baselines", "-o", "{tmp}/new/sub/r.json", "-d", "bogus"], "bogus"),
         (["bandits", "evaluate", "-o", "{tmp}/new/sub", "--users", "0"], "--users must be"),
-        (["bandits", "evaluate", "-o", "{tmp}/out", "--tag", "a/b"], "--tag is part of a file"),
+        (["bandits", "evaluate", "-o", "{tmp}/out", "--tag", "a/b"], "--tag becomes a file"),
     ],
 )
 def test_outputs_and_counts_are_checked_before_the_run(

@@ -387,6 +387,7 @@ def test_cli_rotate_key_replaces_only_the_key_pair(tmp_path: Path, key: bytes) -
     new_public = layout.public_key.read_text().strip()
     assert result.stdout.strip() == new_public != first.public_key_openssh
     assert layout.previous_public_key.read_text().strip() == first.public_key_openssh
+    assert f"revoke-client {server_fingerprint}" in result.stderr
     # the old key's id is what the server's revoke-client takes; the new key is a new device
     assert f"revoke-client {server_fingerprint}" in result.stderr
     rotated = DeviceIdentity.load(state)
@@ -418,6 +419,18 @@ def test_rotate_key_is_refused_under_a_daemon_and_without_an_identity(tmp_path: 
         rotate_key(layout.state_dir)
     assert layout.private_key.read_bytes() == before
     assert not layout.previous_public_key.exists()
+
+
+def test_every_replaced_key_is_kept_for_revocation(tmp_path: Path) -> None:
+    """Rotating twice before the server registered the second key: the key the server knows
+    is the first one, so it must still be on the device to be revoked."""
+    first = init_identity(tmp_path)
+    second = rotate_key(tmp_path)
+    third = rotate_key(tmp_path)
+    assert third.previous_device_ids == (first.device_id, second.device_id)
+    kept = first.layout.previous_public_key.read_text().splitlines()
+    assert kept == [first.public_key_openssh, second.public_key_openssh]
+    assert third.device_id not in third.previous_device_ids
 
 
 def test_the_public_key_in_use_comes_from_the_private_key(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--run-config", "epsilon-budget=0"], "epsilon must be a positive number"),
         (["--run-config", "user-dp=true user-dp-clip=0"], "'user-dp-clip' must be > 0"),
         (["--run-config", "secagg-reconstruction-threshold=10"], "must be < secagg-num-shares"),
-        (["--name", "../elsewhere"], "name must be a folder name inside run-dir"),
+        (["--name", "../elsewhere"], "inside run-dir) becomes a file"),
         (["--data-dir", "/some/copy"], "add --dataset"),
         (["--run-config", "max-grad-norm=inf"], "max-grad-norm must be finite with DP on"),
         (["--run-config", "rounds=true"], "rounds must be int, got True"),

@@ -21,7 +21,7 @@
     The bearer token of the local HTTP API.
 
 ``fedrec client rotate-key`` (:func:`rotate_key`) replaces only the key pair, keeping the
-replaced public key in ``client.pub.previous`` for the operator to revoke.
+replaced public keys in ``client.pub.previous`` for the operator to revoke.
 
 Every purpose-specific key is derived from the data key with HKDF-SHA256 and a distinct
 label (:func:`derive_subkey`), so the store, the blind index and the sealed models never
@@ -518,12 +518,14 @@ def _write_public(path: Path, public_line: str) -> None:
 
 @dataclass(frozen=True)
 class RotateResult:
-    """What ``rotate-key`` changed: the new key to register and the old one to revoke."""
+    """What ``rotate-key`` changed: the new key to register and the replaced ones to revoke
+    (``previous_device_ids``, oldest first: every key this device has had, as a key rotated
+    away before it was registered leaves the one the server knows further back)."""
 
     layout: DeviceLayout
     public_key_openssh: str
     device_id: str
-    previous_device_id: str
+    previous_device_ids: tuple[str, ...]
 
 
 _ROTATE_ADVICE = (
@@ -538,17 +540,23 @@ def rotate_key(state_dir: str | Path) -> RotateResult:
     Why: the SuperLink never accepts a revoked key again, and a key may leak; the device
     then needs a new key, but its encrypted store, sealed models, API token and privacy ledger
     are still valid (they do not depend on this key), so unlike ``init --force`` nothing is
-    erased. The replaced public key is kept in ``identity/client.pub.previous`` (revoke it on
-    the server). Runs under the state directory's :class:`StateDirLock`: refused
-    (:class:`StateDirInUseError`) while a daemon runs on it.
+    erased. Every replaced public key is kept, one per line, in
+    ``identity/client.pub.previous`` (revoke on the server those it has registered). Runs
+    under the state directory's :class:`StateDirLock`: refused (:class:`StateDirInUseError`)
+    while a daemon runs on it.
     """
     layout = DeviceLayout(Path(state_dir))
     with StateDirLock.acquire(layout, role="rotate-key", advice=_ROTATE_ADVICE):
         identity = DeviceIdentity.load(layout.state_dir)
-        previous = identity.public_key_openssh  # derived from the private key in use
-        _write_public(layout.previous_public_key, previous)
+        current = identity.public_key_openssh  # derived from the private key in use
+        kept = layout.previous_public_key
+        earlier = kept.read_text().splitlines() if kept.exists() else []
+        previous = [line for line in earlier if line.strip() and line != current] + [current]
+        write_bytes_atomic(kept, ("\n".join(previous) + "\n").encode())
+        os.chmod(kept, 0o644)
         public_line = _write_key_pair(layout)
-    return RotateResult(layout, public_line, device_id_of(public_line), device_id_of(previous))
+    ids = tuple(device_id_of(line) for line in previous)
+    return RotateResult(layout, public_line, device_id_of(public_line), ids)
 
 
 @dataclass(frozen=True)

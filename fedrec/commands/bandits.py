@@ -35,7 +35,7 @@ from shared.bandits.harness import (
 from shared.bandits.policies import BanditConfig
 from shared.config import field_names, from_flat, parse_run_config
 from shared.errors import ConfigError
-from shared.io import check_output_dir, write_json_atomic
+from shared.io import check_file_name, check_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,19 @@ DataDirOpt = Annotated[
     ),
 ]
 OutDirOpt = Annotated[
-    Path, typer.Option("--output-dir", "-o", help="Folder for the JSON report and PNG plots.")
+    Path,
+    typer.Option(
+        "--output-dir",
+        "-o",
+        click_type=NON_EMPTY_PATH,
+        help="Folder for the JSON report and PNG plots.",
+    ),
 ]
 TuneOutDirOpt = Annotated[
-    Path, typer.Option("--output-dir", "-o", help="Folder for the JSON report (no plots).")
+    Path,
+    typer.Option(
+        "--output-dir", "-o", click_type=NON_EMPTY_PATH, help="Folder for the JSON report."
+    ),
 ]
 SeedsOpt = Annotated[
     list[int] | None,
@@ -116,8 +125,8 @@ def evaluate(
 ) -> None:
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
     _check_common(world, fmt, output_dir, users)
-    if tag in (".", "..") or "/" in tag or "\\" in tag:
-        raise ConfigError(f"--tag is part of a file name (no '/', not '.' or '..'), got {tag!r}")
+    if tag:
+        check_file_name(tag, "--tag")
     base = _bandit_config(run_config)
     arms = default_arms(base)
     chosen = list(seeds) if seeds else list(DEFAULT_SEEDS)

@@ -155,15 +155,22 @@ def rotate_key(state_dir: StateDirOpt) -> None:
 
     result = rotate(state_dir)
     layout = result.layout
+    replaced = result.previous_device_ids
     lines = [
         f"new device key in {layout.private_key} (0600)",
-        f"  device id:    {result.previous_device_id} -> {result.device_id}",
-        f"  public key:   {layout.public_key}",
-        f"  replaced key: {layout.previous_public_key}",
+        f"  device id:     {replaced[-1]} -> {result.device_id}",
+        f"  public key:    {layout.public_key}",
+        f"  replaced keys: {layout.previous_public_key} ({len(replaced)})",
         "on the server: fedrec server register-client "
-        f"{layout.public_key.name} --state-dir SERVER_STATE, then (unless it is revoked "
-        f"already) fedrec server revoke-client {result.previous_device_id} "
-        "--state-dir SERVER_STATE; then start the daemon again",
+        f"{layout.public_key.name} --state-dir SERVER_STATE, then revoke the replaced key it "
+        "has registered (unless it is revoked already): fedrec server revoke-client "
+        f"{replaced[-1]} --state-dir SERVER_STATE"
+        + (
+            f" (if that one was never registered, an earlier one: {', '.join(replaced[:-1])})"
+            if len(replaced) > 1
+            else ""
+        ),
+        "then start the daemon again",
     ]
     typer.echo("\n".join(lines), err=True)
     typer.echo(result.public_key_openssh)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, RunConfigOpt
+from fedrec.options import NON_EMPTY_PATH, RunConfigOpt, explicit_options
 from shared.config import parse_run_config
 
 app = typer.Typer(
@@ -129,12 +129,9 @@ def revoke_client(
         typer.echo(f"  SuperLink: {line}")
 
 
-DEFAULT_ROUNDS = 3
-DEFAULT_MIN_CLIENTS = 2
-
-
 @app.command("start")
 def start(
+    ctx: typer.Context,
     state_dir: StateDirOpt,
     bundle: Annotated[
         Path | None,
@@ -144,24 +141,10 @@ def start(
             "devices run with the same file.",
         ),
     ] = None,
-    rounds: Annotated[
-        int | None,
-        typer.Option(
-            "--rounds",
-            help=f"Federated rounds in total [default: {DEFAULT_ROUNDS}; or num-rounds in "
-            "--run-config].",
-            show_default=False,
-        ),
-    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds in total.")] = 3,
     min_clients: Annotated[
-        int | None,
-        typer.Option(
-            "--min-clients",
-            help=f"Devices that must be connected to start [default: {DEFAULT_MIN_CLIENTS}; or "
-            "min-available-clients in --run-config].",
-            show_default=False,
-        ),
-    ] = None,
+        int, typer.Option("--min-clients", help="Devices that must be connected to start.")
+    ] = 2,
     host: Annotated[
         str, typer.Option("--host", help="Address the SuperLink listens on.")
     ] = "0.0.0.0",
@@ -180,17 +163,12 @@ def start(
     from server.superlink import ServerRunner, SuperLinkOptions, deployment_run_config
 
     layout = ServerLayout(state_dir).require()
-    overrides = dict(parse_run_config(run_config))
-    for key, flag, default in (
-        ("num-rounds", rounds, DEFAULT_ROUNDS),
-        ("min-available-clients", min_clients, DEFAULT_MIN_CLIENTS),
-    ):
-        if flag is not None:
-            overrides[key] = flag
-        overrides.setdefault(key, default)
-    config = deployment_run_config(
-        layout, bundle=bundle, num_rounds=rounds or DEFAULT_ROUNDS, overrides=overrides
-    )
+    overrides: dict[str, Any] = dict(parse_run_config(run_config))
+    flags = {"rounds": "num-rounds", "min_clients": "min-available-clients"}
+    overrides.update(explicit_options(ctx, flags))  # a flag typed wins over --run-config
+    overrides.setdefault("num-rounds", rounds)
+    overrides.setdefault("min-available-clients", min_clients)
+    config = deployment_run_config(layout, bundle=bundle, num_rounds=rounds, overrides=overrides)
     options = SuperLinkOptions(host=host, port=port, max_restarts=max_restarts)
     runner = ServerRunner(layout, options, config, echo=lambda line: typer.echo(line))
     code = runner.run()

@@ -141,17 +141,16 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
     written, so the run resumes from its last finished round as after a crash."""
     if stop.resumable:
         message = (
-            f"interrupted: {stop.root} keeps the checkpoint of every finished round and the "
-            f"clients' privacy ledgers; rerun with --name {stop.root.name} (and --run-dir "
-            f"{stop.root.parent}) to resume"
+            f"interrupted: {stop.root} keeps what the run did (the checkpoint of every "
+            f"finished round, the privacy ledgers); rerun with --name {stop.root.name} (and "
+            f"--run-dir {stop.root.parent}) to resume"
         )
     else:
         message = "interrupted before the first round finished; nothing to resume"
     typer.secho(message, fg="yellow", err=True)
+    ray = sys.modules.get("ray")  # imported only if the run got as far as starting Ray
     with contextlib.suppress(Exception):  # Ray's processes would otherwise outlive us
-        import ray
-
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             watchdog = threading.Timer(10.0, os._exit, args=(130,))  # a hung shutdown
             watchdog.daemon = True
             watchdog.start()
