@@ -148,7 +148,7 @@ def rotate_key(state_dir: StateDirOpt) -> None:
     """Give the device a new SuperNode key pair, keeping its data, models and privacy ledger.
 
     For a key the server revoked (the SuperLink never accepts it again) or one that may have
-    leaked. Prints the new OpenSSH public key on stdout; the replaced one is kept in
+    leaked. Prints the new OpenSSH public key on stdout; every replaced key is appended to
     identity/client.pub.previous. Refused while a daemon runs on STATE_DIR: stop it first.
     """
     from client.device.identity import rotate_key as rotate
