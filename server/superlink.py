@@ -654,15 +654,16 @@ class ServerRunner:
         for line in apply_registrations(self.layout, self.cli):
             self.echo(line)
         for run in self.cli.runs():
-            status = str(run.get("status", ""))
+            # a run of a previous process (its ServerApp died with that SuperLink): keep its
+            # log, where whatever went wrong is. Whatever its status: the SuperLink may have
+            # marked it finished (failed) by the time it is back, and then nobody saved it.
+            earlier, status = int(run["run-id"]), str(run.get("status", ""))
+            if not self._run_log(earlier).exists():
+                self.cli.save_log(earlier, self._run_log(earlier))
             if not status.startswith(_FINISHED):
-                # a run of a previous process (its ServerApp died with that SuperLink): keep
-                # its log, where whatever went wrong is, before stopping it
-                stale = int(run["run-id"])
-                self.cli.save_log(stale, self._run_log(stale))
                 with contextlib.suppress(SuperLinkError):
-                    self.cli.stop(stale)
-                    self.echo(f"stopped stale run {stale} ({status}); its log is in logs/")
+                    self.cli.stop(earlier)
+                    self.echo(f"stopped stale run {earlier} ({status}); its log is in logs/")
         done = checkpoint_rounds(self.layout)
         if done:
             self.echo(f"resuming: the run continues after round {done[-1]} (its checkpoint)")
