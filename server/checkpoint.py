@@ -122,7 +122,9 @@ class CheckpointStore:
             raise ConfigError(
                 f"cannot create checkpoint directory {self.directory}: {exc}"
             ) from exc
-        for stale in self.directory.glob(f".{_PREFIX}*.tmp"):
+        # every atomic write here leaves ".<name>.<random>.tmp" if interrupted: the
+        # checkpoints' and the user-level DP journal's
+        for stale in self.directory.glob(".*.tmp"):
             logger.warning("removing a temp file left by an interrupted save: %s", stale)
             stale.unlink(missing_ok=True)
 

@@ -138,6 +138,7 @@ def test_store_roundtrip_keeps_the_newest_n_and_leaves_no_temp_files(tmp_path: P
 
 def test_store_removes_stale_temp_files_and_orphan_arrays(tmp_path: Path) -> None:
     (tmp_path / ".round-00000007.npz.abc.tmp").write_bytes(b"half a write")
+    (tmp_path / ".user-dp-journal.json.x1y2.tmp").write_bytes(b"half a journal")
     store = CheckpointStore(tmp_path)
     assert _temp_files(tmp_path) == []
     (tmp_path / "round-00000009.npz").write_bytes(b"crashed before its manifest")
