@@ -62,9 +62,12 @@ def append_line(path: str | Path, line: str) -> None:
     with it."""
     path = Path(path)
     _make_dirs_durable(path.parent)
-    with open(path, "a+b") as fh:
+    with open(path, "a+b") as fh:  # appends go to the end whatever the read position
+        torn = False
         end = fh.seek(0, os.SEEK_END)
-        torn = end > 0 and fh.seek(end - 1) >= 0 and fh.read(1) != b"\n"
+        if end > 0:
+            fh.seek(end - 1)
+            torn = fh.read(1) != b"\n"
         fh.write((b"\n" if torn else b"") + line.encode("utf-8") + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
