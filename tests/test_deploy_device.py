@@ -102,6 +102,27 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     assert not files.write_global(1, params)  # an older model never replaces a newer one
 
 
+def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted(
+    device: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = FederatedFiles(device)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        files.add_round_joined(1)
+        files.add_round_joined(2)
+        learner._tick()
+        assert daemon.status().rounds_joined == 2
+        files.joined.write_text("{torn")  # a crash mid-write on a file system without rename
+        files.add_round_joined(3)  # unreadable: the training side counts again from 0
+        assert "unreadable" in caplog.text and files.rounds_joined() == 1
+        learner._tick()
+        assert daemon.status().rounds_joined == 3
+        files.add_round_joined(4)
+        learner._tick()
+        assert daemon.status().rounds_joined == 4
+
+
 def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:
     with Daemon.open(device) as daemon:
         DeviceLearner(daemon, bundle).prepare()

@@ -248,6 +248,30 @@ def test_old_impressions_expire(tmp_path: Path, key: bytes) -> None:
         ]
 
 
+def test_rounds_joined_follow_the_federation_file_and_survive_its_reset(
+    tmp_path: Path, key: bytes
+) -> None:
+    with DeviceStore.open(tmp_path / "store.db", key) as store:
+        assert store.sync_rounds_joined(3) == 3  # three rounds written by the training side
+        assert store.sync_rounds_joined(3) == 0  # nothing new: each round counts once
+        assert store.sync_rounds_joined(5) == 2
+        # joined.json lost or corrupt: the training side starts again from 0 and writes 1;
+        # that round is new and counts, and so do the next ones
+        assert store.sync_rounds_joined(1) == 1
+        assert store.sync_rounds_joined(2) == 1
+        store.erase()
+        assert store.sync_rounds_joined(2) == 0  # the erase keeps the count and its baseline
+        assert store.stats().rounds_joined == 7
+    # a store from before the baseline key kept its counter equal to the file's count
+    with DeviceStore.open(tmp_path / "old.db", key) as old:
+        old.record_round_joined()
+        old.record_round_joined()
+        assert old.sync_rounds_joined(3) == 1
+        assert old.stats().rounds_joined == 3
+    with pytest.raises(ValueError, match=">= 0"), DeviceStore.open(tmp_path / "store.db", key) as s:
+        s.sync_rounds_joined(-1)
+
+
 def test_erase_deletes_data_but_keeps_rounds_joined(tmp_path: Path, key: bytes) -> None:
     db = tmp_path / "store.db"
     with DeviceStore.open(db, key) as store:

@@ -63,11 +63,13 @@ FeedbackAction = Literal["shown", "clicked"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 FEEDBACK_ACTIONS: tuple[str, ...] = get_args(FeedbackAction)
 
+STATE_ROUNDS_JOINED = "rounds_joined"
+STATE_JOINED_FILE_SEEN = "joined_file_seen"
+
 #: Key-value state that :meth:`DeviceStore.erase` keeps: participation is privacy
 #: accounting (it must stay consistent with the privacy ledger, which is never erased).
-KEPT_ON_ERASE: tuple[str, ...] = ("rounds_joined",)
+KEPT_ON_ERASE: tuple[str, ...] = (STATE_ROUNDS_JOINED, STATE_JOINED_FILE_SEEN)
 
-STATE_ROUNDS_JOINED = "rounds_joined"
 STATE_ADAPTATION_PENDING = "adaptation_pending"
 
 #: Latest timestamp accepted (2100-01-01 UTC): catches milliseconds sent as seconds.
@@ -616,6 +618,29 @@ class DeviceStore:
     def record_round_joined(self) -> int:
         """Count one federated round this device took part in (kept by :meth:`erase`)."""
         return self.increment(STATE_ROUNDS_JOINED)
+
+    def sync_rounds_joined(self, file_count: int) -> int:
+        """Catch the rounds-joined counter up with the federation's own count ``file_count``
+        (``federated/joined.json``, written by the training process); returns the rounds
+        added.
+
+        Each round counts once. A count below the last one synced means that file was lost
+        or unreadable and started again from 0: its rounds are new and count from there,
+        rather than freezing the counter until the file catches up.
+        """
+        if file_count < 0:
+            raise ValueError(f"file_count must be >= 0, got {file_count}")
+        with self._write() as conn:
+            # a store from before this key kept its counter equal to the file's count
+            seen = int(
+                self._get(conn, STATE_JOINED_FILE_SEEN, self._get(conn, STATE_ROUNDS_JOINED, 0))
+            )
+            added = file_count - seen if file_count >= seen else file_count
+            if added:
+                self._increment(conn, STATE_ROUNDS_JOINED, added)
+            if file_count != seen:
+                self._put(conn, STATE_JOINED_FILE_SEEN, file_count)
+            return added
 
     def adaptation_pending(self) -> int:
         """New local events not yet used by the few-shot adaptation."""

@@ -497,11 +497,8 @@ class DeviceLearner:
                 logger.exception("model refresh failed")
 
     def _tick(self) -> None:
-        joined = self.files.rounds_joined()
         store = self.daemon.store
-        missing = joined - store.stats().rounds_joined
-        for _ in range(max(0, missing)):
-            store.record_round_joined()
+        store.sync_rounds_joined(self.files.rounds_joined())
         version = self.files.global_version()
         new_global = version is not None and version != self.installed_global
         events_due = (
