@@ -36,7 +36,7 @@ from client.device.sealed import Catalog
 from fedrec.commands.client import app as client_app
 from shared.bandits import BanditConfig
 from shared.compression import QuantizeConfig, export_onnx, quantize_onnx
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelFileError
 from shared.ondevice import OnDeviceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,13 +80,13 @@ class TinyStudent(nn.Module):
         return h @ self.item_emb.weight.T
 
 
-def _int8(folder: Path, model_version: str) -> bytes:
+def _int8(folder: Path, model_version: str, catalog: Catalog = CATALOG) -> bytes:
     """The stand-in exported to ONNX and quantized to int8, as the server ships it."""
     export_onnx(
         TinyStudent().eval(),
         folder / "fp32.onnx",
         model_version=model_version,
-        catalog_fingerprint=CATALOG.fingerprint,
+        catalog_fingerprint=catalog.fingerprint,
     )
     cfg = QuantizeConfig(min_elements=(256,), residual_clusters=0, min_agreement=None)
     quantize_onnx(folder / "fp32.onnx", folder / "int8.onnx", config=cfg)
@@ -641,6 +641,49 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_crash_while_installing_a_model_with_a_new_catalog_keeps_model_and_catalog_matched(
+    tmp_path: Path, int8_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renamed = Catalog(tuple(f"new-{i}" for i in range(N_ITEMS)))
+    (tmp_path / "renamed").mkdir()
+    renamed_model = _int8(tmp_path / "renamed", "round-8", renamed)
+    state = tmp_path / "device"
+    init_identity(state)
+    with Daemon.open(state) as daemon:
+        daemon.install_model(int8_model, CATALOG)
+    pending = state / "catalog.pending.json"
+
+    # 1. power loss after the new model became current, before its catalog did
+    real_replace = os.replace
+
+    def lose_power(src: Any, dst: Any) -> None:
+        if Path(src) == pending:
+            raise SystemExit("power loss")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", lose_power)
+    with pytest.raises(SystemExit), Daemon.open(state) as daemon:
+        daemon.install_model(renamed_model, renamed)
+    monkeypatch.undo()
+    assert pending.exists()
+    with Daemon.open(state) as daemon:  # the restart completes the install
+        assert daemon.model_error is None and daemon.catalog == renamed
+        assert daemon.status().model_version == "round-8"
+    assert not pending.exists() and Catalog.load(state / "catalog.json") == renamed
+
+    # 2. power loss after the new catalog was written, before the model switched
+    CATALOG.save(pending)
+    with Daemon.open(state) as daemon:  # the restart drops the catalog that never served
+        assert daemon.model_error is None and daemon.catalog == renamed
+        assert daemon.status().model_version == "round-8"
+    assert not pending.exists()
+
+    # 3. a model refused for its catalog leaves nothing behind
+    with Daemon.open(state) as daemon, pytest.raises(ModelFileError, match="catalog"):
+        daemon.install_model(int8_model, Catalog(tuple(f"x-{i}" for i in range(N_ITEMS))))
+    assert not pending.exists() and Catalog.load(state / "catalog.json") == renamed
 
 
 def test_daemon_serves_on_loopback_and_stops_cleanly_on_sigterm(

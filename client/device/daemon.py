@@ -75,7 +75,7 @@ from client.device.store import (
 from shared.bandits.policies import BanditConfig
 from shared.config import from_flat, kebab
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
-from shared.io import write_json_atomic
+from shared.io import fsync_dir, write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
 from shared.privacy.budget import PrivacyBudget
 from shared.processes import die_with_parent, reap_group, terminate_group
@@ -557,6 +557,7 @@ class Daemon:
     def _load_installed(self) -> None:
         """Load the catalog and current model; a bad model is logged and reported, not fatal
         (the API must stay up so the user can still erase data or get a new model)."""
+        self._finish_catalog_change()
         if self.layout.catalog.exists():
             self.catalog = Catalog.load(self.layout.catalog)
         try:
@@ -598,11 +599,22 @@ class Daemon:
                     "no catalog installed: install the model together with its catalog "
                     "(`fedrec client install-model --catalog catalog.json`)"
                 )
-            info, model = self.models.install(
-                data, catalog=catalog, runtime=self.runtime, name=name
-            )
-            if catalog is not self.catalog:
-                catalog.save(self.layout.catalog)
+            if catalog is self.catalog:
+                info, model = self.models.install(
+                    data, catalog=catalog, runtime=self.runtime, name=name
+                )
+            else:  # the new catalog waits beside the old one until the model is current
+                pending = self.layout.catalog_pending
+                catalog.save(pending)
+                try:
+                    info, model = self.models.install(
+                        data, catalog=catalog, runtime=self.runtime, name=name
+                    )
+                except BaseException:
+                    pending.unlink(missing_ok=True)
+                    raise
+                os.replace(pending, self.layout.catalog)
+                fsync_dir(self.layout.state_dir)
             self.store.record_model(
                 ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
             )
@@ -610,6 +622,28 @@ class Daemon:
             self._model_changed()
             logger.info("installed model %s as sealed v%d", info.model_version, info.version)
             return info
+
+    def _finish_catalog_change(self) -> None:
+        """Complete or undo an install with a new catalog that a crash interrupted: the new
+        catalog becomes current if the current model was built for it, else it is dropped
+        (the model switch never happened), so model and catalog always match."""
+        pending = self.layout.catalog_pending
+        if not pending.exists():
+            return
+        try:
+            catalog = Catalog.load(pending)
+            loaded = self.models.load(runtime=self.runtime)
+        except (DataError, ModelFileError) as exc:
+            logger.warning("dropping %s from an interrupted install (%s)", pending, exc)
+            pending.unlink(missing_ok=True)
+            return
+        if loaded is not None and loaded[1].metadata.catalog_fingerprint == catalog.fingerprint:
+            os.replace(pending, self.layout.catalog)
+            fsync_dir(self.layout.state_dir)
+            logger.info("completed an interrupted install: its new catalog is now current")
+        else:
+            pending.unlink()
+            logger.info("dropped the new catalog of an install that never switched models")
 
     def _model_changed(self) -> None:
         if isinstance(self.reranker, LearningReranker):

@@ -132,6 +132,12 @@ class DeviceLayout:
         return self.state_dir / "catalog.json"
 
     @property
+    def catalog_pending(self) -> Path:
+        """A new catalog while the model that needs it is being installed (see
+        :meth:`~client.device.daemon.Daemon.install_model`)."""
+        return self.state_dir / "catalog.pending.json"
+
+    @property
     def ledger(self) -> Path:
         """The privacy ledger: never deleted by an erase (that would let a device re-spend)."""
         return self.state_dir / "privacy" / "ledger.json"
