@@ -66,6 +66,12 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
+        if isinstance(err, click.NoSuchOption) and err.option_name in ("-v", "--verbose"):
+            name = err.option_name
+            err.message = (
+                f"No such option {name!r} here; it goes before the command: "
+                f"fedrec {name} COMMAND ..."
+            )
         err.show()
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:

@@ -206,6 +206,15 @@ def test_a_path_that_cannot_be_used_is_one_line_not_a_traceback(
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_verbose_after_the_command_says_where_it_goes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _main(monkeypatch, "data", "info", "-v")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "No such option '-v' here; it goes before the command: fedrec -v COMMAND" in err
+
+
 def test_a_user_error_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
