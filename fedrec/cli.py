@@ -68,9 +68,10 @@ def main() -> None:
     except click.ClickException as err:
         if isinstance(err, click.NoSuchOption) and err.option_name in ("-v", "--verbose"):
             name = err.option_name
-            err.message = (
+            err = click.UsageError(
                 f"No such option {name!r} here; it goes before the command: "
-                f"fedrec {name} COMMAND ..."
+                f"fedrec {name} COMMAND ...",
+                ctx=err.ctx,
             )
         err.show()
         sys.exit(err.exit_code)
