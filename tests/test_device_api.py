@@ -395,6 +395,81 @@ def test_end_to_end_with_an_int8_model(device: Device, int8_model: bytes) -> Non
     assert status["privacy"]["epsilon_budget"] == 8.0
 
 
+def test_erase_waits_for_a_recommendation_in_flight_and_keeps_nothing_of_it(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=BanditConfig(top_n=50))
+    client, daemon = dev.client, dev.daemon
+    try:
+        assert client.post("/events", json={"events": [ev(i) for i in ITEM[:4]]}).status_code
+        for _ in range(3):  # a posterior learned from the user's clicks: personal data
+            rec = client.get("/recommendations?k=5").json()
+            fb = [
+                {"recommendation_id": rec["recommendation_id"], "item_id": it["item_id"]}
+                | {"action": "clicked"}
+                for it in rec["items"]
+            ]
+            assert client.post("/feedback", json={"feedback": fb}).status_code == 200
+        policy = daemon.reranker._ready()[0]  # type: ignore[attr-defined]
+        select, inside = policy.select, threading.Event()
+
+        def slow_select(*args: Any, **kwargs: Any) -> Any:
+            inside.set()
+            time.sleep(0.5)
+            return select(*args, **kwargs)
+
+        policy.select = slow_select
+        answer: dict[str, Any] = {}
+        request = threading.Thread(
+            target=lambda: answer.setdefault("r", client.get("/recommendations?k=5"))
+        )
+        request.start()
+        assert inside.wait(10)  # the recommendation is choosing from the history now
+        assert client.delete("/data").status_code == 204
+        request.join()
+        assert answer["r"].status_code == 200  # served before the erase, which waited for it
+        stats = daemon.store.stats()
+        assert (stats.events, stats.impressions, stats.feedback) == (0, 0, 0)
+        assert daemon.store.get_state(STATE_KEY) is None  # its posterior was not written back
+        assert daemon.reranker.state()["posterior"]["n_updates"] == 0  # type: ignore[attr-defined]
+    finally:
+        daemon.shutdown()
+
+
+def test_an_erase_interrupted_by_a_crash_is_finished_when_the_device_opens_again(
+    device: Device, tmp_path: Path
+) -> None:
+    daemon = device.daemon
+    assert device.client.post("/events", json={"events": [ev(ITEM[5])]}).status_code == 200
+    daemon.install_model(_int8(tmp_path, "round-7+personal"))  # personal data too
+    erase_store = daemon.store.erase
+
+    def power_loss(*args: Any, **kwargs: Any) -> None:
+        erase_store(*args, **kwargs)
+        raise SystemExit("power loss")  # before the global model is installed again
+
+    daemon.store.erase = power_loss  # type: ignore[method-assign]
+    with pytest.raises(SystemExit):
+        daemon.erase()
+    state = daemon.layout.state_dir
+    daemon.shutdown()
+    assert daemon.layout.erase_pending.exists()
+    reopened = Daemon.open(state, config=DaemonConfig(exploration=GREEDY))
+    try:
+        status = reopened.status()
+        assert status.events == 0 and status.model_version == "round-7"  # global, served
+        assert [p.name for p in reopened.layout.models_dir.glob("*.sealed")] == [
+            f"model-v{status.sealed_version}.onnx.sealed"
+        ]
+        assert not reopened.layout.erase_pending.exists()
+        # a service registered after the open (the learner) still drops its personal data
+        calls: list[int] = []
+        reopened.add_erase_callback(lambda: calls.append(1))
+        assert calls == [1]
+    finally:
+        reopened.shutdown()
+
+
 def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: Path) -> None:
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
@@ -432,10 +507,11 @@ def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: P
 
     after = device.client.get("/status").json()
     assert (after["events"], after["feedback"], after["adaptation_pending"]) == (0, 0, 0)
-    # every sealed file went; the global model (not personal) is installed again
-    assert after["model_version"] == "round-7" and after["sealed_version"] == 1
+    # every sealed file went; the global model (not personal) was installed again first
+    assert after["model_version"] == "round-7" and after["sealed_version"] == 3
     sealed = sorted(p.name for p in device.daemon.layout.models_dir.glob("*.sealed"))
-    assert sealed == ["model-v1.onnx.sealed"]
+    assert sealed == ["model-v3.onnx.sealed"]
+    assert not device.daemon.layout.erase_pending.exists()
     assert after["rounds_joined"] == 1  # participation is privacy accounting: kept
     assert after["privacy"]["epsilon_spent"] == pytest.approx(spent)  # never re-spendable
     assert ledger_path.read_bytes() == ledger_bytes

@@ -75,7 +75,7 @@ from client.device.store import (
 from shared.bandits.policies import BanditConfig
 from shared.config import from_flat, kebab
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
-from shared.io import fsync_dir, write_json_atomic
+from shared.io import fsync_dir, write_bytes_atomic, write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
 from shared.privacy.budget import PrivacyBudget
 from shared.processes import die_with_parent, reap_group, terminate_group
@@ -490,6 +490,9 @@ class Daemon:
         self.processes: list[ManagedProcess] = []
         self.exit_code = 0
         self._lock = threading.RLock()
+        # held across a whole recommendation, feedback batch or erase: an erase must not
+        # interleave with a request that reads the history or writes the policy's state
+        self._serve_lock = threading.RLock()
         self._stop = threading.Event()
         self._closed = False
         self._server: uvicorn.Server | None = None
@@ -503,8 +506,14 @@ class Daemon:
         self.model: OnDeviceModel | None = None
         self.model_info: SealedModelInfo | None = None
         self.model_error: str | None = None
+        #: An erase interrupted by a crash was finished when the folder was opened.
+        self.erase_completed_at_open = False
         self._load_installed()
         self._model_changed()
+        if self.layout.erase_pending.exists():
+            logger.warning("finishing an erase of local data that a crash interrupted")
+            self.erase()
+            self.erase_completed_at_open = True
 
     @classmethod
     def open(
@@ -728,6 +737,10 @@ class Daemon:
         """Top-``k`` items for the local history (history excluded), re-ranked by the policy."""
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
+        with self._serve_lock:
+            return self._recommend(k)
+
+    def _recommend(self, k: int) -> Recommendation:
         with self._lock:
             model, info, catalog = self.model, self.model_info, self.catalog
         if model is None or info is None or catalog is None:
@@ -787,6 +800,10 @@ class Daemon:
         Stored feedback then updates a learning policy at once (``clicked`` = 1, ``shown`` =
         0); a policy failure is logged, never lost feedback: the store already has it.
         """
+        with self._serve_lock:
+            return self._add_feedback(feedback)
+
+    def _add_feedback(self, feedback: Sequence[Feedback]) -> int:
         stored = len(self.store.add_feedback(feedback))
         reranker, catalog = self.reranker, self.catalog
         if isinstance(reranker, LearningReranker) and catalog is not None:
@@ -844,11 +861,13 @@ class Daemon:
 
         Every sealed model file goes, since an adapted model is personal data; the newest
         installed model that is *not* personal (a global one: what every device of the
-        federation got) is installed again, so the device keeps recommending."""
+        federation got) is installed again first, so the device keeps recommending. A marker
+        file makes the erase all-or-nothing across a crash: the next open finishes it."""
+        marker = self.layout.erase_pending
+        write_bytes_atomic(marker, b"")
         self._run_erase_callbacks()  # derived personal data first: see add_erase_callback
-        with self._lock:
+        with self._serve_lock, self._lock:
             global_model = self._newest_global_model()
-            self.models.erase()
             self.store.erase()
             # counted once the data is gone (readers of the history do not take the lock):
             # whoever reads the new count reads an erased store, and a refit that read the
@@ -860,12 +879,16 @@ class Daemon:
             if isinstance(self.reranker, LearningReranker):
                 self.reranker.reset()
                 self.reranker.on_model(None)
+            kept = None
             if global_model is not None and self.catalog is not None:
                 try:
-                    self.install_model(global_model, self.catalog)
+                    kept = self.install_model(global_model, self.catalog).version
                 except FedRecError as exc:  # erasing must not fail on the reinstall
                     self.model_error = f"the global model could not be reinstalled: {exc}"
+            self.models.erase(keep=kept)  # the personal versions, once a global one serves
         self._run_erase_callbacks()
+        marker.unlink(missing_ok=True)
+        fsync_dir(self.layout.state_dir)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
 
     def _run_erase_callbacks(self) -> None:
@@ -894,8 +917,14 @@ class Daemon:
         between then leaves the user's data, which a repeated erase removes, never a model
         fitted on data the user was told is gone) and after (dropping anything derived in
         between). Both calls are outside the daemon's lock: a callback may wait for a
-        refit that is itself waiting for that lock."""
+        refit that is itself waiting for that lock. If opening the folder finished an erase
+        that a crash interrupted, it also runs once now."""
         self._erase_callbacks.append(callback)
+        if self.erase_completed_at_open:
+            try:
+                callback()
+            except Exception:
+                logger.exception("erase callback %r failed", callback)
 
     # -- processes and lifecycle ----------------------------------------------------------------
 

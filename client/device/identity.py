@@ -132,6 +132,11 @@ class DeviceLayout:
         return self.state_dir / "catalog.json"
 
     @property
+    def erase_pending(self) -> Path:
+        """Present while an erase runs: a daemon opening the folder finishes the erase."""
+        return self.state_dir / "erase.pending"
+
+    @property
     def catalog_pending(self) -> Path:
         """A new catalog while the model that needs it is being installed (see
         :meth:`~client.device.daemon.Daemon.install_model`)."""

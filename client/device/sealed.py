@@ -313,11 +313,16 @@ class SealedModelStore:
         )
         return info, model
 
-    def erase(self) -> None:
-        """Delete every sealed file and the pointer (pointer first: never a dangling current)."""
-        (self.directory / CURRENT_POINTER).unlink(missing_ok=True)
+    def erase(self, *, keep: int | None = None) -> None:
+        """Delete every sealed file but version ``keep`` (which must be current), and the
+        pointer unless ``keep`` is given (pointer first: never a dangling current)."""
+        if keep is None:
+            (self.directory / CURRENT_POINTER).unlink(missing_ok=True)
+        elif keep != self.current_version():
+            raise ValueError(f"sealed version {keep} is not current; it cannot be kept alone")
         for version in self.versions():
-            self.path(version).unlink(missing_ok=True)
+            if version != keep:
+                self.path(version).unlink(missing_ok=True)
         if self.directory.is_dir():
             for tmp in self.directory.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
