@@ -910,3 +910,41 @@ def test_last_error_line_reads_the_tail_of_a_log(tmp_path: Path) -> None:
     log.write_text("x" * 50_000 + "\nERROR: " + "y" * 1000 + "\n")
     line = last_error_line(str(log))
     assert line is not None and line.startswith("ERROR: yyy") and len(line) == 300
+
+
+def test_erased_rows_leave_the_disk_once_a_reader_holding_them_back_is_done(
+    device: Device,
+) -> None:
+    import sqlite3
+
+    daemon = device.daemon
+    events = {"events": [ev(i) for i in ITEM[:20]]}
+    assert device.client.post("/events", json=events).status_code == 200
+    daemon.store.scrub()
+    db = daemon.store.path
+    sealed = [
+        bytes(row[0])[:32] for row in daemon.store._conn.execute("SELECT payload FROM events")
+    ]
+
+    def on_disk() -> int:
+        wal = db.with_name(db.name + "-wal")
+        raw = db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+        return sum(blob in raw for blob in sealed)
+
+    reader = sqlite3.connect(db, isolation_level=None)  # the federated client, mid-fit
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM events").fetchone()
+        daemon.store._busy_timeout_ms = 50  # don't wait the usual 5 s for the reader
+        daemon.store._conn.execute("PRAGMA busy_timeout = 50")
+        assert device.client.delete("/data").status_code == 204
+        assert device.client.get("/status").json()["events"] == 0
+        assert daemon.store.scrub_pending  # held back by the reader's snapshot
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    deadline = time.monotonic() + 20
+    while daemon.store.scrub_pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not daemon.store.scrub_pending
+    assert on_disk() == 0

@@ -868,7 +868,8 @@ class Daemon:
         self._run_erase_callbacks()  # derived personal data first: see add_erase_callback
         with self._serve_lock, self._lock:
             global_model = self._newest_global_model()
-            self.store.erase()
+            if not self.store.erase():
+                self._scrub_later()
             # counted once the data is gone (readers of the history do not take the lock):
             # whoever reads the new count reads an erased store, and a refit that read the
             # old count is refused at install (which waits for this lock)
@@ -890,6 +891,27 @@ class Daemon:
         marker.unlink(missing_ok=True)
         fsync_dir(self.layout.state_dir)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    def _scrub_later(self) -> None:
+        """Retry removing the erased pages from disk until the reader holding them back (the
+        federated client mid-fit) is done; they are encrypted meanwhile, and unreadable
+        through the store."""
+        logger.warning(
+            "erased data is unreadable but still on disk while another process reads the "
+            "store; it is removed as soon as that read ends"
+        )
+
+        def retry() -> None:
+            while self.store.scrub_pending and not self._stop.wait(1.0):
+                try:
+                    done = self.store.scrub(wait=False)
+                except Exception:  # the store closed under it: closing checkpoints too
+                    logger.debug("scrub retry stopped", exc_info=True)
+                    return
+                if done:
+                    logger.info("the erased data's pages are now removed from disk")
+
+        threading.Thread(target=retry, name="fedrec-scrub", daemon=True).start()
 
     def _run_erase_callbacks(self) -> None:
         for callback in list(self._erase_callbacks):

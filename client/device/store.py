@@ -16,7 +16,8 @@ Encryption at rest
     UUIDs), and for impressions a *blind index* ``HMAC(k_index, item_id)`` so feedback can be
     matched to what was shown without decrypting every impression (it reveals only that two
     impressions are of the same item). ``secure_delete`` is on, and :meth:`erase` checkpoints
-    and ``VACUUM``s, so erased rows do not linger in free pages or the WAL.
+    and ``VACUUM``s, so erased rows do not linger in free pages or the WAL (while another
+    process is reading the store, the checkpoint waits for it: :meth:`scrub`).
 
 Keys
     The AEAD key, the blind-index key and a key-check value are HKDF-derived from the
@@ -248,6 +249,7 @@ class DeviceStore:
         data_key: bytes,
         *,
         max_impressions: int = 10_000,
+        busy_timeout_ms: int = 5000,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -255,6 +257,9 @@ class DeviceStore:
         self._index_key = derive_subkey(data_key, "store/blind-index")
         self._lock = threading.RLock()
         self.max_impressions = max_impressions
+        self._busy_timeout_ms = busy_timeout_ms
+        #: An erase left pages on disk that :meth:`scrub` has not removed yet.
+        self.scrub_pending = False
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -291,7 +296,9 @@ class DeviceStore:
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, data_key, max_impressions=max_impressions)
+        return cls(
+            path, conn, data_key, max_impressions=max_impressions, busy_timeout_ms=busy_timeout_ms
+        )
 
     @staticmethod
     def _configure(conn: sqlite3.Connection, path: Path, busy_timeout_ms: int) -> None:
@@ -672,12 +679,17 @@ class DeviceStore:
             rounds_joined=rounds,
         )
 
-    def erase(self, keep_state: Sequence[str] = KEPT_ON_ERASE) -> None:
+    def erase(self, keep_state: Sequence[str] = KEPT_ON_ERASE) -> bool:
         """Delete every event, impression, feedback, model record and state value.
 
         State keys in ``keep_state`` survive (by default the rounds joined: participation
         belongs to privacy accounting). The deleted rows are overwritten (``secure_delete``),
         the WAL is truncated and the file ``VACUUM``-ed, so nothing lingers on disk.
+
+        Returns whether the old pages are gone from disk already. Another connection in the
+        middle of a read (the federated client, during a fit) keeps the WAL from being
+        copied back and truncated; then :attr:`scrub_pending` is set and :meth:`scrub`
+        must be called again once that reader is done.
         """
         keep = list(keep_state)
         with self._lock:
@@ -687,4 +699,25 @@ class DeviceStore:
                 marks = ",".join("?" * len(keep))
                 conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
             self._conn.execute("VACUUM")
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.scrub_pending = True
+            return self.scrub()
+
+    def scrub(self, *, wait: bool = True) -> bool:
+        """Copy the WAL into the main file and truncate it; True once no page of an erase is
+        left behind (clears :attr:`scrub_pending`), False while a reader holds it back.
+        ``wait=False`` gives up at once instead of waiting up to the busy timeout (for
+        retries, which must not hold the store up)."""
+        with self._lock:
+            if not wait:
+                self._conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.OperationalError as exc:  # locked: another writer mid-transaction
+                logger.debug("checkpoint deferred: %s", exc)
+                busy = 1
+            finally:
+                if not wait:
+                    self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            if not busy:
+                self.scrub_pending = False
+            return not busy
