@@ -600,3 +600,14 @@ def test_cli_refuses_bad_options(tmp_path: Path) -> None:
     result = runner.invoke(app, ["evaluate", "--run-config", "nonsense=1", "-o", str(tmp_path)])
     assert isinstance(result.exception, ConfigError) and "nonsense" in str(result.exception)
     assert runner.invoke(app, ["evaluate", "--help"]).exit_code == 0
+
+
+def test_a_slate_larger_than_top_n_takes_the_next_best_candidates() -> None:
+    """k above top_n still fills the slate (from the best-scored candidates), as the daemon's
+    GET /recommendations?k= promises; the policy re-ranks only among them."""
+    cfg = _cfg(top_n=5, slate_size=3)
+    policy = GreedyPolicy(cfg, N_ITEMS)
+    cand = np.arange(20)
+    scores = np.linspace(1.0, 0.0, 20)
+    assert policy.select(cand, scores, np.zeros((20, 3)), k=8).tolist() == list(range(8))
+    assert len(policy.select(cand, scores, np.zeros((20, 3)), k=3)) == 3

@@ -948,3 +948,22 @@ def test_erased_rows_leave_the_disk_once_a_reader_holding_them_back_is_done(
         time.sleep(0.1)
     assert not daemon.store.scrub_pending
     assert on_disk() == 0
+
+
+def test_exploration_draws_differ_after_a_restart(tmp_path: Path, int8_model: bytes) -> None:
+    """The policy's seed is for reproducible benchmarks; on a device it would replay the same
+    'random' exploration after every restart (and on every device)."""
+    cfg = BanditConfig(policy="epsilon_greedy", epsilon=0.5, top_n=50, mmr_lambda=1.0)
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=cfg)
+    dev.client.post("/events", json={"events": [ev(i) for i in ITEM[:4]]})
+    state = dev.daemon.layout.state_dir
+    dev.daemon.shutdown()
+
+    def session() -> list[list[str]]:
+        daemon = Daemon.open(state, config=DaemonConfig(exploration=cfg))
+        try:
+            return [[it.item_id for it in daemon.recommend(5).items] for _ in range(4)]
+        finally:
+            daemon.shutdown()
+
+    assert session() != session()  # 4 slates with 2-3 random picks each: equal by chance ~never

@@ -132,6 +132,14 @@ class BanditReranker:
         return self._policy, self._features
 
     def _restore(self, model: OnDeviceModel) -> Policy:
+        """The stored policy of this model version (else a fresh one), exploring with fresh
+        randomness: the config's seed would replay the same draws after every restart, and
+        on every device."""
+        policy = self._stored_policy(model)
+        policy.rng = np.random.default_rng()
+        return policy
+
+    def _stored_policy(self, model: OnDeviceModel) -> Policy:
         policy = make_policy(self.config, model.n_items)
         saved = self.store.get_state(STATE_KEY)
         if not isinstance(saved, dict) or saved.get("model_version") != self._model_version:

@@ -431,8 +431,8 @@ class Policy(ABC):
         """Choose a slate of ``k`` item ids (default ``slate_size``) among ``candidates``.
 
         Args:
-            candidates: distinct item ids, the model's top-N (at most ``top_n`` are used, the
-                best-scored ones).
+            candidates: distinct item ids, the model's top-N (at most ``max(top_n, k)`` are
+                used, the best-scored ones).
             model_scores: the model's score of each candidate (NaN ranks last).
             item_features: ``(len(candidates), feature_dim)`` features (non-finite -> 0).
             k: slate size; capped at the number of candidates.
@@ -445,13 +445,14 @@ class Policy(ABC):
         cand, scores, feats, emb = self._check_inputs(
             candidates, model_scores, item_features, diversity_embeddings
         )
-        if len(cand) > self.config.top_n:
-            keep = top_k(scores, self.config.top_n)
-            cand, scores, feats = cand[keep], scores[keep], feats[keep]
-            emb = emb[keep] if emb is not None else None
         size = self.config.slate_size if k is None else int(k)
         if size < 1:
             raise DataError(f"slate size k must be >= 1, got {k}")
+        pool = max(self.config.top_n, size)  # a slate larger than top_n still fills up
+        if len(cand) > pool:
+            keep = top_k(scores, pool)
+            cand, scores, feats = cand[keep], scores[keep], feats[keep]
+            emb = emb[keep] if emb is not None else None
         size = min(size, len(cand))
         generator = self.rng if rng is None else rng
         contexts = self.contexts(scores, feats)
