@@ -967,3 +967,31 @@ def test_exploration_draws_differ_after_a_restart(tmp_path: Path, int8_model: by
             daemon.shutdown()
 
     assert session() != session()  # 4 slates with 2-3 random picks each: equal by chance ~never
+
+
+def test_each_impression_is_learned_from_once(tmp_path: Path, int8_model: bytes) -> None:
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=BanditConfig(top_n=50))
+    client, daemon = dev.client, dev.daemon
+    try:
+        client.post("/events", json={"events": [ev(i) for i in ITEM[:4]]})
+        slates = [client.get("/recommendations?k=5").json() for _ in range(4)]
+        last = slates[-1]
+        rid, items = last["recommendation_id"], [it["item_id"] for it in last["items"]]
+
+        def report(item: str, action: str) -> dict[str, str]:
+            return {"recommendation_id": rid, "item_id": item, "action": action}
+
+        def updates() -> int:
+            return int(daemon.reranker.state()["posterior"]["n_updates"])  # type: ignore[attr-defined]
+
+        click = {"feedback": [report(items[0], "clicked")]}
+        for _ in range(4):  # an app retrying a POST whose answer it lost
+            assert client.post("/feedback", json=click).json() == {"stored": 1}
+        assert updates() == 1 and len(daemon.store.feedback()) == 4
+        # within one batch a click beats "shown" for the same impression
+        both = {"feedback": [report(items[1], "shown"), report(items[1], "clicked")]}
+        assert client.post("/feedback", json=both).json() == {"stored": 2}
+        assert updates() == 2
+        assert daemon.reranker.feedback_counts["accepted"] == 2  # type: ignore[attr-defined]
+    finally:
+        daemon.shutdown()

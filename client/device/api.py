@@ -147,7 +147,7 @@ class EventsAccepted(BaseModel):
 
 
 class FeedbackIn(_Strict):
-    """What became of one recommended item."""
+    """What became of one recommended item: report it once, when the user has decided."""
 
     recommendation_id: Annotated[
         str,
@@ -155,7 +155,16 @@ class FeedbackIn(_Strict):
         Field(description="The recommendation_id of the GET /recommendations response."),
     ]
     item_id: ItemId
-    action: Literal["shown", "clicked"]
+    action: Annotated[
+        Literal["shown", "clicked"],
+        Field(
+            description=(
+                "'clicked': the user picked the item (reward 1); 'shown': the user saw it and "
+                "did not pick it (reward 0). The exploration policy learns from the first "
+                "report of each (recommendation_id, item_id); later ones are stored only."
+            )
+        ),
+    ]
     timestamp: Timestamp | None = None
 
 

@@ -798,21 +798,31 @@ class Daemon:
         """Store feedback; the whole batch is refused (422) if any pair was never shown.
 
         Stored feedback then updates a learning policy at once (``clicked`` = 1, ``shown`` =
-        0); a policy failure is logged, never lost feedback: the store already has it.
+        0: seen and not clicked), once per impression (recommendation, item): a report
+        repeated or retried later is stored but not learned from again, and within one batch
+        a click beats "shown". A policy failure is logged, never lost feedback: the store
+        already has it.
         """
         with self._serve_lock:
             return self._add_feedback(feedback)
 
     def _add_feedback(self, feedback: Sequence[Feedback]) -> int:
+        # an impression is learned from once: a retried or repeated report is stored only
+        earlier = self.store.reported([(fb.recommendation_id, fb.item_id) for fb in feedback])
         stored = len(self.store.add_feedback(feedback))
         reranker, catalog = self.reranker, self.catalog
         if isinstance(reranker, LearningReranker) and catalog is not None:
-            columns, rewards = [], []
+            reward: dict[tuple[str, str], float] = {}  # per impression; a click beats "shown"
             for fb in feedback:
-                col = catalog.dense(fb.item_id)
+                pair = (fb.recommendation_id, fb.item_id)
+                if pair not in earlier:
+                    reward[pair] = max(reward.get(pair, 0.0), float(fb.action == "clicked"))
+            columns, rewards = [], []
+            for (_, item_id), value in reward.items():
+                col = catalog.dense(item_id)
                 if col is not None:
                     columns.append(col)
-                    rewards.append(1.0 if fb.action == "clicked" else 0.0)
+                    rewards.append(value)
             try:
                 reranker.observe(columns, rewards)
             except Exception:

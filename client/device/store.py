@@ -511,6 +511,25 @@ class DeviceStore:
                 is None
             ]
 
+    def reported(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The ``(recommendation_id, item_id)`` pairs that already have stored feedback."""
+        wanted = set(pairs)
+        recs = sorted({rec for rec, _ in wanted})
+        found: set[tuple[str, str]] = set()
+        with self._lock:
+            for start in range(0, len(recs), 500):  # SQLite's bound-parameter limit
+                chunk = recs[start : start + 500]
+                rows = self._conn.execute(
+                    "SELECT id, action, recommendation_id, payload FROM feedback "
+                    f"WHERE recommendation_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                for row_id, action, rec, blob in rows:
+                    pair = (rec, str(self._open("feedback", row_id, action, blob)["item"]))
+                    if pair in wanted:
+                        found.add(pair)
+        return found
+
     def add_feedback(self, feedback: Sequence[Feedback]) -> list[int]:
         """Store feedback atomically; *all* of it must refer to recorded impressions.
 
