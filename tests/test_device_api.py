@@ -245,6 +245,21 @@ def test_bad_events_are_422_with_a_clear_message_and_store_nothing(
     assert device.daemon.store.adaptation_pending() == 0
 
 
+def test_a_body_sent_without_the_json_content_type_says_so(device: Device) -> None:
+    body = json.dumps({"events": [ev(ITEM[1])]})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
+    for headers, got in (
+        (form, "Content-Type 'application/x-www-form-urlencoded'"),
+        ({}, "no Content-Type"),
+    ):
+        r = device.client.post("/events", content=body, headers=headers)
+        assert r.status_code == 422
+        assert r.json()["detail"] == (
+            f"request body must be a JSON object sent with Content-Type: application/json ({got})"
+        )
+    assert device.stored() == []
+
+
 REC = "0123456789abcdef0123456789abcdef"
 
 

@@ -351,8 +351,14 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
-def _validation_detail(errors: list[dict[str, Any]]) -> str:
+def _validation_detail(errors: list[dict[str, Any]], content_type: str = "") -> str:
     first = errors[0] if errors else {}
+    if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type.lower():
+        # e.g. `curl -d`, which sends form-urlencoded: FastAPI then does not parse JSON at all
+        got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return (
+            f"request body must be a JSON object sent with Content-Type: application/json ({got})"
+        )
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return (
@@ -386,7 +392,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return _json_response(
             422,
-            {"detail": _validation_detail(list(exc.errors())), "errors": jsonable_encoder(errors)},
+            {
+                "detail": _validation_detail(
+                    list(exc.errors()), request.headers.get("content-type", "")
+                ),
+                "errors": jsonable_encoder(errors),
+            },
         )
 
     @app.exception_handler(UnknownItemsError)
