@@ -43,6 +43,7 @@ RESUMABLE_KEYS = frozenset(
         "name",
         "cache-dir",
         "publish-each-round",
+        "checkpoint-keep",
         "progress",
     }
 )
@@ -122,6 +123,7 @@ class SimulationConfig:
     name: str = ""
     cache_dir: str = ""
     publish_each_round: bool = False
+    checkpoint_keep: int = 3  # the newest checkpoints kept in checkpoints/ (server default)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -200,6 +202,7 @@ class SimulationConfig:
             "secagg-timeout": self.secagg_timeout,
             "bundle": "",
             "checkpoint-dir": "",
+            "checkpoint-keep": self.checkpoint_keep,
             "artifact-dir": "",
             "state-dir": "",
             "epsilon-budget": self.epsilon_budget,

@@ -80,6 +80,15 @@ def test_simulation_refuses_a_malformed_device_before_any_work():
         from_flat(SimulationConfig, {"device": "tpu"})
 
 
+def test_simulation_passes_checkpoint_keep_to_the_server():
+    from simulation.config import SimulationConfig
+
+    config = from_flat(SimulationConfig, parse_run_config("checkpoint-keep=5"))
+    assert config.server_run_config(10)["checkpoint-keep"] == 5
+    with pytest.raises(ConfigError, match="checkpoint-keep"):
+        from_flat(SimulationConfig, {"checkpoint-keep": 0})
+
+
 def test_simulation_refuses_an_unknown_teacher_id_init_before_any_work():
     from simulation.config import SimulationConfig
 

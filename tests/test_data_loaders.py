@@ -478,6 +478,13 @@ def test_registry_missing_or_empty_data_dir(tmp_path: Path) -> None:
     write(tmp_path / "ratings.dat", "1::1::5::978300760\n")
     with pytest.raises(DatasetNotFoundError, match=r"lacks movies\.dat \(found"):
         load_dataset("ml-1m", tmp_path)  # only the missing one is named
+    with pytest.raises(DatasetNotFoundError, match="or omit it to download"):
+        load_dataset("ml-1m", tmp_path)  # downloadable
+    generic = tmp_path / "generic"
+    write(generic / "interactions.csv", "user,item,timestamp\n1,a,1\n")
+    with pytest.raises(DatasetNotFoundError, match=r"lacks items\.csv") as err:
+        load_dataset("generic", generic)
+    assert "download" not in str(err.value)  # nothing to download for generic data
 
 
 def test_registry_without_data_dir(tmp_path: Path) -> None:

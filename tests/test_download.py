@@ -131,7 +131,7 @@ def test_load_dataset_downloads_into_env_cache(
     serve(monkeypatch, archive, digest)
     ds = load_dataset("ml-100k")
     assert ds.item_text[2] == "Café (1990)."
-    assert (_cache_env / "ml-100k" / "u.data").is_file()
+    assert (_cache_env / "datasets" / "ml-100k" / "u.data").is_file()
 
 
 def test_archive_without_top_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,9 +260,9 @@ def test_corrupt_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "env"))
-    assert default_cache_dir() == tmp_path / "env"
+    assert default_cache_dir() == tmp_path / "env" / "datasets"
     assert resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
-    assert resolve_cache_dir(None) == tmp_path / "env"
+    assert resolve_cache_dir(None) == tmp_path / "env" / "datasets"
     monkeypatch.delenv(download.CACHE_ENV)
     assert default_cache_dir() == Path.home() / ".cache" / "fedrec" / "datasets"
 

@@ -23,9 +23,9 @@ def info(
     min_user_interactions: Annotated[
         int | None,
         typer.Option(
-            help="Drop users with fewer interactions (logged with counts) "
-            f"[default: {DEFAULT_MIN_USER_INTERACTIONS}; loaded datasets only, the synthetic "
-            "world is generated unfiltered].",
+            help="Drop users with fewer interactions (logged with counts); default "
+            f"{DEFAULT_MIN_USER_INTERACTIONS}, for loaded datasets only (the synthetic world "
+            "is generated unfiltered).",
             show_default=False,
         ),
     ] = None,

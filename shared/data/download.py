@@ -13,8 +13,8 @@ is built so that a failure leaves nothing half-done behind:
 * the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
   :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``).
 
-The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` or an explicit
-argument says otherwise.
+The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` (then its
+``datasets/``) or an explicit argument says otherwise.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ MANUAL_ARCHIVES: dict[str, str] = {
 
 
 def default_cache_dir() -> Path:
-    """``$FEDREC_CACHE_DIR`` if set, else ``~/.cache/fedrec/datasets``."""
+    """``$FEDREC_CACHE_DIR/datasets`` if the variable is set, else ``~/.cache/fedrec/datasets``
+    (beside the ``embeddings/`` and ``pretrained/`` caches under the same root)."""
     env = os.environ.get(CACHE_ENV, "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedrec" / "datasets"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "fedrec"
+    return root / "datasets"
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:

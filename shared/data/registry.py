@@ -160,10 +160,10 @@ def _find_layout(name: str, root: Path) -> Path:
         )
     present = sorted(p.name for p in root.iterdir())[:10]
     missing = [f for f in LAYOUT_FILES[layout] if not (root / f).is_file()]
+    download = ", or omit it to download the dataset" if name in ARCHIVES else ""
     raise DatasetNotFoundError(
         f"{name}: {root} lacks {' and '.join(missing)} (found: {present or 'nothing'}); pass "
-        f"--data-dir PATH pointing at the folder that holds {_files(name)}, or omit it to "
-        "download the dataset"
+        f"--data-dir PATH pointing at the folder that holds {_files(name)}{download}"
     )
 
 
