@@ -1010,3 +1010,12 @@ def test_each_impression_is_learned_from_once(tmp_path: Path, int8_model: bytes)
         assert daemon.reranker.feedback_counts["accepted"] == 2  # type: ignore[attr-defined]
     finally:
         daemon.shutdown()
+
+
+def test_history_maps_items_through_the_catalog_it_is_scored_with(device: Device) -> None:
+    """recommend passes the catalog of its model snapshot: a catalog switch landing between
+    the snapshot and the history read must not map the history through the new one."""
+    device.client.post("/events", json={"events": [ev(ITEM[3]), ev(ITEM[7])]})
+    assert device.daemon.history() == [3, 7]
+    reversed_catalog = Catalog(tuple(reversed(ITEM)))
+    assert device.daemon.history(reversed_catalog) == [N_ITEMS - 1 - 3, N_ITEMS - 1 - 7]

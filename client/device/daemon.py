@@ -719,9 +719,11 @@ class Daemon:
         (background services that use the store stop here)."""
         self._shutdown_callbacks.append(callback)
 
-    def history(self) -> list[int]:
-        """The local history as model columns, oldest first (unknown items skipped)."""
-        catalog = self.catalog
+    def history(self, catalog: Catalog | None = None) -> list[int]:
+        """The local history as columns of ``catalog`` (default: the installed one), oldest
+        first (unknown items skipped). Pass the catalog of the model it is scored with: a
+        model and catalog switch may land in between."""
+        catalog = catalog or self.catalog
         if catalog is None:
             return []
         out = []
@@ -752,7 +754,7 @@ class Daemon:
                 f"once the first federated round delivered one (or after `fedrec client "
                 f"install-model`)"
             )
-        history = np.asarray(self.history(), dtype=np.int64)
+        history = np.asarray(self.history(catalog), dtype=np.int64)
         scores = model.score([history[-model.max_len :]])[0].astype(np.float32)
         available = np.ones(model.n_items, dtype=bool)
         available[np.unique(history)] = False

@@ -539,7 +539,7 @@ class DeviceLearner:
                 set_global_arrays(student, arrays, meta)
             init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
             pending = self.daemon.store.adaptation_pending()
-            history = np.asarray(self.daemon.history(), dtype=np.int64)
+            history = np.asarray(self.daemon.history(catalog), dtype=np.int64)
             personal = self.files.personal
             fit = self.config.personal_fit(federation_fit)
             if fit.steps > 0 and len(history) >= 2:
