@@ -1019,3 +1019,17 @@ def test_history_maps_items_through_the_catalog_it_is_scored_with(device: Device
     assert device.daemon.history() == [3, 7]
     reversed_catalog = Catalog(tuple(reversed(ITEM)))
     assert device.daemon.history(reversed_catalog) == [N_ITEMS - 1 - 3, N_ITEMS - 1 - 7]
+
+
+def test_a_busy_or_failing_store_is_a_503_the_app_can_retry(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(device.daemon.store, "add_events", locked)
+    r = device.client.post("/events", json={"events": [ev(ITEM[1])]})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json()["detail"].startswith("the local store is unavailable (database is locked)")

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -413,6 +414,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NoCatalogError)
     async def _not_ready(request: Request, exc: FedRecError) -> JSONResponse:
         return _json_response(503, {"detail": str(exc)}, {"Retry-After": "60"})
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _store_unavailable(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+        # busy past the timeout (another process writing), disk full, I/O error: nothing
+        # was changed (each write is one transaction), so the app may retry
+        logger.error("%s %s: local store error: %s", request.method, request.url.path, exc)
+        return _json_response(
+            503,
+            {"detail": f"the local store is unavailable ({exc}); nothing was changed, retry"},
+            {"Retry-After": "5"},
+        )
 
     @app.exception_handler(FedRecError)
     async def _server_side(request: Request, exc: FedRecError) -> JSONResponse:
