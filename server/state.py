@@ -21,11 +21,14 @@ version of every file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,13 +246,33 @@ class ClientRecord:
     applied: bool = False
 
 
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 @dataclass
 class ClientRegistry:
     """The authorized device keys (``clients.json``): the source of truth that
-    ``fedrec server start`` applies to the SuperLink (register new, unregister revoked)."""
+    ``fedrec server start`` applies to the SuperLink (register new, unregister revoked).
+
+    Change it only inside :meth:`locked`: the CLI commands and a starting server read,
+    change and write it back, and without the lock one would overwrite another's change
+    (a revocation lost while the SuperLink keeps the key)."""
 
     path: Path
     clients: list[ClientRecord] = field(default_factory=list)
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, path: Path) -> Iterator[ClientRegistry]:
+        """The registry at ``path``, loaded under an exclusive lock held until the block
+        ends (call :meth:`save` inside it)."""
+        lock = path.with_name(f".{path.name}.lock")
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield cls.load(path)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @classmethod
     def load(cls, path: Path) -> ClientRegistry:
@@ -261,8 +284,10 @@ class ClientRegistry:
             raise DataError(f"the client registry {path} is unreadable: {exc}") from exc
         try:
             clients = [ClientRecord(**c) for c in raw.get("clients", [])]
-        except TypeError as exc:
-            raise DataError(f"the client registry {path} is malformed: {exc}") from exc
+        except (TypeError, AttributeError) as exc:  # not a JSON object, or a bad record
+            raise DataError(
+                f"the client registry {path} is malformed ({exc}); restore it from a backup"
+            ) from exc
         return cls(path, clients)
 
     def save(self) -> None:
@@ -274,11 +299,20 @@ class ClientRegistry:
         return [c for c in self.clients if c.revoked is None]
 
     def find(self, ref: str) -> ClientRecord:
-        """A record by name, fingerprint or node id (active ones first)."""
+        """A record by name, fingerprint or node id (active ones first); a reference that
+        names one device and is the node id of another is refused as ambiguous."""
         ordered = self.active() + [c for c in self.clients if c.revoked is not None]
-        for c in ordered:
-            if ref in (c.name, c.fingerprint, str(c.node_id)):
-                return c
+
+        def matches(c: ClientRecord) -> bool:
+            by_node = ref.isdigit() and c.node_id is not None and int(ref) == c.node_id
+            return ref in (c.name, c.fingerprint) or by_node
+
+        records = [c for c in ordered if matches(c)]
+        if len({c.fingerprint for c in records}) > 1:  # two different devices
+            which = ", ".join(f"{c.name} (node {c.node_id})" for c in records)
+            raise ConfigError(f"{ref!r} matches several clients ({which}); use a fingerprint")
+        if records:
+            return records[0]
         names = ", ".join(c.name for c in self.active()) or "none"
         raise ConfigError(f"no registered client {ref!r} (registered: {names})")
 
@@ -295,6 +329,11 @@ class ClientRegistry:
                     "new key (`fedrec client rotate-key` on it keeps its data and privacy "
                     "ledger) and register the new public key"
                 )
+        if name is not None and not _CLIENT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"--name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                f"or digit; got {name!r}"
+            )
         for c in self.active():
             if c.fingerprint == fingerprint:
                 raise ConfigError(f"this key ({fingerprint}) is already registered as {c.name!r}")

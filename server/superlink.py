@@ -34,6 +34,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -210,33 +211,48 @@ def write_connection(layout: ServerLayout, address: str) -> None:
 
 
 def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
-    """Make the SuperLink's registrations match ``clients.json``; returns what was done."""
-    registry = ClientRegistry.load(layout.registry)
+    """Make the SuperLink's registrations match ``clients.json``; returns what was done.
+
+    Holds the registry's lock throughout, so a concurrent ``register-client`` or
+    ``revoke-client`` waits instead of being overwritten; what was applied is saved even
+    when a later SuperLink call fails."""
+    with ClientRegistry.locked(layout.registry) as registry:
+        try:
+            return _apply(layout, cli, registry)
+        finally:
+            registry.save()
+
+
+def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list[str]:
     listed = {n for n, status in cli.nodes().items() if status != "unregistered"}
     done: list[str] = []
     for record in registry.clients:
         present = record.node_id is not None and record.node_id in listed
         if record.revoked is None and not present:
-            key_file = (layout.logs / f".{record.name}.pub").resolve()
-            write_bytes_atomic(key_file, (record.public_key + "\n").encode())
-            try:
-                record.node_id = cli.register(key_file)
-            except SuperLinkError as exc:
-                if "already in use" not in str(exc):
-                    raise
-                done.append(f"{record.name}: already registered")
-            else:
-                done.append(f"registered {record.name} as node {record.node_id}")
-            finally:
-                key_file.unlink(missing_ok=True)
+            with tempfile.TemporaryDirectory(dir=layout.logs) as tmp:
+                key_file = Path(tmp) / "client.pub"
+                key_file.write_text(record.public_key + "\n")
+                try:
+                    record.node_id = cli.register(key_file)
+                except SuperLinkError as exc:
+                    if "already in use" not in str(exc):
+                        raise
+                    done.append(f"{record.name}: already registered")
+                else:
+                    done.append(f"registered {record.name} as node {record.node_id}")
             record.applied = True
         elif record.revoked is not None and present and record.node_id is not None:
             cli.unregister(record.node_id)
             record.applied = False
             done.append(f"unregistered {record.name} (node {record.node_id})")
+        elif record.revoked is not None and record.applied and record.node_id is None:
+            done.append(
+                f"could not unregister {record.name}: the SuperLink holds its key under a node "
+                "id this registry does not know; find it with `flwr supernode ls` and remove "
+                "it with `flwr supernode unregister NODE_ID`"
+            )
         else:
             record.applied = record.revoked is None
-    registry.save()
     return done
 
 

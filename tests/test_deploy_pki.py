@@ -36,6 +36,7 @@ from server.state import (
 )
 from server.superlink import (
     STUDENT_TASK,
+    SuperLinkError,
     control_host,
     deployment_run_config,
     format_round,
@@ -203,6 +204,90 @@ def test_cli_register_and_revoke_without_a_running_server(tmp_path: Path) -> Non
     assert revoked.exit_code == 0, revoked.output
     info = server_status(ServerLayout(state))
     assert (info.clients_registered, info.clients_revoked, info.running) == (0, 1, False)
+
+
+def test_registry_names_are_plain_and_node_ids_match_only_known_nodes(tmp_path: Path) -> None:
+    registry = ClientRegistry(tmp_path / "clients.json")
+    keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(3)]
+    for bad in ("", "../../home/op/.ssh/id_ecdsa", "a/b", "two\nlines", ".hidden", "x" * 65):
+        with pytest.raises(ConfigError, match="--name must be"):
+            registry.add(*load_public_key(keys[0], source="a"), name=bad)
+    none = registry.add(*load_public_key(keys[0], source="a"), name="None")
+    phone = registry.add(*load_public_key(keys[1], source="b"), name="phone")
+    assert registry.find("None") is none  # not every record whose node id is still unknown
+    phone.node_id = 5
+    assert registry.find("5") is phone
+    registry.add(*load_public_key(keys[2], source="c"), name="5")
+    with pytest.raises(ConfigError, match="matches several clients"):
+        registry.find("5")
+
+
+def test_concurrent_registrations_are_all_kept(tmp_path: Path) -> None:
+    """Each command reads, changes and writes clients.json; the registry's lock keeps one
+    from overwriting another's change."""
+    state = tmp_path / "server"
+    assert runner.invoke(app, ["server", "init", "--state-dir", str(state)]).exit_code == 0
+    keys = [init_identity(tmp_path / f"d{i}").layout.public_key for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "fedrec.cli", "server", "register-client", str(key)),
+                *("--state-dir", str(state), "--name", f"phone-{i}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i, key in enumerate(keys)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    names = sorted(c.name for c in ClientRegistry.load(ServerLayout(state).registry).clients)
+    assert names == [f"phone-{i}" for i in range(4)]
+
+
+class _FlakySuperLink:
+    """The `flwr` CLI of a running SuperLink whose first unregister call fails."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, str] = {}
+        self.fail_unregister = True
+
+    def nodes(self) -> dict[int, str]:
+        return {n: "online" for n in self.registered}
+
+    def register(self, public_key_file: Path) -> int:
+        node = 100 + len(self.registered)
+        self.registered[node] = public_key_file.read_text()
+        return node
+
+    def unregister(self, node_id: int) -> None:
+        if self.fail_unregister:
+            self.fail_unregister = False
+            raise SuperLinkError("`flwr supernode unregister` failed: timed out")
+        del self.registered[node_id]
+
+
+def test_a_revocation_the_superlink_missed_can_be_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.superlink
+
+    state = tmp_path / "server"
+    assert runner.invoke(app, ["server", "init", "--state-dir", str(state)]).exit_code == 0
+    link = _FlakySuperLink()
+    monkeypatch.setattr(server.superlink, "live_cli", lambda layout: link)
+    key = init_identity(tmp_path / "device").layout.public_key
+    args = ["--state-dir", str(state)]
+    added = runner.invoke(app, ["server", "register-client", str(key), *args])
+    assert added.exit_code == 0 and "registered device-1" in added.output
+    assert list(link.registered) == [100]
+    failed = runner.invoke(app, ["server", "revoke-client", "device-1", *args])
+    assert failed.exit_code != 0 and isinstance(failed.exception, SuperLinkError)
+    assert list(link.registered) == [100]  # the SuperLink still accepts the device
+    retry = runner.invoke(app, ["server", "revoke-client", "device-1", *args])
+    assert retry.exit_code == 0, retry.output
+    assert "applying it to the SuperLink" in retry.output and link.registered == {}
+    again = runner.invoke(app, ["server", "revoke-client", "device-1", *args])
+    assert isinstance(again.exception, ConfigError) and "already revoked" in str(again.exception)
 
 
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:

@@ -87,11 +87,18 @@ def register_client(
 
     layout = ServerLayout(state_dir).require()
     key, fingerprint = read_public_key_file(public_key_file)
-    registry = ClientRegistry.load(layout.registry)
-    record = registry.add(key, fingerprint, name)
-    registry.save()
-    typer.echo(f"registered {record.name} ({fingerprint})")
     cli = live_cli(layout)
+    with ClientRegistry.locked(layout.registry) as registry:
+        pending = next(
+            (c for c in registry.active() if c.fingerprint == fingerprint and not c.applied),
+            None,
+        )
+        if pending is None or cli is None:  # a retry of a save whose apply failed is not new
+            record = registry.add(key, fingerprint, name)
+            registry.save()
+            typer.echo(f"registered {record.name} ({fingerprint})")
+        else:
+            typer.echo(f"{pending.name} ({fingerprint}) is saved; applying it to the SuperLink")
     if cli is None:
         typer.echo(
             "the server is not running: the key is applied at the next `fedrec server start`"
@@ -114,14 +121,17 @@ def revoke_client(
     from shared.errors import ConfigError
 
     layout = ServerLayout(state_dir).require()
-    registry = ClientRegistry.load(layout.registry)
-    record = registry.find(client)
-    if record.revoked is not None:
-        raise ConfigError(f"{record.name} is already revoked")
-    record.revoked = time.time()
-    registry.save()
-    typer.echo(f"revoked {record.name} ({record.fingerprint})")
     cli = live_cli(layout)
+    with ClientRegistry.locked(layout.registry) as registry:
+        record = registry.find(client)
+        if record.revoked is None:
+            record.revoked = time.time()
+            registry.save()
+            typer.echo(f"revoked {record.name} ({record.fingerprint})")
+        elif record.applied and cli is not None:  # saved, but the SuperLink did not hear it
+            typer.echo(f"{record.name} is revoked; applying it to the SuperLink")
+        else:
+            raise ConfigError(f"{record.name} is already revoked")
     if cli is None:
         typer.echo("the server is not running: the SuperLink unregisters it at the next start")
         return
