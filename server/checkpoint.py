@@ -191,7 +191,7 @@ class CheckpointStore:
         write_bytes_atomic(
             manifest_path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
         )
-        self._prune()
+        self._prune(server_round)
         return manifest_path
 
     def _rounds_on_disk(self) -> list[int]:
@@ -203,14 +203,17 @@ class CheckpointStore:
                 rounds.append(int(match.group(1)))
         return sorted(rounds, reverse=True)
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep`` checkpoints; remove older ones and orphan arrays."""
-        rounds = self._rounds_on_disk()
+    def _prune(self, saved: int) -> None:
+        """Keep the checkpoint just ``saved`` and the newest ``keep - 1`` before it; remove
+        older ones and orphan arrays. Rounds *after* it are left alone and not counted: they
+        are checkpoints a resume skipped (unreadable, or of another model), and counting
+        them could delete the one just written."""
+        rounds = [r for r in self._rounds_on_disk() if r <= saved]
         for server_round in rounds[self.keep :]:
             stem = _stem(server_round)
             (self.directory / f"{stem}.json").unlink(missing_ok=True)  # uncommit first
             (self.directory / f"{stem}.npz").unlink(missing_ok=True)
-        kept = {_stem(r) for r in rounds[: self.keep]}
+        kept = {_stem(r) for r in self._rounds_on_disk()}
         for path in self.directory.glob(f"{_PREFIX}*.npz"):
             if path.stem not in kept:
                 path.unlink(missing_ok=True)

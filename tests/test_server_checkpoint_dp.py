@@ -202,6 +202,22 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
         store.load(3)
 
 
+def test_saving_never_prunes_the_new_checkpoint_for_skipped_newer_ones(tmp_path: Path) -> None:
+    """Unreadable checkpoints of later rounds (a resume skipped them) must not count toward
+    ``keep``: counted, they made the save of round 4 delete round 4 itself."""
+    store = CheckpointStore(tmp_path, keep=3)
+    for r in (1, 2, 3):
+        store.save(r, _params(r), {}, None)
+    for r in (7, 8, 9):
+        (tmp_path / f"round-{r:08d}.json").write_text("{not a checkpoint")
+    latest = store.latest()
+    assert latest is not None and latest.server_round == 3
+    store.save(4, _params(4), {}, None)
+    latest = store.latest()
+    assert latest is not None and latest.server_round == 4
+    assert store.rounds() == [2, 3, 4, 7, 8, 9]  # round 1 pruned; the skipped ones left alone
+
+
 def test_all_checkpoints_invalid_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, keep=2)
     for r in (1, 2):
