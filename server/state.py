@@ -111,6 +111,11 @@ class ServerLayout:
     def running(self) -> Path:
         return self.state_dir / "running.json"
 
+    @property
+    def server_lock(self) -> Path:
+        """Locked (``flock``) by the ``fedrec server start`` running from this folder."""
+        return self.state_dir / ".server.lock"
+
     def require(self) -> ServerLayout:
         """Refuse a directory that ``fedrec server init`` did not create."""
         if not self.marker.is_file():
@@ -173,10 +178,10 @@ def init_state_dir(
 
 
 def _refuse_if_running(layout: ServerLayout) -> None:
-    info = read_running(layout)
-    if info is not None and pid_alive(int(info.get("pid", 0))):
+    info = running_server(layout)
+    if info is not None:
         raise StateDirError(
-            f"a server is running from {layout.state_dir} (pid {info['pid']}); stop it first"
+            f"a server is running from {layout.state_dir} (pid {info.get('pid')}); stop it first"
         )
 
 
@@ -376,11 +381,52 @@ def pid_alive(pid: int) -> bool:
 
 
 def read_running(layout: ServerLayout) -> dict[str, Any] | None:
+    """``running.json`` if it is readable and names a process id, else ``None``."""
     try:
         data = json.loads(layout.running.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    pid = data.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return None
+    return data
+
+
+@contextlib.contextmanager
+def hold_server_lock(layout: ServerLayout) -> Iterator[None]:
+    """Be the one server of ``layout`` until the block ends; :class:`StateDirError` if
+    another holds it. The kernel releases the lock when the process dies, however it dies,
+    so a stale ``running.json`` never looks alive and two starts cannot both pass."""
+    handle = open(layout.server_lock, "a")  # noqa: SIM115 (held for the block)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = read_running(layout) or {}
+            raise StateDirError(
+                f"a server already runs from {layout.state_dir} (pid {info.get('pid', '?')}, "
+                f"{info.get('address', 'starting')}); stop it first"
+            ) from None
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def running_server(layout: ServerLayout) -> dict[str, Any] | None:
+    """What ``running.json`` says about the server running from ``layout``, or ``None``
+    when none runs (also when the file is left over from a server that was killed)."""
+    info = read_running(layout)
+    if layout.server_lock.exists():
+        with open(layout.server_lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return info or {}  # held: running (running.json may not be written yet)
+        return None
+    # a server of an earlier version, which took no lock
+    return info if info is not None and pid_alive(int(info["pid"])) else None
 
 
 def read_progress(layout: ServerLayout) -> list[dict[str, Any]]:
@@ -400,6 +446,10 @@ def read_progress(layout: ServerLayout) -> list[dict[str, Any]]:
     return out
 
 
+_CHECKPOINT_NAME = re.compile(r"round-(\d{8})\.json")
+_ARTIFACT_NAME = re.compile(r"model-v(\d+)\.int8\.onnx")
+
+
 def checkpoint_rounds(layout: ServerLayout) -> list[int]:
     """Rounds with a checkpoint manifest, oldest first. Reads names only: opening a
     :class:`~server.checkpoint.CheckpointStore` would tidy the directory under a running
@@ -408,9 +458,9 @@ def checkpoint_rounds(layout: ServerLayout) -> list[int]:
         return []
     rounds = []
     for path in layout.checkpoints.glob("round-*.json"):
-        digits = path.stem.removeprefix("round-")
-        if digits.isdigit():
-            rounds.append(int(digits))
+        match = _CHECKPOINT_NAME.fullmatch(path.name)  # the checkpoint store's own names
+        if match:
+            rounds.append(int(match.group(1)))
     return sorted(rounds)
 
 
@@ -437,25 +487,27 @@ class ServerStatus:
 def server_status(layout: ServerLayout) -> ServerStatus:
     """Read the state directory; works with or without a running server."""
     layout.require()
-    running = read_running(layout)
-    alive = running is not None and pid_alive(int(running.get("pid", 0)))
+    running = running_server(layout)
+    alive = running is not None
     rounds = checkpoint_rounds(layout)
     progress = read_progress(layout)
     registry = ClientRegistry.load(layout.registry)
-    artifacts = sorted(
-        layout.artifacts.glob("model-v*.int8.onnx"),
-        key=lambda p: int(p.name.split("-v", 1)[1].split(".", 1)[0]),
-    )
+    versions = {  # anything else in artifacts/ (a backup, a stray file) is not an artifact
+        int(match.group(1)): path.name
+        for path in layout.artifacts.glob("model-v*.int8.onnx")
+        if (match := _ARTIFACT_NAME.fullmatch(path.name))
+    }
+    num_rounds = progress[-1].get("num_rounds") if progress else None
     return ServerStatus(
         state_dir=str(layout.state_dir),
         running=alive,
-        pid=int(running["pid"]) if alive and running else None,
-        address=str(running.get("address")) if alive and running else None,
-        run_id=str(running.get("run_id")) if alive and running and running.get("run_id") else None,
+        pid=running.get("pid") if running else None,
+        address=str(running["address"]) if running and running.get("address") else None,
+        run_id=str(running.get("run_id")) if running and running.get("run_id") else None,
         checkpoint_round=rounds[-1] if rounds else None,
-        num_rounds=int(progress[-1]["num_rounds"]) if progress else None,
+        num_rounds=num_rounds if isinstance(num_rounds, int) else None,
         last=progress[-1] if progress else None,
         clients_registered=len(registry.active()),
         clients_revoked=len(registry.clients) - len(registry.active()),
-        latest_artifact=artifacts[-1].name if artifacts else None,
+        latest_artifact=versions[max(versions)] if versions else None,
     )

@@ -47,9 +47,11 @@ from server.state import (
     ServerLayout,
     StateDirError,
     checkpoint_rounds,
+    hold_server_lock,
     pid_alive,
     read_progress,
     read_running,
+    running_server,
 )
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import RunConfigValue, get_task
@@ -258,8 +260,8 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
 
 def live_cli(layout: ServerLayout) -> FlwrCli | None:
     """A CLI for the running server of ``layout``, or ``None`` when none runs."""
-    info = read_running(layout)  # written once the SuperLink answers, before registrations
-    if info is None or not pid_alive(int(info.get("pid", 0))):
+    # running.json is written once the SuperLink answers, before registrations
+    if running_server(layout) is None or read_running(layout) is None:
         return None
     return FlwrCli(layout)
 
@@ -618,11 +620,11 @@ class ServerRunner:
         )
 
     def _refuse_second_server(self) -> None:
+        """Refuse a server of an earlier version (which took no lock) still running here."""
         info = read_running(self.layout)
-        pid = int(info.get("pid", 0)) if info is not None else 0
-        if info is not None and pid != os.getpid() and pid_alive(pid):
+        if info is not None and info["pid"] != os.getpid() and pid_alive(info["pid"]):
             raise StateDirError(
-                f"a server already runs from {self.layout.state_dir} (pid {pid}, "
+                f"a server already runs from {self.layout.state_dir} (pid {info['pid']}, "
                 f"{info.get('address')}); stop it first"
             )
 
@@ -632,7 +634,13 @@ class ServerRunner:
 
     def run(self) -> int:
         """Start, follow to the end of the run; the exit status (0 = completed)."""
-        self._refuse_second_server()
+        first = not self.layout.server_lock.exists()
+        with hold_server_lock(self.layout):
+            if first:  # no server of this version ran here: one of an earlier one might
+                self._refuse_second_server()
+            return self._run()
+
+    def _run(self) -> int:
         write_connection(self.layout, self.superlink.address)
         write_app(self.layout, self.run_config)
         if threading_main():

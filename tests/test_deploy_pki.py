@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -29,9 +30,11 @@ from server.state import (
     ClientRegistry,
     ServerLayout,
     StateDirError,
+    hold_server_lock,
     init_state_dir,
     load_public_key,
     read_public_key_file,
+    running_server,
     server_status,
 )
 from server.superlink import (
@@ -40,9 +43,10 @@ from server.superlink import (
     control_host,
     deployment_run_config,
     format_round,
+    live_cli,
     write_app,
 )
-from shared.errors import ConfigError, ModelFileError
+from shared.errors import ConfigError, DataError, ModelFileError
 
 runner = CliRunner()
 
@@ -481,6 +485,39 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
     status = json.loads(result.output)
     assert status["checkpoint_round"] == 2 and status["last"]["round"] == 2
     assert status["num_rounds"] == 5 and status["running"] is False
+
+
+def test_status_reads_past_stray_files_and_a_left_over_running_file(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s")
+    for name in ("model-v2.int8.onnx", "model-v10.int8.onnx", "model-v3-backup.int8.onnx"):
+        (layout.artifacts / name).write_bytes(b"")
+    (layout.artifacts / "model-v.int8.onnx").write_bytes(b"")
+    (layout.checkpoints / "round-5.json").write_text("{}")  # not a checkpoint store name
+    layout.progress.write_text(json.dumps({"round": 1}) + "\n")  # no num_rounds
+    # left by a server killed with SIGKILL (its own pid is alive: this test's process)
+    layout.running.write_text(json.dumps({"pid": os.getpid(), "address": "127.0.0.1:9093"}))
+    layout.server_lock.touch()
+    status = server_status(layout)
+    assert status.latest_artifact == "model-v10.int8.onnx" and status.checkpoint_round is None
+    assert status.num_rounds is None and status.last == {"round": 1}
+    assert status.running is False and live_cli(layout) is None
+    for bad in ('{"pid": null}', '{"pid": "abc"}', "[1]"):
+        layout.running.write_text(bad)
+        assert server_status(layout).running is False
+    layout.registry.write_text("[]")
+    with pytest.raises(DataError, match="malformed"):
+        server_status(layout)
+
+
+def test_one_server_per_state_directory(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s")
+    with hold_server_lock(layout):
+        assert running_server(layout) is not None  # held: running, before running.json
+        with pytest.raises(StateDirError, match="a server already runs"), hold_server_lock(layout):
+            pass
+        with pytest.raises(StateDirError, match="a server is running"):
+            init_state_dir(layout.state_dir, force=True)
+    assert running_server(layout) is None  # released with the process (here: the block)
 
 
 def test_responsive_grid_returns_replies_as_they_arrive_and_honours_the_timeout() -> None:
