@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -56,11 +57,9 @@ def main() -> None:
         # a path given on the command line that cannot be created, read or written
         logging.getLogger("fedrec").debug("file system error", exc_info=True)
         where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
-        typer.secho(
-            f"error: {err.strerror or err}: {where}; check the path and its permissions",
-            fg="red",
-            err=True,
-        )
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free space on that disk and retry" if full else "check the path and its permissions"
+        typer.secho(f"error: {err.strerror or err}: {where}; {fix}", fg="red", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

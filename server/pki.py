@@ -83,13 +83,14 @@ class SubjectNames:
             try:
                 ip = ipaddress.ip_address(host.strip("[]"))
             except ValueError:
-                label_ok = all(
+                label_ok = host.isascii() and all(  # an IDN goes in as its xn-- form
                     part and len(part) <= 63 and part.replace("-", "").replace("*", "").isalnum()
                     for part in host.rstrip(".").split(".")
                 )
                 if not label_ok or len(host) > 253:
+                    idn = "" if host.isascii() else " (give an international name as xn--...)"
                     raise ConfigError(
-                        f"--host {raw!r} is neither an IP address nor a DNS name; give the "
+                        f"--host {raw!r} is neither an IP address nor a DNS name{idn}; give the "
                         "names devices use to reach the server (e.g. --host fedrec.example.org "
                         "--host 10.0.0.5)"
                     ) from None

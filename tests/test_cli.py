@@ -215,6 +215,23 @@ def test_verbose_after_the_command_says_where_it_goes(
     assert "No such option '-v' here; it goes before the command: fedrec -v COMMAND" in err
 
 
+def test_a_full_disk_is_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import os
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    code = _main(monkeypatch, "server", "init", "--state-dir", str(tmp_path / "srv"))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: No space left on device: ") and str(tmp_path / "srv") in err
+    assert err.strip().endswith("free space on that disk and retry")
+
+
 def test_a_user_error_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -97,7 +97,7 @@ def test_check_pki_refuses_open_keys_and_foreign_certificates(tmp_path: Path) ->
         check_pki(paths)
 
 
-@pytest.mark.parametrize("host", ["bad host!", "a..b", ""])
+@pytest.mark.parametrize("host", ["bad host!", "a..b", "", "fédérec.example.org"])
 def test_bad_host_names_are_refused(tmp_path: Path, host: str) -> None:
     with pytest.raises(ConfigError):
         create_pki(tmp_path / "certs", [host])

@@ -68,3 +68,23 @@ def test_the_servers_progress_file_keeps_the_round_after_a_torn_line(tmp_path: P
         fh.write(b'{"round": 2')
     append_progress(layout.progress, {"round": 3})
     assert [r["round"] for r in read_progress(layout)] == [1, 3]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    target = tmp_path / "clients.json"
+    target.write_text("old")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError) as err:
+        write_bytes_atomic(target, b"new")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "clients.json"
+    ]
