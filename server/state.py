@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +124,21 @@ class ServerLayout:
                 f"{self.state_dir} is not a server state directory (no {self.marker.name}); "
                 f"create it with `fedrec server init --state-dir {self.state_dir}`"
             )
+        try:
+            marker = tomllib.loads(self.marker.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise StateDirError(f"{self.marker} is unreadable ({exc}); restore it") from None
+        version = marker.get("version")
+        if marker.get("format") != "fedrec-server-state" or not isinstance(version, int):
+            raise StateDirError(
+                f"{self.marker} is not a fedrec server state marker; restore it, or create "
+                f"the state again with `fedrec server init --force`"
+            )
+        if version > LAYOUT_VERSION:
+            raise StateDirError(
+                f"{self.state_dir} was written by a newer fedrec (layout {version}, this one "
+                f"reads {LAYOUT_VERSION}); upgrade fedrec"
+            )
         return self
 
 
@@ -196,7 +212,13 @@ def load_public_key(text: str, *, source: str) -> tuple[str, str]:
     """
     from client.device.identity import device_id_of
 
-    line = text.strip()
+    line = text.lstrip("\ufeff").strip()  # a byte-order mark from a Windows editor
+    keys = [k for k in line.splitlines() if k.strip() and not k.lstrip().startswith("#")]
+    if len(keys) > 1 and "PRIVATE KEY" not in line:
+        raise BadPublicKeyError(
+            f"{source} holds {len(keys)} keys; register each device's identity/client.pub "
+            "on its own (one key per file and device)"
+        )
     if not line or "PRIVATE KEY" in line:
         hint = " (this is a private key: never copy it off the device)" if line else ""
         raise BadPublicKeyError(

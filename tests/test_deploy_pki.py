@@ -120,6 +120,21 @@ def test_init_creates_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert server_names(layout.pki) == ["10.0.0.1"]
 
 
+def test_a_damaged_or_newer_state_marker_is_refused(tmp_path: Path) -> None:
+    layout = init_state_dir(tmp_path / "s")
+    layout.marker.write_text("garbage = [")
+    with pytest.raises(StateDirError, match="unreadable"):
+        layout.require()
+    layout.marker.write_text('format = "something-else"\nversion = 1\n')
+    with pytest.raises(StateDirError, match="not a fedrec server state marker"):
+        layout.require()
+    layout.marker.write_text('format = "fedrec-server-state"\nversion = 99\n')
+    with pytest.raises(StateDirError, match="newer fedrec"):
+        layout.require()
+    init_state_dir(layout.state_dir, force=True)  # what the message offers works
+    assert layout.require() is layout
+
+
 def test_force_never_wipes_a_directory_that_is_not_a_server_state(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(StateDirError, match="not a server state"):
@@ -135,6 +150,16 @@ def test_device_keys_from_client_init_are_accepted(tmp_path: Path) -> None:
     line, fingerprint = read_public_key_file(identity.layout.public_key)
     assert line.startswith("ecdsa-sha2-nistp256 ")
     assert fingerprint == identity.device_id
+    # saved by a Windows editor (byte-order mark): the same key
+    bom = tmp_path / "bom.pub"
+    bom.write_text("\ufeff" + identity.layout.public_key.read_text())
+    assert read_public_key_file(bom) == (line, fingerprint)
+    # two devices' keys in one file: not silently the first only
+    other = init_identity(tmp_path / "other").layout.public_key.read_text()
+    both = tmp_path / "both.pub"
+    both.write_text(identity.layout.public_key.read_text() + other)
+    with pytest.raises(BadPublicKeyError, match="holds 2 keys"):
+        read_public_key_file(both)
 
 
 @pytest.mark.parametrize(
