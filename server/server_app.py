@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, fields, replace
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ from server.grid import ResponsiveGrid
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import check_noise_shares
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
@@ -517,9 +517,23 @@ def _run_server(
                 "no artifacts will be written",
                 config.task,
             )
-    if publisher is not None and artifact_dir is not None and checkpoint is not None:
+
+    def publish(parameters: Any, version: int) -> None:
+        """Publish model ``version``; a failure (the int8 agreement gate, a full disk) is
+        logged and the run goes on: the checkpoint is saved and training is unaffected, and
+        stopping would only fail the same way again at every restart."""
+        if publisher is None or artifact_dir is None:
+            return
+        try:
+            path = publisher.publish_artifact(parameters, version, artifact_dir)
+        except (FedRecError, OSError) as exc:
+            log(ERROR, "model version %s was NOT published (%s); the run goes on", version, exc)
+        else:
+            log(INFO, "published model version %s: %s", version, path)
+
+    if checkpoint is not None:
         # The previous process may have died between checkpoint and publication.
-        publisher.publish_artifact(checkpoint.parameters, checkpoint.server_round, artifact_dir)
+        publish(checkpoint.parameters, checkpoint.server_round)
 
     remaining = config.num_rounds - first_round + 1
     if remaining <= 0:
@@ -576,9 +590,7 @@ def _run_server(
                 user_dp.state_dict() if user_dp is not None else None,
                 _round_metrics(report),
             )
-        if publisher is not None and artifact_dir is not None:
-            path = publisher.publish_artifact(report.parameters, report.server_round, artifact_dir)
-            log(INFO, "published model version %s: %s", report.server_round, path)
+        publish(report.parameters, report.server_round)
         _log_round(report)
         if on_round_end is not None:
             on_round_end(report)

@@ -30,7 +30,7 @@ from server.checkpoint import ArtifactPublisher, CheckpointStore, write_npz_arti
 from server.server_app import ServerConfig, make_server_app, run_in_process
 from server.strategy import RoundReport
 from server.user_dp import UserDPSettings, UserLevelDP
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, ModelFileError
 from shared.federated import ToyLinearConfig, ToyLinearTask, clip_update_l2, register_task
 from shared.privacy.ledger import RDP_ORDERS
 
@@ -410,6 +410,41 @@ def test_publisher_writes_a_versioned_artifact_per_round(tmp_path: Path) -> None
     plain = {**config, "task": "toy-linear", "checkpoint-dir": "", "num-rounds": 1}
     _run({**plain, "artifact-dir": str(tmp_path / "none")}, num_nodes=2)
     assert not (tmp_path / "none").exists()
+
+
+class FailingPublisherToyTask(ToyLinearTask):
+    """A publisher whose round-2 artifact fails its check (e.g. the int8 agreement gate)."""
+
+    def publish_artifact(
+        self, parameters: Sequence[npt.NDArray[np.floating]], version: int, out_dir: Path
+    ) -> Path:
+        if version == 2:
+            raise ModelFileError("int8 top-10 agreement 0.80 < 0.97: not published")
+        return write_npz_artifact(parameters, version, out_dir, stem="toy")
+
+
+def test_a_failed_publication_is_logged_and_the_run_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    register_task(
+        "toy-failing-publisher",
+        lambda rc: FailingPublisherToyTask(ToyLinearConfig.from_run_config(rc)),
+        replace=True,
+    )
+    out = tmp_path / "artifacts"
+    config: RunConfig = {
+        "task": "toy-failing-publisher",
+        "num-rounds": 3,
+        "eval-fraction": 0.0,
+        "artifact-dir": str(out),
+        "checkpoint-dir": str(tmp_path / "ck"),
+    }
+    with caplog.at_level(logging.ERROR):
+        reports = _run(config, num_nodes=3)
+    assert [r.server_round for r in reports] == [1, 2, 3]  # training was not stopped
+    assert sorted(p.name for p in out.glob("*.npz")) == ["toy-v1.npz", "toy-v3.npz"]
+    assert "model version 2 was NOT published (int8 top-10 agreement" in caplog.text
+    assert CheckpointStore(tmp_path / "ck").rounds() == [1, 2, 3]
 
 
 # ------------------------------------------------------------------ user-level DP
