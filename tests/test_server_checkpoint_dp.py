@@ -381,22 +381,24 @@ class PublishingToyTask(ToyLinearTask):
         return write_npz_artifact(parameters, version, out_dir, stem="toy")
 
 
+def _publishing_run(name: str, task: type[ToyLinearTask], tmp_path: Path) -> RunConfig:
+    """Register ``task`` as ``name``; a 3-round run config that checkpoints and publishes
+    into ``tmp_path / 'ck'`` and ``tmp_path / 'artifacts'``."""
+    register_task(name, lambda rc: task(ToyLinearConfig.from_run_config(rc)), replace=True)
+    return {
+        "task": name,
+        "num-rounds": 3,
+        "eval-fraction": 0.0,
+        "artifact-dir": str(tmp_path / "artifacts"),
+        "checkpoint-dir": str(tmp_path / "ck"),
+    }
+
+
 def test_publisher_writes_a_versioned_artifact_per_round(tmp_path: Path) -> None:
-    register_task(
-        "toy-publishing",
-        lambda rc: PublishingToyTask(ToyLinearConfig.from_run_config(rc)),
-        replace=True,
-    )
     assert isinstance(PublishingToyTask(), ArtifactPublisher)
     assert not isinstance(ToyLinearTask(), ArtifactPublisher)
     out = tmp_path / "artifacts"
-    config: RunConfig = {
-        "task": "toy-publishing",
-        "num-rounds": 3,
-        "eval-fraction": 0.0,
-        "artifact-dir": str(out),
-        "checkpoint-dir": str(tmp_path / "ck"),
-    }
+    config = _publishing_run("toy-publishing", PublishingToyTask, tmp_path)
     reports = _run(config, num_nodes=3)
     assert sorted(p.name for p in out.glob("*.npz")) == ["toy-v1.npz", "toy-v2.npz", "toy-v3.npz"]
     for report in reports:
@@ -426,19 +428,8 @@ class FailingPublisherToyTask(ToyLinearTask):
 def test_a_failed_publication_is_logged_and_the_run_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    register_task(
-        "toy-failing-publisher",
-        lambda rc: FailingPublisherToyTask(ToyLinearConfig.from_run_config(rc)),
-        replace=True,
-    )
     out = tmp_path / "artifacts"
-    config: RunConfig = {
-        "task": "toy-failing-publisher",
-        "num-rounds": 3,
-        "eval-fraction": 0.0,
-        "artifact-dir": str(out),
-        "checkpoint-dir": str(tmp_path / "ck"),
-    }
+    config = _publishing_run("toy-failing-publisher", FailingPublisherToyTask, tmp_path)
     with caplog.at_level(logging.ERROR):
         reports = _run(config, num_nodes=3)
     assert [r.server_round for r in reports] == [1, 2, 3]  # training was not stopped
