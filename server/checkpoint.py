@@ -111,7 +111,7 @@ class CheckpointStore:
     store is opened.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 3) -> None:
+    def __init__(self, directory: str | Path, *, keep: int = 3, tidy: bool = True) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError(f"'checkpoint-keep' must be an integer >= 1, got {keep!r}")
         self.directory = Path(directory)
@@ -123,8 +123,9 @@ class CheckpointStore:
                 f"cannot create checkpoint directory {self.directory}: {exc}"
             ) from exc
         # every atomic write here leaves ".<name>.<random>.tmp" if interrupted: the
-        # checkpoints' and the user-level DP journal's
-        for stale in self.directory.glob(".*.tmp"):
+        # checkpoints' and the user-level DP journal's (``tidy=False``: only reading, maybe
+        # beside a running writer, whose temp files are not stale)
+        for stale in self.directory.glob(".*.tmp") if tidy else ():
             logger.warning("removing a temp file left by an interrupted save: %s", stale)
             stale.unlink(missing_ok=True)
 

@@ -402,8 +402,24 @@ def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
     return UserLevelDP(settings, journal=journal)
 
 
+def check_resume(config: ServerConfig, initial: list[Any]) -> None:
+    """Refuse now a checkpoint in ``config.checkpoint_dir`` that the ServerApp would refuse
+    to resume from (another model, another server optimiser, user-level DP over rounds that
+    had none): launched, that only shows as a failed run with the reason in its log, and
+    every restart would fail the same way. Reads only; nothing in the folder changes."""
+    if not config.checkpoint_dir:
+        return
+    store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep, tidy=False)
+    checkpoint = store.latest()
+    if checkpoint is None:
+        return
+    _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp)
+    strategy = build_strategy(config, checkpoint.parameters, user_dp=None)
+    strategy.load_state_dict(checkpoint.strategy_state)
+
+
 def _check_checkpoint(
-    checkpoint: Checkpoint, initial: list[Any], config: ServerConfig, user_dp: UserLevelDP | None
+    checkpoint: Checkpoint, initial: list[Any], config: ServerConfig, *, user_dp: bool
 ) -> None:
     """Refuse a checkpoint of another model, or one whose privacy history is unusable."""
     problem = find_problem(checkpoint.parameters, initial, what="checkpoint parameters")
@@ -412,13 +428,13 @@ def _check_checkpoint(
             f"checkpoint {checkpoint.manifest_path} does not fit task '{config.task}': "
             f"{problem}. Use another 'checkpoint-dir' for a different model."
         )
-    if user_dp is not None and checkpoint.ledger_state is None and checkpoint.server_round > 0:
+    if user_dp and checkpoint.ledger_state is None and checkpoint.server_round > 0:
         raise ConfigError(
             f"checkpoint {checkpoint.manifest_path} (round {checkpoint.server_round}) was "
             "trained without user-level DP; epsilon would not cover those rounds. Start "
             "from a fresh 'checkpoint-dir' to train with 'user-dp'."
         )
-    if user_dp is None and checkpoint.ledger_state is not None:
+    if not user_dp and checkpoint.ledger_state is not None:
         log(
             WARNING,
             "checkpoint carries a user-level privacy ledger but 'user-dp' is off: the "
@@ -476,11 +492,14 @@ def _run_server(
         population = count_population(grid, config)
         user_dp = make_user_dp(config, population)
     if checkpoint is not None:
-        _check_checkpoint(checkpoint, initial, config, user_dp)
+        _check_checkpoint(checkpoint, initial, config, user_dp=user_dp is not None)
     strategy = build_strategy(
         config, checkpoint.parameters if checkpoint is not None else initial, user_dp=user_dp
     )
     first_round = 1
+    if checkpoint is not None:  # before the journal is rewritten: a refusal changes nothing
+        strategy.load_state_dict(checkpoint.strategy_state)
+        first_round = checkpoint.server_round + 1
     if user_dp is not None:
         done = checkpoint.server_round if checkpoint is not None else 0
         unrecorded = user_dp.resume(checkpoint.ledger_state if checkpoint else None, done)
@@ -495,8 +514,6 @@ def _run_server(
                 user_dp.epsilon(),
             )
     if checkpoint is not None:
-        strategy.load_state_dict(checkpoint.strategy_state)
-        first_round = checkpoint.server_round + 1
         log(
             INFO,
             "resuming from the checkpoint of round %s (%s)%s",

@@ -354,14 +354,15 @@ def _check_known(overrides: Mapping[str, RunConfigValue]) -> None:
 
 
 def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
-    """Refuse now what the ServerApp would refuse at its start: its settings, the task and
-    the task's model (a bundle that is not one). After submission such a failure only shows
+    """Refuse now what the ServerApp would refuse at its start: its settings, the task, the
+    task's model (a bundle that is not one) and a checkpoint it could not resume from.
+    After submission such a failure only shows
     as a failed run whose reason is inside the ServerApp's log, and every restart of the
     server would submit the same failing run."""
-    from server.server_app import ServerConfig
+    from server.server_app import ServerConfig, check_resume
 
     server = ServerConfig.from_run_config(config)
-    get_task(server.task, config).initial_parameters()
+    check_resume(server, get_task(server.task, config).initial_parameters())
 
 
 def write_app(layout: ServerLayout, run_config: Mapping[str, RunConfigValue]) -> Path:

@@ -456,6 +456,30 @@ def test_server_start_refuses_what_the_server_app_would_before_launching(
         )
 
 
+def test_server_start_refuses_a_checkpoint_the_server_app_could_not_resume(
+    tmp_path: Path,
+) -> None:
+    from server.checkpoint import CheckpointStore
+    from server.server_app import ServerConfig, build_strategy
+    from shared.federated.task import get_task
+
+    layout = init_state_dir(tmp_path / "s")
+    toy = {"task": "toy-linear"}
+    config = deployment_run_config(layout, bundle=None, num_rounds=3, overrides=toy)
+    server = ServerConfig.from_run_config(config)
+    params = get_task("toy-linear", config).initial_parameters()
+    state = build_strategy(server, params).state_dict()
+    CheckpointStore(layout.checkpoints).save(2, params, state, None)
+    deployment_run_config(layout, bundle=None, num_rounds=5, overrides=toy)  # resumable
+    for overrides, message in (
+        ({"server-optimizer": "adam"}, "trained with server-optimizer='avg'"),
+        ({"user-dp": True, "population-size": 4}, "trained without user-level DP"),
+        ({"toy-dim": 3}, "does not fit task"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            deployment_run_config(layout, bundle=None, num_rounds=5, overrides=toy | overrides)
+
+
 def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     bundle = tmp_path / "bundle.pt"
