@@ -1033,3 +1033,32 @@ def test_a_busy_or_failing_store_is_a_503_the_app_can_retry(
     r = device.client.post("/events", json={"events": [ev(ITEM[1])]})
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert r.json()["detail"].startswith("the local store is unavailable (database is locked)")
+
+
+def test_a_personal_refit_keeps_the_posterior_a_new_global_model_starts_afresh(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=BanditConfig(top_n=50))
+    client, daemon = dev.client, dev.daemon
+    reranker: Any = daemon.reranker
+    try:
+        client.post("/events", json={"events": [ev(i) for i in ITEM[:4]]})
+        rec = client.get("/recommendations?k=3").json()
+        fb = [
+            {"recommendation_id": rec["recommendation_id"], "item_id": it["item_id"]}
+            | {"action": "clicked"}
+            for it in rec["items"]
+        ]
+        client.post("/feedback", json={"feedback": fb})
+        features = reranker._ready()[1]
+        assert reranker.state()["posterior"]["n_updates"] == 3
+        (tmp_path / "p").mkdir()
+        daemon.install_model(_int8(tmp_path / "p", "round-7+personal"))  # a refit of round-7
+        assert reranker.state()["posterior"]["n_updates"] == 3
+        assert reranker._ready()[1] is features  # the items did not change
+        (tmp_path / "g").mkdir()
+        daemon.install_model(_int8(tmp_path / "g", "round-8"))
+        assert reranker.state()["posterior"]["n_updates"] == 0
+        assert reranker._ready()[1] is not features
+    finally:
+        daemon.shutdown()

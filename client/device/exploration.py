@@ -12,10 +12,11 @@ What it adds to the policy itself:
 * **A posterior that survives restarts.** After every slate and every feedback batch the
   policy's state (posterior, pending impressions, counters) is written to the encrypted store
   (one durable SQLite transaction), so a ``kill -9`` loses nothing acknowledged.
-* **One posterior per model version.** Features are derived from the model, so a posterior
-  learned under one version's features means nothing under the next one: a new global model
-  starts a fresh posterior (what was learned federatedly is in the model itself, and the
-  clicks stay in the store for the next few-shot adaptation).
+* **One posterior per global model version.** Features are derived from the model, so a
+  posterior learned under one version's features means nothing under the next one: a new
+  global model starts a fresh posterior and features (what was learned federatedly is in the
+  model itself, and the clicks stay in the store for the next few-shot adaptation), while a
+  personal refit of the same global model keeps both.
 * **Feedback semantics.** An impression reported ``clicked`` is reward 1, ``shown`` (seen, not
   clicked) reward 0. Each impression is learned from once; a later report on the same
   impression is stored but ignored by the policy (logged and counted as ``no_impression``).
@@ -48,6 +49,11 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.floating[Any]]
 
 
+def _global_version(model_version: str) -> str:
+    """The global model a served model was built on: ``7`` for ``7+personal``."""
+    return model_version.split("+", 1)[0]
+
+
 class BanditReranker:
     """Re-ranks the daemon's candidates with the configured bandit policy (see module doc).
 
@@ -69,12 +75,19 @@ class BanditReranker:
     # -- the daemon's hooks ----------------------------------------------------------------------
 
     def on_model(self, model: OnDeviceModel | None) -> None:
-        """The daemon now serves ``model`` (None: no model). Features are computed lazily."""
+        """The daemon now serves ``model`` (None: no model). Features are computed lazily.
+
+        A personal refit of the same global model (``7+personal`` after ``7``, or refitted
+        again) keeps the features and the posterior: the adapter changes how the user is
+        read, not what the items are, and recomputed features (an SVD, signs fixed anew)
+        would no longer match what the posterior learned."""
         with self._lock:
-            version = None if model is None else model.metadata.model_version
+            version = None if model is None else _global_version(model.metadata.model_version)
             if model is self._model:
                 return
-            self._model, self._features = model, None
+            if version != self._model_version or self._model is None:
+                self._features = None
+            self._model = model
             if version != self._model_version:
                 self._model_version, self._policy = version, None
 
