@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
@@ -46,8 +47,9 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from server.secagg import secaggplus_when_requested_mod
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.federated.task import (
+    CONFIG_RUN_ID,
     CONFIG_UPDATE_CLIP_NORM,
     METRIC_REASON,
     METRIC_STATUS,
@@ -213,6 +215,17 @@ def _error_reply(msg: Message, exc: BaseException, phase: str) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
+def _update_clip_norm(config: Mapping[str, Any]) -> float:
+    """The L2 bound the server asks the update to be clipped to (0: no clipping). A value
+    that is not a finite number >= 0 is refused: read as 0 it switched clipping off."""
+    clip = config.get(CONFIG_UPDATE_CLIP_NORM, 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < math.inf:
+        raise ConfigError(
+            f"{CONFIG_UPDATE_CLIP_NORM} must be a finite number >= 0 (0: no clipping), got {clip!r}"
+        )
+    return float(clip)
+
+
 def handle_train(
     msg: Message, context: Context, run_config: Mapping[str, RunConfigValue] | None = None
 ) -> Message:
@@ -223,13 +236,12 @@ def handle_train(
         )
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
         received = parameters_to_ndarrays(fitins.parameters)
-        config = dict(fitins.config)
+        config = {**fitins.config, CONFIG_RUN_ID: context.run_id}
+        clip_norm = _update_clip_norm(config)  # checked before anything is trained or spent
         task, client_id = _task_for(merged), client_id_of(context)
         _restore_state(task, client_id, context)
         outcome = task.fit(client_id, received, config)
         _save_state(task, client_id, context)
-        clip = config.get(CONFIG_UPDATE_CLIP_NORM, 0.0)
-        clip_norm = float(clip) if isinstance(clip, int | float) else 0.0
         content = encode_fit_outcome(outcome, received, clip_norm=clip_norm)
     except Exception as exc:
         return _error_reply(msg, exc, "fit")
@@ -248,7 +260,9 @@ def handle_evaluate(
         parameters = parameters_to_ndarrays(ins.parameters)
         task, client_id = _task_for(merged), client_id_of(context)
         _restore_state(task, client_id, context)
-        outcome = task.evaluate(client_id, parameters, dict(ins.config))
+        outcome = task.evaluate(
+            client_id, parameters, {**ins.config, CONFIG_RUN_ID: context.run_id}
+        )
         _save_state(task, client_id, context)
         if not math.isfinite(outcome.loss):
             raise DataError(f"evaluation loss is not finite ({outcome.loss})")

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki
 from shared.errors import ConfigError, DataError, FedRecError
-from shared.io import write_bytes_atomic, write_json_atomic
+from shared.io import exclusive_lock, write_bytes_atomic, write_json_atomic
 
 LAYOUT_VERSION = 1
 
@@ -293,13 +293,8 @@ class ClientRegistry:
     def locked(cls, path: Path) -> Iterator[ClientRegistry]:
         """The registry at ``path``, loaded under an exclusive lock held until the block
         ends (call :meth:`save` inside it)."""
-        lock = path.with_name(f".{path.name}.lock")
-        with open(lock, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield cls.load(path)
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive_lock(path.with_name(f".{path.name}.lock")):
+            yield cls.load(path)
 
     @classmethod
     def load(cls, path: Path) -> ClientRegistry:

@@ -20,7 +20,7 @@ from client.device.store import Event
 from client.device.supernode import SuperNodeOptions, supernode_spec
 from client.device.training import DeviceLearner, FederatedFiles, LearnerConfig, PersonalFit
 from server.pki import create_pki
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.federated.bundle import save_bundle
 from shared.federated.student_task import get_global_arrays
 from shared.federated.task import FitStatus, get_task
@@ -121,6 +121,43 @@ def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted
         files.add_round_joined(4)
         learner._tick()
         assert daemon.status().rounds_joined == 4
+
+
+def test_device_never_keeps_global_parameters_it_refuses(device: Path, bundle: Path) -> None:
+    """The daemon serves what the task keeps as global.npz: NaN parameters kept there broke
+    every refit until a newer round came, and cost privacy for nothing."""
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    task = _device_task(device, bundle)
+    params = task.initial_parameters()  # type: ignore[attr-defined]
+    bad = [p.copy() for p in params]
+    bad[0][...] = np.nan
+    for call in (task.fit, task.evaluate):  # type: ignore[attr-defined]
+        with pytest.raises(DataError, match="NaN"):
+            call(0, bad, {"server-round": 3})
+    assert FederatedFiles(device).global_version() is None
+    assert not (device / "privacy" / "ledger.json").exists()
+
+
+def test_a_new_run_replaces_the_global_model_of_an_older_one(device: Path, bundle: Path) -> None:
+    from shared.federated.task import CONFIG_RUN_ID
+
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    task = _device_task(device, bundle)
+    params = task.initial_parameters()  # type: ignore[attr-defined]
+    files = FederatedFiles(device)
+    task.evaluate(0, params, {"server-round": 40, CONFIG_RUN_ID: 7})  # type: ignore[attr-defined]
+    assert files.global_version() == 40
+    newer = [p + 0.5 for p in params]
+    task.evaluate(0, newer, {"server-round": 2, CONFIG_RUN_ID: 8})  # type: ignore[attr-defined]
+    received = files.read_global()
+    assert received is not None and received.version == 2  # the new run's, not round 40's
+    np.testing.assert_array_equal(received.arrays[0], newer[0])
+    task.evaluate(0, params, {"server-round": 1, CONFIG_RUN_ID: 8})  # type: ignore[attr-defined]
+    assert files.global_version() == 2  # an older round of the same run never replaces it
 
 
 def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:

@@ -1062,3 +1062,17 @@ def test_a_personal_refit_keeps_the_posterior_a_new_global_model_starts_afresh(
         assert reranker._ready()[1] is not features
     finally:
         daemon.shutdown()
+
+
+def test_status_reports_the_budget_the_training_side_enforces(device: Device) -> None:
+    """The ClientApp enforces the run's budget and delta (from the server's run config) and
+    records them in the ledger; /status showed the daemon's defaults instead."""
+    from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+
+    enforced = PrivacyBudget(30.0, 1e-8)
+    ledger = PrivacyLedger.open(device.daemon.layout.ledger, enforced)
+    ledger.record(noise_multiplier=1.0, sample_rate=0.1, steps=50)
+    privacy = device.client.get("/status").json()["privacy"]
+    assert (privacy["epsilon_budget"], privacy["delta"]) == (30.0, 1e-8)
+    assert privacy["epsilon_spent"] == pytest.approx(ledger.epsilon())
+    assert ledger.epsilon() > ledger.epsilon(delta=1e-5)  # not the default delta's figure

@@ -374,6 +374,18 @@ def test_train_handler_clips_the_update_norm() -> None:
     assert float(fitres.metrics["update-norm"]) > 0.01
 
 
+@pytest.mark.parametrize("clip", [float("nan"), -1.0, float("inf"), "big"])
+def test_train_handler_refuses_an_update_clip_that_would_switch_clipping_off(clip: object) -> None:
+    params = ToyLinearTask().initial_parameters()
+    reply = make_client_app()(
+        _fit_message(params, {"server-round": 1, "update-clip-norm": clip}),  # type: ignore[dict-item]
+        _context(),
+    )
+    assert reply.has_error() and "update-clip-norm must be a finite number >= 0" in (
+        reply.error.reason
+    )
+
+
 def test_train_handler_declined_client_sends_zero_weight() -> None:
     params = ToyLinearTask().initial_parameters()
     reply = make_client_app({"toy-decline-clients": "3"})(_fit_message(params), _context(3))

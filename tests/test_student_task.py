@@ -438,3 +438,58 @@ def test_federation_with_noise_shares_discards_an_aggregate_of_too_few_contribut
     # every client that trained was charged one step at the full noise, whatever happened
     for client in range(5):
         assert _ledger_history(tmp_path / "state", client)[0][2] == 1
+
+
+def test_dp_batches_and_noise_are_secret_from_the_server(bundle: Path, tmp_path: Path) -> None:
+    """The server sends the seed; under DP it must not decide (or let anyone replay) which
+    examples a step samples, nor the noise: the same seed and global RNG give other updates.
+    Without DP the seed still makes training repeatable."""
+
+    def update(state: str, dp: bool) -> list[np.ndarray]:
+        task = _task(bundle, tmp_path / state, dp=dp, seed=7)
+        torch.manual_seed(0)  # even a fixed global RNG does not fix them
+        out = task.fit(0, task.initial_parameters(), {"server-round": 1})
+        assert out.status is FitStatus.OK
+        return list(out.arrays)
+
+    a, b = update("dp-a", True), update("dp-b", True)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    c, d = update("plain-a", False), update("plain-b", False)
+    assert all(np.array_equal(x, y) for x, y in zip(c, d, strict=True))
+
+
+def test_parameters_or_settings_refused_by_the_client_spend_no_privacy(
+    bundle: Path, tmp_path: Path
+) -> None:
+    task = _task(bundle, tmp_path / "state")
+    good = task.initial_parameters()
+    nan = [p.copy() for p in good]
+    nan[0][...] = np.nan
+    wide = [p.astype(np.float64) for p in good]
+    for params in (nan, wide, good[:-1]):
+        with pytest.raises(DataError):
+            task.fit(0, params, {"server-round": 1})
+    with pytest.raises(ConfigError, match="momentum"):
+        task.fit(0, good, {"server-round": 1, "momentum": float("nan")})
+    assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()  # nothing spent
+
+
+def test_concurrent_fits_of_one_client_both_reach_its_ledger(bundle: Path, tmp_path: Path) -> None:
+    """A fit that outlived its round (another process) and the next round's fit of the same
+    client: each task instance has its own thread lock, so only the file lock orders them."""
+    import threading
+
+    tasks = [_task(bundle, tmp_path / "state") for _ in range(2)]
+    outcomes: list[object] = []
+
+    def fit(task: StudentTask) -> None:
+        outcomes.append(task.fit(0, task.initial_parameters(), {"server-round": 1}))
+
+    threads = [threading.Thread(target=fit, args=(t,)) for t in tasks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    steps = sum(int(o.metrics["steps"]) for o in outcomes)  # type: ignore[attr-defined]
+    ledger = _task(bundle, tmp_path / "state").client_state(0).ledger
+    assert sum(entry[2] for entry in ledger.state_dict()["history"]) == steps

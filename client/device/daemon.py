@@ -835,7 +835,7 @@ class Daemon:
 
     def status(self) -> DeviceStatus:
         stats = self.store.stats()
-        spent, privacy_error = self._privacy_spent()
+        spent, privacy_error, budget = self._privacy_spent()
         with self._lock:
             model, info, catalog = self.model, self.model_info, self.catalog
         return DeviceStatus(
@@ -846,8 +846,8 @@ class Daemon:
             catalog_items=len(catalog) if catalog else None,
             rounds_joined=stats.rounds_joined,
             epsilon_spent=spent,
-            epsilon_budget=self.config.privacy_epsilon,
-            delta=self.config.privacy_delta,
+            epsilon_budget=budget.epsilon,
+            delta=budget.delta,
             privacy_error=privacy_error,
             events=stats.events,
             feedback=stats.feedback,
@@ -856,17 +856,21 @@ class Daemon:
             processes=tuple(proc.state() for proc in self.processes),
         )
 
-    def _privacy_spent(self) -> tuple[float | None, str | None]:
-        """Epsilon spent per the ledger file (written by the training process); the import
-        is lazy because the accountant pulls in torch."""
+    def _privacy_spent(self) -> tuple[float | None, str | None, PrivacyBudget]:
+        """Epsilon spent per the ledger file (written by the training process), at the delta
+        of the budget that process enforces (recorded in the file; the daemon's configured
+        one until the first round), that budget, and any error reading it. The import is
+        lazy because the accountant pulls in torch."""
         from shared.privacy.ledger import PrivacyLedger
 
         budget = PrivacyBudget(self.config.privacy_epsilon, self.config.privacy_delta)
         try:
-            return PrivacyLedger.open(self.layout.ledger, budget).epsilon(), None
+            ledger = PrivacyLedger.open(self.layout.ledger, budget)
         except DataError as exc:
             logger.error("privacy ledger unreadable: %s", exc)
-            return None, str(exc)
+            return None, str(exc), budget
+        enforced = ledger.recorded_budget or budget
+        return ledger.epsilon(delta=enforced.delta), None, enforced
 
     def erase(self) -> None:
         """Delete all local user data (see the module docstring for what is kept and why).

@@ -32,7 +32,6 @@ the new file."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import logging
@@ -40,7 +39,7 @@ import math
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -53,7 +52,7 @@ from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase
 from client.device.sealed import Catalog
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
-from shared.io import write_bytes_atomic, write_json_atomic
+from shared.io import exclusive_lock, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from client.device.daemon import Daemon
@@ -118,16 +117,9 @@ class FederatedFiles:
     def lock_file(self) -> Path:
         return self.directory / ".lock"
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Advisory inter-process lock around read-modify-write of these files."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return exclusive_lock(self.lock_file)
 
     def global_version(self) -> int | None:
         """Version of ``global.npz`` without loading the arrays (``None``: none yet)."""
@@ -157,19 +149,32 @@ class FederatedFiles:
         return ReceivedGlobal(version, out, personal_fit)
 
     def write_global(
-        self, version: int, arrays: Arrays, personal_fit: PersonalFit | None = None
+        self,
+        version: int,
+        arrays: Arrays,
+        personal_fit: PersonalFit | None = None,
+        *,
+        run_id: int | None = None,
     ) -> bool:
-        """Keep ``arrays`` as global model ``version`` unless a newer one is already kept,
-        with the federation's refit settings for the daemon."""
-        current = self.global_version()
-        if current is not None and current >= version:
-            return False
+        """Keep ``arrays`` as global model ``version`` of Flower run ``run_id`` unless a newer
+        one of the same run is already kept, with the federation's refit settings for the
+        daemon. A model of another run replaces whatever is kept: a new run starts again
+        from round 1, and comparing rounds alone kept the old run's model until the new
+        one overtook its round count."""
+        kept = self._kept_identity()
+        if kept is not None:
+            current, current_run = kept
+            same_run = run_id is None or current_run is None or current_run == run_id
+            if same_run and current >= version:
+                return False
         buf = io.BytesIO()
         named: dict[str, npt.NDArray[Any]] = {
             f"arr_{i:04d}": np.asarray(a, dtype=np.float32) for i, a in enumerate(arrays)
         }
         named["version"] = np.asarray(version, dtype=np.int64)
         named["count"] = np.asarray(len(arrays), dtype=np.int64)
+        if run_id is not None:
+            named["run_id"] = np.asarray(run_id, dtype=np.uint64)
         if personal_fit is not None:
             named["personal_steps"] = np.asarray(personal_fit.steps, dtype=np.int64)
             named["personal_lr"] = np.asarray(personal_fit.lr, dtype=np.float64)
@@ -177,6 +182,18 @@ class FederatedFiles:
         np.savez(buf, allow_pickle=False, **named)
         write_bytes_atomic(self.global_params, buf.getvalue())
         return True
+
+    def _kept_identity(self) -> tuple[int, int | None] | None:
+        """``(version, run id)`` of ``global.npz`` (run ``None`` if not recorded)."""
+        try:
+            with np.load(self.global_params, allow_pickle=False) as data:
+                run = int(data["run_id"]) if "run_id" in data else None
+                return int(data["version"]), run
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("unreadable %s (%s); replacing it", self.global_params, exc)
+            return None
 
     def rounds_joined(self) -> int:
         try:
@@ -233,7 +250,7 @@ def _round_of(config: Mapping[str, ConfigValue]) -> int:
 def make_device_task(run_config: RunConfig) -> StudentTask:
     """Task-registry factory: the student task over the device named by ``state-dir``."""
     from shared.federated.student_task import ClientState, StudentTask
-    from shared.federated.task import EvalOutcome
+    from shared.federated.task import CONFIG_RUN_ID, EvalOutcome
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
     class DeviceClientState(ClientState):
@@ -262,16 +279,24 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         def client_state(self, client_id: int) -> ClientState:
             return DeviceClientState(self.layout, self._budget)
 
-        def _keep_global(self, version: int, parameters: Arrays) -> None:
+        def client_lock(self, client_id: int) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext()  # fit already holds the device's files lock
+
+        def _keep_global(
+            self, version: int, parameters: Arrays, config: Mapping[str, ConfigValue]
+        ) -> None:
             fit = PersonalFit.of(self.train_config)
-            self.files.write_global(version, parameters, personal_fit=fit)
+            run = config.get(CONFIG_RUN_ID)
+            run_id = run if isinstance(run, int) and not isinstance(run, bool) else None
+            self.files.write_global(version, parameters, personal_fit=fit, run_id=run_id)
 
         def fit(
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
         ) -> FitOutcome:
             server_round = _round_of(config)
+            self.check_received(parameters)  # never kept (and served) unchecked
             with self.files.lock():
-                self._keep_global(max(server_round - 1, 0), parameters)
+                self._keep_global(max(server_round - 1, 0), parameters, config)
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
                     self.files.add_round_joined(server_round)
@@ -280,8 +305,9 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         def evaluate(
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
         ) -> EvalOutcome:
+            self.check_received(parameters)
             with self.files.lock():
-                self._keep_global(_round_of(config), parameters)
+                self._keep_global(_round_of(config), parameters, config)
             return self._evaluate_local(parameters)
 
         def _evaluate_local(self, parameters: Arrays) -> EvalOutcome:

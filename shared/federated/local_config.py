@@ -40,6 +40,12 @@ def check_noise_shares(
         )
 
 
+MIN_NOISE_MULTIPLIER = 1e-3
+"""Below it DP-SGD is DP in name only, and the accountant's arithmetic breaks down."""
+MAX_NOISE_MULTIPLIER = 1e6
+"""Above it the accountant's sigma**2 overflows; the gradient is noise anyway."""
+
+
 @dataclass(frozen=True)
 class LocalTrainConfig:
     """Local training of one client per round.
@@ -111,10 +117,12 @@ class LocalTrainConfig:
             raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
         if not 0 < self.lr < math.inf or not 0 < self.personal_lr < math.inf:
             raise ConfigError("lr and personal-lr must be finite numbers > 0")
-        if self.dp and not 0 < self.noise_multiplier < math.inf:
+        if not 0.0 <= self.momentum < 1.0:  # NaN fails this too
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.dp and not MIN_NOISE_MULTIPLIER <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER:
             raise ConfigError(
-                f"noise-multiplier must be a finite number > 0 with DP on (got "
-                f"{self.noise_multiplier}); set dp=false to train without DP"
+                f"noise-multiplier must be in [{MIN_NOISE_MULTIPLIER}, {MAX_NOISE_MULTIPLIER}] "
+                f"with DP on (got {self.noise_multiplier}); set dp=false to train without DP"
             )
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")

@@ -10,6 +10,7 @@ Accounting is not done here: the caller asks the client's persistent
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,13 +71,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _noise_only_step(params: list[torch.nn.Parameter], config: LocalTrainConfig) -> None:
-    """The step Opacus takes on an empty batch: SGD on the noise share alone (std
-    ``noise_multiplier * max_grad_norm / sqrt(noise_shares)``, over ``batch_size``)."""
+def _noise_only_step(
+    params: list[torch.nn.Parameter], config: LocalTrainConfig, generator: torch.Generator
+) -> None:
+    """The step DP-SGD takes on an empty batch: SGD on the noise (its share) alone (std
+    ``noise_multiplier * max_grad_norm / sqrt(noise_shares)``, over ``batch_size``).
+    Skipping it would make the released model's noise reveal how many batches were empty,
+    which the accounting does not cover."""
     std = config.noise_multiplier * config.max_grad_norm / math.sqrt(config.noise_shares)
     with torch.no_grad():
         for p in params:
-            p.add_(torch.randn_like(p), alpha=-config.lr * std / config.batch_size)
+            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            p.add_(noise, alpha=-config.lr * std / config.batch_size)
 
 
 def train_global_dp(
@@ -102,12 +108,17 @@ def train_global_dp(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Under DP the Poisson batches (and the noise) must be secret: the privacy accounting's
+    # sampling rate assumes nobody can tell which examples a step used, and config.seed is
+    # known to the server that sent it. Only training without DP follows the seed.
+    seed = secrets.randbits(63) if config.dp else config.seed
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         TensorDataset(items, mask, targets), batch_size=batch, shuffle=True, generator=generator
     )
     losses: list[float] = []
     steps = 0
+    noise = torch.Generator(device).manual_seed(secrets.randbits(63))  # secret, like batches
     if config.dp:
         from opacus import PrivacyEngine
 
@@ -121,6 +132,7 @@ def train_global_dp(
                 noise_multiplier=config.noise_multiplier / math.sqrt(config.noise_shares),
                 max_grad_norm=config.max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=noise,
             )
         if config.noise_shares > 1:
             # a fixed normaliser: the same bound on one record's share of the mean in
@@ -137,11 +149,11 @@ def train_global_dp(
                     steps += 1  # counted even when empty: the accounting stays conservative
                     optimizer.zero_grad(set_to_none=True)
                     if len(b_targets) == 0:
+                        if config.dp:  # an empty Poisson batch still releases its noise
+                            _noise_only_step(params, config, noise)
                         if config.noise_shares > 1:
-                            # the aggregate still needs this client's share of the noise
-                            _noise_only_step(params, config)
-                            break
-                        continue  # an empty Poisson batch releases nothing: skip the update
+                            break  # the one released gradient of this round
+                        continue
                     loss = next_item_cross_entropy(
                         module(b_items, b_mask),
                         b_items,

@@ -24,6 +24,7 @@ from."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Mapping
@@ -43,6 +44,8 @@ from shared.federated.bundle import Bundle, ClientData, load_bundle
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import check_items, train_global_dp
 from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
+from shared.federated.validation import validate_update
+from shared.io import exclusive_lock
 from shared.models.sequence import pad_histories
 from shared.models.student import StudentModel
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
@@ -116,11 +119,9 @@ def get_global_arrays(model: StudentModel, meta: bool = False) -> Arrays:
     return out
 
 
-def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -> None:
-    """Inverse of :func:`get_global_arrays`, leaving the model as a newcomer is served it:
-    the adapter at its initialization, i.e. the one carried at the end with ``meta``, else the
-    identity (a personal adapter is fitted afterwards, against these parameters, by
-    :func:`~shared.federated.local_training.fit_personal`)."""
+def check_array_count(model: StudentModel, arrays: Arrays, meta: bool = False) -> None:
+    """:class:`DataError` unless ``arrays`` has one array per global parameter (plus the
+    adapter initialization with ``meta``)."""
     names = global_names(model)
     extra = adapter_names(model) if meta else []
     if len(arrays) != len(names) + len(extra):
@@ -128,6 +129,15 @@ def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -
             f"expected {len(names) + len(extra)} arrays ({len(names)} global"
             f"{f' + {len(extra)} adapter initialization' if meta else ''}), got {len(arrays)}"
         )
+
+
+def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -> None:
+    """Inverse of :func:`get_global_arrays`, leaving the model as a newcomer is served it:
+    the adapter at its initialization, i.e. the one carried at the end with ``meta``, else the
+    identity (a personal adapter is fitted afterwards, against these parameters, by
+    :func:`~shared.federated.local_training.fit_personal`)."""
+    check_array_count(model, arrays, meta)
+    names = global_names(model)
     device = next(model.parameters()).device
     model.load_global_state_dict(
         {
@@ -157,7 +167,11 @@ def set_adapter_arrays(model: StudentModel, arrays: Arrays) -> None:
 
 
 class ClientState:
-    """One client's on-disk state: its persistent privacy ledger."""
+    """One client's on-disk state: its persistent privacy ledger.
+
+    Open it under :meth:`StudentTask.client_lock`: a fit that outlived its round (a round
+    timeout) may still run in another process when the next round trains the same client,
+    and two ledgers read before either was written would keep only one of the two spends."""
 
     def __init__(self, root: Path, client_id: int, budget: PrivacyBudget) -> None:
         self.dir = root / f"client-{client_id}"
@@ -214,6 +228,16 @@ class StudentTask:
     def client_state(self, client_id: int) -> ClientState:
         return ClientState(Path(self.config.state_dir), client_id, self._budget)
 
+    def client_lock(self, client_id: int) -> contextlib.AbstractContextManager[None]:
+        """Held from the budget check to the ledger write of a fit (see :class:`ClientState`)."""
+        return exclusive_lock(Path(self.config.state_dir) / f"client-{client_id}" / ".lock")
+
+    def check_received(self, parameters: Arrays) -> None:
+        """Refuse global parameters that cannot be this model's (count, shapes, dtype, NaN):
+        :class:`InvalidUpdateError`, an error reply, before they are trained or kept."""
+        check_array_count(self.model, parameters, self._meta)
+        validate_update(parameters, self.initial_parameters(), what="global parameters")
+
     # ------------------------------------------------------------------ FederatedTask
     def initial_parameters(self) -> Arrays:
         """The bundle's global parameters (and in meta mode its adapter as the first
@@ -223,14 +247,15 @@ class StudentTask:
     def fit(
         self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
     ) -> FitOutcome:
-        with self._lock:
+        with self._lock, self.client_lock(client_id):
             torch.set_num_threads(self.config.num_threads)
             sequence = self.local_sequence(client_id)
             check_items(sequence, self.model.n_items)
             if len(sequence) < 2:
                 raise DataError(f"client {client_id} has {len(sequence)} interactions; needs >= 2")
-            state = self.client_state(client_id)
             train = self._round_config(config, client_id)
+            self.check_received(parameters)  # before any privacy is spent on them
+            state = self.client_state(client_id)
             if train.dp:
                 n = min(len(sequence) - 1, train.max_examples)
                 q = min(train.batch_size, n) / n

@@ -37,6 +37,8 @@ Arrays: TypeAlias = list[npt.NDArray[np.floating]]
 # Keys of the per-round config the server sends with every fit/evaluate instruction.
 CONFIG_SERVER_ROUND = "server-round"
 CONFIG_UPDATE_CLIP_NORM = "update-clip-norm"
+CONFIG_RUN_ID = "fedrec-run-id"
+"""Added by the client glue (not sent by the server): the Flower run the message is from."""
 # Keys the client glue adds to a fit reply's metrics (the wire protocol of a status).
 METRIC_STATUS = "fedrec-status"
 METRIC_REASON = "fedrec-reason"

@@ -93,6 +93,9 @@ class PrivacyLedger:
         self.path = Path(path) if path is not None else None
         self.history: list[Spend] = []
         self.declined = 0
+        #: The budget the file was last written under (the training side's, which enforces
+        #: it), if it records a valid one; informational.
+        self.recorded_budget: PrivacyBudget | None = None
 
     # -- accounting -------------------------------------------------------------------------
     def epsilon(self, extra: Spend | None = None, delta: float | None = None) -> float:
@@ -168,6 +171,15 @@ class PrivacyLedger:
             raise DataError(f"{source} is malformed ({err}); {fix}") from None
         self.history = history
         self.declined = declined
+        saved = state.get("budget")
+        try:
+            self.recorded_budget = (
+                PrivacyBudget(float(saved["epsilon"]), float(saved["delta"]))
+                if isinstance(saved, dict)
+                else None
+            )
+        except (TypeError, KeyError, ValueError, ConfigError):
+            self.recorded_budget = None
 
     def save(self) -> None:
         if self.path is not None:
