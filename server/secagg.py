@@ -28,6 +28,7 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import threading
 import time
@@ -379,6 +380,17 @@ def run_rounds(
     return len(completed)
 
 
+_UNDER_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fedrec_under_secagg", default=False
+)
+
+
+def under_secagg() -> bool:
+    """Whether the train handler now running was called by SecAgg+ (its update will only be
+    seen inside the secure sum), for a client that must not release otherwise."""
+    return _UNDER_SECAGG.get()
+
+
 def secaggplus_when_requested_mod(
     msg: Message, ctxt: Context, call_next: ClientAppCallable
 ) -> Message:
@@ -397,7 +409,11 @@ def secaggplus_when_requested_mod(
     inner_errors: list[Message] = []
 
     def guarded_next(inner_msg: Message, inner_ctxt: Context) -> Message:
-        reply = call_next(inner_msg, inner_ctxt)
+        token = _UNDER_SECAGG.set(True)
+        try:
+            reply = call_next(inner_msg, inner_ctxt)
+        finally:
+            _UNDER_SECAGG.reset(token)
         if reply.has_error():
             inner_errors.append(reply)
             raise _HandlerReplied
