@@ -160,6 +160,18 @@ def test_a_new_run_replaces_the_global_model_of_an_older_one(device: Path, bundl
     assert files.global_version() == 2  # an older round of the same run never replaces it
 
 
+def test_a_device_whose_ledger_went_missing_refuses_to_train(device: Path, bundle: Path) -> None:
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    task = _device_task(device, bundle)
+    params = task.initial_parameters()  # type: ignore[attr-defined]
+    assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK  # type: ignore[attr-defined]
+    (device / "privacy" / "ledger.json").unlink()  # lost: epsilon would restart at 0
+    with pytest.raises(DataError, match=r"ledger .* is missing although this device took part"):
+        task.fit(0, params, {"server-round": 2})  # type: ignore[attr-defined]
+
+
 def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:
     with Daemon.open(device) as daemon:
         DeviceLearner(daemon, bundle).prepare()

@@ -277,6 +277,13 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             return local_history(self.layout.state_dir, self.catalog())
 
         def client_state(self, client_id: int) -> ClientState:
+            joined = self.files.rounds_joined()
+            if joined and not self.layout.ledger.exists():
+                raise DataError(
+                    f"the privacy ledger {self.layout.ledger} is missing although this device "
+                    f"took part in {joined} round(s); restore it from backup (training on "
+                    "would start counting privacy from zero)"
+                )
             return DeviceClientState(self.layout, self._budget)
 
         def client_lock(self, client_id: int) -> contextlib.AbstractContextManager[None]:
