@@ -47,7 +47,7 @@ from server.server_optimizer import SERVER_OPTIMIZERS, ServerOptimizer, ServerOp
 from server.user_dp import UserDPSettings, UserLevelDP
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
-from shared.federated.local_training import train_global_dp
+from shared.federated.local_training import replay_dp_randomness, train_global_dp
 from shared.federated.validation import clip_update_l2
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 from simulation.config import SimulationConfig
@@ -153,9 +153,11 @@ def main() -> None:
         parser.error(str(err))
 
     torch.set_num_threads(1)
-    # Opacus (outside secure mode) and dropout draw from torch's global RNG, which a fresh
-    # process seeds at random: seed it so a run is repeatable.
+    # Dropout draws from torch's global RNG, which a fresh process seeds at random, and the
+    # clients' DP batches and noise from secret randomness: seed both so a run is repeatable
+    # (a benchmark's choice; the product never replays DP randomness).
     torch.manual_seed(args.seed)
+    replay_dp_randomness(args.seed)
     start = time.perf_counter()
     run = pretrain_from_args(args)
     split, model = run.split, run.pretrained.student.model

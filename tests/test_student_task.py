@@ -493,3 +493,19 @@ def test_concurrent_fits_of_one_client_both_reach_its_ledger(bundle: Path, tmp_p
     steps = sum(int(o.metrics["steps"]) for o in outcomes)  # type: ignore[attr-defined]
     ledger = _task(bundle, tmp_path / "state").client_state(0).ledger
     assert sum(entry[2] for entry in ledger.state_dict()["history"]) == steps
+
+
+def test_a_benchmark_can_replay_dp_randomness(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulator's runs repeat: it replays the clients' DP randomness from its seed."""
+    import shared.federated.local_training as local_training
+
+    monkeypatch.setattr(local_training, "_dp_random", local_training._dp_random)  # restored
+    updates = []
+    for state in ("a", "b"):
+        local_training.replay_dp_randomness(3)
+        task = _task(bundle, tmp_path / state, dp=True)
+        torch.manual_seed(0)
+        updates.append(task.fit(0, task.initial_parameters(), {"server-round": 1}).arrays)
+    assert all(np.array_equal(x, y) for x, y in zip(*updates, strict=True))

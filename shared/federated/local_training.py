@@ -10,6 +10,7 @@ Accounting is not done here: the caller asks the client's persistent
 from __future__ import annotations
 
 import math
+import random
 import secrets
 import warnings
 from collections.abc import Mapping
@@ -71,6 +72,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+_dp_random: random.Random = secrets.SystemRandom()
+
+
+def replay_dp_randomness(seed: int) -> None:
+    """Benchmarks only: draw DP-SGD's batches and noise from ``seed`` in this process, so a
+    run repeats. Nothing in the product calls it: there that randomness must be secret
+    (see :func:`train_global_dp`)."""
+    global _dp_random
+    _dp_random = random.Random(seed)
+
+
 def _noise_only_step(
     params: list[torch.nn.Parameter], config: LocalTrainConfig, generator: torch.Generator
 ) -> None:
@@ -111,14 +123,14 @@ def train_global_dp(
     # Under DP the Poisson batches (and the noise) must be secret: the privacy accounting's
     # sampling rate assumes nobody can tell which examples a step used, and config.seed is
     # known to the server that sent it. Only training without DP follows the seed.
-    seed = secrets.randbits(63) if config.dp else config.seed
+    seed = _dp_random.getrandbits(63) if config.dp else config.seed
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         TensorDataset(items, mask, targets), batch_size=batch, shuffle=True, generator=generator
     )
     losses: list[float] = []
     steps = 0
-    noise = torch.Generator(device).manual_seed(secrets.randbits(63))  # secret, like batches
+    noise = torch.Generator(device).manual_seed(_dp_random.getrandbits(63))  # secret too
     if config.dp:
         from opacus import PrivacyEngine
 
