@@ -119,6 +119,10 @@ def _task_for(run_config: Mapping[str, RunConfigValue]) -> FederatedTask:
 NODE_DEVICE_DIR = "fedrec-device-dir"
 #: ``--node-config`` key: the device's copy of the pretrained bundle.
 NODE_BUNDLE = "fedrec-bundle"
+#: ``--node-config`` key: the device owner lets federated evaluation see this device's
+#: metrics (``fedrec client start --share-evaluation``); a device's own setting, never the
+#: server's.
+NODE_SHARE_EVALUATION = "fedrec-share-evaluation"
 DEVICE_TASK = "client.device.training:make_device_task"
 
 
@@ -134,6 +138,7 @@ def deployment_run_config(
         merged["task"] = DEVICE_TASK
         merged["state-dir"] = str(device_dir)
         merged["bundle"] = str(node_config.get(NODE_BUNDLE, ""))
+        merged[NODE_SHARE_EVALUATION] = node_config.get(NODE_SHARE_EVALUATION) is True
     return merged
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.client_app import deployment_run_config
+from client.client_app import DEVICE_TASK, deployment_run_config
 from client.device.daemon import Daemon, DaemonConfig
 from client.device.identity import init_identity
 from client.device.store import Event
@@ -59,7 +59,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 90.0) -> None:
         time.sleep(0.05)
 
 
-def _device_task(device: Path, bundle: Path) -> object:
+def _device_task(device: Path, bundle: Path, *, share_evaluation: bool = True) -> object:
     server_side = {
         "task": "shared.federated.student_task:make_task",
         "bundle": "/server/only/bundle.pt",
@@ -69,10 +69,12 @@ def _device_task(device: Path, bundle: Path) -> object:
         "personal-lr": 0.02,
         "exclude-seen": False,
     }
-    run_config = deployment_run_config(
-        server_side, {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
-    )
-    return get_task(str(run_config["task"]), run_config)
+    node = {
+        "fedrec-device-dir": str(device),
+        "fedrec-bundle": str(bundle),
+        "fedrec-share-evaluation": share_evaluation,
+    }
+    return get_task(DEVICE_TASK, deployment_run_config(server_side, node))
 
 
 def test_device_task_trains_on_the_store_and_leaves_the_global_model(
@@ -170,6 +172,27 @@ def test_a_device_whose_ledger_went_missing_refuses_to_train(device: Path, bundl
     (device / "privacy" / "ledger.json").unlink()  # lost: epsilon would restart at 0
     with pytest.raises(DataError, match=r"ledger .* is missing although this device took part"):
         task.fit(0, params, {"server-round": 2})  # type: ignore[attr-defined]
+
+
+def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(
+    device: Path, bundle: Path
+) -> None:
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    private = _device_task(device, bundle, share_evaluation=False)
+    params = private.initial_parameters()  # type: ignore[attr-defined]
+    with pytest.raises(DataError, match="does not share evaluation metrics"):
+        private.evaluate(0, params, {"server-round": 4})  # type: ignore[attr-defined]
+    assert FederatedFiles(device).global_version() == 4  # the evaluated model is still kept
+    # a server cannot switch it on: the device's node config decides
+    server_says = deployment_run_config(
+        {"fedrec-share-evaluation": True},
+        {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)},
+    )
+    assert server_says["fedrec-share-evaluation"] is False
+    shared = _device_task(device, bundle, share_evaluation=True)
+    assert shared.evaluate(0, params, {"server-round": 5}).num_examples == 1  # type: ignore[attr-defined]
 
 
 def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:
@@ -291,7 +314,9 @@ def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> N
     assert argv[argv.index("--root-certificates") + 1] == str(ca.resolve())
     assert argv[argv.index("--auth-supernode-private-key") + 1].endswith("client.key")
     assert "--insecure" not in argv and "--allow-runtime-dependency-installation" not in argv
-    assert f"fedrec-device-dir='{device.resolve()}'" in argv[argv.index("--node-config") + 1]
+    node_config = argv[argv.index("--node-config") + 1]
+    assert f"fedrec-device-dir='{device.resolve()}'" in node_config
+    assert "fedrec-share-evaluation=false" in node_config  # the owner's choice, off by default
     assert spec.restart and spec.max_backoff_s is not None and spec.log_file
 
 

@@ -104,6 +104,8 @@ class Device:
                 str(self.api_port),
                 "--adapt-debounce",
                 "0.2",
+                # devices 0 and 1 share evaluation metrics; device 2 keeps the default
+                *(["--share-evaluation"] if self.index < 2 else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -404,6 +406,8 @@ def test_tls_authenticated_secagg_federation_with_server_restart(
     assert (server_status["clients_registered"], server_status["clients_revoked"]) == (3, 1)
     assert server_status["latest_artifact"] == "model-v2.int8.onnx"
     assert server_status["last"]["epsilon_record_mean"] > 0
+    # only the two devices whose owners share evaluation answered it
+    assert all(record["eval_clients"] == 2 for record in fed.progress()), fed.progress()
     for device in devices[:3]:
         assert device.stop() == 0
 

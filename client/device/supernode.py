@@ -38,6 +38,9 @@ class SuperNodeOptions:
     bundle: Path
     runtime_port: int = 9094
     max_backoff_s: float = 30.0
+    #: answer the server's evaluation requests with this device's metrics (see
+    #: ``make_device_task``); off by default: they are computed from the user's own events
+    share_evaluation: bool = False
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -89,7 +92,7 @@ def supernode_executable() -> str:
 
 def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSpec:
     """The :class:`ProcessSpec` of this device's SuperNode."""
-    from client.client_app import NODE_BUNDLE, NODE_DEVICE_DIR
+    from client.client_app import NODE_BUNDLE, NODE_DEVICE_DIR, NODE_SHARE_EVALUATION
 
     key = layout.private_key
     if not key.is_file():
@@ -100,7 +103,11 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
     state_dir = layout.state_dir.resolve()
     if "'" in str(state_dir):
         raise ConfigError(f"--state-dir {state_dir}: a path with a single quote cannot be used")
-    node_config = f"{NODE_DEVICE_DIR}='{state_dir}' {NODE_BUNDLE}='{options.bundle.resolve()}'"
+    share = "true" if options.share_evaluation else "false"
+    node_config = (
+        f"{NODE_DEVICE_DIR}='{state_dir}' {NODE_BUNDLE}='{options.bundle.resolve()}' "
+        f"{NODE_SHARE_EVALUATION}={share}"
+    )
     argv = (
         supernode_executable(),
         "--superlink",

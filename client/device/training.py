@@ -249,6 +249,7 @@ def _round_of(config: Mapping[str, ConfigValue]) -> int:
 
 def make_device_task(run_config: RunConfig) -> StudentTask:
     """Task-registry factory: the student task over the device named by ``state-dir``."""
+    from client.client_app import NODE_SHARE_EVALUATION
     from shared.federated.student_task import ClientState, StudentTask
     from shared.federated.task import CONFIG_RUN_ID, EvalOutcome
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
@@ -315,6 +316,12 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             self.check_received(parameters)
             with self.files.lock():
                 self._keep_global(_round_of(config), parameters, config)
+            if not share_evaluation:  # the model is kept: the device still serves it
+                raise DataError(
+                    "this device does not share evaluation metrics (they are computed from "
+                    "its user's own events and would leave it in the clear); its owner can "
+                    "allow it with `fedrec client start --share-evaluation`"
+                )
             return self._evaluate_local(parameters)
 
         def _evaluate_local(self, parameters: Arrays) -> EvalOutcome:
@@ -358,6 +365,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 },
             )
 
+    share_evaluation = run_config.get(NODE_SHARE_EVALUATION) is True
     if not str(run_config.get("state-dir", "")):
         raise ConfigError(
             "the device task needs the device state directory (node config "

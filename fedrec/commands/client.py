@@ -275,6 +275,15 @@ def start(
             show_default=False,
         ),
     ] = None,
+    share_evaluation: Annotated[
+        bool,
+        typer.Option(
+            "--share-evaluation/--no-share-evaluation",
+            help="Answer the server's federated evaluation with this device's metrics (loss "
+            "and HR@10 of the newest event, sent in the clear and not covered by DP). Off: "
+            "the device declines evaluation and still takes the evaluated model.",
+        ),
+    ] = False,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
@@ -311,7 +320,11 @@ def start(
         exclude_seen=exclude_seen,
     )
     options = SuperNodeOptions(
-        server=server, root_cert=root_cert, bundle=bundle, runtime_port=supernode_port
+        server=server,
+        root_cert=root_cert,
+        bundle=bundle,
+        runtime_port=supernode_port,
+        share_evaluation=share_evaluation,
     )
     _run_daemon(state_dir, passphrase_env, config, host, port, options, learner)
 
