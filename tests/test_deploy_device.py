@@ -77,6 +77,15 @@ def _device_task(device: Path, bundle: Path, *, share_evaluation: bool = True) -
     return get_task(DEVICE_TASK, deployment_run_config(server_side, node))
 
 
+def _ready_device_task(device: Path, bundle: Path) -> tuple[Any, list[np.ndarray]]:
+    """A device with its first model and 10 events, its device task and initial parameters."""
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    task: Any = _device_task(device, bundle)
+    return task, task.initial_parameters()
+
+
 def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     device: Path, bundle: Path
 ) -> None:
@@ -128,11 +137,7 @@ def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted
 def test_device_never_keeps_global_parameters_it_refuses(device: Path, bundle: Path) -> None:
     """The daemon serves what the task keeps as global.npz: NaN parameters kept there broke
     every refit until a newer round came, and cost privacy for nothing."""
-    with Daemon.open(device) as daemon:
-        DeviceLearner(daemon, bundle).prepare()
-        daemon.add_events(_events(10))
-    task = _device_task(device, bundle)
-    params = task.initial_parameters()  # type: ignore[attr-defined]
+    task, params = _ready_device_task(device, bundle)
     bad = [p.copy() for p in params]
     bad[0][...] = np.nan
     for call in (task.fit, task.evaluate):  # type: ignore[attr-defined]
@@ -145,11 +150,7 @@ def test_device_never_keeps_global_parameters_it_refuses(device: Path, bundle: P
 def test_a_new_run_replaces_the_global_model_of_an_older_one(device: Path, bundle: Path) -> None:
     from shared.federated.task import CONFIG_RUN_ID
 
-    with Daemon.open(device) as daemon:
-        DeviceLearner(daemon, bundle).prepare()
-        daemon.add_events(_events(10))
-    task = _device_task(device, bundle)
-    params = task.initial_parameters()  # type: ignore[attr-defined]
+    task, params = _ready_device_task(device, bundle)
     files = FederatedFiles(device)
     task.evaluate(0, params, {"server-round": 40, CONFIG_RUN_ID: 7})  # type: ignore[attr-defined]
     assert files.global_version() == 40
@@ -163,11 +164,7 @@ def test_a_new_run_replaces_the_global_model_of_an_older_one(device: Path, bundl
 
 
 def test_a_device_whose_ledger_went_missing_refuses_to_train(device: Path, bundle: Path) -> None:
-    with Daemon.open(device) as daemon:
-        DeviceLearner(daemon, bundle).prepare()
-        daemon.add_events(_events(10))
-    task = _device_task(device, bundle)
-    params = task.initial_parameters()  # type: ignore[attr-defined]
+    task, params = _ready_device_task(device, bundle)
     assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK  # type: ignore[attr-defined]
     (device / "privacy" / "ledger.json").unlink()  # lost: epsilon would restart at 0
     with pytest.raises(DataError, match=r"ledger .* is missing although this device took part"):
