@@ -64,6 +64,7 @@ from shared.federated.task import (
     get_task,
 )
 from shared.federated.validation import clip_update_l2, l2_norm, validate_update
+from shared.privacy.budget import PrivacyBudget
 
 DEFAULT_TASK = "toy-linear"
 
@@ -123,6 +124,11 @@ NODE_BUNDLE = "fedrec-bundle"
 #: metrics (``fedrec client start --share-evaluation``); a device's own setting, never the
 #: server's.
 NODE_SHARE_EVALUATION = "fedrec-share-evaluation"
+#: ``--node-config`` key: the most record-level epsilon this device spends, whatever the
+#: server's ``epsilon-budget`` (``fedrec client start --max-epsilon``).
+NODE_MAX_EPSILON = "fedrec-max-epsilon"
+#: ``--node-config`` key: this device trains with DP-SGD only (``--allow-no-dp`` clears it).
+NODE_REQUIRE_DP = "fedrec-require-dp"
 DEVICE_TASK = "client.device.training:make_device_task"
 
 
@@ -139,6 +145,15 @@ def deployment_run_config(
         merged["state-dir"] = str(device_dir)
         merged["bundle"] = str(node_config.get(NODE_BUNDLE, ""))
         merged[NODE_SHARE_EVALUATION] = node_config.get(NODE_SHARE_EVALUATION) is True
+        # the device owner's privacy floor, whatever the server asks for
+        merged[NODE_REQUIRE_DP] = node_config.get(NODE_REQUIRE_DP) is not False
+        cap = node_config.get(NODE_MAX_EPSILON)
+        asked = merged.get("epsilon-budget", PrivacyBudget.epsilon)
+        numbers = [
+            v for v in (asked, cap) if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if len(numbers) == 2:  # else the task's own check refuses the server's value
+            merged["epsilon-budget"] = float(min(numbers))
     return merged
 
 

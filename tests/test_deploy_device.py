@@ -192,6 +192,24 @@ def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(
     assert shared.evaluate(0, params, {"server-round": 5}).num_examples == 1  # type: ignore[attr-defined]
 
 
+def test_the_device_owner_sets_a_privacy_floor_the_server_cannot_lower(
+    device: Path, bundle: Path
+) -> None:
+    node = {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
+    # the smaller budget applies: the device's cap, or the server's if it is smaller
+    capped = deployment_run_config({"epsilon-budget": 50.0}, {**node, "fedrec-max-epsilon": 4.0})
+    assert capped["epsilon-budget"] == 4.0
+    smaller = deployment_run_config({"epsilon-budget": 2.0}, {**node, "fedrec-max-epsilon": 4.0})
+    assert smaller["epsilon-budget"] == 2.0
+    # a server cannot switch the device's DP requirement off (a device default)
+    assert deployment_run_config({"fedrec-require-dp": False}, node)["fedrec-require-dp"] is True
+    task, params = _ready_device_task(device, bundle)
+    with pytest.raises(ConfigError, match="train without DP"):
+        task.fit(0, params, {"server-round": 1, "dp": False})
+    assert not (device / "privacy" / "ledger.json").exists()
+    assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
+
+
 def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:
     with Daemon.open(device) as daemon:
         DeviceLearner(daemon, bundle).prepare()
@@ -314,6 +332,7 @@ def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> N
     node_config = argv[argv.index("--node-config") + 1]
     assert f"fedrec-device-dir='{device.resolve()}'" in node_config
     assert "fedrec-share-evaluation=false" in node_config  # the owner's choice, off by default
+    assert "fedrec-max-epsilon=8.0" in node_config and "fedrec-require-dp=true" in node_config
     assert spec.restart and spec.max_backoff_s is not None and spec.log_file
 
 
@@ -358,3 +377,10 @@ def test_learner_refits_with_its_flags_else_the_federations_else_the_defaults() 
     ):
         with pytest.raises(ConfigError, match=match):
             LearnerConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_device_epsilon_cap_is_refused(bundle: Path, tmp_path: Path, cap: float) -> None:
+    ca = create_pki(tmp_path / "certs").ca_cert
+    with pytest.raises(ConfigError, match="--max-epsilon"):
+        SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle, max_epsilon=cap)

@@ -18,6 +18,7 @@ registered later, or a server that is down for a while, joins by itself. Its out
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from client.device.daemon import ProcessSpec
 from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
+from shared.privacy.budget import PrivacyBudget
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class SuperNodeOptions:
     #: answer the server's evaluation requests with this device's metrics (see
     #: ``make_device_task``); off by default: they are computed from the user's own events
     share_evaluation: bool = False
+    #: the device's privacy floor (see :func:`client.client_app.deployment_run_config`)
+    max_epsilon: float = PrivacyBudget.epsilon
+    require_dp: bool = True
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -51,6 +56,8 @@ class SuperNodeOptions:
             )
         if "://" in self.server:
             raise ConfigError(f"--server {self.server!r}: give HOST:PORT without a scheme")
+        if not 0 < self.max_epsilon < math.inf:
+            raise ConfigError(f"--max-epsilon must be a finite number > 0, got {self.max_epsilon}")
         if not 0 < self.runtime_port < 65536:
             raise ConfigError(f"--supernode-port must be in 1..65535, got {self.runtime_port}")
         _check_root_cert(self.root_cert)
@@ -92,7 +99,13 @@ def supernode_executable() -> str:
 
 def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSpec:
     """The :class:`ProcessSpec` of this device's SuperNode."""
-    from client.client_app import NODE_BUNDLE, NODE_DEVICE_DIR, NODE_SHARE_EVALUATION
+    from client.client_app import (
+        NODE_BUNDLE,
+        NODE_DEVICE_DIR,
+        NODE_MAX_EPSILON,
+        NODE_REQUIRE_DP,
+        NODE_SHARE_EVALUATION,
+    )
 
     key = layout.private_key
     if not key.is_file():
@@ -106,7 +119,8 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
     share = "true" if options.share_evaluation else "false"
     node_config = (
         f"{NODE_DEVICE_DIR}='{state_dir}' {NODE_BUNDLE}='{options.bundle.resolve()}' "
-        f"{NODE_SHARE_EVALUATION}={share}"
+        f"{NODE_SHARE_EVALUATION}={share} {NODE_MAX_EPSILON}={float(options.max_epsilon)!r} "
+        f"{NODE_REQUIRE_DP}={'true' if options.require_dp else 'false'}"
     )
     argv = (
         supernode_executable(),

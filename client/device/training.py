@@ -249,7 +249,7 @@ def _round_of(config: Mapping[str, ConfigValue]) -> int:
 
 def make_device_task(run_config: RunConfig) -> StudentTask:
     """Task-registry factory: the student task over the device named by ``state-dir``."""
-    from client.client_app import NODE_SHARE_EVALUATION
+    from client.client_app import NODE_REQUIRE_DP, NODE_SHARE_EVALUATION
     from shared.federated.student_task import ClientState, StudentTask
     from shared.federated.task import CONFIG_RUN_ID, EvalOutcome
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
@@ -303,6 +303,12 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> FitOutcome:
             server_round = _round_of(config)
             self.check_received(parameters)  # never kept (and served) unchecked
+            if require_dp and not self._round_config(config, client_id).dp:
+                raise ConfigError(
+                    "the server asks this device to train without DP; it trains only with "
+                    "DP-SGD (its owner can allow otherwise with `fedrec client start "
+                    "--allow-no-dp`)"
+                )
             with self.files.lock():
                 self._keep_global(max(server_round - 1, 0), parameters, config)
                 outcome = super().fit(client_id, parameters, config)
@@ -366,6 +372,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             )
 
     share_evaluation = run_config.get(NODE_SHARE_EVALUATION) is True
+    require_dp = run_config.get(NODE_REQUIRE_DP) is not False
     if not str(run_config.get("state-dir", "")):
         raise ConfigError(
             "the device task needs the device state directory (node config "

@@ -12,6 +12,7 @@ from fedrec.options import NON_EMPTY_PATH
 from shared.config import parse_run_config
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
+from shared.privacy.budget import PrivacyBudget
 
 if TYPE_CHECKING:
     from client.device.daemon import DaemonConfig
@@ -284,6 +285,22 @@ def start(
             "the device declines evaluation and still takes the evaluated model.",
         ),
     ] = False,
+    max_epsilon: Annotated[
+        float,
+        typer.Option(
+            "--max-epsilon",
+            help="The most record-level epsilon this device spends, whatever the server's "
+            "epsilon-budget (the smaller of the two applies).",
+        ),
+    ] = PrivacyBudget.epsilon,
+    allow_no_dp: Annotated[
+        bool,
+        typer.Option(
+            "--allow-no-dp",
+            help="Let the server have this device train without DP-SGD (dp=false). Off: "
+            "such a round is refused.",
+        ),
+    ] = False,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
@@ -325,6 +342,8 @@ def start(
         bundle=bundle,
         runtime_port=supernode_port,
         share_evaluation=share_evaluation,
+        max_epsilon=max_epsilon,
+        require_dp=not allow_no_dp,
     )
     _run_daemon(state_dir, passphrase_env, config, host, port, options, learner)
 
