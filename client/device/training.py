@@ -89,6 +89,8 @@ class ReceivedGlobal(NamedTuple):
     #: did not record it (``exclude_seen`` defaults to ``True`` in one that recorded only
     #: the steps and the rate)
     personal_fit: PersonalFit | None
+    #: the Flower run it came from; ``None`` in a file kept by a version that did not record it
+    run_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,13 @@ class FederatedFiles:
                     personal_fit = PersonalFit(
                         int(data["personal_steps"]), float(data["personal_lr"]), exclude
                     )
+                run_id = int(data["run_id"]) if "run_id" in data else None
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError) as exc:
             logger.error("unreadable %s (%s); waiting for the next round", self.global_params, exc)
             return None
-        return ReceivedGlobal(version, out, personal_fit)
+        return ReceivedGlobal(version, out, personal_fit, run_id)
 
     def write_global(
         self,
@@ -161,11 +164,10 @@ class FederatedFiles:
         daemon. A model of another run replaces whatever is kept: a new run starts again
         from round 1, and comparing rounds alone kept the old run's model until the new
         one overtook its round count."""
-        kept = self._kept_identity()
+        kept = self.read_global(arrays=False)
         if kept is not None:
-            current, current_run = kept
-            same_run = run_id is None or current_run is None or current_run == run_id
-            if same_run and current >= version:
+            same_run = run_id is None or kept.run_id is None or kept.run_id == run_id
+            if same_run and kept.version >= version:
                 return False
         buf = io.BytesIO()
         named: dict[str, npt.NDArray[Any]] = {
@@ -182,18 +184,6 @@ class FederatedFiles:
         np.savez(buf, allow_pickle=False, **named)
         write_bytes_atomic(self.global_params, buf.getvalue())
         return True
-
-    def _kept_identity(self) -> tuple[int, int | None] | None:
-        """``(version, run id)`` of ``global.npz`` (run ``None`` if not recorded)."""
-        try:
-            with np.load(self.global_params, allow_pickle=False) as data:
-                run = int(data["run_id"]) if "run_id" in data else None
-                return int(data["version"]), run
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError) as exc:
-            logger.error("unreadable %s (%s); replacing it", self.global_params, exc)
-            return None
 
     def rounds_joined(self) -> int:
         try:
@@ -581,7 +571,7 @@ class DeviceLearner:
             if received is None:  # no global model yet: the bundle's, as a newcomer gets it
                 student.adapter.reset()
             else:
-                version, arrays, federation_fit = received
+                version, arrays, federation_fit, _ = received
                 # meta-learning runs also carry the adapter's initialization
                 meta = len(arrays) != len(global_names(student))
                 set_global_arrays(student, arrays, meta)
