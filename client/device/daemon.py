@@ -608,22 +608,19 @@ class Daemon:
                     "no catalog installed: install the model together with its catalog "
                     "(`fedrec client install-model --catalog catalog.json`)"
                 )
-            if catalog is self.catalog:
+            new_catalog = catalog is not self.catalog
+            if new_catalog:  # it waits beside the old one until the model is current
+                catalog.save(self.layout.catalog_pending)
+            try:
                 info, model = self.models.install(
                     data, catalog=catalog, runtime=self.runtime, name=name
                 )
-            else:  # the new catalog waits beside the old one until the model is current
-                pending = self.layout.catalog_pending
-                catalog.save(pending)
-                try:
-                    info, model = self.models.install(
-                        data, catalog=catalog, runtime=self.runtime, name=name
-                    )
-                except BaseException:
-                    pending.unlink(missing_ok=True)
-                    raise
-                os.replace(pending, self.layout.catalog)
-                fsync_dir(self.layout.state_dir)
+            except BaseException:
+                if new_catalog:
+                    self.layout.catalog_pending.unlink(missing_ok=True)
+                raise
+            if new_catalog:
+                self._adopt_pending_catalog()
             self.store.record_model(
                 ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
             )
@@ -647,12 +644,16 @@ class Daemon:
             pending.unlink(missing_ok=True)
             return
         if loaded is not None and loaded[1].metadata.catalog_fingerprint == catalog.fingerprint:
-            os.replace(pending, self.layout.catalog)
-            fsync_dir(self.layout.state_dir)
+            self._adopt_pending_catalog()
             logger.info("completed an interrupted install: its new catalog is now current")
         else:
             pending.unlink()
             logger.info("dropped the new catalog of an install that never switched models")
+
+    def _adopt_pending_catalog(self) -> None:
+        """Make ``catalog.pending.json`` the current catalog, durably."""
+        os.replace(self.layout.catalog_pending, self.layout.catalog)
+        fsync_dir(self.layout.state_dir)
 
     def _model_changed(self) -> None:
         if isinstance(self.reranker, LearningReranker):
