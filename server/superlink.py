@@ -48,7 +48,6 @@ from server.state import (
     StateDirError,
     checkpoint_rounds,
     hold_server_lock,
-    pid_alive,
     read_progress,
     read_running,
     running_server,
@@ -620,25 +619,21 @@ class ServerRunner:
             },
         )
 
-    def _refuse_second_server(self) -> None:
-        """Refuse a server of an earlier version (which took no lock) still running here."""
-        info = read_running(self.layout)
-        if info is not None and info["pid"] != os.getpid() and pid_alive(info["pid"]):
-            raise StateDirError(
-                f"a server already runs from {self.layout.state_dir} (pid {info['pid']}, "
-                f"{info.get('address')}); stop it first"
-            )
-
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
         raise KeyboardInterrupt
 
     def run(self) -> int:
         """Start, follow to the end of the run; the exit status (0 = completed)."""
-        first = not self.layout.server_lock.exists()
+        # without a lock file no server of this version ran here, but one of an earlier
+        # version (which took no lock) might still run: running_server checks its pid then
+        earlier = None if self.layout.server_lock.exists() else running_server(self.layout)
+        if earlier is not None:
+            raise StateDirError(
+                f"a server already runs from {self.layout.state_dir} (pid {earlier['pid']}, "
+                f"{earlier.get('address')}); stop it first"
+            )
         with hold_server_lock(self.layout):
-            if first:  # no server of this version ran here: one of an earlier one might
-                self._refuse_second_server()
             return self._run()
 
     def _run(self) -> int:
