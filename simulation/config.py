@@ -179,7 +179,27 @@ class SimulationConfig:
         # the form only: whether that GPU exists is checked where the clients train
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend == "ray":
+            self._check_device_under_ray()
         self._check_apps_accept()
+
+    def _check_device_under_ray(self) -> None:
+        """Refuse a CUDA device the Ray clients could not see. Ray hides every GPU from an
+        actor that reserves none, and shows one that reserves a share only the GPU it was
+        given, as ``cuda:0``; the clients would otherwise all fail in their first round."""
+        if not self.device.startswith("cuda"):
+            return
+        if self.num_gpus_per_client == 0:
+            raise ConfigError(
+                f"device={self.device} needs a GPU share per client: Ray hides the GPUs from "
+                "clients that reserve none. Add --num-gpus-per-client (e.g. 0.25: four "
+                "clients share one GPU), or use device=auto"
+            )
+        if self.device not in ("cuda", "cuda:0"):
+            raise ConfigError(
+                f"device={self.device}: under Ray each client sees only the GPU Ray gave it, "
+                "as cuda:0; use device=cuda (Ray spreads the clients over the GPUs)"
+            )
 
     def server_run_config(self, n_clients: int) -> dict[str, RunConfigValue]:
         """The ServerApp's and ClientApp's run config over ``n_clients`` virtual clients,

@@ -75,9 +75,27 @@ def test_simulation_refuses_a_malformed_device_before_any_work():
     from simulation.config import SimulationConfig
 
     for ok in ("auto", "cpu", "cuda", "cuda:1"):
-        assert SimulationConfig(device=ok).device == ok
+        assert SimulationConfig(device=ok, backend="inprocess").device == ok
     with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
         from_flat(SimulationConfig, {"device": "tpu"})
+
+
+def test_simulation_refuses_a_cuda_device_its_ray_clients_could_not_see() -> None:
+    """Ray hides the GPUs from an actor that reserves none and shows one that reserves a
+    share only its own GPU, as cuda:0: both settings would fail every client's first round
+    (seen on a GPU machine), so they are refused before any work."""
+    from simulation.config import SimulationConfig
+
+    with pytest.raises(ConfigError, match="device=cuda needs a GPU share per client"):
+        SimulationConfig(device="cuda")
+    with pytest.raises(ConfigError, match="--num-gpus-per-client"):
+        from_flat(SimulationConfig, {"device": "cuda:0"})
+    # attaching to a cluster skips the local GPU count, not this check
+    with pytest.raises(ConfigError, match="as cuda:0; use device=cuda"):
+        SimulationConfig(device="cuda:1", num_gpus_per_client=0.5, ray_address="127.0.0.1:1")
+    config = SimulationConfig(device="cuda", num_gpus_per_client=0.5, ray_address="127.0.0.1:1")
+    assert config.device == "cuda"
+    assert SimulationConfig(device="auto").device == "auto"  # CPU clients when none is shared
 
 
 def test_simulation_passes_checkpoint_keep_to_the_server():

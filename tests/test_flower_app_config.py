@@ -116,7 +116,15 @@ def test_flwr_run_local_simulation_runs_the_declared_apps_with_secagg(tmp_path: 
         '[superlink.local-simulation]\naddress = ":local:"\noptions.num-supernodes = 3\n'
     )
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        # as the README says for offline machines: else the managed SuperLink runs `uv sync`
+        # on the app's dependencies, which needs uv and a package index (a GPU machine with
+        # neither failed with Flower's exit code 700)
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     run_config = (
         "num-rounds=2 secagg=true secagg-num-shares=3 secagg-reconstruction-threshold=2 "
         "min-available-clients=3"
