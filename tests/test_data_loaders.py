@@ -144,8 +144,8 @@ def test_ml100k_without_u_genre_uses_standard_genres(tmp_path: Path) -> None:
     (root / "u.genre").unlink()
     items = "1|Toy Story (1995)|01-Jan-1995||http://x|" + "|".join("0001110000000000000") + "\n"
     write(root / "u.item", items, "latin-1")
-    write(root / "u.data", "1\t1\t5\t1\n1\t1\t4\t2\n1\t1\t3\t3\n", "latin-1")
-    ds = load_ml100k(root).dataset
+    write(root / "u.data", "1\t1\t5\t1\n", "latin-1")
+    ds = load_ml100k(root, min_user_interactions=1).dataset
     assert ds.item_categories == [["Animation", "Children's", "Comedy"]]
 
 
@@ -240,13 +240,13 @@ def test_generic_loads_string_ids(tmp_path: Path) -> None:
 def test_generic_minimal_columns(tmp_path: Path) -> None:
     root = generic_dir(
         tmp_path,
-        interactions="timestamp,item,user\n1,x,u\n2,y,u\n3,x,u\n",  # any column order
-        items="item,text\nx,Item X\ny,Item Y\n",
+        interactions="timestamp,item,user\n1,x,u\n2,y,u\n3,z,u\n",  # any column order
+        items="item,text\nx,Item X\ny,Item Y\nz,Item Z\n",
     )
     ds = load_generic(root).dataset
-    assert seq_raw(ds, "u") == ["x", "y", "x"]
-    assert ds.item_titles == ["Item X", "Item Y"]
-    assert ds.item_categories == [[], []]
+    assert seq_raw(ds, "u") == ["x", "y", "z"]
+    assert ds.item_titles == ["Item X", "Item Y", "Item Z"]
+    assert ds.item_categories == [[], [], []]
 
 
 def test_format_item_text() -> None:
@@ -354,11 +354,18 @@ def test_generic_empty_id_and_empty_file(tmp_path: Path) -> None:
         load_generic(root)
 
 
-def test_duplicates_dropped_and_counted(tmp_path: Path) -> None:
+def test_duplicates_and_repeats_dropped_and_counted(tmp_path: Path) -> None:
+    """A repeat (an item the user already had, at a later time) is dropped too: the protocol
+    never recommends a seen item, so a repeated test item would count as a hit that no
+    recommendation list contains. The earliest interaction stays, wherever it is in the file."""
     rows = "user,item,timestamp\nu,b1,1\nu,b2,2\nu,b1,1\nu,b3,3\nu,b1,4\nu,b2,2\n"
+    rows += "v,b2,9\nv,b1,5\nv,b2,6\nv,b3,7\n"
     loaded = load_generic(generic_dir(tmp_path, interactions=rows))
     assert loaded.report.duplicates_dropped == 2
-    assert seq_raw(loaded.dataset, "u") == ["b1", "b2", "b3", "b1"]  # same item, new time: kept
+    assert loaded.report.repeats_dropped == 2
+    assert seq_raw(loaded.dataset, "u") == ["b1", "b2", "b3"]
+    assert seq_raw(loaded.dataset, "v") == ["b1", "b2", "b3"]  # b2 kept at 6, not at 9
+    assert "dropped 2 repeats" in str(loaded.report)
 
 
 def test_unknown_items_dropped_counted_and_warned(
@@ -409,7 +416,7 @@ def test_cleaning_report_is_printable(tmp_path: Path) -> None:
     text = str(report)
     assert "read 6 interactions of 2 users" in text and "1 cold" in text
     assert report.as_dict()["interactions"] == 6
-    assert len(report.lines()) == 5
+    assert len(report.lines()) == 6
 
 
 # --------------------------------------------------------------------------- registry

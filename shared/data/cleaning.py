@@ -8,7 +8,10 @@ filters, in this order, logs each one with its counts, and builds the :class:`Re
    warning): an item without text can be neither embedded nor recommended.
 2. **Exact duplicates** -- rows with the same user, item *and* timestamp are dropped, keeping
    the first in file order: a copy of the test item in training would leak the answer.
-3. **Short users** -- users with fewer than ``min_user_interactions`` interactions (default 3:
+3. **Repeats** -- a later interaction with an item the user already had is dropped, keeping
+   the earliest: the protocol never recommends a seen item, so a repeated test item would be
+   scored a hit that no recommendation list can contain, and one in training leaks the answer.
+4. **Short users** -- users with fewer than ``min_user_interactions`` interactions (default 3:
    leave-one-out needs one train, one validation and one test item) are dropped.
 
 Items nobody interacted with stay in the catalog: they are the cold items. Malformed input
@@ -62,6 +65,8 @@ class CleaningReport:
     interactions: int
     filtered: bool = True
     """False when the data was used as generated, without the filters (synthetic)."""
+    repeats_dropped: int = 0
+    """Later interactions with an item the user already had (see the module doc)."""
 
     def as_dict(self) -> dict[str, int | str | bool]:
         """Plain dict (JSON-ready) of every count."""
@@ -83,6 +88,8 @@ class CleaningReport:
             head,
             f"  dropped {self.unknown_items_dropped} interactions with items not in the catalog",
             f"  dropped {self.duplicates_dropped} exact duplicates (same user, item, timestamp)",
+            f"  dropped {self.repeats_dropped} repeats (an item the user already had; the "
+            "earliest is kept)",
             f"  dropped {self.short_users_dropped} users with fewer than "
             f"{self.min_user_interactions} interactions "
             f"({self.short_user_interactions_dropped} interactions)",
@@ -376,11 +383,13 @@ def finalize(
     rows_read, users_read = len(raw), len(np.unique(raw.user))
     raw, unknown = drop_unknown_items(name, raw, catalog)
     raw, duplicates = drop_duplicates(name, raw)
+    raw, repeats = drop_repeats(name, raw)
     raw, short_users, short_rows = drop_short_users(name, raw, min_user_interactions)
     if len(raw) == 0:
         raise DataError(
             f"{name}: no interactions left after cleaning {raw.path} ({unknown} with unknown "
-            f"items, {duplicates} duplicates, {short_rows} of users with fewer than "
+            f"items, {duplicates} duplicates, {repeats} repeats, {short_rows} of users with "
+            f"fewer than "
             f"{min_user_interactions} interactions); check the files or lower "
             f"min_user_interactions"
         )
@@ -408,6 +417,7 @@ def finalize(
         items=dataset.n_items,
         cold_items=dataset.n_items - len(np.unique(raw.item)),
         interactions=dataset.n_interactions,
+        repeats_dropped=repeats,
     )
     logger.info("%s", report)
     return LoadedDataset(dataset, report)
@@ -461,6 +471,29 @@ def _duplicate_mask(raw: RawInteractions) -> npt.NDArray[np.bool_]:
     same_as_previous = np.all(keys[:, 1:] == keys[:, :-1], axis=0)
     duplicate[order[1:][same_as_previous]] = True
     return duplicate
+
+
+def drop_repeats(name: str, raw: RawInteractions) -> tuple[RawInteractions, int]:
+    """Drop later interactions with an item the user already had; the earliest stays (ties
+    in time: the first in file order)."""
+    repeat = np.zeros(len(raw), dtype=bool)
+    if len(raw) > 1:
+        _, user = np.unique(raw.user, return_inverse=True)
+        _, item = np.unique(raw.item, return_inverse=True)
+        order = np.lexsort((raw.timestamp, item, user))  # stable: file order breaks ties
+        pairs = np.stack([user[order], item[order]])
+        same_pair = np.all(pairs[:, 1:] == pairs[:, :-1], axis=0)
+        repeat[order[1:][same_pair]] = True
+    dropped = int(repeat.sum())
+    if dropped:
+        logger.warning(
+            "%s: dropped %d of %d interactions repeating an item the user already had (the "
+            "earliest is kept: recommendations never include a seen item)",
+            name,
+            dropped,
+            len(raw),
+        )
+    return raw.select(~repeat), dropped
 
 
 def drop_short_users(
