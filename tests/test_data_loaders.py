@@ -559,3 +559,21 @@ def test_real_ml100k() -> None:
     assert loaded.report.duplicates_dropped == loaded.report.unknown_items_dropped == 0
     assert all(np.all(np.diff(t) >= 0) for t in ds.timestamps)
     assert elapsed < 2.0
+
+
+def test_numeric_looking_ids_of_any_size_or_script_load(tmp_path: Path) -> None:
+    """Generic ids are strings: integers of any size sort numerically, and ids that only
+    look numeric ("³" passes str.isdigit, "--5") sort as text instead of crashing."""
+    rows = "user,item,timestamp\n"
+    for user in ("99999999999999999999", "3", "-1"):
+        rows += "".join(f"{user},b{i},{i}\n" for i in (1, 2, 3))
+    assert load_generic(generic_dir(tmp_path / "big", interactions=rows)).dataset.user_ids == [
+        "-1",
+        "3",
+        "99999999999999999999",
+    ]
+    rows = "user,item,timestamp\n" + "".join(
+        f"{user},b{i},{i}\n" for user in ("³", "--5", "2") for i in (1, 2, 3)
+    )
+    ds = load_generic(generic_dir(tmp_path / "odd", interactions=rows)).dataset
+    assert sorted(ds.user_ids) == ["--5", "2", "³"] and ds.n_users == 3

@@ -158,11 +158,20 @@ def build_dataset(
     )
 
 
+def _as_integer(raw: str) -> int | None:
+    """``raw`` as an integer when it is one written in ASCII digits (an optional leading
+    ``-``), else None: ``"³"`` passes ``str.isdigit`` but is no number to sort by."""
+    digits = raw[1:] if raw.startswith("-") else raw
+    return int(raw) if digits.isascii() and digits.isdigit() else None
+
+
 def _dense_ids(raw: npt.NDArray[np.str_]) -> tuple[list[str], IntArray]:
     """Dense ids ordered by raw id (numerically when all raw ids are integers)."""
     uniq = np.unique(raw)
-    if all(u.lstrip("-").isdigit() for u in uniq):
-        uniq = uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
+    numbers = [_as_integer(u) for u in uniq.tolist()]
+    integers = [n for n in numbers if n is not None]
+    if len(integers) == len(numbers):  # Python ints: any size, no overflow
+        uniq = uniq[sorted(range(len(uniq)), key=integers.__getitem__)]
     index = {u: i for i, u in enumerate(uniq.tolist())}
     dense = np.fromiter((index[r] for r in raw), dtype=np.int64, count=len(raw))
     return [str(u) for u in uniq.tolist()], dense
