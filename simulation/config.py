@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from server.server_optimizer import ServerOptimizerSettings
 from shared.config import to_flat
+from shared.data.registry import check_no_data_dir
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
@@ -162,11 +163,7 @@ class SimulationConfig:
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
-        if self.dataset == "synthetic" and self.data_dir:
-            raise ConfigError(
-                f"data-dir {self.data_dir!r} is given but the dataset is 'synthetic', which is "
-                "generated and reads no files; add --dataset (e.g. ml-100k) for that folder"
-            )
+        check_no_data_dir(self.dataset, self.data_dir)
         self.split_config()  # the split's fractions, checked where they are defined
         if self.synthetic_users < 1 or self.synthetic_items < 2:
             raise ConfigError(

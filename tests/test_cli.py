@@ -121,6 +121,23 @@ def test_evaluate_baselines_on_synthetic_default_prints_a_table() -> None:
     assert "ease" in result.output and "fewshot" in result.output
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "baselines", "--data-dir", "/some/copy"],
+        ["data", "info", "--data-dir", "/some/copy"],
+    ],
+)
+def test_a_data_dir_without_a_dataset_is_refused_not_read_as_synthetic(argv: list[str]) -> None:
+    """Without --dataset the default is the generated synthetic world: a folder given with
+    it was meant for a dataset, and figures of the synthetic world must not pass for it."""
+    result = runner.invoke(app, argv)
+    assert result.exit_code != 0
+    assert "add --dataset (e.g. ml-100k) for that folder" in str(result.exception or "") + (
+        result.output
+    )
+
+
 def test_flowers_info_lines_reach_the_terminal_only_with_verbose(tmp_path: Path) -> None:
     """Flower's logger gets its level when Flower is first imported, after the CLI has set
     up logging; the CLI's choice must still hold (the live progress display stays clean)."""

@@ -23,7 +23,7 @@ from shared.data.download import (
 )
 from shared.data.generic import load_generic
 from shared.data.movielens import load_ml1m, load_ml100k, load_ml_latest
-from shared.errors import DataError, DatasetNotFoundError
+from shared.errors import ConfigError, DataError, DatasetNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,17 @@ def load_dataset(
     ).dataset
 
 
+def check_no_data_dir(name: str, data_dir: str | Path | None) -> None:
+    """Refuse a data folder for the generated synthetic world: the user meant a dataset
+    that reads it, and figures computed on the synthetic world instead could be taken for
+    that dataset's."""
+    if name.strip().lower() == "synthetic" and data_dir is not None and str(data_dir):
+        raise ConfigError(
+            f"data-dir {str(data_dir)!r} is given but the dataset is 'synthetic', which is "
+            "generated and reads no files; add --dataset (e.g. ml-100k) for that folder"
+        )
+
+
 def load_dataset_with_report(
     name: str,
     data_dir: str | Path | None = None,
@@ -104,8 +115,7 @@ def load_dataset_with_report(
     if key not in DATASET_NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if key == "synthetic":
-        if data_dir is not None:
-            logger.warning("synthetic: data_dir %s is ignored (data is generated)", data_dir)
+        check_no_data_dir(key, data_dir)
         return _load_synthetic(synthetic_seed)
     folder = dataset_dir(key, data_dir, cache_dir=cache_dir, download=download)
     loader = _LOADERS[_LAYOUT_OF[key]]
