@@ -577,3 +577,18 @@ def test_numeric_looking_ids_of_any_size_or_script_load(tmp_path: Path) -> None:
     )
     ds = load_generic(generic_dir(tmp_path / "odd", interactions=rows)).dataset
     assert sorted(ds.user_ids) == ["--5", "2", "³"] and ds.n_users == 3
+
+
+def test_a_copy_cut_mid_row_or_short_of_the_release_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A u.data cut mid-row still parses (its last timestamp shortened): the loader says the
+    file does not end with a line break, and that the copy is not the 100,000-row release."""
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_ml100k(ml100k_dir(tmp_path / "whole"))
+    assert "line break" not in caplog.text
+    assert "holds 6 ratings, the MovieLens 100K release 100000" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_ml100k(ml100k_dir(tmp_path / "cut", data=U_DATA + "2\t4\t1\t88"))
+    assert "does not end with a line break: its last row may be cut short" in caplog.text

@@ -296,7 +296,24 @@ def read_numeric_table(
             raise _diagnose(path, sep, names, columns, int(has_header), encoding, err) from None
     except UnicodeDecodeError:
         raise not_decodable(path, encoding) from None
+    warn_if_cut(path)
     return {n: np.ascontiguousarray(table[f"c{i}"]) for i, n in enumerate(names)}
+
+
+def warn_if_cut(path: Path) -> None:
+    """Warn when a non-empty file does not end with a line break: a copy cut mid-row still
+    parses, its last row holding a shortened number (a timestamp, an id)."""
+    with path.open("rb") as f:
+        if f.seek(0, io.SEEK_END) == 0:
+            return
+        f.seek(-1, io.SEEK_END)
+        if f.read(1) in b"\r\n":
+            return
+    logger.warning(
+        "%s does not end with a line break: its last row may be cut short (an interrupted "
+        "copy?); if so its values are wrong, so copy the file again",
+        path,
+    )
 
 
 def _loadtxt(

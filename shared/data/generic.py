@@ -28,6 +28,7 @@ from shared.data.cleaning import (
     parse_float,
     parse_int,
     require_file,
+    warn_if_cut,
 )
 from shared.data.movielens import split_genres
 from shared.errors import DataError
@@ -98,6 +99,7 @@ def _rows(
     path: Path, required: Sequence[str], optional: Sequence[str]
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield ``(line number, {column: value})`` for every non-blank row, header checked."""
+    warn_if_cut(path)
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         try:

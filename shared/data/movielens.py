@@ -77,6 +77,8 @@ ML_LATEST_RATING_COLUMNS: ColumnKinds = {
     "timestamp": int,
 }
 ML_LATEST_MOVIE_COLUMNS = ("movieId", "title", "genres")
+ML100K_RATINGS = 100_000
+"""Rows of ``u.data`` in the MovieLens 100K release."""
 _ML100K_FIXED_ITEM_FIELDS = 5  # id | title | release date | video release date | IMDb URL
 
 
@@ -92,6 +94,14 @@ def load_ml100k(
     catalog = read_ml100k_items(require_file(root / "u.item", name), _ml100k_genres(root))
     cols = read_numeric_table(ratings, sep="\t", columns=ML100K_RATING_COLUMNS, has_header=False)
     raw = RawInteractions(ratings, cols["user id"], cols["item id"], cols["timestamp"])
+    if name == "ml-100k" and len(raw) != ML100K_RATINGS:
+        logger.warning(
+            "%s holds %d ratings, the MovieLens 100K release %d: a partial or edited copy? "
+            "Figures on it are not comparable with published ml-100k results",
+            ratings,
+            len(raw),
+            ML100K_RATINGS,
+        )
     return finalize(name, raw, catalog, min_user_interactions)
 
 
