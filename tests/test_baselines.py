@@ -201,3 +201,33 @@ def test_export_recs_writes_raw_ids_without_history(tmp_path):
         u = ds.user_ids.index(user)
         assert ds.item_ids.index(item) not in set(hist[u].tolist())
         assert 1 <= int(rank) <= ds.n_items  # tied items share a rank, which may pass 5
+
+
+def test_summary_rows_mark_a_group_without_users_as_no_result():
+    """A shot count above every user's history, say, has no cases: its 0.0 in the report is
+    no score, so the table row carries None (printed n/a), while a real 0.0 stays 0.0."""
+    from shared.eval.baseline_benchmark import summary_rows
+
+    def metrics(users: int, hr: float) -> dict[str, float]:
+        return {
+            "users": users,
+            "sampled_hr@10": hr,
+            "sampled_ndcg@10": hr / 2,
+            "full_hr@10": hr,
+            "full_ndcg@10": hr / 2,
+        }
+
+    report = {
+        "results": {
+            "ease": {
+                "loo": {"all": metrics(5, 0.4)},
+                "fewshot": {"k=1": metrics(5, 0.2), "k=400": metrics(0, 0.0)},
+                "cold_items": {**metrics(7, 0.0), "held_out_items": 3},
+            }
+        }
+    }
+    rows = {(section, group): (hr, ndcg) for _, section, group, hr, ndcg in summary_rows(report)}
+    assert rows[("loo/full", "all")] == (0.4, 0.2)
+    assert rows[("fewshot/full", "k=400")] == (None, None)
+    assert rows[("fewshot/sampled", "k=400")] == (None, None)
+    assert rows[("cold-items/sampled", "all")] == (0.0, 0.0)

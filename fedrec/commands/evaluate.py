@@ -133,5 +133,8 @@ def _print_table(report: dict[str, Any], k: int) -> None:
     for col in ("model", "protocol", "population", f"HR@{k}", f"NDCG@{k}"):
         table.add_column(col, justify="right" if col.startswith(("HR", "NDCG")) else "left")
     for model, section, pop, hr, ndcg in summary_rows(report, k):
-        table.add_row(model, section, pop, f"{hr:.4f}", f"{ndcg:.4f}")
+        cells = (
+            ("n/a: no users", "") if hr is None or ndcg is None else (f"{hr:.4f}", f"{ndcg:.4f}")
+        )
+        table.add_row(model, section, pop, *cells)
     Console().print(table)

@@ -158,23 +158,26 @@ def _cold_item_run(
     return out
 
 
-def summary_rows(report: dict[str, Any], k: int = 10) -> list[tuple[str, str, str, float, float]]:
-    """Flatten a report into (model, section, population, HR@k, NDCG@k) rows for a table."""
-    rows = []
+def summary_rows(
+    report: dict[str, Any], k: int = 10
+) -> list[tuple[str, str, str, float | None, float | None]]:
+    """Flatten a report into (model, section, population, HR@k, NDCG@k) rows for a table;
+    HR and NDCG are None for a group without cases (no users, e.g. a shot count above every
+    user's history), which is no result rather than a score of 0."""
+    rows: list[tuple[str, str, str, float | None, float | None]] = []
+
+    def add(model: str, section: str, group: str, m: dict[str, Any], proto: str) -> None:
+        empty = m.get("users") == 0
+        hr, ndcg = m[f"{proto}_hr@{k}"], m[f"{proto}_ndcg@{k}"]
+        rows.append((model, section, group, None if empty else hr, None if empty else ndcg))
+
     for model, entry in report["results"].items():
         for pop, m in entry.get("loo", {}).items():
             for proto in ("sampled", "full"):
-                rows.append(
-                    (model, f"loo/{proto}", pop, m[f"{proto}_hr@{k}"], m[f"{proto}_ndcg@{k}"])
-                )
+                add(model, f"loo/{proto}", pop, m, proto)
         for shot, m in entry.get("fewshot", {}).items():
-            rows.append(
-                (model, "fewshot/sampled", shot, m[f"sampled_hr@{k}"], m[f"sampled_ndcg@{k}"])
-            )
-            rows.append((model, "fewshot/full", shot, m[f"full_hr@{k}"], m[f"full_ndcg@{k}"]))
+            add(model, "fewshot/sampled", shot, m, "sampled")
+            add(model, "fewshot/full", shot, m, "full")
         if "cold_items" in entry:
-            m = entry["cold_items"]
-            rows.append(
-                (model, "cold-items/sampled", "all", m[f"sampled_hr@{k}"], m[f"sampled_ndcg@{k}"])
-            )
+            add(model, "cold-items/sampled", "all", entry["cold_items"], "sampled")
     return rows
