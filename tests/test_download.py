@@ -201,6 +201,29 @@ def test_connection_lost_mid_download(tmp_path: Path, monkeypatch: pytest.Monkey
     assert leftovers(cache) == []
 
 
+def test_a_server_trickling_bytes_hits_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every receive returns within the socket timeout, one byte at a time: only the whole
+    download's deadline stops it (it used to run for ever)."""
+
+    class Trickle:
+        def read1(self, size: int) -> bytes:
+            time.sleep(0.02)
+            return b"x"
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Trickle())
+    cache = tmp_path / "cache"
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotFoundError, match=r"did not finish within 0.3 s .*--data-dir"):
+        download_dataset("ml-100k", cache, deadline=0.3)
+    assert time.perf_counter() - start < 3
+    assert leftovers(cache) == []
+
+
 @pytest.mark.network
 def test_refused_loopback_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = ArchiveSpec("http://127.0.0.1:9/ml-100k.zip", None, "ml-100k", ("u.data",))

@@ -11,7 +11,9 @@ is built so that a failure leaves nothing half-done behind:
 * the extracted folder is renamed into place (``<cache>/<name>``) in one atomic step, so a
   folder in the cache is always complete;
 * the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
-  :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``).
+  :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``);
+  the whole download has a deadline too (:data:`DEFAULT_DEADLINE_S`), so a server that
+  trickles a byte at a time cannot hold it for ever.
 
 The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` (then its
 ``datasets/``) or an explicit argument says otherwise.
@@ -26,6 +28,7 @@ import logging
 import os
 import stat
 import tempfile
+import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "FEDREC_CACHE_DIR"
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_DEADLINE_S = 600.0
+"""The whole download's limit: about 10 KB/s for the largest automatic archive (ml-1m)."""
 MAX_EXTRACTED_BYTES = 2 * 1024**3
 PROVENANCE_FILE = ".fedrec-source.json"
 _CHUNK = 1 << 20
@@ -114,7 +119,11 @@ def cached_dataset_dir(name: str, cache_dir: str | Path | None = None) -> Path |
 
 
 def download_dataset(
-    name: str, cache_dir: str | Path | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+    name: str,
+    cache_dir: str | Path | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    deadline: float = DEFAULT_DEADLINE_S,
 ) -> Path:
     """Download, verify and extract archive ``name`` into the cache; return its folder.
 
@@ -132,7 +141,9 @@ def download_dataset(
     logger.info("%s: downloading %s into %s", name, spec.url, root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:
         archive = Path(tmp) / "archive.zip"
-        digest = fetch(spec.url, archive, timeout=timeout, name=name, cache_dir=root)
+        digest = fetch(
+            spec.url, archive, timeout=timeout, deadline=deadline, name=name, cache_dir=root
+        )
         verify_sha256(name, spec, digest)
         extracted = Path(tmp) / "extracted"
         safe_extract(archive, extracted)
@@ -144,15 +155,33 @@ def download_dataset(
     return final
 
 
-def fetch(url: str, dest: Path, *, timeout: float, name: str, cache_dir: Path) -> str:
-    """Stream ``url`` into ``dest`` and return its SHA-256 (hex)."""
+def fetch(
+    url: str,
+    dest: Path,
+    *,
+    timeout: float,
+    name: str,
+    cache_dir: Path,
+    deadline: float = DEFAULT_DEADLINE_S,
+) -> str:
+    """Stream ``url`` into ``dest`` and return its SHA-256 (hex); a download still running
+    after ``deadline`` seconds fails like a lost connection."""
     digest = hashlib.sha256()
+    start = time.monotonic()
+    received = 0
     response = _open(url, timeout, name, cache_dir)
     try:
         with _open_for_write(dest) as out:
             while chunk := _read(response, url, name, cache_dir):
                 out.write(chunk)
                 digest.update(chunk)
+                received += len(chunk)
+                if time.monotonic() - start > deadline:
+                    reason = (
+                        f"the download did not finish within {deadline:g} s "
+                        f"({received} bytes received)"
+                    )
+                    raise offline_error(name, url, reason, cache_dir)
     finally:
         response.close()
     return digest.hexdigest()
@@ -243,9 +272,11 @@ def _open(url: str, timeout: float, name: str, cache_dir: Path) -> Any:
 
 
 def _read(response: Any, url: str, name: str, cache_dir: Path) -> bytes:
-    """One chunk of the response; a broken connection becomes the offline error."""
+    """One chunk of the response (what one receive brings, so the deadline is checked
+    between them); a broken connection becomes the offline error."""
+    read = getattr(response, "read1", None) or response.read
     try:
-        chunk: bytes = response.read(_CHUNK)
+        chunk: bytes = read(_CHUNK)
     except (OSError, http.client.HTTPException) as err:
         raise offline_error(name, url, err, cache_dir) from err
     return chunk
