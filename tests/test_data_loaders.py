@@ -508,6 +508,26 @@ def test_registry_uses_cache_dir(tmp_path: Path) -> None:
     assert load_dataset("ml-25m", cache_dir=tmp_path, download=False).n_users == 2
 
 
+def test_errors_name_the_file_at_fault(tmp_path: Path) -> None:
+    """An incomplete cached copy says to delete it (omitting --data-dir was already done); a
+    cut u.genre is named when u.item's genre flags stop matching it; a broken link is a
+    broken link, not a missing file that the listing then shows."""
+    (tmp_path / "cache" / "ml-100k").mkdir(parents=True)
+    write(tmp_path / "cache" / "ml-100k" / "u.data", U_DATA)
+    with pytest.raises(DatasetNotFoundError, match=r"cached copy .* is incomplete \(it lacks "):
+        load_dataset("ml-100k", cache_dir=tmp_path / "cache")
+    root = ml100k_dir(tmp_path / "genre")
+    lines = (root / "u.genre").read_text(encoding="latin-1").splitlines()
+    write(root / "u.genre", "\n".join(lines[:3]) + "\n", "latin-1")
+    with pytest.raises(DataError, match=r"u.item, line 1: .*comes from .*u.genre"):
+        load_ml100k(root)
+    root = ml100k_dir(tmp_path / "link")
+    (root / "u.data").unlink()
+    (root / "u.data").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFoundError, match=r"has u\.data as a broken link"):
+        load_dataset("ml-100k", root)
+
+
 def test_registry_passes_min_user_interactions(tmp_path: Path) -> None:
     ml100k_dir(tmp_path)  # both users have 3 interactions
     assert load_dataset("ml-100k", tmp_path, min_user_interactions=3).n_users == 2

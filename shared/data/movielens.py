@@ -147,10 +147,16 @@ def read_ml100k_items(path: Path, genres: tuple[str, ...]) -> Catalog:
     for number, line in _lines(path, "latin-1"):
         fields = line.split("|")
         if len(fields) != n_fields:
+            origin = (
+                f"; the genre count comes from {path.with_name('u.genre')}, so if this line "
+                "is intact that file is cut or edited"
+                if len(fields) > _ML100K_FIXED_ITEM_FIELDS and genres != ML100K_GENRES
+                else ""
+            )
             raise DataError(
                 f"{path}, line {number}: expected {n_fields} '|'-separated fields (id, title, "
                 f"release date, video release date, IMDb URL and {len(genres)} genre flags), "
-                f"found {len(fields)}"
+                f"found {len(fields)}{origin}"
             )
         flags = fields[_ML100K_FIXED_ITEM_FIELDS:]
         bad = [f for f in flags if f.strip() not in ("0", "1")]

@@ -9,6 +9,7 @@ the cache (``~/.cache/fedrec/datasets`` or ``$FEDREC_CACHE_DIR``) or downloaded 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -134,6 +135,12 @@ def dataset_dir(
         return _find_layout(name, Path(data_dir).expanduser())
     cached = cached_dataset_dir(name, cache_dir)
     if cached is not None:
+        if _holds_layout(name, cached) is None:
+            raise DatasetNotFoundError(
+                f"{name}: the cached copy {cached} is incomplete (it "
+                f"{_missing_files(name, cached)}); delete that folder to download the dataset "
+                "again, or pass --data-dir PATH to a complete copy"
+            )
         return _find_layout(name, cached)
     if name in ARCHIVES and download:
         return _find_layout(name, download_dataset(name, cache_dir))
@@ -158,10 +165,9 @@ def _find_layout(name: str, root: Path) -> Path:
             f"{name}: data dir {root} does not exist or is not a folder; pass --data-dir PATH "
             f"pointing at the folder with {_files(name)}{download}"
         )
-    layout = _LAYOUT_OF[name]
-    for candidate in (root, root / name):
-        if all((candidate / f).is_file() for f in LAYOUT_FILES[layout]):
-            return candidate
+    found = _holds_layout(name, root)
+    if found is not None:
+        return found
     other = detect_layout(root)
     if other is not None:
         raise DataError(
@@ -169,12 +175,33 @@ def _find_layout(name: str, root: Path) -> Path:
             f"({_files(name)}); choose the matching dataset name"
         )
     present = sorted(p.name for p in root.iterdir())[:10]
-    missing = [f for f in LAYOUT_FILES[layout] if not (root / f).is_file()]
     download = ", or omit it to download the dataset" if name in ARCHIVES else ""
     raise DatasetNotFoundError(
-        f"{name}: {root} lacks {' and '.join(missing)} (found: {present or 'nothing'}); pass "
+        f"{name}: {root} {_missing_files(name, root)} (found: {present or 'nothing'}); pass "
         f"--data-dir PATH pointing at the folder that holds {_files(name)}{download}"
     )
+
+
+def _holds_layout(name: str, root: Path) -> Path | None:
+    """``root`` or ``root/name`` when it holds every file of ``name``'s layout, else None."""
+    files = LAYOUT_FILES[_LAYOUT_OF[name]]
+    for candidate in (root, root / name):
+        if all((candidate / f).is_file() for f in files):
+            return candidate
+    return None
+
+
+def _missing_files(name: str, root: Path) -> str:
+    """What ``root`` lacks of ``name``'s layout, e.g. "lacks u.item"."""
+    paths = [root / f for f in LAYOUT_FILES[_LAYOUT_OF[name]] if not (root / f).is_file()]
+    absent = [p.name for p in paths if not p.exists() and not p.is_symlink()]
+    parts = [f"lacks {' and '.join(absent)}"] if absent else []
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            parts.append(f"has {path.name} as a broken link (to {os.readlink(path)})")
+        elif path.exists():
+            parts.append(f"has {path.name} but it is not a file")
+    return "; ".join(parts)
 
 
 def _not_found_message(name: str, cache: Path, download: bool) -> str:
