@@ -27,7 +27,12 @@ from shared.io import write_bytes_atomic
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import Order
 from shared.models.item_factors import IdInit
-from shared.models.student import DistilledStudent, StudentConfig, StudentModel
+from shared.models.student import (
+    DistilledStudent,
+    StudentConfig,
+    StudentModel,
+    load_student_state,
+)
 from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import EncoderConfig, default_cache_dir, encode_items
 from shared.training.trainer import Validation, count_parameters
@@ -112,7 +117,8 @@ def pretrain(
                 np.zeros(state["ids_shape"], np.float32),
                 _student_budget(teacher, student_config),
             )
-            model.load_state_dict(state["student"])
+            if not load_student_state(model, state["student"]):
+                model.set_cold_user(split.train_sequences(split.public_users))
             model.eval()
             log.info("pretrained teacher and student loaded from %s", path)
             student = DistilledStudent.from_model(model)

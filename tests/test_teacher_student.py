@@ -589,6 +589,38 @@ def test_exportable_student_matches_and_handles_any_length(student: DistilledStu
     assert torch.allclose(short, long, atol=1e-5)
 
 
+def test_an_empty_history_scores_from_the_mean_public_user(
+    student: DistilledStudent, split: ProtocolSplit, tmp_path: Path
+) -> None:
+    """A new device has no history. Its user vector is the mean pre-adapter user vector of
+    the public training histories, whoever else is in the batch, and the int8 on-device
+    model agrees (before, the padding id, a real item, was pooled as if watched)."""
+    from shared.compression.artifact import publish_student
+    from shared.ondevice.runtime import OnDeviceModel
+
+    model = student.model.eval()
+    public = split.train_sequences(split.public_users)
+    windows = [h[-TINY_STUDENT.max_len :] for h in public]
+    with torch.no_grad():
+        items, mask = pad_histories(windows, TINY_STUDENT.max_len)
+        pooled = model.pool(model.items(items), mask)
+        cold = model.adapter(pooled.mean(dim=0, keepdim=True))
+        tables = model.item_tables()
+        expected = cold @ tables.output.T + tables.bias
+    assert torch.allclose(model.cold_user, pooled.mean(dim=0), atol=1e-5)
+    empty = np.array([], dtype=np.int64)
+    alone = student.score([empty])
+    beside_a_long_one = student.score([empty, np.arange(TINY_STUDENT.max_len)])[:1]
+    np.testing.assert_allclose(alone, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(alone, beside_a_long_one, atol=1e-5)
+    ids = [f"i{i}" for i in range(N_ITEMS)]
+    publish_student(model, ids, tmp_path / "m.onnx", version="1")
+    device = OnDeviceModel(tmp_path / "m.onnx", expected_n_items=N_ITEMS)
+    on_device = device.score([empty])[0]
+    assert np.corrcoef(on_device, alone[0])[0, 1] > 0.99  # int8 rounding only
+    assert np.argmax(on_device) == np.argmax(alone[0])
+
+
 def test_distilled_student_learns_and_beats_pop(
     student: DistilledStudent, teacher: SASRecTeacher, split: ProtocolSplit
 ) -> None:

@@ -8,6 +8,7 @@ clients (simulated clients are Ray actors, so the bundle travels as a path, not 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 from shared.data.dataset import IntArray
 from shared.errors import ModelFileError
 from shared.io import write_bytes_atomic
-from shared.models.student import StudentConfig, StudentModel
+from shared.models.student import StudentConfig, StudentModel, load_student_state
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "fedrec-bundle-1"
 
@@ -106,7 +109,12 @@ def load_bundle(path: str | Path) -> Bundle:
     ids = np.zeros(payload["ids_shape"], dtype=np.float32)
     student = StudentModel(text, ids, config)
     try:
-        student.load_state_dict(payload["state_dict"])
+        if not load_student_state(student, payload["state_dict"]):
+            log.warning(
+                "bundle %s predates the cold-start user vector: a device with no history "
+                "scores from a zero user vector; write a new bundle with `fedrec simulate`",
+                p,
+            )
     except RuntimeError as err:
         raise ModelFileError(f"bundle {p} does not match the student architecture: {err}") from None
     student.eval()

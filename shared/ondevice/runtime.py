@@ -509,7 +509,8 @@ class OnDeviceModel:
 
         Histories are chronological item ids; the last ``max_len`` are kept and left-padded
         to exactly ``max_len`` (mask False on padding), so every call has the same shape.
-        The student's recency positions make that equal to padding to the longest history.
+        The student's recency positions make that equal to padding to the longest history;
+        an empty history is scored from the model's cold-start user vector.
         Batches are run in chunks of ``config.max_batch_size``.
         """
         b = len(histories)
