@@ -391,3 +391,34 @@ def test_missing_or_foreign_metadata_is_refused(fp32_path: Path, tmp_path: Path)
     bad = _tampered(fp32_path, tmp_path / "f.onnx", lambda p: _set_meta(p, "fedrec.format", "x/9"))
     with pytest.raises(ModelFileError, match="model format is 'x/9'"):
         OnDeviceModel(bad)
+
+
+def test_a_max_len_that_disagrees_with_the_graph_is_refused(
+    fp32_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A smaller max_len would silently cut every history; a huge one would allocate its
+    window before any check. Both are refused, and a good file's load logs nothing."""
+    OnDeviceModel(fp32_path)
+    assert "onnxruntime" not in capfd.readouterr().err  # the expected refusal is quiet
+    max_len = OnDeviceModel(fp32_path).max_len
+    bad = _tampered(
+        fp32_path, tmp_path / "short.onnx", lambda p: _set_meta(p, "fedrec.max_len", "2")
+    )
+    with pytest.raises(ModelFileError, match=r"max_len is 2 but the graph scores longer"):
+        OnDeviceModel(bad)
+    bad = _tampered(
+        fp32_path, tmp_path / "huge.onnx", lambda p: _set_meta(p, "fedrec.max_len", str(10**12))
+    )
+    with pytest.raises(ModelFileError, match=r"max_len must be in \[1, 100000\]"):
+        OnDeviceModel(bad)
+    assert max_len > 2
+
+
+def test_history_ids_must_be_integers(int8_path: Path) -> None:
+    model = OnDeviceModel(int8_path)
+    for bad in ([5.9, 7.2], ["5", "7"], [float("nan")]):
+        with pytest.raises(DataError, match="must be integers of the catalog"):
+            model.score([bad])
+    with pytest.raises(DataError, match="outside"):
+        model.score([[2**63 - 1]])
+    assert model.score([[]]).shape == (1, model.n_items)

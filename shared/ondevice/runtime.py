@@ -44,6 +44,8 @@ FORMAT_TAG = "fedrec-student-onnx/1"
 META_FORMAT = "fedrec.format"
 META_N_ITEMS = "fedrec.n_items"
 META_MAX_LEN = "fedrec.max_len"
+MAX_HISTORY = 100_000
+"""Upper bound on a model's ``max_len``: the loader allocates windows of that length."""
 META_MODEL_VERSION = "fedrec.model_version"
 META_CATALOG = "fedrec.catalog_fingerprint"
 META_INPUTS = "fedrec.input_names"
@@ -94,8 +96,8 @@ class ModelMetadata:
     def __post_init__(self) -> None:
         if self.n_items < 1:
             raise ConfigError(f"n_items must be >= 1, got {self.n_items}")
-        if self.max_len < 1:
-            raise ConfigError(f"max_len must be >= 1, got {self.max_len}")
+        if not 1 <= self.max_len <= MAX_HISTORY:
+            raise ConfigError(f"max_len must be in [1, {MAX_HISTORY}], got {self.max_len}")
         for name in ("model_version", "catalog_fingerprint"):
             value = getattr(self, name)
             if not value or any(c in value for c in "\n\r,"):
@@ -434,8 +436,10 @@ class OnDeviceModel:
         mask = np.zeros((1, self._max_len), dtype=np.bool_)
         items[0, -1] = 0
         mask[0, -1] = True
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a failure is raised with its message: not logged too
         try:
-            (out,) = self.session.run([OUTPUT_NAME], {"items": items, "mask": mask})
+            (out,) = self.session.run([OUTPUT_NAME], {"items": items, "mask": mask}, quiet)
         except Exception as exc:
             raise ModelFileError(
                 f"{self.source}: probe inference failed: {_short(exc)}; {_REEXPORT_HINT}"
@@ -452,6 +456,22 @@ class OnDeviceModel:
                 f"{self.source}: model returned non-finite scores on a probe input; the "
                 f"weights are corrupt — {_REEXPORT_HINT}"
             )
+        longer = self._max_len + 1  # beyond the position table: the graph must refuse it
+        try:
+            self.session.run(
+                [OUTPUT_NAME],
+                {
+                    "items": np.zeros((1, longer), dtype=np.int64),
+                    "mask": np.ones((1, longer), dtype=np.bool_),
+                },
+                quiet,
+            )
+        except Exception:
+            return
+        raise ModelFileError(
+            f"{self.source}: metadata max_len is {self._max_len} but the graph scores longer "
+            f"windows; the metadata was edited or belongs to another model — {_REEXPORT_HINT}"
+        )
 
     # ------------------------------------------------------------------ scoring
 
@@ -480,7 +500,14 @@ class OnDeviceModel:
 
     def _ids(self, history: npt.ArrayLike, *, truncate: bool = True) -> IntArray:
         """History as int64 ids (the last ``max_len`` if ``truncate``), range-checked."""
-        h = np.asarray(history, dtype=np.int64).reshape(-1)
+        raw = np.asarray(history)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise DataError(
+                f"history item ids must be integers of the catalog, got {raw.dtype} values "
+                f"(e.g. {raw.reshape(-1)[0]!r}); map raw ids through the same catalog as "
+                "the model"
+            )
+        h = raw.astype(np.int64).reshape(-1)
         if truncate:
             h = h[-self._max_len :]
         if h.size and (int(h.min()) < 0 or int(h.max()) >= self._n_items):
