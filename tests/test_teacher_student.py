@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from shared.compression.prune import PruneConfig
 from shared.data.dataset import RecDataset, build_dataset
 from shared.errors import ConfigError, DataError, ModelFileError
 from shared.eval.protocol import evaluate_split
@@ -778,3 +779,38 @@ def test_student_config_narrows_to_a_tenth_of_the_teacher() -> None:
         np.zeros((5, small.text_dim), np.float32), np.zeros((5, small.id_dim), np.float32), small
     )
     assert built.num_parameters() == small.trainable_parameters()
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        (PruneConfig(sparsity=0.5), {"query.weight", "key.weight"}),
+        (
+            PruneConfig(sparsity=0.5, scope="per_layer", include_embeddings=True),
+            {"query.weight", "key.weight", "positions.weight", "input_table", "output_table"},
+        ),
+    ],
+)
+def test_pruning_acts_on_what_the_exported_graph_executes(
+    config: PruneConfig, names: set[str]
+) -> None:
+    """The heads and projections are folded into the item tables at export and the adapter
+    is the identity: pruning them (as before) counted zeros the file never held."""
+    from shared.compression.artifact import prune_export_graph
+
+    model = small_student().eval()
+    export = ExportableStudent(model).eval()
+    items, mask = pad_histories([np.array([1, 2, 3]), np.array([4])], 8)
+    with torch.no_grad():
+        before = export(items, mask)
+    report = prune_export_graph(export, config)
+    assert {layer.name for layer in report.layers} == names
+    assert report.overall == pytest.approx(0.5, abs=0.01)
+    executed = [model.query.weight, model.key.weight]
+    if config.include_embeddings:
+        executed += [model.positions.weight, export.input_table, export.output_table]
+    zeros = sum(int((t == 0).sum()) for t in executed)
+    assert zeros / sum(t.numel() for t in executed) == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():
+        assert not torch.allclose(export(items, mask), before)  # the graph did change
+    assert float(model.head_text.weight.abs().min()) > 0  # folded away: left alone

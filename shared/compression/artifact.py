@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy.typing as npt
 import torch
+from torch import nn
 
 from shared.compression.onnx_export import export_onnx
-from shared.compression.prune import PruneConfig, prune_model
+from shared.compression.prune import PruneConfig, PruneReport, prune_model
 from shared.compression.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
 from shared.io import write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
@@ -44,6 +45,31 @@ class _OnDeviceStudent(ExportableStudent):
         return self.student.config.max_len
 
 
+def prune_export_graph(exportable: ExportableStudent, config: PruneConfig) -> PruneReport:
+    """Magnitude-prune the weights the exported graph executes, in place.
+
+    Those are the pooling layers (query, key, and the value projection and FFN when the
+    student has them) and, with ``include_embeddings``, the recency positions and the folded
+    item tables. The heads and the item projections are folded into those tables at
+    export, and the personal adapter is the identity in a published model (and the user's
+    own in a device's): pruning them would count zeros the file never holds.
+    """
+    student = exportable.student
+    view = nn.Module()
+    for name in ("query", "key", "value", "ffn", "positions"):
+        module = getattr(student, name, None)
+        if module is not None:
+            view.add_module(name, module)  # the same modules: pruned in place
+    tables = {"input_table": exportable.input_table, "output_table": exportable.output_table}
+    for name, table in tables.items():
+        view.register_parameter(name, nn.Parameter(table.clone(), requires_grad=False))
+    report = prune_model(view, config)
+    with torch.no_grad():
+        for name, table in tables.items():
+            table.copy_(getattr(view, name))
+    return report
+
+
 CATALOG_FILE = "catalog.json"
 """Written next to every published model: its raw item ids in model order (a JSON list)."""
 
@@ -62,7 +88,8 @@ def publish_student(
     """Export ``student`` to an int8 ONNX file: the global model (identity adapter) that the
     server publishes, or with ``personal`` the student's own adapter (a device's model).
 
-    Pruning works on a copy of the folded export graph so the caller's student is untouched.
+    Pruning works on a copy of the folded export graph so the caller's student is untouched,
+    and on what that graph executes (:func:`prune_export_graph`).
     """
     import copy
 
@@ -72,7 +99,7 @@ def publish_student(
     exportable = _OnDeviceStudent(model).eval()
     sparsity = 0.0
     if prune is not None and prune.sparsity > 0:
-        sparsity = prune_model(exportable, prune).overall
+        sparsity = prune_export_graph(exportable, prune).overall
     out = Path(out_path)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
