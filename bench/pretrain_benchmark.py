@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from shared.compression.artifact import publish_student
+from shared.compression.prune import PruneConfig
 from shared.compression.quantize import top_k_agreement
+from shared.errors import ConfigError
 from shared.eval.compare import compare_ranks
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE, TextOnly
@@ -56,7 +58,18 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     parser.add_argument("--student-epochs", type=int, default=STUDENT_EPOCHS)
     parser.add_argument("--latency-calls", type=int, default=2000)
+    parser.add_argument(
+        "--prune-sparsity",
+        type=float,
+        default=0.0,
+        help="magnitude-prune every weight matrix the int8 artifact executes (pooling layers, "
+        "positions, folded item tables) to this fraction of zeros before export (default 0)",
+    )
     args = parser.parse_args()
+    try:
+        prune = PruneConfig(args.prune_sparsity, scope="per_layer", include_embeddings=True)
+    except ConfigError as err:
+        parser.error(str(err))
 
     torch.set_num_threads(2)
     run = pretrain_from_args(
@@ -77,7 +90,7 @@ def main() -> None:
         models["teacher (first member alone)"] = pre.teacher.member_scorer(0)
     with tempfile.TemporaryDirectory() as tmp:
         artifact = publish_student(
-            pre.student.model, ds.item_ids, Path(tmp) / "student.onnx", version="0"
+            pre.student.model, ds.item_ids, Path(tmp) / "student.onnx", version="0", prune=prune
         )
         int8 = OnDeviceModel(artifact.path)
         models["student int8 onnx"] = int8
@@ -156,6 +169,7 @@ def main() -> None:
         "command": "python bench/pretrain_benchmark.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
     }
+    out["pruning"] = {"requested": args.prune_sparsity, "achieved": artifact.sparsity}
     out["int8_over_teacher_size"] = (
         out["sizes_bytes"]["student_int8_onnx"] / out["sizes_bytes"]["teacher_with_lm"]
     )
