@@ -456,22 +456,6 @@ class OnDeviceModel:
                 f"{self.source}: model returned non-finite scores on a probe input; the "
                 f"weights are corrupt — {_REEXPORT_HINT}"
             )
-        longer = self._max_len + 1  # beyond the position table: the graph must refuse it
-        try:
-            self.session.run(
-                [OUTPUT_NAME],
-                {
-                    "items": np.zeros((1, longer), dtype=np.int64),
-                    "mask": np.ones((1, longer), dtype=np.bool_),
-                },
-                quiet,
-            )
-        except Exception:
-            return
-        raise ModelFileError(
-            f"{self.source}: metadata max_len is {self._max_len} but the graph scores longer "
-            f"windows; the metadata was edited or belongs to another model — {_REEXPORT_HINT}"
-        )
 
     # ------------------------------------------------------------------ scoring
 
