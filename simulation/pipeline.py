@@ -85,6 +85,14 @@ class RunInterrupted(KeyboardInterrupt):
         self.resumable = resumable
 
 
+def quiet_engine_logs() -> None:
+    """Silence Flower's and Ray's loggers for the rest of the process. After an interrupt
+    the engine's threads log every actor it stopped, with tracebacks, until the command
+    exits: none of it says more than the one-line resume hint."""
+    for noisy in ("flwr", "ray"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL + 1)
+
+
 def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict[str, Any]:
     """Run every stage; returns the summary (also written to ``summary.json``).
 
@@ -95,6 +103,8 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
         return _run_stages(config, run, started, progress)
     except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            quiet_engine_logs()
         # a run that failed before its first round leaves no empty folder behind
         discarded = run.discard_if_new_and_empty()
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):

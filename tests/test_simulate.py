@@ -301,3 +301,36 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
     assert resumed.exit_code == 0, resumed.output
     rounds = json.loads((tmp_path / "tiny" / "summary.json").read_text())["rounds"]
     assert [r["round"] for r in rounds][-1] == done + 1
+
+
+def test_sigterm_stops_an_inprocess_run_like_ctrl_c(tmp_path: Path) -> None:
+    """kill / timeout / docker stop send SIGTERM: the run stops as on Ctrl-C, with the
+    resume hint, and exits 143. (Under Ray, Ray's own handler takes SIGTERM over once the
+    engine starts; see the README.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    args = ["--run-dir", str(tmp_path), "--name", "t", "--cohort-size", "6", "--rounds", "500"]
+    args += ["--backend", "inprocess", "--run-config", TINY]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedrec.cli", "simulate", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and '"round"' in metrics.read_text()):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no round finished"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert f"rerun with --name t (and --run-dir {tmp_path}) to resume" in err

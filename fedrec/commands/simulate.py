@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -121,19 +123,40 @@ def simulate(
                     task, description=stage, info=" ".join(f"{k}={v}" for k, v in info.items())
                 )
 
+        main = threading.current_thread() is threading.main_thread()  # signals: main only
+        previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if main else None
         try:
             summary = run_pipeline(config, progress)
         except RunInterrupted as stop:
             bar.stop()
             _exit_interrupted(stop)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     _print_summary(summary)
 
 
+_terminated = False
+"""Set when SIGTERM (``kill``, ``timeout``, ``docker stop``) stopped the run."""
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM stops a run the way Ctrl-C does: checkpoints kept, a resume hint, Ray shut
+    down (it otherwise aborted with Ray's C++ stack dump and no hint)."""
+    global _terminated
+    _terminated = True
+    from simulation.pipeline import quiet_engine_logs  # imported by the run already
+
+    quiet_engine_logs()  # at once: the engine's threads see their actors die meanwhile
+    raise KeyboardInterrupt
+
+
 def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
-    """Say what an interrupted run kept and leave at once (exit status 130).
+    """Say what an interrupted run kept and leave at once (exit status 130, or 143 after
+    SIGTERM).
 
     At once: the simulation engine's worker threads wait on Ray actors that the interrupt
     stopped, and the interpreter would wait for them for ever at a normal exit. Nothing is
@@ -142,22 +165,24 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
     if stop.resumable:
         message = (
             f"interrupted: {stop.root} keeps what the run did (the checkpoint of every "
-            f"finished round, the privacy ledgers); rerun with --name {stop.root.name} (and "
-            f"--run-dir {stop.root.parent}) to resume"
+            f"finished round, the privacy ledgers); rerun with --name "
+            f"{shlex.quote(stop.root.name)} (and --run-dir {shlex.quote(str(stop.root.parent))})"
+            " to resume"
         )
     else:
         message = "interrupted before the first round finished; nothing to resume"
     typer.secho(message, fg="yellow", err=True)
+    status = 143 if _terminated else 130
     ray = sys.modules.get("ray")  # imported only if the run got as far as starting Ray
     with contextlib.suppress(Exception):  # Ray's processes would otherwise outlive us
         if ray is not None and ray.is_initialized():
-            watchdog = threading.Timer(10.0, os._exit, args=(130,))  # a hung shutdown
+            watchdog = threading.Timer(10.0, os._exit, args=(status,))  # a hung shutdown
             watchdog.daemon = True
             watchdog.start()
             ray.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(status)
 
 
 def _fmt(value: object) -> str:
