@@ -91,6 +91,7 @@ def test_compare_pairs_in_every_case_group_that_ranked_both():
     groups = {
         "federated": {"a": ranks(0, 0, 50, 50), "b": ranks(0, 50, 50, 50), "c": ranks(0, 0, 0, 0)},
         "fewshot k=1": {"a": ranks(0, 50), "c": ranks(50, 50)},  # no b here
+        "fewshot k=300": {"a": ranks(), "b": ranks(), "c": ranks()},  # no user reaches K
     }
     out = compare_pairs(groups, [("a", "b"), ("a", "c"), ("b", "missing")])
     assert set(out) == {"federated", "fewshot k=1"}

@@ -120,8 +120,8 @@ def compare_pairs(
 ) -> dict[str, dict[str, dict[str, dict[str, float | int]]]]:
     """:func:`compare_ranks` of model ``a`` against model ``b`` for every ``(a, b)`` of
     ``pairs``, in every case group of ``ranks`` (``{group: {model: CaseRanks}}``, e.g. the
-    federated users and each few-shot K) that ranked both; a group without one of the two is
-    left out. Returns ``{group: {"a - b": {"sampled_hr@k": {...}, "full_hr@k": {...}}}}`` as
+    federated users and each few-shot K) that ranked both; a group without one of the two, or
+    without cases (a few-shot K that no user's history reaches), is left out. Returns ``{group: {"a - b": {"sampled_hr@k": {...}, "full_hr@k": {...}}}}`` as
     plain dicts (for a JSON summary)."""
     pairs = list(pairs)
     out: dict[str, dict[str, dict[str, dict[str, float | int]]]] = {}
@@ -132,7 +132,7 @@ def compare_pairs(
                 for metric, d in compare_ranks(models[a], models[b], k, seed=seed).items()
             }
             for a, b in pairs
-            if a in models and b in models
+            if a in models and b in models and len(models[a].sampled) > 0
         }
         if rows:
             out[group] = rows
