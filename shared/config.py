@@ -106,6 +106,11 @@ def from_flat(cls: type[T], values: Mapping[str, Any], *, strict: bool = True) -
                 valid = ", ".join(sorted(by_key))
                 raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; valid: {valid}")
             continue
+        if f.name in kwargs:  # cohort_size and cohort-size name one setting
+            raise ConfigError(
+                f"{kebab(key)!r} is given twice ({f.name} and {kebab(key)} name the same "
+                "setting); give each key once"
+            )
         kwargs[f.name] = coerce(value, hints[f.name], kebab(key))
     return cls(**kwargs)
 

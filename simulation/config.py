@@ -170,6 +170,8 @@ class SimulationConfig:
                 f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
                 f"{self.synthetic_users} and {self.synthetic_items}"
             )
+        if not self.run_dir.strip():
+            raise ConfigError("run-dir must not be empty; give the folder that holds the runs")
         check_file_name(self.name, "name (a folder inside run-dir)")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")

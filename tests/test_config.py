@@ -154,3 +154,16 @@ def test_benchmarks_take_the_teacher_ensemble_size_from_the_command_line():
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--teacher-members", bad])
+
+
+def test_run_config_refuses_a_key_given_in_both_spellings_and_an_empty_run_dir() -> None:
+    """cohort_size and cohort-size name one setting: the later one silently won, while the
+    same key given twice was refused. An empty run-dir wrote the run into the current
+    folder, where the --run-dir flag refuses it."""
+    from simulation.config import SimulationConfig
+
+    with pytest.raises(ConfigError, match="'cohort-size' is given twice"):
+        from_flat(SimulationConfig, parse_run_config("cohort_size=3 cohort-size=4"))
+    with pytest.raises(ConfigError, match="run-dir must not be empty"):
+        from_flat(SimulationConfig, parse_run_config("run-dir="))
+    assert from_flat(SimulationConfig, parse_run_config("cohort_size=3")).cohort_size == 3
