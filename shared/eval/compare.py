@@ -121,8 +121,9 @@ def compare_pairs(
     """:func:`compare_ranks` of model ``a`` against model ``b`` for every ``(a, b)`` of
     ``pairs``, in every case group of ``ranks`` (``{group: {model: CaseRanks}}``, e.g. the
     federated users and each few-shot K) that ranked both; a group without one of the two, or
-    without cases (a few-shot K that no user's history reaches), is left out. Returns ``{group: {"a - b": {"sampled_hr@k": {...}, "full_hr@k": {...}}}}`` as
-    plain dicts (for a JSON summary)."""
+    without cases (a few-shot K that no user's history reaches), is left out. Returns
+    ``{group: {"a - b": {"sampled_hr@k": {...}, "full_hr@k": {...}}}}`` as plain dicts (for a
+    JSON summary)."""
     pairs = list(pairs)
     out: dict[str, dict[str, dict[str, dict[str, float | int]]]] = {}
     for group, models in ranks.items():
