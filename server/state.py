@@ -40,7 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki
 from shared.errors import ConfigError, DataError, FedRecError
-from shared.io import exclusive_lock, write_bytes_atomic, write_json_atomic
+from shared.io import (
+    exclusive_lock,
+    lock_holder,
+    try_lock,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 LAYOUT_VERSION = 1
 
@@ -416,16 +422,15 @@ def hold_server_lock(layout: ServerLayout) -> Iterator[None]:
     """Be the one server of ``layout`` until the block ends; :class:`StateDirError` if
     another holds it. The kernel releases the lock when the process dies, however it dies,
     so a stale ``running.json`` never looks alive and two starts cannot both pass."""
-    handle = open(layout.server_lock, "a")  # noqa: SIM115 (held for the block)
+    handle = try_lock(layout.server_lock)
+    if handle is None:
+        info = read_running(layout) or {}
+        pid = info.get("pid") or lock_holder(layout.server_lock)
+        raise StateDirError(
+            f"a server already runs from {layout.state_dir} (pid {pid}, "
+            f"{info.get('address', 'starting')}); stop it first"
+        )
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = read_running(layout) or {}
-            raise StateDirError(
-                f"a server already runs from {layout.state_dir} (pid {info.get('pid', '?')}, "
-                f"{info.get('address', 'starting')}); stop it first"
-            ) from None
         yield
     finally:
         handle.close()  # releases the lock

@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -51,6 +51,34 @@ def exclusive_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def try_lock(path: str | Path) -> IO[str] | None:
+    """Take an exclusive advisory lock (``flock``) on ``path`` without waiting and write this
+    process's pid into it; the open handle holds the lock (close it to release), None when
+    another process holds it (:func:`lock_holder` says which). The kernel releases it when
+    the process dies, however it dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (returned: it holds the lock)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def lock_holder(path: str | Path) -> str:
+    """The pid written by the holder of a :func:`try_lock` lock, or "?"."""
+    try:
+        return Path(path).read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def fsync_dir(path: str | Path) -> None:

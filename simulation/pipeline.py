@@ -211,8 +211,16 @@ def _load(config: SimulationConfig) -> RecDataset:
 
 
 def _run_root(config: SimulationConfig) -> Path:
-    name = config.name or time.strftime(f"{config.dataset}-%Y%m%d-%H%M%S")
-    return Path(config.run_dir) / name
+    """``run-dir/name``; without a name, ``dataset-time``, suffixed (``-2``, ...) when a run
+    started in the same second already took that folder."""
+    if config.name:
+        return Path(config.run_dir) / config.name
+    base = Path(config.run_dir) / time.strftime(f"{config.dataset}-%Y%m%d-%H%M%S")
+    root, n = base, 1
+    while root.exists():
+        n += 1
+        root = base.with_name(f"{base.name}-{n}")
+    return root
 
 
 def _client_data(split: ProtocolSplit) -> ClientData:

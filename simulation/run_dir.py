@@ -4,6 +4,9 @@ checkpoints, plots and the report, all under one folder.
 Metrics are appended one JSON object per line and flushed at once, so a crash loses at most
 the line being written; TensorBoard gets the same scalars.
 
+One run uses a folder at a time (a lock, :data:`LOCK_FILE`): two would interleave their
+metrics and overwrite each other's checkpoints and ledgers.
+
 A run directory is also what a rerun resumes from (its checkpoints and the virtual devices'
 privacy ledgers), so :meth:`RunDirectory.claim` refuses settings that differ from the stored
 ones in anything but the keys a resume may change: a checkpoint trained on another split, or
@@ -21,9 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.io import append_line, ensure_dir, read_json, write_json_atomic
+from shared.io import (
+    append_line,
+    ensure_dir,
+    lock_holder,
+    read_json,
+    try_lock,
+    write_json_atomic,
+)
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+"""Held (``flock``) by the run using the folder; holds its pid."""
 
 
 class RunDirectory:
@@ -36,6 +48,14 @@ class RunDirectory:
         self._created_parents = [p for p in self.root.parents if not p.exists()]
         for folder in (self.root, self.checkpoints, self.plots):
             ensure_dir(folder, what="the run directory", fix="pass --run-dir a writable folder")
+        self._lock = try_lock(self.root / LOCK_FILE)
+        if self._lock is None:
+            raise ConfigError(
+                f"{self.root} is in use by another run (pid "
+                f"{lock_holder(self.root / LOCK_FILE)}); two runs in one folder would mix "
+                "their metrics, checkpoints and ledgers. Wait for it to end, or pass another "
+                "--name"
+            )
         self._tb: Any = None
 
     @property
@@ -142,9 +162,13 @@ class RunDirectory:
                 yield record
 
     def close(self) -> None:
+        """Flush TensorBoard and let another run use the folder."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _writer(self) -> Any:
         if self._tb is None:

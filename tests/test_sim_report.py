@@ -130,3 +130,35 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"
         assert f"plots/{name}.png" in text
+
+
+def test_one_run_uses_a_run_directory_at_a_time(tmp_path: Path) -> None:
+    """Two runs in one folder interleaved their metrics.jsonl and overwrote each other's
+    checkpoints; the second is refused (naming the first's pid) until the first ends."""
+    import os
+    import subprocess
+    import sys
+
+    first = RunDirectory(tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}\)"):
+        RunDirectory(tmp_path / "run")
+    other = [sys.executable, "-c", "from simulation.run_dir import RunDirectory as R; R('run')"]
+    busy = subprocess.run(other, cwd=tmp_path, capture_output=True, text=True)
+    assert busy.returncode != 0 and "in use by another run" in busy.stderr
+    first.close()
+    RunDirectory(tmp_path / "run").close()
+
+
+def test_default_run_names_started_in_one_second_do_not_collide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simulation import pipeline
+    from simulation.config import SimulationConfig
+
+    monkeypatch.setattr(pipeline.time, "strftime", lambda fmt: "synthetic-20261129-120000")
+    config = SimulationConfig(run_dir=str(tmp_path))
+    first = pipeline._run_root(config)
+    first.mkdir()
+    second = pipeline._run_root(config)
+    assert (first.name, second.name) == ("synthetic-20261129-120000", "synthetic-20261129-120000-2")
+    assert pipeline._run_root(SimulationConfig(run_dir=str(tmp_path), name="x")).name == "x"
