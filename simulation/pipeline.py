@@ -157,14 +157,25 @@ def _run_stages(
     final_model.adapter.reset()  # the global model itself is served with the identity
 
     progress("evaluate", {})
-    summary = _evaluate(config, run, dataset, split, pre, initial, final_model, adapter_init)
+    trained = max((int(r["round"]) for r in federation["rounds"]), default=0)
+    if trained < config.rounds:
+        log.warning(
+            "the federation stopped after round %d of %d (a user-level privacy budget that the "
+            "next round would exceed ends a run early; metrics.jsonl has each round)",
+            trained,
+            config.rounds,
+        )
+    summary = _evaluate(
+        config, run, dataset, split, pre, initial, final_model, adapter_init, trained
+    )
     summary["rounds"] = federation["rounds"]
     summary["meta"] = {
         "dataset": dataset.name,
         "users": dataset.n_users,
         "items": dataset.n_items,
         "federated clients": len(clients),
-        "rounds": config.rounds,
+        "rounds": trained,
+        "rounds requested": config.rounds,
         "cohort": min(config.cohort_size, len(clients)),
         "secagg": config.secagg,
         "dp": config.dp,
@@ -434,7 +445,10 @@ def _evaluate(
     initial: StudentModel,
     final: StudentModel,
     adapter_init: dict[str, torch.Tensor],
+    trained: int,
 ) -> dict[str, Any]:
+    """Score every model and publish the final one as ``model-v{trained}`` (the last round
+    trained: a resumed run may be past the rounds asked for, a budget may end one early)."""
     from shared.compression.artifact import publish_student
     from shared.ondevice.runtime import OnDeviceModel
 
@@ -455,8 +469,8 @@ def _evaluate(
     artifact = publish_student(
         final,
         dataset.item_ids,
-        run.root / "models" / f"model-v{config.rounds}.int8.onnx",
-        version=str(config.rounds),
+        run.root / "models" / f"model-v{trained}.int8.onnx",
+        version=str(trained),
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
@@ -503,7 +517,7 @@ def _evaluate(
     comparisons = compare_pairs(by_group, PAIRED_COMPARISONS, eval_cfg.k, seed=config.seed)
     run.log(
         "artifact",
-        config.rounds,
+        trained,
         int8_bytes=artifact.int8_bytes,
         fp32_bytes=artifact.fp32_bytes,
         agreement=artifact.agreement,

@@ -109,6 +109,13 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     # 'auto' chose a reading on validation; the cache remembers which
     assert summary["meta"]["teacher order"] in ("sequence", "set")
     assert summary2["meta"]["teacher order"] == summary["meta"]["teacher order"]
+    # a rerun asking for fewer rounds than the run trained reports (and publishes) what was
+    # trained: it used to say 1 round and write the round-2 model as model-v1
+    fewer = [*args[:4], "1", *args[5:]]
+    assert CliRunner().invoke(app, fewer).exit_code == 0
+    summary3 = json.loads((run / "summary.json").read_text())
+    assert (summary3["meta"]["rounds"], summary3["meta"]["rounds requested"]) == (2, 1)
+    assert summary3["artifact"]["path"].endswith("model-v2.int8.onnx")
 
     # ... but not under other settings: those checkpoints and ledgers were trained with DP
     other = CliRunner().invoke(app, [*args, "--no-dp"])
