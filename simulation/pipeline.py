@@ -291,6 +291,7 @@ def _federate(
         )
     state: dict[str, Any] = {"parameters": None}
     started = time.perf_counter()
+    _log_checkpointed_rounds(run)
     done = _logged_rounds(run)
     first = int(done[-1]["round"]) + 1 if done else 1
     run.log("federate", first)  # where this process starts (its first round is a cold one)
@@ -360,6 +361,42 @@ def _updates_per_second(run: RunDirectory) -> float:
     chosen, clock = (warm, "round_seconds") if warm else (rounds, "fit_seconds")
     seconds = sum(float(r.get(clock) or 0.0) for r in chosen)
     return sum(int(r.get("clients_ok") or 0) for r in chosen) / seconds if seconds > 0 else 0.0
+
+
+def _log_checkpointed_rounds(run: RunDirectory) -> None:
+    """Log the rounds a checkpoint holds but ``metrics.jsonl`` does not, from what the
+    checkpoint recorded (``backfilled``: no validation HR, no epsilon). A process killed
+    between the server's checkpoint and this log line lost that round from every report,
+    and the resume counted the next, cold round as a warm one."""
+    from server.checkpoint import CheckpointStore
+    from shared.errors import DataError
+
+    logged = {int(r["round"]) for r in _logged_rounds(run)}
+    store = CheckpointStore(run.checkpoints, tidy=False)
+    for server_round in store.rounds():
+        if server_round in logged or (logged and server_round < max(logged)):
+            continue
+        try:
+            m = store.load(server_round).metrics
+        except DataError:
+            continue  # an unverifiable checkpoint: the server skips it too
+        run.log(
+            "round",
+            server_round,
+            round=server_round,
+            clients_ok=m.get("clients-ok"),
+            clients_declined=m.get("clients-declined"),
+            clients_failed=_sum_counts(m.get("clients-failed"), m.get("clients-rejected")),
+            fit_seconds=m.get("fit-seconds"),
+            round_seconds=m.get("round-seconds"),
+            valid_loss=m.get("eval-loss"),
+            backfilled=True,
+        )
+
+
+def _sum_counts(*values: Any) -> int | None:
+    numbers = [int(v) for v in values if isinstance(v, int | float)]
+    return sum(numbers) if numbers else None
 
 
 def _logged_rounds(run: RunDirectory) -> list[dict[str, Any]]:

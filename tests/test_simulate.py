@@ -341,3 +341,25 @@ def test_sigterm_stops_an_inprocess_run_like_ctrl_c(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 143, err[-2000:]
     assert f"rerun with --name t (and --run-dir {tmp_path}) to resume" in err
+
+
+def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A process killed between the server's checkpoint and the metrics line lost that
+    round from every report, and the resume counted its first (cold) round as warm."""
+    args = ["simulate", "--backend", "inprocess", "--cohort-size", "6", "--run-dir"]
+    args += [str(tmp_path), "--name", "cut", "--run-config", TINY, "--json", "--rounds"]
+    assert CliRunner().invoke(app, [*args, "2"]).exit_code == 0
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    round_2 = next(i for i, line in enumerate(lines) if '"event": "round", "step": 2' in line)
+    metrics.write_text("\n".join(lines[:round_2]) + "\n")  # as if killed right after it
+    resumed = CliRunner().invoke(app, [*args, "3"])
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert summary["rounds"][1]["backfilled"] is True
+    assert summary["rounds"][1]["clients_ok"] == 6
+    federate = [json.loads(x) for x in metrics.read_text().splitlines() if '"federate"' in x]
+    assert federate[-1]["step"] == 3  # this process started at round 3
