@@ -8,6 +8,7 @@ from shared.ondevice.runtime import (
     OnDeviceModel,
     RuntimeConfig,
     catalog_fingerprint,
+    graph_digest,
     ort_max_opset,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "OnDeviceModel",
     "RuntimeConfig",
     "catalog_fingerprint",
+    "graph_digest",
     "ort_max_opset",
 ]

@@ -44,6 +44,9 @@ FORMAT_TAG = "fedrec-student-onnx/1"
 META_FORMAT = "fedrec.format"
 META_N_ITEMS = "fedrec.n_items"
 META_MAX_LEN = "fedrec.max_len"
+META_GRAPH_SHA256 = "fedrec.graph_sha256"
+"""SHA-256 of the serialized graph (nodes and weights): a file damaged in transit or on disk
+is refused instead of scoring differently. Files without it (older exports) still load."""
 MAX_HISTORY = 100_000
 """Upper bound on a model's ``max_len``: the loader allocates windows of that length."""
 META_MODEL_VERSION = "fedrec.model_version"
@@ -126,8 +129,9 @@ class ModelMetadata:
         }
 
     def apply_to(self, proto: onnx.ModelProto) -> None:
-        """Write these keys into ``proto.metadata_props`` (replacing them; others are kept)."""
-        props = self.to_props()
+        """Write these keys into ``proto.metadata_props`` (replacing them; others are kept),
+        with the digest of the graph as it is now (call it last, before serializing)."""
+        props = {**self.to_props(), META_GRAPH_SHA256: graph_digest(proto)}
         keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
         del proto.metadata_props[:]
         for key, value in [*keep, *props.items()]:
@@ -172,6 +176,11 @@ class ModelMetadata:
             )
         except ConfigError as exc:
             raise ModelFileError(f"{source}: invalid metadata: {exc}; {_REEXPORT_HINT}") from exc
+
+
+def graph_digest(proto: onnx.ModelProto) -> str:
+    """SHA-256 (hex) of ``proto``'s graph, serialized deterministically."""
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 @functools.cache
@@ -294,6 +303,7 @@ class OnDeviceModel:
         )
         self._check_expectations(expected_n_items, expected_catalog_fingerprint)
         self._check_graph_io(proto)
+        self._check_digest(proto)
         self.session = self._make_session(data)
         del proto, data
         self._max_len = self.metadata.max_len
@@ -429,6 +439,16 @@ class OnDeviceModel:
                 f"{self.source}: onnxruntime {ort.__version__} could not load the model: "
                 f"{_short(exc)}; {_REEXPORT_HINT}"
             ) from exc
+
+    def _check_digest(self, proto: onnx.ModelProto) -> None:
+        """Refuse a graph that differs from the digest written at export (a flipped bit in a
+        weight loaded and scored differently, with no error)."""
+        recorded = next((p.value for p in proto.metadata_props if p.key == META_GRAPH_SHA256), None)
+        if recorded is not None and recorded != graph_digest(proto):
+            raise ModelFileError(
+                f"{self.source}: the graph does not match the digest written at export: the "
+                f"file is corrupt or was modified — {_REEXPORT_HINT}"
+            )
 
     def _probe(self) -> None:
         """One real inference on a one-item history: catches width/type errors early."""
