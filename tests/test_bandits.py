@@ -611,3 +611,28 @@ def test_a_slate_larger_than_top_n_takes_the_next_best_candidates() -> None:
     scores = np.linspace(1.0, 0.0, 20)
     assert policy.select(cand, scores, np.zeros((20, 3)), k=8).tolist() == list(range(8))
     assert len(policy.select(cand, scores, np.zeros((20, 3)), k=3)) == 3
+
+
+@pytest.mark.parametrize("name", ["linucb", "thompson", "epsilon_greedy", "greedy"])
+def test_candidates_scored_nan_or_minus_inf_only_fill_what_is_left(name: str) -> None:
+    """Their score maps to the lowest z, which LinUCB's bonus rewarded: an untrained LinUCB
+    showed them first."""
+    from shared.bandits.policies import BanditConfig, make_policy
+
+    config = BanditConfig(policy=name, top_n=20, slate_size=5, feature_dim=2, mmr_lambda=0.4)
+    policy = make_policy(config, 30)
+    scores = np.linspace(1.0, 0.0, 20)
+    scores[[3, 7]] = [np.nan, -np.inf]
+    feats = np.random.default_rng(0).normal(size=(20, 2))
+    slate = policy.select(np.arange(20), scores, feats, rng=np.random.default_rng(1))
+    assert not {3, 7} & set(slate.tolist())
+    everything = make_policy(config, 30).select(np.arange(20), scores, feats, k=20)
+    assert sorted(everything.tolist()) == list(range(20))
+    assert set(everything[-2:].tolist()) == {3, 7}
+
+
+def test_max_pending_below_the_slate_size_is_refused() -> None:
+    from shared.bandits.policies import BanditConfig
+
+    with pytest.raises(ConfigError, match=r"max-pending \(1\) must be at least slate-size"):
+        BanditConfig(max_pending=1)
