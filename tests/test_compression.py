@@ -205,6 +205,17 @@ def test_export_matches_torch_for_any_batch_and_length(tied: bool, tmp_path: Pat
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_with_non_finite_scores_is_not_exported(tmp_path: Path) -> None:
+    """A diverged federation (lr=1e30) ended with 'the model likely has shape-dependent
+    Python control flow': the export blamed the code for NaN weights."""
+    model = StandInStudent(n_items=50, dim=8, max_len=5, seed=1).eval()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ModelFileError, match="own scores are not finite .* training diverged"):
+        export_onnx(model, tmp_path / "m.onnx", model_version="v", catalog_fingerprint="c")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_exported_metadata_and_runtime_scores(student: StandInStudent, fp32_path: Path) -> None:
     proto = onnx.load(str(fp32_path))
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})

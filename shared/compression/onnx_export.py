@@ -210,6 +210,12 @@ def verify_against_torch(model: nn.Module, data: bytes, config: ExportConfig) ->
             items, mask = _example_inputs(n_items, batch, seq, gen)
             with torch.no_grad():
                 expected = model(items, mask).float().numpy()
+            if not np.isfinite(expected).all():
+                raise ModelFileError(
+                    "the model's own scores are not finite (its weights are NaN or overflow): "
+                    "training diverged, e.g. a learning rate too large for these settings; "
+                    "nothing was exported"
+                )
             (got,) = session.run([OUTPUT_NAME], {"items": items.numpy(), "mask": mask.numpy()})
             if got.shape != expected.shape or not np.allclose(
                 got, expected, atol=config.atol, rtol=config.rtol
