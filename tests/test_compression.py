@@ -211,7 +211,7 @@ def test_a_model_with_non_finite_scores_is_not_exported(tmp_path: Path) -> None:
     model = StandInStudent(n_items=50, dim=8, max_len=5, seed=1).eval()
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
-    with pytest.raises(ModelFileError, match="own scores are not finite .* training diverged"):
+    with pytest.raises(ModelFileError, match=r"own scores are not finite .* training diverged"):
         export_onnx(model, tmp_path / "m.onnx", model_version="v", catalog_fingerprint="c")
     assert not (tmp_path / "m.onnx").exists()
 
