@@ -124,6 +124,8 @@ class SimulationConfig:
     name: str = ""
     cache_dir: str = ""
     publish_each_round: bool = False
+    # magnitude pruning of every published model (0 = none; see publish_prune)
+    prune_sparsity: float = 0.0
     checkpoint_keep: int = 3  # the newest checkpoints kept in checkpoints/ (server default)
     progress: bool = True
 
@@ -231,6 +233,7 @@ class SimulationConfig:
             **{k: v for k, v in to_flat(self.local_train_config()).items() if k != "seed"},
             "meta-learning": self.meta_learning,
             "device": self.device,
+            "prune-sparsity": self.prune_sparsity,
             **self.server_optimizer_settings().run_config(),
             "user-dp": self.user_dp,
             "user-dp-noise-multiplier": self.user_dp_noise_multiplier,

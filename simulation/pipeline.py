@@ -487,6 +487,7 @@ def _evaluate(
     """Score every model and publish the final one as ``model-v{trained}`` (the last round
     trained: a resumed run may be past the rounds asked for, a budget may end one early)."""
     from shared.compression.artifact import publish_student
+    from shared.compression.prune import publish_prune
     from shared.ondevice.runtime import OnDeviceModel
 
     eval_cfg = EvalConfig(seed=config.seed)
@@ -508,6 +509,7 @@ def _evaluate(
         dataset.item_ids,
         run.root / "models" / f"model-v{trained}.int8.onnx",
         version=str(trained),
+        prune=publish_prune(config.prune_sparsity),
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs

@@ -363,3 +363,15 @@ def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
     assert summary["rounds"][1]["clients_ok"] == 6
     federate = [json.loads(x) for x in metrics.read_text().splitlines() if '"federate"' in x]
     assert federate[-1]["step"] == 3  # this process started at round 3
+
+
+def test_prune_sparsity_reaches_the_published_model(tmp_path: Path) -> None:
+    """`prune-sparsity` prunes every weight matrix the int8 graph executes, each to that
+    fraction of zeros; the artifact's report says what it got."""
+    args = ["simulate", "--backend", "inprocess", "--rounds", "1", "--cohort-size", "6"]
+    args += ["--run-dir", str(tmp_path), "--run-config", f"{TINY} prune-sparsity=0.5", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    artifact = json.loads(result.stdout)["artifact"]
+    assert artifact["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert Path(artifact["path"]).exists()

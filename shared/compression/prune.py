@@ -81,6 +81,17 @@ class PruneReport:
         }
 
 
+def publish_prune(sparsity: float) -> PruneConfig | None:
+    """How a published model is pruned at ``prune-sparsity``: every weight matrix its graph
+    executes, each to exactly that fraction of zeros (None at 0: no pruning)."""
+    if isinstance(sparsity, bool) or not (
+        isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0
+    ):
+        raise ConfigError(f"prune-sparsity must be a number in [0, 1), got {sparsity!r}")
+    config = PruneConfig(float(sparsity), scope="per_layer", include_embeddings=True)
+    return config if config.sparsity > 0 else None
+
+
 def prune_targets(model: nn.Module, config: PruneConfig) -> list[tuple[str, nn.Module, str]]:
     """The ``(qualified name, module, parameter name)`` triples ``config`` selects.
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.compression.prune import publish_prune
 from shared.config import field_names, from_flat
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
@@ -64,6 +65,8 @@ class StudentTaskConfig:
     num_threads: int = 1
     meta_learning: bool = False
     device: str = "auto"
+    # magnitude pruning of each published global model (0 = none; see publish_prune)
+    prune_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.bundle:
@@ -72,6 +75,7 @@ class StudentTaskConfig:
             raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
         PrivacyBudget(self.epsilon_budget, self.delta)
         resolve_device(self.device)
+        publish_prune(self.prune_sparsity)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -332,7 +336,13 @@ class StudentTask:
         path = Path(out_dir) / f"model-v{version}.int8.onnx"
         with self._lock:
             set_global_arrays(self.model, parameters, self._meta)
-            publish_student(self.model, self.bundle.item_ids, path, version=str(version))
+            publish_student(
+                self.model,
+                self.bundle.item_ids,
+                path,
+                version=str(version),
+                prune=publish_prune(self.config.prune_sparsity),
+            )
         return path
 
     def _round_config(self, config: Mapping[str, ConfigValue], client_id: int) -> LocalTrainConfig:
