@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -284,11 +285,7 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.monotonic() + 240
-        while not (metrics.exists() and '"round"' in metrics.read_text()):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no round finished"
-            time.sleep(0.5)
+        _wait_for_a_round(proc, metrics)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -317,7 +314,6 @@ def test_sigterm_stops_an_inprocess_run_like_ctrl_c(tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
-    import time
 
     metrics = tmp_path / "t" / "metrics.jsonl"
     args = ["--run-dir", str(tmp_path), "--name", "t", "--cohort-size", "6", "--rounds", "500"]
@@ -329,11 +325,7 @@ def test_sigterm_stops_an_inprocess_run_like_ctrl_c(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        while not (metrics.exists() and '"round"' in metrics.read_text()):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no round finished"
-            time.sleep(0.5)
+        _wait_for_a_round(proc, metrics)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -375,3 +367,14 @@ def test_prune_sparsity_reaches_the_published_model(tmp_path: Path) -> None:
     artifact = json.loads(result.stdout)["artifact"]
     assert artifact["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert Path(artifact["path"]).exists()
+
+
+def _wait_for_a_round(proc: Any, metrics: Path) -> None:
+    """Until the simulation in ``proc`` has logged a finished round (4 minutes at most)."""
+    import time
+
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"round"' in metrics.read_text()):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "no round finished"
+        time.sleep(0.5)
