@@ -275,6 +275,9 @@ def test_a_user_error_exits_2_with_one_line(
         (["evaluate", "baselines", "-o", "{tmp}/new/sub/r.json", "-d", "bogus"], "bogus"),
         (["bandits", "evaluate", "-o", "{tmp}/new/sub", "--users", "0"], "--users must be"),
         (["bandits", "evaluate", "-o", "{tmp}/out", "--tag", "a/b"], "--tag becomes a file"),
+        # every policy is compared: a policy key was accepted, ignored and reported
+        (["bandits", "evaluate", "--run-config", "policy=thompson"], "policy does not apply"),
+        (["bandits", "evaluate", "--seed", "-1"], "--seed must be an integer >= 0"),
     ],
 )
 def test_outputs_and_counts_are_checked_before_the_run(

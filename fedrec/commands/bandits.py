@@ -592,6 +592,12 @@ def _check_common(world: str, fmt: str, output_dir: Path, users: int | None) -> 
 
 def _bandit_config(run_config: str) -> BanditConfig:
     values = parse_run_config(run_config)
+    if "policy" in values:
+        raise ConfigError(
+            "--run-config policy does not apply here: the evaluation compares every policy "
+            "(greedy, epsilon_greedy, thompson, linucb, with and without diversity); a device "
+            "picks its own with --config bandit-policy=... (fedrec client start or serve-api)"
+        )
     unknown = set(k.replace("_", "-") for k in values) - field_names(BanditConfig)
     if unknown:
         valid = ", ".join(sorted(field_names(BanditConfig)))

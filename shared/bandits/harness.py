@@ -140,7 +140,7 @@ class SimulationConfig:
 
 
 #: The flags of `fedrec bandits` that set a simulation field of another name.
-_FLAGS = {"n_users": "--users", "steps": "--steps", "seed": "--seed"}
+_FLAGS = {"n_users": "--users", "steps": "--steps", "seed": "--seed", "world_seed": "--seed"}
 
 
 def _check_int(name: str, value: object, low: int) -> None:
