@@ -9,7 +9,7 @@ import typer
 
 from fedrec.options import DataDirOpt, DatasetOpt, SeedOpt
 from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS
-from shared.data.registry import check_no_data_dir, load_dataset_with_report
+from shared.data.registry import load_dataset_with_report
 from shared.errors import ConfigError
 
 app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
@@ -31,7 +31,6 @@ def info(
     ] = None,
 ) -> None:
     """Load a dataset, apply the documented filters, print its summary and what was dropped."""
-    check_no_data_dir(dataset, data_dir)
     if dataset == "synthetic" and min_user_interactions is not None:
         raise ConfigError(
             "the synthetic world is generated unfiltered: --min-user-interactions does not "

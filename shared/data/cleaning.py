@@ -476,15 +476,17 @@ def drop_duplicates(name: str, raw: RawInteractions) -> tuple[RawInteractions, i
     return raw.select(~duplicate), dropped
 
 
-def _duplicate_mask(raw: RawInteractions) -> npt.NDArray[np.bool_]:
-    """True for every row whose (user, item, timestamp) already appeared earlier in the file."""
+def _duplicate_mask(raw: RawInteractions, *, same_time: bool = True) -> npt.NDArray[np.bool_]:
+    """True for every row whose (user, item, timestamp) already appeared earlier in the file;
+    with ``same_time=False``, whose (user, item) appeared at an earlier (or the same) time."""
     duplicate = np.zeros(len(raw), dtype=bool)
     if len(raw) < 2:
         return duplicate
     _, user = np.unique(raw.user, return_inverse=True)
     _, item = np.unique(raw.item, return_inverse=True)
     order = np.lexsort((raw.timestamp, item, user))  # stable: equal keys keep file order
-    keys = np.stack([user[order], item[order], raw.timestamp[order]])
+    columns = [user[order], item[order]] + ([raw.timestamp[order]] if same_time else [])
+    keys = np.stack(columns)
     same_as_previous = np.all(keys[:, 1:] == keys[:, :-1], axis=0)
     duplicate[order[1:][same_as_previous]] = True
     return duplicate
@@ -493,14 +495,7 @@ def _duplicate_mask(raw: RawInteractions) -> npt.NDArray[np.bool_]:
 def drop_repeats(name: str, raw: RawInteractions) -> tuple[RawInteractions, int]:
     """Drop later interactions with an item the user already had; the earliest stays (ties
     in time: the first in file order)."""
-    repeat = np.zeros(len(raw), dtype=bool)
-    if len(raw) > 1:
-        _, user = np.unique(raw.user, return_inverse=True)
-        _, item = np.unique(raw.item, return_inverse=True)
-        order = np.lexsort((raw.timestamp, item, user))  # stable: file order breaks ties
-        pairs = np.stack([user[order], item[order]])
-        same_pair = np.all(pairs[:, 1:] == pairs[:, :-1], axis=0)
-        repeat[order[1:][same_pair]] = True
+    repeat = _duplicate_mask(raw, same_time=False)
     dropped = int(repeat.sum())
     if dropped:
         logger.warning(

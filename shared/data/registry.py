@@ -135,13 +135,14 @@ def dataset_dir(
         return _find_layout(name, Path(data_dir).expanduser())
     cached = cached_dataset_dir(name, cache_dir)
     if cached is not None:
-        if _holds_layout(name, cached) is None:
+        found = _holds_layout(name, cached)
+        if found is None:
             raise DatasetNotFoundError(
                 f"{name}: the cached copy {cached} is incomplete (it "
                 f"{_missing_files(name, cached)}); delete that folder to download the dataset "
                 "again, or pass --data-dir PATH to a complete copy"
             )
-        return _find_layout(name, cached)
+        return found
     if name in ARCHIVES and download:
         return _find_layout(name, download_dataset(name, cache_dir))
     raise DatasetNotFoundError(_not_found_message(name, resolve_cache_dir(cache_dir), download))
