@@ -345,6 +345,44 @@ def test_state_round_trip(name: str) -> None:
     assert clone.update(pending_item, 1.0)  # an impression shown before the restart
 
 
+def test_tagged_feedback_learns_from_its_own_slates_impression() -> None:
+    """An item pending in two slates is matched to the slate the feedback names, whose
+    context (the item's score among that slate's candidates) is what the reward is about."""
+    policy = make_policy(_cfg(policy="linucb", top_n=3), N_ITEMS)
+    cand = np.array([5, 6, 7], dtype=np.int64)
+    feats = np.zeros((3, 3))
+    policy.select(cand, np.array([3.0, 1.0, 2.0]), feats, tag="first")  # item 5 on top
+    policy.select(cand, np.array([-3.0, 1.0, 2.0]), feats, tag="second")  # item 5 at the bottom
+    contexts = {tag: ctx for item, ctx, tag in policy.state_dict()["pending"] if item == 5}
+    assert contexts["first"][1] > 0 > contexts["second"][1]
+
+    before = policy.posterior.A.copy()
+    assert policy.update_many([5], [1.0], tags=["second"]) == 1
+    left = [(item, tag) for item, _, tag in policy.state_dict()["pending"] if item == 5]
+    assert left == [(5, "first")]  # the oldest impression stays: it was not this click
+    x = np.asarray(contexts["second"])
+    np.testing.assert_allclose(policy.posterior.A - before, np.outer(x, x), atol=1e-12)
+
+    # the slate's impression is consumed: its feedback again, or a slate never shown, is refused
+    assert policy.update_many([5, 6], [1.0, 1.0], tags=["second", "third"]) == 0
+    assert policy.feedback_counts["rejected_not_shown"] == 2
+    with pytest.raises(DataError, match="2 items but 1 slate tags"):
+        policy.update_many([5, 6], [1.0, 0.0], tags=["first"])
+    # untagged feedback takes the oldest impression, as before tags existed
+    assert policy.update(5, 0.0)
+    assert all(item != 5 for item, _, _ in policy.state_dict()["pending"])
+
+
+def test_state_without_slate_tags_still_loads() -> None:
+    policy = _trained()
+    state = json.loads(json.dumps(policy.state_dict()))
+    state["pending"] = [entry[:2] for entry in state["pending"]]  # written before tags
+    clone = make_policy(_cfg(), N_ITEMS)
+    clone.load_state_dict(state)
+    assert clone.n_pending == policy.n_pending
+    assert clone.update(int(state["pending"][0][0]), 1.0)
+
+
 def _corrupt(state: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
     out = json.loads(json.dumps(state))
     node = out
@@ -378,6 +416,7 @@ def test_corrupt_state_is_refused() -> None:
         (("feedback_counts",), {"accepted": -3}),
         (("pending",), [[N_ITEMS + 1, [0.0] * d]]),
         (("pending",), [[1, [1e9] * d]]),
+        (("pending",), [[1, [0.0] * d, 7]]),
     ]
     for path, value in bad:
         fresh = make_policy(_cfg(), N_ITEMS)

@@ -621,6 +621,23 @@ def test_the_bandit_learns_from_clicks_and_keeps_its_posterior(
         again.shutdown()
 
 
+def test_feedback_is_learned_in_the_slate_it_names(device: Device) -> None:
+    """The same item shown in two recommendations is two impressions: feedback on the second
+    consumes the second's, not the oldest one."""
+    first = device.client.get("/recommendations", params={"k": 4}).json()
+    second = device.client.get("/recommendations", params={"k": 4}).json()
+    shared_items = {i["item_id"] for i in first["items"]} & {i["item_id"] for i in second["items"]}
+    item = sorted(shared_items)[0]  # the model's order, unchanged: the same slate twice
+    fb = {"recommendation_id": second["recommendation_id"], "item_id": item, "action": "clicked"}
+    assert device.client.post("/feedback", json={"feedback": [fb]}).status_code == 200
+    reranker = device.daemon.reranker
+    assert isinstance(reranker, BanditReranker)
+    column = ITEM.index(item)
+    slates = [tag for col, _, tag in reranker.state()["pending"] if col == column]
+    assert slates == [first["recommendation_id"]]
+    assert reranker.feedback_counts["accepted"] == 1
+
+
 def test_exploration_config_from_flat_keys() -> None:
     cfg = DaemonConfig.from_values({"bandit-policy": "thompson", "bandit-mmr-lambda": "0.6"})
     assert cfg.exploration.policy == "thompson" and cfg.exploration.mmr_lambda == 0.6

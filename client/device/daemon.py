@@ -247,7 +247,21 @@ class LearningReranker(Reranker, Protocol):
 
     def on_model(self, model: OnDeviceModel | None) -> None: ...
 
-    def observe(self, columns: Sequence[int], rewards: Sequence[float]) -> int: ...
+    def rerank(
+        self, candidates: IntArray, scores: FloatArray, k: int, slate_id: str | None = None
+    ) -> Sequence[int]:
+        """As :meth:`Reranker.rerank`; ``slate_id`` is the recommendation id that this
+        slate's feedback will name."""
+        ...
+
+    def observe(
+        self,
+        columns: Sequence[int],
+        rewards: Sequence[float],
+        slate_ids: Sequence[str | None] | None = None,
+    ) -> int:
+        """Learn from feedback on shown columns, each about the slate its id names."""
+        ...
 
     def reset(self) -> None: ...
 
@@ -761,13 +775,12 @@ class Daemon:
         available[np.unique(history)] = False
         columns = np.flatnonzero(available)
         pool = min(max(k, self.config.candidate_pool), columns.size)
-        if pool == 0:
-            chosen: list[int] = []
-        else:
+        rec_id = uuid.uuid4().hex
+        chosen: list[int] = []
+        if pool > 0:
             top = columns[np.argpartition(-scores[columns], pool - 1)[:pool]]
             candidates = top[np.lexsort((top, -scores[top]))].astype(np.int64)
-            chosen = self._rerank(candidates, scores[candidates], min(k, pool))
-        rec_id = uuid.uuid4().hex
+            chosen = self._rerank(candidates, scores[candidates], min(k, pool), rec_id)
         now = time.time()
         items = tuple(
             RecommendedItem(catalog.item_ids[c], rank, float(scores[c]))
@@ -778,10 +791,15 @@ class Daemon:
         )
         return Recommendation(rec_id, info.model_version, info.version, self.reranker.name, items)
 
-    def _rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> list[int]:
+    def _rerank(self, candidates: IntArray, scores: FloatArray, k: int, rec_id: str) -> list[int]:
         greedy = GreedyReranker()
+        reranker = self.reranker
         try:
-            out = [int(c) for c in self.reranker.rerank(candidates, scores, k)]
+            if isinstance(reranker, LearningReranker):
+                picked = reranker.rerank(candidates, scores, k, slate_id=rec_id)
+            else:
+                picked = reranker.rerank(candidates, scores, k)
+            out = [int(c) for c in picked]
         except Exception:
             logger.exception("reranker %s failed; serving the model's order", self.reranker.name)
             return list(greedy.rerank(candidates, scores, k))
@@ -820,14 +838,15 @@ class Daemon:
                 pair = (fb.recommendation_id, fb.item_id)
                 if pair not in earlier:
                     reward[pair] = max(reward.get(pair, 0.0), float(fb.action == "clicked"))
-            columns, rewards = [], []
-            for (_, item_id), value in reward.items():
+            columns, rewards, slates = [], [], []
+            for (rec_id, item_id), value in reward.items():
                 col = catalog.dense(item_id)
                 if col is not None:
                     columns.append(col)
                     rewards.append(value)
+                    slates.append(rec_id)
             try:
-                reranker.observe(columns, rewards)
+                reranker.observe(columns, rewards, slates)
             except Exception:
                 logger.exception(
                     "exploration policy %s failed to learn from feedback", reranker.name

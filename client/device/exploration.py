@@ -20,6 +20,8 @@ What it adds to the policy itself:
 * **Feedback semantics.** An impression reported ``clicked`` is reward 1, ``shown`` (seen, not
   clicked) reward 0. Each impression is learned from once; a later report on the same
   impression is stored but ignored by the policy (logged and counted as ``no_impression``).
+  Feedback names its recommendation, and the policy learns from that slate's impression of
+  the item (the context it was shown in), also when the item is pending in several slates.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ class BanditReranker:
             if version != self._model_version:
                 self._model_version, self._policy = version, None
 
-    def rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> Sequence[int]:
+    def rerank(
+        self, candidates: IntArray, scores: FloatArray, k: int, slate_id: str | None = None
+    ) -> Sequence[int]:
         with self._lock:
             policy, features = self._ready()
             slate = policy.select(
@@ -100,19 +104,28 @@ class BanditReranker:
                 features[candidates],
                 k,
                 diversity_embeddings=features[candidates],
+                tag=slate_id,
             )
             self._save(policy)
         return [int(c) for c in slate]
 
-    def observe(self, columns: Sequence[int], rewards: Sequence[float]) -> int:
-        """Learn from the outcome of shown items (model columns); returns how many counted."""
+    def observe(
+        self,
+        columns: Sequence[int],
+        rewards: Sequence[float],
+        slate_ids: Sequence[str | None] | None = None,
+    ) -> int:
+        """Learn from the outcome of shown items (model columns), each matched to its
+        impression in the slate named by ``slate_ids`` (the recommendation id given to
+        :meth:`rerank`); returns how many counted."""
         if not columns:
             return 0
         with self._lock:
             if self._model is None:
                 return 0
             policy, _ = self._ready()
-            accepted = policy.update_many(list(columns), list(rewards))
+            tags = None if slate_ids is None else list(slate_ids)
+            accepted = policy.update_many(list(columns), list(rewards), tags)
             self._save(policy)
         return accepted
 

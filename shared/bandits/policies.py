@@ -410,8 +410,8 @@ class Policy(ABC):
         self.n_items = int(n_items)
         self.rng = np.random.default_rng(config.seed)
         self.feedback_counts: Counter[str] = Counter()
-        # impression id -> (item, context); per item, its impression ids oldest first
-        self._pending: OrderedDict[int, tuple[int, FloatArray]] = OrderedDict()
+        # impression id -> (item, context, slate tag); per item, its impression ids oldest first
+        self._pending: OrderedDict[int, tuple[int, FloatArray, str | None]] = OrderedDict()
         self._pending_by_item: dict[int, deque[int]] = {}
         self._next_impression = 0
         self._warned: set[str] = set()
@@ -438,6 +438,7 @@ class Policy(ABC):
         k: int | None = None,
         rng: np.random.Generator | None = None,
         diversity_embeddings: npt.ArrayLike | None = None,
+        tag: str | None = None,
     ) -> IntArray:
         """Choose a slate of ``k`` item ids (default ``slate_size``) among ``candidates``.
 
@@ -450,9 +451,14 @@ class Policy(ABC):
             rng: randomness for exploration (default: the policy's own seeded generator).
             diversity_embeddings: ``(len(candidates), e)`` vectors whose cosine similarity the
                 MMR term uses (the LM text embeddings); default ``item_features``.
+            tag: names this slate (the device's recommendation id), so that feedback carrying
+                the same tag is matched to this slate's impression of an item even when the
+                item is pending in several slates, each with its own context.
 
         Returns the slate in display order. Every shown item becomes a pending impression.
         """
+        if tag is not None and not isinstance(tag, str):
+            raise DataError(f"slate tag must be a string, got {type(tag).__name__}")
         cand, scores, feats, emb = self._check_inputs(
             candidates, model_scores, item_features, diversity_embeddings
         )
@@ -476,7 +482,7 @@ class Policy(ABC):
         rest = np.setdiff1d(np.arange(len(cand)), valid)[: size - len(picked)]
         chosen = np.concatenate([valid[picked], rest]).astype(np.int64)
         for pos in chosen:
-            self._add_impression(int(cand[pos]), contexts[pos])
+            self._add_impression(int(cand[pos]), contexts[pos], tag)
         return cand[chosen].astype(np.int64)
 
     def contexts(self, scores: FloatArray, features: FloatArray) -> FloatArray:
@@ -522,17 +528,31 @@ class Policy(ABC):
         """Learn from the reward of one shown item; ``False`` (logged, counted) if refused."""
         return self.update_many([item], [reward]) == 1
 
-    def update_many(self, items: Sequence[object], rewards: Sequence[object]) -> int:
+    def update_many(
+        self,
+        items: Sequence[object],
+        rewards: Sequence[object],
+        tags: Sequence[str | None] | None = None,
+    ) -> int:
         """Feedback for several impressions at once (one rank-m posterior update).
+
+        ``tags`` (one per item) name the slate each feedback is about (the ``tag`` given to
+        :meth:`select`): the item's impression in that slate is consumed, and feedback for a
+        slate the item is no longer pending in is refused. Without a tag, the item's oldest
+        pending impression is consumed.
 
         Returns how many were accepted; refused ones are logged and counted by reason.
         """
         if len(items) != len(rewards):
             raise DataError(f"{len(items)} items but {len(rewards)} rewards")
+        if tags is None:
+            tags = [None] * len(items)
+        elif len(tags) != len(items):
+            raise DataError(f"{len(items)} items but {len(tags)} slate tags")
         rows: list[FloatArray] = []
         values: list[float] = []
-        for item, reward in zip(items, rewards, strict=True):
-            accepted = self._accept(item, reward)
+        for item, reward, tag in zip(items, rewards, tags, strict=True):
+            accepted = self._accept(item, reward, tag)
             if accepted is not None:
                 rows.append(accepted[0])
                 values.append(accepted[1])
@@ -546,7 +566,9 @@ class Policy(ABC):
 
     _learns: ClassVar[bool] = True
 
-    def _accept(self, item: object, reward: object) -> tuple[FloatArray, float] | None:
+    def _accept(
+        self, item: object, reward: object, tag: str | None = None
+    ) -> tuple[FloatArray, float] | None:
         """Validate one feedback; consume its impression and return (context, clipped reward)."""
         if isinstance(item, bool) or not isinstance(item, int | np.integer):
             self._refuse("bad_item", f"item id {item!r} is not an integer")
@@ -564,13 +586,19 @@ class Policy(ABC):
             self._refuse("nonfinite_reward", f"reward {reward!r} for item {idx} is not finite")
             return None
         queue = self._pending_by_item.get(idx)
-        if not queue:
-            self._refuse("not_shown", f"item {idx} has no impression awaiting feedback")
+        if tag is None:
+            impression = queue[0] if queue else None
+        else:
+            impression = next((i for i in queue or () if self._pending[i][2] == tag), None)
+        if impression is None:
+            where = "" if tag is None else f" in slate {tag!r}"
+            self._refuse("not_shown", f"item {idx} has no impression{where} awaiting feedback")
             return None
-        impression = queue.popleft()
+        assert queue is not None
+        queue.remove(impression)
         if not queue:
             del self._pending_by_item[idx]
-        _, context = self._pending.pop(impression)
+        _, context, _ = self._pending.pop(impression)
         value = float(reward)  # type: ignore[arg-type]
         clipped = min(max(value, self.config.reward_min), self.config.reward_max)
         if clipped != value:
@@ -583,9 +611,9 @@ class Policy(ABC):
         self._warned.add(reason)
         logger.log(level, "bandit feedback ignored (%s): %s", reason, detail)
 
-    def _add_impression(self, item: int, context: FloatArray) -> None:
+    def _add_impression(self, item: int, context: FloatArray, tag: str | None = None) -> None:
         while len(self._pending) >= self.config.max_pending:
-            _, (old_item, _) = self._pending.popitem(last=False)
+            _, (old_item, _, _) = self._pending.popitem(last=False)
             queue = self._pending_by_item[old_item]
             queue.popleft()
             if not queue:
@@ -593,7 +621,7 @@ class Policy(ABC):
             self.feedback_counts["expired_impressions"] += 1
         impression = self._next_impression
         self._next_impression += 1
-        self._pending[impression] = (item, context.copy())
+        self._pending[impression] = (item, context.copy(), tag)
         self._pending_by_item.setdefault(item, deque()).append(impression)
 
     def clear_pending(self) -> int:
@@ -619,7 +647,7 @@ class Policy(ABC):
             "n_items": self.n_items,
             "posterior": self.posterior.state_dict(),
             "feedback_counts": dict(self.feedback_counts),
-            "pending": [[item, ctx.tolist()] for item, ctx in self._pending.values()],
+            "pending": [[item, ctx.tolist(), tag] for item, ctx, tag in self._pending.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -660,20 +688,28 @@ class Policy(ABC):
         self._pending.clear()
         self._pending_by_item.clear()
         self._next_impression = 0
-        for item, ctx in pending:
-            self._add_impression(item, ctx)
+        for item, ctx, tag in pending:
+            self._add_impression(item, ctx, tag)
 
-    def _parse_pending(self, raw: object) -> list[tuple[int, FloatArray]]:
+    def _parse_pending(self, raw: object) -> list[tuple[int, FloatArray, str | None]]:
+        """Pending impressions ``[item, context]`` or ``[item, context, tag]`` (the tag came
+        later; states written before it still load, untagged)."""
         if not isinstance(raw, list) or len(raw) > self.config.max_pending:
             raise ModelFileError(
                 f"bandit pending impressions must be a list of at most "
                 f"{self.config.max_pending} entries"
             )
-        out: list[tuple[int, FloatArray]] = []
+        out: list[tuple[int, FloatArray, str | None]] = []
         for entry in raw:
-            ok = isinstance(entry, list | tuple) and len(entry) == 2
+            ok = isinstance(entry, list | tuple) and len(entry) in (2, 3)
             item = entry[0] if ok else None
-            if not ok or isinstance(item, bool) or not isinstance(item, int):
+            tag = entry[2] if ok and len(entry) == 3 else None
+            if (
+                not ok
+                or isinstance(item, bool)
+                or not isinstance(item, int)
+                or not (tag is None or isinstance(tag, str))
+            ):
                 raise ModelFileError(f"bad pending impression {entry!r}")
             if not 0 <= item < self.n_items:
                 raise ModelFileError(f"pending impression of unknown item {item}")
@@ -685,7 +721,7 @@ class Policy(ABC):
                 raise ModelFileError(f"bad pending context for item {item}")
             if float(np.linalg.norm(ctx)) > self.config.max_feature_norm * (1 + 1e-9):
                 raise ModelFileError(f"pending context of item {item} exceeds max_feature_norm")
-            out.append((item, ctx))
+            out.append((item, ctx, tag))
         return out
 
     # ------------------------------------------------------------------ checks
