@@ -105,8 +105,8 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             quiet_engine_logs()
-        # a run that failed before its first round leaves no empty folder behind
-        discarded = run.discard_if_new_and_empty()
+        # a run that failed before its first round leaves nothing behind
+        discarded = run.discard_if_empty()
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
             run.close()  # flush TensorBoard: the command exits without unwinding
             raise RunInterrupted(run.root, resumable=not discarded and run.has_progress()) from exc

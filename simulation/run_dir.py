@@ -36,6 +36,18 @@ from shared.io import (
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 """Held (``flock``) by the run using the folder; holds its pid."""
+_RUN_ENTRIES = (
+    CONFIG_FILE,
+    LOCK_FILE,
+    "checkpoints",
+    "plots",
+    "metrics.jsonl",
+    "tensorboard",
+    "models",
+    "summary.json",
+    "report.md",
+)
+"""What a run writes at the top of its folder before any progress (clients/ is progress)."""
 
 
 class RunDirectory:
@@ -46,6 +58,8 @@ class RunDirectory:
         self.created = not self.root.exists()
         # the folders above it that this run creates (e.g. ./runs), removed with it if empty
         self._created_parents = [p for p in self.root.parents if not p.exists()]
+        # in a folder that existed, what this run adds: a failed start removes only that
+        self._added = [self.root / name for name in _RUN_ENTRIES if not (self.root / name).exists()]
         for folder in (self.root, self.checkpoints, self.plots):
             ensure_dir(folder, what="the run directory", fix="pass --run-dir a writable folder")
         self._lock = try_lock(self.root / LOCK_FILE)
@@ -123,12 +137,20 @@ class RunDirectory:
         a checkpoint, or a virtual device's state (its privacy ledger)."""
         return any(self.checkpoints.iterdir()) or (self.root / "clients").exists()
 
-    def discard_if_new_and_empty(self) -> bool:
-        """Remove the directory if this process created it and no round left anything in
-        it (a run that failed on bad input); returns whether it did."""
-        if not self.created or not self.root.exists() or self.has_progress():
+    def discard_if_empty(self) -> bool:
+        """Undo a run that left nothing to resume (it failed on bad input before its first
+        round): remove the directory if this process created it, else only the files and
+        folders this run added to it. Returns whether it did."""
+        if not self.root.exists() or self.has_progress():
             return False
         self.close()
+        if not self.created:
+            for path in self._added:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            return True
         shutil.rmtree(self.root, ignore_errors=True)
         for parent in self._created_parents:  # innermost first; never one that holds more
             try:

@@ -60,18 +60,31 @@ def test_a_run_directory_resumes_only_under_the_settings_it_was_trained_with(
     assert stored is not None and stored["simulation"]["seed"] == 42  # the refusal kept it
 
 
-def test_only_a_new_directory_without_progress_is_discarded(tmp_path: Path) -> None:
-    fresh = RunDirectory(tmp_path / "fresh")
+def test_a_run_without_progress_leaves_nothing_behind(tmp_path: Path) -> None:
+    fresh = RunDirectory(tmp_path / "runs" / "fresh")
     fresh.write_config({"simulation": {}})
-    assert fresh.discard_if_new_and_empty() and not fresh.root.exists()
+    fresh.log("pretrain", 0, seconds=1.0)
+    assert fresh.discard_if_empty() and not (tmp_path / "runs").exists()
 
     trained = RunDirectory(tmp_path / "trained")
     (trained.root / "clients" / "client-0").mkdir(parents=True)  # a device's ledger lives here
-    assert not trained.discard_if_new_and_empty() and trained.root.exists()
+    assert not trained.discard_if_empty() and trained.root.exists()
+    trained.close()
 
-    (tmp_path / "old").mkdir()
-    existing = RunDirectory(tmp_path / "old")
-    assert not existing.discard_if_new_and_empty() and existing.root.exists()
+    # a folder that was there before: only what the run added goes, the user's files stay
+    old = tmp_path / "old"
+    (old / "plots").mkdir(parents=True)
+    (old / "plots" / "mine.png").write_bytes(b"png")
+    (old / "notes.txt").write_text("mine")
+    existing = RunDirectory(old)
+    existing.write_config({"simulation": {}})
+    existing.log("pretrain", 0, seconds=1.0)
+    assert existing.discard_if_empty()
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*")) == [
+        "notes.txt",
+        "plots",
+        "plots/mine.png",
+    ]
 
 
 def test_a_run_directory_with_an_unreadable_config_is_refused(tmp_path: Path) -> None:

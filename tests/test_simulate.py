@@ -193,6 +193,12 @@ def test_a_run_that_fails_on_bad_data_leaves_no_run_directory(tmp_path: Path) ->
     )
     assert result.exit_code != 0
     assert [p.name for p in runs.iterdir()] == ["earlier"]  # a folder it did not create stays
+    (runs / "earlier" / "notes.txt").write_text("mine")
+    args = ["--data-dir", str(missing), "--run-dir", str(runs), "--name", "earlier"]
+    result = CliRunner().invoke(app, ["simulate", "--dataset", "ml-100k", *args])
+    assert result.exit_code != 0
+    # run inside it, it takes away what it added (config.json, checkpoints/, plots/, ...)
+    assert [p.name for p in (runs / "earlier").iterdir()] == ["notes.txt"]
 
 
 def test_an_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
