@@ -22,7 +22,6 @@ version of every file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.io import (
     exclusive_lock,
+    is_locked,
     lock_holder,
     try_lock,
     write_bytes_atomic,
@@ -441,12 +441,8 @@ def running_server(layout: ServerLayout) -> dict[str, Any] | None:
     when none runs (also when the file is left over from a server that was killed)."""
     info = read_running(layout)
     if layout.server_lock.exists():
-        with open(layout.server_lock, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return info or {}  # held: running (running.json may not be written yet)
-        return None
+        # held: running (running.json may not be written yet)
+        return (info or {}) if is_locked(layout.server_lock) else None
     # a server of an earlier version, which took no lock
     return info if info is not None and pid_alive(int(info["pid"])) else None
 

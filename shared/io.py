@@ -73,6 +73,21 @@ def try_lock(path: str | Path) -> IO[str] | None:
     return handle
 
 
+def is_locked(path: str | Path) -> bool:
+    """Whether a live process holds the :func:`try_lock` lock on ``path`` (probed with a shared
+    lock that is released at once; a missing file is not locked, and is not created)."""
+    try:
+        handle = open(path)  # noqa: SIM115 (closed below; the probe must not create the file)
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
 def lock_holder(path: str | Path) -> str:
     """The pid written by the holder of a :func:`try_lock` lock, or "?"."""
     try:

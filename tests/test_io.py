@@ -11,7 +11,7 @@ import pytest
 
 from server.deploy_app import append_progress
 from server.state import ServerLayout, read_progress
-from shared.io import append_line, write_bytes_atomic
+from shared.io import append_line, is_locked, lock_holder, try_lock, write_bytes_atomic
 
 
 def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
@@ -88,3 +88,17 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
         "clients.json"
     ]
+
+
+def test_a_lock_is_seen_while_held_and_probing_it_takes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "run" / ".lock"
+    assert not is_locked(path) and not path.exists()  # the probe creates no file
+    held = try_lock(path)
+    assert held is not None and is_locked(path)
+    assert try_lock(path) is None  # the probe released its shared lock
+    assert lock_holder(path) == str(os.getpid())
+    held.close()
+    assert not is_locked(path)
+    again = try_lock(path)
+    assert again is not None
+    again.close()
