@@ -31,6 +31,7 @@ whose modules no longer hold its own objects under these names is left alone);
 from __future__ import annotations
 
 import importlib
+import signal
 import threading
 from collections.abc import Callable, Mapping
 from queue import Queue
@@ -95,7 +96,20 @@ class PipelinedRayBackend(_FlowerRayBackend):
 
     The runtime starts one worker thread per pool slot (``num_workers``), so each actor
     gets ``JOBS_PER_ACTOR`` threads feeding it. Termination stops each actor once.
+
+    Starting Ray also keeps the process's own SIGTERM handler: ``ray.init`` replaces it
+    (Ray's core worker installs a C++ handler that aborts with a stack dump), so a program
+    that handles SIGTERM, like ``fedrec simulate`` stopping with a resume hint, lost it as
+    soon as the engine started. A handler that is not a Python function (the default) is
+    left to Ray.
     """
+
+    def init_ray(self, backend_config: Any) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        super().init_ray(backend_config)
+        if callable(previous):  # reinstalled also when Python still names it: Ray's C++
+            signal.signal(signal.SIGTERM, previous)  # handler took the signal underneath
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         super().build(app_fn)

@@ -277,7 +277,6 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
     metrics = tmp_path / "tiny" / "metrics.jsonl"
     args = ["--run-dir", str(tmp_path), "--name", "tiny", "--cohort-size", "6"]
@@ -299,12 +298,7 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-2000:]
     assert f"rerun with --name tiny (and --run-dir {tmp_path}) to resume" in err
-    for _ in range(30):  # Ray's own processes stop within seconds of ray.shutdown()
-        left = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True)
-        if not left.stdout.strip():
-            break
-        time.sleep(1)
-    assert left.stdout.strip() == "", left.stdout
+    _assert_group_ends(proc.pid)
     done = sum('"event": "round"' in line for line in metrics.read_text().splitlines())
     again = ["simulate", *args, "--backend", "inprocess", "--rounds", str(done + 1)]
     resumed = CliRunner().invoke(app, [*again, "--run-config", TINY, "--json"])
@@ -313,32 +307,47 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
     assert [r["round"] for r in rounds][-1] == done + 1
 
 
-def test_sigterm_stops_an_inprocess_run_like_ctrl_c(tmp_path: Path) -> None:
+def _assert_group_ends(group: int) -> None:
+    """No process of ``group`` is left: Ray's own stop within seconds of ray.shutdown()."""
+    import subprocess
+    import time
+
+    for _ in range(30):
+        left = subprocess.run(["pgrep", "-a", "-g", str(group)], capture_output=True, text=True)
+        if not left.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"processes left in group {group}:\n{left.stdout}")
+
+
+def test_sigterm_stops_a_ray_run_like_ctrl_c(tmp_path: Path) -> None:
     """kill / timeout / docker stop send SIGTERM: the run stops as on Ctrl-C, with the
-    resume hint, and exits 143. (Under Ray, Ray's own handler takes SIGTERM over once the
-    engine starts; see the README.)"""
+    resume hint, and exits 143, also once Ray runs (starting Ray replaced the handler with
+    Ray's own, which aborted with a stack dump)."""
     import signal
     import subprocess
     import sys
 
     metrics = tmp_path / "t" / "metrics.jsonl"
     args = ["--run-dir", str(tmp_path), "--name", "t", "--cohort-size", "6", "--rounds", "500"]
-    args += ["--backend", "inprocess", "--run-config", TINY]
+    args += ["--run-config", f"{TINY} num-cpus-per-client=1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedrec.cli", "simulate", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own group, to see that Ray's processes end with it
     )
     try:
         _wait_for_a_round(proc, metrics)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the command alone, as kill does
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err[-2000:]
     assert f"rerun with --name t (and --run-dir {tmp_path}) to resume" in err
+    _assert_group_ends(proc.pid)
 
 
 def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
