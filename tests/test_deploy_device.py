@@ -59,7 +59,9 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 90.0) -> None:
         time.sleep(0.05)
 
 
-def _device_task(device: Path, bundle: Path, *, share_evaluation: bool = True) -> object:
+def _device_task(
+    device: Path, bundle: Path, *, share_evaluation: bool = True, **run_config: Any
+) -> object:
     server_side = {
         "task": "shared.federated.student_task:make_task",
         "bundle": "/server/only/bundle.pt",
@@ -68,6 +70,7 @@ def _device_task(device: Path, bundle: Path, *, share_evaluation: bool = True) -
         "personal-steps": 7,
         "personal-lr": 0.02,
         "exclude-seen": False,
+        **run_config,
     }
     node = {
         "fedrec-device-dir": str(device),
@@ -111,6 +114,32 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     assert evaluation.metrics["epsilon"] == pytest.approx(fit.metrics["epsilon"])
     assert files.global_version() == 3
     assert not files.write_global(1, params)  # an older model never replaces a newer one
+
+
+def test_the_devices_own_model_is_pruned_as_the_federation_prunes_its_models(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.compression.artifact as artifact
+
+    pruned: list[float] = []
+    real = artifact.publish_student
+
+    def spy(*args: Any, prune: Any = None, **kwargs: Any) -> Any:
+        pruned.append(0.0 if prune is None else prune.sparsity)
+        return real(*args, prune=prune, **kwargs)
+
+    monkeypatch.setattr(artifact, "publish_student", spy)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()  # the bundle's model: no federation yet, nothing pruned
+        daemon.add_events(_events(10))
+        task: Any = _device_task(device, bundle, **{"prune-sparsity": 0.5})
+        assert task.fit(0, task.initial_parameters(), {"server-round": 3}).status is FitStatus.OK
+        received = learner.files.read_global(arrays=False)
+        assert received is not None and received.prune_sparsity == 0.5
+        learner.refresh(adapt=False)
+        assert daemon.status().model_version == "2+personal"
+    assert pruned == [0.0, 0.5]
 
 
 def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted(

@@ -91,6 +91,9 @@ class ReceivedGlobal(NamedTuple):
     personal_fit: PersonalFit | None
     #: the Flower run it came from; ``None`` in a file kept by a version that did not record it
     run_id: int | None = None
+    #: the run's ``prune-sparsity``, which the device's own export of it follows (0 in a file
+    #: kept by a version that did not record it)
+    prune_sparsity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,13 @@ class FederatedFiles:
                         int(data["personal_steps"]), float(data["personal_lr"]), exclude
                     )
                 run_id = int(data["run_id"]) if "run_id" in data else None
+                prune = float(data["prune_sparsity"]) if "prune_sparsity" in data else 0.0
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError) as exc:
             logger.error("unreadable %s (%s); waiting for the next round", self.global_params, exc)
             return None
-        return ReceivedGlobal(version, out, personal_fit, run_id)
+        return ReceivedGlobal(version, out, personal_fit, run_id, prune)
 
     def write_global(
         self,
@@ -158,12 +162,13 @@ class FederatedFiles:
         personal_fit: PersonalFit | None = None,
         *,
         run_id: int | None = None,
+        prune_sparsity: float = 0.0,
     ) -> bool:
         """Keep ``arrays`` as global model ``version`` of Flower run ``run_id`` unless a newer
-        one of the same run is already kept, with the federation's refit settings for the
-        daemon. A model of another run replaces whatever is kept: a new run starts again
-        from round 1, and comparing rounds alone kept the old run's model until the new
-        one overtook its round count."""
+        one of the same run is already kept, with the federation's refit settings and
+        ``prune-sparsity`` for the daemon. A model of another run replaces whatever is kept:
+        a new run starts again from round 1, and comparing rounds alone kept the old run's
+        model until the new one overtook its round count."""
         kept = self.read_global(arrays=False)
         if kept is not None:
             same_run = run_id is None or kept.run_id is None or kept.run_id == run_id
@@ -181,6 +186,8 @@ class FederatedFiles:
             named["personal_steps"] = np.asarray(personal_fit.steps, dtype=np.int64)
             named["personal_lr"] = np.asarray(personal_fit.lr, dtype=np.float64)
             named["exclude_seen"] = np.asarray(personal_fit.exclude_seen, dtype=np.bool_)
+        if prune_sparsity:
+            named["prune_sparsity"] = np.asarray(prune_sparsity, dtype=np.float64)
         np.savez(buf, allow_pickle=False, **named)
         write_bytes_atomic(self.global_params, buf.getvalue())
         return True
@@ -286,7 +293,13 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             fit = PersonalFit.of(self.train_config)
             run = config.get(CONFIG_RUN_ID)
             run_id = run if isinstance(run, int) and not isinstance(run, bool) else None
-            self.files.write_global(version, parameters, personal_fit=fit, run_id=run_id)
+            self.files.write_global(
+                version,
+                parameters,
+                personal_fit=fit,
+                run_id=run_id,
+                prune_sparsity=self.config.prune_sparsity,
+            )
 
         def fit(
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
@@ -422,13 +435,18 @@ class LearnerConfig:
         )
 
 
-def export_personal_model(student: StudentModel, item_ids: tuple[str, ...], version: str) -> bytes:
-    """The int8 ONNX bytes of ``student`` (global parameters and personal adapter)."""
+def export_personal_model(
+    student: StudentModel, item_ids: tuple[str, ...], version: str, prune_sparsity: float = 0.0
+) -> bytes:
+    """The int8 ONNX bytes of ``student`` (global parameters and personal adapter), pruned
+    as the federation prunes the global models it publishes (``prune-sparsity``)."""
     from shared.compression.artifact import publish_student
+    from shared.compression.prune import publish_prune
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
-        publish_student(student, item_ids, path, version=version, personal=True)
+        prune = publish_prune(prune_sparsity)
+        publish_student(student, item_ids, path, version=version, prune=prune, personal=True)
         return path.read_bytes()
 
 
@@ -567,11 +585,12 @@ class DeviceLearner:
             # before the history is read: an erase from now on makes this refit stale
             erasures = self.daemon.erasures
             received = self.files.read_global()
-            version, federation_fit = 0, None
+            version, federation_fit, prune_sparsity = 0, None, 0.0
             if received is None:  # no global model yet: the bundle's, as a newcomer gets it
                 student.adapter.reset()
             else:
-                version, arrays, federation_fit, _ = received
+                version, arrays, federation_fit = received[:3]
+                prune_sparsity = received.prune_sparsity
                 # meta-learning runs also carry the adapter's initialization
                 meta = len(arrays) != len(global_names(student))
                 set_global_arrays(student, arrays, meta)
@@ -593,7 +612,7 @@ class DeviceLearner:
                 personal.unlink(missing_ok=True)
             is_personal = personal.exists()
         label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
-        data = export_personal_model(student, catalog.item_ids, label)
+        data = export_personal_model(student, catalog.item_ids, label, prune_sparsity)
         try:
             info = self.daemon.install_model(data, catalog, erasures=erasures)
         except StaleModelError:  # the erase's callback asked for a new refresh already
