@@ -124,15 +124,16 @@ def simulate(
                 )
 
         main = threading.current_thread() is threading.main_thread()  # signals: main only
-        previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if main else None
+        stops = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, _interrupt) for sig in stops} if main else {}
         try:
             summary = run_pipeline(config, progress)
         except RunInterrupted as stop:
             bar.stop()
             _exit_interrupted(stop)
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -143,11 +144,11 @@ _terminated = False
 """Set when SIGTERM (``kill``, ``timeout``, ``docker stop``) stopped the run."""
 
 
-def _interrupt_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM stops a run the way Ctrl-C does: checkpoints kept, a resume hint, Ray shut
-    down (it otherwise aborted with Ray's C++ stack dump and no hint)."""
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C and SIGTERM stop a run the same way: checkpoints kept, a resume hint, Ray shut
+    down (SIGTERM otherwise aborted with Ray's C++ stack dump and no hint)."""
     global _terminated
-    _terminated = True
+    _terminated = _terminated or signum == signal.SIGTERM
     from simulation.pipeline import quiet_engine_logs  # imported by the run already
 
     quiet_engine_logs()  # at once: the engine's threads see their actors die meanwhile
