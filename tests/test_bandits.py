@@ -383,6 +383,26 @@ def test_state_without_slate_tags_still_loads() -> None:
     assert clone.update(int(state["pending"][0][0]), 1.0)
 
 
+def test_state_without_pending_restores_them_from_their_own_records_with_their_ids() -> None:
+    policy = _trained()
+    core = json.loads(json.dumps(policy.state_dict(pending=False)))
+    entries = json.loads(json.dumps(policy.pending_entries()))
+    records = {int(i): e for i, e in entries.items()}
+    assert "pending" not in core and sorted(records)[-1] < core["next_impression"]
+    clone = make_policy(_cfg(), N_ITEMS)
+    clone.load_state_dict(core, records)
+    assert clone.pending_entries() == policy.pending_entries()  # the same ids
+    cand, scores, feats = _inputs(9)
+    clone.select(cand, scores, feats, rng=np.random.default_rng(0))
+    policy.select(cand, scores, feats, rng=np.random.default_rng(0))
+    assert clone.pending_entries().keys() == policy.pending_entries().keys()  # ids go on
+    for bad in ({-1: entries[str(min(records))]}, {core["next_impression"]: [1, [0.0] * 5]}):
+        with pytest.raises(ModelFileError, match="below next_impression"):
+            make_policy(_cfg(), N_ITEMS).load_state_dict(core, bad)
+    with pytest.raises(ModelFileError, match="bad pending impression"):
+        make_policy(_cfg(), N_ITEMS).load_state_dict(core, {0: "not an impression"})
+
+
 def _corrupt(state: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
     out = json.loads(json.dumps(state))
     node = out

@@ -30,9 +30,10 @@ from typer.testing import CliRunner
 
 from client.device.api import ApiConfig, create_app, openapi_schema
 from client.device.daemon import Daemon, DaemonConfig, ProcessSpec
-from client.device.exploration import STATE_KEY, BanditReranker
+from client.device.exploration import PENDING_PREFIX, STATE_KEY, BanditReranker
 from client.device.identity import DeviceIdentity, init_identity
 from client.device.sealed import Catalog
+from client.device.store import Feedback
 from fedrec.commands.client import app as client_app
 from shared.bandits import BanditConfig
 from shared.compression import QuantizeConfig, export_onnx, quantize_onnx
@@ -636,6 +637,78 @@ def test_feedback_is_learned_in_the_slate_it_names(device: Device) -> None:
     slates = [tag for col, _, tag in reranker.state()["pending"] if col == column]
     assert slates == [first["recommendation_id"]]
     assert reranker.feedback_counts["accepted"] == 1
+
+
+def test_each_slate_writes_its_own_impressions_and_a_restart_keeps_them(
+    tmp_path: Path, int8_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The posterior is written with every request, but each pending impression is its own
+    record: a slate adds its own, feedback removes what it consumed, and the whole queue
+    (up to max-pending) is not rewritten each time."""
+    exploration = BanditConfig(top_n=20, slate_size=3, max_pending=8)
+    dev = Device(tmp_path / "dev", int8_model, CATALOG, exploration=exploration)
+    writes: list[tuple[int, int]] = []  # (values written, keys deleted) per transaction
+    store = dev.daemon.store
+    real = store.update_state
+
+    def spy(values: Any, *, delete: Any = (), delete_prefix: Any = None) -> None:
+        delete = list(delete)
+        writes.append((len(values), len(delete)))
+        real(values, delete=delete, delete_prefix=delete_prefix)
+
+    monkeypatch.setattr(store, "update_state", spy)
+    recs = [dev.client.get("/recommendations", params={"k": 3}).json() for _ in range(3)]
+    assert writes == [(4, 0), (4, 0), (4, 1)]  # posterior + 3 impressions; 1 expires (max 8)
+    assert len(store.states_with_prefix(PENDING_PREFIX)) == 8
+    fb = [
+        {"recommendation_id": recs[2]["recommendation_id"], "item_id": i["item_id"], "action": a}
+        for i, a in zip(recs[2]["items"][:2], ("clicked", "shown"), strict=True)
+    ]
+    assert dev.client.post("/feedback", json={"feedback": fb}).status_code == 200
+    assert writes[-1] == (1, 2)  # the posterior; the two impressions consumed
+    reranker = dev.daemon.reranker
+    assert isinstance(reranker, BanditReranker)
+    state = reranker.state()
+    assert len(state["pending"]) == len(store.states_with_prefix(PENDING_PREFIX)) == 6
+    dev.daemon.shutdown()
+
+    again = Daemon.open(tmp_path / "dev", config=DaemonConfig(exploration=exploration))
+    try:
+        restored = again.reranker
+        assert isinstance(restored, BanditReranker)
+        assert restored.state() == state
+        # the slate's last impression is still known by its recommendation after the restart
+        last = recs[2]["items"][2]["item_id"]
+        again.add_feedback([Feedback(recs[2]["recommendation_id"], last, "clicked", time.time())])
+        assert restored.feedback_counts["accepted"] == 3
+    finally:
+        again.shutdown()
+
+
+def test_exploration_state_saved_whole_by_an_earlier_version_is_kept(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    exploration = BanditConfig(top_n=20, slate_size=3)
+    dev = Device(tmp_path / "dev", int8_model, CATALOG, exploration=exploration)
+    dev.client.get("/recommendations", params={"k": 3})
+    reranker = dev.daemon.reranker
+    assert isinstance(reranker, BanditReranker)
+    whole = reranker.state()
+    saved = dev.daemon.store.get_state(STATE_KEY)
+    dev.daemon.store.update_state(
+        {STATE_KEY: {**saved, "policy": whole}}, delete_prefix=PENDING_PREFIX
+    )
+    dev.daemon.shutdown()
+    again = Daemon.open(tmp_path / "dev", config=DaemonConfig(exploration=exploration))
+    try:
+        restored = again.reranker
+        assert isinstance(restored, BanditReranker)
+        assert restored.state()["pending"] == whole["pending"]
+        again.recommend(3)  # the next save gives each impression its own record
+        assert len(again.store.states_with_prefix(PENDING_PREFIX)) == 6
+        assert "pending" not in again.store.get_state(STATE_KEY)["policy"]
+    finally:
+        again.shutdown()
 
 
 def test_exploration_config_from_flat_keys() -> None:

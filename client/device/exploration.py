@@ -40,12 +40,14 @@ from shared.bandits.policies import BanditConfig, Policy, make_policy
 from shared.errors import ConfigError, ModelFileError
 from shared.ondevice.runtime import OnDeviceModel
 
-__all__ = ["STATE_KEY", "BanditReranker"]
+__all__ = ["PENDING_PREFIX", "STATE_KEY", "BanditReranker"]
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "exploration"
 """Key of the policy state in the store's encrypted key-value table."""
+PENDING_PREFIX = "exploration.pending."
+"""Prefix of the keys of the pending impressions, one value each, by impression id."""
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.floating[Any]]
@@ -73,6 +75,9 @@ class BanditReranker:
         self._model_version: str | None = None
         self._features: npt.NDArray[np.float64] | None = None
         self._policy: Policy | None = None
+        # ids of the pending impressions the store holds for self._policy (None: unknown,
+        # the next save rewrites them all)
+        self._stored_pending: set[int] | None = None
 
     # -- the daemon's hooks ----------------------------------------------------------------------
 
@@ -91,7 +96,7 @@ class BanditReranker:
                 self._features = None
             self._model = model
             if version != self._model_version:
-                self._model_version, self._policy = version, None
+                self._model_version, self._policy, self._stored_pending = version, None, None
 
     def rerank(
         self, candidates: IntArray, scores: FloatArray, k: int, slate_id: str | None = None
@@ -132,7 +137,7 @@ class BanditReranker:
     def reset(self) -> None:
         """Forget the posterior (the daemon's erase removed the stored state already)."""
         with self._lock:
-            self._policy = None
+            self._policy, self._stored_pending = None, None
 
     def state(self) -> dict[str, Any]:
         """The policy's persisted state for the current model (loaded or fresh)."""
@@ -166,18 +171,49 @@ class BanditReranker:
         return policy
 
     def _stored_policy(self, model: OnDeviceModel) -> Policy:
+        self._stored_pending = None
         policy = make_policy(self.config, model.n_items)
         saved = self.store.get_state(STATE_KEY)
         if not isinstance(saved, dict) or saved.get("model_version") != self._model_version:
             return policy
+        state = saved.get("policy")
         try:
-            policy.load_state_dict(saved.get("policy"))  # type: ignore[arg-type]
+            if isinstance(state, dict) and "pending" not in state:
+                rows = self.store.states_with_prefix(PENDING_PREFIX)
+                pending = {_impression_id(key): value for key, value in rows.items()}
+                policy.load_state_dict(state, pending)
+                self._stored_pending = set(pending)
+            else:  # saved whole, as before impressions had records of their own
+                policy.load_state_dict(state)  # type: ignore[arg-type]
         except ModelFileError as exc:
             logger.warning("stored exploration state not reused (%s); starting fresh", exc)
             return make_policy(self.config, model.n_items)
         return policy
 
     def _save(self, policy: Policy) -> None:
-        self.store.set_state(
-            STATE_KEY, {"model_version": self._model_version, "policy": policy.state_dict()}
+        """Write the posterior and the changes to the pending impressions since the last
+        save, in one transaction: a slate adds its own impressions (and a full queue expires
+        the oldest), feedback removes the ones it consumed, instead of rewriting all of them
+        (up to ``max_pending``, about 400 kB at the default) on every request."""
+        entries = policy.pending_entries()
+        core = {"model_version": self._model_version, "policy": policy.state_dict(pending=False)}
+        known = self._stored_pending
+        added = entries if known is None else {i: e for i, e in entries.items() if i not in known}
+        values = {STATE_KEY: core, **{_pending_key(i): e for i, e in added.items()}}
+        self.store.update_state(
+            values,
+            delete=[] if known is None else [_pending_key(i) for i in known - entries.keys()],
+            delete_prefix=PENDING_PREFIX if known is None else None,
         )
+        self._stored_pending = set(entries)
+
+
+def _pending_key(impression: int) -> str:
+    return f"{PENDING_PREFIX}{impression:012d}"
+
+
+def _impression_id(key: str) -> int:
+    suffix = key[len(PENDING_PREFIX) :]
+    if not suffix.isdigit():
+        raise ModelFileError(f"bad pending impression key {key!r}")
+    return int(suffix)

@@ -42,7 +42,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -635,6 +635,38 @@ class DeviceStore:
         json.dumps(value)  # fail before the transaction on a non-JSON value
         with self._write() as conn:
             self._put(conn, key, value)
+
+    def update_state(
+        self,
+        values: Mapping[str, Any],
+        *,
+        delete: Iterable[str] = (),
+        delete_prefix: str | None = None,
+    ) -> None:
+        """Set several values and delete keys in one transaction (encrypted, durable on
+        return): first every key starting with ``delete_prefix``, then ``delete``, then
+        ``values``."""
+        json.dumps(dict(values))  # fail before the transaction on a non-JSON value
+        with self._write() as conn:
+            if delete_prefix:
+                conn.execute(
+                    "DELETE FROM state WHERE substr(key, 1, ?) = ?",
+                    (len(delete_prefix), delete_prefix),
+                )
+            conn.executemany("DELETE FROM state WHERE key = ?", [(k,) for k in delete])
+            for key, value in values.items():
+                self._put(conn, key, value)
+
+    def states_with_prefix(self, prefix: str) -> dict[str, Any]:
+        """Every state value whose key starts with ``prefix``, by key."""
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key, payload FROM state WHERE substr(key, 1, ?) = ?",
+                (len(prefix), prefix),
+            ).fetchall()
+            return {key: self._open("state", key, "kv", blob)["v"] for key, blob in rows}
 
     def increment(self, key: str, by: int = 1) -> int:
         """Atomically add ``by`` to an integer state value; returns the new value."""

@@ -47,9 +47,9 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -87,6 +87,11 @@ STATE_FORMAT = "fedrec-bandit/v1"
 """Tag of :meth:`Policy.state_dict` payloads; bumped when the layout changes."""
 
 _SCORE_CLIP = 3.0
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    """A non-negative int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_number(value: object) -> bool:
@@ -638,21 +643,40 @@ class Policy(ABC):
         return len(self._pending)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything the device must persist, as JSON-able values."""
-        return {
+    def state_dict(self, *, pending: bool = True) -> dict[str, Any]:
+        """Everything the device must persist, as JSON-able values.
+
+        ``pending=False`` leaves the pending impressions out (and records the next impression
+        id instead): a device keeps each of them as its own record
+        (:meth:`pending_entries`), so that a slate writes its own impressions rather than
+        all of them again.
+        """
+        out = {
             "format": STATE_FORMAT,
             "policy": self.name,
             "config": self.config.as_dict(),
             "n_items": self.n_items,
             "posterior": self.posterior.state_dict(),
             "feedback_counts": dict(self.feedback_counts),
-            "pending": [[item, ctx.tolist(), tag] for item, ctx, tag in self._pending.values()],
         }
+        if pending:
+            out["pending"] = list(self.pending_entries().values())
+        else:
+            out["next_impression"] = self._next_impression
+        return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def pending_entries(self) -> dict[int, list[Any]]:
+        """Each impression awaiting feedback by its id (ids grow with every impression, so
+        their order is the order shown), as JSON-able ``[item, context, tag]``."""
+        return {i: [item, ctx.tolist(), tag] for i, (item, ctx, tag) in self._pending.items()}
+
+    def load_state_dict(
+        self, state: dict[str, Any], pending: Mapping[int, object] | None = None
+    ) -> None:
         """Restore :meth:`state_dict` output; refuses (``ModelFileError``) anything invalid.
 
+        A state saved with ``pending=False`` takes its pending impressions from ``pending``
+        (:meth:`pending_entries` output, ids kept); one saved with them ignores ``pending``.
         The saved config must equal this policy's config: a posterior learned under other
         features or priors would be silently wrong.
         """
@@ -679,7 +703,25 @@ class Policy(ABC):
             for k, v in counts.items()
         ):
             raise ModelFileError("bandit feedback_counts must map names to integers >= 0")
-        pending = self._parse_pending(state.get("pending"))
+        entries: dict[int, object]
+        if "pending" in state:
+            raw = state["pending"]
+            if not isinstance(raw, list):
+                raise ModelFileError("bandit pending impressions must be a list")
+            entries, next_impression = dict(enumerate(raw)), len(raw)
+        else:
+            entries, stored = dict(pending or {}), state.get("next_impression")
+            if not _is_count(stored) or not all(_is_count(i) and i < stored for i in entries):
+                raise ModelFileError(
+                    "bandit pending impression ids must be integers below next_impression"
+                )
+            next_impression = stored
+        if len(entries) > self.config.max_pending:
+            raise ModelFileError(
+                f"bandit state has {len(entries)} pending impressions, more than max_pending "
+                f"({self.config.max_pending})"
+            )
+        parsed = {i: self._parse_entry(entries[i]) for i in sorted(entries)}
         posterior = state.get("posterior")
         if not isinstance(posterior, dict):
             raise ModelFileError("bandit state has no posterior mapping")
@@ -687,42 +729,35 @@ class Policy(ABC):
         self.feedback_counts = Counter(counts)
         self._pending.clear()
         self._pending_by_item.clear()
-        self._next_impression = 0
-        for item, ctx, tag in pending:
+        for impression, (item, ctx, tag) in parsed.items():
+            self._next_impression = impression
             self._add_impression(item, ctx, tag)
+        self._next_impression = next_impression
 
-    def _parse_pending(self, raw: object) -> list[tuple[int, FloatArray, str | None]]:
-        """Pending impressions ``[item, context]`` or ``[item, context, tag]`` (the tag came
+    def _parse_entry(self, entry: object) -> tuple[int, FloatArray, str | None]:
+        """A pending impression ``[item, context]`` or ``[item, context, tag]`` (the tag came
         later; states written before it still load, untagged)."""
-        if not isinstance(raw, list) or len(raw) > self.config.max_pending:
-            raise ModelFileError(
-                f"bandit pending impressions must be a list of at most "
-                f"{self.config.max_pending} entries"
-            )
-        out: list[tuple[int, FloatArray, str | None]] = []
-        for entry in raw:
-            ok = isinstance(entry, list | tuple) and len(entry) in (2, 3)
-            item = entry[0] if ok else None
-            tag = entry[2] if ok and len(entry) == 3 else None
-            if (
-                not ok
-                or isinstance(item, bool)
-                or not isinstance(item, int)
-                or not (tag is None or isinstance(tag, str))
-            ):
-                raise ModelFileError(f"bad pending impression {entry!r}")
-            if not 0 <= item < self.n_items:
-                raise ModelFileError(f"pending impression of unknown item {item}")
-            try:
-                ctx = np.asarray(entry[1], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ModelFileError(f"bad pending context for item {item}") from None
-            if ctx.shape != (self.config.context_dim,) or not np.isfinite(ctx).all():
-                raise ModelFileError(f"bad pending context for item {item}")
-            if float(np.linalg.norm(ctx)) > self.config.max_feature_norm * (1 + 1e-9):
-                raise ModelFileError(f"pending context of item {item} exceeds max_feature_norm")
-            out.append((item, ctx, tag))
-        return out
+        ok = isinstance(entry, list | tuple) and len(entry) in (2, 3)
+        item = entry[0] if ok else None  # type: ignore[index]
+        tag = entry[2] if ok and len(entry) == 3 else None  # type: ignore[arg-type,index]
+        if (
+            not ok
+            or isinstance(item, bool)
+            or not isinstance(item, int)
+            or not (tag is None or isinstance(tag, str))
+        ):
+            raise ModelFileError(f"bad pending impression {entry!r}")
+        if not 0 <= item < self.n_items:
+            raise ModelFileError(f"pending impression of unknown item {item}")
+        try:
+            ctx = np.asarray(entry[1], dtype=np.float64)  # type: ignore[index]
+        except (TypeError, ValueError):
+            raise ModelFileError(f"bad pending context for item {item}") from None
+        if ctx.shape != (self.config.context_dim,) or not np.isfinite(ctx).all():
+            raise ModelFileError(f"bad pending context for item {item}")
+        if float(np.linalg.norm(ctx)) > self.config.max_feature_norm * (1 + 1e-9):
+            raise ModelFileError(f"pending context of item {item} exceeds max_feature_norm")
+        return item, ctx, tag
 
     # ------------------------------------------------------------------ checks
     def _check_inputs(
