@@ -23,6 +23,7 @@ from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
+from shared.text.encoder import resolve_model_dir
 
 TASK = "shared.federated.student_task:make_task"
 """The federated task every simulation runs: the distilled student."""
@@ -72,6 +73,8 @@ class SimulationConfig:
     teacher_id_init: str = DEFAULT_ID_INIT
     teacher_order: str = DEFAULT_ORDER
     teacher_members: int = DEFAULT_MEMBERS
+    # local Hugging Face model directory encoding the item text ("" = the bundled MiniLM)
+    text_model: str = ""
     # federation
     rounds: int = 10
     cohort_size: int = 50
@@ -166,6 +169,8 @@ class SimulationConfig:
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
         check_no_data_dir(self.dataset, self.data_dir)
+        if self.text_model:
+            resolve_model_dir(self.text_model, setting="text-model")
         self.split_config()  # the split's fractions, checked where they are defined
         if self.synthetic_users < 1 or self.synthetic_items < 2:
             raise ConfigError(

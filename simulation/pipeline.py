@@ -48,9 +48,9 @@ from shared.models.base import ScoreArray
 from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
-from shared.text.encoder import EncoderConfig, encode_items
+from shared.text.encoder import encode_items
 from simulation.config import RESUMABLE_KEYS, SimulationConfig
-from simulation.pretrain import configs_for, default_cache_root, pretrain
+from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
 
@@ -121,7 +121,8 @@ def _run_stages(
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)
     progress("text", {"items": dataset.n_items})
-    text = encode_items(dataset.item_text, EncoderConfig(show_progress=config.progress))
+    encoder = encoder_config(config.text_model, cache, config.progress)
+    text = encode_items(dataset.item_text, encoder)
 
     progress("pretrain", {"public_users": len(split.public_users)})
     teacher_cfg, student_cfg = configs_for(

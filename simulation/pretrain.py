@@ -201,13 +201,15 @@ def pretrain_on(
     teacher_epochs: int = TEACHER_EPOCHS,
     student_epochs: int = STUDENT_EPOCHS,
     teacher_members: int = TeacherConfig.members,
+    text_model: str = "",
 ) -> PretrainedRun:
-    """Load ``dataset``, split it by the protocol (``seed``), encode the item text and
-    pretrain (or load from ``cache_dir``) the default teacher (of ``teacher_members``) and
-    student: the common start of the benchmarks, which then share one pretraining cache."""
+    """Load ``dataset``, split it by the protocol (``seed``), encode the item text (with
+    ``text_model``, default the bundled MiniLM) and pretrain (or load from ``cache_dir``) the
+    default teacher (of ``teacher_members``) and student: the common start of the benchmarks,
+    which then share one pretraining cache."""
     ds = load_dataset(dataset, data_dir, synthetic_seed=seed)
     split = split_users(ds, SplitConfig(seed=seed))
-    text = encode_items(ds.item_text, EncoderConfig(show_progress=False))
+    text = encode_items(ds.item_text, encoder_config(text_model, cache_dir))
     teacher_cfg, student_cfg = configs_for(
         teacher_epochs, student_epochs, seed, teacher_members=teacher_members
     )
@@ -215,6 +217,17 @@ def pretrain_on(
         ds, split, text, cache_dir, teacher_config=teacher_cfg, student_config=student_cfg
     )
     return PretrainedRun(ds, split, text, pre)
+
+
+def encoder_config(text_model: str, cache_root: Path, progress: bool = False) -> EncoderConfig:
+    """The item-text encoder of a run: ``text_model`` (a local Hugging Face model directory;
+    "" for the bundled MiniLM), caching under ``cache_root/embeddings`` beside the
+    pretraining cache."""
+    return EncoderConfig(
+        model_path=text_model or None,
+        cache_dir=str(cache_root / "embeddings"),
+        show_progress=progress,
+    )
 
 
 def default_cache_root() -> Path:

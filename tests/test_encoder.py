@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,44 @@ def test_duplicates_are_encoded_once(cached_encoder: ItemEncoder) -> None:
     np.testing.assert_array_equal(out[0], out[2])
 
 
+def test_an_interrupted_encode_keeps_what_it_encoded(
+    tmp_path: Path, encoder: ItemEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enc = ItemEncoder(_config(tmp_path / "cache", batch_size=2))
+    real = ItemEncoder._embed_batch
+    calls = []
+
+    def stop_on_the_third_batch(self: ItemEncoder, loaded: Any, batch: list[str]) -> Any:
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, loaded, batch)
+
+    monkeypatch.setattr(ItemEncoder, "_embed_batch", stop_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode(TEXTS)
+    monkeypatch.setattr(ItemEncoder, "_embed_batch", real)
+    again = ItemEncoder(_config(tmp_path / "cache", batch_size=2))
+    np.testing.assert_allclose(again.encode(TEXTS), encoder.encode(TEXTS), atol=1e-6)
+    assert (again.last_num_cached, again.last_num_encoded) == (4, 4)  # two batches were kept
+
+
+def test_a_killed_writes_temp_file_is_removed_by_a_later_write(
+    cached_encoder: ItemEncoder,
+) -> None:
+    cached_encoder.encode(TEXTS[:1])
+    shard = cached_encoder.cache_path
+    assert shard is not None
+    old = shard.parent / f".{shard.stem}.killed.tmp"
+    young = shard.parent / f".{shard.stem}.writing.tmp"  # another process writing right now
+    for tmp in (old, young):
+        tmp.write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    cached_encoder.encode(TEXTS[:2])
+    assert not old.exists() and young.exists()
+
+
 def test_cache_write_leaves_no_temp_files(cached_encoder: ItemEncoder) -> None:
     cached_encoder.encode(TEXTS[:4])
     cached_encoder.encode(TEXTS)
@@ -250,14 +289,59 @@ def test_model_key_depends_on_preprocessing_not_calls() -> None:
     assert model_cache_key(model_dir, 128) != model_cache_key(model_dir, 64)
 
 
-def test_model_key_changes_when_weights_change(tmp_path: Path) -> None:
+def test_model_key_follows_the_weights_contents(tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(bundled_model_dir(), copy)
     before = model_cache_key(copy, 128)
     weights = copy / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert model_cache_key(copy, 128) == before  # the same weights, touched: no re-encode
+    # other weights of the same size, with the old time restored (as cp -p or rsync -a leave
+    # a fine-tuned copy): the key changes all the same
+    data = bytearray(weights.read_bytes())
+    data[-1000] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
     assert model_cache_key(copy, 128) != before
+
+
+def test_a_tokenizer_without_padding_pads_with_a_token_it_has(
+    tmp_path: Path, encoder: ItemEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def without_pad(*args: Any, **kwargs: Any) -> Any:
+        tokenizer = real(*args, **kwargs)
+        tokenizer.pad_token = None  # as a GPT-2-style tokenizer comes
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", without_pad)
+    copy = tmp_path / "no-pad"
+    shutil.copytree(bundled_model_dir(), copy)
+    texts = [TEXTS[5], TEXTS[3]]  # a long and a short one: the short one is padded
+    got = ItemEncoder(_config(None, model_path=str(copy))).encode(texts)
+    np.testing.assert_allclose(got, encoder.encode(texts), atol=1e-6)  # padding is masked
+
+
+def test_an_encoder_decoder_model_is_refused_on_load(tmp_path: Path) -> None:
+    from transformers import T5Config, T5Model
+
+    folder = tmp_path / "t5"
+    tiny = T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    T5Model(tiny).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(bundled_model_dir() / name, folder / name)
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        ItemEncoder(_config(None, model_path=str(folder))).encode(["x"])
+
+
+def test_max_length_beyond_the_models_positions_is_refused(encoder: ItemEncoder) -> None:
+    with pytest.raises(ConfigError, match="exceeds the 512 tokens"):
+        ItemEncoder(_config(None, max_length=1024)).encode(["x"])
 
 
 # ---------------------------------------------------------------------------- configuration

@@ -160,6 +160,7 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--num-gpus-per-client", "nan"], "must be a finite number >= 0, got nan"),
         (["--run-config", "num-cpus-per-client=inf"], "must be a finite number > 0, got inf"),
         (["--run-config", "rounds='3"], "No closing quotation"),
+        (["--run-config", "text-model=/no/such/model"], "'/no/such/model' (from text-model)"),
     ],
 )
 def test_simulate_refuses_bad_privacy_and_secagg_settings_before_any_work(
@@ -382,6 +383,37 @@ def test_prune_sparsity_reaches_the_published_model(tmp_path: Path) -> None:
     artifact = json.loads(result.stdout)["artifact"]
     assert artifact["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert Path(artifact["path"]).exists()
+
+
+def test_cache_dir_and_text_model_reach_the_item_text_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cache-dir` holds the text embeddings beside the pretraining, and `text-model` picks
+    the language model that encodes the item text (here a copy of the bundled one)."""
+    import shutil
+
+    from shared.text import bundled_model_dir, model_cache_key
+
+    default_root = tmp_path / "default-cache"
+    monkeypatch.setenv("FEDREC_CACHE_DIR", str(default_root))
+    model = tmp_path / "my-lm"
+    shutil.copytree(bundled_model_dir(), model)
+    (model / "tokenizer_config.json").write_text(  # its files differ: another model key
+        (model / "tokenizer_config.json")
+        .read_text()
+        .replace('"do_lower_case": true', '"do_lower_case": false')
+    )
+    cache = tmp_path / "my-cache"
+    keys = f"{TINY} cache-dir={cache} text-model={model}"
+    args = ["simulate", "--backend", "inprocess", "--rounds", "1", "--cohort-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(tmp_path), "--run-config", keys])
+    assert result.exit_code == 0, result.output
+    shard = cache / "embeddings" / f"{model_cache_key(model, 128)}.npz"
+    assert shard.exists() and model_cache_key(model, 128) != model_cache_key(
+        bundled_model_dir(), 128
+    )
+    assert list((cache / "pretrained").iterdir())
+    assert not default_root.exists()
 
 
 def _wait_for_a_round(proc: Any, metrics: Path) -> None:

