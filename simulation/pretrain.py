@@ -9,11 +9,10 @@ import hashlib
 import io
 import json
 import logging
-import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -108,7 +107,7 @@ def pretrain(
     start = time.perf_counter()
     if path.exists():
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _read_checked(path)
             teacher.build(dataset.n_items, state["teacher_order"]).load_state_dict(state["teacher"])
             teacher.order_scores = dict(state["teacher_order_scores"])
             teacher.member_scores = list(state["teacher_member_scores"])
@@ -124,10 +123,15 @@ def pretrain(
             student = DistilledStudent.from_model(model)
             student.teacher = teacher
             return Pretrained(teacher, student, time.perf_counter() - start, cached=True)
-        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
-            # an empty file (EOFError), garbage (UnpicklingError) or a truncated one
-            # (RuntimeError): the cache is derived data, so it is rebuilt
-            log.warning("ignoring unusable pretraining cache %s (%s); retraining", path, err)
+        except Exception as err:
+            # empty, garbage, truncated, altered (its digest), or of an unexpected layout:
+            # the cache is derived data, so any damage means training again
+            log.warning(
+                "ignoring unusable pretraining cache %s (%s: %s); retraining",
+                path,
+                type(err).__name__,
+                err,
+            )
     public = split.public_users
     validation = Validation(split, ("public",))
     teacher.fit(split.train_sequences(public), dataset.n_items, validation)
@@ -146,8 +150,37 @@ def pretrain(
         },
         buf,
     )
-    write_bytes_atomic(path, buf.getvalue())
+    payload = buf.getvalue()
+    header = _DIGEST_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    try:
+        write_bytes_atomic(path, header + payload)
+    except OSError as err:  # the models are trained: keep them for this run
+        log.warning("could not cache the pretrained models in %s (%s); continuing", path, err)
     return Pretrained(teacher, student, time.perf_counter() - start, cached=False)
+
+
+_DIGEST_MAGIC = b"fedrec-pretrained sha256:"
+"""Start of a cache file: the SHA-256 of the torch payload after it, checked on load."""
+
+
+def _read_checked(path: Path) -> dict[str, Any]:
+    """A cache file's state, refused (``ValueError``) if its digest or a weight is off.
+
+    Files written before the digest (a bare torch zip) load without the check.
+    """
+    data = path.read_bytes()
+    if data.startswith(_DIGEST_MAGIC):
+        header, _, payload = data.partition(b"\n")
+        if hashlib.sha256(payload).hexdigest().encode() != header[len(_DIGEST_MAGIC) :]:
+            raise ValueError("its contents do not match the digest written with them")
+        data = payload
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a state mapping")
+    for part in ("teacher", "student"):
+        if not all(torch.isfinite(t).all() for t in state[part].values() if t.is_floating_point()):
+            raise ValueError(f"its {part} weights are not all finite")
+    return state
 
 
 def configs_for(

@@ -7,6 +7,7 @@ per-sample gradients), plus one small learning check on data with real sequentia
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -390,16 +391,38 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
     histories = [split.history(int(u)) for u in split.public_users[:5]]
     assert np.array_equal(again.teacher.score(histories), first.teacher.score(histories))
     assert np.array_equal(again.student.score(histories), first.student.score(histories))
-    # an empty, garbage or truncated cache file (a crash, a full disk) is retrained, not fatal
+    # an empty, garbage, truncated or altered cache file (a crash, a full disk, a flipped
+    # bit in a weight) or one of another layout is retrained, not fatal nor silently used
     (cached,) = (tmp_path / "pretrained").glob("*.pt")
     good = cached.read_bytes()
-    for broken in (b"", b"not a torch file", good[: len(good) // 2]):
+    header, _, payload = good.partition(b"\n")
+    flipped = bytearray(good)
+    flipped[len(header) + 1 + len(payload) // 2] ^= 0x10
+    other_layout = io.BytesIO()
+    torch.save([1, 2, 3], other_layout)
+    for broken in (b"", b"not a torch file", good[: len(good) // 2], bytes(flipped)):
         cached.write_bytes(broken)
         rebuilt = pretrain(
             ds, split, text_features(), tmp_path, teacher_config=teacher_cfg,
             student_config=student_cfg,
         )  # fmt: skip
-        assert not rebuilt.cached and cached.read_bytes()[:4] == good[:4]
+        assert not rebuilt.cached and cached.read_bytes() == good
+    for unchecked in (other_layout.getvalue(), payload):  # a file from before the digest
+        cached.write_bytes(unchecked)
+        loaded = pretrain(
+            ds, split, text_features(), tmp_path, teacher_config=teacher_cfg,
+            student_config=student_cfg,
+        )  # fmt: skip
+        assert loaded.cached == (unchecked == payload)
+    # a cache that cannot be written costs the cache, not the trained models
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "pretrained").write_text("a file where the cache folder goes")
+    kept = pretrain(
+        ds, split, text_features(), blocked, teacher_config=teacher_cfg, student_config=student_cfg
+    )
+    assert not kept.cached
+    assert np.array_equal(kept.student.score(histories), first.student.score(histories))
 
 
 def test_set_order_trains_and_sees_no_order() -> None:
