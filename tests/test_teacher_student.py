@@ -49,7 +49,9 @@ from shared.training.distill import distillation_loss, kd_objective, prefix_wind
 from shared.training.trainer import (
     EarlyStopping,
     TrainConfig,
+    TrainingDivergedError,
     Validation,
+    fit_with_early_stopping,
     make_causal_windows,
     make_next_item_examples,
     next_item_loss,
@@ -837,3 +839,25 @@ def test_pruning_acts_on_what_the_exported_graph_executes(
     with torch.no_grad():
         assert not torch.allclose(export(items, mask), before)  # the graph did change
     assert float(model.head_text.weight.abs().min()) > 0  # folded away: left alone
+
+
+def test_a_loss_that_diverges_after_a_good_epoch_keeps_the_best_epoch() -> None:
+    model = torch.nn.Linear(2, 1)
+    scores = {1: 0.1, 2: 0.5, 3: 0.3}
+
+    def run_epoch(epoch: int) -> float:
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        if epoch == 4:
+            raise TrainingDivergedError("loss is nan; lower the learning rate")
+        return 1.0
+
+    def validate() -> float:
+        return scores[int(model.weight[0, 0].item())]
+
+    config = TrainConfig(epochs=10, patience=5)
+    history = fit_with_early_stopping(model, run_epoch, validate, config, desc="teacher")
+    assert history.diverged and history.best_epoch == 2 and len(history.losses) == 3
+    assert model.weight[0, 0].item() == 2.0  # the best epoch's weights, not the last ones
+    with pytest.raises(TrainingDivergedError, match="student, epoch 4: loss is nan"):
+        fit_with_early_stopping(model, run_epoch, None, config, desc="student")

@@ -397,6 +397,7 @@ class TrainHistory:
     best_epoch: int = 0
     best_metric: float = float("nan")
     stopped_early: bool = False
+    diverged: bool = False  # the loss stopped being finite; training ended at the best epoch
     seconds: float = 0.0
 
 
@@ -436,6 +437,10 @@ def fit_with_early_stopping(
     ``validate()`` (called in eval mode every ``eval_every`` epochs and after the last epoch)
     returns the selection metric, higher is better; the best weights are restored at the end.
     Without ``validate`` the model simply trains for ``config.epochs`` epochs.
+
+    A loss that stops being finite after a validated epoch ends training there (the best
+    weights restored, ``history.diverged`` set, a warning logged); before any, it raises
+    :class:`TrainingDivergedError` naming ``desc``.
     """
     history = TrainHistory()
     start = time.perf_counter()
@@ -443,7 +448,20 @@ def fit_with_early_stopping(
     stopping = EarlyStopping(config.patience)
     bar = tqdm(range(1, config.epochs + 1), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
-        loss = run_epoch(epoch)
+        try:
+            loss = run_epoch(epoch)
+        except TrainingDivergedError as err:
+            if best_state is None:
+                raise TrainingDivergedError(f"{desc}, epoch {epoch}: {err}") from err
+            log.warning(
+                "%s diverged in epoch %d (%s); keeping its best epoch %d",
+                desc,
+                epoch,
+                err,
+                history.best_epoch,
+            )
+            history.diverged = True
+            break
         history.losses.append(loss)
         postfix = {"loss": f"{loss:.4f}"}
         if validate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
