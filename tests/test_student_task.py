@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,6 +83,26 @@ def test_a_file_that_is_not_a_bundle_is_refused_in_one_line(tmp_path: Path) -> N
         with pytest.raises(ModelFileError, match=match) as caught:
             load_bundle(path)
         assert "\n" not in str(caught.value) and "weights_only=False" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda b: b["student_config"].update(knob_of_a_newer_version=1), "TypeError"),
+        (lambda b: b.pop("text_shape"), "no 'text_shape'"),
+        (lambda b: b["clients"].pop("full"), "no 'full'"),
+    ],
+)
+def test_a_bundle_of_another_version_is_refused_in_one_line(
+    bundle: Path, tmp_path: Path, change: Any, said: str
+) -> None:
+    payload = torch.load(bundle, weights_only=True)
+    change(payload)
+    other = tmp_path / "other.pt"
+    torch.save(payload, other)
+    with pytest.raises(ModelFileError, match="written by another version") as caught:
+        load_bundle(other)
+    assert said in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_fit_trains_global_params_records_privacy_and_leaves_the_adapter(

@@ -11,6 +11,7 @@ import io
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,6 +105,18 @@ def load_bundle(path: str | Path) -> Bundle:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
         raise ModelFileError(f"{p} is not a {BUNDLE_FORMAT} file")
+    try:
+        return _parse(payload, p)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        # a field missing, renamed or of another type: another fedrec version wrote it
+        what = f"no {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise ModelFileError(
+            f"bundle {p} does not have the layout this fedrec reads ({what}); it was written "
+            "by another version: write a new one with `fedrec simulate`"
+        ) from None
+
+
+def _parse(payload: dict[str, Any], p: Path) -> Bundle:
     config = StudentConfig(**payload["student_config"])
     text = np.zeros(payload["text_shape"], dtype=np.float32)
     ids = np.zeros(payload["ids_shape"], dtype=np.float32)
