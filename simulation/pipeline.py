@@ -108,9 +108,10 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         # a run that failed before its first round leaves nothing behind
         discarded = run.discard_if_empty()
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
-            run.close()  # flush TensorBoard: the command exits without unwinding
             raise RunInterrupted(run.root, resumable=not discarded and run.has_progress()) from exc
         raise
+    finally:
+        run.close()  # flush TensorBoard and free the folder, also for a run that failed
 
 
 def _run_stages(

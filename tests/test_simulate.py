@@ -385,6 +385,27 @@ def test_prune_sparsity_reaches_the_published_model(tmp_path: Path) -> None:
     assert Path(artifact["path"]).exists()
 
 
+def test_a_run_that_failed_after_training_frees_its_folder_for_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library caller (a benchmark, a notebook) may retry in the same process: the failed
+    run's lock on the folder is released, not held until garbage collection."""
+    import simulation.pipeline as pipeline
+
+    def broken_report(summary: Any, root: Path) -> Path:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "write_report", broken_report)
+    args = ["simulate", "--backend", "inprocess", "--rounds", "1", "--cohort-size", "4"]
+    args += ["--run-dir", str(tmp_path), "--name", "r", "--run-config", TINY]
+    failed = CliRunner().invoke(app, args)
+    assert isinstance(failed.exception, OSError)
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, [*args, "--json"])
+    assert again.exit_code == 0, again.output  # it was refused: "in use by another run"
+    assert json.loads(again.stdout)["meta"]["rounds"] == 1
+
+
 def test_cache_dir_and_text_model_reach_the_item_text_encoder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
