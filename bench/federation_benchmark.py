@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -60,6 +59,7 @@ from shared.eval.metrics import hit_rate_at_k
 from shared.eval.protocol import CaseRanks, summarize_ranks
 from simulation.config import SimulationConfig
 from simulation.pipeline import load_ranks, run_pipeline
+from simulation.provenance import provenance, run_bench
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "no-dp": {"dp": False, "secagg": False},
@@ -306,8 +306,10 @@ def _fresh(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
-def _run_split(args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
-    """Every requested variant on one protocol split (``seed``)."""
+def _split_configs(args: argparse.Namespace, seed: int, tag: str) -> dict[str, SimulationConfig]:
+    """The configs of every requested variant on one protocol split (``seed``); built (and
+    so checked) for every split before the first run, so that a setting refused for a late
+    variant does not cost the runs before it."""
     common: dict[str, Any] = {  # a variant's own settings (VARIANTS) override these
         "dataset": args.dataset,
         "data_dir": args.data_dir,
@@ -321,15 +323,22 @@ def _run_split(args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
         "progress": False,
     }
     overrides = {k.replace("-", "_"): v for k, v in parse_run_config(args.run_config).items()}
+    return {
+        name: from_flat(  # coerces --run-config's values (e.g. shots=1,3) to the field types
+            SimulationConfig,
+            {**common, **VARIANTS[name], **overrides, "name": f"{args.dataset}-{name}{tag}"},
+        )
+        for name in args.variants
+    }
+
+
+def _run_split(split_configs: dict[str, SimulationConfig], tag: str) -> dict[str, Any]:
+    """Every requested variant on one protocol split."""
     variants: dict[str, Any] = {}
     variant_ranks: dict[str, dict[str, CaseRanks]] = {}
     shared_rows: dict[str, Any] = {}
     configs: dict[str, Any] = {}
-    for name in args.variants:
-        cfg = from_flat(  # coerces --run-config's values (e.g. shots=1,3) to the field types
-            SimulationConfig,
-            {**common, **VARIANTS[name], **overrides, "name": f"{args.dataset}-{name}{tag}"},
-        )
+    for name, cfg in split_configs.items():
         _fresh(Path(cfg.run_dir) / cfg.name)
         print(f"[{time.strftime('%H:%M:%S')}] variant {name}{tag} ...", file=sys.stderr, flush=True)
         summary = run_pipeline(cfg)
@@ -391,13 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
 
+    for name, value in (("--rounds", args.rounds), ("--cohort", args.cohort)):
+        if value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
+
     started = time.perf_counter()
     several = len(args.seeds) > 1
-    runs = [_run_split(args, seed, f"-seed{seed}" if several else "") for seed in args.seeds]
+    tags = [f"-seed{seed}" if several else "" for seed in args.seeds]
+    plans = [_split_configs(args, seed, tag) for seed, tag in zip(args.seeds, tags, strict=True)]
+    runs = [_run_split(plan, tag) for plan, tag in zip(plans, tags, strict=True)]
     document: dict[str, Any] = {
         "dataset": args.dataset,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "command": "python bench/federation_benchmark.py " + " ".join(argv or sys.argv[1:]),
+        **provenance("bench/federation_benchmark.py", argv),
     }
     if several:
         document["seeds"] = args.seeds
@@ -419,4 +433,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_bench(main))

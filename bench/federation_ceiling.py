@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from shared.federated.local_training import next_item_examples
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
+from simulation.provenance import provenance, run_bench
 
 MODES = {"global": False, "global+item-table": True}
 
@@ -91,6 +92,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--per-user", type=int, default=256)
     args = parser.parse_args()
+    for name in ("epochs", "batch_size", "per_user"):
+        if getattr(args, name) < 1:  # no training would report the pretrained student
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
 
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -118,12 +124,12 @@ def main() -> None:
         "what": "pretrained student fine-tuned centrally, without DP, on the federated users' "
         "train data; test at the best validation epoch (federated users)",
         "modes": modes,
+        "pretraining_cached": pre.cached,
         "seconds": round(time.perf_counter() - start, 1),
-        "command": "python bench/federation_ceiling.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        **provenance("bench/federation_ceiling.py"),
     }
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_bench(main))

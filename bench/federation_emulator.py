@@ -52,6 +52,7 @@ from shared.federated.validation import clip_update_l2
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 from simulation.config import SimulationConfig
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
+from simulation.provenance import provenance, run_bench
 
 REPORTED = ("sampled_hr@10", "full_hr@10")
 
@@ -102,6 +103,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="client learning rate")
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--exclude-seen",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.exclude_seen,
+        help="the window's own items out of the clients' next-item softmax",
+    )
     opt = ServerOptimizerSettings()
     parser.add_argument("--server-opt", choices=SERVER_OPTIMIZERS, default=opt.kind)
     parser.add_argument("--server-lr", type=float, default=opt.lr)
@@ -143,6 +150,7 @@ def main() -> None:
             max_grad_norm=args.max_grad_norm,
             personal_steps=0,
             noise_shares=args.noise_shares,
+            exclude_seen=args.exclude_seen,
         )
         if args.noise_shares > args.cohort:
             raise ConfigError(f"--noise-shares {args.noise_shares} exceeds --cohort {args.cohort}")
@@ -236,10 +244,12 @@ def main() -> None:
             "delta": user_dp.settings.delta,
             "median_update_norm": round(float(np.median(norms)), 4),
         },
+        "pretraining_cached": run.pretrained.cached,
         "seconds": round(time.perf_counter() - start, 1),
+        **provenance("bench/federation_emulator.py"),
     }
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_bench(main))

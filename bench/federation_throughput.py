@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,8 +51,12 @@ from server.server_app import (
 )
 from server.strategy import RoundReport
 from shared.federated.task import RunConfigValue, get_task
+from simulation.provenance import provenance, run_bench
 
 SECAGG_STAGES = ("setup", "share-keys", "collect", "unmask")
+UNBOUNDED_EPSILON = 1e9
+"""The student clients' privacy budget in a throughput run: never reached, so every sampled
+client trains in every round."""
 STUDENT_TASK = "shared.federated.student_task:make_task"
 
 
@@ -124,11 +127,28 @@ def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) 
         "toy-dim": args.dim,
         "toy-local-steps": args.local_steps,
     }
-    if args.task == "student":
-        if args.bundle is None:
-            raise SystemExit("--task student needs --bundle (e.g. a run directory's bundle.pt)")
-        state = tempfile.mkdtemp(prefix="fedrec-throughput-")
-        run_config.update({"bundle": str(args.bundle), "state-dir": state, "dp": args.dp})
+    with tempfile.TemporaryDirectory(prefix="fedrec-throughput-") as state:
+        if args.task == "student":
+            # a budget that lasts the measurement: a client that declines (its epsilon
+            # spent) does no work, and rounds of fewer clients would be timed as full ones
+            run_config.update(
+                {
+                    "bundle": str(args.bundle),
+                    "state-dir": state,
+                    "dp": args.dp,
+                    "epsilon-budget": UNBOUNDED_EPSILON,
+                }
+            )
+        return _measure(args, runtime, cohort, secagg, run_config)
+
+
+def _measure(
+    args: argparse.Namespace,
+    runtime: str,
+    cohort: int,
+    secagg: bool,
+    run_config: dict[str, RunConfigValue],
+) -> dict[str, Any]:
     reports: list[RoundReport] = []
     call_log = CallLog()
     server_app = make_bench_server_app(run_config, reports, call_log)
@@ -149,6 +169,11 @@ def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) 
 
     steady = [r for r in reports if r.server_round > 1] or reports
     fit_s = [r.fit_seconds for r in steady]
+    train_s = [
+        float(r.fit.client_metrics["train-seconds"])
+        for r in steady
+        if "train-seconds" in r.fit.client_metrics
+    ]
     ok = [r.fit.ok for r in steady]
     per_round = statistics.median(fit_s) if fit_s else float("nan")
     calls_per_round = 4 if secagg else 1
@@ -168,12 +193,10 @@ def run_case(args: argparse.Namespace, runtime: str, cohort: int, secagg: bool) 
         "client_updates_per_s": round(statistics.median(ok) / per_round, 2) if fit_s else None,
         "warmup_round_s": round(reports[0].fit_seconds, 3) if reports else None,
         "stage_seconds": stages,
-        "client_train_s_mean": round(
-            statistics.mean(r.fit.client_metrics.get("train-seconds", 0.0) for r in steady), 4
-        )
-        if steady
-        else None,
+        # reported by the toy task's clients only (None: the task does not report it)
+        "client_train_s_mean": round(statistics.mean(train_s), 4) if train_s else None,
         "clients_ok_per_round": ok,
+        "clients_declined_per_round": [r.fit.declined for r in steady],
         "clients_failed_per_round": [r.fit.failed for r in steady],
         "wall_s": round(wall, 2),
     }
@@ -216,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.rounds < 2:
+        parser.error(
+            f"--rounds must be >= 2 (a warm-up round, then the measured ones), got {args.rounds}"
+        )
+    if min(args.cohorts) < 2:
+        parser.error(f"--cohorts must be >= 2 (a round needs two clients), got {args.cohorts}")
+    if args.task == "student" and args.bundle is None:
+        parser.error("--task student needs --bundle (e.g. a run directory's bundle.pt)")
+    if args.task == "student" and not args.bundle.is_file():
+        parser.error(f"--bundle {args.bundle} is not a file")
 
     runtimes = ["ray", "inprocess"] if args.runtime == "both" else [args.runtime]
     results = [
@@ -239,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     per_repeat.setdefault(f"{runtime}/{cohort}", []).append(ratio)
     ratios = {case: round(statistics.median(values), 2) for case, values in per_repeat.items()}
     document = {
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **provenance("bench/federation_throughput.py", argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "results": results,
         "secagg_over_plain_round_time": ratios,  # the median over repeats
@@ -254,4 +287,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_bench(main))

@@ -42,7 +42,8 @@ from shared.compression.quantize import (
 )
 from shared.errors import ModelFileError
 from shared.io import write_json_atomic
-from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
+from shared.ondevice.runtime import MIN_LATENCY_CALLS, OnDeviceModel, RuntimeConfig
+from simulation.provenance import provenance, run_bench
 
 
 class StandInStudent(nn.Module):
@@ -210,9 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here (atomically)")
     args = parser.parse_args(argv)
-    if args.calls < 1000:
-        parser.error("--calls must be >= 1000 for a stable p99")
-    result = run(args)
+    if args.calls < MIN_LATENCY_CALLS:
+        parser.error(f"--calls must be >= {MIN_LATENCY_CALLS} for a stable p99, got {args.calls}")
+    for name in ("n_items", "dim", "max_len", "history_len", "n_validation", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    result = {**run(args), **provenance("bench/ondevice_latency.py", argv)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -220,4 +224,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_bench(main))

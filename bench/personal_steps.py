@@ -29,6 +29,7 @@ from shared.federated.bundle import load_bundle
 from shared.federated.student_task import set_global_arrays
 from simulation.config import SimulationConfig
 from simulation.pipeline import AdaptedStudent, load_split
+from simulation.provenance import provenance, run_bench
 
 
 def main() -> None:
@@ -90,12 +91,9 @@ def main() -> None:
             rows[str(steps)] = row
         out[stage] = rows
     out["seconds"] = round(time.perf_counter() - start, 1)
-    out["command"] = "python bench/personal_steps.py " + " ".join(
-        [str(args.run), "--steps", *map(str, args.steps), "--lr", str(args.lr)]
-        + ([] if args.exclude_seen else ["--no-exclude-seen"])
-    )
+    out.update(provenance("bench/personal_steps.py"))
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_bench(main))

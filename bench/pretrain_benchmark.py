@@ -28,10 +28,11 @@ from shared.eval.compare import compare_ranks
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE, TextOnly
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
-from shared.ondevice.runtime import OnDeviceModel
+from shared.ondevice.runtime import MIN_LATENCY_CALLS, OnDeviceModel
 from shared.text.encoder import EncoderConfig, ItemEncoder
 from shared.training.trainer import count_parameters
 from simulation.pretrain import add_pretrain_arguments, pretrain_from_args
+from simulation.provenance import provenance, run_bench
 
 
 def _latency(model: OnDeviceModel, history: np.ndarray, calls: int) -> dict[str, float]:
@@ -70,6 +71,11 @@ def main() -> None:
         prune = PruneConfig(args.prune_sparsity, scope="per_layer", include_embeddings=True)
     except ConfigError as err:
         parser.error(str(err))
+    if args.latency_calls < MIN_LATENCY_CALLS:
+        parser.error(
+            f"--latency-calls must be >= {MIN_LATENCY_CALLS} for a stable p99, "
+            f"got {args.latency_calls}"
+        )
 
     torch.set_num_threads(2)
     run = pretrain_from_args(
@@ -166,8 +172,7 @@ def main() -> None:
         "latency_full_catalog_one_thread": latency,
         "pretraining_seconds": round(pre.seconds, 1),
         "pretraining_cached": pre.cached,
-        "command": "python bench/pretrain_benchmark.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        **provenance("bench/pretrain_benchmark.py"),
     }
     out["pruning"] = {"requested": args.prune_sparsity, "achieved": artifact.sparsity}
     out["int8_over_teacher_size"] = (
@@ -177,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_bench(main))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from shared.models.base import Scorer
 from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import EncoderConfig, encode_items
 from shared.training.trainer import EarlyStopping, Validation
+from simulation.provenance import provenance, run_bench
 
 CRITERIA = {  # name -> (row key, True when larger is better)
     "public validation sampled NDCG@10": ("valid_sampled_ndcg@10", True),
@@ -118,8 +118,12 @@ def main() -> None:
     SASRecTeacher(text, config).fit(
         split.train_sequences(split.public_users), ds.n_items, validation
     )
+    # the trainer validates every eval_every epochs and after the last one
+    validated = [
+        e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs
+    ]
     rows: list[dict[str, Any]] = [
-        {"epoch": (i + 1) * args.eval_every, **row} for i, row in enumerate(validation.rows)
+        {"epoch": epoch, **row} for epoch, row in zip(validated, validation.rows, strict=True)
     ]
 
     def at(index: int) -> dict[str, Any]:
@@ -137,10 +141,10 @@ def main() -> None:
         "picks": picks,
         "default_stop": at(stop),
         "seconds": round(time.perf_counter() - start, 1),
-        "command": " ".join(["python", "bench/teacher_curve.py", *sys.argv[1:]]),
+        **provenance("bench/teacher_curve.py"),
     }
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_bench(main))

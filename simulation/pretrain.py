@@ -296,6 +296,9 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> Non
         default=TeacherConfig.members,
         help="independently seeded teachers whose log-probabilities are averaged",
     )
+    parser.add_argument(
+        "--text-model", default="", help="local Hugging Face encoder folder (default: MiniLM)"
+    )
 
 
 def pretrain_from_args(
@@ -313,4 +316,5 @@ def pretrain_from_args(
         teacher_epochs=teacher_epochs,
         student_epochs=student_epochs,
         teacher_members=args.teacher_members,
+        text_model=args.text_model,
     )

@@ -26,7 +26,8 @@ the model (the user representation, if given, seeds the feature part). Its uncer
 not: the standardised score is a context entry with unit prior variance, so LinUCB's bonus
 and Thompson's draws also favour candidates far from the slate's average score, at both ends,
 until clicks pin the score's weight down. That early exploration is part of what the regret
-figures measure (``bench/results/bandits-*.json``: LinUCB 0.21x greedy's regret). A candidate
+figures measure (``bench/results/bandits-synthetic.json``, top 50: LinUCB 0.21x greedy's regret;
+``bandits-synthetic-top200.json``, top 200: 0.28x). A candidate
 whose score is NaN or -inf is shown only when nothing else is left. ``A^-1`` is kept up to date with
 Sherman-Morrison (one reward) or Woodbury (a slate of rewards) in ``O(d^2)`` and recomputed
 from ``A`` by Cholesky every ``refresh_every`` updates, or at once if a rank update ever looks

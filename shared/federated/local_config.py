@@ -77,7 +77,8 @@ class LocalTrainConfig:
     ml-100k it changes nothing measurable: the split-noise recipe in
     ``bench/federation_emulator.py`` (100 rounds) gives 0.682 / 0.178 against 0.688 / 0.181
     sampled / full, and 20 adapter steps ``bench/personal_steps.py`` +0.015 against +0.018
-    sampled.
+    sampled (ad hoc, both on an earlier run's directory; the committed
+    ``personal-steps-ml-100k.json`` is another run).
 
     ``noise_shares`` m > 1: distributed DP over secure aggregation. The server sees only the
     SecAgg+ sum of at least m contributions (it discards a smaller aggregate), so each client

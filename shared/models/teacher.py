@@ -77,8 +77,9 @@ class TeacherConfig:
     factors (:func:`shared.models.item_factors.cooccurrence_factors`, rows of unit mean
     square); ``'random'`` from ``N(0, 0.02^2)``. With a few hundred public users a random
     table is learned from too few transitions: the co-occurrence start raised federated-user
-    full HR@10 from 0.153 to 0.171 on ml-100k and from 0.131 to 0.2 on the synthetic world
-    (``bench/results/pretrain-*.json``).
+    full HR@10 from 0.153 to 0.171 on ml-100k (``bench/results/pretrain-ml-100k.json``) and,
+    when it was introduced, from 0.131 to 0.2 on the synthetic world (an ad-hoc comparison;
+    the committed synthetic results are later runs: 0.250 to 0.267 over three worlds).
 
     ``order``: how a training history is read. ``'sequence'``: in time order, next item after
     each prefix (SASRec). ``'set'``: every epoch each training window is put in a random

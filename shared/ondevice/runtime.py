@@ -47,6 +47,8 @@ META_MAX_LEN = "fedrec.max_len"
 META_GRAPH_SHA256 = "fedrec.graph_sha256"
 """SHA-256 of the serialized graph (nodes and weights): a file damaged in transit or on disk
 is refused instead of scoring differently. Files without it (older exports) still load."""
+MIN_LATENCY_CALLS = 500
+"""The fewest timed scoring calls a benchmark reports a p99 latency from (five above it)."""
 MAX_HISTORY = 100_000
 """Upper bound on a model's ``max_len``: the loader allocates windows of that length."""
 META_MODEL_VERSION = "fedrec.model_version"

@@ -1,0 +1,58 @@
+"""What every benchmark result records about how it was made, and the benchmarks' one-line
+errors (``simulation.provenance``)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ConfigError
+from simulation.provenance import provenance, run_bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_result_records_its_command_code_and_libraries() -> None:
+    record = provenance("bench/x.py", ["--run-config", "noise-multiplier=3 lr=1", "--out", "a b"])
+    assert record["command"] == (
+        "python bench/x.py --run-config 'noise-multiplier=3 lr=1' --out 'a b'"
+    )  # quoted: it can be pasted back into a shell
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode == 0:  # a git checkout (CI clones one)
+        assert record["code"]["commit"] == head.stdout.strip()
+        assert isinstance(record["code"]["dirty"], bool)
+    import torch
+
+    assert torch.__version__.startswith(record["libraries"]["torch"].split("+")[0])
+    assert record["libraries"]["flwr"] and record["host"]["cpus"] >= 1
+
+
+def test_a_benchmark_refusing_its_input_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def refused() -> int:
+        raise ConfigError("--cohort must be >= 2, got 1")
+
+    assert run_bench(refused) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --cohort must be >= 2, got 1\n"
+    assert run_bench(lambda: None) == 0 and run_bench(lambda: 3) == 3
+
+
+def test_a_benchmark_script_with_a_missing_data_folder_fails_in_one_line(tmp_path: Path) -> None:
+    script = REPO / "bench" / "sampled_metric_spread.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--data-dir", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(r"error: .*missing.*\n", done.stderr, flags=re.S), done.stderr
+    assert "Traceback" not in done.stderr
