@@ -151,13 +151,15 @@ class ServerLayout:
 def init_state_dir(
     state_dir: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: bool = False
 ) -> ServerLayout:
-    """Create the layout, the CA and the server certificate for ``hosts``.
+    """Create the layout, the CA and the server certificate for ``hosts`` and the loopback
+    names (:data:`DEFAULT_HOSTS`), which the server uses to reach its own SuperLink.
 
     An existing state directory is refused unless ``force``; with ``force`` the certificates
     are replaced and the run state (checkpoints, progress, SuperLink database, registrations)
     is wiped, because devices must then trust the new CA and be registered again.
     """
     layout = ServerLayout(Path(state_dir))
+    hosts = [*hosts, *(h for h in DEFAULT_HOSTS if h not in hosts)]
     SubjectNames.parse(hosts)  # bad --host values are refused before anything is written
     if layout.state_dir.exists() and any(layout.state_dir.iterdir()):
         if not force:

@@ -413,29 +413,49 @@ class SuperLinkOptions:
     ready_timeout_s: float = 60.0
     max_restarts: int = 3
     status_interval_s: float = 5.0
+    # a submitted run that no executor has picked up (still "pending") after this long
+    # never will: it is reported instead of waited for
+    pending_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_restarts < 0 or not self.ready_timeout_s > 0:
             raise ConfigError("max-restarts must be >= 0 and the ready timeout > 0")
+        if not self.pending_timeout_s > 0:
+            raise ConfigError("the pending timeout must be > 0")
+
+
+_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+"""The loopback address Flower's SuperLink gives its SuperExec when it listens on a wildcard
+(``flwr.supercore.address.resolve_bind_address``); TLS is checked on that connection."""
 
 
 def control_host(layout: ServerLayout, listen_host: str) -> str:
     """The name this machine uses to reach its own SuperLink; it must be in the
-    certificate's SANs (TLS is checked on this connection too)."""
+    certificate's SANs (TLS is checked on this connection too).
+
+    Listening on a wildcard, the SuperLink's own SuperExec connects through the loopback
+    address, so the certificate must name it: without it the SuperExec fails the TLS check
+    and no run ever starts.
+    """
     names = server_names(layout.pki)
-    if listen_host not in ("0.0.0.0", "::", ""):
+    loopback = _WILDCARD_LOOPBACK.get(listen_host)
+    if loopback is None:
         if listen_host not in names:
             raise ConfigError(
                 f"--host {listen_host} is not in the server certificate ({', '.join(names)}); "
                 f"rerun `fedrec server init --force --host {listen_host} ...`"
             )
         return listen_host
-    for candidate in ("127.0.0.1", "localhost", "::1"):
-        if candidate in names:
-            return candidate
-    return names[0]
+    if loopback not in names:
+        raise ConfigError(
+            f"the server certificate ({', '.join(names)}) does not name {loopback}, which the "
+            f"SuperLink's own run executor connects to when it listens on all addresses: pass "
+            f"`--host {names[0]}` to listen on that address only, or recreate the state with "
+            f"`fedrec server init --force --host ...` (it adds localhost and 127.0.0.1)"
+        )
+    return loopback
 
 
 class SuperLinkProcess:
@@ -706,6 +726,7 @@ class ServerRunner:
         assert self.run_id is not None
         shown = len(read_progress(self.layout))
         next_check = 0.0
+        pending_until = time.monotonic() + self.options.pending_timeout_s
         while True:
             records = read_progress(self.layout)
             for record in records[shown:]:
@@ -723,6 +744,12 @@ class ServerRunner:
                     if not self.superlink.alive():
                         return None
                     raise
+                if status == "pending" and now > pending_until:
+                    raise RunFailedError(
+                        f"run {self.run_id} is still pending after "
+                        f"{self.options.pending_timeout_s:.0f} s: the SuperLink's run executor "
+                        f"did not start it; see {self.layout.superlink_log} for why"
+                    )
                 if status.startswith(_FINISHED):
                     for record in read_progress(self.layout)[shown:]:
                         self.echo(format_round(record))

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,21 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
 class Device:
     """One `fedrec client start` process and its local HTTP API."""
 
-    def __init__(self, root: Path, index: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        index: int,
+        *,
+        prefix: Sequence[str] = (),
+        api_port: int | None = None,
+        supernode_port: int | None = None,
+    ) -> None:
         self.state = root / f"device-{index}"
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api_port = free_port()
-        self.supernode_port = free_port()
+        self.prefix = list(prefix)  # before the command, e.g. `ip netns exec NS`
+        self.api_port = api_port or free_port()
+        self.supernode_port = supernode_port or free_port()
 
     def init(self) -> None:
         subprocess.run(
@@ -105,6 +114,7 @@ class Device:
         log = open(self.state.parent / f"device-{self.index}.out", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 *fedrec_cmd(),
                 "client",
                 "start",
@@ -176,23 +186,39 @@ class Device:
 class Federation:
     """The server state directory and its `fedrec server start` process."""
 
-    def __init__(self, root: Path, write_bundle: Callable[[Path, int], list[str]]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        write_bundle: Callable[[Path, int], list[str]],
+        *,
+        hosts: Sequence[str] = (),
+        listen: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``hosts``: `server init --host` names (the first is what devices connect to;
+        none: the loopback defaults); ``listen``: `server start --host`; ``prefix``: before
+        `server start`, e.g. `ip netns exec NS`."""
         self.root = root
         self.state = root / "server"
         self.bundle = root / "bundle.pt"
-        self.port = free_port()
+        self.port = port or free_port()
+        self.connect_host = hosts[0] if hosts else "127.0.0.1"
+        self.listen = listen
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         write_bundle(self.bundle, N_ITEMS)
+        names = [arg for host in hosts for arg in ("--host", host)]
         subprocess.run(
-            [*fedrec_cmd(), "server", "init", "--state-dir", str(self.state)],
+            [*fedrec_cmd(), "server", "init", "--state-dir", str(self.state), *names],
             check=True,
             capture_output=True,
         )
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.connect_host}:{self.port}"
 
     @property
     def ca(self) -> Path:
@@ -219,6 +245,7 @@ class Federation:
         out = open(self.root / f"server-{self.starts}.out", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 *fedrec_cmd(),
                 "server",
                 "start",
@@ -231,7 +258,7 @@ class Federation:
                 "--min-clients",
                 str(min_clients),
                 "--host",
-                "127.0.0.1",
+                self.listen,
                 "--port",
                 str(self.port),
                 "--run-config",

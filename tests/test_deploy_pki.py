@@ -490,11 +490,53 @@ def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
 
 
 def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
-    layout = init_state_dir(tmp_path / "s", ["server", "127.0.0.1"])
+    layout = init_state_dir(tmp_path / "s", ["server", "10.0.0.5"])
+    # the loopback names are always added: the SuperLink reaches its own executor there
+    assert server_names(layout.pki) == ["server", "localhost", "10.0.0.5", "127.0.0.1"]
     assert control_host(layout, "0.0.0.0") == "127.0.0.1"
     assert control_host(layout, "server") == "server"
     with pytest.raises(ConfigError, match="not in the server certificate"):
         control_host(layout, "10.9.9.9")
+    # a state made before that: listening on all addresses would leave every run pending
+    create_pki(layout.pki.directory, ["server", "10.0.0.5"])
+    with pytest.raises(ConfigError, match=r"does not name 127\.0\.0\.1.*--host server"):
+        control_host(layout, "0.0.0.0")
+    assert control_host(layout, "10.0.0.5") == "10.0.0.5"
+
+
+def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -> None:
+    from server.superlink import RunFailedError, ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    options = SuperLinkOptions(status_interval_s=0.01, pending_timeout_s=1.0)
+    runner = ServerRunner(layout, options, {}, echo=lambda line: None)
+    statuses = iter(["pending", "starting", "running", "finished:completed"])
+
+    class Alive:
+        def alive(self) -> bool:
+            return True
+
+        def remember_descendants(self) -> None:
+            pass
+
+    class Cli:
+        def __init__(self, status: Callable[[], str]) -> None:
+            self.status = status
+
+        def run_status(self, run_id: int) -> str:
+            return self.status()
+
+        def save_log(self, run_id: int, path: Path) -> None:
+            pass
+
+    runner.superlink, runner.run_id = Alive(), 7  # type: ignore[assignment]
+    runner.cli = Cli(lambda: next(statuses))  # type: ignore[assignment]
+    assert runner._follow() == 0  # a run that starts is followed to its end
+    runner.cli = Cli(lambda: "pending")  # type: ignore[assignment]
+    started = time.monotonic()
+    with pytest.raises(RunFailedError, match=r"run 7 is still pending after 1 s.*superlink"):
+        runner._follow()
+    assert time.monotonic() - started < 30
 
 
 def test_a_node_with_a_device_dir_trains_on_that_device() -> None:

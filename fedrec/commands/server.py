@@ -37,8 +37,9 @@ def init(
         list[str] | None,
         typer.Option(
             "--host",
-            help="A DNS name or IP address devices use to reach the server (repeat; default "
-            "localhost and 127.0.0.1). Each becomes a SAN of the server certificate.",
+            help="A DNS name or IP address devices use to reach the server (repeat). Each "
+            "becomes a SAN of the server certificate, with localhost and 127.0.0.1, through "
+            "which the server reaches its own SuperLink.",
         ),
     ] = None,
     force: Annotated[
