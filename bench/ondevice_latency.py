@@ -4,7 +4,7 @@ Usage (from the repo root)::
 
     python bench/ondevice_latency.py                      # stand-in student, 1682 items, d=64
     python bench/ondevice_latency.py --model student.onnx # an exported fp32 (or int8) student
-    python bench/ondevice_latency.py --out bench/results/ondevice_latency.json
+    python bench/ondevice_latency.py --n-items 20000 --out latency-20k.json  # a larger catalog
 
 Prints one JSON object: fp32/int8 file sizes (raw and gzip-9), top-10 agreement of each int8
 variant with the fp32 model, and p50/p99 latency of ``OnDeviceModel.score([history])`` (one
