@@ -319,6 +319,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def start_devices(
+    devices: Sequence[Device], fed: Federation, cleanup: list[Device | Federation]
+) -> None:
+    """Start every device's daemon against ``fed`` and wait for each one's local API."""
+    for device in devices:
+        device.start(fed.address, fed.ca, fed.bundle)
+        cleanup.append(device)
+    for device in devices:
+        wait_for(f"device {device.index}'s API", device.ready, 120)
+
+
 @pytest.fixture
 def cleanup() -> Iterator[list[Device | Federation]]:
     started: list[Device | Federation] = []
@@ -371,11 +382,7 @@ def test_tls_authenticated_secagg_federation_with_server_restart(
     for device in devices[:3]:
         fed.register(device, f"dev{device.index}")
     # device 3 is never registered
-    for device in devices:
-        device.start(fed.address, fed.ca, fed.bundle)
-        cleanup.append(device)
-    for device in devices:
-        wait_for(f"device {device.index}'s API", device.ready, 120)
+    start_devices(devices, fed, cleanup)
 
     # Events through each daemon's HTTP API; the few-shot adaptation makes the model personal.
     before: dict[int, dict[str, float]] = {}
@@ -471,10 +478,8 @@ def test_a_device_killed_mid_round_does_not_stop_the_round(
     for device in devices:
         device.init()
         fed.register(device, f"dev{device.index}")
-        device.start(fed.address, fed.ca, fed.bundle)
-        cleanup.append(device)
+    start_devices(devices, fed, cleanup)
     for device in devices:
-        wait_for(f"device {device.index}'s API", device.ready, 120)
         device.call("POST", "/events", _events(device.index))
     # Without the victim, no 4 devices are available again: evaluation is skipped after
     # availability-timeout (the round itself is what this test is about).

@@ -44,6 +44,7 @@ from tests.test_deploy_e2e import (  # noqa: F401  (cleanup: a fixture)
     _events,
     _global_version,
     cleanup,
+    start_devices,
     wait_for,
 )
 
@@ -270,11 +271,8 @@ def test_secagg_round_between_hosts_in_network_namespaces(
     for device in devices:
         device.init()
         fed.register(device, f"dev{device.index}")
+    start_devices(devices, fed, cleanup)
     for device in devices:
-        device.start(fed.address, fed.ca, fed.bundle)
-        cleanup.append(device)
-    for device in devices:
-        wait_for(f"device {device.index}'s API", device.ready, 120)
         assert device.call("POST", "/events", _events(device.index)) == {"stored": 12}
         assert _global_version(device.status()) == 0
 
