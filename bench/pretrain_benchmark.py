@@ -110,7 +110,7 @@ def main() -> None:
         longest = max(hist, key=len)[-pre.student.config.max_len :]
         latency = _latency(OnDeviceModel(artifact.path), longest, args.latency_calls)
 
-    lm_dir = ItemEncoder(EncoderConfig(show_progress=False)).model_dir
+    lm_dir = ItemEncoder(EncoderConfig(model_path=args.text_model or None)).model_dir
     lm_bytes = sum(p.stat().st_size for p in Path(lm_dir).rglob("*") if p.is_file())
     teacher_trainable = count_parameters(
         p for p in pre.teacher.model.parameters() if p.requires_grad

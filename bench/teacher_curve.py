@@ -123,7 +123,9 @@ def main() -> None:
         e for e in range(1, args.epochs + 1) if e % args.eval_every == 0 or e == args.epochs
     ]
     rows: list[dict[str, Any]] = [
-        {"epoch": epoch, **row} for epoch, row in zip(validated, validation.rows, strict=True)
+        # zip stops early where training diverged and ended at its best epoch
+        {"epoch": epoch, **row}
+        for epoch, row in zip(validated, validation.rows, strict=False)
     ]
 
     def at(index: int) -> dict[str, Any]:

@@ -449,11 +449,13 @@ def control_host(layout: ServerLayout, listen_host: str) -> str:
             )
         return listen_host
     if loopback not in names:
+        also = "" if loopback == "127.0.0.1" else f" --host {loopback}"
         raise ConfigError(
             f"the server certificate ({', '.join(names)}) does not name {loopback}, which the "
             f"SuperLink's own run executor connects to when it listens on all addresses: pass "
             f"`--host {names[0]}` to listen on that address only, or recreate the state with "
-            f"`fedrec server init --force --host ...` (it adds localhost and 127.0.0.1)"
+            f"`fedrec server init --force --host ...{also}` (init adds localhost and "
+            f"127.0.0.1)"
         )
     return loopback
 

@@ -59,18 +59,34 @@ def try_lock(path: str | Path) -> IO[str] | None:
     another process holds it (:func:`lock_holder` says which). The kernel releases it when
     the process dies, however it dies."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 (returned: it holds the lock)
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    for _ in range(100):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 (returned: it holds the lock)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        if _is_current(path, handle):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle
+        # its holder removed the file (discarding the folder) between our open and our lock:
+        # a lock on the removed file guards nothing, so take the one now at the path
         handle.close()
-        return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+    raise OSError(f"{path} keeps being replaced; cannot lock it")
+
+
+def _is_current(path: Path, handle: IO[str]) -> bool:
+    """Whether the open ``handle`` is still the file at ``path``."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 def is_locked(path: str | Path) -> bool:

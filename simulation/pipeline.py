@@ -100,7 +100,8 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     started = time.perf_counter()
     run = RunDirectory(_run_root(config))
     try:
-        run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
+        defaults = to_flat(SimulationConfig())
+        run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults)
         return _run_stages(config, run, started, progress)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):

@@ -33,7 +33,12 @@ from shared.models.student import (
     load_student_state,
 )
 from shared.models.teacher import SASRecTeacher, TeacherConfig
-from shared.text.encoder import EncoderConfig, default_cache_dir, encode_items
+from shared.text.encoder import (
+    EncoderConfig,
+    default_cache_dir,
+    encode_items,
+    resolve_model_dir,
+)
 from shared.training.trainer import Validation, count_parameters
 
 log = logging.getLogger(__name__)
@@ -256,6 +261,8 @@ def encoder_config(text_model: str, cache_root: Path, progress: bool = False) ->
     """The item-text encoder of a run: ``text_model`` (a local Hugging Face model directory;
     "" for the bundled MiniLM), caching under ``cache_root/embeddings`` beside the
     pretraining cache."""
+    if text_model:
+        resolve_model_dir(text_model, setting="text-model")  # named as the user gave it
     return EncoderConfig(
         model_path=text_model or None,
         cache_dir=str(cache_root / "embeddings"),

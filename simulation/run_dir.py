@@ -46,6 +46,9 @@ _RUN_ENTRIES = (
     "models",
     "summary.json",
     "report.md",
+    "bundle.pt",
+    "ranks.npz",
+    "recs.csv",
 )
 """What a run writes at the top of its folder before any progress (clients/ is progress)."""
 
@@ -106,23 +109,30 @@ class RunDirectory:
             raise ConfigError(f"{path} is not a JSON object; pass another --name")
         return stored
 
-    def claim(self, section: str, settings: Mapping[str, Any], may_change: Collection[str]) -> None:
+    def claim(
+        self,
+        section: str,
+        settings: Mapping[str, Any],
+        may_change: Collection[str],
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
         """Record ``settings`` under ``section`` of ``config.json``, after checking that a
         previous run here used the same ones (but for the ``may_change`` keys).
 
-        Raises :class:`ConfigError` listing every differing key (keys only one side has are
-        settings added or removed by an upgrade and are not compared): resuming its checkpoints
+        Raises :class:`ConfigError` listing every differing key: resuming its checkpoints
         (and its devices' privacy ledgers) under other settings would mix two runs and label
-        the result with the new settings.
+        the result with the new settings. A setting the previous run did not record (added
+        by an upgrade) ran at its default, so it is compared with ``defaults``; one only the
+        previous run recorded (removed since) is not compared.
         """
         stored = self.stored_config()
         previous = (stored or {}).get(section)
         if isinstance(previous, dict) and self.has_progress():
-            # a key only one side has is a setting added or removed by an upgrade: not compared
+            before = {**{k: v for k, v in (defaults or {}).items() if k in settings}, **previous}
             differing = [
-                f"{key} {previous[key]!r} -> {value!r}"
+                f"{key} {before[key]!r} -> {value!r}"
                 for key, value in settings.items()
-                if key not in may_change and key in previous and previous[key] != value
+                if key not in may_change and key in before and before[key] != value
             ]
             if differing:
                 raise ConfigError(

@@ -381,6 +381,10 @@ def test_state_without_slate_tags_still_loads() -> None:
     clone.load_state_dict(state)
     assert clone.n_pending == policy.n_pending
     assert clone.update(int(state["pending"][0][0]), 1.0)
+    # feedback from a device that now names its slates, on one shown before the upgrade
+    item = int(state["pending"][1][0])
+    assert clone.update_many([item], [1.0], tags=["a-recommendation-id"]) == 1
+    assert clone.n_pending == policy.n_pending - 2
 
 
 def test_state_without_pending_restores_them_from_their_own_records_with_their_ids() -> None:

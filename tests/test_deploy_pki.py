@@ -502,6 +502,11 @@ def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not name 127\.0\.0\.1.*--host server"):
         control_host(layout, "0.0.0.0")
     assert control_host(layout, "10.0.0.5") == "10.0.0.5"
+    # listening on every IPv6 address, the executor connects through ::1, which init adds
+    # only when asked: the error says so
+    with pytest.raises(ConfigError, match=r"does not name ::1.*--host \.\.\. --host ::1"):
+        control_host(init_state_dir(tmp_path / "v6", ["server"]), "::")
+    assert control_host(init_state_dir(tmp_path / "v6b", ["server", "::1"]), "::") == "::1"
 
 
 def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -> None:

@@ -209,6 +209,23 @@ def test_an_interrupted_encode_keeps_what_it_encoded(
     assert (again.last_num_cached, again.last_num_encoded) == (4, 4)  # two batches were kept
 
 
+def test_a_long_encode_writes_its_progress_as_it_goes(
+    tmp_path: Path, encoder: ItemEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encoder_mod, "FLUSH_EVERY_SECONDS", 0.0)  # after every batch
+    enc = ItemEncoder(_config(tmp_path / "cache", batch_size=3))
+    sizes: list[int] = []
+    real = ItemEncoder._write_cache
+
+    def record(self: ItemEncoder, fresh: dict[str, Any]) -> None:
+        sizes.append(len(fresh))
+        real(self, fresh)
+
+    monkeypatch.setattr(ItemEncoder, "_write_cache", record)
+    enc.encode(TEXTS)
+    assert sizes == [3, 3, 2]  # each batch written as it was encoded, not once at the end
+
+
 def test_a_killed_writes_temp_file_is_removed_by_a_later_write(
     cached_encoder: ItemEncoder,
 ) -> None:

@@ -102,3 +102,34 @@ def test_a_lock_is_seen_while_held_and_probing_it_takes_nothing(tmp_path: Path) 
     again = try_lock(path)
     assert again is not None
     again.close()
+
+
+def test_a_lock_file_removed_under_a_waiting_locker_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run discarding its folder removes its lock file; a second run that had opened the
+    old file must not hold a lock on it (a third would then lock a new file, and two runs
+    would share the folder)."""
+    import fcntl
+
+    import shared.io as io_mod
+
+    path = tmp_path / "run" / ".lock"
+    path.parent.mkdir()
+    path.write_text("123\n")
+    real = fcntl.flock
+    calls: list[int] = []
+
+    def holder_discards_first(fd: int, op: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # between this opener's open and its lock
+            path.unlink()
+        real(fd, op)
+
+    monkeypatch.setattr(io_mod.fcntl, "flock", holder_discards_first)
+    held = try_lock(path)
+    assert held is not None and len(calls) == 2  # it let the removed file go and retried
+    now, mine = path.stat(), os.fstat(held.fileno())
+    assert (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino) and now.st_nlink == 1
+    assert lock_holder(path) == str(os.getpid())
+    held.close()

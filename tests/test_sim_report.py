@@ -60,6 +60,21 @@ def test_a_run_directory_resumes_only_under_the_settings_it_was_trained_with(
     assert stored is not None and stored["simulation"]["seed"] == 42  # the refusal kept it
 
 
+def test_a_setting_an_older_run_did_not_record_is_compared_with_its_default(
+    tmp_path: Path,
+) -> None:
+    run = RunDirectory(tmp_path / "run")
+    older = {"seed": 42, "rounds": 2}  # written before the text-model setting existed
+    run.claim("simulation", older, may_change={"rounds"})
+    (run.checkpoints / "round-000001.npz").write_bytes(b"x")
+    defaults = {"seed": 42, "rounds": 10, "text-model": ""}
+    with pytest.raises(ConfigError, match="text-model '' -> '/my/lm'"):
+        run.claim("simulation", {**older, "text-model": "/my/lm"}, {"rounds"}, defaults)
+    run.claim("simulation", {**older, "text-model": ""}, {"rounds"}, defaults)  # it ran so
+    stored = run.stored_config()
+    assert stored is not None and stored["simulation"]["text-model"] == ""
+
+
 def test_a_run_without_progress_leaves_nothing_behind(tmp_path: Path) -> None:
     fresh = RunDirectory(tmp_path / "runs" / "fresh")
     fresh.write_config({"simulation": {}})
@@ -79,6 +94,7 @@ def test_a_run_without_progress_leaves_nothing_behind(tmp_path: Path) -> None:
     existing = RunDirectory(old)
     existing.write_config({"simulation": {}})
     existing.log("pretrain", 0, seconds=1.0)
+    (old / "bundle.pt").write_bytes(b"every federated user's sequences")
     assert existing.discard_if_empty()
     assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*")) == [
         "notes.txt",

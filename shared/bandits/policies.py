@@ -594,8 +594,10 @@ class Policy(ABC):
         queue = self._pending_by_item.get(idx)
         if tag is None:
             impression = queue[0] if queue else None
-        else:
+        else:  # the slate's own impression; else one shown before slates had tags
             impression = next((i for i in queue or () if self._pending[i][2] == tag), None)
+            if impression is None:
+                impression = next((i for i in queue or () if self._pending[i][2] is None), None)
         if impression is None:
             where = "" if tag is None else f" in slate {tag!r}"
             self._refuse("not_shown", f"item {idx} has no impression{where} awaiting feedback")

@@ -450,8 +450,10 @@ class ItemEncoder:
             limit = _token_limit(loaded)
             if limit is not None and self.config.max_length > limit:
                 raise ConfigError(
-                    f"max_length {self.config.max_length} exceeds the {limit} tokens the model "
-                    f"at {str(self.model_dir)!r} can read; set max_length to at most {limit}"
+                    f"the model at {str(self.model_dir)!r} reads at most {limit} tokens, fewer "
+                    f"than the {self.config.max_length} each item text is cut to; use a model "
+                    f"with room for {self.config.max_length} (text-model), or set "
+                    f"EncoderConfig.max_length to at most {limit}"
                 )
             self._loaded = loaded
         return self._loaded
