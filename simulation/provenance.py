@@ -62,13 +62,18 @@ def _version(name: str) -> str | None:
         return None
 
 
+_AT_IMPORT = code_version()
+"""The code version when the benchmark started (its modules were loaded then): a commit made
+while a long benchmark runs must not be recorded as what measured it."""
+
+
 def provenance(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The command (``python SCRIPT ARGS``, shell-quoted), the code version, the library
-    versions and the machine of a benchmark run."""
+    """The command (``python SCRIPT ARGS``, shell-quoted), the code version it started with,
+    the library versions and the machine of a benchmark run."""
     args = list(sys.argv[1:] if argv is None else argv)
     return {
         "command": shlex.join(["python", script, *args]),
-        "code": code_version(),
+        "code": dict(_AT_IMPORT),
         "libraries": {name: _version(name) for name in LIBRARIES},
         "host": {
             "cpus": os.cpu_count(),

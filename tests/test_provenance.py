@@ -56,3 +56,13 @@ def test_a_benchmark_script_with_a_missing_data_folder_fails_in_one_line(tmp_pat
     assert done.returncode == 2, done.stderr
     assert re.fullmatch(r"error: .*missing.*\n", done.stderr, flags=re.S), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_code_version_is_the_one_the_benchmark_started_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import simulation.provenance as prov
+
+    started = prov.provenance("bench/x.py", [])["code"]
+    monkeypatch.setattr(prov, "code_version", lambda: {"commit": "later", "dirty": False})
+    assert prov.provenance("bench/x.py", [])["code"] == started  # a commit made meanwhile
