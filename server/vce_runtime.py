@@ -44,6 +44,7 @@ from server.flower_patch import replace_if_unchanged
 __all__ = [
     "DISPATCH_INTERVAL_S",
     "JOBS_PER_ACTOR",
+    "TERMINATE_WAIT_S",
     "PipelinedRayBackend",
     "add_pending_messages_to_queue",
     "pending_node_ids",
@@ -52,6 +53,7 @@ __all__ = [
 
 DISPATCH_INTERVAL_S = 0.005
 JOBS_PER_ACTOR = 2
+TERMINATE_WAIT_S = 15.0
 
 _vce_api = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")
 _ray_backend = importlib.import_module("flwr.server.superlink.fleet.vce.backend.raybackend")
@@ -102,7 +104,35 @@ class PipelinedRayBackend(_FlowerRayBackend):
     that handles SIGTERM, like ``fedrec simulate`` stopping with a resume hint, lost it as
     soon as the engine started. A handler that is not a Python function (the default) is
     left to Ray.
+
+    Termination waits (up to ``TERMINATE_WAIT_S``) for the messages being processed and
+    refuses new ones before Ray shuts down: after an interrupt the runtime's worker threads
+    can still be waiting on an actor, and a thread that calls into Ray after
+    ``ray.shutdown()`` makes Ray's core worker end the whole process (exit status 1, no
+    resume hint).
     """
+
+    def __init__(self, backend_config: Any) -> None:
+        self.track_messages()
+        super().__init__(backend_config)
+
+    def track_messages(self) -> None:
+        """Start counting the messages being processed (none yet, none refused)."""
+        self._in_flight = 0
+        self._closing = False
+        self._quiet = threading.Condition()
+
+    def process_message(self, message: Any, context: Any) -> Any:
+        with self._quiet:
+            if self._closing:
+                raise RuntimeError("the simulation engine is shutting down")
+            self._in_flight += 1
+        try:
+            return super().process_message(message, context)
+        finally:
+            with self._quiet:
+                self._in_flight -= 1
+                self._quiet.notify_all()
 
     def init_ray(self, backend_config: Any) -> None:
         main = threading.current_thread() is threading.main_thread()
@@ -119,6 +149,9 @@ class PipelinedRayBackend(_FlowerRayBackend):
             pool.num_actors = len(pool.pool)
 
     def terminate(self) -> None:
+        with self._quiet:
+            self._closing = True
+            self._quiet.wait_for(lambda: self._in_flight == 0, timeout=TERMINATE_WAIT_S)
         if isinstance(getattr(self.pool, "pool", None), list):
             in_flight = getattr(self.pool, "_future_to_actor", {}).values()
             self.pool.pool = list(dict.fromkeys([*self.pool.pool, *in_flight]))

@@ -117,7 +117,7 @@ def test_init_creates_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> Non
     init_state_dir(state, ["10.0.0.1"], force=True)
     assert layout.pki.ca_cert.read_bytes() != ca_before
     assert not (layout.checkpoints / "round-00000001.json").exists()
-    assert server_names(layout.pki) == ["10.0.0.1"]
+    assert server_names(layout.pki) == ["localhost", "10.0.0.1", "127.0.0.1"]  # + loopback
 
 
 def test_a_damaged_or_newer_state_marker_is_refused(tmp_path: Path) -> None:

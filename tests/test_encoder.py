@@ -357,7 +357,7 @@ def test_an_encoder_decoder_model_is_refused_on_load(tmp_path: Path) -> None:
 
 
 def test_max_length_beyond_the_models_positions_is_refused(encoder: ItemEncoder) -> None:
-    with pytest.raises(ConfigError, match="exceeds the 512 tokens"):
+    with pytest.raises(ConfigError, match="reads at most 512 tokens, fewer than the 1024"):
         ItemEncoder(_config(None, max_length=1024)).encode(["x"])
 
 

@@ -152,6 +152,7 @@ def _built_backend(
 ) -> vce_runtime.PipelinedRayBackend:
     monkeypatch.setattr(vce_runtime._ray_backend, "BasicActorPool", pool_type)
     backend = object.__new__(vce_runtime.PipelinedRayBackend)
+    backend.track_messages()
     backend.client_resources = {"num_cpus": 1}
     backend.actor_kwargs = {}
     backend.build(lambda: None)  # type: ignore[arg-type, return-value]
@@ -182,6 +183,43 @@ def test_pipelined_backend_leaves_a_pool_of_another_shape_as_flower_built_it(
     assert backend.num_workers == 2  # one job per actor, as in Flower
     assert not hasattr(backend.pool, "pool")
     assert _stopped_by_terminate(backend) == ["actor0", "actor1"]
+
+
+def test_termination_waits_for_messages_in_flight_and_refuses_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After an interrupt a worker thread may still wait on an actor: Ray must not shut down
+    under it (a call into Ray after shutdown ends the process with status 1)."""
+    import threading
+    import time
+
+    backend = _built_backend(monkeypatch, _FakePool)
+    release = threading.Event()
+    seen_at_shutdown: list[int] = []
+
+    def slow_message(self: Any, message: Any, context: Any) -> Any:
+        release.wait(10)
+        return message, context
+
+    def record_shutdown(self: Any) -> None:
+        seen_at_shutdown.append(backend._in_flight)
+
+    monkeypatch.setattr(vce_runtime._FlowerRayBackend, "process_message", slow_message)
+    monkeypatch.setattr(vce_runtime._FlowerRayBackend, "terminate", record_shutdown)
+    worker = threading.Thread(target=backend.process_message, args=("m", "c"))
+    worker.start()
+    while backend._in_flight == 0:
+        time.sleep(0.01)
+    stopper = threading.Thread(target=backend.terminate)
+    stopper.start()
+    time.sleep(0.2)
+    assert stopper.is_alive() and not seen_at_shutdown  # waiting for the message
+    with pytest.raises(RuntimeError, match="shutting down"):
+        backend.process_message("late", "c")  # nothing new reaches Ray meanwhile
+    release.set()
+    stopper.join(10)
+    worker.join(10)
+    assert seen_at_shutdown == [0]
 
 
 def test_tuning_swaps_flowers_runtime_objects_once() -> None:
