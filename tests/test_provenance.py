@@ -25,7 +25,11 @@ def test_a_result_records_its_command_code_and_libraries() -> None:
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
     )
     if head.returncode == 0:  # a git checkout (CI clones one)
-        assert record["code"]["commit"] == head.stdout.strip()
+        commit = record["code"]["commit"]
+        assert re.fullmatch(r"[0-9a-f]{40}", commit)
+        # HEAD when this process started: the checkout's HEAD or an ancestor of it
+        ancestor = ["git", "-C", str(REPO), "merge-base", "--is-ancestor", commit, "HEAD"]
+        assert subprocess.run(ancestor).returncode == 0
         assert isinstance(record["code"]["dirty"], bool)
     import torch
 
