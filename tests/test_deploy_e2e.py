@@ -429,7 +429,13 @@ def test_tls_authenticated_secagg_federation_with_server_restart(
     assert fed.proc.wait(timeout=800) == 0, fed.output()
     rounds = [r["round"] for r in fed.progress()]
     assert rounds == [1, 2], fed.output()  # round 1 was not run again
-    assert fed.progress()[1]["clients_ok"] == 3
+    # Round 2 may go on without one device: when the kill lands just after the killed run
+    # sent its round-2 instruction, a SuperNode still running that stale ClientApp can miss
+    # a SecAgg+ stage of the new run (seen in 2 of 5 runs of this test, in fresh clones), and
+    # SecAgg+ then completes with the survivors above its threshold, as it should.
+    second = fed.progress()[1]
+    assert second["clients_ok"] + second["clients_failed"] == 3, second
+    assert second["clients_ok"] >= 2 and second["updated"] is True, second
     run_logs = list((fed.state / "logs").glob("run-*.log"))
     assert any("resuming from the checkpoint of round 1" in p.read_text() for p in run_logs)
     # the killed server's run is kept too (found stale by the restart): two runs, two logs
