@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from shared.compression.artifact import publish_student
-from shared.compression.prune import PruneConfig
+from shared.compression.prune import publish_prune
 from shared.compression.quantize import top_k_agreement
 from shared.errors import ConfigError
 from shared.eval.compare import compare_ranks
@@ -68,7 +68,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     try:
-        prune = PruneConfig(args.prune_sparsity, scope="per_layer", include_embeddings=True)
+        prune = publish_prune(args.prune_sparsity)  # as `prune-sparsity` prunes a published one
     except ConfigError as err:
         parser.error(str(err))
     if args.latency_calls < MIN_LATENCY_CALLS:

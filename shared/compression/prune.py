@@ -40,8 +40,9 @@ class PruneConfig:
     include_bias: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        number = isinstance(self.sparsity, int | float) and not isinstance(self.sparsity, bool)
+        if not (number and 0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if self.scope not in ("global", "per_layer"):
             raise ConfigError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
 
@@ -84,11 +85,10 @@ class PruneReport:
 def publish_prune(sparsity: float) -> PruneConfig | None:
     """How a published model is pruned at ``prune-sparsity``: every weight matrix its graph
     executes, each to exactly that fraction of zeros (None at 0: no pruning)."""
-    if isinstance(sparsity, bool) or not (
-        isinstance(sparsity, int | float) and 0.0 <= sparsity < 1.0
-    ):
-        raise ConfigError(f"prune-sparsity must be a number in [0, 1), got {sparsity!r}")
-    config = PruneConfig(float(sparsity), scope="per_layer", include_embeddings=True)
+    try:
+        config = PruneConfig(sparsity, scope="per_layer", include_embeddings=True)
+    except ConfigError as err:  # named as the setting the user gave
+        raise ConfigError(f"prune-{err}") from None
     return config if config.sparsity > 0 else None
 
 
