@@ -632,9 +632,7 @@ class DeviceStore:
 
     def set_state(self, key: str, value: Any) -> None:
         """Set a JSON-serialisable value (encrypted, durable on return)."""
-        json.dumps(value)  # fail before the transaction on a non-JSON value
-        with self._write() as conn:
-            self._put(conn, key, value)
+        self.update_state({key: value})
 
     def update_state(
         self,
