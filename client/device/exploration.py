@@ -195,17 +195,17 @@ class BanditReranker:
         save, in one transaction: a slate adds its own impressions (and a full queue expires
         the oldest), feedback removes the ones it consumed, instead of rewriting all of them
         (up to ``max_pending``, about 400 kB at the default) on every request."""
-        entries = policy.pending_entries()
+        pending = policy.pending_ids()
         core = {"model_version": self._model_version, "policy": policy.state_dict(pending=False)}
         known = self._stored_pending
-        added = entries if known is None else {i: e for i, e in entries.items() if i not in known}
+        added = policy.pending_entries(pending if known is None else pending - known)
         values = {STATE_KEY: core, **{_pending_key(i): e for i, e in added.items()}}
         self.store.update_state(
             values,
-            delete=[] if known is None else [_pending_key(i) for i in known - entries.keys()],
+            delete=[] if known is None else [_pending_key(i) for i in known - pending],
             delete_prefix=PENDING_PREFIX if known is None else None,
         )
-        self._stored_pending = set(entries)
+        self._stored_pending = pending
 
 
 def _pending_key(impression: int) -> str:

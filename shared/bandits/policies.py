@@ -48,7 +48,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeGuard
 
@@ -668,10 +668,19 @@ class Policy(ABC):
             out["next_impression"] = self._next_impression
         return out
 
-    def pending_entries(self) -> dict[int, list[Any]]:
-        """Each impression awaiting feedback by its id (ids grow with every impression, so
-        their order is the order shown), as JSON-able ``[item, context, tag]``."""
-        return {i: [item, ctx.tolist(), tag] for i, (item, ctx, tag) in self._pending.items()}
+    def pending_ids(self) -> set[int]:
+        """The ids of the impressions awaiting feedback (ids grow with every impression)."""
+        return set(self._pending)
+
+    def pending_entries(self, ids: Iterable[int] | None = None) -> dict[int, list[Any]]:
+        """Each impression awaiting feedback by its id (all, or those of ``ids``), in the
+        order shown, as JSON-able ``[item, context, tag]``."""
+        wanted = self._pending.keys() if ids is None else sorted(set(ids) & self._pending.keys())
+        out: dict[int, list[Any]] = {}
+        for i in wanted:
+            item, ctx, tag = self._pending[i]
+            out[i] = [item, ctx.tolist(), tag]
+        return out
 
     def load_state_dict(
         self, state: dict[str, Any], pending: Mapping[int, object] | None = None
