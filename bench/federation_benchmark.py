@@ -59,7 +59,7 @@ from shared.eval.metrics import hit_rate_at_k
 from shared.eval.protocol import CaseRanks, summarize_ranks
 from simulation.config import SimulationConfig
 from simulation.pipeline import load_ranks, run_pipeline
-from simulation.provenance import provenance, run_bench
+from simulation.provenance import provenance, require_counts, run_bench
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "no-dp": {"dp": False, "secagg": False},
@@ -400,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
 
-    for name, value in (("--rounds", args.rounds), ("--cohort", args.cohort)):
-        if value < 1:
-            parser.error(f"{name} must be >= 1, got {value}")
+    require_counts(parser, args, "rounds", "cohort")
 
     started = time.perf_counter()
     several = len(args.seeds) > 1

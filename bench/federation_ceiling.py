@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from shared.federated.local_training import next_item_examples
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
-from simulation.provenance import provenance, run_bench
+from simulation.provenance import provenance, require_counts, run_bench
 
 MODES = {"global": False, "global+item-table": True}
 
@@ -92,9 +92,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--per-user", type=int, default=256)
     args = parser.parse_args()
-    for name in ("epochs", "batch_size", "per_user"):
-        if getattr(args, name) < 1:  # no training would report the pretrained student
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # no training would report the pretrained student as the ceiling
+    require_counts(parser, args, "epochs", "batch_size", "per_user")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
 

@@ -52,7 +52,7 @@ from shared.federated.validation import clip_update_l2
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 from simulation.config import SimulationConfig
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
-from simulation.provenance import provenance, run_bench
+from simulation.provenance import provenance, require_counts, run_bench
 
 REPORTED = ("sampled_hr@10", "full_hr@10")
 
@@ -134,9 +134,7 @@ def main() -> None:
         "--user-dp-delta", type=float, default=sim.user_dp_delta, help="0 = 1 / number of clients"
     )
     args = parser.parse_args()
-    for name in ("rounds", "cohort", "every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_counts(parser, args, "rounds", "cohort", "every")
     try:  # the client and server settings are checked before any loading or training
         server_settings = ServerOptimizerSettings(
             args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau

@@ -43,7 +43,7 @@ from shared.compression.quantize import (
 from shared.errors import ModelFileError
 from shared.io import write_json_atomic
 from shared.ondevice.runtime import MIN_LATENCY_CALLS, OnDeviceModel, RuntimeConfig
-from simulation.provenance import provenance, run_bench
+from simulation.provenance import provenance, require_counts, run_bench
 
 
 class StandInStudent(nn.Module):
@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.calls < MIN_LATENCY_CALLS:
         parser.error(f"--calls must be >= {MIN_LATENCY_CALLS} for a stable p99, got {args.calls}")
-    for name in ("n_items", "dim", "max_len", "history_len", "n_validation", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_counts(
+        parser, args, "n_items", "dim", "max_len", "history_len", "n_validation", "threads"
+    )
     result = {**run(args), **provenance("bench/ondevice_latency.py", argv)}
     text = json.dumps(result, indent=2)
     print(text)

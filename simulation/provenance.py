@@ -9,6 +9,7 @@ DP randomness and batching changed under them).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -22,7 +23,7 @@ from typing import Any
 
 from shared.errors import FedRecError
 
-__all__ = ["LIBRARIES", "code_version", "provenance", "run_bench"]
+__all__ = ["LIBRARIES", "code_version", "provenance", "require_counts", "run_bench"]
 
 LIBRARIES = ("torch", "flwr", "opacus", "onnx", "onnxruntime", "transformers", "numpy", "ray")
 """The libraries whose versions move the figures (training, DP accounting, export, runtime)."""
@@ -81,6 +82,15 @@ def provenance(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]
             "machine": platform.machine(),
         },
     }
+
+
+def require_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Refuse (``parser.error``, exit 2) any of the options ``names`` (``dest`` names, e.g.
+    ``"batch_size"`` for ``--batch-size``) below 1: a count of nothing to run or measure."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def run_bench(main: Callable[[], int | None]) -> int:

@@ -70,3 +70,20 @@ def test_the_code_version_is_the_one_the_benchmark_started_with(
     started = prov.provenance("bench/x.py", [])["code"]
     monkeypatch.setattr(prov, "code_version", lambda: {"commit": "later", "dirty": False})
     assert prov.provenance("bench/x.py", [])["code"] == started  # a commit made meanwhile
+
+
+def test_a_count_below_one_is_refused_naming_its_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from simulation.provenance import require_counts
+
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--per-user", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1)
+    require_counts(parser, parser.parse_args([]), "per_user", "rounds")  # both fine
+    with pytest.raises(SystemExit) as stopped:
+        require_counts(parser, parser.parse_args(["--per-user", "0"]), "per_user", "rounds")
+    assert stopped.value.code == 2
+    assert "bench: error: --per-user must be >= 1, got 0" in capsys.readouterr().err
