@@ -244,11 +244,7 @@ def _pool(per_seed: list[dict[str, dict[str, CaseRanks]]]) -> dict[str, dict[str
     for name in per_seed[0]:
         keys = set.intersection(*(set(ranks[name]) for ranks in per_seed))
         pooled[name] = {
-            key: CaseRanks(
-                np.concatenate([ranks[name][key].sampled for ranks in per_seed]),
-                np.concatenate([ranks[name][key].full for ranks in per_seed]),
-            )
-            for key in sorted(keys)
+            key: CaseRanks.concat([ranks[name][key] for ranks in per_seed]) for key in sorted(keys)
         }
     return pooled
 

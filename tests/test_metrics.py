@@ -132,3 +132,30 @@ def test_paired_difference_refuses_unpaired_or_empty_input():
         paired_difference([], [])
     with pytest.raises(ConfigError, match="level"):
         paired_difference([0], [0], level=1.0)
+
+
+def test_pooled_case_ranks_weigh_every_user_once():
+    from shared.eval.compare import compare_ranks
+    from shared.eval.protocol import CaseRanks, summarize_ranks
+
+    # two worlds: A hits 2 of 2 / 1 of 3, B hits 0 of 2 / 2 of 3 (sampled); full ranks x10
+    a = [
+        CaseRanks(np.array([0.0, 5.0]), np.array([0.0, 50.0])),
+        CaseRanks(np.array([3.0, 20, 30]), np.array([30.0, 200, 300])),
+    ]
+    b = [
+        CaseRanks(np.array([10.0, 40.0]), np.array([100.0, 400.0])),
+        CaseRanks(np.array([1.0, 2, 30]), np.array([10.0, 20, 300])),
+    ]
+    pooled_a, pooled_b = CaseRanks.concat(a), CaseRanks.concat(b)
+    np.testing.assert_array_equal(pooled_a.sampled, [0, 5, 3, 20, 30])
+    np.testing.assert_array_equal(pooled_a.full, [0, 50, 30, 200, 300])
+    assert summarize_ranks(pooled_a)["sampled_hr@10"] == pytest.approx(3 / 5)
+    assert summarize_ranks(pooled_a)["full_hr@10"] == pytest.approx(1 / 5)
+    # the pooled difference is the user-weighted mean of the worlds' (+1 and -1 over 2 and 3
+    # users), not the mean of the two worlds' differences (+1 - 1/3) / 2
+    diff = compare_ranks(pooled_a, pooled_b)["sampled_hr@10"]
+    assert diff.mean == pytest.approx((2 * 1.0 + 3 * (-1 / 3)) / 5)
+    assert diff.users == 5
+    with pytest.raises(DataError, match="no case ranks"):
+        CaseRanks.concat([])

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.data.dataset import IntArray, RecDataset
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.eval.metrics import FloatArray, hit_rate_at_k, ndcg_at_k, ranks_from_scores
 from shared.eval.splits import ColdItemSplit, ProtocolSplit
 from shared.io import check_output_file, ensure_dir
@@ -79,6 +79,16 @@ class CaseRanks:
 
     sampled: FloatArray
     full: FloatArray
+
+    @classmethod
+    def concat(cls, parts: Sequence[CaseRanks]) -> CaseRanks:
+        """The cases of ``parts`` side by side, in order: several splits' or worlds' users
+        pooled into one case list (each part's cases are distinct users)."""
+        if not parts:
+            raise DataError("no case ranks to pool")
+        return cls(
+            np.concatenate([p.sampled for p in parts]), np.concatenate([p.full for p in parts])
+        )
 
 
 def case_ranks(

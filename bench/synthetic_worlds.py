@@ -1,0 +1,128 @@
+"""Issue 3's "A beats B" claims beyond one synthetic world: the default teacher, EASE fitted to
+the same public users and the int8 ONNX student on several freshly generated worlds (one seed
+each, none of them used to choose a default), per world and pooled over every world's users,
+with paired 95% bootstrap intervals. Prints JSON.
+
+One world's 720 federated users give intervals about +-0.03 wide, as wide as the differences
+in question; pooling the worlds narrows them and removes the luck of one draw (the defaults
+were tuned on seed 42, so its figures are optimistic).
+
+    python bench/synthetic_worlds.py --seeds 3 7 5 11 19 23
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.compression.artifact import publish_student
+from shared.eval.compare import compare_ranks
+from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
+from shared.models.baselines import EASE
+from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
+from shared.ondevice.runtime import OnDeviceModel
+from simulation.pretrain import default_cache_root, pretrain_on
+from simulation.provenance import provenance, run_bench
+
+POPULATIONS = ("public", "federated")
+MODELS = ("ease (public users)", "teacher", "student int8 onnx")
+PAIRS = (
+    ("teacher", "ease (public users)"),
+    ("student int8 onnx", "teacher"),
+    ("student int8 onnx", "ease (public users)"),
+)
+
+
+def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRanks]], str]:
+    """Test ranks of every model in :data:`MODELS` on world ``seed`` (its own protocol split),
+    and the reading validation chose for the teacher."""
+    run = pretrain_on(
+        "synthetic",
+        None,
+        seed,
+        cache_dir,
+        teacher_epochs=TEACHER_EPOCHS,
+        student_epochs=STUDENT_EPOCHS,
+    )
+    ds, split, pre = run.dataset, run.split, run.pretrained
+    cfg = EvalConfig(seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = publish_student(
+            pre.student.model, ds.item_ids, Path(tmp) / "student.onnx", version="0"
+        )
+        models: dict[str, Any] = {
+            "ease (public users)": EASE().fit(
+                split.train_sequences(split.public_users), ds.n_items
+            ),
+            "teacher": pre.teacher,
+            "student int8 onnx": OnDeviceModel(artifact.path),
+        }
+        ranks = {
+            name: split_ranks(m, split, POPULATIONS, "test", cfg) for name, m in models.items()
+        }
+    return ranks, str(pre.teacher.fitted_order)
+
+
+def differences(ranks: dict[str, dict[str, CaseRanks]]) -> dict[str, Any]:
+    """Paired HR@10 differences of :data:`PAIRS` per population."""
+    return {
+        f"{a} - {b}": {
+            pop: {m: d.as_dict() for m, d in compare_ranks(ranks[a][pop], ranks[b][pop]).items()}
+            for pop in POPULATIONS
+        }
+        for a, b in PAIRS
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[3, 7, 5, 11, 19, 23],
+        help="world (and split) seeds; the default leaves out 42, on which defaults were tuned",
+    )
+    parser.add_argument(
+        "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
+    )
+    args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    if any(s < 0 for s in args.seeds):
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
+
+    torch.set_num_threads(2)
+    worlds: dict[str, Any] = {}
+    by_world: list[dict[str, dict[str, CaseRanks]]] = []
+    for seed in args.seeds:
+        ranks, order = world_ranks(seed, Path(args.cache_dir))
+        by_world.append(ranks)
+        worlds[str(seed)] = {
+            "teacher_order": order,
+            "results": {name: summarize_each(ranks[name]) for name in MODELS},
+            "paired_differences_hr@10": differences(ranks),
+        }
+    all_ranks = {
+        name: {pop: CaseRanks.concat([r[name][pop] for r in by_world]) for pop in POPULATIONS}
+        for name in MODELS
+    }
+    out: dict[str, Any] = {
+        "seeds": args.seeds,
+        "pooled": {
+            "results": {name: summarize_each(all_ranks[name]) for name in MODELS},
+            "paired_differences_hr@10": differences(all_ranks),
+        },
+        "worlds": worlds,
+        **provenance("bench/synthetic_worlds.py"),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_bench(main))
