@@ -299,6 +299,10 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-2000:]
     assert f"rerun with --name tiny (and --run-dir {tmp_path}) to resume" in err
+    # the hint is the last word: the engine's threads, whose actors the interrupt stopped,
+    # log nothing after it (no tracebacks, no errors)
+    assert len(err[err.index("interrupted: ") :].strip().splitlines()) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     _assert_group_ends(proc.pid)
     done = sum('"event": "round"' in line for line in metrics.read_text().splitlines())
     again = ["simulate", *args, "--backend", "inprocess", "--rounds", str(done + 1)]
@@ -306,6 +310,35 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
     assert resumed.exit_code == 0, resumed.output
     rounds = json.loads((tmp_path / "tiny" / "summary.json").read_text())["rounds"]
     assert [r["round"] for r in rounds][-1] == done + 1
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_the_interrupt_handler_silences_the_engine_and_stops_the_run(
+    signame: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After Ctrl-C or SIGTERM the simulation engine's threads see their Ray actors die and
+    would log each one, with tracebacks, under the resume hint: the handler silences Flower's
+    and Ray's loggers at once (not only once the run has unwound) and stops the run."""
+    import logging
+    import signal
+
+    from fedrec.commands import simulate
+
+    engine = [logging.getLogger(name) for name in ("flwr", "ray")]
+    levels = [logger.level for logger in engine]
+    monkeypatch.setattr(simulate, "_terminated", False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            simulate._interrupt(getattr(signal, signame), None)
+        with caplog.at_level(logging.DEBUG):
+            logging.getLogger("flwr").error("actor died")
+            logging.getLogger("ray.actor").error("actor died")
+            logging.getLogger("fedrec").error("still heard")
+    finally:  # setLevel, not the attribute: it also clears the loggers' cached answers
+        for logger, level in zip(engine, levels, strict=True):
+            logger.setLevel(level)
+    assert [r.getMessage() for r in caplog.records] == ["still heard"]
+    assert simulate._terminated is (signame == "SIGTERM")  # exit status 143, else 130
 
 
 def _assert_group_ends(group: int) -> None:
