@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +50,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
+from shared.training.trainer import seeded
 from simulation.config import RESUMABLE_KEYS, SimulationConfig
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
@@ -419,7 +421,12 @@ class AdaptedStudent:
     fits its own (:func:`fit_personal`): from ``adapter_init`` (the identity, or the
     meta-learned initialization), ``steps`` Adam steps on that history, then scored from it.
     For a federated user the history is their device's (train, plus validation at test);
-    for a cold user it is the few-shot support set."""
+    for a cold user it is the few-shot support set.
+
+    Each fit draws its dropout from a generator seeded by ``seed`` and the history's items,
+    so a user's scores depend on the global model and the history alone (not on the batch,
+    the order or earlier draws): an evaluation of a fixed model repeats exactly.
+    """
 
     def __init__(
         self,
@@ -428,12 +435,14 @@ class AdaptedStudent:
         lr: float,
         adapter_init: dict[str, torch.Tensor],
         exclude_seen: bool = True,
+        seed: int = 0,
     ) -> None:
         self.model = copy.deepcopy(model)
         self.steps = steps
         self.lr = lr
         self._init = adapter_init
         self.exclude_seen = exclude_seen
+        self.seed = seed
 
     @property
     def n_items(self) -> int:
@@ -442,14 +451,16 @@ class AdaptedStudent:
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
         for row, history in enumerate(histories):
-            fit_personal(
-                self.model,
-                history,
-                self._init,
-                self.steps,
-                self.lr,
-                exclude_seen=self.exclude_seen,
-            )
+            items_bytes = np.ascontiguousarray(history, dtype=np.int64).tobytes()
+            with seeded(zlib.crc32(items_bytes, self.seed & 0xFFFFFFFF)):
+                fit_personal(
+                    self.model,
+                    history,
+                    self._init,
+                    self.steps,
+                    self.lr,
+                    exclude_seen=self.exclude_seen,
+                )
             items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
                 out[row] = self.model(items, mask)[0].numpy()

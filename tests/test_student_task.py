@@ -179,6 +179,29 @@ def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model
     assert not model.training
 
 
+def test_adapted_scores_depend_on_the_history_alone() -> None:
+    """The evaluation's per-user adapter fits (dropout is on while fitting) are seeded from
+    the history: the same user scores the same in any batch, in any order, after any other
+    draw from torch's generator, so a benchmark on a fixed global model repeats exactly."""
+    from simulation.pipeline import AdaptedStudent
+
+    model = _student()
+    init = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    histories = _clients().train[:3]
+    adapted = AdaptedStudent(model, steps=5, lr=0.05, adapter_init=init)
+    torch.manual_seed(1)
+    together = adapted.score(histories)
+    torch.manual_seed(2)
+    alone = adapted.score([histories[2]])
+    np.testing.assert_array_equal(together[2], alone[0])
+    np.testing.assert_array_equal(adapted.score(histories[::-1])[::-1], together)
+    # the fit does move the scores, and another seed fits (slightly) differently
+    plain = AdaptedStudent(model, steps=0, lr=0.05, adapter_init=init).score(histories)
+    assert not np.allclose(together, plain)
+    other = AdaptedStudent(model, steps=5, lr=0.05, adapter_init=init, seed=1)
+    assert not np.array_equal(other.score(histories), together)
+
+
 def test_budget_exhausted_client_declines_also_after_restart(bundle: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     task = _task(bundle, state, **{"epsilon-budget": 8.0, "noise-multiplier": 1.0})
