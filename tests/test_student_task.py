@@ -179,6 +179,25 @@ def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model
     assert not model.training
 
 
+def test_a_fresh_adapter_is_the_same_everywhere_and_draws_nothing_global() -> None:
+    """Every reset gives the same identity adapter (its down projection drawn from the
+    config's seed, not from torch's global generator), whatever was drawn before: two
+    processes evaluating one global model fit the same adapters."""
+    model = _student()
+    torch.manual_seed(123)
+    other = _student()
+    other.adapter.down.weight.data.normal_()
+    set_global_arrays(other, get_global_arrays(model))  # resets the adapter
+    for name, value in model.adapter.state_dict().items():
+        assert torch.equal(value, other.adapter.state_dict()[name]), name
+    assert float(model.adapter.down.weight.abs().sum()) > 0  # a projection, not zeros
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model.adapter.reset()
+    assert torch.equal(torch.rand(3), expected)  # the global generator was not used
+
+
 def test_adapted_scores_depend_on_the_history_alone() -> None:
     """The evaluation's per-user adapter fits (dropout is on while fitting) are seeded from
     the history: the same user scores the same in any batch, in any order, after any other

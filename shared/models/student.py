@@ -173,17 +173,28 @@ class PersonalAdapter(nn.Module):
     ``up`` starts at zero, so a fresh adapter is exactly the identity and a device that never
     adapts scores like the global model. Built from ``nn.Linear`` only (Opacus-compatible,
     though personal parameters never leave the device and need no DP).
+
+    ``down`` starts as a random projection drawn from ``seed``, the same at every reset and in
+    every process: the adapter a history fits depends on the global model and that history
+    alone, so an evaluation of a fixed model repeats (a projection drawn from torch's global
+    generator made each process fit differently), and a reset draws nothing from that
+    generator.
     """
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, seed: int = 0) -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim)
+        self.seed = seed
         self.reset()
 
     def reset(self) -> None:
         """Back to the identity (a new user)."""
-        nn.init.normal_(self.down.weight, std=1.0 / math.sqrt(self.down.in_features))
+        generator = torch.Generator().manual_seed(self.seed)
+        std = 1.0 / math.sqrt(self.down.in_features)
+        with torch.no_grad():
+            start = torch.randn(self.down.weight.shape, generator=generator) * std
+            self.down.weight.copy_(start)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -227,7 +238,7 @@ class StudentModel(nn.Module):
             nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d)) if config.ffn else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.adapter = PersonalAdapter(d, config.adapter_rank)
+        self.adapter = PersonalAdapter(d, config.adapter_rank, seed=config.seed)
         self.register_buffer("cold_user", torch.zeros(d))
         self.head_text = nn.Linear(d, self.items.text.weight.shape[1])
         self.head_id = nn.Linear(d, self.items.ids.weight.shape[1], bias=False)
