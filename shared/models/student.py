@@ -175,10 +175,10 @@ class PersonalAdapter(nn.Module):
     though personal parameters never leave the device and need no DP).
 
     ``down`` starts as a random projection drawn from ``seed``, the same at every reset and in
-    every process: the adapter a history fits depends on the global model and that history
-    alone, so an evaluation of a fixed model repeats (a projection drawn from torch's global
-    generator made each process fit differently), and a reset draws nothing from that
-    generator.
+    every process, and a reset draws nothing from torch's global generator. A projection drawn
+    from that generator made each process start, and so fit, differently: with its dropout
+    seeded too (:class:`simulation.pipeline.AdaptedStudent`), an evaluation of a fixed model
+    now repeats.
     """
 
     def __init__(self, dim: int, rank: int, seed: int = 0) -> None:
@@ -186,6 +186,10 @@ class PersonalAdapter(nn.Module):
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim)
         self.seed = seed
+        # the draw a fresh adapter used to take from torch's global generator, still taken
+        # (and discarded) so that the layers built after it start as they always did: a
+        # student pretrained from the same seed is unchanged
+        nn.init.normal_(torch.empty_like(self.down.weight))
         self.reset()
 
     def reset(self) -> None:
