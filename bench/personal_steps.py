@@ -78,7 +78,6 @@ def main() -> None:
         rows: dict[str, Any] = {}
         reference = None
         for steps in sorted(args.steps):
-            torch.manual_seed(0)  # dropout is on while an adapter is fitted
             adapted = AdaptedStudent(model, steps, args.lr, init, args.exclude_seen)
             ranks = case_ranks(adapted, cases, eval_cfg)
             row: dict[str, Any] = {k: round(float(v), 4) for k, v in summarize_ranks(ranks).items()}

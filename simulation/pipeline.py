@@ -423,9 +423,11 @@ class AdaptedStudent:
     For a federated user the history is their device's (train, plus validation at test);
     for a cold user it is the few-shot support set.
 
-    Each fit draws its dropout from a generator seeded by ``seed`` and the history's items,
-    so a user's scores depend on the global model and the history alone (not on the batch,
-    the order or earlier draws): an evaluation of a fixed model repeats exactly.
+    Each fit seeds torch's CPU generator from ``seed`` and the history's items (restored
+    afterwards) for its dropout, and every adapter starts from the same seeded projection
+    (:class:`~shared.models.student.PersonalAdapter`), so a user's scores depend on the global
+    model and the history alone, not on the batch, the order or earlier draws: an evaluation
+    of a fixed model repeats exactly.
     """
 
     def __init__(

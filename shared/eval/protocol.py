@@ -82,8 +82,8 @@ class CaseRanks:
 
     @classmethod
     def concat(cls, parts: Sequence[CaseRanks]) -> CaseRanks:
-        """The cases of ``parts`` side by side, in order: several splits' or worlds' users
-        pooled into one case list (each part's cases are distinct users)."""
+        """The cases of ``parts`` side by side, in order: several worlds' or splits' cases
+        pooled into one case list (splits of one dataset may hold a user more than once)."""
         if not parts:
             raise DataError("no case ranks to pool")
         return cls(
