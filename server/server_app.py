@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import copy
 import difflib
+import logging
 import math
 import secrets
 import socket
@@ -731,8 +732,10 @@ def run_simulation(
 
     Works offline (telemetry and Ray usage stats are disabled via environment
     variables that Ray workers inherit). Notes for Flower 1.42: the function logs a
-    deprecation warning (``flwr run`` is the preferred entry point; this API still
-    works and is the only way to pass Python objects such as a round hook); it gives
+    deprecation warning, which is dropped here (``flwr run`` is the preferred entry
+    point, and the README shows it; this API still works and is the only way to pass
+    Python objects such as a round hook, so the warning only told every ``fedrec
+    simulate`` user to run another command); it gives
     the ServerApp and ClientApps an empty ``run_config`` (hence the ``run_config``
     overrides of :func:`make_server_app` / ``make_client_app``); and it shuts Ray down
     at the end of every run (``ray.shutdown()``), so each call pays Ray start-up
@@ -759,13 +762,28 @@ def run_simulation(
         if isinstance(backend_config, SimulationBackend)
         else copy.deepcopy(dict(backend_config))
     )
-    flwr_run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_name="ray",
-        backend_config=config,
-        verbose_logging=verbose,
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addFilter(_drop_run_simulation_deprecation)
+    try:
+        flwr_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_name="ray",
+            backend_config=config,
+            verbose_logging=verbose,
+        )
+    finally:
+        flower_logger.removeFilter(_drop_run_simulation_deprecation)
+
+
+def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    """False for Flower's warning that ``run_simulation`` is deprecated (see
+    :func:`run_simulation`); every other record passes."""
+    return not (
+        record.levelno == logging.WARNING
+        and "DEPRECATED FEATURE" in str(record.msg)
+        and "`run_simulation`" in record.getMessage()
     )
 
 
