@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from shared.compression.artifact import publish_student
-from shared.eval.compare import compare_ranks
+from shared.eval.compare import compare_pairs
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE
-from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.ondevice.runtime import OnDeviceModel
 from simulation.pretrain import default_cache_root, pretrain_on
 from simulation.provenance import provenance, run_bench
@@ -41,14 +40,7 @@ PAIRS = (
 def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRanks]], str]:
     """Test ranks of every model in :data:`MODELS` on world ``seed`` (its own protocol split),
     and the reading validation chose for the teacher."""
-    run = pretrain_on(
-        "synthetic",
-        None,
-        seed,
-        cache_dir,
-        teacher_epochs=TEACHER_EPOCHS,
-        student_epochs=STUDENT_EPOCHS,
-    )
+    run = pretrain_on("synthetic", None, seed, cache_dir)  # the default epochs
     ds, split, pre = run.dataset, run.split, run.pretrained
     cfg = EvalConfig(seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,14 +61,11 @@ def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRan
 
 
 def differences(ranks: dict[str, dict[str, CaseRanks]]) -> dict[str, Any]:
-    """Paired HR@10 differences of :data:`PAIRS` per population."""
-    return {
-        f"{a} - {b}": {
-            pop: {m: d.as_dict() for m, d in compare_ranks(ranks[a][pop], ranks[b][pop]).items()}
-            for pop in POPULATIONS
-        }
-        for a, b in PAIRS
-    }
+    """Paired HR@10 differences of :data:`PAIRS`, per population (``{population: {"a - b":
+    ...}}``, as :func:`~shared.eval.compare.compare_pairs` gives them)."""
+    return compare_pairs(
+        {pop: {name: ranks[name][pop] for name in MODELS} for pop in POPULATIONS}, PAIRS
+    )
 
 
 def main() -> None:
