@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -50,7 +49,6 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
-from shared.training.trainer import seeded
 from simulation.config import RESUMABLE_KEYS, SimulationConfig
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
@@ -423,11 +421,12 @@ class AdaptedStudent:
     For a federated user the history is their device's (train, plus validation at test);
     for a cold user it is the few-shot support set.
 
-    Each fit seeds torch's CPU generator from ``seed`` and the history's items (restored
-    afterwards) for its dropout, and every adapter starts from the same seeded projection
+    Each fit draws its dropout from ``seed`` and the history's items (:func:`fit_personal`)
+    and every adapter starts from the same seeded projection
     (:class:`~shared.models.student.PersonalAdapter`), so a user's scores depend on the global
     model and the history alone, not on the batch, the order or earlier draws: an evaluation
-    of a fixed model repeats exactly.
+    of a fixed model repeats exactly, and a device with that history (seed 0) fits the same
+    adapter.
     """
 
     def __init__(
@@ -453,16 +452,15 @@ class AdaptedStudent:
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
         for row, history in enumerate(histories):
-            items_bytes = np.ascontiguousarray(history, dtype=np.int64).tobytes()
-            with seeded(zlib.crc32(items_bytes, self.seed & 0xFFFFFFFF)):
-                fit_personal(
-                    self.model,
-                    history,
-                    self._init,
-                    self.steps,
-                    self.lr,
-                    exclude_seen=self.exclude_seen,
-                )
+            fit_personal(
+                self.model,
+                history,
+                self._init,
+                self.steps,
+                self.lr,
+                exclude_seen=self.exclude_seen,
+                seed=self.seed,
+            )
             items, mask = pad_histories([history], self.model.config.max_len)
             with torch.no_grad():
                 out[row] = self.model(items, mask)[0].numpy()

@@ -4,6 +4,7 @@ global versions and adapts the personal adapter on new events; the SuperNode com
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,16 @@ import torch
 from client.client_app import DEVICE_TASK, deployment_run_config
 from client.device.daemon import Daemon, DaemonConfig
 from client.device.identity import init_identity
+from client.device.sealed import Catalog
 from client.device.store import Event
 from client.device.supernode import SuperNodeOptions, supernode_spec
-from client.device.training import DeviceLearner, FederatedFiles, LearnerConfig, PersonalFit
+from client.device.training import (
+    DeviceLearner,
+    FederatedFiles,
+    LearnerConfig,
+    PersonalFit,
+    local_history,
+)
 from server.pki import create_pki
 from shared.errors import ConfigError, DataError
 from shared.federated.bundle import save_bundle
@@ -314,6 +322,37 @@ def test_learner_refits_with_the_federations_objective(
         learner.refresh(adapt=False)
         assert daemon.status().model_version == "3+personal"
     assert calls == [False, True]
+
+
+def test_a_device_fits_the_adapter_the_simulation_evaluates(device: Path, bundle: Path) -> None:
+    """Given a global model and a history, the device's adapter is the one the simulation's
+    evaluation fits for that history (both through ``fit_personal``, seeded by the history):
+    whatever torch's generators drew before, so the figures a run reports for personal
+    adapters are those its devices get, and a device's refit repeats."""
+    from shared.federated.bundle import load_bundle
+    from shared.federated.local_training import fit_personal
+    from shared.federated.student_task import set_global_arrays
+
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        daemon.add_events(_events(8, seed=1))
+        arrays = [a + 0.1 for a in get_global_arrays(learner.bundle.student)]
+        learner.files.write_global(2, arrays, personal_fit=PersonalFit(5, 0.05, True))
+        torch.manual_seed(123)
+        learner.refresh(adapt=False)
+        assert daemon.status().model_version == "2+personal"
+        on_device = torch.load(io.BytesIO(learner.files.personal.read_bytes()))
+        history = local_history(device, Catalog(tuple(learner.bundle.item_ids)))
+    assert len(history) == 8
+    student = load_bundle(bundle).student
+    set_global_arrays(student, arrays)
+    init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
+    torch.manual_seed(456)
+    fit_personal(student, history, init, 5, 0.05, exclude_seen=True)
+    assert not torch.equal(student.adapter.up.weight, init["up.weight"])  # it did fit
+    for name, value in student.adapter.state_dict().items():
+        torch.testing.assert_close(on_device[name], value, rtol=0, atol=0)
 
 
 def test_global_model_file_of_an_older_version_refits_with_the_default_objective(

@@ -13,6 +13,7 @@ import math
 import random
 import secrets
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from shared.errors import DataError
 from shared.federated.local_config import LocalTrainConfig
 from shared.models.sequence import next_item_cross_entropy, pad_histories
 from shared.models.student import StudentModel
+from shared.training.trainer import seeded
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,12 @@ def train_global_dp(
     )
 
 
+def history_seed(history: IntArray, seed: int = 0) -> int:
+    """A seed that depends on ``seed`` and the items of ``history`` (in order) alone."""
+    items = np.ascontiguousarray(history, dtype=np.int64).tobytes()
+    return zlib.crc32(items, seed & 0xFFFFFFFF)
+
+
 def fit_personal(
     model: StudentModel,
     history: IntArray,
@@ -200,6 +208,7 @@ def fit_personal(
     lr: float,
     max_examples: int = 256,
     exclude_seen: bool = True,
+    seed: int = 0,
 ) -> float:
     """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
     (the identity, or the meta-learned initialization), then ``steps`` full-batch Adam steps
@@ -207,6 +216,12 @@ def fit_personal(
     With fewer than 2 interactions there is nothing to fit and ``init`` is served. Either way
     the model is left in eval mode, ready to serve. Returns the last loss (NaN if nothing was
     trained).
+
+    The fit's dropout is drawn from torch's generators seeded by ``seed`` and the history's
+    items (:func:`history_seed`; restored afterwards), and the adapter starts from its seeded
+    projection, so the fitted adapter depends on the global model and the history alone: a
+    device and the simulation's evaluation (:class:`simulation.pipeline.AdaptedStudent`) fit
+    the same adapter from the same history, and a refit repeats.
 
     A device calls this whenever the global model it serves changes, never continuing an
     adapter fitted against an older one: adapters kept across rounds (each fitted for a few
@@ -227,13 +242,14 @@ def fit_personal(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     loss = torch.tensor(math.nan)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = next_item_cross_entropy(
-            model(items, mask), items, mask, targets, exclude_seen=exclude_seen
-        )
-        loss.backward()
-        optimizer.step()
+    with seeded(history_seed(history, seed)):
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = next_item_cross_entropy(
+                model(items, mask), items, mask, targets, exclude_seen=exclude_seen
+            )
+            loss.backward()
+            optimizer.step()
     model.eval()
     model.set_trainable(["global"])
     return float(loss.detach())

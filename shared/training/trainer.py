@@ -123,13 +123,15 @@ class TrainConfig:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[torch.Generator]:
-    """Seed torch's global CPU RNG for the ``with`` block only, and yield a private generator.
+    """Seed torch's global RNGs for the ``with`` block only, and yield a private CPU generator.
 
-    Model initialisation and dropout draw from the global RNG (seeded here); shuffling should
-    use the yielded generator. The previous global state is restored on exit, so a seeded
-    run never changes the randomness of code that runs after it.
+    Model initialisation and dropout draw from the global RNGs (seeded here: the CPU's, and
+    every initialised GPU's, where dropout on a GPU draws); shuffling should use the yielded
+    generator. The previous states are restored on exit, so a seeded run never changes the
+    randomness of code that runs after it.
     """
-    with torch.random.fork_rng(devices=[]):
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         yield torch.Generator().manual_seed(seed)
 
