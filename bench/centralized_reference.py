@@ -11,17 +11,19 @@ validation item, then scored on the federated users' test item beside EASE on th
 
 With ``--runs``, the federation benchmark's run directories (their ``ranks.npz`` and
 ``config.json``) of the same split seeds are paired case by case against the centralized
-model: the difference the target is about, with a 95% bootstrap interval over users, per
-split and pooled over the splits.
+model, each variant's int8 student and its personal-adapter student: the difference the
+target is about, with a 95% bootstrap interval over users, per split and pooled over the
+splits. Runs without DP beside runs with it tell what the federation costs and what DP adds.
 
     python bench/centralized_reference.py --data-dir ../shared/datasets/ml-100k \\
-        --seeds 42 1 2 3 --runs runs/bench/ml-100k-record-dp-split-seed*
+        --seeds 42 1 2 3 --runs runs/bench/ml-100k-*-seed*
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -43,8 +45,11 @@ from simulation.provenance import provenance, run_bench
 
 CENTRAL = "sasrec (all users)"
 EASE_ALL = "ease (all users)"
-FEDERATED_MODELS = ("student int8 onnx", "student (federated + personal)")
-"""The models of a federation run's ``ranks.npz`` paired against :data:`CENTRAL`."""
+FEDERATED_MODELS = {"student int8 onnx": "int8", "student (federated + personal)": "personal"}
+"""The models of a federation run's ``ranks.npz`` paired against :data:`CENTRAL`, and how
+they are labelled here (after the run's variant)."""
+RUN_STAMP = re.compile(r"-seed\d+-\d{8}-\d{6}$")
+"""What the federation benchmark appends to a variant's run name: the seed and the time."""
 
 
 def central_ranks(
@@ -76,19 +81,25 @@ def central_ranks(
     return ranks, run
 
 
-def federation_runs(paths: list[Path]) -> dict[int, tuple[str, dict[str, CaseRanks]]]:
-    """``{split seed: (run name, federated users' test ranks of FEDERATED_MODELS)}``."""
-    out: dict[int, tuple[str, dict[str, CaseRanks]]] = {}
+def federation_runs(paths: list[Path]) -> dict[int, dict[str, CaseRanks]]:
+    """``{split seed: {"<variant>: <model>": federated users' test ranks}}`` for the
+    :data:`FEDERATED_MODELS` of every run; the variant is the run's name without the seed and
+    time the federation benchmark stamps on it. Every variant must cover the same seeds."""
+    out: dict[int, dict[str, CaseRanks]] = {}
+    seeds_of: dict[str, set[int]] = {}
     for path in paths:
         config = json.loads((path / "config.json").read_text())["simulation"]
-        seed = int(config["seed"])
-        if seed in out:
-            raise SystemExit(f"error: two runs of split seed {seed}: {out[seed][0]}, {path.name}")
+        seed, variant = int(config["seed"]), RUN_STAMP.sub("", path.name)
+        if seed in seeds_of.setdefault(variant, set()):
+            raise SystemExit(f"error: two runs of variant {variant!r} on split seed {seed}")
+        seeds_of[variant].add(seed)
         ranks = load_ranks(path / "ranks.npz")
-        missing = [m for m in FEDERATED_MODELS if f"federated/{m}" not in ranks]
-        if missing:
-            raise SystemExit(f"error: {path}/ranks.npz has no federated ranks of {missing}")
-        out[seed] = (path.name, {m: ranks[f"federated/{m}"] for m in FEDERATED_MODELS})
+        for model, label in FEDERATED_MODELS.items():
+            if f"federated/{model}" not in ranks:
+                raise SystemExit(f"error: {path}/ranks.npz has no federated ranks of {model!r}")
+            out.setdefault(seed, {})[f"{variant}: {label}"] = ranks[f"federated/{model}"]
+    if len({frozenset(s) for s in seeds_of.values()}) > 1:
+        raise SystemExit(f"error: the runs' variants cover different split seeds: {seeds_of}")
     return out
 
 
@@ -119,23 +130,23 @@ def main() -> None:
     unmatched = sorted(set(runs) - set(args.seeds))
     if unmatched:
         parser.error(f"--runs include split seeds {unmatched} that --seeds does not train")
-    models = (CENTRAL, EASE_ALL, *FEDERATED_MODELS) if runs else (CENTRAL, EASE_ALL)
-    pairs = [(m, CENTRAL) for m in FEDERATED_MODELS] + [(CENTRAL, EASE_ALL)]
+    federated = sorted(next(iter(runs.values()))) if runs else []
+    models = (CENTRAL, EASE_ALL, *federated)
+    pairs = [(m, CENTRAL) for m in federated] + [(CENTRAL, EASE_ALL)]
     per_seed: dict[str, Any] = {}
     paired_splits: list[dict[str, CaseRanks]] = []
     for seed in args.seeds:
         ranks, run = central_ranks(
             args.dataset, args.data_dir, seed, args.order, Path(args.cache_dir)
         )
-        entry: dict[str, Any] = {"sasrec": run}
         if seed in runs:
-            name, federated = runs[seed]
-            entry["federation_run"] = name
-            ranks = {**ranks, **federated}
+            ranks = {**ranks, **runs[seed]}
             paired_splits.append(ranks)
-        entry["federated_users_test"] = summarize_each(ranks)
-        entry["paired_differences_hr@10"] = compare_pairs({"federated": ranks}, pairs)
-        per_seed[str(seed)] = entry
+        per_seed[str(seed)] = {
+            "sasrec": run,
+            "federated_users_test": summarize_each(ranks),
+            "paired_differences_hr@10": compare_pairs({"federated": ranks}, pairs),
+        }
     out: dict[str, Any] = {
         "dataset": args.dataset,
         "seeds": args.seeds,
