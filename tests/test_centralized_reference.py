@@ -1,0 +1,76 @@
+"""The centralized-reference benchmark's reading of federation runs: each run's int8 and
+personal-adapter ranks, labelled by the run's variant and keyed by its split seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from shared.eval.protocol import CaseRanks
+from simulation.pipeline import _save_ranks
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "centralized_reference.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("centralized_reference", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(root: Path, variant: str, seed: int, first_rank: float) -> Path:
+    """A finished federation run directory as the federation benchmark names it."""
+    path = root / f"ml-100k-{variant}-seed{seed}-20261129-155549"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"simulation": {"seed": seed}}))
+    ranks = np.array([first_rank, 50.0, np.inf])
+    _save_ranks(
+        path / "ranks.npz",
+        {
+            "federated/student int8 onnx": CaseRanks(ranks, ranks),
+            "federated/student (federated + personal)": CaseRanks(ranks + 1, ranks + 1),
+            "federated/teacher": CaseRanks(ranks * 0, ranks * 0),
+        },
+    )
+    return path
+
+
+def test_runs_are_read_by_split_seed_and_labelled_by_variant(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    paths = [
+        _run(tmp_path, variant, seed, rank)
+        for variant, rank in (("no-dp-fedadam", 3.0), ("record-dp-split", 7.0))
+        for seed in (42, 1)
+    ]
+    runs = bench.federation_runs(paths)
+    assert sorted(runs) == [1, 42]
+    assert sorted(runs[42]) == [
+        "ml-100k-no-dp-fedadam: int8",
+        "ml-100k-no-dp-fedadam: personal",
+        "ml-100k-record-dp-split: int8",
+        "ml-100k-record-dp-split: personal",
+    ]
+    np.testing.assert_array_equal(runs[1]["ml-100k-record-dp-split: int8"].full, [7, 50, np.inf])
+    np.testing.assert_array_equal(runs[1]["ml-100k-no-dp-fedadam: personal"].sampled[0], 4)
+
+
+def test_runs_that_cannot_be_paired_are_refused(bench: ModuleType, tmp_path: Path) -> None:
+    twice = [_run(tmp_path / "a", "record-dp-split", 42, 1.0)]
+    twice.append(_run(tmp_path / "b", "record-dp-split", 42, 2.0))
+    with pytest.raises(SystemExit, match="two runs of variant 'ml-100k-record-dp-split'"):
+        bench.federation_runs(twice)
+    uneven = [_run(tmp_path / "c", "no-dp-fedadam", 42, 1.0)]
+    uneven.append(_run(tmp_path / "c", "record-dp-split", 1, 1.0))
+    with pytest.raises(SystemExit, match="cover different split seeds"):
+        bench.federation_runs(uneven)
