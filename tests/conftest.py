@@ -3,9 +3,12 @@ place)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -84,3 +87,20 @@ def _write_tiny_bundle(path: Path, n_items: int) -> list[str]:
 def write_tiny_bundle() -> Callable[[Path, int], list[str]]:
     """Writes a tiny student bundle: ``write_tiny_bundle(path, n_items) -> item ids``."""
     return _write_tiny_bundle
+
+
+def _load_bench(name: str) -> ModuleType:
+    """The benchmark script ``bench/<name>.py`` as a module (``bench/`` is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_bench() -> Callable[[str], ModuleType]:
+    """Import a benchmark script by name, for tests of its helpers."""
+    return _load_bench

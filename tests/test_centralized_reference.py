@@ -3,9 +3,8 @@ personal-adapter ranks, labelled by the run's variant and keyed by its split see
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -15,17 +14,10 @@ import pytest
 from shared.eval.protocol import CaseRanks
 from simulation.pipeline import _save_ranks
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "centralized_reference.py"
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("centralized_reference", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("centralized_reference")
 
 
 def _run(root: Path, variant: str, seed: int, first_rank: float) -> Path:

@@ -3,8 +3,7 @@ those of every split's users side by side, computed by hand here."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,17 +13,10 @@ import pytest
 
 from shared.eval.protocol import CaseRanks
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "federation_benchmark.py"
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("federation_benchmark", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("federation_benchmark")
 
 
 def _ranks(*values: float) -> CaseRanks:
