@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 
 from shared.data.registry import load_dataset
+from shared.errors import DataError
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.eval.splits import SplitConfig, split_users
@@ -91,15 +92,15 @@ def federation_runs(paths: list[Path]) -> dict[int, dict[str, CaseRanks]]:
         config = json.loads((path / "config.json").read_text())["simulation"]
         seed, variant = int(config["seed"]), RUN_STAMP.sub("", path.name)
         if seed in seeds_of.setdefault(variant, set()):
-            raise SystemExit(f"error: two runs of variant {variant!r} on split seed {seed}")
+            raise DataError(f"two runs of variant {variant!r} on split seed {seed}")
         seeds_of[variant].add(seed)
         ranks = load_ranks(path / "ranks.npz")
         for model, label in FEDERATED_MODELS.items():
             if f"federated/{model}" not in ranks:
-                raise SystemExit(f"error: {path}/ranks.npz has no federated ranks of {model!r}")
+                raise DataError(f"{path}/ranks.npz has no federated ranks of {model!r}")
             out.setdefault(seed, {})[f"{variant}: {label}"] = ranks[f"federated/{model}"]
     if len({frozenset(s) for s in seeds_of.values()}) > 1:
-        raise SystemExit(f"error: the runs' variants cover different split seeds: {seeds_of}")
+        raise DataError(f"the runs' variants cover different split seeds: {seeds_of}")
     return out
 
 

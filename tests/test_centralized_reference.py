@@ -11,6 +11,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from shared.errors import DataError
 from shared.eval.protocol import CaseRanks
 from simulation.pipeline import _save_ranks
 
@@ -60,9 +61,9 @@ def test_runs_are_read_by_split_seed_and_labelled_by_variant(
 def test_runs_that_cannot_be_paired_are_refused(bench: ModuleType, tmp_path: Path) -> None:
     twice = [_run(tmp_path / "a", "record-dp-split", 42, 1.0)]
     twice.append(_run(tmp_path / "b", "record-dp-split", 42, 2.0))
-    with pytest.raises(SystemExit, match="two runs of variant 'ml-100k-record-dp-split'"):
+    with pytest.raises(DataError, match="two runs of variant 'ml-100k-record-dp-split'"):
         bench.federation_runs(twice)
     uneven = [_run(tmp_path / "c", "no-dp-fedadam", 42, 1.0)]
     uneven.append(_run(tmp_path / "c", "record-dp-split", 1, 1.0))
-    with pytest.raises(SystemExit, match="cover different split seeds"):
+    with pytest.raises(DataError, match="cover different split seeds"):
         bench.federation_runs(uneven)
