@@ -39,10 +39,10 @@ from shared.models.baselines import EASE
 from shared.models.history_order import Order
 from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import encode_items
-from shared.training.trainer import Validation
+from shared.training.trainer import Validation, count_parameters
 from simulation.pipeline import load_ranks
 from simulation.pretrain import default_cache_root, encoder_config
-from simulation.provenance import provenance, run_bench
+from simulation.provenance import provenance, require_seeds, run_bench
 
 CENTRAL = "sasrec (all users)"
 EASE_ALL = "ease (all users)"
@@ -76,7 +76,7 @@ def central_ranks(
         "order": sasrec.fitted_order,
         "best_epoch": sasrec.history.best_epoch,
         "best_validation_sampled_ndcg@10": round(sasrec.history.best_metric, 4),
-        "trainable": sum(p.numel() for p in sasrec.model.parameters() if p.requires_grad),
+        "trainable": count_parameters(p for p in sasrec.model.parameters() if p.requires_grad),
         "seconds": round(seconds, 1),
     }
     return ranks, run
@@ -119,8 +119,7 @@ def main() -> None:
         "--cache-dir", default=str(default_cache_root()), help="text-embedding cache root"
     )
     args = parser.parse_args()
-    if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
-        parser.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    require_seeds(parser, args.seeds)
     for path in args.runs:
         if not (path / "ranks.npz").is_file() or not (path / "config.json").is_file():
             parser.error(f"--runs: {path} is not a finished run directory (no ranks.npz)")

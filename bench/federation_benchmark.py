@@ -59,7 +59,7 @@ from shared.eval.metrics import hit_rate_at_k
 from shared.eval.protocol import CaseRanks, summarize_ranks
 from simulation.config import SimulationConfig
 from simulation.pipeline import load_ranks, run_pipeline
-from simulation.provenance import provenance, require_counts, run_bench
+from simulation.provenance import provenance, require_counts, require_seeds, run_bench
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "no-dp": {"dp": False, "secagg": False},
@@ -393,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must differ, got {args.seeds}")
+    require_seeds(parser, args.seeds)
 
     require_counts(parser, args, "rounds", "cohort")
 

@@ -26,7 +26,7 @@ from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_e
 from shared.models.baselines import EASE
 from shared.ondevice.runtime import OnDeviceModel
 from simulation.pretrain import default_cache_root, pretrain_on
-from simulation.provenance import provenance, run_bench
+from simulation.provenance import provenance, require_seeds, run_bench
 
 POPULATIONS = ("public", "federated")
 MODELS = ("ease (public users)", "teacher", "student int8 onnx")
@@ -81,10 +81,7 @@ def main() -> None:
         "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
     )
     args = parser.parse_args()
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be distinct, got {args.seeds}")
-    if any(s < 0 for s in args.seeds):
-        parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    require_seeds(parser, args.seeds)
 
     torch.set_num_threads(2)
     worlds: dict[str, Any] = {}

@@ -21,9 +21,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from shared.errors import FedRecError
+from shared.errors import ConfigError, FedRecError
+from shared.eval.splits import check_seed
 
-__all__ = ["LIBRARIES", "code_version", "provenance", "require_counts", "run_bench"]
+__all__ = [
+    "LIBRARIES",
+    "code_version",
+    "provenance",
+    "require_counts",
+    "require_seeds",
+    "run_bench",
+]
 
 LIBRARIES = ("torch", "flwr", "opacus", "onnx", "onnxruntime", "transformers", "numpy", "ray")
 """The libraries whose versions move the figures (training, DP accounting, export, runtime)."""
@@ -91,6 +99,19 @@ def require_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, *n
         value = getattr(args, name)
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def require_seeds(parser: argparse.ArgumentParser, seeds: Sequence[int]) -> None:
+    """Refuse (``parser.error``, exit 2) ``--seeds`` that repeat one (its splits or worlds
+    would be counted twice in a pooled figure) or that a split cannot take
+    (:func:`shared.eval.splits.check_seed`)."""
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be distinct, got {list(seeds)}")
+    for seed in seeds:
+        try:
+            check_seed(seed)
+        except ConfigError as err:
+            parser.error(f"--seeds: {err}")
 
 
 def run_bench(main: Callable[[], int | None]) -> int:

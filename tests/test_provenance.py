@@ -87,3 +87,23 @@ def test_a_count_below_one_is_refused_naming_its_option(
         require_counts(parser, parser.parse_args(["--per-user", "0"]), "per_user", "rounds")
     assert stopped.value.code == 2
     assert "bench: error: --per-user must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_seeds_that_repeat_or_no_split_can_take_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from simulation.provenance import require_seeds
+
+    parser = argparse.ArgumentParser(prog="bench")
+    require_seeds(parser, [42, 1, 0])  # fine
+    for seeds, message in (
+        ([42, 1, 42], "--seeds must be distinct, got [42, 1, 42]"),
+        ([42, -1], "--seeds: seed must be an integer in [0, 2**63 - 1], got -1"),
+        ([2**63], "--seeds: seed must be an integer in [0, 2**63 - 1], got 9223372036854775808"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            require_seeds(parser, seeds)
+        assert stopped.value.code == 2
+        assert f"bench: error: {message}" in capsys.readouterr().err

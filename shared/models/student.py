@@ -176,9 +176,9 @@ class PersonalAdapter(nn.Module):
 
     ``down`` starts as a random projection drawn from ``seed``, the same at every reset and in
     every process, and a reset draws nothing from torch's global generator. A projection drawn
-    from that generator made each process start, and so fit, differently: with its dropout
-    seeded too (:class:`simulation.pipeline.AdaptedStudent`), an evaluation of a fixed model
-    now repeats.
+    from that generator made each process start, and so fit, differently: with the fit's
+    dropout seeded too (:func:`shared.federated.local_training.fit_personal`), an evaluation of
+    a fixed model repeats and a device fits the adapter the evaluation measured.
     """
 
     def __init__(self, dim: int, rank: int, seed: int = 0) -> None:
