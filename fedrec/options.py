@@ -44,7 +44,8 @@ DataDirOpt = Annotated[
         "--data-dir",
         click_type=NON_EMPTY_PATH,
         help="Local copy of the dataset (e.g. ../shared/datasets/ml-100k). Without it, "
-        "MovieLens is downloaded into the cache and checksum-verified.",
+        "ml-100k, ml-1m and ml-latest-small are downloaded into the cache and "
+        "checksum-verified; ml-latest and ml-25m must be downloaded by hand.",
     ),
 ]
 SeedOpt = Annotated[

@@ -5,7 +5,7 @@
   restarted run resumes from :meth:`CheckpointStore.latest`.
 * :class:`ArtifactPublisher` - optional task protocol: a task that implements
   ``publish_artifact`` gets every new global model to publish as a versioned artifact
-  (the recommender writes ``model-v{round}.onnx`` in int8; :func:`write_npz_artifact` is
+  (the recommender writes ``model-v{version}.int8.onnx``; :func:`write_npz_artifact` is
   a minimal implementation for tests and toy tasks).
 
 On-disk layout of one checkpoint (``NNNNNNNN`` = zero-padded round)::

@@ -2,7 +2,8 @@
 
 With ``data_dir`` the files there are used (the layout is recognised from the file names,
 also one level down in ``data_dir/<name>``). Without it, a downloadable dataset is taken from
-the cache (``~/.cache/fedrec/datasets`` or ``$FEDREC_CACHE_DIR``) or downloaded into it.
+the cache (``~/.cache/fedrec/datasets`` or ``$FEDREC_CACHE_DIR/datasets``) or downloaded into
+it (ml-100k, ml-1m and ml-latest-small; the larger archives are fetched by hand).
 ``synthetic`` is generated in memory by :mod:`shared.data.synthetic`.
 """
 

@@ -3,7 +3,8 @@ global parameters travel; each client trains them with Opacus DP-SGD on its own 
 keeps its privacy ledger on disk, and declines once its budget is spent.
 
 Run-config keys (kebab-case): ``bundle`` (pretrained bundle path), ``state-dir`` (per-client
-ledgers), ``epsilon-budget``, ``delta``, ``meta-learning``, ``device``, plus every
+ledgers), ``epsilon-budget``, ``delta``, ``meta-learning``, ``device``, ``eval-negatives``,
+``eval-seed``, ``num-threads``, ``prune-sparsity``, plus every
 :class:`~shared.federated.local_config.LocalTrainConfig` key.
 
 **The personal adapter is not trained here.** Fit and evaluate see the global model as a
