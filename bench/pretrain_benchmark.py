@@ -94,6 +94,8 @@ def main() -> None:
     }
     if pre.teacher.config.members > 1:  # what averaging members adds over the first alone
         models["teacher (first member alone)"] = pre.teacher.member_scorer(0)
+    if pre.teacher.prior_weight:  # what the item-item prior adds to self-attention
+        models["teacher (attention only)"] = pre.teacher.attention_scorer()
     with tempfile.TemporaryDirectory() as tmp:
         artifact = publish_student(
             pre.student.model, ds.item_ids, Path(tmp) / "student.onnx", version="0", prune=prune
@@ -126,6 +128,9 @@ def main() -> None:
     ]
     if "teacher (first member alone)" in ranks:
         pairs.append(("teacher", "teacher (first member alone)"))
+    if "teacher (attention only)" in ranks:
+        pairs.append(("teacher", "teacher (attention only)"))
+        pairs.append(("teacher (attention only)", "ease (public users)"))
     comparisons = {
         f"{a} - {b}": {
             pop: {m: d.as_dict() for m, d in compare_ranks(ranks[a][pop], ranks[b][pop]).items()}
@@ -142,6 +147,12 @@ def main() -> None:
         "teacher_members": {  # independently seeded teachers whose log-probabilities are averaged
             "count": pre.teacher.config.members,
             "validation_" + pre.teacher.config.metric: pre.teacher.member_scores,
+        },
+        "teacher_prior": {  # the item-item term's weight, chosen on public validation
+            "weight": pre.teacher.prior_weight,
+            "validation_" + pre.teacher.config.metric: {
+                str(w): v for w, v in pre.teacher.prior_scores.items()
+            },
         },
         "teacher_order": {  # how the teacher reads histories, chosen on public validation
             "chosen": pre.teacher.fitted_order,

@@ -29,17 +29,19 @@ from simulation.pretrain import default_cache_root, pretrain_on
 from simulation.provenance import provenance, require_seeds, run_bench
 
 POPULATIONS = ("public", "federated")
-MODELS = ("ease (public users)", "teacher", "student int8 onnx")
+MODELS = ("ease (public users)", "teacher", "teacher (attention only)", "student int8 onnx")
 PAIRS = (
     ("teacher", "ease (public users)"),
+    ("teacher (attention only)", "ease (public users)"),
+    ("teacher", "teacher (attention only)"),
     ("student int8 onnx", "teacher"),
     ("student int8 onnx", "ease (public users)"),
 )
 
 
-def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRanks]], str]:
+def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRanks]], str, float]:
     """Test ranks of every model in :data:`MODELS` on world ``seed`` (its own protocol split),
-    and the reading validation chose for the teacher."""
+    and the reading and item-item prior weight validation chose for the teacher."""
     run = pretrain_on("synthetic", None, seed, cache_dir)  # the default epochs
     ds, split, pre = run.dataset, run.split, run.pretrained
     cfg = EvalConfig(seed=seed)
@@ -52,12 +54,13 @@ def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRan
                 split.train_sequences(split.public_users), ds.n_items
             ),
             "teacher": pre.teacher,
+            "teacher (attention only)": pre.teacher.attention_scorer(),
             "student int8 onnx": OnDeviceModel(artifact.path),
         }
         ranks = {
             name: split_ranks(m, split, POPULATIONS, "test", cfg) for name, m in models.items()
         }
-    return ranks, str(pre.teacher.fitted_order)
+    return ranks, str(pre.teacher.fitted_order), pre.teacher.prior_weight
 
 
 def differences(ranks: dict[str, dict[str, CaseRanks]]) -> dict[str, Any]:
@@ -87,10 +90,11 @@ def main() -> None:
     worlds: dict[str, Any] = {}
     by_world: list[dict[str, dict[str, CaseRanks]]] = []
     for seed in args.seeds:
-        ranks, order = world_ranks(seed, Path(args.cache_dir))
+        ranks, order, prior = world_ranks(seed, Path(args.cache_dir))
         by_world.append(ranks)
         worlds[str(seed)] = {
             "teacher_order": order,
+            "teacher_prior_weight": prior,
             "results": {name: summarize_each(ranks[name]) for name in MODELS},
             "paired_differences_hr@10": differences(ranks),
         }

@@ -73,6 +73,8 @@ class SimulationConfig:
     teacher_id_init: str = DEFAULT_ID_INIT
     teacher_order: str = DEFAULT_ORDER
     teacher_members: int = DEFAULT_MEMBERS
+    # add EASE's item-item term to the teacher, its weight chosen on validation (0 allowed)
+    teacher_prior: bool = True
     # local Hugging Face model directory encoding the item text ("" = the bundled MiniLM)
     text_model: str = ""
     # federation

@@ -134,6 +134,7 @@ def _run_stages(
         config.teacher_id_init,
         config.teacher_order,
         config.teacher_members,
+        config.teacher_prior,
     )
     pre = pretrain(
         dataset,
@@ -192,6 +193,7 @@ def _run_stages(
         "pretraining cached": pre.cached,
         "teacher order": pre.teacher.fitted_order,
         "teacher members": pre.teacher.config.members,
+        "teacher prior weight": pre.teacher.prior_weight,
         "federation seconds": round(federation["seconds"], 1),
         "client updates per second": round(federation["updates_per_second"], 2),
         "total seconds": round(time.perf_counter() - started, 1),

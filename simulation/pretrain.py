@@ -116,6 +116,7 @@ def pretrain(
             teacher.build(dataset.n_items, state["teacher_order"]).load_state_dict(state["teacher"])
             teacher.order_scores = dict(state["teacher_order_scores"])
             teacher.member_scores = list(state["teacher_member_scores"])
+            teacher.prior_scores = dict(state["teacher_prior_scores"])
             model = StudentModel(
                 np.zeros(state["text_shape"], np.float32),
                 np.zeros(state["ids_shape"], np.float32),
@@ -149,6 +150,7 @@ def pretrain(
             "teacher_order": teacher.fitted_order,
             "teacher_order_scores": teacher.order_scores,
             "teacher_member_scores": teacher.member_scores,
+            "teacher_prior_scores": teacher.prior_scores,
             "student": student.model.state_dict(),
             "text_shape": list(student.model.items.text.weight.shape),
             "ids_shape": list(student.model.items.ids.weight.shape),
@@ -195,9 +197,10 @@ def configs_for(
     teacher_id_init: str = TeacherConfig.id_init,
     teacher_order: str = TeacherConfig.order,
     teacher_members: int = TeacherConfig.members,
+    teacher_prior: bool = TeacherConfig.prior,
 ) -> tuple[TeacherConfig, StudentConfig]:
     """The teacher/student configs of a simulation (defaults, with its epoch caps, seed,
-    the teacher's ID-table initialisation, history order and ensemble size;
+    the teacher's ID-table initialisation, history order, ensemble size and item-item prior;
     :class:`TeacherConfig` refuses an unknown one)."""
     return (
         replace(
@@ -207,6 +210,7 @@ def configs_for(
             id_init=cast(IdInit, teacher_id_init),
             order=cast(Order, teacher_order),
             members=teacher_members,
+            prior=teacher_prior,
         ),
         replace(StudentConfig(), epochs=epochs_student, seed=seed),
     )
