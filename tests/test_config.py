@@ -141,6 +141,18 @@ def test_simulation_teacher_members_reach_the_teacher_and_zero_is_refused():
         from_flat(SimulationConfig, {"teacher-members": "0"})
 
 
+def test_simulation_teacher_prior_reaches_the_teacher():
+    from simulation.config import SimulationConfig
+    from simulation.pretrain import configs_for
+
+    assert from_flat(SimulationConfig, {}).teacher_prior is True
+    config = from_flat(SimulationConfig, {"teacher-prior": "false"})
+    teacher, _ = configs_for(3, 2, 0, teacher_prior=config.teacher_prior)
+    assert teacher.prior is False
+    with pytest.raises(ConfigError, match="teacher"):
+        from_flat(SimulationConfig, {"teacher-prior": "sometimes"})
+
+
 def test_benchmarks_take_the_teacher_ensemble_size_from_the_command_line():
     import argparse
 

@@ -23,7 +23,7 @@ from shared.data.dataset import RecDataset, build_dataset
 from shared.errors import ConfigError, DataError, ModelFileError
 from shared.eval.protocol import evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
-from shared.models.baselines import Pop
+from shared.models.baselines import EASE, Pop
 from shared.models.sequence import (
     IGNORE_TARGET,
     PAD_ITEM,
@@ -305,6 +305,7 @@ def test_auto_order_without_validation_trains_only_sequence() -> None:
     config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, epochs=1)
     teacher = SASRecTeacher(text_features(), config).fit(seqs, N_ITEMS)
     assert teacher.fitted_order == "sequence" and list(teacher.order_scores) == ["sequence"]
+    assert teacher.prior_weight == 0.0 and teacher.prior_scores == {}  # nothing to choose on
 
 
 def test_ensemble_averages_member_log_probabilities() -> None:
@@ -333,6 +334,61 @@ def test_ensemble_averages_member_log_probabilities() -> None:
         TeacherConfig(members=0)
     with pytest.raises(ConfigError, match="no member 2"):
         teacher.member_scorer(2)
+
+
+def test_the_item_item_prior_adds_standardised_ease_scores_of_the_window() -> None:
+    """Weight w: log-softmax of the members plus w x (EASE scores of the window's items,
+    centred and scaled over the catalog), after the window and after every prefix; weight 0
+    is the members exactly; the table and weight travel in the state dict."""
+    seqs = [np.arange(i, i + 7) % N_ITEMS for i in range(30)]
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8)
+    teacher = SASRecTeacher(text_features(), config)
+    net = teacher.build(N_ITEMS)
+    assert net.prior is not None and not net.prior_active
+    net.prior.fit(seqs, config.prior_l2)
+    member = net.first
+    histories = [np.array([4, 5, 6]), np.array([9])]
+    items, mask = pad_histories(histories, 8)
+    with torch.no_grad():
+        assert torch.equal(net(items, mask), member(items, mask))  # weight 0: no term
+        net.prior.weight.fill_(2.0)
+        ease = torch.from_numpy(EASE(config.prior_l2).fit(seqs, N_ITEMS).score(histories))
+        z = (ease - ease.mean(1, keepdim=True)) / ease.std(1, keepdim=True)
+        want = torch.log_softmax(member(items, mask), -1) + 2.0 * z
+        got = net(items, mask)
+        assert torch.allclose(got, want, atol=1e-3)
+        assert torch.allclose(net.all_logits(items, mask)[:, -1], got, atol=1e-4)
+        prefix = net.all_logits(items, mask)[0, -2]  # after items 4, 5 only
+        ease45 = torch.from_numpy(EASE(config.prior_l2).fit(seqs, N_ITEMS).score([[4, 5]]))[0]
+        z45 = (ease45 - ease45.mean()) / ease45.std()
+        head = torch.log_softmax(member.all_logits(items, mask)[0, -2], -1)
+        assert torch.allclose(prefix, head + 2.0 * z45, atol=1e-3)
+        alone = teacher.attention_scorer().score(histories)
+        assert np.allclose(alone, member(items, mask).numpy(), atol=1e-6)
+    state = net.state_dict()
+    loaded = SASRecTeacher(text_features(), config)
+    loaded.build(N_ITEMS).load_state_dict(state)
+    assert loaded.prior_weight == 2.0
+    assert np.array_equal(loaded.score(histories), teacher.score(histories))
+    assert SASRecTeacher(text_features(), replace(config, prior=False)).build(N_ITEMS).prior is None
+    for bad in ((), (-1.0,), (float("nan"),)):
+        with pytest.raises(ConfigError, match="prior_weights"):
+            TeacherConfig(prior_weights=bad)
+    with pytest.raises(ConfigError, match="prior_l2"):
+        TeacherConfig(prior_l2=0.0)
+
+
+def test_the_prior_weight_is_the_one_that_validates_best(
+    split: ProtocolSplit, teacher: SASRecTeacher
+) -> None:
+    scores = teacher.prior_scores
+    assert sorted(scores) == sorted(set(TINY_TEACHER.prior_weights))
+    best = max(scores, key=lambda w: (scores[w], -w))
+    assert teacher.prior_weight == best
+    metric = TINY_TEACHER.metric
+    assert Validation(split).metric(teacher, metric) == pytest.approx(scores[best], abs=1e-9)
+    alone = Validation(split).metric(teacher.attention_scorer(), metric)
+    assert alone == pytest.approx(scores[0.0], abs=1e-9)
 
 
 def test_ensemble_members_train_in_the_chosen_order_and_the_student_learns_from_them(
@@ -390,6 +446,8 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
     )
     assert again.cached and not first.cached
     assert again.teacher.fitted_order == "set" and again.student.config == first.student.config
+    assert again.teacher.prior_scores == first.teacher.prior_scores
+    assert again.teacher.prior_weight == first.teacher.prior_weight
     histories = [split.history(int(u)) for u in split.public_users[:5]]
     assert np.array_equal(again.teacher.score(histories), first.teacher.score(histories))
     assert np.array_equal(again.student.score(histories), first.student.score(histories))
