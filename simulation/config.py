@@ -7,10 +7,12 @@ minutes on 2 CPUs.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from server.server_optimizer import ServerOptimizerSettings
+from shared.compression.prune import publish_prune
 from shared.config import to_flat
 from shared.data.registry import check_no_data_dir
 from shared.errors import ConfigError
@@ -184,6 +186,20 @@ class SimulationConfig:
         check_file_name(self.name, "name (a folder inside run-dir)")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
+        if self.adapt_steps < 0:
+            raise ConfigError(
+                f"adapt-steps must be >= 0 (0: no adaptation), got {self.adapt_steps}"
+            )
+        if not (math.isfinite(self.adapt_lr) and self.adapt_lr > 0):
+            raise ConfigError(f"adapt-lr must be a positive number, got {self.adapt_lr}")
+        publish_prune(self.prune_sparsity)  # before pretraining, not when the first model ships
+        if self.ray_address and not re.fullmatch(
+            r"auto|(ray://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", self.ray_address
+        ):
+            raise ConfigError(
+                f"ray-address must be HOST:PORT (e.g. 127.0.0.1:6379), ray://HOST:PORT or auto, "
+                f"got {self.ray_address!r}"
+            )
         # the form only: whether that GPU exists is checked where the clients train
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -141,6 +141,28 @@ def test_simulation_teacher_members_reach_the_teacher_and_zero_is_refused():
         from_flat(SimulationConfig, {"teacher-members": "0"})
 
 
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ({"adapt-lr": "-1"}, "adapt-lr must be a positive number"),
+        ({"adapt-steps": "-1"}, "adapt-steps must be >= 0"),
+        ({"prune-sparsity": "1.5"}, "prune-sparsity must be a number in"),
+        ({"ray-address": "nonsense"}, "ray-address must be HOST:PORT"),
+    ],
+)
+def test_simulation_refuses_settings_that_used_to_fail_after_pretraining(
+    pair: dict[str, str], message: str
+) -> None:
+    """These were accepted and failed (or, for ray-address, hung) only after pretraining, or,
+    for adapt-steps, ran with a negative count."""
+    from simulation.config import SimulationConfig
+
+    with pytest.raises(ConfigError, match=message):
+        from_flat(SimulationConfig, pair)
+    for address in ("127.0.0.1:6379", "auto", "ray://head.local:10001", "[::1]:6379"):
+        assert from_flat(SimulationConfig, {"ray-address": address}).ray_address == address
+
+
 def test_simulation_teacher_prior_reaches_the_teacher():
     from simulation.config import SimulationConfig
     from simulation.pretrain import configs_for
