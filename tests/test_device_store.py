@@ -431,9 +431,29 @@ def test_cli_rotate_key_replaces_only_the_key_pair(tmp_path: Path, key: bytes) -
     assert registry.add(*load_public_key(new_public, source="new"), name="phone-2").revoked is None
 
 
+def test_a_damaged_key_is_named_with_its_fix_and_rotate_key_replaces_it(tmp_path: Path) -> None:
+    """A garbage client.key gave a cryptography traceback in every command that reads it,
+    rotate-key (the fix) included; and a missing API token sent the user to `client init`,
+    which refuses an existing identity."""
+    first = init_identity(tmp_path / "device")
+    layout = first.layout
+    layout.private_key.write_bytes(b"garbage")
+    with pytest.raises(IdentityError, match=r"not a usable OpenSSH private key.*rotate-key"):
+        DeviceIdentity.load(layout.state_dir).private_key()
+    result = runner.invoke(client_app, ["serve-api", "--state-dir", str(layout.state_dir)])
+    assert isinstance(result.exception, IdentityError)  # the CLI prints it as one error line
+    rotated = rotate_key(layout.state_dir)
+    assert DeviceIdentity.load(layout.state_dir).public_key_openssh == rotated.public_key_openssh
+    assert rotated.previous_device_ids == (first.device_id,)  # from the client.pub copy
+    layout.api_token.unlink()
+    with pytest.raises(IdentityError, match=r"api\.token is missing.*init --force"):
+        DeviceIdentity.load(layout.state_dir)
+
+
 def test_rotate_key_is_refused_under_a_daemon_and_without_an_identity(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match="client init"):
         rotate_key(tmp_path / "none")
+    assert not (tmp_path / "none").exists()  # nothing left behind (it left daemon.lock)
     layout = init_identity(tmp_path / "device").layout
     before = layout.private_key.read_bytes()
     with (

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -557,17 +558,33 @@ def rotate_key(state_dir: str | Path) -> RotateResult:
     while a daemon runs on it.
     """
     layout = DeviceLayout(Path(state_dir))
+    DeviceIdentity.load(layout.state_dir)  # no identity: refused before the lock makes a folder
     with StateDirLock.acquire(layout, role="rotate-key", advice=_ROTATE_ADVICE):
         identity = DeviceIdentity.load(layout.state_dir)
-        current = identity.public_key_openssh  # derived from the private key in use
+        try:
+            current = identity.public_key_openssh  # derived from the private key in use
+        except IdentityError:  # a damaged key is what rotating replaces: keep the pub copy
+            current = _public_copy(layout)
+            logger.warning("rotate-key: %s is unusable; replacing it", layout.private_key)
         kept = layout.previous_public_key
         earlier = kept.read_text().splitlines() if kept.exists() else []
-        previous = [line for line in earlier if line.strip() and line != current] + [current]
+        previous = [line for line in earlier if line.strip() and line != current]
+        previous += [current] if current else []
         write_bytes_atomic(kept, ("\n".join(previous) + "\n").encode())
         os.chmod(kept, 0o644)
         public_line = _write_key_pair(layout)
     ids = tuple(device_id_of(line) for line in previous)
     return RotateResult(layout, public_line, device_id_of(public_line), ids)
+
+
+def _public_copy(layout: DeviceLayout) -> str:
+    """The operator's copy of the public key (``client.pub``), or "" if it is not readable."""
+    try:
+        line = layout.public_key.read_text().strip()
+        device_id_of(line)
+    except (OSError, ValueError, IdentityError):  # binascii.Error and decoding are ValueErrors
+        return ""
+    return line
 
 
 @dataclass(frozen=True)
@@ -580,6 +597,12 @@ class DeviceIdentity:
     def load(cls, state_dir: str | Path) -> DeviceIdentity:
         """The identity in ``state_dir``; :class:`IdentityError` naming ``init`` if absent."""
         layout = DeviceLayout(Path(state_dir))
+        if layout.private_key.exists() and not layout.api_token.exists():
+            raise IdentityError(
+                f"{layout.api_token} is missing; restore it from backup, or re-create the "
+                f"identity with `fedrec client init --force --state-dir {layout.state_dir}` "
+                f"(the local store is then erased)"
+            )
         if not layout.private_key.exists() or not layout.api_token.exists():
             raise IdentityError(
                 f"no device identity in {layout.state_dir}; create one with `fedrec client "
@@ -609,7 +632,16 @@ class DeviceIdentity:
 
     def private_key(self) -> ec.EllipticCurvePrivateKey:
         """The SuperNode authentication key (checked to be an EC key)."""
-        key = serialization.load_ssh_private_key(_read_secret(self.layout.private_key), None)
+        path = self.layout.private_key
+        try:
+            key = serialization.load_ssh_private_key(_read_secret(path), None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise IdentityError(
+                f"{path} is not a usable OpenSSH private key ({exc}); restore it from backup, "
+                f"or give the device a new key with `fedrec client rotate-key --state-dir "
+                f"{self.layout.state_dir}` and register that on the server (the store, models "
+                f"and privacy ledger are kept)"
+            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise IdentityError(f"{self.layout.private_key} is not an EC private key")
         return key
