@@ -30,6 +30,7 @@ from simulation.provenance import provenance, require_seeds, run_bench
 
 POPULATIONS = ("public", "federated")
 MODELS = ("ease (public users)", "teacher", "teacher (attention only)", "student int8 onnx")
+"""Every model a run can rank; "teacher (attention only)" only with ``--teacher-prior``."""
 PAIRS = (
     ("teacher", "ease (public users)"),
     ("teacher (attention only)", "ease (public users)"),
@@ -39,10 +40,12 @@ PAIRS = (
 )
 
 
-def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRanks]], str, float]:
-    """Test ranks of every model in :data:`MODELS` on world ``seed`` (its own protocol split),
+def world_ranks(
+    seed: int, cache_dir: Path, prior: bool = False
+) -> tuple[dict[str, dict[str, CaseRanks]], str, float]:
+    """Test ranks of the models of :data:`MODELS` on world ``seed`` (its own protocol split),
     and the reading and item-item prior weight validation chose for the teacher."""
-    run = pretrain_on("synthetic", None, seed, cache_dir)  # the default epochs
+    run = pretrain_on("synthetic", None, seed, cache_dir, teacher_prior=prior)
     ds, split, pre = run.dataset, run.split, run.pretrained
     cfg = EvalConfig(seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,9 +57,10 @@ def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRan
                 split.train_sequences(split.public_users), ds.n_items
             ),
             "teacher": pre.teacher,
-            "teacher (attention only)": pre.teacher.attention_scorer(),
             "student int8 onnx": OnDeviceModel(artifact.path),
         }
+        if prior:
+            models["teacher (attention only)"] = pre.teacher.attention_scorer()
         ranks = {
             name: split_ranks(m, split, POPULATIONS, "test", cfg) for name, m in models.items()
         }
@@ -66,8 +70,9 @@ def world_ranks(seed: int, cache_dir: Path) -> tuple[dict[str, dict[str, CaseRan
 def differences(ranks: dict[str, dict[str, CaseRanks]]) -> dict[str, Any]:
     """Paired HR@10 differences of :data:`PAIRS`, per population (``{population: {"a - b":
     ...}}``, as :func:`~shared.eval.compare.compare_pairs` gives them)."""
+    pairs = tuple((a, b) for a, b in PAIRS if a in ranks and b in ranks)
     return compare_pairs(
-        {pop: {name: ranks[name][pop] for name in MODELS} for pop in POPULATIONS}, PAIRS
+        {pop: {name: ranks[name][pop] for name in ranks} for pop in POPULATIONS}, pairs
     )
 
 
@@ -83,6 +88,12 @@ def main() -> None:
     parser.add_argument(
         "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
     )
+    parser.add_argument(
+        "--teacher-prior",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="teachers with the item-item (EASE) prior, and their attention part alone beside",
+    )
     args = parser.parse_args()
     require_seeds(parser, args.seeds)
 
@@ -90,22 +101,23 @@ def main() -> None:
     worlds: dict[str, Any] = {}
     by_world: list[dict[str, dict[str, CaseRanks]]] = []
     for seed in args.seeds:
-        ranks, order, prior = world_ranks(seed, Path(args.cache_dir))
+        ranks, order, prior = world_ranks(seed, Path(args.cache_dir), args.teacher_prior)
         by_world.append(ranks)
         worlds[str(seed)] = {
             "teacher_order": order,
             "teacher_prior_weight": prior,
-            "results": {name: summarize_each(ranks[name]) for name in MODELS},
+            "results": {name: summarize_each(ranks[name]) for name in ranks},
             "paired_differences_hr@10": differences(ranks),
         }
+    names = [name for name in MODELS if name in by_world[0]]
     all_ranks = {
         name: {pop: CaseRanks.concat([r[name][pop] for r in by_world]) for pop in POPULATIONS}
-        for name in MODELS
+        for name in names
     }
     out: dict[str, Any] = {
         "seeds": args.seeds,
         "pooled": {
-            "results": {name: summarize_each(all_ranks[name]) for name in MODELS},
+            "results": {name: summarize_each(all_ranks[name]) for name in names},
             "paired_differences_hr@10": differences(all_ranks),
         },
         "worlds": worlds,

@@ -24,6 +24,7 @@ from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
+from shared.models.teacher import TeacherConfig
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 from shared.text.encoder import resolve_model_dir
 
@@ -76,7 +77,7 @@ class SimulationConfig:
     teacher_order: str = DEFAULT_ORDER
     teacher_members: int = DEFAULT_MEMBERS
     # add EASE's item-item term to the teacher, its weight chosen on validation (0 allowed)
-    teacher_prior: bool = True
+    teacher_prior: bool = TeacherConfig.prior
     # local Hugging Face model directory encoding the item text ("" = the bundled MiniLM)
     text_model: str = ""
     # federation

@@ -243,6 +243,7 @@ def pretrain_on(
     teacher_epochs: int = TEACHER_EPOCHS,
     student_epochs: int = STUDENT_EPOCHS,
     teacher_members: int = TeacherConfig.members,
+    teacher_prior: bool = TeacherConfig.prior,
     text_model: str = "",
 ) -> PretrainedRun:
     """Load ``dataset``, split it by the protocol (``seed``), encode the item text (with
@@ -253,7 +254,11 @@ def pretrain_on(
     split = split_users(ds, SplitConfig(seed=seed))
     text = encode_items(ds.item_text, encoder_config(text_model, cache_dir))
     teacher_cfg, student_cfg = configs_for(
-        teacher_epochs, student_epochs, seed, teacher_members=teacher_members
+        teacher_epochs,
+        student_epochs,
+        seed,
+        teacher_members=teacher_members,
+        teacher_prior=teacher_prior,
     )
     pre = pretrain(
         ds, split, text, cache_dir, teacher_config=teacher_cfg, student_config=student_cfg
@@ -293,8 +298,8 @@ def _members(text: str) -> int:
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     """The options :func:`pretrain_from_args` reads (``--dataset``, ``--data-dir``,
-    ``--seed``, ``--cache-dir``, ``--teacher-members``), for the benchmarks that start from a
-    pretrained run."""
+    ``--seed``, ``--cache-dir``, ``--teacher-members``, ``--teacher-prior``), for the
+    benchmarks that start from a pretrained run."""
     parser.add_argument("--dataset", default=dataset)
     parser.add_argument("--data-dir", default=None, help="dataset folder (not for synthetic)")
     parser.add_argument("--seed", type=int, default=42, help="split and synthetic-world seed")
@@ -306,6 +311,12 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> Non
         type=_members,
         default=TeacherConfig.members,
         help="independently seeded teachers whose log-probabilities are averaged",
+    )
+    parser.add_argument(
+        "--teacher-prior",
+        action=argparse.BooleanOptionalAction,
+        default=TeacherConfig.prior,
+        help="add the item-item (EASE) prior to the teacher, weighted on validation",
     )
     parser.add_argument(
         "--text-model", default="", help="local Hugging Face encoder folder (default: MiniLM)"
@@ -327,5 +338,6 @@ def pretrain_from_args(
         teacher_epochs=teacher_epochs,
         student_epochs=student_epochs,
         teacher_members=args.teacher_members,
+        teacher_prior=args.teacher_prior,
         text_model=args.text_model,
     )

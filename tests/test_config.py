@@ -167,10 +167,10 @@ def test_simulation_teacher_prior_reaches_the_teacher():
     from simulation.config import SimulationConfig
     from simulation.pretrain import configs_for
 
-    assert from_flat(SimulationConfig, {}).teacher_prior is True
-    config = from_flat(SimulationConfig, {"teacher-prior": "false"})
+    assert from_flat(SimulationConfig, {}).teacher_prior is False
+    config = from_flat(SimulationConfig, {"teacher-prior": "true"})
     teacher, _ = configs_for(3, 2, 0, teacher_prior=config.teacher_prior)
-    assert teacher.prior is False
+    assert teacher.prior is True
     with pytest.raises(ConfigError, match="teacher"):
         from_flat(SimulationConfig, {"teacher-prior": "sometimes"})
 

@@ -302,7 +302,7 @@ def test_auto_order_keeps_sequence_on_a_sequential_world(
 
 def test_auto_order_without_validation_trains_only_sequence() -> None:
     seqs = [np.arange(i, i + 6) % N_ITEMS for i in range(20)]
-    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, epochs=1)
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, epochs=1, prior=True)
     teacher = SASRecTeacher(text_features(), config).fit(seqs, N_ITEMS)
     assert teacher.fitted_order == "sequence" and list(teacher.order_scores) == ["sequence"]
     assert teacher.prior_weight == 0.0 and teacher.prior_scores == {}  # nothing to choose on
@@ -341,7 +341,7 @@ def test_the_item_item_prior_adds_standardised_ease_scores_of_the_window() -> No
     centred and scaled over the catalog), after the window and after every prefix; weight 0
     is the members exactly; the table and weight travel in the state dict."""
     seqs = [np.arange(i, i + 7) % N_ITEMS for i in range(30)]
-    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8)
+    config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, prior=True)
     teacher = SASRecTeacher(text_features(), config)
     net = teacher.build(N_ITEMS)
     assert net.prior is not None and not net.prior_active
@@ -378,9 +378,10 @@ def test_the_item_item_prior_adds_standardised_ease_scores_of_the_window() -> No
         TeacherConfig(prior_l2=0.0)
 
 
-def test_the_prior_weight_is_the_one_that_validates_best(
-    split: ProtocolSplit, teacher: SASRecTeacher
-) -> None:
+def test_the_prior_weight_is_the_one_that_validates_best(split: ProtocolSplit) -> None:
+    assert not TeacherConfig().prior  # off by default (docs/parameters.md says why)
+    teacher = SASRecTeacher(text_features(), replace(TINY_TEACHER, prior=True, epochs=10))
+    teacher.fit(split.train_sequences(split.public_users), N_ITEMS, Validation(split))
     scores = teacher.prior_scores
     assert sorted(scores) == sorted(set(TINY_TEACHER.prior_weights))
     best = max(scores, key=lambda w: (scores[w], -w))
@@ -432,7 +433,9 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
 
     ds = chain_dataset(n_users=40, length=8)
     split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
-    teacher_cfg = replace(TINY_TEACHER, order="set", set_dim=16, set_max_len=8, epochs=3)
+    teacher_cfg = replace(
+        TINY_TEACHER, order="set", set_dim=16, set_max_len=8, epochs=3, prior=True
+    )
     student_cfg = replace(TINY_STUDENT, dim=32, text_dim=8, id_dim=16, epochs=2)
     first = pretrain(
         ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg

@@ -164,7 +164,7 @@ class TeacherConfig:
     id_init: IdInit = DEFAULT_ID_INIT
     order: Order = DEFAULT_ORDER
     members: int = DEFAULT_MEMBERS
-    prior: bool = True
+    prior: bool = False
     prior_weights: tuple[float, ...] = PRIOR_WEIGHTS
     prior_l2: float = 250.0
     loss: Literal["full", "sampled"] = "full"
