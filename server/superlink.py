@@ -292,6 +292,9 @@ def deployment_run_config(
             )
     config: dict[str, RunConfigValue] = dict(ServerConfig().to_run_config())
     config.update({"num-rounds": num_rounds, "secagg": True, **fixed})
+    quorum = config["secagg-reconstruction-threshold"]  # a deployment's default minimum
+    if isinstance(quorum, int) and isinstance(config["min-available-clients"], int):
+        config["min-available-clients"] = max(config["min-available-clients"], quorum)
     if bundle is not None:
         if not bundle.is_file():
             raise ConfigError(
@@ -316,7 +319,29 @@ def deployment_run_config(
             "--run-config task=toy-linear for a smoke test without a model"
         )
     _check_apps_accept(config)
+    _check_secagg_quorum(config)
     return config
+
+
+def _check_secagg_quorum(config: Mapping[str, RunConfigValue]) -> None:
+    """Refuse a deployment whose rounds could start with fewer devices than SecAgg+ (always on
+    here) needs to unmask: such a run completed with every round failed ("Insufficient
+    available nodes" in the ServerApp's log)."""
+    threshold = config.get("secagg-reconstruction-threshold")
+    least = config.get("min-available-clients")
+    cohort = config.get("cohort-size", 0)
+    if (
+        isinstance(threshold, int)
+        and isinstance(least, int)
+        and cohort == 0
+        and not isinstance(threshold, bool)
+        and threshold > least
+    ):
+        raise ConfigError(
+            f"SecAgg+ needs at least 'secagg-reconstruction-threshold' = {threshold} devices "
+            f"in a round, but the run may start with 'min-available-clients' = {least} "
+            f"(--min-clients); raise --min-clients to {threshold} or lower the threshold"
+        )
 
 
 def run_config_keys() -> set[str]:

@@ -154,8 +154,13 @@ def start(
     ] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds in total.")] = 3,
     min_clients: Annotated[
-        int, typer.Option("--min-clients", help="Devices that must be connected to start.")
-    ] = 2,
+        int,
+        typer.Option(
+            "--min-clients",
+            help="Devices that must be connected to start; at least SecAgg+'s reconstruction "
+            "threshold (3 by default).",
+        ),
+    ] = 3,
     host: Annotated[
         str, typer.Option("--host", help="Address the SuperLink listens on.")
     ] = "0.0.0.0",
