@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from logging import ERROR, INFO, WARNING
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -241,6 +242,13 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().share_keys_stage(grid, context, state)
         self._forget_dropouts(state)
         return len(state.active_node_ids) >= 2 and self._check_threshold(state)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's unmask stage without numpy's divide-by-zero warning: when every client of
+        the round declined (unit weights of 0), Flower divides by the zero total weight; the
+        strategy then finds no trained client and keeps the model, as it should."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return bool(super().unmask_stage(grid, context, state))
 
 
 class _DefaultTimeoutGrid(DelegatingGrid):

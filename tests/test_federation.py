@@ -597,6 +597,21 @@ def test_declined_client_is_neutral(secagg: bool) -> None:
     )
 
 
+def test_a_secagg_round_where_every_client_declines_keeps_the_model_quietly(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """Flower's unmask stage divided by the zero total weight and numpy printed a
+    RuntimeWarning in the middle of the run's output."""
+    task = ToyLinearTask()
+    reports = _run(
+        {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0, "toy-decline-clients": "0,1,2"},
+        num_nodes=3,
+    )
+    assert (reports[0].fit.declined, reports[0].fit.ok) == (3, 0)
+    assert _max_diff(reports[0].parameters, task.initial_parameters()) == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_cohort_sampling_by_count_is_seeded() -> None:
     config: RunConfig = {"num-rounds": 2, "cohort-size": 3, "eval-size": 2, "seed": 7}
     first, second = _run(config, num_nodes=6), _run(config, num_nodes=6)
