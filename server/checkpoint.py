@@ -325,8 +325,9 @@ class CheckpointStore:
             raise DataError(
                 f"all {len(problems)} checkpoint(s) in {self.directory} are invalid; refusing "
                 "to start over (that would forget the training progress and the privacy "
-                "already spent). Restore them or point 'checkpoint-dir' elsewhere "
-                f"deliberately. First problem: {problems[0]}"
+                "already spent). Restore them, or start a new run deliberately elsewhere (another "
+                "--name for `fedrec simulate`, another --state-dir for `fedrec server "
+                f"start`, or 'checkpoint-dir' of the ServerApp). First problem: {problems[0]}"
             )
         return None
 

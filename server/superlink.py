@@ -445,8 +445,10 @@ class SuperLinkOptions:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
-        if self.max_restarts < 0 or not self.ready_timeout_s > 0:
-            raise ConfigError("max-restarts must be >= 0 and the ready timeout > 0")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if not self.ready_timeout_s > 0:
+            raise ConfigError(f"the ready timeout must be > 0, got {self.ready_timeout_s}")
         if not self.pending_timeout_s > 0:
             raise ConfigError("the pending timeout must be > 0")
 

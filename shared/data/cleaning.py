@@ -408,7 +408,7 @@ def finalize(
             f"items, {duplicates} duplicates, {repeats} repeats, {short_rows} of users with "
             f"fewer than "
             f"{min_user_interactions} interactions); check the files or lower "
-            f"min_user_interactions"
+            f"--min-user-interactions (min-user-interactions in a run config)"
         )
     dataset = build_dataset(
         name,
