@@ -78,11 +78,16 @@ class SubjectNames:
         ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
         for raw in hosts:
             host = raw.strip()
-            if not host:
-                continue
+            if not host:  # was skipped: `--host ""` then silently left the defaults alone
+                raise ConfigError("--host '' is empty; give a DNS name or an IP address")
             try:
                 ip = ipaddress.ip_address(host.strip("[]"))
             except ValueError:
+                if host.rstrip(".").replace(".", "").isdigit():  # 999.1.1.1: a typo, not a name
+                    raise ConfigError(
+                        f"--host {raw!r} looks like an IPv4 address but is not one (each of "
+                        "its four numbers must be 0-255)"
+                    ) from None
                 label_ok = host.isascii() and all(  # an IDN goes in as its xn-- form
                     part and len(part) <= 63 and part.replace("-", "").replace("*", "").isalnum()
                     for part in host.rstrip(".").split(".")

@@ -354,6 +354,10 @@ def test_bad_init_input_writes_nothing(tmp_path: Path) -> None:
         app, ["server", "init", "--state-dir", str(tmp_path / "s"), "--host", "bad host!"]
     )
     assert server.exit_code != 0 and "neither an IP address nor a DNS name" in str(server.exception)
+    for bad, message in (("999.1.1.1", "looks like an IPv4 address"), ("", "is empty")):
+        args = ["server", "init", "--state-dir", str(tmp_path / "s"), "--host", bad]
+        assert message in str(runner.invoke(app, args).exception)
+    assert not (tmp_path / "s").exists()
     device = runner.invoke(
         app, ["client", "init", "--state-dir", str(tmp_path / "d"), "--passphrase-env", ""]
     )
