@@ -28,6 +28,7 @@ import contextlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.pki import check_pki, server_names
+from server.pki import SubjectNames, check_pki, server_names
 from server.state import (
     ClientRegistry,
     ServerLayout,
@@ -469,10 +470,13 @@ def control_host(layout: ServerLayout, listen_host: str) -> str:
     names = server_names(layout.pki)
     loopback = _WILDCARD_LOOPBACK.get(listen_host)
     if loopback is None:
+        SubjectNames.parse([listen_host])  # junk is refused as junk, not as a missing SAN
         if listen_host not in names:
             raise ConfigError(
                 f"--host {listen_host} is not in the server certificate ({', '.join(names)}); "
-                f"rerun `fedrec server init --force --host {listen_host} ...`"
+                f"listen on one of those, or recreate the state with `fedrec server init "
+                f"--force --host {shlex.quote(listen_host)} ...` (a new CA: devices then need "
+                f"the new ca.pem and registering again)"
             )
         return listen_host
     if loopback not in names:

@@ -498,8 +498,11 @@ def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
     assert server_names(layout.pki) == ["server", "localhost", "10.0.0.5", "127.0.0.1"]
     assert control_host(layout, "0.0.0.0") == "127.0.0.1"
     assert control_host(layout, "server") == "server"
-    with pytest.raises(ConfigError, match="not in the server certificate"):
+    with pytest.raises(ConfigError, match=r"not in the server certificate.*new ca\.pem"):
         control_host(layout, "10.9.9.9")
+    # junk is named as junk (it was told to rerun init --force with the junk, unquoted)
+    with pytest.raises(ConfigError, match="neither an IP address nor a DNS name"):
+        control_host(layout, "bad host")
     # a state made before that: listening on all addresses would leave every run pending
     create_pki(layout.pki.directory, ["server", "10.0.0.5"])
     with pytest.raises(ConfigError, match=r"does not name 127\.0\.0\.1.*--host server"):
