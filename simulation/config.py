@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 
 from server.server_optimizer import ServerOptimizerSettings
-from shared.compression.prune import publish_prune
 from shared.config import to_flat
 from shared.data.registry import check_no_data_dir
 from shared.errors import ConfigError
@@ -24,7 +23,7 @@ from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
-from shared.models.teacher import TeacherConfig
+from shared.models.item_prior import DEFAULT_PRIOR
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 from shared.text.encoder import resolve_model_dir
 
@@ -77,7 +76,7 @@ class SimulationConfig:
     teacher_order: str = DEFAULT_ORDER
     teacher_members: int = DEFAULT_MEMBERS
     # add EASE's item-item term to the teacher, its weight chosen on validation (0 allowed)
-    teacher_prior: bool = TeacherConfig.prior
+    teacher_prior: bool = DEFAULT_PRIOR
     # local Hugging Face model directory encoding the item text ("" = the bundled MiniLM)
     text_model: str = ""
     # federation
@@ -193,6 +192,8 @@ class SimulationConfig:
             )
         if not (math.isfinite(self.adapt_lr) and self.adapt_lr > 0):
             raise ConfigError(f"adapt-lr must be a positive number, got {self.adapt_lr}")
+        from shared.compression.prune import publish_prune  # here: it imports torch
+
         publish_prune(self.prune_sparsity)  # before pretraining, not when the first model ships
         if self.ray_address and not re.fullmatch(
             r"auto|(ray://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", self.ray_address

@@ -163,6 +163,17 @@ def test_simulation_refuses_settings_that_used_to_fail_after_pretraining(
         assert from_flat(SimulationConfig, {"ray-address": address}).ray_address == address
 
 
+def test_the_simulation_config_imports_without_torch() -> None:
+    """Its defaults come from torch-free modules (epochs, ensemble, item_prior) and its torch
+    checks import lazily: the teacher-prior default once pulled torch in at import."""
+    import subprocess
+    import sys
+
+    code = "import sys, simulation.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_simulation_teacher_prior_reaches_the_teacher():
     from simulation.config import SimulationConfig
     from simulation.pretrain import configs_for

@@ -40,6 +40,7 @@ from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS, Order, Reading
 from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS, IdInit, cooccurrence_factors
+from shared.models.item_prior import DEFAULT_PRIOR, PRIOR_MAX_ITEMS, PRIOR_WEIGHTS
 from shared.models.sequence import (
     IGNORE_TARGET,
     MASKED_LOGIT,
@@ -66,11 +67,6 @@ from shared.training.trainer import (
 )
 
 log = logging.getLogger(__name__)
-
-PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
-"""The item-item prior's weights that validation chooses from (see :class:`TeacherConfig`)."""
-PRIOR_MAX_ITEMS = 10_000
-"""Largest catalog that gets the item-item prior: its table is ``n x n`` floats (400 MB here)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +167,7 @@ class TeacherConfig:
     id_init: IdInit = DEFAULT_ID_INIT
     order: Order = DEFAULT_ORDER
     members: int = DEFAULT_MEMBERS
-    prior: bool = False
+    prior: bool = DEFAULT_PRIOR
     prior_weights: tuple[float, ...] = PRIOR_WEIGHTS
     prior_l2: float = 250.0
     loss: Literal["full", "sampled"] = "full"
