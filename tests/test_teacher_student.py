@@ -344,7 +344,7 @@ def test_the_item_item_prior_adds_standardised_ease_scores_of_the_window() -> No
     config = TeacherConfig(dim=16, n_layers=1, n_heads=1, max_len=8, prior=True)
     teacher = SASRecTeacher(text_features(), config)
     net = teacher.build(N_ITEMS)
-    assert net.prior is not None and not net.prior_active
+    assert net.prior is not None and not net.prior.active
     net.prior.fit(seqs, config.prior_l2)
     member = net.first
     histories = [np.array([4, 5, 6]), np.array([9])]

@@ -442,32 +442,27 @@ class SASRecEnsemble(nn.Module):
         """The first member's item representation (its frozen text features are shared)."""
         return self.first.items
 
-    @property
-    def prior_active(self) -> bool:
-        return self.prior is not None and self.prior.active
-
     def _combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
         if len(logits) == 1:
             return logits[0]
         return torch.stack([F.log_softmax(x, dim=-1) for x in logits]).mean(0)
 
-    def members_only(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The members' next-item scores after the last position, without the prior."""
-        return self._combine([m(items, mask) for m in self.models])
+    def _active_prior(self) -> ItemItemPrior | None:
+        return self.prior if self.prior is not None and self.prior.active else None
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-item scores after the last position, ``[B, n_items]``."""
-        scores = self.members_only(items, mask)
-        if self.prior is None or not self.prior.active:
-            return scores
-        return F.log_softmax(scores, dim=-1) + self.prior(items, mask)
+        scores = self._combine([m(items, mask) for m in self.models])
+        prior = self._active_prior()
+        return scores if prior is None else F.log_softmax(scores, -1) + prior(items, mask)
 
     def all_logits(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-item scores at every position, ``[B, L, n_items]`` (for distillation)."""
         scores = self._combine([m.all_logits(items, mask) for m in self.models])
-        if self.prior is None or not self.prior.active:
+        prior = self._active_prior()
+        if prior is None:
             return scores
-        return F.log_softmax(scores, dim=-1) + self.prior.all_logits(items, mask)
+        return F.log_softmax(scores, -1) + prior.all_logits(items, mask)
 
     def item_table(self) -> torch.Tensor:
         """``[n_items, d * members]``: ``T T^T`` is the mean of the members' ``T_m T_m^T``."""
