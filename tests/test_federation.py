@@ -817,7 +817,14 @@ def test_ray_simulation_secagg_on_an_existing_cluster() -> None:
                 pytest.fail(f"ray head did not start (exit code {head.poll()})")
             time.sleep(0.5)
         task = ToyLinearTask()
-        config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+        # Wait for all 5 nodes, as above: a round started with 2 registered failed SecAgg+
+        # (threshold 3) in one CI run
+        config: RunConfig = {
+            "num-rounds": 1,
+            "secagg": True,
+            "eval-fraction": 0.0,
+            "min-available-clients": 5,
+        }
         reports: list[RoundReport] = []
         run_simulation(
             make_server_app(config, on_round_end=reports.append),
