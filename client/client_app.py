@@ -56,6 +56,7 @@ from shared.federated.task import (
     Arrays,
     ArraysKind,
     ClientStateful,
+    EvalOutcome,
     FederatedTask,
     FitOutcome,
     FitStatus,
@@ -285,6 +286,27 @@ def handle_train(
     return Message(content, reply_to=msg)
 
 
+def encode_eval_outcome(outcome: EvalOutcome) -> EvaluateRes:
+    """The ``EvaluateRes`` of a task's :class:`EvalOutcome`: a decline is a reply with no
+    examples and the status in its metrics, as for fit. Raises :class:`DataError` for a
+    loss that is not finite."""
+    if outcome.status is FitStatus.DECLINED:
+        return EvaluateRes(
+            status=Status(code=Code.OK, message="Success"),
+            loss=0.0,
+            num_examples=0,
+            metrics={METRIC_STATUS: FitStatus.DECLINED.value, METRIC_REASON: outcome.reason},
+        )
+    if not math.isfinite(outcome.loss):
+        raise DataError(f"evaluation loss is not finite ({outcome.loss})")
+    return EvaluateRes(
+        status=Status(code=Code.OK, message="Success"),
+        loss=float(outcome.loss),
+        num_examples=outcome.num_examples,
+        metrics=_checked_metrics(outcome.metrics),
+    )
+
+
 def handle_evaluate(
     msg: Message, context: Context, run_config: Mapping[str, RunConfigValue] | None = None
 ) -> Message:
@@ -301,15 +323,7 @@ def handle_evaluate(
             client_id, parameters, {**ins.config, CONFIG_RUN_ID: context.run_id}
         )
         _save_state(task, client_id, context)
-        if not math.isfinite(outcome.loss):
-            raise DataError(f"evaluation loss is not finite ({outcome.loss})")
-        res = EvaluateRes(
-            status=Status(code=Code.OK, message="Success"),
-            loss=float(outcome.loss),
-            num_examples=outcome.num_examples,
-            metrics=_checked_metrics(outcome.metrics),
-        )
-        content = evaluateres_to_recorddict(res)
+        content = evaluateres_to_recorddict(encode_eval_outcome(outcome))
     except Exception as exc:
         return _error_reply(msg, exc, "evaluate")
     return Message(content, reply_to=msg)

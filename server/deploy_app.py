@@ -44,6 +44,7 @@ def round_record(report: RoundReport, num_rounds: int) -> dict[str, Any]:
         "secure_aggregation": fit.secure_aggregation,
         "updated": fit.updated,
         "eval_clients": evaluation.ok if evaluation is not None else 0,
+        "eval_declined": evaluation.declined if evaluation is not None else 0,
         "eval_loss": evaluation.loss if evaluation is not None else None,
         "eval_metrics": dict(evaluation.metrics) if evaluation is not None else {},
         "epsilon_record_mean": float(client_eps) if client_eps is not None else None,

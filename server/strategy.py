@@ -140,6 +140,8 @@ class EvalRoundStats:
     server_round: int
     sampled: int
     ok: int = 0
+    #: replied without evaluating (owner keeps metrics private, too few local events)
+    declined: int = 0
     failed: int = 0
     loss: float | None = None
     num_examples: int = 0
@@ -225,7 +227,7 @@ def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[s
     return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
 
 
-def _status_of(res: FitRes) -> str:
+def _status_of(res: FitRes | EvaluateRes) -> str:
     return str(res.metrics.get(METRIC_STATUS, FitStatus.OK.value))
 
 
@@ -680,8 +682,10 @@ class ValidatingFedAvg(FedAvg):
         failures: list[EvalFailure],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Weighted loss/metric means over clients that returned a finite loss."""
-        good = [(p, r) for p, r in results if r.num_examples > 0 and math.isfinite(float(r.loss))]
-        bad = len(results) - len(good)
+        answered = [(p, r) for p, r in results if _status_of(r) != FitStatus.DECLINED.value]
+        declined = len(results) - len(answered)
+        good = [(p, r) for p, r in answered if r.num_examples > 0 and math.isfinite(float(r.loss))]
+        bad = len(answered) - len(good)
         total = sum(r.num_examples for _, r in good)
         loss = sum(r.num_examples * float(r.loss) for _, r in good) / total if total else None
         sampled = self._eval_sampled.get(server_round, len(results) + len(failures))
@@ -690,16 +694,20 @@ class ValidatingFedAvg(FedAvg):
             server_round=server_round,
             sampled=sampled,
             ok=len(good),
+            declined=declined,
             failed=failed + bad,
             loss=loss,
             num_examples=total,
-            metrics=_weighted_means([(r.num_examples, r.metrics) for _, r in good]),
+            metrics=_weighted_means(
+                [(r.num_examples, _public_metrics(r.metrics)) for _, r in good]
+            ),
             failures=reasons,
         )
         self.eval_stats[server_round] = stats
         metrics: dict[str, Scalar] = {
             "clients-sampled": stats.sampled,
             "clients-ok": stats.ok,
+            "clients-declined": stats.declined,
             "clients-failed": stats.failed,
             **stats.metrics,
         }

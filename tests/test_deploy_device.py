@@ -216,8 +216,10 @@ def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(
         daemon.add_events(_events(10))
     private = _device_task(device, bundle, share_evaluation=False)
     params = private.initial_parameters()  # type: ignore[attr-defined]
-    with pytest.raises(DataError, match="does not share evaluation metrics"):
-        private.evaluate(0, params, {"server-round": 4})  # type: ignore[attr-defined]
+    kept_private = private.evaluate(0, params, {"server-round": 4})  # type: ignore[attr-defined]
+    assert kept_private.status is FitStatus.DECLINED  # a choice, not a failure
+    assert "does not share evaluation metrics" in kept_private.reason
+    assert (kept_private.num_examples, dict(kept_private.metrics)) == (0, {})
     assert FederatedFiles(device).global_version() == 4  # the evaluated model is still kept
     # a server cannot switch it on: the device's node config decides
     server_says = deployment_run_config(
@@ -227,6 +229,23 @@ def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(
     assert server_says["fedrec-share-evaluation"] is False
     shared = _device_task(device, bundle, share_evaluation=True)
     assert shared.evaluate(0, params, {"server-round": 5}).num_examples == 1  # type: ignore[attr-defined]
+
+
+def test_a_young_device_sits_rounds_out_instead_of_failing(device: Path, bundle: Path) -> None:
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(1))
+    task: Any = _device_task(device, bundle)
+    params = task.initial_parameters()
+    fit = task.fit(0, params, {"server-round": 2})
+    assert fit.status is FitStatus.DECLINED and "1 event(s)" in fit.reason
+    evaluation = task.evaluate(0, params, {"server-round": 2})
+    assert evaluation.status is FitStatus.DECLINED and "1 event(s)" in evaluation.reason
+    assert FederatedFiles(device).rounds_joined() == 0
+    with Daemon.open(device) as daemon:
+        daemon.add_events(_events(10, seed=1))
+    assert task.fit(0, params, {"server-round": 3}).status is FitStatus.OK
+    assert FederatedFiles(device).rounds_joined() == 1
 
 
 def test_the_device_owner_sets_a_privacy_floor_the_server_cannot_lower(
@@ -245,15 +264,6 @@ def test_the_device_owner_sets_a_privacy_floor_the_server_cannot_lower(
         task.fit(0, params, {"server-round": 1, "dp": False})
     assert not (device / "privacy" / "ledger.json").exists()
     assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
-
-
-def test_device_task_refuses_a_device_without_enough_events(device: Path, bundle: Path) -> None:
-    with Daemon.open(device) as daemon:
-        DeviceLearner(daemon, bundle).prepare()
-        daemon.add_events(_events(1))
-    task = _device_task(device, bundle)
-    with pytest.raises(Exception, match="interactions"):
-        task.fit(0, task.initial_parameters(), {"server-round": 1})  # type: ignore[attr-defined]
 
 
 def test_learner_serves_new_global_models_and_adapts_on_new_events(

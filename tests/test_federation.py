@@ -597,6 +597,22 @@ def test_declined_client_is_neutral(secagg: bool) -> None:
     )
 
 
+def test_a_client_that_declines_evaluation_is_counted_apart_from_failures() -> None:
+    reports = _run(
+        {"num-rounds": 1, "toy-decline-clients": "0", "toy-empty-clients": "1"}, num_nodes=5
+    )
+    evaluation = reports[0].evaluate
+    assert evaluation is not None
+    assert (evaluation.ok, evaluation.declined, evaluation.failed) == (3, 1, 1)
+    task = ToyLinearTask()
+    served = reports[0].parameters
+    outcomes = [task.evaluate(c, served, {}) for c in (2, 3, 4)]
+    expected = sum(o.loss * o.num_examples for o in outcomes) / sum(
+        o.num_examples for o in outcomes
+    )
+    assert evaluation.loss == pytest.approx(expected, rel=1e-5)  # the decline weighs nothing
+
+
 def test_a_secagg_round_where_every_client_declines_keeps_the_model_quietly(
     recwarn: pytest.WarningsRecorder,
 ) -> None:

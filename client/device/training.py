@@ -248,7 +248,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
     """Task-registry factory: the student task over the device named by ``state-dir``."""
     from client.client_app import NODE_REQUIRE_DP, NODE_SHARE_EVALUATION
     from shared.federated.student_task import ClientState, StudentTask
-    from shared.federated.task import CONFIG_RUN_ID, EvalOutcome
+    from shared.federated.task import CONFIG_RUN_ID, EvalOutcome, FitOutcome
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
     class DeviceClientState(ClientState):
@@ -314,6 +314,11 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 )
             with self.files.lock():
                 self._keep_global(max(server_round - 1, 0), parameters, config)
+                events = len(self.local_sequence(client_id))
+                if events < 2:  # a young device, not a broken one: it sits this round out
+                    return FitOutcome.declined(
+                        f"this device has {events} event(s); training needs >= 2"
+                    )
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
                     self.files.add_round_joined(server_round)
@@ -326,7 +331,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             with self.files.lock():
                 self._keep_global(_round_of(config), parameters, config)
             if not share_evaluation:  # the model is kept: the device still serves it
-                raise DataError(
+                return EvalOutcome.declined(
                     "this device does not share evaluation metrics (they are computed from "
                     "its user's own events and would leave it in the clear); its owner can "
                     "allow it with `fedrec client start --share-evaluation`"
@@ -344,7 +349,9 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
 
             history = self.local_sequence(0)
             if len(history) < 2:
-                raise DataError(f"this device has {len(history)} event(s); evaluation needs >= 2")
+                return EvalOutcome.declined(
+                    f"this device has {len(history)} event(s); evaluation needs >= 2"
+                )
             context, target = history[:-1], int(history[-1])
             with self._lock:
                 torch.set_num_threads(self.config.num_threads)

@@ -124,11 +124,29 @@ class FitOutcome:
 
 @dataclass(frozen=True)
 class EvalOutcome:
-    """Result of evaluating the global model on one client's local data."""
+    """Result of evaluating the global model on one client's local data.
+
+    A client that does not evaluate by choice or for want of data (its owner keeps
+    metrics private, too few events for a held-out one) returns :meth:`declined`: the
+    server counts it apart from failures, which are reserved for something broken.
+    """
 
     loss: float
     num_examples: int
     metrics: Mapping[str, MetricValue] = field(default_factory=dict)
+    status: FitStatus = FitStatus.OK
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status is FitStatus.ERROR:
+            raise ValueError("EvalOutcome has no error status: raise instead")
+        if self.status is FitStatus.DECLINED and not self.reason:
+            raise ValueError("EvalOutcome.declined needs a reason")
+
+    @classmethod
+    def declined(cls, reason: str) -> EvalOutcome:
+        """The client does not evaluate this round (not an error)."""
+        return cls(0.0, 0, status=FitStatus.DECLINED, reason=reason)
 
 
 @runtime_checkable
@@ -391,7 +409,10 @@ class ToyLinearTask:
     def evaluate(
         self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
     ) -> EvalOutcome:
-        """Mean squared error on the client's held-out examples."""
+        """Mean squared error on the client's held-out examples (an opted-out client,
+        ``decline_clients``, declines evaluation too)."""
+        if client_id in self.config.decline_clients:
+            return EvalOutcome.declined(f"client {client_id} opted out of evaluation")
         data = self.client_data(client_id)
         if len(data.y_eval) == 0:
             raise DataError(f"client {client_id} has no local evaluation examples")
