@@ -283,6 +283,45 @@ class ClientRecord:
 
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+# The JSON types of a ClientRecord's fields (None allowed where the field is optional).
+_RECORD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), False),
+    "public_key": ((str,), False),
+    "fingerprint": ((str,), False),
+    "added": ((int, float), False),
+    "node_id": ((int,), True),
+    "revoked": ((int, float), True),
+    "applied": ((bool,), False),
+}
+_REQUIRED = ("name", "public_key", "fingerprint", "added")
+
+
+def _registry_problem(raw: object) -> str | None:
+    """What makes a parsed ``clients.json`` unusable, in the file's own terms (or None)."""
+    if not isinstance(raw, dict):
+        return f"the top level is a JSON {type(raw).__name__}, not an object"
+    clients = raw.get("clients", [])
+    if not isinstance(clients, list):
+        return '"clients" is not a list'
+    for i, record in enumerate(clients):
+        where = f"entry {i} of \"clients\""
+        if not isinstance(record, dict):
+            return f"{where} is not an object"
+        unknown = sorted(set(record) - set(_RECORD_TYPES))
+        if unknown:
+            return f"{where} has unknown field(s) {', '.join(unknown)}"
+        missing = [k for k in _REQUIRED if k not in record]
+        if missing:
+            return f"{where} lacks {', '.join(missing)}"
+        for key, value in record.items():
+            types, optional = _RECORD_TYPES[key]
+            if value is None and optional:
+                continue
+            is_bool = isinstance(value, bool)
+            if not isinstance(value, types) or (is_bool and bool not in types):
+                return f"{where} has {key} = {json.dumps(value)}, of the wrong type"
+    return None
+
 
 @dataclass
 class ClientRegistry:
@@ -312,13 +351,12 @@ class ClientRegistry:
             return cls(path)
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"the client registry {path} is unreadable: {exc}") from exc
-        try:
-            clients = [ClientRecord(**c) for c in raw.get("clients", [])]
-        except (TypeError, AttributeError) as exc:  # not a JSON object, or a bad record
+        problem = _registry_problem(raw)
+        if problem is not None:
             raise DataError(
-                f"the client registry {path} is malformed ({exc}); restore it from a backup"
-            ) from exc
-        return cls(path, clients)
+                f"the client registry {path} is malformed: {problem}; restore it from a backup"
+            )
+        return cls(path, [ClientRecord(**c) for c in raw.get("clients", [])])
 
     def save(self) -> None:
         write_json_atomic(

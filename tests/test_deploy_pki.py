@@ -197,6 +197,52 @@ def test_registry_add_revoke_find(tmp_path: Path) -> None:
         loaded.find("nobody")
 
 
+_GOOD_RECORD = {"name": "phone", "public_key": "k", "fingerprint": "f", "added": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ([], "the top level is a JSON list, not an object"),
+        ({"clients": {}}, '"clients" is not a list'),
+        ({"clients": [_GOOD_RECORD, "phone"]}, 'entry 1 of "clients" is not an object'),
+        (
+            {"clients": [{**_GOOD_RECORD, "colour": 1}]},
+            'entry 0 of "clients" has unknown field(s) colour',
+        ),
+        (
+            {"clients": [{"name": "phone", "added": 1.0}]},
+            'entry 0 of "clients" lacks public_key, fingerprint',
+        ),
+        (
+            {"clients": [{**_GOOD_RECORD, "node_id": "7"}]},
+            'entry 0 of "clients" has node_id = "7", of the wrong type',
+        ),
+        (
+            {"clients": [{**_GOOD_RECORD, "added": True}]},
+            'entry 0 of "clients" has added = true, of the wrong type',
+        ),
+        (
+            {"clients": [{**_GOOD_RECORD, "applied": 1}]},
+            'entry 0 of "clients" has applied = 1, of the wrong type',
+        ),
+    ],
+)
+def test_a_malformed_registry_is_described_in_the_files_terms(
+    tmp_path: Path, raw: object, problem: str
+) -> None:
+    path = tmp_path / "clients.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError) as err:
+        ClientRegistry.load(path)
+    assert str(err.value) == (
+        f"the client registry {path} is malformed: {problem}; restore it from a backup"
+    )
+    path.write_text(json.dumps({"clients": [{**_GOOD_RECORD, "node_id": None, "revoked": 2}]}))
+    (record,) = ClientRegistry.load(path).clients
+    assert (record.name, record.node_id, record.revoked) == ("phone", None, 2)
+
+
 def test_a_key_revoked_after_the_superlink_had_it_cannot_be_registered_again(
     tmp_path: Path,
 ) -> None:
