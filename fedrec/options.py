@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import click
 import typer
+
+from shared.config import kebab
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class NonEmptyPath(click.ParamType):
@@ -81,3 +89,57 @@ def explicit_options(ctx: typer.Context, names: dict[str, str]) -> dict[str, obj
         if source not in (None, click.core.ParameterSource.DEFAULT):
             out[key] = ctx.params[param]
     return out
+
+
+def with_config_flags(
+    config_cls: type, topics: Mapping[str, Mapping[str, str]], *, skip: Collection[str]
+) -> Callable[[F], F]:
+    """Give a command one flag per field of the dataclass ``config_cls`` that it does not
+    declare itself (``skip``), named like the field's run-config key and listed under its
+    topic in ``--help``. The command takes them as ``**settings``; :func:`explicit_options`
+    with :func:`config_flag_names` returns the ones the user typed."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        extra: list[inspect.Parameter] = []
+        for topic, fields in topics.items():
+            for name, text in fields.items():
+                if name in skip:
+                    continue
+                default = defaults[name]
+                extra.append(
+                    inspect.Parameter(
+                        name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=list(default) if isinstance(default, tuple) else default,
+                        annotation=_flag_annotation(name, hints[name], text, topic),
+                    )
+                )
+        func.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return func
+
+    return decorate
+
+
+def config_flag_names(
+    topics: Mapping[str, Mapping[str, str]], *, skip: Collection[str]
+) -> dict[str, str]:
+    """``{parameter name: run-config key}`` of the flags :func:`with_config_flags` adds."""
+    return {name: kebab(name) for fields in topics.values() for name in fields if name not in skip}
+
+
+def _flag_annotation(name: str, hint: Any, text: str, topic: str) -> Any:
+    flag = "--" + kebab(name)
+    if hint is bool:
+        return Annotated[
+            bool, typer.Option(f"{flag}/--no-{flag[2:]}", help=text, rich_help_panel=topic)
+        ]
+    if typing.get_origin(hint) is tuple:  # a repeated flag: --shots 1 --shots 3
+        (item, _) = typing.get_args(hint)
+        return Annotated[list[item], typer.Option(flag, help=text, rich_help_panel=topic)]  # type: ignore[valid-type]
+    if hint not in (int, float, str):
+        raise TypeError(f"no flag type for {name}: {hint!r}")
+    return Annotated[hint, typer.Option(flag, help=text, rich_help_panel=topic)]

@@ -304,7 +304,7 @@ def _registry_problem(raw: object) -> str | None:
     if not isinstance(clients, list):
         return '"clients" is not a list'
     for i, record in enumerate(clients):
-        where = f"entry {i} of \"clients\""
+        where = f'entry {i} of "clients"'
         if not isinstance(record, dict):
             return f"{where} is not an object"
         unknown = sorted(set(record) - set(_RECORD_TYPES))

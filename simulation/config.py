@@ -1,8 +1,9 @@
 """The simulation's one typed config: every knob, its default, and its validation.
 
-Keys are reachable as ``--run-config "key=value"`` (kebab-case) and the common ones as CLI
-flags. The defaults are the quick preset: the embedded synthetic world, finishing in a few
-minutes on 2 CPUs.
+Every key is a ``fedrec simulate`` flag (``--adapt-lr``; help by topic in
+:mod:`simulation.config_help`) and a ``--run-config "key=value"`` entry (kebab-case). The
+defaults are the quick preset: the embedded synthetic world, finishing in a few minutes on
+2 CPUs.
 """
 
 from __future__ import annotations

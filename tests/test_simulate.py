@@ -139,6 +139,54 @@ def test_simulate_refuses_more_gpu_per_client_than_the_machine_has(tmp_path: Pat
     assert not any(tmp_path.iterdir())
 
 
+def test_every_setting_is_a_flag_listed_under_its_topic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    import simulation.pipeline
+    from simulation.config import SimulationConfig
+    from simulation.config_help import SETTINGS_HELP
+
+    fields = [f.name for f in dataclasses.fields(SimulationConfig)]
+    documented = [name for topic in SETTINGS_HELP.values() for name in topic]
+    assert sorted(documented) == sorted(fields)  # each setting once, none missing
+    shown = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "250"}).output
+    for name in fields:
+        assert f"--{name.replace('_', '-')} " in shown, name
+    assert "User-level DP (server noise)" in shown
+
+    seen: list[SimulationConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(config: SimulationConfig, progress: Any = None) -> dict[str, Any]:
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(simulation.pipeline, "run_pipeline", capture)
+    args = ["simulate", "--run-dir", str(tmp_path), "--adapt-lr", "0.01", "--shots", "1"]
+    args += ["--shots", "5", "--no-exclude-seen", "--teacher-prior", "--server-optimizer", "adam"]
+    args += ["--run-config", "adapt-lr=0.5 batch-size=32 exclude-seen=true"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, Stop), result.output
+    (config,) = seen
+    expected = dataclasses.replace(
+        SimulationConfig(run_dir=str(tmp_path)),
+        adapt_lr=0.01,  # the flag wins over --run-config
+        shots=(1, 5),
+        exclude_seen=False,
+        teacher_prior=True,
+        server_optimizer="adam",
+        batch_size=32,  # from --run-config
+    )
+    assert config == expected
+    refused = CliRunner().invoke(app, ["simulate", "--run-dir", str(tmp_path), "--adapt-lr", "-1"])
+    assert "adapt-lr must be a positive number, got -1.0" in str(refused.exception)
+    assert len(seen) == 1
+
+
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--rounds", "0", "--run-dir", str(tmp_path)])
     assert result.exit_code != 0

@@ -23,10 +23,13 @@ from fedrec.options import (
     DatasetOpt,
     RunConfigOpt,
     SeedOpt,
+    config_flag_names,
     explicit_options,
+    with_config_flags,
 )
 from shared.config import from_flat, parse_run_config
 from simulation.config import SimulationConfig
+from simulation.config_help import SETTINGS_HELP
 
 if TYPE_CHECKING:
     from simulation.pipeline import RunInterrupted
@@ -47,7 +50,11 @@ FLAGS = {
     "name": "name",
 }
 
+SETTING_FLAGS = config_flag_names(SETTINGS_HELP, skip=FLAGS)
+"""The flags of every other :class:`SimulationConfig` setting."""
 
+
+@with_config_flags(SimulationConfig, SETTINGS_HELP, skip=FLAGS)
 def simulate(
     ctx: typer.Context,
     dataset: DatasetOpt = "synthetic",
@@ -81,10 +88,15 @@ def simulate(
     name: Annotated[str, typer.Option(help="Run directory name (default: dataset-time).")] = "",
     run_config: RunConfigOpt = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    **settings: Any,
 ) -> None:
-    """Pretrain, distil, federate (SecAgg+ and DP-SGD), evaluate and report, locally."""
+    """Pretrain, distil, federate (SecAgg+ and DP-SGD), evaluate and report, locally.
+
+    Every setting is a flag named like its --run-config key; a flag given on the command
+    line wins over --run-config."""
     values: dict[str, Any] = dict(parse_run_config(run_config))
     values.update(explicit_options(ctx, FLAGS))
+    values.update(explicit_options(ctx, SETTING_FLAGS))
     values.setdefault("seed", seed)
     if "data-dir" in values:
         values["data-dir"] = str(values["data-dir"] or "")

@@ -1,0 +1,87 @@
+"""One line of help per :class:`~simulation.config.SimulationConfig` setting, by topic.
+
+``fedrec simulate --help`` lists every setting under these topics, each as a flag named
+like its run-config key (``--adapt-lr`` is ``adapt-lr``); a test keeps this table and the
+config's fields the same.
+"""
+
+from __future__ import annotations
+
+SETTINGS_HELP: dict[str, dict[str, str]] = {
+    "Data and split": {
+        "dataset": "Dataset name (see --dataset).",
+        "data_dir": "Local copy of the dataset (see --data-dir).",
+        "seed": "Seed of every split and sampler.",
+        "synthetic_users": "Users of the synthetic world.",
+        "synthetic_items": "Items of the synthetic world.",
+        "cold_user_fraction": "Share of users held out for few-shot evaluation (0 = none).",
+        "public_fraction": "Share of the other users whose data the server may pretrain on.",
+    },
+    "Pretraining (server side, cached)": {
+        "teacher_epochs": "Teacher epoch cap (early stopping on public validation).",
+        "student_epochs": "Distillation epoch cap (early stopping on public validation).",
+        "teacher_id_init": "Teacher item-table start: cooccurrence or random.",
+        "teacher_order": "Teacher reads histories as sequence, set, or auto (validation picks).",
+        "teacher_members": "Independently seeded teachers averaged into one.",
+        "teacher_prior": "Add EASE's item-item scores to the teacher, weighted on validation.",
+        "text_model": "Local Hugging Face encoder directory ('' = the bundled MiniLM).",
+    },
+    "Federation": {
+        "rounds": "Federated rounds.",
+        "cohort_size": "Clients sampled per round.",
+        "eval_size": "Clients sampled for federated evaluation per round (0 = none).",
+        "secagg": "Secure aggregation (SecAgg+).",
+        "secagg_num_shares": "SecAgg+ shares per client (its neighbours).",
+        "secagg_reconstruction_threshold": "SecAgg+ shares needed to unmask a dropout.",
+        "secagg_clipping_range": "SecAgg+ quantization clips each update value to this range.",
+        "secagg_timeout": "Seconds a SecAgg+ stage waits for the clients.",
+        "server_optimizer": "The server's optimiser: avg (FedAvg) or adam (FedAdam).",
+        "server_lr": "The server optimiser's learning rate.",
+        "server_beta1": "FedAdam's first-moment decay.",
+        "server_beta2": "FedAdam's second-moment decay.",
+        "server_tau": "FedAdam's adaptivity (epsilon) term.",
+    },
+    "Client training and record-level DP": {
+        "dp": "Record-level DP-SGD (Opacus) on clients.",
+        "noise_multiplier": "DP-SGD noise multiplier.",
+        "max_grad_norm": "DP-SGD per-example gradient clip (L2).",
+        "epsilon_budget": "A client's record-level epsilon budget; past it, it declines.",
+        "delta": "Record-level delta.",
+        "noise_shares": "> 1: each client adds 1/m of the DP noise to the SecAgg+ sum.",
+        "local_epochs": "Local epochs per round.",
+        "batch_size": "Local (expected Poisson) batch size.",
+        "lr": "Local learning rate.",
+        "personal_steps": "Adam steps refitting a device's personal adapter.",
+        "personal_lr": "Learning rate of the personal adapter.",
+        "exclude_seen": "Leave the window's own items out of the next-item softmax.",
+        "meta_learning": "Reptile: learn the personal adapter's start federatedly.",
+    },
+    "User-level DP (server noise)": {
+        "user_dp": "User-level DP-FedAvg: clients clip updates, the server adds noise.",
+        "user_dp_noise_multiplier": "Noise multiplier of the server's Gaussian noise.",
+        "user_dp_clip": "L2 bound of each client's whole update.",
+        "user_dp_delta": "User-level delta (0 = 1 / number of clients).",
+        "user_dp_epsilon_budget": "User-level epsilon the run stops before exceeding (0 = none).",
+    },
+    "Few-shot": {
+        "shots": "Support sizes K of the cold-start evaluation (repeat the flag).",
+        "adapt_steps": "Local steps adapting to a new user's K interactions (0 = none).",
+        "adapt_lr": "Learning rate of those steps.",
+    },
+    "Runtime": {
+        "backend": "ray (Flower's simulation engine) or inprocess (threads).",
+        "num_cpus_per_client": "CPUs Ray reserves per virtual client.",
+        "num_gpus_per_client": "GPU share per virtual client (e.g. 0.1 shares one GPU).",
+        "ray_address": "Attach to a running Ray cluster (HOST:PORT, ray://HOST:PORT, auto).",
+        "device": "Where clients train: auto, cpu, cuda or cuda:N.",
+    },
+    "Output": {
+        "run_dir": "Parent folder of run directories.",
+        "name": "Run directory name (default: dataset-time).",
+        "cache_dir": "Pretraining and text cache ('' = $FEDREC_CACHE_DIR or ~/.cache/fedrec).",
+        "publish_each_round": "Publish an int8 ONNX model after every round, not only the last.",
+        "prune_sparsity": "Magnitude-prune every published model to this sparsity (0 = none).",
+        "checkpoint_keep": "Newest checkpoints kept in the run directory.",
+        "progress": "Live progress display on stderr.",
+    },
+}
