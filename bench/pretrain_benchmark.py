@@ -24,7 +24,7 @@ from shared.compression.artifact import publish_student
 from shared.compression.prune import publish_prune
 from shared.compression.quantize import top_k_agreement
 from shared.errors import ConfigError
-from shared.eval.compare import compare_ranks
+from shared.eval.compare import compare_pairs
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE, TextOnly
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
@@ -131,12 +131,9 @@ def main() -> None:
     if "teacher (attention only)" in ranks:
         pairs.append(("teacher", "teacher (attention only)"))
         pairs.append(("teacher (attention only)", "ease (public users)"))
-    comparisons = {
-        f"{a} - {b}": {
-            pop: {m: d.as_dict() for m, d in compare_ranks(ranks[a][pop], ranks[b][pop]).items()}
-            for pop in pops
-        }
-        for a, b in pairs
+    by_pop = compare_pairs({pop: {n: r[pop] for n, r in ranks.items()} for pop in pops}, pairs)
+    comparisons = {  # keyed pair first, then population, as in the committed results
+        f"{a} - {b}": {pop: rows[f"{a} - {b}"] for pop, rows in by_pop.items()} for a, b in pairs
     }
     student_model = pre.student.model
     out: dict[str, Any] = {

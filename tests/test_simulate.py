@@ -431,7 +431,12 @@ def test_sigterm_stops_a_ray_run_like_ctrl_c(tmp_path: Path) -> None:
     try:
         _wait_for_a_round(proc, metrics)
         proc.send_signal(signal.SIGTERM)  # the command alone, as kill does
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"still running 60 s after SIGTERM:\n{err[-4000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
