@@ -102,6 +102,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     try:
         defaults = to_flat(SimulationConfig())
         run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults)
+        progress("run", {"dir": str(run.root)})
         return _run_stages(config, run, started, progress)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):

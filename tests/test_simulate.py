@@ -4,6 +4,7 @@ runs, the run directory holds what the README promises, and a rerun resumes."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +377,8 @@ def test_the_interrupt_handler_silences_the_engine_and_stops_the_run(
 
     engine = [logging.getLogger(name) for name in ("flwr", "ray")]
     levels = [logger.level for logger in engine]
-    monkeypatch.setattr(simulate, "_terminated", False)
+    stopping = simulate._Stopping()
+    monkeypatch.setattr(simulate, "_stopping", stopping)
     try:
         for logger in engine:
             logger.setLevel(logging.INFO)
@@ -392,9 +394,49 @@ def test_the_interrupt_handler_silences_the_engine_and_stops_the_run(
     finally:  # setLevel, not the attribute: it also clears the loggers' cached answers
         for logger, level in zip(engine, levels, strict=True):
             logger.setLevel(level)
+        if stopping.watchdog is not None:
+            stopping.watchdog.cancel()  # it would end this test process
     assert silenced == ["flwr", "flwr.simulation", "ray", "ray.actor"]
     assert heard  # only the engine's loggers
-    assert simulate._terminated is (signame == "SIGTERM")  # exit status 143, else 130
+    assert stopping.terminated is (signame == "SIGTERM")  # exit status 143, else 130
+    assert stopping.watchdog is not None
+
+
+@pytest.mark.parametrize("finished_a_round", [True, False])
+def test_a_run_that_outlives_its_interrupt_is_left_by_the_watchdog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, finished_a_round: bool
+) -> None:
+    """If the interrupt gets lost in the engine's code, the command still leaves, with the
+    same resume hint, a bounded time after the signal."""
+    import signal
+    import threading
+
+    from fedrec.commands import simulate
+
+    stopping = simulate._Stopping()
+    stopping.root = tmp_path / "run"
+    (stopping.root / "checkpoints").mkdir(parents=True)
+    if finished_a_round:
+        (stopping.root / "checkpoints" / "round-00000001.npz").write_bytes(b"")
+    left = threading.Event()
+    said: list[Any] = []
+
+    def leave(stop: Any) -> None:
+        said.append(stop)
+        left.set()
+
+    monkeypatch.setattr(simulate, "_stopping", stopping)
+    monkeypatch.setattr(simulate, "STOP_WATCHDOG_S", 0.2)
+    monkeypatch.setattr(simulate, "_exit_interrupted", leave)
+    with pytest.raises(KeyboardInterrupt):
+        simulate._interrupt(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):  # a second signal starts no second watchdog
+        simulate._interrupt(signal.SIGINT, None)
+    assert left.wait(10.0)
+    time.sleep(0.4)
+    (stop,) = said
+    assert (stop.root, stop.resumable) == (stopping.root, finished_a_round)
+    assert stopping.terminated
 
 
 def _assert_group_ends(group: int) -> None:

@@ -127,6 +127,9 @@ def simulate(
                     f"eps {_fmt(info.get('epsilon_record'))}"
                 )
                 bar.update(task, description="round", completed=info["round"], info=text)
+            elif stage == "run":
+                _stopping.root = Path(info["dir"])
+                bar.update(task, description="run", info=info["dir"])
             elif stage == "resume":
                 text = f"from the checkpoint of round {info['round']}"
                 bar.update(task, description="resume", completed=info["round"], info=text)
@@ -152,19 +155,47 @@ def simulate(
     _print_summary(summary)
 
 
-_terminated = False
-"""Set when SIGTERM (``kill``, ``timeout``, ``docker stop``) stopped the run."""
+STOP_WATCHDOG_S = 20.0
+"""After a Ctrl-C or SIGTERM, the run leaves by itself within this many seconds even if the
+interrupt got lost in the engine's code (it once outlived a SIGTERM on a loaded machine)."""
+
+
+class _Stopping:
+    """What an interrupt needs to know and has done (one run per process)."""
+
+    def __init__(self) -> None:
+        self.root: Path | None = None  # the run directory, once the pipeline has claimed it
+        self.terminated = False  # SIGTERM (``kill``, ``timeout``, ``docker stop``), not Ctrl-C
+        self.exiting = threading.Lock()  # held by whoever says goodbye: it is said once
+        self.watchdog: threading.Timer | None = None
+
+
+_stopping = _Stopping()
 
 
 def _interrupt(signum: int, frame: object) -> None:
     """Ctrl-C and SIGTERM stop a run the same way: checkpoints kept, a resume hint, Ray shut
     down (SIGTERM otherwise aborted with Ray's C++ stack dump and no hint)."""
-    global _terminated
-    _terminated = _terminated or signum == signal.SIGTERM
+    _stopping.terminated = _stopping.terminated or signum == signal.SIGTERM
     from simulation.pipeline import quiet_engine_logs  # imported by the run already
 
     quiet_engine_logs()  # at once: the engine's threads see their actors die meanwhile
+    if _stopping.watchdog is None:
+        _stopping.watchdog = threading.Timer(STOP_WATCHDOG_S, _leave_anyway)
+        _stopping.watchdog.daemon = True
+        _stopping.watchdog.start()
     raise KeyboardInterrupt
+
+
+def _leave_anyway() -> None:
+    """The interrupt did not end the run in time: leave as the interrupt would have."""
+    from simulation.pipeline import RunInterrupted
+
+    root = _stopping.root
+    resumable = root is not None and (
+        any((root / "checkpoints").glob("round-*")) or (root / "clients").exists()
+    )
+    _exit_interrupted(RunInterrupted(root or Path("."), resumable=resumable))
 
 
 def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
@@ -175,6 +206,8 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
     stopped, and the interpreter would wait for them for ever at a normal exit. Nothing is
     lost by not waiting: every checkpoint and ledger is written atomically when it is
     written, so the run resumes from its last finished round as after a crash."""
+    if not _stopping.exiting.acquire(blocking=False):  # the other path is already leaving
+        threading.Event().wait()  # until its os._exit
     if stop.resumable:
         message = (
             f"interrupted: {stop.root} keeps what the run did (the checkpoint of every "
@@ -185,7 +218,7 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
     else:
         message = "interrupted before the first round finished; nothing to resume"
     typer.secho(message, fg="yellow", err=True)
-    status = 143 if _terminated else 130
+    status = 143 if _stopping.terminated else 130
     ray = sys.modules.get("ray")  # imported only if the run got as far as starting Ray
     with contextlib.suppress(Exception):  # Ray's processes would otherwise outlive us
         if ray is not None and ray.is_initialized():
