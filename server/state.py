@@ -1,7 +1,9 @@
 """The server's state directory: one folder an operator backs up, mounts into a container, or
 points ``fedrec server status`` at.
 
-``fedrec server init --state-dir DIR`` creates::
+``fedrec server init --state-dir DIR`` creates the marker, the certificates, the registry
+and the empty folders; ``fedrec server start`` adds the SuperLink's database, the progress
+file, the generated app and the task's state::
 
     DIR/server.toml          marker: layout version, host names of the certificate
     DIR/certs/               ca.pem (give to devices), ca.key, server.pem, server.key (0600)
@@ -13,6 +15,7 @@ points ``fedrec server status`` at.
     DIR/flwr-home/           FLWR_HOME of the SuperLink and of the `flwr` calls
     DIR/app/                 the Flower app `fedrec server start` submits (generated)
     DIR/logs/                superlink.log
+    DIR/task-state/          the student task's server-side state
     DIR/running.json         while `fedrec server start` runs: pids, address, run id
 
 Everything is written atomically (:mod:`shared.io`), so a crash leaves the old or the new
