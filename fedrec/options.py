@@ -18,8 +18,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class NonEmptyPath(click.ParamType):
-    """A path option that refuses ``""``: ``Path("")`` is the current directory, so an empty
-    variable in a script would silently write a state directory, or read a dataset, there."""
+    """A folder option that refuses ``""`` (``Path("")`` is the current directory, so an empty
+    variable in a script would silently write a state directory, or read a dataset, there)
+    and an existing file (every later error would name a path inside it)."""
 
     name = "path"
 
@@ -31,7 +32,10 @@ class NonEmptyPath(click.ParamType):
         text = str(value)
         if not text.strip():
             self.fail("must not be empty (give a folder; '.' for the current one)", param, ctx)
-        return Path(text)
+        path = Path(text)
+        if path.exists() and not path.is_dir():
+            self.fail(f"{text} is a file, not a folder", param, ctx)
+        return path
 
 
 NON_EMPTY_PATH = NonEmptyPath()

@@ -27,8 +27,9 @@ def kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def parse_run_config(text: str) -> dict[str, Scalar]:
-    """Parse ``"a=1 b=0.5 c='x' d=true"`` (TOML values; bare words are strings).
+def parse_run_config(text: str, *, flag: str = "--run-config") -> dict[str, Scalar]:
+    """Parse ``"a=1 b=0.5 c='x' d=true"`` (TOML values; bare words are strings); errors
+    name ``flag``, the option the text came from.
 
     >>> parse_run_config("rounds=3 dataset=ml-100k dp=true")
     {'rounds': 3, 'dataset': 'ml-100k', 'dp': True}
@@ -43,11 +44,11 @@ def parse_run_config(text: str) -> dict[str, Scalar]:
         ) from None
     for token in tokens:
         if "=" not in token:
-            raise ConfigError(f"--run-config entry {token!r} is not of the form key=value")
+            raise ConfigError(f"{flag} entry {token!r} is not of the form key=value")
         key, raw = token.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"--run-config entry {token!r} has an empty key")
+            raise ConfigError(f"{flag} entry {token!r} has an empty key")
         if key in out:
             raise ConfigError(f"{key!r} is given twice in {text!r}; give each key once")
         out[key] = _parse_value(raw)

@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from fedrec.cli import app
+from shared.errors import ConfigError
 
 runner = CliRunner()
 
@@ -194,6 +196,77 @@ def test_client_start_passes_the_refit_flags_to_the_learner(
     ]
 
 
+def test_client_start_refuses_one_port_for_the_api_and_the_supernode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.device.identity import init_identity
+    from server.pki import create_pki
+
+    state = tmp_path / "d"
+    init_identity(state)
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(b"x")
+    args = ["client", "start", "--state-dir", str(state), "--server", "127.0.0.1:1"]
+    args += ["--root-cert", str(create_pki(tmp_path / "certs").ca_cert), "--bundle", str(bundle)]
+    assert _main(monkeypatch, *args, "--port", "18783", "--supernode-port", "18783") == 2
+    err = capsys.readouterr().err
+    assert "--supernode-port 18783 is also the local API's port (--port)" in err
+    assert not (state / "api.json").exists()  # refused before anything started
+    assert _main(monkeypatch, *args, "--config", "max-batch") == 2
+    assert "--config entry 'max-batch' is not of the form key=value" in capsys.readouterr().err
+
+
+def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert _main(monkeypatch, "client", "init", "--state-dir", str(afile)) == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    for output, message in (
+        ("", "--output '.' is not a file name"),
+        (str(tmp_path), f"--output '{tmp_path}' is not a file name"),
+        (str(afile / "x.json"), f"{afile} is not an existing folder"),
+    ):
+        assert _main(monkeypatch, "client", "openapi", "-o", output) == 2
+        assert message in capsys.readouterr().err
+    written = runner.invoke(app, ["client", "openapi", "-o", str(tmp_path / "api.json")])
+    assert written.exit_code == 0, written.output
+    assert json.loads((tmp_path / "api.json").read_text())["openapi"]
+
+
+def test_the_api_names_why_it_cannot_listen(tmp_path: Path) -> None:
+    import socket
+
+    from client.device.daemon import DaemonConfig
+    from client.device.identity import init_identity
+
+    init_identity(tmp_path / "d")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        assert "another program holds it; pick another port" in _bind_error(
+            tmp_path / "d", DaemonConfig(port=taken)
+        )
+        remote = DaemonConfig(host="192.0.2.1", allow_remote=True)  # not this machine's
+        assert "give an address of this machine with --host" in _bind_error(tmp_path / "d", remote)
+    finally:
+        holder.close()
+
+
+def _bind_error(state: Path, config: Any) -> str:
+    from client.device.daemon import Daemon
+
+    with Daemon.open(state, config=config) as daemon:
+        try:
+            daemon.bind_socket().close()
+        except ConfigError as exc:
+            return str(exc)
+    raise AssertionError(f"bound {config.host}:{config.port}")
+
+
 def _main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
     """Run the console entry point as a user would; returns its exit code."""
     from fedrec.cli import main
@@ -248,7 +321,7 @@ def test_a_user_error_exits_2_with_one_line(
     code = _main(monkeypatch, "simulate", "--run-config", "epsilon-budget=0")
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip() == "error: privacy budget epsilon must be a positive number, got 0.0"
+    assert err.strip() == "error: privacy budget epsilon must be a finite number > 0, got 0.0"
 
 
 @pytest.mark.parametrize(

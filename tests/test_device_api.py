@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from client.device.api import ApiConfig, create_app, openapi_schema
-from client.device.daemon import Daemon, DaemonConfig, ProcessSpec
+from client.device.daemon import Daemon, DaemonConfig, NoModelError, ProcessSpec
 from client.device.exploration import PENDING_PREFIX, STATE_KEY, BanditReranker
 from client.device.identity import DeviceIdentity, init_identity
 from client.device.sealed import Catalog
@@ -729,6 +730,53 @@ def test_history_covering_the_catalog_gives_an_empty_list(device: Device) -> Non
         assert device.client.post("/events", json=batch).status_code == 200
     r = device.client.get("/recommendations?k=10")
     assert r.status_code == 200 and r.json()["items"] == []
+
+
+def test_a_damaged_or_missing_catalog_keeps_the_api_up_and_names_the_repair(
+    device: Device, int8_model: bytes
+) -> None:
+    state = device.daemon.layout.state_dir
+    device.daemon.shutdown()
+    catalog_file = device.daemon.layout.catalog
+    catalog_file.write_text("garbage")
+    damaged = Daemon.open(state, config=DaemonConfig(exploration=GREEDY))
+    try:
+        assert damaged.catalog is None and damaged.model is None
+        assert "install-model --model MODEL.onnx --catalog" in str(damaged.model_error)
+        with pytest.raises(NoModelError, match="cannot read the catalog"):
+            damaged.recommend(3)
+        damaged.install_model(int8_model, CATALOG)  # the repair the message names
+        assert damaged.model_error is None and len(damaged.recommend(3).items) == 3
+    finally:
+        damaged.shutdown()
+    catalog_file.unlink()
+    missing = Daemon.open(state, config=DaemonConfig(exploration=GREEDY))
+    try:
+        assert missing.model_info is not None  # a model is there, its catalog is not
+        assert f"{catalog_file} is missing" in str(missing.model_error)
+        with pytest.raises(NoModelError, match="is missing"):
+            missing.recommend(3)
+    finally:
+        missing.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"privacy_epsilon": math.inf}, "privacy-epsilon must be a finite number > 0, got inf"),
+        ({"privacy_delta": 1.0}, "privacy-delta must be in (0, 1), got 1.0"),
+        ({"shutdown_grace_s": math.nan}, "shutdown-grace-s must be in [0, 3600] seconds"),
+        ({"shutdown_grace_s": math.inf}, "shutdown-grace-s must be in [0, 3600] seconds"),
+        ({"monitor_interval_s": math.nan}, "monitor-interval-s must be in (0, 3600] seconds"),
+        ({"monitor_interval_s": 0.0}, "monitor-interval-s must be in (0, 3600] seconds"),
+    ],
+)
+def test_config_refuses_waits_and_budgets_that_are_not_finite(
+    setting: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        DaemonConfig(**setting)
+    assert message in str(err.value)
 
 
 def test_config_refuses_non_loopback_hosts() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -374,6 +375,20 @@ def test_cli_init_creates_0600_files_and_refuses_to_overwrite(tmp_path: Path) ->
     assert layout.private_key.read_bytes() == before
     forced = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
     assert forced.exit_code == 0 and layout.private_key.read_bytes() != before
+
+
+def test_init_refuses_a_store_whose_identity_is_gone(tmp_path: Path) -> None:
+    state = tmp_path / "device"
+    assert runner.invoke(client_app, ["init", "--state-dir", str(state)]).exit_code == 0
+    layout = DeviceLayout(state)
+    layout.store_db.write_bytes(b"events sealed with the lost key")
+    shutil.rmtree(layout.identity_dir)
+    again = runner.invoke(client_app, ["init", "--state-dir", str(state)])
+    assert isinstance(again.exception, IdentityError)
+    assert "holds a local store (store.db) but no identity" in str(again.exception)
+    assert layout.store_db.read_bytes() == b"events sealed with the lost key"
+    forced = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
+    assert forced.exit_code == 0 and not layout.store_db.exists()
 
 
 def test_cli_init_with_passphrase_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,7 +197,7 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--run-config", "epsilon-budget=0"], "epsilon must be a positive number"),
+        (["--run-config", "epsilon-budget=0"], "epsilon must be a finite number > 0"),
         (["--run-config", "user-dp=true user-dp-clip=0"], "'user-dp-clip' must be > 0"),
         (["--run-config", "secagg-reconstruction-threshold=10"], "must be < secagg-num-shares"),
         (["--name", "../elsewhere"], "inside run-dir) becomes a file"),

@@ -89,7 +89,7 @@ class ApiConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ConfigError(
-                f"max_batch must be >= 1 and max_body_bytes >= 1024, got {self.max_batch}, "
+                f"max-batch must be >= 1 and max-body-bytes >= 1024, got {self.max_batch}, "
                 f"{self.max_body_bytes}"
             )
 

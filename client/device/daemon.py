@@ -40,8 +40,10 @@ released.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -136,6 +138,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+MAX_WAIT_S = 3600.0
+"""The longest shutdown grace or monitor interval a daemon accepts (an hour)."""
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """How the daemon runs. Kebab-case keys work with :func:`shared.config.from_flat`.
@@ -187,8 +193,9 @@ class DaemonConfig:
         if not self.allow_remote and not _is_loopback(self.host):
             raise ConfigError(
                 f"host {self.host!r} is not a loopback address; the local API serves this "
-                f"user's data, so it binds to 127.0.0.1 by default. Set allow-remote=true only "
-                f"if it must be reachable from the network (and put TLS in front of it)"
+                f"user's data, so it binds to 127.0.0.1 by default. Add --config "
+                f"allow-remote=true only if it must be reachable from the network (and put TLS "
+                f"in front of it)"
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port}")
@@ -209,13 +216,23 @@ class DaemonConfig:
                 f"({self.candidate_pool}): the policy re-ranks the daemon's candidates; raise "
                 f"candidate-pool or lower bandit-top-n"
             )
-        if not self.privacy_epsilon > 0 or not 0 < self.privacy_delta < 1:
+        if not (self.privacy_epsilon > 0 and math.isfinite(self.privacy_epsilon)):
             raise ConfigError(
-                f"privacy budget needs epsilon > 0 and 0 < delta < 1, got "
-                f"{self.privacy_epsilon}, {self.privacy_delta}"
+                f"privacy-epsilon must be a finite number > 0, got {self.privacy_epsilon}"
             )
-        if self.shutdown_grace_s < 0 or self.monitor_interval_s <= 0:
-            raise ConfigError("shutdown-grace-s must be >= 0 and monitor-interval-s > 0")
+        if not 0 < self.privacy_delta < 1:
+            raise ConfigError(f"privacy-delta must be in (0, 1), got {self.privacy_delta}")
+        # NaN passes a plain comparison: a NaN wait returns at once (a busy loop)
+        if not 0 <= self.shutdown_grace_s <= MAX_WAIT_S:
+            raise ConfigError(
+                f"shutdown-grace-s must be in [0, {MAX_WAIT_S:g}] seconds, "
+                f"got {self.shutdown_grace_s}"
+            )
+        if not 0 < self.monitor_interval_s <= MAX_WAIT_S:
+            raise ConfigError(
+                f"monitor-interval-s must be in (0, {MAX_WAIT_S:g}] seconds, "
+                f"got {self.monitor_interval_s}"
+            )
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if self.log_level not in levels:
             raise ConfigError(
@@ -581,8 +598,17 @@ class Daemon:
         """Load the catalog and current model; a bad model is logged and reported, not fatal
         (the API must stay up so the user can still erase data or get a new model)."""
         self._finish_catalog_change()
+        reinstall = (
+            "install the model again with its catalog (`fedrec client install-model --model "
+            "MODEL.onnx --catalog catalog.json`)"
+        )
         if self.layout.catalog.exists():
-            self.catalog = Catalog.load(self.layout.catalog)
+            try:
+                self.catalog = Catalog.load(self.layout.catalog)
+            except DataError as exc:  # the API stays up: erase and reinstall still work
+                self.model_error = f"{exc}; {reinstall}"
+                logger.error("the installed catalog is unusable: %s", exc)
+                return
         try:
             loaded = self.models.load(catalog=self.catalog, runtime=self.runtime)
         except ModelFileError as exc:
@@ -591,6 +617,9 @@ class Daemon:
             return
         if loaded is not None:
             self.model_info, self.model = loaded
+            if self.catalog is None:
+                self.model_error = f"{self.layout.catalog} is missing; {reinstall}"
+                logger.error("the installed model has no catalog: %s", self.layout.catalog)
 
     # -- installing ---------------------------------------------------------------------------
 
@@ -1057,9 +1086,12 @@ class Daemon:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                advice = "another program holds it; pick another port with --port"
+            else:
+                advice = "give an address of this machine with --host"
             raise ConfigError(
-                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another daemon may be "
-                f"running — pick another port with --port"
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); {advice}"
             ) from exc
         sock.set_inheritable(True)
         return sock

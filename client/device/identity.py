@@ -422,6 +422,12 @@ _INIT_ADVICE = (
 
 def _existing_or_refuse(layout: DeviceLayout, force: bool) -> list[Path]:
     existing = existing_identity_files(layout)
+    if not existing and not force and layout.store_db.exists():
+        raise IdentityError(
+            f"{layout.state_dir} holds a local store ({layout.store_db.name}) but no identity: "
+            f"the data key that opens it is gone. Restore {layout.identity_dir} from a backup, "
+            f"or pass --force to erase the store and start over (the privacy ledger is kept)"
+        )
     if existing and not force:
         names = ", ".join(p.name for p in existing)
         raise IdentityError(

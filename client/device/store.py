@@ -310,7 +310,8 @@ class DeviceStore:
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             raise DataError(
-                f"{path} is not a fedrec device store ({exc}); move it away or erase the device"
+                f"{path} is not a fedrec device store ({exc}); move it away (the daemon then "
+                f"starts an empty one) or restore it from a backup"
             ) from exc
         if str(mode).lower() != "wal":
             raise DataError(
@@ -351,8 +352,10 @@ class DeviceStore:
             if not hmac.compare_digest(str(row[0]), check):
                 raise WrongDataKeyError(
                     f"the data key does not open the local store {path} (it was created with "
-                    f"another key): check the passphrase / key file in the identity directory, "
-                    f"or erase the device to start over with this key"
+                    f"another key): check the passphrase / key file in the identity directory "
+                    f"(restore it from a backup), or start over with `fedrec client init "
+                    f"--force --state-dir {path.parent}` (erases the store; keeps the privacy "
+                    f"ledger)"
                 )
             conn.execute("COMMIT")
         except BaseException:

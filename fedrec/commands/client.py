@@ -57,7 +57,7 @@ PortOpt = Annotated[
 def _daemon_config(config: str, host: str | None, port: int | None) -> DaemonConfig:
     from client.device.daemon import DaemonConfig
 
-    values: dict[str, object] = dict(parse_run_config(config))
+    values: dict[str, object] = dict(parse_run_config(config, flag="--config"))
     if host is not None:
         values["host"] = host
     if port is not None:
@@ -189,6 +189,11 @@ def _run_daemon(
     from client.device.daemon import Daemon
 
     cfg = _daemon_config(config, host, port)
+    if federation is not None and federation.runtime_port == cfg.port:
+        raise ConfigError(
+            f"--supernode-port {cfg.port} is also the local API's port (--port); the SuperNode "
+            "and the API each need their own: give them different ports"
+        )
     daemon = Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env), config=cfg)
     if federation is not None:
         from client.device.supernode import supernode_spec
@@ -402,5 +407,11 @@ def openapi(
     if output is None:
         sys.stdout.write(text)
     else:
+        if not str(output).strip() or output.is_dir():
+            raise ConfigError(
+                f"--output {str(output)!r} is not a file name; give one such as openapi.json"
+            )
+        if not output.parent.is_dir():
+            raise ConfigError(f"--output {output}: {output.parent} is not an existing folder")
         write_bytes_atomic(output, text.encode())
         typer.echo(f"wrote {output}", err=True)

@@ -28,7 +28,7 @@ class PrivacyBudget:
     def __post_init__(self) -> None:
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ConfigError(
-                f"privacy budget epsilon must be a positive number, got {self.epsilon}"
+                f"privacy budget epsilon must be a finite number > 0, got {self.epsilon}"
             )
         if not 0 < self.delta < 1:
             raise ConfigError(f"privacy budget delta must be in (0, 1), got {self.delta}")
