@@ -990,6 +990,25 @@ def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path:
     assert daemon.processes[0].exit_codes == [3, 3, 3]  # first run + 2 restarts
 
 
+@pytest.mark.parametrize(
+    ("line", "meaning"),
+    [
+        ("ERROR : [code: 2004] Failed to activate SuperNode.", "register-client"),
+        ("ssl: CERTIFICATE_VERIFY_FAILED", "--root-cert"),
+        ("OSError: [Errno 98] error while attempting to bind: address already in use", "port"),
+        ("RuntimeError: SuperNode Runtime HTTP API failed to start.", "--supernode-port"),
+        ("ERROR : something Flower says plainly", None),
+    ],
+)
+def test_supernode_errors_are_explained_for_the_devices_owner(
+    line: str, meaning: str | None
+) -> None:
+    from client.device.supernode import explain_supernode_error
+
+    said = explain_supernode_error(line)
+    assert (said is None) if meaning is None else (said is not None and meaning in said)
+
+
 def test_a_managed_process_that_exits_says_why_in_the_log_and_in_status(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -170,4 +170,9 @@ def explain_supernode_error(line: str) -> str | None:
         )
     if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
         return "the server's certificate does not verify against --root-cert"
+    if "address already in use" in line.lower() or "Runtime HTTP API failed to start" in line:
+        return (
+            "another program holds the SuperNode's port: start the device with another "
+            "--supernode-port"
+        )
     return None
