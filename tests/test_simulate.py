@@ -254,8 +254,14 @@ def test_a_run_that_fails_on_bad_data_leaves_no_run_directory(tmp_path: Path) ->
 def test_an_unusable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    result = CliRunner().invoke(app, ["simulate", "--run-dir", str(not_a_folder)])
-    assert result.exit_code != 0
+    result = CliRunner().invoke(
+        app, ["simulate", "--run-dir", str(not_a_folder)], env={"COLUMNS": "250"}
+    )
+    assert result.exit_code == 2  # refused with the flag's usage, before any work
+    assert "Invalid value for '--run-dir'" in result.output
+    assert f"{not_a_folder} is a file, not a folder" in result.output
+    # the same folder through --run-config, which no flag type checks
+    result = CliRunner().invoke(app, ["simulate", "--run-config", f"run-dir='{not_a_folder}'"])
     assert isinstance(result.exception, ConfigError)
     assert "cannot create the run directory" in str(result.exception)
     assert "--run-dir" in str(result.exception)
