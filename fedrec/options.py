@@ -65,12 +65,21 @@ SeedOpt = Annotated[
     typer.Option("--seed", help="Seed of every split and sampler.", min=0, max=2**63 - 1),
 ]
 RunConfigOpt = Annotated[
-    str,
+    list[str] | None,
     typer.Option(
         "--run-config",
-        help="Overrides as 'key=value key2=value2' (kebab-case keys, TOML values).",
+        help="Overrides as 'key=value key2=value2' (kebab-case keys, TOML values); may be "
+        "repeated (a key given twice is refused).",
     ),
 ]
+
+
+def joined(texts: list[str] | None) -> str:
+    """The entries of a repeatable ``key=value ...`` option as one text (its parser refuses
+    a key given twice, also across repetitions: the last would win silently)."""
+    return " ".join(texts or [])
+
+
 OutputOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")
 ]

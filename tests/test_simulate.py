@@ -183,9 +183,17 @@ def test_every_setting_is_a_flag_listed_under_its_topic(
         batch_size=32,  # from --run-config
     )
     assert config == expected
+    seen.clear()  # --run-config may be repeated: the entries add up, a repeated key is refused
+    args = ["simulate", "--run-dir", str(tmp_path), "--run-config", "batch-size=32"]
+    result = CliRunner().invoke(app, [*args, "--run-config", "lr=0.5 exclude-seen=false"])
+    assert isinstance(result.exception, Stop), result.output
+    assert (seen[0].batch_size, seen[0].lr, seen[0].exclude_seen) == (32, 0.5, False)
+    twice = CliRunner().invoke(app, [*args, "--run-config", "batch-size=64"])
+    assert "'batch-size' is given twice" in str(twice.exception)
+    assert len(seen) == 1
     refused = CliRunner().invoke(app, ["simulate", "--run-dir", str(tmp_path), "--adapt-lr", "-1"])
     assert "adapt-lr must be a positive number, got -1.0" in str(refused.exception)
-    assert len(seen) == 1
+    assert len(seen) == 1  # refused before the pipeline
 
 
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
-from fedrec.options import NON_EMPTY_PATH
+from fedrec.options import NON_EMPTY_PATH, joined
 from shared.bandits.harness import (
     COVERAGE_TARGET,
     REGRET_TARGET,
@@ -95,10 +95,11 @@ FeaturesOpt = Annotated[
     str, typer.Option("--features", help="Item features: mf (from interactions) or text (LM).")
 ]
 RunConfigOpt = Annotated[
-    str,
+    list[str] | None,
     typer.Option(
         "--run-config",
-        help="BanditConfig overrides, e.g. 'alpha=0.5 mmr-lambda=0.8 top-n=50 slate-size=10'.",
+        help="BanditConfig overrides, e.g. 'alpha=0.5 mmr-lambda=0.8 top-n=50 slate-size=10'; "
+        "may be repeated.",
     ),
 ]
 TagOpt = Annotated[str, typer.Option("--tag", help="Suffix of the output file names.")]
@@ -118,7 +119,7 @@ def evaluate(
     base_model: Annotated[
         str, typer.Option("--base-model", help="synthetic: ease, itemknn or text.")
     ] = "ease",
-    run_config: RunConfigOpt = "",
+    run_config: RunConfigOpt = None,
     tag: TagOpt = "",
     plots: PlotsOpt = True,
     fmt: FormatOpt = "table",
@@ -590,8 +591,8 @@ def _check_common(world: str, fmt: str, output_dir: Path, users: int | None) -> 
     check_output_dir(output_dir)
 
 
-def _bandit_config(run_config: str) -> BanditConfig:
-    values = parse_run_config(run_config)
+def _bandit_config(run_config: list[str] | None) -> BanditConfig:
+    values = parse_run_config(joined(run_config))
     if "policy" in values:
         raise ConfigError(
             "--run-config policy does not apply here: the evaluation compares every policy "

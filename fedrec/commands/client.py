@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedrec.options import NON_EMPTY_PATH
+from fedrec.options import NON_EMPTY_PATH, joined
 from shared.config import parse_run_config
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
@@ -40,12 +40,12 @@ PassphraseEnvOpt = Annotated[
     ),
 ]
 ConfigOpt = Annotated[
-    str,
+    list[str] | None,
     typer.Option(
         "--config",
         help="Daemon settings as 'key=value ...' (kebab-case keys of DaemonConfig, e.g. "
         "'max-batch=500 candidate-pool=200'; the exploration policy as bandit-<key>, e.g. "
-        "'bandit-policy=thompson bandit-mmr-lambda=0.6').",
+        "'bandit-policy=thompson bandit-mmr-lambda=0.6'); may be repeated.",
     ),
 ]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")]
@@ -54,10 +54,10 @@ PortOpt = Annotated[
 ]
 
 
-def _daemon_config(config: str, host: str | None, port: int | None) -> DaemonConfig:
+def _daemon_config(config: list[str] | None, host: str | None, port: int | None) -> DaemonConfig:
     from client.device.daemon import DaemonConfig
 
-    values: dict[str, object] = dict(parse_run_config(config, flag="--config"))
+    values: dict[str, object] = dict(parse_run_config(joined(config), flag="--config"))
     if host is not None:
         values["host"] = host
     if port is not None:
@@ -180,7 +180,7 @@ def rotate_key(state_dir: StateDirOpt) -> None:
 def _run_daemon(
     state_dir: Path,
     passphrase_env: str | None,
-    config: str,
+    config: list[str] | None,
     host: str | None,
     port: int | None,
     federation: SuperNodeOptions | None = None,
@@ -309,7 +309,7 @@ def start(
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
-    config: ConfigOpt = "",
+    config: ConfigOpt = None,
 ) -> None:
     """Run the device daemon: the local API plus a Flower SuperNode (TLS, device key) whose
     ClientApp trains on this device's store; new global models and new events refresh the
@@ -359,7 +359,7 @@ def serve_api(
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
-    config: ConfigOpt = "",
+    config: ConfigOpt = None,
 ) -> None:
     """Serve only the local HTTP API (no federated processes). One daemon per state directory
     (STATE_DIR/daemon.lock): a second one on the same directory is refused."""
@@ -396,7 +396,7 @@ def openapi(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the schema here (else stdout).")
     ] = None,
-    config: ConfigOpt = "",
+    config: ConfigOpt = None,
 ) -> None:
     """Write the local API's OpenAPI schema (JSON)."""
     from client.device.api import ApiConfig, openapi_json

@@ -19,6 +19,7 @@ from fedrec.options import (
     RunConfigOpt,
     SeedOpt,
     explicit_options,
+    joined,
 )
 from shared.config import from_flat, parse_run_config
 from shared.data.registry import load_dataset
@@ -62,14 +63,14 @@ def baselines(
     ] = "ease",
     output: OutputOpt = None,
     fmt: FormatOpt = "table",
-    run_config: RunConfigOpt = "",
+    run_config: RunConfigOpt = None,
 ) -> None:
     """Pop, ItemKNN, EASE and text-only, side by side on one seeded split."""
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if export is None and explicit_options(ctx, {"export_model": "export-model"}):
         raise ConfigError("--export-model chooses what --export writes; give --export FILE too")
-    values: dict[str, Any] = dict(parse_run_config(run_config))
+    values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
     values.update(
         explicit_options(
             ctx,

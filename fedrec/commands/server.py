@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, RunConfigOpt, explicit_options
+from fedrec.options import NON_EMPTY_PATH, RunConfigOpt, explicit_options, joined
 from shared.config import parse_run_config
 
 app = typer.Typer(
@@ -165,7 +165,7 @@ def start(
         str, typer.Option("--host", help="Address the SuperLink listens on.")
     ] = "0.0.0.0",
     port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port.")] = 9093,
-    run_config: RunConfigOpt = "",
+    run_config: RunConfigOpt = None,
     max_restarts: Annotated[
         int, typer.Option("--max-restarts", help="Restarts of a SuperLink that dies.")
     ] = 3,
@@ -179,7 +179,7 @@ def start(
     from server.superlink import ServerRunner, SuperLinkOptions, deployment_run_config
 
     layout = ServerLayout(state_dir).require()
-    overrides: dict[str, Any] = dict(parse_run_config(run_config))
+    overrides: dict[str, Any] = dict(parse_run_config(joined(run_config)))
     flags = {"rounds": "num-rounds", "min_clients": "min-available-clients"}
     overrides.update(explicit_options(ctx, flags))  # a flag typed wins over --run-config
     overrides.setdefault("num-rounds", rounds)

@@ -25,6 +25,7 @@ from fedrec.options import (
     SeedOpt,
     config_flag_names,
     explicit_options,
+    joined,
     with_config_flags,
 )
 from shared.config import from_flat, parse_run_config
@@ -86,7 +87,7 @@ def simulate(
         Path, typer.Option(click_type=NON_EMPTY_PATH, help="Parent folder of run directories.")
     ] = Path("runs"),
     name: Annotated[str, typer.Option(help="Run directory name (default: dataset-time).")] = "",
-    run_config: RunConfigOpt = "",
+    run_config: RunConfigOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     **settings: Any,
 ) -> None:
@@ -94,7 +95,7 @@ def simulate(
 
     Every setting is a flag named like its --run-config key; a flag given on the command
     line wins over --run-config."""
-    values: dict[str, Any] = dict(parse_run_config(run_config))
+    values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
     values.update(explicit_options(ctx, FLAGS))
     values.update(explicit_options(ctx, SETTING_FLAGS))
     values.setdefault("seed", seed)
