@@ -225,6 +225,12 @@ def load_public_key(text: str, *, source: str) -> tuple[str, str]:
 
     line = text.lstrip("\ufeff").strip()  # a byte-order mark from a Windows editor
     keys = [k for k in line.splitlines() if k.strip() and not k.lstrip().startswith("#")]
+    if line.startswith("-----BEGIN") and "PRIVATE KEY" not in line:
+        raise BadPublicKeyError(
+            f"{source} is a PEM block, not an OpenSSH public key; register the device's "
+            "identity/client.pub (one line starting with 'ecdsa-sha2-nistp', as `fedrec client "
+            "init` printed it)"
+        )
     if len(keys) > 1 and "PRIVATE KEY" not in line:
         raise BadPublicKeyError(
             f"{source} holds {len(keys)} keys; register each device's identity/client.pub "
@@ -370,8 +376,10 @@ class ClientRegistry:
         return [c for c in self.clients if c.revoked is None]
 
     def find(self, ref: str) -> ClientRecord:
-        """A record by name, fingerprint or node id (active ones first); a reference that
-        names one device and is the node id of another is refused as ambiguous."""
+        """A record by name, fingerprint or node id: an active record wins over revoked ones
+        (a name reused after a revocation means the new device); a reference that matches
+        two different devices of the same kind (active, else revoked), such as the name of
+        one and the node id of another, is refused as ambiguous."""
         ordered = self.active() + [c for c in self.clients if c.revoked is not None]
 
         def matches(c: ClientRecord) -> bool:
@@ -379,6 +387,8 @@ class ClientRegistry:
             return ref in (c.name, c.fingerprint) or by_node
 
         records = [c for c in ordered if matches(c)]
+        active = [c for c in records if c.revoked is None]
+        records = active or records  # a name reused after a revocation means the active one
         if len({c.fingerprint for c in records}) > 1:  # two different devices
             which = ", ".join(f"{c.name} (node {c.node_id})" for c in records)
             raise ConfigError(f"{ref!r} matches several clients ({which}); use a fingerprint")

@@ -170,7 +170,17 @@ def check_file_name(value: str, what: str) -> str:
         raise ConfigError(
             f"{what} becomes a file or folder name (no '/' or '\\', not '.' or '..'), got {value!r}"
         )
+    if len(value.encode()) > MAX_NAME_BYTES:  # room for what is added around it
+        raise ConfigError(
+            f"{what} becomes part of a file name and may be at most {MAX_NAME_BYTES} bytes, "
+            f"got {len(value.encode())}"
+        )
     return value
+
+
+MAX_NAME_BYTES = 100
+"""The longest value :func:`check_file_name` takes: file systems allow 255 bytes per name,
+and the name gets a prefix, a suffix and a temporary file's extension around it."""
 
 
 def check_output_file(path: str | Path) -> Path:

@@ -662,6 +662,15 @@ def test_cli_refuses_bad_options(tmp_path: Path) -> None:
     assert isinstance(result.exception, ConfigError) and "synthetic" in str(result.exception)
     result = runner.invoke(app, ["evaluate", "--run-config", "nonsense=1", "-o", str(tmp_path)])
     assert isinstance(result.exception, ConfigError) and "nonsense" in str(result.exception)
+    result = runner.invoke(app, ["evaluate", "--run-config", "seed=7", "-o", str(tmp_path)])
+    assert "give the seeds with --seed" in str(result.exception)  # it would be ignored
+    result = runner.invoke(app, ["evaluate", "--seed", "43", "--seed", "43", "-o", str(tmp_path)])
+    assert "--seed values must be distinct" in str(result.exception)  # counted twice
+    result = runner.invoke(app, ["tune", "--seed", "100", "--seed", "100", "-o", str(tmp_path)])
+    assert "--seed values must be distinct" in str(result.exception)
+    result = runner.invoke(app, ["evaluate", "--tag", "b" * 250, "-o", str(tmp_path)])
+    assert "may be at most 100 bytes" in str(result.exception)  # before the run, not after
+    assert list(tmp_path.iterdir()) == []
     assert runner.invoke(app, ["evaluate", "--help"]).exit_code == 0
 
 

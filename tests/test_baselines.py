@@ -71,6 +71,29 @@ def test_bad_hyperparameters_are_refused():
         EASE(l2=0)
     with pytest.raises(ConfigError):
         ItemKNN(neighbors=0)
+    from shared.eval.baseline_benchmark import BaselineConfig
+
+    with pytest.raises(ConfigError, match="ease-l2 must be a finite number > 0"):
+        BaselineConfig(ease_l2=float("inf"))  # it scored every item 0, silently
+    with pytest.raises(ConfigError, match="shots must be distinct"):
+        BaselineConfig(shots=(1, 1, 3))
+
+
+def test_evaluate_cli_takes_snake_case_keys_and_refuses_one_file_for_two_outputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    base = ["evaluate", "baselines", "--no-text", "--no-cold-items"]
+    same = tmp_path / "out"
+    result = CliRunner().invoke(app, [*base, "--export", str(same), "-o", str(same)])
+    assert "--export and --output both name" in str(result.exception)
+    assert not same.exists()
+    result = CliRunner().invoke(app, [*base, "--run-config", "public_fraction=2"])
+    assert "public-fraction" in str(result.exception)  # read as the setting, then checked
+    result = CliRunner().invoke(app, [*base, "--run-config", "nonsense=1"])
+    assert "unknown --run-config keys: nonsense; valid: " in str(result.exception)
+    assert "ease-l2" in str(result.exception)
 
 
 def test_negative_sampling_is_seeded_and_avoids_seen_items():

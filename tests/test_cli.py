@@ -235,6 +235,19 @@ def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
     assert json.loads((tmp_path / "api.json").read_text())["openapi"]
 
 
+def test_flags_are_named_in_their_own_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "s"
+    assert runner.invoke(app, ["server", "init", "--state-dir", str(state)]).exit_code == 0
+    for flag in ("--rounds", "--min-clients"):
+        result = runner.invoke(app, ["server", "start", "--state-dir", str(state), flag, "0"])
+        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output
+    ml = ["data", "info", "--dataset", "ml-100k", "--data-dir", str(tmp_path), "--seed", "3"]
+    assert _main(monkeypatch, *ml) == 2  # a seed that would change nothing
+    assert "--seed seeds the synthetic world" in capsys.readouterr().err
+
+
 def test_the_api_names_why_it_cannot_listen(tmp_path: Path) -> None:
     import socket
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from typer.testing import CliRunner
 
 from client.client_app import deployment_run_config as node_run_config
@@ -295,6 +295,29 @@ def test_registry_names_are_plain_and_node_ids_match_only_known_nodes(tmp_path: 
     registry.add(*load_public_key(keys[2], source="c"), name="5")
     with pytest.raises(ConfigError, match="matches several clients"):
         registry.find("5")
+
+
+def test_a_name_reused_after_a_revocation_means_the_new_device(tmp_path: Path) -> None:
+    registry = ClientRegistry(tmp_path / "clients.json")
+    keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(2)]
+    old = registry.add(*load_public_key(keys[0], source="a"), name="phone-1")
+    old.revoked = 1.0
+    new = registry.add(*load_public_key(keys[1], source="b"), name="phone-1")
+    assert registry.find("phone-1") is new
+    assert registry.find(old.fingerprint) is old  # the old one by its fingerprint
+    new.revoked = 2.0
+    with pytest.raises(ConfigError, match="matches several clients"):
+        registry.find("phone-1")  # both revoked: which one is meant is not known
+
+
+def test_a_pem_public_key_is_named_as_such() -> None:
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(BadPublicKeyError, match="is a PEM block, not an OpenSSH public key"):
+        load_public_key(pem.decode(), source="pem.pub")
 
 
 def test_concurrent_registrations_are_all_kept(tmp_path: Path) -> None:

@@ -131,6 +131,8 @@ def evaluate(
     base = _bandit_config(run_config)
     arms = default_arms(base)
     chosen = list(seeds) if seeds else list(DEFAULT_SEEDS)
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
     stem = f"bandits-{world}" + (f"-{tag}" if tag else "")
     start = time.perf_counter()
     if world == "synthetic":
@@ -171,6 +173,8 @@ def tune(
     """
     _check_common(world, fmt, output_dir, users)
     chosen = list(seeds) if seeds else list(TUNING_SEEDS)
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
     start = time.perf_counter()
     if world == "synthetic":
         report = _tune_synthetic(chosen, users, steps)
@@ -593,6 +597,11 @@ def _check_common(world: str, fmt: str, output_dir: Path, users: int | None) -> 
 
 def _bandit_config(run_config: list[str] | None) -> BanditConfig:
     values = parse_run_config(joined(run_config))
+    if "seed" in values:
+        raise ConfigError(
+            "--run-config seed does not apply here: the evaluation draws each run from its "
+            "world seed; give the seeds with --seed (repeatable)"
+        )
     if "policy" in values:
         raise ConfigError(
             "--run-config policy does not apply here: the evaluation compares every policy "

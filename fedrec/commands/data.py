@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.options import DataDirOpt, DatasetOpt, SeedOpt
+from fedrec.options import DataDirOpt, DatasetOpt, explicit_options
 from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS
 from shared.data.registry import load_dataset_with_report
 from shared.errors import ConfigError
@@ -17,9 +17,15 @@ app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 
 @app.command("info")
 def info(
+    ctx: typer.Context,
     dataset: DatasetOpt = "synthetic",
     data_dir: DataDirOpt = None,
-    seed: SeedOpt = 42,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", min=0, max=2**63 - 1, help="Seed of the synthetic world it generates."
+        ),
+    ] = 42,
     min_user_interactions: Annotated[
         int | None,
         typer.Option(
@@ -35,6 +41,11 @@ def info(
         raise ConfigError(
             "the synthetic world is generated unfiltered: --min-user-interactions does not "
             "apply to it; add --dataset (e.g. ml-100k)"
+        )
+    if dataset != "synthetic" and explicit_options(ctx, {"seed": "seed"}):
+        raise ConfigError(
+            f"--seed seeds the synthetic world; {dataset} is read as it is (its splits are "
+            "seeded by the commands that split it, e.g. `fedrec evaluate baselines --seed`)"
         )
     if min_user_interactions is None:
         min_user_interactions = DEFAULT_MIN_USER_INTERACTIONS

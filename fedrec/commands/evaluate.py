@@ -86,12 +86,21 @@ def baselines(
     split_cfg = from_flat(SplitConfig, _pick(values, SplitConfig))
     eval_cfg = from_flat(EvalConfig, _pick(values, EvalConfig))
     base_cfg = from_flat(BaselineConfig, _pick(values, BaselineConfig))
-    unknown = set(values) - _keys(SplitConfig) - _keys(EvalConfig) - _keys(BaselineConfig)
+    valid = _keys(SplitConfig) | _keys(EvalConfig) | _keys(BaselineConfig)
+    unknown = {k.replace("_", "-") for k in values} - valid
     if unknown:
-        raise ConfigError(f"unknown --run-config keys: {', '.join(sorted(unknown))}")
+        raise ConfigError(
+            f"unknown --run-config keys: {', '.join(sorted(unknown))}; valid: "
+            f"{', '.join(sorted(valid))}"
+        )
 
     if output is not None:
         check_output_file(output)
+        if export is not None and export.resolve() == output.resolve():
+            raise ConfigError(
+                f"--export and --output both name {output}: the JSON report would replace "
+                "the exported recommendations; give them different files"
+            )
     ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
     embed = _text_embedder() if text else None
     report = run_baseline_benchmark(

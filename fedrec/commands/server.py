@@ -152,11 +152,12 @@ def start(
             "devices run with the same file.",
         ),
     ] = None,
-    rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds in total.")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds in total.")] = 3,
     min_clients: Annotated[
         int,
         typer.Option(
             "--min-clients",
+            min=1,
             help="Devices that must be connected to start; at least SecAgg+'s reconstruction "
             "threshold (3 by default).",
         ),

@@ -4,6 +4,7 @@ one protocol split, per population, few-shot K and cold-start items."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -45,10 +46,15 @@ class BaselineConfig:
     cold_items: bool = True
 
     def __post_init__(self) -> None:
-        if not self.ease_l2 > 0 or self.knn_neighbors < 1:
-            raise ConfigError("ease-l2 must be > 0 and knn-neighbors >= 1")
+        if not (self.ease_l2 > 0 and math.isfinite(self.ease_l2)) or self.knn_neighbors < 1:
+            raise ConfigError(
+                f"ease-l2 must be a finite number > 0 and knn-neighbors >= 1, got "
+                f"{self.ease_l2} and {self.knn_neighbors}"
+            )
         if not self.shots or any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive support sizes, got {list(self.shots)}")
+        if len(set(self.shots)) != len(self.shots):
+            raise ConfigError(f"shots must be distinct, got {list(self.shots)}")
 
 
 def make_baseline(name: str, config: BaselineConfig) -> Recommender:
