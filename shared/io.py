@@ -11,16 +11,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+REPORT_MODE = 0o644
+"""``mode`` of the reports a user reads and shares (JSON, markdown, schemas)."""
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` so a crash, even a power loss, leaves either the old or
     the new file: the data is fsynced before the rename, and the folder after it (the rename
     itself is only durable once the folder is; a ledger that reverted after its update had
-    left would under-count privacy). Folders it creates are made durable too."""
+    left would under-count privacy). Folders it creates are made durable too.
+
+    The file is readable by its owner only unless ``mode`` says otherwise (e.g.
+    :data:`REPORT_MODE`): keys, ledgers and checkpoints go through here."""
     path = Path(path)
     _make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -156,9 +164,10 @@ def append_line(path: str | Path, line: str) -> None:
         os.fsync(fh.fileno())
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def write_json_atomic(path: str | Path, obj: Any, *, mode: int | None = None) -> None:
+    """Atomically write ``obj`` as indented JSON (``mode``: see :func:`write_bytes_atomic`)."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    write_bytes_atomic(path, data, mode=mode)
 
 
 def check_file_name(value: str, what: str) -> str:

@@ -43,7 +43,7 @@ from shared.eval.splits import ProtocolSplit, split_users
 from shared.federated.bundle import ClientData, save_bundle
 from shared.federated.local_training import fit_personal
 from shared.federated.student_task import set_global_arrays
-from shared.io import write_bytes_atomic, write_json_atomic
+from shared.io import REPORT_MODE, write_bytes_atomic, write_json_atomic
 from shared.models.base import ScoreArray
 from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
@@ -200,7 +200,7 @@ def _run_stages(
         "total seconds": round(time.perf_counter() - started, 1),
         "run directory": str(run.root),
     }
-    write_json_atomic(run.root / "summary.json", summary)
+    write_json_atomic(run.root / "summary.json", summary, mode=REPORT_MODE)
     report = write_report(summary, run.root)
     run.close()
     progress("done", {"report": str(report)})

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from shared.eval.compare import PairedDifference
-from shared.io import write_bytes_atomic
+from shared.io import REPORT_MODE, write_bytes_atomic
 
 K = 10
 
@@ -41,7 +41,7 @@ def write_report(summary: dict[str, Any], out_dir: str | Path) -> Path:
     }
     md = _markdown(summary, {k: v for k, v in made.items() if v is not None}, out)
     path = out / "report.md"
-    write_bytes_atomic(path, md.encode())
+    write_bytes_atomic(path, md.encode(), mode=REPORT_MODE)
     return path
 
 

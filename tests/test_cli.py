@@ -233,6 +233,7 @@ def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
     written = runner.invoke(app, ["client", "openapi", "-o", str(tmp_path / "api.json")])
     assert written.exit_code == 0, written.output
     assert json.loads((tmp_path / "api.json").read_text())["openapi"]
+    assert (tmp_path / "api.json").stat().st_mode & 0o777 == 0o644  # a report, not a secret
 
 
 def test_flags_are_named_in_their_own_errors(

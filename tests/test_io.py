@@ -133,3 +133,14 @@ def test_a_lock_file_removed_under_a_waiting_locker_is_not_taken(
     assert (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino) and now.st_nlink == 1
     assert lock_holder(path) == str(os.getpid())
     held.close()
+
+
+def test_files_are_private_unless_written_as_reports(tmp_path: Path) -> None:
+    from shared.io import REPORT_MODE, write_json_atomic
+
+    write_json_atomic(tmp_path / "ledger.json", {"epsilon": 1.0})
+    write_json_atomic(tmp_path / "report.json", {"hr": 0.7}, mode=REPORT_MODE)
+    assert stat.S_IMODE((tmp_path / "ledger.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    write_json_atomic(tmp_path / "report.json", {"hr": 0.71}, mode=REPORT_MODE)  # overwrite
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644

@@ -35,7 +35,7 @@ from shared.bandits.harness import (
 from shared.bandits.policies import BanditConfig
 from shared.config import field_names, from_flat, parse_run_config
 from shared.errors import ConfigError
-from shared.io import check_file_name, check_output_dir, write_json_atomic
+from shared.io import REPORT_MODE, check_file_name, check_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,10 @@ def evaluate(
     report["command"] = _command_line("evaluate")
     if not plots:
         _remove_stale_plots(world, output_dir, stem)
-    write_json_atomic(output_dir / f"{stem}.json", report)
+    write_json_atomic(output_dir / f"{stem}.json", report, mode=REPORT_MODE)
     if plots:
         report["plots"] = _write_plots(world, report, output_dir, stem)
-        write_json_atomic(output_dir / f"{stem}.json", report)
+        write_json_atomic(output_dir / f"{stem}.json", report, mode=REPORT_MODE)
     if fmt == "json":
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -182,7 +182,7 @@ def tune(
         report = _tune_ml100k(chosen, data_dir)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("tune")
-    write_json_atomic(output_dir / f"bandits-{world}-tuning.json", report)
+    write_json_atomic(output_dir / f"bandits-{world}-tuning.json", report, mode=REPORT_MODE)
     if fmt == "json":
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -400,7 +400,7 @@ def openapi(
 ) -> None:
     """Write the local API's OpenAPI schema (JSON)."""
     from client.device.api import ApiConfig, openapi_json
-    from shared.io import write_bytes_atomic
+    from shared.io import REPORT_MODE, write_bytes_atomic
 
     cfg = _daemon_config(config, None, None)
     text = openapi_json(ApiConfig.from_daemon(cfg))
@@ -413,5 +413,5 @@ def openapi(
             )
         if not output.parent.is_dir():
             raise ConfigError(f"--output {output}: {output.parent} is not an existing folder")
-        write_bytes_atomic(output, text.encode())
+        write_bytes_atomic(output, text.encode(), mode=REPORT_MODE)
         typer.echo(f"wrote {output}", err=True)

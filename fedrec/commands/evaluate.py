@@ -32,7 +32,7 @@ from shared.eval.baseline_benchmark import (
 )
 from shared.eval.protocol import EvalConfig
 from shared.eval.splits import SplitConfig
-from shared.io import check_output_file, write_json_atomic
+from shared.io import REPORT_MODE, check_output_file, write_json_atomic
 
 app = typer.Typer(help="Evaluate models under ../shared/PROTOCOL.md.", no_args_is_help=True)
 
@@ -114,7 +114,7 @@ def baselines(
     )
     report["command"] = " ".join(["fedrec", *sys.argv[1:]])
     if output is not None:
-        write_json_atomic(output, report)
+        write_json_atomic(output, report, mode=REPORT_MODE)
     if fmt == "json":
         typer.echo(json.dumps(report, indent=2))
     else:
