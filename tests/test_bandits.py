@@ -662,6 +662,9 @@ def test_cli_refuses_bad_options(tmp_path: Path) -> None:
     assert isinstance(result.exception, ConfigError) and "synthetic" in str(result.exception)
     result = runner.invoke(app, ["evaluate", "--run-config", "nonsense=1", "-o", str(tmp_path)])
     assert isinstance(result.exception, ConfigError) and "nonsense" in str(result.exception)
+    missing = ["--world", "ml-100k", "--data-dir", str(tmp_path / "none"), "-o", str(tmp_path)]
+    result = runner.invoke(app, ["evaluate", *missing])
+    assert "point --data-dir at your copy" in str(result.exception)  # not "omit it"
     result = runner.invoke(app, ["evaluate", "--run-config", "seed=7", "-o", str(tmp_path)])
     assert "give the seeds with --seed" in str(result.exception)  # it would be ignored
     result = runner.invoke(app, ["evaluate", "--seed", "43", "--seed", "43", "-o", str(tmp_path)])

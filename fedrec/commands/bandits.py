@@ -125,7 +125,7 @@ def evaluate(
     fmt: FormatOpt = "table",
 ) -> None:
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
-    _check_common(world, fmt, output_dir, users)
+    _check_common(world, fmt, output_dir, users, data_dir)
     if tag:
         check_file_name(tag, "--tag")
     base = _bandit_config(run_config)
@@ -171,7 +171,7 @@ def tune(
     synthetic: exploration parameters per policy, for both feature sources, and the MMR
     lambda under LinUCB. ml-100k: the MMR lambda on the protocol's *validation* items.
     """
-    _check_common(world, fmt, output_dir, users)
+    _check_common(world, fmt, output_dir, users, data_dir)
     chosen = list(seeds) if seeds else list(TUNING_SEEDS)
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
@@ -583,11 +583,20 @@ def _save(fig: Any, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_common(world: str, fmt: str, output_dir: Path, users: int | None) -> None:
-    """What can be refused before the run: the world, the format, the user count and an
-    output folder that cannot be written (which would fail only after the run)."""
+def _check_common(
+    world: str, fmt: str, output_dir: Path, users: int | None, data_dir: Path
+) -> None:
+    """What can be refused before the run: the world, its data, the format, the user count
+    and an output folder that cannot be written (which would fail only after the run)."""
     if world not in WORLDS:
         raise ConfigError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
+    if world == "ml-100k" and not (data_dir / "u.data").is_file():
+        raise ConfigError(
+            f"--world ml-100k reads MovieLens 100K from --data-dir, and {data_dir} holds no "
+            "u.data; point --data-dir at your copy (the folder with u.data and u.item; "
+            "`fedrec data info --dataset ml-100k` downloads one into the dataset "
+            "cache, ~/.cache/fedrec/datasets/ml-100k by default)"
+        )
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if users is not None and users < 1:

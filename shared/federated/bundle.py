@@ -98,7 +98,9 @@ def load_bundle(path: str | Path) -> Bundle:
         # torch's own text is a page that suggests weights_only=False (unsafe for a file of
         # unknown origin): keep its first line only
         said = str(err).strip()
-        first = type(err).__name__ if "weights_only" in said or not said else said.splitlines()[0]
+        first = said.splitlines()[0] if said else ""
+        if "weights_only" in said or len(first) < 12:  # e.g. pickle's bare "101", an opcode
+            first = f"{type(err).__name__}: not a torch archive this reader takes"
         raise ModelFileError(
             f"pretrained bundle {p} is not a readable {BUNDLE_FORMAT} file ({first[:200]}); "
             "give the bundle.pt that `fedrec simulate` wrote"
