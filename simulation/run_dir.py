@@ -25,6 +25,7 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.io import (
+    REPORT_MODE,
     append_line,
     ensure_dir,
     lock_holder,
@@ -92,7 +93,7 @@ class RunDirectory:
         return self.root / "tensorboard"
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-        write_json_atomic(self.root / CONFIG_FILE, dict(config))
+        write_json_atomic(self.root / CONFIG_FILE, dict(config), mode=REPORT_MODE)
 
     def stored_config(self) -> dict[str, Any] | None:
         """The settings a previous run left here, or ``None`` (a new directory)."""

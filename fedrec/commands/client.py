@@ -136,9 +136,9 @@ def init(
         f"  public key:  {layout.public_key}",
         f"  data key:    {key_note}",
         f"  API token:   {layout.api_token} (0600)",
-        f"register the public key on the server: fedrec server register-client "
-        f"{layout.public_key.name} --state-dir SERVER_STATE (it runs flwr supernode register "
-        f"against the SuperLink)",
+        f"register the public key on the server (copy {layout.public_key} there, or save "
+        f"the line printed on stdout): fedrec server register-client client.pub --state-dir "
+        f"SERVER_STATE (it runs flwr supernode register against the SuperLink)",
     ]
     typer.echo("\n".join(lines), err=True)
     typer.echo(result.public_key_openssh)
@@ -162,8 +162,9 @@ def rotate_key(state_dir: StateDirOpt) -> None:
         f"  device id:     {replaced[-1]} -> {result.device_id}",
         f"  public key:    {layout.public_key}",
         f"  replaced keys: {layout.previous_public_key} ({len(replaced)})",
-        "on the server: fedrec server register-client "
-        f"{layout.public_key.name} --state-dir SERVER_STATE, then revoke the replaced key it "
+        f"on the server (copy {layout.public_key} there, or save the line printed on "
+        "stdout): fedrec server register-client client.pub --state-dir SERVER_STATE, then "
+        "revoke the replaced key it "
         "has registered (unless it is revoked already): fedrec server revoke-client "
         f"{replaced[-1]} --state-dir SERVER_STATE"
         + (
