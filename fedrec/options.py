@@ -146,13 +146,11 @@ def config_flag_names(
 
 def _flag_annotation(name: str, hint: Any, text: str, topic: str) -> Any:
     flag = "--" + kebab(name)
+    kind: Any = hint
     if hint is bool:
-        return Annotated[
-            bool, typer.Option(f"{flag}/--no-{flag[2:]}", help=text, rich_help_panel=topic)
-        ]
-    if typing.get_origin(hint) is tuple:  # a repeated flag: --shots 1 --shots 3
-        (item, _) = typing.get_args(hint)
-        return Annotated[list[item], typer.Option(flag, help=text, rich_help_panel=topic)]  # type: ignore[valid-type]
-    if hint not in (int, float, str):
+        flag = f"{flag}/--no-{flag[2:]}"
+    elif typing.get_origin(hint) is tuple:  # a repeated flag: --shots 1 --shots 3
+        kind = list[typing.get_args(hint)[0]]  # type: ignore[misc]
+    elif hint not in (int, float, str):
         raise TypeError(f"no flag type for {name}: {hint!r}")
-    return Annotated[hint, typer.Option(flag, help=text, rich_help_panel=topic)]
+    return Annotated[kind, typer.Option(flag, help=text, rich_help_panel=topic)]

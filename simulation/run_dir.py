@@ -54,6 +54,14 @@ _RUN_ENTRIES = (
 """What a run writes at the top of its folder before any progress (clients/ is progress)."""
 
 
+def has_progress(root: Path) -> bool:
+    """Whether the run directory ``root`` holds something a rerun resumes from: a
+    checkpoint, or a virtual device's state (its privacy ledger). Reads only, so it also
+    answers for a directory this process has not opened."""
+    checkpoints = root / "checkpoints"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (root / "clients").exists()
+
+
 class RunDirectory:
     """Owns the layout of one run's folder."""
 
@@ -144,9 +152,9 @@ class RunDirectory:
         self.write_config({**(stored or {}), section: dict(settings)})
 
     def has_progress(self) -> bool:
-        """Whether a run here got far enough to leave something a rerun resumes from:
-        a checkpoint, or a virtual device's state (its privacy ledger)."""
-        return any(self.checkpoints.iterdir()) or (self.root / "clients").exists()
+        """Whether a run here got far enough to leave something a rerun resumes from
+        (:func:`has_progress`)."""
+        return has_progress(self.root)
 
     def discard_if_empty(self) -> bool:
         """Undo a run that left nothing to resume (it failed on bad input before its first

@@ -130,9 +130,7 @@ def evaluate(
         check_file_name(tag, "--tag")
     base = _bandit_config(run_config)
     arms = default_arms(base)
-    chosen = list(seeds) if seeds else list(DEFAULT_SEEDS)
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
+    chosen = _distinct_seeds(seeds, DEFAULT_SEEDS)
     stem = f"bandits-{world}" + (f"-{tag}" if tag else "")
     start = time.perf_counter()
     if world == "synthetic":
@@ -172,9 +170,7 @@ def tune(
     lambda under LinUCB. ml-100k: the MMR lambda on the protocol's *validation* items.
     """
     _check_common(world, fmt, output_dir, users, data_dir)
-    chosen = list(seeds) if seeds else list(TUNING_SEEDS)
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
+    chosen = _distinct_seeds(seeds, TUNING_SEEDS)
     start = time.perf_counter()
     if world == "synthetic":
         report = _tune_synthetic(chosen, users, steps)
@@ -602,6 +598,15 @@ def _check_common(
     if users is not None and users < 1:
         raise ConfigError(f"--users must be >= 1, got {users}")
     check_output_dir(output_dir)
+
+
+def _distinct_seeds(seeds: Sequence[int] | None, default: Sequence[int]) -> list[int]:
+    """The seeds given (else ``default``); a repeated one is refused: each seed is one run,
+    and the means would count it twice."""
+    chosen = list(seeds) if seeds else list(default)
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
+    return chosen
 
 
 def _bandit_config(run_config: list[str] | None) -> BanditConfig:

@@ -191,11 +191,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def _leave_anyway() -> None:
     """The interrupt did not end the run in time: leave as the interrupt would have."""
     from simulation.pipeline import RunInterrupted
+    from simulation.run_dir import has_progress
 
     root = _stopping.root
-    resumable = root is not None and (
-        any((root / "checkpoints").glob("round-*")) or (root / "clients").exists()
-    )
+    resumable = root is not None and has_progress(root)
     _exit_interrupted(RunInterrupted(root or Path("."), resumable=resumable))
 
 
