@@ -187,6 +187,8 @@ class SimulationConfig:
         check_file_name(self.name, "name (a folder inside run-dir)")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
+        if len(set(self.shots)) != len(self.shots):  # each K is reported once
+            raise ConfigError(f"shots must be distinct, got {self.shots}")
         if self.adapt_steps < 0:
             raise ConfigError(
                 f"adapt-steps must be >= 0 (0: no adaptation), got {self.adapt_steps}"

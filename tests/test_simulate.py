@@ -213,6 +213,7 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--run-config", "max-grad-norm=inf"], "max-grad-norm must be finite with DP on"),
         (["--run-config", "rounds=true"], "rounds must be int, got True"),
         (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
+        (["--shots", "3", "--shots", "3"], "shots must be distinct, got (3, 3)"),
         # Ray would build an empty actor pool and wait for ever
         (["--num-gpus-per-client", "nan"], "must be a finite number >= 0, got nan"),
         (["--run-config", "num-cpus-per-client=inf"], "must be a finite number > 0, got inf"),
