@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -105,14 +105,26 @@ def explicit_options(ctx: typer.Context, names: dict[str, str]) -> dict[str, obj
 
 
 def with_config_flags(
-    config_cls: type, topics: Mapping[str, Mapping[str, str]], *, skip: Collection[str]
+    config_cls: type | Sequence[type],
+    topics: Mapping[str, Mapping[str, str]],
+    *,
+    skip: Collection[str],
+    defaults: Mapping[str, Any] | None = None,
 ) -> Callable[[F], F]:
-    """Give a command one flag per field of the dataclass ``config_cls`` that it does not
+    """Give a command one flag per field of the dataclass(es) ``config_cls`` that it does not
     declare itself (``skip``), named like the field's run-config key and listed under its
-    topic in ``--help``. The command takes them as ``**settings``; :func:`explicit_options`
-    with :func:`config_flag_names` returns the ones the user typed."""
-    hints = typing.get_type_hints(config_cls)
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    topic in ``--help``. A field of several classes (one run-config key read by several
+    apps) gets one flag, typed and defaulted by the first; ``defaults`` replaces the shown
+    default where the command's differs from the dataclass's. The command takes them as
+    ``**settings``; :func:`explicit_options` with :func:`config_flag_names` returns the ones
+    the user typed."""
+    classes = [config_cls] if isinstance(config_cls, type) else list(config_cls)
+    hints: dict[str, Any] = {}
+    shown: dict[str, Any] = {}
+    for cls in reversed(classes):  # the first class wins a shared field
+        hints.update(typing.get_type_hints(cls))
+        shown.update({f.name: f.default for f in dataclasses.fields(cls)})
+    shown.update(defaults or {})
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func, eval_str=True)
@@ -122,7 +134,7 @@ def with_config_flags(
             for name, text in fields.items():
                 if name in skip:
                     continue
-                default = defaults[name]
+                default = shown[name]
                 extra.append(
                     inspect.Parameter(
                         name,
@@ -151,6 +163,35 @@ def _flag_annotation(name: str, hint: Any, text: str, topic: str) -> Any:
         flag = f"{flag}/--no-{flag[2:]}"
     elif typing.get_origin(hint) is tuple:  # a repeated flag: --shots 1 --shots 3
         kind = list[typing.get_args(hint)[0]]  # type: ignore[misc]
+    elif hint == int | float:  # a count or a fraction, e.g. secagg-num-shares
+        return Annotated[
+            str, typer.Option(flag, click_type=COUNT_OR_FRACTION, help=text, rich_help_panel=topic)
+        ]
     elif hint not in (int, float, str):
         raise TypeError(f"no flag type for {name}: {hint!r}")
     return Annotated[kind, typer.Option(flag, help=text, rich_help_panel=topic)]
+
+
+class CountOrFraction(click.ParamType):
+    """A number that is an ``int`` when written as one (``5``: a count) and a ``float``
+    otherwise (``0.5``: a fraction), as TOML reads it in ``--run-config``."""
+
+    name = "number"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{text!r} is not a number (a count like 5 or a fraction like 0.5)")
+
+
+COUNT_OR_FRACTION = CountOrFraction()

@@ -354,7 +354,7 @@ def run_config_keys() -> set[str]:
     from server.server_app import ServerConfig
     from shared.config import field_names
     from shared.federated.local_config import LocalTrainConfig
-    from shared.federated.student_task import StudentTaskConfig
+    from shared.federated.student_config import StudentTaskConfig
     from shared.federated.task import ToyLinearConfig
 
     toy = {f"toy-{f.name.replace('_', '-')}" for f in fields(ToyLinearConfig)}

@@ -504,6 +504,63 @@ def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
     assert (submitted[-1]["num-rounds"], submitted[-1]["min-available-clients"]) == (3, 3)
 
 
+def test_every_run_setting_is_a_server_start_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.superlink as superlink
+    from fedrec.server_settings import NOT_FLAGS, START_SETTINGS_HELP
+    from server.server_app import ServerConfig
+    from shared.config import field_names, kebab
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.student_config import StudentTaskConfig
+
+    keys = (
+        field_names(ServerConfig) | field_names(LocalTrainConfig) | field_names(StudentTaskConfig)
+    )
+    documented = [name for topic in START_SETTINGS_HELP.values() for name in topic]
+    assert len(documented) == len(set(documented))  # each setting once
+    assert {kebab(n) for n in documented} == keys - {kebab(n) for n in NOT_FLAGS}
+    shown = runner.invoke(app, ["server", "start", "--help"], env={"COLUMNS": "250"}).output
+    for name in documented:
+        assert f"--{kebab(name)} " in shown, name
+    submitted: list[dict[str, Any]] = []
+
+    class Runner:
+        def __init__(self, layout: Any, options: Any, config: dict[str, Any], echo: Any) -> None:
+            submitted.append(config)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(superlink, "ServerRunner", Runner)
+    layout = init_state_dir(tmp_path / "s")
+    base = ["server", "start", "--state-dir", str(layout.state_dir)]
+    given = ["--run-config", "task=toy-linear noise-multiplier=2.0 batch-size=8 cohort-size=4"]
+    flags = ["--noise-multiplier", "3", "--no-exclude-seen", "--server-optimizer", "adam"]
+    flags += ["--secagg-num-shares", "0.5", "--secagg-reconstruction-threshold", "4"]
+    result = runner.invoke(app, [*base, *given, *flags, "--min-clients", "4"])
+    assert result.exit_code == 0, result.output
+    config = submitted[-1]
+    assert config["noise-multiplier"] == 3.0  # the flag wins over --run-config
+    assert (config["batch-size"], config["cohort-size"]) == (8, 4)  # from --run-config
+    assert (config["exclude-seen"], config["server-optimizer"]) == (False, "adam")
+    assert config["secagg"] is True  # a deployment's default, untouched by the flags' defaults
+    assert "max-examples" not in config  # a flag not typed adds nothing: the app's default
+    # a count and a fraction keep their types (SecAgg+ reads 0.5 as a share of the cohort)
+    assert config["secagg-num-shares"] == 0.5 and isinstance(config["secagg-num-shares"], float)
+    assert config["secagg-reconstruction-threshold"] == 4
+    assert isinstance(config["secagg-reconstruction-threshold"], int)
+    for bad, message in (
+        (["--secagg-num-shares", "five"], "'five' is not a number"),
+        (["--noise-multiplier", "x"], "Invalid value for '--noise-multiplier'"),
+    ):
+        result = runner.invoke(app, [*base, *given, *bad])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(app, [*base, *given, "--user-dp-clip", "-1", "--user-dp"])
+    assert "'user-dp-clip' must be > 0 with user-dp" in str(result.exception)
+    assert len(submitted) == 1  # refused before the SuperLink starts
+
+
 @pytest.mark.parametrize(
     ("overrides", "rounds", "message"),
     [

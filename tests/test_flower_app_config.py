@@ -14,7 +14,7 @@ from pathlib import Path
 from server.server_app import ServerConfig
 from shared.config import field_names
 from shared.federated.local_config import LocalTrainConfig
-from shared.federated.student_task import StudentTaskConfig
+from shared.federated.student_config import StudentTaskConfig
 from shared.federated.task import ToyLinearConfig
 from simulation.config import SimulationConfig
 

@@ -11,13 +11,27 @@ from typing import Annotated, Any
 
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, RunConfigOpt, explicit_options, joined
+from fedrec.options import (
+    NON_EMPTY_PATH,
+    RunConfigOpt,
+    config_flag_names,
+    explicit_options,
+    joined,
+    with_config_flags,
+)
+from fedrec.server_settings import DEPLOYMENT_DEFAULTS, NOT_FLAGS, START_SETTINGS_HELP
+from server.server_app import ServerConfig
 from shared.config import parse_run_config
+from shared.federated.local_config import LocalTrainConfig
+from shared.federated.student_config import StudentTaskConfig
 
 app = typer.Typer(
     help="Federation server: certificates, device registration, SuperLink and run.",
     no_args_is_help=True,
 )
+
+START_FLAGS = config_flag_names(START_SETTINGS_HELP, skip=NOT_FLAGS)
+"""The flags of every run setting ``fedrec server start`` does not declare itself."""
 
 StateDirOpt = Annotated[
     Path,
@@ -141,6 +155,12 @@ def revoke_client(
 
 
 @app.command("start")
+@with_config_flags(
+    (ServerConfig, LocalTrainConfig, StudentTaskConfig),
+    START_SETTINGS_HELP,
+    skip=NOT_FLAGS,
+    defaults=DEPLOYMENT_DEFAULTS,
+)
 def start(
     ctx: typer.Context,
     state_dir: StateDirOpt,
@@ -170,18 +190,20 @@ def start(
     max_restarts: Annotated[
         int, typer.Option("--max-restarts", help="Restarts of a SuperLink that dies.")
     ] = 3,
+    **settings: Any,
 ) -> None:
     """Run the SuperLink (TLS, device authentication, state database, no run-time installs),
     submit the federated run and follow it; resumes from the last checkpoint.
 
-    A flag given on the command line wins over the same setting in --run-config (as in
+    Every setting of the run is a flag named like its run-config key (below, by topic). A
+    flag given on the command line wins over the same setting in --run-config (as in
     `fedrec simulate`)."""
     from server.state import ServerLayout
     from server.superlink import ServerRunner, SuperLinkOptions, deployment_run_config
 
     layout = ServerLayout(state_dir).require()
     overrides: dict[str, Any] = dict(parse_run_config(joined(run_config)))
-    flags = {"rounds": "num-rounds", "min_clients": "min-available-clients"}
+    flags = {"rounds": "num-rounds", "min_clients": "min-available-clients", **START_FLAGS}
     overrides.update(explicit_options(ctx, flags))  # a flag typed wins over --run-config
     overrides.setdefault("num-rounds", rounds)
     overrides.setdefault("min-available-clients", min_clients)

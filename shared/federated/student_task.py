@@ -29,7 +29,6 @@ import contextlib
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,38 +44,13 @@ from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, load_bundle
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import check_items, train_global_dp
+from shared.federated.student_config import StudentTaskConfig
 from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
 from shared.federated.validation import validate_update
 from shared.io import exclusive_lock
 from shared.models.sequence import pad_histories
 from shared.models.student import StudentModel
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
-
-
-@dataclass(frozen=True)
-class StudentTaskConfig:
-    """Where the task finds its model and keeps per-client state, and the privacy budget."""
-
-    bundle: str = ""
-    state_dir: str = ""
-    epsilon_budget: float = PrivacyBudget.epsilon
-    delta: float = PrivacyBudget.delta
-    eval_negatives: int = 99
-    eval_seed: int = 42
-    num_threads: int = 1
-    meta_learning: bool = False
-    device: str = "auto"
-    # magnitude pruning of each published global model (0 = none; see publish_prune)
-    prune_sparsity: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.bundle:
-            raise ConfigError("the student task needs 'bundle' (path to the pretrained bundle)")
-        if not self.state_dir:
-            raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
-        PrivacyBudget(self.epsilon_budget, self.delta)
-        resolve_device(self.device)
-        publish_prune(self.prune_sparsity)
 
 
 def resolve_device(name: str) -> torch.device:

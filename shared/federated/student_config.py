@@ -1,0 +1,43 @@
+"""Where the student task finds its model and keeps per-client state, and its privacy budget.
+
+Torch-free on purpose, like :mod:`shared.federated.local_config`: the CLI builds one flag per
+setting from it (``fedrec server start``) without importing the training code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.errors import ConfigError
+from shared.privacy.budget import PrivacyBudget
+
+__all__ = ["StudentTaskConfig"]
+
+
+@dataclass(frozen=True)
+class StudentTaskConfig:
+    """Where the task finds its model and keeps per-client state, and the privacy budget."""
+
+    bundle: str = ""
+    state_dir: str = ""
+    epsilon_budget: float = PrivacyBudget.epsilon
+    delta: float = PrivacyBudget.delta
+    eval_negatives: int = 99
+    eval_seed: int = 42
+    num_threads: int = 1
+    meta_learning: bool = False
+    device: str = "auto"
+    # magnitude pruning of each published global model (0 = none; see publish_prune)
+    prune_sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.bundle:
+            raise ConfigError("the student task needs 'bundle' (path to the pretrained bundle)")
+        if not self.state_dir:
+            raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
+        PrivacyBudget(self.epsilon_budget, self.delta)
+        from shared.compression.prune import publish_prune  # torch: only when a task is built
+        from shared.federated.student_task import resolve_device
+
+        resolve_device(self.device)
+        publish_prune(self.prune_sparsity)
