@@ -756,8 +756,20 @@ def test_a_damaged_or_missing_catalog_keeps_the_api_up_and_names_the_repair(
         assert f"{catalog_file} is missing" in str(missing.model_error)
         with pytest.raises(NoModelError, match="is missing"):
             missing.recommend(3)
+        served = missing.model_info.model_version
+        missing.erase()  # the global model is no one's data: kept for when the catalog is back
+        assert missing.models.current_version() is not None
+        assert f"the global model {served} is kept" in str(missing.model_error)
     finally:
         missing.shutdown()
+    CATALOG.save(catalog_file)
+    restored = Daemon.open(state, config=DaemonConfig(exploration=GREEDY))
+    try:
+        assert restored.model_error is None and restored.model_info is not None
+        assert restored.model_info.model_version == served
+        assert len(restored.recommend(3).items) == 3
+    finally:
+        restored.shutdown()
 
 
 @pytest.mark.parametrize(

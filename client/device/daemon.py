@@ -946,16 +946,34 @@ class Daemon:
                 self.reranker.reset()
                 self.reranker.on_model(None)
             kept = None
-            if global_model is not None and self.catalog is not None:
-                try:
+            try:  # erasing must not fail on the reinstall
+                if global_model is not None and self.catalog is not None:
                     kept = self.install_model(global_model, self.catalog).version
-                except FedRecError as exc:  # erasing must not fail on the reinstall
-                    self.model_error = f"the global model could not be reinstalled: {exc}"
+                elif global_model is not None:  # kept, not served, until a catalog is back
+                    kept = self._reseal_without_catalog(global_model)
+            except FedRecError as exc:
+                self.model_error = f"the global model could not be reinstalled: {exc}"
             self.models.erase(keep=kept)  # the personal versions, once a global one serves
         self._run_erase_callbacks()
         marker.unlink(missing_ok=True)
         fsync_dir(self.layout.state_dir)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    def _reseal_without_catalog(self, data: bytes) -> int:
+        """Seal the global model ``data`` as current while no catalog is installed: it is not
+        personal data, so an erase keeps it, and it serves again once the catalog is back
+        (the same repair as at open). Returns its sealed version."""
+        info, _ = self.models.install(data, runtime=self.runtime)
+        self.store.record_model(
+            ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
+        )
+        self.model_info = info
+        self.model_error = (
+            f"{self.layout.catalog} is missing; the global model {info.model_version} is "
+            "kept and serves once its catalog is installed (`fedrec client install-model "
+            "--model MODEL.onnx --catalog catalog.json`)"
+        )
+        return info.version
 
     def _scrub_later(self) -> None:
         """Retry removing the erased pages from disk until the reader holding them back (the
