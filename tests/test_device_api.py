@@ -330,6 +330,32 @@ def test_bad_k_is_422(device: Device, k: str) -> None:
     assert r.json()["detail"].startswith("invalid request: query.k")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "message"),
+    [
+        ("GET", "/recommendations?k=3&k=5", "query parameter 'k' is given 2 times; give it once"),
+        (
+            "GET",
+            "/recommendations?K=5",
+            "unknown query parameter 'K' for /recommendations; it takes k",
+        ),
+        (
+            "GET",
+            "/status?verbose=1",
+            "unknown query parameter 'verbose' for /status; it takes none",
+        ),
+        ("DELETE", "/data?keep=ledger", "unknown query parameter 'keep' for /data; it takes none"),
+    ],
+)
+def test_a_query_parameter_that_would_be_ignored_is_422(
+    device: Device, method: str, path: str, message: str
+) -> None:
+    device.client.post("/events", json={"events": [ev(ITEM[0])]})
+    r = device.client.request(method, path)
+    assert r.status_code == 422 and r.json()["detail"] == message
+    assert len(device.stored()) == 1  # the refused DELETE erased nothing
+
+
 def test_no_model_or_catalog_yet_is_503(tmp_path: Path, int8_model: bytes) -> None:
     bare = Device(tmp_path / "bare", None, None)
     try:

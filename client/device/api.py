@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NoReturn
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -437,6 +437,25 @@ def _install_error_handlers(app: FastAPI) -> None:
 # --------------------------------------------------------------------------- app
 
 
+def _declared_query_only(request: Request) -> None:
+    """Refuse a query parameter the route does not take, or one given twice: either would
+    otherwise be ignored (``?K=5`` or ``?k=3&k=5`` answering with another ``k`` than meant)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    declared = sorted(p.alias for p in dependant.query_params) if dependant else []
+    for name in dict.fromkeys(request.query_params.keys()):
+        if name not in declared:
+            takes = f"it takes {', '.join(declared)}" if declared else "it takes none"
+            raise HTTPException(
+                422, f"unknown query parameter {name!r} for {request.url.path}; {takes}"
+            )
+        given = len(request.query_params.getlist(name))
+        if given > 1:
+            raise HTTPException(
+                422, f"query parameter {name!r} is given {given} times; give it once"
+            )
+
+
 def _now_or(ts: float | None) -> float:
     return time.time() if ts is None else ts
 
@@ -460,6 +479,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        dependencies=[Depends(_declared_query_only)],
     )
     _install_error_handlers(app)
 
