@@ -102,6 +102,14 @@ class SubjectNames:
                 if host not in dns:
                     dns.append(host)
             else:
+                if ip.is_unspecified or ip.is_multicast:  # no device connects to these
+                    what = "listen-on-all" if ip.is_unspecified else "multicast"
+                    raise ConfigError(
+                        f"--host {raw!r} is a {what} address, not one devices can connect to; "
+                        "give the server's DNS name or its reachable IP (e.g. --host "
+                        "fedrec.example.org --host 10.0.0.5); `fedrec server start --host` is "
+                        "where the SuperLink listens"
+                    )
                 if ip not in ips:
                     ips.append(ip)
         if not dns and not ips:

@@ -441,7 +441,13 @@ def test_bad_init_input_writes_nothing(tmp_path: Path) -> None:
         app, ["server", "init", "--state-dir", str(tmp_path / "s"), "--host", "bad host!"]
     )
     assert server.exit_code != 0 and "neither an IP address nor a DNS name" in str(server.exception)
-    for bad, message in (("999.1.1.1", "looks like an IPv4 address"), ("", "is empty")):
+    for bad, message in (
+        ("999.1.1.1", "looks like an IPv4 address"),
+        ("", "is empty"),
+        ("0.0.0.0", "'0.0.0.0' is a listen-on-all address, not one devices can connect to"),
+        ("[::]", "'[::]' is a listen-on-all address"),
+        ("224.0.0.1", "is a multicast address"),
+    ):
         args = ["server", "init", "--state-dir", str(tmp_path / "s"), "--host", bad]
         assert message in str(runner.invoke(app, args).exception)
     assert not (tmp_path / "s").exists()
