@@ -224,16 +224,17 @@ def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
     assert _main(monkeypatch, "client", "init", "--state-dir", str(afile)) == 2
     assert f"{afile} is a file, not a folder" in capsys.readouterr().err
     for output, message in (
-        ("", "--output '.' is not a file name"),
-        (str(tmp_path), f"--output '{tmp_path}' is not a file name"),
-        (str(afile / "x.json"), f"{afile} is not an existing folder"),
+        ("", ". is a folder; give the output a file name inside it"),
+        (str(tmp_path), f"{tmp_path} is a folder; give the output a file name inside it"),
+        (str(afile / "x.json"), f"{afile} is a file, not a folder; give another output path"),
     ):
         assert _main(monkeypatch, "client", "openapi", "-o", output) == 2
         assert message in capsys.readouterr().err
-    written = runner.invoke(app, ["client", "openapi", "-o", str(tmp_path / "api.json")])
+    schema = tmp_path / "new" / "api.json"  # its folder is made, as for every report
+    written = runner.invoke(app, ["client", "openapi", "-o", str(schema)])
     assert written.exit_code == 0, written.output
-    assert json.loads((tmp_path / "api.json").read_text())["openapi"]
-    assert (tmp_path / "api.json").stat().st_mode & 0o777 == 0o644  # a report, not a secret
+    assert json.loads(schema.read_text())["openapi"]
+    assert schema.stat().st_mode & 0o777 == 0o644  # a report, not a secret
 
 
 def test_flags_are_named_in_their_own_errors(

@@ -43,7 +43,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import math
 import os
 import re
 import signal
@@ -79,7 +78,7 @@ from shared.config import from_flat, kebab
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import fsync_dir, write_bytes_atomic, write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
-from shared.privacy.budget import PrivacyBudget
+from shared.privacy.budget import PrivacyBudget, check_budget
 from shared.processes import die_with_parent, reap_group, terminate_group
 
 if TYPE_CHECKING:
@@ -216,12 +215,9 @@ class DaemonConfig:
                 f"({self.candidate_pool}): the policy re-ranks the daemon's candidates; raise "
                 f"candidate-pool or lower bandit-top-n"
             )
-        if not (self.privacy_epsilon > 0 and math.isfinite(self.privacy_epsilon)):
-            raise ConfigError(
-                f"privacy-epsilon must be a finite number > 0, got {self.privacy_epsilon}"
-            )
-        if not 0 < self.privacy_delta < 1:
-            raise ConfigError(f"privacy-delta must be in (0, 1), got {self.privacy_delta}")
+        check_budget(
+            self.privacy_epsilon, self.privacy_delta, names=("privacy-epsilon", "privacy-delta")
+        )
         # NaN passes a plain comparison: a NaN wait returns at once (a busy loop)
         if not 0 <= self.shutdown_grace_s <= MAX_WAIT_S:
             raise ConfigError(

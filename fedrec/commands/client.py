@@ -401,18 +401,12 @@ def openapi(
 ) -> None:
     """Write the local API's OpenAPI schema (JSON)."""
     from client.device.api import ApiConfig, openapi_json
-    from shared.io import REPORT_MODE, write_bytes_atomic
+    from shared.io import REPORT_MODE, check_output_file, write_bytes_atomic
 
     cfg = _daemon_config(config, None, None)
     text = openapi_json(ApiConfig.from_daemon(cfg))
     if output is None:
         sys.stdout.write(text)
     else:
-        if not str(output).strip() or output.is_dir():
-            raise ConfigError(
-                f"--output {str(output)!r} is not a file name; give one such as openapi.json"
-            )
-        if not output.parent.is_dir():
-            raise ConfigError(f"--output {output}: {output.parent} is not an existing folder")
-        write_bytes_atomic(output, text.encode(), mode=REPORT_MODE)
+        write_bytes_atomic(check_output_file(output), text.encode(), mode=REPORT_MODE)
         typer.echo(f"wrote {output}", err=True)

@@ -26,12 +26,21 @@ class PrivacyBudget:
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ConfigError(
-                f"privacy budget epsilon must be a finite number > 0, got {self.epsilon}"
-            )
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"privacy budget delta must be in (0, 1), got {self.delta}")
+        check_budget(self.epsilon, self.delta)
+
+
+def check_budget(
+    epsilon: float,
+    delta: float,
+    *,
+    names: tuple[str, str] = ("privacy budget epsilon", "privacy budget delta"),
+) -> None:
+    """The rules of an (epsilon, delta) budget, wherever one is configured; ``names`` are
+    what the errors call the two settings (e.g. a device's ``privacy-epsilon``)."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ConfigError(f"{names[0]} must be a finite number > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"{names[1]} must be in (0, 1), got {delta}")
 
 
 @dataclass(frozen=True)
