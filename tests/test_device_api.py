@@ -202,7 +202,8 @@ BAD_EVENTS = [
     ),
     pytest.param(
         {"events": [ev(ITEM[0], timestamp=1.7e12)]},
-        "less than or equal to 4102444800",
+        "less than or equal to 4102444800 (seconds since the Unix epoch: a value this large "
+        "looks like milliseconds)",
         id="ms-timestamp",
     ),
     pytest.param({"events": [ev(ITEM[0], timestamp=-1)]}, "greater than or equal", id="neg-ts"),

@@ -352,6 +352,14 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
+def _hint(error: dict[str, Any]) -> str:
+    """What to do about a validation error whose cause is a common slip."""
+    loc = tuple(error.get("loc", ()))
+    if loc and loc[-1] == "timestamp" and error.get("type") == "less_than_equal":
+        return " (seconds since the Unix epoch: a value this large looks like milliseconds)"
+    return ""
+
+
 def _validation_detail(errors: list[dict[str, Any]], content_type: str = "") -> str:
     first = errors[0] if errors else {}
     if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type.lower():
@@ -368,7 +376,7 @@ def _validation_detail(errors: list[dict[str, Any]], content_type: str = "") -> 
         )
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return "request body is missing; send a JSON object with Content-Type: application/json"
-    parts = [f"{_loc(e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5]]
+    parts = [f"{_loc(e.get('loc', ()))}: {e.get('msg')}{_hint(e)}" for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "invalid request: " + "; ".join(parts) + more
 
