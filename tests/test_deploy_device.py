@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -455,6 +456,26 @@ def test_learner_refits_with_its_flags_else_the_federations_else_the_defaults() 
     ):
         with pytest.raises(ConfigError, match=match):
             LearnerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_the_device_spends_by_the_budget_it_reports(
+    device: Path, bundle: Path, tmp_path: Path
+) -> None:
+    from client.device.supernode import one_epsilon_cap
+
+    ca = create_pki(tmp_path / "certs").ca_cert
+    options = SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle)
+    for shown, enforced, cap in ((4.0, 8.0, 4.0), (8.0, 3.0, 3.0), (8.0, 8.0, 8.0)):
+        config, node = one_epsilon_cap(
+            DaemonConfig(privacy_epsilon=shown), replace(options, max_epsilon=enforced)
+        )
+        assert (config.privacy_epsilon, node.max_epsilon) == (cap, cap)
+        with Daemon.open(device, config=config) as daemon:  # before any round: the cap
+            assert daemon.status().epsilon_budget == cap
+        with Daemon.open(device, config=config) as daemon:
+            spec = supernode_spec(daemon.layout, node)
+        node_config = spec.argv[list(spec.argv).index("--node-config") + 1]
+        assert f"fedrec-max-epsilon={cap!r}" in node_config
 
 
 @pytest.mark.parametrize("cap", [0.0, -1.0, float("nan"), float("inf")])

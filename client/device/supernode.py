@@ -22,10 +22,10 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from client.device.daemon import ProcessSpec
+from client.device.daemon import DaemonConfig, ProcessSpec
 from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget
@@ -69,6 +69,18 @@ class SuperNodeOptions:
         for path in (self.root_cert, self.bundle):
             if "'" in str(path.resolve()):
                 raise ConfigError(f"{path}: a path with a single quote cannot be passed on")
+
+
+def one_epsilon_cap(
+    config: DaemonConfig, options: SuperNodeOptions
+) -> tuple[DaemonConfig, SuperNodeOptions]:
+    """The device's two epsilon settings as one cap, the smaller of them: ``--max-epsilon``
+    (what its training enforces) and ``privacy-epsilon`` (what ``/status`` reports as the
+    budget). Otherwise lowering only ``privacy-epsilon`` would *show* a tighter budget than
+    the one the device spends by, and ``--max-epsilon`` alone would show the default 8
+    until the first round's ledger."""
+    cap = min(config.privacy_epsilon, options.max_epsilon)
+    return replace(config, privacy_epsilon=cap), replace(options, max_epsilon=cap)
 
 
 def _check_root_cert(path: Path) -> None:

@@ -190,6 +190,10 @@ def _run_daemon(
     from client.device.daemon import Daemon
 
     cfg = _daemon_config(config, host, port)
+    if federation is not None:
+        from client.device.supernode import one_epsilon_cap
+
+        cfg, federation = one_epsilon_cap(cfg, federation)
     if federation is not None and federation.runtime_port == cfg.port:
         raise ConfigError(
             f"--supernode-port {cfg.port} is also the local API's port (--port); the SuperNode "
@@ -296,7 +300,8 @@ def start(
         typer.Option(
             "--max-epsilon",
             help="The most record-level epsilon this device spends, whatever the server's "
-            "epsilon-budget (the smaller of the two applies).",
+            "epsilon-budget (the smaller of the two applies; so does a smaller --config "
+            "privacy-epsilon).",
         ),
     ] = PrivacyBudget.epsilon,
     allow_no_dp: Annotated[
