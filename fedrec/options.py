@@ -105,7 +105,7 @@ def explicit_options(ctx: typer.Context, names: dict[str, str]) -> dict[str, obj
 
 
 def with_config_flags(
-    config_cls: type | Sequence[type],
+    config_cls: type | Sequence[type | tuple[str, type]],
     topics: Mapping[str, Mapping[str, str]],
     *,
     skip: Collection[str],
@@ -114,16 +114,20 @@ def with_config_flags(
     """Give a command one flag per field of the dataclass(es) ``config_cls`` that it does not
     declare itself (``skip``), named like the field's run-config key and listed under its
     topic in ``--help``. A field of several classes (one run-config key read by several
-    apps) gets one flag, typed and defaulted by the first; ``defaults`` replaces the shown
-    default where the command's differs from the dataclass's. The command takes them as
-    ``**settings``; :func:`explicit_options` with :func:`config_flag_names` returns the ones
-    the user typed."""
+    apps) gets one flag, typed and defaulted by the first; a class given as ``(prefix,
+    class)`` has its fields named with the prefix (``("bandit_", BanditConfig)``:
+    ``--bandit-policy``). ``defaults`` replaces the shown default where the command's differs
+    from the dataclass's. The command takes them as ``**settings``; :func:`explicit_options`
+    with :func:`config_flag_names` returns the ones the user typed."""
     classes = [config_cls] if isinstance(config_cls, type) else list(config_cls)
     hints: dict[str, Any] = {}
     shown: dict[str, Any] = {}
-    for cls in reversed(classes):  # the first class wins a shared field
-        hints.update(typing.get_type_hints(cls))
-        shown.update({f.name: f.default for f in dataclasses.fields(cls)})
+    for item in reversed(classes):  # the first class wins a shared field
+        prefix, cls = item if isinstance(item, tuple) else ("", item)
+        types = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hints[prefix + f.name] = types[f.name]
+            shown[prefix + f.name] = f.default
     shown.update(defaults or {})
 
     def decorate(func: F) -> F:

@@ -237,6 +237,58 @@ def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
     assert schema.stat().st_mode & 0o777 == 0o644  # a report, not a secret
 
 
+@pytest.mark.parametrize("command", ["serve-api", "start"])
+def test_every_daemon_setting_is_a_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    import dataclasses
+
+    from client.device.config import DaemonConfig
+    from client.device.daemon import Daemon
+    from fedrec.device_settings import DAEMON_SETTINGS_HELP, NOT_FLAGS
+    from shared.bandits.policies import BanditConfig
+
+    fields = [f.name for f in dataclasses.fields(DaemonConfig) if f.name not in NOT_FLAGS]
+    fields += [f"bandit_{f.name}" for f in dataclasses.fields(BanditConfig)]
+    documented = [name for topic in DAEMON_SETTINGS_HELP.values() for name in topic]
+    assert sorted(documented) == sorted(fields)  # each setting once, none missing
+    shown = runner.invoke(app, ["client", command, "--help"], env={"COLUMNS": "250"}).output
+    for name in fields:
+        assert f"--{name.replace('_', '-')} " in shown, name
+
+    seen: list[DaemonConfig] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(state_dir: Path, passphrase: Any = None, config: Any = None) -> Any:
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(Daemon, "open", staticmethod(capture))
+    state = tmp_path / "d"
+    assert runner.invoke(app, ["client", "init", "--state-dir", str(state)]).exit_code == 0
+    base = ["client", command, "--state-dir", str(state)]
+    if command == "start":  # the federation's files: checked before the daemon opens
+        from server.pki import create_pki
+
+        bundle = tmp_path / "bundle.pt"
+        bundle.write_bytes(b"x")
+        ca = create_pki(tmp_path / "certs").ca_cert
+        base += ["--server", "127.0.0.1:9093", "--root-cert", str(ca), "--bundle", str(bundle)]
+    args = [*base, "--config", "candidate-pool=300 max-batch=50 bandit-policy=thompson"]
+    args += ["--candidate-pool", "250", "--bandit-mmr-lambda", "0.9", "--no-allow-remote"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, Stop), result.output
+    (config,) = seen
+    assert (config.candidate_pool, config.max_batch) == (250, 50)  # the flag wins
+    assert (config.exploration.policy, config.exploration.mmr_lambda) == ("thompson", 0.9)
+    assert config.exploration.top_n == BanditConfig.top_n  # untyped flags change nothing
+    refused = runner.invoke(app, [*base, "--bandit-top-n", "500"])
+    assert "bandit-top-n (500) exceeds candidate-pool (200)" in str(refused.exception)
+    assert len(seen) == 1  # refused before the daemon opens
+
+
 def test_flags_are_named_in_their_own_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, joined
+from client.device.config import DaemonConfig
+from fedrec.device_settings import DAEMON_SETTINGS_HELP, NOT_FLAGS
+from fedrec.options import (
+    NON_EMPTY_PATH,
+    config_flag_names,
+    explicit_options,
+    joined,
+    with_config_flags,
+)
+from shared.bandits.policies import BanditConfig
 from shared.config import parse_run_config
 from shared.errors import ConfigError
 from shared.federated.local_config import LocalTrainConfig
 from shared.privacy.budget import PrivacyBudget
 
 if TYPE_CHECKING:
-    from client.device.daemon import DaemonConfig
     from client.device.supernode import SuperNodeOptions
     from client.device.training import LearnerConfig
 
@@ -45,7 +53,8 @@ ConfigOpt = Annotated[
         "--config",
         help="Daemon settings as 'key=value ...' (kebab-case keys of DaemonConfig, e.g. "
         "'max-batch=500 candidate-pool=200'; the exploration policy as bandit-<key>, e.g. "
-        "'bandit-policy=thompson bandit-mmr-lambda=0.6'); may be repeated.",
+        "'bandit-policy=thompson bandit-mmr-lambda=0.6'); may be repeated. A flag of the same "
+        "name wins over it.",
     ),
 ]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")]
@@ -54,10 +63,25 @@ PortOpt = Annotated[
 ]
 
 
-def _daemon_config(config: list[str] | None, host: str | None, port: int | None) -> DaemonConfig:
-    from client.device.daemon import DaemonConfig
+DAEMON_FLAGS = config_flag_names(DAEMON_SETTINGS_HELP, skip=NOT_FLAGS)
+"""The flags of every daemon setting but --host and --port."""
 
+daemon_flags = with_config_flags(
+    (DaemonConfig, ("bandit_", BanditConfig)), DAEMON_SETTINGS_HELP, skip=NOT_FLAGS
+)
+"""Gives a command one flag per daemon setting (see :mod:`fedrec.device_settings`)."""
+
+
+def _daemon_config(
+    config: list[str] | None,
+    host: str | None,
+    port: int | None,
+    ctx: typer.Context | None = None,
+) -> DaemonConfig:
+    """The daemon's settings: ``--config``, then the flags typed (``ctx``), which win."""
     values: dict[str, object] = dict(parse_run_config(joined(config), flag="--config"))
+    if ctx is not None:
+        values.update(explicit_options(ctx, DAEMON_FLAGS))
     if host is not None:
         values["host"] = host
     if port is not None:
@@ -179,6 +203,7 @@ def rotate_key(state_dir: StateDirOpt) -> None:
 
 
 def _run_daemon(
+    ctx: typer.Context,
     state_dir: Path,
     passphrase_env: str | None,
     config: list[str] | None,
@@ -189,7 +214,7 @@ def _run_daemon(
 ) -> None:
     from client.device.daemon import Daemon
 
-    cfg = _daemon_config(config, host, port)
+    cfg = _daemon_config(config, host, port, ctx)
     if federation is not None:
         from client.device.supernode import one_epsilon_cap
 
@@ -224,7 +249,9 @@ def _run_daemon(
 
 
 @app.command("start")
+@daemon_flags
 def start(
+    ctx: typer.Context,
     state_dir: StateDirOpt,
     server: Annotated[
         str | None,
@@ -316,6 +343,7 @@ def start(
     host: HostOpt = None,
     port: PortOpt = None,
     config: ConfigOpt = None,
+    **settings: Any,
 ) -> None:
     """Run the device daemon: the local API plus a Flower SuperNode (TLS, device key) whose
     ClientApp trains on this device's store; new global models and new events refresh the
@@ -356,20 +384,23 @@ def start(
         max_epsilon=max_epsilon,
         require_dp=not allow_no_dp,
     )
-    _run_daemon(state_dir, passphrase_env, config, host, port, options, learner)
+    _run_daemon(ctx, state_dir, passphrase_env, config, host, port, options, learner)
 
 
 @app.command("serve-api")
+@daemon_flags
 def serve_api(
+    ctx: typer.Context,
     state_dir: StateDirOpt,
     passphrase_env: PassphraseEnvOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     config: ConfigOpt = None,
+    **settings: Any,
 ) -> None:
     """Serve only the local HTTP API (no federated processes). One daemon per state directory
     (STATE_DIR/daemon.lock): a second one on the same directory is refused."""
-    _run_daemon(state_dir, passphrase_env, config, host, port)
+    _run_daemon(ctx, state_dir, passphrase_env, config, host, port)
 
 
 @app.command("install-model")

@@ -1,0 +1,126 @@
+"""How the device daemon runs (:class:`DaemonConfig`), apart from the daemon itself.
+
+Light on purpose, like :mod:`shared.federated.local_config`: the CLI builds one flag per
+setting from it without importing the daemon (ONNX Runtime, the store, the API).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from shared.bandits.policies import BanditConfig
+from shared.config import from_flat, kebab
+from shared.errors import ConfigError
+from shared.privacy.budget import PrivacyBudget, check_budget
+
+__all__ = ["MAX_WAIT_S", "DaemonConfig"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+MAX_WAIT_S = 3600.0
+"""The longest shutdown grace or monitor interval a daemon accepts (an hour)."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """How the daemon runs. Kebab-case keys work with :func:`shared.config.from_flat`.
+
+    ``host`` must be a loopback address unless ``allow_remote`` (the API serves one user's
+    data; exposing it to the network is a deliberate choice). ``max_batch`` bounds events or
+    feedback per request (413 beyond it) and ``max_body_bytes`` the request body (413).
+    ``candidate_pool``: how many model candidates the exploration policy re-ranks.
+    ``keep_models``: sealed versions kept on disk (for rollback). ``max_impressions``: how many
+    recommended items are remembered for feedback checks. ``privacy_*``: the budget reported
+    by ``/status`` (the ledger file holds what was spent). ``exploration``: the re-ranking
+    policy (:class:`~shared.bandits.policies.BanditConfig`; flat keys ``bandit-<key>`` in
+    :meth:`from_values`); its ``top_n`` must fit in ``candidate_pool``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    allow_remote: bool = False
+    max_batch: int = 1000
+    max_body_bytes: int = 1_048_576
+    candidate_pool: int = 200
+    keep_models: int = 3
+    max_impressions: int = 10_000
+    privacy_epsilon: float = PrivacyBudget.epsilon
+    privacy_delta: float = PrivacyBudget.delta
+    shutdown_grace_s: float = 10.0
+    monitor_interval_s: float = 0.5
+    log_level: str = "warning"
+    exploration: BanditConfig = field(default_factory=BanditConfig)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object]) -> DaemonConfig:
+        """Build from flat kebab-case keys; ``bandit-<key>`` keys configure ``exploration``
+        (e.g. ``bandit-policy=thompson bandit-mmr-lambda=0.6``)."""
+        own: dict[str, object] = {}
+        bandit: dict[str, object] = {}
+        for key, value in values.items():
+            name = kebab(key)
+            if name.startswith("bandit-"):
+                bandit[name.removeprefix("bandit-")] = value
+            elif name == "exploration":
+                raise ConfigError("set the exploration policy with bandit-<key>=value keys")
+            else:
+                own[name] = value
+        cfg = from_flat(cls, own)
+        return replace(cfg, exploration=from_flat(BanditConfig, bandit)) if bandit else cfg
+
+    def __post_init__(self) -> None:
+        if not self.allow_remote and not _is_loopback(self.host):
+            raise ConfigError(
+                f"host {self.host!r} is not a loopback address; the local API serves this "
+                f"user's data, so it binds to 127.0.0.1 by default. Add --config "
+                f"allow-remote=true only if it must be reachable from the network (and put TLS "
+                f"in front of it)"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port}")
+        for name in ("max_batch", "max_body_bytes", "candidate_pool", "keep_models"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.max_impressions < 1:
+            raise ConfigError(f"max-impressions must be >= 1, got {self.max_impressions}")
+        if not isinstance(self.exploration, BanditConfig):
+            raise ConfigError(
+                f"exploration must be a BanditConfig, got {type(self.exploration).__name__}"
+            )
+        if self.exploration.top_n > self.candidate_pool:
+            raise ConfigError(
+                f"bandit-top-n ({self.exploration.top_n}) exceeds candidate-pool "
+                f"({self.candidate_pool}): the policy re-ranks the daemon's candidates; raise "
+                f"candidate-pool or lower bandit-top-n"
+            )
+        check_budget(
+            self.privacy_epsilon, self.privacy_delta, names=("privacy-epsilon", "privacy-delta")
+        )
+        # NaN passes a plain comparison: a NaN wait returns at once (a busy loop)
+        if not 0 <= self.shutdown_grace_s <= MAX_WAIT_S:
+            raise ConfigError(
+                f"shutdown-grace-s must be in [0, {MAX_WAIT_S:g}] seconds, "
+                f"got {self.shutdown_grace_s}"
+            )
+        if not 0 < self.monitor_interval_s <= MAX_WAIT_S:
+            raise ConfigError(
+                f"monitor-interval-s must be in (0, {MAX_WAIT_S:g}] seconds, "
+                f"got {self.monitor_interval_s}"
+            )
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if self.log_level not in levels:
+            raise ConfigError(
+                f"log-level must be one of {', '.join(levels)}, got {self.log_level!r}"
+            )
