@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fedrec.options import DataDirOpt, DatasetOpt, explicit_options
-from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS
+from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS, check_min_user_interactions
 from shared.data.registry import load_dataset_with_report
 from shared.errors import ConfigError
 
@@ -49,6 +49,7 @@ def info(
         )
     if min_user_interactions is None:
         min_user_interactions = DEFAULT_MIN_USER_INTERACTIONS
+    check_min_user_interactions(min_user_interactions)  # before a large file is read
     loaded = load_dataset_with_report(
         dataset, data_dir, synthetic_seed=seed, min_user_interactions=min_user_interactions
     )

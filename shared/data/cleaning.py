@@ -22,11 +22,13 @@ produces a silently wrong dataset. The counts are returned as a :class:`Cleaning
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -219,13 +221,73 @@ def column_index(
     return {name: i for i, name in enumerate(names)}
 
 
+def csv_rows(
+    path: Path, required: Sequence[str], optional: Sequence[str] = ()
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line, {column: value})`` for every row of the UTF-8 CSV file ``path`` that is not
+    blank, after its header is checked (:func:`column_index`); ``line`` is where the row
+    starts (a quoted field may span lines).
+
+    Quoting is read strictly: a quote that is never closed would otherwise swallow every
+    later row into one field and load a silently shorter file. It, and a field past the csv
+    module's size limit (the same slip in a large file), is a :class:`DataError` naming the
+    line where that row starts."""
+    warn_if_cut(path)
+    expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path} is empty; expected a header line {expected!r}")
+            index = column_index(path, header, required, optional)
+            while True:
+                start = reader.line_num + 1
+                row = next(reader, None)
+                if row is None:
+                    return
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(index):
+                    raise DataError(
+                        f"{path}, line {start}: expected {len(index)} columns "
+                        f"({','.join(index)}), found {len(row)}: {row[:6]}"
+                    )
+                yield start, {name: row[i] for name, i in index.items()}
+        except UnicodeDecodeError:
+            raise not_decodable(path, "utf-8") from None
+        except csv.Error as err:
+            raise DataError(f"{path}, line {start}: {_csv_problem(err)}") from None
+
+
+def _csv_problem(err: csv.Error) -> str:
+    text = str(err)
+    if "end of data" in text or "field limit" in text:
+        return (
+            "a quoted field starts in this row and is never closed (or runs past "
+            f"{csv.field_size_limit():,} characters); close the quote, or double a quote "
+            'that is part of the text ("")'
+        )
+    return f'malformed quoting ({text}); a quote inside a quoted field must be doubled ("")'
+
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """The range of the integer columns' array type."""
 
 
+def _plain(value: str) -> bool:
+    """Python's ``int``/``float`` also take ``1_000`` and digits of other scripts, which the
+    fast numeric reader (``np.loadtxt``) does not: a number here is plain ASCII."""
+    return value.isascii() and "_" not in value
+
+
 def parse_int(value: str, path: Path, line: int, column: str) -> int:
-    """``int(value)`` or a :class:`DataError` naming file, line and column."""
+    """``int(value)`` of a plain number (:func:`_plain`), or a :class:`DataError` naming
+    file, line and column."""
     try:
+        if not _plain(value):
+            raise ValueError(value)
         number = int(value)
     except ValueError:
         raise DataError(
@@ -242,8 +304,11 @@ def parse_int(value: str, path: Path, line: int, column: str) -> int:
 
 
 def parse_float(value: str, path: Path, line: int, column: str) -> float:
-    """``float(value)`` or a :class:`DataError` naming file, line and column."""
+    """``float(value)`` of a plain number (:func:`_plain`), or a :class:`DataError` naming
+    file, line and column."""
     try:
+        if not _plain(value):
+            raise ValueError(value)
         return float(value)
     except ValueError:
         raise DataError(
@@ -279,11 +344,14 @@ def read_numeric_table(
     are supported.
     """
     names = list(columns)
+    encoding = _numeric_encoding(path, encoding)
     try:
         if has_header:
             with path.open(encoding=encoding) as f:
-                header = f.readline().rstrip("\r\n").split(sep)
-            index = column_index(path, header, names)
+                line = f.readline().rstrip("\r\n")
+            if not line.strip():
+                raise DataError(f"{path} is empty; expected the header {sep.join(names)!r}")
+            index = column_index(path, line.split(sep), names)
             names = sorted(names, key=index.__getitem__)  # file order
         dtype = np.dtype(
             [(f"c{i}", np.int64 if columns[n] is int else np.float64) for i, n in enumerate(names)]
@@ -298,6 +366,18 @@ def read_numeric_table(
         raise not_decodable(path, encoding) from None
     warn_if_cut(path)
     return {n: np.ascontiguousarray(table[f"c{i}"]) for i, n in enumerate(names)}
+
+
+def _numeric_encoding(path: Path, encoding: str) -> str:
+    """``encoding``, or ``utf-8-sig`` for a file that starts with UTF-8's byte-order mark
+    (an editor's addition: the numbers are ASCII either way); UTF-16 is refused."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8 (or plain ASCII)")
+    return encoding
 
 
 def warn_if_cut(path: Path) -> None:
@@ -407,8 +487,8 @@ def finalize(
             f"{name}: no interactions left after cleaning {raw.path} ({unknown} with unknown "
             f"items, {duplicates} duplicates, {repeats} repeats, {short_rows} of users with "
             f"fewer than "
-            f"{min_user_interactions} interactions); check the files or lower "
-            f"--min-user-interactions (min-user-interactions in a run config)"
+            f"{min_user_interactions} interactions); check the files (`fedrec data info "
+            f"--min-user-interactions N` shows what a lower threshold would keep)"
         )
     dataset = build_dataset(
         name,

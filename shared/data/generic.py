@@ -10,9 +10,7 @@ mark is accepted). Unknown columns are an error, so a misspelt column never goes
 
 from __future__ import annotations
 
-import csv
 import logging
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,11 @@ from shared.data.cleaning import (
     Catalog,
     LoadedDataset,
     RawInteractions,
-    column_index,
+    csv_rows,
     finalize,
-    not_decodable,
     parse_float,
     parse_int,
     require_file,
-    warn_if_cut,
 )
 from shared.data.movielens import split_genres
 from shared.errors import DataError
@@ -65,7 +61,7 @@ def read_generic_items(path: Path) -> Catalog:
     texts: list[str] = []
     titles: list[str] = []
     categories: list[list[str]] = []
-    for line, row in _rows(path, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS):
+    for line, row in csv_rows(path, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS):
         ids.append(_required(row, "item", path, line))
         texts.append(row["text"].strip())
         titles.append(row.get("title", row["text"]).strip())
@@ -81,7 +77,7 @@ def read_generic_interactions(path: Path) -> RawInteractions:
     users: list[str] = []
     items: list[str] = []
     stamps: list[int] = []
-    for line, row in _rows(path, INTERACTION_COLUMNS, INTERACTION_OPTIONAL_COLUMNS):
+    for line, row in csv_rows(path, INTERACTION_COLUMNS, INTERACTION_OPTIONAL_COLUMNS):
         users.append(_required(row, "user", path, line))
         items.append(_required(row, "item", path, line))
         stamps.append(parse_int(row["timestamp"].strip(), path, line, "timestamp"))
@@ -93,32 +89,6 @@ def read_generic_interactions(path: Path) -> RawInteractions:
         np.asarray(items, dtype=str),
         np.asarray(stamps, dtype=np.int64),
     )
-
-
-def _rows(
-    path: Path, required: Sequence[str], optional: Sequence[str]
-) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield ``(line number, {column: value})`` for every non-blank row, header checked."""
-    warn_if_cut(path)
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                expected = ",".join(required) + "".join(f"[,{c}]" for c in optional)
-                raise DataError(f"{path} is empty; expected a header line {expected!r}")
-            index = column_index(path, header, required, optional)
-            for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(index):
-                    raise DataError(
-                        f"{path}, line {reader.line_num}: expected {len(index)} columns "
-                        f"({','.join(index)}), found {len(row)}: {row[:6]}"
-                    )
-                yield reader.line_num, {name: row[i] for name, i in index.items()}
-        except UnicodeDecodeError:
-            raise not_decodable(path, "utf-8") from None
 
 
 def _required(row: dict[str, str], column: str, path: Path, line: int) -> str:

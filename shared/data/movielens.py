@@ -9,7 +9,6 @@ to :func:`shared.data.cleaning.finalize` for the documented filters. The genre m
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from pathlib import Path
@@ -20,10 +19,9 @@ from shared.data.cleaning import (
     ColumnKinds,
     LoadedDataset,
     RawInteractions,
-    column_index,
+    csv_rows,
     finalize,
     format_item_text,
-    not_decodable,
     parse_int,
     read_numeric_table,
     require_file,
@@ -185,25 +183,9 @@ def read_ml1m_movies(path: Path) -> Catalog:
 def read_ml_latest_movies(path: Path) -> Catalog:
     """Parse ``movies.csv`` (``movieId,title,genres``; titles may be quoted and hold commas)."""
     builder = _CatalogBuilder(path)
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path} is empty; expected the header movieId,title,genres")
-            index = column_index(path, header, ML_LATEST_MOVIE_COLUMNS)
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}, line {reader.line_num}: expected {len(header)} columns "
-                        f"({','.join(header)}), found {len(row)}: {row[:4]}"
-                    )
-                movie = parse_int(row[index["movieId"]], path, reader.line_num, "movieId")
-                builder.add(movie, row[index["title"]], split_genres(row[index["genres"]]))
-        except UnicodeDecodeError:
-            raise not_decodable(path, "utf-8") from None
+    for line, row in csv_rows(path, ML_LATEST_MOVIE_COLUMNS):
+        movie = parse_int(row["movieId"], path, line, "movieId")
+        builder.add(movie, row["title"], split_genres(row["genres"]))
     return builder.build()
 
 

@@ -9,6 +9,7 @@ student and the int8 on-device model are measured by the same code.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from shared.eval.metrics import FloatArray, hit_rate_at_k, ndcg_at_k, ranks_from
 from shared.eval.splits import ColdItemSplit, ProtocolSplit
 from shared.io import check_output_file, ensure_dir
 from shared.models.base import Scorer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def case_ranks(
     n_items = scorer.n_items
     sampled: list[FloatArray] = []
     full: list[FloatArray] = []
+    short = 0  # cases with fewer unseen items than config.n_negatives
     for batch in _batches(cases, config.batch_size):
         scores = np.asarray(scorer.score([c.history for c in batch]), dtype=np.float64)
         targets = np.array([c.target for c in batch], dtype=np.int64)
@@ -108,9 +112,20 @@ def case_ranks(
             full_mask[row, c.exclude] = False
             full_mask[row, c.target] = False
             negs = sample_negatives(c.seen, n_items, config.n_negatives, config.seed, c.user)
+            short += len(negs) < config.n_negatives
             sampled_mask[row, negs] = True
         full.append(ranks_from_scores(target_scores, scores, full_mask))
         sampled.append(ranks_from_scores(target_scores, scores, sampled_mask))
+    if short:  # e.g. a tiny catalog: the sampled metric is then easier than the protocol's
+        logger.warning(
+            "%d of %d users have fewer than %d items they never interacted with: their sampled "
+            "rank is against all of those, so sampled HR/NDCG overstate the protocol's figure "
+            "(the catalog has %d items)",
+            short,
+            len(cases),
+            config.n_negatives,
+            n_items,
+        )
     return CaseRanks(
         np.concatenate(sampled) if sampled else np.zeros(0),
         np.concatenate(full) if full else np.zeros(0),
