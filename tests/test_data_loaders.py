@@ -246,6 +246,8 @@ def test_generic_minimal_columns(tmp_path: Path) -> None:
     assert seq_raw(ds, "u") == ["x", "y", "z"]
     assert ds.item_titles == ["Item X", "Item Y", "Item Z"]
     assert ds.item_categories == [[], [], []]
+    write(root / "items.csv", "item,text,title\nx,Item X,Ex\ny,Item Y,\nz,Item Z, \n")
+    assert load_generic(root).dataset.item_titles == ["Ex", "Item Y", "Item Z"]  # empty: text
 
 
 def test_format_item_text() -> None:

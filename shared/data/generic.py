@@ -64,7 +64,7 @@ def read_generic_items(path: Path) -> Catalog:
     for line, row in csv_rows(path, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS):
         ids.append(_required(row, "item", path, line))
         texts.append(row["text"].strip())
-        titles.append(row.get("title", row["text"]).strip())
+        titles.append(row.get("title", "").strip() or row["text"].strip())  # empty: the text
         categories.append(split_genres(row.get("genres", "")))
     empty = sum(1 for t in texts if not t)
     if empty:
