@@ -467,11 +467,27 @@ def test_deployment_run_config_points_at_the_state_dir(
     assert pyproject["project"]["dependencies"] == []  # nothing to install at run time
 
 
-def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The run configs `fedrec server start` submits, with the SuperLink left out."""
     import server.superlink as superlink
 
+    configs: list[dict[str, Any]] = []
+
+    class Runner:
+        def __init__(self, layout: Any, options: Any, config: dict[str, Any], echo: Any) -> None:
+            configs.append(config)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(superlink, "ServerRunner", Runner)
+    return configs
+
+
+def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
+    tmp_path: Path, submitted: list[dict[str, Any]]
+) -> None:
     layout = init_state_dir(tmp_path / "s")
     with pytest.raises(ConfigError, match=r"unknown --run-config key 'user-dp-clp'.*user-dp-clip"):
         deployment_run_config(
@@ -480,16 +496,6 @@ def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
             num_rounds=1,
             overrides={"task": "toy-linear", "user-dp-clp": 0.5},
         )
-    submitted: list[dict[str, Any]] = []
-
-    class Runner:
-        def __init__(self, layout: Any, options: Any, config: dict[str, Any], echo: Any) -> None:
-            submitted.append(config)
-
-        def run(self) -> int:
-            return 0
-
-    monkeypatch.setattr(superlink, "ServerRunner", Runner)
     base = ["server", "start", "--state-dir", str(layout.state_dir)]
     given = "task=toy-linear num-rounds=5 min-available-clients=4"
     for extra, rounds, clients in (
@@ -505,9 +511,8 @@ def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
 
 
 def test_every_run_setting_is_a_server_start_flag(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, submitted: list[dict[str, Any]]
 ) -> None:
-    import server.superlink as superlink
     from fedrec.server_settings import NOT_FLAGS, START_SETTINGS_HELP
     from server.server_app import ServerConfig
     from shared.config import field_names, kebab
@@ -523,16 +528,6 @@ def test_every_run_setting_is_a_server_start_flag(
     shown = runner.invoke(app, ["server", "start", "--help"], env={"COLUMNS": "250"}).output
     for name in documented:
         assert f"--{kebab(name)} " in shown, name
-    submitted: list[dict[str, Any]] = []
-
-    class Runner:
-        def __init__(self, layout: Any, options: Any, config: dict[str, Any], echo: Any) -> None:
-            submitted.append(config)
-
-        def run(self) -> int:
-            return 0
-
-    monkeypatch.setattr(superlink, "ServerRunner", Runner)
     layout = init_state_dir(tmp_path / "s")
     base = ["server", "start", "--state-dir", str(layout.state_dir)]
     given = ["--run-config", "task=toy-linear noise-multiplier=2.0 batch-size=8 cohort-size=4"]
