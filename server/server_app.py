@@ -67,6 +67,10 @@ if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-
 
 # ============================================================================ config
 
+#: Node id of partition 0 in a simulation, node ``i`` being ``SIMULATED_NODE_ID_BASE + i``
+#: (both backends): the seeded cohort sampler then picks the same clients in every run.
+SIMULATED_NODE_ID_BASE = 1_000
+
 #: The user-level DP journal in the checkpoint directory (see :meth:`UserLevelDP.resume`).
 USER_DP_JOURNAL = "user-dp-journal.json"
 
@@ -580,8 +584,8 @@ def _run_server(
         )
 
     reason = budget_stop(first_round)
-    if reason is not None:
-        log(INFO, "%s before it started", reason)
+    if reason is not None:  # a warning: the run does nothing, and the operator must see why
+        log(WARNING, "%s before it started", reason)
         return
     if user_dp is not None:
         log(INFO, "user-level DP: %r", user_dp)
@@ -812,7 +816,7 @@ class InProcessGrid(Grid):
         self._contexts: dict[int, Context] = {}
         self._locks: dict[int, threading.Lock] = {}
         for partition in range(num_nodes):
-            node_id = 1_000 + partition
+            node_id = SIMULATED_NODE_ID_BASE + partition
             self._contexts[node_id] = Context(
                 run_id=self._run.run_id,
                 node_id=node_id,

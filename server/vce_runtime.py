@@ -23,7 +23,15 @@ work of a small client:
   each actor ``JOBS_PER_ACTOR`` slots, so the next job is already queued at the actor
   when one finishes. A Ray actor still runs one job at a time, in order.
 
-:func:`tune_simulation_runtime` puts both into Flower's modules (idempotent; a Flower
+A third change is about results, not speed. Flower registers the simulated nodes under
+random ids, drawn anew in every process, while the server samples its cohorts from the
+sorted node ids with a seeded generator (:class:`server.strategy.ValidatingFedAvg`): the same
+seed then picked other clients in every run, and a resumed run other clients than an
+uninterrupted one. :func:`register_nodes_in_partition_order` registers node ``i`` (the
+client of partition ``i``) as ``SIMULATED_NODE_ID_BASE + i``, as the in-process backend
+does, so a seed fixes the cohorts.
+
+:func:`tune_simulation_runtime` puts all three into Flower's modules (idempotent; a Flower
 whose modules no longer hold its own objects under these names is left alone);
 :func:`server.server_app.run_simulation` calls it before every simulation.
 """
@@ -40,6 +48,7 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from server.flower_patch import replace_if_unchanged
+from server.server_app import SIMULATED_NODE_ID_BASE
 
 __all__ = [
     "DISPATCH_INTERVAL_S",
@@ -48,6 +57,7 @@ __all__ = [
     "PipelinedRayBackend",
     "add_pending_messages_to_queue",
     "pending_node_ids",
+    "register_nodes_in_partition_order",
     "tune_simulation_runtime",
 ]
 
@@ -56,9 +66,33 @@ JOBS_PER_ACTOR = 2
 TERMINATE_WAIT_S = 15.0
 
 _vce_api = importlib.import_module("flwr.server.superlink.fleet.vce.vce_api")
+_linkstate = importlib.import_module("flwr.server.superlink.linkstate.in_memory_linkstate")
+_flower_register: Callable[..., dict[int, int]] = _vce_api._register_nodes
+_registration = threading.Lock()
+_DRAW = "generate_rand_int_from_bytes"  # how the in-memory LinkState picks a node id
 _ray_backend = importlib.import_module("flwr.server.superlink.fleet.vce.backend.raybackend")
 _flower_dispatch: Callable[..., None] = _vce_api.add_messages_to_queue
 _FlowerRayBackend: type = _ray_backend.RayBackend
+
+
+def register_nodes_in_partition_order(num_nodes: int, state_factory: Any) -> dict[int, int]:
+    """Drop-in for ``vce_api._register_nodes``: the same registration, with node ``i``
+    registered as ``SIMULATED_NODE_ID_BASE + i`` instead of a random id (the in-memory
+    LinkState draws its ids from ``generate_rand_int_from_bytes``, replaced meanwhile)."""
+    ids = iter(range(SIMULATED_NODE_ID_BASE, SIMULATED_NODE_ID_BASE + num_nodes))
+    draw = getattr(_linkstate, _DRAW)
+    with _registration:
+        setattr(_linkstate, _DRAW, lambda *args, **kwargs: next(ids))
+        try:
+            mapping = _flower_register(num_nodes, state_factory)
+        finally:
+            setattr(_linkstate, _DRAW, draw)
+    if sorted(mapping) != [SIMULATED_NODE_ID_BASE + i for i in sorted(mapping.values())]:
+        raise RuntimeError(  # a Flower whose LinkState draws ids elsewhere: say so, loudly
+            "simulated nodes were not registered in partition order; Flower's LinkState "
+            "changed (see server/vce_runtime.py)"
+        )
+    return mapping
 
 
 def pending_node_ids(state: Any) -> list[int] | None:
@@ -159,9 +193,13 @@ class PipelinedRayBackend(_FlowerRayBackend):
 
 
 def tune_simulation_runtime() -> None:
-    """Make Flower's simulation runtime use :func:`add_pending_messages_to_queue` and
-    :class:`PipelinedRayBackend` (see the module docstring)."""
+    """Make Flower's simulation runtime use :func:`add_pending_messages_to_queue`,
+    :func:`register_nodes_in_partition_order` and :class:`PipelinedRayBackend` (see the
+    module docstring)."""
     replace_if_unchanged(
         _vce_api, "add_messages_to_queue", _flower_dispatch, add_pending_messages_to_queue
+    )
+    replace_if_unchanged(
+        _vce_api, "_register_nodes", _flower_register, register_nodes_in_partition_order
     )
     replace_if_unchanged(_ray_backend, "RayBackend", _FlowerRayBackend, PipelinedRayBackend)

@@ -27,6 +27,7 @@ import torch
 from shared.config import to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.registry import load_dataset
+from shared.errors import ConfigError
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
@@ -123,6 +124,7 @@ def _run_stages(
 
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)
+    _check_population(config, len(split.evaluable(split.federated_users)))
     progress("text", {"items": dataset.n_items})
     encoder = encoder_config(config.text_model, cache, config.progress)
     text = encode_items(dataset.item_text, encoder)
@@ -163,12 +165,28 @@ def _run_stages(
 
     progress("evaluate", {})
     trained = max((int(r["round"]) for r in federation["rounds"]), default=0)
-    if trained < config.rounds:
+    if trained > config.rounds:
+        log.warning(
+            "this run directory had already trained %d rounds: --rounds %d re-evaluates the "
+            "round-%d model (give --rounds %d or more to train further)",
+            trained,
+            config.rounds,
+            trained,
+            trained + 1,
+        )
+    elif trained < config.rounds:
         log.warning(
             "the federation stopped after round %d of %d (a user-level privacy budget that the "
             "next round would exceed ends a run early; metrics.jsonl has each round)",
             trained,
             config.rounds,
+        )
+    updated = sum(1 for r in federation["rounds"] if r.get("updated") is not False)
+    if federation["rounds"] and not updated:
+        log.warning(
+            "no round changed the global model: in each, the clients declined (e.g. an "
+            "epsilon-budget they had spent), failed or timed out (metrics.jsonl counts them); "
+            "the federated figures below are the pretrained model's"
         )
     summary = _evaluate(
         config, run, dataset, split, pre, initial, final_model, adapter_init, trained
@@ -181,6 +199,7 @@ def _run_stages(
         "federated clients": len(clients),
         "rounds": trained,
         "rounds requested": config.rounds,
+        "rounds that changed the model": updated,
         "cohort": min(config.cohort_size, len(clients)),
         "secagg": config.secagg,
         "dp": config.dp,
@@ -238,6 +257,17 @@ def _run_root(config: SimulationConfig) -> Path:
         n += 1
         root = base.with_name(f"{base.name}-{n}")
     return root
+
+
+def _check_population(config: SimulationConfig, n_clients: int) -> None:
+    """Refuse, before pretraining, settings the dataset's number of clients cannot meet (the
+    cohort is capped at the clients there are, which the config alone does not know)."""
+    if config.noise_shares > n_clients:
+        raise ConfigError(
+            f"'noise-shares' ({config.noise_shares}) exceeds the {n_clients} federated clients "
+            f"of this dataset (cohort-size {config.cohort_size} is capped at them): every "
+            f"round's aggregate would be discarded; give noise-shares <= {n_clients}"
+        )
 
 
 def _client_data(split: ProtocolSplit) -> ClientData:
@@ -317,6 +347,7 @@ def _federate(
             "epsilon_record": max(eps) if eps else None,
             "epsilon_record_mean": float(np.mean(eps)) if eps else None,
             "epsilon_user": report.epsilon_user,
+            "updated": report.fit.updated,
         }
         if report.evaluate is not None and report.evaluate.ok:
             m = report.evaluate.metrics
@@ -346,7 +377,10 @@ def _federate(
 
         latest = CheckpointStore(run.checkpoints).latest()
         if latest is None:
-            raise FedRecError("the federation finished no round; see the log above for why")
+            raise FedRecError(
+                "the federation finished no round; the server's warning above says why (e.g. "
+                "a user-level epsilon budget that its first round would exceed)"
+            )
         state["parameters"] = [np.asarray(a) for a in latest.parameters]
     return {
         "parameters": state["parameters"],
@@ -396,6 +430,7 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
             fit_seconds=m.get("fit-seconds"),
             round_seconds=m.get("round-seconds"),
             valid_loss=m.get("eval-loss"),
+            updated=m.get("updated"),
             backfilled=True,
         )
 

@@ -21,11 +21,35 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from shared.eval.compare import PairedDifference
 from shared.io import REPORT_MODE, write_bytes_atomic
 
 K = 10
+
+#: What the columns of the round table (``metrics.jsonl``'s round records) mean.
+ROUND_COLUMNS = {
+    "clients_ok": "clients whose update was aggregated",
+    "clients_declined": "clients that declined to train (e.g. their epsilon budget)",
+    "clients_failed": "clients that failed or whose update was rejected",
+    "updated": "whether the round changed the global model",
+    "epsilon_record": "record-level epsilon, the most any client has spent so far",
+    "epsilon_record_mean": "record-level epsilon, mean over the clients that have trained",
+    "epsilon_user": "user-level epsilon of the server's noise, cumulative",
+    f"valid_sampled_hr@{K}": f"sampled HR@{K} of federated evaluation (validation item)",
+    f"valid_full_hr@{K}": f"full-ranking HR@{K} of federated evaluation (validation item)",
+    "valid_loss": "next-item loss of federated evaluation",
+    "backfilled": "logged from the checkpoint after a crash (no evaluation, no epsilon)",
+}
+
+_LEGEND = {
+    "epsilon_record": "record-level, max over clients",
+    "epsilon_record_mean": "record-level, mean over clients",
+    "epsilon_user": "user-level",
+    f"valid_sampled_hr@{K}": "sampled",
+    f"valid_full_hr@{K}": "full ranking",
+}
 
 
 def write_report(summary: dict[str, Any], out_dir: str | Path) -> Path:
@@ -53,26 +77,38 @@ def _plot_rounds(summary: dict[str, Any], path: Path, kind: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if kind == "accuracy":
         keys = [f"valid_sampled_hr@{K}", f"valid_full_hr@{K}"]
+        ax.set_title("Federated evaluation per round")
         ax.set_ylabel(f"HR@{K} (validation)")
     else:
-        keys = ["epsilon_record", "epsilon_user"]
-        ax.set_ylabel("epsilon spent")
+        keys = ["epsilon_record", "epsilon_record_mean", "epsilon_user"]
+        ax.set_title("Privacy spent per round (cumulative)")
+        ax.set_ylabel("epsilon")
     plotted = False
     for key in keys:
         ys = [r.get(key) for r in rounds]
         if any(y is not None for y in ys):
-            ax.plot(x, [float("nan") if y is None else y for y in ys], marker="o", label=key)
+            ys_plot = [float("nan") if y is None else y for y in ys]
+            ax.plot(x, ys_plot, marker="o", label=_LEGEND.get(key, key))
             plotted = True
     if not plotted:
         plt.close(fig)
         return None
     ax.set_xlabel("round")
+    if len(x) <= 20:
+        ax.set_xticks(x)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.legend(fontsize="small")
+    _save(fig, path)
     return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save a plot with its outside legend, if any, in the picture."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _plot_fewshot(summary: dict[str, Any], path: Path) -> Path | None:
@@ -88,13 +124,13 @@ def _plot_fewshot(summary: dict[str, Any], path: Path) -> Path | None:
             marker="o",
             label=model,
         )
+    ax.set_title("Few-shot: cold-start users after K interactions")
     ax.set_xlabel("K (support interactions)")
     ax.set_ylabel(f"sampled HR@{K}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
     return path
 
 
@@ -119,12 +155,11 @@ def _plot_final(summary: dict[str, Any], path: Path) -> Path | None:
         label=f"full HR@{K}",
     )
     ax.set_xticks(list(xs), [m for m, _ in rows], rotation=30, ha="right")
-    ax.set_ylabel("federated users, test")
-    ax.legend()
+    ax.set_title("Test accuracy, federated users", pad=24)
+    ax.set_ylabel(f"HR@{K}")
+    ax.legend(fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -176,12 +211,15 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
         ),
     )
     rounds = summary.get("rounds", [])
-    keys = [k for k in rounds[0] if k != "round"] if rounds else []
+    keys = list(dict.fromkeys(k for r in rounds for k in r if k != "round"))
     lines += _table(
         "Rounds",
         ["round", *keys],
         ([str(r["round"]), *(_fmt(r.get(k)) for k in keys)] for r in rounds),
     )
+    explained = [f"- `{k}`: {ROUND_COLUMNS[k]}" for k in keys if k in ROUND_COLUMNS]
+    if explained:
+        lines += [*explained, ""]
     for title, p in plots.items():
         lines += [f"![{title}]({p.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)

@@ -155,6 +155,9 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         "-0.010 [-0.040, +0.020], within noise |" in text
     )
     assert "| fewshot k=1 | student - ease | -0.050 [-0.090, -0.010], B better |" in text
+    # the round table says what its columns are (the max-client epsilon was read as a mean)
+    assert "- `epsilon_record`: record-level epsilon, the most any client has spent" in text
+    assert "`clients_ok`" not in text  # only the columns the table has
     for name in ("accuracy_per_round", "epsilon_per_round", "fewshot_vs_k", "comparison"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"

@@ -597,3 +597,42 @@ def _wait_for_a_round(proc: Any, metrics: Path) -> None:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline, "no round finished"
         time.sleep(0.5)
+
+
+def test_the_run_clock_keeps_running_through_evaluation() -> None:
+    """The bar is full once the last round is done; evaluation then takes minutes on
+    ml-100k, and rich's elapsed column stopped at the last round (the run looked hung)."""
+    from rich.progress import Progress, TimeElapsedColumn
+
+    from fedrec.commands.simulate import _RunClock
+
+    now = [0.0]
+    with Progress(get_time=lambda: now[0], disable=True) as bar:
+        task_id = bar.add_task("round", total=2)
+        now[0] = 5.0
+        bar.update(task_id, completed=2)  # the rounds are done
+        now[0] = 65.0  # evaluating
+        task = bar.tasks[0]
+        assert str(TimeElapsedColumn().render(task)) == "0:00:05"
+        assert str(_RunClock().render(task)) == "0:01:05"
+
+
+def test_noise_shares_beyond_the_datasets_clients_is_refused_before_pretraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config check knows the cohort asked for, not the clients the dataset has (the
+    cohort is capped at them): it used to fail after pretraining, quoting a cohort-size the
+    user never gave."""
+    import simulation.pipeline
+
+    def no_pretraining(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pretrained before the check")
+
+    monkeypatch.setattr(simulation.pipeline, "pretrain", no_pretraining)
+    args = ["simulate", "--run-dir", str(tmp_path), "--synthetic-users", "40", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--noise-shares", "40", "--cohort-size", "50"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "'noise-shares' (40) exceeds the 29 federated clients of this dataset" in str(
+        result.exception
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing left behind

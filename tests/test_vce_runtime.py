@@ -1,5 +1,6 @@
 """The simulation-runtime fixes of ``server.vce_runtime``: dispatch that asks only the
-nodes with pending instructions, and two jobs in flight per Ray actor."""
+nodes with pending instructions, two jobs in flight per Ray actor, and node ids that follow
+the partitions."""
 
 from __future__ import annotations
 
@@ -222,9 +223,36 @@ def test_termination_waits_for_messages_in_flight_and_refuses_new_ones(
     assert seen_at_shutdown == [0]
 
 
+def _linkstate_factory() -> Any:
+    """An empty in-memory LinkState factory, built as Flower's simulation engine builds it."""
+    api = vce_runtime._vce_api
+    return api.LinkStateFactory(
+        api.FLWR_IN_MEMORY_DB_NAME, api.NoOpFederationManager(), api.ObjectStoreFactory()
+    )
+
+
+def test_simulated_nodes_are_registered_under_their_partitions_ids() -> None:
+    """Flower drew random node ids in every process, so the seeded cohort sampler (which
+    samples sorted node ids) picked other clients in every run and after every resume."""
+    from server.server_app import SIMULATED_NODE_ID_BASE
+
+    draw = vce_runtime._linkstate.generate_rand_int_from_bytes
+    runs = []
+    for _ in range(2):
+        factory = _linkstate_factory()
+        mapping = vce_runtime.register_nodes_in_partition_order(5, factory)
+        runs.append(mapping)
+        assert factory.state().get_node_info(node_ids=list(mapping))  # really registered
+    assert runs[0] == runs[1] == {SIMULATED_NODE_ID_BASE + i: i for i in range(5)}
+    assert vce_runtime._linkstate.generate_rand_int_from_bytes is draw  # put back
+    flowers = vce_runtime._flower_register(3, _linkstate_factory())  # the random ids it fixes
+    assert sorted(flowers) != [SIMULATED_NODE_ID_BASE + i for i in range(3)]
+
+
 def test_tuning_swaps_flowers_runtime_objects_once() -> None:
     vce_runtime.tune_simulation_runtime()
     vce_runtime.tune_simulation_runtime()  # idempotent
+    assert vce_runtime._vce_api._register_nodes is vce_runtime.register_nodes_in_partition_order
     assert vce_runtime._vce_api.add_messages_to_queue is vce_runtime.add_pending_messages_to_queue
     assert vce_runtime._ray_backend.RayBackend is vce_runtime.PipelinedRayBackend
     assert vce_runtime.PipelinedRayBackend.__mro__[1] is vce_runtime._FlowerRayBackend

@@ -9,13 +9,15 @@ import shlex
 import signal
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from fedrec.options import (
     NON_EMPTY_PATH,
@@ -112,7 +114,7 @@ def simulate(
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
+        _RunClock(),
         console=console,
         disable=not config.progress,
     ) as bar:
@@ -120,12 +122,17 @@ def simulate(
 
         def progress(stage: str, info: dict[str, Any]) -> None:
             if stage == "round":
+                user_eps = info.get("epsilon_user")
+                eps = (
+                    f"user eps {_fmt(user_eps)}"
+                    if user_eps is not None
+                    else f"max client eps {_fmt(info.get('epsilon_record'))}"
+                )
                 text = (
                     f"ok {info['clients_ok']} declined {info['clients_declined']} "
                     f"failed {info['clients_failed']} | "
-                    f"HR@10 {_fmt(info.get('valid_sampled_hr@10'))} | "
-                    f"loss {_fmt(info.get('valid_loss'))} | "
-                    f"eps {_fmt(info.get('epsilon_record'))}"
+                    f"valid HR@10 (sampled) {_fmt(info.get('valid_sampled_hr@10'))} | "
+                    f"loss {_fmt(info.get('valid_loss'))} | {eps}"
                 )
                 bar.update(task, description="round", completed=info["round"], info=text)
             elif stage == "run":
@@ -154,6 +161,17 @@ def simulate(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     _print_summary(summary)
+
+
+class _RunClock(TimeElapsedColumn):
+    """Elapsed time that keeps running once the rounds are done: evaluation follows them
+    (minutes on ml-100k), and a clock stopped at the last round made the run look hung."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed
+        if elapsed is None:
+            return Text("-:--:--", style="progress.elapsed")
+        return Text(str(timedelta(seconds=int(elapsed))), style="progress.elapsed")
 
 
 STOP_WATCHDOG_S = 20.0
