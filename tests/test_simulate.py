@@ -636,3 +636,28 @@ def test_noise_shares_beyond_the_datasets_clients_is_refused_before_pretraining(
         result.exception
     )
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_a_run_in_which_no_round_changed_the_model_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every client declines for budget: the run used to exit 0 reporting an N-round
+    federation whose model was the pretrained one, without a word."""
+    import logging
+
+    import shared.eval.protocol
+
+    monkeypatch.setattr(shared.eval.protocol, "_WARNED_SHORT_POOLS", set())  # a fresh process
+
+    args = ["simulate", "--run-dir", str(tmp_path), "--name", "spent", "--no-progress"]
+    args += ["--backend", "inprocess", "--synthetic-users", "40", "--synthetic-items", "60"]
+    args += ["--teacher-epochs", "2", "--student-epochs", "2", "--rounds", "2"]
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(app, [*args, "--epsilon-budget", "0.05"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "spent" / "summary.json").read_text())
+    assert summary["meta"]["rounds that changed the model"] == 0
+    assert [r["updated"] for r in summary["rounds"]] == [False, False]
+    assert "no round changed the global model" in caplog.text
+    shorts = [r for r in caplog.records if "fewer than 99 items" in r.getMessage()]
+    assert len(shorts) == 1  # a 60-item catalog's sampled metric: said once, not per model

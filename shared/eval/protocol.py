@@ -26,6 +26,9 @@ from shared.models.base import Scorer
 
 logger = logging.getLogger(__name__)
 
+_WARNED_SHORT_POOLS: set[tuple[int, int]] = set()
+"""``(catalog size, negatives)`` already warned about by :func:`case_ranks`."""
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -116,7 +119,10 @@ def case_ranks(
             sampled_mask[row, negs] = True
         full.append(ranks_from_scores(target_scores, scores, full_mask))
         sampled.append(ranks_from_scores(target_scores, scores, sampled_mask))
-    if short:  # e.g. a tiny catalog: the sampled metric is then easier than the protocol's
+    if short and (n_items, config.n_negatives) not in _WARNED_SHORT_POOLS:
+        # e.g. a tiny catalog: the sampled metric is then easier than the protocol's (said
+        # once per catalog size: a run evaluates many models on the same users)
+        _WARNED_SHORT_POOLS.add((n_items, config.n_negatives))
         logger.warning(
             "%d of %d users have fewer than %d items they never interacted with: their sampled "
             "rank is against all of those, so sampled HR/NDCG overstate the protocol's figure "
