@@ -73,7 +73,11 @@ class RunDirectory:
         # in a folder that existed, what this run adds: a failed start removes only that
         self._added = [self.root / name for name in _RUN_ENTRIES if not (self.root / name).exists()]
         for folder in (self.root, self.checkpoints, self.plots):
-            ensure_dir(folder, what="the run directory", fix="pass --run-dir a writable folder")
+            ensure_dir(
+                folder,
+                what="the run directory",
+                fix="pass --run-dir a writable folder, or another --name",
+            )
         self._lock = try_lock(self.root / LOCK_FILE)
         if self._lock is None:
             raise ConfigError(

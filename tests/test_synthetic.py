@@ -295,6 +295,10 @@ def test_contradictory_config_raises() -> None:
         SyntheticConfig(min_interactions=50, max_interactions=10)
     with pytest.raises(ConfigError, match="released at launch"):
         SyntheticConfig(n_items=100, new_item_fraction=0.5, max_interactions=80)
+    # a catalog too small for the default lengths names the flag and the size that works
+    with pytest.raises(ConfigError, match=r"give at least 12 items \(--synthetic-items\)"):
+        SyntheticConfig(n_items=11)
+    SyntheticConfig(n_items=12)
     with pytest.raises(ConfigError):
         generate_world("default")  # type: ignore[arg-type]
 

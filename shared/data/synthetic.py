@@ -267,14 +267,16 @@ class SyntheticConfig:
         _check_int("n_descriptors", self.n_descriptors, 2, 12)
         _check_int("horizon_days", self.horizon_days, 1)
         if self.min_interactions > self.max_length:
-            source = (
-                f"max_interactions ({self.max_length})"
-                if self.max_interactions is not None
-                else f"the default max_interactions ({self.max_length}, half of the "
-                f"{self.n_launch_items} items released at launch)"
-            )
+            if self.max_interactions is None:  # the catalog is too small (--synthetic-items)
+                raise ConfigError(
+                    f"a synthetic world of {self.n_items} items is too small: each user needs "
+                    f"{self.min_interactions} interactions among half of the "
+                    f"{self.n_launch_items} items released at launch; give at least "
+                    f"{self._items_for(2 * self.min_interactions)} items (--synthetic-items)"
+                )
             raise ConfigError(
-                f"synthetic.min_interactions ({self.min_interactions}) must not exceed {source}"
+                f"synthetic.min_interactions ({self.min_interactions}) must not exceed "
+                f"max_interactions ({self.max_length})"
             )
         if self.n_launch_items < self.max_length:
             raise ConfigError(
@@ -300,6 +302,13 @@ class SyntheticConfig:
     def n_launch_items(self) -> int:
         """Items available from the first second of the timeline."""
         return self.n_items - self.n_new_items
+
+    def _items_for(self, launch: int) -> int:
+        """The smallest catalog with at least ``launch`` items released at launch."""
+        n = launch
+        while n - round(self.new_item_fraction * n) < launch:  # as n_launch_items counts
+            n += 1
+        return n
 
     def as_dict(self) -> dict[str, int | float | None]:
         """Plain dict (for logs and run manifests)."""
