@@ -128,6 +128,9 @@ NODE_SHARE_EVALUATION = "fedrec-share-evaluation"
 #: ``--node-config`` key: the most record-level epsilon this device spends, whatever the
 #: server's ``epsilon-budget`` (``fedrec client start --max-epsilon``).
 NODE_MAX_EPSILON = "fedrec-max-epsilon"
+#: ``--node-config`` key: the largest record-level delta this device accepts (its
+#: ``privacy-delta``), whatever the server's ``delta``.
+NODE_MAX_DELTA = "fedrec-max-delta"
 #: ``--node-config`` key: this device trains with DP-SGD only (``--allow-no-dp`` clears it).
 NODE_REQUIRE_DP = "fedrec-require-dp"
 DEVICE_TASK = "client.device.training:make_device_task"
@@ -148,14 +151,32 @@ def deployment_run_config(
         merged[NODE_SHARE_EVALUATION] = node_config.get(NODE_SHARE_EVALUATION) is True
         # the device owner's privacy floor, whatever the server asks for
         merged[NODE_REQUIRE_DP] = node_config.get(NODE_REQUIRE_DP) is not False
-        cap = node_config.get(NODE_MAX_EPSILON)
-        asked = merged.get("epsilon-budget", PrivacyBudget.epsilon)
-        numbers = [
-            v for v in (asked, cap) if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
-        if len(numbers) == 2:  # else the task's own check refuses the server's value
-            merged["epsilon-budget"] = float(min(numbers))
+        for key, node_key, default in (
+            ("epsilon-budget", NODE_MAX_EPSILON, PrivacyBudget.epsilon),
+            ("delta", NODE_MAX_DELTA, PrivacyBudget.delta),
+        ):
+            cap = _number(node_config.get(node_key, default))
+            if cap is None:
+                raise ConfigError(f"node config {node_key} must be a number")
+            asked = _number(merged.get(key, default))
+            # a server value that is no number (the task would read "100" as 100) gets the cap
+            merged[key] = cap if asked is None else min(asked, cap)
     return merged
+
+
+def _number(value: object) -> float | None:
+    """``value`` as the run config's readers take a number (``3``, ``3.5``, ``"3.5"``), or
+    ``None``: a privacy cap must compare what the task will actually use."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def client_id_of(context: Context) -> int:

@@ -258,6 +258,16 @@ def test_the_device_owner_sets_a_privacy_floor_the_server_cannot_lower(
     assert capped["epsilon-budget"] == 4.0
     smaller = deployment_run_config({"epsilon-budget": 2.0}, {**node, "fedrec-max-epsilon": 4.0})
     assert smaller["epsilon-budget"] == 2.0
+    # a budget sent as text, which the task reads as a number, was left uncapped
+    text = deployment_run_config({"epsilon-budget": "100"}, {**node, "fedrec-max-epsilon": 4.0})
+    assert text["epsilon-budget"] == 4.0
+    junk = deployment_run_config({"epsilon-budget": "lots"}, {**node, "fedrec-max-epsilon": 4.0})
+    assert junk["epsilon-budget"] == 4.0
+    # delta is capped too: at delta 0.5 the same spend reads as a far smaller epsilon
+    loose = deployment_run_config({"delta": 0.5}, {**node, "fedrec-max-delta": 1e-5})
+    assert loose["delta"] == 1e-5
+    assert deployment_run_config({"delta": 1e-7}, node)["delta"] == 1e-7  # stricter: kept
+    assert deployment_run_config({}, node)["delta"] == 1e-5  # the device default
     # a server cannot switch the device's DP requirement off (a device default)
     assert deployment_run_config({"fedrec-require-dp": False}, node)["fedrec-require-dp"] is True
     task, params = _ready_device_task(device, bundle)
@@ -476,6 +486,7 @@ def test_the_device_spends_by_the_budget_it_reports(
             spec = supernode_spec(daemon.layout, node)
         node_config = spec.argv[list(spec.argv).index("--node-config") + 1]
         assert f"fedrec-max-epsilon={cap!r}" in node_config
+        assert f"fedrec-max-delta={config.privacy_delta!r}" in node_config
 
 
 @pytest.mark.parametrize("cap", [0.0, -1.0, float("nan"), float("inf")])

@@ -43,9 +43,11 @@ class SuperNodeOptions:
     #: answer the server's evaluation requests with this device's metrics (see
     #: ``make_device_task``); off by default: they are computed from the user's own events
     share_evaluation: bool = False
-    #: the device's privacy floor (see :func:`client.client_app.deployment_run_config`)
+    #: the device's privacy floor (see :func:`client.client_app.deployment_run_config`):
+    #: the most epsilon it spends, at a delta of at most ``max_delta``
     max_epsilon: float = PrivacyBudget.epsilon
     require_dp: bool = True
+    max_delta: float = PrivacyBudget.delta
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -58,6 +60,8 @@ class SuperNodeOptions:
             raise ConfigError(f"--server {self.server!r}: give HOST:PORT without a scheme")
         if not 0 < self.max_epsilon < math.inf:
             raise ConfigError(f"--max-epsilon must be a finite number > 0, got {self.max_epsilon}")
+        if not 0 < self.max_delta < 1:
+            raise ConfigError(f"privacy-delta must be in (0, 1), got {self.max_delta}")
         if not 0 < self.runtime_port < 65536:
             raise ConfigError(f"--supernode-port must be in 1..65535, got {self.runtime_port}")
         _check_root_cert(self.root_cert)
@@ -78,9 +82,12 @@ def one_epsilon_cap(
     (what its training enforces) and ``privacy-epsilon`` (what ``/status`` reports as the
     budget). Otherwise lowering only ``privacy-epsilon`` would *show* a tighter budget than
     the one the device spends by, and ``--max-epsilon`` alone would show the default 8
-    until the first round's ledger."""
+    until the first round's ledger. The device's ``privacy-delta`` is its delta cap: a
+    server asking for a larger delta (a weaker guarantee at the same epsilon) gets it."""
     cap = min(config.privacy_epsilon, options.max_epsilon)
-    return replace(config, privacy_epsilon=cap), replace(options, max_epsilon=cap)
+    return replace(config, privacy_epsilon=cap), replace(
+        options, max_epsilon=cap, max_delta=config.privacy_delta
+    )
 
 
 def _check_root_cert(path: Path) -> None:
@@ -114,6 +121,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
     from client.client_app import (
         NODE_BUNDLE,
         NODE_DEVICE_DIR,
+        NODE_MAX_DELTA,
         NODE_MAX_EPSILON,
         NODE_REQUIRE_DP,
         NODE_SHARE_EVALUATION,
@@ -132,6 +140,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
     node_config = (
         f"{NODE_DEVICE_DIR}='{state_dir}' {NODE_BUNDLE}='{options.bundle.resolve()}' "
         f"{NODE_SHARE_EVALUATION}={share} {NODE_MAX_EPSILON}={float(options.max_epsilon)!r} "
+        f"{NODE_MAX_DELTA}={float(options.max_delta)!r} "
         f"{NODE_REQUIRE_DP}={'true' if options.require_dp else 'false'}"
     )
     argv = (
