@@ -434,25 +434,26 @@ class ValidatingFedAvg(FedAvg):
 
     def _sample(
         self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
-    ) -> list[ClientProxy]:
+    ) -> tuple[list[ClientProxy], int]:
+        """A seeded sample of the connected clients, and how many it was drawn from."""
         available = wait_for_clients(
             client_manager, self.min_available_clients, self.availability_timeout
         )
         size, minimum = size_fn(available)
         if available < minimum or size <= 0:
             log(WARNING, "%s: %s clients available, need %s; skipping", salt, available, minimum)
-            return []
+            return [], available
         clients = client_manager.all()
         rng = random.Random(salt)  # str seeds are deterministic across processes
-        chosen = rng.sample(sorted(clients), size)
-        return [clients[cid] for cid in chosen]
+        chosen = rng.sample(sorted(clients), min(size, len(clients)))
+        return [clients[cid] for cid in chosen], len(clients)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample the cohort (seeded) and send the global model plus round config."""
         self._reference = parameters_to_ndarrays(parameters)
-        clients = self._sample(
+        clients, pool = self._sample(
             client_manager, self.num_fit_clients, f"fit-{self.seed}-{server_round}"
         )
         if (
@@ -466,7 +467,9 @@ class ValidatingFedAvg(FedAvg):
                 "secagg-modulus-range (<= 2**32) or sample fewer clients"
             )
         if self.user_dp is not None and clients:
-            if self.user_dp.would_exceed(len(clients)):
+            # q = cohort / the clients it was drawn from: with fewer connected than the
+            # population, each of them is sampled with more than cohort / population
+            if self.user_dp.would_exceed(len(clients), pool):
                 # Backstop only: the server loop stops before this (see server_app).
                 log(
                     WARNING,
@@ -476,7 +479,7 @@ class ValidatingFedAvg(FedAvg):
                 )
                 clients = []
             else:
-                eps = self.user_dp.charge_round(server_round, len(clients))
+                eps = self.user_dp.charge_round(server_round, len(clients), pool)
                 log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
         self._sampled[server_round] = len(clients)
         config: dict[str, Scalar] = {
@@ -497,7 +500,7 @@ class ValidatingFedAvg(FedAvg):
         """Sample the evaluation cohort (seeded); empty when evaluation is off."""
         if self.eval_size <= 0 and self.fraction_evaluate <= 0:
             return []
-        clients = self._sample(
+        clients, _ = self._sample(
             client_manager, self.num_evaluation_clients, f"eval-{self.seed}-{server_round}"
         )
         self._eval_sampled[server_round] = len(clients)

@@ -17,8 +17,10 @@ the noise below calibration. The cost is a bias: with dropouts the applied updat
 ``k/m`` of the survivors' mean (it shrinks towards zero), which FedAvg tolerates.
 
 Accounting: one Gaussian step per round with noise multiplier ``z`` and sampling rate
-``q = m / N`` (``N`` = population, the number of clients that could have been
-sampled), composed with Opacus' RDP accountant (through
+``q = m / n``, ``n`` the clients connected when the cohort was drawn (each of them is in
+it with that chance; charging ``m / N``, ``N`` the configured population, understated the
+spend whenever fewer than ``N`` were online: 6.56 instead of 15.3 for 300 of 679 online
+over 20 rounds at z 1.4), composed with Opacus' RDP accountant (through
 :class:`shared.privacy.ledger.PrivacyLedger`, whose state is saved in each server
 checkpoint, and in a journal written durably the moment a round is charged, before its
 instructions leave: a crash after an aggregate was released but before that round's
@@ -122,14 +124,18 @@ class UserDPSettings:
             raise ValueError(f"cohort must be >= 1, got {cohort}")
         return self.noise_multiplier * self.clip_norm / cohort
 
-    def sample_rate(self, cohort: int) -> float:
-        """``q = m / N``; :class:`ConfigError` if the cohort exceeds the population."""
-        if cohort > self.population:
+    def sample_rate(self, cohort: int, pool: int | None = None) -> float:
+        """``q = m / n``: the chance that a client among the ``pool`` the cohort of ``m`` was
+        drawn from (default: the population, for planning) is in it. Charging the clients
+        actually connected, not the population, matters when fewer are online: each of them
+        is then sampled more often than ``m / N``."""
+        pool = self.population if pool is None else pool
+        if cohort > pool:
             raise ConfigError(
-                f"cohort of {cohort} clients exceeds 'population-size' {self.population}; "
-                "the population must count every client that can be sampled"
+                f"cohort of {cohort} clients exceeds the {pool} it is drawn from; "
+                "'population-size' must count every client that can be sampled"
             )
-        return cohort / self.population
+        return cohort / pool
 
 
 class _MemoizedLedger(PrivacyLedger):
@@ -195,26 +201,30 @@ class UserLevelDP:
 
     # ------------------------------------------------------------------ accounting
 
-    def spend(self, cohort: int) -> Spend:
-        """The ledger entry of one round with ``cohort`` sampled clients."""
-        return Spend(self.settings.noise_multiplier, self.settings.sample_rate(cohort), 1)
+    def spend(self, cohort: int, pool: int | None = None) -> Spend:
+        """The ledger entry of one round with ``cohort`` clients sampled from ``pool``
+        (:meth:`UserDPSettings.sample_rate`)."""
+        rate = self.settings.sample_rate(cohort, pool)
+        return Spend(self.settings.noise_multiplier, rate, 1)
 
     def epsilon(self) -> float:
         """User-level epsilon spent so far (at the settings' delta)."""
         return self.ledger.epsilon()
 
-    def epsilon_if(self, cohort: int) -> float:
-        """Epsilon after one more round with ``cohort`` sampled clients."""
-        return self.ledger.epsilon(extra=self.spend(cohort))
+    def epsilon_if(self, cohort: int, pool: int | None = None) -> float:
+        """Epsilon after one more round with ``cohort`` clients sampled from ``pool``."""
+        return self.ledger.epsilon(extra=self.spend(cohort, pool))
 
-    def would_exceed(self, cohort: int) -> bool:
-        """True if one more round with ``cohort`` clients would break the budget."""
+    def would_exceed(self, cohort: int, pool: int | None = None) -> bool:
+        """True if one more round with ``cohort`` clients (from ``pool``) would break the
+        budget."""
         if self.settings.epsilon_budget is None or cohort <= 0:
             return False
-        return self.epsilon_if(cohort) > self.settings.epsilon_budget
+        return self.epsilon_if(cohort, pool) > self.settings.epsilon_budget
 
-    def charge_round(self, server_round: int, cohort: int) -> float:
-        """Record one round's step (``q = cohort / N``); returns the new epsilon.
+    def charge_round(self, server_round: int, cohort: int, pool: int | None = None) -> float:
+        """Record one round's step (``q = cohort / pool``, the clients it was sampled
+        from; default the population); returns the new epsilon.
 
         Charging the same round twice (a strategy re-configuring a round) is an error,
         since it would silently double-count.
@@ -223,7 +233,7 @@ class UserLevelDP:
             raise DataError(f"round {server_round} was already charged to the privacy ledger")
         if cohort <= 0:
             raise ValueError(f"cannot charge a round with {cohort} clients")
-        spend = self.spend(cohort)
+        spend = self.spend(cohort, pool)
         self.ledger.record(spend.noise_multiplier, spend.sample_rate, spend.steps)
         eps = self.epsilon()
         self._cohort_by_round[server_round] = cohort

@@ -557,8 +557,13 @@ def test_user_dp_explicit_delta_and_population() -> None:
     )
     reports = _run(config, num_nodes=4)
     acc = RDPAccountant()
-    acc.history = [(z, m / population, 2)]
+    # charged at the 4 clients connected: each was sampled at 3/4, not at 3/50 (the
+    # configured population would have understated the spend more than fourfold)
+    acc.history = [(z, m / 4, 2)]
     assert reports[-1].epsilon_user == pytest.approx(_eps(acc, delta), rel=1e-9)
+    understated = RDPAccountant()
+    understated.history = [(z, m / population, 2)]
+    assert reports[-1].epsilon_user > 4 * _eps(understated, delta)
     with pytest.raises(ConfigError, match="5 nodes are connected but 'population-size' is 4"):
         _run({**config, "population-size": 4}, num_nodes=5)
 
@@ -675,8 +680,16 @@ def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
     dp.charge_round(1, 5)
     with pytest.raises(DataError, match="already charged"):
         dp.charge_round(1, 5)
-    with pytest.raises(ConfigError, match="exceeds 'population-size' 10"):
+    with pytest.raises(ConfigError, match="exceeds the 10 it is drawn from"):
         dp.charge_round(2, 11)
+    # charged at the clients connected, not the configured population: with 5 of 10
+    # online, a cohort of 5 samples each of them for sure (q = 1, not 0.5)
+    half = UserLevelDP(settings)
+    half.charge_round(1, 5, pool=5)
+    assert half.ledger.history[-1].sample_rate == 1.0
+    assert half.epsilon() > dp.epsilon()
+    half.charge_round(2, 5, pool=20)  # more joined than planned: no longer an error
+    assert half.ledger.history[-1].sample_rate == 0.25
     restored = UserLevelDP(settings)
     restored.load_state_dict(json.loads(json.dumps(dp.state_dict())))
     assert restored.epsilon() == pytest.approx(dp.epsilon())
