@@ -409,7 +409,8 @@ def test_noise_shares_release_one_gradient_charged_at_the_full_noise(
     # Assert: one step, charged at the aggregate's noise multiplier (1.5), not the share's
     assert a.status is b.status is FitStatus.OK
     assert int(a.metrics["steps"]) == 1 and int(b.metrics["steps"]) == 3
-    assert _ledger_history(tmp_path / "shares", 0) == [[1.5, pytest.approx(4 / 11), 1]]
+    # at the rate Opacus samples 11 examples in batches of 4: 1 / ceil(11 / 4), not 4 / 11
+    assert _ledger_history(tmp_path / "shares", 0) == [[1.5, pytest.approx(1 / 3), 1]]
     assert 0 < float(a.metrics["epsilon"]) < float(b.metrics["epsilon"])
 
 
@@ -435,11 +436,26 @@ def test_noise_share_is_the_aggregate_noise_over_sqrt_shares(tmp_path: Path) -> 
         std = float((after - before).std())
         expected = 2.0 * 1.5 * 1e-6 / (math.sqrt(m) * 4)
         if m == 1:
-            # local noise: three batches (q = 4/11), each divided by Opacus' own batch
+            # local noise: three batches (q = 1/3), each divided by Opacus' own batch
             assert result.steps == 3
         else:
             assert result.steps == 1
             assert std == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize(("n", "batch"), [(20, 16), (11, 4), (300, 256), (7, 16), (5, 1)])
+def test_the_ledger_charges_the_rate_opacus_samples_at(n: int, batch: int) -> None:
+    """The ledger charged batch / n while Opacus samples at 1 / len(loader): 0.8 against
+    0.5 for 20 examples in batches of 16, so clients declined for budget they had not spent."""
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shared.federated.local_training import dp_sample_rate
+
+    data = TensorDataset(torch.arange(n))
+    loader = DPDataLoader.from_data_loader(DataLoader(data, batch_size=min(batch, n)))
+    assert dp_sample_rate(n, batch) == pytest.approx(loader.sample_rate, abs=1e-15)
+    assert dp_sample_rate(n, batch) <= min(1.0, batch / n)
 
 
 def _split_like(model: StudentModel, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -85,16 +85,17 @@ class LocalTrainConfig:
     adds only its share ``N(0, (noise_multiplier * max_grad_norm)^2 / m)`` and the sum carries
     the full noise: for the same epsilon a record's gradient is drowned in sqrt(m) times less
     noise than when every client adds all of it (``noise_shares=1``, which protects a client's
-    records even from a server that could see its single update). For the argument to hold
-    the client releases one noisy gradient per round: exactly one Poisson batch at rate
-    ``min(1, batch_size / n)``, summed per-example-clipped gradients plus the share, divided
-    by the fixed ``batch_size`` (not by the client's own batch, so one record moves the
-    uniform-weight mean by at most ``max_grad_norm / batch_size`` whichever client holds it).
-    The ledger charges that step at ``noise_multiplier``. Hence ``local_epochs`` must be 1;
-    pair it with a server optimiser (``server-optimizer=adam``) that turns those gradients
-    into steps. Caveat: the shares are continuous Gaussians quantized by SecAgg+ (steps of
-    about 4e-6 against a noise of about 1e-2); a formal guarantee for the quantized sum needs
-    the discrete Gaussian of Kairouz et al. 2021, which is not implemented.
+    records even from a server that could see its single update). For the argument to hold the
+    client releases one noisy gradient per round: exactly one Poisson batch at rate ``1 / ceil(n
+    / batch_size)`` (:func:`~shared.federated.local_training.dp_sample_rate`), summed
+    per-example-clipped gradients plus the share, divided by the fixed ``batch_size`` (not by
+    the client's own batch, so one record moves the uniform-weight mean by at most
+    ``max_grad_norm / batch_size`` whichever client holds it). The ledger charges that step at
+    ``noise_multiplier``. Hence ``local_epochs`` must be 1; pair it with a server optimiser
+    (``server-optimizer=adam``) that turns those gradients into steps. Caveat: the shares are
+    continuous Gaussians quantized by SecAgg+ (steps of about 4e-6 against a noise of about
+    1e-2); a formal guarantee for the quantized sum needs the discrete Gaussian of Kairouz et
+    al. 2021, which is not implemented.
     """
 
     local_epochs: int = 1

@@ -43,7 +43,7 @@ from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, load_bundle
 from shared.federated.local_config import LocalTrainConfig
-from shared.federated.local_training import check_items, train_global_dp
+from shared.federated.local_training import check_items, dp_sample_rate, train_global_dp
 from shared.federated.student_config import StudentTaskConfig
 from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
 from shared.federated.validation import validate_update
@@ -237,9 +237,9 @@ class StudentTask:
             state = self.client_state(client_id)
             if train.dp:
                 n = min(len(sequence) - 1, train.max_examples)
-                q = min(train.batch_size, n) / n
+                q = dp_sample_rate(n, train.batch_size)
                 # one released gradient per round when the noise is split (noise-shares)
-                steps = 1 if train.noise_shares > 1 else train.local_epochs * math.ceil(1 / q)
+                steps = 1 if train.noise_shares > 1 else train.local_epochs * round(1 / q)
                 try:
                     state.ledger.check(Spend(train.noise_multiplier, q, steps))
                 except PrivacyBudgetExceededError as err:
