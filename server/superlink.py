@@ -626,7 +626,9 @@ def format_round(record: Mapping[str, Any]) -> str:
         f"eval loss {record['eval_loss']:.4f}"
         if isinstance(record.get("eval_loss"), int | float)
         else "eval loss n/a",
-        f"epsilon {eps:.3f}" if isinstance(eps, int | float) else "epsilon n/a",
+        f"mean device epsilon {eps:.3f}"
+        if isinstance(eps, int | float)
+        else "mean device epsilon n/a",
     ]
     if isinstance(eps_user, int | float):
         parts.append(f"user-level epsilon {eps_user:.3f}")

@@ -121,6 +121,11 @@ def test_fit_trains_global_params_records_privacy_and_leaves_the_adapter(
     assert sum(float(np.abs(u).sum()) for u in out.arrays) > 0
     ledger = tmp_path / "state" / "client-0" / "ledger.json"
     assert ledger.exists() and float(out.metrics["epsilon"]) > 0
+    # only the noised update is DP: no example count (a FedAvg weight, summed in the clear
+    # even under SecAgg+) and no training loss, which would say whether a record was there
+    assert out.num_examples == 1 and set(out.metrics) == {"epsilon"}
+    plain = _task(bundle, tmp_path / "plain", dp=False).fit(0, params, {"server-round": 1})
+    assert plain.num_examples > 1 and {"loss", "steps"} <= set(plain.metrics)
     # the global model is trained as a newcomer is served it (adapter at the identity), and
     # the adapter is the serving device's to fit (fit_personal), not the federated round's
     assert float(task.model.adapter.up.weight.abs().sum()) == 0.0
@@ -399,7 +404,7 @@ def _ledger_history(state: Path, client: int) -> list[list[float]]:
 def test_noise_shares_release_one_gradient_charged_at_the_full_noise(
     bundle: Path, tmp_path: Path
 ) -> None:
-    # Prepare: 12 interactions -> 11 examples; batch 4 -> q = 4/11
+    # Prepare: 12 interactions -> 11 examples; batch 4 -> q = 1/3
     shares = _task(bundle, tmp_path / "shares", **{"noise-shares": 4, "personal-steps": 0})
     local = _task(bundle, tmp_path / "local", **{"personal-steps": 0})
     params = shares.initial_parameters()
@@ -408,7 +413,7 @@ def test_noise_shares_release_one_gradient_charged_at_the_full_noise(
     b = local.fit(0, params, {"server-round": 1})
     # Assert: one step, charged at the aggregate's noise multiplier (1.5), not the share's
     assert a.status is b.status is FitStatus.OK
-    assert int(a.metrics["steps"]) == 1 and int(b.metrics["steps"]) == 3
+    assert _ledger_history(tmp_path / "local", 0)[0][2] == 3  # three local batches
     # at the rate Opacus samples 11 examples in batches of 4: 1 / ceil(11 / 4), not 4 / 11
     assert _ledger_history(tmp_path / "shares", 0) == [[1.5, pytest.approx(1 / 3), 1]]
     assert 0 < float(a.metrics["epsilon"]) < float(b.metrics["epsilon"])
@@ -568,9 +573,10 @@ def test_concurrent_fits_of_one_client_both_reach_its_ledger(bundle: Path, tmp_p
         t.start()
     for t in threads:
         t.join()
-    steps = sum(int(o.metrics["steps"]) for o in outcomes)  # type: ignore[attr-defined]
+    assert all(o.status is FitStatus.OK for o in outcomes)  # type: ignore[attr-defined]
     ledger = _task(bundle, tmp_path / "state").client_state(0).ledger
-    assert sum(entry[2] for entry in ledger.state_dict()["history"]) == steps
+    # both fits charged, none lost: 11 examples in batches of 4 are 3 steps each
+    assert sum(entry[2] for entry in ledger.state_dict()["history"]) == 2 * 3
 
 
 def test_a_benchmark_can_replay_dp_randomness(

@@ -255,10 +255,18 @@ class StudentTask:
             update = [
                 n - np.asarray(o, dtype=np.float32) for n, o in zip(new, parameters, strict=True)
             ]
+            if train.dp:
+                # Only the noised update is covered by DP: the example count (a FedAvg weight,
+                # which SecAgg+ also sums in the clear) and the training loss would tell the
+                # server whether one record was there. So weight 1 and no loss; the epsilon
+                # (which depends on the count only through ceil(n / batch-size)) stays, so the
+                # operator can follow the spend.
+                dp_metrics: dict[str, float | int | str] = {"epsilon": state.ledger.epsilon()}
+                return FitOutcome.with_update(update, 1, dp_metrics)
             metrics: dict[str, float | int | str] = {
                 "loss": result.loss if math.isfinite(result.loss) else -1.0,
                 "steps": result.steps,
-                "epsilon": state.ledger.epsilon() if train.dp else 0.0,
+                "epsilon": 0.0,
             }
             return FitOutcome.with_update(update, result.num_examples, metrics)
 
