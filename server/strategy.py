@@ -366,7 +366,8 @@ class ValidatingFedAvg(FedAvg):
 
         Cohort sampling is a pure function of ``(seed, round)`` (``random.Random`` salted
         with ``fit-{seed}-{round}``), so the seed *is* the sampler state: a resumed run
-        samples the same cohorts as an uninterrupted one. The server optimiser's moments
+        samples the same cohorts as an uninterrupted one (except under user-level DP,
+        whose cohorts are secret, see :meth:`_sample`). The server optimiser's moments
         are part of it. The user-level DP ledger is checkpointed separately
         (``UserLevelDP.state_dict``).
         """
@@ -444,7 +445,12 @@ class ValidatingFedAvg(FedAvg):
             log(WARNING, "%s: %s clients available, need %s; skipping", salt, available, minimum)
             return [], available
         clients = client_manager.all()
-        rng = random.Random(salt)  # str seeds are deterministic across processes
+        # str seeds are deterministic across processes; but user-level DP's accounting
+        # assumes nobody outside the server can tell who was sampled (amplification by
+        # sampling), and the seed is in the run config: its cohorts come from secret
+        # randomness (a resumed run then samples others, each round charged once)
+        secret = self.user_dp is not None and salt.startswith("fit-")
+        rng = random.SystemRandom() if secret else random.Random(salt)
         chosen = rng.sample(sorted(clients), min(size, len(clients)))
         return [clients[cid] for cid in chosen], len(clients)
 

@@ -698,3 +698,38 @@ def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
         restored.load_state_dict({"version": 7})
     with pytest.raises(DataError, match="not a JSON object"):
         restored.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> None:
+    """Amplification by sampling assumes nobody but the server can tell who was sampled; the
+    seed is in the run config, so under user-level DP the cohorts come from secret
+    randomness. Without it they stay a function of (seed, round), for reproducible runs."""
+    from typing import cast
+
+    from flwr.server.client_manager import ClientManager
+
+    from server.server_app import ServerConfig, build_strategy
+
+    class Clients:
+        def __init__(self, n: int) -> None:
+            self.clients = {str(1000 + i): f"proxy-{i}" for i in range(n)}
+
+        def num_available(self) -> int:
+            return len(self.clients)
+
+        def all(self) -> dict[str, str]:
+            return self.clients
+
+    manager = cast(ClientManager, Clients(40))
+    params = [np.zeros(3)]
+    plain = build_strategy(ServerConfig(cohort_size=5, seed=3), params)
+    draws = {tuple(c for c in plain._sample(manager, plain.num_fit_clients, "fit-3-1")[0])}
+    draws |= {tuple(c for c in plain._sample(manager, plain.num_fit_clients, "fit-3-1")[0])}
+    assert len(draws) == 1  # the seed fixes the cohort
+    settings = UserDPSettings.create(noise_multiplier=1.0, clip_norm=0.1, population=40)
+    config = ServerConfig(cohort_size=5, seed=3, user_dp=True, population_size=40)
+    private = build_strategy(config, params, user_dp=UserLevelDP(settings))
+    cohorts = {
+        tuple(private._sample(manager, private.num_fit_clients, "fit-3-1")[0]) for _ in range(6)
+    }
+    assert len(cohorts) > 1  # 658,008 possible cohorts: six equal draws would be a bug
