@@ -89,11 +89,19 @@ def field_names(cls: type) -> set[str]:
     return {kebab(f.name) for f in dataclasses.fields(cls)}
 
 
-def from_flat(cls: type[T], values: Mapping[str, Any], *, strict: bool = True) -> T:
+def from_flat(
+    cls: type[T],
+    values: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    built: Mapping[str, Any] | None = None,
+) -> T:
     """Build dataclass ``cls`` from a flat kebab- or snake-case mapping.
 
     Missing keys keep their defaults; with ``strict`` an unknown key is an error that lists
     the valid keys. Values are coerced to the annotated field type (``"3"`` -> 3).
+    ``built`` passes fields already built (e.g. a nested config) as they are, so that
+    ``cls`` is validated once, with them.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
@@ -113,7 +121,7 @@ def from_flat(cls: type[T], values: Mapping[str, Any], *, strict: bool = True) -
                 "setting); give each key once"
             )
         kwargs[f.name] = coerce(value, hints[f.name], kebab(key))
-    return cls(**kwargs)
+    return cls(**kwargs, **(built or {}))
 
 
 def to_flat(obj: Any) -> dict[str, Any]:

@@ -745,6 +745,10 @@ def test_exploration_config_from_flat_keys() -> None:
     assert DaemonConfig.from_values({"port": "0"}).exploration == BanditConfig()
     with pytest.raises(ConfigError, match="candidate-pool"):
         DaemonConfig.from_values({"candidate-pool": 20, "bandit-top-n": 50})
+    # a pool under the default top-n is fine with a top-n that fits (it was checked against
+    # the default policy first and refused)
+    small = DaemonConfig.from_values({"candidate-pool": 100, "bandit-top-n": 50})
+    assert (small.candidate_pool, small.exploration.top_n) == (100, 50)
     with pytest.raises(ConfigError, match="unknown config key 'nope'"):
         DaemonConfig.from_values({"bandit-nope": 1})
     with pytest.raises(ConfigError, match="policy"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from shared.bandits.policies import BanditConfig
 from shared.config import from_flat, kebab
@@ -75,8 +75,9 @@ class DaemonConfig:
                 raise ConfigError("set the exploration policy with bandit-<key>=value keys")
             else:
                 own[name] = value
-        cfg = from_flat(cls, own)
-        return replace(cfg, exploration=from_flat(BanditConfig, bandit)) if bandit else cfg
+        # one validation with the policy in place: checked against the default policy
+        # first, a smaller candidate-pool was refused even with a smaller bandit-top-n
+        return from_flat(cls, own, built={"exploration": from_flat(BanditConfig, bandit)})
 
     def __post_init__(self) -> None:
         if not self.allow_remote and not _is_loopback(self.host):
