@@ -489,6 +489,15 @@ def test_the_device_spends_by_the_budget_it_reports(
         node_config = spec.argv[list(spec.argv).index("--node-config") + 1]
         assert f"fedrec-max-epsilon={cap!r}" in node_config
         assert f"fedrec-max-delta={config.privacy_delta!r}" in node_config
+    # after rounds under budget 8, an owner who lowers the cap sees the new one at once (it
+    # showed the last round's 8 until the next round)
+    from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+
+    with Daemon.open(device) as daemon:
+        ledger_file = daemon.layout.ledger
+    PrivacyLedger.open(ledger_file, PrivacyBudget(8.0)).record(1.0, 0.1, 50)
+    with Daemon.open(device, config=DaemonConfig(privacy_epsilon=3.0)) as daemon:
+        assert daemon.status().epsilon_budget == 3.0
 
 
 @pytest.mark.parametrize("cap", [0.0, -1.0, float("nan"), float("inf")])

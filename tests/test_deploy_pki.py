@@ -604,6 +604,18 @@ def test_server_start_refuses_a_checkpoint_the_server_app_could_not_resume(
             deployment_run_config(layout, bundle=None, num_rounds=5, overrides=toy | overrides)
 
 
+@pytest.mark.parametrize(("key", "value"), [("num-threads", 0), ("eval-negatives", -5)])
+def test_server_start_refuses_a_student_setting_the_devices_would_fail_on(
+    tmp_path: Path, key: str, value: int
+) -> None:
+    """Found only on the devices, after the run had "completed" with every device failed."""
+    layout = init_state_dir(tmp_path / "s")
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(b"checked after the settings")
+    with pytest.raises(ConfigError, match=f"'{key}' must be >= 1, got {value}"):
+        deployment_run_config(layout, bundle=bundle, num_rounds=1, overrides={key: value})
+
+
 def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     bundle = tmp_path / "bundle.pt"

@@ -801,7 +801,13 @@ class Daemon:
         except DataError as exc:
             logger.error("privacy ledger unreadable: %s", exc)
             return None, str(exc), budget
-        enforced = ledger.recorded_budget or budget
+        recorded = ledger.recorded_budget
+        # the tighter of what the last round enforced and the cap the owner set since
+        enforced = (
+            PrivacyBudget(min(recorded.epsilon, budget.epsilon), min(recorded.delta, budget.delta))
+            if recorded is not None
+            else budget
+        )
         return ledger.epsilon(delta=enforced.delta), None, enforced
 
     def erase(self) -> None:

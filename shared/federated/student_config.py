@@ -36,6 +36,10 @@ class StudentTaskConfig:
         if not self.state_dir:
             raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
         PrivacyBudget(self.epsilon_budget, self.delta)
+        counts = (("num-threads", self.num_threads), ("eval-negatives", self.eval_negatives))
+        for key, value in counts:
+            if value < 1:  # found only on the devices, after the run had started
+                raise ConfigError(f"'{key}' must be >= 1, got {value}")
         from shared.compression.prune import publish_prune  # torch: only when a task is built
         from shared.federated.student_task import resolve_device
 
