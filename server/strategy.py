@@ -647,8 +647,16 @@ class ValidatingFedAvg(FedAvg):
             # put that same average into every FitRes; one copy is enough.
             aggregate = parameters_to_ndarrays(contributors[0][1].parameters)
             problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
+            least = max(2, self.min_fit_clients)
             if problem is not None:
                 rejections.append(f"secure aggregate: {problem}")
+            elif len(contributors) < least:
+                # the others declined in the clear: a "sum" of one is that client's update
+                rejections.append(
+                    f"secure aggregate of {len(contributors)} contribution(s), fewer than "
+                    f"{least} (min-cohort): it would show the server what so few clients sent, "
+                    "so it is discarded"
+                )
             elif len(contributors) < self.noise_shares:
                 rejections.append(
                     f"secure aggregate of {len(contributors)} contributions, fewer than "

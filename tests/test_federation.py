@@ -613,6 +613,20 @@ def test_a_client_that_declines_evaluation_is_counted_apart_from_failures() -> N
     assert evaluation.loss == pytest.approx(expected, rel=1e-5)  # the decline weighs nothing
 
 
+def test_a_secure_aggregate_of_one_client_is_discarded() -> None:
+    """The others declined, in the clear: the masked "sum" was one device's own update, and
+    the server applied it (a device audit saw clients 1/3 ok, updated)."""
+    task = ToyLinearTask()
+    reports = _run(
+        {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0, "toy-decline-clients": "0,1"},
+        num_nodes=3,
+    )
+    fit = reports[0].fit
+    assert fit.declined == 2 and not fit.updated
+    assert any("fewer than 2 (min-cohort)" in r for r in fit.rejections)
+    assert _max_diff(reports[0].parameters, task.initial_parameters()) == 0.0
+
+
 def test_a_secagg_round_where_every_client_declines_keeps_the_model_quietly(
     recwarn: pytest.WarningsRecorder,
 ) -> None:
