@@ -23,12 +23,13 @@ def _same(*names: str) -> dict[str, str]:
 
 
 #: Fields the command sets itself: from the state directory (``checkpoint-dir``,
-#: ``artifact-dir``, ``state-dir``), from ``--bundle`` (``bundle``, which also picks the
-#: student ``task``), ``--rounds`` and ``--min-clients``.
+#: ``artifact-dir``, ``state-dir``), from ``--bundle`` (``bundle``, its ``bundle-sha256``,
+#: and the student ``task``), ``--rounds`` and ``--min-clients``.
 NOT_FLAGS = frozenset(
     {
         "task",
         "bundle",
+        "bundle_sha256",
         "state_dir",
         "checkpoint_dir",
         "artifact_dir",

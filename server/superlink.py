@@ -279,6 +279,7 @@ def deployment_run_config(
     """The run config of the submitted run: server defaults, the deployment's paths, and
     the operator's overrides (``--run-config``)."""
     from server.server_app import ServerConfig
+    from shared.federated.bundle import bundle_digest
 
     fixed: dict[str, RunConfigValue] = {
         "checkpoint-dir": str(layout.checkpoints.resolve()),
@@ -306,6 +307,7 @@ def deployment_run_config(
             {
                 "task": STUDENT_TASK,
                 "bundle": str(bundle.resolve()),
+                "bundle-sha256": bundle_digest(bundle),
                 "state-dir": str(layout.task_state.resolve()),
             }
         )

@@ -505,3 +505,28 @@ def test_a_bad_device_epsilon_cap_is_refused(bundle: Path, tmp_path: Path, cap: 
     ca = create_pki(tmp_path / "certs").ca_cert
     with pytest.raises(ConfigError, match="--max-epsilon"):
         SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle, max_epsilon=cap)
+
+
+def test_a_device_refuses_to_train_with_another_bundle_than_the_servers(
+    device: Path, bundle: Path, tmp_path: Path
+) -> None:
+    """Another bundle with the same catalog (another pretraining) passed the catalog check:
+    the device trained and served another model than the federation's, without a word."""
+    from server.state import init_state_dir
+    from server.superlink import deployment_run_config as server_run_config
+    from shared.errors import ModelFileError
+    from shared.federated.bundle import bundle_digest
+
+    submitted = server_run_config(
+        init_state_dir(tmp_path / "server"), bundle=bundle, num_rounds=1, overrides={}
+    )
+    assert submitted["bundle-sha256"] == bundle_digest(bundle)
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    same = _device_task(device, bundle, **{"bundle-sha256": submitted["bundle-sha256"]})
+    params = same.initial_parameters()  # type: ignore[attr-defined]
+    assert same.fit(0, params, {"server-round": 1}).status is FitStatus.OK  # type: ignore[attr-defined]
+    other = _device_task(device, bundle, **{"bundle-sha256": "0" * 64})
+    with pytest.raises(ModelFileError, match=r"is not the server's .* same bundle\.pt the server"):
+        other.initial_parameters()  # type: ignore[attr-defined]

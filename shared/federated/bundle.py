@@ -7,6 +7,7 @@ clients (simulated clients are Ray actors, so the bundle travels as a path, not 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import asdict, dataclass
@@ -77,6 +78,25 @@ def save_bundle(
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes_atomic(path, buf.getvalue())
+
+
+def bundle_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a bundle file: what the server sends so that nodes check theirs."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_bundle_digest(path: str | Path, expected: str) -> None:
+    """Refuse a bundle whose SHA-256 is not ``expected`` (nothing to check when it is "")."""
+    if expected and Path(path).is_file() and bundle_digest(path) != expected:
+        raise ModelFileError(
+            f"pretrained bundle {path} is not the server's (SHA-256 {bundle_digest(path)[:12]}... "
+            f"against {expected[:12]}...): it would train and serve another model. Give this "
+            "node the same bundle.pt the server runs with"
+        )
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -29,6 +29,9 @@ class StudentTaskConfig:
     device: str = "auto"
     # magnitude pruning of each published global model (0 = none; see publish_prune)
     prune_sparsity: float = 0.0
+    #: SHA-256 of the server's bundle ("" = unchecked): a node whose own copy differs (same
+    #: catalog, other frozen tables) would train and serve another model, silently
+    bundle_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.bundle:

@@ -41,7 +41,7 @@ from shared.config import field_names, from_flat
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
-from shared.federated.bundle import Bundle, ClientData, load_bundle
+from shared.federated.bundle import Bundle, ClientData, check_bundle_digest, load_bundle
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.local_training import check_items, dp_sample_rate, train_global_dp
 from shared.federated.student_config import StudentTaskConfig
@@ -184,6 +184,7 @@ class StudentTask:
     @property
     def bundle(self) -> Bundle:
         if self._bundle is None:
+            check_bundle_digest(self.config.bundle, self.config.bundle_sha256)
             bundle = load_bundle(self.config.bundle)
             bundle.student.to(self._device)
             self._bundle = bundle
