@@ -762,6 +762,7 @@ class ServerRunner:
         when the SuperLink died (the caller restarts it)."""
         assert self.run_id is not None
         shown = len(read_progress(self.layout))
+        first = shown  # this run's rounds are the records after it
         next_check = 0.0
         pending_until = time.monotonic() + self.options.pending_timeout_s
         while True:
@@ -793,6 +794,14 @@ class ServerRunner:
                     run_log = self._run_log(self.run_id)
                     self.cli.save_log(self.run_id, run_log)
                     if status == "finished:completed":
+                        rounds = read_progress(self.layout)[first:]
+                        if rounds and not any(r.get("updated") for r in rounds):
+                            self.echo(
+                                f"run {self.run_id} completed, but no round changed the global "
+                                "model: every sampled device failed or declined (the reasons "
+                                f"are in {run_log} and in the devices' logs/supernode.log)"
+                            )
+                            return 1
                         self.echo(f"run {self.run_id} completed")
                         return 0
                     raise RunFailedError(

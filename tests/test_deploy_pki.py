@@ -681,6 +681,19 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
     with pytest.raises(RunFailedError, match=r"run 7 is still pending after 1 s.*superlink"):
         runner._follow()
     assert time.monotonic() - started < 30
+    # a run whose every round failed "completed" with exit status 0: it now says so, and 1
+    lines: list[str] = []
+    runner.echo = lines.append
+
+    def finish_with_nothing_learned() -> str:
+        with layout.progress.open("a") as f:
+            for r in (1, 2):
+                f.write(json.dumps({"round": r, "num_rounds": 2, "updated": False}) + "\n")
+        return "finished:completed"
+
+    runner.cli = Cli(finish_with_nothing_learned)  # type: ignore[assignment]
+    assert runner._follow() == 1
+    assert "no round changed the global model" in lines[-1]
 
 
 def test_a_node_with_a_device_dir_trains_on_that_device() -> None:
