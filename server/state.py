@@ -231,7 +231,8 @@ def load_public_key(text: str, *, source: str) -> tuple[str, str]:
             "identity/client.pub (one line starting with 'ecdsa-sha2-nistp', as `fedrec client "
             "init` printed it)"
         )
-    if len(keys) > 1 and "PRIVATE KEY" not in line:
+    looks_like_keys = all(k.strip().startswith(("ecdsa-", "ssh-", "sk-")) for k in keys)
+    if len(keys) > 1 and "PRIVATE KEY" not in line and looks_like_keys:
         raise BadPublicKeyError(
             f"{source} holds {len(keys)} keys; register each device's identity/client.pub "
             "on its own (one key per file and device)"

@@ -160,6 +160,12 @@ def test_device_keys_from_client_init_are_accepted(tmp_path: Path) -> None:
     both.write_text(identity.layout.public_key.read_text() + other)
     with pytest.raises(BadPublicKeyError, match="holds 2 keys"):
         read_public_key_file(both)
+    # a file of many lines that are no keys (a catalog) is not "602 keys"
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('[\n"1",\n"2"\n]\n')
+    with pytest.raises(BadPublicKeyError) as caught:
+        read_public_key_file(catalog)
+    assert "not an OpenSSH public key" in str(caught.value) and " holds " not in str(caught.value)
 
 
 @pytest.mark.parametrize(

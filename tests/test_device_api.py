@@ -1038,6 +1038,12 @@ def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path:
     [
         ("ERROR : [code: 2004] Failed to activate SuperNode.", "register-client"),
         ("ssl: CERTIFICATE_VERIFY_FAILED", "--root-cert"),
+        # a name the certificate does not list is not a wrong CA (it was said to be one)
+        (
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: IP address mismatch, "
+            "certificate is not valid for '127.0.0.2'",
+            "fedrec server init --host",
+        ),
         ("OSError: [Errno 98] error while attempting to bind: address already in use", "port"),
         ("RuntimeError: SuperNode Runtime HTTP API failed to start.", "--supernode-port"),
         ("ERROR : something Flower says plainly", None),

@@ -189,6 +189,11 @@ def explain_supernode_error(line: str) -> str | None:
             "by `fedrec client init` with `fedrec server register-client`; a revoked key "
             "needs a new one (`fedrec client rotate-key` keeps the device's data)"
         )
+    if "not valid for" in line or "Hostname mismatch" in line or "doesn't match" in line:
+        return (
+            "--server names the server by a name or address its certificate does not list: "
+            "use one of those given to `fedrec server init --host`"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
         return "the server's certificate does not verify against --root-cert"
     if "address already in use" in line.lower() or "Runtime HTTP API failed to start" in line:
