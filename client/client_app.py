@@ -47,6 +47,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from server.secagg import secaggplus_when_requested_mod, under_secagg
+from shared.config import coerce
 from shared.errors import ConfigError, DataError
 from shared.federated.task import (
     CONFIG_RUN_ID,
@@ -165,18 +166,13 @@ def deployment_run_config(
 
 
 def _number(value: object) -> float | None:
-    """``value`` as the run config's readers take a number (``3``, ``3.5``, ``"3.5"``), or
-    ``None``: a privacy cap must compare what the task will actually use."""
-    if isinstance(value, bool):
+    """``value`` as the task's config reader (:func:`shared.config.coerce`) takes a number
+    (``3``, ``3.5``, ``"3.5"``), or ``None``: a privacy cap must compare what the task will
+    actually use."""
+    try:
+        return float(coerce(value, float, "value"))
+    except ConfigError:
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
 
 
 def client_id_of(context: Context) -> int:

@@ -434,9 +434,16 @@ class ValidatingFedAvg(FedAvg):
         return min(wanted, num_available_clients), self.min_available_clients
 
     def _sample(
-        self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
+        self,
+        client_manager: ClientManager,
+        size_fn: Callable[[int], tuple[int, int]],
+        salt: str,
+        *,
+        secret: bool = False,
     ) -> tuple[list[ClientProxy], int]:
-        """A seeded sample of the connected clients, and how many it was drawn from."""
+        """A sample of the connected clients, and how many it was drawn from: seeded by
+        ``salt`` (str seeds are deterministic across processes), or ``secret`` (from the
+        system's randomness)."""
         available = wait_for_clients(
             client_manager, self.min_available_clients, self.availability_timeout
         )
@@ -445,11 +452,6 @@ class ValidatingFedAvg(FedAvg):
             log(WARNING, "%s: %s clients available, need %s; skipping", salt, available, minimum)
             return [], available
         clients = client_manager.all()
-        # str seeds are deterministic across processes; but user-level DP's accounting
-        # assumes nobody outside the server can tell who was sampled (amplification by
-        # sampling), and the seed is in the run config: its cohorts come from secret
-        # randomness (a resumed run then samples others, each round charged once)
-        secret = self.user_dp is not None and salt.startswith("fit-")
         rng = random.SystemRandom() if secret else random.Random(salt)
         chosen = rng.sample(sorted(clients), min(size, len(clients)))
         return [clients[cid] for cid in chosen], len(clients)
@@ -459,8 +461,14 @@ class ValidatingFedAvg(FedAvg):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample the cohort (seeded) and send the global model plus round config."""
         self._reference = parameters_to_ndarrays(parameters)
+        # user-level DP's accounting assumes nobody outside the server can tell who was
+        # sampled (amplification by sampling), and the seed is in the run config: its
+        # cohorts are secret (a resumed run then samples others, each round charged once)
         clients, pool = self._sample(
-            client_manager, self.num_fit_clients, f"fit-{self.seed}-{server_round}"
+            client_manager,
+            self.num_fit_clients,
+            f"fit-{self.seed}-{server_round}",
+            secret=self.user_dp is not None,
         )
         if (
             self.secure_aggregation

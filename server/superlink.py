@@ -789,12 +789,13 @@ class ServerRunner:
                         f"did not start it; see {self.layout.superlink_log} for why"
                     )
                 if status.startswith(_FINISHED):
-                    for record in read_progress(self.layout)[shown:]:
+                    records = read_progress(self.layout)
+                    for record in records[shown:]:
                         self.echo(format_round(record))
                     run_log = self._run_log(self.run_id)
                     self.cli.save_log(self.run_id, run_log)
                     if status == "finished:completed":
-                        rounds = read_progress(self.layout)[first:]
+                        rounds = records[first:]
                         if rounds and not any(r.get("updated") for r in rounds):
                             self.echo(
                                 f"run {self.run_id} completed, but no round changed the global "

@@ -706,9 +706,10 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
     randomness. Without it they stay a function of (seed, round), for reproducible runs."""
     from typing import cast
 
+    from flwr.common import ndarrays_to_parameters
     from flwr.server.client_manager import ClientManager
 
-    from server.server_app import ServerConfig, build_strategy
+    from server.server_app import build_strategy
 
     class Clients:
         def __init__(self, n: int) -> None:
@@ -722,14 +723,18 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
 
     manager = cast(ClientManager, Clients(40))
     params = [np.zeros(3)]
-    plain = build_strategy(ServerConfig(cohort_size=5, seed=3), params)
-    draws = {tuple(c for c in plain._sample(manager, plain.num_fit_clients, "fit-3-1")[0])}
-    draws |= {tuple(c for c in plain._sample(manager, plain.num_fit_clients, "fit-3-1")[0])}
-    assert len(draws) == 1  # the seed fixes the cohort
     settings = UserDPSettings.create(noise_multiplier=1.0, clip_norm=0.1, population=40)
-    config = ServerConfig(cohort_size=5, seed=3, user_dp=True, population_size=40)
-    private = build_strategy(config, params, user_dp=UserLevelDP(settings))
-    cohorts = {
-        tuple(private._sample(manager, private.num_fit_clients, "fit-3-1")[0]) for _ in range(6)
-    }
+
+    def round_one_cohort(user_dp: bool) -> tuple[object, ...]:
+        """The first round's cohort of a fresh run (as a restarted server would draw it)."""
+        config = ServerConfig(cohort_size=5, seed=3, user_dp=user_dp, population_size=40)
+        strategy = build_strategy(
+            config, params, user_dp=UserLevelDP(settings) if user_dp else None
+        )
+        fit = strategy.configure_fit(1, ndarrays_to_parameters(params), manager)
+        return tuple(client for client, _ in fit)
+
+    draws = {round_one_cohort(False) for _ in range(2)}
+    assert len(draws) == 1  # the seed fixes the cohort
+    cohorts = {round_one_cohort(True) for _ in range(6)}
     assert len(cohorts) > 1  # 658,008 possible cohorts: six equal draws would be a bug

@@ -89,13 +89,17 @@ class DaemonConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port}")
-        for name in ("max_batch", "max_body_bytes", "candidate_pool", "keep_models"):
+        for name in (
+            "max_batch",
+            "max_body_bytes",
+            "candidate_pool",
+            "keep_models",
+            "max_impressions",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        if self.max_impressions < 1:
-            raise ConfigError(f"max-impressions must be >= 1, got {self.max_impressions}")
         if not isinstance(self.exploration, BanditConfig):
             raise ConfigError(
                 f"exploration must be a BanditConfig, got {type(self.exploration).__name__}"

@@ -119,6 +119,13 @@ class NoCatalogError(FedRecError):
     """No catalog is installed yet, so item ids cannot be checked (the API answers 503)."""
 
 
+REINSTALL_ADVICE = (
+    "install the model again with its catalog (`fedrec client install-model --model "
+    "MODEL.onnx --catalog catalog.json`)"
+)
+"""The repair of a device whose catalog is missing or unusable."""
+
+
 class StaleModelError(FedRecError):
     """A model built from local data that was erased while it was being built."""
 
@@ -481,15 +488,11 @@ class Daemon:
         """Load the catalog and current model; a bad model is logged and reported, not fatal
         (the API must stay up so the user can still erase data or get a new model)."""
         self._finish_catalog_change()
-        reinstall = (
-            "install the model again with its catalog (`fedrec client install-model --model "
-            "MODEL.onnx --catalog catalog.json`)"
-        )
         if self.layout.catalog.exists():
             try:
                 self.catalog = Catalog.load(self.layout.catalog)
             except DataError as exc:  # the API stays up: erase and reinstall still work
-                self.model_error = f"{exc}; {reinstall}"
+                self.model_error = f"{exc}; {REINSTALL_ADVICE}"
                 logger.error("the installed catalog is unusable: %s", exc)
                 return
         try:
@@ -501,7 +504,7 @@ class Daemon:
         if loaded is not None:
             self.model_info, self.model = loaded
             if self.catalog is None:
-                self.model_error = f"{self.layout.catalog} is missing; {reinstall}"
+                self.model_error = f"{self.layout.catalog} is missing; {REINSTALL_ADVICE}"
                 logger.error("the installed model has no catalog: %s", self.layout.catalog)
 
     # -- installing ---------------------------------------------------------------------------
@@ -547,9 +550,7 @@ class Daemon:
                 raise
             if new_catalog:
                 self._adopt_pending_catalog()
-            self.store.record_model(
-                ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
-            )
+            self._record_sealed(info)
             self.catalog, self.model, self.model_info, self.model_error = catalog, model, info, None
             self._model_changed()
             logger.info("installed model %s as sealed v%d", info.model_version, info.version)
@@ -853,16 +854,19 @@ class Daemon:
         personal data, so an erase keeps it, and it serves again once the catalog is back
         (the same repair as at open). Returns its sealed version."""
         info, _ = self.models.install(data, runtime=self.runtime)
-        self.store.record_model(
-            ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
-        )
+        self._record_sealed(info)
         self.model_info = info
         self.model_error = (
             f"{self.layout.catalog} is missing; the global model {info.model_version} is "
-            "kept and serves once its catalog is installed (`fedrec client install-model "
-            "--model MODEL.onnx --catalog catalog.json`)"
+            f"kept and serves once its catalog is back: {REINSTALL_ADVICE}"
         )
         return info.version
+
+    def _record_sealed(self, info: SealedModelInfo) -> None:
+        """Note a newly sealed model in the store's model history."""
+        self.store.record_model(
+            ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
+        )
 
     def _scrub_later(self) -> None:
         """Retry removing the erased pages from disk until the reader holding them back (the

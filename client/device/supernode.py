@@ -18,7 +18,6 @@ registered later, or a server that is down for a while, joins by itself. Its out
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from client.device.daemon import DaemonConfig, ProcessSpec
 from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
-from shared.privacy.budget import PrivacyBudget
+from shared.privacy.budget import PrivacyBudget, check_budget
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,7 @@ class SuperNodeOptions:
             )
         if "://" in self.server:
             raise ConfigError(f"--server {self.server!r}: give HOST:PORT without a scheme")
-        if not 0 < self.max_epsilon < math.inf:
-            raise ConfigError(f"--max-epsilon must be a finite number > 0, got {self.max_epsilon}")
-        if not 0 < self.max_delta < 1:
-            raise ConfigError(f"privacy-delta must be in (0, 1), got {self.max_delta}")
+        check_budget(self.max_epsilon, self.max_delta, names=("--max-epsilon", "privacy-delta"))
         if not 0 < self.runtime_port < 65536:
             raise ConfigError(f"--supernode-port must be in 1..65535, got {self.runtime_port}")
         _check_root_cert(self.root_cert)

@@ -219,11 +219,11 @@ def _run_daemon(
         from client.device.supernode import one_epsilon_cap
 
         cfg, federation = one_epsilon_cap(cfg, federation)
-    if federation is not None and federation.runtime_port == cfg.port:
-        raise ConfigError(
-            f"--supernode-port {cfg.port} is also the local API's port (--port); the SuperNode "
-            "and the API each need their own: give them different ports"
-        )
+        if federation.runtime_port == cfg.port:
+            raise ConfigError(
+                f"--supernode-port {cfg.port} is also the local API's port (--port); the "
+                "SuperNode and the API each need their own: give them different ports"
+            )
     daemon = Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env), config=cfg)
     if federation is not None:
         from client.device.supernode import supernode_spec

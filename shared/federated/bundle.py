@@ -91,9 +91,12 @@ def bundle_digest(path: str | Path) -> str:
 
 def check_bundle_digest(path: str | Path, expected: str) -> None:
     """Refuse a bundle whose SHA-256 is not ``expected`` (nothing to check when it is "")."""
-    if expected and Path(path).is_file() and bundle_digest(path) != expected:
+    if not expected or not Path(path).is_file():
+        return
+    found = bundle_digest(path)
+    if found != expected:
         raise ModelFileError(
-            f"pretrained bundle {path} is not the server's (SHA-256 {bundle_digest(path)[:12]}... "
+            f"pretrained bundle {path} is not the server's (SHA-256 {found[:12]}... "
             f"against {expected[:12]}...): it would train and serve another model. Give this "
             "node the same bundle.pt the server runs with"
         )

@@ -131,6 +131,7 @@ def train_global_dp(
     items, mask, targets = items.to(device), mask.to(device), targets.to(device)
     n = len(targets)
     batch = min(config.batch_size, n)
+    rate = dp_sample_rate(n, config.batch_size)  # what the ledger is charged
     model.set_trainable(groups)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,10 +162,10 @@ def train_global_dp(
                 poisson_sampling=True,
                 noise_generator=noise,
             )
-        if abs(loader.sample_rate - dp_sample_rate(n, config.batch_size)) > 1e-12:
+        if abs(loader.sample_rate - rate) > 1e-12:
             raise RuntimeError(  # the ledger charges dp_sample_rate: it must be the real one
-                f"Opacus samples at {loader.sample_rate}, not at the charged "
-                f"{dp_sample_rate(n, config.batch_size)}; see dp_sample_rate"
+                f"Opacus samples at {loader.sample_rate}, not at the charged {rate}; see "
+                "dp_sample_rate"
             )
         if config.noise_shares > 1:
             # a fixed normaliser: the same bound on one record's share of the mean in
@@ -209,7 +210,7 @@ def train_global_dp(
         loss=float(np.mean(losses)) if losses else math.nan,
         num_examples=n,
         steps=steps,
-        sample_rate=dp_sample_rate(n, config.batch_size),
+        sample_rate=rate,
     )
 
 
