@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,7 @@ def _run_stages(
             config.rounds,
         )
     updated = sum(1 for r in federation["rounds"] if r.get("updated") is not False)
+    earlier = _earlier_processes(run)
     if federation["rounds"] and not updated:
         log.warning(
             "no round changed the global model: in each, the clients declined (e.g. an "
@@ -214,9 +215,10 @@ def _run_stages(
         "teacher order": pre.teacher.fitted_order,
         "teacher members": pre.teacher.config.members,
         "teacher prior weight": pre.teacher.prior_weight,
-        "federation seconds": round(federation["seconds"], 1),
+        "federation seconds": round(earlier.federation + federation["seconds"], 1),
         "client updates per second": round(federation["updates_per_second"], 2),
-        "total seconds": round(time.perf_counter() - started, 1),
+        "total seconds": round(earlier.total + time.perf_counter() - started, 1),
+        "processes": earlier.processes + 1,
         "run directory": str(run.root),
     }
     write_json_atomic(run.root / "summary.json", summary, mode=REPORT_MODE)
@@ -348,6 +350,8 @@ def _federate(
             "epsilon_record_mean": float(np.mean(eps)) if eps else None,
             "epsilon_user": report.epsilon_user,
             "updated": report.fit.updated,
+            # this process's federation time so far: a later resume adds it to its own
+            "elapsed_seconds": round(time.perf_counter() - started, 3),
         }
         if report.evaluate is not None and report.evaluate.ok:
             m = report.evaluate.metrics
@@ -438,6 +442,39 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
 def _sum_counts(*values: Any) -> int | None:
     numbers = [int(v) for v in values if isinstance(v, int | float)]
     return sum(numbers) if numbers else None
+
+
+@dataclass(frozen=True)
+class _EarlierProcesses:
+    """What the processes before this one spent on a resumed run directory."""
+
+    processes: int
+    federation: float
+    total: float
+
+
+def _earlier_processes(run: RunDirectory) -> _EarlierProcesses:
+    """Seconds spent by the earlier processes of this run directory (interrupted or resumed),
+    so that a resumed run's report counts the whole run and not only its last process.
+
+    Each process logs ``pretrain`` first, then its rounds with their ``elapsed_seconds``; an
+    interrupted process counts up to its last logged round (what it did after is lost work).
+    The last ``pretrain`` record is this process's own.
+    """
+    segments: list[tuple[float, float]] = []  # (pretraining, federation) per process
+    for record in run.records():
+        if record.get("event") == "pretrain":
+            segments.append((float(record.get("seconds") or 0.0), 0.0))
+        elif record.get("event") == "round" and segments:
+            pretraining, federation = segments[-1]
+            elapsed = float(record.get("elapsed_seconds") or 0.0)
+            segments[-1] = (pretraining, max(federation, elapsed))
+    earlier = segments[:-1]
+    return _EarlierProcesses(
+        processes=len(earlier),
+        federation=sum(f for _, f in earlier),
+        total=sum(p + f for p, f in earlier),
+    )
 
 
 def _logged_rounds(run: RunDirectory) -> list[dict[str, Any]]:

@@ -34,6 +34,10 @@ ROUND_COLUMNS = {
     "clients_declined": "clients that declined to train (e.g. their epsilon budget)",
     "clients_failed": "clients that failed or whose update was rejected",
     "updated": "whether the round changed the global model",
+    "fit_seconds": "seconds from sending the round's training instructions to its last reply",
+    "round_seconds": "seconds of the whole round: training, aggregation and evaluation",
+    "elapsed_seconds": "seconds since this process started federating (a resumed run counts "
+    "again from 0; the summary's federation seconds add the processes up)",
     "epsilon_record": "record-level epsilon, the most any client has spent so far",
     "epsilon_record_mean": "record-level epsilon, mean over the clients that have trained",
     "epsilon_user": "user-level epsilon of the server's noise, cumulative",

@@ -106,6 +106,12 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     summary2 = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary2["rounds"]] == [1, 2]
     assert summary2["meta"]["pretraining cached"] is True
+    # its time is the whole run's: the first process's federation counts too
+    assert (summary["meta"]["processes"], summary2["meta"]["processes"]) == (1, 2)
+    first = summary["rounds"][-1]["elapsed_seconds"]
+    assert summary["meta"]["federation seconds"] >= first - 0.05
+    assert summary2["meta"]["federation seconds"] >= first - 0.05
+    assert summary2["meta"]["total seconds"] > first
     # its throughput is that of the logged rounds, not of a process that trained none
     assert summary2["meta"]["client updates per second"] > 0
     # 'auto' chose a reading on validation; the cache remembers which
