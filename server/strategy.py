@@ -203,13 +203,16 @@ def _failure_summary(
     """Failed-client count and reasons: error replies plus clients that never replied.
 
     Timed-out clients appear neither in ``results`` nor in ``failures`` (Flower's
-    workflows simply do not get their reply), so they are inferred from the sample.
+    workflows simply do not get their reply), so they are inferred from the sample. Under
+    SecAgg+ a client can be in both: one that sent its masked update and then dropped in
+    the unmask stage is summed (its mask is rebuilt from its neighbours' shares), so it
+    counts as a contributor, not also as a failure; its error is still listed.
     """
     silent = max(0, sampled - replied - len(failures))
     reasons = [_failure_reason(f) for f in failures[:MAX_REASONS]]
     if silent:
         reasons.append(f"{silent} client(s) did not reply in time (timeout or dropout)")
-    return len(failures) + silent, tuple(reasons)
+    return min(len(failures) + silent, max(0, sampled - replied)), tuple(reasons)
 
 
 def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:

@@ -712,6 +712,10 @@ def test_secagg_dropout_in_unmask_stage_keeps_its_masked_update() -> None:
     config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
     reports = _run(config, num_nodes=6, extra_mods=[_dropout_mod({2}, "unmask")])
     assert reports[0].fit.updated
+    # it counts once, as a contributor: its later error is not a second client failing
+    fit = reports[0].fit
+    assert (fit.sampled, fit.ok, fit.failed) == (6, 6, 0), fit
+    assert any("unmask" in reason for reason in fit.failures), fit.failures
     expected = _expected_fedavg(task, range(6), task.initial_parameters())
     assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(
         task, range(6), 8.0, 2**22
