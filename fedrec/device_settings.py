@@ -21,7 +21,8 @@ DAEMON_SETTINGS_HELP: dict[str, dict[str, str]] = {
     },
     "Serving and storage": {
         "candidate_pool": "Model candidates the exploration policy re-ranks.",
-        "keep_models": "Sealed model versions kept on disk.",
+        "keep_models": "Sealed model versions kept on disk (and the newest global one while a "
+        "personal model serves).",
         "max_impressions": "Recommended items remembered for feedback checks.",
     },
     "Privacy": {

@@ -4,7 +4,6 @@ global versions and adapts the personal adapter on new events; the SuperNode com
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -119,7 +118,9 @@ def test_device_task_trains_on_the_store_and_leaves_the_global_model(
     # for the daemon's refit: the federation's steps, rate and objective
     assert received is not None and received.personal_fit == PersonalFit(7, 0.02, False)
     assert files.rounds_joined() == 1
-    assert not files.personal.exists()  # the adapter is the daemon's, fitted when it serves
+    # the adapter is the daemon's, fitted when it serves, and never a file of its own
+    kept = sorted(p.name for p in files.directory.iterdir())
+    assert kept == [".lock", "global.npz", "joined.json"]
     assert (device / "privacy" / "ledger.json").exists()  # the device's own ledger
     evaluation = task.evaluate(0, params, {"server-round": 3})  # type: ignore[attr-defined]
     assert evaluation.metrics["epsilon"] == pytest.approx(fit.metrics["epsilon"])
@@ -133,13 +134,13 @@ def test_the_devices_own_model_is_pruned_as_the_federation_prunes_its_models(
     import shared.compression.artifact as artifact
 
     pruned: list[float] = []
-    real = artifact.publish_student
+    real = artifact.build_student_artifact
 
     def spy(*args: Any, prune: Any = None, **kwargs: Any) -> Any:
         pruned.append(0.0 if prune is None else prune.sparsity)
         return real(*args, prune=prune, **kwargs)
 
-    monkeypatch.setattr(artifact, "publish_student", spy)
+    monkeypatch.setattr(artifact, "build_student_artifact", spy)
     with Daemon.open(device) as daemon:
         learner = DeviceLearner(daemon, bundle)
         learner.prepare()  # the bundle's model: no federation yet, nothing pruned
@@ -279,6 +280,16 @@ def test_the_device_owner_sets_a_privacy_floor_the_server_cannot_lower(
     assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
 
 
+def _adapter(learner: DeviceLearner) -> dict[str, torch.Tensor]:
+    """The adapter of the learner's last refit (it is only ever stored sealed, inside the
+    model built from it)."""
+    return {k: v.clone() for k, v in learner.bundle.student.adapter.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_learner_serves_new_global_models_and_adapts_on_new_events(
     device: Path, bundle: Path
 ) -> None:
@@ -301,22 +312,21 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         _wait_until(lambda: daemon.status().adaptation_pending == 0)
         status = daemon.status()
         assert status.model_version == "4+personal" and status.adaptation_pending == 0
-        assert files.personal.exists() and learner.adaptations == 1
-        adapter = files.personal.read_bytes()
+        assert learner.adaptations == 1
+        adapter = _adapter(learner)
         # a new global model: the adapter is refitted against it, not carried over
         files.write_global(5, [a - 0.25 for a in arrays])
         _wait_until(lambda: daemon.status().model_version == "5+personal")
-        assert learner.adaptations == 2 and files.personal.read_bytes() != adapter
+        assert learner.adaptations == 2 and not _same(_adapter(learner), adapter)
         # the federation's run config turns the refit off (personal-steps = 0)
         files.write_global(6, arrays, personal_fit=PersonalFit(0, 0.001))
         _wait_until(lambda: daemon.status().model_version == "6")
-        assert learner.adaptations == 2 and not files.personal.exists()
+        assert learner.adaptations == 2
         files.write_global(7, arrays, personal_fit=PersonalFit(3, 0.001))
         _wait_until(lambda: daemon.status().model_version == "7+personal")
         # erasing the user's data also erases the adapter fitted on it; the global model
         # (version 7, not personal) is served again
         daemon.erase()
-        assert not files.personal.exists()
         _wait_until(lambda: daemon.status().model_version == "7")
         learner.stop()
 
@@ -365,7 +375,7 @@ def test_a_device_fits_the_adapter_the_simulation_evaluates(device: Path, bundle
         torch.manual_seed(123)
         learner.refresh(adapt=False)
         assert daemon.status().model_version == "2+personal"
-        on_device = torch.load(io.BytesIO(learner.files.personal.read_bytes()))
+        on_device = _adapter(learner)
         history = local_history(device, Catalog(tuple(learner.bundle.item_ids)))
     assert len(history) == 8
     student = load_bundle(bundle).student
@@ -530,3 +540,26 @@ def test_a_device_refuses_to_train_with_another_bundle_than_the_servers(
     other = _device_task(device, bundle, **{"bundle-sha256": "0" * 64})
     with pytest.raises(ModelFileError, match=r"is not the server's .* same bundle\.pt the server"):
         other.initial_parameters()  # type: ignore[attr-defined]
+
+
+def test_a_personal_model_is_exported_without_touching_the_disk(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export wrote fp32.onnx / int8.onnx (the user's adapter in clear) to a temporary
+    folder, which a daemon killed mid-export left behind for good."""
+    import tempfile
+
+    from client.device.training import export_personal_model
+    from shared.federated.bundle import load_bundle
+    from shared.ondevice.runtime import OnDeviceModel
+
+    def no_files(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the personal model's export created a temporary file")
+
+    for name in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryFile"):
+        monkeypatch.setattr(tempfile, name, no_files)
+    loaded = load_bundle(bundle)
+    data = export_personal_model(loaded.student, tuple(loaded.item_ids), "2+personal")
+    model = OnDeviceModel(data)
+    assert model.metadata.model_version == "2+personal"
+    assert model.metadata.quantization != "none"

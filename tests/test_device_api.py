@@ -564,6 +564,43 @@ def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: P
     assert device.client.get("/recommendations").json()["model_version"] == "round-7"
 
 
+def test_an_erase_after_many_personal_models_still_serves_the_global_one(
+    device: Device, tmp_path: Path
+) -> None:
+    """With keep-models 3, three personal refits pruned the global model away, and an erase
+    then left the device nothing to serve (503) until the learner exported again."""
+    personal = _int8(tmp_path, "round-7+personal")
+    for _ in range(4):
+        device.daemon.install_model(personal)
+    # the 3 newest, and the newest global one (v1) while a personal model serves
+    assert device.daemon.models.versions() == [1, 4, 5]
+    # the adapter file an earlier version kept in clear goes with the erase too
+    federated = device.daemon.layout.state_dir / "federated"
+    federated.mkdir()
+    leftovers = [federated / "personal.pt", federated / ".personal.pt.x1y2.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"adapter")
+    (federated / "global.npz").write_bytes(b"not personal")
+    assert device.client.delete("/data").status_code == 204
+    r = device.client.get("/recommendations")
+    assert r.status_code == 200 and r.json()["model_version"] == "round-7"
+    assert not any(path.exists() for path in leftovers)
+    assert (federated / "global.npz").exists()
+
+
+def test_old_clear_adapter_files_are_removed_at_open_and_by_init_force(tmp_path: Path) -> None:
+    state = tmp_path / "device"
+    init_identity(state)
+    federated = state / "federated"
+    federated.mkdir()
+    (federated / "personal.pt").write_bytes(b"adapter")
+    Daemon.open(state).shutdown()
+    assert not (federated / "personal.pt").exists()
+    (federated / ".personal.pt.abc.tmp").write_bytes(b"adapter")
+    init_identity(state, force=True)
+    assert list(federated.iterdir()) == []
+
+
 class _Reversed:
     name = "reversed"
 

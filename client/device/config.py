@@ -39,9 +39,10 @@ class DaemonConfig:
     data; exposing it to the network is a deliberate choice). ``max_batch`` bounds events or
     feedback per request (413 beyond it) and ``max_body_bytes`` the request body (413).
     ``candidate_pool``: how many model candidates the exploration policy re-ranks.
-    ``keep_models``: sealed versions kept on disk (for rollback). ``max_impressions``: how many
-    recommended items are remembered for feedback checks. ``privacy_*``: the budget reported
-    by ``/status`` (the ledger file holds what was spent). ``exploration``: the re-ranking
+    ``keep_models``: sealed versions kept on disk (for rollback; the newest global one is also
+    kept while a personal model serves, so an erase can serve it again). ``max_impressions``:
+    how many recommended items are remembered for feedback checks. ``privacy_*``: the budget
+    reported by ``/status`` (the ledger file holds what was spent). ``exploration``: the re-ranking
     policy (:class:`~shared.bandits.policies.BanditConfig`; flat keys ``bandit-<key>`` in
     :meth:`from_values`); its ``top_n`` must fit in ``candidate_pool``.
     """

@@ -63,7 +63,7 @@ import numpy.typing as npt
 from client.device.config import DaemonConfig
 from client.device.exploration import BanditReranker
 from client.device.identity import DeviceIdentity, DeviceLayout, StateDirLock
-from client.device.sealed import Catalog, SealedModelInfo, SealedModelStore
+from client.device.sealed import PERSONAL_SUFFIX, Catalog, SealedModelInfo, SealedModelStore
 from client.device.store import (
     DeviceStore,
     Event,
@@ -247,10 +247,6 @@ class DeviceBackend(Protocol):
     def erase(self) -> None: ...
 
 
-PERSONAL_SUFFIX = "+personal"
-"""Ends the ``model_version`` of a model carrying a device's personal adapter (personal data;
-``"3+personal"``); a global model's is its round (``"3"``)."""
-
 # --------------------------------------------------------------------------- processes
 
 _ERROR_MARKERS = ("ERROR", "Error", "error:", "Exception", "Failed", "failed")
@@ -431,6 +427,7 @@ class Daemon:
         self.erase_completed_at_open = False
         self._load_installed()
         self._model_changed()
+        self.layout.remove_personal_leftovers()
         if self.layout.erase_pending.exists():
             logger.warning("finishing an erase of local data that a crash interrupted")
             self.erase()
@@ -844,6 +841,7 @@ class Daemon:
             except FedRecError as exc:
                 self.model_error = f"the global model could not be reinstalled: {exc}"
             self.models.erase(keep=kept)  # the personal versions, once a global one serves
+            self.layout.remove_personal_leftovers()
         self._run_erase_callbacks()
         marker.unlink(missing_ok=True)
         fsync_dir(self.layout.state_dir)

@@ -143,6 +143,15 @@ class DeviceLayout:
         :meth:`~client.device.daemon.Daemon.install_model`)."""
         return self.state_dir / "catalog.pending.json"
 
+    def remove_personal_leftovers(self) -> None:
+        """Delete the personal adapter that earlier versions kept in clear under
+        ``federated/`` (``personal.pt``, and an interrupted write's temporary file): the
+        adapter now lives only inside the sealed personal model, and an erase must not leave
+        a copy of it."""
+        folder = self.state_dir / "federated"
+        for path in [*folder.glob("personal.pt*"), *folder.glob(".personal.pt.*")]:
+            path.unlink(missing_ok=True)
+
     @property
     def ledger(self) -> Path:
         """The privacy ledger: never deleted by an erase (that would let a device re-spend)."""
@@ -468,6 +477,7 @@ def init_identity(
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
             shutil.rmtree(layout.models_dir, ignore_errors=True)
+            layout.remove_personal_leftovers()
         if catalog is not None:
             catalog.save(layout.catalog)
     return result

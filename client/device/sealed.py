@@ -54,6 +54,10 @@ _NAME = re.compile(r"^model-v([1-9][0-9]{0,8})\.onnx\.sealed$")
 _MAX_HEADER = 64 * 1024
 _NONCE = 12
 
+PERSONAL_SUFFIX = "+personal"
+"""Ends the ``model_version`` of a model carrying a device's personal adapter (personal data;
+``"3+personal"``); a global model's is its round (``"3"``)."""
+
 
 def sealed_name(version: int) -> str:
     return f"model-v{version}.onnx.sealed"
@@ -328,9 +332,33 @@ class SealedModelStore:
                 tmp.unlink(missing_ok=True)
 
     def _prune(self, current: int) -> None:
+        """Keep the ``keep`` newest versions, and also the newest global model while the
+        current one is personal: erasing the user's data removes every personal model and
+        serves that global one again, so pruning it left an erased device with no model."""
         old = [v for v in self.versions() if v != current]
-        for version in old[: max(0, len(old) - (self.keep - 1))]:
+        protected = None
+        if self._is_personal(current):
+            protected = next((v for v in reversed(old) if self._is_personal(v) is False), None)
+        others = [v for v in old if v != protected]
+        room = max(0, self.keep - 1 - (protected is not None))
+        for version in others[: max(0, len(others) - room)]:
             self.path(version).unlink(missing_ok=True)
+
+    def _is_personal(self, version: int) -> bool | None:
+        """Whether a sealed file's header names a personal model (``None``: unreadable).
+
+        Read from the header's clear text without authenticating it: for housekeeping only
+        (a tampered file still fails when it is unsealed)."""
+        try:
+            with self.path(version).open("rb") as fh:
+                prefix = fh.read(len(MAGIC) + 4)
+                (n,) = struct.unpack(">I", prefix[len(MAGIC) :])
+                if not prefix.startswith(MAGIC) or n > _MAX_HEADER:
+                    return None
+                header = json.loads(fh.read(n))
+            return str(header["model_version"]).endswith(PERSONAL_SUFFIX)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return None
 
     @staticmethod
     def _info(header: dict[str, Any], path: Path) -> SealedModelInfo:

@@ -12,7 +12,8 @@ Two processes share one device state directory:
   round that produced them), and after every fit it counts the round in
   ``federated/joined.json``. It never writes the store, the sealed models or the adapter.
 * **The daemon** (``fedrec client start``) runs a :class:`DeviceLearner` thread, the single
-  writer of the sealed model store and of the personal adapter (``federated/personal.pt``).
+  writer of the sealed model store (the personal adapter exists only inside the sealed
+  personal model: never in a file of its own, not even a temporary one).
   It notices a newer ``global.npz``, a grown ``joined.json`` or new local events (debounced),
   then rebuilds the served model: the bundle's student with the newest global parameters and
   a personal adapter **refitted against them** from its initialization on the local history
@@ -36,7 +37,6 @@ import io
 import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from client.device.daemon import PERSONAL_SUFFIX, StaleModelError
+from client.device.daemon import StaleModelError
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
-from client.device.sealed import Catalog
+from client.device.sealed import PERSONAL_SUFFIX, Catalog
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
 from shared.io import exclusive_lock, write_bytes_atomic, write_json_atomic
@@ -109,10 +109,6 @@ class FederatedFiles:
     @property
     def global_params(self) -> Path:
         return self.directory / "global.npz"
-
-    @property
-    def personal(self) -> Path:
-        return self.directory / "personal.pt"
 
     @property
     def joined(self) -> Path:
@@ -447,14 +443,14 @@ def export_personal_model(
 ) -> bytes:
     """The int8 ONNX bytes of ``student`` (global parameters and personal adapter), pruned
     as the federation prunes the global models it publishes (``prune-sparsity``)."""
-    from shared.compression.artifact import publish_student
+    from shared.compression.artifact import build_student_artifact
     from shared.compression.prune import publish_prune
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "int8.onnx"
-        prune = publish_prune(prune_sparsity)
-        publish_student(student, item_ids, path, version=version, prune=prune, personal=True)
-        return path.read_bytes()
+    # in memory: the model holds the adapter fitted on this user's history, so it is only
+    # ever written sealed (a temporary file would outlive a daemon killed mid-export)
+    prune = publish_prune(prune_sparsity)
+    built = build_student_artifact(student, item_ids, version=version, prune=prune, personal=True)
+    return built.int8
 
 
 class DeviceLearner:
@@ -530,10 +526,8 @@ class DeviceLearner:
         self._wake.set()
 
     def _on_erase(self) -> None:
-        """The user's data is gone: so is the personal adapter (it was fitted on it). The
-        global model (not personal) is served again at the next tick."""
-        with self.files.lock():
-            self.files.personal.unlink(missing_ok=True)
+        """The user's data is gone, and with the sealed models the personal adapter fitted on
+        it. The global model (not personal) is served again at the next tick."""
         self._events_at = None
         self.installed_global = None  # reinstall: erase removed the sealed models
         self._wake.set()
@@ -604,20 +598,15 @@ class DeviceLearner:
             init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
             pending = self.daemon.store.adaptation_pending()
             history = np.asarray(self.daemon.history(catalog), dtype=np.int64)
-            personal = self.files.personal
             fit = self.config.personal_fit(federation_fit)
-            if fit.steps > 0 and len(history) >= 2:
-                # refitted against the global model it will be served with, from the start
+            is_personal = fit.steps > 0 and len(history) >= 2
+            if is_personal:
+                # refitted against the global model it will be served with, from the start;
+                # it lives only in the sealed model built from it (never in a file of its own)
                 fit_personal(
                     student, history, init, fit.steps, fit.lr, exclude_seen=fit.exclude_seen
                 )
-                buf = io.BytesIO()
-                torch.save(student.adapter.state_dict(), buf)
-                write_bytes_atomic(personal, buf.getvalue())
                 self.adaptations += 1
-            else:
-                personal.unlink(missing_ok=True)
-            is_personal = personal.exists()
         label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
         data = export_personal_model(student, catalog.item_ids, label, prune_sparsity)
         try:

@@ -4,7 +4,6 @@ pretraining benchmark, the simulation and the server's per-round publication."""
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,10 +13,10 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from shared.compression.onnx_export import export_onnx
+from shared.compression.onnx_export import export_onnx_bytes
 from shared.compression.prune import PruneConfig, PruneReport, prune_model
-from shared.compression.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
-from shared.io import write_json_atomic
+from shared.compression.quantize import QuantizeConfig, quantize_onnx_bytes
+from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
 from shared.ondevice.runtime import catalog_fingerprint
 
@@ -74,22 +73,33 @@ CATALOG_FILE = "catalog.json"
 """Written next to every published model: its raw item ids in model order (a JSON list)."""
 
 
-def publish_student(
+@dataclass(frozen=True)
+class StudentArtifact:
+    """A student's int8 ONNX model, in memory, and what it cost."""
+
+    int8: bytes
+    fp32_bytes: int
+    agreement: float
+    sparsity: float
+
+
+def build_student_artifact(
     student: StudentModel,
     item_ids: Sequence[str],
-    out_path: str | Path,
     *,
     version: str,
     prune: PruneConfig | None = None,
     quantize: QuantizeConfig | None = None,
     validation_histories: Sequence[npt.ArrayLike] | None = None,
     personal: bool = False,
-) -> ArtifactReport:
-    """Export ``student`` to an int8 ONNX file: the global model (identity adapter) that the
+) -> StudentArtifact:
+    """The int8 ONNX bytes of ``student``: the global model (identity adapter) that the
     server publishes, or with ``personal`` the student's own adapter (a device's model).
 
-    Pruning works on a copy of the folded export graph so the caller's student is untouched,
-    and on what that graph executes (:func:`prune_export_graph`).
+    Built in memory, fp32 export included, so a device's personal model never lies in clear
+    on its disk (the sealed store is where it is kept). Pruning works on a copy of the folded
+    export graph so the caller's student is untouched, and on what that graph executes
+    (:func:`prune_export_graph`).
     """
     import copy
 
@@ -100,28 +110,51 @@ def publish_student(
     sparsity = 0.0
     if prune is not None and prune.sparsity > 0:
         sparsity = prune_export_graph(exportable, prune).overall
-    out = Path(out_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        with warnings.catch_warnings():
-            # Tracing turns the attention scale (a shape-derived constant) into a float.
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            export_onnx(
-                exportable,
-                fp32,
-                model_version=version,
-                catalog_fingerprint=catalog_fingerprint(item_ids),
-            )
-        report: QuantizeReport = quantize_onnx(
-            fp32, out, config=quantize, validation_histories=validation_histories
+    with warnings.catch_warnings():
+        # Tracing turns the attention scale (a shape-derived constant) into a float.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        fp32, _ = export_onnx_bytes(
+            exportable, model_version=version, catalog_fingerprint=catalog_fingerprint(item_ids)
         )
-        fp32_bytes = fp32.stat().st_size
+    int8, report = quantize_onnx_bytes(
+        fp32, config=quantize, validation_histories=validation_histories
+    )
+    return StudentArtifact(
+        int8=int8,
+        fp32_bytes=len(fp32),
+        agreement=float(report.agreement) if report.agreement is not None else float("nan"),
+        sparsity=sparsity,
+    )
+
+
+def publish_student(
+    student: StudentModel,
+    item_ids: Sequence[str],
+    out_path: str | Path,
+    *,
+    version: str,
+    prune: PruneConfig | None = None,
+    quantize: QuantizeConfig | None = None,
+    validation_histories: Sequence[npt.ArrayLike] | None = None,
+) -> ArtifactReport:
+    """Write ``student``'s global model (:func:`build_student_artifact`) to ``out_path``
+    (atomic) with the catalog next to it, as the server publishes every round."""
+    built = build_student_artifact(
+        student,
+        item_ids,
+        version=version,
+        prune=prune,
+        quantize=quantize,
+        validation_histories=validation_histories,
+    )
+    out = Path(out_path)
+    write_bytes_atomic(out, built.int8)
     # what a device installs the model with (`fedrec client install-model --catalog`)
     write_json_atomic(out.parent / CATALOG_FILE, list(item_ids))
     return ArtifactReport(
         path=out,
-        int8_bytes=out.stat().st_size,
-        fp32_bytes=fp32_bytes,
-        agreement=float(report.agreement) if report.agreement is not None else float("nan"),
-        sparsity=sparsity,
+        int8_bytes=len(built.int8),
+        fp32_bytes=built.fp32_bytes,
+        agreement=built.agreement,
+        sparsity=built.sparsity,
     )

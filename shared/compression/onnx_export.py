@@ -14,7 +14,8 @@ sequence lengths before the file is written (atomically).
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +107,17 @@ def export_to_proto(model: nn.Module, config: ExportConfig | None = None) -> onn
     example = _example_inputs(n_items, 2, max_len, gen)
     was_training = model.training
     model.eval()
+    buffer = io.BytesIO()  # in memory: a device's export holds its personal adapter
     try:
-        with (
-            tempfile.TemporaryDirectory(prefix="fedrec-export-") as tmp,
-            torch.no_grad(),
-            warnings.catch_warnings(),
-        ):
-            out = Path(tmp) / "model.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
             torch.onnx.export(
                 model,
                 example,
-                out,
+                # the TorchScript exporter (dynamo=False) writes to a file object too
+                # (torch.onnx.utils.export's f: str | io.BytesIO); export's hint names paths
+                buffer,  # type: ignore[arg-type]
                 dynamo=False,
                 opset_version=cfg.opset,
                 input_names=list(INPUT_NAMES),
@@ -130,7 +129,7 @@ def export_to_proto(model: nn.Module, config: ExportConfig | None = None) -> onn
                 },
                 do_constant_folding=True,
             )
-            data = out.read_bytes()
+            data = buffer.getvalue()
     except Exception as exc:
         raise ModelFileError(
             f"torch could not export {type(model).__name__} to ONNX opset {cfg.opset}: {exc}"
@@ -155,6 +154,23 @@ def export_onnx(
     load. Raises :class:`ModelFileError` if tracing fails or ORT disagrees with torch, and
     then writes nothing.
     """
+    data, report = export_onnx_bytes(
+        model, model_version=model_version, catalog_fingerprint=catalog_fingerprint, config=config
+    )
+    write_bytes_atomic(path, data)
+    return dataclasses.replace(report, path=str(path))
+
+
+def export_onnx_bytes(
+    model: nn.Module,
+    *,
+    model_version: str,
+    catalog_fingerprint: str,
+    config: ExportConfig | None = None,
+) -> tuple[bytes, ExportReport]:
+    """:func:`export_onnx` without a file: the verified fp32 ONNX bytes (the report's
+    ``path`` is empty). Nothing touches the disk, so a device exporting its personal model
+    leaves no clear copy of it behind, not even in a temporary folder when it is killed."""
     cfg = config or ExportConfig()
     if cfg.opset > ort_max_opset():
         raise ConfigError(
@@ -180,11 +196,10 @@ def export_onnx(
         raise ModelFileError(f"exported ONNX model failed onnx.checker: {exc}") from exc
     data = proto.SerializeToString()
     diff = verify_against_torch(model, data, cfg) if cfg.verify else float("nan")
-    write_bytes_atomic(path, data)
     # the biggest constants: where the bytes go (an un-precomputed 384-d text table shows here)
     largest = sorted(proto.graph.initializer, key=lambda t: -int(np.prod(t.dims)))[:3]
-    return ExportReport(
-        path=str(path),
+    return data, ExportReport(
+        path="",
         n_bytes=len(data),
         opset=cfg.opset,
         metadata=meta,

@@ -157,13 +157,37 @@ def quantize_onnx(
     attempt reaches ``config.min_agreement`` top-``k`` agreement with ``src`` (then nothing
     is written).
     """
+    data, report = quantize_onnx_bytes(
+        Path(src).read_bytes(),
+        config=config,
+        validation_histories=validation_histories,
+        source=str(src),
+        target=str(dst),
+    )
+    write_bytes_atomic(dst, data)
+    return report
+
+
+def quantize_onnx_bytes(
+    src_data: bytes,
+    *,
+    config: QuantizeConfig | None = None,
+    validation_histories: Sequence[npt.ArrayLike] | None = None,
+    source: str = "the fp32 model",
+    target: str = "the int8 model",
+) -> tuple[bytes, QuantizeReport]:
+    """:func:`quantize_onnx` in memory: the int8 bytes of the fp32 model ``src_data`` and the
+    report (``source`` / ``target`` name them in errors). With the default ``weight_int8``
+    method nothing touches the disk (``ort_dynamic`` goes through ONNX Runtime's file-based
+    quantizer in a temporary folder)."""
     cfg = config or QuantizeConfig()
-    reference = OnDeviceModel(src)  # validates src and gives the fp32 scores for the gate
-    src_data = Path(src).read_bytes()
+    reference = OnDeviceModel(
+        src_data, name=source
+    )  # validates it and gives the fp32 scores for the gate
     meta = reference.metadata
     if meta.quantization != "none":
         raise ModelFileError(
-            f"{src}: already quantized ({meta.quantization}); pass the fp32 export instead"
+            f"{source}: already quantized ({meta.quantization}); pass the fp32 export instead"
         )
     k = min(cfg.k, meta.n_items)
     histories: list[npt.ArrayLike] = (
@@ -196,8 +220,7 @@ def quantize_onnx(
             agreement = top_k_agreement(ref_scores, candidate.score(histories), k=k)
         attempts.append((rung or 0, len(data), agreement))
         if agreement is None or cfg.min_agreement is None or agreement >= cfg.min_agreement:
-            write_bytes_atomic(dst, data)
-            return QuantizeReport(
+            return data, QuantizeReport(
                 method=cfg.method,
                 src_bytes=len(src_data),
                 dst_bytes=len(data),
@@ -213,7 +236,7 @@ def quantize_onnx(
     )
     raise ModelFileError(
         f"{cfg.method} int8 model agrees with fp32 on too few top-{k} items ({tried}; required "
-        f"{cfg.min_agreement}); nothing written to {dst}. Try method='weight_int8', a larger "
+        f"{cfg.min_agreement}); nothing written to {target}. Try method='weight_int8', a larger "
         f"min_elements rung, or more residual_clusters"
     )
 
