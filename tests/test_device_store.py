@@ -122,8 +122,8 @@ def test_database_file_holds_no_plaintext_item_ids(tmp_path: Path, key: bytes) -
     raw = _raw_bytes(db)
     assert b"secret-item" not in raw
     # and yet they are all there
-    with DeviceStore.open(db, key) as again:
-        assert [e.item_id for e in again.events()] == SECRET_IDS
+    with DeviceStore.open(db, key) as again:  # (the click is an event too, the oldest)
+        assert [e.item_id for e in again.events()] == [SECRET_IDS[0], *SECRET_IDS]
 
 
 def test_wrong_key_is_refused_clearly(tmp_path: Path, key: bytes) -> None:
@@ -235,8 +235,22 @@ def test_feedback_must_refer_to_an_impression(store: DeviceStore) -> None:
     other = "f" * 32
     with pytest.raises(UnknownImpressionError):
         store.add_feedback([Feedback(other, "a", "shown", 2.0)])  # right item, wrong list
-    assert store.add_feedback([Feedback(rec, "a", "shown", 2.0), Feedback(rec, "a", "clicked", 3)])
+    pending = store.adaptation_pending()
+    stored = store.add_feedback(
+        [Feedback(rec, "a", "shown", 2.0), Feedback(rec, "a", "clicked", 3)]
+    )
+    assert len(stored.ids) == 2 and len(stored.click_events) == 1
     assert [(f.item_id, f.action) for f in store.feedback()] == [("a", "shown"), ("a", "clicked")]
+    # the click is behaviour too: an event of the history, pending for the next adaptation
+    assert [(e.item_id, e.kind, e.timestamp) for e in store.events()] == [("a", "click", 3.0)]
+    assert store.adaptation_pending() == pending + 1
+    # a retried click of the same impression adds no second event; another impression does
+    store.record_impressions([Impression("e" * 32, "b", 1, 1.0, 4.0)])
+    again = store.add_feedback(
+        [Feedback(rec, "a", "clicked", 5.0), Feedback("e" * 32, "b", "clicked", 6)]
+    )
+    assert len(again.ids) == 2 and len(again.click_events) == 1
+    assert [(e.item_id, e.kind) for e in store.events()] == [("a", "click"), ("b", "click")]
 
 
 def test_old_impressions_expire(tmp_path: Path, key: bytes) -> None:

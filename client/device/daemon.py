@@ -728,6 +728,10 @@ class Daemon:
     def add_feedback(self, feedback: Sequence[Feedback]) -> int:
         """Store feedback; the whole batch is refused (422) if any pair was never shown.
 
+        A click is also behaviour: its first report adds a ``click`` event to the history
+        (:meth:`DeviceStore.add_feedback`), so the next few-shot adaptation fits it and the
+        item is not recommended again; the app need not post it to ``/events`` as well.
+
         Stored feedback then updates a learning policy at once (``clicked`` = 1, ``shown`` =
         0: seen and not clicked), once per impression (recommendation, item): a report
         repeated or retried later is stored but not learned from again, and within one batch
@@ -740,7 +744,9 @@ class Daemon:
     def _add_feedback(self, feedback: Sequence[Feedback]) -> int:
         # an impression is learned from once: a retried or repeated report is stored only
         earlier = self.store.reported([(fb.recommendation_id, fb.item_id) for fb in feedback])
-        stored = len(self.store.add_feedback(feedback))
+        stored = self.store.add_feedback(feedback)
+        if stored.click_events:  # clicks join the history: the next adaptation fits them
+            self.on_new_events(len(stored.click_events))
         reranker, catalog = self.reranker, self.catalog
         if isinstance(reranker, LearningReranker) and catalog is not None:
             reward: dict[tuple[str, str], float] = {}  # per impression; a click beats "shown"
@@ -761,7 +767,7 @@ class Daemon:
                 logger.exception(
                     "exploration policy %s failed to learn from feedback", reranker.name
                 )
-        return stored
+        return len(stored.ids)
 
     def status(self) -> DeviceStatus:
         stats = self.store.stats()

@@ -15,7 +15,7 @@ What it adds to the policy itself:
 * **One posterior per global model version.** Features are derived from the model, so a
   posterior learned under one version's features means nothing under the next one: a new
   global model starts a fresh posterior and features (what was learned federatedly is in the
-  model itself, and the clicks stay in the store for the next few-shot adaptation), while a
+  model itself, and every click is an event of the history the few-shot adaptation fits), while a
   personal refit of the same global model keeps both.
 * **Feedback semantics.** An impression reported ``clicked`` is reward 1, ``shown`` (seen, not
   clicked) reward 0. Each impression is learned from once; a later report on the same

@@ -46,7 +46,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, NamedTuple, get_args
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -200,6 +200,14 @@ class Feedback:
         if not self.recommendation_id:
             raise DataError("feedback needs the recommendation_id it refers to")
         _check_timestamp(self.timestamp, "feedback")
+
+
+class StoredFeedback(NamedTuple):
+    """What :meth:`DeviceStore.add_feedback` stored: the feedback rows, and the ``click``
+    events its first click reports added to the history."""
+
+    ids: list[int]
+    click_events: list[int]
 
 
 @dataclass(frozen=True)
@@ -439,14 +447,18 @@ class DeviceStore:
         if not events:
             return []
         with self._write() as conn:
-            first = self._next_id(conn, "events")
-            rows = []
-            for offset, ev in enumerate(events):
-                row_id = first + offset
-                payload = {"item": ev.item_id, "ts": ev.timestamp, "rating": ev.rating}
-                rows.append((row_id, ev.kind, self._seal("events", row_id, ev.kind, payload)))
-            conn.executemany("INSERT INTO events (id, kind, payload) VALUES (?, ?, ?)", rows)
-            self._increment(conn, STATE_ADAPTATION_PENDING, len(events))
+            return self._insert_events(conn, events)
+
+    def _insert_events(self, conn: sqlite3.Connection, events: Sequence[Event]) -> list[int]:
+        """Insert ``events`` inside the caller's write transaction; counts them as pending."""
+        first = self._next_id(conn, "events")
+        rows = []
+        for offset, ev in enumerate(events):
+            row_id = first + offset
+            payload = {"item": ev.item_id, "ts": ev.timestamp, "rating": ev.rating}
+            rows.append((row_id, ev.kind, self._seal("events", row_id, ev.kind, payload)))
+        conn.executemany("INSERT INTO events (id, kind, payload) VALUES (?, ?, ?)", rows)
+        self._increment(conn, STATE_ADAPTATION_PENDING, len(rows))
         return [r[0] for r in rows]
 
     def events(self) -> list[Event]:
@@ -514,8 +526,11 @@ class DeviceStore:
                 is None
             ]
 
-    def reported(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """The ``(recommendation_id, item_id)`` pairs that already have stored feedback."""
+    def reported(
+        self, pairs: Sequence[tuple[str, str]], action: FeedbackAction | None = None
+    ) -> set[tuple[str, str]]:
+        """The ``(recommendation_id, item_id)`` pairs that already have stored feedback (of
+        ``action``, if given)."""
         wanted = set(pairs)
         recs = sorted({rec for rec, _ in wanted})
         found: set[tuple[str, str]] = set()
@@ -527,21 +542,28 @@ class DeviceStore:
                     f"WHERE recommendation_id IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ).fetchall()
-                for row_id, action, rec, blob in rows:
-                    pair = (rec, str(self._open("feedback", row_id, action, blob)["item"]))
+                for row_id, kind, rec, blob in rows:
+                    if action is not None and kind != action:
+                        continue
+                    pair = (rec, str(self._open("feedback", row_id, kind, blob)["item"]))
                     if pair in wanted:
                         found.add(pair)
         return found
 
-    def add_feedback(self, feedback: Sequence[Feedback]) -> list[int]:
+    def add_feedback(self, feedback: Sequence[Feedback]) -> StoredFeedback:
         """Store feedback atomically; *all* of it must refer to recorded impressions.
+
+        The first ``clicked`` report of an impression is also stored as a ``click`` event, in
+        the same transaction: a click is behaviour, so it joins the history the next few-shot
+        adaptation fits (and counts as adaptation pending) and the clicked item is no longer
+        recommended. A repeated or retried report adds no second event.
 
         Raises :class:`UnknownImpressionError` listing the pairs that were never recommended
         (or whose impression expired), and then stores nothing.
         """
         feedback = list(feedback)
         if not feedback:
-            return []
+            return StoredFeedback([], [])
         with self._write() as conn:
             pairs = list(dict.fromkeys((f.recommendation_id, f.item_id) for f in feedback))
             missing = self.missing_impressions(pairs)
@@ -567,11 +589,19 @@ class DeviceStore:
                         self._seal("feedback", row_id, fb.action, payload),
                     )
                 )
+            clicks: dict[tuple[str, str], Feedback] = {}
+            for fb in feedback:
+                if fb.action == "clicked":
+                    clicks.setdefault((fb.recommendation_id, fb.item_id), fb)
+            for pair in self.reported(list(clicks), action="clicked"):
+                del clicks[pair]  # already an event
             conn.executemany(
                 "INSERT INTO feedback (id, action, recommendation_id, payload) VALUES (?, ?, ?, ?)",
                 rows,
             )
-        return [r[0] for r in rows]
+            events = [Event(fb.item_id, "click", fb.timestamp) for fb in clicks.values()]
+            event_ids = self._insert_events(conn, events) if events else []
+        return StoredFeedback([r[0] for r in rows], event_ids)
 
     def feedback(self) -> list[Feedback]:
         """All feedback, in insertion order."""
