@@ -562,8 +562,13 @@ def test_model_features_recover_the_models_item_space_and_ignore_popularity() ->
         # popularity enters the policy as the model score, not as a feature
         no_pop = model_features(scorer(np.zeros(40)), 40, 3, max_probes=probes, batch_size=7)
         assert np.allclose(f, no_pop)
+    # a catalog too small for the configured width (a device with 5 items) gets the factors
+    # it has and zero columns: every recommendation of such a device failed on a ConfigError
+    small = model_features(scorer(pop), 40, 12, max_probes=12)
+    assert small.shape == (40, 12) and not small[:, 11:].any() and small[:, :11].any()
+    assert not model_features(scorer(pop[:1]), 1, 4).any()
     with pytest.raises(ConfigError, match="feature_dim"):
-        model_features(scorer(pop), 40, 12, max_probes=12)
+        model_features(scorer(pop), 40, -1)
     with pytest.raises(DataError, match="shape"):
         model_features(lambda hs: np.zeros((len(hs), 39)), 40, 3)
 

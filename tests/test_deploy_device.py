@@ -563,3 +563,26 @@ def test_a_personal_model_is_exported_without_touching_the_disk(
     model = OnDeviceModel(data)
     assert model.metadata.model_version == "2+personal"
     assert model.metadata.quantization != "none"
+
+
+def test_a_new_runs_model_is_served_even_at_the_round_already_served(
+    device: Path, bundle: Path
+) -> None:
+    """The learner compared rounds only: a new Flower run's round-3 model, kept by the
+    ClientApp in place of the old run's round 3, was not served until something else
+    triggered a refresh."""
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        arrays = get_global_arrays(learner.bundle.student)
+        learner.files.write_global(3, [a + 0.1 for a in arrays], run_id=111)
+        learner._tick()
+        first = daemon.model_info
+        assert first is not None and first.model_version == "3"
+        learner._tick()  # nothing new: nothing installed
+        assert daemon.model_info == first
+        assert learner.files.write_global(3, [a - 0.1 for a in arrays], run_id=222)
+        learner._tick()
+        second = daemon.model_info
+        assert second is not None and second.model_version == "3"
+        assert second.version == first.version + 1 and second.sha256 != first.sha256

@@ -618,3 +618,23 @@ def test_catalog_roundtrip_and_validation(tmp_path: Path) -> None:
     bad = CATALOG.to_json() | {"fingerprint": "0" * 16}
     with pytest.raises(DataError, match="does not match"):
         Catalog.from_json(bad)
+
+
+def test_exploration_serves_a_tiny_catalog_and_a_new_catalog_under_the_same_label(
+    store: DeviceStore,
+) -> None:
+    """Two device-audit findings. A catalog of at most ``feature_dim`` (16) items failed every
+    slate on the feature width; a model for a new catalog under the label already served (a
+    new federation's round 3) reused the old catalog's features, and every slate failed on an
+    out-of-range index. Both fell back to the model's order and learned nothing."""
+    from client.device.exploration import BanditReranker
+    from shared.bandits.policies import BanditConfig
+
+    reranker = BanditReranker(BanditConfig(), store)
+    for n_items, catalog in ((5, "five"), (40, "forty")):
+        reranker.on_model(OnDeviceModel(tiny_onnx(n_items=n_items, catalog=catalog, version="3")))
+        candidates = np.arange(n_items, dtype=np.int64)
+        slate = reranker.rerank(candidates, np.linspace(1, 0, n_items), 4, slate_id=catalog)
+        assert len(set(slate)) == 4 and set(slate) <= set(range(n_items))
+        reranker.observe([slate[0]], [1.0], [catalog])
+        assert reranker.feedback_counts["accepted"] == 1  # a fresh posterior per catalog

@@ -38,7 +38,7 @@ from client.device.store import DeviceStore
 from shared.bandits.features import model_features
 from shared.bandits.policies import BanditConfig, Policy, make_policy
 from shared.errors import ConfigError, ModelFileError
-from shared.ondevice.runtime import OnDeviceModel
+from shared.ondevice.runtime import ModelMetadata, OnDeviceModel
 
 __all__ = ["PENDING_PREFIX", "STATE_KEY", "BanditReranker"]
 
@@ -53,9 +53,12 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.floating[Any]]
 
 
-def _global_version(model_version: str) -> str:
-    """The global model a served model was built on: ``7`` for ``7+personal``."""
-    return model_version.split("+", 1)[0]
+def _global_version(metadata: ModelMetadata) -> str:
+    """The global model a served model was built on, and for which catalog: ``7@<catalog
+    fingerprint>`` for ``7+personal``. A model for another catalog under the same label (a
+    new federation's round 7) gets fresh features and posterior: the old ones had the old
+    catalog's size, and every slate failed on them."""
+    return f"{metadata.model_version.split('+', 1)[0]}@{metadata.catalog_fingerprint}"
 
 
 class BanditReranker:
@@ -89,7 +92,7 @@ class BanditReranker:
         read, not what the items are, and recomputed features (an SVD, signs fixed anew)
         would no longer match what the posterior learned."""
         with self._lock:
-            version = None if model is None else _global_version(model.metadata.model_version)
+            version = None if model is None else _global_version(model.metadata)
             if model is self._model:
                 return
             if version != self._model_version or self._model is None:

@@ -471,7 +471,9 @@ class DeviceLearner:
         self._stop = threading.Event()
         self._events_at: float | None = None
         self._thread: threading.Thread | None = None
-        self.installed_global: int | None = None
+        #: (Flower run, round) of the global model being served: a new run restarts at
+        #: round 1, so the round alone could equal the one served
+        self.installed_global: tuple[int | None, int] | None = None
         self.adaptations = 0
         self.last_error: str | None = None
 
@@ -556,8 +558,8 @@ class DeviceLearner:
     def _tick(self) -> None:
         store = self.daemon.store
         store.sync_rounds_joined(self.files.rounds_joined())
-        version = self.files.global_version()
-        new_global = version is not None and version != self.installed_global
+        kept = self.files.read_global(arrays=False)
+        new_global = kept is not None and (kept.run_id, kept.version) != self.installed_global
         events_due = (
             self._events_at is not None
             and time.monotonic() - self._events_at >= self.config.debounce_s
@@ -616,7 +618,7 @@ class DeviceLearner:
             return
         if adapt and pending:
             self.daemon.store.consume_adaptation_pending(pending)
-        self.installed_global = version
+        self.installed_global = (received.run_id if received else None, version)
         self.last_error = None
         logger.info("serving model %s (sealed v%d)", label, info.version)
 

@@ -107,14 +107,14 @@ def model_features(
     """
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
         raise ConfigError(f"n_items must be a positive integer, got {n_items!r}")
-    if dim == 0:
-        return np.zeros((n_items, 0))
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+        raise ConfigError(f"feature_dim must be an integer >= 0, got {dim!r}")
     n_probes = min(n_items, max_probes)
-    if not 0 < dim < n_probes:
-        raise ConfigError(
-            f"feature_dim {dim} must be in [0, {n_probes}) for a catalog of {n_items} items "
-            f"probed {n_probes} times"
-        )
+    # a doubly centred n_probes x n_items matrix has at most n_probes - 1 factors: a catalog
+    # that small gets them, and zero columns (which the policy never learns from) for the rest
+    rank = min(dim, n_probes - 1)
+    if rank == 0:
+        return np.zeros((n_items, dim))
     if n_probes == n_items:
         probes = np.arange(n_items, dtype=np.int64)
     else:
@@ -135,7 +135,8 @@ def model_features(
     s -= s.mean(axis=1, keepdims=True)
     s -= s.mean(axis=0, keepdims=True)
     _, sv, vt = np.linalg.svd(s, full_matrices=False)
-    factors = vt[:dim].T * np.sqrt(sv[:dim])
-    signs = np.sign(factors[np.argmax(np.abs(factors), axis=0), np.arange(dim)])
+    factors = vt[:rank].T * np.sqrt(sv[:rank])
+    signs = np.sign(factors[np.argmax(np.abs(factors), axis=0), np.arange(rank)])
     signs[signs == 0] = 1.0
-    return unit_mean_square(factors * signs)
+    features = unit_mean_square(factors * signs)
+    return np.pad(features, ((0, 0), (0, dim - rank)))
