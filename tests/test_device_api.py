@@ -1344,3 +1344,17 @@ def test_status_reports_the_budget_the_training_side_enforces(device: Device) ->
     assert (privacy["epsilon_budget"], privacy["delta"]) == (3.0, 1e-8)
     assert privacy["epsilon_spent"] == pytest.approx(ledger.epsilon())
     assert ledger.epsilon() > ledger.epsilon(delta=1e-5)  # not the default delta's figure
+
+
+def test_events_with_the_apps_ids_can_be_retried_safely(device: Device) -> None:
+    seen: list[int] = []
+    device.daemon.add_new_events_listener(seen.append)
+    body = {"events": [ev(ITEM[1], event_id="e-1"), ev(ITEM[2], event_id="e-2")]}
+    assert device.client.post("/events", json=body).json() == {"stored": 2}
+    body["events"].append(ev(ITEM[3], event_id="e-3"))
+    assert device.client.post("/events", json=body).json() == {"stored": 1}
+    assert device.stored() == [ITEM[1], ITEM[2], ITEM[3]] and seen == [2, 1]
+    assert device.client.post("/events", json=body).json() == {"stored": 0}
+    assert seen == [2, 1]  # nothing new: no adaptation scheduled
+    r = device.client.post("/events", json={"events": [ev(ITEM[4], event_id="x" * 129)]})
+    assert r.status_code == 422 and "event_id" in r.text

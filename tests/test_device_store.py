@@ -638,3 +638,36 @@ def test_exploration_serves_a_tiny_catalog_and_a_new_catalog_under_the_same_labe
         assert len(set(slate)) == 4 and set(slate) <= set(range(n_items))
         reranker.observe([slate[0]], [1.0], [catalog])
         assert reranker.feedback_counts["accepted"] == 1  # a fresh posterior per catalog
+
+
+def test_a_retried_batch_with_event_ids_is_stored_once(store: DeviceStore) -> None:
+    """An app whose batch was stored but whose reply was lost (the daemon killed in between)
+    stored it twice when it retried: 40-120 duplicate events per kill in the device audit."""
+    batch = [Event(f"m{i}", "view", 10.0 + i, event_id=f"app-{i}") for i in range(3)]
+    assert len(store.add_events(batch)) == 3
+    pending = store.adaptation_pending()
+    retry = [*batch, Event("m9", "view", 20.0, event_id="app-9"), Event("m9", "view", 21.0)]
+    assert len(store.add_events(retry)) == 2  # the new id, and the event without one
+    assert [e.item_id for e in store.events()] == ["m0", "m1", "m2", "m9", "m9"]
+    assert store.adaptation_pending() == pending + 2
+    # an id repeated inside one batch counts once too
+    twice = [Event("m5", "view", 30.0, event_id="dup"), Event("m6", "view", 31.0, event_id="dup")]
+    assert len(store.add_events(twice)) == 1
+    with pytest.raises(DataError, match="event_id"):
+        Event("m1", "view", 1.0, event_id="")
+
+
+def test_a_version_1_store_is_upgraded_and_its_rows_still_open(tmp_path: Path, key: bytes) -> None:
+    db = tmp_path / "store.db"
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event("old", "view", 1.0)])
+    with sqlite3.connect(db) as conn:  # the file as version 1 wrote it
+        conn.execute("DROP INDEX events_client_tag")
+        conn.execute("ALTER TABLE events DROP COLUMN client_tag")
+        conn.execute("PRAGMA user_version = 1")
+    with DeviceStore.open(db, key) as store:
+        assert [e.item_id for e in store.events()] == ["old"]
+        new = [Event("new", "view", 2.0, event_id="x")]
+        assert len(store.add_events(new)) == 1 and store.add_events(new) == []
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -56,6 +56,7 @@ from client.device.daemon import (
     Recommendation,
 )
 from client.device.store import (
+    MAX_EVENT_ID_LENGTH,
     MAX_TIMESTAMP,
     Event,
     Feedback,
@@ -129,6 +130,18 @@ class EventIn(_Strict):
     kind: Literal["view", "click", "rating"]
     timestamp: Timestamp | None = None
     rating: Annotated[float, Field(ge=RATING_MIN, le=RATING_MAX, allow_inf_nan=False)] | None = None
+    event_id: (
+        Annotated[
+            str,
+            StringConstraints(min_length=1, max_length=MAX_EVENT_ID_LENGTH),
+            Field(
+                description="The app's own id of the event (optional): an event whose id is "
+                "already stored is skipped, so a batch can be retried safely after a lost "
+                "reply."
+            ),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _rating_matches_kind(self) -> EventIn:
@@ -144,7 +157,9 @@ class EventBatch(_Strict):
 
 
 class EventsAccepted(BaseModel):
-    stored: int = Field(description="Events stored (the whole batch).")
+    stored: int = Field(
+        description="Events stored: the whole batch, less any whose event_id was stored before."
+    )
 
 
 class FeedbackIn(_Strict):
@@ -509,7 +524,8 @@ def create_app(
             raise too_large(len(batch.events), "events")
         try:
             events = [
-                Event(e.item_id, e.kind, _now_or(e.timestamp), e.rating) for e in batch.events
+                Event(e.item_id, e.kind, _now_or(e.timestamp), e.rating, event_id=e.event_id)
+                for e in batch.events
             ]
         except DataError as exc:  # the schema already enforces this; belt and braces
             raise HTTPException(422, str(exc)) from exc

@@ -56,7 +56,10 @@ from shared.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+#: Version of the rows' associated data (``fedrec-store/v1/...``): schema upgrades that add
+#: columns leave it, so the rows of an upgraded file still authenticate.
+ROW_FORMAT: Final = 1
 NONCE_BYTES: Final = 12
 
 EventKind = Literal["view", "click", "rating"]
@@ -73,6 +76,9 @@ KEPT_ON_ERASE: tuple[str, ...] = (STATE_ROUNDS_JOINED, STATE_JOINED_FILE_SEEN)
 
 STATE_ADAPTATION_PENDING = "adaptation_pending"
 
+#: Longest ``event_id`` an app may give an event.
+MAX_EVENT_ID_LENGTH: Final = 128
+
 #: Latest timestamp accepted (2100-01-01 UTC): catches milliseconds sent as seconds.
 MAX_TIMESTAMP: Final = 4_102_444_800.0
 
@@ -81,8 +87,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('view', 'click', 'rating')),
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    client_tag BLOB
 );
+CREATE UNIQUE INDEX IF NOT EXISTS events_client_tag ON events (client_tag);
 CREATE TABLE IF NOT EXISTS impressions (
     id INTEGER PRIMARY KEY,
     recommendation_id TEXT NOT NULL,
@@ -104,7 +112,11 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, payload BLOB NOT NULL);
 """
 
 #: ``from_version -> SQL`` upgrading the file by one version (applied in order).
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # v2: the app's optional event id (blind-indexed), so a retried batch is stored once
+    1: "ALTER TABLE events ADD COLUMN client_tag BLOB; "
+    "CREATE UNIQUE INDEX IF NOT EXISTS events_client_tag ON events (client_tag)",
+}
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -166,9 +178,20 @@ class Event:
     timestamp: float
     rating: float | None = None
     id: int | None = None
+    #: The app's own id of the event (optional): a batch retried after a lost reply (the
+    #: daemon stored it, then was killed before answering) stores each event once. Kept as
+    #: a blind index only; events read back have none.
+    event_id: str | None = None
 
     def __post_init__(self) -> None:
         _check_item_id(self.item_id, "event")
+        if self.event_id is not None and not (
+            isinstance(self.event_id, str) and 0 < len(self.event_id) <= MAX_EVENT_ID_LENGTH
+        ):
+            raise DataError(
+                f"event_id must be a string of 1 to {MAX_EVENT_ID_LENGTH} characters, got "
+                f"{self.event_id!r}"
+            )
         if self.kind not in EVENT_KINDS:
             raise DataError(f"event kind must be one of {EVENT_KINDS}, got {self.kind!r}")
         _check_timestamp(self.timestamp, "event")
@@ -404,7 +427,7 @@ class DeviceStore:
 
     @staticmethod
     def _ad(table: str, row_id: int | str, kind: str) -> bytes:
-        return f"fedrec-store/v{SCHEMA_VERSION}/{table}/{row_id}/{kind}".encode()
+        return f"fedrec-store/v{ROW_FORMAT}/{table}/{row_id}/{kind}".encode()
 
     def _seal(self, table: str, row_id: int | str, kind: str, obj: Any) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
@@ -441,7 +464,9 @@ class DeviceStore:
     def add_events(self, events: Sequence[Event]) -> list[int]:
         """Store ``events`` in one transaction (all or none) and bump "adaptation pending".
 
-        Returns the new row ids; when this returns, the events are durable.
+        An event whose ``event_id`` is already stored (or repeated in the batch) is skipped:
+        a retried batch adds nothing twice. Returns the new row ids; when this returns, the
+        events are durable.
         """
         events = list(events)
         if not events:
@@ -450,16 +475,42 @@ class DeviceStore:
             return self._insert_events(conn, events)
 
     def _insert_events(self, conn: sqlite3.Connection, events: Sequence[Event]) -> list[int]:
-        """Insert ``events`` inside the caller's write transaction; counts them as pending."""
+        """Insert ``events`` inside the caller's write transaction, skipping those whose
+        ``event_id`` is already stored; counts the new ones as pending."""
+        tags = [None if ev.event_id is None else self._event_tag(ev.event_id) for ev in events]
+        known = self._stored_event_tags(conn, [t for t in tags if t is not None])
         first = self._next_id(conn, "events")
-        rows = []
-        for offset, ev in enumerate(events):
-            row_id = first + offset
+        rows: list[tuple[int, str, bytes, bytes | None]] = []
+        for ev, tag in zip(events, tags, strict=True):
+            if tag is not None:
+                if tag in known:
+                    continue
+                known.add(tag)
+            row_id = first + len(rows)
             payload = {"item": ev.item_id, "ts": ev.timestamp, "rating": ev.rating}
-            rows.append((row_id, ev.kind, self._seal("events", row_id, ev.kind, payload)))
-        conn.executemany("INSERT INTO events (id, kind, payload) VALUES (?, ?, ?)", rows)
+            sealed = self._seal("events", row_id, ev.kind, payload)
+            rows.append((row_id, ev.kind, sealed, tag))
+        conn.executemany(
+            "INSERT INTO events (id, kind, payload, client_tag) VALUES (?, ?, ?, ?)", rows
+        )
         self._increment(conn, STATE_ADAPTATION_PENDING, len(rows))
         return [r[0] for r in rows]
+
+    def _event_tag(self, event_id: str) -> bytes:
+        """Blind index of an app's event id (apart from the item tags)."""
+        return self.item_tag(f"event-id\x00{event_id}")
+
+    @staticmethod
+    def _stored_event_tags(conn: sqlite3.Connection, tags: Sequence[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        for start in range(0, len(tags), 500):  # SQLite's bound-parameter limit
+            chunk = list(tags[start : start + 500])
+            rows = conn.execute(
+                f"SELECT client_tag FROM events WHERE client_tag IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            found.update(bytes(r[0]) for r in rows)
+        return found
 
     def events(self) -> list[Event]:
         """Every event, oldest first (by timestamp, then insertion order)."""
