@@ -52,7 +52,8 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
         "availability_timeout": "Seconds to wait for --min-clients devices to connect.",
         "update_clip_norm": "L2 bound of a device's update (0 = none).",
         "population_size": "Devices that can be sampled (0 = those connected at the start).",
-        "seed": "Seed of the cohort sampling (the devices' DP noise stays secret).",
+        "seed": "Seed of the cohort sampling (the devices' DP noise stays secret, and so do "
+        "user-level DP's training cohorts).",
     },
     "Secure aggregation (SecAgg+)": {
         **_same(

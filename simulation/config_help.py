@@ -11,7 +11,7 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
     "Data and split": {
         "dataset": "Dataset name (see --dataset).",
         "data_dir": "Local copy of the dataset (see --data-dir).",
-        "seed": "Seed of every split and sampler.",
+        "seed": "Seed of every split and sampler (user-level DP's training cohorts stay secret).",
         "synthetic_users": "Users of the synthetic world.",
         "synthetic_items": "Items of the synthetic world.",
         "cold_user_fraction": "Share of users held out for few-shot evaluation (0 = none).",
