@@ -1108,6 +1108,9 @@ def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path:
         ),
         ("OSError: [Errno 98] error while attempting to bind: address already in use", "port"),
         ("RuntimeError: SuperNode Runtime HTTP API failed to start.", "--supernode-port"),
+        # Flower's words while the server is down were all /status showed
+        ("WARNING : Connection attempt failed, retrying in 4.21 seconds", "does not answer"),
+        ("ERROR : SSL/TLS handshake error detected.", "--root-cert"),
         ("ERROR : something Flower says plainly", None),
     ],
 )

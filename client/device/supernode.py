@@ -192,6 +192,16 @@ def explain_supernode_error(line: str) -> str | None:
         )
     if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
         return "the server's certificate does not verify against --root-cert"
+    if "handshake" in line.lower():
+        return (
+            "the TLS handshake with --server failed: is --root-cert the server's certs/ca.pem, "
+            "and does --server name the SuperLink's Fleet API port (not another service)?"
+        )
+    if "Connection attempt failed" in line:
+        return (
+            "the server at --server does not answer (not running yet, a wrong address or "
+            "port, or a firewall); the SuperNode keeps retrying and joins once it answers"
+        )
     if "address already in use" in line.lower() or "Runtime HTTP API failed to start" in line:
         return (
             "another program holds the SuperNode's port: start the device with another "
