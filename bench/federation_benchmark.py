@@ -125,9 +125,22 @@ TARGETS = {
 }
 
 
-def _row(results: dict[str, Any], name: str) -> dict[str, float] | None:
-    entry = results.get(name, {}).get("federated")
+def _row(
+    results: dict[str, Any], name: str, population: str = "federated"
+) -> dict[str, float] | None:
+    entry = results.get(name, {}).get(population)
     return None if entry is None else {k: round(float(v), 4) for k, v in entry.items()}
+
+
+_STUDENT_ROWS = {
+    "federated": "student (federated)",
+    "federated + personal": "student (federated + personal)",
+    "int8 onnx": "student int8 onnx",
+}
+"""Each variant's rows: the label in the results and the model in the simulation's summary."""
+
+_SHARED_MODELS = ("pop", "ease (public)", "ease (all)", "teacher", "student (pretrained)")
+"""The rows every variant of a split shares (they do not depend on the federation)."""
 
 
 def _variant_summary(name: str, summary: dict[str, Any]) -> dict[str, Any]:
@@ -136,9 +149,11 @@ def _variant_summary(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     last = rounds[-1] if rounds else {}
     seconds = [r["round_seconds"] for r in rounds if r.get("round", 0) > 1]
     return {
-        "federated": _row(final, "student (federated)"),
-        "federated + personal": _row(final, "student (federated + personal)"),
-        "int8 onnx": _row(final, "student int8 onnx"),
+        **{label: _row(final, model) for label, model in _STUDENT_ROWS.items()},
+        # the protocol's second population: the same models on the public users' test item
+        "public users": {
+            label: _row(final, model, "public") for label, model in _STUDENT_ROWS.items()
+        },
         "fewshot": {k: v for k, v in summary.get("fewshot", {}).items() if k.startswith("student")},
         "epsilon_record_max": last.get("epsilon_record"),
         "epsilon_user": last.get("epsilon_user"),
@@ -343,8 +358,9 @@ def _run_split(split_configs: dict[str, SimulationConfig], tag: str) -> dict[str
         variant_ranks[name] = load_ranks(Path(summary["meta"]["run directory"]) / "ranks.npz")
         if not shared_rows:
             final = summary["final"]
-            for model in ("pop", "ease (public)", "ease (all)", "teacher", "student (pretrained)"):
+            for model in _SHARED_MODELS:
                 shared_rows[model] = _row(final, model)
+            shared_rows["public users"] = {m: _row(final, m, "public") for m in _SHARED_MODELS}
             fewshot = summary.get("fewshot", {})
             shared_rows["fewshot"] = {
                 k: v for k, v in fewshot.items() if k in ("pop", "ease fold-in")

@@ -244,6 +244,7 @@ class SimulationConfig:
             "eval-size": min(self.eval_size, n_clients),
             "eval-fraction": 1.0 if self.eval_size else 0.0,
             "seed": self.seed,
+            "eval-seed": self.seed,  # the federated evaluation's negatives, as the final one's
             "secagg": self.secagg,
             "secagg-num-shares": self.secagg_num_shares,
             "secagg-reconstruction-threshold": self.secagg_reconstruction_threshold,

@@ -32,13 +32,10 @@ from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
-    case_ranks,
     export_recs,
     fewshot_ranks,
-    loo_cases,
     split_ranks,
     summarize_each,
-    summarize_ranks,
 )
 from shared.eval.splits import ProtocolSplit, split_users
 from shared.federated.bundle import ClientData, save_bundle
@@ -609,13 +606,9 @@ def _evaluate(
     personalized = AdaptedStudent(
         final, config.personal_steps, config.personal_lr, adapter_init, config.exclude_seen
     )
-    personal_ranks = case_ranks(
-        personalized, loo_cases(split, split.federated_users, "test"), eval_cfg
-    )
-    ranks["federated/student (federated + personal)"] = personal_ranks
-    final_results["student (federated + personal)"] = {
-        "federated": summarize_ranks(personal_ranks, eval_cfg.k)
-    }
+    by_pop = split_ranks(personalized, split, pops, "test", eval_cfg)
+    ranks["federated/student (federated + personal)"] = by_pop["federated"]
+    final_results["student (federated + personal)"] = summarize_each(by_pop, eval_cfg.k)
     if len(split.cold_users):
         fewshot_models = {
             "pop": models["pop"],

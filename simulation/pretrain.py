@@ -229,7 +229,11 @@ class PretrainedRun:
         """Protocol metrics of ``model`` on the federated users' ``stage`` item (``'valid'``
         for model selection, ``'test'`` for the figure), rounded to 4 places."""
         result = evaluate_split(
-            DistilledStudent.from_model(model), self.split, ("federated",), stage, EvalConfig()
+            DistilledStudent.from_model(model),
+            self.split,
+            ("federated",),
+            stage,
+            EvalConfig(seed=self.split.config.seed),  # the run's seed draws its negatives
         )["federated"]
         return {k: round(float(v), 4) for k, v in result.items()}
 

@@ -245,7 +245,10 @@ def test_summary_rows_mark_a_group_without_users_as_no_result():
             "ease": {
                 "loo": {"all": metrics(5, 0.4)},
                 "fewshot": {"k=1": metrics(5, 0.2), "k=400": metrics(0, 0.0)},
-                "cold_items": {**metrics(7, 0.0), "held_out_items": 3},
+                "cold_items": {
+                    "public": {**metrics(3, 0.0), "held_out_items": 3},
+                    "all": {**metrics(7, 0.5), "held_out_items": 3},
+                },
             }
         }
     }
@@ -253,4 +256,23 @@ def test_summary_rows_mark_a_group_without_users_as_no_result():
     assert rows[("loo/full", "all")] == (0.4, 0.2)
     assert rows[("fewshot/full", "k=400")] == (None, None)
     assert rows[("fewshot/sampled", "k=400")] == (None, None)
-    assert rows[("cold-items/sampled", "all")] == (0.0, 0.0)
+    assert rows[("cold-items/sampled", "public")] == (0.0, 0.0)
+    assert rows[("cold-items/sampled", "all")] == (0.5, 0.25)
+
+
+def test_the_cold_item_run_reports_each_population_and_counts_cases_apart_from_users():
+    """It reported one figure pooled over public and federated users, whose "users" was the
+    number of held-out-item interactions (9,909 on ml-100k, from 849 users)."""
+    from shared.data.synthetic import SyntheticConfig, generate_world
+    from shared.eval.baseline_benchmark import BaselineConfig, run_baseline_benchmark
+
+    dataset = generate_world(SyntheticConfig(seed=5, n_users=120, n_items=60)).dataset
+    report = run_baseline_benchmark(dataset, SplitConfig(), baseline_config=BaselineConfig())
+    cold = report["results"]["pop"]["cold_items"]
+    assert set(cold) == {"public", "federated", "all"}
+    assert cold["all"]["cases"] == cold["public"]["cases"] + cold["federated"]["cases"]
+    assert cold["all"]["users"] == cold["public"]["users"] + cold["federated"]["users"]
+    assert 0 < cold["all"]["users"] < cold["all"]["cases"]  # several held-out items per user
+    # the pooled figure is the case-weighted mean of the two populations'
+    pooled = sum(cold[p]["sampled_hr@10"] * cold[p]["cases"] for p in ("public", "federated"))
+    assert cold["all"]["sampled_hr@10"] == pytest.approx(pooled / cold["all"]["cases"])

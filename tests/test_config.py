@@ -107,6 +107,19 @@ def test_simulation_passes_checkpoint_keep_to_the_server():
         from_flat(SimulationConfig, {"checkpoint-keep": 0})
 
 
+def test_the_runs_seed_draws_the_federated_evaluations_negatives_too():
+    """``--seed 7`` split the users with 7 but the clients' per-round validation drew its
+    negatives with the task's default seed 42."""
+    from shared.config import field_names
+    from shared.federated.student_config import StudentTaskConfig
+    from simulation.config import SimulationConfig
+
+    run_config = SimulationConfig(seed=7).server_run_config(10)
+    own = {k: v for k, v in run_config.items() if k in field_names(StudentTaskConfig)}
+    files = {"bundle": "b.pt", "state-dir": "state"}  # the pipeline sets them
+    assert from_flat(StudentTaskConfig, {**own, **files}).eval_seed == 7
+
+
 def test_simulation_refuses_an_unknown_teacher_id_init_before_any_work():
     from simulation.config import SimulationConfig
 

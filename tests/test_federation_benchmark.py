@@ -79,3 +79,25 @@ def test_each_variant_starts_from_a_fresh_run_directory(bench: ModuleType, tmp_p
     bench._fresh(old)
     bench._fresh(tmp_path / "runs" / "never-made")
     assert not old.exists() and neighbour.exists()
+
+
+def test_a_variant_reports_the_public_users_too(bench: ModuleType) -> None:
+    """The protocol reports every figure for the federated users and separately for the
+    public ones; the benchmark kept only the federated rows of the simulation's summary."""
+
+    def figures(hr: float) -> dict[str, float]:
+        return {"users": 10.0, "sampled_hr@10": hr, "full_hr@10": hr / 4}
+
+    final = {
+        model: {"federated": figures(0.5 + i / 10), "public": figures(0.4 + i / 10)}
+        for i, model in enumerate(bench._STUDENT_ROWS.values())
+    }
+    summary = {
+        "final": final,
+        "rounds": [],
+        "meta": {"federation seconds": 1.0, "client updates per second": 2.0},
+    }
+    row = bench._variant_summary("record-dp", summary)
+    assert row["federated"]["sampled_hr@10"] == 0.5
+    assert row["public users"]["federated"]["sampled_hr@10"] == 0.4
+    assert row["public users"]["int8 onnx"]["full_hr@10"] == pytest.approx(0.6 / 4)

@@ -199,9 +199,10 @@ def run_replay(
     embed: EmbedFn,
     *,
     mmr_grid: Sequence[float] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.5),
-    eval_config: EvalConfig = EvalConfig(),
+    eval_config: EvalConfig | None = None,
 ) -> dict[str, Any]:
-    """Replay every arm and measure the diversity term's HR@10 cost; a JSON-able report."""
+    """Replay every arm and measure the diversity term's HR@10 cost; a JSON-able report.
+    ``eval_config`` defaults to the protocol's with the split's seed (``config.seed``)."""
     if not arms:
         raise ConfigError("no arms (policies) to replay")
     shape = {(a.config.top_n, a.config.slate_size, a.config.feature_dim) for a in arms}
@@ -209,6 +210,7 @@ def run_replay(
         raise ConfigError(f"arms disagree on (top_n, slate_size, feature_dim): {sorted(shape)}")
     top_n, k, dim = shape.pop()
     split = split_users(dataset, SplitConfig(seed=config.seed))
+    eval_config = eval_config or EvalConfig(seed=config.seed)
     streams = replay_streams(dataset, split, ratings, config)
     text = np.asarray(embed(dataset.item_text), dtype=np.float64)
     unit_text = normalize_rows(text)
