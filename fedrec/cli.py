@@ -47,7 +47,7 @@ def _root(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FedRecError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
@@ -76,6 +76,10 @@ def main() -> None:
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    # without standalone mode Click *returns* a typer.Exit's status instead of exiting with
+    # it: `server start` and `client start` exited 0 after a failed run or a signal
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

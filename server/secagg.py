@@ -50,7 +50,7 @@ from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import parameter as _flwr_parameter
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-from flwr.server import LegacyContext, SimpleClientManager
+from flwr.server import ClientManager, LegacyContext, SimpleClientManager
 from flwr.server import ServerConfig as LegacyServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -73,6 +73,7 @@ from server.strategy import (
     RoundReport,
     StopTraining,
     ValidatingFedAvg,
+    wait_for_clients,
 )
 from shared.errors import ConfigError
 from shared.federated.task import METRIC_STATUS, FitStatus
@@ -336,11 +337,12 @@ def run_rounds(
 
     def fit_workflow(grid: Grid, ctx: Context) -> None:
         assert isinstance(ctx, LegacyContext)
-        timing["start"] = time.perf_counter()
         # DefaultWorkflow counts 1..num_rounds and writes the counter before each
         # round; shift it so that every later reader sees the continued numbering.
         cfg = ctx.state.config_records[MAIN_CONFIGS_RECORD]
         cfg[WorkflowKey.CURRENT_ROUND] = _current_round(ctx) + first_round - 1
+        _wait_for_cohort(ctx.client_manager, strategy, _current_round(ctx))
+        timing["start"] = time.perf_counter()
         inner_fit(grid, ctx)
         timing["fit_end"] = time.perf_counter()
         server_round = _current_round(ctx)
@@ -386,6 +388,34 @@ def run_rounds(
     finally:
         stopped.set()  # lets the node-updater thread exit if the workflow did not stop it
     return len(completed)
+
+
+def _wait_for_cohort(
+    client_manager: ClientManager, strategy: ValidatingFedAvg, server_round: int
+) -> None:
+    """Hold the round until ``min-available-clients`` are connected.
+
+    A round that started with fewer sampled nobody, yet was checkpointed, published and
+    counted: a server started before its devices (or left with too few, e.g. after a
+    revocation) used up all its rounds training nothing. Waiting keeps the round for when
+    the devices are there; a warning every ``availability-timeout`` says what it waits for.
+    """
+    minimum = strategy.min_available_clients
+    waited = 0.0
+    while True:
+        available = wait_for_clients(client_manager, minimum, strategy.availability_timeout)
+        if available >= minimum:
+            return
+        waited += strategy.availability_timeout
+        log(
+            WARNING,
+            "round %s waits for clients: %s of the %s it needs (min-available-clients) are "
+            "connected after %.0f s; it starts once they are",
+            server_round,
+            available,
+            minimum,
+            waited,
+        )
 
 
 _UNDER_SECAGG: contextvars.ContextVar[bool] = contextvars.ContextVar(

@@ -414,13 +414,17 @@ def check_resume(config: ServerConfig, initial: list[Any]) -> None:
     every restart would fail the same way. Reads only; nothing in the folder changes."""
     if not config.checkpoint_dir:
         return
+    if config.user_dp:  # the ServerApp reads it before its first round, and would fail there
+        make_user_dp(config, max(2, config.population_size)).read_journal()
     store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep, tidy=False)
     checkpoint = store.latest()
     if checkpoint is None:
         return
     _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp)
-    strategy = build_strategy(config, checkpoint.parameters, user_dp=None)
-    strategy.load_state_dict(checkpoint.strategy_state)
+    # the strategy's state does not depend on the mechanism (built in the ServerApp, once the
+    # population is known): read it into a strategy without one
+    strategy = build_strategy(replace(config, user_dp=False), checkpoint.parameters, user_dp=None)
+    strategy.load_state_dict(checkpoint.strategy_state, source=str(checkpoint.manifest_path))
 
 
 def _check_checkpoint(
@@ -503,7 +507,7 @@ def _run_server(
     )
     first_round = 1
     if checkpoint is not None:  # before the journal is rewritten: a refusal changes nothing
-        strategy.load_state_dict(checkpoint.strategy_state)
+        strategy.load_state_dict(checkpoint.strategy_state, source=str(checkpoint.manifest_path))
         first_round = checkpoint.server_round + 1
     if user_dp is not None:
         done = checkpoint.server_round if checkpoint is not None else 0

@@ -382,16 +382,24 @@ class ValidatingFedAvg(FedAvg):
             "server_optimizer": self.optimizer.state_dict(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the sampler seed of the checkpointed run wins)."""
+    def load_state_dict(self, state: Mapping[str, Any], source: str = "") -> None:
+        """Restore :meth:`state_dict` (the sampler seed of the checkpointed run wins);
+        ``source`` (the checkpoint file it came from) is named in the errors."""
+        what = f"the strategy state in {source}" if source else "strategy state"
+        fix = (
+            "; restore the checkpoint from a backup, or move that round's files away to resume "
+            "from the round before"
+            if source
+            else ""
+        )
         if state.get("version") != STRATEGY_STATE_VERSION:
             raise ConfigError(
-                f"strategy state has version {state.get('version')!r}, expected "
-                f"{STRATEGY_STATE_VERSION}"
+                f"{what} has version {state.get('version')!r}, expected "
+                f"{STRATEGY_STATE_VERSION}{fix}"
             )
         seed = state.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"strategy state has a malformed seed {seed!r}")
+            raise ConfigError(f"{what} has a malformed seed {seed!r}{fix}")
         if seed != self.seed:
             log(
                 WARNING,
@@ -406,12 +414,12 @@ class ValidatingFedAvg(FedAvg):
         try:
             restored = {int(r): int(n) for r, n in dict(sampled).items()}
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"strategy state has malformed 'sampled' counts: {exc}") from None
+            raise ConfigError(f"{what} has malformed 'sampled' counts: {exc}{fix}") from None
         self._sampled.update(restored)
         # checkpoints written before the server optimiser existed were plain FedAvg
         optimizer = state.get("server_optimizer", {"kind": "avg", "steps": 0})
         if not isinstance(optimizer, Mapping):
-            raise ConfigError(f"strategy state has a malformed server optimizer {optimizer!r}")
+            raise ConfigError(f"{what} has a malformed server optimizer {optimizer!r}{fix}")
         self.optimizer.load_state_dict(optimizer)
 
     # ------------------------------------------------------------------ sampling

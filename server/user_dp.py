@@ -300,8 +300,20 @@ class UserLevelDP:
         """
         if checkpoint_state is not None:
             self.load_state_dict(checkpoint_state)
-        if self.journal is None or not self.journal.exists():
+        journal = self.read_journal()
+        if journal is None or self.journal is None:
             return 0
+        later = [r for r in journal._cohort_by_round if r > server_round]
+        if journal.epsilon() > self.epsilon():
+            self.ledger.history = list(journal.ledger.history)
+        write_json_atomic(self.journal, self.state_dict())  # the spend stays; the rounds go
+        return len(later)
+
+    def read_journal(self) -> UserLevelDP | None:
+        """The journal's accountant (``None`` without a journal); reads only. Raises
+        :class:`DataError` naming the file when it is unreadable or malformed."""
+        if self.journal is None or not self.journal.exists():
+            return None
         journal = UserLevelDP(self.settings)
         journal.load_state_dict(
             read_json(
@@ -313,11 +325,7 @@ class UserLevelDP:
             ),
             source=f"user-level DP journal {self.journal}",
         )
-        later = [r for r in journal._cohort_by_round if r > server_round]
-        if journal.epsilon() > self.epsilon():
-            self.ledger.history = list(journal.ledger.history)
-        write_json_atomic(self.journal, self.state_dict())  # the spend stays; the rounds go
-        return len(later)
+        return journal
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "user-level DP state"

@@ -522,3 +522,25 @@ def test_data_info_refuses_loading_options_for_the_generated_world(tmp_path: Pat
         assert "add --dataset (e.g. ml-100k)" in str(result.exception)
     plain = runner.invoke(app, ["data", "info"])
     assert plain.exit_code == 0 and json.loads(plain.stdout)["summary"]["name"] == "synthetic"
+
+
+def test_the_entry_point_exits_with_a_commands_own_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedrec server start` returned 1 (no round changed the model) or 130 (a signal) through
+    typer.Exit, and the process exited 0: Click returns that status without standalone mode."""
+    import sys
+
+    import typer
+
+    from fedrec import cli
+
+    @cli.app.command("exit-with-3", hidden=True)
+    def _exit_with_3() -> None:
+        raise typer.Exit(3)
+
+    try:
+        monkeypatch.setattr(sys, "argv", ["fedrec", "exit-with-3"])
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        assert exited.value.code == 3
+    finally:
+        cli.app.registered_commands.pop()

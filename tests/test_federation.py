@@ -7,6 +7,7 @@ The Ray runtime itself is covered by the ``network``-marked tests at the end.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -937,3 +938,30 @@ def test_split_noise_is_refused_outside_secagg() -> None:
     base: RunConfig = {"num-rounds": 1, "eval-fraction": 0.0, "secagg": True}
     report = _run({**base, "noise-shares": 2}, num_nodes=5)[0]
     assert report.fit.secure_aggregation and report.fit.ok == 5
+
+
+def test_a_round_waits_for_its_clients_instead_of_running_with_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server started before its devices ran every round with 0 clients once the
+    availability timeout passed, checkpointing and publishing each: its rounds were used up
+    with nothing trained. The round now waits (a warning per timeout) until they connect."""
+    from server.secagg import _wait_for_cohort
+
+    class Manager:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def num_available(self) -> int:
+            self.calls += 1
+            return 0 if self.calls < 40 else 3  # the devices connect after a while
+
+    class Strategy:
+        min_available_clients = 3
+        availability_timeout = 0.3
+
+    manager = Manager()
+    with caplog.at_level(logging.WARNING):
+        _wait_for_cohort(manager, Strategy(), 4)  # type: ignore[arg-type]
+    assert manager.calls >= 40
+    assert "round 4 waits for clients: 0 of the 3" in caplog.text

@@ -738,3 +738,31 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
     assert len(draws) == 1  # the seed fixes the cohort
     cohorts = {round_one_cohort(True) for _ in range(6)}
     assert len(cohorts) > 1  # 658,008 possible cohorts: six equal draws would be a bug
+
+
+def test_the_pre_launch_check_accepts_a_user_dp_checkpoint_and_reads_its_journal(
+    tmp_path: Path,
+) -> None:
+    """``fedrec server start`` checks a checkpoint before it launches anything: with user-level
+    DP every checkpoint was refused ('no UserLevelDP was given'), so a user-DP deployment
+    could never resume; and an unreadable journal passed the check and failed every launch."""
+    from server.server_app import check_resume
+
+    ck = tmp_path / "ck"
+    config = _dp_config({"num-rounds": 2, "cohort-size": 2, "checkpoint-dir": str(ck)})
+    _run(config, num_nodes=4)
+    server = ServerConfig.from_run_config(config)
+    initial = ToyLinearTask().initial_parameters()
+    check_resume(server, initial)  # resumable: no error
+    journal = ck / "user-dp-journal.json"
+    journal.write_text(journal.read_text()[:40])
+    with pytest.raises(DataError, match=r"user-dp-journal\.json"):
+        check_resume(server, initial)
+    journal.unlink()
+    # a damaged strategy state names the checkpoint file (and what to do)
+    manifest = ck / "round-00000002.json"
+    data = json.loads(manifest.read_text())
+    data["strategy_state"]["seed"] = "x"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"round-00000002\.json has a malformed seed.*backup"):
+        check_resume(server, initial)
