@@ -4,7 +4,9 @@ artifacts), plus one line per finished round in ``progress-file`` for the operat
 follow-up display and ``fedrec server status``.
 
 The progress line is written after the round's checkpoint (the ServerApp's round hook runs
-after it), so a round shown as done is a round a restart resumes after.
+after it), so a round shown as done is a round a restart resumes after. A crash between the
+two left the round out of the progress for good; a restart now writes it from what its
+checkpoint recorded (``backfilled``: no evaluation metrics, no device epsilon).
 """
 
 from __future__ import annotations
@@ -53,6 +55,51 @@ def round_record(report: RoundReport, num_rounds: int) -> dict[str, Any]:
     }
 
 
+def backfill_progress(path: Path, checkpoint_dir: str, num_rounds: int) -> int:
+    """Append the rounds a verifiable checkpoint holds past the progress file's last round
+    (a crash came between the checkpoint and its line); returns how many were added."""
+    from server.checkpoint import CheckpointStore
+    from server.state import read_progress_file
+    from shared.errors import DataError
+
+    if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
+        return 0
+    logged = [r.get("round") for r in read_progress_file(path)]
+    last = max((r for r in logged if isinstance(r, int)), default=0)
+    store = CheckpointStore(checkpoint_dir, tidy=False)
+    added = 0
+    for server_round in store.rounds():
+        if server_round <= last:
+            continue
+        try:
+            checkpoint = store.load(server_round)
+        except DataError:
+            continue  # the ServerApp skips it too, and reruns the round
+        m = checkpoint.metrics
+        failed = sum(int(m.get(k) or 0) for k in ("clients-failed", "clients-rejected"))
+        append_progress(
+            path,
+            {
+                "round": server_round,
+                "num_rounds": num_rounds,
+                "time": time.time(),
+                "clients_sampled": m.get("clients-sampled"),
+                "clients_ok": m.get("clients-ok"),
+                "clients_declined": m.get("clients-declined"),
+                "clients_failed": failed,
+                "updated": m.get("updated"),
+                "eval_loss": m.get("eval-loss"),
+                "eval_metrics": {},
+                "epsilon_record_mean": None,
+                "epsilon_user": m.get("epsilon-user"),
+                "round_seconds": float(m.get("round-seconds") or 0.0),
+                "backfilled": True,
+            },
+        )
+        added += 1
+    return added
+
+
 def append_progress(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and fsync it (a reader skips a torn last line)."""
     append_line(path, json.dumps(record, allow_nan=False, default=_finite))
@@ -71,6 +118,8 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     progress = str(run_config.pop(PROGRESS_FILE_KEY, "") or "")
     num_rounds = int(run_config.get("num-rounds", 0) or 0)
+    if progress:
+        backfill_progress(Path(progress), str(run_config.get("checkpoint-dir", "")), num_rounds)
 
     def on_round_end(report: RoundReport) -> None:
         if progress:

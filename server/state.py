@@ -503,8 +503,13 @@ def running_server(layout: ServerLayout) -> dict[str, Any] | None:
 
 def read_progress(layout: ServerLayout) -> list[dict[str, Any]]:
     """Every round record (a torn last line, from a crash mid-write, is skipped)."""
+    return read_progress_file(layout.progress)
+
+
+def read_progress_file(path: Path) -> list[dict[str, Any]]:
+    """:func:`read_progress` of a progress file given by its path."""
     try:
-        lines = layout.progress.read_text().splitlines()
+        lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
     out = []
@@ -536,6 +541,20 @@ def checkpoint_rounds(layout: ServerLayout) -> list[int]:
     return sorted(rounds)
 
 
+def resumable_round(layout: ServerLayout) -> int | None:
+    """The round a restart resumes after: the newest checkpoint that verifies (a damaged
+    newer one is skipped, as the ServerApp skips it), ``None`` if none does. Reads only."""
+    from server.checkpoint import CheckpointStore
+
+    if not checkpoint_rounds(layout):
+        return None
+    try:
+        latest = CheckpointStore(layout.checkpoints, tidy=False).latest()
+    except DataError:
+        return None
+    return latest.server_round if latest is not None else None
+
+
 @dataclass(frozen=True)
 class ServerStatus:
     """What ``fedrec server status`` shows (all read from the state directory)."""
@@ -561,7 +580,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
     layout.require()
     running = running_server(layout)
     alive = running is not None
-    rounds = checkpoint_rounds(layout)
+    resumable = resumable_round(layout)
     progress = read_progress(layout)
     registry = ClientRegistry.load(layout.registry)
     versions = {  # anything else in artifacts/ (a backup, a stray file) is not an artifact
@@ -576,7 +595,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         pid=running.get("pid") if running else None,
         address=str(running["address"]) if running and running.get("address") else None,
         run_id=str(running.get("run_id")) if running and running.get("run_id") else None,
-        checkpoint_round=rounds[-1] if rounds else None,
+        checkpoint_round=resumable,
         num_rounds=num_rounds if isinstance(num_rounds, int) else None,
         last=progress[-1] if progress else None,
         clients_registered=len(registry.active()),

@@ -47,10 +47,10 @@ from server.state import (
     ClientRegistry,
     ServerLayout,
     StateDirError,
-    checkpoint_rounds,
     hold_server_lock,
     read_progress,
     read_running,
+    resumable_round,
     running_server,
 )
 from shared.errors import ConfigError, FedRecError
@@ -741,9 +741,9 @@ class ServerRunner:
                 with contextlib.suppress(SuperLinkError):
                     self.cli.stop(earlier)
                     self.echo(f"stopped stale run {earlier} ({status}); its log is in logs/")
-        done = checkpoint_rounds(self.layout)
+        done = resumable_round(self.layout)
         if done:
-            self.echo(f"resuming: the run continues after round {done[-1]} (its checkpoint)")
+            self.echo(f"resuming: the run continues after round {done} (its checkpoint)")
         self.run_id = self.cli.run(self.layout.app_dir)
         self._write_running(ready=True)
         self.echo(

@@ -766,3 +766,47 @@ def test_the_pre_launch_check_accepts_a_user_dp_checkpoint_and_reads_its_journal
     manifest.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"round-00000002\.json has a malformed seed.*backup"):
         check_resume(server, initial)
+
+
+def test_the_resume_point_reported_skips_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
+    """`server start` said it would resume after round 2 and `server status` showed round 2
+    while the ServerApp resumed after round 1, skipping round 2's damaged checkpoint."""
+    from server.state import ServerLayout, resumable_round
+
+    layout = ServerLayout(tmp_path)
+    _run({**RESUME_CONFIG, "num-rounds": 2, "checkpoint-dir": str(layout.checkpoints)}, 5)
+    assert resumable_round(layout) == 2
+    _truncate_arrays(layout.checkpoints / "round-00000002.json")
+    assert resumable_round(layout) == 1
+    for name in ("round-00000001.json", "round-00000002.json"):
+        _truncate_arrays(layout.checkpoints / name)
+    assert resumable_round(layout) is None  # none verifies (the start refuses it)
+
+
+def test_user_level_epsilon_is_never_negative() -> None:
+    """With delta = 1/population of 2 devices (0.5) the conversion gave -0.443."""
+    from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
+
+    ledger = PrivacyLedger(PrivacyBudget(epsilon=8.0, delta=0.5))
+    ledger.record(noise_multiplier=2.0, sample_rate=1.0, steps=1)
+    assert ledger.epsilon() == 0.0
+
+
+def test_a_round_checkpointed_but_not_in_the_progress_file_is_written_at_restart(
+    tmp_path: Path,
+) -> None:
+    """A ServerApp killed between a round's checkpoint and its progress line left that round
+    out of progress.jsonl for good (1, 2, 3, 4, 6), and `server status` one round behind."""
+    from server.deploy_app import backfill_progress
+    from server.state import read_progress_file
+    from server.superlink import format_round
+
+    ck, progress = tmp_path / "ck", tmp_path / "progress.jsonl"
+    _run({**RESUME_CONFIG, "num-rounds": 3, "checkpoint-dir": str(ck)}, num_nodes=5)
+    progress.write_text(json.dumps({"round": 1, "num_rounds": 3}) + "\n")  # 2 and 3 lost
+    assert backfill_progress(progress, str(ck), 3) == 2
+    records = read_progress_file(progress)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert records[-1]["backfilled"] and records[-1]["clients_sampled"] == 3
+    assert "round 3/3" in format_round(records[-1])  # the follow-up display reads it
+    assert backfill_progress(progress, str(ck), 3) == 0  # once

@@ -82,7 +82,9 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
         return 0.0
     rdp = sum(steps * _rdp_per_step(sigma, q) for sigma, q, steps in history)
     eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
-    return float(eps)
+    # the conversion goes below 0 for a large delta (1/population of 2 devices: -0.44); any
+    # epsilon >= 0 bounds the loss, and a negative one reads as a bug
+    return max(0.0, float(eps))
 
 
 class PrivacyLedger:
