@@ -49,7 +49,8 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
         "eval_size": "Devices asked to evaluate per round (0 = eval-fraction of them).",
         "eval_fraction": "Share of the devices asked to evaluate when eval-size is 0.",
         "round_timeout": "Seconds to wait for plain (non-SecAgg+) replies; 0 = all.",
-        "availability_timeout": "Seconds to wait for --min-clients devices to connect.",
+        "availability_timeout": "Seconds between the warnings of a round waiting for --min-clients "
+        "devices to connect (it starts once they are); the most an evaluation waits.",
         "update_clip_norm": "L2 bound of a device's update (0 = none).",
         "population_size": "Devices that can be sampled (0 = those connected at the start).",
         "seed": "Seed of the cohort sampling (the devices' DP noise stays secret, and so do "

@@ -79,15 +79,18 @@ def backfill_progress(path: Path, checkpoint_dir: str, num_rounds: int) -> int:
         failed = sum(int(m.get(k) or 0) for k in ("clients-failed", "clients-rejected"))
         append_progress(
             path,
-            {
+            {  # round_record's keys; what the checkpoint did not record is None or 0
                 "round": server_round,
                 "num_rounds": num_rounds,
-                "time": time.time(),
+                "time": checkpoint.created,
                 "clients_sampled": m.get("clients-sampled"),
                 "clients_ok": m.get("clients-ok"),
                 "clients_declined": m.get("clients-declined"),
                 "clients_failed": failed,
+                "secure_aggregation": None,
                 "updated": m.get("updated"),
+                "eval_clients": 0,
+                "eval_declined": 0,
                 "eval_loss": m.get("eval-loss"),
                 "eval_metrics": {},
                 "epsilon_record_mean": None,

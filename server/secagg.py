@@ -402,10 +402,14 @@ def _wait_for_cohort(
     """
     minimum = strategy.min_available_clients
     waited = 0.0
+    poll_s = 0.05
     while True:
-        available = wait_for_clients(client_manager, minimum, strategy.availability_timeout)
+        available = wait_for_clients(
+            client_manager, minimum, strategy.availability_timeout, poll_s=poll_s
+        )
         if available >= minimum:
             return
+        poll_s = 1.0  # a long wait: each poll asks the SuperLink for its nodes
         waited += strategy.availability_timeout
         log(
             WARNING,

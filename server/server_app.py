@@ -119,7 +119,8 @@ class ServerConfig:
     eval_fraction: float = 1.0
     #: Seconds to wait for plain fit/evaluate replies; 0 = wait for all.
     round_timeout: float = 0.0
-    #: Seconds to wait for ``min-available-clients`` to connect.
+    #: A round waits for ``min-available-clients`` to connect, warning every this many
+    #: seconds; an evaluation waits at most this long.
     availability_timeout: float = 120.0
     #: Max L2 norm of a client update (clipped on the client; again on the server in
     #: plain mode); 0 = no clipping.

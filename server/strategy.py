@@ -238,8 +238,11 @@ def _public_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
     return {k: v for k, v in metrics.items() if k not in (METRIC_STATUS, METRIC_REASON)}
 
 
-def wait_for_clients(client_manager: ClientManager, minimum: int, timeout: float) -> int:
-    """Wait until ``minimum`` clients are available; return how many there are.
+def wait_for_clients(
+    client_manager: ClientManager, minimum: int, timeout: float, poll_s: float = 0.05
+) -> int:
+    """Wait until ``minimum`` clients are available (asking every ``poll_s``); return how
+    many there are.
 
     Polls ``num_available()`` because in Flower 1.42 that call (not ``wait_for``)
     refreshes the node list from the grid; ``wait_for`` alone can sleep through the
@@ -248,7 +251,7 @@ def wait_for_clients(client_manager: ClientManager, minimum: int, timeout: float
     deadline = time.monotonic() + timeout
     available = client_manager.num_available()
     while available < minimum and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(poll_s)
         available = client_manager.num_available()
     return available
 

@@ -634,7 +634,9 @@ def format_round(record: Mapping[str, Any]) -> str:
     ]
     if isinstance(eps_user, int | float):
         parts.append(f"user-level epsilon {eps_user:.3f}")
-    parts.append(f"{record.get('round_seconds', 0):.1f} s")
+    parts.append(f"{record.get('round_seconds') or 0:.1f} s")
+    if record.get("backfilled"):
+        parts.append("(from its checkpoint: a crash lost its progress line)")
     return ", ".join(parts)
 
 
@@ -725,11 +727,24 @@ class ServerRunner:
             self.superlink.stop()
             self.layout.running.unlink(missing_ok=True)
 
+    def _warn_if_too_few_devices(self) -> None:
+        """Each round waits for ``min-available-clients`` devices: say so when fewer are
+        registered than that, or the run looks hung."""
+        needed = self.run_config.get("min-available-clients")
+        registered = len(ClientRegistry.load(self.layout.registry).active())
+        if isinstance(needed, int) and registered < needed:
+            self.echo(
+                f"warning: each round waits for {needed} devices (--min-clients) and "
+                f"{registered} are registered: register more (`fedrec server "
+                "register-client`) or lower --min-clients"
+            )
+
     def _start_superlink(self) -> None:
         self.superlink.start()
         self._write_running(ready=False)
         for line in apply_registrations(self.layout, self.cli):
             self.echo(line)
+        self._warn_if_too_few_devices()
         for run in self.cli.runs():
             # a run of a previous process (its ServerApp died with that SuperLink): keep its
             # log, where whatever went wrong is. Whatever its status: the SuperLink may have
@@ -795,7 +810,9 @@ class ServerRunner:
                     run_log = self._run_log(self.run_id)
                     self.cli.save_log(self.run_id, run_log)
                     if status == "finished:completed":
-                        rounds = records[first:]
+                        # rounds a restart wrote from an earlier process's checkpoints are
+                        # not this run's
+                        rounds = [r for r in records[first:] if not r.get("backfilled")]
                         if rounds and not any(r.get("updated") for r in rounds):
                             self.echo(
                                 f"run {self.run_id} completed, but no round changed the global "

@@ -458,15 +458,17 @@ def _earlier_processes(run: RunDirectory) -> _EarlierProcesses:
     interrupted process counts up to its last logged round (what it did after is lost work).
     The last ``pretrain`` record is this process's own.
     """
-    segments: list[tuple[float, float]] = []  # (pretraining, federation) per process
+    # per process: pretraining seconds, the largest elapsed_seconds, the sum of round_seconds
+    # (what rounds logged before elapsed_seconds existed give instead)
+    segments: list[list[float]] = []
     for record in run.records():
         if record.get("event") == "pretrain":
-            segments.append((float(record.get("seconds") or 0.0), 0.0))
+            segments.append([float(record.get("seconds") or 0.0), 0.0, 0.0])
         elif record.get("event") == "round" and segments:
-            pretraining, federation = segments[-1]
-            elapsed = float(record.get("elapsed_seconds") or 0.0)
-            segments[-1] = (pretraining, max(federation, elapsed))
-    earlier = segments[:-1]
+            segment = segments[-1]
+            segment[1] = max(segment[1], float(record.get("elapsed_seconds") or 0.0))
+            segment[2] += float(record.get("round_seconds") or 0.0)
+    earlier = [(p, elapsed or rounds) for p, elapsed, rounds in segments[:-1]]
     return _EarlierProcesses(
         processes=len(earlier),
         federation=sum(f for _, f in earlier),

@@ -693,8 +693,12 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
 
     def finish_with_nothing_learned() -> str:
         with layout.progress.open("a") as f:
-            for r in (1, 2):
-                f.write(json.dumps({"round": r, "num_rounds": 2, "updated": False}) + "\n")
+            # a round an earlier process trained, written from its checkpoint at this start,
+            # is not this run's: it does not make this run a success
+            backfilled = {"round": 1, "num_rounds": 3, "updated": True, "backfilled": True}
+            f.write(json.dumps(backfilled) + "\n")
+            for r in (2, 3):
+                f.write(json.dumps({"round": r, "num_rounds": 3, "updated": False}) + "\n")
         return "finished:completed"
 
     runner.cli = Cli(finish_with_nothing_learned)  # type: ignore[assignment]
@@ -866,3 +870,16 @@ def test_responsive_grid_backs_off_while_waiting_and_polls_fast_after_a_reply(
     assert clock.now == pytest.approx(5.0)  # the last wait is cut to the deadline
     with pytest.raises(ValueError, match="min_poll_s"):
         ResponsiveGrid(spread, min_poll_s=0.5, max_poll_s=0.1)  # type: ignore[arg-type]
+
+
+def test_start_warns_when_fewer_devices_are_registered_than_a_round_waits_for(
+    tmp_path: Path,
+) -> None:
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    lines: list[str] = []
+    config: dict[str, Any] = {"min-available-clients": 2}
+    runner = ServerRunner(layout, SuperLinkOptions(), config, echo=lines.append)
+    runner._warn_if_too_few_devices()
+    assert "waits for 2 devices" in lines[-1] and "0 are registered" in lines[-1]

@@ -251,6 +251,11 @@ def test_feedback_must_refer_to_an_impression(store: DeviceStore) -> None:
     )
     assert len(again.ids) == 2 and len(again.click_events) == 1
     assert [(e.item_id, e.kind) for e in store.events()] == [("a", "click"), ("b", "click")]
+    # an app that also posted the click to /events before reporting it: not stored twice
+    store.add_events([Event("c", "click", 7.0)])
+    store.record_impressions([Impression("d" * 32, "c", 1, 1.0, 7.5)])
+    assert store.add_feedback([Feedback("d" * 32, "c", "clicked", 8.0)]).click_events == []
+    assert [e.item_id for e in store.events()].count("c") == 1
 
 
 def test_old_impressions_expire(tmp_path: Path, key: bytes) -> None:
@@ -671,3 +676,24 @@ def test_a_version_1_store_is_upgraded_and_its_rows_still_open(tmp_path: Path, k
         assert len(store.add_events(new)) == 1 and store.add_events(new) == []
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_exploration_keeps_a_posterior_saved_under_the_labels_of_earlier_versions(
+    store: DeviceStore,
+) -> None:
+    """Saved states are keyed on label and catalog now; one saved by an earlier version under
+    the bare label ("3") is still this model's, not a reason to forget what was learned."""
+    from client.device.exploration import STATE_KEY, BanditReranker
+    from shared.bandits.policies import BanditConfig
+
+    model = OnDeviceModel(tiny_onnx(n_items=40, catalog="forty", version="3"))
+    first = BanditReranker(BanditConfig(), store)
+    first.on_model(model)
+    slate = first.rerank(np.arange(40, dtype=np.int64), np.linspace(1, 0, 40), 4, slate_id="s")
+    first.observe([slate[0]], [1.0], ["s"])
+    saved = store.get_state(STATE_KEY)
+    assert isinstance(saved, dict) and saved["model_version"] == "3@forty"
+    store.update_state({STATE_KEY: {**saved, "model_version": "3"}})  # as before the change
+    again = BanditReranker(BanditConfig(), store)
+    again.on_model(model)
+    assert again.state()["posterior"] == first.state()["posterior"]

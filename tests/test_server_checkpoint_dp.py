@@ -808,5 +808,8 @@ def test_a_round_checkpointed_but_not_in_the_progress_file_is_written_at_restart
     records = read_progress_file(progress)
     assert [r["round"] for r in records] == [1, 2, 3]
     assert records[-1]["backfilled"] and records[-1]["clients_sampled"] == 3
-    assert "round 3/3" in format_round(records[-1])  # the follow-up display reads it
+    # the keys of a round record, for every reader (the e2e test indexes eval_clients)
+    assert {"eval_clients", "secure_aggregation", "round_seconds"} <= set(records[-1])
+    line = format_round(records[-1])  # the follow-up display reads it, and says whence
+    assert "round 3/3" in line and "from its checkpoint" in line
     assert backfill_progress(progress, str(ck), 3) == 0  # once

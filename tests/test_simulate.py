@@ -667,3 +667,24 @@ def test_a_run_in_which_no_round_changed_the_model_says_so(
     assert "no round changed the global model" in caplog.text
     shorts = [r for r in caplog.records if "fewer than 99 items" in r.getMessage()]
     assert len(shorts) == 1  # a 60-item catalog's sampled metric: said once, not per model
+
+
+def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
+    tmp_path: Path,
+) -> None:
+    """A run directory an older version interrupted has rounds without elapsed_seconds: its
+    federation time is the sum of their round_seconds, not 0."""
+    from simulation.pipeline import _earlier_processes
+    from simulation.run_dir import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.log("pretrain", 0, seconds=5.0)  # an older process: no elapsed_seconds
+    run.log("round", 1, round=1, round_seconds=2.0)
+    run.log("round", 2, round=2, round_seconds=3.0)
+    run.log("pretrain", 0, seconds=1.0)  # a newer one
+    run.log("round", 3, round=3, round_seconds=4.0, elapsed_seconds=9.0)
+    run.log("pretrain", 0, seconds=0.5)  # this process
+    earlier = _earlier_processes(run)
+    assert (earlier.processes, earlier.federation) == (2, 5.0 + 9.0)
+    assert earlier.total == pytest.approx(5.0 + 5.0 + 1.0 + 9.0)
+    run.close()

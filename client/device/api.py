@@ -177,7 +177,9 @@ class FeedbackIn(_Strict):
             description=(
                 "'clicked': the user picked the item (reward 1); 'shown': the user saw it and "
                 "did not pick it (reward 0). The exploration policy learns from the first "
-                "report of each (recommendation_id, item_id); later ones are stored only."
+                "report of each (recommendation_id, item_id); later ones are stored only. "
+                "A click is also stored as a 'click' event of the history (unless one for "
+                "that item is stored already): do not POST it to /events afterwards."
             )
         ),
     ]

@@ -912,8 +912,9 @@ class Daemon:
         return None
 
     def add_erase_callback(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` in :meth:`erase` (services holding personal data of their own,
-        e.g. the personal adapter of the federated learner, delete it there).
+        """Run ``callback`` in :meth:`erase` (services holding state derived from the user's
+        data delete or reset it there; the federated learner schedules a reinstall of the
+        global model and drops its pending adaptation).
 
         It runs twice, so it must be idempotent: before the store is erased (a crash in
         between then leaves the user's data, which a repeated erase removes, never a model

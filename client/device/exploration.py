@@ -177,7 +177,13 @@ class BanditReranker:
         self._stored_pending = None
         policy = make_policy(self.config, model.n_items)
         saved = self.store.get_state(STATE_KEY)
-        if not isinstance(saved, dict) or saved.get("model_version") != self._model_version:
+        # a state saved before the key named the catalog holds the bare label ("7"): still
+        # this model's (a catalog of another size fails to load below, and starts fresh)
+        legacy = (self._model_version or "").split("@", 1)[0]
+        if not isinstance(saved, dict) or saved.get("model_version") not in (
+            self._model_version,
+            legacy,
+        ):
             return policy
         state = saved.get("policy")
         try:

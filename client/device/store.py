@@ -496,6 +496,11 @@ class DeviceStore:
         self._increment(conn, STATE_ADAPTATION_PENDING, len(rows))
         return [r[0] for r in rows]
 
+    def _clicked_items(self, conn: sqlite3.Connection) -> set[str]:
+        """Items with a stored ``click`` event (decrypts those rows only)."""
+        rows = conn.execute("SELECT id, kind, payload FROM events WHERE kind = 'click'")
+        return {str(self._open("events", i, kind, blob)["item"]) for i, kind, blob in rows}
+
     def _event_tag(self, event_id: str) -> bytes:
         """Blind index of an app's event id (apart from the item tags)."""
         return self.item_tag(f"event-id\x00{event_id}")
@@ -646,6 +651,9 @@ class DeviceStore:
                     clicks.setdefault((fb.recommendation_id, fb.item_id), fb)
             for pair in self.reported(list(clicks), action="clicked"):
                 del clicks[pair]  # already an event
+            if clicks:  # an app that also posts its clicks to /events: not twice
+                posted = self._clicked_items(conn)
+                clicks = {pair: fb for pair, fb in clicks.items() if fb.item_id not in posted}
             conn.executemany(
                 "INSERT INTO feedback (id, action, recommendation_id, payload) VALUES (?, ?, ?, ?)",
                 rows,

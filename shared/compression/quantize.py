@@ -157,8 +157,12 @@ def quantize_onnx(
     attempt reaches ``config.min_agreement`` top-``k`` agreement with ``src`` (then nothing
     is written).
     """
+    try:
+        src_data = Path(src).read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {src}: {exc.strerror or exc}") from exc
     data, report = quantize_onnx_bytes(
-        Path(src).read_bytes(),
+        src_data,
         config=config,
         validation_histories=validation_histories,
         source=str(src),
@@ -178,7 +182,7 @@ def quantize_onnx_bytes(
 ) -> tuple[bytes, QuantizeReport]:
     """:func:`quantize_onnx` in memory: the int8 bytes of the fp32 model ``src_data`` and the
     report (``source`` / ``target`` name them in errors). With the default ``weight_int8``
-    method nothing touches the disk (``ort_dynamic`` goes through ONNX Runtime's file-based
+    method nothing touches the disk (``dynamic_int8`` goes through ONNX Runtime's file-based
     quantizer in a temporary folder)."""
     cfg = config or QuantizeConfig()
     reference = OnDeviceModel(
