@@ -225,6 +225,20 @@ class CheckpointStore:
         """Rounds that have a checkpoint manifest on disk, oldest first."""
         return sorted(self._rounds_on_disk())
 
+    def verified_after(self, server_round: int) -> list[Checkpoint]:
+        """The checkpoints of the rounds after ``server_round`` that verify, oldest first (an
+        invalid one is left out, as a resume skips it): what a log that stopped at
+        ``server_round`` lacks after a crash between a checkpoint and its log line."""
+        out = []
+        for later in self.rounds():
+            if later <= server_round:
+                continue
+            try:
+                out.append(self.load(later))
+            except DataError:
+                continue
+        return out
+
     def load(self, server_round: int) -> Checkpoint:
         """Load and verify the checkpoint of ``server_round``; :class:`DataError` if bad."""
         stem = _stem(server_round)

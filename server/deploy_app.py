@@ -60,27 +60,19 @@ def backfill_progress(path: Path, checkpoint_dir: str, num_rounds: int) -> int:
     (a crash came between the checkpoint and its line); returns how many were added."""
     from server.checkpoint import CheckpointStore
     from server.state import read_progress_file
-    from shared.errors import DataError
 
     if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
         return 0
     logged = [r.get("round") for r in read_progress_file(path)]
     last = max((r for r in logged if isinstance(r, int)), default=0)
-    store = CheckpointStore(checkpoint_dir, tidy=False)
-    added = 0
-    for server_round in store.rounds():
-        if server_round <= last:
-            continue
-        try:
-            checkpoint = store.load(server_round)
-        except DataError:
-            continue  # the ServerApp skips it too, and reruns the round
+    missing = CheckpointStore(checkpoint_dir, tidy=False).verified_after(last)
+    for checkpoint in missing:
         m = checkpoint.metrics
         failed = sum(int(m.get(k) or 0) for k in ("clients-failed", "clients-rejected"))
         append_progress(
             path,
             {  # round_record's keys; what the checkpoint did not record is None or 0
-                "round": server_round,
+                "round": checkpoint.server_round,
                 "num_rounds": num_rounds,
                 "time": checkpoint.created,
                 "clients_sampled": m.get("clients-sampled"),
@@ -99,8 +91,7 @@ def backfill_progress(path: Path, checkpoint_dir: str, num_rounds: int) -> int:
                 "backfilled": True,
             },
         )
-        added += 1
-    return added
+    return len(missing)
 
 
 def append_progress(path: Path, record: dict[str, Any]) -> None:

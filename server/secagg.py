@@ -401,7 +401,7 @@ def _wait_for_cohort(
     the devices are there; a warning every ``availability-timeout`` says what it waits for.
     """
     minimum = strategy.min_available_clients
-    waited = 0.0
+    started = time.monotonic()
     poll_s = 0.05
     while True:
         available = wait_for_clients(
@@ -410,7 +410,6 @@ def _wait_for_cohort(
         if available >= minimum:
             return
         poll_s = 1.0  # a long wait: each poll asks the SuperLink for its nodes
-        waited += strategy.availability_timeout
         log(
             WARNING,
             "round %s waits for clients: %s of the %s it needs (min-available-clients) are "
@@ -418,7 +417,7 @@ def _wait_for_cohort(
             server_round,
             available,
             minimum,
-            waited,
+            time.monotonic() - started,
         )
 
 

@@ -410,17 +410,10 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
     between the server's checkpoint and this log line lost that round from every report,
     and the resume counted the next, cold round as a warm one."""
     from server.checkpoint import CheckpointStore
-    from shared.errors import DataError
 
-    logged = {int(r["round"]) for r in _logged_rounds(run)}
-    store = CheckpointStore(run.checkpoints, tidy=False)
-    for server_round in store.rounds():
-        if server_round in logged or (logged and server_round < max(logged)):
-            continue
-        try:
-            m = store.load(server_round).metrics
-        except DataError:
-            continue  # an unverifiable checkpoint: the server skips it too
+    last = max((int(r["round"]) for r in _logged_rounds(run)), default=0)
+    for checkpoint in CheckpointStore(run.checkpoints, tidy=False).verified_after(last):
+        m, server_round = checkpoint.metrics, checkpoint.server_round
         run.log(
             "round",
             server_round,

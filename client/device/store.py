@@ -582,11 +582,8 @@ class DeviceStore:
                 is None
             ]
 
-    def reported(
-        self, pairs: Sequence[tuple[str, str]], action: FeedbackAction | None = None
-    ) -> set[tuple[str, str]]:
-        """The ``(recommendation_id, item_id)`` pairs that already have stored feedback (of
-        ``action``, if given)."""
+    def reported(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The ``(recommendation_id, item_id)`` pairs that already have stored feedback."""
         wanted = set(pairs)
         recs = sorted({rec for rec, _ in wanted})
         found: set[tuple[str, str]] = set()
@@ -598,10 +595,8 @@ class DeviceStore:
                     f"WHERE recommendation_id IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ).fetchall()
-                for row_id, kind, rec, blob in rows:
-                    if action is not None and kind != action:
-                        continue
-                    pair = (rec, str(self._open("feedback", row_id, kind, blob)["item"]))
+                for row_id, action, rec, blob in rows:
+                    pair = (rec, str(self._open("feedback", row_id, action, blob)["item"]))
                     if pair in wanted:
                         found.add(pair)
         return found
@@ -609,10 +604,10 @@ class DeviceStore:
     def add_feedback(self, feedback: Sequence[Feedback]) -> StoredFeedback:
         """Store feedback atomically; *all* of it must refer to recorded impressions.
 
-        The first ``clicked`` report of an impression is also stored as a ``click`` event, in
-        the same transaction: a click is behaviour, so it joins the history the next few-shot
-        adaptation fits (and counts as adaptation pending) and the clicked item is no longer
-        recommended. A repeated or retried report adds no second event.
+        A ``clicked`` report is also stored as a ``click`` event, in the same transaction,
+        unless the item has one already: a click is behaviour, so it joins the history the
+        next few-shot adaptation fits (and counts as adaptation pending) and the clicked item
+        is no longer recommended. A repeated or retried report adds no second event.
 
         Raises :class:`UnknownImpressionError` listing the pairs that were never recommended
         (or whose impression expired), and then stores nothing.
@@ -645,15 +640,15 @@ class DeviceStore:
                         self._seal("feedback", row_id, fb.action, payload),
                     )
                 )
-            clicks: dict[tuple[str, str], Feedback] = {}
+            # one click event per item: an earlier report of it, or the app's own POST
+            # /events of the click, already put it in the history
+            clicks: dict[str, Feedback] = {}
             for fb in feedback:
                 if fb.action == "clicked":
-                    clicks.setdefault((fb.recommendation_id, fb.item_id), fb)
-            for pair in self.reported(list(clicks), action="clicked"):
-                del clicks[pair]  # already an event
-            if clicks:  # an app that also posts its clicks to /events: not twice
-                posted = self._clicked_items(conn)
-                clicks = {pair: fb for pair, fb in clicks.items() if fb.item_id not in posted}
+                    clicks.setdefault(fb.item_id, fb)
+            if clicks:
+                for item in self._clicked_items(conn):
+                    clicks.pop(item, None)
             conn.executemany(
                 "INSERT INTO feedback (id, action, recommendation_id, payload) VALUES (?, ?, ?, ?)",
                 rows,

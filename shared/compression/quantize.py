@@ -185,9 +185,8 @@ def quantize_onnx_bytes(
     method nothing touches the disk (``dynamic_int8`` goes through ONNX Runtime's file-based
     quantizer in a temporary folder)."""
     cfg = config or QuantizeConfig()
-    reference = OnDeviceModel(
-        src_data, name=source
-    )  # validates it and gives the fp32 scores for the gate
+    # validates the source, and gives the fp32 scores for the agreement gate
+    reference = OnDeviceModel(src_data, name=source)
     meta = reference.metadata
     if meta.quantization != "none":
         raise ModelFileError(

@@ -141,6 +141,10 @@ def run_baseline_benchmark(
     }
 
 
+COLD_ITEM_POPULATIONS = ("public", "federated", "all")
+"""Who the cold-item run reports on (the cold users are never trained on: they are left out)."""
+
+
 def _cold_item_run(
     dataset: RecDataset,
     split_config: SplitConfig,
@@ -171,10 +175,6 @@ def _cold_item_run(
             )
             out[model.name][pop] = row
     return out
-
-
-COLD_ITEM_POPULATIONS = ("public", "federated", "all")
-"""Who the cold-item run reports on (the cold users are never trained on: they are left out)."""
 
 
 def summary_rows(
