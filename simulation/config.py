@@ -29,6 +29,19 @@ from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 from shared.text.encoder import resolve_model_dir
 
 TASK = "shared.federated.student_task:make_task"
+
+RECS_MODELS = (
+    "student-int8",
+    "student-personal",
+    "student-federated",
+    "student-pretrained",
+    "teacher",
+    "ease-all",
+    "ease-public",
+    "pop",
+)
+"""The models whose top 100 a run can export (``export-recs``): ``recs.csv`` for the device
+model (``student-int8``), ``recs-<model>.csv`` for each other one."""
 """The federated task every simulation runs: the distilled student."""
 
 RESUMABLE_KEYS = frozenset(
@@ -50,6 +63,7 @@ RESUMABLE_KEYS = frozenset(
         "publish-each-round",
         "checkpoint-keep",
         "progress",
+        "export-recs",
     }
 )
 """Keys a rerun of a run directory may change: how far it trains, how it is evaluated, and
@@ -136,6 +150,13 @@ class SimulationConfig:
     prune_sparsity: float = 0.0
     checkpoint_keep: int = 3  # the newest checkpoints kept in checkpoints/ (server default)
     progress: bool = True
+    export_recs: tuple[str, ...] = ("student-int8",)
+
+    def recs_exports(self) -> tuple[str, ...]:
+        """The models ``export-recs`` names, ``all`` expanded, each once, in
+        :data:`RECS_MODELS` order."""
+        wanted = set(RECS_MODELS) if "all" in self.export_recs else set(self.export_recs)
+        return tuple(m for m in RECS_MODELS if m in wanted)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -195,6 +216,12 @@ class SimulationConfig:
             )
         if not (math.isfinite(self.adapt_lr) and self.adapt_lr > 0):
             raise ConfigError(f"adapt-lr must be a positive number, got {self.adapt_lr}")
+        unknown = [m for m in self.export_recs if m not in RECS_MODELS and m != "all"]
+        if unknown:
+            raise ConfigError(
+                f"export-recs: unknown model {unknown[0]!r}; choose among "
+                f"{', '.join(RECS_MODELS)} or 'all' (none: an empty list)"
+            )
         from shared.compression.prune import publish_prune  # here: it imports torch
 
         publish_prune(self.prune_sparsity)  # before pretraining, not when the first model ships

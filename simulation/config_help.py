@@ -83,5 +83,7 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "prune_sparsity": "Magnitude-prune every published model to this sparsity (0 = none).",
         "checkpoint_keep": "Newest checkpoints kept in the run directory.",
         "progress": "Live progress display on stderr.",
+        "export_recs": "Models whose top 100 per user is written (recs.csv for student-int8, "
+        "recs-MODEL.csv for the others; 'all'; repeat the flag).",
     },
 }

@@ -554,6 +554,40 @@ def load_ranks(path: Path) -> dict[str, CaseRanks]:
         return {key: CaseRanks(data[f"{key}/sampled"], data[f"{key}/full"]) for key in keys}
 
 
+_RECS_SOURCES = {
+    "student-int8": "student int8 onnx",
+    "student-personal": "personal",
+    "student-federated": "student (federated)",
+    "student-pretrained": "student (pretrained)",
+    "teacher": "teacher",
+    "ease-all": "ease (all)",
+    "ease-public": "ease (public)",
+    "pop": "pop",
+}
+"""Each ``export-recs`` name (:data:`simulation.config.RECS_MODELS`) -> its model's key."""
+
+
+def recs_file(model: str) -> str:
+    """The run-directory file of ``model``'s top 100: ``recs.csv`` for the device model."""
+    return "recs.csv" if model == "student-int8" else f"recs-{model}.csv"
+
+
+def _export_recs(
+    config: SimulationConfig,
+    run: RunDirectory,
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    populations: tuple[str, ...],
+    models: dict[str, Any],
+) -> None:
+    """Each exported model's top 100 for every evaluated user (history = train +
+    validation, as for the test figures), so anyone can recompute its full-ranking figures."""
+    evaluated = [int(u) for pop in populations for u in split.evaluable(split.population(pop))]
+    histories = {u: split.history(u) for u in evaluated}
+    for name in config.recs_exports():
+        export_recs(models[_RECS_SOURCES[name]], dataset, histories, run.root / recs_file(name))
+
+
 def _evaluate(
     config: SimulationConfig,
     run: RunDirectory,
@@ -618,14 +652,7 @@ def _evaluate(
             fewshot[name] = summarize_each(by_shot, eval_cfg.k)
             ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})
     _save_ranks(run.root / "ranks.npz", ranks)
-    # the device model's top 100 for every evaluated user, to recompute its figures from
-    evaluated = [int(u) for pop in pops for u in split.evaluable(split.population(pop))]
-    export_recs(
-        models["student int8 onnx"],
-        dataset,
-        {u: split.history(u) for u in evaluated},
-        run.root / "recs.csv",
-    )
+    _export_recs(config, run, dataset, split, pops, {**models, "personal": personalized})
     by_group: dict[str, dict[str, CaseRanks]] = {}
     for key, case in ranks.items():
         group, name = key.split("/", 1)

@@ -74,19 +74,25 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     from simulation.pipeline import load_split
 
     dataset, split = load_split(from_flat(SimulationConfig, parse_run_config(TINY)))
-    listed: dict[tuple[str, str], int] = {}
-    for line in (run / "recs.csv").read_text().splitlines()[1:]:
-        user, item, rank = line.split(",")
-        listed[(user, item)] = int(rank)
-    users = split.evaluable(split.federated_users)
-    hits = [
-        listed.get((dataset.user_ids[u], dataset.item_ids[split.test[u]]), 999) <= 10 for u in users
-    ]
+
+    def full_hr_from(recs: Path, population: str = "federated") -> float:
+        listed: dict[tuple[str, str], int] = {}
+        for line in recs.read_text().splitlines()[1:]:
+            user, item, rank = line.split(",")
+            listed[(user, item)] = int(rank)
+        users = split.evaluable(split.population(population))
+        hits = [
+            listed.get((dataset.user_ids[u], dataset.item_ids[split.test[u]]), 999) <= 10
+            for u in users
+        ]
+        return sum(hits) / len(hits)
+
     # a device installs the published model with the catalog written next to it
     catalog = json.loads((run / "models" / "catalog.json").read_text())
     assert catalog == list(dataset.item_ids)
     expected = final["student int8 onnx"]["federated"]["full_hr@10"]
-    assert sum(hits) / len(hits) == pytest.approx(expected, abs=1e-12)
+    assert full_hr_from(run / "recs.csv") == pytest.approx(expected, abs=1e-12)
+    assert not list(run.glob("recs-*.csv"))  # only the device model's by default
     # the report says which differences are beyond the noise of this many users
     paired = summary["paired"]
     assert set(paired) == {"federated", "fewshot k=1", "fewshot k=3"}
@@ -101,9 +107,18 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     assert "## Paired differences" in (run / "report.md").read_text()
 
     # A rerun of the same run directory resumes from the checkpoint: no round is repeated.
-    again = CliRunner().invoke(app, args)
+    # It may export other models' top 100 (an output setting), each matching its figures.
+    exports = ["--export-recs", "teacher", "--export-recs", "student-personal"]
+    again = CliRunner().invoke(app, [*args, *exports])
     assert again.exit_code == 0, again.output
     summary2 = json.loads((run / "summary.json").read_text())
+    for name, model in (
+        ("teacher", "teacher"),
+        ("student-personal", "student (federated + personal)"),
+    ):
+        for population in ("public", "federated"):
+            figure = summary2["final"][model][population]["full_hr@10"]
+            assert full_hr_from(run / f"recs-{name}.csv", population) == pytest.approx(figure)
     assert [r["round"] for r in summary2["rounds"]] == [1, 2]
     assert summary2["meta"]["pretraining cached"] is True
     # its time is the whole run's: the first process's federation counts too
@@ -220,6 +235,7 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--run-config", "rounds=true"], "rounds must be int, got True"),
         (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
         (["--shots", "3", "--shots", "3"], "shots must be distinct, got (3, 3)"),
+        (["--export-recs", "int8"], "export-recs: unknown model 'int8'; choose among student-int8"),
         # Ray would build an empty actor pool and wait for ever
         (["--num-gpus-per-client", "nan"], "must be a finite number >= 0, got nan"),
         (["--run-config", "num-cpus-per-client=inf"], "must be a finite number > 0, got inf"),
@@ -688,3 +704,17 @@ def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
     assert (earlier.processes, earlier.federation) == (2, 5.0 + 9.0)
     assert earlier.total == pytest.approx(5.0 + 5.0 + 1.0 + 9.0)
     run.close()
+
+
+def test_every_exportable_model_has_a_source_and_a_file() -> None:
+    from simulation.config import RECS_MODELS, SimulationConfig
+    from simulation.pipeline import _RECS_SOURCES, recs_file
+
+    assert set(_RECS_SOURCES) == set(RECS_MODELS)
+    assert len({recs_file(m) for m in RECS_MODELS}) == len(RECS_MODELS)
+    assert SimulationConfig(export_recs=("all",)).recs_exports() == RECS_MODELS
+    assert SimulationConfig(export_recs=("pop", "teacher", "pop")).recs_exports() == (
+        "teacher",
+        "pop",
+    )
+    assert SimulationConfig(export_recs=()).recs_exports() == ()
