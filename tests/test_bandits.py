@@ -595,7 +595,7 @@ def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:
     assert "meets_targets_user_coverage_every_seed" in summary["linucb"]
 
 
-def test_replay_on_a_toy_log() -> None:
+def test_replay_on_a_toy_log(tmp_path: Path) -> None:
     ds = make_dataset(n_users=40, n_items=30, length=10, seed=2)
     rng = np.random.default_rng(0)
     ratings = [rng.integers(1, 6, size=len(s)).astype(float) for s in ds.sequences]
@@ -609,7 +609,9 @@ def test_replay_on_a_toy_log() -> None:
         Arm("linucb", BanditConfig(policy="linucb", **shape)),
     ]
     cfg = ReplayConfig(seed=1, window=4, min_history=4, features="text")
-    report = run_replay(ds, ratings, arms, cfg, embed, mmr_grid=(1.0, 0.5))
+    report = run_replay(
+        ds, ratings, arms, cfg, embed, mmr_grid=(1.0, 0.5), recs_dir=tmp_path, recs_lambdas=[1, 0.5]
+    )
     greedy = report["replay"]["greedy"]
     assert greedy["events"] == report["replay_events"] == 4 * report["replay_users"]
     assert 0 <= greedy["matched"] <= greedy["events"]
@@ -617,6 +619,19 @@ def test_replay_on_a_toy_log() -> None:
     acc = report["diversity_accuracy"]
     assert set(acc) == {"1", "0.5"}
     assert acc["1"]["test"]["full_hr@10_relative_change"] == 0.0
+    # each exported ranking gives back its lambda's reported full-ranking HR@10
+    split = split_users(ds, SplitConfig(seed=1))
+    users = split.evaluable(split.federated_users, "test")
+    for lam in ("1", "0.5"):
+        ranks = {
+            (user, item): int(rank)
+            for user, item, rank in (
+                line.split(",")
+                for line in (tmp_path / f"recs-seed1-mmr{lam}.csv").read_text().splitlines()[1:]
+            )
+        }
+        hits = [ranks.get((ds.user_ids[u], ds.item_ids[split.test[u]]), 999) <= 10 for u in users]
+        assert sum(hits) / len(hits) == pytest.approx(acc[lam]["test"]["full_hr@10"])
 
 
 def test_ml100k_ratings_align_with_the_sequences(ml100k_dir: Path) -> None:
@@ -676,6 +691,8 @@ def test_cli_refuses_bad_options(tmp_path: Path) -> None:
     assert "--seed values must be distinct" in str(result.exception)  # counted twice
     result = runner.invoke(app, ["tune", "--seed", "100", "--seed", "100", "-o", str(tmp_path)])
     assert "--seed values must be distinct" in str(result.exception)
+    result = runner.invoke(app, ["evaluate", "--export", str(tmp_path), "-o", str(tmp_path)])
+    assert "only --world ml-100k evaluates" in str(result.exception)
     result = runner.invoke(app, ["evaluate", "--tag", "b" * 250, "-o", str(tmp_path)])
     assert "may be at most 100 bytes" in str(result.exception)  # before the run, not after
     assert list(tmp_path.iterdir()) == []

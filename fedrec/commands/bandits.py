@@ -35,7 +35,13 @@ from shared.bandits.harness import (
 from shared.bandits.policies import BanditConfig
 from shared.config import field_names, from_flat, parse_run_config
 from shared.errors import ConfigError
-from shared.io import REPORT_MODE, check_file_name, check_output_dir, write_json_atomic
+from shared.io import (
+    REPORT_MODE,
+    check_file_name,
+    check_output_dir,
+    ensure_dir,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +129,25 @@ def evaluate(
     tag: TagOpt = "",
     plots: PlotsOpt = True,
     fmt: FormatOpt = "table",
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            click_type=NON_EMPTY_PATH,
+            help="ml-100k: folder for recs.csv-format files (user,item,rank; top 100 of every "
+            "federated test user) of the greedy ranking and of the MMR re-ranking, per seed.",
+        ),
+    ] = None,
 ) -> None:
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
     _check_common(world, fmt, output_dir, users, data_dir)
+    if export is not None and world != "ml-100k":
+        raise ConfigError(
+            "--export writes the protocol's rankings, which only --world ml-100k evaluates "
+            "(the synthetic world reports regret and coverage); drop --export"
+        )
+    if export is not None:  # before the replay, not after it
+        ensure_dir(export, what="the --export folder", fix="give a writable folder")
     if tag:
         check_file_name(tag, "--tag")
     base = _bandit_config(run_config)
@@ -138,7 +160,7 @@ def evaluate(
             arms, chosen, 200 if users is None else users, steps, features, base_model
         )
     else:
-        report = _evaluate_ml100k(arms, chosen, data_dir, users, features, base.mmr_lambda)
+        report = _evaluate_ml100k(arms, chosen, data_dir, users, features, base.mmr_lambda, export)
     report["bandit_config"] = base.as_dict()
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("evaluate")
@@ -362,6 +384,7 @@ def _evaluate_ml100k(
     users: int | None,
     features: str,
     lam: float,
+    export: Path | None = None,
 ) -> dict[str, Any]:
     from shared.bandits.replay import ReplayConfig, load_ml100k_ratings, run_replay
     from shared.data.registry import load_dataset
@@ -374,7 +397,18 @@ def _evaluate_ml100k(
     for seed in seeds:
         cfg = ReplayConfig(seed=seed, max_users=users, features=features)
         log.info("ml-100k seed %d", seed)
-        runs.append(run_replay(dataset, ratings, arms, cfg, embed, mmr_grid=grid))
+        runs.append(
+            run_replay(
+                dataset,
+                ratings,
+                arms,
+                cfg,
+                embed,
+                mmr_grid=grid,
+                recs_dir=export,
+                recs_lambdas=sorted({1.0, lam}, reverse=True),
+            )
+        )
     return {
         "world": "ml-100k",
         "seeds": list(seeds),

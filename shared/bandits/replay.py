@@ -55,7 +55,7 @@ from shared.data.cleaning import read_numeric_table
 from shared.data.dataset import RecDataset
 from shared.data.movielens import ML100K_RATING_COLUMNS
 from shared.errors import ConfigError, DataError
-from shared.eval.protocol import EvalConfig, evaluate_split
+from shared.eval.protocol import EvalConfig, evaluate_split, export_recs
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
 from shared.models.base import Scorer
 
@@ -191,6 +191,11 @@ def replay_streams(
     return _Streams(np.asarray(users, dtype=np.int64), histories, events, rewards, train)
 
 
+def recs_file(seed: int, lam: float) -> str:
+    """The ``recs.csv``-format file of split ``seed``'s MMR re-ranking at ``lam``."""
+    return f"recs-seed{seed}-mmr{lam:g}.csv"
+
+
 def run_replay(
     dataset: RecDataset,
     ratings: Sequence[FloatArray],
@@ -200,9 +205,15 @@ def run_replay(
     *,
     mmr_grid: Sequence[float] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.5),
     eval_config: EvalConfig | None = None,
+    recs_dir: Path | None = None,
+    recs_lambdas: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Replay every arm and measure the diversity term's HR@10 cost; a JSON-able report.
-    ``eval_config`` defaults to the protocol's with the split's seed (``config.seed``)."""
+    ``eval_config`` defaults to the protocol's with the split's seed (``config.seed``).
+
+    ``recs_dir``: also write, for each MMR lambda of ``recs_lambdas``, the re-ranked top 100
+    of every evaluated federated user (:func:`recs_file`), from which anyone can recompute
+    that lambda's full-ranking figures."""
     if not arms:
         raise ConfigError("no arms (policies) to replay")
     shape = {(a.config.top_n, a.config.slate_size, a.config.feature_dim) for a in arms}
@@ -251,8 +262,11 @@ def run_replay(
         replay[arm.name]["seconds"] = round(time.perf_counter() - start, 2)
         log.info("replayed %s in %.1fs", arm.name, replay[arm.name]["seconds"])
 
+    protocol_base = fit_base_model(
+        "ease", split.train_sequences(), dataset.n_items, ease_l2=config.ease_l2
+    )
     accuracy = diversity_accuracy(
-        fit_base_model("ease", split.train_sequences(), dataset.n_items, ease_l2=config.ease_l2),
+        protocol_base,
         split,
         text,
         popularity=item_popularity(split.train_sequences(), dataset.n_items),
@@ -260,6 +274,12 @@ def run_replay(
         grid=mmr_grid,
         eval_config=eval_config,
     )
+    if recs_dir is not None:
+        users = split.evaluable(split.federated_users, "test")
+        histories = {int(u): split.history(int(u), "test") for u in users}
+        for lam in recs_lambdas:
+            reranked = MMRReranker(protocol_base, text, lam, top_n)
+            export_recs(reranked, dataset, histories, recs_dir / recs_file(config.seed, lam))
     n_events = int(sum(len(e) for e in streams.events))
     return {
         "dataset": dataset.summary(),
