@@ -43,6 +43,7 @@ from shared.bandits.policies import (
 )
 from shared.bandits.replay import ReplayConfig, run_replay
 from shared.config import from_flat
+from shared.data.dataset import RecDataset, build_dataset
 from shared.data.synthetic import SyntheticConfig, generate_world
 from shared.errors import ConfigError, DataError, ModelFileError
 from shared.eval.protocol import evaluate_split
@@ -595,8 +596,21 @@ def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:
     assert "meets_targets_user_coverage_every_seed" in summary["linucb"]
 
 
+def _without_repeats(ds: RecDataset) -> RecDataset:
+    """``ds`` with each user's later interactions with an item dropped, as in MovieLens (the
+    protocol ranks the test item against items outside the history)."""
+    users, items, times = [], [], []
+    for u, seq in enumerate(ds.sequences):
+        _, first = np.unique(seq, return_index=True)
+        for t, i in enumerate(seq[np.sort(first)]):
+            users.append(ds.user_ids[u])
+            items.append(ds.item_ids[int(i)])
+            times.append(1000 + t)
+    return build_dataset("toy", users, items, np.array(times), ds.item_ids, ds.item_text)
+
+
 def test_replay_on_a_toy_log(tmp_path: Path) -> None:
-    ds = make_dataset(n_users=40, n_items=30, length=10, seed=2)
+    ds = _without_repeats(make_dataset(n_users=40, n_items=30, length=10, seed=2))
     rng = np.random.default_rng(0)
     ratings = [rng.integers(1, 6, size=len(s)).astype(float) for s in ds.sequences]
 
