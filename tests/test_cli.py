@@ -544,3 +544,56 @@ def test_the_entry_point_exits_with_a_commands_own_status(monkeypatch: pytest.Mo
         assert exited.value.code == 3
     finally:
         cli.app.registered_commands.pop()
+
+
+def test_evaluate_model_scores_a_published_artifact_on_its_split(tmp_path: Path) -> None:
+    """A published int8 model evaluated offline: the figures are the protocol's (recomputable
+    from its recs.csv), per population and K; a model of another catalog is refused."""
+    import numpy as np
+
+    from shared.compression.artifact import publish_student
+    from shared.data.registry import load_dataset
+    from shared.eval.protocol import EvalConfig, evaluate_split
+    from shared.eval.splits import SplitConfig, split_users
+    from shared.models.student import StudentConfig, StudentModel
+    from shared.ondevice.runtime import OnDeviceModel
+
+    ds = load_dataset("synthetic", None, synthetic_seed=5)
+    rng = np.random.default_rng(0)
+    student = StudentModel(
+        rng.normal(size=(ds.n_items, 8)).astype(np.float32),
+        rng.normal(size=(ds.n_items, 8)).astype(np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+    model = tmp_path / "models" / "model-v3.int8.onnx"
+    publish_student(student, ds.item_ids, model, version="3")
+    out, recs = tmp_path / "report.json", tmp_path / "recs.csv"
+    args = ["evaluate", "model", str(model), "--seed", "5", "--shots", "1", "--shots", "3"]
+    result = runner.invoke(app, [*args, "-o", str(out), "--export", str(recs), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["model"]["version"] == "3" and report["model"]["quantization"] != "none"
+    (entry,) = report["results"].values()
+    assert set(entry["loo"]) == {"public", "federated", "all"}
+    assert set(entry["fewshot"]) == {"k=1", "k=3"}
+    split = split_users(ds, SplitConfig(seed=5))
+    direct = evaluate_split(OnDeviceModel(model), split, ("federated",), config=EvalConfig(seed=5))
+    assert entry["loo"]["federated"] == direct["federated"]
+    ranks = {}
+    for line in recs.read_text().splitlines()[1:]:
+        user, item, rank = line.split(",")
+        ranks[(user, item)] = int(rank)
+    for population in ("public", "federated"):
+        users = split.evaluable(split.population(population))
+        hits = [ranks.get((ds.user_ids[u], ds.item_ids[split.test[u]]), 999) <= 10 for u in users]
+        assert sum(hits) / len(hits) == pytest.approx(entry["loo"][population]["full_hr@10"])
+    # the table names the model; another dataset's catalog is refused before any scoring
+    assert "model-v3.int8.onnx" in runner.invoke(app, [*args, "--shots", "5"]).output
+    shuffled = tmp_path / "other" / "model-v1.int8.onnx"
+    publish_student(student, ds.item_ids[::-1], shuffled, version="1")
+    other = runner.invoke(app, ["evaluate", "model", str(shuffled), "--seed", "5"])
+    assert isinstance(other.exception, ConfigError)
+    assert "was exported for another catalog" in str(other.exception)
+    assert "--dataset, --data-dir" in str(other.exception)
+    bad = runner.invoke(app, [*args, "--shots", "1"])
+    assert "--shots must be distinct" in str(bad.exception)

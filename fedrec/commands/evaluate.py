@@ -70,37 +70,10 @@ def baselines(
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if export is None and explicit_options(ctx, {"export_model": "export-model"}):
         raise ConfigError("--export-model chooses what --export writes; give --export FILE too")
-    values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
-    values.update(
-        explicit_options(
-            ctx,
-            {
-                "seed": "seed",
-                "cold_user_fraction": "cold-user-fraction",
-                "public_fraction": "public-fraction",
-                "cold_items": "cold-items",
-            },
-        )
-    )
-    values.setdefault("seed", seed)
-    split_cfg = from_flat(SplitConfig, _pick(values, SplitConfig))
-    eval_cfg = from_flat(EvalConfig, _pick(values, EvalConfig))
+    values = _values(ctx, run_config, seed, {"cold_items": "cold-items"})
+    split_cfg, eval_cfg = _split_and_eval(values, BaselineConfig)
     base_cfg = from_flat(BaselineConfig, _pick(values, BaselineConfig))
-    valid = _keys(SplitConfig) | _keys(EvalConfig) | _keys(BaselineConfig)
-    unknown = {k.replace("_", "-") for k in values} - valid
-    if unknown:
-        raise ConfigError(
-            f"unknown --run-config keys: {', '.join(sorted(unknown))}; valid: "
-            f"{', '.join(sorted(valid))}"
-        )
-
-    if output is not None:
-        check_output_file(output)
-        if export is not None and export.resolve() == output.resolve():
-            raise ConfigError(
-                f"--export and --output both name {output}: the JSON report would replace "
-                "the exported recommendations; give them different files"
-            )
+    _check_outputs(output, export)
     ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
     embed = _text_embedder() if text else None
     report = run_baseline_benchmark(
@@ -119,6 +92,127 @@ def baselines(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_table(report, eval_cfg.k)
+
+
+@app.command("model")
+def model(
+    ctx: typer.Context,
+    path: Annotated[
+        Path,
+        typer.Argument(help="A published ONNX model file."),
+    ],
+    dataset: DatasetOpt = "synthetic",
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = 42,
+    cold_user_fraction: Annotated[
+        float, typer.Option(help="Share of users held out as cold-start (0 disables).")
+    ] = 0.1,
+    public_fraction: Annotated[
+        float, typer.Option(help="Share of the remaining users that are public.")
+    ] = 0.2,
+    shots: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--shots", help="Few-shot support sizes K (repeat the flag; default 1 3 5 10)."
+        ),
+    ] = None,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="Write recs.csv (user,item,rank; top 100).")
+    ] = None,
+    output: OutputOpt = None,
+    fmt: FormatOpt = "table",
+    run_config: RunConfigOpt = None,
+) -> None:
+    """A published ONNX model (PATH), HR@10 / NDCG@10 per population and K.
+
+    PATH: model-vN.int8.onnx of a run's models/ or of the server's published
+    folder (fp32 ONNX works too). Give the dataset, --data-dir, --seed and
+    fractions it was trained with: on another split, users it trained on
+    would be tested on what it learned from."""
+    from shared.eval.model_evaluation import evaluate_model
+    from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
+    values = _values(ctx, run_config, seed, {})
+    split_cfg, eval_cfg = _split_and_eval(values)
+    ks = tuple(shots) if shots else (1, 3, 5, 10)
+    if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
+    _check_outputs(output, export)
+    ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
+    scorer = OnDeviceModel(path)
+    meta = scorer.metadata
+    if meta.catalog_fingerprint != catalog_fingerprint(ds.item_ids):
+        raise ConfigError(
+            f"{path} was exported for another catalog ({meta.n_items} items, fingerprint "
+            f"{meta.catalog_fingerprint}) than {ds.name} ({ds.n_items} items, "
+            f"{catalog_fingerprint(ds.item_ids)}); evaluate it on the dataset it was trained "
+            "on (--dataset, --data-dir)"
+        )
+    name = f"{path.name} (v{meta.model_version}, {meta.quantization})"
+    report = evaluate_model(scorer, name, ds, split_cfg, eval_cfg, ks, export)
+    report["model"] = {
+        "path": str(path),
+        "version": meta.model_version,
+        "quantization": meta.quantization,
+        "n_items": meta.n_items,
+        "max_len": meta.max_len,
+    }
+    report["command"] = " ".join(["fedrec", *sys.argv[1:]])
+    if output is not None:
+        write_json_atomic(output, report, mode=REPORT_MODE)
+    if fmt == "json":
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_table(report, eval_cfg.k)
+
+
+def _values(
+    ctx: typer.Context, run_config: list[str] | None, seed: int, extra: dict[str, str]
+) -> dict[str, Any]:
+    """``--run-config`` entries, overridden by the split options typed on the command line."""
+    values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
+    values.update(
+        explicit_options(
+            ctx,
+            {
+                "seed": "seed",
+                "cold_user_fraction": "cold-user-fraction",
+                "public_fraction": "public-fraction",
+                **extra,
+            },
+        )
+    )
+    values.setdefault("seed", seed)
+    return values
+
+
+def _split_and_eval(values: dict[str, Any], *others: type) -> tuple[SplitConfig, EvalConfig]:
+    """The split and evaluation configs of ``values``, whose every key must belong to them
+    or to one of ``others``."""
+    valid = _keys(SplitConfig) | _keys(EvalConfig)
+    for cls in others:
+        valid |= _keys(cls)
+    unknown = {k.replace("_", "-") for k in values} - valid
+    if unknown:
+        raise ConfigError(
+            f"unknown --run-config keys: {', '.join(sorted(unknown))}; valid: "
+            f"{', '.join(sorted(valid))}"
+        )
+    split_cfg = from_flat(SplitConfig, _pick(values, SplitConfig))
+    return split_cfg, from_flat(EvalConfig, _pick(values, EvalConfig))
+
+
+def _check_outputs(output: Path | None, export: Path | None) -> None:
+    """Both outputs writable and distinct, before any work."""
+    if output is not None:
+        check_output_file(output)
+        if export is not None and export.resolve() == output.resolve():
+            raise ConfigError(
+                f"--export and --output both name {output}: the JSON report would replace "
+                "the exported recommendations; give them different files"
+            )
 
 
 def _text_embedder() -> EmbeddingFn:

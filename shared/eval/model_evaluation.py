@@ -1,0 +1,65 @@
+"""One trained model (a published int8 / fp32 ONNX artifact, or any scorer) evaluated under
+the protocol on one seeded split: leave-one-out per population and few-shot per K, in the
+report shape of :func:`shared.eval.baseline_benchmark.run_baseline_benchmark`, so the same
+table and readers serve both.
+
+A model trained by the federation has seen its split's public and federated *train* data;
+evaluating it on another seed's split (or another dataset) would test it on what it was
+trained on. The split settings must be the ones it was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from shared.data.dataset import RecDataset
+from shared.eval.protocol import EvalConfig, evaluate_fewshot, evaluate_split, export_recs
+from shared.eval.splits import SplitConfig, split_users
+from shared.io import check_output_file
+from shared.models.base import Scorer
+
+log = logging.getLogger(__name__)
+
+POPULATIONS = ("public", "federated", "all")
+
+
+def evaluate_model(
+    scorer: Scorer,
+    name: str,
+    dataset: RecDataset,
+    split_config: SplitConfig = SplitConfig(),
+    eval_config: EvalConfig = EvalConfig(),
+    shots: Sequence[int] = (1, 3, 5, 10),
+    export_path: Path | None = None,
+) -> dict[str, Any]:
+    """``scorer``'s test figures per population (and few-shot per K, no adaptation: the
+    model scores the support set as a history) on ``dataset`` split by ``split_config``.
+    ``export_path`` writes its ``recs.csv`` for every evaluated user (history = train +
+    validation)."""
+    if export_path is not None:  # before the work, not after it
+        check_output_file(export_path)
+    split = split_users(dataset, split_config)
+    populations = tuple(p for p in POPULATIONS if len(split.evaluable(split.population(p))))
+    entry: dict[str, Any] = {"loo": evaluate_split(scorer, split, populations, "test", eval_config)}
+    if len(split.cold_users) and shots:
+        entry["fewshot"] = evaluate_fewshot(scorer, split, shots, eval_config)
+    if export_path is not None:
+        users = split.evaluable(split.population("all"))
+        histories = {int(u): split.history(int(u)) for u in users}
+        rows = export_recs(scorer, dataset, histories, export_path)
+        log.info("wrote %d rows to %s", rows, export_path)
+    return {
+        "dataset": dataset.summary(),
+        "split": asdict(split_config),
+        "eval": asdict(eval_config),
+        "populations": {
+            "cold": len(split.cold_users),
+            "public": len(split.public_users),
+            "federated": len(split.federated_users),
+        },
+        "results": {name: entry},
+    }
