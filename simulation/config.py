@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from server.server_optimizer import ServerOptimizerSettings
 from shared.config import to_flat
-from shared.data.registry import check_no_data_dir
+from shared.data.registry import check_no_data_dir, dataset_key
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
@@ -194,6 +194,8 @@ class SimulationConfig:
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
+        # one spelling everywhere (the pipeline tells the synthetic world by its name)
+        object.__setattr__(self, "dataset", dataset_key(self.dataset))
         check_no_data_dir(self.dataset, self.data_dir)
         if self.text_model:
             resolve_model_dir(self.text_model, setting="text-model")

@@ -300,6 +300,10 @@ def test_flags_are_named_in_their_own_errors(
     ml = ["data", "info", "--dataset", "ml-100k", "--data-dir", str(tmp_path), "--seed", "3"]
     assert _main(monkeypatch, *ml) == 2  # a seed that would change nothing
     assert "--seed seeds the synthetic world" in capsys.readouterr().err
+    # the synthetic world is the synthetic world in any case ('Synthetic' refused --seed)
+    typed = runner.invoke(app, ["data", "info", "--dataset", "Synthetic", "--seed", "3"])
+    assert typed.exit_code == 0, typed.output
+    assert '"name": "synthetic"' in typed.output
 
 
 def test_the_api_names_why_it_cannot_listen(tmp_path: Path) -> None:

@@ -718,3 +718,20 @@ def test_every_exportable_model_has_a_source_and_a_file() -> None:
         "pop",
     )
     assert SimulationConfig(export_recs=()).recs_exports() == ()
+
+
+def test_a_dataset_name_in_any_case_is_that_dataset(tmp_path: Path) -> None:
+    """'Synthetic' used to fall through to the registry's default world (seed 42, default
+    size), silently ignoring --seed and the synthetic-* sizes."""
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import load_split
+
+    small = {"seed": 7, "synthetic_users": 60, "synthetic_items": 50}
+    typed = SimulationConfig(dataset=" Synthetic", **small)  # type: ignore[arg-type]
+    assert typed.dataset == "synthetic"
+    dataset, _ = load_split(typed)
+    expected, _ = load_split(SimulationConfig(**small))  # type: ignore[arg-type]
+    assert (dataset.n_users, dataset.n_items) == (60, 50)
+    assert dataset.fingerprint() == expected.fingerprint()
+    with pytest.raises(Exception, match="unknown dataset 'ml-9m'; valid names: ml-100k"):
+        SimulationConfig(dataset="ml-9m")

@@ -9,7 +9,7 @@ import typer
 
 from fedrec.options import DataDirOpt, DatasetOpt, explicit_options
 from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS, check_min_user_interactions
-from shared.data.registry import load_dataset_with_report
+from shared.data.registry import dataset_key, load_dataset_with_report
 from shared.errors import ConfigError
 
 app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
@@ -37,6 +37,7 @@ def info(
     ] = None,
 ) -> None:
     """Load a dataset, apply the documented filters, print its summary and what was dropped."""
+    dataset = dataset_key(dataset)  # 'Synthetic' is the synthetic world too
     if dataset == "synthetic" and min_user_interactions is not None:
         raise ConfigError(
             "the synthetic world is generated unfiltered: --min-user-interactions does not "

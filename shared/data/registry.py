@@ -92,6 +92,16 @@ def load_dataset(
     ).dataset
 
 
+def dataset_key(name: str) -> str:
+    """The registry's name of dataset ``name`` (any case, spaces around it ignored), or a
+    :class:`DataError` listing the valid ones. Compare this, never the name as typed:
+    ``Synthetic`` is the synthetic world too."""
+    key = name.strip().lower()
+    if key not in DATASET_NAMES:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return key
+
+
 def check_no_data_dir(name: str, data_dir: str | Path | None) -> None:
     """Refuse a data folder for the generated synthetic world: the user meant a dataset
     that reads it, and figures computed on the synthetic world instead could be taken for
@@ -113,9 +123,7 @@ def load_dataset_with_report(
     synthetic_seed: int = 42,
 ) -> LoadedDataset:
     """Like :func:`load_dataset`, also returning the :class:`CleaningReport` to show users."""
-    key = name.strip().lower()
-    if key not in DATASET_NAMES:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    key = dataset_key(name)
     if key == "synthetic":
         check_no_data_dir(key, data_dir)
         return _load_synthetic(synthetic_seed)
