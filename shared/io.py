@@ -22,8 +22,11 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
     left would under-count privacy). Folders it creates are made durable too.
 
     The file is readable by its owner only unless ``mode`` says otherwise (e.g.
-    :data:`REPORT_MODE`): keys, ledgers and checkpoints go through here."""
-    path = Path(path)
+    :data:`REPORT_MODE`): keys, ledgers and checkpoints go through here.
+
+    A symbolic link is written through (its target is replaced, the link stays); a path that
+    is a device, FIFO or socket is refused (the rename would replace ``/dev/null`` itself)."""
+    path = writable_target(path)
     _make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -192,6 +195,23 @@ MAX_NAME_BYTES = 100
 and the name gets a prefix, a suffix and a temporary file's extension around it."""
 
 
+def writable_target(path: str | Path) -> Path:
+    """The file an atomic write of ``path`` replaces: ``path``, or the file its symbolic
+    link points to. A path that exists and is not a regular file (``/dev/null``, a FIFO) is
+    a :class:`~shared.errors.ConfigError`: a rename over it would replace the device."""
+    from shared.errors import ConfigError
+
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ConfigError(
+            f"{path} is not a regular file (a device, FIFO or socket); a report replaces the "
+            "file it is given, so give a file path"
+        )
+    return path
+
+
 def check_output_file(path: str | Path) -> Path:
     """Make sure ``path`` can be written as a file, before the work that produces it: a
     folder in its place or a folder that cannot be created or written is a
@@ -199,7 +219,7 @@ def check_output_file(path: str | Path) -> Path:
     Nothing is created, so a command refused for another reason leaves no folder behind."""
     from shared.errors import ConfigError
 
-    path = Path(path)
+    path = writable_target(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give the output a file name inside it")
     check_output_dir(path.parent)

@@ -7,11 +7,21 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server.deploy_app import append_progress
 from server.state import ServerLayout, read_progress
-from shared.io import append_line, is_locked, lock_holder, try_lock, write_bytes_atomic
+from shared.errors import ConfigError
+from shared.io import (
+    append_line,
+    check_output_file,
+    is_locked,
+    lock_holder,
+    try_lock,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 
 def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
@@ -144,3 +154,49 @@ def test_files_are_private_unless_written_as_reports(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
     write_json_atomic(tmp_path / "report.json", {"hr": 0.71}, mode=REPORT_MODE)  # overwrite
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+
+
+def test_a_device_or_fifo_is_refused_and_a_link_is_written_through(tmp_path: Path) -> None:
+    """`--output /dev/null` run as root replaced the system's /dev/null with a JSON file (the
+    atomic rename replaces whatever is at the path); a link was replaced by a file."""
+    import os
+
+    from shared.eval.protocol import export_recs
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for write in (
+        lambda: check_output_file(fifo),
+        lambda: write_bytes_atomic(fifo, b"x"),
+        lambda: write_json_atomic(fifo, {"a": 1}),
+    ):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            write()
+    assert fifo.is_fifo()
+    target = tmp_path / "real" / "report.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert check_output_file(link) == target
+    write_json_atomic(link, {"a": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    # the recs export too
+    recs_target = tmp_path / "real" / "recs.csv"
+    recs_target.write_text("")
+    (tmp_path / "recs.csv").symlink_to(recs_target)
+
+    class Flat:
+        n_items = 3
+
+        def score(self, histories: list[np.ndarray]) -> np.ndarray:
+            return np.tile(np.arange(3.0), (len(histories), 1))
+
+    from tests.conftest import make_dataset
+
+    ds = make_dataset(n_users=2, n_items=3, length=1)
+    export_recs(Flat(), ds, {0: np.array([0])}, tmp_path / "recs.csv")
+    assert (tmp_path / "recs.csv").is_symlink()
+    assert recs_target.read_text().splitlines()[0] == "user,item,rank"
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        export_recs(Flat(), ds, {0: np.array([0])}, fifo)

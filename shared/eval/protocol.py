@@ -263,8 +263,7 @@ def export_recs(
     at most 10" then gives exactly the reported full-ranking HR@10 (with distinct scores the
     ranks are 1, 2, 3, ...).
     """
-    path = Path(path)
-    check_output_file(path)
+    path = check_output_file(path)  # the link's target, if a link: the link stays
     ensure_dir(path.parent, what="the output folder", fix="give a writable path")
     tmp = path.with_name(path.name + ".tmp")
     users = sorted(histories)
