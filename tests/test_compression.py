@@ -452,3 +452,41 @@ def test_a_damaged_weight_is_refused_by_the_graph_digest(int8_path: Path, tmp_pa
     )
     with pytest.raises(ModelFileError, match="digest"):
         OnDeviceModel(unstamped)  # an emptied digest is a wrong one, not a missing one
+
+
+def test_a_pruned_student_keeps_its_zeros_through_int8() -> None:
+    """The artifact reports the pruned sparsity; the int8 tables it ships used to hold no zero
+    at all (centroid + int8 residual turns a zero into a small weight), so a device ran a
+    dense model reported as half pruned."""
+    from onnx import TensorProto, numpy_helper
+
+    from shared.compression.artifact import build_student_artifact
+    from shared.compression.prune import publish_prune
+    from shared.models.student import StudentConfig, StudentModel
+
+    n_items = 400  # enough rows for the item tables' centroid + residual path
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    student = StudentModel(
+        rng.normal(size=(n_items, 8)).astype(np.float32),
+        rng.normal(size=(n_items, 12)).astype(np.float32),
+        StudentConfig(dim=16, max_len=8, text_dim=8, id_dim=12),
+    )
+    ids = [str(i) for i in range(n_items)]
+    dense = onnx.load_model_from_string(build_student_artifact(student, ids, version="1").int8)
+    built = build_student_artifact(student, ids, version="1", prune=publish_prune(0.5))
+    assert built.sparsity == pytest.approx(0.5, abs=0.01)
+    assert built.agreement >= 0.97
+
+    def int8_tables(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+        return {
+            t.name: numpy_helper.to_array(t)
+            for t in proto.graph.initializer
+            if t.data_type == TensorProto.INT8 and np.prod(t.dims) >= 4 * n_items
+        }
+
+    assert any(t.name.endswith("__centers") for t in dense.graph.initializer)  # the finer path
+    tables = int8_tables(onnx.load_model_from_string(built.int8))
+    assert tables
+    for name, q in tables.items():
+        assert float((q == 0).mean()) >= 0.49, name

@@ -70,6 +70,11 @@ def top_k_agreement(scores_a: npt.ArrayLike, scores_b: npt.ArrayLike, k: int = 1
     return float(np.mean(hits) / k)
 
 
+PRUNED_ZERO_SHARE = 0.01
+"""A table with at least this share of exact zeros is taken as pruned and quantized so that
+its zeros stay zeros (the share an unpruned table reaches only through a few zero rows)."""
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Quantization settings.
@@ -323,6 +328,9 @@ def quantize_weights_int8(
             and per_channel
             and w.ndim == 2
             and w.shape[axis] >= max(residual_min_rows, 2 * residual_clusters)
+            # a pruned table keeps its zeros only as plain symmetric int8: centroid +
+            # residual turns every zero into a small non-zero weight
+            and float((w == 0).mean()) < PRUNED_ZERO_SHARE
         )
         if use_residual:
             inits, nodes = _residual_table(name, w if axis == 0 else w.T, residual_clusters, seed)
