@@ -490,3 +490,34 @@ def test_a_pruned_student_keeps_its_zeros_through_int8() -> None:
     assert tables
     for name, q in tables.items():
         assert float((q == 0).mean()) >= 0.49, name
+
+
+def test_recommend_breaks_ties_by_the_lower_id(
+    int8_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """argpartition kept an arbitrary member of a tie at the k-th place (3 of 4 heavily tied
+    draws picked another top-10 than a stable sort)."""
+    model = OnDeviceModel(int8_path)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scores = rng.integers(0, 4, size=N_ITEMS).astype(np.float32)
+        scores[rng.integers(0, N_ITEMS, size=5)] = np.nan
+        monkeypatch.setattr(model, "_score_one", lambda h, s=scores: s.copy()[None, :])
+        history = rng.choice(N_ITEMS, size=3, replace=False)
+        expected = np.argsort(-np.where(np.isnan(scores), -np.inf, scores), kind="stable")
+        expected = expected[~np.isin(expected, history)][:10]
+        np.testing.assert_array_equal(model.recommend(history, k=10), expected)
+
+
+def test_the_int8_gate_still_judges_a_catalog_no_longer_than_its_top_k(tmp_path: Path) -> None:
+    """With k = the catalog size every model's top-k is the whole catalog, so the gate passed
+    any int8 model; it now leaves one item out of the compared top."""
+    small = StandInStudent(n_items=8, dim=16, max_len=5).eval()
+    src = tmp_path / "small.onnx"
+    export_onnx(small, src, model_version="1", catalog_fingerprint="f" * 16)
+    report = quantize_onnx(
+        src, tmp_path / "small.int8.onnx", config=QuantizeConfig(min_elements=(1,))
+    )
+    assert report.k == 7 and report.agreement is not None
+    with pytest.raises(ConfigError, match="validation_histories is empty"):
+        quantize_onnx(src, tmp_path / "x.onnx", validation_histories=[])

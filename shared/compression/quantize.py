@@ -197,12 +197,17 @@ def quantize_onnx_bytes(
         raise ModelFileError(
             f"{source}: already quantized ({meta.quantization}); pass the fp32 export instead"
         )
-    k = min(cfg.k, meta.n_items)
+    # a top-k of the whole catalog agrees with anything: keep one item out of it
+    k = max(1, min(cfg.k, meta.n_items - 1))
     histories: list[npt.ArrayLike] = (
         list(validation_histories)
         if validation_histories is not None
         else list(random_histories(meta.n_items, meta.max_len, cfg.n_validation, cfg.seed))
     )
+    if not histories:
+        raise ConfigError(
+            "validation_histories is empty: give at least one history, or None for random ones"
+        )
     ref_scores = reference.score(histories) if cfg.min_agreement is not None else None
     rungs: tuple[int | None, ...] = cfg.min_elements if cfg.method == "weight_int8" else (None,)
     attempts: list[tuple[int, int, float | None]] = []

@@ -583,8 +583,12 @@ class OnDeviceModel:
         k = min(k, n_candidates)
         if k <= 0:
             return np.empty(0, dtype=np.int64)
-        top = np.argpartition(-scores, k - 1)[:k]
-        order = np.lexsort((top, -scores[top]))
+        neg = -scores
+        kth = np.partition(neg, k - 1)[k - 1]
+        # every item tied with the k-th, so the lower id wins the tie (argpartition would
+        # keep an arbitrary one); NaN scores (never above anything) only when all else is out
+        top = np.flatnonzero(neg <= kth) if not np.isnan(kth) else np.argpartition(neg, k - 1)
+        order = np.lexsort((top, neg[top]))[:k]
         return top[order].astype(np.int64)
 
     def __repr__(self) -> str:
