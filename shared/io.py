@@ -6,13 +6,46 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 REPORT_MODE = 0o644
 """``mode`` of the reports a user reads and shares (JSON, markdown, schemas)."""
+
+STALE_TEMP_SECONDS = 600.0
+"""A temporary file this long untouched is left over from a killed write (a live write's
+is younger: it is written in one go, or continuously)."""
+
+
+def remove_stale_temps(
+    folder: str | Path, pattern: str, *, older_than: float = STALE_TEMP_SECONDS
+) -> int:
+    """Remove what killed writes left in ``folder``: entries matching ``pattern`` whose
+    newest modification (a folder's contents included) is ``older_than`` seconds old. An
+    atomic write never trusts such a file, but nothing else would ever delete it. Returns how
+    many were removed; one that cannot be is skipped."""
+    now = time.time()
+    removed = 0
+    for entry in Path(folder).glob(pattern):
+        try:
+            is_dir = entry.is_dir() and not entry.is_symlink()
+            times = [entry.lstat().st_mtime]
+            if is_dir:
+                times += [p.lstat().st_mtime for p in entry.rglob("*")]
+            if now - max(times) <= older_than:
+                continue
+            if is_dir:
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None) -> None:

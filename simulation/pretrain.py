@@ -22,7 +22,7 @@ from shared.data.dataset import RecDataset
 from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
-from shared.io import write_bytes_atomic
+from shared.io import remove_stale_temps, write_bytes_atomic
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import Order
 from shared.models.item_factors import IdInit
@@ -54,6 +54,12 @@ class Pretrained:
     cached: bool
 
 
+PRETRAIN_CACHE_VERSION = 1
+"""Part of every pretraining cache key. Bump it with any change to how a config trains (a
+loss, the validation that stops training, the student's budget rule): the key holds the
+data and the configs, not the code, so a cache written by older code would still be used."""
+
+
 def cache_key(
     dataset: RecDataset,
     split: ProtocolSplit,
@@ -61,7 +67,7 @@ def cache_key(
     teacher: TeacherConfig,
     student: StudentConfig,
 ) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"pretrain-v{PRETRAIN_CACHE_VERSION}".encode())
     h.update(dataset.fingerprint().encode())
     h.update(json.dumps(asdict(split.config), sort_keys=True).encode())
     h.update(json.dumps(asdict(teacher), sort_keys=True).encode())
@@ -160,6 +166,7 @@ def pretrain(
     payload = buf.getvalue()
     header = _DIGEST_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
     try:
+        remove_stale_temps(path.parent, ".*.pt.*.tmp")  # from killed writes
         write_bytes_atomic(path, header + payload)
     except OSError as err:  # the models are trained: keep them for this run
         log.warning("could not cache the pretrained models in %s (%s); continuing", path, err)

@@ -111,6 +111,29 @@ def test_download_verifies_extracts_and_records(
     assert cached_dataset_dir("ml-100k", cache) == folder
 
 
+def test_a_killed_downloads_folder_is_removed_by_a_later_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL mid-download leaves the TemporaryDirectory (archive included) for good; the
+    next download removes such a folder once it is clearly dead, not a live one's."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    dead = cache / ".ml-100k-download-abc123"
+    live = cache / ".ml-100k-download-def456"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "archive.zip").write_bytes(b"part of an archive")
+    old = time.time() - 2 * 3600 - 2 * download.DEFAULT_DEADLINE_S
+    for path in (dead, dead / "archive.zip"):
+        os.utime(path, (old, old))
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    download_dataset("ml-100k", cache)
+    assert not dead.exists() and (live / "archive.zip").exists()
+
+
 def test_cached_copy_needs_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive, digest = ml100k_zip(tmp_path)
     serve(monkeypatch, archive, digest)

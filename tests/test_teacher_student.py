@@ -427,8 +427,12 @@ def test_each_reading_has_its_shape_and_the_fitted_teacher_scores_in_it() -> Non
 
 
 def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import os
+    import time
+
+    from simulation import pretrain as pretrain_module
     from simulation.pretrain import pretrain
 
     ds = chain_dataset(n_users=40, length=8)
@@ -448,6 +452,23 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
         ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
     )
     assert again.cached and not first.cached
+    # training code that changed what a config trains to says so through the cache version
+    monkeypatch.setattr(pretrain_module, "PRETRAIN_CACHE_VERSION", 10**6)
+    (written,) = (tmp_path / "pretrained").glob("*.pt")
+    retrained = pretrain(
+        ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
+    )
+    assert not retrained.cached
+    monkeypatch.undo()
+    for path in (tmp_path / "pretrained").glob("*.pt"):
+        if path != written:
+            path.unlink()
+    # a temp file a killed cache write left is removed by the next write (a young one is not)
+    stale = tmp_path / "pretrained" / ".synthetic-0123.pt.xyz.tmp"
+    young = tmp_path / "pretrained" / ".synthetic-4567.pt.xyz.tmp"
+    stale.write_bytes(b"half a model")
+    young.write_bytes(b"a write in progress")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert again.teacher.fitted_order == "set" and again.student.config == first.student.config
     assert again.teacher.prior_scores == first.teacher.prior_scores
     assert again.teacher.prior_weight == first.teacher.prior_weight
@@ -470,6 +491,7 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
             student_config=student_cfg,
         )  # fmt: skip
         assert not rebuilt.cached and cached.read_bytes() == good
+        assert not stale.exists() and young.exists()
     for unchecked in (other_layout.getvalue(), payload):  # a file from before the digest
         cached.write_bytes(unchecked)
         loaded = pretrain(

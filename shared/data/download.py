@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.errors import DataError, DatasetNotFoundError
-from shared.io import ensure_dir
+from shared.io import ensure_dir, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def download_dataset(
     if cached is not None:
         return cached
     _make_dir(root)
+    # a download killed mid-way leaves its folder (a TemporaryDirectory is not removed then)
+    remove_stale_temps(root, f".{name}-download-*", older_than=2 * max(deadline, 600.0))
     final = root / name
     logger.info("%s: downloading %s into %s", name, spec.url, root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError, DataError
+from shared.io import remove_stale_temps
 
 if TYPE_CHECKING:
     import torch
@@ -79,8 +80,6 @@ _HASHED_FILES = (
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".index.json")
 _WEIGHT_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _WEIGHT_DIGESTS_LOCK = threading.Lock()
-STALE_TEMP_SECONDS = 600
-"""A shard's temp file older than this is left over from a killed write and is removed."""
 FLUSH_EVERY_SECONDS = 60.0
 """A long encode writes what it has encoded so far to the cache this often."""
 
@@ -626,7 +625,7 @@ class ItemEncoder:
         tmp_name: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(path)
+            remove_stale_temps(path.parent, f".{path.stem}.*.tmp")  # from killed writes
             with tempfile.NamedTemporaryFile(
                 dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
             ) as fh:
@@ -645,16 +644,6 @@ class ItemEncoder:
                     os.unlink(tmp_name)
         self._memo = merged
         self._memo_stamp = self._shard_stamp(path)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Remove temp files of ``path``'s shard left by writes that were killed (a live write's
-    temp file is younger than :data:`STALE_TEMP_SECONDS`)."""
-    now = time.time()
-    for tmp in path.parent.glob(f".{path.stem}.*.tmp"):
-        with suppress(OSError):
-            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
-                tmp.unlink()
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
