@@ -89,6 +89,21 @@ def test_shape_dtype_and_unit_norm(encoder: ItemEncoder) -> None:
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_texts_vector_does_not_depend_on_what_it_was_encoded_with(
+    tmp_path: Path, encoder: ItemEncoder
+) -> None:
+    """Padded batches moved a text's vector (up to 2e-7) with its batch-mates, so an encode
+    resumed from a partial cache gave other embeddings, and so other pretrained models,
+    than an uninterrupted one."""
+    texts = [*TEXTS, *(f"{t} Also known as {t[::-1]}." for t in TEXTS), "M (1931)."]
+    whole = ItemEncoder(_config(tmp_path / "a")).encode(texts)
+    resumed = ItemEncoder(_config(tmp_path / "b"))
+    resumed.encode(texts[1::3])  # an interrupted run cached these
+    np.testing.assert_array_equal(resumed.encode(texts), whole)
+    for i in (0, len(texts) - 1):
+        np.testing.assert_array_equal(ItemEncoder(_config(None)).encode([texts[i]])[0], whole[i])
+
+
 def test_deterministic_across_encoders(encoder: ItemEncoder) -> None:
     # Two encoders without a disk cache both run the model (no memo shared between them).
     first = ItemEncoder(_config(None)).encode(TEXTS)
@@ -205,8 +220,9 @@ def test_an_interrupted_encode_keeps_what_it_encoded(
         enc.encode(TEXTS)
     monkeypatch.setattr(ItemEncoder, "_embed_batch", real)
     again = ItemEncoder(_config(tmp_path / "cache", batch_size=2))
-    np.testing.assert_allclose(again.encode(TEXTS), encoder.encode(TEXTS), atol=1e-6)
-    assert (again.last_num_cached, again.last_num_encoded) == (4, 4)  # two batches were kept
+    np.testing.assert_array_equal(again.encode(TEXTS), encoder.encode(TEXTS))
+    kept = sum(calls[:2])  # the two batches encoded before the interrupt
+    assert (again.last_num_cached, again.last_num_encoded) == (kept, len(TEXTS) - kept)
 
 
 def test_a_long_encode_writes_its_progress_as_it_goes(
@@ -223,7 +239,8 @@ def test_a_long_encode_writes_its_progress_as_it_goes(
 
     monkeypatch.setattr(ItemEncoder, "_write_cache", record)
     enc.encode(TEXTS)
-    assert sizes == [3, 3, 2]  # each batch written as it was encoded, not once at the end
+    # each batch written as it was encoded, not once at the end
+    assert len(sizes) > 1 and sum(sizes) == len(TEXTS) and max(sizes) <= 3
 
 
 def test_a_killed_writes_temp_file_is_removed_by_a_later_write(

