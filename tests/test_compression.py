@@ -30,6 +30,7 @@ from shared.ondevice import (
     RuntimeConfig,
     catalog_fingerprint,
     graph_digest,
+    metadata_digest,
     ort_max_opset,
 )
 
@@ -347,6 +348,13 @@ def _set_meta(proto: onnx.ModelProto, key: str, value: str) -> None:
             prop.value = value
 
 
+def _restamp(proto: onnx.ModelProto) -> None:
+    """Both export digests recomputed, as the exporter would write them."""
+    _set_meta(proto, "fedrec.graph_sha256", graph_digest(proto))
+    props = {p.key: p.value for p in proto.metadata_props}
+    _set_meta(proto, "fedrec.metadata_sha256", metadata_digest(props))
+
+
 def test_output_width_mismatch_is_refused(fp32_path: Path, tmp_path: Path) -> None:
     # metadata claims 1600 items, graph says 1682 (static output shape)
     bad = _tampered(
@@ -359,7 +367,7 @@ def test_output_width_mismatch_is_refused(fp32_path: Path, tmp_path: Path) -> No
     def erase(p: onnx.ModelProto) -> None:
         _set_meta(p, "fedrec.n_items", "1600")
         p.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "n"
-        _set_meta(p, "fedrec.graph_sha256", graph_digest(p))  # a consistently built file
+        _restamp(p)  # a consistently built file
 
     bad = _tampered(fp32_path, tmp_path / "w2.onnx", erase)
     with pytest.raises(ModelFileError, match=r"expected float32\[1, 1600\]"):
@@ -411,9 +419,12 @@ def test_an_implausible_max_len_is_refused_before_its_window_is_allocated(
 ) -> None:
     """The probe allocates a window of max_len: a huge one was a traceback (or gigabytes on a
     phone) before any check. A failing probe is reported once, in the error, not also logged."""
-    bad = _tampered(
-        fp32_path, tmp_path / "long.onnx", lambda p: _set_meta(p, "fedrec.max_len", "1000")
-    )
+
+    def longer(p: onnx.ModelProto) -> None:  # as a (buggy) exporter would write it
+        _set_meta(p, "fedrec.max_len", "1000")
+        _restamp(p)
+
+    bad = _tampered(fp32_path, tmp_path / "long.onnx", longer)
     with pytest.raises(ModelFileError, match="probe inference failed"):
         OnDeviceModel(bad)
     assert "onnxruntime" not in capfd.readouterr().err
@@ -452,6 +463,26 @@ def test_a_damaged_weight_is_refused_by_the_graph_digest(int8_path: Path, tmp_pa
     )
     with pytest.raises(ModelFileError, match="digest"):
         OnDeviceModel(unstamped)  # an emptied digest is a wrong one, not a missing one
+
+
+def test_damaged_metadata_is_refused_by_its_digest(int8_path: Path, tmp_path: Path) -> None:
+    """max_len 50 -> 10 loaded and scored a 10-item window with no error (the graph's digest
+    does not cover the metadata the runtime acts on)."""
+    shorter = _tampered(
+        int8_path, tmp_path / "short.onnx", lambda p: _set_meta(p, "fedrec.max_len", "10")
+    )
+    with pytest.raises(ModelFileError, match=r"metadata \(catalog, max_len"):
+        OnDeviceModel(shorter)
+
+    def older_export(p: onnx.ModelProto) -> None:  # written before the metadata digest
+        kept = [(e.key, e.value) for e in p.metadata_props if e.key != "fedrec.metadata_sha256"]
+        del p.metadata_props[:]
+        for key, value in kept:
+            entry = p.metadata_props.add()
+            entry.key, entry.value = key, value
+
+    older = _tampered(int8_path, tmp_path / "older.onnx", older_export)
+    assert OnDeviceModel(older).metadata.max_len == MAX_LEN
 
 
 def test_a_pruned_student_keeps_its_zeros_through_int8() -> None:

@@ -9,6 +9,7 @@ from shared.ondevice.runtime import (
     RuntimeConfig,
     catalog_fingerprint,
     graph_digest,
+    metadata_digest,
     ort_max_opset,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "RuntimeConfig",
     "catalog_fingerprint",
     "graph_digest",
+    "metadata_digest",
     "ort_max_opset",
 ]

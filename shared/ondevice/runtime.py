@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,10 @@ META_MAX_LEN = "fedrec.max_len"
 META_GRAPH_SHA256 = "fedrec.graph_sha256"
 """SHA-256 of the serialized graph (nodes and weights): a file damaged in transit or on disk
 is refused instead of scoring differently. Files without it (older exports) still load."""
+META_METADATA_SHA256 = "fedrec.metadata_sha256"
+"""SHA-256 of the other ``fedrec.*`` metadata (catalog, ``max_len``, quantization...), which
+the runtime acts on as much as on the graph: a damaged ``max_len`` scored a shorter window
+without an error. Files without it (older exports) still load."""
 MIN_LATENCY_CALLS = 500
 """The fewest timed scoring calls a benchmark reports a p99 latency from (five above it)."""
 MAX_HISTORY = 100_000
@@ -135,6 +140,7 @@ class ModelMetadata:
         with the digest of the graph as it is now (call it last, before serializing)."""
         props = {**self.to_props(), META_GRAPH_SHA256: graph_digest(proto)}
         keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+        props[META_METADATA_SHA256] = metadata_digest(dict([*keep, *props.items()]))
         del proto.metadata_props[:]
         for key, value in [*keep, *props.items()]:
             entry = proto.metadata_props.add()
@@ -178,6 +184,16 @@ class ModelMetadata:
             )
         except ConfigError as exc:
             raise ModelFileError(f"{source}: invalid metadata: {exc}; {_REEXPORT_HINT}") from exc
+
+
+def metadata_digest(props: Mapping[str, str]) -> str:
+    """SHA-256 (hex) of the ``fedrec.*`` entries of ``props`` but the two digests."""
+    ours = {
+        k: v
+        for k, v in props.items()
+        if k.startswith("fedrec.") and k not in (META_GRAPH_SHA256, META_METADATA_SHA256)
+    }
+    return hashlib.sha256(json.dumps(ours, sort_keys=True).encode()).hexdigest()
 
 
 def graph_digest(proto: onnx.ModelProto) -> str:
@@ -445,7 +461,15 @@ class OnDeviceModel:
     def _check_digest(self, proto: onnx.ModelProto) -> None:
         """Refuse a graph that differs from the digest written at export (a flipped bit in a
         weight loaded and scored differently, with no error)."""
-        recorded = next((p.value for p in proto.metadata_props if p.key == META_GRAPH_SHA256), None)
+        props = {p.key: p.value for p in proto.metadata_props}
+        recorded_meta = props.get(META_METADATA_SHA256)
+        if recorded_meta is not None and recorded_meta != metadata_digest(props):
+            raise ModelFileError(
+                f"{self.source}: the metadata (catalog, max_len, quantization...) does not "
+                f"match the digest written at export: the file is corrupt or was modified — "
+                f"{_REEXPORT_HINT}"
+            )
+        recorded = props.get(META_GRAPH_SHA256)
         if recorded is not None and recorded != graph_digest(proto):
             raise ModelFileError(
                 f"{self.source}: the graph does not match the digest written at export: the "
