@@ -244,6 +244,35 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         self._forget_dropouts(state)
         return len(state.active_node_ids) >= 2 and self._check_threshold(state)
 
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        """Flower's stage, then stop before the unmask stage when too few clients sent an
+        update (the others declined, in the clear): Flower unmasks the sum first and asks
+        the strategy after, so a sum the strategy then discards had already been seen, with
+        less DP noise than its contributors' ledgers were charged for under noise-shares.
+        The strategy records the round (declines, the reason) and keeps the model."""
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        strategy = context.strategy
+        if not isinstance(strategy, ValidatingFedAvg):
+            return True
+        contributors = sum(
+            1
+            for _, res in state.legacy_results
+            if str(res.metrics.get(METRIC_STATUS, FitStatus.OK.value)) != FitStatus.DECLINED.value
+        )
+        short = strategy.short_secure_aggregate(contributors) if contributors else None
+        if short is None:
+            return True
+        log(WARNING, "SecAgg+: %s", short)
+        strategy.aggregate_fit(
+            _current_round(context),
+            list(state.legacy_results),
+            [f for f in state.failures if isinstance(f, BaseException)],
+        )
+        return False
+
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's unmask stage without numpy's divide-by-zero warning: when every client of
         the round declined (unit weights of 0), Flower divides by the zero total weight; the

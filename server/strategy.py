@@ -652,6 +652,26 @@ class ValidatingFedAvg(FedAvg):
         )
         return stats, new
 
+    def short_secure_aggregate(self, contributors: int) -> str | None:
+        """Why a secure sum of ``contributors`` updates (the rest declined in the clear) must
+        never be unmasked, or ``None`` if it may be. A sum of so few shows the server what
+        they sent (fewer than ``max(2, min-cohort)``), or carries less DP noise than their
+        ledgers were charged for (fewer than ``noise-shares``, each adding 1/m of it)."""
+        least = max(2, self.min_fit_clients)
+        if contributors < least:
+            return (
+                f"secure aggregate of {contributors} contribution(s), fewer than {least} "
+                "(min-cohort): it would show the server what so few clients sent, so it is "
+                "not unmasked"
+            )
+        if contributors < self.noise_shares:
+            return (
+                f"secure aggregate of {contributors} contributions, fewer than "
+                f"noise-shares={self.noise_shares}: it would carry less DP noise than the "
+                "clients were charged for, so it is not unmasked"
+            )
+        return None
+
     def _aggregate_secure(
         self,
         server_round: int,
@@ -664,27 +684,16 @@ class ValidatingFedAvg(FedAvg):
         new: Arrays | None = None
         norm = 0.0
         sampled = self._sampled.get(server_round, len(results) + len(failures))
-        if contributors:
+        short = self.short_secure_aggregate(len(contributors)) if contributors else None
+        if short is not None:
+            rejections.append(short)  # never unmasked (the SecAgg+ workflow asks first)
+        elif contributors:
             # SecAggPlusWorkflow already divided the masked sum by the summed weights and
             # put that same average into every FitRes; one copy is enough.
             aggregate = parameters_to_ndarrays(contributors[0][1].parameters)
             problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
-            least = max(2, self.min_fit_clients)
             if problem is not None:
                 rejections.append(f"secure aggregate: {problem}")
-            elif len(contributors) < least:
-                # the others declined in the clear: a "sum" of one is that client's update
-                rejections.append(
-                    f"secure aggregate of {len(contributors)} contribution(s), fewer than "
-                    f"{least} (min-cohort): it would show the server what so few clients sent, "
-                    "so it is discarded"
-                )
-            elif len(contributors) < self.noise_shares:
-                rejections.append(
-                    f"secure aggregate of {len(contributors)} contributions, fewer than "
-                    f"noise-shares={self.noise_shares}: it carries less DP noise than the "
-                    "clients were charged for, so it is discarded"
-                )
             elif self.user_dp is not None:
                 # Clients reported weight 1 (CONFIG_UNIFORM_WEIGHT), so the aggregate is
                 # the plain mean over the contributors: times their count = the sum.

@@ -488,12 +488,24 @@ def test_noise_shares_config_is_checked(
 
 @pytest.mark.parametrize(("shares", "updated"), [(5, True), (6, False)])
 def test_federation_with_noise_shares_discards_an_aggregate_of_too_few_contributors(
-    bundle: Path, tmp_path: Path, shares: int, updated: bool
+    bundle: Path, tmp_path: Path, shares: int, updated: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Six sampled, five train (client 5 fails): five shares of the noise are enough for
-    noise-shares=5 and too few for 6, whose round must leave the model as it was."""
+    noise-shares=5 and too few for 6, whose round must leave the model as it was, and whose
+    sum must never be unmasked: Flower unmasks before the strategy decides, and the sum of
+    five carries 5/6 of the noise the ledgers were charged for."""
     from client.client_app import make_client_app
+    from server.secagg import EarlyDropoutTolerantSecAggPlusWorkflow as Workflow
     from server.server_app import make_server_app, run_in_process
+
+    unmasked: list[int] = []
+    real_unmask = Workflow.unmask_stage
+
+    def unmask(self: Workflow, *args: Any) -> bool:
+        unmasked.append(1)
+        return real_unmask(self, *args)
+
+    monkeypatch.setattr(Workflow, "unmask_stage", unmask)
 
     extra: dict[str, RunConfigValue] = {
         "secagg": True,
@@ -507,6 +519,7 @@ def test_federation_with_noise_shares_discards_an_aggregate_of_too_few_contribut
     run_in_process(server, make_client_app(config), 6, run_config=config)
     (report,) = reports
     assert report.fit.updated is updated
+    assert bool(unmasked) is updated
     moved = max(
         float(np.abs(a - b).max())
         for a, b in zip(report.parameters, get_global_arrays(_student()), strict=True)
