@@ -134,6 +134,9 @@ NODE_MAX_EPSILON = "fedrec-max-epsilon"
 NODE_MAX_DELTA = "fedrec-max-delta"
 #: ``--node-config`` key: this device trains with DP-SGD only (``--allow-no-dp`` clears it).
 NODE_REQUIRE_DP = "fedrec-require-dp"
+#: ``--node-config`` key: the largest ``noise-shares`` this device adds its noise for
+#: (``fedrec client start --max-noise-shares``, default 1: all of it, trusting no aggregation).
+NODE_MAX_NOISE_SHARES = "fedrec-max-noise-shares"
 DEVICE_TASK = "client.device.training:make_device_task"
 
 
@@ -162,7 +165,26 @@ def deployment_run_config(
             asked = _number(merged.get(key, default))
             # a server value that is no number (the task would read "100" as 100) gets the cap
             merged[key] = cap if asked is None else min(asked, cap)
+        shares = max_noise_shares(node_config)
+        merged[NODE_MAX_NOISE_SHARES] = shares
+        asked_shares = _number(merged.get("noise-shares", 1))
+        merged["noise-shares"] = shares if asked_shares is None else int(min(asked_shares, shares))
     return merged
+
+
+def max_noise_shares(config: Mapping[str, object]) -> int:
+    """The device owner's cap on ``noise-shares`` (:data:`NODE_MAX_NOISE_SHARES`, default 1).
+
+    Split noise (m > 1) adds 1/sqrt(m) of it and trusts the server to aggregate at least m
+    updates, while the ledger charges all of it: a server that chose m freely (10000) could
+    release this device's update nearly noise-free at the epsilon of the full noise."""
+    value = config.get(NODE_MAX_NOISE_SHARES, 1)
+    number = _number(value)
+    if number is None or number < 1 or number != int(number):
+        raise ConfigError(
+            f"node config {NODE_MAX_NOISE_SHARES} must be an integer >= 1, got {value!r}"
+        )
+    return int(number)
 
 
 def _number(value: object) -> float | None:

@@ -280,6 +280,35 @@ def test_the_device_owner_sets_a_privacy_floor_the_server_cannot_lower(
     assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
 
 
+def test_the_server_cannot_split_a_devices_noise_beyond_its_owners_cap(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """noise-shares m makes a device add 1/sqrt(m) of its noise while its ledger charges all
+    of it; a server that chose m = 10000 released updates nearly noise-free at the epsilon of
+    the full noise. The owner's cap (default 1) holds for the run config and for a round's
+    override alike."""
+    import shared.federated.student_task as student_task
+
+    node = {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
+    assert deployment_run_config({"noise-shares": 10000}, node)["noise-shares"] == 1
+    trusting = {**node, "fedrec-max-noise-shares": 50}
+    assert deployment_run_config({"noise-shares": 10000}, trusting)["noise-shares"] == 50
+    assert deployment_run_config({"noise-shares": 25}, trusting)["noise-shares"] == 25
+    with pytest.raises(ConfigError, match="fedrec-max-noise-shares must be an integer >= 1"):
+        deployment_run_config({}, {**node, "fedrec-max-noise-shares": 0})
+    used: list[int] = []
+    real = student_task.train_global_dp
+
+    def spy(model: Any, sequence: Any, train: Any, groups: Any) -> Any:
+        used.append(train.noise_shares)
+        return real(model, sequence, train, groups)
+
+    monkeypatch.setattr(student_task, "train_global_dp", spy)
+    task, params = _ready_device_task(device, bundle)
+    assert task.fit(0, params, {"server-round": 1, "noise-shares": 10000}).status is FitStatus.OK
+    assert used == [1]
+
+
 def _adapter(learner: DeviceLearner) -> dict[str, torch.Tensor]:
     """The adapter of the learner's last refit (it is only ever stored sealed, inside the
     model built from it)."""
@@ -434,6 +463,7 @@ def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> N
     assert f"fedrec-device-dir='{device.resolve()}'" in node_config
     assert "fedrec-share-evaluation=false" in node_config  # the owner's choice, off by default
     assert "fedrec-max-epsilon=8.0" in node_config and "fedrec-require-dp=true" in node_config
+    assert "fedrec-max-noise-shares=1" in node_config  # all the noise, trusting no one
     assert spec.restart and spec.max_backoff_s is not None and spec.log_file
 
 

@@ -47,6 +47,8 @@ class SuperNodeOptions:
     max_epsilon: float = PrivacyBudget.epsilon
     require_dp: bool = True
     max_delta: float = PrivacyBudget.delta
+    #: the largest noise-shares this device accepts (1: it adds all its DP noise itself)
+    max_noise_shares: int = 1
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -58,6 +60,8 @@ class SuperNodeOptions:
         if "://" in self.server:
             raise ConfigError(f"--server {self.server!r}: give HOST:PORT without a scheme")
         check_budget(self.max_epsilon, self.max_delta, names=("--max-epsilon", "privacy-delta"))
+        if isinstance(self.max_noise_shares, bool) or self.max_noise_shares < 1:
+            raise ConfigError(f"--max-noise-shares must be >= 1, got {self.max_noise_shares}")
         if not 0 < self.runtime_port < 65536:
             raise ConfigError(f"--supernode-port must be in 1..65535, got {self.runtime_port}")
         _check_root_cert(self.root_cert)
@@ -119,6 +123,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         NODE_DEVICE_DIR,
         NODE_MAX_DELTA,
         NODE_MAX_EPSILON,
+        NODE_MAX_NOISE_SHARES,
         NODE_REQUIRE_DP,
         NODE_SHARE_EVALUATION,
     )
@@ -137,6 +142,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         f"{NODE_DEVICE_DIR}='{state_dir}' {NODE_BUNDLE}='{options.bundle.resolve()}' "
         f"{NODE_SHARE_EVALUATION}={share} {NODE_MAX_EPSILON}={float(options.max_epsilon)!r} "
         f"{NODE_MAX_DELTA}={float(options.max_delta)!r} "
+        f"{NODE_MAX_NOISE_SHARES}={int(options.max_noise_shares)} "
         f"{NODE_REQUIRE_DP}={'true' if options.require_dp else 'false'}"
     )
     argv = (

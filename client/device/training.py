@@ -242,7 +242,7 @@ def _round_of(config: Mapping[str, ConfigValue]) -> int:
 
 def make_device_task(run_config: RunConfig) -> StudentTask:
     """Task-registry factory: the student task over the device named by ``state-dir``."""
-    from client.client_app import NODE_REQUIRE_DP, NODE_SHARE_EVALUATION
+    from client.client_app import NODE_REQUIRE_DP, NODE_SHARE_EVALUATION, max_noise_shares
     from shared.federated.student_task import ClientState, StudentTask
     from shared.federated.task import CONFIG_RUN_ID, EvalOutcome, FitOutcome
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
@@ -302,6 +302,10 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> FitOutcome:
             server_round = _round_of(config)
             self.check_received(parameters)  # never kept (and served) unchecked
+            asked = config.get("noise-shares")
+            if isinstance(asked, int | float) and asked > noise_shares_cap:
+                # the owner's cap holds for a round's override too: more noise, never less
+                config = {**config, "noise-shares": noise_shares_cap}
             if require_dp and not self._round_config(config, client_id).dp:
                 raise ConfigError(
                     "the server asks this device to train without DP; it trains only with "
@@ -379,6 +383,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
 
     share_evaluation = run_config.get(NODE_SHARE_EVALUATION) is True
     require_dp = run_config.get(NODE_REQUIRE_DP) is not False
+    noise_shares_cap = max_noise_shares(run_config)
     if not str(run_config.get("state-dir", "")):
         raise ConfigError(
             "the device task needs the device state directory (node config "

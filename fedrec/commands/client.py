@@ -331,6 +331,16 @@ def start(
             "privacy-epsilon).",
         ),
     ] = PrivacyBudget.epsilon,
+    max_noise_shares: Annotated[
+        int,
+        typer.Option(
+            "--max-noise-shares",
+            min=1,
+            help="The largest noise-shares this device accepts: with m > 1 it adds 1/sqrt(m) "
+            "of its DP noise and trusts the server to unmask only sums of at least m updates "
+            "(its ledger charges all of it). 1 (default): all the noise, trusting no one.",
+        ),
+    ] = 1,
     allow_no_dp: Annotated[
         bool,
         typer.Option(
@@ -383,6 +393,7 @@ def start(
         share_evaluation=share_evaluation,
         max_epsilon=max_epsilon,
         require_dp=not allow_no_dp,
+        max_noise_shares=max_noise_shares,
     )
     _run_daemon(ctx, state_dir, passphrase_env, config, host, port, options, learner)
 
