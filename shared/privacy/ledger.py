@@ -33,7 +33,9 @@ LEDGER_VERSION = 1
 RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
 """Integer Renyi orders used for accounting. Opacus' default list adds fractional orders whose
 computation dominated a small client's round (seconds per call); integer orders only make the
-bound slightly looser (conservative: about +0.05% epsilon at sigma 1.5, q 0.06)."""
+bound looser, never tighter (conservative: about +0.05% epsilon at sigma 1.5, q 0.06, a
+client's DP-SGD; +3.7% at q 300/679 over 20 rounds, user-level DP with a large cohort,
+8.118 against Opacus' 7.827)."""
 
 
 _ALPHAS = np.asarray(RDP_ORDERS, dtype=np.int64)
