@@ -29,6 +29,7 @@ from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 from shared.text.encoder import resolve_model_dir
 
 TASK = "shared.federated.student_task:make_task"
+"""The federated task every simulation runs: the distilled student."""
 
 RECS_MODELS = (
     "student-int8",
@@ -42,7 +43,6 @@ RECS_MODELS = (
 )
 """The models whose top 100 a run can export (``export-recs``): ``recs.csv`` for the device
 model (``student-int8``), ``recs-<model>.csv`` for each other one."""
-"""The federated task every simulation runs: the distilled student."""
 
 RESUMABLE_KEYS = frozenset(
     {

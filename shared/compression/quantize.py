@@ -70,9 +70,12 @@ def top_k_agreement(scores_a: npt.ArrayLike, scores_b: npt.ArrayLike, k: int = 1
     return float(np.mean(hits) / k)
 
 
-PRUNED_ZERO_SHARE = 0.01
-"""A table with at least this share of exact zeros is taken as pruned and quantized so that
-its zeros stay zeros (the share an unpruned table reaches only through a few zero rows)."""
+def _is_pruned(w: np.ndarray) -> bool:
+    """Whether table ``w`` holds exact zeros outside all-zero rows: a pruned table, to be
+    quantized so that its zeros stay zeros. A dense trained table has none (a folded product
+    of float weights); an all-zero row (a padding item) is no sign of pruning."""
+    zeros = w == 0
+    return bool((zeros & ~zeros.all(axis=-1, keepdims=True)).any())
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,7 @@ def quantize_weights_int8(
             and w.shape[axis] >= max(residual_min_rows, 2 * residual_clusters)
             # a pruned table keeps its zeros only as plain symmetric int8: centroid +
             # residual turns every zero into a small non-zero weight
-            and float((w == 0).mean()) < PRUNED_ZERO_SHARE
+            and not _is_pruned(w)
         )
         if use_residual:
             inits, nodes = _residual_table(name, w if axis == 0 else w.T, residual_clusters, seed)

@@ -139,7 +139,11 @@ class ModelMetadata:
         """Write these keys into ``proto.metadata_props`` (replacing them; others are kept),
         with the digest of the graph as it is now (call it last, before serializing)."""
         props = {**self.to_props(), META_GRAPH_SHA256: graph_digest(proto)}
-        keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+        keep = [
+            (p.key, p.value)
+            for p in proto.metadata_props
+            if p.key not in props and p.key != META_METADATA_SHA256
+        ]
         props[META_METADATA_SHA256] = metadata_digest(dict([*keep, *props.items()]))
         del proto.metadata_props[:]
         for key, value in [*keep, *props.items()]:
