@@ -26,7 +26,7 @@ import torch
 
 from shared.config import to_flat
 from shared.data.dataset import IntArray, RecDataset
-from shared.data.registry import load_dataset
+from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
@@ -99,7 +99,9 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     run = RunDirectory(_run_root(config))
     try:
         defaults = to_flat(SimulationConfig())
-        run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults)
+        # a run written before names were made canonical may have stored 'ML-100K'
+        canonical = {"dataset": dataset_key}
+        run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults, canonical)
         progress("run", {"dir": str(run.root)})
         return _run_stages(config, run, started, progress)
     except BaseException as exc:

@@ -15,15 +15,16 @@ without DP, must never be continued and reported under new labels.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedRecError
 from shared.io import (
     REPORT_MODE,
     append_line,
@@ -128,6 +129,7 @@ class RunDirectory:
         settings: Mapping[str, Any],
         may_change: Collection[str],
         defaults: Mapping[str, Any] | None = None,
+        canonical: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> None:
         """Record ``settings`` under ``section`` of ``config.json``, after checking that a
         previous run here used the same ones (but for the ``may_change`` keys).
@@ -136,12 +138,18 @@ class RunDirectory:
         (and its devices' privacy ledgers) under other settings would mix two runs and label
         the result with the new settings. A setting the previous run did not record (added
         by an upgrade) ran at its default, so it is compared with ``defaults``; one only the
-        previous run recorded (removed since) is not compared.
+        previous run recorded (removed since) is not compared. ``canonical`` maps a key to
+        the spelling ``settings`` use now (a previous run may have stored ``ML-100K``).
         """
         stored = self.stored_config()
         previous = (stored or {}).get(section)
         if isinstance(previous, dict) and self.has_progress():
             before = {**{k: v for k, v in (defaults or {}).items() if k in settings}, **previous}
+            for key, spell in (canonical or {}).items():
+                # a value that spells nothing known is compared as it was stored
+                with contextlib.suppress(FedRecError, TypeError, AttributeError):
+                    if key in before:
+                        before[key] = spell(before[key])
             differing = [
                 f"{key} {before[key]!r} -> {value!r}"
                 for key, value in settings.items()

@@ -75,6 +75,20 @@ def test_a_setting_an_older_run_did_not_record_is_compared_with_its_default(
     assert stored is not None and stored["simulation"]["text-model"] == ""
 
 
+def test_a_run_that_stored_another_spelling_of_its_dataset_resumes(tmp_path: Path) -> None:
+    """Runs written before dataset names were made canonical stored 'ML-100K'; the same
+    command (now read as 'ml-100k') was refused as a run with other settings."""
+    from shared.data.registry import dataset_key
+
+    run = RunDirectory(tmp_path / "run")
+    run.claim("simulation", {"dataset": "ML-100K", "seed": 42}, may_change=())
+    (run.checkpoints / "round-000001.npz").write_bytes(b"x")
+    canonical = {"dataset": dataset_key}
+    run.claim("simulation", {"dataset": "ml-100k", "seed": 42}, (), None, canonical)
+    with pytest.raises(ConfigError, match="dataset 'ml-100k' -> 'ml-1m'"):
+        run.claim("simulation", {"dataset": "ml-1m", "seed": 42}, (), None, canonical)
+
+
 def test_a_run_without_progress_leaves_nothing_behind(tmp_path: Path) -> None:
     fresh = RunDirectory(tmp_path / "runs" / "fresh")
     fresh.write_config({"simulation": {}})
