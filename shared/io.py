@@ -228,21 +228,45 @@ MAX_NAME_BYTES = 100
 and the name gets a prefix, a suffix and a temporary file's extension around it."""
 
 
+def _is_system_path(path: Path) -> bool:
+    """Whether ``path`` is under ``/proc`` or ``/dev`` (devices and process streams: never a
+    report's file), ``/dev/shm`` (a memory file system for files) excepted."""
+    parts = path.parts
+    return len(parts) > 1 and (parts[1] == "proc" or (parts[1] == "dev" and parts[2:3] != ("shm",)))
+
+
+_MAX_LINK_HOPS = 40
+
+
 def writable_target(path: str | Path) -> Path:
-    """The file an atomic write of ``path`` replaces: ``path``, or the file its symbolic
-    link points to. A path that exists and is not a regular file (``/dev/null``, a FIFO) is
-    a :class:`~shared.errors.ConfigError`: a rename over it would replace the device."""
+    """The file an atomic write of ``path`` replaces: ``path``, or the file its chain of
+    symbolic links ends at. A :class:`~shared.errors.ConfigError` if that is not a place for
+    a file: a device, FIFO or socket (a rename over ``/dev/null`` replaces the device), a
+    path through ``/dev`` or ``/proc`` (``/dev/stdout`` leads to the shell's stream or to the
+    file it redirects to, whose open descriptor a rename would orphan), or a link loop."""
     from shared.errors import ConfigError
 
     path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()
-    if path.exists() and not path.is_file() and not path.is_dir():
+    current = Path(os.path.abspath(path))
+    for _ in range(_MAX_LINK_HOPS):
+        if _is_system_path(current):
+            where = "is" if current == Path(os.path.abspath(path)) else f"leads to {current},"
+            raise ConfigError(
+                f"{path} {where} a device or a process's stream; a report replaces the file "
+                "it is given, so give a file path (for standard output, use the command's "
+                "--format json)"
+            )
+        if not current.is_symlink():
+            break
+        current = Path(os.path.abspath(current.parent / os.readlink(current)))
+    else:
+        raise ConfigError(f"{path} is a loop of symbolic links; give a file path")
+    if current.exists() and not current.is_file() and not current.is_dir():
         raise ConfigError(
             f"{path} is not a regular file (a device, FIFO or socket); a report replaces the "
             "file it is given, so give a file path"
         )
-    return path
+    return current if current != Path(os.path.abspath(path)) else path
 
 
 def check_output_file(path: str | Path) -> Path:

@@ -200,3 +200,15 @@ def test_a_device_or_fifo_is_refused_and_a_link_is_written_through(tmp_path: Pat
     assert recs_target.read_text().splitlines()[0] == "user,item,rank"
     with pytest.raises(ConfigError, match="is not a regular file"):
         export_recs(Flat(), ds, {0: np.array([0])}, fifo)
+    # /dev/stdout leads to the shell's stream, or to the file it redirects to, whose open
+    # descriptor a rename would orphan; a loop of links resolves to nothing
+    for stream in ("/dev/stdout", "/proc/self/fd/1"):
+        with pytest.raises(ConfigError, match="a device or a process's stream"):
+            check_output_file(stream)
+    (tmp_path / "to-stdout").symlink_to("/dev/stdout")
+    with pytest.raises(ConfigError, match="leads to /dev/stdout, a device"):
+        write_json_atomic(tmp_path / "to-stdout", {})
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match="a loop of symbolic links"):
+        write_bytes_atomic(tmp_path / "a", b"x")
