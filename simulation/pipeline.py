@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.config import to_flat
+from shared.config import field_names, from_flat, to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError
@@ -234,6 +234,24 @@ def load_split(config: SimulationConfig) -> tuple[RecDataset, ProtocolSplit]:
     """The run's dataset and its protocol split (a rerun of the same config gets the same)."""
     dataset = _load(config)
     return dataset, split_users(dataset, config.split_config())
+
+
+def trained_with(model: Path) -> SimulationConfig | None:
+    """The settings of the simulation run that published ``model`` (a run's
+    ``models/model-vN.int8.onnx``, its ``config.json`` two folders up), or ``None`` for a
+    model published elsewhere (a server's). Read for its data and split: the runtime keys are
+    set to ones valid on any machine (the run's Ray resources or LM folder may not be)."""
+    model = Path(model).resolve()
+    if model.parent.name != "models":
+        return None
+    stored = RunDirectory.read_config(model.parent.parent)
+    section = (stored or {}).get("simulation")
+    if not isinstance(section, dict):
+        return None
+    known = field_names(SimulationConfig)
+    values = {k: v for k, v in section.items() if k in known}
+    values.update({"backend": "inprocess", "text-model": "", "progress": False})
+    return from_flat(SimulationConfig, values)
 
 
 def _load(config: SimulationConfig) -> RecDataset:

@@ -110,13 +110,19 @@ class RunDirectory:
 
     def stored_config(self) -> dict[str, Any] | None:
         """The settings a previous run left here, or ``None`` (a new directory)."""
-        path = self.root / CONFIG_FILE
+        return self.read_config(self.root)
+
+    @staticmethod
+    def read_config(root: Path) -> dict[str, Any] | None:
+        """The settings the run in ``root`` left, or ``None``; reads only (the folder need
+        not be claimed)."""
+        path = root / CONFIG_FILE
         if not path.exists():
             return None
         stored = read_json(
             path,
             what="the run settings",
-            consequence=f"they record what the run in {self.root} was trained with. Pass "
+            consequence=f"they record what the run in {root} was trained with. Pass "
             "another --name to start a fresh run",
         )
         if not isinstance(stored, dict):

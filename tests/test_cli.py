@@ -601,3 +601,41 @@ def test_evaluate_model_scores_a_published_artifact_on_its_split(tmp_path: Path)
     assert "--dataset, --data-dir" in str(other.exception)
     bad = runner.invoke(app, [*args, "--shots", "1"])
     assert "--shots must be distinct" in str(bad.exception)
+
+
+def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) -> None:
+    """The synthetic catalog is the same whatever its seed, so a model trained on seed 5's
+    world passed the catalog check under the default --seed 42 and was scored on another
+    world; a run's model is now scored on the data and split in its run's config.json."""
+    import numpy as np
+
+    from shared.compression.artifact import publish_student
+    from shared.config import to_flat
+    from shared.models.student import StudentConfig, StudentModel
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import load_split
+
+    config = SimulationConfig(seed=5, synthetic_users=60, synthetic_items=50, backend="inprocess")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"simulation": to_flat(config)}))
+    dataset, split = load_split(config)
+    rng = np.random.default_rng(0)
+    student = StudentModel(
+        rng.normal(size=(dataset.n_items, 8)).astype(np.float32),
+        rng.normal(size=(dataset.n_items, 8)).astype(np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+    model = run / "models" / "model-v2.int8.onnx"
+    publish_student(student, dataset.item_ids, model, version="2")
+    result = runner.invoke(app, ["evaluate", "model", str(model), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["dataset"]["users"], report["split"]["seed"]) == (60, 5)
+    (entry,) = report["results"].values()
+    assert entry["loo"]["federated"]["users"] == len(split.evaluable(split.federated_users))
+    assert runner.invoke(app, ["evaluate", "model", str(model), "--seed", "5"]).exit_code == 0
+    for other in (["--seed", "42"], ["--dataset", "ml-100k"], ["--public-fraction", "0.5"]):
+        refused = runner.invoke(app, ["evaluate", "model", str(model), *other])
+        assert isinstance(refused.exception, ConfigError)
+        assert "on another split than asked" in str(refused.exception)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +23,7 @@ from fedrec.options import (
     joined,
 )
 from shared.config import from_flat, parse_run_config
-from shared.data.registry import load_dataset
+from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError
 from shared.eval.baseline_benchmark import (
     BaselineConfig,
@@ -125,22 +126,33 @@ def model(
 ) -> None:
     """A published ONNX model (PATH), HR@10 / NDCG@10 per population and K.
 
-    PATH: model-vN.int8.onnx of a run's models/ or of the server's published
-    folder (fp32 ONNX works too). Give the dataset, --data-dir, --seed and
-    fractions it was trained with: on another split, users it trained on
-    would be tested on what it learned from."""
+    PATH: model-vN.int8.onnx of a run's models/ (scored on that run's data
+    and split, read from its config.json) or of the server's published
+    folder: then give the dataset, --data-dir, --seed and fractions it was
+    trained with, or users it trained on are tested on what it learned."""
     from shared.eval.model_evaluation import evaluate_model
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
+    from simulation.pipeline import load_split, trained_with
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     values = _values(ctx, run_config, seed, {})
+    run = trained_with(path)
+    if run is not None:  # a simulation run's model: its own data and split, nothing else
+        if data_dir is not None:
+            run = replace(run, data_dir=str(data_dir))  # the same dataset, elsewhere
+        _refuse_another_split(ctx, run, run_config, path)
+        values["seed"] = run.seed
     split_cfg, eval_cfg = _split_and_eval(values)
     ks = tuple(shots) if shots else (1, 3, 5, 10)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
     _check_outputs(output, export)
-    ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
+    if run is not None:
+        ds, _ = load_split(run)
+        split_cfg = run.split_config()
+    else:
+        ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
     scorer = OnDeviceModel(path)
     meta = scorer.metadata
     if meta.catalog_fingerprint != catalog_fingerprint(ds.item_ids):
@@ -166,6 +178,43 @@ def model(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_table(report, eval_cfg.k)
+
+
+def _refuse_another_split(
+    ctx: typer.Context, run: Any, run_config: list[str] | None, path: Path
+) -> None:
+    """A run's model is evaluated on the data and split it was trained with: a dataset or
+    split setting given that differs from the run's would test it on its training users."""
+    given = {
+        **parse_run_config(joined(run_config)),
+        **explicit_options(
+            ctx,
+            {
+                "dataset": "dataset",
+                "seed": "seed",
+                "cold_user_fraction": "cold-user-fraction",
+                "public_fraction": "public-fraction",
+            },
+        ),
+    }
+    ran = {
+        "dataset": run.dataset,
+        "seed": run.seed,
+        "cold-user-fraction": run.cold_user_fraction,
+        "public-fraction": run.public_fraction,
+    }
+    differing = [
+        f"{key} {given[key]!r} (the run's: {value!r})"
+        for key, value in ran.items()
+        if key in given
+        and (dataset_key(str(given[key])) if key == "dataset" else given[key]) != value
+    ]
+    if differing:
+        raise ConfigError(
+            f"{path} was trained by the run in {path.resolve().parent.parent}, on another "
+            f"split than asked ({'; '.join(differing)}); it would be tested on users it "
+            "trained on. Drop those options: the run's own data and split are used"
+        )
 
 
 def _values(
