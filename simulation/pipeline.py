@@ -604,8 +604,11 @@ def _export_recs(
     validation, as for the test figures), so anyone can recompute its full-ranking figures."""
     evaluated = [int(u) for pop in populations for u in split.evaluable(split.population(pop))]
     histories = {u: split.history(u) for u in evaluated}
-    for name in config.recs_exports():
+    wanted = config.recs_exports()
+    for name in wanted:
         export_recs(models[_RECS_SOURCES[name]], dataset, histories, run.root / recs_file(name))
+    for name in set(_RECS_SOURCES) - set(wanted):  # an earlier process's, of an older model
+        (run.root / recs_file(name)).unlink(missing_ok=True)
 
 
 def _evaluate(

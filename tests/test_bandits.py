@@ -707,6 +707,11 @@ def test_cli_refuses_bad_options(tmp_path: Path) -> None:
     assert "--seed values must be distinct" in str(result.exception)
     result = runner.invoke(app, ["evaluate", "--export", str(tmp_path), "-o", str(tmp_path)])
     assert "only --world ml-100k evaluates" in str(result.exception)
+    export = tmp_path / "recs" / "deep"
+    refused = ["--world", "ml-100k", "--export", str(export), "--tag", "b" * 250]
+    result = runner.invoke(app, ["evaluate", *refused, "-o", str(tmp_path)])
+    assert "may be at most 100 bytes" in str(result.exception)
+    assert not (tmp_path / "recs").exists()  # a refused command leaves no folder behind
     result = runner.invoke(app, ["evaluate", "--tag", "b" * 250, "-o", str(tmp_path)])
     assert "may be at most 100 bytes" in str(result.exception)  # before the run, not after
     assert list(tmp_path.iterdir()) == []

@@ -119,6 +119,7 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
         for population in ("public", "federated"):
             figure = summary2["final"][model][population]["full_hr@10"]
             assert full_hr_from(run / f"recs-{name}.csv", population) == pytest.approx(figure)
+    assert not (run / "recs.csv").exists()  # not asked for: the older model's list is gone
     assert [r["round"] for r in summary2["rounds"]] == [1, 2]
     assert summary2["meta"]["pretraining cached"] is True
     # its time is the whole run's: the first process's federation counts too
@@ -139,6 +140,7 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     summary3 = json.loads((run / "summary.json").read_text())
     assert (summary3["meta"]["rounds"], summary3["meta"]["rounds requested"]) == (2, 1)
     assert summary3["artifact"]["path"].endswith("model-v2.int8.onnx")
+    assert (run / "recs.csv").exists() and not list(run.glob("recs-*.csv"))  # the default
 
     # ... but not under other settings: those checkpoints and ledgers were trained with DP
     other = CliRunner().invoke(app, [*args, "--no-dp"])

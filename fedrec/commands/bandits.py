@@ -39,7 +39,6 @@ from shared.io import (
     REPORT_MODE,
     check_file_name,
     check_output_dir,
-    ensure_dir,
     write_json_atomic,
 )
 
@@ -146,8 +145,8 @@ def evaluate(
             "--export writes the protocol's rankings, which only --world ml-100k evaluates "
             "(the synthetic world reports regret and coverage); drop --export"
         )
-    if export is not None:  # before the replay, not after it
-        ensure_dir(export, what="the --export folder", fix="give a writable folder")
+    if export is not None:  # before the replay, not after it; created when written
+        check_output_dir(export)
     if tag:
         check_file_name(tag, "--tag")
     base = _bandit_config(run_config)
