@@ -550,25 +550,32 @@ def test_the_entry_point_exits_with_a_commands_own_status(monkeypatch: pytest.Mo
         cli.app.registered_commands.pop()
 
 
+def _untrained_student(n_items: int) -> Any:
+    """A seeded, untrained 16-d student over ``n_items`` items (for publishing a model)."""
+    import numpy as np
+
+    from shared.models.student import StudentConfig, StudentModel
+
+    rng = np.random.default_rng(0)
+    return StudentModel(
+        rng.normal(size=(n_items, 8)).astype(np.float32),
+        rng.normal(size=(n_items, 8)).astype(np.float32),
+        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+    )
+
+
 def test_evaluate_model_scores_a_published_artifact_on_its_split(tmp_path: Path) -> None:
     """A published int8 model evaluated offline: the figures are the protocol's (recomputable
     from its recs.csv), per population and K; a model of another catalog is refused."""
-    import numpy as np
 
     from shared.compression.artifact import publish_student
     from shared.data.registry import load_dataset
     from shared.eval.protocol import EvalConfig, evaluate_split
     from shared.eval.splits import SplitConfig, split_users
-    from shared.models.student import StudentConfig, StudentModel
     from shared.ondevice.runtime import OnDeviceModel
 
     ds = load_dataset("synthetic", None, synthetic_seed=5)
-    rng = np.random.default_rng(0)
-    student = StudentModel(
-        rng.normal(size=(ds.n_items, 8)).astype(np.float32),
-        rng.normal(size=(ds.n_items, 8)).astype(np.float32),
-        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
-    )
+    student = _untrained_student(ds.n_items)
     model = tmp_path / "models" / "model-v3.int8.onnx"
     publish_student(student, ds.item_ids, model, version="3")
     out, recs = tmp_path / "report.json", tmp_path / "recs.csv"
@@ -607,11 +614,9 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
     """The synthetic catalog is the same whatever its seed, so a model trained on seed 5's
     world passed the catalog check under the default --seed 42 and was scored on another
     world; a run's model is now scored on the data and split in its run's config.json."""
-    import numpy as np
 
     from shared.compression.artifact import publish_student
     from shared.config import to_flat
-    from shared.models.student import StudentConfig, StudentModel
     from simulation.config import SimulationConfig
     from simulation.pipeline import load_split
 
@@ -620,12 +625,7 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"simulation": to_flat(config)}))
     dataset, split = load_split(config)
-    rng = np.random.default_rng(0)
-    student = StudentModel(
-        rng.normal(size=(dataset.n_items, 8)).astype(np.float32),
-        rng.normal(size=(dataset.n_items, 8)).astype(np.float32),
-        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
-    )
+    student = _untrained_student(dataset.n_items)
     model = run / "models" / "model-v2.int8.onnx"
     publish_student(student, dataset.item_ids, model, version="2")
     result = runner.invoke(app, ["evaluate", "model", str(model), "--format", "json"])

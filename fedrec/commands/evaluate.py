@@ -37,6 +37,13 @@ from shared.io import REPORT_MODE, check_output_file, write_json_atomic
 
 app = typer.Typer(help="Evaluate models under ../shared/PROTOCOL.md.", no_args_is_help=True)
 
+ColdFractionOpt = Annotated[
+    float, typer.Option(help="Share of users held out as cold-start (0 disables).")
+]
+PublicFractionOpt = Annotated[
+    float, typer.Option(help="Share of the remaining users that are public.")
+]
+
 
 @app.command("baselines")
 def baselines(
@@ -44,12 +51,8 @@ def baselines(
     dataset: DatasetOpt = "synthetic",
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 42,
-    cold_user_fraction: Annotated[
-        float, typer.Option(help="Share of users held out as cold-start (0 disables).")
-    ] = 0.1,
-    public_fraction: Annotated[
-        float, typer.Option(help="Share of the remaining users that are public.")
-    ] = 0.2,
+    cold_user_fraction: ColdFractionOpt = 0.1,
+    public_fraction: PublicFractionOpt = 0.2,
     text: Annotated[
         bool, typer.Option("--text/--no-text", help="Run the LM text-only baseline.")
     ] = True,
@@ -86,13 +89,7 @@ def baselines(
         export_path=export,
         export_model=export_model,
     )
-    report["command"] = " ".join(["fedrec", *sys.argv[1:]])
-    if output is not None:
-        write_json_atomic(output, report, mode=REPORT_MODE)
-    if fmt == "json":
-        typer.echo(json.dumps(report, indent=2))
-    else:
-        _print_table(report, eval_cfg.k)
+    _emit(report, output, fmt, eval_cfg.k)
 
 
 @app.command("model")
@@ -105,12 +102,8 @@ def model(
     dataset: DatasetOpt = "synthetic",
     data_dir: DataDirOpt = None,
     seed: SeedOpt = 42,
-    cold_user_fraction: Annotated[
-        float, typer.Option(help="Share of users held out as cold-start (0 disables).")
-    ] = 0.1,
-    public_fraction: Annotated[
-        float, typer.Option(help="Share of the remaining users that are public.")
-    ] = 0.2,
+    cold_user_fraction: ColdFractionOpt = 0.1,
+    public_fraction: PublicFractionOpt = 0.2,
     shots: Annotated[
         list[int] | None,
         typer.Option(
@@ -171,13 +164,18 @@ def model(
         "n_items": meta.n_items,
         "max_len": meta.max_len,
     }
+    _emit(report, output, fmt, eval_cfg.k)
+
+
+def _emit(report: dict[str, Any], output: Path | None, fmt: str, k: int) -> None:
+    """Stamp the command line on ``report``, write it to ``output`` and show it."""
     report["command"] = " ".join(["fedrec", *sys.argv[1:]])
     if output is not None:
         write_json_atomic(output, report, mode=REPORT_MODE)
     if fmt == "json":
         typer.echo(json.dumps(report, indent=2))
     else:
-        _print_table(report, eval_cfg.k)
+        _print_table(report, k)
 
 
 def _refuse_another_split(

@@ -21,10 +21,10 @@ from shared.eval.protocol import (
     cold_item_cases,
     evaluate_fewshot,
     evaluate_split,
-    export_recs,
+    export_split_recs,
     rank_cases,
 )
-from shared.eval.splits import SplitConfig, split_cold_items, split_users
+from shared.eval.splits import ProtocolSplit, SplitConfig, split_cold_items, split_users
 from shared.io import check_output_file
 from shared.models.base import Recommender
 from shared.models.baselines import EASE, ItemKNN, Pop, TextOnly
@@ -121,23 +121,25 @@ def run_baseline_benchmark(
             results.setdefault(name, {})["cold_items"] = metrics
 
     if export_path is not None:
-        scorer = fitted[export_model]
-        users = split.evaluable(split.population("all"))
-        histories = {int(u): split.history(int(u)) for u in users}
-        rows = export_recs(scorer, dataset, histories, export_path)
-        log.info("wrote %d rows to %s", rows, export_path)
+        export_split_recs(fitted[export_model], dataset, split, export_path)
+    report = split_report(dataset, split, eval_config)
+    return {**report, "baselines": asdict(baseline_config), "results": results}
 
+
+def split_report(
+    dataset: RecDataset, split: ProtocolSplit, eval_config: EvalConfig
+) -> dict[str, Any]:
+    """What every evaluation report says of its data and split: the dataset, the split and
+    evaluation settings, and the populations' sizes."""
     return {
         "dataset": dataset.summary(),
-        "split": asdict(split_config),
+        "split": asdict(split.config),
         "eval": asdict(eval_config),
-        "baselines": asdict(baseline_config),
         "populations": {
             "cold": len(split.cold_users),
             "public": len(split.public_users),
             "federated": len(split.federated_users),
         },
-        "results": results,
     }
 
 

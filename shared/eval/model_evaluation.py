@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from shared.data.dataset import RecDataset
-from shared.eval.protocol import EvalConfig, evaluate_fewshot, evaluate_split, export_recs
+from shared.eval.baseline_benchmark import split_report
+from shared.eval.protocol import (
+    EvalConfig,
+    evaluate_fewshot,
+    evaluate_split,
+    export_split_recs,
+)
 from shared.eval.splits import SplitConfig, split_users
 from shared.io import check_output_file
 from shared.models.base import Scorer
@@ -48,18 +53,5 @@ def evaluate_model(
     if len(split.cold_users) and shots:
         entry["fewshot"] = evaluate_fewshot(scorer, split, shots, eval_config)
     if export_path is not None:
-        users = split.evaluable(split.population("all"))
-        histories = {int(u): split.history(int(u)) for u in users}
-        rows = export_recs(scorer, dataset, histories, export_path)
-        log.info("wrote %d rows to %s", rows, export_path)
-    return {
-        "dataset": dataset.summary(),
-        "split": asdict(split_config),
-        "eval": asdict(eval_config),
-        "populations": {
-            "cold": len(split.cold_users),
-            "public": len(split.public_users),
-            "federated": len(split.federated_users),
-        },
-        "results": {name: entry},
-    }
+        export_split_recs(scorer, dataset, split, export_path)
+    return {**split_report(dataset, split, eval_config), "results": {name: entry}}

@@ -293,6 +293,17 @@ def export_recs(
     return rows
 
 
+def export_split_recs(
+    scorer: Scorer, dataset: RecDataset, split: ProtocolSplit, path: str | Path
+) -> int:
+    """:func:`export_recs` for every user evaluated on ``split`` (public and federated), each
+    with the history its test figure is scored from (train + validation)."""
+    users = split.evaluable(split.population("all"))
+    rows = export_recs(scorer, dataset, {int(u): split.history(int(u)) for u in users}, path)
+    logger.info("wrote %d rows to %s", rows, path)
+    return rows
+
+
 def _pessimistic_ranks(scores: FloatArray) -> npt.NDArray[np.int64]:
     """Each candidate's 1-based rank as the metrics count it when it is the target: the
     candidates scoring at least as high, itself included, plus every NaN (a NaN candidate
