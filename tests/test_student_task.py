@@ -445,7 +445,9 @@ def test_noise_share_is_the_aggregate_noise_over_sqrt_shares(tmp_path: Path) -> 
             assert result.steps == 3
         else:
             assert result.steps == 1
-            assert std == pytest.approx(expected, rel=0.05)
+            # the noise is secret (not seeded), so the tolerance is the sample std's own
+            # spread, 1 / sqrt(2n) relative, five times over (5% failed 1 run in about 15)
+            assert std == pytest.approx(expected, rel=5 / math.sqrt(2 * after.numel()))
 
 
 @pytest.mark.parametrize(("n", "batch"), [(20, 16), (11, 4), (300, 256), (7, 16), (5, 1)])
