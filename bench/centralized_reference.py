@@ -49,8 +49,9 @@ EASE_ALL = "ease (all users)"
 FEDERATED_MODELS = {"student int8 onnx": "int8", "student (federated + personal)": "personal"}
 """The models of a federation run's ``ranks.npz`` paired against :data:`CENTRAL`, and how
 they are labelled here (after the run's variant)."""
-RUN_STAMP = re.compile(r"-seed\d+-\d{8}-\d{6}$")
-"""What the federation benchmark appends to a variant's run name: the seed and the time."""
+RUN_STAMP = re.compile(r"-seed\d+(-\d{8}-\d{6})?$")
+"""What the federation benchmark appends to a variant's run name: the seed (and, before it
+replaced earlier runs in place, the time)."""
 
 
 def central_ranks(

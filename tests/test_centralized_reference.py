@@ -21,9 +21,10 @@ def bench(load_bench: Callable[[str], ModuleType]) -> ModuleType:
     return load_bench("centralized_reference")
 
 
-def _run(root: Path, variant: str, seed: int, first_rank: float) -> Path:
-    """A finished federation run directory as the federation benchmark names it."""
-    path = root / f"ml-100k-{variant}-seed{seed}-20261129-155549"
+def _run(root: Path, variant: str, seed: int, first_rank: float, stamp: str = "") -> Path:
+    """A finished federation run directory as the federation benchmark names it (``stamp``:
+    the time an earlier version appended)."""
+    path = root / f"ml-100k-{variant}-seed{seed}{stamp}"
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"simulation": {"seed": seed}}))
     ranks = np.array([first_rank, 50.0, np.inf])
@@ -41,8 +42,8 @@ def _run(root: Path, variant: str, seed: int, first_rank: float) -> Path:
 def test_runs_are_read_by_split_seed_and_labelled_by_variant(
     bench: ModuleType, tmp_path: Path
 ) -> None:
-    paths = [
-        _run(tmp_path, variant, seed, rank)
+    paths = [  # the benchmark's names now and before (a time appended), read alike
+        _run(tmp_path, variant, seed, rank, "-20261129-155549" if seed == 1 else "")
         for variant, rank in (("no-dp-fedadam", 3.0), ("record-dp-split", 7.0))
         for seed in (42, 1)
     ]
