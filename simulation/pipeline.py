@@ -32,7 +32,7 @@ from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
-    export_recs,
+    export_split_recs,
     fewshot_ranks,
     split_ranks,
     summarize_each,
@@ -597,16 +597,13 @@ def _export_recs(
     run: RunDirectory,
     dataset: RecDataset,
     split: ProtocolSplit,
-    populations: tuple[str, ...],
     models: dict[str, Any],
 ) -> None:
     """Each exported model's top 100 for every evaluated user (history = train +
     validation, as for the test figures), so anyone can recompute its full-ranking figures."""
-    evaluated = [int(u) for pop in populations for u in split.evaluable(split.population(pop))]
-    histories = {u: split.history(u) for u in evaluated}
     wanted = config.recs_exports()
     for name in wanted:
-        export_recs(models[_RECS_SOURCES[name]], dataset, histories, run.root / recs_file(name))
+        export_split_recs(models[_RECS_SOURCES[name]], dataset, split, run.root / recs_file(name))
     for name in set(_RECS_SOURCES) - set(wanted):  # an earlier process's, of an older model
         (run.root / recs_file(name)).unlink(missing_ok=True)
 
@@ -675,7 +672,7 @@ def _evaluate(
             fewshot[name] = summarize_each(by_shot, eval_cfg.k)
             ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})
     _save_ranks(run.root / "ranks.npz", ranks)
-    _export_recs(config, run, dataset, split, pops, {**models, "personal": personalized})
+    _export_recs(config, run, dataset, split, {**models, "personal": personalized})
     by_group: dict[str, dict[str, CaseRanks]] = {}
     for key, case in ranks.items():
         group, name = key.split("/", 1)

@@ -89,9 +89,7 @@ def run_baseline_benchmark(
             )
         check_output_file(export_path)
     split = split_users(dataset, split_config)
-    populations = tuple(
-        p for p in ("public", "federated", "all") if len(split.evaluable(split.population(p)))
-    )
+    populations = reported_populations(split)
     results: dict[str, Any] = {}
     fitted: dict[str, Recommender] = {}
     for name in BASELINE_NAMES:
@@ -126,6 +124,16 @@ def run_baseline_benchmark(
     return {**report, "baselines": asdict(baseline_config), "results": results}
 
 
+REPORTED_POPULATIONS = ("public", "federated", "all")
+"""Who every report gives figures for: each population, and both together (the cold users
+are evaluated apart, in few-shot)."""
+
+
+def reported_populations(split: ProtocolSplit) -> tuple[str, ...]:
+    """The :data:`REPORTED_POPULATIONS` that have users to evaluate on ``split``."""
+    return tuple(p for p in REPORTED_POPULATIONS if len(split.evaluable(split.population(p))))
+
+
 def split_report(
     dataset: RecDataset, split: ProtocolSplit, eval_config: EvalConfig
 ) -> dict[str, Any]:
@@ -143,7 +151,7 @@ def split_report(
     }
 
 
-COLD_ITEM_POPULATIONS = ("public", "federated", "all")
+COLD_ITEM_POPULATIONS = REPORTED_POPULATIONS
 """Who the cold-item run reports on (the cold users are never trained on: they are left out)."""
 
 

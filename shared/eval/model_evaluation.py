@@ -10,13 +10,12 @@ trained on. The split settings must be the ones it was trained with.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from shared.data.dataset import RecDataset
-from shared.eval.baseline_benchmark import split_report
+from shared.eval.baseline_benchmark import reported_populations, split_report
 from shared.eval.protocol import (
     EvalConfig,
     evaluate_fewshot,
@@ -26,10 +25,6 @@ from shared.eval.protocol import (
 from shared.eval.splits import SplitConfig, split_users
 from shared.io import check_output_file
 from shared.models.base import Scorer
-
-log = logging.getLogger(__name__)
-
-POPULATIONS = ("public", "federated", "all")
 
 
 def evaluate_model(
@@ -48,7 +43,7 @@ def evaluate_model(
     if export_path is not None:  # before the work, not after it
         check_output_file(export_path)
     split = split_users(dataset, split_config)
-    populations = tuple(p for p in POPULATIONS if len(split.evaluable(split.population(p))))
+    populations = reported_populations(split)
     entry: dict[str, Any] = {"loo": evaluate_split(scorer, split, populations, "test", eval_config)}
     if len(split.cold_users) and shots:
         entry["fewshot"] = evaluate_fewshot(scorer, split, shots, eval_config)
