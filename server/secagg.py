@@ -257,12 +257,7 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         strategy = context.strategy
         if not isinstance(strategy, ValidatingFedAvg):
             return True
-        contributors = sum(
-            1
-            for _, res in state.legacy_results
-            if str(res.metrics.get(METRIC_STATUS, FitStatus.OK.value)) != FitStatus.DECLINED.value
-        )
-        short = strategy.short_secure_aggregate(contributors) if contributors else None
+        short = strategy.short_secure_aggregate(state.legacy_results)
         if short is None:
             return True
         log(WARNING, "SecAgg+: %s", short)

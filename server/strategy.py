@@ -234,6 +234,13 @@ def _status_of(res: FitRes | EvaluateRes) -> str:
     return str(res.metrics.get(METRIC_STATUS, FitStatus.OK.value))
 
 
+def _contributors(
+    results: Sequence[tuple[ClientProxy, FitRes]],
+) -> list[tuple[ClientProxy, FitRes]]:
+    """The replies that carry an update: all but the declines."""
+    return [(p, r) for p, r in results if _status_of(r) != FitStatus.DECLINED.value]
+
+
 def _public_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
     return {k: v for k, v in metrics.items() if k not in (METRIC_STATUS, METRIC_REASON)}
 
@@ -652,11 +659,15 @@ class ValidatingFedAvg(FedAvg):
         )
         return stats, new
 
-    def short_secure_aggregate(self, contributors: int) -> str | None:
-        """Why a secure sum of ``contributors`` updates (the rest declined in the clear) must
-        never be unmasked, or ``None`` if it may be. A sum of so few shows the server what
-        they sent (fewer than ``max(2, min-cohort)``), or carries less DP noise than their
-        ledgers were charged for (fewer than ``noise-shares``, each adding 1/m of it)."""
+    def short_secure_aggregate(self, results: Sequence[tuple[ClientProxy, FitRes]]) -> str | None:
+        """Why the secure sum of ``results`` must never be unmasked, or ``None`` if it may be:
+        counting the updates sent (the declines are in the clear), a sum of so few shows the
+        server what they sent (fewer than ``max(2, min-cohort)``), or carries less DP noise
+        than their ledgers were charged for (fewer than ``noise-shares``, each adding 1/m of
+        it). A round everyone declined sums nothing and may be."""
+        contributors = len(_contributors(results))
+        if not contributors:
+            return None
         least = max(2, self.min_fit_clients)
         if contributors < least:
             return (
@@ -678,13 +689,13 @@ class ValidatingFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[FitFailure],
     ) -> tuple[FitRoundStats, Arrays | None]:
-        contributors = [(p, r) for p, r in results if _status_of(r) != FitStatus.DECLINED.value]
+        contributors = _contributors(results)
         declined = len(results) - len(contributors)
         rejections: list[str] = []
         new: Arrays | None = None
         norm = 0.0
         sampled = self._sampled.get(server_round, len(results) + len(failures))
-        short = self.short_secure_aggregate(len(contributors)) if contributors else None
+        short = self.short_secure_aggregate(results)
         if short is not None:
             rejections.append(short)  # never unmasked (the SecAgg+ workflow asks first)
         elif contributors:

@@ -40,7 +40,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -267,6 +267,16 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         def catalog(self) -> Catalog:
             return Catalog(tuple(self.bundle.item_ids))
 
+        def _round_config(
+            self, config: Mapping[str, ConfigValue], client_id: int
+        ) -> LocalTrainConfig:
+            """The round's training settings under the owner's noise-shares cap, which holds
+            for a round's override as for the run config: more noise, never less."""
+            train = super()._round_config(config, client_id)
+            if train.noise_shares <= noise_shares_cap:
+                return train
+            return replace(train, noise_shares=noise_shares_cap)
+
         def local_sequence(self, client_id: int) -> np.ndarray:
             return local_history(self.layout.state_dir, self.catalog())
 
@@ -302,10 +312,6 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> FitOutcome:
             server_round = _round_of(config)
             self.check_received(parameters)  # never kept (and served) unchecked
-            asked = config.get("noise-shares")
-            if isinstance(asked, int | float) and asked > noise_shares_cap:
-                # the owner's cap holds for a round's override too: more noise, never less
-                config = {**config, "noise-shares": noise_shares_cap}
             if require_dp and not self._round_config(config, client_id).dp:
                 raise ConfigError(
                     "the server asks this device to train without DP; it trains only with "
