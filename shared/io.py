@@ -247,10 +247,10 @@ def writable_target(path: str | Path) -> Path:
     from shared.errors import ConfigError
 
     path = Path(path)
-    current = Path(os.path.abspath(path))
+    start = current = Path(os.path.abspath(path))
     for _ in range(_MAX_LINK_HOPS):
         if _is_system_path(current):
-            where = "is" if current == Path(os.path.abspath(path)) else f"leads to {current},"
+            where = "is" if current == start else f"leads to {current},"
             raise ConfigError(
                 f"{path} {where} a device or a process's stream; a report replaces the file "
                 "it is given, so give a file path (for standard output, use the command's "
@@ -266,7 +266,7 @@ def writable_target(path: str | Path) -> Path:
             f"{path} is not a regular file (a device, FIFO or socket); a report replaces the "
             "file it is given, so give a file path"
         )
-    return current if current != Path(os.path.abspath(path)) else path
+    return path if current == start else current
 
 
 def check_output_file(path: str | Path) -> Path:

@@ -232,7 +232,7 @@ def _run_stages(
 
 def load_split(config: SimulationConfig) -> tuple[RecDataset, ProtocolSplit]:
     """The run's dataset and its protocol split (a rerun of the same config gets the same)."""
-    dataset = _load(config)
+    dataset = load_run_dataset(config)
     return dataset, split_users(dataset, config.split_config())
 
 
@@ -254,7 +254,9 @@ def trained_with(model: Path) -> SimulationConfig | None:
     return from_flat(SimulationConfig, values)
 
 
-def _load(config: SimulationConfig) -> RecDataset:
+def load_run_dataset(config: SimulationConfig) -> RecDataset:
+    """The dataset a run with ``config`` trains on (the synthetic world of its seed and
+    sizes, or the named dataset)."""
     if config.dataset == "synthetic":
         from shared.data.synthetic import SyntheticConfig, generate_world
 

@@ -74,7 +74,8 @@ def baselines(
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if export is None and explicit_options(ctx, {"export_model": "export-model"}):
         raise ConfigError("--export-model chooses what --export writes; give --export FILE too")
-    values = _values(ctx, run_config, seed, {"cold_items": "cold-items"})
+    values = _values(ctx, run_config, {"cold_items": "cold-items"})
+    values.setdefault("seed", seed)
     split_cfg, eval_cfg = _split_and_eval(values, BaselineConfig)
     base_cfg = from_flat(BaselineConfig, _pick(values, BaselineConfig))
     _check_outputs(output, export)
@@ -125,24 +126,25 @@ def model(
     trained with, or users it trained on are tested on what it learned."""
     from shared.eval.model_evaluation import evaluate_model
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
-    from simulation.pipeline import load_split, trained_with
+    from simulation.pipeline import load_run_dataset, trained_with
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
-    values = _values(ctx, run_config, seed, {})
+    values = _values(ctx, run_config, {})
     run = trained_with(path)
     if run is not None:  # a simulation run's model: its own data and split, nothing else
         if data_dir is not None:
             run = replace(run, data_dir=str(data_dir))  # the same dataset, elsewhere
-        _refuse_another_split(ctx, run, run_config, path)
+        _refuse_another_split(ctx, run, values, path)
         values["seed"] = run.seed
+    values.setdefault("seed", seed)
     split_cfg, eval_cfg = _split_and_eval(values)
     ks = tuple(shots) if shots else (1, 3, 5, 10)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
     _check_outputs(output, export)
     if run is not None:
-        ds, _ = load_split(run)
+        ds = load_run_dataset(run)
         split_cfg = run.split_config()
     else:
         ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
@@ -178,23 +180,11 @@ def _emit(report: dict[str, Any], output: Path | None, fmt: str, k: int) -> None
         _print_table(report, k)
 
 
-def _refuse_another_split(
-    ctx: typer.Context, run: Any, run_config: list[str] | None, path: Path
-) -> None:
+def _refuse_another_split(ctx: typer.Context, run: Any, values: dict[str, Any], path: Path) -> None:
     """A run's model is evaluated on the data and split it was trained with: a dataset or
-    split setting given that differs from the run's would test it on its training users."""
-    given = {
-        **parse_run_config(joined(run_config)),
-        **explicit_options(
-            ctx,
-            {
-                "dataset": "dataset",
-                "seed": "seed",
-                "cold_user_fraction": "cold-user-fraction",
-                "public_fraction": "public-fraction",
-            },
-        ),
-    }
+    split setting given (``values``: those typed, :func:`_values`) that differs from the
+    run's would test it on its training users."""
+    given = {**values, **explicit_options(ctx, {"dataset": "dataset"})}
     ran = {
         "dataset": run.dataset,
         "seed": run.seed,
@@ -216,9 +206,10 @@ def _refuse_another_split(
 
 
 def _values(
-    ctx: typer.Context, run_config: list[str] | None, seed: int, extra: dict[str, str]
+    ctx: typer.Context, run_config: list[str] | None, extra: dict[str, str]
 ) -> dict[str, Any]:
-    """``--run-config`` entries, overridden by the split options typed on the command line."""
+    """``--run-config`` entries, overridden by the split options typed on the command line
+    (the defaults of those options are left out: the caller decides what applies)."""
     values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
     values.update(
         explicit_options(
@@ -231,7 +222,6 @@ def _values(
             },
         )
     )
-    values.setdefault("seed", seed)
     return values
 
 

@@ -148,7 +148,11 @@ def resolve_model_dir(model_path: str | None, setting: str = "EncoderConfig.mode
     return path.resolve()
 
 
-def model_cache_key(model_dir: Path, max_length: int, batch_size: int = 16) -> str:
+DEFAULT_BATCH_SIZE = 16
+"""Rows of every forward pass unless :class:`EncoderConfig` says otherwise."""
+
+
+def model_cache_key(model_dir: Path, max_length: int, batch_size: int = DEFAULT_BATCH_SIZE) -> str:
     """Identity of (model, preprocessing) used to name the cache shard; 32 hex chars.
 
     Covers, via SHA-256:
@@ -227,7 +231,7 @@ class EncoderConfig:
     """
 
     model_path: str | None = None
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_length: int = 128
     device: str = "cpu"
     cache_dir: str | None = field(default_factory=default_cache_dir)
