@@ -19,10 +19,12 @@ reports the largest epsilon any client reached and how many clients passed
 ``--user-dp`` emulates user-level DP-FedAvg instead, with the server's own mechanism
 (:class:`server.user_dp.UserLevelDP`): clients train without record-level noise, clip their
 whole update to ``--user-dp-clip`` (:func:`shared.federated.validation.clip_update_l2`, as
-``client/client_app.py`` does), and the server adds ``N(0, (z C / m)^2)`` to the mean and
-charges one step at ``q = m / N`` per round. Each evaluated row then carries the user-level
-epsilon so far, and the output the clients' median update norm before clipping (to size
-the clip). The noise is seeded here, unlike in the server.
+``client/client_app.py`` does), the cohort is a Poisson sample (each user with chance
+``q = m / N``, :meth:`~server.user_dp.UserLevelDP.sample_cohort`), and the server adds
+``N(0, (z C / m)^2)`` to the sum over ``m`` and charges one step at ``q`` per round. Each
+evaluated row then carries the user-level epsilon so far, and the output the clients'
+median update norm before clipping (to size the clip). The cohorts and the noise are
+seeded here, unlike in the server.
 
     python bench/federation_emulator.py --data-dir ../shared/datasets/ml-100k --rounds 20
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from dataclasses import replace
@@ -191,9 +194,14 @@ def main() -> None:
     for rnd in range(1, args.rounds + 1):
         reference = {n: params[n].detach().clone() for n in names}
         total = {n: torch.zeros_like(params[n]) for n in names}  # sum of the (clipped) deltas
-        cohort = rng.choice(users, min(args.cohort, len(users)), replace=False)
-        if user_dp is not None:
-            user_dp.charge_round(rnd, len(cohort))
+        expected = min(args.cohort, len(users))
+        if user_dp is None:
+            cohort = rng.choice(users, expected, replace=False)
+        else:  # as the server samples and charges (no round is skipped here: risk 0)
+            cohort = np.array(
+                user_dp.sample_cohort(list(users), expected, random.Random(f"{args.seed}-{rnd}"))
+            )
+            user_dp.charge_round(rnd, expected)
         for user in cohort:
             with torch.no_grad():
                 for n in names:
@@ -212,8 +220,8 @@ def main() -> None:
                     total[n] += torch.from_numpy(u)
         if user_dp is None:
             mean_delta = {n: total[n] / len(cohort) for n in names}
-        else:  # the server's noisy mean of the clipped sum
-            noisy = user_dp.noisy_mean([total[n].numpy() for n in names], len(cohort))
+        else:  # the server's noisy mean of the clipped sum, over the expected cohort
+            noisy = user_dp.noisy_mean([total[n].numpy() for n in names], expected)
             mean_delta = {
                 n: torch.from_numpy(a).to(params[n].dtype)
                 for n, a in zip(names, noisy, strict=True)

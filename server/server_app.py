@@ -92,10 +92,11 @@ class ServerConfig:
     ``user-dp-epsilon-budget`` (= no budget); an empty string means "off" for
     ``checkpoint-dir`` and ``artifact-dir``.
 
-    User-level DP (``user-dp = true``) clips every client update to ``user-dp-clip``
-    (sent to the clients as ``update-clip-norm``, which must then be 0 or equal),
-    weighs clients uniformly, and adds ``N(0, (z C / m)^2)`` to the averaged update
-    (``z`` = ``user-dp-noise-multiplier``, ``m`` = clients sampled). With SecAgg+ it
+    User-level DP (``user-dp = true``) samples Poisson cohorts (each connected client
+    with chance ``m / connected``, ``m`` = ``cohort-size``), clips every client update to
+    ``user-dp-clip`` (sent to the clients as ``update-clip-norm``, which must then be 0 or
+    equal), weighs clients uniformly, and adds ``N(0, (z C / m)^2)`` to the sum divided by
+    ``m`` (``z`` = ``user-dp-noise-multiplier``). With SecAgg+ it
     also sets SecAgg+'s ``max_weight`` to 1 (every client reports weight 1, so that is
     the best quantization precision); ``secagg-clipping-range`` should be >= ``C``.
 
@@ -579,14 +580,8 @@ def _run_server(
         # Cohort if every client of the population were available: an upper bound on
         # the sampling rate and so on the epsilon the round can cost.
         planned = strategy.num_fit_clients(population)[0]
-        if not user_dp.would_exceed(planned):
-            return None
-        return (
-            f"round {next_round} would take user-level epsilon from {user_dp.epsilon():.4g} "
-            f"to {user_dp.epsilon_if(planned):.4g} > budget "
-            f"{user_dp.settings.epsilon_budget} (delta {user_dp.settings.delta:.3g}); "
-            "ending the run"
-        )
+        refusal = user_dp.refusal(planned, risk=strategy.round_risk(planned, population))
+        return None if refusal is None else f"round {next_round}: {refusal}; ending the run"
 
     reason = budget_stop(first_round)
     if reason is not None:  # a warning: the run does nothing, and the operator must see why

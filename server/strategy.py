@@ -15,8 +15,9 @@ failed (error reply, timeout, or SecAgg+ dropout) clients, and keeps a
 :class:`FitRoundStats` / :class:`EvalRoundStats` per round for the round-end hook.
 
 With user-level DP (a :class:`server.user_dp.UserLevelDP` passed as ``user_dp``) the
-aggregate step changes: every client has weight 1, the sum of the (clipped) updates is
-divided by the number of clients *sampled* and Gaussian noise is added there - in the
+cohort is a Poisson sample and the aggregate step changes: every client has weight 1,
+the sum of the (clipped) updates is divided by the *expected* cohort size and Gaussian
+noise is added there - in the
 one place both plain FedAvg and SecAgg+ (which hands over a single, already averaged
 result) go through. See ``server/user_dp.py`` for the mechanism and its accounting.
 """
@@ -287,9 +288,9 @@ class ValidatingFedAvg(FedAvg):
     secagg_max_cohort:
         Largest cohort SecAgg+ can sum without overflowing its modulus.
     user_dp:
-        User-level DP (DP-FedAvg): uniform client weights, ``sum / sampled`` plus
-        Gaussian noise, one accountant step per sampled round. ``update_clip_norm``
-        must then equal the mechanism's clip norm ``C``.
+        User-level DP (DP-FedAvg): Poisson cohorts, uniform client weights,
+        ``sum / expected cohort`` plus Gaussian noise, one accountant step per round.
+        ``update_clip_norm`` must then equal the mechanism's clip norm ``C``.
     server_optimizer:
         How the round's mean update becomes the global step (FedAvg or FedAdam,
         :mod:`server.server_optimizer`); default plain averaging.
@@ -358,6 +359,8 @@ class ValidatingFedAvg(FedAvg):
         )
         self._reference: Arrays = [np.array(a, copy=True) for a in initial_parameters]
         self._sampled: dict[int, int] = {}
+        #: user-level DP: the round's expected cohort, the fixed denominator of its mean
+        self._denominator: dict[int, int] = {}
         self._eval_sampled: dict[int, int] = {}
         self.fit_stats: dict[int, FitRoundStats] = {}
         self.eval_stats: dict[int, EvalRoundStats] = {}
@@ -454,68 +457,113 @@ class ValidatingFedAvg(FedAvg):
             )
         return min(wanted, num_available_clients), self.min_available_clients
 
-    def _sample(
-        self,
-        client_manager: ClientManager,
-        size_fn: Callable[[int], tuple[int, int]],
-        salt: str,
-        *,
-        secret: bool = False,
-    ) -> tuple[list[ClientProxy], int]:
-        """A sample of the connected clients, and how many it was drawn from: seeded by
-        ``salt`` (str seeds are deterministic across processes), or ``secret`` (from the
-        system's randomness)."""
+    def least_cohort(self) -> int:
+        """The fewest sampled clients a round trains with: ``min-cohort``, and under
+        SecAgg+ at least 2 and ``noise-shares`` (fewer could never be unmasked, see
+        :meth:`short_secure_aggregate`)."""
+        if self.secure_aggregation:
+            return max(2, self.min_fit_clients, self.noise_shares)
+        return max(1, self.min_fit_clients)
+
+    def round_risk(self, cohort: int, pool: int) -> float:
+        """Under user-level DP, the chance that a Poisson cohort of expected size ``cohort``
+        from ``pool`` clients is skipped: fewer than :meth:`least_cohort` or more than
+        SecAgg+ can sum (:meth:`server.user_dp.UserDPSettings.round_risk`); 0 without."""
+        if self.user_dp is None:
+            return 0.0
+        most = self.secagg_max_cohort if self.secure_aggregation else None
+        return self.user_dp.settings.round_risk(cohort, pool, self.least_cohort(), most)
+
+    def _connected(
+        self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
+    ) -> tuple[dict[str, ClientProxy], int]:
+        """The connected clients and the cohort size wanted from them (0 when fewer than
+        ``min-available-clients`` are there)."""
         available = wait_for_clients(
             client_manager, self.min_available_clients, self.availability_timeout
         )
         size, minimum = size_fn(available)
         if available < minimum or size <= 0:
             log(WARNING, "%s: %s clients available, need %s; skipping", salt, available, minimum)
-            return [], available
-        clients = client_manager.all()
-        rng = random.SystemRandom() if secret else random.Random(salt)
-        chosen = rng.sample(sorted(clients), min(size, len(clients)))
-        return [clients[cid] for cid in chosen], len(clients)
+            return {}, 0
+        return client_manager.all(), size
+
+    def _sample(
+        self,
+        client_manager: ClientManager,
+        size_fn: Callable[[int], tuple[int, int]],
+        salt: str,
+    ) -> list[ClientProxy]:
+        """A uniform sample of the connected clients, seeded by ``salt`` (str seeds are
+        deterministic across processes)."""
+        clients, size = self._connected(client_manager, size_fn, salt)
+        chosen = random.Random(salt).sample(sorted(clients), min(size, len(clients)))
+        return [clients[cid] for cid in chosen]
+
+    def _sample_user_dp(
+        self, server_round: int, client_manager: ClientManager, user_dp: UserLevelDP
+    ) -> list[ClientProxy]:
+        """Under user-level DP: charge the round and draw its Poisson cohort (secret: the
+        seed is in the run config, and amplification by sampling assumes nobody outside
+        the server can tell who was sampled; a resumed run samples others, each round
+        charged once). Empty when the budget forbids the round or the draw is skipped."""
+        salt = f"fit-{self.seed}-{server_round}"
+        clients, size = self._connected(client_manager, self.num_fit_clients, salt)
+        if not size:
+            return []
+        self._check_secagg_cohort(size)
+        pool = len(clients)
+        # q = cohort / the clients it is drawn from: with fewer connected than the
+        # population, each of them is sampled with more than cohort / population
+        risk = self.round_risk(size, pool)
+        refusal = user_dp.refusal(size, pool, risk)
+        if refusal is not None:  # backstop only: the server loop stops before this
+            log(WARNING, "round %s is not trained: %s", server_round, refusal)
+            return []
+        chosen = user_dp.sample_cohort(sorted(clients), size)
+        eps = user_dp.charge_round(server_round, size, pool, risk)
+        self._denominator[server_round] = size
+        log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
+        least = self.least_cohort()
+        most = self.secagg_max_cohort if self.secure_aggregation else None
+        if len(chosen) < least or (most is not None and len(chosen) > most):
+            log(
+                WARNING,
+                "round %s: the Poisson cohort has %s clients (expected %s, at least %s%s); "
+                "the round is skipped (charged, and its chance counted in the guarantee)",
+                server_round,
+                len(chosen),
+                size,
+                least,
+                "" if most is None else f", at most {most}",
+            )
+            return []
+        return [clients[cid] for cid in chosen]
+
+    def _check_secagg_cohort(self, cohort: int) -> None:
+        """Refuse a SecAgg+ cohort (the expected one under user-level DP) whose sum would
+        overflow the modulus."""
+        most = self.secagg_max_cohort
+        if self.secure_aggregation and most is not None and cohort > most:
+            raise ConfigError(
+                f"SecAgg+ cohort of {cohort} clients would overflow the modulus "
+                f"(max {most}); lower secagg-quantization-range, raise "
+                "secagg-modulus-range (<= 2**32) or sample fewer clients"
+            )
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Sample the cohort (seeded) and send the global model plus round config."""
+        """Sample the cohort (seeded; secret Poisson under user-level DP) and send the
+        global model plus round config."""
         self._reference = parameters_to_ndarrays(parameters)
-        # user-level DP's accounting assumes nobody outside the server can tell who was
-        # sampled (amplification by sampling), and the seed is in the run config: its
-        # cohorts are secret (a resumed run then samples others, each round charged once)
-        clients, pool = self._sample(
-            client_manager,
-            self.num_fit_clients,
-            f"fit-{self.seed}-{server_round}",
-            secret=self.user_dp is not None,
-        )
-        if (
-            self.secure_aggregation
-            and self.secagg_max_cohort is not None
-            and len(clients) > self.secagg_max_cohort
-        ):
-            raise ConfigError(
-                f"SecAgg+ cohort of {len(clients)} clients would overflow the modulus "
-                f"(max {self.secagg_max_cohort}); lower secagg-quantization-range, raise "
-                "secagg-modulus-range (<= 2**32) or sample fewer clients"
+        if self.user_dp is not None:
+            clients = self._sample_user_dp(server_round, client_manager, self.user_dp)
+        else:
+            clients = self._sample(
+                client_manager, self.num_fit_clients, f"fit-{self.seed}-{server_round}"
             )
-        if self.user_dp is not None and clients:
-            # q = cohort / the clients it was drawn from: with fewer connected than the
-            # population, each of them is sampled with more than cohort / population
-            if self.user_dp.would_exceed(len(clients), pool):
-                # Backstop only: the server loop stops before this (see server_app).
-                log(
-                    WARNING,
-                    "round %s: %s clients would exceed the user-level privacy budget; not training",
-                    server_round,
-                    len(clients),
-                )
-                clients = []
-            else:
-                eps = self.user_dp.charge_round(server_round, len(clients), pool)
-                log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
+            self._check_secagg_cohort(len(clients))
         self._sampled[server_round] = len(clients)
         config: dict[str, Scalar] = {
             **self.extra_fit_config,
@@ -535,7 +583,7 @@ class ValidatingFedAvg(FedAvg):
         """Sample the evaluation cohort (seeded); empty when evaluation is off."""
         if self.eval_size <= 0 and self.fraction_evaluate <= 0:
             return []
-        clients, _ = self._sample(
+        clients = self._sample(
             client_manager, self.num_evaluation_clients, f"eval-{self.seed}-{server_round}"
         )
         self._eval_sampled[server_round] = len(clients)
@@ -637,7 +685,7 @@ class ValidatingFedAvg(FedAvg):
                 for acc, arr in zip(sums, update, strict=True):
                     acc += weight * arr.astype(np.float64)
             if self.user_dp is not None:
-                cohort = max(sampled, len(accepted))
+                cohort = self._denominator.get(server_round, max(sampled, len(accepted)))
                 new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
             else:
                 new, norm = self._apply([s / total for s in sums])
@@ -710,7 +758,8 @@ class ValidatingFedAvg(FedAvg):
                 # the plain mean over the contributors: times their count = the sum.
                 k = len(contributors)
                 sums = [a.astype(np.float64) * k for a in aggregate]
-                new, norm = self._apply(self.user_dp.noisy_mean(sums, max(sampled, k)))
+                cohort = self._denominator.get(server_round, max(sampled, k))
+                new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
             else:
                 new, norm = self._apply(aggregate)
         total = sum(r.num_examples for _, r in contributors)

@@ -1,43 +1,60 @@
 """User-level differential privacy for federated averaging (DP-FedAvg, server side).
 
 The mechanism of McMahan et al., "Learning Differentially Private Recurrent Language
-Models" (ICLR 2018), with a fixed denominator:
+Models" (ICLR 2018), with Poisson sampling and a fixed denominator:
 
-1. every client clips its whole model update to L2 norm ``C`` (the server sends
-   ``update-clip-norm = C`` in the round config; ``client/client_app.py`` clips);
-2. every client has weight 1 (not ``num_examples``), so one user changes the *sum* of
-   the updates by at most ``C``;
-3. the server divides the sum by ``m``, the number of clients **sampled** for the round
-   (not the number that replied), and adds ``N(0, (z C / m)^2)`` to every coordinate.
+1. every connected client is in a round's cohort independently with probability
+   ``q = m / n`` (:meth:`UserLevelDP.sample_cohort`), ``m`` the configured cohort size
+   and ``n`` the clients connected when it is drawn; the cohort's size varies around
+   ``m``;
+2. every sampled client clips its whole model update to L2 norm ``C`` (the server sends
+   ``update-clip-norm = C`` in the round config; ``client/client_app.py`` clips) and
+   has weight 1 (not ``num_examples``), so adding or removing one user changes the
+   *sum* of the updates by at most ``C``;
+3. the server divides the sum by ``m``, the *expected* cohort (not the number sampled or
+   the number that replied), and adds ``N(0, (z C / m)^2)`` to every coordinate.
 
-Why the sampled ``m`` and not the survivors: the sensitivity of ``sum / m`` is ``C / m``
-only with a fixed ``m``. Dividing by the survivor count ``k <= m`` would make the
-sensitivity ``C / k`` while the noise stayed calibrated to ``m`` - dropouts would shrink
-the noise below calibration. The cost is a bias: with dropouts the applied update is
-``k/m`` of the survivors' mean (it shrinks towards zero), which FedAvg tolerates.
+Why Poisson sampling: Opacus' RDP accountant bounds the subsampled Gaussian for Poisson
+sampling (add/remove-one neighbours). A uniform cohort of fixed size, which this server
+drew before, is a different mechanism that bound does not cover. Why the fixed ``m``:
+the sensitivity of ``sum / m`` is ``C / m`` only with a denominator that does not depend
+on who was sampled or replied; dividing by the survivors would shrink the noise below
+calibration. The cost is a bias (dropouts shrink the applied update), which FedAvg
+tolerates.
+
+A round whose Poisson cohort is too small to aggregate (fewer than the strategy's
+least cohort, e.g. 2 under SecAgg+) or too large (SecAgg+'s modulus) is skipped. That
+departs from the mechanism above, with a probability ``p`` (a binomial tail,
+:meth:`UserDPSettings.round_risk`) that does not depend on the data. The accountant
+charges it as in the "bad event" argument: the released rounds are then
+``(epsilon, delta_rdp + (1 + e^epsilon) * sum p)``-DP, and the reported epsilon is the
+RDP epsilon at ``delta_rdp = delta - (1 + e^epsilon_hi) * sum p`` (``epsilon_hi``, the
+epsilon at ``delta / 2``, bounds it), so the reported ``(epsilon, delta)`` holds as
+stated. When the cohorts are so small that the term exceeds ``delta / 2`` the guarantee
+is void: the server refuses the round (raise ``cohort-size``). At the cohorts of a real
+run (50 of 679) ``p`` is below 1e-19 and changes nothing.
 
 Accounting: one Gaussian step per round with noise multiplier ``z`` and sampling rate
-``q = m / n``, ``n`` the clients connected when the cohort was drawn (each of them is in
-it with that chance; charging ``m / N``, ``N`` the configured population, understated the
-spend whenever fewer than ``N`` were online: 6.56 instead of 15.3 for 300 of 679 online
-over 20 rounds at z 1.4), composed with Opacus' RDP accountant (through
+``q``, composed with Opacus' RDP accountant (through
 :class:`shared.privacy.ledger.PrivacyLedger`, whose state is saved in each server
 checkpoint, and in a journal written durably the moment a round is charged, before its
 instructions leave: a crash after an aggregate was released but before that round's
 checkpoint then cannot make a restart forget the spend; see :meth:`UserLevelDP.resume`).
-Caveats, as in DP-FedAvg practice: the cohort is a uniform sample of fixed
-size while the RDP bound is for Poisson sampling with rate ``q``; and a round is charged
-as soon as its cohort is sampled (conservative: a round that later aborts is still
-counted).
+``q`` uses the clients connected, not the configured population: charging ``m / N``
+understated the spend whenever fewer than ``N`` were online (6.56 instead of 15.3 for
+300 of 679 online over 20 rounds at z 1.4). A round is charged as soon as its cohort is
+drawn (conservative: a round that later aborts is still counted).
 
-Trust model: the server is trusted to add the noise (central DP). In plain mode it
-re-clips every update to ``C``, so even a client that skips clipping cannot exceed the
-sensitivity; under SecAgg+ it only sees the sum and relies on the clients' clipping
-(SecAgg+'s own per-coordinate ``clipping_range`` is the only server-side bound there).
+Trust model: the server is trusted to sample and to add the noise (central DP). In plain
+mode it re-clips every update to ``C``, so even a client that skips clipping cannot
+exceed the sensitivity; under SecAgg+ it only sees the sum and relies on the clients'
+clipping (SecAgg+'s own per-coordinate ``clipping_range`` is the only server-side bound
+there).
 
-Noise comes from a NumPy generator freshly seeded from the OS CSPRNG each round (unless
-a generator is injected, for tests). It is deliberately *not* part of any checkpoint:
-whoever could read the noise state could subtract the noise.
+Cohorts and noise come from the OS CSPRNG each round (unless a generator is injected,
+for tests). They are deliberately *not* part of any checkpoint: whoever could read the
+noise state could subtract the noise, and amplification by sampling assumes nobody
+outside the server knows who was sampled.
 
 This module imports Opacus (and so torch); import it only when user-level DP is on.
 """
@@ -45,15 +62,17 @@ This module imports Opacus (and so torch); import it only when user-level DP is 
 from __future__ import annotations
 
 import math
+import random
 import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from scipy.stats import binom
 
 from shared.errors import ConfigError, DataError
 from shared.io import read_json, write_json_atomic
@@ -61,8 +80,12 @@ from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
 
 Arrays = list[npt.NDArray[np.floating]]
 
-#: Version of :meth:`UserLevelDP.state_dict`.
-USER_DP_STATE_VERSION = 1
+#: Version of :meth:`UserLevelDP.state_dict` (2: Poisson cohorts, with the summed chance
+#: of skipped rounds, ``round_risk``; version 1 states still load, with none).
+USER_DP_STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,19 @@ class UserDPSettings:
             )
         return cohort / pool
 
+    def round_risk(
+        self, cohort: int, pool: int | None = None, least: int = 0, most: int | None = None
+    ) -> float:
+        """The chance that a Poisson cohort of expected size ``cohort`` drawn from ``pool``
+        clients is skipped: fewer than ``least`` or more than ``most`` clients (see the
+        module doc). Bounded for both neighbours of a dataset: the other clients alone
+        (``pool - 1``) for the lower tail, all ``pool`` for the upper."""
+        pool = self.population if pool is None else pool
+        q = self.sample_rate(cohort, pool)
+        low = float(binom.cdf(least - 1, pool - 1, q)) if least > 0 else 0.0
+        high = float(binom.sf(most, pool, q)) if most is not None else 0.0
+        return min(1.0, low + high)
+
 
 class _MemoizedLedger(PrivacyLedger):
     """A :class:`PrivacyLedger` that remembers epsilon per (history, extra, delta).
@@ -190,6 +226,8 @@ class UserLevelDP:
         self._rng = rng
         self._epsilon_by_round: dict[int, float] = {}
         self._cohort_by_round: dict[int, int] = {}
+        #: summed chance that a charged round was skipped (:meth:`UserDPSettings.round_risk`)
+        self.round_risk = 0.0
 
     def __repr__(self) -> str:
         """Short description for logs."""
@@ -207,24 +245,71 @@ class UserLevelDP:
         rate = self.settings.sample_rate(cohort, pool)
         return Spend(self.settings.noise_multiplier, rate, 1)
 
+    def _epsilon(self, extra: Spend | None, risk: float) -> float:
+        """Epsilon at the settings' delta, the skipped rounds' ``risk`` taken out of the
+        delta the RDP bound may use (module doc); ``inf`` when that would be more than half
+        of it."""
+        delta = self.settings.delta
+        if risk <= 0:
+            return self.ledger.epsilon(extra=extra)
+        upper = self.ledger.epsilon(extra=extra, delta=delta / 2)
+        slack = (1.0 + math.exp(min(upper, 700.0))) * risk
+        if slack > delta / 2:
+            return math.inf
+        return self.ledger.epsilon(extra=extra, delta=delta - slack)
+
     def epsilon(self) -> float:
         """User-level epsilon spent so far (at the settings' delta)."""
-        return self.ledger.epsilon()
+        return self._epsilon(None, self.round_risk)
 
-    def epsilon_if(self, cohort: int, pool: int | None = None) -> float:
-        """Epsilon after one more round with ``cohort`` clients sampled from ``pool``."""
-        return self.ledger.epsilon(extra=self.spend(cohort, pool))
+    def epsilon_if(self, cohort: int, pool: int | None = None, risk: float = 0.0) -> float:
+        """Epsilon after one more round of expected ``cohort`` clients sampled from
+        ``pool``, skipped with chance ``risk``."""
+        return self._epsilon(self.spend(cohort, pool), self.round_risk + risk)
 
-    def would_exceed(self, cohort: int, pool: int | None = None) -> bool:
-        """True if one more round with ``cohort`` clients (from ``pool``) would break the
-        budget."""
-        if self.settings.epsilon_budget is None or cohort <= 0:
-            return False
-        return self.epsilon_if(cohort, pool) > self.settings.epsilon_budget
+    def refusal(self, cohort: int, pool: int | None = None, risk: float = 0.0) -> str | None:
+        """Why one more round (as for :meth:`epsilon_if`) must not run, or ``None``: it
+        would break the budget, or its cohorts are too small for any guarantee."""
+        if cohort <= 0:
+            return None
+        after = self.epsilon_if(cohort, pool, risk)
+        if math.isinf(after):
+            delta = self.settings.delta
+            upper = self.ledger.epsilon(extra=self.spend(cohort, pool), delta=delta / 2)
+            return (
+                f"a cohort of {cohort} is too small for user-level DP: rounds skipped for "
+                f"too few (or too many) sampled clients, with chance {self.round_risk + risk:.3g} "
+                f"in all, times 1 + e^epsilon (epsilon {upper:.4g}), would take more than half "
+                f"of delta {delta:.3g}; raise cohort-size (or the noise multiplier)"
+            )
+        budget = self.settings.epsilon_budget
+        if budget is not None and after > budget:
+            return (
+                f"it would take user-level epsilon from {self.epsilon():.4g} to {after:.4g} > "
+                f"budget {budget} (delta {self.settings.delta:.3g})"
+            )
+        return None
 
-    def charge_round(self, server_round: int, cohort: int, pool: int | None = None) -> float:
+    def would_exceed(self, cohort: int, pool: int | None = None, risk: float = 0.0) -> bool:
+        """True if one more round (as for :meth:`epsilon_if`) must not run
+        (:meth:`refusal`)."""
+        return self.refusal(cohort, pool, risk) is not None
+
+    def sample_cohort(
+        self, candidates: Sequence[_T], cohort: int, rng: random.Random | None = None
+    ) -> list[_T]:
+        """A Poisson sample: each of ``candidates`` independently with chance
+        ``cohort / len(candidates)``, drawn from the OS CSPRNG unless ``rng`` is given."""
+        q = self.settings.sample_rate(cohort, len(candidates))
+        draw = rng if rng is not None else random.SystemRandom()
+        return [c for c in candidates if draw.random() < q]
+
+    def charge_round(
+        self, server_round: int, cohort: int, pool: int | None = None, risk: float = 0.0
+    ) -> float:
         """Record one round's step (``q = cohort / pool``, the clients it was sampled
-        from; default the population); returns the new epsilon.
+        from; default the population) and its chance ``risk`` of being skipped
+        (:meth:`UserDPSettings.round_risk`); returns the new epsilon.
 
         Charging the same round twice (a strategy re-configuring a round) is an error,
         since it would silently double-count.
@@ -235,6 +320,7 @@ class UserLevelDP:
             raise ValueError(f"cannot charge a round with {cohort} clients")
         spend = self.spend(cohort, pool)
         self.ledger.record(spend.noise_multiplier, spend.sample_rate, spend.steps)
+        self.round_risk += risk
         eps = self.epsilon()
         self._cohort_by_round[server_round] = cohort
         self._epsilon_by_round[server_round] = eps
@@ -280,6 +366,7 @@ class UserLevelDP:
             "clip_norm": s.clip_norm,
             "population": s.population,
             "delta": s.delta,
+            "round_risk": self.round_risk,
             "rounds": [
                 [r, self._cohort_by_round[r], self._epsilon_by_round[r]]
                 for r in sorted(self._cohort_by_round)
@@ -306,6 +393,7 @@ class UserLevelDP:
         later = [r for r in journal._cohort_by_round if r > server_round]
         if journal.epsilon() > self.epsilon():
             self.ledger.history = list(journal.ledger.history)
+        self.round_risk = max(self.round_risk, journal.round_risk)
         write_json_atomic(self.journal, self.state_dict())  # the spend stays; the rounds go
         return len(later)
 
@@ -337,12 +425,16 @@ class UserLevelDP:
         """
         if not isinstance(state, Mapping):
             raise DataError(f"{source} is not a JSON object")
-        if state.get("version") != USER_DP_STATE_VERSION or "ledger" not in state:
+        if state.get("version") not in _READABLE_VERSIONS or "ledger" not in state:
             raise DataError(
-                f"{source} has version {state.get('version')!r}; expected "
-                f"{USER_DP_STATE_VERSION} with a 'ledger'"
+                f"{source} has version {state.get('version')!r}; expected one of "
+                f"{list(_READABLE_VERSIONS)} with a 'ledger'"
             )
+        risk = state.get("round_risk", 0.0)
+        if isinstance(risk, bool) or not isinstance(risk, int | float) or not 0 <= risk <= 1:
+            raise DataError(f"{source}: 'round_risk' must be a number in [0, 1], got {risk!r}")
         self.ledger.load_state_dict(state["ledger"], source=f"the ledger of {source}")
+        self.round_risk = float(risk)
         try:
             rounds = [(int(r), int(m), float(e)) for r, m, e in state.get("rounds", [])]
         except (TypeError, ValueError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -515,55 +516,90 @@ def test_user_dp_aggregate_is_the_uniform_mean_of_clipped_updates(secagg: bool) 
     assert report.fit.update_norm == pytest.approx(float(np.linalg.norm(expected)), rel=1e-3)
 
 
+def _below(n: int, q: float, k: int) -> float:
+    """P(Binomial(n, q) < k), summed by hand."""
+    return sum(math.comb(n, j) * q**j * (1 - q) ** (n - j) for j in range(k))
+
+
+def _user_epsilon(acc: RDPAccountant, delta: float, risk: float) -> float:
+    """The module doc's epsilon: the RDP bound at delta less (1 + e^eps(delta/2)) * risk."""
+    slack = (1 + math.exp(_eps(acc, delta / 2))) * risk
+    assert 0 < slack <= delta / 2
+    return _eps(acc, delta - slack)
+
+
 def test_user_dp_epsilon_each_round_matches_an_opacus_accountant(tmp_path: Path) -> None:
-    z, n, m = 1.1, 6, 2
+    # Poisson cohorts of expected m = 9 from n = 12: a round is skipped when nobody is
+    # sampled (min-cohort 1), which the guarantee charges out of delta
+    z, n, m = 1.1, 12, 9
     config = _dp_config(
         {
             "num-rounds": 3,
             "cohort-size": m,
+            "min-cohort": 1,
             "user-dp-noise-multiplier": z,
             "checkpoint-dir": str(tmp_path / "ck"),
         }
     )
     reports = _run(config, num_nodes=n)
+    risk = _below(n - 1, m / n, 1)  # (1/4)^11 a round
     acc = RDPAccountant()
-    for report in reports:
+    for rounds, report in enumerate(reports, start=1):
         acc.step(noise_multiplier=z, sample_rate=m / n)
-        assert report.epsilon_user == pytest.approx(_eps(acc, 1 / n), rel=1e-9)
+        expected = _user_epsilon(acc, 1 / n, rounds * risk)
+        assert report.epsilon_user == pytest.approx(expected, rel=1e-9)
+        assert expected > _eps(acc, 1 / n)  # the risk costs a little
     eps = [r.epsilon_user for r in reports if r.epsilon_user is not None]
     assert len(eps) == 3 and eps == sorted(eps) and len(set(eps)) == 3
     # The ledger is in the checkpoint, and resuming keeps accounting from it.
     latest = CheckpointStore(tmp_path / "ck").latest()
     assert latest is not None and latest.ledger_state is not None
     assert latest.ledger_state["ledger"]["history"] == [[z, m / n, 3]]
+    assert latest.ledger_state["round_risk"] == pytest.approx(3 * risk, rel=1e-9)
     assert latest.metrics["epsilon-user"] == pytest.approx(eps[-1])
     more = _run({**config, "num-rounds": 5}, num_nodes=n)
     assert [r.server_round for r in more] == [4, 5]
     acc.step(noise_multiplier=z, sample_rate=m / n)
     acc.step(noise_multiplier=z, sample_rate=m / n)
-    assert more[-1].epsilon_user == pytest.approx(_eps(acc, 1 / n), rel=1e-9)
+    assert more[-1].epsilon_user == pytest.approx(_user_epsilon(acc, 1 / n, 5 * risk), rel=1e-9)
+
+
+def test_user_dp_cohorts_too_small_for_any_guarantee_are_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two of six expected: a round has fewer than min-cohort (2) clients too often for
+    delta 1/6, so the run ends before its first round, saying what to raise."""
+    with caplog.at_level(logging.WARNING):
+        reports = _run(_dp_config({"num-rounds": 2, "cohort-size": 2}), num_nodes=6)
+    assert reports == []
+    assert "a cohort of 2 is too small for user-level DP" in caplog.text
+    assert "raise cohort-size" in caplog.text
+    # all six every round: nothing is ever skipped, so the same run trains
+    assert len(_run(_dp_config({"num-rounds": 2, "cohort-size": 6}), num_nodes=6)) == 2
 
 
 def test_user_dp_explicit_delta_and_population() -> None:
-    z, m, population, delta = 0.9, 3, 50, 1e-3
+    z, m, nodes, population, delta = 0.9, 15, 20, 50, 1e-3
     config = _dp_config(
         {
             "num-rounds": 2,
             "cohort-size": m,
+            "min-cohort": 1,
             "user-dp-noise-multiplier": z,
             "population-size": population,
             "user-dp-delta": delta,
         }
     )
-    reports = _run(config, num_nodes=4)
+    reports = _run(config, num_nodes=nodes)
     acc = RDPAccountant()
-    # charged at the 4 clients connected: each was sampled at 3/4, not at 3/50 (the
-    # configured population would have understated the spend more than fourfold)
-    acc.history = [(z, m / 4, 2)]
-    assert reports[-1].epsilon_user == pytest.approx(_eps(acc, delta), rel=1e-9)
+    # charged at the 20 clients connected: each was sampled at 15/20, not at 15/50 (the
+    # configured population would have understated the spend)
+    acc.history = [(z, m / nodes, 2)]
+    risk = 2 * _below(nodes - 1, m / nodes, 1)
+    assert reports[-1].epsilon_user == pytest.approx(_user_epsilon(acc, delta, risk), rel=1e-9)
     understated = RDPAccountant()
     understated.history = [(z, m / population, 2)]
-    assert reports[-1].epsilon_user > 4 * _eps(understated, delta)
+    assert reports[-1].epsilon_user > 1.5 * _eps(understated, delta)
     with pytest.raises(ConfigError, match="5 nodes are connected but 'population-size' is 4"):
         _run({**config, "population-size": 4}, num_nodes=5)
 
@@ -598,14 +634,18 @@ def test_user_dp_run_stops_cleanly_before_the_budget_would_be_exceeded(tmp_path:
 
 
 def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
-    config = _dp_config({"secagg": True, "num-rounds": 2, "cohort-size": 4, "eval-fraction": 1.0})
-    reports = _run(config, num_nodes=5)
+    n, m = 12, 10
+    config = _dp_config(
+        {"secagg": True, "num-rounds": 2, "cohort-size": m, "eval-size": 3, "eval-fraction": 1.0}
+    )
+    reports = _run(config, num_nodes=n)
     assert [r.server_round for r in reports] == [1, 2]
     assert all(r.fit.secure_aggregation and r.fit.updated for r in reports)
+    risk = _below(n - 1, m / n, 2)  # SecAgg+ needs 2: P(fewer) counts in the guarantee
     acc = RDPAccountant()
-    for report in reports:
-        acc.step(noise_multiplier=1.0, sample_rate=4 / 5)
-        assert report.epsilon_user == pytest.approx(_eps(acc, 1 / 5))
+    for rounds, report in enumerate(reports, start=1):
+        acc.step(noise_multiplier=1.0, sample_rate=m / n)
+        assert report.epsilon_user == pytest.approx(_user_epsilon(acc, 1 / n, rounds * risk))
         assert report.fit.as_metrics()["epsilon-user"] == report.epsilon_user
         assert report.evaluate is not None and report.evaluate.ok > 0
 
@@ -616,7 +656,8 @@ def test_user_dp_spend_of_a_round_that_crashed_before_its_checkpoint_stays_count
     """Round 2 is charged and its aggregate released (to evaluation), then the server dies
     before round 2's checkpoint: the journal keeps round 2's spend, so the resumed run's
     epsilon counts it, plus round 2 again."""
-    z, n, m = 1.1, 5, 2
+    z, n = 1.1, 5
+    m = n  # every client every round: no skipped rounds, so epsilon is the plain RDP bound
     ck = tmp_path / "ck"
     config = _dp_config(
         {
@@ -727,7 +768,7 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
 
     def round_one_cohort(user_dp: bool) -> tuple[object, ...]:
         """The first round's cohort of a fresh run (as a restarted server would draw it)."""
-        config = ServerConfig(cohort_size=5, seed=3, user_dp=user_dp, population_size=40)
+        config = ServerConfig(cohort_size=20, seed=3, user_dp=user_dp, population_size=40)
         strategy = build_strategy(
             config, params, user_dp=UserLevelDP(settings) if user_dp else None
         )
@@ -737,7 +778,104 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
     draws = {round_one_cohort(False) for _ in range(2)}
     assert len(draws) == 1  # the seed fixes the cohort
     cohorts = {round_one_cohort(True) for _ in range(6)}
-    assert len(cohorts) > 1  # 658,008 possible cohorts: six equal draws would be a bug
+    assert len(cohorts) > 1  # 2^40 possible cohorts: six equal draws would be a bug
+
+
+class _FakeClients:
+    """A client manager with ``n`` connected clients (ids -> proxies are plain strings)."""
+
+    def __init__(self, n: int) -> None:
+        self.clients = {str(1000 + i): f"proxy-{i}" for i in range(n)}
+
+    def num_available(self) -> int:
+        return len(self.clients)
+
+    def all(self) -> dict[str, str]:
+        return self.clients
+
+
+def _user_dp_strategy(
+    n: int, m: int, z: float = 8.0, **server: Any
+) -> tuple[Any, UserLevelDP, Callable[[int], list[str]]]:
+    """A strategy under user-level DP over ``n`` fake clients, and a function that draws
+    round ``r``'s cohort (noise multiplier ``z``: large, so that hundreds of rounds stay
+    within any budget)."""
+    from typing import cast
+
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.client_manager import ClientManager
+
+    from server.server_app import build_strategy
+
+    params = [np.zeros(3)]
+    settings = UserDPSettings.create(noise_multiplier=z, clip_norm=0.1, population=n)
+    user_dp = UserLevelDP(settings)
+    config = ServerConfig(cohort_size=m, user_dp=True, population_size=n, **server)
+    strategy = build_strategy(config, params, user_dp=user_dp)
+    manager = cast(ClientManager, _FakeClients(n))
+
+    def draw(server_round: int) -> list[str]:
+        fit = strategy.configure_fit(server_round, ndarrays_to_parameters(params), manager)
+        return [cast(str, client) for client, _ in fit]
+
+    return strategy, user_dp, draw
+
+
+def test_user_dp_cohorts_are_poisson_samples_charged_at_their_rate() -> None:
+    """Opacus' RDP bound is for Poisson sampling: each client is in a round independently
+    with q = m / n, so cohort sizes vary around m (a fixed-size cohort, drawn before, is a
+    mechanism that bound does not cover); every round is charged at q, and the mean is
+    taken over the expected m whatever the size."""
+    n, m, rounds = 40, 20, 400
+    strategy, user_dp, draw = _user_dp_strategy(n, m, min_cohort=1)
+    sizes = [len(draw(r)) for r in range(1, rounds + 1)]
+    # Binomial(40, 1/2): mean 20, variance 10 (a fixed-size cohort has variance 0)
+    assert abs(np.mean(sizes) - m) < 4 * math.sqrt(10 / rounds)
+    assert 10 / 2 < np.var(sizes) < 10 * 2
+    assert [s.sample_rate for s in user_dp.ledger.history] == [m / n]
+    assert user_dp.ledger.history[0].steps == rounds
+    assert set(strategy._denominator.values()) == {m}
+    assert [strategy.sampled_in_round(r) for r in range(1, rounds + 1)] == sizes
+
+
+def test_user_dp_a_poisson_cohort_too_small_to_aggregate_is_skipped_but_charged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n, m = 40, 20
+    strategy, user_dp, draw = _user_dp_strategy(n, m, secagg=True)
+    assert strategy.least_cohort() == 2
+    monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:1])
+    assert draw(1) == []  # one client: SecAgg+ could not hide it
+    assert strategy.sampled_in_round(1) == 0
+    assert user_dp.ledger.history[0].steps == 1  # the draw happened: charged
+    assert user_dp.round_risk == pytest.approx(
+        _below(n - 1, m / n, 2)
+        + sum(math.comb(n, j) * 0.5**n for j in range(strategy.secagg_max_cohort + 1, n + 1))
+    )
+    monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:3])
+    assert len(draw(2)) == 3
+
+
+def test_user_dp_round_risk_and_state_by_hand() -> None:
+    settings = UserDPSettings.create(noise_multiplier=1.0, clip_norm=0.1, population=6)
+    # P(Binomial(5, 5/6) < 2) = (1/6)^5 + 5 (5/6) (1/6)^4
+    low = (1 / 6) ** 5 + 5 * (5 / 6) * (1 / 6) ** 4
+    assert settings.round_risk(5, least=2) == pytest.approx(low, rel=1e-12)
+    # P(Binomial(6, 5/6) > 5) = (5/6)^6: the upper tail counts every client
+    assert settings.round_risk(5, least=0, most=5) == pytest.approx((5 / 6) ** 6, rel=1e-12)
+    assert settings.round_risk(6, least=2) == 0.0  # q = 1: always all six
+    dp = UserLevelDP(settings)
+    dp.charge_round(1, 6, risk=1e-6)
+    restored = UserLevelDP(settings)
+    restored.load_state_dict(json.loads(json.dumps(dp.state_dict())))
+    assert restored.round_risk == 1e-6 and restored.epsilon() == pytest.approx(dp.epsilon())
+    # a version-1 state (fixed-size cohorts) still loads, with no risk
+    old = {**dp.state_dict(), "version": 1}
+    del old["round_risk"]
+    restored.load_state_dict(old)
+    assert restored.round_risk == 0.0
+    with pytest.raises(DataError, match="'round_risk' must be a number in \\[0, 1\\]"):
+        restored.load_state_dict({**dp.state_dict(), "round_risk": -1})
 
 
 def test_the_pre_launch_check_accepts_a_user_dp_checkpoint_and_reads_its_journal(
@@ -749,7 +887,7 @@ def test_the_pre_launch_check_accepts_a_user_dp_checkpoint_and_reads_its_journal
     from server.server_app import check_resume
 
     ck = tmp_path / "ck"
-    config = _dp_config({"num-rounds": 2, "cohort-size": 2, "checkpoint-dir": str(ck)})
+    config = _dp_config({"num-rounds": 2, "cohort-size": 4, "checkpoint-dir": str(ck)})
     _run(config, num_nodes=4)
     server = ServerConfig.from_run_config(config)
     initial = ToyLinearTask().initial_parameters()
