@@ -193,6 +193,14 @@ class SecAggSettings:
         """Largest cohort whose quantized sum cannot wrap around the modulus."""
         return (self.modulus_range - 1) // self.quantization_range
 
+    @property
+    def least_cohort(self) -> int:
+        """Fewest sampled clients a round can complete with: Flower halts a round whose
+        clients have fewer neighbours than an integer reconstruction threshold (a fraction
+        is of the round's own shares, at least 2)."""
+        t = self.reconstruction_threshold
+        return t if isinstance(t, int) and not isinstance(t, bool) else 2
+
     def workflow(self) -> SecAggPlusWorkflow:
         """The Flower fit workflow implementing SecAgg+ with these settings."""
         use_fast_secagg_helpers()

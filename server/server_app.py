@@ -334,6 +334,7 @@ def build_strategy(
         update_clip_norm=config.effective_clip_norm,
         secure_aggregation=settings is not None,
         secagg_max_cohort=settings.max_cohort if settings is not None else None,
+        secagg_least=settings.least_cohort if settings is not None else 2,
         seed=config.seed,
         availability_timeout=config.availability_timeout,
         user_dp=user_dp if config.user_dp else None,
@@ -577,10 +578,10 @@ def _run_server(
         """Why ``next_round`` must not run (privacy budget), or ``None``."""
         if user_dp is None:
             return None
-        # Cohort if every client of the population were available: an upper bound on
-        # the sampling rate and so on the epsilon the round can cost.
+        # the round's rate is m / population whoever is connected (the strategy charges
+        # the same); its skip chance is planned with the whole population connected
         planned = strategy.num_fit_clients(population)[0]
-        refusal = user_dp.refusal(planned, risk=strategy.round_risk(planned, population))
+        refusal = user_dp.refusal(planned, strategy.round_risk(planned, population))
         return None if refusal is None else f"round {next_round}: {refusal}; ending the run"
 
     reason = budget_stop(first_round)

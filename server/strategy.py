@@ -287,6 +287,9 @@ class ValidatingFedAvg(FedAvg):
         ``num_examples`` 0.
     secagg_max_cohort:
         Largest cohort SecAgg+ can sum without overflowing its modulus.
+    secagg_least:
+        Fewest clients SecAgg+ completes a round with (an integer reconstruction
+        threshold; 2 otherwise).
     user_dp:
         User-level DP (DP-FedAvg): Poisson cohorts, uniform client weights,
         ``sum / expected cohort`` plus Gaussian noise, one accountant step per round.
@@ -316,6 +319,7 @@ class ValidatingFedAvg(FedAvg):
         update_clip_norm: float = 0.0,
         secure_aggregation: bool = False,
         secagg_max_cohort: int | None = None,
+        secagg_least: int = 2,
         seed: int = 0,
         availability_timeout: float = 120.0,
         extra_fit_config: Mapping[str, Scalar] | None = None,
@@ -347,6 +351,7 @@ class ValidatingFedAvg(FedAvg):
         self.update_clip_norm = update_clip_norm
         self.secure_aggregation = secure_aggregation
         self.secagg_max_cohort = secagg_max_cohort
+        self.secagg_least = secagg_least
         self.seed = seed
         self.availability_timeout = availability_timeout
         self.extra_fit_config = dict(extra_fit_config or {})
@@ -459,20 +464,22 @@ class ValidatingFedAvg(FedAvg):
 
     def least_cohort(self) -> int:
         """The fewest sampled clients a round trains with: ``min-cohort``, and under
-        SecAgg+ at least 2 and ``noise-shares`` (fewer could never be unmasked, see
+        SecAgg+ ``secagg_least`` (its reconstruction threshold: Flower halts a round with
+        fewer) and ``noise-shares`` (a sum of fewer is never unmasked, see
         :meth:`short_secure_aggregate`)."""
         if self.secure_aggregation:
-            return max(2, self.min_fit_clients, self.noise_shares)
+            return max(2, self.min_fit_clients, self.noise_shares, self.secagg_least)
         return max(1, self.min_fit_clients)
 
-    def round_risk(self, cohort: int, pool: int) -> float:
-        """Under user-level DP, the chance that a Poisson cohort of expected size ``cohort``
-        from ``pool`` clients is skipped: fewer than :meth:`least_cohort` or more than
-        SecAgg+ can sum (:meth:`server.user_dp.UserDPSettings.round_risk`); 0 without."""
+    def round_risk(self, cohort: int, connected: int) -> float:
+        """Under user-level DP, the chance that the Poisson cohort of a round (expected size
+        ``cohort`` with the whole population there) from the clients ``connected`` is
+        skipped: fewer than :meth:`least_cohort` or more than SecAgg+ can sum
+        (:meth:`server.user_dp.UserDPSettings.round_risk`); 0 without."""
         if self.user_dp is None:
             return 0.0
         most = self.secagg_max_cohort if self.secure_aggregation else None
-        return self.user_dp.settings.round_risk(cohort, pool, self.least_cohort(), most)
+        return self.user_dp.settings.round_risk(cohort, connected, self.least_cohort(), most)
 
     def _connected(
         self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
@@ -508,37 +515,40 @@ class ValidatingFedAvg(FedAvg):
         the server can tell who was sampled; a resumed run samples others, each round
         charged once). Empty when the budget forbids the round or the draw is skipped."""
         salt = f"fit-{self.seed}-{server_round}"
-        clients, size = self._connected(client_manager, self.num_fit_clients, salt)
-        if not size:
+        clients, wanted = self._connected(client_manager, self.num_fit_clients, salt)
+        if not wanted:
             return []
+        # q = m / N, N the population (public): the rate does not depend on who is
+        # connected, and fewer connected only means a smaller cohort
+        size = self.num_fit_clients(user_dp.settings.population)[0]
         self._check_secagg_cohort(size)
-        pool = len(clients)
-        # q = cohort / the clients it is drawn from: with fewer connected than the
-        # population, each of them is sampled with more than cohort / population
-        risk = self.round_risk(size, pool)
-        refusal = user_dp.refusal(size, pool, risk)
+        risk = self.round_risk(size, len(clients))
+        refusal = user_dp.refusal(size, risk)
         if refusal is not None:  # backstop only: the server loop stops before this
             log(WARNING, "round %s is not trained: %s", server_round, refusal)
             return []
         chosen = user_dp.sample_cohort(sorted(clients), size)
-        eps = user_dp.charge_round(server_round, size, pool, risk)
+        eps = user_dp.charge_round(server_round, size, risk)
         self._denominator[server_round] = size
         log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
         least = self.least_cohort()
         most = self.secagg_max_cohort if self.secure_aggregation else None
-        if len(chosen) < least or (most is not None and len(chosen) > most):
-            log(
-                WARNING,
-                "round %s: the Poisson cohort has %s clients (expected %s, at least %s%s); "
-                "the round is skipped (charged, and its chance counted in the guarantee)",
-                server_round,
-                len(chosen),
-                size,
-                least,
-                "" if most is None else f", at most {most}",
-            )
-            return []
-        return [clients[cid] for cid in chosen]
+        if least <= len(chosen) and (most is None or len(chosen) <= most):
+            return [clients[cid] for cid in chosen]
+        reason = (
+            f"Poisson cohort of {len(chosen)} clients (at least {least}"
+            f"{'' if most is None else f', at most {most}'}): round skipped, charged, and "
+            "its chance counted in the guarantee"
+        )
+        log(WARNING, "round %s: %s", server_round, reason)
+        # recorded here, so the round is reported as skipped rather than as aborted
+        self.fit_stats[server_round] = FitRoundStats(
+            server_round=server_round,
+            sampled=len(chosen),
+            secure_aggregation=self.secure_aggregation,
+            failures=(reason,),
+        )
+        return []
 
     def _check_secagg_cohort(self, cohort: int) -> None:
         """Refuse a SecAgg+ cohort (the expected one under user-level DP) whose sum would

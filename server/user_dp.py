@@ -4,9 +4,10 @@ The mechanism of McMahan et al., "Learning Differentially Private Recurrent Lang
 Models" (ICLR 2018), with Poisson sampling and a fixed denominator:
 
 1. every connected client is in a round's cohort independently with probability
-   ``q = m / n`` (:meth:`UserLevelDP.sample_cohort`), ``m`` the configured cohort size
-   and ``n`` the clients connected when it is drawn; the cohort's size varies around
-   ``m``;
+   ``q = m / N`` (:meth:`UserLevelDP.sample_cohort`), ``m`` the configured cohort size
+   and ``N`` the population (``population-size``, or the clients connected when the run
+   started): a public constant, so no user's presence changes anyone's chance. The
+   cohort's size varies around ``q`` times the clients connected (``m`` when all are);
 2. every sampled client clips its whole model update to L2 norm ``C`` (the server sends
    ``update-clip-norm = C`` in the round config; ``client/client_app.py`` clips) and
    has weight 1 (not ``num_examples``), so adding or removing one user changes the
@@ -14,16 +15,19 @@ Models" (ICLR 2018), with Poisson sampling and a fixed denominator:
 3. the server divides the sum by ``m``, the *expected* cohort (not the number sampled or
    the number that replied), and adds ``N(0, (z C / m)^2)`` to every coordinate.
 
-Why Poisson sampling: Opacus' RDP accountant bounds the subsampled Gaussian for Poisson
-sampling (add/remove-one neighbours). A uniform cohort of fixed size, which this server
-drew before, is a different mechanism that bound does not cover. Why the fixed ``m``:
+Why Poisson sampling at a fixed rate: Opacus' RDP accountant bounds the subsampled
+Gaussian for Poisson sampling (add/remove-one neighbours) at a rate that does not depend on
+the dataset. A uniform cohort of fixed size, which this server drew before, is a different
+mechanism that bound does not cover; so is a rate ``m / connected``, which one user's
+presence changes for everyone (about +1% epsilon). Why the fixed ``m``:
 the sensitivity of ``sum / m`` is ``C / m`` only with a denominator that does not depend
 on who was sampled or replied; dividing by the survivors would shrink the noise below
 calibration. The cost is a bias (dropouts shrink the applied update), which FedAvg
 tolerates.
 
 A round whose Poisson cohort is too small to aggregate (fewer than the strategy's
-least cohort, e.g. 2 under SecAgg+) or too large (SecAgg+'s modulus) is skipped. That
+least cohort, e.g. SecAgg+'s reconstruction threshold) or too large (SecAgg+'s modulus)
+is skipped. That
 departs from the mechanism above, with a probability ``p`` (a binomial tail,
 :meth:`UserDPSettings.round_risk`) that does not depend on the data. The accountant
 charges it as in the "bad event" argument: the released rounds are then
@@ -35,15 +39,23 @@ is void: the server refuses the round (raise ``cohort-size``). At the cohorts of
 run (50 of 679) ``p`` is below 1e-19 and changes nothing.
 
 Accounting: one Gaussian step per round with noise multiplier ``z`` and sampling rate
-``q``, composed with Opacus' RDP accountant (through
+``q = m / N``, composed with Opacus' RDP accountant (through
 :class:`shared.privacy.ledger.PrivacyLedger`, whose state is saved in each server
 checkpoint, and in a journal written durably the moment a round is charged, before its
 instructions leave: a crash after an aggregate was released but before that round's
 checkpoint then cannot make a restart forget the spend; see :meth:`UserLevelDP.resume`).
-``q`` uses the clients connected, not the configured population: charging ``m / N``
-understated the spend whenever fewer than ``N`` were online (6.56 instead of 15.3 for
-300 of 679 online over 20 rounds at z 1.4). A round is charged as soon as its cohort is
-drawn (conservative: a round that later aborts is still counted).
+(With the fixed-size cohorts drawn before, ``m / N`` understated the spend whenever fewer
+than ``N`` were online, as each of them was then sampled at ``m / connected``; a Poisson
+sample at ``m / N`` samples each at exactly that rate, and fewer online only means a
+smaller cohort.) A round is charged as soon as its cohort is drawn (conservative: a round
+that later aborts is still counted).
+
+What the guarantee covers: the sequence of global models the server publishes. The server
+is trusted, and its own records are the operator's, outside the guarantee: the logs,
+metrics and checkpoints hold each round's exact cohort size (publishing it with the models
+would cost about 1-3.5% more epsilon, measured at cohorts of 300 and 50) and, in plain
+mode, un-noised per-round client metrics. State loaded from a version-1 checkpoint was
+charged for fixed-size cohorts, which this bound does not strictly cover.
 
 Trust model: the server is trusted to sample and to add the noise (central DP). In plain
 mode it re-clips every update to ``C``, so even a client that skips clipping cannot
@@ -147,30 +159,28 @@ class UserDPSettings:
             raise ValueError(f"cohort must be >= 1, got {cohort}")
         return self.noise_multiplier * self.clip_norm / cohort
 
-    def sample_rate(self, cohort: int, pool: int | None = None) -> float:
-        """``q = m / n``: the chance that a client among the ``pool`` the cohort of ``m`` was
-        drawn from (default: the population, for planning) is in it. Charging the clients
-        actually connected, not the population, matters when fewer are online: each of them
-        is then sampled more often than ``m / N``."""
-        pool = self.population if pool is None else pool
-        if cohort > pool:
+    def sample_rate(self, cohort: int) -> float:
+        """``q = m / N``: each client's chance to be in a round's cohort of expected size
+        ``m`` when the whole population is connected."""
+        if cohort > self.population:
             raise ConfigError(
-                f"cohort of {cohort} clients exceeds the {pool} it is drawn from; "
+                f"cohort of {cohort} clients exceeds the population of {self.population}; "
                 "'population-size' must count every client that can be sampled"
             )
-        return cohort / pool
+        return cohort / self.population
 
     def round_risk(
-        self, cohort: int, pool: int | None = None, least: int = 0, most: int | None = None
+        self, cohort: int, connected: int | None = None, least: int = 0, most: int | None = None
     ) -> float:
-        """The chance that a Poisson cohort of expected size ``cohort`` drawn from ``pool``
-        clients is skipped: fewer than ``least`` or more than ``most`` clients (see the
-        module doc). Bounded for both neighbours of a dataset: the other clients alone
-        (``pool - 1``) for the lower tail, all ``pool`` for the upper."""
-        pool = self.population if pool is None else pool
-        q = self.sample_rate(cohort, pool)
-        low = float(binom.cdf(least - 1, pool - 1, q)) if least > 0 else 0.0
-        high = float(binom.sf(most, pool, q)) if most is not None else 0.0
+        """The chance that a round's Poisson cohort (rate for ``cohort``, from the clients
+        ``connected``, default the population) is skipped: fewer than ``least`` or more
+        than ``most`` clients (see the module doc). Bounded for both neighbours of a
+        dataset: without the user (``connected - 1`` others) for the lower tail, with one
+        more (``connected + 1``) for the upper."""
+        n = self.population if connected is None else connected
+        q = self.sample_rate(cohort)
+        low = float(binom.cdf(least - 1, max(n - 1, 0), q)) if least > 0 else 0.0
+        high = float(binom.sf(most, n + 1, q)) if most is not None else 0.0
         return min(1.0, low + high)
 
 
@@ -239,10 +249,10 @@ class UserLevelDP:
 
     # ------------------------------------------------------------------ accounting
 
-    def spend(self, cohort: int, pool: int | None = None) -> Spend:
-        """The ledger entry of one round with ``cohort`` clients sampled from ``pool``
+    def spend(self, cohort: int) -> Spend:
+        """The ledger entry of one round of expected ``cohort`` clients
         (:meth:`UserDPSettings.sample_rate`)."""
-        rate = self.settings.sample_rate(cohort, pool)
+        rate = self.settings.sample_rate(cohort)
         return Spend(self.settings.noise_multiplier, rate, 1)
 
     def _epsilon(self, extra: Spend | None, risk: float) -> float:
@@ -262,25 +272,28 @@ class UserLevelDP:
         """User-level epsilon spent so far (at the settings' delta)."""
         return self._epsilon(None, self.round_risk)
 
-    def epsilon_if(self, cohort: int, pool: int | None = None, risk: float = 0.0) -> float:
-        """Epsilon after one more round of expected ``cohort`` clients sampled from
-        ``pool``, skipped with chance ``risk``."""
-        return self._epsilon(self.spend(cohort, pool), self.round_risk + risk)
+    def epsilon_if(self, cohort: int, risk: float = 0.0) -> float:
+        """Epsilon after one more round of expected ``cohort`` clients, skipped with chance
+        ``risk``."""
+        return self._epsilon(self.spend(cohort), self.round_risk + risk)
 
-    def refusal(self, cohort: int, pool: int | None = None, risk: float = 0.0) -> str | None:
+    def refusal(self, cohort: int, risk: float = 0.0) -> str | None:
         """Why one more round (as for :meth:`epsilon_if`) must not run, or ``None``: it
         would break the budget, or its cohorts are too small for any guarantee."""
         if cohort <= 0:
             return None
-        after = self.epsilon_if(cohort, pool, risk)
+        after = self.epsilon_if(cohort, risk)
         if math.isinf(after):
             delta = self.settings.delta
-            upper = self.ledger.epsilon(extra=self.spend(cohort, pool), delta=delta / 2)
+            upper = self.ledger.epsilon(extra=self.spend(cohort), delta=delta / 2)
             return (
-                f"a cohort of {cohort} is too small for user-level DP: rounds skipped for "
-                f"too few (or too many) sampled clients, with chance {self.round_risk + risk:.3g} "
-                f"in all, times 1 + e^epsilon (epsilon {upper:.4g}), would take more than half "
-                f"of delta {delta:.3g}; raise cohort-size (or the noise multiplier)"
+                f"cohorts of {cohort} of {self.settings.population} are too small for "
+                "user-level DP: rounds skipped for too few (or too many) sampled clients, "
+                f"with chance {self.round_risk + risk:.3g} in all, times 1 + e^epsilon "
+                f"(epsilon {upper:.4g}), would take more than half of delta {delta:.3g}. "
+                "Sample more clients a round (cohort-size, with more clients connected), or "
+                "let fewer do (min-cohort 1 without SecAgg+, a smaller "
+                "secagg-reconstruction-threshold)"
             )
         budget = self.settings.epsilon_budget
         if budget is not None and after > budget:
@@ -290,26 +303,23 @@ class UserLevelDP:
             )
         return None
 
-    def would_exceed(self, cohort: int, pool: int | None = None, risk: float = 0.0) -> bool:
+    def would_exceed(self, cohort: int, risk: float = 0.0) -> bool:
         """True if one more round (as for :meth:`epsilon_if`) must not run
         (:meth:`refusal`)."""
-        return self.refusal(cohort, pool, risk) is not None
+        return self.refusal(cohort, risk) is not None
 
     def sample_cohort(
         self, candidates: Sequence[_T], cohort: int, rng: random.Random | None = None
     ) -> list[_T]:
         """A Poisson sample: each of ``candidates`` independently with chance
-        ``cohort / len(candidates)``, drawn from the OS CSPRNG unless ``rng`` is given."""
-        q = self.settings.sample_rate(cohort, len(candidates))
+        ``q = cohort / population``, drawn from the OS CSPRNG unless ``rng`` is given."""
+        q = self.settings.sample_rate(cohort)
         draw = rng if rng is not None else random.SystemRandom()
         return [c for c in candidates if draw.random() < q]
 
-    def charge_round(
-        self, server_round: int, cohort: int, pool: int | None = None, risk: float = 0.0
-    ) -> float:
-        """Record one round's step (``q = cohort / pool``, the clients it was sampled
-        from; default the population) and its chance ``risk`` of being skipped
-        (:meth:`UserDPSettings.round_risk`); returns the new epsilon.
+    def charge_round(self, server_round: int, cohort: int, risk: float = 0.0) -> float:
+        """Record one round's step (``q = cohort / population``) and its chance ``risk`` of
+        being skipped (:meth:`UserDPSettings.round_risk`); returns the new epsilon.
 
         Charging the same round twice (a strategy re-configuring a round) is an error,
         since it would silently double-count.
@@ -318,7 +328,7 @@ class UserLevelDP:
             raise DataError(f"round {server_round} was already charged to the privacy ledger")
         if cohort <= 0:
             raise ValueError(f"cannot charge a round with {cohort} clients")
-        spend = self.spend(cohort, pool)
+        spend = self.spend(cohort)
         self.ledger.record(spend.noise_multiplier, spend.sample_rate, spend.steps)
         self.round_risk += risk
         eps = self.epsilon()

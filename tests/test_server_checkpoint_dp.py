@@ -572,14 +572,16 @@ def test_user_dp_cohorts_too_small_for_any_guarantee_are_refused(
     with caplog.at_level(logging.WARNING):
         reports = _run(_dp_config({"num-rounds": 2, "cohort-size": 2}), num_nodes=6)
     assert reports == []
-    assert "a cohort of 2 is too small for user-level DP" in caplog.text
-    assert "raise cohort-size" in caplog.text
+    assert "cohorts of 2 of 6 are too small for user-level DP" in caplog.text
+    assert "Sample more clients a round (cohort-size" in caplog.text
     # all six every round: nothing is ever skipped, so the same run trains
     assert len(_run(_dp_config({"num-rounds": 2, "cohort-size": 6}), num_nodes=6)) == 2
 
 
 def test_user_dp_explicit_delta_and_population() -> None:
-    z, m, nodes, population, delta = 0.9, 15, 20, 50, 1e-3
+    """With 45 of a population of 50 connected, each is sampled at m / 50 (the rate the
+    ledger charges, whoever is connected), so a round's cohort is about 45 * 0.8."""
+    z, m, nodes, population, delta = 0.9, 40, 45, 50, 1e-3
     config = _dp_config(
         {
             "num-rounds": 2,
@@ -591,15 +593,11 @@ def test_user_dp_explicit_delta_and_population() -> None:
         }
     )
     reports = _run(config, num_nodes=nodes)
+    assert all(r.fit.sampled <= nodes for r in reports)
     acc = RDPAccountant()
-    # charged at the 20 clients connected: each was sampled at 15/20, not at 15/50 (the
-    # configured population would have understated the spend)
-    acc.history = [(z, m / nodes, 2)]
-    risk = 2 * _below(nodes - 1, m / nodes, 1)
+    acc.history = [(z, m / population, 2)]
+    risk = 2 * _below(nodes - 1, m / population, 1)
     assert reports[-1].epsilon_user == pytest.approx(_user_epsilon(acc, delta, risk), rel=1e-9)
-    understated = RDPAccountant()
-    understated.history = [(z, m / population, 2)]
-    assert reports[-1].epsilon_user > 1.5 * _eps(understated, delta)
     with pytest.raises(ConfigError, match="5 nodes are connected but 'population-size' is 4"):
         _run({**config, "population-size": 4}, num_nodes=5)
 
@@ -641,7 +639,9 @@ def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
     reports = _run(config, num_nodes=n)
     assert [r.server_round for r in reports] == [1, 2]
     assert all(r.fit.secure_aggregation and r.fit.updated for r in reports)
-    risk = _below(n - 1, m / n, 2)  # SecAgg+ needs 2: P(fewer) counts in the guarantee
+    # Flower's SecAgg+ halts a round of fewer clients than its reconstruction threshold
+    # (3 by default): the chance of that counts in the guarantee
+    risk = _below(n - 1, m / n, 3)
     acc = RDPAccountant()
     for rounds, report in enumerate(reports, start=1):
         acc.step(noise_multiplier=1.0, sample_rate=m / n)
@@ -719,18 +719,11 @@ def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
     assert float(np.mean(mean)) == pytest.approx(1.0, abs=1e-3)
     assert float(np.std(mean)) == pytest.approx(0.1, rel=0.01)
     dp.charge_round(1, 5)
+    assert dp.ledger.history[-1].sample_rate == 0.5  # m / population
     with pytest.raises(DataError, match="already charged"):
         dp.charge_round(1, 5)
-    with pytest.raises(ConfigError, match="exceeds the 10 it is drawn from"):
+    with pytest.raises(ConfigError, match="exceeds the population of 10"):
         dp.charge_round(2, 11)
-    # charged at the clients connected, not the configured population: with 5 of 10
-    # online, a cohort of 5 samples each of them for sure (q = 1, not 0.5)
-    half = UserLevelDP(settings)
-    half.charge_round(1, 5, pool=5)
-    assert half.ledger.history[-1].sample_rate == 1.0
-    assert half.epsilon() > dp.epsilon()
-    half.charge_round(2, 5, pool=20)  # more joined than planned: no longer an error
-    assert half.ledger.history[-1].sample_rate == 0.25
     restored = UserLevelDP(settings)
     restored.load_state_dict(json.loads(json.dumps(dp.state_dict())))
     assert restored.epsilon() == pytest.approx(dp.epsilon())
@@ -795,11 +788,11 @@ class _FakeClients:
 
 
 def _user_dp_strategy(
-    n: int, m: int, z: float = 8.0, **server: Any
+    n: int, m: int, z: float = 8.0, connected: int | None = None, **server: Any
 ) -> tuple[Any, UserLevelDP, Callable[[int], list[str]]]:
     """A strategy under user-level DP over ``n`` fake clients, and a function that draws
     round ``r``'s cohort (noise multiplier ``z``: large, so that hundreds of rounds stay
-    within any budget)."""
+    within any budget; ``connected`` clients, default all ``n``)."""
     from typing import cast
 
     from flwr.common import ndarrays_to_parameters
@@ -812,7 +805,7 @@ def _user_dp_strategy(
     user_dp = UserLevelDP(settings)
     config = ServerConfig(cohort_size=m, user_dp=True, population_size=n, **server)
     strategy = build_strategy(config, params, user_dp=user_dp)
-    manager = cast(ClientManager, _FakeClients(n))
+    manager = cast(ClientManager, _FakeClients(n if connected is None else connected))
 
     def draw(server_round: int) -> list[str]:
         fit = strategy.configure_fit(server_round, ndarrays_to_parameters(params), manager)
@@ -836,34 +829,47 @@ def test_user_dp_cohorts_are_poisson_samples_charged_at_their_rate() -> None:
     assert user_dp.ledger.history[0].steps == rounds
     assert set(strategy._denominator.values()) == {m}
     assert [strategy.sampled_in_round(r) for r in range(1, rounds + 1)] == sizes
+    # half the population connected: each still at q = 1/2, so cohorts of about 10, with
+    # the mean still taken over m = 20 (the rate, not who is there, sets the noise)
+    strategy, user_dp, draw = _user_dp_strategy(n, m, min_cohort=1, connected=20)
+    fewer = [len(draw(r)) for r in range(1, 101)]
+    assert abs(np.mean(fewer) - 10) < 4 * math.sqrt(5 / 100)
+    assert [s.sample_rate for s in user_dp.ledger.history] == [m / n]
+    assert set(strategy._denominator.values()) == {m}
 
 
 def test_user_dp_a_poisson_cohort_too_small_to_aggregate_is_skipped_but_charged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     n, m = 40, 20
-    strategy, user_dp, draw = _user_dp_strategy(n, m, secagg=True)
-    assert strategy.least_cohort() == 2
-    monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:1])
-    assert draw(1) == []  # one client: SecAgg+ could not hide it
-    assert strategy.sampled_in_round(1) == 0
-    assert user_dp.ledger.history[0].steps == 1  # the draw happened: charged
-    assert user_dp.round_risk == pytest.approx(
-        _below(n - 1, m / n, 2)
-        + sum(math.comb(n, j) * 0.5**n for j in range(strategy.secagg_max_cohort + 1, n + 1))
+    # SecAgg+ with reconstruction threshold 4: Flower halts a round of fewer clients
+    strategy, user_dp, draw = _user_dp_strategy(
+        n, m, secagg=True, secagg_num_shares=6, secagg_reconstruction_threshold=4
     )
+    assert strategy.least_cohort() == 4
     monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:3])
-    assert len(draw(2)) == 3
+    assert draw(1) == []
+    assert strategy.sampled_in_round(1) == 0
+    stats = strategy.fit_stats[1]  # reported as skipped, not as an aborted round
+    assert stats.sampled == 3 and "round skipped" in stats.failures[0]
+    assert user_dp.ledger.history[0].steps == 1  # the draw happened: charged
+    assert user_dp.round_risk == pytest.approx(_below(n - 1, m / n, 4), rel=1e-9)
+    monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:4])
+    assert len(draw(2)) == 4
 
 
 def test_user_dp_round_risk_and_state_by_hand() -> None:
     settings = UserDPSettings.create(noise_multiplier=1.0, clip_norm=0.1, population=6)
-    # P(Binomial(5, 5/6) < 2) = (1/6)^5 + 5 (5/6) (1/6)^4
+    # without the user, 5 others: P(Binomial(5, 5/6) < 2) = (1/6)^5 + 5 (5/6) (1/6)^4
     low = (1 / 6) ** 5 + 5 * (5 / 6) * (1 / 6) ** 4
     assert settings.round_risk(5, least=2) == pytest.approx(low, rel=1e-12)
-    # P(Binomial(6, 5/6) > 5) = (5/6)^6: the upper tail counts every client
-    assert settings.round_risk(5, least=0, most=5) == pytest.approx((5 / 6) ** 6, rel=1e-12)
+    # with one more, 7: P(Binomial(7, 5/6) > 6) = (5/6)^7
+    assert settings.round_risk(5, least=0, most=6) == pytest.approx((5 / 6) ** 7, rel=1e-12)
     assert settings.round_risk(6, least=2) == 0.0  # q = 1: always all six
+    # fewer connected: the same rate, so a short cohort is likelier (3 others)
+    assert settings.round_risk(5, connected=4, least=2) == pytest.approx(
+        (1 / 6) ** 3 + 3 * (5 / 6) * (1 / 6) ** 2, rel=1e-12
+    )
     dp = UserLevelDP(settings)
     dp.charge_round(1, 6, risk=1e-6)
     restored = UserLevelDP(settings)
