@@ -137,6 +137,9 @@ NODE_REQUIRE_DP = "fedrec-require-dp"
 #: ``--node-config`` key: the largest ``noise-shares`` this device adds its noise for
 #: (``fedrec client start --max-noise-shares``, default 1: all of it, trusting no aggregation).
 NODE_MAX_NOISE_SHARES = "fedrec-max-noise-shares"
+#: ``--node-config`` key: the environment variable holding this device's passphrase (the one
+#: ``fedrec client start`` read, ``--passphrase-env`` or the one recorded at ``init``).
+NODE_PASSPHRASE_ENV = "fedrec-passphrase-env"
 DEVICE_TASK = "client.device.training:make_device_task"
 
 
@@ -153,6 +156,7 @@ def deployment_run_config(
         merged["state-dir"] = str(device_dir)
         merged["bundle"] = str(node_config.get(NODE_BUNDLE, ""))
         merged[NODE_SHARE_EVALUATION] = node_config.get(NODE_SHARE_EVALUATION) is True
+        merged[NODE_PASSPHRASE_ENV] = str(node_config.get(NODE_PASSPHRASE_ENV) or "")
         # the device owner's privacy floor, whatever the server asks for
         merged[NODE_REQUIRE_DP] = node_config.get(NODE_REQUIRE_DP) is not False
         for key, node_key, default in (

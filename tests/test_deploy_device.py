@@ -4,6 +4,7 @@ global versions and adapts the personal adapter on new events; the SuperNode com
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -210,6 +211,71 @@ def test_a_device_whose_ledger_went_missing_refuses_to_train(device: Path, bundl
     (device / "privacy" / "ledger.json").unlink()  # lost: epsilon would restart at 0
     with pytest.raises(DataError, match=r"ledger .* is missing although this device took part"):
         task.fit(0, params, {"server-round": 2})  # type: ignore[attr-defined]
+
+
+def test_a_round_without_dp_does_not_lock_the_device_out_of_later_rounds(
+    device: Path, bundle: Path
+) -> None:
+    """An owner who allows no-DP rounds (--allow-no-dp): such a round spends nothing, but it
+    is joined, and a device that has joined rounds without a ledger file reads as one that
+    lost it. Every later round failed, asking for a backup that never existed."""
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    server_side = {"task": "shared.federated.student_task:make_task", "batch-size": 4}
+    node = {
+        "fedrec-device-dir": str(device),
+        "fedrec-bundle": str(bundle),
+        "fedrec-require-dp": False,
+    }
+    task: Any = get_task(DEVICE_TASK, deployment_run_config(server_side, node))
+    params = task.initial_parameters()
+    assert task.fit(0, params, {"server-round": 1, "dp": False}).status is FitStatus.OK
+    assert FederatedFiles(device).rounds_joined() == 1
+    ledger = device / "privacy" / "ledger.json"
+    assert json.loads(ledger.read_text())["history"] == []  # written, nothing spent
+    assert task.fit(0, params, {"server-round": 2}).status is FitStatus.OK  # DP again
+    assert len(json.loads(ledger.read_text())["history"]) == 1
+
+
+def test_the_client_app_opens_the_store_with_the_passphrase_variable_the_daemon_read(
+    tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedrec client start --passphrase-env START` opened the daemon with $START, while the
+    ClientApp read the variable recorded at init: the device served, and every round failed."""
+    from fedrec.commands.client import _passphrase_var
+
+    state = tmp_path / "device"
+    monkeypatch.setenv("INIT_PASS", "correct horse battery")
+    init_identity(state, passphrase="correct horse battery", passphrase_env="INIT_PASS")
+    monkeypatch.delenv("INIT_PASS")
+    monkeypatch.setenv("START_PASS", "correct horse battery")
+    assert _passphrase_var(state, "START_PASS") == "START_PASS"
+    assert _passphrase_var(state, None) == "INIT_PASS"  # the recorded one by default
+    with Daemon.open(state, passphrase="correct horse battery") as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+        ca = create_pki(tmp_path / "certs").ca_cert
+        options = SuperNodeOptions(
+            server="127.0.0.1:9093", root_cert=ca, bundle=bundle, passphrase_env="START_PASS"
+        )
+        spec = supernode_spec(daemon.layout, options)
+    node_config = spec.argv[list(spec.argv).index("--node-config") + 1]
+    assert "fedrec-passphrase-env='START_PASS'" in node_config
+    node = {
+        "fedrec-device-dir": str(state),
+        "fedrec-bundle": str(bundle),
+        "fedrec-passphrase-env": "START_PASS",
+    }
+    server_side = {"task": "shared.federated.student_task:make_task", "batch-size": 4}
+    task: Any = get_task(DEVICE_TASK, deployment_run_config(server_side, node))
+    params = task.initial_parameters()
+    assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
+    # without it, the ClientApp reads $INIT_PASS, which this device's start did not set
+    del node["fedrec-passphrase-env"]
+    recorded: Any = get_task(DEVICE_TASK, deployment_run_config(server_side, node))
+    with pytest.raises(ConfigError, match="INIT_PASS"):
+        recorded.fit(0, params, {"server-round": 2})
 
 
 def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(

@@ -1283,6 +1283,47 @@ def test_each_impression_is_learned_from_once(tmp_path: Path, int8_model: bytes)
         daemon.shutdown()
 
 
+def test_feedback_stored_but_never_learned_is_learned_when_retried(
+    tmp_path: Path, int8_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store commits feedback, then the posterior is saved: a daemon killed between the
+    two (here: the policy fails once) left the click stored, so the app's retry was taken as
+    "already reported" and the policy never learned it, while its impression still waited."""
+    from client.device.exploration import BanditReranker
+
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=BanditConfig(top_n=50))
+    client, daemon = dev.client, dev.daemon
+    reranker: Any = daemon.reranker
+    try:
+        client.post("/events", json={"events": [ev(i) for i in ITEM[:4]]})
+        rec = client.get("/recommendations?k=5").json()
+        click = {
+            "feedback": [
+                {
+                    "recommendation_id": rec["recommendation_id"],
+                    "item_id": rec["items"][0]["item_id"],
+                    "action": "clicked",
+                }
+            ]
+        }
+        real = BanditReranker.observe
+
+        def dies(self: BanditReranker, *args: Any, **kwargs: Any) -> int:
+            raise RuntimeError("killed before the posterior was saved")
+
+        monkeypatch.setattr(BanditReranker, "observe", dies)
+        assert client.post("/feedback", json=click).json() == {"stored": 1}
+        assert reranker.state()["posterior"]["n_updates"] == 0
+        monkeypatch.setattr(BanditReranker, "observe", real)
+        for _ in range(3):  # the retry is learned from, once
+            assert client.post("/feedback", json=click).json() == {"stored": 1}
+            assert reranker.state()["posterior"]["n_updates"] == 1
+        counts = reranker.feedback_counts
+        assert counts["accepted"] == 1 and not any(k.startswith("rejected") for k in counts)
+    finally:
+        daemon.shutdown()
+
+
 def test_history_maps_items_through_the_catalog_it_is_scored_with(device: Device) -> None:
     """recommend passes the catalog of its model snapshot: a catalog switch landing between
     the snapshot and the history read must not map the history through the new one."""

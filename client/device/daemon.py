@@ -170,6 +170,10 @@ class LearningReranker(Reranker, Protocol):
         """Learn from feedback on shown columns, each about the slate its id names."""
         ...
 
+    def awaiting(self, columns: Sequence[int], slate_ids: Sequence[str | None]) -> list[bool]:
+        """Whether each shown column's impression in its slate still awaits feedback."""
+        ...
+
     def reset(self) -> None: ...
 
 
@@ -752,16 +756,20 @@ class Daemon:
             reward: dict[tuple[str, str], float] = {}  # per impression; a click beats "shown"
             for fb in feedback:
                 pair = (fb.recommendation_id, fb.item_id)
-                if pair not in earlier:
-                    reward[pair] = max(reward.get(pair, 0.0), float(fb.action == "clicked"))
-            columns, rewards, slates = [], [], []
-            for (rec_id, item_id), value in reward.items():
-                col = catalog.dense(item_id)
-                if col is not None:
-                    columns.append(col)
-                    rewards.append(value)
-                    slates.append(rec_id)
+                reward[pair] = max(reward.get(pair, 0.0), float(fb.action == "clicked"))
+            shown = [
+                (col, pair, value)
+                for pair, value in reward.items()
+                if (col := catalog.dense(pair[1])) is not None
+            ]
             try:
+                # a pair stored before is learned from only if its impression still waits:
+                # the process died between storing it and saving the posterior
+                waits = reranker.awaiting([c for c, _, _ in shown], [p[0] for _, p, _ in shown])
+                learn = [s for s, w in zip(shown, waits, strict=True) if s[1] not in earlier or w]
+                columns = [col for col, _, _ in learn]
+                rewards = [value for _, _, value in learn]
+                slates: list[str | None] = [pair[0] for _, pair, _ in learn]
                 reranker.observe(columns, rewards, slates)
             except Exception:
                 logger.exception(

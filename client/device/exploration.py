@@ -137,6 +137,16 @@ class BanditReranker:
             self._save(policy)
         return accepted
 
+    def awaiting(self, columns: Sequence[int], slate_ids: Sequence[str | None]) -> list[bool]:
+        """For each shown column, whether its impression in the slate its id names still
+        awaits feedback (stored feedback on it was never learned from, e.g. after a kill
+        between the store's write and the posterior's)."""
+        with self._lock:
+            if self._model is None:
+                return [False] * len(columns)
+            policy, _ = self._ready()
+            return [policy.awaits(c, s) for c, s in zip(columns, slate_ids, strict=True)]
+
     def reset(self) -> None:
         """Forget the posterior (the daemon's erase removed the stored state already)."""
         with self._lock:

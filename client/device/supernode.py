@@ -49,6 +49,9 @@ class SuperNodeOptions:
     max_delta: float = PrivacyBudget.delta
     #: the largest noise-shares this device accepts (1: it adds all its DP noise itself)
     max_noise_shares: int = 1
+    #: the environment variable the daemon read the passphrase from (``None``: a key file),
+    #: passed on so that the ClientApp opens the store with the same one
+    passphrase_env: str | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.server.rpartition(":")
@@ -124,6 +127,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         NODE_MAX_DELTA,
         NODE_MAX_EPSILON,
         NODE_MAX_NOISE_SHARES,
+        NODE_PASSPHRASE_ENV,
         NODE_REQUIRE_DP,
         NODE_SHARE_EVALUATION,
     )
@@ -145,6 +149,8 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         f"{NODE_MAX_NOISE_SHARES}={int(options.max_noise_shares)} "
         f"{NODE_REQUIRE_DP}={'true' if options.require_dp else 'false'}"
     )
+    if options.passphrase_env:  # a variable name (checked when the daemon read it)
+        node_config += f" {NODE_PASSPHRASE_ENV}='{options.passphrase_env}'"
     argv = (
         supernode_executable(),
         "--superlink",

@@ -204,12 +204,14 @@ class FederatedFiles:
         )
 
 
-def _data_key(state_dir: Path) -> bytes:
-    """The device's data key, from its key file or its passphrase environment variable."""
+def _data_key(state_dir: Path, passphrase_env: str | None = None) -> bytes:
+    """The device's data key, from its key file or its passphrase environment variable
+    (``passphrase_env``, the one ``fedrec client start`` read; else the one recorded at
+    ``init``)."""
     identity = DeviceIdentity.load(state_dir)
     passphrase = None
     if identity.data_key_mode == "passphrase":
-        var = identity.passphrase_env()
+        var = passphrase_env or identity.passphrase_env()
         if not var:
             raise ConfigError(
                 f"the data key of {state_dir} comes from a passphrase but no variable name is "
@@ -219,14 +221,17 @@ def _data_key(state_dir: Path) -> bytes:
     return identity.data_key(passphrase)
 
 
-def local_history(state_dir: Path, catalog: Catalog) -> npt.NDArray[np.int64]:
-    """This device's events as model columns, oldest first (items not in ``catalog`` skipped)."""
+def local_history(
+    state_dir: Path, catalog: Catalog, passphrase_env: str | None = None
+) -> npt.NDArray[np.int64]:
+    """This device's events as model columns, oldest first (items not in ``catalog``
+    skipped); ``passphrase_env`` as for :func:`_data_key`."""
     from client.device.store import DeviceStore
 
     layout = DeviceLayout(state_dir)
     if not layout.store_db.exists():
         return np.zeros(0, dtype=np.int64)
-    with DeviceStore.open(layout.store_db, _data_key(state_dir)) as store:
+    with DeviceStore.open(layout.store_db, _data_key(state_dir, passphrase_env)) as store:
         events = store.events()
     columns = [catalog.dense(e.item_id) for e in events]
     return np.asarray([c for c in columns if c is not None], dtype=np.int64)
@@ -242,7 +247,12 @@ def _round_of(config: Mapping[str, ConfigValue]) -> int:
 
 def make_device_task(run_config: RunConfig) -> StudentTask:
     """Task-registry factory: the student task over the device named by ``state-dir``."""
-    from client.client_app import NODE_REQUIRE_DP, NODE_SHARE_EVALUATION, max_noise_shares
+    from client.client_app import (
+        NODE_PASSPHRASE_ENV,
+        NODE_REQUIRE_DP,
+        NODE_SHARE_EVALUATION,
+        max_noise_shares,
+    )
     from shared.federated.student_task import ClientState, StudentTask
     from shared.federated.task import CONFIG_RUN_ID, EvalOutcome, FitOutcome
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
@@ -278,7 +288,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             return replace(train, noise_shares=noise_shares_cap)
 
         def local_sequence(self, client_id: int) -> np.ndarray:
-            return local_history(self.layout.state_dir, self.catalog())
+            return local_history(self.layout.state_dir, self.catalog(), passphrase_env)
 
         def client_state(self, client_id: int) -> ClientState:
             joined = self.files.rounds_joined()
@@ -327,6 +337,10 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                     )
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
+                    if not self.layout.ledger.exists():
+                        # a round without DP (--allow-no-dp) spends nothing, but once a
+                        # round is joined a missing ledger means a lost one: write it first
+                        PrivacyLedger.open(self.layout.ledger, self._budget).save()
                     self.files.add_round_joined(server_round)
             return outcome
 
@@ -388,6 +402,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             )
 
     share_evaluation = run_config.get(NODE_SHARE_EVALUATION) is True
+    passphrase_env = str(run_config.get(NODE_PASSPHRASE_ENV) or "") or None
     require_dp = run_config.get(NODE_REQUIRE_DP) is not False
     noise_shares_cap = max_noise_shares(run_config)
     if not str(run_config.get("state-dir", "")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -90,7 +91,19 @@ def _daemon_config(
 
 
 def _passphrase(state_dir: Path, passphrase_env: str | None) -> str | None:
-    from client.device.identity import DeviceIdentity, read_passphrase_env
+    return _read_passphrase(_passphrase_var(state_dir, passphrase_env))
+
+
+def _read_passphrase(var: str | None) -> str | None:
+    from client.device.identity import read_passphrase_env
+
+    return None if var is None else read_passphrase_env(var)
+
+
+def _passphrase_var(state_dir: Path, passphrase_env: str | None) -> str | None:
+    """The environment variable holding the device's passphrase (``None``: its data key is
+    a key file): ``--passphrase-env``, else the one recorded at ``init``."""
+    from client.device.identity import DeviceIdentity
 
     identity = DeviceIdentity.load(state_dir)
     if identity.data_key_mode != "passphrase":
@@ -106,7 +119,7 @@ def _passphrase(state_dir: Path, passphrase_env: str | None) -> str | None:
             "this device's data key is derived from a passphrase; pass --passphrase-env NAME "
             "with the passphrase exported in $NAME"
         )
-    return read_passphrase_env(var)
+    return var
 
 
 @app.command("init")
@@ -224,9 +237,14 @@ def _run_daemon(
                 f"--supernode-port {cfg.port} is also the local API's port (--port); the "
                 "SuperNode and the API each need their own: give them different ports"
             )
-    daemon = Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env), config=cfg)
+    var = _passphrase_var(state_dir, passphrase_env)
+    daemon = Daemon.open(state_dir, passphrase=_read_passphrase(var), config=cfg)
     if federation is not None:
         from client.device.supernode import supernode_spec
+
+        # the ClientApp opens the store too: with the variable the daemon read, not the
+        # one recorded at init
+        federation = replace(federation, passphrase_env=var)
         from client.device.training import DeviceLearner
 
         try:

@@ -668,6 +668,11 @@ class Policy(ABC):
             out["next_impression"] = self._next_impression
         return out
 
+    def awaits(self, item: int, tag: str | None) -> bool:
+        """Whether the impression of ``item`` in slate ``tag`` (exactly that tag) still
+        awaits feedback: feedback on it was never learned from."""
+        return any(self._pending[i][2] == tag for i in self._pending_by_item.get(item, ()))
+
     def pending_ids(self) -> set[int]:
         """The ids of the impressions awaiting feedback (ids grow with every impression)."""
         return set(self._pending)
