@@ -49,8 +49,9 @@ DAEMON_SETTINGS_HELP: dict[str, dict[str, str]] = {
         "bandit_max_feature_norm": "Context vectors longer than this are scaled down to it.",
         "bandit_reward_min": "Rewards below are clipped up.",
         "bandit_reward_max": "Rewards above are clipped down.",
-        "bandit_max_pending": "Impressions kept waiting for feedback.",
+        "bandit_max_pending": "Impressions kept waiting for feedback (>= 100, the largest slate).",
         "bandit_refresh_every": "Recompute the posterior by Cholesky after this many updates.",
-        "bandit_seed": "Seed of the policy's own generator.",
+        "bandit_seed": "Seed of the policy's own generator (benchmarks; a device explores with "
+        "fresh randomness).",
     },
 }

@@ -430,7 +430,9 @@ def test_corrupt_state_is_refused() -> None:
         (("format",), "other/v9"),
         (("policy",), "thompson"),
         (("n_items",), N_ITEMS + 1),
-        (("config", "alpha"), 123.0),
+        (("config", "prior_variance"), 123.0),
+        (("config", "feature_dim"), 4),
+        (("config", "top_n"), 9),
         (("posterior", "A"), nan_a),
         (("posterior", "A"), asym),
         (("posterior", "A"), negative),
@@ -451,6 +453,20 @@ def test_corrupt_state_is_refused() -> None:
         assert fresh.posterior.n_updates == 0
     with pytest.raises(ModelFileError):
         make_policy(_cfg(), N_ITEMS).load_state_dict("not a dict")  # type: ignore[arg-type]
+
+
+def test_a_posterior_survives_settings_that_do_not_change_its_meaning() -> None:
+    """An owner tuning how boldly the device explores, its slate size, diversity or seed
+    kept nothing the policy had learned: the whole config had to be equal."""
+    policy = _trained()
+    state = policy.state_dict()
+    tuned = _cfg(alpha=2.0, epsilon=0.3, slate_size=5, mmr_lambda=0.5, seed=9, refresh_every=7)
+    clone = make_policy(tuned, N_ITEMS)
+    clone.load_state_dict(state)
+    assert clone.posterior.n_updates == policy.posterior.n_updates > 0
+    np.testing.assert_array_equal(clone.posterior.b, policy.posterior.b)
+    with pytest.raises(ModelFileError, match="learned under other reward_max"):
+        make_policy(_cfg(reward_max=2.0), N_ITEMS).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------- diversity

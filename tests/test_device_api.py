@@ -735,7 +735,7 @@ def test_each_slate_writes_its_own_impressions_and_a_restart_keeps_them(
     """The posterior is written with every request, but each pending impression is its own
     record: a slate adds its own, feedback removes what it consumed, and the whole queue
     (up to max-pending) is not rewritten each time."""
-    exploration = BanditConfig(top_n=20, slate_size=3, max_pending=8)
+    exploration = BanditConfig(top_n=20, slate_size=3, max_pending=100)
     dev = Device(tmp_path / "dev", int8_model, CATALOG, exploration=exploration)
     writes: list[tuple[int, int]] = []  # (values written, keys deleted) per transaction
     store = dev.daemon.store
@@ -747,19 +747,20 @@ def test_each_slate_writes_its_own_impressions_and_a_restart_keeps_them(
         real(values, delete=delete, delete_prefix=delete_prefix)
 
     monkeypatch.setattr(store, "update_state", spy)
-    recs = [dev.client.get("/recommendations", params={"k": 3}).json() for _ in range(3)]
-    assert writes == [(4, 0), (4, 0), (4, 1)]  # posterior + 3 impressions; 1 expires (max 8)
-    assert len(store.states_with_prefix(PENDING_PREFIX)) == 8
+    recs = [dev.client.get("/recommendations", params={"k": 3}).json() for _ in range(34)]
+    # posterior + 3 impressions each; the 34th slate's expire the 2 oldest (max 100)
+    assert writes == [(4, 0)] * 33 + [(4, 2)]
+    assert len(store.states_with_prefix(PENDING_PREFIX)) == 100
     fb = [
-        {"recommendation_id": recs[2]["recommendation_id"], "item_id": i["item_id"], "action": a}
-        for i, a in zip(recs[2]["items"][:2], ("clicked", "shown"), strict=True)
+        {"recommendation_id": recs[-1]["recommendation_id"], "item_id": i["item_id"], "action": a}
+        for i, a in zip(recs[-1]["items"][:2], ("clicked", "shown"), strict=True)
     ]
     assert dev.client.post("/feedback", json={"feedback": fb}).status_code == 200
     assert writes[-1] == (1, 2)  # the posterior; the two impressions consumed
     reranker = dev.daemon.reranker
     assert isinstance(reranker, BanditReranker)
     state = reranker.state()
-    assert len(state["pending"]) == len(store.states_with_prefix(PENDING_PREFIX)) == 6
+    assert len(state["pending"]) == len(store.states_with_prefix(PENDING_PREFIX)) == 98
     dev.daemon.shutdown()
 
     again = Daemon.open(tmp_path / "dev", config=DaemonConfig(exploration=exploration))
@@ -768,8 +769,8 @@ def test_each_slate_writes_its_own_impressions_and_a_restart_keeps_them(
         assert isinstance(restored, BanditReranker)
         assert restored.state() == state
         # the slate's last impression is still known by its recommendation after the restart
-        last = recs[2]["items"][2]["item_id"]
-        again.add_feedback([Feedback(recs[2]["recommendation_id"], last, "clicked", time.time())])
+        last = recs[-1]["items"][2]["item_id"]
+        again.add_feedback([Feedback(recs[-1]["recommendation_id"], last, "clicked", time.time())])
         assert restored.feedback_counts["accepted"] == 3
     finally:
         again.shutdown()
@@ -813,6 +814,32 @@ def test_exploration_config_from_flat_keys() -> None:
     assert (small.candidate_pool, small.exploration.top_n) == (100, 50)
     with pytest.raises(ConfigError, match="unknown config key 'nope'"):
         DaemonConfig.from_values({"bandit-nope": 1})
+    # a slate of k = 100 would expire its own impressions before their feedback
+    with pytest.raises(ConfigError, match=r"bandit-max-pending \(50\) is below the largest"):
+        DaemonConfig.from_values({"bandit-max-pending": 50})
+
+
+def test_the_api_url_of_an_ipv6_loopback_is_usable() -> None:
+    from client.device.daemon import api_url
+
+    assert api_url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
+    url = api_url("::1", 33547)
+    assert url == "http://[::1]:33547"
+    assert httpx.URL(url).port == 33547  # "http://::1:33547" was an invalid URL
+
+
+def test_a_catalog_whose_ids_a_device_cannot_report_back_is_never_published(
+    tmp_path: Path,
+) -> None:
+    from shared.compression.artifact import publish_student
+    from shared.errors import DataError
+    from shared.ondevice.runtime import MAX_ITEM_ID_LENGTH
+
+    long_id = "https://example.org/items/" + "x" * MAX_ITEM_ID_LENGTH
+    out = tmp_path / "model-v1.int8.onnx"
+    with pytest.raises(DataError, match="longer than 256 characters"):
+        publish_student(None, ["short", long_id], out, version="1")  # type: ignore[arg-type]
+    assert not out.exists() and not list(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="policy"):
         DaemonConfig.from_values({"bandit-policy": "oracle"})
 

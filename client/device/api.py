@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from client.device.config import MAX_K
 from client.device.daemon import (
     DaemonConfig,
     DeviceBackend,
@@ -64,12 +65,11 @@ from client.device.store import (
     UnknownItemsError,
 )
 from shared.errors import ConfigError, DataError, FedRecError
+from shared.ondevice.runtime import MAX_ITEM_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
-MAX_K = 100
-MAX_ITEM_ID_LENGTH = 256
 RATING_MIN, RATING_MAX = 0.0, 10.0
 PUBLIC_PATHS = frozenset({"/openapi.json"})
 

@@ -31,6 +31,10 @@ MAX_WAIT_S = 3600.0
 """The longest shutdown grace or monitor interval a daemon accepts (an hour)."""
 
 
+#: The most items one request for recommendations returns (the API's ``k``).
+MAX_K = 100
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """How the daemon runs. Kebab-case keys work with :func:`shared.config.from_flat`.
@@ -104,6 +108,12 @@ class DaemonConfig:
         if not isinstance(self.exploration, BanditConfig):
             raise ConfigError(
                 f"exploration must be a BanditConfig, got {type(self.exploration).__name__}"
+            )
+        if self.exploration.max_pending < MAX_K:
+            raise ConfigError(
+                f"bandit-max-pending ({self.exploration.max_pending}) is below the largest "
+                f"slate the API serves (k <= {MAX_K}): a slate that large would expire its own "
+                f"impressions before their feedback; use at least {MAX_K}"
             )
         if self.exploration.top_n > self.candidate_pool:
             raise ConfigError(

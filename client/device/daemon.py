@@ -147,6 +147,11 @@ class Reranker(Protocol):
     def rerank(self, candidates: IntArray, scores: FloatArray, k: int) -> Sequence[int]: ...
 
 
+def api_url(host: str, port: int) -> str:
+    """The URL of an API bound to ``host:port`` (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @runtime_checkable
 class LearningReranker(Reranker, Protocol):
     """A policy that learns on the device: told which model it serves, fed feedback, reset on
@@ -1044,13 +1049,13 @@ class Daemon:
             )
         )
         self._server = server
+        url = api_url(host, port)
         write_json_atomic(
-            self.layout.api_info,
-            {"host": host, "port": port, "url": f"http://{host}:{port}", "pid": os.getpid()},
+            self.layout.api_info, {"host": host, "port": port, "url": url, "pid": os.getpid()}
         )
         self._wrote_api_info = True
         if on_ready is not None:
-            on_ready(f"http://{host}:{port}")
+            on_ready(url)
         if self._stop.is_set():
             server.should_exit = True
         try:

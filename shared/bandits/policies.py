@@ -128,6 +128,20 @@ def _check_float(
         )
 
 
+#: The :class:`BanditConfig` fields a learned posterior depends on: its prior, its context
+#: features (their number and scale, the candidate set the score is standardised over) and
+#: the range its rewards were clipped to.
+POSTERIOR_FIELDS = (
+    "prior_variance",
+    "score_prior",
+    "feature_dim",
+    "max_feature_norm",
+    "top_n",
+    "reward_min",
+    "reward_max",
+)
+
+
 @dataclass(frozen=True)
 class BanditConfig:
     """One deployment's re-ranking policy; validated on construction.
@@ -228,6 +242,12 @@ class BanditConfig:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON reports and the persisted state)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def posterior_settings(self) -> dict[str, Any]:
+        """The settings that give a learned posterior its meaning (:data:`POSTERIOR_FIELDS`):
+        a posterior learned under others would be silently wrong, while the rest (how
+        boldly to explore, the slate's size, diversity, the seed) can change under it."""
+        return {name: getattr(self, name) for name in POSTERIOR_FIELDS}
 
 
 class LinearPosterior:
@@ -694,8 +714,10 @@ class Policy(ABC):
 
         A state saved with ``pending=False`` takes its pending impressions from ``pending``
         (:meth:`pending_entries` output, ids kept); one saved with them ignores ``pending``.
-        The saved config must equal this policy's config: a posterior learned under other
-        features or priors would be silently wrong.
+        The saved config must agree with this policy's on :data:`POSTERIOR_FIELDS`: a
+        posterior learned under other features, priors or reward range would be silently
+        wrong. The other settings may differ (an owner tuning exploration keeps what the
+        policy learned).
         """
         if not isinstance(state, dict):
             raise ModelFileError(f"bandit state must be a mapping, got {type(state).__name__}")
@@ -707,8 +729,15 @@ class Policy(ABC):
             raise ModelFileError(
                 f"bandit state is for policy {state.get('policy')!r}, not {self.name!r}"
             )
-        if state.get("config") != self.config.as_dict():
-            raise ModelFileError("bandit state was saved under a different BanditConfig")
+        saved = state.get("config")
+        mine = self.config.posterior_settings()
+        if not isinstance(saved, dict) or {k: saved.get(k) for k in mine} != mine:
+            changed = sorted(
+                k for k in mine if not isinstance(saved, dict) or saved.get(k) != mine[k]
+            )
+            raise ModelFileError(
+                f"bandit state was learned under other {', '.join(changed)} than the config's"
+            )
         if state.get("n_items") != self.n_items:
             raise ModelFileError(
                 f"bandit state is for {state.get('n_items')!r} items, this catalog has "

@@ -18,7 +18,7 @@ from shared.compression.prune import PruneConfig, PruneReport, prune_model
 from shared.compression.quantize import QuantizeConfig, quantize_onnx_bytes
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
-from shared.ondevice.runtime import catalog_fingerprint
+from shared.ondevice.runtime import catalog_fingerprint, check_item_id_lengths
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,9 @@ def publish_student(
     validation_histories: Sequence[npt.ArrayLike] | None = None,
 ) -> ArtifactReport:
     """Write ``student``'s global model (:func:`build_student_artifact`) to ``out_path``
-    (atomic) with the catalog next to it, as the server publishes every round."""
+    (atomic) with the catalog next to it, as the server publishes every round. Refuses a
+    catalog whose ids a device could not report back (:func:`check_item_id_lengths`)."""
+    check_item_id_lengths(item_ids)
     built = build_student_artifact(
         student,
         item_ids,

@@ -74,6 +74,23 @@ _REEXPORT_HINT = (
 )
 
 
+#: The longest item id a device can name: its API refuses longer ones (a bound on request
+#: sizes), so a catalog with longer ids would be recommended but never reported back.
+MAX_ITEM_ID_LENGTH = 256
+
+
+def check_item_id_lengths(item_ids: Sequence[str]) -> None:
+    """Refuse (:class:`DataError`) a catalog with ids a device could not report feedback or
+    events for (longer than :data:`MAX_ITEM_ID_LENGTH` characters)."""
+    long = [i for i in item_ids if len(i) > MAX_ITEM_ID_LENGTH]
+    if long:
+        raise DataError(
+            f"{len(long)} item id(s) are longer than {MAX_ITEM_ID_LENGTH} characters (e.g. "
+            f"{long[0][:40]!r}...): a device could recommend them but never report them back. "
+            "Map the dataset's ids to shorter ones (e.g. a hash) before training"
+        )
+
+
 def catalog_fingerprint(item_ids: Sequence[str]) -> str:
     """Short stable hash of the catalog's item ids *in dense-id order*.
 
