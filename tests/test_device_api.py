@@ -69,8 +69,12 @@ class TinyStudent(nn.Module):
         self.item_emb = nn.Embedding(N_ITEMS, DIM)
         with torch.no_grad():
             self.item_emb.weight.copy_(table)
-        self.att = nn.Linear(DIM, 1)
-        self.proj = nn.Linear(DIM, DIM)
+        # seeded: an unseeded stand-in was another model in every test session, and the
+        # bandit test's "not less of the clicked taste" failed for about one in 40 of them
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.att = nn.Linear(DIM, 1)
+            self.proj = nn.Linear(DIM, DIM)
 
     def precompute_item_table(self) -> None:
         """The table is a parameter here."""
