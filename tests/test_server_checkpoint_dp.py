@@ -734,6 +734,19 @@ def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
         restored.load_state_dict([1, 2])  # type: ignore[arg-type]
 
 
+class _FakeClients:
+    """A client manager with ``n`` connected clients (ids -> proxies are plain strings)."""
+
+    def __init__(self, n: int) -> None:
+        self.clients = {str(1000 + i): f"proxy-{i}" for i in range(n)}
+
+    def num_available(self) -> int:
+        return len(self.clients)
+
+    def all(self) -> dict[str, str]:
+        return self.clients
+
+
 def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> None:
     """Amplification by sampling assumes nobody but the server can tell who was sampled; the
     seed is in the run config, so under user-level DP the cohorts come from secret
@@ -745,17 +758,7 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
 
     from server.server_app import build_strategy
 
-    class Clients:
-        def __init__(self, n: int) -> None:
-            self.clients = {str(1000 + i): f"proxy-{i}" for i in range(n)}
-
-        def num_available(self) -> int:
-            return len(self.clients)
-
-        def all(self) -> dict[str, str]:
-            return self.clients
-
-    manager = cast(ClientManager, Clients(40))
+    manager = cast(ClientManager, _FakeClients(40))
     params = [np.zeros(3)]
     settings = UserDPSettings.create(noise_multiplier=1.0, clip_norm=0.1, population=40)
 
@@ -772,19 +775,6 @@ def test_user_dp_cohorts_are_secret_while_plain_cohorts_follow_the_seed() -> Non
     assert len(draws) == 1  # the seed fixes the cohort
     cohorts = {round_one_cohort(True) for _ in range(6)}
     assert len(cohorts) > 1  # 2^40 possible cohorts: six equal draws would be a bug
-
-
-class _FakeClients:
-    """A client manager with ``n`` connected clients (ids -> proxies are plain strings)."""
-
-    def __init__(self, n: int) -> None:
-        self.clients = {str(1000 + i): f"proxy-{i}" for i in range(n)}
-
-    def num_available(self) -> int:
-        return len(self.clients)
-
-    def all(self) -> dict[str, str]:
-        return self.clients
 
 
 def _user_dp_strategy(
