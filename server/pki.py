@@ -7,8 +7,10 @@ devices use to reach the SuperLink as subject alternative names (TLS clients che
 not the common name). Keys are EC P-384 (small, fast, accepted by gRPC/uvicorn TLS) and
 written 0600 in PKCS#8 PEM, certificates 0644.
 
-The CA key signs nothing after ``init`` (a new server certificate for new names is a new
-``init --force``); it is kept so an operator can issue one with standard tools.
+The CA key is kept for :func:`renew_server_cert` (``fedrec server renew-cert``): a new server
+certificate (expired, or for other host names) signed by the same CA, so devices keep
+trusting the server and the run state stays. Only a lost or compromised CA needs a new
+``init --force``.
 """
 
 from __future__ import annotations
@@ -150,6 +152,54 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+def _issue_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    names: SubjectNames,
+    now: dt.datetime,
+    valid_days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh server key and its certificate for ``names``, signed by the CA."""
+    ca_name = ca_cert.subject
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names.common_name))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return server_key, server_cert
+
+
 def create_pki(
     directory: str | Path,
     hosts: Sequence[str] = DEFAULT_HOSTS,
@@ -201,44 +251,43 @@ def create_pki(
         .sign(ca_key, hashes.SHA384())
     )
 
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(names.common_name))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-
+    server_key, server_cert = _issue_server_cert(ca_key, ca_cert, names, now, valid_days)
     _write_private_key(paths.ca_key, ca_key)
     _write_cert(paths.ca_cert, ca_cert)
+    _write_private_key(paths.server_key, server_key)
+    _write_cert(paths.server_cert, server_cert)
+    return paths
+
+
+def renew_server_cert(
+    directory: str | Path, hosts: Sequence[str] | None = None, *, valid_days: int = 825
+) -> PkiPaths:
+    """Replace the server certificate and key with new ones signed by the existing CA, for
+    ``hosts`` (default: the names of the current certificate). Devices keep trusting the
+    server (same ``ca.pem``); nothing else in the state directory changes."""
+    paths = PkiPaths(Path(directory))
+    for path in (paths.ca_cert, paths.ca_key):
+        if not path.is_file():
+            raise PkiError(
+                f"{path} is missing: without the CA no certificate devices trust can be "
+                "issued; recreate the state with `fedrec server init --force` (a new CA)"
+            )
+    if hosts is None:
+        hosts = server_names(paths)
+    names = SubjectNames.parse(hosts)
+    ca_cert = load_cert(paths.ca_cert)
+    try:
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PkiError(f"CA key {paths.ca_key} is unreadable ({exc})") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or (
+        ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers()  # type: ignore[union-attr]
+    ):
+        raise PkiError(f"{paths.ca_key} is not the key of {paths.ca_cert}")
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    if ca_cert.not_valid_after_utc < now + dt.timedelta(days=valid_days):
+        valid_days = max(1, (ca_cert.not_valid_after_utc - now).days)
+    server_key, server_cert = _issue_server_cert(ca_key, ca_cert, names, now, valid_days)
     _write_private_key(paths.server_key, server_key)
     _write_cert(paths.server_cert, server_cert)
     return paths
@@ -252,7 +301,8 @@ def load_cert(path: Path) -> x509.Certificate:
         raise PkiError(f"certificate {path} is missing; run `fedrec server init`") from None
     except (OSError, ValueError) as exc:
         raise PkiError(
-            f"certificate {path} is unreadable ({exc}); rerun `fedrec server init --force`"
+            f"certificate {path} is unreadable ({exc}); `fedrec server renew-cert` issues a new "
+            "server certificate (for a damaged ca.pem, `fedrec server init --force`)"
         ) from exc
 
 
@@ -281,10 +331,11 @@ def check_pki(paths: PkiPaths) -> None:
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise PkiError(
             f"{paths.server_cert} was not issued by {paths.ca_cert} "
-            f"({exc or 'bad signature'}); rerun `fedrec server init --force`"
+            f"({exc or 'bad signature'}); `fedrec server renew-cert` issues one that is"
         ) from None
     if server.not_valid_after_utc < dt.datetime.now(dt.UTC):
         raise PkiError(
             f"server certificate {paths.server_cert} expired on "
-            f"{server.not_valid_after_utc:%Y-%m-%d}; rerun `fedrec server init --force`"
+            f"{server.not_valid_after_utc:%Y-%m-%d}; `fedrec server renew-cert` issues a new one "
+            "from the same CA (devices keep their ca.pem; the run state stays)"
         )

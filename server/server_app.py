@@ -410,11 +410,24 @@ def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
     return UserLevelDP(settings, journal=journal)
 
 
-def check_resume(config: ServerConfig, initial: list[Any]) -> None:
+#: Checkpoint entry (and run-config key) naming the bundle a run trains from: resuming
+#: another bundle's checkpoint would republish its model versions with this one's catalog.
+BUNDLE_DIGEST_KEY = "bundle-sha256"
+
+
+def bundle_digest_of(run_config: Mapping[str, RunConfigValue]) -> str:
+    """The digest of the bundle ``run_config`` trains from ("" when it names none, e.g. a
+    simulation or a toy task)."""
+    value = run_config.get(BUNDLE_DIGEST_KEY, "")
+    return value if isinstance(value, str) else ""
+
+
+def check_resume(config: ServerConfig, initial: list[Any], bundle_digest: str = "") -> None:
     """Refuse now a checkpoint in ``config.checkpoint_dir`` that the ServerApp would refuse
-    to resume from (another model, another server optimiser, user-level DP over rounds that
-    had none): launched, that only shows as a failed run with the reason in its log, and
-    every restart would fail the same way. Reads only; nothing in the folder changes."""
+    to resume from (another model or bundle, another server optimiser, user-level DP over
+    rounds that had none): launched, that only shows as a failed run with the reason in its
+    log, and every restart would fail the same way. Reads only; nothing in the folder
+    changes."""
     if not config.checkpoint_dir:
         return
     if config.user_dp:  # the ServerApp reads it before its first round, and would fail there
@@ -423,7 +436,7 @@ def check_resume(config: ServerConfig, initial: list[Any]) -> None:
     checkpoint = store.latest()
     if checkpoint is None:
         return
-    _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp)
+    _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp, bundle=bundle_digest)
     # the strategy's state does not depend on the mechanism (built in the ServerApp, once the
     # population is known): read it into a strategy without one
     strategy = build_strategy(replace(config, user_dp=False), checkpoint.parameters, user_dp=None)
@@ -431,14 +444,28 @@ def check_resume(config: ServerConfig, initial: list[Any]) -> None:
 
 
 def _check_checkpoint(
-    checkpoint: Checkpoint, initial: list[Any], config: ServerConfig, *, user_dp: bool
+    checkpoint: Checkpoint,
+    initial: list[Any],
+    config: ServerConfig,
+    *,
+    user_dp: bool,
+    bundle: str = "",
 ) -> None:
-    """Refuse a checkpoint of another model, or one whose privacy history is unusable."""
+    """Refuse a checkpoint of another model or bundle (``bundle``: this run's digest), or
+    one whose privacy history is unusable."""
     problem = find_problem(checkpoint.parameters, initial, what="checkpoint parameters")
     if problem is not None:
         raise ConfigError(
             f"checkpoint {checkpoint.manifest_path} does not fit task '{config.task}': "
             f"{problem}. Use another 'checkpoint-dir' for a different model."
+        )
+    trained_from = checkpoint.extra.get(BUNDLE_DIGEST_KEY)
+    if bundle and isinstance(trained_from, str) and trained_from and trained_from != bundle:
+        raise ConfigError(
+            f"checkpoint {checkpoint.manifest_path} was trained from bundle "
+            f"{trained_from[:12]}..., this run's bundle is {bundle[:12]}...: resuming would "
+            "republish its model versions with another catalog. Start with the bundle it "
+            "was trained from, or use another 'checkpoint-dir' (state dir) for this one."
         )
     if user_dp and checkpoint.ledger_state is None and checkpoint.server_round > 0:
         raise ConfigError(
@@ -473,7 +500,7 @@ def make_server_app(
         merged: dict[str, RunConfigValue] = {**context.run_config, **overrides}
         config = ServerConfig.from_run_config(merged)
         task = get_task(config.task, merged)
-        _run_server(grid, context, config, task, on_round_end)
+        _run_server(grid, context, config, task, on_round_end, bundle_digest_of(merged))
 
     return app
 
@@ -484,8 +511,10 @@ def _run_server(
     config: ServerConfig,
     task: FederatedTask,
     on_round_end: RoundCallback | None,
+    bundle: str = "",
 ) -> None:
-    """The body of the ServerApp: resume, run the remaining rounds, checkpoint each.
+    """The body of the ServerApp: resume, run the remaining rounds, checkpoint each (with
+    the digest of the ``bundle`` it trains from, when it names one).
 
     Per round, in this order: checkpoint (atomic), publish the artifact, log, the
     caller's ``on_round_end``, then the privacy-budget check for the next round.
@@ -504,7 +533,7 @@ def _run_server(
         population = count_population(grid, config)
         user_dp = make_user_dp(config, population)
     if checkpoint is not None:
-        _check_checkpoint(checkpoint, initial, config, user_dp=user_dp is not None)
+        _check_checkpoint(checkpoint, initial, config, user_dp=user_dp is not None, bundle=bundle)
     strategy = build_strategy(
         config, checkpoint.parameters if checkpoint is not None else initial, user_dp=user_dp
     )
@@ -612,6 +641,7 @@ def _run_server(
                 strategy.state_dict(),
                 user_dp.state_dict() if user_dp is not None else None,
                 _round_metrics(report),
+                extra={BUNDLE_DIGEST_KEY: bundle} if bundle else None,
             )
         publish(report.parameters, report.server_round)
         _log_round(report)

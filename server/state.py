@@ -544,15 +544,21 @@ def checkpoint_rounds(layout: ServerLayout) -> list[int]:
 def resumable_round(layout: ServerLayout) -> int | None:
     """The round a restart resumes after: the newest checkpoint that verifies (a damaged
     newer one is skipped, as the ServerApp skips it), ``None`` if none does. Reads only."""
+    return checkpoint_state(layout)[0]
+
+
+def checkpoint_state(layout: ServerLayout) -> tuple[int | None, str | None]:
+    """:func:`resumable_round`, and why a restart would refuse to start (every checkpoint
+    damaged: the ServerApp refuses to start over), or ``None``. Reads only."""
     from server.checkpoint import CheckpointStore
 
     if not checkpoint_rounds(layout):
-        return None
+        return None, None
     try:
         latest = CheckpointStore(layout.checkpoints, tidy=False).latest()
-    except DataError:
-        return None
-    return latest.server_round if latest is not None else None
+    except DataError as err:
+        return None, str(err)
+    return (latest.server_round if latest is not None else None), None
 
 
 @dataclass(frozen=True)
@@ -565,6 +571,8 @@ class ServerStatus:
     address: str | None
     run_id: str | None
     checkpoint_round: int | None
+    #: why no checkpoint can be resumed although there are some (``start`` refuses), or None
+    checkpoint_problem: str | None
     num_rounds: int | None
     last: dict[str, Any] | None
     clients_registered: int
@@ -580,7 +588,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
     layout.require()
     running = running_server(layout)
     alive = running is not None
-    resumable = resumable_round(layout)
+    resumable, problem = checkpoint_state(layout)
     progress = read_progress(layout)
     registry = ClientRegistry.load(layout.registry)
     versions = {  # anything else in artifacts/ (a backup, a stray file) is not an artifact
@@ -596,6 +604,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         address=str(running["address"]) if running and running.get("address") else None,
         run_id=str(running.get("run_id")) if running and running.get("run_id") else None,
         checkpoint_round=resumable,
+        checkpoint_problem=problem,
         num_rounds=num_rounds if isinstance(num_rounds, int) else None,
         last=progress[-1] if progress else None,
         clients_registered=len(registry.active()),

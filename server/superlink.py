@@ -386,10 +386,11 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
     After submission such a failure only shows
     as a failed run whose reason is inside the ServerApp's log, and every restart of the
     server would submit the same failing run."""
-    from server.server_app import ServerConfig, check_resume
+    from server.server_app import ServerConfig, bundle_digest_of, check_resume
 
     server = ServerConfig.from_run_config(config)
-    check_resume(server, get_task(server.task, config).initial_parameters())
+    initial = get_task(server.task, config).initial_parameters()
+    check_resume(server, initial, bundle_digest_of(config))
 
 
 def write_app(layout: ServerLayout, run_config: Mapping[str, RunConfigValue]) -> Path:
@@ -476,9 +477,8 @@ def control_host(layout: ServerLayout, listen_host: str) -> str:
         if listen_host not in names:
             raise ConfigError(
                 f"--host {listen_host} is not in the server certificate ({', '.join(names)}); "
-                f"listen on one of those, or recreate the state with `fedrec server init "
-                f"--force --host {shlex.quote(listen_host)} ...` (a new CA: devices then need "
-                f"the new ca.pem and registering again)"
+                f"listen on one of those, or add it with `fedrec server renew-cert --host "
+                f"{shlex.quote(listen_host)} ...` (the same CA: devices keep their ca.pem)"
             )
         return listen_host
     if loopback not in names:
@@ -486,9 +486,8 @@ def control_host(layout: ServerLayout, listen_host: str) -> str:
         raise ConfigError(
             f"the server certificate ({', '.join(names)}) does not name {loopback}, which the "
             f"SuperLink's own run executor connects to when it listens on all addresses: pass "
-            f"`--host {names[0]}` to listen on that address only, or recreate the state with "
-            f"`fedrec server init --force --host ...{also}` (init adds localhost and "
-            f"127.0.0.1)"
+            f"`--host {names[0]}` to listen on that address only, or add it with "
+            f"`fedrec server renew-cert --host ...{also}` (it adds localhost and 127.0.0.1)"
         )
     return loopback
 
@@ -500,7 +499,12 @@ class SuperLinkProcess:
         self.layout = layout
         self.options = options
         self.popen: subprocess.Popen[bytes] | None = None
-        self.address = f"{control_host(layout, options.host)}:{options.port}"
+        #: where the SuperLink is reached (``host`` to connect to, ``address`` as HOST:PORT
+        #: with an IPv6 host in brackets, which Flower's CLI and gRPC need)
+        self.host = control_host(layout, options.host)
+        self.address = (
+            f"[{self.host}]:{options.port}" if ":" in self.host else f"{self.host}:{options.port}"
+        )
         # its SuperExec and ServerApps as last seen: a crashed SuperLink's orphans are stopped
         # with it although they left its process group (see remember_descendants)
         self._descendants: set[ProcessKey] = set()
@@ -564,7 +568,7 @@ class SuperLinkProcess:
 
     def wait_ready(self) -> None:
         """Until ``GET /health`` answers over TLS (verifying the certificate chain)."""
-        host, port = self.address.rsplit(":", 1)
+        host, port = self.host, self.options.port
         context = ssl.create_default_context(cafile=str(self.layout.pki.ca_cert))
         deadline = time.monotonic() + self.options.ready_timeout_s
         last = "no answer"
@@ -576,14 +580,14 @@ class SuperLinkProcess:
                     f"{self.layout.superlink_log}"
                 )
             try:
-                conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=2)
+                conn = http.client.HTTPSConnection(host, port, context=context, timeout=2)
                 conn.request("GET", "/health")
                 if conn.getresponse().status == 200:
                     return
             except ssl.SSLCertVerificationError as exc:
                 raise SuperLinkError(
                     f"the SuperLink's certificate does not verify against certs/ca.pem for "
-                    f"{host} ({exc.verify_message}); rerun `fedrec server init --force`"
+                    f"{host} ({exc.verify_message}); `fedrec server renew-cert` issues a new one"
                 ) from exc
             except OSError as exc:
                 last = str(exc)
@@ -772,6 +776,13 @@ class ServerRunner:
         the server is stopped, and when a restart finds the run stale."""
         return self.layout.logs / f"run-{run_id}.log"
 
+    def _rounds_left(self) -> int:
+        """How many of the run's ``num-rounds`` no checkpoint covers yet."""
+        total = self.run_config.get("num-rounds")
+        if isinstance(total, bool) or not isinstance(total, int):
+            return 0
+        return max(0, total - (resumable_round(self.layout) or 0))
+
     def _follow(self) -> int | None:
         """Print each finished round; the exit status at the end of the run, or ``None``
         when the SuperLink died (the caller restarts it)."""
@@ -813,6 +824,14 @@ class ServerRunner:
                         # rounds a restart wrote from an earlier process's checkpoints are
                         # not this run's
                         rounds = [r for r in records[first:] if not r.get("backfilled")]
+                        unfinished = self._rounds_left()
+                        if not rounds and unfinished:
+                            self.echo(
+                                f"run {self.run_id} completed without running a round, with "
+                                f"{unfinished} of its rounds still to run (e.g. the user-level "
+                                f"privacy budget is spent): see {run_log}"
+                            )
+                            return 1
                         if rounds and not any(r.get("updated") for r in rounds):
                             self.echo(
                                 f"run {self.run_id} completed, but no round changed the global "

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from client.client_app import deployment_run_config as node_run_config
 from client.device.identity import init_identity
 from fedrec.cli import app
-from server.pki import PkiError, check_pki, create_pki, server_names
+from server.pki import PkiError, check_pki, create_pki, renew_server_cert, server_names
 from server.state import (
     BadPublicKeyError,
     ClientRegistry,
@@ -95,6 +95,57 @@ def test_check_pki_refuses_open_keys_and_foreign_certificates(tmp_path: Path) ->
     paths.server_cert.write_bytes(other.server_cert.read_bytes())
     with pytest.raises(PkiError, match="not issued by"):
         check_pki(paths)
+
+
+def test_an_expired_or_too_narrow_certificate_is_renewed_from_the_same_ca(
+    tmp_path: Path,
+) -> None:
+    """The only fix offered for an expired server certificate (825 days) or a missing host
+    name was `init --force`: a new CA for every device, and the checkpoints, artifacts and
+    user-level privacy journal wiped. `renew-cert` keeps the CA and the run state."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    layout = init_state_dir(tmp_path / "s", ["server"])
+    pki = layout.pki
+    journal = layout.checkpoints / "user-dp-journal.json"
+    journal.write_text('{"spent": "kept"}')
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    old = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(old.issuer)
+        .public_key(old.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime(2020, 1, 1))
+        .not_valid_after(dt.datetime(2021, 1, 1))
+    )
+    for ext in old.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    expired = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    pki.server_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(PkiError, match=r"expired on 2021-01-01; `fedrec server renew-cert`"):
+        check_pki(pki)
+    ca_before = pki.ca_cert.read_bytes()
+    result = runner.invoke(
+        app, ["server", "renew-cert", "--state-dir", str(layout.state_dir), "--host", "10.0.0.7"]
+    )
+    assert result.exit_code == 0, result.output
+    check_pki(pki)  # valid again, signed by the CA the devices already trust
+    assert pki.ca_cert.read_bytes() == ca_before
+    assert server_names(pki) == ["localhost", "10.0.0.7", "127.0.0.1"]
+    assert stat.S_IMODE(pki.server_key.stat().st_mode) == 0o600
+    assert journal.read_text() == '{"spent": "kept"}'  # the run state stays
+    # without --host the names stay
+    again = runner.invoke(app, ["server", "renew-cert", "--state-dir", str(layout.state_dir)])
+    assert again.exit_code == 0 and server_names(pki) == ["localhost", "10.0.0.7", "127.0.0.1"]
+    # a CA key that is not the CA's is refused, naming it
+    pki.ca_key.write_bytes(create_pki(tmp_path / "other").ca_key.read_bytes())
+    with pytest.raises(PkiError, match="is not the key of"):
+        renew_server_cert(pki.directory)
 
 
 @pytest.mark.parametrize("host", ["bad host!", "a..b", "", "fédérec.example.org"])
@@ -637,7 +688,7 @@ def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
     assert server_names(layout.pki) == ["server", "localhost", "10.0.0.5", "127.0.0.1"]
     assert control_host(layout, "0.0.0.0") == "127.0.0.1"
     assert control_host(layout, "server") == "server"
-    with pytest.raises(ConfigError, match=r"not in the server certificate.*new ca\.pem"):
+    with pytest.raises(ConfigError, match=r"not in the server certificate.*renew-cert --host 10"):
         control_host(layout, "10.9.9.9")
     # junk is named as junk (it was told to rerun init --force with the junk, unquoted)
     with pytest.raises(ConfigError, match="neither an IP address nor a DNS name"):
@@ -652,6 +703,15 @@ def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not name ::1.*--host \.\.\. --host ::1"):
         control_host(init_state_dir(tmp_path / "v6", ["server"]), "::")
     assert control_host(init_state_dir(tmp_path / "v6b", ["server", "::1"]), "::") == "::1"
+    # an IPv6 host is bracketed where Flower's CLI and gRPC take HOST:PORT ("::1:19194" was
+    # refused by `flwr supernode ls`, and no run was ever submitted)
+    from server.superlink import SuperLinkOptions, SuperLinkProcess
+
+    v6 = SuperLinkProcess(
+        init_state_dir(tmp_path / "v6c", ["server", "::1"]),
+        SuperLinkOptions(host="::1", port=19194),
+    )
+    assert (v6.host, v6.address) == ("::1", "[::1]:19194")
 
 
 def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -> None:
@@ -704,6 +764,19 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
     runner.cli = Cli(finish_with_nothing_learned)  # type: ignore[assignment]
     assert runner._follow() == 1
     assert "no round changed the global model" in lines[-1]
+    # a run that ran no round with rounds left (its privacy budget spent before round 1)
+    # "completed" with exit status 0 too
+    runner.run_config = {"num-rounds": 5}
+    runner.cli = Cli(lambda: "finished:completed")  # type: ignore[assignment]
+    assert runner._follow() == 1
+    assert "completed without running a round, with 5 of its rounds still to run" in lines[-1]
+    # with every round checkpointed already there is nothing left to run: a success
+    import numpy as np
+
+    from server.checkpoint import CheckpointStore
+
+    CheckpointStore(layout.checkpoints).save(5, [np.zeros(2, dtype=np.float32)], {}, None, {})
+    assert runner._follow() == 0 and lines[-1] == "run 7 completed"
 
 
 def test_a_node_with_a_device_dir_trains_on_that_device() -> None:
@@ -744,6 +817,10 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
     status = json.loads(result.output[result.output.index("{") :])
     assert status["checkpoint_round"] is None and status["last"]["round"] == 2
     assert status["num_rounds"] == 5 and status["running"] is False
+    # every checkpoint damaged: `start` refuses to start over, so status never says "none yet"
+    assert "are invalid" in status["checkpoint_problem"]
+    text = runner.invoke(app, ["server", "status", "--state-dir", str(layout.state_dir)])
+    assert "checkpoint: none usable:" in text.output and "none yet" not in text.output
 
 
 def test_status_reads_past_stray_files_and_a_left_over_running_file(tmp_path: Path) -> None:

@@ -439,6 +439,27 @@ def test_a_failed_publication_is_logged_and_the_run_goes_on(
     assert CheckpointStore(tmp_path / "ck").rounds() == [1, 2, 3]
 
 
+def test_a_checkpoint_of_another_bundle_is_never_resumed(tmp_path: Path) -> None:
+    """A checkpoint did not say which bundle it was trained from: a server restarted with
+    another bundle of the same shape resumed it, and republished its model versions with the
+    other bundle's catalog."""
+    from server.server_app import check_resume
+
+    ck = tmp_path / "ck"
+    first = {"num-rounds": 2, "eval-fraction": 0.0, "checkpoint-dir": str(ck)}
+    assert len(_run({**first, "bundle-sha256": "a" * 64}, num_nodes=3)) == 2
+    latest = CheckpointStore(ck).latest()
+    assert latest is not None and latest.extra["bundle-sha256"] == "a" * 64
+    other = {**first, "num-rounds": 3, "bundle-sha256": "b" * 64}
+    with pytest.raises(ConfigError, match=r"trained from bundle aaaaaaaaaaaa\.\.\., this run's"):
+        _run(other, num_nodes=3)
+    initial = ToyLinearTask().initial_parameters()
+    with pytest.raises(ConfigError, match="trained from bundle"):  # refused before launch too
+        check_resume(ServerConfig.from_run_config(other), initial, "b" * 64)
+    # the same bundle resumes
+    assert [r.server_round for r in _run({**other, "bundle-sha256": "a" * 64}, num_nodes=3)] == [3]
+
+
 # ------------------------------------------------------------------ user-level DP
 
 

@@ -85,6 +85,38 @@ def init(
     )
 
 
+@app.command("renew-cert")
+def renew_cert(
+    state_dir: StateDirOpt,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="The names the new certificate carries (repeat; localhost and 127.0.0.1 are "
+            "added). Default: those of the current certificate.",
+        ),
+    ] = None,
+    valid_days: Annotated[
+        int,
+        typer.Option("--valid-days", min=1, help="Lifetime of the new certificate in days."),
+    ] = 825,
+) -> None:
+    """Issue a new server certificate from the existing CA: when it expired, or to serve
+    other host names. Devices keep their ca.pem; registrations, checkpoints, artifacts and
+    the privacy journal stay. Takes effect at the next `fedrec server start`."""
+    from server.pki import DEFAULT_HOSTS, load_cert, renew_server_cert, server_names
+    from server.state import ServerLayout
+
+    layout = ServerLayout(state_dir).require()
+    hosts = None if not host else [*host, *(h for h in DEFAULT_HOSTS if h not in host)]
+    pki = renew_server_cert(layout.pki.directory, hosts, valid_days=valid_days)
+    until = load_cert(pki.server_cert).not_valid_after_utc
+    typer.echo(
+        f"server certificate {pki.server_cert} renewed for {', '.join(server_names(pki))}, "
+        f"valid until {until:%Y-%m-%d}, signed by the same CA ({pki.ca_cert})"
+    )
+
+
 @app.command("register-client")
 def register_client(
     public_key_file: Annotated[
@@ -235,11 +267,15 @@ def status(
         if info.running
         else "not running"
     )
+    if info.checkpoint_round is not None:
+        checkpoint = f"round {info.checkpoint_round}"
+    elif info.checkpoint_problem is not None:  # `start` refuses: never "none yet"
+        checkpoint = f"none usable: {info.checkpoint_problem}"
+    else:
+        checkpoint = "none yet"
     lines = [
         f"server {layout.state_dir}: {state}",
-        f"  checkpoint: round {info.checkpoint_round}"
-        if info.checkpoint_round is not None
-        else "  checkpoint: none yet",
+        f"  checkpoint: {checkpoint}",
         f"  last round: {format_round(info.last)}" if info.last else "  last round: none yet",
         f"  model:      {info.latest_artifact or 'none published yet'}",
         f"  clients:    {info.clients_registered} registered, {info.clients_revoked} revoked",
