@@ -9,6 +9,7 @@ defaults are the quick preset: the embedded synthetic world, finishing in a few 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -205,9 +206,15 @@ class SimulationConfig:
                 f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
                 f"{self.synthetic_users} and {self.synthetic_items}"
             )
+        for key in ("data_dir", "run_dir", "cache_dir"):  # `~` in a --run-config value too
+            value = getattr(self, key)
+            if value.startswith("~"):
+                object.__setattr__(self, key, os.path.expanduser(value))
         if not self.run_dir.strip():
             raise ConfigError("run-dir must not be empty; give the folder that holds the runs")
         check_file_name(self.name, "name (a folder inside run-dir)")
+        if not self.shots:
+            raise ConfigError("shots must list at least one K (e.g. shots=[1,3,5,10])")
         if any(k < 1 for k in self.shots):
             raise ConfigError(f"shots must be positive, got {self.shots}")
         if len(set(self.shots)) != len(self.shots):  # each K is reported once

@@ -115,8 +115,18 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _evaluated(by_k: dict[str, Any]) -> dict[str, Any]:
+    """The K values some cold user was evaluated at (a K no user has more than K
+    interactions for has no figure, not a figure of 0)."""
+    return {k: m for k, m in by_k.items() if m.get("users", 0)}
+
+
 def _plot_fewshot(summary: dict[str, Any], path: Path) -> Path | None:
-    fewshot = summary.get("fewshot", {})
+    fewshot = {
+        model: evaluated
+        for model, by_k in summary.get("fewshot", {}).items()
+        if (evaluated := _evaluated(by_k))
+    }
     if not fewshot:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -192,8 +202,8 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
                 model,
                 k,
                 str(m.get("users", "")),
-                f"{m[f'sampled_hr@{K}']:.4f}",
-                f"{m[f'full_hr@{K}']:.4f}",
+                f"{m[f'sampled_hr@{K}']:.4f}" if m.get("users", 0) else "n/a (no user)",
+                f"{m[f'full_hr@{K}']:.4f}" if m.get("users", 0) else "n/a (no user)",
             ]
             for model, by_k in fewshot.items()
             for k, m in by_k.items()

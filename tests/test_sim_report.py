@@ -178,6 +178,27 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         assert f"plots/{name}.png" in text
 
 
+def test_a_k_no_cold_user_reaches_is_reported_as_no_figure_not_as_zero(tmp_path: Path) -> None:
+    """A K larger than every cold user's history was shown as HR@10 0.0000 for 0 users and
+    plotted as a fall to 0; a report where no K has a user embedded an empty plot."""
+    none = {**_metrics(0.0), "users": 0}
+    summary = {
+        "meta": {"dataset": "synthetic", "rounds": 1},
+        "rounds": [{"round": 1, "valid_sampled_hr@10": 0.3, "epsilon_record": None}],
+        "final": {"student": {"federated": _metrics(0.7)}},
+        "fewshot": {"student": {"k=1": _metrics(0.5), "k=500": none}, "pop": {"k=500": none}},
+    }
+    text = write_report(summary, tmp_path / "a").read_text()
+    assert "| student | k=1 | 10 | 0.5000 |" in text
+    assert "| student | k=500 | 0 | n/a (no user) | n/a (no user) |" in text
+    assert "0.0000" not in text.split("Few-shot")[1].split("\n\n")[1]
+    assert (tmp_path / "a" / "plots" / "fewshot_vs_k.png").exists()  # student's k=1
+    summary["fewshot"] = {"pop": {"k=500": none}}
+    text = write_report(summary, tmp_path / "b").read_text()
+    assert not (tmp_path / "b" / "plots" / "fewshot_vs_k.png").exists()
+    assert "fewshot_vs_k.png" not in text
+
+
 def test_one_run_uses_a_run_directory_at_a_time(tmp_path: Path) -> None:
     """Two runs in one folder interleaved their metrics.jsonl and overwrote each other's
     checkpoints; the second is refused (naming the first's pid) until the first ends."""

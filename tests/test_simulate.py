@@ -237,6 +237,7 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--run-config", "rounds=true"], "rounds must be int, got True"),
         (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
         (["--shots", "3", "--shots", "3"], "shots must be distinct, got (3, 3)"),
+        (["--run-config", "shots=[]"], "shots must list at least one K"),
         (["--export-recs", "int8"], "export-recs: unknown model 'int8'; choose among student-int8"),
         # Ray would build an empty actor pool and wait for ever
         (["--num-gpus-per-client", "nan"], "must be a finite number >= 0, got nan"),
@@ -737,3 +738,16 @@ def test_a_dataset_name_in_any_case_is_that_dataset(tmp_path: Path) -> None:
     assert dataset.fingerprint() == expected.fingerprint()
     with pytest.raises(Exception, match="unknown dataset 'ml-9m'; valid names: ml-100k"):
         SimulationConfig(dataset="ml-9m")
+
+
+def test_a_home_folder_in_run_config_paths_is_expanded() -> None:
+    """Quoted in --run-config, `~` reaches the config unexpanded: the text embeddings went to
+    the home folder (the encoder expands it) and the pretrained models and runs to a literal
+    `./~` folder."""
+    from simulation.config import SimulationConfig
+
+    cfg = SimulationConfig(run_dir="~/fedrec-runs", cache_dir="~/fedrec-cache")
+    assert cfg.run_dir == str(Path.home() / "fedrec-runs")
+    assert cfg.cache_dir == str(Path.home() / "fedrec-cache")
+    ml = SimulationConfig(dataset="ml-100k", data_dir="~/data/ml-100k")
+    assert ml.data_dir == str(Path.home() / "data" / "ml-100k")
