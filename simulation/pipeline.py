@@ -208,7 +208,21 @@ def _run_stages(
         "noise-shares": config.noise_shares,
         "server-optimizer": config.server_optimizer,
         "server-lr": config.server_lr,
-        "noise multiplier": config.noise_multiplier,
+        # the mechanisms' settings, only for those that ran (record level: the clients'
+        # DP-SGD; user level: the server's noise on the sum)
+        **(
+            {"noise multiplier": config.noise_multiplier, "max grad norm": config.max_grad_norm}
+            if config.dp
+            else {}
+        ),
+        **(
+            {
+                "user-level noise multiplier": config.user_dp_noise_multiplier,
+                "user-level clip": config.user_dp_clip,
+            }
+            if config.user_dp
+            else {}
+        ),
         "pretraining seconds": round(pre.seconds, 1),
         "pretraining cached": pre.cached,
         "teacher order": pre.teacher.fitted_order,

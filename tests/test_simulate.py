@@ -45,6 +45,10 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(r["clients_ok"] + r["clients_declined"] == 6 for r in summary["rounds"])
     assert summary["rounds"][-1]["epsilon_record"] > 0
+    # the report names the settings of the mechanisms that ran, and only those
+    meta = summary["meta"]
+    assert meta["noise multiplier"] > 0 and meta["max grad norm"] > 0
+    assert "user-level noise multiplier" not in meta
     final = summary["final"]
     for model in ("ease (all)", "teacher", "student (federated)", "student int8 onnx"):
         assert 0 <= final[model]["federated"]["sampled_hr@10"] <= 1
