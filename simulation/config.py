@@ -12,6 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from server.server_optimizer import ServerOptimizerSettings
 from shared.config import to_flat
@@ -70,6 +71,11 @@ RESUMABLE_KEYS = frozenset(
 """Keys a rerun of a run directory may change: how far it trains, how it is evaluated, and
 where and how it runs. Any other change would resume the checkpoints and privacy ledgers
 under settings they were not produced with (:meth:`simulation.run_dir.RunDirectory.claim`)."""
+
+
+def data_dir_key(data_dir: str) -> str:
+    """The absolute form of a dataset folder (``~`` expanded), or "" for none."""
+    return str(Path(data_dir).expanduser().resolve()) if data_dir else ""
 
 
 @dataclass(frozen=True)
@@ -206,10 +212,12 @@ class SimulationConfig:
                 f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
                 f"{self.synthetic_users} and {self.synthetic_items}"
             )
-        for key in ("data_dir", "run_dir", "cache_dir"):  # `~` in a --run-config value too
+        for key in ("run_dir", "cache_dir"):  # `~` in a --run-config value too
             value = getattr(self, key)
             if value.startswith("~"):
                 object.__setattr__(self, key, os.path.expanduser(value))
+        # one spelling of the data's folder (a resumed run compares it: `x/` and `./x` are x)
+        object.__setattr__(self, "data_dir", data_dir_key(self.data_dir))
         if not self.run_dir.strip():
             raise ConfigError("run-dir must not be empty; give the folder that holds the runs")
         check_file_name(self.name, "name (a folder inside run-dir)")

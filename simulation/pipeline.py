@@ -47,7 +47,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
-from simulation.config import RESUMABLE_KEYS, SimulationConfig
+from simulation.config import RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
@@ -100,7 +100,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     try:
         defaults = to_flat(SimulationConfig())
         # a run written before names were made canonical may have stored 'ML-100K'
-        canonical = {"dataset": dataset_key}
+        canonical = {"dataset": dataset_key, "data-dir": data_dir_key}
         run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults, canonical)
         progress("run", {"dir": str(run.root)})
         return _run_stages(config, run, started, progress)

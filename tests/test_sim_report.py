@@ -229,3 +229,26 @@ def test_default_run_names_started_in_one_second_do_not_collide(
     second = pipeline._run_root(config)
     assert (first.name, second.name) == ("synthetic-20261129-120000", "synthetic-20261129-120000-2")
     assert pipeline._run_root(SimulationConfig(run_dir=str(tmp_path), name="x")).name == "x"
+
+
+def test_a_data_dir_spelled_otherwise_resumes_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--data-dir data/` and the same folder given as `./data` or absolute were refused as
+    a run with other settings: the path was compared as text."""
+    from simulation.config import SimulationConfig, data_dir_key
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    given = SimulationConfig(dataset="ml-100k", data_dir="data/")
+    assert given.data_dir == SimulationConfig(dataset="ml-100k", data_dir="./data").data_dir
+    assert given.data_dir == str(tmp_path / "data")
+    run = RunDirectory(tmp_path / "run")
+    run.claim("simulation", {"data-dir": "./data", "seed": 1}, {"rounds"})  # as stored before
+    (run.checkpoints / "round-000001.npz").write_bytes(b"x")
+    canonical = {"data-dir": data_dir_key}
+    run.claim("simulation", {"data-dir": given.data_dir, "seed": 1}, {"rounds"}, None, canonical)
+    other = SimulationConfig(dataset="ml-100k", data_dir="other").data_dir
+    with pytest.raises(ConfigError, match="data-dir"):
+        run.claim("simulation", {"data-dir": other, "seed": 1}, {"rounds"}, None, canonical)
