@@ -152,6 +152,28 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Key usage of the CA (signs certificates and CRLs) or of the server (TLS key
+    agreement); both sign."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def with_default_hosts(hosts: Sequence[str]) -> list[str]:
+    """``hosts`` and then :data:`DEFAULT_HOSTS` (those not given), which the server uses
+    to reach its own SuperLink."""
+    return [*hosts, *(h for h in DEFAULT_HOSTS if h not in hosts)]
+
+
 def _issue_server_cert(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
@@ -173,20 +195,7 @@ def _issue_server_cert(
         .not_valid_after(now + dt.timedelta(days=valid_days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
@@ -233,20 +242,7 @@ def create_pki(
         .not_valid_before(now)
         .not_valid_after(now + dt.timedelta(days=ca_valid_days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA384())
     )
@@ -263,8 +259,9 @@ def renew_server_cert(
     directory: str | Path, hosts: Sequence[str] | None = None, *, valid_days: int = 825
 ) -> PkiPaths:
     """Replace the server certificate and key with new ones signed by the existing CA, for
-    ``hosts`` (default: the names of the current certificate). Devices keep trusting the
-    server (same ``ca.pem``); nothing else in the state directory changes."""
+    ``hosts`` and :data:`DEFAULT_HOSTS` (default: the names of the current certificate).
+    Devices keep trusting the server (same ``ca.pem``); nothing else in the state directory
+    changes."""
     paths = PkiPaths(Path(directory))
     for path in (paths.ca_cert, paths.ca_key):
         if not path.is_file():
@@ -272,9 +269,7 @@ def renew_server_cert(
                 f"{path} is missing: without the CA no certificate devices trust can be "
                 "issued; recreate the state with `fedrec server init --force` (a new CA)"
             )
-    if hosts is None:
-        hosts = server_names(paths)
-    names = SubjectNames.parse(hosts)
+    names = SubjectNames.parse(server_names(paths) if hosts is None else with_default_hosts(hosts))
     ca_cert = load_cert(paths.ca_cert)
     try:
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)

@@ -93,7 +93,7 @@ class ServerConfig:
     ``checkpoint-dir`` and ``artifact-dir``.
 
     User-level DP (``user-dp = true``) samples Poisson cohorts (each connected client
-    with chance ``m / connected``, ``m`` = ``cohort-size``), clips every client update to
+    with chance ``m / population``, ``m`` = ``cohort-size``), clips every client update to
     ``user-dp-clip`` (sent to the clients as ``update-clip-norm``, which must then be 0 or
     equal), weighs clients uniformly, and adds ``N(0, (z C / m)^2)`` to the sum divided by
     ``m`` (``z`` = ``user-dp-noise-multiplier``). With SecAgg+ it
@@ -607,10 +607,9 @@ def _run_server(
         """Why ``next_round`` must not run (privacy budget), or ``None``."""
         if user_dp is None:
             return None
-        # the round's rate is m / population whoever is connected (the strategy charges
-        # the same); its skip chance is planned with the whole population connected
-        planned = strategy.num_fit_clients(population)[0]
-        refusal = user_dp.refusal(planned, strategy.round_risk(planned, population))
+        # the round the strategy would charge, its skip chance planned with the whole
+        # population connected
+        refusal = user_dp.refusal(*strategy.user_dp_round(user_dp, population))
         return None if refusal is None else f"round {next_round}: {refusal}; ending the run"
 
     reason = budget_stop(first_round)

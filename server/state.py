@@ -40,7 +40,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki
+from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki, with_default_hosts
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.io import (
     exclusive_lock,
@@ -162,7 +162,7 @@ def init_state_dir(
     is wiped, because devices must then trust the new CA and be registered again.
     """
     layout = ServerLayout(Path(state_dir))
-    hosts = [*hosts, *(h for h in DEFAULT_HOSTS if h not in hosts)]
+    hosts = with_default_hosts(hosts)
     SubjectNames.parse(hosts)  # bad --host values are refused before anything is written
     if layout.state_dir.exists() and any(layout.state_dir.iterdir()):
         if not force:

@@ -471,15 +471,19 @@ class ValidatingFedAvg(FedAvg):
             return max(2, self.min_fit_clients, self.noise_shares, self.secagg_least)
         return max(1, self.min_fit_clients)
 
-    def round_risk(self, cohort: int, connected: int) -> float:
-        """Under user-level DP, the chance that the Poisson cohort of a round (expected size
-        ``cohort`` with the whole population there) from the clients ``connected`` is
-        skipped: fewer than :meth:`least_cohort` or more than SecAgg+ can sum
-        (:meth:`server.user_dp.UserDPSettings.round_risk`); 0 without."""
-        if self.user_dp is None:
-            return 0.0
-        most = self.secagg_max_cohort if self.secure_aggregation else None
-        return self.user_dp.settings.round_risk(cohort, connected, self.least_cohort(), most)
+    def _cohort_bounds(self) -> tuple[int, int | None]:
+        """The fewest (:meth:`least_cohort`) and most (SecAgg+'s modulus, else no bound)
+        sampled clients a round trains with."""
+        return self.least_cohort(), self.secagg_max_cohort if self.secure_aggregation else None
+
+    def user_dp_round(self, user_dp: UserLevelDP, connected: int) -> tuple[int, float]:
+        """Under user-level DP, a round's expected cohort ``m`` (its rate is ``m /
+        population``, whoever is connected) and the chance that its Poisson cohort from the
+        clients ``connected`` is skipped for falling outside :meth:`_cohort_bounds`
+        (:meth:`server.user_dp.UserDPSettings.round_risk`)."""
+        size = self.num_fit_clients(user_dp.settings.population)[0]
+        least, most = self._cohort_bounds()
+        return size, user_dp.settings.round_risk(size, connected, least, most)
 
     def _connected(
         self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
@@ -520,9 +524,8 @@ class ValidatingFedAvg(FedAvg):
             return []
         # q = m / N, N the population (public): the rate does not depend on who is
         # connected, and fewer connected only means a smaller cohort
-        size = self.num_fit_clients(user_dp.settings.population)[0]
+        size, risk = self.user_dp_round(user_dp, len(clients))
         self._check_secagg_cohort(size)
-        risk = self.round_risk(size, len(clients))
         refusal = user_dp.refusal(size, risk)
         if refusal is not None:  # backstop only: the server loop stops before this
             log(WARNING, "round %s is not trained: %s", server_round, refusal)
@@ -531,8 +534,7 @@ class ValidatingFedAvg(FedAvg):
         eps = user_dp.charge_round(server_round, size, risk)
         self._denominator[server_round] = size
         log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
-        least = self.least_cohort()
-        most = self.secagg_max_cohort if self.secure_aggregation else None
+        least, most = self._cohort_bounds()
         if least <= len(chosen) and (most is None or len(chosen) <= most):
             return [clients[cid] for cid in chosen]
         reason = (

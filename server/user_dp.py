@@ -213,7 +213,7 @@ class UserLevelDP:
 
     The strategy calls :meth:`charge_round` when it samples a cohort,
     :meth:`noisy_mean` when it aggregates, and reports :meth:`epsilon_after`. The
-    server loop uses :meth:`would_exceed` to stop before the budget is broken, and
+    server loop uses :meth:`refusal` to stop before the budget is broken, and
     saves :meth:`state_dict` in every checkpoint.
     """
 
@@ -302,11 +302,6 @@ class UserLevelDP:
                 f"budget {budget} (delta {self.settings.delta:.3g})"
             )
         return None
-
-    def would_exceed(self, cohort: int, risk: float = 0.0) -> bool:
-        """True if one more round (as for :meth:`epsilon_if`) must not run
-        (:meth:`refusal`)."""
-        return self.refusal(cohort, risk) is not None
 
     def sample_cohort(
         self, candidates: Sequence[_T], cohort: int, rng: random.Random | None = None

@@ -213,9 +213,7 @@ class SimulationConfig:
                 f"{self.synthetic_users} and {self.synthetic_items}"
             )
         for key in ("run_dir", "cache_dir"):  # `~` in a --run-config value too
-            value = getattr(self, key)
-            if value.startswith("~"):
-                object.__setattr__(self, key, os.path.expanduser(value))
+            object.__setattr__(self, key, os.path.expanduser(getattr(self, key)))
         # one spelling of the data's folder (a resumed run compares it: `x/` and `./x` are x)
         object.__setattr__(self, "data_dir", data_dir_key(self.data_dir))
         if not self.run_dir.strip():

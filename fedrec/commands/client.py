@@ -241,11 +241,11 @@ def _run_daemon(
     daemon = Daemon.open(state_dir, passphrase=_read_passphrase(var), config=cfg)
     if federation is not None:
         from client.device.supernode import supernode_spec
+        from client.device.training import DeviceLearner
 
         # the ClientApp opens the store too: with the variable the daemon read, not the
         # one recorded at init
         federation = replace(federation, passphrase_env=var)
-        from client.device.training import DeviceLearner
 
         try:
             daemon.add_process(supernode_spec(daemon.layout, federation))

@@ -104,12 +104,11 @@ def renew_cert(
     """Issue a new server certificate from the existing CA: when it expired, or to serve
     other host names. Devices keep their ca.pem; registrations, checkpoints, artifacts and
     the privacy journal stay. Takes effect at the next `fedrec server start`."""
-    from server.pki import DEFAULT_HOSTS, load_cert, renew_server_cert, server_names
+    from server.pki import load_cert, renew_server_cert, server_names
     from server.state import ServerLayout
 
     layout = ServerLayout(state_dir).require()
-    hosts = None if not host else [*host, *(h for h in DEFAULT_HOSTS if h not in host)]
-    pki = renew_server_cert(layout.pki.directory, hosts, valid_days=valid_days)
+    pki = renew_server_cert(layout.pki.directory, host or None, valid_days=valid_days)
     until = load_cert(pki.server_cert).not_valid_after_utc
     typer.echo(
         f"server certificate {pki.server_cert} renewed for {', '.join(server_names(pki))}, "

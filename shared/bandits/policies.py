@@ -730,11 +730,11 @@ class Policy(ABC):
                 f"bandit state is for policy {state.get('policy')!r}, not {self.name!r}"
             )
         saved = state.get("config")
-        mine = self.config.posterior_settings()
-        if not isinstance(saved, dict) or {k: saved.get(k) for k in mine} != mine:
-            changed = sorted(
-                k for k in mine if not isinstance(saved, dict) or saved.get(k) != mine[k]
-            )
+        saved = saved if isinstance(saved, dict) else {}
+        changed = sorted(
+            k for k, v in self.config.posterior_settings().items() if saved.get(k) != v
+        )
+        if changed:
             raise ModelFileError(
                 f"bandit state was learned under other {', '.join(changed)} than the config's"
             )
