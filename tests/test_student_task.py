@@ -65,6 +65,24 @@ def _task(bundle: Path, state: Path, **extra: object) -> StudentTask:
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_task_on_the_gpu_publishes_the_artifact_it_publishes_on_the_cpu(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """A server with a GPU holds its task's model there (``device=auto``); the artifact is
+    still built, and is the CPU task's byte for byte. Seen on a GPU machine: every version
+    failed with a device mismatch in the exporter, and none was published."""
+    published = []
+    for device in ("cpu", "cuda"):
+        task = _task(bundle, tmp_path / device, device=device)
+        assert next(task.model.parameters()).device.type == device
+        path = task.publish_artifact(task.initial_parameters(), 3, tmp_path / device)
+        assert path.name == "model-v3.int8.onnx"
+        published.append(path.read_bytes())
+        assert next(task.model.parameters()).device.type == device  # left where it trains
+    assert published[0] == published[1]
+
+
 def test_bundle_round_trip(bundle: Path) -> None:
     loaded = load_bundle(bundle)
     assert loaded.n_items == N_ITEMS and loaded.clients is not None

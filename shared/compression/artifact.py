@@ -103,7 +103,9 @@ def build_student_artifact(
     """
     import copy
 
-    model = copy.deepcopy(student).eval()
+    # on the CPU, whatever device the student trains on: the exporter traces and verifies it
+    # with CPU inputs (a server with a GPU holds its task's model there)
+    model = copy.deepcopy(student).cpu().eval()
     if not personal:
         model.adapter.reset()
     exportable = _OnDeviceStudent(model).eval()
