@@ -139,6 +139,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
+    if tag:
+        check_file_name(tag, "--tag")
     _check_common(world, fmt, output_dir, users, data_dir)
     if export is not None and world != "ml-100k":
         raise ConfigError(
@@ -147,8 +149,6 @@ def evaluate(
         )
     if export is not None:  # before the replay, not after it; created when written
         check_output_dir(export)
-    if tag:
-        check_file_name(tag, "--tag")
     base = _bandit_config(run_config)
     arms = default_arms(base)
     chosen = _distinct_seeds(seeds, DEFAULT_SEEDS)
