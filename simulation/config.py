@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from server.server_optimizer import ServerOptimizerSettings
@@ -32,6 +32,9 @@ from shared.text.encoder import resolve_model_dir
 
 TASK = "shared.federated.student_task:make_task"
 """The federated task every simulation runs: the distilled student."""
+
+RAY_ONLY = ("num-cpus-per-client", "num-gpus-per-client", "ray-address")
+"""The settings only Flower's simulation engine (``backend=ray``) reads."""
 
 RECS_MODELS = (
     "student-int8",
@@ -182,6 +185,8 @@ class SimulationConfig:
             check_client_resources(
                 self.num_cpus_per_client, self.num_gpus_per_client, attach=bool(self.ray_address)
             )
+        else:
+            self._check_no_ray_settings()
         if self.teacher_epochs < 1 or self.student_epochs < 1:
             raise ConfigError("teacher-epochs and student-epochs must be >= 1")
         if self.teacher_order not in ORDERS:
@@ -253,6 +258,22 @@ class SimulationConfig:
         if self.backend == "ray":
             self._check_device_under_ray()
         self._check_apps_accept()
+
+    def _check_no_ray_settings(self) -> None:
+        """Refuse Ray's settings under ``backend=inprocess``: its clients are threads of this
+        process, so they would be recorded in the run's config.json and have no effect."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        given = [
+            key
+            for key in RAY_ONLY
+            if getattr(self, key.replace("-", "_")) != defaults[key.replace("-", "_")]
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} only apply to backend=ray (Flower's simulation engine); "
+                "backend=inprocess runs the clients as threads of this process: drop "
+                f"{'it' if len(given) == 1 else 'them'} or use --backend ray"
+            )
 
     def _check_device_under_ray(self) -> None:
         """Refuse a CUDA device the Ray clients could not see. Ray hides every GPU from an

@@ -47,7 +47,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
-from simulation.config import RESUMABLE_KEYS, SimulationConfig, data_dir_key
+from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
@@ -123,7 +123,7 @@ def _run_stages(
 
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)
-    _check_population(config, len(split.evaluable(split.federated_users)))
+    _check_population(config, split)
     progress("text", {"items": dataset.n_items})
     encoder = encoder_config(config.text_model, cache, config.progress)
     text = encode_items(dataset.item_text, encoder)
@@ -188,9 +188,12 @@ def _run_stages(
             "epsilon-budget they had spent), failed or timed out (metrics.jsonl counts them); "
             "the federated figures below are the pretrained model's"
         )
+    evaluating = time.perf_counter()
     summary = _evaluate(
         config, run, dataset, split, pre, initial, final_model, adapter_init, trained
     )
+    # a later process on this run directory counts it (total seconds)
+    run.log("evaluate", trained, seconds=round(time.perf_counter() - evaluating, 2))
     summary["rounds"] = federation["rounds"]
     summary["meta"] = {
         "dataset": dataset.name,
@@ -263,7 +266,7 @@ def trained_with(model: Path) -> SimulationConfig | None:
     if not isinstance(section, dict):
         return None
     known = field_names(SimulationConfig)
-    values = {k: v for k, v in section.items() if k in known}
+    values = {k: v for k, v in section.items() if k in known and k not in RAY_ONLY}
     values.update({"backend": "inprocess", "text-model": "", "progress": False})
     return from_flat(SimulationConfig, values)
 
@@ -294,9 +297,34 @@ def _run_root(config: SimulationConfig) -> Path:
     return root
 
 
-def _check_population(config: SimulationConfig, n_clients: int) -> None:
-    """Refuse, before pretraining, settings the dataset's number of clients cannot meet (the
-    cohort is capped at the clients there are, which the config alone does not know)."""
+def _check_population(config: SimulationConfig, split: ProtocolSplit) -> None:
+    """Refuse, before pretraining, a split the run cannot train on and settings its number of
+    clients cannot meet (the cohort is capped at the clients there are, which the config
+    alone does not know). Each message names the settings that made the split."""
+    n_clients = len(split.evaluable(split.federated_users))
+    synthetic = config.dataset == "synthetic"
+    made_by = (
+        (f"synthetic-users {config.synthetic_users}, " if synthetic else "")
+        + f"public-fraction {config.public_fraction}, "
+        + f"cold-user-fraction {config.cold_user_fraction}"
+    )
+    more_users = "raise synthetic-users or " if synthetic else ""
+    if not any(len(split.train[u]) >= 2 for u in split.public_users):
+        raise ConfigError(
+            f"the split leaves no public user with two or more training items ({made_by}): "
+            f"the teacher and the student pretrain on them; {more_users}raise public-fraction"
+        )
+    if n_clients == 0:
+        raise ConfigError(
+            f"the split leaves no federated client with a test item ({made_by}); "
+            f"{more_users}lower public-fraction or cold-user-fraction"
+        )
+    if config.secagg and n_clients < 2:
+        raise ConfigError(
+            f"SecAgg+ needs at least 2 federated clients and the split leaves {n_clients} "
+            f"({made_by}); {more_users}lower public-fraction or cold-user-fraction, or set "
+            "secagg=false"
+        )
     if config.noise_shares > n_clients:
         raise ConfigError(
             f"'noise-shares' ({config.noise_shares}) exceeds the {n_clients} federated clients "
@@ -483,25 +511,29 @@ def _earlier_processes(run: RunDirectory) -> _EarlierProcesses:
     """Seconds spent by the earlier processes of this run directory (interrupted or resumed),
     so that a resumed run's report counts the whole run and not only its last process.
 
-    Each process logs ``pretrain`` first, then its rounds with their ``elapsed_seconds``; an
-    interrupted process counts up to its last logged round (what it did after is lost work).
-    The last ``pretrain`` record is this process's own.
+    Each process logs ``pretrain`` first, then its rounds with their ``elapsed_seconds``,
+    then ``evaluate`` when its evaluation is done; an interrupted process counts up to its
+    last logged record (what it did after is lost work). The last ``pretrain`` record is
+    this process's own.
     """
     # per process: pretraining seconds, the largest elapsed_seconds, the sum of round_seconds
-    # (what rounds logged before elapsed_seconds existed give instead)
+    # (what rounds logged before elapsed_seconds existed give instead), evaluation seconds
     segments: list[list[float]] = []
     for record in run.records():
-        if record.get("event") == "pretrain":
-            segments.append([float(record.get("seconds") or 0.0), 0.0, 0.0])
-        elif record.get("event") == "round" and segments:
+        event, seconds = record.get("event"), float(record.get("seconds") or 0.0)
+        if event == "pretrain":
+            segments.append([seconds, 0.0, 0.0, 0.0])
+        elif event == "round" and segments:
             segment = segments[-1]
             segment[1] = max(segment[1], float(record.get("elapsed_seconds") or 0.0))
             segment[2] += float(record.get("round_seconds") or 0.0)
-    earlier = [(p, elapsed or rounds) for p, elapsed, rounds in segments[:-1]]
+        elif event == "evaluate" and segments:
+            segments[-1][3] += seconds
+    earlier = [(p, elapsed or rounds, e) for p, elapsed, rounds, e in segments[:-1]]
     return _EarlierProcesses(
         processes=len(earlier),
-        federation=sum(f for _, f in earlier),
-        total=sum(p + f for p, f in earlier),
+        federation=sum(f for _, f, _ in earlier),
+        total=sum(p + f + e for p, f, e in earlier),
     )
 
 

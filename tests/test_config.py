@@ -1,5 +1,8 @@
 """Config plumbing: run-config parsing, coercion, unknown keys."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from shared.config import from_flat, parse_run_config, to_flat
@@ -78,6 +81,27 @@ def test_simulation_refuses_a_malformed_device_before_any_work():
         assert SimulationConfig(device=ok, backend="inprocess").device == ok
     with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
         from_flat(SimulationConfig, {"device": "tpu"})
+
+
+def test_inprocess_refuses_the_settings_only_ray_reads(tmp_path: Path) -> None:
+    """Threads take no Ray resources: the settings would sit in config.json, unused."""
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import trained_with
+
+    with pytest.raises(ConfigError, match=r"^num-gpus-per-client only apply to backend=ray"):
+        SimulationConfig(backend="inprocess", num_gpus_per_client=0.5)
+    flat = {"backend": "inprocess", "num-cpus-per-client": 2.0, "ray-address": "127.0.0.1:1"}
+    with pytest.raises(ConfigError, match=r"^num-cpus-per-client, ray-address only apply.*them"):
+        from_flat(SimulationConfig, flat)
+    assert SimulationConfig(backend="inprocess").num_gpus_per_client == 0.0
+    # a model of a Ray run with GPU shares is still read back (for its data and split)
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    ray_run = to_flat(SimulationConfig(num_gpus_per_client=0.25, ray_address="127.0.0.1:1"))
+    (run / "config.json").write_text(json.dumps({"simulation": ray_run}))
+    config = trained_with(run / "models" / "model-v3.int8.onnx")
+    assert config is not None and config.backend == "inprocess"
+    assert (config.num_gpus_per_client, config.ray_address) == (0.0, "")
 
 
 def test_simulation_refuses_a_cuda_device_its_ray_clients_could_not_see() -> None:

@@ -667,6 +667,43 @@ def test_noise_shares_beyond_the_datasets_clients_is_refused_before_pretraining(
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--synthetic-users", "2"],
+            "the split leaves no public user with two or more training items (synthetic-users 2,"
+            " public-fraction 0.2, cold-user-fraction 0.1): the teacher and the student pretrain"
+            " on them; raise synthetic-users or raise public-fraction",
+        ),
+        (
+            ["--synthetic-users", "3", "--public-fraction", "0.99"],
+            "the split leaves no federated client with a test item (synthetic-users 3,",
+        ),
+        (
+            ["--synthetic-users", "2", "--public-fraction", "0.5"],
+            "SecAgg+ needs at least 2 federated clients and the split leaves 1 (",
+        ),
+    ],
+)
+def test_a_split_the_run_cannot_train_on_is_refused_before_pretraining_naming_its_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    """These used to fail after pretraining, in the teacher ("no training sequence has two or
+    more items") or with a cohort-size or noise-shares the user never gave."""
+    import simulation.pipeline
+
+    def no_pretraining(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pretrained before the check")
+
+    monkeypatch.setattr(simulation.pipeline, "pretrain", no_pretraining)
+    args = ["simulate", "--run-dir", str(tmp_path), "--no-progress", *flags]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception).startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_in_which_no_round_changed_the_model_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -696,7 +733,8 @@ def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
     tmp_path: Path,
 ) -> None:
     """A run directory an older version interrupted has rounds without elapsed_seconds: its
-    federation time is the sum of their round_seconds, not 0."""
+    federation time is the sum of their round_seconds, not 0. A finished process's
+    evaluation counts too (a rerun's total seconds used to shrink by it)."""
     from simulation.pipeline import _earlier_processes
     from simulation.run_dir import RunDirectory
 
@@ -706,10 +744,11 @@ def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
     run.log("round", 2, round=2, round_seconds=3.0)
     run.log("pretrain", 0, seconds=1.0)  # a newer one
     run.log("round", 3, round=3, round_seconds=4.0, elapsed_seconds=9.0)
+    run.log("evaluate", 3, seconds=6.0)  # it finished: its evaluation counts too
     run.log("pretrain", 0, seconds=0.5)  # this process
     earlier = _earlier_processes(run)
     assert (earlier.processes, earlier.federation) == (2, 5.0 + 9.0)
-    assert earlier.total == pytest.approx(5.0 + 5.0 + 1.0 + 9.0)
+    assert earlier.total == pytest.approx(5.0 + 5.0 + 1.0 + 9.0 + 6.0)
     run.close()
 
 
