@@ -217,6 +217,43 @@ def test_a_model_with_non_finite_scores_is_not_exported(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_an_export_a_device_would_refuse_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    """A model whose output is not float32 scores over its n_items was written, then refused
+    by the device's runtime, whose message sent the user back to the same export."""
+
+    class Narrow(StandInStudent):  # says 50 items, scores 49
+        def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return super().forward(items, mask)[:, :-1]
+
+    models = {
+        "narrow": Narrow(n_items=50, dim=8, max_len=5, seed=1),
+        "float64": StandInStudent(n_items=50, dim=8, max_len=5, seed=1).double(),
+    }
+    for name, model in models.items():
+        path = tmp_path / f"{name}.onnx"
+        with pytest.raises(ModelFileError, match="a device needs float32 scores, one per"):
+            export_onnx(model.eval(), path, model_version="v", catalog_fingerprint="c")
+        assert not path.exists(), name
+
+
+def test_a_catalog_of_another_length_than_the_model_is_never_published(tmp_path: Path) -> None:
+    """Its artifact and catalog.json would be refused by every device, blaming the catalog."""
+    from shared.compression.artifact import publish_student
+    from shared.models.student import StudentConfig, StudentModel
+
+    rng = np.random.default_rng(0)
+    tables = [rng.normal(size=(6, 8)).astype(np.float32) for _ in range(2)]
+    student = StudentModel(*tables, StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8))
+    for n in (5, 7):
+        with pytest.raises(DataError, match=f"catalog has {n} item ids but the student scores 6"):
+            publish_student(student, [f"i{k}" for k in range(n)], tmp_path / "m.onnx", version="1")
+    assert not list(tmp_path.iterdir())
+    publish_student(student, [f"i{k}" for k in range(6)], tmp_path / "m.onnx", version="1")
+    assert (tmp_path / "m.onnx").exists()
+
+
 def test_exported_metadata_and_runtime_scores(student: StandInStudent, fp32_path: Path) -> None:
     proto = onnx.load(str(fp32_path))
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
@@ -292,6 +329,29 @@ def test_quantization_gate_refuses_and_writes_nothing(fp32_path: Path, tmp_path:
 
 
 # --------------------------------------------------------------------------- runtime
+
+
+def test_a_batch_a_scalar_or_a_fractional_k_is_refused_not_misread(int8_path: Path) -> None:
+    """A 2-D history was flattened into one, a scalar read as a one-item history, k=2.5 hit
+    a numpy TypeError and k=True gave one item."""
+    model = OnDeviceModel(int8_path)
+    for history in ([[1, 2, 3], [4, 5, 6]], np.int64(7)):
+        with pytest.raises(DataError, match="a history is a 1-D sequence of item ids"):
+            model.recommend(history, k=3)
+    with pytest.raises(DataError, match=r"got shape \[2, 2\]"):
+        model.score([[[1, 2], [3, 4]]])
+    for k in (2.5, True, 0):
+        with pytest.raises(ConfigError, match="k must be an integer >= 1"):
+            model.recommend([1, 2, 3], k=k)  # type: ignore[arg-type]
+    assert len(model.recommend([1, 2, 3], k=np.int64(4))) == 4
+    assert model.recommend([], k=2).shape == (2,)
+
+
+def test_catalog_fingerprints_of_different_catalogs_differ() -> None:
+    """Ids are NUL-separated, so a NUL inside an id made two catalogs one fingerprint."""
+    assert catalog_fingerprint(["ab", "c"]) != catalog_fingerprint(["a", "bc"])
+    with pytest.raises(DataError, match="contains a NUL character"):
+        catalog_fingerprint(["a\x00b", "c"])
 
 
 def test_recommend_excludes_history_and_sorts(int8_path: Path) -> None:

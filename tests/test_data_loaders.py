@@ -6,7 +6,10 @@ from ``/work/shared/datasets/ml-100k`` when it is present.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shlex
 import sys
 import types
 from collections.abc import Callable
@@ -14,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from fedrec.cli import app as fedrec_app
 from shared.data.cleaning import CleaningReport, LoadedDataset, format_item_text
 from shared.data.dataset import RecDataset, build_dataset
 from shared.data.generic import load_generic
@@ -483,7 +488,13 @@ def test_everything_filtered_is_an_error(tmp_path: Path) -> None:
     root = generic_dir(tmp_path, interactions="user,item,timestamp\nu,b1,1\nu,b2,2\n")
     with pytest.raises(DataError, match="no interactions left after cleaning") as err:
         load_generic(root)
-    assert "`fedrec data info --min-user-interactions N` shows" in str(err.value)
+    # the hint's command works as written (without --dataset it meant the synthetic world)
+    hint = re.search(r"`fedrec (data info .*) --min-user-interactions N` shows", str(err.value))
+    assert hint is not None, str(err.value)
+    args = [*shlex.split(hint.group(1)), "--min-user-interactions", "1"]
+    result = CliRunner().invoke(fedrec_app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["summary"]["interactions"] == 2  # what 1 would keep
 
 
 def test_duplicate_catalog_ids_are_an_error(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from shared.compression.onnx_export import export_onnx_bytes
 from shared.compression.prune import PruneConfig, PruneReport, prune_model
 from shared.compression.quantize import QuantizeConfig, quantize_onnx_bytes
+from shared.errors import DataError
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
 from shared.ondevice.runtime import catalog_fingerprint, check_item_id_lengths
@@ -103,6 +104,12 @@ def build_student_artifact(
     """
     import copy
 
+    if len(item_ids) != student.n_items:
+        raise DataError(
+            f"the catalog has {len(item_ids)} item ids but the student scores "
+            f"{student.n_items} items: publish it with the catalog it was trained on (the "
+            "bundle's item ids), in the same order"
+        )
     # on the CPU, whatever device the student trains on: the exporter traces and verifies it
     # with CPU inputs (a server with a GPU holds its task's model there)
     model = copy.deepcopy(student).cpu().eval()

@@ -232,6 +232,14 @@ def verify_against_torch(model: nn.Module, data: bytes, config: ExportConfig) ->
                     "nothing was exported"
                 )
             (got,) = session.run([OUTPUT_NAME], {"items": items.numpy(), "mask": mask.numpy()})
+            if got.dtype != np.float32 or got.shape != (batch, n_items):
+                # what OnDeviceModel refuses on load: refused here, before anything is written
+                raise ModelFileError(
+                    f"{type(model).__name__} scores {got.dtype}{list(got.shape)} for a batch "
+                    f"of {batch}, but its n_items says {n_items}: a device needs float32 "
+                    f"scores, one per catalog item ({batch}x{n_items}); make n_items the "
+                    "width of forward's output and keep the model in float32"
+                )
             if got.shape != expected.shape or not np.allclose(
                 got, expected, atol=config.atol, rtol=config.rtol
             ):

@@ -26,6 +26,7 @@ import codecs
 import csv
 import io
 import logging
+import shlex
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -488,7 +489,9 @@ def finalize(
             f"items, {duplicates} duplicates, {repeats} repeats, {short_rows} of users with "
             f"fewer than "
             f"{min_user_interactions} interactions); check the files (`fedrec data info "
-            f"--min-user-interactions N` shows what a lower threshold would keep)"
+            f"--dataset {name} --data-dir {shlex.quote(str(raw.path.parent))} "
+            "--min-user-interactions N` shows "
+            "what a lower threshold would keep)"
         )
     dataset = build_dataset(
         name,

@@ -1,8 +1,9 @@
 """The one typed dataset every loader produces and every model consumes.
 
-Implicit feedback (``../shared/PROTOCOL.md``): every rating is one interaction. Users and
-items get dense ids ``0..n-1`` in first-seen order of the sorted raw ids; raw ids are kept so
-exports (``recs.csv``) speak the dataset's own language.
+Implicit feedback (``../shared/PROTOCOL.md``): every rating is one interaction. Users get
+dense ids ``0..n-1`` in the order of their sorted raw ids (numerically when all are
+integers), items in the order of the catalog (the item file), which the catalog fingerprint
+pins; raw ids are kept so exports (``recs.csv``) speak the dataset's own language.
 """
 
 from __future__ import annotations

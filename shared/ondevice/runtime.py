@@ -99,6 +99,11 @@ def catalog_fingerprint(item_ids: Sequence[str]) -> str:
     """
     h = hashlib.sha256(str(len(item_ids)).encode())
     for item in item_ids:
+        if "\x00" in item:  # the separator: ["a\0b", "c"] and ["a", "b\0c"] would collide
+            raise DataError(
+                f"item id {item!r} contains a NUL character, which a catalog cannot hold; "
+                "remove it from the id in the item file"
+            )
         h.update(b"\x00")
         h.update(item.encode())
     return h.hexdigest()[:16]
@@ -558,6 +563,11 @@ class OnDeviceModel:
                 f"(e.g. {raw.reshape(-1)[0]!r}); map raw ids through the same catalog as "
                 "the model"
             )
+        if raw.ndim != 1 and raw.size:  # a batch or a scalar would be read as one history
+            raise DataError(
+                f"a history is a 1-D sequence of item ids, got shape {list(raw.shape)}; score "
+                "a batch with score([h1, h2, ...]) and recommend for one history at a time"
+            )
         h = raw.astype(np.int64).reshape(-1)
         if truncate:
             h = h[-self._max_len :]
@@ -616,8 +626,8 @@ class OnDeviceModel:
         With ``exclude_history`` the items already in the (full, untruncated) history are
         never recommended; fewer than ``k`` ids come back only if the catalog runs out.
         """
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ConfigError(f"k must be an integer >= 1, got {k!r}")
         h = self._ids(history, truncate=False)
         scores = self._score_one(h)[0]
         n_candidates = self._n_items
