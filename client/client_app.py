@@ -51,6 +51,7 @@ from shared.config import coerce
 from shared.errors import ConfigError, DataError
 from shared.federated.task import (
     CONFIG_RUN_ID,
+    CONFIG_UNDER_SECAGG,
     CONFIG_UPDATE_CLIP_NORM,
     METRIC_REASON,
     METRIC_STATUS,
@@ -279,22 +280,6 @@ def _error_reply(msg: Message, exc: BaseException, phase: str) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-def _refuse_split_noise_in_the_clear(
-    config: Mapping[str, Any], run_config: Mapping[str, RunConfigValue]
-) -> None:
-    """``noise-shares`` m > 1 adds 1/sqrt(m) of the DP noise, the rest coming from the other
-    clients in the SecAgg+ sum. A round that asks for it without SecAgg+ (a misconfigured or
-    curious server) would let the server see this update with a fraction of its noise while
-    the ledger charges the full amount: refused."""
-    shares = config.get("noise-shares", run_config.get("noise-shares", 1))
-    if isinstance(shares, int | float) and shares > 1 and not under_secagg():
-        raise ConfigError(
-            f"noise-shares {shares} splits the DP noise over the SecAgg+ sum, but this round "
-            "came without SecAgg+; training it would release this update with a fraction of "
-            "its noise. Refusing (run with secagg=true, or noise-shares=1)"
-        )
-
-
 def _update_clip_norm(config: Mapping[str, Any]) -> float:
     """The L2 bound the server asks the update to be clipped to (0: no clipping). A value
     that is not a finite number >= 0 is refused: read as 0 it switched clipping off."""
@@ -316,9 +301,14 @@ def handle_train(
         )
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
         received = parameters_to_ndarrays(fitins.parameters)
-        config = {**fitins.config, CONFIG_RUN_ID: context.run_id}
+        # what this client knows, over anything the server sent under these keys: the task
+        # refuses to split its noise (noise-shares) for an update seen outside SecAgg+
+        config = {
+            **fitins.config,
+            CONFIG_RUN_ID: context.run_id,
+            CONFIG_UNDER_SECAGG: under_secagg(),
+        }
         clip_norm = _update_clip_norm(config)  # checked before anything is trained or spent
-        _refuse_split_noise_in_the_clear(config, merged)
         task, client_id = _task_for(merged), client_id_of(context)
         _restore_state(task, client_id, context)
         outcome = task.fit(client_id, received, config)

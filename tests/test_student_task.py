@@ -23,7 +23,7 @@ from shared.federated.student_task import (
     resolve_device,
     set_global_arrays,
 )
-from shared.federated.task import FitStatus, RunConfigValue
+from shared.federated.task import ConfigValue, FitStatus, RunConfigValue
 from shared.models.sequence import next_item_cross_entropy
 from shared.models.student import StudentConfig, StudentModel
 
@@ -417,6 +417,137 @@ def _ledger_history(state: Path, client: int) -> list[list[float]]:
         (state / f"client-{client}" / "ledger.json").read_text()
     )["history"]
     return history
+
+
+@pytest.mark.parametrize(
+    ("fit_config", "run_config"),
+    [
+        ({"noise-shares": 4}, {}),
+        ({}, {"noise-shares": 4}),
+        ({"noise-shares": "4"}, {}),  # a string the task reads as 4
+        ({}, {"noise_shares": 4}),  # the snake_case spelling the task accepts
+        ({"noise-shares": 4, "fedrec-under-secagg": True}, {}),  # the server cannot claim it
+    ],
+)
+def test_split_noise_is_refused_outside_secagg_however_the_server_spells_it(
+    bundle: Path,
+    tmp_path: Path,
+    fit_config: dict[str, ConfigValue],
+    run_config: dict[str, RunConfigValue],
+) -> None:
+    """noise-shares > 1 adds only a share of the noise: without SecAgg+ the server would see
+    the update with that share alone, so the client refuses before training and spends
+    nothing. The check read the raw kebab-case key and only numbers, so "4" or noise_shares
+    trained with sigma 0.75 released while the ledger recorded 1.5."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.client_app import make_client_app
+
+    try:  # instruction messages need a process task identity (Flower's runtimes set it)
+        _ = TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    config: dict[str, RunConfigValue] = {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": str(bundle),
+        "state-dir": str(tmp_path / "state"),
+        "batch-size": 4,
+        "dp": True,
+        **run_config,
+    }
+    params = get_global_arrays(_student())
+
+    def fit(round_config: dict[str, ConfigValue]) -> Message:
+        ins = FitIns(ndarrays_to_parameters(params), {"server-round": 1, **round_config})
+        message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
+        context = Context(1, 100, {"partition-id": 0}, RecordDict(), {})
+        return make_client_app(config)(message, context)
+
+    refused = fit(fit_config)
+    assert refused.has_error() and "came without SecAgg+" in refused.error.reason
+    assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()
+    plain = fit({**fit_config, "noise-shares": 1})  # the same round without the split trains
+    assert not plain.has_error(), plain.error.reason
+    assert _ledger_history(tmp_path / "state", 0) == [[1.5, pytest.approx(1 / 3), 3]]
+
+
+def test_the_noise_in_a_dp_update_does_not_depend_on_the_example_count() -> None:
+    """Opacus divided the noisy sum by int(n * q): 17 and 18 examples in batches of 16 (the
+    same q = 1/2, steps and charge) gave updates whose noise differed by 9/8, which tells
+    one record's presence apart far better than the charged epsilon allows. The normaliser
+    is batch-size now, the same for every client."""
+    import copy
+
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.local_training import train_global_dp
+
+    base = _student()
+    config = LocalTrainConfig(batch_size=16, lr=1.0, noise_multiplier=5.0, max_grad_norm=1.0)
+    history = np.random.default_rng(0).integers(0, N_ITEMS, size=19)
+    spread = {}
+    for n in (17, 18):
+        stds = []
+        for _ in range(4):
+            model = copy.deepcopy(base)
+            before = get_global_arrays(model)
+            result = train_global_dp(model, history[: n + 1], config)
+            assert (result.num_examples, result.sample_rate, result.steps) == (n, 0.5, 2)
+            moved = [a - b for a, b in zip(get_global_arrays(model), before, strict=True)]
+            stds.append(float(np.std(np.concatenate([m.ravel() for m in moved]))))
+        spread[n] = float(np.mean(stds))
+    assert spread[18] / spread[17] == pytest.approx(1.0, abs=0.03)  # was 8/9
+
+
+def test_an_empty_poisson_batch_steps_its_noise_through_the_optimizer() -> None:
+    """With momentum, the noise-only step of an empty batch bypassed the momentum buffer, so
+    the released update's noise told whether a batch had been empty."""
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.local_training import _noise_only_step
+
+    config = LocalTrainConfig(batch_size=4, lr=0.1, momentum=0.9, max_grad_norm=2.0)
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    param.grad = torch.ones(3)
+    optimizer.step()  # a real step: buffer 1, parameter -0.1
+    _noise_only_step(optimizer, [param], config, torch.Generator().manual_seed(7))
+    noise = torch.randn(3, generator=torch.Generator().manual_seed(7))
+    gradient = noise * config.noise_multiplier * config.max_grad_norm / config.batch_size
+    buffer = 0.9 * torch.ones(3) + gradient
+    assert torch.allclose(param.detach(), -0.1 - 0.1 * buffer)
+
+
+def test_an_epoch_takes_the_steps_the_budget_check_charges() -> None:
+    """Opacus' sampler runs int(1 / q) steps, one short where 1 / (1 / 93) is 92.99...: the
+    check charged 93 and refused rounds that fitted."""
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.local_training import dp_epoch_steps, train_global_dp
+
+    assert 1 / (1 / 93) < 93 and dp_epoch_steps(93, 1) == 93
+    config = LocalTrainConfig(batch_size=1, lr=0.01)
+    history = np.random.default_rng(0).integers(0, N_ITEMS, size=94)
+    result = train_global_dp(_student(), history, config)
+    assert (result.num_examples, result.steps) == (93, 93)
+
+
+def test_training_without_dp_follows_the_seed_it_was_sent() -> None:
+    """Dropout drew from torch's global generator: two runs with one seed differed with
+    whatever the process had drawn before."""
+    from shared.federated.local_config import LocalTrainConfig
+    from shared.federated.local_training import train_global_dp
+
+    config = LocalTrainConfig(dp=False, batch_size=4, lr=0.5, seed=11)
+    history = np.random.default_rng(0).integers(0, N_ITEMS, size=14)
+    trained = []
+    for draws in (0, 5):
+        model = _student()  # seeds torch's global generator: then other draws
+        torch.rand(draws)  # the process's earlier randomness
+        train_global_dp(model, history, config)
+        trained.append(get_global_arrays(model))
+    for a, b in zip(*trained, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_noise_shares_release_one_gradient_charged_at_the_full_noise(

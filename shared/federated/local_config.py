@@ -90,7 +90,9 @@ class LocalTrainConfig:
     / batch_size)`` (:func:`~shared.federated.local_training.dp_sample_rate`), summed
     per-example-clipped gradients plus the share, divided by the fixed ``batch_size`` (not by
     the client's own batch, so one record moves the uniform-weight mean by at most
-    ``max_grad_norm / batch_size`` whichever client holds it). The ledger charges that step at
+    ``max_grad_norm / batch_size`` whichever client holds it; every DP step divides by it,
+    with ``noise_shares=1`` too, since a normaliser that moves with n shows in the noise's
+    size). The ledger charges that step at
     ``noise_multiplier``. Hence ``local_epochs`` must be 1; pair it with a server optimiser
     (``server-optimizer=adam``) that turns those gradients into steps. Caveat: the shares are
     continuous Gaussians quantized by SecAgg+ (steps of about 4e-6 against a noise of about

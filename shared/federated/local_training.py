@@ -9,6 +9,7 @@ Accounting is not done here: the caller asks the client's persistent
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import secrets
@@ -88,28 +89,37 @@ def replay_dp_randomness(seed: int) -> None:
 def dp_sample_rate(n: int, batch_size: int) -> float:
     """The Poisson rate at which DP-SGD samples ``n`` examples with ``batch_size``: Opacus
     samples at ``1 / len(loader)``, i.e. ``1 / ceil(n / min(batch_size, n))``, for
-    ``1 / rate`` steps an epoch. The ledger must charge this rate, which is at most
+    :func:`dp_epoch_steps` steps an epoch. The ledger must charge this rate, which is at most
     ``batch_size / n`` (charging that instead over-counted: 22.4 against 13.7 for 20
     examples in batches of 16 over 20 rounds)."""
-    return 1.0 / math.ceil(n / min(batch_size, n))
+    return 1.0 / dp_epoch_steps(n, batch_size)
+
+
+def dp_epoch_steps(n: int, batch_size: int) -> int:
+    """The steps of one DP-SGD epoch over ``n`` examples: ``ceil(n / min(batch_size, n))``,
+    one over the sampling rate. Set on Opacus' sampler, whose own ``int(1 / rate)`` is one
+    short where ``1 / (1 / k)`` rounds below ``k`` (k = 93, 99, 105, ...)."""
+    return math.ceil(n / min(batch_size, n))
 
 
 def _noise_only_step(
+    optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
     config: LocalTrainConfig,
     generator: torch.Generator,
-    normaliser: float,
 ) -> None:
-    """The step DP-SGD takes on an empty batch: SGD on the noise (its share) alone (std
-    ``noise_multiplier * max_grad_norm / sqrt(noise_shares)``), divided by the
-    ``normaliser`` a real step divides by (Opacus' ``expected_batch_size``). Skipping it
+    """The step DP-SGD takes on an empty batch: the noise (its share) alone as the gradient
+    (std ``noise_multiplier * max_grad_norm / sqrt(noise_shares)``), divided by the
+    normaliser a real step divides by (``batch-size``), through the wrapped optimizer as a
+    real step goes (its momentum too). Skipping it, or stepping outside the optimizer,
     would make the released model's noise reveal how many batches were empty, which the
     accounting does not cover."""
     std = config.noise_multiplier * config.max_grad_norm / math.sqrt(config.noise_shares)
     with torch.no_grad():
         for p in params:
             noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            p.add_(noise, alpha=-config.lr * std / normaliser)
+            p.grad = noise * (std / config.batch_size)
+    optimizer.step()
 
 
 def train_global_dp(
@@ -144,11 +154,10 @@ def train_global_dp(
     loader = DataLoader(
         TensorDataset(items, mask, targets), batch_size=batch, shuffle=True, generator=generator
     )
-    losses: list[float] = []
-    steps = 0
     noise = torch.Generator(device).manual_seed(_dp_random.getrandbits(63))  # secret too
     if config.dp:
         from opacus import PrivacyEngine
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -167,12 +176,40 @@ def train_global_dp(
                 f"Opacus samples at {loader.sample_rate}, not at the charged {rate}; see "
                 "dp_sample_rate"
             )
-        if config.noise_shares > 1:
-            # a fixed normaliser: the same bound on one record's share of the mean in
-            # every client (see LocalTrainConfig.noise_shares)
-            optimizer.expected_batch_size = config.batch_size
+        sampler = loader.batch_sampler
+        if not isinstance(sampler, UniformWithReplacementSampler):
+            raise RuntimeError(f"Opacus' DP loader samples with {type(sampler).__name__}")
+        sampler.steps = dp_epoch_steps(n, config.batch_size)  # the steps the check charged
+        # A public normaliser: Opacus divides the noisy sum by int(n * rate), which moves
+        # with n, so the noise's size in a released update would tell n from n + 1 (the
+        # count, one record apart). batch-size is the same for every client and round.
+        optimizer.expected_batch_size = config.batch_size
     else:
         module = model
+    # without DP the seed the server sent decides everything, dropout included
+    with contextlib.nullcontext() if config.dp else seeded(config.seed):
+        steps, losses = _train_loop(module, optimizer, loader, params, config, noise)
+    model.eval()
+    return LocalResult(
+        loss=float(np.mean(losses)) if losses else math.nan,
+        num_examples=n,
+        steps=steps,
+        sample_rate=rate,
+    )
+
+
+def _train_loop(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    params: list[torch.nn.Parameter],
+    config: LocalTrainConfig,
+    noise: torch.Generator,
+) -> tuple[int, list[float]]:
+    """:func:`train_global_dp`'s epochs on ``module`` (Opacus' wrapper under DP, which is
+    closed at the end); returns the steps taken and the batches' losses."""
+    losses: list[float] = []
+    steps = 0
     try:
         with warnings.catch_warnings():
             # Opacus' hooks fire on module outputs when the inputs (item ids) need no gradient.
@@ -183,8 +220,8 @@ def train_global_dp(
                     optimizer.zero_grad(set_to_none=True)
                     if len(b_targets) == 0:
                         if config.dp:  # an empty Poisson batch still releases its noise
-                            normaliser = float(optimizer.expected_batch_size)  # type: ignore[attr-defined]
-                            _noise_only_step(params, config, noise, normaliser)
+                            inner = optimizer.original_optimizer  # type: ignore[attr-defined]
+                            _noise_only_step(inner, params, config, noise)
                         if config.noise_shares > 1:
                             break  # the one released gradient of this round
                         continue
@@ -204,14 +241,8 @@ def train_global_dp(
                         break  # one released gradient per round (local_epochs is 1)
     finally:
         if config.dp:
-            module._close()  # removes Opacus hooks and grad_sample fields from the model
-    model.eval()
-    return LocalResult(
-        loss=float(np.mean(losses)) if losses else math.nan,
-        num_examples=n,
-        steps=steps,
-        sample_rate=rate,
-    )
+            module._close()  # type: ignore[operator]  # removes Opacus' hooks, grad samples
+    return steps, losses
 
 
 def history_seed(history: IntArray, seed: int = 0) -> int:

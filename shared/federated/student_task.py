@@ -43,9 +43,21 @@ from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, check_bundle_digest, load_bundle
 from shared.federated.local_config import LocalTrainConfig
-from shared.federated.local_training import check_items, dp_sample_rate, train_global_dp
+from shared.federated.local_training import (
+    check_items,
+    dp_epoch_steps,
+    dp_sample_rate,
+    train_global_dp,
+)
 from shared.federated.student_config import StudentTaskConfig
-from shared.federated.task import Arrays, ConfigValue, EvalOutcome, FitOutcome, RunConfig
+from shared.federated.task import (
+    CONFIG_UNDER_SECAGG,
+    Arrays,
+    ConfigValue,
+    EvalOutcome,
+    FitOutcome,
+    RunConfig,
+)
 from shared.federated.validation import validate_update
 from shared.io import exclusive_lock
 from shared.models.sequence import pad_histories
@@ -234,13 +246,15 @@ class StudentTask:
             if len(sequence) < 2:
                 raise DataError(f"client {client_id} has {len(sequence)} interactions; needs >= 2")
             train = self._round_config(config, client_id)
+            _refuse_split_noise_in_the_clear(train, config)
             self.check_received(parameters)  # before any privacy is spent on them
             state = self.client_state(client_id)
             if train.dp:
                 n = min(len(sequence) - 1, train.max_examples)
                 q = dp_sample_rate(n, train.batch_size)
                 # one released gradient per round when the noise is split (noise-shares)
-                steps = 1 if train.noise_shares > 1 else train.local_epochs * round(1 / q)
+                epoch = dp_epoch_steps(n, train.batch_size)
+                steps = 1 if train.noise_shares > 1 else train.local_epochs * epoch
                 try:
                     state.ledger.check(Spend(train.noise_multiplier, q, steps))
                 except PrivacyBudgetExceededError as err:
@@ -343,6 +357,24 @@ class StudentTask:
         from dataclasses import replace
 
         return replace(base, seed=hash((base.seed, client_id, round_no)) % (2**31))
+
+
+def _refuse_split_noise_in_the_clear(
+    train: LocalTrainConfig, config: Mapping[str, ConfigValue]
+) -> None:
+    """``noise-shares`` m > 1 adds 1/sqrt(m) of the DP noise, the rest coming from the other
+    clients in the SecAgg+ sum. A round that asks for it without SecAgg+ (a misconfigured or
+    curious server) would see this update with a fraction of its noise while the ledger
+    charges the full amount: refused, on the value this round would train with (however the
+    server spelled or typed it). The ClientApp sets :data:`CONFIG_UNDER_SECAGG`; a caller
+    that does not (a benchmark, a test) is trusted."""
+    under_secagg = config.get(CONFIG_UNDER_SECAGG)
+    if train.noise_shares > 1 and under_secagg is not None and under_secagg is not True:
+        raise ConfigError(
+            f"noise-shares {train.noise_shares} splits the DP noise over the SecAgg+ sum, but "
+            "this round came without SecAgg+; training it would release this update with a "
+            "fraction of its noise. Refusing (run with secagg=true, or noise-shares=1)"
+        )
 
 
 def make_task(run_config: RunConfig) -> StudentTask:

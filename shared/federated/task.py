@@ -39,6 +39,9 @@ CONFIG_SERVER_ROUND = "server-round"
 CONFIG_UPDATE_CLIP_NORM = "update-clip-norm"
 CONFIG_RUN_ID = "fedrec-run-id"
 """Added by the client glue (not sent by the server): the Flower run the message is from."""
+CONFIG_UNDER_SECAGG = "fedrec-under-secagg"
+"""Set by the client glue over whatever the server sent: whether this update will only be
+seen inside the SecAgg+ sum (a task that splits its noise over that sum needs it)."""
 # Keys the client glue adds to a fit reply's metrics (the wire protocol of a status).
 METRIC_STATUS = "fedrec-status"
 METRIC_REASON = "fedrec-reason"
