@@ -162,16 +162,16 @@ def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted
     with Daemon.open(device) as daemon:
         learner = DeviceLearner(daemon, bundle)
         learner.prepare()
-        files.add_round_joined(1)
-        files.add_round_joined(2)
+        files.add_round_joined(1, with_dp=True)
+        files.add_round_joined(2, with_dp=True)
         learner._tick()
         assert daemon.status().rounds_joined == 2
         files.joined.write_text("{torn")  # a crash mid-write on a file system without rename
-        files.add_round_joined(3)  # unreadable: the training side counts again from 0
+        files.add_round_joined(3, with_dp=True)  # unreadable: the training side counts again from 0
         assert "unreadable" in caplog.text and files.rounds_joined() == 1
         learner._tick()
         assert daemon.status().rounds_joined == 3
-        files.add_round_joined(4)
+        files.add_round_joined(4, with_dp=True)
         learner._tick()
         assert daemon.status().rounds_joined == 4
 
@@ -236,6 +236,14 @@ def test_a_round_without_dp_does_not_lock_the_device_out_of_later_rounds(
     assert json.loads(ledger.read_text())["history"] == []  # written, nothing spent
     assert task.fit(0, params, {"server-round": 2}).status is FitStatus.OK  # DP again
     assert len(json.loads(ledger.read_text())["history"]) == 1
+    # its status says so: epsilon_spent counts the DP round only (it read as all rounds)
+    files = FederatedFiles(device)
+    assert (files.rounds_joined(), files.rounds_without_dp()) == (2, 1)
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle)._tick()  # catches the store's count up
+        status = daemon.status()
+        assert (status.rounds_joined, status.rounds_without_dp) == (2, 1)
+        assert status.epsilon_spent is not None and status.epsilon_spent > 0
 
 
 def test_the_client_app_opens_the_store_with_the_passphrase_variable_the_daemon_read(

@@ -210,6 +210,11 @@ class RecommendationsOut(BaseModel):
 
 class PrivacyOut(BaseModel):
     epsilon_spent: float | None = Field(description="Cumulative, from the privacy ledger.")
+    rounds_without_dp: int = Field(
+        0,
+        description="Rounds joined without DP (allowed by `--allow-no-dp`): epsilon_spent "
+        "does not count them, and no privacy bound holds for what they released.",
+    )
     epsilon_budget: float
     delta: float
     error: str | None = None
@@ -580,6 +585,7 @@ def create_app(
             rounds_joined=s.rounds_joined,
             privacy=PrivacyOut(
                 epsilon_spent=s.epsilon_spent,
+                rounds_without_dp=s.rounds_without_dp,
                 epsilon_budget=s.epsilon_budget,
                 delta=s.delta,
                 error=s.privacy_error,

@@ -189,18 +189,31 @@ class FederatedFiles:
         return True
 
     def rounds_joined(self) -> int:
+        return self._joined_count("count")
+
+    def rounds_without_dp(self) -> int:
+        """The joined rounds this device trained without DP (``--allow-no-dp``): they spent
+        no epsilon the ledger can count, and no bound holds for them."""
+        return self._joined_count("without_dp")
+
+    def _joined_count(self, key: str) -> int:
         try:
-            return int(json.loads(self.joined.read_text())["count"])
+            return int(json.loads(self.joined.read_text()).get(key, 0))
         except FileNotFoundError:
             return 0
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
             logger.error("unreadable %s (%s)", self.joined, exc)
             return 0
 
-    def add_round_joined(self, server_round: int) -> None:
+    def add_round_joined(self, server_round: int, *, with_dp: bool) -> None:
         write_json_atomic(
             self.joined,
-            {"count": self.rounds_joined() + 1, "last_round": server_round, "at": time.time()},
+            {
+                "count": self.rounds_joined() + 1,
+                "without_dp": self.rounds_without_dp() + (0 if with_dp else 1),
+                "last_round": server_round,
+                "at": time.time(),
+            },
         )
 
 
@@ -335,13 +348,14 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                     return FitOutcome.declined(
                         f"this device has {events} event(s); training needs >= 2"
                     )
+                with_dp = self._round_config(config, client_id).dp
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
                     if not self.layout.ledger.exists():
                         # a round without DP (--allow-no-dp) spends nothing, but once a
                         # round is joined a missing ledger means a lost one: write it first
                         PrivacyLedger.open(self.layout.ledger, self._budget).save()
-                    self.files.add_round_joined(server_round)
+                    self.files.add_round_joined(server_round, with_dp=with_dp)
             return outcome
 
         def evaluate(
