@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -47,7 +48,14 @@ from flwr.common import NDArrays, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_STATE as _FLWR_STATE_RECORD,
+)
 from flwr.compat.common import parameter as _flwr_parameter
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import ClientManager, LegacyContext, SimpleClientManager
@@ -175,10 +183,14 @@ class SecAggSettings:
             raise ConfigError(
                 f"secagg-timeout must be > 0 seconds (or 0 for none), got {self.timeout}"
             )
-        if not self.clipping_range > 0:
-            raise ConfigError(f"secagg-clipping-range must be > 0, got {self.clipping_range}")
-        if not self.max_weight > 0:
-            raise ConfigError(f"secagg-max-weight must be > 0, got {self.max_weight}")
+        if not 0 < self.clipping_range < math.inf:  # inf: every sum came back NaN
+            raise ConfigError(
+                f"secagg-clipping-range must be a finite number > 0, got {self.clipping_range}"
+            )
+        if not 0 < self.max_weight < math.inf:
+            raise ConfigError(
+                f"secagg-max-weight must be a finite number > 0, got {self.max_weight}"
+            )
         q, m = self.quantization_range, self.modulus_range
         if isinstance(q, bool) or not isinstance(q, int) or q < 2:
             raise ConfigError(f"secagg-quantization-range must be an integer >= 2, got {q!r}")
@@ -492,6 +504,8 @@ def secaggplus_when_requested_mod(
             raise _HandlerReplied
         if _uniform_weight_requested(inner_msg.content) and reply.has_content():
             _report_unit_weight(reply.content)
+        elif reply.has_content():
+            _cap_weight(reply.content, inner_ctxt)
         return reply
 
     try:
@@ -529,6 +543,30 @@ def _report_unit_weight(content: RecordDict) -> None:
     value = record.get("num_examples", 0)
     if isinstance(value, int | float) and value > 0:
         content.metric_records[FITRES_NUM_EXAMPLES] = MetricRecord({"num_examples": 1})
+
+
+def _cap_weight(content: RecordDict, ctxt: Context) -> None:
+    """Cap ``num_examples`` at the round's ``max_weight`` before ``secaggplus_mod`` masks it.
+
+    The modulus holds a cohort of ``max_cohort`` weights of at most 1 (``num_examples /
+    max_weight``); Flower only warns about a larger one, whose weighted update then wraps
+    the sum or shrinks the clipping bound to ``clipping_range / r``. Capped, no client that
+    runs this mod moves the aggregate by more than the clipping range allows (the server
+    cannot check: the weight is masked). A weight that is not a finite number >= 0 is 0.
+    """
+    record = content.metric_records.get(FITRES_NUM_EXAMPLES)
+    state = ctxt.state.config_records.get(_FLWR_STATE_RECORD)
+    if record is None or state is None:
+        return
+    value, limit = record.get("num_examples", 0), state.get("max_weight", 0.0)
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        capped: float = 0
+    elif isinstance(limit, int | float) and 0 < limit < value:
+        log(WARNING, "weight %s capped at the round's secagg-max-weight %s", value, limit)
+        capped = int(limit) if float(limit).is_integer() else limit
+    else:
+        return
+    content.metric_records[FITRES_NUM_EXAMPLES] = MetricRecord({"num_examples": capped})
 
 
 def _scrub_fit_reply(content: RecordDict) -> None:

@@ -186,7 +186,12 @@ class ServerConfig:
             "> 0",
             self.availability_timeout,
         )
-        require(self.update_clip_norm >= 0, "update-clip-norm", ">= 0", self.update_clip_norm)
+        require(
+            0 <= self.update_clip_norm < math.inf,
+            "update-clip-norm",
+            "a finite number >= 0",
+            self.update_clip_norm,
+        )
         require(self.secagg_timeout >= 0, "secagg-timeout", ">= 0", self.secagg_timeout)
         require(self.checkpoint_keep >= 1, "checkpoint-keep", ">= 1", self.checkpoint_keep)
         require(self.population_size >= 0, "population-size", ">= 0", self.population_size)

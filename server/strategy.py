@@ -231,6 +231,16 @@ def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[s
     return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
 
 
+def _positive_weight(value: object) -> bool:
+    """A client's reported weight is usable: a finite number > 0 (not NaN, inf or a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 def _status_of(res: FitRes | EvaluateRes) -> str:
     return str(res.metrics.get(METRIC_STATUS, FitStatus.OK.value))
 
@@ -448,6 +458,19 @@ class ValidatingFedAvg(FedAvg):
             wanted = self.cohort_size
         else:
             wanted = max(int(num_available_clients * self.fraction_fit), self.min_fit_clients)
+            most = self.secagg_max_cohort if self.secure_aggregation else None
+            if most is not None and wanted > most:
+                # a fraction grows with the clients connected: capped, not a crash in
+                # whichever round first sees that many (a cohort-size is refused instead)
+                log(
+                    WARNING,
+                    "cohort of %s (cohort-fraction %s) capped at %s, the most a SecAgg+ sum "
+                    "holds without overflowing its modulus",
+                    wanted,
+                    self.fraction_fit,
+                    most,
+                )
+                wanted = most
         return min(wanted, num_available_clients), self.min_available_clients
 
     def num_evaluation_clients(self, num_available_clients: int) -> tuple[int, int]:
@@ -675,9 +698,9 @@ class ValidatingFedAvg(FedAvg):
                 rejections.append(f"node {proxy.node_id}: undecodable update ({exc})")
                 continue
             problem = find_problem(update, self._reference)
-            if problem is None and res.num_examples <= 0:
-                problem = InvalidUpdateError(
-                    "bad-weight", f"num_examples is {res.num_examples}, expected > 0"
+            if problem is None and not _positive_weight(res.num_examples):
+                problem = InvalidUpdateError(  # NaN passed `<= 0` and made the model NaN
+                    "bad-weight", f"num_examples is {res.num_examples}, expected a number > 0"
                 )
             if problem is not None:
                 rejections.append(f"node {proxy.node_id}: {problem}")
@@ -804,7 +827,11 @@ class ValidatingFedAvg(FedAvg):
         """Weighted loss/metric means over clients that returned a finite loss."""
         answered = [(p, r) for p, r in results if _status_of(r) != FitStatus.DECLINED.value]
         declined = len(results) - len(answered)
-        good = [(p, r) for p, r in answered if r.num_examples > 0 and math.isfinite(float(r.loss))]
+        good = [
+            (p, r)
+            for p, r in answered
+            if _positive_weight(r.num_examples) and math.isfinite(float(r.loss))
+        ]
         bad = len(answered) - len(good)
         total = sum(r.num_examples for _, r in good)
         loss = sum(r.num_examples * float(r.loss) for _, r in good) / total if total else None

@@ -794,6 +794,96 @@ def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
     assert _max_diff(secure.parameters, expected) < _secagg_tolerance(task, range(5), clip, 2**22)
 
 
+@pytest.mark.parametrize("weight", [1_023_835, float("nan")])
+def test_secagg_caps_a_clients_weight_at_max_weight(
+    monkeypatch: pytest.MonkeyPatch, weight: float
+) -> None:
+    """A client that reported num_examples 1,023,835 (an honest update) wrapped the summed
+    weight mod 2**32: the aggregate left the clipping bound ~100-fold (max |coord| 8340).
+    Its weight is capped at secagg-max-weight (1000) before masking, so the result is the
+    clipped sum with weight 1 for it; a NaN weight counts as 0."""
+    task = ToyLinearTask()
+    params = task.initial_parameters()
+    honest_fit = ToyLinearTask.fit
+
+    def inflated(self: ToyLinearTask, cid: int, p: Arrays, config: Any) -> FitOutcome:
+        out = honest_fit(self, cid, p, config)
+        if cid == 0:
+            return FitOutcome.with_parameters(out.arrays, weight, out.metrics)  # type: ignore[arg-type]
+        return out
+
+    monkeypatch.setattr(ToyLinearTask, "fit", inflated)
+    report = _run({"num-rounds": 1, "eval-fraction": 0.0, "secagg": True}, num_nodes=5)[0]
+    clip = 8.0
+    r = np.array([task.num_examples(c) for c in range(5)]) / 1000.0
+    r[0] = 1.0 if weight == weight else 0.0  # capped at max_weight / max_weight; NaN: 0
+    deltas = []
+    for c in range(5):
+        out = honest_fit(task, c, params, {})
+        deltas.append(
+            [
+                (a.astype(np.float32) - q).astype(np.float64)
+                for a, q in zip(out.arrays, params, strict=True)
+            ]
+        )
+    expected = [
+        params[i] + sum(np.clip(r[c] * deltas[c][i], -clip, clip) for c in range(5)) / r.sum()
+        for i in range(len(params))
+    ]
+    assert _max_diff(report.parameters, expected) < _secagg_tolerance(task, range(5), clip, 2**22)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_rejected_before_aggregation(
+    monkeypatch: pytest.MonkeyPatch, weight: float
+) -> None:
+    """num_examples NaN passed the `<= 0` check and made the global model NaN."""
+    honest_fit = ToyLinearTask.fit
+
+    def bad(self: ToyLinearTask, cid: int, p: Arrays, config: Any) -> FitOutcome:
+        out = honest_fit(self, cid, p, config)
+        if cid == 0:
+            return FitOutcome.with_parameters(out.arrays, weight, out.metrics)  # type: ignore[arg-type]
+        return out
+
+    monkeypatch.setattr(ToyLinearTask, "fit", bad)
+    report = _run({"num-rounds": 1, "eval-fraction": 0.0, "secagg": False}, num_nodes=4)[0]
+    assert (report.fit.ok, report.fit.rejected) == (3, 1)
+    assert any(
+        f"num_examples is {weight}, expected a number > 0" in r for r in report.fit.rejections
+    )
+    assert all(np.isfinite(a).all() for a in report.parameters)
+
+
+def test_a_fractional_secagg_cohort_is_capped_at_what_the_modulus_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """cohort-fraction 0.5 of 8 clients is 4, one more than this modulus holds (3): the run
+    crashed in the first round that saw that many clients; the cohort is capped instead."""
+    config: RunConfig = {
+        "num-rounds": 1,
+        "eval-fraction": 0.0,
+        "secagg": True,
+        "secagg-num-shares": 3,
+        "secagg-reconstruction-threshold": 2,
+        "cohort-fraction": 0.5,
+        "secagg-modulus-range": 2**24,  # (2**24 - 1) // 2**22 = 3 clients
+    }
+    with caplog.at_level("WARNING"):
+        report = _run(config, num_nodes=8)[0]
+    assert report.fit.secure_aggregation and report.fit.ok == 3 and report.fit.updated
+    assert any("capped at 3" in r.getMessage() for r in caplog.records)
+
+
+def test_infinite_secagg_and_clipping_settings_are_refused_at_start() -> None:
+    """Accepted, they made every round train nothing (NaN sums, clients refusing the clip)."""
+    for key in ("secagg-clipping-range", "secagg-max-weight"):
+        with pytest.raises(ConfigError, match=f"{key} must be a finite number > 0"):
+            ServerConfig.from_run_config({"secagg": True, key: float("inf")})
+    with pytest.raises(ConfigError, match="update-clip-norm"):
+        ServerConfig.from_run_config({"update-clip-norm": float("inf")})
+
+
 # ------------------------------------------------------------------ Ray simulation
 
 
