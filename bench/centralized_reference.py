@@ -40,7 +40,7 @@ from shared.models.history_order import Order
 from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import encode_items
 from shared.training.trainer import Validation, count_parameters
-from simulation.pipeline import load_ranks
+from simulation.pipeline import run_ranks
 from simulation.pretrain import default_cache_root, encoder_config
 from simulation.provenance import provenance, require_seeds, run_bench
 
@@ -95,7 +95,7 @@ def federation_runs(paths: list[Path]) -> dict[int, dict[str, CaseRanks]]:
         if seed in seeds_of.setdefault(variant, set()):
             raise DataError(f"two runs of variant {variant!r} on split seed {seed}")
         seeds_of[variant].add(seed)
-        ranks = load_ranks(path / "ranks.npz")
+        ranks = run_ranks(path)
         for model, label in FEDERATED_MODELS.items():
             if f"federated/{model}" not in ranks:
                 raise DataError(f"{path}/ranks.npz has no federated ranks of {model!r}")

@@ -307,7 +307,10 @@ class SimulationConfig:
             "eval-size": min(self.eval_size, n_clients),
             "eval-fraction": 1.0 if self.eval_size else 0.0,
             "seed": self.seed,
-            "eval-seed": self.seed,  # the federated evaluation's negatives, as the final one's
+            # the per-round federated evaluation's negatives: seeded like the final one's, but
+            # per client index, not per user, so they are not the same draws (it only tracks
+            # progress; the final evaluation and model selection use the protocol's)
+            "eval-seed": self.seed,
             "secagg": self.secagg,
             "secagg-num-shares": self.secagg_num_shares,
             "secagg-reconstruction-threshold": self.secagg_reconstruction_threshold,

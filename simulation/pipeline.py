@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,15 @@ import torch
 from shared.config import field_names, from_flat, to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.registry import dataset_key, load_dataset
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
     export_split_recs,
+    fewshot_cases,
     fewshot_ranks,
+    loo_cases,
     split_ranks,
     summarize_each,
 )
@@ -261,7 +263,13 @@ def trained_with(model: Path) -> SimulationConfig | None:
     model = Path(model).resolve()
     if model.parent.name != "models":
         return None
-    stored = RunDirectory.read_config(model.parent.parent)
+    return stored_config(model.parent.parent)
+
+
+def stored_config(root: Path) -> SimulationConfig | None:
+    """The settings the simulation run in ``root`` recorded (``config.json``), with the
+    runtime keys set to ones valid on any machine (see :func:`trained_with`), or ``None``."""
+    stored = RunDirectory.read_config(root)
     section = (stored or {}).get("simulation")
     if not isinstance(section, dict):
         return None
@@ -603,12 +611,14 @@ class AdaptedStudent:
 
 
 def _save_ranks(path: Path, ranks: dict[str, CaseRanks]) -> None:
-    """Every evaluated case's rank (``'<cases>/<model>/sampled'`` and ``.../full``), so two
-    runs on the same split can be compared user by user (:mod:`shared.eval.compare`)."""
+    """Every evaluated case's rank (``'<cases>/<model>/sampled'`` and ``.../full``) and user
+    (``.../users``), so two runs on the same split can be compared user by user
+    (:mod:`shared.eval.compare`)."""
     arrays = {
         f"{key}/{kind}": getattr(r, kind)
         for key, r in ranks.items()
-        for kind in ("sampled", "full")
+        for kind in ("sampled", "full", "users")
+        if getattr(r, kind) is not None
     }
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -616,10 +626,45 @@ def _save_ranks(path: Path, ranks: dict[str, CaseRanks]) -> None:
 
 
 def load_ranks(path: Path) -> dict[str, CaseRanks]:
-    """The per-case ranks a run saved (:func:`_save_ranks`), keyed ``'<cases>/<model>'``."""
+    """The per-case ranks a run saved (:func:`_save_ranks`), keyed ``'<cases>/<model>'`` (no
+    users in a file an older version saved)."""
     with np.load(path) as data:
         keys = {name.rsplit("/", 1)[0] for name in data.files}
-        return {key: CaseRanks(data[f"{key}/sampled"], data[f"{key}/full"]) for key in keys}
+        return {
+            key: CaseRanks(
+                data[f"{key}/sampled"],
+                data[f"{key}/full"],
+                data[f"{key}/users"] if f"{key}/users" in data.files else None,
+            )
+            for key in keys
+        }
+
+
+def run_ranks(root: Path) -> dict[str, CaseRanks]:
+    """The per-case ranks of the finished run in ``root``, each with its cases' users: a file
+    an older version saved without them gets them from the run's split, which its recorded
+    settings determine (the case lists are rebuilt in the order they were ranked)."""
+    ranks = load_ranks(root / "ranks.npz")
+    if all(r.users is not None for r in ranks.values()):
+        return ranks
+    config = stored_config(root)
+    if config is None:
+        raise DataError(f"{root} has no config.json: the users of its ranks cannot be told")
+    _, split = load_split(config)
+    users: dict[str, IntArray] = {}
+    for group in {key.split("/")[0] for key in ranks}:
+        if group.startswith("fewshot k="):
+            cases = fewshot_cases(split, int(group.removeprefix("fewshot k=")))
+        else:  # "federated", "public"
+            cases = loo_cases(split, split.population(group), "test")
+        users[group] = np.array([c.user for c in cases], dtype=np.int64)
+    for key, r in ranks.items():
+        if len(users[key.split("/")[0]]) != len(r.sampled):
+            raise DataError(
+                f"{root}/ranks.npz: {key} ranks {len(r.sampled)} cases, but the run's split "
+                f"has {len(users[key.split('/')[0]])}; its config.json is not the run's"
+            )
+    return {key: replace(r, users=users[key.split("/")[0]]) for key, r in ranks.items()}
 
 
 _RECS_SOURCES = {

@@ -27,13 +27,13 @@ def _run(root: Path, variant: str, seed: int, first_rank: float, stamp: str = ""
     path = root / f"ml-100k-{variant}-seed{seed}{stamp}"
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"simulation": {"seed": seed}}))
-    ranks = np.array([first_rank, 50.0, np.inf])
+    ranks, users = np.array([first_rank, 50.0, np.inf]), np.arange(3)
     _save_ranks(
         path / "ranks.npz",
         {
-            "federated/student int8 onnx": CaseRanks(ranks, ranks),
-            "federated/student (federated + personal)": CaseRanks(ranks + 1, ranks + 1),
-            "federated/teacher": CaseRanks(ranks * 0, ranks * 0),
+            "federated/student int8 onnx": CaseRanks(ranks, ranks, users),
+            "federated/student (federated + personal)": CaseRanks(ranks + 1, ranks + 1, users),
+            "federated/teacher": CaseRanks(ranks * 0, ranks * 0, users),
         },
     )
     return path

@@ -122,6 +122,38 @@ def test_paired_difference_interval_width_matches_the_normal_approximation():
     assert paired_difference(a, b, n_resamples=2000, seed=1) == d
 
 
+def test_a_users_several_cases_are_resampled_together():
+    """Splits pooled hold each user up to once per split: resampled as independent cases,
+    the interval was sqrt(cases per user) too narrow (about 1.5-fold for 4 splits)."""
+    from shared.eval.compare import compare_ranks, paired_difference
+    from shared.eval.protocol import CaseRanks
+
+    # 200 users with 3 identical cases each, differences +1 / -1 by user
+    users = np.repeat(np.arange(200), 3)
+    a = np.where(users % 2 == 0, 0.0, 50.0)
+    b = np.where(users % 2 == 0, 50.0, 0.0)
+    by_case = paired_difference(a, b, seed=1)
+    by_user = paired_difference(a, b, seed=1, users=users)
+    assert (by_case.users, by_user.users, by_user.cases) == (600, 200, 600)
+    assert by_user.mean == by_case.mean == 0.0
+    assert (by_case.high - by_case.low) / 2 == pytest.approx(1.96 / math.sqrt(600), rel=0.15)
+    assert (by_user.high - by_user.low) / 2 == pytest.approx(1.96 / math.sqrt(200), rel=0.15)
+    # two users of unequal case counts: a resample's mean is over its cases, so drawing
+    # user 0 (2 cases, both +1) and user 1 (1 case, 0) gives 2/3, never the mean 1/2
+    two = paired_difference([0, 0, 50], [50, 50, 50], users=[7, 7, 9], n_resamples=500)
+    assert two.mean == pytest.approx(2 / 3) and two.users == 2
+    assert {two.low, two.high} <= {0.0, 2 / 3, 1.0}
+    with pytest.raises(DataError, match="users must name each of the 3 cases"):
+        paired_difference([0, 0, 50], [50, 50, 50], users=[7, 9])
+    # CaseRanks carry them through pooling, and pairing needs the same users
+    ranks = CaseRanks(a, a, users)
+    assert np.array_equal(CaseRanks.concat([ranks, ranks]).users, np.tile(users, 2))  # type: ignore[arg-type]
+    assert CaseRanks.concat([ranks, CaseRanks(a, a)]).users is None  # an older file's part
+    assert compare_ranks(ranks, CaseRanks(b, b, users))["full_hr@10"].users == 200
+    with pytest.raises(DataError, match="different users"):
+        compare_ranks(ranks, CaseRanks(b, b, users[::-1].copy()))
+
+
 def test_paired_difference_refuses_unpaired_or_empty_input():
     from shared.errors import ConfigError
     from shared.eval.compare import paired_difference

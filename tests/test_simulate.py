@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from fedrec.cli import app
 from shared.errors import ConfigError
 from shared.eval.metrics import hit_rate_at_k
-from simulation.pipeline import load_ranks
+from simulation.pipeline import _save_ranks, load_ranks, run_ranks
 
 TINY = (
     "synthetic-users=150 synthetic-items=80 teacher-epochs=1 student-epochs=1 eval-size=5 shots=1,3"
@@ -64,6 +66,18 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     # every case's rank is kept, so runs can be compared user by user; it matches the summary
     ranks = load_ranks(run / "ranks.npz")
     int8 = ranks["federated/student int8 onnx"]
+    # with each case's user (pooled splits resample users), as a file without them gets
+    # from the run's split
+    older = {key: replace(r, users=None) for key, r in ranks.items()}
+    _save_ranks(run / "ranks-older.npz", older)
+    (run / "ranks.npz").rename(run / "ranks-new.npz")
+    (run / "ranks-older.npz").rename(run / "ranks.npz")
+    rebuilt = run_ranks(run)
+    (run / "ranks-new.npz").replace(run / "ranks.npz")
+    assert set(rebuilt) == set(ranks)
+    for key, r in ranks.items():
+        assert r.users is not None and len(r.users) == len(r.sampled), key
+        np.testing.assert_array_equal(rebuilt[key].users, r.users)  # type: ignore[arg-type]
     assert len(int8.full) == final["student int8 onnx"]["federated"]["users"]
     assert hit_rate_at_k(int8.full) == final["student int8 onnx"]["federated"]["full_hr@10"]
     adapted = ranks["fewshot k=3/student (adapted)"]

@@ -28,7 +28,8 @@ class PairedDifference:
     """HR@k of model A minus model B on the same users, with a bootstrap interval.
 
     ``low`` / ``high`` bound the central ``level`` share of the bootstrap distribution;
-    ``users`` is the number of paired cases.
+    ``users`` is the number of users resampled (distinct users where the cases name them,
+    else the cases), ``cases`` the number of paired cases.
     """
 
     mean: float
@@ -36,6 +37,7 @@ class PairedDifference:
     high: float
     level: float
     users: int
+    cases: int = 0
 
     @property
     def a_better(self) -> bool:
@@ -54,6 +56,7 @@ class PairedDifference:
             "high": self.high,
             "level": self.level,
             "users": self.users,
+            "cases": self.cases or self.users,
         }
 
 
@@ -65,11 +68,16 @@ def paired_difference(
     n_resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    users: npt.ArrayLike | None = None,
 ) -> PairedDifference:
     """HR@k(A) - HR@k(B) over paired cases, with a percentile bootstrap interval over users.
 
     ``ranks_a[i]`` and ``ranks_b[i]`` must rank the same case (0-based, ``inf`` = miss), as
-    :func:`shared.eval.protocol.case_ranks` returns them for one case list.
+    :func:`shared.eval.protocol.case_ranks` returns them for one case list. ``users[i]``,
+    where given, is case ``i``'s user: the bootstrap then resamples users with all of their
+    cases (a cluster bootstrap; the mean is over the drawn cases), since one user's cases in
+    several splits of a dataset are not independent (resampling them as cases narrowed the
+    pooled intervals about 1.5-fold).
 
     >>> d = paired_difference([0, 0, 20, 20], [0, 20, 20, 20])
     >>> d.mean, d.low >= 0.0
@@ -90,24 +98,40 @@ def paired_difference(
     if not 0.0 < level < 1.0:
         raise ConfigError(f"level must be in (0, 1), got {level}")
     diff = (a < k).astype(np.float64) - (b < k).astype(np.float64)
+    sums: npt.NDArray[np.float64] = diff
+    counts: npt.NDArray[np.float64] = np.ones_like(diff)
+    if users is not None:
+        ids = np.asarray(users)
+        if ids.shape != diff.shape:
+            raise DataError(f"users must name each of the {len(diff)} cases, got {ids.shape}")
+        cluster = np.unique(ids, return_inverse=True)[1].reshape(-1)
+        sums = np.bincount(cluster, weights=diff).astype(np.float64)
+        counts = np.bincount(cluster).astype(np.float64)
     rng = np.random.default_rng(seed)
     means = np.empty(n_resamples)
     for start in range(0, n_resamples, 256):  # bounded memory for large user counts
         stop = min(start + 256, n_resamples)
-        picks = rng.integers(0, len(diff), size=(stop - start, len(diff)))
-        means[start:stop] = diff[picks].mean(axis=1)
+        picks = rng.integers(0, len(sums), size=(stop - start, len(sums)))
+        means[start:stop] = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
-    return PairedDifference(float(diff.mean()), float(low), float(high), level, len(diff))
+    mean = float(diff.mean())
+    return PairedDifference(mean, float(low), float(high), level, len(sums), len(diff))
 
 
 def compare_ranks(
     a: CaseRanks, b: CaseRanks, k: int = 10, *, seed: int = 0
 ) -> dict[str, PairedDifference]:
-    """Paired HR@k differences A - B, sampled and full ranking, keyed like the metrics."""
+    """Paired HR@k differences A - B, sampled and full ranking, keyed like the metrics; over
+    users (:func:`paired_difference`) where both name the users of their cases."""
+    users = None
+    if a.users is not None and b.users is not None:
+        if not np.array_equal(a.users, b.users):
+            raise DataError("the two models were ranked on different users' cases; pair them")
+        users = a.users
     return {
-        f"sampled_hr@{k}": paired_difference(a.sampled, b.sampled, k, seed=seed),
-        f"full_hr@{k}": paired_difference(a.full, b.full, k, seed=seed),
+        f"sampled_hr@{k}": paired_difference(a.sampled, b.sampled, k, seed=seed, users=users),
+        f"full_hr@{k}": paired_difference(a.full, b.full, k, seed=seed, users=users),
     }
 
 

@@ -77,23 +77,30 @@ def sample_negatives(seen: IntArray, n_items: int, n: int, seed: int, user: int)
 
 @dataclass(frozen=True)
 class CaseRanks:
-    """0-based rank of each case's target (``np.inf`` = miss), sampled and full, in case order.
+    """0-based rank of each case's target (``np.inf`` = miss), sampled and full, in case order,
+    and the user of each case (``None`` where unknown: ranks saved by an older version).
 
     Kept per case so that two models ranked on the same cases can be compared pairwise
-    (:func:`shared.eval.compare.paired_difference`).
+    (:func:`shared.eval.compare.paired_difference`); the users let a comparison resample
+    users rather than cases where one user has several (splits pooled).
     """
 
     sampled: FloatArray
     full: FloatArray
+    users: npt.NDArray[np.int64] | None = None
 
     @classmethod
     def concat(cls, parts: Sequence[CaseRanks]) -> CaseRanks:
         """The cases of ``parts`` side by side, in order: several worlds' or splits' cases
-        pooled into one case list (splits of one dataset may hold a user more than once)."""
+        pooled into one case list (splits of one dataset may hold a user more than once;
+        the users are kept where every part has them)."""
         if not parts:
             raise DataError("no case ranks to pool")
+        users = [p.users for p in parts]
         return cls(
-            np.concatenate([p.sampled for p in parts]), np.concatenate([p.full for p in parts])
+            np.concatenate([p.sampled for p in parts]),
+            np.concatenate([p.full for p in parts]),
+            None if any(u is None for u in users) else np.concatenate(users),  # type: ignore[arg-type]
         )
 
 
@@ -135,6 +142,7 @@ def case_ranks(
     return CaseRanks(
         np.concatenate(sampled) if sampled else np.zeros(0),
         np.concatenate(full) if full else np.zeros(0),
+        np.array([c.user for c in cases], dtype=np.int64),
     )
 
 
