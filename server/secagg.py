@@ -33,10 +33,11 @@ import importlib
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import ERROR, INFO, WARNING
+from typing import cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,7 +45,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import NDArrays, parameters_to_ndarrays
+from flwr.common import NDArrays, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
@@ -57,7 +58,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_STATE as _FLWR_STATE_RECORD,
 )
 from flwr.compat.common import parameter as _flwr_parameter
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+from flwr.compat.common.recorddict_compat import (
+    arrayrecord_to_parameters,
+    recorddict_to_evaluateres,
+    recorddict_to_fitres,
+)
 from flwr.server import ClientManager, LegacyContext, SimpleClientManager
 from flwr.server import ServerConfig as LegacyServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -329,6 +334,64 @@ class _DefaultTimeoutGrid(DelegatingGrid):
         )
 
 
+class _WellFormedRepliesGrid(DelegatingGrid):
+    """Delegating ``Grid`` whose replies Flower's workflows could not read become error
+    replies, so that one malformed client (buggy, outdated or hostile) counts as a dropout
+    instead of crashing the run: a SecAgg+ masked vector of other arrays than the model's
+    (Flower sums it with the others: a shape error; as a dropout its masks are recovered),
+    or a fit or evaluate reply without its records (a ``KeyError``)."""
+
+    def __init__(self, inner: Grid, shapes: list[tuple[int, ...]] | None) -> None:
+        super().__init__(inner)
+        self._shapes = shapes
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        return [self._checked(reply) for reply in replies]
+
+    def _checked(self, reply: Message) -> Message:
+        if reply.has_error() or not reply.has_content():
+            return reply
+        problem = _reply_problem(reply.content, self._shapes)
+        if problem is None:
+            return reply
+        node = reply.metadata.src_node_id
+        log(WARNING, "node %s sent a malformed reply, counted as a dropout: %s", node, problem)
+        error = Error(
+            code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed reply: {problem}"
+        )
+        # Flower's own form of a reply built from metadata: it keeps the sender's node id
+        return Message(error=error, metadata=reply.metadata)  # type: ignore[call-overload]
+
+
+def _reply_problem(content: RecordDict, shapes: list[tuple[int, ...]] | None) -> str | None:
+    """Why Flower could not read this reply (``None``: it can)."""
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if shapes is not None and configs is not None and Key.MASKED_PARAMETERS in configs:
+        try:
+            raw = cast(list[bytes], configs[Key.MASKED_PARAMETERS])
+            masked = [bytes_to_ndarray(b) for b in raw]
+        except Exception as exc:  # any decoding failure: the reply is unusable
+            return f"undecodable masked vector ({type(exc).__name__}: {exc})"
+        got, expected = [a.shape for a in masked], [(1,), *shapes]  # the weight, then the model
+        if got != expected or any(a.dtype.kind not in "iu" for a in masked):
+            return f"masked vector of shapes {got}, expected integers of shapes {expected}"
+    names = {*content.config_records, *content.metric_records, *content.array_records}
+    readers: tuple[tuple[str, Callable[[RecordDict], object]], ...] = (
+        ("fitres.", lambda records: recorddict_to_fitres(records, True)),
+        ("evaluateres.", recorddict_to_evaluateres),
+    )
+    for prefix, read in readers:
+        if any(name.startswith(prefix) for name in names):
+            try:
+                read(content)
+            except Exception as exc:  # what Flower's conversion would raise mid-round
+                return f"unreadable {prefix.rstrip('.')} ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _current_round(context: LegacyContext) -> int:
     value = context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]
     if not isinstance(value, int):
@@ -387,7 +450,8 @@ def run_rounds(
         cfg[WorkflowKey.CURRENT_ROUND] = _current_round(ctx) + first_round - 1
         _wait_for_cohort(ctx.client_manager, strategy, _current_round(ctx))
         timing["start"] = time.perf_counter()
-        inner_fit(grid, ctx)
+        shapes = [a.shape for a in _global_parameters(ctx)]
+        inner_fit(_WellFormedRepliesGrid(grid, shapes), ctx)
         timing["fit_end"] = time.perf_counter()
         server_round = _current_round(ctx)
         if server_round not in strategy.fit_stats:
@@ -406,7 +470,7 @@ def run_rounds(
 
     def evaluate_workflow(grid: Grid, ctx: Context) -> None:
         assert isinstance(ctx, LegacyContext)
-        default_evaluate_workflow(grid, ctx)
+        default_evaluate_workflow(_WellFormedRepliesGrid(grid, None), ctx)
         server_round = _current_round(ctx)
         completed.append(server_round)
         if on_round_end is None:

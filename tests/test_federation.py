@@ -36,10 +36,13 @@ from flwr.common import (
     Parameters,
     Scalar,
     Status,
+    ndarray_to_bytes,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_RESULTS
+from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.compat.common.recorddict_compat import (
     evaluateins_to_recorddict,
     fitins_to_recorddict,
@@ -873,6 +876,46 @@ def test_a_fractional_secagg_cohort_is_capped_at_what_the_modulus_holds(
         report = _run(config, num_nodes=8)[0]
     assert report.fit.secure_aggregation and report.fit.ok == 3 and report.fit.updated
     assert any("capped at 3" in r.getMessage() for r in caplog.records)
+
+
+def _malformed_by_client_0(secagg: bool) -> Any:
+    """A client mod: client 0's train replies are damaged (a SecAgg+ masked vector with an
+    array of the wrong shape; a plain reply without its status record)."""
+
+    def mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+        reply = call_next(msg, ctx)
+        if client_id_of(ctx) != 0 or not reply.has_content():
+            return reply
+        records = reply.content.config_records
+        if (
+            secagg
+            and SECAGG_RESULTS in records
+            and Key.MASKED_PARAMETERS in records[SECAGG_RESULTS]
+        ):
+            vector = list(records[SECAGG_RESULTS][Key.MASKED_PARAMETERS])
+            vector[1] = ndarray_to_bytes(np.zeros(5, dtype=np.int64))
+            records[SECAGG_RESULTS][Key.MASKED_PARAMETERS] = vector
+        elif not secagg and "fitres.status" in records:
+            del records["fitres.status"]
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_a_malformed_reply_counts_as_a_failed_client_not_a_crashed_run(secagg: bool) -> None:
+    """One damaged reply raised out of Flower's workflow (a broadcast error summing the
+    masked vectors; a KeyError reading the FitRes) and ended the run for every client."""
+    task = ToyLinearTask()
+    config: RunConfig = {"num-rounds": 2, "eval-fraction": 0.0, "secagg": secagg}
+    reports = _run(config, num_nodes=5, extra_mods=[_malformed_by_client_0(secagg)])
+    assert [r.server_round for r in reports] == [1, 2]
+    first = reports[0]
+    assert (first.fit.ok, first.fit.failed, first.fit.updated) == (4, 1, True)
+    assert any("malformed reply" in f for f in first.fit.failures), first.fit.failures
+    # the others' aggregate (SecAgg+ recovers the dropped client's masks)
+    expected = _expected_fedavg(task, [1, 2, 3, 4], task.initial_parameters())
+    assert _max_diff(first.parameters, expected) < _secagg_tolerance(task, [1, 2, 3, 4], 8.0, 2**22)
 
 
 def test_infinite_secagg_and_clipping_settings_are_refused_at_start() -> None:
