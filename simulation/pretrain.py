@@ -54,7 +54,7 @@ class Pretrained:
     cached: bool
 
 
-PRETRAIN_CACHE_VERSION = 1
+PRETRAIN_CACHE_VERSION = 2  # 2: selection on the run's seed's negatives
 """Part of every pretraining cache key. Bump it with any change to how a config trains (a
 loss, the validation that stops training, the student's budget rule): the key holds the
 data and the configs, not the code, so a cache written by older code would still be used."""
@@ -130,6 +130,7 @@ def pretrain(
             )
             if not load_student_state(model, state["student"]):
                 model.set_cold_user(split.train_sequences(split.public_users))
+            model.set_trainable(["global"])  # as a freshly distilled student leaves it
             model.eval()
             log.info("pretrained teacher and student loaded from %s", path)
             student = DistilledStudent.from_model(model)
@@ -145,7 +146,7 @@ def pretrain(
                 err,
             )
     public = split.public_users
-    validation = Validation(split, ("public",))
+    validation = Validation(split, ("public",))  # negatives of the run's seed
     teacher.fit(split.train_sequences(public), dataset.n_items, validation)
     student = DistilledStudent(teacher, _student_budget(teacher, student_config), progress=progress)
     student.fit(split.train_sequences(public), dataset.n_items, validation)

@@ -616,3 +616,19 @@ def test_the_int8_gate_still_judges_a_catalog_no_longer_than_its_top_k(tmp_path:
     assert report.k == 7 and report.agreement is not None
     with pytest.raises(ConfigError, match="validation_histories is empty"):
         quantize_onnx(src, tmp_path / "x.onnx", validation_histories=[])
+
+
+def test_prune_config_takes_a_numpy_sparsity_and_the_student_narrows_to_16() -> None:
+    """np.float32(0.5) was refused as 'not a number'; a width not a multiple of 8 (20) never
+    tried 16, so the student stayed over its budget."""
+    from dataclasses import replace
+
+    from shared.compression.prune import PruneConfig
+    from shared.models.student import StudentConfig
+
+    assert PruneConfig(sparsity=np.float32(0.5)).sparsity == 0.5  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="sparsity must be a number"):
+        PruneConfig(sparsity=True)
+    wide = StudentConfig(dim=20, text_dim=8, id_dim=8)
+    at_16 = replace(wide, dim=16).trainable_parameters()
+    assert wide.scaled_to(at_16 * 10, max_ratio=0.1).dim == 16  # 20 itself is over budget

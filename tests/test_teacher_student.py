@@ -11,6 +11,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -452,6 +453,12 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
         ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
     )
     assert again.cached and not first.cached
+
+    # a cached student trains what a fresh one does (its adapter was left trainable)
+    def trainable(model: torch.nn.Module) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable(again.student.model) == trainable(first.student.model)
     # training code that changed what a config trains to says so through the cache version
     monkeypatch.setattr(pretrain_module, "PRETRAIN_CACHE_VERSION", 10**6)
     (written,) = (tmp_path / "pretrained").glob("*.pt")
@@ -944,3 +951,41 @@ def test_a_loss_that_diverges_after_a_good_epoch_keeps_the_best_epoch() -> None:
     assert model.weight[0, 0].item() == 2.0  # the best epoch's weights, not the last ones
     with pytest.raises(TrainingDivergedError, match="student, epoch 4: loss is nan"):
         fit_with_early_stopping(model, run_epoch, None, config, desc="student")
+
+
+def test_a_target_the_history_repeats_stays_a_candidate_of_the_set_reading() -> None:
+    """With exclude_seen, the seen-item mask also hid a repeated target: its loss was ~1e9,
+    with no gradient (next_item_cross_entropy, the student's, keeps it)."""
+    from shared.models.teacher import SASRecModel
+
+    torch.manual_seed(0)
+    config = TeacherConfig(dim=8, n_heads=1, n_layers=1, max_len=4, order="set")
+    model = SASRecModel(np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32), config)
+    items, mask = torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool)
+    fresh = model.loss(items, mask, torch.tensor([[2, 3, 4]]), exclude_seen=True)
+    repeat = model.loss(items, mask, torch.tensor([[2, 3, 1]]), exclude_seen=True)  # 1 again
+    assert float(repeat) < 10 * float(fresh)
+    repeat.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
+
+
+def test_validation_draws_its_negatives_from_the_splits_seed() -> None:
+    """Every run selected its pretrained models on seed 42's negatives, whatever its seed,
+    while its figures are reported on its own seed's."""
+    from shared.eval.protocol import EvalConfig
+    from tests.conftest import make_dataset
+
+    ds = make_dataset(n_users=300, n_items=300, length=20, seed=1)
+    split = split_users(ds, SplitConfig(seed=7, public_fraction=0.5))
+    order = np.random.default_rng(0).random(300)
+
+    class Scores:
+        n_items = 300
+
+        def score(self, histories: Any) -> np.ndarray:
+            return np.tile(order, (len(histories), 1))  # one fixed, arbitrary order
+
+    mine = evaluate_split(Scores(), split, ("public",), "valid", EvalConfig(seed=7))
+    other = evaluate_split(Scores(), split, ("public",), "valid", EvalConfig(seed=42))
+    assert mine != other  # the seed matters here
+    assert Validation(split).evaluate(Scores()) == mine

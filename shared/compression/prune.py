@@ -11,6 +11,7 @@ shrink a dense ONNX file; the int8 step (:mod:`shared.compression.quantize`) doe
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,9 +41,11 @@ class PruneConfig:
     include_bias: bool = False
 
     def __post_init__(self) -> None:
-        number = isinstance(self.sparsity, int | float) and not isinstance(self.sparsity, bool)
+        # any real number (a numpy float too), not a bool
+        number = isinstance(self.sparsity, numbers.Real) and not isinstance(self.sparsity, bool)
         if not (number and 0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
         if self.scope not in ("global", "per_layer"):
             raise ConfigError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
 

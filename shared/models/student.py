@@ -154,7 +154,9 @@ class StudentConfig:
             raise ConfigError("teacher_trainable must be >= 1 and max_ratio > 0")
         budget = max_ratio * teacher_trainable
         candidate = self
-        for dim in range(self.dim, 15, -8):
+        # down in steps of 8, and to 16 itself when the width is not a multiple of 8
+        widths = sorted({*range(self.dim, 15, -8), *([16] if self.dim >= 16 else [])})
+        for dim in reversed(widths):
             shrink = dim / self.dim
             candidate = replace(
                 self,

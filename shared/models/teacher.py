@@ -343,6 +343,9 @@ class SASRecModel(nn.Module):
         has_target = targets != IGNORE_TARGET
         seen = seen_items(items, mask, self.n_items)[has_target] if exclude_seen else None
         h, y = h[has_target], targets[has_target]
+        if seen is not None:  # a target the history repeats stays a candidate (as in
+            # next_item_cross_entropy): masked, its loss was ~1e9 with no gradient
+            seen[torch.arange(len(y), device=seen.device), y] = False
         table = self.item_table()
         if self.config.loss == "full":
             logits = h @ table.T

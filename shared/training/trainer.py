@@ -372,14 +372,17 @@ class Validation:
 
     The input history is the user's train sequence and the target the validation item, ranked
     with the protocol's sampled/full metrics by :func:`shared.eval.protocol.evaluate_split`.
+    Without a ``config`` the sampled negatives are drawn from the split's seed, as the run's
+    reported figures are (a fixed default seed had every run select on seed 42's negatives).
     """
 
     split: ProtocolSplit
     populations: tuple[str, ...] = ("public",)
-    config: EvalConfig = field(default_factory=EvalConfig)
+    config: EvalConfig | None = None
 
     def evaluate(self, scorer: Scorer) -> dict[str, dict[str, float]]:
-        return evaluate_split(scorer, self.split, self.populations, "valid", self.config)
+        config = self.config or EvalConfig(seed=self.split.config.seed)
+        return evaluate_split(scorer, self.split, self.populations, "valid", config)
 
     def metric(self, scorer: Scorer, name: str) -> float:
         """``name`` averaged over the populations, weighted by their number of users."""
