@@ -45,7 +45,8 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
     "Rounds and cohorts": {
         "cohort_size": "Devices sampled per round (0 = cohort-fraction of those connected).",
         "cohort_fraction": "Share of the connected devices sampled when cohort-size is 0.",
-        "min_cohort": "Fewest devices a round may start with.",
+        "min_cohort": "Fewest devices a cohort-fraction cohort samples (at most --min-clients); "
+        "under SecAgg+ also the fewest updates whose sum is unmasked.",
         "eval_size": "Devices asked to evaluate per round (0 = eval-fraction of them).",
         "eval_fraction": "Share of the devices asked to evaluate when eval-size is 0.",
         "round_timeout": "Seconds to wait for plain (non-SecAgg+) replies; 0 = all.",

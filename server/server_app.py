@@ -177,6 +177,13 @@ class ServerConfig:
             ">= 1",
             self.min_available_clients,
         )
+        require(  # a round starts once min-available-clients are there: it samples from them
+            self.min_cohort <= self.min_available_clients,
+            "min-cohort",
+            f"at most min-available-clients ({self.min_available_clients}: rounds start with "
+            "that many devices; raise it, e.g. --min-clients)",
+            self.min_cohort,
+        )
         require(self.eval_size >= 0, "eval-size", ">= 0", self.eval_size)
         require(0 <= self.eval_fraction <= 1, "eval-fraction", "in [0, 1]", self.eval_fraction)
         require(self.round_timeout >= 0, "round-timeout", ">= 0", self.round_timeout)
@@ -203,7 +210,7 @@ class ServerConfig:
             require(
                 self.user_dp_epsilon_budget >= 0 and math.isfinite(self.user_dp_epsilon_budget),
                 "user-dp-epsilon-budget",
-                ">= 0",
+                "a finite number >= 0 (0: no budget)",
                 self.user_dp_epsilon_budget,
             )
             require(self.population_size != 1, "population-size", ">= 2 with user-dp", 1)
@@ -723,14 +730,22 @@ class SimulationBackend:
 
 def check_client_resources(num_cpus: float, num_gpus: float, *, attach: bool) -> None:
     """Refuse client resources Ray cannot give: not finite, negative, or (on the private
-    cluster this machine starts, ``attach=False``) more GPU per client than this machine
-    has. Ray would otherwise build an empty actor pool and the simulation would wait
+    cluster this machine starts, ``attach=False``) more CPUs or GPU per client than this
+    machine has. Ray would otherwise build an empty actor pool and the simulation would wait
     forever instead of failing."""
     if not (math.isfinite(num_cpus) and num_cpus > 0):
         raise ConfigError(f"num-cpus-per-client must be a finite number > 0, got {num_cpus}")
     if not (math.isfinite(num_gpus) and num_gpus >= 0):
         raise ConfigError(f"num-gpus-per-client must be a finite number >= 0, got {num_gpus}")
-    if num_gpus == 0 or attach:
+    if attach:
+        return
+    cpus = os.cpu_count() or 1
+    if num_cpus > cpus:  # no client fits on the private cluster: an empty actor pool
+        raise ConfigError(
+            f"num-cpus-per-client is {num_cpus} but this machine has {cpus} CPU(s); use at "
+            f"most {cpus}, or --ray-address of a larger cluster"
+        )
+    if num_gpus == 0:
         return
     import torch
 

@@ -327,9 +327,11 @@ def deployment_run_config(
 
 
 def _check_secagg_quorum(config: Mapping[str, RunConfigValue]) -> None:
-    """Refuse a deployment whose rounds could start with fewer devices than SecAgg+ (always on
-    here) needs to unmask: such a run completed with every round failed ("Insufficient
-    available nodes" in the ServerApp's log)."""
+    """Refuse a deployment whose rounds could start with fewer devices than SecAgg+ (on
+    unless ``--no-secagg``) needs to unmask: such a run completed with every round failed
+    ("Insufficient available nodes" in the ServerApp's log)."""
+    if config.get("secagg") is False:
+        return
     threshold = config.get("secagg-reconstruction-threshold")
     least = config.get("min-available-clients")
     cohort = config.get("cohort-size", 0)

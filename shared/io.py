@@ -21,6 +21,17 @@ STALE_TEMP_SECONDS = 600.0
 is younger: it is written in one go, or continuously)."""
 
 
+CACHE_ROOT_ENV = "FEDREC_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """The root of fedrec's caches (datasets, embeddings, pretrained models):
+    ``$FEDREC_CACHE_DIR`` if set to something other than blanks, else ``~/.cache/fedrec``.
+    Read at call time, so tests and CLIs can redirect it through the environment."""
+    env = os.environ.get(CACHE_ROOT_ENV, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedrec"
+
+
 def remove_stale_temps(
     folder: str | Path, pattern: str, *, older_than: float = STALE_TEMP_SECONDS
 ) -> int:

@@ -223,6 +223,9 @@ class SimulationConfig:
         object.__setattr__(self, "data_dir", data_dir_key(self.data_dir))
         if not self.run_dir.strip():
             raise ConfigError("run-dir must not be empty; give the folder that holds the runs")
+        for key, value in (("cache-dir", self.cache_dir), ("name", self.name)):
+            if value and not value.strip():  # a folder named by blanks, in the current one
+                raise ConfigError(f"{key} must not be blank; omit it for the default")
         check_file_name(self.name, "name (a folder inside run-dir)")
         if not self.shots:
             raise ConfigError("shots must list at least one K (e.g. shots=[1,3,5,10])")

@@ -104,6 +104,28 @@ def test_inprocess_refuses_the_settings_only_ray_reads(tmp_path: Path) -> None:
     assert (config.num_gpus_per_client, config.ray_address) == (0.0, "")
 
 
+def test_a_blank_cache_or_run_name_is_refused_and_a_blank_cache_variable_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FEDREC_CACHE_DIR=" " sent datasets to the default cache but embeddings and pretrained
+    models to a folder named " " here; cache-dir=" " and name=" " did the same."""
+    from shared.data.download import default_cache_dir as datasets
+    from shared.text.encoder import default_cache_dir as embeddings
+    from simulation.config import SimulationConfig
+    from simulation.pretrain import default_cache_root
+
+    monkeypatch.setenv("FEDREC_CACHE_DIR", "  ")
+    home = Path.home() / ".cache" / "fedrec"
+    assert (datasets(), Path(embeddings()), default_cache_root()) == (
+        home / "datasets",
+        home / "embeddings",
+        home,
+    )
+    for key in ("cache_dir", "name"):
+        with pytest.raises(ConfigError, match="must not be blank; omit it for the default"):
+            SimulationConfig(**{key: " "})
+
+
 def test_simulation_refuses_a_cuda_device_its_ray_clients_could_not_see() -> None:
     """Ray hides the GPUs from an actor that reserves none and shows one that reserves a
     share only its own GPU, as cuda:0: both settings would fail every client's first round

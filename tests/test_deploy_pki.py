@@ -618,7 +618,7 @@ def test_every_run_setting_is_a_server_start_flag(
     [
         ({}, 0, "'num-rounds' must be >= 1"),
         ({"min-available-clients": 0}, 2, "'min-available-clients' must be >= 1"),
-        # SecAgg+ (always on here) could never unmask a round of 2 with threshold 3: the run
+        # SecAgg+ (on by default here) could never unmask a round of 2 with threshold 3: the run
         # used to complete with every round failed ("Insufficient available nodes")
         ({"min-available-clients": 2}, 2, "raise --min-clients to 3"),
         ({"secagg-num-shares": "abc"}, 2, "secagg-num-shares"),
@@ -635,6 +635,15 @@ def test_server_start_refuses_what_the_server_app_would_before_launching(
         deployment_run_config(
             layout, bundle=None, num_rounds=rounds, overrides={"task": "toy-linear", **overrides}
         )
+
+
+def test_a_deployment_without_secagg_needs_no_secagg_quorum(tmp_path: Path) -> None:
+    """`fedrec server start --no-secagg --min-clients 2` was refused by the SecAgg+ quorum
+    check, pointing at a threshold that has no effect without SecAgg+."""
+    layout = init_state_dir(tmp_path / "s")
+    plain = {"task": "toy-linear", "secagg": False, "min-available-clients": 2}
+    config = deployment_run_config(layout, bundle=None, num_rounds=2, overrides=plain)
+    assert config["secagg"] is False and config["min-available-clients"] == 2
 
 
 def test_server_start_refuses_a_checkpoint_the_server_app_could_not_resume(

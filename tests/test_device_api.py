@@ -818,6 +818,11 @@ def test_exploration_config_from_flat_keys() -> None:
     assert (small.candidate_pool, small.exploration.top_n) == (100, 50)
     with pytest.raises(ConfigError, match="unknown config key 'nope'"):
         DaemonConfig.from_values({"bandit-nope": 1})
+    # a policy key without its prefix is pointed at it; the valid list holds no key that
+    # is refused (exploration) and the bandit- keys that are not
+    with pytest.raises(ConfigError, match="did you mean bandit-policy") as err:
+        DaemonConfig.from_values({"policy": "thompson"})
+    assert "bandit-top-n" in str(err.value) and "exploration" not in str(err.value)
     # a slate of k = 100 would expire its own impressions before their feedback
     with pytest.raises(ConfigError, match=r"bandit-max-pending \(50\) is below the largest"):
         DaemonConfig.from_values({"bandit-max-pending": 50})

@@ -313,11 +313,29 @@ def test_server_config_defaults_and_kebab_keys() -> None:
             {"secagg": True, "cohort-size": 2, "secagg-reconstruction-threshold": 3},
             "exceeds 'cohort-size'",
         ),
+        # rounds start with min-available-clients devices: a larger min-cohort never held
+        ({"min-cohort": 5, "min-available-clients": 2}, "'min-cohort' must be at most min-av"),
+        (
+            {"user-dp": True, "user-dp-epsilon-budget": float("inf")},
+            r"'user-dp-epsilon-budget' must be a finite number >= 0 \(0: no budget\)",
+        ),
     ],
 )
 def test_server_config_rejects_bad_values(run_config: RunConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerConfig.from_run_config(run_config)
+
+
+def test_client_resources_beyond_this_machine_are_refused_before_any_work() -> None:
+    """num-cpus-per-client above the machine's CPUs built an empty Ray actor pool: three
+    tracebacks, then a process hung at exit."""
+    from server.server_app import check_client_resources
+
+    cpus = os.cpu_count() or 1
+    check_client_resources(float(cpus), 0.0, attach=False)
+    with pytest.raises(ConfigError, match=f"this machine has {cpus} CPU"):
+        check_client_resources(cpus + 1.0, 0.0, attach=False)
+    check_client_resources(cpus + 1.0, 0.0, attach=True)  # a cluster's CPUs are its own
 
 
 def test_secagg_fraction_parameters_are_kept_as_floats() -> None:

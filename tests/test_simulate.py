@@ -232,9 +232,16 @@ def test_every_setting_is_a_flag_listed_under_its_topic(
     twice = CliRunner().invoke(app, [*args, "--run-config", "batch-size=64"])
     assert "'batch-size' is given twice" in str(twice.exception)
     assert len(seen) == 1
+    both = CliRunner().invoke(app, [*args, "--run-config", "batch_size=64"])
+    assert "gives 'batch-size' twice (batch-size and batch_size)" in str(both.exception)
     refused = CliRunner().invoke(app, ["simulate", "--run-dir", str(tmp_path), "--adapt-lr", "-1"])
     assert "adapt-lr must be a positive number, got -1.0" in str(refused.exception)
     assert len(seen) == 1  # refused before the pipeline
+    # a flag wins over a snake_case --run-config key too (it was refused as given twice)
+    snake = ["simulate", "--run-dir", str(tmp_path), "--run-config", "cohort_size=3"]
+    result = CliRunner().invoke(app, [*snake, "--cohort-size", "4"])
+    assert isinstance(result.exception, Stop), result.output
+    assert seen[-1].cohort_size == 4
 
 
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:

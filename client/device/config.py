@@ -6,6 +6,7 @@ setting from it without importing the daemon (ONNX Runtime, the store, the API).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,12 +73,20 @@ class DaemonConfig:
         (e.g. ``bandit-policy=thompson bandit-mmr-lambda=0.6``)."""
         own: dict[str, object] = {}
         bandit: dict[str, object] = {}
+        own_keys = {kebab(f.name) for f in dataclasses.fields(cls) if f.init} - {"exploration"}
+        bandit_keys = {kebab(f.name) for f in dataclasses.fields(BanditConfig) if f.init}
         for key, value in values.items():
             name = kebab(key)
             if name.startswith("bandit-"):
                 bandit[name.removeprefix("bandit-")] = value
             elif name == "exploration":
                 raise ConfigError("set the exploration policy with bandit-<key>=value keys")
+            elif name not in own_keys:
+                hint = f"; did you mean bandit-{name}?" if name in bandit_keys else ""
+                valid = ", ".join(
+                    [*sorted(own_keys), *(f"bandit-{k}" for k in sorted(bandit_keys))]
+                )
+                raise ConfigError(f"unknown device config key {key!r}{hint} (valid: {valid})")
             else:
                 own[name] = value
         # one validation with the policy in place: checked against the default policy

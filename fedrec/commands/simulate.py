@@ -30,7 +30,8 @@ from fedrec.options import (
     joined,
     with_config_flags,
 )
-from shared.config import from_flat, parse_run_config
+from shared.config import from_flat, kebab, parse_run_config
+from shared.errors import ConfigError
 from simulation.config import SimulationConfig
 from simulation.config_help import SETTINGS_HELP
 
@@ -97,7 +98,15 @@ def simulate(
 
     Every setting is a flag named like its --run-config key; a flag given on the command
     line wins over --run-config."""
-    values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in parse_run_config(joined(run_config)).items():
+        name = kebab(key)  # one spelling, so that a flag of the same setting replaces it
+        if name in values:
+            raise ConfigError(
+                f"--run-config gives '{name}' twice ({spelled[name]} and {key}); give it once"
+            )
+        values[name], spelled[name] = value, key
     values.update(explicit_options(ctx, FLAGS))
     values.update(explicit_options(ctx, SETTING_FLAGS))
     values.setdefault("seed", seed)

@@ -36,11 +36,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.errors import DataError, DatasetNotFoundError
-from shared.io import ensure_dir, remove_stale_temps
+from shared.io import CACHE_ROOT_ENV, cache_root, ensure_dir, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "FEDREC_CACHE_DIR"
+CACHE_ENV = CACHE_ROOT_ENV
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_DEADLINE_S = 600.0
 """The whole download's limit: about 10 KB/s for the largest automatic archive (ml-1m)."""
@@ -99,9 +99,7 @@ MANUAL_ARCHIVES: dict[str, str] = {
 def default_cache_dir() -> Path:
     """``$FEDREC_CACHE_DIR/datasets`` if the variable is set, else ``~/.cache/fedrec/datasets``
     (beside the ``embeddings/`` and ``pretrained/`` caches under the same root)."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "fedrec"
-    return root / "datasets"
+    return cache_root() / "datasets"
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:

