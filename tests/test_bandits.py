@@ -210,6 +210,8 @@ def test_bad_feedback_is_refused_logged_and_counted(caplog: pytest.LogCaptureFix
     assert counts["rejected_nonfinite_reward"] == 2
     assert counts["rejected_bad_reward"] == 1
     assert "unknown_item" in caplog.text and "not_shown" in caplog.text
+    # which item a user was shown or clicked stays out of the warnings (behaviour in clear)
+    assert f"item {never_shown}" not in caplog.text and str(N_ITEMS + 5) not in caplog.text
     # one feedback per impression: the second answer for the same impression is refused
     assert policy.update(int(slate[0]), 5.0)  # clipped to reward_max
     assert counts["clipped_reward"] == 1
@@ -467,6 +469,16 @@ def test_a_posterior_survives_settings_that_do_not_change_its_meaning() -> None:
     np.testing.assert_array_equal(clone.posterior.b, policy.posterior.b)
     with pytest.raises(ModelFileError, match="learned under other reward_max"):
         make_policy(_cfg(reward_max=2.0), N_ITEMS).load_state_dict(state)
+    # a lower max-pending expires the oldest waiting impressions, not what was learned
+    busy = make_policy(_cfg(max_pending=50), N_ITEMS)
+    for step in range(12):
+        busy.select(*_inputs(step))  # 36 impressions waiting, none answered
+    busy.update(int(busy.select(*_inputs(99))[0]), 1.0)
+    lowered = make_policy(_cfg(max_pending=10), N_ITEMS)
+    lowered.load_state_dict(busy.state_dict())
+    assert lowered.posterior.n_updates == busy.posterior.n_updates == 1
+    assert len(lowered.pending_entries()) == 10
+    assert lowered.feedback_counts["expired_impressions"] == 38 - 10
 
 
 # ---------------------------------------------------------------------------- diversity

@@ -211,6 +211,11 @@ BAD_EVENTS = [
         id="ms-timestamp",
     ),
     pytest.param({"events": [ev(ITEM[0], timestamp=-1)]}, "greater than or equal", id="neg-ts"),
+    pytest.param(  # dated years ahead, it stayed the newest event the model saw
+        {"events": [ev(ITEM[0], timestamp=time.time() + 3 * 86_400)]},
+        "days ahead of this device's clock",
+        id="future-ts",
+    ),
     pytest.param({"events": [ev(ITEM[0], "rating")]}, "needs a rating", id="rating-missing"),
     pytest.param(
         {"events": [ev(ITEM[0], rating=4.0)]}, "only 'rating' events carry", id="rating-on-view"
@@ -279,6 +284,15 @@ REC = "0123456789abcdef0123456789abcdef"
         ({"recommendation_id": REC, "item_id": 5, "action": "shown"}, "valid string"),
         ({"recommendation_id": REC, "item_id": ITEM[0], "action": "shown", "x": 1}, "Extra"),
         ({"recommendation_id": REC, "item_id": ITEM[0], "action": "shown"}, "never returned"),
+        (
+            {
+                "recommendation_id": REC,
+                "item_id": ITEM[0],
+                "action": "clicked",  # a click becomes an event: dated ahead, the newest for ever
+                "timestamp": time.time() + 3 * 86_400,
+            },
+            "days ahead of this device's clock",
+        ),
     ],
 )
 def test_bad_feedback_is_422_and_stores_nothing(
@@ -820,6 +834,9 @@ def test_exploration_config_from_flat_keys() -> None:
         DaemonConfig.from_values({"bandit-nope": 1})
     # a policy key without its prefix is pointed at it; the valid list holds no key that
     # is refused (exploration) and the bandit- keys that are not
+    # the store would expire the impressions of a slate of k = 100 before their feedback
+    with pytest.raises(ConfigError, match=r"max-impressions \(5\) is below 1024"):
+        DaemonConfig.from_values({"max-impressions": 5})
     with pytest.raises(ConfigError, match="did you mean bandit-policy") as err:
         DaemonConfig.from_values({"policy": "thompson"})
     assert "bandit-top-n" in str(err.value) and "exploration" not in str(err.value)

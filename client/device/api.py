@@ -44,7 +44,14 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.device.config import MAX_K
@@ -63,6 +70,7 @@ from client.device.store import (
     Feedback,
     UnknownImpressionError,
     UnknownItemsError,
+    future_timestamp_problem,
 )
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.ondevice.runtime import MAX_ITEM_ID_LENGTH
@@ -106,14 +114,25 @@ ItemId = Annotated[
     StringConstraints(min_length=1, max_length=MAX_ITEM_ID_LENGTH),
     Field(description="The dataset's raw item id (as in the catalog), e.g. '242'."),
 ]
+
+
+def _not_ahead(ts: float) -> float:
+    problem = future_timestamp_problem(ts)
+    if problem:
+        raise ValueError(problem)
+    return ts
+
+
 Timestamp = Annotated[
     float,
     Field(
         ge=0,
         le=MAX_TIMESTAMP,
         allow_inf_nan=False,
-        description="Seconds since the Unix epoch (not milliseconds). Default: now.",
+        description="Seconds since the Unix epoch (not milliseconds), at most a day ahead "
+        "of the device's clock. Default: now.",
     ),
+    AfterValidator(_not_ahead),
 ]
 
 
@@ -567,10 +586,13 @@ def create_app(
     def post_feedback(batch: FeedbackBatch) -> FeedbackAccepted:
         if len(batch.feedback) > cfg.max_batch:
             raise too_large(len(batch.feedback), "feedback entries")
-        items = [
-            Feedback(f.recommendation_id, f.item_id, f.action, _now_or(f.timestamp))
-            for f in batch.feedback
-        ]
+        try:
+            items = [
+                Feedback(f.recommendation_id, f.item_id, f.action, _now_or(f.timestamp))
+                for f in batch.feedback
+            ]
+        except DataError as exc:  # the schema already enforces this; belt and braces
+            raise HTTPException(422, str(exc)) from exc
         return FeedbackAccepted(stored=backend.add_feedback(items))
 
     @app.get("/status", response_model=StatusOut, responses=_errors(401), summary="Device status.")

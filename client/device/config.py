@@ -124,6 +124,15 @@ class DaemonConfig:
                 f"slate the API serves (k <= {MAX_K}): a slate that large would expire its own "
                 f"impressions before their feedback; use at least {MAX_K}"
             )
+        least = max(MAX_K, self.exploration.max_pending)
+        if self.max_impressions < least:
+            raise ConfigError(
+                f"max-impressions ({self.max_impressions}) is below {least}, the largest slate "
+                f"(k <= {MAX_K}) or the impressions the exploration policy keeps waiting "
+                f"(bandit-max-pending {self.exploration.max_pending}): the store would expire "
+                "impressions whose feedback is still valid and refuse it; use at least "
+                f"{least}"
+            )
         if self.exploration.top_n > self.candidate_pool:
             raise ConfigError(
                 f"bandit-top-n ({self.exploration.top_n}) exceeds candidate-pool "

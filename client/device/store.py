@@ -82,6 +82,10 @@ MAX_EVENT_ID_LENGTH: Final = 128
 #: Latest timestamp accepted (2100-01-01 UTC): catches milliseconds sent as seconds.
 MAX_TIMESTAMP: Final = 4_102_444_800.0
 
+#: How far ahead of this device's clock a timestamp may be (seconds): the history is ordered
+#: by time, so an event dated years ahead would stay the newest the model sees for ever.
+MAX_CLOCK_SKEW_S: Final = 86_400.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -162,6 +166,21 @@ def _check_timestamp(ts: float, what: str) -> None:
             f"{what} timestamp {ts} is outside [0, {MAX_TIMESTAMP:.0f}] (seconds since the "
             f"epoch; milliseconds must be divided by 1000)"
         )
+    problem = future_timestamp_problem(ts)
+    if problem:
+        raise DataError(f"{what} {problem}")
+
+
+def future_timestamp_problem(ts: float) -> str | None:
+    """Why ``ts`` is too far in the future for this device (``None``: it is not)."""
+    ahead = ts - time.time()
+    if ahead <= MAX_CLOCK_SKEW_S:
+        return None
+    return (
+        f"timestamp {ts} is {ahead / 86_400:.1f} days ahead of this device's clock; the "
+        "history is ordered by time, so it would stay the newest event for ever: send the "
+        "time it happened (or omit it for now)"
+    )
 
 
 def _check_item_id(item_id: str, what: str) -> None:

@@ -634,10 +634,14 @@ class Policy(ABC):
         return context, clipped
 
     def _refuse(self, reason: str, detail: str) -> None:
+        """Count a refused report; warn once per reason without its item or slate (which
+        items a user was shown or clicked is behaviour: on a device it stays out of the
+        logs unless their owner asks for DEBUG)."""
         self.feedback_counts[f"rejected_{reason}"] += 1
-        level = logging.DEBUG if reason in self._warned else logging.WARNING
-        self._warned.add(reason)
-        logger.log(level, "bandit feedback ignored (%s): %s", reason, detail)
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning("bandit feedback ignored (%s); counted in feedback_counts", reason)
+        logger.debug("bandit feedback ignored (%s): %s", reason, detail)
 
     def _add_impression(self, item: int, context: FloatArray, tag: str | None = None) -> None:
         while len(self._pending) >= self.config.max_pending:
@@ -762,11 +766,9 @@ class Policy(ABC):
                     "bandit pending impression ids must be integers below next_impression"
                 )
             next_impression = stored
-        if len(entries) > self.config.max_pending:
-            raise ModelFileError(
-                f"bandit state has {len(entries)} pending impressions, more than max_pending "
-                f"({self.config.max_pending})"
-            )
+        # more pending impressions than max_pending (an owner lowered it): the oldest expire,
+        # as they would have while waiting; the posterior is kept (max_pending shapes no part
+        # of what it learned)
         parsed = {i: self._parse_entry(entries[i]) for i in sorted(entries)}
         posterior = state.get("posterior")
         if not isinstance(posterior, dict):
