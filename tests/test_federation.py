@@ -815,6 +815,21 @@ def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
     assert _max_diff(secure.parameters, expected) < _secagg_tolerance(task, range(5), clip, 2**22)
 
 
+def _client_0_reports_weight(monkeypatch: pytest.MonkeyPatch, weight: float) -> Any:
+    """Make the toy client 0 report ``weight`` examples with its honest update; returns the
+    honest ``fit``."""
+    honest_fit = ToyLinearTask.fit
+
+    def reweighted(self: ToyLinearTask, cid: int, p: Arrays, config: Any) -> FitOutcome:
+        out = honest_fit(self, cid, p, config)
+        if cid == 0:
+            return FitOutcome.with_parameters(out.arrays, weight, out.metrics)  # type: ignore[arg-type]
+        return out
+
+    monkeypatch.setattr(ToyLinearTask, "fit", reweighted)
+    return honest_fit
+
+
 @pytest.mark.parametrize("weight", [1_023_835, float("nan")])
 def test_secagg_caps_a_clients_weight_at_max_weight(
     monkeypatch: pytest.MonkeyPatch, weight: float
@@ -825,15 +840,7 @@ def test_secagg_caps_a_clients_weight_at_max_weight(
     clipped sum with weight 1 for it; a NaN weight counts as 0."""
     task = ToyLinearTask()
     params = task.initial_parameters()
-    honest_fit = ToyLinearTask.fit
-
-    def inflated(self: ToyLinearTask, cid: int, p: Arrays, config: Any) -> FitOutcome:
-        out = honest_fit(self, cid, p, config)
-        if cid == 0:
-            return FitOutcome.with_parameters(out.arrays, weight, out.metrics)  # type: ignore[arg-type]
-        return out
-
-    monkeypatch.setattr(ToyLinearTask, "fit", inflated)
+    honest_fit = _client_0_reports_weight(monkeypatch, weight)
     report = _run({"num-rounds": 1, "eval-fraction": 0.0, "secagg": True}, num_nodes=5)[0]
     clip = 8.0
     r = np.array([task.num_examples(c) for c in range(5)]) / 1000.0
@@ -859,15 +866,7 @@ def test_a_non_finite_weight_is_rejected_before_aggregation(
     monkeypatch: pytest.MonkeyPatch, weight: float
 ) -> None:
     """num_examples NaN passed the `<= 0` check and made the global model NaN."""
-    honest_fit = ToyLinearTask.fit
-
-    def bad(self: ToyLinearTask, cid: int, p: Arrays, config: Any) -> FitOutcome:
-        out = honest_fit(self, cid, p, config)
-        if cid == 0:
-            return FitOutcome.with_parameters(out.arrays, weight, out.metrics)  # type: ignore[arg-type]
-        return out
-
-    monkeypatch.setattr(ToyLinearTask, "fit", bad)
+    _client_0_reports_weight(monkeypatch, weight)
     report = _run({"num-rounds": 1, "eval-fraction": 0.0, "secagg": False}, num_nodes=4)[0]
     assert (report.fit.ok, report.fit.rejected) == (3, 1)
     assert any(
