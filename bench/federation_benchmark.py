@@ -29,8 +29,9 @@ split's users side by side, so the paired intervals of the checks shrink with th
 users (a split has only 94 cold users on ml-100k, whose few-shot intervals span about
 +-0.08). A user in several splits is one user: the intervals resample users with all of
 their cases (with leave-one-out by time a user's test item is the same in every split, so
-resampling cases as independent made the intervals against a fixed model about 1.5-fold too
-narrow). ``--reuse-runs`` recomputes the document from the finished runs in ``--run-dir``.
+resampling cases as independent made the intervals against a fixed model 1.2- to 1.7-fold
+too narrow on ml-100k's four splits). ``--reuse-runs`` recomputes the document from the
+finished runs in ``--run-dir``.
 
 The checks read the ranks, unrounded: the accuracy targets are the shipped int8 student's;
 "dp cost <= 10%" needs the upper end of the cost's 95% interval within 10% (the point
@@ -77,8 +78,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # about ten times what the median update (norm 0.096) needed, and cohort 300 / z 1.4 gave
     # 0.627 / 0.131. The emulator (bench/federation_emulator.py --user-dp) reports that median
     # and, at C = 0.1, matched its own no-DP run exactly (0.675 / 0.171 after 20 rounds); here
-    # C = 0.1 gave 0.676 / 0.165 against no DP's 0.675 / 0.169, a 2.7% full-ranking cost
-    # (federation-ml-100k-user-dp-cohort300.json).
+    # C = 0.1 gave 0.678 / 0.165 against no DP's 0.669 / 0.166 with Poisson cohorts, a
+    # −1.3% / 0.9% cost (federation-ml-100k-user-dp-cohort300.json).
     "user-dp": {
         "dp": False,
         "secagg": True,
