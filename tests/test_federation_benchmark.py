@@ -148,3 +148,36 @@ def test_a_variant_reports_the_public_users_too(bench: ModuleType) -> None:
     assert row["federated"]["sampled_hr@10"] == 0.5
     assert row["public users"]["federated"]["sampled_hr@10"] == 0.4
     assert row["public users"]["int8 onnx"]["full_hr@10"] == pytest.approx(0.6 / 4)
+
+
+def test_the_throughput_ratio_compares_equal_work_only(
+    load_bench: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A SecAgg+ run whose rounds trained fewer clients (declines, failures) gave a ratio as
+    if the work were equal; updates per second mixed a median count with a median time."""
+    import json
+
+    bench = load_bench("federation_throughput")
+
+    def case(args: Any, runtime: str, cohort: int, secagg: bool) -> dict[str, Any]:
+        partial = secagg and cohort == 50  # SecAgg+ at 50 trains 20 of 50 clients
+        return {
+            "runtime": runtime,
+            "cohort": cohort,
+            "secagg": secagg,
+            "seconds_per_round": 2.0 if secagg else 1.0,
+            "client_updates_per_s": 10.0 if secagg else 40.0,
+            "equal_work": not partial,
+        }
+
+    monkeypatch.setattr(bench, "run_case", case)
+    assert bench.main(["--cohorts", "50", "200", "--runtime", "inprocess"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["secagg_over_plain_round_time"] == {"inprocess/200": 2.0}
+    assert document["pairs_not_compared_unequal_work"] == ["inprocess/50 repeat 0"]
+    assert document["checks"] == {
+        "client updates per second >= 10 (every case)": True,
+        "secagg round <= 2.0x plain at cohort 200 (inprocess/200)": True,
+    }
