@@ -45,7 +45,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import NDArrays, bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common import NDArrays, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
@@ -372,7 +372,7 @@ def _reply_problem(content: RecordDict, shapes: list[tuple[int, ...]] | None) ->
     if shapes is not None and configs is not None and Key.MASKED_PARAMETERS in configs:
         try:
             raw = cast(list[bytes], configs[Key.MASKED_PARAMETERS])
-            masked = [bytes_to_ndarray(b) for b in raw]
+            masked = [load_npy(b) for b in raw]  # the decoder the workflow sums with
         except Exception as exc:  # any decoding failure: the reply is unusable
             return f"undecodable masked vector ({type(exc).__name__}: {exc})"
         got, expected = [a.shape for a in masked], [(1,), *shapes]  # the weight, then the model

@@ -141,6 +141,15 @@ class _FakePool:
         for actor in getattr(self, self.idle_attribute):
             actor.terminate.remote()
 
+    def submit(self, actor_fn: Any, job: Any) -> str:  # as Flower's: the last idle slot
+        actor = getattr(self, self.idle_attribute).pop()
+        future = f"job{len(self._future_to_actor)}-{actor.name}"
+        self._future_to_actor[future] = actor
+        return future
+
+    def add_actor_back_to_pool(self, future: str) -> None:
+        getattr(self, self.idle_attribute).append(self._future_to_actor.pop(future))
+
 
 class _OtherPool(_FakePool):
     """A pool of another shape (a later Flower): its idle actors under another name."""
@@ -172,9 +181,29 @@ def test_pipelined_backend_feeds_each_actor_two_jobs_and_stops_each_actor_once(
     backend = _built_backend(monkeypatch, _FakePool)
     assert backend.num_workers == 2 * vce_runtime.JOBS_PER_ACTOR  # a worker thread a slot
     pool = backend.pool
-    assert [a.name for a in pool.pool] == ["actor0", "actor0", "actor1", "actor1"]
-    pool._future_to_actor["job"] = pool.pool.pop()  # a job still holds a slot of actor1
+    assert sorted(a.name for a in pool.pool) == ["actor0", "actor0", "actor1", "actor1"]
+    pool._future_to_actor["job"] = pool.pool.pop()  # a job still holds a slot of an actor
     assert _stopped_by_terminate(backend) == ["actor0", "actor1"]
+
+
+def test_each_job_goes_to_the_actor_running_the_fewest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two slots per actor side by side, Flower's last-slot pop put two jobs on one
+    actor (run one after the other) while the other actor sat idle."""
+    monkeypatch.setattr(_FakePool, "add_actors_to_pool", _four_actors)
+    pool = _built_backend(monkeypatch, _FakePool).pool
+    first = [pool.submit(None, None) for _ in range(4)]
+    assert sorted(f.rsplit("-", 1)[1] for f in first) == ["actor0", "actor1", "actor2", "actor3"]
+    pool.add_actor_back_to_pool(first[2])  # one actor finishes: the next job goes there
+    assert pool.submit(None, None).endswith(first[2].rsplit("-", 1)[1])
+    second = [pool.submit(None, None) for _ in range(3)]  # then the others' second slots
+    assert sorted(f.rsplit("-", 1)[1] for f in second) == sorted(
+        f.rsplit("-", 1)[1] for f in first if f != first[2]
+    )
+
+
+def _four_actors(self: _FakePool, num_actors: int) -> None:
+    self.pool.extend(_FakeActor(f"actor{i}") for i in range(4))
+    self.num_actors += 4
 
 
 def test_pipelined_backend_leaves_a_pool_of_another_shape_as_flower_built_it(
