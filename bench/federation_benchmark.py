@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_runs:
         document["reused_runs"] = (
             "figures recomputed (--reuse-runs) from the runs an earlier invocation trained in "
-            f"{args.run_dir}; their own code versions are in their config.json"
+            f"{args.run_dir}: `code` names the code that recomputed them, not the code that "
+            "trained the runs (which the runs do not record)"
         )
     document["targets"] = TARGETS
     document["seconds"] = round(time.perf_counter() - started, 1)

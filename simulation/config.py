@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from server.server_optimizer import ServerOptimizerSettings
-from shared.config import to_flat
+from shared.config import kebab, to_flat
 from shared.data.registry import check_no_data_dir, dataset_key
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
@@ -265,11 +265,10 @@ class SimulationConfig:
     def _check_no_ray_settings(self) -> None:
         """Refuse Ray's settings under ``backend=inprocess``: its clients are threads of this
         process, so they would be recorded in the run's config.json and have no effect."""
-        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
         given = [
-            key
-            for key in RAY_ONLY
-            if getattr(self, key.replace("-", "_")) != defaults[key.replace("-", "_")]
+            kebab(f.name)
+            for f in fields(self)
+            if kebab(f.name) in RAY_ONLY and getattr(self, f.name) != f.default
         ]
         if given:
             raise ConfigError(

@@ -658,13 +658,16 @@ def run_ranks(root: Path) -> dict[str, CaseRanks]:
         else:  # "federated", "public"
             cases = loo_cases(split, split.population(group), "test")
         users[group] = np.array([c.user for c in cases], dtype=np.int64)
+    out: dict[str, CaseRanks] = {}
     for key, r in ranks.items():
-        if len(users[key.split("/")[0]]) != len(r.sampled):
+        who = users[key.split("/")[0]]
+        if len(who) != len(r.sampled):
             raise DataError(
                 f"{root}/ranks.npz: {key} ranks {len(r.sampled)} cases, but the run's split "
-                f"has {len(users[key.split('/')[0]])}; its config.json is not the run's"
+                f"has {len(who)}; its config.json is not the run's"
             )
-    return {key: replace(r, users=users[key.split("/")[0]]) for key, r in ranks.items()}
+        out[key] = replace(r, users=who)
+    return out
 
 
 _RECS_SOURCES = {

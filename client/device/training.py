@@ -335,7 +335,8 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> FitOutcome:
             server_round = _round_of(config)
             self.check_received(parameters)  # never kept (and served) unchecked
-            if require_dp and not self._round_config(config, client_id).dp:
+            with_dp = self._round_config(config, client_id).dp
+            if require_dp and not with_dp:
                 raise ConfigError(
                     "the server asks this device to train without DP; it trains only with "
                     "DP-SGD (its owner can allow otherwise with `fedrec client start "
@@ -348,7 +349,6 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                     return FitOutcome.declined(
                         f"this device has {events} event(s); training needs >= 2"
                     )
-                with_dp = self._round_config(config, client_id).dp
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
                     if not self.layout.ledger.exists():

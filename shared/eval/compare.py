@@ -77,7 +77,7 @@ def paired_difference(
     where given, is case ``i``'s user: the bootstrap then resamples users with all of their
     cases (a cluster bootstrap; the mean is over the drawn cases), since one user's cases in
     several splits of a dataset are not independent (resampling them as cases narrowed the
-    pooled intervals about 1.5-fold).
+    pooled intervals against a fixed model 1.2- to 1.7-fold on ml-100k's four splits).
 
     >>> d = paired_difference([0, 0, 20, 20], [0, 20, 20, 20])
     >>> d.mean, d.low >= 0.0
