@@ -13,7 +13,6 @@ the test item, and the paired difference to no adapter with a 95% bootstrap inte
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -21,14 +20,10 @@ from typing import Any
 
 import torch
 
-from server.checkpoint import CheckpointStore
-from shared.config import from_flat
+from shared.errors import DataError
 from shared.eval.compare import compare_ranks
 from shared.eval.protocol import EvalConfig, case_ranks, loo_cases, summarize_ranks
-from shared.federated.bundle import load_bundle
-from shared.federated.student_task import set_global_arrays
-from simulation.config import SimulationConfig
-from simulation.pipeline import AdaptedStudent, load_split
+from simulation.pipeline import AdaptedStudent, load_finished_run
 from simulation.provenance import provenance, run_bench
 
 
@@ -47,29 +42,21 @@ def main() -> None:
     args = parser.parse_args()
     if any(k < 0 for k in args.steps) or not args.lr > 0:
         parser.error("--steps must be >= 0 and --lr > 0")
-    if not (args.run / "config.json").is_file():
-        parser.error(f"{args.run} is not a `fedrec simulate` run directory (no config.json)")
     if 0 not in args.steps:
         args.steps = [0, *args.steps]  # the reference every difference is taken against
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    sim = json.loads((args.run / "config.json").read_text())["simulation"]
-    if args.data_dir:
-        sim["data-dir"] = args.data_dir
-    config = from_flat(SimulationConfig, sim)
-    checkpoint = CheckpointStore(args.run / "checkpoints").latest()
-    if checkpoint is None:
-        parser.error(f"{args.run} has no checkpoint; run `fedrec simulate` to the end first")
-    _, split = load_split(config)
-    model = load_bundle(args.run / "bundle.pt").student
-    set_global_arrays(model, checkpoint.parameters, config.meta_learning)
-    init = copy.deepcopy(model.adapter.state_dict())  # identity, or the meta-learned start
-    eval_cfg = EvalConfig(seed=config.seed)
+    try:
+        run = load_finished_run(args.run, args.data_dir)
+    except DataError as exc:
+        parser.error(str(exc))
+    model, init, split = run.model, run.adapter_init, run.split
+    eval_cfg = EvalConfig(seed=run.config.seed)
 
     out: dict[str, Any] = {
         "run": str(args.run),
-        "round": checkpoint.server_round,
+        "round": run.server_round,
         "lr": args.lr,
         "exclude_seen": args.exclude_seen,
     }

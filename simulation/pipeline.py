@@ -279,6 +279,45 @@ def stored_config(root: Path) -> SimulationConfig | None:
     return from_flat(SimulationConfig, values)
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """What a finished run's evaluation starts from, rebuilt from its directory: its settings,
+    dataset and split, and its last checkpoint's global model with the adapter every new
+    user starts from (the identity, or the meta-learned initialization)."""
+
+    config: SimulationConfig
+    dataset: RecDataset
+    split: ProtocolSplit
+    model: StudentModel
+    adapter_init: dict[str, torch.Tensor]
+    server_round: int
+
+
+def load_finished_run(root: Path, data_dir: str | None = None) -> FinishedRun:
+    """The finished ``fedrec simulate`` run in ``root`` (see :class:`FinishedRun`), for
+    benchmarks that re-evaluate it without training; ``data_dir`` overrides the folder its
+    dataset was read from. Reads only: the run's files are left as they are."""
+    from server.checkpoint import CheckpointStore
+    from shared.federated.bundle import load_bundle
+
+    config = stored_config(root)
+    if config is None:
+        raise DataError(
+            f"{root} is not a `fedrec simulate` run directory (no config.json); "
+            "give the folder a run wrote"
+        )
+    if data_dir:
+        config = replace(config, data_dir=data_dir)
+    checkpoint = CheckpointStore(root / "checkpoints", tidy=False).latest()
+    if checkpoint is None:
+        raise DataError(f"{root} has no checkpoint; run `fedrec simulate` to the end first")
+    dataset, split = load_split(config)
+    model = load_bundle(root / "bundle.pt").student
+    set_global_arrays(model, checkpoint.parameters, config.meta_learning)
+    init = copy.deepcopy(model.adapter.state_dict())
+    return FinishedRun(config, dataset, split, model, init, checkpoint.server_round)
+
+
 def load_run_dataset(config: SimulationConfig) -> RecDataset:
     """The dataset a run with ``config`` trains on (the synthetic world of its seed and
     sizes, or the named dataset)."""

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrec.cli import app
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.eval.metrics import hit_rate_at_k
 from simulation.pipeline import _save_ranks, load_ranks, run_ranks
 
@@ -86,6 +86,21 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
         == (summary["fewshot"]["student (adapted)"]["k=3"]["sampled_hr@10"])
     )
     assert "fewshot k=1/ease fold-in" in ranks
+    # a benchmark re-evaluating the finished run rebuilds the very model it evaluated
+    from shared.eval.protocol import EvalConfig, case_ranks, fewshot_cases
+    from simulation.pipeline import AdaptedStudent, load_finished_run
+
+    finished = load_finished_run(run)
+    assert finished.server_round == 2
+    cfg = finished.config
+    again_adapted = AdaptedStudent(
+        finished.model, cfg.adapt_steps, cfg.adapt_lr, finished.adapter_init, cfg.exclude_seen
+    )
+    redone = case_ranks(again_adapted, fewshot_cases(finished.split, 3), EvalConfig(seed=cfg.seed))
+    np.testing.assert_array_equal(redone.full, adapted.full)
+    np.testing.assert_array_equal(redone.sampled, adapted.sampled)
+    with pytest.raises(DataError, match="not a `fedrec simulate` run directory"):
+        load_finished_run(tmp_path)
     # and anyone can recompute the device model's full-ranking HR@10 from recs.csv
     from shared.config import from_flat, parse_run_config
     from simulation.config import SimulationConfig

@@ -82,3 +82,28 @@ def test_cold_items_removed_from_every_training_input():
     remaining = np.concatenate(cold.dataset.sequences)
     assert not np.isin(remaining, cold.held_out).any()
     assert cold.dataset.n_items == ds.n_items
+
+
+def test_fewshot_cases_read_cold_users_first_k_and_pseudo_cold_the_public_train_only():
+    from shared.eval.protocol import fewshot_cases, pseudo_cold_cases
+
+    ds = make_dataset(n_users=60, length=8)  # 10 interactions a user
+    sp = split_users(ds)
+    for k in (1, 3):
+        cold = fewshot_cases(sp, k)
+        assert [c.user for c in cold] == [int(u) for u in sp.cold_users]
+        for c in cold:
+            seq = sp.full_sequences[c.user]
+            assert c.history.tolist() == seq[:k].tolist() and c.target == seq[k]
+            assert c.seen.tolist() == seq[: k + 1].tolist()  # negatives avoid support + query
+        public = pseudo_cold_cases(sp, k)
+        assert [c.user for c in public] == [int(u) for u in sp.public_users]
+        for c in public:
+            train = sp.train[c.user]
+            assert c.history.tolist() == train[:k].tolist() and c.target == train[k]
+    # a public user's held-out items are never a pseudo-cold query: at K = len(train) - 1
+    # the query is the last training item, and past it there is no case
+    k = len(sp.train[int(sp.public_users[0])]) - 1
+    last = {c.user: c.target for c in pseudo_cold_cases(sp, k)}
+    assert all(last[int(u)] == sp.train[int(u)][-1] for u in sp.public_users)
+    assert pseudo_cold_cases(sp, k + 1) == []

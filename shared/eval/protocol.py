@@ -176,9 +176,29 @@ def loo_cases(split: ProtocolSplit, users: IntArray, stage: str = "test") -> lis
 
 def fewshot_cases(split: ProtocolSplit, k_shots: int) -> list[EvalCase]:
     """Cold-start users with more than ``k_shots`` interactions: first K support, K+1 query."""
+    return _first_k_cases(
+        [split.full_sequences[int(u)] for u in split.cold_users], split.cold_users, k_shots
+    )
+
+
+def pseudo_cold_cases(split: ProtocolSplit, k_shots: int) -> list[EvalCase]:
+    """Few-shot cases the server may tune on: each *public* user's training sequence read as
+    a newcomer's (first K support, K+1 query; users with more than K training interactions).
+
+    The cold users are the protocol's few-shot test set, so nothing may be chosen on them;
+    the public users' data is the server's already, and their training sequences never hold
+    the validation or test item their own figures are measured on. They are not unseen
+    (pretraining read them), so a choice made here favours a model that already knows the
+    user: a conservative reading of how much a new user's adaptation helps.
+    """
+    return _first_k_cases(
+        [split.train[int(u)] for u in split.public_users], split.public_users, k_shots
+    )
+
+
+def _first_k_cases(sequences: Sequence[IntArray], users: IntArray, k_shots: int) -> list[EvalCase]:
     cases = []
-    for u in split.cold_users:
-        seq = split.full_sequences[int(u)]
+    for u, seq in zip(users, sequences, strict=True):
         if len(seq) <= k_shots:
             continue
         support = seq[:k_shots]
