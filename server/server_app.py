@@ -422,6 +422,39 @@ def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
     return UserLevelDP(settings, journal=journal)
 
 
+def user_dp_for_run(
+    config: ServerConfig, population: int, checkpoint: Checkpoint | None, announce: bool = True
+) -> UserLevelDP:
+    """:func:`make_user_dp`, at the delta the run's epsilon has been reported at so far.
+
+    The default delta, 1 / population, is resolved when a run first starts; a restart that
+    counted fewer connected nodes would resolve a larger one, and the same spending would
+    read as a smaller epsilon, under the budget again. So a resumed run keeps its delta; an
+    explicit ``user-dp-delta`` other than the run's is refused.
+    """
+    user_dp = make_user_dp(config, population)
+    stored = user_dp.run_delta(checkpoint.ledger_state if checkpoint is not None else None)
+    if stored is None or math.isclose(stored, user_dp.settings.delta, rel_tol=1e-12):
+        return user_dp
+    if config.user_dp_delta > 0:
+        raise ConfigError(
+            f"this run's user-level epsilon is accounted at delta {stored:.6g}, set when it "
+            f"first started; 'user-dp-delta' {config.user_dp_delta:.6g} would report the same "
+            "spending at another delta. Leave 'user-dp-delta' at 0 (or set it to the run's) "
+            "to resume, or give a new checkpoint folder to start another run"
+        )
+    if announce:
+        log(
+            INFO,
+            "user-level DP keeps this run's delta %.6g (1 / population when it first started); "
+            "1 / %s connected now would be %.6g",
+            stored,
+            population,
+            user_dp.settings.delta,
+        )
+    return make_user_dp(replace(config, user_dp_delta=stored), population)
+
+
 #: Checkpoint entry (and run-config key) naming the bundle a run trains from: resuming
 #: another bundle's checkpoint would republish its model versions with this one's catalog.
 BUNDLE_DIGEST_KEY = "bundle-sha256"
@@ -442,10 +475,11 @@ def check_resume(config: ServerConfig, initial: list[Any], bundle_digest: str = 
     changes."""
     if not config.checkpoint_dir:
         return
-    if config.user_dp:  # the ServerApp reads it before its first round, and would fail there
-        make_user_dp(config, max(2, config.population_size)).read_journal()
     store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep, tidy=False)
     checkpoint = store.latest()
+    if config.user_dp:  # the ServerApp reads these before its first round, and would fail there
+        population = max(2, config.population_size)
+        user_dp_for_run(config, population, checkpoint, announce=False).read_journal()
     if checkpoint is None:
         return
     _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp, bundle=bundle_digest)
@@ -543,7 +577,7 @@ def _run_server(
     population = 0
     if config.user_dp:
         population = count_population(grid, config)
-        user_dp = make_user_dp(config, population)
+        user_dp = user_dp_for_run(config, population, checkpoint)
     if checkpoint is not None:
         _check_checkpoint(checkpoint, initial, config, user_dp=user_dp is not None, bundle=bundle)
     strategy = build_strategy(

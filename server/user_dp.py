@@ -402,23 +402,35 @@ class UserLevelDP:
         write_json_atomic(self.journal, self.state_dict())  # the spend stays; the rounds go
         return len(later)
 
+    def run_delta(self, checkpoint_state: Mapping[str, Any] | None) -> float | None:
+        """The delta this run's epsilon has been reported at (the journal's, else the
+        checkpoint's), ``None`` for a run that has none recorded yet. Reads only."""
+        for state in (self._journal_state(), checkpoint_state):
+            delta = state.get("delta") if isinstance(state, Mapping) else None
+            if isinstance(delta, int | float) and not isinstance(delta, bool) and 0 < delta < 1:
+                return float(delta)
+        return None
+
     def read_journal(self) -> UserLevelDP | None:
         """The journal's accountant (``None`` without a journal); reads only. Raises
         :class:`DataError` naming the file when it is unreadable or malformed."""
-        if self.journal is None or not self.journal.exists():
+        state = self._journal_state()
+        if state is None:
             return None
         journal = UserLevelDP(self.settings)
-        journal.load_state_dict(
-            read_json(
-                self.journal,
-                what="user-level DP journal",
-                consequence="refusing to resume, as it may hold privacy spent after the last "
-                "checkpoint. Restore it from backup, or remove it deliberately",
-                error=DataError,
-            ),
-            source=f"user-level DP journal {self.journal}",
-        )
+        journal.load_state_dict(state, source=f"user-level DP journal {self.journal}")
         return journal
+
+    def _journal_state(self) -> Any:
+        if self.journal is None or not self.journal.exists():
+            return None
+        return read_json(
+            self.journal,
+            what="user-level DP journal",
+            consequence="refusing to resume, as it may hold privacy spent after the last "
+            "checkpoint. Restore it from backup, or remove it deliberately",
+            error=DataError,
+        )
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "user-level DP state"

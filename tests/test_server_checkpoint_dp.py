@@ -724,6 +724,48 @@ def test_user_dp_resuming_an_older_checkpoint_keeps_the_newer_spend(tmp_path: Pa
         _run({**config, "num-rounds": 3}, num_nodes=n)
 
 
+def test_user_dp_resumed_with_fewer_nodes_keeps_the_runs_delta(tmp_path: Path) -> None:
+    """The default delta is 1 / the nodes connected when the run first starts. A restart that
+    counted fewer took a larger delta, so the same spending read as a smaller epsilon and a
+    spent budget allowed more rounds; the run's delta now holds for the whole run."""
+    from server.server_app import check_resume
+
+    z, ck = 1.0, tmp_path / "ck"
+    config = _dp_config(
+        {
+            "num-rounds": 2,
+            "cohort-size": 6,
+            "min-cohort": 1,
+            "user-dp-noise-multiplier": z,
+            "checkpoint-dir": str(ck),
+        }
+    )
+    assert len(_run(config, num_nodes=8)) == 2
+    resumed = _run({**config, "num-rounds": 3}, num_nodes=6)
+    assert [r.server_round for r in resumed] == [3]
+    latest = CheckpointStore(ck).latest()
+    assert latest is not None and latest.ledger_state is not None
+    assert latest.ledger_state["delta"] == pytest.approx(1 / 8)
+    assert json.loads((ck / "user-dp-journal.json").read_text())["delta"] == pytest.approx(1 / 8)
+
+    def epsilon_at(population: int) -> float:
+        accountant = UserLevelDP(
+            UserDPSettings.create(noise_multiplier=z, clip_norm=0.5, population=population)
+        )
+        accountant.load_state_dict(latest.ledger_state)  # type: ignore[union-attr, arg-type]
+        return accountant.epsilon()
+
+    assert resumed[-1].epsilon_user == pytest.approx(epsilon_at(8))
+    assert epsilon_at(6) < epsilon_at(8)  # what the restart used to report
+    # an explicit delta other than the run's is refused, before launch and at start
+    other = {**config, "num-rounds": 4, "user-dp-delta": 0.01}
+    with pytest.raises(ConfigError, match=r"accounted at delta 0\.125.*'user-dp-delta'"):
+        check_resume(ServerConfig.from_run_config(other), ToyLinearTask().initial_parameters())
+    with pytest.raises(ConfigError, match=r"accounted at delta 0\.125"):
+        _run(other, num_nodes=6)
+    assert len(_run({**other, "user-dp-delta": 1 / 8}, num_nodes=6)) == 1  # the run's own
+
+
 def test_user_dp_resume_refuses_a_non_private_checkpoint(tmp_path: Path) -> None:
     ck = str(tmp_path / "ck")
     _run({"num-rounds": 1, "eval-fraction": 0.0, "checkpoint-dir": ck}, num_nodes=3)
