@@ -320,7 +320,10 @@ class UserLevelDP:
         since it would silently double-count.
         """
         if server_round in self._cohort_by_round:
-            raise DataError(f"round {server_round} was already charged to the privacy ledger")
+            raise DataError(
+                f"round {server_round} was already charged to the privacy ledger; a round is "
+                "charged once: resume from the checkpoint of the round before it"
+            )
         if cohort <= 0:
             raise ValueError(f"cannot charge a round with {cohort} clients")
         spend = self.spend(cohort)

@@ -36,7 +36,10 @@ def test_budget_exceeded_declines_and_is_counted(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=1.0, delta=1e-5))
     big = Spend(noise_multiplier=0.5, sample_rate=1.0, steps=50)
-    with pytest.raises(PrivacyBudgetExceededError, match="declines"):
+    with pytest.raises(
+        PrivacyBudgetExceededError,
+        match=r"declines.*epsilon-budget.*privacy-epsilon.*noise-multiplier",
+    ):
         ledger.check(big)
     assert ledger.epsilon() == 0.0  # nothing was spent
     assert PrivacyLedger.open(path, PrivacyBudget(1.0, 1e-5)).declined == 1

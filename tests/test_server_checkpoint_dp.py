@@ -783,7 +783,9 @@ def test_user_level_dp_unit_noise_and_state_roundtrip() -> None:
     assert float(np.std(mean)) == pytest.approx(0.1, rel=0.01)
     dp.charge_round(1, 5)
     assert dp.ledger.history[-1].sample_rate == 0.5  # m / population
-    with pytest.raises(DataError, match="already charged"):
+    with pytest.raises(
+        DataError, match=r"already charged.*resume from the checkpoint of the round before"
+    ):
         dp.charge_round(1, 5)
     with pytest.raises(ConfigError, match="exceeds the population of 10"):
         dp.charge_round(2, 11)
