@@ -279,6 +279,7 @@ def renew_server_cert(
         ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers()  # type: ignore[union-attr]
     ):
         raise PkiError(f"{paths.ca_key} is not the key of {paths.ca_cert}")
+    _check_ca_current(paths, ca_cert)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     if ca_cert.not_valid_after_utc < now + dt.timedelta(days=valid_days):
         valid_days = max(1, (ca_cert.not_valid_after_utc - now).days)
@@ -286,6 +287,16 @@ def renew_server_cert(
     _write_private_key(paths.server_key, server_key)
     _write_cert(paths.server_cert, server_cert)
     return paths
+
+
+def _check_ca_current(paths: PkiPaths, ca: x509.Certificate) -> None:
+    """Refuse an expired CA: no certificate it signs verifies, however new."""
+    if ca.not_valid_after_utc < dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
+        raise PkiError(
+            f"the CA {paths.ca_cert} expires on {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+            "no certificate it signs verifies after that. `fedrec server init --force` makes "
+            "a new CA (every device then needs the new ca.pem)"
+        )
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -321,6 +332,7 @@ def check_pki(paths: PkiPaths) -> None:
                 f"private key {key} is readable by others (mode {mode:o}); run `chmod 600 {key}`"
             )
     ca, server = load_cert(paths.ca_cert), load_cert(paths.server_cert)
+    _check_ca_current(paths, ca)
     try:
         server.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
@@ -328,6 +340,16 @@ def check_pki(paths: PkiPaths) -> None:
             f"{paths.server_cert} was not issued by {paths.ca_cert} "
             f"({exc or 'bad signature'}); `fedrec server renew-cert` issues one that is"
         ) from None
+    try:
+        server_key = serialization.load_pem_private_key(paths.server_key.read_bytes(), None)
+        matches = server_key.public_key().public_numbers() == server.public_key().public_numbers()  # type: ignore[union-attr]
+    except (OSError, ValueError, TypeError, AttributeError):
+        matches = False
+    if not matches:  # e.g. a renewal that crashed between writing the key and the certificate
+        raise PkiError(
+            f"{paths.server_key} is unreadable or not the key of {paths.server_cert}; "
+            "`fedrec server renew-cert` issues a new matching pair from the same CA"
+        )
     if server.not_valid_after_utc < dt.datetime.now(dt.UTC):
         raise PkiError(
             f"server certificate {paths.server_cert} expired on "

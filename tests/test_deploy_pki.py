@@ -95,6 +95,43 @@ def test_check_pki_refuses_open_keys_and_foreign_certificates(tmp_path: Path) ->
     paths.server_cert.write_bytes(other.server_cert.read_bytes())
     with pytest.raises(PkiError, match="not issued by"):
         check_pki(paths)
+    # a server key that is not its certificate's (a renewal that crashed between the two
+    # files) was accepted, and the SuperLink died at start with a bare 'see the log'
+    paths = create_pki(tmp_path / "c")
+    paths.server_key.write_bytes(other.server_key.read_bytes())
+    with pytest.raises(PkiError, match=r"not the key of .*server\.pem.*renew-cert"):
+        check_pki(paths)
+
+
+def test_an_expired_ca_is_refused_and_never_renewed_from(tmp_path: Path) -> None:
+    """A renewal from an expired CA said it succeeded (a 1-day certificate no device could
+    verify), and the check before start passed it; both now say a new CA is needed."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    pki = create_pki(tmp_path / "s")
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.subject)
+        .issuer_name(ca.issuer)
+        .public_key(ca.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime(2019, 1, 1))
+        .not_valid_after(dt.datetime(2021, 1, 1))
+    )
+    for ext in ca.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    expired = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    pki.ca_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    server_before = pki.server_cert.read_bytes()
+    for attempt in (lambda: renew_server_cert(pki.directory), lambda: check_pki(pki)):
+        with pytest.raises(PkiError, match=r"CA .* expires on 2021-01-01.*init --force"):
+            attempt()
+    assert pki.server_cert.read_bytes() == server_before  # nothing was issued
 
 
 def test_an_expired_or_too_narrow_certificate_is_renewed_from_the_same_ca(
