@@ -622,11 +622,27 @@ def _run_server(
                 config.task,
             )
 
+    # Rounds whose checkpoint is on disk but was skipped (unreadable) were trained and
+    # published before: their versions are out, maybe on devices. The rerun rounds train
+    # other models; publishing them under those numbers would give one version two models.
+    resumed_at = checkpoint.server_round if checkpoint is not None else 0
+    lost = [r for r in store.rounds() if r > resumed_at] if store is not None else []
+
     def publish(parameters: Any, version: int) -> None:
         """Publish model ``version``; a failure (the int8 agreement gate, a full disk) is
         logged and the run goes on: the checkpoint is saved and training is unaffected, and
         stopping would only fail the same way again at every restart."""
         if publisher is None or artifact_dir is None:
+            return
+        if lost and resumed_at < version <= max(lost):
+            log(
+                WARNING,
+                "model version %s is not published: the version of that number from before the "
+                "resume (its checkpoint unreadable) stays, as devices may hold it; publication "
+                "goes on from version %s",
+                version,
+                max(lost) + 1,
+            )
             return
         try:
             path = publisher.publish_artifact(parameters, version, artifact_dir)

@@ -415,6 +415,28 @@ def test_publisher_writes_a_versioned_artifact_per_round(tmp_path: Path) -> None
     assert not (tmp_path / "none").exists()
 
 
+def test_a_rerun_round_never_republishes_a_version_under_another_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 3's checkpoint is unreadable, so the run resumes from round 2 and trains round 3
+    again, to another model (on devices: fresh noise, new data). It used to overwrite the
+    toy-v3 that devices may hold: one version number, two models."""
+    out = tmp_path / "artifacts"
+    config = _publishing_run("toy-publishing", PublishingToyTask, tmp_path)
+    _run(config, num_nodes=3)
+    published = (out / "toy-v3.npz").read_bytes()
+    _truncate_arrays(tmp_path / "ck" / "round-00000003.json")
+    with caplog.at_level(logging.WARNING):
+        rerun = _run({**config, "num-rounds": 4, "toy-lr": 0.5}, num_nodes=3)
+    assert [r.server_round for r in rerun] == [3, 4]
+    assert (out / "toy-v3.npz").read_bytes() == published
+    with np.load(out / "toy-v3.npz") as npz:  # the rerun's round 3 is another model
+        assert not np.array_equal(npz["arr_0000"], rerun[0].parameters[0])
+    assert "model version 3 is not published" in caplog.text
+    with np.load(out / "toy-v4.npz") as npz:  # publication goes on after the lost rounds
+        np.testing.assert_array_equal(npz["arr_0000"], rerun[-1].parameters[0])
+
+
 class FailingPublisherToyTask(ToyLinearTask):
     """A publisher whose round-2 artifact fails its check (e.g. the int8 agreement gate)."""
 
