@@ -640,7 +640,8 @@ def format_round(record: Mapping[str, Any]) -> str:
     ]
     if isinstance(eps_user, int | float):
         parts.append(f"user-level epsilon {eps_user:.3f}")
-    parts.append(f"{record.get('round_seconds') or 0:.1f} s")
+    seconds = record.get("round_seconds")
+    parts.append(f"{seconds:.1f} s" if isinstance(seconds, int | float) else "n/a s")
     if record.get("backfilled"):
         parts.append("(from its checkpoint: a crash lost its progress line)")
     return ", ".join(parts)

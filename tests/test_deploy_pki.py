@@ -852,7 +852,8 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
     }
     line = format_round(record)
     assert "round 2/5" in line and "3/4 ok" in line and "sampled_hr@10 0.2500" in line
-    assert "epsilon 1.500" in line
+    assert "epsilon 1.500" in line and line.endswith("3.0 s")
+    assert format_round({**record, "round_seconds": "5"}).endswith("n/a s")  # was a traceback
     layout.progress.write_text(json.dumps(record) + "\n{torn")
     # a manifest that does not verify is no resume point (the ServerApp would skip it)
     (layout.checkpoints / "round-00000002.json").write_text("{}")
@@ -895,6 +896,9 @@ def test_one_server_per_state_directory(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     with hold_server_lock(layout):
         assert running_server(layout) is not None  # held: running, before running.json
+        shown = runner.invoke(app, ["server", "status", "--state-dir", str(layout.state_dir)])
+        assert "server" in shown.output and ": starting" in shown.output  # not "pid None"
+        assert "None" not in shown.output.splitlines()[0]
         with pytest.raises(StateDirError, match="a server already runs"), hold_server_lock(layout):
             pass
         with pytest.raises(StateDirError, match="a server is running"):

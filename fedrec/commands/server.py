@@ -261,11 +261,12 @@ def status(
     if as_json:
         typer.echo(json.dumps(info.to_json(), indent=2))
         return
-    state = (
-        f"running (pid {info.pid}, https://{info.address}, run {info.run_id})"
-        if info.running
-        else "not running"
-    )
+    if not info.running:
+        state = "not running"
+    elif info.pid is None:  # the lock is held, running.json not written yet
+        state = "starting"
+    else:
+        state = f"running (pid {info.pid}, https://{info.address}, run {info.run_id})"
     if info.checkpoint_round is not None:
         checkpoint = f"round {info.checkpoint_round}"
     elif info.checkpoint_problem is not None:  # `start` refuses: never "none yet"
