@@ -235,7 +235,7 @@ def test_generic_loads_string_ids(tmp_path: Path) -> None:
     assert ds.item_ids == ["b1", "b2", "b3", "b4"]
     assert seq_raw(ds, "alice") == ["b1", "b2", "b3"]  # tie at 100: file order
     assert seq_raw(ds, "bob") == ["b3", "b1", "b2"]
-    assert ds.item_text[0] == "A book about cats, and dogs."  # verbatim
+    assert ds.item_text[0] == "Cats & Dogs. Genres: Fiction, Pets. A book about cats, and dogs."
     assert ds.item_titles[0] == "Cats & Dogs"
     assert ds.item_categories[:3] == [["Fiction", "Pets"], ["Sci-Fi"], []]
     assert loaded.report.cold_items == 1
@@ -253,6 +253,30 @@ def test_generic_minimal_columns(tmp_path: Path) -> None:
     assert ds.item_categories == [[], [], []]
     write(root / "items.csv", "item,text,title\nx,Item X,Ex\ny,Item Y,\nz,Item Z, \n")
     assert load_generic(root).dataset.item_titles == ["Ex", "Item Y", "Item Z"]  # empty: text
+
+
+def test_generic_item_text_holds_title_genres_and_description(tmp_path: Path) -> None:
+    """PROTOCOL.md: item text is the title plus the genres (and any description), built as
+    for MovieLens; only a row with neither title nor genres keeps its text verbatim."""
+    items = (
+        "item,text,title,genres\n"
+        "x,A long tale,Ex,Drama|Crime\n"  # all three
+        "y,Item Y,,Comedy\n"  # no title: the text stands in for it
+        "z,Item Z,Item Z,\n"  # text equal to the title is not repeated
+        "w,Just text,,\n"  # neither: verbatim
+    )
+    root = generic_dir(
+        tmp_path, interactions="user,item,timestamp\nu,x,1\nu,y,2\nu,z,3\n", items=items
+    )
+    ds = load_generic(root, min_user_interactions=1).dataset
+    assert ds.item_text == [
+        "Ex. Genres: Drama, Crime. A long tale.",
+        "Item Y. Genres: Comedy.",
+        "Item Z.",
+        "Just text",
+    ]
+    write(root / "items.csv", "item,text,genres\nx,Item X,Sci-Fi\ny,Item Y,\nz,Item Z,\n")
+    assert load_generic(root).dataset.item_text[0] == "Item X. Genres: Sci-Fi."
 
 
 def test_format_item_text() -> None:

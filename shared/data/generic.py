@@ -3,9 +3,13 @@
 ``interactions.csv`` -- header ``user,item,timestamp`` plus an optional ``rating`` column;
 ids are arbitrary strings, timestamps integers in any monotone unit (e.g. Unix seconds).
 ``items.csv`` -- header ``item,text`` plus optional ``title`` and ``genres`` (``A|B``) columns.
-``text`` is used verbatim as the language-model text; ``title`` (default: the text) and
-``genres`` only fill ``item_titles`` and ``item_categories``. Both files are UTF-8 (a byte-order
-mark is accepted). Unknown columns are an error, so a misspelt column never goes unnoticed.
+The language-model text is built as the MovieLens loaders build it (PROTOCOL.md: the title
+plus the genres and any description), by :func:`format_item_text`: ``"Title. Genres: A, B."``
+followed by ``text`` as the description. Without a title (no column, or an empty cell) the
+text stands in for it; an item with neither a title nor genres keeps its ``text`` verbatim.
+``title`` (default: the text) and ``genres`` also fill ``item_titles`` and
+``item_categories``. Both files are UTF-8 (a byte-order mark is accepted). Unknown columns are
+an error, so a misspelt column never goes unnoticed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from shared.data.cleaning import (
     RawInteractions,
     csv_rows,
     finalize,
+    format_item_text,
     parse_float,
     parse_int,
     require_file,
@@ -56,20 +61,36 @@ def load_generic(
 
 
 def read_generic_items(path: Path) -> Catalog:
-    """Parse ``items.csv`` into a catalog (file order); empty texts are logged as a warning."""
+    """Parse ``items.csv`` into a catalog (file order); empty texts are logged as a warning.
+
+    The item text is :func:`item_text` of the row, so ``title`` and ``genres`` reach the
+    language model as they do for MovieLens."""
     ids: list[str] = []
     texts: list[str] = []
     titles: list[str] = []
     categories: list[list[str]] = []
     for line, row in csv_rows(path, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS):
         ids.append(_required(row, "item", path, line))
-        texts.append(row["text"].strip())
-        titles.append(row.get("title", "").strip() or row["text"].strip())  # empty: the text
-        categories.append(split_genres(row.get("genres", "")))
+        text, title = row["text"].strip(), row.get("title", "").strip()
+        genres = split_genres(row.get("genres", ""))
+        texts.append(item_text(text, title, genres))
+        titles.append(title or text)  # empty: the text
+        categories.append(genres)
     empty = sum(1 for t in texts if not t)
     if empty:
         logger.warning("%s: %d of %d items have an empty text", path, empty, len(texts))
     return Catalog(path, ids, titles, categories, texts)
+
+
+def item_text(text: str, title: str, genres: list[str]) -> str:
+    """The language-model text of one ``items.csv`` row: :func:`format_item_text` of the
+    title (else the text), the genres and the text as description (not repeated when it is the
+    title); ``text`` verbatim when the row has neither a title nor genres, as before those
+    columns were read."""
+    if not title and not genres:
+        return text
+    description = text if title and text != title else ""
+    return format_item_text(title or text, genres, description)
 
 
 def read_generic_interactions(path: Path) -> RawInteractions:
