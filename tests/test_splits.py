@@ -1,5 +1,7 @@
 """Protocol splits: seeded populations, leave-one-out by time, cold-start items."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -71,6 +73,26 @@ def test_short_users_train_only():
 def test_bad_split_config_is_refused(bad):
     with pytest.raises(ConfigError):
         SplitConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"cold_user_fraction": "0.1"}, "cold-user-fraction must be a finite number, got '0.1'"),
+        ({"public_fraction": float("nan")}, "public-fraction must be a finite number"),
+        ({"cold_item_fraction": True}, "cold-item-fraction must be a finite number, got True"),
+        ({"cold_item_min_interactions": 2.5}, "cold-item-min-interactions must be an integer"),
+        ({"cold_item_min_interactions": True}, "cold-item-min-interactions must be an integer"),
+    ],
+)
+def test_a_split_config_value_of_the_wrong_type_is_refused_naming_its_key(bad, message):
+    """A float seed crashed later in numpy, a text fraction raised a bare TypeError and a
+    fractional interaction threshold was accepted."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SplitConfig(**bad)
+    assert SplitConfig(seed=np.int64(3), cold_user_fraction=np.float32(0.5)).seed == 3
 
 
 def test_cold_items_removed_from_every_training_input():

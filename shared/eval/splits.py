@@ -7,6 +7,7 @@ See ``../shared/PROTOCOL.md``. All randomness comes from ``SplitConfig.seed``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -24,8 +25,23 @@ MAX_SEED = 2**63 - 1
 def check_seed(seed: int) -> None:
     """Refuse a seed the samplers cannot take (torch raised "Overflow when unpacking long
     long" deep inside a run)."""
-    if isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {seed}")
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+
+
+def is_int(value: object) -> bool:
+    """An integer, Python's or numpy's, and not a bool (``True`` is Python's ``1``): ``1.5``
+    or ``"7"`` would be taken by a comparison and fail later, deep in numpy."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A finite real number (integer or float, Python's or numpy's), not a bool."""
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 @dataclass(frozen=True)
@@ -49,11 +65,14 @@ class SplitConfig:
         check_seed(self.seed)
         for name in ("cold-user-fraction", "public-fraction", "cold-item-fraction"):
             value = getattr(self, name.replace("-", "_"))
+            if not is_real(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
-        if self.cold_item_min_interactions < 1:
+        if not is_int(self.cold_item_min_interactions) or self.cold_item_min_interactions < 1:
             raise ConfigError(
-                f"cold-item-min-interactions must be >= 1, got {self.cold_item_min_interactions}"
+                "cold-item-min-interactions must be an integer >= 1, got "
+                f"{self.cold_item_min_interactions!r}"
             )
 
 
