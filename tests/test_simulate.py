@@ -714,7 +714,8 @@ def test_noise_shares_beyond_the_datasets_clients_is_refused_before_pretraining(
         ),
         (
             ["--synthetic-users", "3", "--public-fraction", "0.99"],
-            "the split leaves no federated client with a test item (synthetic-users 3,",
+            "the split leaves no federated user: of the 3 users, 0 are cold and the other 3 "
+            "public (cold-user-fraction 0.1, public-fraction 0.99)",
         ),
         (
             ["--synthetic-users", "2", "--public-fraction", "0.5"],

@@ -95,6 +95,36 @@ def test_a_split_config_value_of_the_wrong_type_is_refused_naming_its_key(bad, m
     assert SplitConfig(seed=np.int64(3), cold_user_fraction=np.float32(0.5)).seed == 3
 
 
+@pytest.mark.parametrize(
+    ("n_users", "fractions", "message"),
+    [
+        (
+            1,
+            {"cold_user_fraction": 0.6},
+            "the split makes all 1 users cold (cold-user-fraction 0.6, public-fraction 0.2)",
+        ),
+        (
+            3,
+            {"cold_user_fraction": 0.0, "public_fraction": 0.9},
+            "the split leaves no federated user: of the 3 users, 0 are cold and the other 3 "
+            "public (cold-user-fraction 0.0, public-fraction 0.9)",
+        ),
+        (
+            4,
+            {"cold_user_fraction": 0.4, "public_fraction": 0.8},
+            "of the 4 users, 2 are cold and the other 2 public",
+        ),
+    ],
+)
+def test_fractions_that_leave_no_federated_user_are_refused(n_users, fractions, message):
+    """Rounding on few users could make every user cold, or every other user public; the
+    empty population's figures were then reported as 0.0."""
+    ds = make_dataset(n_users=n_users)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        split_users(ds, SplitConfig(**fractions))
+    assert len(split_users(make_dataset(n_users=3), SplitConfig()).federated_users) == 2
+
+
 def test_cold_items_removed_from_every_training_input():
     ds = make_dataset(n_users=60, n_items=40)
     cold = split_cold_items(ds, SplitConfig(cold_item_fraction=0.2, cold_item_min_interactions=5))

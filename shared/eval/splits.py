@@ -142,6 +142,7 @@ def split_users(dataset: RecDataset, config: SplitConfig = SplitConfig()) -> Pro
     cold = np.sort(perm[:n_cold])
     rest = perm[n_cold:]
     n_public = round(config.public_fraction * len(rest))
+    _check_populations(config, n, n_cold, n_public)
     public = np.sort(rest[:n_public])
     federated = np.sort(rest[n_public:])
 
@@ -173,6 +174,25 @@ def split_users(dataset: RecDataset, config: SplitConfig = SplitConfig()) -> Pro
         test=test,
         full_sequences=dataset.sequences,
     )
+
+
+def _check_populations(config: SplitConfig, n: int, n_cold: int, n_public: int) -> None:
+    """Refuse fractions that, rounded on ``n`` users, leave no federated user (or every user
+    cold): every figure of the empty population would be reported as 0.0."""
+    fractions = (
+        f"cold-user-fraction {config.cold_user_fraction}, public-fraction {config.public_fraction}"
+    )
+    if n_cold >= n:
+        raise ConfigError(
+            f"the split makes all {n} users cold ({fractions}), leaving no public or "
+            "federated user to train and evaluate on; lower cold-user-fraction or use more users"
+        )
+    if n_cold + n_public >= n:
+        raise ConfigError(
+            f"the split leaves no federated user: of the {n} users, {n_cold} are cold and the "
+            f"other {n - n_cold} public ({fractions}); lower public-fraction or "
+            "cold-user-fraction, or use more users"
+        )
 
 
 @dataclass(frozen=True)
