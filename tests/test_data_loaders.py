@@ -228,6 +228,17 @@ def test_an_id_beyond_64_bits_names_its_line(tmp_path: Path) -> None:
         load_ml_latest(root, name="ml-latest-small")
 
 
+def test_a_timestamp_beyond_64_bits_is_told_to_be_seconds_not_an_id(tmp_path: Path) -> None:
+    """The overflow message gave id advice (map ids, load as generic) for a time column."""
+    ratings = "userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,3.0,12345678901234567890\n"
+    with pytest.raises(DataError, match=r"line 3: column 'timestamp' .*64-bit") as err:
+        load_ml_latest(ml_latest_dir(tmp_path / "ml", ratings), name="ml-latest-small")
+    assert "integer seconds" in str(err.value) and "ids" not in str(err.value)
+    rows = "user,item,timestamp\nu,b1,1\nu,b2,99999999999999999999\n"
+    with pytest.raises(DataError, match=r"line 3: .*64-bit integer; give the time as integer"):
+        load_generic(generic_dir(tmp_path / "g", interactions=rows))
+
+
 def test_generic_loads_string_ids(tmp_path: Path) -> None:
     loaded = load_generic(generic_dir(tmp_path))
     ds = loaded.dataset

@@ -296,10 +296,15 @@ def parse_int(value: str, path: Path, line: int, column: str) -> int:
             f"{' (e.g. Unix seconds)' if 'time' in column.lower() else ''}, found {value!r}"
         ) from None
     if not INT64_MIN <= number <= INT64_MAX:
+        fix = (
+            "give the time as integer seconds (e.g. Unix seconds), which fit in 64 bits"
+            if "time" in column.lower()
+            else "map such ids to smaller numbers (or load the file as 'generic', which takes "
+            "string ids)"
+        )
         raise DataError(
             f"{path}, line {line}: column {column!r} holds {value!r}, which does not fit a "
-            "64-bit integer; map such ids to smaller numbers (or load the file as 'generic', "
-            "which takes string ids)"
+            f"64-bit integer; {fix}"
         )
     return number
 
