@@ -239,6 +239,17 @@ def test_a_timestamp_beyond_64_bits_is_told_to_be_seconds_not_an_id(tmp_path: Pa
         load_generic(generic_dir(tmp_path / "g", interactions=rows))
 
 
+def test_a_quoted_ratings_header_as_r_writes_it_loads(tmp_path: Path) -> None:
+    """R's write.csv quotes the column names; the header was split on commas and refused."""
+    ratings = (
+        '"userId","movieId","rating","timestamp"\n'
+        "1,1,4.0,964982703\n1,2,3.5,964981247\n1,5,0.5,964982224\n"
+    )
+    root = ml_latest_dir(tmp_path, ratings)
+    ds = load_ml_latest(root, name="ml-latest-small", min_user_interactions=1).dataset
+    assert seq_raw(ds, "1") == ["2", "5", "1"]
+
+
 def test_generic_loads_string_ids(tmp_path: Path) -> None:
     loaded = load_generic(generic_dir(tmp_path))
     ds = loaded.dataset

@@ -345,9 +345,9 @@ def read_numeric_table(
     """Read an all-numeric delimited file into one array per column (fast: ``np.loadtxt``).
 
     ``columns`` lists the expected columns in file order. With ``has_header`` the first line
-    must name exactly those columns. Any malformed row raises a :class:`DataError` with the
-    file, the line number and what was expected; multi-character separators (ML-1M's ``::``)
-    are supported.
+    must name exactly those columns, in any order, quoted or not. Any malformed row raises a
+    :class:`DataError` with the file, the line number and what was expected; multi-character
+    separators (ML-1M's ``::``) are supported.
     """
     names = list(columns)
     encoding = _numeric_encoding(path, encoding)
@@ -357,7 +357,7 @@ def read_numeric_table(
                 line = f.readline().rstrip("\r\n")
             if not line.strip():
                 raise DataError(f"{path} is empty; expected the header {sep.join(names)!r}")
-            index = column_index(path, line.split(sep), names)
+            index = column_index(path, _header_fields(line, sep), names)
             names = sorted(names, key=index.__getitem__)  # file order
         dtype = np.dtype(
             [(f"c{i}", np.int64 if columns[n] is int else np.float64) for i, n in enumerate(names)]
@@ -372,6 +372,15 @@ def read_numeric_table(
         raise not_decodable(path, encoding) from None
     warn_if_cut(path)
     return {n: np.ascontiguousarray(table[f"c{i}"]) for i, n in enumerate(names)}
+
+
+def _header_fields(line: str, sep: str) -> list[str]:
+    """The column names of a header line. A one-character separator is read with the csv
+    module, so quoted names (``"userId","movieId"``, as R's ``write.csv`` writes them) are
+    accepted; a longer separator (only headerless layouts use one) is split on as is."""
+    if len(sep) == 1:
+        return next(csv.reader([line], delimiter=sep), [])
+    return line.split(sep)
 
 
 def _numeric_encoding(path: Path, encoding: str) -> str:
