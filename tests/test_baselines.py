@@ -196,6 +196,29 @@ def test_export_recs_ranks_ties_against_the_model_like_the_metrics(tmp_path):
     assert not (tmp_path / "recs.csv.tmp").exists()
 
 
+def test_export_recs_leaves_out_non_finite_scores_so_recs_agree_with_the_metric(tmp_path):
+    """A non-finite test score is a miss, but on a small catalog its last rank was <= 10, so
+    HR@10 recomputed from recs.csv was 1 where the metric says 0."""
+    ds = make_dataset(n_users=6, n_items=6)
+    sp = split_users(ds, SplitConfig(cold_user_fraction=0.0))
+
+    class Broken:
+        n_items = 6
+
+        def score(self, histories):
+            scores = np.full((len(histories), 6), np.nan)
+            scores[:, 0] = np.inf  # infinite is no better than NaN
+            return scores
+
+    users = sp.evaluable(sp.population("all"))
+    out = tmp_path / "recs.csv"
+    assert export_recs(Broken(), ds, {int(u): sp.history(int(u)) for u in users}, out) == 0
+    listed = {tuple(line.split(",")[:2]) for line in out.read_text().splitlines()[1:]}
+    hits = [(ds.user_ids[u], ds.item_ids[sp.target(int(u))]) in listed for u in users]
+    metric = evaluate_split(Broken(), sp, ("all",))["all"]["full_hr@10"]
+    assert float(np.mean(hits)) == metric == 0.0
+
+
 def test_export_recs_refuses_a_folder_before_any_work(tmp_path):
     ds = make_dataset(n_users=4, n_items=8)
 

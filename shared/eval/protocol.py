@@ -290,6 +290,10 @@ def export_recs(
     so tied items share the rank of the last of them. "The test item is a hit if its rank is
     at most 10" then gives exactly the reported full-ranking HR@10 (with distinct scores the
     ranks are 1, 2, 3, ...).
+
+    An item the model scores NaN or infinite is left out, so a user may get fewer than
+    ``top_n`` rows: the metrics count such a test item a miss (PROTOCOL.md), and no rank, not
+    even the last, would say so where a user has few candidates.
     """
     path = check_output_file(path)  # the link's target, if a link: the link stays
     ensure_dir(path.parent, what="the output folder", fix="give a writable path")
@@ -307,8 +311,10 @@ def export_recs(
                     candidate = np.ones(dataset.n_items, dtype=bool)
                     candidate[histories[u]] = False
                     items = np.flatnonzero(candidate)
-                    ranks = _pessimistic_ranks(scores[row][items])
-                    order = np.argsort(ranks, kind="stable")[:top_n]
+                    user_scores = scores[row][items]
+                    ranks = _pessimistic_ranks(user_scores)
+                    listed = np.flatnonzero(np.isfinite(user_scores))  # non-finite: a miss
+                    order = listed[np.argsort(ranks[listed], kind="stable")][:top_n]
                     for item, rank in zip(items[order], ranks[order], strict=True):
                         writer.writerow(
                             [dataset.user_ids[u], dataset.item_ids[int(item)], int(rank)]
@@ -335,12 +341,11 @@ def export_split_recs(
 def _pessimistic_ranks(scores: FloatArray) -> npt.NDArray[np.int64]:
     """Each candidate's 1-based rank as the metrics count it when it is the target: the
     candidates scoring at least as high, itself included, plus every NaN (a NaN candidate
-    counts as above the target); a non-finite score is a miss, so it gets the last rank."""
-    finite = np.isfinite(scores)
+    counts as above the target). A non-finite score is a miss: its rank here is meaningless,
+    and :func:`export_recs` leaves such items out."""
     nans = int(np.isnan(scores).sum())
     above = np.sort(-scores[~np.isnan(scores)])  # -score ascending: best first, +inf first
     ranks = np.searchsorted(above, -scores, side="right") + nans
-    ranks[~finite] = len(scores)
     return ranks.astype(np.int64)
 
 
