@@ -219,6 +219,34 @@ def test_export_recs_leaves_out_non_finite_scores_so_recs_agree_with_the_metric(
     assert float(np.mean(hits)) == metric == 0.0
 
 
+def test_recs_are_scored_in_the_evaluations_batch_size(tmp_path, monkeypatch):
+    """export_split_recs called export_recs without a batch size, so the export always
+    scored 512 users at a time whatever batch-size the evaluation was given."""
+    import shared.eval.protocol
+    from shared.eval.baseline_benchmark import BaselineConfig, run_baseline_benchmark
+    from shared.eval.model_evaluation import evaluate_model
+
+    ds = make_dataset(n_users=12)
+    seen: list[int] = []
+    export = shared.eval.protocol.export_recs
+
+    def recording(*args, batch_size=512, **kwargs):
+        seen.append(batch_size)
+        return export(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(shared.eval.protocol, "export_recs", recording)
+    config = EvalConfig(batch_size=3)
+    model = Pop().fit(split_users(ds).train_sequences(), ds.n_items)
+    evaluate_model(model, "pop", ds, eval_config=config, shots=(), export_path=tmp_path / "a")
+    run_baseline_benchmark(
+        ds,
+        eval_config=config,
+        baseline_config=BaselineConfig(cold_items=False),
+        export_path=tmp_path / "b",
+    )
+    assert seen == [3, 3]
+
+
 def test_export_recs_refuses_a_folder_before_any_work(tmp_path):
     ds = make_dataset(n_users=4, n_items=8)
 

@@ -119,7 +119,7 @@ def run_baseline_benchmark(
             results.setdefault(name, {})["cold_items"] = metrics
 
     if export_path is not None:
-        export_split_recs(fitted[export_model], dataset, split, export_path)
+        export_split_recs(fitted[export_model], dataset, split, export_path, eval_config.batch_size)
     report = split_report(dataset, split, eval_config)
     return {**report, "baselines": asdict(baseline_config), "results": results}
 

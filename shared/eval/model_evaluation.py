@@ -48,5 +48,5 @@ def evaluate_model(
     if len(split.cold_users) and shots:
         entry["fewshot"] = evaluate_fewshot(scorer, split, shots, eval_config)
     if export_path is not None:
-        export_split_recs(scorer, dataset, split, export_path)
+        export_split_recs(scorer, dataset, split, export_path, eval_config.batch_size)
     return {**split_report(dataset, split, eval_config), "results": {name: entry}}

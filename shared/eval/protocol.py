@@ -328,12 +328,19 @@ def export_recs(
 
 
 def export_split_recs(
-    scorer: Scorer, dataset: RecDataset, split: ProtocolSplit, path: str | Path
+    scorer: Scorer,
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    path: str | Path,
+    batch_size: int = EvalConfig.batch_size,
 ) -> int:
     """:func:`export_recs` for every user evaluated on ``split`` (public and federated), each
-    with the history its test figure is scored from (train + validation)."""
+    with the history its test figure is scored from (train + validation), scored
+    ``batch_size`` users at a time (the evaluation's ``batch-size``, so the export needs no
+    more memory than the figures did)."""
     users = split.evaluable(split.population("all"))
-    rows = export_recs(scorer, dataset, {int(u): split.history(int(u)) for u in users}, path)
+    histories = {int(u): split.history(int(u)) for u in users}
+    rows = export_recs(scorer, dataset, histories, path, batch_size=batch_size)
     logger.info("wrote %d rows to %s", rows, path)
     return rows
 
