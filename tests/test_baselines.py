@@ -142,8 +142,15 @@ def test_full_ranking_excludes_history():
             return s
 
     case = EvalCase(0, np.array([0]), 4, np.array([0]), np.array([0, 4]))
-    m = rank_cases(Oracle(), [case], EvalConfig(n_negatives=3))
-    assert m["full_hr@10"] == 1.0 and m["full_ndcg@10"] == 1.0
+    m = rank_cases(Oracle(), [case], EvalConfig(k=3, n_negatives=3))
+    assert m["full_hr@3"] == 1.0 and m["full_ndcg@3"] == 1.0
+
+
+def test_fewer_negatives_than_k_is_refused_naming_both():
+    """With n-negatives < k the target always ranks inside the top k: sampled HR@k was 1."""
+    with pytest.raises(ConfigError, match=r"n-negatives \(3\) must be >= k \(10\)"):
+        EvalConfig(n_negatives=3)
+    assert EvalConfig(k=5, n_negatives=5).n_negatives == 5
 
 
 def test_case_ranks_are_per_case_and_agree_with_the_summary():

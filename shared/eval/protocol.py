@@ -32,7 +32,8 @@ _WARNED_SHORT_POOLS: set[tuple[int, int]] = set()
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``k`` for HR/NDCG, number of sampled negatives, seed of the negative sampler."""
+    """``k`` for HR/NDCG, number of sampled negatives (at least ``k``, else the sampled
+    figures are trivially 1), seed of the negative sampler."""
 
     k: int = 10
     n_negatives: int = 99
@@ -47,6 +48,11 @@ class EvalConfig:
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.n_negatives < self.k:
+            raise ConfigError(
+                f"n-negatives ({self.n_negatives}) must be >= k ({self.k}): with fewer sampled "
+                f"negatives than k every sampled HR@{self.k} is 1; raise n-negatives or lower k"
+            )
 
 
 @dataclass(frozen=True)
