@@ -181,7 +181,11 @@ def loo_cases(split: ProtocolSplit, users: IntArray, stage: str = "test") -> lis
 
 
 def fewshot_cases(split: ProtocolSplit, k_shots: int) -> list[EvalCase]:
-    """Cold-start users with more than ``k_shots`` interactions: first K support, K+1 query."""
+    """Cold-start users with more than ``k_shots`` interactions: first K support, K+1 query.
+
+    Sampled negatives exclude the support set and the query only, not the user's later
+    interactions: our reading of PROTOCOL.md's "negatives exclude the whole support set and
+    the query", since at query time the user has interacted with nothing else."""
     return _first_k_cases(
         [split.full_sequences[int(u)] for u in split.cold_users], split.cold_users, k_shots
     )
