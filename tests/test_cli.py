@@ -610,6 +610,19 @@ def test_evaluate_model_scores_a_published_artifact_on_its_split(tmp_path: Path)
     assert "--shots must be distinct" in str(bad.exception)
 
 
+@pytest.mark.parametrize("key", ["cold-item-fraction", "cold_item_min_interactions"])
+def test_evaluate_model_refuses_the_cold_item_settings_it_does_not_use(
+    tmp_path: Path, key: str
+) -> None:
+    """It runs no cold-item evaluation, yet took these and recorded them in its report."""
+    model = tmp_path / "model-v1.int8.onnx"  # refused before the model is read
+    result = runner.invoke(app, ["evaluate", "model", str(model), "--run-config", f"{key}=2"])
+    assert isinstance(result.exception, ConfigError), result.output
+    message = str(result.exception)
+    assert message.startswith(f"unknown --run-config keys: {key.replace('_', '-')};")
+    assert "cold-item" not in message.split("valid:")[1] and "n-negatives" in message
+
+
 def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) -> None:
     """The synthetic catalog is the same whatever its seed, so a model trained on seed 5's
     world passed the catalog check under the default --seed 42 and was scored on another

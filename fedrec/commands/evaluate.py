@@ -138,7 +138,7 @@ def model(
         _refuse_another_split(ctx, run, values, path)
         values["seed"] = run.seed
     values.setdefault("seed", seed)
-    split_cfg, eval_cfg = _split_and_eval(values)
+    split_cfg, eval_cfg = _split_and_eval(values, unused=COLD_ITEM_KEYS)
     ks = tuple(shots) if shots else (1, 3, 5, 10)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
@@ -225,12 +225,20 @@ def _values(
     return values
 
 
-def _split_and_eval(values: dict[str, Any], *others: type) -> tuple[SplitConfig, EvalConfig]:
+COLD_ITEM_KEYS = frozenset({"cold-item-fraction", "cold-item-min-interactions"})
+"""The split settings of the cold-item run only, which ``evaluate model`` does not run."""
+
+
+def _split_and_eval(
+    values: dict[str, Any], *others: type, unused: frozenset[str] = frozenset()
+) -> tuple[SplitConfig, EvalConfig]:
     """The split and evaluation configs of ``values``, whose every key must belong to them
-    or to one of ``others``."""
+    or to one of ``others``, and not be one of the ``unused`` settings of the command (taken
+    and recorded in its report, it would claim an effect it does not have)."""
     valid = _keys(SplitConfig) | _keys(EvalConfig)
     for cls in others:
         valid |= _keys(cls)
+    valid -= unused
     unknown = {k.replace("_", "-") for k in values} - valid
     if unknown:
         raise ConfigError(
