@@ -389,8 +389,14 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
     as a failed run whose reason is inside the ServerApp's log, and every restart of the
     server would submit the same failing run."""
     from server.server_app import ServerConfig, bundle_digest_of, check_resume
+    from shared.config import field_names, from_flat
+    from shared.federated.local_config import LocalTrainConfig
 
     server = ServerConfig.from_run_config(config)
+    # the devices' training settings, whatever the task (the toy task ignores them, but a
+    # deployment's flags are checked all the same: they are what devices would train with)
+    training = field_names(LocalTrainConfig)
+    from_flat(LocalTrainConfig, {k: v for k, v in config.items() if k in training})
     initial = get_task(server.task, config).initial_parameters()
     check_resume(server, initial, bundle_digest_of(config))
 

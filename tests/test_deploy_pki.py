@@ -660,6 +660,9 @@ def test_every_run_setting_is_a_server_start_flag(
         ({"min-available-clients": 2}, 2, "raise --min-clients to 3"),
         ({"secagg-num-shares": "abc"}, 2, "secagg-num-shares"),
         ({"task": "no-such-task"}, 2, "unknown federated task 'no-such-task'"),
+        # the devices' training settings, checked under the toy task too (it ignores them)
+        ({"task": "toy-linear", "lr": -1.0}, 2, "lr and personal-lr must be finite numbers > 0"),
+        ({"task": "toy-linear", "batch-size": 0}, 2, "batch-size must be >= 1, got 0"),
     ],
 )
 def test_server_start_refuses_what_the_server_app_would_before_launching(
