@@ -604,6 +604,23 @@ def test_recommend_breaks_ties_by_the_lower_id(
         np.testing.assert_array_equal(model.recommend(history, k=10), expected)
 
 
+def test_recommend_never_returns_history_when_scores_are_minus_inf_or_nan(
+    int8_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """History was excluded by scoring it -inf, so a k-th score of -inf (or NaN) pulled
+    history items back in: [4, 0, 1] for history [0, 1]."""
+    model = OnDeviceModel(int8_path)
+    for fill, history, expected in ((-np.inf, [0, 1], [4, 2, 3]), (np.nan, [0, 2], [1, 4, 3])):
+        scores = np.full(N_ITEMS, fill, dtype=np.float32)
+        scores[[0, 1, 4]] = [9.0, 5.0, 1.0]
+        if fill == -np.inf:
+            scores[1] = 5.0
+        monkeypatch.setattr(model, "_score_one", lambda h, s=scores: s.copy()[None, :])
+        np.testing.assert_array_equal(model.recommend(np.array(history), k=3), expected)
+        everything = model.recommend(np.array(history), k=N_ITEMS)
+        assert len(everything) == N_ITEMS - 2 and not set(history) & set(everything.tolist())
+
+
 def test_the_int8_gate_still_judges_a_catalog_no_longer_than_its_top_k(tmp_path: Path) -> None:
     """With k = the catalog size every model's top-k is the whole catalog, so the gate passed
     any int8 model; it now leaves one item out of the compared top."""

@@ -630,21 +630,21 @@ class OnDeviceModel:
             raise ConfigError(f"k must be an integer >= 1, got {k!r}")
         h = self._ids(history, truncate=False)
         scores = self._score_one(h)[0]
-        n_candidates = self._n_items
+        candidate = np.ones(self._n_items, dtype=np.bool_)
         if exclude_history and h.size:
-            seen = np.unique(h)
-            scores[seen] = -np.inf
-            n_candidates -= seen.size
-        k = min(k, n_candidates)
+            candidate[h] = False  # a mask, not a score: a -inf or NaN score is no exclusion
+        ids = np.flatnonzero(candidate)
+        k = min(k, ids.size)
         if k <= 0:
             return np.empty(0, dtype=np.int64)
-        neg = -scores
+        neg = -scores[ids].astype(np.float64)
+        neg[np.isnan(neg)] = np.inf  # a NaN score is never above anything
         kth = np.partition(neg, k - 1)[k - 1]
-        # every item tied with the k-th, so the lower id wins the tie (argpartition would
-        # keep an arbitrary one); NaN scores (never above anything) only when all else is out
-        top = np.flatnonzero(neg <= kth) if not np.isnan(kth) else np.argpartition(neg, k - 1)
-        order = np.lexsort((top, neg[top]))[:k]
-        return top[order].astype(np.int64)
+        # every candidate tied with the k-th, so the lower id wins the tie (argpartition
+        # would keep an arbitrary one)
+        top = np.flatnonzero(neg <= kth)
+        order = np.lexsort((ids[top], neg[top]))[:k]
+        return ids[top[order]].astype(np.int64)
 
     def __repr__(self) -> str:
         m = self.metadata
