@@ -101,6 +101,31 @@ def test_events_are_validated() -> None:
         Event("a", "like", 1.0)  # type: ignore[arg-type]
 
 
+def test_rows_stored_while_the_clock_ran_fast_stay_readable_once_it_is_corrected(
+    store: DeviceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "at most a day ahead" rule is for input: rows stored while the device clock ran
+    days fast (the daemon stamps "now") were unreadable after the clock was corrected, and
+    with them the whole history (every GET /recommendations a 500)."""
+    import client.device.store as store_module
+
+    real = time.time
+    fast = real() + 3 * 86_400
+    monkeypatch.setattr(store_module.time, "time", lambda: fast)
+    store.record_impressions([Impression("r" * 32, "a", 1, 1.0, fast)])
+    store.add_events([Event("a", "view", fast)])
+    store.add_feedback([Feedback("r" * 32, "a", "clicked", fast)])
+    monkeypatch.setattr(store_module.time, "time", real)  # NTP corrects the clock
+    assert [(e.kind, e.timestamp) for e in store.events()] == [("view", fast), ("click", fast)]
+    assert [(f.item_id, f.timestamp) for f in store.feedback()] == [("a", fast)]
+    # input dated ahead of the (corrected) clock is still refused, and nothing is stored
+    with pytest.raises(DataError, match="days ahead of this device's clock"):
+        store.add_events([Event("b", "view", fast)])
+    with pytest.raises(DataError, match="days ahead of this device's clock"):
+        store.add_feedback([Feedback("r" * 32, "a", "shown", fast)])
+    assert store.count_events() == 2 and len(store.feedback()) == 1
+
+
 def _raw_bytes(db: Path) -> bytes:
     return b"".join(
         Path(f"{db}{s}").read_bytes() for s in ("", "-wal", "-shm") if Path(f"{db}{s}").exists()

@@ -166,6 +166,16 @@ def _check_timestamp(ts: float, what: str) -> None:
             f"{what} timestamp {ts} is outside [0, {MAX_TIMESTAMP:.0f}] (seconds since the "
             f"epoch; milliseconds must be divided by 1000)"
         )
+
+
+def _check_not_ahead(ts: float, what: str) -> None:
+    """Refuse input dated more than :data:`MAX_CLOCK_SKEW_S` ahead of this device's clock.
+
+    Checked when a timestamp is stored (:meth:`DeviceStore.add_events`,
+    :meth:`DeviceStore.add_feedback`), never when a row is read back: the clock moves, so a
+    row stored while it ran fast (the daemon stamps "now" when the app omits a time) would
+    otherwise be unreadable once it is corrected, and with it the whole history.
+    """
     problem = future_timestamp_problem(ts)
     if problem:
         raise DataError(f"{what} {problem}")
@@ -190,7 +200,12 @@ def _check_item_id(item_id: str, what: str) -> None:
 
 @dataclass(frozen=True)
 class Event:
-    """One behavior event: ``item_id`` is the dataset's raw id, ``timestamp`` in seconds."""
+    """One behavior event: ``item_id`` is the dataset's raw id, ``timestamp`` in seconds.
+
+    The fields are checked here; that ``timestamp`` is not ahead of the device's clock only
+    when it is stored (:meth:`DeviceStore.add_events`), since stored rows must stay readable
+    whatever the clock says later.
+    """
 
     item_id: str
     kind: EventKind
@@ -225,7 +240,10 @@ class Event:
 
 @dataclass(frozen=True)
 class Feedback:
-    """What became of one recommended item: ``shown`` to the user, or ``clicked``."""
+    """What became of one recommended item: ``shown`` to the user, or ``clicked``.
+
+    As for :class:`Event`, the clock check of ``timestamp`` is made when it is stored.
+    """
 
     recommendation_id: str
     item_id: str
@@ -485,11 +503,14 @@ class DeviceStore:
 
         An event whose ``event_id`` is already stored (or repeated in the batch) is skipped:
         a retried batch adds nothing twice. Returns the new row ids; when this returns, the
-        events are durable.
+        events are durable. An event dated more than a day ahead of this device's clock
+        raises :class:`DataError` and nothing is stored.
         """
         events = list(events)
         if not events:
             return []
+        for ev in events:
+            _check_not_ahead(ev.timestamp, "event")
         with self._write() as conn:
             return self._insert_events(conn, events)
 
@@ -629,11 +650,14 @@ class DeviceStore:
         is no longer recommended. A repeated or retried report adds no second event.
 
         Raises :class:`UnknownImpressionError` listing the pairs that were never recommended
-        (or whose impression expired), and then stores nothing.
+        (or whose impression expired), and then stores nothing; :class:`DataError` (nothing
+        stored) for a report dated more than a day ahead of this device's clock.
         """
         feedback = list(feedback)
         if not feedback:
             return StoredFeedback([], [])
+        for fb in feedback:
+            _check_not_ahead(fb.timestamp, "feedback")
         with self._write() as conn:
             pairs = list(dict.fromkeys((f.recommendation_id, f.item_id) for f in feedback))
             missing = self.missing_impressions(pairs)
