@@ -843,6 +843,10 @@ def test_exploration_config_from_flat_keys() -> None:
     # a slate of k = 100 would expire its own impressions before their feedback
     with pytest.raises(ConfigError, match=r"bandit-max-pending \(50\) is below the largest"):
         DaemonConfig.from_values({"bandit-max-pending": 50})
+    # refused with the other settings, not once the API starts (after the store did)
+    with pytest.raises(ConfigError, match=r"max-body-bytes must be >= 1024.*got 1000"):
+        DaemonConfig.from_values({"max-body-bytes": 1000})
+    assert ApiConfig.from_daemon(DaemonConfig(max_body_bytes=1024)).max_body_bytes == 1024
 
 
 def test_the_api_url_of_an_ipv6_loopback_is_usable() -> None:

@@ -54,7 +54,7 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from client.device.config import MAX_K
+from client.device.config import MAX_K, MIN_BODY_BYTES
 from client.device.daemon import (
     DaemonConfig,
     DeviceBackend,
@@ -96,10 +96,10 @@ class ApiConfig:
     max_body_bytes: int = 1_048_576
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_body_bytes < 1024:
+        if self.max_batch < 1 or self.max_body_bytes < MIN_BODY_BYTES:
             raise ConfigError(
-                f"max-batch must be >= 1 and max-body-bytes >= 1024, got {self.max_batch}, "
-                f"{self.max_body_bytes}"
+                f"max-batch must be >= 1 and max-body-bytes >= {MIN_BODY_BYTES}, got "
+                f"{self.max_batch}, {self.max_body_bytes}"
             )
 
     @classmethod

@@ -16,7 +16,7 @@ from shared.config import from_flat, kebab
 from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget, check_budget
 
-__all__ = ["MAX_WAIT_S", "DaemonConfig"]
+__all__ = ["MAX_K", "MAX_WAIT_S", "MIN_BODY_BYTES", "DaemonConfig"]
 
 
 def _is_loopback(host: str) -> bool:
@@ -34,6 +34,10 @@ MAX_WAIT_S = 3600.0
 
 #: The most items one request for recommendations returns (the API's ``k``).
 MAX_K = 100
+
+#: The smallest request body limit (bytes) the local API takes: below it even a one-event
+#: batch with its JSON framing may be refused.
+MIN_BODY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,6 @@ class DaemonConfig:
             raise ConfigError(f"port must be in [0, 65535] (0 = any free port), got {self.port}")
         for name in (
             "max_batch",
-            "max_body_bytes",
             "candidate_pool",
             "keep_models",
             "max_impressions",
@@ -114,6 +117,13 @@ class DaemonConfig:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        # checked here, not only by the API's own config: that one is built when the API
+        # starts, after the store (and the SuperNode) already did
+        if self.max_body_bytes < MIN_BODY_BYTES:
+            raise ConfigError(
+                f"max-body-bytes must be >= {MIN_BODY_BYTES} (the local API refuses request "
+                f"bodies over it), got {self.max_body_bytes}"
+            )
         if not isinstance(self.exploration, BanditConfig):
             raise ConfigError(
                 f"exploration must be a BanditConfig, got {type(self.exploration).__name__}"
