@@ -849,6 +849,32 @@ def test_exploration_config_from_flat_keys() -> None:
     assert ApiConfig.from_daemon(DaemonConfig(max_body_bytes=1024)).max_body_bytes == 1024
 
 
+def test_cli_install_model_keeps_the_sealed_versions_the_daemon_keeps(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    """`fedrec client install-model` opened the daemon with the default keep-models (3): a
+    device run with keep-models=10 lost all but 3 sealed versions on the next CLI install.
+    It now takes the daemon's settings (--config / flags)."""
+    from typer.testing import CliRunner
+
+    from fedrec.commands.client import app as client_app
+
+    state = tmp_path / "dev"
+    init_identity(state)
+    with Daemon.open(state, config=DaemonConfig(keep_models=10)) as daemon:
+        for _ in range(4):
+            daemon.install_model(int8_model, CATALOG)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(int8_model)
+    args = ["install-model", "--state-dir", str(state), "--model", str(model)]
+    result = CliRunner().invoke(client_app, [*args, "--keep-models", "10"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(client_app, [*args, "--config", "keep-models=10"])
+    assert result.exit_code == 0, result.output
+    with Daemon.open(state, config=DaemonConfig(keep_models=10)) as daemon:
+        assert daemon.models.versions() == [1, 2, 3, 4, 5, 6]
+
+
 def test_the_api_url_of_an_ipv6_loopback_is_usable() -> None:
     from client.device.daemon import api_url
 

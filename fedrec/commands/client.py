@@ -433,7 +433,9 @@ def serve_api(
 
 
 @app.command("install-model")
+@daemon_flags
 def install_model(
+    ctx: typer.Context,
     state_dir: StateDirOpt,
     model: Annotated[Path, typer.Option("--model", help="An exported (int8) ONNX student.")],
     catalog: Annotated[
@@ -441,18 +443,26 @@ def install_model(
         typer.Option("--catalog", help="Its catalog (JSON list of raw item ids, model order)."),
     ] = None,
     passphrase_env: PassphraseEnvOpt = None,
+    config: ConfigOpt = None,
+    **settings: Any,
 ) -> None:
     """Validate a model against the catalog, seal it and make it current (refused while a
-    daemon runs on STATE_DIR: it is the only writer of the sealed model store)."""
+    daemon runs on STATE_DIR: it is the only writer of the sealed model store).
+
+    Give it the daemon's settings (--config / the same flags as `start`): installing prunes
+    the sealed versions beyond keep-models, so without them a device run with more kept
+    versions would lose all but the default 3."""
     from client.device.daemon import Daemon
     from client.device.sealed import Catalog
 
+    cfg = _daemon_config(config, None, None, ctx)
     parsed = Catalog.load(catalog) if catalog is not None else None
     try:
         data = model.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read --model {model}: {exc.strerror or exc}") from exc
-    with Daemon.open(state_dir, passphrase=_passphrase(state_dir, passphrase_env)) as daemon:
+    passphrase = _passphrase(state_dir, passphrase_env)
+    with Daemon.open(state_dir, passphrase=passphrase, config=cfg) as daemon:
         info = daemon.install_model(data, parsed, name=str(model))
     typer.echo(f"installed {info.model_version} as {info.path.name}")
 
