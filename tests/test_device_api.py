@@ -534,6 +534,27 @@ def test_an_erase_interrupted_by_a_crash_is_finished_when_the_device_opens_again
         reopened.shutdown()
 
 
+def test_an_erase_whose_vacuum_fails_answers_204_and_drops_the_personal_model(
+    device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed VACUUM after the committed DELETE answered 503 "nothing was changed" though
+    the events were gone, and the erase stopped before the personal model was dropped."""
+    from tests.test_device_store import _NoRoomToVacuum
+
+    daemon = device.daemon
+    assert device.client.post("/events", json={"events": [ev(ITEM[5])]}).status_code == 200
+    daemon.install_model(_int8(tmp_path, "round-7+personal"))
+    monkeypatch.setattr(daemon.store, "_conn", _NoRoomToVacuum(daemon.store._conn))
+    assert device.client.delete("/data").status_code == 204
+    status = daemon.status()
+    assert status.events == 0 and status.model_version == "round-7"  # the global one serves
+    assert [p.name for p in daemon.layout.models_dir.glob("*.sealed")] == [
+        f"model-v{status.sealed_version}.onnx.sealed"
+    ]
+    assert not daemon.layout.erase_pending.exists()
+    assert daemon.store.scrub_pending  # compacted once there is room
+
+
 def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: Path) -> None:
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 

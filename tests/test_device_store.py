@@ -340,6 +340,38 @@ def test_erase_deletes_data_but_keeps_rounds_joined(tmp_path: Path, key: bytes) 
         assert [e.item_id for e in store.events()] == ["after"]
 
 
+class _NoRoomToVacuum:
+    """A store connection whose ``VACUUM`` fails as on a full disk (it needs room for a copy
+    of the file); everything else goes to the real connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.strip().upper() == "VACUUM":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_an_erase_whose_vacuum_fails_still_erases_and_compacts_later(
+    store: DeviceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VACUUM after the committed DELETE raised, so the erase was reported as failed
+    ("nothing was changed, retry") though the events were gone."""
+    store.add_events([Event(i, "view", 1.0) for i in SECRET_IDS])
+    real = store._conn
+    monkeypatch.setattr(store, "_conn", _NoRoomToVacuum(real))
+    assert store.erase() is False  # erased; the compaction is still to do
+    assert store.count_events() == 0 and store.scrub_pending
+    assert store.scrub(wait=False) is False and store.scrub_pending  # still no room
+    monkeypatch.setattr(store, "_conn", real)
+    assert store.scrub(wait=False) is True and not store.scrub_pending
+    assert SECRET_IDS[0].encode() not in _raw_bytes(store.path)
+
+
 # --------------------------------------------------------------------------- identity
 
 

@@ -896,11 +896,12 @@ class Daemon:
 
     def _scrub_later(self) -> None:
         """Retry removing the erased pages from disk until the reader holding them back (the
-        federated client mid-fit) is done; they are encrypted meanwhile, and unreadable
-        through the store."""
+        federated client mid-fit) is done, or compacting the file until there is room for
+        it; they are encrypted meanwhile, and unreadable through the store."""
         logger.warning(
-            "erased data is unreadable but still on disk while another process reads the "
-            "store; it is removed as soon as that read ends"
+            "erased data is unreadable but may still be on disk while another process reads "
+            "the store (or until the file can be compacted); it is removed as soon as that "
+            "read ends"
         )
 
         def retry() -> None:

@@ -328,6 +328,8 @@ class DeviceStore:
         self._busy_timeout_ms = busy_timeout_ms
         #: An erase left pages on disk that :meth:`scrub` has not removed yet.
         self.scrub_pending = False
+        #: The ``VACUUM`` of an erase failed (e.g. the disk was full); :meth:`scrub` retries it.
+        self._vacuum_pending = False
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -869,6 +871,11 @@ class DeviceStore:
         middle of a read (the federated client, during a fit) keeps the WAL from being
         copied back and truncated; then :attr:`scrub_pending` is set and :meth:`scrub`
         must be called again once that reader is done.
+
+        Once the deletion committed the erase has happened, so the clean-up after it is
+        best-effort: a ``VACUUM`` that fails (the disk full: it needs room for a copy of the
+        file) is logged and left to :meth:`scrub` (``False`` is returned), never raised as if
+        nothing had been erased.
         """
         keep = list(keep_state)
         with self._lock:
@@ -877,19 +884,30 @@ class DeviceStore:
                     conn.execute(f"DELETE FROM {table}")
                 marks = ",".join("?" * len(keep))
                 conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
-            self._conn.execute("VACUUM")
             self.scrub_pending = True
+            self._vacuum_pending = True
             return self.scrub()
 
     def scrub(self, *, wait: bool = True) -> bool:
-        """Copy the WAL into the main file and truncate it; True once no page of an erase is
-        left behind (clears :attr:`scrub_pending`), False while a reader holds it back.
-        ``wait=False`` gives up at once instead of waiting up to the busy timeout (for
-        retries, which must not hold the store up)."""
+        """``VACUUM`` the file if an erase's has not run yet, copy the WAL into the main file
+        and truncate it; True once no page of an erase is left behind (clears
+        :attr:`scrub_pending`), False while a reader holds it back or the ``VACUUM`` fails
+        (the disk full). ``wait=False`` gives up at once instead of waiting up to the busy
+        timeout (for retries, which must not hold the store up)."""
         with self._lock:
             if not wait:
                 self._conn.execute("PRAGMA busy_timeout = 0")
             try:
+                if self._vacuum_pending:
+                    try:
+                        self._conn.execute("VACUUM")
+                        self._vacuum_pending = False
+                    except sqlite3.OperationalError as exc:  # disk full, I/O error, locked
+                        (logger.warning if wait else logger.debug)(
+                            "compacting the store after an erase failed (%s); the erased "
+                            "rows are deleted and overwritten, and it is retried",
+                            exc,
+                        )
                 busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             except sqlite3.OperationalError as exc:  # locked: another writer mid-transaction
                 logger.debug("checkpoint deferred: %s", exc)
@@ -897,6 +915,6 @@ class DeviceStore:
             finally:
                 if not wait:
                     self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            if not busy:
+            if not busy and not self._vacuum_pending:
                 self.scrub_pending = False
-            return not busy
+            return not busy and not self._vacuum_pending
