@@ -32,9 +32,9 @@ from typer.testing import CliRunner
 from client.device.api import ApiConfig, create_app, openapi_schema
 from client.device.daemon import Daemon, DaemonConfig, NoModelError, ProcessSpec
 from client.device.exploration import PENDING_PREFIX, STATE_KEY, BanditReranker
-from client.device.identity import DeviceIdentity, init_identity
+from client.device.identity import DeviceIdentity, DeviceLayout, init_identity
 from client.device.sealed import Catalog
-from client.device.store import Feedback
+from client.device.store import Event, Feedback
 from fedrec.commands.client import app as client_app
 from shared.bandits import BanditConfig
 from shared.compression import QuantizeConfig, export_onnx, quantize_onnx
@@ -553,6 +553,55 @@ def test_an_erase_whose_vacuum_fails_answers_204_and_drops_the_personal_model(
     ]
     assert not daemon.layout.erase_pending.exists()
     assert daemon.store.scrub_pending  # compacted once there is room
+
+
+def _damaged_device(tmp_path: Path, model: bytes, page: int) -> Path:
+    """A device folder with a model, 3000 events and page ``page`` of its store overwritten."""
+    from tests.test_device_store import _damage
+
+    state = tmp_path / "device"
+    init_identity(state)
+    with Daemon.open(state, config=DaemonConfig(exploration=GREEDY)) as daemon:
+        daemon.install_model(model, CATALOG)
+        daemon.store.add_events([Event(ITEM[i % 100], "view", 1000.0 + i) for i in range(3000)])
+    _damage(state / "store.db", page)
+    return state
+
+
+def test_a_damaged_store_answers_json_naming_the_fix_and_delete_data_erases_it(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    """A damaged data page answered `500 text/plain Internal Server Error`, and DELETE /data
+    failed the same way, leaving erase.pending: every later open crashed in the erase."""
+    state = _damaged_device(tmp_path, int8_model, page=60)
+    daemon = Daemon.open(state, config=DaemonConfig(exploration=GREEDY))
+    try:
+        token = DeviceIdentity.load(state).api_token()
+        client = TestClient(create_app(daemon, token), raise_server_exceptions=False)
+        client.headers["Authorization"] = f"Bearer {token}"
+        r = client.get("/recommendations")
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert "damaged" in r.json()["detail"] and "DELETE /data" in r.json()["detail"]
+        assert client.delete("/data").status_code == 204
+        assert not daemon.layout.erase_pending.exists()
+        assert client.get("/recommendations").status_code == 200  # the global model serves
+        assert daemon.status().events == 0
+    finally:
+        daemon.shutdown()
+
+
+def test_a_pending_erase_of_a_store_too_damaged_to_open_completes_by_deleting_it(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    from client.device.store import StoreCorruptError
+
+    state = _damaged_device(tmp_path, int8_model, page=2)
+    with pytest.raises(StoreCorruptError, match="is damaged"):
+        Daemon.open(state)  # not asked to erase: the user decides
+    DeviceLayout(state).erase_pending.write_bytes(b"")
+    with Daemon.open(state, config=DaemonConfig(exploration=GREEDY)) as daemon:
+        assert daemon.erase_completed_at_open and not daemon.layout.erase_pending.exists()
+        assert daemon.status().events == 0 and daemon.model is not None
 
 
 def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: Path) -> None:

@@ -372,6 +372,50 @@ def test_an_erase_whose_vacuum_fails_still_erases_and_compacts_later(
     assert SECRET_IDS[0].encode() not in _raw_bytes(store.path)
 
 
+def _damage(db: Path, page: int) -> None:
+    """Overwrite page ``page`` (0-based, 4096 bytes) of a closed store with junk."""
+    with open(db, "r+b") as f:
+        f.seek(4096 * page)
+        f.write(b"\xff" * 4096)
+
+
+def _filled_store(db: Path, key: bytes) -> None:
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event(str(i), "view", 1000.0 + i) for i in range(3000)])
+        store.record_round_joined()
+
+
+def test_a_damaged_store_is_refused_at_open_with_a_typed_error(tmp_path: Path, key: bytes) -> None:
+    """A damaged schema page escaped as a raw sqlite3.DatabaseError (a traceback from
+    `fedrec client serve-api`)."""
+    from client.device.store import StoreCorruptError
+
+    db = tmp_path / "store.db"
+    _filled_store(db, key)
+    _damage(db, 2)
+    with pytest.raises(StoreCorruptError, match=r"store\.db is damaged .*move it .* away"):
+        DeviceStore.open(db, key)
+
+
+def test_erasing_a_damaged_store_deletes_it_and_keeps_what_it_can(
+    tmp_path: Path, key: bytes
+) -> None:
+    """A damaged data page made the erase fail (its DELETE reads every row), so the user's
+    data could never be erased; now the file goes, with the readable kept state carried."""
+    db = tmp_path / "store.db"
+    _filled_store(db, key)
+    _damage(db, 60)
+    with DeviceStore.open(db, key) as store:
+        with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+            store.events()
+        assert store.erase() is True
+        assert store.count_events() == 0 and store.events() == []
+        assert store.stats().rounds_joined == 1
+        store.add_events([Event("after", "view", 2.0)])  # usable, with the same key
+    with DeviceStore.open(db, key) as store:
+        assert [e.item_id for e in store.events()] == ["after"]
+
+
 # --------------------------------------------------------------------------- identity
 
 

@@ -20,7 +20,9 @@ Errors (always JSON ``{"detail": "<one line: the problem and the fix>", ...}``)
     401 token; 413 body over ``max_body_bytes`` or batch over ``max_batch``; 422 malformed
     JSON, wrong types, unknown fields, unknown items (listed in ``unknown_items``; nothing of
     the batch stored), feedback for items never recommended (listed in ``unknown_pairs``;
-    nothing stored); 503 no model (recommendations) or no catalog (events) yet.
+    nothing stored); 503 no model (recommendations) or no catalog (events) yet, or the local
+    store busy or its disk full (nothing changed; retry); 500 the device's own state (a
+    damaged local store: ``DELETE /data`` erases it).
     Request bodies are strict: no type coercion (``"1"`` is not a number, ``1`` is not an
     item id), no extra fields.
 """
@@ -71,6 +73,7 @@ from client.device.store import (
     UnknownImpressionError,
     UnknownItemsError,
     future_timestamp_problem,
+    is_corruption,
 )
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.ondevice.runtime import MAX_ITEM_ID_LENGTH
@@ -474,6 +477,21 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"detail": f"the local store is unavailable ({exc}); nothing was changed, retry"},
             {"Retry-After": "5"},
         )
+
+    @app.exception_handler(sqlite3.DatabaseError)
+    async def _store_failed(request: Request, exc: sqlite3.DatabaseError) -> JSONResponse:
+        # not busy or full (those are OperationalError, above): a damaged file, or a bug
+        logger.error("%s %s: local store error: %s", request.method, request.url.path, exc)
+        if is_corruption(exc):
+            detail = (
+                f"the local store is damaged ({exc}) and its data cannot be read back: "
+                "DELETE /data erases it (the daemon then starts an empty store), or stop the "
+                "daemon and move STATE_DIR/store.db (and its -wal/-shm files) away or restore "
+                "it from a backup"
+            )
+        else:
+            detail = f"device error: the local store failed ({type(exc).__name__}: {exc})"
+        return _json_response(500, {"detail": detail})
 
     @app.exception_handler(FedRecError)
     async def _server_side(request: Request, exc: FedRecError) -> JSONResponse:

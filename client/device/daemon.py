@@ -70,8 +70,10 @@ from client.device.store import (
     Feedback,
     Impression,
     ModelRecord,
+    StoreCorruptError,
     UnknownImpressionError,
     UnknownItemsError,
+    remove_store_files,
 )
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import fsync_dir, write_bytes_atomic, write_json_atomic
@@ -460,6 +462,9 @@ class Daemon:
         Takes the directory's single-writer lock before the data key is derived or anything
         is written: :class:`StateDirInUseError` (nothing changed) while another daemon holds
         it. On any failure the lock is released.
+
+        A damaged store raises :class:`StoreCorruptError`, unless an erase of the local data
+        is pending: then its files are deleted (that is the erase) and an empty store opened.
         """
         cfg = config or DaemonConfig()
         layout = DeviceLayout(Path(state_dir))
@@ -471,7 +476,19 @@ class Daemon:
                 data_key = identity.data_key(passphrase)
                 device_id = identity.device_id
             assert data_key is not None
-            store = DeviceStore.open(layout.store_db, data_key, max_impressions=cfg.max_impressions)
+            try:
+                store = DeviceStore.open(
+                    layout.store_db, data_key, max_impressions=cfg.max_impressions
+                )
+            except StoreCorruptError:
+                if not layout.erase_pending.exists():
+                    raise
+                # the user asked for its contents to be erased: deleting the file does it
+                logger.warning("the local store is damaged; the pending erase deletes it")
+                remove_store_files(layout.store_db)
+                store = DeviceStore.open(
+                    layout.store_db, data_key, max_impressions=cfg.max_impressions
+                )
             try:
                 models = SealedModelStore(layout.models_dir, data_key, keep=cfg.keep_models)
                 return cls(

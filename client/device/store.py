@@ -139,6 +139,28 @@ class StoreIntegrityError(DataError):
     """A row failed authentication or does not parse: tampered with, swapped or corrupt."""
 
 
+class StoreCorruptError(DataError):
+    """The store's file is damaged: SQLite reads it as malformed, or as no database at all."""
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite reporting a damaged file (``SQLITE_CORRUPT`` or
+    ``SQLITE_NOTADB``), as opposed to a busy store or a full disk, which a retry may cure."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and isinstance(code, int)
+        and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    )
+
+
+def remove_store_files(path: str | Path) -> None:
+    """Delete the store ``path`` with its ``-wal`` and ``-shm`` files (what a damaged store's
+    erase comes to: its rows cannot be read, so they cannot be deleted one by one)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 class UnknownItemsError(DataError):
     """A batch names items the catalog does not have; nothing of the batch is stored."""
 
@@ -326,6 +348,7 @@ class DeviceStore:
         self._lock = threading.RLock()
         self.max_impressions = max_impressions
         self._busy_timeout_ms = busy_timeout_ms
+        self._key_check = key_check_value(data_key)
         #: An erase left pages on disk that :meth:`scrub` has not removed yet.
         self.scrub_pending = False
         #: The ``VACUUM`` of an erase failed (e.g. the disk was full); :meth:`scrub` retries it.
@@ -344,14 +367,23 @@ class DeviceStore:
     ) -> DeviceStore:
         """Open (creating if needed) the store at ``path`` with ``data_key``.
 
-        Raises :class:`WrongDataKeyError` if the file was created with another key, and
-        :class:`DataError` if it is not a store, is newer than this code, or WAL is refused.
+        Raises :class:`WrongDataKeyError` if the file was created with another key,
+        :class:`StoreCorruptError` if the file is damaged, and :class:`DataError` if it is
+        not a store, is newer than this code, or WAL is refused.
         """
         if max_impressions < 1:
             raise ConfigError(f"max_impressions must be >= 1, got {max_impressions}")
         path = Path(path)
+        conn = cls._connect(path, busy_timeout_ms, key_check_value(data_key))
+        return cls(
+            path, conn, data_key, max_impressions=max_impressions, busy_timeout_ms=busy_timeout_ms
+        )
+
+    @classmethod
+    def _connect(cls, path: Path, busy_timeout_ms: int, check: str) -> sqlite3.Connection:
+        """A configured connection to the store ``path`` (created if missing), its schema
+        checked against the key check value ``check``."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        check = key_check_value(data_key)
         if not path.exists():  # owner-only from the start; SQLite gives -wal/-shm the same mode
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         try:
@@ -366,8 +398,20 @@ class DeviceStore:
         except BaseException:
             conn.close()
             raise
-        return cls(
-            path, conn, data_key, max_impressions=max_impressions, busy_timeout_ms=busy_timeout_ms
+        return conn
+
+    @staticmethod
+    def _damaged(path: Path, exc: sqlite3.Error) -> StoreCorruptError:
+        what = (
+            "is not a fedrec device store (or its header is damaged)"
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_NOTADB
+            else "is damaged"
+        )
+        return StoreCorruptError(
+            f"the local store {path} {what} ({exc}) and cannot be read: move it and its "
+            f"{path.name}-wal/-shm files away (the daemon then starts an empty store; an "
+            f"erase of the local data that was pending completes by deleting them) or "
+            f"restore it from a backup"
         )
 
     @staticmethod
@@ -379,6 +423,8 @@ class DeviceStore:
             conn.execute("PRAGMA secure_delete = ON")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                raise DeviceStore._damaged(path, exc) from exc
             raise DataError(
                 f"{path} is not a fedrec device store ({exc}); move it away (the daemon then "
                 f"starts an empty one) or restore it from a backup"
@@ -428,9 +474,12 @@ class DeviceStore:
                     f"ledger)"
                 )
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if is_corruption(exc):
+                assert isinstance(exc, sqlite3.Error)
+                raise DeviceStore._damaged(path, exc) from exc
             raise
 
     def close(self) -> None:
@@ -879,14 +928,50 @@ class DeviceStore:
         """
         keep = list(keep_state)
         with self._lock:
+            try:
+                with self._write() as conn:
+                    for table in ("events", "impressions", "feedback", "models"):
+                        conn.execute(f"DELETE FROM {table}")
+                    marks = ",".join("?" * len(keep))
+                    conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
+                self.scrub_pending = True
+                self._vacuum_pending = True
+                return self.scrub()
+            except sqlite3.DatabaseError as exc:
+                if not is_corruption(exc):
+                    raise
+                self._recreate(keep, exc)
+                return True
+
+    def _recreate(self, keep: Sequence[str], cause: sqlite3.Error) -> None:
+        """Erase a damaged store by deleting its files and starting an empty one (same key).
+
+        Its rows cannot all be read, so they cannot be deleted one by one; what the user
+        asked to erase is gone with the file. The ``keep`` state values that can still be
+        read are carried over; one that cannot starts again. Another process that has the
+        old file open (the federated client) keeps reading it until it opens the store again.
+        """
+        logger.warning("the local store %s is damaged (%s); erased as a whole", self.path, cause)
+        kept: dict[str, Any] = {}
+        for key in keep:
+            try:
+                value = self._get(self._conn, key, None)
+            except (sqlite3.DatabaseError, DataError) as exc:
+                logger.warning("%r could not be read from the damaged store (%s); reset", key, exc)
+                continue
+            if value is not None:
+                kept[key] = value
+        try:
+            self._conn.close()
+        except sqlite3.Error as exc:
+            logger.debug("closing the damaged store: %s", exc)
+        remove_store_files(self.path)
+        self._conn = self._connect(self.path, self._busy_timeout_ms, self._key_check)
+        self.scrub_pending = self._vacuum_pending = False
+        if kept:
             with self._write() as conn:
-                for table in ("events", "impressions", "feedback", "models"):
-                    conn.execute(f"DELETE FROM {table}")
-                marks = ",".join("?" * len(keep))
-                conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
-            self.scrub_pending = True
-            self._vacuum_pending = True
-            return self.scrub()
+                for key, value in kept.items():
+                    self._put(conn, key, value)
 
     def scrub(self, *, wait: bool = True) -> bool:
         """``VACUUM`` the file if an erase's has not run yet, copy the WAL into the main file
