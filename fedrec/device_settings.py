@@ -44,7 +44,7 @@ DAEMON_SETTINGS_HELP: dict[str, dict[str, str]] = {
         "like the model).",
         "bandit_mmr_lambda": "Diversity trade-off: 1 = off, 0 = pure diversity.",
         "bandit_top_n": "The policy re-ranks the model's top N candidates.",
-        "bandit_slate_size": "Items per slate.",
+        "bandit_slate_size": "Items per slate: what GET /recommendations serves without k.",
         "bandit_feature_dim": "Item features per candidate.",
         "bandit_max_feature_norm": "Context vectors longer than this are scaled down to it.",
         "bandit_reward_min": "Rewards below are clipped up.",

@@ -836,8 +836,9 @@ def test_each_slate_writes_its_own_impressions_and_a_restart_keeps_them(
 
     monkeypatch.setattr(store, "update_state", spy)
     recs = [dev.client.get("/recommendations", params={"k": 3}).json() for _ in range(34)]
-    # posterior + 3 impressions each; the 34th slate's expire the 2 oldest (max 100)
-    assert writes == [(4, 0)] * 33 + [(4, 2)]
+    # posterior + 3 impressions each (the first with the item features the posterior is
+    # learned under); the 34th slate's expire the 2 oldest (max 100)
+    assert writes == [(5, 0)] + [(4, 0)] * 32 + [(4, 2)]
     assert len(store.states_with_prefix(PENDING_PREFIX)) == 100
     fb = [
         {"recommendation_id": recs[-1]["recommendation_id"], "item_id": i["item_id"], "action": a}
@@ -1527,6 +1528,69 @@ def test_a_personal_refit_keeps_the_posterior_a_new_global_model_starts_afresh(
         assert reranker._ready()[1] is not features
     finally:
         daemon.shutdown()
+
+
+def test_a_request_without_k_gets_the_devices_slate_size(tmp_path: Path, int8_model: bytes) -> None:
+    """bandit-slate-size was accepted and documented ("Items per slate") but every request
+    without k got 10."""
+    exploration = BanditConfig(top_n=20, slate_size=3)
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=exploration)
+    try:
+        assert len(dev.client.get("/recommendations").json()["items"]) == 3
+        assert len(dev.client.get("/recommendations?k=5").json()["items"]) == 5
+    finally:
+        dev.daemon.shutdown()
+    with pytest.raises(ConfigError, match=r"bandit-slate-size \(101\).*at most 100"):
+        DaemonConfig.from_values({"bandit-slate-size": "101", "bandit-top-n": "200"})
+
+
+def test_a_restart_on_a_personal_model_keeps_the_features_the_posterior_learned_under(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    """The posterior (keyed by the global version) survived a restart, but the features were
+    recomputed from the personal model then served, whose adapter changes the scores they
+    are read from: the learned weights applied to other columns."""
+    exploration = BanditConfig(top_n=50)
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=exploration)
+    reranker: Any = dev.daemon.reranker
+    rec = dev.client.get("/recommendations?k=5").json()
+    fb = [
+        {"recommendation_id": rec["recommendation_id"], "item_id": it["item_id"]}
+        | {"action": "clicked" if n < 2 else "shown"}
+        for n, it in enumerate(rec["items"])
+    ]
+    assert dev.client.post("/feedback", json={"feedback": fb}).status_code == 200
+    learned = reranker._ready()[1].copy()
+    personal = TinyStudent().eval()
+    with torch.no_grad():  # a refit: the user side changes, the items do not
+        personal.proj.weight.add_(0.5 * torch.randn(personal.proj.weight.shape))
+    (tmp_path / "p").mkdir()
+    export_onnx(
+        personal,
+        tmp_path / "p" / "fp32.onnx",
+        model_version="round-7+personal",
+        catalog_fingerprint=CATALOG.fingerprint,
+    )
+    cfg = QuantizeConfig(min_elements=(256,), residual_clusters=0, min_agreement=None)
+    quantize_onnx(tmp_path / "p" / "fp32.onnx", tmp_path / "p" / "int8.onnx", config=cfg)
+    dev.daemon.install_model((tmp_path / "p" / "int8.onnx").read_bytes())
+    posterior = reranker.state()["posterior"]
+    dev.daemon.shutdown()
+    again = Daemon.open(tmp_path / "device", config=DaemonConfig(exploration=exploration))
+    try:
+        restored: Any = again.reranker
+        assert restored.state()["posterior"] == posterior
+        np.testing.assert_array_equal(restored._ready()[1], learned)
+        # and they are the served model's own features only because they were stored: the
+        # personal model reads the items otherwise
+        from shared.bandits.features import model_features
+
+        served = again.model
+        assert served is not None and served.metadata.model_version == "round-7+personal"
+        fresh = model_features(served.score, served.n_items, exploration.feature_dim)
+        assert not np.allclose(fresh, learned)
+    finally:
+        again.shutdown()
 
 
 def test_status_reports_the_budget_the_training_side_enforces(device: Device) -> None:

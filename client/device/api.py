@@ -582,7 +582,14 @@ def create_app(
         summary="Top-k items for the local history (history excluded).",
     )
     def get_recommendations(
-        k: Annotated[int, Query(ge=1, le=MAX_K, description="How many items (1..100).")] = 10,
+        k: Annotated[
+            int | None,
+            Query(
+                ge=1,
+                le=MAX_K,
+                description="How many items (1..100); default: the device's bandit-slate-size.",
+            ),
+        ] = None,
     ) -> RecommendationsOut:
         rec: Recommendation = backend.recommend(k)
         return RecommendationsOut(
@@ -688,7 +695,7 @@ class _SchemaOnly:
     def add_events(self, events: Any) -> int:
         self._no()
 
-    def recommend(self, k: int) -> Recommendation:
+    def recommend(self, k: int | None = None) -> Recommendation:
         self._no()
 
     def add_feedback(self, feedback: Any) -> int:

@@ -128,6 +128,11 @@ class DaemonConfig:
             raise ConfigError(
                 f"exploration must be a BanditConfig, got {type(self.exploration).__name__}"
             )
+        if self.exploration.slate_size > MAX_K:
+            raise ConfigError(
+                f"bandit-slate-size ({self.exploration.slate_size}) is above the largest slate "
+                f"the API serves (k <= {MAX_K}); use at most {MAX_K}"
+            )
         if self.exploration.max_pending < MAX_K:
             raise ConfigError(
                 f"bandit-max-pending ({self.exploration.max_pending}) is below the largest "

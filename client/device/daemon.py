@@ -253,7 +253,7 @@ class DeviceBackend(Protocol):
     """What the HTTP API needs from the daemon (tests may pass any object with these)."""
 
     def add_events(self, events: Sequence[Event]) -> int: ...
-    def recommend(self, k: int) -> Recommendation: ...
+    def recommend(self, k: int | None = None) -> Recommendation: ...
     def add_feedback(self, feedback: Sequence[Feedback]) -> int: ...
     def status(self) -> DeviceStatus: ...
     def erase(self) -> None: ...
@@ -687,8 +687,11 @@ class Daemon:
                 out.append(col)
         return out
 
-    def recommend(self, k: int) -> Recommendation:
-        """Top-``k`` items for the local history (history excluded), re-ranked by the policy."""
+    def recommend(self, k: int | None = None) -> Recommendation:
+        """Top-``k`` items for the local history (history excluded), re-ranked by the policy;
+        ``k`` defaults to the policy's ``bandit-slate-size``."""
+        if k is None:
+            k = self.config.exploration.slate_size
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         with self._serve_lock:

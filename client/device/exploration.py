@@ -16,16 +16,19 @@ What it adds to the policy itself:
   posterior learned under one version's features means nothing under the next one: a new
   global model starts a fresh posterior and features (what was learned federatedly is in the
   model itself, and every click is an event of the history the few-shot adaptation fits), while a
-  personal refit of the same global model keeps both.
+  personal refit of the same global model keeps both, also across a restart (the features are
+  stored with the posterior: recomputed from a personal model they would differ).
 * **Feedback semantics.** An impression reported ``clicked`` is reward 1, ``shown`` (seen, not
   clicked) reward 0. Each impression is learned from once; a later report on the same
-  impression is stored but ignored by the policy (logged and counted as ``no_impression``).
+  impression is stored but ignored by the policy (logged and counted as ``rejected_not_shown``).
   Feedback names its recommendation, and the policy learns from that slate's impression of
   the item (the context it was shown in), also when the item is pending in several slates.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import threading
 from collections.abc import Sequence
@@ -40,12 +43,14 @@ from shared.bandits.policies import BanditConfig, Policy, make_policy
 from shared.errors import ConfigError, ModelFileError
 from shared.ondevice.runtime import ModelMetadata, OnDeviceModel
 
-__all__ = ["PENDING_PREFIX", "STATE_KEY", "BanditReranker"]
+__all__ = ["FEATURES_KEY", "PENDING_PREFIX", "STATE_KEY", "BanditReranker"]
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "exploration"
 """Key of the policy state in the store's encrypted key-value table."""
+FEATURES_KEY = "exploration.features"
+"""Key of the item features the posterior was learned under (see :meth:`BanditReranker._ready`)."""
 PENDING_PREFIX = "exploration.pending."
 """Prefix of the keys of the pending impressions, one value each, by impression id."""
 
@@ -77,6 +82,7 @@ class BanditReranker:
         self._model: OnDeviceModel | None = None
         self._model_version: str | None = None
         self._features: npt.NDArray[np.float64] | None = None
+        self._features_unsaved = False
         self._policy: Policy | None = None
         # ids of the pending impressions the store holds for self._policy (None: unknown,
         # the next save rewrites them all)
@@ -170,10 +176,33 @@ class BanditReranker:
         if model is None:
             raise ModelFileError("the exploration policy has no model to re-rank for")
         if self._features is None:
+            self._features = self._stored_features(model.n_items)
+        if self._features is None:
             self._features = model_features(model.score, model.n_items, self.config.feature_dim)
+            self._features_unsaved = True  # written with the posterior they go with
         if self._policy is None:
             self._policy = self._restore(model)
         return self._policy, self._features
+
+    def _stored_features(self, n_items: int) -> npt.NDArray[np.float64] | None:
+        """The features this global version's posterior was learned under, as first computed.
+
+        After a restart the model served may be a personal refit, whose adapter changes the
+        scores the features are read from: recomputed, they no longer matched the stored
+        posterior, whose weights then applied to other columns."""
+        saved = self.store.get_state(FEATURES_KEY)
+        shape = [n_items, self.config.feature_dim]
+        if not isinstance(saved, dict) or saved.get("model_version") != self._model_version:
+            return None
+        try:
+            if saved.get("shape") != shape:
+                raise ValueError(f"shape {saved.get('shape')} is not {shape}")
+            data = base64.b64decode(str(saved["float64"]), validate=True)
+            features = np.frombuffer(data, dtype="<f8").reshape(shape).astype(np.float64)
+        except (KeyError, ValueError, binascii.Error) as exc:
+            logger.warning("stored exploration features not reused (%s); recomputing", exc)
+            return None
+        return features
 
     def _restore(self, model: OnDeviceModel) -> Policy:
         """The stored policy of this model version (else a fresh one), exploring with fresh
@@ -219,12 +248,19 @@ class BanditReranker:
         known = self._stored_pending
         added = policy.pending_entries(pending if known is None else pending - known)
         values = {STATE_KEY: core, **{_pending_key(i): e for i, e in added.items()}}
+        if self._features_unsaved and self._features is not None:
+            values[FEATURES_KEY] = {
+                "model_version": self._model_version,
+                "shape": list(self._features.shape),
+                "float64": base64.b64encode(self._features.astype("<f8").tobytes()).decode(),
+            }
         self.store.update_state(
             values,
             delete=[] if known is None else [_pending_key(i) for i in known - pending],
             delete_prefix=PENDING_PREFIX if known is None else None,
         )
         self._stored_pending = pending
+        self._features_unsaved = False
 
 
 def _pending_key(impression: int) -> str:
