@@ -107,6 +107,21 @@ def test_epsilon_zero_equals_greedy() -> None:
         )
 
 
+def test_no_exploration_is_the_models_top_k_in_any_input_order() -> None:
+    """The score context is clipped at 3 standard deviations, so two outliers tied in the
+    index and the earlier candidate won: [48, 49, 47] for scores ... 90, 100."""
+    cand = np.arange(50, dtype=np.int64)
+    scores = np.concatenate([np.linspace(0.0, 1.0, 48), [90.0, 100.0]])
+    feats = np.zeros((50, 3))
+    for policy in (
+        EpsilonGreedyPolicy(_cfg(epsilon=0.0, top_n=50), 50),
+        LinUCBPolicy(_cfg(policy="linucb", alpha=0.0, top_n=50), 50),
+        ThompsonPolicy(_cfg(policy="thompson", thompson_scale=0.0, top_n=50), 50),
+        GreedyPolicy(_cfg(top_n=50), 50),
+    ):
+        assert policy.select(cand, scores, feats, k=3).tolist() == [49, 48, 47]
+
+
 def test_epsilon_one_explores_every_candidate() -> None:
     policy = EpsilonGreedyPolicy(_cfg(epsilon=1.0), N_ITEMS)
     cand, scores, feats = _inputs(1)

@@ -491,6 +491,12 @@ class Policy(ABC):
         size = self.config.slate_size if k is None else int(k)
         if size < 1:
             raise DataError(f"slate size k must be >= 1, got {k}")
+        # best-scored first: the clipped score context ties the top outliers, and a tie in
+        # the index goes to the earlier candidate, which must be the higher-scored one (with
+        # no exploration the slate is then exactly the model's top k, in any input order)
+        by_score = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+        cand, scores, feats = cand[by_score], scores[by_score], feats[by_score]
+        emb = emb[by_score] if emb is not None else None
         pool = max(self.config.top_n, size)  # a slate larger than top_n still fills up
         if len(cand) > pool:
             keep = top_k(scores, pool)
