@@ -103,30 +103,36 @@ def test_check_pki_refuses_open_keys_and_foreign_certificates(tmp_path: Path) ->
         check_pki(paths)
 
 
-def test_an_expired_ca_is_refused_and_never_renewed_from(tmp_path: Path) -> None:
-    """A renewal from an expired CA said it succeeded (a 1-day certificate no device could
-    verify), and the check before start passed it; both now say a new CA is needed."""
+def _expire(cert_path: Path, ca_key_path: Path) -> None:
+    """Rewrite the certificate at ``cert_path`` as one that expired on 2021-01-01, signed by
+    the CA key at ``ca_key_path`` (names and extensions kept)."""
     import datetime as dt
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    pki = create_pki(tmp_path / "s")
-    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
-    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    old = x509.load_pem_x509_certificate(cert_path.read_bytes())
     builder = (
         x509.CertificateBuilder()
-        .subject_name(ca.subject)
-        .issuer_name(ca.issuer)
-        .public_key(ca.public_key())
+        .subject_name(old.subject)
+        .issuer_name(old.issuer)
+        .public_key(old.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(dt.datetime(2019, 1, 1))
+        .not_valid_before(dt.datetime(2020, 1, 1))
         .not_valid_after(dt.datetime(2021, 1, 1))
     )
-    for ext in ca.extensions:
+    for ext in old.extensions:
         builder = builder.add_extension(ext.value, ext.critical)
     expired = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
-    pki.ca_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+
+
+def test_an_expired_ca_is_refused_and_never_renewed_from(tmp_path: Path) -> None:
+    """A renewal from an expired CA said it succeeded (a 1-day certificate no device could
+    verify), and the check before start passed it; both now say a new CA is needed."""
+    pki = create_pki(tmp_path / "s")
+    _expire(pki.ca_cert, pki.ca_key)
     server_before = pki.server_cert.read_bytes()
     for attempt in (lambda: renew_server_cert(pki.directory), lambda: check_pki(pki)):
         with pytest.raises(PkiError, match=r"CA .* expires on 2021-01-01.*init --force"):
@@ -140,30 +146,11 @@ def test_an_expired_or_too_narrow_certificate_is_renewed_from_the_same_ca(
     """The only fix offered for an expired server certificate (825 days) or a missing host
     name was `init --force`: a new CA for every device, and the checkpoints, artifacts and
     user-level privacy journal wiped. `renew-cert` keeps the CA and the run state."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
     layout = init_state_dir(tmp_path / "s", ["server"])
     pki = layout.pki
     journal = layout.checkpoints / "user-dp-journal.json"
     journal.write_text('{"spent": "kept"}')
-    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
-    old = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(old.subject)
-        .issuer_name(old.issuer)
-        .public_key(old.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(dt.datetime(2020, 1, 1))
-        .not_valid_after(dt.datetime(2021, 1, 1))
-    )
-    for ext in old.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    expired = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
-    pki.server_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    _expire(pki.server_cert, pki.ca_key)
     with pytest.raises(PkiError, match=r"expired on 2021-01-01; `fedrec server renew-cert`"):
         check_pki(pki)
     ca_before = pki.ca_cert.read_bytes()
