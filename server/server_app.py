@@ -808,7 +808,7 @@ def check_client_resources(num_cpus: float, num_gpus: float, *, attach: bool) ->
         )
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_ray_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast if a ``host:port`` Ray address does not accept connections.
 
     Otherwise Ray's GCS client keeps retrying for minutes while the ServerApp thread
@@ -850,7 +850,7 @@ def run_simulation(
     if num_supernodes < 1:
         raise ConfigError(f"num_supernodes must be >= 1, got {num_supernodes}")
     if isinstance(backend_config, SimulationBackend) and backend_config.ray_address:
-        _check_reachable(backend_config.ray_address)
+        check_ray_reachable(backend_config.ray_address)
     os.environ["FLWR_TELEMETRY_ENABLED"] = os.environ.get("FLWR_TELEMETRY_ENABLED", "0")
     os.environ["RAY_USAGE_STATS_ENABLED"] = os.environ.get("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -122,6 +122,10 @@ def _run_stages(
     config: SimulationConfig, run: RunDirectory, started: float, progress: ProgressFn
 ) -> dict[str, Any]:
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    if config.backend == "ray" and config.ray_address:  # before minutes of pretraining
+        from server.server_app import check_ray_reachable
+
+        check_ray_reachable(config.ray_address)
 
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)

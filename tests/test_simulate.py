@@ -196,6 +196,29 @@ def test_simulate_refuses_more_gpu_per_client_than_the_machine_has(tmp_path: Pat
     assert not any(tmp_path.iterdir())
 
 
+def test_an_unreachable_ray_address_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was reported clearly, but only after the data, the text encoding and pretraining."""
+    import socket
+
+    import simulation.pipeline
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+
+    def no_data(*args: Any) -> Any:
+        raise AssertionError("the data was loaded before the Ray address was checked")
+
+    monkeypatch.setattr(simulation.pipeline, "load_split", no_data)
+    args = ["simulate", "--ray-address", f"127.0.0.1:{port}", "--run-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in str(result.exception)
+    assert not any(tmp_path.iterdir())  # nothing left behind
+
+
 def test_every_setting_is_a_flag_listed_under_its_topic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
