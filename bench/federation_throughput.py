@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,13 @@ def _checks(results: list[dict[str, Any]], ratios: dict[str, float]) -> dict[str
     return checks
 
 
+def mode_order(modes: Sequence[str], turn: int) -> list[str]:
+    """The modes in the order given on even turns, reversed on odd ones (turn = repeat +
+    the cohort's position): neither mode always runs first, on a machine warming up or
+    filling its caches."""
+    return list(modes) if turn % 2 == 0 else list(reversed(modes))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run every case, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -276,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runtimes = ["ray", "inprocess"] if args.runtime == "both" else [args.runtime]
     results = [
-        {**run_case(args, runtime, cohort, mode == "secagg"), "repeat": repeat}
+        {**run_case(args, runtime, cohort, mode == "secagg"), "repeat": repeat, "ran": ran}
         for repeat in range(args.repeats)
         for runtime in runtimes
-        for cohort in args.cohorts
-        for mode in args.modes
+        for i, cohort in enumerate(args.cohorts)
+        for ran, mode in enumerate(mode_order(args.modes, repeat + i), start=1)
     ]
     per_repeat: dict[str, list[float]] = {}
     unequal: list[str] = []
@@ -305,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         **provenance("bench/federation_throughput.py", argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "what": "fit phase only (federated evaluation off), rounds after the first; a ratio "
-        "only where both modes trained the whole cohort in every measured round",
+        "only where both modes trained the whole cohort in every measured round; the modes "
+        "run in alternating order (each result's 'ran': 1 first, 2 second)",
         "results": results,
         "secagg_over_plain_round_time": {k: round(v, 4) for k, v in ratios.items()},
         "secagg_over_plain_round_time_per_repeat": {

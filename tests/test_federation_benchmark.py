@@ -175,6 +175,9 @@ def test_the_throughput_ratio_compares_equal_work_only(
     monkeypatch.setattr(bench, "run_case", case)
     assert bench.main(["--cohorts", "50", "200", "--runtime", "inprocess"]) == 0
     document = json.loads(capsys.readouterr().out)
+    # plain ran first at cohort 50, SecAgg+ first at 200: neither always first
+    order = [(r["cohort"], r["secagg"], r["ran"]) for r in document["results"]]
+    assert order == [(50, False, 1), (50, True, 2), (200, True, 1), (200, False, 2)]
     assert document["secagg_over_plain_round_time"] == {"inprocess/200": 2.0}
     assert document["pairs_not_compared_unequal_work"] == ["inprocess/50 repeat 0"]
     assert document["checks"] == {
