@@ -19,9 +19,10 @@ COPY shared ./shared
 COPY server ./server
 COPY client ./client
 COPY simulation ./simulation
-# TORCH_SPEC lets a build pick a CPU-only wheel source; torch is pinned before the project.
-ARG TORCH_SPEC="torch==2.13.0"
-RUN pip install --no-cache-dir "${TORCH_SPEC}" \
+# torch pinned before the project, from PyTorch's CPU index (PyPI's Linux wheel is the
+# multi-GB CUDA build; --build-arg TORCH_INDEX_URL=https://pypi.org/simple takes that one)
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
     && pip install --no-cache-dir .
 
 RUN useradd --create-home --uid 10001 fedrec && mkdir -p /state /ca /bundle /var/cache/fedrec \
@@ -30,4 +31,4 @@ USER 10001
 VOLUME ["/state"]
 EXPOSE 9093
 ENTRYPOINT ["fedrec"]
-CMD ["server", "start", "--state-dir", "/state", "--bundle", "/bundle/bundle.pt", "--host", "0.0.0.0", "--port", "9093"]
+CMD ["server", "start", "--state-dir", "/state", "--bundle", "/bundle/deploy-bundle.pt", "--host", "0.0.0.0", "--port", "9093"]

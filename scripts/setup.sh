@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup.sh: fedrec needs Python >= 3.11, and '$PY' is not one." >&2
+    echo "Give another interpreter: PYTHON=python3.11 ./scripts/setup.sh" >&2
+    exit 2
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

@@ -301,7 +301,7 @@ def deployment_run_config(
         if not bundle.is_file():
             raise ConfigError(
                 f"--bundle {bundle} is not a file; write one with `fedrec simulate` "
-                "(runs/<name>/bundle.pt) and give every device the same file"
+                "(runs/<name>/deploy-bundle.pt) and give every device the same file"
             )
         config.update(
             {
@@ -398,6 +398,11 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
     training = field_names(LocalTrainConfig)
     from_flat(LocalTrainConfig, {k: v for k, v in config.items() if k in training})
     initial = get_task(server.task, config).initial_parameters()
+    bundle = config.get("bundle")
+    if config.get("task") == STUDENT_TASK and isinstance(bundle, str) and bundle:
+        from shared.federated.bundle import check_deployable, load_bundle
+
+        check_deployable(load_bundle(bundle), bundle)
     check_resume(server, initial, bundle_digest_of(config))
 
 

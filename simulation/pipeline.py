@@ -40,7 +40,7 @@ from shared.eval.protocol import (
     summarize_each,
 )
 from shared.eval.splits import ProtocolSplit, split_users
-from shared.federated.bundle import ClientData, save_bundle
+from shared.federated.bundle import DEPLOY_BUNDLE, ClientData, save_bundle
 from shared.federated.local_training import fit_personal
 from shared.federated.student_task import set_global_arrays
 from shared.io import REPORT_MODE, write_bytes_atomic, write_json_atomic
@@ -157,8 +157,10 @@ def _run_stages(
     initial = copy.deepcopy(pre.student.model)
 
     clients = _client_data(split)
-    bundle_path = run.root / "bundle.pt"
+    bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here
     save_bundle(bundle_path, pre.student.model, clients, dataset.item_ids)
+    # what a deployment's server and devices load: the model alone, readable by containers
+    save_bundle(run.root / DEPLOY_BUNDLE, pre.student.model, None, dataset.item_ids, mode=0o644)
 
     progress("federate", {"clients": len(clients), "rounds": config.rounds})
     federation = _federate(config, run, bundle_path, len(clients), progress)

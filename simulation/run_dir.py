@@ -49,6 +49,7 @@ _RUN_ENTRIES = (
     "summary.json",
     "report.md",
     "bundle.pt",
+    "deploy-bundle.pt",
     "ranks.npz",
     "recs.csv",
 )

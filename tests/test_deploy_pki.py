@@ -709,6 +709,29 @@ def test_server_start_refuses_a_student_setting_the_devices_would_fail_on(
         deployment_run_config(layout, bundle=bundle, num_rounds=1, overrides={key: value})
 
 
+def test_server_start_refuses_a_bundle_holding_the_simulated_users_data(
+    tmp_path: Path, write_tiny_bundle: Callable[[Path, int], list[str]]
+) -> None:
+    """The README told operators to deploy runs/<name>/bundle.pt, which also holds every
+    simulated user's history (for ml-100k, MovieLens users' ratings): every device got it."""
+    import numpy as np
+
+    from shared.federated.bundle import ClientData, load_bundle, save_bundle
+
+    layout = init_state_dir(tmp_path / "s")
+    model_only = tmp_path / "deploy-bundle.pt"
+    write_tiny_bundle(model_only, 6)
+    loaded = load_bundle(model_only)
+    seqs = [np.array([0, 1, 2]), np.array([3, 4])]
+    with_users = tmp_path / "bundle.pt"
+    clients = ClientData(seqs, np.array([2, 4]), np.array([1, 3]), seqs)
+    save_bundle(with_users, loaded.student, clients, loaded.item_ids)
+    with pytest.raises(ModelFileError, match=r"holds the simulated clients' data \(2 users"):
+        deployment_run_config(layout, bundle=with_users, num_rounds=1, overrides={})
+    config = deployment_run_config(layout, bundle=model_only, num_rounds=1, overrides={})
+    assert config["bundle"] == str(model_only.resolve())
+
+
 def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     bundle = tmp_path / "bundle.pt"

@@ -26,6 +26,15 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("dockerfile", sorted(DOCKER.glob("*Dockerfile")), ids=lambda p: p.name)
+def test_images_take_torch_from_the_cpu_index_pinned_before_the_project(dockerfile: Path) -> None:
+    """A bare pin installed PyPI's multi-GB CUDA build under a comment saying "CPU build"."""
+    text = dockerfile.read_text()
+    assert 'ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in text
+    install = text.index('--index-url "${TORCH_INDEX_URL}" "torch==2.13.0"')
+    assert install < text.index("pip install --no-cache-dir .")
+
+
 def test_dockerfile_entrypoint_is_the_tested_cli() -> None:
     for dockerfile in DOCKER.glob("*Dockerfile"):
         assert 'ENTRYPOINT ["fedrec"]' in dockerfile.read_text()
@@ -72,7 +81,7 @@ def test_compose_runs_a_server_and_three_clients_with_the_tested_commands() -> N
         assert dockerfile.name == expected
         _check_invocation(service["command"])
         mounts = [m if isinstance(m, str) else m["target"] for m in service["volumes"]]
-        assert any(str(m).endswith("/bundle/bundle.pt") for m in mounts)
+        assert any(str(m).endswith("/bundle/deploy-bundle.pt") for m in mounts)
     server_cmd = services["server"]["command"]
     assert server_cmd[server_cmd.index("--state-dir") + 1] == "/state"
     for name in ("client-1", "client-2", "client-3"):

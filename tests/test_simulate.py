@@ -61,6 +61,17 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
         assert (run / "plots" / f"{png}.png").exists()
     assert any((run / "tensorboard").iterdir())
     assert len(list((run / "checkpoints").glob("round-*.npz"))) == 2
+    # the deployable bundle is the model alone, readable by a container's user; the
+    # simulation's own holds the virtual clients' data and stays its owner's
+    import stat
+
+    from shared.federated.bundle import load_bundle
+
+    deployable, simulated = load_bundle(run / "deploy-bundle.pt"), load_bundle(run / "bundle.pt")
+    assert deployable.clients is None and simulated.clients is not None
+    assert deployable.item_ids == simulated.item_ids
+    assert stat.S_IMODE((run / "deploy-bundle.pt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((run / "bundle.pt").stat().st_mode) == 0o600
     ledgers = list((run / "clients").glob("client-*/ledger.json"))
     assert ledgers
     # every case's rank is kept, so runs can be compared user by user; it matches the summary

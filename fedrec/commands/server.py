@@ -199,7 +199,8 @@ def start(
         Path | None,
         typer.Option(
             "--bundle",
-            help="The pretrained bundle (runs/<name>/bundle.pt from `fedrec simulate`); the "
+            help="The pretrained model-only bundle (runs/<name>/deploy-bundle.pt from `fedrec "
+            "simulate`; its bundle.pt holds the simulated users' data and is refused); the "
             "devices run with the same file.",
         ),
     ] = None,

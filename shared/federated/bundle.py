@@ -50,14 +50,22 @@ class Bundle:
     item_ids: list[str]
 
 
+DEPLOY_BUNDLE = "deploy-bundle.pt"
+"""The model-only bundle ``fedrec simulate`` writes next to ``bundle.pt`` for deployments."""
+
+
 def save_bundle(
     path: str | Path,
     student: StudentModel,
     clients: ClientData | None,
     item_ids: list[str] | None = None,
+    *,
+    mode: int | None = None,
 ) -> None:
     """Write the bundle atomically; ``item_ids`` (the catalog, raw ids in column order) lets
-    clients and the server publish artifacts pinned to this catalog."""
+    clients and the server publish artifacts pinned to this catalog. ``mode``: the file's
+    permissions (default: its owner's only; a deployable bundle holds no user's data and
+    containers running as another user read it)."""
     payload: dict[str, object] = {
         "format": BUNDLE_FORMAT,
         "item_ids": list(item_ids)
@@ -77,7 +85,18 @@ def save_bundle(
         }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), mode=mode)
+
+
+def check_deployable(bundle: Bundle, path: str | Path) -> None:
+    """Refuse, for a deployment, a bundle that holds simulated clients' data: the server's
+    bundle goes to every device, which would then hold every simulated user's history."""
+    if bundle.clients is not None:
+        raise ModelFileError(
+            f"pretrained bundle {path} holds the simulated clients' data ({len(bundle.clients)} "
+            "users' histories), and a deployment copies it to every device. Give the "
+            f"model-only {DEPLOY_BUNDLE} that `fedrec simulate` writes next to it"
+        )
 
 
 def bundle_digest(path: str | Path) -> str:
