@@ -522,6 +522,51 @@ def test_learner_refuses_a_bundle_of_another_catalog(
             DeviceLearner(daemon, other).prepare()
 
 
+def test_init_force_removes_the_old_federations_global_model_and_keeps_its_accounting(
+    device: Path, bundle: Path
+) -> None:
+    """`init --force` (what a device joining a new federation runs) kept global.npz: the
+    daemon served the old federation's parameters on the new bundle, or failed every start."""
+    task, params = _ready_device_task(device, bundle)
+    assert task.fit(0, params, {"server-round": 3}).status is FitStatus.OK
+    files = FederatedFiles(device)
+    assert files.global_version() == 2
+    init_identity(device, force=True)
+    assert not files.global_params.exists()
+    assert files.rounds_joined() == 1  # privacy accounting, as the ledger
+    assert (device / "privacy" / "ledger.json").exists()
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        assert daemon.status().model_version == "0"
+
+
+def test_learner_refuses_a_kept_global_model_of_another_architecture(
+    device: Path, bundle: Path, tmp_path: Path
+) -> None:
+    """The error named only a parameter's shape, on every start; it now names the file."""
+    other = tmp_path / "wider.pt"
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    student = StudentModel(
+        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
+        StudentConfig(dim=32, max_len=10, text_dim=8, id_dim=8),
+    )
+    save_bundle(other, student, None, ITEMS)  # same catalog, another student
+    files = FederatedFiles(device)
+    files.write_global(4, get_global_arrays(student))
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        before = [a.copy() for a in get_global_arrays(learner.bundle.student)]
+        with pytest.raises(ConfigError, match=r"global model 4 kept in .*global\.npz does not fit"):
+            learner.prepare()
+        for kept, was in zip(get_global_arrays(learner.bundle.student), before, strict=True):
+            np.testing.assert_array_equal(kept, was)  # nothing half loaded
+        files.global_params.unlink()  # what the message says to do
+        learner.prepare()
+        assert daemon.status().model_version == "0"
+
+
 def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> None:
     ca = create_pki(tmp_path / "certs").ca_cert
     options = SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle)

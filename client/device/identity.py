@@ -152,6 +152,17 @@ class DeviceLayout:
         for path in [*folder.glob("personal.pt*"), *folder.glob(".personal.pt.*")]:
             path.unlink(missing_ok=True)
 
+    def remove_federated_model(self) -> None:
+        """Delete the global model the last federation sent (``federated/global.npz``, and an
+        interrupted write's temporary file) for ``init --force``: the daemon serves and
+        refits against that file, so a device joining another federation would serve the old
+        one's parameters (or, with another architecture, fail on every start). The rounds
+        joined (``federated/joined.json``) stay, as the privacy ledger does: they are
+        privacy accounting, not the model."""
+        folder = self.state_dir / "federated"
+        for path in [*folder.glob("global.npz"), *folder.glob(".global.npz.*")]:
+            path.unlink(missing_ok=True)
+
     @property
     def ledger(self) -> Path:
         """The privacy ledger: never deleted by an erase (that would let a device re-spend)."""
@@ -461,8 +472,9 @@ def init_identity(
 
     Refuses (:class:`IdentityError`) when any identity file exists, unless ``force``: the
     key pair may be registered with a SuperLink and the data key encrypts the local store.
-    With ``force`` the local store and sealed models (encrypted with the old key) are erased;
-    the privacy ledger and the catalog are kept. ``catalog`` is installed too, if given.
+    With ``force`` the local store and sealed models (encrypted with the old key) and the
+    global model of the last federation are erased; the privacy ledger, the rounds joined and
+    the catalog are kept. ``catalog`` is installed too, if given.
     ``passphrase_env`` is only recorded (so ``start`` knows where to read the passphrase).
 
     Everything is rewritten under the directory's :class:`StateDirLock`: while a daemon runs
@@ -478,6 +490,7 @@ def init_identity(
                 Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
             shutil.rmtree(layout.models_dir, ignore_errors=True)
             layout.remove_personal_leftovers()
+            layout.remove_federated_model()
         if catalog is not None:
             catalog.save(layout.catalog)
     return result

@@ -636,6 +636,7 @@ class DeviceLearner:
                 prune_sparsity = received.prune_sparsity
                 # meta-learning runs also carry the adapter's initialization
                 meta = len(arrays) != len(global_names(student))
+                self._check_fits(student, arrays, meta, version)
                 set_global_arrays(student, arrays, meta)
             init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
             pending = self.daemon.store.adaptation_pending()
@@ -661,6 +662,38 @@ class DeviceLearner:
         self.installed_global = (received.run_id if received else None, version)
         self.last_error = None
         logger.info("serving model %s (sealed v%d)", label, info.version)
+
+    def _check_fits(
+        self, student: StudentModel, arrays: list[npt.NDArray[Any]], meta: bool, version: int
+    ) -> None:
+        """:class:`ConfigError` naming ``global.npz`` unless ``arrays`` are ``student``'s
+        global parameters (and with ``meta`` its adapter initialization). Checked before any
+        is loaded: a model of another federation failed every start naming only a
+        parameter's shape, after half of it had been copied into the bundle's student."""
+        from shared.federated.student_task import adapter_names, get_global_arrays, global_names
+
+        names = global_names(student) + (adapter_names(student) if meta else [])
+        shapes = [a.shape for a in get_global_arrays(student, meta)]
+        problem = None
+        if len(arrays) != len(shapes):
+            problem = f"{len(arrays)} arrays where the bundle's student has {len(shapes)}"
+        else:
+            problem = next(
+                (
+                    f"{name}: shape {tuple(a.shape)} where the bundle has {tuple(want)}"
+                    for name, a, want in zip(names, arrays, shapes, strict=True)
+                    if a.shape != want
+                ),
+                None,
+            )
+        if problem is not None:
+            raise ConfigError(
+                f"the global model {version} kept in {self.files.global_params} does not fit "
+                f"the bundle {self.bundle_path} ({problem}): it came from another federation. "
+                f"Use that federation's bundle, or delete {self.files.global_params} (the next "
+                "round brings this federation's model; `fedrec client init --force` removes it "
+                "when the device joins a new federation)"
+            )
 
 
 def attach_learner(daemon: Daemon, bundle: Path, config: LearnerConfig | None = None) -> None:

@@ -131,7 +131,8 @@ def init(
         typer.Option(
             "--force",
             help="Replace an existing identity. The local store and sealed models (encrypted "
-            "with the old key) are erased; the privacy ledger and catalog are kept.",
+            "with the old key) and the last federation's global model are erased; the privacy "
+            "ledger, rounds joined and catalog are kept.",
         ),
     ] = False,
     catalog: Annotated[
