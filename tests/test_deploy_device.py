@@ -540,6 +540,39 @@ def test_init_force_removes_the_old_federations_global_model_and_keeps_its_accou
         assert daemon.status().model_version == "0"
 
 
+def test_an_unreadable_global_model_keeps_the_served_one_instead_of_the_bundles(
+    device: Path, bundle: Path
+) -> None:
+    """An unreadable global.npz read as no global model: the next refresh served the bundle's
+    model (version 0) after a restart, or version 4's parameters labelled 0 without one."""
+    files = FederatedFiles(device)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        pretrained = get_global_arrays(learner.bundle.student)
+        files.write_global(4, [a + 0.5 for a in pretrained])
+        learner.refresh(adapt=False)
+        assert daemon.status().model_version == "4"
+        files.global_params.write_bytes(b"\x00" * 100)  # a bad sector, a full disk
+        daemon.add_events(_events(3))
+        with pytest.raises(DataError, match=r"global\.npz is unreadable.*serving model 4 until"):
+            learner.refresh(adapt=True)
+        assert daemon.status().model_version == "4"
+        assert daemon.store.adaptation_pending() == 3  # taken in once a readable model comes
+    with Daemon.open(device) as daemon:  # after a restart
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        assert daemon.status().model_version == "4"
+        with pytest.raises(DataError, match="unreadable"):
+            learner.refresh(adapt=True)
+        assert daemon.status().model_version == "4"
+        files.global_params.unlink()  # gone, not unreadable: the bundle's own parameters
+        learner.refresh(adapt=False)
+        assert daemon.status().model_version == "0+personal"
+        for served, own in zip(get_global_arrays(learner.bundle.student), pretrained, strict=True):
+            np.testing.assert_array_equal(served, own)
+
+
 def test_learner_refuses_a_kept_global_model_of_another_architecture(
     device: Path, bundle: Path, tmp_path: Path
 ) -> None:

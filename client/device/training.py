@@ -127,8 +127,11 @@ class FederatedFiles:
         received = self.read_global(arrays=False)
         return received.version if received is not None else None
 
-    def read_global(self, *, arrays: bool = True) -> ReceivedGlobal | None:
-        """The newest global model received (its arrays only with ``arrays``), or ``None``."""
+    def read_global(self, *, arrays: bool = True, strict: bool = False) -> ReceivedGlobal | None:
+        """The newest global model received (its arrays only with ``arrays``), or ``None``.
+        An unreadable file reads as ``None`` (logged; the next model received replaces it),
+        or with ``strict`` raises :class:`DataError`: for the daemon, whose model built from
+        ``None`` would be the bundle's, a federated model replaced by version 0."""
         try:
             with np.load(self.global_params, allow_pickle=False) as data:
                 version = int(data["version"])
@@ -147,6 +150,11 @@ class FederatedFiles:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError) as exc:
+            if strict:
+                raise DataError(
+                    f"the global model file {self.global_params} is unreadable ({exc}); the "
+                    "next global model this device receives replaces it"
+                ) from exc
             logger.error("unreadable %s (%s); waiting for the next round", self.global_params, exc)
             return None
         return ReceivedGlobal(version, out, personal_fit, run_id, prune)
@@ -507,6 +515,9 @@ class DeviceLearner:
         self.config = config or LearnerConfig()
         self.files = FederatedFiles(daemon.layout.state_dir)
         self._bundle: Bundle | None = None
+        #: the bundle's own global parameters, before any global model is loaded into its
+        #: student: what a device without a (readable) global model serves
+        self._pretrained: list[npt.NDArray[Any]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._events_at: float | None = None
@@ -523,8 +534,10 @@ class DeviceLearner:
     def bundle(self) -> Bundle:
         if self._bundle is None:
             from shared.federated.bundle import load_bundle
+            from shared.federated.student_task import get_global_arrays
 
             self._bundle = load_bundle(self.bundle_path)
+            self._pretrained = get_global_arrays(self._bundle.student)
         return self._bundle
 
     def prepare(self) -> None:
@@ -627,10 +640,12 @@ class DeviceLearner:
         with self.files.lock():
             # before the history is read: an erase from now on makes this refit stale
             erasures = self.daemon.erasures
-            received = self.files.read_global()
+            received = self._read_global()
             version, federation_fit, prune_sparsity = 0, None, 0.0
             if received is None:  # no global model yet: the bundle's, as a newcomer gets it
-                student.adapter.reset()
+                # the student may hold a global model loaded before: the bundle's parameters,
+                # not those labelled version 0
+                set_global_arrays(student, self._pretrained)
             else:
                 version, arrays, federation_fit = received[:3]
                 prune_sparsity = received.prune_sparsity
@@ -662,6 +677,23 @@ class DeviceLearner:
         self.installed_global = (received.run_id if received else None, version)
         self.last_error = None
         logger.info("serving model %s (sealed v%d)", label, info.version)
+
+    def _read_global(self) -> ReceivedGlobal | None:
+        """The kept global model, or ``None`` without one. An unreadable one raises
+        :class:`DataError` while a model is served: rebuilding from ``None`` replaced a
+        federated model (say version 4) with the bundle's, labelled 0 (after a restart), or
+        served its parameters labelled 0 (without one). The served model stays until a
+        readable global model arrives. A device serving nothing gets the bundle's model."""
+        try:
+            return self.files.read_global(strict=True)
+        except DataError as exc:
+            served = self.daemon.model
+            if served is not None:
+                raise DataError(
+                    f"{exc}; serving model {served.metadata.model_version} until then"
+                ) from exc
+            logger.error("%s; serving the bundle's model until then", exc)
+            return None
 
     def _check_fits(
         self, student: StudentModel, arrays: list[npt.NDArray[Any]], meta: bool, version: int
