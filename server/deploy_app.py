@@ -31,10 +31,8 @@ def round_record(report: RoundReport, num_rounds: int) -> dict[str, Any]:
     """The JSON line of one finished round."""
     fit = report.fit
     evaluation = report.evaluate
+    # none under SecAgg+, which hides per-client fit metrics (a device's own is on its /status)
     client_eps = fit.client_metrics.get("epsilon")
-    if client_eps is None and evaluation is not None:
-        # SecAgg+ hides per-client fit metrics; devices report their epsilon on evaluation
-        client_eps = evaluation.metrics.get("epsilon")
     return {
         "round": report.server_round,
         "num_rounds": num_rounds,

@@ -409,18 +409,13 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             excluded[context] = True
             excluded[target] = True
             rank = rank_of_target(s[target], s[~excluded])
-            # Under SecAgg+ the server sees no per-client fit metrics; the epsilon this device
-            # spent so far (its ledger; the server knows which rounds it joined anyway) comes
-            # with the evaluation reply so the operator can follow privacy spent.
-            epsilon = self.client_state(0).ledger.epsilon()
+            # what `--share-evaluation` says it sends, nothing more: the epsilon spent (which
+            # tells how long the history is) stays on the device, as SecAgg+ keeps it out of
+            # the fit replies
             return EvalOutcome(
                 loss=loss,
                 num_examples=1,
-                metrics={
-                    "full_hr@10": hit_rate_at_k([rank]),
-                    "full_ndcg@10": ndcg_at_k([rank]),
-                    "epsilon": float(epsilon),
-                },
+                metrics={"full_hr@10": hit_rate_at_k([rank]), "full_ndcg@10": ndcg_at_k([rank])},
             )
 
     share_evaluation = run_config.get(NODE_SHARE_EVALUATION) is True

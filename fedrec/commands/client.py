@@ -336,9 +336,10 @@ def start(
         bool,
         typer.Option(
             "--share-evaluation/--no-share-evaluation",
-            help="Answer the server's federated evaluation with this device's metrics (loss "
-            "and HR@10 of the newest event, sent in the clear and not covered by DP). Off: "
-            "the device declines evaluation and still takes the evaluated model.",
+            help="Answer the server's federated evaluation with this device's metrics: the "
+            "evaluated model's loss, HR@10 and NDCG@10 on the newest event (sent in the clear "
+            "and not covered by DP). Off: the device declines evaluation and still takes the "
+            "evaluated model.",
         ),
     ] = False,
     max_epsilon: Annotated[
