@@ -177,6 +177,31 @@ def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted
         assert daemon.status().rounds_joined == 4
 
 
+def test_rounds_without_dp_survive_a_corrupted_federation_file(
+    device: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged joined.json read as 0 and was rewritten from 0: rounds_joined held (the
+    store's counter), rounds_without_dp in /status went back to 0 + the new rounds."""
+    files = FederatedFiles(device)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        files.add_round_joined(1, with_dp=False)
+        files.add_round_joined(2, with_dp=False)
+        learner._tick()
+        assert (daemon.status().rounds_joined, daemon.status().rounds_without_dp) == (2, 2)
+        files.joined.write_text('{"count": 2, "without_dp": 2, "last')  # torn
+        files.add_round_joined(3, with_dp=False)
+        assert "unreadable" in caplog.text and files.rounds_without_dp() == 1
+        learner._tick()
+        assert (daemon.status().rounds_joined, daemon.status().rounds_without_dp) == (3, 3)
+        files.add_round_joined(4, with_dp=True)
+        learner._tick()
+        assert (daemon.status().rounds_joined, daemon.status().rounds_without_dp) == (4, 3)
+        daemon.erase()  # participation is privacy accounting: an erase keeps it
+        assert daemon.status().rounds_without_dp == 3
+
+
 def test_device_never_keeps_global_parameters_it_refuses(device: Path, bundle: Path) -> None:
     """The daemon serves what the task keeps as global.npz: NaN parameters kept there broke
     every refit until a newer round came, and cost privacy for nothing."""

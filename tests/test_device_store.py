@@ -317,6 +317,22 @@ def test_rounds_joined_follow_the_federation_file_and_survive_its_reset(
         s.sync_rounds_joined(-1)
 
 
+def test_rounds_without_dp_follow_the_federation_file_and_survive_its_reset(
+    tmp_path: Path, key: bytes
+) -> None:
+    with DeviceStore.open(tmp_path / "store.db", key) as store:
+        store.sync_rounds_joined(3, without_dp=2)
+        store.sync_rounds_joined(4, without_dp=2)  # a round with DP
+        assert store.stats().rounds_without_dp == 2
+        store.sync_rounds_joined(1, without_dp=1)  # the file restarted from 0: one more
+        store.sync_rounds_joined(2, without_dp=1)
+        store.sync_rounds_joined(2)  # without the file's count: left as it is
+        assert (store.stats().rounds_joined, store.stats().rounds_without_dp) == (6, 3)
+        store.erase()
+        store.sync_rounds_joined(2, without_dp=1)
+        assert store.stats().rounds_without_dp == 3
+
+
 def test_erase_deletes_data_but_keeps_rounds_joined(tmp_path: Path, key: bytes) -> None:
     db = tmp_path / "store.db"
     with DeviceStore.open(db, key) as store:

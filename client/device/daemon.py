@@ -816,7 +816,7 @@ class Daemon:
             catalog_items=len(catalog) if catalog else None,
             rounds_joined=stats.rounds_joined,
             epsilon_spent=spent,
-            rounds_without_dp=self._rounds_without_dp(),
+            rounds_without_dp=stats.rounds_without_dp,
             epsilon_budget=budget.epsilon,
             delta=budget.delta,
             privacy_error=privacy_error,
@@ -826,13 +826,6 @@ class Daemon:
             policy=self.reranker.name,
             processes=tuple(proc.state() for proc in self.processes),
         )
-
-    def _rounds_without_dp(self) -> int:
-        """Rounds trained without DP, which epsilon_spent cannot count (from the training
-        process's ``federated/joined.json``)."""
-        from client.device.training import FederatedFiles
-
-        return FederatedFiles(self.layout.state_dir).rounds_without_dp()
 
     def _privacy_spent(self) -> tuple[float | None, str | None, PrivacyBudget]:
         """Epsilon spent per the ledger file (written by the training process), at the delta

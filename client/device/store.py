@@ -69,10 +69,17 @@ FEEDBACK_ACTIONS: tuple[str, ...] = get_args(FeedbackAction)
 
 STATE_ROUNDS_JOINED = "rounds_joined"
 STATE_JOINED_FILE_SEEN = "joined_file_seen"
+STATE_ROUNDS_WITHOUT_DP = "rounds_without_dp"
+STATE_WITHOUT_DP_FILE_SEEN = "without_dp_file_seen"
 
 #: Key-value state that :meth:`DeviceStore.erase` keeps: participation is privacy
 #: accounting (it must stay consistent with the privacy ledger, which is never erased).
-KEPT_ON_ERASE: tuple[str, ...] = (STATE_ROUNDS_JOINED, STATE_JOINED_FILE_SEEN)
+KEPT_ON_ERASE: tuple[str, ...] = (
+    STATE_ROUNDS_JOINED,
+    STATE_JOINED_FILE_SEEN,
+    STATE_ROUNDS_WITHOUT_DP,
+    STATE_WITHOUT_DP_FILE_SEEN,
+)
 
 STATE_ADAPTATION_PENDING = "adaptation_pending"
 
@@ -321,6 +328,8 @@ class StoreStats:
     models: int
     adaptation_pending: int
     rounds_joined: int
+    #: of those, the rounds trained without DP (``--allow-no-dp``)
+    rounds_without_dp: int = 0
 
 
 # --------------------------------------------------------------------------- store
@@ -856,27 +865,40 @@ class DeviceStore:
         """Count one federated round this device took part in (kept by :meth:`erase`)."""
         return self.increment(STATE_ROUNDS_JOINED)
 
-    def sync_rounds_joined(self, file_count: int) -> int:
+    def sync_rounds_joined(self, file_count: int, without_dp: int | None = None) -> int:
         """Catch the rounds-joined counter up with the federation's own count ``file_count``
         (``federated/joined.json``, written by the training process); returns the rounds
-        added.
+        added. ``without_dp``: the file's count of those trained without DP, which catches
+        up the rounds-without-DP counter the same way (``None`` leaves it).
 
         Each round counts once. A count below the last one synced means that file was lost
         or unreadable and started again from 0: its rounds are new and count from there,
-        rather than freezing the counter until the file catches up.
+        rather than freezing the counter until the file catches up. Both counters are kept
+        here for that reason: the file's own restart from 0 reset ``rounds_without_dp``.
         """
-        if file_count < 0:
-            raise ValueError(f"file_count must be >= 0, got {file_count}")
+        if file_count < 0 or (without_dp is not None and without_dp < 0):
+            raise ValueError(f"file counts must be >= 0, got {file_count}, {without_dp}")
         with self._write() as conn:
             # a store from before this key kept its counter equal to the file's count
             seen = int(
                 self._get(conn, STATE_JOINED_FILE_SEEN, self._get(conn, STATE_ROUNDS_JOINED, 0))
             )
-            added = file_count - seen if file_count >= seen else file_count
+            restarted = file_count < seen
+            added = file_count if restarted else file_count - seen
             if added:
                 self._increment(conn, STATE_ROUNDS_JOINED, added)
             if file_count != seen:
                 self._put(conn, STATE_JOINED_FILE_SEEN, file_count)
+            if without_dp is not None:
+                # a store from before this key had counted none: all of the file's are new
+                seen_no_dp = int(self._get(conn, STATE_WITHOUT_DP_FILE_SEEN, 0))
+                new = (
+                    without_dp if restarted or without_dp < seen_no_dp else without_dp - seen_no_dp
+                )
+                if new:
+                    self._increment(conn, STATE_ROUNDS_WITHOUT_DP, new)
+                if without_dp != seen_no_dp:
+                    self._put(conn, STATE_WITHOUT_DP_FILE_SEEN, without_dp)
             return added
 
     def adaptation_pending(self) -> int:
@@ -900,6 +922,7 @@ class DeviceStore:
             }
             pending = int(self._get(self._conn, STATE_ADAPTATION_PENDING, 0))
             rounds = int(self._get(self._conn, STATE_ROUNDS_JOINED, 0))
+            without_dp = int(self._get(self._conn, STATE_ROUNDS_WITHOUT_DP, 0))
         return StoreStats(
             events=counts["events"],
             feedback=counts["feedback"],
@@ -907,6 +930,7 @@ class DeviceStore:
             models=counts["models"],
             adaptation_pending=pending,
             rounds_joined=rounds,
+            rounds_without_dp=without_dp,
         )
 
     def erase(self, keep_state: Sequence[str] = KEPT_ON_ERASE) -> bool:

@@ -197,28 +197,33 @@ class FederatedFiles:
         return True
 
     def rounds_joined(self) -> int:
-        return self._joined_count("count")
+        return self.joined_counts()[0]
 
     def rounds_without_dp(self) -> int:
         """The joined rounds this device trained without DP (``--allow-no-dp``): they spent
         no epsilon the ledger can count, and no bound holds for them."""
-        return self._joined_count("without_dp")
+        return self.joined_counts()[1]
 
-    def _joined_count(self, key: str) -> int:
+    def joined_counts(self) -> tuple[int, int]:
+        """The rounds joined and, of those, the ones without DP, from one read of the file
+        (both 0 when it is missing or unreadable: the store's counters, which
+        :meth:`~client.device.store.DeviceStore.sync_rounds_joined` keeps, outlive that)."""
         try:
-            return int(json.loads(self.joined.read_text()).get(key, 0))
+            joined = json.loads(self.joined.read_text())
+            return int(joined.get("count", 0)), int(joined.get("without_dp", 0))
         except FileNotFoundError:
-            return 0
+            return 0, 0
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             logger.error("unreadable %s (%s)", self.joined, exc)
-            return 0
+            return 0, 0
 
     def add_round_joined(self, server_round: int, *, with_dp: bool) -> None:
+        count, without_dp = self.joined_counts()
         write_json_atomic(
             self.joined,
             {
-                "count": self.rounds_joined() + 1,
-                "without_dp": self.rounds_without_dp() + (0 if with_dp else 1),
+                "count": count + 1,
+                "without_dp": without_dp + (0 if with_dp else 1),
                 "last_round": server_round,
                 "at": time.time(),
             },
@@ -605,7 +610,7 @@ class DeviceLearner:
 
     def _tick(self) -> None:
         store = self.daemon.store
-        store.sync_rounds_joined(self.files.rounds_joined())
+        store.sync_rounds_joined(*self.files.joined_counts())
         kept = self.files.read_global(arrays=False)
         new_global = kept is not None and (kept.run_id, kept.version) != self.installed_global
         events_due = (
