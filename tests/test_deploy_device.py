@@ -29,7 +29,7 @@ from client.device.training import (
     local_history,
 )
 from server.pki import create_pki
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, ModelFileError
 from shared.federated.bundle import save_bundle
 from shared.federated.student_task import get_global_arrays
 from shared.federated.task import FitStatus, get_task
@@ -546,6 +546,24 @@ def test_learner_refuses_a_bundle_of_another_catalog(
         DeviceLearner(daemon, bundle).prepare()
         with pytest.raises(ConfigError, match="another catalog"):
             DeviceLearner(daemon, other).prepare()
+
+
+def test_learner_refuses_a_bundle_holding_the_simulated_users_data(
+    device: Path, bundle: Path, tmp_path: Path
+) -> None:
+    """A simulation's bundle.pt holds every virtual client's history: a device given it
+    would hold other users' data; it takes the model-only deploy-bundle.pt."""
+    from shared.federated.bundle import ClientData, load_bundle
+
+    loaded = load_bundle(bundle)
+    seqs = [np.array([0, 1, 2]), np.array([3, 4])]
+    with_users = tmp_path / "with-users.pt"
+    clients = ClientData(seqs, np.array([2, 4]), np.array([1, 3]), seqs)
+    save_bundle(with_users, loaded.student, clients, loaded.item_ids)
+    with Daemon.open(device) as daemon:
+        with pytest.raises(ModelFileError, match=r"simulated clients' data.*deploy-bundle\.pt"):
+            DeviceLearner(daemon, with_users).prepare()
+        assert daemon.status().model_version is None  # nothing installed from it
 
 
 def test_init_force_removes_the_old_federations_global_model_and_keeps_its_accounting(

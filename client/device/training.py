@@ -533,10 +533,12 @@ class DeviceLearner:
     @property
     def bundle(self) -> Bundle:
         if self._bundle is None:
-            from shared.federated.bundle import load_bundle
+            from shared.federated.bundle import check_deployable, load_bundle
             from shared.federated.student_task import get_global_arrays
 
-            self._bundle = load_bundle(self.bundle_path)
+            bundle = load_bundle(self.bundle_path)
+            check_deployable(bundle, self.bundle_path)  # no other user's data on a device
+            self._bundle = bundle
             self._pretrained = get_global_arrays(self._bundle.student)
         return self._bundle
 
