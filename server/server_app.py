@@ -425,29 +425,31 @@ def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
 def user_dp_for_run(
     config: ServerConfig, population: int, checkpoint: Checkpoint | None, announce: bool = True
 ) -> UserLevelDP:
-    """:func:`make_user_dp`, at the delta the run's epsilon has been reported at so far.
+    """:func:`make_user_dp`, at a delta no larger than the one the run's epsilon has been
+    reported at so far.
 
-    The default delta, 1 / population, is resolved when a run first starts; a restart that
-    counted fewer connected nodes would resolve a larger one, and the same spending would
-    read as a smaller epsilon, under the budget again. So a resumed run keeps its delta; an
-    explicit ``user-dp-delta`` other than the run's is refused.
+    The default delta, 1 / population, is resolved at every start: a restart that counted
+    fewer connected nodes would resolve a larger one, and the same spending would read as a
+    smaller epsilon, under the budget again. So a run's delta may shrink (more nodes
+    counted: a stronger statement) but never grow: the run's is kept instead, and an
+    explicit ``user-dp-delta`` larger than it is refused.
     """
     user_dp = make_user_dp(config, population)
     stored = user_dp.run_delta(checkpoint.ledger_state if checkpoint is not None else None)
-    if stored is None or math.isclose(stored, user_dp.settings.delta, rel_tol=1e-12):
+    if stored is None or user_dp.settings.delta <= stored * (1 + 1e-12):
         return user_dp
     if config.user_dp_delta > 0:
         raise ConfigError(
-            f"this run's user-level epsilon is accounted at delta {stored:.6g}, set when it "
-            f"first started; 'user-dp-delta' {config.user_dp_delta:.6g} would report the same "
-            "spending at another delta. Leave 'user-dp-delta' at 0 (or set it to the run's) "
-            "to resume, or give a new checkpoint folder to start another run"
+            f"this run's user-level epsilon is accounted at delta {stored:.6g}; "
+            f"'user-dp-delta' {config.user_dp_delta:.6g} is larger and would report the same "
+            "spending as a smaller epsilon. Leave 'user-dp-delta' at 0 or set it to at most "
+            "the run's to resume, or give a new checkpoint folder to start another run"
         )
     if announce:
         log(
             INFO,
-            "user-level DP keeps this run's delta %.6g (1 / population when it first started); "
-            "1 / %s connected now would be %.6g",
+            "user-level DP keeps this run's delta %.6g: 1 / %s nodes connected now would be "
+            "%.6g, a weaker guarantee for the same spending",
             stored,
             population,
             user_dp.settings.delta,

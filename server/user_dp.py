@@ -406,13 +406,14 @@ class UserLevelDP:
         return len(later)
 
     def run_delta(self, checkpoint_state: Mapping[str, Any] | None) -> float | None:
-        """The delta this run's epsilon has been reported at (the journal's, else the
+        """The smallest delta this run's epsilon has been reported at (its journal's and
         checkpoint's), ``None`` for a run that has none recorded yet. Reads only."""
+        found = []
         for state in (self._journal_state(), checkpoint_state):
             delta = state.get("delta") if isinstance(state, Mapping) else None
             if isinstance(delta, int | float) and not isinstance(delta, bool) and 0 < delta < 1:
-                return float(delta)
-        return None
+                found.append(float(delta))
+        return min(found, default=None)
 
     def read_journal(self) -> UserLevelDP | None:
         """The journal's accountant (``None`` without a journal); reads only. Raises

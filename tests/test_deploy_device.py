@@ -202,6 +202,18 @@ def test_rounds_without_dp_survive_a_corrupted_federation_file(
         assert daemon.status().rounds_without_dp == 3
 
 
+def test_status_counts_rounds_without_dp_with_no_learner_running(device: Path) -> None:
+    """/status read the store's counter, which only the learner's tick caught up: a daemon
+    serving the API alone (`serve-api`) showed 0 rounds without DP after two."""
+    files = FederatedFiles(device)
+    files.add_round_joined(1, with_dp=False)
+    files.add_round_joined(2, with_dp=False)
+    with Daemon.open(device) as daemon:
+        status = daemon.status()
+        assert (status.rounds_joined, status.rounds_without_dp) == (2, 2)
+        assert daemon.status().rounds_without_dp == 2  # read again: counted once
+
+
 def test_device_never_keeps_global_parameters_it_refuses(device: Path, bundle: Path) -> None:
     """The daemon serves what the task keeps as global.npz: NaN parameters kept there broke
     every refit until a newer round came, and cost privacy for nothing."""

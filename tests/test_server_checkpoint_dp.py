@@ -759,6 +759,7 @@ def test_user_dp_resumed_with_fewer_nodes_keeps_the_runs_delta(tmp_path: Path) -
             "cohort-size": 6,
             "min-cohort": 1,
             "user-dp-noise-multiplier": z,
+            "user-dp-epsilon-budget": 0.0,  # none: the rounds below all run
             "checkpoint-dir": str(ck),
         }
     )
@@ -779,13 +780,25 @@ def test_user_dp_resumed_with_fewer_nodes_keeps_the_runs_delta(tmp_path: Path) -
 
     assert resumed[-1].epsilon_user == pytest.approx(epsilon_at(8))
     assert epsilon_at(6) < epsilon_at(8)  # what the restart used to report
-    # an explicit delta other than the run's is refused, before launch and at start
-    other = {**config, "num-rounds": 4, "user-dp-delta": 0.01}
-    with pytest.raises(ConfigError, match=r"accounted at delta 0\.125.*'user-dp-delta'"):
+    # an explicit delta larger than the run's is refused, before launch and at start
+    other = {**config, "num-rounds": 4, "user-dp-delta": 0.2}
+    with pytest.raises(ConfigError, match=r"accounted at delta 0\.125.*0\.2 is larger"):
         check_resume(ServerConfig.from_run_config(other), ToyLinearTask().initial_parameters())
     with pytest.raises(ConfigError, match=r"accounted at delta 0\.125"):
         _run(other, num_nodes=6)
-    assert len(_run({**other, "user-dp-delta": 1 / 8}, num_nodes=6)) == 1  # the run's own
+    # more nodes counted at a restart: the delta shrinks (a stronger statement), never grows
+    more = _run({**config, "num-rounds": 4}, num_nodes=10)
+    assert [r.server_round for r in more] == [4]
+    latest = CheckpointStore(ck).latest()
+    assert latest is not None and latest.ledger_state is not None
+    assert latest.ledger_state["delta"] == pytest.approx(1 / 10)
+    assert json.loads((ck / "user-dp-journal.json").read_text())["delta"] == pytest.approx(0.1)
+    from server.server_app import user_dp_for_run
+
+    server = ServerConfig.from_run_config({**config, "num-rounds": 5})
+    assert user_dp_for_run(server, 8, latest).settings.delta == pytest.approx(0.1)  # not 1/8
+    smaller = ServerConfig.from_run_config({**config, "user-dp-delta": 0.05})
+    assert user_dp_for_run(smaller, 8, latest).settings.delta == 0.05  # stronger: taken
 
 
 def test_user_dp_resume_refuses_a_non_private_checkpoint(tmp_path: Path) -> None:

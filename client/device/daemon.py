@@ -804,6 +804,14 @@ class Daemon:
         return len(stored.ids)
 
     def status(self) -> DeviceStatus:
+        from client.device.training import FederatedFiles
+
+        # catch the counters up with the training process's file first: without a learner
+        # (`serve-api` alone), or before its first tick, nothing else does
+        try:
+            self.store.sync_rounds_joined(*FederatedFiles(self.layout.state_dir).joined_counts())
+        except DataError as exc:
+            logger.warning("rounds joined not synced for /status (%s)", exc)
         stats = self.store.stats()
         spent, privacy_error, budget = self._privacy_spent()
         with self._lock:
