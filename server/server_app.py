@@ -181,7 +181,8 @@ class ServerConfig:
             self.min_cohort <= self.min_available_clients,
             "min-cohort",
             f"at most min-available-clients ({self.min_available_clients}: rounds start with "
-            "that many devices; raise it, e.g. --min-clients)",
+            "that many devices; raise it: 'min-available-clients', --min-clients on `fedrec "
+            "server start`)",
             self.min_cohort,
         )
         require(self.eval_size >= 0, "eval-size", ">= 0", self.eval_size)
@@ -546,8 +547,12 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         merged: dict[str, RunConfigValue] = {**context.run_config, **overrides}
-        config = ServerConfig.from_run_config(merged)
-        task = get_task(config.task, merged)
+        try:
+            config = ServerConfig.from_run_config(merged)
+            task = get_task(config.task, merged)
+        except ConfigError as exc:  # `flwr run` shows a traceback (and exits 0): say it first
+            log(ERROR, "the run's settings are refused, nothing was trained: %s", exc)
+            raise
         _run_server(grid, context, config, task, on_round_end, bundle_digest_of(merged))
 
     return app

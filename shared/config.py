@@ -8,6 +8,7 @@ turned into dataclasses here, with values coerced to the field types and unknown
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import shlex
 import tomllib
 import types
@@ -113,7 +114,11 @@ def from_flat(
         if f is None:
             if strict:
                 valid = ", ".join(sorted(by_key))
-                raise ConfigError(f"unknown config key {key!r} for {cls.__name__}; valid: {valid}")
+                close = difflib.get_close_matches(kebab(key), sorted(by_key), n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(
+                    f"unknown config key {key!r} for {cls.__name__}{hint}; valid: {valid}"
+                )
             continue
         if f.name in kwargs:  # cohort_size and cohort-size name one setting
             raise ConfigError(

@@ -109,8 +109,8 @@ class SimulationConfig:
     cohort_size: int = 50
     eval_size: int = 50
     secagg: bool = True
-    secagg_num_shares: int = 3
-    secagg_reconstruction_threshold: int = 2
+    secagg_num_shares: int | float = 3  # a count, or a fraction of the cohort (as the server's)
+    secagg_reconstruction_threshold: int | float = 2
     secagg_clipping_range: float = 8.0
     secagg_timeout: float = 300.0
     # client training and record-level DP (defaults: LocalTrainConfig, the one place for them)

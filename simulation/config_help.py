@@ -31,8 +31,10 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "cohort_size": "Clients sampled per round.",
         "eval_size": "Clients sampled for federated evaluation per round (0 = none).",
         "secagg": "Secure aggregation (SecAgg+).",
-        "secagg_num_shares": "SecAgg+ shares per client (its neighbours).",
-        "secagg_reconstruction_threshold": "SecAgg+ shares needed to unmask a dropout.",
+        "secagg_num_shares": "SecAgg+ shares per client (its neighbours): a count, or a "
+        "fraction of the cohort.",
+        "secagg_reconstruction_threshold": "SecAgg+ shares needed to unmask a dropout: a count, "
+        "or a fraction of the shares.",
         "secagg_clipping_range": "SecAgg+ quantization clips each update value to this range.",
         "secagg_timeout": "Seconds a SecAgg+ stage waits for the clients.",
         "server_optimizer": "The server's optimiser: avg (FedAvg) or adam (FedAdam).",

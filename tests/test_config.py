@@ -271,3 +271,32 @@ def test_run_config_refuses_a_key_given_in_both_spellings_and_an_empty_run_dir()
     with pytest.raises(ConfigError, match="run-dir must not be empty"):
         from_flat(SimulationConfig, parse_run_config("run-dir="))
     assert from_flat(SimulationConfig, parse_run_config("cohort_size=3")).cohort_size == 3
+
+
+def test_a_typo_gets_the_closest_keys_on_every_config_path() -> None:
+    """Only `fedrec server start` suggested the key meant; simulate and a device's --config
+    listed some 60 keys and left the reader to find it."""
+    from client.device.config import DaemonConfig
+    from simulation.config import SimulationConfig
+
+    with pytest.raises(ConfigError, match=r"'noise-multipler'.*did you mean noise-multiplier"):
+        from_flat(SimulationConfig, {"noise-multipler": 0.5})
+    with pytest.raises(ConfigError, match=r"'candidate-pol'; did you mean candidate-pool"):
+        DaemonConfig.from_values({"candidate-pol": 300})
+    with pytest.raises(ConfigError, match=r"did you mean bandit-policy\?"):
+        DaemonConfig.from_values({"policy": "thompson"})
+
+
+def test_simulation_takes_secagg_shares_as_a_count_or_a_fraction_like_the_server() -> None:
+    """`fedrec simulate` refused secagg-num-shares=0.5, which the server and `fedrec server
+    start` read as half the cohort."""
+    from simulation.config import SimulationConfig
+
+    config = from_flat(SimulationConfig, {"secagg-num-shares": "0.5"})
+    assert config.secagg_num_shares == 0.5
+    server = config.server_run_config(100)
+    assert server["secagg-num-shares"] == 0.5
+    from server.server_app import ServerConfig
+
+    ServerConfig.from_run_config(server)  # the server takes it
+    assert from_flat(SimulationConfig, {"secagg-num-shares": "4"}).secagg_num_shares == 4

@@ -1047,3 +1047,14 @@ def test_a_round_checkpointed_but_not_in_the_progress_file_is_written_at_restart
     line = format_round(records[-1])  # the follow-up display reads it, and says whence
     assert "round 3/3" in line and "from its checkpoint" in line
     assert backfill_progress(progress, str(ck), 3) == 0  # once
+
+
+def test_a_refused_setting_is_logged_in_one_line_before_flowers_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On `flwr run` a refused setting showed only as a traceback (and exit status 0); the
+    ServerApp now says first, in one line, that nothing was trained and why."""
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigError, match="min-cohort"):
+        _run({"num-rounds": 1, "min-cohort": 3, "min-available-clients": 2}, num_nodes=2)
+    assert "the run's settings are refused, nothing was trained: 'min-cohort'" in caplog.text
+    assert "'min-available-clients', --min-clients on `fedrec server start`" in caplog.text

@@ -419,6 +419,21 @@ def _ledger_history(state: Path, client: int) -> list[list[float]]:
     return history
 
 
+def test_a_round_override_in_snake_case_is_the_same_setting(bundle: Path, tmp_path: Path) -> None:
+    """Per-round overrides matched kebab-case keys only: local_epochs=2 trained (and was
+    charged) at the run's default, while a run config takes either spelling."""
+    params = _task(bundle, tmp_path / "a").initial_parameters()
+    charged = []
+    for name, key in (("a", "local-epochs"), ("b", "local_epochs"), ("c", None)):
+        round_config: dict[str, Any] = {"server-round": 1}
+        if key is not None:
+            round_config[key] = 2
+        out = _task(bundle, tmp_path / name).fit(0, params, round_config)
+        assert out.status is FitStatus.OK
+        charged.append(_ledger_history(tmp_path / name, 0)[0][2])
+    assert charged[0] == charged[1] == 2 * charged[2]
+
+
 @pytest.mark.parametrize(
     ("fit_config", "run_config"),
     [

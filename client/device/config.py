@@ -7,6 +7,7 @@ setting from it without importing the daemon (ONNX Runtime, the store, the API).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,10 +87,14 @@ class DaemonConfig:
             elif name == "exploration":
                 raise ConfigError("set the exploration policy with bandit-<key>=value keys")
             elif name not in own_keys:
-                hint = f"; did you mean bandit-{name}?" if name in bandit_keys else ""
-                valid = ", ".join(
-                    [*sorted(own_keys), *(f"bandit-{k}" for k in sorted(bandit_keys))]
+                every = [*sorted(own_keys), *(f"bandit-{k}" for k in sorted(bandit_keys))]
+                close = (
+                    [f"bandit-{name}"]
+                    if name in bandit_keys
+                    else difflib.get_close_matches(name, every, n=3)
                 )
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                valid = ", ".join(every)
                 raise ConfigError(f"unknown device config key {key!r}{hint} (valid: {valid})")
             else:
                 own[name] = value

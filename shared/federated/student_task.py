@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.compression.prune import publish_prune
-from shared.config import field_names, from_flat
+from shared.config import field_names, from_flat, kebab
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
@@ -346,7 +346,8 @@ class StudentTask:
     def _round_config(self, config: Mapping[str, ConfigValue], client_id: int) -> LocalTrainConfig:
         """Per-round overrides sent by the server (same keys as the run config)."""
         keys = field_names(LocalTrainConfig)
-        overrides = {k: v for k, v in config.items() if k in keys}
+        # snake_case is the same setting, as in a run config (it trained at the default)
+        overrides = {kebab(k): v for k, v in config.items() if kebab(k) in keys}
         base = self.train_config
         if overrides:
             from shared.config import to_flat
