@@ -9,11 +9,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from shared.data.dataset import RecDataset, build_dataset
+
+if TYPE_CHECKING:
+    from shared.models.student import StudentModel
 
 ML100K = Path(
     os.environ.get(
@@ -63,23 +67,28 @@ def toy_dataset() -> RecDataset:
     return make_dataset()
 
 
-def _write_tiny_bundle(path: Path, n_items: int) -> list[str]:
-    """A seeded, untrained 16-d student over ``n_items`` items (ids ``item-0``...), saved as
-    a pretrained bundle at ``path``; returns the item ids."""
+def tiny_student(n_items: int, dim: int = 16) -> StudentModel:
+    """A seeded, untrained student of width ``dim`` over ``n_items`` items (8-d tables)."""
     import torch
 
-    from shared.federated.bundle import save_bundle
     from shared.models.student import StudentConfig, StudentModel
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    student = StudentModel(
+    return StudentModel(
         rng.normal(size=(n_items, 8)).astype(np.float32),
         rng.normal(size=(n_items, 8)).astype(np.float32),
-        StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8),
+        StudentConfig(dim=dim, max_len=10, text_dim=8, id_dim=8),
     )
+
+
+def _write_tiny_bundle(path: Path, n_items: int) -> list[str]:
+    """:func:`tiny_student` (16-d) saved as a pretrained bundle at ``path`` (item ids
+    ``item-0``...); returns the item ids."""
+    from shared.federated.bundle import save_bundle
+
     item_ids = [f"item-{i}" for i in range(n_items)]
-    save_bundle(path, student, None, item_ids)
+    save_bundle(path, tiny_student(n_items), None, item_ids)
     return item_ids
 
 

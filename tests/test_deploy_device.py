@@ -34,6 +34,7 @@ from shared.federated.bundle import save_bundle
 from shared.federated.student_task import get_global_arrays
 from shared.federated.task import FitStatus, get_task
 from shared.models.student import StudentConfig, StudentModel
+from tests.conftest import tiny_student
 
 N_ITEMS = 30
 ITEMS = [f"item-{i}" for i in range(N_ITEMS)]
@@ -156,32 +157,12 @@ def test_the_devices_own_model_is_pruned_as_the_federation_prunes_its_models(
     assert pruned == [0.0, 0.5]
 
 
-def test_daemon_counts_rounds_joined_also_after_the_federation_file_is_corrupted(
+def test_rounds_joined_and_without_dp_survive_a_corrupted_federation_file(
     device: Path, bundle: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    files = FederatedFiles(device)
-    with Daemon.open(device) as daemon:
-        learner = DeviceLearner(daemon, bundle)
-        learner.prepare()
-        files.add_round_joined(1, with_dp=True)
-        files.add_round_joined(2, with_dp=True)
-        learner._tick()
-        assert daemon.status().rounds_joined == 2
-        files.joined.write_text("{torn")  # a crash mid-write on a file system without rename
-        files.add_round_joined(3, with_dp=True)  # unreadable: the training side counts again from 0
-        assert "unreadable" in caplog.text and files.rounds_joined() == 1
-        learner._tick()
-        assert daemon.status().rounds_joined == 3
-        files.add_round_joined(4, with_dp=True)
-        learner._tick()
-        assert daemon.status().rounds_joined == 4
-
-
-def test_rounds_without_dp_survive_a_corrupted_federation_file(
-    device: Path, bundle: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A damaged joined.json read as 0 and was rewritten from 0: rounds_joined held (the
-    store's counter), rounds_without_dp in /status went back to 0 + the new rounds."""
+    """A damaged joined.json (a crash mid-write on a file system without rename) reads as 0
+    and the training side counts again from 0: rounds_joined held (the store's counter),
+    rounds_without_dp in /status went back to 0 + the new rounds."""
     files = FederatedFiles(device)
     with Daemon.open(device) as daemon:
         learner = DeviceLearner(daemon, bundle)
@@ -634,13 +615,7 @@ def test_learner_refuses_a_kept_global_model_of_another_architecture(
 ) -> None:
     """The error named only a parameter's shape, on every start; it now names the file."""
     other = tmp_path / "wider.pt"
-    torch.manual_seed(1)
-    rng = np.random.default_rng(1)
-    student = StudentModel(
-        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
-        rng.normal(size=(N_ITEMS, 8)).astype(np.float32),
-        StudentConfig(dim=32, max_len=10, text_dim=8, id_dim=8),
-    )
+    student = tiny_student(N_ITEMS, dim=32)
     save_bundle(other, student, None, ITEMS)  # same catalog, another student
     files = FederatedFiles(device)
     files.write_global(4, get_global_arrays(student))
