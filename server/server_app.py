@@ -530,6 +530,19 @@ def _check_checkpoint(
         )
 
 
+def server_task(config: ServerConfig, run_config: Mapping[str, RunConfigValue]) -> FederatedTask:
+    """The server's copy of the task: its initial parameters and published artifacts. The
+    run config's ``device`` says where the *clients* train (a CPU-only server may run a
+    federation of GPU devices): the server's copy stays on the CPU, after a check of the
+    setting's form."""
+    if "device" in run_config:
+        from shared.federated.student_task import check_device_name
+
+        check_device_name(str(run_config["device"]))
+        run_config = {**run_config, "device": "cpu"}
+    return get_task(config.task, run_config)
+
+
 def make_server_app(
     run_config: Mapping[str, RunConfigValue] | None = None,
     *,
@@ -549,7 +562,7 @@ def make_server_app(
         merged: dict[str, RunConfigValue] = {**context.run_config, **overrides}
         try:
             config = ServerConfig.from_run_config(merged)
-            task = get_task(config.task, merged)
+            task = server_task(config, merged)
         except ConfigError as exc:  # `flwr run` shows a traceback (and exits 0): say it first
             log(ERROR, "the run's settings are refused, nothing was trained: %s", exc)
             raise

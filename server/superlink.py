@@ -54,7 +54,7 @@ from server.state import (
     running_server,
 )
 from shared.errors import ConfigError, FedRecError
-from shared.federated.task import RunConfigValue, get_task
+from shared.federated.task import RunConfigValue
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.processes import (
     ProcessKey,
@@ -388,7 +388,7 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
     After submission such a failure only shows
     as a failed run whose reason is inside the ServerApp's log, and every restart of the
     server would submit the same failing run."""
-    from server.server_app import ServerConfig, bundle_digest_of, check_resume
+    from server.server_app import ServerConfig, bundle_digest_of, check_resume, server_task
     from shared.config import field_names, from_flat
     from shared.federated.local_config import LocalTrainConfig
 
@@ -397,7 +397,7 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
     # deployment's flags are checked all the same: they are what devices would train with)
     training = field_names(LocalTrainConfig)
     from_flat(LocalTrainConfig, {k: v for k, v in config.items() if k in training})
-    initial = get_task(server.task, config).initial_parameters()
+    initial = server_task(server, config).initial_parameters()
     bundle = config.get("bundle")
     if config.get("task") == STUDENT_TASK and isinstance(bundle, str) and bundle:
         from shared.federated.bundle import check_deployable, load_bundle

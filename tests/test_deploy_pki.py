@@ -650,6 +650,7 @@ def test_every_run_setting_is_a_server_start_flag(
         # the devices' training settings, checked under the toy task too (it ignores them)
         ({"task": "toy-linear", "lr": -1.0}, 2, "lr and personal-lr must be finite numbers > 0"),
         ({"task": "toy-linear", "batch-size": 0}, 2, "batch-size must be >= 1, got 0"),
+        ({"task": "toy-linear", "device": "tpu"}, 2, "device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_server_start_refuses_what_the_server_app_would_before_launching(
@@ -730,6 +731,20 @@ def test_server_start_refuses_a_bundle_holding_the_simulated_users_data(
         deployment_run_config(layout, bundle=with_users, num_rounds=1, overrides={})
     config = deployment_run_config(layout, bundle=model_only, num_rounds=1, overrides={})
     assert config["bundle"] == str(model_only.resolve())
+
+
+def test_a_cpu_server_may_run_a_federation_of_gpu_devices(
+    tmp_path: Path, write_tiny_bundle: Callable[[Path, int], list[str]]
+) -> None:
+    """`--device cuda` says where the clients train; it was resolved on the server, which
+    refused it without a GPU of its own ("torch sees no GPU")."""
+    layout = init_state_dir(tmp_path / "s")
+    bundle = tmp_path / "deploy-bundle.pt"
+    write_tiny_bundle(bundle, 6)
+    config = deployment_run_config(
+        layout, bundle=bundle, num_rounds=1, overrides={"device": "cuda"}
+    )
+    assert config["device"] == "cuda"  # what the devices get
 
 
 def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
