@@ -529,8 +529,16 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
     from server.checkpoint import CheckpointStore
 
     last = max((int(r["round"]) for r in _logged_rounds(run)), default=0)
-    for checkpoint in CheckpointStore(run.checkpoints, tidy=False).verified_after(last):
+    missing = CheckpointStore(run.checkpoints, tidy=False).verified_after(last)
+    for checkpoint in missing:
         m, server_round = checkpoint.metrics, checkpoint.server_round
+        row: dict[str, Any] = {}
+        if checkpoint is missing[-1]:
+            # the clients are charged in a round's fit, which starts only after the previous
+            # round's line is logged: their ledgers now stand exactly as after this round
+            eps = _client_epsilons(run.root / "clients")
+            row["epsilon_record"] = max(eps) if eps else None
+            row["epsilon_record_mean"] = float(np.mean(eps)) if eps else None
         run.log(
             "round",
             server_round,
@@ -543,6 +551,7 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
             valid_loss=m.get("eval-loss"),
             updated=m.get("updated"),
             backfilled=True,
+            **row,
         )
 
 
@@ -576,6 +585,10 @@ def _earlier_processes(run: RunDirectory) -> _EarlierProcesses:
         event, seconds = record.get("event"), float(record.get("seconds") or 0.0)
         if event == "pretrain":
             segments.append([seconds, 0.0, 0.0, 0.0])
+        elif event == "round" and record.get("backfilled") and len(segments) >= 2:
+            # logged by the next process from a checkpoint: the time was the earlier one's
+            segments[-2][1] += float(record.get("round_seconds") or 0.0)
+            segments[-2][2] += float(record.get("round_seconds") or 0.0)
         elif event == "round" and segments:
             segment = segments[-1]
             segment[1] = max(segment[1], float(record.get("elapsed_seconds") or 0.0))

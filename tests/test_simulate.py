@@ -612,6 +612,7 @@ def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
     metrics = tmp_path / "cut" / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     round_2 = next(i for i, line in enumerate(lines) if '"event": "round", "step": 2' in line)
+    logged = json.loads(lines[round_2])
     metrics.write_text("\n".join(lines[:round_2]) + "\n")  # as if killed right after it
     resumed = CliRunner().invoke(app, [*args, "3"])
     assert resumed.exit_code == 0, resumed.output
@@ -619,6 +620,15 @@ def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert summary["rounds"][1]["backfilled"] is True
     assert summary["rounds"][1]["clients_ok"] == 6
+    # its epsilon from the clients' ledgers, as they stood after it (it was left empty), and
+    # its time in the earlier process's federation time (it counted in neither)
+    assert summary["rounds"][1]["epsilon_record"] == pytest.approx(logged["epsilon_record"])
+    assert summary["rounds"][1]["epsilon_record_mean"] == pytest.approx(
+        logged["epsilon_record_mean"]
+    )
+    first = json.loads(lines[round_2 - 1]) if '"step": 1' in lines[round_2 - 1] else None
+    before = (first or {}).get("elapsed_seconds", 0.0) + logged["round_seconds"]
+    assert summary["meta"]["federation seconds"] >= before - 0.01
     federate = [json.loads(x) for x in metrics.read_text().splitlines() if '"federate"' in x]
     assert federate[-1]["step"] == 3  # this process started at round 3
 
