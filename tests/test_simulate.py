@@ -516,6 +516,38 @@ def test_the_interrupt_handler_silences_the_engine_and_stops_the_run(
     assert stopping.watchdog is not None
 
 
+def test_a_sigterm_during_evaluation_still_gets_the_resume_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulation engine put SIGTERM's default action back when it ended, so a `kill`
+    (or `timeout`) during evaluation, minutes on ml-100k, left silently with no hint."""
+    import signal
+
+    import simulation.pipeline
+    from fedrec.commands import simulate
+
+    seen: list[Any] = []
+
+    def pipeline(config: Any, progress: Any) -> dict[str, Any]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what the engine leaves behind
+        progress("evaluate", {})
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise simulation.pipeline.RunInterrupted(tmp_path, resumable=True)
+
+    monkeypatch.setattr(simulation.pipeline, "run_pipeline", pipeline)
+
+    def leave(stop: Any) -> None:
+        seen.append(stop)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(simulate, "_exit_interrupted", leave)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["simulate", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 143, result.output
+    assert seen[0] is simulate._interrupt
+    assert signal.getsignal(signal.SIGTERM) == before  # restored once the command is done
+
+
 @pytest.mark.parametrize("finished_a_round", [True, False])
 def test_a_run_that_outlives_its_interrupt_is_left_by_the_watchdog(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, finished_a_round: bool

@@ -218,8 +218,13 @@ class FeedbackAccepted(BaseModel):
 
 class RecommendedItemOut(BaseModel):
     item_id: str
-    rank: int = Field(ge=1)
-    score: float
+    rank: int = Field(
+        ge=1, description="Display position, 1 first (the exploration policy's order)."
+    )
+    score: float = Field(
+        description="The model's own score of the item; the exploration policy re-orders the "
+        "model's top items, so scores need not fall with rank."
+    )
 
 
 class RecommendationsOut(BaseModel):

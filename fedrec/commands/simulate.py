@@ -147,6 +147,12 @@ def simulate(
             elif stage == "run":
                 _stopping.root = Path(info["dir"])
                 bar.update(task, description="run", info=info["dir"])
+            elif stage == "evaluate" and threading.current_thread() is threading.main_thread():
+                # the simulation engine put the default SIGTERM action back when it ended:
+                # a `kill` during evaluation (minutes on ml-100k) left without the resume hint
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, _interrupt)
+                bar.update(task, description=stage, info="")
             elif stage == "resume":
                 text = f"from the checkpoint of round {info['round']}"
                 bar.update(task, description="resume", completed=info["round"], info=text)
