@@ -711,6 +711,14 @@ class ServerRunner:
                 f"{earlier.get('address')}); stop it first"
             )
         with hold_server_lock(self.layout):
+            total, done = self.run_config.get("num-rounds"), resumable_round(self.layout)
+            if isinstance(total, int) and not isinstance(total, bool) and (done or 0) >= total:
+                # nothing to train: no SuperLink, no run that would only say "completed"
+                self.echo(
+                    f"all {total} rounds are done (the checkpoint of round {done}); nothing to "
+                    "run. Give more --rounds to continue the run"
+                )
+                return 0
             return self._run()
 
     def _run(self) -> int:

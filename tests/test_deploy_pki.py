@@ -851,6 +851,14 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
 
     CheckpointStore(layout.checkpoints).save(5, [np.zeros(2, dtype=np.float32)], {}, None, {})
     assert runner._follow() == 0 and lines[-1] == "run 7 completed"
+    # and a start then launches nothing: it said "resuming", started a SuperLink, submitted
+    # a run and reported it completed
+    runner._run = lambda: pytest.fail("launched with nothing left to run")  # type: ignore[method-assign]
+    assert runner.run() == 0
+    assert lines[-1] == (
+        "all 5 rounds are done (the checkpoint of round 5); nothing to run. Give more --rounds "
+        "to continue the run"
+    )
 
 
 def test_a_node_with_a_device_dir_trains_on_that_device() -> None:
