@@ -52,18 +52,18 @@ app = typer.Typer(
 WORLDS = ("synthetic", "ml-100k")
 DEFAULT_SEEDS = (42, 43, 44)
 TUNING_SEEDS = (100, 101)
-DEFAULT_ML100K = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "ml-100k"
 MMR_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 HR_BUDGET = 0.05
 """The issue's target: the default diversity setting costs at most 5% relative HR@10."""
 
 WorldOpt = Annotated[str, typer.Option("--world", help="synthetic or ml-100k.")]
 DataDirOpt = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--data-dir",
         click_type=NON_EMPTY_PATH,
-        help="MovieLens 100K folder (u.data, u.item) for --world ml-100k.",
+        help="MovieLens 100K folder (u.data, u.item) for --world ml-100k; default: the "
+        "dataset cache, downloaded with its checksum when missing (as `fedrec simulate`).",
     ),
 ]
 OutDirOpt = Annotated[
@@ -115,7 +115,7 @@ FormatOpt = Annotated[str, typer.Option("--format", help="'table' for people, 'j
 @app.command("evaluate")
 def evaluate(
     world: WorldOpt = "synthetic",
-    data_dir: DataDirOpt = DEFAULT_ML100K,
+    data_dir: DataDirOpt = None,
     output_dir: OutDirOpt = Path("bench/results"),
     seeds: SeedsOpt = None,
     users: UsersOpt = None,
@@ -141,7 +141,7 @@ def evaluate(
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
     if tag:
         check_file_name(tag, "--tag")
-    _check_common(world, fmt, output_dir, users, data_dir)
+    folder = _check_common(world, fmt, output_dir, users, data_dir)
     if export is not None and world != "ml-100k":
         raise ConfigError(
             "--export writes the protocol's rankings, which only --world ml-100k evaluates "
@@ -159,7 +159,8 @@ def evaluate(
             arms, chosen, 200 if users is None else users, steps, features, base_model
         )
     else:
-        report = _evaluate_ml100k(arms, chosen, data_dir, users, features, base.mmr_lambda, export)
+        assert folder is not None
+        report = _evaluate_ml100k(arms, chosen, folder, users, features, base.mmr_lambda, export)
     report["bandit_config"] = base.as_dict()
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("evaluate")
@@ -178,7 +179,7 @@ def evaluate(
 @app.command("tune")
 def tune(
     world: WorldOpt = "synthetic",
-    data_dir: DataDirOpt = DEFAULT_ML100K,
+    data_dir: DataDirOpt = None,
     output_dir: TuneOutDirOpt = Path("bench/results"),
     seeds: SeedsOpt = None,
     users: Annotated[int, typer.Option("--users", help="synthetic: simulated users.")] = 50,
@@ -190,13 +191,14 @@ def tune(
     synthetic: exploration parameters per policy, for both feature sources, and the MMR
     lambda under LinUCB. ml-100k: the MMR lambda on the protocol's *validation* items.
     """
-    _check_common(world, fmt, output_dir, users, data_dir)
+    folder = _check_common(world, fmt, output_dir, users, data_dir)
     chosen = _distinct_seeds(seeds, TUNING_SEEDS)
     start = time.perf_counter()
     if world == "synthetic":
         report = _tune_synthetic(chosen, users, steps)
     else:
-        report = _tune_ml100k(chosen, data_dir)
+        assert folder is not None
+        report = _tune_ml100k(chosen, folder)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("tune")
     write_json_atomic(output_dir / f"bandits-{world}-tuning.json", report, mode=REPORT_MODE)
@@ -613,24 +615,33 @@ def _save(fig: Any, path: Path) -> str:
 
 # ---------------------------------------------------------------------------- helpers
 def _check_common(
-    world: str, fmt: str, output_dir: Path, users: int | None, data_dir: Path
-) -> None:
+    world: str, fmt: str, output_dir: Path, users: int | None, data_dir: Path | None
+) -> Path | None:
     """What can be refused before the run: the world, its data, the format, the user count
-    and an output folder that cannot be written (which would fail only after the run)."""
+    and an output folder that cannot be written (which would fail only after the run).
+    Returns the MovieLens 100K folder for ``--world ml-100k``: ``data_dir``, or the
+    dataset cache (downloaded when missing)."""
     if world not in WORLDS:
         raise ConfigError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
-    if world == "ml-100k" and not (data_dir / "u.data").is_file():
-        raise ConfigError(
-            f"--world ml-100k reads MovieLens 100K from --data-dir, and {data_dir} holds no "
-            "u.data; point --data-dir at your copy (the folder with u.data and u.item; "
-            "`fedrec data info --dataset ml-100k` downloads one into the dataset "
-            "cache, ~/.cache/fedrec/datasets/ml-100k by default)"
-        )
+    folder = None
+    if world == "ml-100k" and data_dir is not None:
+        if not (data_dir / "u.data").is_file():
+            raise ConfigError(
+                f"--world ml-100k reads MovieLens 100K from --data-dir, and {data_dir} holds "
+                "no u.data; point --data-dir at your copy (the folder with u.data and u.item), "
+                "or leave it out to use the dataset cache"
+            )
+        folder = data_dir
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if users is not None and users < 1:
         raise ConfigError(f"--users must be >= 1, got {users}")
     check_output_dir(output_dir)
+    if world == "ml-100k" and folder is None:
+        from shared.data.registry import dataset_dir
+
+        folder = dataset_dir("ml-100k")  # the cache, or a checked download (clear offline)
+    return folder
 
 
 def _distinct_seeds(seeds: Sequence[int] | None, default: Sequence[int]) -> list[int]:
