@@ -740,6 +740,32 @@ def _wait_for_a_round(proc: Any, metrics: Path) -> None:
         time.sleep(0.5)
 
 
+def test_progress_into_a_log_is_a_line_per_stage_and_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a log (docker, CI, a file) the bar showed nothing until the end, so minutes of
+    evaluation looked hung; there each stage and round is now a line of its own."""
+    import simulation.pipeline
+
+    def pipeline(config: Any, progress: Any) -> dict[str, Any]:
+        progress("run", {"dir": str(tmp_path)})
+        progress("federate", {"clients": 9, "rounds": 2})
+        row = {"clients_ok": 6, "clients_declined": 0, "clients_failed": 0, "epsilon_record": 1.5}
+        progress("round", {"round": 1, **row})
+        progress("evaluate", {})
+        raise ConfigError("stop here")  # the lines are what this test is about
+
+    monkeypatch.setattr(simulation.pipeline, "run_pipeline", pipeline)
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "2", "--run-dir", str(tmp_path)])
+    said = [line.split(" ", 1)[1] for line in result.stderr.splitlines() if line[:1].isdigit()]
+    assert said[:2] == [f"run: {tmp_path}", "federate: clients=9 rounds=2"]
+    assert said[2].startswith("round 1/2: ok 6 declined 0 failed 0 |")
+    assert said[2].endswith("max client eps 1.500")
+    assert said[3] == "evaluate: every model on the protocol's test items"
+    quiet = CliRunner().invoke(app, ["simulate", "--no-progress", "--run-dir", str(tmp_path)])
+    assert not [line for line in quiet.stderr.splitlines() if line[:1].isdigit()]
+
+
 def test_the_run_clock_keeps_running_through_evaluation() -> None:
     """The bar is full once the last round is done; evaluation then takes minutes on
     ml-100k, and rich's elapsed column stopped at the last round (the run looked hung)."""

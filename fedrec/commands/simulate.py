@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -118,6 +119,9 @@ def simulate(
     from simulation.pipeline import RunInterrupted, run_pipeline
 
     console = Console(stderr=True)
+    # a bar redraws in place on a terminal; into a log (docker, CI, a file) it would show
+    # nothing until the end, so there each stage and round is a line of its own
+    lines = config.progress and not console.is_terminal
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -125,9 +129,22 @@ def simulate(
         TextColumn("{task.fields[info]}"),
         _RunClock(),
         console=console,
-        disable=not config.progress,
+        disable=not config.progress or lines,
     ) as bar:
         task = bar.add_task("preparing", total=config.rounds, info="")
+        started = time.monotonic()
+
+        def show(description: str, text: str, completed: int | None = None) -> None:
+            if lines:
+                where = f" {completed}/{config.rounds}" if completed is not None else ""
+                elapsed = timedelta(seconds=int(time.monotonic() - started))
+                console.print(
+                    f"{elapsed} {description}{where}: {text}", highlight=False, soft_wrap=True
+                )
+            elif completed is not None:
+                bar.update(task, description=description, completed=completed, info=text)
+            else:
+                bar.update(task, description=description, info=text)
 
         def progress(stage: str, info: dict[str, Any]) -> None:
             if stage == "round":
@@ -143,23 +160,20 @@ def simulate(
                     f"valid HR@10 (sampled) {_fmt(info.get('valid_sampled_hr@10'))} | "
                     f"loss {_fmt(info.get('valid_loss'))} | {eps}"
                 )
-                bar.update(task, description="round", completed=info["round"], info=text)
+                show("round", text, info["round"])
             elif stage == "run":
                 _stopping.root = Path(info["dir"])
-                bar.update(task, description="run", info=info["dir"])
+                show("run", info["dir"])
             elif stage == "evaluate" and threading.current_thread() is threading.main_thread():
                 # the simulation engine put the default SIGTERM action back when it ended:
                 # a `kill` during evaluation (minutes on ml-100k) left without the resume hint
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, _interrupt)
-                bar.update(task, description=stage, info="")
+                show(stage, "every model on the protocol's test items")
             elif stage == "resume":
-                text = f"from the checkpoint of round {info['round']}"
-                bar.update(task, description="resume", completed=info["round"], info=text)
+                show("resume", f"from the checkpoint of round {info['round']}", info["round"])
             else:
-                bar.update(
-                    task, description=stage, info=" ".join(f"{k}={v}" for k, v in info.items())
-                )
+                show(stage, " ".join(f"{k}={v}" for k, v in info.items()))
 
         main = threading.current_thread() is threading.main_thread()  # signals: main only
         stops = (signal.SIGTERM, signal.SIGINT)
