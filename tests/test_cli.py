@@ -461,6 +461,8 @@ def test_bandit_plots_are_written_and_stale_ones_removed(tmp_path: Path) -> None
     run += ["--seed", "1", "-o", str(tmp_path), "--format", "json"]
     first = runner.invoke(app, run)
     assert first.exit_code == 0, first.output
+    json.loads(first.stdout)  # the report alone on stdout; the progress went to stderr
+    assert "synthetic seed 1 (1 of 1) ..." in first.stderr  # it was silent until the end
     pngs = {f"bandits-synthetic-{name}.png" for name in PLOTS["synthetic"]}
     assert {p.name for p in tmp_path.glob("*.png")} == pngs
     again = runner.invoke(app, [*run, "--no-plots"])

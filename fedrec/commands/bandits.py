@@ -11,7 +11,6 @@ ones.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -41,8 +40,6 @@ from shared.io import (
     check_output_dir,
     write_json_atomic,
 )
-
-log = logging.getLogger(__name__)
 
 app = typer.Typer(
     help="Bandit re-ranking (greedy, epsilon-greedy, Thompson, LinUCB) and MMR diversity.",
@@ -228,7 +225,7 @@ def _evaluate_synthetic(
             features=features,
             base_model=base_model,
         )
-        log.info("synthetic seed %d", seed)
+        _say(f"synthetic seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
         runs.append(run_simulation(cfg, arms, embed=embed))
     summary = summarize_runs(runs)
     return {
@@ -317,6 +314,7 @@ def _tune_synthetic(seeds: Sequence[int], users: int, steps: int) -> dict[str, A
         )
     results: dict[str, Any] = {}
     for features in ("mf", "text"):
+        _say(f"synthetic grid, {features} features, seeds {', '.join(map(str, seeds))}")
         arms = list(grid)
         if features == "mf":
             for lam in (0.9, 0.8, 0.7, 0.5):
@@ -397,7 +395,7 @@ def _evaluate_ml100k(
     runs = []
     for seed in seeds:
         cfg = ReplayConfig(seed=seed, max_users=users, features=features)
-        log.info("ml-100k seed %d", seed)
+        _say(f"ml-100k replay, seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
         runs.append(
             run_replay(
                 dataset,
@@ -481,6 +479,7 @@ def _tune_ml100k(seeds: Sequence[int], data_dir: Path) -> dict[str, Any]:
     text = _embedder()(dataset.item_text)
     per_seed = {}
     for seed in seeds:
+        _say(f"ml-100k MMR grid, seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
         split = split_users(dataset, SplitConfig(seed=seed))
         train = split.train_sequences()
         model = EASE().fit(train, dataset.n_items)
@@ -642,6 +641,12 @@ def _check_common(
 
         folder = dataset_dir("ml-100k")  # the cache, or a checked download (clear offline)
     return folder
+
+
+def _say(what: str) -> None:
+    """One progress line on stderr: a replay or a seed takes minutes, and the command was
+    silent until its report."""
+    typer.echo(f"{what} ...", err=True)
 
 
 def _distinct_seeds(seeds: Sequence[int] | None, default: Sequence[int]) -> list[int]:
