@@ -705,29 +705,25 @@ class DeviceLearner:
         is loaded: a model of another federation failed every start naming only a
         parameter's shape, after half of it had been copied into the bundle's student."""
         from shared.federated.student_task import adapter_names, get_global_arrays, global_names
+        from shared.federated.validation import InvalidUpdateError, check_structure
 
         names = global_names(student) + (adapter_names(student) if meta else [])
-        shapes = [a.shape for a in get_global_arrays(student, meta)]
-        problem = None
-        if len(arrays) != len(shapes):
-            problem = f"{len(arrays)} arrays where the bundle's student has {len(shapes)}"
-        else:
-            problem = next(
-                (
-                    f"{name}: shape {tuple(a.shape)} where the bundle has {tuple(want)}"
-                    for name, a, want in zip(names, arrays, shapes, strict=True)
-                    if a.shape != want
-                ),
-                None,
+        try:
+            check_structure(
+                arrays,
+                get_global_arrays(student, meta),
+                what="global model",
+                names=names,
+                check_dtype=False,
             )
-        if problem is not None:
+        except InvalidUpdateError as exc:
             raise ConfigError(
                 f"the global model {version} kept in {self.files.global_params} does not fit "
-                f"the bundle {self.bundle_path} ({problem}): it came from another federation. "
+                f"the bundle {self.bundle_path} ({exc}): it came from another federation. "
                 f"Use that federation's bundle, or delete {self.files.global_params} (the next "
                 "round brings this federation's model; `fedrec client init --force` removes it "
                 "when the device joins a new federation)"
-            )
+            ) from exc
 
 
 def attach_learner(daemon: Daemon, bundle: Path, config: LearnerConfig | None = None) -> None:
