@@ -397,12 +397,14 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
     # deployment's flags are checked all the same: they are what devices would train with)
     training = field_names(LocalTrainConfig)
     from_flat(LocalTrainConfig, {k: v for k, v in config.items() if k in training})
-    initial = server_task(server, config).initial_parameters()
-    bundle = config.get("bundle")
-    if config.get("task") == STUDENT_TASK and isinstance(bundle, str) and bundle:
-        from shared.federated.bundle import check_deployable, load_bundle
+    task = server_task(server, config)
+    initial = task.initial_parameters()
+    from shared.federated.student_task import StudentTask
 
-        check_deployable(load_bundle(bundle), bundle)
+    if isinstance(task, StudentTask):  # the bundle the task just read, not a second read
+        from shared.federated.bundle import check_deployable
+
+        check_deployable(task.bundle, task.config.bundle)
     check_resume(server, initial, bundle_digest_of(config))
 
 
