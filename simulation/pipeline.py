@@ -410,15 +410,19 @@ def _server_run_config(
     }
 
 
-def _client_epsilons(state_dir: Path) -> list[float]:
-    """Each virtual device's cumulative epsilon, read from its ledger on 'its' disk."""
+def _client_epsilon_summary(state_dir: Path) -> dict[str, float | None]:
+    """The largest and the mean of the virtual devices' cumulative epsilons, read from their
+    ledgers on 'their' disks (``None`` before any ledger), as a round's record holds them."""
     out = []
     for path in state_dir.glob("client-*/ledger.json"):
         try:
             out.append(float(json.loads(path.read_text())["epsilon"]))
         except (OSError, ValueError, KeyError):
             continue
-    return out
+    return {
+        "epsilon_record": max(out) if out else None,
+        "epsilon_record_mean": float(np.mean(out)) if out else None,
+    }
 
 
 def _federate(
@@ -452,7 +456,6 @@ def _federate(
 
     def on_round_end(report: RoundReport) -> None:
         state["parameters"] = [np.asarray(a) for a in report.parameters]
-        eps = _client_epsilons(run.root / "clients")
         row: dict[str, Any] = {
             "round": report.server_round,
             "clients_ok": report.fit.ok,
@@ -460,8 +463,7 @@ def _federate(
             "clients_failed": report.fit.failed + report.fit.rejected,
             "fit_seconds": round(report.fit_seconds, 3),
             "round_seconds": round(report.round_seconds, 3),
-            "epsilon_record": max(eps) if eps else None,
-            "epsilon_record_mean": float(np.mean(eps)) if eps else None,
+            **_client_epsilon_summary(run.root / "clients"),
             "epsilon_user": report.epsilon_user,
             "updated": report.fit.updated,
             # this process's federation time so far: a later resume adds it to its own
@@ -532,13 +534,9 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
     missing = CheckpointStore(run.checkpoints, tidy=False).verified_after(last)
     for checkpoint in missing:
         m, server_round = checkpoint.metrics, checkpoint.server_round
-        row: dict[str, Any] = {}
-        if checkpoint is missing[-1]:
-            # the clients are charged in a round's fit, which starts only after the previous
-            # round's line is logged: their ledgers now stand exactly as after this round
-            eps = _client_epsilons(run.root / "clients")
-            row["epsilon_record"] = max(eps) if eps else None
-            row["epsilon_record_mean"] = float(np.mean(eps)) if eps else None
+        # the clients are charged in a round's fit, which starts only after the previous
+        # round's line is logged: their ledgers now stand exactly as after the last one
+        row = _client_epsilon_summary(run.root / "clients") if checkpoint is missing[-1] else {}
         run.log(
             "round",
             server_round,
