@@ -216,7 +216,7 @@ def _evaluate_synthetic(
 ) -> dict[str, Any]:
     embed = _embedder()
     runs = []
-    for seed in seeds:
+    for n, seed in enumerate(seeds, start=1):
         cfg = SimulationConfig(
             world_seed=seed,
             seed=seed,
@@ -225,7 +225,7 @@ def _evaluate_synthetic(
             features=features,
             base_model=base_model,
         )
-        _say(f"synthetic seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+        _say(f"synthetic seed {seed} ({n} of {len(seeds)})")
         runs.append(run_simulation(cfg, arms, embed=embed))
     summary = summarize_runs(runs)
     return {
@@ -393,9 +393,9 @@ def _evaluate_ml100k(
     embed = _embedder()
     grid = sorted({*MMR_GRID, lam}, reverse=True)
     runs = []
-    for seed in seeds:
+    for n, seed in enumerate(seeds, start=1):
         cfg = ReplayConfig(seed=seed, max_users=users, features=features)
-        _say(f"ml-100k replay, seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+        _say(f"ml-100k replay, seed {seed} ({n} of {len(seeds)})")
         runs.append(
             run_replay(
                 dataset,
@@ -478,8 +478,8 @@ def _tune_ml100k(seeds: Sequence[int], data_dir: Path) -> dict[str, Any]:
     dataset = load_dataset("ml-100k", data_dir)
     text = _embedder()(dataset.item_text)
     per_seed = {}
-    for seed in seeds:
-        _say(f"ml-100k MMR grid, seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+    for n, seed in enumerate(seeds, start=1):
+        _say(f"ml-100k MMR grid, seed {seed} ({n} of {len(seeds)})")
         split = split_users(dataset, SplitConfig(seed=seed))
         train = split.train_sequences()
         model = EASE().fit(train, dataset.n_items)
