@@ -46,7 +46,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple, get_args
+from typing import Any, Final, Literal, NamedTuple, TypeGuard, get_args
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -150,7 +150,7 @@ class StoreCorruptError(DataError):
     """The store's file is damaged: SQLite reads it as malformed, or as no database at all."""
 
 
-def is_corruption(exc: BaseException) -> bool:
+def is_corruption(exc: BaseException) -> TypeGuard[sqlite3.DatabaseError]:
     """Whether ``exc`` is SQLite reporting a damaged file (``SQLITE_CORRUPT`` or
     ``SQLITE_NOTADB``), as opposed to a busy store or a full disk, which a retry may cure."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -487,7 +487,6 @@ class DeviceStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if is_corruption(exc):
-                assert isinstance(exc, sqlite3.Error)
                 raise DeviceStore._damaged(path, exc) from exc
             raise
 
