@@ -245,11 +245,17 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
     """
 
     @staticmethod
-    def _forget_dropouts(state: WorkflowState) -> None:
+    def _forget_dropouts(state: WorkflowState, grid: Grid) -> None:
         dropped = state.sampled_node_ids - state.active_node_ids
         if not dropped:
             return
-        log(WARNING, "SecAgg+: %s client(s) dropped before sending masks", len(dropped))
+        causes = grid.outcomes if isinstance(grid, _WellFormedRepliesGrid) else {}
+        log(
+            WARNING,
+            "SecAgg+: %s client(s) dropped before sending masks: %s",
+            len(dropped),
+            "; ".join(f"node {n} ({causes.get(n, 'no reply')})" for n in sorted(dropped)),
+        )
         state.sampled_node_ids = state.sampled_node_ids - dropped
         for node_id in dropped:
             state.nid_to_neighbours.pop(node_id, None)
@@ -260,13 +266,13 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         """Flower's setup stage, then forget clients that did not send public keys."""
         if not super().setup_stage(grid, context, state) and not state.nid_to_neighbours:
             return False  # nothing sampled / configuration error: nothing to repair
-        self._forget_dropouts(state)
+        self._forget_dropouts(state, grid)
         return len(state.active_node_ids) >= 2 and self._check_threshold(state)
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's share-keys stage, then forget clients that did not share keys."""
         super().share_keys_stage(grid, context, state)
-        self._forget_dropouts(state)
+        self._forget_dropouts(state, grid)
         return len(state.active_node_ids) >= 2 and self._check_threshold(state)
 
     def collect_masked_vectors_stage(
@@ -344,12 +350,26 @@ class _WellFormedRepliesGrid(DelegatingGrid):
     def __init__(self, inner: Grid, shapes: list[tuple[int, ...]] | None) -> None:
         super().__init__(inner)
         self._shapes = shapes
+        self.outcomes: dict[int, str] = {}
+        """Why each node of the last exchange sent no usable reply (by node id): the error
+        it replied with, or that none came in time; what a dropout is logged with."""
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
-        return [self._checked(reply) for reply in replies]
+        sent = list(messages)
+        replies = [
+            self._checked(reply) for reply in self._inner.send_and_receive(sent, timeout=timeout)
+        ]
+        waited = "no reply" if timeout is None else f"no reply within {timeout:g} s"
+        self.outcomes = {m.metadata.dst_node_id: waited for m in sent}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.outcomes[node] = f"error: {reply.error.reason}"
+            else:
+                self.outcomes.pop(node, None)
+        return replies
 
     def _checked(self, reply: Message) -> Message:
         if reply.has_error() or not reply.has_content():

@@ -714,12 +714,20 @@ def _dropout_mod(clients: set[int], stage: str) -> Callable[..., Message]:
 
 @pytest.mark.parametrize("stage", ["setup", "share_keys"])
 @pytest.mark.parametrize("dropped", [{1}, {1, 4}])
-def test_secagg_early_dropouts_leave_the_survivor_aggregate(stage: str, dropped: set[int]) -> None:
+def test_secagg_early_dropouts_leave_the_survivor_aggregate(
+    stage: str, dropped: set[int], caplog: pytest.LogCaptureFixture
+) -> None:
     # Flower 1.42 alone halts here (KeyError on every survivor in the unmask stage);
     # EarlyDropoutTolerantSecAggPlusWorkflow forgets clients that never sent masks.
     task = ToyLinearTask()
     config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
-    reports = _run(config, num_nodes=6, extra_mods=[_dropout_mod(dropped, stage)])
+    with caplog.at_level("WARNING"):
+        reports = _run(config, num_nodes=6, extra_mods=[_dropout_mod(dropped, stage)])
+    # the log names every dropped node and why (an operator had only a count)
+    (line,) = [r.getMessage() for r in caplog.records if "dropped before sending" in r.getMessage()]
+    for client in dropped:
+        assert f"client {client} dropped in {stage}" in line
+    assert line.count("(error: ") == len(dropped)
     survivors = [c for c in range(6) if c not in dropped]
     assert (reports[0].fit.ok, reports[0].fit.failed) == (len(survivors), len(dropped))
     expected = _expected_fedavg(task, survivors, task.initial_parameters())
