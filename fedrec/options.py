@@ -199,3 +199,9 @@ class CountOrFraction(click.ParamType):
 
 
 COUNT_OR_FRACTION = CountOrFraction()
+
+
+def say(what: str) -> None:
+    """One progress line on stderr (stdout holds only the report): for commands whose work
+    takes minutes and would otherwise be silent until their report."""
+    typer.echo(f"{what} ...", err=True)

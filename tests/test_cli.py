@@ -121,6 +121,9 @@ def test_evaluate_baselines_on_synthetic_default_prints_a_table() -> None:
     result = runner.invoke(app, ["evaluate", "baselines", "--no-text", "--run-config", "shots=1,3"])
     assert result.exit_code == 0, result.output
     assert "ease" in result.output and "fewshot" in result.output
+    # a line per stage on stderr (on ml-100k it took a minute in silence); stdout: the report
+    for stage in ("pop: fitting", "itemknn: fitting", "ease: fitting", "cold-start items"):
+        assert stage in result.stderr and stage not in result.stdout
 
 
 def test_a_data_dir_without_a_dataset_is_refused_not_read_as_synthetic() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, joined
+from fedrec.options import NON_EMPTY_PATH, joined, say
 from shared.bandits.harness import (
     COVERAGE_TARGET,
     REGRET_TARGET,
@@ -225,7 +225,7 @@ def _evaluate_synthetic(
             features=features,
             base_model=base_model,
         )
-        _say(f"synthetic seed {seed} ({n} of {len(seeds)})")
+        say(f"synthetic seed {seed} ({n} of {len(seeds)})")
         runs.append(run_simulation(cfg, arms, embed=embed))
     summary = summarize_runs(runs)
     return {
@@ -314,7 +314,7 @@ def _tune_synthetic(seeds: Sequence[int], users: int, steps: int) -> dict[str, A
         )
     results: dict[str, Any] = {}
     for features in ("mf", "text"):
-        _say(f"synthetic grid, {features} features, seeds {', '.join(map(str, seeds))}")
+        say(f"synthetic grid, {features} features, seeds {', '.join(map(str, seeds))}")
         arms = list(grid)
         if features == "mf":
             for lam in (0.9, 0.8, 0.7, 0.5):
@@ -395,7 +395,7 @@ def _evaluate_ml100k(
     runs = []
     for n, seed in enumerate(seeds, start=1):
         cfg = ReplayConfig(seed=seed, max_users=users, features=features)
-        _say(f"ml-100k replay, seed {seed} ({n} of {len(seeds)})")
+        say(f"ml-100k replay, seed {seed} ({n} of {len(seeds)})")
         runs.append(
             run_replay(
                 dataset,
@@ -479,7 +479,7 @@ def _tune_ml100k(seeds: Sequence[int], data_dir: Path) -> dict[str, Any]:
     text = _embedder()(dataset.item_text)
     per_seed = {}
     for n, seed in enumerate(seeds, start=1):
-        _say(f"ml-100k MMR grid, seed {seed} ({n} of {len(seeds)})")
+        say(f"ml-100k MMR grid, seed {seed} ({n} of {len(seeds)})")
         split = split_users(dataset, SplitConfig(seed=seed))
         train = split.train_sequences()
         model = EASE().fit(train, dataset.n_items)
@@ -641,12 +641,6 @@ def _check_common(
 
         folder = dataset_dir("ml-100k")  # the cache, or a checked download (clear offline)
     return folder
-
-
-def _say(what: str) -> None:
-    """One progress line on stderr: a replay or a seed takes minutes, and the command was
-    silent until its report."""
-    typer.echo(f"{what} ...", err=True)
 
 
 def _distinct_seeds(seeds: Sequence[int] | None, default: Sequence[int]) -> list[int]:

@@ -21,6 +21,7 @@ from fedrec.options import (
     SeedOpt,
     explicit_options,
     joined,
+    say,
 )
 from shared.config import from_flat, parse_run_config
 from shared.data.registry import dataset_key, load_dataset
@@ -89,6 +90,7 @@ def baselines(
         embed=embed,
         export_path=export,
         export_model=export_model,
+        progress=say,
     )
     _emit(report, output, fmt, eval_cfg.k)
 
