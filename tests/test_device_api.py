@@ -434,7 +434,7 @@ def test_end_to_end_with_an_int8_model(device: Device, int8_model: bytes) -> Non
         ]
     }
     r = device.client.post("/feedback", json=fb)
-    assert r.status_code == 200 and r.json() == {"stored": 2}
+    assert r.status_code == 200 and r.json() == {"stored": 2, "duplicates": 0}
     # the click is behaviour: an event of the history, which the adaptation hears about
     assert seen == [4, 1]
     # feedback for an item this recommendation never returned: refused, nothing stored
@@ -1426,11 +1426,11 @@ def test_each_impression_is_learned_from_once(tmp_path: Path, int8_model: bytes)
 
         click = {"feedback": [report(items[0], "clicked")]}
         for _ in range(4):  # an app retrying a POST whose answer it lost
-            assert client.post("/feedback", json=click).json() == {"stored": 1}
+            assert client.post("/feedback", json=click).json() == {"stored": 1, "duplicates": 0}
         assert updates() == 1 and len(daemon.store.feedback()) == 4
         # within one batch a click beats "shown" for the same impression
         both = {"feedback": [report(items[1], "shown"), report(items[1], "clicked")]}
-        assert client.post("/feedback", json=both).json() == {"stored": 2}
+        assert client.post("/feedback", json=both).json() == {"stored": 2, "duplicates": 0}
         assert updates() == 2
         assert daemon.reranker.feedback_counts["accepted"] == 2  # type: ignore[attr-defined]
     finally:
@@ -1466,11 +1466,11 @@ def test_feedback_stored_but_never_learned_is_learned_when_retried(
             raise RuntimeError("killed before the posterior was saved")
 
         monkeypatch.setattr(BanditReranker, "observe", dies)
-        assert client.post("/feedback", json=click).json() == {"stored": 1}
+        assert client.post("/feedback", json=click).json() == {"stored": 1, "duplicates": 0}
         assert reranker.state()["posterior"]["n_updates"] == 0
         monkeypatch.setattr(BanditReranker, "observe", real)
         for _ in range(3):  # the retry is learned from, once
-            assert client.post("/feedback", json=click).json() == {"stored": 1}
+            assert client.post("/feedback", json=click).json() == {"stored": 1, "duplicates": 0}
             assert reranker.state()["posterior"]["n_updates"] == 1
         counts = reranker.feedback_counts
         assert counts["accepted"] == 1 and not any(k.startswith("rejected") for k in counts)
@@ -1619,3 +1619,49 @@ def test_events_with_the_apps_ids_can_be_retried_safely(device: Device) -> None:
     assert seen == [2, 1]  # nothing new: no adaptation scheduled
     r = device.client.post("/events", json={"events": [ev(ITEM[4], event_id="x" * 129)]})
     assert r.status_code == 422 and "event_id" in r.text
+
+
+def test_a_feedback_batch_with_the_apps_ids_can_be_retried_after_a_restart(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    """An app that lost the reply to POST /feedback sends the batch again: each report was
+    stored twice (the policy learned once, but the feedback count grew)."""
+    state = tmp_path / "device"
+    dev = Device(state, int8_model, CATALOG, exploration=BanditConfig(top_n=50))
+    try:
+        dev.client.post("/events", json={"events": [ev(i) for i in ITEM[:4]]})
+        rec = dev.client.get("/recommendations?k=5").json()
+        rid, items = rec["recommendation_id"], [it["item_id"] for it in rec["items"]]
+        batch = {
+            "feedback": [
+                {"recommendation_id": rid, "item_id": items[0], "action": "clicked"}
+                | {"feedback_id": "550e8400-e29b-41d4-a716-446655440000"},
+                {"recommendation_id": rid, "item_id": items[1], "action": "shown"}
+                | {"feedback_id": "550e8400-e29b-41d4-a716-446655440001"},
+            ]
+        }
+        r = dev.client.post("/feedback", json=batch)
+        assert r.status_code == 200 and r.json() == {"stored": 2, "duplicates": 0}
+    finally:
+        dev.daemon.shutdown()
+    daemon = Daemon.open(state, config=DaemonConfig(exploration=BanditConfig(top_n=50)))
+    try:
+        client = TestClient(
+            create_app(daemon, dev.token), headers={"Authorization": f"Bearer {dev.token}"}
+        )
+        updates = daemon.reranker.state()["posterior"]["n_updates"]  # type: ignore[attr-defined]
+        assert updates == 2
+        r = client.post("/feedback", json=batch)  # the retry, after a restart
+        assert r.status_code == 200 and r.json() == {"stored": 0, "duplicates": 2}
+        status = client.get("/status").json()
+        assert status["feedback"] == 2 and status["events"] == 5  # one click event
+        assert daemon.reranker.state()["posterior"]["n_updates"] == 2  # type: ignore[attr-defined]
+        # the id stays optional: a report without one is stored each time it is sent
+        plain = {"feedback": [{"recommendation_id": rid, "item_id": items[2], "action": "shown"}]}
+        assert client.post("/feedback", json=plain).json() == {"stored": 1, "duplicates": 0}
+        assert client.post("/feedback", json=plain).json() == {"stored": 1, "duplicates": 0}
+        bad = {"feedback": [plain["feedback"][0] | {"feedback_id": ""}]}
+        r = client.post("/feedback", json=bad)
+        assert r.status_code == 422 and "feedback_id" in r.text
+    finally:
+        daemon.shutdown()

@@ -33,6 +33,7 @@ from client.device.identity import (
 )
 from client.device.sealed import Catalog, SealedModelStore, sealed_name
 from client.device.store import (
+    SCHEMA_VERSION,
     DeviceStore,
     Event,
     Feedback,
@@ -792,7 +793,89 @@ def test_a_version_1_store_is_upgraded_and_its_rows_still_open(tmp_path: Path, k
         new = [Event("new", "view", 2.0, event_id="x")]
         assert len(store.add_events(new)) == 1 and store.add_events(new) == []
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_retried_feedback_batch_with_ids_is_stored_once_even_after_a_restart(
+    tmp_path: Path, key: bytes
+) -> None:
+    """An app whose POST /feedback reply was lost sends the batch again: every report was
+    stored a second time (the feedback count grew, the policy learned once)."""
+    db, rec = tmp_path / "store.db", "ab" * 16
+    with DeviceStore.open(db, key) as store:
+        store.record_impressions([Impression(rec, i, r, 1.0, 1.0) for r, i in enumerate("abc", 1)])
+        batch = [
+            Feedback(rec, "a", "clicked", 2.0, feedback_id="fb-1"),
+            Feedback(rec, "b", "shown", 2.0, feedback_id="fb-2"),
+        ]
+        first = store.add_feedback(batch)
+        assert len(first.ids) == 2 and len(first.click_events) == 1 and first.duplicates == ()
+    with DeviceStore.open(db, key) as store:  # the ids survive a restart
+        retry = [*batch, Feedback(rec, "c", "shown", 3.0, feedback_id="fb-3")]
+        again = store.add_feedback(retry)
+        assert len(again.ids) == 1 and again.duplicates == (0, 1) and again.click_events == []
+        assert [f.item_id for f in store.feedback()] == ["a", "b", "c"]
+        assert store.stats().events == 1  # the retried click added no second event
+        # the whole batch again: nothing stored, every report a duplicate
+        assert store.add_feedback(retry) == ([], [], (0, 1, 2))
+        # an id repeated inside one batch counts once; reports without an id are all stored
+        twice = [
+            Feedback(rec, "c", "clicked", 4.0, feedback_id="dup"),
+            Feedback(rec, "c", "clicked", 4.0, feedback_id="dup"),
+            Feedback(rec, "c", "shown", 4.0),
+            Feedback(rec, "c", "shown", 4.0),
+        ]
+        assert store.add_feedback(twice).duplicates == (1,)
+        assert store.stats().feedback == 6
+    with pytest.raises(DataError, match="feedback_id"):
+        Feedback(rec, "a", "shown", 1.0, feedback_id="x" * 129)
+
+
+def test_feedback_ids_are_bounded_and_a_retry_is_recognised_before_the_impressions_check(
+    tmp_path: Path, key: bytes
+) -> None:
+    rec = "cd" * 16
+    with DeviceStore.open(tmp_path / "s.db", key, max_feedback_ids=3) as store:
+        store.record_impressions([Impression(rec, "a", 1, 1.0, 1.0)])
+        for n in range(5):
+            store.add_feedback([Feedback(rec, "a", "shown", 2.0, feedback_id=f"id-{n}")])
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM feedback_ids").fetchone()[0] == 3
+        assert store.add_feedback([Feedback(rec, "a", "shown", 2.0, feedback_id="id-4")]).ids == []
+        # the oldest ids are forgotten: such a late retry is stored again
+        assert len(store.add_feedback([Feedback(rec, "a", "shown", 2.0, feedback_id="id-0")]).ids)
+        # a retry whose impression expired since is a duplicate, not a 422
+        store.erase()
+        store.record_impressions([Impression(rec, "a", 1, 1.0, 1.0)])
+        store.add_feedback([Feedback(rec, "a", "shown", 2.0, feedback_id="late")])
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("DELETE FROM impressions")
+        assert store.add_feedback([Feedback(rec, "a", "shown", 2.0, feedback_id="late")]) == (
+            [],
+            [],
+            (0,),
+        )
+        # an erase forgets the ids with the feedback they name
+        store.erase()
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM feedback_ids").fetchone()[0] == 0
+
+
+def test_a_version_2_store_is_upgraded_to_remember_feedback_ids(tmp_path: Path, key: bytes) -> None:
+    db, rec = tmp_path / "store.db", "ef" * 16
+    with DeviceStore.open(db, key) as store:
+        store.record_impressions([Impression(rec, "a", 1, 1.0, 1.0)])
+        store.add_feedback([Feedback(rec, "a", "shown", 2.0)])
+    with sqlite3.connect(db) as conn:  # the file as version 2 wrote it
+        conn.execute("DROP TABLE feedback_ids")
+        conn.execute("PRAGMA user_version = 2")
+    with DeviceStore.open(db, key) as store:
+        assert [f.item_id for f in store.feedback()] == ["a"]
+        report = [Feedback(rec, "a", "clicked", 3.0, feedback_id="x")]
+        assert len(store.add_feedback(report).ids) == 1
+        assert store.add_feedback(report).duplicates == (0,)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 def test_exploration_keeps_a_posterior_saved_under_the_labels_of_earlier_versions(

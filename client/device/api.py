@@ -16,6 +16,12 @@ Endpoints
     ``GET /recommendations?k=`` (1..100), ``POST /feedback`` (shown/clicked for items a
     recommendation returned), ``GET /status``, ``DELETE /data`` (204).
 
+Retries
+    An event may carry the app's ``event_id`` and a feedback report its ``feedback_id``
+    (both optional): one already stored is skipped, so a batch whose reply was lost can be
+    sent again as it was. ``POST /feedback`` answers how many reports it stored and how many
+    it skipped as ``duplicates``.
+
 Errors (always JSON ``{"detail": "<one line: the problem and the fix>", ...}``)
     401 token; 413 body over ``max_body_bytes`` or batch over ``max_batch``; 422 malformed
     JSON, wrong types, unknown fields, unknown items (listed in ``unknown_items``; nothing of
@@ -67,6 +73,7 @@ from client.device.daemon import (
 )
 from client.device.store import (
     MAX_EVENT_ID_LENGTH,
+    MAX_FEEDBACK_IDS,
     MAX_TIMESTAMP,
     Event,
     Feedback,
@@ -126,6 +133,9 @@ def _not_ahead(ts: float) -> float:
     return ts
 
 
+#: The app's own id of a record (see "Retries" above).
+ClientId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_LENGTH)]
+
 Timestamp = Annotated[
     float,
     Field(
@@ -152,18 +162,11 @@ class EventIn(_Strict):
     kind: Literal["view", "click", "rating"]
     timestamp: Timestamp | None = None
     rating: Annotated[float, Field(ge=RATING_MIN, le=RATING_MAX, allow_inf_nan=False)] | None = None
-    event_id: (
-        Annotated[
-            str,
-            StringConstraints(min_length=1, max_length=MAX_EVENT_ID_LENGTH),
-            Field(
-                description="The app's own id of the event (optional): an event whose id is "
-                "already stored is skipped, so a batch can be retried safely after a lost "
-                "reply."
-            ),
-        ]
-        | None
-    ) = None
+    event_id: ClientId | None = Field(
+        None,
+        description="The app's own id of the event (optional): an event whose id is already "
+        "stored is skipped, so a batch can be retried safely after a lost reply.",
+    )
 
     @model_validator(mode="after")
     def _rating_matches_kind(self) -> EventIn:
@@ -206,6 +209,13 @@ class FeedbackIn(_Strict):
         ),
     ]
     timestamp: Timestamp | None = None
+    feedback_id: ClientId | None = Field(
+        None,
+        description="The app's own id of this report (optional; unique per report, e.g. a "
+        "UUID): a report whose id is already stored is skipped, so a batch can be sent again "
+        f"after a lost reply without being stored (or counted) twice. The newest "
+        f"{MAX_FEEDBACK_IDS} ids are remembered.",
+    )
 
 
 class FeedbackBatch(_Strict):
@@ -213,7 +223,11 @@ class FeedbackBatch(_Strict):
 
 
 class FeedbackAccepted(BaseModel):
-    stored: int
+    stored: int = Field(description="Reports stored: the batch less its duplicates.")
+    duplicates: int = Field(
+        description="Reports skipped because their feedback_id was stored before (or given "
+        "twice in the batch): a retried batch answers stored=0 and duplicates=its size.",
+    )
 
 
 class RecommendedItemOut(BaseModel):
@@ -618,12 +632,19 @@ def create_app(
             raise too_large(len(batch.feedback), "feedback entries")
         try:
             items = [
-                Feedback(f.recommendation_id, f.item_id, f.action, _now_or(f.timestamp))
+                Feedback(
+                    f.recommendation_id,
+                    f.item_id,
+                    f.action,
+                    _now_or(f.timestamp),
+                    feedback_id=f.feedback_id,
+                )
                 for f in batch.feedback
             ]
         except DataError as exc:  # the schema already enforces this; belt and braces
             raise HTTPException(422, str(exc)) from exc
-        return FeedbackAccepted(stored=backend.add_feedback(items))
+        stored = backend.add_feedback(items)  # all or nothing, less the duplicates
+        return FeedbackAccepted(stored=stored, duplicates=len(items) - stored)
 
     @app.get("/status", response_model=StatusOut, responses=_errors(401), summary="Device status.")
     def get_status() -> StatusOut:

@@ -765,8 +765,9 @@ class Daemon:
         Stored feedback then updates a learning policy at once (``clicked`` = 1, ``shown`` =
         0: seen and not clicked), once per impression (recommendation, item): a report
         repeated or retried later is stored but not learned from again, and within one batch
-        a click beats "shown". A policy failure is logged, never lost feedback: the store
-        already has it.
+        a click beats "shown". A report whose ``feedback_id`` was stored before is not
+        stored again (a batch retried after a lost reply); the count returned leaves it out.
+        A policy failure is logged, never lost feedback: the store already has it.
         """
         with self._serve_lock:
             return self._add_feedback(feedback)
@@ -775,6 +776,16 @@ class Daemon:
         # an impression is learned from once: a retried or repeated report is stored only
         earlier = self.store.reported([(fb.recommendation_id, fb.item_id) for fb in feedback])
         stored = self.store.add_feedback(feedback)
+        if stored.duplicates:
+            # a report skipped for its id is learned from only if its impression was stored
+            # (it may still wait: the retry follows a crash); one that reused the id of
+            # another impression's report was not stored, so it teaches nothing
+            skipped = set(stored.duplicates)
+            feedback = [
+                fb
+                for i, fb in enumerate(feedback)
+                if i not in skipped or (fb.recommendation_id, fb.item_id) in earlier
+            ]
         if stored.click_events:  # clicks join the history: the next adaptation fits them
             self.on_new_events(len(stored.click_events))
         reranker, catalog = self.reranker, self.catalog

@@ -27,7 +27,13 @@ Keys
 
 Schema
     ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`; a newer file is refused (upgrade
-    fedrec), an older one is migrated by :data:`_MIGRATIONS` (none yet).
+    fedrec), an older one is migrated by :data:`_MIGRATIONS`.
+
+Retries
+    An app's own ids of events and feedback reports (optional) are kept as blind indexes
+    (``events.client_tag``, ``feedback_ids``), so a batch sent again after a lost reply is
+    recognised and stored once. The feedback ids are bounded: only the newest
+    ``max_feedback_ids`` are remembered.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from shared.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: Version of the rows' associated data (``fedrec-store/v1/...``): schema upgrades that add
 #: columns leave it, so the rows of an upgraded file still authenticate.
 ROW_FORMAT: Final = 1
@@ -83,8 +89,12 @@ KEPT_ON_ERASE: tuple[str, ...] = (
 
 STATE_ADAPTATION_PENDING = "adaptation_pending"
 
-#: Longest ``event_id`` an app may give an event.
+#: Longest ``event_id`` an app may give an event (and ``feedback_id`` a feedback report).
 MAX_EVENT_ID_LENGTH: Final = 128
+
+#: Feedback ids remembered by default (the newest ones): a batch retried later than this
+#: many reports after it was first stored is stored again.
+MAX_FEEDBACK_IDS: Final = 10_000
 
 #: Latest timestamp accepted (2100-01-01 UTC): catches milliseconds sent as seconds.
 MAX_TIMESTAMP: Final = 4_102_444_800.0
@@ -115,6 +125,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     recommendation_id TEXT NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS feedback_ids (id INTEGER PRIMARY KEY, tag BLOB NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY,
     payload BLOB NOT NULL
@@ -127,6 +138,8 @@ _MIGRATIONS: dict[int, str] = {
     # v2: the app's optional event id (blind-indexed), so a retried batch is stored once
     1: "ALTER TABLE events ADD COLUMN client_tag BLOB; "
     "CREATE UNIQUE INDEX IF NOT EXISTS events_client_tag ON events (client_tag)",
+    # v3: the app's optional feedback ids (blind-indexed, the newest only), for the same reason
+    2: "CREATE TABLE IF NOT EXISTS feedback_ids (id INTEGER PRIMARY KEY, tag BLOB NOT NULL UNIQUE)",
 }
 
 
@@ -227,6 +240,14 @@ def _check_item_id(item_id: str, what: str) -> None:
         raise DataError(f"{what} item id must be a non-empty string, got {item_id!r}")
 
 
+def _check_client_id(value: str | None, name: str) -> None:
+    """An app's own id of a record: ``None``, or 1 to :data:`MAX_EVENT_ID_LENGTH` characters."""
+    if value is not None and not (isinstance(value, str) and 0 < len(value) <= MAX_EVENT_ID_LENGTH):
+        raise DataError(
+            f"{name} must be a string of 1 to {MAX_EVENT_ID_LENGTH} characters, got {value!r}"
+        )
+
+
 @dataclass(frozen=True)
 class Event:
     """One behavior event: ``item_id`` is the dataset's raw id, ``timestamp`` in seconds.
@@ -248,13 +269,7 @@ class Event:
 
     def __post_init__(self) -> None:
         _check_item_id(self.item_id, "event")
-        if self.event_id is not None and not (
-            isinstance(self.event_id, str) and 0 < len(self.event_id) <= MAX_EVENT_ID_LENGTH
-        ):
-            raise DataError(
-                f"event_id must be a string of 1 to {MAX_EVENT_ID_LENGTH} characters, got "
-                f"{self.event_id!r}"
-            )
+        _check_client_id(self.event_id, "event_id")
         if self.kind not in EVENT_KINDS:
             raise DataError(f"event kind must be one of {EVENT_KINDS}, got {self.kind!r}")
         _check_timestamp(self.timestamp, "event")
@@ -279,9 +294,14 @@ class Feedback:
     action: FeedbackAction
     timestamp: float
     id: int | None = None
+    #: The app's own id of the report (optional): a batch retried after a lost reply stores
+    #: each report once (see :meth:`DeviceStore.add_feedback`). Kept as a blind index only;
+    #: feedback read back has none.
+    feedback_id: str | None = None
 
     def __post_init__(self) -> None:
         _check_item_id(self.item_id, "feedback")
+        _check_client_id(self.feedback_id, "feedback_id")
         if self.action not in FEEDBACK_ACTIONS:
             raise DataError(
                 f"feedback action must be one of {FEEDBACK_ACTIONS}, got {self.action!r}"
@@ -292,11 +312,13 @@ class Feedback:
 
 
 class StoredFeedback(NamedTuple):
-    """What :meth:`DeviceStore.add_feedback` stored: the feedback rows, and the ``click``
-    events its first click reports added to the history."""
+    """What :meth:`DeviceStore.add_feedback` stored: the feedback rows, the ``click`` events
+    its first click reports added to the history, and the positions in the batch of the
+    reports skipped because their ``feedback_id`` was stored before (or earlier in it)."""
 
     ids: list[int]
     click_events: list[int]
+    duplicates: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -349,6 +371,7 @@ class DeviceStore:
         *,
         max_impressions: int = 10_000,
         busy_timeout_ms: int = 5000,
+        max_feedback_ids: int = MAX_FEEDBACK_IDS,
     ) -> None:
         self.path = path
         self._conn = conn
@@ -356,6 +379,7 @@ class DeviceStore:
         self._index_key = derive_subkey(data_key, "store/blind-index")
         self._lock = threading.RLock()
         self.max_impressions = max_impressions
+        self.max_feedback_ids = max_feedback_ids
         self._busy_timeout_ms = busy_timeout_ms
         self._key_check = key_check_value(data_key)
         #: An erase left pages on disk that :meth:`scrub` has not removed yet.
@@ -373,8 +397,12 @@ class DeviceStore:
         *,
         busy_timeout_ms: int = 5000,
         max_impressions: int = 10_000,
+        max_feedback_ids: int = MAX_FEEDBACK_IDS,
     ) -> DeviceStore:
         """Open (creating if needed) the store at ``path`` with ``data_key``.
+
+        ``max_feedback_ids``: how many of the apps' feedback ids (the newest) are remembered
+        to recognise a retried batch.
 
         Raises :class:`WrongDataKeyError` if the file was created with another key,
         :class:`StoreCorruptError` if the file is damaged, and :class:`DataError` if it is
@@ -382,10 +410,17 @@ class DeviceStore:
         """
         if max_impressions < 1:
             raise ConfigError(f"max_impressions must be >= 1, got {max_impressions}")
+        if max_feedback_ids < 1:
+            raise ConfigError(f"max_feedback_ids must be >= 1, got {max_feedback_ids}")
         path = Path(path)
         conn = cls._connect(path, busy_timeout_ms, key_check_value(data_key))
         return cls(
-            path, conn, data_key, max_impressions=max_impressions, busy_timeout_ms=busy_timeout_ms
+            path,
+            conn,
+            data_key,
+            max_impressions=max_impressions,
+            busy_timeout_ms=busy_timeout_ms,
+            max_feedback_ids=max_feedback_ids,
         )
 
     @classmethod
@@ -577,7 +612,7 @@ class DeviceStore:
         """Insert ``events`` inside the caller's write transaction, skipping those whose
         ``event_id`` is already stored; counts the new ones as pending."""
         tags = [None if ev.event_id is None else self._event_tag(ev.event_id) for ev in events]
-        known = self._stored_event_tags(conn, [t for t in tags if t is not None])
+        known = self._stored_tags(conn, "events", "client_tag", [t for t in tags if t is not None])
         first = self._next_id(conn, "events")
         rows: list[tuple[int, str, bytes, bytes | None]] = []
         for ev, tag in zip(events, tags, strict=True):
@@ -605,12 +640,15 @@ class DeviceStore:
         return self.item_tag(f"event-id\x00{event_id}")
 
     @staticmethod
-    def _stored_event_tags(conn: sqlite3.Connection, tags: Sequence[bytes]) -> set[bytes]:
+    def _stored_tags(
+        conn: sqlite3.Connection, table: str, column: str, tags: Sequence[bytes]
+    ) -> set[bytes]:
+        """Which of the blind indexes ``tags`` the ``column`` of ``table`` holds already."""
         found: set[bytes] = set()
         for start in range(0, len(tags), 500):  # SQLite's bound-parameter limit
             chunk = list(tags[start : start + 500])
             rows = conn.execute(
-                f"SELECT client_tag FROM events WHERE client_tag IN ({','.join('?' * len(chunk))})",
+                f"SELECT {column} FROM {table} WHERE {column} IN ({','.join('?' * len(chunk))})",
                 chunk,
             ).fetchall()
             found.update(bytes(r[0]) for r in rows)
@@ -708,6 +746,11 @@ class DeviceStore:
         next few-shot adaptation fits (and counts as adaptation pending) and the clicked item
         is no longer recommended. A repeated or retried report adds no second event.
 
+        A report whose ``feedback_id`` is already stored (or repeated in the batch) is skipped
+        before anything else is checked, so a batch sent again after a lost reply stores
+        nothing twice, even once its impressions expired; its position is listed in
+        :attr:`StoredFeedback.duplicates`. The newest ``max_feedback_ids`` ids are remembered.
+
         Raises :class:`UnknownImpressionError` listing the pairs that were never recommended
         (or whose impression expired), and then stores nothing; :class:`DataError` (nothing
         stored) for a report dated more than a day ahead of this device's clock.
@@ -718,6 +761,27 @@ class DeviceStore:
         for fb in feedback:
             _check_not_ahead(fb.timestamp, "feedback")
         with self._write() as conn:
+            tags = [
+                None if fb.feedback_id is None else self._feedback_tag(fb.feedback_id)
+                for fb in feedback
+            ]
+            known = self._stored_tags(
+                conn, "feedback_ids", "tag", [t for t in tags if t is not None]
+            )
+            duplicates: list[int] = []
+            new_tags: list[bytes] = []
+            for position, tag in enumerate(tags):
+                if tag is None:
+                    continue
+                if tag in known:
+                    duplicates.append(position)
+                else:
+                    known.add(tag)
+                    new_tags.append(tag)
+            skipped = set(duplicates)
+            feedback = [fb for i, fb in enumerate(feedback) if i not in skipped]
+            if not feedback:
+                return StoredFeedback([], [], tuple(duplicates))
             pairs = list(dict.fromkeys((f.recommendation_id, f.item_id) for f in feedback))
             missing = self.missing_impressions(pairs)
             if missing:
@@ -757,7 +821,24 @@ class DeviceStore:
             )
             events = [Event(fb.item_id, "click", fb.timestamp) for fb in clicks.values()]
             event_ids = self._insert_events(conn, events) if events else []
-        return StoredFeedback([r[0] for r in rows], event_ids)
+            if new_tags:
+                self._remember_feedback_ids(conn, new_tags)
+        return StoredFeedback([r[0] for r in rows], event_ids, tuple(duplicates))
+
+    def _feedback_tag(self, feedback_id: str) -> bytes:
+        """Blind index of an app's feedback id (apart from the item and event-id tags)."""
+        return self.item_tag(f"feedback-id\x00{feedback_id}")
+
+    def _remember_feedback_ids(self, conn: sqlite3.Connection, tags: Sequence[bytes]) -> None:
+        """Record ``tags`` inside the caller's write transaction, forgetting the oldest beyond
+        ``max_feedback_ids`` (a retry comes soon after the lost reply; the table stays small)."""
+        first = self._next_id(conn, "feedback_ids")
+        conn.executemany(
+            "INSERT INTO feedback_ids (id, tag) VALUES (?, ?)",
+            [(first + offset, tag) for offset, tag in enumerate(tags)],
+        )
+        last = first + len(tags) - 1
+        conn.execute("DELETE FROM feedback_ids WHERE id <= ?", (last - self.max_feedback_ids,))
 
     def feedback(self) -> list[Feedback]:
         """All feedback, in insertion order."""
@@ -933,7 +1014,8 @@ class DeviceStore:
         )
 
     def erase(self, keep_state: Sequence[str] = KEPT_ON_ERASE) -> bool:
-        """Delete every event, impression, feedback, model record and state value.
+        """Delete every event, impression, feedback (with the apps' feedback ids), model
+        record and state value.
 
         State keys in ``keep_state`` survive (by default the rounds joined: participation
         belongs to privacy accounting). The deleted rows are overwritten (``secure_delete``),
@@ -953,7 +1035,7 @@ class DeviceStore:
         with self._lock:
             try:
                 with self._write() as conn:
-                    for table in ("events", "impressions", "feedback", "models"):
+                    for table in ("events", "impressions", "feedback", "feedback_ids", "models"):
                         conn.execute(f"DELETE FROM {table}")
                     marks = ",".join("?" * len(keep))
                     conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
