@@ -1,10 +1,12 @@
 """One writer per device state directory: the daemon holds ``STATE/daemon.lock`` (an
 exclusive ``flock``) for its whole life, so a second daemon or ``init --force`` on the same
 directory is refused, a daemon that fails to start never deletes another one's ``api.json``,
-and the lock goes away with its holder, even after ``kill -9``."""
+and the lock goes away with its holder, even after ``kill -9``; the ``api.json`` a killed
+daemon leaves is then told from a live one's by that lock, and removed by the next start."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -18,15 +20,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from client.device.daemon import Daemon, DaemonConfig
 from client.device.identity import (
+    DaemonNotRunningError,
     DeviceIdentity,
     DeviceLayout,
     StateDirInUseError,
     StateDirLock,
     init_identity,
+    running_api,
 )
+from fedrec.cli import app as fedrec_app
 from shared.errors import ConfigError
 from tests.test_deploy_device import _wait_until, device  # noqa: F401  (device: a fixture)
 from tests.test_deploy_e2e import fedrec_cmd
@@ -118,12 +124,14 @@ def test_a_second_daemon_and_init_force_are_refused_while_a_daemon_runs(
     assert init_identity(device, force=True).device_id != before
 
 
-def test_a_daemon_that_fails_to_start_leaves_api_json_alone(
+def test_a_daemon_that_fails_to_start_writes_no_api_json(
     device: Path,  # noqa: F811  (the imported fixture)
 ) -> None:
+    """Another daemon's api.json is safe from it: a live one holds the lock, so this one
+    does not start at all (the CLI test below). One left by a killed daemon is stale: the
+    start removes it, so the failed daemon leaves none behind."""
     api_json = DeviceLayout(device).api_info
-    theirs = '{"host": "127.0.0.1", "port": 1, "pid": 1}\n'
-    api_json.write_text(theirs)  # not written by the daemon below
+    api_json.write_text('{"host": "127.0.0.1", "port": 1, "url": "http://127.0.0.1:1", "pid": 1}')
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -142,8 +150,83 @@ def test_a_daemon_that_fails_to_start_leaves_api_json_alone(
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], ConfigError)
     assert "cannot listen" in str(errors[0])
-    assert api_json.read_text() == theirs
+    assert not api_json.exists()
     _acquire(device).release()  # and the lock is released
+
+
+def _api_json(layout: DeviceLayout, pid: int, port: int = 9) -> None:
+    url = f"http://127.0.0.1:{port}"
+    info = {"host": "127.0.0.1", "port": port, "url": url, "pid": pid}
+    layout.api_info.write_text(json.dumps(info))
+
+
+def test_api_json_counts_only_while_its_daemon_holds_the_lock(tmp_path: Path) -> None:
+    """A daemon killed by SIGKILL left api.json naming a dead address, and whatever read it
+    (the address of the device's API) talked to nothing, with no hint why."""
+    layout = DeviceLayout(tmp_path / "dev")
+    nothing = r"^no daemon is running on .*; start one with `fedrec client start"
+    with pytest.raises(DaemonNotRunningError, match=nothing):
+        running_api(layout.state_dir)  # not even a state directory yet
+    layout.state_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _api_json(layout, dead.pid)  # the daemon was killed: no lock file is held
+    with pytest.raises(DaemonNotRunningError) as stale:
+        running_api(layout.state_dir)
+    message = str(stale.value)
+    assert f"pid {dead.pid}" in message and "left over" in message and "SIGKILL" in message
+    assert "replaces the file" in message and "\n" not in message
+    with _acquire(layout.state_dir):  # a daemon starting (it holds the lock, no API yet)
+        with pytest.raises(DaemonNotRunningError, match=r"a fedrec daemon \(pid \d+\).*retry"):
+            running_api(layout)
+        _api_json(layout, os.getpid(), port=4242)  # its own, once it listens
+        assert running_api(layout) == running_api(layout.state_dir)
+        assert running_api(layout).url == "http://127.0.0.1:4242"
+        assert running_api(layout).pid == os.getpid()
+    with pytest.raises(DaemonNotRunningError, match="left over"):
+        running_api(layout)  # the lock went with it
+
+
+def test_a_readers_probe_of_the_lock_does_not_make_a_daemon_fail_to_start(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "dev"
+    _acquire(state).release()
+    probe = os.open(DeviceLayout(state).lock_file, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what running_api's check holds
+    threading.Timer(0.05, os.close, (probe,)).start()
+    _acquire(state).release()  # waited for it, instead of "in use"
+
+
+@pytest.mark.network
+def test_a_daemon_killed_by_sigkill_is_reported_as_not_running_and_the_next_start_cleans_up(
+    device: Path,  # noqa: F811  (the imported fixture)
+) -> None:
+    layout = DeviceLayout(device)
+    argv = [*fedrec_cmd(), "client", "serve-api", "--state-dir", str(device), "--port", "0"]
+    daemon = subprocess.Popen(argv, cwd=REPO, env=ENV, stderr=subprocess.DEVNULL)
+    runner = CliRunner()
+    try:
+        _wait_until(lambda: layout.api_info.exists() or daemon.poll() is not None, timeout=60)
+        assert daemon.poll() is None
+        api = running_api(device)
+        assert api.pid == daemon.pid
+        status = runner.invoke(fedrec_app, ["client", "status", "--state-dir", str(device)])
+        assert status.exit_code == 0, status.output
+        assert json.loads(status.stdout)["events"] == 0
+        daemon.send_signal(signal.SIGKILL)
+        assert daemon.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    assert layout.api_info.exists()  # nothing could remove it
+    with pytest.raises(DaemonNotRunningError, match=rf"left over.*pid {daemon.pid}.*is dead"):
+        running_api(device)
+    status = runner.invoke(fedrec_app, ["client", "status", "--state-dir", str(device)])
+    assert status.exit_code != 0 and isinstance(status.exception, DaemonNotRunningError)
+    with Daemon.open(device):  # the next start: the dead daemon's address is gone
+        assert not layout.api_info.exists()
 
 
 @pytest.mark.network

@@ -34,7 +34,9 @@ watches the processes from a monitor thread (restart with back-off, or stop the 
 ``max_restarts`` is used up), and on SIGTERM/SIGINT shuts everything down cleanly: the API
 stops accepting, each process gets SIGTERM then SIGKILL after ``shutdown_grace_s``, the store
 is checkpointed and closed, ``api.json`` removed (only if this daemon wrote it) and the lock
-released.
+released. A daemon killed by SIGKILL cannot remove its ``api.json``: readers tell it from a
+live one by the lock (:func:`~client.device.identity.running_api`), and the next
+:meth:`Daemon.open` removes it.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ import numpy.typing as npt
 
 from client.device.config import DaemonConfig
 from client.device.exploration import BanditReranker
-from client.device.identity import DeviceIdentity, DeviceLayout, StateDirLock
+from client.device.identity import (
+    DeviceIdentity,
+    DeviceLayout,
+    StateDirLock,
+    remove_stale_api_info,
+)
 from client.device.sealed import PERSONAL_SUFFIX, Catalog, SealedModelInfo, SealedModelStore
 from client.device.store import (
     DeviceStore,
@@ -461,7 +468,8 @@ class Daemon:
 
         Takes the directory's single-writer lock before the data key is derived or anything
         is written: :class:`StateDirInUseError` (nothing changed) while another daemon holds
-        it. On any failure the lock is released.
+        it. On any failure the lock is released. Holding it, removes an ``api.json`` that a
+        killed daemon left behind.
 
         A damaged store raises :class:`StoreCorruptError`, unless an erase of the local data
         is pending: then its files are deleted (that is the erase) and an empty store opened.
@@ -471,6 +479,9 @@ class Daemon:
         identity = DeviceIdentity.load(layout.state_dir) if data_key is None else None
         lock = StateDirLock.acquire(layout, role="daemon", advice=_DAEMON_ADVICE)
         try:
+            # a daemon killed by SIGKILL left its api.json: it names a dead address until the
+            # API is up again (readers check the lock too: `running_api`)
+            remove_stale_api_info(lock)
             device_id = None
             if identity is not None:
                 data_key = identity.data_key(passphrase)
@@ -1048,13 +1059,16 @@ class Daemon:
             import shared.privacy.ledger  # noqa: F401
 
     def bind_socket(self) -> socket.socket:
-        """Bind the API socket (so the real port is known before serving, e.g. for port 0)."""
+        """Bind the API socket (so the real port is known before serving, e.g. for port 0)
+        and listen on it: a client that reads ``api.json`` (written next) is queued until the
+        server accepts, instead of refused while it starts."""
         host, port = self.config.host, self.config.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
+            sock.listen(socket.SOMAXCONN)
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:

@@ -47,6 +47,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.errors import ConfigError, FedRecError
-from shared.io import write_bytes_atomic
+from shared.io import is_locked, write_bytes_atomic
 
 if TYPE_CHECKING:
     from client.device.sealed import Catalog
@@ -82,6 +83,11 @@ class WrongPassphraseError(IdentityError):
 
 class StateDirInUseError(FedRecError):
     """Another process (a running daemon) holds the state directory's single-writer lock."""
+
+
+class DaemonNotRunningError(FedRecError):
+    """No daemon serves the local API of a state directory (an ``api.json`` there, if any,
+    is left over from one that was killed)."""
 
 
 # --------------------------------------------------------------------------- layout
@@ -170,7 +176,8 @@ class DeviceLayout:
 
     @property
     def api_info(self) -> Path:
-        """Written by a running daemon: where its API listens (host, port, pid)."""
+        """Written by a running daemon: where its API listens (host, port, pid). A daemon
+        killed by SIGKILL leaves it behind: read it with :func:`running_api`."""
         return self.state_dir / "api.json"
 
     @property
@@ -220,7 +227,10 @@ class StateDirLock:
     (unlinking a lock file lets two processes lock two different inodes). flock locks belong
     to the open file description, so a second :meth:`acquire` conflicts even within one
     process, and the descriptor is close-on-exec (child processes such as the SuperNode do not
-    inherit it). The file holds the holder's PID and role, only to name it in the error.
+    inherit it). The file holds the holder's PID and role, to name it in the error and to
+    tell a live ``api.json`` from a killed daemon's (:func:`running_api`, whose probe of the
+    lock holds a shared lock for an instant: :meth:`acquire` waits that out, for up to
+    :data:`_PROBE_WAIT_S`).
     """
 
     def __init__(self, layout: DeviceLayout, fd: int) -> None:
@@ -244,7 +254,7 @@ class StateDirLock:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(path, flags, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except OSError as exc:
             holder = _read_holder(fd)
             os.close(fd)
@@ -282,6 +292,27 @@ class StateDirLock:
         self.release()
 
 
+#: How long :meth:`StateDirLock.acquire` waits out a conflicting lock before it calls the
+#: directory in use: a reader's probe (:func:`running_api`) holds a shared lock this briefly.
+_PROBE_WAIT_S = 0.2
+
+
+def _flock_exclusive(fd: int) -> None:
+    """``flock(fd, LOCK_EX | LOCK_NB)``, retried for :data:`_PROBE_WAIT_S` while it conflicts
+    (a daemon's lock stays, so it still fails then; a reader's probe is gone by then)."""
+    deadline = time.monotonic() + _PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     """What the holder wrote into the lock file ({} if unreadable or not written yet)."""
     try:
@@ -298,6 +329,93 @@ def _in_use_message(layout: DeviceLayout, holder: dict[str, Any], advice: str) -
     return (
         f"the device state directory {layout.state_dir} is in use: {who} is running on it and "
         f"holds its lock {layout.lock_file.name}; {advice}"
+    )
+
+
+# --------------------------------------------------------------------------- api.json
+
+
+@dataclass(frozen=True)
+class ApiInfo:
+    """Where the daemon running on a state directory serves its local API (``api.json``)."""
+
+    url: str
+    host: str
+    port: int
+    pid: int
+
+
+def _read_api_info(path: Path) -> ApiInfo | None:
+    """``api.json`` if it is there and well-formed, else ``None``."""
+    try:
+        data = json.loads(path.read_text())
+        info = ApiInfo(str(data["url"]), str(data["host"]), int(data["port"]), int(data["pid"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
+def _lock_holder(layout: DeviceLayout) -> dict[str, Any] | None:
+    """What the live holder of the directory's lock wrote into it ({} if it wrote nothing
+    yet), or ``None`` when no live process holds it (the kernel drops a dead one's)."""
+    if not is_locked(layout.lock_file):
+        return None
+    try:
+        holder = json.loads(layout.lock_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def running_api(state_dir: str | Path | DeviceLayout) -> ApiInfo:
+    """Where the daemon running on ``state_dir`` serves its API, from ``STATE_DIR/api.json``.
+
+    The file alone is no proof: a daemon killed by SIGKILL (or a power loss) leaves it
+    behind, naming a dead address. It counts only while the process it names holds the
+    directory's single-writer lock (:class:`StateDirLock`), which the kernel drops when its
+    holder dies. Raises :class:`DaemonNotRunningError` saying which case it is.
+    """
+    layout = state_dir if isinstance(state_dir, DeviceLayout) else DeviceLayout(Path(state_dir))
+    start = f"`fedrec client start --state-dir {layout.state_dir}` (or `fedrec client serve-api`)"
+    holder = _lock_holder(layout)
+    info = _read_api_info(layout.api_info)
+    if holder is None:
+        if info is None:
+            raise DaemonNotRunningError(
+                f"no daemon is running on {layout.state_dir}; start one with {start}"
+            )
+        raise DaemonNotRunningError(
+            f"no daemon is running on {layout.state_dir}: its {layout.api_info.name} is left "
+            f"over from one that did not shut down (pid {info.pid}, killed by SIGKILL or a "
+            f"power loss), so the API address it names, {info.url}, is dead; start the daemon "
+            f"again with {start}, which replaces the file"
+        )
+    if info is None or info.pid != holder.get("pid"):
+        who = _ROLE_NAMES.get(str(holder.get("role")), "another fedrec process")
+        pid = holder.get("pid")
+        who += f" (pid {pid})" if isinstance(pid, int) else ""
+        raise DaemonNotRunningError(
+            f"the local API of {layout.state_dir} is not served yet: {who} holds the "
+            f"directory and has not started the API (a daemon still starting, or "
+            f"`fedrec client install-model`); retry in a moment"
+        )
+    return info
+
+
+def remove_stale_api_info(lock: StateDirLock) -> None:
+    """Delete an ``api.json`` left over from a daemon that was killed; the caller holds the
+    directory's lock (``lock``), so no other daemon can be running to have written it."""
+    if not lock.held:
+        raise ValueError("remove_stale_api_info needs the state directory's lock held")
+    path = lock.layout.api_info
+    stale = _read_api_info(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    named = f" (pid {stale.pid}, {stale.url})" if stale is not None else ""
+    logger.warning(
+        "removed %s%s: left over from a daemon that did not shut down cleanly", path, named
     )
 
 

@@ -20,7 +20,7 @@ from fedrec.options import (
 )
 from shared.bandits.policies import BanditConfig
 from shared.config import parse_run_config
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
 from shared.privacy.budget import PrivacyBudget
 
@@ -379,9 +379,10 @@ def start(
     ClientApp trains on this device's store; new global models and new events refresh the
     served model.
 
-    Stops cleanly on SIGTERM/SIGINT. Writes STATE_DIR/api.json (host, port) while running;
-    the SuperNode logs to STATE_DIR/logs/supernode.log. One daemon per state directory: it
-    holds STATE_DIR/daemon.lock, and a second one on the same directory is refused.
+    Stops cleanly on SIGTERM/SIGINT. Writes STATE_DIR/api.json (host, port, pid) while
+    running (`fedrec client status` reads it); the SuperNode logs to
+    STATE_DIR/logs/supernode.log. One daemon per state directory: it holds
+    STATE_DIR/daemon.lock, and a second one on the same directory is refused.
     """
     from client.device.supernode import SuperNodeOptions
     from client.device.training import LearnerConfig
@@ -432,6 +433,48 @@ def serve_api(
     """Serve only the local HTTP API (no federated processes). One daemon per state directory
     (STATE_DIR/daemon.lock): a second one on the same directory is refused."""
     _run_daemon(ctx, state_dir, passphrase_env, config, host, port)
+
+
+@app.command("status")
+def status(
+    state_dir: StateDirOpt,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the daemon's answer.")
+    ] = 30.0,
+) -> None:
+    """Print the running daemon's GET /status (JSON), found through STATE_DIR/api.json.
+
+    Refused (exit 2, saying so) when no daemon runs on STATE_DIR, also when api.json is
+    left over from a daemon that was killed (SIGKILL): the file counts only while its
+    daemon holds STATE_DIR/daemon.lock.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    from client.device.identity import DeviceIdentity, running_api
+
+    api = running_api(state_dir)
+    token = DeviceIdentity.load(state_dir).api_token()
+    request = urllib.request.Request(
+        f"{api.url}/status", headers={"Authorization": f"Bearer {token}"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise FedRecError(
+            f"the daemon's API at {api.url} answered {exc.code} to GET /status: "
+            f"{exc.read().decode('utf-8', 'replace')[:300]}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FedRecError(
+            f"the daemon on {state_dir} (pid {api.pid}) does not answer at {api.url} "
+            f"({reason}); it may be stopping: retry, or see its log"
+        ) from None
+    typer.echo(json.dumps(body, indent=2))
 
 
 @app.command("install-model")
