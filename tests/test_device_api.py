@@ -1337,6 +1337,138 @@ def test_a_managed_process_that_exits_says_why_in_the_log_and_in_status(
     ]
 
 
+_REFUSED_KEY = [  # Flower 1.42's exit on a key the SuperLink does not activate, colours kept
+    "\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode",
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 305",
+    "Failed to initialize the connection to the SuperLink.",
+    "[code: 2004] Failed to activate SuperNode.",
+    "The SuperNode could not establish a connection to the SuperLink.",
+    "",
+    "For more information, visit: <https://flower.ai/docs/framework/ref-exit-codes/305.html>",
+]
+# its SuperExec child, in the same log, until the daemon reaps it
+_SUPEREXEC_RETRY = "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.52 seconds"
+_GRACEFUL = "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully."
+
+
+@pytest.mark.parametrize(
+    ("lines", "cause", "meaning"),
+    [
+        # the refusal is named although a retry notice came after it (it blamed the network)
+        (
+            [*_REFUSED_KEY, _SUPEREXEC_RETRY, _SUPEREXEC_RETRY],
+            "[code: 2004] Failed to activate SuperNode.",
+            "does not accept this device's key",
+        ),
+        # a key revoked while connected: a 401, then Flower stops itself "gracefully"
+        (
+            [
+                "INFO :      SuperNode ID: 42",
+                "httpx.HTTPStatusError: Client error '401 Unauthorized' for url "
+                "'https://fedrec.example.org:9093/v1/fleet/pull-messages'",
+                _GRACEFUL,
+                _SUPEREXEC_RETRY,
+            ],
+            "401 Unauthorized",
+            "rotate-key",
+        ),
+        # the same over gRPC (earlier Flower releases)
+        (
+            [
+                "grpc._channel._InactiveRpcError: <_InactiveRpcError of RPC that terminated "
+                'with: status = StatusCode.UNAUTHENTICATED, details = "Invalid node ID">',
+                _SUPEREXEC_RETRY,
+            ],
+            "StatusCode.UNAUTHENTICATED",
+            "does not accept this device's key",
+        ),
+        # stopped itself with nothing logged about why: the 401 case, said with a hedge
+        (
+            [_SUPEREXEC_RETRY, "INFO :      SuperNode ID: 42", _GRACEFUL, _SUPEREXEC_RETRY],
+            "SuperNode terminated gracefully.",
+            "key was revoked (or replaced) while it was connected",
+        ),
+        # only retry notices: the server does not answer
+        ([_SUPEREXEC_RETRY, "INFO : still trying"], "Connection attempt failed", "does not answer"),
+        # an error Flower says plainly beats a retry notice after it
+        (
+            ["ERROR : ClientApp crashed: out of memory", _SUPEREXEC_RETRY],
+            "ERROR : ClientApp crashed: out of memory",
+            None,
+        ),
+    ],
+)
+def test_a_supernode_exit_is_blamed_on_its_cause_not_on_the_retry_notices_after_it(
+    lines: list[str], cause: str, meaning: str | None
+) -> None:
+    """A revoked device's /status blamed the network ("the server does not answer") on most
+    restarts: the last error line of its log was the SuperExec's retry notice, logged after
+    the SuperNode had exited because the server refused its key."""
+    import re
+
+    from client.device.supernode import diagnose_supernode_exit
+
+    said = diagnose_supernode_exit([re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines])
+    assert said is not None and cause in said and "\x1b" not in said
+    assert (meaning in said) if meaning is not None else said.endswith(cause)
+    if "does not answer" not in (meaning or ""):
+        assert "does not answer" not in said
+    assert diagnose_supernode_exit(["INFO : up", "", "WARNING : slow"]) is None
+
+
+def _run_once(tmp_path: Path, script: str, log: Path, **spec: Any) -> str | None:
+    """Run ``script`` as the daemon's one managed process until it first exits; the reason
+    the daemon gives for that exit."""
+    state = tmp_path / "device"
+    init_identity(state)
+    daemon = Daemon.open(state, config=DaemonConfig(monitor_interval_s=0.05))
+    daemon.add_process(
+        ProcessSpec(
+            "supernode", (sys.executable, "-c", script), backoff_s=600, log_file=str(log), **spec
+        )
+    )
+    (proc,) = daemon.processes
+    thread = threading.Thread(target=lambda: daemon.run(api=False))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not proc.exit_codes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.exit_codes
+    finally:
+        daemon.request_stop("test over")
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    return proc.last_error
+
+
+def test_a_refused_key_is_named_in_status_although_retry_notices_follow_it(
+    tmp_path: Path,
+) -> None:
+    from client.device.supernode import diagnose_supernode_exit, explain_supernode_error
+
+    lines = [*_REFUSED_KEY, _SUPEREXEC_RETRY]
+    script = f"import sys; print({chr(10).join(lines)!r}); sys.exit(1)"
+    log = tmp_path / "supernode.log"
+    reason = _run_once(
+        tmp_path, script, log, explain=explain_supernode_error, diagnose=diagnose_supernode_exit
+    )
+    assert reason is not None and reason.startswith("[code: 2004] Failed to activate SuperNode.")
+    assert "fedrec server register-client" in reason and "does not answer" not in reason
+
+
+def test_an_exit_is_not_blamed_on_what_an_earlier_run_logged(tmp_path: Path) -> None:
+    """The log keeps every run: a run that logged no error was given the last error of an
+    earlier one (e.g. a retry notice from when the server was down)."""
+    from client.device.supernode import explain_supernode_error
+
+    log = tmp_path / "supernode.log"
+    log.write_text(f"{_SUPEREXEC_RETRY}\nERROR : an earlier run's problem\n")
+    script = "print('INFO : SuperNode terminated.')"
+    assert _run_once(tmp_path, script, log, explain=explain_supernode_error) is None
+    assert "an earlier run's problem" in log.read_text()  # still there, and not its reason
+
+
 def test_last_error_line_reads_the_tail_of_a_log(tmp_path: Path) -> None:
     from client.device.daemon import last_error_line
 

@@ -271,23 +271,61 @@ class DeviceBackend(Protocol):
 _ERROR_MARKERS = ("ERROR", "Error", "error:", "Exception", "Failed", "failed")
 
 
-def last_error_line(log_file: str | None, tail_bytes: int = 16_384) -> str | None:
-    """The last line of ``log_file``'s tail that reports an error (``None`` if there is none
-    or the file is unreadable): why a managed process exited, for the log and ``/status``."""
+def is_error_line(line: str) -> bool:
+    """Whether a log line reports an error (or a failure Flower logs as a warning)."""
+    return any(marker in line for marker in _ERROR_MARKERS)
+
+
+def log_size(log_file: str | None) -> int:
+    """How many bytes ``log_file`` holds (0 if it does not exist yet): where the output of
+    a run started now begins."""
     if log_file is None:
-        return None
+        return 0
+    try:
+        return os.path.getsize(log_file)
+    except OSError:
+        return 0
+
+
+def log_lines(log_file: str | None, *, start: int = 0, tail_bytes: int = 16_384) -> list[str]:
+    """The lines of ``log_file`` from byte ``start`` on (at most its last ``tail_bytes``),
+    stripped of colour codes; ``[]`` if it is unreadable. With ``start`` = the file's size
+    when a run began (:func:`log_size`), only that run's output: a line an earlier run logged
+    is not why this one ended."""
+    if log_file is None:
+        return []
     try:
         with open(log_file, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - tail_bytes))
+            end = fh.seek(0, os.SEEK_END)
+            if start > end:  # truncated or replaced since: all of it is newer
+                start = 0
+            fh.seek(max(start, end - tail_bytes))
             tail = fh.read().decode("utf-8", errors="replace")
     except OSError:
+        return []
+    # Flower colours its log levels
+    return [re.sub(r"\x1b\[[0-9;]*m", "", raw).strip() for raw in tail.splitlines()]
+
+
+def last_error_line(
+    log_file: str | None, tail_bytes: int = 16_384, *, start: int = 0
+) -> str | None:
+    """The last line of ``log_file``'s tail (from byte ``start`` on) that reports an error
+    (``None`` if there is none or the file is unreadable)."""
+    lines = log_lines(log_file, start=start, tail_bytes=tail_bytes)
+    return next((line[:300] for line in reversed(lines) if is_error_line(line)), None)
+
+
+def last_error_explained(
+    lines: Sequence[str], explain: Callable[[str], str | None] | None = None
+) -> str | None:
+    """The default reading of why a run ended (:attr:`ProcessSpec.diagnose`): the last error
+    line it logged, with ``explain``'s reading of it in parentheses."""
+    line = next((line[:300] for line in reversed(lines) if is_error_line(line)), None)
+    if line is None:
         return None
-    for raw in reversed(tail.splitlines()):
-        line = re.sub(r"\x1b\[[0-9;]*m", "", raw).strip()  # Flower colours its log levels
-        if any(marker in line for marker in _ERROR_MARKERS):
-            return line[:300]
-    return None
+    meaning = explain(line) if explain is not None else None
+    return line + (f" ({meaning})" if meaning else "")
 
 
 @dataclass(frozen=True)
@@ -312,6 +350,11 @@ class ProcessSpec:
     log_file: str | None = None
     #: What an error line of its log means for the user (``None``: nothing to add).
     explain: Callable[[str], str | None] | None = None
+    #: Why a run ended, from the lines it logged (oldest first): a line and what it means,
+    #: for the log and ``/status``. ``None``: its last error line, read by ``explain``
+    #: (:func:`last_error_explained`); a process whose last words are often not the cause
+    #: (a retry notice logged after the real refusal) gives its own.
+    diagnose: Callable[[Sequence[str]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.argv:
@@ -331,8 +374,11 @@ class ManagedProcess:
     restarts: int = 0
     next_start: float | None = None
     exit_codes: list[int] = field(default_factory=list)
-    #: Why it last exited: the last error line of its log, with ``spec.explain``'s reading.
+    #: Why it last exited: an error line its run logged, with what it means
+    #: (``spec.diagnose``).
     last_error: str | None = None
+    #: Where the current run's output begins in ``spec.log_file`` (its size at the start).
+    log_start: int = 0
 
     def state(self) -> ProcessState:
         return ProcessState(
@@ -350,6 +396,7 @@ class ManagedProcess:
         # Its own process group: stopping it signals its descendants too (a SuperNode's
         # SuperExec and ClientApp processes, whose --parent-pid checks are fooled by PID reuse).
         preexec = die_with_parent if sys.platform == "linux" else None
+        self.log_start = log_size(self.spec.log_file)
         if self.spec.log_file is None:
             self.popen = subprocess.Popen(
                 list(self.spec.argv),
@@ -1142,9 +1189,11 @@ class Daemon:
         proc.exit_codes.append(code)
         proc.reap_group(0.5)
         spec = proc.spec
-        line = last_error_line(spec.log_file)
-        meaning = spec.explain(line) if line is not None and spec.explain is not None else None
-        proc.last_error = None if line is None else line + (f" ({meaning})" if meaning else "")
+        lines = log_lines(spec.log_file, start=proc.log_start)  # this run's output only
+        if spec.diagnose is not None:
+            proc.last_error = spec.diagnose(lines)
+        else:
+            proc.last_error = last_error_explained(lines, spec.explain)
         why = f" ({proc.last_error})" if proc.last_error else ""
         if spec.restart and proc.restarts < spec.max_restarts:
             delay = spec.backoff_s * (2 ** min(proc.restarts, 30))

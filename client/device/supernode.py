@@ -13,7 +13,8 @@ given).
 The daemon supervises it (:class:`~client.device.daemon.ProcessSpec`): it is restarted with a
 back-off capped at ``max_backoff_s`` for as long as the daemon runs, so a device whose key is
 registered later, or a server that is down for a while, joins by itself. Its output goes to
-``STATE_DIR/logs/supernode.log``.
+``STATE_DIR/logs/supernode.log``; why a run ended (``/status``: ``processes[].last_error``) is
+read from that run's lines by :func:`diagnose_supernode_exit`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from client.device.daemon import DaemonConfig, ProcessSpec
+from client.device.daemon import DaemonConfig, ProcessSpec, is_error_line
 from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget, check_budget
@@ -185,18 +187,48 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         max_backoff_s=options.max_backoff_s,
         log_file=str(state_dir / "logs" / "supernode.log"),
         explain=explain_supernode_error,
+        diagnose=diagnose_supernode_exit,
     )
+
+
+_KEY_REFUSED = (
+    "the server does not accept this device's key: register the public key printed "
+    "by `fedrec client init` with `fedrec server register-client`; a revoked key "
+    "needs a new one (`fedrec client rotate-key` keeps the device's data)"
+)
+
+#: Flower's words when the SuperLink refuses a node's authentication on a call after
+#: activation (the key was revoked while it was connected): the HTTP Fleet API answers 401,
+#: the gRPC one UNAUTHENTICATED.
+_AUTH_REFUSED = (
+    "401 Unauthorized",
+    "Invalid SuperNode authentication",
+    "UNAUTHENTICATED",
+    "Invalid node ID",
+)
+
+#: Flower's notice that a call failed and is retried. The SuperNode logs it while the
+#: server is unreachable, but so does its SuperExec child (same log) once the SuperNode has
+#: exited for any reason, e.g. a refused key: never the cause when the run says another.
+_RETRY_NOTICE = "Connection attempt failed"
+
+_STOPPED_ITSELF = (
+    "the SuperNode stopped itself without an error: Flower does this when the server "
+    "refuses its authentication, i.e. this device's key was revoked (or replaced) while it "
+    "was connected; a revoked key needs a new one (`fedrec client rotate-key`, then "
+    "`fedrec server register-client`). The restart will say whether the server still "
+    "refuses it"
+)
 
 
 def explain_supernode_error(line: str) -> str | None:
     """What a SuperNode log error means for the device's owner, where Flower's words do not
-    say it: a node the SuperLink will not activate has a key it does not accept."""
+    say it: a node the SuperLink will not activate, or whose calls it refuses as
+    unauthenticated, has a key it does not accept."""
     if "Failed to activate SuperNode" in line or "FLEET_NODE_ACTIVATION_FAILED" in line:
-        return (
-            "the server does not accept this device's key: register the public key printed "
-            "by `fedrec client init` with `fedrec server register-client`; a revoked key "
-            "needs a new one (`fedrec client rotate-key` keeps the device's data)"
-        )
+        return _KEY_REFUSED
+    if any(words in line for words in _AUTH_REFUSED):
+        return _KEY_REFUSED
     if "not valid for" in line or "Hostname mismatch" in line or "doesn't match" in line:
         return (
             "--server names the server by a name or address its certificate does not list: "
@@ -209,7 +241,7 @@ def explain_supernode_error(line: str) -> str | None:
             "the TLS handshake with --server failed: is --root-cert the server's certs/ca.pem, "
             "and does --server name the SuperLink's Fleet API port (not another service)?"
         )
-    if "Connection attempt failed" in line:
+    if _RETRY_NOTICE in line:
         return (
             "the server at --server does not answer (not running yet, a wrong address or "
             "port, or a firewall); the SuperNode keeps retrying and joins once it answers"
@@ -220,3 +252,32 @@ def explain_supernode_error(line: str) -> str | None:
             "--supernode-port"
         )
     return None
+
+
+def diagnose_supernode_exit(lines: Sequence[str]) -> str | None:
+    """Why a SuperNode run ended, from the lines it logged (oldest first): the line that
+    says it, with what it means (:func:`explain_supernode_error`); ``None`` if none does.
+
+    Its last error line is often not the cause. A SuperNode whose key the server refuses
+    exits at once, while its SuperExec child, writing to the same log, goes on logging
+    "Connection attempt failed, retrying" until the daemon reaps it; and one whose key is
+    revoked while connected gets a 401 (gRPC: UNAUTHENTICATED), which Flower answers by
+    stopping itself "gracefully". Read last-line-first, both blamed the network. So, in
+    order: the last line with a known cause other than a retry notice (a refused key, a
+    certificate, a port), a graceful stop (no signal came from the daemon: the 401 case),
+    any other error line, and only then a retry notice (the server not answering).
+    """
+    errors = [line[:300] for line in lines if is_error_line(line)]
+    causes = [line for line in errors if _RETRY_NOTICE not in line]
+    for line in reversed(causes):
+        meaning = explain_supernode_error(line)
+        if meaning is not None:
+            return f"{line} ({meaning})"
+    for line in reversed(lines):
+        if "terminated gracefully" in line:
+            return f"{line[:300]} ({_STOPPED_ITSELF})"
+    last = causes[-1] if causes else errors[-1] if errors else None
+    if last is None:
+        return None
+    meaning = explain_supernode_error(last)
+    return last + (f" ({meaning})" if meaning else "")
