@@ -34,6 +34,7 @@ import secrets
 import socket
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,7 @@ from server.grid import ResponsiveGrid
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
+from shared.config import coerce
 from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import check_noise_shares
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
@@ -283,40 +285,19 @@ class ServerConfig:
             if key.startswith(_SERVER_PREFIXES) or close:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown server setting '{key}'{hint}")
+        hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, f in known.items():
             if key not in run_config:
                 continue
-            kwargs[f.name] = _coerce(key, run_config[key], cls.__dataclass_fields__[f.name].type)
+            # the shared rule (shared.config.coerce), so a value reads here as it does for
+            # the clients' settings and the CLI (num-rounds=2.0 is 2, secagg=1 is true)
+            kwargs[f.name] = coerce(run_config[key], hints[f.name], key)
         return cls(**kwargs)
 
     def to_run_config(self) -> dict[str, RunConfigValue]:
         """The kebab-case run config that reproduces this object."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-
-def _coerce(key: str, value: RunConfigValue, annotation: object) -> Any:
-    """Check a run-config value against a field annotation (as written, a string)."""
-    kind = str(annotation)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"'{key}' must be a string, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
-    if kind == "int":
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise ConfigError(f"'{key}' must be an integer, got {value!r}")
-            return int(value)
-        return value
-    if kind == "float":
-        return float(value)
-    return value  # int | float: keep the type (int = count, float = fraction)
 
 
 # ============================================================================ app

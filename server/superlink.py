@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.pki import SubjectNames, check_pki, server_names
 from server.state import (
@@ -64,6 +64,9 @@ from shared.processes import (
     terminate_group,
     terminate_processes,
 )
+
+if TYPE_CHECKING:  # Flower: imported only when the run config is built
+    from server.server_app import ServerConfig
 
 CONNECTION = "fedrec"
 #: The task the server runs when a bundle is given (the recommender's student).
@@ -321,7 +324,10 @@ def deployment_run_config(
             "give --bundle (the pretrained bundle from `fedrec simulate`), or "
             "--run-config task=toy-linear for a smoke test without a model"
         )
-    _check_apps_accept(config)
+    # the server's settings as the ServerApp reads them (shared.config.coerce): this process
+    # reads num-rounds, secagg, ... from the run config too, and must not read
+    # num-rounds=4.0 or secagg=0 otherwise
+    config.update(_check_apps_accept(config).to_run_config())
     _check_secagg_quorum(config)
     return config
 
@@ -382,12 +388,12 @@ def _check_known(overrides: Mapping[str, RunConfigValue]) -> None:
             )
 
 
-def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
+def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> ServerConfig:
     """Refuse now what the ServerApp would refuse at its start: its settings, the task, the
     task's model (a bundle that is not one) and a checkpoint it could not resume from.
     After submission such a failure only shows
     as a failed run whose reason is inside the ServerApp's log, and every restart of the
-    server would submit the same failing run."""
+    server would submit the same failing run. Returns the server's settings."""
     from server.server_app import ServerConfig, bundle_digest_of, check_resume, server_task
     from shared.config import field_names, from_flat
     from shared.federated.local_config import LocalTrainConfig
@@ -406,6 +412,7 @@ def _check_apps_accept(config: Mapping[str, RunConfigValue]) -> None:
 
         check_deployable(task.bundle, task.config.bundle)
     check_resume(server, initial, bundle_digest_of(config))
+    return server
 
 
 def write_app(layout: ServerLayout, run_config: Mapping[str, RunConfigValue]) -> Path:

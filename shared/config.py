@@ -139,7 +139,16 @@ def to_flat(obj: Any) -> dict[str, Any]:
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Coerce ``value`` to the type ``hint`` or raise a ConfigError naming ``key``."""
+    """Coerce ``value`` to the type ``hint`` or raise a ConfigError naming ``key``.
+
+    The one rule for a setting's value, whoever reads it (:func:`from_flat`, the server's
+    ``ServerConfig``, the toy task's settings), so that a value one reader takes is not
+    refused, or read otherwise, by another: an ``int`` takes ``2``, ``2.0`` and ``"2"`` but
+    not ``2.5`` or ``true``; a ``float`` takes any number or numeric text but not ``true``;
+    a ``bool`` takes ``true``/``false``, ``1``/``0`` and ``"yes"``/``"no"``/``"on"``/``"off"``;
+    a ``str`` takes the text as typed. In a union, a value already of one of its types keeps
+    that type (``int | float``: ``1.0`` is the fraction, ``1`` the count).
+    """
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -148,8 +157,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         )
         if is_none and type(None) in args:
             return None
+        # a value already of one of the types keeps it: in ``int | float`` (a count, or a
+        # fraction) 1.0 is the fraction 1.0, not the count 1
+        own = [a for a in args if _is_instance(value, a)]
         errors = []
-        for arg in args:
+        for arg in [*own, *(a for a in args if a not in own)]:
             if arg is type(None):
                 continue
             try:
@@ -204,3 +216,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return "true" if value else "false"
         return str(getattr(value, "raw", value))
     return value
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    """``value`` is of the plain type ``hint`` (a bool is no int or float here)."""
+    if not isinstance(hint, type) or hint is type(None):
+        return False
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, hint)

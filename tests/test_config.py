@@ -1,6 +1,9 @@
 """Config plumbing: run-config parsing, coercion, unknown keys."""
 
 import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from shared.errors import ConfigError
 from shared.eval.baseline_benchmark import BaselineConfig
 from shared.eval.protocol import EvalConfig
 from shared.eval.splits import SplitConfig
+from shared.federated.task import ToyLinearConfig
 
 
 def test_parse_run_config_types():
@@ -300,3 +304,94 @@ def test_simulation_takes_secagg_shares_as_a_count_or_a_fraction_like_the_server
 
     ServerConfig.from_run_config(server)  # the server takes it
     assert from_flat(SimulationConfig, {"secagg-num-shares": "4"}).secagg_num_shares == 4
+
+
+# ------------------------------------------------------------- one coercion rule for all readers
+
+
+@dataclass(frozen=True)
+class _Typed:
+    count: int = 1
+    share: float = 0.5
+    flag: bool = False
+    fraction: int | float = 5
+
+
+def _read_flat(key: str, value: object) -> object:
+    return getattr(from_flat(_Typed, {key: value}), key)
+
+
+def _read_server(key: str, value: object) -> object:
+    from server.server_app import ServerConfig  # Flower: imported only here
+
+    return getattr(ServerConfig.from_run_config({key: value}), key.replace("-", "_"))
+
+
+def _read_toy(key: str, value: object) -> object:
+    return getattr(ToyLinearConfig.from_run_config({key: value}), key.removeprefix("toy-"))
+
+
+#: Each reader of run-config values: its key for each kind of field it has, and how it
+#: reads ``{key: value}`` into the field's value.
+_READERS: dict[str, tuple[dict[str, str], Callable[[str, object], object]]] = {
+    "from_flat": (
+        {"count": "count", "share": "share", "flag": "flag", "fraction": "fraction"},
+        _read_flat,
+    ),
+    "server": (
+        {
+            "count": "num-rounds",
+            "share": "round-timeout",
+            "flag": "secagg",
+            "fraction": "secagg-num-shares",
+        },
+        _read_server,
+    ),
+    "toy": ({"count": "toy-dim", "share": "toy-noise"}, _read_toy),
+}
+
+#: (field kind, value given, the value read, or the error after the key's name)
+_COERCION_TABLE: list[tuple[str, object, object]] = [
+    ("count", 2, 2),
+    ("count", 2.0, 2),  # an integral float is the integer
+    ("count", "3", 3),
+    ("count", 2.5, "must be int, got 2.5"),
+    ("count", True, "must be int, got True"),
+    ("count", "two", "must be int, got 'two'"),
+    ("share", 1, 1.0),
+    ("share", "0.25", 0.25),
+    ("share", True, "must be float, got True"),
+    ("flag", True, True),
+    ("flag", 1, True),  # a bool given as an int
+    ("flag", 0, False),
+    ("flag", "yes", True),
+    ("flag", 2, "must be true or false, got 2"),
+    ("fraction", 4, 4),  # an int | float keeps the type given: 4 devices...
+    ("fraction", 1.0, 1.0),  # ... or all of the cohort, not 1 device
+    ("fraction", 0.5, 0.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("reader", "kind", "given", "expected"),
+    [
+        (reader, *row)
+        for reader, (keys, _) in sorted(_READERS.items())
+        for row in _COERCION_TABLE
+        if row[0] in keys
+    ],
+)
+def test_every_reader_coerces_a_value_the_same_way(
+    reader: str, kind: str, given: object, expected: object
+) -> None:
+    """The server's settings, the toy task's and from_flat (the CLI, the clients' training)
+    read a value by one rule: num-rounds=2.0 was 2 for the server but refused by the toy
+    task (toy-dim=4.0), and secagg=1 was refused by the server but true for from_flat."""
+    keys, read = _READERS[reader]
+    key = keys[kind]
+    if isinstance(expected, str) and expected.startswith("must be"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'{key} {expected}')}$"):
+            read(key, given)
+        return
+    value = read(key, given)
+    assert value == expected and type(value) is type(expected)

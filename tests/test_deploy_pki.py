@@ -548,6 +548,29 @@ def test_deployment_run_config_points_at_the_state_dir(
     assert pyproject["project"]["dependencies"] == []  # nothing to install at run time
 
 
+def test_deployment_run_config_holds_the_server_settings_as_the_server_app_reads_them(
+    tmp_path: Path,
+) -> None:
+    """`fedrec server start` reads num-rounds, secagg, ... from the run config too: given as
+    num-rounds=4.0 and secagg=0 (which the ServerApp reads as 4 and false) it found no rounds
+    left to count and refused a SecAgg+ quorum for a run without SecAgg+."""
+    layout = init_state_dir(tmp_path / "s")
+    config = deployment_run_config(
+        layout,
+        bundle=None,
+        num_rounds=1,
+        overrides={
+            "task": "toy-linear",
+            "num-rounds": 4.0,
+            "secagg": 0,
+            "secagg-reconstruction-threshold": 4,
+            "min-available-clients": 3,
+        },
+    )
+    assert config["num-rounds"] == 4 and type(config["num-rounds"]) is int
+    assert config["secagg"] is False
+
+
 @pytest.fixture
 def submitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """The run configs `fedrec server start` submits, with the SuperLink left out."""

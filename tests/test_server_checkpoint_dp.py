@@ -262,7 +262,7 @@ def test_server_config_reads_the_new_keys() -> None:
     ("run_config", "message"),
     [
         ({"checkpoint-keep": 0}, "'checkpoint-keep' must be >= 1"),
-        ({"checkpoint-dir": 3}, "'checkpoint-dir' must be a string"),
+        ({"checkpoint-keep": 1.5}, "checkpoint-keep must be int, got 1.5"),
         ({"user-dp": True, "user-dp-clip": 0.0}, "'user-dp-clip' must be > 0 with user-dp"),
         (
             {"user-dp": True, "user-dp-clip": 1.0, "user-dp-noise-multiplier": 0},

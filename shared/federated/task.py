@@ -23,6 +23,7 @@ from typing import Protocol, TypeAlias, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import coerce
 from shared.errors import ConfigError, DataError
 
 #: A value a task may put into its metrics (what Flower's ConfigRecord can carry).
@@ -228,16 +229,15 @@ def _client_set(run_config: RunConfig, key: str) -> frozenset[int]:
 
 
 def _number(run_config: RunConfig, key: str, default: float) -> float:
-    value = run_config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
-    return float(value)
+    """``key`` as a float, by the rule every setting is read by (:func:`shared.config.coerce`)."""
+    value: float = coerce(run_config.get(key, default), float, key)
+    return value
 
 
 def _integer(run_config: RunConfig, key: str, default: int, minimum: int = 0) -> int:
-    value = run_config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    """``key`` as an int (:func:`shared.config.coerce`: ``4.0`` is 4, ``4.5`` is refused),
+    at least ``minimum``."""
+    value: int = coerce(run_config.get(key, default), int, key)
     if value < minimum:
         raise ConfigError(f"'{key}' must be >= {minimum}, got {value}")
     return value
