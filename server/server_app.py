@@ -524,6 +524,18 @@ def server_task(config: ServerConfig, run_config: Mapping[str, RunConfigValue]) 
     return get_task(config.task, run_config)
 
 
+def check_run_config_keys(run_config: Mapping[str, RunConfigValue], task: str) -> None:
+    """Refuse a key of a ``run_config`` given through the Python API that no app reads, as
+    ``fedrec server start`` refuses one of ``--run-config`` (naming the closest keys): a
+    misspelt client setting (``local-epoch``, ``noise-multiplier``) was ignored, and the
+    clients trained with its default. Only for the built-in tasks: a custom ``task`` may
+    read keys of its own."""
+    from server.superlink import BUILT_IN_TASKS, check_known_keys
+
+    if task in BUILT_IN_TASKS:
+        check_known_keys(run_config, given="run_config")
+
+
 def make_server_app(
     run_config: Mapping[str, RunConfigValue] | None = None,
     *,
@@ -532,16 +544,21 @@ def make_server_app(
     """Build the ``ServerApp``.
 
     ``run_config`` entries override ``context.run_config`` (needed for the Python
-    simulation API, which gives the ServerApp an empty run config). ``on_round_end``
-    is called in the server process after each round (checkpointing, logging).
+    simulation API, which gives the ServerApp an empty run config); a key no app reads is
+    refused (:func:`check_run_config_keys`): here when ``run_config`` names the task, else
+    when the run starts. ``on_round_end`` is called in the server process after each round
+    (checkpointing, logging).
     """
     overrides = dict(run_config or {})
+    if "task" in overrides:  # it wins over the context's: the run's task is known now
+        check_run_config_keys(overrides, str(overrides["task"]))
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         merged: dict[str, RunConfigValue] = {**context.run_config, **overrides}
         try:
+            check_run_config_keys(overrides, str(merged.get("task", ServerConfig.task)))
             config = ServerConfig.from_run_config(merged)
             task = server_task(config, merged)
         except ConfigError as exc:  # `flwr run` shows a traceback (and exits 0): say it first
@@ -1020,8 +1037,12 @@ def run_in_process(
 ) -> None:
     """Run ``server_app`` against ``num_supernodes`` in-process clients (no Ray).
 
-    ``run_config`` becomes both the server's and every node's ``context.run_config``.
+    ``run_config`` becomes both the server's and every node's ``context.run_config``; a
+    key no app reads is refused before anything runs (:func:`check_run_config_keys`, for
+    the task it names: ``toy-linear``, the clients' default, when it names none).
     """
+    config = dict(run_config or {})
+    check_run_config_keys(config, str(config.get("task", ServerConfig.task)))
     try:
         _ = TaskIdentity.run_id
     except RuntimeError:  # instruction messages need a task identity to be built

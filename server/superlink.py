@@ -316,7 +316,7 @@ def deployment_run_config(
         )
     config.update(overrides)
     if config.get("task") in BUILT_IN_TASKS:  # a custom task may read keys of its own
-        _check_known(overrides)
+        check_known_keys(overrides, given="--run-config")
     if config.get("task") == STUDENT_TASK and not config.get("bundle"):
         raise ConfigError("the student task needs --bundle (the pretrained bundle)")
     if bundle is None and "task" not in overrides:
@@ -372,18 +372,19 @@ def run_config_keys() -> set[str]:
     return set().union(*(field_names(c) for c in readers)) | toy | {"seed", PROGRESS_FILE_KEY}
 
 
-def _check_known(overrides: Mapping[str, RunConfigValue]) -> None:
+def check_known_keys(run_config: Mapping[str, RunConfigValue], *, given: str) -> None:
     """Refuse a key no app reads (a typo would otherwise be ignored silently, e.g. a privacy
-    setting that never takes effect), naming the closest valid keys."""
+    setting that never takes effect), naming the closest valid keys; ``given`` names where
+    the keys came from (``--run-config``, or the Python API's ``run_config``)."""
     import difflib
 
     known = run_config_keys()
-    for key in overrides:
+    for key in run_config:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
-                f"unknown --run-config key {key!r}{hint} (the keys are those of "
+                f"unknown {given} key {key!r}{hint} (the keys are those of "
                 "[tool.flwr.app.config] in the project's pyproject.toml)"
             )
 

@@ -672,6 +672,30 @@ def test_cohort_sampling_by_count_is_seeded() -> None:
     assert _max_diff(first[-1].parameters, second[-1].parameters) == 0.0
 
 
+def test_the_python_api_refuses_a_misspelt_key_as_the_cli_does() -> None:
+    """A misspelt client setting given to make_server_app or run_in_process was ignored (the
+    clients trained with its default), where `fedrec server start` and `fedrec simulate`
+    refuse it naming the key meant."""
+    with pytest.raises(
+        ConfigError, match=r"unknown run_config key 'local-epoch'; did you mean local-epochs"
+    ):
+        make_server_app({"task": "toy-linear", "local-epoch": 2})  # before any run
+    with pytest.raises(ConfigError, match=r"unknown run_config key 'toy-dimm'.*toy-dim"):
+        run_in_process(make_server_app(), make_client_app(), 2, run_config={"toy-dimm": 3})
+    # the task is the context's: refused when the run starts, before any round
+    reports: list[RoundReport] = []
+    with pytest.raises(ConfigError, match=r"unknown run_config key 'noise-multiplyer'"):
+        run_in_process(
+            make_server_app({"noise-multiplyer": 2.0}, on_round_end=reports.append),
+            make_client_app(),
+            2,
+            run_config={"num-rounds": 1},
+        )
+    assert reports == []
+    # a custom task may read keys of its own
+    make_server_app({"task": "shared.federated.task:ToyLinearTask.from_run_config", "mine": 1})
+
+
 def test_round_hook_failure_stops_the_run() -> None:
     def hook(report: RoundReport) -> None:
         raise OSError(f"disk full while checkpointing round {report.server_round}")
