@@ -573,6 +573,8 @@ class ServerStatus:
     checkpoint_round: int | None
     #: why no checkpoint can be resumed although there are some (``start`` refuses), or None
     checkpoint_problem: str | None
+    #: the run's total: the running server's (its ``running.json``), else the last
+    #: progress line's (a resumed run with more rounds wrote none before its first round)
     num_rounds: int | None
     last: dict[str, Any] | None
     clients_registered: int
@@ -596,7 +598,11 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         for path in layout.artifacts.glob("model-v*.int8.onnx")
         if (match := _ARTIFACT_NAME.fullmatch(path.name))
     }
-    num_rounds = progress[-1].get("num_rounds") if progress else None
+    # the running server's total (a resumed start may have asked for more rounds than the
+    # run that wrote the last progress line), else the last line's
+    num_rounds = running.get("num_rounds") if running else None
+    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int):
+        num_rounds = progress[-1].get("num_rounds") if progress else None
     return ServerStatus(
         state_dir=str(layout.state_dir),
         running=alive,

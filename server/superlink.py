@@ -703,6 +703,9 @@ class ServerRunner:
                 "run_id": str(self.run_id) if self.run_id is not None else None,
                 "ready": ready,
                 "started": time.time(),
+                # this run's total: `fedrec server status` shows it, not that of the progress
+                # file's last line, which a resumed run with more rounds wrote before it
+                "num_rounds": self.run_config.get("num-rounds"),
             },
         )
 

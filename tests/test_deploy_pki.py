@@ -951,6 +951,24 @@ def test_status_reads_past_stray_files_and_a_left_over_running_file(tmp_path: Pa
         server_status(layout)
 
 
+def test_status_shows_the_total_of_the_run_in_progress(tmp_path: Path) -> None:
+    """A run of 3 rounds, resumed with --rounds 6: until its round 4 ends, the last progress
+    line is the first start's round 3/3, and status showed 3 rounds in all."""
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    layout.progress.write_text(json.dumps({"round": 3, "num_rounds": 3}) + "\n")
+    args = ["server", "status", "--state-dir", str(layout.state_dir)]
+    assert server_status(layout).num_rounds == 3  # no server runs: the last line's
+    server = ServerRunner(layout, SuperLinkOptions(), {"num-rounds": 6}, echo=lambda _: None)
+    with hold_server_lock(layout):
+        server._write_running(ready=True)
+        assert server_status(layout).num_rounds == 6
+        shown = runner.invoke(app, [*args, "--json"]).output
+        assert json.loads(shown[shown.index("{") :])["num_rounds"] == 6
+        assert "last round: round 3/6" in runner.invoke(app, args).output
+
+
 def test_one_server_per_state_directory(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     with hold_server_lock(layout):

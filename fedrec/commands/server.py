@@ -274,10 +274,13 @@ def status(
         checkpoint = f"none usable: {info.checkpoint_problem}"
     else:
         checkpoint = "none yet"
+    last = info.last
+    if last is not None and info.num_rounds is not None:  # out of this run's rounds
+        last = {**last, "num_rounds": info.num_rounds}
     lines = [
         f"server {layout.state_dir}: {state}",
         f"  checkpoint: {checkpoint}",
-        f"  last round: {format_round(info.last)}" if info.last else "  last round: none yet",
+        f"  last round: {format_round(last)}" if last else "  last round: none yet",
         f"  model:      {info.latest_artifact or 'none published yet'}",
         f"  clients:    {info.clients_registered} registered, {info.clients_revoked} revoked",
     ]
