@@ -15,11 +15,13 @@ import io
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +55,9 @@ from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_d
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
 from simulation.run_dir import RunDirectory
+
+if TYPE_CHECKING:  # the int8 export (onnx): imported when a model is published
+    from shared.compression.artifact import ArtifactReport
 
 log = logging.getLogger(__name__)
 
@@ -760,6 +765,61 @@ def _export_recs(
         (run.root / recs_file(name)).unlink(missing_ok=True)
 
 
+#: Where a run's final model goes when its version is out with another model (see
+#: :func:`_publish_final`): beside ``models/``, so no device takes it for a published one.
+UNPUBLISHED_DIR = "unpublished"
+
+
+def _publish_final(
+    final: StudentModel,
+    item_ids: Sequence[str],
+    run: RunDirectory,
+    trained: int,
+    prune_sparsity: float,
+) -> ArtifactReport:
+    """Publish the final model as ``models/model-v{trained}.int8.onnx``, unless that version
+    is out with another model already; the int8 file the run evaluates, either way.
+
+    A published version never changes: devices may hold it, and they tell models apart by
+    their version. It is there already when the ServerApp published the round
+    (``publish-each-round``) or an earlier process ended at that round: the same model,
+    byte for byte (the int8 export is deterministic), unless that round's checkpoint was
+    lost (unreadable) and the round ran again, training another model. The ServerApp keeps
+    the earlier one under that number (:func:`server.server_app._run_server`), and so does
+    this: the final model is then written to ``unpublished/round-{trained}.int8.onnx``
+    (with its catalog) and evaluated from there; the next round's model is the next
+    version."""
+    from shared.compression.artifact import CATALOG_FILE, publish_student
+    from shared.compression.prune import publish_prune
+
+    published = run.root / "models" / f"model-v{trained}.int8.onnx"
+
+    def write(path: Path) -> ArtifactReport:
+        prune = publish_prune(prune_sparsity)
+        return publish_student(final, item_ids, path, version=str(trained), prune=prune)
+
+    if not published.exists():
+        return write(published)
+    with tempfile.TemporaryDirectory(dir=run.root, prefix=".final-model-") as staging:
+        built = write(Path(staging) / published.name)
+        if built.path.read_bytes() == published.read_bytes():
+            return replace(built, path=published)  # this very model is out: nothing to do
+        kept = run.root / UNPUBLISHED_DIR / f"round-{trained}.int8.onnx"
+        kept.parent.mkdir(exist_ok=True)
+        os.replace(Path(staging) / CATALOG_FILE, kept.parent / CATALOG_FILE)
+        os.replace(built.path, kept)
+    log.warning(
+        "model version %s is out with another model: round %s's from before this run's "
+        "resume (its checkpoint was unreadable and the round ran again), which devices may "
+        "hold. A published version is never replaced: the final model is not published, "
+        "and is evaluated from %s; train more rounds to publish the next version",
+        trained,
+        trained,
+        kept,
+    )
+    return replace(built, path=kept)
+
+
 def _evaluate(
     config: SimulationConfig,
     run: RunDirectory,
@@ -772,9 +832,8 @@ def _evaluate(
     trained: int,
 ) -> dict[str, Any]:
     """Score every model and publish the final one as ``model-v{trained}`` (the last round
-    trained: a resumed run may be past the rounds asked for, a budget may end one early)."""
-    from shared.compression.artifact import publish_student
-    from shared.compression.prune import publish_prune
+    trained: a resumed run may be past the rounds asked for, a budget may end one early),
+    unless that version is out with another model (:func:`_publish_final`)."""
     from shared.ondevice.runtime import OnDeviceModel
 
     eval_cfg = EvalConfig(seed=config.seed)
@@ -791,13 +850,7 @@ def _evaluate(
         "student (pretrained)": DistilledStudent.from_model(initial),
         "student (federated)": DistilledStudent.from_model(final),
     }
-    artifact = publish_student(
-        final,
-        dataset.item_ids,
-        run.root / "models" / f"model-v{trained}.int8.onnx",
-        version=str(trained),
-        prune=publish_prune(config.prune_sparsity),
-    )
+    artifact = _publish_final(final, dataset.item_ids, run, trained, config.prune_sparsity)
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
     for name, model in models.items():

@@ -665,6 +665,32 @@ def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
     assert federate[-1]["step"] == 3  # this process started at round 3
 
 
+def test_a_published_model_version_is_never_replaced(tmp_path: Path) -> None:
+    """Round 2's checkpoint lost, the round ran again and trained another model: the
+    ServerApp kept the model-v2 published before (devices may hold it), but the end of the
+    run wrote the new final model over it. It is evaluated from an unpublished file now."""
+    args = ["simulate", "--backend", "inprocess", "--rounds", "2", "--cohort-size", "6"]
+    args += ["--run-dir", str(tmp_path), "--name", "lost", "--json", "--run-config"]
+    args += [f"{TINY} publish-each-round=true"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "lost"
+    models = run / "models"
+    published = {p.name: p.read_bytes() for p in models.glob("model-v*.int8.onnx")}
+    assert sorted(published) == ["model-v1.int8.onnx", "model-v2.int8.onnx"]
+    assert json.loads(first.stdout)["artifact"]["path"] == str(models / "model-v2.int8.onnx")
+    arrays = run / "checkpoints" / "round-00000002.npz"
+    arrays.write_bytes(arrays.read_bytes()[:50])  # round 2's checkpoint is lost
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert {p.name: p.read_bytes() for p in models.glob("model-v*.int8.onnx")} == published
+    final = Path(json.loads(again.stdout)["artifact"]["path"])
+    assert final == run / "unpublished" / "round-2.int8.onnx"
+    assert final.read_bytes() != published["model-v2.int8.onnx"]  # the rerun's own model
+    assert (final.parent / "catalog.json").read_text() == (models / "catalog.json").read_text()
+    assert not list(run.glob(".final-model-*"))
+
+
 def test_prune_sparsity_reaches_the_published_model(tmp_path: Path) -> None:
     """`prune-sparsity` prunes every weight matrix the int8 graph executes, each to that
     fraction of zeros; the artifact's report says what it got."""
