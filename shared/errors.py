@@ -24,5 +24,10 @@ class ModelFileError(FedRecError):
     """A model artifact is corrupt, tampered with, or does not match this catalog."""
 
 
+class PublishedVersionError(ModelFileError):
+    """A model version is out already with another model: a published version never
+    changes (devices may hold it, and they tell models apart by their version)."""
+
+
 class PrivacyBudgetExceededError(FedRecError):
     """Training would spend more privacy than the configured budget allows."""

@@ -15,8 +15,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +27,7 @@ import torch
 from shared.config import field_names, from_flat, to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.registry import dataset_key, load_dataset
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, PublishedVersionError
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
@@ -789,25 +787,17 @@ def _publish_final(
     this: the final model is then written to ``unpublished/round-{trained}.int8.onnx``
     (with its catalog) and evaluated from there; the next round's model is the next
     version."""
-    from shared.compression.artifact import CATALOG_FILE, publish_student
+    from shared.compression.artifact import publish_student, publish_student_once
     from shared.compression.prune import publish_prune
 
+    prune = publish_prune(prune_sparsity)
     published = run.root / "models" / f"model-v{trained}.int8.onnx"
-
-    def write(path: Path) -> ArtifactReport:
-        prune = publish_prune(prune_sparsity)
-        return publish_student(final, item_ids, path, version=str(trained), prune=prune)
-
-    if not published.exists():
-        return write(published)
-    with tempfile.TemporaryDirectory(dir=run.root, prefix=".final-model-") as staging:
-        built = write(Path(staging) / published.name)
-        if built.path.read_bytes() == published.read_bytes():
-            return replace(built, path=published)  # this very model is out: nothing to do
+    try:
+        return publish_student_once(final, item_ids, published, version=str(trained), prune=prune)
+    except PublishedVersionError:
         kept = run.root / UNPUBLISHED_DIR / f"round-{trained}.int8.onnx"
         kept.parent.mkdir(exist_ok=True)
-        os.replace(Path(staging) / CATALOG_FILE, kept.parent / CATALOG_FILE)
-        os.replace(built.path, kept)
+        built = publish_student(final, item_ids, kept, version=str(trained), prune=prune)
     log.warning(
         "model version %s is out with another model: round %s's from before this run's "
         "resume (its checkpoint was unreadable and the round ran again), which devices may "
@@ -817,7 +807,7 @@ def _publish_final(
         trained,
         kept,
     )
-    return replace(built, path=kept)
+    return built
 
 
 def _evaluate(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from server.strategy import RoundReport
-from shared.errors import ConfigError, DataError, ModelFileError
+from shared.errors import ConfigError, DataError, ModelFileError, PublishedVersionError
 from shared.federated.bundle import ClientData, load_bundle, save_bundle
 from shared.federated.local_training import fit_personal, next_item_examples
 from shared.federated.student_task import (
@@ -81,6 +81,27 @@ def test_a_task_on_the_gpu_publishes_the_artifact_it_publishes_on_the_cpu(
         published.append(path.read_bytes())
         assert next(task.model.parameters()).device.type == device  # left where it trains
     assert published[0] == published[1]
+
+
+def test_a_published_version_is_republished_as_is_but_never_replaced(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The server publishes a checkpoint's model again after a crash between checkpoint and
+    publication (the same model: a no-op); a round trained again after its checkpoint was
+    lost is another model, and its version may be on devices: refused, file untouched (the
+    server's lost-rounds guard needs a checkpoint store; this holds without one)."""
+    task = _task(bundle, tmp_path / "state")
+    out = tmp_path / "published"
+    first = task.initial_parameters()
+    path = task.publish_artifact(first, 2, out)
+    before = path.read_bytes()
+    assert task.publish_artifact(first, 2, out) == path and path.read_bytes() == before
+    other = [a + np.float32(0.5) for a in first]
+    with pytest.raises(PublishedVersionError, match="version 2 is out already"):
+        task.publish_artifact(other, 2, out)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["catalog.json", "model-v2.int8.onnx"]
+    assert task.publish_artifact(other, 3, out).read_bytes() != before  # the next version
 
 
 def test_bundle_round_trip(bundle: Path) -> None:

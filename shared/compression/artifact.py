@@ -4,9 +4,10 @@ pretraining benchmark, the simulation and the server's per-round publication."""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy.typing as npt
@@ -16,7 +17,7 @@ from torch import nn
 from shared.compression.onnx_export import export_onnx_bytes
 from shared.compression.prune import PruneConfig, PruneReport, prune_model
 from shared.compression.quantize import QuantizeConfig, quantize_onnx_bytes
-from shared.errors import DataError
+from shared.errors import DataError, PublishedVersionError
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
 from shared.ondevice.runtime import catalog_fingerprint, check_item_id_lengths
@@ -169,3 +170,36 @@ def publish_student(
         agreement=built.agreement,
         sparsity=built.sparsity,
     )
+
+
+def publish_student_once(
+    student: StudentModel,
+    item_ids: Sequence[str],
+    out_path: str | Path,
+    *,
+    version: str,
+    prune: PruneConfig | None = None,
+) -> ArtifactReport:
+    """:func:`publish_student`, for a version that may be out already: written when
+    ``out_path`` is not there, left as it is when it holds this very model (the int8 export
+    is deterministic: a process that died between its checkpoint and its publication, a
+    rerun of a finished run), refused with :class:`PublishedVersionError` when it holds
+    another model (a round that ran again after its checkpoint was lost trains another).
+
+    A published version never changes: devices may hold it and tell models apart by their
+    version alone. The model is built beside ``out_path`` first, so a refusal leaves the
+    published folder as it was."""
+    out = Path(out_path)
+    if not out.exists():
+        return publish_student(student, item_ids, out, version=version, prune=prune)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".publish-") as staging:
+        built = publish_student(
+            student, item_ids, Path(staging) / out.name, version=version, prune=prune
+        )
+        if built.path.read_bytes() != out.read_bytes():
+            raise PublishedVersionError(
+                f"model version {version} is out already, with another model ({out}): a "
+                "published version never changes, as devices may hold it; publish this model "
+                "under a new version (train another round)"
+            )
+    return replace(built, path=out)

@@ -337,13 +337,14 @@ class StudentTask:
             )
 
     def publish_artifact(self, parameters: Arrays, version: int, out_dir: Path) -> Path:
-        """Publish global model ``version`` as ``model-v{version}.int8.onnx`` (idempotent)."""
-        from shared.compression.artifact import publish_student
+        """Publish global model ``version`` as ``model-v{version}.int8.onnx``: again with the
+        same model is a no-op, with another is refused (:func:`publish_student_once`)."""
+        from shared.compression.artifact import publish_student_once
 
         path = Path(out_dir) / f"model-v{version}.int8.onnx"
         with self._lock:
             set_global_arrays(self.model, parameters, self._meta)
-            publish_student(
+            publish_student_once(
                 self.model,
                 self.bundle.item_ids,
                 path,
