@@ -15,6 +15,12 @@ position (the last ``student max_len`` items up to it) out of the same window. O
 ``L`` items thus yields up to ``L`` student examples without ``L`` teacher passes. (Those
 logits are the window's, its positions numbered from its end: within 0.3% of top-10 overlap
 of scoring each prefix alone, see :mod:`shared.models.teacher`.)
+
+About a fifth of the teacher's probability sits on items already in the prefix, which are
+never recommended (``exclude-seen``). Masking them out of both distributions, so the KL
+covers only what can be ranked, was tried and left out: the distilled student did not move
+(ml-100k split 42, federated users, fp32 sampled / full HR@10 0.666 / 0.162 against
+0.667 / 0.164; ad hoc, same teacher).
 """
 
 from __future__ import annotations
