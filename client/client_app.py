@@ -291,14 +291,31 @@ def _update_clip_norm(config: Mapping[str, Any]) -> float:
     return float(clip)
 
 
+def _node_run_config(
+    context: Context, overrides: Mapping[str, RunConfigValue] | None
+) -> dict[str, RunConfigValue]:
+    """The run config this node trains with: the context's, under the Python API's
+    ``overrides`` (:func:`make_client_app`), for this node (:func:`deployment_run_config`).
+    An override no app reads is refused, as the server refuses it: a misspelt client setting
+    would be ignored and the client train with its default."""
+    merged = {**context.run_config, **(overrides or {})}
+    if overrides:
+        _check_override_keys(overrides, str(merged.get("task", DEFAULT_TASK)))
+    return deployment_run_config(merged, context.node_config)
+
+
+def _check_override_keys(overrides: Mapping[str, RunConfigValue], task: str) -> None:
+    from server.server_app import check_run_config_keys
+
+    check_run_config_keys(overrides, task)
+
+
 def handle_train(
     msg: Message, context: Context, run_config: Mapping[str, RunConfigValue] | None = None
 ) -> Message:
     """Train handler: ``FitIns`` -> ``task.fit`` -> ``FitRes`` (or an error reply)."""
     try:
-        merged = deployment_run_config(
-            {**context.run_config, **(run_config or {})}, context.node_config
-        )
+        merged = _node_run_config(context, run_config)
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
         received = parameters_to_ndarrays(fitins.parameters)
         # what this client knows, over anything the server sent under these keys: the task
@@ -345,9 +362,7 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate handler: ``EvaluateIns`` -> ``task.evaluate`` -> ``EvaluateRes``."""
     try:
-        merged = deployment_run_config(
-            {**context.run_config, **(run_config or {})}, context.node_config
-        )
+        merged = _node_run_config(context, run_config)
         ins = recorddict_to_evaluateins(msg.content, keep_input=True)
         parameters = parameters_to_ndarrays(ins.parameters)
         task, client_id = _task_for(merged), client_id_of(context)
@@ -370,10 +385,14 @@ def make_client_app(
     """Build the ``ClientApp``.
 
     ``run_config`` entries override ``context.run_config`` (the Python simulation API
-    gives clients an empty run config). ``extra_mods`` run outermost, before the
+    gives clients an empty run config); a key no app reads is refused, here when
+    ``run_config`` names the task, else in each reply (an error reply naming the key).
+    ``extra_mods`` run outermost, before the
     SecAgg+ mod (e.g. message-size logging, or fault injection in tests).
     """
     overrides = dict(run_config or {})
+    if "task" in overrides:  # it wins over the context's: the task is known now
+        _check_override_keys(overrides, str(overrides["task"]))
     client_app = ClientApp(mods=[*extra_mods, secaggplus_when_requested_mod])
 
     @client_app.train()

@@ -378,9 +378,11 @@ def check_known_keys(run_config: Mapping[str, RunConfigValue], *, given: str) ->
     the keys came from (``--run-config``, or the Python API's ``run_config``)."""
     import difflib
 
+    from shared.config import kebab
+
     known = run_config_keys()
     for key in run_config:
-        if key not in known:
+        if kebab(key) not in known:  # snake_case is the same setting to every reader
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(

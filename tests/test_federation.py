@@ -694,6 +694,20 @@ def test_the_python_api_refuses_a_misspelt_key_as_the_cli_does() -> None:
     assert reports == []
     # a custom task may read keys of its own
     make_server_app({"task": "shared.federated.task:ToyLinearTask.from_run_config", "mine": 1})
+    make_client_app({"task": "shared.federated.task:ToyLinearTask.from_run_config", "mine": 1})
+    # the clients' own settings (make_client_app) too: at once when they name the task ...
+    with pytest.raises(ConfigError, match=r"unknown run_config key 'local-epoch'"):
+        make_client_app({"task": "toy-linear", "local-epoch": 2})
+    # ... else in each reply: every client fails, naming the key; nothing is trained
+    reports: list[RoundReport] = []
+    run_in_process(
+        make_server_app({"num-rounds": 1, "eval-fraction": 0.0}, on_round_end=reports.append),
+        make_client_app({"lr-typo": 0.1}),
+        3,
+    )
+    (report,) = reports
+    assert report.fit.ok == 0 and not report.fit.updated
+    assert all("unknown run_config key 'lr-typo'" in f for f in report.fit.failures)
 
 
 def test_round_hook_failure_stops_the_run() -> None:
