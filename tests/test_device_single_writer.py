@@ -17,11 +17,14 @@ import sys
 import textwrap
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from client.device import identity
 from client.device.daemon import Daemon, DaemonConfig
 from client.device.identity import (
     DaemonNotRunningError,
@@ -30,6 +33,7 @@ from client.device.identity import (
     StateDirInUseError,
     StateDirLock,
     init_identity,
+    remove_stale_api_info,
     running_api,
 )
 from fedrec.cli import app as fedrec_app
@@ -185,6 +189,44 @@ def test_api_json_counts_only_while_its_daemon_holds_the_lock(tmp_path: Path) ->
         assert running_api(layout).pid == os.getpid()
     with pytest.raises(DaemonNotRunningError, match="left over"):
         running_api(layout)  # the lock went with it
+
+
+def test_a_daemon_starting_while_api_json_is_read_is_not_reported_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader probed the lock (free: the last daemon was killed), then the next daemon
+    started, removed the stale api.json and wrote its own, and only then did the reader read
+    it: the live daemon's address was reported as left over from a dead one."""
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.state_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _api_json(layout, dead.pid)  # the killed daemon's
+    held: list[StateDirLock] = []
+
+    def then_a_daemon_starts(read: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        def read_then_start(path: Path) -> Any:
+            seen = read(path)
+            if not held:  # the next daemon, between the reader's two looks: lock, clean up
+                held.append(_acquire(layout.state_dir))
+                remove_stale_api_info(held[0])
+                _api_json(layout, os.getpid(), port=4242)  # and listen
+            return seen
+
+        return read_then_start
+
+    # whichever of the lock and the file the reader looks at first
+    monkeypatch.setattr(identity, "is_locked", then_a_daemon_starts(identity.is_locked))
+    monkeypatch.setattr(identity, "_read_api_info", then_a_daemon_starts(identity._read_api_info))
+    try:
+        try:
+            api = running_api(layout)
+        except DaemonNotRunningError as exc:  # "retry in a moment" is right; "dead" is not
+            assert "left over" not in str(exc), str(exc)
+            api = running_api(layout)
+        assert api.pid == os.getpid() and api.port == 4242
+    finally:
+        held[0].release()
 
 
 def test_a_readers_probe_of_the_lock_does_not_make_a_daemon_fail_to_start(

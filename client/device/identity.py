@@ -377,8 +377,10 @@ def running_api(state_dir: str | Path | DeviceLayout) -> ApiInfo:
     """
     layout = state_dir if isinstance(state_dir, DeviceLayout) else DeviceLayout(Path(state_dir))
     start = f"`fedrec client start --state-dir {layout.state_dir}` (or `fedrec client serve-api`)"
-    holder = _lock_holder(layout)
+    # the file first, then the lock: a daemon that starts in between (it takes the lock,
+    # then replaces a stale file) is then "not served yet", never a live one called dead
     info = _read_api_info(layout.api_info)
+    holder = _lock_holder(layout)
     if holder is None:
         if info is None:
             raise DaemonNotRunningError(
