@@ -104,6 +104,22 @@ def test_a_published_version_is_republished_as_is_but_never_replaced(
     assert task.publish_artifact(other, 3, out).read_bytes() != before  # the next version
 
 
+def test_republishing_a_version_restores_a_catalog_a_crash_left_out(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The catalog is written after the model: a server that died in between left the model
+    alone, and the republication after the restart (the same model) was a no-op that never
+    wrote the catalog a device needs to install it."""
+    task = _task(bundle, tmp_path / "state")
+    out = tmp_path / "published"
+    path = task.publish_artifact(task.initial_parameters(), 2, out)
+    catalog = out / "catalog.json"
+    expected = catalog.read_text()
+    catalog.unlink()  # the process died between the model's write and the catalog's
+    assert task.publish_artifact(task.initial_parameters(), 2, out) == path
+    assert catalog.read_text() == expected
+
+
 def test_bundle_round_trip(bundle: Path) -> None:
     loaded = load_bundle(bundle)
     assert loaded.n_items == N_ITEMS and loaded.clients is not None

@@ -4,6 +4,7 @@ pretraining benchmark, the simulation and the server's per-round publication."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -202,4 +203,18 @@ def publish_student_once(
                 "published version never changes, as devices may hold it; publish this model "
                 "under a new version (train another round)"
             )
+    # the catalog is written after the model: a process that died in between left the model
+    # alone, and a device cannot install it without its catalog (the model's fingerprint
+    # matched these ids, so this is the catalog it was published with)
+    catalog = out.parent / CATALOG_FILE
+    if _read_json(catalog) != list(item_ids):
+        write_json_atomic(catalog, list(item_ids))
     return replace(built, path=out)
+
+
+def _read_json(path: Path) -> object:
+    """``path``'s JSON, or ``None`` if it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
