@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -238,6 +239,29 @@ def test_a_readers_probe_of_the_lock_does_not_make_a_daemon_fail_to_start(
     fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what running_api's check holds
     threading.Timer(0.05, os.close, (probe,)).start()
     _acquire(state).release()  # waited for it, instead of "in use"
+
+
+def test_a_slow_readers_probe_does_not_make_a_daemon_fail_to_start(tmp_path: Path) -> None:
+    """A reader's probe outlasting the 0.2 s wait (the reader preempted on a busy machine)
+    made the next start of a daemon that had been killed fail as "in use by a fedrec daemon
+    (pid N)", N the dead daemon's pid. The recorded holder is dead: only a probe can hold
+    the lock then, and it is waited out; a live holder is still refused at once."""
+    state = tmp_path / "dev"
+    lock = _acquire(state)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file = DeviceLayout(state).lock_file
+    lock_file.write_text(json.dumps({"pid": dead.pid, "role": "daemon"}) + "\n")
+    lock._finalizer()  # the daemon was killed: its flock went, its pid stays in the file
+    probe = os.open(lock_file, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader's probe, held 0.6 s
+    threading.Timer(0.6, os.close, (probe,)).start()
+    _acquire(state).release()  # waited for it, instead of "in use"
+    with _acquire(state):  # a live daemon: refused without the longer wait
+        started = time.monotonic()
+        with pytest.raises(StateDirInUseError, match=rf"pid {os.getpid()}"):
+            _acquire(state)
+        assert time.monotonic() - started < 1.0
 
 
 @pytest.mark.network

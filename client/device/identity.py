@@ -230,7 +230,7 @@ class StateDirLock:
     inherit it). The file holds the holder's PID and role, to name it in the error and to
     tell a live ``api.json`` from a killed daemon's (:func:`running_api`, whose probe of the
     lock holds a shared lock for an instant: :meth:`acquire` waits that out, for up to
-    :data:`_PROBE_WAIT_S`).
+    :data:`_PROBE_WAIT_S`, or :data:`_DEAD_HOLDER_WAIT_S` when the holder named is dead).
     """
 
     def __init__(self, layout: DeviceLayout, fd: int) -> None:
@@ -296,11 +296,17 @@ class StateDirLock:
 #: directory in use: a reader's probe (:func:`running_api`) holds a shared lock this briefly.
 _PROBE_WAIT_S = 0.2
 
+#: How long it waits while the holder the lock file names is not alive (a daemon killed
+#: with SIGKILL, or none written): then only a reader's probe can hold it, and a reader
+#: preempted on a busy machine may hold it longer than :data:`_PROBE_WAIT_S`.
+_DEAD_HOLDER_WAIT_S = 5.0
+
 
 def _flock_exclusive(fd: int) -> None:
     """``flock(fd, LOCK_EX | LOCK_NB)``, retried for :data:`_PROBE_WAIT_S` while it conflicts
-    (a daemon's lock stays, so it still fails then; a reader's probe is gone by then)."""
-    deadline = time.monotonic() + _PROBE_WAIT_S
+    (a daemon's lock stays, so it still fails then; a reader's probe is gone by then), and
+    up to :data:`_DEAD_HOLDER_WAIT_S` while the holder the file names is not alive."""
+    start = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -308,9 +314,25 @@ def _flock_exclusive(fd: int) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - start
+            if waited >= _DEAD_HOLDER_WAIT_S or (
+                waited >= _PROBE_WAIT_S and _pid_alive(_read_holder(fd).get("pid"))
+            ):
                 raise
             time.sleep(0.01)
+
+
+def _pid_alive(pid: object) -> bool:
+    """Whether ``pid`` (what a lock file names) is a live process (``False``: none named)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
