@@ -36,6 +36,7 @@ import threading
 import time
 import typing
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -536,6 +537,11 @@ def check_run_config_keys(run_config: Mapping[str, RunConfigValue], task: str) -
         check_known_keys(run_config, given="run_config")
 
 
+#: The task each :func:`make_server_app` app was built with (``None``: the run config's),
+#: so that :func:`run_in_process` judges its run config's keys by the task that runs.
+_APP_TASKS: weakref.WeakKeyDictionary[ServerApp, str | None] = weakref.WeakKeyDictionary()
+
+
 def make_server_app(
     run_config: Mapping[str, RunConfigValue] | None = None,
     *,
@@ -553,6 +559,7 @@ def make_server_app(
     if "task" in overrides:  # it wins over the context's: the run's task is known now
         check_run_config_keys(overrides, str(overrides["task"]))
     app = ServerApp()
+    _APP_TASKS[app] = str(overrides["task"]) if "task" in overrides else None
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -1039,10 +1046,17 @@ def run_in_process(
 
     ``run_config`` becomes both the server's and every node's ``context.run_config``; a
     key no app reads is refused before anything runs (:func:`check_run_config_keys`, for
-    the task it names: ``toy-linear``, the clients' default, when it names none).
+    the task ``server_app`` was built with, else the one ``run_config`` names, else
+    ``toy-linear``, the default; a ServerApp not built by :func:`make_server_app` is judged
+    only when ``run_config`` names the task).
     """
     config = dict(run_config or {})
-    check_run_config_keys(config, str(config.get("task", ServerConfig.task)))
+    if server_app in _APP_TASKS:  # its own task wins, as in its main
+        check_run_config_keys(
+            config, _APP_TASKS[server_app] or str(config.get("task", ServerConfig.task))
+        )
+    elif "task" in config:  # another ServerApp: its task is unknown unless named here
+        check_run_config_keys(config, str(config["task"]))
     try:
         _ = TaskIdentity.run_id
     except RuntimeError:  # instruction messages need a task identity to be built

@@ -710,6 +710,30 @@ def test_the_python_api_refuses_a_misspelt_key_as_the_cli_does() -> None:
     assert all("unknown run_config key 'lr-typo'" in f for f in report.fit.failures)
 
 
+def test_run_in_process_judges_keys_by_the_task_the_apps_were_built_with() -> None:
+    """Apps built for a custom task (make_server_app / make_client_app with its name) ran
+    with a run_config of that task's own keys; run_in_process judged them by toy-linear,
+    as its run_config names no task, and refused a key the custom task reads."""
+    custom = "shared.federated.task:ToyLinearTask.from_run_config"
+    apps = {"task": custom, "num-rounds": 1, "eval-fraction": 0.0}
+    reports: list[RoundReport] = []
+    run_in_process(
+        make_server_app(apps, on_round_end=reports.append),
+        make_client_app(apps),
+        2,
+        run_config={"my-setting": 1},
+    )
+    assert len(reports) == 1
+    # a built-in task named by the server app: still refused
+    with pytest.raises(ConfigError, match=r"unknown run_config key 'toy-dimm'"):
+        run_in_process(
+            make_server_app({"task": "toy-linear"}),
+            make_client_app(),
+            2,
+            run_config={"toy-dimm": 3},
+        )
+
+
 def test_round_hook_failure_stops_the_run() -> None:
     def hook(report: RoundReport) -> None:
         raise OSError(f"disk full while checkpointing round {report.server_round}")
