@@ -1349,6 +1349,8 @@ _REFUSED_KEY = [  # Flower 1.42's exit on a key the SuperLink does not activate,
 # its SuperExec child, in the same log, until the daemon reaps it
 _SUPEREXEC_RETRY = "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.52 seconds"
 _GRACEFUL = "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully."
+# what the SuperExec logs when its parent monitor finds the SuperNode gone (Flower 1.42)
+_SUPEREXEC_GRACEFUL = "\x1b[92mINFO \x1b[0m:      SuperExec terminated gracefully."
 
 
 @pytest.mark.parametrize(
@@ -1395,6 +1397,18 @@ _GRACEFUL = "\x1b[92mINFO \x1b[0m:      SuperNode terminated gracefully."
             ["ERROR : ClientApp crashed: out of memory", _SUPEREXEC_RETRY],
             "ERROR : ClientApp crashed: out of memory",
             None,
+        ),
+        # the SuperExec stops "gracefully" too once its parent is gone (its --parent-pid
+        # monitor raises SIGINT), whatever ended the SuperNode: that says nothing of a key
+        (
+            ["ERROR : ClientApp crashed: out of memory", _SUPEREXEC_RETRY, _SUPEREXEC_GRACEFUL],
+            "ERROR : ClientApp crashed: out of memory",
+            None,
+        ),
+        (  # a SuperNode killed (the OOM killer) while the server did not answer
+            [_SUPEREXEC_RETRY, _SUPEREXEC_GRACEFUL],
+            "Connection attempt failed",
+            "does not answer",
         ),
     ],
 )

@@ -212,6 +212,9 @@ _AUTH_REFUSED = (
 #: exited for any reason, e.g. a refused key: never the cause when the run says another.
 _RETRY_NOTICE = "Connection attempt failed"
 
+#: What the SuperNode (not its SuperExec) logs when it stops on a signal of its own.
+_STOPPED_GRACEFULLY = "SuperNode terminated gracefully"
+
 _STOPPED_ITSELF = (
     "the SuperNode stopped itself without an error: Flower does this when the server "
     "refuses its authentication, i.e. this device's key was revoked (or replaced) while it "
@@ -274,7 +277,9 @@ def diagnose_supernode_exit(lines: Sequence[str]) -> str | None:
         if meaning is not None:
             return f"{line} ({meaning})"
     for line in reversed(lines):
-        if "terminated gracefully" in line:
+        # the SuperNode's own words: its SuperExec child logs "SuperExec terminated
+        # gracefully" after any exit of the SuperNode (its parent monitor raises SIGINT)
+        if _STOPPED_GRACEFULLY in line:
             return f"{line[:300]} ({_STOPPED_ITSELF})"
     last = causes[-1] if causes else errors[-1] if errors else None
     if last is None:
