@@ -143,8 +143,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 
     The one rule for a setting's value, whoever reads it (:func:`from_flat`, the server's
     ``ServerConfig``, the toy task's settings), so that a value one reader takes is not
-    refused, or read otherwise, by another: an ``int`` takes ``2``, ``2.0`` and ``"2"`` but
-    not ``2.5`` or ``true``; a ``float`` takes any number or numeric text but not ``true``;
+    refused, or read otherwise, by another: an ``int`` takes ``2``, ``2.0``, ``"2"`` and ``"2.0"``
+    but not ``2.5`` or ``true``; a ``float`` takes any number or numeric text but not ``true``;
     a ``bool`` takes ``true``/``false``, ``1``/``0`` and ``"yes"``/``"no"``/``"on"``/``"off"``;
     a ``str`` takes the text as typed. In a union, a value already of one of its types keeps
     that type (``int | float``: ``1.0`` is the fraction, ``1`` the count).
@@ -206,9 +206,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         try:
             if isinstance(value, bool):  # true/false is not a number, though Python says 1/0
                 raise ValueError
-            if hint is int and isinstance(value, float) and not value.is_integer():
+            number = value
+            if hint is int and isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                number = float(value)  # "2.0" as 2.0 is: 2
+            if hint is int and isinstance(number, float) and not number.is_integer():
                 raise ValueError
-            return hint(value)
+            return hint(number)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
     if hint is str:  # a text setting gets what was typed: true, 1e3, 0x10 (not True, 1000.0)

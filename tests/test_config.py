@@ -355,6 +355,8 @@ _COERCION_TABLE: list[tuple[str, object, object]] = [
     ("count", 2, 2),
     ("count", 2.0, 2),  # an integral float is the integer
     ("count", "3", 3),
+    ("count", "3.0", 3),  # integral text too (a number sent as text)
+    ("count", "2.5", "must be int, got '2.5'"),
     ("count", 2.5, "must be int, got 2.5"),
     ("count", True, "must be int, got True"),
     ("count", "two", "must be int, got 'two'"),
