@@ -151,6 +151,13 @@ def is_locked(path: str | Path) -> bool:
         handle = open(path)  # noqa: SIM115 (closed below; the probe must not create the file)
     except FileNotFoundError:
         return False
+    except PermissionError as exc:
+        from shared.errors import DataError
+
+        raise DataError(
+            f"cannot read the lock file {path} ({exc.strerror}): run this as the user that "
+            "owns the state directory"
+        ) from None
     with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -12,7 +13,7 @@ import pytest
 
 from server.deploy_app import append_progress
 from server.state import ServerLayout, read_progress
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.io import (
     append_line,
     check_output_file,
@@ -83,8 +84,6 @@ def test_the_servers_progress_file_keeps_the_round_after_a_torn_line(tmp_path: P
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import errno
-
     target = tmp_path / "clients.json"
     target.write_text("old")
 
@@ -98,6 +97,24 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
         "clients.json"
     ]
+
+
+def test_a_lock_file_another_user_owns_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status read by another OS user than the daemon's raised a bare PermissionError (a
+    traceback); the tests run as root, whom file modes do not stop, so open() is refused."""
+    import shared.io
+
+    path = tmp_path / ".lock"
+    path.write_text("1")
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shared.io, "open", refused, raising=False)
+    with pytest.raises(DataError, match=r"cannot read the lock file .*Permission denied.*owns"):
+        is_locked(path)
 
 
 def test_a_lock_is_seen_while_held_and_probing_it_takes_nothing(tmp_path: Path) -> None:
