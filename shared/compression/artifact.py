@@ -188,12 +188,12 @@ def publish_student_once(
     another model (a round that ran again after its checkpoint was lost trains another).
 
     A published version never changes: devices may hold it and tell models apart by their
-    version alone. The model is built beside ``out_path`` first, so a refusal leaves the
-    published folder as it was."""
+    version alone. The model is built in a temporary folder first (not the published one,
+    which a crash would leave it in), so a refusal leaves the published folder as it was."""
     out = Path(out_path)
     if not out.exists():
         return publish_student(student, item_ids, out, version=version, prune=prune)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".publish-") as staging:
+    with tempfile.TemporaryDirectory(prefix="fedrec-publish-") as staging:
         built = publish_student(
             student, item_ids, Path(staging) / out.name, version=version, prune=prune
         )
