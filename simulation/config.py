@@ -16,6 +16,7 @@ from pathlib import Path
 
 from server.server_optimizer import ServerOptimizerSettings
 from shared.config import kebab, to_flat
+from shared.data.provenance import DataProvenance
 from shared.data.registry import check_no_data_dir, dataset_key
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
@@ -353,6 +354,16 @@ class SimulationConfig:
     def split_config(self) -> SplitConfig:
         """The protocol split of this simulation (validated by :class:`SplitConfig`)."""
         return SplitConfig(
+            seed=self.seed,
+            cold_user_fraction=self.cold_user_fraction,
+            public_fraction=self.public_fraction,
+        )
+
+    def data_provenance(self) -> DataProvenance:
+        """The data and split this simulation pretrains with, as its bundles and published
+        models record them (``fedrec evaluate model`` splits a model's data by them)."""
+        return DataProvenance(
+            dataset=dataset_key(self.dataset),
             seed=self.seed,
             cold_user_fraction=self.cold_user_fraction,
             public_fraction=self.public_fraction,

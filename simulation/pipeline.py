@@ -26,6 +26,7 @@ import torch
 
 from shared.config import field_names, from_flat, to_flat
 from shared.data.dataset import IntArray, RecDataset
+from shared.data.provenance import DataProvenance
 from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError, DataError, PublishedVersionError
 from shared.eval.compare import compare_pairs
@@ -161,9 +162,18 @@ def _run_stages(
 
     clients = _client_data(split)
     bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here
-    save_bundle(bundle_path, pre.student.model, clients, dataset.item_ids)
+    # both record the data and split, which every model published from them carries
+    trained_on = config.data_provenance()
+    save_bundle(bundle_path, pre.student.model, clients, dataset.item_ids, trained_on=trained_on)
     # what a deployment's server and devices load: the model alone, readable by containers
-    save_bundle(run.root / DEPLOY_BUNDLE, pre.student.model, None, dataset.item_ids, mode=0o644)
+    save_bundle(
+        run.root / DEPLOY_BUNDLE,
+        pre.student.model,
+        None,
+        dataset.item_ids,
+        mode=0o644,
+        trained_on=trained_on,
+    )
 
     progress("federate", {"clients": len(clients), "rounds": config.rounds})
     federation = _federate(config, run, bundle_path, len(clients), progress)
@@ -774,6 +784,7 @@ def _publish_final(
     run: RunDirectory,
     trained: int,
     prune_sparsity: float,
+    trained_on: DataProvenance | None = None,
 ) -> ArtifactReport:
     """Publish the final model as ``models/model-v{trained}.int8.onnx``, unless that version
     is out with another model already; the int8 file the run evaluates, either way.
@@ -786,18 +797,23 @@ def _publish_final(
     the earlier one under that number (:func:`server.server_app._run_server`), and so does
     this: the final model is then written to ``unpublished/round-{trained}.int8.onnx``
     (with its catalog) and evaluated from there; the next round's model is the next
-    version."""
+    version. ``trained_on``: the run's data and split, as its bundle records them (a model
+    the ServerApp published from that bundle has them: the same bytes)."""
     from shared.compression.artifact import publish_student, publish_student_once
     from shared.compression.prune import publish_prune
 
     prune = publish_prune(prune_sparsity)
     published = run.root / "models" / f"model-v{trained}.int8.onnx"
     try:
-        return publish_student_once(final, item_ids, published, version=str(trained), prune=prune)
+        return publish_student_once(
+            final, item_ids, published, version=str(trained), prune=prune, trained_on=trained_on
+        )
     except PublishedVersionError:
         kept = run.root / UNPUBLISHED_DIR / f"round-{trained}.int8.onnx"
         kept.parent.mkdir(exist_ok=True)
-        built = publish_student(final, item_ids, kept, version=str(trained), prune=prune)
+        built = publish_student(
+            final, item_ids, kept, version=str(trained), prune=prune, trained_on=trained_on
+        )
     log.warning(
         "model version %s is out with another model: round %s's from before this run's "
         "resume (its checkpoint was unreadable and the round ran again), which devices may "
@@ -840,7 +856,14 @@ def _evaluate(
         "student (pretrained)": DistilledStudent.from_model(initial),
         "student (federated)": DistilledStudent.from_model(final),
     }
-    artifact = _publish_final(final, dataset.item_ids, run, trained, config.prune_sparsity)
+    artifact = _publish_final(
+        final,
+        dataset.item_ids,
+        run,
+        trained,
+        config.prune_sparsity,
+        config.data_provenance(),
+    )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
     for name, model in models.items():

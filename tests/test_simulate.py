@@ -70,6 +70,13 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     deployable, simulated = load_bundle(run / "deploy-bundle.pt"), load_bundle(run / "bundle.pt")
     assert deployable.clients is None and simulated.clients is not None
     assert deployable.item_ids == simulated.item_ids
+    # both record the data and split pretrained on, and so does the published model
+    from shared.data.provenance import DataProvenance
+    from shared.ondevice.runtime import OnDeviceModel
+
+    recorded = (deployable.trained_on, simulated.trained_on)
+    assert recorded == (DataProvenance("synthetic", 42, 0.1, 0.2),) * 2
+    assert OnDeviceModel(run / "models" / "model-v2.int8.onnx").metadata.trained_on == recorded[0]
     assert stat.S_IMODE((run / "deploy-bundle.pt").stat().st_mode) == 0o644
     assert stat.S_IMODE((run / "bundle.pt").stat().st_mode) == 0o600
     ledgers = list((run / "clients").glob("client-*/ledger.json"))

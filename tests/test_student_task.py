@@ -131,6 +131,44 @@ def test_bundle_round_trip(bundle: Path) -> None:
         assert torch.equal(a, b), name
 
 
+def test_a_bundle_records_its_data_and_its_published_models_carry_it(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The data and split a bundle's student was pretrained with travel into every model
+    published from it (``fedrec evaluate model`` splits by them); a bundle written before
+    they were recorded still loads, as unknown, and its models load without them."""
+    import onnx
+
+    from shared.data.provenance import DataProvenance
+    from shared.ondevice.runtime import META_TRAINED_ON, OnDeviceModel
+
+    trained_on = DataProvenance("ml-100k", 7, 0.1, 0.25)
+    recorded = tmp_path / "recorded.pt"
+    save_bundle(recorded, _student(), _clients(), trained_on=trained_on)
+    assert load_bundle(recorded).trained_on == trained_on
+    assert "trained_on" not in torch.load(bundle, weights_only=True)  # an older bundle's layout
+    assert load_bundle(bundle).trained_on is None
+    task = _task(recorded, tmp_path / "state")
+    published = task.publish_artifact(task.initial_parameters(), 1, tmp_path / "published")
+    assert OnDeviceModel(published).metadata.trained_on == trained_on  # the digest holds too
+    older = _task(bundle, tmp_path / "state-older")
+    unknown = older.publish_artifact(older.initial_parameters(), 1, tmp_path / "older")
+    keys = {p.key for p in onnx.load(unknown).metadata_props}
+    assert META_TRAINED_ON not in keys and OnDeviceModel(unknown).metadata.trained_on is None
+
+
+def test_a_bundles_data_record_of_another_layout_is_refused_in_one_line(
+    bundle: Path, tmp_path: Path
+) -> None:
+    payload = torch.load(bundle, weights_only=True)
+    payload["trained_on"] = {"dataset": "ml-100k", "seed": 7}
+    other = tmp_path / "other.pt"
+    torch.save(payload, other)
+    with pytest.raises(ModelFileError, match="written by another version") as caught:
+        load_bundle(other)
+    assert "training data record" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_a_file_that_is_not_a_bundle_is_refused_in_one_line(tmp_path: Path) -> None:
     garbage = tmp_path / "bundle.pt"
     garbage.write_bytes(b"not a bundle")

@@ -18,6 +18,7 @@ from torch import nn
 from shared.compression.onnx_export import export_onnx_bytes
 from shared.compression.prune import PruneConfig, PruneReport, prune_model
 from shared.compression.quantize import QuantizeConfig, quantize_onnx_bytes
+from shared.data.provenance import DataProvenance
 from shared.errors import DataError, PublishedVersionError
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
@@ -95,6 +96,7 @@ def build_student_artifact(
     quantize: QuantizeConfig | None = None,
     validation_histories: Sequence[npt.ArrayLike] | None = None,
     personal: bool = False,
+    trained_on: DataProvenance | None = None,
 ) -> StudentArtifact:
     """The int8 ONNX bytes of ``student``: the global model (identity adapter) that the
     server publishes, or with ``personal`` the student's own adapter (a device's model).
@@ -102,7 +104,8 @@ def build_student_artifact(
     Built in memory, fp32 export included, so a device's personal model never lies in clear
     on its disk (the sealed store is where it is kept). Pruning works on a copy of the folded
     export graph so the caller's student is untouched, and on what that graph executes
-    (:func:`prune_export_graph`).
+    (:func:`prune_export_graph`). ``trained_on`` (the bundle's data and split, when it
+    records them) goes into the model's metadata, for ``fedrec evaluate model``.
     """
     import copy
 
@@ -125,7 +128,10 @@ def build_student_artifact(
         # Tracing turns the attention scale (a shape-derived constant) into a float.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         fp32, _ = export_onnx_bytes(
-            exportable, model_version=version, catalog_fingerprint=catalog_fingerprint(item_ids)
+            exportable,
+            model_version=version,
+            catalog_fingerprint=catalog_fingerprint(item_ids),
+            trained_on=trained_on,
         )
     int8, report = quantize_onnx_bytes(
         fp32, config=quantize, validation_histories=validation_histories
@@ -147,6 +153,7 @@ def publish_student(
     prune: PruneConfig | None = None,
     quantize: QuantizeConfig | None = None,
     validation_histories: Sequence[npt.ArrayLike] | None = None,
+    trained_on: DataProvenance | None = None,
 ) -> ArtifactReport:
     """Write ``student``'s global model (:func:`build_student_artifact`) to ``out_path``
     (atomic) with the catalog next to it, as the server publishes every round. Refuses a
@@ -159,6 +166,7 @@ def publish_student(
         prune=prune,
         quantize=quantize,
         validation_histories=validation_histories,
+        trained_on=trained_on,
     )
     out = Path(out_path)
     write_bytes_atomic(out, built.int8)
@@ -180,6 +188,7 @@ def publish_student_once(
     *,
     version: str,
     prune: PruneConfig | None = None,
+    trained_on: DataProvenance | None = None,
 ) -> ArtifactReport:
     """:func:`publish_student`, for a version that may be out already: written when
     ``out_path`` is not there, left as it is when it holds this very model (the int8 export
@@ -192,10 +201,17 @@ def publish_student_once(
     which a crash would leave it in), so a refusal leaves the published folder as it was."""
     out = Path(out_path)
     if not out.exists():
-        return publish_student(student, item_ids, out, version=version, prune=prune)
+        return publish_student(
+            student, item_ids, out, version=version, prune=prune, trained_on=trained_on
+        )
     with tempfile.TemporaryDirectory(prefix="fedrec-publish-") as staging:
         built = publish_student(
-            student, item_ids, Path(staging) / out.name, version=version, prune=prune
+            student,
+            item_ids,
+            Path(staging) / out.name,
+            version=version,
+            prune=prune,
+            trained_on=trained_on,
         )
         if built.path.read_bytes() != out.read_bytes():
             raise PublishedVersionError(

@@ -26,6 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from shared.data.provenance import DataProvenance
 from shared.errors import ConfigError, ModelFileError
 from shared.io import write_bytes_atomic
 from shared.ondevice.runtime import INPUT_NAMES, OUTPUT_NAME, ModelMetadata, ort_max_opset
@@ -167,10 +168,13 @@ def export_onnx_bytes(
     model_version: str,
     catalog_fingerprint: str,
     config: ExportConfig | None = None,
+    trained_on: DataProvenance | None = None,
 ) -> tuple[bytes, ExportReport]:
     """:func:`export_onnx` without a file: the verified fp32 ONNX bytes (the report's
     ``path`` is empty). Nothing touches the disk, so a device exporting its personal model
-    leaves no clear copy of it behind, not even in a temporary folder when it is killed."""
+    leaves no clear copy of it behind, not even in a temporary folder when it is killed.
+    ``trained_on``: the data and split the model was pretrained with, recorded in its
+    metadata (left out when unknown)."""
     cfg = config or ExportConfig()
     if cfg.opset > ort_max_opset():
         raise ConfigError(
@@ -183,6 +187,7 @@ def export_onnx_bytes(
         max_len=max_len,
         model_version=model_version,
         catalog_fingerprint=catalog_fingerprint,
+        trained_on=trained_on,
     )
     proto = export_to_proto(model, cfg)
     meta.apply_to(proto)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from shared.data.dataset import IntArray
+from shared.data.provenance import DataProvenance
 from shared.errors import ModelFileError
 from shared.io import write_bytes_atomic
 from shared.models.student import StudentConfig, StudentModel, load_student_state
@@ -48,6 +49,9 @@ class Bundle:
     clients: ClientData | None
     n_items: int
     item_ids: list[str]
+    trained_on: DataProvenance | None = None
+    """The data and split the student was pretrained with (``None``: unknown, a bundle
+    written before it was recorded); every model published from the bundle carries it."""
 
 
 DEPLOY_BUNDLE = "deploy-bundle.pt"
@@ -61,11 +65,13 @@ def save_bundle(
     item_ids: list[str] | None = None,
     *,
     mode: int | None = None,
+    trained_on: DataProvenance | None = None,
 ) -> None:
     """Write the bundle atomically; ``item_ids`` (the catalog, raw ids in column order) lets
     clients and the server publish artifacts pinned to this catalog. ``mode``: the file's
     permissions (default: its owner's only; a deployable bundle holds no user's data and
-    containers running as another user read it)."""
+    containers running as another user read it). ``trained_on``: the data and split the
+    student was pretrained with, which the models published from the bundle record."""
     payload: dict[str, object] = {
         "format": BUNDLE_FORMAT,
         "item_ids": list(item_ids)
@@ -76,6 +82,8 @@ def save_bundle(
         "ids_shape": list(student.items.ids.weight.shape),
         "state_dict": student.state_dict(),
     }
+    if trained_on is not None:
+        payload["trained_on"] = asdict(trained_on)
     if clients is not None:
         payload["clients"] = {
             "train": _pack(clients.train),
@@ -185,7 +193,15 @@ def _parse(payload: dict[str, Any], p: Path) -> Bundle:
             test=c["test"].numpy().astype(np.int64),
         )
     item_ids = [str(i) for i in payload.get("item_ids", range(student.n_items))]
-    return Bundle(student=student, clients=clients, n_items=student.n_items, item_ids=item_ids)
+    recorded = payload.get("trained_on")  # absent in a bundle written before it was recorded
+    trained_on = None if recorded is None else DataProvenance.from_mapping(recorded)
+    return Bundle(
+        student=student,
+        clients=clients,
+        n_items=student.n_items,
+        item_ids=item_ids,
+        trained_on=trained_on,
+    )
 
 
 def _pack(seqs: list[IntArray]) -> dict[str, torch.Tensor]:

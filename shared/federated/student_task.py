@@ -350,6 +350,7 @@ class StudentTask:
                 path,
                 version=str(version),
                 prune=publish_prune(self.config.prune_sparsity),
+                trained_on=self.bundle.trained_on,  # what `fedrec evaluate model` splits by
             )
         return path
 

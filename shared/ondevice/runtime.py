@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from shared.data.provenance import DataProvenance
 from shared.errors import ConfigError, DataError, ModelFileError
 
 IntArray = npt.NDArray[np.int64]
@@ -61,6 +62,9 @@ META_CATALOG = "fedrec.catalog_fingerprint"
 META_INPUTS = "fedrec.input_names"
 META_OUTPUT = "fedrec.output_name"
 META_QUANT = "fedrec.quantization"
+META_TRAINED_ON = "fedrec.trained_on"
+"""The data and split the model was pretrained with (:class:`DataProvenance`, as JSON), so
+that an offline evaluation tests it on users it never trained on. Older files lack it."""
 
 #: Values of ``fedrec.quantization``.
 Quantization = Literal["none", "weight_int8", "dynamic_int8"]
@@ -124,6 +128,8 @@ class ModelMetadata:
     quantization: Quantization = "none"
     input_names: tuple[str, str] = INPUT_NAMES
     output_name: str = OUTPUT_NAME
+    trained_on: DataProvenance | None = None
+    """The data and split it was pretrained with; ``None`` when unknown (an older file)."""
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -155,6 +161,8 @@ class ModelMetadata:
             META_INPUTS: ",".join(self.input_names),
             META_OUTPUT: self.output_name,
             META_QUANT: self.quantization,
+            # absent when unknown: an export without it is the same file as before it existed
+            **({META_TRAINED_ON: self.trained_on.to_json()} if self.trained_on else {}),
         }
 
     def apply_to(self, proto: onnx.ModelProto) -> None:
@@ -199,6 +207,13 @@ class ModelMetadata:
         inputs = tuple(props.get(META_INPUTS, ",".join(INPUT_NAMES)).split(","))
         quant = props.get(META_QUANT, "none")
         try:
+            trained_on = None
+            if META_TRAINED_ON in props:
+                try:
+                    record = json.loads(props[META_TRAINED_ON])
+                except ValueError:
+                    raise ConfigError(f"{META_TRAINED_ON} is not JSON") from None
+                trained_on = DataProvenance.from_mapping(record)
             return cls(
                 n_items=n_items,
                 max_len=max_len,
@@ -207,6 +222,7 @@ class ModelMetadata:
                 quantization=quant,  # type: ignore[arg-type]  # validated in __post_init__
                 input_names=(inputs[0], inputs[1]) if len(inputs) == 2 else ("?", "?"),
                 output_name=props.get(META_OUTPUT, OUTPUT_NAME),
+                trained_on=trained_on,
             )
         except ConfigError as exc:
             raise ModelFileError(f"{source}: invalid metadata: {exc}; {_REEXPORT_HINT}") from exc

@@ -1,0 +1,55 @@
+"""Which data and split a pretrained model was trained with, recorded where it travels.
+
+``fedrec simulate`` writes it into its bundles, and every model published from them carries
+it in its ONNX metadata, so ``fedrec evaluate model`` can test a deployment's model on the
+users it never trained on (a deployment's published folder has no run config to read).
+Standard library only: the device runtime reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataProvenance:
+    """The dataset (its registry key) and protocol split a model was pretrained with.
+
+    Recorded by ``fedrec simulate`` in the bundles it writes and carried into every model
+    published from them: evaluated on another split, the model would be tested on users it
+    trained on (inflated figures), and a deployment's published folder has no run config
+    that says which split it was."""
+
+    dataset: str
+    seed: int
+    cold_user_fraction: float
+    public_fraction: float
+
+    def __post_init__(self) -> None:
+        if not self.dataset or any(c in self.dataset for c in "\n\r"):
+            raise ConfigError(f"dataset must be a non-empty one-line key, got {self.dataset!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("cold_user_fraction", "public_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def to_json(self) -> str:
+        """The compact JSON stored under :data:`META_TRAINED_ON`."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_mapping(cls, values: object) -> DataProvenance:
+        """Parse a stored record (a bundle's dict, a model's decoded JSON); a record of
+        another shape raises :class:`ConfigError` naming what is wrong."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"the training data record is not a mapping: {values!r}")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a key missing or unknown
+            raise ConfigError(f"the training data record has another layout: {exc}") from None
