@@ -628,6 +628,51 @@ def test_evaluate_model_refuses_the_cold_item_settings_it_does_not_use(
     assert "cold-item" not in message.split("valid:")[1] and "n-negatives" in message
 
 
+def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records(
+    tmp_path: Path,
+) -> None:
+    """A deployment's published model has no run config.json: a wrong --seed guessed for it
+    was scored silently on its training users. A model whose bundle recorded its data and
+    split is now scored on them, and another asked for is refused; a model without them
+    (an older bundle's) is scored on the options given, as before."""
+
+    from shared.compression.artifact import publish_student
+    from shared.data.provenance import DataProvenance
+    from shared.data.registry import load_dataset
+
+    ds = load_dataset("synthetic", None, synthetic_seed=5)
+    student = _untrained_student(ds.n_items)
+    model = tmp_path / "artifacts" / "model-v4.int8.onnx"  # a server's, not a run's models/
+    trained_on = DataProvenance("synthetic", 5, 0.1, 0.3)
+    publish_student(student, ds.item_ids, model, version="4", trained_on=trained_on)
+    result = runner.invoke(app, ["evaluate", "model", str(model), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["split"]["seed"], report["split"]["public_fraction"]) == (5, 0.3)
+    assert report["model"]["trained_on"]["seed"] == 5
+    same = ["--seed", "5", "--public-fraction", "0.3", "--dataset", "synthetic"]
+    assert runner.invoke(app, ["evaluate", "model", str(model), *same]).exit_code == 0
+    for other in (
+        ["--seed", "42"],
+        ["--dataset", "ml-100k"],
+        ["--public-fraction", "0.2"],
+        ["--run-config", "cold-user-fraction=0.3"],
+    ):
+        refused = runner.invoke(app, ["evaluate", "model", str(model), *other])
+        assert isinstance(refused.exception, ConfigError), other
+        message = str(refused.exception)
+        assert "records the data and split it was pretrained with" in message
+        assert "on another split than asked" in message and "(recorded: " in message
+    older = tmp_path / "older" / "model-v4.int8.onnx"
+    publish_student(student, ds.item_ids, older, version="4")
+    args = ["evaluate", "model", str(older), "--format", "json"]
+    for given, seed in (([], 42), (["--seed", "7"], 7)):
+        result = runner.invoke(app, [*args, *given])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["split"]["seed"] == seed and report["model"]["trained_on"] is None
+
+
 def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) -> None:
     """The synthetic catalog is the same whatever its seed, so a model trained on seed 5's
     world passed the catalog check under the default --seed 42 and was scored on another

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,10 @@ from shared.eval.baseline_benchmark import (
 from shared.eval.protocol import EvalConfig
 from shared.eval.splits import SplitConfig
 from shared.io import REPORT_MODE, check_output_file, write_json_atomic
+
+if TYPE_CHECKING:
+    from shared.data.provenance import DataProvenance
+    from simulation.config import SimulationConfig
 
 app = typer.Typer(help="Evaluate models under ../shared/PROTOCOL.md.", no_args_is_help=True)
 
@@ -124,8 +128,10 @@ def model(
 
     PATH: model-vN.int8.onnx of a run's models/ (scored on that run's data
     and split, read from its config.json) or of the server's published
-    folder: then give the dataset, --data-dir, --seed and fractions it was
-    trained with, or users it trained on are tested on what it learned."""
+    folder (scored on the data and split its metadata records, when its
+    bundle came from `fedrec simulate`; otherwise give the dataset, --seed
+    and fractions it was trained with, or users it trained on are tested on
+    what it learned). --data-dir says where that dataset is."""
     from shared.eval.model_evaluation import evaluate_model
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
     from simulation.pipeline import load_run_dataset, trained_with
@@ -137,21 +143,47 @@ def model(
     if run is not None:  # a simulation run's model: its own data and split, nothing else
         if data_dir is not None:
             run = replace(run, data_dir=str(data_dir))  # the same dataset, elsewhere
-        _refuse_another_split(ctx, run, values, path)
+        _refuse_another_split(
+            ctx,
+            values,
+            path,
+            _split_of(run),
+            f"was trained by the run in {path.resolve().parent.parent}",
+            "the run's",
+        )
         values["seed"] = run.seed
+    typed = dict(values)  # the settings asked for, which a model's recorded split checks
     values.setdefault("seed", seed)
     split_cfg, eval_cfg = _split_and_eval(values, unused=COLD_ITEM_KEYS)
     ks = tuple(shots) if shots else (1, 3, 5, 10)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
     _check_outputs(output, export)
+    scorer = OnDeviceModel(path)
+    meta = scorer.metadata
+    recorded = meta.trained_on if run is None else None
     if run is not None:
         ds = load_run_dataset(run)
         split_cfg = run.split_config()
     else:
+        if recorded is not None:  # a published model that says what it was pretrained on
+            _refuse_another_split(
+                ctx,
+                typed,
+                path,
+                _split_of(recorded),
+                "records the data and split it was pretrained with (its metadata)",
+                "recorded",
+            )
+            dataset = recorded.dataset
+            split_cfg = replace(
+                split_cfg,
+                seed=recorded.seed,
+                cold_user_fraction=recorded.cold_user_fraction,
+                public_fraction=recorded.public_fraction,
+            )
+            eval_cfg = replace(eval_cfg, seed=recorded.seed)  # as a run's seed is its eval's
         ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
-    scorer = OnDeviceModel(path)
-    meta = scorer.metadata
     if meta.catalog_fingerprint != catalog_fingerprint(ds.item_ids):
         raise ConfigError(
             f"{path} was exported for another catalog ({meta.n_items} items, fingerprint "
@@ -167,6 +199,7 @@ def model(
         "quantization": meta.quantization,
         "n_items": meta.n_items,
         "max_len": meta.max_len,
+        "trained_on": asdict(recorded) if recorded is not None else None,
     }
     _emit(report, output, fmt, eval_cfg.k)
 
@@ -182,28 +215,42 @@ def _emit(report: dict[str, Any], output: Path | None, fmt: str, k: int) -> None
         _print_table(report, k)
 
 
-def _refuse_another_split(ctx: typer.Context, run: Any, values: dict[str, Any], path: Path) -> None:
-    """A run's model is evaluated on the data and split it was trained with: a dataset or
-    split setting given (``values``: those typed, :func:`_values`) that differs from the
-    run's would test it on its training users."""
-    given = {**values, **explicit_options(ctx, {"dataset": "dataset"})}
-    ran = {
-        "dataset": run.dataset,
-        "seed": run.seed,
-        "cold-user-fraction": run.cold_user_fraction,
-        "public-fraction": run.public_fraction,
+def _split_of(trained: SimulationConfig | DataProvenance) -> dict[str, object]:
+    """The dataset and split settings ``trained`` (a run's config, a model's recorded
+    provenance) trained with, under their option names."""
+    return {
+        "dataset": trained.dataset,
+        "seed": trained.seed,
+        "cold-user-fraction": trained.cold_user_fraction,
+        "public-fraction": trained.public_fraction,
     }
+
+
+def _refuse_another_split(
+    ctx: typer.Context,
+    values: dict[str, Any],
+    path: Path,
+    trained: dict[str, object],
+    source: str,
+    whose: str,
+) -> None:
+    """A model whose data and split are known (``trained``, :func:`_split_of`: its run's, or
+    recorded in its metadata) is evaluated on them: a dataset or split setting given
+    (``values``: those typed, :func:`_values`) that differs would test it on its training
+    users. ``source`` says how they are known ("was trained by the run in ..."), ``whose``
+    names them in the message ("the run's")."""
+    given = {**values, **explicit_options(ctx, {"dataset": "dataset"})}
     differing = [
-        f"{key} {given[key]!r} (the run's: {value!r})"
-        for key, value in ran.items()
+        f"{key} {given[key]!r} ({whose}: {value!r})"
+        for key, value in trained.items()
         if key in given
         and (dataset_key(str(given[key])) if key == "dataset" else given[key]) != value
     ]
     if differing:
         raise ConfigError(
-            f"{path} was trained by the run in {path.resolve().parent.parent}, on another "
-            f"split than asked ({'; '.join(differing)}); it would be tested on users it "
-            "trained on. Drop those options: the run's own data and split are used"
+            f"{path} {source}, on another split than asked ({'; '.join(differing)}); it "
+            "would be tested on users it trained on. Drop those options: the data and split "
+            "it was trained with are used"
         )
 
 
