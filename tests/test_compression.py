@@ -318,14 +318,16 @@ def test_ort_dynamic_quantization_is_smaller(fp32_path: Path, tmp_path: Path) ->
     assert OnDeviceModel(out).metadata.quantization == "dynamic_int8"
 
 
-def test_quantization_gate_refuses_and_writes_nothing(fp32_path: Path, tmp_path: Path) -> None:
+def test_quantization_gate_refuses_and_writes_nothing(
+    fp32_path: Path, int8_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "never.onnx"
     cfg = QuantizeConfig(min_agreement=1.0, min_elements=(1024,), residual_clusters=0)
     with pytest.raises(ModelFileError, match=r"required 1\.0"):
         quantize_onnx(fp32_path, out, config=cfg)
     assert not out.exists()
     with pytest.raises(ModelFileError, match="already quantized"):
-        quantize_onnx(fp32_path.with_name("student_int8.onnx"), out)
+        quantize_onnx(int8_path, out)  # the fixture's file (this test alone ran without it)
 
 
 # --------------------------------------------------------------------------- runtime
