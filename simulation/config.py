@@ -367,6 +367,11 @@ class SimulationConfig:
             seed=self.seed,
             cold_user_fraction=self.cold_user_fraction,
             public_fraction=self.public_fraction,
+            **(
+                {"synthetic_users": self.synthetic_users, "synthetic_items": self.synthetic_items}
+                if dataset_key(self.dataset) == "synthetic"
+                else {}
+            ),
         )
 
     def server_optimizer_settings(self) -> ServerOptimizerSettings:

@@ -663,6 +663,14 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
         message = str(refused.exception)
         assert "records the data and split it was pretrained with" in message
         assert "on another split than asked" in message and "(recorded: " in message
+    # a world of another size (the catalog check tells items, not users): its own world
+    sized = tmp_path / "sized" / "model-v4.int8.onnx"
+    small = DataProvenance("synthetic", 5, 0.1, 0.3, synthetic_users=300, synthetic_items=600)
+    publish_student(student, ds.item_ids, sized, version="4", trained_on=small)
+    result = runner.invoke(app, ["evaluate", "model", str(sized), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["dataset"]["users"] == 300
+    assert report["dataset"]["users"] == 1000  # the default world's, recorded without sizes
     older = tmp_path / "older" / "model-v4.int8.onnx"
     publish_student(student, ds.item_ids, older, version="4")
     args = ["evaluate", "model", str(older), "--format", "json"]

@@ -75,7 +75,8 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     from shared.ondevice.runtime import OnDeviceModel
 
     recorded = (deployable.trained_on, simulated.trained_on)
-    assert recorded == (DataProvenance("synthetic", 42, 0.1, 0.2),) * 2
+    world = DataProvenance("synthetic", 42, 0.1, 0.2, synthetic_users=150, synthetic_items=80)
+    assert recorded == (world,) * 2
     assert OnDeviceModel(run / "models" / "model-v2.int8.onnx").metadata.trained_on == recorded[0]
     assert stat.S_IMODE((run / "deploy-bundle.pt").stat().st_mode) == 0o644
     assert stat.S_IMODE((run / "bundle.pt").stat().st_mode) == 0o600

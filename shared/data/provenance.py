@@ -27,12 +27,22 @@ class DataProvenance:
     seed: int
     cold_user_fraction: float
     public_fraction: float
+    #: The generated world's size (``synthetic`` only; its seed is ``seed``): the catalog
+    #: check tells another item count, not another user count.
+    synthetic_users: int | None = None
+    synthetic_items: int | None = None
 
     def __post_init__(self) -> None:
         if not self.dataset or any(c in self.dataset for c in "\n\r"):
             raise ConfigError(f"dataset must be a non-empty one-line key, got {self.dataset!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for size in ("synthetic_users", "synthetic_items"):
+            value = getattr(self, size)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{size} must be a positive integer, got {value!r}")
         for name in ("cold_user_fraction", "public_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -40,8 +50,9 @@ class DataProvenance:
             object.__setattr__(self, name, float(value))
 
     def to_json(self) -> str:
-        """The compact JSON stored under :data:`META_TRAINED_ON`."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """The compact JSON stored under :data:`META_TRAINED_ON` (sizes only when known)."""
+        record = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_mapping(cls, values: object) -> DataProvenance:
