@@ -50,6 +50,7 @@ from shared.io import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from shared.processes import pid_alive
 
 LAYOUT_VERSION = 1
 
@@ -439,22 +440,6 @@ class ClientRegistry:
 
 
 # --------------------------------------------------------------------------- running / status
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not reaped) is not running
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def read_running(layout: ServerLayout) -> dict[str, Any] | None:

@@ -61,6 +61,24 @@ def reap_group(pgid: int, grace_s: float) -> None:
     signal_group(pgid, signal.SIGKILL)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running: another user's counts, a zombie (exited, not yet
+    reaped) does not. What a pid written in a lock or state file is checked with."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not reaped) is not running
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 ProcessKey = tuple[int, int]
 """A process as ``(pid, start time)``: the start time tells a reused pid from the original."""
 

@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.errors import ConfigError, FedRecError
 from shared.io import is_locked, write_bytes_atomic
+from shared.processes import pid_alive
 
 if TYPE_CHECKING:
     from client.device.sealed import Catalog
@@ -316,23 +317,16 @@ def _flock_exclusive(fd: int) -> None:
                 raise
             waited = time.monotonic() - start
             if waited >= _DEAD_HOLDER_WAIT_S or (
-                waited >= _PROBE_WAIT_S and _pid_alive(_read_holder(fd).get("pid"))
+                waited >= _PROBE_WAIT_S and _holder_alive(_read_holder(fd))
             ):
                 raise
             time.sleep(0.01)
 
 
-def _pid_alive(pid: object) -> bool:
-    """Whether ``pid`` (what a lock file names) is a live process (``False``: none named)."""
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock file names (its ``pid``) is running (``False``: none named)."""
+    pid = holder.get("pid")
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid_alive(pid)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
