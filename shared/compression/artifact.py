@@ -5,10 +5,9 @@ pretraining benchmark, the simulation and the server's per-round publication."""
 from __future__ import annotations
 
 import json
-import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy.typing as npt
@@ -85,6 +84,16 @@ class StudentArtifact:
     fp32_bytes: int
     agreement: float
     sparsity: float
+
+    def report(self, path: Path) -> ArtifactReport:
+        """What it cost, once written to (or found at) ``path``."""
+        return ArtifactReport(
+            path=path,
+            int8_bytes=len(self.int8),
+            fp32_bytes=self.fp32_bytes,
+            agreement=self.agreement,
+            sparsity=self.sparsity,
+        )
 
 
 def build_student_artifact(
@@ -172,13 +181,7 @@ def publish_student(
     write_bytes_atomic(out, built.int8)
     # what a device installs the model with (`fedrec client install-model --catalog`)
     write_json_atomic(out.parent / CATALOG_FILE, list(item_ids))
-    return ArtifactReport(
-        path=out,
-        int8_bytes=len(built.int8),
-        fp32_bytes=built.fp32_bytes,
-        agreement=built.agreement,
-        sparsity=built.sparsity,
-    )
+    return built.report(out)
 
 
 def publish_student_once(
@@ -197,35 +200,30 @@ def publish_student_once(
     another model (a round that ran again after its checkpoint was lost trains another).
 
     A published version never changes: devices may hold it and tell models apart by their
-    version alone. The model is built in a temporary folder first (not the published one,
-    which a crash would leave it in), so a refusal leaves the published folder as it was."""
+    version alone. The model is built in memory and compared, so a refusal leaves the
+    published folder as it was."""
     out = Path(out_path)
     if not out.exists():
         return publish_student(
             student, item_ids, out, version=version, prune=prune, trained_on=trained_on
         )
-    with tempfile.TemporaryDirectory(prefix="fedrec-publish-") as staging:
-        built = publish_student(
-            student,
-            item_ids,
-            Path(staging) / out.name,
-            version=version,
-            prune=prune,
-            trained_on=trained_on,
+    check_item_id_lengths(item_ids)
+    built = build_student_artifact(
+        student, item_ids, version=version, prune=prune, trained_on=trained_on
+    )
+    if built.int8 != out.read_bytes():
+        raise PublishedVersionError(
+            f"model version {version} is out already, with another model ({out}): a "
+            "published version never changes, as devices may hold it; publish this model "
+            "under a new version (train another round)"
         )
-        if built.path.read_bytes() != out.read_bytes():
-            raise PublishedVersionError(
-                f"model version {version} is out already, with another model ({out}): a "
-                "published version never changes, as devices may hold it; publish this model "
-                "under a new version (train another round)"
-            )
     # the catalog is written after the model: a process that died in between left the model
     # alone, and a device cannot install it without its catalog (the model's fingerprint
     # matched these ids, so this is the catalog it was published with)
     catalog = out.parent / CATALOG_FILE
     if _read_json(catalog) != list(item_ids):
         write_json_atomic(catalog, list(item_ids))
-    return replace(built, path=out)
+    return built.report(out)
 
 
 def _read_json(path: Path) -> object:
