@@ -25,6 +25,7 @@ Resume: every run is submitted with the same ``checkpoint-dir``, so a new run af
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -355,9 +356,12 @@ def _check_secagg_quorum(config: Mapping[str, RunConfigValue]) -> None:
         )
 
 
-def run_config_keys() -> set[str]:
+@functools.cache
+def run_config_keys() -> frozenset[str]:
     """Every key the submitted apps read: the server's, the clients' training and student
-    task settings, the toy task's (``toy-*``), the shared ``seed`` and the progress file."""
+    task settings, the toy task's (``toy-*``), the shared ``seed`` and the progress file.
+    Fixed by the code, so built once: a simulation's clients check their settings against
+    it at every message."""
     from dataclasses import fields
 
     from server.deploy_app import PROGRESS_FILE_KEY
@@ -369,7 +373,7 @@ def run_config_keys() -> set[str]:
 
     toy = {f"toy-{f.name.replace('_', '-')}" for f in fields(ToyLinearConfig)}
     readers = (ServerConfig, LocalTrainConfig, StudentTaskConfig)
-    return set().union(*(field_names(c) for c in readers)) | toy | {"seed", PROGRESS_FILE_KEY}
+    return frozenset().union(*(field_names(c) for c in readers), toy, {"seed", PROGRESS_FILE_KEY})
 
 
 def check_known_keys(run_config: Mapping[str, RunConfigValue], *, given: str) -> None:
