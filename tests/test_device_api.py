@@ -1484,7 +1484,10 @@ def test_an_exit_is_not_blamed_on_what_an_earlier_run_logged(tmp_path: Path) -> 
 
 
 def test_last_error_line_reads_the_tail_of_a_log(tmp_path: Path) -> None:
-    from client.device.daemon import last_error_line
+    from client.device.daemon import last_error_explained, log_lines
+
+    def last_error_line(log_file: str | None) -> str | None:
+        return last_error_explained(log_lines(log_file))  # nothing to explain: the line
 
     log = tmp_path / "x.log"
     assert last_error_line(str(log)) is None  # no file yet

@@ -307,15 +307,6 @@ def log_lines(log_file: str | None, *, start: int = 0, tail_bytes: int = 16_384)
     return [re.sub(r"\x1b\[[0-9;]*m", "", raw).strip() for raw in tail.splitlines()]
 
 
-def last_error_line(
-    log_file: str | None, tail_bytes: int = 16_384, *, start: int = 0
-) -> str | None:
-    """The last line of ``log_file``'s tail (from byte ``start`` on) that reports an error
-    (``None`` if there is none or the file is unreadable)."""
-    lines = log_lines(log_file, start=start, tail_bytes=tail_bytes)
-    return next((line[:300] for line in reversed(lines) if is_error_line(line)), None)
-
-
 def last_error_explained(
     lines: Sequence[str], explain: Callable[[str], str | None] | None = None
 ) -> str | None:

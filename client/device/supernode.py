@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from client.device.daemon import DaemonConfig, ProcessSpec, is_error_line
+from client.device.daemon import DaemonConfig, ProcessSpec, is_error_line, last_error_explained
 from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget, check_budget
@@ -281,8 +281,6 @@ def diagnose_supernode_exit(lines: Sequence[str]) -> str | None:
         # gracefully" after any exit of the SuperNode (its parent monitor raises SIGINT)
         if _STOPPED_GRACEFULLY in line:
             return f"{line[:300]} ({_STOPPED_ITSELF})"
-    last = causes[-1] if causes else errors[-1] if errors else None
-    if last is None:
-        return None
-    meaning = explain_supernode_error(last)
-    return last + (f" ({meaning})" if meaning else "")
+    return last_error_explained(causes, explain_supernode_error) or last_error_explained(
+        errors, explain_supernode_error
+    )
