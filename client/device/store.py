@@ -612,14 +612,12 @@ class DeviceStore:
         """Insert ``events`` inside the caller's write transaction, skipping those whose
         ``event_id`` is already stored; counts the new ones as pending."""
         tags = [None if ev.event_id is None else self._event_tag(ev.event_id) for ev in events]
-        known = self._stored_tags(conn, "events", "client_tag", [t for t in tags if t is not None])
+        fresh = self._first_sightings(conn, "events", "client_tag", tags)
         first = self._next_id(conn, "events")
         rows: list[tuple[int, str, bytes, bytes | None]] = []
-        for ev, tag in zip(events, tags, strict=True):
-            if tag is not None:
-                if tag in known:
-                    continue
-                known.add(tag)
+        for ev, tag, new in zip(events, tags, fresh, strict=True):
+            if not new:
+                continue
             row_id = first + len(rows)
             payload = {"item": ev.item_id, "ts": ev.timestamp, "rating": ev.rating}
             sealed = self._seal("events", row_id, ev.kind, payload)
@@ -638,6 +636,21 @@ class DeviceStore:
     def _event_tag(self, event_id: str) -> bytes:
         """Blind index of an app's event id (apart from the item tags)."""
         return self.item_tag(f"event-id\x00{event_id}")
+
+    @classmethod
+    def _first_sightings(
+        cls, conn: sqlite3.Connection, table: str, column: str, tags: Sequence[bytes | None]
+    ) -> list[bool]:
+        """For each of ``tags`` (blind indexes of an app's ids; ``None``: no id given), whether
+        its record is new: its tag neither in ``column`` of ``table`` nor earlier in ``tags``.
+        A retried batch, or an id given twice in one, is stored once."""
+        known = cls._stored_tags(conn, table, column, [t for t in tags if t is not None])
+        fresh: list[bool] = []
+        for tag in tags:
+            fresh.append(tag is None or tag not in known)
+            if tag is not None:
+                known.add(tag)
+        return fresh
 
     @staticmethod
     def _stored_tags(
@@ -765,21 +778,10 @@ class DeviceStore:
                 None if fb.feedback_id is None else self._feedback_tag(fb.feedback_id)
                 for fb in feedback
             ]
-            known = self._stored_tags(
-                conn, "feedback_ids", "tag", [t for t in tags if t is not None]
-            )
-            duplicates: list[int] = []
-            new_tags: list[bytes] = []
-            for position, tag in enumerate(tags):
-                if tag is None:
-                    continue
-                if tag in known:
-                    duplicates.append(position)
-                else:
-                    known.add(tag)
-                    new_tags.append(tag)
-            skipped = set(duplicates)
-            feedback = [fb for i, fb in enumerate(feedback) if i not in skipped]
+            fresh = self._first_sightings(conn, "feedback_ids", "tag", tags)
+            duplicates = [position for position, new in enumerate(fresh) if not new]
+            new_tags = [t for t, new in zip(tags, fresh, strict=True) if new and t is not None]
+            feedback = [fb for fb, new in zip(feedback, fresh, strict=True) if new]
             if not feedback:
                 return StoredFeedback([], [], tuple(duplicates))
             pairs = list(dict.fromkeys((f.recommendation_id, f.item_id) for f in feedback))
