@@ -340,13 +340,13 @@ def load_finished_run(root: Path, data_dir: str | None = None) -> FinishedRun:
 def load_run_dataset(config: SimulationConfig) -> RecDataset:
     """The dataset a run with ``config`` trains on (the synthetic world of its seed and
     sizes, or the named dataset)."""
-    if config.dataset == "synthetic":
-        from shared.data.synthetic import SyntheticConfig, generate_world
-
-        world = SyntheticConfig(
-            seed=config.seed, n_users=config.synthetic_users, n_items=config.synthetic_items
+    if config.dataset == "synthetic":  # its data-dir, if any, is not read
+        return load_dataset(
+            "synthetic",
+            synthetic_seed=config.seed,
+            synthetic_users=config.synthetic_users,
+            synthetic_items=config.synthetic_items,
         )
-        return generate_world(world).dataset
     return load_dataset(config.dataset, config.data_dir or None)
 
 

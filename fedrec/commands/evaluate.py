@@ -183,15 +183,14 @@ def model(
                 public_fraction=recorded.public_fraction,
             )
             eval_cfg = replace(eval_cfg, seed=recorded.seed)  # as a run's seed is its eval's
-        if recorded is not None and recorded.synthetic_users is not None:
-            from shared.data.synthetic import SyntheticConfig, generate_world
-
-            world = SyntheticConfig(seed=recorded.seed, n_users=recorded.synthetic_users)
-            if recorded.synthetic_items is not None:
-                world = replace(world, n_items=recorded.synthetic_items)
-            ds = generate_world(world).dataset  # the world of its size, not the default's
-        else:
-            ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
+        ds = load_dataset(
+            dataset,
+            data_dir,
+            synthetic_seed=split_cfg.seed,
+            # the world of the size it was trained on, not the default's
+            synthetic_users=recorded.synthetic_users if recorded is not None else None,
+            synthetic_items=recorded.synthetic_items if recorded is not None else None,
+        )
     if meta.catalog_fingerprint != catalog_fingerprint(ds.item_ids):
         raise ConfigError(
             f"{path} was exported for another catalog ({meta.n_items} items, fingerprint "

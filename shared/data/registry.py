@@ -80,8 +80,12 @@ def load_dataset(
     min_user_interactions: int = DEFAULT_MIN_USER_INTERACTIONS,
     download: bool = True,
     synthetic_seed: int = 42,
+    synthetic_users: int | None = None,
+    synthetic_items: int | None = None,
 ) -> RecDataset:
-    """Load dataset ``name`` (one of :data:`DATASET_NAMES`), cleaned and in dense ids."""
+    """Load dataset ``name`` (one of :data:`DATASET_NAMES`), cleaned and in dense ids. The
+    synthetic world is generated from ``synthetic_seed`` at its default size, or with
+    ``synthetic_users`` users and ``synthetic_items`` items."""
     return load_dataset_with_report(
         name,
         data_dir,
@@ -89,6 +93,8 @@ def load_dataset(
         min_user_interactions=min_user_interactions,
         download=download,
         synthetic_seed=synthetic_seed,
+        synthetic_users=synthetic_users,
+        synthetic_items=synthetic_items,
     ).dataset
 
 
@@ -121,12 +127,14 @@ def load_dataset_with_report(
     min_user_interactions: int = DEFAULT_MIN_USER_INTERACTIONS,
     download: bool = True,
     synthetic_seed: int = 42,
+    synthetic_users: int | None = None,
+    synthetic_items: int | None = None,
 ) -> LoadedDataset:
     """Like :func:`load_dataset`, also returning the :class:`CleaningReport` to show users."""
     key = dataset_key(name)
     if key == "synthetic":
         check_no_data_dir(key, data_dir)
-        return _load_synthetic(synthetic_seed)
+        return _load_synthetic(synthetic_seed, synthetic_users, synthetic_items)
     folder = dataset_dir(key, data_dir, cache_dir=cache_dir, download=download)
     loader = _LOADERS[_LAYOUT_OF[key]]
     return loader(folder, name=key, min_user_interactions=min_user_interactions)
@@ -235,9 +243,11 @@ def _files_of(layout: str) -> str:
     return " and ".join(LAYOUT_FILES[layout])
 
 
-def _load_synthetic(seed: int) -> LoadedDataset:
-    """Generate the synthetic world (imported lazily: it pulls in the simulator)."""
+def _load_synthetic(seed: int, users: int | None, items: int | None) -> LoadedDataset:
+    """Generate the synthetic world, of its default size where ``users`` / ``items`` are
+    ``None`` (imported lazily: it pulls in the simulator)."""
     from shared.data.synthetic import SyntheticConfig, generate_world
 
-    dataset: RecDataset = generate_world(SyntheticConfig(seed=seed)).dataset
+    sizes = {k: v for k, v in (("n_users", users), ("n_items", items)) if v is not None}
+    dataset: RecDataset = generate_world(SyntheticConfig(seed=seed, **sizes)).dataset
     return LoadedDataset(dataset, CleaningReport.unfiltered(dataset, f"synthetic (seed={seed})"))
