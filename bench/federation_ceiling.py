@@ -6,8 +6,10 @@ and secure aggregation. Removing both and pooling the data gives an upper bound 
 federated optimiser (FedAvg, FedAdam, more rounds) can extract with the same parameter
 placement. The ``global+item-table`` mode also unfreezes the student's ID table: the bound for
 a design that learns per-item parameters from federated data, which ``docs/parameters.md``
-rules out under DP. Each mode trains with Adam for ``--epochs`` epochs, keeps the epoch with
-the best validation sampled NDCG@10 (the protocol's model selection) and reports test.
+rules out under DP. ``--modes heads pool heads+norms+proj`` fine-tune parts of the global
+group only: where the central gain comes from. Each mode trains with Adam for ``--epochs``
+epochs, keeps the epoch with the best validation sampled NDCG@10 (the protocol's model
+selection) and reports test.
 
     python bench/federation_ceiling.py --dataset ml-100k --data-dir ../shared/datasets/ml-100k
 """
@@ -28,7 +30,19 @@ from shared.federated.local_training import next_item_examples
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
 from simulation.provenance import provenance, require_counts, run_bench
 
-MODES = {"global": False, "global+item-table": True}
+MODES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "global": ((), False),
+    "global+item-table": ((), True),
+    "heads": (("head_text.", "head_id."), False),
+    "pool": (("positions.", "query.", "key.", "norm_in.", "norm_out."), False),
+    "heads+norms+proj": (
+        ("head_text.", "head_id.", "norm_in.", "norm_out.", "items.text_proj.", "items.id_proj."),
+        False,
+    ),
+}
+"""Mode -> (the global tensors it trains, by name prefix; () = all of them; and whether the
+ID table is unfrozen too). The subsets show which layers the central gain comes from, i.e.
+which ones DP fine-tuning must move (``bench/dp_gradient_signal.py``)."""
 
 
 def _examples(
@@ -46,15 +60,20 @@ def fine_tune(
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     item_table: bool,
+    only: tuple[str, ...] = (),
     epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
 ) -> dict[str, Any]:
     """Adam on a copy of the pretrained student's global group (and its ID table if
-    ``item_table``); the epoch with the best validation."""
+    ``item_table``), or of its tensors whose names start with one of ``only``; the epoch with
+    the best validation."""
     model = copy.deepcopy(run.pretrained.student.model)
     model.set_trainable(["global"])
+    for name, param in model.named_parameters():
+        if only and param.requires_grad and not name.startswith(only):
+            param.requires_grad_(False)
     model.items.ids.weight.requires_grad_(item_table)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -91,6 +110,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--per-user", type=int, default=256)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=["global", "global+item-table"],
+        help="which parameters each fine-tune trains",
+    )
     args = parser.parse_args()
     # no training would report the pretrained student as the ceiling
     require_counts(parser, args, "epochs", "batch_size", "per_user")
@@ -108,13 +134,14 @@ def main() -> None:
         name: fine_tune(
             run,
             data,
-            item_table=item_table,
+            item_table=MODES[name][1],
+            only=MODES[name][0],
             epochs=args.epochs,
             lr=args.lr,
             batch_size=args.batch_size,
             seed=args.seed,
         )
-        for name, item_table in MODES.items()
+        for name in args.modes
     }
     out = {
         "dataset": ds.summary(),
