@@ -26,6 +26,10 @@ evaluated row then carries the user-level epsilon so far, and the output the cli
 median update norm before clipping (to size the clip). The cohorts and the noise are
 seeded here, unlike in the server.
 
+``--ema D ...`` also evaluates exponential moving averages of the global parameters over
+rounds (decay ``D``), which a server could publish instead of the last round's model: an
+average of the iterates cancels part of the DP noise, at no privacy cost.
+
     python bench/federation_emulator.py --data-dir ../shared/datasets/ml-100k --rounds 20
 
 It answers "would this recipe move the model?"; the benchmark answers "what does the real
@@ -68,6 +72,29 @@ def _row(run: PretrainedRun, rnd: int) -> dict[str, Any]:
         metrics = run.evaluate_federated(run.pretrained.student.model, stage)
         row[stage] = {k: metrics[k] for k in REPORTED}
     return row
+
+
+def _average_rows(
+    run: PretrainedRun,
+    rnd: int,
+    params: dict[str, torch.nn.Parameter],
+    averages: dict[float, dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """:func:`_row` of each moving average of the global parameters (decay -> row), the
+    current parameters restored afterwards."""
+    current = {n: params[n].detach().clone() for n in next(iter(averages.values()))}
+    rows: dict[str, Any] = {}
+    try:
+        for decay, average in averages.items():
+            with torch.no_grad():
+                for n, value in average.items():
+                    params[n].copy_(value)
+            rows[str(decay)] = {k: v for k, v in _row(run, rnd).items() if k != "round"}
+    finally:
+        with torch.no_grad():
+            for n, value in current.items():
+                params[n].copy_(value)
+    return rows
 
 
 def _privacy(ledgers: dict[int, PrivacyLedger], budget: PrivacyBudget) -> dict[str, Any]:
@@ -136,8 +163,18 @@ def main() -> None:
     parser.add_argument(
         "--user-dp-delta", type=float, default=sim.user_dp_delta, help="0 = 1 / number of clients"
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also evaluate exponential moving averages of the global parameters over rounds "
+        "with these decays (server-side post-processing: no privacy cost)",
+    )
     args = parser.parse_args()
     require_counts(parser, args, "rounds", "cohort", "every")
+    if any(not 0 < d < 1 for d in args.ema):
+        parser.error(f"--ema decays must be in (0, 1), got {args.ema}")
     try:  # the client and server settings are checked before any loading or training
         server_settings = ServerOptimizerSettings(
             args.server_opt, args.server_lr, args.beta1, args.beta2, args.tau
@@ -191,6 +228,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     ledgers: dict[int, PrivacyLedger] = {}
     curve: list[dict[str, Any]] = [_row(run, 0)]
+    averages = {decay: {n: params[n].detach().clone() for n in names} for decay in args.ema}
     for rnd in range(1, args.rounds + 1):
         reference = {n: params[n].detach().clone() for n in names}
         total = {n: torch.zeros_like(params[n]) for n in names}  # sum of the (clipped) deltas
@@ -230,8 +268,14 @@ def main() -> None:
         with torch.no_grad():
             for n, d in zip(names, step, strict=True):
                 params[n].copy_(reference[n] + torch.from_numpy(d).to(params[n].dtype))
+        with torch.no_grad():
+            for decay, average in averages.items():
+                for n in names:
+                    average[n].mul_(decay).add_(params[n], alpha=1 - decay)
         if rnd % args.every == 0 or rnd == args.rounds:
             row = {**_row(run, rnd), "seconds": round(time.perf_counter() - start, 1)}
+            if averages:
+                row["ema"] = _average_rows(run, rnd, params, averages)
             if user_dp is not None:
                 row["user_epsilon"] = round(user_dp.epsilon(), 3)
             curve.append(row)
