@@ -799,21 +799,26 @@ def _publish_final(
     (with its catalog) and evaluated from there; the next round's model is the next
     version. ``trained_on``: the run's data and split, as its bundle records them (a model
     the ServerApp published from that bundle has them: the same bytes)."""
-    from shared.compression.artifact import publish_student, publish_student_once
+    from shared.compression.artifact import build_student_artifact, publish_artifact_once
     from shared.compression.prune import publish_prune
+    from shared.ondevice.runtime import check_item_id_lengths
 
-    prune = publish_prune(prune_sparsity)
+    check_item_id_lengths(item_ids)
+    # built once: published, or kept unpublished when that version is out with another model
+    built = build_student_artifact(
+        final,
+        item_ids,
+        version=str(trained),
+        prune=publish_prune(prune_sparsity),
+        trained_on=trained_on,
+    )
     published = run.root / "models" / f"model-v{trained}.int8.onnx"
     try:
-        return publish_student_once(
-            final, item_ids, published, version=str(trained), prune=prune, trained_on=trained_on
-        )
+        return publish_artifact_once(built, item_ids, published, version=str(trained))
     except PublishedVersionError:
         kept = run.root / UNPUBLISHED_DIR / f"round-{trained}.int8.onnx"
         kept.parent.mkdir(exist_ok=True)
-        built = publish_student(
-            final, item_ids, kept, version=str(trained), prune=prune, trained_on=trained_on
-        )
+        report = built.write(kept, item_ids)
     log.warning(
         "model version %s is out with another model: round %s's from before this run's "
         "resume (its checkpoint was unreadable and the round ran again), which devices may "
@@ -823,7 +828,7 @@ def _publish_final(
         trained,
         kept,
     )
-    return built
+    return report
 
 
 def _evaluate(

@@ -699,6 +699,42 @@ def test_a_published_model_version_is_never_replaced(tmp_path: Path) -> None:
     assert not list(run.glob(".final-model-*"))
 
 
+def test_a_final_model_kept_unpublished_is_built_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final model's version is out with another model: the int8 model built to compare
+    with it is the one written to unpublished/ (it was built a second time to be written)."""
+    from types import SimpleNamespace
+
+    import shared.compression.artifact as artifact
+    from shared.models.student import StudentConfig, StudentModel
+    from simulation.pipeline import _publish_final
+
+    def student(seed: int) -> StudentModel:
+        rng = np.random.default_rng(seed)
+        tables = [rng.normal(size=(6, 8)).astype(np.float32) for _ in range(2)]
+        return StudentModel(*tables, StudentConfig(dim=16, max_len=10, text_dim=8, id_dim=8))
+
+    ids = [f"i{k}" for k in range(6)]
+    run: Any = SimpleNamespace(root=tmp_path)
+    published = _publish_final(student(0), ids, run, 2, 0.0)
+    assert published.path == tmp_path / "models" / "model-v2.int8.onnx"
+    before = published.path.read_bytes()
+    builds = []
+    build = artifact.build_student_artifact
+
+    def counted(*args: Any, **kwargs: Any) -> artifact.StudentArtifact:
+        builds.append(build(*args, **kwargs))
+        return builds[-1]
+
+    monkeypatch.setattr(artifact, "build_student_artifact", counted)
+    kept = _publish_final(student(1), ids, run, 2, 0.0)
+    assert kept.path == tmp_path / "unpublished" / "round-2.int8.onnx"
+    assert len(builds) == 1 and kept.path.read_bytes() == builds[0].int8 != before
+    assert published.path.read_bytes() == before
+    assert json.loads((kept.path.parent / "catalog.json").read_text()) == ids
+
+
 def test_prune_sparsity_reaches_the_published_model(tmp_path: Path) -> None:
     """`prune-sparsity` prunes every weight matrix the int8 graph executes, each to that
     fraction of zeros; the artifact's report says what it got."""

@@ -95,6 +95,14 @@ class StudentArtifact:
             sparsity=self.sparsity,
         )
 
+    def write(self, out_path: str | Path, item_ids: Sequence[str]) -> ArtifactReport:
+        """Write the model to ``out_path`` (atomic) with its catalog next to it."""
+        out = Path(out_path)
+        write_bytes_atomic(out, self.int8)
+        # what a device installs the model with (`fedrec client install-model --catalog`)
+        write_json_atomic(out.parent / CATALOG_FILE, list(item_ids))
+        return self.report(out)
+
 
 def build_student_artifact(
     student: StudentModel,
@@ -177,11 +185,7 @@ def publish_student(
         validation_histories=validation_histories,
         trained_on=trained_on,
     )
-    out = Path(out_path)
-    write_bytes_atomic(out, built.int8)
-    # what a device installs the model with (`fedrec client install-model --catalog`)
-    write_json_atomic(out.parent / CATALOG_FILE, list(item_ids))
-    return built.report(out)
+    return built.write(out_path, item_ids)
 
 
 def publish_student_once(
@@ -193,24 +197,32 @@ def publish_student_once(
     prune: PruneConfig | None = None,
     trained_on: DataProvenance | None = None,
 ) -> ArtifactReport:
-    """:func:`publish_student`, for a version that may be out already: written when
-    ``out_path`` is not there, left as it is when it holds this very model (the int8 export
-    is deterministic: a process that died between its checkpoint and its publication, a
-    rerun of a finished run), refused with :class:`PublishedVersionError` when it holds
-    another model (a round that ran again after its checkpoint was lost trains another).
-
-    A published version never changes: devices may hold it and tell models apart by their
-    version alone. The model is built in memory and compared, so a refusal leaves the
-    published folder as it was."""
-    out = Path(out_path)
-    if not out.exists():
-        return publish_student(
-            student, item_ids, out, version=version, prune=prune, trained_on=trained_on
-        )
+    """:func:`publish_student`, for a version that may be out already
+    (:func:`publish_artifact_once`)."""
     check_item_id_lengths(item_ids)
     built = build_student_artifact(
         student, item_ids, version=version, prune=prune, trained_on=trained_on
     )
+    return publish_artifact_once(built, item_ids, out_path, version=version)
+
+
+def publish_artifact_once(
+    built: StudentArtifact, item_ids: Sequence[str], out_path: str | Path, *, version: str
+) -> ArtifactReport:
+    """Publish model ``version``, built already (:func:`build_student_artifact`): written
+    when ``out_path`` is not there, left as it is when it holds this very model (the int8
+    export is deterministic: a process that died between its checkpoint and its
+    publication, a rerun of a finished run), refused with :class:`PublishedVersionError`
+    when it holds another model (a round that ran again after its checkpoint was lost
+    trains another). The caller may then write ``built`` elsewhere, without building it
+    again.
+
+    A published version never changes: devices may hold it and tell models apart by their
+    version alone. The model is compared in memory, so a refusal leaves the published
+    folder as it was."""
+    out = Path(out_path)
+    if not out.exists():
+        return built.write(out, item_ids)
     if built.int8 != out.read_bytes():
         raise PublishedVersionError(
             f"model version {version} is out already, with another model ({out}): a "
