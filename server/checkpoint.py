@@ -48,6 +48,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import is_int
 from shared.errors import ConfigError, DataError
 from shared.io import write_bytes_atomic, write_json_atomic
 
@@ -112,7 +113,7 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3, tidy: bool = True) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        if not is_int(keep) or keep < 1:
             raise ConfigError(f"'checkpoint-keep' must be an integer >= 1, got {keep!r}")
         self.directory = Path(directory)
         self.keep = keep
@@ -147,7 +148,7 @@ class CheckpointStore:
         ``OSError`` for I/O failures - both should stop the run rather than continue
         without a checkpoint.
         """
-        if isinstance(server_round, bool) or not isinstance(server_round, int):
+        if not is_int(server_round):
             raise ConfigError(f"checkpoint round must be an int, got {server_round!r}")
         if server_round < 0:
             raise ConfigError(f"checkpoint round must be >= 0, got {server_round}")
@@ -379,7 +380,7 @@ def write_npz_artifact(
     Writes ``{stem}-v{version}.npz`` (the arrays) and ``{stem}-v{version}.json``
     (version, SHA-256, shapes), both atomically; returns the ``.npz`` path.
     """
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+    if not is_int(version) or version < 0:
         raise ConfigError(f"artifact version must be an int >= 0, got {version!r}")
     buffer = io.BytesIO()
     arrays = [np.asarray(a) for a in parameters]

@@ -88,6 +88,7 @@ from server.strategy import (
     ValidatingFedAvg,
     wait_for_clients,
 )
+from shared.config import is_int
 from shared.errors import ConfigError
 from shared.federated.task import METRIC_STATUS, FitStatus
 
@@ -197,9 +198,9 @@ class SecAggSettings:
                 f"secagg-max-weight must be a finite number > 0, got {self.max_weight}"
             )
         q, m = self.quantization_range, self.modulus_range
-        if isinstance(q, bool) or not isinstance(q, int) or q < 2:
+        if not is_int(q) or q < 2:
             raise ConfigError(f"secagg-quantization-range must be an integer >= 2, got {q!r}")
-        if isinstance(m, bool) or not isinstance(m, int) or m > 2**32 or m & (m - 1) or m <= q:
+        if not is_int(m) or m > 2**32 or m & (m - 1) or m <= q:
             raise ConfigError(
                 "secagg-modulus-range must be a power of two, <= 2**32 and > "
                 f"secagg-quantization-range ({q}), got {m!r}"
@@ -216,7 +217,7 @@ class SecAggSettings:
         clients have fewer neighbours than an integer reconstruction threshold (a fraction
         is of the round's own shares, at least 2)."""
         t = self.reconstruction_threshold
-        return t if isinstance(t, int) and not isinstance(t, bool) else 2
+        return t if is_int(t) else 2
 
     def workflow(self) -> SecAggPlusWorkflow:
         """The Flower fit workflow implementing SecAgg+ with these settings."""

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import is_int
 from shared.errors import ConfigError
 
 __all__ = ["SERVER_OPTIMIZERS", "ServerOptimizer", "ServerOptimizerSettings"]
@@ -162,7 +163,7 @@ class ServerOptimizer:
                 f"{self.settings.kind!r}; resume with the same optimiser or start a new run"
             )
         steps = state.get("steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if not is_int(steps) or steps < 0:
             raise ConfigError(f"server optimizer state has a malformed step count {steps!r}")
         if kind == "adam":
             m, v = state.get("m"), state.get("v")

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki, with_default_hosts
+from shared.config import is_int
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.io import (
     exclusive_lock,
@@ -451,7 +452,7 @@ def read_running(layout: ServerLayout) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         return None
     pid = data.get("pid")
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+    if not is_int(pid) or pid <= 0:
         return None
     return data
 
@@ -586,7 +587,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
     # the running server's total (a resumed start may have asked for more rounds than the
     # run that wrote the last progress line), else the last line's
     num_rounds = running.get("num_rounds") if running else None
-    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int):
+    if not is_int(num_rounds):
         num_rounds = progress[-1].get("num_rounds") if progress else None
     return ServerStatus(
         state_dir=str(layout.state_dir),
@@ -596,7 +597,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         run_id=str(running.get("run_id")) if running and running.get("run_id") else None,
         checkpoint_round=resumable,
         checkpoint_problem=problem,
-        num_rounds=num_rounds if isinstance(num_rounds, int) else None,
+        num_rounds=num_rounds if is_int(num_rounds) else None,
         last=progress[-1] if progress else None,
         clients_registered=len(registry.active()),
         clients_revoked=len(registry.clients) - len(registry.active()),

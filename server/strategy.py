@@ -50,6 +50,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from server.server_optimizer import ServerOptimizer, ServerOptimizerSettings
+from shared.config import is_int
 from shared.errors import ConfigError
 from shared.federated.local_config import check_noise_shares
 from shared.federated.task import (
@@ -426,7 +427,7 @@ class ValidatingFedAvg(FedAvg):
                 f"{STRATEGY_STATE_VERSION}{fix}"
             )
         seed = state.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ConfigError(f"{what} has a malformed seed {seed!r}{fix}")
         if seed != self.seed:
             log(

@@ -54,6 +54,7 @@ from server.state import (
     resumable_round,
     running_server,
 )
+from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import RunConfigValue
 from shared.io import write_bytes_atomic, write_json_atomic
@@ -342,13 +343,7 @@ def _check_secagg_quorum(config: Mapping[str, RunConfigValue]) -> None:
     threshold = config.get("secagg-reconstruction-threshold")
     least = config.get("min-available-clients")
     cohort = config.get("cohort-size", 0)
-    if (
-        isinstance(threshold, int)
-        and isinstance(least, int)
-        and cohort == 0
-        and not isinstance(threshold, bool)
-        and threshold > least
-    ):
+    if is_int(threshold) and isinstance(least, int) and cohort == 0 and threshold > least:
         raise ConfigError(
             f"SecAgg+ needs at least 'secagg-reconstruction-threshold' = {threshold} devices "
             f"in a round, but the run may start with 'min-available-clients' = {least} "
@@ -731,7 +726,7 @@ class ServerRunner:
             )
         with hold_server_lock(self.layout):
             total, done = self.run_config.get("num-rounds"), resumable_round(self.layout)
-            if isinstance(total, int) and not isinstance(total, bool) and (done or 0) >= total:
+            if is_int(total) and (done or 0) >= total:
                 # nothing to train: no SuperLink, no run that would only say "completed"
                 self.echo(
                     f"all {total} rounds are done (the checkpoint of round {done}); nothing to "
@@ -820,7 +815,7 @@ class ServerRunner:
     def _rounds_left(self) -> int:
         """How many of the run's ``num-rounds`` no checkpoint covers yet."""
         total = self.run_config.get("num-rounds")
-        if isinstance(total, bool) or not isinstance(total, int):
+        if not is_int(total):
             return 0
         return max(0, total - (resumable_round(self.layout) or 0))
 

@@ -14,7 +14,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from shared.errors import ConfigError
 
@@ -136,6 +136,13 @@ def to_flat(obj: Any) -> dict[str, Any]:
         value = getattr(obj, f.name)
         out[kebab(f.name)] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """``value`` is an int and not a bool (Python's ``True`` is the int ``1``): how a
+    value read from JSON or a run config is checked for a count, a round, a seed.
+    (:func:`shared.eval.splits.is_int` also takes numpy's integers.)"""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
