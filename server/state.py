@@ -17,6 +17,7 @@ file, the generated app and the task's state::
     DIR/logs/                superlink.log
     DIR/task-state/          the student task's server-side state
     DIR/running.json         while `fedrec server start` runs: pids, address, run id
+    DIR/last-start.json      the last `fedrec server start` that ran: rounds asked, how it ended
 
 Everything is written atomically (:mod:`shared.io`), so a crash leaves the old or the new
 version of every file.
@@ -124,6 +125,12 @@ class ServerLayout:
         return self.state_dir / "running.json"
 
     @property
+    def last_start(self) -> Path:
+        """The last ``fedrec server start`` that launched a run: written when it begins and
+        again when it ends (:func:`read_last_start`)."""
+        return self.state_dir / "last-start.json"
+
+    @property
     def server_lock(self) -> Path:
         """Locked (``flock``) by the ``fedrec server start`` running from this folder."""
         return self.state_dir / ".server.lock"
@@ -182,7 +189,7 @@ def init_state_dir(
         _refuse_if_running(layout)
         for name in ("certs", "checkpoints", "artifacts", "flwr-home", "app", "logs", "task-state"):
             shutil.rmtree(layout.state_dir / name, ignore_errors=True)
-        for path in (layout.registry, layout.progress, layout.running):
+        for path in (layout.registry, layout.progress, layout.running, layout.last_start):
             path.unlink(missing_ok=True)
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{layout.database}{suffix}").unlink(missing_ok=True)
@@ -487,6 +494,39 @@ def running_server(layout: ServerLayout) -> dict[str, Any] | None:
     return info if info is not None and pid_alive(int(info["pid"])) else None
 
 
+def read_last_start(layout: ServerLayout) -> dict[str, Any] | None:
+    """``last-start.json`` if it is readable, else ``None``: ``num_rounds`` (the rounds that
+    start asked for), ``started``, and once it ended ``ended`` with its ``exit_code`` or the
+    ``error`` it failed with. Without ``ended`` and with no server running, it was killed
+    (or its machine went down) and had no time to say so."""
+    try:
+        data = json.loads(layout.last_start.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def describe_last_start(record: dict[str, Any]) -> str | None:
+    """How the last start (:func:`read_last_start`) ended, when that was not a completed
+    run; ``None`` when it completed."""
+    rounds = record.get("num_rounds")
+    started = record.get("started")
+    what = [f"{rounds} rounds"] if is_int(rounds) else []
+    if isinstance(started, int | float) and not isinstance(started, bool):
+        what.append(f"begun {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}")
+    start = f"the last start ({', '.join(what)})" if what else "the last start"
+    code, error = record.get("exit_code"), record.get("error")
+    if record.get("ended") is None:
+        return f"{start} did not finish: it was killed, or its machine went down"
+    if error:
+        return f"{start} failed: {error}"
+    if code == 130:
+        return f"{start} was stopped"
+    if code != 0:
+        return f"{start} ended with exit status {code} (its log is in logs/)"
+    return None
+
+
 def read_progress(layout: ServerLayout) -> list[dict[str, Any]]:
     """Every round record (a torn last line, from a crash mid-write, is skipped)."""
     return read_progress_file(layout.progress)
@@ -559,13 +599,16 @@ class ServerStatus:
     checkpoint_round: int | None
     #: why no checkpoint can be resumed although there are some (``start`` refuses), or None
     checkpoint_problem: str | None
-    #: the run's total: the running server's (its ``running.json``), else the last
-    #: progress line's (a resumed run with more rounds wrote none before its first round)
+    #: the run's total: the running server's (its ``running.json``), else the last start's
+    #: (its ``last-start.json``), else the last progress line's (a resumed run with more
+    #: rounds wrote none before its first round, and a start may fail before it)
     num_rounds: int | None
     last: dict[str, Any] | None
     clients_registered: int
     clients_revoked: int
     latest_artifact: str | None
+    #: when no server runs: the last start that launched a run (:func:`read_last_start`)
+    last_start: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -585,8 +628,12 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         if (match := _ARTIFACT_NAME.fullmatch(path.name))
     }
     # the running server's total (a resumed start may have asked for more rounds than the
-    # run that wrote the last progress line), else the last line's
+    # run that wrote the last progress line), else the last start's (one that failed or was
+    # killed before a round ended wrote none), else the last line's
+    last_start = None if alive else read_last_start(layout)
     num_rounds = running.get("num_rounds") if running else None
+    if not is_int(num_rounds) and last_start is not None:
+        num_rounds = last_start.get("num_rounds")
     if not is_int(num_rounds):
         num_rounds = progress[-1].get("num_rounds") if progress else None
     return ServerStatus(
@@ -602,4 +649,5 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         clients_registered=len(registry.active()),
         clients_revoked=len(registry.clients) - len(registry.active()),
         latest_artifact=versions[max(versions)] if versions else None,
+        last_start=last_start,
     )

@@ -727,13 +727,42 @@ class ServerRunner:
         with hold_server_lock(self.layout):
             total, done = self.run_config.get("num-rounds"), resumable_round(self.layout)
             if is_int(total) and (done or 0) >= total:
-                # nothing to train: no SuperLink, no run that would only say "completed"
+                # nothing to train: no SuperLink, no run that would only say "completed"; an
+                # earlier start's failure is no longer the run's situation
+                self.layout.last_start.unlink(missing_ok=True)
                 self.echo(
                     f"all {total} rounds are done (the checkpoint of round {done}); nothing to "
                     "run. Give more --rounds to continue the run"
                 )
                 return 0
-            return self._run()
+            return self._recorded_run()
+
+    def _recorded_run(self) -> int:
+        """:meth:`_run`, recorded in ``last-start.json`` when it begins and when it ends, so
+        that ``fedrec server status`` tells a failed, stopped or killed start from a
+        completed run (:func:`server.state.describe_last_start`)."""
+        record: dict[str, Any] = {
+            "pid": os.getpid(),
+            "started": time.time(),
+            "num_rounds": self.run_config.get("num-rounds"),
+        }
+        write_json_atomic(self.layout.last_start, record)
+
+        def ended(**how: Any) -> None:
+            # best effort: failing to record how it ended must not hide how it ended
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.layout.last_start, {**record, "ended": time.time(), **how})
+
+        try:
+            code = self._run()
+        except KeyboardInterrupt:  # a signal outside the loop that answers it with 130
+            ended(exit_code=130)
+            raise
+        except Exception as exc:
+            ended(error=str(exc) or type(exc).__name__)
+            raise
+        ended(exit_code=code)
+        return code
 
     def _run(self) -> int:
         write_connection(self.layout, self.superlink.address)

@@ -969,6 +969,54 @@ def test_status_shows_the_total_of_the_run_in_progress(tmp_path: Path) -> None:
         assert "last round: round 3/6" in runner.invoke(app, args).output
 
 
+def test_status_says_how_a_start_that_did_not_complete_ended(tmp_path: Path) -> None:
+    """A run of 3 rounds, started again with --rounds 6, and that start failed (or was
+    stopped, or killed) before a round ended: status said "not running" with the progress
+    file's last line, round 3/3, as for a completed run. It says how that start ended, out
+    of the rounds it asked for."""
+    from server.superlink import RunFailedError, ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    layout.progress.write_text(json.dumps({"round": 3, "num_rounds": 3}) + "\n")
+    args = ["server", "status", "--state-dir", str(layout.state_dir)]
+    server = ServerRunner(layout, SuperLinkOptions(), {"num-rounds": 6}, echo=lambda _: None)
+
+    def fail() -> int:
+        raise RunFailedError("run 7 ended as finished:failed; the log is in logs/run-7.log")
+
+    server._run = fail  # type: ignore[method-assign]
+    with pytest.raises(RunFailedError):
+        server.run()
+    status = server_status(layout)
+    assert status.running is False and status.num_rounds == 6
+    assert status.last_start is not None and status.last_start["error"].startswith("run 7")
+    shown = runner.invoke(app, args).output
+    assert "not running: the last start (6 rounds, begun " in shown
+    assert "failed: run 7 ended as finished:failed" in shown
+    assert "last round: round 3/6" in shown
+    # while a start runs, status is the running server's; one that completes adds nothing
+    during: dict[str, Any] = {}
+
+    def complete() -> int:
+        during.update(json.loads(layout.last_start.read_text()))
+        assert server_status(layout).running and server_status(layout).last_start is None
+        return 0
+
+    server._run = complete  # type: ignore[method-assign]
+    assert server.run() == 0
+    assert "not running\n" in runner.invoke(app, args).output
+    server._run = lambda: 130  # type: ignore[method-assign]
+    assert server.run() == 130
+    assert "the last start (6 rounds, begun " in runner.invoke(app, args).output
+    assert ") was stopped\n" in runner.invoke(app, args).output
+    layout.last_start.write_text(json.dumps(during))  # as a start killed mid-run leaves it
+    assert "did not finish: it was killed" in runner.invoke(app, args).output
+    # every round done already: nothing to run, and an earlier start's end is not news
+    server.run_config = {"num-rounds": 0}
+    assert server.run() == 0 and server_status(layout).last_start is None
+    assert server_status(layout).num_rounds == 3
+
+
 def test_one_server_per_state_directory(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     with hold_server_lock(layout):

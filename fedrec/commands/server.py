@@ -254,7 +254,7 @@ def status(
 ) -> None:
     """Round, clients, accuracy and privacy spent, read from the state directory (whether or
     not the server runs)."""
-    from server.state import ClientRegistry, ServerLayout, server_status
+    from server.state import ClientRegistry, ServerLayout, describe_last_start, server_status
     from server.superlink import format_round
 
     layout = ServerLayout(state_dir)
@@ -263,7 +263,8 @@ def status(
         typer.echo(json.dumps(info.to_json(), indent=2))
         return
     if not info.running:
-        state = "not running"
+        ended = describe_last_start(info.last_start) if info.last_start else None
+        state = f"not running: {ended}" if ended else "not running"
     elif info.pid is None:  # the lock is held, running.json not written yet
         state = "starting"
     else:
