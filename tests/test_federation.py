@@ -201,8 +201,13 @@ def test_toy_config_parses_client_lists_and_rejects_bad_values() -> None:
     assert cfg.empty_clients == frozenset({1, 3}) and cfg.nan_clients == frozenset({2})
     with pytest.raises(ConfigError, match="toy-dim must be int, got 'eight'"):
         ToyLinearConfig.from_run_config({"toy-dim": "eight"})
-    with pytest.raises(ConfigError, match="comma-separated list"):
-        ToyLinearConfig.from_run_config({"toy-empty-clients": "a,b"})
+    # read by the rule every setting is read by (shared.config.coerce), worded as every error
+    cfg = ToyLinearConfig.from_run_config({"toy-empty-clients": "[1, 3]", "toy-nan-clients": ""})
+    assert cfg.empty_clients == frozenset({1, 3}) and cfg.nan_clients == frozenset()
+    assert ToyLinearConfig.from_run_config({"toy-decline-clients": 2.0}).decline_clients == {2}
+    for bad, shown in (("a,b", "'a'"), (True, "True"), ("1,2.5", "'2.5'")):
+        with pytest.raises(ConfigError, match=f"toy-empty-clients must be int, got {shown}"):
+            ToyLinearConfig.from_run_config({"toy-empty-clients": bad})
 
 
 # ----------------------------------------------------------------------- validation

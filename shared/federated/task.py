@@ -211,21 +211,10 @@ class ClientStateful(Protocol):
 
 
 def _client_set(run_config: RunConfig, key: str) -> frozenset[int]:
-    """Parse a set of client ids given as ``"1,3"`` (or a single int) in the run config."""
-    raw = run_config.get(key, "")
-    if isinstance(raw, bool):
-        raise ConfigError(f"'{key}' must be a comma-separated list of client ids, got {raw!r}")
-    if isinstance(raw, int):
-        return frozenset({raw})
-    text = str(raw).strip()
-    if not text:
-        return frozenset()
-    try:
-        return frozenset(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(
-            f"'{key}' must be a comma-separated list of client ids, got {raw!r}"
-        ) from None
+    """``key`` as a set of client ids: ``"1,3"``, ``"[1, 3]"`` or one id, by the rule every
+    setting is read by (:func:`shared.config.coerce`, as a ``tuple[int, ...]``)."""
+    ids: tuple[int, ...] = coerce(run_config.get(key, ""), tuple[int, ...], key)
+    return frozenset(ids)
 
 
 def _number(run_config: RunConfig, key: str, default: float) -> float:
