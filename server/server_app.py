@@ -437,7 +437,7 @@ def user_dp_for_run(
             population,
             user_dp.settings.delta,
         )
-    return make_user_dp(replace(config, user_dp_delta=stored), population)
+    return user_dp.at_delta(stored)  # the journal, read for its delta, is not read again
 
 
 #: Checkpoint entry (and run-config key) naming the bundle a run trains from: resuming

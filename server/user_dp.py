@@ -78,7 +78,7 @@ import random
 import secrets
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -238,6 +238,9 @@ class UserLevelDP:
         self._cohort_by_round: dict[int, int] = {}
         #: summed chance that a charged round was skipped (:meth:`UserDPSettings.round_risk`)
         self.round_risk = 0.0
+        #: the journal's JSON as read (a 1-tuple; ``None``: not read since it was last
+        #: written): this accountant is its one writer, so one read serves a whole start
+        self._journal_read: tuple[Any] | None = None
 
     def __repr__(self) -> str:
         """Short description for logs."""
@@ -333,7 +336,7 @@ class UserLevelDP:
         self._cohort_by_round[server_round] = cohort
         self._epsilon_by_round[server_round] = eps
         if self.journal is not None:  # durable before the round's instructions leave
-            write_json_atomic(self.journal, self.state_dict())
+            self._write_journal()
         return eps
 
     def epsilon_after(self, server_round: int) -> float | None:
@@ -402,7 +405,7 @@ class UserLevelDP:
         if journal.epsilon() > self.epsilon():
             self.ledger.history = list(journal.ledger.history)
         self.round_risk = max(self.round_risk, journal.round_risk)
-        write_json_atomic(self.journal, self.state_dict())  # the spend stays; the rounds go
+        self._write_journal()  # the spend stays; the rounds go
         return len(later)
 
     def run_delta(self, checkpoint_state: Mapping[str, Any] | None) -> float | None:
@@ -425,16 +428,36 @@ class UserLevelDP:
         journal.load_state_dict(state, source=f"user-level DP journal {self.journal}")
         return journal
 
-    def _journal_state(self) -> Any:
-        if self.journal is None or not self.journal.exists():
-            return None
-        return read_json(
-            self.journal,
-            what="user-level DP journal",
-            consequence="refusing to resume, as it may hold privacy spent after the last "
-            "checkpoint. Restore it from backup, or remove it deliberately",
-            error=DataError,
+    def at_delta(self, delta: float) -> UserLevelDP:
+        """This mechanism, with nothing loaded yet, at ``delta`` instead (the run's, kept
+        across restarts); the journal, if read already, is not read again."""
+        other = UserLevelDP(
+            replace(self.settings, delta=delta), rng=self._rng, journal=self.journal
         )
+        other._journal_read = self._journal_read
+        return other
+
+    def _journal_state(self) -> Any:
+        """The journal's JSON, ``None`` without one; read once until it is written again."""
+        if self.journal is None:
+            return None
+        if self._journal_read is None:
+            state = None
+            if self.journal.exists():
+                state = read_json(
+                    self.journal,
+                    what="user-level DP journal",
+                    consequence="refusing to resume, as it may hold privacy spent after the "
+                    "last checkpoint. Restore it from backup, or remove it deliberately",
+                    error=DataError,
+                )
+            self._journal_read = (state,)
+        return self._journal_read[0]
+
+    def _write_journal(self) -> None:
+        assert self.journal is not None
+        write_json_atomic(self.journal, self.state_dict())
+        self._journal_read = None  # what it holds now is this accountant's state
 
     def load_state_dict(
         self, state: Mapping[str, Any], source: str = "user-level DP state"

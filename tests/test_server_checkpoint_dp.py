@@ -801,6 +801,36 @@ def test_user_dp_resumed_with_fewer_nodes_keeps_the_runs_delta(tmp_path: Path) -
     assert user_dp_for_run(smaller, 8, latest).settings.delta == 0.05  # stronger: taken
 
 
+def test_a_user_dp_start_reads_its_journal_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start read the journal for the run's delta, then again to resume from it (and the
+    pre-launch check again to check it): once is enough, the server being its one writer."""
+    import server.user_dp as user_dp_module
+    from server.server_app import check_resume
+
+    ck = tmp_path / "ck"
+    config = _dp_config({"cohort-size": 6, "min-cohort": 1, "checkpoint-dir": str(ck)})
+    assert len(_run(config, num_nodes=8)) == 1
+    reads: list[str] = []
+    read_json = user_dp_module.read_json
+
+    def counted(path: Path, **kwargs: Any) -> Any:
+        reads.append(Path(path).name)
+        return read_json(path, **kwargs)
+
+    monkeypatch.setattr(user_dp_module, "read_json", counted)
+    resumed = {**config, "num-rounds": 2}
+    check_resume(ServerConfig.from_run_config(resumed), ToyLinearTask().initial_parameters())
+    assert reads == ["user-dp-journal.json"]
+    reads.clear()
+    # 6 nodes: 1/6 is a larger delta than the run's 1/8, which it keeps
+    assert [r.server_round for r in _run(resumed, num_nodes=6)] == [2]
+    assert reads == ["user-dp-journal.json"]
+    journal = json.loads((ck / "user-dp-journal.json").read_text())
+    assert journal["delta"] == pytest.approx(1 / 8) and len(journal["rounds"]) == 2
+
+
 def test_user_dp_resume_refuses_a_non_private_checkpoint(tmp_path: Path) -> None:
     ck = str(tmp_path / "ck")
     _run({"num-rounds": 1, "eval-fraction": 0.0, "checkpoint-dir": ck}, num_nodes=3)
