@@ -559,6 +559,20 @@ def test_learner_refuses_a_bundle_holding_the_simulated_users_data(
         assert daemon.status().model_version is None  # nothing installed from it
 
 
+def test_learner_names_the_deploy_bundle_for_a_file_that_is_not_a_bundle(
+    device: Path, tmp_path: Path
+) -> None:
+    """A device given a file that is not a bundle was told to give "the bundle.pt that
+    `fedrec simulate` wrote", which a deployment then refuses (it holds the users' data)."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a bundle")
+    with (
+        Daemon.open(device) as daemon,
+        pytest.raises(ModelFileError, match=r"not a readable .*deploy-bundle\.pt"),
+    ):
+        DeviceLearner(daemon, garbage).prepare()
+
+
 def test_init_force_removes_the_old_federations_global_model_and_keeps_its_accounting(
     device: Path, bundle: Path
 ) -> None:
@@ -751,7 +765,9 @@ def test_a_device_refuses_to_train_with_another_bundle_than_the_servers(
     params = same.initial_parameters()  # type: ignore[attr-defined]
     assert same.fit(0, params, {"server-round": 1}).status is FitStatus.OK  # type: ignore[attr-defined]
     other = _device_task(device, bundle, **{"bundle-sha256": "0" * 64})
-    with pytest.raises(ModelFileError, match=r"is not the server's .* same bundle\.pt the server"):
+    with pytest.raises(
+        ModelFileError, match=r"is not the server's .*same bundle file.*deploy-bundle\.pt"
+    ):
         other.initial_parameters()  # type: ignore[attr-defined]
 
 

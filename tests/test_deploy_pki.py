@@ -774,7 +774,7 @@ def test_server_start_refuses_a_bundle_that_is_not_one(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     bundle = tmp_path / "bundle.pt"
     bundle.write_bytes(b"not a bundle")
-    with pytest.raises(ModelFileError, match=r"not a readable .* give the bundle.pt") as caught:
+    with pytest.raises(ModelFileError, match=r"not a readable .*deploy-bundle\.pt") as caught:
         deployment_run_config(layout, bundle=bundle, num_rounds=1, overrides={})
     assert "weights_only" not in str(caught.value)  # torch's advice to load it unsafely
 

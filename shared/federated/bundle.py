@@ -125,7 +125,8 @@ def check_bundle_digest(path: str | Path, expected: str) -> None:
         raise ModelFileError(
             f"pretrained bundle {path} is not the server's (SHA-256 {found[:12]}... "
             f"against {expected[:12]}...): it would train and serve another model. Give this "
-            "node the same bundle.pt the server runs with"
+            f"node the same bundle file the server runs with (its {DEPLOY_BUNDLE} in a "
+            "deployment)"
         )
 
 
@@ -140,7 +141,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if p.is_dir():
         raise ModelFileError(
             f"pretrained bundle {p} is a folder; give the file (runs/<name>/bundle.pt from "
-            "`fedrec simulate`)"
+            f"`fedrec simulate`, or its {DEPLOY_BUNDLE} for a deployment)"
         )
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
@@ -153,7 +154,8 @@ def load_bundle(path: str | Path) -> Bundle:
             first = f"{type(err).__name__}: not a torch archive this reader takes"
         raise ModelFileError(
             f"pretrained bundle {p} is not a readable {BUNDLE_FORMAT} file ({first[:200]}); "
-            "give the bundle.pt that `fedrec simulate` wrote"
+            f"give one that `fedrec simulate` wrote (runs/<name>/bundle.pt; a deployment's "
+            f"server and devices take its {DEPLOY_BUNDLE})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
         raise ModelFileError(f"{p} is not a {BUNDLE_FORMAT} file")
