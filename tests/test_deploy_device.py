@@ -5,6 +5,7 @@ global versions and adapts the personal adapter on new events; the SuperNode com
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -328,14 +329,24 @@ def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(
     assert shared.evaluate(0, params, {"server-round": 5}).num_examples == 1  # type: ignore[attr-defined]
 
 
-def test_a_young_device_sits_rounds_out_instead_of_failing(device: Path, bundle: Path) -> None:
+def test_a_young_device_sits_rounds_out_instead_of_failing(
+    device: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with Daemon.open(device) as daemon:
         DeviceLearner(daemon, bundle).prepare()
         daemon.add_events(_events(1))
     task: Any = _device_task(device, bundle)
     params = task.initial_parameters()
-    fit = task.fit(0, params, {"server-round": 2})
+    with caplog.at_level(logging.WARNING, logger="client.device.training"):
+        fit = task.fit(0, params, {"server-round": 2})
     assert fit.status is FitStatus.DECLINED and "1 event(s)" in fit.reason
+    # the server names the devices' logs for the reason, and keeps none itself: the device
+    # logged nothing, so a run where every device declined could not be explained
+    assert any(
+        "round 2: this device declined to train" in r.getMessage()
+        and "1 event(s)" in r.getMessage()
+        for r in caplog.records
+    )
     evaluation = task.evaluate(0, params, {"server-round": 2})
     assert evaluation.status is FitStatus.DECLINED and "1 event(s)" in evaluation.reason
     assert FederatedFiles(device).rounds_joined() == 0

@@ -346,6 +346,21 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         def fit(
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
         ) -> FitOutcome:
+            outcome = self._fit(client_id, parameters, config)
+            if outcome.status.value == "declined":
+                # the reason travels to the server, which counts declines but logs no
+                # device's reason: the SuperNode's log (the ClientApp's stderr) is the one
+                # place its owner, and `fedrec server start`'s advice, can read it
+                logger.warning(
+                    "round %d: this device declined to train: %s",
+                    _round_of(config),
+                    outcome.reason,
+                )
+            return outcome
+
+        def _fit(
+            self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
+        ) -> FitOutcome:
             server_round = _round_of(config)
             self.check_received(parameters)  # never kept (and served) unchecked
             with_dp = self._round_config(config, client_id).dp
