@@ -169,10 +169,14 @@ def test_api_json_counts_only_while_its_daemon_holds_the_lock(tmp_path: Path) ->
     """A daemon killed by SIGKILL left api.json naming a dead address, and whatever read it
     (the address of the device's API) talked to nothing, with no hint why."""
     layout = DeviceLayout(tmp_path / "dev")
+    # not even a state directory (a mistyped path): starting a daemon there is refused too,
+    # for want of an identity, so the advice is `init` (or the path), not `start`
+    with pytest.raises(DaemonNotRunningError, match=r"not a device state directory.*client init"):
+        running_api(layout.state_dir)
+    init_identity(layout.state_dir)
     nothing = r"^no daemon is running on .*; start one with `fedrec client start"
     with pytest.raises(DaemonNotRunningError, match=nothing):
-        running_api(layout.state_dir)  # not even a state directory yet
-    layout.state_dir.mkdir()
+        running_api(layout.state_dir)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _api_json(layout, dead.pid)  # the daemon was killed: no lock file is held

@@ -398,6 +398,13 @@ def running_api(state_dir: str | Path | DeviceLayout) -> ApiInfo:
     info = _read_api_info(layout.api_info)
     holder = _lock_holder(layout)
     if holder is None:
+        if info is None and not layout.private_key.exists():  # e.g. a mistyped path
+            raise DaemonNotRunningError(
+                f"no daemon is running on {layout.state_dir}: it is not a device state "
+                f"directory (no {layout.private_key.relative_to(layout.state_dir)}); check "
+                f"the path, or create one with `fedrec client init --state-dir "
+                f"{layout.state_dir}`"
+            )
         if info is None:
             raise DaemonNotRunningError(
                 f"no daemon is running on {layout.state_dir}; start one with {start}"
