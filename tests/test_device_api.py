@@ -1333,6 +1333,7 @@ def test_a_managed_process_that_exits_says_why_in_the_log_and_in_status(
             "restarts": 1,
             "last_exit_code": 1,
             "last_error": reason,
+            "notice": None,
         }
     ]
 
@@ -1469,6 +1470,89 @@ def test_a_refused_key_is_named_in_status_although_retry_notices_follow_it(
     )
     assert reason is not None and reason.startswith("[code: 2004] Failed to activate SuperNode.")
     assert "fedrec server register-client" in reason and "does not answer" not in reason
+
+
+def test_a_running_supernode_the_server_does_not_answer_shows_a_notice() -> None:
+    """/status said nothing while the SuperNode retried an unreachable server: the notices
+    were only in its log. The last line a retry notice, within its announced wait (plus a
+    grace), is a notice; older, the retry it announced got through."""
+    import re
+
+    from client.device.supernode import supernode_notice
+
+    retry = re.sub(r"\x1b\[[0-9;]*m", "", _SUPEREXEC_RETRY)  # "retrying in 0.52 seconds"
+    said = supernode_notice(["INFO :      Starting Flower SuperNode", retry], 1.0)
+    assert said is not None and said.startswith("WARNING :   Connection attempt failed")
+    assert "does not answer" in said
+    assert supernode_notice([retry, ""], 10.0) is not None  # within 0.52 s + the grace
+    assert supernode_notice([retry], 3600.0) is None  # long quiet: it got through
+    assert supernode_notice([retry, "INFO :      [RUN 7, ROUND 1]"], 1.0) is None
+    assert supernode_notice([], 0.0) is None
+    # a retry notice without the wait (older Flower) counts for a minute
+    assert supernode_notice(["WARNING : Connection attempt failed, retrying..."], 50.0)
+    assert supernode_notice(["WARNING : Connection attempt failed, retrying..."], 120.0) is None
+
+
+def test_status_shows_the_notice_of_a_running_process_and_clears_it_on_exit(
+    tmp_path: Path,
+) -> None:
+    from client.device.supernode import explain_supernode_error, supernode_notice
+
+    state = tmp_path / "device"
+    init_identity(state)
+    log = tmp_path / "supernode.log"
+    log.write_text(f"{_SUPEREXEC_RETRY}\n")  # an earlier run's notice is not this run's
+    go, release = tmp_path / "go", tmp_path / "release"
+
+    def wait_for(path: Path) -> str:  # the child's wait (at most two minutes) for a file
+        return f"[time.sleep(0.05) for _ in range(2400) if not os.path.exists({str(path)!r})]; "
+
+    script = (
+        "import os, sys, time; "
+        "print('INFO : Starting Flower SuperNode', flush=True); "
+        + wait_for(go)
+        + f"print({_SUPEREXEC_RETRY!r}, flush=True); "
+        + wait_for(release)
+        + "sys.exit(3)"
+    )
+    daemon = Daemon.open(state, config=DaemonConfig(monitor_interval_s=0.05))
+    daemon.add_process(
+        ProcessSpec(
+            "supernode",
+            (sys.executable, "-c", script),
+            backoff_s=600,
+            log_file=str(log),
+            explain=explain_supernode_error,
+            watch=supernode_notice,
+        )
+    )
+    (proc,) = daemon.processes
+    thread = threading.Thread(target=lambda: daemon.run(api=False))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while proc.popen is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = daemon.status().processes[0]  # started: only the earlier run's notice
+        go.write_text("")
+        while daemon.status().processes[0].notice is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        token = "t" * 32
+        api = TestClient(create_app(daemon, token))
+        served = api.get("/status", headers={"Authorization": f"Bearer {token}"}).json()
+        release.write_text("")
+        while not proc.exit_codes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = daemon.status().processes[0]
+    finally:
+        daemon.request_stop("test over")
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert before.running and before.notice is None
+    (shown,) = served["processes"]
+    assert shown["running"] and "does not answer" in shown["notice"]
+    assert shown["notice"].startswith("WARNING :   Connection attempt failed, retrying in 0.52")
+    assert not after.running and after.notice is None  # an exit is last_error's to explain
 
 
 def test_an_exit_is_not_blamed_on_what_an_earlier_run_logged(tmp_path: Path) -> None:

@@ -269,6 +269,11 @@ class ProcessOut(BaseModel):
     last_error: str | None = Field(
         description="Why it last exited: the last error line of its log, and what it means."
     )
+    notice: str | None = Field(
+        None,
+        description="What its log says is wrong now, while it runs, and what it means: e.g. "
+        "the SuperNode's server does not answer (null when nothing is).",
+    )
 
 
 class StatusOut(BaseModel):

@@ -254,6 +254,9 @@ class ProcessState:
     restarts: int
     last_exit_code: int | None
     last_error: str | None
+    #: What its log says is wrong now, while it runs (e.g. the server does not answer);
+    #: ``None`` when nothing is (:attr:`ProcessSpec.watch`).
+    notice: str | None = None
 
 
 class DeviceBackend(Protocol):
@@ -346,6 +349,10 @@ class ProcessSpec:
     #: (:func:`last_error_explained`); a process whose last words are often not the cause
     #: (a retry notice logged after the real refusal) gives its own.
     diagnose: Callable[[Sequence[str]], str | None] | None = None
+    #: What is wrong now while it runs, from the lines the current run logged (oldest
+    #: first) and the seconds since its log last grew: a line and what it means, for
+    #: ``/status``; ``None``: nothing to say (or no reading, the default).
+    watch: Callable[[Sequence[str], float], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.argv:
@@ -372,13 +379,26 @@ class ManagedProcess:
     log_start: int = 0
 
     def state(self) -> ProcessState:
+        running = self.popen is not None and self.popen.poll() is None
         return ProcessState(
             name=self.spec.name,
-            running=self.popen is not None and self.popen.poll() is None,
+            running=running,
             restarts=self.restarts,
             last_exit_code=self.exit_codes[-1] if self.exit_codes else None,
             last_error=self.last_error,
+            notice=self._notice() if running else None,
         )
+
+    def _notice(self) -> str | None:
+        """:attr:`ProcessSpec.watch`'s reading of the current run's log, as it is now."""
+        log_file = self.spec.log_file
+        if self.spec.watch is None or log_file is None:
+            return None
+        try:
+            quiet_s = max(0.0, time.time() - os.path.getmtime(log_file))
+        except OSError:
+            return None
+        return self.spec.watch(log_lines(log_file, start=self.log_start), quiet_s)
 
     def start(self) -> None:
         env = {**os.environ, **dict(self.spec.env)}

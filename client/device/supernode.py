@@ -14,12 +14,14 @@ The daemon supervises it (:class:`~client.device.daemon.ProcessSpec`): it is res
 back-off capped at ``max_backoff_s`` for as long as the daemon runs, so a device whose key is
 registered later, or a server that is down for a while, joins by itself. Its output goes to
 ``STATE_DIR/logs/supernode.log``; why a run ended (``/status``: ``processes[].last_error``) is
-read from that run's lines by :func:`diagnose_supernode_exit`.
+read from that run's lines by :func:`diagnose_supernode_exit`, and while it runs, a server
+that does not answer shows as ``processes[].notice`` (:func:`supernode_notice`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -188,6 +190,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         log_file=str(state_dir / "logs" / "supernode.log"),
         explain=explain_supernode_error,
         diagnose=diagnose_supernode_exit,
+        watch=supernode_notice,
     )
 
 
@@ -255,6 +258,33 @@ def explain_supernode_error(line: str) -> str | None:
             "--supernode-port"
         )
     return None
+
+
+#: Flower's retry notice ends with the wait before the next attempt.
+_RETRY_WAIT = re.compile(r"retrying in ([0-9]+(?:\.[0-9]+)?) seconds")
+
+#: Seconds past a retry notice's announced wait after which the attempt it announced is taken
+#: to have succeeded: a failed one logs the next notice once its connection attempt fails
+#: (at once when refused; a silently dropped one takes longer).
+_RETRY_GRACE_S = 30.0
+
+
+def supernode_notice(lines: Sequence[str], quiet_s: float) -> str | None:
+    """What is wrong with a running SuperNode now, from its current run's log ``lines``
+    (oldest first) and the seconds ``quiet_s`` since the log last grew: the server does not
+    answer, while its last line is Flower's "Connection attempt failed, retrying in T
+    seconds" and the log has been quiet for less than T (plus a grace): the retry it
+    announced has not happened, or failed and is being announced again. A SuperNode that got
+    through logs nothing more until a message comes, so a notice older than that is read as
+    a success; one without a wait (an older Flower's "retrying...") counts while the log is
+    quiet for under a minute."""
+    last = next((line for line in reversed(lines) if line), None)
+    if last is None or _RETRY_NOTICE not in last:
+        return None
+    wait = _RETRY_WAIT.search(last)
+    if quiet_s > (float(wait.group(1)) if wait else 60.0) + _RETRY_GRACE_S:
+        return None
+    return f"{last[:300]} ({explain_supernode_error(last)})"
 
 
 def diagnose_supernode_exit(lines: Sequence[str]) -> str | None:
