@@ -458,9 +458,9 @@ def test_learner_serves_new_global_models_and_adapts_on_new_events(
         files.write_global(7, arrays, personal_fit=PersonalFit(3, 0.001))
         _wait_until(lambda: daemon.status().model_version == "7+personal")
         # erasing the user's data also erases the adapter fitted on it; the global model
-        # (version 7, not personal) is served again
+        # (version 7, not personal) is served again, as soon as the erase returns
         daemon.erase()
-        _wait_until(lambda: daemon.status().model_version == "7")
+        assert daemon.status().model_version == "7"
         learner.stop()
 
 
@@ -826,3 +826,48 @@ def test_a_new_runs_model_is_served_even_at_the_round_already_served(
         second = daemon.model_info
         assert second is not None and second.model_version == "3"
         assert second.version == first.version + 1 and second.sha256 != first.sha256
+
+
+def test_delete_data_serves_the_newest_global_model_at_once(device: Path, bundle: Path) -> None:
+    """Every global model a device received was served with its personal adapter, so the
+    only non-personal model it had sealed was the bundle's (version 0): right after
+    ``DELETE /data`` it served version 0, and the newest global model (12) only once the
+    learner rebuilt it a tick later (or, mid-round, once the round ended)."""
+    from fastapi.testclient import TestClient
+
+    from client.device.api import create_app
+    from client.device.identity import DeviceIdentity
+
+    config = LearnerConfig(debounce_s=0.0, poll_s=600.0)  # idle until woken
+    with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
+        learner = DeviceLearner(daemon, bundle, config)
+        learner.prepare()
+        assert daemon.status().model_version == "0"
+        daemon.add_events(_events(8))
+        pretrained = get_global_arrays(learner.bundle.student)
+        for version in (11, 12):  # rounds: each one served with the adapter
+            learner.files.write_global(version, [a + 0.01 * version for a in pretrained])
+            learner.refresh(adapt=True)
+            assert daemon.status().model_version == f"{version}+personal"
+        learner.attach()  # the running daemon's learner, idle until woken
+        token = DeviceIdentity.load(device).api_token()
+        client = TestClient(create_app(daemon, token))
+        client.headers["Authorization"] = f"Bearer {token}"
+        assert client.get("/status").json()["model_version"] == "12+personal"
+        # the ClientApp mid-round holds the files lock: the learner's refresh waits for it,
+        # the erase does not
+        with learner.files.lock():
+            assert client.delete("/data").status_code == 204
+            assert client.get("/status").json()["model_version"] == "12"
+            assert client.get("/recommendations").json()["model_version"] == "12"
+        status = client.get("/status").json()
+        assert status["model_version"] == "12"
+        assert status["events"] == 0 and status["adaptation_pending"] == 0
+        # the global parameters, without an adapter: a newcomer's model of round 12
+        served = daemon.model
+        assert served is not None and not served.metadata.model_version.endswith("+personal")
+        assert all(
+            not info.model_version.endswith("+personal")
+            for info in (daemon.models.read(v)[0] for v in daemon.models.versions())
+        )
+        learner.stop()

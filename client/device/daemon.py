@@ -494,6 +494,7 @@ class Daemon:
         self._event_listeners: list[Callable[[int], None]] = []
         self._shutdown_callbacks: list[Callable[[], None]] = []
         self._erase_callbacks: list[Callable[[], None]] = []
+        self._global_model_source: Callable[[], bytes | None] | None = None
         #: How many times local data was erased (see :meth:`install_model`'s ``erasures``).
         self.erasures = 0
         self.catalog: Catalog | None = None
@@ -941,14 +942,18 @@ class Daemon:
         """Delete all local user data (see the module docstring for what is kept and why).
 
         Every sealed model file goes, since an adapted model is personal data; the newest
-        installed model that is *not* personal (a global one: what every device of the
-        federation got) is installed again first, so the device keeps recommending. A marker
-        file makes the erase all-or-nothing across a crash: the next open finishes it."""
+        global model (what every device of the federation got: not personal) is installed
+        first, before this returns, so the device keeps recommending and no request after
+        the erase is served an older model. It comes from the global model source
+        (:meth:`set_global_model_source`: the federated learner rebuilds it from the global
+        parameters it kept, with no adapter), else it is the newest sealed model that is not
+        personal. A marker file makes the erase all-or-nothing across a crash: the next open
+        finishes it."""
         marker = self.layout.erase_pending
         write_bytes_atomic(marker, b"")
         self._run_erase_callbacks()  # derived personal data first: see add_erase_callback
         with self._serve_lock, self._lock:
-            global_model = self._newest_global_model()
+            global_model = self._global_model()
             if not self.store.erase():
                 self._scrub_later()
             # counted once the data is gone (readers of the history do not take the lock):
@@ -1023,6 +1028,29 @@ class Daemon:
                 callback()
             except Exception:
                 logger.exception("erase callback %r failed", callback)
+
+    def set_global_model_source(self, source: Callable[[], bytes | None]) -> None:
+        """Make ``source`` what :meth:`erase` installs: the ONNX bytes of the newest global
+        model, without a personal adapter (``None``: it has none; the newest sealed model
+        that is not personal serves then). The federated learner registers one: the global
+        models it receives are only ever sealed with the adapter, so the newest one not
+        personal can be far older (the bundle's, version 0). It is called under the daemon's
+        lock, so it must not wait for anything that waits for that lock."""
+        self._global_model_source = source
+
+    def _global_model(self) -> bytes | None:
+        """The newest global model (ONNX bytes) for :meth:`erase`, ``None`` if there is none:
+        from the global model source, else the newest sealed one that is not personal."""
+        source = self._global_model_source
+        if source is not None:
+            try:
+                data = source()
+            except Exception:  # erasing must not fail on it: the sealed one serves
+                logger.exception("rebuilding the newest global model for the erase failed")
+            else:
+                if data is not None:
+                    return data
+        return self._newest_global_model()
 
     def _newest_global_model(self) -> bytes | None:
         """The ONNX bytes of the newest sealed model that is not personal (``None``: none)."""

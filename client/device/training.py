@@ -20,7 +20,9 @@ Two processes share one device state directory:
   (:func:`~shared.federated.local_training.fit_personal`; an adapter kept from an older
   global model is stale); exports it to int8 ONNX and installs it (sealed). ``GET /status``
   shows the global version as ``model_version`` (``"3"``, or ``"3+personal"`` once the
-  adapter is personal).
+  adapter is personal). An erase of the local data installs the newest global model without
+  the adapter (``"3"``) before it answers: the learner rebuilds it for the daemon
+  (:meth:`DeviceLearner.global_model`), as only personal models of it were sealed.
 
 Why files and not the model artifact the server publishes: the device already receives every
 new global model through Flower (fit and evaluate instructions carry it), over the TLS and
@@ -537,6 +539,12 @@ class DeviceLearner:
         self._stop = threading.Event()
         self._events_at: float | None = None
         self._thread: threading.Thread | None = None
+        #: held while the bundle's student holds a model being built (the learner's refresh
+        #: and an erase's rebuild of the global model both load parameters into it)
+        self._student_lock = threading.Lock()
+        #: ((run, round), label) of the global model an erase is installing (see
+        #: :meth:`global_model`), until :meth:`_on_erase` has seen whether it serves
+        self._erase_built: tuple[tuple[int | None, int], str] | None = None
         #: (Flower run, round) of the global model being served: a new run restarts at
         #: round 1, so the round alone could equal the one served
         self.installed_global: tuple[int | None, int] | None = None
@@ -582,6 +590,7 @@ class DeviceLearner:
         self.daemon.add_new_events_listener(self._on_events)
         self.daemon.add_shutdown_callback(self.stop)
         self.daemon.add_erase_callback(self._on_erase)
+        self.daemon.set_global_model_source(self.global_model)
         self._thread = threading.Thread(target=self._loop, name="fedrec-learner", daemon=True)
         self._thread.start()
 
@@ -599,9 +608,15 @@ class DeviceLearner:
 
     def _on_erase(self) -> None:
         """The user's data is gone, and with the sealed models the personal adapter fitted on
-        it. The global model (not personal) is served again at the next tick."""
+        it. The erase installed the newest global model (not personal), built by
+        :meth:`global_model`; if it could not, the next tick installs it."""
         self._events_at = None
-        self.installed_global = None  # reinstall: erase removed the sealed models
+        built, self._erase_built = self._erase_built, None
+        served = self.daemon.model
+        if built is not None and served is not None and served.metadata.model_version == built[1]:
+            self.installed_global = built[0]  # served already: nothing to rebuild
+        else:
+            self.installed_global = None  # reinstall: erase removed the sealed models
         self._wake.set()
 
     def _loop(self) -> None:
@@ -648,42 +663,35 @@ class DeviceLearner:
         import torch
 
         from shared.federated.local_training import fit_personal
-        from shared.federated.student_task import global_names, set_global_arrays
 
         torch.set_num_threads(self.config.num_threads)
         bundle = self.bundle
         student = bundle.student
         catalog = Catalog(tuple(bundle.item_ids))
-        with self.files.lock():
-            # before the history is read: an erase from now on makes this refit stale
-            erasures = self.daemon.erasures
-            received = self._read_global()
-            version, federation_fit, prune_sparsity = 0, None, 0.0
-            if received is None:  # no global model yet: the bundle's, as a newcomer gets it
-                # the student may hold a global model loaded before: the bundle's parameters,
-                # not those labelled version 0
-                set_global_arrays(student, self._pretrained)
-            else:
-                version, arrays, federation_fit = received[:3]
-                prune_sparsity = received.prune_sparsity
-                # meta-learning runs also carry the adapter's initialization
-                meta = len(arrays) != len(global_names(student))
-                self._check_fits(student, arrays, meta, version)
-                set_global_arrays(student, arrays, meta)
-            init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
-            pending = self.daemon.store.adaptation_pending()
-            history = np.asarray(self.daemon.history(catalog), dtype=np.int64)
-            fit = self.config.personal_fit(federation_fit)
-            is_personal = fit.steps > 0 and len(history) >= 2
-            if is_personal:
-                # refitted against the global model it will be served with, from the start;
-                # it lives only in the sealed model built from it (never in a file of its own)
-                fit_personal(
-                    student, history, init, fit.steps, fit.lr, exclude_seen=fit.exclude_seen
-                )
-                self.adaptations += 1
-        label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
-        data = export_personal_model(student, catalog.item_ids, label, prune_sparsity)
+        # the student is held from the files lock (which the ClientApp holds for a whole fit)
+        # to the export, so an erase waits for a build, never for a round
+        with contextlib.ExitStack() as holding_student:
+            with self.files.lock():
+                holding_student.enter_context(self._student_lock)
+                # before the history is read: an erase from now on makes this refit stale
+                erasures = self.daemon.erasures
+                received = self._read_global()
+                version, federation_fit, prune_sparsity = self._load_global(student, received)
+                init = {k: v.clone() for k, v in student.adapter.state_dict().items()}
+                pending = self.daemon.store.adaptation_pending()
+                history = np.asarray(self.daemon.history(catalog), dtype=np.int64)
+                fit = self.config.personal_fit(federation_fit)
+                is_personal = fit.steps > 0 and len(history) >= 2
+                if is_personal:
+                    # refitted against the global model it will be served with, from the
+                    # start; it lives only in the sealed model built from it (never in a file
+                    # of its own)
+                    fit_personal(
+                        student, history, init, fit.steps, fit.lr, exclude_seen=fit.exclude_seen
+                    )
+                    self.adaptations += 1
+            label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
+            data = export_personal_model(student, catalog.item_ids, label, prune_sparsity)
         try:
             info = self.daemon.install_model(data, catalog, erasures=erasures)
         except StaleModelError:  # the erase's callback asked for a new refresh already
@@ -694,6 +702,55 @@ class DeviceLearner:
         self.installed_global = (received.run_id if received else None, version)
         self.last_error = None
         logger.info("serving model %s (sealed v%d)", label, info.version)
+
+    def global_model(self) -> bytes | None:
+        """The ONNX bytes of the newest global model as a newcomer is served it (the kept
+        ``global.npz``, or the bundle's parameters before any: version 0), with the
+        adapter at its initialization: what :meth:`Daemon.erase` installs in place of the
+        personal model. Federated models are only ever sealed with the personal adapter, so
+        the newest non-personal model sealed was the bundle's (version 0) until the next tick
+        rebuilt the global one. Reads ``global.npz`` without the files lock (its writes are
+        atomic), so an erase does not wait for a round the ClientApp is training.
+
+        ``None`` with a kept model that is unreadable (logged: the daemon then installs its
+        newest non-personal sealed model). Raises what building it raises."""
+        import torch
+
+        torch.set_num_threads(self.config.num_threads)
+        bundle = self.bundle
+        catalog = Catalog(tuple(bundle.item_ids))
+        with self._student_lock:
+            try:
+                received = self.files.read_global(strict=True)
+            except DataError as exc:
+                logger.error("%s; the erase serves the newest global model sealed", exc)
+                return None
+            version, _, prune_sparsity = self._load_global(bundle.student, received)
+            data = export_personal_model(
+                bundle.student, catalog.item_ids, str(version), prune_sparsity
+            )
+        self._erase_built = ((received.run_id if received else None, version), str(version))
+        return data
+
+    def _load_global(
+        self, student: StudentModel, received: ReceivedGlobal | None
+    ) -> tuple[int, PersonalFit | None, float]:
+        """Load ``received`` (``None``: the bundle's own parameters) into ``student``, its
+        adapter at its initialization; returns its version, its federation's refit and its
+        ``prune-sparsity``."""
+        from shared.federated.student_task import global_names, set_global_arrays
+
+        if received is None:  # no global model yet: the bundle's, as a newcomer gets it
+            # the student may hold a global model loaded before: the bundle's parameters,
+            # not those labelled version 0
+            set_global_arrays(student, self._pretrained)
+            return 0, None, 0.0
+        version, arrays, federation_fit = received[:3]
+        # meta-learning runs also carry the adapter's initialization
+        meta = len(arrays) != len(global_names(student))
+        self._check_fits(student, arrays, meta, version)
+        set_global_arrays(student, arrays, meta)
+        return version, federation_fit, received.prune_sparsity
 
     def _read_global(self) -> ReceivedGlobal | None:
         """The kept global model, or ``None`` without one. An unreadable one raises
