@@ -300,6 +300,13 @@ class ClientRecord:
     applied: bool = False
 
 
+def describe_client(record: ClientRecord) -> str:
+    """``name (fingerprint[, node N][, revoked])``: one record, told apart from others."""
+    node = f", node {record.node_id}" if record.node_id is not None else ""
+    revoked = ", revoked" if record.revoked is not None else ""
+    return f"{record.name} ({record.fingerprint}{node}{revoked})"
+
+
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # The JSON types of a ClientRecord's fields (None allowed where the field is optional).
@@ -385,25 +392,36 @@ class ClientRegistry:
     def active(self) -> list[ClientRecord]:
         return [c for c in self.clients if c.revoked is None]
 
-    def find(self, ref: str) -> ClientRecord:
-        """A record by name, fingerprint or node id: an active record wins over revoked ones
-        (a name reused after a revocation means the new device); a reference that matches
-        two different devices of the same kind (active, else revoked), such as the name of
-        one and the node id of another, is refused as ambiguous."""
+    def matching(self, ref: str) -> list[ClientRecord]:
+        """The records ``ref`` names by name, fingerprint or node id, active ones first."""
         ordered = self.active() + [c for c in self.clients if c.revoked is not None]
 
         def matches(c: ClientRecord) -> bool:
             by_node = ref.isdigit() and c.node_id is not None and int(ref) == c.node_id
             return ref in (c.name, c.fingerprint) or by_node
 
-        records = [c for c in ordered if matches(c)]
+        return [c for c in ordered if matches(c)]
+
+    def find(self, ref: str) -> ClientRecord:
+        """A record by name, fingerprint or node id. Only active records count when there
+        are any: a name reused after a revocation (a device that rotated its key) means the
+        active device, and only a reference that matches two different active devices, such
+        as the name of one and the node id of another, is refused as ambiguous (listing them
+        with their fingerprints). A reference that matches only revoked records gives one of
+        them, for the caller to report as revoked already: one whose revocation the SuperLink
+        has not yet applied if there is one, else the last revoked."""
+        records = self.matching(ref)
         active = [c for c in records if c.revoked is None]
-        records = active or records  # a name reused after a revocation means the active one
-        if len({c.fingerprint for c in records}) > 1:  # two different devices
-            which = ", ".join(f"{c.name} (node {c.node_id})" for c in records)
-            raise ConfigError(f"{ref!r} matches several clients ({which}); use a fingerprint")
-        if records:
-            return records[0]
+        if len({c.fingerprint for c in active}) > 1:  # two different devices
+            which = ", ".join(describe_client(c) for c in active)
+            raise ConfigError(
+                f"{ref!r} matches several active clients ({which}); give the fingerprint "
+                "(SHA256:...) of the one meant"
+            )
+        if active:
+            return active[0]
+        if records:  # all revoked already
+            return max(records, key=lambda c: (c.applied, c.revoked or 0.0))
         names = ", ".join(c.name for c in self.active()) or "none"
         raise ConfigError(f"no registered client {ref!r} (registered: {names})")
 
@@ -430,7 +448,10 @@ class ClientRegistry:
                 raise ConfigError(f"this key ({fingerprint}) is already registered as {c.name!r}")
             if name is not None and c.name == name:
                 raise ConfigError(
-                    f"a client named {name!r} is already registered; pick another --name"
+                    f"a client named {name!r} is already registered ({c.fingerprint}); pick "
+                    "another --name, or, if this is that device's new key (fedrec client "
+                    f"rotate-key), revoke the old one first (fedrec server revoke-client "
+                    f"{c.fingerprint}) and register this one again"
                 )
         if name is None:  # the first device-N no record (active or revoked) has taken
             taken = {c.name for c in self.clients}

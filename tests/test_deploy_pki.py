@@ -374,7 +374,7 @@ def test_registry_names_are_plain_and_node_ids_match_only_known_nodes(tmp_path: 
     phone.node_id = 5
     assert registry.find("5") is phone
     registry.add(*load_public_key(keys[2], source="c"), name="5")
-    with pytest.raises(ConfigError, match="matches several clients"):
+    with pytest.raises(ConfigError, match="matches several active clients"):
         registry.find("5")
 
 
@@ -387,8 +387,55 @@ def test_a_name_reused_after_a_revocation_means_the_new_device(tmp_path: Path) -
     assert registry.find("phone-1") is new
     assert registry.find(old.fingerprint) is old  # the old one by its fingerprint
     new.revoked = 2.0
-    with pytest.raises(ConfigError, match="matches several clients"):
-        registry.find("phone-1")  # both revoked: which one is meant is not known
+    assert registry.find("phone-1") is new  # both revoked: the caller says so, no ambiguity
+    old.applied = True  # its revocation has not reached the SuperLink yet: that one is retried
+    assert registry.find("phone-1") is old
+
+
+def test_revoke_client_by_a_name_reused_after_a_key_rotation(tmp_path: Path) -> None:
+    """The README's flow: revoke a device, it rotates its key, its new key is registered
+    under the same name. The name then means the active key, and once that is revoked too
+    the name is reported as revoked already, not as ambiguous."""
+    state = tmp_path / "server"
+    args = ["--state-dir", str(state)]
+    assert runner.invoke(app, ["server", "init", *args]).exit_code == 0
+    keys = [init_identity(tmp_path / f"d{i}").layout.public_key for i in range(2)]
+    first = runner.invoke(app, ["server", "register-client", str(keys[0]), *args, "--name", "p1"])
+    assert first.exit_code == 0, first.output
+    taken = runner.invoke(app, ["server", "register-client", str(keys[1]), *args, "--name", "p1"])
+    assert isinstance(taken.exception, ConfigError)
+    assert "revoke the old one first (fedrec server revoke-client SHA256:" in str(taken.exception)
+    assert runner.invoke(app, ["server", "revoke-client", "p1", *args]).exit_code == 0
+    again = runner.invoke(app, ["server", "register-client", str(keys[1]), *args, "--name", "p1"])
+    assert again.exit_code == 0, again.output
+    registry = ClientRegistry.load(ServerLayout(state).registry)
+    old, new = registry.clients
+    revoked = runner.invoke(app, ["server", "revoke-client", "p1", *args])
+    assert revoked.exit_code == 0, revoked.output
+    assert f"revoked p1 ({new.fingerprint})" in revoked.output
+    noop = runner.invoke(app, ["server", "revoke-client", "p1", *args])
+    assert noop.exit_code != 0 and isinstance(noop.exception, ConfigError)
+    message = str(noop.exception)
+    assert "already revoked" in message and "several" not in message
+    assert old.fingerprint in message and new.fingerprint in message
+    single = runner.invoke(app, ["server", "revoke-client", old.fingerprint, *args])
+    assert isinstance(single.exception, ConfigError)
+    assert f"p1 ({old.fingerprint}) is already revoked" in str(single.exception)
+
+
+def test_only_several_active_clients_are_ambiguous_and_are_listed(tmp_path: Path) -> None:
+    registry = ClientRegistry(tmp_path / "clients.json")
+    keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(3)]
+    gone = registry.add(*load_public_key(keys[0], source="a"), name="7")
+    gone.revoked = 1.0
+    phone = registry.add(*load_public_key(keys[1], source="b"), name="phone")
+    phone.node_id = 7
+    assert registry.find("7") is phone  # the revoked "7" does not make it ambiguous
+    seven = registry.add(*load_public_key(keys[2], source="c"), name="7")
+    with pytest.raises(ConfigError, match="several active clients") as err:
+        registry.find("7")
+    assert phone.fingerprint in str(err.value) and seven.fingerprint in str(err.value)
+    assert gone.fingerprint not in str(err.value)
 
 
 def test_a_pem_public_key_is_named_as_such() -> None:

@@ -161,8 +161,9 @@ def revoke_client(
     ],
     state_dir: StateDirOpt,
 ) -> None:
-    """Withdraw a device's key. A running SuperLink refuses the device from its next request."""
-    from server.state import ClientRegistry, ServerLayout
+    """Withdraw a device's key. A running SuperLink refuses the device from its next request.
+    A name reused after a revocation (a device that rotated its key) means its active key."""
+    from server.state import ClientRegistry, ServerLayout, describe_client
     from server.superlink import apply_registrations, live_cli
     from shared.errors import ConfigError
 
@@ -176,8 +177,16 @@ def revoke_client(
             typer.echo(f"revoked {record.name} ({record.fingerprint})")
         elif record.applied and cli is not None:  # saved, but the SuperLink did not hear it
             typer.echo(f"{record.name} is revoked; applying it to the SuperLink")
-        else:
-            raise ConfigError(f"{record.name} is already revoked")
+        else:  # a no-op, refused like registering a registered key
+            revoked = registry.matching(client)
+            if len(revoked) > 1:  # e.g. both keys of a device that rotated its key
+                which = ", ".join(describe_client(c) for c in revoked)
+                raise ConfigError(
+                    f"{client!r} matches only clients already revoked ({which}); nothing to do"
+                )
+            raise ConfigError(
+                f"{record.name} ({record.fingerprint}) is already revoked; nothing to do"
+            )
     if cli is None:
         typer.echo("the server is not running: the SuperLink unregisters it at the next start")
         return
