@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,35 @@ class PkiPaths:
         return (self.ca_cert, self.ca_key, self.server_cert, self.server_key)
 
 
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DNS_NAME_RULE = (
+    "A DNS name is labels separated by dots, each 1-63 letters, digits or '-' and neither "
+    "starting nor ending with '-', 253 characters at most"
+)
+
+
+def dns_name_problem(host: str) -> str | None:
+    """Why ``host`` is not a DNS name a server certificate can carry (RFC 1123 host name,
+    optionally ending in one dot), or None. An international name goes in as its ``xn--``
+    form; a wildcard is not a name a device connects to."""
+    if not host.isascii():
+        return "it has characters outside ASCII (give an international name as xn--...)"
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253:
+        return f"it is {len(name)} characters long"
+    for label in name.split("."):
+        if not label:
+            return "it has an empty label (a leading dot or two dots in a row)"
+        if len(label) > 63:
+            return f"its label {label[:20]!r}... is {len(label)} characters long"
+        if not _DNS_LABEL.fullmatch(label):
+            if re.fullmatch(r"[A-Za-z0-9-]+", label):  # only a hyphen at an end is wrong
+                end = "starts" if label.startswith("-") else "ends"
+                return f"its label {label!r} {end} with '-'"
+            return f"its label {label!r} has characters other than letters, digits and '-'"
+    return None
+
+
 @dataclass(frozen=True)
 class SubjectNames:
     """The SANs of a server certificate: DNS names and IP addresses."""
@@ -90,16 +120,12 @@ class SubjectNames:
                         f"--host {raw!r} looks like an IPv4 address but is not one (each of "
                         "its four numbers must be 0-255)"
                     ) from None
-                label_ok = host.isascii() and all(  # an IDN goes in as its xn-- form
-                    part and len(part) <= 63 and part.replace("-", "").replace("*", "").isalnum()
-                    for part in host.rstrip(".").split(".")
-                )
-                if not label_ok or len(host) > 253:
-                    idn = "" if host.isascii() else " (give an international name as xn--...)"
+                problem = dns_name_problem(host)
+                if problem is not None:
                     raise ConfigError(
-                        f"--host {raw!r} is neither an IP address nor a DNS name{idn}; give the "
-                        "names devices use to reach the server (e.g. --host fedrec.example.org "
-                        "--host 10.0.0.5)"
+                        f"--host {raw!r} is neither an IP address nor a DNS name: {problem}. "
+                        f"{_DNS_NAME_RULE}; give the names devices use to reach the server "
+                        "(e.g. --host fedrec.example.org --host 10.0.0.5)"
                     ) from None
                 if host not in dns:
                     dns.append(host)

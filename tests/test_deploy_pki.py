@@ -178,6 +178,71 @@ def test_bad_host_names_are_refused(tmp_path: Path, host: str) -> None:
         create_pki(tmp_path / "certs", [host])
 
 
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("-x", "its label '-x' starts with '-'"),
+        ("fedrec-.example.org", "its label 'fedrec-' ends with '-'"),
+        ("-", "its label '-' starts with '-'"),
+        ("a*b.example.org", "its label 'a*b' has characters other than"),
+        ("*.example.org", "its label '*' has characters other than"),
+        ("a_b", "its label 'a_b' has characters other than"),
+        ("x..", "an empty label"),
+        (".example.org", "an empty label"),
+        ("a" * 64 + ".org", "is 64 characters long"),
+        (".".join(["a" * 63] * 4), "it is 255 characters long"),
+    ],
+)
+def test_dns_names_are_checked_label_by_label(tmp_path: Path, host: str, problem: str) -> None:
+    """A label is 1-63 letters, digits or '-', neither starting nor ending with '-' (RFC
+    1123); '-x', 'x-' and labels with '*' were taken as DNS names."""
+    with pytest.raises(ConfigError, match="neither an IP address nor a DNS name") as caught:
+        create_pki(tmp_path / "certs", [host])
+    message = str(caught.value)
+    assert problem in message and f"--host {host!r}" in message
+    assert "neither starting nor ending with '-'" in message  # what is expected
+    assert not (tmp_path / "certs").exists()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "fedrec.example.org",
+        "fedrec.example.org.",
+        "a-b.c",
+        "xn--bcher-kva.example",
+        "a" * 63,
+        "0-server",
+        "10.0.0.5",
+        "::1",
+    ],
+)
+def test_valid_host_names_and_addresses_are_taken(tmp_path: Path, host: str) -> None:
+    paths = create_pki(tmp_path / "certs", [host])
+    assert host in server_names(paths)
+
+
+@pytest.mark.parametrize("form", [["--host", "-x"], ["--host=-x"]])
+def test_a_host_starting_with_a_hyphen_is_refused_through_the_cli(
+    tmp_path: Path, form: list[str]
+) -> None:
+    """Click takes the word after --host as its value even when it starts with '-'; both
+    spellings reach the check and are refused before anything is written."""
+    state = tmp_path / "s"
+    result = runner.invoke(app, ["server", "init", "--state-dir", str(state), *form])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "--host '-x' is neither an IP address nor a DNS name" in str(result.exception)
+    assert not state.exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", "server", "init", "--state-dir", str(state), *form],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and not state.exists()
+    assert done.stderr.startswith("error: --host '-x' is neither an IP address nor a DNS name")
+    assert "its label '-x' starts with '-'" in done.stderr
+
+
 def test_init_creates_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> None:
     state = tmp_path / "server"
     layout = init_state_dir(state)
