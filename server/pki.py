@@ -151,7 +151,10 @@ class SubjectNames:
 
     @property
     def common_name(self) -> str:
-        return self.dns[0] if self.dns else str(self.ips[0])
+        """The subject's CN: only informative (TLS clients check the SANs), and X.509 caps
+        it at 64 characters where a DNS name may have 253, so the first name that fits."""
+        fitting = [n for n in (*self.dns, *map(str, self.ips)) if len(n) <= 64]
+        return fitting[0] if fitting else "fedrec server"
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

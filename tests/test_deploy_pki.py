@@ -19,12 +19,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from client.client_app import deployment_run_config as node_run_config
 from client.device.identity import init_identity
 from fedrec.cli import app
-from server.pki import PkiError, check_pki, create_pki, renew_server_cert, server_names
+from server.pki import (
+    PkiError,
+    check_pki,
+    create_pki,
+    load_cert,
+    renew_server_cert,
+    server_names,
+)
 from server.state import (
     BadPublicKeyError,
     ClientRegistry,
@@ -220,6 +228,20 @@ def test_dns_names_are_checked_label_by_label(tmp_path: Path, host: str, problem
 def test_valid_host_names_and_addresses_are_taken(tmp_path: Path, host: str) -> None:
     paths = create_pki(tmp_path / "certs", [host])
     assert host in server_names(paths)
+
+
+def test_a_dns_name_longer_than_a_common_name_is_taken(tmp_path: Path) -> None:
+    """A DNS name may be 253 characters, an X.509 common name 64: init with a long valid
+    --host crashed with cryptography's ValueError while naming the certificate's subject."""
+    long = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    paths = create_pki(tmp_path / "certs", [long])
+    assert server_names(paths) == [long]
+    cn = load_cert(paths.server_cert).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert cn[0].value == "fedrec server"
+    state = tmp_path / "s"
+    result = runner.invoke(app, ["server", "init", "--state-dir", str(state), "--host", long])
+    assert result.exit_code == 0, result.output
+    assert server_names(ServerLayout(state).pki) == [long, "localhost", "127.0.0.1"]
 
 
 @pytest.mark.parametrize("form", [["--host", "-x"], ["--host=-x"]])
