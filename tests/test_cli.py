@@ -710,3 +710,13 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
         refused = runner.invoke(app, ["evaluate", "model", str(model), *other])
         assert isinstance(refused.exception, ConfigError)
         assert "on another split than asked" in str(refused.exception)
+    # with --data-dir too: the dataset is named as the one that differs (the run's config
+    # used to refuse the folder first, telling the user to add the --dataset they had given)
+    folder = ["--data-dir", str(tmp_path)]
+    refused = runner.invoke(app, ["evaluate", "model", str(model), "--dataset", "ml-100k", *folder])
+    assert isinstance(refused.exception, ConfigError)
+    assert "dataset 'ml-100k' (the run's: 'synthetic')" in str(refused.exception)
+    refused = runner.invoke(app, ["evaluate", "model", str(model), *folder])
+    assert isinstance(refused.exception, ConfigError)
+    assert "on the synthetic world" in str(refused.exception)
+    assert "drop --data-dir" in str(refused.exception)

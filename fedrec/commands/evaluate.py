@@ -141,16 +141,17 @@ def model(
     values = _values(ctx, run_config, {})
     run = trained_with(path)
     if run is not None:  # a simulation run's model: its own data and split, nothing else
+        source = f"was trained by the run in {path.resolve().parent.parent}"
+        # before --data-dir is applied: a run's config refuses a folder for the synthetic
+        # world, whose message ("add --dataset") would be wrong here
+        _refuse_another_split(ctx, values, path, _split_of(run), source, "the run's")
         if data_dir is not None:
+            if dataset_key(run.dataset) == "synthetic":
+                raise ConfigError(
+                    f"{path} {source} on the synthetic world, which is generated and reads "
+                    f"no files; drop --data-dir {data_dir}"
+                )
             run = replace(run, data_dir=str(data_dir))  # the same dataset, elsewhere
-        _refuse_another_split(
-            ctx,
-            values,
-            path,
-            _split_of(run),
-            f"was trained by the run in {path.resolve().parent.parent}",
-            "the run's",
-        )
         values["seed"] = run.seed
     typed = dict(values)  # the settings asked for, which a model's recorded split checks
     values.setdefault("seed", seed)
