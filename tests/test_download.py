@@ -224,6 +224,30 @@ def test_connection_lost_mid_download(tmp_path: Path, monkeypatch: pytest.Monkey
     assert leftovers(cache) == []
 
 
+def test_a_body_cut_short_is_a_lost_connection_not_a_corrupt_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """http.client ends a body shorter than its Content-Length without an error, so a
+    dropped connection used to surface as "checksum mismatch ... corrupt or was altered"."""
+
+    class Cut:
+        def __init__(self) -> None:
+            self.headers = {"Content-Length": "100"}
+            self.chunks = [b"x" * 40]
+
+        def read1(self, size: int) -> bytes:
+            return self.chunks.pop() if self.chunks else b""
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Cut())
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetNotFoundError, match=r"closed after 40 of 100 bytes.*--data-dir"):
+        download_dataset("ml-100k", cache)
+    assert leftovers(cache) == [] and not (cache / "ml-100k").exists()
+
+
 def test_a_server_trickling_bytes_hits_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

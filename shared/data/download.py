@@ -171,6 +171,7 @@ def fetch(
     received = 0
     response = _open(url, timeout, name, cache_dir)
     try:
+        expected = _content_length(response)
         with _open_for_write(dest) as out:
             while chunk := _read(response, url, name, cache_dir):
                 out.write(chunk)
@@ -182,9 +183,24 @@ def fetch(
                         f"({received} bytes received)"
                     )
                     raise offline_error(name, url, reason, cache_dir)
+        if expected is not None and received < expected:
+            # http.client ends a body cut short without an error: without this check a
+            # dropped connection was reported as a corrupt or altered archive
+            reason = f"the connection closed after {received} of {expected} bytes"
+            raise offline_error(name, url, reason, cache_dir)
     finally:
         response.close()
     return digest.hexdigest()
+
+
+def _content_length(response: Any) -> int | None:
+    """The size the server announced (``Content-Length``), or ``None`` when it gave none."""
+    headers = getattr(response, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def verify_sha256(name: str, spec: ArchiveSpec, digest: str) -> None:
