@@ -53,7 +53,7 @@ from shared.text.encoder import encode_items
 from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
-from simulation.run_dir import RunDirectory
+from simulation.run_dir import NEW_RUN_FIX, RunDirectory
 
 if TYPE_CHECKING:  # the int8 export (onnx): imported when a model is published
     from shared.compression.artifact import ArtifactReport
@@ -282,13 +282,19 @@ def trained_with(model: Path) -> SimulationConfig | None:
     model = Path(model).resolve()
     if model.parent.name != "models":
         return None
-    return stored_config(model.parent.parent)
+    # not "pass another --name" (what a rerun of simulate can do): this reads a model
+    fix = (
+        "Restore that file, or copy the model out of the run's models/ folder: a model "
+        "elsewhere is evaluated on the data and split its metadata records"
+    )
+    return stored_config(model.parent.parent, fix)
 
 
-def stored_config(root: Path) -> SimulationConfig | None:
+def stored_config(root: Path, fix: str = NEW_RUN_FIX) -> SimulationConfig | None:
     """The settings the simulation run in ``root`` recorded (``config.json``), with the
-    runtime keys set to ones valid on any machine (see :func:`trained_with`), or ``None``."""
-    stored = RunDirectory.read_config(root)
+    runtime keys set to ones valid on any machine (see :func:`trained_with`), or ``None``.
+    ``fix`` ends the error for settings that cannot be read (:meth:`RunDirectory.read_config`)."""
+    stored = RunDirectory.read_config(root, fix)
     section = (stored or {}).get("simulation")
     if not isinstance(section, dict):
         return None

@@ -36,6 +36,8 @@ from shared.io import (
 )
 
 CONFIG_FILE = "config.json"
+NEW_RUN_FIX = "Pass another --name to start a fresh run"
+"""What to do about unreadable run settings when starting a run."""
 LOCK_FILE = ".lock"
 """Held (``flock``) by the run using the folder; holds its pid."""
 _RUN_ENTRIES = (
@@ -114,20 +116,20 @@ class RunDirectory:
         return self.read_config(self.root)
 
     @staticmethod
-    def read_config(root: Path) -> dict[str, Any] | None:
+    def read_config(root: Path, fix: str = NEW_RUN_FIX) -> dict[str, Any] | None:
         """The settings the run in ``root`` left, or ``None``; reads only (the folder need
-        not be claimed)."""
+        not be claimed). ``fix`` ends the error for a file that cannot be read: what the
+        caller's user can do (by default, what a rerun of ``fedrec simulate`` can)."""
         path = root / CONFIG_FILE
         if not path.exists():
             return None
         stored = read_json(
             path,
             what="the run settings",
-            consequence=f"they record what the run in {root} was trained with. Pass "
-            "another --name to start a fresh run",
+            consequence=f"they record what the run in {root} was trained with. {fix}",
         )
         if not isinstance(stored, dict):
-            raise ConfigError(f"{path} is not a JSON object; pass another --name")
+            raise ConfigError(f"{path} is not a JSON object. {fix}")
         return stored
 
     def claim(

@@ -681,6 +681,23 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
         assert report["split"]["seed"] == seed and report["model"]["trained_on"] is None
 
 
+def test_evaluate_model_of_a_run_with_unreadable_settings_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """A run's config.json that cannot be read was refused with simulate's advice ("pass
+    another --name to start a fresh run"), which `evaluate model` has no use for."""
+    model = tmp_path / "run" / "models" / "model-v1.int8.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"not read: the settings are refused first")
+    for settings in ("{not json", "[]"):
+        (tmp_path / "run" / "config.json").write_text(settings)
+        refused = runner.invoke(app, ["evaluate", "model", str(model)])
+        assert isinstance(refused.exception, ConfigError)
+        message = str(refused.exception)
+        assert "--name" not in message, message
+        assert "copy the model out of the run's models/ folder" in message
+
+
 def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) -> None:
     """The synthetic catalog is the same whatever its seed, so a model trained on seed 5's
     world passed the catalog check under the default --seed 42 and was scored on another
