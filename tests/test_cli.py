@@ -698,6 +698,33 @@ def test_evaluate_model_of_a_run_with_unreadable_settings_says_what_to_do(
         assert "copy the model out of the run's models/ folder" in message
 
 
+def test_evaluate_model_of_a_run_whose_data_folder_moved_asks_for_data_dir(
+    tmp_path: Path,
+) -> None:
+    """The loader's advice for a folder that is gone ("or omit it to download the dataset")
+    was wrong for a run's model: leaving --data-dir out reads the run's recorded folder."""
+    from shared.compression.artifact import publish_student
+    from shared.config import to_flat
+    from shared.errors import DatasetNotFoundError
+    from simulation.config import SimulationConfig
+
+    gone = tmp_path / "moved-away"
+    config = SimulationConfig(dataset="ml-100k", data_dir=str(gone), backend="inprocess")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"simulation": to_flat(config)}))
+    model = run / "models" / "model-v2.int8.onnx"
+    publish_student(_untrained_student(30), [str(i) for i in range(30)], model, version="2")
+    refused = runner.invoke(app, ["evaluate", "model", str(model)])
+    assert isinstance(refused.exception, DatasetNotFoundError)
+    said = str(refused.exception)
+    assert str(gone) in said and "pass --data-dir PATH to a copy of ml-100k" in said
+    assert "omit it" not in said
+    elsewhere = runner.invoke(app, ["evaluate", "model", str(model), "--data-dir", str(gone)])
+    assert isinstance(elsewhere.exception, DatasetNotFoundError)  # the loader's own words
+    assert "does not exist" in str(elsewhere.exception)
+
+
 def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) -> None:
     """The synthetic catalog is the same whatever its seed, so a model trained on seed 5's
     world passed the catalog check under the default --seed 42 and was scored on another

@@ -25,7 +25,7 @@ from fedrec.options import (
 )
 from shared.config import from_flat, parse_run_config
 from shared.data.registry import dataset_key, load_dataset
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DatasetNotFoundError
 from shared.eval.baseline_benchmark import (
     BaselineConfig,
     EmbeddingFn,
@@ -164,7 +164,16 @@ def model(
     meta = scorer.metadata
     recorded = meta.trained_on if run is None else None
     if run is not None:
-        ds = load_run_dataset(run)
+        try:
+            ds = load_run_dataset(run)
+        except DatasetNotFoundError as exc:
+            if data_dir is not None or not run.data_dir:
+                raise
+            # leaving --data-dir out, as the loader's advice would have it, reads that folder
+            raise DatasetNotFoundError(
+                f"{path} {source} on {run.dataset} read from {run.data_dir} (its config.json), "
+                f"which no longer holds it; pass --data-dir PATH to a copy of {run.dataset}"
+            ) from exc
         split_cfg = run.split_config()
     else:
         if recorded is not None:  # a published model that says what it was pretrained on
