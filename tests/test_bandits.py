@@ -731,6 +731,21 @@ def test_replay_on_ml100k(ml100k_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- CLI
+def test_ml100k_is_found_in_data_dir_or_its_ml100k_folder(tmp_path: Path) -> None:
+    """--data-dir naming the folder above ml-100k/ was refused by bandits alone: every other
+    command (data info, evaluate, simulate) reads DIR or DIR/ml-100k."""
+    from fedrec.commands.bandits import _check_common
+
+    copy = tmp_path / "datasets" / "ml-100k"
+    copy.mkdir(parents=True)
+    (copy / "u.data").write_text("1\t1\t5\t1\n")
+    out = tmp_path / "out"
+    for folder in (copy, copy.parent):
+        assert _check_common("ml-100k", "table", out, None, folder) == copy
+    with pytest.raises(ConfigError, match="nor does its ml-100k/"):
+        _check_common("ml-100k", "table", out, None, tmp_path)
+
+
 def test_cli_refuses_bad_options(tmp_path: Path) -> None:
     from fedrec.commands.bandits import app
 

@@ -618,19 +618,22 @@ def _check_common(
 ) -> Path | None:
     """What can be refused before the run: the world, its data, the format, the user count
     and an output folder that cannot be written (which would fail only after the run).
-    Returns the MovieLens 100K folder for ``--world ml-100k``: ``data_dir``, or the
-    dataset cache (downloaded when missing)."""
+    Returns the MovieLens 100K folder for ``--world ml-100k``: ``data_dir`` (or its
+    ``ml-100k/``), or the dataset cache (downloaded when missing)."""
     if world not in WORLDS:
         raise ConfigError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
     folder = None
     if world == "ml-100k" and data_dir is not None:
-        if not (data_dir / "u.data").is_file():
+        # the folder itself or its ml-100k/, as every other command reads --data-dir
+        folder = next(
+            (d for d in (data_dir, data_dir / "ml-100k") if (d / "u.data").is_file()), None
+        )
+        if folder is None:
             raise ConfigError(
                 f"--world ml-100k reads MovieLens 100K from --data-dir, and {data_dir} holds "
-                "no u.data; point --data-dir at your copy (the folder with u.data and u.item), "
-                "or leave it out to use the dataset cache"
+                "no u.data (nor does its ml-100k/); point --data-dir at your copy (the folder "
+                "with u.data and u.item), or leave it out to use the dataset cache"
             )
-        folder = data_dir
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if users is not None and users < 1:
