@@ -53,7 +53,7 @@ from shared.text.encoder import encode_items
 from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
-from simulation.run_dir import NEW_RUN_FIX, RunDirectory
+from simulation.run_dir import NEW_RUN_FIX, RunDirectory, RunDirectoryInUse
 
 if TYPE_CHECKING:  # the int8 export (onnx): imported when a model is published
     from shared.compression.artifact import ArtifactReport
@@ -102,7 +102,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
 
     Ctrl-C raises :class:`RunInterrupted`, naming the run directory to resume from."""
     started = time.perf_counter()
-    run = RunDirectory(_run_root(config))
+    run = _open_run(config)
     try:
         defaults = to_flat(SimulationConfig())
         # a run written before names were made canonical may have stored 'ML-100K'
@@ -367,6 +367,20 @@ def _run_root(config: SimulationConfig) -> Path:
         n += 1
         root = base.with_name(f"{base.name}-{n}")
     return root
+
+
+def _open_run(config: SimulationConfig) -> RunDirectory:
+    """Claim the run directory: ``run-dir/name``, refused while another run holds it; without
+    a name, the first ``dataset-time`` folder (:func:`_run_root`) that no other run holds.
+    Runs started together (a sweep launched with ``&``) all found the same folder free, and
+    all but one were refused as "in use by another run" for a name they had not given."""
+    if config.name:
+        return RunDirectory(_run_root(config))
+    while True:
+        try:
+            return RunDirectory(_run_root(config))
+        except RunDirectoryInUse:
+            continue  # taken since _run_root looked: it exists now, so the next is tried
 
 
 def _check_population(config: SimulationConfig, split: ProtocolSplit) -> None:

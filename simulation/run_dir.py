@@ -58,6 +58,10 @@ _RUN_ENTRIES = (
 """What a run writes at the top of its folder before any progress (clients/ is progress)."""
 
 
+class RunDirectoryInUse(ConfigError):
+    """The run directory is held by another run (its lock, :data:`LOCK_FILE`)."""
+
+
 def has_progress(root: Path) -> bool:
     """Whether the run directory ``root`` holds something a rerun resumes from: a
     checkpoint, or a virtual device's state (its privacy ledger). Reads only, so it also
@@ -84,7 +88,7 @@ class RunDirectory:
             )
         self._lock = try_lock(self.root / LOCK_FILE)
         if self._lock is None:
-            raise ConfigError(
+            raise RunDirectoryInUse(
                 f"{self.root} is in use by another run (pid "
                 f"{lock_holder(self.root / LOCK_FILE)}); two runs in one folder would mix "
                 "their metrics, checkpoints and ledgers. Wait for it to end, or pass another "

@@ -231,6 +231,36 @@ def test_default_run_names_started_in_one_second_do_not_collide(
     assert pipeline._run_root(SimulationConfig(run_dir=str(tmp_path), name="x")).name == "x"
 
 
+def test_unnamed_runs_started_together_each_get_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three `fedrec simulate` started with `&` in one second all found the `dataset-time`
+    folder free; the one that lost the race for its lock was refused as "in use by another
+    run ... pass another --name", for a name it never gave. It takes the next folder."""
+    from simulation import pipeline
+    from simulation.config import SimulationConfig
+
+    monkeypatch.setattr(pipeline.time, "strftime", lambda fmt: "synthetic-20261129-120000")
+    config = SimulationConfig(run_dir=str(tmp_path))
+    taken = RunDirectory(pipeline._run_root(config))  # the other run, started together
+    looked = iter([taken.root])  # what this run's _run_root saw before the other took it
+    real_root = pipeline._run_root
+    monkeypatch.setattr(pipeline, "_run_root", lambda c: next(looked, None) or real_root(c))
+    monkeypatch.setattr(pipeline, "_run_stages", lambda c, run, *rest: {"root": run.root})
+    try:
+        summary = pipeline.run_pipeline(config)
+    finally:
+        taken.close()
+    assert summary["root"].name == "synthetic-20261129-120000-2"
+    named = SimulationConfig(run_dir=str(tmp_path), name=taken.root.name)
+    holder = RunDirectory(taken.root)  # a run given a name still waits for its folder
+    try:
+        with pytest.raises(ConfigError, match="in use by another run"):
+            pipeline.run_pipeline(named)
+    finally:
+        holder.close()
+
+
 def test_a_data_dir_spelled_otherwise_resumes_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
