@@ -156,6 +156,14 @@ class RunDirectory:
         """
         stored = self.stored_config()
         previous = (stored or {}).get(section)
+        if not isinstance(previous, dict) and self.has_progress():
+            raise ConfigError(
+                f"{self.root} holds a run's checkpoints or its devices' privacy ledgers but "
+                f"not the settings they were trained with ({CONFIG_FILE} is missing or has no "
+                f"'{section}' settings): resuming them under other settings would mix two runs. "
+                f"Put its {CONFIG_FILE} back to resume it, or pass another --name to start a "
+                "fresh run"
+            )
         if isinstance(previous, dict) and self.has_progress():
             before = {**{k: v for k, v in (defaults or {}).items() if k in settings}, **previous}
             for key, spell in (canonical or {}).items():

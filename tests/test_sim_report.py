@@ -60,6 +60,22 @@ def test_a_run_directory_resumes_only_under_the_settings_it_was_trained_with(
     assert stored is not None and stored["simulation"]["seed"] == 42  # the refusal kept it
 
 
+@pytest.mark.parametrize("config", [None, "{}", '{"simulation": [1]}'])
+def test_a_run_with_progress_but_no_recorded_settings_is_not_resumed(
+    tmp_path: Path, config: str | None
+) -> None:
+    """With its config.json gone (or without its settings), a run directory's checkpoints
+    and ledgers were resumed under whatever settings the rerun gave (another seed, no DP):
+    nothing was left to compare them with. It is refused, saying why."""
+    run = RunDirectory(tmp_path / "run")
+    (run.checkpoints / "round-00000001.npz").write_bytes(b"x")
+    if config is not None:
+        (run.root / "config.json").write_text(config)
+    with pytest.raises(ConfigError, match="not the settings they were trained with"):
+        run.claim("simulation", {"seed": 7, "dp": False}, may_change={"rounds"})
+    assert (run.root / "config.json").exists() == (config is not None)  # left as it was
+
+
 def test_a_setting_an_older_run_did_not_record_is_compared_with_its_default(
     tmp_path: Path,
 ) -> None:
