@@ -469,7 +469,8 @@ def test_ctrl_c_during_the_federation_exits_at_once_and_the_run_resumes(tmp_path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-2000:]
-    assert f"rerun with --name tiny (and --run-dir {tmp_path}) to resume" in err
+    assert "rerun the same command (its options and --run-config" in err
+    assert f"with --name tiny (and --run-dir {tmp_path}) to resume" in err
     # the hint is the last word: the engine's threads, whose actors the interrupt stopped,
     # log nothing after it (no tracebacks, no errors)
     assert len(err[err.index("interrupted: ") :].strip().splitlines()) == 1, err[-3000:]
@@ -637,7 +638,8 @@ def test_sigterm_stops_a_ray_run_like_ctrl_c(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err[-2000:]
-    assert f"rerun with --name t (and --run-dir {tmp_path}) to resume" in err
+    assert "rerun the same command (its options and --run-config" in err
+    assert f"with --name t (and --run-dir {tmp_path}) to resume" in err
     _assert_group_ends(proc.pid)
 
 

@@ -258,7 +258,8 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
     if stop.resumable:
         message = (
             f"interrupted: {stop.root} keeps what the run did (the checkpoint of every "
-            f"finished round, the privacy ledgers); rerun with --name "
+            f"finished round, the privacy ledgers); rerun the same command (its options and "
+            f"--run-config: the run continues only with its own settings) with --name "
             f"{shlex.quote(stop.root.name)} (and --run-dir {shlex.quote(str(stop.root.parent))})"
             " to resume"
         )
