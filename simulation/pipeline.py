@@ -247,7 +247,8 @@ def _run_stages(
             if config.user_dp
             else {}
         ),
-        "pretraining seconds": round(pre.seconds, 1),
+        # every process's: a resumed one mostly loads the cache (0 s), which is not the run's
+        "pretraining seconds": round(earlier.pretraining + pre.seconds, 1),
         "pretraining cached": pre.cached,
         "teacher order": pre.teacher.fitted_order,
         "teacher members": pre.teacher.config.members,
@@ -596,6 +597,7 @@ class _EarlierProcesses:
     """What the processes before this one spent on a resumed run directory."""
 
     processes: int
+    pretraining: float
     federation: float
     total: float
 
@@ -629,6 +631,7 @@ def _earlier_processes(run: RunDirectory) -> _EarlierProcesses:
     earlier = [(p, elapsed or rounds, e) for p, elapsed, rounds, e in segments[:-1]]
     return _EarlierProcesses(
         processes=len(earlier),
+        pretraining=sum(p for p, _, _ in earlier),
         federation=sum(f for _, f, _ in earlier),
         total=sum(p + f + e for p, f, e in earlier),
     )

@@ -945,7 +945,8 @@ def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
 ) -> None:
     """A run directory an older version interrupted has rounds without elapsed_seconds: its
     federation time is the sum of their round_seconds, not 0. A finished process's
-    evaluation counts too (a rerun's total seconds used to shrink by it)."""
+    evaluation counts too (a rerun's total seconds used to shrink by it), and so does every
+    process's pretraining (a resumed run's report gave only its own cache load, 0 s)."""
     from simulation.pipeline import _earlier_processes
     from simulation.run_dir import RunDirectory
 
@@ -959,6 +960,7 @@ def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
     run.log("pretrain", 0, seconds=0.5)  # this process
     earlier = _earlier_processes(run)
     assert (earlier.processes, earlier.federation) == (2, 5.0 + 9.0)
+    assert earlier.pretraining == 5.0 + 1.0  # this process's own 0.5 is not earlier
     assert earlier.total == pytest.approx(5.0 + 5.0 + 1.0 + 9.0 + 6.0)
     run.close()
 
