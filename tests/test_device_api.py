@@ -1493,6 +1493,21 @@ def test_a_running_supernode_the_server_does_not_answer_shows_a_notice() -> None
     assert supernode_notice(["WARNING : Connection attempt failed, retrying..."], 120.0) is None
 
 
+def test_a_retry_whose_packets_are_dropped_keeps_its_notice_until_flower_gives_up() -> None:
+    """Flower's Fleet HTTP client gives an attempt 30 s (httpx's connect and read timeout)
+    before it fails and the next notice is logged: with a grace of exactly 30 s past the
+    announced wait, /status showed no notice at the end of every such attempt although the
+    server never answered. A success ends the notice by a line of its own."""
+    from client.device.supernode import supernode_notice
+
+    retry = "WARNING :   Connection attempt failed, retrying in 4.00 seconds"
+    # the attempt announced at 4 s has been waiting on a dropped connection for 30.5 s
+    assert supernode_notice([retry], 4.0 + 30.5) is not None
+    assert supernode_notice([retry], 4.0 + 45.0) is not None
+    success = "INFO :      Connection successful after 38.21 seconds and 3 tries."
+    assert supernode_notice([retry, success], 1.0) is None
+
+
 def test_status_shows_the_notice_of_a_running_process_and_clears_it_on_exit(
     tmp_path: Path,
 ) -> None:

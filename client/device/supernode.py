@@ -264,9 +264,13 @@ def explain_supernode_error(line: str) -> str | None:
 _RETRY_WAIT = re.compile(r"retrying in ([0-9]+(?:\.[0-9]+)?) seconds")
 
 #: Seconds past a retry notice's announced wait after which the attempt it announced is taken
-#: to have succeeded: a failed one logs the next notice once its connection attempt fails
-#: (at once when refused; a silently dropped one takes longer).
-_RETRY_GRACE_S = 30.0
+#: to have succeeded: a failed one logs the next notice once its connection attempt fails,
+#: at once when refused, but only when Flower's HTTP client gives up (30 s: its connect and
+#: read timeouts) when the server's packets are dropped, so the grace must be longer than
+#: that. A success is logged ("Connection successful after ..."), which ends the notice
+#: at once; the grace only bounds a notice whose success went unlogged (a higher
+#: FLWR_LOG_LEVEL).
+_RETRY_GRACE_S = 60.0
 
 
 def supernode_notice(lines: Sequence[str], quiet_s: float) -> str | None:
@@ -275,14 +279,14 @@ def supernode_notice(lines: Sequence[str], quiet_s: float) -> str | None:
     answer, while its last line is Flower's "Connection attempt failed, retrying in T
     seconds" and the log has been quiet for less than T (plus a grace): the retry it
     announced has not happened, or failed and is being announced again. A SuperNode that got
-    through logs nothing more until a message comes, so a notice older than that is read as
-    a success; one without a wait (an older Flower's "retrying...") counts while the log is
-    quiet for under a minute."""
+    through logs "Connection successful after ...", which ends the notice; one older than
+    its wait plus the grace is read as a success too. One without a wait (an older Flower's
+    "retrying...") counts while the log is quiet for under the grace (a minute)."""
     last = next((line for line in reversed(lines) if line), None)
     if last is None or _RETRY_NOTICE not in last:
         return None
     wait = _RETRY_WAIT.search(last)
-    if quiet_s > (float(wait.group(1)) if wait else 60.0) + _RETRY_GRACE_S:
+    if quiet_s > (float(wait.group(1)) if wait else 0.0) + _RETRY_GRACE_S:
         return None
     return f"{last[:300]} ({explain_supernode_error(last)})"
 
