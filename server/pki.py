@@ -96,6 +96,13 @@ def dns_name_problem(host: str) -> str | None:
     return None
 
 
+def dns_name_key(host: str) -> str:
+    """``host`` as TLS compares DNS names: case-insensitive, and a final dot (the root) is
+    not part of the name (``Fedrec.Example.org.`` is ``fedrec.example.org``). Certificates
+    carry this form, so a name given either way is found in them."""
+    return (host[:-1] if host.endswith(".") else host).lower()
+
+
 @dataclass(frozen=True)
 class SubjectNames:
     """The SANs of a server certificate: DNS names and IP addresses."""
@@ -127,9 +134,16 @@ class SubjectNames:
                         f"{_DNS_NAME_RULE}; give the names devices use to reach the server "
                         "(e.g. --host fedrec.example.org --host 10.0.0.5)"
                     ) from None
-                if host not in dns:
-                    dns.append(host)
+                name = dns_name_key(host)  # as TLS compares names
+                if name not in dns:
+                    dns.append(name)
             else:
+                if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+                    bare = ipaddress.IPv6Address(str(ip).split("%", 1)[0])
+                    raise ConfigError(
+                        f"--host {raw!r} names a network interface (%{ip.scope_id}), which a "
+                        f"certificate cannot carry; give the address alone (--host {bare})"
+                    )
                 if ip.is_unspecified or ip.is_multicast:  # no device connects to these
                     what = "listen-on-all" if ip.is_unspecified else "multicast"
                     raise ConfigError(

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.pki import SubjectNames, check_pki, server_names
+from server.pki import SubjectNames, check_pki, dns_name_key, server_names
 from server.state import (
     ClientRegistry,
     ServerLayout,
@@ -497,8 +497,9 @@ def control_host(layout: ServerLayout, listen_host: str) -> str:
     names = server_names(layout.pki)
     loopback = _WILDCARD_LOOPBACK.get(listen_host)
     if loopback is None:
-        SubjectNames.parse([listen_host])  # junk is refused as junk, not as a missing SAN
-        if listen_host not in names:
+        # junk is refused as junk, not as a missing SAN; names compare as TLS does
+        asked = SubjectNames.parse([listen_host])
+        if not set(asked.dns) | set(map(str, asked.ips)) <= set(map(dns_name_key, names)):
             raise ConfigError(
                 f"--host {listen_host} is not in the server certificate ({', '.join(names)}); "
                 f"listen on one of those, or add it with `fedrec server renew-cert --host "
