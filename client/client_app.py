@@ -47,7 +47,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from server.secagg import secaggplus_when_requested_mod, under_secagg
-from shared.config import coerce
+from shared.config import coerce, is_int
 from shared.errors import ConfigError, DataError
 from shared.federated.task import (
     CONFIG_RUN_ID,
@@ -205,7 +205,7 @@ def _number(value: object) -> float | None:
 def client_id_of(context: Context) -> int:
     """The task-level client id: ``partition-id`` from the node config, else node id."""
     partition = context.node_config.get("partition-id")
-    if isinstance(partition, int) and not isinstance(partition, bool):
+    if is_int(partition):
         return partition
     if isinstance(partition, str) and partition.strip().lstrip("-").isdigit():
         return int(partition)

@@ -10,6 +10,7 @@ import click
 import typer
 
 from fedrec.commands import bandits, client, data, evaluate, server, simulate
+from shared.config import is_int
 from shared.errors import FedRecError
 
 app = typer.Typer(
@@ -78,7 +79,7 @@ def main() -> None:
         sys.exit(err.exit_code)
     # without standalone mode Click *returns* a typer.Exit's status instead of exiting with
     # it: `server start` and `client start` exited 0 after a failed run or a signal
-    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+    if is_int(code) and code != 0:
         sys.exit(code)
 
 

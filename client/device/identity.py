@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.io import is_locked, write_bytes_atomic
 from shared.processes import pid_alive
@@ -326,7 +327,7 @@ def _flock_exclusive(fd: int) -> None:
 def _holder_alive(holder: dict[str, Any]) -> bool:
     """Whether the process a lock file names (its ``pid``) is running (``False``: none named)."""
     pid = holder.get("pid")
-    return isinstance(pid, int) and not isinstance(pid, bool) and pid_alive(pid)
+    return is_int(pid) and pid_alive(pid)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

@@ -52,6 +52,7 @@ import numpy.typing as npt
 from client.device.daemon import StaleModelError
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
 from client.device.sealed import PERSONAL_SUFFIX, Catalog
+from shared.config import is_int
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
 from shared.io import exclusive_lock, write_bytes_atomic, write_json_atomic
@@ -336,7 +337,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> None:
             fit = PersonalFit.of(self.train_config)
             run = config.get(CONFIG_RUN_ID)
-            run_id = run if isinstance(run, int) and not isinstance(run, bool) else None
+            run_id = run if is_int(run) else None
             self.files.write_global(
                 version,
                 parameters,

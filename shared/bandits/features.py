@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import is_int
 from shared.errors import ConfigError, DataError
 from shared.models.item_factors import cooccurrence_factors, unit_mean_square
 
@@ -105,9 +106,9 @@ def model_features(
     Cost: ``max_probes`` scoring rows plus one SVD of a ``max_probes x n_items`` matrix
     (about a second for 1,682 items on one core); compute once per model version.
     """
-    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 1:
+    if not is_int(n_items) or n_items < 1:
         raise ConfigError(f"n_items must be a positive integer, got {n_items!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+    if not is_int(dim) or dim < 0:
         raise ConfigError(f"feature_dim must be an integer >= 0, got {dim!r}")
     n_probes = min(n_items, max_probes)
     # a doubly centred n_probes x n_items matrix has at most n_probes - 1 factors: a catalog

@@ -50,6 +50,7 @@ import numpy.typing as npt
 from shared.bandits.diversity import item_popularity, normalize_rows, top_k
 from shared.bandits.features import FEATURE_SOURCES, item_features, mf_features
 from shared.bandits.policies import BanditConfig, make_policy
+from shared.config import is_int
 from shared.data.dataset import RecDataset
 from shared.data.synthetic import SyntheticConfig, SyntheticWorld, generate_world
 from shared.errors import ConfigError
@@ -144,7 +145,7 @@ _FLAGS = {"n_users": "--users", "steps": "--steps", "seed": "--seed", "world_see
 
 
 def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         key = _FLAGS.get(name, name.replace("_", "-"))
         raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
 

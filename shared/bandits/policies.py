@@ -391,7 +391,7 @@ class LinearPosterior:
             raise ModelFileError("bandit posterior state holds NaN or infinite values")
         if not math.isfinite(precision) or precision <= 0:
             raise ModelFileError(f"bandit prior precision must be > 0, got {precision}")
-        if isinstance(n_updates, bool) or not isinstance(n_updates, int) or n_updates < 0:
+        if not _is_count(n_updates):
             raise ModelFileError(f"bandit n_updates must be an integer >= 0, got {n_updates!r}")
         if not np.allclose(a, a.T, rtol=1e-10, atol=1e-10 * max(1.0, float(np.abs(a).max()))):
             raise ModelFileError("bandit posterior matrix A is not symmetric")
@@ -755,8 +755,7 @@ class Policy(ABC):
             )
         counts = state.get("feedback_counts")
         if not isinstance(counts, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in counts.items()
+            isinstance(k, str) and _is_count(v) for k, v in counts.items()
         ):
             raise ModelFileError("bandit feedback_counts must map names to integers >= 0")
         entries: dict[int, object]

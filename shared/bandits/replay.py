@@ -51,6 +51,7 @@ from shared.bandits.diversity import (
 from shared.bandits.features import item_features
 from shared.bandits.harness import Arm, EmbedFn, fit_base_model
 from shared.bandits.policies import make_policy
+from shared.config import is_int
 from shared.data.cleaning import read_numeric_table
 from shared.data.dataset import RecDataset
 from shared.data.movielens import ML100K_RATING_COLUMNS
@@ -99,7 +100,7 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         for name, low in (("seed", 0), ("window", 1), ("min_history", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise ConfigError(f"replay.{name} must be an integer >= {low}, got {value!r}")
         if not math.isfinite(self.like_threshold):
             raise ConfigError(f"replay.like_threshold must be finite, got {self.like_threshold}")

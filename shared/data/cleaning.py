@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import is_int
 from shared.data.dataset import IntArray, RecDataset, build_dataset
 from shared.errors import ConfigError, DataError, DatasetNotFoundError
 
@@ -193,7 +194,7 @@ def require_file(path: Path, dataset: str) -> Path:
 
 def check_min_user_interactions(value: int) -> int:
     """Validate the short-user threshold (an integer >= 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"min-user-interactions must be an integer >= 1, got {value!r}")
     return value
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from shared.config import is_int
 from shared.errors import ConfigError
 
 
@@ -35,13 +36,11 @@ class DataProvenance:
     def __post_init__(self) -> None:
         if not self.dataset or any(c in self.dataset for c in "\n\r"):
             raise ConfigError(f"dataset must be a non-empty one-line key, got {self.dataset!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         for size in ("synthetic_users", "synthetic_items"):
             value = getattr(self, size)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{size} must be a positive integer, got {value!r}")
         for name in ("cold_user_fraction", "public_fraction"):
             value = getattr(self, name)

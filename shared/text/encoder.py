@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import is_int
 from shared.errors import ConfigError, DataError
 from shared.io import CACHE_ROOT_ENV, cache_root, remove_stale_temps
 
@@ -236,11 +237,11 @@ class EncoderConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+        if not is_int(self.batch_size):
             raise ConfigError(f"batch_size must be an int, got {self.batch_size!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
+        if not is_int(self.max_length):
             raise ConfigError(f"max_length must be an int, got {self.max_length!r}")
         if not 2 <= self.max_length <= 8192:
             raise ConfigError(
