@@ -80,7 +80,7 @@ def dns_name_problem(host: str) -> str | None:
     form; a wildcard is not a name a device connects to."""
     if not host.isascii():
         return "it has characters outside ASCII (give an international name as xn--...)"
-    name = host[:-1] if host.endswith(".") else host
+    name = host.removesuffix(".")
     if len(name) > 253:
         return f"it is {len(name)} characters long"
     for label in name.split("."):
@@ -100,7 +100,7 @@ def dns_name_key(host: str) -> str:
     """``host`` as TLS compares DNS names: case-insensitive, and a final dot (the root) is
     not part of the name (``Fedrec.Example.org.`` is ``fedrec.example.org``). Certificates
     carry this form, so a name given either way is found in them."""
-    return (host[:-1] if host.endswith(".") else host).lower()
+    return host.removesuffix(".").lower()
 
 
 @dataclass(frozen=True)

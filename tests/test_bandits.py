@@ -739,6 +739,7 @@ def test_ml100k_is_found_in_data_dir_or_its_ml100k_folder(tmp_path: Path) -> Non
     copy = tmp_path / "datasets" / "ml-100k"
     copy.mkdir(parents=True)
     (copy / "u.data").write_text("1\t1\t5\t1\n")
+    (copy / "u.item").write_text("1|Toy Story (1995)|01-Jan-1995||url|0|0|0\n")
     out = tmp_path / "out"
     for folder in (copy, copy.parent):
         assert _check_common("ml-100k", "table", out, None, folder) == copy

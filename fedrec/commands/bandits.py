@@ -33,7 +33,7 @@ from shared.bandits.harness import (
 )
 from shared.bandits.policies import BanditConfig
 from shared.config import field_names, from_flat, parse_run_config
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.io import (
     REPORT_MODE,
     check_file_name,
@@ -622,26 +622,24 @@ def _check_common(
     ``ml-100k/``), or the dataset cache (downloaded when missing)."""
     if world not in WORLDS:
         raise ConfigError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
+    from shared.data.registry import dataset_dir
+
     folder = None
     if world == "ml-100k" and data_dir is not None:
-        # the folder itself or its ml-100k/, as every other command reads --data-dir
-        folder = next(
-            (d for d in (data_dir, data_dir / "ml-100k") if (d / "u.data").is_file()), None
-        )
-        if folder is None:
+        try:  # the folder itself or its ml-100k/, as every command reads --data-dir
+            folder = dataset_dir("ml-100k", data_dir, download=False)
+        except DataError:
             raise ConfigError(
                 f"--world ml-100k reads MovieLens 100K from --data-dir, and {data_dir} holds "
-                "no u.data (nor does its ml-100k/); point --data-dir at your copy (the folder "
-                "with u.data and u.item), or leave it out to use the dataset cache"
-            )
+                "no u.data and u.item (nor does its ml-100k/); point --data-dir at your copy "
+                "(the folder with u.data and u.item), or leave it out to use the dataset cache"
+            ) from None
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if users is not None and users < 1:
         raise ConfigError(f"--users must be >= 1, got {users}")
     check_output_dir(output_dir)
     if world == "ml-100k" and folder is None:
-        from shared.data.registry import dataset_dir
-
         folder = dataset_dir("ml-100k")  # the cache, or a checked download (clear offline)
     return folder
 
