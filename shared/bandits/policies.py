@@ -57,6 +57,7 @@ import numpy.typing as npt
 import scipy.linalg
 
 from shared.bandits.diversity import mmr_select, top_k
+from shared.config import is_int
 from shared.errors import ConfigError, DataError, ModelFileError
 
 __all__ = [
@@ -92,7 +93,7 @@ _SCORE_CLIP = 3.0
 
 def _is_count(value: object) -> TypeGuard[int]:
     """A non-negative int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _is_number(value: object) -> bool:
