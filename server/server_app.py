@@ -58,7 +58,7 @@ from server.grid import ResponsiveGrid
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
-from shared.config import coerce
+from shared.config import check_rounds, coerce
 from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import check_noise_shares
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
@@ -170,7 +170,7 @@ class ServerConfig:
                 raise ConfigError(f"'{key}' must be {what}, got {value!r}")
 
         require(bool(self.task), "task", "a non-empty task name", self.task)
-        require(self.num_rounds >= 1, "num-rounds", ">= 1", self.num_rounds)
+        check_rounds(self.num_rounds, "'num-rounds'")
         require(self.cohort_size >= 0, "cohort-size", ">= 0", self.cohort_size)
         require(0 < self.cohort_fraction <= 1, "cohort-fraction", "in (0, 1]", self.cohort_fraction)
         require(self.min_cohort >= 1, "min-cohort", ">= 1", self.min_cohort)

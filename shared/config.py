@@ -145,6 +145,19 @@ def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_ROUNDS = 1_000_000
+"""The most federated rounds a run may ask for: far beyond any convergence (ml-100k converges
+in about 100), and small enough that round numbers, checkpoint names and Flower's 64-bit
+counters never overflow."""
+
+
+def check_rounds(rounds: int, key: str) -> None:
+    """Refuse a round count outside ``1 .. MAX_ROUNDS`` (a typo such as ``1e22``), naming the
+    setting ``key``."""
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise ConfigError(f"{key} must be between 1 and {MAX_ROUNDS:,}, got {rounds}")
+
+
 def coerce(value: Any, hint: Any, key: str) -> Any:
     """Coerce ``value`` to the type ``hint`` or raise a ConfigError naming ``key``.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from server.server_optimizer import ServerOptimizerSettings
-from shared.config import kebab, to_flat
+from shared.config import check_rounds, kebab, to_flat
 from shared.data.provenance import DataProvenance
 from shared.data.registry import check_no_data_dir, dataset_key
 from shared.errors import ConfigError
@@ -170,8 +170,7 @@ class SimulationConfig:
         return tuple(m for m in RECS_MODELS if m in wanted)
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        check_rounds(self.rounds, "rounds")
         if self.cohort_size < 1:
             raise ConfigError(f"cohort-size must be >= 1, got {self.cohort_size}")
         if self.eval_size < 0:

@@ -813,7 +813,8 @@ def test_every_run_setting_is_a_server_start_flag(
 @pytest.mark.parametrize(
     ("overrides", "rounds", "message"),
     [
-        ({}, 0, "'num-rounds' must be >= 1"),
+        ({}, 0, "'num-rounds' must be between 1 and 1,000,000, got 0"),
+        ({"num-rounds": 10**22}, 2, "'num-rounds' must be between 1 and 1,000,000"),
         ({"min-available-clients": 0}, 2, "'min-available-clients' must be >= 1"),
         # SecAgg+ (on by default here) could never unmask a round of 2 with threshold 3: the run
         # used to complete with every round failed ("Insufficient available nodes")

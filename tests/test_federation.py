@@ -298,7 +298,8 @@ def test_server_config_defaults_and_kebab_keys() -> None:
     ("run_config", "message"),
     [
         ({"num-rounds": "three"}, "num-rounds must be int, got 'three'"),
-        ({"num-rounds": 0}, "'num-rounds' must be >= 1"),
+        ({"num-rounds": 0}, "'num-rounds' must be between 1 and 1,000,000, got 0"),
+        ({"num-rounds": "1e22"}, "'num-rounds' must be between 1 and 1,000,000"),
         ({"num-rounds": 2.5}, "num-rounds must be int, got 2.5"),
         ({"secagg": 2}, "secagg must be true or false, got 2"),
         ({"cohort-fraction": 1.5}, r"'cohort-fraction' must be in \(0, 1\]"),

@@ -304,7 +304,7 @@ def test_every_setting_is_a_flag_listed_under_its_topic(
 def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--rounds", "0", "--run-dir", str(tmp_path)])
     assert result.exit_code != 0
-    assert "rounds must be >= 1" in str(result.exception or result.output)
+    assert "rounds must be between 1 and 1,000,000, got 0" in str(result.exception or result.output)
 
 
 @pytest.mark.parametrize(
@@ -317,6 +317,8 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         (["--data-dir", "/some/copy"], "add --dataset"),
         (["--run-config", "max-grad-norm=inf"], "max-grad-norm must be finite with DP on"),
         (["--run-config", "rounds=true"], "rounds must be int, got True"),
+        # a typo for 22 rounds, or an exponent: refused before anything is trained
+        (["--run-config", "rounds=1e22"], "rounds must be between 1 and 1,000,000"),
         (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
         (["--shots", "3", "--shots", "3"], "shots must be distinct, got (3, 3)"),
         (["--run-config", "shots=[]"], "shots must list at least one K"),

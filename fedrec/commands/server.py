@@ -21,7 +21,7 @@ from fedrec.options import (
 )
 from fedrec.server_settings import DEPLOYMENT_DEFAULTS, NOT_FLAGS, START_SETTINGS_HELP
 from server.server_app import ServerConfig
-from shared.config import parse_run_config
+from shared.config import MAX_ROUNDS, parse_run_config
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.student_config import StudentTaskConfig
 
@@ -213,7 +213,9 @@ def start(
             "devices run with the same file.",
         ),
     ] = None,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds in total.")] = 3,
+    rounds: Annotated[
+        int, typer.Option("--rounds", min=1, max=MAX_ROUNDS, help="Federated rounds in total.")
+    ] = 3,
     min_clients: Annotated[
         int,
         typer.Option(
