@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,16 +93,36 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
     fsync_dir(path.parent)
 
 
+class LockWaitCancelled(Exception):
+    """:func:`exclusive_lock` stopped waiting for the lock: its ``cancel`` event was set."""
+
+
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[None]:
+def exclusive_lock(
+    path: str | Path, *, cancel: threading.Event | None = None, poll_s: float = 0.05
+) -> Iterator[None]:
     """Hold an exclusive advisory lock (``flock``) on ``path`` (created, with its folder, if
     missing) for the block: serialises read-change-write of shared state between processes,
     and between threads that open it separately. Released when the block ends or the
-    process dies."""
+    process dies.
+
+    With ``cancel``, the wait for a lock another holder keeps (another process's whole
+    training round, say) is given up as soon as the event is set, checked every ``poll_s``
+    seconds, raising :class:`LockWaitCancelled`: a thread asked to stop must not stay
+    blocked until that holder is done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        if cancel is None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if cancel.wait(poll_s):
+                        raise LockWaitCancelled(f"gave up waiting for the lock {path}") from None
         try:
             yield
         finally:

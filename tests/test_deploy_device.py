@@ -871,3 +871,39 @@ def test_delete_data_serves_the_newest_global_model_at_once(device: Path, bundle
             for info in (daemon.models.read(v)[0] for v in daemon.models.versions())
         )
         learner.stop()
+
+
+def test_a_daemon_stops_at_once_while_the_client_app_holds_the_files_mid_fit(
+    device: Path, bundle: Path
+) -> None:
+    """The ClientApp holds ``federated/.lock`` for a whole fit (minutes) and writes the new
+    global model at its start, so the learner's refresh waits for that lock. Stopping the
+    daemon then waited for the fit too (the learner is stopped, with a 60 s join, before
+    the SuperNode and its ClientApp are), and a learner outliving that join went on with a
+    closed store."""
+    import threading
+
+    daemon = Daemon.open(device, config=DaemonConfig(port=0))
+    learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.0, poll_s=0.05))
+    learner.attach()
+    arrays = [a + 0.5 for a in get_global_arrays(learner.bundle.student)]
+    fitting, done = threading.Event(), threading.Event()
+
+    def client_app_fit() -> None:
+        with learner.files.lock():
+            learner.files.write_global(4, arrays)
+            fitting.set()
+            done.wait(30)
+
+    fit = threading.Thread(target=client_app_fit)
+    fit.start()
+    try:
+        assert fitting.wait(10)
+        time.sleep(0.5)  # the learner's tick saw model 4 and waits for the lock
+        started = time.monotonic()
+        daemon.shutdown()
+        assert time.monotonic() - started < 5.0
+        assert learner._thread is not None and not learner._thread.is_alive()
+    finally:
+        done.set()
+        fit.join()

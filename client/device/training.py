@@ -55,7 +55,7 @@ from client.device.sealed import PERSONAL_SUFFIX, Catalog
 from shared.config import is_int
 from shared.errors import ConfigError, DataError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
-from shared.io import exclusive_lock, write_bytes_atomic, write_json_atomic
+from shared.io import LockWaitCancelled, exclusive_lock, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from client.device.daemon import Daemon
@@ -121,9 +121,13 @@ class FederatedFiles:
     def lock_file(self) -> Path:
         return self.directory / ".lock"
 
-    def lock(self) -> contextlib.AbstractContextManager[None]:
-        """Advisory inter-process lock around read-modify-write of these files."""
-        return exclusive_lock(self.lock_file)
+    def lock(
+        self, cancel: threading.Event | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Advisory inter-process lock around read-modify-write of these files; the wait for
+        it ends with :class:`~shared.io.LockWaitCancelled` once ``cancel`` is set (the
+        ClientApp holds it for a whole fit)."""
+        return exclusive_lock(self.lock_file, cancel=cancel)
 
     def global_version(self) -> int | None:
         """Version of ``global.npz`` without loading the arrays (``None``: none yet)."""
@@ -632,6 +636,8 @@ class DeviceLearner:
             try:
                 self._tick()
                 failures = 0
+            except LockWaitCancelled:  # stopping: the ClientApp holds the files mid-fit
+                return
             except FedRecError as exc:
                 failures += 1
                 self.last_error = str(exc)
@@ -672,7 +678,9 @@ class DeviceLearner:
         # the student is held from the files lock (which the ClientApp holds for a whole fit)
         # to the export, so an erase waits for a build, never for a round
         with contextlib.ExitStack() as holding_student:
-            with self.files.lock():
+            # a stop (the daemon shutting down) ends the wait: the ClientApp holds this lock
+            # for a whole fit, and is only stopped once this thread is
+            with self.files.lock(cancel=self._stop):
                 holding_student.enter_context(self._student_lock)
                 # before the history is read: an erase from now on makes this refit stale
                 erasures = self.daemon.erasures
