@@ -555,6 +555,34 @@ def test_an_erase_whose_vacuum_fails_answers_204_and_drops_the_personal_model(
     assert daemon.store.scrub_pending  # compacted once there is room
 
 
+def test_an_erase_whose_reinstall_finds_the_disk_full_still_drops_the_personal_model(
+    device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sealing the global model again is the one write an erase makes after the store's
+    DELETE; a full disk there (an OSError, not a FedRecError) ended the erase with a 500,
+    the personal model still on disk and the erase callbacks not run a second time."""
+    import errno
+
+    daemon = device.daemon
+    assert device.client.post("/events", json={"events": [ev(ITEM[5])]}).status_code == 200
+    daemon.install_model(_int8(tmp_path, "round-7+personal"))
+    calls: list[str] = []
+    daemon.add_erase_callback(lambda: calls.append("erase"))
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", "model-v3.onnx.sealed")
+
+    monkeypatch.setattr(daemon.models, "install", disk_full)
+    assert device.client.delete("/data").status_code == 204
+    assert calls == ["erase", "erase"]
+    status = daemon.status()
+    assert status.events == 0 and status.model_version is None
+    assert status.model_error is not None and "No space left" in status.model_error
+    sealed = [daemon.models.read(v)[0].model_version for v in daemon.models.versions()]
+    assert not any(version.endswith("+personal") for version in sealed)
+    assert not daemon.layout.erase_pending.exists()
+
+
 def _damaged_device(tmp_path: Path, model: bytes, page: int) -> Path:
     """A device folder with a model, 3000 events and page ``page`` of its store overwritten."""
     from tests.test_device_store import _damage

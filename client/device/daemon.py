@@ -967,12 +967,12 @@ class Daemon:
                 self.reranker.reset()
                 self.reranker.on_model(None)
             kept = None
-            try:  # erasing must not fail on the reinstall
+            try:  # erasing must not fail on the reinstall (nor on a full disk sealing it)
                 if global_model is not None and self.catalog is not None:
                     kept = self.install_model(global_model, self.catalog).version
                 elif global_model is not None:  # kept, not served, until a catalog is back
                     kept = self._reseal_without_catalog(global_model)
-            except FedRecError as exc:
+            except (FedRecError, OSError) as exc:
                 self.model_error = f"the global model could not be reinstalled: {exc}"
             self.models.erase(keep=kept)  # the personal versions, once a global one serves
             self.layout.remove_personal_leftovers()
