@@ -583,6 +583,37 @@ def test_an_erase_whose_reinstall_finds_the_disk_full_still_drops_the_personal_m
     assert not daemon.layout.erase_pending.exists()
 
 
+def test_two_erases_at_once_each_run_under_the_marker_that_a_crash_finishes(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE /data retried while the first one still ran (an erase waits for a model
+    build) wrote the marker, then waited for the first erase, which removed it: the second
+    erase then ran without one, so a crash in it was never finished at the next start."""
+    daemon = device.daemon
+    erase_store = daemon.store.erase
+    marked: list[bool] = []
+    first_in, second_queued = threading.Event(), threading.Event()
+
+    def erase_store_slowly(*args: Any, **kwargs: Any) -> bool:
+        marked.append(daemon.layout.erase_pending.exists())
+        if not first_in.is_set():
+            first_in.set()
+            second_queued.wait(10)
+            time.sleep(0.2)  # the second erase, past its marker, waits for the first
+        return erase_store(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.store, "erase", erase_store_slowly)
+    first = threading.Thread(target=daemon.erase)
+    first.start()
+    assert first_in.wait(10)
+    second = threading.Thread(target=lambda: (second_queued.set(), daemon.erase()))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert marked == [True, True]
+    assert not daemon.layout.erase_pending.exists()
+
+
 def _damaged_device(tmp_path: Path, model: bytes, page: int) -> Path:
     """A device folder with a model, 3000 events and page ``page`` of its store overwritten."""
     from tests.test_device_store import _damage

@@ -487,6 +487,9 @@ class Daemon:
         # held across a whole recommendation, feedback batch or erase: an erase must not
         # interleave with a request that reads the history or writes the policy's state
         self._serve_lock = threading.RLock()
+        # held across a whole erase, marker to marker: an erase that started while another
+        # ran would otherwise find the marker removed by the first and run without one
+        self._erase_lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False
         self._server: uvicorn.Server | None = None
@@ -948,7 +951,12 @@ class Daemon:
         (:meth:`set_global_model_source`: the federated learner rebuilds it from the global
         parameters it kept, with no adapter), else it is the newest sealed model that is not
         personal. A marker file makes the erase all-or-nothing across a crash: the next open
-        finishes it."""
+        finishes it. Erases run one at a time (a retried ``DELETE /data`` waits for the
+        first), each from its own marker to its removal."""
+        with self._erase_lock:
+            self._erase()
+
+    def _erase(self) -> None:
         marker = self.layout.erase_pending
         write_bytes_atomic(marker, b"")
         self._run_erase_callbacks()  # derived personal data first: see add_erase_callback
