@@ -635,6 +635,35 @@ def test_an_unreadable_global_model_keeps_the_served_one_instead_of_the_bundles(
             np.testing.assert_array_equal(served, own)
 
 
+@pytest.mark.parametrize("keep", [0, 10, 0.5], ids=["empty", "10 bytes", "half"])
+def test_a_truncated_global_model_is_replaced_by_the_next_one_and_blocks_no_start(
+    device: Path, bundle: Path, keep: float
+) -> None:
+    """A truncated global.npz raised zipfile.BadZipFile (an empty one EOFError), which the
+    reader did not take for an unreadable file: the ClientApp, which reads the kept version
+    before replacing it, failed every round (so nothing ever replaced it), and the daemon
+    with a learner no longer started."""
+    files = FederatedFiles(device)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        pretrained = get_global_arrays(learner.bundle.student)
+        files.write_global(4, [a + 0.5 for a in pretrained])
+        learner.refresh(adapt=False)
+    data = files.global_params.read_bytes()
+    files.global_params.write_bytes(data[: int(keep * len(data)) if keep < 1 else int(keep)])
+    assert files.read_global() is None and files.global_version() is None
+    with pytest.raises(DataError, match="unreadable"):
+        files.read_global(strict=True)
+    with Daemon.open(device) as daemon:  # the daemon starts, serving what it served
+        DeviceLearner(daemon, bundle).prepare()
+        assert daemon.status().model_version == "4"
+    # the ClientApp keeps the next global model over it
+    assert files.write_global(5, pretrained)
+    received = files.read_global()
+    assert received is not None and received.version == 5
+
+
 def test_learner_refuses_a_kept_global_model_of_another_architecture(
     device: Path, bundle: Path, tmp_path: Path
 ) -> None:

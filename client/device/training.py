@@ -41,6 +41,7 @@ import logging
 import math
 import threading
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -156,7 +157,8 @@ class FederatedFiles:
                 prune = float(data["prune_sparsity"]) if "prune_sparsity" in data else 0.0
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError) as exc:
+        # a truncated file is a BadZipFile, an empty one an EOFError: unreadable too
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             if strict:
                 raise DataError(
                     f"the global model file {self.global_params} is unreadable ({exc}); the "
