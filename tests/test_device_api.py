@@ -1078,6 +1078,32 @@ def test_a_damaged_or_missing_catalog_keeps_the_api_up_and_names_the_repair(
         restored.shutdown()
 
 
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00\x01", None], ids=["bad bytes", "a folder"])
+def test_an_unreadable_current_pointer_keeps_the_api_up(
+    tmp_path: Path, int8_model: bytes, pointer: bytes | None
+) -> None:
+    """models/current holding bytes that are not UTF-8 (a bad sector) raised
+    UnicodeDecodeError out of Daemon.open, where any other bad pointer is a model error the
+    API reports while erase and reinstall still work."""
+    dev = Device(tmp_path / "device", int8_model, CATALOG, exploration=GREEDY)
+    dev.daemon.shutdown()
+    current = dev.daemon.layout.models_dir / "current"
+    current.unlink()
+    if pointer is None:
+        current.mkdir()
+    else:
+        current.write_bytes(pointer)
+    daemon = Daemon.open(tmp_path / "device")
+    try:
+        assert daemon.model is None
+        assert daemon.model_error is not None and "current is unreadable" in daemon.model_error
+        if pointer is not None:
+            daemon.install_model(int8_model)
+            assert daemon.status().model_version == "round-7"
+    finally:
+        daemon.shutdown()
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

@@ -227,9 +227,13 @@ class SealedModelStore:
         """The version ``current`` points at (None before the first install)."""
         pointer = self.directory / CURRENT_POINTER
         try:
-            text = pointer.read_text().strip()
+            text = pointer.read_bytes().decode("utf-8").strip()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as exc:  # a bad sector: no model, not no start
+            raise ModelFileError(
+                f"{pointer} is unreadable ({exc}); delete it and install the model again"
+            ) from exc
         match = _NAME.match(text)
         if not match:
             raise ModelFileError(
