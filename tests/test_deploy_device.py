@@ -184,6 +184,30 @@ def test_rounds_joined_and_without_dp_survive_a_corrupted_federation_file(
         assert daemon.status().rounds_without_dp == 3
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    ['{"count": -1}', '{"count": 1e400}', '{"count": 2, "without_dp": -3}'],
+)
+def test_a_joined_file_with_counts_no_round_gives_reads_as_unreadable(
+    device: Path, bundle: Path, damaged: str
+) -> None:
+    """A count below 0 (ValueError in the store's sync) or one int() cannot take (1e400:
+    OverflowError) failed every GET /status with a bare 500 and every tick of the learner,
+    which then never served a new model; a damaged file reads as 0 rounds instead."""
+    files = FederatedFiles(device)
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+        learner.prepare()
+        files.add_round_joined(1, with_dp=True)
+        learner._tick()
+        files.joined.write_text(damaged)
+        assert files.joined_counts() == (0, 0)
+        learner._tick()
+        assert daemon.status().rounds_joined == 1
+        files.add_round_joined(2, with_dp=True)  # counts again from 0: one more round
+        assert daemon.status().rounds_joined == 2
+
+
 def test_status_counts_rounds_without_dp_with_no_learner_running(device: Path) -> None:
     """/status read the store's counter, which only the learner's tick caught up: a daemon
     serving the API alone (`serve-api`) showed 0 rounds without DP after two."""

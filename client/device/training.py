@@ -219,7 +219,12 @@ class FederatedFiles:
         :meth:`~client.device.store.DeviceStore.sync_rounds_joined` keeps, outlive that)."""
         try:
             joined = json.loads(self.joined.read_text())
-            return int(joined.get("count", 0)), int(joined.get("without_dp", 0))
+            counts = joined.get("count", 0), joined.get("without_dp", 0)
+            # what add_round_joined writes: a count below 0 or not a whole number (1e400,
+            # which int() cannot take) failed every /status and every tick of the learner
+            if not all(is_int(c) and c >= 0 for c in counts):
+                raise ValueError(f"counts {counts} are not whole numbers >= 0")
+            return int(counts[0]), int(counts[1])
         except FileNotFoundError:
             return 0, 0
         except (OSError, ValueError, AttributeError, TypeError) as exc:
