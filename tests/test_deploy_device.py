@@ -257,6 +257,32 @@ def test_a_device_whose_ledger_went_missing_refuses_to_train(device: Path, bundl
         task.fit(0, params, {"server-round": 2})  # type: ignore[attr-defined]
 
 
+def test_a_device_that_lost_its_ledger_and_joined_file_refuses_to_train(
+    device: Path, bundle: Path
+) -> None:
+    """Both files lost: the store's rounds-joined counter (kept even by an erase) still says
+    the device took part, so it must not start counting privacy from zero; /status says so."""
+    task, params = _ready_device_task(device, bundle)
+    assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
+    with Daemon.open(device) as daemon:
+        assert daemon.status().rounds_joined == 1  # the store caught up with joined.json
+        daemon.erase()
+        daemon.add_events(_events(10, seed=1))  # the user goes on using the device
+    (device / "privacy" / "ledger.json").unlink()
+    (device / "federated" / "joined.json").unlink()
+    with pytest.raises(DataError, match=r"ledger .* is missing although this device took part"):
+        task.fit(0, params, {"server-round": 2})
+    assert not (device / "privacy" / "ledger.json").exists()  # nothing restarted
+    with Daemon.open(device) as daemon:
+        status = daemon.status()
+    assert status.rounds_joined == 1 and status.epsilon_spent is None
+    assert status.privacy_error is not None
+    assert "missing although this device took part in 1 round" in status.privacy_error
+    assert "joined.json is lost too" in status.privacy_error
+    with pytest.raises(DataError, match=r"joined.json is lost too"):
+        task.fit(0, params, {"server-round": 2})
+
+
 def test_a_round_without_dp_does_not_lock_the_device_out_of_later_rounds(
     device: Path, bundle: Path
 ) -> None:

@@ -897,7 +897,7 @@ class Daemon:
         except DataError as exc:
             logger.warning("rounds joined not synced for /status (%s)", exc)
         stats = self.store.stats()
-        spent, privacy_error, budget = self._privacy_spent()
+        spent, privacy_error, budget = self._privacy_spent(stats.rounds_joined)
         with self._lock:
             model, info, catalog = self.model, self.model_info, self.catalog
         return DeviceStatus(
@@ -919,14 +919,21 @@ class Daemon:
             processes=tuple(proc.state() for proc in self.processes),
         )
 
-    def _privacy_spent(self) -> tuple[float | None, str | None, PrivacyBudget]:
+    def _privacy_spent(self, rounds_joined: int) -> tuple[float | None, str | None, PrivacyBudget]:
         """Epsilon spent per the ledger file (written by the training process), at the delta
         of the budget that process enforces (recorded in the file; the daemon's configured
-        one until the first round), that budget, and any error reading it. The import is
-        lazy because the accountant pulls in torch."""
+        one until the first round), that budget, and any error reading it: a missing ledger
+        of a device that took part in ``rounds_joined`` > 0 rounds is one (it was lost, and
+        the training process declines to train). The import is lazy because the accountant
+        pulls in torch."""
+        from client.device.training import missing_ledger_reason
         from shared.privacy.ledger import PrivacyLedger
 
         budget = PrivacyBudget(self.config.privacy_epsilon, self.config.privacy_delta)
+        if rounds_joined and not self.layout.ledger.exists():
+            reason = missing_ledger_reason(self.layout, rounds_joined)
+            logger.error("%s", reason)
+            return None, reason, budget
         try:
             ledger = PrivacyLedger.open(self.layout.ledger, budget)
         except DataError as exc:

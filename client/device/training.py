@@ -277,6 +277,31 @@ def local_history(
     return np.asarray([c for c in columns if c is not None], dtype=np.int64)
 
 
+def stored_rounds_joined(state_dir: Path, passphrase_env: str | None = None) -> int:
+    """The rounds joined as this device's store counts them (0 without a store);
+    ``passphrase_env`` as for :func:`_data_key`. The store keeps its counter through an
+    erase and through the loss of ``federated/joined.json``."""
+    from client.device.store import STATE_ROUNDS_JOINED, DeviceStore
+
+    layout = DeviceLayout(state_dir)
+    if not layout.store_db.exists():
+        return 0
+    with DeviceStore.open(layout.store_db, _data_key(state_dir, passphrase_env)) as store:
+        return int(store.get_state(STATE_ROUNDS_JOINED, 0))
+
+
+def missing_ledger_reason(layout: DeviceLayout, rounds_joined: int) -> str:
+    """Why a device that took part in ``rounds_joined`` > 0 rounds but has no privacy ledger
+    must not train (its ClientApp's reason, its ``/status``'s privacy error)."""
+    files = FederatedFiles(layout.state_dir)
+    lost = "" if files.rounds_joined() else f" (its store counts them: {files.joined} is lost too)"
+    return (
+        f"the privacy ledger {layout.ledger} is missing although this device took part in "
+        f"{rounds_joined} round(s){lost}; restore it from backup (training on would start "
+        "counting privacy from zero)"
+    )
+
+
 def _round_of(config: Mapping[str, ConfigValue]) -> int:
     value = config.get("server-round", 0)
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
@@ -331,13 +356,15 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             return local_history(self.layout.state_dir, self.catalog(), passphrase_env)
 
         def client_state(self, client_id: int) -> ClientState:
-            joined = self.files.rounds_joined()
-            if joined and not self.layout.ledger.exists():
-                raise DataError(
-                    f"the privacy ledger {self.layout.ledger} is missing although this device "
-                    f"took part in {joined} round(s); restore it from backup (training on "
-                    "would start counting privacy from zero)"
+            if not self.layout.ledger.exists():
+                # joined.json may be lost with it: then the store's counter (kept by an
+                # erase) still says whether this device took part; read only while no
+                # ledger is found, i.e. before a device's first round
+                joined = self.files.rounds_joined() or stored_rounds_joined(
+                    self.layout.state_dir, passphrase_env
                 )
+                if joined:
+                    raise DataError(missing_ledger_reason(self.layout, joined))
             return DeviceClientState(self.layout, self._budget)
 
         def client_lock(self, client_id: int) -> contextlib.AbstractContextManager[None]:
