@@ -367,5 +367,6 @@ def read_json(
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: nested deeper than the parser goes ([[[...]]]), as unusable
         raise (error or ConfigError)(f"{what} {path} is unreadable ({exc}); {consequence}") from exc

@@ -283,6 +283,27 @@ def test_a_device_that_lost_its_ledger_and_joined_file_refuses_to_train(
         task.fit(0, params, {"server-round": 2})
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": 1, "mechanism": "rdp", "history": [[1.0, 0.1, 1e400]]}',
+        '{"version": 1, "mechanism": "rdp", "history": [], "declined": 1e400}',
+        "[" * 100_000 + "]" * 100_000,
+    ],
+)
+def test_a_ledger_of_unconvertible_numbers_or_deep_nesting_is_a_privacy_error(
+    device: Path, text: str
+) -> None:
+    """OverflowError and RecursionError escaped the typed error: /status answered 500."""
+    ledger = device / "privacy" / "ledger.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(text)
+    with Daemon.open(device) as daemon:
+        status = daemon.status()
+    assert status.epsilon_spent is None
+    assert status.privacy_error is not None and str(ledger) in status.privacy_error
+
+
 def test_a_round_without_dp_does_not_lock_the_device_out_of_later_rounds(
     device: Path, bundle: Path
 ) -> None:

@@ -71,6 +71,17 @@ def test_corrupt_ledger_is_refused_not_reset(tmp_path):
         path.write_text(json.dumps(state))
         with pytest.raises(DataError, match=rf"{path}.*restore it from backup.*never reset"):
             PrivacyLedger.open(path, PrivacyBudget())
+    # numbers past a float (OverflowError) and JSON nested past the parser (RecursionError)
+    # raised those instead of the typed error (a /status answered 500)
+    for text in (
+        '{"version": 1, "mechanism": "rdp", "history": [[1.0, 0.1, 1e400]]}',
+        '{"version": 1, "mechanism": "rdp", "history": [], "declined": 1e400}',
+        f'{{"version": 1, "mechanism": "rdp", "history": [[1.0, 0.1, {10**400}]]}}',
+        '{"version": 1, "mechanism": "rdp", "history": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ):
+        path.write_text(text)
+        with pytest.raises(DataError, match=rf"{path}.*(restore it from backup|refusing)"):
+            PrivacyLedger.open(path, PrivacyBudget())
 
 
 @pytest.mark.parametrize("kwargs", [{"epsilon": 0}, {"delta": 1.5}, {"epsilon": float("inf")}])

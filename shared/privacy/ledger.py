@@ -177,7 +177,10 @@ class PrivacyLedger:
         try:
             history = [Spend(float(n), float(q), int(t)) for n, q, t in state["history"]]
             declined = int(state.get("declined", 0))
-        except (KeyError, TypeError, ValueError, ConfigError) as err:
+            for spend in history:  # a count no float holds (10**400) fails every epsilon
+                float(spend.steps)
+        except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as err:
+            # OverflowError: a number past any float (1e400 reads as inf, which int() refuses)
             raise DataError(f"{source} is malformed ({err}); {fix}") from None
         self.history = history
         self.declined = declined
@@ -188,7 +191,7 @@ class PrivacyLedger:
                 if isinstance(saved, dict)
                 else None
             )
-        except (TypeError, KeyError, ValueError, ConfigError):
+        except (TypeError, KeyError, ValueError, OverflowError, ConfigError):
             self.recorded_budget = None
 
     def save(self) -> None:
