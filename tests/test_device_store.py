@@ -25,6 +25,7 @@ from client.device.identity import (
     DeviceIdentity,
     DeviceLayout,
     IdentityError,
+    ScryptParams,
     StateDirInUseError,
     StateDirLock,
     WrongPassphraseError,
@@ -488,6 +489,24 @@ def test_passphrase_key_is_derived_and_checked(tmp_path: Path) -> None:
         identity.data_key("wrong horse")
     with pytest.raises(WrongPassphraseError, match="MY_PASS"):
         identity.data_key()
+
+
+def test_a_malformed_passphrase_descriptor_is_an_identity_error(tmp_path: Path) -> None:
+    """A list, a number past any float and JSON nested too deep raised AttributeError,
+    OverflowError and RecursionError instead of the typed error naming the file."""
+    layout = init_identity(
+        tmp_path, passphrase="correct horse", passphrase_env="MY_PASS", scrypt=ScryptParams(n=16)
+    ).layout
+    good = layout.data_key_kdf.read_text()
+    for text in (
+        "[1, 2]",
+        good.replace('"n": 16', '"n": 1e400'),
+        "[" * 100_000 + "]" * 100_000,
+    ):
+        assert text != good
+        layout.data_key_kdf.write_text(text)
+        with pytest.raises(IdentityError, match=rf"{layout.data_key_kdf} is malformed"):
+            DeviceIdentity.load(tmp_path).data_key("correct horse")
 
 
 # --------------------------------------------------------------------------- CLI init

@@ -832,11 +832,14 @@ class DeviceIdentity:
         raw = _read_secret(self.layout.data_key_kdf)
         try:
             desc = json.loads(raw)
+            if not isinstance(desc, dict):
+                raise TypeError(f"not a JSON object but {type(desc).__name__}")
             if desc.get("format") != KDF_FORMAT or desc.get("kdf") != "scrypt":
                 raise ValueError(f"format {desc.get('format')!r}")
             base64.b64decode(desc["salt"], validate=True)
             int(desc["n"]), int(desc["r"]), int(desc["p"])
-        except (ValueError, KeyError, TypeError) as exc:
+        # OverflowError: a number past any float (1e400); RecursionError: nested too deep
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise IdentityError(
                 f"{self.layout.data_key_kdf} is malformed ({exc}); restore it from backup"
             ) from None
