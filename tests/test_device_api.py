@@ -39,6 +39,7 @@ from fedrec.commands.client import app as client_app
 from shared.bandits import BanditConfig
 from shared.compression import QuantizeConfig, export_onnx, quantize_onnx
 from shared.errors import ConfigError, ModelFileError
+from shared.io import STALE_TEMP_SECONDS
 from shared.ondevice import OnDeviceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -748,6 +749,30 @@ def test_old_clear_adapter_files_are_removed_at_open_and_by_init_force(tmp_path:
     (federated / ".personal.pt.abc.tmp").write_bytes(b"adapter")
     init_identity(state, force=True)
     assert list(federated.iterdir()) == []
+
+
+def test_temporary_files_of_killed_writes_are_removed_at_open(tmp_path: Path) -> None:
+    """A killed atomic write of global.npz, joined.json or the ledger left its temporary
+    file, which nothing removed; a live write's (young) file is left alone."""
+    state = tmp_path / "device"
+    init_identity(state)
+    old = time.time() - 2 * STALE_TEMP_SECONDS
+    stale = [
+        state / "federated" / ".global.npz.k1ll3d.tmp",
+        state / "federated" / ".joined.json.k1ll3d.tmp",
+        state / "privacy" / ".ledger.json.k1ll3d.tmp",
+    ]
+    live = state / "federated" / ".global.npz.l1v3.tmp"
+    for path in [*stale, live]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    for path in stale:
+        os.utime(path, (old, old))
+    (state / "federated" / "global.npz").write_bytes(b"kept")
+    os.utime(state / "federated" / "global.npz", (old, old))
+    Daemon.open(state).shutdown()
+    assert not any(path.exists() for path in stale)
+    assert live.exists() and (state / "federated" / "global.npz").exists()
 
 
 class _Reversed:

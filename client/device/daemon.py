@@ -509,6 +509,7 @@ class Daemon:
         self._load_installed()
         self._model_changed()
         self.layout.remove_personal_leftovers()
+        self.layout.remove_stale_temps()
         if self.layout.erase_pending.exists():
             logger.warning("finishing an erase of local data that a crash interrupted")
             self.erase()

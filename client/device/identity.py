@@ -61,7 +61,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
-from shared.io import is_locked, write_bytes_atomic
+from shared.io import is_locked, remove_stale_temps, write_bytes_atomic
 from shared.processes import pid_alive
 
 if TYPE_CHECKING:
@@ -159,6 +159,14 @@ class DeviceLayout:
         folder = self.state_dir / "federated"
         for path in [*folder.glob("personal.pt*"), *folder.glob(".personal.pt.*")]:
             path.unlink(missing_ok=True)
+
+    def remove_stale_temps(self) -> None:
+        """Delete what killed atomic writes left in ``federated/`` and ``privacy/`` (e.g.
+        ``.global.npz.*.tmp``): nothing reads such a file, and nothing else would delete it.
+        Only ones untouched for :data:`~shared.io.STALE_TEMP_SECONDS`: the training process
+        may be writing a live one."""
+        for folder in (self.state_dir / "federated", self.ledger.parent):
+            remove_stale_temps(folder, ".*.tmp")
 
     def remove_federated_model(self) -> None:
         """Delete the global model the last federation sent (``federated/global.npz``, and an
