@@ -29,6 +29,7 @@ from schemathesis.checks import not_a_server_error
 from torch import nn
 from typer.testing import CliRunner
 
+from client.device import sealed
 from client.device.api import ApiConfig, create_app, openapi_schema
 from client.device.daemon import Daemon, DaemonConfig, NoModelError, ProcessSpec
 from client.device.exploration import PENDING_PREFIX, STATE_KEY, BanditReranker
@@ -573,7 +574,7 @@ def test_an_erase_whose_reinstall_finds_the_disk_full_still_drops_the_personal_m
     def disk_full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device", "model-v3.onnx.sealed")
 
-    monkeypatch.setattr(daemon.models, "install", disk_full)
+    monkeypatch.setattr(daemon.models, "seal", disk_full)  # the write, not the load
     assert device.client.delete("/data").status_code == 204
     assert calls == ["erase", "erase"]
     status = daemon.status()
@@ -736,6 +737,55 @@ def test_an_erase_after_many_personal_models_still_serves_the_global_one(
     assert r.status_code == 200 and r.json()["model_version"] == "round-7"
     assert not any(path.exists() for path in leftovers)
     assert (federated / "global.npz").exists()
+
+
+def test_requests_do_not_wait_for_a_model_being_validated(
+    device: Device, int8_model: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """install_model held the daemon's lock while it loaded the new model (an ONNX Runtime
+    session and a probe), so /status and /recommendations waited through every install.
+    Installs racing still number their versions in order, and the last switched wins."""
+    entered, release = threading.Event(), threading.Event()
+    real = sealed.OnDeviceModel
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sealed, "OnDeviceModel", slow_load)
+    installer = threading.Thread(target=device.daemon.install_model, args=(int8_model,))
+    installer.start()
+    try:
+        assert entered.wait(60)
+        answers: list[int] = []
+
+        def ask() -> None:
+            answers.append(device.client.get("/status").status_code)
+            answers.append(device.client.get("/recommendations").status_code)
+
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        asker.join(20)
+        assert answers == [200, 200]  # answered while the install is still loading
+        assert device.daemon.model_info is not None and device.daemon.model_info.version == 1
+    finally:
+        release.set()
+        installer.join(60)
+    monkeypatch.setattr(sealed, "OnDeviceModel", real)
+    assert device.daemon.model_info is not None and device.daemon.model_info.version == 2
+    personal = _int8(tmp_path, "round-8+personal")
+    racing = [
+        threading.Thread(target=device.daemon.install_model, args=(data,))
+        for data in (int8_model, personal, int8_model)
+    ]
+    for thread in racing:
+        thread.start()
+    for thread in racing:
+        thread.join(60)
+    info = device.daemon.model_info
+    assert info is not None and info.version == 5 == device.daemon.models.current_version()
+    assert device.client.get("/status").json()["sealed_version"] == 5
 
 
 def test_old_clear_adapter_files_are_removed_at_open_and_by_init_force(tmp_path: Path) -> None:

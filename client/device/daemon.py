@@ -623,25 +623,25 @@ class Daemon:
         ``erasures``: the :attr:`erasures` count when the model's inputs were read; a model
         built from local data read before an erase since is refused
         (:class:`StaleModelError`), so an erase cannot be undone by a refit in flight.
+
+        The model is validated (an ONNX Runtime session and a probe: the slow part) before
+        the daemon's lock is taken, so recommendations and ``/status`` do not wait for it;
+        the lock covers the rest (the checks again, the numbering, the sealed write and the
+        switch), so installs still take effect one at a time, in increasing versions, and
+        an erase still comes wholly before or after one.
         """
+        with self._lock:  # a refit already stale is refused before it is loaded
+            validated_for = self._install_catalog(catalog, erasures)
+        model = self.models.validate(data, catalog=validated_for, runtime=self.runtime, name=name)
         with self._lock:
-            if erasures is not None and erasures != self.erasures:
-                raise StaleModelError(
-                    "the model was fitted on local data that has been erased since; not installed"
-                )
-            catalog = catalog or self.catalog
-            if catalog is None:
-                raise NoCatalogError(
-                    "no catalog installed: install the model together with its catalog "
-                    "(`fedrec client install-model --catalog catalog.json`)"
-                )
+            catalog = self._install_catalog(catalog, erasures)
+            if catalog is not validated_for:  # another install changed the catalog meanwhile
+                model = self.models.validate(data, catalog=catalog, runtime=self.runtime, name=name)
             new_catalog = catalog is not self.catalog
             if new_catalog:  # it waits beside the old one until the model is current
                 catalog.save(self.layout.catalog_pending)
             try:
-                info, model = self.models.install(
-                    data, catalog=catalog, runtime=self.runtime, name=name
-                )
+                info, model = self.models.seal(data, model)
             except BaseException:
                 if new_catalog:
                     self.layout.catalog_pending.unlink(missing_ok=True)
@@ -653,6 +653,22 @@ class Daemon:
             self._model_changed()
             logger.info("installed model %s as sealed v%d", info.model_version, info.version)
             return info
+
+    def _install_catalog(self, catalog: Catalog | None, erasures: int | None) -> Catalog:
+        """The catalog :meth:`install_model` installs against (``catalog``, else the installed
+        one), after its checks: :class:`StaleModelError` for a refit of erased data,
+        :class:`NoCatalogError` without a catalog. Called with the lock held."""
+        if erasures is not None and erasures != self.erasures:
+            raise StaleModelError(
+                "the model was fitted on local data that has been erased since; not installed"
+            )
+        catalog = catalog or self.catalog
+        if catalog is None:
+            raise NoCatalogError(
+                "no catalog installed: install the model together with its catalog "
+                "(`fedrec client install-model --catalog catalog.json`)"
+            )
+        return catalog
 
     def _finish_catalog_change(self) -> None:
         """Complete or undo an install with a new catalog that a crash interrupted: the new

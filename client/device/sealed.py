@@ -261,13 +261,29 @@ class SealedModelStore:
         and fingerprint; otherwise :class:`ModelFileError` and nothing is written. Older
         versions beyond ``keep`` are deleted after the pointer moved.
         """
-        model = OnDeviceModel(
+        return self.seal(data, self.validate(data, catalog=catalog, runtime=runtime, name=name))
+
+    @staticmethod
+    def validate(
+        data: bytes,
+        *,
+        catalog: Catalog | None = None,
+        runtime: RuntimeConfig | None = None,
+        name: str | None = None,
+    ) -> OnDeviceModel:
+        """The first half of :meth:`install`: load ``data`` (an ONNX Runtime session and a
+        probe) and check it against ``catalog``; writes nothing, so it needs no lock."""
+        return OnDeviceModel(
             data,
             expected_n_items=len(catalog) if catalog else None,
             expected_catalog_fingerprint=catalog.fingerprint if catalog else None,
             config=runtime,
             name=name,
         )
+
+    def seal(self, data: bytes, model: OnDeviceModel) -> tuple[SealedModelInfo, OnDeviceModel]:
+        """The second half of :meth:`install`: seal ``data``, which :meth:`validate` loaded
+        as ``model``, as the next version and make it current (callers serialise it)."""
         version = max(self.versions(), default=0) + 1
         header = {
             "format": SEALED_FORMAT,
