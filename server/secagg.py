@@ -45,7 +45,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import NDArrays, parameters_to_ndarrays
+from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
@@ -60,6 +60,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import parameter as _flwr_parameter
 from flwr.compat.common.recorddict_compat import (
     arrayrecord_to_parameters,
+    parameters_to_arrayrecord,
     recorddict_to_evaluateres,
     recorddict_to_fitres,
 )
@@ -293,11 +294,13 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         if short is None:
             return True
         log(WARNING, "SecAgg+: %s", short)
-        strategy.aggregate_fit(
+        parameters, _ = strategy.aggregate_fit(
             _current_round(context),
             list(state.legacy_results),
             [f for f in state.failures if isinstance(f, BaseException)],
         )
+        if parameters is not None:  # under user-level DP: the noise alone, never the sum
+            _set_global_parameters(context, parameters_to_ndarrays(parameters))
         return False
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -425,6 +428,13 @@ def _global_parameters(context: LegacyContext) -> NDArrays:
     return parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
 
 
+def _set_global_parameters(context: LegacyContext, arrays: NDArrays) -> None:
+    """Make ``arrays`` the global model, as Flower's workflows do with an aggregate."""
+    context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
+        ndarrays_to_parameters(arrays), True
+    )
+
+
 def run_rounds(
     grid: Grid,
     context: Context,
@@ -476,17 +486,28 @@ def run_rounds(
         timing["fit_end"] = time.perf_counter()
         server_round = _current_round(ctx)
         if server_round not in strategy.fit_stats:
-            # SecAgg+ halts without calling aggregate_fit when too many clients drop.
-            log(ERROR, "round %s: fit aborted, global model unchanged", server_round)
+            # SecAgg+ halts without calling aggregate_fit when too many clients drop; under
+            # user-level DP the round, charged and sent, still releases the noise alone
+            new, norm = strategy.release_noise_only(server_round)
+            if new is not None:
+                _set_global_parameters(ctx, new)
+            log(
+                ERROR,
+                "round %s: fit aborted, %s",
+                server_round,
+                "global model unchanged" if new is None else "only the user-level DP noise applied",
+            )
             sampled = strategy.sampled_in_round(server_round)
             strategy.fit_stats[server_round] = FitRoundStats(
                 server_round=server_round,
                 sampled=sampled,
                 failed=sampled,
                 secure_aggregation=secagg is not None,
+                updated=new is not None,
                 failures=("secure aggregation halted: not enough surviving clients",)
                 if secagg is not None
                 else ("no results",),
+                update_norm=norm,
             )
 
     def evaluate_workflow(grid: Grid, ctx: Context) -> None:

@@ -638,6 +638,29 @@ class ValidatingFedAvg(FedAvg):
         """The global model as of the last ``configure_fit`` / ``aggregate_fit``."""
         return [np.array(a, copy=True) for a in self._reference]
 
+    def _noise_only(self, server_round: int) -> tuple[Arrays | None, float]:
+        """Under user-level DP, the step of a charged round that was sent to its cohort but
+        has no sum to release (every client declined, failed or was rejected; a secure sum
+        too short to unmask, or one SecAgg+ could not complete): the mechanism's output for
+        an empty sum, the noise alone, over the round's expected cohort. Keeping the model
+        exactly unchanged instead would tell apart, with certainty, the dataset in which one
+        user's update was the round's only one from the dataset without that user: an
+        unbounded privacy loss the accountant never charged. ``(None, 0.0)`` otherwise (no
+        user-level DP, or a round skipped before any client was asked)."""
+        cohort = self._denominator.get(server_round)
+        if self.user_dp is None or cohort is None or self._sampled.get(server_round, 0) <= 0:
+            return None, 0.0
+        zeros = [np.zeros(np.shape(ref), dtype=np.float64) for ref in self._reference]
+        return self._apply(self.user_dp.noisy_mean(zeros, cohort))
+
+    def release_noise_only(self, server_round: int) -> tuple[Arrays | None, float]:
+        """:meth:`_noise_only` for a round whose fit never reached :meth:`aggregate_fit` (a
+        SecAgg+ round that halted); the global model becomes its result."""
+        new, norm = self._noise_only(server_round)
+        if new is not None:
+            self._reference = new
+        return new, norm
+
     def _apply(self, mean_update: Sequence[npt.NDArray[np.floating]]) -> tuple[Arrays, float]:
         """The new global model from the round's mean update (through the server optimiser)
         and the L2 norm of the step taken."""
@@ -725,6 +748,8 @@ class ValidatingFedAvg(FedAvg):
                 new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
             else:
                 new, norm = self._apply([s / total for s in sums])
+        else:
+            new, norm = self._noise_only(server_round)
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = FitRoundStats(
             server_round=server_round,
@@ -782,6 +807,7 @@ class ValidatingFedAvg(FedAvg):
         short = self.short_secure_aggregate(results)
         if short is not None:
             rejections.append(short)  # never unmasked (the SecAgg+ workflow asks first)
+            new, norm = self._noise_only(server_round)
         elif contributors:
             # SecAggPlusWorkflow already divided the masked sum by the summed weights and
             # put that same average into every FitRes; one copy is enough.
@@ -789,6 +815,7 @@ class ValidatingFedAvg(FedAvg):
             problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
             if problem is not None:
                 rejections.append(f"secure aggregate: {problem}")
+                new, norm = self._noise_only(server_round)
             elif self.user_dp is not None:
                 # Clients reported weight 1 (CONFIG_UNIFORM_WEIGHT), so the aggregate is
                 # the plain mean over the contributors: times their count = the sum.
@@ -798,14 +825,16 @@ class ValidatingFedAvg(FedAvg):
                 new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
             else:
                 new, norm = self._apply(aggregate)
+        else:
+            new, norm = self._noise_only(server_round)
         total = sum(r.num_examples for _, r in contributors)
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = FitRoundStats(
             server_round=server_round,
             sampled=sampled,
-            ok=len(contributors) if new is not None else 0,
+            ok=len(contributors) if not rejections else 0,
             declined=declined,
-            rejected=len(contributors) if new is None and contributors else 0,
+            rejected=len(contributors) if rejections and contributors else 0,
             failed=failed,
             num_examples=total,
             secure_aggregation=True,

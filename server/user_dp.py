@@ -13,7 +13,9 @@ Models" (ICLR 2018), with Poisson sampling and a fixed denominator:
    has weight 1 (not ``num_examples``), so adding or removing one user changes the
    *sum* of the updates by at most ``C``;
 3. the server divides the sum by ``m``, the *expected* cohort (not the number sampled or
-   the number that replied), and adds ``N(0, (z C / m)^2)`` to every coordinate.
+   the number that replied), and adds ``N(0, (z C / m)^2)`` to every coordinate; a round
+   whose cohort was asked but sums nothing (all declined or failed, a secure sum too short
+   to unmask or halted) releases that noise alone, never an exactly unchanged model.
 
 Why Poisson sampling at a fixed rate: Opacus' RDP accountant bounds the subsampled
 Gaussian for Poisson sampling (add/remove-one neighbours) at a rate that does not depend on

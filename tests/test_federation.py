@@ -856,6 +856,28 @@ def test_secagg_halts_and_keeps_model_when_too_many_drop() -> None:
         assert not np.any(arr)  # still the initial (zero) model
 
 
+def test_secagg_halted_under_user_dp_releases_the_noise_alone() -> None:
+    """The round was charged and its cohort asked: an exactly unchanged model would be an
+    output no noise covers, so the halted round applies the mechanism's noise alone."""
+    config: RunConfig = {
+        "num-rounds": 1,
+        "secagg": True,
+        "secagg-num-shares": 5,
+        "secagg-reconstruction-threshold": 4,
+        "eval-fraction": 0.0,
+        "user-dp": True,
+        "user-dp-clip": 0.5,
+        "user-dp-epsilon-budget": 0.0,
+        "toy-dim": 4000,
+    }
+    reports = _run(config, num_nodes=5, extra_mods=[_dropout_mod({0, 1}, "share_keys")])
+    fit = reports[0].fit
+    assert fit.updated is True and fit.ok == 0
+    assert "secure aggregation halted" in fit.failures[0]
+    noise = np.concatenate([a.ravel() for a in reports[0].parameters]).astype(np.float64)
+    assert float(np.std(noise)) == pytest.approx(1.0 * 0.5 / 5, rel=0.05)
+
+
 def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
     task = ToyLinearTask()
     params = task.initial_parameters()

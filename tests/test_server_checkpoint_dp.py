@@ -526,6 +526,37 @@ def test_user_dp_noise_std_is_z_c_over_sampled_cohort(secagg: bool) -> None:
     assert report.epsilon_user is not None and report.epsilon_user > 0
 
 
+@pytest.mark.parametrize(
+    ("secagg", "decline"),
+    [(False, "0,1,2,3"), (True, "0,1,2,3"), (True, "0,1,2")],
+    ids=["plain-all-declined", "secagg-all-declined", "secagg-too-short-to-unmask"],
+)
+def test_user_dp_a_round_with_nothing_to_sum_still_releases_the_noise(
+    secagg: bool, decline: str
+) -> None:
+    """A charged round whose clients all declined (or whose secure sum is too short to
+    unmask) must release the mechanism's output for an empty sum, N(0, (z C / m)^2): an
+    exactly unchanged model tells, with certainty, that no one contributed, where the
+    neighbouring dataset with one more contributor gives a noisy model."""
+    z, c, m = 1.3, 0.5, 4
+    config = _dp_config(
+        {
+            "secagg": secagg,
+            "toy-dim": 6000,
+            "toy-decline-clients": decline,
+            "user-dp-noise-multiplier": z,
+            "user-dp-clip": c,
+            "user-dp-epsilon-budget": 0.0,
+        }
+    )
+    (report,) = _run(config, num_nodes=m)
+    assert report.fit.ok == 0 and report.fit.sampled == m
+    assert report.fit.updated
+    noise = _flat(report.parameters)  # the toy model starts at zero
+    assert float(np.std(noise)) == pytest.approx(z * c / m, rel=0.05)
+    assert report.fit.update_norm == pytest.approx(float(np.linalg.norm(noise)), rel=1e-3)
+
+
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
 @pytest.mark.parametrize("secagg", [False, True])
 def test_user_dp_aggregate_is_the_uniform_mean_of_clipped_updates(secagg: bool) -> None:
