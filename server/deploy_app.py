@@ -12,6 +12,7 @@ checkpoint recorded (``backfilled``: no evaluation metrics, no device epsilon).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,21 @@ def backfill_progress(path: Path, checkpoint_dir: str, num_rounds: int) -> int:
 
 
 def append_progress(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it (a reader skips a torn last line)."""
-    append_line(path, json.dumps(record, allow_nan=False, default=_finite))
+    """Append one JSON line and fsync it (a reader skips a torn last line). A value that is
+    not a finite number (NaN, inf: a client's metric, an overflowing mean) is written as
+    ``null``: strict JSON has none, and failing here would end the run after its round."""
+    append_line(path, json.dumps(_finite(record), allow_nan=False, default=str))
 
 
-def _finite(value: object) -> object:
-    return str(value)
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float, however deep in dicts and lists, as ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 app = ServerApp()
@@ -115,12 +125,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round_end(report: RoundReport) -> None:
         if progress:
-            record = round_record(report, num_rounds)
-            for key in ("eval_loss", "epsilon_record_mean", "epsilon_user"):
-                value = record[key]
-                if isinstance(value, float) and value != value:  # NaN is not JSON
-                    record[key] = None
-            append_progress(Path(progress), record)
+            append_progress(Path(progress), round_record(report, num_rounds))
 
     inner = make_server_app(on_round_end=on_round_end)
     inner_context = Context(

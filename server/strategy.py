@@ -217,19 +217,29 @@ def _failure_summary(
     return min(len(failures) + silent, max(0, sampled - replied)), tuple(reasons)
 
 
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """The ``weight``-weighted mean of finite ``(weight, value)`` pairs, ``None`` without
+    weight. The weights are normalised first, so the mean of finite values stays finite: a
+    client's metric of 1e308 times its example count overflowed to inf, which no JSON
+    progress line holds (the round hook failed, and the run with it)."""
+    total = math.fsum(w for w, _ in pairs)
+    if not total > 0:
+        return None
+    return math.fsum((w / total) * v for w, v in pairs)
+
+
 def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:
     """``num_examples``-weighted means of the numeric (non-bool) metric values."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    values: dict[str, list[tuple[float, float]]] = {}
     for n, metrics in pairs:
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             if not math.isfinite(float(value)):
                 continue
-            sums[key] = sums.get(key, 0.0) + n * float(value)
-            weights[key] = weights.get(key, 0.0) + n
-    return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
+            values.setdefault(key, []).append((float(n), float(value)))
+    means = {k: _weighted_mean(v) for k, v in values.items()}
+    return {k: m for k, m in means.items() if m is not None}
 
 
 def _positive_weight(value: object) -> bool:
@@ -864,7 +874,7 @@ class ValidatingFedAvg(FedAvg):
         ]
         bad = len(answered) - len(good)
         total = sum(r.num_examples for _, r in good)
-        loss = sum(r.num_examples * float(r.loss) for _, r in good) / total if total else None
+        loss = _weighted_mean([(float(r.num_examples), float(r.loss)) for _, r in good])
         sampled = self._eval_sampled.get(server_round, len(results) + len(failures))
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = EvalRoundStats(

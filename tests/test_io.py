@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -79,6 +80,31 @@ def test_the_servers_progress_file_keeps_the_round_after_a_torn_line(tmp_path: P
         fh.write(b'{"round": 2')
     append_progress(layout.progress, {"round": 3})
     assert [r["round"] for r in read_progress(layout)] == [1, 3]
+
+
+def test_a_progress_line_holds_non_finite_values_as_null(tmp_path: Path) -> None:
+    """A client's metric that is not finite, or whose mean overflows, must not fail the
+    round hook (and with it the run): the line is written, with null for such values."""
+    from server.strategy import _weighted_means
+
+    means = _weighted_means([(40, {"epsilon": 1e308}), (30, {"epsilon": 1.0})])
+    assert math.isfinite(means["epsilon"])
+    assert means["epsilon"] == pytest.approx(40 / 70 * 1e308)
+    layout = ServerLayout(tmp_path)
+    record = {
+        "round": 1,
+        "eval_loss": math.inf,
+        "epsilon_user": math.nan,
+        "eval_metrics": {"hr@10": -math.inf, "ndcg@10": 0.5},
+    }
+    append_progress(layout.progress, record)
+    (line,) = read_progress(layout)
+    assert line == {
+        "round": 1,
+        "eval_loss": None,
+        "epsilon_user": None,
+        "eval_metrics": {"hr@10": None, "ndcg@10": 0.5},
+    }
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_old_one(
