@@ -146,6 +146,16 @@ class ServerOptimizer:
             out.append(s.lr * (self._m[i] / fix1) / (np.sqrt(self._v[i] / fix2) + s.tau))
         return out
 
+    def snapshot(self) -> tuple[int, Arrays, Arrays]:
+        """The state as it is now, for :meth:`restore` (a step replaces the moment arrays,
+        never changes them in place, so this copies no array)."""
+        return self.steps, list(self._m), list(self._v)
+
+    def restore(self, snapshot: tuple[int, Arrays, Arrays]) -> None:
+        """Undo the steps taken since :meth:`snapshot` (a step the server refused)."""
+        self.steps, m, v = snapshot
+        self._m, self._v = list(m), list(v)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable state (Adam's moments as base64 float64, exact on resume)."""
         state: dict[str, Any] = {"kind": self.settings.kind, "steps": self.steps}

@@ -388,6 +388,8 @@ class ValidatingFedAvg(FedAvg):
         #: user-level DP: the round's expected cohort, the fixed denominator of its mean
         self._denominator: dict[int, int] = {}
         self._eval_sampled: dict[int, int] = {}
+        #: why :meth:`_apply` refused the step of the round being aggregated, or None
+        self._refused_step: str | None = None
         self.fit_stats: dict[int, FitRoundStats] = {}
         self.eval_stats: dict[int, EvalRoundStats] = {}
 
@@ -671,16 +673,31 @@ class ValidatingFedAvg(FedAvg):
             self._reference = new
         return new, norm
 
-    def _apply(self, mean_update: Sequence[npt.NDArray[np.floating]]) -> tuple[Arrays, float]:
+    def _apply(
+        self, mean_update: Sequence[npt.NDArray[np.floating]]
+    ) -> tuple[Arrays | None, float]:
         """The new global model from the round's mean update (through the server optimiser)
-        and the L2 norm of the step taken."""
+        and the L2 norm of the step taken; ``(None, 0.0)``, the optimiser untouched and the
+        reason in ``_refused_step``, when the new model would not be finite."""
+        saved = self.optimizer.snapshot()
         delta = self.optimizer.step(mean_update)
-        new = [
-            (ref.astype(np.float64) + d.astype(np.float64)).astype(ref.dtype)
+        wide = [
+            ref.astype(np.float64) + d.astype(np.float64)
             for ref, d in zip(self._reference, delta, strict=True)
         ]
+        for ref, arr in zip(self._reference, wide, strict=True):
+            limit = np.finfo(ref.dtype).max if np.issubdtype(ref.dtype, np.floating) else np.inf
+            if not bool(np.all(np.abs(arr) <= limit)):  # NaN fails the comparison too
+                # finite updates whose step leaves the model's float range: an inf model
+                # would be checkpointed and published, and every later round train from it
+                self.optimizer.restore(saved)
+                self._refused_step = (
+                    "the round's step would make the global model non-finite (beyond the "
+                    f"range of {ref.dtype}): the round is refused and the model kept"
+                )
+                return None, 0.0
         norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta))
-        return new, norm
+        return [arr.astype(ref.dtype) for ref, arr in zip(self._reference, wide, strict=True)], norm
 
     def aggregate_fit(
         self,
@@ -690,10 +707,19 @@ class ValidatingFedAvg(FedAvg):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate, average the accepted updates, and apply them to the global model."""
         failures = _dedupe(failures)
+        self._refused_step = None
         if self.secure_aggregation:
             stats, new = self._aggregate_secure(server_round, results, failures)
         else:
             stats, new = self._aggregate_plain(server_round, results, failures)
+        if self._refused_step is not None:
+            log(WARNING, "round %s: %s", server_round, self._refused_step)
+            stats = replace(
+                stats,
+                ok=0,
+                rejected=stats.rejected + stats.ok,
+                rejections=(*stats.rejections, self._refused_step),
+            )
         if self.user_dp is not None:
             stats = replace(stats, epsilon_user=self.user_dp.epsilon_after(server_round))
         self.fit_stats[server_round] = stats

@@ -550,6 +550,35 @@ def test_strategy_validates_counts_and_averages() -> None:
     assert any("shape-mismatch" in r or "has shape (2,)" in r for r in stats.rejections)
 
 
+@pytest.mark.parametrize("optimizer", ["avg", "adam"])
+def test_a_step_that_overflows_the_global_model_is_refused(optimizer: str) -> None:
+    """Each update is finite, but the model plus the step is not a float32 any more: an inf
+    model would be checkpointed and published, and every later round (and every resume)
+    would train from it. The round is refused and the model, and the optimiser, kept."""
+    from server.server_optimizer import ServerOptimizerSettings
+
+    ref = [np.full(2, 3e38, np.float32)]
+    strategy = ValidatingFedAvg(
+        initial_parameters=ref,
+        # Adam's step is about lr per coordinate, whatever the update: a huge lr overflows
+        server_optimizer=ServerOptimizerSettings(
+            kind=optimizer, lr=1.0 if optimizer == "avg" else 1e38
+        ),
+    )
+    before = strategy.optimizer.state_dict()
+    huge = [(_proxy(1), _fitres([np.full(2, 3e38, np.float32)], 5))]
+    params, metrics = strategy.aggregate_fit(1, huge, [])
+    assert params is None and metrics["updated"] is False
+    stats = strategy.fit_stats[1]
+    assert (stats.ok, stats.rejected) == (0, 1)
+    assert "non-finite" in stats.rejections[-1]
+    assert strategy.optimizer.state_dict() == before
+    np.testing.assert_array_equal(strategy.current_parameters[0], ref[0])
+    small = [(_proxy(1), _fitres([np.full(2, -1e38, np.float32)], 5))]
+    params, _ = strategy.aggregate_fit(2, small, [])
+    assert params is not None and np.all(np.isfinite(parameters_to_ndarrays(params)[0]))
+
+
 def test_strategy_keeps_model_when_everything_is_rejected_and_clips_in_plain_mode() -> None:
     ref = [np.zeros(2, np.float32)]
     strategy = ValidatingFedAvg(initial_parameters=ref, update_clip_norm=1.0)
