@@ -312,7 +312,16 @@ def renew_server_cert(
                 f"{path} is missing: without the CA no certificate devices trust can be "
                 "issued; recreate the state with `fedrec server init --force` (a new CA)"
             )
-    names = SubjectNames.parse(server_names(paths) if hosts is None else with_default_hosts(hosts))
+    if hosts is None:
+        try:
+            current = server_names(paths)
+        except PkiError as exc:  # the certificate this renewal is the fix for
+            raise PkiError(
+                f"the names of the current server certificate cannot be read ({exc}); give "
+                "them: `fedrec server renew-cert --host NAME_OR_IP [--host ...]` (localhost "
+                "and 127.0.0.1 are added)"
+            ) from None
+    names = SubjectNames.parse(current if hosts is None else with_default_hosts(hosts))
     ca_cert = load_cert(paths.ca_cert)
     try:
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
@@ -358,7 +367,14 @@ def load_cert(path: Path) -> x509.Certificate:
 def server_names(paths: PkiPaths) -> list[str]:
     """The SANs of the server certificate (DNS names, then IP addresses)."""
     cert = load_cert(paths.server_cert)
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PkiError(
+            f"server certificate {paths.server_cert} names no host (no subjectAltName), so no "
+            "device can verify it; `fedrec server renew-cert --host NAME_OR_IP` issues one "
+            "that does"
+        ) from None
     dns = san.get_values_for_type(x509.DNSName)
     return [*dns, *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
 

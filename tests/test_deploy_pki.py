@@ -4,6 +4,7 @@ errors for missing or bad input."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
@@ -146,6 +147,45 @@ def test_an_expired_ca_is_refused_and_never_renewed_from(tmp_path: Path) -> None
         with pytest.raises(PkiError, match=r"CA .* expires on 2021-01-01.*init --force"):
             attempt()
     assert pki.server_cert.read_bytes() == server_before  # nothing was issued
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "no-san"])
+def test_renewing_a_damaged_server_certificate_asks_for_its_names(
+    tmp_path: Path, damage: str
+) -> None:
+    """A damaged server.pem is reported with `renew-cert` as the fix; without --host that
+    command read its names from the damaged file and failed with the same message (or a
+    traceback for a certificate without names). It now asks for --host, which works."""
+    layout = init_state_dir(tmp_path / "s", ["server"])
+    pki = layout.pki
+    if damage == "garbage":
+        pki.server_cert.write_text("garbage\n")
+    elif damage == "missing":
+        pki.server_cert.unlink()
+    else:  # a certificate of the right CA without a subjectAltName
+        ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+        ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "server")]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    state = ["--state-dir", str(layout.state_dir)]
+    result = runner.invoke(app, ["server", "renew-cert", *state])
+    assert isinstance(result.exception, PkiError), result.exception  # a message, no traceback
+    assert "renew-cert --host" in str(result.exception)
+    result = runner.invoke(app, ["server", "renew-cert", *state, "--host", "server"])
+    assert result.exit_code == 0, result.output
+    check_pki(pki)
+    assert server_names(pki) == ["server", "localhost", "127.0.0.1"]
 
 
 def test_an_expired_or_too_narrow_certificate_is_renewed_from_the_same_ca(
