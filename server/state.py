@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -551,6 +551,14 @@ def describe_last_start(record: dict[str, Any]) -> str | None:
 def read_progress(layout: ServerLayout) -> list[dict[str, Any]]:
     """Every round record (a torn last line, from a crash mid-write, is skipped)."""
     return read_progress_file(layout.progress)
+
+
+def round_aggregated(record: Mapping[str, Any]) -> bool:
+    """Whether a round's record (a progress line, a ``metrics.jsonl`` row) says clients'
+    updates went into the model: ``updated`` (not false) with at least one client ok. Under
+    user-level DP a round in which no client trained still applies its noise, so it is
+    ``updated`` without an aggregated update; a run of only such rounds trained nothing."""
+    return record.get("updated") is not False and record.get("clients_ok") != 0
 
 
 def read_progress_file(path: Path) -> list[dict[str, Any]]:

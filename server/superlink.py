@@ -52,6 +52,7 @@ from server.state import (
     read_progress,
     read_running,
     resumable_round,
+    round_aggregated,
     running_server,
 )
 from shared.config import is_int
@@ -898,11 +899,7 @@ class ServerRunner:
                                 f"privacy budget is spent): see {run_log}"
                             )
                             return 1
-                        # under user-level DP a round no device trained still applies its
-                        # noise ("updated"): it is a trained round only with devices ok too
-                        if rounds and not any(
-                            r.get("updated") and r.get("clients_ok") != 0 for r in rounds
-                        ):
+                        if rounds and not any(round_aggregated(r) for r in rounds):
                             self.echo(
                                 f"run {self.run_id} completed, but no round changed the global "
                                 "model: every sampled device failed or declined (the reasons "

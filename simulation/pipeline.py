@@ -201,7 +201,9 @@ def _run_stages(
             trained,
             config.rounds,
         )
-    updated = sum(1 for r in federation["rounds"] if r.get("updated") is not False)
+    from server.state import round_aggregated
+
+    updated = sum(1 for r in federation["rounds"] if round_aggregated(r))
     earlier = _earlier_processes(run)
     if federation["rounds"] and not updated:
         log.warning(

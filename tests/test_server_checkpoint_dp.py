@@ -1078,6 +1078,26 @@ def test_the_resume_point_reported_skips_a_damaged_newest_checkpoint(tmp_path: P
     assert resumable_round(layout) is None  # none verifies (the start refuses it)
 
 
+@pytest.mark.parametrize(
+    ("record", "aggregated"),
+    [
+        ({"updated": True, "clients_ok": 3}, True),
+        # user-level DP, every client declined: the noise alone moved the model
+        ({"updated": True, "clients_ok": 0}, False),
+        ({"updated": False, "clients_ok": 3}, False),  # e.g. a rejected secure aggregate
+        ({"updated": False, "clients_ok": 0}, False),
+        # a row backfilled from a checkpoint that did not record them counts as trained
+        ({"updated": None, "clients_ok": None}, True),
+    ],
+)
+def test_a_round_is_aggregated_only_with_clients_ok_and_a_changed_model(
+    record: dict[str, Any], aggregated: bool
+) -> None:
+    from server.state import round_aggregated
+
+    assert round_aggregated(record) is aggregated
+
+
 def test_user_level_epsilon_is_never_negative() -> None:
     """With delta = 1/population of 2 devices (0.5) the conversion gave -0.443."""
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
