@@ -769,8 +769,8 @@ class ServerRunner:
     def _run(self) -> int:
         write_connection(self.layout, self.superlink.address)
         write_app(self.layout, self.run_config)
-        if threading_main():
-            signal.signal(signal.SIGTERM, self._on_signal)
+        # SIGTERM stops this run like Ctrl-C; the previous handler is back once it ended
+        previous = signal.signal(signal.SIGTERM, self._on_signal) if threading_main() else None
         restarts = 0
         try:
             while True:
@@ -797,6 +797,8 @@ class ServerRunner:
         finally:
             self.superlink.stop()
             self.layout.running.unlink(missing_ok=True)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def _warn_if_too_few_devices(self) -> None:
         """Each round waits for ``min-available-clients`` devices: say so when fewer are

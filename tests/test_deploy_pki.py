@@ -1326,3 +1326,33 @@ def test_start_warns_when_fewer_devices_are_registered_than_a_round_waits_for(
     runner = ServerRunner(layout, SuperLinkOptions(), config, echo=lines.append)
     runner._warn_if_too_few_devices()
     assert "waits for 2 devices" in lines[-1] and "0 are registered" in lines[-1]
+
+
+def test_a_server_run_puts_the_previous_sigterm_handler_back(tmp_path: Path) -> None:
+    """`ServerRunner` answers SIGTERM by stopping its run; once the run ended, a SIGTERM in
+    the same process (a library or test caller) raised KeyboardInterrupt from its handler."""
+    import signal
+
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    server = ServerRunner(layout, SuperLinkOptions(), {"num-rounds": 1}, echo=lambda _: None)
+    during: list[object] = []
+
+    def follow() -> int:
+        during.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    server._start_superlink = lambda: None  # type: ignore[method-assign]
+    server._follow = follow  # type: ignore[method-assign]
+
+    def caller(signum: int, frame: object) -> None:
+        """What the caller had installed."""
+
+    previous = signal.signal(signal.SIGTERM, caller)
+    try:
+        assert server._run() == 0
+        assert during == [server._on_signal]  # the run's own handler while it ran
+        assert signal.getsignal(signal.SIGTERM) is caller
+    finally:
+        signal.signal(signal.SIGTERM, previous)
