@@ -50,6 +50,9 @@ from simulation.pretrain import (
 from simulation.provenance import provenance, require_counts, run_bench
 
 REPORTED = ("sampled_hr@10", "full_hr@10")
+FULL_SPACE_CLIP = 30.0
+"""The federation's record-level clip (the ``record-dp-split`` recipe): the full-space sum
+a subspace's ``captured`` fraction is measured against."""
 
 
 def public_basis(grads: torch.Tensor, k: int, group: int = 1) -> torch.Tensor:
@@ -91,6 +94,14 @@ def noisy_sum(
     }
     out = total + noise
     return (out if basis is None else basis.T @ out), stats
+
+
+def captured_fraction(grads: torch.Tensor, basis: torch.Tensor, clip: float) -> float:
+    """How much of the full-space sum of the examples' gradients, each clipped to ``clip``,
+    lies in the span of ``basis``: ``|basis @ g| / |g|`` (1: all of it, 0: none)."""
+    scale = torch.clamp(clip / grads.norm(dim=1).clamp_min(1e-12), max=1.0).unsqueeze(1)
+    total = (grads * scale).sum(dim=0)
+    return float((basis @ total).norm() / total.norm().clamp_min(1e-12))
 
 
 def _parse_variant(text: str) -> tuple[int, float]:
@@ -156,11 +167,14 @@ def run_variant(
         basis = public_basis(flat(tuple(t[sample] for t in public)), k, args.group) if k else None
         cohort = rng.choice(users, min(args.cohort, len(users)), replace=False)
         data = _examples([federated[int(u)] for u in cohort], max_len)
+        grads = flat(data)
         released, round_stats = noisy_sum(
-            flat(data), basis, clip=clip, noise_multiplier=args.noise_multiplier, generator=noise
+            grads, basis, clip=clip, noise_multiplier=args.noise_multiplier, generator=noise
         )
         if rnd <= 3:
-            stats.append({"round": rnd, **{s: round(v, 2) for s, v in round_stats.items()}})
+            if basis is not None:  # does the subspace hold the direction of the round's sum?
+                round_stats["captured"] = captured_fraction(grads, basis, FULL_SPACE_CLIP)
+            stats.append({"round": rnd, **{s: round(v, 3) for s, v in round_stats.items()}})
         gradient = released / len(data[2])
         step = server.step(
             [

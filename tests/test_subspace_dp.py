@@ -81,6 +81,15 @@ def test_the_noise_has_std_multiplier_times_clip_on_released_coordinates_only(
     assert int((projected != 0).sum()) == 3 and stats["noise_norm"] > 0
 
 
+def test_the_captured_fraction_of_the_clipped_sum(bench: ModuleType) -> None:
+    grads = torch.tensor([[6.0, 8.0], [0.0, 1.0]])  # norms 10 and 1; clip 5 halves the first
+    # clipped sum (3, 5): the first axis holds 3 / sqrt(34) of it, the second 5 / sqrt(34)
+    first, second = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert bench.captured_fraction(grads, first, 5.0) == pytest.approx(3 / 34**0.5)
+    assert bench.captured_fraction(grads, second, 5.0) == pytest.approx(5 / 34**0.5)
+    assert bench.captured_fraction(grads, torch.eye(2), 5.0) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("text", ["64", "a:5", "-1:5", "64:0", "64:nan"])
 def test_a_variant_is_k_colon_clip(bench: ModuleType, text: str) -> None:
     assert bench._parse_variant("64:5") == (64, 5.0)
