@@ -84,6 +84,21 @@ def test_corrupt_ledger_is_refused_not_reset(tmp_path):
             PrivacyLedger.open(path, PrivacyBudget())
 
 
+@pytest.mark.parametrize("steps", [2.9, 0.5, True, "7", -1])
+def test_a_step_count_that_is_no_whole_number_is_refused_not_rounded_down(tmp_path, steps):
+    """A step count read as int() (2.9 -> 2, 0.5 -> 0) forgot spent privacy: a ledger
+    holding 0.5 steps reported epsilon 0. Only whole numbers >= 0 are a count."""
+    path = tmp_path / "ledger.json"
+    state = {"version": 1, "mechanism": "rdp", "history": [[1.5, 0.1, steps]], "declined": 0}
+    path.write_text(json.dumps(state))
+    with pytest.raises(DataError, match=rf"{path}.*restore it from backup.*never reset"):
+        PrivacyLedger.open(path, PrivacyBudget())
+    # a whole number written as a float (another JSON writer) is the same count
+    state["history"] = [[1.5, 0.1, 3.0]]
+    path.write_text(json.dumps(state))
+    assert PrivacyLedger.open(path, PrivacyBudget()).history == [Spend(1.5, 0.1, 3)]
+
+
 @pytest.mark.parametrize("kwargs", [{"epsilon": 0}, {"delta": 1.5}, {"epsilon": float("inf")}])
 def test_bad_budget(kwargs):
     with pytest.raises(ConfigError):

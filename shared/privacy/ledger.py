@@ -93,6 +93,15 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     return max(0.0, float(eps))
 
 
+def _step_count(value: Any) -> int:
+    """A saved step count: a whole number (``3`` or ``3.0``). ``int()`` alone rounded a
+    malformed one down (0.5 steps read as 0, forgetting spent privacy) and took ``True``
+    and ``"7"``; those raise ``ValueError`` instead (a malformed ledger)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"step count {value!r} is not a whole number")
+    return int(value)
+
+
 class PrivacyLedger:
     """Cumulative RDP accounting with an optional file that is rewritten atomically."""
 
@@ -175,7 +184,7 @@ class PrivacyLedger:
                 f"another fedrec version?); {fix}"
             )
         try:
-            history = [Spend(float(n), float(q), int(t)) for n, q, t in state["history"]]
+            history = [Spend(float(n), float(q), _step_count(t)) for n, q, t in state["history"]]
             declined = int(state.get("declined", 0))
             for spend in history:  # a count no float holds (10**400) fails every epsilon
                 float(spend.steps)
