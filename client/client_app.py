@@ -49,6 +49,7 @@ from flwr.compat.common.recorddict_compat import (
 from server.secagg import secaggplus_when_requested_mod, under_secagg
 from shared.config import coerce, is_int
 from shared.errors import ConfigError, DataError
+from shared.federated.local_config import noise_shares_clip_problem
 from shared.federated.task import (
     CONFIG_RUN_ID,
     CONFIG_UNDER_SECAGG,
@@ -326,6 +327,9 @@ def handle_train(
             CONFIG_UNDER_SECAGG: under_secagg(),
         }
         clip_norm = _update_clip_norm(config)  # checked before anything is trained or spent
+        shares = _number(merged.get("noise-shares", 1))
+        if clip_norm > 0 and shares is not None and shares > 1:  # whatever the server allows
+            raise ConfigError(noise_shares_clip_problem(clip_norm))
         task, client_id = _task_for(merged), client_id_of(context)
         _restore_state(task, client_id, context)
         outcome = task.fit(client_id, received, config)

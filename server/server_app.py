@@ -60,7 +60,7 @@ from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
 from shared.config import check_rounds, coerce
 from shared.errors import ConfigError, FedRecError
-from shared.federated.local_config import check_noise_shares
+from shared.federated.local_config import check_noise_shares, noise_shares_clip_problem
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
@@ -227,6 +227,8 @@ class ServerConfig:
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
         )
+        if self.noise_shares > 1 and self.effective_clip_norm > 0:
+            raise ConfigError(noise_shares_clip_problem(self.effective_clip_norm))
         settings = self._secagg_settings()  # validates the secagg-* values
         if self.secagg:
             smallest = self.cohort_size if self.cohort_size > 0 else self.min_cohort

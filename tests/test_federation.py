@@ -414,6 +414,21 @@ def test_train_handler_refuses_an_update_clip_that_would_switch_clipping_off(cli
     )
 
 
+def test_train_handler_refuses_to_clip_an_update_that_carries_split_noise() -> None:
+    """With noise-shares > 1 an update holds 1/m of the round's DP noise; clipping it before
+    the secure sum voids the argument the ledger is charged for. The client refuses it
+    whatever the server sends, before training."""
+    params = ToyLinearTask().initial_parameters()
+    app = make_client_app()
+    split = _context(3, {"noise-shares": 2})
+    reply = app(_fit_message(params, {"server-round": 1, "update-clip-norm": 0.01}), split)
+    assert reply.has_error() and "noise-shares > 1 cannot be combined" in reply.error.reason
+    # either alone trains
+    assert not app(_fit_message(params), split).has_error()
+    clipped = _fit_message(params, {"server-round": 1, "update-clip-norm": 0.01})
+    assert not app(clipped, _context(3)).has_error()
+
+
 def test_train_handler_declined_client_sends_zero_weight() -> None:
     params = ToyLinearTask().initial_parameters()
     reply = make_client_app({"toy-decline-clients": "3"})(_fit_message(params), _context(3))

@@ -124,6 +124,13 @@ def test_server_config_reads_the_optimiser_and_noise_shares() -> None:
         ServerConfig.from_run_config(
             {"noise-shares": 6, "secagg": True, "cohort-size": 5, "secagg-num-shares": 3}
         )
+    # each update carries 1/m of the noise: clipping it before the secure sum breaks the
+    # Gaussian argument the ledgers are charged for
+    split = {"noise-shares": 4, "secagg": True, "cohort-size": 5}
+    for clip in ({"update-clip-norm": 1.0}, {"user-dp": True, "user-dp-clip": 0.1}):
+        with pytest.raises(ConfigError, match="noise-shares > 1 cannot be combined"):
+            ServerConfig.from_run_config({**split, **clip})
+    assert ServerConfig.from_run_config({**split, "update-clip-norm": 1.0, "noise-shares": 1})
 
 
 def _fitres(update: list[np.ndarray], n: int) -> FitRes:

@@ -13,7 +13,22 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 
-__all__ = ["LocalTrainConfig", "check_noise_shares"]
+__all__ = ["LocalTrainConfig", "check_noise_shares", "noise_shares_clip_problem"]
+
+
+def noise_shares_clip_problem(clip_norm: float) -> str:
+    """Why ``noise-shares`` > 1 and a clip of the whole update (``update-clip-norm``, or
+    ``user-dp-clip`` under user-level DP) are refused together: each update carries only
+    1/m of the round's noise, and clipping it before the secure sum (once the clip bites)
+    makes that sum something other than "clipped gradients plus the full noise", which is
+    what the clients' ledgers are charged for."""
+    return (
+        f"noise-shares > 1 cannot be combined with clipping each whole update (to "
+        f"{clip_norm:g}: update-clip-norm, or user-dp-clip with user-dp): an update carries "
+        "only 1/m of the DP noise, and clipping it before the secure sum breaks the noise "
+        "argument the ledgers are charged for; set noise-shares=1, or leave update-clip-norm "
+        "0 and user-dp off (max-grad-norm already bounds each example)"
+    )
 
 
 def check_noise_shares(
