@@ -184,7 +184,7 @@ def _run_stages(
     final_model.adapter.reset()  # the global model itself is served with the identity
 
     progress("evaluate", {})
-    trained = max((int(r["round"]) for r in federation["rounds"]), default=0)
+    trained = int(federation["round"])
     if trained > config.rounds:
         log.warning(
             "this run directory had already trained %d rounds: --rounds %d re-evaluates the "
@@ -481,7 +481,7 @@ def _federate(
             config.cohort_size,
             n_clients,
         )
-    state: dict[str, Any] = {"parameters": None}
+    state: dict[str, Any] = {"parameters": None, "round": 0}
     started = time.perf_counter()
     _log_checkpointed_rounds(run)
     done = _logged_rounds(run)
@@ -492,6 +492,7 @@ def _federate(
 
     def on_round_end(report: RoundReport) -> None:
         state["parameters"] = [np.asarray(a) for a in report.parameters]
+        state["round"] = report.server_round
         row: dict[str, Any] = {
             "round": report.server_round,
             "clients_ok": report.fit.ok,
@@ -538,9 +539,14 @@ def _federate(
                 "a user-level epsilon budget that its first round would exceed)"
             )
         state["parameters"] = [np.asarray(a) for a in latest.parameters]
+        state["round"] = latest.server_round
     return {
         "parameters": state["parameters"],
-        "rounds": _logged_rounds(run),
+        # the round those parameters are the model of: the latest logged one may be past it,
+        # when its checkpoint was unreadable and this process was asked for no more rounds
+        "round": state["round"],
+        # the rounds that led to that model (a later, lost round's line stays in the log)
+        "rounds": [r for r in _logged_rounds(run) if int(r["round"]) <= state["round"]],
         "seconds": seconds,
         "updates_per_second": _updates_per_second(run),
     }

@@ -703,6 +703,25 @@ def test_a_published_model_version_is_never_replaced(tmp_path: Path) -> None:
     assert not list(run.glob(".final-model-*"))
 
 
+def test_a_rerun_evaluates_and_labels_the_round_its_checkpoint_holds(tmp_path: Path) -> None:
+    """Round 2's checkpoint lost and the rerun asked for 1 round: nothing trains, and the
+    model evaluated is round 1's checkpoint. It was reported as 2 rounds (the log's newest
+    line) and written as the final model of round 2 (unpublished, 'the round ran again')."""
+    args = ["simulate", "--backend", "inprocess", "--cohort-size", "6", "--run-dir"]
+    args += [str(tmp_path), "--name", "lost", "--run-config", TINY, "--json", "--rounds"]
+    assert CliRunner().invoke(app, [*args, "2"]).exit_code == 0
+    run = tmp_path / "lost"
+    arrays = run / "checkpoints" / "round-00000002.npz"
+    arrays.write_bytes(arrays.read_bytes()[:50])  # round 2's checkpoint is lost
+    again = CliRunner().invoke(app, [*args, "1"])
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["meta"]["rounds"] == 1
+    assert [r["round"] for r in summary["rounds"]] == [1]
+    assert summary["artifact"]["path"] == str(run / "models" / "model-v1.int8.onnx")
+    assert not (run / "unpublished").exists()
+
+
 def test_a_final_model_kept_unpublished_is_built_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
