@@ -567,7 +567,7 @@ def _updates_per_second(run: RunDirectory) -> float:
 
 def _log_checkpointed_rounds(run: RunDirectory) -> None:
     """Log the rounds a checkpoint holds but ``metrics.jsonl`` does not, from what the
-    checkpoint recorded (``backfilled``: no validation HR, no epsilon). A process killed
+    checkpoint recorded (``backfilled``: no validation HR). A process killed
     between the server's checkpoint and this log line lost that round from every report,
     and the resume counted the next, cold round as a warm one."""
     from server.checkpoint import CheckpointStore
@@ -589,6 +589,8 @@ def _log_checkpointed_rounds(run: RunDirectory) -> None:
             fit_seconds=m.get("fit-seconds"),
             round_seconds=m.get("round-seconds"),
             valid_loss=m.get("eval-loss"),
+            # the user-level ledger's epsilon after the round, as the live line has it
+            epsilon_user=m.get("epsilon-user"),
             updated=m.get("updated"),
             backfilled=True,
             **row,

@@ -44,7 +44,7 @@ ROUND_COLUMNS = {
     f"valid_sampled_hr@{K}": f"sampled HR@{K} of federated evaluation (validation item)",
     f"valid_full_hr@{K}": f"full-ranking HR@{K} of federated evaluation (validation item)",
     "valid_loss": "next-item loss of federated evaluation",
-    "backfilled": "logged from the checkpoint after a crash (no evaluation, no epsilon)",
+    "backfilled": "logged from the checkpoint after a crash (no federated evaluation)",
 }
 
 _LEGEND = {

@@ -677,6 +677,28 @@ def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
     assert federate[-1]["step"] == 3  # this process started at round 3
 
 
+def test_a_round_logged_from_its_checkpoint_keeps_its_user_level_epsilon(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint records the user-level epsilon after its round (``epsilon-user``): a
+    round logged from it had none, so a run killed right after its last checkpoint reported
+    no user-level privacy spent (the summary's only record of it)."""
+    from server.checkpoint import CheckpointStore
+    from simulation.pipeline import _log_checkpointed_rounds
+    from simulation.run_dir import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    try:
+        metrics = {"clients-ok": 4, "updated": True, "epsilon-user": 0.75, "round-seconds": 1.0}
+        CheckpointStore(run.checkpoints).save(1, [np.zeros(3)], {}, {"ledger": 1}, metrics)
+        _log_checkpointed_rounds(run)
+        (logged,) = run.records("round")
+    finally:
+        run.close()
+    assert logged["backfilled"] is True and logged["clients_ok"] == 4
+    assert logged["epsilon_user"] == 0.75
+
+
 def test_a_published_model_version_is_never_replaced(tmp_path: Path) -> None:
     """Round 2's checkpoint lost, the round ran again and trained another model: the
     ServerApp kept the model-v2 published before (devices may hold it), but the end of the
