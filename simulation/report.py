@@ -61,12 +61,21 @@ def write_report(summary: dict[str, Any], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    made = {
-        "accuracy": _plot_rounds(summary, plots / "accuracy_per_round.png", "accuracy"),
-        "epsilon": _plot_rounds(summary, plots / "epsilon_per_round.png", "epsilon"),
-        "fewshot": _plot_fewshot(summary, plots / "fewshot_vs_k.png"),
-        "baselines": _plot_final(summary, plots / "comparison.png"),
+    files = {
+        "accuracy": plots / "accuracy_per_round.png",
+        "epsilon": plots / "epsilon_per_round.png",
+        "fewshot": plots / "fewshot_vs_k.png",
+        "baselines": plots / "comparison.png",
     }
+    made = {
+        "accuracy": _plot_rounds(summary, files["accuracy"], "accuracy"),
+        "epsilon": _plot_rounds(summary, files["epsilon"], "epsilon"),
+        "fewshot": _plot_fewshot(summary, files["fewshot"]),
+        "baselines": _plot_final(summary, files["baselines"]),
+    }
+    for title, plot in made.items():
+        if plot is None:  # an earlier process's (a resumed run): not a figure of this summary
+            files[title].unlink(missing_ok=True)
     md = _markdown(summary, {k: v for k, v in made.items() if v is not None}, out)
     path = out / "report.md"
     write_bytes_atomic(path, md.encode(), mode=REPORT_MODE)

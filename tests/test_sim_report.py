@@ -298,3 +298,22 @@ def test_a_data_dir_spelled_otherwise_resumes_the_run(
     other = SimulationConfig(dataset="ml-100k", data_dir="other").data_dir
     with pytest.raises(ConfigError, match="data-dir"):
         run.claim("simulation", {"data-dir": other, "seed": 1}, {"rounds"}, None, canonical)
+
+
+def test_a_plot_the_summary_no_longer_has_is_removed(tmp_path: Path) -> None:
+    """A resumed run may change ``shots`` (an evaluation setting): when no cold user reaches
+    the new K, the few-shot plot of the earlier process stayed in plots/, showing figures
+    this run's summary and report do not have."""
+    summary = {
+        "meta": {"dataset": "synthetic", "rounds": 1},
+        "rounds": [{"round": 1, "valid_sampled_hr@10": 0.3, "epsilon_record": None}],
+        "final": {"student": {"federated": _metrics(0.7)}},
+        "fewshot": {"student": {"k=1": _metrics(0.5)}},
+    }
+    write_report(summary, tmp_path)
+    assert (tmp_path / "plots" / "fewshot_vs_k.png").exists()
+    summary["fewshot"] = {"student": {"k=500": {**_metrics(0.0), "users": 0}}}
+    text = write_report(summary, tmp_path).read_text()
+    assert "fewshot_vs_k.png" not in text
+    assert not (tmp_path / "plots" / "fewshot_vs_k.png").exists()
+    assert (tmp_path / "plots" / "accuracy_per_round.png").exists()
