@@ -13,6 +13,7 @@ Input is the run's summary, a plain dict so it can also be rebuilt from ``summar
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,15 @@ def _plot_rounds(summary: dict[str, Any], path: Path, kind: str) -> Path | None:
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Save a plot with its outside legend, if any, in the picture."""
+    """Save a plot with its outside legend, if any, in the picture; atomically, as the
+    report that links it (a run killed while saving keeps the earlier plot whole)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue(), mode=REPORT_MODE)
 
 
 def _evaluated(by_k: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Run directory and report: metrics survive a torn line, plots and markdown are written."""
 
+import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -317,3 +319,36 @@ def test_a_plot_the_summary_no_longer_has_is_removed(tmp_path: Path) -> None:
     assert "fewshot_vs_k.png" not in text
     assert not (tmp_path / "plots" / "fewshot_vs_k.png").exists()
     assert (tmp_path / "plots" / "accuracy_per_round.png").exists()
+
+
+def test_a_plot_interrupted_while_written_leaves_the_earlier_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed while saving a plot (a resumed run rewrites them all) left a truncated
+    PNG that the earlier report.md links; plots are replaced atomically, as the report is."""
+    from matplotlib.figure import Figure
+
+    summary = {
+        "meta": {"dataset": "synthetic", "rounds": 1},
+        "rounds": [{"round": 1, "valid_sampled_hr@10": 0.3, "epsilon_record": None}],
+        "final": {"student": {"federated": _metrics(0.7)}},
+    }
+    write_report(summary, tmp_path)
+    png = tmp_path / "plots" / "accuracy_per_round.png"  # the first one saved
+    before = png.read_bytes()
+    save = Figure.savefig
+
+    def killed(self: Figure, fname: Any, **kwargs: Any) -> None:
+        buf = io.BytesIO()
+        save(self, buf, **kwargs)
+        data = buf.getvalue()[:20]  # the first bytes are out when the process dies
+        if isinstance(fname, str | Path):
+            Path(fname).write_bytes(data)
+        else:
+            fname.write(data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(summary, tmp_path)
+    assert png.read_bytes() == before
