@@ -920,6 +920,28 @@ def test_noise_shares_beyond_the_datasets_clients_is_refused_before_pretraining(
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+def test_secagg_settings_beyond_the_datasets_clients_are_refused_before_pretraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SecAgg+ share count or threshold above the clients the dataset has passed the config
+    check (against the cohort asked for) and was refused by the ServerApp after pretraining
+    (minutes on ml-100k), quoting a cohort-size the user never gave."""
+    import simulation.pipeline
+
+    def no_pretraining(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pretrained before the check")
+
+    monkeypatch.setattr(simulation.pipeline, "pretrain", no_pretraining)
+    args = ["simulate", "--run-dir", str(tmp_path), "--synthetic-users", "40", "--no-progress"]
+    args += ["--cohort-size", "50", "--secagg-num-shares", "40"]
+    result = CliRunner().invoke(app, [*args, "--secagg-reconstruction-threshold", "35"])
+    assert isinstance(result.exception, ConfigError), result.output
+    message = str(result.exception)
+    assert "the 29 federated clients of this dataset (cohort-size 50 is capped at them)" in message
+    assert "secagg-reconstruction-threshold" in message
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
