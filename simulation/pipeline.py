@@ -28,7 +28,7 @@ from shared.config import field_names, from_flat, to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.provenance import DataProvenance
 from shared.data.registry import dataset_key, load_dataset
-from shared.errors import ConfigError, DataError, PublishedVersionError
+from shared.errors import ConfigError, DataError, FedRecError, PublishedVersionError
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
@@ -493,10 +493,17 @@ def _federate(
     state: dict[str, Any] = {"parameters": None, "round": 0}
     started = time.perf_counter()
     _log_checkpointed_rounds(run)
-    done = _logged_rounds(run)
-    first = int(done[-1]["round"]) + 1 if done else 1
+    # the server resumes from the newest checkpoint that verifies: the log's newest round may
+    # be past it (that round's checkpoint unreadable), and then runs again
+    from server.checkpoint import CheckpointStore
+
+    try:
+        resumed = CheckpointStore(run.checkpoints, tidy=False).latest()
+    except FedRecError:  # none verifies: the ServerApp refuses the run and says why
+        resumed = None
+    first = resumed.server_round + 1 if resumed is not None else 1
     run.log("federate", first)  # where this process starts (its first round is a cold one)
-    if done:
+    if resumed is not None:
         progress("resume", {"round": first - 1})
 
     def on_round_end(report: RoundReport) -> None:
@@ -538,9 +545,6 @@ def _federate(
     seconds = time.perf_counter() - started
     if state["parameters"] is None:
         # Nothing left to run: a rerun of a finished run resumes from its last checkpoint.
-        from server.checkpoint import CheckpointStore
-        from shared.errors import FedRecError
-
         latest = CheckpointStore(run.checkpoints).latest()
         if latest is None:
             raise FedRecError(

@@ -742,6 +742,15 @@ def test_a_rerun_evaluates_and_labels_the_round_its_checkpoint_holds(tmp_path: P
     assert [r["round"] for r in summary["rounds"]] == [1]
     assert summary["artifact"]["path"] == str(run / "models" / "model-v1.int8.onnx")
     assert not (run / "unpublished").exists()
+    # asked for round 2 again, it runs from round 1's checkpoint: its first round is cold
+    again = CliRunner().invoke(app, [*args, "2"])
+    assert again.exit_code == 0, again.output
+    federate = [
+        r["step"]
+        for r in map(json.loads, (run / "metrics.jsonl").open())
+        if r["event"] == "federate"
+    ]
+    assert federate[-1] == 2
 
 
 def test_a_final_model_kept_unpublished_is_built_once(
