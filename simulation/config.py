@@ -165,7 +165,9 @@ class SimulationConfig:
 
     def recs_exports(self) -> tuple[str, ...]:
         """The models ``export-recs`` names, ``all`` expanded, each once, in
-        :data:`RECS_MODELS` order."""
+        :data:`RECS_MODELS` order; ``none`` (alone) or an empty list: none."""
+        if "none" in self.export_recs:
+            return ()
         wanted = set(RECS_MODELS) if "all" in self.export_recs else set(self.export_recs)
         return tuple(m for m in RECS_MODELS if m in wanted)
 
@@ -239,11 +241,15 @@ class SimulationConfig:
             )
         if not (math.isfinite(self.adapt_lr) and self.adapt_lr > 0):
             raise ConfigError(f"adapt-lr must be a positive number, got {self.adapt_lr}")
-        unknown = [m for m in self.export_recs if m not in RECS_MODELS and m != "all"]
+        unknown = [m for m in self.export_recs if m not in (*RECS_MODELS, "all", "none")]
         if unknown:
             raise ConfigError(
                 f"export-recs: unknown model {unknown[0]!r}; choose among "
-                f"{', '.join(RECS_MODELS)} or 'all' (none: an empty list)"
+                f"{', '.join(RECS_MODELS)}, 'all' or 'none'"
+            )
+        if "none" in self.export_recs and len(set(self.export_recs)) > 1:
+            raise ConfigError(
+                f"export-recs: 'none' cannot be given with models, got {list(self.export_recs)}"
             )
         from shared.compression.prune import publish_prune  # here: it imports torch
 

@@ -86,6 +86,6 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "checkpoint_keep": "Newest checkpoints kept in the run directory.",
         "progress": "Live progress display on stderr.",
         "export_recs": "Models whose top 100 per user is written (recs.csv for student-int8, "
-        "recs-MODEL.csv for the others; 'all'; repeat the flag).",
+        "recs-MODEL.csv for the others; 'all'; 'none'; repeat the flag).",
     },
 }

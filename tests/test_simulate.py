@@ -1051,6 +1051,10 @@ def test_every_exportable_model_has_a_source_and_a_file() -> None:
         "pop",
     )
     assert SimulationConfig(export_recs=()).recs_exports() == ()
+    # the CLI cannot give an empty list: `--export-recs none` is one
+    assert SimulationConfig(export_recs=("none",)).recs_exports() == ()
+    with pytest.raises(ConfigError, match="'none' cannot be given with models"):
+        SimulationConfig(export_recs=("none", "pop"))
 
 
 def test_a_dataset_name_in_any_case_is_that_dataset(tmp_path: Path) -> None:
