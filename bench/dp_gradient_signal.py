@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from shared.federated.local_config import LocalTrainConfig
-from shared.federated.local_training import next_item_examples
+from shared.federated.local_training import pooled_examples
 from shared.models.sequence import next_item_cross_entropy
 from simulation.pretrain import add_pretrain_arguments, pretrain_from_args
 from simulation.provenance import provenance, require_counts, run_bench
@@ -131,14 +131,10 @@ def main() -> None:
     sequences = [s for s in split.train_sequences(split.federated_users) if len(s) >= 2]
     rng = np.random.default_rng(args.seed)
     picked = rng.choice(len(sequences), min(args.users, len(sequences)), replace=False)
-    parts = [
-        next_item_examples(
-            sequences[i], model.config.max_len, defaults.max_examples, pad_to=model.config.max_len
-        )
-        for i in picked
-    ]
-    per_user = float(np.mean([len(targets) for _, _, targets in parts]))
-    data = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    data = pooled_examples(
+        [sequences[i] for i in picked], model.config.max_len, defaults.max_examples
+    )
+    per_user = len(data[2]) / len(picked)
     grads = per_example_gradients(model, data, args.batch_size)
     out = {
         "what": "per-example gradients of the pretrained student's global group on federated "

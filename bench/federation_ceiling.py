@@ -22,11 +22,10 @@ import json
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.federated.local_training import next_item_examples
+from shared.federated.local_training import pooled_examples
 from simulation.pretrain import PretrainedRun, add_pretrain_arguments, pretrain_from_args
 from simulation.provenance import provenance, require_counts, run_bench
 
@@ -43,16 +42,6 @@ MODES: dict[str, tuple[tuple[str, ...], bool]] = {
 """Mode -> (the global tensors it trains, by name prefix; () = all of them; and whether the
 ID table is unfrozen too). The subsets show which layers the central gain comes from, i.e.
 which ones DP fine-tuning must move (``bench/dp_gradient_signal.py``)."""
-
-
-def _examples(
-    sequences: list[np.ndarray], max_len: int, per_user: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What every client trains on (:func:`next_item_examples`, its last ``per_user`` pairs;
-    see ``LocalTrainConfig.max_examples``), pooled: windows padded to ``max_len``."""
-    parts = [next_item_examples(s, max_len, per_user, pad_to=max_len) for s in sequences]
-    items, mask, targets = (torch.cat(column) for column in zip(*parts, strict=True))
-    return items, mask, targets
 
 
 def fine_tune(
@@ -129,7 +118,8 @@ def main() -> None:
     ds, split, pre = run.dataset, run.split, run.pretrained
     federated = split.federated_users
     sequences = [s for s in split.train_sequences(federated) if len(s) >= 2]
-    data = _examples(sequences, pre.student.model.config.max_len, args.per_user)
+    # what every client trains on (its last per_user pairs: LocalTrainConfig.max_examples)
+    data = pooled_examples(sequences, pre.student.model.config.max_len, args.per_user)
     modes = {
         name: fine_tune(
             run,

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from dp_gradient_signal import per_example_gradients
 
 from server.server_optimizer import ServerOptimizer, ServerOptimizerSettings
-from shared.federated.local_training import next_item_examples
+from shared.federated.local_config import LocalTrainConfig
+from shared.federated.local_training import pooled_examples
 from shared.models.student import StudentModel
 from simulation.pretrain import (
     PretrainedRun,
@@ -115,11 +116,6 @@ def _parse_variant(text: str) -> tuple[int, float]:
     return parsed
 
 
-def _examples(sequences: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, ...]:
-    parts = [next_item_examples(s, max_len, 256, pad_to=max_len) for s in sequences]
-    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
-
-
 def _row(run: PretrainedRun, model: StudentModel, rnd: int) -> dict[str, Any]:
     row: dict[str, Any] = {"round": rnd}
     for stage in ("valid", "test"):
@@ -136,7 +132,7 @@ def run_variant(
     split = run.split
     model = copy.deepcopy(run.pretrained.student.model)
     model.set_trainable(["global"])
-    max_len = model.config.max_len
+    max_len, per_user = model.config.max_len, LocalTrainConfig().max_examples  # as clients
     federated = {
         int(u): s
         for u, s in zip(
@@ -145,8 +141,8 @@ def run_variant(
         if len(s) >= 2
     }
     users = np.array(sorted(federated))
-    public = _examples(
-        [s for s in split.train_sequences(split.public_users) if len(s) >= 2], max_len
+    public = pooled_examples(
+        [s for s in split.train_sequences(split.public_users) if len(s) >= 2], max_len, per_user
     )
     params = dict(model.named_parameters())
     names = [n for n in params if model.parameter_group(n) == "global"]
@@ -166,7 +162,7 @@ def run_variant(
         sample = rng.choice(len(public[2]), min(args.public_examples, len(public[2])), False)
         basis = public_basis(flat(tuple(t[sample] for t in public)), k, args.group) if k else None
         cohort = rng.choice(users, min(args.cohort, len(users)), replace=False)
-        data = _examples([federated[int(u)] for u in cohort], max_len)
+        data = pooled_examples([federated[int(u)] for u in cohort], max_len, per_user)
         grads = flat(data)
         released, round_stats = noisy_sum(
             grads, basis, clip=clip, noise_multiplier=args.noise_multiplier, generator=noise

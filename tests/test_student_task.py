@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from server.strategy import RoundReport
 from shared.errors import ConfigError, DataError, ModelFileError, PublishedVersionError
 from shared.federated.bundle import ClientData, load_bundle, save_bundle
-from shared.federated.local_training import fit_personal, next_item_examples
+from shared.federated.local_training import fit_personal, next_item_examples, pooled_examples
 from shared.federated.student_task import (
     StudentTask,
     adapter_names,
@@ -248,6 +248,19 @@ def _history_loss(model: StudentModel, history: np.ndarray) -> float:
     items, mask, targets = next_item_examples(history, model.config.max_len)
     with torch.no_grad():
         return float(next_item_cross_entropy(model(items, mask), items, mask, targets))
+
+
+def test_pooled_examples_are_each_sequences_recent_pairs_padded_alike() -> None:
+    from shared.models.sequence import PAD_ITEM
+
+    first, second = np.array([5, 6, 7, 8]), np.array([9, 3])
+    items, mask, targets = pooled_examples([first, second], max_len=2)
+    # (5)->6, (5 6)->7, (6 7)->8 from the first (windows of at most 2), then (9)->3
+    assert targets.tolist() == [6, 7, 8, 3]
+    assert items.tolist() == [[PAD_ITEM, 5], [5, 6], [6, 7], [PAD_ITEM, 9]]
+    assert mask.tolist() == [[False, True], [True, True], [True, True], [False, True]]
+    # each sequence keeps its most recent max_examples pairs, as a client trains on
+    assert pooled_examples([first, second], 2, max_examples=1)[2].tolist() == [8, 3]
 
 
 def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model() -> None:

@@ -15,7 +15,7 @@ import random
 import secrets
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +60,17 @@ def next_item_examples(
     prefixes = [seq[max(0, t - max_len) : t] for t in starts]
     items, mask = pad_histories(prefixes, max_len, pad_to=pad_to)
     targets = torch.as_tensor(seq[list(starts)], dtype=torch.long)
+    return items, mask, targets
+
+
+def pooled_examples(
+    sequences: Sequence[IntArray], max_len: int, max_examples: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The :func:`next_item_examples` of several sequences (each its most recent
+    ``max_examples``, as a client trains on), windows padded to ``max_len``, concatenated:
+    ``items``/``mask`` ``[N, max_len]`` and ``targets [N]``, the first sequence's first."""
+    parts = [next_item_examples(s, max_len, max_examples, pad_to=max_len) for s in sequences]
+    items, mask, targets = (torch.cat(column) for column in zip(*parts, strict=True))
     return items, mask, targets
 
 
