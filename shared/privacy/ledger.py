@@ -96,10 +96,13 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
 def _step_count(value: Any) -> int:
     """A saved step count: a whole number (``3`` or ``3.0``). ``int()`` alone rounded a
     malformed one down (0.5 steps read as 0, forgetting spent privacy) and took ``True``
-    and ``"7"``; those raise ``ValueError`` instead (a malformed ledger)."""
+    and ``"7"``; those raise ``ValueError`` instead (a malformed ledger), and a count no
+    float holds (``10**400``, which would fail every epsilon) ``OverflowError``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
         raise ValueError(f"step count {value!r} is not a whole number")
-    return int(value)
+    steps = int(value)
+    float(steps)  # OverflowError past any float
+    return steps
 
 
 class PrivacyLedger:
@@ -186,8 +189,6 @@ class PrivacyLedger:
         try:
             history = [Spend(float(n), float(q), _step_count(t)) for n, q, t in state["history"]]
             declined = int(state.get("declined", 0))
-            for spend in history:  # a count no float holds (10**400) fails every epsilon
-                float(spend.steps)
         except (KeyError, TypeError, ValueError, OverflowError, ConfigError) as err:
             # OverflowError: a number past any float (1e400 reads as inf, which int() refuses)
             raise DataError(f"{source} is malformed ({err}); {fix}") from None
