@@ -673,6 +673,17 @@ def test_init_force_removes_the_old_federations_global_model_and_keeps_its_accou
         assert daemon.status().model_version == "0"
 
 
+def _serving_global_v4(daemon: Daemon, bundle: Path) -> tuple[DeviceLearner, list[np.ndarray]]:
+    """A learner for ``daemon`` serving global model 4 (the bundle's parameters + 0.5), and
+    the bundle's own parameters."""
+    learner = DeviceLearner(daemon, bundle)
+    learner.prepare()
+    pretrained = get_global_arrays(learner.bundle.student)
+    FederatedFiles(daemon.layout.state_dir).write_global(4, [a + 0.5 for a in pretrained])
+    learner.refresh(adapt=False)
+    return learner, pretrained
+
+
 def test_an_unreadable_global_model_keeps_the_served_one_instead_of_the_bundles(
     device: Path, bundle: Path
 ) -> None:
@@ -680,11 +691,7 @@ def test_an_unreadable_global_model_keeps_the_served_one_instead_of_the_bundles(
     model (version 0) after a restart, or version 4's parameters labelled 0 without one."""
     files = FederatedFiles(device)
     with Daemon.open(device) as daemon:
-        learner = DeviceLearner(daemon, bundle)
-        learner.prepare()
-        pretrained = get_global_arrays(learner.bundle.student)
-        files.write_global(4, [a + 0.5 for a in pretrained])
-        learner.refresh(adapt=False)
+        learner, pretrained = _serving_global_v4(daemon, bundle)
         assert daemon.status().model_version == "4"
         files.global_params.write_bytes(b"\x00" * 100)  # a bad sector, a full disk
         daemon.add_events(_events(3))
@@ -716,11 +723,7 @@ def test_a_truncated_global_model_is_replaced_by_the_next_one_and_blocks_no_star
     with a learner no longer started."""
     files = FederatedFiles(device)
     with Daemon.open(device) as daemon:
-        learner = DeviceLearner(daemon, bundle)
-        learner.prepare()
-        pretrained = get_global_arrays(learner.bundle.student)
-        files.write_global(4, [a + 0.5 for a in pretrained])
-        learner.refresh(adapt=False)
+        _, pretrained = _serving_global_v4(daemon, bundle)
     data = files.global_params.read_bytes()
     files.global_params.write_bytes(data[: int(keep * len(data)) if keep < 1 else int(keep)])
     assert files.read_global() is None and files.global_version() is None

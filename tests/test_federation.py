@@ -885,40 +885,38 @@ def test_secagg_dropouts_past_timeout_in_collect_stage_up_to_threshold() -> None
     )
 
 
-def test_secagg_halts_and_keeps_model_when_too_many_drop() -> None:
+def _halted_secagg_round(extra: RunConfig | None = None) -> RoundReport:
+    """One SecAgg+ round of 5 clients with threshold 4, two of which drop at share_keys: too
+    many for the unmasking, so it halts."""
     config: RunConfig = {
         "num-rounds": 1,
         "secagg": True,
         "secagg-num-shares": 5,
         "secagg-reconstruction-threshold": 4,
         "eval-fraction": 0.0,
+        **(extra or {}),
     }
-    reports = _run(config, num_nodes=5, extra_mods=[_dropout_mod({0, 1}, "share_keys")])
-    assert reports[0].fit.updated is False and reports[0].fit.ok == 0
-    assert "secure aggregation halted" in reports[0].fit.failures[0]
-    for arr in reports[0].parameters:
+    return _run(config, num_nodes=5, extra_mods=[_dropout_mod({0, 1}, "share_keys")])[0]
+
+
+def test_secagg_halts_and_keeps_model_when_too_many_drop() -> None:
+    report = _halted_secagg_round()
+    assert report.fit.updated is False and report.fit.ok == 0
+    assert "secure aggregation halted" in report.fit.failures[0]
+    for arr in report.parameters:
         assert not np.any(arr)  # still the initial (zero) model
 
 
 def test_secagg_halted_under_user_dp_releases_the_noise_alone() -> None:
     """The round was charged and its cohort asked: an exactly unchanged model would be an
     output no noise covers, so the halted round applies the mechanism's noise alone."""
-    config: RunConfig = {
-        "num-rounds": 1,
-        "secagg": True,
-        "secagg-num-shares": 5,
-        "secagg-reconstruction-threshold": 4,
-        "eval-fraction": 0.0,
-        "user-dp": True,
-        "user-dp-clip": 0.5,
-        "user-dp-epsilon-budget": 0.0,
-        "toy-dim": 4000,
-    }
-    reports = _run(config, num_nodes=5, extra_mods=[_dropout_mod({0, 1}, "share_keys")])
-    fit = reports[0].fit
+    report = _halted_secagg_round(
+        {"user-dp": True, "user-dp-clip": 0.5, "user-dp-epsilon-budget": 0.0, "toy-dim": 4000}
+    )
+    fit = report.fit
     assert fit.updated is True and fit.ok == 0
     assert "secure aggregation halted" in fit.failures[0]
-    noise = np.concatenate([a.ravel() for a in reports[0].parameters]).astype(np.float64)
+    noise = np.concatenate([a.ravel() for a in report.parameters]).astype(np.float64)
     assert float(np.std(noise)) == pytest.approx(1.0 * 0.5 / 5, rel=0.05)
 
 
