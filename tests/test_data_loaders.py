@@ -358,6 +358,23 @@ def test_headerless_wrong_column_count_names_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("ratings", "line"),
+    [
+        ("1\t1\t5\t1\n1\t2\t5\t2\n2\t1\t5\t1\n", 1),  # tab-separated: u.data's layout
+        ("1::1::5::1\n1\t2::5::2\n2::1::5::1\n", 2),  # one row mixing both
+        ("1::1::5::1\n1::2::5::2\n2::1::5::1\t\r\n", 3),  # a stray tab (numpy's message)
+    ],
+)
+def test_a_tab_in_ml1m_ratings_is_refused_naming_its_line(
+    tmp_path: Path, ratings: str, line: int
+) -> None:
+    """ML-1M separates by '::' only: a tab loaded as a separator (a tab-separated copy read
+    as ML-1M), or failed with numpy's message and no line."""
+    with pytest.raises(DataError, match=rf"ratings\.dat, line {line}: holds a tab.*'::'"):
+        load_ml1m(ml1m_dir(tmp_path, ratings))
+
+
+@pytest.mark.parametrize(
     ("make", "load", "bad_file", "content"),
     [
         (ml100k_dir, load_ml100k, "u.data", "1\t1\t5\t1\n1\t2\t5\t1\n1\t3\t5\tnoon\n"),

@@ -365,7 +365,7 @@ def read_numeric_table(
         )
         try:
             table = _loadtxt(path, sep=sep, dtype=dtype, skip=int(has_header), encoding=encoding)
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, DataError):
             raise
         except ValueError as err:
             raise _diagnose(path, sep, names, columns, int(has_header), encoding, err) from None
@@ -415,11 +415,18 @@ def warn_if_cut(path: Path) -> None:
 def _loadtxt(
     path: Path, *, sep: str, dtype: np.dtype[Any], skip: int, encoding: str
 ) -> npt.NDArray[Any]:
-    """``np.loadtxt`` without comment handling; a long ``sep`` is rewritten to a tab first."""
+    """``np.loadtxt`` without comment handling; a long ``sep`` is rewritten to a tab first.
+
+    A tab already in the file is refused first (:func:`_refuse_tab`): after the rewrite it
+    would read as a separator, so a tab-separated copy (e.g. ML-100K's ``u.data`` layout
+    under ML-1M's name) or a row mixing both loaded as if it were the ``::`` format, and a
+    stray tab at a row's end was a numpy message without a line number."""
     source: Path | io.StringIO = path
     delimiter = sep
     if len(sep) > 1:
-        source = io.StringIO(path.read_text(encoding=encoding).replace(sep, "\t"))
+        text = path.read_text(encoding=encoding)
+        _refuse_tab(path, text, sep)
+        source = io.StringIO(text.replace(sep, "\t"))
         delimiter = "\t"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
@@ -432,6 +439,21 @@ def _loadtxt(
             comments=None,
             encoding=encoding,
         )
+
+
+def _refuse_tab(path: Path, text: str, sep: str) -> None:
+    """A :class:`DataError` naming the first line of ``text`` (``path``'s content, newlines
+    already universal) that holds a tab, for a table whose columns ``sep`` separates."""
+    at = text.find("\t")
+    if at < 0:
+        return
+    number = text.count("\n", 0, at) + 1
+    line = text.split("\n", number)[number - 1]
+    raise DataError(
+        f"{path}, line {number}: holds a tab, but this file's columns are separated by "
+        f"{sep!r} (found {line[:80]!r}); a tab-separated copy is another layout (ML-100K's "
+        f"u.data is one): convert it, every tab to {sep!r}, or load it as that layout"
+    )
 
 
 def _diagnose(
