@@ -681,6 +681,28 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
         assert report["split"]["seed"] == seed and report["model"]["trained_on"] is None
 
 
+def test_evaluate_model_refuses_another_split_asked_in_snake_case(tmp_path: Path) -> None:
+    """``--run-config cold_user_fraction=0.3`` (snake case, which every other key accepts)
+    escaped the recorded-split check and was silently replaced by the recorded 0.1."""
+    from shared.compression.artifact import publish_student
+    from shared.data.provenance import DataProvenance
+    from shared.data.registry import load_dataset
+
+    ds = load_dataset("synthetic", None, synthetic_seed=5)
+    model = tmp_path / "artifacts" / "model-v4.int8.onnx"
+    trained_on = DataProvenance("synthetic", 5, 0.1, 0.3)
+    publish_student(
+        _untrained_student(ds.n_items), ds.item_ids, model, version="4", trained_on=trained_on
+    )
+    args = ["evaluate", "model", str(model), "--run-config"]
+    refused = runner.invoke(app, [*args, "cold_user_fraction=0.3"])
+    assert isinstance(refused.exception, ConfigError), refused.output
+    assert "cold-user-fraction 0.3 (recorded: 0.1)" in str(refused.exception)
+    twice = runner.invoke(app, [*args, "seed=5 public_fraction=0.3 public-fraction=0.3"])
+    assert isinstance(twice.exception, ConfigError)
+    assert "'public-fraction' is given twice" in str(twice.exception)
+
+
 def test_evaluate_model_of_a_run_with_unreadable_settings_says_what_to_do(
     tmp_path: Path,
 ) -> None:

@@ -23,7 +23,7 @@ from fedrec.options import (
     joined,
     say,
 )
-from shared.config import from_flat, parse_run_config
+from shared.config import from_flat, kebab, parse_run_config
 from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError, DatasetNotFoundError
 from shared.eval.baseline_benchmark import (
@@ -275,8 +275,20 @@ def _values(
     ctx: typer.Context, run_config: list[str] | None, extra: dict[str, str]
 ) -> dict[str, Any]:
     """``--run-config`` entries, overridden by the split options typed on the command line
-    (the defaults of those options are left out: the caller decides what applies)."""
-    values: dict[str, Any] = dict(parse_run_config(joined(run_config)))
+    (the defaults of those options are left out: the caller decides what applies).
+
+    Keys are kebab-case whichever way they were typed: a snake-case ``cold_user_fraction``
+    kept as such escaped the check of a model's recorded split (:func:`_refuse_another_split`
+    looks the option names up), and the recorded value silently replaced the one asked for;
+    it also clashed with the typed flag instead of giving way to it."""
+    values: dict[str, Any] = {}
+    for key, value in parse_run_config(joined(run_config)).items():
+        if kebab(key) in values:
+            raise ConfigError(
+                f"{kebab(key)!r} is given twice in --run-config (snake and kebab case name "
+                "the same setting); give each key once"
+            )
+        values[kebab(key)] = value
     values.update(
         explicit_options(
             ctx,
