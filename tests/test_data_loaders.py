@@ -181,6 +181,23 @@ def test_latin1_lines_end_only_at_line_breaks(tmp_path: Path) -> None:
     assert _lines(path, "latin-1") == [(1, "1::A\x85B::X"), (3, "2::C::Y"), (4, "3::D\u00e9::Z")]
 
 
+@pytest.mark.parametrize(
+    ("make", "load", "name"),
+    [
+        (ml100k_dir, load_ml100k, "u.item"),
+        (ml1m_dir, load_ml1m, "movies.dat"),
+    ],
+)
+def test_a_utf16_movie_list_is_refused_by_name(
+    tmp_path: Path, make: MakeDir, load: Loader, name: str
+) -> None:
+    """Read as latin-1, its NUL bytes failed line 1 with a misleading complaint."""
+    path = make(tmp_path) / name
+    path.write_text(path.read_text(encoding="latin-1"), encoding="utf-16")
+    with pytest.raises(DataError, match=rf"{name} is UTF-16 text; re-save it as UTF-8"):
+        load(tmp_path)
+
+
 def test_ml_latest_loads_quoted_titles_and_no_genres(tmp_path: Path) -> None:
     ds = load_ml_latest(ml_latest_dir(tmp_path), name="ml-latest-small").dataset
     assert ds.name == "ml-latest-small"

@@ -9,6 +9,7 @@ to :func:`shared.data.cleaning.finalize` for the documented filters. The genre m
 
 from __future__ import annotations
 
+import codecs
 import io
 import logging
 from pathlib import Path
@@ -240,8 +241,13 @@ def _lines(path: Path, encoding: str) -> list[tuple[int, str]]:
     ``encoding`` is the format's (MovieLens 100K and 1M ship latin-1), but a copy re-saved as
     UTF-8 is read as UTF-8: text with accented letters in latin-1 is almost never valid
     UTF-8, so the two are told apart, and a UTF-8 copy no longer loads with garbled titles.
+    A UTF-16 copy (an editor's "Unicode") is refused by name, as the rating tables refuse it:
+    read as latin-1, its NUL bytes made line 1 fail with a misleading complaint (genre flags
+    "must be 0 or 1", or no '::' found).
     """
     raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8 (or {encoding})")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
