@@ -111,6 +111,39 @@ def test_download_verifies_extracts_and_records(
     assert cached_dataset_dir("ml-100k", cache) == folder
 
 
+def test_every_extracted_file_is_on_disk_before_the_folder_is_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A published folder is trusted as complete for good; its files were renamed into place
+    unflushed, so a power loss could leave the cache holding empty ones."""
+    import os
+
+    synced: set[str] = set()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    unsynced: list[str] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst).name == "ml-100k":
+            files = [str(p.resolve()) for p in Path(src).rglob("*") if p.is_file()]
+            unsynced.extend(sorted(set(files) - synced))
+            unsynced.extend([] if str(Path(src).resolve()) in synced else [str(src)])
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    folder = download_dataset("ml-100k", tmp_path / "cache")
+    assert (folder / "u.data").read_bytes() == ML100K_FILES["u.data"]
+    assert unsynced == []
+    assert str(folder.parent.resolve()) in synced  # the rename itself
+
+
 def test_a_killed_downloads_folder_is_removed_by_a_later_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,8 +8,8 @@ is built so that a failure leaves nothing half-done behind:
   and its SHA-256 checked against ``ARCHIVES`` before anything is extracted;
 * extraction refuses absolute paths, ``..`` components and symbolic links (no path
   traversal) and caps the unpacked size;
-* the extracted folder is renamed into place (``<cache>/<name>``) in one atomic step, so a
-  folder in the cache is always complete;
+* the extracted folder is flushed to disk and renamed into place (``<cache>/<name>``) in one
+  atomic step, so a folder in the cache is always complete, even after a power loss;
 * the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
   :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``);
   the whole download has a deadline too (:data:`DEFAULT_DEADLINE_S`), so a server that
@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.errors import DataError, DatasetNotFoundError
-from shared.io import CACHE_ROOT_ENV, cache_root, ensure_dir, remove_stale_temps
+from shared.io import CACHE_ROOT_ENV, cache_root, ensure_dir, fsync_dir, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def download_dataset(
         folder = extracted / spec.top_dir
         folder = folder if folder.is_dir() else extracted
         _write_provenance(folder, name, spec, digest)
+        _sync_tree(folder)
         _publish(folder, final)
     logger.info("%s: ready in %s", name, final)
     return final
@@ -324,6 +325,20 @@ def _write_provenance(folder: Path, name: str, spec: ArchiveSpec, digest: str) -
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def _sync_tree(folder: Path) -> None:
+    """Flush every extracted file and folder under ``folder`` to disk before it is renamed
+    into place: the cache trusts a published folder as complete for good, and without this a
+    power loss soon after the rename could leave it holding empty or cut files (the rename
+    can reach the disk before the data does)."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
 def _publish(folder: Path, final: Path) -> None:
     """Atomically rename ``folder`` to ``final``; keep a copy another process put there first."""
     if final.is_dir() and not any(final.iterdir()):
@@ -334,3 +349,5 @@ def _publish(folder: Path, final: Path) -> None:
         if cached_dataset_dir(final.name, final.parent) is None:
             raise
         logger.info("%s appeared while downloading; keeping the existing copy", final)
+        return
+    fsync_dir(final.parent)  # the rename itself
