@@ -200,7 +200,7 @@ def test_export_recs_ranks_ties_against_the_model_like_the_metrics(tmp_path):
             assert full + 1 == ranks[target]
         else:  # not listed: ranked after the top 5 (item 5), or a miss (item 7, NaN)
             assert full + 1 > 6 or not np.isfinite(full)
-    assert not (tmp_path / "recs.csv.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["recs.csv"]  # no temporary file left
 
 
 def test_export_recs_leaves_out_non_finite_scores_so_recs_agree_with_the_metric(tmp_path):
@@ -252,6 +252,35 @@ def test_recs_are_scored_in_the_evaluations_batch_size(tmp_path, monkeypatch):
         export_path=tmp_path / "b",
     )
     assert seen == [3, 3]
+
+
+def test_two_exports_to_one_file_do_not_write_into_each_other(tmp_path):
+    """Both wrote the fixed temporary 'recs.csv.tmp': the second export truncated the first's
+    and renamed it into place, the first then wrote its rows into the published file and
+    failed to rename a temporary file that was gone."""
+    ds = make_dataset(n_users=4, n_items=8)
+    out = tmp_path / "recs.csv"
+
+    class Scores:
+        n_items = 8
+
+        def __init__(self, best, inner=None):
+            self.best, self.inner = best, inner
+
+        def score(self, histories):
+            if self.inner is not None:  # another export to the same file, meanwhile
+                export_recs(self.inner, ds, {1: np.array([0])}, out, top_n=2)
+                self.inner = None
+            scores = np.zeros((len(histories), 8))
+            scores[:, self.best] = 1.0
+            return scores
+
+    assert export_recs(Scores(5, inner=Scores(6)), ds, {0: np.array([0])}, out, top_n=2) == 2
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0] == ["user", "item", "rank"] and len(rows) == 3  # the last export's, whole
+    assert {user for user, _, _ in rows[1:]} == {ds.user_ids[0]}
+    assert rows[1][1] == ds.item_ids[5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recs.csv"]
 
 
 def test_export_recs_refuses_a_folder_before_any_work(tmp_path):

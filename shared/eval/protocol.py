@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,13 @@ from shared.data.dataset import IntArray, RecDataset
 from shared.errors import ConfigError, DataError
 from shared.eval.metrics import FloatArray, hit_rate_at_k, ndcg_at_k, ranks_from_scores
 from shared.eval.splits import ColdItemSplit, ProtocolSplit
-from shared.io import check_output_file, ensure_dir
+from shared.io import (
+    REPORT_MODE,
+    check_output_file,
+    ensure_dir,
+    fsync_dir,
+    remove_stale_temps,
+)
 from shared.models.base import Scorer
 
 logger = logging.getLogger(__name__)
@@ -307,11 +315,16 @@ def export_recs(
     """
     path = check_output_file(path)  # the link's target, if a link: the link stays
     ensure_dir(path.parent, what="the output folder", fix="give a writable path")
-    tmp = path.with_name(path.name + ".tmp")
+    # a temporary name of its own: with a fixed "<name>.tmp", two exports to one file wrote
+    # into the same temporary file, and one's rows ended up in the other's published file
+    remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # from killed exports
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     users = sorted(histories)
     rows = 0
     try:
-        with tmp.open("w", newline="") as fh:
+        with open(fd, "w", newline="") as fh:
+            os.fchmod(fd, REPORT_MODE)  # shared like a report, not mkstemp's owner-only
             writer = csv.writer(fh)
             writer.writerow(["user", "item", "rank"])
             for start in range(0, len(users), batch_size):
@@ -330,7 +343,10 @@ def export_recs(
                             [dataset.user_ids[u], dataset.item_ids[int(item)], int(rank)]
                         )
                         rows += 1
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it replaces the old file
         tmp.replace(path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
