@@ -39,7 +39,7 @@ from shared.text.encoder import (
     encode_items,
     resolve_model_dir,
 )
-from shared.training.trainer import Validation, count_parameters
+from shared.training.trainer import Validation, count_parameters, seeded
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,13 @@ def pretrain(
             teacher.order_scores = dict(state["teacher_order_scores"])
             teacher.member_scores = list(state["teacher_member_scores"])
             teacher.prior_scores = dict(state["teacher_prior_scores"])
-            model = StudentModel(
-                np.zeros(state["text_shape"], np.float32),
-                np.zeros(state["ids_shape"], np.float32),
-                _student_budget(teacher, student_config),
-            )
+            budget = _student_budget(teacher, student_config)
+            with seeded(budget.seed):  # its draws are overwritten: keep the global RNG's
+                model = StudentModel(
+                    np.zeros(state["text_shape"], np.float32),
+                    np.zeros(state["ids_shape"], np.float32),
+                    budget,
+                )
             if not load_student_state(model, state["student"]):
                 model.set_cold_user(split.train_sequences(split.public_users))
             model.set_trainable(["global"])  # as a freshly distilled student leaves it

@@ -517,6 +517,30 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
     assert np.array_equal(kept.student.score(histories), first.student.score(histories))
 
 
+def test_pretraining_leaves_the_global_rng_as_it_found_it(tmp_path: Path) -> None:
+    """Fresh or from the cache, pretraining draws only from seeded, restored generators: what
+    runs after it (a benchmark's dropout under DP-SGD) repeats whether the cache was hit."""
+    from simulation.pretrain import pretrain
+
+    ds = chain_dataset(n_users=40, length=8)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    teacher_cfg = replace(TINY_TEACHER, order="sequence", epochs=2)
+    student_cfg = replace(TINY_STUDENT, epochs=2)
+    for cached in (False, True):
+        torch.manual_seed(0)
+        before = torch.random.get_rng_state()
+        run = pretrain(
+            ds, split, text_features(), tmp_path, teacher_config=teacher_cfg,
+            student_config=student_cfg,
+        )  # fmt: skip
+        assert run.cached == cached
+        assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    student_cfg.trainable_parameters()
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_set_order_trains_and_sees_no_order() -> None:
     """Trained on shuffled histories, the 'set' teacher scores a history the same whatever
     its order much more than the 'sequence' teacher does on the chain world."""

@@ -132,10 +132,17 @@ class StudentConfig:
         return TrainConfig.of(self, progress=progress, num_threads=num_threads)
 
     def trainable_parameters(self) -> int:
-        """Scalars the device trains (global + personal); the frozen tables do not count."""
-        probe = StudentModel(
-            np.zeros((2, self.text_dim), np.float32), np.zeros((2, self.id_dim), np.float32), self
-        )
+        """Scalars the device trains (global + personal); the frozen tables do not count.
+
+        The probe model's initialisation draws from a seeded, restored generator, so counting
+        leaves torch's global RNG as it was (a count that drew from it made whatever ran next,
+        e.g. a benchmark's dropout, depend on how often pretraining had counted)."""
+        with seeded(self.seed):
+            probe = StudentModel(
+                np.zeros((2, self.text_dim), np.float32),
+                np.zeros((2, self.id_dim), np.float32),
+                self,
+            )
         return probe.num_parameters()
 
     def scaled_to(
