@@ -918,6 +918,12 @@ def test_student_config_narrows_to_a_tenth_of_the_teacher() -> None:
         np.zeros((5, small.text_dim), np.float32), np.zeros((5, small.id_dim), np.float32), small
     )
     assert built.num_parameters() == small.trainable_parameters()
+    # tables narrower than the floor of 8 are never widened: a fitting config is unchanged,
+    # a narrowed one keeps them as they are
+    thin = StudentConfig(dim=32, text_dim=4, id_dim=6)
+    assert thin.scaled_to(20 * thin.trainable_parameters()) == thin
+    narrowed = thin.scaled_to(10)
+    assert (narrowed.dim, narrowed.text_dim, narrowed.id_dim) == (16, 4, 6)
 
 
 @pytest.mark.parametrize(

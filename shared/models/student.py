@@ -154,8 +154,9 @@ class StudentConfig:
         The teacher's size depends on its catalog (its ID table is trainable) while the
         student's does not (its tables are frozen), so a student that fits next to a large
         catalog's teacher can be too big next to a small one. ``dim`` shrinks in steps of 8
-        (``text_dim`` / ``id_dim`` with it, proportionally) down to 16; if even that is too
-        big, the smallest is returned and the caller reports the ratio.
+        (``text_dim`` / ``id_dim`` with it, proportionally, to no fewer than 8 and never
+        above their own width) down to 16; if even that is too big, the smallest is returned
+        and the caller reports the ratio. A config that fits is returned unchanged.
         """
         if teacher_trainable < 1 or not max_ratio > 0:
             raise ConfigError("teacher_trainable must be >= 1 and max_ratio > 0")
@@ -168,8 +169,9 @@ class StudentConfig:
             candidate = replace(
                 self,
                 dim=dim,
-                text_dim=max(8, round(self.text_dim * shrink)),
-                id_dim=max(8, round(self.id_dim * shrink)),
+                # the floor of 8 narrows no further; it never widens a narrower table
+                text_dim=min(self.text_dim, max(8, round(self.text_dim * shrink))),
+                id_dim=min(self.id_dim, max(8, round(self.id_dim * shrink))),
             )
             if candidate.trainable_parameters() <= budget:
                 return candidate
