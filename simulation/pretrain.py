@@ -124,6 +124,12 @@ def pretrain(
             teacher.member_scores = list(state["teacher_member_scores"])
             teacher.prior_scores = dict(state["teacher_prior_scores"])
             budget = _student_budget(teacher, student_config)
+            widths = (state["text_shape"][1], state["ids_shape"][1])
+            if widths != (budget.text_dim, budget.id_dim):  # sized by older code
+                raise ValueError(
+                    f"its student's tables are {widths[0]} / {widths[1]} wide, the student "
+                    f"config's {budget.text_dim} / {budget.id_dim}"
+                )
             with seeded(budget.seed):  # its draws are overwritten: keep the global RNG's
                 model = StudentModel(
                     np.zeros(state["text_shape"], np.float32),

@@ -541,6 +541,35 @@ def test_pretraining_leaves_the_global_rng_as_it_found_it(tmp_path: Path) -> Non
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+def test_a_cached_student_sized_by_other_code_is_retrained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key holds the configured student; the sized one is derived on load. A cache whose
+    tables another sizing rule made (e.g. before scaled_to stopped widening thin tables) is
+    retrained, not loaded under a config that misdescribes them."""
+    from simulation.pretrain import pretrain
+
+    ds = chain_dataset(n_users=40, length=8)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    teacher_cfg = replace(TINY_TEACHER, order="sequence", epochs=2)
+    student_cfg = replace(TINY_STUDENT, epochs=2)
+
+    def run() -> bool:
+        return pretrain(
+            ds, split, text_features(), tmp_path, teacher_config=teacher_cfg,
+            student_config=student_cfg,
+        ).cached  # fmt: skip
+
+    assert not run() and run()
+    sized = StudentConfig.scaled_to
+    monkeypatch.setattr(
+        StudentConfig,
+        "scaled_to",
+        lambda self, *args: replace(sized(self, *args), text_dim=self.text_dim - 2),
+    )
+    assert not run() and run()
+
+
 def test_set_order_trains_and_sees_no_order() -> None:
     """Trained on shuffled histories, the 'set' teacher scores a history the same whatever
     its order much more than the 'sequence' teacher does on the chain world."""
