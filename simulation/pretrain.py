@@ -316,6 +316,14 @@ def _members(text: str) -> int:
     return value
 
 
+def _cache_dir(text: str) -> str:
+    """``--cache-dir``: a folder, ``~`` expanded (as the simulation's ``cache-dir`` is); a
+    blank one, which would cache into the current folder, is refused by argparse."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be blank; omit it for the default")
+    return str(Path(text).expanduser())
+
+
 def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     """The options :func:`pretrain_from_args` reads (``--dataset``, ``--data-dir``,
     ``--seed``, ``--cache-dir``, ``--teacher-members``, ``--teacher-prior``), for the
@@ -324,7 +332,10 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> Non
     parser.add_argument("--data-dir", default=None, help="dataset folder (not for synthetic)")
     parser.add_argument("--seed", type=int, default=42, help="split and synthetic-world seed")
     parser.add_argument(
-        "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
+        "--cache-dir",
+        type=_cache_dir,
+        default=str(default_cache_root()),
+        help="pretraining cache root",
     )
     parser.add_argument(
         "--teacher-members",

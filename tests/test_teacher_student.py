@@ -570,6 +570,24 @@ def test_a_cached_student_sized_by_other_code_is_retrained(
     assert not run() and run()
 
 
+def test_benchmark_cache_dir_is_expanded_and_never_blank(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A blank --cache-dir cached into the current folder and ``~`` (``--cache-dir=~/x``,
+    which the shell leaves alone) made a folder named ``~`` there."""
+    import argparse
+
+    from simulation.pretrain import add_pretrain_arguments
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    add_pretrain_arguments(parser, "synthetic")
+    assert parser.parse_args(["--cache-dir", "~/c"]).cache_dir == str(tmp_path / "c")
+    for blank in ("", "  "):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--cache-dir", blank])
+
+
 def test_set_order_trains_and_sees_no_order() -> None:
     """Trained on shuffled histories, the 'set' teacher scores a history the same whatever
     its order much more than the 'sequence' teacher does on the chain world."""
