@@ -41,7 +41,7 @@ from shared.models.teacher import SASRecTeacher, TeacherConfig
 from shared.text.encoder import encode_items
 from shared.training.trainer import Validation, count_parameters
 from simulation.pipeline import run_ranks
-from simulation.pretrain import default_cache_root, encoder_config
+from simulation.pretrain import cache_dir_argument, default_cache_root, encoder_config
 from simulation.provenance import provenance, require_seeds, run_bench
 
 CENTRAL = "sasrec (all users)"
@@ -117,7 +117,10 @@ def main() -> None:
         "--runs", type=Path, nargs="*", default=[], help="federation run directories to pair"
     )
     parser.add_argument(
-        "--cache-dir", default=str(default_cache_root()), help="text-embedding cache root"
+        "--cache-dir",
+        type=cache_dir_argument,
+        default=str(default_cache_root()),
+        help="text-embedding cache root",
     )
     args = parser.parse_args()
     require_seeds(parser, args.seeds)

@@ -25,7 +25,7 @@ from shared.eval.compare import compare_pairs
 from shared.eval.protocol import CaseRanks, EvalConfig, split_ranks, summarize_each
 from shared.models.baselines import EASE
 from shared.ondevice.runtime import OnDeviceModel
-from simulation.pretrain import default_cache_root, pretrain_on
+from simulation.pretrain import cache_dir_argument, default_cache_root, pretrain_on
 from simulation.provenance import provenance, require_seeds, run_bench
 
 POPULATIONS = ("public", "federated")
@@ -86,7 +86,10 @@ def main() -> None:
         help="world (and split) seeds; the default leaves out 42, on which defaults were tuned",
     )
     parser.add_argument(
-        "--cache-dir", default=str(default_cache_root()), help="pretraining cache root"
+        "--cache-dir",
+        type=cache_dir_argument,
+        default=str(default_cache_root()),
+        help="pretraining cache root",
     )
     parser.add_argument(
         "--teacher-prior",

@@ -316,7 +316,7 @@ def _members(text: str) -> int:
     return value
 
 
-def _cache_dir(text: str) -> str:
+def cache_dir_argument(text: str) -> str:
     """``--cache-dir``: a folder, ``~`` expanded (as the simulation's ``cache-dir`` is); a
     blank one, which would cache into the current folder, is refused by argparse."""
     if not text.strip():
@@ -333,7 +333,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser, dataset: str) -> Non
     parser.add_argument("--seed", type=int, default=42, help="split and synthetic-world seed")
     parser.add_argument(
         "--cache-dir",
-        type=_cache_dir,
+        type=cache_dir_argument,
         default=str(default_cache_root()),
         help="pretraining cache root",
     )
