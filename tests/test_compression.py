@@ -456,6 +456,31 @@ def test_wrong_inputs_are_refused(fp32_path: Path, tmp_path: Path) -> None:
         OnDeviceModel(bad)
 
 
+def test_inputs_of_a_fixed_batch_or_another_length_are_refused_on_load(
+    fp32_path: Path, tmp_path: Path
+) -> None:
+    """A graph built for one row passed the one-row probe, then every batch of two failed
+    inside onnxruntime (a raw InvalidArgument)."""
+
+    def fix_dim(axis: int, size: int) -> Callable[[onnx.ModelProto], None]:
+        def edit(p: onnx.ModelProto) -> None:
+            for inp in p.graph.input:
+                inp.type.tensor_type.shape.dim[axis].dim_value = size
+            _restamp(p)  # a consistently built file
+
+        return edit
+
+    bad = _tampered(fp32_path, tmp_path / "batch1.onnx", fix_dim(0, 1))
+    with pytest.raises(ModelFileError, match="input 'items' has a fixed batch size of 1"):
+        OnDeviceModel(bad)
+    bad = _tampered(fp32_path, tmp_path / "seq7.onnx", fix_dim(1, 7))
+    with pytest.raises(ModelFileError, match=rf"fixed length of 7.*max_len={MAX_LEN}"):
+        OnDeviceModel(bad)
+    # a fixed length equal to max_len is what every call is padded to: it loads and scores
+    ok = OnDeviceModel(_tampered(fp32_path, tmp_path / "seq.onnx", fix_dim(1, MAX_LEN)))
+    assert ok.score([[1, 2], [3]]).shape == (2, N_ITEMS)
+
+
 def test_unsupported_opset_is_refused(fp32_path: Path, tmp_path: Path) -> None:
     def bump(p: onnx.ModelProto) -> None:
         for imp in p.opset_import:

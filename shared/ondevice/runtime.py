@@ -336,8 +336,9 @@ class OnDeviceModel:
     Everything that can be wrong with a model file is checked in the constructor and raised
     as :class:`ModelFileError` saying what was expected, what was found and what to do:
     unreadable/corrupt bytes, an opset newer than the installed runtime supports, missing or
-    mismatching metadata (catalog size, catalog fingerprint), wrong input names/types, and an
-    output whose width is not the catalog size (checked on a real probe inference).
+    mismatching metadata (catalog size, catalog fingerprint), wrong input names, types or
+    axes (a fixed batch, a fixed length other than ``max_len``), and an output whose width
+    is not the catalog size (checked on a real probe inference).
 
     Safe to share between threads: the single-user fast path reuses pre-allocated, pre-bound
     buffers under a lock; batched scoring allocates per call.
@@ -460,6 +461,22 @@ class OnDeviceModel:
                     f"{self.source}: input {name!r} is "
                     f"{_type_str(ttype.elem_type)}[rank {len(ttype.shape.dim)}], expected "
                     f"{_type_str(elem)}[batch, seq]; {_REEXPORT_HINT}"
+                )
+            # every call is max_len long (left-padded), and a batch is any size up to
+            # max_batch_size: a fixed batch passed the one-row probe, then a batch failed
+            # inside onnxruntime
+            batch, seq = ttype.shape.dim
+            if batch.HasField("dim_value"):
+                raise ModelFileError(
+                    f"{self.source}: input {name!r} has a fixed batch size of "
+                    f"{batch.dim_value}, expected a dynamic batch axis (scoring runs batches "
+                    f"of up to {self.config.max_batch_size} histories); {_REEXPORT_HINT}"
+                )
+            if seq.HasField("dim_value") and seq.dim_value != self.metadata.max_len:
+                raise ModelFileError(
+                    f"{self.source}: input {name!r} has a fixed length of {seq.dim_value}, "
+                    f"but the metadata says max_len={self.metadata.max_len} (every history is "
+                    f"padded to that length); the file is inconsistent — {_REEXPORT_HINT}"
                 )
         outputs = [o.name for o in graph.output]
         if outputs != [OUTPUT_NAME]:
