@@ -158,6 +158,15 @@ def test_rejects_non_text_input(encoder: ItemEncoder) -> None:
         encoder.encode(["ok", None])  # type: ignore[list-item]
 
 
+def test_non_ascii_text_encodes_and_a_lone_surrogate_is_refused(encoder: ItemEncoder) -> None:
+    """Accents and CJK are ordinary text; a lone surrogate (bytes decoded with
+    surrogateescape) has no UTF-8 form, and its cache key raised a raw UnicodeEncodeError."""
+    out = encoder.encode(["Amélie (2001)", "東京物語 (1953)", "Zoë 🎬"])
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(DataError, match=r"item text #1 is not valid Unicode.*'\\udce9'"):
+        encoder.encode(["ok", b"Am\xe9lie".decode("utf-8", errors="surrogateescape")])
+
+
 def test_encode_items_convenience(tmp_path: Path, encoder: ItemEncoder) -> None:
     out = encode_items(TEXTS[:3], _config(tmp_path))
     np.testing.assert_allclose(out, encoder.encode(TEXTS[:3]), atol=1e-6)

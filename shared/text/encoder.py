@@ -684,13 +684,23 @@ class ItemEncoder:
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
-    """Validate input: a sequence of str (a bare str would silently encode its characters)."""
+    """Validate input: a sequence of str (a bare str would silently encode its characters)
+    that UTF-8 can encode (a lone surrogate, e.g. from bytes decoded with
+    ``errors="surrogateescape"``, has no UTF-8 form: its cache key could not be computed)."""
     if isinstance(texts, str | bytes):
         raise DataError("encode() expects a sequence of texts, got a single string")
     items = list(texts)
     for i, text in enumerate(items):
         if not isinstance(text, str):
             raise DataError(f"item text #{i} is {type(text).__name__}, expected str: {text!r}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(
+                f"item text #{i} is not valid Unicode (a lone surrogate {text[exc.start]!r} at "
+                f"character {exc.start}: {text[:60]!r}); decode the item file with its real "
+                "encoding, or drop the undecodable bytes"
+            ) from None
     return items
 
 
