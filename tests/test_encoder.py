@@ -276,6 +276,48 @@ def test_a_killed_writes_temp_file_is_removed_by_a_later_write(
     assert not old.exists() and young.exists()
 
 
+def test_shards_of_model_identities_unused_for_a_month_are_removed_by_a_write(
+    cached_encoder: ItemEncoder,
+) -> None:
+    """Every other text-model, max_length, batch_size or cache format gets a shard of its
+    own, and none was ever removed: the folder grew with each. Only idle shard-named files
+    go; a shard in use, even only read, is kept."""
+    cached_encoder.encode(TEXTS[:1])
+    shard = cached_encoder.cache_path
+    assert shard is not None
+    folder = shard.parent
+    idle = folder / f"{'a' * 32}.npz"  # another model's, untouched for 31 days
+    recent = folder / f"{'b' * 32}.npz"  # another model's, written yesterday
+    foreign = [folder / "notes.npz", folder / f"{'C' * 32}.npz", folder / "kept.txt"]
+    month = time.time() - 31 * 86400
+    for file in [idle, recent, *foreign]:
+        file.write_bytes(b"x")
+        os.utime(file, (month, month))
+    day = time.time() - 86400
+    os.utime(recent, (day, day))
+    os.utime(shard, (month, month))  # ours: read by the next encoder, so in use again
+
+    again = ItemEncoder(_config(folder))
+    again.encode(TEXTS[:2])
+    assert again.last_num_cached == 1  # the old shard was read, not rebuilt
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        p.name for p in [shard, recent, *foreign]
+    )
+    assert time.time() - shard.stat().st_mtime < 3600
+
+
+def test_a_shard_that_is_only_read_is_marked_as_in_use(cached_encoder: ItemEncoder) -> None:
+    cached_encoder.encode(TEXTS[:1])
+    shard = cached_encoder.cache_path
+    assert shard is not None
+    month = time.time() - 31 * 86400
+    os.utime(shard, (month, month))
+    reader = ItemEncoder(_config(shard.parent))
+    reader.encode(TEXTS[:1])
+    assert reader.last_num_encoded == 0  # nothing written
+    assert time.time() - shard.stat().st_mtime < 3600  # not idle for another encoder's write
+
+
 def test_cache_write_leaves_no_temp_files(cached_encoder: ItemEncoder) -> None:
     cached_encoder.encode(TEXTS[:4])
     cached_encoder.encode(TEXTS)

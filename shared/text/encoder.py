@@ -19,6 +19,13 @@ recommender's item tower, so they must be (a) reproducible, (b) available offlin
   half-written cache (a killed write's temp file is removed by a later write); a shard that
   cannot be read is ignored with a warning and rebuilt. A long encode writes its progress
   every minute and when it is interrupted, so a rerun does not start again from nothing.
+* **Bounded cache folder.** Every other model identity (another ``text-model``,
+  ``max_length``, ``batch_size`` or :data:`CACHE_FORMAT_VERSION`) gets a shard of its own,
+  so old ones would pile up forever: a write removes the folder's other shards that have
+  been neither read nor written for :data:`SHARD_MAX_IDLE_SECONDS` (an encoder refreshes
+  its shard's modification time when it reads it, at most once a day). Removing one only
+  costs a re-encode of the same vectors (every forward pass has one shape), and only files
+  named like shards (``<32 hex>.npz``) are touched.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
+import stat
 import tempfile
 import threading
 import time
@@ -85,6 +94,13 @@ _WEIGHT_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _WEIGHT_DIGESTS_LOCK = threading.Lock()
 FLUSH_EVERY_SECONDS = 60.0
 """A long encode writes what it has encoded so far to the cache this often."""
+SHARD_MAX_IDLE_SECONDS = 30 * 24 * 3600.0
+"""A shard of another model identity neither read nor written for this long is removed by
+the next write to its cache folder (see the module docstring)."""
+SHARD_TOUCH_SECONDS = 24 * 3600.0
+"""A shard that is read is marked as in use (its modification time set to now) once it is
+this old, so a shard that is only read is not taken for an idle one."""
+_SHARD_NAME = re.compile(r"[0-9a-f]{32}\.npz")
 
 
 def default_cache_dir() -> str:
@@ -614,6 +630,12 @@ class ItemEncoder:
         loaded = self._load_shard(path)
         if loaded is not None:
             self._memo = {**self._memo, **loaded}
+            if time.time() - stamp[0] / 1e9 > SHARD_TOUCH_SECONDS:
+                # in use: not removed as idle. The stamp kept is the one read, so a file
+                # another process wrote meanwhile (which this may have touched) is still
+                # read before the next write merges into it
+                with suppress(OSError):
+                    os.utime(path)
         self._memo_stamp = stamp
         return self._memo
 
@@ -681,6 +703,38 @@ class ItemEncoder:
                     os.unlink(tmp_name)
         self._memo = merged
         self._memo_stamp = self._shard_stamp(path)
+        remove_idle_shards(path.parent, keep=path)
+
+
+def remove_idle_shards(
+    folder: Path, *, keep: Path, older_than: float = SHARD_MAX_IDLE_SECONDS
+) -> int:
+    """Remove the embedding shards in ``folder`` other than ``keep`` that have been neither
+    read nor written for ``older_than`` seconds: those of model identities no longer used
+    (another model, ``max_length``, ``batch_size`` or cache format), which nothing else
+    would ever delete. Only regular files named like a shard are considered; one that cannot
+    be removed is skipped. Returns how many were removed."""
+    now = time.time()
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name == keep.name or not _SHARD_NAME.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.lstat()
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= older_than:
+                continue
+            entry.unlink()
+        except OSError:
+            continue
+        removed += 1
+        logger.info(
+            "removed the embedding cache %s, unused for over %.0f days", entry, older_than / 86400
+        )
+    return removed
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
