@@ -382,6 +382,21 @@ def test_model_key_depends_on_preprocessing_not_calls() -> None:
     assert model_cache_key(model_dir, 128) != model_cache_key(model_dir, 64)
 
 
+def test_model_key_separates_gpu_vectors_and_keeps_cpu_keys(encoder: ItemEncoder) -> None:
+    """A GPU's vectors differ from the CPU's in their last bits: a cache shared by both would
+    make a CPU run's figures depend on which ran first. CPU keys stay what they were."""
+    model_dir = bundled_model_dir()
+    cpu = model_cache_key(model_dir, 128)
+    assert model_cache_key(model_dir, 128, device_type="cpu") == cpu
+    assert model_cache_key(model_dir, 128, device_type="cuda") != cpu
+    assert model_cache_key(model_dir, 128, device_type="cuda") != model_cache_key(
+        model_dir, 128, device_type="mps"
+    )
+    assert encoder.model_key == model_cache_key(
+        encoder.model_dir, encoder.config.max_length, encoder.config.batch_size
+    )
+
+
 def test_model_key_follows_the_weights_contents(tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(bundled_model_dir(), copy)

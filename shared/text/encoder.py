@@ -167,7 +167,12 @@ DEFAULT_BATCH_SIZE = 16
 """Rows of every forward pass unless :class:`EncoderConfig` says otherwise."""
 
 
-def model_cache_key(model_dir: Path, max_length: int, batch_size: int = DEFAULT_BATCH_SIZE) -> str:
+def model_cache_key(
+    model_dir: Path,
+    max_length: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device_type: str = "cpu",
+) -> str:
     """Identity of (model, preprocessing) used to name the cache shard; 32 hex chars.
 
     Covers, via SHA-256:
@@ -180,7 +185,10 @@ def model_cache_key(model_dir: Path, max_length: int, batch_size: int = DEFAULT_
       (``cp -p``, ``rsync -a``, ``tar x``) cannot carry changed weights past the key;
     * ``max_length`` (it truncates long texts, so it changes their vectors), ``batch_size``
       (the shape of every forward pass, which moves a vector's last bits) and
-      :data:`CACHE_FORMAT_VERSION` (pooling + normalisation).
+      :data:`CACHE_FORMAT_VERSION` (pooling + normalisation);
+    * the device type when it is not ``"cpu"`` (a GPU's kernels move a vector's last bits,
+      so a cache shared by GPU and CPU runs would make a CPU run's figures depend on which
+      ran first); CPU keys are those of the code before the device was part of the key.
 
     The directory's *path* is not part of the key: the same files seen through another path
     (symlink, mounted volume preserving mtimes) share one cache.
@@ -188,6 +196,8 @@ def model_cache_key(model_dir: Path, max_length: int, batch_size: int = DEFAULT_
     digest = hashlib.sha256()
     digest.update(CACHE_FORMAT_VERSION.encode())
     digest.update(f"\0max_length={max_length}\0batch_size={batch_size}\0".encode())
+    if device_type != "cpu":
+        digest.update(f"device={device_type}\0".encode())
     for name in _HASHED_FILES:
         file = model_dir / name
         if file.is_file():
@@ -455,7 +465,10 @@ class ItemEncoder:
         """Cache identity of the model + preprocessing (see :func:`model_cache_key`)."""
         if self._model_key is None:
             self._model_key = model_cache_key(
-                self.model_dir, self.config.max_length, self.config.batch_size
+                self.model_dir,
+                self.config.max_length,
+                self.config.batch_size,
+                _resolve_device(self.config.device).type,
             )
         return self._model_key
 
