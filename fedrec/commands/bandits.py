@@ -34,6 +34,7 @@ from shared.bandits.harness import (
 from shared.bandits.policies import BanditConfig
 from shared.config import field_names, from_flat, parse_run_config
 from shared.errors import ConfigError, DataError
+from shared.eval.splits import MAX_SEED
 from shared.io import (
     REPORT_MODE,
     check_file_name,
@@ -646,8 +647,12 @@ def _check_common(
 
 def _distinct_seeds(seeds: Sequence[int] | None, default: Sequence[int]) -> list[int]:
     """The seeds given (else ``default``); a repeated one is refused: each seed is one run,
-    and the means would count it twice."""
+    and the means would count it twice. So is one the splits cannot take, before the run:
+    ``tune --world ml-100k`` refused it only after encoding every item's text (minutes)."""
     chosen = list(seeds) if seeds else list(default)
+    for seed in chosen:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be an integer >= 0 and at most 2**63 - 1, got {seed}")
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"--seed values must be distinct (each is one run), got {chosen}")
     return chosen
