@@ -806,6 +806,20 @@ def test_cli_refuses_a_seed_out_of_range_before_the_run(
         assert "--seed must be an integer >= 0 and at most 2**63 - 1" in str(result.exception)
 
 
+def test_cli_refuses_steps_beyond_what_the_traces_can_hold(tmp_path: Path) -> None:
+    """--steps 10000000000 failed allocating the per-step traces with a raw traceback
+    (numpy's "Unable to allocate 14.6 TiB"), --steps 10**20 with "Maximum allowed dimension
+    exceeded"."""
+    from fedrec.commands.bandits import app
+
+    for steps in (10**10, 10**20):
+        args = ["evaluate", "--steps", str(steps), "--no-plots", "-o", str(tmp_path)]
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, ConfigError), result.exception
+        assert "--steps must be an integer in [1, 100000]" in str(result.exception)
+    assert SimulationConfig(steps=100_000).steps == 100_000
+
+
 def test_a_slate_larger_than_top_n_takes_the_next_best_candidates() -> None:
     """k above top_n still fills the slate (from the best-scored candidates), as the daemon's
     GET /recommendations?k= promises; the policy re-ranks only among them."""

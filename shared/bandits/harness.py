@@ -79,6 +79,9 @@ REGRET_TARGET = 0.8
 COVERAGE_TARGET = 3.0
 """... with catalog coverage >= 3x greedy's."""
 BASE_MODELS: tuple[str, ...] = ("ease", "itemknn", "text")
+MAX_STEPS = 100_000
+"""Most steps per session: 500x the default. Every arm keeps ``users x steps`` traces (a few
+GiB at this bound), so an unbounded ``--steps`` failed allocating them with a traceback."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class SimulationConfig:
         for name, low in (("world_seed", 0), ("n_world_users", 10), ("seed", 0)):
             _check_int(name, getattr(self, name), low)
         _check_int("n_users", self.n_users, 1)
-        _check_int("steps", self.steps, 1)
+        _check_int("steps", self.steps, 1, MAX_STEPS)
         if self.features not in FEATURE_SOURCES:
             raise ConfigError(
                 f"--features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}"
@@ -144,10 +147,11 @@ class SimulationConfig:
 _FLAGS = {"n_users": "--users", "steps": "--steps", "seed": "--seed", "world_seed": "--seed"}
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if not is_int(value) or value < low:
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if not is_int(value) or value < low or (high is not None and value > high):
         key = _FLAGS.get(name, name.replace("_", "-"))
-        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{key} must be an integer {bound}, got {value!r}")
 
 
 def default_arms(base: BanditConfig | None = None) -> list[Arm]:
