@@ -472,6 +472,25 @@ def test_corrupt_state_is_refused() -> None:
         make_policy(_cfg(), N_ITEMS).load_state_dict("not a dict")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("name", ["linucb", "thompson", "epsilon_greedy"])
+def test_a_finite_posterior_near_the_float_limit_loads_and_keeps_learning(name: str) -> None:
+    """A state whose A (finite, symmetric, positive definite: it passed every check) held an
+    entry near 1e308 became infinite when symmetrised on load: load_state_dict raised a bare
+    ValueError (which the device, catching ModelFileError, did not take for a corrupt state:
+    every slate failed) and left the policy half-loaded; an update overflowed the same way."""
+    config = _cfg(policy=name, mmr_lambda=0.5)
+    state = make_policy(config, N_ITEMS).state_dict()
+    state["posterior"]["A"][3][3] = 1e308
+    policy = make_policy(config, N_ITEMS)
+    policy.load_state_dict(state)
+    for step in range(70):  # past refresh_every (64): rank updates and a refresh
+        slate = policy.select(*_inputs(step), rng=np.random.default_rng(step))
+        assert policy.update_many(slate.tolist(), [1.0, 0.0, 1.0]) == 3
+    post = policy.posterior
+    assert np.isfinite(post.A).all() and np.isfinite(post.A_inv).all()
+    assert np.isfinite(post.theta).all() and post.n_updates == 210
+
+
 def test_a_posterior_survives_settings_that_do_not_change_its_meaning() -> None:
     """An owner tuning how boldly the device explores, its slate size, diversity or seed
     kept nothing the policy had learned: the whole config had to be equal."""

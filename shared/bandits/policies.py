@@ -320,7 +320,7 @@ class LinearPosterior:
         new_b = self.b + x.T @ r
         if not (np.isfinite(new_a).all() and np.isfinite(new_b).all()):
             return False
-        new_a = 0.5 * (new_a + new_a.T)
+        new_a = 0.5 * new_a + 0.5 * new_a.T  # halves first: no overflow near the limit
         old = (self.A, self.b, self.A_inv)
         self.A, self.b = new_a, new_b
         self._chol = None
@@ -396,20 +396,22 @@ class LinearPosterior:
             raise ModelFileError(f"bandit n_updates must be an integer >= 0, got {n_updates!r}")
         if not np.allclose(a, a.T, rtol=1e-10, atol=1e-10 * max(1.0, float(np.abs(a).max()))):
             raise ModelFileError("bandit posterior matrix A is not symmetric")
+        # halves first: a + a.T overflows for entries near the float64 limit (a corrupt but
+        # finite A then became infinite here and every later select failed)
+        sym = 0.5 * a + 0.5 * a.T
         try:
-            chol = np.linalg.cholesky(a)
+            np.linalg.cholesky(sym)
         except np.linalg.LinAlgError:
             raise ModelFileError("bandit posterior matrix A is not positive definite") from None
-        del chol
         if abs(precision - self.prior_precision) > 1e-9 * self.prior_precision:
             raise ModelFileError(
                 f"bandit prior precision {precision} does not match the config's "
                 f"{self.prior_precision}"
             )
-        if float(np.linalg.eigvalsh(a).min()) < precision * (1 - 1e-6):
+        if float(np.linalg.eigvalsh(sym).min()) < precision * (1 - 1e-6):
             # A = A_0 + sum x x^T can never have an eigenvalue below the prior precision
             raise ModelFileError("bandit posterior matrix A is below its prior precision")
-        self.A = 0.5 * (a + a.T)
+        self.A = sym
         self.b = b
         self.prior_mean = theta0
         self.prior_precision = precision
