@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -916,3 +917,33 @@ def test_exploration_keeps_a_posterior_saved_under_the_labels_of_earlier_version
     again = BanditReranker(BanditConfig(), store)
     again.on_model(model)
     assert again.state()["posterior"] == first.state()["posterior"]
+
+
+def test_exploration_keeps_the_features_saved_under_the_label_of_an_earlier_version(
+    store: DeviceStore,
+) -> None:
+    """The posterior saved under the bare label ("3") was kept after the upgrade, but the
+    features it was learned under were recomputed (from the personal refit then served, they
+    differ): the kept weights applied to other columns, the defect the stored features fix."""
+    from client.device.exploration import FEATURES_KEY, STATE_KEY, BanditReranker
+    from shared.bandits.policies import BanditConfig
+
+    personal = OnDeviceModel(tiny_onnx(n_items=40, catalog="forty", version="3+personal"))
+    first = BanditReranker(BanditConfig(), store)
+    first.on_model(personal)
+    first.rerank(np.arange(40, dtype=np.int64), np.linspace(1, 0, 40), 4, slate_id="s")
+    # as an earlier version saved them: bare label, features first computed from model 3
+    learned_under = np.full((40, BanditConfig().feature_dim), 0.25)
+    legacy = {
+        "model_version": "3",
+        "shape": list(learned_under.shape),
+        "float64": base64.b64encode(learned_under.astype("<f8").tobytes()).decode(),
+    }
+    state = {**store.get_state(STATE_KEY), "model_version": "3"}
+    store.update_state({STATE_KEY: state, FEATURES_KEY: legacy})
+    again = BanditReranker(BanditConfig(), store)
+    again.on_model(personal)
+    again.rerank(np.arange(40, dtype=np.int64), np.linspace(1, 0, 40), 4, slate_id="t")
+    assert store.get_state(FEATURES_KEY) == legacy  # reused, not recomputed and replaced
+    contexts = again.state()["pending"][-1][1]  # [1, z(score), features]
+    assert contexts[2:] == [0.25] * BanditConfig().feature_dim

@@ -32,7 +32,7 @@ import binascii
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -184,6 +184,19 @@ class BanditReranker:
             self._policy = self._restore(model)
         return self._policy, self._features
 
+    def _saved_for_this_model(self, saved: object) -> TypeGuard[dict[str, Any]]:
+        """Whether a stored value (posterior or features) belongs to the global model served.
+
+        One saved before the key named the catalog holds the bare label ("7"): still this
+        model's (a catalog of another size fails the shape checks, and starts fresh). The
+        features and the posterior learned under them are judged alike: recomputed features
+        (from a personal refit served at the upgrade) no longer matched the posterior kept."""
+        legacy = (self._model_version or "").split("@", 1)[0]
+        return isinstance(saved, dict) and saved.get("model_version") in (
+            self._model_version,
+            legacy,
+        )
+
     def _stored_features(self, n_items: int) -> npt.NDArray[np.float64] | None:
         """The features this global version's posterior was learned under, as first computed.
 
@@ -192,7 +205,7 @@ class BanditReranker:
         posterior, whose weights then applied to other columns."""
         saved = self.store.get_state(FEATURES_KEY)
         shape = [n_items, self.config.feature_dim]
-        if not isinstance(saved, dict) or saved.get("model_version") != self._model_version:
+        if not self._saved_for_this_model(saved):
             return None
         try:
             if saved.get("shape") != shape:
@@ -216,13 +229,7 @@ class BanditReranker:
         self._stored_pending = None
         policy = make_policy(self.config, model.n_items)
         saved = self.store.get_state(STATE_KEY)
-        # a state saved before the key named the catalog holds the bare label ("7"): still
-        # this model's (a catalog of another size fails to load below, and starts fresh)
-        legacy = (self._model_version or "").split("@", 1)[0]
-        if not isinstance(saved, dict) or saved.get("model_version") not in (
-            self._model_version,
-            legacy,
-        ):
+        if not self._saved_for_this_model(saved):
             return policy
         state = saved.get("policy")
         try:
