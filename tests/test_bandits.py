@@ -658,6 +658,62 @@ def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:
     assert "meets_targets_user_coverage_every_seed" in summary["linucb"]
 
 
+def test_candidates_are_unseen_items_also_when_top_n_exceeds_them() -> None:
+    """With top_n above a user's unseen items, the history (scored -inf) entered the
+    candidates: the oracle could "show" items the user had already seen, so the regret
+    against the candidates exceeded the regret against every unseen item."""
+    world = generate_world(SyntheticConfig(seed=3, n_users=150, n_items=80, mean_interactions=12))
+    shape: dict[str, Any] = {"top_n": 80, "slate_size": 10, "feature_dim": 6, "mmr_lambda": 1.0}
+    arms = [Arm("greedy", BanditConfig(policy="greedy", **shape))]
+    cfg = SimulationConfig(world_seed=3, n_world_users=150, n_users=15, steps=5, features="mf")
+    report = run_simulation(cfg, arms, world=world)
+    oracle = report["oracle_expected_clicks_per_step"]
+    assert oracle <= report["oracle_all_unseen_expected_clicks_per_step"] + 1e-9
+    greedy = report["arms"]["greedy"]
+    assert greedy["final_regret"] <= greedy["regret_vs_all_unseen"] + 1e-9
+
+
+def test_replay_candidates_are_unseen_items_also_when_top_n_exceeds_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replay's candidates, likewise: with top_n above a device's unseen items its slates
+    were filled up with items of its own history."""
+    import shared.bandits.replay as replay
+
+    ds = _without_repeats(make_dataset(n_users=40, n_items=30, length=10, seed=2))
+    rng = np.random.default_rng(0)
+    ratings = [rng.integers(1, 6, size=len(s)).astype(float) for s in ds.sequences]
+    cfg = ReplayConfig(seed=1, window=4, min_history=4, features="text")
+    streams = replay.replay_streams(ds, split_users(ds, SplitConfig(seed=1)), ratings, cfg)
+    histories = [set(h.tolist()) for h in streams.histories]
+    shown: list[set[int]] = []
+
+    def spying_policy(config: BanditConfig, n_items: int) -> Policy:
+        policy = make_policy(config, n_items)
+        real = policy.select
+        seen: set[int] = set()
+        shown.append(seen)
+
+        def select(*args: Any, **kwargs: Any) -> np.ndarray:
+            slate = real(*args, **kwargs)
+            seen.update(slate.tolist())
+            return slate
+
+        policy.select = select  # type: ignore[method-assign]
+        return policy
+
+    def embed(texts: Any) -> np.ndarray:
+        return np.random.default_rng(1).standard_normal((len(texts), 6)).astype(np.float32)
+
+    monkeypatch.setattr(replay, "make_policy", spying_policy)
+    shape: dict[str, Any] = {"top_n": 30, "slate_size": 25, "feature_dim": 4, "mmr_lambda": 1.0}
+    arm = Arm("greedy", BanditConfig(policy="greedy", **shape))
+    run_replay(ds, ratings, [arm], cfg, embed, mmr_grid=(1.0,))
+    assert len(shown) == len(histories) > 0
+    for seen, history in zip(shown, histories, strict=True):
+        assert seen and not seen & history
+
+
 def _without_repeats(ds: RecDataset) -> RecDataset:
     """``ds`` with each user's later interactions with an item dropped, as in MovieLens (the
     protocol ranks the test item against items outside the history)."""

@@ -296,6 +296,8 @@ def run_simulation(
         scores = np.asarray(base.score([hist])[0], dtype=np.float64)
         scores[hist] = -np.inf
         cand = top_k(scores, top_n)
+        # fewer unseen items than top_n: the history (-inf) is no candidate, nor the oracle's
+        cand = cand[np.isfinite(scores[cand])]
         candidate_pool[cand] = True
         prefs = np.asarray(world.true_preference(u, cand), dtype=np.float64)
         oracle[row] = float(np.sort(prefs)[-k:].sum())
