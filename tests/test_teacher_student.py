@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from shared.compression.prune import PruneConfig
@@ -139,6 +140,32 @@ def small_student(dropout: float = 0.0) -> StudentModel:
             rng.normal(size=(N_ITEMS, 12)).astype(np.float32),
             config,
         )
+
+
+def test_module_device_is_where_the_parameters_or_buffers_are() -> None:
+    from shared.models.sequence import module_device
+
+    assert module_device(small_student()) == torch.device("cpu")
+    assert module_device(nn.Identity()) == torch.device("cpu")  # nothing to move to
+    holder = nn.Module()
+    holder.register_buffer("b", torch.zeros(1, device="meta"))
+    assert module_device(holder).type == "meta"  # a module with buffers only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_student_on_the_gpu_scores_and_sets_its_cold_user_as_on_the_cpu() -> None:
+    """score_histories and set_cold_user built their batches on the CPU, so a model held on
+    a GPU failed with a device mismatch."""
+    from shared.models.sequence import score_histories
+
+    histories = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9, 10, 11, 12, 13])]
+    cpu, gpu = small_student(), small_student().cuda()
+    for model in (cpu, gpu):
+        model.set_cold_user(histories)
+    assert torch.allclose(cpu.cold_user, gpu.cold_user.cpu(), atol=1e-5)
+    want = score_histories(cpu, [*histories, np.array([], dtype=np.int64)], 8, N_ITEMS)
+    got = score_histories(gpu, [*histories, np.array([], dtype=np.int64)], 8, N_ITEMS)
+    assert np.allclose(want, got, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- building blocks

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from shared.data.dataset import IntArray
 from shared.errors import DataError
 from shared.federated.local_config import LocalTrainConfig
-from shared.models.sequence import next_item_cross_entropy, pad_histories
+from shared.models.sequence import module_device, next_item_cross_entropy, pad_histories
 from shared.models.student import StudentModel
 from shared.training.trainer import seeded
 
@@ -79,11 +79,6 @@ def check_items(sequence: IntArray, n_items: int) -> None:
     seq = np.asarray(sequence)
     if len(seq) and (seq.min() < 0 or seq.max() >= n_items):
         raise DataError(f"local data references items outside the catalog [0, {n_items})")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where ``model``'s parameters live (inputs are moved there)."""
-    return next(model.parameters()).device
 
 
 _dp_random: random.Random = secrets.SystemRandom()
@@ -148,7 +143,7 @@ def train_global_dp(
     """
     check_items(sequence, model.n_items)
     items, mask, targets = next_item_examples(sequence, model.config.max_len, config.max_examples)
-    device = model_device(model)
+    device = module_device(model)
     items, mask, targets = items.to(device), mask.to(device), targets.to(device)
     n = len(targets)
     batch = min(config.batch_size, n)
@@ -297,7 +292,7 @@ def fit_personal(
         return math.nan
     check_items(history, model.n_items)
     items, mask, targets = next_item_examples(history, model.config.max_len, max_examples)
-    device = model_device(model)
+    device = module_device(model)
     items, mask, targets = items.to(device), mask.to(device), targets.to(device)
     model.set_trainable(["personal"])
     model.train()

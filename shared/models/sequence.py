@@ -221,6 +221,16 @@ def svd_compress(
     return coords.astype(np.float32)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for one with neither),
+    where inputs built on the CPU must go before a forward pass."""
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
 def score_histories(
     model: nn.Module,
     histories: Sequence[IntArray],
@@ -232,7 +242,10 @@ def score_histories(
 
     Each history is cut to its last ``max_len`` items and left-padded to the longest in its
     batch; models that number positions by recency score it exactly as in a longer window.
+    The batches go to the device the model's parameters are on (a model on a GPU scores
+    there), and the scores come back to the CPU.
     """
+    device = module_device(model)
     was_training = model.training
     model.eval()
     out = np.empty((len(histories), n_items), dtype=np.float32)
@@ -240,7 +253,8 @@ def score_histories(
         with torch.no_grad():
             for start in range(0, len(histories), batch_size):
                 items, mask = pad_histories(histories[start : start + batch_size], max_len)
-                out[start : start + len(items)] = model(items, mask).float().numpy()
+                scores = model(items.to(device), mask.to(device))
+                out[start : start + len(items)] = scores.float().cpu().numpy()
     finally:
         model.train(was_training)
     return out

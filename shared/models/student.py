@@ -318,6 +318,7 @@ class StudentModel(nn.Module):
                 items, mask = pad_histories(
                     windows[start : start + batch_size], self.config.max_len
                 )
+                items, mask = items.to(total.device), mask.to(total.device)
                 total += self.pool(self.items(items), mask).sum(dim=0)
         finally:
             self.train(was_training)
