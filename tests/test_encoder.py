@@ -8,6 +8,7 @@ the Hub is forced offline below and one test proves loading opens no network con
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -444,6 +445,30 @@ def test_an_encoder_decoder_model_is_refused_on_load(tmp_path: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(bundled_model_dir() / name, folder / name)
     with pytest.raises(ConfigError, match="encoder-decoder"):
+        ItemEncoder(_config(None, model_path=str(folder))).encode(["x"])
+
+
+def test_a_model_that_pools_otherwise_than_by_the_mean_is_refused(tmp_path: Path) -> None:
+    """The encoder mean-pools; a sentence-transformers model whose 1_Pooling/config.json
+    says CLS (or max) pooling was silently mean-pooled, i.e. not given its own vectors."""
+    from shared.text.encoder import _check_pooling
+
+    _check_pooling(bundled_model_dir())  # all-MiniLM-L6-v2 mean-pools
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    for item in bundled_model_dir().iterdir():
+        if item.name != "1_Pooling":
+            (folder / item.name).symlink_to(item)
+    _check_pooling(folder)  # no pooling file: a plain encoder, mean-pooled by choice
+    (folder / "1_Pooling").mkdir()
+    settings = folder / "1_Pooling" / "config.json"
+    settings.write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
+    with pytest.raises(ConfigError, match="pools with pooling_mode_cls_token"):
+        ItemEncoder(_config(None, model_path=str(folder))).encode(["x"])
+    settings.write_text("{not json")
+    with pytest.raises(ConfigError, match="could not read the pooling settings"):
         ItemEncoder(_config(None, model_path=str(folder))).encode(["x"])
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -359,6 +360,33 @@ _MODEL_POOL: dict[tuple[str, str, str], _LoadedModel] = {}
 _MODEL_POOL_LOCK = threading.Lock()
 
 
+def _check_pooling(model_dir: Path) -> None:
+    """Refuse a sentence-transformers model whose ``1_Pooling/config.json`` pools otherwise
+    than over the mean of its tokens: the encoder always mean-pools, so such a model's
+    vectors would silently not be the ones it was trained to give. A folder without that
+    file (a plain Hugging Face encoder) is mean-pooled by choice."""
+    config = model_dir / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return
+    try:
+        modes = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(
+            f"could not read the pooling settings {str(config)!r} ({exc}); restore the file "
+            f"or remove the folder's 1_Pooling to mean-pool it. {_INSTALL_HINT}"
+        ) from exc
+    if not isinstance(modes, dict):
+        raise ConfigError(f"{str(config)!r} is not a JSON object of pooling settings")
+    chosen = sorted(k for k, v in modes.items() if k.startswith("pooling_mode_") and v is True)
+    if chosen != ["pooling_mode_mean_tokens"]:
+        raise ConfigError(
+            f"the model at {str(model_dir)!r} pools with {', '.join(chosen) or 'no mode'} "
+            f"({str(config)!r}); the item encoder mean-pools token states, which would not "
+            f"give this model's sentence vectors. Use a mean-pooling sentence encoder (as "
+            f"all-MiniLM-L6-v2). {_INSTALL_HINT}"
+        )
+
+
 def _load_model(model_dir: Path, model_key: str, device: str, show_progress: bool) -> _LoadedModel:
     """Load tokenizer and model from a local directory once per process; never uses the Hub.
 
@@ -370,6 +398,7 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
 
     resolved = _resolve_device(device)
     path = str(model_dir)
+    _check_pooling(model_dir)
     pool_key = (model_key, path, str(resolved))
     with _MODEL_POOL_LOCK:
         cached = _MODEL_POOL.get(pool_key)
