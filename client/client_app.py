@@ -12,7 +12,8 @@ record layout (``fitins.parameters``, ``fitres.metrics``, ...), because both
 *update* (new - received parameters), validated and optionally L2-clipped; a declined
 client sends a zero update with zero weight (neutral under FedAvg and SecAgg+); a task
 failure becomes a Flower error reply, so the server counts the client as failed and
-the round goes on.
+the round goes on. The reply names only the kind of failure (:data:`ERROR_KINDS`): the
+exception's text, which can hold local paths and device details, is logged here.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from flwr.compat.common.recorddict_compat import (
 
 from server.secagg import secaggplus_when_requested_mod, under_secagg
 from shared.config import coerce, is_int
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, ModelFileError, PrivacyBudgetExceededError
 from shared.federated.local_config import noise_shares_clip_problem
 from shared.federated.task import (
     CONFIG_RUN_ID,
@@ -67,7 +68,12 @@ from shared.federated.task import (
     RunConfigValue,
     get_task,
 )
-from shared.federated.validation import clip_update_l2, l2_norm, validate_update
+from shared.federated.validation import (
+    InvalidUpdateError,
+    clip_update_l2,
+    l2_norm,
+    validate_update,
+)
 from shared.privacy.budget import PrivacyBudget
 
 DEFAULT_TASK = "toy-linear"
@@ -275,9 +281,39 @@ def encode_fit_outcome(
     return fitres_to_recorddict(fitres, keep_input=False)
 
 
+#: The kind of failure an error reply names, most specific class first, with the generic
+#: text the server gets for it. The exception's own text stays in this client's log: it can
+#: hold local paths (a device's state directory, its bundle), counts of its user's events or
+#: other device details, and the server needs only to count the client as failed and to
+#: tell a configuration it sent apart from a problem on the device.
+ERROR_KINDS: tuple[tuple[type[BaseException], str, str], ...] = (
+    (PrivacyBudgetExceededError, "privacy-budget", "the client's privacy budget refused it"),
+    (InvalidUpdateError, "invalid-update", "the received or trained arrays failed validation"),
+    (ConfigError, "config", "the client refused the run or round configuration"),
+    (ModelFileError, "model-file", "the client's model files are missing or do not match"),
+    (DataError, "data", "the client's local data cannot be used for this task"),
+    (TaskFailedError, "task", "the task reported a failure"),
+    (MemoryError, "out-of-memory", "the client ran out of memory"),
+    (OSError, "io", "a file or device operation on the client failed"),
+)
+#: The kind of any other exception.
+ERROR_KIND_INTERNAL = ("internal", "unexpected error in the client app")
+
+
+def error_kind(exc: BaseException) -> tuple[str, str]:
+    """The stable kind of ``exc`` and the generic text an error reply carries for it."""
+    for cls, kind, text in ERROR_KINDS:
+        if isinstance(exc, cls):
+            return kind, text
+    return ERROR_KIND_INTERNAL
+
+
 def _error_reply(msg: Message, exc: BaseException, phase: str) -> Message:
-    reason = f"fedrec {phase} failed: {type(exc).__name__}: {exc}"
-    log(WARNING, "%s", reason)
+    """An error reply naming only the kind of failure (:func:`error_kind`); the full
+    exception goes to this client's log (the SuperNode's stderr on a device), for its owner."""
+    kind, text = error_kind(exc)
+    log(WARNING, "fedrec %s failed (%s): %s: %s", phase, kind, type(exc).__name__, exc)
+    reason = f"fedrec {phase} failed: {kind}: {text} (details in the client's log)"
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
@@ -388,11 +424,12 @@ def make_client_app(
 ) -> ClientApp:
     """Build the ``ClientApp``.
 
-    ``run_config`` entries override ``context.run_config`` (the Python simulation API
-    gives clients an empty run config); a key no app reads is refused, here when
-    ``run_config`` names the task, else in each reply (an error reply naming the key).
-    ``extra_mods`` run outermost, before the
-    SecAgg+ mod (e.g. message-size logging, or fault injection in tests).
+        ``run_config`` entries override ``context.run_config`` (the Python simulation API
+        gives clients an empty run config); a key no app reads is refused, here when
+        ``run_config`` names the task, else in each reply (an error reply of kind ``config``;
+    the client's log names the key).
+        ``extra_mods`` run outermost, before the
+        SecAgg+ mod (e.g. message-size logging, or fault injection in tests).
     """
     overrides = dict(run_config or {})
     if "task" in overrides:  # it wins over the context's: the task is known now

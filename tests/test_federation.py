@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_RESULTS
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.compat.common.recorddict_compat import (
@@ -92,6 +93,18 @@ def _task_identity() -> None:
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = 1
         TaskIdentity.task_id = 1
+
+
+@pytest.fixture
+def client_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """``caplog`` with the WARNING lines of Flower's logger (the ClientApp's log), which
+    does not pass its records on to the root logger's handlers."""
+    FLOWER_LOGGER.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            yield caplog
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -403,18 +416,21 @@ def test_train_handler_clips_the_update_norm() -> None:
 
 
 @pytest.mark.parametrize("clip", [float("nan"), -1.0, float("inf"), "big"])
-def test_train_handler_refuses_an_update_clip_that_would_switch_clipping_off(clip: object) -> None:
+def test_train_handler_refuses_an_update_clip_that_would_switch_clipping_off(
+    clip: object, client_log: pytest.LogCaptureFixture
+) -> None:
     params = ToyLinearTask().initial_parameters()
     reply = make_client_app()(
         _fit_message(params, {"server-round": 1, "update-clip-norm": clip}),  # type: ignore[dict-item]
         _context(),
     )
-    assert reply.has_error() and "update-clip-norm must be a finite number >= 0" in (
-        reply.error.reason
-    )
+    assert reply.has_error() and "fedrec fit failed: config:" in reply.error.reason
+    assert "update-clip-norm must be a finite number >= 0" in client_log.text
 
 
-def test_train_handler_refuses_to_clip_an_update_that_carries_split_noise() -> None:
+def test_train_handler_refuses_to_clip_an_update_that_carries_split_noise(
+    client_log: pytest.LogCaptureFixture,
+) -> None:
     """With noise-shares > 1 an update holds 1/m of the round's DP noise; clipping it before
     the secure sum voids the argument the ledger is charged for. The client refuses it
     whatever the server sends, before training."""
@@ -422,7 +438,8 @@ def test_train_handler_refuses_to_clip_an_update_that_carries_split_noise() -> N
     app = make_client_app()
     split = _context(3, {"noise-shares": 2})
     reply = app(_fit_message(params, {"server-round": 1, "update-clip-norm": 0.01}), split)
-    assert reply.has_error() and "noise-shares > 1 cannot be combined" in reply.error.reason
+    assert reply.has_error() and "fedrec fit failed: config:" in reply.error.reason
+    assert "noise-shares > 1 cannot be combined" in client_log.text
     # either alone trains
     assert not app(_fit_message(params), split).has_error()
     clipped = _fit_message(params, {"server-round": 1, "update-clip-norm": 0.01})
@@ -439,21 +456,52 @@ def test_train_handler_declined_client_sends_zero_weight() -> None:
 
 
 @pytest.mark.parametrize(
-    ("run_config", "reason"),
+    ("run_config", "kind", "logged"),
     [
-        ({"toy-empty-clients": "3"}, "DataError: client 3 has no local training examples"),
-        ({"toy-nan-clients": "3"}, "InvalidUpdateError: task parameters array 0 contains 1 NaN"),
-        ({"task": "nope"}, "ConfigError: unknown federated task 'nope'"),
+        ({"toy-empty-clients": "3"}, "data", "DataError: client 3 has no local training examples"),
+        (
+            {"toy-nan-clients": "3"},
+            "invalid-update",
+            "InvalidUpdateError: task parameters array 0 contains 1 NaN",
+        ),
+        ({"task": "nope"}, "config", "ConfigError: unknown federated task 'nope'"),
     ],
 )
 def test_train_handler_turns_task_failures_into_error_replies(
-    run_config: RunConfig, reason: str
+    run_config: RunConfig, kind: str, logged: str, client_log: pytest.LogCaptureFixture
 ) -> None:
     params = ToyLinearTask().initial_parameters()
     reply = make_client_app()(_fit_message(params), _context(3, run_config))
     assert reply.has_error() and not reply.has_content()
     assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-    assert reason in str(reply.error.reason)
+    assert f"fedrec fit failed: {kind}: " in str(reply.error.reason)
+    assert logged in client_log.text and logged not in str(reply.error.reason)
+
+
+class _LeakyTask(ToyLinearTask):
+    """Fails as a device's task can: its errors name local paths and the user's data."""
+
+    def fit(self, client_id: int, parameters: Arrays, config: Mapping[str, Any]) -> FitOutcome:
+        raise DataError("event store /home/alice/.fedrec/events.db holds 1 event: 'Heat (1995)'")
+
+    def evaluate(self, client_id: int, parameters: Arrays, config: Mapping[str, Any]) -> Any:
+        raise FileNotFoundError(2, "No such file", "/home/alice/.fedrec/bundle/student.pt")
+
+
+def test_error_replies_name_the_kind_of_failure_but_no_device_detail(
+    client_log: pytest.LogCaptureFixture,
+) -> None:
+    """An error reply carried the exception's text to the server: local paths, the user's
+    events. It names the kind of failure only; the text stays in the client's log."""
+    register_task("leaky-test", lambda _cfg: _LeakyTask(), replace=True)
+    params = ToyLinearTask().initial_parameters()
+    app = make_client_app({"task": "leaky-test"})
+    fit, evaluate = app(_fit_message(params), _context()), app(_eval_message(params), _context())
+    assert fit.error.reason.startswith("fedrec fit failed: data: ")
+    assert evaluate.error.reason.startswith("fedrec evaluate failed: io: ")
+    for reply in (fit, evaluate):
+        assert "alice" not in reply.error.reason and "Heat" not in reply.error.reason
+    assert "/home/alice/.fedrec/events.db" in client_log.text and "student.pt" in client_log.text
 
 
 def test_train_handler_survives_a_malformed_message() -> None:
@@ -649,7 +697,7 @@ def test_erroring_client_does_not_stop_the_round(secagg: bool) -> None:
     assert len(reports) == 2
     first = reports[0]
     assert (first.fit.ok, first.fit.failed, first.fit.updated) == (4, 1, True)
-    assert "no local training examples" in first.fit.failures[0]
+    assert "fedrec fit failed: data: " in first.fit.failures[0]
     assert first.evaluate is not None and first.evaluate.failed == 1
     expected = _expected_fedavg(task, [0, 2, 3, 4], task.initial_parameters())
     assert _max_diff(first.parameters, expected) < _secagg_tolerance(task, [0, 2, 3, 4], 8.0, 2**22)
@@ -748,7 +796,7 @@ def test_the_python_api_refuses_a_misspelt_key_as_the_cli_does() -> None:
     # the clients' own settings (make_client_app) too: at once when they name the task ...
     with pytest.raises(ConfigError, match=r"unknown run_config key 'local-epoch'"):
         make_client_app({"task": "toy-linear", "local-epoch": 2})
-    # ... else in each reply: every client fails, naming the key; nothing is trained
+    # ... else in each reply: every client fails (its log names the key); nothing is trained
     reports: list[RoundReport] = []
     run_in_process(
         make_server_app({"num-rounds": 1, "eval-fraction": 0.0}, on_round_end=reports.append),
@@ -757,7 +805,7 @@ def test_the_python_api_refuses_a_misspelt_key_as_the_cli_does() -> None:
     )
     (report,) = reports
     assert report.fit.ok == 0 and not report.fit.updated
-    assert all("unknown run_config key 'lr-typo'" in f for f in report.fit.failures)
+    assert all("fedrec fit failed: config: " in f for f in report.fit.failures)
 
 
 def test_run_in_process_judges_keys_by_the_task_the_apps_were_built_with() -> None:

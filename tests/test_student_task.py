@@ -540,6 +540,7 @@ def test_split_noise_is_refused_outside_secagg_however_the_server_spells_it(
     tmp_path: Path,
     fit_config: dict[str, ConfigValue],
     run_config: dict[str, RunConfigValue],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """noise-shares > 1 adds only a share of the noise: without SecAgg+ the server would see
     the update with that share alone, so the client refuses before training and spends
@@ -572,8 +573,16 @@ def test_split_noise_is_refused_outside_secagg_however_the_server_spells_it(
         context = Context(1, 100, {"partition-id": 0}, RecordDict(), {})
         return make_client_app(config)(message, context)
 
-    refused = fit(fit_config)
-    assert refused.has_error() and "came without SecAgg+" in refused.error.reason
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
+    try:
+        with caplog.at_level("WARNING"):
+            refused = fit(fit_config)
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
+    assert refused.has_error() and "fedrec fit failed: config: " in refused.error.reason
+    assert "came without SecAgg+" in caplog.text  # in the client's log, not the reply
     assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()
     plain = fit({**fit_config, "noise-shares": 1})  # the same round without the split trains
     assert not plain.has_error(), plain.error.reason
