@@ -502,6 +502,7 @@ def _federate(
     except FedRecError:  # none verifies: the ServerApp refuses the run and says why
         resumed = None
     first = resumed.server_round + 1 if resumed is not None else 1
+    run.resume_at(first)  # TensorBoard: the rounds run again replace the earlier ones
     run.log("federate", first)  # where this process starts (its first round is a cold one)
     if resumed is not None:
         progress("resume", {"round": first - 1})

@@ -2,7 +2,10 @@
 checkpoints, plots and the report, all under one folder.
 
 Metrics are appended one JSON object per line and flushed at once, so a crash loses at most
-the line being written; TensorBoard gets the same scalars.
+the line being written; TensorBoard gets the same scalars, each step once: a resumed process
+does not write again what an earlier one logged (its pretraining at step 0), and the rounds
+it runs again (those after the checkpoint it resumed from) replace the earlier ones
+(:meth:`RunDirectory.resume_at`).
 
 One run uses a folder at a time (a lock, :data:`LOCK_FILE`): two would interleave their
 metrics and overwrite each other's checkpoints and ledgers.
@@ -24,6 +27,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.io import (
     REPORT_MODE,
@@ -95,6 +99,10 @@ class RunDirectory:
                 "--name"
             )
         self._tb: Any = None
+        # what earlier processes logged (event, step), read before this one logs anything
+        self._earlier: set[tuple[str, int]] | None = None
+        # TensorBoard hides the earlier processes' points from this step on (resume_at)
+        self._purge_from: int | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -212,9 +220,16 @@ class RunDirectory:
         return True
 
     def log(self, event: str, step: int, **metrics: Any) -> None:
-        """Append one record to ``metrics.jsonl`` and its numeric fields to TensorBoard."""
+        """Append one record to ``metrics.jsonl`` and its numeric fields to TensorBoard.
+
+        An ``event`` at a ``step`` that an earlier process logged goes to TensorBoard only
+        from :meth:`resume_at`'s step on, where the earlier points are hidden: TensorBoard
+        keeps every point it is given, so writing it again drew a second one at that step."""
+        earlier = self._earlier_steps()
         record = {"event": event, "step": step, "time": round(time.time(), 3), **metrics}
         append_line(self.metrics_path, json.dumps(record, default=_jsonable))
+        if (event, step) in earlier and (self._purge_from is None or step < self._purge_from):
+            return
         writer = self._writer()
         if writer is not None:
             for key, value in metrics.items():
@@ -222,6 +237,26 @@ class RunDirectory:
                 if numeric and math.isfinite(float(value)):
                     writer.add_scalar(f"{event}/{key}", float(value), step)
             writer.flush()
+
+    def resume_at(self, step: int) -> None:
+        """This process logs its rounds from ``step`` on (the round after the checkpoint it
+        resumed from): TensorBoard hides what earlier processes logged at ``step`` or later
+        (``SummaryWriter``'s ``purge_step``), which this one runs and logs again. Call it
+        before logging anything at ``step`` or later."""
+        if not any(logged >= step for _, logged in self._earlier_steps()):
+            return  # nothing to hide
+        if self._tb is not None:  # the purge is written when a writer starts
+            self._tb.close()
+            self._tb = None
+        self._purge_from = step
+
+    def _earlier_steps(self) -> set[tuple[str, int]]:
+        """The (event, step) pairs that earlier processes logged here."""
+        if self._earlier is None:
+            self._earlier = {
+                (str(r.get("event")), r["step"]) for r in self.records() if is_int(r.get("step"))
+            }
+        return self._earlier
 
     def records(self, event: str | None = None) -> Iterator[dict[str, Any]]:
         """Read back the logged records (a torn last line from a crash is skipped)."""
@@ -250,7 +285,7 @@ class RunDirectory:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency; degrade rather than crash
                 return None
-            self._tb = SummaryWriter(log_dir=str(self.tensorboard))
+            self._tb = SummaryWriter(log_dir=str(self.tensorboard), purge_step=self._purge_from)
         return self._tb
 
 

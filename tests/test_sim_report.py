@@ -36,6 +36,40 @@ def test_run_directory_logs_jsonl_and_skips_a_torn_line(tmp_path: Path) -> None:
     assert any(run.tensorboard.iterdir())
 
 
+def _tensorboard_scalars(run: RunDirectory) -> dict[str, list[tuple[int, float]]]:
+    """Each tag's (step, value) points as TensorBoard's loader shows them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run.tensorboard))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path: Path) -> None:
+    """A resumed process logged its pretraining again at step 0 and the rounds after the
+    checkpoint it resumed from again: TensorBoard drew two points at those steps (the line
+    going back). Each step is shown once now, with the values of the process that ran it."""
+    first = RunDirectory(tmp_path / "run")
+    first.log("pretrain", 0, seconds=9.0)
+    for server_round in (1, 2, 3):  # round 3's checkpoint is lost in the crash
+        first.log("round", server_round, loss=1.0 / server_round)
+    first.close()
+    again = RunDirectory(tmp_path / "run")
+    again.log("pretrain", 0, seconds=0.5)  # the cache, this time
+    again.resume_at(3)  # the newest checkpoint is round 2's
+    for server_round in (3, 4):
+        again.log("round", server_round, loss=0.1 * server_round)
+    again.close()
+    scalars = _tensorboard_scalars(again)
+    assert scalars["pretrain/seconds"] == [(0, 9.0)]
+    assert [s for s, _ in scalars["round/loss"]] == [1, 2, 3, 4]
+    assert scalars["round/loss"][2][1] == pytest.approx(0.3)  # the rerun round's value
+    # metrics.jsonl keeps every line (reports take a round's last one)
+    assert [r["step"] for r in again.records("round")] == [1, 2, 3, 3, 4]
+
+
 def test_a_run_directory_resumes_only_under_the_settings_it_was_trained_with(
     tmp_path: Path,
 ) -> None:
