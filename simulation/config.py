@@ -26,7 +26,7 @@ from shared.io import check_file_name
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
-from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS
+from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS, MAX_DENSE_ITEMS
 from shared.models.item_prior import DEFAULT_PRIOR
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 from shared.text.encoder import resolve_model_dir
@@ -75,6 +75,17 @@ RESUMABLE_KEYS = frozenset(
 """Keys a rerun of a run directory may change: how far it trains, how it is evaluated, and
 where and how it runs. Any other change would resume the checkpoints and privacy ledgers
 under settings they were not produced with (:meth:`simulation.run_dir.RunDirectory.claim`)."""
+
+
+MAX_SYNTHETIC_USERS = 100_000
+"""The most users a synthetic world may have. The world is generated and held in memory
+(about 30 KB and 2 ms a user: some 3 GB and minutes at this bound), and each of its users is
+a virtual client; ten times MovieLens-1M's users is far past what the simulation needs, and a
+typo such as ``1e10`` is refused at once instead of allocating until the machine gives out."""
+
+MAX_SYNTHETIC_ITEMS = MAX_DENSE_ITEMS
+"""The most items a synthetic world may have: the EASE baseline and the teacher's
+co-occurrence start build dense ``items x items`` matrices (3.2 GB each at this bound)."""
 
 
 def data_dir_key(data_dir: str) -> str:
@@ -214,10 +225,17 @@ class SimulationConfig:
         if self.text_model:
             resolve_model_dir(self.text_model, setting="text-model")
         self.split_config()  # the split's fractions, checked where they are defined
-        if self.synthetic_users < 1 or self.synthetic_items < 2:
+        if not 1 <= self.synthetic_users <= MAX_SYNTHETIC_USERS:
             raise ConfigError(
-                f"synthetic-users must be >= 1 and synthetic-items >= 2, got "
-                f"{self.synthetic_users} and {self.synthetic_items}"
+                f"synthetic-users must be between 1 and {MAX_SYNTHETIC_USERS:,}, got "
+                f"{self.synthetic_users}: the world is generated in memory (about 30 KB a "
+                "user); give fewer users, or a MovieLens dataset (--dataset) for a larger one"
+            )
+        if not 2 <= self.synthetic_items <= MAX_SYNTHETIC_ITEMS:
+            raise ConfigError(
+                f"synthetic-items must be between 2 and {MAX_SYNTHETIC_ITEMS:,}, got "
+                f"{self.synthetic_items}: the EASE baseline and the teacher's start build "
+                "dense items x items matrices; give fewer items"
             )
         for key in ("run_dir", "cache_dir"):  # `~` in a --run-config value too
             object.__setattr__(self, key, os.path.expanduser(getattr(self, key)))

@@ -320,6 +320,9 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         # a typo for 22 rounds, or an exponent: refused before anything is trained
         (["--run-config", "rounds=1e22"], "rounds must be between 1 and 1,000,000"),
         (["--run-config", "cold-user-fraction=1.0"], "cold-user-fraction must be in [0, 1)"),
+        # a world held in memory: a typo of 10**10 users allocated until the machine gave out
+        (["--run-config", "synthetic-users=1e10"], "synthetic-users must be between 1 and 100,000"),
+        (["--run-config", "synthetic-items=1e9"], "synthetic-items must be between 2 and 20,000"),
         (["--shots", "3", "--shots", "3"], "shots must be distinct, got (3, 3)"),
         (["--run-config", "shots=[]"], "shots must list at least one K"),
         (["--export-recs", "int8"], "export-recs: unknown model 'int8'; choose among student-int8"),
