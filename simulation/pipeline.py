@@ -261,11 +261,20 @@ def _run_stages(
         "processes": earlier.processes + 1,
         "run directory": str(run.root),
     }
-    write_json_atomic(run.root / "summary.json", summary, mode=REPORT_MODE)
-    report = write_report(summary, run.root)
+    report = write_summary_and_report(summary, run.root)
     run.close()
     progress("done", {"report": str(report)})
     return summary
+
+
+def write_summary_and_report(summary: dict[str, Any], root: Path) -> Path:
+    """Write ``summary.json``, then ``report.md`` and its plots from it, under ``root``;
+    returns the report's path. The earlier run's report goes first: a process killed between
+    the two writes left it next to this run's summary, its figures passing for this run's
+    (now there is no report until the next run writes one, from its own summary)."""
+    (root / "report.md").unlink(missing_ok=True)
+    write_json_atomic(root / "summary.json", summary, mode=REPORT_MODE)
+    return write_report(summary, root)
 
 
 # ---------------------------------------------------------------------------- stages

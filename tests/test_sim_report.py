@@ -70,6 +70,33 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path: Path) -> No
     assert [r["step"] for r in again.records("round")] == [1, 2, 3, 3, 4]
 
 
+def test_a_kill_between_summary_and_report_leaves_no_stale_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun killed after writing summary.json kept the last run's report.md beside it,
+    its figures passing for the new summary's. Now there is no report until one is written
+    from the summary it stands next to."""
+    import json
+
+    from simulation import pipeline
+
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": [], "meta": {"rounds": 1}}))
+    (tmp_path / "report.md").write_text("# Federated simulation report\n\nrounds: 1\n")
+
+    def killed(summary: dict[str, Any], out_dir: str | Path) -> Path:
+        raise KeyboardInterrupt  # the process ends between the two writes
+
+    monkeypatch.setattr(pipeline, "write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.write_summary_and_report({"rounds": [], "meta": {"rounds": 2}}, tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["meta"]["rounds"] == 2
+    assert not (tmp_path / "report.md").exists()
+    monkeypatch.undo()  # the next run writes both, the report from its summary
+    summary = {"rounds": [], "meta": {"rounds": 2}, "final": {}, "fewshot": {}}
+    report = pipeline.write_summary_and_report(summary, tmp_path)
+    assert report == tmp_path / "report.md" and report.exists()
+
+
 def test_a_run_directory_resumes_only_under_the_settings_it_was_trained_with(
     tmp_path: Path,
 ) -> None:
