@@ -786,3 +786,22 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
     assert isinstance(refused.exception, ConfigError)
     assert "on the synthetic world" in str(refused.exception)
     assert "drop --data-dir" in str(refused.exception)
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "1e308"])
+def test_client_status_refuses_a_timeout_no_socket_takes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    timeout: str,
+) -> None:
+    """NaN passes Click's min=0.1, and a huge or infinite wait overflows the socket's: each
+    reached `socket.settimeout` and ended in a traceback (exit 1) once a daemon answered."""
+    from client.device.identity import init_identity
+
+    state = tmp_path / "d"
+    init_identity(state)
+    code = _main(monkeypatch, "client", "status", "--state-dir", str(state), "--timeout", timeout)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "--timeout" in err and "no daemon is running" not in err  # refused before that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from client.device.config import DaemonConfig
+from client.device.config import MAX_WAIT_S, DaemonConfig
 from fedrec.device_settings import DAEMON_SETTINGS_HELP, NOT_FLAGS
 from fedrec.options import (
     NON_EMPTY_PATH,
@@ -439,7 +440,10 @@ def serve_api(
 def status(
     state_dir: StateDirOpt,
     timeout: Annotated[
-        float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the daemon's answer.")
+        float,
+        typer.Option(
+            "--timeout", min=0.1, max=MAX_WAIT_S, help="Seconds to wait for the daemon's answer."
+        ),
     ] = 30.0,
 ) -> None:
     """Print the running daemon's GET /status (JSON), found through STATE_DIR/api.json.
@@ -454,6 +458,10 @@ def status(
 
     from client.device.identity import DeviceIdentity, running_api
 
+    if math.isnan(timeout):  # passes Click's range, then fails in the socket: a traceback
+        raise ConfigError(
+            f"--timeout must be a number of seconds in [0.1, {MAX_WAIT_S:g}], got {timeout}"
+        )
     api = running_api(state_dir)
     token = DeviceIdentity.load(state_dir).api_token()
     request = urllib.request.Request(
