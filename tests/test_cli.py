@@ -805,3 +805,27 @@ def test_client_status_refuses_a_timeout_no_socket_takes(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert "--timeout" in err and "no daemon is running" not in err  # refused before that
+
+
+def test_renew_cert_refuses_a_lifetime_beyond_the_cas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`renew-cert --valid-days 100000000` ended in an OverflowError traceback (a date past
+    the year 9999); the certificate never outlives its CA (3650 days) anyway."""
+    import inspect
+
+    from fedrec.commands.server import CA_VALID_DAYS
+    from server.pki import create_pki, load_cert
+    from server.state import init_state_dir
+
+    assert inspect.signature(create_pki).parameters["ca_valid_days"].default == CA_VALID_DAYS
+    layout = init_state_dir(tmp_path / "s", ["server"])
+    before = layout.pki.server_cert.read_bytes()
+    renew = ["server", "renew-cert", "--state-dir", str(layout.state_dir), "--valid-days"]
+    assert _main(monkeypatch, *renew, "100000000") == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--valid-days'" in err and "Traceback" not in err, err
+    assert layout.pki.server_cert.read_bytes() == before  # nothing was issued
+    assert runner.invoke(app, [*renew, "3650"]).exit_code == 0  # the CA's whole lifetime
+    ca, server = load_cert(layout.pki.ca_cert), load_cert(layout.pki.server_cert)
+    assert server.not_valid_after_utc <= ca.not_valid_after_utc

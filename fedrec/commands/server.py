@@ -30,6 +30,11 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+CA_VALID_DAYS = 3650
+"""The lifetime of the CA `fedrec server init` creates (:func:`server.pki.create_pki`): no
+server certificate it signs outlives it, so `renew-cert --valid-days` goes no further (a
+larger number overflowed the date: a traceback)."""
+
 START_FLAGS = config_flag_names(START_SETTINGS_HELP, skip=NOT_FLAGS)
 """The flags of every run setting ``fedrec server start`` does not declare itself."""
 
@@ -98,7 +103,12 @@ def renew_cert(
     ] = None,
     valid_days: Annotated[
         int,
-        typer.Option("--valid-days", min=1, help="Lifetime of the new certificate in days."),
+        typer.Option(
+            "--valid-days",
+            min=1,
+            max=CA_VALID_DAYS,
+            help="Lifetime of the new certificate in days (cut to what is left of the CA's).",
+        ),
     ] = 825,
 ) -> None:
     """Issue a new server certificate from the existing CA: when it expired, or to serve
