@@ -8,8 +8,10 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
     echo "Give another interpreter: PYTHON=python3.11 ./scripts/setup.sh" >&2
     exit 2
 fi
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    # none yet, or one whose creation failed half-way (no ensurepip: Debian's python3-venv
+    # missing), which every later run would otherwise reuse and fail on: made again
+    "$PY" -m venv --clear .venv
 fi
 stamp=.venv/.fedrec-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
