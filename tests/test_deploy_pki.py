@@ -804,6 +804,31 @@ def test_server_start_refuses_unknown_keys_and_flags_win_over_run_config(
     assert (submitted[-1]["num-rounds"], submitted[-1]["min-available-clients"]) == (3, 3)
 
 
+def test_server_start_submits_one_spelling_of_a_snake_case_run_config_key(
+    tmp_path: Path, submitted: list[dict[str, Any]]
+) -> None:
+    """`--run-config epsilon_budget=4` was submitted as typed: every device then added its
+    capped `epsilon-budget` beside it and refused every round (the setting given twice), and
+    a flag of the same setting was refused instead of winning over it as the help says."""
+    layout = init_state_dir(tmp_path / "s")
+    base = ["server", "start", "--state-dir", str(layout.state_dir), "--run-config"]
+    given = "task=toy-linear epsilon_budget=4 num_rounds=5 noise_multiplier=2.0"
+    result = runner.invoke(app, [*base, given])
+    assert result.exit_code == 0, result.exception
+    config = submitted[-1]
+    assert (config["epsilon-budget"], config["num-rounds"], config["noise-multiplier"]) == (4, 5, 2)
+    assert not [key for key in config if "_" in key]
+    device = node_run_config(config, {"fedrec-device-dir": str(tmp_path / "d")})
+    from shared.federated.student_task import StudentTask
+
+    StudentTask.from_run_config({**device, "bundle": "b.pt"})  # each setting read once
+    flagged = runner.invoke(app, [*base, given, "--noise-multiplier", "3", "--rounds", "2"])
+    assert flagged.exit_code == 0, flagged.exception
+    assert (submitted[-1]["noise-multiplier"], submitted[-1]["num-rounds"]) == (3, 2)
+    both = runner.invoke(app, [*base, "task=toy-linear epsilon_budget=4 epsilon-budget=5"])
+    assert "gives 'epsilon-budget' twice (epsilon_budget and epsilon-budget)" in str(both.exception)
+
+
 def test_every_run_setting_is_a_server_start_flag(
     tmp_path: Path, submitted: list[dict[str, Any]]
 ) -> None:

@@ -16,12 +16,12 @@ from fedrec.options import (
     RunConfigOpt,
     config_flag_names,
     explicit_options,
-    joined,
+    kebab_run_config,
     with_config_flags,
 )
 from fedrec.server_settings import DEPLOYMENT_DEFAULTS, NOT_FLAGS, START_SETTINGS_HELP
 from server.server_app import ServerConfig
-from shared.config import MAX_ROUNDS, parse_run_config
+from shared.config import MAX_ROUNDS
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.student_config import StudentTaskConfig
 
@@ -252,10 +252,18 @@ def start(
     flag given on the command line wins over the same setting in --run-config (as in
     `fedrec simulate`)."""
     from server.state import ServerLayout
-    from server.superlink import ServerRunner, SuperLinkOptions, deployment_run_config
+    from server.superlink import (
+        ServerRunner,
+        SuperLinkOptions,
+        deployment_run_config,
+        run_config_keys,
+    )
 
     layout = ServerLayout(state_dir).require()
-    overrides: dict[str, Any] = dict(parse_run_config(joined(run_config)))
+    # one spelling per setting: a device caps the kebab-case privacy keys and refused every
+    # round of a run that also carried them snake-case (epsilon_budget), and a flag typed
+    # must replace the setting, not clash with it
+    overrides = kebab_run_config(run_config, known=run_config_keys())
     flags = {"rounds": "num-rounds", "min_clients": "min-available-clients", **START_FLAGS}
     overrides.update(explicit_options(ctx, flags))  # a flag typed wins over --run-config
     overrides.setdefault("num-rounds", rounds)

@@ -28,11 +28,10 @@ from fedrec.options import (
     SeedOpt,
     config_flag_names,
     explicit_options,
-    joined,
+    kebab_run_config,
     with_config_flags,
 )
-from shared.config import from_flat, kebab, parse_run_config
-from shared.errors import ConfigError
+from shared.config import from_flat
 from simulation.config import SimulationConfig
 from simulation.config_help import SETTINGS_HELP
 
@@ -99,15 +98,7 @@ def simulate(
 
     Every setting is a flag named like its --run-config key; a flag given on the command
     line wins over --run-config."""
-    values: dict[str, Any] = {}
-    spelled: dict[str, str] = {}
-    for key, value in parse_run_config(joined(run_config)).items():
-        name = kebab(key)  # one spelling, so that a flag of the same setting replaces it
-        if name in values:
-            raise ConfigError(
-                f"--run-config gives '{name}' twice ({spelled[name]} and {key}); give it once"
-            )
-        values[name], spelled[name] = value, key
+    values = kebab_run_config(run_config)  # one spelling: a flag of the setting replaces it
     values.update(explicit_options(ctx, FLAGS))
     values.update(explicit_options(ctx, SETTING_FLAGS))
     values.setdefault("seed", seed)
