@@ -82,20 +82,24 @@ def joined(texts: list[str] | None) -> str:
 
 
 def kebab_run_config(
-    texts: list[str] | None, *, known: Collection[str] | None = None
+    texts: list[str] | None,
+    *,
+    known: Collection[str] | None = None,
+    flag: str = "--run-config",
 ) -> dict[str, Any]:
-    """The ``--run-config`` entries with one spelling per setting: a snake-case key
-    (``batch_size``) is its kebab-case one (``batch-size``), as every reader takes it, so
-    that a flag of the same setting replaces it and nothing downstream reads it under both
-    names. A setting given in both spellings is refused. With ``known``, only keys whose
-    kebab-case form is in it are respelled (a custom task may read keys of its own)."""
+    """The entries of ``flag`` (``--run-config``, the device's ``--config``) with one
+    spelling per setting: a snake-case key (``batch_size``) is its kebab-case one
+    (``batch-size``), as every reader takes it, so that a flag of the same setting replaces
+    it and nothing downstream reads it under both names. A setting given in both spellings
+    is refused. With ``known``, only keys whose kebab-case form is in it are respelled (a
+    custom task may read keys of its own)."""
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
-    for key, value in parse_run_config(joined(texts)).items():
+    for key, value in parse_run_config(joined(texts), flag=flag).items():
         name = kebab(key) if known is None or kebab(key) in known else key
         if name in values:
             raise ConfigError(
-                f"--run-config gives '{name}' twice ({spelled[name]} and {key}); give it once"
+                f"{flag} gives '{name}' twice ({spelled[name]} and {key}); give it once"
             )
         values[name], spelled[name] = value, key
     return values

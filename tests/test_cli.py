@@ -829,3 +829,22 @@ def test_renew_cert_refuses_a_lifetime_beyond_the_cas(
     assert runner.invoke(app, [*renew, "3650"]).exit_code == 0  # the CA's whole lifetime
     ca, server = load_cert(layout.pki.ca_cert), load_cert(layout.pki.server_cert)
     assert server.not_valid_after_utc <= ca.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        ["max-batch=7 max_batch=5"],
+        ["privacy_epsilon=1", "privacy-epsilon=8"],
+        ["bandit-policy=greedy bandit_policy=thompson"],
+    ],
+)
+def test_a_device_setting_given_in_both_spellings_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], entries: list[str]
+) -> None:
+    """`--config 'max-batch=7 max_batch=5'` named one setting twice and the last one won
+    silently, where a key given twice is refused (README, --help)."""
+    args = [arg for entry in entries for arg in ("--config", entry)]
+    assert _main(monkeypatch, "client", "openapi", *args) == 2
+    err = capsys.readouterr().err
+    assert "--config gives '" in err and "twice" in err and "Traceback" not in err, err

@@ -16,11 +16,10 @@ from fedrec.options import (
     NON_EMPTY_PATH,
     config_flag_names,
     explicit_options,
-    joined,
+    kebab_run_config,
     with_config_flags,
 )
 from shared.bandits.policies import BanditConfig
-from shared.config import parse_run_config
 from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
 from shared.privacy.budget import PrivacyBudget
@@ -81,7 +80,9 @@ def _daemon_config(
     ctx: typer.Context | None = None,
 ) -> DaemonConfig:
     """The daemon's settings: ``--config``, then the flags typed (``ctx``), which win."""
-    values: dict[str, object] = dict(parse_run_config(joined(config), flag="--config"))
+    # one spelling per setting: DaemonConfig reads max_batch as max-batch, and of the two
+    # the last one won silently
+    values = kebab_run_config(config, flag="--config")
     if ctx is not None:
         values.update(explicit_options(ctx, DAEMON_FLAGS))
     if host is not None:
