@@ -391,6 +391,26 @@ def test_tagged_feedback_learns_from_its_own_slates_impression() -> None:
     assert all(item != 5 for item, _, _ in policy.state_dict()["pending"])
 
 
+@pytest.mark.parametrize("name", ["epsilon_greedy", "thompson", "linucb"])
+def test_a_rollback_undoes_every_slate_and_update_since_its_checkpoint(name: str) -> None:
+    """A device that cannot save a slate does not show it: the slate must leave no pending
+    impression (which feedback naming it would match), no expiry, count or random draw."""
+    policy = make_policy(_cfg(policy=name, max_pending=4), N_ITEMS)
+    cand, scores, feats = _inputs(3)
+    shown = policy.select(cand, scores, feats, tag="shown")
+    state = json.dumps(policy.state_dict())
+    draw = policy.rng.bit_generator.state
+    undo = policy.checkpoint()
+    scores[0] = np.nan
+    unshown = policy.select(cand, scores, feats, tag="unshown")  # expires 2 of "shown"
+    assert policy.update_many(unshown[:2].tolist(), [1.0, 0.0], ["unshown"] * 2) == 2
+    policy.rollback(undo)
+    assert json.dumps(policy.state_dict()) == state
+    assert policy.rng.bit_generator.state == draw
+    assert policy.update_many(unshown.tolist(), [1.0] * 3, ["unshown"] * 3) == 0
+    assert policy.update_many(shown.tolist(), [1.0] * 3, ["shown"] * 3) == 3
+
+
 def test_state_without_slate_tags_still_loads() -> None:
     policy = _trained()
     state = json.loads(json.dumps(policy.state_dict()))

@@ -999,6 +999,42 @@ def test_each_slate_writes_its_own_impressions_and_a_restart_keeps_them(
         again.shutdown()
 
 
+def test_a_slate_the_store_cannot_save_is_not_served_and_leaves_no_trace(
+    tmp_path: Path, int8_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the disk full the bandit could not save its slate and the model's order was
+    served, but the policy kept the unshown slate's impressions under the recommendation's
+    id: feedback on the served items the two lists shared was learned in the context of a
+    list never shown. Now the bandit keeps nothing of it (it learns from the slates it
+    chose and showed), and feedback on the served list counts as not shown."""
+    dev = Device(tmp_path / "dev", int8_model, CATALOG, exploration=BanditConfig(top_n=50))
+    reranker = dev.daemon.reranker
+    assert isinstance(reranker, BanditReranker)
+    try:
+        dev.client.get("/recommendations", params={"k": 10})
+        before = reranker.state()
+
+        def disk_full(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(dev.daemon.store, "update_state", disk_full)
+            rec = dev.client.get("/recommendations", params={"k": 10}).json()
+        scores = [i["score"] for i in rec["items"]]
+        assert len(scores) == 10 and scores == sorted(scores, reverse=True)  # the model's order
+        assert reranker.state() == before
+        fb = [
+            {"recommendation_id": rec["recommendation_id"], "item_id": i["item_id"], "action": a}
+            for i, a in zip(rec["items"], ["clicked", "shown"] * 5, strict=True)
+        ]
+        assert dev.client.post("/feedback", json={"feedback": fb}).json()["stored"] == 10
+        assert reranker.feedback_counts["rejected_not_shown"] == 10
+        assert reranker.state()["posterior"] == before["posterior"]
+        assert reranker.state()["pending"] == before["pending"]
+    finally:
+        dev.daemon.shutdown()
+
+
 def test_exploration_state_saved_whole_by_an_earlier_version_is_kept(
     tmp_path: Path, int8_model: bytes
 ) -> None:

@@ -947,3 +947,51 @@ def test_exploration_keeps_the_features_saved_under_the_label_of_an_earlier_vers
     assert store.get_state(FEATURES_KEY) == legacy  # reused, not recomputed and replaced
     contexts = again.state()["pending"][-1][1]  # [1, z(score), features]
     assert contexts[2:] == [0.25] * BanditConfig().feature_dim
+
+
+def test_a_slate_whose_state_cannot_be_saved_leaves_no_trace_in_the_policy(
+    store: DeviceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerank whose save failed (disk full) raised, and the daemon served the model's order
+    instead, but the policy kept the unshown slate's impressions (and expired older ones for
+    them): feedback naming that recommendation was learned from a slate never shown, and
+    feedback on the expired, shown slate was refused. Now the policy is as before the slate."""
+    from client.device.exploration import PENDING_PREFIX, BanditReranker
+    from shared.bandits.policies import BanditConfig
+
+    config = BanditConfig(policy="thompson", top_n=40, slate_size=4, max_pending=6)
+    model = OnDeviceModel(tiny_onnx(n_items=40, catalog="forty", version="3"))
+    reranker = BanditReranker(config, store)
+    reranker.on_model(model)
+    candidates = np.arange(40, dtype=np.int64)
+    scores = np.linspace(1, 0, 40)
+    shown = reranker.rerank(candidates, scores, 4, slate_id="shown")
+    before = reranker.state()
+    policy = reranker._ready()[0]
+    draws = policy.rng.bit_generator.state
+    chosen: list[np.ndarray] = []
+    select = policy.select
+    monkeypatch.setattr(
+        policy, "select", lambda *a, **kw: chosen.append(select(*a, **kw)) or chosen[-1]
+    )
+    real = store.update_state
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "update_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        reranker.rerank(candidates, np.where(candidates == 39, np.nan, scores), 4, "unshown")
+    assert reranker.state() == before  # no impressions, expiries or counts of it
+    assert policy.rng.bit_generator.state == draws
+    monkeypatch.setattr(store, "update_state", real)
+
+    # feedback naming the unshown slate is not learned; the shown slate's all is
+    unshown = [int(c) for c in chosen[-1]]
+    assert reranker.observe(unshown, [1.0] * 4, ["unshown"] * 4) == 0
+    assert reranker.feedback_counts["rejected_not_shown"] == 4
+    assert reranker.observe(list(shown), [0.0] * 4, ["shown"] * 4) == 4
+    assert store.states_with_prefix(PENDING_PREFIX) == {}
+    again = BanditReranker(config, store)
+    again.on_model(model)
+    assert again.state() == reranker.state()

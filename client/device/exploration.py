@@ -110,17 +110,30 @@ class BanditReranker:
     def rerank(
         self, candidates: IntArray, scores: FloatArray, k: int, slate_id: str | None = None
     ) -> Sequence[int]:
+        """As :meth:`~client.device.daemon.LearningReranker.rerank`. A slate is shown only
+        once it is saved: if that fails (a full disk), the policy is returned to its state
+        before the slate and the error raised, so the daemon serves the model's order and
+        the unshown slate leaves no impression that feedback could match (the bandit learns
+        from the slates it chose and showed, so feedback on that list counts as not shown)."""
         with self._lock:
             policy, features = self._ready()
-            slate = policy.select(
-                candidates,
-                scores,
-                features[candidates],
-                k,
-                diversity_embeddings=features[candidates],
-                tag=slate_id,
-            )
-            self._save(policy)
+            undo = policy.checkpoint()
+            try:
+                slate = policy.select(
+                    candidates,
+                    scores,
+                    features[candidates],
+                    k,
+                    diversity_embeddings=features[candidates],
+                    tag=slate_id,
+                )
+                self._save(policy)
+            except BaseException:
+                policy.rollback(undo)
+                # what a failed write left in the store is unknown: the next save rewrites
+                # every pending impression rather than trust the old record
+                self._stored_pending = None
+                raise
         return [int(c) for c in slate]
 
     def observe(

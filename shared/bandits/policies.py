@@ -70,6 +70,7 @@ __all__ = [
     "LinUCBPolicy",
     "LinearPosterior",
     "Policy",
+    "PolicyCheckpoint",
     "ThompsonPolicy",
     "make_policy",
 ]
@@ -419,6 +420,25 @@ class LinearPosterior:
         self.refresh()
 
 
+@dataclass(frozen=True)
+class PolicyCheckpoint:
+    """A policy's in-memory state at one moment (:meth:`Policy.checkpoint`); opaque.
+
+    The posterior's arrays are kept by reference: every update replaces them, none writes
+    into them. The pending impressions' contexts are never written to either, so copying
+    their containers is enough (a deep copy of 1024 of them would cost more than a slate).
+    """
+
+    pending: OrderedDict[int, tuple[int, FloatArray, str | None]]
+    pending_by_item: dict[int, deque[int]]
+    next_impression: int
+    feedback_counts: Counter[str]
+    warned: frozenset[str]
+    rng: np.random.Generator
+    rng_state: Mapping[str, Any]
+    posterior: dict[str, Any]
+
+
 class Policy(ABC):
     """Re-ranks the model's top-N candidates into a slate and learns from feedback.
 
@@ -679,6 +699,33 @@ class Policy(ABC):
         return len(self._pending)
 
     # ------------------------------------------------------------------ state
+    def checkpoint(self) -> PolicyCheckpoint:
+        """The in-memory state now, for :meth:`rollback`: a device that could not save a
+        slate does not show it, and the slate must then leave no trace (no impression that
+        feedback could match, no expiry, no count, no random draw)."""
+        post = self.posterior
+        return PolicyCheckpoint(
+            pending=OrderedDict(self._pending),
+            pending_by_item={item: deque(q) for item, q in self._pending_by_item.items()},
+            next_impression=self._next_impression,
+            feedback_counts=Counter(self.feedback_counts),
+            warned=frozenset(self._warned),
+            rng=self.rng,
+            rng_state=self.rng.bit_generator.state,
+            posterior=dict(vars(post)),
+        )
+
+    def rollback(self, checkpoint: PolicyCheckpoint) -> None:
+        """Return to the state :meth:`checkpoint` took (undo every later select and update)."""
+        self._pending = OrderedDict(checkpoint.pending)
+        self._pending_by_item = {i: deque(q) for i, q in checkpoint.pending_by_item.items()}
+        self._next_impression = checkpoint.next_impression
+        self.feedback_counts = Counter(checkpoint.feedback_counts)
+        self._warned = set(checkpoint.warned)
+        self.rng = checkpoint.rng
+        self.rng.bit_generator.state = checkpoint.rng_state
+        vars(self.posterior).update(checkpoint.posterior)
+
     def state_dict(self, *, pending: bool = True) -> dict[str, Any]:
         """Everything the device must persist, as JSON-able values.
 
