@@ -236,6 +236,21 @@ def test_bad_feedback_is_refused_logged_and_counted(caplog: pytest.LogCaptureFix
     assert counts["accepted"] == 2
 
 
+def test_a_batch_refused_for_numerical_reasons_counts_each_of_its_reports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused reports are counted by reason, one each (as accepted ones are): a batch the
+    posterior could not take counted as one refusal, so accepted + rejected fell short of
+    the reports sent (the harness and the replay report that sum as rejected feedback)."""
+    policy = LinUCBPolicy(_cfg(), N_ITEMS)
+    cand, scores, feats = _inputs(2)
+    slate = policy.select(cand, scores, feats)
+    monkeypatch.setattr(policy.posterior, "update", lambda contexts, rewards: False)
+    assert policy.update_many(slate.tolist(), [1.0, 0.0, 1.0]) == 0
+    assert policy.feedback_counts["rejected_numerical"] == 3
+    assert policy.feedback_counts["accepted"] == 0
+
+
 def test_pending_impressions_are_bounded() -> None:
     policy = LinUCBPolicy(_cfg(max_pending=5), N_ITEMS)
     cand, scores, feats = _inputs(4)

@@ -596,7 +596,9 @@ class Policy(ABC):
         slate the item is no longer pending in is refused. Without a tag, the item's oldest
         pending impression is consumed.
 
-        Returns how many were accepted; refused ones are logged and counted by reason.
+        Returns how many were accepted; refused ones are logged and counted by reason, one
+        count per report (a batch the posterior cannot take without turning non-finite is
+        refused whole: ``rejected_numerical`` grows by its size).
         """
         if len(items) != len(rewards):
             raise DataError(f"{len(items)} items but {len(rewards)} rewards")
@@ -614,7 +616,11 @@ class Policy(ABC):
         if not rows:
             return 0
         if self._learns and not self.posterior.update(np.stack(rows), np.asarray(values)):
-            self._refuse("numerical", f"{len(rows)} updates would make the posterior non-finite")
+            self._refuse(
+                "numerical",
+                f"{len(rows)} updates would make the posterior non-finite",
+                count=len(rows),
+            )
             return 0
         self.feedback_counts["accepted"] += len(rows)
         return len(rows)
@@ -662,11 +668,11 @@ class Policy(ABC):
             self.feedback_counts["clipped_reward"] += 1
         return context, clipped
 
-    def _refuse(self, reason: str, detail: str) -> None:
-        """Count a refused report; warn once per reason without its item or slate (which
-        items a user was shown or clicked is behaviour: on a device it stays out of the
-        logs unless their owner asks for DEBUG)."""
-        self.feedback_counts[f"rejected_{reason}"] += 1
+    def _refuse(self, reason: str, detail: str, count: int = 1) -> None:
+        """Count ``count`` refused reports (one each, as accepted ones are); warn once per
+        reason without their items or slates (which items a user was shown or clicked is
+        behaviour: on a device it stays out of the logs unless their owner asks for DEBUG)."""
+        self.feedback_counts[f"rejected_{reason}"] += count
         if reason not in self._warned:
             self._warned.add(reason)
             logger.warning("bandit feedback ignored (%s); counted in feedback_counts", reason)
