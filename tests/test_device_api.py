@@ -850,6 +850,7 @@ def test_the_exploration_policy_orders_the_list_and_bad_output_falls_back(
     device.daemon.reranker = _Broken()
     rec = device.client.get("/recommendations?k=5").json()
     assert [i["item_id"] for i in rec["items"]] == greedy
+    assert rec["policy"] == "greedy"  # the policy that ordered the list, not the one that failed
 
 
 def test_the_bandit_learns_from_clicks_and_keeps_its_posterior(
@@ -1022,6 +1023,7 @@ def test_a_slate_the_store_cannot_save_is_not_served_and_leaves_no_trace(
             rec = dev.client.get("/recommendations", params={"k": 10}).json()
         scores = [i["score"] for i in rec["items"]]
         assert len(scores) == 10 and scores == sorted(scores, reverse=True)  # the model's order
+        assert rec["policy"] == "greedy"
         assert reranker.state() == before
         fb = [
             {"recommendation_id": rec["recommendation_id"], "item_id": i["item_id"], "action": a}

@@ -807,10 +807,11 @@ class Daemon:
         pool = min(max(k, self.config.candidate_pool), columns.size)
         rec_id = uuid.uuid4().hex
         chosen: list[int] = []
+        policy = self.reranker.name
         if pool > 0:
             top = columns[np.argpartition(-scores[columns], pool - 1)[:pool]]
             candidates = top[np.lexsort((top, -scores[top]))].astype(np.int64)
-            chosen = self._rerank(candidates, scores[candidates], min(k, pool), rec_id)
+            chosen, policy = self._rerank(candidates, scores[candidates], min(k, pool), rec_id)
         now = time.time()
         items = tuple(
             RecommendedItem(catalog.item_ids[c], rank, float(scores[c]))
@@ -819,9 +820,14 @@ class Daemon:
         self.store.record_impressions(
             [Impression(rec_id, it.item_id, it.rank, it.score, now) for it in items]
         )
-        return Recommendation(rec_id, info.model_version, info.version, self.reranker.name, items)
+        return Recommendation(rec_id, info.model_version, info.version, policy, items)
 
-    def _rerank(self, candidates: IntArray, scores: FloatArray, k: int, rec_id: str) -> list[int]:
+    def _rerank(
+        self, candidates: IntArray, scores: FloatArray, k: int, rec_id: str
+    ) -> tuple[list[int], str]:
+        """The list to serve and the name of the policy that ordered it: the model's order
+        (``greedy``) when the configured policy failed, so that the response does not credit
+        it with a list it did not choose (and whose feedback it does not learn from)."""
         greedy = GreedyReranker()
         reranker = self.reranker
         try:
@@ -831,19 +837,19 @@ class Daemon:
                 picked = reranker.rerank(candidates, scores, k)
             out = [int(c) for c in picked]
         except Exception:
-            logger.exception("reranker %s failed; serving the model's order", self.reranker.name)
-            return list(greedy.rerank(candidates, scores, k))
+            logger.exception("reranker %s failed; serving the model's order", reranker.name)
+            return list(greedy.rerank(candidates, scores, k)), greedy.name
         allowed = set(candidates.tolist())
         if len(out) > k or len(set(out)) != len(out) or not set(out) <= allowed:
             logger.error(
                 "reranker %s returned %d items (k=%d, duplicates or non-candidates); serving "
                 "the model's order",
-                self.reranker.name,
+                reranker.name,
                 len(out),
                 k,
             )
-            return list(greedy.rerank(candidates, scores, k))
-        return out
+            return list(greedy.rerank(candidates, scores, k)), greedy.name
+        return out, reranker.name
 
     def add_feedback(self, feedback: Sequence[Feedback]) -> int:
         """Store feedback; the whole batch is refused (422) if any pair was never shown.
