@@ -694,6 +694,7 @@ class ServerRunner:
         self.cli = FlwrCli(layout)
         self.run_id: int | None = None
         self._stopping = False
+        self._stop_status = 130  # a Ctrl-C (SIGINT); _on_signal sets another signal's
 
     def _write_running(self, ready: bool) -> None:
         write_json_atomic(
@@ -714,6 +715,7 @@ class ServerRunner:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
+        self._stop_status = 128 + signum  # 143 for SIGTERM, as `fedrec simulate`
         raise KeyboardInterrupt
 
     def run(self) -> int:
@@ -757,8 +759,8 @@ class ServerRunner:
 
         try:
             code = self._run()
-        except KeyboardInterrupt:  # a signal outside the loop that answers it with 130
-            ended(exit_code=130)
+        except KeyboardInterrupt:  # a signal outside the loop that answers it with 130/143
+            ended(exit_code=self._stop_status)
             raise
         except Exception as exc:
             ended(error=str(exc) or type(exc).__name__)
@@ -793,7 +795,7 @@ class ServerRunner:
             self.echo("stopping (the next `fedrec server start` resumes from the checkpoint)")
             if self.run_id is not None and self.superlink.alive():
                 self.cli.save_log(self.run_id, self._run_log(self.run_id))
-            return 130
+            return self._stop_status
         finally:
             self.superlink.stop()
             self.layout.running.unlink(missing_ok=True)

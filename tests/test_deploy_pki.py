@@ -1353,6 +1353,28 @@ def test_start_warns_when_fewer_devices_are_registered_than_a_round_waits_for(
     assert "waits for 2 devices" in lines[-1] and "0 are registered" in lines[-1]
 
 
+def test_a_server_run_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(tmp_path: Path) -> None:
+    """SIGTERM (``kill``, ``docker stop``) ended `fedrec server start` with 130, Ctrl-C's
+    status, where `fedrec simulate` and the shell's convention give 128 + 15."""
+    import signal
+
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        layout = init_state_dir(tmp_path / str(sig))
+        server = ServerRunner(layout, SuperLinkOptions(), {"num-rounds": 1}, echo=lambda _: None)
+
+        def follow(sig: int = sig) -> int:
+            os.kill(os.getpid(), sig)  # SIGINT: Python's own KeyboardInterrupt
+            time.sleep(5)
+            raise AssertionError("the signal did not stop the run")
+
+        server._start_superlink = lambda: None  # type: ignore[method-assign]
+        server._follow = follow  # type: ignore[method-assign]
+        assert server.run() == status
+        assert json.loads(layout.last_start.read_text())["exit_code"] == status
+
+
 def test_a_server_run_puts_the_previous_sigterm_handler_back(tmp_path: Path) -> None:
     """`ServerRunner` answers SIGTERM by stopping its run; once the run ended, a SIGTERM in
     the same process (a library or test caller) raised KeyboardInterrupt from its handler."""
