@@ -95,6 +95,27 @@ def test_compose_runs_a_server_and_three_clients_with_the_tested_commands() -> N
     }
     assert named == {"server-state", "client-1-state", "client-2-state", "client-3-state", "ca"}
     assert named <= set(compose["volumes"])  # every named volume is declared
+    for name, service in services.items():
+        # longer than the server's / daemon's own SIGTERM grace (10 s and more), and a PID 1
+        # that reaps orphans
+        assert service.get("init") is True, name
+        grace = str(service.get("stop_grace_period", "10s"))
+        assert grace.endswith("s") and float(grace[:-1]) >= 20, (name, grace)
+
+
+def test_dockerignore_sends_the_builder_only_what_the_images_copy() -> None:
+    """Without a .dockerignore the builder got the whole checkout, runs/ (users' data in a
+    run's bundle.pt) and .venv included."""
+    lines = (DOCKER.parent / ".dockerignore").read_text().splitlines()
+    rules = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*"  # everything is left out ...
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = set()
+    for dockerfile in DOCKER.glob("*Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                copied.update(line.split()[1:-1])
+    assert copied and copied == allowed  # ... but what the images copy, and nothing more
 
 
 @pytest.mark.parametrize("image", ["server", "client"])
