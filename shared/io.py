@@ -277,7 +277,11 @@ def _is_system_path(path: Path) -> bool:
 _MAX_LINK_HOPS = 40
 
 
-def writable_target(path: str | Path) -> Path:
+STDOUT_HINT = "use the command's --format json"
+"""How most report-writing commands print to standard output instead of a file."""
+
+
+def writable_target(path: str | Path, *, stdout_hint: str = STDOUT_HINT) -> Path:
     """The file an atomic write of ``path`` replaces: ``path``, or the file its chain of
     symbolic links ends at. A :class:`~shared.errors.ConfigError` if that is not a place for
     a file: a device, FIFO or socket (a rename over ``/dev/null`` replaces the device), a
@@ -292,8 +296,7 @@ def writable_target(path: str | Path) -> Path:
             where = "is" if current == start else f"leads to {current},"
             raise ConfigError(
                 f"{path} {where} a device or a process's stream; a report replaces the file "
-                "it is given, so give a file path (for standard output, use the command's "
-                "--format json)"
+                f"it is given, so give a file path (for standard output, {stdout_hint})"
             )
         if not current.is_symlink():
             break
@@ -308,14 +311,15 @@ def writable_target(path: str | Path) -> Path:
     return path if current == start else current
 
 
-def check_output_file(path: str | Path) -> Path:
+def check_output_file(path: str | Path, *, stdout_hint: str = STDOUT_HINT) -> Path:
     """Make sure ``path`` can be written as a file, before the work that produces it: a
     folder in its place or a folder that cannot be created or written is a
     :class:`~shared.errors.ConfigError` that says so (rather than a failure after the run).
-    Nothing is created, so a command refused for another reason leaves no folder behind."""
+    Nothing is created, so a command refused for another reason leaves no folder behind.
+    ``stdout_hint`` completes "for standard output, ..." in the error for a stream path."""
     from shared.errors import ConfigError
 
-    path = writable_target(path)
+    path = writable_target(path, stdout_hint=stdout_hint)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give the output a file name inside it")
     check_output_dir(path.parent)

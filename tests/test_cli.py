@@ -230,6 +230,8 @@ def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
         ("", ". is a folder; give the output a file name inside it"),
         (str(tmp_path), f"{tmp_path} is a folder; give the output a file name inside it"),
         (str(afile / "x.json"), f"{afile} is a file, not a folder; give another output path"),
+        # openapi has no --format json: its own way to standard output is named
+        ("/dev/stdout", "for standard output, leave out --output)"),
     ):
         assert _main(monkeypatch, "client", "openapi", "-o", output) == 2
         assert message in capsys.readouterr().err

@@ -537,5 +537,6 @@ def openapi(
     if output is None:
         sys.stdout.write(text)
     else:
-        write_bytes_atomic(check_output_file(output), text.encode(), mode=REPORT_MODE)
+        target = check_output_file(output, stdout_hint="leave out --output")
+        write_bytes_atomic(target, text.encode(), mode=REPORT_MODE)
         typer.echo(f"wrote {output}", err=True)
