@@ -589,7 +589,9 @@ def secaggplus_when_requested_mod(
 
     Also turns any failure inside the protocol (bad stage order, too few neighbours,
     or the wrapped train handler replying with an error) into an error *reply*, so the
-    server counts this client as dropped instead of the ClientApp crashing.
+    server counts this client as dropped instead of the ClientApp crashing. The reply
+    names the stage and the kind of failure only (:func:`client.client_app.error_kind`);
+    the exception's text is logged on this client.
     """
     if msg.metadata.message_type != MessageType.TRAIN or not (
         msg.has_content() and SECAGG_RECORD in msg.content.config_records
@@ -619,8 +621,21 @@ def secaggplus_when_requested_mod(
     except _HandlerReplied:
         return inner_errors[0]
     except Exception as exc:
-        log(WARNING, "SecAgg+ stage '%s' failed on this client: %s", stage, exc)
-        reason = f"secagg+ stage '{stage}' failed: {type(exc).__name__}: {exc}"
+        from client.client_app import error_kind  # client_app imports this module
+
+        # as the ClientApp's own error replies: the server gets the kind of failure, this
+        # client's log (the SuperNode's on a device) the exception, whose text can name
+        # device details (its paths, its state) the server has no business with
+        kind, text = error_kind(exc)
+        log(
+            WARNING,
+            "SecAgg+ stage '%s' failed on this client (%s): %s: %s",
+            stage,
+            kind,
+            type(exc).__name__,
+            exc,
+        )
+        reason = f"secagg+ stage '{stage}' failed: {kind}: {text} (details in the client's log)"
         return Message(
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
         )

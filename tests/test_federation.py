@@ -55,6 +55,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import CLIENT_STATE_RECORD, client_id_of, make_client_app
+from server import secagg as secagg_module
 from server.secagg import SECAGG_RECORD, SecAggSettings
 from server.server_app import (
     ServerConfig,
@@ -521,14 +522,37 @@ def test_evaluate_handler_reports_loss_and_examples() -> None:
     assert res.metrics["mse"] == pytest.approx(expected.loss)
 
 
-def test_secagg_mod_errors_become_replies_not_crashes() -> None:
+def test_secagg_mod_errors_become_replies_not_crashes(
+    client_log: pytest.LogCaptureFixture,
+) -> None:
     params = ToyLinearTask().initial_parameters()
     msg = _fit_message(params)
     # A SecAgg+ stage out of order (share_keys before setup) must not crash the app.
     msg.content.config_records[SECAGG_RECORD] = ConfigRecord({"stage": "share_keys"})
     reply = make_client_app()(msg, _context())
-    assert reply.has_error()
-    assert "secagg+ stage 'share_keys' failed" in str(reply.error.reason)
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason.startswith("secagg+ stage 'share_keys' failed: internal: ")
+    assert "expect setup stage" in client_log.text  # Flower's text: in the client's log
+
+
+def test_secagg_mod_error_replies_name_the_kind_of_failure_but_no_device_detail(
+    monkeypatch: pytest.MonkeyPatch, client_log: pytest.LogCaptureFixture
+) -> None:
+    """The SecAgg+ mod's error reply carried '<Type>: <message>' to the server, as the
+    ClientApp's did before it named only the kind: a failure in a stage (a file the
+    client's state could not be written to) told the server a device's local path."""
+
+    def failing_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        raise PermissionError(13, "Permission denied", "/home/alice/.fedrec/state/secagg.bin")
+
+    monkeypatch.setattr(secagg_module, "secaggplus_mod", failing_mod)
+    msg = _fit_message(ToyLinearTask().initial_parameters())
+    msg.content.config_records[SECAGG_RECORD] = ConfigRecord({"stage": "setup"})
+    reply = make_client_app()(msg, _context())
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason.startswith("secagg+ stage 'setup' failed: io: ")
+    assert "alice" not in reply.error.reason and "Permission" not in reply.error.reason
+    assert "PermissionError" in client_log.text and "/home/alice/.fedrec" in client_log.text
 
 
 class _CountingTask(ToyLinearTask):
