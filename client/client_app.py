@@ -10,7 +10,8 @@ Wire format: Flower's legacy ``FitIns``/``FitRes``/``EvaluateIns``/``EvaluateRes
 record layout (``fitins.parameters``, ``fitres.metrics``, ...), because both
 ``DefaultWorkflow`` and ``SecAggPlusWorkflow`` speak it. A fit reply carries the
 *update* (new - received parameters), validated and optionally L2-clipped; a declined
-client sends a zero update with zero weight (neutral under FedAvg and SecAgg+); a task
+client sends a zero update with zero weight (neutral under FedAvg and SecAgg+) and the
+kind of its decline only (the task's reason is logged here); a task
 failure becomes a Flower error reply, so the server counts the client as failed and
 the round goes on. The reply names only the kind of failure (:data:`ERROR_KINDS`): the
 exception's text, which can hold local paths and device details, is logged here.
@@ -22,7 +23,7 @@ import math
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -244,10 +245,7 @@ def encode_fit_outcome(
         raise TaskFailedError(outcome.reason)
     if outcome.status is FitStatus.DECLINED:
         update: Arrays = [np.zeros_like(p) for p in received]
-        metrics: dict[str, Scalar] = {
-            METRIC_STATUS: FitStatus.DECLINED.value,
-            METRIC_REASON: outcome.reason,
-        }
+        metrics: dict[str, Scalar] = _decline_metrics("fit", outcome)
         num_examples = 0
     else:
         what = "update" if outcome.kind is ArraysKind.UPDATE else "parameters"
@@ -279,6 +277,15 @@ def encode_fit_outcome(
         metrics=metrics,
     )
     return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def _decline_metrics(phase: str, outcome: FitOutcome | EvalOutcome) -> dict[str, Scalar]:
+    """The metrics of a decline's reply: its status and its kind
+    (:data:`~shared.federated.task.DECLINE_KINDS`), which travel in the clear (evaluation
+    too under SecAgg+). The task's reason, which can state facts about the device (its
+    event count, the epsilon it has spent), is logged here, for its owner."""
+    log(INFO, "fedrec %s declined (%s): %s", phase, outcome.decline_kind, outcome.reason)
+    return {METRIC_STATUS: FitStatus.DECLINED.value, METRIC_REASON: outcome.decline_kind}
 
 
 #: The kind of failure an error reply names, most specific class first, with the generic
@@ -385,7 +392,7 @@ def encode_eval_outcome(outcome: EvalOutcome) -> EvaluateRes:
             status=Status(code=Code.OK, message="Success"),
             loss=0.0,
             num_examples=0,
-            metrics={METRIC_STATUS: FitStatus.DECLINED.value, METRIC_REASON: outcome.reason},
+            metrics=_decline_metrics("evaluate", outcome),
         )
     if not math.isfinite(outcome.loss):
         raise DataError(f"evaluation loss is not finite ({outcome.loss})")

@@ -67,7 +67,9 @@ from server.server_app import (
 from server.strategy import RoundReport, ValidatingFedAvg
 from shared.errors import ConfigError, DataError
 from shared.federated import (
+    METRIC_REASON,
     METRIC_STATUS,
+    EvalOutcome,
     FitOutcome,
     InvalidUpdateError,
     ToyLinearConfig,
@@ -196,6 +198,11 @@ def test_fit_outcome_requires_consistent_fields() -> None:
     with pytest.raises(ValueError, match="needs a reason"):
         FitOutcome.declined("")
     assert FitOutcome.declined("opted out").reason == "opted out"
+    assert FitOutcome.declined("opted out").decline_kind == "other"
+    with pytest.raises(ValueError, match="unknown decline kind 'client 3 has 1 event'"):
+        FitOutcome.declined("too few events", "client 3 has 1 event")
+    with pytest.raises(ValueError, match="unknown decline kind"):
+        EvalOutcome.declined("too few events", "few")
 
 
 def test_get_task_by_name_reference_and_unknown() -> None:
@@ -453,7 +460,43 @@ def test_train_handler_declined_client_sends_zero_weight() -> None:
     fitres = recorddict_to_fitres(reply.content, keep_input=True)
     assert fitres.num_examples == 0
     assert fitres.metrics[METRIC_STATUS] == "declined"
+    assert fitres.metrics[METRIC_REASON] == "opted-out"
     assert all(not np.any(a) for a in parameters_to_ndarrays(fitres.parameters))
+
+
+class _TellingDecliner(ToyLinearTask):
+    """Declines as a device does, with facts about it in the reason and no kind named."""
+
+    def fit(self, client_id: int, parameters: Arrays, config: Mapping[str, Any]) -> FitOutcome:
+        return FitOutcome.declined("this device has 1 event(s); training needs >= 2")
+
+    def evaluate(self, client_id: int, parameters: Arrays, config: Mapping[str, Any]) -> Any:
+        return EvalOutcome.declined("this device has 1 event(s); evaluation needs >= 2")
+
+
+def test_decline_replies_name_the_kind_of_decline_but_no_device_detail(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A decline's reply carried the task's reason in the clear (evaluation too under
+    SecAgg+): 'this device has 1 event(s)' told the server about its user's history. The
+    reply names the kind of decline; the reason is in the client's log, for its owner."""
+    register_task("telling-decliner-test", lambda _cfg: _TellingDecliner(), replace=True)
+    params = ToyLinearTask().initial_parameters()
+    app = make_client_app({"task": "telling-decliner-test"})
+    FLOWER_LOGGER.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            fit = app(_fit_message(params), _context())
+            evaluate = app(_eval_message(params), _context())
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
+    fit_metrics = recorddict_to_fitres(fit.content, keep_input=True).metrics
+    eval_res = recorddict_to_evaluateres(evaluate.content)
+    for metrics in (fit_metrics, eval_res.metrics):
+        assert metrics == {METRIC_STATUS: "declined", METRIC_REASON: "other"}
+    assert eval_res.num_examples == 0
+    assert "fedrec fit declined (other): this device has 1 event(s)" in caplog.text
+    assert "fedrec evaluate declined (other): this device has 1 event(s)" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -346,6 +346,49 @@ def test_budget_exhausted_client_declines_also_after_restart(bundle: Path, tmp_p
     assert out.status is FitStatus.DECLINED and "budget" in out.reason
 
 
+def test_a_budget_decline_tells_the_server_its_kind_not_the_epsilons(
+    bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decline's reply carried the task's reason in the clear, even under SecAgg+'s
+    evaluation and in plain rounds: 'training would spend epsilon 9.1 > budget 8 ...
+    (spent so far 7.9)', what this client's ledger holds. The server, which only counts
+    declines, is told 'privacy-budget'; the epsilons stay in the client's log."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.logger import FLOWER_LOGGER
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.client_app import make_client_app
+    from shared.federated.task import METRIC_REASON, METRIC_STATUS
+
+    try:  # instruction messages need a process task identity (Flower's runtimes set it)
+        _ = TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    app = make_client_app(
+        {
+            "task": "shared.federated.student_task:make_task",
+            "bundle": str(bundle),
+            "state-dir": str(tmp_path / "state"),
+            "batch-size": 4,
+            "dp": True,
+            "epsilon-budget": 0.01,  # below what one round spends: it declines at once
+        }
+    )
+    ins = FitIns(ndarrays_to_parameters(get_global_arrays(_student())), {"server-round": 1})
+    message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
+    FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
+    try:
+        with caplog.at_level("INFO"):
+            reply = app(message, Context(1, 100, {"partition-id": 0}, RecordDict(), {}))
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
+    metrics = recorddict_to_fitres(reply.content, keep_input=True).metrics
+    assert metrics == {METRIC_STATUS: "declined", METRIC_REASON: "privacy-budget"}
+    assert "fedrec fit declined (privacy-budget): training would spend epsilon" in caplog.text
+
+
 def test_too_little_or_unknown_local_data_is_an_error(bundle: Path, tmp_path: Path) -> None:
     task = _task(bundle, tmp_path / "state")
     params = task.initial_parameters()

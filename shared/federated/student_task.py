@@ -52,6 +52,7 @@ from shared.federated.local_training import (
 from shared.federated.student_config import StudentTaskConfig
 from shared.federated.task import (
     CONFIG_UNDER_SECAGG,
+    DECLINE_PRIVACY_BUDGET,
     Arrays,
     ConfigValue,
     EvalOutcome,
@@ -267,7 +268,8 @@ class StudentTask:
                 try:
                     state.ledger.check(Spend(train.noise_multiplier, q, steps))
                 except PrivacyBudgetExceededError as err:
-                    return FitOutcome.declined(str(err))
+                    # the server is told the kind; the epsilons stay in this client's log
+                    return FitOutcome.declined(str(err), DECLINE_PRIVACY_BUDGET)
             # the global model is trained as a newcomer is served it (adapter at its start)
             set_global_arrays(self.model, parameters, self._meta)
             # Reptile in meta mode: the adapter's initialization is trained and sent too

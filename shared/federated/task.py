@@ -45,7 +45,30 @@ CONFIG_UNDER_SECAGG = "fedrec-under-secagg"
 seen inside the SecAgg+ sum (a task that splits its noise over that sum needs it)."""
 # Keys the client glue adds to a fit reply's metrics (the wire protocol of a status).
 METRIC_STATUS = "fedrec-status"
+#: A decline's reason on the wire: its :data:`DECLINE_KINDS` kind, never the task's text.
 METRIC_REASON = "fedrec-reason"
+
+# Why a client declines, as its reply tells the server (:data:`METRIC_REASON`), in the clear
+# (also for evaluation under SecAgg+). The task's own reason says more, e.g. a device's
+# event count or the epsilon its ledger has spent, which are facts about its user: it stays
+# in the client's log, for the owner; the server only counts declines.
+#: Training would spend more privacy than the client's budget allows.
+DECLINE_PRIVACY_BUDGET = "privacy-budget"
+#: The client has too little local data to take part (e.g. a young device).
+DECLINE_NO_LOCAL_DATA = "no-local-data"
+#: The client (its owner) chose not to take part, e.g. keeps its evaluation metrics private.
+DECLINE_OPTED_OUT = "opted-out"
+#: Any other reason (a task that names none).
+DECLINE_OTHER = "other"
+#: Every decline kind.
+DECLINE_KINDS = frozenset(
+    {DECLINE_PRIVACY_BUDGET, DECLINE_NO_LOCAL_DATA, DECLINE_OPTED_OUT, DECLINE_OTHER}
+)
+
+
+def _check_decline_kind(kind: str) -> None:
+    if kind not in DECLINE_KINDS:
+        raise ValueError(f"unknown decline kind {kind!r}; one of {sorted(DECLINE_KINDS)}")
 
 
 class FitStatus(enum.StrEnum):
@@ -83,8 +106,11 @@ class FitOutcome:
     metrics: Mapping[str, MetricValue] = field(default_factory=dict)
     kind: ArraysKind = ArraysKind.PARAMETERS
     reason: str = ""
+    #: What the server is told of a decline (:data:`DECLINE_KINDS`); ``reason`` stays local.
+    decline_kind: str = DECLINE_OTHER
 
     def __post_init__(self) -> None:
+        _check_decline_kind(self.decline_kind)
         if self.status is FitStatus.OK:
             if not self.arrays:
                 raise ValueError("FitOutcome(status=ok) needs at least one array")
@@ -116,9 +142,11 @@ class FitOutcome:
         return cls(FitStatus.OK, list(update), num_examples, dict(metrics or {}), ArraysKind.UPDATE)
 
     @classmethod
-    def declined(cls, reason: str) -> FitOutcome:
-        """The client does not take part this round (not an error)."""
-        return cls(FitStatus.DECLINED, reason=reason)
+    def declined(cls, reason: str, kind: str = DECLINE_OTHER) -> FitOutcome:
+        """The client does not take part this round (not an error). The server is told
+        ``kind`` (:data:`DECLINE_KINDS`); ``reason``, which may state facts about the
+        device, goes to the client's log only."""
+        return cls(FitStatus.DECLINED, reason=reason, decline_kind=kind)
 
     @classmethod
     def failed(cls, reason: str) -> FitOutcome:
@@ -140,17 +168,21 @@ class EvalOutcome:
     metrics: Mapping[str, MetricValue] = field(default_factory=dict)
     status: FitStatus = FitStatus.OK
     reason: str = ""
+    #: What the server is told of a decline (:data:`DECLINE_KINDS`); ``reason`` stays local.
+    decline_kind: str = DECLINE_OTHER
 
     def __post_init__(self) -> None:
+        _check_decline_kind(self.decline_kind)
         if self.status is FitStatus.ERROR:
             raise ValueError("EvalOutcome has no error status: raise instead")
         if self.status is FitStatus.DECLINED and not self.reason:
             raise ValueError("EvalOutcome.declined needs a reason")
 
     @classmethod
-    def declined(cls, reason: str) -> EvalOutcome:
-        """The client does not evaluate this round (not an error)."""
-        return cls(0.0, 0, status=FitStatus.DECLINED, reason=reason)
+    def declined(cls, reason: str, kind: str = DECLINE_OTHER) -> EvalOutcome:
+        """The client does not evaluate this round (not an error); as
+        :meth:`FitOutcome.declined`, the server is told ``kind`` only."""
+        return cls(0.0, 0, status=FitStatus.DECLINED, reason=reason, decline_kind=kind)
 
 
 @runtime_checkable
@@ -366,7 +398,9 @@ class ToyLinearTask:
         """Run ``local_steps`` gradient steps; fault injection per the config sets."""
         cfg = self.config
         if client_id in cfg.decline_clients:
-            return FitOutcome.declined(f"client {client_id} opted out of training")
+            return FitOutcome.declined(
+                f"client {client_id} opted out of training", DECLINE_OPTED_OUT
+            )
         if client_id in cfg.sleep_clients and cfg.sleep_s > 0:
             time.sleep(cfg.sleep_s)
         data = self.client_data(client_id)
@@ -404,7 +438,9 @@ class ToyLinearTask:
         """Mean squared error on the client's held-out examples (an opted-out client,
         ``decline_clients``, declines evaluation too)."""
         if client_id in self.config.decline_clients:
-            return EvalOutcome.declined(f"client {client_id} opted out of evaluation")
+            return EvalOutcome.declined(
+                f"client {client_id} opted out of evaluation", DECLINE_OPTED_OUT
+            )
         data = self.client_data(client_id)
         if len(data.y_eval) == 0:
             raise DataError(f"client {client_id} has no local evaluation examples")
