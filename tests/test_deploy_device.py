@@ -388,6 +388,7 @@ def test_a_device_shares_evaluation_metrics_only_if_its_owner_allows(
     kept_private = private.evaluate(0, params, {"server-round": 4})  # type: ignore[attr-defined]
     assert kept_private.status is FitStatus.DECLINED  # a choice, not a failure
     assert "does not share evaluation metrics" in kept_private.reason
+    assert kept_private.decline_kind == "opted-out"  # what the server is told
     assert (kept_private.num_examples, dict(kept_private.metrics)) == (0, {})
     assert FederatedFiles(device).global_version() == 4  # the evaluated model is still kept
     # a server cannot switch it on: the device's node config decides
@@ -411,6 +412,7 @@ def test_a_young_device_sits_rounds_out_instead_of_failing(
     with caplog.at_level(logging.WARNING, logger="client.device.training"):
         fit = task.fit(0, params, {"server-round": 2})
     assert fit.status is FitStatus.DECLINED and "1 event(s)" in fit.reason
+    assert fit.decline_kind == "no-local-data"  # the server is told the kind, not the count
     # the server names the devices' logs for the reason, and keeps none itself: the device
     # logged nothing, so a run where every device declined could not be explained
     assert any(
@@ -420,6 +422,7 @@ def test_a_young_device_sits_rounds_out_instead_of_failing(
     )
     evaluation = task.evaluate(0, params, {"server-round": 2})
     assert evaluation.status is FitStatus.DECLINED and "1 event(s)" in evaluation.reason
+    assert evaluation.decline_kind == "no-local-data"
     assert FederatedFiles(device).rounds_joined() == 0
     with Daemon.open(device) as daemon:
         daemon.add_events(_events(10, seed=1))

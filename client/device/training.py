@@ -319,7 +319,13 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         max_noise_shares,
     )
     from shared.federated.student_task import ClientState, StudentTask
-    from shared.federated.task import CONFIG_RUN_ID, EvalOutcome, FitOutcome
+    from shared.federated.task import (
+        CONFIG_RUN_ID,
+        DECLINE_NO_LOCAL_DATA,
+        DECLINE_OPTED_OUT,
+        EvalOutcome,
+        FitOutcome,
+    )
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
     class DeviceClientState(ClientState):
@@ -389,9 +395,9 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> FitOutcome:
             outcome = self._fit(client_id, parameters, config)
             if outcome.status.value == "declined":
-                # the reason travels to the server, which counts declines but logs no
-                # device's reason: the SuperNode's log (the ClientApp's stderr) is the one
-                # place its owner, and `fedrec server start`'s advice, can read it
+                # the server is told only the decline's kind (and counts it): the
+                # SuperNode's log (the ClientApp's stderr) is the one place its owner, and
+                # `fedrec server start`'s advice, can read the reason
                 logger.warning(
                     "round %d: this device declined to train: %s",
                     _round_of(config),
@@ -416,7 +422,8 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 events = len(self.local_sequence(client_id))
                 if events < 2:  # a young device, not a broken one: it sits this round out
                     return FitOutcome.declined(
-                        f"this device has {events} event(s); training needs >= 2"
+                        f"this device has {events} event(s); training needs >= 2",
+                        DECLINE_NO_LOCAL_DATA,
                     )
                 outcome = super().fit(client_id, parameters, config)
                 if outcome.status.value == "ok":
@@ -437,7 +444,8 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 return EvalOutcome.declined(
                     "this device does not share evaluation metrics (they are computed from "
                     "its user's own events and would leave it in the clear); its owner can "
-                    "allow it with `fedrec client start --share-evaluation`"
+                    "allow it with `fedrec client start --share-evaluation`",
+                    DECLINE_OPTED_OUT,
                 )
             return self._evaluate_local(parameters)
 
@@ -453,7 +461,8 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
             history = self.local_sequence(0)
             if len(history) < 2:
                 return EvalOutcome.declined(
-                    f"this device has {len(history)} event(s); evaluation needs >= 2"
+                    f"this device has {len(history)} event(s); evaluation needs >= 2",
+                    DECLINE_NO_LOCAL_DATA,
                 )
             context, target = history[:-1], int(history[-1])
             with self._lock:
