@@ -50,6 +50,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
+from shared.training.trainer import limited_threads
 from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
@@ -213,7 +214,7 @@ def _run_stages(
         )
     evaluating = time.perf_counter()
     summary = _evaluate(
-        config, run, dataset, split, pre, initial, final_model, adapter_init, trained
+        config, run, dataset, split, pre, initial, final_model, adapter_init, trained, progress
     )
     # a later process on this run directory counts it (total seconds)
     run.log("evaluate", trained, seconds=round(time.perf_counter() - evaluating, 2))
@@ -718,6 +719,14 @@ class AdaptedStudent:
         return self.model.n_items
 
     def score(self, histories: Sequence[IntArray]) -> ScoreArray:
+        with limited_threads(1):
+            return self._score(histories)
+
+    def _score(self, histories: Sequence[IntArray]) -> ScoreArray:
+        """On one thread, as a device fits (``StudentTaskConfig.num_threads``): a fit is
+        hundreds of tiny operations, which a second thread slows down (ml-100k-sized
+        synthetic users: 29 ms a user on one thread, 45 ms on two, 200 ms on two beside
+        another busy process)."""
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
         for row, history in enumerate(histories):
             fit_personal(
@@ -897,10 +906,13 @@ def _evaluate(
     final: StudentModel,
     adapter_init: dict[str, torch.Tensor],
     trained: int,
+    progress: ProgressFn = _noop,
 ) -> dict[str, Any]:
     """Score every model and publish the final one as ``model-v{trained}`` (the last round
     trained: a resumed run may be past the rounds asked for, a budget may end one early),
-    unless that version is out with another model (:func:`_publish_final`)."""
+    unless that version is out with another model (:func:`_publish_final`). ``progress``
+    hears ``("evaluate", {"model": name})`` as each model starts (the personal adapters,
+    fitted per user, take minutes on ml-100k)."""
     from shared.ondevice.runtime import OnDeviceModel
 
     eval_cfg = EvalConfig(seed=config.seed)
@@ -928,12 +940,14 @@ def _evaluate(
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
     for name, model in models.items():
+        progress("evaluate", {"model": name})
         by_pop = split_ranks(model, split, pops, "test", eval_cfg)
         final_results[name] = summarize_each(by_pop, eval_cfg.k)
         ranks[f"federated/{name}"] = by_pop["federated"]
     personalized = AdaptedStudent(
         final, config.personal_steps, config.personal_lr, adapter_init, config.exclude_seen
     )
+    progress("evaluate", {"model": "student (federated + personal)"})
     by_pop = split_ranks(personalized, split, pops, "test", eval_cfg)
     ranks["federated/student (federated + personal)"] = by_pop["federated"]
     final_results["student (federated + personal)"] = summarize_each(by_pop, eval_cfg.k)
@@ -947,6 +961,7 @@ def _evaluate(
             ),
         }
         for name, model in fewshot_models.items():
+            progress("evaluate", {"model": f"few-shot {name}"})
             by_shot = fewshot_ranks(model, split, config.shots, eval_cfg)
             fewshot[name] = summarize_each(by_shot, eval_cfg.k)
             ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})

@@ -42,6 +42,10 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    # evaluation (minutes on ml-100k) says which model it is on
+    said = [line.split(" ", 1)[1] for line in result.stderr.splitlines() if line[:1].isdigit()]
+    for model in ("teacher", "student (federated + personal)", "few-shot student (adapted)"):
+        assert f"evaluate: {model}" in said, said
     run = tmp_path / "tiny"
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
@@ -880,6 +884,7 @@ def test_progress_into_a_log_is_a_line_per_stage_and_round(
         row = {"clients_ok": 6, "clients_declined": 0, "clients_failed": 0, "epsilon_record": 1.5}
         progress("round", {"round": 1, **row})
         progress("evaluate", {})
+        progress("evaluate", {"model": "student (federated + personal)"})
         raise ConfigError("stop here")  # the lines are what this test is about
 
     monkeypatch.setattr(simulation.pipeline, "run_pipeline", pipeline)
@@ -889,6 +894,7 @@ def test_progress_into_a_log_is_a_line_per_stage_and_round(
     assert said[2].startswith("round 1/2: ok 6 declined 0 failed 0 |")
     assert said[2].endswith("max client eps 1.500")
     assert said[3] == "evaluate: every model on the protocol's test items"
+    assert said[4] == "evaluate: student (federated + personal)"
     quiet = CliRunner().invoke(app, ["simulate", "--no-progress", "--run-dir", str(tmp_path)])
     assert not [line for line in quiet.stderr.splitlines() if line[:1].isdigit()]
 

@@ -334,6 +334,40 @@ def test_adapted_scores_depend_on_the_history_alone() -> None:
     assert not np.array_equal(other.score(histories), together)
 
 
+def test_adapted_scores_fit_on_one_thread_as_a_device_and_leave_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The evaluation's per-user fits ran on every thread torch had: slower (hundreds of tiny
+    operations; tenfold beside another busy process) than the one a device fits on."""
+    import simulation.pipeline as pipeline
+
+    seen: list[int] = []
+    real = pipeline.fit_personal
+
+    def recording(*args: Any, **kwargs: Any) -> float:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit_personal", recording)
+    model = _student()
+    init = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipeline.AdaptedStudent(model, steps=2, lr=0.05, adapter_init=init).score(
+            _clients().train[:2]
+        )
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    import dataclasses
+
+    from shared.federated.student_config import StudentTaskConfig
+
+    threads = {f.name: f.default for f in dataclasses.fields(StudentTaskConfig)}["num_threads"]
+    assert threads == 1  # what a device fits with
+
+
 def test_budget_exhausted_client_declines_also_after_restart(bundle: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     task = _task(bundle, state, **{"epsilon-budget": 8.0, "noise-multiplier": 1.0})

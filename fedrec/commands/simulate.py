@@ -155,6 +155,8 @@ def simulate(
             elif stage == "run":
                 _stopping.root = Path(info["dir"])
                 show("run", info["dir"])
+            elif stage == "evaluate" and "model" in info:
+                show(stage, str(info["model"]))
             elif stage == "evaluate" and threading.current_thread() is threading.main_thread():
                 # the simulation engine put the default SIGTERM action back when it ended:
                 # a `kill` during evaluation (minutes on ml-100k) left without the resume hint
