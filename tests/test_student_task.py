@@ -293,6 +293,41 @@ def test_fit_personal_refits_from_the_initialization_and_leaves_the_global_model
     assert not model.training
 
 
+@pytest.mark.parametrize(
+    ("steps", "lr", "said"),
+    [
+        (-3, 0.01, "steps must be an integer >= 0"),
+        (2.5, 0.01, "steps must be an integer >= 0"),
+        (True, 0.01, "steps must be an integer >= 0"),
+        (5, math.nan, "learning rate must be a finite number > 0"),
+        (5, -0.1, "learning rate must be a finite number > 0"),
+        (5, 0.0, "learning rate must be a finite number > 0"),
+        (5, math.inf, "learning rate must be a finite number > 0"),
+    ],
+)
+def test_fit_personal_refuses_bad_steps_or_rate_before_touching_the_model(
+    steps: Any, lr: float, said: str
+) -> None:
+    """A negative step count served the initialization as if it were 0, an infinite rate
+    fitted an adapter of NaNs (every score NaN, every case a miss), and a NaN or negative
+    rate raised Adam's bare ValueError with the model left in training mode, the global
+    parameters frozen. Now a ConfigError that names the setting, for any history (one
+    interaction too), and the model is as it was."""
+    model = _student()
+    model.eval()
+    init = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    with torch.no_grad():
+        model.adapter.up.weight.fill_(0.5)  # a fitted adapter, still being served
+    for history in (_clients().train[0], _clients().train[0][:1]):
+        with pytest.raises(ConfigError, match=said):
+            fit_personal(model, history, init, steps, lr)
+        assert torch.all(model.adapter.up.weight == 0.5)
+        assert not model.training
+        assert all(p.requires_grad for p in model.global_parameters())
+    # no steps: nothing trains, so the rate is not read (a benchmark's "no adaptation")
+    assert math.isnan(fit_personal(model, _clients().train[0], init, 0, 0.0))
+
+
 def test_a_fresh_adapter_is_the_same_everywhere_and_draws_nothing_global() -> None:
     """Every reset gives the same identity adapter (its down projection drawn from the
     config's seed, not from torch's global generator), whatever was drawn before: two

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.data.dataset import IntArray
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.federated.local_config import LocalTrainConfig
 from shared.models.sequence import module_device, next_item_cross_entropy, pad_histories
 from shared.models.student import StudentModel
@@ -257,6 +257,23 @@ def history_seed(history: IntArray, seed: int = 0) -> int:
     return zlib.crc32(items, seed & 0xFFFFFFFF)
 
 
+def check_fit_settings(steps: int, lr: float) -> None:
+    """Refuse a personal adapter fit's ``steps`` (an integer >= 0) or, with steps to take,
+    its ``lr`` (a finite number > 0): :func:`fit_personal`'s check."""
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0:
+        raise ConfigError(
+            f"the personal adapter's steps must be an integer >= 0 (0: no fit), got {steps!r}"
+        )
+    if steps > 0 and (
+        isinstance(lr, bool)
+        or not isinstance(lr, int | float | np.integer | np.floating)
+        or not 0 < lr < math.inf
+    ):
+        raise ConfigError(
+            f"the personal adapter's learning rate must be a finite number > 0, got {lr!r}"
+        )
+
+
 def fit_personal(
     model: StudentModel,
     history: IntArray,
@@ -285,7 +302,15 @@ def fit_personal(
     steps against the global model of the round its device last trained) cost the served
     model up to 0.022 full HR@10 on ml-100k; refitted ones cost nothing (``docs/parameters.md``,
     section 4).
+
+    ``steps`` must be an integer >= 0 (0: no fit) and, when it is above 0, ``lr`` a finite
+    number > 0: anything else is a :class:`ConfigError` before the adapter is touched, for
+    every history. A negative count used to serve the initialization as if it were 0, an
+    infinite rate fitted an adapter of NaNs (every score NaN, every case a miss), and a NaN
+    or negative one raised Adam's bare ``ValueError`` only once a history had two
+    interactions, leaving the model half set up for training.
     """
+    check_fit_settings(steps, lr)
     model.adapter.load_state_dict(init)
     if steps <= 0 or len(history) < 2:
         model.eval()
