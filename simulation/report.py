@@ -209,16 +209,16 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
         ),
     )
     fewshot = summary.get("fewshot", {})
+    # HR and NDCG, sampled and full, as PROTOCOL.md reports few-shot (and as the test table)
     lines += _table(
         "Few-shot (cold-start users)",
-        ["model", "K", "users", f"sampled HR@{K}", f"full HR@{K}"],
+        ["model", "K", "users", *(f"{c}@{K}" for c in _FINAL_COLUMNS)],
         (
             [
                 model,
                 k,
                 str(m.get("users", "")),
-                f"{m[f'sampled_hr@{K}']:.4f}" if m.get("users", 0) else "n/a (no user)",
-                f"{m[f'full_hr@{K}']:.4f}" if m.get("users", 0) else "n/a (no user)",
+                *(f"{m[key]:.4f}" if m.get("users", 0) else "n/a (no user)" for key in _FINAL_KEYS),
             ]
             for model, by_k in fewshot.items()
             for k, m in by_k.items()

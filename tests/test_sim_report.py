@@ -248,6 +248,13 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         "-0.010 [-0.040, +0.020], within noise |" in text
     )
     assert "| fewshot k=1 | student - ease | -0.050 [-0.090, -0.010], B better |" in text
+    # few-shot is reported as PROTOCOL.md has it: HR and NDCG, sampled and full (NDCG was
+    # only in summary.json)
+    assert (
+        "| model | K | users | sampled HR@10 | sampled NDCG@10 | full HR@10 | full NDCG@10 |"
+        in text.split("## Few-shot")[1]
+    )
+    assert "| student | k=1 | 10 | 0.5000 | 0.2500 | 0.1667 | 0.0833 |" in text
     # the round table says what its columns are (the max-client epsilon was read as a mean)
     assert "- `epsilon_record`: record-level epsilon, the most any client has spent" in text
     assert "`clients_ok`" not in text  # only the columns the table has
@@ -269,7 +276,10 @@ def test_a_k_no_cold_user_reaches_is_reported_as_no_figure_not_as_zero(tmp_path:
     }
     text = write_report(summary, tmp_path / "a").read_text()
     assert "| student | k=1 | 10 | 0.5000 |" in text
-    assert "| student | k=500 | 0 | n/a (no user) | n/a (no user) |" in text
+    assert (
+        "| student | k=500 | 0 | n/a (no user) | n/a (no user) | n/a (no user) | n/a (no user) |"
+        in text
+    )
     assert "0.0000" not in text.split("Few-shot")[1].split("\n\n")[1]
     assert (tmp_path / "a" / "plots" / "fewshot_vs_k.png").exists()  # student's k=1
     summary["fewshot"] = {"pop": {"k=500": none}}
