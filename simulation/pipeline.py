@@ -47,7 +47,7 @@ from shared.federated.student_task import set_global_arrays
 from shared.io import REPORT_MODE, write_bytes_atomic, write_json_atomic
 from shared.models.base import ScoreArray
 from shared.models.baselines import EASE, Pop
-from shared.models.sequence import pad_histories
+from shared.models.sequence import module_device, pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
 from shared.training.trainer import limited_threads
@@ -739,8 +739,9 @@ class AdaptedStudent:
                 seed=self.seed,
             )
             items, mask = pad_histories([history], self.model.config.max_len)
+            device = module_device(self.model)
             with torch.no_grad():
-                out[row] = self.model(items, mask)[0].numpy()
+                out[row] = self.model(items.to(device), mask.to(device))[0].cpu().numpy()
         return out
 
 

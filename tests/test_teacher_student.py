@@ -166,6 +166,14 @@ def test_a_student_on_the_gpu_scores_and_sets_its_cold_user_as_on_the_cpu() -> N
     want = score_histories(cpu, [*histories, np.array([], dtype=np.int64)], 8, N_ITEMS)
     got = score_histories(gpu, [*histories, np.array([], dtype=np.int64)], 8, N_ITEMS)
     assert np.allclose(want, got, atol=1e-4)
+    # and the simulation's per-user adapted scoring
+    from simulation.pipeline import AdaptedStudent
+
+    init = {k: v.clone() for k, v in cpu.adapter.state_dict().items()}
+    adapted_cpu = AdaptedStudent(cpu, 3, 0.01, init).score(histories)
+    gpu_init = {k: v.cuda() for k, v in init.items()}
+    adapted_gpu = AdaptedStudent(gpu, 3, 0.01, gpu_init).score(histories)
+    assert np.allclose(adapted_cpu, adapted_gpu, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- building blocks
