@@ -8,6 +8,7 @@ The Ray runtime itself is covered by the ``network``-marked tests at the end.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import socket
@@ -298,6 +299,42 @@ def test_clip_update_l2_scales_down_only_above_the_bound() -> None:
         clip_update_l2([np.array([np.nan], np.float32)], 1.0)
     with pytest.raises(ValueError, match="positive"):
         clip_update_l2(update, 0.0)
+
+
+def test_a_clipped_update_is_within_the_bound_after_rounding_to_its_dtype() -> None:
+    """The clip scaled a float32 update in float32: the rounding left its norm up to about
+    1e-7 above the bound (1.0000000656 for a bound of 1), which is what a client's influence,
+    user-level DP's sensitivity, is argued from. Now it is at most the bound, and still
+    the bound to float32 precision, in the update's direction."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(300):
+        update = [
+            (rng.normal(size=int(rng.integers(1, 50))) * rng.uniform(0.1, 100)).astype(np.float32)
+            for _ in range(3)
+        ]
+        clipped, norm = clip_update_l2(update, 1.0)
+        assert norm > 1.0 and [a.dtype for a in clipped] == [np.float32] * 3
+        worst = max(worst, l2_norm(clipped))
+        np.testing.assert_allclose(clipped[0], update[0] / norm, rtol=1e-5, atol=1e-7)
+    assert 1.0 - 1e-6 < worst <= 1.0
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        [np.array([3e38, -3e38], np.float32)],  # float32 times a scale below 1e-38 was 0
+        [np.array([3e200, -3e200], np.float64)],  # its squares overflowed: the norm was inf
+    ],
+)
+def test_clipping_a_huge_update_keeps_its_direction_instead_of_zeroing_it(
+    update: Arrays,
+) -> None:
+    clipped, norm = clip_update_l2(update, 1e-30)
+    assert norm == pytest.approx(float(np.abs(update[0][0])) * math.sqrt(2))
+    assert l2_norm(clipped) == pytest.approx(1e-30, rel=1e-5)
+    assert l2_norm(clipped) <= 1e-30
+    np.testing.assert_allclose(clipped[0] * 1e30, [1 / math.sqrt(2), -1 / math.sqrt(2)], rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- config

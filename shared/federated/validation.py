@@ -126,11 +126,37 @@ def find_problem(
 
 
 def l2_norm(arrays: Sequence[npt.NDArray[np.floating]]) -> float:
-    """Global L2 norm over all arrays (as if flattened and concatenated), in float64."""
+    """Global L2 norm over all arrays (as if flattened and concatenated), in float64.
+
+    Finite float64 values whose squares overflow (above about 1e154) are rescaled by the
+    largest magnitude first: their norm is finite, and read as inf it made
+    :func:`clip_update_l2` scale the update to zero instead of onto the bound."""
     total = 0.0
-    for arr in arrays:
-        total += float(np.sum(np.square(arr, dtype=np.float64)))
+    with np.errstate(over="ignore"):
+        for arr in arrays:
+            total += float(np.sum(np.square(arr, dtype=np.float64)))
+    if math.isinf(total):
+        peak = max((float(np.max(np.abs(arr))) for arr in arrays if arr.size), default=0.0)
+        if 0 < peak < math.inf:  # an inf entry's norm is inf
+            total = sum(float(np.sum(np.square(arr / peak, dtype=np.float64))) for arr in arrays)
+            return peak * math.sqrt(total)
     return math.sqrt(total)
+
+
+def _scaled(
+    arrays: Sequence[npt.NDArray[np.floating]], scale: float
+) -> list[npt.NDArray[np.floating]]:
+    """``arrays`` times ``scale``, computed in float64 and stored in each array's dtype
+    (a float32 times a float32 ``scale`` below about 1e-38 was 0: the update was zeroed)."""
+    return [(arr.astype(np.float64) * scale).astype(arr.dtype) for arr in arrays]
+
+
+def _epsilon(dtype: np.dtype[np.generic]) -> float:
+    """The relative rounding step of ``dtype`` (float64's for a non-float dtype, which
+    rounds toward zero and so never above the bound)."""
+    if np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)  # type: ignore[type-var]
+    return float(np.finfo(np.float64).eps)
 
 
 def clip_update_l2(
@@ -140,6 +166,9 @@ def clip_update_l2(
 
     Returns ``(clipped arrays, norm before clipping)``. Dtypes are preserved and the
     direction is unchanged; updates already within the bound are returned as copies.
+    The bound holds for the arrays returned, after rounding to their dtype: a clipped
+    float32 update came out up to about 1e-7 above it, and the bound is what a client's
+    influence (the user-level DP sensitivity) is argued from.
     Raises :class:`InvalidUpdateError` for non-finite updates (they cannot be clipped)
     and ``ValueError`` for a non-positive ``max_norm``.
     """
@@ -147,6 +176,14 @@ def clip_update_l2(
         raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
     check_finite(arrays)
     norm = l2_norm(arrays)
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    clipped = [(arr * scale).astype(arr.dtype, copy=False) for arr in arrays]
+    if norm <= max_norm:
+        return [np.array(arr, copy=True) for arr in arrays], norm
+    scale = max_norm / norm
+    clipped = _scaled(arrays, scale)
+    # rounding to the dtype can leave the result a few ulps above the bound: shrink by
+    # the coarsest dtype's epsilon until it is not (once, in practice)
+    shrink = 1.0 - max(_epsilon(arr.dtype) for arr in arrays)
+    while l2_norm(clipped) > max_norm:
+        scale *= shrink
+        clipped = _scaled(arrays, scale)
     return clipped, norm
