@@ -467,6 +467,37 @@ def test_too_little_or_unknown_local_data_is_an_error(bundle: Path, tmp_path: Pa
         task.fit(99, params, {})
 
 
+@pytest.mark.parametrize(
+    ("train", "valid", "full"),
+    [
+        ([1, 2, 99], 4, [1, 2, 99, 4]),  # a history item outside the catalog
+        ([1, 2, -3], 4, [1, 2, -3, 4]),  # a negative one
+        ([1, 2, 3], N_ITEMS, [1, 2, 3, N_ITEMS]),  # the validation item
+        ([1, 2, 3], 4, [1, 2, 3, 4, 77]),  # an item the negatives leave out
+    ],
+)
+def test_evaluating_malformed_local_data_is_a_data_error(
+    tmp_path: Path, train: list[int], valid: int, full: list[int]
+) -> None:
+    """Evaluation read item ids outside the catalog unchecked: an IndexError, which the
+    client's reply names an "internal" error (not the client's "data"), or for a negative
+    id in the items left out of the full ranking a silent wrap-around. Fit refused them."""
+    good = _clients()
+    clients = ClientData(
+        train=[np.array(train), *good.train[1:]],
+        valid=np.concatenate([[valid], good.valid[1:]]),
+        test=good.test,
+        full=[np.array(full), *good.full[1:]],
+    )
+    path = tmp_path / "bundle.pt"
+    save_bundle(path, _student(), clients)
+    task = _task(path, tmp_path / "state")
+    params = task.initial_parameters()
+    with pytest.raises(DataError, match="outside the catalog"):
+        task.evaluate(0, params, {})
+    assert np.isfinite(task.evaluate(1, params, {}).loss)  # the others still evaluate
+
+
 def test_evaluate_reports_protocol_metrics(bundle: Path, tmp_path: Path) -> None:
     task = _task(bundle, tmp_path / "state")
     res = task.evaluate(0, task.initial_parameters(), {})

@@ -308,6 +308,16 @@ class StudentTask:
             history = clients.train[client_id]
             if target < 0 or len(history) == 0:
                 raise DataError(f"client {client_id} has no validation interaction")
+            # malformed data is a DataError (an error reply of kind "data"), as in fit; ids
+            # outside the catalog were IndexErrors ("internal"), negative ones in the items
+            # left out of the full ranking wrapped around silently
+            n_items = self.model.n_items
+            if target >= n_items:
+                raise DataError(
+                    f"client {client_id}'s validation item is outside the catalog [0, {n_items})"
+                )
+            check_items(history, n_items)
+            check_items(clients.full[client_id], n_items)
             set_global_arrays(self.model, parameters, self._meta)
             self.model.eval()
             items, mask = pad_histories([history], self.model.config.max_len)
