@@ -467,6 +467,17 @@ def test_too_little_or_unknown_local_data_is_an_error(bundle: Path, tmp_path: Pa
         task.fit(99, params, {})
 
 
+def test_a_negative_eval_seed_is_refused_when_the_task_is_built(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """eval-seed=-1 was taken; NumPy's generator refused it in every client's every
+    evaluation (a bare ValueError, an "internal" error reply), the run's evaluation gone."""
+    with pytest.raises(ConfigError, match="'eval-seed' must be an integer >= 0, got -1"):
+        _task(bundle, tmp_path / "state", **{"eval-seed": -1})
+    task = _task(bundle, tmp_path / "state", **{"eval-seed": 0})
+    assert np.isfinite(task.evaluate(0, task.initial_parameters(), {}).loss)
+
+
 @pytest.mark.parametrize(
     ("train", "valid", "full"),
     [

@@ -43,6 +43,8 @@ class StudentTaskConfig:
         for key, value in counts:
             if value < 1:  # found only on the devices, after the run had started
                 raise ConfigError(f"'{key}' must be >= 1, got {value}")
+        if self.eval_seed < 0:  # NumPy refuses it, on every client's every evaluation
+            raise ConfigError(f"'eval-seed' must be an integer >= 0, got {self.eval_seed}")
         from shared.compression.prune import publish_prune  # torch: only when a task is built
         from shared.federated.student_task import resolve_device
 
