@@ -201,6 +201,31 @@ def test_a_bundle_of_another_version_is_refused_in_one_line(
     assert said in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c.update(valid=c["valid"][:-1]),  # client 5 had no validation item
+        lambda c: c.update(test=c["test"][:3]),
+        lambda c: c["full"].update(lengths=c["full"]["lengths"][:-1]),  # one history lost
+        lambda c: c["train"]["lengths"].__setitem__(0, 13),  # cuts into client 1's items
+        lambda c: c["train"]["lengths"].__setitem__(slice(0, 2), torch.tensor([-2, 26])),
+    ],
+)
+def test_a_bundle_whose_client_data_do_not_fit_together_is_refused(
+    bundle: Path, tmp_path: Path, change: Any
+) -> None:
+    """A bundle whose clients' arrays disagree loaded: one client's evaluation then failed
+    with an IndexError (an "internal" error reply) while it still trained, or sequence
+    lengths that do not add up cut other clients' items into a client's history."""
+    payload = torch.load(bundle, weights_only=True)
+    change(payload["clients"])
+    other = tmp_path / "other.pt"
+    torch.save(payload, other)
+    with pytest.raises(ModelFileError, match="is damaged") as caught:
+        load_bundle(other)
+    assert "\n" not in str(caught.value)
+
+
 def test_fit_trains_global_params_records_privacy_and_leaves_the_adapter(
     bundle: Path, tmp_path: Path
 ) -> None:

@@ -189,11 +189,18 @@ def _parse(payload: dict[str, Any], p: Path) -> Bundle:
     if "clients" in payload:
         c = payload["clients"]
         clients = ClientData(
-            train=_unpack(c["train"]),
-            full=_unpack(c["full"]),
+            train=_unpack(c["train"], p),
+            full=_unpack(c["full"], p),
             valid=c["valid"].numpy().astype(np.int64),
             test=c["test"].numpy().astype(np.int64),
         )
+        counts = (len(clients.train), len(clients.full), len(clients.valid), len(clients.test))
+        if len(set(counts)) != 1:  # client i is index i of each: one short fails client i
+            raise ModelFileError(
+                f"bundle {p} is damaged: its simulated clients' training sequences, full "
+                f"histories, validation and test items number {', '.join(map(str, counts))}, "
+                "one per client each; write it again with `fedrec simulate`"
+            )
     item_ids = [str(i) for i in payload.get("item_ids", range(student.n_items))]
     recorded = payload.get("trained_on")  # absent in a bundle written before it was recorded
     trained_on = None if recorded is None else DataProvenance.from_mapping(recorded)
@@ -212,7 +219,16 @@ def _pack(seqs: list[IntArray]) -> dict[str, torch.Tensor]:
     return {"flat": torch.from_numpy(flat), "lengths": torch.from_numpy(lengths)}
 
 
-def _unpack(packed: dict[str, torch.Tensor]) -> list[IntArray]:
+def _unpack(packed: dict[str, torch.Tensor], p: Path) -> list[IntArray]:
+    """Inverse of :func:`_pack`, refusing lengths that do not cut ``flat`` into pieces:
+    sliced as they were, they dropped items or gave sequences of other clients' items."""
     flat = packed["flat"].numpy().astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(packed["lengths"].numpy())])
+    lengths = packed["lengths"].numpy().astype(np.int64)
+    if (lengths < 0).any() or int(lengths.sum()) != len(flat):
+        raise ModelFileError(
+            f"bundle {p} is damaged: its clients' sequence lengths (sum {int(lengths.sum())}) "
+            f"do not cut its {len(flat)} items into sequences; write it again with "
+            "`fedrec simulate`"
+        )
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
