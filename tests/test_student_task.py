@@ -503,6 +503,28 @@ def test_a_negative_eval_seed_is_refused_when_the_task_is_built(
     assert np.isfinite(task.evaluate(0, task.initial_parameters(), {}).loss)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "float64", "shape"])
+def test_evaluate_refuses_parameters_that_cannot_be_the_models(
+    bundle: Path, tmp_path: Path, bad: str
+) -> None:
+    """Evaluation took whatever global parameters came: NaN or inf gave a NaN loss (and
+    every case a miss), which the client's reply blamed on its local data ("data"), and
+    float64 ones were cast silently. Fit refused them; evaluate now does too, with the
+    InvalidUpdateError of an "invalid-update" reply."""
+    from shared.federated.validation import InvalidUpdateError
+
+    task = _task(bundle, tmp_path / "state")
+    params = [a.copy() for a in task.initial_parameters()]
+    if bad == "float64":
+        params[0] = params[0].astype(np.float64)
+    elif bad == "shape":
+        params[0] = params[0][:-1]
+    else:
+        params[0].flat[0] = float(bad)
+    with pytest.raises(InvalidUpdateError, match="global parameters array 0"):
+        task.evaluate(0, params, {})
+
+
 @pytest.mark.parametrize(
     ("train", "valid", "full"),
     [

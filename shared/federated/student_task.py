@@ -318,6 +318,9 @@ class StudentTask:
                 )
             check_items(history, n_items)
             check_items(clients.full[client_id], n_items)
+            # as fit: a NaN or a wrong dtype in what the server sent gave NaN scores, whose
+            # loss the reply then blamed on this client's data
+            self.check_received(parameters)
             set_global_arrays(self.model, parameters, self._meta)
             self.model.eval()
             items, mask = pad_histories([history], self.model.config.max_len)
