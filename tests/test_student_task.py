@@ -201,6 +201,21 @@ def test_a_bundle_of_another_version_is_refused_in_one_line(
     assert said in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["items.text.weight", "head_id.weight"])
+def test_a_bundle_with_non_finite_weights_is_refused(tmp_path: Path, name: str) -> None:
+    """A bundle with a NaN weight loaded. In a frozen table every client trained, charged
+    its privacy ledger, and sent a NaN update its own check refused, every round; in a
+    global parameter every client refused what it was sent. Now loading it is an error."""
+    student = _student()
+    with torch.no_grad():
+        dict(student.named_parameters())[name].view(-1)[3] = float("nan")
+    path = tmp_path / "bundle.pt"
+    save_bundle(path, student, _clients())
+    with pytest.raises(ModelFileError, match=f"NaN or inf weights \\({name}\\)") as caught:
+        load_bundle(path)
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "change",
     [

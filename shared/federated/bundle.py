@@ -184,6 +184,19 @@ def _parse(payload: dict[str, Any], p: Path) -> Bundle:
             )
     except RuntimeError as err:
         raise ModelFileError(f"bundle {p} does not match the student architecture: {err}") from None
+    # NaN or inf weights (a diverged pretraining, a damaged file) loaded: every client then
+    # failed every round, a frozen table's after training and charging its privacy ledger
+    broken = [
+        name
+        for name, tensor in student.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        raise ModelFileError(
+            f"bundle {p} holds NaN or inf weights ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}): no client could train or evaluate it; "
+            "pretrain again (`fedrec simulate`) and check its training loss"
+        )
     student.eval()
     clients = None
     if "clients" in payload:
