@@ -71,7 +71,9 @@ class _SpelledFloat(float):
 def _parse_value(raw: str) -> Scalar:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        # ValueError: an integer of more digits than Python converts (4300); RecursionError:
+        # brackets nested deeper than the parser goes. Both are text, for the field to judge
         return raw
     if isinstance(value, int | float) and not isinstance(value, bool) and str(value) != raw:
         # a text setting (e.g. name=1e3) must get the text as typed, not "1000.0"

@@ -35,6 +35,22 @@ def test_parse_run_config_rejects_garbage():
         parse_run_config("rounds=1 lr=0.1 rounds=0")
 
 
+def test_a_value_the_toml_parser_cannot_take_is_text_for_its_field_to_judge():
+    """An integer of 5000 digits (Python converts at most 4300) or brackets nested past the
+    recursion limit escaped the parser as a bare ValueError / RecursionError: a traceback
+    instead of the field's one-line error."""
+    from simulation.config import SimulationConfig
+
+    digits = "1" * 5000
+    assert parse_run_config(f"name={digits}") == {"name": digits}
+    with pytest.raises(ConfigError, match=r"^rounds must be int"):
+        from_flat(SimulationConfig, parse_run_config(f"rounds={digits}"))
+    nested = "[" * 5000 + "]" * 5000
+    assert parse_run_config(f"name={nested}") == {"name": nested}
+    with pytest.raises(ConfigError, match=r"^shots must be int"):
+        from_flat(SimulationConfig, parse_run_config(f"shots={nested}"))
+
+
 def test_a_text_setting_keeps_the_text_as_typed():
     """TOML reads name=true as a boolean and name=1e3 as 1000.0; a text field must get the
     text the user typed (it was the folder 'True', or '1000.0')."""
