@@ -234,7 +234,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             if hint is int and isinstance(number, float) and not number.is_integer():
                 raise ValueError
             return hint(number)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # Overflow: float(10**400)
             raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
     if hint is str:  # a text setting gets what was typed: true, 1e3, 0x10 (not True, 1000.0)
         if isinstance(value, bool):

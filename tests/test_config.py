@@ -51,6 +51,16 @@ def test_a_value_the_toml_parser_cannot_take_is_text_for_its_field_to_judge():
         from_flat(SimulationConfig, parse_run_config(f"shots={nested}"))
 
 
+def test_an_integer_too_large_for_a_float_setting_is_refused_by_name():
+    """lr=1 followed by 400 zeros is an integer to TOML, and float() of it raised a bare
+    OverflowError: a traceback instead of the setting's error."""
+    from simulation.config import SimulationConfig
+
+    huge = "1" + "0" * 400
+    with pytest.raises(ConfigError, match=r"^lr must be float, got 1000"):
+        from_flat(SimulationConfig, parse_run_config(f"lr={huge}"))
+
+
 def test_a_text_setting_keeps_the_text_as_typed():
     """TOML reads name=true as a boolean and name=1e3 as 1000.0; a text field must get the
     text the user typed (it was the folder 'True', or '1000.0')."""
