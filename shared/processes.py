@@ -53,12 +53,32 @@ def terminate_group(proc: subprocess.Popen[bytes], grace_s: float) -> bool:
 
 
 def reap_group(pgid: int, grace_s: float) -> None:
-    """After the leader exited: let the rest of group ``pgid`` finish for ``grace_s``, then
-    SIGKILL whatever is left."""
+    """After the leader exited and was reaped (``Popen.wait`` / ``poll``): let the rest of
+    group ``pgid`` finish for ``grace_s``, then SIGKILL whatever is left.
+
+    Signals nothing once the group is gone, or once a process holds the pid ``pgid``: the
+    kernel hands out no pid that a live group still uses as its id, so such a process is a
+    newcomer that reused the number, and a group of that id is its own (a daemon stopped
+    long after its child crashed would otherwise SIGKILL an unrelated process group)."""
     deadline = time.monotonic() + grace_s
-    while signal_group(pgid, 0) and time.monotonic() < deadline:
+    while True:
+        if _pid_in_use(pgid) or not signal_group(pgid, 0):
+            return
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.1)
     signal_group(pgid, signal.SIGKILL)
+
+
+def _pid_in_use(pid: int) -> bool:
+    """Whether some process (a zombie too, or another user's) has the pid ``pid``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pid_alive(pid: int) -> bool:

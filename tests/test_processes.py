@@ -16,7 +16,7 @@ import pytest
 
 from server.state import init_state_dir
 from server.superlink import SuperLinkOptions, SuperLinkProcess
-from shared.processes import descendants, terminate_processes
+from shared.processes import descendants, reap_group, terminate_processes
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
@@ -93,3 +93,40 @@ def test_stopping_a_crashed_superlink_stops_the_serverapp_it_left_behind(
     assert _alive(server_app)
     superlink.stop()
     assert _wait_gone(server_app)
+
+
+def test_reap_group_kills_a_reaped_leaders_group_and_spares_a_reused_pid() -> None:
+    """reap_group runs after the leader was reaped: what is left of its group is killed; but a
+    process now holding the leader's pid is a newcomer, and the group of that id its own (a
+    daemon stopped long after its child crashed SIGKILLed such an unrelated group)."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert leader.stdout is not None
+    member = int(leader.stdout.readline())
+    leader.wait()  # the leader is gone and reaped; its group lives on in `member`
+    try:
+        assert _alive(member) and os.getpgid(member) == leader.pid
+        reap_group(leader.pid, 0.3)
+        assert _wait_gone(member)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+    # what a reused pid looks like: a live process leading a group of that id
+    newcomer = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        reap_group(newcomer.pid, 0.3)
+        with pytest.raises(subprocess.TimeoutExpired):  # still running a second later
+            newcomer.wait(timeout=1.0)
+    finally:
+        newcomer.kill()
+        newcomer.wait()
+
+
+# A group leader that starts a member of its group, prints its pid and exits.
+LEADER = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    "print(p.pid, flush=True)\n"
+)
