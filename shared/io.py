@@ -300,7 +300,11 @@ def writable_target(path: str | Path, *, stdout_hint: str = STDOUT_HINT) -> Path
             )
         if not current.is_symlink():
             break
-        current = Path(os.path.abspath(current.parent / os.readlink(current)))
+        # the link's text is relative to the folder the link really is in: through a linked
+        # folder, "../x" is beside that folder's target, not beside the link to it
+        current = Path(
+            os.path.abspath(Path(os.path.realpath(current.parent)) / os.readlink(current))
+        )
     else:
         raise ConfigError(f"{path} is a loop of symbolic links; give a file path")
     if current.exists() and not current.is_file() and not current.is_dir():

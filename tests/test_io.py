@@ -255,3 +255,20 @@ def test_a_device_or_fifo_is_refused_and_a_link_is_written_through(tmp_path: Pat
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(ConfigError, match="a loop of symbolic links"):
         write_bytes_atomic(tmp_path / "a", b"x")
+
+
+def test_a_relative_link_in_a_linked_folder_is_written_where_it_points(tmp_path: Path) -> None:
+    """A link `../x.json` reached through a linked folder points beside that folder's target,
+    as the kernel reads it; resolving it beside the link's path wrote a new file elsewhere and
+    left the file the link shows unchanged."""
+    real = tmp_path / "real"
+    (real / "dir").mkdir(parents=True)
+    (real / "x.json").write_text("old")
+    (tmp_path / "linked").symlink_to(real / "dir")
+    (real / "dir" / "l.json").symlink_to("../x.json")
+    path = tmp_path / "linked" / "l.json"
+    assert path.read_text() == "old"
+    assert check_output_file(path) == real / "x.json"
+    write_json_atomic(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and path.is_symlink()
+    assert not (tmp_path / "x.json").exists()
