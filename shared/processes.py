@@ -88,7 +88,7 @@ def pid_alive(pid: int) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # Overflow: past any pid (a corrupt file)
         return False
     except PermissionError:
         return True

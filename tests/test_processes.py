@@ -16,7 +16,7 @@ import pytest
 
 from server.state import init_state_dir
 from server.superlink import SuperLinkOptions, SuperLinkProcess
-from shared.processes import descendants, reap_group, terminate_processes
+from shared.processes import descendants, pid_alive, reap_group, terminate_processes
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
@@ -130,3 +130,11 @@ LEADER = (
     "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
     "print(p.pid, flush=True)\n"
 )
+
+
+def test_pid_alive_answers_for_any_pid_a_file_may_hold() -> None:
+    """A pid read from a lock or state file past what a pid can be (a corrupt or hand-edited
+    file) raised OverflowError from os.kill: a traceback instead of "not running"."""
+    assert pid_alive(os.getpid())
+    for pid in (0, -1, 2**31, 2**63, 10**30):
+        assert not pid_alive(pid)
