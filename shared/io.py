@@ -130,7 +130,8 @@ def exclusive_lock(
 
 
 def try_lock(path: str | Path) -> IO[str] | None:
-    """Take an exclusive advisory lock (``flock``) on ``path`` without waiting and write this
+    """Take an exclusive advisory lock (``flock``) on ``path`` without waiting for a holder
+    (only an :func:`is_locked` probe is waited out, see :data:`PROBE_WAIT_S`) and write this
     process's pid into it; the open handle holds the lock (close it to release), None when
     another process holds it (:func:`lock_holder` says which). The kernel releases it when
     the process dies, however it dies."""
@@ -139,7 +140,7 @@ def try_lock(path: str | Path) -> IO[str] | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 (returned: it holds the lock)
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_past_probes(handle, path)
         except BlockingIOError:
             handle.close()
             return None
@@ -153,6 +154,39 @@ def try_lock(path: str | Path) -> IO[str] | None:
         # a lock on the removed file guards nothing, so take the one now at the path
         handle.close()
     raise OSError(f"{path} keeps being replaced; cannot lock it")
+
+
+PROBE_WAIT_S = 0.2
+"""How long :func:`try_lock` waits out a conflicting lock before it calls the lock held: an
+:func:`is_locked` probe (``fedrec server status``) holds a shared lock this briefly, and a
+start that met one was refused as if a server ran."""
+
+DEAD_HOLDER_WAIT_S = 5.0
+"""How long :func:`try_lock` waits while the pid the lock file names is not running: then
+only a probe can hold the lock, and a probe preempted on a busy machine may hold it longer
+than :data:`PROBE_WAIT_S`."""
+
+
+def _flock_past_probes(handle: IO[str], path: Path) -> None:
+    """``flock(LOCK_EX | LOCK_NB)`` on ``handle``, retried for :data:`PROBE_WAIT_S` while it
+    conflicts (a holder's lock stays, a probe's is gone by then), and up to
+    :data:`DEAD_HOLDER_WAIT_S` while the holder the file names is not running;
+    BlockingIOError after that."""
+    from shared.processes import pid_alive
+
+    start = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            holder = lock_holder(path)
+            if waited >= DEAD_HOLDER_WAIT_S or (
+                waited >= PROBE_WAIT_S and holder.isdigit() and pid_alive(int(holder))
+            ):
+                raise
+            time.sleep(0.01)
 
 
 def _is_current(path: Path, handle: IO[str]) -> bool:

@@ -157,6 +157,32 @@ def test_a_lock_is_seen_while_held_and_probing_it_takes_nothing(tmp_path: Path) 
     again.close()
 
 
+def test_a_status_probe_does_not_make_a_free_lock_look_held(tmp_path: Path) -> None:
+    """is_locked probes with a shared lock; a try_lock that met one (`fedrec server start`
+    while `fedrec server status` looked) was refused as if a server ran. A probe is waited
+    out; a holder still refuses it."""
+    import fcntl
+    import threading
+    import time
+
+    path = tmp_path / "run" / ".lock"
+    path.parent.mkdir()
+    for named, probe_s in (("", 0.05), (f"{os.getpid()}\n", 0.05), ("999999999\n", 0.5)):
+        path.write_text(named)  # no holder named; a live one; a dead one (a probe past 0.2 s)
+        probe = open(path)  # noqa: SIM115 (closed by the timer: the probe ends)
+        fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        threading.Timer(probe_s, probe.close).start()
+        held = try_lock(path)
+        assert held is not None, named
+        held.close()
+    held = try_lock(path)
+    assert held is not None
+    start = time.monotonic()
+    assert try_lock(path) is None  # a live holder's lock is not waited out
+    assert time.monotonic() - start < 2.0
+    held.close()
+
+
 def test_a_lock_file_removed_under_a_waiting_locker_is_not_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
