@@ -14,6 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+PRIVATE_MODE = 0o600
+"""``mode`` of what :func:`write_bytes_atomic` writes unless told otherwise: keys, ledgers,
+checkpoints, whatever the umask."""
+
 REPORT_MODE = 0o644
 """``mode`` of the reports a user reads and shares (JSON, markdown, schemas)."""
 
@@ -75,8 +79,8 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
     _make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        # mkstemp's 0600 is cut by the umask (0377 left a key its owner could not read)
+        os.fchmod(fd, PRIVATE_MODE if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -225,6 +225,26 @@ def test_files_are_private_unless_written_as_reports(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
 
 
+@pytest.mark.parametrize("umask", [0o377, 0o277, 0o000, 0o777])
+def test_the_modes_are_the_documented_ones_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """mkstemp's 0600 is cut by the umask: under 0377 a key or ledger came out 0400 or 0000,
+    unreadable (or unwritable) by its own owner; the documented modes hold over any umask
+    and over a file of other modes already there."""
+    from shared.io import REPORT_MODE
+
+    for name in ("ledger.json", "report.json"):
+        (tmp_path / name).write_text("old")
+        (tmp_path / name).chmod(0o777)
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "ledger.json", {"epsilon": 1.0})
+        write_json_atomic(tmp_path / "report.json", {"hr": 0.7}, mode=REPORT_MODE)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ledger.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+
+
 def test_a_device_or_fifo_is_refused_and_a_link_is_written_through(tmp_path: Path) -> None:
     """`--output /dev/null` run as root replaced the system's /dev/null with a JSON file (the
     atomic rename replaces whatever is at the path); a link was replaced by a file."""
