@@ -40,8 +40,8 @@ def parse_run_config(text: str, *, flag: str = "--run-config") -> dict[str, Scal
         tokens = shlex.split(text)
     except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
         raise ConfigError(
-            f"cannot split {text!r} into key=value entries ({exc}); close the quote, or quote "
-            "a value with spaces as key='a b'"
+            f"{flag}: cannot split {text!r} into key=value entries ({exc}); close the quote, "
+            "or quote a value with spaces as key='a b'"
         ) from None
     for token in tokens:
         if "=" not in token:
@@ -51,7 +51,7 @@ def parse_run_config(text: str, *, flag: str = "--run-config") -> dict[str, Scal
         if not key:
             raise ConfigError(f"{flag} entry {token!r} has an empty key")
         if key in out:
-            raise ConfigError(f"{key!r} is given twice in {text!r}; give each key once")
+            raise ConfigError(f"{flag}: {key!r} is given twice in {text!r}; give each key once")
         out[key] = _parse_value(raw)
     return out
 

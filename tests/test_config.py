@@ -33,6 +33,10 @@ def test_parse_run_config_rejects_garbage():
         parse_run_config("rounds='3")
     with pytest.raises(ConfigError, match="'rounds' is given twice"):
         parse_run_config("rounds=1 lr=0.1 rounds=0")
+    # every error names the option the text came from (the device's --config, say)
+    for text in ("rounds", "rounds='3", "rounds=1 rounds=2", "=1"):
+        with pytest.raises(ConfigError, match=r"^--config"):
+            parse_run_config(text, flag="--config")
 
 
 def test_a_value_the_toml_parser_cannot_take_is_text_for_its_field_to_judge():
