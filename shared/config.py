@@ -69,8 +69,15 @@ class _SpelledFloat(float):
 
 
 def _parse_value(raw: str) -> Scalar:
+    """``raw`` as the one TOML value it is, else as text. A value that TOML reads only in
+    part is text too: ``1#x`` (a comment) or ``1`` and a line ``b = 2`` were read as 1, the
+    rest dropped without a word."""
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        document = tomllib.loads(f"v = {raw}")
+        value = document["v"]
+        if len(document) != 1:
+            return raw
+        tomllib.loads(f"v = [{raw}]")  # a comment would swallow the closing bracket
     except (tomllib.TOMLDecodeError, ValueError, RecursionError):
         # ValueError: an integer of more digits than Python converts (4300); RecursionError:
         # brackets nested deeper than the parser goes. Both are text, for the field to judge

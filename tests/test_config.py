@@ -65,6 +65,27 @@ def test_an_integer_too_large_for_a_float_setting_is_refused_by_name():
         from_flat(SimulationConfig, parse_run_config(f"lr={huge}"))
 
 
+def test_a_value_toml_reads_only_in_part_is_text() -> None:
+    """rounds=5#x (a TOML comment) and a quoted value with a line break were read as 5, the
+    rest dropped silently; they are text, which a number setting refuses by name."""
+    from simulation.config import SimulationConfig
+
+    for text, raw in (("rounds=5#x", "5#x"), ("rounds='5\nlr = 2'", "5\nlr = 2")):
+        assert parse_run_config(text) == {"rounds": raw}
+        with pytest.raises(ConfigError, match=r"^rounds must be int"):
+            from_flat(SimulationConfig, parse_run_config(text))
+    assert from_flat(SimulationConfig, parse_run_config("name=run#2")).name == "run#2"
+    # whole values still are TOML's: a string with '#', a list, numbers, booleans
+    assert parse_run_config("a='\"x#y\"' b=[1,2] c=5 d=1e3 e=true f=1,") == {
+        "a": "x#y",
+        "b": "[1,2]",
+        "c": 5,
+        "d": 1000.0,
+        "e": True,
+        "f": "1,",
+    }
+
+
 def test_a_text_setting_keeps_the_text_as_typed():
     """TOML reads name=true as a boolean and name=1e3 as 1000.0; a text field must get the
     text the user typed (it was the folder 'True', or '1000.0')."""
