@@ -38,17 +38,26 @@ def cache_root() -> Path:
 
 
 def remove_stale_temps(
-    folder: str | Path, pattern: str, *, older_than: float = STALE_TEMP_SECONDS
+    folder: str | Path,
+    pattern: str,
+    *,
+    older_than: float = STALE_TEMP_SECONDS,
+    folders: bool = False,
 ) -> int:
-    """Remove what killed writes left in ``folder``: entries matching ``pattern`` whose
-    newest modification (a folder's contents included) is ``older_than`` seconds old. An
-    atomic write never trusts such a file, but nothing else would ever delete it. Returns how
-    many were removed; one that cannot be is skipped."""
+    """Remove what killed writes left in ``folder``: files matching ``pattern`` (a glob:
+    build it with :func:`glob.escape` around any name it holds) whose modification is
+    ``older_than`` seconds old, and, with ``folders``, folders matching it whose newest
+    modification (their contents included) is (a download extracts into one). An atomic write
+    never trusts such a file, but nothing else would ever delete it. A folder is left alone
+    without ``folders``: a user's own folder may be named like a temp. Returns how many were
+    removed; one that cannot be is skipped."""
     now = time.time()
     removed = 0
     for entry in Path(folder).glob(pattern):
         try:
             is_dir = entry.is_dir() and not entry.is_symlink()
+            if is_dir and not folders:
+                continue
             times = [entry.lstat().st_mtime]
             if is_dir:
                 times += [p.lstat().st_mtime for p in entry.rglob("*")]

@@ -283,6 +283,22 @@ def test_two_exports_to_one_file_do_not_write_into_each_other(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recs.csv"]
 
 
+def test_an_export_removes_only_its_own_files_stale_temps(tmp_path):
+    """The stale-temp pattern held the file name as a glob: exporting to 'recs[1].csv'
+    deleted 'recs1.csv''s temporary file, which '[1]' matches."""
+    import os
+    import time
+
+    ds = make_dataset(n_users=4, n_items=8)
+    other = tmp_path / ".recs1.csv.abc.tmp"
+    own = tmp_path / ".recs[1].csv.abc.tmp"
+    for path in (other, own):
+        path.write_text("")
+        os.utime(path, (time.time() - 3600,) * 2)
+    export_recs(Pop().fit([np.array([1, 2])], 8), ds, {0: np.array([0])}, tmp_path / "recs[1].csv")
+    assert other.exists() and not own.exists()
+
+
 def test_export_recs_refuses_a_folder_before_any_work(tmp_path):
     ds = make_dataset(n_users=4, n_items=8)
 

@@ -20,6 +20,7 @@ from shared.io import (
     check_output_file,
     is_locked,
     lock_holder,
+    remove_stale_temps,
     try_lock,
     write_bytes_atomic,
     write_json_atomic,
@@ -318,3 +319,24 @@ def test_a_relative_link_in_a_linked_folder_is_written_where_it_points(tmp_path:
     write_json_atomic(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1} and path.is_symlink()
     assert not (tmp_path / "x.json").exists()
+
+
+def test_stale_temps_are_old_files_and_folders_only_when_asked(tmp_path: Path) -> None:
+    """A user's folder named like a temp (``.recs.csv.old.tmp``) was deleted with the temps
+    of killed writes; only a download, which extracts into a folder, removes folders."""
+    import os
+    import time
+
+    old = time.time() - 3600
+    stale, fresh = tmp_path / ".a.csv.x1.tmp", tmp_path / ".a.csv.x2.tmp"
+    folder = tmp_path / ".a.csv.old.tmp"
+    folder.mkdir()
+    (folder / "kept.txt").write_text("mine")
+    for path in (stale, fresh):
+        path.write_text("")
+    for path in (stale, folder / "kept.txt", folder):
+        os.utime(path, (old, old))
+    assert remove_stale_temps(tmp_path, ".a.csv.*.tmp", older_than=600) == 1
+    assert not stale.exists() and fresh.exists() and (folder / "kept.txt").exists()
+    assert remove_stale_temps(tmp_path, ".a.csv.*.tmp", older_than=600, folders=True) == 1
+    assert not folder.exists() and fresh.exists()

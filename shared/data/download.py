@@ -21,6 +21,7 @@ The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` (then
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import json
@@ -136,7 +137,12 @@ def download_dataset(
         return cached
     _make_dir(root)
     # a download killed mid-way leaves its folder (a TemporaryDirectory is not removed then)
-    remove_stale_temps(root, f".{name}-download-*", older_than=2 * max(deadline, 600.0))
+    remove_stale_temps(
+        root,
+        f".{glob.escape(name)}-download-*",
+        older_than=2 * max(deadline, 600.0),
+        folders=True,
+    )
     final = root / name
     logger.info("%s: downloading %s into %s", name, spec.url, root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:

@@ -9,6 +9,7 @@ student and the int8 on-device model are measured by the same code.
 from __future__ import annotations
 
 import csv
+import glob
 import logging
 import os
 import tempfile
@@ -317,7 +318,7 @@ def export_recs(
     ensure_dir(path.parent, what="the output folder", fix="give a writable path")
     # a temporary name of its own: with a fixed "<name>.tmp", two exports to one file wrote
     # into the same temporary file, and one's rows ended up in the other's published file
-    remove_stale_temps(path.parent, f".{path.name}.*.tmp")  # from killed exports
+    remove_stale_temps(path.parent, f".{glob.escape(path.name)}.*.tmp")  # from killed exports
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     users = sorted(histories)

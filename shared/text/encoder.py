@@ -30,6 +30,7 @@ recommender's item tower, so they must be (a) reproducible, (b) available offlin
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -726,7 +727,8 @@ class ItemEncoder:
         tmp_name: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path.parent, f".{path.stem}.*.tmp")  # from killed writes
+            stale = f".{glob.escape(path.stem)}.*.tmp"  # from killed writes
+            remove_stale_temps(path.parent, stale)
             with tempfile.NamedTemporaryFile(
                 dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
             ) as fh:
