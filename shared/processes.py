@@ -17,7 +17,13 @@ import time
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """``preexec_fn`` on Linux: the child gets SIGTERM when this process dies, even by
-    SIGKILL, so a crashed daemon leaves no orphaned SuperLink or SuperNode behind."""
+    SIGKILL, so a crashed daemon leaves no orphaned SuperLink or SuperNode behind.
+
+    Linux ties the signal to the *thread* that started the child, not the process: a child
+    started from a thread that ends before the process (e.g. a monitor thread restarting a
+    crashed child) gets SIGTERM when that thread ends. Start children that must outlive
+    their starter from a thread that lives as long as the process (the daemon's restarts
+    happen in a thread that ends only at shutdown)."""
     with contextlib.suppress(Exception):
         import ctypes
 
