@@ -79,7 +79,7 @@ from flwr.supercore.run import RunNotRunningException
 from server.flower_patch import replace_if_unchanged
 from server.grid import DelegatingGrid
 from server.npy import load_npy
-from server.shamir import combine_shares, create_shares
+from server.shamir import CHUNK, INDEX, combine_shares, create_shares
 from server.strategy import (
     CONFIG_UNIFORM_WEIGHT,
     FitRoundStats,
@@ -349,7 +349,10 @@ class _WellFormedRepliesGrid(DelegatingGrid):
     replies, so that one malformed client (buggy, outdated or hostile) counts as a dropout
     instead of crashing the run: a SecAgg+ masked vector of other arrays than the model's
     (Flower sums it with the others: a shape error; as a dropout its masks are recovered),
-    or a fit or evaluate reply without its records (a ``KeyError``)."""
+    a reply to a SecAgg+ stage without the fields that stage reads, or with lists of
+    different lengths, an unreadable public key, a share for a node it was not asked
+    about (a ``KeyError`` or ``ValueError``), or a fit or evaluate reply without its
+    records (a ``KeyError``). What a reply must hold is judged by the message it answers."""
 
     def __init__(self, inner: Grid, shapes: list[tuple[int, ...]] | None) -> None:
         super().__init__(inner)
@@ -362,8 +365,10 @@ class _WellFormedRepliesGrid(DelegatingGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         sent = list(messages)
+        asked = {m.metadata.dst_node_id: m.content for m in sent if m.has_content()}
         replies = [
-            self._checked(reply) for reply in self._inner.send_and_receive(sent, timeout=timeout)
+            self._checked(reply, asked.get(reply.metadata.src_node_id))
+            for reply in self._inner.send_and_receive(sent, timeout=timeout)
         ]
         waited = "no reply" if timeout is None else f"no reply within {timeout:g} s"
         self.outcomes = {m.metadata.dst_node_id: waited for m in sent}
@@ -375,10 +380,10 @@ class _WellFormedRepliesGrid(DelegatingGrid):
                 self.outcomes.pop(node, None)
         return replies
 
-    def _checked(self, reply: Message) -> Message:
+    def _checked(self, reply: Message, request: RecordDict | None) -> Message:
         if reply.has_error() or not reply.has_content():
             return reply
-        problem = _reply_problem(reply.content, self._shapes)
+        problem = _reply_problem(reply.content, self._shapes, request)
         if problem is None:
             return reply
         node = reply.metadata.src_node_id
@@ -390,9 +395,19 @@ class _WellFormedRepliesGrid(DelegatingGrid):
         return Message(error=error, metadata=reply.metadata)  # type: ignore[call-overload]
 
 
-def _reply_problem(content: RecordDict, shapes: list[tuple[int, ...]] | None) -> str | None:
-    """Why Flower could not read this reply (``None``: it can)."""
+def _reply_problem(
+    content: RecordDict, shapes: list[tuple[int, ...]] | None, request: RecordDict | None
+) -> str | None:
+    """Why Flower could not read this reply to ``request`` (``None``: it can)."""
     configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    asked = request.config_records.get(RECORD_KEY_CONFIGS) if request is not None else None
+    if asked is not None:
+        stage = str(asked.get(Key.STAGE))
+        if configs is None:
+            return f"no '{RECORD_KEY_CONFIGS}' record in a reply to SecAgg+ stage '{stage}'"
+        problem = _stage_reply_problem(stage, configs, asked)
+        if problem is not None:
+            return problem
     if shapes is not None and configs is not None and Key.MASKED_PARAMETERS in configs:
         try:
             raw = cast(list[bytes], configs[Key.MASKED_PARAMETERS])
@@ -403,16 +418,68 @@ def _reply_problem(content: RecordDict, shapes: list[tuple[int, ...]] | None) ->
         if got != expected or any(a.dtype.kind not in "iu" for a in masked):
             return f"masked vector of shapes {got}, expected integers of shapes {expected}"
     names = {*content.config_records, *content.metric_records, *content.array_records}
-    readers: tuple[tuple[str, Callable[[RecordDict], object]], ...] = (
-        ("fitres.", lambda records: recorddict_to_fitres(records, True)),
-        ("evaluateres.", recorddict_to_evaluateres),
+    # the results a fit / evaluate instruction is answered with (Flower reads them all)
+    wanted = set() if request is None else {*request.config_records, *request.array_records}
+    readers: tuple[tuple[str, str, Callable[[RecordDict], object]], ...] = (
+        ("fitins.", "fitres.", lambda records: recorddict_to_fitres(records, True)),
+        ("evaluateins.", "evaluateres.", recorddict_to_evaluateres),
     )
-    for prefix, read in readers:
-        if any(name.startswith(prefix) for name in names):
+    for instruction, prefix, read in readers:
+        if any(name.startswith(prefix) for name in names) or any(
+            name.startswith(instruction) for name in wanted
+        ):
             try:
                 read(content)
             except Exception as exc:  # what Flower's conversion would raise mid-round
                 return f"unreadable {prefix.rstrip('.')} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _stage_reply_problem(stage: str, configs: ConfigRecord, asked: ConfigRecord) -> str | None:
+    """Why Flower's SecAgg+ workflow could not read this reply to ``stage`` (``None``: it
+    can): the fields it reads, lists of equal length where it zips them, public keys it can
+    parse (its neighbours would fail on them), in the unmask stage only shares (of a share's
+    layout) of the nodes the client was asked about."""
+
+    def listed(key: str, kind: type) -> list[object] | None:
+        value = configs.get(key)
+        if not isinstance(value, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value
+        ):
+            return None
+        return cast(list[object], value)
+
+    if stage == Stage.SETUP:
+        for key in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2):
+            value = configs.get(key)
+            if not isinstance(value, bytes):
+                return f"no public key '{key}' in its SecAgg+ setup reply"
+            try:
+                _flwr_asymmetric.bytes_to_public_key(value)
+            except Exception as exc:  # what the neighbours' parse would raise
+                return f"unreadable public key '{key}' ({type(exc).__name__})"
+    elif stage == Stage.SHARE_KEYS:
+        destinations = listed(Key.DESTINATION_LIST, int)
+        ciphertexts = listed(Key.CIPHERTEXT_LIST, bytes)
+        if destinations is None or ciphertexts is None or len(destinations) != len(ciphertexts):
+            return "SecAgg+ share-keys reply without equally long lists of destinations and keys"
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        if listed(Key.MASKED_PARAMETERS, bytes) is None:
+            return "no masked vector in its SecAgg+ reply"
+    elif stage == Stage.UNMASK:
+        nodes, shares = listed(Key.NODE_ID_LIST, int), listed(Key.SHARE_LIST, bytes)
+        if nodes is None or shares is None or len(nodes) != len(shares):
+            return "SecAgg+ unmask reply without equally long lists of nodes and shares"
+        allowed = {
+            *cast(list[int], asked.get(Key.ACTIVE_NODE_ID_LIST, [])),
+            *cast(list[int], asked.get(Key.DEAD_NODE_ID_LIST, [])),
+        }
+        if len(set(nodes)) != len(nodes) or not set(nodes) <= allowed:
+            return "SecAgg+ unmask reply with shares of nodes it was not asked about"
+        if any(
+            len(s) < INDEX + CHUNK or (len(s) - INDEX) % CHUNK for s in cast(list[bytes], shares)
+        ):
+            return "SecAgg+ unmask reply with a share of the wrong length"
     return None
 
 

@@ -1232,6 +1232,104 @@ def test_a_malformed_reply_counts_as_a_failed_client_not_a_crashed_run(
     assert _max_diff(first.parameters, expected) < _secagg_tolerance(task, [1, 2, 3, 4], 8.0, 2**22)
 
 
+def _drop(key: str) -> Callable[[RecordDict], None]:
+    def damage(content: RecordDict) -> None:
+        del content.config_records[SECAGG_RESULTS][key]
+
+    return damage
+
+
+def _one_more(key: str) -> Callable[[RecordDict], None]:
+    def damage(content: RecordDict) -> None:
+        values = list(content.config_records[SECAGG_RESULTS][key])  # type: ignore[arg-type]
+        content.config_records[SECAGG_RESULTS][key] = values + values[:1]
+
+    return damage
+
+
+def _garbage_key(content: RecordDict) -> None:
+    content.config_records[SECAGG_RESULTS][Key.PUBLIC_KEY_2] = b"not a PEM public key"
+
+
+def _unknown_node(content: RecordDict) -> None:
+    nids = list(content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST])  # type: ignore[arg-type]
+    content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST] = [999_999, *nids[1:]]
+
+
+def _no_result_records(content: RecordDict) -> None:
+    for records in (content.config_records, content.metric_records, content.array_records):
+        for name in [n for n in records if n.startswith(("fitres.", "evaluateres."))]:
+            del records[name]
+
+
+def _damaged_by_client_0(stage: str, damage: Callable[[RecordDict], None]) -> Any:
+    """A client mod: client 0's reply to SecAgg+ ``stage`` (``"plain"``: its plain train
+    reply; ``"evaluate"``: its evaluate reply) goes through ``damage``."""
+
+    def mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+        asked = msg.content.config_records.get(SECAGG_RECORD) if msg.has_content() else None
+        if asked is not None:
+            this = str(asked.get(Key.STAGE))  # read first: the SecAgg+ mod consumes it
+        else:
+            this = "evaluate" if msg.metadata.message_type == "evaluate" else "plain"
+        reply = call_next(msg, ctx)
+        if client_id_of(ctx) == 0 and this == stage and reply.has_content():
+            damage(reply.content)
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize(
+    ("stage", "damage"),
+    [
+        ("setup", _drop(Key.PUBLIC_KEY_1)),
+        ("setup", _garbage_key),
+        ("share_keys", _drop(Key.DESTINATION_LIST)),
+        ("share_keys", _one_more(Key.CIPHERTEXT_LIST)),
+        ("collect_masked_vectors", _drop(Key.MASKED_PARAMETERS)),
+        ("collect_masked_vectors", _no_result_records),
+        ("unmask", _drop(Key.SHARE_LIST)),
+        ("unmask", _one_more(Key.SHARE_LIST)),
+        ("unmask", _unknown_node),
+        ("plain", _no_result_records),
+    ],
+    ids=lambda value: value if isinstance(value, str) else value.__qualname__.split(".")[0],
+)
+def test_a_malformed_protocol_reply_counts_as_a_dropout_not_a_crashed_run(
+    stage: str, damage: Callable[[RecordDict], None]
+) -> None:
+    """A reply of one client without the fields the stage reads (a public key, the share
+    destinations, the masked vector, its FitRes records, the unmasking shares), with lists
+    of different lengths, a share for a node it was not asked about or a share cut short
+    raised a KeyError or ValueError out of Flower's workflow: the run ended with a
+    traceback for every client. It is now a dropout; as after any dropout the others'
+    aggregate is applied (and a client that sent its masked vector is still in it)."""
+    task = ToyLinearTask()
+    secagg = stage != "plain"
+    config: RunConfig = {"num-rounds": 2, "eval-fraction": 0.0, "secagg": secagg}
+    reports = _run(config, num_nodes=5, extra_mods=[_damaged_by_client_0(stage, damage)])
+    assert [r.server_round for r in reports] == [1, 2]
+    fit = reports[0].fit
+    assert fit.updated and any("malformed reply" in f for f in fit.failures), fit.failures
+    summed = range(5) if stage == "unmask" else [1, 2, 3, 4]
+    assert (fit.ok, fit.failed) == (len(summed), 5 - len(summed))
+    expected = _expected_fedavg(task, summed, task.initial_parameters())
+    assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(task, summed, 8.0, 2**22)
+
+
+def test_an_evaluate_reply_without_its_records_counts_as_a_failure_not_a_crashed_run() -> None:
+    reports = _run(
+        {"num-rounds": 1, "eval-fraction": 1.0},
+        num_nodes=4,
+        extra_mods=[_damaged_by_client_0("evaluate", _no_result_records)],
+    )
+    (report,) = reports
+    assert report.evaluate is not None, report
+    assert (report.evaluate.ok, report.evaluate.failed) == (3, 1), report.evaluate
+    assert any("malformed reply" in f for f in report.evaluate.failures)
+
+
 def test_infinite_secagg_and_clipping_settings_are_refused_at_start() -> None:
     """Accepted, they made every round train nothing (NaN sums, clients refusing the clip)."""
     for key in ("secagg-clipping-range", "secagg-max-weight"):
