@@ -264,8 +264,13 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         for neighbours in state.nid_to_neighbours.values():
             neighbours.difference_update(dropped)
 
+    halted_because: str | None = None
+    """Why the last round's secure aggregation halted, where it was not for too few
+    surviving clients (``None``: it was, or it did not halt)."""
+
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's setup stage, then forget clients that did not send public keys."""
+        self.halted_because = None
         if not super().setup_stage(grid, context, state) and not state.nid_to_neighbours:
             return False  # nothing sampled / configuration error: nothing to repair
         self._forget_dropouts(state, grid)
@@ -306,9 +311,40 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's unmask stage without numpy's divide-by-zero warning: when every client of
         the round declined (unit weights of 0), Flower divides by the zero total weight; the
-        strategy then finds no trained client and keeps the model, as it should."""
+        strategy then finds no trained client and keeps the model, as it should.
+
+        Shares that do not give back a secret Flower can use (of different lengths, a
+        repeated index, not all of one secret: a client damaged the one it sent) raised out
+        of the workflow and ended the run; they halt the round instead (nothing is
+        verifiable about which share was damaged, so no sum can be unmasked)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            return bool(super().unmask_stage(grid, context, state))
+            try:
+                return bool(super().unmask_stage(grid, context, state))
+            except Exception as exc:
+                if not _raised_removing_masks(exc):
+                    raise
+                self.halted_because = (
+                    f"the masks could not be removed ({type(exc).__name__}: {exc}): a client "
+                    "sent a damaged share"
+                )
+                log(ERROR, "SecAgg+: %s; the round is halted", self.halted_because)
+                return False
+
+
+#: Functions the unmask stage calls whose own failures are not the masks' (Flower's grid,
+#: the strategy's aggregation): those propagate.
+_NOT_REMOVING_MASKS = frozenset({"send_and_receive", "aggregate_fit"})
+
+
+def _raised_removing_masks(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the unmask stage's work on its replies (recovering the
+    secrets from the shares, removing the masks), not from the grid or the strategy."""
+    names: set[str] = set()
+    trace = exc.__traceback__
+    while trace is not None:
+        names.add(trace.tb_frame.f_code.co_name)
+        trace = trace.tb_next
+    return not names & _NOT_REMOVING_MASKS
 
 
 class _DefaultTimeoutGrid(DelegatingGrid):
@@ -552,6 +588,7 @@ def run_rounds(
         inner_fit(_WellFormedRepliesGrid(grid, shapes), ctx)
         timing["fit_end"] = time.perf_counter()
         server_round = _current_round(ctx)
+        halted = getattr(inner_fit, "halted_because", None)
         if server_round not in strategy.fit_stats:
             # SecAgg+ halts without calling aggregate_fit when too many clients drop; under
             # user-level DP the round, charged and sent, still releases the noise alone
@@ -571,7 +608,7 @@ def run_rounds(
                 failed=sampled,
                 secure_aggregation=secagg is not None,
                 updated=new is not None,
-                failures=("secure aggregation halted: not enough surviving clients",)
+                failures=(f"secure aggregation halted: {halted or 'not enough surviving clients'}",)
                 if secagg is not None
                 else ("no results",),
                 update_norm=norm,

@@ -1256,6 +1256,19 @@ def _unknown_node(content: RecordDict) -> None:
     content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST] = [999_999, *nids[1:]]
 
 
+def _short_share(content: RecordDict) -> None:
+    shares = list(content.config_records[SECAGG_RESULTS][Key.SHARE_LIST])  # type: ignore[arg-type]
+    content.config_records[SECAGG_RESULTS][Key.SHARE_LIST] = [bytes(shares[0])[:-16], *shares[1:]]
+
+
+def _share_index_zero(content: RecordDict) -> None:
+    shares = list(content.config_records[SECAGG_RESULTS][Key.SHARE_LIST])  # type: ignore[arg-type]
+    content.config_records[SECAGG_RESULTS][Key.SHARE_LIST] = [
+        b"\0\0\0\0" + bytes(shares[0])[4:],
+        *shares[1:],
+    ]
+
+
 def _no_result_records(content: RecordDict) -> None:
     for records in (content.config_records, content.metric_records, content.array_records):
         for name in [n for n in records if n.startswith(("fitres.", "evaluateres."))]:
@@ -1316,6 +1329,26 @@ def test_a_malformed_protocol_reply_counts_as_a_dropout_not_a_crashed_run(
     assert (fit.ok, fit.failed) == (len(summed), 5 - len(summed))
     expected = _expected_fedavg(task, summed, task.initial_parameters())
     assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(task, summed, 8.0, 2**22)
+
+
+@pytest.mark.parametrize("damage", [_short_share, _share_index_zero])
+def test_a_damaged_unmasking_share_halts_the_round_not_the_run(
+    damage: Callable[[RecordDict], None],
+) -> None:
+    """A share cut by a block or given index 0 (well formed, so not a dropout) made the
+    secret unrecoverable: combine_shares' ValueError ended the run. Nothing tells which
+    share was damaged, so no sum can be unmasked: the round halts, the model is kept and
+    the next round runs."""
+    reports = _run(
+        {"num-rounds": 2, "eval-fraction": 0.0, "secagg": True},
+        num_nodes=5,
+        extra_mods=[_damaged_by_client_0("unmask", damage)],
+    )
+    assert [r.server_round for r in reports] == [1, 2]
+    for report in reports:
+        assert not report.fit.updated
+        assert "the masks could not be removed" in report.fit.failures[0], report.fit
+        assert all(not np.any(a) for a in report.parameters)  # the initial (zero) model
 
 
 def test_an_evaluate_reply_without_its_records_counts_as_a_failure_not_a_crashed_run() -> None:
