@@ -215,10 +215,35 @@ class SecAggSettings:
     @property
     def least_cohort(self) -> int:
         """Fewest sampled clients a round can complete with: Flower halts a round whose
-        clients have fewer neighbours than an integer reconstruction threshold (a fraction
-        is of the round's own shares, at least 2)."""
+        clients have fewer neighbours than the reconstruction threshold
+        (:meth:`neighbours_and_threshold`); ``max_cohort + 1`` if no cohort the modulus
+        holds has enough. (With a fractional ``num_shares`` and an integer threshold some
+        larger cohorts may fall short too: their share count shrinks to a fraction.)"""
+        for cohort in range(2, self.max_cohort + 1):
+            neighbours, threshold = self.neighbours_and_threshold(cohort)
+            if neighbours >= threshold:
+                return cohort
+        return self.max_cohort + 1
+
+    def neighbours_and_threshold(self, cohort: int) -> tuple[int, int]:
+        """Each client's neighbours (itself included) and the reconstruction threshold in a
+        round of ``cohort`` sampled clients, as Flower 1.42's setup stage computes them: a
+        fractional threshold is a fraction of the share count (at least 2), which is
+        fixed by an integer ``num_shares``, else a fraction of the cohort."""
+        shares: int
+        if isinstance(self.num_shares, float):
+            shares = round(self.num_shares * cohort)
+            if shares < cohort and shares & 1 == 0:
+                shares += 1
+            if shares <= 2:
+                shares = cohort
+        else:
+            shares = self.num_shares
         t = self.reconstruction_threshold
-        return t if is_int(t) else 2
+        threshold = t if isinstance(t, int) else max(round(t * shares), 2)
+        if cohort != shares and shares & 1 == 0:  # made odd after the threshold is set
+            shares += 1
+        return min(cohort, 2 * (shares >> 1) + 1), threshold
 
     def workflow(self) -> SecAggPlusWorkflow:
         """The Flower fit workflow implementing SecAgg+ with these settings."""

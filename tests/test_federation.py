@@ -412,6 +412,33 @@ def test_secagg_fraction_parameters_are_kept_as_floats() -> None:
     assert SecAggSettings().max_cohort == 1023
 
 
+@pytest.mark.parametrize(
+    ("shares", "threshold", "least"), [(5, 0.6, 3), (3, 1.0, 3), (0.5, 4, 7), (0.5, 0.6, 2)]
+)
+def test_secagg_least_cohort_is_the_fewest_clients_a_round_completes_with(
+    shares: float, threshold: float, least: int
+) -> None:
+    """A fractional threshold was taken as 2 clients: but with an integer secagg-num-shares
+    it is a fraction of those shares (0.6 of 5: 3), and with a fractional one a round of
+    few clients gives each fewer neighbours than an integer threshold (0.5 of 6 clients:
+    3 neighbours, under 4). Rounds of fewer clients halt; under user-level DP a Poisson
+    cohort that small was run (and halted) instead of skipped and counted as skipped."""
+    assert (
+        SecAggSettings(num_shares=shares, reconstruction_threshold=threshold).least_cohort == least
+    )
+    for cohort in sorted({max(least - 1, 2), least}):
+        config: RunConfig = {
+            "num-rounds": 1,
+            "eval-fraction": 0.0,
+            "secagg": True,
+            "cohort-size": cohort,
+            "secagg-num-shares": shares,
+            "secagg-reconstruction-threshold": threshold,
+        }
+        (report,) = _run(config, num_nodes=cohort)
+        assert report.fit.updated == (cohort >= least), (cohort, report.fit)
+
+
 def test_simulation_backend_config_is_cpu_only_and_can_attach() -> None:
     local = SimulationBackend(num_cpus_per_client=0.5, ray_num_cpus=2).to_backend_config()
     assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
