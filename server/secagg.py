@@ -147,7 +147,8 @@ class SecAggSettings:
     Each client update ``u`` with weight ``r = num_examples / max_weight`` enters the
     sum as ``clip(r * u, -clipping_range, clipping_range)`` quantized to
     ``quantization_range`` levels; the server gets ``sum(clip(r u)) / sum(r)``.
-    ``cohort * quantization_range`` must stay below ``modulus_range``.
+    ``cohort * quantization_range`` must stay below ``modulus_range``, for at least the
+    :attr:`least_cohort` a round completes with (else no round could run).
     """
 
     num_shares: int | float = 5
@@ -205,6 +206,16 @@ class SecAggSettings:
             raise ConfigError(
                 "secagg-modulus-range must be a power of two, <= 2**32 and > "
                 f"secagg-quantization-range ({q}), got {m!r}"
+            )
+        most, least = self.max_cohort, self.least_cohort
+        if most < least:  # every round would be capped below what SecAgg+ completes with
+            raise ConfigError(
+                "SecAgg+ cannot complete a round: the modulus holds the quantized updates "
+                f"of at most {most} client(s) (secagg-modulus-range {m} / "
+                f"secagg-quantization-range {q}) and a round "
+                f"needs at least {least} (secagg-num-shares {self.num_shares}, "
+                f"secagg-reconstruction-threshold {t}). Raise secagg-modulus-range "
+                "(<= 2**32) or lower secagg-quantization-range"
             )
 
     @property

@@ -439,6 +439,21 @@ def test_secagg_least_cohort_is_the_fewest_clients_a_round_completes_with(
         assert report.fit.updated == (cohort >= least), (cohort, report.fit)
 
 
+def test_secagg_ranges_whose_modulus_holds_no_completable_round_are_refused() -> None:
+    """A modulus of 2**23 holds one client's quantized update (levels 0..2**22), and a
+    SecAgg+ round needs 2 or more: accepted, a cohort-fraction run capped every cohort at
+    1 client and aborted every round ('The number of samples should be greater than 1'),
+    the run 'finishing' with nothing trained; so did a threshold of 4 with room for 3."""
+    with pytest.raises(ConfigError, match=r"of at most 1 client\(s\).* needs at least 2"):
+        ServerConfig.from_run_config(
+            {"secagg": True, "cohort-fraction": 0.5, "secagg-modulus-range": 2**23}
+        )
+    with pytest.raises(ConfigError, match=r"of at most 3 client\(s\).* needs at least 4"):
+        SecAggSettings(num_shares=5, reconstruction_threshold=4, modulus_range=2**24)
+    fits = SecAggSettings(num_shares=5, reconstruction_threshold=3, modulus_range=2**24)
+    assert (fits.least_cohort, fits.max_cohort) == (3, 3)
+
+
 def test_simulation_backend_config_is_cpu_only_and_can_attach() -> None:
     local = SimulationBackend(num_cpus_per_client=0.5, ray_num_cpus=2).to_backend_config()
     assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
