@@ -32,10 +32,15 @@ def _layout(header: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bool]:
     """dtype, shape and Fortran order of a complete ``.npy`` header (preamble included)."""
     stream = io.BytesIO(header)
     major, _ = np.lib.format.read_magic(stream)
-    if major == 1:
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    try:
+        if major == 1:
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except ValueError:
+        raise
+    except Exception as exc:  # numpy lets tokenize's TokenError, a TypeError... through
+        raise ValueError(f"malformed .npy header ({type(exc).__name__}: {exc})") from None
     if dtype.hasobject:
         raise ValueError("refusing an .npy blob of Python objects (it would need pickle)")
     return dtype, tuple(shape), bool(fortran)

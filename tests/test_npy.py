@@ -67,3 +67,18 @@ def test_refuses_malformed_blobs_and_objects() -> None:
     np.save(stream, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
         load_npy(stream.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(b"{", b"\xef"), (b" 'shape'", b"B'shape'")],  # an unclosed bracket; a bytes key
+)
+def test_a_header_that_is_no_dict_literal_is_a_value_error(old: bytes, new: bytes) -> None:
+    """numpy's header parse let tokenize's TokenError and a TypeError (sorting a bytes key
+    among the str ones) through, where load_npy promises ValueError for a malformed blob."""
+    blob = _save(np.arange(3, dtype=np.int64), (1, 0))
+    end = 10 + int.from_bytes(blob[8:10], "little")
+    damaged = blob[:10] + blob[10:end].replace(old, new, 1) + blob[end:]
+    assert len(damaged) == len(blob)
+    with pytest.raises(ValueError, match=r"malformed \.npy header"):
+        load_npy(damaged)
