@@ -358,7 +358,8 @@ class UserLevelDP:
         """``update_sum / m + N(0, (z C / m)^2)`` per coordinate, in float64.
 
         ``update_sum`` is the sum of the clipped, weight-1 client updates; ``cohort``
-        is ``m``, the number of clients sampled for the round (see module doc).
+        is ``m``, the round's *expected* cohort (``cohort-size``), not the number its
+        Poisson draw sampled nor the number that replied (see module doc).
         """
         std = self.settings.noise_std(cohort)
         rng = self._generator()

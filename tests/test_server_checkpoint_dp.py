@@ -526,6 +526,38 @@ def test_user_dp_noise_std_is_z_c_over_sampled_cohort(secagg: bool) -> None:
     assert report.epsilon_user is not None and report.epsilon_user > 0
 
 
+@pytest.mark.parametrize("secagg", [False, True])
+def test_user_dp_noise_is_over_the_expected_cohort_whatever_the_poisson_draw(
+    secagg: bool,
+) -> None:
+    """m in z C / m is the expected cohort (cohort-size), not the number the Poisson draw
+    sampled: dividing by the draw would tie the noise to who was sampled. With 12 of 16
+    expected the draws vary round to round; each round's noise stays z C / 12 (and the
+    above test, where all were sampled, cannot tell the two apart)."""
+    z, c, m = 1.3, 0.5, 12
+    config = _dp_config(
+        {
+            "num-rounds": 3,
+            "secagg": secagg,
+            "toy-lr": 0.0,
+            "toy-dim": 6000,
+            "population-size": 16,
+            "cohort-size": m,
+            "min-available-clients": 16,
+            "user-dp-noise-multiplier": z,
+            "user-dp-clip": c,
+            "user-dp-epsilon-budget": 0.0,
+        }
+    )
+    reports = _run(config, num_nodes=16)
+    previous = np.zeros_like(_flat(reports[0].parameters))
+    for report in reports:
+        assert report.fit.updated and report.fit.ok == report.fit.sampled
+        step = _flat(report.parameters) - previous
+        previous = _flat(report.parameters)
+        assert float(np.std(step)) == pytest.approx(z * c / m, rel=0.05), report.fit.sampled
+
+
 @pytest.mark.parametrize(
     ("secagg", "decline"),
     [(False, "0,1,2,3"), (True, "0,1,2,3"), (True, "0,1,2")],
