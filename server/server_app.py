@@ -244,6 +244,23 @@ class ServerConfig:
                     f"'cohort-size' {self.cohort_size} overflows SecAgg+ (max "
                     f"{settings.max_cohort} for the quantization/modulus ranges)"
                 )
+            if 0 < self.cohort_size < settings.least_cohort:
+                # a fractional threshold too: every round would halt before unmasking
+                raise ConfigError(
+                    f"'cohort-size' {self.cohort_size} is below the {settings.least_cohort} "
+                    f"clients SecAgg+ needs to unmask a sum with these secagg-num-shares / "
+                    f"secagg-reconstruction-threshold; raise cohort-size or lower the threshold"
+                )
+            for key, value in (
+                ("min-cohort", self.min_cohort),
+                ("noise-shares", self.noise_shares),
+            ):
+                if value > settings.max_cohort:
+                    raise ConfigError(
+                        f"'{key}' {value} exceeds the {settings.max_cohort} clients SecAgg+ can "
+                        f"sum with these quantization/modulus ranges, so no round could run; "
+                        f"lower it or widen secagg-modulus-range"
+                    )
 
     def _secagg_settings(self) -> SecAggSettings:
         return SecAggSettings(

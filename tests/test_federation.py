@@ -377,6 +377,21 @@ def test_server_config_defaults_and_kebab_keys() -> None:
             {"secagg": True, "cohort-size": 2, "secagg-reconstruction-threshold": 3},
             "exceeds 'cohort-size'",
         ),
+        # a fractional threshold: 3 of 5 shares need 3 clients, and every round would halt
+        (
+            {
+                "secagg": True,
+                "cohort-size": 2,
+                "secagg-num-shares": 5,
+                "secagg-reconstruction-threshold": 0.6,
+            },
+            "'cohort-size' 2 is below the 3 clients SecAgg",
+        ),
+        (
+            {"secagg": True, "min-cohort": 2000, "min-available-clients": 2000},
+            "'min-cohort' 2000 exceeds the 1023 clients SecAgg",
+        ),
+        ({"secagg": True, "noise-shares": 2000}, "'noise-shares' 2000 exceeds the 1023 clients"),
         # rounds start with min-available-clients devices: a larger min-cohort never held
         ({"min-cohort": 5, "min-available-clients": 2}, "'min-cohort' must be at most min-av"),
         (
