@@ -185,6 +185,31 @@ def test_swapped_or_flipped_rows_fail_authentication(tmp_path: Path, key: bytes)
         store.events()
 
 
+def test_a_payload_or_key_check_rewritten_as_another_type_is_a_typed_error(
+    tmp_path: Path, key: bytes
+) -> None:
+    """SQLite keeps any type in any column: a payload rewritten as TEXT or a number raised a
+    bare TypeError from AES-GCM or len() instead of StoreIntegrityError, and a key check value
+    rewritten with a non-ASCII character a TypeError from compare_digest."""
+    db = tmp_path / "store.db"
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event("a", "view", 1.0)])
+        store.set_state("k", 1)
+    for value in ("x" * 40, 12345, 1.5):
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE events SET payload = ?", (value,))
+            conn.execute("UPDATE state SET payload = ? WHERE key = 'k'", (value,))
+        with DeviceStore.open(db, key) as store:
+            with pytest.raises(StoreIntegrityError, match=r"events#1.*failed authentication"):
+                store.events()
+            with pytest.raises(StoreIntegrityError, match=r"state#k.*failed authentication"):
+                store.get_state("k")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = 'é' WHERE key = 'key_check'")
+    with pytest.raises(WrongDataKeyError, match="does not open the local store"):
+        DeviceStore.open(db, key)
+
+
 def test_schema_version_and_foreign_files_are_refused(tmp_path: Path, key: bytes) -> None:
     db = tmp_path / "store.db"
     DeviceStore.open(db, key).close()

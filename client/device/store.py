@@ -509,7 +509,8 @@ class DeviceStore:
             row = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
             if row is None:
                 raise DataError(f"{path} has no key check value; the store is corrupt")
-            if not hmac.compare_digest(str(row[0]), check):
+            # as bytes: compare_digest raises TypeError on a str that is not ASCII
+            if not hmac.compare_digest(str(row[0]).encode(), check.encode()):
                 raise WrongDataKeyError(
                     f"the data key does not open the local store {path} (it was created with "
                     f"another key): check the passphrase / key file in the identity directory "
@@ -567,7 +568,8 @@ class DeviceStore:
 
     def _open(self, table: str, row_id: int | str, kind: str, blob: bytes) -> Any:
         try:
-            if len(blob) < NONCE_BYTES + 16:
+            # a payload rewritten as TEXT or a number (SQLite keeps any type) is tampering too
+            if not isinstance(blob, bytes) or len(blob) < NONCE_BYTES + 16:
                 raise InvalidTag
             data = self._aead.decrypt(
                 blob[:NONCE_BYTES], blob[NONCE_BYTES:], self._ad(table, row_id, kind)
