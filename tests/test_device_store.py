@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
@@ -30,6 +31,7 @@ from client.device.identity import (
     StateDirInUseError,
     StateDirLock,
     WrongPassphraseError,
+    derive_passphrase_key,
     init_identity,
     rotate_key,
 )
@@ -588,6 +590,33 @@ def test_cli_init_with_passphrase_env(tmp_path: Path, monkeypatch: pytest.Monkey
     assert DeviceIdentity.load(state).data_key("s3cret passphrase")
     bad = runner.invoke(client_app, ["init", "--state-dir", str(state), "--passphrase-env", "a b"])
     assert "name* of an environment variable" in str(bad.exception)
+
+
+def test_a_passphrase_that_is_not_utf8_derives_the_key_of_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A passphrase exported from a Latin-1 terminal (Python reads its byte 0xE9 as a lone
+    surrogate) raised UnicodeEncodeError in `client init` after client.key was written (a
+    half identity, refused by the next init); its key is now scrypt over the bytes as typed,
+    and a UTF-8 passphrase's key is unchanged."""
+    params = ScryptParams(n=16)
+    salt = b"s" * 16
+    assert derive_passphrase_key("caf\u00e9", salt, params) == Scrypt(
+        salt=salt, length=32, n=16, r=8, p=1
+    ).derive(b"caf\xc3\xa9")
+    latin1 = os.fsdecode(b"caf\xe9")
+    assert derive_passphrase_key(latin1, salt, params) == Scrypt(
+        salt=salt, length=32, n=16, r=8, p=1
+    ).derive(b"caf\xe9")
+    state = tmp_path / "device"
+    monkeypatch.setenv("FEDREC_TEST_PASS", latin1)
+    args = ["init", "--state-dir", str(state), "--passphrase-env", "FEDREC_TEST_PASS"]
+    result = runner.invoke(client_app, args)
+    assert result.exit_code == 0, result.exception
+    identity = DeviceIdentity.load(state)
+    assert identity.data_key(os.environ["FEDREC_TEST_PASS"]) == identity.data_key(latin1)
+    with pytest.raises(WrongPassphraseError):
+        identity.data_key("caf\u00e9")  # the UTF-8 spelling is another passphrase
 
 
 def test_cli_rotate_key_replaces_only_the_key_pair(tmp_path: Path, key: bytes) -> None:

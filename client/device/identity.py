@@ -500,11 +500,17 @@ def key_check_value(data_key: bytes) -> str:
 
 
 def derive_passphrase_key(passphrase: str, salt: bytes, params: ScryptParams) -> bytes:
-    """scrypt(passphrase, salt) -> 32-byte data key."""
+    """scrypt(passphrase, salt) -> 32-byte data key.
+
+    The passphrase is hashed as its UTF-8 bytes; bytes that are not UTF-8 (an environment
+    variable set in a Latin-1 terminal: Python decodes them as lone surrogates) are hashed as
+    they are (``surrogateescape``) instead of failing, so a UTF-8 passphrase's key is
+    unchanged.
+    """
     if not passphrase:
         raise ConfigError("the passphrase is empty; set a non-empty passphrase")
     return Scrypt(salt=salt, length=DATA_KEY_BYTES, n=params.n, r=params.r, p=params.p).derive(
-        passphrase.encode()
+        passphrase.encode("utf-8", "surrogateescape")
     )
 
 
