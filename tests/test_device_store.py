@@ -48,7 +48,7 @@ from client.device.store import (
 )
 from fedrec.commands.client import app as client_app
 from server.state import ClientRegistry, load_public_key
-from shared.errors import DataError, ModelFileError
+from shared.errors import ConfigError, DataError, ModelFileError
 from shared.ondevice.runtime import ModelMetadata, OnDeviceModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -535,6 +535,35 @@ def test_a_malformed_passphrase_descriptor_is_an_identity_error(tmp_path: Path) 
         layout.data_key_kdf.write_text(text)
         with pytest.raises(IdentityError, match=rf"{layout.data_key_kdf} is malformed"):
             DeviceIdentity.load(tmp_path).data_key("correct horse")
+
+
+def test_passphrase_descriptor_parameters_out_of_range_are_refused_before_deriving(
+    tmp_path: Path,
+) -> None:
+    """A damaged or edited data.key.scrypt.json was derived from as it stood: n=2**30 raised
+    a bare MemoryError (a smaller one could get the daemon killed for memory, a large p ran
+    for hours), an n not a power of two a ConfigError not naming the file, and a non-ASCII
+    check value a TypeError from compare_digest. Each is now the IdentityError naming it."""
+    layout = init_identity(
+        tmp_path, passphrase="correct horse", passphrase_env="MY_PASS", scrypt=ScryptParams(n=16)
+    ).layout
+    good = layout.data_key_kdf.read_text()
+    check = DeviceIdentity.load(tmp_path).kdf_descriptor()["check"]
+    for text in (
+        good.replace('"n": 16', f'"n": {2**30}'),
+        good.replace('"n": 16', '"n": 24'),
+        good.replace('"p": 1', '"p": 17'),
+        good.replace(check, "\u00e9" * 32),
+        good.replace(f'"check": "{check}"', '"check": 7'),
+    ):
+        assert text != good
+        layout.data_key_kdf.write_text(text)
+        with pytest.raises(IdentityError, match=rf"{layout.data_key_kdf} is malformed"):
+            DeviceIdentity.load(tmp_path).data_key("correct horse")
+    layout.data_key_kdf.write_text(good)
+    assert len(DeviceIdentity.load(tmp_path).data_key("correct horse")) == 32
+    with pytest.raises(ConfigError, match="past the limits"):
+        ScryptParams(n=2**20, r=16)
 
 
 # --------------------------------------------------------------------------- CLI init

@@ -44,6 +44,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -456,6 +457,13 @@ def remove_stale_api_info(lock: StateDirLock) -> None:
 # --------------------------------------------------------------------------- key derivation
 
 
+#: Most memory scrypt may need (``128 * n * r`` bytes, 32 times the default's) and most
+#: parallel passes ``p``: parameters past them, read from a damaged or edited
+#: ``data.key.scrypt.json``, would raise MemoryError, be killed for memory, or run for hours.
+SCRYPT_MAX_MEMORY = 2**30
+SCRYPT_MAX_P = 16
+
+
 @dataclass(frozen=True)
 class ScryptParams:
     """scrypt cost parameters. n=2**15, r=8 uses 32 MiB and ~0.1 s: fine once per start."""
@@ -470,6 +478,11 @@ class ScryptParams:
             raise ConfigError(f"scrypt n must be a power of two >= 2, got {self.n}")
         if self.r < 1 or self.p < 1:
             raise ConfigError(f"scrypt r and p must be >= 1, got r={self.r}, p={self.p}")
+        if 128 * self.n * self.r > SCRYPT_MAX_MEMORY or self.p > SCRYPT_MAX_P:
+            raise ConfigError(
+                f"scrypt n={self.n}, r={self.r}, p={self.p} is past the limits (128*n*r <= "
+                f"{SCRYPT_MAX_MEMORY} bytes of memory, p <= {SCRYPT_MAX_P})"
+            )
         if self.salt_bytes < 16:
             raise ConfigError(f"scrypt salt must be >= 16 bytes, got {self.salt_bytes}")
 
@@ -851,7 +864,11 @@ class DeviceIdentity:
             if desc.get("format") != KDF_FORMAT or desc.get("kdf") != "scrypt":
                 raise ValueError(f"format {desc.get('format')!r}")
             base64.b64decode(desc["salt"], validate=True)
-            int(desc["n"]), int(desc["r"]), int(desc["p"])
+            # in range before anything is derived: a damaged n or p would exhaust the device
+            ScryptParams(n=int(desc["n"]), r=int(desc["r"]), p=int(desc["p"]))
+            check = desc.get("check")
+            if not isinstance(check, str) or not re.fullmatch(r"[0-9a-f]{32}", check):
+                raise ValueError("its check value is not 32 hex digits")
         # OverflowError: a number past any float (1e400); RecursionError: nested too deep
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise IdentityError(
