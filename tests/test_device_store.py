@@ -503,6 +503,16 @@ def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
         DeviceIdentity.load(tmp_path).data_key()
 
 
+def test_a_damaged_api_token_is_named_with_its_fix(tmp_path: Path) -> None:
+    """An api.token whose bytes are not text raised a bare UnicodeDecodeError from every
+    `client start` and `client status`; it is the IdentityError a too-short one gives."""
+    layout = init_identity(tmp_path).layout
+    assert len(DeviceIdentity.load(tmp_path).api_token()) >= 16
+    layout.api_token.write_bytes(b"\xff" * 40)
+    with pytest.raises(IdentityError, match=r"holds no usable token.*init --force"):
+        DeviceIdentity.load(tmp_path).api_token()
+
+
 def test_passphrase_key_is_derived_and_checked(tmp_path: Path) -> None:
     result = init_identity(tmp_path, passphrase="correct horse", passphrase_env="MY_PASS")
     assert result.data_key_mode == "passphrase"

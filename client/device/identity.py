@@ -847,7 +847,10 @@ class DeviceIdentity:
         return key
 
     def api_token(self) -> str:
-        token = _read_secret(self.layout.api_token).decode().strip()
+        try:
+            token = _read_secret(self.layout.api_token).decode().strip()
+        except UnicodeDecodeError:  # damaged: init writes ASCII
+            token = ""
         if len(token) < 16:
             raise IdentityError(
                 f"{self.layout.api_token} holds no usable token; re-create the identity with "
