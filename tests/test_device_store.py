@@ -386,6 +386,32 @@ def test_erase_deletes_data_but_keeps_rounds_joined(tmp_path: Path, key: bytes) 
         assert [e.item_id for e in store.events()] == ["after"]
 
 
+def test_an_erase_resets_a_kept_counter_that_fails_authentication(
+    tmp_path: Path, key: bytes
+) -> None:
+    """A kept state row that failed authentication (one bit flipped on disk: SQLite has no
+    page checksums) survived the erase, so stats() and every round's sync kept raising
+    StoreIntegrityError, whose advice is that very erase. The erase now resets that counter
+    and its file baseline, and the counter catches up with the federation's file."""
+    db = tmp_path / "store.db"
+    with DeviceStore.open(db, key) as store:
+        store.add_events([Event("a", "view", 1.0)])
+        store.sync_rounds_joined(3, without_dp=1)
+    with sqlite3.connect(db) as conn:
+        (blob,) = conn.execute("SELECT payload FROM state WHERE key = 'rounds_joined'").fetchone()
+        flipped = bytearray(blob)
+        flipped[20] ^= 1
+        conn.execute("UPDATE state SET payload = ? WHERE key = 'rounds_joined'", (bytes(flipped),))
+    with DeviceStore.open(db, key) as store:
+        with pytest.raises(StoreIntegrityError, match="state#rounds_joined"):
+            store.stats()
+        store.erase()
+        assert store.count_events() == 0
+        assert store.sync_rounds_joined(4, without_dp=1) == 4  # caught up with the file
+        stats = store.stats()
+        assert (stats.rounds_joined, stats.rounds_without_dp) == (4, 1)
+
+
 class _NoRoomToVacuum:
     """A store connection whose ``VACUUM`` fails as on a full disk (it needs room for a copy
     of the file); everything else goes to the real connection."""

@@ -87,6 +87,13 @@ KEPT_ON_ERASE: tuple[str, ...] = (
     STATE_WITHOUT_DP_FILE_SEEN,
 )
 
+#: Each counter synced from ``federated/joined.json`` and the key of the file count it was
+#: last synced to (:meth:`DeviceStore.sync_rounds_joined`).
+_SYNC_BASELINE: dict[str, str] = {
+    STATE_ROUNDS_JOINED: STATE_JOINED_FILE_SEEN,
+    STATE_ROUNDS_WITHOUT_DP: STATE_WITHOUT_DP_FILE_SEEN,
+}
+
 STATE_ADAPTATION_PENDING = "adaptation_pending"
 
 #: Longest ``event_id`` an app may give an event (and ``feedback_id`` a feedback report).
@@ -1022,7 +1029,11 @@ class DeviceStore:
         record and state value.
 
         State keys in ``keep_state`` survive (by default the rounds joined: participation
-        belongs to privacy accounting). The deleted rows are overwritten (``secure_delete``),
+        belongs to privacy accounting), except one whose row fails authentication (tampered
+        or corrupt): kept, it would raise :class:`StoreIntegrityError` after every erase, the
+        very fix that error advises; it starts again instead, as in an erase of a damaged
+        file (the rounds joined catch up with ``federated/joined.json``; the privacy ledger
+        is a file of its own). The deleted rows are overwritten (``secure_delete``),
         the WAL is truncated and the file ``VACUUM``-ed, so nothing lingers on disk.
 
         Returns whether the old pages are gone from disk already. Another connection in the
@@ -1043,6 +1054,7 @@ class DeviceStore:
                         conn.execute(f"DELETE FROM {table}")
                     marks = ",".join("?" * len(keep))
                     conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
+                    self._reset_unreadable(conn, keep)
                 self.scrub_pending = True
                 self._vacuum_pending = True
                 return self.scrub()
@@ -1051,6 +1063,20 @@ class DeviceStore:
                     raise
                 self._recreate(keep, exc)
                 return True
+
+    def _reset_unreadable(self, conn: sqlite3.Connection, keys: Sequence[str]) -> None:
+        """Delete, inside the caller's write transaction, the state values of ``keys`` that
+        fail authentication, and with a reset counter the federation file count it was last
+        synced to (:data:`_SYNC_BASELINE`), so it catches up with the file from 0."""
+        bad: list[str] = []
+        for key in keys:
+            try:
+                self._get(conn, key, None)
+            except StoreIntegrityError:
+                logger.warning("state %r failed authentication; the erase resets it", key)
+                bad.append(key)
+        bad += [_SYNC_BASELINE[key] for key in bad if key in _SYNC_BASELINE]
+        conn.executemany("DELETE FROM state WHERE key = ?", [(key,) for key in bad])
 
     def _recreate(self, keep: Sequence[str], cause: sqlite3.Error) -> None:
         """Erase a damaged store by deleting its files and starting an empty one (same key).
