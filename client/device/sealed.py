@@ -15,7 +15,10 @@ failure is a :class:`~shared.errors.ModelFileError` saying what is wrong and wha
 
 ``models/current`` names the version in use; it is replaced atomically *after* the sealed
 file is fully written (both with :func:`shared.io.write_bytes_atomic`), so a crash leaves
-either the old or the new model current, never a half-written one. A model is validated by
+either the old or the new model current, never a half-written one. The pointer is not
+authenticated: pointed at an older sealed version still on disk, that one is served; and
+since versions start again from 1 once every file is erased, an older copy of a file sealed
+under the same version number (from a backup) would open too. A model is validated by
 loading it into :class:`~shared.ondevice.OnDeviceModel` (catalog size and fingerprint
 included) before it is sealed, so a broken download is never installed.
 

@@ -19,6 +19,14 @@ Encryption at rest
     and ``VACUUM``s, so erased rows do not linger in free pages or the WAL (while another
     process is reading the store, the checkpoint waits for it: :meth:`scrub`).
 
+    What authentication does not catch: the associated data binds a row to its table, id
+    and kind, not to the rest of the store, so whoever can write the file can delete rows,
+    put back an older copy of a row under the same id (an earlier value of a state key such
+    as the rounds joined; after an erase ids start again from 1, so a row of a copy taken
+    before it) or roll the whole file back, undetected. An erase deletes and overwrites the
+    rows but keeps the data key: a copy of the file made before it (a backup, a file-system
+    snapshot) stays readable with this device's key.
+
 Keys
     The AEAD key, the blind-index key and a key-check value are HKDF-derived from the
     device's data key (:func:`client.device.identity.derive_subkey`). The check value is
