@@ -156,6 +156,13 @@ def test_database_file_holds_no_plaintext_item_ids(tmp_path: Path, key: bytes) -
         assert [e.item_id for e in again.events()] == [SECRET_IDS[0], *SECRET_IDS]
 
 
+def test_the_store_keeps_sqlites_temporary_data_in_memory(store: DeviceStore) -> None:
+    """SQLite's default put temporary tables and indices (VACUUM, large sorts) in files
+    under /tmp, outside the device's folder and its erase."""
+    assert store._conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    assert store._conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+
+
 def test_wrong_key_is_refused_clearly(tmp_path: Path, key: bytes) -> None:
     db = tmp_path / "store.db"
     with DeviceStore.open(db, key) as store:

@@ -480,6 +480,9 @@ class DeviceStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA secure_delete = ON")
+            # SQLite's temporary tables and indices (VACUUM, large sorts) stay in memory,
+            # not in files under /tmp, outside the device's folder and its erase
+            conn.execute("PRAGMA temp_store = MEMORY")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             if is_corruption(exc):
