@@ -105,7 +105,7 @@ def client_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
     does not pass its records on to the root logger's handlers."""
     FLOWER_LOGGER.addHandler(caplog.handler)
     try:
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.WARNING, logger=FLOWER_LOGGER.name):
             yield caplog
     finally:
         FLOWER_LOGGER.removeHandler(caplog.handler)
@@ -579,7 +579,8 @@ def test_decline_replies_name_the_kind_of_decline_but_no_device_detail(
     app = make_client_app({"task": "telling-decliner-test"})
     FLOWER_LOGGER.addHandler(caplog.handler)
     try:
-        with caplog.at_level(logging.INFO):
+        # on Flower's logger itself: an earlier test may have left it above INFO
+        with caplog.at_level(logging.INFO, logger=FLOWER_LOGGER.name):
             fit = app(_fit_message(params), _context())
             evaluate = app(_eval_message(params), _context())
     finally:
