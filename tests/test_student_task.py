@@ -489,7 +489,7 @@ def test_a_budget_decline_tells_the_server_its_kind_not_the_epsilons(
     message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
     FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
     try:
-        with caplog.at_level("INFO"):
+        with caplog.at_level("INFO", logger=FLOWER_LOGGER.name):
             reply = app(message, Context(1, 100, {"partition-id": 0}, RecordDict(), {}))
     finally:
         FLOWER_LOGGER.removeHandler(caplog.handler)
@@ -793,7 +793,7 @@ def test_split_noise_is_refused_outside_secagg_however_the_server_spells_it(
 
     FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
     try:
-        with caplog.at_level("WARNING"):
+        with caplog.at_level("WARNING", logger=FLOWER_LOGGER.name):
             refused = fit(fit_config)
     finally:
         FLOWER_LOGGER.removeHandler(caplog.handler)
