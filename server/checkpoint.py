@@ -63,6 +63,9 @@ MetricScalar: TypeAlias = bool | int | float | str | bytes | None
 
 _NAME = re.compile(r"^round-(\d{8})\.json$")
 _PREFIX = "round-"
+#: How often :meth:`CheckpointStore.latest` lists the directory again when a checkpoint it
+#: listed was pruned (by the running server) before it could be read.
+_RESCANS = 5
 
 
 def _stem(server_round: int) -> str:
@@ -319,23 +322,41 @@ class CheckpointStore:
 
         Invalid newer checkpoints are skipped with a warning. Raises
         :class:`DataError` when manifests exist but none verifies (see module doc).
+
+        A reader beside the running server (``fedrec server status``, the pre-launch check)
+        can see a checkpoint pruned between listing and loading it: with ``checkpoint-keep``
+        1, saving round N+1 removes round N, the only one listed. A checkpoint whose manifest
+        is gone by the time its load failed was removed, not damaged: the directory is
+        listed again rather than the run reported as having no valid checkpoint.
         """
-        rounds = self._rounds_on_disk()
         problems: list[str] = []
-        for server_round in rounds:
-            try:
-                checkpoint = self.load(server_round)
-            except DataError as exc:
-                logger.warning("skipping invalid checkpoint of round %s: %s", server_round, exc)
-                problems.append(str(exc))
-                continue
-            if problems:
-                logger.warning(
-                    "resuming from the checkpoint of round %s (%s newer checkpoint(s) invalid)",
-                    server_round,
-                    len(problems),
-                )
-            return checkpoint
+        for _ in range(_RESCANS):
+            problems = []
+            vanished = False
+            for server_round in self._rounds_on_disk():
+                try:
+                    checkpoint = self.load(server_round)
+                except DataError as exc:
+                    if not (self.directory / f"{_stem(server_round)}.json").exists():
+                        vanished = True  # pruned by the writer since the listing
+                        break
+                    logger.warning("skipping invalid checkpoint of round %s: %s", server_round, exc)
+                    problems.append(str(exc))
+                    continue
+                if problems:
+                    logger.warning(
+                        "resuming from the checkpoint of round %s (%s newer checkpoint(s) invalid)",
+                        server_round,
+                        len(problems),
+                    )
+                return checkpoint
+            if not vanished:
+                break
+        else:
+            raise DataError(
+                f"the checkpoints in {self.directory} kept changing while they were read "
+                f"({_RESCANS} times: a running server saving and pruning them); try again"
+            )
         if problems:
             raise DataError(
                 f"all {len(problems)} checkpoint(s) in {self.directory} are invalid; refusing "

@@ -228,6 +228,36 @@ def test_all_checkpoints_invalid_is_an_error_not_a_fresh_start(tmp_path: Path) -
         store.latest()
 
 
+def test_a_checkpoint_pruned_while_it_is_read_is_not_reported_invalid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedrec server status` beside a server with checkpoint-keep=1: the server saved round
+    2 and pruned round 1 between the reader listing round 1 and loading it, and the reader
+    said every checkpoint was invalid and a restart would refuse to start."""
+    writer = CheckpointStore(tmp_path, keep=1)
+    writer.save(1, _params(1), {}, None)
+    reader = CheckpointStore(tmp_path, tidy=False)
+    load = reader.load
+    loaded: list[int] = []
+
+    def load_while_the_server_saves(server_round: int) -> Any:
+        if not loaded:  # the server finishes its next round right after the listing
+            writer.save(server_round + 1, _params(2), {}, None)
+        loaded.append(server_round)
+        return load(server_round)
+
+    monkeypatch.setattr(reader, "load", load_while_the_server_saves)
+    latest = reader.latest()
+    assert latest is not None and latest.server_round == 2
+    assert loaded == [1, 2]
+
+    # a checkpoint that keeps vanishing is not taken for "none here" (a fresh start)
+    monkeypatch.setattr(reader, "load", lambda r: (_ for _ in ()).throw(DataError("gone")))
+    monkeypatch.setattr(reader, "_rounds_on_disk", lambda: [7])
+    with pytest.raises(DataError, match="kept changing while they were read"):
+        reader.latest()
+
+
 def test_store_rejects_bad_keep() -> None:
     with pytest.raises(ConfigError, match="'checkpoint-keep' must be an integer >= 1"):
         CheckpointStore("unused", keep=0)
