@@ -461,7 +461,13 @@ class ValidatingFedAvg(FedAvg):
         optimizer = state.get("server_optimizer", {"kind": "avg", "steps": 0})
         if not isinstance(optimizer, Mapping):
             raise ConfigError(f"{what} has a malformed server optimizer {optimizer!r}{fix}")
-        self.optimizer.load_state_dict(optimizer)
+        try:
+            self.optimizer.load_state_dict(optimizer)
+        except ConfigError as exc:
+            # another optimiser is the run's setting (its error says what to do); anything
+            # else is a damaged state, which the round before may not share
+            damaged = optimizer.get("kind") == self.optimizer.settings.kind
+            raise ConfigError(f"{what}: {exc}{fix if damaged else ''}") from None
 
     # ------------------------------------------------------------------ sampling
 

@@ -174,3 +174,22 @@ def test_strategy_steps_with_fedadam_and_checkpoints_its_moments() -> None:
 def test_strategy_refuses_split_noise_without_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match="set secagg=true, or noise-shares=1"):
         ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)], noise_shares=3)
+
+
+def test_a_damaged_optimizer_state_names_its_checkpoint_and_the_way_out() -> None:
+    """The error said only "server optimizer state: m[0] holds 0 values": not which of the
+    checkpoints held it, nor that moving that round away resumes from the one before."""
+    ref = [np.zeros(2, np.float32)]
+    settings = ServerOptimizerSettings("adam")
+    state = ValidatingFedAvg(initial_parameters=ref, server_optimizer=settings).state_dict()
+    source = "/state/checkpoints/round-00000003.json"
+    damaged = {**state, "server_optimizer": {**state["server_optimizer"], "m": ["AAAA"]}}
+    strategy = ValidatingFedAvg(initial_parameters=ref, server_optimizer=settings)
+    with pytest.raises(ConfigError, match=r"round-00000003\.json: server optimizer state: m\[0\]"):
+        strategy.load_state_dict(damaged, source=source)
+    with pytest.raises(ConfigError, match="move that round's files away"):
+        strategy.load_state_dict(damaged, source=source)
+    # another optimiser is the config's choice, not damage: its own advice, no file shuffling
+    with pytest.raises(ConfigError, match=r"round-00000003\.json: .*'adam'") as refused:
+        ValidatingFedAvg(initial_parameters=ref).load_state_dict(state, source=source)
+    assert "move that round's files away" not in str(refused.value)
