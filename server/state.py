@@ -375,8 +375,10 @@ class ClientRegistry:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             return cls(path)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"the client registry {path} is unreadable: {exc}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # bytes not UTF-8
+            raise DataError(
+                f"the client registry {path} is unreadable: {exc}; restore it from a backup"
+            ) from exc
         problem = _registry_problem(raw)
         if problem is not None:
             raise DataError(

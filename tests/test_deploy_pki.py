@@ -467,6 +467,15 @@ def test_a_malformed_registry_is_described_in_the_files_terms(
     assert (record.name, record.node_id, record.revoked) == ("phone", None, 2)
 
 
+def test_a_registry_that_is_not_text_is_refused_as_unreadable(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 (a damaged disk, a binary copied over it) escaped as a raw
+    UnicodeDecodeError traceback from `fedrec server status` and every registry command."""
+    path = tmp_path / "clients.json"
+    path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(DataError, match=r"clients\.json is unreadable: .*restore it from a backup"):
+        ClientRegistry.load(path)
+
+
 def test_a_key_revoked_after_the_superlink_had_it_cannot_be_registered_again(
     tmp_path: Path,
 ) -> None:
