@@ -564,9 +564,12 @@ def round_aggregated(record: Mapping[str, Any]) -> bool:
 
 
 def read_progress_file(path: Path) -> list[dict[str, Any]]:
-    """:func:`read_progress` of a progress file given by its path."""
+    """:func:`read_progress` of a progress file given by its path. Bytes that are not UTF-8
+    (what a crash can leave in a file's last block) only spoil the lines they are in, which
+    are skipped like a torn line: decoding the whole file strictly made `fedrec server
+    status` and the ServerApp's start fail on it."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return []
     out = []

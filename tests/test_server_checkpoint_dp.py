@@ -1192,6 +1192,22 @@ def test_a_round_checkpointed_but_not_in_the_progress_file_is_written_at_restart
     assert backfill_progress(progress, str(ck), 3) == 0  # once
 
 
+def test_a_progress_file_with_bytes_that_are_not_utf8_keeps_its_good_lines(
+    tmp_path: Path,
+) -> None:
+    """Garbage a crash left in the last block of progress.jsonl made `server status` and the
+    ServerApp's start (its backfill reads the file) end in a UnicodeDecodeError traceback."""
+    from server.deploy_app import backfill_progress
+    from server.state import read_progress_file
+
+    progress = tmp_path / "progress.jsonl"
+    good = json.dumps({"round": 1, "num_rounds": 3}).encode()
+    progress.write_bytes(good + b'\n{"round": 2, "nu\xff\xfe\x00\n')
+    assert read_progress_file(progress) == [{"round": 1, "num_rounds": 3}]
+    CheckpointStore(tmp_path / "ck").save(1, _params(), {}, None)  # the line's round
+    assert backfill_progress(progress, str(tmp_path / "ck"), 3) == 0
+
+
 def test_a_refused_setting_is_logged_in_one_line_before_flowers_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
