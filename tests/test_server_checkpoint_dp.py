@@ -371,6 +371,33 @@ def test_killed_run_resumes_with_the_remaining_rounds_and_same_result(tmp_path: 
     assert _run(config, num_nodes=5) == []
 
 
+def test_a_resumed_fedadam_run_takes_the_steps_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Adam's moments and step count (its bias correction) come back from the checkpoint: 2
+    rounds + kill + 2 resumed rounds end with the parameters and optimiser state, bit for
+    bit, of 4 rounds straight."""
+    config = {**RESUME_CONFIG, "server-optimizer": "adam", "server-lr": 0.05}
+    straight = _run({**config, "checkpoint-dir": str(tmp_path / "straight")}, num_nodes=5)
+
+    def kill_after_round_2(report: RoundReport) -> None:
+        if report.server_round == 2:
+            raise RuntimeError("killed")
+
+    resumed_config = {**config, "checkpoint-dir": str(tmp_path / "ck")}
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(resumed_config, num_nodes=5, hook=kill_after_round_2)
+    resumed = _run(resumed_config, num_nodes=5)
+    assert [r.server_round for r in resumed] == [3, 4]
+    for got, want in zip(resumed[-1].parameters, straight[-1].parameters, strict=True):
+        np.testing.assert_array_equal(got, want)
+    a, b = (
+        CheckpointStore(tmp_path / "straight").latest(),
+        CheckpointStore(tmp_path / "ck").latest(),
+    )
+    assert a is not None and b is not None
+    assert a.strategy_state["server_optimizer"]["steps"] == 4
+    assert b.strategy_state == a.strategy_state  # the moments too (base64 of their float64s)
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint_and_reruns_that_round(tmp_path: Path) -> None:
     reference = _run({**RESUME_CONFIG, "num-rounds": 3}, num_nodes=5)
     ck = tmp_path / "ck"
