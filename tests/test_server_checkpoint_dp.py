@@ -1244,3 +1244,23 @@ def test_a_refused_setting_is_logged_in_one_line_before_flowers_traceback(
         _run({"num-rounds": 1, "min-cohort": 3, "min-available-clients": 2}, num_nodes=2)
     assert "the run's settings are refused, nothing was trained: 'min-cohort'" in caplog.text
     assert "'min-available-clients', --min-clients on `fedrec server start`" in caplog.text
+
+
+def test_the_numpy_floor_saves_checkpoints_without_a_stray_array() -> None:
+    """Checkpoints (and a device's global.npz) are written with np.savez(...,
+    allow_pickle=False); numpy before 2.2 has no such keyword and saves it as an array named
+    'allow_pickle', so every checkpoint would fail verification. pyproject admitted 1.26."""
+    import inspect
+    import re
+    import tomllib
+
+    from packaging.version import Version
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    floors = [
+        re.fullmatch(r"numpy>=([\d.]+)", dep.split(";")[0].strip())
+        for dep in project["project"]["dependencies"]
+    ]
+    (floor,) = [m.group(1) for m in floors if m]
+    assert Version(floor) >= Version("2.2")
+    assert "allow_pickle" in inspect.signature(np.savez).parameters  # the installed one
