@@ -22,7 +22,10 @@ manifest's SHA-256 ties it to exactly one arrays file. A crash at any point leav
 either the previous checkpoint or the new one, never a mix; an orphan ``.npz`` without
 manifest is ignored and pruned later.
 
-Loading verifies everything (JSON schema, hash, array count/shapes/dtypes). A corrupt
+Loading verifies the manifest's JSON schema, the arrays file against its hash, and the
+arrays' count, shapes and dtypes. The manifest's own values (the strategy and optimiser
+state, the server's privacy ledger) carry no checksum: a change that still parses and
+passes the schema, such as an edited digit, loads as written. A corrupt
 or truncated newest checkpoint is skipped with a logged warning and the previous one
 used. If checkpoints exist but *none* is valid, :meth:`CheckpointStore.latest` raises
 instead of returning ``None``: starting over silently would forget the training
