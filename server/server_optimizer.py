@@ -16,7 +16,8 @@ averaging). ``adam`` keeps first and second moments of the mean update and steps
 ``w += server_lr * m_hat / (sqrt(v_hat) + tau)``. The moments are server state: they are
 checkpointed with the strategy (:meth:`ServerOptimizer.state_dict`), so a resumed run steps
 exactly as an uninterrupted one. A round with no update to apply (every client failed or
-declined) takes no step, so Adam's step count counts steps, not rounds. Everything here is
+declined) takes no step, so Adam's step count counts steps, not rounds; under user-level DP
+such a round still releases the mechanism's noise, which is stepped like any mean update. Everything here is
 post-processing of the (possibly DP-noised) aggregate, so it changes no privacy guarantee.
 """
 
