@@ -17,8 +17,9 @@ averaging). ``adam`` keeps first and second moments of the mean update and steps
 checkpointed with the strategy (:meth:`ServerOptimizer.state_dict`), so a resumed run steps
 exactly as an uninterrupted one. A round with no update to apply (every client failed or
 declined) takes no step, so Adam's step count counts steps, not rounds; under user-level DP
-such a round still releases the mechanism's noise, which is stepped like any mean update. Everything here is
-post-processing of the (possibly DP-noised) aggregate, so it changes no privacy guarantee.
+such a round still releases the mechanism's noise, which is stepped like any mean update.
+Everything here is post-processing of the (possibly DP-noised) aggregate, so it changes no
+privacy guarantee.
 """
 
 from __future__ import annotations

@@ -858,14 +858,15 @@ def test_every_run_setting_is_a_server_start_flag(
         assert f"--{kebab(name)} " in shown, name
     layout = init_state_dir(tmp_path / "s")
     base = ["server", "start", "--state-dir", str(layout.state_dir)]
-    given = ["--run-config", "task=toy-linear noise-multiplier=2.0 batch-size=8 cohort-size=4"]
+    given = ["--run-config", "task=toy-linear noise-multiplier=2.0 batch-size=8 cohort-size=8"]
     flags = ["--noise-multiplier", "3", "--no-exclude-seen", "--server-optimizer", "adam"]
     flags += ["--secagg-num-shares", "0.5", "--secagg-reconstruction-threshold", "4"]
-    result = runner.invoke(app, [*base, *given, *flags, "--min-clients", "4"])
+    # 0.5 of the cohort as neighbours and a threshold of 4: rounds need 7 clients or more
+    result = runner.invoke(app, [*base, *given, *flags, "--min-clients", "8"])
     assert result.exit_code == 0, result.output
     config = submitted[-1]
     assert config["noise-multiplier"] == 3.0  # the flag wins over --run-config
-    assert (config["batch-size"], config["cohort-size"]) == (8, 4)  # from --run-config
+    assert (config["batch-size"], config["cohort-size"]) == (8, 8)  # from --run-config
     assert (config["exclude-seen"], config["server-optimizer"]) == (False, "adam")
     assert config["secagg"] is True  # a deployment's default, untouched by the flags' defaults
     assert "max-examples" not in config  # a flag not typed adds nothing: the app's default

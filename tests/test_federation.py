@@ -442,11 +442,15 @@ def test_secagg_least_cohort_is_the_fewest_clients_a_round_completes_with(
         SecAggSettings(num_shares=shares, reconstruction_threshold=threshold).least_cohort == least
     )
     for cohort in sorted({max(least - 1, 2), least}):
+        # a fixed cohort-size below `least` is refused up front (test_server_config_rejects_
+        # bad_values); a cohort of every connected device can still fall short of it
         config: RunConfig = {
             "num-rounds": 1,
             "eval-fraction": 0.0,
             "secagg": True,
-            "cohort-size": cohort,
+            "cohort-size": 0,
+            "cohort-fraction": 1.0,
+            "min-available-clients": cohort,
             "secagg-num-shares": shares,
             "secagg-reconstruction-threshold": threshold,
         }
