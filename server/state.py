@@ -3,7 +3,7 @@ points ``fedrec server status`` at.
 
 ``fedrec server init --state-dir DIR`` creates the marker, the certificates, the registry
 and the empty folders; ``fedrec server start`` adds the SuperLink's database, the progress
-file, the generated app and the task's state::
+file, the last start's record and the generated app::
 
     DIR/server.toml          marker: layout version, host names of the certificate
     DIR/certs/               ca.pem (give to devices), ca.key, server.pem, server.key (0600)
@@ -15,7 +15,7 @@ file, the generated app and the task's state::
     DIR/flwr-home/           FLWR_HOME of the SuperLink and of the `flwr` calls
     DIR/app/                 the Flower app `fedrec server start` submits (generated)
     DIR/logs/                superlink.log
-    DIR/task-state/          the student task's server-side state
+    DIR/task-state/          the run config's state-dir (each device replaces it with its own)
     DIR/running.json         while `fedrec server start` runs: pids, address, run id
     DIR/last-start.json      the last `fedrec server start` that ran: rounds asked, how it ended
 
