@@ -115,8 +115,8 @@ __all__ = [
 
 
 _DAEMON_ADVICE = (
-    "stop it first (SIGTERM or Ctrl-C): one daemon per device state directory; a second "
-    "device needs its own --state-dir"
+    "stop it first (SIGTERM or Ctrl-C), then run this again: one daemon per device state "
+    "directory (a second device needs its own --state-dir)"
 )
 
 
