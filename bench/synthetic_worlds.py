@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.compression.artifact import publish_student
@@ -67,6 +68,40 @@ def world_ranks(
     return ranks, str(pre.teacher.fitted_order), pre.teacher.prior_weight
 
 
+def pool_worlds(
+    by_world: list[dict[str, dict[str, CaseRanks]]], names: list[str]
+) -> dict[str, dict[str, CaseRanks]]:
+    """Every world's cases of each model in ``names`` side by side, per population, each
+    world's users kept apart: a world numbers its users from 0, so user ``u`` of two worlds
+    is two people, and the paired intervals resample users with all of their cases
+    (:func:`~shared.eval.compare.paired_difference`); pooled under their own numbers, user
+    ``u`` of every world would be drawn as one user (6 worlds: a sixth of the users, each
+    with 6 unrelated cases)."""
+    # one offset per world, above every user number any world uses
+    top = max(
+        (
+            int(r.users.max()) + 1
+            for ranks in by_world
+            for pops in ranks.values()
+            for r in pops.values()
+            if r.users is not None and len(r.users)
+        ),
+        default=0,
+    )
+
+    def apart(r: CaseRanks, world: int) -> CaseRanks:
+        users = None if r.users is None else r.users + np.int64(world * top)
+        return CaseRanks(r.sampled, r.full, users)
+
+    return {
+        name: {
+            pop: CaseRanks.concat([apart(r[name][pop], i) for i, r in enumerate(by_world)])
+            for pop in POPULATIONS
+        }
+        for name in names
+    }
+
+
 def differences(ranks: dict[str, dict[str, CaseRanks]]) -> dict[str, Any]:
     """Paired HR@10 differences of :data:`PAIRS`, per population (``{population: {"a - b":
     ...}}``, as :func:`~shared.eval.compare.compare_pairs` gives them)."""
@@ -113,10 +148,7 @@ def main() -> None:
             "paired_differences_hr@10": differences(ranks),
         }
     names = [name for name in MODELS if name in by_world[0]]
-    all_ranks = {
-        name: {pop: CaseRanks.concat([r[name][pop] for r in by_world]) for pop in POPULATIONS}
-        for name in names
-    }
+    all_ranks = pool_worlds(by_world, names)
     out: dict[str, Any] = {
         "seeds": args.seeds,
         "pooled": {
