@@ -62,8 +62,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from shared.config import from_flat, parse_run_config, to_flat
-from shared.eval.compare import compare_ranks
-from shared.eval.metrics import hit_rate_at_k
+from shared.eval.compare import compare_ranks, relative_cost
 from shared.eval.protocol import CaseRanks, summarize_ranks
 from simulation.config import RESUMABLE_KEYS, SimulationConfig
 from simulation.pipeline import run_pipeline, run_ranks, stored_config
@@ -195,10 +194,13 @@ def _paired(ranks: dict[str, dict[str, CaseRanks]], name: str) -> dict[str, Any]
         label = f"global - {reference} global"
         out[label] = {}
         for metric, d in diffs.items():
-            base_hr = hit_rate_at_k(base.sampled if metric.startswith("sampled") else base.full)
+            which = "sampled" if metric.startswith("sampled") else "full"
+            # the cost's interval from the same paired draws (the ratio in every draw)
+            users = own[key].users if base.users is not None else None
+            cost = relative_cost(getattr(own[key], which), getattr(base, which), users=users)
             out[label][metric] = {
                 **d.as_dict(),
-                "relative_cost": [-d.high / base_hr, -d.low / base_hr] if base_hr else None,
+                "relative_cost": None if cost is None else [cost[1], cost[2]],
             }
     shots = _shots(own)
     if shots:

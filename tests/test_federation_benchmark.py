@@ -106,6 +106,24 @@ def test_the_dp_cost_passes_only_when_its_interval_is_within_ten_percent(
     assert check["dp cost <= 10%"] is False
 
 
+def test_the_relative_dp_cost_interval_is_the_ratio_over_the_paired_draws(
+    bench: ModuleType,
+) -> None:
+    """The cost's interval divided the difference's bounds by the no-DP model's point HR,
+    leaving out that HR's own spread: a DP model hitting nothing (a cost of exactly 100% on
+    every draw of users) was reported a 50%..160% cost."""
+    base = np.where(np.arange(100) < 10, 0.0, np.inf)  # no DP: 10 of 100
+    dp = np.full(100, np.inf)  # hits nothing
+    ranks = {
+        name: {"federated/student (federated)": CaseRanks(r, r, np.arange(100))}
+        for name, r in (("no-dp-fedadam", base), ("record-dp-split", dp))
+    }
+    paired = bench._paired(ranks, "record-dp-split")["global - no-dp-fedadam global"]
+    for metric in ("sampled_hr@10", "full_hr@10"):
+        assert paired[metric]["relative_cost"] == pytest.approx([1.0, 1.0])
+        assert paired[metric]["low"] < -0.1 < paired[metric]["high"] < 0  # the difference's
+
+
 def test_pooling_keeps_only_cases_every_split_has(bench: ModuleType) -> None:
     one = {"v": {"a": _ranks(1, 2), "b": _ranks(3)}}
     two = {"v": {"a": _ranks(4)}}

@@ -83,6 +83,19 @@ def paired_difference(
     >>> d.mean, d.low >= 0.0
     (0.25, True)
     """
+    a, b = _checked_pair(ranks_a, ranks_b, k, n_resamples, level)
+    diff = (a < k).astype(np.float64) - (b < k).astype(np.float64)
+    means, clusters = _resampled_means(diff[:, None], users, n_resamples, seed)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means[:, 0], [tail, 1.0 - tail])
+    mean = float(diff.mean())
+    return PairedDifference(mean, float(low), float(high), level, clusters, len(diff))
+
+
+def _checked_pair(
+    ranks_a: npt.ArrayLike, ranks_b: npt.ArrayLike, k: int, n_resamples: int, level: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The two rank arrays of one case list, refused (typed errors) unless they pair."""
     a = np.asarray(ranks_a, dtype=np.float64)
     b = np.asarray(ranks_b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
@@ -97,26 +110,71 @@ def paired_difference(
         raise ConfigError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0.0 < level < 1.0:
         raise ConfigError(f"level must be in (0, 1), got {level}")
-    diff = (a < k).astype(np.float64) - (b < k).astype(np.float64)
-    sums: npt.NDArray[np.float64] = diff
-    counts: npt.NDArray[np.float64] = np.ones_like(diff)
+    return a, b
+
+
+def _resampled_means(
+    values: npt.NDArray[np.float64],
+    users: npt.ArrayLike | None,
+    n_resamples: int,
+    seed: int,
+) -> tuple[npt.NDArray[np.float64], int]:
+    """Per-case ``values`` (cases x columns) averaged over the cases of each of
+    ``n_resamples`` bootstrap draws of users (of cases where ``users`` is None), every column
+    from the same draws; and the number of users (clusters) drawn from."""
+    sums: npt.NDArray[np.float64] = values
+    counts: npt.NDArray[np.float64] = np.ones(len(values))
     if users is not None:
         ids = np.asarray(users)
-        if ids.shape != diff.shape:
-            raise DataError(f"users must name each of the {len(diff)} cases, got {ids.shape}")
+        if ids.shape != (len(values),):
+            raise DataError(f"users must name each of the {len(values)} cases, got {ids.shape}")
         cluster = np.unique(ids, return_inverse=True)[1].reshape(-1)
-        sums = np.bincount(cluster, weights=diff).astype(np.float64)
+        sums = np.stack([np.bincount(cluster, weights=col) for col in values.T], axis=1).astype(
+            np.float64
+        )
         counts = np.bincount(cluster).astype(np.float64)
     rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
+    means = np.empty((n_resamples, values.shape[1]))
     for start in range(0, n_resamples, 256):  # bounded memory for large user counts
         stop = min(start + 256, n_resamples)
         picks = rng.integers(0, len(sums), size=(stop - start, len(sums)))
-        means[start:stop] = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+        means[start:stop] = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)[:, None]
+    return means, len(sums)
+
+
+def relative_cost(
+    ranks_a: npt.ArrayLike,
+    ranks_b: npt.ArrayLike,
+    k: int = 10,
+    *,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    users: npt.ArrayLike | None = None,
+) -> tuple[float, float, float] | None:
+    """How much of B's HR@k model A loses, ``(HR@k(B) - HR@k(A)) / HR@k(B)`` (e.g. a DP
+    model A against its no-DP reference B), with the percentile interval of that ratio over
+    the same paired bootstrap draws as :func:`paired_difference` (same seed: same users).
+
+    The ratio is taken in every draw, so the interval carries the uncertainty of B's HR as
+    well as of the difference (dividing the difference's bounds by B's point HR left the
+    former out). Returns ``(point, low, high)``, or ``None`` where B hits no case (no cost to
+    speak of); a draw in which B hits nothing has no ratio and is left out of the interval.
+
+    >>> relative_cost([0, 20, 20, 20], [0, 0, 20, 20])[0]
+    0.5
+    """
+    a, b = _checked_pair(ranks_a, ranks_b, k, n_resamples, level)
+    hits = np.stack([(a < k), (b < k)], axis=1).astype(np.float64)
+    base = float(hits[:, 1].mean())
+    if base == 0.0:
+        return None
+    means, _ = _resampled_means(hits, users, n_resamples, seed)
+    drawn = means[means[:, 1] > 0]
+    costs = 1.0 - drawn[:, 0] / drawn[:, 1]
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    mean = float(diff.mean())
-    return PairedDifference(mean, float(low), float(high), level, len(sums), len(diff))
+    low, high = np.quantile(costs, [tail, 1.0 - tail])
+    return 1.0 - float(hits[:, 0].mean()) / base, float(low), float(high)
 
 
 def compare_ranks(
