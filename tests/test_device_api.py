@@ -2111,3 +2111,75 @@ def test_a_feedback_batch_with_the_apps_ids_can_be_retried_after_a_restart(
         assert r.status_code == 422 and "feedback_id" in r.text
     finally:
         daemon.shutdown()
+
+
+class _SlowLearner:
+    """A learning policy that notes, at the start and the end of each slate it ranks, which
+    model the daemon has told it it serves; it ranks slowly while ``hold`` is clear."""
+
+    name = "slow-learner"
+
+    def __init__(self) -> None:
+        self.model: OnDeviceModel | None = None
+        self.inside, self.hold = threading.Event(), threading.Event()
+        self.seen: list[tuple[str | None, str | None]] = []
+
+    @staticmethod
+    def _version(model: OnDeviceModel | None) -> str | None:
+        return None if model is None else model.metadata.model_version
+
+    def on_model(self, model: OnDeviceModel | None) -> None:
+        self.model = model
+
+    def rerank(
+        self, candidates: np.ndarray, scores: np.ndarray, k: int, slate_id: str | None = None
+    ) -> Sequence[int]:
+        before = self._version(self.model)
+        self.inside.set()
+        self.hold.wait(10)
+        self.seen.append((before, self._version(self.model)))
+        return [int(c) for c in candidates[:k]]
+
+    def observe(self, columns: Any, rewards: Any, slate_ids: Any = None) -> int:
+        return 0
+
+    def awaiting(self, columns: Sequence[int], slate_ids: Any) -> list[bool]:
+        return [False] * len(columns)
+
+    def reset(self) -> None:
+        """Nothing learned."""
+
+
+def test_a_model_switch_waits_for_the_recommendation_in_flight(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    """install_model switched the served model (and told the exploration policy so) while a
+    recommendation was ranking the old model's candidates: the policy ranked one model's
+    columns with the state of another (a new catalog's columns are other items), and the
+    response named the old model. The switch now waits for the recommendation in flight."""
+    learner = _SlowLearner()
+    state = tmp_path / "device"
+    init_identity(state)
+    daemon = Daemon.open(state, config=DaemonConfig(exploration=GREEDY), reranker=learner)
+    try:
+        daemon.install_catalog(CATALOG)
+        daemon.install_model(int8_model)
+        newer = _int8(tmp_path, "round-8")
+        answer: dict[str, Any] = {}
+        request = threading.Thread(target=lambda: answer.setdefault("r", daemon.recommend(3)))
+        request.start()
+        assert learner.inside.wait(30)  # ranking the slate of round-7 now
+        installer = threading.Thread(target=daemon.install_model, args=(newer,))
+        installer.start()
+        installer.join(3)  # without the fix it switches to round-8 meanwhile
+        learner.hold.set()
+        request.join(30)
+        installer.join(60)
+        assert learner.seen == [("round-7", "round-7")]
+        assert answer["r"].model_version == "round-7"
+        assert daemon.model_info is not None and daemon.model_info.model_version == "round-8"
+        assert daemon.recommend(3).model_version == "round-8"
+        assert learner.seen[-1] == ("round-8", "round-8")
+    finally:
+        learner.hold.set()
+        daemon.shutdown()

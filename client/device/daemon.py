@@ -628,12 +628,15 @@ class Daemon:
         the daemon's lock is taken, so recommendations and ``/status`` do not wait for it;
         the lock covers the rest (the checks again, the numbering, the sealed write and the
         switch), so installs still take effect one at a time, in increasing versions, and
-        an erase still comes wholly before or after one.
+        an erase still comes wholly before or after one. The rest also waits for a
+        recommendation or feedback batch in flight (the serve lock, taken first as they
+        do): one that read the old model must not have its candidates ranked, or its
+        feedback learned, by a policy already switched to the new model and catalog.
         """
         with self._lock:  # a refit already stale is refused before it is loaded
             validated_for = self._install_catalog(catalog, erasures)
         model = self.models.validate(data, catalog=validated_for, runtime=self.runtime, name=name)
-        with self._lock:
+        with self._serve_lock, self._lock:
             catalog = self._install_catalog(catalog, erasures)
             if catalog is not validated_for:  # another install changed the catalog meanwhile
                 model = self.models.validate(data, catalog=catalog, runtime=self.runtime, name=name)
