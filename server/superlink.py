@@ -534,6 +534,8 @@ class SuperLinkProcess:
         # its SuperExec and ServerApps as last seen: a crashed SuperLink's orphans are stopped
         # with it although they left its process group (see remember_descendants)
         self._descendants: set[ProcessKey] = set()
+        #: where this start's output begins in the (appended) log
+        self._log_offset = 0
 
     def remember_descendants(self) -> None:
         """Note the processes the SuperLink runs now (called while following a run)."""
@@ -566,6 +568,7 @@ class SuperLinkProcess:
         with open(self.layout.superlink_log, "ab") as log:
             log.write(f"\n=== fedrec server start: {time.ctime()} ===\n".encode())
             log.flush()
+            self._log_offset = log.tell()
             self.popen = subprocess.Popen(
                 self.argv(),
                 env=flower_env(self.layout),
@@ -600,11 +603,7 @@ class SuperLinkProcess:
         last = "no answer"
         while time.monotonic() < deadline:
             if not self.alive():
-                code = self.popen.returncode if self.popen else "?"
-                raise SuperLinkError(
-                    f"flower-superlink exited with status {code} during start-up; see "
-                    f"{self.layout.superlink_log}"
-                )
+                raise SuperLinkError(self._exit_reason())
             try:
                 conn = http.client.HTTPSConnection(host, port, context=context, timeout=2)
                 conn.request("GET", "/health")
@@ -622,6 +621,32 @@ class SuperLinkProcess:
         raise SuperLinkError(
             f"the SuperLink did not answer on https://{self.address} within "
             f"{self.options.ready_timeout_s:.0f} s ({last}); see {self.layout.superlink_log}"
+        )
+
+    def _exit_reason(self) -> str:
+        """Why the SuperLink exited during start-up, from what this start wrote to its log.
+
+        Its HTTPS port taken by a process the pre-start probe could not reach (bound but not
+        accepting, or listening on another of this machine's addresses) made it exit at
+        once, and the log alone said so: the message names the port instead."""
+        code = self.popen.returncode if self.popen else "?"
+        try:
+            with open(self.layout.superlink_log, "rb") as log:
+                log.seek(self._log_offset)
+                output = log.read().decode(errors="replace")
+        except OSError:
+            output = ""
+        if "address already in use" in output.lower():
+            return (
+                f"port {self.options.port} is already in use on {self.options.host or '*'}: "
+                "flower-superlink could not listen on it (another SuperLink or program holds "
+                f"it); stop that program or pick another --port (see {self.layout.superlink_log})"
+            )
+        errors = [line.strip() for line in output.splitlines() if "ERROR" in line]
+        detail = f" ({errors[-1]})" if errors else ""
+        return (
+            f"flower-superlink exited with status {code} during start-up{detail}; see "
+            f"{self.layout.superlink_log}"
         )
 
     def stop(self, grace_s: float = 10.0) -> None:

@@ -1413,3 +1413,28 @@ def test_a_server_run_puts_the_previous_sigterm_handler_back(tmp_path: Path) -> 
         assert signal.getsignal(signal.SIGTERM) is caller
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_superlink_that_cannot_bind_its_port_is_reported_by_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port taken where the pre-start probe cannot see it (bound but not accepting, or on
+    another address) made flower-superlink exit at once, and start said only "exited with
+    status 1 during start-up; see superlink.log". It names the port now, and an earlier
+    start's lines in the same log are not taken for this one's."""
+    from server.superlink import SuperLinkOptions, SuperLinkProcess
+
+    layout = init_state_dir(tmp_path / "s")
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    message = {"text": "ERROR [uvicorn.error] [Errno 98] ... address already in use"}
+
+    def argv(self: SuperLinkProcess) -> list[str]:
+        return [sys.executable, "-c", f"print({message['text']!r}); raise SystemExit(1)"]
+
+    monkeypatch.setattr(SuperLinkProcess, "argv", argv)
+    process = SuperLinkProcess(layout, SuperLinkOptions(host="127.0.0.1", port=1))
+    with pytest.raises(SuperLinkError, match=r"port 1 is already in use on 127\.0\.0\.1.*--port"):
+        process.start()
+    message["text"] = "ERROR boom: the database is locked"
+    with pytest.raises(SuperLinkError, match=r"status 1 during start-up \(.*database is locked\)"):
+        process.start()
