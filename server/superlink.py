@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -822,8 +822,9 @@ class ServerRunner:
                 self.cli.save_log(self.run_id, self._run_log(self.run_id))
             return self._stop_status
         finally:
-            self.superlink.stop()
-            self.layout.running.unlink(missing_ok=True)
+            with signals_deferred():  # a second Ctrl-C must not leave the SuperLink running
+                self.superlink.stop()
+                self.layout.running.unlink(missing_ok=True)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
@@ -943,6 +944,22 @@ class ServerRunner:
                         "checkpoint)"
                     )
             time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM for the duration (in the main thread; elsewhere no signal
+    handler runs anyway): the stop of the SuperLink's processes, bounded by its grace
+    periods, runs to its end. A second Ctrl-C raised out of it and left them running."""
+    if not threading_main():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def threading_main() -> bool:

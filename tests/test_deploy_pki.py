@@ -1438,3 +1438,47 @@ def test_a_superlink_that_cannot_bind_its_port_is_reported_by_port(
     message["text"] = "ERROR boom: the database is locked"
     with pytest.raises(SuperLinkError, match=r"status 1 during start-up \(.*database is locked\)"):
         process.start()
+
+
+def test_a_second_signal_while_stopping_leaves_no_superlink_running(tmp_path: Path) -> None:
+    """A second Ctrl-C (or a SIGTERM) while `server start` stopped its SuperLink raised out
+    of the stop, and start ended with the SuperLink (or what it had started) still running.
+    The stop runs to its end now; the run's exit status is the first signal's."""
+    import signal
+    import threading
+
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    server = ServerRunner(layout, SuperLinkOptions(), {"num-rounds": 1}, echo=lambda _: None)
+    slow_to_stop = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(1.5)"
+    )
+
+    def start() -> None:
+        server.superlink.popen = subprocess.Popen(
+            [sys.executable, "-c", slow_to_stop], stdout=subprocess.PIPE, start_new_session=True
+        )
+        assert server.superlink.popen.stdout is not None
+        server.superlink.popen.stdout.readline()  # its SIGTERM handler is in place
+
+    def follow() -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the run")
+
+    server._start_superlink = start  # type: ignore[method-assign]
+    server._follow = follow  # type: ignore[method-assign]
+    second = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    second.start()  # while the stop waits for the SuperLink
+    try:
+        assert server._run() == 130
+    finally:
+        second.cancel()
+        proc = server.superlink.popen
+        alive = proc is not None and proc.poll() is None
+        if proc is not None and alive:
+            proc.kill()
+            proc.wait()
+    assert not alive
