@@ -583,14 +583,26 @@ class SuperLinkProcess:
         self.wait_ready()
 
     def _check_port_free(self) -> None:
+        """Refuse a port something already accepts connections on, and a ``--host`` this
+        machine cannot resolve (the SuperLink could not listen there: a DNS name only the
+        devices resolve ended ``server start`` with a raw ``socket.gaierror``)."""
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-            sock.settimeout(1.0)
-            if sock.connect_ex((host, self.options.port)) == 0:
-                raise SuperLinkError(
-                    f"port {self.options.port} is already in use on {host}; another SuperLink "
-                    "may be running - stop it or pick another --port"
-                )
+        try:
+            addresses = socket.getaddrinfo(host, self.options.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(
+                f"--host {host} does not resolve on this machine ({exc.strerror}), so the "
+                "SuperLink cannot listen on it; give one of this machine's addresses, or "
+                "0.0.0.0 to listen on all of them"
+            ) from None
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(1.0)
+                if sock.connect_ex(address) == 0:
+                    raise SuperLinkError(
+                        f"port {self.options.port} is already in use on {host}; another "
+                        "SuperLink may be running - stop it or pick another --port"
+                    )
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

@@ -1482,3 +1482,24 @@ def test_a_second_signal_while_stopping_leaves_no_superlink_running(tmp_path: Pa
             proc.kill()
             proc.wait()
     assert not alive
+
+
+def test_a_listen_host_this_machine_cannot_resolve_is_refused_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`server start --host NAME` with a certificate name only the devices resolve ended in
+    a raw socket.gaierror traceback from the port probe; it is a ConfigError that says so."""
+    import socket
+
+    from server.superlink import SuperLinkOptions, SuperLinkProcess
+
+    layout = init_state_dir(tmp_path / "s", ["fedrec.invalid"])
+
+    def unresolvable(*args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    process = SuperLinkProcess(layout, SuperLinkOptions(host="fedrec.invalid", port=19195))
+    with pytest.raises(ConfigError, match=r"--host fedrec\.invalid does not resolve.*0\.0\.0\.0"):
+        process.start()
+    assert process.popen is None  # nothing was started
