@@ -724,9 +724,10 @@ class AdaptedStudent:
 
     def _score(self, histories: Sequence[IntArray]) -> ScoreArray:
         """On one thread, as a device fits (``StudentTaskConfig.num_threads``): a fit is
-        hundreds of tiny operations, which a second thread slows down (ml-100k-sized
-        synthetic users: 29 ms a user on one thread, 45 ms on two, 200 ms on two beside
-        another busy process)."""
+        hundreds of tiny operations, which gain nothing from a second thread and lose much
+        when another process holds a core (the README's run on 2 CPUs, the 900 users' fits:
+        30.6 s on one thread against 29.2 s on two when idle; 29.1 s against 134.5 s beside
+        one busy process)."""
         out = np.zeros((len(histories), self.n_items), dtype=np.float32)
         for row, history in enumerate(histories):
             fit_personal(
