@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,7 +166,7 @@ def _variant_summary(name: str, summary: dict[str, Any]) -> dict[str, Any]:
         "epsilon_record_max": last.get("epsilon_record"),
         "epsilon_user": last.get("epsilon_user"),
         "rounds": len(rounds),
-        "seconds_per_round_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
+        "seconds_per_round_median": statistics.median(seconds) if seconds else None,
         "federation_seconds": summary["meta"]["federation seconds"],
         "client_updates_per_second": summary["meta"]["client updates per second"],
         "valid_sampled_hr@10_per_round": [r.get("valid_sampled_hr@10") for r in rounds],

@@ -168,6 +168,20 @@ def test_a_variant_reports_the_public_users_too(bench: ModuleType) -> None:
     assert row["public users"]["int8 onnx"]["full_hr@10"] == pytest.approx(0.6 / 4)
 
 
+def test_the_median_round_time_of_an_even_count_is_the_middle_pair_s_mean(
+    bench: ModuleType,
+) -> None:
+    """With an even number of timed rounds (round 1, the warm-up, left out) the benchmark
+    took the upper of the middle two."""
+    rounds = [{"round": r, "round_seconds": s} for r, s in enumerate([9.0, 1.0, 2.0, 4.0, 8.0], 1)]
+    summary = {
+        "final": {},
+        "rounds": rounds,
+        "meta": {"federation seconds": 1.0, "client updates per second": 2.0},
+    }
+    assert bench._variant_summary("no-dp", summary)["seconds_per_round_median"] == 3.0
+
+
 def test_the_throughput_ratio_compares_equal_work_only(
     load_bench: Callable[[str], ModuleType],
     monkeypatch: pytest.MonkeyPatch,
