@@ -147,10 +147,16 @@ def descendants(pid: int) -> set[ProcessKey]:
 
 def terminate_processes(processes: set[ProcessKey], grace_s: float) -> None:
     """SIGTERM each process still alive (same pid *and* start time), SIGKILL those left after
-    ``grace_s``: what outlived its group, e.g. orphans of a SuperLink that crashed."""
+    ``grace_s``: what outlived its group, e.g. orphans of a SuperLink that crashed. A zombie
+    (exited, not yet reaped: where no init reaps orphans) has nothing left to stop and is not
+    waited for."""
 
     def alive() -> list[int]:
-        return [pid for pid, start in processes if (s := _stat(pid)) is not None and s[1] == start]
+        return [
+            pid
+            for pid, start in processes
+            if (s := _stat(pid)) is not None and s[1] == start and pid_alive(pid)
+        ]
 
     for pid in alive():
         with contextlib.suppress(ProcessLookupError, PermissionError):

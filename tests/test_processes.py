@@ -81,6 +81,34 @@ def test_terminate_processes_spares_a_reused_pid(
     assert _wait_gone(child)
 
 
+def test_terminate_processes_sends_nothing_to_a_zombie(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zombie (exited, not yet reaped, as orphans are where no init reaps them) counted as
+    alive: it was sent SIGTERM, waited for the whole grace, then sent SIGKILL."""
+    import shared.processes as processes
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while pid_alive(proc.pid):  # exited, not reaped: a zombie
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        start = processes._stat(proc.pid)
+        assert start is not None  # still in /proc
+        sent: list[int] = []
+        real_kill = os.kill
+
+        def kill(pid: int, sig: int) -> None:
+            if sig:  # signal 0 is a probe
+                sent.append(sig)
+            real_kill(pid, sig)
+
+        monkeypatch.setattr(processes.os, "kill", kill)
+        terminate_processes({(proc.pid, start[1])}, grace_s=5.0)
+        assert sent == []
+    finally:
+        proc.wait()
+
+
 def test_stopping_a_crashed_superlink_stops_the_serverapp_it_left_behind(
     tmp_path: Path, parent: tuple[subprocess.Popen[bytes], int]
 ) -> None:
