@@ -456,7 +456,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
 
             from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
             from shared.federated.student_task import set_global_arrays
-            from shared.models.sequence import pad_histories
+            from shared.models.sequence import module_device, pad_histories
 
             history = self.local_sequence(0)
             if len(history) < 2:
@@ -470,7 +470,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 set_global_arrays(self.model, parameters, self._meta)
                 self.model.eval()
                 items, mask = pad_histories([context], self.model.config.max_len)
-                device = next(self.model.parameters()).device
+                device = module_device(self.model)
                 with torch.no_grad():
                     scores = self.model(items.to(device), mask.to(device))[0].cpu()
             loss = float(F.cross_entropy(scores[None], torch.tensor([target])))

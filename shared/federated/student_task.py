@@ -61,7 +61,7 @@ from shared.federated.task import (
 )
 from shared.federated.validation import validate_update
 from shared.io import exclusive_lock
-from shared.models.sequence import pad_histories
+from shared.models.sequence import module_device, pad_histories
 from shared.models.student import StudentModel
 from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
 
@@ -139,7 +139,7 @@ def set_global_arrays(model: StudentModel, arrays: Arrays, meta: bool = False) -
     :func:`~shared.federated.local_training.fit_personal`)."""
     check_array_count(model, arrays, meta)
     names = global_names(model)
-    device = next(model.parameters()).device
+    device = module_device(model)
     model.load_global_state_dict(
         {
             n: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
@@ -158,7 +158,7 @@ def set_adapter_arrays(model: StudentModel, arrays: Arrays) -> None:
     if len(arrays) != len(names):
         raise DataError(f"expected {len(names)} adapter arrays, got {len(arrays)}")
     personal = model.named_parameter_groups()["personal"]
-    device = next(model.parameters()).device
+    device = module_device(model)
     with torch.no_grad():
         for n, a in zip(names, arrays, strict=True):
             value = torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
