@@ -399,12 +399,12 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
 
     resolved = _resolve_device(device)
     path = str(model_dir)
-    _check_pooling(model_dir)
     pool_key = (model_key, path, str(resolved))
     with _MODEL_POOL_LOCK:
         cached = _MODEL_POOL.get(pool_key)
         if cached is not None:
             return cached
+        _check_pooling(model_dir)  # once per load: a pooled model passed it
         try:
             with _transformers_progress(show_progress):
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
