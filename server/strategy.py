@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -221,11 +221,23 @@ def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
     """The ``weight``-weighted mean of finite ``(weight, value)`` pairs, ``None`` without
     weight. The weights are normalised first, so the mean of finite values stays finite: a
     client's metric of 1e308 times its example count overflowed to inf, which no JSON
-    progress line holds (the round hook failed, and the run with it)."""
-    total = math.fsum(w for w, _ in pairs)
+    progress line holds (the round hook failed, and the run with it). They are brought near
+    1 first (:func:`_unit_scale`): the sum of two finite counts near the float range
+    overflowed, and ``math.fsum`` raised ``OverflowError`` out of the aggregation."""
+    exponent = _unit_scale(w for w, _ in pairs)
+    scaled = [(math.ldexp(w, exponent), v) for w, v in pairs]
+    total = math.fsum(w for w, _ in scaled)
     if not total > 0:
         return None
-    return math.fsum((w / total) * v for w, v in pairs)
+    return math.fsum((w / total) * v for w, v in scaled)
+
+
+def _unit_scale(weights: Iterable[float]) -> int:
+    """The power of two that brings the largest of ``weights`` into [0.5, 1) (0 without a
+    positive one). Scaling by a power of two is exact, so a weighted mean of scaled weights
+    is the same, bit for bit, as of the weights themselves, only without overflowing."""
+    largest = max(weights, default=0.0)
+    return -math.frexp(largest)[1] if largest > 0 else 0
 
 
 def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:

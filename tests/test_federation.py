@@ -32,6 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     Code,
     EvaluateIns,
+    EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
@@ -818,6 +819,33 @@ def test_strategy_keeps_model_when_everything_is_rejected_and_clips_in_plain_mod
     params, _ = strategy.aggregate_fit(2, big, [])
     assert params is not None
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [0.6, 0.8], rtol=1e-6)
+
+
+def _evalres(loss: Any, n: Any, metrics: Mapping[str, Any] | None = None) -> EvaluateRes:
+    return EvaluateRes(
+        status=Status(Code.OK, "Success"), loss=loss, num_examples=n, metrics=dict(metrics or {})
+    )
+
+
+def test_means_of_clients_reporting_huge_example_counts_do_not_crash_the_round() -> None:
+    """Two finite counts near the float range: their sum overflowed in math.fsum, and the
+    OverflowError of aggregate_evaluate (or of aggregate_fit's metric means) ended the run."""
+    strategy = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)])
+    loss, metrics = strategy.aggregate_evaluate(
+        1,
+        [
+            (_proxy(1), _evalres(1.0, 1e308, {"hr": 0.25})),
+            (_proxy(2), _evalres(3.0, 1e308, {"hr": 0.75})),
+        ],
+        [],
+    )
+    assert loss == pytest.approx(2.0) and metrics["hr"] == pytest.approx(0.5)
+    update = [np.full(2, 0.5, np.float32)]
+    huge: Any = 1e308
+    _, fit_metrics = strategy.aggregate_fit(
+        1, [(_proxy(1), _fitres(update, huge)), (_proxy(2), _fitres(update, huge))], []
+    )
+    assert fit_metrics["client-train-loss"] == pytest.approx(1e308)
 
 
 def test_strategy_rejects_unusable_initial_parameters() -> None:
