@@ -792,16 +792,23 @@ class ValidatingFedAvg(FedAvg):
         total = sum(n for n, _, _ in accepted)
         sampled = self._sampled.get(server_round, len(results) + len(failures))
         if accepted:
+            # the counts brought near 1 by a power of two (exact: the mean is the same, bit
+            # for bit): a finite but huge num_examples times an update, or the counts' sum,
+            # overflowed float64 and made the round's mean 0 or NaN
+            exponent = _unit_scale(float(n) for n, _, _ in accepted)
+            weights = [
+                1.0 if self.user_dp is not None else math.ldexp(n, exponent) for n, _, _ in accepted
+            ]
             sums = [np.zeros(ref.shape, dtype=np.float64) for ref in self._reference]
-            for n, update, _ in accepted:
-                weight = 1 if self.user_dp is not None else n
+            for weight, (_, update, _) in zip(weights, accepted, strict=True):
                 for acc, arr in zip(sums, update, strict=True):
                     acc += weight * arr.astype(np.float64)
             if self.user_dp is not None:
                 cohort = self._denominator.get(server_round, max(sampled, len(accepted)))
                 new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
             else:
-                new, norm = self._apply([s / total for s in sums])
+                weight_total = math.fsum(weights)
+                new, norm = self._apply([s / weight_total for s in sums])
         else:
             new, norm = self._noise_only(server_round)
         failed, reasons = _failure_summary(sampled, len(results), failures)

@@ -848,6 +848,30 @@ def test_means_of_clients_reporting_huge_example_counts_do_not_crash_the_round()
     assert fit_metrics["client-train-loss"] == pytest.approx(1e308)
 
 
+def test_the_fedavg_mean_holds_for_huge_example_counts() -> None:
+    """Weights are finite and > 0, so the round is a weighted mean of finite updates. Their
+    product with the update (or their sum) overflowed float64: two counts of 1e308 turned a
+    mean update of 1.0 into 0 (the sum divided by an infinite total), and a count of 1e300
+    made a finite mean look like a step off the float range, refusing the round."""
+    strategy = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)])
+    huge: Any = 1e308
+    results = [
+        (_proxy(1), _fitres([np.full(2, 0.5, np.float32)], huge)),
+        (_proxy(2), _fitres([np.full(2, 1.5, np.float32)], huge)),
+    ]
+    params, _ = strategy.aggregate_fit(1, results, [])
+    assert params is not None
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 1.0)
+    large: Any = 1e300
+    results = [
+        (_proxy(1), _fitres([np.full(2, 1e10, np.float32)], large)),
+        (_proxy(2), _fitres([np.full(2, -1e10, np.float32)], 1)),
+    ]
+    params, _ = strategy.aggregate_fit(2, results, [])
+    assert params is not None and strategy.fit_stats[2].ok == 2
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 1.0 + 1e10, rtol=1e-6)
+
+
 def test_strategy_rejects_unusable_initial_parameters() -> None:
     with pytest.raises(InvalidUpdateError, match="initial parameters array 0 has dtype int64"):
         ValidatingFedAvg(initial_parameters=[np.zeros(2, np.int64)])
