@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -254,14 +254,15 @@ def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[s
     return {k: m for k, m in means.items() if m is not None}
 
 
+def _finite_number(value: object) -> TypeGuard[int | float]:
+    """``value`` is a finite int or float (not NaN, inf, a bool, or the list of numbers a
+    client may put in a MetricRecord where a number belongs)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_weight(value: object) -> bool:
-    """A client's reported weight is usable: a finite number > 0 (not NaN, inf or a bool)."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    """A client's reported weight is usable: a finite number > 0 (:func:`_finite_number`)."""
+    return _finite_number(value) and value > 0
 
 
 def _status_of(res: FitRes | EvaluateRes) -> str:
@@ -888,7 +889,10 @@ class ValidatingFedAvg(FedAvg):
                 new, norm = self._apply(aggregate)
         else:
             new, norm = self._noise_only(server_round)
-        total = sum(r.num_examples for _, r in contributors)
+        # clients withhold their counts and metrics here (0, {}): only usable ones count, as
+        # one client's list or NaN in place of its count would make them fail or NaN
+        weighed = [r for _, r in contributors if _positive_weight(r.num_examples)]
+        total = sum(r.num_examples for r in weighed)
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = FitRoundStats(
             server_round=server_round,
@@ -903,7 +907,7 @@ class ValidatingFedAvg(FedAvg):
             rejections=tuple(rejections),
             failures=reasons,
             client_metrics=_weighted_means(
-                [(r.num_examples, _public_metrics(r.metrics)) for _, r in contributors]
+                [(r.num_examples, _public_metrics(r.metrics)) for r in weighed]
             ),
             update_norm=norm,
         )
@@ -921,7 +925,7 @@ class ValidatingFedAvg(FedAvg):
         good = [
             (p, r)
             for p, r in answered
-            if _positive_weight(r.num_examples) and math.isfinite(float(r.loss))
+            if _positive_weight(r.num_examples) and _finite_number(r.loss)
         ]
         bad = len(answered) - len(good)
         total = sum(r.num_examples for _, r in good)

@@ -872,6 +872,27 @@ def test_the_fedavg_mean_holds_for_huge_example_counts() -> None:
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 1.0 + 1e10, rtol=1e-6)
 
 
+def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
+    """A MetricRecord value may be a list: a client (buggy or hostile) sending its loss, or
+    under SecAgg+ its num_examples, as one made float() / sum() raise TypeError in the
+    strategy, ending the run. The evaluation counts it as failed; the secure round goes on."""
+    strategy = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)])
+    listed: Any = [1.0]
+    loss, metrics = strategy.aggregate_evaluate(
+        1, [(_proxy(1), _evalres(listed, 3)), (_proxy(2), _evalres(2.0, 3))], []
+    )
+    assert loss == pytest.approx(2.0)
+    assert (metrics["clients-ok"], metrics["clients-failed"]) == (1, 1)
+    secure = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)], secure_aggregation=True)
+    mean = [np.full(2, 0.5, np.float32)]
+    odd = FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters(mean), listed, {})
+    params, fit_metrics = secure.aggregate_fit(
+        1, [(_proxy(1), odd), (_proxy(2), _fitres(mean, 0))], []
+    )
+    assert params is not None and fit_metrics["clients-ok"] == 2
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 0.5)
+
+
 def test_strategy_rejects_unusable_initial_parameters() -> None:
     with pytest.raises(InvalidUpdateError, match="initial parameters array 0 has dtype int64"):
         ValidatingFedAvg(initial_parameters=[np.zeros(2, np.int64)])
