@@ -259,10 +259,13 @@ class RunDirectory:
         return self._earlier
 
     def records(self, event: str | None = None) -> Iterator[dict[str, Any]]:
-        """Read back the logged records (a torn last line from a crash is skipped)."""
+        """Read back the logged records (a torn last line from a crash is skipped). Bytes
+        that are not UTF-8 spoil only the lines they are in, which are skipped alike: a
+        strict decode of the whole file failed the resumed run on them."""
         if not self.metrics_path.exists():
             return
-        for line in self.metrics_path.read_text().splitlines():
+        text = self.metrics_path.read_bytes().decode("utf-8", errors="replace")
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

@@ -36,6 +36,19 @@ def test_run_directory_logs_jsonl_and_skips_a_torn_line(tmp_path: Path) -> None:
     assert any(run.tensorboard.iterdir())
 
 
+def test_a_line_of_bytes_that_are_not_utf8_spoils_only_itself(tmp_path: Path) -> None:
+    """What a crash leaves in a file's last block need not be UTF-8: reading the whole file
+    strictly raised UnicodeDecodeError, and the resumed run (which reads its rounds back)
+    failed; the progress file of the server is read the same forgiving way."""
+    run = RunDirectory(tmp_path / "run")
+    run.log("round", 1, loss=0.5)
+    with run.metrics_path.open("ab") as fh:
+        fh.write(b'{"event": "round", "step": 2, "lo\xff\xfe')
+    run.log("round", 3, loss=0.3)
+    run.close()
+    assert [r["step"] for r in run.records("round")] == [1, 3]
+
+
 def _tensorboard_scalars(run: RunDirectory) -> dict[str, list[tuple[int, float]]]:
     """Each tag's (step, value) points as TensorBoard's loader shows them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
