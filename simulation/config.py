@@ -279,11 +279,13 @@ class SimulationConfig:
                 f"ray-address must be HOST:PORT (e.g. 127.0.0.1:6379), ray://HOST:PORT or auto, "
                 f"got {self.ray_address!r}"
             )
-        # the form only: whether that GPU exists is checked where the clients train
+        # under Ray the form only: whether that GPU exists is checked where the clients train
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.backend == "ray":
             self._check_device_under_ray()
+        else:
+            self._check_device_in_process()
         self._check_apps_accept()
 
     def _check_no_ray_settings(self) -> None:
@@ -318,6 +320,14 @@ class SimulationConfig:
                 f"device={self.device}: under Ray each client sees only the GPU Ray gave it, "
                 "as cuda:0; use device=cuda (Ray spreads the clients over the GPUs)"
             )
+
+    def _check_device_in_process(self) -> None:
+        """Refuse a GPU this machine lacks under ``backend=inprocess``: the clients train in
+        this process, so each would refuse it in every round (after pretraining), and the run
+        would end "successfully" with the pretrained model reported as the federated one."""
+        from shared.federated.student_task import resolve_device  # torch, as the clients'
+
+        resolve_device(self.device)
 
     def server_run_config(self, n_clients: int) -> dict[str, RunConfigValue]:
         """The ServerApp's and ClientApp's run config over ``n_clients`` virtual clients,

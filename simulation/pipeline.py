@@ -291,7 +291,7 @@ def trained_with(model: Path) -> SimulationConfig | None:
     """The settings of the simulation run that published ``model`` (a run's
     ``models/model-vN.int8.onnx``, its ``config.json`` two folders up), or ``None`` for a
     model published elsewhere (a server's). Read for its data and split: the runtime keys are
-    set to ones valid on any machine (the run's Ray resources or LM folder may not be)."""
+    set to ones valid on any machine (the run's Ray resources, GPU or LM folder may not be)."""
     model = Path(model).resolve()
     if model.parent.name != "models":
         return None
@@ -313,7 +313,7 @@ def stored_config(root: Path, fix: str = NEW_RUN_FIX) -> SimulationConfig | None
         return None
     known = field_names(SimulationConfig)
     values = {k: v for k, v in section.items() if k in known and k not in RAY_ONLY}
-    values.update({"backend": "inprocess", "text-model": "", "progress": False})
+    values.update({"backend": "inprocess", "device": "auto", "text-model": "", "progress": False})
     return from_flat(SimulationConfig, values)
 
 

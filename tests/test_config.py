@@ -129,13 +129,48 @@ def test_to_flat_round_trips():
     assert from_flat(BaselineConfig, to_flat(cfg)) == cfg
 
 
-def test_simulation_refuses_a_malformed_device_before_any_work():
+def test_simulation_refuses_a_malformed_device_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
     from simulation.config import SimulationConfig
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two GPUs, as on a GPU host
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for ok in ("auto", "cpu", "cuda", "cuda:1"):
         assert SimulationConfig(device=ok, backend="inprocess").device == ok
     with pytest.raises(ConfigError, match="auto, cpu, cuda or cuda:N"):
         from_flat(SimulationConfig, {"device": "tpu"})
+
+
+def test_inprocess_refuses_a_gpu_this_machine_does_not_have(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """backend=inprocess trains the clients in this process: a device it lacks failed every
+    client of every round after pretraining, and the run still ended with exit status 0, its
+    report labelling the pretrained model "federated". It is refused before any work, and a
+    run recorded with a GPU is still read back on a machine without one."""
+    import torch
+
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import trained_with
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="torch sees no GPU"):
+            SimulationConfig(device=device, backend="inprocess")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"only 1 GPU\(s\) are visible"):
+        SimulationConfig(device="cuda:1", backend="inprocess")
+    gpu_run = to_flat(SimulationConfig(device="cuda:0", backend="inprocess"))
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"simulation": gpu_run}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = trained_with(run / "models" / "model-v3.int8.onnx")
+    assert config is not None and config.device == "auto"
 
 
 def test_inprocess_refuses_the_settings_only_ray_reads(tmp_path: Path) -> None:
