@@ -683,14 +683,15 @@ def run_rounds(
 def _wait_for_cohort(
     client_manager: ClientManager, strategy: ValidatingFedAvg, server_round: int
 ) -> None:
-    """Hold the round until ``min-available-clients`` are connected.
+    """Hold the round until the clients it needs are connected (``min-available-clients``,
+    and at least the fewest a SecAgg+ round completes with: :meth:`clients_needed`).
 
     A round that started with fewer sampled nobody, yet was checkpointed, published and
     counted: a server started before its devices (or left with too few, e.g. after a
     revocation) used up all its rounds training nothing. Waiting keeps the round for when
     the devices are there; a warning every ``availability-timeout`` says what it waits for.
     """
-    minimum = strategy.min_available_clients
+    minimum = strategy.clients_needed()
     started = time.monotonic()
     poll_s = 0.05
     while True:
@@ -702,8 +703,9 @@ def _wait_for_cohort(
         poll_s = 1.0  # a long wait: each poll asks the SuperLink for its nodes
         log(
             WARNING,
-            "round %s waits for clients: %s of the %s it needs (min-available-clients) are "
-            "connected after %.0f s; it starts once they are",
+            "round %s waits for clients: %s of the %s it needs (min-available-clients, and "
+            "the fewest a SecAgg+ round completes with) are connected after %.0f s; it "
+            "starts once they are",
             server_round,
             available,
             minimum,

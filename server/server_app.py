@@ -57,7 +57,13 @@ from server.checkpoint import ArtifactPublisher, Checkpoint, CheckpointStore
 from server.grid import ResponsiveGrid
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
-from server.strategy import RoundCallback, RoundReport, StopTraining, ValidatingFedAvg
+from server.strategy import (
+    RoundCallback,
+    RoundReport,
+    StopTraining,
+    ValidatingFedAvg,
+    secure_least_cohort,
+)
 from shared.config import check_rounds, coerce
 from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import check_noise_shares, noise_shares_clip_problem
@@ -283,6 +289,18 @@ class ServerConfig:
     def effective_clip_norm(self) -> float:
         """The update L2 bound sent to clients: ``user-dp-clip`` under user-dp."""
         return self.user_dp_clip if self.user_dp else self.update_clip_norm
+
+    @property
+    def clients_needed(self) -> int:
+        """The connected clients a round waits for (as the strategy's
+        :meth:`~server.strategy.ValidatingFedAvg.clients_needed`): ``min-available-clients``,
+        and under SecAgg+ at least the fewest a secure round completes with."""
+        if not self.secagg:
+            return self.min_available_clients
+        least = secure_least_cohort(
+            self.min_cohort, self.noise_shares, self._secagg_settings().least_cohort
+        )
+        return max(self.min_available_clients, least)
 
     @property
     def secagg_settings(self) -> SecAggSettings | None:

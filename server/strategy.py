@@ -280,6 +280,14 @@ def _public_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
     return {k: v for k, v in metrics.items() if k not in (METRIC_STATUS, METRIC_REASON)}
 
 
+def secure_least_cohort(min_cohort: int, noise_shares: int, secagg_least: int) -> int:
+    """The fewest sampled clients a SecAgg+ round completes with: ``min-cohort``, 2 (a sum
+    of one is that client's update), ``secagg_least`` (the shares' reconstruction threshold:
+    Flower halts a round with fewer) and ``noise-shares`` (a sum of fewer is never unmasked,
+    see :meth:`ValidatingFedAvg.short_secure_aggregate`)."""
+    return max(2, min_cohort, noise_shares, secagg_least)
+
+
 def wait_for_clients(
     client_manager: ClientManager, minimum: int, timeout: float, poll_s: float = 0.05
 ) -> int:
@@ -489,7 +497,8 @@ class ValidatingFedAvg(FedAvg):
         if self.cohort_size > 0:
             wanted = self.cohort_size
         else:
-            wanted = max(int(num_available_clients * self.fraction_fit), self.min_fit_clients)
+            # under SecAgg+ never fewer than a secure round completes with
+            wanted = max(int(num_available_clients * self.fraction_fit), self.least_cohort())
             most = self.secagg_max_cohort if self.secure_aggregation else None
             if most is not None and wanted > most:
                 # a fraction grows with the clients connected: capped, not a crash in
@@ -519,12 +528,18 @@ class ValidatingFedAvg(FedAvg):
 
     def least_cohort(self) -> int:
         """The fewest sampled clients a round trains with: ``min-cohort``, and under
-        SecAgg+ ``secagg_least`` (its reconstruction threshold: Flower halts a round with
-        fewer) and ``noise-shares`` (a sum of fewer is never unmasked, see
-        :meth:`short_secure_aggregate`)."""
+        SecAgg+ :func:`secure_least_cohort`."""
         if self.secure_aggregation:
-            return max(2, self.min_fit_clients, self.noise_shares, self.secagg_least)
+            return secure_least_cohort(self.min_fit_clients, self.noise_shares, self.secagg_least)
         return max(1, self.min_fit_clients)
+
+    def clients_needed(self) -> int:
+        """The connected clients a round waits for: ``min-available-clients``, and under
+        SecAgg+ at least :meth:`least_cohort` (with fewer every round would halt before
+        unmasking, yet count)."""
+        if self.secure_aggregation:
+            return max(self.min_available_clients, self.least_cohort())
+        return self.min_available_clients
 
     def _cohort_bounds(self) -> tuple[int, int | None]:
         """The fewest (:meth:`least_cohort`) and most (SecAgg+'s modulus, else no bound)

@@ -841,15 +841,24 @@ class ServerRunner:
                 signal.signal(signal.SIGTERM, previous)
 
     def _warn_if_too_few_devices(self) -> None:
-        """Each round waits for ``min-available-clients`` devices: say so when fewer are
-        registered than that, or the run looks hung."""
-        needed = self.run_config.get("min-available-clients")
+        """Each round waits for ``min-available-clients`` devices (under SecAgg+ at least the
+        fewest a secure round completes with): say so when fewer are registered than that,
+        or the run looks hung."""
+        from server.server_app import ServerConfig
+
+        config = ServerConfig.from_run_config(self.run_config)
+        needed = config.clients_needed
         registered = len(ClientRegistry.load(self.layout.registry).active())
-        if isinstance(needed, int) and registered < needed:
+        if registered < needed:
+            why = (
+                f"--min-clients {config.min_available_clients}"
+                if needed == config.min_available_clients
+                else "the fewest a SecAgg+ round completes with at these --secagg-num-shares / "
+                "--secagg-reconstruction-threshold, --min-cohort and --noise-shares"
+            )
             self.echo(
-                f"warning: each round waits for {needed} devices (--min-clients) and "
-                f"{registered} are registered: register more (`fedrec server "
-                "register-client`) or lower --min-clients"
+                f"warning: each round waits for {needed} devices ({why}) and {registered} "
+                "are registered: register more (`fedrec server register-client`) or lower it"
             )
 
     def _start_superlink(self) -> None:

@@ -1361,6 +1361,11 @@ def test_start_warns_when_fewer_devices_are_registered_than_a_round_waits_for(
     runner = ServerRunner(layout, SuperLinkOptions(), config, echo=lines.append)
     runner._warn_if_too_few_devices()
     assert "waits for 2 devices" in lines[-1] and "0 are registered" in lines[-1]
+    # SecAgg+'s default 5 shares / threshold 3: a round waits for 3, whatever --min-clients
+    config = {"min-available-clients": 2, "secagg": True}
+    runner = ServerRunner(layout, SuperLinkOptions(), config, echo=lines.append)
+    runner._warn_if_too_few_devices()
+    assert "waits for 3 devices (the fewest a SecAgg+ round completes with" in lines[-1]
 
 
 def test_a_server_run_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(tmp_path: Path) -> None:
