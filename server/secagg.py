@@ -231,10 +231,31 @@ class SecAggSettings:
         holds has enough. (With a fractional ``num_shares`` and an integer threshold some
         larger cohorts may fall short too: their share count shrinks to a fraction.)"""
         for cohort in range(2, self.max_cohort + 1):
-            neighbours, threshold = self.neighbours_and_threshold(cohort)
-            if neighbours >= threshold:
+            if self.completes(cohort):
                 return cohort
         return self.max_cohort + 1
+
+    def completes(self, cohort: int) -> bool:
+        """Whether SecAgg+ can complete a round of ``cohort`` sampled clients when none
+        drops out: at least 2 clients, no more than :attr:`max_cohort`, and each with at
+        least the reconstruction threshold of neighbours (:meth:`neighbours_and_threshold`)."""
+        if not 2 <= cohort <= self.max_cohort:
+            return False
+        neighbours, threshold = self.neighbours_and_threshold(cohort)
+        return neighbours >= threshold
+
+    @property
+    def halting_cohorts(self) -> tuple[int, ...]:
+        """The cohort sizes above :attr:`least_cohort` (and within :attr:`max_cohort`) that
+        SecAgg+ still halts. Only a fractional ``num_shares`` with an integer threshold has
+        any: the share count ``round(num_shares * cohort)`` falls below the threshold again
+        (0.1 shares at threshold 4: 15 to 34 clients have 3 neighbours each). Past
+        ``(threshold + 1) / num_shares`` clients the shares reach the threshold for good."""
+        t = self.reconstruction_threshold
+        if not isinstance(self.num_shares, float) or not isinstance(t, int):
+            return ()
+        last = min(self.max_cohort, math.ceil((t + 1) / self.num_shares))
+        return tuple(c for c in range(self.least_cohort, last + 1) if not self.completes(c))
 
     def neighbours_and_threshold(self, cohort: int) -> tuple[int, int]:
         """Each client's neighbours (itself included) and the reconstruction threshold in a

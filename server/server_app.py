@@ -367,6 +367,7 @@ def build_strategy(
         secure_aggregation=settings is not None,
         secagg_max_cohort=settings.max_cohort if settings is not None else None,
         secagg_least=settings.least_cohort if settings is not None else 2,
+        secagg_halting=settings.halting_cohorts if settings is not None else (),
         seed=config.seed,
         availability_timeout=config.availability_timeout,
         user_dp=user_dp if config.user_dp else None,

@@ -332,6 +332,10 @@ class ValidatingFedAvg(FedAvg):
     secagg_least:
         Fewest clients SecAgg+ completes a round with (an integer reconstruction
         threshold; 2 otherwise).
+    secagg_halting:
+        Larger cohort sizes SecAgg+ still halts
+        (:attr:`server.secagg.SecAggSettings.halting_cohorts`); under user-level DP a
+        Poisson cohort of such a size is skipped like one below ``secagg_least``.
     user_dp:
         User-level DP (DP-FedAvg): Poisson cohorts, uniform client weights,
         ``sum / expected cohort`` plus Gaussian noise, one accountant step per round.
@@ -362,6 +366,7 @@ class ValidatingFedAvg(FedAvg):
         secure_aggregation: bool = False,
         secagg_max_cohort: int | None = None,
         secagg_least: int = 2,
+        secagg_halting: Sequence[int] = (),
         seed: int = 0,
         availability_timeout: float = 120.0,
         extra_fit_config: Mapping[str, Scalar] | None = None,
@@ -394,6 +399,7 @@ class ValidatingFedAvg(FedAvg):
         self.secure_aggregation = secure_aggregation
         self.secagg_max_cohort = secagg_max_cohort
         self.secagg_least = secagg_least
+        self.secagg_halting = frozenset(secagg_halting)
         self.seed = seed
         self.availability_timeout = availability_timeout
         self.extra_fit_config = dict(extra_fit_config or {})
@@ -546,14 +552,21 @@ class ValidatingFedAvg(FedAvg):
         sampled clients a round trains with."""
         return self.least_cohort(), self.secagg_max_cohort if self.secure_aggregation else None
 
+    def _halting(self) -> frozenset[int]:
+        """The cohort sizes between :meth:`_cohort_bounds` that SecAgg+ halts (none in
+        plain mode)."""
+        return self.secagg_halting if self.secure_aggregation else frozenset()
+
     def user_dp_round(self, user_dp: UserLevelDP, connected: int) -> tuple[int, float]:
         """Under user-level DP, a round's expected cohort ``m`` (its rate is ``m /
         population``, whoever is connected) and the chance that its Poisson cohort from the
         clients ``connected`` is skipped for falling outside :meth:`_cohort_bounds`
-        (:meth:`server.user_dp.UserDPSettings.round_risk`)."""
+        (:meth:`server.user_dp.UserDPSettings.round_risk`) or for a size SecAgg+ halts
+        (:meth:`_halting`)."""
         size = self.num_fit_clients(user_dp.settings.population)[0]
         least, most = self._cohort_bounds()
-        return size, user_dp.settings.round_risk(size, connected, least, most)
+        risk = user_dp.settings.round_risk(size, connected, least, most, self._halting())
+        return size, risk
 
     def _connected(
         self, client_manager: ClientManager, size_fn: Callable[[int], tuple[int, int]], salt: str
@@ -605,12 +618,14 @@ class ValidatingFedAvg(FedAvg):
         self._denominator[server_round] = size
         log(INFO, "round %s: user-level epsilon %.4g after this round", server_round, eps)
         least, most = self._cohort_bounds()
-        if least <= len(chosen) and (most is None or len(chosen) <= most):
+        halts = len(chosen) in self._halting()
+        if least <= len(chosen) and (most is None or len(chosen) <= most) and not halts:
             return [clients[cid] for cid in chosen]
         reason = (
             f"Poisson cohort of {len(chosen)} clients (at least {least}"
-            f"{'' if most is None else f', at most {most}'}): round skipped, charged, and "
-            "its chance counted in the guarantee"
+            f"{'' if most is None else f', at most {most}'}"
+            f"{', a size SecAgg+ halts: too few neighbours for its threshold' if halts else ''}"
+            "): round skipped, charged, and its chance counted in the guarantee"
         )
         log(WARNING, "round %s: %s", server_round, reason)
         # recorded here, so the round is reported as skipped rather than as aborted

@@ -28,9 +28,9 @@ calibration. The cost is a bias (dropouts shrink the applied update), which FedA
 tolerates.
 
 A round whose Poisson cohort is too small to aggregate (fewer than the strategy's
-least cohort, e.g. SecAgg+'s reconstruction threshold) or too large (SecAgg+'s modulus)
-is skipped. That
-departs from the mechanism above, with a probability ``p`` (a binomial tail,
+least cohort, e.g. SecAgg+'s reconstruction threshold), too large (SecAgg+'s modulus) or
+of a size SecAgg+ halts (a fractional share count below an integer threshold) is skipped.
+That departs from the mechanism above, with a probability ``p`` (binomial,
 :meth:`UserDPSettings.round_risk`) that does not depend on the data. The accountant
 charges it as in the "bad event" argument: the released rounds are then
 ``(epsilon, delta_rdp + (1 + e^epsilon) * sum p)``-DP, and the reported epsilon is the
@@ -79,7 +79,7 @@ import math
 import random
 import secrets
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,18 +172,27 @@ class UserDPSettings:
         return cohort / self.population
 
     def round_risk(
-        self, cohort: int, connected: int | None = None, least: int = 0, most: int | None = None
+        self,
+        cohort: int,
+        connected: int | None = None,
+        least: int = 0,
+        most: int | None = None,
+        halting: Collection[int] = (),
     ) -> float:
         """The chance that a round's Poisson cohort (rate for ``cohort``, from the clients
         ``connected``, default the population) is skipped: fewer than ``least`` or more
-        than ``most`` clients (see the module doc). Bounded for both neighbours of a
-        dataset: without the user (``connected - 1`` others) for the lower tail, with one
-        more (``connected + 1``) for the upper."""
+        than ``most`` clients, or a size in ``halting`` (one SecAgg+ halts), with or without
+        the user (see the module doc). Bounded for both neighbours of a dataset: without the
+        user (``connected - 1`` others) for the lower tail, with one more (``connected +
+        1``) for the upper; for ``halting`` the others, ``connected - 1`` or ``connected``
+        of them, number a halting size or one less."""
         n = self.population if connected is None else connected
         q = self.sample_rate(cohort)
         low = float(binom.cdf(least - 1, max(n - 1, 0), q)) if least > 0 else 0.0
         high = float(binom.sf(most, n + 1, q)) if most is not None else 0.0
-        return min(1.0, low + high)
+        near = sorted({size for h in halting for size in (h - 1, h)})
+        gaps = max(float(np.sum(binom.pmf(near, others, q))) for others in (max(n - 1, 0), n))
+        return min(1.0, low + high + gaps)
 
 
 class _MemoizedLedger(PrivacyLedger):
@@ -294,11 +303,12 @@ class UserLevelDP:
             return (
                 f"cohorts of {cohort} of {self.settings.population} are too small for "
                 "user-level DP: rounds skipped for too few (or too many) sampled clients, "
+                "or for a number SecAgg+ halts, "
                 f"with chance {self.round_risk + risk:.3g} in all, times 1 + e^epsilon "
                 f"(epsilon {upper:.4g}), would take more than half of delta {delta:.3g}. "
                 "Sample more clients a round (cohort-size, with more clients connected), or "
                 "let fewer do (min-cohort 1 without SecAgg+, a smaller "
-                "secagg-reconstruction-threshold)"
+                "secagg-reconstruction-threshold, a larger secagg-num-shares)"
             )
         budget = self.settings.epsilon_budget
         if budget is not None and after > budget:
