@@ -59,6 +59,17 @@ would cost about 1-3.5% more epsilon, measured at cohorts of 300 and 50) and, in
 mode, un-noised per-round client metrics. State loaded from a version-1 checkpoint was
 charged for fixed-size cohorts, which this bound does not strictly cover.
 
+Not charged (README, what the guarantees take for granted), all under SecAgg+: a sampled
+cohort whose declines, failures or dropouts leave a sum of fewer than ``max(2,
+min-cohort)`` updates, which is never unmasked, and a round SecAgg+ halts because clients
+dropped out mid-round (some client left with fewer surviving neighbours than the
+reconstruction threshold). Both release the noise alone where, with one user's client more
+(or less), the sum of several updates could have gone out: a sensitivity of up to that many
+``C``, not one. Charging it outright would mean noise multiplier ``z / k`` for a boundary
+of ``k`` clients (at ``z`` 1.4, ``q`` 300/679, 20 rounds: epsilon 21.9 at ``k`` = 2
+instead of 6.56); bounding its chance needs a model of the dropouts, which the server has
+not. Sizes that halt a round with no dropout at all are skipped and charged (above).
+
 Trust model: the server is trusted to sample and to add the noise (central DP). In plain
 mode it re-clips every update to ``C``, so even a client that skips clipping cannot
 exceed the sensitivity; under SecAgg+ it only sees the sum and relies on the clients'
