@@ -257,6 +257,15 @@ class ServerConfig:
                     f"clients SecAgg+ needs to unmask a sum with these secagg-num-shares / "
                     f"secagg-reconstruction-threshold; raise cohort-size or lower the threshold"
                 )
+            if self.cohort_size in settings.halting_cohorts:
+                neighbours, threshold = settings.neighbours_and_threshold(self.cohort_size)
+                raise ConfigError(
+                    f"'cohort-size' {self.cohort_size} gives each client {neighbours} SecAgg+ "
+                    f"neighbours (secagg-num-shares {self.secagg_num_shares}), fewer than "
+                    f"secagg-reconstruction-threshold {threshold}: every round would halt "
+                    "before unmasking; raise secagg-num-shares or cohort-size, or lower the "
+                    "threshold"
+                )
             for key, value in (
                 ("min-cohort", self.min_cohort),
                 ("noise-shares", self.noise_shares),

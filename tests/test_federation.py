@@ -388,6 +388,17 @@ def test_server_config_defaults_and_kebab_keys() -> None:
             },
             "'cohort-size' 2 is below the 3 clients SecAgg",
         ),
+        # above the least cohort, 0.1 shares of 20 clients give each 3 neighbours, under 4
+        (
+            {
+                "secagg": True,
+                "cohort-size": 20,
+                "min-available-clients": 20,
+                "secagg-num-shares": 0.1,
+                "secagg-reconstruction-threshold": 4,
+            },
+            "'cohort-size' 20 gives each client 3 SecAgg",
+        ),
         (
             {"secagg": True, "min-cohort": 2000, "min-available-clients": 2000},
             "'min-cohort' 2000 exceeds the 1023 clients SecAgg",
