@@ -153,7 +153,15 @@ class UserDPSettings:
         delta: float = 0.0,
         epsilon_budget: float = 0.0,
     ) -> UserDPSettings:
-        """Build from run-config style values: ``delta`` 0 = 1/population, budget 0 = none."""
+        """Build from run-config style values: ``delta`` 0 = 1/population, budget 0 = none
+        (only 0: a negative or NaN one is refused, not read as the default)."""
+        if not 0 <= delta < 1:
+            raise ConfigError(f"'user-dp-delta' must be in [0, 1) (0: 1 / population), got {delta}")
+        if not 0 <= epsilon_budget < math.inf:
+            raise ConfigError(
+                f"'user-dp-epsilon-budget' must be a finite number >= 0 (0: no budget), got "
+                f"{epsilon_budget}"
+            )
         if isinstance(population, bool) or population < 2:
             raise ConfigError(
                 f"'population-size' must be >= 2 for user-level DP, got {population!r}"

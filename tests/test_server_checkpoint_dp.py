@@ -765,6 +765,24 @@ def test_user_dp_explicit_delta_and_population() -> None:
         _run({**config, "population-size": 4}, num_nodes=5)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"delta": -0.1}, "'user-dp-delta' must be in \\[0, 1\\) \\(0: 1 / population\\)"),
+        ({"delta": math.nan}, "'user-dp-delta' must be in"),
+        ({"epsilon_budget": math.nan}, "'user-dp-epsilon-budget' must be a finite number >= 0"),
+        ({"epsilon_budget": -1.0}, "'user-dp-epsilon-budget' must be a finite number >= 0"),
+    ],
+)
+def test_user_dp_settings_refuse_a_negative_or_nan_delta_or_budget(
+    values: dict[str, float], message: str
+) -> None:
+    """Only 0 means the default (1 / population, no budget): a NaN budget became no budget
+    at all, and a negative or NaN delta 1 / population, without a word."""
+    with pytest.raises(ConfigError, match=message):
+        UserDPSettings.create(noise_multiplier=1.0, clip_norm=0.1, population=10, **values)
+
+
 def _epsilon(z: float, q: float, steps: int, delta: float) -> float:
     acc = RDPAccountant()
     acc.history = [(z, q, steps)]
