@@ -805,6 +805,53 @@ def test_split_noise_is_refused_outside_secagg_however_the_server_spells_it(
     assert _ledger_history(tmp_path / "state", 0) == [[1.5, pytest.approx(1 / 3), 3]]
 
 
+@pytest.mark.parametrize("override", [{"noise-shares": 4}, {"noise_shares": "4"}])
+def test_split_noise_with_a_clipped_update_is_refused_when_a_round_asks_for_it(
+    bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    override: dict[str, ConfigValue],
+) -> None:
+    """noise-shares > 1 and a clip of the whole update are refused together by the client
+    whatever the server sends; the ClientApp checked the run config's noise-shares only, so
+    a round's own override (which the task trains with) clipped updates carrying 1/4 of the
+    noise while the ledger charged all of it."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import client.client_app as client_app
+
+    try:  # instruction messages need a process task identity (Flower's runtimes set it)
+        _ = TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    monkeypatch.setattr(client_app, "under_secagg", lambda: True)  # as SecAgg+ calls it
+    config: dict[str, RunConfigValue] = {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": str(bundle),
+        "state-dir": str(tmp_path / "state"),
+        "batch-size": 4,
+        "dp": True,
+    }
+    params = get_global_arrays(_student())
+
+    def fit(round_config: dict[str, ConfigValue]) -> Message:
+        ins = FitIns(
+            ndarrays_to_parameters(params),
+            {"server-round": 1, "update-clip-norm": 0.5, **round_config},
+        )
+        message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
+        context = Context(1, 100, {"partition-id": 0}, RecordDict(), {})
+        return client_app.make_client_app(config)(message, context)
+
+    refused = fit(override)
+    assert refused.has_error() and "fedrec fit failed: config: " in refused.error.reason
+    assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()  # nothing spent
+    assert not fit({}).has_error()  # the clip alone trains
+
+
 def test_the_noise_in_a_dp_update_does_not_depend_on_the_example_count() -> None:
     """Opacus divided the noisy sum by int(n * q): 17 and 18 examples in batches of 16 (the
     same q = 1/2, steps and charge) gave updates whose noise differed by 9/8, which tells

@@ -42,7 +42,7 @@ from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, check_bundle_digest, load_bundle
-from shared.federated.local_config import LocalTrainConfig
+from shared.federated.local_config import LocalTrainConfig, noise_shares_clip_problem
 from shared.federated.local_training import (
     check_items,
     dp_epoch_steps,
@@ -52,6 +52,7 @@ from shared.federated.local_training import (
 from shared.federated.student_config import StudentTaskConfig
 from shared.federated.task import (
     CONFIG_UNDER_SECAGG,
+    CONFIG_UPDATE_CLIP_NORM,
     DECLINE_PRIVACY_BUDGET,
     Arrays,
     ConfigValue,
@@ -394,7 +395,10 @@ def _refuse_split_noise_in_the_clear(
     curious server) would see this update with a fraction of its noise while the ledger
     charges the full amount: refused, on the value this round would train with (however the
     server spelled or typed it). The ClientApp sets :data:`CONFIG_UNDER_SECAGG`; a caller
-    that does not (a benchmark, a test) is trusted."""
+    that does not (a benchmark, a test) is trusted. A round that also asks to clip the whole
+    update (:data:`CONFIG_UPDATE_CLIP_NORM` > 0) is refused too, where only its own override
+    splits the noise as well (the ClientApp checks the run config's):
+    :func:`~shared.federated.local_config.noise_shares_clip_problem` says why."""
     under_secagg = config.get(CONFIG_UNDER_SECAGG)
     if train.noise_shares > 1 and under_secagg is not None and under_secagg is not True:
         raise ConfigError(
@@ -402,6 +406,10 @@ def _refuse_split_noise_in_the_clear(
             "this round came without SecAgg+; training it would release this update with a "
             "fraction of its noise. Refusing (run with secagg=true, or noise-shares=1)"
         )
+    # the ClientApp refuses the pair from the run config; a round's override is seen here
+    clip = config.get(CONFIG_UPDATE_CLIP_NORM, 0.0)
+    if train.noise_shares > 1 and isinstance(clip, int | float) and clip > 0:
+        raise ConfigError(noise_shares_clip_problem(clip))
 
 
 def make_task(run_config: RunConfig) -> StudentTask:
