@@ -223,6 +223,12 @@ class SecAggSettings:
         """Largest cohort whose quantized sum cannot wrap around the modulus."""
         return (self.modulus_range - 1) // self.quantization_range
 
+    def rounding_slack(self, scalars: int) -> float:
+        """The most Flower's stochastic rounding adds to the L2 norm of one client's update
+        of ``scalars`` values: under one quantization step, ``2 clipping_range /
+        quantization_range``, per coordinate (the per-coordinate clip only shrinks it)."""
+        return math.sqrt(scalars) * 2 * self.clipping_range / self.quantization_range
+
     @property
     def least_cohort(self) -> int:
         """Fewest sampled clients a round can complete with: Flower halts a round whose

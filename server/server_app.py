@@ -437,23 +437,30 @@ def count_population(grid: Grid, config: ServerConfig) -> int:
     return config.population_size
 
 
-def make_user_dp(config: ServerConfig, population: int) -> UserLevelDP:
-    """The server's user-level DP mechanism + accountant for ``config``."""
+def make_user_dp(config: ServerConfig, population: int, scalars: int) -> UserLevelDP:
+    """The server's user-level DP mechanism + accountant for ``config``, for a model of
+    ``scalars`` parameters (under SecAgg+ their rounding adds to the sensitivity)."""
     from server.user_dp import UserDPSettings, UserLevelDP
 
+    secagg = config.secagg_settings
     settings = UserDPSettings.create(
         noise_multiplier=config.user_dp_noise_multiplier,
         clip_norm=config.user_dp_clip,
         population=population,
         delta=config.user_dp_delta,
         epsilon_budget=config.user_dp_epsilon_budget,
+        rounding_slack=secagg.rounding_slack(scalars) if secagg is not None else 0.0,
     )
     journal = Path(config.checkpoint_dir) / USER_DP_JOURNAL if config.checkpoint_dir else None
     return UserLevelDP(settings, journal=journal)
 
 
 def user_dp_for_run(
-    config: ServerConfig, population: int, checkpoint: Checkpoint | None, announce: bool = True
+    config: ServerConfig,
+    population: int,
+    checkpoint: Checkpoint | None,
+    scalars: int,
+    announce: bool = True,
 ) -> UserLevelDP:
     """:func:`make_user_dp`, at a delta no larger than the one the run's epsilon has been
     reported at so far.
@@ -464,7 +471,7 @@ def user_dp_for_run(
     counted: a stronger statement) but never grow: the run's is kept instead, and an
     explicit ``user-dp-delta`` larger than it is refused.
     """
-    user_dp = make_user_dp(config, population)
+    user_dp = make_user_dp(config, population, scalars)
     stored = user_dp.run_delta(checkpoint.ledger_state if checkpoint is not None else None)
     if stored is None or user_dp.settings.delta <= stored * (1 + 1e-12):
         return user_dp
@@ -485,6 +492,11 @@ def user_dp_for_run(
             user_dp.settings.delta,
         )
     return user_dp.at_delta(stored)  # the journal, read for its delta, is not read again
+
+
+def _scalars(parameters: Iterable[Any]) -> int:
+    """How many values a model of these (numpy) arrays has."""
+    return sum(int(a.size) for a in parameters)
 
 
 #: Checkpoint entry (and run-config key) naming the bundle a run trains from: resuming
@@ -511,7 +523,9 @@ def check_resume(config: ServerConfig, initial: list[Any], bundle_digest: str = 
     checkpoint = store.latest()
     if config.user_dp:  # the ServerApp reads these before its first round, and would fail there
         population = max(2, config.population_size)
-        user_dp_for_run(config, population, checkpoint, announce=False).read_journal()
+        user_dp_for_run(
+            config, population, checkpoint, _scalars(initial), announce=False
+        ).read_journal()
     if checkpoint is None:
         return
     _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp, bundle=bundle_digest)
@@ -649,7 +663,7 @@ def _run_server(
     population = 0
     if config.user_dp:
         population = count_population(grid, config)
-        user_dp = user_dp_for_run(config, population, checkpoint)
+        user_dp = user_dp_for_run(config, population, checkpoint, _scalars(initial))
     if checkpoint is not None:
         _check_checkpoint(checkpoint, initial, config, user_dp=user_dp is not None, bundle=bundle)
     strategy = build_strategy(

@@ -40,8 +40,11 @@ stated. When the cohorts are so small that the term exceeds ``delta / 2`` the gu
 is void: the server refuses the round (raise ``cohort-size``). At the cohorts of a real
 run (50 of 679) ``p`` is below 1e-19 and changes nothing.
 
-Accounting: one Gaussian step per round with noise multiplier ``z`` and sampling rate
-``q = m / N``, composed with Opacus' RDP accountant (through
+Accounting: one Gaussian step per round with noise multiplier ``z`` (under SecAgg+
+``z C / (C + s)``: its stochastic rounding moves each of an update's ``d`` values by under
+one quantization step, so a user's share of the sum has norm up to ``C + s``, ``s = sqrt(d)
+2 clipping_range / quantization_range``, about 0.6% of ``C`` = 0.1 for the student) and
+sampling rate ``q = m / N``, composed with Opacus' RDP accountant (through
 :class:`shared.privacy.ledger.PrivacyLedger`, whose state is saved in each server
 checkpoint, and in a journal written durably the moment a round is charged, before its
 instructions leave: a crash after an aggregate was released but before that round's
@@ -126,9 +129,17 @@ class UserDPSettings:
     population: int
     delta: float
     epsilon_budget: float | None = None
+    #: The most SecAgg+'s stochastic rounding can add to one update's L2 norm
+    #: (:meth:`server.secagg.SecAggSettings.rounding_slack`; 0 without SecAgg+): a user's
+    #: share of the unmasked sum is its clipped update plus its rounding, so the sensitivity
+    #: is ``C`` plus this, and the accountant charges :attr:`charged_noise_multiplier`.
+    rounding_slack: float = 0.0
 
     def __post_init__(self) -> None:
         z, c = self.noise_multiplier, self.clip_norm
+        slack = self.rounding_slack
+        if not (isinstance(slack, int | float) and slack >= 0 and math.isfinite(slack)):
+            raise ValueError(f"rounding slack must be a finite number >= 0, got {slack!r}")
         if not (isinstance(z, int | float) and z > 0 and math.isfinite(z)):
             raise ConfigError(f"'user-dp-noise-multiplier' must be > 0, got {z!r}")
         if not (isinstance(c, int | float) and c > 0 and math.isfinite(c)):
@@ -152,6 +163,7 @@ class UserDPSettings:
         population: int,
         delta: float = 0.0,
         epsilon_budget: float = 0.0,
+        rounding_slack: float = 0.0,
     ) -> UserDPSettings:
         """Build from run-config style values: ``delta`` 0 = 1/population, budget 0 = none
         (only 0: a negative or NaN one is refused, not read as the default)."""
@@ -172,7 +184,17 @@ class UserDPSettings:
             population=int(population),
             delta=float(delta) if delta > 0 else 1.0 / population,
             epsilon_budget=float(epsilon_budget) if epsilon_budget > 0 else None,
+            rounding_slack=float(rounding_slack),
         )
+
+    @property
+    def charged_noise_multiplier(self) -> float:
+        """The noise multiplier the accountant charges: the noise's std ``z C`` over the
+        sensitivity ``C + rounding_slack`` (``z`` itself without SecAgg+)."""
+        if self.rounding_slack == 0:
+            return self.noise_multiplier
+        c = self.clip_norm
+        return self.noise_multiplier * c / (c + self.rounding_slack)
 
     def noise_std(self, cohort: int) -> float:
         """Per-coordinate noise std of the averaged update: ``z * C / m``."""
@@ -286,7 +308,7 @@ class UserLevelDP:
         """The ledger entry of one round of expected ``cohort`` clients
         (:meth:`UserDPSettings.sample_rate`)."""
         rate = self.settings.sample_rate(cohort)
-        return Spend(self.settings.noise_multiplier, rate, 1)
+        return Spend(self.settings.charged_noise_multiplier, rate, 1)
 
     def _epsilon(self, extra: Spend | None, risk: float) -> float:
         """Epsilon at the settings' delta, the skipped rounds' ``risk`` taken out of the

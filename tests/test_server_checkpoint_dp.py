@@ -823,9 +823,13 @@ def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
     # Flower's SecAgg+ halts a round of fewer clients than its reconstruction threshold
     # (3 by default): the chance of that counts in the guarantee
     risk = _below(n - 1, m / n, 3)
+    # the sensitivity is the clip plus SecAgg+'s rounding of the toy model's values
+    settings = ServerConfig.from_run_config(config).secagg_settings
+    assert settings is not None
+    slack = settings.rounding_slack(sum(a.size for a in ToyLinearTask().initial_parameters()))
     acc = RDPAccountant()
     for rounds, report in enumerate(reports, start=1):
-        acc.step(noise_multiplier=1.0, sample_rate=m / n)
+        acc.step(noise_multiplier=1.0 * 0.5 / (0.5 + slack), sample_rate=m / n)
         assert report.epsilon_user == pytest.approx(_user_epsilon(acc, 1 / n, rounds * risk))
         assert report.fit.as_metrics()["epsilon-user"] == report.epsilon_user
         assert report.evaluate is not None and report.evaluate.ok > 0
@@ -934,9 +938,9 @@ def test_user_dp_resumed_with_fewer_nodes_keeps_the_runs_delta(tmp_path: Path) -
     from server.server_app import user_dp_for_run
 
     server = ServerConfig.from_run_config({**config, "num-rounds": 5})
-    assert user_dp_for_run(server, 8, latest).settings.delta == pytest.approx(0.1)  # not 1/8
+    assert user_dp_for_run(server, 8, latest, 10).settings.delta == pytest.approx(0.1)  # not 1/8
     smaller = ServerConfig.from_run_config({**config, "user-dp-delta": 0.05})
-    assert user_dp_for_run(smaller, 8, latest).settings.delta == 0.05  # stronger: taken
+    assert user_dp_for_run(smaller, 8, latest, 10).settings.delta == 0.05  # stronger: taken
 
 
 def test_a_user_dp_start_reads_its_journal_once(
@@ -1314,3 +1318,37 @@ def test_the_numpy_floor_saves_checkpoints_without_a_stray_array() -> None:
     (floor,) = [m.group(1) for m in floors if m]
     assert Version(floor) >= Version("2.2")
     assert "allow_pickle" in inspect.signature(np.savez).parameters  # the installed one
+
+
+def test_user_dp_under_secagg_charges_the_rounding_in_its_sensitivity() -> None:
+    """SecAgg+ rounds each coordinate of an update stochastically to its quantization grid,
+    so one user's share of the unmasked sum is its clipped update plus that rounding, of
+    norm up to ``C + sqrt(d) 2 clipping_range / quantization_range`` (0.1 -> 0.10057 for
+    the 22,112-value student); the accountant charged the noise ``z C`` against a
+    sensitivity of ``C``. It now charges ``z C / (C + slack)``; without SecAgg+, ``z``."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from server.server_app import make_user_dp
+
+    z, c, d = 1.4, 0.1, 22_112
+    base = {"user-dp": True, "user-dp-noise-multiplier": z, "user-dp-clip": c, "cohort-size": 50}
+    config = ServerConfig.from_run_config({**base, "secagg": True})
+    settings = config.secagg_settings
+    assert settings is not None
+    slack = settings.rounding_slack(d)
+    assert 5e-4 < slack < 6e-4
+    # the bound holds for a clipped update through Flower's own rounding
+    x = np.random.default_rng(0).normal(size=d)
+    x *= c / np.linalg.norm(x)
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
+    (back,) = dequantize(
+        quantize([x], settings.clipping_range, settings.quantization_range),
+        settings.clipping_range,
+        settings.quantization_range,
+    )
+    assert 0 < np.linalg.norm(back - x) <= slack
+    assert np.linalg.norm(back) <= c + slack
+    charged = make_user_dp(config, 679, d).spend(50).noise_multiplier
+    assert charged == pytest.approx(z * c / (c + slack), rel=1e-12) and charged < z
+    plain = ServerConfig.from_run_config({**base, "secagg": False})
+    assert make_user_dp(plain, 679, d).spend(50).noise_multiplier == z
