@@ -810,14 +810,17 @@ class ServerRunner:
         write_app(self.layout, self.run_config)
         # SIGTERM stops this run like Ctrl-C; the previous handler is back once it ended
         previous = signal.signal(signal.SIGTERM, self._on_signal) if threading_main() else None
-        restarts = 0
+        restarts = 0  # deaths in a row, with no round checkpointed in between
         try:
             while True:
+                before = resumable_round(self.layout) or 0
                 self._start_superlink()
                 outcome = self._follow()
                 if outcome is not None:
                     return outcome
                 self.superlink.stop()  # the rest of its process group
+                if (resumable_round(self.layout) or 0) > before:
+                    restarts = 0  # it checkpointed a round before it died: no crash loop
                 if restarts >= self.options.max_restarts:
                     raise SuperLinkError(
                         f"the SuperLink died {restarts + 1} times; giving up (see "

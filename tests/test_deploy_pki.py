@@ -1390,6 +1390,45 @@ def test_a_server_run_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(tmp_path: P
         assert json.loads(layout.last_start.read_text())["exit_code"] == status
 
 
+def test_superlink_restarts_count_deaths_in_a_row_not_in_a_lifetime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-restarts counted every SuperLink death of the server's life: one up for weeks,
+    whose SuperLink died now and then between rounds, gave up for good at the fourth. A
+    death after a round was checkpointed is no crash loop: the count starts again; deaths
+    with no round in between still give up after --max-restarts."""
+    from server import superlink as module
+    from server.superlink import ServerRunner, SuperLinkError, SuperLinkOptions
+
+    checkpointed = [0]
+    monkeypatch.setattr(module, "resumable_round", lambda layout: checkpointed[0] or None)
+    for progress, deaths in ((True, 4), (False, 2)):
+        layout = init_state_dir(tmp_path / str(progress))
+        lines: list[str] = []
+        server = ServerRunner(
+            layout, SuperLinkOptions(max_restarts=1), {"num-rounds": 9}, echo=lines.append
+        )
+        followed = [0]
+
+        def follow(
+            progress: bool = progress, deaths: int = deaths, followed: list[int] = followed
+        ) -> int | None:
+            followed[0] += 1
+            if followed[0] > deaths:
+                return 0  # the run finished
+            checkpointed[0] += progress  # a round done, then the SuperLink died
+            return None
+
+        server._start_superlink = lambda: None  # type: ignore[method-assign]
+        server._follow = follow  # type: ignore[method-assign]
+        if progress:
+            assert server.run() == 0
+            assert sum("restarting it (1/1)" in line for line in lines) == deaths
+        else:
+            with pytest.raises(SuperLinkError, match="died 2 times; giving up"):
+                server.run()
+
+
 def test_a_server_run_puts_the_previous_sigterm_handler_back(tmp_path: Path) -> None:
     """`ServerRunner` answers SIGTERM by stopping its run; once the run ended, a SIGTERM in
     the same process (a library or test caller) raised KeyboardInterrupt from its handler."""
