@@ -49,7 +49,7 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
         "under SecAgg+ also the fewest updates whose sum is unmasked.",
         "eval_size": "Devices asked to evaluate per round (0 = eval-fraction of them).",
         "eval_fraction": "Share of the devices asked to evaluate when eval-size is 0.",
-        "round_timeout": "Seconds to wait for plain (non-SecAgg+) replies; 0 = all.",
+        **_same("round_timeout"),
         "availability_timeout": "Seconds between the warnings of a round waiting for --min-clients "
         "devices to connect (it starts once they are); the most an evaluation waits.",
         "update_clip_norm": "L2 bound of a device's update (0 = none).",
@@ -64,9 +64,9 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
             "secagg_reconstruction_threshold",
             "secagg_timeout",
             "secagg_clipping_range",
+            "secagg_quantization_range",
+            "secagg_modulus_range",
         ),
-        "secagg_quantization_range": "Levels each clipped update value is quantized to.",
-        "secagg_modulus_range": "Modulus of the masked sums (a power of two, <= 2**32).",
         "secagg_max_weight": "Largest example count a device may weigh its update by.",
     },
     "Server optimiser and checkpoints": {

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from server.server_app import ServerConfig, check_client_resources
 from server.server_optimizer import ServerOptimizerSettings
 from shared.config import check_rounds, kebab, to_flat
 from shared.data.provenance import DataProvenance
@@ -21,6 +22,7 @@ from shared.data.registry import check_no_data_dir, dataset_key
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
+from shared.federated.student_config import StudentTaskConfig, check_client_counts
 from shared.federated.task import RunConfigValue
 from shared.io import check_file_name
 from shared.models.ensemble import DEFAULT_MEMBERS
@@ -50,10 +52,36 @@ RECS_MODELS = (
 """The models whose top 100 a run can export (``export-recs``): ``recs.csv`` for the device
 model (``student-int8``), ``recs-<model>.csv`` for each other one."""
 
+APP_KEYS_SET_BY_SIMULATION: dict[str, str] = {
+    "task": "always the distilled student (TASK)",
+    "num-rounds": "the simulation's rounds",
+    "bundle": "the run's own bundle.pt, written after pretraining",
+    "bundle-sha256": "unchecked: the virtual clients load the bundle this run wrote",
+    "state-dir": "the run directory's clients/ folder",
+    "checkpoint-dir": "the run directory's checkpoints/ folder",
+    "artifact-dir": "the run directory's models/ folder with publish-each-round, else none",
+    "population-size": "the federated clients of the split (known only after it)",
+    "min-available-clients": "every federated client: the virtual clients are all there",
+    "availability-timeout": "unused: every virtual client is connected before round 1, so "
+    "no round waits for clients to connect",
+    "cohort-fraction": "unused: cohort-size is always a count (>= 1, capped at the clients), "
+    "so the server never falls back to a share of them",
+    "eval-fraction": "follows eval-size (0 turns federated evaluation off)",
+    "eval-seed": "the run's seed, as the final evaluation's negatives",
+}
+"""The keys the Flower apps read (:class:`~server.server_app.ServerConfig`,
+:class:`~shared.federated.local_config.LocalTrainConfig`,
+:class:`~shared.federated.student_config.StudentTaskConfig`) that are not settings of the
+simulation, and why: the simulation sets them itself (:meth:`SimulationConfig.server_run_config`,
+the pipeline's run files). Every other key the apps read is a setting (a test keeps it so)."""
+
 RESUMABLE_KEYS = frozenset(
     {
         "rounds",  # a rerun with more rounds continues the run
         "eval-size",
+        "eval-negatives",  # the per-round federated evaluation only
+        "round-timeout",
+        "num-threads",
         "shots",
         "adapt-steps",
         "adapt-lr",
@@ -119,12 +147,19 @@ class SimulationConfig:
     # federation
     rounds: int = 10
     cohort_size: int = 50
+    min_cohort: int = ServerConfig.min_cohort  # capped at the cohort
     eval_size: int = 50
     secagg: bool = True
     secagg_num_shares: int | float = 3  # a count, or a fraction of the cohort (as the server's)
     secagg_reconstruction_threshold: int | float = 2
     secagg_clipping_range: float = 8.0
-    secagg_timeout: float = 300.0
+    secagg_timeout: float = 300.0  # 0 = no timeout
+    # the server's (defaults: ServerConfig, the one place for them)
+    secagg_quantization_range: int = ServerConfig.secagg_quantization_range
+    secagg_modulus_range: int = ServerConfig.secagg_modulus_range
+    secagg_max_weight: float = ServerConfig.secagg_max_weight
+    round_timeout: float = ServerConfig.round_timeout  # 0 = wait for every reply
+    update_clip_norm: float = ServerConfig.update_clip_norm  # 0 = no clipping
     # client training and record-level DP (defaults: LocalTrainConfig, the one place for them)
     dp: bool = LocalTrainConfig.dp
     noise_multiplier: float = LocalTrainConfig.noise_multiplier
@@ -140,6 +175,8 @@ class SimulationConfig:
     local_epochs: int = LocalTrainConfig.local_epochs
     batch_size: int = LocalTrainConfig.batch_size
     lr: float = LocalTrainConfig.lr
+    momentum: float = LocalTrainConfig.momentum
+    max_examples: int = LocalTrainConfig.max_examples
     personal_steps: int = LocalTrainConfig.personal_steps
     personal_lr: float = LocalTrainConfig.personal_lr
     # > 1: distributed record-level DP (each client adds 1/m of the noise; needs SecAgg+)
@@ -147,6 +184,9 @@ class SimulationConfig:
     # the window's own items out of the next-item softmax (clients, personal and few-shot fits)
     exclude_seen: bool = LocalTrainConfig.exclude_seen
     meta_learning: bool = False
+    # the clients' per-round evaluation and threads (defaults: StudentTaskConfig)
+    eval_negatives: int = StudentTaskConfig.eval_negatives
+    num_threads: int = StudentTaskConfig.num_threads
     # the server's optimiser (server/server_optimizer.py): FedAvg or FedAdam
     server_optimizer: str = ServerOptimizerSettings.kind
     server_lr: float = ServerOptimizerSettings.lr
@@ -193,8 +233,6 @@ class SimulationConfig:
         if self.backend not in ("ray", "inprocess"):
             raise ConfigError(f"backend must be 'ray' or 'inprocess', got {self.backend!r}")
         if self.backend == "ray":  # before pretraining: Ray would wait forever on them
-            from server.server_app import check_client_resources
-
             check_client_resources(
                 self.num_cpus_per_client, self.num_gpus_per_client, attach=bool(self.ray_address)
             )
@@ -215,6 +253,7 @@ class SimulationConfig:
                 f"got {self.teacher_id_init!r}"
             )
         self.local_train_config()  # the client-training knobs, checked where they are defined
+        check_client_counts(self.num_threads, self.eval_negatives)
         self.server_optimizer_settings()
         check_noise_shares(
             self.noise_shares, secure_aggregation=self.secagg, cohort_size=self.cohort_size
@@ -338,7 +377,7 @@ class SimulationConfig:
             "task": TASK,
             "num-rounds": self.rounds,
             "cohort-size": cohort,
-            "min-cohort": min(2, cohort),
+            "min-cohort": min(self.min_cohort, cohort),
             "min-available-clients": n_clients,
             "eval-size": min(self.eval_size, n_clients),
             "eval-fraction": 1.0 if self.eval_size else 0.0,
@@ -352,6 +391,11 @@ class SimulationConfig:
             "secagg-reconstruction-threshold": self.secagg_reconstruction_threshold,
             "secagg-clipping-range": self.secagg_clipping_range,
             "secagg-timeout": self.secagg_timeout,
+            "secagg-quantization-range": self.secagg_quantization_range,
+            "secagg-modulus-range": self.secagg_modulus_range,
+            "secagg-max-weight": self.secagg_max_weight,
+            "round-timeout": self.round_timeout,
+            "update-clip-norm": self.update_clip_norm,
             "bundle": "",
             "checkpoint-dir": "",
             "checkpoint-keep": self.checkpoint_keep,
@@ -363,6 +407,8 @@ class SimulationConfig:
             # re-seeds its own rounds, so the base seed is not sent)
             **{k: v for k, v in to_flat(self.local_train_config()).items() if k != "seed"},
             "meta-learning": self.meta_learning,
+            "eval-negatives": self.eval_negatives,
+            "num-threads": self.num_threads,
             "device": self.device,
             "prune-sparsity": self.prune_sparsity,
             **self.server_optimizer_settings().run_config(),
@@ -379,8 +425,6 @@ class SimulationConfig:
         a bad privacy or SecAgg+ setting stops the command before data, text encoding and
         pretraining rather than after them. The population is not known yet: the smallest
         that fits the cohort stands in (the pipeline caps the cohort at the population)."""
-        from server.server_app import ServerConfig  # Flower: imported only when checked
-
         PrivacyBudget(self.epsilon_budget, self.delta)
         ServerConfig.from_run_config(self.server_run_config(max(self.cohort_size, 2)))
 
@@ -417,11 +461,13 @@ class SimulationConfig:
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             lr=self.lr,
+            momentum=self.momentum,
             dp=self.dp,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             personal_steps=self.personal_steps,
             personal_lr=self.personal_lr,
+            max_examples=self.max_examples,
             noise_shares=self.noise_shares,
             exclude_seen=self.exclude_seen,
         )

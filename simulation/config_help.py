@@ -29,14 +29,23 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
     "Federation": {
         "rounds": "Federated rounds.",
         "cohort_size": "Clients sampled per round.",
+        "min_cohort": "Fewest sampled clients a round trains with (capped at the cohort); "
+        "under SecAgg+ also the fewest updates whose sum is unmasked.",
+        "round_timeout": "Seconds to wait for plain (non-SecAgg+) replies; 0 = all.",
+        "update_clip_norm": "L2 bound of each client's whole update (0 = none; with user-dp "
+        "0 or user-dp-clip).",
         "eval_size": "Clients sampled for federated evaluation per round (0 = none).",
+        "eval_negatives": "Sampled negatives per item of the per-round federated evaluation.",
         "secagg": "Secure aggregation (SecAgg+).",
         "secagg_num_shares": "SecAgg+ shares per client (its neighbours): a count, or a "
         "fraction of the cohort.",
         "secagg_reconstruction_threshold": "SecAgg+ shares needed to unmask a dropout: a count, "
         "or a fraction of the shares.",
         "secagg_clipping_range": "SecAgg+ quantization clips each update value to this range.",
-        "secagg_timeout": "Seconds a SecAgg+ stage waits for the clients.",
+        "secagg_timeout": "Seconds a SecAgg+ stage waits for the clients (0 = no timeout).",
+        "secagg_quantization_range": "Levels each clipped update value is quantized to.",
+        "secagg_modulus_range": "Modulus of the masked sums (a power of two, <= 2**32).",
+        "secagg_max_weight": "Largest example count a client may weigh its update by.",
         "server_optimizer": "The server's optimiser: avg (FedAvg) or adam (FedAdam).",
         "server_lr": "The server optimiser's learning rate.",
         "server_beta1": "FedAdam's first-moment decay.",
@@ -53,6 +62,8 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "local_epochs": "Local epochs per round.",
         "batch_size": "Local (expected Poisson) batch size.",
         "lr": "Local learning rate.",
+        "momentum": "Momentum of the clients' local SGD.",
+        "max_examples": "Most recent next-item examples a client trains on.",
         "personal_steps": "Adam steps refitting a device's personal adapter.",
         "personal_lr": "Learning rate of the personal adapter.",
         "exclude_seen": "Leave the window's own items out of the next-item softmax.",
@@ -76,6 +87,7 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "num_gpus_per_client": "GPU share per virtual client (e.g. 0.1 shares one GPU).",
         "ray_address": "Attach to a running Ray cluster (HOST:PORT, ray://HOST:PORT, auto).",
         "device": "Where clients train: auto, cpu, cuda or cuda:N.",
+        "num_threads": "Torch threads a client's training uses.",
     },
     "Output": {
         "run_dir": "Parent folder of run directories.",

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget
 
-__all__ = ["StudentTaskConfig"]
+__all__ = ["StudentTaskConfig", "check_client_counts"]
+
+
+def check_client_counts(num_threads: int, eval_negatives: int) -> None:
+    """The rules of ``num-threads`` and ``eval-negatives`` wherever they are configured (the
+    task, the simulation): a client found a bad one only on the devices, after the run had
+    started."""
+    for key, value in (("num-threads", num_threads), ("eval-negatives", eval_negatives)):
+        if value < 1:
+            raise ConfigError(f"'{key}' must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,7 @@ class StudentTaskConfig:
         if not self.state_dir:
             raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
         PrivacyBudget(self.epsilon_budget, self.delta)
-        counts = (("num-threads", self.num_threads), ("eval-negatives", self.eval_negatives))
-        for key, value in counts:
-            if value < 1:  # found only on the devices, after the run had started
-                raise ConfigError(f"'{key}' must be >= 1, got {value}")
+        check_client_counts(self.num_threads, self.eval_negatives)
         if self.eval_seed < 0:  # NumPy refuses it, on every client's every evaluation
             raise ConfigError(f"'eval-seed' must be an integer >= 0, got {self.eval_seed}")
         from shared.compression.prune import publish_prune  # torch: only when a task is built
