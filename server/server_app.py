@@ -45,6 +45,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -453,6 +454,21 @@ def make_user_dp(config: ServerConfig, population: int, scalars: int) -> UserLev
     )
     journal = Path(config.checkpoint_dir) / USER_DP_JOURNAL if config.checkpoint_dir else None
     return UserLevelDP(settings, journal=journal)
+
+
+def first_round_refusal(config: ServerConfig, population: int) -> str | None:
+    """Why a run of ``config`` over ``population`` clients would end before its first
+    round, or ``None``: under user-level DP, the check the server makes before every round
+    (:meth:`~server.user_dp.UserLevelDP.refusal`: cohorts too small for any guarantee, or a
+    round past the budget), with nothing spent yet. A resumed run has spent more, so it is
+    refused then too. For callers that can stop before expensive work (the simulation,
+    before pretraining); the server itself makes the check with the run's own ledger."""
+    if not config.user_dp:
+        return None
+    user_dp = make_user_dp(replace(config, checkpoint_dir=""), population)  # no journal
+    # the strategy's cohort bounds do not depend on the parameters: any will do
+    strategy = build_strategy(config, [np.zeros(1, dtype=np.float32)], user_dp=user_dp)
+    return user_dp.refusal(*strategy.user_dp_round(user_dp, population))
 
 
 def user_dp_for_run(

@@ -430,15 +430,22 @@ def _check_population(config: SimulationConfig, split: ProtocolSplit) -> None:
             f"of this dataset (cohort-size {config.cohort_size} is capped at them): every "
             f"round's aggregate would be discarded; give noise-shares <= {n_clients}"
         )
-    from server.server_app import ServerConfig
+    from server.server_app import ServerConfig, first_round_refusal
 
     try:  # the apps' settings against the cohort the run will have (SecAgg+'s shares)
-        ServerConfig.from_run_config(config.server_run_config(n_clients))
+        server = ServerConfig.from_run_config(config.server_run_config(n_clients))
     except ConfigError as err:
         raise ConfigError(
             f"the {n_clients} federated clients of this dataset (cohort-size "
             f"{config.cohort_size} is capped at them) do not fit the settings: {err}"
         ) from err
+    # user-level DP: the server would end the run before its first round, after pretraining
+    refusal = first_round_refusal(server, n_clients)
+    if refusal is not None:
+        raise ConfigError(
+            f"user-level DP would refuse the first round over the {n_clients} federated "
+            f"clients of this dataset: {refusal}"
+        )
 
 
 def _client_data(split: ProtocolSplit) -> ClientData:

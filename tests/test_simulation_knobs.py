@@ -3,6 +3,7 @@ simulation itself for a stated reason; the simulation validates it as the apps d
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,31 @@ def test_secagg_timeout_zero_means_no_timeout_and_the_help_says_so() -> None:
     shown = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "250"}).output
     line = next(row for row in shown.splitlines() if "--secagg-timeout " in row)
     assert "0 = no timeout" in line
+
+
+def test_user_dp_cohorts_too_small_for_any_guarantee_are_refused_before_pretraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cohorts of 2 from about a hundred clients skip a round (fewer than min-cohort 2
+    sampled) far too often for delta 1/clients: the server refuses the first round, and the
+    simulation refused the run only after encoding the items and pretraining ("the
+    federation finished no round"). Now it stops before, with the server's reason."""
+    import simulation.pipeline
+    from simulation.config import SimulationConfig
+
+    class Pretrained(Exception):
+        pass
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        raise Pretrained
+
+    monkeypatch.setattr(simulation.pipeline, "encode_items", no_work)
+    tiny = {"synthetic-users": 150, "synthetic-items": 80, "backend": "inprocess"}
+    dp = {"user-dp": True, "dp": False, "secagg": False, "run-dir": str(tmp_path)}
+    config = from_flat(SimulationConfig, {**tiny, **dp, "cohort-size": 2})
+    with pytest.raises(ConfigError, match="too small for user-level DP"):
+        simulation.pipeline.run_pipeline(config)
+    assert not any(tmp_path.iterdir())  # nothing left behind
+    # every client in every round: no round is ever skipped, so the run goes on to its work
+    with pytest.raises(Pretrained):
+        simulation.pipeline.run_pipeline(replace(config, cohort_size=500))
