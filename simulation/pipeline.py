@@ -235,21 +235,7 @@ def _run_stages(
         "noise-shares": config.noise_shares,
         "server-optimizer": config.server_optimizer,
         "server-lr": config.server_lr,
-        # the mechanisms' settings, only for those that ran (record level: the clients'
-        # DP-SGD; user level: the server's noise on the sum)
-        **(
-            {"noise multiplier": config.noise_multiplier, "max grad norm": config.max_grad_norm}
-            if config.dp
-            else {}
-        ),
-        **(
-            {
-                "user-level noise multiplier": config.user_dp_noise_multiplier,
-                "user-level clip": config.user_dp_clip,
-            }
-            if config.user_dp
-            else {}
-        ),
+        **privacy_meta(config, len(clients)),
         # every process's: a resumed one mostly loads the cache (0 s), which is not the run's
         "pretraining seconds": round(earlier.pretraining + pre.seconds, 1),
         "pretraining cached": pre.cached,
@@ -266,6 +252,26 @@ def _run_stages(
     run.close()
     progress("done", {"report": str(report)})
     return summary
+
+
+def privacy_meta(config: SimulationConfig, n_clients: int) -> dict[str, Any]:
+    """The summary's privacy settings, only for the mechanisms that ran (record level: the
+    clients' DP-SGD; user level: the server's noise on the sum), each with the delta its
+    epsilon is reported at: ``delta``, and the user-level delta the server resolves over
+    the ``n_clients`` federated clients (``user-dp-delta`` 0: 1 / clients)."""
+    out: dict[str, Any] = {}
+    if config.dp:
+        out["noise multiplier"] = config.noise_multiplier
+        out["max grad norm"] = config.max_grad_norm
+        out["delta"] = config.delta
+    if config.user_dp:
+        from server.server_app import ServerConfig, make_user_dp
+
+        server = ServerConfig.from_run_config(config.server_run_config(n_clients))
+        out["user-level noise multiplier"] = config.user_dp_noise_multiplier
+        out["user-level clip"] = config.user_dp_clip
+        out["user-level delta"] = make_user_dp(server, n_clients).settings.delta
+    return out
 
 
 def write_summary_and_report(summary: dict[str, Any], root: Path) -> Path:

@@ -246,12 +246,29 @@ def _markdown(summary: dict[str, Any], plots: dict[str, Path], out: Path) -> str
         ["round", *keys],
         ([str(r["round"]), *(_fmt(r.get(k)) for k in keys)] for r in rounds),
     )
-    explained = [f"- `{k}`: {ROUND_COLUMNS[k]}" for k in keys if k in ROUND_COLUMNS]
+    explained = [
+        f"- `{k}`: {ROUND_COLUMNS[k]}{_at_delta(k, meta)}" for k in keys if k in ROUND_COLUMNS
+    ]
     if explained:
         lines += [*explained, ""]
     for title, p in plots.items():
         lines += [f"![{title}]({p.relative_to(out).as_posix()})", ""]
     return "\n".join(lines)
+
+
+#: The summary's ``meta`` key of the delta each epsilon column is reported at.
+_DELTA_OF = {
+    "epsilon_record": "delta",
+    "epsilon_record_mean": "delta",
+    "epsilon_user": "user-level delta",
+}
+
+
+def _at_delta(column: str, meta: dict[str, Any]) -> str:
+    """``, at delta 1e-05`` for an epsilon column whose delta the summary records (a
+    summary written before it did has none), else nothing."""
+    delta = meta.get(_DELTA_OF.get(column, ""))
+    return f", at delta {delta:.3g}" if isinstance(delta, int | float) else ""
 
 
 _FINAL_COLUMNS = ("sampled HR", "sampled NDCG", "full HR", "full NDCG")

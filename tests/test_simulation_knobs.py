@@ -155,3 +155,27 @@ def test_user_dp_cohorts_too_small_for_any_guarantee_are_refused_before_pretrain
     # every client in every round: no round is ever skipped, so the run goes on to its work
     with pytest.raises(Pretrained):
         simulation.pipeline.run_pipeline(replace(config, cohort_size=500))
+
+
+def test_the_summary_and_report_name_the_delta_each_epsilon_is_at(tmp_path: Path) -> None:
+    """summary.json and report.md gave epsilon per round but not the delta it is at; the
+    user-level one is 1 / clients unless user-dp-delta is set."""
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import privacy_meta
+    from simulation.report import write_report
+
+    both = SimulationConfig(backend="inprocess", user_dp=True, delta=1e-6)
+    assert privacy_meta(both, 200)["delta"] == 1e-6
+    assert privacy_meta(both, 200)["user-level delta"] == pytest.approx(1 / 200)
+    explicit = replace(both, user_dp_delta=1e-3)
+    assert privacy_meta(explicit, 200)["user-level delta"] == 1e-3
+    assert "user-level delta" not in privacy_meta(replace(both, user_dp=False), 200)
+    assert "delta" not in privacy_meta(replace(both, dp=False), 200)
+
+    rounds = [{"round": 1, "epsilon_record": 0.5, "epsilon_user": 0.7}]
+    summary = {"rounds": rounds, "meta": privacy_meta(both, 200), "final": {}, "fewshot": {}}
+    text = write_report(summary, tmp_path).read_text()
+    assert "- **delta**: 1e-06" in text and "- **user-level delta**: 0.005" in text
+    explained = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("- `")}
+    assert "delta 1e-06" in explained["epsilon_record"]
+    assert "delta 0.005" in explained["epsilon_user"]
