@@ -465,7 +465,9 @@ def first_round_refusal(config: ServerConfig, population: int) -> str | None:
     before pretraining); the server itself makes the check with the run's own ledger."""
     if not config.user_dp:
         return None
-    user_dp = make_user_dp(replace(config, checkpoint_dir=""), population)  # no journal
+    # no journal; the model's size is not known yet (before pretraining): no SecAgg+
+    # rounding in the sensitivity, which is at most ~1% of epsilon (make_user_dp)
+    user_dp = make_user_dp(replace(config, checkpoint_dir=""), population, scalars=0)
     # the strategy's cohort bounds do not depend on the parameters: any will do
     strategy = build_strategy(config, [np.zeros(1, dtype=np.float32)], user_dp=user_dp)
     return user_dp.refusal(*strategy.user_dp_round(user_dp, population))

@@ -270,7 +270,7 @@ def privacy_meta(config: SimulationConfig, n_clients: int) -> dict[str, Any]:
         server = ServerConfig.from_run_config(config.server_run_config(n_clients))
         out["user-level noise multiplier"] = config.user_dp_noise_multiplier
         out["user-level clip"] = config.user_dp_clip
-        out["user-level delta"] = make_user_dp(server, n_clients).settings.delta
+        out["user-level delta"] = make_user_dp(server, n_clients, scalars=0).settings.delta
     return out
 
 

@@ -241,7 +241,8 @@ def start(
     port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port.")] = 9093,
     run_config: RunConfigOpt = None,
     max_restarts: Annotated[
-        int, typer.Option(
+        int,
+        typer.Option(
             "--max-restarts",
             help="Restarts of a SuperLink that dies, in a row (a round checkpointed between "
             "two deaths starts the count again).",
