@@ -4,8 +4,9 @@ personal parameters, and a whole (tiny) federation in process."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,9 @@ from shared.federated.student_task import (
 from shared.federated.task import ConfigValue, FitStatus, RunConfigValue
 from shared.models.sequence import next_item_cross_entropy
 from shared.models.student import StudentConfig, StudentModel
+
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 N_ITEMS = 40
 
@@ -462,35 +466,17 @@ def test_a_budget_decline_tells_the_server_its_kind_not_the_epsilons(
     evaluation and in plain rounds: 'training would spend epsilon 9.1 > budget 8 ...
     (spent so far 7.9)', what this client's ledger holds. The server, which only counts
     declines, is told 'privacy-budget'; the epsilons stay in the client's log."""
-    from flwr.app import Context, Message, RecordDict
-    from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.common.logger import FLOWER_LOGGER
-    from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
-    from client.client_app import make_client_app
     from shared.federated.task import METRIC_REASON, METRIC_STATUS
 
-    try:  # instruction messages need a process task identity (Flower's runtimes set it)
-        _ = TaskIdentity.run_id
-    except RuntimeError:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    app = make_client_app(
-        {
-            "task": "shared.federated.student_task:make_task",
-            "bundle": str(bundle),
-            "state-dir": str(tmp_path / "state"),
-            "batch-size": 4,
-            "dp": True,
-            "epsilon-budget": 0.01,  # below what one round spends: it declines at once
-        }
-    )
-    ins = FitIns(ndarrays_to_parameters(get_global_arrays(_student())), {"server-round": 1})
-    message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
+    # a budget below what one round spends: it declines at once
+    fit = _client_app_fit(bundle, tmp_path, {"epsilon-budget": 0.01})
     FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
     try:
         with caplog.at_level("INFO", logger=FLOWER_LOGGER.name):
-            reply = app(message, Context(1, 100, {"partition-id": 0}, RecordDict(), {}))
+            reply = fit({})
     finally:
         FLOWER_LOGGER.removeHandler(caplog.handler)
     metrics = recorddict_to_fitres(reply.content, keep_input=True).metrics
@@ -741,6 +727,41 @@ def test_a_round_override_in_snake_case_is_the_same_setting(bundle: Path, tmp_pa
     assert charged[0] == charged[1] == 2 * charged[2]
 
 
+def _client_app_fit(
+    bundle: Path, tmp_path: Path, run_config: dict[str, RunConfigValue]
+) -> Callable[[dict[str, ConfigValue]], Message]:
+    """A function that sends client 0 of the student task, through the ClientApp, one
+    round-1 fit instruction with the given round config, returning its reply."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import client.client_app as client_app
+
+    try:  # instruction messages need a process task identity (Flower's runtimes set it)
+        _ = TaskIdentity.run_id
+    except RuntimeError:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    config: dict[str, RunConfigValue] = {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": str(bundle),
+        "state-dir": str(tmp_path / "state"),
+        "batch-size": 4,
+        "dp": True,
+        **run_config,
+    }
+    params = get_global_arrays(_student())
+
+    def fit(round_config: dict[str, ConfigValue]) -> Message:
+        ins = FitIns(ndarrays_to_parameters(params), {"server-round": 1, **round_config})
+        message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
+        context = Context(1, 100, {"partition-id": 0}, RecordDict(), {})
+        return client_app.make_client_app(config)(message, context)
+
+    return fit
+
+
 @pytest.mark.parametrize(
     ("fit_config", "run_config"),
     [
@@ -762,32 +783,7 @@ def test_split_noise_is_refused_outside_secagg_however_the_server_spells_it(
     the update with that share alone, so the client refuses before training and spends
     nothing. The check read the raw kebab-case key and only numbers, so "4" or noise_shares
     trained with sigma 0.75 released while the ledger recorded 1.5."""
-    from flwr.app import Context, Message, RecordDict
-    from flwr.common import FitIns, ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from client.client_app import make_client_app
-
-    try:  # instruction messages need a process task identity (Flower's runtimes set it)
-        _ = TaskIdentity.run_id
-    except RuntimeError:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    config: dict[str, RunConfigValue] = {
-        "task": "shared.federated.student_task:make_task",
-        "bundle": str(bundle),
-        "state-dir": str(tmp_path / "state"),
-        "batch-size": 4,
-        "dp": True,
-        **run_config,
-    }
-    params = get_global_arrays(_student())
-
-    def fit(round_config: dict[str, ConfigValue]) -> Message:
-        ins = FitIns(ndarrays_to_parameters(params), {"server-round": 1, **round_config})
-        message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
-        context = Context(1, 100, {"partition-id": 0}, RecordDict(), {})
-        return make_client_app(config)(message, context)
+    fit = _client_app_fit(bundle, tmp_path, run_config)
 
     from flwr.common.logger import FLOWER_LOGGER
 
@@ -816,40 +812,15 @@ def test_split_noise_with_a_clipped_update_is_refused_when_a_round_asks_for_it(
     whatever the server sends; the ClientApp checked the run config's noise-shares only, so
     a round's own override (which the task trains with) clipped updates carrying 1/4 of the
     noise while the ledger charged all of it."""
-    from flwr.app import Context, Message, RecordDict
-    from flwr.common import FitIns, ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
-    from flwr.supercore.task_identity import TaskIdentity
-
     import client.client_app as client_app
 
-    try:  # instruction messages need a process task identity (Flower's runtimes set it)
-        _ = TaskIdentity.run_id
-    except RuntimeError:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     monkeypatch.setattr(client_app, "under_secagg", lambda: True)  # as SecAgg+ calls it
-    config: dict[str, RunConfigValue] = {
-        "task": "shared.federated.student_task:make_task",
-        "bundle": str(bundle),
-        "state-dir": str(tmp_path / "state"),
-        "batch-size": 4,
-        "dp": True,
-    }
-    params = get_global_arrays(_student())
-
-    def fit(round_config: dict[str, ConfigValue]) -> Message:
-        ins = FitIns(
-            ndarrays_to_parameters(params),
-            {"server-round": 1, "update-clip-norm": 0.5, **round_config},
-        )
-        message = Message(fitins_to_recorddict(ins, keep_input=True), 100, "train")
-        context = Context(1, 100, {"partition-id": 0}, RecordDict(), {})
-        return client_app.make_client_app(config)(message, context)
-
-    refused = fit(override)
+    fit = _client_app_fit(bundle, tmp_path, {})
+    clipped: dict[str, ConfigValue] = {"update-clip-norm": 0.5}
+    refused = fit({**clipped, **override})
     assert refused.has_error() and "fedrec fit failed: config: " in refused.error.reason
     assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()  # nothing spent
-    assert not fit({}).has_error()  # the clip alone trains
+    assert not fit(clipped).has_error()  # the clip alone trains
 
 
 def test_the_noise_in_a_dp_update_does_not_depend_on_the_example_count() -> None:
