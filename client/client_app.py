@@ -181,6 +181,9 @@ def deployment_run_config(
         shares = max_noise_shares(node_config)
         merged[NODE_MAX_NOISE_SHARES] = shares
         asked_shares = _number(merged.get("noise-shares", 1))
+        if asked_shares is not None and math.isnan(asked_shares):
+            # int() of it raised a bare ValueError: an "internal" error of the device's own
+            raise ConfigError(f"noise-shares must be an integer >= 1, got {asked_shares}")
         merged["noise-shares"] = shares if asked_shares is None else int(min(asked_shares, shares))
     return merged
 

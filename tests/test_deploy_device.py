@@ -487,6 +487,15 @@ def test_the_server_cannot_split_a_devices_noise_beyond_its_owners_cap(
     assert used == [1]
 
 
+@pytest.mark.parametrize("asked", [float("nan"), "nan"])
+def test_a_noise_shares_that_is_no_number_is_a_config_error(device: Path, asked: object) -> None:
+    """A NaN noise-shares from the server raised int()'s bare ValueError, which the reply
+    calls an "internal" error of the device, not the configuration the server sent."""
+    node = {"fedrec-device-dir": str(device), "fedrec-bundle": "b", "fedrec-max-noise-shares": 4}
+    with pytest.raises(ConfigError, match="noise-shares must be an integer >= 1"):
+        deployment_run_config({"noise-shares": asked}, node)
+
+
 def _adapter(learner: DeviceLearner) -> dict[str, torch.Tensor]:
     """The adapter of the learner's last refit (it is only ever stored sealed, inside the
     model built from it)."""
