@@ -1101,3 +1101,49 @@ def test_validation_draws_its_negatives_from_the_splits_seed() -> None:
     other = evaluate_split(Scores(), split, ("public",), "valid", EvalConfig(seed=42))
     assert mine != other  # the seed matters here
     assert Validation(split).evaluate(Scores()) == mine
+
+
+def test_a_model_that_scores_nan_or_infinity_is_diverged_not_a_best_epoch(
+    split: ProtocolSplit,
+) -> None:
+    """Weights that blew up score NaN or infinity, which the protocol counts as misses: the
+    validation metric was a finite 0.0, taken as the first best epoch, and when the next
+    epoch's loss was NaN training 'kept its best epoch', the broken weights, with a warning
+    only. A NaN weight after the last epoch of an unvalidated run was returned as trained."""
+    model = torch.nn.Linear(2, 1)
+    order = np.arange(N_ITEMS, dtype=np.float32)
+
+    class WeightScores:
+        n_items = N_ITEMS
+
+        def score(self, histories: Any) -> np.ndarray:
+            with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf, 39 * 1e38
+                row = order * float(model.weight.detach()[0, 0])
+            return np.tile(row, (len(histories), 1))
+
+    with pytest.raises(TrainingDivergedError, match="NaN or infinit"):
+        with torch.no_grad():
+            model.weight.fill_(float("inf"))
+        Validation(split).metric(WeightScores(), "sampled_ndcg@10")
+
+    def run_epoch(epoch: int) -> float:
+        if epoch == 2:
+            raise TrainingDivergedError("loss is nan; lower the learning rate")
+        with torch.no_grad():
+            model.weight.fill_(1e38)  # finite, but its scores overflow
+        return 1.0
+
+    def validate() -> float:
+        return Validation(split).metric(WeightScores(), "sampled_ndcg@10")
+
+    config = TrainConfig(epochs=3, patience=5)
+    with pytest.raises(TrainingDivergedError, match=r"teacher, epoch 1: .*NaN or infinit"):
+        fit_with_early_stopping(model, run_epoch, validate, config, desc="teacher")
+
+    def nan_epoch(epoch: int) -> float:
+        with torch.no_grad():
+            model.weight.fill_(float("nan"))
+        return 1.0
+
+    with pytest.raises(TrainingDivergedError, match=r"student, epoch 1: .*weight is not finite"):
+        fit_with_early_stopping(model, nan_epoch, None, config, desc="student")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -366,6 +367,36 @@ def train_epoch(
 # --------------------------------------------------------------------------- validation
 
 
+class _FiniteScorer:
+    """``scorer``, refusing (:class:`TrainingDivergedError`) scores that are not finite."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+
+    @property
+    def n_items(self) -> int:
+        return self.scorer.n_items
+
+    def score(self, histories: Sequence[IntArray]) -> npt.NDArray[np.float32]:
+        scores = self.scorer.score(histories)
+        if not np.isfinite(scores).all():
+            raise TrainingDivergedError(
+                "the model scores NaN or infinity on validation histories; lower the learning "
+                "rate or check the input data"
+            )
+        return scores
+
+
+def _check_finite_parameters(model: nn.Module) -> None:
+    """Raise :class:`TrainingDivergedError` if a parameter of ``model`` is NaN or infinite
+    (a last step that overflowed leaves no non-finite loss behind to notice it by)."""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise TrainingDivergedError(
+                f"parameter {name} is not finite; lower the learning rate or check the input data"
+            )
+
+
 @dataclass(frozen=True)
 class Validation:
     """Leave-one-out validation of the protocol: ``populations`` of ``split`` at stage 'valid'.
@@ -374,6 +405,10 @@ class Validation:
     with the protocol's sampled/full metrics by :func:`shared.eval.protocol.evaluate_split`.
     Without a ``config`` the sampled negatives are drawn from the split's seed, as the run's
     reported figures are (a fixed default seed had every run select on seed 42's negatives).
+
+    A model that scores NaN or infinity has diverged: :class:`TrainingDivergedError` is
+    raised. (The protocol counts such scores as misses, so the metric would be a finite 0.0,
+    which early stopping could take for the first best epoch of a broken model.)
     """
 
     split: ProtocolSplit
@@ -382,7 +417,7 @@ class Validation:
 
     def evaluate(self, scorer: Scorer) -> dict[str, dict[str, float]]:
         config = self.config or EvalConfig(seed=self.split.config.seed)
-        return evaluate_split(scorer, self.split, self.populations, "valid", config)
+        return evaluate_split(_FiniteScorer(scorer), self.split, self.populations, "valid", config)
 
     def metric(self, scorer: Scorer, name: str) -> float:
         """``name`` averaged over the populations, weighted by their number of users."""
@@ -443,8 +478,9 @@ def fit_with_early_stopping(
     returns the selection metric, higher is better; the best weights are restored at the end.
     Without ``validate`` the model simply trains for ``config.epochs`` epochs.
 
-    A loss that stops being finite after a validated epoch ends training there (the best
-    weights restored, ``history.diverged`` set, a warning logged); before any, it raises
+    A loss, a parameter or a validation score (:class:`Validation`) that stops being finite
+    after a validated epoch ends training there (the best weights restored,
+    ``history.diverged`` set, a warning logged); before any, it raises
     :class:`TrainingDivergedError` naming ``desc``.
     """
     history = TrainHistory()
@@ -453,8 +489,14 @@ def fit_with_early_stopping(
     stopping = EarlyStopping(config.patience)
     bar = tqdm(range(1, config.epochs + 1), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
+        value: float | None = None
         try:
             loss = run_epoch(epoch)
+            _check_finite_parameters(model)
+            if validate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+                model.eval()
+                with torch.no_grad():
+                    value = float(validate())
         except TrainingDivergedError as err:
             if best_state is None:
                 raise TrainingDivergedError(f"{desc}, epoch {epoch}: {err}") from err
@@ -469,10 +511,7 @@ def fit_with_early_stopping(
             break
         history.losses.append(loss)
         postfix = {"loss": f"{loss:.4f}"}
-        if validate is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            model.eval()
-            with torch.no_grad():
-                value = float(validate())
+        if value is not None:
             history.validations.append((epoch, value))
             postfix[config.metric] = f"{value:.4f}"
             if stopping.update(value):
