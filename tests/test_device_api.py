@@ -665,6 +665,25 @@ def test_a_pending_erase_of_a_store_too_damaged_to_open_completes_by_deleting_it
         assert daemon.status().events == 0 and daemon.model is not None
 
 
+def test_erase_empties_the_logs_of_the_processes_the_daemon_runs(device: Device) -> None:
+    """DELETE /data kept logs/supernode.log, where the ClientApp logs its declines and errors
+    in terms of the user's data ('this device has 1 event(s)', the epsilon spent): a local
+    trace of the user the erase promised to delete. The log is emptied; the process, which
+    appends, goes on writing from its start."""
+    from client.device.daemon import ProcessSpec
+
+    log_file = device.daemon.layout.state_dir / "logs" / "supernode.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    device.daemon.add_process(ProcessSpec("supernode", ("true",), log_file=str(log_file)))
+    with open(log_file, "ab") as appender:  # as the SuperNode holds it
+        appender.write(b"declined: this device has 1 event(s)\n")
+        appender.flush()
+        assert device.client.delete("/data").status_code == 204
+        assert log_file.read_bytes() == b""
+        appender.write(b"next round\n")
+    assert log_file.read_bytes() == b"next round\n"
+
+
 def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: Path) -> None:
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 

@@ -23,8 +23,9 @@ the methods of :class:`DeviceBackend`; the daemon does the domain work:
   expired, so a bug in the app cannot feed the policy made-up impressions; accepted feedback
   updates a learning policy's posterior at once (:class:`LearningReranker`).
 * :meth:`Daemon.erase` deletes every local trace of the user: events, impressions, feedback,
-  adaptation state, model records and the sealed model files (an adapted model is personal
-  data). It **keeps** the device identity (its keys stay registered), the catalog (public,
+  adaptation state, model records, the sealed model files (an adapted model is personal
+  data) and the managed processes' logs (the ClientApp logs its declines in terms of the
+  user's data). It **keeps** the device identity (its keys stay registered), the catalog (public,
   not personal), the rounds-joined counter and the **privacy ledger**: erasing the ledger
   would let the device spend its privacy budget a second time on the same user.
 
@@ -1017,10 +1018,28 @@ class Daemon:
                 self.model_error = f"the global model could not be reinstalled: {exc}"
             self.models.erase(keep=kept)  # the personal versions, once a global one serves
             self.layout.remove_personal_leftovers()
+            self._empty_process_logs()
         self._run_erase_callbacks()
         marker.unlink(missing_ok=True)
         fsync_dir(self.layout.state_dir)
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
+
+    def _empty_process_logs(self) -> None:
+        """Empty the managed processes' logs (``logs/supernode.log``): the ClientApp logs why
+        it declined or failed in terms of this user's data (how many events, the epsilon
+        spent), which the erase must not leave behind. They append (``O_APPEND``), so a
+        running process goes on writing from the new, empty start."""
+        for proc in self.processes:
+            log_file = proc.spec.log_file
+            if log_file is None:
+                continue
+            try:
+                os.truncate(log_file, 0)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the erase itself stands; say what is left
+                logger.warning("could not empty %s after the erase: %s", log_file, exc)
+            proc.log_start = 0
 
     def _reseal_without_catalog(self, data: bytes) -> int:
         """Seal the global model ``data`` as current while no catalog is installed: it is not
