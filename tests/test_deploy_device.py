@@ -1022,3 +1022,28 @@ def test_a_daemon_stops_at_once_while_the_client_app_holds_the_files_mid_fit(
     finally:
         done.set()
         fit.join()
+
+
+def test_a_fit_reads_the_history_once_so_an_erase_mid_fit_cannot_fail_it(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device task counted the events (enough: no decline) and the training read the
+    history again: a DELETE /data between the two made the round an error reply of kind
+    'data' ('client 0 has 0 interactions'). A fit now reads the history once and trains on
+    that read (an erase after it does not reach an update already being trained)."""
+    import client.device.training as training
+
+    task, params = _ready_device_task(device, bundle)
+    real = training.local_history
+    reads: list[int] = []
+
+    def erased_after_the_first_read(*args: Any, **kwargs: Any) -> np.ndarray:
+        reads.append(1)
+        history = real(*args, **kwargs)
+        return history if len(reads) == 1 else history[:0]
+
+    monkeypatch.setattr(training, "local_history", erased_after_the_first_read)
+    fit = task.fit(0, params, {"server-round": 1})
+    assert fit.status is FitStatus.OK and len(reads) == 1
+    later = task.fit(0, params, {"server-round": 2})  # the erase seen by the next round
+    assert later.status is FitStatus.DECLINED and later.decline_kind == "no-local-data"

@@ -255,7 +255,8 @@ def _data_key(state_dir: Path, passphrase_env: str | None = None) -> bytes:
         if not var:
             raise ConfigError(
                 f"the data key of {state_dir} comes from a passphrase but no variable name is "
-                "recorded; rerun `fedrec client init --passphrase-env NAME`"
+                "recorded or given; start the device with `fedrec client start "
+                "--passphrase-env NAME` (NAME: the environment variable holding it)"
             )
         passphrase = read_passphrase_env(var)
     return identity.data_key(passphrase)
@@ -358,7 +359,14 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 return train
             return replace(train, noise_shares=noise_shares_cap)
 
+        #: The history a fit read (:meth:`_fit`), served to the training it starts: one
+        #: read a fit, so an erase between the event count and the training cannot make
+        #: the count's "enough events" train on none (an error instead of a decline).
+        _fit_history: np.ndarray | None = None
+
         def local_sequence(self, client_id: int) -> np.ndarray:
+            if self._fit_history is not None:
+                return self._fit_history
             return local_history(self.layout.state_dir, self.catalog(), passphrase_env)
 
         def client_state(self, client_id: int) -> ClientState:
@@ -419,13 +427,17 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 )
             with self.files.lock():
                 self._keep_global(max(server_round - 1, 0), parameters, config)
-                events = len(self.local_sequence(client_id))
-                if events < 2:  # a young device, not a broken one: it sits this round out
+                history = self.local_sequence(client_id)
+                if len(history) < 2:  # a young device, not a broken one: it sits this round out
                     return FitOutcome.declined(
-                        f"this device has {events} event(s); training needs >= 2",
+                        f"this device has {len(history)} event(s); training needs >= 2",
                         DECLINE_NO_LOCAL_DATA,
                     )
-                outcome = super().fit(client_id, parameters, config)
+                self._fit_history = history
+                try:
+                    outcome = super().fit(client_id, parameters, config)
+                finally:
+                    self._fit_history = None
                 if outcome.status.value == "ok":
                     if not self.layout.ledger.exists():
                         # a round without DP (--allow-no-dp) spends nothing, but once a
