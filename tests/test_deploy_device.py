@@ -810,6 +810,19 @@ def test_supernode_options_are_checked(
         SuperNodeOptions(server=server, root_cert=paths[root], bundle=bundle)
 
 
+def test_a_federation_cannot_hold_a_devices_erase_with_a_huge_refit() -> None:
+    """A refit holds the model, and so DELETE /data, until it ends: a run config asking for
+    10**9 personal-steps kept an erase waiting for hours. The device takes at most
+    MAX_FEDERATION_PERSONAL_STEPS from the federation; its owner's --personal-steps, any."""
+    from client.device.config import MAX_FEDERATION_PERSONAL_STEPS
+
+    greedy = PersonalFit(10**9, 0.02, False)
+    assert LearnerConfig().personal_fit(greedy).steps == MAX_FEDERATION_PERSONAL_STEPS
+    assert LearnerConfig(personal_steps=5000).personal_fit(greedy).steps == 5000
+    fair = PersonalFit(MAX_FEDERATION_PERSONAL_STEPS, 0.02, False)
+    assert LearnerConfig().personal_fit(fair) == fair
+
+
 def test_learner_refits_with_its_flags_else_the_federations_else_the_defaults() -> None:
     from shared.federated.local_config import LocalTrainConfig
 

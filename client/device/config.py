@@ -17,7 +17,19 @@ from shared.config import from_flat, kebab
 from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget, check_budget
 
-__all__ = ["MAX_K", "MAX_WAIT_S", "MIN_BODY_BYTES", "DaemonConfig"]
+#: The most adapter refit steps a device takes because the federation's run config asks
+#: (100x the default 20): a refit holds the model, and so a ``DELETE /data``, until it ends,
+#: and a server asking for 10**9 would keep an erase waiting for hours. The device's owner
+#: sets any number with ``--personal-steps``.
+MAX_FEDERATION_PERSONAL_STEPS = 2000
+
+__all__ = [
+    "MAX_FEDERATION_PERSONAL_STEPS",
+    "MAX_K",
+    "MAX_WAIT_S",
+    "MIN_BODY_BYTES",
+    "DaemonConfig",
+]
 
 
 def _is_loopback(host: str) -> bool:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from client.device.config import MAX_FEDERATION_PERSONAL_STEPS
 from client.device.daemon import StaleModelError
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
 from client.device.sealed import PERSONAL_SUFFIX, Catalog
@@ -553,11 +554,20 @@ class LearnerConfig:
             raise ConfigError(f"--personal-lr must be a finite number > 0, got {self.personal_lr}")
 
     def personal_fit(self, federation: PersonalFit | None) -> PersonalFit:
-        """The refit to use: each of this config's values, else the federation's, else the
-        defaults."""
+        """The refit to use: each of this config's values, else the federation's (its steps
+        at most :data:`MAX_FEDERATION_PERSONAL_STEPS`), else the defaults."""
         base = federation or PersonalFit.of(LocalTrainConfig())
+        steps = base.steps
+        if steps > MAX_FEDERATION_PERSONAL_STEPS and self.personal_steps is None:
+            logger.warning(
+                "the federation asks for %d personal-steps; this device takes %d (its owner "
+                "can set more with --personal-steps)",
+                steps,
+                MAX_FEDERATION_PERSONAL_STEPS,
+            )
+            steps = MAX_FEDERATION_PERSONAL_STEPS
         return PersonalFit(
-            base.steps if self.personal_steps is None else self.personal_steps,
+            steps if self.personal_steps is None else self.personal_steps,
             base.lr if self.personal_lr is None else self.personal_lr,
             base.exclude_seen if self.exclude_seen is None else self.exclude_seen,
         )

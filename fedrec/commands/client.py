@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from client.device.config import MAX_WAIT_S, DaemonConfig
+from client.device.config import MAX_FEDERATION_PERSONAL_STEPS, MAX_WAIT_S, DaemonConfig
 from fedrec.device_settings import DAEMON_SETTINGS_HELP, NOT_FLAGS
 from fedrec.options import (
     NON_EMPTY_PATH,
@@ -314,7 +314,8 @@ def start(
             "--personal-steps",
             help="Adam steps that refit the personal adapter against each served global model "
             "(0: serve the global model as it is). Default: the federation's run config "
-            f"(personal-steps), else {LocalTrainConfig.personal_steps}.",
+            f"(personal-steps, at most {MAX_FEDERATION_PERSONAL_STEPS}), else "
+            f"{LocalTrainConfig.personal_steps}.",
         ),
     ] = None,
     personal_lr: Annotated[
