@@ -1060,3 +1060,31 @@ def test_a_fit_reads_the_history_once_so_an_erase_mid_fit_cannot_fail_it(
     assert fit.status is FitStatus.OK and len(reads) == 1
     later = task.fit(0, params, {"server-round": 2})  # the erase seen by the next round
     assert later.status is FitStatus.DECLINED and later.decline_kind == "no-local-data"
+
+
+def test_a_failing_refresh_shows_in_status_until_one_succeeds(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The learner's failures (a refit that fails, a global model of another federation)
+    reached only the daemon's log: /status showed an old model served with no reason. Its
+    refresh_error says why, until a refresh succeeds."""
+    import shared.federated.local_training as local_training
+
+    real = local_training.fit_personal
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise DataError("the refit broke")
+
+    monkeypatch.setattr(local_training, "fit_personal", broken)
+    with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
+        learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.05, poll_s=0.05))
+        learner.attach()
+        assert daemon.status().refresh_error is None
+        daemon.add_events(_events(8, seed=1))
+        _wait_until(lambda: daemon.status().refresh_error is not None)
+        status = daemon.status()
+        assert "the refit broke" in str(status.refresh_error)
+        assert status.model_version == "0"  # the last good model serves meanwhile
+        monkeypatch.setattr(local_training, "fit_personal", real)
+        _wait_until(lambda: daemon.status().model_version == "0+personal")  # retried
+        assert daemon.status().refresh_error is None

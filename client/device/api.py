@@ -292,6 +292,12 @@ class StatusOut(BaseModel):
         default_factory=list,
         description="Processes run next to the API (the SuperNode under `fedrec client start`).",
     )
+    refresh_error: str | None = Field(
+        None,
+        description="Why refreshing the served model (a personal refit to new events, or a "
+        "newly received global model) keeps failing; the last good model serves meanwhile "
+        "(null when the last refresh succeeded).",
+    )
 
 
 class ErrorOut(BaseModel):
@@ -673,6 +679,7 @@ def create_app(
             adaptation_pending=s.adaptation_pending,
             policy=s.policy,
             processes=[ProcessOut(**dataclasses.asdict(p)) for p in s.processes],
+            refresh_error=s.refresh_error,
         )
 
     @app.delete(

@@ -243,6 +243,9 @@ class DeviceStatus:
     adaptation_pending: int
     policy: str
     processes: tuple[ProcessState, ...] = ()
+    #: Why the last refresh of the served model (a personal refit, or a new global model)
+    #: failed, while it keeps failing (:attr:`Daemon.refresh_error`); ``None`` otherwise.
+    refresh_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -505,6 +508,9 @@ class Daemon:
         self.model: OnDeviceModel | None = None
         self.model_info: SealedModelInfo | None = None
         self.model_error: str | None = None
+        #: Set by the model refresher (the federated learner) while its refreshes fail: the
+        #: last good model keeps serving, and ``/status`` says why it is not refreshed.
+        self.refresh_error: str | None = None
         #: An erase interrupted by a crash was finished when the folder was opened.
         self.erase_completed_at_open = False
         self._load_installed()
@@ -944,6 +950,7 @@ class Daemon:
             adaptation_pending=stats.adaptation_pending,
             policy=self.reranker.name,
             processes=tuple(proc.state() for proc in self.processes),
+            refresh_error=self.refresh_error,
         )
 
     def _privacy_spent(self, rounds_joined: int) -> tuple[float | None, str | None, PrivacyBudget]:

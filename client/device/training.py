@@ -705,12 +705,18 @@ class DeviceLearner:
                 return
             except FedRecError as exc:
                 failures += 1
-                self.last_error = str(exc)
+                self._failed(str(exc))
                 logger.error("model refresh failed: %s", exc)
             except Exception as exc:  # keep serving the last good model
                 failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._failed(f"{type(exc).__name__}: {exc}")
                 logger.exception("model refresh failed")
+
+    def _failed(self, reason: str) -> None:
+        """Note why a refresh failed, for the daemon's ``/status`` too (the owner would
+        otherwise see only the daemon's log)."""
+        self.last_error = reason
+        self.daemon.refresh_error = reason
 
     def _tick(self) -> None:
         store = self.daemon.store
@@ -774,7 +780,7 @@ class DeviceLearner:
         if adapt and pending:
             self.daemon.store.consume_adaptation_pending(pending)
         self.installed_global = (received.run_id if received else None, version)
-        self.last_error = None
+        self.last_error = self.daemon.refresh_error = None
         logger.info("serving model %s (sealed v%d)", label, info.version)
 
     def global_model(self) -> bytes | None:
