@@ -615,7 +615,8 @@ def run_rounds(
     """Run ``num_rounds`` rounds of fit + federated evaluation with ``strategy``.
 
     Fit uses ``SecAggPlusWorkflow`` when ``secagg`` is given, else Flower's default
-    fit workflow; ``round_timeout`` (seconds) bounds every plain send/receive. After
+    fit workflow; ``round_timeout`` (seconds) bounds every plain send/receive, not the
+    SecAgg+ stages, which wait ``secagg.timeout`` (``None``: for all replies). After
     each round (fit, then evaluation) ``on_round_end`` gets a :class:`RoundReport`; an
     exception raised there stops the run (so a failing checkpoint is never silent),
     except :class:`~server.strategy.StopTraining`, which ends it cleanly.
@@ -628,6 +629,8 @@ def run_rounds(
     if first_round < 1:
         raise ConfigError(f"first_round must be >= 1, got {first_round}")
     stopped = threading.Event()
+    # SecAgg+ stages wait for their own secagg timeout (None: no limit), never round_timeout
+    secure_grid = _DefaultTimeoutGrid(grid, None, stopped)
     grid = _DefaultTimeoutGrid(grid, round_timeout, stopped)
     completed: list[int] = []
     legacy = LegacyContext(
@@ -648,7 +651,7 @@ def run_rounds(
         _wait_for_cohort(ctx.client_manager, strategy, _current_round(ctx))
         timing["start"] = time.perf_counter()
         shapes = [a.shape for a in _global_parameters(ctx)]
-        inner_fit(_WellFormedRepliesGrid(grid, shapes), ctx)
+        inner_fit(_WellFormedRepliesGrid(secure_grid if secagg is not None else grid, shapes), ctx)
         timing["fit_end"] = time.perf_counter()
         server_round = _current_round(ctx)
         halted = getattr(inner_fit, "halted_because", None)

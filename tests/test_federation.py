@@ -1220,6 +1220,23 @@ def test_secagg_dropouts_past_timeout_in_collect_stage_up_to_threshold() -> None
     )
 
 
+def test_secagg_timeout_zero_waits_for_every_stage_whatever_the_round_timeout() -> None:
+    # secagg-timeout 0 means no timeout for the SecAgg+ stages (training happens in one):
+    # round-timeout bounds the plain fit/evaluate replies only, and a slow client is
+    # still summed instead of being dropped after round-timeout seconds.
+    config: RunConfig = {
+        "num-rounds": 1,
+        "secagg": True,
+        "secagg-timeout": 0,
+        "round-timeout": 0.5,
+        "eval-fraction": 0.0,
+        "toy-sleep-clients": "2",
+        "toy-sleep-s": 1.5,
+    }
+    fit = _run(config, num_nodes=5)[0].fit
+    assert (fit.ok, fit.failed, fit.updated) == (5, 0, True), fit
+
+
 def _halted_secagg_round(extra: RunConfig | None = None) -> RoundReport:
     """One SecAgg+ round of 5 clients with threshold 4, two of which drop at share_keys: too
     many for the unmasking, so it halts."""
