@@ -24,11 +24,19 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
   vectors with :func:`server.npy.load_npy` (each ``.npy`` header parsed once, not once
   per client and tensor), and the client mod parses its own PEM private key once per
   stage instead of once per neighbour.
+* :func:`full_seed_masks` - Flower 1.42 draws every SecAgg+ mask from
+  ``RandomState(seed32)``, the XOR of the seed's 4-byte words: a round's masks are 2**32
+  in all, and an honest-but-curious server, which learns each survivor's private seed
+  in the unmask stage, could strip the few pairwise masks left on one client's vector by
+  enumerating them offline and read that client's update. Where both ends have it (the
+  server names it in the collect stage's instruction, the client in its reply) the
+  masks are drawn from the whole seed instead.
 """
 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import importlib
 import math
 import threading
@@ -41,6 +49,7 @@ from typing import cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -48,6 +57,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.common.secure_aggregation import secaggplus_utils as _flwr_secagg_utils
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
@@ -104,6 +114,54 @@ _flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.s
 
 
 _flwr_bytes_to_private_key = _flwr_asymmetric.bytes_to_private_key
+_flwr_pseudo_rand_gen = _flwr_secagg_utils.pseudo_rand_gen
+
+#: Config record, in a collect-stage instruction and its reply, naming the generator of the
+#: SecAgg+ masks (:func:`full_seed_masks`); without it both ends use Flower's.
+MASKS_RECORD = "fedrec.secagg-masks"
+MASKS_KEY = "generator"
+MASKS_GENERATOR = "aes256-ctr-sha256-v1"
+_FULL_SEED_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fedrec_full_seed_masks", default=False
+)
+
+
+def full_seed_masks(
+    seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Masks uniform in ``[0, num_range)`` of the given shapes, from all of ``seed``.
+
+    The replacement of Flower's ``pseudo_rand_gen`` (same arguments, ``int64`` arrays):
+    AES-256 in counter mode keyed with SHA-256 of the seed, so two seeds give unrelated
+    masks and a mask is as hard to guess as its seed (Flower's folds the seed to 32 bits).
+    ``num_range`` is a power of two <= 2**32 in SecAgg+, so the words stay uniform."""
+    key = hashlib.sha256(b"fedrec secagg+ mask\0" + seed).digest()
+    counts = [math.prod(shape) for shape in dimensions_list]
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    words = stream.update(bytes(4 * sum(counts))) + stream.finalize()
+    values = np.frombuffer(words, dtype="<u4").astype(np.int64) % num_range
+    masks: list[np.ndarray] = []
+    start = 0
+    for shape, count in zip(dimensions_list, counts, strict=True):
+        masks.append(values[start : start + count].reshape(shape))
+        start += count
+    return masks
+
+
+def _mask_generator(
+    seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """What Flower's SecAgg+ workflow and client mod call for their masks:
+    :func:`full_seed_masks` in a round both ends agreed on it, else Flower's own."""
+    if _FULL_SEED_MASKS.get():
+        return full_seed_masks(seed, num_range, dimensions_list)
+    return cast(list[np.ndarray], _flwr_pseudo_rand_gen(seed, num_range, dimensions_list))
+
+
+def _masks_installed(module: object) -> bool:
+    """Whether ``module`` (Flower's workflow or client mod) draws masks by
+    :func:`_mask_generator` (a Flower that reworked its helper keeps its own)."""
+    return getattr(module, "pseudo_rand_gen", None) is _mask_generator
 
 
 @lru_cache(maxsize=4)
@@ -116,10 +174,12 @@ def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
 
 def use_fast_secagg_helpers() -> None:
     """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares`,
-    :func:`combine_shares`, :func:`server.npy.load_npy` and :func:`parsed_private_key`
-    (idempotent; a Flower whose modules no longer hold its own helpers under these names
-    is left alone)."""
+    :func:`combine_shares`, :func:`server.npy.load_npy`, :func:`parsed_private_key` and
+    :func:`_mask_generator` (idempotent; a Flower whose modules no longer hold its own
+    helpers under these names is left alone)."""
     for module, name, original, replacement in (
+        (_flwr_workflow, "pseudo_rand_gen", _flwr_pseudo_rand_gen, _mask_generator),
+        (_flwr_client_mod, "pseudo_rand_gen", _flwr_pseudo_rand_gen, _mask_generator),
         (_flwr_workflow, "combine_shares", _flwr_shamir.combine_shares, combine_shares),
         (_flwr_workflow, "bytes_to_ndarray", _flwr_parameter.bytes_to_ndarray, load_npy),
         (_flwr_client_mod, "create_shares", _flwr_shamir.create_shares, create_shares),
@@ -331,6 +391,15 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Why the last round's secure aggregation halted, where it was not for too few
     surviving clients (``None``: it was, or it did not halt)."""
 
+    def __call__(self, grid: Grid, context: Context) -> None:
+        """Flower's protocol, unmasking with :func:`full_seed_masks` where installed (the
+        collect stage asks the clients for them)."""
+        token = _FULL_SEED_MASKS.set(_masks_installed(_flwr_workflow))
+        try:
+            super().__call__(grid, context)
+        finally:
+            _FULL_SEED_MASKS.reset(token)
+
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's setup stage, then forget clients that did not send public keys."""
         self.halted_because = None
@@ -352,7 +421,13 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         update (the others declined, in the clear): Flower unmasks the sum first and asks
         the strategy after, so a sum the strategy then discards had already been seen, with
         less DP noise than its contributors' ledgers were charged for under noise-shares.
-        The strategy records the round (declines, the reason) and keeps the model."""
+        The strategy records the round (declines, the reason) and keeps the model.
+
+        The instructions name the mask generator the server unmasks with (a reply that
+        does not name it back is malformed: :func:`_reply_problem`)."""
+        if _FULL_SEED_MASKS.get():
+            for content in state.nid_to_fitins.values():
+                content.config_records[MASKS_RECORD] = ConfigRecord({MASKS_KEY: MASKS_GENERATOR})
         if not super().collect_masked_vectors_stage(grid, context, state):
             return False
         strategy = context.strategy
@@ -507,6 +582,14 @@ def _reply_problem(
         problem = _stage_reply_problem(stage, configs, asked)
         if problem is not None:
             return problem
+        wanted_masks = request.config_records.get(MASKS_RECORD) if request is not None else None
+        if wanted_masks is not None:
+            named = content.config_records.get(MASKS_RECORD)
+            if named is None or named.get(MASKS_KEY) != wanted_masks.get(MASKS_KEY):
+                return (
+                    "masked vector not drawn from the generator the server unmasks with "
+                    f"({MASKS_GENERATOR}): a client app without it"
+                )
     if shapes is not None and configs is not None and Key.MASKED_PARAMETERS in configs:
         try:
             raw = cast(list[bytes], configs[Key.MASKED_PARAMETERS])
@@ -772,6 +855,13 @@ def secaggplus_when_requested_mod(
     stage = str(msg.content.config_records[SECAGG_RECORD].get(Key.STAGE, "?"))
     use_fast_secagg_helpers()
     inner_errors: list[Message] = []
+    asked = msg.content.config_records.get(MASKS_RECORD)
+    # masks from the whole seed where the server unmasks with them and this Flower has them
+    full_seed = (
+        asked is not None
+        and asked.get(MASKS_KEY) == MASKS_GENERATOR
+        and _masks_installed(_flwr_client_mod)
+    )
 
     def guarded_next(inner_msg: Message, inner_ctxt: Context) -> Message:
         token = _UNDER_SECAGG.set(True)
@@ -788,6 +878,7 @@ def secaggplus_when_requested_mod(
             _cap_weight(reply.content, inner_ctxt)
         return reply
 
+    masks_token = _FULL_SEED_MASKS.set(full_seed)
     try:
         reply = secaggplus_mod(msg, ctxt, guarded_next)
     except _HandlerReplied:
@@ -811,8 +902,12 @@ def secaggplus_when_requested_mod(
         return Message(
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
         )
+    finally:
+        _FULL_SEED_MASKS.reset(masks_token)
     if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content():
         _scrub_fit_reply(reply.content)
+        if full_seed:
+            reply.content.config_records[MASKS_RECORD] = ConfigRecord({MASKS_KEY: MASKS_GENERATOR})
     return reply
 
 

@@ -1237,6 +1237,26 @@ def test_secagg_timeout_zero_waits_for_every_stage_whatever_the_round_timeout() 
     assert (fit.ok, fit.failed, fit.updated) == (5, 0, True), fit
 
 
+def test_a_client_masking_with_flowers_32_bit_generator_counts_as_a_dropout() -> None:
+    # a client app that does not draw its masks from the whole seed (one that never saw
+    # the server's request for them) would turn the unmasked sum into noise; it is dropped
+    # and its pairwise masks on the others' vectors removed (they are the full-seed ones)
+    def old_client_1(msg: Message, ctx: Context, call_next: Any) -> Message:
+        if msg.has_content() and client_id_of(ctx) == 1:
+            msg.content.config_records.pop(secagg_module.MASKS_RECORD, None)
+        return call_next(msg, ctx)
+
+    task = ToyLinearTask()
+    config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+    report = _run(config, num_nodes=6, extra_mods=[old_client_1])[0]
+    assert (report.fit.ok, report.fit.failed) == (5, 1), report.fit
+    assert "generator the server unmasks with" in report.fit.failures[0]
+    survivors = [0, 2, 3, 4, 5]
+    expected = _expected_fedavg(task, survivors, task.initial_parameters())
+    tol = _secagg_tolerance(task, survivors, 8.0, 2**22)
+    assert _max_diff(report.parameters, expected) < tol
+
+
 def _halted_secagg_round(extra: RunConfig | None = None) -> RoundReport:
     """One SecAgg+ round of 5 clients with threshold 4, two of which drop at share_keys: too
     many for the unmasking, so it halts."""

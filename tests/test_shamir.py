@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import random
 
+import numpy as np
 import pytest
 from Crypto.Protocol.SecretSharing import Shamir
+from flwr.common.secure_aggregation import secaggplus_utils as flwr_utils
 from flwr.common.secure_aggregation.crypto import shamir as flwr_shamir
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flwr_workflow
 from flwr.supercore.primitives.asymmetric import (
@@ -17,9 +20,11 @@ from flwr.supercore.primitives.asymmetric import (
     private_key_to_bytes,
 )
 
+from client.client_app import make_client_app
 from server import shamir
 from server.npy import load_npy
-from server.secagg import parsed_private_key, use_fast_secagg_helpers
+from server.secagg import full_seed_masks, parsed_private_key, use_fast_secagg_helpers
+from server.server_app import make_server_app, run_in_process
 
 flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
@@ -98,3 +103,53 @@ def test_a_parsed_key_is_flowers_parse_remembered() -> None:
     parsed = parsed_private_key(pem)
     assert parsed is parsed_private_key(pem)  # parsed once
     assert parsed.private_numbers() == bytes_to_private_key(pem).private_numbers()
+
+
+def _fold_collision(seed: bytes) -> bytes:
+    """Another seed of the same length whose 4-byte words XOR to the same 32-bit value:
+    Flower's ``pseudo_rand_gen`` seeds its generator with that XOR, so both give one mask."""
+    flip = bytes([0x5A, 0xC3, 0x11, 0x80])
+    return bytes(b ^ flip[i % 4] if i < 8 else b for i, b in enumerate(seed))
+
+
+def test_masks_depend_on_the_whole_seed_not_a_32_bit_fold() -> None:
+    seed = os.urandom(32)
+    other = _fold_collision(seed)
+    assert flwr_utils.pseudo_rand_gen(seed, 2**32, [(8,)])[0].tolist() == (
+        flwr_utils.pseudo_rand_gen(other, 2**32, [(8,)])[0].tolist()
+    )  # Flower's: 2**32 masks in all, which a curious server can enumerate
+    dims = [(3, 4), (), (5,)]
+    masks = full_seed_masks(seed, 2**32, dims)
+    assert [m.shape for m in masks] == dims
+    assert all(m.dtype == np.int64 and m.min() >= 0 and m.max() < 2**32 for m in masks)
+    assert [m.tolist() for m in masks] == [m.tolist() for m in full_seed_masks(seed, 2**32, dims)]
+    assert masks[0].tolist() != full_seed_masks(other, 2**32, dims)[0].tolist()
+    small = full_seed_masks(seed, 2**8, [(1000,)])[0]
+    assert small.min() >= 0 and small.max() < 2**8 and len(set(small.tolist())) > 200
+
+
+def test_a_secagg_round_masks_with_no_32_bit_seeded_generator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower 1.42's masks come from ``RandomState(seed32)``: every mask of a round is one
+    of 2**32, so an honest-but-curious server can strip a client's pairwise masks offline
+    and read its update. The round's masks (client and server side) use the whole seed."""
+    seeded: list[object] = []
+
+    class Recording(np.random.RandomState):
+        def __init__(self, seed: object = None) -> None:
+            if seed is not None:
+                seeded.append(seed)
+            super().__init__(seed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(np.random, "RandomState", Recording)
+    reports: list[object] = []
+    config = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+    run_in_process(
+        make_server_app(config, on_round_end=reports.append),
+        make_client_app(),
+        4,
+        run_config=config,
+    )
+    assert len(reports) == 1 and reports[0].fit.updated  # type: ignore[attr-defined]
+    assert seeded == []
