@@ -237,6 +237,28 @@ def test_schema_version_and_foreign_files_are_refused(tmp_path: Path, key: bytes
         DeviceStore.open(junk, key)
 
 
+def test_a_store_this_user_cannot_write_is_not_called_a_foreign_file(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store SQLite can open only read-only (its files or folder left by a run as root)
+    was reported as "not a fedrec device store; move it away (the daemon then starts an
+    empty one)": advice that sets the user's data aside instead of naming the permissions.
+    Tests run as root, which writes any file: SQLite is made to open the store read-only."""
+    from client.device import store as store_module
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        store_module.sqlite3,
+        "connect",
+        lambda path, **kw: connect(f"file:{path}?mode=ro", uri=True, **kw),
+    )
+    with pytest.raises(DataError) as info:
+        DeviceStore.open(tmp_path / "store.db", key)
+    message = str(info.value)
+    assert "not a fedrec device store" not in message and "move it away" not in message
+    assert "readonly" in message and "read and write" in message and "chown" in message
+
+
 def test_store_is_in_wal_mode_with_full_sync(store: DeviceStore) -> None:
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

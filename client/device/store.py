@@ -421,7 +421,8 @@ class DeviceStore:
 
         Raises :class:`WrongDataKeyError` if the file was created with another key,
         :class:`StoreCorruptError` if the file is damaged, and :class:`DataError` if it is
-        not a store, is newer than this code, or WAL is refused.
+        not a store, is newer than this code, cannot be opened for writing (permissions, a
+        full disk, another program's lock) or WAL is refused.
         """
         if max_impressions < 1:
             raise ConfigError(f"max_impressions must be >= 1, got {max_impressions}")
@@ -450,7 +451,7 @@ class DeviceStore:
                 path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise DataError(f"cannot open the local store {path}: {exc}") from exc
+            raise DeviceStore._unopenable(path, exc) from exc
         try:
             cls._configure(conn, path, busy_timeout_ms)
             cls._prepare_schema(conn, path, check)
@@ -474,6 +475,24 @@ class DeviceStore:
         )
 
     @staticmethod
+    def _unopenable(path: Path, exc: sqlite3.Error) -> DataError:
+        """SQLite cannot open the store ``path`` for writing, for a reason outside its
+        contents (a damaged or foreign file is :meth:`_damaged`): name the fix, which is
+        never to set the store aside."""
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
+            sqlite3.SQLITE_BUSY,
+            sqlite3.SQLITE_LOCKED,
+        ):
+            fix = "another program holds it locked: close that program and retry"
+        else:
+            fix = (
+                f"this user must be able to read and write it, its {path.name}-wal/-shm files "
+                f"and the folder {path.parent} (give files left by a run as another user, e.g. "
+                f"root, back with `chown`), and the disk must have room"
+            )
+        return DataError(f"cannot open the local store {path} ({exc}): {fix}; it was not changed")
+
+    @staticmethod
     def _configure(conn: sqlite3.Connection, path: Path, busy_timeout_ms: int) -> None:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -487,10 +506,9 @@ class DeviceStore:
         except sqlite3.DatabaseError as exc:
             if is_corruption(exc):
                 raise DeviceStore._damaged(path, exc) from exc
-            raise DataError(
-                f"{path} is not a fedrec device store ({exc}); move it away (the daemon then "
-                f"starts an empty one) or restore it from a backup"
-            ) from exc
+            # a file that is not SQLite is SQLITE_NOTADB (above); what is left is the file's
+            # surroundings: permissions, a full disk, another program's lock
+            raise DeviceStore._unopenable(path, exc) from exc
         if str(mode).lower() != "wal":
             raise DataError(
                 f"SQLite refused write-ahead logging for {path} (journal_mode={mode}); put the "
