@@ -880,6 +880,8 @@ def secaggplus_when_requested_mod(
 
     masks_token = _FULL_SEED_MASKS.set(full_seed)
     try:
+        if stage == Stage.UNMASK:
+            _refuse_unmasking_both_shares(msg.content.config_records[SECAGG_RECORD])
         reply = secaggplus_mod(msg, ctxt, guarded_next)
     except _HandlerReplied:
         return inner_errors[0]
@@ -909,6 +911,21 @@ def secaggplus_when_requested_mod(
         if full_seed:
             reply.content.config_records[MASKS_RECORD] = ConfigRecord({MASKS_KEY: MASKS_GENERATOR})
     return reply
+
+
+def _refuse_unmasking_both_shares(configs: ConfigRecord) -> None:
+    """Refuse an unmask request that lists a node both as active (asking for the share of
+    its private mask seed) and as dead (the share of its mask key): with both a server
+    strips every mask off that node's own vector and reads its update. Flower's client
+    mod sends both (Bonawitz et al. 2017 require the sets disjoint)."""
+    active = configs.get(Key.ACTIVE_NODE_ID_LIST, [])
+    dead = configs.get(Key.DEAD_NODE_ID_LIST, [])
+    both = sorted(set(cast(list[int], active)) & set(cast(list[int], dead)))
+    if both:
+        raise ValueError(
+            f"the unmask request lists node(s) {both[:5]} as both active and dropped: both "
+            "shares would unmask that node's own update; refusing (a faulty or hostile server)"
+        )
 
 
 def _uniform_weight_requested(content: RecordDict) -> bool:

@@ -1757,3 +1757,37 @@ def test_a_round_waits_for_its_clients_instead_of_running_with_none(
         _wait_for_cohort(manager, strategy, 4)  # type: ignore[arg-type]
     assert manager.calls >= 10
     assert "round 4 waits for clients: 0 of the 3" in caplog.text
+
+
+def test_a_client_refuses_to_unmask_a_node_listed_as_active_and_dropped(
+    monkeypatch: pytest.MonkeyPatch, client_log: pytest.LogCaptureFixture
+) -> None:
+    """Flower's client mod answers an unmask request with the share of each active node's
+    mask seed and of each dropped node's mask key: a server listing a node in both lists
+    gets both and reads that node's own update. The client now refuses such a request
+    (an error reply) before Flower's mod sends anything."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    called: list[str] = []
+    monkeypatch.setattr(
+        secagg_module, "secaggplus_mod", lambda msg, ctxt, nxt: called.append("flower")
+    )
+    for dead, refused in (([7], True), ([9], False)):
+        called.clear()
+        configs = ConfigRecord(
+            {
+                Key.STAGE: Stage.UNMASK,
+                Key.ACTIVE_NODE_ID_LIST: [5, 6, 7],
+                Key.DEAD_NODE_ID_LIST: dead,
+            }
+        )
+        msg = Message(RecordDict({SECAGG_RECORD: configs}), 100, "train")
+        context = Context(1, 100, {}, RecordDict(), {})
+        reply = secagg_module.secaggplus_when_requested_mod(
+            msg, context, lambda m, c: pytest.fail("no training in the unmask stage")
+        )
+        if refused:
+            assert reply.has_error() and "unmask" in reply.error.reason
+            assert called == [] and "as both active and dropped" in client_log.text
+        else:
+            assert called == ["flower"]
