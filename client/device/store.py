@@ -1063,7 +1063,10 @@ class DeviceStore:
         very fix that error advises; it starts again instead, as in an erase of a damaged
         file (the rounds joined catch up with ``federated/joined.json``; the privacy ledger
         is a file of its own). The deleted rows are overwritten (``secure_delete``),
-        the WAL is truncated and the file ``VACUUM``-ed, so nothing lingers on disk.
+        the WAL is truncated and the file ``VACUUM``-ed, so nothing lingers in the store's
+        files. Copies outside them (a backup or snapshot of the folder, blocks the file
+        system freed without clearing) are encrypted under keys derived from the device's
+        data key, which the erase keeps: whoever holds both can read them.
 
         Returns whether the old pages are gone from disk already. Another connection in the
         middle of a read (the federated client, during a fit) keeps the WAL from being
