@@ -191,3 +191,24 @@ def test_pooled_case_ranks_weigh_every_user_once():
     assert diff.users == 5
     with pytest.raises(DataError, match="no case ranks"):
         CaseRanks.concat([])
+
+
+def test_relative_cost_without_a_draw_where_the_reference_hits_says_so():
+    """B (the no-DP reference) hits 1 case of 10: a bootstrap draw of the 10 users misses it
+    with probability 0.9**10 (about 0.35), and a draw where B hits nothing has no ratio. With
+    one draw per call, about a third of the seeds leave no draw at all: that was an
+    IndexError from numpy's quantile of an empty array; it is a DataError naming the fix."""
+    from shared.eval.compare import relative_cost
+
+    a = [0.0] + [20.0] * 9
+    outcomes = {"interval": 0, "refused": 0}
+    for seed in range(40):
+        try:
+            point, low, high = relative_cost(a, a, n_resamples=1, seed=seed) or (0, 0, 0)
+        except DataError as err:
+            assert "n_resamples" in str(err) and "1 of 10" in str(err)
+            outcomes["refused"] += 1
+        else:
+            assert (point, low, high) == (0.0, 0.0, 0.0)  # A is B: no cost in any draw
+            outcomes["interval"] += 1
+    assert outcomes["refused"] > 0 and outcomes["interval"] > 0

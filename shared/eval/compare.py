@@ -159,7 +159,8 @@ def relative_cost(
     The ratio is taken in every draw, so the interval carries the uncertainty of B's HR as
     well as of the difference (dividing the difference's bounds by B's point HR left the
     former out). Returns ``(point, low, high)``, or ``None`` where B hits no case (no cost to
-    speak of); a draw in which B hits nothing has no ratio and is left out of the interval.
+    speak of); a draw in which B hits nothing has no ratio and is left out of the interval
+    (a :class:`DataError` if that leaves no draw: B hits too few cases for ``n_resamples``).
 
     >>> relative_cost([0, 20, 20, 20], [0, 0, 20, 20])[0]
     0.5
@@ -171,6 +172,12 @@ def relative_cost(
         return None
     means, _ = _resampled_means(hits, users, n_resamples, seed)
     drawn = means[means[:, 1] > 0]
+    if not len(drawn):  # numpy's quantile of no values was an IndexError
+        raise DataError(
+            f"none of the {n_resamples} bootstrap draws of B hits a case (B hits "
+            f"{int(hits[:, 1].sum())} of {len(hits)} cases), so the relative cost has no "
+            "interval; raise n_resamples"
+        )
     costs = 1.0 - drawn[:, 0] / drawn[:, 1]
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(costs, [tail, 1.0 - tail])
