@@ -377,6 +377,21 @@ def test_a_typo_gets_the_closest_keys_on_every_config_path() -> None:
         DaemonConfig.from_values({"policy": "thompson"})
 
 
+def test_a_misspelt_exploration_key_is_named_as_typed_with_its_prefix() -> None:
+    """``--config bandit-polcy=thompson`` was refused as "unknown config key 'polcy' for
+    BanditConfig (did you mean policy?)" with the keys listed unprefixed: the advice,
+    ``--config policy=...``, is itself refused (the daemon reads ``bandit-policy``)."""
+    from client.device.config import DaemonConfig
+
+    with pytest.raises(ConfigError) as refused:
+        DaemonConfig.from_values({"bandit-polcy": "thompson"})
+    message = str(refused.value)
+    assert "'bandit-polcy'" in message
+    assert "did you mean bandit-policy" in message
+    assert "did you mean policy" not in message
+    assert DaemonConfig.from_values({"bandit_policy": "thompson"}).exploration.policy == "thompson"
+
+
 def test_simulation_takes_secagg_shares_as_a_count_or_a_fraction_like_the_server() -> None:
     """`fedrec simulate` refused secagg-num-shares=0.5, which the server and `fedrec server
     start` read as half the cohort."""

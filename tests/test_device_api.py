@@ -1092,7 +1092,7 @@ def test_exploration_config_from_flat_keys() -> None:
     # the default policy first and refused)
     small = DaemonConfig.from_values({"candidate-pool": 100, "bandit-top-n": 50})
     assert (small.candidate_pool, small.exploration.top_n) == (100, 50)
-    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+    with pytest.raises(ConfigError, match="unknown device config key 'bandit-nope'"):
         DaemonConfig.from_values({"bandit-nope": 1})
     # a policy key without its prefix is pointed at it; the valid list holds no key that
     # is refused (exploration) and the bandit- keys that are not

@@ -94,7 +94,10 @@ class DaemonConfig:
         bandit_keys = {kebab(f.name) for f in dataclasses.fields(BanditConfig) if f.init}
         for key, value in values.items():
             name = kebab(key)
-            if name.startswith("bandit-"):
+            # a bandit- key the policy does not have is refused here, by the name typed:
+            # refused by BanditConfig it was named without its prefix ('polcy'), and so
+            # were the keys suggested, which this method does not take
+            if name.startswith("bandit-") and name.removeprefix("bandit-") in bandit_keys:
                 bandit[name.removeprefix("bandit-")] = value
             elif name == "exploration":
                 raise ConfigError("set the exploration policy with bandit-<key>=value keys")
