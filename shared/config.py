@@ -13,7 +13,7 @@ import shlex
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeGuard, TypeVar
 
 from shared.errors import ConfigError
@@ -136,6 +136,25 @@ def from_flat(
             )
         kwargs[f.name] = coerce(value, hints[f.name], kebab(key))
     return cls(**kwargs, **(built or {}))
+
+
+def unknown_keys_error(
+    unknown: Collection[str],
+    valid: Collection[str],
+    *,
+    flag: str = "--run-config",
+    unused: Collection[str] = (),
+) -> ConfigError:
+    """The error for ``unknown`` keys of ``flag``: each with the closest ``valid`` keys (a
+    typo is found at a glance, as :func:`from_flat` says it), then every valid key. A key
+    of ``unused`` (a real setting the command does not take) is no typo: it gets none."""
+    named = []
+    for key in sorted(unknown):
+        close = [] if key in unused else difflib.get_close_matches(key, sorted(valid), n=3)
+        named.append(f"{key} (did you mean {', '.join(close)}?)" if close else key)
+    return ConfigError(
+        f"unknown {flag} keys: {', '.join(named)}; valid: {', '.join(sorted(valid))}"
+    )
 
 
 def to_flat(obj: Any) -> dict[str, Any]:

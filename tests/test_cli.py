@@ -64,6 +64,22 @@ def test_bad_run_config_is_refused() -> None:
     assert "nonsense" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "meant"),
+    [
+        (["evaluate", "baselines", "--no-text", "--run-config", "n-negative=50"], "n-negatives"),
+        (["evaluate", "model", "m.onnx", "--run-config", "cold_user_fraktion=0.1"], "cold-user"),
+        (["bandits", "evaluate", "--run-config", "mmr-lamda=0.5"], "mmr-lambda"),
+    ],
+)
+def test_a_misspelt_run_config_key_gets_the_key_meant(args: list[str], meant: str) -> None:
+    """`fedrec simulate`, `server start` and a device's --config suggest the key meant;
+    `evaluate` and `bandits` listed a dozen keys and left the reader to find it."""
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, ConfigError)
+    assert f"did you mean {meant}" in str(result.exception)
+
+
 def test_evaluate_baselines_json_and_export(tmp_path: Path, ml100k_dir: Path) -> None:
     out = tmp_path / "report.json"
     recs = tmp_path / "recs.csv"
@@ -626,7 +642,7 @@ def test_evaluate_model_refuses_the_cold_item_settings_it_does_not_use(
     result = runner.invoke(app, ["evaluate", "model", str(model), "--run-config", f"{key}=2"])
     assert isinstance(result.exception, ConfigError), result.output
     message = str(result.exception)
-    assert message.startswith(f"unknown --run-config keys: {key.replace('_', '-')};")
+    assert message.startswith(f"unknown --run-config keys: {key.replace('_', '-')};"), message
     assert "cold-item" not in message.split("valid:")[1] and "n-negatives" in message
 
 

@@ -32,7 +32,7 @@ from shared.bandits.harness import (
     summarize_runs,
 )
 from shared.bandits.policies import BanditConfig
-from shared.config import field_names, from_flat, parse_run_config
+from shared.config import field_names, from_flat, parse_run_config, unknown_keys_error
 from shared.errors import ConfigError, DataError
 from shared.eval.splits import MAX_SEED
 from shared.io import (
@@ -671,12 +671,10 @@ def _bandit_config(run_config: list[str] | None) -> BanditConfig:
             "(greedy, epsilon_greedy, thompson, linucb, with and without diversity); a device "
             "picks its own with --config bandit-policy=... (fedrec client start or serve-api)"
         )
-    unknown = set(k.replace("_", "-") for k in values) - field_names(BanditConfig)
+    valid = field_names(BanditConfig) - {"seed", "policy"}  # both refused above
+    unknown = set(k.replace("_", "-") for k in values) - valid
     if unknown:
-        valid = ", ".join(sorted(field_names(BanditConfig)))
-        raise ConfigError(
-            f"unknown --run-config keys: {', '.join(sorted(unknown))}; valid: {valid}"
-        )
+        raise unknown_keys_error(unknown, valid)
     return from_flat(BanditConfig, values)
 
 

@@ -23,7 +23,7 @@ from fedrec.options import (
     joined,
     say,
 )
-from shared.config import from_flat, kebab, parse_run_config
+from shared.config import from_flat, kebab, parse_run_config, unknown_keys_error
 from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError, DatasetNotFoundError
 from shared.eval.baseline_benchmark import (
@@ -319,10 +319,7 @@ def _split_and_eval(
     valid -= unused
     unknown = {k.replace("_", "-") for k in values} - valid
     if unknown:
-        raise ConfigError(
-            f"unknown --run-config keys: {', '.join(sorted(unknown))}; valid: "
-            f"{', '.join(sorted(valid))}"
-        )
+        raise unknown_keys_error(unknown, valid, unused=unused)
     split_cfg = from_flat(SplitConfig, _pick(values, SplitConfig))
     return split_cfg, from_flat(EvalConfig, _pick(values, EvalConfig))
 
