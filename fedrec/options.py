@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -18,10 +19,27 @@ from shared.errors import ConfigError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def expand_home(text: str, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+    """``text`` as a path whose leading ``~`` (or ``~user``) is that home folder, as the
+    shell reads it except after ``=``. A ``~user`` that names no user is a usage error
+    (pathlib's expansion raised a RuntimeError: a traceback)."""
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        who = text.split("/", 1)[0]
+        raise click.BadParameter(
+            f"{text}: {who} names no home folder on this machine; give the full path",
+            ctx=ctx,
+            param=param,
+        )
+    return Path(expanded)
+
+
 class NonEmptyPath(click.ParamType):
     """A folder option that refuses ``""`` (``Path("")`` is the current directory, so an empty
     variable in a script would silently write a state directory, or read a dataset, there)
-    and an existing file (every later error would name a path inside it)."""
+    and an existing file (every later error would name a path inside it). A leading ``~`` is
+    the home folder, as the shell reads it except after ``=`` (``--state-dir=~/fedrec``
+    made a folder named ``~`` in the current one)."""
 
     name = "path"
 
@@ -33,7 +51,7 @@ class NonEmptyPath(click.ParamType):
         text = str(value)
         if not text.strip():
             self.fail("must not be empty (give a folder; '.' for the current one)", param, ctx)
-        path = Path(text)
+        path = expand_home(text, param, ctx)
         if path.exists() and not path.is_dir():
             self.fail(f"{text} is a file, not a folder", param, ctx)
         return path

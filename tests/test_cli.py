@@ -513,6 +513,31 @@ def test_an_empty_folder_option_is_refused_not_taken_as_the_current_folder(
     assert list(tmp_path.iterdir()) == []  # nothing written in the current folder
 
 
+@pytest.mark.parametrize("command", ["server", "client"])
+def test_a_state_dir_under_home_written_as_a_tilde_is_the_home_folders(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """``--state-dir=~/fedrec`` (the shell leaves a tilde after ``=`` alone) made a folder
+    named ``~`` in the current one, where the next command, whose ``~`` the shell expanded,
+    did not look; --data-dir and the run's folders already read ``~`` as the home folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, [command, "init", "--state-dir=~/fedrec"])
+    assert result.exit_code == 0, result.output
+    assert list(work.iterdir()) == []  # no folder named '~'
+    assert (home / "fedrec").is_dir()
+    # a user that does not exist: a usage error, not pathlib's RuntimeError
+    unknown = ["init", "--state-dir=~no-such-user-x/fedrec"]
+    assert _main(monkeypatch, command, *unknown) == 2
+    assert "~no-such-user-x names no home folder" in capsys.readouterr().err
+
+
 def test_bad_init_input_writes_nothing(tmp_path: Path) -> None:
     """A bad --host or an empty --passphrase-env is refused before any file is written, so
     the retry is not blocked by a half-made state directory (or a random key is not made
