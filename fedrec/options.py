@@ -60,6 +60,22 @@ class NonEmptyPath(click.ParamType):
 NON_EMPTY_PATH = NonEmptyPath()
 """``click_type`` of every folder option."""
 
+
+class HomePath(click.ParamType):
+    """A file option whose leading ``~`` is the home folder, as for a folder option (the
+    shell leaves it alone after ``=``: ``--output=~/report.json`` wrote ``./~/report.json``)."""
+
+    name = "file"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Path:
+        return value if isinstance(value, Path) else expand_home(str(value), param, ctx)
+
+
+HOME_PATH = HomePath()
+"""``click_type`` of every file option."""
+
 DatasetOpt = Annotated[
     str,
     typer.Option(
@@ -124,7 +140,8 @@ def kebab_run_config(
 
 
 OutputOpt = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")
+    Path | None,
+    typer.Option("--output", "-o", click_type=HOME_PATH, help="Write the JSON report here."),
 ]
 FormatOpt = Annotated[
     str, typer.Option("--format", help="'table' for people, 'json' for machines.")

@@ -538,6 +538,28 @@ def test_a_state_dir_under_home_written_as_a_tilde_is_the_home_folders(
     assert "~no-such-user-x names no home folder" in capsys.readouterr().err
 
 
+def test_a_file_option_under_home_written_as_a_tilde_is_the_home_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--output=~/api.json`` wrote ``./~/api.json``, and ``--catalog=~/catalog.json`` was
+    looked for there, as the state-dir's tilde was: a file option reads ``~`` too."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "catalog.json").write_text(json.dumps(["a", "b", "c"]))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["client", "openapi", "--output=~/api.json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((home / "api.json").read_text())["openapi"]
+    init = ["client", "init", "--state-dir", str(home / "d"), "--catalog=~/catalog.json"]
+    result = runner.invoke(app, init)
+    assert result.exit_code == 0, result.output
+    assert list(work.iterdir()) == []  # no folder named '~'
+    unknown = runner.invoke(app, ["client", "openapi", "--output=~no-such-user-x/api.json"])
+    assert unknown.exit_code == 2  # a usage error, not pathlib's RuntimeError
+
+
 def test_bad_init_input_writes_nothing(tmp_path: Path) -> None:
     """A bad --host or an empty --passphrase-env is refused before any file is written, so
     the retry is not blocked by a half-made state directory (or a random key is not made

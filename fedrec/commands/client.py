@@ -13,6 +13,7 @@ import typer
 from client.device.config import MAX_FEDERATION_PERSONAL_STEPS, MAX_WAIT_S, DaemonConfig
 from fedrec.device_settings import DAEMON_SETTINGS_HELP, NOT_FLAGS
 from fedrec.options import (
+    HOME_PATH,
     NON_EMPTY_PATH,
     config_flag_names,
     explicit_options,
@@ -139,7 +140,11 @@ def init(
     ] = False,
     catalog: Annotated[
         Path | None,
-        typer.Option("--catalog", help="Install this catalog (JSON list of raw item ids)."),
+        typer.Option(
+            "--catalog",
+            click_type=HOME_PATH,
+            help="Install this catalog (JSON list of raw item ids).",
+        ),
     ] = None,
 ) -> None:
     """Create the device identity: EC key pair, data key, API token (all secrets 0600).
@@ -285,13 +290,16 @@ def start(
         Path | None,
         typer.Option(
             "--root-cert",
+            click_type=HOME_PATH,
             help="The federation's CA certificate (the server's certs/ca.pem) to verify TLS.",
         ),
     ] = None,
     bundle: Annotated[
         Path | None,
         typer.Option(
-            "--bundle", help="The federation's pretrained bundle (same file as the server)."
+            "--bundle",
+            click_type=HOME_PATH,
+            help="The federation's pretrained bundle (same file as the server).",
         ),
     ] = None,
     supernode_port: Annotated[
@@ -492,10 +500,16 @@ def status(
 def install_model(
     ctx: typer.Context,
     state_dir: StateDirOpt,
-    model: Annotated[Path, typer.Option("--model", help="An exported (int8) ONNX student.")],
+    model: Annotated[
+        Path, typer.Option("--model", click_type=HOME_PATH, help="An exported (int8) ONNX student.")
+    ],
     catalog: Annotated[
         Path | None,
-        typer.Option("--catalog", help="Its catalog (JSON list of raw item ids, model order)."),
+        typer.Option(
+            "--catalog",
+            click_type=HOME_PATH,
+            help="Its catalog (JSON list of raw item ids, model order).",
+        ),
     ] = None,
     passphrase_env: PassphraseEnvOpt = None,
     config: ConfigOpt = None,
@@ -525,7 +539,10 @@ def install_model(
 @app.command("openapi")
 def openapi(
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the schema here (else stdout).")
+        Path | None,
+        typer.Option(
+            "--output", "-o", click_type=HOME_PATH, help="Write the schema here (else stdout)."
+        ),
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrec.options import (
+    HOME_PATH,
     DataDirOpt,
     DatasetOpt,
     FormatOpt,
@@ -65,7 +66,10 @@ def baselines(
         bool, typer.Option("--cold-items/--no-cold-items", help="Run the cold-start item split.")
     ] = True,
     export: Annotated[
-        Path | None, typer.Option("--export", help="Write recs.csv (user,item,rank; top 100).")
+        Path | None,
+        typer.Option(
+            "--export", click_type=HOME_PATH, help="Write recs.csv (user,item,rank; top 100)."
+        ),
     ] = None,
     export_model: Annotated[
         str, typer.Option(help="Baseline whose top-100 is exported: pop, itemknn or ease.")
@@ -118,7 +122,10 @@ def model(
         ),
     ] = None,
     export: Annotated[
-        Path | None, typer.Option("--export", help="Write recs.csv (user,item,rank; top 100).")
+        Path | None,
+        typer.Option(
+            "--export", click_type=HOME_PATH, help="Write recs.csv (user,item,rank; top 100)."
+        ),
     ] = None,
     output: OutputOpt = None,
     fmt: FormatOpt = "table",

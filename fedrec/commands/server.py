@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from fedrec.options import (
+    HOME_PATH,
     NON_EMPTY_PATH,
     RunConfigOpt,
     config_flag_names,
@@ -218,6 +219,7 @@ def start(
         Path | None,
         typer.Option(
             "--bundle",
+            click_type=HOME_PATH,
             help="The pretrained model-only bundle (runs/<name>/deploy-bundle.pt from `fedrec "
             "simulate`; its bundle.pt holds the simulated users' data and is refused); the "
             "devices run with the same file.",
