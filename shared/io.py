@@ -29,12 +29,27 @@ is younger: it is written in one go, or continuously)."""
 CACHE_ROOT_ENV = "FEDREC_CACHE_DIR"
 
 
+def home_path(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` (or ``~user``) as that home folder. A ``~user`` that
+    names no user is a :class:`~shared.errors.ConfigError` (``Path.expanduser`` raised a
+    RuntimeError, a traceback; ``os.path.expanduser`` alone would leave a folder named
+    ``~user`` to be made in the current one)."""
+    from shared.errors import ConfigError
+
+    text = str(path)
+    expanded = os.path.expanduser(text)
+    if text.startswith("~") and expanded == text:
+        who = text.split("/", 1)[0]
+        raise ConfigError(f"{text}: {who} names no home folder on this machine; give the full path")
+    return Path(expanded)
+
+
 def cache_root() -> Path:
     """The root of fedrec's caches (datasets, embeddings, pretrained models):
     ``$FEDREC_CACHE_DIR`` if set to something other than blanks, else ``~/.cache/fedrec``.
     Read at call time, so tests and CLIs can redirect it through the environment."""
     env = os.environ.get(CACHE_ROOT_ENV, "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedrec"
+    return home_path(env) if env else Path.home() / ".cache" / "fedrec"
 
 
 def remove_stale_temps(

@@ -9,10 +9,8 @@ defaults are the quick preset: the embedded synthetic world, finishing in a few 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from server.server_app import ServerConfig, check_client_resources
 from server.server_optimizer import ServerOptimizerSettings
@@ -24,7 +22,7 @@ from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.federated.student_config import StudentTaskConfig, check_client_counts
 from shared.federated.task import RunConfigValue
-from shared.io import check_file_name
+from shared.io import check_file_name, home_path
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import DEFAULT_ORDER, ORDERS
@@ -118,7 +116,7 @@ co-occurrence start build dense ``items x items`` matrices (3.2 GB each at this 
 
 def data_dir_key(data_dir: str) -> str:
     """The absolute form of a dataset folder (``~`` expanded), or "" for none."""
-    return str(Path(data_dir).expanduser().resolve()) if data_dir else ""
+    return str(home_path(data_dir).resolve()) if data_dir else ""
 
 
 @dataclass(frozen=True)
@@ -277,7 +275,8 @@ class SimulationConfig:
                 "dense items x items matrices; give fewer items"
             )
         for key in ("run_dir", "cache_dir"):  # `~` in a --run-config value too
-            object.__setattr__(self, key, os.path.expanduser(getattr(self, key)))
+            if getattr(self, key):  # "" stays "" (refused, or the default), not "."
+                object.__setattr__(self, key, str(home_path(getattr(self, key))))
         # one spelling of the data's folder (a resumed run compares it: `x/` and `./x` are x)
         object.__setattr__(self, "data_dir", data_dir_key(self.data_dir))
         if not self.run_dir.strip():

@@ -498,3 +498,25 @@ def test_every_reader_coerces_a_value_the_same_way(
         return
     value = read(key, given)
     assert value == expected and type(value) is type(expected)
+
+
+def test_a_home_of_no_user_is_a_config_error_not_a_runtime_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``data-dir=~datasets/ml-100k`` (a slash forgotten) or a ``text-model``,
+    ``cache-dir`` or ``$FEDREC_CACHE_DIR`` under the home of a user that does not exist
+    ended in pathlib's "RuntimeError: Could not determine home directory", a traceback."""
+    from shared.data.registry import load_dataset
+    from shared.io import cache_root
+    from simulation.config import SimulationConfig
+
+    nobody = "~no-such-user-x/ml-100k"
+    for key in ("data-dir", "cache-dir", "run-dir"):
+        values = {"dataset": "ml-100k", key: nobody}
+        with pytest.raises(ConfigError, match="~no-such-user-x names no home folder"):
+            from_flat(SimulationConfig, values)
+    with pytest.raises(ConfigError, match="~no-such-user-x names no home folder"):
+        load_dataset("ml-100k", nobody)
+    monkeypatch.setenv("FEDREC_CACHE_DIR", nobody)
+    with pytest.raises(ConfigError, match="~no-such-user-x names no home folder"):
+        cache_root()

@@ -58,6 +58,7 @@ from shared.data.movielens import ML100K_RATING_COLUMNS
 from shared.errors import ConfigError, DataError
 from shared.eval.protocol import EvalConfig, evaluate_split, export_recs
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
+from shared.io import home_path
 from shared.models.base import Scorer
 
 __all__ = [
@@ -125,7 +126,7 @@ def load_ml100k_ratings(data_dir: str | Path, dataset: RecDataset) -> list[Float
     The protocol drops ratings (every rating is an interaction); the replay needs them to tell
     a liked item from a watched one. ml-100k has one rating per (user, item).
     """
-    path = Path(data_dir).expanduser()
+    path = home_path(data_dir)
     if not (path / "u.data").is_file() and (path / "ml-100k" / "u.data").is_file():
         path = path / "ml-100k"
     file = path / "u.data"

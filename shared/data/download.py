@@ -37,7 +37,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.errors import DataError, DatasetNotFoundError
-from shared.io import CACHE_ROOT_ENV, cache_root, ensure_dir, fsync_dir, remove_stale_temps
+from shared.io import (
+    CACHE_ROOT_ENV,
+    cache_root,
+    ensure_dir,
+    fsync_dir,
+    home_path,
+    remove_stale_temps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ def default_cache_dir() -> Path:
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """The explicit ``cache_dir`` if given, else :func:`default_cache_dir`."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return home_path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
 def cached_dataset_dir(name: str, cache_dir: str | Path | None = None) -> Path | None:

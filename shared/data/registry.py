@@ -26,6 +26,7 @@ from shared.data.download import (
 from shared.data.generic import load_generic
 from shared.data.movielens import load_ml1m, load_ml100k, load_ml_latest
 from shared.errors import ConfigError, DataError, DatasetNotFoundError
+from shared.io import home_path
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def dataset_dir(
 ) -> Path:
     """The folder holding ``name``'s files: ``data_dir``, the cache, or a fresh download."""
     if data_dir is not None:
-        return _find_layout(name, Path(data_dir).expanduser())
+        return _find_layout(name, home_path(data_dir))
     cached = cached_dataset_dir(name, cache_dir)
     if cached is not None:
         found = _holds_layout(name, cached)

@@ -52,7 +52,7 @@ import numpy.typing as npt
 
 from shared.config import is_int
 from shared.errors import ConfigError, DataError
-from shared.io import CACHE_ROOT_ENV, cache_root, remove_stale_temps
+from shared.io import CACHE_ROOT_ENV, cache_root, home_path, remove_stale_temps
 
 if TYPE_CHECKING:
     import torch
@@ -150,7 +150,7 @@ def resolve_model_dir(model_path: str | None, setting: str = "EncoderConfig.mode
     """
     if model_path is None:
         return bundled_model_dir()
-    path = Path(model_path).expanduser()
+    path = home_path(model_path)
     if not path.is_dir():
         raise ConfigError(
             f"text encoder model directory not found: tried {str(path)!r} (from "
@@ -507,7 +507,7 @@ class ItemEncoder:
         """The shard file holding this model's cached vectors, or ``None`` if caching is off."""
         if self.config.cache_dir is None:
             return None
-        return Path(self.config.cache_dir).expanduser() / f"{self.model_key}.npz"
+        return home_path(self.config.cache_dir) / f"{self.model_key}.npz"
 
     @property
     def device(self) -> torch.device:
