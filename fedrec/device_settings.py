@@ -28,7 +28,8 @@ DAEMON_SETTINGS_HELP: dict[str, dict[str, str]] = {
     "Privacy": {
         "privacy_epsilon": "The record-level epsilon budget /status reports (and, if smaller "
         "than --max-epsilon, the one training spends by).",
-        "privacy_delta": "The delta /status reports epsilon at, until the first round's ledger.",
+        "privacy_delta": "The largest record-level delta training uses (caps the server's delta), "
+        "and the one /status reports epsilon at until the first round's ledger.",
     },
     "Processes": {
         "shutdown_grace_s": "Seconds the managed processes get to stop before they are killed.",

@@ -258,6 +258,16 @@ def test_folder_and_output_options_refuse_the_wrong_kind_of_path(
     assert schema.stat().st_mode & 0o777 == 0o644  # a report, not a secret
 
 
+def test_the_privacy_delta_flag_says_it_caps_the_delta_training_uses() -> None:
+    """A device trains at the smaller of the server's delta and its own privacy-delta
+    (:func:`client.client_app.deployment_run_config`, as the README says), yet the flag's
+    help said only that /status reports epsilon at it: an owner could loosen or tighten the
+    delta the device actually spends by without knowing."""
+    shown = runner.invoke(app, ["client", "start", "--help"], env={"COLUMNS": "400"}).output
+    line = next(row for row in shown.splitlines() if "--privacy-delta " in row)
+    assert "caps the server's delta" in line
+
+
 @pytest.mark.parametrize("command", ["serve-api", "start"])
 def test_every_daemon_setting_is_a_flag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str

@@ -64,9 +64,10 @@ class DaemonConfig:
     ``keep_models``: sealed versions kept on disk (for rollback; the newest global one is also
     kept while a personal model serves, so an erase can serve it again). ``max_impressions``:
     how many recommended items are remembered for feedback checks. ``privacy_*``: the budget
-    reported by ``/status`` (the ledger file holds what was spent). ``exploration``: the re-ranking
-    policy (:class:`~shared.bandits.policies.BanditConfig`; flat keys ``bandit-<key>`` in
-    :meth:`from_values`); its ``top_n`` must fit in ``candidate_pool``.
+    reported by ``/status`` (the ledger file holds what was spent) and, under ``fedrec
+    client start``, caps on the server's ``epsilon-budget`` and ``delta``. ``exploration``:
+    the re-ranking policy (:class:`~shared.bandits.policies.BanditConfig`; flat keys
+    ``bandit-<key>`` in :meth:`from_values`); its ``top_n`` must fit in ``candidate_pool``.
     """
 
     host: str = "127.0.0.1"
