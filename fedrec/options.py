@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import typer
 
 from shared.config import kebab, parse_run_config
 from shared.errors import ConfigError
+from shared.io import home_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,15 +23,10 @@ def expand_home(text: str, param: click.Parameter | None, ctx: click.Context | N
     """``text`` as a path whose leading ``~`` (or ``~user``) is that home folder, as the
     shell reads it except after ``=``. A ``~user`` that names no user is a usage error
     (pathlib's expansion raised a RuntimeError: a traceback)."""
-    expanded = os.path.expanduser(text)
-    if expanded.startswith("~"):
-        who = text.split("/", 1)[0]
-        raise click.BadParameter(
-            f"{text}: {who} names no home folder on this machine; give the full path",
-            ctx=ctx,
-            param=param,
-        )
-    return Path(expanded)
+    try:
+        return home_path(text)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
 
 
 class NonEmptyPath(click.ParamType):
