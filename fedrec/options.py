@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from shared.config import kebab, parse_run_config
+from shared.config import Scalar, kebab, parse_run_config
 from shared.errors import ConfigError
 from shared.io import home_path
 
@@ -104,10 +104,18 @@ RunConfigOpt = Annotated[
 ]
 
 
-def joined(texts: list[str] | None) -> str:
-    """The entries of a repeatable ``key=value ...`` option as one text (its parser refuses
-    a key given twice, also across repetitions: the last would win silently)."""
-    return " ".join(texts or [])
+def parsed_entries(texts: list[str] | None, *, flag: str = "--run-config") -> dict[str, Scalar]:
+    """The entries of a repeatable ``key=value ...`` option, each repetition split on its
+    own (joined, a quote left open in one swallowed the next: ``a=it's`` then ``b=isn't``
+    read as ``a="its b=isnt"``); a key given twice, also across repetitions, is refused
+    (the last would win silently)."""
+    out: dict[str, Scalar] = {}
+    for text in texts or []:
+        for key, value in parse_run_config(text, flag=flag).items():
+            if key in out:
+                raise ConfigError(f"{flag}: {key!r} is given twice; give each key once")
+            out[key] = value
+    return out
 
 
 def kebab_run_config(
@@ -124,7 +132,7 @@ def kebab_run_config(
     custom task may read keys of its own)."""
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
-    for key, value in parse_run_config(joined(texts), flag=flag).items():
+    for key, value in parsed_entries(texts, flag=flag).items():
         name = kebab(key) if known is None or kebab(key) in known else key
         if name in values:
             raise ConfigError(

@@ -520,3 +520,18 @@ def test_a_home_of_no_user_is_a_config_error_not_a_runtime_error(
     monkeypatch.setenv("FEDREC_CACHE_DIR", nobody)
     with pytest.raises(ConfigError, match="~no-such-user-x names no home folder"):
         cache_root()
+
+
+def test_each_run_config_repetition_is_split_on_its_own() -> None:
+    """Repetitions of --run-config / --config were joined into one text before shell-style
+    splitting, so a quote left open in one swallowed the next: ``a=it's`` then ``b=isn't``
+    silently read as a = "its b=isnt". Each is split on its own now: the open quote is an
+    error naming the flag; a key given twice across repetitions is still refused."""
+    from fedrec.options import parsed_entries
+
+    assert parsed_entries(["a=1", "b='x y'"]) == {"a": 1, "b": "x y"}
+    assert parsed_entries(None) == {}
+    with pytest.raises(ConfigError, match='--config: cannot split "a=it\'s"'):
+        parsed_entries(["a=it's", "b=isn't"], flag="--config")
+    with pytest.raises(ConfigError, match="'a' is given twice"):
+        parsed_entries(["a=1", "a=2"])

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, joined, say
+from fedrec.options import NON_EMPTY_PATH, parsed_entries, say
 from shared.bandits.harness import (
     COVERAGE_TARGET,
     REGRET_TARGET,
@@ -32,7 +32,7 @@ from shared.bandits.harness import (
     summarize_runs,
 )
 from shared.bandits.policies import BanditConfig
-from shared.config import field_names, from_flat, parse_run_config, unknown_keys_error
+from shared.config import field_names, from_flat, unknown_keys_error
 from shared.errors import ConfigError, DataError
 from shared.eval.splits import MAX_SEED
 from shared.io import (
@@ -659,7 +659,7 @@ def _distinct_seeds(seeds: Sequence[int] | None, default: Sequence[int]) -> list
 
 
 def _bandit_config(run_config: list[str] | None) -> BanditConfig:
-    values = parse_run_config(joined(run_config))
+    values = parsed_entries(run_config)
     if "seed" in values:
         raise ConfigError(
             "--run-config seed does not apply here: the evaluation draws each run from its "

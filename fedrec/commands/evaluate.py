@@ -21,10 +21,10 @@ from fedrec.options import (
     RunConfigOpt,
     SeedOpt,
     explicit_options,
-    joined,
+    parsed_entries,
     say,
 )
-from shared.config import from_flat, kebab, parse_run_config, unknown_keys_error
+from shared.config import from_flat, kebab, unknown_keys_error
 from shared.data.registry import dataset_key, load_dataset
 from shared.errors import ConfigError, DatasetNotFoundError
 from shared.eval.baseline_benchmark import (
@@ -289,7 +289,7 @@ def _values(
     looks the option names up), and the recorded value silently replaced the one asked for;
     it also clashed with the typed flag instead of giving way to it."""
     values: dict[str, Any] = {}
-    for key, value in parse_run_config(joined(run_config)).items():
+    for key, value in parsed_entries(run_config).items():
         if kebab(key) in values:
             raise ConfigError(
                 f"{kebab(key)!r} is given twice in --run-config (snake and kebab case name "
