@@ -28,9 +28,28 @@ app.add_typer(bandits.app, name="bandits")
 app.command("simulate")(simulate.simulate)
 
 
+def _print_version(wanted: bool) -> None:
+    """``--version``: the installed package's version, before any command runs."""
+    if wanted:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fedrec {version('fedrec')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("fedrec (not installed: run ./scripts/setup.sh)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the installed version and exit.",
+    ),
 ) -> None:
     """Federated, privacy-preserving, few-shot recommender."""
     level = logging.INFO if verbose else logging.WARNING

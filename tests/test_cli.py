@@ -923,3 +923,19 @@ def test_a_device_setting_given_in_both_spellings_is_refused(
     assert _main(monkeypatch, "client", "openapi", *args) == 2
     err = capsys.readouterr().err
     assert "--config gives '" in err and "twice" in err and "Traceback" not in err, err
+
+
+def test_version_prints_the_installed_version(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedrec --version` was an unknown option (exit 2): what a user reports a bug with."""
+    from importlib.metadata import version
+
+    from fedrec.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedrec", "--version", "simulate"])  # before any command
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code
+    assert capsys.readouterr().out == f"fedrec {version('fedrec')}\n"
