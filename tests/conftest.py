@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -113,3 +113,28 @@ def _load_bench(name: str) -> ModuleType:
 def load_bench() -> Callable[[str], ModuleType]:
     """Import a benchmark script by name, for tests of its helpers."""
     return _load_bench
+
+
+class CapturedPipeline:
+    """``simulation.pipeline.run_pipeline`` replaced (:func:`captured_pipeline`): each call
+    records the config the command built in :attr:`seen` and raises :class:`Stop`, so a CLI
+    test sees what ``fedrec simulate`` would run and nothing runs."""
+
+    class Stop(Exception):
+        """The stand-in pipeline was reached."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def __call__(self, config: Any, progress: Any = None) -> dict[str, Any]:
+        self.seen.append(config)
+        raise self.Stop
+
+
+@pytest.fixture
+def captured_pipeline(monkeypatch: pytest.MonkeyPatch) -> CapturedPipeline:
+    import simulation.pipeline
+
+    captured = CapturedPipeline()
+    monkeypatch.setattr(simulation.pipeline, "run_pipeline", captured)
+    return captured

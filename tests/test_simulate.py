@@ -243,11 +243,10 @@ def test_an_unreachable_ray_address_is_refused_before_any_work(
 
 
 def test_every_setting_is_a_flag_listed_under_its_topic(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, captured_pipeline: Any
 ) -> None:
     import dataclasses
 
-    import simulation.pipeline
     from simulation.config import SimulationConfig
     from simulation.config_help import SETTINGS_HELP
 
@@ -259,16 +258,8 @@ def test_every_setting_is_a_flag_listed_under_its_topic(
         assert f"--{name.replace('_', '-')} " in shown, name
     assert "User-level DP (server noise)" in shown
 
-    seen: list[SimulationConfig] = []
-
-    class Stop(Exception):
-        pass
-
-    def capture(config: SimulationConfig, progress: Any = None) -> dict[str, Any]:
-        seen.append(config)
-        raise Stop
-
-    monkeypatch.setattr(simulation.pipeline, "run_pipeline", capture)
+    seen: list[SimulationConfig] = captured_pipeline.seen
+    Stop = captured_pipeline.Stop
     args = ["simulate", "--run-dir", str(tmp_path), "--adapt-lr", "0.01", "--shots", "1"]
     args += ["--shots", "5", "--no-exclude-seen", "--teacher-prior", "--server-optimizer", "adam"]
     args += ["--run-config", "adapt-lr=0.5 batch-size=32 exclude-seen=true"]

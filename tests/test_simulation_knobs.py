@@ -68,26 +68,14 @@ def test_the_apps_knobs_reach_the_federation() -> None:
 
 
 def test_the_apps_knobs_are_flags_and_run_config_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, captured_pipeline: Any
 ) -> None:
-    import simulation.pipeline
-
-    seen: list[Any] = []
-
-    class Stop(Exception):
-        pass
-
-    def capture(config: Any, progress: Any = None) -> dict[str, Any]:
-        seen.append(config)
-        raise Stop
-
-    monkeypatch.setattr(simulation.pipeline, "run_pipeline", capture)
     args = ["simulate", "--backend", "inprocess", "--run-dir", str(tmp_path)]
     args += ["--momentum", "0.5", "--secagg-max-weight", "250", "--round-timeout", "9"]
     args += ["--run-config", "momentum=0.9 max-examples=32 eval-negatives=19"]
     result = CliRunner().invoke(app, args)
-    assert isinstance(result.exception, Stop), result.output
-    (config,) = seen
+    assert isinstance(result.exception, captured_pipeline.Stop), result.output
+    (config,) = captured_pipeline.seen
     assert (config.momentum, config.max_examples, config.eval_negatives) == (0.5, 32, 19)
     assert (config.secagg_max_weight, config.round_timeout) == (250.0, 9.0)
 
