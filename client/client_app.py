@@ -37,7 +37,6 @@ from flwr.common import (
     Scalar,
     Status,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import FLOWER_LOGGER, log
@@ -48,6 +47,7 @@ from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
 )
 
+from server.npy import load_npy
 from server.secagg import secaggplus_when_requested_mod, under_secagg
 from shared.config import coerce, is_int
 from shared.errors import ConfigError, DataError, ModelFileError, PrivacyBudgetExceededError
@@ -364,7 +364,7 @@ def handle_train(
     try:
         merged = _node_run_config(context, run_config)
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
-        received = parameters_to_ndarrays(fitins.parameters)
+        received = [load_npy(t) for t in fitins.parameters.tensors]  # thread-safe reading
         # what this client knows, over anything the server sent under these keys: the task
         # refuses to split its noise (noise-shares) for an update seen outside SecAgg+
         config = {
@@ -414,7 +414,7 @@ def handle_evaluate(
     try:
         merged = _node_run_config(context, run_config)
         ins = recorddict_to_evaluateins(msg.content, keep_input=True)
-        parameters = parameters_to_ndarrays(ins.parameters)
+        parameters = [load_npy(t) for t in ins.parameters.tensors]
         task, client_id = _task_for(merged), client_id_of(context)
         _restore_state(task, client_id, context)
         outcome = task.evaluate(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -27,9 +28,21 @@ _MAGIC = b"\x93NUMPY"
 _PREAMBLE = {1: 10, 2: 12, 3: 12}
 
 
+#: numpy reads a header with ``ast.literal_eval``; CPython 3.11 builds ASTs with state
+#: shared between threads, and two threads parsing at once can fail with "SystemError: AST
+#: constructor recursion depth mismatch" (seen with a simulation's client threads): one
+#: parse at a time.
+_PARSE_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=1024)
 def _layout(header: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bool]:
     """dtype, shape and Fortran order of a complete ``.npy`` header (preamble included)."""
+    with _PARSE_LOCK:
+        return _parse_layout(header)
+
+
+def _parse_layout(header: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bool]:
     stream = io.BytesIO(header)
     major, _ = np.lib.format.read_magic(stream)
     try:
