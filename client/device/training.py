@@ -619,9 +619,14 @@ class DeviceLearner:
         #: round 1, so the round alone could equal the one served
         self.installed_global: tuple[int | None, int] | None = None
         self.adaptations = 0
-        self.last_error: str | None = None
 
     # -- setup -------------------------------------------------------------------------------
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the model refreshes keep failing, ``None`` after one succeeds: the daemon's
+        :attr:`~client.device.daemon.Daemon.refresh_error`, the one place it is kept."""
+        return self.daemon.refresh_error
 
     @property
     def bundle(self) -> Bundle:
@@ -715,7 +720,6 @@ class DeviceLearner:
     def _failed(self, reason: str) -> None:
         """Note why a refresh failed, for the daemon's ``/status`` too (the owner would
         otherwise see only the daemon's log)."""
-        self.last_error = reason
         self.daemon.refresh_error = reason
 
     def _tick(self) -> None:
@@ -780,7 +784,7 @@ class DeviceLearner:
         if adapt and pending:
             self.daemon.store.consume_adaptation_pending(pending)
         self.installed_global = (received.run_id if received else None, version)
-        self.last_error = self.daemon.refresh_error = None
+        self.daemon.refresh_error = None
         logger.info("serving model %s (sealed v%d)", label, info.version)
 
     def global_model(self) -> bytes | None:
