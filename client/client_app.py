@@ -99,7 +99,7 @@ CLIENT_STATE_RECORD = "fedrec.client-state"
 def _restore_state(task: FederatedTask, client_id: int, context: Context) -> None:
     if isinstance(task, ClientStateful):
         record = context.state.array_records.get(CLIENT_STATE_RECORD)
-        arrays = {k: v.numpy() for k, v in record.items()} if record is not None else {}
+        arrays = {k: load_npy(v.data) for k, v in record.items()} if record is not None else {}
         task.import_client_state(client_id, arrays)
 
 

@@ -16,12 +16,12 @@ import io
 import math
 import threading
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["load_npy"]
+__all__ = ["load_npy", "parameters_to_arrays"]
 
 _MAGIC = b"\x93NUMPY"
 #: Bytes before the header for each format version: magic, version, header length.
@@ -79,3 +79,17 @@ def load_npy(blob: bytes) -> npt.NDArray[Any]:
         )
     flat = np.frombuffer(blob, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+class _Tensors(Protocol):
+    """What :func:`parameters_to_arrays` reads of Flower's ``Parameters``."""
+
+    @property
+    def tensors(self) -> list[bytes]: ...
+
+
+def parameters_to_arrays(parameters: _Tensors) -> list[npt.NDArray[Any]]:
+    """Flower's ``parameters_to_ndarrays`` with :func:`load_npy`: the arrays of a
+    ``Parameters``, their headers parsed one at a time however many threads read (a
+    simulation's server and client threads share one interpreter)."""
+    return [load_npy(t) for t in parameters.tensors]

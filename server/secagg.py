@@ -54,7 +54,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import NDArrays, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation import secaggplus_utils as _flwr_secagg_utils
@@ -88,7 +88,7 @@ from flwr.supercore.run import RunNotRunningException
 
 from server.flower_patch import replace_if_unchanged
 from server.grid import DelegatingGrid
-from server.npy import load_npy
+from server.npy import load_npy, parameters_to_arrays
 from server.shamir import CHUNK, INDEX, combine_shares, create_shares
 from server.strategy import (
     CONFIG_UNIFORM_WEIGHT,
@@ -174,7 +174,8 @@ def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
 
 def use_fast_secagg_helpers() -> None:
     """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares`,
-    :func:`combine_shares`, :func:`server.npy.load_npy`, :func:`parsed_private_key` and
+    :func:`combine_shares`, :func:`server.npy.load_npy` (and its
+    :func:`~server.npy.parameters_to_arrays`), :func:`parsed_private_key` and
     :func:`_mask_generator` (idempotent; a Flower whose modules no longer hold its own
     helpers under these names is left alone)."""
     for module, name, original, replacement in (
@@ -182,6 +183,12 @@ def use_fast_secagg_helpers() -> None:
         (_flwr_client_mod, "pseudo_rand_gen", _flwr_pseudo_rand_gen, _mask_generator),
         (_flwr_workflow, "combine_shares", _flwr_shamir.combine_shares, combine_shares),
         (_flwr_workflow, "bytes_to_ndarray", _flwr_parameter.bytes_to_ndarray, load_npy),
+        (
+            _flwr_client_mod,
+            "parameters_to_ndarrays",
+            _flwr_parameter.parameters_to_ndarrays,
+            parameters_to_arrays,
+        ),
         (_flwr_client_mod, "create_shares", _flwr_shamir.create_shares, create_shares),
         (
             _flwr_client_mod,
@@ -443,7 +450,7 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
             [f for f in state.failures if isinstance(f, BaseException)],
         )
         if parameters is not None:  # under user-level DP: the noise alone, never the sum
-            _set_global_parameters(context, parameters_to_ndarrays(parameters))
+            _set_global_parameters(context, parameters_to_arrays(parameters))
         return False
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -674,7 +681,7 @@ def _current_round(context: LegacyContext) -> int:
 
 def _global_parameters(context: LegacyContext) -> NDArrays:
     record = context.state.array_records[MAIN_PARAMS_RECORD]
-    return parameters_to_ndarrays(arrayrecord_to_parameters(record, keep_input=True))
+    return parameters_to_arrays(arrayrecord_to_parameters(record, keep_input=True))
 
 
 def _set_global_parameters(context: LegacyContext, arrays: NDArrays) -> None:

@@ -42,13 +42,13 @@ from flwr.common import (
     Parameters,
     Scalar,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from server.npy import parameters_to_arrays
 from server.server_optimizer import ServerOptimizer, ServerOptimizerSettings
 from shared.config import is_int
 from shared.errors import ConfigError
@@ -653,7 +653,7 @@ class ValidatingFedAvg(FedAvg):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample the cohort (seeded; secret Poisson under user-level DP) and send the
         global model plus round config."""
-        self._reference = parameters_to_ndarrays(parameters)
+        self._reference = parameters_to_arrays(parameters)
         if self.user_dp is not None:
             clients = self._sample_user_dp(server_round, client_manager, self.user_dp)
         else:
@@ -802,7 +802,7 @@ class ValidatingFedAvg(FedAvg):
                 declined += 1
                 continue
             try:
-                update = parameters_to_ndarrays(res.parameters)
+                update = parameters_to_arrays(res.parameters)
             except Exception as exc:  # malformed bytes from a client
                 rejections.append(f"node {proxy.node_id}: undecodable update ({exc})")
                 continue
@@ -903,7 +903,7 @@ class ValidatingFedAvg(FedAvg):
         elif contributors:
             # SecAggPlusWorkflow already divided the masked sum by the summed weights and
             # put that same average into every FitRes; one copy is enough.
-            aggregate = parameters_to_ndarrays(contributors[0][1].parameters)
+            aggregate = parameters_to_arrays(contributors[0][1].parameters)
             problem = find_problem(aggregate, self._reference, what="aggregate", check_dtype=False)
             if problem is not None:
                 rejections.append(f"secure aggregate: {problem}")

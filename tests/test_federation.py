@@ -7,6 +7,7 @@ The Ray runtime itself is covered by the ``network``-marked tests at the end.
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import os
@@ -1139,6 +1140,32 @@ def test_secagg_aggregate_matches_plain_fedavg_within_quantization_error() -> No
     tol = _secagg_tolerance(task, range(5), 8.0, 2**22)
     assert _max_diff(secure.parameters, [p.astype(np.float64) for p in plain.parameters]) < tol
     assert _max_diff(plain.parameters, secure.parameters) > 0  # it did go through SecAgg+
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_round_parses_every_npy_header_one_at_a_time(
+    secure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numpy parses an ``.npy`` header with ``ast.literal_eval``, which two of a
+    simulation's threads (server and clients, one interpreter) can break by parsing at once
+    (CPython 3.11: "AST constructor recursion depth mismatch"): every parse in a round,
+    the ClientApp's, the SecAgg+ mod's and the strategy's, goes through
+    :func:`server.npy.load_npy`'s lock."""
+    from server import npy
+
+    unlocked: list[str] = []
+    parse = ast.literal_eval
+
+    def checked(node_or_string: Any) -> Any:
+        if not npy._PARSE_LOCK.locked():
+            unlocked.append(str(node_or_string)[:80])
+        return parse(node_or_string)
+
+    monkeypatch.setattr(ast, "literal_eval", checked)
+    npy._layout.cache_clear()
+    config: RunConfig = {"num-rounds": 1, "eval-fraction": 0.5, "secagg": secure}
+    assert _run(config, num_nodes=5)[0].fit.ok == 5
+    assert unlocked == []
 
 
 def _dropout_mod(clients: set[int], stage: str) -> Callable[..., Message]:
