@@ -79,6 +79,24 @@ def test_bad_hyperparameters_are_refused():
         BaselineConfig(shots=(1, 1, 3))
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: EASE(l2=float("nan")),  # NaN <= 0 is False: every weight NaN, every HR 0
+        lambda: EASE(l2=float("inf")),
+        lambda: ItemKNN(shrink=float("nan")),  # every similarity NaN
+        lambda: ItemKNN(shrink=-1.0),  # a denominator of ~1e-12: similarities of 1e12
+        lambda: ItemKNN(neighbors=2.5),  # a TypeError deep in numpy's argpartition
+    ],
+)
+def test_baselines_refuse_hyperparameters_that_score_silently_wrong(build):
+    """The classes are used directly (the teacher's prior, the bandit harness, the benches),
+    not only through the validated configs: a bad value is refused by name, not turned into
+    NaN scores that the protocol counts as misses."""
+    with pytest.raises(ConfigError, match=r"EASE l2|ItemKNN"):
+        build()
+
+
 def test_evaluate_cli_takes_snake_case_keys_and_refuses_one_file_for_two_outputs(tmp_path):
     from typer.testing import CliRunner
 

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
+from shared.eval.splits import is_int, is_real
 from shared.models.base import Recommender, ScoreArray, history_matrix
 
 
@@ -55,8 +56,12 @@ class ItemKNN(Recommender):
 
     def __init__(self, neighbors: int | None = 100, shrink: float = 0.0) -> None:
         super().__init__()
-        if neighbors is not None and neighbors < 1:
-            raise ConfigError(f"ItemKNN neighbors must be >= 1 or None, got {neighbors}")
+        if neighbors is not None and (not is_int(neighbors) or neighbors < 1):
+            raise ConfigError(
+                f"ItemKNN neighbors must be an integer >= 1 or None, got {neighbors!r}"
+            )
+        if not (is_real(shrink) and shrink >= 0):  # NaN: every similarity NaN
+            raise ConfigError(f"ItemKNN shrink must be a finite number >= 0, got {shrink!r}")
         self.neighbors = neighbors
         self.shrink = shrink
 
@@ -84,8 +89,8 @@ class EASE(Recommender):
 
     def __init__(self, l2: float = 250.0) -> None:
         super().__init__()
-        if l2 <= 0:
-            raise ConfigError(f"EASE l2 (lambda) must be > 0, got {l2}")
+        if not (is_real(l2) and l2 > 0):  # NaN passed "l2 <= 0": every weight NaN
+            raise ConfigError(f"EASE l2 (lambda) must be a finite number > 0, got {l2!r}")
         self.l2 = l2
 
     def fit(self, sequences: Sequence[IntArray], n_items: int) -> EASE:
