@@ -392,6 +392,27 @@ def test_corrupt_files_are_refused(
         OnDeviceModel(bad)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(b"fedrec.max_len", id="metadata-key"),
+        pytest.param(b"test-1", id="metadata-value"),
+        pytest.param(b"scores", id="output-name"),
+    ],
+)
+def test_a_file_whose_text_is_not_utf8_is_refused(
+    fp32_path: Path, tmp_path: Path, text: bytes
+) -> None:
+    """One damaged byte in a name made protobuf hand it over as bytes, and the loader failed
+    with a TypeError (sorting or comparing bytes with str) instead of refusing the file."""
+    data = fp32_path.read_bytes()
+    assert text in data
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(data.replace(text, b"\xff" + text[1:]))  # same length: still parses
+    with pytest.raises(ModelFileError, match=r"not UTF-8.*download it again"):
+        OnDeviceModel(bad)
+
+
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="cannot read model file"):
         OnDeviceModel(tmp_path / "nope.onnx")

@@ -28,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx import TensorProto, helper
 
 from shared.data.provenance import DataProvenance
@@ -407,6 +409,12 @@ class OnDeviceModel:
                 f"{len(proto.graph.node)}, outputs={len(proto.graph.output)}, opset imports="
                 f"{len(proto.opset_import)}); it is corrupt or truncated — download it again"
             )
+        damaged = _undecoded_text(proto)
+        if damaged is not None:
+            raise ModelFileError(
+                f"{self.source}: the text of {damaged} is not UTF-8; the file is corrupt — "
+                f"download it again"
+            )
         return proto
 
     def _check_opset(self, proto: onnx.ModelProto) -> None:
@@ -692,6 +700,27 @@ def _type_str(elem_type: int) -> str:
         return str(helper.tensor_dtype_to_np_dtype(elem_type))
     except Exception:
         return f"elem_type {elem_type}"
+
+
+def _undecoded_text(message: Message, path: str = "model") -> str | None:
+    """The first string field of ``message`` (searched recursively) that protobuf could not
+    decode as UTF-8, as a dotted path, or ``None``.
+
+    protobuf hands such a field (a damaged byte in a name or a metadata entry) over as
+    ``bytes`` instead of ``str``, and the checks on load, which sort and compare names, then
+    failed with a ``TypeError`` instead of refusing the file."""
+    for field, value in message.ListFields():
+        where = f"{path}.{field.name}"
+        if field.type == FieldDescriptor.TYPE_STRING:
+            texts = [value] if isinstance(value, str | bytes) else value
+            if any(isinstance(text, bytes) for text in texts):
+                return where
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for child in [value] if isinstance(value, Message) else value:
+                found = _undecoded_text(child, where)
+                if found is not None:
+                    return found
+    return None
 
 
 def _short(exc: BaseException, limit: int = 400) -> str:
