@@ -440,9 +440,11 @@ def _restamp(proto: onnx.ModelProto) -> None:
 
 def test_output_width_mismatch_is_refused(fp32_path: Path, tmp_path: Path) -> None:
     # metadata claims 1600 items, graph says 1682 (static output shape)
-    bad = _tampered(
-        fp32_path, tmp_path / "w.onnx", lambda p: _set_meta(p, "fedrec.n_items", "1600")
-    )
+    def claim(p: onnx.ModelProto) -> None:
+        _set_meta(p, "fedrec.n_items", "1600")
+        _restamp(p)  # as a (buggy) exporter would write it
+
+    bad = _tampered(fp32_path, tmp_path / "w.onnx", claim)
     with pytest.raises(ModelFileError, match="output width is 1682 items but the metadata says"):
         OnDeviceModel(bad)
 
@@ -464,6 +466,7 @@ def test_wrong_inputs_are_refused(fp32_path: Path, tmp_path: Path) -> None:
             for i, name in enumerate(node.input):
                 if name == "mask":
                     node.input[i] = "attention_mask"
+        _restamp(p)
 
     bad = _tampered(fp32_path, tmp_path / "names.onnx", rename)
     with pytest.raises(ModelFileError, match=r"inputs are \['attention_mask', 'items'\], expected"):
@@ -471,6 +474,7 @@ def test_wrong_inputs_are_refused(fp32_path: Path, tmp_path: Path) -> None:
 
     def retype(p: onnx.ModelProto) -> None:
         p.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
+        _restamp(p)
 
     bad = _tampered(fp32_path, tmp_path / "types.onnx", retype)
     with pytest.raises(ModelFileError, match="input 'items' is int32"):
@@ -536,9 +540,12 @@ def test_an_implausible_max_len_is_refused_before_its_window_is_allocated(
     with pytest.raises(ModelFileError, match="probe inference failed"):
         OnDeviceModel(bad)
     assert "onnxruntime" not in capfd.readouterr().err
-    bad = _tampered(
-        fp32_path, tmp_path / "huge.onnx", lambda p: _set_meta(p, "fedrec.max_len", str(10**12))
-    )
+
+    def huge(p: onnx.ModelProto) -> None:
+        _set_meta(p, "fedrec.max_len", str(10**12))
+        _restamp(p)
+
+    bad = _tampered(fp32_path, tmp_path / "huge.onnx", huge)
     with pytest.raises(ModelFileError, match=r"max_len must be in \[1, 100000\]"):
         OnDeviceModel(bad)
 
@@ -591,6 +598,21 @@ def test_damaged_metadata_is_refused_by_its_digest(int8_path: Path, tmp_path: Pa
 
     older = _tampered(int8_path, tmp_path / "older.onnx", older_export)
     assert OnDeviceModel(older).metadata.max_len == MAX_LEN
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("fedrec.n_items", "1683"), ("fedrec.catalog_fingerprint", "f" * 16), ("fedrec.max_len", "x")],
+)
+def test_damaged_metadata_is_called_damaged_not_another_catalog(
+    int8_path: Path, tmp_path: Path, key: str, value: str
+) -> None:
+    """The catalog checks (and the metadata's parse) ran before the digest check, so a file
+    damaged in its n_items or catalog entry was refused as a model of another catalog
+    ("download the model built for this catalog") and a damaged max_len as a foreign export."""
+    damaged = _tampered(int8_path, tmp_path / "damaged.onnx", lambda p: _set_meta(p, key, value))
+    with pytest.raises(ModelFileError, match="does not match the digest written at export"):
+        OnDeviceModel(damaged, expected_n_items=N_ITEMS, expected_catalog_fingerprint=CATALOG)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.005])

@@ -360,13 +360,15 @@ class OnDeviceModel:
         self.source = name or ("<bytes>" if isinstance(source, bytes) else str(source))
         data = self._read(source)
         proto = self._parse(data)
+        # before the metadata is read: a damaged file is refused as damaged, not as a model
+        # of another catalog (a damaged n_items or fingerprint) or a foreign export
+        self._check_digest(proto)
         self._check_opset(proto)
         self.metadata = ModelMetadata.from_props(
             {p.key: p.value for p in proto.metadata_props}, source=self.source
         )
         self._check_expectations(expected_n_items, expected_catalog_fingerprint)
         self._check_graph_io(proto)
-        self._check_digest(proto)
         self.session = self._make_session(data)
         del proto, data
         self._max_len = self.metadata.max_len
@@ -529,6 +531,8 @@ class OnDeviceModel:
         """Refuse a graph that differs from the digest written at export (a flipped bit in a
         weight loaded and scored differently, with no error)."""
         props = {p.key: p.value for p in proto.metadata_props}
+        if props.get(META_FORMAT) != FORMAT_TAG:
+            return  # not this format (ModelMetadata.from_props says which), digests aside
         recorded_meta = props.get(META_METADATA_SHA256)
         if recorded_meta is not None and recorded_meta != metadata_digest(props):
             raise ModelFileError(
