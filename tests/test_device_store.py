@@ -866,6 +866,16 @@ def test_seal_install_load_and_versions(tmp_path: Path, key: bytes) -> None:
     assert sealed.versions() == [] and sealed.current_version() is None
 
 
+def test_a_sealed_model_refused_on_load_is_named_by_its_file(tmp_path: Path, key: bytes) -> None:
+    """A sealed model that no longer fits the catalog (or fails to load) was reported as
+    '<bytes>: ...' (in the daemon's /status too), naming no file."""
+    sealed = SealedModelStore(tmp_path, key)
+    sealed.install(tiny_onnx(catalog=CATALOG.fingerprint), catalog=CATALOG)
+    other = Catalog(tuple(f"x{i}" for i in range(40)))
+    with pytest.raises(ModelFileError, match=r"^\S*model-v1\.onnx\.sealed: .*exported for catalog"):
+        sealed.load(catalog=other)
+
+
 @pytest.mark.parametrize("where", [0, 20, -100, -1])
 def test_one_flipped_byte_is_refused(tmp_path: Path, key: bytes, where: int) -> None:
     sealed = SealedModelStore(tmp_path, key)

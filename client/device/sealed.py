@@ -335,12 +335,7 @@ class SealedModelStore:
         if version is None:
             return None
         info, data = self.read(version)
-        model = OnDeviceModel(
-            data,
-            expected_n_items=len(catalog) if catalog else None,
-            expected_catalog_fingerprint=catalog.fingerprint if catalog else None,
-            config=runtime,
-        )
+        model = self.validate(data, catalog=catalog, runtime=runtime, name=str(info.path))
         return info, model
 
     def erase(self, *, keep: int | None = None) -> None:
