@@ -532,25 +532,33 @@ def bundle_digest_of(run_config: Mapping[str, RunConfigValue]) -> str:
 def check_resume(config: ServerConfig, initial: list[Any], bundle_digest: str = "") -> None:
     """Refuse now a checkpoint in ``config.checkpoint_dir`` that the ServerApp would refuse
     to resume from (another model or bundle, another server optimiser, user-level DP over
-    rounds that had none): launched, that only shows as a failed run with the reason in its
-    log, and every restart would fail the same way. Reads only; nothing in the folder
-    changes."""
+    rounds that had none, a damaged user-level DP state or journal): launched, that only
+    shows as a failed run with the reason in its log, and every restart would fail the same
+    way. Reads only; nothing in the folder changes."""
     if not config.checkpoint_dir:
         return
     store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep, tidy=False)
     checkpoint = store.latest()
+    user_dp: UserLevelDP | None = None
     if config.user_dp:  # the ServerApp reads these before its first round, and would fail there
         population = max(2, config.population_size)
-        user_dp_for_run(
-            config, population, checkpoint, _scalars(initial), announce=False
-        ).read_journal()
+        user_dp = user_dp_for_run(config, population, checkpoint, _scalars(initial), announce=False)
+        user_dp.read_journal()
     if checkpoint is None:
         return
     _check_checkpoint(checkpoint, initial, config, user_dp=config.user_dp, bundle=bundle_digest)
+    if user_dp is not None and checkpoint.ledger_state is not None:
+        # what UserLevelDP.resume loads first (here into a mechanism that writes nothing)
+        user_dp.load_state_dict(checkpoint.ledger_state, source=_ledger_source(checkpoint))
     # the strategy's state does not depend on the mechanism (built in the ServerApp, once the
     # population is known): read it into a strategy without one
     strategy = build_strategy(replace(config, user_dp=False), checkpoint.parameters, user_dp=None)
     strategy.load_state_dict(checkpoint.strategy_state, source=str(checkpoint.manifest_path))
+
+
+def _ledger_source(checkpoint: Checkpoint) -> str:
+    """How errors name ``checkpoint``'s user-level DP state: by its manifest file."""
+    return f"the user-level DP state in checkpoint {checkpoint.manifest_path}"
 
 
 def _check_checkpoint(
@@ -693,7 +701,11 @@ def _run_server(
         first_round = checkpoint.server_round + 1
     if user_dp is not None:
         done = checkpoint.server_round if checkpoint is not None else 0
-        unrecorded = user_dp.resume(checkpoint.ledger_state if checkpoint else None, done)
+        unrecorded = (
+            user_dp.resume(checkpoint.ledger_state, done, _ledger_source(checkpoint))
+            if checkpoint is not None
+            else user_dp.resume(None, 0)
+        )
         if unrecorded:
             log(
                 WARNING,

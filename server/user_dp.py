@@ -104,7 +104,7 @@ from scipy.stats import binom
 
 from shared.errors import ConfigError, DataError
 from shared.io import read_json, write_json_atomic
-from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
+from shared.privacy.ledger import RESTORE_FIX, PrivacyBudget, PrivacyLedger, Spend
 
 Arrays = list[npt.NDArray[np.floating]]
 
@@ -438,10 +438,16 @@ class UserLevelDP:
             ],
         }
 
-    def resume(self, checkpoint_state: Mapping[str, Any] | None, server_round: int) -> int:
+    def resume(
+        self,
+        checkpoint_state: Mapping[str, Any] | None,
+        server_round: int,
+        source: str = "user-level DP state",
+    ) -> int:
         """Restore the accountant for a run resuming after round ``server_round`` (0: from
-        the start) from that round's checkpoint state and the journal; returns how many
-        charged rounds the checkpoint had not recorded (0 without a journal).
+        the start) from that round's checkpoint state (``source`` names it in errors) and the
+        journal; returns how many charged rounds the checkpoint had not recorded (0 without a
+        journal).
 
         The journal is written when a round is charged and the checkpoint only after the
         round, so after a crash in between (or when the newest checkpoint was unusable and
@@ -451,7 +457,7 @@ class UserLevelDP:
         (over-counting, the safe direction).
         """
         if checkpoint_state is not None:
-            self.load_state_dict(checkpoint_state)
+            self.load_state_dict(checkpoint_state, source=source)
         journal = self.read_journal()
         if journal is None or self.journal is None:
             return 0
@@ -519,23 +525,26 @@ class UserLevelDP:
         """Restore the ledger history from a checkpoint (or the journal: ``source`` names it).
 
         The spent history always survives (never reset); the settings in force are the
-        configured ones. Raises :class:`DataError` for a malformed state.
+        configured ones. Raises :class:`DataError` for a malformed state, naming ``source``
+        and what to do.
         """
         if not isinstance(state, Mapping):
-            raise DataError(f"{source} is not a JSON object")
+            raise DataError(f"{source} is not a JSON object; {RESTORE_FIX}")
         if state.get("version") not in _READABLE_VERSIONS or "ledger" not in state:
             raise DataError(
                 f"{source} has version {state.get('version')!r}; expected one of "
-                f"{list(_READABLE_VERSIONS)} with a 'ledger'"
+                f"{list(_READABLE_VERSIONS)} with a 'ledger'; {RESTORE_FIX}"
             )
         risk = state.get("round_risk", 0.0)
         if isinstance(risk, bool) or not isinstance(risk, int | float) or not 0 <= risk <= 1:
-            raise DataError(f"{source}: 'round_risk' must be a number in [0, 1], got {risk!r}")
+            raise DataError(
+                f"{source}: 'round_risk' must be a number in [0, 1], got {risk!r}; {RESTORE_FIX}"
+            )
         self.ledger.load_state_dict(state["ledger"], source=f"the ledger of {source}")
         self.round_risk = float(risk)
         try:
             rounds = [(int(r), int(m), float(e)) for r, m, e in state.get("rounds", [])]
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{source}: malformed 'rounds' ({exc})") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DataError(f"{source}: malformed 'rounds' ({exc}); {RESTORE_FIX}") from None
         self._cohort_by_round = {r: m for r, m, _ in rounds}
         self._epsilon_by_round = {r: e for r, _, e in rounds}

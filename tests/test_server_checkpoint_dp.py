@@ -1206,6 +1206,38 @@ def test_the_pre_launch_check_accepts_a_user_dp_checkpoint_and_reads_its_journal
         check_resume(server, initial)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ({"ledger": {"history": "x"}}, "has version None / mechanism None"),
+        ({"version": 99}, "has version 99"),
+        ({"round_risk": 2}, "'round_risk' must be"),
+    ],
+)
+def test_a_damaged_user_dp_state_in_a_checkpoint_is_refused_before_launch_naming_its_file(
+    tmp_path: Path, damage: dict[str, Any], message: str
+) -> None:
+    """The pre-launch check of ``fedrec server start`` did not read a checkpoint's user-level
+    DP state: it passed, and the launched ServerApp then failed with 'user-level DP state has
+    version ...', naming neither the file nor what to do."""
+    from server.server_app import check_resume
+
+    ck = tmp_path / "ck"
+    config = _dp_config({"num-rounds": 2, "cohort-size": 4, "checkpoint-dir": str(ck)})
+    _run(config, num_nodes=4)
+    (ck / "user-dp-journal.json").unlink()  # the checkpoint's state is all there is
+    manifest = ck / "round-00000002.json"
+    data = json.loads(manifest.read_text())
+    data["ledger_state"].update(damage)
+    manifest.write_text(json.dumps(data))
+    resumed = {**config, "num-rounds": 3}
+    where = rf"DP state in checkpoint \S*round-00000002\.json.*{message}.*restore it from backup"
+    with pytest.raises(DataError, match=where):
+        check_resume(ServerConfig.from_run_config(resumed), ToyLinearTask().initial_parameters())
+    with pytest.raises(DataError, match=where):
+        _run(resumed, num_nodes=4)
+
+
 def test_the_resume_point_reported_skips_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
     """`server start` said it would resume after round 2 and `server status` showed round 2
     while the ServerApp resumed after round 1, skipping round 2's damaged checkpoint."""

@@ -29,6 +29,9 @@ from shared.privacy.budget import PrivacyBudget, Spend
 
 LEDGER_VERSION = 1
 
+RESTORE_FIX = "restore it from backup; it is never reset, as that would forget spent privacy"
+"""What an error about an unusable saved privacy state tells the operator to do."""
+
 
 RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
 """Integer Renyi orders used for accounting. Opacus' default list adds fractional orders whose
@@ -177,7 +180,7 @@ class PrivacyLedger:
         """Load a saved state, validating it (:class:`DataError` naming ``source``, e.g. the
         file, otherwise). The spent history always survives; the budget in force is the
         configured one (the saved one is informational)."""
-        fix = "restore it from backup; it is never reset, as that would forget spent privacy"
+        fix = RESTORE_FIX
         if not isinstance(state, dict):
             raise DataError(f"{source} is not a JSON object but {type(state).__name__}; {fix}")
         if state.get("version") != LEDGER_VERSION or state.get("mechanism") != "rdp":
