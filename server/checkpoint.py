@@ -252,7 +252,8 @@ class CheckpointStore:
         manifest_path = self.directory / f"{stem}.json"
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: nested deeper than the parser goes ([[[...]]]), as unusable
             raise DataError(f"checkpoint manifest {manifest_path} is unreadable: {exc}") from exc
         if not isinstance(manifest, dict):
             raise DataError(f"checkpoint manifest {manifest_path} is not a JSON object")
@@ -281,7 +282,8 @@ class CheckpointStore:
                 raise DataError("has a malformed strategy or ledger state")
         except DataError as exc:
             raise DataError(f"checkpoint manifest {manifest_path} {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            # OverflowError: a number past any float (1e400 reads as inf, which int() refuses)
             raise DataError(f"checkpoint manifest {manifest_path} is malformed: {exc!r}") from None
 
         try:

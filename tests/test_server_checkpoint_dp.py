@@ -168,6 +168,14 @@ def _drop_arrays(path: Path) -> None:
     path.with_suffix(".npz").unlink()
 
 
+def _size_past_any_float(path: Path) -> None:
+    path.write_text(path.read_text().replace('"size": ', '"size": 1e400, "was": ', 1))
+
+
+def _nested_too_deep(path: Path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
 def _wrong_version(path: Path) -> None:
     manifest = json.loads(path.read_text())
     manifest["version"] = 99
@@ -182,6 +190,10 @@ def _wrong_version(path: Path) -> None:
         (_garble_manifest, "is unreadable"),
         (_drop_arrays, "are unreadable"),
         (_wrong_version, "has version 99"),
+        # both raised past the checks (OverflowError, RecursionError): a traceback, and no
+        # fall-back to the checkpoint before
+        (_size_past_any_float, "is malformed"),
+        (_nested_too_deep, "is unreadable"),
     ],
 )
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
