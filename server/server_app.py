@@ -65,8 +65,8 @@ from server.strategy import (
     ValidatingFedAvg,
     secure_least_cohort,
 )
-from shared.config import check_rounds, coerce
-from shared.errors import ConfigError, FedRecError
+from shared.config import check_rounds, coerce, is_int
+from shared.errors import ConfigError, DataError, FedRecError
 from shared.federated.local_config import check_noise_shares, noise_shares_clip_problem
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
@@ -556,6 +556,28 @@ def check_resume(config: ServerConfig, initial: list[Any], bundle_digest: str = 
     strategy.load_state_dict(checkpoint.strategy_state, source=str(checkpoint.manifest_path))
 
 
+#: Checkpoint entry listing the model versions this run must not publish: they are out
+#: with the models of rounds whose checkpoints were lost and which ran again (see
+#: :func:`_run_server`). Carried from checkpoint to checkpoint, so another restart, which
+#: may find those rounds' new checkpoints valid, still knows.
+WITHHELD_VERSIONS_KEY = "withheld-versions"
+
+
+def withheld_versions(checkpoint: Checkpoint | None) -> set[int]:
+    """The versions ``checkpoint`` says are withheld (:data:`WITHHELD_VERSIONS_KEY`); a
+    :class:`DataError` naming its file when that entry is malformed."""
+    if checkpoint is None:
+        return set()
+    value = checkpoint.extra.get(WITHHELD_VERSIONS_KEY, [])
+    if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
+        raise DataError(
+            f"checkpoint {checkpoint.manifest_path} has a malformed '{WITHHELD_VERSIONS_KEY}' "
+            f"({value!r}: model versions not to publish again); restore the checkpoint from a "
+            "backup, or move that round's files away to resume from the round before"
+        )
+    return set(value)
+
+
 def _ledger_source(checkpoint: Checkpoint) -> str:
     """How errors name ``checkpoint``'s user-level DP state: by its manifest file."""
     return f"the user-level DP state in checkpoint {checkpoint.manifest_path}"
@@ -571,6 +593,7 @@ def _check_checkpoint(
 ) -> None:
     """Refuse a checkpoint of another model or bundle (``bundle``: this run's digest), or
     one whose privacy history is unusable."""
+    withheld_versions(checkpoint)  # refused here when malformed, before anything runs
     problem = find_problem(checkpoint.parameters, initial, what="checkpoint parameters")
     if problem is not None:
         raise ConfigError(
@@ -741,8 +764,14 @@ def _run_server(
     # Rounds whose checkpoint is on disk but was skipped (unreadable) were trained and
     # published before: their versions are out, maybe on devices. The rerun rounds train
     # other models; publishing them under those numbers would give one version two models.
+    # The checkpoints keep the list: once a rerun round is checkpointed, a later restart
+    # finds its checkpoint valid and would otherwise republish it.
     resumed_at = checkpoint.server_round if checkpoint is not None else 0
     lost = [r for r in store.rounds() if r > resumed_at] if store is not None else []
+    withheld = withheld_versions(checkpoint) | set(range(resumed_at + 1, max(lost, default=0) + 1))
+    extra: dict[str, Any] = {BUNDLE_DIGEST_KEY: bundle} if bundle else {}
+    if withheld:
+        extra[WITHHELD_VERSIONS_KEY] = sorted(withheld)
 
     def publish(parameters: Any, version: int) -> None:
         """Publish model ``version``; a failure (the int8 agreement gate, a full disk) is
@@ -750,14 +779,14 @@ def _run_server(
         stopping would only fail the same way again at every restart."""
         if publisher is None or artifact_dir is None:
             return
-        if lost and resumed_at < version <= max(lost):
+        if version in withheld:
             log(
                 WARNING,
-                "model version %s is not published: the version of that number from before the "
+                "model version %s is not published: the version of that number from before a "
                 "resume (its checkpoint unreadable) stays, as devices may hold it; publication "
                 "goes on from version %s",
                 version,
-                max(lost) + 1,
+                max(withheld) + 1,
             )
             return
         try:
@@ -818,7 +847,7 @@ def _run_server(
                 strategy.state_dict(),
                 user_dp.state_dict() if user_dp is not None else None,
                 _round_metrics(report),
-                extra={BUNDLE_DIGEST_KEY: bundle} if bundle else None,
+                extra=extra or None,
             )
         publish(report.parameters, report.server_round)
         _log_round(report)

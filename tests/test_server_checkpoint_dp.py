@@ -506,6 +506,52 @@ def test_a_rerun_round_never_republishes_a_version_under_another_model(
         np.testing.assert_array_equal(npz["arr_0000"], rerun[-1].parameters[0])
 
 
+def test_a_withheld_version_stays_withheld_after_another_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, then the process dies right after the rerun round 3's checkpoint. The next
+    start resumes from that (valid) checkpoint and republishes its model, in case the
+    process died before publishing it: no checkpoint on disk said version 3 was out with
+    another model any more, so toy-v3 was overwritten."""
+    out = tmp_path / "artifacts"
+    config = _publishing_run("toy-publishing", PublishingToyTask, tmp_path)
+    _run(config, num_nodes=3)
+    published = (out / "toy-v3.npz").read_bytes()
+    _truncate_arrays(tmp_path / "ck" / "round-00000003.json")
+    real_save = CheckpointStore.save
+
+    def dies_after_saving_round_3(
+        self: CheckpointStore, server_round: int, *a: Any, **k: Any
+    ) -> Path:
+        path = real_save(self, server_round, *a, **k)
+        if server_round == 3:
+            raise RuntimeError("killed after the checkpoint of round 3")
+        return path
+
+    rerun = {**config, "num-rounds": 4, "toy-lr": 0.5}
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckpointStore, "save", dies_after_saving_round_3)
+        with pytest.raises(RuntimeError, match="killed after the checkpoint"):
+            _run(rerun, num_nodes=3)
+    assert CheckpointStore(tmp_path / "ck").latest().server_round == 3  # type: ignore[union-attr]
+    resumed = _run(rerun, num_nodes=3)
+    assert [r.server_round for r in resumed] == [4]
+    assert (out / "toy-v3.npz").read_bytes() == published
+    with np.load(out / "toy-v4.npz") as npz:
+        np.testing.assert_array_equal(npz["arr_0000"], resumed[-1].parameters[0])
+    latest = CheckpointStore(tmp_path / "ck").latest()
+    assert latest is not None and latest.extra["withheld-versions"] == [3]
+    # a damaged list is refused naming its file, before anything runs
+    from server.server_app import check_resume
+
+    data = json.loads(latest.manifest_path.read_text())
+    data["extra"]["withheld-versions"] = "3"
+    latest.manifest_path.write_text(json.dumps(data))
+    server = ServerConfig.from_run_config({**rerun, "num-rounds": 5})
+    with pytest.raises(DataError, match=r"round-00000004\.json has a malformed 'withheld-"):
+        check_resume(server, ToyLinearTask().initial_parameters())
+
+
 class FailingPublisherToyTask(ToyLinearTask):
     """A publisher whose round-2 artifact fails its check (e.g. the int8 agreement gate)."""
 
