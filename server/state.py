@@ -160,6 +160,26 @@ class ServerLayout:
         return self
 
 
+def _interrupted_init(layout: ServerLayout) -> bool:
+    """Whether ``layout`` is what an interrupted :func:`init_state_dir` left (a disk full
+    or Ctrl-C before the marker, its last write): nothing in it but the entries init makes
+    before the marker, with no checkpoint or artifact in them."""
+    made = {
+        layout.pki.directory,
+        layout.checkpoints,
+        layout.artifacts,
+        layout.flwr_home,
+        layout.logs,
+        layout.registry,
+    }
+    if layout.marker.exists() or not layout.state_dir.is_dir():
+        return False
+    entries = set(layout.state_dir.iterdir())
+    if not entries or not entries <= made:
+        return False
+    return not any(d.is_dir() and any(d.iterdir()) for d in (layout.checkpoints, layout.artifacts))
+
+
 def init_state_dir(
     state_dir: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: bool = False
 ) -> ServerLayout:
@@ -173,7 +193,10 @@ def init_state_dir(
     layout = ServerLayout(Path(state_dir))
     hosts = with_default_hosts(hosts)
     SubjectNames.parse(hosts)  # bad --host values are refused before anything is written
-    if layout.state_dir.exists() and any(layout.state_dir.iterdir()):
+    if _interrupted_init(layout):
+        # never started (no marker), so no device trusts its CA yet: start it over
+        shutil.rmtree(layout.state_dir)
+    elif layout.state_dir.exists() and any(layout.state_dir.iterdir()):
         if not force:
             what = "a server state directory" if layout.marker.exists() else "not empty"
             raise StateDirError(

@@ -338,6 +338,36 @@ def test_init_creates_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert server_names(layout.pki) == ["localhost", "10.0.0.1", "127.0.0.1"]  # + loopback
 
 
+def test_init_finishes_over_an_interrupted_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An init stopped before its last write (the marker: disk full, Ctrl-C) left certs
+    but no ``server.toml``; no server ever started from it, so a new init starts over
+    instead of refusing the folder as "not a server state directory"."""
+    from server import state as state_module
+
+    state = tmp_path / "server"
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(state_module, "write_bytes_atomic", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            init_state_dir(state)
+    layout = ServerLayout(state)
+    assert layout.pki.ca_cert.exists() and not layout.marker.exists()
+    ca_before = layout.pki.ca_cert.read_bytes()
+    init_state_dir(state)
+    assert layout.marker.exists() and layout.require() is not None
+    assert layout.pki.ca_cert.read_bytes() != ca_before
+    # a folder holding anything else, or a checkpoint, is still refused
+    layout.marker.unlink()
+    (layout.checkpoints / "round-00000001.json").write_text("{}")
+    with pytest.raises(StateDirError, match="not empty"):
+        init_state_dir(state)
+
+
 def test_a_damaged_or_newer_state_marker_is_refused(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     layout.marker.write_text("garbage = [")
