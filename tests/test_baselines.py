@@ -397,3 +397,16 @@ def test_the_cold_item_run_reports_each_population_and_counts_cases_apart_from_u
     # the pooled figure is the case-weighted mean of the two populations'
     pooled = sum(cold[p]["sampled_hr@10"] * cold[p]["cases"] for p in ("public", "federated"))
     assert cold["all"]["sampled_hr@10"] == pytest.approx(pooled / cold["all"]["cases"])
+
+
+@pytest.mark.parametrize("history", [[2, -1], [2, 5], [1.5, 2.0], [[1, 2]]])
+def test_a_history_of_ids_outside_the_catalog_is_refused_not_wrapped(history):
+    """history_matrix marked item -1 as the catalog's last item (numpy's negative index),
+    so ItemKNN, EASE and TextOnly silently scored another history; an id past the catalog
+    was an IndexError, a float id was cut to an int and a 2-D history read as one."""
+    ds = make_dataset(n_users=30, n_items=5, length=4, seed=0)
+    for model in (ItemKNN(), EASE(), TextOnly(np.eye(5, dtype=np.float32))):
+        model.fit(ds.sequences, 5)
+        with pytest.raises(DataError, match=r"history #1 .*catalog|history #1 .*integer"):
+            model.score([np.array([0]), np.array(history)])
+    assert model.score([np.array([]), [0, 4]]).shape == (2, 5)  # empty and list histories

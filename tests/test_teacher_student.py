@@ -1147,3 +1147,22 @@ def test_a_model_that_scores_nan_or_infinity_is_diverged_not_a_best_epoch(
 
     with pytest.raises(TrainingDivergedError, match=r"student, epoch 1: .*weight is not finite"):
         fit_with_early_stopping(model, nan_epoch, None, config, desc="student")
+
+
+def test_histories_and_training_data_outside_the_catalog_are_refused_clearly(
+    teacher: SASRecTeacher, student: DistilledStudent
+) -> None:
+    """Scoring a history with an unknown id failed with torch's 'index out of range in
+    self' (negative ids too), and fitting on one with an IndexError from numpy or
+    cross-entropy ('Target -1 is out of bounds'): no word of which history or what to do."""
+    for model in (teacher, student):
+        for bad in ([1, N_ITEMS], [-1, 2]):
+            with pytest.raises(DataError, match=rf"history #1 .*outside \[0, {N_ITEMS}\)"):
+                model.score([np.array([1, 2]), np.array(bad)])
+    good = [np.arange(5), np.arange(5, 10)]
+    for bad in ([1, N_ITEMS], [3, -1]):
+        sequences = [*good, np.array(bad)]
+        with pytest.raises(DataError, match=r"training sequence #2 .*outside"):
+            SASRecTeacher(text_features(), TINY_TEACHER).fit(sequences, N_ITEMS)
+        with pytest.raises(DataError, match=r"distillation sequence #2 .*outside"):
+            DistilledStudent(teacher, TINY_STUDENT).fit(sequences, N_ITEMS)

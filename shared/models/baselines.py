@@ -15,15 +15,14 @@ import scipy.sparse as sp
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.eval.splits import is_int, is_real
-from shared.models.base import Recommender, ScoreArray, history_matrix
+from shared.models.base import Recommender, ScoreArray, check_histories, history_matrix
 
 
 def interaction_matrix(sequences: Sequence[IntArray], n_items: int) -> sp.csr_matrix:
     """Binary users x items CSR matrix (repeats collapse to 1: implicit feedback)."""
+    check_histories(sequences, n_items, "training sequence")
     rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
     cols = np.concatenate(sequences) if sequences else np.zeros(0, dtype=np.int64)
-    if len(cols) and (cols.min() < 0 or cols.max() >= n_items):
-        raise DataError(f"training sequences reference items outside [0, {n_items})")
     x = sp.csr_matrix(
         (np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(sequences), n_items)
     )

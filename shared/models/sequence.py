@@ -27,6 +27,7 @@ from torch import nn
 
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError
+from shared.models.base import check_histories
 
 PAD_ITEM = 0
 """Item id stored at padded positions (always paired with ``mask == False``)."""
@@ -243,8 +244,10 @@ def score_histories(
     Each history is cut to its last ``max_len`` items and left-padded to the longest in its
     batch; models that number positions by recency score it exactly as in a longer window.
     The batches go to the device the model's parameters are on (a model on a GPU scores
-    there), and the scores come back to the CPU.
+    there), and the scores come back to the CPU. Ids outside the catalog are refused
+    (:func:`~shared.models.base.check_histories`).
     """
+    check_histories(histories, n_items)
     device = module_device(model)
     was_training = model.training
     model.eval()

@@ -38,7 +38,7 @@ from torch import nn
 
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
-from shared.models.base import Recommender, ScoreArray, Scorer
+from shared.models.base import Recommender, ScoreArray, Scorer, check_histories
 from shared.models.baselines import EASE
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import TEACHER_EPOCHS
@@ -627,6 +627,7 @@ class SASRecTeacher(Recommender):
         the metric of every weight tried; without validation the weight stays 0).
         """
         self._check_items(n_items)
+        check_histories(sequences, n_items, "training sequence")
         self._n_items = n_items
         readings = self.config.readings(validation is not None)
         if not any(len(seq) >= 2 for seq in sequences):

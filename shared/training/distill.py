@@ -34,7 +34,7 @@ from torch import nn
 
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
-from shared.models.base import Scorer
+from shared.models.base import Scorer, check_histories
 from shared.models.sequence import IGNORE_TARGET, PAD_ITEM
 from shared.training.trainer import (
     Batch,
@@ -123,6 +123,7 @@ def distill(
     mode. With ``validation`` and ``scorer`` (a :class:`Scorer` wrapping ``student``), early
     stopping selects the best epoch on ``config.metric``; otherwise all epochs run.
     """
+    check_histories(sequences, student.n_items, "distillation sequence")
     windows = make_causal_windows(sequences, teacher_max_len)
     if len(windows) == 0:
         raise DataError("no distillation sequence has two or more items")
