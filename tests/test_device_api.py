@@ -684,6 +684,31 @@ def test_erase_empties_the_logs_of_the_processes_the_daemon_runs(device: Device)
     assert log_file.read_bytes() == b"next round\n"
 
 
+def test_an_erase_empties_the_supernode_log_without_a_supernode_registered(
+    device: Device,
+) -> None:
+    """The erase emptied only the logs of the processes registered with the daemon: under
+    `serve-api` (no SuperNode), and when an erase a crash interrupted was finished at open
+    (before any process is registered), logs/supernode.log, written by an earlier
+    `fedrec client start`, kept the user's data ('this device has 1 event(s)')."""
+    log_file = device.daemon.layout.state_dir / "logs" / "supernode.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_bytes(b"declined: this device has 1 event(s)\n")
+    assert device.client.delete("/data").status_code == 204  # serve-api: no processes
+    assert log_file.read_bytes() == b""
+
+    log_file.write_bytes(b"declined: this device has 1 event(s)\n")
+    state = device.daemon.layout.state_dir
+    device.daemon.layout.erase_pending.write_bytes(b"")  # a crash mid-erase
+    device.daemon.shutdown()
+    reopened = Daemon.open(state, config=DaemonConfig(exploration=GREEDY))
+    try:
+        assert reopened.erase_completed_at_open
+        assert log_file.read_bytes() == b""
+    finally:
+        reopened.shutdown()
+
+
 def test_erase_keeps_the_privacy_ledger_and_identity(device: Device, tmp_path: Path) -> None:
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 

@@ -24,9 +24,10 @@ the methods of :class:`DeviceBackend`; the daemon does the domain work:
   updates a learning policy's posterior at once (:class:`LearningReranker`).
 * :meth:`Daemon.erase` deletes every local trace of the user: events, impressions, feedback,
   adaptation state, model records, the sealed model files (an adapted model is personal
-  data) and the managed processes' logs (the ClientApp logs its declines in terms of the
-  user's data). It **keeps** the device identity (its keys stay registered), the catalog (public,
-  not personal), the rounds-joined counter and the **privacy ledger**: erasing the ledger
+  data) and the managed processes' logs with ``logs/supernode.log``, SuperNode running or
+  not (the ClientApp logs its declines in terms of the user's data). It **keeps** the
+  device identity (its keys stay registered), the catalog (public, not personal), the
+  rounds-joined counter and the **privacy ledger**: erasing the ledger
   would let the device spend its privacy budget a second time on the same user.
 
 Processes: :meth:`Daemon.add_process` registers a :class:`ProcessSpec` (argv, env, restart
@@ -1032,20 +1033,22 @@ class Daemon:
         logger.warning("local data erased (identity, catalog and privacy ledger kept)")
 
     def _empty_process_logs(self) -> None:
-        """Empty the managed processes' logs (``logs/supernode.log``): the ClientApp logs why
-        it declined or failed in terms of this user's data (how many events, the epsilon
-        spent), which the erase must not leave behind. They append (``O_APPEND``), so a
-        running process goes on writing from the new, empty start."""
-        for proc in self.processes:
-            log_file = proc.spec.log_file
-            if log_file is None:
-                continue
+        """Empty the managed processes' logs and ``logs/supernode.log``: the ClientApp logs
+        why it declined or failed in terms of this user's data (how many events, the epsilon
+        spent), which the erase must not leave behind. The SuperNode's log is emptied even
+        when no SuperNode is registered: under ``serve-api``, or finishing at open an erase
+        that a crash interrupted, it still holds what an earlier ``start`` logged. They
+        append (``O_APPEND``), so a running process goes on writing from the new, empty
+        start."""
+        logs = [proc.spec.log_file for proc in self.processes if proc.spec.log_file]
+        for log_file in dict.fromkeys([*logs, str(self.layout.supernode_log)]):
             try:
                 os.truncate(log_file, 0)
             except FileNotFoundError:
                 pass
             except OSError as exc:  # the erase itself stands; say what is left
                 logger.warning("could not empty %s after the erase: %s", log_file, exc)
+        for proc in self.processes:
             proc.log_start = 0
 
     def _reseal_without_catalog(self, data: bytes) -> int:

@@ -181,6 +181,12 @@ class DeviceLayout:
             path.unlink(missing_ok=True)
 
     @property
+    def supernode_log(self) -> Path:
+        """The SuperNode's log (its ClientApp's output too): it names the user's data in its
+        declines and errors, so an erase empties it, whether or not a SuperNode runs."""
+        return self.state_dir / "logs" / "supernode.log"
+
+    @property
     def ledger(self) -> Path:
         """The privacy ledger: never deleted by an erase (that would let a device re-spend)."""
         return self.state_dir / "privacy" / "ledger.json"

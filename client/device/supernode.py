@@ -187,7 +187,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         max_restarts=1_000_000,
         backoff_s=2.0,
         max_backoff_s=options.max_backoff_s,
-        log_file=str(state_dir / "logs" / "supernode.log"),
+        log_file=str(DeviceLayout(state_dir).supernode_log),
         explain=explain_supernode_error,
         diagnose=diagnose_supernode_exit,
         watch=supernode_notice,
