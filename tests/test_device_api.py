@@ -684,6 +684,23 @@ def test_erase_empties_the_logs_of_the_processes_the_daemon_runs(device: Device)
     assert log_file.read_bytes() == b"next round\n"
 
 
+def test_a_managed_processs_log_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The SuperNode's log names the user's data (its ClientApp's declines: 'this device
+    has 1 event(s)', the epsilon spent), like the store and the ledger, which are 0600; it
+    was created with the umask's mode (0644: readable by every local user)."""
+    from client.device.daemon import ManagedProcess
+
+    log_file = tmp_path / "logs" / "supernode.log"
+    old = os.umask(0o022)
+    try:
+        proc = ManagedProcess(ProcessSpec("supernode", ("true",), log_file=str(log_file)))
+        proc.start()
+        assert proc.popen is not None and proc.popen.wait(timeout=30) == 0
+    finally:
+        os.umask(old)
+    assert log_file.stat().st_mode & 0o777 == 0o600
+
+
 def test_an_erase_empties_the_supernode_log_without_a_supernode_registered(
     device: Device,
 ) -> None:

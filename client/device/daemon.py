@@ -85,7 +85,7 @@ from client.device.store import (
     remove_store_files,
 )
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
-from shared.io import fsync_dir, write_bytes_atomic, write_json_atomic
+from shared.io import PRIVATE_MODE, fsync_dir, write_bytes_atomic, write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
 from shared.privacy.budget import PrivacyBudget
 from shared.processes import die_with_parent, reap_group, terminate_group
@@ -423,7 +423,11 @@ class ManagedProcess:
             )
         else:
             Path(self.spec.log_file).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spec.log_file, "ab") as log:
+            # owner-only, as the store and the ledger: the ClientApp logs in terms of the
+            # user's data (a log an earlier version created with the umask's mode too)
+            fd = os.open(self.spec.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_MODE)
+            with open(fd, "ab") as log:
+                os.fchmod(log.fileno(), PRIVATE_MODE)
                 self.popen = subprocess.Popen(
                     list(self.spec.argv),
                     env=env,
