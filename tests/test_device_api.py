@@ -585,6 +585,44 @@ def test_an_erase_whose_reinstall_finds_the_disk_full_still_drops_the_personal_m
     assert not daemon.layout.erase_pending.exists()
 
 
+@pytest.mark.parametrize(
+    ("code", "status", "message"),
+    [
+        (28, 503, "the device's disk is full (No space left on device: "),  # ENOSPC
+        (13, 500, "device error: a file of the device cannot be written or read ("),  # EACCES
+    ],
+)
+def test_a_file_the_erase_cannot_write_is_json_naming_it(
+    device: Device, monkeypatch: pytest.MonkeyPatch, code: int, status: int, message: str
+) -> None:
+    """The erase's first write (its marker) on a full disk raised an OSError that no handler
+    took: a bare 'Internal Server Error' in text, against the API's "always JSON, naming
+    the problem and the fix". A full disk is a 503 (retry once space is freed), another
+    file-system error a 500 naming the file; the erase did not start and works after."""
+    import client.device.daemon as daemon_module
+
+    assert device.client.post("/events", json={"events": [ev(ITEM[5])]}).status_code == 200
+
+    def cannot_write(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(daemon_module, "write_bytes_atomic", cannot_write)
+        client = TestClient(
+            device.app,
+            headers={"Authorization": f"Bearer {device.token}"},
+            raise_server_exceptions=False,
+        )
+        r = client.delete("/data")
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    detail = r.json()["detail"]
+    assert message in detail and "erase.pending" in detail
+    assert device.daemon.status().events == 1  # nothing erased, nothing half-done
+    assert device.client.delete("/data").status_code == 204
+    assert device.daemon.status().events == 0
+
+
 def test_two_erases_at_once_each_run_under_the_marker_that_a_crash_finishes(
     device: Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

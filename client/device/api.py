@@ -27,8 +27,9 @@ Errors (always JSON ``{"detail": "<one line: the problem and the fix>", ...}``)
     JSON, wrong types, unknown fields, unknown items (listed in ``unknown_items``; nothing of
     the batch stored), feedback for items never recommended (listed in ``unknown_pairs``;
     nothing stored); 503 no model (recommendations) or no catalog (events) yet, or the local
-    store busy or its disk full (nothing changed; retry); 500 the device's own state (a
-    damaged local store: ``DELETE /data`` erases it).
+    store busy or its disk full (nothing changed; retry), or a file of the device that a full
+    disk keeps from being written (free space, retry); 500 the device's own state (a damaged
+    local store: ``DELETE /data`` erases it; a file it cannot read or write, named).
     Request bodies are strict: no type coercion (``"1"`` is not a number, ``1`` is not an
     item id), no extra fields.
 """
@@ -36,6 +37,7 @@ Errors (always JSON ``{"detail": "<one line: the problem and the fix>", ...}``)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import json
@@ -522,6 +524,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         else:
             detail = f"device error: the local store failed ({type(exc).__name__}: {exc})"
         return _json_response(500, {"detail": detail})
+
+    @app.exception_handler(OSError)
+    async def _file_failed(request: Request, exc: OSError) -> JSONResponse:
+        # a file of the device (the erase's marker, a sealed model, a log) could not be
+        # written, read or removed: a full disk can be retried once space is freed; anything
+        # else is the device's own state
+        logger.error("%s %s: file error: %s", request.method, request.url.path, exc)
+        where = f": {exc.filename}" if exc.filename else ""
+        problem = f"{exc.strerror or exc}{where}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _json_response(
+                503,
+                {"detail": f"the device's disk is full ({problem}); free space on it and retry"},
+                {"Retry-After": "60"},
+            )
+        return _json_response(
+            500,
+            {"detail": f"device error: a file of the device cannot be written or read ({problem})"},
+        )
 
     @app.exception_handler(FedRecError)
     async def _server_side(request: Request, exc: FedRecError) -> JSONResponse:
