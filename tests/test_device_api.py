@@ -1428,6 +1428,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def test_a_model_with_an_equal_catalog_leaves_the_catalog_file_alone(
+    tmp_path: Path, int8_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every refit hands the daemon its own Catalog object of the same ids: that is not a
+    new catalog to write (and fsync, and fail on with a full disk) beside the model."""
+    state = tmp_path / "device"
+    init_identity(state)
+    with Daemon.open(state) as daemon:
+        daemon.install_model(int8_model, CATALOG)
+        installed = daemon.catalog
+        saved: list[Path] = []
+        real_save = Catalog.save
+        monkeypatch.setattr(Catalog, "save", lambda c, p: saved.append(p) or real_save(c, p))
+        daemon.install_model(int8_model, Catalog(tuple(CATALOG.item_ids)))
+        assert saved == [] and daemon.catalog is installed
+        assert daemon.status().model_version == "round-7"
+
+
 def test_a_crash_while_installing_a_model_with_a_new_catalog_keeps_model_and_catalog_matched(
     tmp_path: Path, int8_model: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

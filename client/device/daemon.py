@@ -652,6 +652,8 @@ class Daemon:
             catalog = self._install_catalog(catalog, erasures)
             if catalog is not validated_for:  # another install changed the catalog meanwhile
                 model = self.models.validate(data, catalog=catalog, runtime=self.runtime, name=name)
+            if catalog == self.catalog:  # a refit's own copy of the same ids: kept as is
+                catalog = self.catalog
             new_catalog = catalog is not self.catalog
             if new_catalog:  # it waits beside the old one until the model is current
                 catalog.save(self.layout.catalog_pending)
