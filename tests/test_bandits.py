@@ -36,6 +36,7 @@ from shared.bandits.policies import (
     BanditConfig,
     EpsilonGreedyPolicy,
     GreedyPolicy,
+    LinearPosterior,
     LinUCBPolicy,
     Policy,
     ThompsonPolicy,
@@ -505,6 +506,28 @@ def test_corrupt_state_is_refused() -> None:
         assert fresh.posterior.n_updates == 0
     with pytest.raises(ModelFileError):
         make_policy(_cfg(), N_ITEMS).load_state_dict("not a dict")  # type: ignore[arg-type]
+
+
+def test_a_learned_posterior_with_a_weak_prior_reloads() -> None:
+    """A posterior whose contexts span only some directions keeps the prior precision in the
+    others, which eigvalsh (and the sums that built A) get only to about eps * ||A||: with a
+    weak prior (prior-variance 1e6, allowed) that rounding exceeded the 1e-6 relative
+    tolerance of the below-the-prior check after a few hundred updates, and the device
+    threw its own, valid, posterior away at the next restart ("starting fresh")."""
+    d = 6
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        basis = rng.standard_normal((3, d))  # contexts in 3 of 6 dimensions, off the axes
+        post = LinearPosterior(d, prior_variance=1e6)
+        for _ in range(40):
+            assert post.update(rng.standard_normal((10, 3)) @ basis, rng.random(10))
+            LinearPosterior(d, prior_variance=1e6).load_state_dict(post.state_dict())
+    # a matrix truly below its prior is still refused
+    weak = LinearPosterior(d, prior_variance=1e6)
+    state = weak.state_dict()
+    state["A"] = (np.eye(d) * 0.9e-6).tolist()
+    with pytest.raises(ModelFileError, match="below its prior precision"):
+        LinearPosterior(d, prior_variance=1e6).load_state_dict(state)
 
 
 @pytest.mark.parametrize("name", ["linucb", "thompson", "epsilon_greedy"])

@@ -409,8 +409,14 @@ class LinearPosterior:
                 f"bandit prior precision {precision} does not match the config's "
                 f"{self.prior_precision}"
             )
-        if float(np.linalg.eigvalsh(sym).min()) < precision * (1 - 1e-6):
-            # A = A_0 + sum x x^T can never have an eigenvalue below the prior precision
+        # A = A_0 + sum x x^T can never have an eigenvalue below the prior precision, up to
+        # rounding: the sums that built A and eigvalsh are exact only to a few eps * ||A||
+        # (||A||_2 <= d max|a_ij|, no overflow near the float limit; measured: up to about
+        # 13 eps max|a_ij| after 1e5 updates), which for a large A and a weak prior
+        # (prior-variance 1e6) exceeded a tolerance relative to the prior alone and refused
+        # a device's own posterior after a few hundred updates
+        rounding = 64 * self.dim * np.finfo(np.float64).eps * float(np.abs(sym).max())
+        if float(np.linalg.eigvalsh(sym).min()) < precision * (1 - 1e-6) - rounding:
             raise ModelFileError("bandit posterior matrix A is below its prior precision")
         self.A = sym
         self.b = b
