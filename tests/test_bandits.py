@@ -605,6 +605,19 @@ def test_mmr_lambda_zero_maximizes_diversity() -> None:
     assert intra_list_diversity(greedy, emb) <= intra_list_diversity(mid, emb)
 
 
+def test_mmr_relevance_is_scaled_alike_near_the_float_limit() -> None:
+    """MMR min-max scales the relevance, so its picks do not depend on the scale; but
+    ``hi - lo`` overflowed for relevances spanning more than the float range (a greedy
+    policy passes the model's scores through): every relevance but the top one became 0
+    (the top one NaN) and the slate was chosen by diversity alone."""
+    emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    rel = np.array([1e308, 5e307, 0.0, -1e308])
+    assert mmr_select(rel, emb, 2, 0.9).tolist() == mmr_select(rel / 1e300, emb, 2, 0.9).tolist()
+    assert mmr_select(rel, emb, 2, 0.9).tolist() == [0, 1]
+    policy = GreedyPolicy(_cfg(top_n=4, slate_size=2, feature_dim=2, mmr_lambda=0.9), N_ITEMS)
+    assert policy.select(np.arange(4), rel, emb).tolist() == [0, 1]
+
+
 def test_beyond_accuracy_metrics() -> None:
     emb = np.eye(4)
     assert intra_list_diversity([0, 1], emb) == pytest.approx(1.0)

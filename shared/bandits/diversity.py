@@ -94,8 +94,13 @@ def mmr_select(relevance: npt.ArrayLike, embeddings: npt.ArrayLike, k: int, lam:
     finite = np.isfinite(rel_raw)
     rel = np.zeros(n)
     if finite.any():
-        lo, hi = float(rel_raw[finite].min()), float(rel_raw[finite].max())
-        rel[finite] = (rel_raw[finite] - lo) / (hi - lo) if hi > lo else 1.0
+        # divided by the largest first: hi - lo overflows for relevances spanning more than
+        # the float range (every relevance but the top one became 0)
+        vals = rel_raw[finite]
+        peak = float(np.abs(vals).max())
+        vals = vals / peak if peak > 0 else vals
+        lo, hi = float(vals.min()), float(vals.max())
+        rel[finite] = (vals - lo) / (hi - lo) if hi > lo else 1.0
     rel[~finite] = -1.0  # -inf / NaN: below any finite candidate, still pickable at the end
     rel[rel_raw == np.inf] = 1.0
     # work in relevance order so that argmax's first-index tie-break is "more relevant first"
