@@ -20,7 +20,8 @@ What it adds to the policy itself:
   stored with the posterior: recomputed from a personal model they would differ).
 * **Feedback semantics.** An impression reported ``clicked`` is reward 1, ``shown`` (seen, not
   clicked) reward 0. Each impression is learned from once; a later report on the same
-  impression is stored but ignored by the policy (logged and counted as ``rejected_not_shown``).
+  impression is stored but ignored by the policy (the daemon does not pass it on; a direct
+  :meth:`BanditReranker.observe` call logs it and counts it as ``rejected_not_shown``).
   Feedback names its recommendation, and the policy learns from that slate's impression of
   the item (the context it was shown in), also when the item is pending in several slates.
 """
