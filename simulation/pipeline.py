@@ -28,7 +28,13 @@ from shared.config import field_names, from_flat, to_flat
 from shared.data.dataset import IntArray, RecDataset
 from shared.data.provenance import DataProvenance
 from shared.data.registry import dataset_key, load_dataset
-from shared.errors import ConfigError, DataError, FedRecError, PublishedVersionError
+from shared.errors import (
+    ConfigError,
+    DataError,
+    FedRecError,
+    ModelFileError,
+    PublishedVersionError,
+)
 from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
@@ -41,7 +47,7 @@ from shared.eval.protocol import (
     summarize_each,
 )
 from shared.eval.splits import ProtocolSplit, split_users
-from shared.federated.bundle import DEPLOY_BUNDLE, ClientData, save_bundle
+from shared.federated.bundle import DEPLOY_BUNDLE, ClientData, load_bundle, save_bundle
 from shared.federated.local_training import fit_personal
 from shared.federated.student_task import set_global_arrays
 from shared.io import REPORT_MODE, write_bytes_atomic, write_json_atomic
@@ -50,7 +56,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import module_device, pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
-from shared.training.trainer import limited_threads
+from shared.training.trainer import limited_threads, seeded
 from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
@@ -159,17 +165,18 @@ def _run_stages(
         progress=config.progress,
     )
     run.log("pretrain", 0, seconds=round(pre.seconds, 2), cached=pre.cached)
-    initial = copy.deepcopy(pre.student.model)
+    bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here
+    student = _resumed_student(run, bundle_path, pre.student.model)
+    initial = copy.deepcopy(student)
 
     clients = _client_data(split)
-    bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here
     # both record the data and split, which every model published from them carries
     trained_on = config.data_provenance()
-    save_bundle(bundle_path, pre.student.model, clients, dataset.item_ids, trained_on=trained_on)
+    save_bundle(bundle_path, student, clients, dataset.item_ids, trained_on=trained_on)
     # what a deployment's server and devices load: the model alone, readable by containers
     save_bundle(
         run.root / DEPLOY_BUNDLE,
-        pre.student.model,
+        student,
         None,
         dataset.item_ids,
         mode=0o644,
@@ -274,6 +281,36 @@ def privacy_meta(config: SimulationConfig, n_clients: int) -> dict[str, Any]:
     return out
 
 
+def _resumed_student(run: RunDirectory, bundle: Path, pretrained: StudentModel) -> StudentModel:
+    """The pretrained student this run federates: on a resumed run, the one in its
+    ``bundle.pt``, which its checkpoints were trained from; else ``pretrained``.
+
+    Pretraining is cached, but a resume may not find the cache (another ``cache-dir``, which
+    a rerun may change, or a cleared one) and then trains again, and the result depends on
+    the machine (torch's thread count): the checkpoints' global parameters were continued
+    on another student's frozen item tables, and the report's "student (pretrained)" was not
+    the model the federation started from."""
+    if not (run.has_progress() and bundle.exists()):
+        return pretrained
+    try:
+        with seeded(0):  # building the model draws from the global RNG: keep its state
+            kept = load_bundle(bundle).student
+    except ModelFileError as err:  # unreadable (another version's): as before, pretrained
+        log.warning("%s; the run continues from the pretraining just done", err)
+        return pretrained
+    ours, theirs = pretrained.state_dict(), kept.state_dict()
+    if ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours):
+        return pretrained
+    log.warning(
+        "pretraining gave another student than the one this run started from (its cache was "
+        "not found, and it trained again, e.g. on a machine with another number of threads): "
+        "the run continues from its own, in %s; the teacher it reports is the new one",
+        bundle,
+    )
+    kept.set_trainable(["global"])  # as a freshly pretrained student leaves it
+    return kept
+
+
 def write_summary_and_report(summary: dict[str, Any], root: Path) -> Path:
     """Write ``summary.json``, then ``report.md`` and its plots from it, under ``root``;
     returns the report's path. The earlier run's report goes first: a process killed between
@@ -342,7 +379,6 @@ def load_finished_run(root: Path, data_dir: str | None = None) -> FinishedRun:
     benchmarks that re-evaluate it without training; ``data_dir`` overrides the folder its
     dataset was read from. Reads only: the run's files are left as they are."""
     from server.checkpoint import CheckpointStore
-    from shared.federated.bundle import load_bundle
 
     config = stored_config(root)
     if config is None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedrec.cli import app
@@ -23,7 +24,9 @@ TINY = (
 )
 
 
-def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
+def test_simulate_tiny_world_end_to_end_and_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = [
         "simulate",
         "--backend",
@@ -164,10 +167,30 @@ def test_simulate_tiny_world_end_to_end_and_resume(tmp_path: Path) -> None:
 
     # A rerun of the same run directory resumes from the checkpoint: no round is repeated.
     # It may export other models' top 100 (an output setting), each matching its figures.
+    # Its pretraining may come out another student (the cache not found, e.g. another
+    # cache-dir, and trained again with another thread count): it continues from its own.
+    import simulation.pipeline as pipeline
+
+    started_from = load_bundle(run / "bundle.pt").student.state_dict()
+    pretrain = pipeline.pretrain
+
+    def elsewhere(*a: Any, **kw: Any) -> Any:
+        pre = pretrain(*a, **kw)
+        ids = pre.student.model.items.ids.weight  # a frozen table: no checkpoint holds it
+        ids.data = ids.data.flip(0)
+        return pre
+
+    monkeypatch.setattr(pipeline, "pretrain", elsewhere)
     exports = ["--export-recs", "teacher", "--export-recs", "student-personal"]
     again = CliRunner().invoke(app, [*args, *exports])
     assert again.exit_code == 0, again.output
+    monkeypatch.undo()
     summary2 = json.loads((run / "summary.json").read_text())
+    for path in ("bundle.pt", "deploy-bundle.pt"):
+        kept = load_bundle(run / path).student.state_dict()
+        assert all(torch.equal(kept[k], v) for k, v in started_from.items()), path
+    for model in ("student (pretrained)", "student (federated)"):
+        assert summary2["final"][model] == summary["final"][model], model
     for name, model in (
         ("teacher", "teacher"),
         ("student-personal", "student (federated + personal)"),
