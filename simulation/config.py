@@ -115,7 +115,9 @@ co-occurrence start build dense ``items x items`` matrices (3.2 GB each at this 
 
 
 def data_dir_key(data_dir: str) -> str:
-    """The absolute form of a dataset folder (``~`` expanded), or "" for none."""
+    """The absolute form of a folder setting (``data-dir``, ``text-model``; ``~`` expanded),
+    or "" for none: ``x/``, ``./x`` and ``$PWD/x`` are one folder, and a relative path read
+    from another working directory is another one."""
     return str(home_path(data_dir).resolve()) if data_dir else ""
 
 
@@ -259,8 +261,9 @@ class SimulationConfig:
         # one spelling everywhere (the pipeline tells the synthetic world by its name)
         object.__setattr__(self, "dataset", dataset_key(self.dataset))
         check_no_data_dir(self.dataset, self.data_dir)
-        if self.text_model:
-            resolve_model_dir(self.text_model, setting="text-model")
+        if self.text_model:  # one spelling, as data-dir's: a resumed run compares it
+            model_dir = resolve_model_dir(self.text_model, setting="text-model")
+            object.__setattr__(self, "text_model", str(model_dir))
         self.split_config()  # the split's fractions, checked where they are defined
         if not 1 <= self.synthetic_users <= MAX_SYNTHETIC_USERS:
             raise ConfigError(

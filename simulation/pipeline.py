@@ -113,7 +113,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     try:
         defaults = to_flat(SimulationConfig())
         # a run written before names were made canonical may have stored 'ML-100K'
-        canonical = {"dataset": dataset_key, "data-dir": data_dir_key}
+        canonical = {"dataset": dataset_key, "data-dir": data_dir_key, "text-model": data_dir_key}
         run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults, canonical)
         progress("run", {"dir": str(run.root)})
         return _run_stages(config, run, started, progress)

@@ -1108,3 +1108,42 @@ def test_a_home_folder_in_run_config_paths_is_expanded() -> None:
     assert cfg.cache_dir == str(Path.home() / "fedrec-cache")
     ml = SimulationConfig(dataset="ml-100k", data_dir="~/data/ml-100k")
     assert ml.data_dir == str(Path.home() / "data" / "ml-100k")
+
+
+def test_a_resume_compares_the_text_model_folder_not_its_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`text-model` was compared as typed: the same folder spelled `./lm/` was refused as
+    another setting, and `lm` typed in another working directory, another encoder, resumed
+    the run. It is one absolute folder now, as data-dir is."""
+    import shutil
+
+    import simulation.pipeline as pipeline
+    from shared.text import bundled_model_dir
+
+    for where in ("a", "b"):
+        shutil.copytree(bundled_model_dir(), tmp_path / where / "lm")
+    runs = tmp_path / "runs"
+
+    class Stop(Exception):
+        pass
+
+    def stages(config: Any, run: Any, started: float, progress: Any) -> None:
+        (run.checkpoints / "round-1.npz").write_bytes(b"")  # a round's progress: resumable
+        raise Stop(config.text_model)
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+
+    def rerun(cwd: Path, text_model: str) -> BaseException | None:
+        monkeypatch.chdir(cwd)
+        keys = f"text-model={text_model}"
+        args = ["simulate", "--backend", "inprocess", "--run-dir", str(runs), "--name", "x"]
+        return CliRunner().invoke(app, [*args, "--run-config", keys]).exception
+
+    first = rerun(tmp_path / "a", "lm")
+    assert isinstance(first, Stop) and first.args == (str(tmp_path / "a" / "lm"),)
+    for spelled in ("./lm/", str(tmp_path / "a" / "lm")):
+        assert isinstance(rerun(tmp_path / "a", spelled), Stop), spelled
+    refused = rerun(tmp_path / "b", "lm")
+    assert isinstance(refused, ConfigError)
+    assert "holds a run with other settings (text-model" in str(refused)
