@@ -368,8 +368,11 @@ def test_recommend_excludes_history_and_sorts(int8_path: Path) -> None:
     )
     with pytest.raises(DataError, match="outside"):
         model.score([np.array([N_ITEMS])])
+    too_old = np.r_[N_ITEMS + 5, np.ones(MAX_LEN + 10, dtype=np.int64)]
     with pytest.raises(DataError, match="outside"):  # too old to be scored, still excluded
-        model.recommend(np.r_[N_ITEMS + 5, np.ones(MAX_LEN + 10, dtype=np.int64)])
+        model.recommend(too_old)
+    with pytest.raises(DataError, match="outside"):  # and scored alike: a history mapped wrong
+        model.score([too_old])
     empty = model.score([np.array([], dtype=np.int64)])
     assert empty.shape == (1, N_ITEMS) and np.isfinite(empty).all()
     assert len(model.recommend([], k=5)) == 5

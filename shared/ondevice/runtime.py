@@ -600,7 +600,8 @@ class OnDeviceModel:
         return self._max_len
 
     def _ids(self, history: npt.ArrayLike, *, truncate: bool = True) -> IntArray:
-        """History as int64 ids (the last ``max_len`` if ``truncate``), range-checked."""
+        """History as int64 ids (the last ``max_len`` if ``truncate``), every one
+        range-checked."""
         raw = np.asarray(history)
         if raw.size and raw.dtype.kind not in "iu":
             raise DataError(
@@ -614,14 +615,14 @@ class OnDeviceModel:
                 "a batch with score([h1, h2, ...]) and recommend for one history at a time"
             )
         h = raw.astype(np.int64).reshape(-1)
-        if truncate:
-            h = h[-self._max_len :]
+        # the whole history, as recommend reads it: an id of another catalog means the
+        # history was mapped wrong, however old
         if h.size and (int(h.min()) < 0 or int(h.max()) >= self._n_items):
             raise DataError(
                 f"history has item ids outside [0, {self._n_items}): min={int(h.min())}, "
                 f"max={int(h.max())}; map raw ids through the same catalog as the model"
             )
-        return h
+        return h[-self._max_len :] if truncate else h
 
     def _score_one(self, history: npt.ArrayLike) -> ScoreArray:
         h = self._ids(history)
