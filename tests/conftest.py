@@ -67,6 +67,23 @@ def toy_dataset() -> RecDataset:
     return make_dataset()
 
 
+def dependency_floor(name: str) -> str:
+    """The lower bound ``name>=X`` that pyproject.toml declares for a runtime dependency: what
+    a fresh install may resolve to, so the code must work with it."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pattern = re.compile(rf"{re.escape(name)}(?:\[[^\]]*\])?>=([\d.]+)(?:,.*)?")
+    floors = [
+        match.group(1)
+        for dep in project["project"]["dependencies"]
+        if (match := pattern.fullmatch(dep.split(";")[0].strip()))
+    ]
+    assert len(floors) == 1, f"pyproject.toml declares no single {name}>=X: {floors}"
+    return floors[0]
+
+
 def tiny_student(n_items: int, dim: int = 16) -> StudentModel:
     """A seeded, untrained student of width ``dim`` over ``n_items`` items (8-d tables)."""
     import torch

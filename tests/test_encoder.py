@@ -110,6 +110,21 @@ def test_a_texts_vector_does_not_depend_on_what_it_was_encoded_with(
         np.testing.assert_array_equal(ItemEncoder(_config(None)).encode([texts[i]])[0], whole[i])
 
 
+def test_the_transformers_floor_takes_the_dtype_keyword_the_loader_passes() -> None:
+    """The loader calls ``from_pretrained(..., dtype=torch.float32)``, a keyword transformers
+    has taken since 4.56 (before it, ``torch_dtype``). pyproject admitted 4.40: with 4.55 every
+    load failed ("BertModel.__init__() got an unexpected keyword argument 'dtype'"), reported
+    as a corrupt model to reinstall."""
+    import inspect
+
+    from packaging.version import Version
+
+    from tests.conftest import dependency_floor
+
+    assert "dtype=torch.float32" in inspect.getsource(encoder_mod._load_model)
+    assert Version(dependency_floor("transformers")) >= Version("4.56")
+
+
 def test_deterministic_across_encoders(encoder: ItemEncoder) -> None:
     # Two encoders without a disk cache both run the model (no memo shared between them).
     first = ItemEncoder(_config(None)).encode(TEXTS)

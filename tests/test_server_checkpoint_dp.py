@@ -1395,18 +1395,12 @@ def test_the_numpy_floor_saves_checkpoints_without_a_stray_array() -> None:
     allow_pickle=False); numpy before 2.2 has no such keyword and saves it as an array named
     'allow_pickle', so every checkpoint would fail verification. pyproject admitted 1.26."""
     import inspect
-    import re
-    import tomllib
 
     from packaging.version import Version
 
-    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    floors = [
-        re.fullmatch(r"numpy>=([\d.]+)", dep.split(";")[0].strip())
-        for dep in project["project"]["dependencies"]
-    ]
-    (floor,) = [m.group(1) for m in floors if m]
-    assert Version(floor) >= Version("2.2")
+    from tests.conftest import dependency_floor
+
+    assert Version(dependency_floor("numpy")) >= Version("2.2")
     assert "allow_pickle" in inspect.signature(np.savez).parameters  # the installed one
 
 
