@@ -163,3 +163,24 @@ def test_setup_repairs_a_venv_whose_creation_failed(tmp_path: Path) -> None:
     venv_python = tmp_path / ".venv" / "bin" / "python"
     assert subprocess.run([venv_python, "-m", "pip", "--version"], check=False).returncode == 0
     assert not (tmp_path / ".venv" / ".fedrec-installed").exists()  # not marked installed
+
+
+def test_a_venv_symlink_is_ignored_like_a_venv_folder(tmp_path: Path) -> None:
+    """`.gitignore` said `.venv/`, which matches a folder only: a checkout whose `.venv` is a
+    symlink to a shared environment (`ln -s ../main/.venv .venv`) showed it as untracked, and
+    `git add -A` committed it. Merged into the checkout that holds the real folder, git
+    replaced that ignored (so expendable) folder with the link, which then pointed at itself:
+    the environment was gone."""
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shutil.copy(root / ".gitignore", repo / ".gitignore")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (tmp_path / "env").mkdir()
+    (repo / ".venv").symlink_to(tmp_path / "env")
+    (repo / "build").mkdir()  # a folder pattern still matches its folder
+    for path in (".venv", "build"):
+        ignored = subprocess.run(
+            ["git", "-C", str(repo), "check-ignore", "-q", path], check=False
+        ).returncode
+        assert ignored == 0, f"{path} is not ignored"
