@@ -722,3 +722,17 @@ def test_prune_config_takes_a_numpy_sparsity_and_the_student_narrows_to_16() -> 
     wide = StudentConfig(dim=20, text_dim=8, id_dim=8)
     at_16 = replace(wide, dim=16).trainable_parameters()
     assert wide.scaled_to(at_16 * 10, max_ratio=0.1).dim == 16  # 20 itself is over budget
+
+
+def test_the_torch_floor_takes_the_exporter_keyword_the_export_passes() -> None:
+    """``torch.onnx.export(..., dynamo=False)`` (the TorchScript exporter, chosen on purpose)
+    is a keyword torch 2.5 added: a floor below it installs a torch the export fails on."""
+    import inspect
+
+    from packaging.version import Version
+
+    from shared.compression import onnx_export
+    from tests.conftest import dependency_floor
+
+    assert "dynamo=False" in inspect.getsource(onnx_export)
+    assert Version(dependency_floor("torch")) >= Version("2.5")
