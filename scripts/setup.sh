@@ -14,7 +14,7 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     "$PY" -m venv --clear .venv
 fi
 stamp=.venv/.fedrec-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first, pinned: an unpinned range would resolve to a multi-GB CUDA build. Where
     # the registry's torch==2.13.0 is a CUDA build (plain PyPI on Linux), set
