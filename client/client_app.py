@@ -75,7 +75,7 @@ from shared.federated.validation import (
     l2_norm,
     validate_update,
 )
-from shared.privacy.budget import PrivacyBudget
+from shared.privacy.budget import PrivacyBudget, check_budget
 
 DEFAULT_TASK = "toy-linear"
 
@@ -168,13 +168,7 @@ def deployment_run_config(
         merged[NODE_PASSPHRASE_ENV] = str(node_config.get(NODE_PASSPHRASE_ENV) or "")
         # the device owner's privacy floor, whatever the server asks for
         merged[NODE_REQUIRE_DP] = node_config.get(NODE_REQUIRE_DP) is not False
-        for key, node_key, default in (
-            ("epsilon-budget", NODE_MAX_EPSILON, PrivacyBudget.epsilon),
-            ("delta", NODE_MAX_DELTA, PrivacyBudget.delta),
-        ):
-            cap = _number(node_config.get(node_key, default))
-            if cap is None:
-                raise ConfigError(f"node config {node_key} must be a number")
+        for key, (cap, default) in _privacy_caps(node_config).items():
             asked = _number(merged.get(key, default))
             # a server value that is no number (the task would read "100" as 100) gets the cap
             merged[key] = cap if asked is None else min(asked, cap)
@@ -188,6 +182,28 @@ def deployment_run_config(
     return merged
 
 
+def _privacy_caps(node_config: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """The device owner's caps by the run-config key they bound, each with that key's
+    default: ``epsilon-budget`` (:data:`NODE_MAX_EPSILON`) and ``delta``
+    (:data:`NODE_MAX_DELTA`), refused unless they make a budget (:func:`check_budget`): a NaN
+    cap compares below no number, so ``min`` took the server's value uncapped."""
+    caps: dict[str, tuple[float, float]] = {}
+    for key, node_key, default in (
+        ("epsilon-budget", NODE_MAX_EPSILON, PrivacyBudget.epsilon),
+        ("delta", NODE_MAX_DELTA, PrivacyBudget.delta),
+    ):
+        cap = _number(node_config.get(node_key, default))
+        if cap is None:
+            raise ConfigError(f"node config {node_key} must be a number")
+        caps[key] = (cap, default)
+    check_budget(
+        caps["epsilon-budget"][0],
+        caps["delta"][0],
+        names=(f"node config {NODE_MAX_EPSILON}", f"node config {NODE_MAX_DELTA}"),
+    )
+    return caps
+
+
 def max_noise_shares(config: Mapping[str, object]) -> int:
     """The device owner's cap on ``noise-shares`` (:data:`NODE_MAX_NOISE_SHARES`, default 1).
 
@@ -196,7 +212,8 @@ def max_noise_shares(config: Mapping[str, object]) -> int:
     release this device's update nearly noise-free at the epsilon of the full noise."""
     value = config.get(NODE_MAX_NOISE_SHARES, 1)
     number = _number(value)
-    if number is None or number < 1 or number != int(number):
+    # NaN and inf fail isfinite before int(), which raised a bare ValueError / OverflowError
+    if number is None or not math.isfinite(number) or number < 1 or number != int(number):
         raise ConfigError(
             f"node config {NODE_MAX_NOISE_SHARES} must be an integer >= 1, got {value!r}"
         )

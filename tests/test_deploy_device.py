@@ -496,6 +496,29 @@ def test_a_noise_shares_that_is_no_number_is_a_config_error(device: Path, asked:
         deployment_run_config({"noise-shares": asked}, node)
 
 
+@pytest.mark.parametrize(
+    ("key", "cap"),
+    [
+        ("fedrec-max-epsilon", float("nan")),
+        ("fedrec-max-epsilon", "nan"),
+        ("fedrec-max-epsilon", float("inf")),
+        ("fedrec-max-epsilon", 0.0),
+        ("fedrec-max-delta", float("nan")),
+        ("fedrec-max-delta", 1.0),
+        ("fedrec-max-noise-shares", float("nan")),
+        ("fedrec-max-noise-shares", float("inf")),
+    ],
+)
+def test_a_node_cap_that_bounds_nothing_is_refused(key: str, cap: object) -> None:
+    """A NaN privacy cap in the node config (a SuperNode started by hand) compared below no
+    number, so the server's epsilon-budget 100 or delta 0.5 was taken uncapped; a NaN or
+    infinite noise-shares cap raised int()'s bare ValueError / OverflowError, an "internal"
+    error of the device instead of its configuration."""
+    node = {"fedrec-device-dir": "/nonexistent", "fedrec-bundle": "b", key: cap}
+    with pytest.raises(ConfigError, match=f"node config {key}"):
+        deployment_run_config({"epsilon-budget": 100.0, "delta": 0.5, "noise-shares": 4}, node)
+
+
 def _adapter(learner: DeviceLearner) -> dict[str, torch.Tensor]:
     """The adapter of the learner's last refit (it is only ever stored sealed, inside the
     model built from it)."""
