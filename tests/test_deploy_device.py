@@ -519,6 +519,20 @@ def test_a_node_cap_that_bounds_nothing_is_refused(key: str, cap: object) -> Non
         deployment_run_config({"epsilon-budget": 100.0, "delta": 0.5, "noise-shares": 4}, node)
 
 
+@pytest.mark.parametrize("server_round", [float("nan"), "abc"])
+def test_a_malformed_server_round_is_a_config_error_on_the_device(
+    device: Path, bundle: Path, server_round: object
+) -> None:
+    """A NaN round raised int()'s bare ValueError (an "internal" error of the device); text
+    was read as round 0, so an evaluation kept the server's model as version 0, the label of
+    the bundle's own."""
+    task, params = _ready_device_task(device, bundle)
+    for call in (task.fit, task.evaluate):
+        with pytest.raises(ConfigError, match="server-round"):
+            call(0, params, {"server-round": server_round})
+    assert FederatedFiles(device).global_version() is None  # nothing kept
+
+
 def _adapter(learner: DeviceLearner) -> dict[str, torch.Tensor]:
     """The adapter of the learner's last refit (it is only ever stored sealed, inside the
     model built from it)."""

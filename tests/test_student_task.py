@@ -1072,6 +1072,18 @@ def test_parameters_or_settings_refused_by_the_client_spend_no_privacy(
     assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()  # nothing spent
 
 
+@pytest.mark.parametrize("server_round", ["abc", float("nan"), float("inf"), 1.5, -1])
+def test_a_server_round_that_is_no_round_is_a_config_error(
+    bundle: Path, tmp_path: Path, server_round: ConfigValue
+) -> None:
+    """int() of a malformed server-round raised a bare ValueError / OverflowError, which the
+    error reply calls an "internal" failure of the client, not the server's instruction."""
+    task = _task(bundle, tmp_path / "state")
+    with pytest.raises(ConfigError, match="server-round"):
+        task.fit(0, task.initial_parameters(), {"server-round": server_round})
+    assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()  # nothing spent
+
+
 def test_concurrent_fits_of_one_client_both_reach_its_ledger(bundle: Path, tmp_path: Path) -> None:
     """A fit that outlived its round (another process) and the next round's fit of the same
     client: each task instance has its own thread lock, so only the file lock orders them."""

@@ -304,11 +304,6 @@ def missing_ledger_reason(layout: DeviceLayout, rounds_joined: int) -> str:
     )
 
 
-def _round_of(config: Mapping[str, ConfigValue]) -> int:
-    value = config.get("server-round", 0)
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
 # --------------------------------------------------------------------------- ClientApp side
 
 
@@ -327,6 +322,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         DECLINE_OPTED_OUT,
         EvalOutcome,
         FitOutcome,
+        server_round,
     )
     from shared.privacy.ledger import PrivacyBudget, PrivacyLedger
 
@@ -409,7 +405,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                 # `fedrec server start`'s advice, can read the reason
                 logger.warning(
                     "round %d: this device declined to train: %s",
-                    _round_of(config),
+                    server_round(config),
                     outcome.reason,
                 )
             return outcome
@@ -417,7 +413,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         def _fit(
             self, client_id: int, parameters: Arrays, config: Mapping[str, ConfigValue]
         ) -> FitOutcome:
-            server_round = _round_of(config)
+            round_no = server_round(config)
             self.check_received(parameters)  # never kept (and served) unchecked
             with_dp = self._round_config(config, client_id).dp
             if require_dp and not with_dp:
@@ -427,7 +423,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                     "--allow-no-dp`)"
                 )
             with self.files.lock():
-                self._keep_global(max(server_round - 1, 0), parameters, config)
+                self._keep_global(max(round_no - 1, 0), parameters, config)
                 history = self.local_sequence(client_id)
                 if len(history) < 2:  # a young device, not a broken one: it sits this round out
                     return FitOutcome.declined(
@@ -444,7 +440,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
                         # a round without DP (--allow-no-dp) spends nothing, but once a
                         # round is joined a missing ledger means a lost one: write it first
                         PrivacyLedger.open(self.layout.ledger, self._budget).save()
-                    self.files.add_round_joined(server_round, with_dp=with_dp)
+                    self.files.add_round_joined(round_no, with_dp=with_dp)
             return outcome
 
         def evaluate(
@@ -452,7 +448,7 @@ def make_device_task(run_config: RunConfig) -> StudentTask:
         ) -> EvalOutcome:
             self.check_received(parameters)
             with self.files.lock():
-                self._keep_global(_round_of(config), parameters, config)
+                self._keep_global(server_round(config), parameters, config)
             if not share_evaluation:  # the model is kept: the device still serves it
                 return EvalOutcome.declined(
                     "this device does not share evaluation metrics (they are computed from "

@@ -59,6 +59,7 @@ from shared.federated.task import (
     EvalOutcome,
     FitOutcome,
     RunConfig,
+    server_round,
 )
 from shared.federated.validation import validate_update
 from shared.io import exclusive_lock
@@ -381,7 +382,7 @@ class StudentTask:
 
             merged = {**to_flat(base), **overrides}
             base = from_flat(LocalTrainConfig, merged)
-        round_no = int(config.get("server-round", 0) or 0)
+        round_no = server_round(config)
         from dataclasses import replace
 
         return replace(base, seed=hash((base.seed, client_id, round_no)) % (2**31))

@@ -66,6 +66,18 @@ DECLINE_KINDS = frozenset(
 )
 
 
+def server_round(config: Mapping[str, ConfigValue]) -> int:
+    """The round a fit or evaluate instruction names (:data:`CONFIG_SERVER_ROUND`; 0 when it
+    names none), read by the rule every setting is read by (:func:`shared.config.coerce`).
+    Anything that is no round (text, a fraction, NaN, inf, a negative number) is a
+    :class:`ConfigError`: ``int()`` of it raised a bare ``ValueError`` or ``OverflowError``,
+    which the client's reply called an internal failure, or rounded 1.5 down."""
+    value: int = coerce(config.get(CONFIG_SERVER_ROUND, 0), int, CONFIG_SERVER_ROUND)
+    if value < 0:
+        raise ConfigError(f"'{CONFIG_SERVER_ROUND}' must be >= 0, got {value}")
+    return value
+
+
 def _check_decline_kind(kind: str) -> None:
     if kind not in DECLINE_KINDS:
         raise ValueError(f"unknown decline kind {kind!r}; one of {sorted(DECLINE_KINDS)}")
