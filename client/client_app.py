@@ -70,6 +70,7 @@ from shared.federated.task import (
     get_task,
 )
 from shared.federated.validation import (
+    NOT_AN_ARRAY,
     InvalidUpdateError,
     clip_update_l2,
     l2_norm,
@@ -374,6 +375,22 @@ def _check_override_keys(overrides: Mapping[str, RunConfigValue], task: str) -> 
     check_run_config_keys(overrides, task)
 
 
+def _received_arrays(tensors: Sequence[bytes]) -> Arrays:
+    """The arrays of an instruction (:func:`~server.npy.load_npy`: thread-safe reading). A blob
+    that is no ``.npy`` array is an :class:`InvalidUpdateError` ("invalid-update", like any
+    other unusable parameters the server sent): load_npy's bare ``ValueError`` made the reply
+    an "internal" error of the client."""
+    arrays: Arrays = []
+    for i, blob in enumerate(tensors):
+        try:
+            arrays.append(load_npy(blob))
+        except ValueError as err:
+            raise InvalidUpdateError(
+                NOT_AN_ARRAY, f"received array {i} is unreadable: {err}"
+            ) from err
+    return arrays
+
+
 def handle_train(
     msg: Message, context: Context, run_config: Mapping[str, RunConfigValue] | None = None
 ) -> Message:
@@ -381,7 +398,7 @@ def handle_train(
     try:
         merged = _node_run_config(context, run_config)
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
-        received = [load_npy(t) for t in fitins.parameters.tensors]  # thread-safe reading
+        received = _received_arrays(fitins.parameters.tensors)
         # what this client knows, over anything the server sent under these keys: the task
         # refuses to split its noise (noise-shares) for an update seen outside SecAgg+
         config = {
@@ -431,7 +448,7 @@ def handle_evaluate(
     try:
         merged = _node_run_config(context, run_config)
         ins = recorddict_to_evaluateins(msg.content, keep_input=True)
-        parameters = [load_npy(t) for t in ins.parameters.tensors]
+        parameters = _received_arrays(ins.parameters.tensors)
         task, client_id = _task_for(merged), client_id_of(context)
         _restore_state(task, client_id, context)
         outcome = task.evaluate(

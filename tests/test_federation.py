@@ -703,6 +703,23 @@ def test_train_handler_survives_a_malformed_message() -> None:
     assert reply.has_error() and "fedrec fit failed" in str(reply.error.reason)
 
 
+def test_parameters_that_are_no_arrays_are_an_invalid_update_reply(
+    client_log: pytest.LogCaptureFixture,
+) -> None:
+    """A blob the server sent that is no .npy array raised load_npy's ValueError, which the
+    reply called an "internal" error of the client instead of what it received."""
+    bad = Parameters(tensors=[b"not an npy blob", b""], tensor_type="numpy.ndarray")
+    fit = Message(fitins_to_recorddict(FitIns(bad, {"server-round": 1}), True), 103, "train")
+    ins = EvaluateIns(bad, {"server-round": 1})
+    evaluate = Message(evaluateins_to_recorddict(ins, True), 103, "evaluate")
+    app = make_client_app()
+    for phase, msg in (("fit", fit), ("evaluate", evaluate)):
+        reply = app(msg, _context())
+        assert reply.has_error()
+        assert reply.error.reason.startswith(f"fedrec {phase} failed: invalid-update: ")
+    assert "received array 0 is unreadable: not an .npy blob" in client_log.text
+
+
 def test_evaluate_handler_reports_loss_and_examples() -> None:
     task = ToyLinearTask()
     params = task.initial_parameters()
