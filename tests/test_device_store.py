@@ -770,6 +770,23 @@ def test_a_damaged_key_is_named_with_its_fix_and_rotate_key_replaces_it(tmp_path
         DeviceIdentity.load(layout.state_dir)
 
 
+def test_rotate_key_prints_the_new_key_when_the_replaced_one_is_unknown(tmp_path: Path) -> None:
+    """A damaged client.key with no client.pub (and no earlier rotation) leaves no replaced
+    key to name: `rotate-key` replaced the key, then crashed with an IndexError before it
+    printed the new public key (a `> device.pub` redirect got nothing). It now prints it and
+    says the old key must be found on the server."""
+    layout = init_identity(tmp_path / "device").layout
+    layout.private_key.write_bytes(b"garbage")
+    layout.public_key.unlink()
+
+    result = runner.invoke(client_app, ["rotate-key", "--state-dir", str(layout.state_dir)])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == layout.public_key.read_text().strip()
+    assert "could not be read" in result.stderr
+    assert "fedrec server status" in result.stderr
+
+
 def test_rotate_key_is_refused_under_a_daemon_and_without_an_identity(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match="client init"):
         rotate_key(tmp_path / "none")

@@ -202,21 +202,32 @@ def rotate_key(state_dir: StateDirOpt) -> None:
     result = rotate(state_dir)
     layout = result.layout
     replaced = result.previous_device_ids
-    lines = [
-        f"new device key in {layout.private_key} (0600)",
-        f"  device id:     {replaced[-1]} -> {result.device_id}",
-        f"  public key:    {layout.public_key}",
-        f"  replaced keys: {layout.previous_public_key} ({len(replaced)})",
+    register = (
         f"on the server (copy {layout.public_key} there, or save the line printed on "
         "stdout): fedrec server register-client client.pub --state-dir SERVER_STATE, then "
-        "revoke the replaced key it "
-        "has registered (unless it is revoked already): fedrec server revoke-client "
-        f"{replaced[-1]} --state-dir SERVER_STATE"
-        + (
-            f" (if that one was never registered, an earlier one: {', '.join(replaced[:-1])})"
-            if len(replaced) > 1
-            else ""
-        ),
+    )
+    if replaced:
+        revoke = (
+            "revoke the replaced key it has registered (unless it is revoked already): "
+            f"fedrec server revoke-client {replaced[-1]} --state-dir SERVER_STATE"
+            + (
+                f" (if that one was never registered, an earlier one: {', '.join(replaced[:-1])})"
+                if len(replaced) > 1
+                else ""
+            )
+        )
+    else:  # a damaged client.key and no client.pub: no replaced key to name
+        revoke = (
+            "revoke the replaced key, which could not be read (neither client.key nor "
+            "client.pub): find this device's name in `fedrec server status --state-dir "
+            "SERVER_STATE` and run fedrec server revoke-client NAME --state-dir SERVER_STATE"
+        )
+    lines = [
+        f"new device key in {layout.private_key} (0600)",
+        f"  device id:     {replaced[-1] if replaced else 'unknown'} -> {result.device_id}",
+        f"  public key:    {layout.public_key}",
+        f"  replaced keys: {layout.previous_public_key} ({len(replaced)})",
+        register + revoke,
         "then start the daemon again",
     ]
     typer.echo("\n".join(lines), err=True)
