@@ -472,6 +472,10 @@ class SuperLinkOptions:
     pending_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        # an IPv6 address written as in a URL ([::1]), which `server init --host` takes too:
+        # the SuperLink, the port probe and the certificate check want the address itself
+        if self.host.startswith("[") and self.host.endswith("]"):
+            object.__setattr__(self, "host", self.host[1:-1])
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_restarts < 0:

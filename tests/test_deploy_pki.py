@@ -1067,6 +1067,22 @@ def test_control_host_must_be_in_the_certificate(tmp_path: Path) -> None:
     assert (v6.host, v6.address) == ("::1", "[::1]:19194")
 
 
+def test_a_bracketed_ipv6_listen_host_is_the_address_itself(tmp_path: Path) -> None:
+    """`server init --host [::1]` takes the brackets (the SAN is ::1), but `server start
+    --host [::1]` kept them: the port probe called the address unresolvable ("--host [::1]
+    does not resolve on this machine"), and Flower would have been given "[[::1]]:PORT".
+    The brackets are dropped, as init does."""
+    from server.superlink import SuperLinkOptions, SuperLinkProcess
+
+    layout = init_state_dir(tmp_path / "s", ["server", "[::1]"])
+    assert "::1" in server_names(layout.pki)
+    process = SuperLinkProcess(layout, SuperLinkOptions(host="[::1]", port=19196))
+    assert (process.host, process.address) == ("::1", "[::1]:19196")
+    argv = process.argv()
+    assert argv[argv.index("--host") + 1] == "::1"
+    assert SuperLinkOptions(host="[::]").host == "::"
+
+
 def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -> None:
     from server.superlink import RunFailedError, ServerRunner, SuperLinkOptions
 
