@@ -222,8 +222,10 @@ def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
     """Make the SuperLink's registrations match ``clients.json``; returns what was done.
 
     Holds the registry's lock throughout, so a concurrent ``register-client`` or
-    ``revoke-client`` waits instead of being overwritten; what was applied is saved even
-    when a later SuperLink call fails."""
+    ``revoke-client`` waits instead of being overwritten; each change is saved as soon as
+    the SuperLink made it (a node id the SuperLink gave and a process killed before the
+    end lost could never be unregistered: a later revocation would leave the device
+    accepted), and again when a later SuperLink call fails."""
     with ClientRegistry.locked(layout.registry) as registry:
         try:
             return _apply(layout, cli, registry)
@@ -249,9 +251,11 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
                 else:
                     done.append(f"registered {record.name} as node {record.node_id}")
             record.applied = True
+            registry.save()
         elif record.revoked is not None and present and record.node_id is not None:
             cli.unregister(record.node_id)
             record.applied = False
+            registry.save()
             done.append(f"unregistered {record.name} (node {record.node_id})")
         elif record.revoked is not None and record.applied and record.node_id is None:
             done.append(

@@ -698,6 +698,41 @@ def test_a_revocation_the_superlink_missed_can_be_retried(
     assert isinstance(again.exception, ConfigError) and "already revoked" in str(again.exception)
 
 
+class _DyingSuperLink(_FlakySuperLink):
+    """A SuperLink whose server process dies (SIGKILL, power loss: no ``finally`` runs) on
+    its second registration; it notes what ``clients.json`` held on disk by then."""
+
+    def __init__(self, registry: Path) -> None:
+        super().__init__()
+        self.registry = registry
+        self.on_disk: list[int | None] = []
+
+    def register(self, public_key_file: Path) -> int:
+        if self.registered:
+            self.on_disk = [c.node_id for c in ClientRegistry.load(self.registry).clients]
+            raise KeyboardInterrupt  # stands for the kill; what was saved is what counts
+        return super().register(public_key_file)
+
+
+def test_each_registration_is_saved_before_the_next_superlink_call(tmp_path: Path) -> None:
+    """`server start` registered every new key and saved the node ids only once all were
+    done: a server killed in between (SIGKILL, a power loss) lost the node ids the SuperLink
+    had already given, and a later revocation of such a device could not unregister it (the
+    SuperLink kept accepting it). Each node id is saved as soon as the SuperLink gives it."""
+    from server.superlink import apply_registrations
+
+    layout = init_state_dir(tmp_path / "s")
+    with ClientRegistry.locked(layout.registry) as registry:
+        for i in range(2):
+            public = init_identity(tmp_path / f"d{i}").public_key_openssh
+            registry.add(*load_public_key(public, source="key"), name=f"phone-{i}")
+        registry.save()
+    link = _DyingSuperLink(layout.registry)
+    with pytest.raises(KeyboardInterrupt):
+        apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert link.on_disk == [100, None]
+
+
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
     """Through the real entry point (main()): bad key, missing client options, no state."""
     cmd = [sys.executable, "-m", "fedrec.cli"]
