@@ -239,8 +239,11 @@ def init_state_dir(
 def _refuse_if_running(layout: ServerLayout) -> None:
     info = running_server(layout)
     if info is not None:
+        # a server still starting holds the lock before it writes running.json: the pid is
+        # then the one the lock file names (it said "pid None")
+        pid = info.get("pid") or lock_holder(layout.server_lock)
         raise StateDirError(
-            f"a server is running from {layout.state_dir} (pid {info.get('pid')}); stop it first"
+            f"a server is running from {layout.state_dir} (pid {pid}); stop it first"
         )
 
 
