@@ -544,6 +544,43 @@ def test_cli_register_and_revoke_without_a_running_server(tmp_path: Path) -> Non
     assert (info.clients_registered, info.clients_revoked, info.running) == (0, 1, False)
 
 
+def test_register_and_revoke_while_the_server_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that starts holds its lock before its SuperLink is up (no running.json
+    yet): register-client and revoke-client said "the server is not running: applied at the
+    next start", while the starting server applies them within seconds. And the check
+    for a live SuperLink ran before the registry's lock was taken: a server that came up
+    and applied its registrations in between left the new key unapplied until a restart.
+    The check runs under the lock (the starting server applies after it, or this command
+    does), and a starting server is called one."""
+    import server.superlink
+    from shared.io import is_locked
+
+    layout = init_state_dir(tmp_path / "s")
+    key = init_identity(tmp_path / "device").layout.public_key
+    args = ["--state-dir", str(layout.state_dir)]
+    with hold_server_lock(layout):
+        added = runner.invoke(app, ["server", "register-client", str(key), *args])
+        assert added.exit_code == 0, added.output
+        assert "not running" not in added.output and "starting" in added.output
+        revoked = runner.invoke(app, ["server", "revoke-client", "device-1", *args])
+        assert revoked.exit_code == 0, revoked.output
+        assert "not running" not in revoked.output and "starting" in revoked.output
+
+    lock = layout.registry.with_name(f".{layout.registry.name}.lock")
+    link = _FlakySuperLink()
+
+    def up_once_the_registry_is_locked(_: ServerLayout) -> _FlakySuperLink | None:
+        return link if is_locked(lock) else None  # the SuperLink came up meanwhile
+
+    monkeypatch.setattr(server.superlink, "live_cli", up_once_the_registry_is_locked)
+    second = init_identity(tmp_path / "device-2").layout.public_key
+    added = runner.invoke(app, ["server", "register-client", str(second), *args])
+    assert added.exit_code == 0, added.output
+    assert list(link.registered) == [100]
+
+
 def test_registry_names_are_plain_and_node_ids_match_only_known_nodes(tmp_path: Path) -> None:
     registry = ClientRegistry(tmp_path / "clients.json")
     keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(3)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +25,9 @@ from server.server_app import ServerConfig
 from shared.config import MAX_ROUNDS
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.student_config import StudentTaskConfig
+
+if TYPE_CHECKING:
+    from server.state import ServerLayout
 
 app = typer.Typer(
     help="Federation server: certificates, device registration, SuperLink and run.",
@@ -127,6 +130,15 @@ def renew_cert(
     )
 
 
+def _not_applied_yet(layout: ServerLayout, what: str) -> str:
+    """What happens to a registry change when no SuperLink could take it now."""
+    from server.state import running_server
+
+    if running_server(layout) is not None:  # its lock is held: starting, SuperLink not up
+        return f"the server is starting: {what} once its SuperLink is up"
+    return f"the server is not running: {what} at the next `fedrec server start`"
+
+
 @app.command("register-client")
 def register_client(
     public_key_file: Annotated[
@@ -144,8 +156,11 @@ def register_client(
 
     layout = ServerLayout(state_dir).require()
     key, fingerprint = read_public_key_file(public_key_file)
-    cli = live_cli(layout)
     with ClientRegistry.locked(layout.registry) as registry:
+        # under the lock: a server whose SuperLink is not up yet applies clients.json under
+        # it once it is, so it sees this change; checked before the lock, a server that came
+        # up and applied its registrations in between left the change for a restart
+        cli = live_cli(layout)
         pending = next(
             (c for c in registry.active() if c.fingerprint == fingerprint and not c.applied),
             None,
@@ -157,9 +172,7 @@ def register_client(
         else:
             typer.echo(f"{pending.name} ({fingerprint}) is saved; applying it to the SuperLink")
     if cli is None:
-        typer.echo(
-            "the server is not running: the key is applied at the next `fedrec server start`"
-        )
+        typer.echo(_not_applied_yet(layout, "the key is applied"))
         return
     for line in apply_registrations(layout, cli):
         typer.echo(f"  SuperLink: {line}")
@@ -179,8 +192,8 @@ def revoke_client(
     from shared.errors import ConfigError
 
     layout = ServerLayout(state_dir).require()
-    cli = live_cli(layout)
     with ClientRegistry.locked(layout.registry) as registry:
+        cli = live_cli(layout)  # under the lock, as in register-client
         record = registry.find(client)
         if record.revoked is None:
             record.revoked = time.time()
@@ -199,7 +212,7 @@ def revoke_client(
                 f"{record.name} ({record.fingerprint}) is already revoked; nothing to do"
             )
     if cli is None:
-        typer.echo("the server is not running: the SuperLink unregisters it at the next start")
+        typer.echo(_not_applied_yet(layout, "the SuperLink unregisters it"))
         return
     for line in apply_registrations(layout, cli):
         typer.echo(f"  SuperLink: {line}")
