@@ -751,6 +751,24 @@ def test_cli_rotate_key_replaces_only_the_key_pair(tmp_path: Path, key: bytes) -
     assert registry.add(*load_public_key(new_public, source="new"), name="phone-2").revoked is None
 
 
+def test_init_force_keeps_the_replaced_key_for_the_operator_to_revoke(tmp_path: Path) -> None:
+    """``init --force`` replaced the key pair without a word about the old one, which the
+    SuperLink may still accept: it is kept in client.pub.previous, as ``rotate-key`` keeps
+    its, and the output names the revoke command; a later rotate-key offers both."""
+    state = tmp_path / "device"
+    first = init_identity(state)
+    result = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
+    assert result.exit_code == 0, result.output
+    layout = first.layout
+    assert layout.previous_public_key.read_text().split("\n")[0] == first.public_key_openssh
+    assert f"revoke-client {first.device_id}" in result.stderr
+    second = DeviceIdentity.load(state).device_id
+    assert second != first.device_id
+    assert rotate_key(state).previous_device_ids == (first.device_id, second)
+    fresh = runner.invoke(client_app, ["init", "--state-dir", str(tmp_path / "new"), "--force"])
+    assert fresh.exit_code == 0 and "revoke-client" not in fresh.stderr  # nothing replaced
+
+
 def test_a_damaged_key_is_named_with_its_fix_and_rotate_key_replaces_it(tmp_path: Path) -> None:
     """A garbage client.key gave a cryptography traceback in every command that reads it,
     rotate-key (the fix) included; and a missing API token sent the user to `client init`,

@@ -50,7 +50,7 @@ import shutil
 import stat
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -589,6 +589,9 @@ class InitResult:
     public_key_openssh: str
     device_id: str
     data_key_mode: DataKeyMode
+    #: with ``force``: every key this device had before, oldest first (the replaced one last,
+    #: when it was readable), as ``rotate-key`` keeps them: revoke those registered
+    previous_device_ids: tuple[str, ...] = ()
 
 
 def _public_openssh(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -661,7 +664,10 @@ def init_identity(
     _existing_or_refuse(layout, force)  # before the lock: the more useful message first
     with StateDirLock.acquire(layout, role="init", advice=_INIT_ADVICE):
         existing = _existing_or_refuse(layout, force)
+        # a replaced key may be registered with the SuperLink: kept for the operator to revoke
+        previous = _keep_replaced_key(layout, _replaced_key(layout)) if existing else []
         result = _create_identity(layout, existing, passphrase, passphrase_env, scrypt)
+        result = replace(result, previous_device_ids=tuple(device_id_of(p) for p in previous))
         if force:  # unreadable with the new key: remove rather than leave junk
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
@@ -766,21 +772,33 @@ def rotate_key(state_dir: str | Path) -> RotateResult:
     layout = DeviceLayout(Path(state_dir))
     DeviceIdentity.load(layout.state_dir)  # no identity: refused before the lock makes a folder
     with StateDirLock.acquire(layout, role="rotate-key", advice=_ROTATE_ADVICE):
-        identity = DeviceIdentity.load(layout.state_dir)
-        try:
-            current = identity.public_key_openssh  # derived from the private key in use
-        except IdentityError:  # a damaged key is what rotating replaces: keep the pub copy
-            current = _public_copy(layout)
-            logger.warning("rotate-key: %s is unusable; replacing it", layout.private_key)
-        kept = layout.previous_public_key
-        earlier = kept.read_text().splitlines() if kept.exists() else []
-        previous = [line for line in earlier if line.strip() and line != current]
-        previous += [current] if current else []
-        write_bytes_atomic(kept, ("\n".join(previous) + "\n").encode())
-        os.chmod(kept, 0o644)
+        DeviceIdentity.load(layout.state_dir)
+        previous = _keep_replaced_key(layout, _replaced_key(layout, role="rotate-key"))
         public_line = _write_key_pair(layout)
     ids = tuple(device_id_of(line) for line in previous)
     return RotateResult(layout, public_line, device_id_of(public_line), ids)
+
+
+def _replaced_key(layout: DeviceLayout, role: str = "init --force") -> str:
+    """The public OpenSSH line of the key about to be replaced: derived from the private key
+    in use, else the operator's copy (``client.pub``), else "" (neither readable)."""
+    try:
+        return DeviceIdentity(layout).public_key_openssh
+    except (OSError, IdentityError):  # a damaged key is what replacing it is for
+        logger.warning("%s: %s is unusable; replacing it", role, layout.private_key)
+        return _public_copy(layout)
+
+
+def _keep_replaced_key(layout: DeviceLayout, current: str) -> list[str]:
+    """Append ``current`` (if any) to ``client.pub.previous``; return its keys, oldest first."""
+    kept = layout.previous_public_key
+    earlier = kept.read_text().splitlines() if kept.exists() else []
+    previous = [line for line in earlier if line.strip() and line != current]
+    previous += [current] if current else []
+    if previous:
+        write_bytes_atomic(kept, ("\n".join(previous) + "\n").encode())
+        os.chmod(kept, 0o644)
+    return previous
 
 
 def _public_copy(layout: DeviceLayout) -> str:

@@ -185,8 +185,33 @@ def init(
         f"the line printed on stdout): fedrec server register-client client.pub --state-dir "
         f"SERVER_STATE (it runs flwr supernode register against the SuperLink)",
     ]
+    if result.previous_device_ids:  # init --force: the replaced key may still be registered
+        lines.append(
+            f"replaced keys are kept in {layout.previous_public_key}; "
+            + _revoke_advice(result.previous_device_ids)
+        )
     typer.echo("\n".join(lines), err=True)
     typer.echo(result.public_key_openssh)
+
+
+def _revoke_advice(replaced: tuple[str, ...]) -> str:
+    """How to revoke the keys a device replaced (oldest first, the last one just now) on the
+    server: the newest, or an earlier one if that was never registered."""
+    if not replaced:  # a damaged client.key and no client.pub: no replaced key to name
+        return (
+            "revoke the replaced key, which could not be read (neither client.key nor "
+            "client.pub): find this device's name in `fedrec server status --state-dir "
+            "SERVER_STATE` and run fedrec server revoke-client NAME --state-dir SERVER_STATE"
+        )
+    earlier = (
+        f" (if that one was never registered, an earlier one: {', '.join(replaced[:-1])})"
+        if len(replaced) > 1
+        else ""
+    )
+    return (
+        "revoke the replaced key it has registered (unless it is revoked already): "
+        f"fedrec server revoke-client {replaced[-1]} --state-dir SERVER_STATE{earlier}"
+    )
 
 
 @app.command("rotate-key")
@@ -206,28 +231,12 @@ def rotate_key(state_dir: StateDirOpt) -> None:
         f"on the server (copy {layout.public_key} there, or save the line printed on "
         "stdout): fedrec server register-client client.pub --state-dir SERVER_STATE, then "
     )
-    if replaced:
-        revoke = (
-            "revoke the replaced key it has registered (unless it is revoked already): "
-            f"fedrec server revoke-client {replaced[-1]} --state-dir SERVER_STATE"
-            + (
-                f" (if that one was never registered, an earlier one: {', '.join(replaced[:-1])})"
-                if len(replaced) > 1
-                else ""
-            )
-        )
-    else:  # a damaged client.key and no client.pub: no replaced key to name
-        revoke = (
-            "revoke the replaced key, which could not be read (neither client.key nor "
-            "client.pub): find this device's name in `fedrec server status --state-dir "
-            "SERVER_STATE` and run fedrec server revoke-client NAME --state-dir SERVER_STATE"
-        )
     lines = [
         f"new device key in {layout.private_key} (0600)",
         f"  device id:     {replaced[-1] if replaced else 'unknown'} -> {result.device_id}",
         f"  public key:    {layout.public_key}",
         f"  replaced keys: {layout.previous_public_key} ({len(replaced)})",
-        register + revoke,
+        register + _revoke_advice(replaced),
         "then start the daemon again",
     ]
     typer.echo("\n".join(lines), err=True)
