@@ -834,15 +834,17 @@ def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> N
         ("https://x:1", "ca", "HOST:PORT|scheme"),
         ("127.0.0.1:9093", "missing", "does not exist"),
         ("127.0.0.1:9093", "junk", "not a PEM certificate"),
+        ("127.0.0.1:9093", "leaf", "not a CA certificate"),
     ],
 )
 def test_supernode_options_are_checked(
     bundle: Path, tmp_path: Path, server: str, root: str, match: str
 ) -> None:
-    ca = create_pki(tmp_path / "certs").ca_cert
+    pki = create_pki(tmp_path / "certs")
     junk = tmp_path / "junk.pem"
     junk.write_text("hello")
-    paths = {"ca": ca, "missing": tmp_path / "nope.pem", "junk": junk}
+    paths = {"ca": pki.ca_cert, "missing": tmp_path / "nope.pem", "junk": junk}
+    paths["leaf"] = pki.server_cert  # pinned in place of the CA: never verifies
     with pytest.raises(ConfigError, match=match):
         SuperNodeOptions(server=server, root_cert=paths[root], bundle=bundle)
 

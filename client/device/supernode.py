@@ -101,7 +101,7 @@ def _check_root_cert(path: Path) -> None:
     from cryptography import x509
 
     try:
-        x509.load_pem_x509_certificate(path.read_bytes())
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(
             f"--root-cert {path} does not exist; copy the server's certs/ca.pem (from "
@@ -111,6 +111,16 @@ def _check_root_cert(path: Path) -> None:
         raise ConfigError(
             f"--root-cert {path} is not a PEM certificate ({exc}); use the server's certs/ca.pem"
         ) from None
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:  # the SuperNode would retry forever, failing to verify the server
+        raise ConfigError(
+            f"--root-cert {path} is not a CA certificate (the server's own server.pem?); a "
+            "device trusts the CA that signed the server's certificate: the server's "
+            "certs/ca.pem"
+        )
 
 
 def supernode_executable() -> str:
