@@ -72,15 +72,8 @@ def _parse_value(raw: str) -> Scalar:
     """``raw`` as the one TOML value it is, else as text. A value that TOML reads only in
     part is text too: ``1#x`` (a comment) or ``1`` and a line ``b = 2`` were read as 1, the
     rest dropped without a word."""
-    try:
-        document = tomllib.loads(f"v = {raw}")
-        value = document["v"]
-        if len(document) != 1:
-            return raw
-        tomllib.loads(f"v = [{raw}]")  # a comment would swallow the closing bracket
-    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
-        # ValueError: an integer of more digits than Python converts (4300); RecursionError:
-        # brackets nested deeper than the parser goes. Both are text, for the field to judge
+    whole, value = _whole_toml_value(raw)
+    if not whole:
         return raw
     if isinstance(value, int | float) and not isinstance(value, bool) and str(value) != raw:
         # a text setting (e.g. name=1e3) must get the text as typed, not "1000.0"
@@ -92,6 +85,20 @@ def _parse_value(raw: str) -> Scalar:
     if isinstance(value, bool | int | float | str):
         return value
     return raw
+
+
+def _whole_toml_value(raw: str) -> tuple[bool, Any]:
+    """``(True, value)`` if ``raw`` is one TOML value as a whole, else ``(False, None)``."""
+    try:
+        document = tomllib.loads(f"v = {raw}")
+        if len(document) != 1:
+            return False, None
+        tomllib.loads(f"v = [{raw}]")  # a comment would swallow the closing bracket
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        # ValueError: an integer of more digits than Python converts (4300); RecursionError:
+        # brackets nested deeper than the parser goes. Both are text, for the field to judge
+        return False, None
+    return True, document["v"]
 
 
 def field_names(cls: type) -> set[str]:
@@ -220,9 +227,13 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):  # "1,3", or a TOML list "[1, 3]" kept as text
             text = value.strip()
-            if text.startswith("[") and text.endswith("]"):
-                text = text[1:-1]
-            items = [v for v in text.split(",") if v.strip()] if text.strip() else []
+            listed = _toml_list(text)
+            if listed is not None:  # its strings without their quotes: ["a", "b"] is a, b
+                items = listed
+            else:  # [a,b]: a list whose quotes the shell took, or no list at all
+                if text.startswith("[") and text.endswith("]"):
+                    text = text[1:-1]
+                items = [v for v in text.split(",") if v.strip()] if text.strip() else []
         elif isinstance(value, list | tuple):
             items = list(value)
         else:  # one value: shots=2
@@ -267,6 +278,14 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return "true" if value else "false"
         return str(getattr(value, "raw", value))
     return value
+
+
+def _toml_list(text: str) -> list[Any] | None:
+    """The items of ``text`` if it is one TOML array (``["teacher", "pop"]``), else None.
+    :func:`parse_run_config` keeps a list as text (a run config holds scalars); split on
+    its commas as text, a string item kept its TOML quotes (``'"teacher"'``)."""
+    whole, value = _whole_toml_value(text) if text.startswith("[") else (False, None)
+    return value if whole and isinstance(value, list) else None
 
 
 def _is_instance(value: Any, hint: Any) -> bool:

@@ -535,3 +535,26 @@ def test_each_run_config_repetition_is_split_on_its_own() -> None:
         parsed_entries(["a=it's", "b=isn't"], flag="--config")
     with pytest.raises(ConfigError, match="'a' is given twice"):
         parsed_entries(["a=1", "a=2"])
+
+
+def test_a_toml_list_of_text_gives_its_strings_not_their_quotes() -> None:
+    """export-recs='["teacher", "pop"]' (a TOML list, quoted for its space) was split on its
+    commas as text, each model name with its TOML quotes ('"teacher"'), and refused as an
+    unknown model; the list's strings are the values, as TOML reads them."""
+    from simulation.config import SimulationConfig
+
+    for text in ("""export-recs='["teacher", "pop"]'""", """export-recs='["teacher","pop",]'"""):
+        config = from_flat(SimulationConfig, parse_run_config(text))
+        assert config.export_recs == ("teacher", "pop")
+    assert from_flat(SimulationConfig, parse_run_config("export-recs=[]")).export_recs == ()
+    # the forms that worked still do: a bare list (the shell took its quotes), commas
+    for text in ('export-recs=["teacher","pop"]', "export-recs=teacher,pop"):
+        assert from_flat(SimulationConfig, parse_run_config(text)).export_recs == (
+            "teacher",
+            "pop",
+        )
+    assert from_flat(BaselineConfig, parse_run_config("shots='[1, 3]'")).shots == (1, 3)
+    with pytest.raises(ConfigError, match=r"^shots must be int"):
+        from_flat(BaselineConfig, parse_run_config("shots='[[1], 3]'"))
+    with pytest.raises(ConfigError, match=r"^shots must be int"):  # no comment dropped
+        from_flat(BaselineConfig, parse_run_config("shots='[1, 3] #5'"))
