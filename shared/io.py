@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 PRIVATE_MODE = 0o600
 """``mode`` of what :func:`write_bytes_atomic` writes unless told otherwise: keys, ledgers,
@@ -112,13 +112,20 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.filename is None:  # a full disk, a quota: name the file it was writing
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+        raise_naming(exc, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def raise_naming(exc: OSError, path: str | Path) -> NoReturn:
+    """Raise ``exc`` from writing ``path``; one that names no file (a full disk, a quota)
+    as the same error naming ``path``: the command line shows an OSError that names a
+    file as a one-line error, and any other as a traceback (a fault of its own)."""
+    if exc.filename is None:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    raise exc
 
 
 class LockWaitCancelled(Exception):
@@ -290,15 +297,18 @@ def append_line(path: str | Path, line: str) -> None:
     with it."""
     path = Path(path)
     _make_dirs_durable(path.parent)
-    with open(path, "a+b") as fh:  # appends go to the end whatever the read position
-        torn = False
-        end = fh.seek(0, os.SEEK_END)
-        if end > 0:
-            fh.seek(end - 1)
-            torn = fh.read(1) != b"\n"
-        fh.write((b"\n" if torn else b"") + line.encode("utf-8") + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a+b") as fh:  # appends go to the end whatever the read position
+            torn = False
+            end = fh.seek(0, os.SEEK_END)
+            if end > 0:
+                fh.seek(end - 1)
+                torn = fh.read(1) != b"\n"
+            fh.write((b"\n" if torn else b"") + line.encode("utf-8") + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise_naming(exc, path)
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, mode: int | None = None) -> None:

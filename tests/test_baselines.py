@@ -410,3 +410,43 @@ def test_a_history_of_ids_outside_the_catalog_is_refused_not_wrapped(history):
         with pytest.raises(DataError, match=r"history #1 .*catalog|history #1 .*integer"):
             model.score([np.array([0]), np.array(history)])
     assert model.score([np.array([]), [0, 4]]).shape == (2, 5)  # empty and list histories
+
+
+def test_a_full_disk_during_the_export_names_the_file_for_a_one_line_error(
+    tmp_path, monkeypatch, capsys
+):
+    """A write or fsync that failed for lack of space raised an OSError naming no file, which
+    `fedrec` shows as a traceback (a fault of its own) instead of 'error: No space left on
+    device: recs.csv; free space ...'; the atomic writes name their file, the export did not."""
+    import errno
+    import os
+
+    import shared.eval.protocol
+    from fedrec import cli
+
+    ds = make_dataset(n_users=4, n_items=8)
+
+    class Flat:
+        n_items = 8
+
+        def score(self, histories):
+            return np.zeros((len(histories), 8))
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shared.eval.protocol.os, "fsync", full)
+    out = tmp_path / "recs.csv"
+    with pytest.raises(OSError) as caught:
+        export_recs(Flat(), ds, {0: np.array([1])}, out)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+    def command(**kwargs):
+        export_recs(Flat(), ds, {0: np.array([1])}, out)
+
+    monkeypatch.setattr(cli, "app", command)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert f"No space left on device: {out}; free space" in capsys.readouterr().err

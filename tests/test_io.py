@@ -340,3 +340,18 @@ def test_stale_temps_are_old_files_and_folders_only_when_asked(tmp_path: Path) -
     assert not stale.exists() and fresh.exists() and (folder / "kept.txt").exists()
     assert remove_stale_temps(tmp_path, ".a.csv.*.tmp", older_than=600, folders=True) == 1
     assert not folder.exists() and fresh.exists()
+
+
+def test_a_full_disk_during_an_append_names_the_log(tmp_path: Path, monkeypatch) -> None:
+    """An fsync or write that failed for lack of space raised an OSError naming no file,
+    which `fedrec` shows as a traceback instead of a one-line error naming the log."""
+    import errno
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    log = tmp_path / "metrics.jsonl"
+    with pytest.raises(OSError) as caught:
+        append_line(log, "{}")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(log)

@@ -29,6 +29,7 @@ from shared.io import (
     check_output_file,
     ensure_dir,
     fsync_dir,
+    raise_naming,
     remove_stale_temps,
 )
 from shared.models.base import Scorer
@@ -348,6 +349,9 @@ def export_recs(
             os.fsync(fh.fileno())  # on disk before it replaces the old file
         tmp.replace(path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise_naming(exc, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
