@@ -103,9 +103,9 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
     _make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp's 0600 is cut by the umask (0377 left a key its owner could not read)
-        os.fchmod(fd, PRIVATE_MODE if mode is None else mode)
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:  # closes fd whatever fails below
+            # mkstemp's 0600 is cut by the umask (0377 left a key its owner could not read)
+            os.fchmod(fd, PRIVATE_MODE if mode is None else mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

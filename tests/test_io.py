@@ -355,3 +355,21 @@ def test_a_full_disk_during_an_append_names_the_log(tmp_path: Path, monkeypatch)
     with pytest.raises(OSError) as caught:
         append_line(log, "{}")
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(log)
+
+
+def test_a_failed_write_closes_its_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    """A chmod the file system refuses (some network and FUSE mounts) raised before the
+    temporary file's descriptor was handed to the file object that closes it: every failed
+    write, retried by a long-running daemon, leaked a descriptor."""
+    import errno
+
+    def refused(fd: int, mode: int) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(PermissionError):
+            write_bytes_atomic(tmp_path / "ledger.json", b"{}")
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert list(tmp_path.iterdir()) == []
