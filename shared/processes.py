@@ -99,8 +99,8 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # a zombie (exited, not reaped) is not running
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"
+        with open(f"/proc/{pid}/stat", "rb") as fh:  # the state follows the name's last ')'
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
 

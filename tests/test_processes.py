@@ -166,3 +166,23 @@ def test_pid_alive_answers_for_any_pid_a_file_may_hold() -> None:
     assert pid_alive(os.getpid())
     for pid in (0, -1, 2**31, 2**63, 10**30):
         assert not pid_alive(pid)
+
+
+def test_pid_alive_reads_the_state_after_a_name_holding_a_parenthesis() -> None:
+    """The state was read after the first ') ' of /proc/PID/stat, inside the command name
+    when that holds one (a process may name itself anything): a running process named
+    'x) Z' was taken for a zombie, so a descendant of a stopped daemon was left running."""
+    renamed = "open('/proc/self/comm', 'w').write('x) Z'); print(flush=True); input()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", renamed], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"\n"  # renamed
+        assert Path(f"/proc/{child.pid}/comm").read_text() == "x) Z\n"
+        assert pid_alive(child.pid)
+        child.kill()
+        child.wait()
+        assert not pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.communicate()
