@@ -939,3 +939,21 @@ def test_version_prints_the_installed_version(
     except SystemExit as exit_:
         assert not exit_.code
     assert capsys.readouterr().out == f"fedrec {version('fedrec')}\n"
+
+
+@pytest.mark.parametrize("flag", ["--export", "--output"])
+def test_evaluate_model_refuses_to_write_over_the_model_it_evaluates(
+    tmp_path: Path, flag: str
+) -> None:
+    """--export (or --output) naming the model file itself replaced the published model with
+    recs.csv (or the JSON report) once it was scored: the model was lost."""
+    model = tmp_path / "models" / "model-v3.int8.onnx"  # refused before the model is read
+    model.parent.mkdir()
+    model.write_bytes(b"the published model")
+    before = model.read_bytes()
+    spelled = tmp_path / "models" / ".." / "models" / model.name  # the same file, otherwise
+    args = ["evaluate", "model", str(model), "--seed", "5", "--shots", "1", flag, str(spelled)]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert f"{flag} names the model being evaluated" in str(result.exception)
+    assert model.read_bytes() == before

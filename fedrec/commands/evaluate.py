@@ -166,7 +166,7 @@ def model(
     ks = tuple(shots) if shots else (1, 3, 5, 10)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
-    _check_outputs(output, export)
+    _check_outputs(output, export, model=path)
     scorer = OnDeviceModel(path)
     meta = scorer.metadata
     recorded = meta.trained_on if run is None else None
@@ -331,8 +331,15 @@ def _split_and_eval(
     return split_cfg, from_flat(EvalConfig, _pick(values, EvalConfig))
 
 
-def _check_outputs(output: Path | None, export: Path | None) -> None:
-    """Both outputs writable and distinct, before any work."""
+def _check_outputs(output: Path | None, export: Path | None, model: Path | None = None) -> None:
+    """Both outputs writable and distinct, before any work, and neither the ``model`` file
+    being evaluated (which it would replace once scored)."""
+    for flag, given in (("--output", output), ("--export", export)):
+        if model is not None and given is not None and given.resolve() == model.resolve():
+            raise ConfigError(
+                f"{flag} names the model being evaluated ({model}): writing it would replace "
+                "the model; give another file"
+            )
     if output is not None:
         check_output_file(output)
         if export is not None and export.resolve() == output.resolve():
