@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shlex
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -262,6 +263,13 @@ class CountOrFraction(click.ParamType):
 
 
 COUNT_OR_FRACTION = CountOrFraction()
+
+
+def command_line(args: Sequence[str]) -> str:
+    """``fedrec ARGS`` as the shell reads it back, each argument quoted where it needs it:
+    the command a report records, to be typed again (joined with spaces,
+    ``--run-config "k=5 seed=3"`` became ``--run-config k=5 seed=3``, another command)."""
+    return shlex.join(["fedrec", *args])
 
 
 def say(what: str) -> None:

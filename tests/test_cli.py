@@ -957,3 +957,23 @@ def test_evaluate_model_refuses_to_write_over_the_model_it_evaluates(
     assert isinstance(result.exception, ConfigError), result.output
     assert f"{flag} names the model being evaluated" in str(result.exception)
     assert model.read_bytes() == before
+
+
+def test_a_reports_command_is_the_command_line_as_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command a report records was joined with spaces: `--run-config "k=5 seed=3"`
+    was recorded as `--run-config k=5 seed=3`, which, typed again, is another command
+    (seed=3 an extra argument, refused); each argument is now quoted as the shell needs."""
+    import shlex
+
+    from fedrec.commands import bandits, evaluate
+
+    typed = ["evaluate", "baselines", "--run-config", "k=5 seed=3", "-o", "my report.json"]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/fedrec", *typed])
+    report: dict[str, Any] = {}
+    evaluate._emit(report, tmp_path / "report.json", "json", 10)
+    assert shlex.split(report["command"]) == ["fedrec", *typed]
+    typed = ["-v", "bandits", "tune", "--run-config", "top-n=50 seed=3"]
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/fedrec", *typed])
+    assert shlex.split(bandits._command_line("tune")) == ["fedrec", *typed[1:]]

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, parsed_entries, say
+from fedrec.options import NON_EMPTY_PATH, command_line, parsed_entries, say
 from shared.bandits.harness import (
     COVERAGE_TARGET,
     REGRET_TARGET,
@@ -682,7 +682,7 @@ def _command_line(command: str) -> str:
     """The command as a user types it (``fedrec bandits <command> ...``), for the report."""
     args = sys.argv[1:]
     tail = args[args.index(command) :] if command in args else [command]
-    return " ".join(["fedrec", "bandits", *tail])
+    return command_line(["bandits", *tail])
 
 
 def _with(cfg: BanditConfig, **changes: Any) -> BanditConfig:

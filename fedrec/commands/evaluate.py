@@ -20,6 +20,7 @@ from fedrec.options import (
     OutputOpt,
     RunConfigOpt,
     SeedOpt,
+    command_line,
     explicit_options,
     parsed_entries,
     say,
@@ -230,7 +231,7 @@ def model(
 
 def _emit(report: dict[str, Any], output: Path | None, fmt: str, k: int) -> None:
     """Stamp the command line on ``report``, write it to ``output`` and show it."""
-    report["command"] = " ".join(["fedrec", *sys.argv[1:]])
+    report["command"] = command_line(sys.argv[1:])
     if output is not None:
         write_json_atomic(output, report, mode=REPORT_MODE)
     if fmt == "json":
