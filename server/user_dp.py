@@ -236,6 +236,11 @@ class UserDPSettings:
         return min(1.0, low + high + gaps)
 
 
+def _steps(ledger: PrivacyLedger) -> int:
+    """How many mechanism steps ``ledger`` has charged (one per user-level round)."""
+    return sum(spend.steps for spend in ledger.history)
+
+
 class _MemoizedLedger(PrivacyLedger):
     """A :class:`PrivacyLedger` that remembers epsilon per (history, extra, delta).
 
@@ -462,7 +467,9 @@ class UserLevelDP:
         if journal is None or self.journal is None:
             return 0
         later = [r for r in journal._cohort_by_round if r > server_round]
-        if journal.epsilon() > self.epsilon():
+        # epsilon is clamped at 0 while little is spent: on a tie the longer history wins,
+        # or a crashed round's spend that still read 0 would be forgotten
+        if (journal.epsilon(), _steps(journal.ledger)) > (self.epsilon(), _steps(self.ledger)):
             self.ledger.history = list(journal.ledger.history)
         self.round_risk = max(self.round_risk, journal.round_risk)
         self._write_journal()  # the spend stays; the rounds go

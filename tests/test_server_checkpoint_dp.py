@@ -946,6 +946,28 @@ def test_user_dp_resuming_an_older_checkpoint_keeps_the_newer_spend(tmp_path: Pa
         _run({**config, "num-rounds": 3}, num_nodes=n)
 
 
+def test_user_dp_resume_keeps_a_journals_spend_while_epsilon_still_reads_zero(
+    tmp_path: Path,
+) -> None:
+    """Epsilon is clamped at 0 while little is spent (large noise, a large delta): a crash
+    after round 2 was charged but before its checkpoint left a journal whose epsilon equals
+    the checkpoint's, 0, and the resume kept the checkpoint's shorter history, forgetting
+    round 2's spend (the rerun round and every later one were then under-counted)."""
+    settings = UserDPSettings.create(noise_multiplier=5.0, clip_norm=0.5, population=5)
+    journal = tmp_path / "user-dp-journal.json"
+    crashed = UserLevelDP(settings, journal=journal)
+    crashed.charge_round(1, 5)
+    checkpointed = crashed.state_dict()
+    crashed.charge_round(2, 5)  # sent out, then the server died before round 2's checkpoint
+    assert crashed.epsilon() == 0.0  # two spends at z 5, q 1, delta 1/5 still read 0
+    resumed = UserLevelDP(settings, journal=journal)
+    assert resumed.resume(checkpointed, 1) == 1
+    assert resumed.ledger.history == crashed.ledger.history
+    resumed.charge_round(2, 5)
+    assert resumed.epsilon() == pytest.approx(_epsilon(5.0, 1.0, 3, 1 / 5))
+    assert resumed.epsilon() > 0
+
+
 def test_user_dp_resumed_with_fewer_nodes_keeps_the_runs_delta(tmp_path: Path) -> None:
     """The default delta is 1 / the nodes connected when the run first starts. A restart that
     counted fewer took a larger delta, so the same spending read as a smaller epsilon and a
