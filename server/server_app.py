@@ -686,6 +686,23 @@ def make_server_app(
     return app
 
 
+def _check_fixed_nodes(grid: Grid, config: ServerConfig) -> None:
+    """Refuse a run on :class:`InProcessGrid`, whose nodes are all there from the start and
+    no other ever connects, with fewer nodes than a round waits for
+    (:attr:`ServerConfig.clients_needed`): its first round waited for them for ever, a
+    warning every ``availability-timeout``, instead of failing."""
+    if not isinstance(grid, InProcessGrid):
+        return  # a deployment's devices may still connect: its rounds wait for them
+    nodes = len(list(grid.get_node_ids()))
+    if nodes < config.clients_needed:
+        raise ConfigError(
+            f"the run has {nodes} node(s) and no other can connect, but every round waits "
+            f"for {config.clients_needed} (min-available-clients, and under SecAgg+ the "
+            "fewest clients a secure round completes with: min-cohort, noise-shares and "
+            "secagg-reconstruction-threshold); run more nodes or lower those settings"
+        )
+
+
 def _run_server(
     grid: Grid,
     context: Context,
@@ -700,6 +717,7 @@ def _run_server(
     Per round, in this order: checkpoint (atomic), publish the artifact, log, the
     caller's ``on_round_end``, then the privacy-budget check for the next round.
     """
+    _check_fixed_nodes(grid, config)
     initial = task.initial_parameters()
     store = (
         CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep)

@@ -1835,3 +1835,33 @@ def test_a_client_refuses_to_unmask_a_node_listed_as_active_and_dropped(
             assert called == [] and "as both active and dropped" in client_log.text
         else:
             assert called == ["flower"]
+
+
+@pytest.mark.parametrize(
+    "run_config",
+    [{"min-available-clients": 3}, {"secagg": True}],
+    ids=["min-available-clients", "secagg-threshold"],
+)
+def test_an_in_process_run_with_too_few_nodes_is_refused_instead_of_waiting_for_ever(
+    run_config: RunConfig,
+) -> None:
+    """In-process, the nodes are all there from the start and no other ever connects: a run
+    whose rounds need more (3 available, or SecAgg+'s default threshold of 3) waited for
+    them for ever, a warning every availability-timeout."""
+    import threading
+
+    config: RunConfig = {"num-rounds": 1, "availability-timeout": 0.2, **run_config}
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _run(config, num_nodes=2)
+        except BaseException as exc:  # the outcome is checked below
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the run is still waiting for nodes that cannot connect"
+    assert len(raised) == 1 and isinstance(raised[0], ConfigError)
+    assert "2 node(s)" in str(raised[0]) and "waits for 3" in str(raised[0])
