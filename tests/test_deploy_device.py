@@ -1127,3 +1127,33 @@ def test_a_failing_refresh_shows_in_status_until_one_succeeds(
         monkeypatch.setattr(local_training, "fit_personal", real)
         _wait_until(lambda: daemon.status().model_version == "0+personal")  # retried
         assert daemon.status().refresh_error is None
+
+
+def test_the_learner_outlives_any_number_of_failed_refreshes(device: Path, bundle: Path) -> None:
+    """The back-off after failed refreshes was ``min(60, 2.0**failures)``: the power is taken
+    before the cap, and 2.0**1024 raises OverflowError outside the loop's error handling, so
+    about 17 hours of failures (a global model of another federation, an unreadable one;
+    sooner with events waking it) killed the learner thread silently: the device served its
+    old model for ever, after the fault was gone too."""
+    import threading
+
+    class NoWait(threading.Event):
+        """The back-off's waits return at once: 17 hours of failures in a moment."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            return True
+
+    ticks: list[float] = []
+    with Daemon.open(device) as daemon:
+        learner = DeviceLearner(daemon, bundle)
+
+        def tick() -> None:
+            ticks.append(time.monotonic())
+            if len(ticks) <= 1100:
+                raise DataError("the global model is unreadable")
+            learner._stop.set()  # the fault is gone: this refresh succeeds
+
+        learner._tick = tick  # type: ignore[method-assign]
+        learner._wake = NoWait()
+        learner._loop()  # returns once stopped, instead of raising OverflowError
+    assert len(ticks) == 1101

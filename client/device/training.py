@@ -584,6 +584,12 @@ def export_personal_model(
     return built.int8
 
 
+#: The longest wait between two refreshes that keep failing (seconds).
+MAX_BACKOFF_S = 60.0
+#: Doublings of the back-off before it reaches :data:`MAX_BACKOFF_S` (2**6 = 64 > 60).
+_BACKOFF_DOUBLINGS = math.ceil(math.log2(MAX_BACKOFF_S))
+
+
 class DeviceLearner:
     """The daemon's model refresher (see the module docstring); one background thread.
 
@@ -693,8 +699,13 @@ class DeviceLearner:
     def _loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            # after a failure, back off (capped) instead of retrying every poll
-            delay = self.config.poll_s if not failures else min(60.0, 2.0**failures)
+            # after a failure, back off (capped) instead of retrying every poll; the exponent
+            # is capped too: 2.0**1024 overflows, which ended the thread after ~17 hours
+            delay = (
+                self.config.poll_s
+                if not failures
+                else min(MAX_BACKOFF_S, 2.0 ** min(failures, _BACKOFF_DOUBLINGS))
+            )
             self._wake.wait(delay)
             self._wake.clear()
             if self._stop.is_set():
