@@ -1157,3 +1157,24 @@ def test_the_learner_outlives_any_number_of_failed_refreshes(device: Path, bundl
         learner._wake = NoWait()
         learner._loop()  # returns once stopped, instead of raising OverflowError
     assert len(ticks) == 1101
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"num_threads": 0}, "num-threads must be an integer >= 1, got 0"),
+        ({"num_threads": 1.5}, "num-threads must be an integer >= 1, got 1.5"),
+        ({"personal_steps": 2.5}, "--personal-steps must be >= 0, a whole number, got 2.5"),
+        ({"personal_steps": True}, "--personal-steps must be >= 0, a whole number, got True"),
+        ({"poll_s": 1e10}, "poll-s must be a finite number > 0 and <= 3600 seconds"),
+    ],
+)
+def test_a_learner_config_that_cannot_run_is_refused_at_once(
+    bad: dict[str, object], match: str
+) -> None:
+    """LearnerConfig took these, then failed later: num_threads 0 raised torch's bare
+    RuntimeError from every refresh (a traceback at start), steps of 2.5 a ConfigError from
+    every refit once the history had two events, and a poll of 1e10 s an OverflowError
+    from the learner thread's first wait, which ended it (no model refreshed again)."""
+    with pytest.raises(ConfigError, match=match):
+        LearnerConfig(**bad)  # type: ignore[arg-type]

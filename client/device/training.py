@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from client.device.config import MAX_FEDERATION_PERSONAL_STEPS
+from client.device.config import MAX_FEDERATION_PERSONAL_STEPS, MAX_WAIT_S
 from client.device.daemon import StaleModelError
 from client.device.identity import DeviceIdentity, DeviceLayout, read_passphrase_env
 from client.device.sealed import PERSONAL_SUFFIX, Catalog
@@ -523,7 +523,7 @@ class LearnerConfig:
     of the run config that came with the newest global model (``personal-steps`` /
     ``personal-lr`` / ``exclude-seen``), or :class:`LocalTrainConfig`'s defaults (where they
     were measured) before any model came. A value set here overrides the federation's on
-    this device.
+    this device. ``num_threads``: torch threads a refit (and an erase's rebuild) uses.
     """
 
     debounce_s: float = 2.0
@@ -540,10 +540,22 @@ class LearnerConfig:
             raise ConfigError(
                 f"--adapt-debounce must be a finite number of seconds >= 0, got {self.debounce_s}"
             )
-        if not (math.isfinite(self.poll_s) and self.poll_s > 0):
-            raise ConfigError(f"poll-s must be a finite number > 0, got {self.poll_s}")
-        if self.personal_steps is not None and self.personal_steps < 0:
-            raise ConfigError(f"--personal-steps must be >= 0, got {self.personal_steps}")
+        # a wait beyond threading.TIMEOUT_MAX raises OverflowError in the learner thread
+        if not (math.isfinite(self.poll_s) and 0 < self.poll_s <= MAX_WAIT_S):
+            raise ConfigError(
+                f"poll-s must be a finite number > 0 and <= {MAX_WAIT_S:g} seconds, "
+                f"got {self.poll_s}"
+            )
+        # what fit_personal takes, checked here: refused there, every refit failed
+        if self.personal_steps is not None and not (
+            is_int(self.personal_steps) and self.personal_steps >= 0
+        ):
+            raise ConfigError(
+                f"--personal-steps must be >= 0, a whole number, got {self.personal_steps!r}"
+            )
+        # torch.set_num_threads refuses it with a bare RuntimeError, at every refresh
+        if not (is_int(self.num_threads) and self.num_threads >= 1):
+            raise ConfigError(f"num-threads must be an integer >= 1, got {self.num_threads!r}")
         if self.personal_lr is not None and not (
             math.isfinite(self.personal_lr) and self.personal_lr > 0
         ):
