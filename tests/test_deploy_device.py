@@ -1178,3 +1178,27 @@ def test_a_learner_config_that_cannot_run_is_refused_at_once(
     from the learner thread's first wait, which ended it (no model refreshed again)."""
     with pytest.raises(ConfigError, match=match):
         LearnerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_an_erase_that_serves_the_global_model_clears_the_refresh_error(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit that kept failing left its refresh_error after DELETE /data, which installed
+    the newest global model and left nothing to refit: /status said refreshes kept failing,
+    with a current model served and no refresh failing any more, until the next round."""
+    import shared.federated.local_training as local_training
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise DataError("the refit broke")
+
+    monkeypatch.setattr(local_training, "fit_personal", broken)
+    with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
+        learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.05, poll_s=0.05))
+        learner.attach()
+        daemon.add_events(_events(8, seed=1))
+        _wait_until(lambda: daemon.status().refresh_error is not None)
+        learner.stop()  # no refit retried meanwhile: its failure would be a new one
+        daemon.erase()
+        status = daemon.status()
+        assert status.model_version == "0" and status.events == 0
+        assert status.refresh_error is None

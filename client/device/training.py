@@ -704,6 +704,9 @@ class DeviceLearner:
         served = self.daemon.model
         if built is not None and served is not None and served.metadata.model_version == built[1]:
             self.installed_global = built[0]  # served already: nothing to rebuild
+            # the newest model serves and no refit is left to do: a failure of one before
+            # (of the data now erased) no longer says why the model is not refreshed
+            self.daemon.refresh_error = None
         else:
             self.installed_global = None  # reinstall: erase removed the sealed models
         self._wake.set()
