@@ -1202,3 +1202,29 @@ def test_an_erase_that_serves_the_global_model_clears_the_refresh_error(
         status = daemon.status()
         assert status.model_version == "0" and status.events == 0
         assert status.refresh_error is None
+
+
+def test_an_unreadable_federation_file_is_logged_once_not_at_every_poll(
+    device: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The learner reads global.npz and joined.json at every poll (twice a second by
+    default), and each read of an unreadable one logged an ERROR: until the next round
+    replaced it (hours, days), the daemon's log grew by two lines a second per file. Each
+    state of a file is logged once; a new one, unreadable too, is logged again."""
+    with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
+        learner = DeviceLearner(daemon, bundle, LearnerConfig(poll_s=0.02))
+        learner.files.write_global(3, get_global_arrays(learner.bundle.student))
+        learner.attach()
+        assert daemon.status().model_version == "3"
+        with caplog.at_level(logging.ERROR, logger="client.device.training"):
+            learner.files.global_params.write_bytes(b"not a zip")
+            learner.files.joined.write_text("[1, 2]")
+            time.sleep(0.6)  # ~30 polls
+            for path in (learner.files.global_params, learner.files.joined):
+                logged = [r for r in caplog.records if str(path) in r.getMessage()]
+                assert len(logged) == 1, (path, len(logged))
+            caplog.clear()
+            learner.files.global_params.write_bytes(b"not a zip either")
+            _wait_until(lambda: "global.npz" in caplog.text)
+        assert daemon.status().model_version == "3"  # the served model stays
+        learner.stop()

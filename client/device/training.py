@@ -70,6 +70,25 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- shared files
 
+#: Each federation file last logged as unreadable, with its state then (see
+#: :func:`_log_unreadable`).
+_LOGGED_UNREADABLE: dict[Path, tuple[int, int, int] | None] = {}
+
+
+def _log_unreadable(path: Path, message: str, *args: object) -> None:
+    """Log that ``path`` is unreadable at ERROR once per state of the file (inode, size,
+    modification time), at DEBUG while it is unchanged: the learner reads the files at every
+    poll (twice a second), and logged the same error each time until the next round
+    replaced the file, hours or days later."""
+    try:
+        stat = path.stat()
+        state: tuple[int, int, int] | None = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        state = None
+    seen = path in _LOGGED_UNREADABLE and _LOGGED_UNREADABLE[path] == state
+    _LOGGED_UNREADABLE[path] = state
+    logger.log(logging.DEBUG if seen else logging.ERROR, message, *args)
+
 
 class PersonalFit(NamedTuple):
     """How a device refits its personal adapter against a global model: the federation's
@@ -165,7 +184,12 @@ class FederatedFiles:
                     f"the global model file {self.global_params} is unreadable ({exc}); the "
                     "next global model this device receives replaces it"
                 ) from exc
-            logger.error("unreadable %s (%s); waiting for the next round", self.global_params, exc)
+            _log_unreadable(
+                self.global_params,
+                "unreadable %s (%s); waiting for the next round",
+                self.global_params,
+                exc,
+            )
             return None
         return ReceivedGlobal(version, out, personal_fit, run_id, prune)
 
@@ -229,7 +253,7 @@ class FederatedFiles:
         except FileNotFoundError:
             return 0, 0
         except (OSError, ValueError, AttributeError, TypeError) as exc:
-            logger.error("unreadable %s (%s)", self.joined, exc)
+            _log_unreadable(self.joined, "unreadable %s (%s)", self.joined, exc)
             return 0, 0
 
     def add_round_joined(self, server_round: int, *, with_dp: bool) -> None:
