@@ -173,10 +173,16 @@ def _variant_summary(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _shots(ranks: dict[str, CaseRanks]) -> list[str]:
-    """The few-shot case groups of a run's ranks (``'fewshot k=1'``, ...), by K."""
+def _shots(ranks: dict[str, CaseRanks], *, with_cases: bool = False) -> list[str]:
+    """The few-shot case groups of a run's ranks (``'fewshot k=1'``, ...), by K; with
+    ``with_cases``, only those with cases to compare (the simulation keeps a K that no cold
+    user's history reaches as a group without cases, whose comparison is undefined)."""
     return sorted(
-        {key.split("/")[0] for key in ranks if key.startswith("fewshot ")},
+        {
+            key.split("/")[0]
+            for key, r in ranks.items()
+            if key.startswith("fewshot ") and (len(r.sampled) > 0 or not with_cases)
+        },
         key=lambda shot: int(shot.rsplit("=", 1)[1]),
     )
 
@@ -203,7 +209,7 @@ def _paired(ranks: dict[str, dict[str, CaseRanks]], name: str) -> dict[str, Any]
                 **d.as_dict(),
                 "relative_cost": None if cost is None else [cost[1], cost[2]],
             }
-    shots = _shots(own)
+    shots = _shots(own, with_cases=True)
     if shots:
         out["fewshot"] = {
             shot.removeprefix("fewshot "): {
@@ -257,7 +263,7 @@ def _checks(
                     d["relative_cost"] is not None and d["relative_cost"][1] <= limit
                     for d in intervals.values()
                 )
-        shots = _shots(own)
+        shots = _shots(own, with_cases=True)
         if shots:
             check["few-shot beats EASE fold-in at every K"] = all(
                 summarize_ranks(own[f"{shot}/student (adapted)"])[m]

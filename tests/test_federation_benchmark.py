@@ -216,3 +216,27 @@ def test_the_throughput_ratio_compares_equal_work_only(
         "client updates per second >= 10 (every case)": True,
         "secagg round <= 2.0x plain at cohort 200 (inprocess/200)": True,
     }
+
+
+def test_a_few_shot_k_without_cases_is_left_out_of_the_checks(bench: ModuleType) -> None:
+    """The simulation keeps a K that no cold user's history reaches (``shots=...,50``) as a
+    group without cases; the benchmark compared it anyway and ended, after every variant had
+    trained, with 'no paired cases to compare' (and its 'beats EASE at every K' check read
+    such a K's 0 against 0 as a loss)."""
+    none = CaseRanks(np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+    split = _split(_ranks(0), _ranks(0, 1, users=(10, 11)), _ranks(50, 50, users=(10, 11)), 1.0)
+    split["ranks"]["record-dp"].update(
+        {"fewshot k=50/student (adapted)": none, "fewshot k=50/ease fold-in": none}
+    )
+    split["variants"]["record-dp"]["fewshot"] = {}
+    check = bench._checks(split["variants"], split["ranks"])["record-dp"]
+    assert check["few-shot beats EASE fold-in at every K"] is True
+    paired = check["paired differences hr@10 (95% interval over users)"]["fewshot"]
+    assert set(paired) == {"k=1"}
+    pooled = bench._pooled_section([split, split])
+    assert pooled["variants"]["record-dp"]["fewshot"]["student (adapted)"]["k=50"]["users"] == 0
+    assert set(
+        pooled["checks"]["record-dp"]["paired differences hr@10 (95% interval over users)"][
+            "fewshot"
+        ]
+    ) == {"k=1"}
