@@ -14,7 +14,7 @@ cases. The choice is fixed before the cold users are read: the setting with the 
 over K, of the average of sampled and full NDCG@10 on the pseudo-cold cases. Against the
 cold users it reports the chosen setting minus the run's own (``adapt-steps`` /
 ``adapt-lr``) and minus EASE fold-in, as paired HR@10 differences with 95% intervals over
-users.
+users (at each K some cold user's history reaches).
 
 The public users are not unseen: pretraining read them, so the choice favours a model that
 already knows the user, a conservative reading of what adaptation gains.
@@ -149,6 +149,7 @@ def main() -> None:
                 for m, d in compare_ranks(by_model[_label(chosen)], by_model[reference]).items()
             }
             for k, by_model in cold.items()
+            if len(by_model[reference].sampled) > 0  # a K no cold user reaches: no pairs
         }
     out: dict[str, Any] = {
         "runs": [str(r) for r in args.runs],
