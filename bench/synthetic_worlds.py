@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from shared.compression.artifact import publish_student
@@ -77,25 +76,9 @@ def pool_worlds(
     (:func:`~shared.eval.compare.paired_difference`); pooled under their own numbers, user
     ``u`` of every world would be drawn as one user (6 worlds: a sixth of the users, each
     with 6 unrelated cases)."""
-    # one offset per world, above every user number any world uses
-    top = max(
-        (
-            int(r.users.max()) + 1
-            for ranks in by_world
-            for pops in ranks.values()
-            for r in pops.values()
-            if r.users is not None and len(r.users)
-        ),
-        default=0,
-    )
-
-    def apart(r: CaseRanks, world: int) -> CaseRanks:
-        users = None if r.users is None else r.users + np.int64(world * top)
-        return CaseRanks(r.sampled, r.full, users)
-
     return {
         name: {
-            pop: CaseRanks.concat([apart(r[name][pop], i) for i, r in enumerate(by_world)])
+            pop: CaseRanks.concat([r[name][pop] for r in by_world], apart=True)
             for pop in POPULATIONS
         }
         for name in names

@@ -284,3 +284,24 @@ def test_the_throughput_checks_read_the_unrounded_figures(
     document = json.loads(capsys.readouterr().out)
     assert document["results"][0]["client_updates_per_s"] == 10.0  # shown
     assert document["checks"]["client updates per second >= 10 (every case)"] is False
+
+
+def test_pooled_synthetic_splits_resample_every_worlds_users_apart(bench: ModuleType) -> None:
+    """Each split seed of the synthetic dataset is a world of its own, numbering its users
+    from 0: pooled under their own numbers, user 0 of two worlds was drawn as one user, and
+    the paired differences counted one world's users."""
+    one = _split(_ranks(0, 3, users=(0, 1)), _ranks(0, users=(5,)), _ranks(50, users=(5,)), 1.0)
+    two = _split(_ranks(50, 1, users=(0, 1)), _ranks(0, users=(5,)), _ranks(0, users=(5,)), 1.0)
+    one["ranks"]["no-dp"] = two["ranks"]["no-dp"] = one["ranks"]["record-dp"]
+    one["variants"]["no-dp"] = two["variants"]["no-dp"] = one["variants"]["record-dp"]
+    for run in (one, two):
+        run["configs"] = {name: {"dataset": "synthetic"} for name in run["ranks"]}
+    checks = bench._pooled_section([one, two])["checks"]["record-dp"]
+    paired = checks["paired differences hr@10 (95% interval over users)"]
+    assert paired["fewshot"]["k=1"]["sampled_hr@10"]["users"] == 2
+    assert paired["global - no-dp global"]["full_hr@10"]["users"] == 4
+    for run in (one, two):  # a real dataset: the splits' user 0 is one person
+        run["configs"] = {name: {"dataset": "ml-100k"} for name in run["ranks"]}
+    checks = bench._pooled_section([one, two])["checks"]["record-dp"]
+    paired = checks["paired differences hr@10 (95% interval over users)"]
+    assert paired["fewshot"]["k=1"]["sampled_hr@10"]["users"] == 1

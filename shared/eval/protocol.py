@@ -106,17 +106,31 @@ class CaseRanks:
     users: npt.NDArray[np.int64] | None = None
 
     @classmethod
-    def concat(cls, parts: Sequence[CaseRanks]) -> CaseRanks:
+    def concat(cls, parts: Sequence[CaseRanks], *, apart: bool = False) -> CaseRanks:
         """The cases of ``parts`` side by side, in order: several worlds' or splits' cases
         pooled into one case list (splits of one dataset may hold a user more than once;
-        the users are kept where every part has them)."""
+        the users are kept where every part has them).
+
+        ``apart``: the parts are of different worlds (e.g. synthetic worlds generated per
+        seed), each numbering its users from 0, so user ``u`` of two parts is two people:
+        each part's users are renumbered above every earlier part's (from the users alone,
+        so two models' ranks of the same parts stay paired). Pooled under their own numbers,
+        a paired interval would draw them as one user."""
         if not parts:
             raise DataError("no case ranks to pool")
         users = [p.users for p in parts]
+        pooled: npt.NDArray[np.int64] | None = None
+        if all(u is not None for u in users):
+            shifted, offset = [], 0
+            for u in users:
+                assert u is not None  # narrowed above
+                shifted.append(u + np.int64(offset) if apart else u)
+                offset += int(u.max()) + 1 if len(u) else 0
+            pooled = np.concatenate(shifted)
         return cls(
             np.concatenate([p.sampled for p in parts]),
             np.concatenate([p.full for p in parts]),
-            None if any(u is None for u in users) else np.concatenate(users),  # type: ignore[arg-type]
+            pooled,
         )
 
 
