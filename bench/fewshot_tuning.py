@@ -91,12 +91,14 @@ def _rank_run(
 
 
 def _pool(
-    per_run: Sequence[dict[str, dict[str, dict[str, CaseRanks]]]],
+    per_run: Sequence[dict[str, dict[str, dict[str, CaseRanks]]]], apart: bool = False
 ) -> dict[str, dict[str, dict[str, CaseRanks]]]:
+    """Every run's cases side by side; ``apart``: the runs are of different worlds, whose
+    users are different people (:meth:`CaseRanks.concat`)."""
     first = per_run[0]
     return {
         name: {
-            k: {m: CaseRanks.concat([r[name][k][m] for r in per_run]) for m in models}
+            k: {m: CaseRanks.concat([r[name][k][m] for r in per_run], apart=apart) for m in models}
             for k, models in by_k.items()
         }
         for name, by_k in first.items()
@@ -132,7 +134,9 @@ def main() -> None:
     settings = sorted(
         {(0, 0.0)} | {(s, lr) for s in args.steps if s > 0 for lr in args.lr} | {default}
     )
-    pooled = _pool([_rank_run(run, settings, args.shots) for run in runs])
+    # the synthetic dataset generates a world of its own for every seed: its users are others
+    apart = any(r.config.dataset == "synthetic" for r in runs)
+    pooled = _pool([_rank_run(run, settings, args.shots) for run in runs], apart)
 
     summary = {
         name: {_label(s): {k: summarize_ranks(by_k[k][_label(s)]) for k in by_k} for s in settings}

@@ -68,3 +68,34 @@ def test_runs_that_cannot_be_paired_are_refused(bench: ModuleType, tmp_path: Pat
     uneven.append(_run(tmp_path / "c", "record-dp-split", 1, 1.0))
     with pytest.raises(DataError, match="cover different split seeds"):
         bench.federation_runs(uneven)
+
+
+@pytest.mark.parametrize(("dataset", "users"), [("synthetic", 6), ("ml-100k", 3)])
+def test_pooled_synthetic_splits_keep_each_worlds_users_apart(
+    bench: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    dataset: str,
+    users: int,
+) -> None:
+    """Each seed of the synthetic dataset is a world of its own, numbering its users from 0:
+    pooled under their own numbers, user 0 of two worlds was resampled as one user."""
+    import sys
+
+    paths = [_run(tmp_path, "record-dp-split", seed, 7.0) for seed in (42, 1)]
+    ranks = np.array([0.0, 50.0, np.inf])
+
+    def central(*args: object) -> tuple[dict[str, CaseRanks], dict[str, object]]:
+        r = CaseRanks(ranks, ranks, np.arange(3))
+        return {bench.CENTRAL: r, bench.EASE_ALL: r}, {}
+
+    monkeypatch.setattr(bench, "central_ranks", central)
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)
+    argv = ["centralized_reference.py", "--dataset", dataset, "--seeds", "42", "1", "--runs"]
+    monkeypatch.setattr(sys, "argv", [*argv, *map(str, paths)])
+    bench.main()
+    out = json.loads(capsys.readouterr().out)
+    paired = out["pooled_over_paired_splits"]["paired_differences_hr@10"]["federated"]
+    for row in paired.values():
+        assert (row["full_hr@10"]["users"], row["full_hr@10"]["cases"]) == (users, 6)
