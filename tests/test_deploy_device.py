@@ -1101,6 +1101,23 @@ def test_a_fit_reads_the_history_once_so_an_erase_mid_fit_cannot_fail_it(
     assert later.status is FitStatus.DECLINED and later.decline_kind == "no-local-data"
 
 
+def _break_refits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every personal refit fails with DataError("the refit broke")."""
+    import shared.federated.local_training as local_training
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise DataError("the refit broke")
+
+    monkeypatch.setattr(local_training, "fit_personal", broken)
+
+
+def _attached_learner(daemon: Daemon, bundle: Path) -> DeviceLearner:
+    """A learner on ``daemon`` polling fast, its thread started."""
+    learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.05, poll_s=0.05))
+    learner.attach()
+    return learner
+
+
 def test_a_failing_refresh_shows_in_status_until_one_succeeds(
     device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1110,14 +1127,9 @@ def test_a_failing_refresh_shows_in_status_until_one_succeeds(
     import shared.federated.local_training as local_training
 
     real = local_training.fit_personal
-
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise DataError("the refit broke")
-
-    monkeypatch.setattr(local_training, "fit_personal", broken)
+    _break_refits(monkeypatch)
     with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
-        learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.05, poll_s=0.05))
-        learner.attach()
+        _attached_learner(daemon, bundle)
         assert daemon.status().refresh_error is None
         daemon.add_events(_events(8, seed=1))
         _wait_until(lambda: daemon.status().refresh_error is not None)
@@ -1186,15 +1198,9 @@ def test_an_erase_that_serves_the_global_model_clears_the_refresh_error(
     """A refit that kept failing left its refresh_error after DELETE /data, which installed
     the newest global model and left nothing to refit: /status said refreshes kept failing,
     with a current model served and no refresh failing any more, until the next round."""
-    import shared.federated.local_training as local_training
-
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise DataError("the refit broke")
-
-    monkeypatch.setattr(local_training, "fit_personal", broken)
+    _break_refits(monkeypatch)
     with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
-        learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.05, poll_s=0.05))
-        learner.attach()
+        learner = _attached_learner(daemon, bundle)
         daemon.add_events(_events(8, seed=1))
         _wait_until(lambda: daemon.status().refresh_error is not None)
         learner.stop()  # no refit retried meanwhile: its failure would be a new one

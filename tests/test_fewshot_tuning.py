@@ -21,6 +21,27 @@ def _ranks(*values: float) -> CaseRanks:
     return CaseRanks(ranks, ranks, np.arange(len(ranks), dtype=np.int64))
 
 
+def _fake_runs(
+    bench: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    dataset: str,
+    groups: Callable[[list[str]], dict[str, dict[str, CaseRanks]]],
+) -> None:
+    """Finished runs of ``dataset`` whose every case set ranks as ``groups(labels)`` says."""
+    config = SimpleNamespace(adapt_steps=10, adapt_lr=0.001, dataset=dataset)
+    monkeypatch.setattr(
+        bench,
+        "load_finished_run",
+        lambda root, data_dir: SimpleNamespace(config=config, server_round=3),
+    )
+
+    def rank_run(run: Any, settings: Any, shots: Any) -> dict[str, Any]:
+        labels = ["ease fold-in", *(bench._label(s) for s in settings)]
+        return {name: groups(labels) for name in bench.CASES}
+
+    monkeypatch.setattr(bench, "_rank_run", rank_run)
+
+
 def test_a_k_that_no_cold_user_reaches_is_left_out_of_the_paired_differences(
     load_bench: Callable[[str], ModuleType],
     monkeypatch: pytest.MonkeyPatch,
@@ -30,24 +51,15 @@ def test_a_k_that_no_cold_user_reaches_is_left_out_of_the_paired_differences(
     """Cold users with no more than K interactions give K no case: the benchmark compared
     that K anyway and ended, after ranking every setting, with 'no paired cases to compare'."""
     bench = load_bench("fewshot_tuning")
-    config = SimpleNamespace(adapt_steps=10, adapt_lr=0.001, dataset="synthetic")
-    monkeypatch.setattr(
+    _fake_runs(
         bench,
-        "load_finished_run",
-        lambda root, data_dir: SimpleNamespace(config=config, server_round=3),
+        monkeypatch,
+        "synthetic",
+        lambda labels: {
+            "k=3": {m: _ranks(0.0, 20.0, 5.0) for m in labels},
+            "k=50": {m: _ranks() for m in labels},
+        },
     )
-
-    def rank_run(run: Any, settings: Any, shots: Any) -> dict[str, Any]:
-        labels = ["ease fold-in", *(bench._label(s) for s in settings)]
-        return {
-            name: {
-                "k=3": {m: _ranks(0.0, 20.0, 5.0) for m in labels},
-                "k=50": {m: _ranks() for m in labels},
-            }
-            for name in bench.CASES
-        }
-
-    monkeypatch.setattr(bench, "_rank_run", rank_run)
     monkeypatch.setattr(sys, "argv", ["fewshot_tuning.py", str(tmp_path), "--shots", "3", "50"])
     bench.main()
     out = json.loads(capsys.readouterr().out)
@@ -69,18 +81,12 @@ def test_runs_of_synthetic_worlds_keep_their_users_apart(
     """Runs of the synthetic dataset on two seeds are two worlds, each numbering its users
     from 0: pooled under their own numbers, user 0 of both was resampled as one user."""
     bench = load_bench("fewshot_tuning")
-    config = SimpleNamespace(adapt_steps=10, adapt_lr=0.001, dataset=dataset)
-    monkeypatch.setattr(
+    _fake_runs(
         bench,
-        "load_finished_run",
-        lambda root, data_dir: SimpleNamespace(config=config, server_round=3),
+        monkeypatch,
+        dataset,
+        lambda labels: {"k=3": {m: _ranks(0.0, 20.0, 5.0) for m in labels}},
     )
-
-    def rank_run(run: Any, settings: Any, shots: Any) -> dict[str, Any]:
-        labels = ["ease fold-in", *(bench._label(s) for s in settings)]
-        return {name: {"k=3": {m: _ranks(0.0, 20.0, 5.0) for m in labels}} for name in bench.CASES}
-
-    monkeypatch.setattr(bench, "_rank_run", rank_run)
     runs = [str(tmp_path / "seed1"), str(tmp_path / "seed2")]
     monkeypatch.setattr(sys, "argv", ["fewshot_tuning.py", *runs, "--shots", "3"])
     bench.main()
