@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import stat
 import time
 import urllib.error
@@ -356,6 +357,64 @@ def test_corrupt_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(DataError, match="not a valid zip"):
         download_dataset("ml-100k", tmp_path / "cache")
     assert leftovers(tmp_path / "cache") == []
+
+
+_FULL_DISK_SCRIPT = """
+import os, resource, sys
+sys.path.insert(0, os.environ["REPO"])
+from shared.data.download import ARCHIVES, ArchiveSpec, download_dataset
+from shared.errors import FedRecError
+ARCHIVES["ml-100k"] = ArchiveSpec(os.environ["URL"], None, "ml-100k", ("u.data", "u.item"))
+limit = int(os.environ["LIMIT"])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    download_dataset("ml-100k", os.environ["CACHE"])
+except FedRecError as err:
+    print("FedRecError:", err)
+except OSError as err:
+    print("OSError filename=%s: %s" % (err.filename, err))
+"""
+
+
+@pytest.mark.parametrize(
+    ("stage", "members"),
+    [
+        ("download", {"ml-100k/pad": random.Random(0).randbytes(1_000_000)}),  # 1 MB zipped
+        ("extraction", {"ml-100k/pad": b"0" * 1_000_000}),  # a few KB zipped
+    ],
+)
+def test_a_full_disk_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, stage: str, members: dict[str, bytes]
+) -> None:
+    """A write that fails for want of room (ENOSPC, or here the file-size limit that fails
+    the same way: an OSError naming no file) was raised bare, which the CLI shows as a
+    traceback; it is a DataError naming the file and the way out, and nothing is left."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "src" / "ml-100k.zip"
+    path.parent.mkdir()
+    files = {**{"ml-100k/" + k: v for k, v in ML100K_FILES.items()}, **members}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    assert (path.stat().st_size > 200_000) == (stage == "download")
+    cache = tmp_path / "cache"
+    env = {
+        **os.environ,
+        "REPO": str(Path(__file__).resolve().parents[1]),
+        "URL": path.as_uri(),
+        "CACHE": str(cache),
+        "LIMIT": "200000",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert out.stdout.startswith("FedRecError: cannot write"), out.stdout + out.stderr
+    assert "File too large" in out.stdout and "free space there" in out.stdout
+    assert f"${download.CACHE_ENV}" in out.stdout
+    assert leftovers(cache) == [] and not (cache / "ml-100k").exists()
 
 
 # --------------------------------------------------------------------------- configuration

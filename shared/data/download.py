@@ -21,6 +21,8 @@ The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` (then
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import http.client
@@ -32,11 +34,12 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shared.errors import DataError, DatasetNotFoundError
+from shared.errors import DataError, DatasetNotFoundError, FedRecError
 from shared.io import (
     CACHE_ROOT_ENV,
     cache_root,
@@ -162,8 +165,9 @@ def download_dataset(
         safe_extract(archive, extracted)
         folder = extracted / spec.top_dir
         folder = folder if folder.is_dir() else extracted
-        _write_provenance(folder, name, spec, digest)
-        _sync_tree(folder)
+        with _writing(folder):
+            _write_provenance(folder, name, spec, digest)
+            _sync_tree(folder)
         _publish(folder, final)
     logger.info("%s: ready in %s", name, final)
     return final
@@ -186,7 +190,7 @@ def fetch(
     response = _open(url, timeout, name, cache_dir)
     try:
         expected = _content_length(response)
-        with _open_for_write(dest) as out:
+        with _writing(dest), dest.open("wb") as out:
             while chunk := _read(response, url, name, cache_dir):
                 out.write(chunk)
                 digest.update(chunk)
@@ -250,7 +254,8 @@ def safe_extract(archive: Path, dest: Path, *, max_bytes: int = MAX_EXTRACTED_BY
             total = sum(info.file_size for info in members)
             if total > max_bytes:
                 raise DataError(f"{archive}: refusing to extract {total} bytes (limit {max_bytes})")
-            zf.extractall(root, members)
+            with _writing(root):
+                zf.extractall(root, members)
     except zipfile.BadZipFile as err:
         raise DataError(
             f"{archive} is not a valid zip archive ({err}); retry the download"
@@ -312,13 +317,24 @@ def _read(response: Any, url: str, name: str, cache_dir: Path) -> bytes:
     return chunk
 
 
-def _open_for_write(path: Path) -> Any:
-    """Open ``path`` for binary writing; a disk problem becomes a :class:`DataError`."""
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a disk problem while writing ``path`` (or a file under it) into a
+    :class:`DataError` that names the file and the way out. A full disk (``ENOSPC``, a
+    quota, the file-size limit) raises an OSError that names no file, which the CLI shows
+    as a traceback; the download's own errors (``DatasetNotFoundError`` is an OSError too)
+    pass unchanged."""
     try:
-        return path.open("wb")
+        yield
+    except FedRecError:
+        raise
     except OSError as err:
+        where = err.filename or path
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fix = "free space there or set " if full else "set "
         raise DataError(
-            f"cannot write {path}: {err}; set ${CACHE_ENV} to a writable folder"
+            f"cannot write {where}: {err.strerror or err}; {fix}${CACHE_ENV} to a writable "
+            "folder with room for the dataset"
         ) from err
 
 
