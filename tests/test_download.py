@@ -1,7 +1,7 @@
 """Dataset download: verified, atomic, safe extraction, fast offline failure -- no network.
 
 Archives are built locally and served through ``file://`` URLs; network failures are
-simulated by replacing ``urllib.request.urlopen`` (plus one refused loopback connection).
+simulated by replacing ``download._urlopen`` (plus one refused loopback connection).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import random
 import stat
 import time
 import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -66,14 +65,14 @@ def ml100k_zip(tmp_path: Path, prefix: str = "ml-100k/") -> tuple[Path, str]:
 
 
 def no_network(monkeypatch: pytest.MonkeyPatch, calls: list[dict[str, Any]] | None = None) -> None:
-    """Make every ``urlopen`` fail like an offline machine, recording its arguments."""
+    """Make every ``_urlopen`` fail like an offline machine, recording its arguments."""
 
     def urlopen(url: str, *args: Any, **kwargs: Any) -> Any:
         if calls is not None:
             calls.append({"url": url, **kwargs})
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(download, "_urlopen", urlopen)
 
 
 def leftovers(cache: Path) -> list[str]:
@@ -251,7 +250,7 @@ def test_connection_lost_mid_download(tmp_path: Path, monkeypatch: pytest.Monkey
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Broken())
+    monkeypatch.setattr(download, "_urlopen", lambda url, timeout: Broken())
     cache = tmp_path / "cache"
     with pytest.raises(DatasetNotFoundError, match="timed out"):
         download_dataset("ml-1m", cache)
@@ -275,7 +274,7 @@ def test_a_body_cut_short_is_a_lost_connection_not_a_corrupt_archive(
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Cut())
+    monkeypatch.setattr(download, "_urlopen", lambda url, timeout: Cut())
     cache = tmp_path / "cache"
     with pytest.raises(DatasetNotFoundError, match=r"closed after 40 of 100 bytes.*--data-dir"):
         download_dataset("ml-100k", cache)
@@ -296,7 +295,7 @@ def test_a_server_trickling_bytes_hits_the_deadline(
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Trickle())
+    monkeypatch.setattr(download, "_urlopen", lambda url, timeout: Trickle())
     cache = tmp_path / "cache"
     start = time.perf_counter()
     with pytest.raises(DatasetNotFoundError, match=r"did not finish within 0.3 s .*--data-dir"):
@@ -313,6 +312,87 @@ def test_refused_loopback_connection(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(DatasetNotFoundError, match="--data-dir"):
         download_dataset("ml-100k", tmp_path / "cache", timeout=2.0)
     assert time.perf_counter() - start < 5
+
+
+def _serve_in_thread(server: Any) -> str:
+    """Run ``server`` in a daemon thread (shut it down when done); return its ``host:port``."""
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    return f"{host}:{port}"
+
+
+@pytest.mark.network
+def test_a_redirect_from_https_to_plain_http_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """urllib follows a redirect from HTTPS to plain HTTP silently: the archive then came
+    over an unauthenticated connection (accepted as is where no SHA-256 is recorded) while
+    the provenance file named the HTTPS address. An HTTPS-to-HTTPS redirect still works."""
+    import http.server
+    import ssl
+
+    from server.pki import create_pki
+
+    archive, _ = ml100k_zip(tmp_path)
+    body = archive.read_bytes()
+    plain_hits: list[str] = []
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            plain_hits.append(self.path)
+            self.send_archive()
+
+        def send_archive(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
+    plain_at = _serve_in_thread(plain)
+
+    class Secure(Plain):
+        def do_GET(self) -> None:
+            moves = {"/down": f"http://{plain_at}/ml-100k.zip", "/moved": "/ml-100k.zip"}
+            if self.path not in moves:
+                self.send_archive()
+                return
+            self.send_response(302)
+            self.send_header("Location", moves[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    pki = create_pki(tmp_path / "certs")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    secure = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Secure)
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    secure_at = _serve_in_thread(secure)
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))  # trust the test CA
+    try:
+        for path in ("/down", "/moved"):
+            spec = ArchiveSpec(f"https://{secure_at}{path}", None, "ml-100k", ("u.data",))
+            monkeypatch.setitem(ARCHIVES, "ml-100k", spec)
+            cache = tmp_path / path.strip("/")
+            if path == "/down":
+                with pytest.raises(
+                    DatasetNotFoundError, match=r"redirect from HTTPS to http:.*--data-dir"
+                ):
+                    download_dataset("ml-100k", cache, timeout=5.0)
+                assert plain_hits == [] and not (cache / "ml-100k").exists()
+                assert leftovers(cache) == []
+            else:
+                folder = download_dataset("ml-100k", cache, timeout=5.0)
+                assert (folder / "u.data").read_bytes() == ML100K_FILES["u.data"]
+    finally:
+        for server in (plain, secure):
+            server.shutdown()
+            server.server_close()
 
 
 def test_large_archives_are_not_downloaded(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ is built so that a failure leaves nothing half-done behind:
   traversal) and caps the unpacked size;
 * the extracted folder is flushed to disk and renamed into place (``<cache>/<name>``) in one
   atomic step, so a folder in the cache is always complete, even after a power loss;
+* a redirect from the HTTPS address to plain HTTP is refused, not followed;
 * the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
   :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``);
   the whole download has a deadline too (:data:`DEFAULT_DEADLINE_S`), so a server that
@@ -32,6 +33,7 @@ import os
 import stat
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -298,10 +300,38 @@ def _spec(name: str) -> ArchiveSpec:
     )
 
 
+class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, except one from HTTPS to another scheme: urllib's own handler
+    follows ``https://`` to ``http://`` (or ``ftp://``) silently, so the archive would come
+    over an unauthenticated connection, accepted as is where no SHA-256 is recorded, while
+    the provenance file names the HTTPS address."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if req.type == "https" and not newurl.lower().startswith("https://"):
+            raise urllib.error.HTTPError(
+                newurl, code, f"refused a redirect from HTTPS to {newurl}", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _urlopen(url: str, *, timeout: float) -> Any:
+    """Open ``url`` (redirects from HTTPS stay on HTTPS, see :class:`_NoDowngradeRedirects`;
+    the proxy settings are read from the environment now, as ``urlopen`` does)."""
+    return urllib.request.build_opener(_NoDowngradeRedirects).open(url, timeout=timeout)
+
+
 def _open(url: str, timeout: float, name: str, cache_dir: Path) -> Any:
-    """``urlopen`` with a short timeout; network failures become the offline error."""
+    """Open ``url`` with a short timeout; network failures become the offline error."""
     try:
-        return urllib.request.urlopen(url, timeout=timeout)
+        return _urlopen(url, timeout=timeout)
     except (OSError, http.client.HTTPException, ValueError) as err:
         raise offline_error(name, url, getattr(err, "reason", err), cache_dir) from err
 
