@@ -212,6 +212,35 @@ def test_unknown_checksum_is_logged_and_recorded(
 # --------------------------------------------------------------------------- failures
 
 
+@pytest.mark.parametrize("kind", ["file", "broken link", "link to an empty folder"])
+def test_something_in_the_way_of_the_cached_folder_is_named_before_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A file or a link at ``<cache>/ml-100k`` made the download run to its end and then fail
+    at the rename with "Not a directory: <a temp folder that is gone> -> ...; check the path
+    and its permissions", the archive thrown away; it is refused first, saying what is there
+    and what to do, and left as it is."""
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    calls: list[dict[str, Any]] = []
+    no_network(monkeypatch, calls)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    slot = cache / "ml-100k"
+    if kind == "file":
+        slot.write_text("mine")
+    else:
+        target = tmp_path / ("gone" if kind == "broken link" else "empty")
+        if kind != "broken link":
+            target.mkdir()
+        slot.symlink_to(target)
+    with pytest.raises(DataError, match=r"ml-100k is (a file|a link).*--data-dir") as err:
+        download_dataset("ml-100k", cache)
+    assert calls == []  # nothing downloaded for nothing
+    assert str(slot) in str(err.value) and "permissions" not in str(err.value)
+    assert slot.is_symlink() or slot.read_text() == "mine"
+
+
 def test_checksum_mismatch_discards_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -147,6 +147,8 @@ def download_dataset(
     cached = cached_dataset_dir(name, root)
     if cached is not None:
         return cached
+    final = root / name
+    _check_in_the_way(final, spec)
     _make_dir(root)
     # a download killed mid-way leaves its folder (a TemporaryDirectory is not removed then)
     remove_stale_temps(
@@ -155,7 +157,6 @@ def download_dataset(
         older_than=2 * max(deadline, 600.0),
         folders=True,
     )
-    final = root / name
     logger.info("%s: downloading %s into %s", name, spec.url, root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:
         archive = Path(tmp) / "archive.zip"
@@ -396,6 +397,29 @@ def _sync_tree(folder: Path) -> None:
         elif path.is_dir():
             fsync_dir(path)
     fsync_dir(folder)
+
+
+def _check_in_the_way(final: Path, spec: ArchiveSpec) -> None:
+    """Refuse, before anything is downloaded, what stands at ``final`` that the finished
+    folder cannot be renamed over: a file, or a link (broken, or to an empty folder; one to
+    a folder with files is the cached copy). The rename failed only after the whole
+    download, with "Not a directory" naming a temporary folder that was gone by then."""
+    if final.is_symlink():
+        if not final.exists():
+            state = "a missing path"
+        elif final.is_dir():
+            state = "an empty folder"
+        else:
+            state = "a file"
+        what = f"a link to {state} ({os.readlink(final)})"
+    elif final.exists() and not final.is_dir():
+        what = "a file"
+    else:
+        return
+    raise DataError(
+        f"{final} is {what}, so the download cannot be put there: remove it and retry, unzip "
+        f"{spec.url} there yourself, or pass --data-dir PATH to a copy of the dataset"
+    )
 
 
 def _publish(folder: Path, final: Path) -> None:
