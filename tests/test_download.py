@@ -333,6 +333,34 @@ def test_a_server_trickling_bytes_hits_the_deadline(
     assert leftovers(cache) == []
 
 
+@pytest.mark.parametrize("announced", [None, str(10**12)])
+def test_a_download_far_larger_than_the_archive_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, announced: str | None
+) -> None:
+    """A server that streams without end (fast, so the deadline is minutes away) filled the
+    cache's disk before the checksum could refuse the result; the download stops at
+    MAX_ARCHIVE_BYTES, or before it starts when the announced size is larger."""
+    sent: list[int] = []
+
+    class Endless:
+        headers = {"Content-Length": announced} if announced else {}
+
+        def read1(self, size: int) -> bytes:
+            sent.append(size)
+            return b"x" * size
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(download, "_urlopen", lambda url, timeout: Endless())
+    monkeypatch.setattr(download, "MAX_ARCHIVE_BYTES", 5 * download._CHUNK)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"more than 5242880 bytes.*--data-dir"):
+        download_dataset("ml-100k", cache, deadline=2.0)
+    assert len(sent) <= (0 if announced else 6)
+    assert leftovers(cache) == [] and not (cache / "ml-100k").exists()
+
+
 @pytest.mark.network
 def test_refused_loopback_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = ArchiveSpec("http://127.0.0.1:9/ml-100k.zip", None, "ml-100k", ("u.data",))

@@ -14,7 +14,8 @@ is built so that a failure leaves nothing half-done behind:
 * the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
   :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``);
   the whole download has a deadline too (:data:`DEFAULT_DEADLINE_S`), so a server that
-  trickles a byte at a time cannot hold it for ever.
+  trickles a byte at a time cannot hold it for ever, and a size limit
+  (:data:`MAX_ARCHIVE_BYTES`), so one that streams without end cannot fill the disk.
 
 The cache dir is ``~/.cache/fedrec/datasets`` unless ``$FEDREC_CACHE_DIR`` (then its
 ``datasets/``) or an explicit argument says otherwise.
@@ -58,6 +59,10 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_DEADLINE_S = 600.0
 """The whole download's limit: about 10 KB/s for the largest automatic archive (ml-1m)."""
 MAX_EXTRACTED_BYTES = 2 * 1024**3
+MAX_ARCHIVE_BYTES = 512 * 1024**2
+"""The most a download may bring: the automatic archives are a few MB (ml-1m 6 MB), and the
+checksum can refuse a wrong one only once it is all on disk, so a server streaming without
+end would otherwise fill the disk before the deadline."""
 PROVENANCE_FILE = ".fedrec-source.json"
 _CHUNK = 1 << 20
 
@@ -193,11 +198,15 @@ def fetch(
     response = _open(url, timeout, name, cache_dir)
     try:
         expected = _content_length(response)
+        if expected is not None and expected > MAX_ARCHIVE_BYTES:
+            raise _too_large(name, url, expected)
         with _writing(dest), dest.open("wb") as out:
             while chunk := _read(response, url, name, cache_dir):
+                received += len(chunk)
+                if received > MAX_ARCHIVE_BYTES:
+                    raise _too_large(name, url, received)
                 out.write(chunk)
                 digest.update(chunk)
-                received += len(chunk)
                 if time.monotonic() - start > deadline:
                     reason = (
                         f"the download did not finish within {deadline:g} s "
@@ -212,6 +221,15 @@ def fetch(
     finally:
         response.close()
     return digest.hexdigest()
+
+
+def _too_large(name: str, url: str, size: int) -> DataError:
+    """The error for a download that is (or announces) far more than any archive."""
+    return DataError(
+        f"{name}: {url} sends more than {MAX_ARCHIVE_BYTES} bytes ({size}), far more than the "
+        f"archive; the download was stopped. Download it by hand, unzip it and pass "
+        f"--data-dir PATH."
+    )
 
 
 def _content_length(response: Any) -> int | None:
