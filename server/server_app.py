@@ -51,7 +51,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
+from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpoint import ArtifactPublisher, Checkpoint, CheckpointStore
@@ -1009,6 +1009,12 @@ def run_simulation(
     (~10-20 s on 2 CPUs) unless it attaches to a running cluster via
     ``SimulationBackend(ray_address=...)``. Messages reach the Ray actors faster than
     in Flower's own runtime: see :mod:`server.vce_runtime`.
+
+    An engine that stops under a running ServerApp (Ray cannot start or attach, no client
+    fits on the cluster) stops the ServerApp too (:class:`_EngineGrid`), and is raised
+    as a :class:`FedRecError` naming the cause: Flower leaves the ServerApp's thread
+    running, sending its rounds to nobody (for ever under ``round-timeout`` 0, and the
+    process never exits).
     """
     if num_supernodes < 1:
         raise ConfigError(f"num_supernodes must be >= 1, got {num_supernodes}")
@@ -1029,19 +1035,79 @@ def run_simulation(
         if isinstance(backend_config, SimulationBackend)
         else copy.deepcopy(dict(backend_config))
     )
+    engine_stopped, server_done = threading.Event(), threading.Event()
+    server_threads: list[threading.Thread] = []
+    guarded = ServerApp()
+
+    @guarded.main()
+    def main(grid: Grid, context: Context) -> None:
+        server_threads.append(threading.current_thread())
+        try:
+            server_app(_EngineGrid(grid, engine_stopped), context)
+        except RunNotRunningException:
+            if not engine_stopped.is_set():
+                raise
+        finally:
+            server_done.set()
+
     flower_logger = logging.getLogger("flwr")
     flower_logger.addFilter(_drop_run_simulation_deprecation)
     try:
         flwr_run_simulation(
-            server_app=server_app,
+            server_app=guarded,
             client_app=client_app,
             num_supernodes=num_supernodes,
             backend_name="ray",
             backend_config=config,
             verbose_logging=verbose,
         )
+    except BaseException as exc:
+        engine_stopped.set()  # also after Ctrl-C: the ServerApp's thread is not a daemon
+        if server_done.is_set() or not isinstance(exc, Exception):
+            raise  # the ServerApp's own error (it has ended), or an interrupt: as it came
+        for thread in server_threads:
+            thread.join(ENGINE_STOP_WAIT_S)
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise FedRecError(
+            f"the simulation engine stopped ({type(cause).__name__}: {cause}); no further "
+            "round runs (Flower's log above has the details)"
+        ) from exc
     finally:
         flower_logger.removeFilter(_drop_run_simulation_deprecation)
+
+
+ENGINE_STOP_WAIT_S = 30.0
+"""How long :func:`run_simulation` waits, after the engine stopped, for the ServerApp to
+notice it at its next exchange with the clients (a round it is finishing: a checkpoint)."""
+
+
+class _EngineGrid(ResponsiveGrid):
+    """The simulation's grid, which raises ``RunNotRunningException`` (the exception that
+    ends a Flower run and its node-updater thread) at every call once ``stopped`` is set:
+    how the ServerApp learns that the engine that would answer its messages is gone. Its
+    ``send_and_receive`` waits by pulling (:class:`ResponsiveGrid`), so it notices too."""
+
+    def __init__(self, inner: Grid, stopped: threading.Event) -> None:
+        super().__init__(inner)
+        self._stopped = stopped
+
+    def _check(self) -> None:
+        if self._stopped.is_set():
+            raise RunNotRunningException("the simulation engine has stopped")
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._check()
+        return self._inner.pull_messages(message_ids)
 
 
 def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:

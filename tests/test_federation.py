@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import FrozenInstanceError
@@ -68,7 +69,7 @@ from server.server_app import (
     run_simulation,
 )
 from server.strategy import RoundReport, ValidatingFedAvg
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, FedRecError
 from shared.federated import (
     METRIC_REASON,
     METRIC_STATUS,
@@ -1734,6 +1735,35 @@ def test_unreachable_ray_address_fails_fast() -> None:
             backend_config=SimulationBackend(ray_address=f"127.0.0.1:{port}"),
         )
     assert time.monotonic() - started < 10
+
+
+def test_an_engine_that_fails_to_start_stops_the_server_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray failing under the ServerApp (no cluster at ``--ray-address auto``, no client
+    fitting on it) ended Flower's engine, not the ServerApp's thread: ``run_simulation``
+    raised Flower's "An error was encountered" while the server went on sending rounds to
+    nobody, for ever with the default round-timeout 0 (the process never exited). The
+    server now stops with the engine, and the error names the cause (no Ray start here)."""
+    from server.vce_runtime import PipelinedRayBackend
+
+    def no_cluster(self: PipelinedRayBackend, backend_config: Any) -> None:
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(PipelinedRayBackend, "init_ray", no_cluster)
+    config: RunConfig = {"num-rounds": 1, "round-timeout": 1.0}
+    reports: list[RoundReport] = []
+    with pytest.raises(FedRecError, match="Could not find any running Ray instance"):
+        run_simulation(
+            make_server_app(config, on_round_end=reports.append),
+            make_client_app(config),
+            num_supernodes=2,
+            backend_config=SimulationBackend(),
+        )
+    servers = [t for t in threading.enumerate() if "server_th" in t.name]
+    assert not servers, "the ServerApp outlived the engine"
+    time.sleep(3)  # a server still running would finish its 1 s round meanwhile
+    assert reports == []
 
 
 def test_parameters_helper_roundtrip() -> None:
