@@ -980,6 +980,8 @@ def check_ray_reachable(address: str, timeout: float = 5.0) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or "://" in address or not port.isdigit():
         return  # "auto", "ray://..." etc.: let Ray resolve it
+    if host.startswith("[") and host.endswith("]"):  # [::1]:6379: the IPv6 address inside
+        host = host[1:-1]
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass

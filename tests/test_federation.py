@@ -11,6 +11,7 @@ import ast
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -64,6 +65,7 @@ from server.secagg import SECAGG_RECORD, SecAggSettings
 from server.server_app import (
     ServerConfig,
     SimulationBackend,
+    check_ray_reachable,
     make_server_app,
     run_in_process,
     run_simulation,
@@ -1735,6 +1737,23 @@ def test_unreachable_ray_address_fails_fast() -> None:
             backend_config=SimulationBackend(ray_address=f"127.0.0.1:{port}"),
         )
     assert time.monotonic() - started < 10
+
+
+def test_a_reachable_ipv6_ray_address_is_not_refused() -> None:
+    """``[::1]:6379`` is a form the simulation's ray-address accepts, but the reachability
+    check connected to the host ``[::1]``, brackets and all: no such name, so a running
+    cluster at an IPv6 address was always refused as unreachable."""
+    try:
+        listener = socket.socket(socket.AF_INET6)
+        listener.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    address = f"[::1]:{listener.getsockname()[1]}"
+    with listener:
+        listener.listen()
+        check_ray_reachable(address)
+    with pytest.raises(ConfigError, match=re.escape(f"cannot reach the Ray cluster at {address}")):
+        check_ray_reachable(address)  # closed now
 
 
 def test_an_engine_that_fails_to_start_stops_the_server_and_says_why(
