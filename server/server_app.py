@@ -942,7 +942,8 @@ class SimulationBackend:
 
 
 def check_client_resources(num_cpus: float, num_gpus: float, *, attach: bool) -> None:
-    """Refuse client resources Ray cannot give: not finite, negative, or (on the private
+    """Refuse client resources Ray cannot give: not finite, negative, a GPU share above 1
+    that is not whole GPUs, or (on the private
     cluster this machine starts, ``attach=False``) more CPUs or GPU per client than this
     machine has. Ray would otherwise build an empty actor pool and the simulation would wait
     forever instead of failing."""
@@ -950,6 +951,11 @@ def check_client_resources(num_cpus: float, num_gpus: float, *, attach: bool) ->
         raise ConfigError(f"num-cpus-per-client must be a finite number > 0, got {num_cpus}")
     if not (math.isfinite(num_gpus) and num_gpus >= 0):
         raise ConfigError(f"num-gpus-per-client must be a finite number >= 0, got {num_gpus}")
+    if num_gpus > 1 and not float(num_gpus).is_integer():  # Ray refuses to create such a client
+        raise ConfigError(
+            f"num-gpus-per-client above 1 must be a whole number of GPUs, got {num_gpus}; "
+            "a share of one GPU is at most 1 (e.g. 0.5)"
+        )
     if attach:
         return
     cpus = os.cpu_count() or 1

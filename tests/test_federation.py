@@ -433,6 +433,18 @@ def test_client_resources_beyond_this_machine_are_refused_before_any_work() -> N
     check_client_resources(cpus + 1.0, 0.0, attach=True)  # a cluster's CPUs are its own
 
 
+def test_a_gpu_share_above_one_must_be_whole_gpus() -> None:
+    """Ray gives a client a fraction of one GPU or whole GPUs: 1.5 passed the check on a
+    machine (or cluster) with two GPUs, pretraining ran, and Ray refused to create the
+    clients ("GPU resource quantities >1 must be whole numbers")."""
+    from server.server_app import check_client_resources
+
+    with pytest.raises(ConfigError, match="num-gpus-per-client above 1 must be a whole number"):
+        check_client_resources(1.0, 1.5, attach=True)
+    check_client_resources(1.0, 2, attach=True)
+    check_client_resources(1.0, 0.5, attach=True)
+
+
 def test_secagg_fraction_parameters_are_kept_as_floats() -> None:
     cfg = ServerConfig.from_run_config(
         {"secagg": True, "secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 0.6}
