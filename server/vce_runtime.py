@@ -21,7 +21,8 @@ work of a small client:
   the actor idles. A SecAgg+ round sends four messages per client, a plain round one,
   so this idle time is most of what SecAgg+ adds. :class:`PipelinedRayBackend` gives
   each actor ``JOBS_PER_ACTOR`` slots, so the next job is already queued at the actor
-  when one finishes. A Ray actor still runs one job at a time, in order.
+  when one finishes. A Ray actor still runs one job at a time, in order. An actor whose
+  process died is replaced (:func:`replace_dead_actors`): Flower kept it in the pool.
 
 A third change is about results, not speed. Flower registers the simulated nodes under
 random ids, drawn anew in every process, while the server samples its cohorts from the
@@ -47,6 +48,7 @@ from queue import Queue
 from typing import Any
 
 from flwr.clientapp import ClientApp
+from ray.exceptions import ActorDiedError
 
 from server.flower_patch import replace_if_unchanged
 from server.server_app import SIMULATED_NODE_ID_BASE
@@ -59,6 +61,7 @@ __all__ = [
     "add_pending_messages_to_queue",
     "pending_node_ids",
     "register_nodes_in_partition_order",
+    "replace_dead_actors",
     "tune_simulation_runtime",
 ]
 
@@ -182,7 +185,9 @@ class PipelinedRayBackend(_FlowerRayBackend):
         if isinstance(getattr(pool, "pool", None), list):  # Flower 1.42's BasicActorPool
             pool.pool = [actor for _ in range(JOBS_PER_ACTOR) for actor in pool.pool]
             pool.num_actors = len(pool.pool)
-            submit_to_least_loaded(pool)
+            lock = threading.Lock()  # the idle slots change under both
+            submit_to_least_loaded(pool, lock)
+            replace_dead_actors(pool, lock)
 
     def terminate(self) -> None:
         with self._quiet:
@@ -194,14 +199,14 @@ class PipelinedRayBackend(_FlowerRayBackend):
         super().terminate()
 
 
-def submit_to_least_loaded(pool: Any) -> None:
+def submit_to_least_loaded(pool: Any, lock: threading.Lock | None = None) -> None:
     """Make ``pool.submit`` give each job a slot of the actor running the fewest jobs.
 
     Flower's pool pops its last idle slot and puts finished ones back at the end, so with two
     slots per actor two jobs could land on one actor (which runs them one after the other)
     while another actor sat idle: a stage of few messages took up to twice Flower's time. The
     choice and Flower's pop happen under one lock (several worker threads submit)."""
-    submit, lock = pool.submit, threading.Lock()
+    submit, lock = pool.submit, lock or threading.Lock()
 
     def least_loaded_submit(actor_fn: Any, job: Any) -> Any:
         with lock:
@@ -213,6 +218,36 @@ def submit_to_least_loaded(pool: Any) -> None:
             return submit(actor_fn, job)
 
     pool.submit = least_loaded_submit
+
+
+def replace_dead_actors(pool: Any, lock: threading.Lock) -> None:
+    """Make a job whose actor died (``ActorDiedError``: its process segfaulted, or the OOM
+    killer ended it) replace that actor with a new one, in every idle slot and in the jobs
+    it still held, before Flower puts the job's slot back.
+
+    Flower's pool put the dead actor back: every job sent to it failed at once, so it was
+    always the least loaded actor and took most jobs, and most clients failed in every
+    later round. The job that found it dead still fails (an error reply, as before)."""
+    fetch = pool.fetch_result_and_return_actor_to_pool
+    replaced: dict[Any, Any] = {}  # dead actor -> its replacement
+
+    def fetch_or_replace(future: Any) -> Any:
+        try:
+            return fetch(future)
+        except ActorDiedError:
+            with lock:
+                dead = pool._future_to_actor.get(future)
+                if dead is not None:
+                    if dead not in replaced:
+                        replaced[dead] = pool.create_actor_fn()
+                        idle = pool.pool
+                        for i, actor in enumerate(idle):  # by index: appends may go on
+                            if actor is dead:
+                                idle[i] = replaced[dead]
+                    pool._future_to_actor[future] = replaced[dead]
+            raise
+
+    pool.fetch_result_and_return_actor_to_pool = fetch_or_replace
 
 
 def tune_simulation_runtime() -> None:

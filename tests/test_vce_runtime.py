@@ -11,6 +11,7 @@ from queue import Queue
 from typing import Any
 
 import pytest
+from ray.exceptions import ActorDiedError
 
 from server import vce_runtime
 
@@ -109,6 +110,7 @@ def test_dispatch_leaves_a_state_without_an_in_memory_store_to_flowers_loop(
 
 
 _STOPPED: list[str] = []
+_DEAD: set[str] = set()  # the actors whose process died
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,16 @@ class _FakePool:
             _FakeActor(f"actor{i}") for i in range(num_actors)
         )
         self.num_actors += num_actors
+
+    def create_actor_fn(self) -> _FakeActor:
+        self.created = getattr(self, "created", 0) + 1
+        return _FakeActor(f"new{self.created}")
+
+    def fetch_result_and_return_actor_to_pool(self, future: str) -> tuple[str, str]:
+        if self._future_to_actor[future].name in _DEAD:  # as ray.get on a dead actor
+            raise ActorDiedError()
+        self.add_actor_back_to_pool(future)
+        return future, "context"
 
     def terminate_all_actors(self) -> None:
         for actor in getattr(self, self.idle_attribute):
@@ -199,6 +211,36 @@ def test_each_job_goes_to_the_actor_running_the_fewest(monkeypatch: pytest.Monke
     assert sorted(f.rsplit("-", 1)[1] for f in second) == sorted(
         f.rsplit("-", 1)[1] for f in first if f != first[2]
     )
+
+
+def test_an_actor_that_died_is_replaced_not_fed_every_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An actor whose process died (a segfault, the OOM killer) went back to the pool: each
+    job sent to it failed at once, so it was always the least loaded, and it took most of
+    the jobs; every later round most clients failed (4 of 6 with 2 actors). A dead actor is
+    now replaced by a new one, in its idle slots and in the jobs it still held."""
+    backend = _built_backend(monkeypatch, _FakePool)
+    pool = backend.pool
+    jobs = {"job0": "actor0", "job1": "actor0", "job2": "actor1"}  # actor1's other slot idle
+    for future, name in jobs.items():
+        slot = next(a for a in pool.pool if a.name == name)
+        pool.pool.remove(slot)
+        pool._future_to_actor[future] = slot
+    _DEAD.update(jobs.values())
+    try:
+        for future in jobs:  # each fails; Flower's process_message puts its slot back
+            with pytest.raises(ActorDiedError):
+                pool.fetch_result_and_return_actor_to_pool(future)
+            pool.add_actor_back_to_pool(future)
+    finally:
+        _DEAD.clear()
+    assert sorted(a.name for a in pool.pool) == ["new1", "new1", "new2", "new2"]
+    assert not pool._future_to_actor
+    backend.app_fn = lambda: None
+    context = type("Context", (), {"node_config": {"partition-id": 0}})()
+    replies = [backend.process_message(str(i), context) for i in range(4)]
+    assert [r[1] for r in replies] == ["context"] * 4
 
 
 def _four_actors(self: _FakePool, num_actors: int) -> None:
