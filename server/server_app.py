@@ -1030,7 +1030,9 @@ def run_simulation(
         check_ray_reachable(backend_config.ray_address)
     os.environ["FLWR_TELEMETRY_ENABLED"] = os.environ.get("FLWR_TELEMETRY_ENABLED", "0")
     os.environ["RAY_USAGE_STATS_ENABLED"] = os.environ.get("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # a client with no GPU share gets CUDA_VISIBLE_DEVICES="" (hidden GPUs); "0" left it the
+    # machine's GPUs, and with device=auto every client trained there, outside Ray's shares
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from server.vce_runtime import tune_simulation_runtime

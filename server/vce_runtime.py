@@ -42,6 +42,7 @@ from __future__ import annotations
 import importlib
 import signal
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from queue import Queue
@@ -77,6 +78,7 @@ _DRAW = "generate_rand_int_from_bytes"  # how the in-memory LinkState picks a no
 _ray_backend = importlib.import_module("flwr.server.superlink.fleet.vce.backend.raybackend")
 _flower_dispatch: Callable[..., None] = _vce_api.add_messages_to_queue
 _FlowerRayBackend: type = _ray_backend.RayBackend
+_GPU_OVERRIDE_TIP = "Tip: In future versions of Ray, Ray will no longer override accelerator"
 
 
 def register_nodes_in_partition_order(num_nodes: int, state_factory: Any) -> dict[int, int]:
@@ -141,7 +143,8 @@ class PipelinedRayBackend(_FlowerRayBackend):
     (Ray's core worker installs a C++ handler that aborts with a stack dump), so a program
     that handles SIGTERM, like ``fedrec simulate`` stopping with a resume hint, lost it as
     soon as the engine started. A handler that is not a Python function (the default) is
-    left to Ray.
+    left to Ray. Ray's warning that it will stop hiding the GPUs from clients without a GPU
+    share is dropped: :func:`server.server_app.run_simulation` asks it to hide them.
 
     Termination waits (up to ``TERMINATE_WAIT_S``) for the messages being processed and
     refuses new ones before Ray shuts down: after an interrupt the runtime's worker threads
@@ -175,7 +178,9 @@ class PipelinedRayBackend(_FlowerRayBackend):
     def init_ray(self, backend_config: Any) -> None:
         main = threading.current_thread() is threading.main_thread()
         previous = signal.getsignal(signal.SIGTERM) if main else None
-        super().init_ray(backend_config)
+        with warnings.catch_warnings():  # Ray's tip to stop hiding GPUs: they are hidden on
+            warnings.filterwarnings("ignore", _GPU_OVERRIDE_TIP, FutureWarning)  # purpose
+            super().init_ray(backend_config)
         if callable(previous):  # reinstalled also when Python still names it: Ray's C++
             signal.signal(signal.SIGTERM, previous)  # handler took the signal underneath
 

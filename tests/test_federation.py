@@ -1654,8 +1654,22 @@ def test_infinite_secagg_and_clipping_settings_are_refused_at_start() -> None:
 # ------------------------------------------------------------------ Ray simulation
 
 
+def _record_visible_gpus(folder: Path) -> Any:
+    """A client mod that writes the ``CUDA_VISIBLE_DEVICES`` its process sees into
+    ``folder`` (one file per process)."""
+
+    def mod(message: Message, context: Context, call_next: Any) -> Message:
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        (folder / str(os.getpid())).write_text("unset" if seen is None else repr(seen))
+        return call_next(message, context)
+
+    return mod
+
+
 @pytest.mark.network
-def test_ray_simulation_five_clients_two_rounds_with_a_failing_client() -> None:
+def test_ray_simulation_five_clients_two_rounds_with_a_failing_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Wait for all 5 nodes: Flower starts the ServerApp before the nodes register.
     config: RunConfig = {
         "num-rounds": 2,
@@ -1663,15 +1677,20 @@ def test_ray_simulation_five_clients_two_rounds_with_a_failing_client() -> None:
         "round-timeout": 60.0,
         "min-available-clients": 5,
     }
+    # Clients without a GPU share must not see the machine's GPUs (they would train on
+    # them with device=auto): RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 left them visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     reports: list[RoundReport] = []
     run_simulation(
         make_server_app(config, on_round_end=reports.append),
-        make_client_app(config),
+        make_client_app(config, extra_mods=[_record_visible_gpus(tmp_path)]),
         num_supernodes=5,
         backend_config=SimulationBackend(num_cpus_per_client=1.0, ray_num_cpus=2),
     )
     assert [r.server_round for r in reports] == [1, 2]
     assert all((r.fit.ok, r.fit.failed) == (4, 1) for r in reports)
+    seen = {path.read_text() for path in tmp_path.iterdir()}
+    assert seen == {"''"}, seen
     losses = [r.evaluate.loss for r in reports if r.evaluate is not None]
     assert len(losses) == 2 and losses[1] is not None and losses[0] is not None
     assert losses[1] < losses[0]
