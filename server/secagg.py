@@ -564,10 +564,10 @@ class _WellFormedRepliesGrid(DelegatingGrid):
     def _checked(self, reply: Message, request: RecordDict | None) -> Message:
         if reply.has_error() or not reply.has_content():
             return reply
-        problem = _reply_problem(reply.content, self._shapes, request)
+        node = reply.metadata.src_node_id
+        problem = _reply_problem(reply.content, self._shapes, request, node)
         if problem is None:
             return reply
-        node = reply.metadata.src_node_id
         log(WARNING, "node %s sent a malformed reply, counted as a dropout: %s", node, problem)
         error = Error(
             code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed reply: {problem}"
@@ -577,16 +577,19 @@ class _WellFormedRepliesGrid(DelegatingGrid):
 
 
 def _reply_problem(
-    content: RecordDict, shapes: list[tuple[int, ...]] | None, request: RecordDict | None
+    content: RecordDict,
+    shapes: list[tuple[int, ...]] | None,
+    request: RecordDict | None,
+    node: int,
 ) -> str | None:
-    """Why Flower could not read this reply to ``request`` (``None``: it can)."""
+    """Why Flower could not read this reply of ``node`` to ``request`` (``None``: it can)."""
     configs = content.config_records.get(RECORD_KEY_CONFIGS)
     asked = request.config_records.get(RECORD_KEY_CONFIGS) if request is not None else None
     if asked is not None:
         stage = str(asked.get(Key.STAGE))
         if configs is None:
             return f"no '{RECORD_KEY_CONFIGS}' record in a reply to SecAgg+ stage '{stage}'"
-        problem = _stage_reply_problem(stage, configs, asked)
+        problem = _stage_reply_problem(stage, configs, asked, node)
         if problem is not None:
             return problem
         wanted_masks = request.config_records.get(MASKS_RECORD) if request is not None else None
@@ -624,11 +627,14 @@ def _reply_problem(
     return None
 
 
-def _stage_reply_problem(stage: str, configs: ConfigRecord, asked: ConfigRecord) -> str | None:
-    """Why Flower's SecAgg+ workflow could not read this reply to ``stage`` (``None``: it
-    can): the fields it reads, lists of equal length where it zips them, public keys it can
-    parse (its neighbours would fail on them), in the unmask stage only shares (of a share's
-    layout) of the nodes the client was asked about."""
+def _stage_reply_problem(
+    stage: str, configs: ConfigRecord, asked: ConfigRecord, node: int
+) -> str | None:
+    """Why Flower's SecAgg+ workflow could not read this reply of ``node`` to ``stage``
+    (``None``: it can): the fields it reads, lists of equal length where it zips them,
+    public keys it can parse (its neighbours would fail on them), in the share-keys stage
+    one share for each neighbour it was sent the keys of, in the unmask stage only shares
+    (of a share's layout) of the nodes the client was asked about."""
 
     def listed(key: str, kind: type) -> list[object] | None:
         value = configs.get(key)
@@ -652,6 +658,12 @@ def _stage_reply_problem(stage: str, configs: ConfigRecord, asked: ConfigRecord)
         ciphertexts = listed(Key.CIPHERTEXT_LIST, bytes)
         if destinations is None or ciphertexts is None or len(destinations) != len(ciphertexts):
             return "SecAgg+ share-keys reply without equally long lists of destinations and keys"
+        # the neighbours whose keys it was sent (itself among them): a neighbour that got
+        # its shares twice masks with its key twice, one that got none never does, and
+        # either way the pairwise masks no longer cancel (the unmasked sum is noise)
+        neighbours = sorted(int(key) for key in asked if key.isdecimal() and int(key) != node)
+        if sorted(cast(list[int], destinations)) != neighbours:
+            return "SecAgg+ share-keys reply whose destinations are not its neighbours, each once"
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         if listed(Key.MASKED_PARAMETERS, bytes) is None:
             return "no masked vector in its SecAgg+ reply"

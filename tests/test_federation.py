@@ -1526,6 +1526,21 @@ def _one_more(key: str) -> Callable[[RecordDict], None]:
     return damage
 
 
+def _repeated_destination(content: RecordDict) -> None:
+    """The first share sent twice to the same neighbour (who masks with its key twice)."""
+    records = content.config_records[SECAGG_RESULTS]
+    for key in (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST):
+        values = list(records[key])  # type: ignore[arg-type]
+        records[key] = values + values[:1]
+
+
+def _missing_destination(content: RecordDict) -> None:
+    """No share for the first neighbour (who then never masks with this client's key)."""
+    records = content.config_records[SECAGG_RESULTS]
+    for key in (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST):
+        records[key] = list(records[key])[1:]  # type: ignore[arg-type]
+
+
 def _garbage_key(content: RecordDict) -> None:
     content.config_records[SECAGG_RESULTS][Key.PUBLIC_KEY_2] = b"not a PEM public key"
 
@@ -1579,6 +1594,8 @@ def _damaged_by_client_0(stage: str, damage: Callable[[RecordDict], None]) -> An
         ("setup", _garbage_key),
         ("share_keys", _drop(Key.DESTINATION_LIST)),
         ("share_keys", _one_more(Key.CIPHERTEXT_LIST)),
+        ("share_keys", _repeated_destination),
+        ("share_keys", _missing_destination),
         ("collect_masked_vectors", _drop(Key.MASKED_PARAMETERS)),
         ("collect_masked_vectors", _no_result_records),
         ("unmask", _drop(Key.SHARE_LIST)),
@@ -1596,7 +1613,10 @@ def test_a_malformed_protocol_reply_counts_as_a_dropout_not_a_crashed_run(
     of different lengths, a share for a node it was not asked about or a share cut short
     raised a KeyError or ValueError out of Flower's workflow: the run ended with a
     traceback for every client. It is now a dropout; as after any dropout the others'
-    aggregate is applied (and a client that sent its masked vector is still in it)."""
+    aggregate is applied (and a client that sent its masked vector is still in it).
+    Shares sent twice to one neighbour, or to none, left that neighbour's pairwise mask
+    with this client on its vector twice, or not at all: the unmasked sum was noise,
+    applied as the round's update (coordinates off by ~40)."""
     task = ToyLinearTask()
     secagg = stage != "plain"
     config: RunConfig = {"num-rounds": 2, "eval-fraction": 0.0, "secagg": secagg}
