@@ -650,9 +650,15 @@ def _stage_reply_problem(
             if not isinstance(value, bytes):
                 return f"no public key '{key}' in its SecAgg+ setup reply"
             try:
-                _flwr_asymmetric.bytes_to_public_key(value)
+                public_key = _flwr_asymmetric.bytes_to_public_key(value)
             except Exception as exc:  # what the neighbours' parse would raise
                 return f"unreadable public key '{key}' ({type(exc).__name__})"
+            # another kind of key (RSA) or curve parses, yet every neighbour's ECDH fails
+            curve = _key_curve()
+            if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+                public_key.curve, type(curve)
+            ):
+                return f"public key '{key}' not on the curve of SecAgg+'s keys ({curve.name})"
     elif stage == Stage.SHARE_KEYS:
         destinations = listed(Key.DESTINATION_LIST, int)
         ciphertexts = listed(Key.CIPHERTEXT_LIST, bytes)
@@ -682,6 +688,12 @@ def _stage_reply_problem(
         ):
             return "SecAgg+ unmask reply with a share of the wrong length"
     return None
+
+
+@lru_cache(maxsize=1)
+def _key_curve() -> ec.EllipticCurve:
+    """The curve of the key pairs Flower's client mod makes (its ECDH needs both on it)."""
+    return _flwr_asymmetric.generate_key_pairs()[1].curve
 
 
 def _current_round(context: LegacyContext) -> int:

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -1545,6 +1547,24 @@ def _garbage_key(content: RecordDict) -> None:
     content.config_records[SECAGG_RESULTS][Key.PUBLIC_KEY_2] = b"not a PEM public key"
 
 
+def _key_of(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _rsa_key(content: RecordDict) -> None:
+    """A PEM public key, but no elliptic-curve one: no ECDH with it."""
+    key = _key_of(rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key())
+    content.config_records[SECAGG_RESULTS][Key.PUBLIC_KEY_2] = key
+
+
+def _other_curve_key(content: RecordDict) -> None:
+    """An elliptic-curve public key on another curve than its neighbours' keys."""
+    key = _key_of(ec.generate_private_key(ec.SECP256R1()).public_key())
+    content.config_records[SECAGG_RESULTS][Key.PUBLIC_KEY_2] = key
+
+
 def _unknown_node(content: RecordDict) -> None:
     nids = list(content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST])  # type: ignore[arg-type]
     content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST] = [999_999, *nids[1:]]
@@ -1592,6 +1612,8 @@ def _damaged_by_client_0(stage: str, damage: Callable[[RecordDict], None]) -> An
     [
         ("setup", _drop(Key.PUBLIC_KEY_1)),
         ("setup", _garbage_key),
+        ("setup", _rsa_key),
+        ("setup", _other_curve_key),
         ("share_keys", _drop(Key.DESTINATION_LIST)),
         ("share_keys", _one_more(Key.CIPHERTEXT_LIST)),
         ("share_keys", _repeated_destination),
@@ -1616,7 +1638,9 @@ def test_a_malformed_protocol_reply_counts_as_a_dropout_not_a_crashed_run(
     aggregate is applied (and a client that sent its masked vector is still in it).
     Shares sent twice to one neighbour, or to none, left that neighbour's pairwise mask
     with this client on its vector twice, or not at all: the unmasked sum was noise,
-    applied as the round's update (coordinates off by ~40)."""
+    applied as the round's update (coordinates off by ~40). A public key that parses but
+    is no key on the curve of the others' (RSA, P-256) made every neighbour fail in the
+    share-keys stage: one client halted the round."""
     task = ToyLinearTask()
     secagg = stage != "plain"
     config: RunConfig = {"num-rounds": 2, "eval-fraction": 0.0, "secagg": secagg}
