@@ -533,7 +533,9 @@ class _WellFormedRepliesGrid(DelegatingGrid):
     a reply to a SecAgg+ stage without the fields that stage reads, or with lists of
     different lengths, an unreadable public key, a share for a node it was not asked
     about (a ``KeyError`` or ``ValueError``), or a fit or evaluate reply without its
-    records (a ``KeyError``). What a reply must hold is judged by the message it answers."""
+    records (a ``KeyError``). What a reply must hold is judged by the message it answers;
+    public keys also by the other replies of the setup stage (each neighbour refuses a
+    key it was sent twice, so a repeated one is unusable whoever sent it)."""
 
     def __init__(self, inner: Grid, shapes: list[tuple[int, ...]] | None) -> None:
         super().__init__(inner)
@@ -547,10 +549,13 @@ class _WellFormedRepliesGrid(DelegatingGrid):
     ) -> Iterable[Message]:
         sent = list(messages)
         asked = {m.metadata.dst_node_id: m.content for m in sent if m.has_content()}
-        replies = [
-            self._checked(reply, asked.get(reply.metadata.src_node_id))
-            for reply in self._inner.send_and_receive(sent, timeout=timeout)
-        ]
+        replies = _refuse_repeated_keys(
+            [
+                self._checked(reply, asked.get(reply.metadata.src_node_id))
+                for reply in self._inner.send_and_receive(sent, timeout=timeout)
+            ],
+            asked,
+        )
         waited = "no reply" if timeout is None else f"no reply within {timeout:g} s"
         self.outcomes = {m.metadata.dst_node_id: waited for m in sent}
         for reply in replies:
@@ -566,14 +571,50 @@ class _WellFormedRepliesGrid(DelegatingGrid):
             return reply
         node = reply.metadata.src_node_id
         problem = _reply_problem(reply.content, self._shapes, request, node)
-        if problem is None:
-            return reply
-        log(WARNING, "node %s sent a malformed reply, counted as a dropout: %s", node, problem)
-        error = Error(
-            code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed reply: {problem}"
-        )
-        # Flower's own form of a reply built from metadata: it keeps the sender's node id
-        return Message(error=error, metadata=reply.metadata)  # type: ignore[call-overload]
+        return reply if problem is None else _malformed(reply, problem)
+
+
+def _malformed(reply: Message, problem: str) -> Message:
+    """The error reply ``reply`` counts as (logged with ``problem``): a dropout."""
+    node = reply.metadata.src_node_id
+    log(WARNING, "node %s sent a malformed reply, counted as a dropout: %s", node, problem)
+    error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed reply: {problem}")
+    # Flower's own form of a reply built from metadata: it keeps the sender's node id
+    return Message(error=error, metadata=reply.metadata)  # type: ignore[call-overload]
+
+
+def _refuse_repeated_keys(replies: list[Message], asked: dict[int, RecordDict]) -> list[Message]:
+    """``replies``, where those to the SecAgg+ setup stage that send a public key another
+    one sends too (or send one key as both of theirs) become malformed: every neighbour
+    of theirs refuses repeated keys in the share-keys stage ("Some public keys are
+    identical") and drops out, so one such client halted the round."""
+    keys: dict[int, list[bytes]] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        request = asked.get(node)
+        configs = request.config_records.get(RECORD_KEY_CONFIGS) if request is not None else None
+        if configs is None or configs.get(Key.STAGE) != Stage.SETUP or not reply.has_content():
+            continue
+        sent = reply.content.config_records[RECORD_KEY_CONFIGS]  # checked: both keys, bytes
+        keys[node] = [cast(bytes, sent[Key.PUBLIC_KEY_1]), cast(bytes, sent[Key.PUBLIC_KEY_2])]
+    senders: dict[bytes, int] = {}
+    for pair in keys.values():
+        for key in set(pair):
+            senders[key] = senders.get(key, 0) + 1
+
+    def problem(pair: list[bytes]) -> str | None:
+        if pair[0] == pair[1]:
+            return "its two SecAgg+ public keys are one key"
+        if any(senders[key] > 1 for key in pair):
+            return "a SecAgg+ public key also sent by another client"
+        return None
+
+    checked: list[Message] = []
+    for reply in replies:
+        sent_keys = keys.get(reply.metadata.src_node_id)
+        why = None if sent_keys is None else problem(sent_keys)
+        checked.append(reply if why is None else _malformed(reply, why))
+    return checked
 
 
 def _reply_problem(

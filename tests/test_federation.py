@@ -1565,6 +1565,12 @@ def _other_curve_key(content: RecordDict) -> None:
     content.config_records[SECAGG_RESULTS][Key.PUBLIC_KEY_2] = key
 
 
+def _one_key_twice(content: RecordDict) -> None:
+    """Its first public key sent as its second one too."""
+    records = content.config_records[SECAGG_RESULTS]
+    records[Key.PUBLIC_KEY_2] = records[Key.PUBLIC_KEY_1]
+
+
 def _unknown_node(content: RecordDict) -> None:
     nids = list(content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST])  # type: ignore[arg-type]
     content.config_records[SECAGG_RESULTS][Key.NODE_ID_LIST] = [999_999, *nids[1:]]
@@ -1614,6 +1620,7 @@ def _damaged_by_client_0(stage: str, damage: Callable[[RecordDict], None]) -> An
         ("setup", _garbage_key),
         ("setup", _rsa_key),
         ("setup", _other_curve_key),
+        ("setup", _one_key_twice),
         ("share_keys", _drop(Key.DESTINATION_LIST)),
         ("share_keys", _one_more(Key.CIPHERTEXT_LIST)),
         ("share_keys", _repeated_destination),
@@ -1640,7 +1647,8 @@ def test_a_malformed_protocol_reply_counts_as_a_dropout_not_a_crashed_run(
     with this client on its vector twice, or not at all: the unmasked sum was noise,
     applied as the round's update (coordinates off by ~40). A public key that parses but
     is no key on the curve of the others' (RSA, P-256) made every neighbour fail in the
-    share-keys stage: one client halted the round."""
+    share-keys stage: one client halted the round, as did one that sent the same key as
+    both of its keys (each neighbour refused the repeated key)."""
     task = ToyLinearTask()
     secagg = stage != "plain"
     config: RunConfig = {"num-rounds": 2, "eval-fraction": 0.0, "secagg": secagg}
@@ -1652,6 +1660,33 @@ def test_a_malformed_protocol_reply_counts_as_a_dropout_not_a_crashed_run(
     assert (fit.ok, fit.failed) == (len(summed), 5 - len(summed))
     expected = _expected_fedavg(task, summed, task.initial_parameters())
     assert _max_diff(reports[0].parameters, expected) < _secagg_tolerance(task, summed, 8.0, 2**22)
+
+
+def test_clients_sending_the_same_public_keys_are_dropouts_not_the_end_of_the_round() -> None:
+    """Two clients with one key pair (a fixed one, a copy): every neighbour of theirs
+    refused the repeated keys in the share-keys stage and the round halted. Both are
+    dropped after the setup stage; the others' round completes."""
+    keys = [_key_of(ec.generate_private_key(ec.SECP384R1()).public_key()) for _ in range(2)]
+
+    def same_keys(msg: Message, ctx: Context, call_next: Any) -> Message:
+        asked = msg.content.config_records.get(SECAGG_RECORD) if msg.has_content() else None
+        setup = asked is not None and asked.get(Key.STAGE) == "setup"
+        reply = call_next(msg, ctx)
+        if setup and client_id_of(ctx) in (0, 1) and reply.has_content():
+            records = reply.content.config_records[SECAGG_RESULTS]
+            records[Key.PUBLIC_KEY_1], records[Key.PUBLIC_KEY_2] = keys
+        return reply
+
+    task = ToyLinearTask()
+    config: RunConfig = {"num-rounds": 1, "eval-fraction": 0.0, "secagg": True}
+    report = _run(config, num_nodes=6, extra_mods=[same_keys])[0]
+    fit = report.fit
+    assert (fit.ok, fit.failed, fit.updated) == (4, 2, True), fit
+    assert sum("public key also sent by another client" in f for f in fit.failures) == 2, fit
+    survivors = [2, 3, 4, 5]
+    expected = _expected_fedavg(task, survivors, task.initial_parameters())
+    tol = _secagg_tolerance(task, survivors, 8.0, 2**22)
+    assert _max_diff(report.parameters, expected) < tol
 
 
 @pytest.mark.parametrize("damage", [_short_share, _share_index_zero])
