@@ -648,8 +648,15 @@ def _reply_problem(
         except Exception as exc:  # any decoding failure: the reply is unusable
             return f"undecodable masked vector ({type(exc).__name__}: {exc})"
         got, expected = [a.shape for a in masked], [(1,), *shapes]  # the weight, then the model
-        if got != expected or any(a.dtype.kind not in "iu" for a in masked):
-            return f"masked vector of shapes {got}, expected integers of shapes {expected}"
+        # integers int64 holds (the workflow adds them to int64 masks): numpy adds uint64
+        # and int64 as float64, which the workflow's modulo then fails on
+        if got != expected or any(
+            a.dtype.kind not in "iu" or not np.can_cast(a.dtype, np.int64) for a in masked
+        ):
+            return (
+                f"masked vector of shapes {got} and types {sorted({str(a.dtype) for a in masked})}"
+                f", expected integers within int64 of shapes {expected}"
+            )
     names = {*content.config_records, *content.metric_records, *content.array_records}
     # the results a fit / evaluate instruction is answered with (Flower reads them all)
     wanted = set() if request is None else {*request.config_records, *request.array_records}

@@ -8,6 +8,7 @@ The Ray runtime itself is covered by the ``network``-marked tests at the end.
 from __future__ import annotations
 
 import ast
+import io
 import logging
 import math
 import os
@@ -1470,7 +1471,8 @@ def test_a_fractional_secagg_cohort_is_capped_at_what_the_modulus_holds(
 
 def _malformed_by_client_0(secagg: bool, damage: str = "shape") -> Any:
     """A client mod: client 0's train replies are damaged (a SecAgg+ masked vector with an
-    array of the wrong shape, or one byte too many; a plain reply without its status)."""
+    array of the wrong shape, one byte too many, or of unsigned 64-bit integers; a plain
+    reply without its status)."""
 
     def mod(msg: Message, ctx: Context, call_next: Any) -> Message:
         reply = call_next(msg, ctx)
@@ -1485,6 +1487,11 @@ def _malformed_by_client_0(secagg: bool, damage: str = "shape") -> Any:
             vector = list(records[SECAGG_RESULTS][Key.MASKED_PARAMETERS])
             if damage == "shape":
                 vector[1] = ndarray_to_bytes(np.zeros(5, dtype=np.int64))
+            elif damage == "uint64":  # int64 + uint64 is float64 in numpy
+                vector = [
+                    ndarray_to_bytes(np.load(io.BytesIO(v)).astype(np.uint64))  # type: ignore[arg-type]
+                    for v in vector
+                ]
             else:  # np.load ignores trailing bytes, the workflow's decoder does not
                 vector[1] = bytes(vector[1]) + b"\0"  # type: ignore[arg-type]
             records[SECAGG_RESULTS][Key.MASKED_PARAMETERS] = vector
@@ -1495,12 +1502,15 @@ def _malformed_by_client_0(secagg: bool, damage: str = "shape") -> Any:
     return mod
 
 
-@pytest.mark.parametrize(("secagg", "damage"), [(False, ""), (True, "shape"), (True, "bytes")])
+@pytest.mark.parametrize(
+    ("secagg", "damage"), [(False, ""), (True, "shape"), (True, "bytes"), (True, "uint64")]
+)
 def test_a_malformed_reply_counts_as_a_failed_client_not_a_crashed_run(
     secagg: bool, damage: str
 ) -> None:
     """One damaged reply raised out of Flower's workflow (a broadcast error summing the
-    masked vectors; a KeyError reading the FitRes) and ended the run for every client."""
+    masked vectors, a TypeError taking the float64 sum of int64 and uint64 vectors modulo;
+    a KeyError reading the FitRes) and ended the run for every client."""
     task = ToyLinearTask()
     config: RunConfig = {"num-rounds": 2, "eval-fraction": 0.0, "secagg": secagg}
     reports = _run(config, num_nodes=5, extra_mods=[_malformed_by_client_0(secagg, damage)])
