@@ -23,7 +23,9 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
   equivalents instead, which share Flower's byte layout. The workflow reads the masked
   vectors with :func:`server.npy.load_npy` (each ``.npy`` header parsed once, not once
   per client and tensor), and the client mod parses its own PEM private key once per
-  stage instead of once per neighbour.
+  stage instead of once per neighbour. The workflow's unmasked sum is checked on the way
+  (:func:`bounded_factor_extract`): one that no sum of clipped updates gives halts the
+  round instead of being applied.
 * :func:`full_seed_masks` - Flower 1.42 draws every SecAgg+ mask from
   ``RandomState(seed32)``, the XOR of the seed's 4-byte words: a round's masks are 2**32
   in all, and an honest-but-curious server, which learns each survivor's private seed
@@ -57,6 +59,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import NDArrays, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.common.secure_aggregation import ndarrays_arithmetic as _flwr_arithmetic
 from flwr.common.secure_aggregation import secaggplus_utils as _flwr_secagg_utils
 from flwr.common.secure_aggregation.crypto import shamir as _flwr_shamir
 from flwr.common.secure_aggregation.secaggplus_constants import (
@@ -115,6 +118,7 @@ _flwr_client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.s
 
 _flwr_bytes_to_private_key = _flwr_asymmetric.bytes_to_private_key
 _flwr_pseudo_rand_gen = _flwr_secagg_utils.pseudo_rand_gen
+_flwr_factor_extract = _flwr_arithmetic.factor_extract
 
 #: Config record, in a collect-stage instruction and its reply, naming the generator of the
 #: SecAgg+ masks (:func:`full_seed_masks`); without it both ends use Flower's.
@@ -164,6 +168,43 @@ def _masks_installed(module: object) -> bool:
     return getattr(module, "pseudo_rand_gen", None) is _mask_generator
 
 
+#: ``(clients, quantization_range)`` of the sum the unmask stage now running recovers (set by
+#: :meth:`EarlyDropoutTolerantSecAggPlusWorkflow.unmask_stage`), ``None`` outside one.
+_SUMMED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "fedrec_secagg_summed", default=None
+)
+
+
+class _SumOutOfRange(ValueError):
+    """The unmasked sum holds an entry that no sum of the clients' quantized updates has."""
+
+
+def bounded_factor_extract(
+    parameters: list[np.ndarray],
+) -> tuple[int, list[np.ndarray]]:
+    """Flower's ``factor_extract`` (the summed weight, then the summed update) of the
+    unmasked sum, refused (:class:`_SumOutOfRange`) where an entry is not one ``k``
+    clipped, quantized updates add up to: each client adds an integer in ``[0,
+    quantization_range]`` to every entry (its weight at most 1, capped by
+    :func:`_cap_weight`), so the sum of ``k`` lies in ``[0, k * quantization_range]``.
+    Any other value is what masks that did not cancel (a vector or share damaged,
+    on purpose or not) leave: noise up to the modulus, which Flower dequantized and
+    applied (a model entry off by ~35,000 at clipping range 8)."""
+    summed = _SUMMED.get()
+    if summed is not None:
+        clients, quantization_range = summed
+        bound = clients * quantization_range
+        for array in parameters:
+            if array.size and not (int(array.min()) >= 0 and int(array.max()) <= bound):
+                raise _SumOutOfRange(
+                    f"the unmasked sum is no sum of {clients} clipped updates (an entry "
+                    f"outside [0, {bound}], {clients} x secagg-quantization-range): a "
+                    "client's masked vector or shares were damaged, so no update in it can "
+                    "be trusted"
+                )
+    return _flwr_factor_extract(parameters)
+
+
 @lru_cache(maxsize=4)
 def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
     """Flower's ``bytes_to_private_key``, remembered for the last few keys: the client mod
@@ -175,13 +216,15 @@ def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
 def use_fast_secagg_helpers() -> None:
     """Make Flower's SecAgg+ workflow and client mod use :func:`create_shares`,
     :func:`combine_shares`, :func:`server.npy.load_npy` (and its
-    :func:`~server.npy.parameters_to_arrays`), :func:`parsed_private_key` and
-    :func:`_mask_generator` (idempotent; a Flower whose modules no longer hold its own
-    helpers under these names is left alone)."""
+    :func:`~server.npy.parameters_to_arrays`), :func:`parsed_private_key`,
+    :func:`_mask_generator` and the workflow :func:`bounded_factor_extract` (idempotent; a
+    Flower whose modules no longer hold its own helpers under these names is left
+    alone)."""
     for module, name, original, replacement in (
         (_flwr_workflow, "pseudo_rand_gen", _flwr_pseudo_rand_gen, _mask_generator),
         (_flwr_client_mod, "pseudo_rand_gen", _flwr_pseudo_rand_gen, _mask_generator),
         (_flwr_workflow, "combine_shares", _flwr_shamir.combine_shares, combine_shares),
+        (_flwr_workflow, "factor_extract", _flwr_factor_extract, bounded_factor_extract),
         (_flwr_workflow, "bytes_to_ndarray", _flwr_parameter.bytes_to_ndarray, load_npy),
         (
             _flwr_client_mod,
@@ -461,7 +504,10 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         Shares that do not give back a secret Flower can use (of different lengths, a
         repeated index, not all of one secret: a client damaged the one it sent) raised out
         of the workflow and ended the run; they halt the round instead (nothing is
-        verifiable about which share was damaged, so no sum can be unmasked)."""
+        verifiable about which share was damaged, so no sum can be unmasked). So does an
+        unmasked sum that the summed clients' clipped updates cannot add up to
+        (:func:`bounded_factor_extract`)."""
+        summed = _SUMMED.set((len(state.active_node_ids), state.quantization_range))
         with np.errstate(divide="ignore", invalid="ignore"):
             try:
                 return bool(super().unmask_stage(grid, context, state))
@@ -469,11 +515,15 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
                 if not _raised_removing_masks(exc):
                     raise
                 self.halted_because = (
-                    f"the masks could not be removed ({type(exc).__name__}: {exc}): a client "
-                    "sent a damaged share"
+                    str(exc)
+                    if isinstance(exc, _SumOutOfRange)
+                    else f"the masks could not be removed ({type(exc).__name__}: {exc}): a "
+                    "client sent a damaged share"
                 )
                 log(ERROR, "SecAgg+: %s; the round is halted", self.halted_because)
                 return False
+            finally:
+                _SUMMED.reset(summed)
 
 
 #: Functions the unmask stage calls whose own failures are not the masks' (Flower's grid,

@@ -1719,6 +1719,44 @@ def test_a_damaged_unmasking_share_halts_the_round_not_the_run(
         assert all(not np.any(a) for a in report.parameters)  # the initial (zero) model
 
 
+def _shifted_masked_entry(array: int) -> Callable[[RecordDict], None]:
+    """Damage: half the modulus (2**31) added to the first entry of the masked vector's
+    ``array`` (0: the weight); a well-formed reply, but its sum is no clipped update."""
+
+    def damage(content: RecordDict) -> None:
+        records = content.config_records[SECAGG_RESULTS]
+        vector = [np.load(io.BytesIO(v)) for v in records[Key.MASKED_PARAMETERS]]  # type: ignore[union-attr, arg-type]
+        vector[array].flat[0] = (vector[array].flat[0] + 2**31) % 2**32
+        records[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vector]
+
+    return damage
+
+
+@pytest.mark.parametrize("array", [0, 1])
+def test_an_unmasked_sum_no_clipped_updates_add_up_to_halts_the_round(
+    array: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A masked vector off by half the modulus in one entry (a client that masks badly, or
+    on purpose) was unmasked and applied: a weight entry moved the model by ~2, a model
+    entry by ~35,000 (the clipping range is 8). Each of k clients adds at most
+    quantization-range to an entry, so a sum above k times that is no sum of clipped
+    updates: the round halts, the model is kept, and the next round runs."""
+    with caplog.at_level("ERROR"):
+        reports = _run(
+            {"num-rounds": 2, "eval-fraction": 0.0, "secagg": True},
+            num_nodes=5,
+            extra_mods=[
+                _damaged_by_client_0("collect_masked_vectors", _shifted_masked_entry(array))
+            ],
+        )
+    assert [r.server_round for r in reports] == [1, 2]
+    for report in reports:
+        assert not report.fit.updated, report.fit
+        assert "no sum of 5 clipped updates" in report.fit.failures[0], report.fit
+        assert all(not np.any(a) for a in report.parameters)  # the initial (zero) model
+    assert any("no sum of 5 clipped updates" in r.getMessage() for r in caplog.records)
+
+
 def test_an_evaluate_reply_without_its_records_counts_as_a_failure_not_a_crashed_run() -> None:
     reports = _run(
         {"num-rounds": 1, "eval-fraction": 1.0},
