@@ -100,6 +100,7 @@ from server.strategy import (
     RoundReport,
     StopTraining,
     ValidatingFedAvg,
+    bounded_reason,
     wait_for_clients,
 )
 from shared.config import is_int
@@ -592,7 +593,8 @@ class _WellFormedRepliesGrid(DelegatingGrid):
         self._shapes = shapes
         self.outcomes: dict[int, str] = {}
         """Why each node of the last exchange sent no usable reply (by node id): the error
-        it replied with, or that none came in time; what a dropout is logged with."""
+        it replied with (cut short: :func:`~server.strategy.bounded_reason`), or that none
+        came in time; what a dropout is logged with."""
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -611,7 +613,7 @@ class _WellFormedRepliesGrid(DelegatingGrid):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.outcomes[node] = f"error: {reply.error.reason}"
+                self.outcomes[node] = f"error: {bounded_reason(str(reply.error.reason))}"
             else:
                 self.outcomes.pop(node, None)
         return replies

@@ -76,6 +76,9 @@ EvalFailure: TypeAlias = tuple[ClientProxy, EvaluateRes] | BaseException
 
 #: How many rejection/failure reasons a round keeps (the counts are always exact).
 MAX_REASONS = 20
+#: How much of one failure reason is kept and logged: a client's error reply carries any
+#: text it likes, and the stats of every round stay in memory for the run.
+MAX_REASON_CHARS = 500
 
 #: Fit-config key: when true, clients report weight 1 instead of ``num_examples`` (so
 #: SecAgg+'s weighted average becomes a plain one; user-level DP needs uniform weights).
@@ -171,11 +174,19 @@ class RoundReport:
 RoundCallback: TypeAlias = Callable[[RoundReport], None]
 
 
+def bounded_reason(text: str) -> str:
+    """``text`` cut to :data:`MAX_REASON_CHARS` (its length said) where longer: what is
+    kept and logged of a reason a client wrote."""
+    if len(text) <= MAX_REASON_CHARS:
+        return text
+    return f"{text[:MAX_REASON_CHARS]}... ({len(text)} characters)"
+
+
 def _failure_reason(failure: FitFailure | EvalFailure) -> str:
     if isinstance(failure, BaseException):
-        return str(failure)
+        return bounded_reason(str(failure))
     _, res = failure
-    return f"status {res.status.code.name}: {res.status.message}"
+    return bounded_reason(f"status {res.status.code.name}: {res.status.message}")
 
 
 def _dedupe(failures: Sequence[FitFailure]) -> list[FitFailure]:

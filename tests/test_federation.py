@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import (
     Code,
     EvaluateIns,
@@ -1755,6 +1755,33 @@ def test_an_unmasked_sum_no_clipped_updates_add_up_to_halts_the_round(
         assert "no sum of 5 clipped updates" in report.fit.failures[0], report.fit
         assert all(not np.any(a) for a in report.parameters)  # the initial (zero) model
     assert any("no sum of 5 clipped updates" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("secagg", [False, True])
+def test_a_clients_huge_error_reason_is_kept_and_logged_cut_short(
+    secagg: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's error reply carries any reason it likes: one of 2,000,000 characters was
+    logged whole (the SecAgg+ dropout line) and kept whole in the round's stats, which the
+    strategy holds for every round of the run: a client could grow the server's log and
+    memory by megabytes a round. Each reason is kept, and logged, cut short."""
+
+    def loud(msg: Message, ctx: Context, call_next: Any) -> Message:
+        if client_id_of(ctx) == 0 and msg.metadata.message_type == "train":
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="z" * 2_000_000)
+            return Message(error, reply_to=msg)
+        return call_next(msg, ctx)
+
+    with caplog.at_level("INFO"):
+        report = _run(
+            {"num-rounds": 1, "eval-fraction": 0.0, "secagg": secagg},
+            num_nodes=5,
+            extra_mods=[loud],
+        )[0]
+    assert (report.fit.ok, report.fit.failed, report.fit.updated) == (4, 1, True), report.fit
+    (reason,) = report.fit.failures
+    assert reason.startswith("Error(") and "zzzz" in reason and len(reason) < 1000, len(reason)
+    assert max(len(r.getMessage()) for r in caplog.records) < 5000
 
 
 def test_an_evaluate_reply_without_its_records_counts_as_a_failure_not_a_crashed_run() -> None:
