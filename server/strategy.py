@@ -973,6 +973,17 @@ class ValidatingFedAvg(FedAvg):
         loss = _weighted_mean([(float(r.num_examples), float(r.loss)) for _, r in good])
         sampled = self._eval_sampled.get(server_round, len(results) + len(failures))
         failed, reasons = _failure_summary(sampled, len(results), failures)
+        # the replies counted failed for what they hold: said why, as the other failures
+        usable = {id(r) for _, r in good}
+        unusable = [
+            bounded_reason(
+                f"node {p.node_id}: loss {r.loss!r} with {r.num_examples!r} example(s), "
+                "expected a finite loss over more than 0 examples"
+            )
+            for p, r in answered
+            if id(r) not in usable
+        ]
+        reasons = (*reasons, *unusable[: max(0, MAX_REASONS - len(reasons))])
         stats = EvalRoundStats(
             server_round=server_round,
             sampled=sampled,

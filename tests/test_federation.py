@@ -967,6 +967,9 @@ def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
     )
     assert loss == pytest.approx(2.0)
     assert (metrics["clients-ok"], metrics["clients-failed"]) == (1, 1)
+    # counted failed with a reason (there was none: a failure nothing explained)
+    (reason,) = strategy.eval_stats[1].failures
+    assert reason.startswith("node 1: loss [1.0] with 3 example(s)"), reason
     secure = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)], secure_aggregation=True)
     mean = [np.full(2, 0.5, np.float32)]
     odd = FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters(mean), listed, {})
