@@ -102,7 +102,9 @@ def _plot_rounds(summary: dict[str, Any], path: Path, kind: str) -> Path | None:
         ys = [r.get(key) for r in rounds]
         if any(y is not None for y in ys):
             ys_plot = [float("nan") if y is None else y for y in ys]
-            ax.plot(x, ys_plot, marker="o", label=_LEGEND.get(key, key))
+            # an epsilon is no guarantee without its delta: the legend names it, as the table
+            label = _LEGEND.get(key, key) + _at_delta(key, summary.get("meta", {}))
+            ax.plot(x, ys_plot, marker="o", label=label)
             plotted = True
     if not plotted:
         plt.close(fig)

@@ -436,3 +436,40 @@ def test_a_plot_interrupted_while_written_leaves_the_earlier_one_whole(
     with pytest.raises(KeyboardInterrupt):
         write_report(summary, tmp_path)
     assert png.read_bytes() == before
+
+
+def test_the_epsilon_plot_names_the_delta_of_each_epsilon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epsilon means nothing without its delta: the round table named it, but the
+    epsilon plot's legend said only "record-level" / "user-level", so the picture alone
+    (what a slide or an issue shows) gave no guarantee at all."""
+    import simulation.report
+
+    legends: dict[str, list[str]] = {}
+    save = simulation.report._save
+
+    def keep_legend(fig: Any, path: Path) -> None:
+        legend = fig.axes[0].get_legend()
+        legends[path.name] = [t.get_text() for t in legend.get_texts()] if legend else []
+        save(fig, path)
+
+    monkeypatch.setattr(simulation.report, "_save", keep_legend)
+    rounds = [
+        {"round": 1, "epsilon_record": 1.0, "epsilon_record_mean": 0.5, "epsilon_user": 2.0},
+        {"round": 2, "epsilon_record": 1.5, "epsilon_record_mean": 0.7, "epsilon_user": 2.5},
+    ]
+    summary = {
+        "meta": {"dataset": "synthetic", "delta": 1e-5, "user-level delta": 0.002},
+        "rounds": rounds,
+    }
+    write_report(summary, tmp_path / "a")
+    assert legends["epsilon_per_round.png"] == [
+        "record-level, max over clients, at delta 1e-05",
+        "record-level, mean over clients, at delta 1e-05",
+        "user-level, at delta 0.002",
+    ]
+    # a summary written before the deltas were recorded: the labels as they were
+    summary["meta"] = {"dataset": "synthetic"}
+    write_report(summary, tmp_path / "b")
+    assert legends["epsilon_per_round.png"][0] == "record-level, max over clients"
