@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -142,7 +143,8 @@ def _run_stages(
     dataset, split = load_split(config)
     _check_population(config, split)
     progress("text", {"items": dataset.n_items})
-    encoder = encoder_config(config.text_model, cache, config.progress)
+    bars = _bars(config.progress)
+    encoder = encoder_config(config.text_model, cache, bars)
     text = encode_items(dataset.item_text, encoder)
 
     progress("pretrain", {"public_users": len(split.public_users)})
@@ -162,7 +164,7 @@ def _run_stages(
         cache,
         teacher_config=teacher_cfg,
         student_config=student_cfg,
-        progress=config.progress,
+        progress=bars,
     )
     run.log("pretrain", 0, seconds=round(pre.seconds, 2), cached=pre.cached)
     bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here
@@ -259,6 +261,14 @@ def _run_stages(
     run.close()
     progress("done", {"report": str(report)})
     return summary
+
+
+def _bars(progress: bool) -> bool:
+    """Whether the text encoding and pretraining draw their bars: with ``progress``, and only
+    on a terminal. A bar redraws itself with carriage returns, so into a log or a pipe (where
+    the command writes a line per stage and round) every redraw would be kept, on one line."""
+    stream = sys.stderr
+    return progress and stream is not None and stream.isatty()
 
 
 def privacy_meta(config: SimulationConfig, n_clients: int) -> dict[str, Any]:

@@ -3,7 +3,9 @@ runs, the run directory holds what the README promises, and a rerun resumes."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -1147,3 +1149,50 @@ def test_a_resume_compares_the_text_model_folder_not_its_spelling(
     refused = rerun(tmp_path / "b", "lm")
     assert isinstance(refused, ConfigError)
     assert "holds a run with other settings (text-model" in str(refused)
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stderr", "progress", "bars"),
+    [(io.StringIO, True, False), (_Terminal, True, True), (_Terminal, False, False)],
+)
+def test_pretraining_bars_are_drawn_on_a_terminal_only(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stderr: type[io.StringIO],
+    progress: bool,
+    bars: bool,
+) -> None:
+    """Into a log or a pipe the README promises a line per stage and round, but the text
+    encoder's weight-loading bar and the teacher's and student's epoch bars (tqdm, redrawn
+    with carriage returns) were written there too: one line of thousands of redraws."""
+    import simulation.pipeline
+    from simulation.config import SimulationConfig
+
+    seen: dict[str, bool] = {}
+
+    def encoder(text_model: str, cache: Path, show: bool = False) -> None:
+        seen["encoder"] = show
+
+    def pretrain(*args: Any, progress: bool = False, **kwargs: Any) -> Any:
+        seen["pretrain"] = progress
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(simulation.pipeline, "encoder_config", encoder)
+    monkeypatch.setattr(
+        simulation.pipeline, "encode_items", lambda text, cfg: np.zeros((len(text), 8))
+    )
+    monkeypatch.setattr(simulation.pipeline, "pretrain", pretrain)
+    monkeypatch.setattr(sys, "stderr", stderr())
+    config = SimulationConfig(
+        synthetic_users=40, run_dir=str(tmp_path), cache_dir=str(tmp_path), progress=progress
+    )
+    with pytest.raises(ConfigError, match="stop here"):
+        simulation.pipeline.run_pipeline(config)
+    assert seen == {"encoder": bars, "pretrain": bars}
