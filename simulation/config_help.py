@@ -12,7 +12,8 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "dataset": "Dataset name (see --dataset).",
         "data_dir": "Local copy of the dataset (see --data-dir).",
         "seed": "Seed of every split and sampler (user-level DP's training cohorts stay secret).",
-        "synthetic_users": "Users of the synthetic world (1 to 100,000).",
+        "synthetic_users": "Users of the synthetic world (1 to 100,000; users x items at "
+        "most 100,000,000).",
         "synthetic_items": "Items of the synthetic world (2 to 20,000).",
         "cold_user_fraction": "Share of users held out for few-shot evaluation (0 = none).",
         "public_fraction": "Share of the other users whose data the server may pretrain on.",

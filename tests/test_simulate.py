@@ -343,6 +343,12 @@ def test_simulate_rejects_bad_config(tmp_path: Path) -> None:
         # a world held in memory: a typo of 10**10 users allocated until the machine gave out
         (["--run-config", "synthetic-users=1e10"], "synthetic-users must be between 1 and 100,000"),
         (["--run-config", "synthetic-items=1e9"], "synthetic-items must be between 2 and 20,000"),
+        # each within its bound, but generating the world would take some 84 GB
+        (
+            ["--run-config", "synthetic-users=100000 synthetic-items=20000"],
+            "synthetic-users x synthetic-items must be at most 100,000,000, got 100,000 x "
+            "20,000 = 2,000,000,000",
+        ),
         (["--shots", "3", "--shots", "3"], "shots must be distinct, got (3, 3)"),
         (["--run-config", "shots=[]"], "shots must list at least one K"),
         (["--export-recs", "int8"], "export-recs: unknown model 'int8'; choose among student-int8"),
