@@ -17,6 +17,7 @@ from server.server_optimizer import ServerOptimizerSettings
 from shared.config import check_rounds, kebab, to_flat
 from shared.data.provenance import DataProvenance
 from shared.data.registry import check_no_data_dir, dataset_key
+from shared.data.synthetic import MAX_WORLD_PAIRS
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
@@ -114,12 +115,10 @@ MAX_SYNTHETIC_ITEMS = MAX_DENSE_ITEMS
 """The most items a synthetic world may have: the EASE baseline and the teacher's
 co-occurrence start build dense ``items x items`` matrices (3.2 GB each at this bound)."""
 
-MAX_SYNTHETIC_PAIRS = 100_000_000
-"""The most users x items a synthetic world may have. Generating it holds tables over every
-user and item (each user's choice scores under both interests, the step's logits, what each
-has consumed: about 42 bytes a pair, measured), so the two bounds above, each of which is
-safe with a default-sized other, together would ask for some 84 GB. This bound keeps the
-world to about 4 GB (100,000 users of 1,000 items, or 5,000 users of 20,000)."""
+MAX_SYNTHETIC_PAIRS = MAX_WORLD_PAIRS
+"""The most users x items a synthetic world may have (:data:`shared.data.synthetic.
+MAX_WORLD_PAIRS`): the two bounds above, each safe with a default-sized other, together
+would ask for some 84 GB. About 4 GB: 100,000 users of 1,000 items, or 5,000 of 20,000."""
 
 
 def data_dir_key(data_dir: str) -> str:

@@ -298,6 +298,18 @@ def test_contradictory_config_raises() -> None:
     # a catalog too small for the default lengths names the flag and the size that works
     with pytest.raises(ConfigError, match=r"give at least 12 items \(--synthetic-items\)"):
         SyntheticConfig(n_items=11)
+
+
+def test_a_world_too_large_to_generate_is_refused_by_its_config() -> None:
+    """The world's size also comes from a file (a model's provenance, which ``fedrec evaluate
+    model`` regenerates the world from): the generator's own config bounds users x items,
+    not only the simulation's settings."""
+    from shared.data.registry import load_dataset
+
+    with pytest.raises(ConfigError, match="users x items must be at most"):
+        SyntheticConfig(n_users=100_000, n_items=20_000)
+    with pytest.raises(ConfigError, match="users x items"):  # as evaluate's loading reads it
+        load_dataset("synthetic", synthetic_users=100_000, synthetic_items=20_000)
     SyntheticConfig(n_items=12)
     with pytest.raises(ConfigError):
         generate_world("default")  # type: ignore[arg-type]
