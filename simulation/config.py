@@ -17,7 +17,7 @@ from server.server_optimizer import ServerOptimizerSettings
 from shared.config import check_rounds, kebab, to_flat
 from shared.data.provenance import DataProvenance
 from shared.data.registry import check_no_data_dir, dataset_key
-from shared.data.synthetic import MAX_WORLD_PAIRS
+from shared.data.synthetic import check_world_size
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
@@ -107,18 +107,14 @@ under settings they were not produced with (:meth:`simulation.run_dir.RunDirecto
 MAX_SYNTHETIC_USERS = 100_000
 """The most users a synthetic world may have. The world is generated and held in memory
 (about 30 KB and 2 ms a user of the default 600 items: some 3 GB and minutes at this
-bound; see :data:`MAX_SYNTHETIC_PAIRS` for larger catalogs), and each of its users is
+bound; users x items is bounded too, by
+:data:`shared.data.synthetic.MAX_WORLD_PAIRS`), and each of its users is
 a virtual client; ten times MovieLens-1M's users is far past what the simulation needs, and a
 typo such as ``1e10`` is refused at once instead of allocating until the machine gives out."""
 
 MAX_SYNTHETIC_ITEMS = MAX_DENSE_ITEMS
 """The most items a synthetic world may have: the EASE baseline and the teacher's
 co-occurrence start build dense ``items x items`` matrices (3.2 GB each at this bound)."""
-
-MAX_SYNTHETIC_PAIRS = MAX_WORLD_PAIRS
-"""The most users x items a synthetic world may have (:data:`shared.data.synthetic.
-MAX_WORLD_PAIRS`): the two bounds above, each safe with a default-sized other, together
-would ask for some 84 GB. About 4 GB: 100,000 users of 1,000 items, or 5,000 of 20,000."""
 
 
 def data_dir_key(data_dir: str) -> str:
@@ -284,14 +280,9 @@ class SimulationConfig:
                 f"{self.synthetic_items}: the EASE baseline and the teacher's start build "
                 "dense items x items matrices; give fewer items"
             )
-        pairs = self.synthetic_users * self.synthetic_items
-        if pairs > MAX_SYNTHETIC_PAIRS:
-            raise ConfigError(
-                f"synthetic-users x synthetic-items must be at most {MAX_SYNTHETIC_PAIRS:,}, got "
-                f"{self.synthetic_users:,} x {self.synthetic_items:,} = {pairs:,}: generating "
-                f"the world takes about 42 bytes a user and item (some {pairs * 42 / 1e9:.0f} "
-                "GB here); give fewer users or items"
-            )
+        check_world_size(
+            self.synthetic_users, self.synthetic_items, "synthetic-users x synthetic-items"
+        )
         for key in ("run_dir", "cache_dir"):  # `~` in a --run-config value too
             if getattr(self, key):  # "" stays "" (refused, or the default), not "."
                 object.__setattr__(self, key, str(home_path(getattr(self, key))))

@@ -61,14 +61,14 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 DATASET_NAME = "synthetic"
-#: Start of the timeline (2020-01-01T00:00:00Z); timestamps are Unix seconds like MovieLens.
 MAX_WORLD_PAIRS = 100_000_000
 """The most users x items a world may have: generating it holds tables over every user and
 item (each user's choice scores under both interests, the step's logits, what each has
 consumed: about 42 bytes a pair, measured), so this keeps it to about 4 GB. Checked by
 :class:`SyntheticConfig`, so a world size read from a file (a model's provenance) is
-bounded too, not only a simulation's settings."""
+bounded too, not only a simulation's settings (:func:`check_world_size`)."""
 
+#: Start of the timeline (2020-01-01T00:00:00Z); timestamps are Unix seconds like MovieLens.
 START_EPOCH = 1_577_836_800
 _DAY = 86_400
 
@@ -172,6 +172,18 @@ TOPICS: tuple[str, ...] = (
 # fmt: on
 
 
+def check_world_size(n_users: int, n_items: int, what: str = "synthetic users x items") -> None:
+    """Refuse a world of more than :data:`MAX_WORLD_PAIRS` users x items (:class:`ConfigError`
+    naming ``what``, the product and the memory it would take)."""
+    pairs = n_users * n_items
+    if pairs > MAX_WORLD_PAIRS:
+        raise ConfigError(
+            f"{what} must be at most {MAX_WORLD_PAIRS:,}, got {n_users:,} x {n_items:,} = "
+            f"{pairs:,}: generating the world takes about 42 bytes a user and item (some "
+            f"{pairs * 42 / 1e9:.0f} GB here); give fewer users or items"
+        )
+
+
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ConfigError(f"synthetic.{name} must be an integer, got {value!r}")
@@ -258,14 +270,7 @@ class SyntheticConfig:
         _check_int("seed", self.seed, 0)
         _check_int("n_users", self.n_users, 1)
         _check_int("n_items", self.n_items, 2)
-        if self.n_users * self.n_items > MAX_WORLD_PAIRS:
-            pairs = self.n_users * self.n_items
-            raise ConfigError(
-                f"synthetic users x items must be at most {MAX_WORLD_PAIRS:,}, got "
-                f"{self.n_users:,} x {self.n_items:,} = {pairs:,}: generating the world takes "
-                f"about 42 bytes a user and item (some {pairs * 42 / 1e9:.0f} GB here); give "
-                "fewer users or items"
-            )
+        check_world_size(self.n_users, self.n_items)
         _check_int("n_factors", self.n_factors, 1, len(FACTOR_AXES))
         _check_int("n_categories", self.n_categories, 1, len(GENRES))
         _check_float("mean_interactions", self.mean_interactions, 0.0, low_open=True)
