@@ -74,6 +74,12 @@ _DNS_NAME_RULE = (
 )
 
 
+def unbracketed(host: str) -> str:
+    """``host`` without the brackets an IPv6 address is written in beside a port
+    (``[::1]`` -> ``::1``): what sockets and the SuperLink take."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def dns_name_problem(host: str) -> str | None:
     """Why ``host`` is not a DNS name a server certificate can carry (RFC 1123 host name,
     optionally ending in one dot), or None. An international name goes in as its ``xn--``

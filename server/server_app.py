@@ -56,6 +56,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server.checkpoint import ArtifactPublisher, Checkpoint, CheckpointStore
 from server.grid import ResponsiveGrid
+from server.pki import unbracketed
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import (
@@ -986,10 +987,8 @@ def check_ray_reachable(address: str, timeout: float = 5.0) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or "://" in address or not port.isdigit():
         return  # "auto", "ray://..." etc.: let Ray resolve it
-    if host.startswith("[") and host.endswith("]"):  # [::1]:6379: the IPv6 address inside
-        host = host[1:-1]
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+    try:  # [::1]:6379: the IPv6 address inside the brackets
+        with socket.create_connection((unbracketed(host), int(port)), timeout=timeout):
             pass
     except OSError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}") from exc

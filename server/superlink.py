@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.pki import SubjectNames, check_pki, dns_name_key, server_names
+from server.pki import SubjectNames, check_pki, dns_name_key, server_names, unbracketed
 from server.state import (
     ClientRegistry,
     ServerLayout,
@@ -478,8 +478,7 @@ class SuperLinkOptions:
     def __post_init__(self) -> None:
         # an IPv6 address written as in a URL ([::1]), which `server init --host` takes too:
         # the SuperLink, the port probe and the certificate check want the address itself
-        if self.host.startswith("[") and self.host.endswith("]"):
-            object.__setattr__(self, "host", self.host[1:-1])
+        object.__setattr__(self, "host", unbracketed(self.host))
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_restarts < 0:
