@@ -8,6 +8,7 @@ per-sample gradients), plus one small learning check on data with real sequentia
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -893,6 +894,27 @@ def test_train_config_validation() -> None:
         TrainConfig(metric="auc")
     with pytest.raises(ConfigError):
         TrainConfig(lr=0)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_rates_and_temperatures_are_refused_before_training(value: float) -> None:
+    """An infinite learning rate or weight decay passed, and training failed after its first
+    epoch ('parameter ... is not finite; lower the learning rate', also for the decay); a NaN
+    decay was AdamW's bare ValueError; an infinite temperature made every distillation loss
+    NaN ('loss is nan; lower the learning rate')."""
+    for name in ("lr", "weight_decay"):
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+            TrainConfig(**{name: value})
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+            replace(TINY_TEACHER, **{name: value})
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+            replace(TINY_STUDENT, **{name: value})
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):
+        replace(TINY_STUDENT, temperature=value)
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):
+        distillation_loss(logits, logits, value)
+    TrainConfig(grad_clip=math.inf)  # no clipping: a valid choice
 
 
 # --------------------------------------------------------------------------- Opacus

@@ -54,6 +54,7 @@ from shared.models.sequence import (
     svd_compress,
 )
 from shared.models.teacher import SASRecTeacher, TeacherNet
+from shared.training.distill import check_temperature
 from shared.training.trainer import (
     METRICS,
     TrainConfig,
@@ -118,8 +119,7 @@ class StudentConfig:
             raise ConfigError(f"student dropout must be in [0, 1), got {self.dropout}")
         if self.adapter_rank < 1:
             raise ConfigError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.score_batch_size < 1:

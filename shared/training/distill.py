@@ -25,6 +25,7 @@ covers only what can be ranked, was tried and left out: the distilled student di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,14 @@ if TYPE_CHECKING:
     from shared.models.teacher import TeacherNet
 
 
+def check_temperature(temperature: float) -> None:
+    """Refuse (:class:`ConfigError`) a distillation temperature that is not a finite number
+    > 0: an infinite one flattened both distributions to uniform and made every loss NaN
+    (``inf * 0``), which training reported as a learning rate to lower."""
+    if not 0 < temperature < math.inf:
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
+
+
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -61,8 +70,7 @@ def distillation_loss(
 
     Exactly 0 when the logits are equal (up to a per-row constant), positive otherwise.
     """
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)

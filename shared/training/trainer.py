@@ -65,8 +65,9 @@ class TrainConfig:
 
     ``epochs`` is the maximum; with a validation set the run stops after ``patience``
     validations (every ``eval_every`` epochs) without improvement of ``metric`` and restores
-    the best weights. ``grad_clip`` is a global-norm clip (None disables; DP training clips
-    per sample instead). ``num_threads`` limits torch's intra-op threads for the run.
+    the best weights. ``lr`` and ``weight_decay`` are finite. ``grad_clip`` is a global-norm
+    clip (None disables; DP training clips per sample instead). ``num_threads`` limits
+    torch's intra-op threads for the run.
     """
 
     epochs: int = 100
@@ -105,10 +106,12 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        # finite: an infinite rate or decay only failed after a first epoch of NaN weights,
+        # as 'lower the learning rate' (a NaN decay as AdamW's bare ValueError)
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.eval_every < 1 or self.patience < 1:
