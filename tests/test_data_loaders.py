@@ -153,6 +153,15 @@ def test_ml100k_without_u_genre_uses_standard_genres(tmp_path: Path) -> None:
     assert ds.item_categories == [["Animation", "Children's", "Comedy"]]
 
 
+def test_a_u_genre_index_given_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    """A second name for one index (an edited u.genre, here Comedy's 4 given to Horror on a
+    line of its own) silently replaced the first: every comedy's text said Horror."""
+    root = ml100k_dir(tmp_path)
+    write(root / "u.genre", U_GENRE.rstrip("\n") + "\nHorror|4\n", "latin-1")
+    with pytest.raises(DataError, match=r"u.genre, line 6: index 4 .*'Horror'.* line 5.*'Comedy'"):
+        load_ml100k(root)
+
+
 def test_ml1m_loads(tmp_path: Path) -> None:
     loaded = load_ml1m(ml1m_dir(tmp_path))
     ds = loaded.dataset

@@ -223,11 +223,19 @@ def _ml100k_genres(root: Path) -> tuple[str, ...]:
         logger.info("%s not found; using the standard 19 MovieLens 100K genres", path)
         return ML100K_GENRES
     by_index: dict[int, str] = {}
+    line_of: dict[int, int] = {}
     for number, line in _lines(path, "latin-1"):
         genre, sep, idx = line.rpartition("|")
         if not sep:
             raise DataError(f"{path}, line {number}: expected 'name|index', found {line!r}")
-        by_index[parse_int(idx, path, number, "index")] = genre
+        index = parse_int(idx, path, number, "index")
+        if index in by_index:  # a second name would silently replace the first
+            raise DataError(
+                f"{path}, line {number}: index {index} names {genre!r}, but line "
+                f"{line_of[index]} already gave it to {by_index[index]!r}; every genre index "
+                "must appear once"
+            )
+        by_index[index], line_of[index] = genre, number
     if sorted(by_index) != list(range(len(by_index))) or not by_index:
         raise DataError(
             f"{path}: genre indices must run 0..n-1 without gaps, found {sorted(by_index)}"
