@@ -173,6 +173,18 @@ def test_a_bundles_data_record_of_another_layout_is_refused_in_one_line(
     assert "training data record" in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("dataset", [["ml-100k"], {"ml-100k": 1}, 100])
+def test_a_data_record_whose_dataset_is_not_a_name_is_refused(dataset: object) -> None:
+    """A list or a mapping for the dataset passed: `fedrec evaluate model` then failed
+    with a traceback (AttributeError: 'list' object has no attribute 'strip') when it
+    loaded the dataset the record names."""
+    from shared.data.provenance import DataProvenance
+
+    record = {"dataset": dataset, "seed": 7, "cold_user_fraction": 0.1, "public_fraction": 0.2}
+    with pytest.raises(ConfigError, match="dataset must be a non-empty one-line key"):
+        DataProvenance.from_mapping(record)
+
+
 def test_a_file_that_is_not_a_bundle_is_refused_in_one_line(tmp_path: Path) -> None:
     garbage = tmp_path / "bundle.pt"
     garbage.write_bytes(b"not a bundle")

@@ -34,7 +34,8 @@ class DataProvenance:
     synthetic_items: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.dataset or any(c in self.dataset for c in "\n\r"):
+        name = self.dataset
+        if not isinstance(name, str) or not name or any(c in name for c in "\n\r"):
             raise ConfigError(f"dataset must be a non-empty one-line key, got {self.dataset!r}")
         if not is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
