@@ -505,6 +505,20 @@ def test_a_byte_order_mark_on_a_numeric_table_is_read_past(tmp_path: Path) -> No
         load_ml_latest(latest)
 
 
+def test_a_blank_line_above_a_tables_header_is_not_called_an_empty_file(tmp_path: Path) -> None:
+    """A ratings.csv whose rows sat below a blank first line was refused as "empty"."""
+    latest = ml_latest_dir(tmp_path)
+    ratings = latest / "ratings.csv"
+    ratings.write_text("\r\n" + ratings.read_text())
+    with pytest.raises(DataError) as caught:
+        load_ml_latest(latest)
+    assert "is empty" not in str(caught.value)
+    assert re.search(r"ratings\.csv, line 1: blank, but the header 'userId,", str(caught.value))
+    write(ratings, " \n\n")  # blank lines only: nothing to read
+    with pytest.raises(DataError, match=r"ratings\.csv is empty; expected the header 'userId,"):
+        load_ml_latest(latest)
+
+
 @pytest.mark.parametrize("value", ["1_000", "\u0661\u0662"])  # Python's int() takes both
 def test_a_number_numpy_rejects_is_named_with_its_line(tmp_path: Path, value: str) -> None:
     root = ml100k_dir(tmp_path)

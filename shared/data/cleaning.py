@@ -356,6 +356,12 @@ def read_numeric_table(
         if has_header:
             with path.open(encoding=encoding) as f:
                 line = f.readline().rstrip("\r\n")
+                below = not line.strip() and any(rest.strip() for rest in f)
+            if below:  # not empty: rows under a blank line 1, where the header must be
+                raise DataError(
+                    f"{path}, line 1: blank, but the header {sep.join(names)!r} must be the "
+                    "first line; remove the blank lines above it"
+                )
             if not line.strip():
                 raise DataError(f"{path} is empty; expected the header {sep.join(names)!r}")
             index = column_index(path, _header_fields(line, sep), names)
