@@ -463,6 +463,30 @@ def test_an_encoder_decoder_model_is_refused_on_load(tmp_path: Path) -> None:
         ItemEncoder(_config(None, model_path=str(folder))).encode(["x"])
 
 
+def test_a_tokenizer_with_more_tokens_than_the_models_table_is_refused_on_load(
+    tmp_path: Path,
+) -> None:
+    """A folder holding another model's tokenizer (30522 tokens for a 1000-row embedding
+    table) loaded, and the first text with a token past the table stopped the encode with
+    torch's bare "IndexError: index out of range in self"."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "mixed"
+    tiny = BertConfig(
+        vocab_size=1000,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+    )
+    BertModel(tiny).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(bundled_model_dir() / name, folder / name)
+    with pytest.raises(ConfigError, match=r"30522 tokens .* 1000 rows") as caught:
+        ItemEncoder(_config(None, model_path=str(folder))).encode(["Toy Story"])
+    assert str(folder) in str(caught.value)
+
+
 def test_a_model_that_pools_otherwise_than_by_the_mean_is_refused(tmp_path: Path) -> None:
     """The encoder mean-pools; a sentence-transformers model whose 1_Pooling/config.json
     says CLS (or max) pooling was silently mean-pooled, i.e. not given its own vectors."""

@@ -434,6 +434,7 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
                 f"an encoder's token states, so it needs an encoder-only model (e.g. a "
                 f"BERT-style sentence encoder). {_INSTALL_HINT}"
             )
+        _check_vocabulary(tokenizer, model, path)
         if tokenizer.pad_token is None:  # e.g. GPT-2 style: pad with a token it has
             spare = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
             if spare is None:
@@ -452,6 +453,20 @@ def _load_model(model_dir: Path, model_key: str, device: str, show_progress: boo
         _MODEL_POOL[pool_key] = loaded
         logger.info("loaded text encoder %s on %s (dim=%d)", path, resolved, hidden)
         return loaded
+
+
+def _check_vocabulary(tokenizer: Any, model: Any, path: str) -> None:
+    """Refuse a tokenizer that can give token ids past the model's embedding table (a folder
+    holding another model's tokenizer): the first text with such a token would stop the
+    encode with torch's bare ``IndexError``, after every text before it was encoded."""
+    table = model.get_input_embeddings()
+    rows = getattr(table, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ConfigError(
+            f"the tokenizer at {path!r} has {len(tokenizer)} tokens but the model's embedding "
+            f"table {rows} rows: the tokenizer files come from another model than the "
+            f"weights. Give a folder whose tokenizer and weights belong together. {_INSTALL_HINT}"
+        )
 
 
 def _token_limit(loaded: _LoadedModel) -> int | None:
