@@ -53,7 +53,7 @@ import numpy.typing as npt
 
 from shared.config import is_int
 from shared.errors import ConfigError, DataError
-from shared.io import write_bytes_atomic, write_json_atomic
+from shared.io import make_dirs_durable, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.keep = keep
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_dirs_durable(self.directory)
         except OSError as exc:
             raise ConfigError(
                 f"cannot create checkpoint directory {self.directory}: {exc}"

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import ConfigError, FedRecError
-from shared.io import write_bytes_atomic
+from shared.io import make_dirs_durable, write_bytes_atomic
 
 #: What a server certificate names when the operator gives no ``--host``.
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
@@ -276,7 +276,7 @@ def create_pki(
         )
     names = SubjectNames.parse(hosts)
     paths = PkiPaths(Path(directory))
-    paths.directory.mkdir(parents=True, exist_ok=True)
+    make_dirs_durable(paths.directory)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
 
     ca_key = ec.generate_private_key(ec.SECP384R1())

@@ -48,6 +48,7 @@ from shared.io import (
     exclusive_lock,
     is_locked,
     lock_holder,
+    make_dirs_durable,
     try_lock,
     write_bytes_atomic,
     write_json_atomic,
@@ -216,10 +217,10 @@ def init_state_dir(
             path.unlink(missing_ok=True)
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{layout.database}{suffix}").unlink(missing_ok=True)
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs_durable(layout.state_dir)
     os.chmod(layout.state_dir, 0o700)
     for directory in (layout.checkpoints, layout.artifacts, layout.flwr_home, layout.logs):
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(directory)
     create_pki(layout.pki.directory, hosts)
     ClientRegistry(layout.registry).save()
     import tomli_w

@@ -100,7 +100,7 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
     A symbolic link is written through (its target is replaced, the link stays); a path that
     is a device, FIFO or socket is refused (the rename would replace ``/dev/null`` itself)."""
     path = writable_target(path)
-    _make_dirs_durable(path.parent)
+    make_dirs_durable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:  # closes fd whatever fails below
@@ -146,7 +146,7 @@ def exclusive_lock(
     seconds, raising :class:`LockWaitCancelled`: a thread asked to stop must not stay
     blocked until that holder is done."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs_durable(path.parent)  # what is written beside the lock must survive a crash
     with open(path, "a+b") as handle:
         if cancel is None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -172,7 +172,7 @@ def try_lock(path: str | Path) -> IO[str] | None:
     the process dies, however it dies."""
     path = Path(path)
     for _ in range(100):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(path.parent)
         handle = open(path, "a+")  # noqa: SIM115 (returned: it holds the lock)
         try:
             _flock_past_probes(handle, path)
@@ -279,12 +279,17 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _make_dirs_durable(folder: Path) -> None:
-    """``mkdir -p folder``, syncing the parent of every folder it creates."""
+def make_dirs_durable(folder: str | Path, *, mode: int = 0o777) -> None:
+    """``mkdir -p folder`` (``mode`` for ``folder`` itself, cut by the umask), syncing the
+    parent of every folder it creates. Create a folder that durable files go into with this,
+    not ``mkdir``: :func:`write_bytes_atomic` syncs only the folders it creates itself, and
+    a folder whose own entry was never synced can vanish in a power loss with every file
+    fsynced inside it (a privacy ledger, a checkpoint, a key)."""
+    folder = Path(folder)
     if folder.is_dir():
         return
     missing = [folder, *(p for p in folder.parents if not p.exists())]
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=mode, parents=True, exist_ok=True)
     for created in reversed(missing):
         fsync_dir(created.parent)
 
@@ -296,7 +301,7 @@ def append_line(path: str | Path, line: str) -> None:
     append first ends it, so the record after a crash is not glued onto the torn one and lost
     with it."""
     path = Path(path)
-    _make_dirs_durable(path.parent)
+    make_dirs_durable(path.parent)
     try:
         with open(path, "a+b") as fh:  # appends go to the end whatever the read position
             torn = False
@@ -428,7 +433,7 @@ def ensure_dir(
 
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(path)
     except OSError as exc:
         raise (error or ConfigError)(
             f"cannot create {what} {path} ({exc.strerror or exc}); {fix}"

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,87 @@ def test_an_atomic_write_syncs_the_data_then_every_folder_it_touched(
     files = [path for kind, path in synced if kind == "file"]
     assert len(files) == 1 and files[0].startswith(str(target.parent / ".ledger.json."))
     assert [p.name for p in target.parent.iterdir()] == ["ledger.json"]  # no temp file left
+
+
+def _ledger_under_its_lock(root: Path) -> Path:
+    """A simulated client's fit: its lock (which makes the folder), then its ledger."""
+    from shared.io import exclusive_lock
+    from shared.privacy.budget import PrivacyBudget
+    from shared.privacy.ledger import PrivacyLedger
+
+    folder = root / "clients" / "client-3"
+    with exclusive_lock(folder / ".lock"):
+        PrivacyLedger.open(folder / "ledger.json", PrivacyBudget(8.0, 1e-5)).record(1.0, 0.1, 3)
+    return folder / "ledger.json"
+
+
+def _device_rounds_joined(root: Path) -> Path:
+    from client.device.training import FederatedFiles
+
+    files = FederatedFiles(root / "device")
+    with files.lock():
+        files.add_round_joined(1, with_dp=True)
+    return files.joined
+
+
+def _checkpoint(root: Path) -> Path:
+    from server.checkpoint import CheckpointStore
+
+    return CheckpointStore(root / "run" / "checkpoints").save(
+        1, [np.zeros(3, dtype=np.float32)], {}, None
+    )
+
+
+def _device_identity(root: Path) -> Path:
+    from client.device.identity import init_identity
+
+    return init_identity(root / "device").layout.data_key
+
+
+def _server_state(root: Path) -> Path:
+    from server.state import init_state_dir
+
+    return init_state_dir(root / "server").pki.ca_key
+
+
+def _run_config(root: Path) -> Path:
+    from simulation.run_dir import RunDirectory
+
+    run = RunDirectory(root / "runs" / "a-run")
+    run.write_config({"seed": 0})
+    run.close()
+    return run.root / "config.json"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fds")
+@pytest.mark.parametrize(
+    "write",
+    [
+        _ledger_under_its_lock,
+        _device_rounds_joined,
+        _checkpoint,
+        _device_identity,
+        _server_state,
+        _run_config,
+    ],
+)
+def test_a_folder_made_before_its_first_file_is_durable_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: Callable[[Path], Path]
+) -> None:
+    """A lock, a store or a state directory makes the folder before the atomic write, which
+    then syncs only the folder's contents: its own entry could vanish in a power loss with
+    the fsynced ledger, checkpoint or key in it. Every folder on the way must be synced in
+    its parent."""
+    synced = _record_fsyncs(monkeypatch)
+    written = write(tmp_path)
+    assert written.is_file()
+    dirs = {path for kind, path in synced if kind == "dir"}
+    unsynced = [
+        str(folder)
+        for folder in written.relative_to(tmp_path).parents
+        if folder != Path(".") and str(tmp_path / folder.parent) not in dirs
+    ]
+    assert not unsynced, f"made but never synced in their parents: {unsynced}"
 
 
 def test_a_record_after_a_torn_line_is_not_lost(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
-from shared.io import is_locked, remove_stale_temps, write_bytes_atomic
+from shared.io import is_locked, make_dirs_durable, remove_stale_temps, write_bytes_atomic
 from shared.processes import pid_alive
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ class StateDirLock:
         """
         layout = state_dir if isinstance(state_dir, DeviceLayout) else DeviceLayout(Path(state_dir))
         if not layout.state_dir.exists():
-            layout.state_dir.mkdir(mode=0o700, parents=True)
+            make_dirs_durable(layout.state_dir, mode=0o700)
         path = layout.lock_file
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(path, flags, 0o600)
@@ -687,7 +687,7 @@ def _create_identity(
     scrypt: ScryptParams | None,
 ) -> InitResult:
     """Write the key pair, the data key (or its KDF descriptor) and the API token."""
-    layout.identity_dir.mkdir(mode=0o700, exist_ok=True)
+    make_dirs_durable(layout.identity_dir, mode=0o700)
     os.chmod(layout.identity_dir, 0o700)
     for path in existing:
         path.unlink()

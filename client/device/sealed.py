@@ -299,8 +299,7 @@ class SealedModelStore:
             "n_items": model.n_items,
             "sealed_at": time.time(),
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(version)
+        path = self.path(version)  # its folder is created (durably) by the write
         write_bytes_atomic(path, seal_model(data, self._key, header))
         write_bytes_atomic(self.directory / CURRENT_POINTER, (path.name + "\n").encode())
         self._prune(current=version)

@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from client.device.identity import derive_subkey, key_check_value
 from shared.errors import ConfigError, DataError
+from shared.io import make_dirs_durable
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +444,7 @@ class DeviceStore:
     def _connect(cls, path: Path, busy_timeout_ms: int, check: str) -> sqlite3.Connection:
         """A configured connection to the store ``path`` (created if missing), its schema
         checked against the key check value ``check``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(path.parent)
         if not path.exists():  # owner-only from the start; SQLite gives -wal/-shm the same mode
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         try:
