@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -534,6 +535,38 @@ def test_an_erase_interrupted_by_a_crash_is_finished_when_the_device_opens_again
         assert calls == [1]
     finally:
         reopened.shutdown()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fds")
+def test_an_erase_makes_its_deletions_durable_before_it_drops_its_marker(
+    device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marker is what finishes an erase after a crash, so its removal must not outlive,
+    in a power loss, the deletion of the personal model files: an unlink is durable only
+    once its folder is synced, and only the marker's folder was."""
+    daemon = device.daemon
+    daemon.install_model(_int8(tmp_path, "round-7"))
+    daemon.install_model(_int8(tmp_path, "round-7+personal"))
+    personal = daemon.layout.models_dir / f"model-v{daemon.status().sealed_version}.onnx.sealed"
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            steps.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        steps.append(("unlink", os.fspath(path)))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    daemon.erase()
+    assert not personal.exists()
+    gone = steps.index(("unlink", str(personal)))
+    unmarked = steps.index(("unlink", str(daemon.layout.erase_pending)))
+    assert ("sync", str(daemon.layout.models_dir)) in steps[gone:unmarked]
 
 
 def test_an_erase_whose_vacuum_fails_answers_204_and_drops_the_personal_model(

@@ -62,7 +62,13 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
-from shared.io import is_locked, make_dirs_durable, remove_stale_temps, write_bytes_atomic
+from shared.io import (
+    fsync_dir,
+    is_locked,
+    make_dirs_durable,
+    remove_stale_temps,
+    write_bytes_atomic,
+)
 from shared.processes import pid_alive
 
 if TYPE_CHECKING:
@@ -158,8 +164,11 @@ class DeviceLayout:
         adapter now lives only inside the sealed personal model, and an erase must not leave
         a copy of it."""
         folder = self.state_dir / "federated"
-        for path in [*folder.glob("personal.pt*"), *folder.glob(".personal.pt.*")]:
+        found = [*folder.glob("personal.pt*"), *folder.glob(".personal.pt.*")]
+        for path in found:
             path.unlink(missing_ok=True)
+        if found:  # durable before an erase's marker goes
+            fsync_dir(folder)
 
     def remove_stale_temps(self) -> None:
         """Delete what killed atomic writes left in ``federated/`` and ``privacy/`` (e.g.

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from client.device.identity import derive_subkey
 from shared.errors import ConfigError, DataError, ModelFileError
-from shared.io import write_bytes_atomic, write_json_atomic
+from shared.io import fsync_dir, write_bytes_atomic, write_json_atomic
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig, catalog_fingerprint
 
 MAGIC = b"FRSEALv1"
@@ -339,7 +339,9 @@ class SealedModelStore:
 
     def erase(self, *, keep: int | None = None) -> None:
         """Delete every sealed file but version ``keep`` (which must be current), and the
-        pointer unless ``keep`` is given (pointer first: never a dangling current)."""
+        pointer unless ``keep`` is given (pointer first: never a dangling current). The
+        deletions are durable when it returns (the folder is synced): an erase's marker,
+        removed after, must not outlive them in a power loss."""
         if keep is None:
             (self.directory / CURRENT_POINTER).unlink(missing_ok=True)
         elif keep != self.current_version():
@@ -350,6 +352,7 @@ class SealedModelStore:
         if self.directory.is_dir():
             for tmp in self.directory.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+            fsync_dir(self.directory)
 
     def _prune(self, current: int) -> None:
         """Keep the ``keep`` newest versions, and also the newest global model while the
