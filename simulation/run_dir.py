@@ -261,7 +261,9 @@ class RunDirectory:
     def records(self, event: str | None = None) -> Iterator[dict[str, Any]]:
         """Read back the logged records (a torn last line from a crash is skipped). Bytes
         that are not UTF-8 spoil only the lines they are in, which are skipped alike: a
-        strict decode of the whole file failed the resumed run on them."""
+        strict decode of the whole file failed the resumed run on them. So is a line that
+        parses as JSON but is not an object (``7``): no record, and not one to call ``.get``
+        on."""
         if not self.metrics_path.exists():
             return
         text = self.metrics_path.read_bytes().decode("utf-8", errors="replace")
@@ -269,6 +271,8 @@ class RunDirectory:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
                 continue
             if event is None or record.get("event") == event:
                 yield record

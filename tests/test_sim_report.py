@@ -36,6 +36,21 @@ def test_run_directory_logs_jsonl_and_skips_a_torn_line(tmp_path: Path) -> None:
     assert any(run.tensorboard.iterdir())
 
 
+def test_a_line_that_parses_but_is_no_record_is_skipped_like_a_torn_one(tmp_path: Path) -> None:
+    """What a crash leaves in a file's last block can parse as JSON without being a record
+    (``7``, ``[]``, ``null``): the resumed run read it back as one and failed with an
+    AttributeError; the server's progress file skips such a line, and so does this."""
+    run = RunDirectory(tmp_path / "run")
+    run.log("round", 1, loss=0.5)
+    with run.metrics_path.open("ab") as fh:
+        fh.write(b"7\n[]\nnull\n")
+    run.close()
+    again = RunDirectory(tmp_path / "run")
+    again.log("round", 2, loss=0.4)  # reads the earlier records first
+    again.close()
+    assert [r["step"] for r in again.records("round")] == [1, 2]
+
+
 def test_a_line_of_bytes_that_are_not_utf8_spoils_only_itself(tmp_path: Path) -> None:
     """What a crash leaves in a file's last block need not be UTF-8: reading the whole file
     strictly raised UnicodeDecodeError, and the resumed run (which reads its rounds back)
