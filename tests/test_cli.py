@@ -426,6 +426,15 @@ def test_a_user_error_exits_2_with_one_line(
     assert err.strip() == "error: privacy budget epsilon must be a finite number > 0, got 0.0"
 
 
+def test_a_client_training_setting_past_its_bound_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _main(monkeypatch, "simulate", "--run-config", "local-epochs=5000")
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: local-epochs must be <= 1,000, got 5000: ")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

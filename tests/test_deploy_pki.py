@@ -1001,6 +1001,7 @@ def test_every_run_setting_is_a_server_start_flag(
         # the devices' training settings, checked under the toy task too (it ignores them)
         ({"task": "toy-linear", "lr": -1.0}, 2, "lr and personal-lr must be finite numbers > 0"),
         ({"task": "toy-linear", "batch-size": 0}, 2, "batch-size must be >= 1, got 0"),
+        ({"task": "toy-linear", "local-epochs": 10**6}, 2, "local-epochs must be <= 1,000"),
         ({"task": "toy-linear", "device": "tpu"}, 2, "device must be auto, cpu, cuda or cuda:N"),
     ],
 )

@@ -775,6 +775,39 @@ def _client_app_fit(
 
 
 @pytest.mark.parametrize(
+    ("key", "high"),
+    [
+        ("local-epochs", "1,000"),
+        ("batch-size", "65,536"),
+        ("personal-steps", "10,000"),
+        ("max-examples", "100,000"),
+    ],
+)
+def test_work_a_server_can_ask_of_a_client_is_bounded(key: str, high: str) -> None:
+    """Only lower bounds were checked: a misconfigured or hostile server's local-epochs
+    10**9 kept a device training for ever (or, under DP, declined as over budget, which
+    names the wrong problem). The bound itself is taken, one more is refused by name."""
+    from shared.config import from_flat
+    from shared.federated.local_config import LocalTrainConfig
+
+    bound = int(high.replace(",", ""))
+    assert getattr(from_flat(LocalTrainConfig, {key: bound}), key.replace("-", "_")) == bound
+    with pytest.raises(ConfigError, match=f"^{key} must be <= {high}, got {bound + 1}: "):
+        from_flat(LocalTrainConfig, {key: bound + 1})
+
+
+def test_a_round_asking_for_endless_training_gets_a_config_error_reply(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """The ClientApp answers a round config past a bound with an error reply of kind
+    config (it was declined as over the privacy budget), and spends nothing."""
+    fit = _client_app_fit(bundle, tmp_path, {})
+    refused = fit({"local-epochs": 10**9})
+    assert refused.has_error() and "fedrec fit failed: config: " in refused.error.reason
+    assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()
+
+
+@pytest.mark.parametrize(
     ("fit_config", "run_config"),
     [
         ({"noise-shares": 4}, {}),

@@ -55,6 +55,27 @@ def check_noise_shares(
         )
 
 
+MAX_LOCAL_EPOCHS = 1_000
+"""The most passes over its examples a client makes a round (the default is 1; every run
+and benchmark here uses 1)."""
+MAX_BATCH_SIZE = 65_536
+"""The largest DP-SGD batch (the default is 16; the largest used, in ``bench/``, 512)."""
+MAX_PERSONAL_STEPS = 10_000
+"""The most Adam steps of a personal adapter's fit (the default is 20; a device daemon takes
+at most :data:`client.device.config.MAX_FEDERATION_PERSONAL_STEPS` from the federation)."""
+MAX_EXAMPLES = 100_000
+"""The most training windows a client builds from its history (the default is 256)."""
+
+#: The settings that set how much a client computes or holds per round, with their bounds:
+#: a server's run or round config reaches every device, and one misconfigured or hostile
+#: value (``local-epochs=10**9``) would keep each training for ever, or allocating.
+_WORK_BOUNDS = {
+    "local-epochs": MAX_LOCAL_EPOCHS,
+    "batch-size": MAX_BATCH_SIZE,
+    "personal-steps": MAX_PERSONAL_STEPS,
+    "max-examples": MAX_EXAMPLES,
+}
+
 MIN_NOISE_MULTIPLIER = 1e-3
 """Below it DP-SGD is DP in name only, and the accountant's arithmetic breaks down."""
 MAX_NOISE_MULTIPLIER = 1e6
@@ -113,6 +134,12 @@ class LocalTrainConfig:
     continuous Gaussians quantized by SecAgg+ (steps of about 4e-6 against a noise of about
     1e-2); a formal guarantee for the quantized sum needs the discrete Gaussian of Kairouz et
     al. 2021, which is not implemented.
+
+    The settings that set how much a client computes or holds a round (``local_epochs``,
+    ``batch_size``, ``personal_steps``, ``max_examples``) are bounded above as well as below
+    (:data:`MAX_LOCAL_EPOCHS` and the others, each far above its default and any value used
+    here): they come from the server, and a device refuses a round past them (an error reply
+    of kind ``config``) rather than training for ever.
     """
 
     local_epochs: int = 1
@@ -160,3 +187,11 @@ class LocalTrainConfig:
             )
         if self.personal_steps < 0 or self.max_examples < 1:
             raise ConfigError("personal-steps must be >= 0 and max-examples >= 1")
+        for key, high in _WORK_BOUNDS.items():
+            value = getattr(self, key.replace("-", "_"))
+            if value > high:
+                raise ConfigError(
+                    f"{key} must be <= {high:,}, got {value}: it sets how much every client "
+                    f"computes or holds a round, and more would keep a device busy for hours; "
+                    f"set {key} to at most {high:,}"
+                )
