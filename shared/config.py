@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import shlex
 import tomllib
 import types
@@ -174,10 +176,17 @@ def to_flat(obj: Any) -> dict[str, Any]:
 
 
 def is_int(value: object) -> TypeGuard[int]:
-    """``value`` is an int and not a bool (Python's ``True`` is the int ``1``): how a
-    value read from JSON or a run config is checked for a count, a round, a seed.
-    (:func:`shared.eval.splits.is_int` also takes numpy's integers.)"""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """``value`` is an integer, Python's or numpy's (numpy registers its integer types as
+    :class:`numbers.Integral`), and not a bool (Python's ``True`` is the int ``1``): how a
+    count, a round or a seed is checked, whether read from JSON or a run config or passed
+    by a caller. ``1.5`` or ``"7"`` would pass a comparison and fail later, deep in numpy.
+    The one definition; numpy is not imported for it."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A finite real number (integer or float, Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 MAX_ROUNDS = 1_000_000

@@ -124,6 +124,23 @@ def test_from_flat_coerces_and_validates():
         from_flat(SplitConfig, {"public-fraction": False})
 
 
+def test_one_integer_check_and_one_real_check_for_config_and_splits() -> None:
+    """shared.config and shared.eval.splits each defined is_int (the splits' one took numpy's
+    integers too); there is one definition, which takes both, and one is_real."""
+    import math
+
+    import numpy as np
+
+    import shared.eval.splits as splits
+    from shared.config import is_int, is_real
+
+    assert splits.is_int is is_int and splits.is_real is is_real
+    assert all(is_int(v) for v in (0, -3, 2**70, np.int64(3), np.uint8(1)))
+    assert not any(is_int(v) for v in (True, np.bool_(True), 1.0, "7", None, np.float64(2)))
+    assert all(is_real(v) for v in (0, 1.5, np.float32(0.5), np.int64(2), -1e300))
+    assert not any(is_real(v) for v in (False, math.nan, math.inf, "1", None, np.float64("nan")))
+
+
 def test_to_flat_round_trips():
     cfg = BaselineConfig(shots=(1, 5))
     assert from_flat(BaselineConfig, to_flat(cfg)) == cfg

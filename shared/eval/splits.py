@@ -7,11 +7,11 @@ See ``../shared/PROTOCOL.md``. All randomness comes from ``SplitConfig.seed``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from shared.config import is_int, is_real
 from shared.data.dataset import IntArray, RecDataset
 from shared.errors import ConfigError
 
@@ -27,21 +27,6 @@ def check_seed(seed: int) -> None:
     long" deep inside a run)."""
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
-
-
-def is_int(value: object) -> bool:
-    """An integer, Python's or numpy's, and not a bool (``True`` is Python's ``1``): ``1.5``
-    or ``"7"`` would be taken by a comparison and fail later, deep in numpy."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def is_real(value: object) -> bool:
-    """A finite real number (integer or float, Python's or numpy's), not a bool."""
-    return (
-        isinstance(value, int | float | np.integer | np.floating)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
+from shared.config import is_int, is_real
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
-from shared.eval.splits import is_int, is_real
 from shared.models.base import Recommender, ScoreArray, check_histories, history_matrix
 
 
