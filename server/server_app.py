@@ -64,7 +64,7 @@ from server.strategy import (
     RoundReport,
     StopTraining,
     ValidatingFedAvg,
-    secure_least_cohort,
+    round_quorum,
 )
 from shared.config import check_rounds, coerce, is_int
 from shared.errors import ConfigError, DataError, FedRecError
@@ -305,13 +305,15 @@ class ServerConfig:
     def clients_needed(self) -> int:
         """The connected clients a round waits for (as the strategy's
         :meth:`~server.strategy.ValidatingFedAvg.clients_needed`): ``min-available-clients``,
-        and under SecAgg+ at least the fewest a secure round completes with."""
-        if not self.secagg:
-            return self.min_available_clients
-        least = secure_least_cohort(
-            self.min_cohort, self.noise_shares, self._secagg_settings().least_cohort
+        and under SecAgg+ at least the fewest a secure round completes with
+        (:func:`~server.strategy.round_quorum`)."""
+        settings = self.secagg_settings
+        return round_quorum(
+            self.min_available_clients,
+            self.min_cohort,
+            self.noise_shares,
+            settings.least_cohort if settings is not None else None,
         )
-        return max(self.min_available_clients, least)
 
     @property
     def secagg_settings(self) -> SecAggSettings | None:

@@ -299,6 +299,18 @@ def secure_least_cohort(min_cohort: int, noise_shares: int, secagg_least: int) -
     return max(2, min_cohort, noise_shares, secagg_least)
 
 
+def round_quorum(
+    min_available: int, min_cohort: int, noise_shares: int, secagg_least: int | None
+) -> int:
+    """The connected clients a round waits for: ``min-available-clients``, and under SecAgg+
+    (``secagg_least`` its reconstruction threshold; ``None`` without SecAgg+) at least
+    :func:`secure_least_cohort` (with fewer every round would halt before unmasking, yet
+    count). The one rule, for the strategy and the server's config alike."""
+    if secagg_least is None:
+        return min_available
+    return max(min_available, secure_least_cohort(min_cohort, noise_shares, secagg_least))
+
+
 def wait_for_clients(
     client_manager: ClientManager, minimum: int, timeout: float, poll_s: float = 0.05
 ) -> int:
@@ -553,10 +565,13 @@ class ValidatingFedAvg(FedAvg):
     def clients_needed(self) -> int:
         """The connected clients a round waits for: ``min-available-clients``, and under
         SecAgg+ at least :meth:`least_cohort` (with fewer every round would halt before
-        unmasking, yet count)."""
-        if self.secure_aggregation:
-            return max(self.min_available_clients, self.least_cohort())
-        return self.min_available_clients
+        unmasking, yet count): :func:`round_quorum`."""
+        return round_quorum(
+            self.min_available_clients,
+            self.min_fit_clients,
+            self.noise_shares,
+            self.secagg_least if self.secure_aggregation else None,
+        )
 
     def _cohort_bounds(self) -> tuple[int, int | None]:
         """The fewest (:meth:`least_cohort`) and most (SecAgg+'s modulus, else no bound)

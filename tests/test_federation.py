@@ -511,6 +511,19 @@ def test_a_secagg_round_waits_for_the_clients_it_completes_with(
     assert strategy.num_fit_clients(10)[0] == 3
     assert ServerConfig.from_run_config({"secagg": True}).clients_needed == 3
     assert ServerConfig.from_run_config({"secagg": False}).clients_needed == 2
+    # the server's config and the strategy built from it wait for the same clients
+    from server.server_app import build_strategy
+
+    for values in (
+        {"secagg": True},
+        {"secagg": False, "min-available-clients": 4},
+        {"secagg": True, "min-cohort": 5, "min-available-clients": 5},
+        {"secagg": True, "noise-shares": 7, "cohort-size": 8},
+        {"secagg": True, "secagg-num-shares": 9, "secagg-reconstruction-threshold": 8},
+    ):
+        config = ServerConfig.from_run_config(values)
+        built = build_strategy(config, [np.zeros(2, np.float32)])
+        assert config.clients_needed == built.clients_needed(), values
 
     class Manager:
         def __init__(self) -> None:
