@@ -917,8 +917,9 @@ def run_rounds(
         DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_workflow)(
             grid, legacy
         )
-    except StopTraining as stop:
-        log(INFO, "run stopped after round %s: %s", completed[-1] if completed else "-", stop)
+    except StopTraining as stop:  # the last round done here, or by the run this resumes
+        last = completed[-1] if completed else first_round - 1
+        log(INFO, "run stopped %s: %s", f"after round {last}" if last else "before round 1", stop)
     finally:
         stopped.set()  # lets the node-updater thread exit if the workflow did not stop it
     return len(completed)

@@ -836,7 +836,8 @@ def _run_server(
         if user_dp is None:
             return None
         # the round the strategy would charge, its skip chance planned with the whole
-        # population connected
+        # population connected; with fewer connected the strategy's own check, on the
+        # clients connected, ends the run (ValidatingFedAvg._sample_user_dp)
         refusal = user_dp.refusal(*strategy.user_dp_round(user_dp, population))
         return None if refusal is None else f"round {next_round}: {refusal}; ending the run"
 

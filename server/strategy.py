@@ -90,7 +90,8 @@ STRATEGY_STATE_VERSION = 1
 
 
 class StopTraining(Exception):
-    """Raise from a round-end hook to end the run cleanly after the current round.
+    """Raise from a round-end hook to end the run cleanly after the current round, or from
+    the strategy's ``configure_fit`` to end it before the round it configures.
 
     ``server.secagg.run_rounds`` catches it, logs the message and returns normally
     (e.g. the next round would exceed the user-level privacy budget).
@@ -626,7 +627,8 @@ class ValidatingFedAvg(FedAvg):
         """Under user-level DP: charge the round and draw its Poisson cohort (secret: the
         seed is in the run config, and amplification by sampling assumes nobody outside
         the server can tell who was sampled; a resumed run samples others, each round
-        charged once). Empty when the budget forbids the round or the draw is skipped."""
+        charged once). Empty when the draw is skipped; raises :class:`StopTraining` when the
+        budget or the guarantee forbids the round with the clients connected."""
         salt = f"fit-{self.seed}-{server_round}"
         clients, wanted = self._connected(client_manager, self.num_fit_clients, salt)
         if not wanted:
@@ -636,9 +638,18 @@ class ValidatingFedAvg(FedAvg):
         size, risk = self.user_dp_round(user_dp, len(clients))
         self._check_secagg_cohort(size)
         refusal = user_dp.refusal(size, risk)
-        if refusal is not None:  # backstop only: the server loop stops before this
-            log(WARNING, "round %s is not trained: %s", server_round, refusal)
-            return []
+        if refusal is not None:
+            # The server loop plans with the whole population connected and stops before a
+            # round past the budget; with fewer connected a round's cohort is skipped more
+            # often, a risk this round's guarantee must carry, so the verdict here is the one
+            # that holds. Refusing round after round would only report each as aborted, the
+            # model unchanged, until the run's rounds were used up: the run ends instead,
+            # nothing charged, the last checkpoint kept for a restart.
+            raise StopTraining(
+                f"round {server_round}: {refusal} ({len(clients)} of the population of "
+                f"{user_dp.settings.population} connected); ending the run, its checkpoint "
+                "kept: restart it with more clients connected"
+            )
         chosen = user_dp.sample_cohort(sorted(clients), size)
         eps = user_dp.charge_round(server_round, size, risk)
         self._denominator[server_round] = size

@@ -37,8 +37,9 @@ charges it as in the "bad event" argument: the released rounds are then
 RDP epsilon at ``delta_rdp = delta - (1 + e^epsilon_hi) * sum p`` (``epsilon_hi``, the
 epsilon at ``delta / 2``, bounds it), so the reported ``(epsilon, delta)`` holds as
 stated. When the cohorts are so small that the term exceeds ``delta / 2`` the guarantee
-is void: the server refuses the round (raise ``cohort-size``). At the cohorts of a real
-run (50 of 679) ``p`` is below 1e-19 and changes nothing.
+is void: the server refuses the round and ends the run (raise ``cohort-size``, or connect
+more of the population: the chance is that of the clients connected). At the cohorts of a
+real run (50 of 679) ``p`` is below 1e-19 and changes nothing.
 
 Accounting: one Gaussian step per round with noise multiplier ``z`` (under SecAgg+
 ``z C / (C + s)``: its stochastic rounding moves each of an update's ``d`` values by under
@@ -270,7 +271,8 @@ class UserLevelDP:
 
     The strategy calls :meth:`charge_round` when it samples a cohort,
     :meth:`noisy_mean` when it aggregates, and reports :meth:`epsilon_after`. The
-    server loop uses :meth:`refusal` to stop before the budget is broken, and
+    server loop (with the whole population connected) and the strategy (with the clients
+    connected) use :meth:`refusal` to end the run before the budget is broken, and the loop
     saves :meth:`state_dict` in every checkpoint.
     """
 

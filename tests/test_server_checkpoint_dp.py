@@ -870,6 +870,29 @@ def test_user_dp_run_stops_cleanly_before_the_budget_would_be_exceeded(tmp_path:
     assert _run(_dp_config({"user-dp-epsilon-budget": tiny}), num_nodes=n) == []
 
 
+def test_user_dp_run_ends_when_too_few_of_the_population_are_connected_for_a_round(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop's check planned each round with the whole population connected, the
+    strategy's with the clients connected: with 4 of 8 connected, a Poisson cohort at 6 / 8
+    falls below min-cohort too often for delta, so the strategy refused every round the loop
+    allowed, each reported as fit aborted with the model unchanged, until the run's rounds
+    were used up. The strategy's verdict (the one the guarantee needs) now ends the run, its
+    checkpoint and ledger as they were."""
+    ck = tmp_path / "ck"
+    config = _dp_config({"population-size": 8, "cohort-size": 6, "checkpoint-dir": str(ck)})
+    assert [r.server_round for r in _run(config, num_nodes=8)] == [1]
+    journal = (ck / "user-dp-journal.json").read_text()
+    with caplog.at_level(logging.INFO):
+        reports = _run({**config, "num-rounds": 3}, num_nodes=4)
+    assert reports == []
+    assert "run stopped after round 1: round 2: cohorts of 6 of 8 are too small" in caplog.text
+    assert "4 of the population of 8 connected" in caplog.text
+    assert "fit aborted" not in caplog.text
+    assert CheckpointStore(ck).rounds() == [1]
+    assert (ck / "user-dp-journal.json").read_text() == journal  # nothing charged
+
+
 def test_user_dp_with_secagg_finishes_and_reports_epsilon() -> None:
     n, m = 12, 10
     config = _dp_config(
