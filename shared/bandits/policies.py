@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,7 +99,8 @@ def _is_count(value: object) -> TypeGuard[int]:
 
 
 def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+    """A real number, Python's or numpy's, not a bool (finite or not: callers say which)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _key(name: str) -> str:
@@ -108,7 +110,7 @@ def _key(name: str) -> str:
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not is_int(value):
         raise ConfigError(f"bandit setting {_key(name)} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -459,7 +461,7 @@ class Policy(ABC):
     ) -> None:
         if not isinstance(config, BanditConfig):
             raise ConfigError(f"expected a BanditConfig, got {type(config).__name__}")
-        if isinstance(n_items, bool) or not isinstance(n_items, int | np.integer) or n_items < 1:
+        if not is_int(n_items) or n_items < 1:
             raise ConfigError(f"n_items must be a positive integer, got {n_items!r}")
         self.config = config
         self.n_items = int(n_items)
@@ -637,7 +639,7 @@ class Policy(ABC):
         self, item: object, reward: object, tag: str | None = None
     ) -> tuple[FloatArray, float] | None:
         """Validate one feedback; consume its impression and return (context, clipped reward)."""
-        if isinstance(item, bool) or not isinstance(item, int | np.integer):
+        if not is_int(item):
             self._refuse("bad_item", f"item id {item!r} is not an integer")
             return None
         idx = int(item)

@@ -37,12 +37,14 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import overload
 
 import numpy as np
 import numpy.typing as npt
 
+from shared.config import is_int
 from shared.data.dataset import RecDataset, build_dataset
 from shared.errors import ConfigError
 
@@ -185,7 +187,7 @@ def check_world_size(n_users: int, n_items: int, what: str = "synthetic users x 
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not is_int(value):
         raise ConfigError(f"synthetic.{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -201,7 +203,7 @@ def _check_float(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"synthetic.{name} must be a number, got {value!r}")
     v = float(value)
     too_low = v <= low if low_open else v < low

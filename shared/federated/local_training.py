@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.config import is_int, is_real
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.federated.local_config import LocalTrainConfig
@@ -260,15 +261,11 @@ def history_seed(history: IntArray, seed: int = 0) -> int:
 def check_fit_settings(steps: int, lr: float) -> None:
     """Refuse a personal adapter fit's ``steps`` (an integer >= 0) or, with steps to take,
     its ``lr`` (a finite number > 0): :func:`fit_personal`'s check."""
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise ConfigError(
             f"the personal adapter's steps must be an integer >= 0 (0: no fit), got {steps!r}"
         )
-    if steps > 0 and (
-        isinstance(lr, bool)
-        or not isinstance(lr, int | float | np.integer | np.floating)
-        or not 0 < lr < math.inf
-    ):
+    if steps > 0 and (not is_real(lr) or lr <= 0):
         raise ConfigError(
             f"the personal adapter's learning rate must be a finite number > 0, got {lr!r}"
         )

@@ -32,6 +32,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import TensorProto, helper
 
+from shared.config import is_int
 from shared.data.provenance import DataProvenance
 from shared.errors import ConfigError, DataError, ModelFileError
 
@@ -672,7 +673,7 @@ class OnDeviceModel:
         With ``exclude_history`` the items already in the (full, untruncated) history are
         never recommended; fewer than ``k`` ids come back only if the catalog runs out.
         """
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        if not is_int(k) or k < 1:
             raise ConfigError(f"k must be an integer >= 1, got {k!r}")
         h = self._ids(history, truncate=False)
         scores = self._score_one(h)[0]
