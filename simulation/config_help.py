@@ -46,7 +46,8 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "secagg_timeout": "Seconds a SecAgg+ stage waits for the clients (0 = no timeout).",
         "secagg_quantization_range": "Levels each clipped update value is quantized to.",
         "secagg_modulus_range": "Modulus of the masked sums (a power of two, <= 2**32).",
-        "secagg_max_weight": "Largest example count a client may weigh its update by.",
+        "secagg_max_weight": "Largest example count a client may weigh its update by "
+        "(without DP: under DP every client weighs 1, and it is 1).",
         "server_optimizer": "The server's optimiser: avg (FedAvg) or adam (FedAdam).",
         "server_lr": "The server optimiser's learning rate.",
         "server_beta1": "FedAdam's first-moment decay.",

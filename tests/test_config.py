@@ -575,3 +575,21 @@ def test_a_toml_list_of_text_gives_its_strings_not_their_quotes() -> None:
         from_flat(BaselineConfig, parse_run_config("shots='[[1], 3]'"))
     with pytest.raises(ConfigError, match=r"^shots must be int"):  # no comment dropped
         from_flat(BaselineConfig, parse_run_config("shots='[1, 3] #5'"))
+
+
+@pytest.mark.parametrize(("dp", "max_weight"), [(True, 1.0), (False, 250.0)])
+def test_a_dp_simulations_secagg_quantizes_its_unit_weight_updates_at_full_precision(
+    dp: bool, max_weight: float
+) -> None:
+    """Under record-level DP every client reports weight 1 (its example count is not DP),
+    and SecAgg+ scales an update by weight / max-weight before quantizing it: with the
+    default max-weight 1000 each update went through a grid 1000 times coarser (a step of
+    3.8e-3 per coordinate against DP noise of about 4.7e-3 per step) for nothing. The
+    simulation sets max-weight 1 then, as the server does under user-level DP."""
+    from server.server_app import ServerConfig
+    from simulation.config import SimulationConfig
+
+    config = from_flat(SimulationConfig, {"dp": dp, "secagg-max-weight": 250.0})
+    server = ServerConfig.from_run_config(config.server_run_config(100))
+    assert server.secagg_settings is not None
+    assert server.secagg_settings.max_weight == max_weight
