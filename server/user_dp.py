@@ -80,10 +80,12 @@ exceed the sensitivity; under SecAgg+ it only sees the sum and relies on the cli
 clipping (SecAgg+'s own per-coordinate ``clipping_range`` is the only server-side bound
 there).
 
-Cohorts and noise come from the OS CSPRNG each round (unless a generator is injected,
-for tests). They are deliberately *not* part of any checkpoint: whoever could read the
-noise state could subtract the noise, and amplification by sampling assumes nobody
-outside the server knows who was sampled.
+Cohorts come from the OS CSPRNG, and the noise from numpy's PCG64 seeded with 128 fresh
+bits of it each round (unless a generator is injected, for tests): a seed nobody else
+knows, though PCG64 and its floating-point Gaussian are no cryptographic sampler (the
+README's "what the guarantees take for granted"). Neither is part of any checkpoint:
+whoever could read the noise state could subtract the noise, and amplification by
+sampling assumes nobody outside the server knows who was sampled.
 
 This module imports Opacus (and so torch); import it only when user-level DP is on.
 """
