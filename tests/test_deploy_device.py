@@ -1234,3 +1234,36 @@ def test_an_unreadable_federation_file_is_logged_once_not_at_every_poll(
             _wait_until(lambda: "global.npz" in caplog.text)
         assert daemon.status().model_version == "3"  # the served model stays
         learner.stop()
+
+
+def test_a_daemon_stops_at_once_while_the_learner_refits(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit runs ``personal-steps`` Adam steps (up to 2000 the federation may ask for:
+    minutes on a device), and stopping the daemon joined the learner for up to 60 s first:
+    SIGTERM took a minute (Docker's 30 s grace SIGKILLed it), and a refit outliving the join
+    went on to seal a model after the store was closed and the directory's lock released.
+    A stop now ends the refit at its next step, and nothing is installed."""
+    import threading
+
+    import shared.federated.local_training as local_training
+
+    real = local_training.fit_personal
+    fitting = threading.Event()
+
+    def signalled(*args: Any, **kwargs: Any) -> float:
+        fitting.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_training, "fit_personal", signalled)
+    daemon = Daemon.open(device, config=DaemonConfig(port=0))
+    learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.0, personal_steps=10**9))
+    learner.attach()
+    sealed = daemon.models.versions()
+    daemon.add_events(_events(8))
+    assert fitting.wait(10)
+    started = time.monotonic()
+    daemon.shutdown()
+    assert time.monotonic() - started < 5.0
+    assert learner._thread is not None and not learner._thread.is_alive()
+    assert daemon.models.versions() == sealed and daemon.refresh_error is None

@@ -736,6 +736,8 @@ class DeviceLearner:
         self._wake.set()
 
     def _loop(self) -> None:
+        from shared.federated.local_training import FitCancelled  # torch: in this thread
+
         failures = 0
         while not self._stop.is_set():
             # after a failure, back off (capped) instead of retrying every poll; the exponent
@@ -752,7 +754,7 @@ class DeviceLearner:
             try:
                 self._tick()
                 failures = 0
-            except LockWaitCancelled:  # stopping: the ClientApp holds the files mid-fit
+            except (LockWaitCancelled, FitCancelled):  # stopping: mid-round, mid-refit
                 return
             except FedRecError as exc:
                 failures += 1
@@ -790,7 +792,7 @@ class DeviceLearner:
         events are being taken in (they are marked consumed once the model is installed)."""
         import torch
 
-        from shared.federated.local_training import fit_personal
+        from shared.federated.local_training import FitCancelled, fit_personal
 
         torch.set_num_threads(self.config.num_threads)
         bundle = self.bundle
@@ -816,10 +818,19 @@ class DeviceLearner:
                     # refitted against the global model it will be served with, from the
                     # start; it lives only in the sealed model built from it (never in a file
                     # of its own)
+                    # a stop ends it at the next step: a refit may take minutes
                     fit_personal(
-                        student, history, init, fit.steps, fit.lr, exclude_seen=fit.exclude_seen
+                        student,
+                        history,
+                        init,
+                        fit.steps,
+                        fit.lr,
+                        exclude_seen=fit.exclude_seen,
+                        cancel=self._stop,
                     )
                     self.adaptations += 1
+            if self._stop.is_set():  # nor does a stop wait for the export
+                raise FitCancelled("the daemon is stopping")
             label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
             data = export_personal_model(student, catalog.item_ids, label, prune_sparsity)
         try:

@@ -13,6 +13,7 @@ import contextlib
 import math
 import random
 import secrets
+import threading
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,10 @@ from shared.federated.local_config import LocalTrainConfig
 from shared.models.sequence import module_device, next_item_cross_entropy, pad_histories
 from shared.models.student import StudentModel
 from shared.training.trainer import seeded
+
+
+class FitCancelled(Exception):
+    """:func:`fit_personal` stopped before its last step: its ``cancel`` event was set."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +285,7 @@ def fit_personal(
     max_examples: int = 256,
     exclude_seen: bool = True,
     seed: int = 0,
+    cancel: threading.Event | None = None,
 ) -> float:
     """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
     (the identity, or the meta-learned initialization), then ``steps`` full-batch Adam steps
@@ -306,6 +312,10 @@ def fit_personal(
     infinite rate fitted an adapter of NaNs (every score NaN, every case a miss), and a NaN
     or negative one raised Adam's bare ``ValueError`` only once a history had two
     interactions, leaving the model half set up for training.
+
+    ``cancel``: once it is set, the fit stops before its next step and raises
+    :class:`FitCancelled`, the model left in eval mode with a partly fitted adapter (not to
+    be served): a device's daemon stopping must not wait for thousands of steps.
     """
     check_fit_settings(steps, lr)
     model.adapter.load_state_dict(init)
@@ -321,14 +331,18 @@ def fit_personal(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     loss = torch.tensor(math.nan)
-    with seeded(history_seed(history, seed)):
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = next_item_cross_entropy(
-                model(items, mask), items, mask, targets, exclude_seen=exclude_seen
-            )
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    model.set_trainable(["global"])
+    try:
+        with seeded(history_seed(history, seed)):
+            for _ in range(steps):
+                if cancel is not None and cancel.is_set():
+                    raise FitCancelled("the personal fit was cancelled")
+                optimizer.zero_grad(set_to_none=True)
+                loss = next_item_cross_entropy(
+                    model(items, mask), items, mask, targets, exclude_seen=exclude_seen
+                )
+                loss.backward()
+                optimizer.step()
+    finally:
+        model.eval()
+        model.set_trainable(["global"])
     return float(loss.detach())
