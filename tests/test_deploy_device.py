@@ -1267,3 +1267,44 @@ def test_a_daemon_stops_at_once_while_the_learner_refits(
     assert time.monotonic() - started < 5.0
     assert learner._thread is not None and not learner._thread.is_alive()
     assert daemon.models.versions() == sealed and daemon.refresh_error is None
+
+
+def test_an_erase_mid_refit_ends_the_refit_instead_of_waiting_for_it(
+    device: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DELETE /data`` rebuilds the global model in the learner's student, so it waited for
+    a refit in flight (thousands of steps: minutes), holding the daemon's locks all along:
+    ``/status``, recommendations and feedback hung with it. A refit of data being erased
+    is stale anyway: the erase now ends it at its next step, and the learner refits once
+    the erase is done."""
+    import threading
+
+    import shared.federated.local_training as local_training
+
+    real = local_training.fit_personal
+    fitting = threading.Event()
+    steps: list[int] = []
+
+    def signalled(*args: Any, **kwargs: Any) -> float:
+        steps.append(args[3])
+        if len(steps) == 1:  # the first refit runs for ever, unless cancelled
+            fitting.set()
+            return real(*args[:3], 10**9, *args[4:], **kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_training, "fit_personal", signalled)
+    with Daemon.open(device, config=DaemonConfig(port=0)) as daemon:
+        learner = DeviceLearner(daemon, bundle, LearnerConfig(debounce_s=0.0, poll_s=0.05))
+        learner.attach()
+        daemon.add_events(_events(8))
+        assert fitting.wait(10)
+        erase = threading.Thread(target=daemon.erase)
+        erase.start()
+        erase.join(5)
+        stuck = erase.is_alive()
+        learner.stop()  # ends the refit, if the erase did not
+        erase.join()
+        assert not stuck
+        status = daemon.status()
+        assert status.events == 0 and status.model_version == "0"
+        assert status.refresh_error is None

@@ -18,9 +18,9 @@ from shared.errors import ConfigError
 from shared.privacy.budget import PrivacyBudget, check_budget
 
 #: The most adapter refit steps a device takes because the federation's run config asks
-#: (100x the default 20): a refit holds the model, and so a ``DELETE /data``, until it ends,
-#: and a server asking for 10**9 would keep an erase waiting for hours. The device's owner
-#: sets any number with ``--personal-steps``.
+#: (100x the default 20): a server asking for 10**9 would keep the device refitting for
+#: hours, its new events and models waiting (an erase or a stop ends a refit at its next
+#: step). The device's owner sets any number with ``--personal-steps``.
 MAX_FEDERATION_PERSONAL_STEPS = 2000
 
 __all__ = [

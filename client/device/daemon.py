@@ -1004,6 +1004,11 @@ class Daemon:
         with self._erase_lock:
             self._erase()
 
+    @property
+    def erasing(self) -> bool:
+        """Whether an erase is running (background work on the local data gives way to it)."""
+        return self._erase_lock.locked()
+
     def _erase(self) -> None:
         marker = self.layout.erase_pending
         write_bytes_atomic(marker, b"")

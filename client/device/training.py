@@ -754,8 +754,11 @@ class DeviceLearner:
             try:
                 self._tick()
                 failures = 0
-            except (LockWaitCancelled, FitCancelled):  # stopping: mid-round, mid-refit
+            except LockWaitCancelled:  # stopping: the ClientApp holds the files mid-fit
                 return
+            except FitCancelled:  # stopping, or an erase: refitted once it is done
+                if self._stop.is_set():
+                    return
             except FedRecError as exc:
                 failures += 1
                 self._failed(str(exc))
@@ -764,6 +767,11 @@ class DeviceLearner:
                 failures += 1
                 self._failed(f"{type(exc).__name__}: {exc}")
                 logger.exception("model refresh failed")
+
+    def _cancelled(self) -> bool:
+        """Whether a refit in flight is to end: the daemon is stopping, or erasing the local
+        data (the refit would be stale, and the erase waits for the learner's student)."""
+        return self._stop.is_set() or self.daemon.erasing
 
     def _failed(self, reason: str) -> None:
         """Note why a refresh failed, for the daemon's ``/status`` too (the owner would
@@ -799,7 +807,7 @@ class DeviceLearner:
         student = bundle.student
         catalog = Catalog(tuple(bundle.item_ids))
         # the student is held from the files lock (which the ClientApp holds for a whole fit)
-        # to the export, so an erase waits for a build, never for a round
+        # to the export, so an erase waits for a build (which it cuts short), never for a round
         with contextlib.ExitStack() as holding_student:
             # a stop (the daemon shutting down) ends the wait: the ClientApp holds this lock
             # for a whole fit, and is only stopped once this thread is
@@ -818,7 +826,7 @@ class DeviceLearner:
                     # refitted against the global model it will be served with, from the
                     # start; it lives only in the sealed model built from it (never in a file
                     # of its own)
-                    # a stop ends it at the next step: a refit may take minutes
+                    # a refit may take minutes: a stop or an erase ends it at its next step
                     fit_personal(
                         student,
                         history,
@@ -826,11 +834,11 @@ class DeviceLearner:
                         fit.steps,
                         fit.lr,
                         exclude_seen=fit.exclude_seen,
-                        cancel=self._stop,
+                        cancel=self._cancelled,
                     )
                     self.adaptations += 1
-            if self._stop.is_set():  # nor does a stop wait for the export
-                raise FitCancelled("the daemon is stopping")
+            if self._cancelled():  # nor do they wait for the export
+                raise FitCancelled("the daemon is stopping or erasing the local data")
             label = f"{version}{PERSONAL_SUFFIX}" if is_personal else str(version)
             data = export_personal_model(student, catalog.item_ids, label, prune_sparsity)
         try:

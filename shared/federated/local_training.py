@@ -13,10 +13,9 @@ import contextlib
 import math
 import random
 import secrets
-import threading
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ from shared.training.trainer import seeded
 
 
 class FitCancelled(Exception):
-    """:func:`fit_personal` stopped before its last step: its ``cancel`` event was set."""
+    """:func:`fit_personal` stopped before its last step: its ``cancel`` said so."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +284,7 @@ def fit_personal(
     max_examples: int = 256,
     exclude_seen: bool = True,
     seed: int = 0,
-    cancel: threading.Event | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> float:
     """The personal adapter for the global parameters ``model`` holds now: reset to ``init``
     (the identity, or the meta-learned initialization), then ``steps`` full-batch Adam steps
@@ -313,9 +312,10 @@ def fit_personal(
     or negative one raised Adam's bare ``ValueError`` only once a history had two
     interactions, leaving the model half set up for training.
 
-    ``cancel``: once it is set, the fit stops before its next step and raises
+    ``cancel``: asked before each step; once it answers ``True`` the fit stops and raises
     :class:`FitCancelled`, the model left in eval mode with a partly fitted adapter (not to
-    be served): a device's daemon stopping must not wait for thousands of steps.
+    be served): a device's daemon stopping, or erasing the history being fitted, must not
+    wait for thousands of steps.
     """
     check_fit_settings(steps, lr)
     model.adapter.load_state_dict(init)
@@ -334,7 +334,7 @@ def fit_personal(
     try:
         with seeded(history_seed(history, seed)):
             for _ in range(steps):
-                if cancel is not None and cancel.is_set():
+                if cancel is not None and cancel():
                     raise FitCancelled("the personal fit was cancelled")
                 optimizer.zero_grad(set_to_none=True)
                 loss = next_item_cross_entropy(
