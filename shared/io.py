@@ -279,6 +279,17 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def truncate_durably(path: str | Path) -> None:
+    """Empty the file at ``path`` and sync it: a truncation, like an unlink, may be undone by
+    a power loss until it is synced (``FileNotFoundError`` if there is no file)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def make_dirs_durable(folder: str | Path, *, mode: int = 0o777) -> None:
     """``mkdir -p folder`` (``mode`` for ``folder`` itself, cut by the umask), syncing the
     parent of every folder it creates. Create a folder that durable files go into with this,

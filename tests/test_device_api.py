@@ -569,6 +569,37 @@ def test_an_erase_makes_its_deletions_durable_before_it_drops_its_marker(
     assert ("sync", str(daemon.layout.models_dir)) in steps[gone:unmarked]
 
 
+def test_an_erase_makes_the_emptied_logs_durable_before_it_drops_its_marker(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logs hold what the ClientApp said about this user's data; a truncation is, like an
+    unlink, durable only once synced, so a power loss after the marker went could bring the
+    old lines back with nothing left to empty them again."""
+    daemon = device.daemon
+    log = daemon.layout.supernode_log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("declined: 12 events, epsilon 3.1\n")
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+
+    def fsync(fd: int) -> None:
+        # a file synced while empty: a truncation made durable
+        empty = stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size == 0
+        steps.append(("synced empty" if empty else "sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        steps.append(("unlink", os.fspath(path)))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    daemon.erase()
+    assert log.read_text() == ""
+    unmarked = steps.index(("unlink", str(daemon.layout.erase_pending)))
+    assert ("synced empty", str(log)) in steps[:unmarked]
+
+
 def test_an_erase_whose_vacuum_fails_answers_204_and_drops_the_personal_model(
     device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

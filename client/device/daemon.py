@@ -85,7 +85,13 @@ from client.device.store import (
     remove_store_files,
 )
 from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
-from shared.io import PRIVATE_MODE, fsync_dir, write_bytes_atomic, write_json_atomic
+from shared.io import (
+    PRIVATE_MODE,
+    fsync_dir,
+    truncate_durably,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from shared.ondevice.runtime import OnDeviceModel, RuntimeConfig
 from shared.privacy.budget import PrivacyBudget
 from shared.processes import die_with_parent, reap_group, terminate_group
@@ -1050,11 +1056,12 @@ class Daemon:
         when no SuperNode is registered: under ``serve-api``, or finishing at open an erase
         that a crash interrupted, it still holds what an earlier ``start`` logged. They
         append (``O_APPEND``), so a running process goes on writing from the new, empty
-        start."""
+        start. Each is synced once emptied: the marker that finishes an interrupted erase goes
+        next, and a truncation, like an unlink, is durable only once synced."""
         logs = [proc.spec.log_file for proc in self.processes if proc.spec.log_file]
         for log_file in dict.fromkeys([*logs, str(self.layout.supernode_log)]):
             try:
-                os.truncate(log_file, 0)
+                truncate_durably(log_file)
             except FileNotFoundError:
                 pass
             except OSError as exc:  # the erase itself stands; say what is left
