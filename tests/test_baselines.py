@@ -43,6 +43,16 @@ def test_itemknn_keeps_top_neighbors_only():
     assert (np.count_nonzero(m.similarity, axis=0) <= 1).all()
 
 
+def test_itemknn_neighbour_ties_keep_the_lowest_item_ids():
+    # item 0 is seen by six users, each of whom saw one other item (1..6): items 1..6 all have
+    # cosine 1/sqrt(6) with item 0. With 5 neighbours one of the six must go: the highest id,
+    # not whichever numpy's argpartition left past the cut (it dropped item 5), which depends
+    # on its selection algorithm and so on the numpy build and the CPU
+    m = ItemKNN(neighbors=5).fit(seqs(*([0, j] for j in range(1, 7))), 7)
+    assert np.flatnonzero(m.similarity[:, 0]).tolist() == [1, 2, 3, 4, 5]
+    assert m.similarity[1:6, 0] == pytest.approx([1 / np.sqrt(6)] * 5, rel=1e-5)
+
+
 def test_ease_matches_closed_form_and_zero_diagonal():
     train = seqs([0, 1], [1, 2], [0, 2, 3])
     m = EASE(l2=2.0).fit(train, 4)

@@ -48,7 +48,8 @@ class Pop(Recommender):
 class ItemKNN(Recommender):
     """Item-item cosine similarity; a history's score is the sum of its items' similarities.
 
-    ``neighbors`` keeps each item's top-k most similar items (None keeps all).
+    ``neighbors`` keeps each item's top-k most similar items (None keeps all); among items tied
+    at the cut, the lowest ids are kept.
     """
 
     name = "itemknn"
@@ -72,7 +73,11 @@ class ItemKNN(Recommender):
         sim = co / (np.outer(norms, norms) + self.shrink + 1e-12)
         np.fill_diagonal(sim, 0.0)
         if self.neighbors is not None and self.neighbors < n_items:
-            cut = np.argpartition(-sim, self.neighbors - 1, axis=0)[self.neighbors :]
+            # a stable sort, so that ties at the cut keep the lowest item ids: argpartition
+            # leaves the order inside a partition undefined and kept an arbitrary subset of
+            # the tied items, and ml-100k has such ties (equal counts give equal cosines), so
+            # the neighbours, and the figures, depended on numpy's selection algorithm
+            cut = np.argsort(-sim, axis=0, kind="stable")[self.neighbors :]
             np.put_along_axis(sim, cut, 0.0, axis=0)
         self.similarity = sim
         return self
