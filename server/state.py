@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,6 +57,10 @@ from shared.io import (
 from shared.processes import pid_alive
 
 LAYOUT_VERSION = 1
+
+STOPPED_EXIT_CODES = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM})
+"""The exit statuses of a `fedrec server start` stopped on purpose: Ctrl-C (130) and SIGTERM
+(143: ``kill``, ``docker stop``), which :func:`describe_last_start` calls a stop."""
 
 
 class StateDirError(FedRecError):
@@ -570,7 +575,7 @@ def describe_last_start(record: dict[str, Any]) -> str | None:
         return f"{start} did not finish: it was killed, or its machine went down"
     if error:
         return f"{start} failed: {error}"
-    if code == 130:
+    if code in STOPPED_EXIT_CODES:
         return f"{start} was stopped"
     if code != 0:
         return f"{start} ended with exit status {code} (its log is in logs/)"

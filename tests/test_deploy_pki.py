@@ -1490,7 +1490,8 @@ def test_start_warns_when_fewer_devices_are_registered_than_a_round_waits_for(
 
 def test_a_server_run_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(tmp_path: Path) -> None:
     """SIGTERM (``kill``, ``docker stop``) ended `fedrec server start` with 130, Ctrl-C's
-    status, where `fedrec simulate` and the shell's convention give 128 + 15."""
+    status, where `fedrec simulate` and the shell's convention give 128 + 15. `fedrec server
+    status` then reported such a stop as "ended with exit status 143", as for a failure."""
     import signal
 
     from server.superlink import ServerRunner, SuperLinkOptions
@@ -1508,6 +1509,9 @@ def test_a_server_run_stopped_by_sigterm_exits_143_and_by_ctrl_c_130(tmp_path: P
         server._follow = follow  # type: ignore[method-assign]
         assert server.run() == status
         assert json.loads(layout.last_start.read_text())["exit_code"] == status
+        # both are a stop (`docker stop` sends SIGTERM), not an exit status to look into
+        shown = runner.invoke(app, ["server", "status", "--state-dir", str(layout.state_dir)])
+        assert ") was stopped\n" in shown.output, shown.output
 
 
 def test_superlink_restarts_count_deaths_in_a_row_not_in_a_lifetime(
