@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -986,3 +987,151 @@ def test_a_reports_command_is_the_command_line_as_typed(
     typed = ["-v", "bandits", "tune", "--run-config", "top-n=50 seed=3"]
     monkeypatch.setattr(sys, "argv", ["/usr/bin/fedrec", *typed])
     assert shlex.split(bandits._command_line("tune")) == ["fedrec", *typed[1:]]
+
+
+# --------------------------------------------------------------------------- docs vs CLI
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+#: `docker compose run` options that take a value (the next token is not the service).
+_COMPOSE_RUN_VALUE_OPTIONS = frozenset({"-v", "--volume", "-e", "--env", "--entrypoint", "-w"})
+
+
+def _documented_command_lines() -> list[tuple[str, str]]:
+    """``(source, text)`` for every snippet of the docs that may hold a command: the README's
+    and docs/'s fenced blocks and inline code, and the docker files' comment lines (their
+    setup steps), with shell line continuations joined."""
+    sources = {p.relative_to(_ROOT).as_posix(): p.read_text() for p in [_ROOT / "README.md"]}
+    sources.update({f"docs/{p.name}": p.read_text() for p in sorted((_ROOT / "docs").glob("*.md"))})
+    snippets: list[tuple[str, str]] = []
+    for name, text in sources.items():
+        fenced = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+        inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+        snippets.extend((name, " ".join(span.split())) for span in inline)  # one line each
+        for block in fenced:
+            joined = re.sub(r"\\\n\s*", " ", block)
+            snippets.extend((name, line) for line in joined.splitlines())
+    for path in sorted((_ROOT / "docker").iterdir()):
+        comments = [line.lstrip("#") for line in path.read_text().splitlines() if line[:1] == "#"]
+        joined = re.sub(r"\\\n\s*", " ", "\n".join(comments))
+        snippets.extend((f"docker/{path.name}", line) for line in joined.splitlines())
+    return snippets
+
+
+def _shell_words(text: str) -> list[str]:
+    """The words of one command, up to a redirection, pipe, list operator or comment."""
+    import shlex
+
+    words: list[str] = []
+    for word in shlex.split(text, comments=True):
+        if word in {">", "|", "&&", ";", "||"} or word.startswith(">"):
+            break
+        words.append(word)
+    return words
+
+
+def _documented_fedrec_argvs() -> list[tuple[str, list[str]]]:
+    """Every `fedrec ...` invocation the docs give, as its argv after ``fedrec``: typed out,
+    or run through the images' ``fedrec`` entrypoint by ``docker compose run SERVICE ...``."""
+    found: list[tuple[str, list[str]]] = []
+    for source, line in _documented_command_lines():
+        # `fedrec` then a command or an option (not an image tag: `-t fedrec .`)
+        for match in re.finditer(r"(?:^|[\s(`])fedrec\s+([a-z-][^`]*)", line):
+            found.append((source, _shell_words(match.group(1))))
+        for match in re.finditer(r"\brun\s+(-.*)", line):  # docker compose run OPTIONS SERVICE
+            words, i = _shell_words(match.group(1)), 0
+            while i < len(words) and words[i].startswith("-"):
+                if words[i] == "--entrypoint":  # another program than fedrec
+                    break
+                i += 2 if words[i] in _COMPOSE_RUN_VALUE_OPTIONS else 1
+            else:
+                found.append((source, words[i + 1 :]))
+    found.extend(_docker_fedrec_argvs())
+    return found
+
+
+def _docker_fedrec_argvs() -> list[tuple[str, list[str]]]:
+    """What the images' ``fedrec`` entrypoint runs: each Dockerfile's CMD and each compose
+    service's ``command:``."""
+    import yaml
+
+    found: list[tuple[str, list[str]]] = []
+    for path in sorted((_ROOT / "docker").glob("*Dockerfile")):
+        cmd = re.search(r"^CMD (\[.*\])$", path.read_text(), re.MULTILINE)
+        assert cmd is not None, path
+        found.append((f"docker/{path.name} CMD", json.loads(cmd.group(1))))
+    compose = yaml.safe_load((_ROOT / "docker" / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        found.append((f"docker/compose.yaml {name}", [str(word) for word in service["command"]]))
+    return found
+
+
+def _option_names(command: Any) -> set[str]:
+    names = {"--help", "-h"}
+    for param in command.params:
+        names.update(getattr(param, "opts", []), getattr(param, "secondary_opts", []))
+    return names
+
+
+def _config_keys(path: tuple[str, ...]) -> set[str] | None:
+    """The keys the ``--run-config`` / ``--config`` of `fedrec PATH` takes (``None``: not
+    checked here)."""
+    from client.device.config import DaemonConfig
+    from server.superlink import run_config_keys
+    from shared.bandits.policies import BanditConfig
+    from shared.config import field_names
+    from simulation.config import SimulationConfig
+
+    if path == ("simulate",):
+        return field_names(SimulationConfig)
+    if path == ("server", "start"):
+        return set(run_config_keys())
+    if path[0] == "client":
+        bandit = {f"bandit-{key}" for key in field_names(BanditConfig)}
+        return field_names(DaemonConfig) | bandit
+    return None
+
+
+def test_every_fedrec_command_and_option_the_docs_give_exists() -> None:
+    """The README, docs/ and the docker files' setup comments spell out `fedrec` commands (the
+    compose file's `command:` lists are checked in test_docker). A command, option or
+    --run-config / --config key renamed in the CLI and left in the docs failed only when a
+    user typed it: each is looked up here (``--[no-]x`` stands for both spellings)."""
+    import click
+    import typer
+
+    from fedrec.options import parsed_entries
+
+    root = typer.main.get_command(app)
+    checked: list[str] = []
+    for source, argv in _documented_fedrec_argvs():
+        shown = f"{source}: `fedrec {' '.join(argv)}`"
+        command: Any = root
+        path: list[str] = []
+        words = list(argv)
+        while words and isinstance(command, click.Group):
+            word = words.pop(0)
+            if word.startswith("-"):  # the root's own options (`fedrec -v simulate`)
+                assert word in _option_names(root), f"{shown}: no {word}"
+            elif word in command.commands:
+                command = command.commands[word]
+                path.append(word)
+            else:
+                pytest.fail(f"{shown}: no command {word!r}")
+        if isinstance(command, click.Group):
+            continue  # a mention of a command group, such as `fedrec server`
+        options = _option_names(command)
+        for i, word in enumerate(words):
+            if not word.startswith("--") and not re.fullmatch(r"-[a-zA-Z]", word):
+                continue  # an argument or an option's value
+            name = word.split("=", 1)[0]
+            spellings = [name.replace("[no-]", ""), name.replace("[no-]", "no-")]
+            for spelling in spellings if "[no-]" in name else [name]:
+                assert spelling in options, f"{shown}: no {spelling}"
+                checked.append(spelling)
+            keys = _config_keys(tuple(path))
+            if name in {"--run-config", "--config"} and keys is not None and i + 1 < len(words):
+                for key in parsed_entries([words[i + 1]], flag=name):
+                    assert key in keys, f"{shown}: {name} has no key {key!r}"
+                    checked.append(key)
+    assert len(checked) > 80  # the docs' commands were found
