@@ -1,5 +1,7 @@
 # Runs the baseline evaluation / simulation CLI on the CPU build of torch.
 # Build from the repository root: docker build -f docker/evaluate.Dockerfile -t fedrec .
+# It works in the /data volume: `fedrec simulate` writes runs/ there, and relative paths
+# (--data-dir, -o, --export) are read and written there.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -25,5 +27,7 @@ RUN useradd --create-home --uid 10001 fedrec && mkdir -p /var/cache/fedrec /data
     && chown fedrec /var/cache/fedrec /data
 USER 10001
 VOLUME ["/var/cache/fedrec", "/data"]
+# /app is root's: `fedrec simulate` could not create its runs/ folder there
+WORKDIR /data
 ENTRYPOINT ["fedrec"]
 CMD ["evaluate", "baselines"]

@@ -129,6 +129,20 @@ def test_image_default_command_is_a_tested_command(image: str) -> None:
     _check_invocation(json.loads(match.group(1)))
 
 
+def test_the_evaluate_image_works_in_a_folder_its_user_owns() -> None:
+    """`fedrec simulate` writes its run directory under ./runs. The image, which advertises
+    the simulation CLI, ran as uid 10001 in root's /app, so `docker run fedrec simulate`
+    failed with "cannot create the run directory runs/...: Permission denied"."""
+    import re
+
+    text = (DOCKER / "evaluate.Dockerfile").read_text()
+    workdir = re.findall(r"^WORKDIR (\S+)$", text, re.MULTILINE)[-1]
+    owned = re.search(r"chown fedrec ([^\n]+)", text)
+    assert owned is not None
+    assert workdir in owned.group(1).split(), workdir
+    assert text.index("USER 10001") < text.rindex("WORKDIR")
+
+
 # --------------------------------------------------------------------------- install script
 
 
