@@ -60,7 +60,8 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "max_grad_norm": "DP-SGD per-example gradient clip (L2).",
         "epsilon_budget": "A client's record-level epsilon budget; past it, it declines.",
         "delta": "Record-level delta.",
-        "noise_shares": "> 1: each client adds 1/m of the DP noise to the SecAgg+ sum.",
+        "noise_shares": "> 1: each client adds 1/sqrt(m) of the DP noise (1/m of its variance) "
+        "to the SecAgg+ sum.",
         "local_epochs": "Local epochs per round.",
         "batch_size": "Local (expected Poisson) batch size.",
         "lr": "Local learning rate.",
