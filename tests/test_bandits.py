@@ -966,6 +966,27 @@ def test_cli_refuses_steps_beyond_what_the_traces_can_hold(tmp_path: Path) -> No
     assert SimulationConfig(steps=100_000).steps == 100_000
 
 
+def test_tune_records_the_bandit_config_its_grid_starts_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tuning reports did not say which candidates (top-n), slate size or features the
+    grid ran with: the committed ones were run at top-n 50, the default then, and their
+    recorded command now tunes at top-n 200 without a trace of the difference."""
+    import fedrec.commands.bandits as cli
+
+    ran: list[BanditConfig] = []
+
+    def grid(seeds: Any, users: int, steps: int, base: BanditConfig) -> dict[str, Any]:
+        ran.append(base)
+        return {"selected": {}}
+
+    monkeypatch.setattr(cli, "_tune_synthetic", grid)
+    result = CliRunner().invoke(cli.app, ["tune", "--seed", "100", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bandits-synthetic-tuning.json").read_text())
+    assert report["bandit_config"] == ran[0].as_dict() == BanditConfig().as_dict()
+
+
 def test_a_slate_larger_than_top_n_takes_the_next_best_candidates() -> None:
     """k above top_n still fills the slate (from the best-scored candidates), as the daemon's
     GET /recommendations?k= promises; the policy re-ranks only among them."""

@@ -191,12 +191,16 @@ def tune(
     """
     folder = _check_common(world, fmt, output_dir, users, data_dir)
     chosen = _distinct_seeds(seeds, TUNING_SEEDS)
+    # the settings the grid varies from (top-n, slate size, features...), recorded: a
+    # tuning run means nothing without the candidates it re-ranked
+    base = BanditConfig()
     start = time.perf_counter()
     if world == "synthetic":
-        report = _tune_synthetic(chosen, users, steps)
+        report = _tune_synthetic(chosen, users, steps, base)
     else:
         assert folder is not None
-        report = _tune_ml100k(chosen, folder)
+        report = _tune_ml100k(chosen, folder, base)
+    report["bandit_config"] = base.as_dict()
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["command"] = _command_line("tune")
     write_json_atomic(output_dir / f"bandits-{world}-tuning.json", report, mode=REPORT_MODE)
@@ -291,9 +295,10 @@ def _strip_curves(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _tune_synthetic(seeds: Sequence[int], users: int, steps: int) -> dict[str, Any]:
+def _tune_synthetic(
+    seeds: Sequence[int], users: int, steps: int, base: BanditConfig
+) -> dict[str, Any]:
     embed = _embedder()
-    base = BanditConfig()
     grid: list[Arm] = [Arm("greedy", _with(base, policy="greedy", mmr_lambda=1.0))]
     for alpha in (0.25, 0.5, 0.75, 1.0):
         grid.append(
@@ -469,7 +474,7 @@ def _replay_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _tune_ml100k(seeds: Sequence[int], data_dir: Path) -> dict[str, Any]:
+def _tune_ml100k(seeds: Sequence[int], data_dir: Path, base: BanditConfig) -> dict[str, Any]:
     from shared.bandits.diversity import item_popularity
     from shared.bandits.replay import diversity_accuracy
     from shared.data.registry import load_dataset
@@ -489,7 +494,7 @@ def _tune_ml100k(seeds: Sequence[int], data_dir: Path) -> dict[str, Any]:
             split,
             text,
             popularity=item_popularity(train, dataset.n_items),
-            top_n=BanditConfig().top_n,
+            top_n=base.top_n,
             grid=MMR_GRID,
         )
     mean_cost = {
