@@ -15,7 +15,8 @@ Every policy has the same small interface::
 **Context.** A candidate's context vector is ``x = [1, z(score), f]``: an intercept, the model
 score standardised over the candidate set (clipped to ±3) and the item features ``f``
 (``feature_dim`` of them, e.g. the LM text embedding reduced by PCA). So ``d = feature_dim + 2
-<= 64``. Vectors longer than ``max_feature_norm`` are scaled down to it. The context an item
+<= 64``. Vectors longer than ``max_feature_norm`` are brought down to it, their features
+first (so that an untrained policy still ranks like the model). The context an item
 had when it was *shown* is cached with the impression and is what its reward updates: the
 policy learns from what it actually decided on, and feedback cannot smuggle in new features.
 
@@ -177,7 +178,8 @@ class BanditConfig:
         top_n: the policy re-ranks the model's top-N candidates.
         slate_size: items shown per step (``k``; 1 = one item per step).
         feature_dim: item features per candidate (the context adds 2: intercept, score).
-        max_feature_norm: context vectors longer than this are scaled down to it.
+        max_feature_norm: context vectors longer than this are brought down to it (their
+            features first, ``[1, z]`` only when that alone is longer).
         reward_min: rewards below are clipped up (and counted).
         reward_max: rewards above are clipped down (and counted).
         max_pending: impressions kept waiting for feedback; the oldest expire beyond it.
@@ -551,7 +553,12 @@ class Policy(ABC):
         return cand[chosen].astype(np.int64)
 
     def contexts(self, scores: FloatArray, features: FloatArray) -> FloatArray:
-        """Context rows ``[1, z(score), f]``, each scaled down to ``max_feature_norm``."""
+        """Context rows ``[1, z(score), f]``, each brought down to ``max_feature_norm``.
+
+        A row too long gives up its features' length first, ``[1, z]`` only when that alone
+        is longer (then its features are 0): scaled whole, an item with long features lost
+        its score's place, and a policy exploring nothing no longer showed the model's top-k.
+        """
         n = len(scores)
         finite = np.isfinite(scores)
         z = np.full(n, -_SCORE_CLIP)  # -inf (and NaN, mapped to -inf) scores: the lowest z
@@ -562,18 +569,22 @@ class Policy(ABC):
             std = float(s.std())
             z[finite] = (s - s.mean()) / std if std > 0 else 0.0
         z = np.clip(np.nan_to_num(z), -_SCORE_CLIP, _SCORE_CLIP)
-        x = np.empty((n, self.config.context_dim))
-        x[:, 0] = 1.0
-        x[:, 1] = z
-        x[:, 2:] = features
-        # scale long rows down to max_feature_norm; dividing by the largest entry first keeps
-        # the norm finite for entries near the float64 limit
-        peak = np.abs(x).max(axis=1)
-        unit = x / peak[:, None]
-        norms = peak * np.linalg.norm(unit, axis=1)
         cap = self.config.max_feature_norm
-        too_long = norms > cap
-        x[too_long] = unit[too_long] * (cap / np.linalg.norm(unit[too_long], axis=1))[:, None]
+        head = np.sqrt(1.0 + z * z)  # the length of [1, z]
+        # the features' length, dividing by their largest entry first: it stays finite for
+        # entries near the float64 limit
+        feats = np.array(features, dtype=np.float64)
+        peak = np.abs(feats).max(axis=1) if feats.shape[1] else np.zeros(n)
+        unit = np.divide(feats, peak[:, None], out=np.zeros_like(feats), where=peak[:, None] > 0)
+        unit_norm = np.linalg.norm(unit, axis=1)
+        room = np.sqrt(np.maximum(cap * cap - head * head, 0.0))
+        shrink = peak * unit_norm > room  # the row is longer than cap
+        feats[shrink] = unit[shrink] * (room[shrink] / unit_norm[shrink])[:, None]
+        scale = np.minimum(1.0, cap / head)
+        x = np.empty((n, self.config.context_dim))
+        x[:, 0] = scale
+        x[:, 1] = z * scale
+        x[:, 2:] = feats
         return x
 
     @abstractmethod
