@@ -41,6 +41,7 @@ RAY_ONLY = ("num-cpus-per-client", "num-gpus-per-client", "ray-address")
 RECS_MODELS = (
     "student-int8",
     "student-personal",
+    "student-adapted",
     "student-federated",
     "student-pretrained",
     "teacher",
@@ -49,7 +50,10 @@ RECS_MODELS = (
     "pop",
 )
 """The models whose top 100 a run can export (``export-recs``): ``recs.csv`` for the device
-model (``student-int8``), ``recs-<model>.csv`` for each other one."""
+model (``student-int8``), ``recs-<model>.csv`` for each other one; a model with few-shot
+figures (``student-adapted``, ``student-federated`` unadapted, ``ease-all`` fold-in, ``pop``)
+also gets ``recs[-<model>]-fewshot-k<K>.csv`` per K (``student-adapted`` has few-shot figures
+only, so only those)."""
 
 APP_KEYS_SET_BY_SIMULATION: dict[str, str] = {
     "task": "always the distilled student (TASK)",

@@ -101,6 +101,7 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "checkpoint_keep": "Newest checkpoints kept in the run directory.",
         "progress": "Live progress display on stderr.",
         "export_recs": "Models whose top 100 per user is written (recs.csv for student-int8, "
-        "recs-MODEL.csv for the others; 'all'; 'none'; repeat the flag).",
+        "recs-MODEL.csv for the others, and recs[-MODEL]-fewshot-kK.csv per few-shot K for "
+        "those with few-shot figures; 'all'; 'none'; repeat the flag).",
     },
 }

@@ -40,9 +40,11 @@ from shared.eval.compare import compare_pairs
 from shared.eval.protocol import (
     CaseRanks,
     EvalConfig,
+    export_fewshot_recs,
     export_split_recs,
     fewshot_cases,
     fewshot_ranks,
+    fewshot_recs_path,
     loo_cases,
     split_ranks,
     summarize_each,
@@ -58,7 +60,7 @@ from shared.models.sequence import module_device, pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
 from shared.training.trainer import limited_threads, seeded
-from simulation.config import RAY_ONLY, RESUMABLE_KEYS, SimulationConfig, data_dir_key
+from simulation.config import RAY_ONLY, RECS_MODELS, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
 from simulation.run_dir import NEW_RUN_FIX, RunDirectory, RunDirectoryInUse
@@ -875,11 +877,21 @@ _RECS_SOURCES = {
     "ease-public": "ease (public)",
     "pop": "pop",
 }
-"""Each ``export-recs`` name (:data:`simulation.config.RECS_MODELS`) -> its model's key."""
+"""Each ``export-recs`` name (:data:`simulation.config.RECS_MODELS`) with leave-one-out
+figures -> its model's key."""
+
+_FEWSHOT_RECS_SOURCES = {
+    "student-adapted": "student (adapted)",
+    "student-federated": "student (no adaptation)",
+    "ease-all": "ease fold-in",
+    "pop": "pop",
+}
+"""Each ``export-recs`` name with few-shot figures -> its key in the summary's ``fewshot``."""
 
 
 def recs_file(model: str) -> str:
-    """The run-directory file of ``model``'s top 100: ``recs.csv`` for the device model."""
+    """The run-directory file of ``model``'s top 100: ``recs.csv`` for the device model (its
+    few-shot files are named from it, :func:`~shared.eval.protocol.fewshot_recs_path`)."""
     return "recs.csv" if model == "student-int8" else f"recs-{model}.csv"
 
 
@@ -889,14 +901,31 @@ def _export_recs(
     dataset: RecDataset,
     split: ProtocolSplit,
     models: dict[str, Any],
+    fewshot_models: dict[str, Any],
 ) -> None:
     """Each exported model's top 100 for every evaluated user (history = train +
-    validation, as for the test figures), so anyone can recompute its full-ranking figures."""
+    validation, as for the test figures), and for a model with few-shot figures
+    (``fewshot_models``, by their summary names; none without cold users) each K's top 100
+    for every counted cold user (history = support set), so anyone can recompute its
+    full-ranking figures. Files of models (or Ks) no longer exported are removed."""
     wanted = config.recs_exports()
-    for name in wanted:
-        export_split_recs(models[_RECS_SOURCES[name]], dataset, split, run.root / recs_file(name))
-    for name in set(_RECS_SOURCES) - set(wanted):  # an earlier process's, of an older model
-        (run.root / recs_file(name)).unlink(missing_ok=True)
+    for name in RECS_MODELS:
+        path = run.root / recs_file(name)
+        loo = models[_RECS_SOURCES[name]] if name in _RECS_SOURCES else None
+        fewshot = None  # every name's model looked up, so a misnamed source fails loudly
+        if name in _FEWSHOT_RECS_SOURCES and fewshot_models:
+            fewshot = fewshot_models[_FEWSHOT_RECS_SOURCES[name]]
+        if name in wanted and loo is not None:
+            export_split_recs(loo, dataset, split, path)
+        else:  # an earlier process's, of an older model
+            path.unlink(missing_ok=True)
+        shots = config.shots if name in wanted and fewshot is not None else ()
+        if fewshot is not None and shots:
+            export_fewshot_recs(fewshot, dataset, split, path, shots)
+        written = {fewshot_recs_path(path, k) for k in shots}
+        for old in run.root.glob(fewshot_recs_path(path, "*").name):  # other Ks', older models'
+            if old not in written:
+                old.unlink(missing_ok=True)
 
 
 #: Where a run's final model goes when its version is out with another model (see
@@ -1012,6 +1041,7 @@ def _evaluate(
     by_pop = split_ranks(personalized, split, pops, "test", eval_cfg)
     ranks["federated/student (federated + personal)"] = by_pop["federated"]
     final_results["student (federated + personal)"] = summarize_each(by_pop, eval_cfg.k)
+    fewshot_models: dict[str, Any] = {}
     if len(split.cold_users):
         fewshot_models = {
             "pop": models["pop"],
@@ -1027,7 +1057,7 @@ def _evaluate(
             fewshot[name] = summarize_each(by_shot, eval_cfg.k)
             ranks.update({f"fewshot {shot}/{name}": r for shot, r in by_shot.items()})
     _save_ranks(run.root / "ranks.npz", ranks)
-    _export_recs(config, run, dataset, split, {**models, "personal": personalized})
+    _export_recs(config, run, dataset, split, {**models, "personal": personalized}, fewshot_models)
     by_group: dict[str, dict[str, CaseRanks]] = {}
     for key, case in ranks.items():
         group, name = key.split("/", 1)

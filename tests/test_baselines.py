@@ -279,7 +279,62 @@ def test_recs_are_scored_in_the_evaluations_batch_size(tmp_path, monkeypatch):
         baseline_config=BaselineConfig(cold_items=False),
         export_path=tmp_path / "b",
     )
-    assert seen == [3, 3]
+    assert seen == [3] * (1 + 1 + 4)  # evaluate_model's recs.csv; the benchmark's, and per K
+
+
+def test_the_fewshot_figures_can_be_recomputed_from_their_export(tmp_path):
+    """PROTOCOL.md: anyone can recompute the full-ranking figures from the export. The
+    few-shot ones (cold users, history and exclusion = the support set) had no export: one
+    file per K now sits next to recs.csv, whose "query listed with rank <= 10" gives the
+    reported few-shot full HR@10 (ItemKNN from one item: many ties)."""
+    import csv
+
+    from shared.eval.baseline_benchmark import BaselineConfig, run_baseline_benchmark
+
+    ds = make_dataset(n_users=60, n_items=150, length=8)
+    split_config = SplitConfig(cold_user_fraction=0.3)
+    split = split_users(ds, split_config)
+    out = tmp_path / "recs.csv"
+    report = run_baseline_benchmark(
+        ds,
+        split_config,
+        baseline_config=BaselineConfig(shots=(1, 3, 5), cold_items=False),
+        export_path=out,
+        export_model="itemknn",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "recs-fewshot-k1.csv",
+        "recs-fewshot-k3.csv",
+        "recs-fewshot-k5.csv",
+        "recs.csv",
+    ]
+    figures = []
+    for k in (1, 3, 5):
+        with open(tmp_path / f"recs-fewshot-k{k}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        listed = {(r["user"], r["item"]): int(r["rank"]) for r in rows}
+        hits = []
+        for u in split.cold_users:
+            seq = split.full_sequences[int(u)]  # by time: the first K support, then the query
+            user = ds.user_ids[int(u)]
+            assert not {(user, ds.item_ids[int(i)]) for i in seq[:k]} & set(listed)
+            hits.append(listed.get((user, ds.item_ids[int(seq[k])]), 999) <= 10)
+        assert len({r["user"] for r in rows}) == len(hits)  # each counted cold user, no other
+        assert len(rows) == 100 * len(hits)
+        figure = report["results"]["itemknn"]["fewshot"][f"k={k}"]
+        assert figure["users"] == len(hits)
+        assert sum(hits) / len(hits) == pytest.approx(figure["full_hr@10"], abs=1e-12)
+        figures.append(figure["full_hr@10"])
+    assert 0 < max(figures) < 1  # not trivially all hits or all misses
+    # without cold users there are no few-shot figures, and no few-shot files
+    alone = tmp_path / "alone"
+    run_baseline_benchmark(
+        ds,
+        SplitConfig(cold_user_fraction=0.0),
+        baseline_config=BaselineConfig(cold_items=False),
+        export_path=alone / "recs.csv",
+    )
+    assert [p.name for p in alone.iterdir()] == ["recs.csv"]
 
 
 def test_two_exports_to_one_file_do_not_write_into_each_other(tmp_path):

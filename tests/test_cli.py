@@ -688,6 +688,21 @@ def test_evaluate_model_scores_a_published_artifact_on_its_split(tmp_path: Path)
         users = split.evaluable(split.population(population))
         hits = [ranks.get((ds.user_ids[u], ds.item_ids[split.test[u]]), 999) <= 10 for u in users]
         assert sum(hits) / len(hits) == pytest.approx(entry["loo"][population]["full_hr@10"])
+    # and the few-shot ones from the file of each K (the cold user's support set scored)
+    for k in (1, 3):
+        ranks = {}
+        for line in (tmp_path / f"recs-fewshot-k{k}.csv").read_text().splitlines()[1:]:
+            user, item, rank = line.split(",")
+            ranks[(user, item)] = int(rank)
+        seqs = [split.full_sequences[int(u)] for u in split.cold_users]
+        hits = [
+            ranks.get((ds.user_ids[u], ds.item_ids[seq[k]]), 999) <= 10
+            for u, seq in zip(split.cold_users, seqs, strict=True)
+            if len(seq) > k
+        ]
+        assert len(hits) == entry["fewshot"][f"k={k}"]["users"]
+        assert sum(hits) / len(hits) == pytest.approx(entry["fewshot"][f"k={k}"]["full_hr@10"])
+    assert not (tmp_path / "recs-fewshot-k5.csv").exists()  # the Ks evaluated only
     # the table names the model; another dataset's catalog is refused before any scoring
     assert "model-v3.int8.onnx" in runner.invoke(app, [*args, "--shots", "5"]).output
     shuffled = tmp_path / "other" / "model-v1.int8.onnx"
@@ -967,6 +982,20 @@ def test_evaluate_model_refuses_to_write_over_the_model_it_evaluates(
     assert isinstance(result.exception, ConfigError), result.output
     assert f"{flag} names the model being evaluated" in str(result.exception)
     assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["baselines", "--no-text"], ["model", "m.onnx"]])
+def test_evaluate_refuses_a_report_over_a_fewshot_export(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """--export also writes the few-shot lists next to recs.csv: an --output naming one of
+    them would have replaced that list with the JSON report once the work was done."""
+    args = ["evaluate", *command, "--export", str(tmp_path / "recs.csv")]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "recs-fewshot-k3.csv")])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "--export and --output both name" in str(result.exception)
+    assert "recs-fewshot-k3.csv" in str(result.exception)
+    assert not list(tmp_path.iterdir())  # before any work
 
 
 def test_a_reports_command_is_the_command_line_as_typed(

@@ -184,6 +184,7 @@ def test_simulate_tiny_world_end_to_end_and_resume(
 
     monkeypatch.setattr(pipeline, "pretrain", elsewhere)
     exports = ["--export-recs", "teacher", "--export-recs", "student-personal"]
+    exports += ["--export-recs", "student-adapted"]
     again = CliRunner().invoke(app, [*args, *exports])
     assert again.exit_code == 0, again.output
     monkeypatch.undo()
@@ -201,6 +202,22 @@ def test_simulate_tiny_world_end_to_end_and_resume(
             figure = summary2["final"][model][population]["full_hr@10"]
             assert full_hr_from(run / f"recs-{name}.csv", population) == pytest.approx(figure)
     assert not (run / "recs.csv").exists()  # not asked for: the older model's list is gone
+    # the adapted student has few-shot figures only: one file per K, support set scored
+    assert not (run / "recs-student-adapted.csv").exists()
+    for k in (1, 3):
+        listed = {}
+        for line in (run / f"recs-student-adapted-fewshot-k{k}.csv").read_text().splitlines()[1:]:
+            user, item, rank = line.split(",")
+            listed[(user, item)] = int(rank)
+        seqs = [split.full_sequences[int(u)] for u in split.cold_users]
+        hits = [
+            listed.get((dataset.user_ids[u], dataset.item_ids[seq[k]]), 999) <= 10
+            for u, seq in zip(split.cold_users, seqs, strict=True)
+            if len(seq) > k
+        ]
+        figure = summary2["fewshot"]["student (adapted)"][f"k={k}"]
+        assert len(hits) == figure["users"]
+        assert sum(hits) / len(hits) == pytest.approx(figure["full_hr@10"], abs=1e-12)
     assert [r["round"] for r in summary2["rounds"]] == [1, 2]
     assert summary2["meta"]["pretraining cached"] is True
     # its time is the whole run's: the first process's federation counts too
@@ -1072,9 +1089,9 @@ def test_earlier_processes_time_counts_rounds_logged_before_elapsed_seconds(
 
 def test_every_exportable_model_has_a_source_and_a_file() -> None:
     from simulation.config import RECS_MODELS, SimulationConfig
-    from simulation.pipeline import _RECS_SOURCES, recs_file
+    from simulation.pipeline import _FEWSHOT_RECS_SOURCES, _RECS_SOURCES, recs_file
 
-    assert set(_RECS_SOURCES) == set(RECS_MODELS)
+    assert set(_RECS_SOURCES) | set(_FEWSHOT_RECS_SOURCES) == set(RECS_MODELS)
     assert len({recs_file(m) for m in RECS_MODELS}) == len(RECS_MODELS)
     assert SimulationConfig(export_recs=("all",)).recs_exports() == RECS_MODELS
     assert SimulationConfig(export_recs=("pop", "teacher", "pop")).recs_exports() == (

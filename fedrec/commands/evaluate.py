@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -34,7 +35,7 @@ from shared.eval.baseline_benchmark import (
     run_baseline_benchmark,
     summary_rows,
 )
-from shared.eval.protocol import EvalConfig
+from shared.eval.protocol import EvalConfig, fewshot_recs_path
 from shared.eval.splits import SplitConfig
 from shared.io import REPORT_MODE, check_output_file, write_json_atomic
 
@@ -69,7 +70,10 @@ def baselines(
     export: Annotated[
         Path | None,
         typer.Option(
-            "--export", click_type=HOME_PATH, help="Write recs.csv (user,item,rank; top 100)."
+            "--export",
+            click_type=HOME_PATH,
+            help="Write recs.csv (user,item,rank; top 100), and with cold users "
+            "recs-fewshot-kK.csv next to it per few-shot K.",
         ),
     ] = None,
     export_model: Annotated[
@@ -88,7 +92,7 @@ def baselines(
     values.setdefault("seed", seed)
     split_cfg, eval_cfg = _split_and_eval(values, BaselineConfig)
     base_cfg = from_flat(BaselineConfig, _pick(values, BaselineConfig))
-    _check_outputs(output, export)
+    _check_outputs(output, export, shots=base_cfg.shots)
     ds = load_dataset(dataset, data_dir, synthetic_seed=split_cfg.seed)
     embed = _text_embedder() if text else None
     report = run_baseline_benchmark(
@@ -125,7 +129,10 @@ def model(
     export: Annotated[
         Path | None,
         typer.Option(
-            "--export", click_type=HOME_PATH, help="Write recs.csv (user,item,rank; top 100)."
+            "--export",
+            click_type=HOME_PATH,
+            help="Write recs.csv (user,item,rank; top 100), and with cold users "
+            "recs-fewshot-kK.csv next to it per few-shot K.",
         ),
     ] = None,
     output: OutputOpt = None,
@@ -167,7 +174,7 @@ def model(
     ks = tuple(shots) if shots else (1, 3, 5, 10)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
-    _check_outputs(output, export, model=path)
+    _check_outputs(output, export, model=path, shots=ks)
     scorer = OnDeviceModel(path)
     meta = scorer.metadata
     recorded = meta.trained_on if run is None else None
@@ -332,21 +339,30 @@ def _split_and_eval(
     return split_cfg, from_flat(EvalConfig, _pick(values, EvalConfig))
 
 
-def _check_outputs(output: Path | None, export: Path | None, model: Path | None = None) -> None:
+def _check_outputs(
+    output: Path | None,
+    export: Path | None,
+    model: Path | None = None,
+    shots: Sequence[int] = (),
+) -> None:
     """Both outputs writable and distinct, before any work, and neither the ``model`` file
-    being evaluated (which it would replace once scored)."""
-    for flag, given in (("--output", output), ("--export", export)):
-        if model is not None and given is not None and given.resolve() == model.resolve():
+    being evaluated (which it would replace once scored). ``export`` stands for every file
+    it writes: ``recs.csv`` and its few-shot file at each K of ``shots``."""
+    exported = [] if export is None else [export, *(fewshot_recs_path(export, k) for k in shots)]
+    for flag, paths in (("--output", [] if output is None else [output]), ("--export", exported)):
+        if model is not None and any(p.resolve() == model.resolve() for p in paths):
             raise ConfigError(
                 f"{flag} names the model being evaluated ({model}): writing it would replace "
                 "the model; give another file"
             )
     if output is not None:
         check_output_file(output)
-        if export is not None and export.resolve() == output.resolve():
+        clash = next((p for p in exported if p.resolve() == output.resolve()), None)
+        if clash is not None:
             raise ConfigError(
-                f"--export and --output both name {output}: the JSON report would replace "
-                "the exported recommendations; give them different files"
+                f"--export and --output both name {output} (--export writes {clash.name}): "
+                "the JSON report would replace the exported recommendations; give them "
+                "different files"
             )
 
 

@@ -18,14 +18,15 @@ from shared.data.dataset import RecDataset
 from shared.errors import ConfigError
 from shared.eval.protocol import (
     EvalConfig,
+    check_recs_outputs,
     cold_item_cases,
     evaluate_fewshot,
     evaluate_split,
+    export_fewshot_recs,
     export_split_recs,
     rank_cases,
 )
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_cold_items, split_users
-from shared.io import check_output_file
 from shared.models.base import Recommender
 from shared.models.baselines import EASE, ItemKNN, Pop, TextOnly
 
@@ -81,16 +82,19 @@ def run_baseline_benchmark(
     """Fit every baseline on all non-cold users' train data and evaluate it.
 
     ``embed`` maps item texts to vectors for the text-only baseline (cold items); without it
-    the text baseline is skipped. ``export_path`` writes ``recs.csv`` for ``export_model``.
+    the text baseline is skipped. ``export_path`` writes ``recs.csv`` for ``export_model``,
+    and its few-shot lists next to it (one :func:`~shared.eval.protocol.fewshot_recs_path`
+    file per K) where there are cold-start users.
     ``progress`` is told each stage as it starts (the whole takes a minute on ml-100k).
     """
     say = progress if progress is not None else log.info
+    shots = baseline_config.shots
     if export_path is not None:  # before the work, not after it
         if export_model not in BASELINE_NAMES:
             raise ConfigError(
                 f"--export-model {export_model!r} is not one of {', '.join(BASELINE_NAMES)}"
             )
-        check_output_file(export_path)
+        check_recs_outputs(export_path, shots)
     split = split_users(dataset, split_config)
     populations = reported_populations(split)
     results: dict[str, Any] = {}
@@ -129,6 +133,9 @@ def run_baseline_benchmark(
     if export_path is not None:
         say(f"exporting {export_model}'s top 100 to {export_path}")
         export_split_recs(fitted[export_model], dataset, split, export_path, eval_config.batch_size)
+        export_fewshot_recs(
+            fitted[export_model], dataset, split, export_path, shots, eval_config.batch_size
+        )
     report = split_report(dataset, split, eval_config)
     return {**report, "baselines": asdict(baseline_config), "results": results}
 

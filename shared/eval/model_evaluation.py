@@ -18,12 +18,13 @@ from shared.data.dataset import RecDataset
 from shared.eval.baseline_benchmark import reported_populations, split_report
 from shared.eval.protocol import (
     EvalConfig,
+    check_recs_outputs,
     evaluate_fewshot,
     evaluate_split,
+    export_fewshot_recs,
     export_split_recs,
 )
 from shared.eval.splits import SplitConfig, split_users
-from shared.io import check_output_file
 from shared.models.base import Scorer
 
 
@@ -39,9 +40,10 @@ def evaluate_model(
     """``scorer``'s test figures per population (and few-shot per K, no adaptation: the
     model scores the support set as a history) on ``dataset`` split by ``split_config``.
     ``export_path`` writes its ``recs.csv`` for every evaluated user (history = train +
-    validation)."""
+    validation) and, where the few-shot figures are evaluated, one
+    :func:`~shared.eval.protocol.fewshot_recs_path` file per K (history = support set)."""
     if export_path is not None:  # before the work, not after it
-        check_output_file(export_path)
+        check_recs_outputs(export_path, shots)
     split = split_users(dataset, split_config)
     populations = reported_populations(split)
     entry: dict[str, Any] = {"loo": evaluate_split(scorer, split, populations, "test", eval_config)}
@@ -49,4 +51,5 @@ def evaluate_model(
         entry["fewshot"] = evaluate_fewshot(scorer, split, shots, eval_config)
     if export_path is not None:
         export_split_recs(scorer, dataset, split, export_path, eval_config.batch_size)
+        export_fewshot_recs(scorer, dataset, split, export_path, shots, eval_config.batch_size)
     return {**split_report(dataset, split, eval_config), "results": {name: entry}}

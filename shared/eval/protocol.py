@@ -1,6 +1,6 @@
 """Evaluation under ``../shared/PROTOCOL.md``: sampled (99 negatives) and full ranking,
 leave-one-out per population, few-shot for cold-start users, cold-start items, and the
-``recs.csv`` export.
+``recs.csv`` export (with one ``recs-fewshot-kK.csv`` per few-shot K).
 
 Every function takes any :class:`~shared.models.base.Scorer`, so baselines, the teacher, the
 student and the int8 on-device model are measured by the same code.
@@ -387,6 +387,45 @@ def export_split_recs(
     histories = {int(u): split.history(int(u)) for u in users}
     rows = export_recs(scorer, dataset, histories, path, batch_size=batch_size)
     logger.info("wrote %d rows to %s", rows, path)
+    return rows
+
+
+def fewshot_recs_path(path: str | Path, k_shots: int | str) -> Path:
+    """Where the few-shot export at support size ``k_shots`` of the model whose
+    leave-one-out export is ``path`` goes: next to it, ``recs.csv`` -> ``recs-fewshot-k3.csv``
+    (``"*"`` gives the glob of every K's file)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-fewshot-k{k_shots}{path.suffix}")
+
+
+def check_recs_outputs(path: str | Path, shots: Sequence[int]) -> None:
+    """:func:`~shared.io.check_output_file` of an export's ``recs.csv`` (``path``) and of its
+    few-shot file at each K of ``shots``, before the work that produces them."""
+    for target in (path, *(fewshot_recs_path(path, k) for k in shots)):
+        check_output_file(target)
+
+
+def export_fewshot_recs(
+    scorer: Scorer,
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    path: str | Path,
+    shots: Sequence[int],
+    batch_size: int = EvalConfig.batch_size,
+) -> int:
+    """:func:`export_recs` of the few-shot figures: for every K in ``shots``, one file
+    (:func:`fewshot_recs_path` of ``path``) with the top 100 of every cold-start user the
+    figure at K counts, scored from their support set (the history, and the items excluded)
+    as :func:`fewshot_cases` scores them, so the few-shot full-ranking figures can be
+    recomputed from it and the query items. Returns the rows written in all; a split without
+    cold-start users has no few-shot figures, and gets no file."""
+    rows = 0
+    for k in shots if len(split.cold_users) else ():
+        histories = {c.user: c.history for c in fewshot_cases(split, k)}
+        target = fewshot_recs_path(path, k)
+        written = export_recs(scorer, dataset, histories, target, batch_size=batch_size)
+        logger.info("wrote %d rows to %s", written, target)
+        rows += written
     return rows
 
 
