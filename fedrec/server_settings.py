@@ -67,7 +67,8 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
             "secagg_quantization_range",
             "secagg_modulus_range",
         ),
-        "secagg_max_weight": "Largest example count a device may weigh its update by.",
+        "secagg_max_weight": "Largest example count a device may weigh its update by "
+        "(without DP: under --dp every device weighs 1, and it is 1).",
     },
     "Server optimiser and checkpoints": {
         **_same("server_optimizer", "server_lr", "server_beta1", "server_beta2", "server_tau"),

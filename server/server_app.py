@@ -68,7 +68,11 @@ from server.strategy import (
 )
 from shared.config import check_rounds, coerce, is_int
 from shared.errors import ConfigError, DataError, FedRecError
-from shared.federated.local_config import check_noise_shares, noise_shares_clip_problem
+from shared.federated.local_config import (
+    LocalTrainConfig,
+    check_noise_shares,
+    noise_shares_clip_problem,
+)
 from shared.federated.task import FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
@@ -111,6 +115,16 @@ class ServerConfig:
     also sets SecAgg+'s ``max_weight`` to 1 (every client reports weight 1, so that is
     the best quantization precision); ``secagg-clipping-range`` should be >= ``C``.
 
+    ``dp`` (also read by the clients, see
+    :class:`~shared.federated.local_config.LocalTrainConfig`): the clients train with
+    record-level DP-SGD. The student task's clients then report weight 1 (their example
+    count is not covered by DP), and SecAgg+ scales an update by weight / ``max_weight``
+    before quantizing it: so ``secagg-max-weight`` is at most 1 then (a max-weight of 1000
+    quantized each unit-weight update on a grid 1000 times coarser, 3.8e-3 per
+    coordinate, against DP noise of about 4.7e-3 per step). Without DP the clients report
+    their example counts, which ``secagg-max-weight`` must bound (a larger one is capped
+    at it); a custom task keeps the value given.
+
     ``server-optimizer`` (``avg`` | ``adam``), ``server-lr``, ``server-beta1``,
     ``server-beta2``, ``server-tau``: how the round's mean update becomes the global step
     (:mod:`server.server_optimizer`). ``noise-shares`` (also read by the clients, see
@@ -145,6 +159,7 @@ class ServerConfig:
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 2**22
     secagg_modulus_range: int = 2**32
+    #: The largest example count a client weighs its update by (SecAgg+): see ``dp``.
     secagg_max_weight: float = 1000.0
     #: Directory of the per-round checkpoints; "" = no checkpoints (no resume).
     checkpoint_dir: str = ""
@@ -171,6 +186,8 @@ class ServerConfig:
     server_tau: float = ServerOptimizerSettings.tau
     #: Contributors the record-level DP noise is split over (1 = each client adds all of it).
     noise_shares: int = 1
+    #: The clients train with record-level DP (their default): weight 1 each, see above.
+    dp: bool = LocalTrainConfig.dp
 
     def __post_init__(self) -> None:
         def require(ok: bool, key: str, what: str, value: object) -> None:
@@ -287,9 +304,22 @@ class ServerConfig:
             clipping_range=self.secagg_clipping_range,
             quantization_range=self.secagg_quantization_range,
             modulus_range=self.secagg_modulus_range,
-            # Under either noise mechanism every client reports weight 1 (uniform weights).
-            max_weight=1.0 if self.user_dp or self.noise_shares > 1 else self.secagg_max_weight,
+            max_weight=self._max_weight(),
         )
+
+    def _max_weight(self) -> float:
+        """SecAgg+'s ``max_weight``: 1 where every client reports weight 1, which quantizes
+        its update at full precision, else ``secagg-max-weight``."""
+        # Under either noise mechanism every client reports weight 1 (uniform weights).
+        if self.user_dp or self.noise_shares > 1:
+            return 1.0
+        from server.superlink import STUDENT_TASK  # light, and imports this module lazily
+
+        if self.dp and self.task == STUDENT_TASK:
+            # the student task's clients report weight 1 under record-level DP (min: a
+            # value SecAggSettings refuses, 0 or NaN, is still refused)
+            return min(self.secagg_max_weight, 1.0)
+        return self.secagg_max_weight
 
     @property
     def server_optimizer_settings(self) -> ServerOptimizerSettings:

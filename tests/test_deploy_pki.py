@@ -1671,3 +1671,63 @@ def test_a_listen_host_this_machine_cannot_resolve_is_refused_with_the_reason(
     with pytest.raises(ConfigError, match=r"--host fedrec\.invalid does not resolve.*0\.0\.0\.0"):
         process.start()
     assert process.popen is None  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("overrides", "max_weight"),
+    [
+        ({}, 1.0),  # the devices train with DP by default: each reports weight 1
+        ({"secagg-max-weight": 250.0}, 1.0),
+        ({"dp": False, "secagg-max-weight": 250.0}, 250.0),  # example counts: as given
+        ({"dp": False}, 1000.0),
+    ],
+)
+def test_a_dp_deployments_secagg_quantizes_its_unit_weight_updates_at_full_precision(
+    tmp_path: Path,
+    write_tiny_bundle: Callable[[Path, int], list[str]],
+    overrides: dict[str, Any],
+    max_weight: float,
+) -> None:
+    """Under record-level DP every device reports weight 1 (its example count is not DP),
+    and SecAgg+ scales an update by weight / max-weight before quantizing it: with the
+    default max-weight 1000 each update went through a grid 1000 times coarser (a step of
+    3.8e-3 per coordinate against DP noise of about 4.7e-3 per step) for nothing. Without
+    DP the devices report their example counts, which max-weight must bound."""
+    from server.server_app import ServerConfig
+
+    layout = init_state_dir(tmp_path / "s")
+    bundle = tmp_path / "deploy-bundle.pt"
+    write_tiny_bundle(bundle, 6)
+    config = deployment_run_config(layout, bundle=bundle, num_rounds=1, overrides=overrides)
+    settings = ServerConfig.from_run_config(config).secagg_settings
+    assert settings is not None and settings.max_weight == max_weight
+
+
+def test_a_dp_deployments_secagg_rounding_is_far_below_its_dp_noise() -> None:
+    """A unit-weight update through SecAgg+'s arithmetic (scaled by weight / max-weight,
+    quantized with Flower's stochastic rounding, dequantized and divided by the weight
+    again, as the client mod and the workflow do) keeps its values to far less than the
+    DP noise one step of the devices' DP-SGD adds to each (lr z C / batch-size, 4.7e-3 at
+    the defaults); at max-weight 1000 the rounding was of the same size as that noise."""
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from server.server_app import ServerConfig
+    from shared.federated.local_config import LocalTrainConfig
+
+    train = LocalTrainConfig()
+    noise = train.lr * train.noise_multiplier * train.max_grad_norm / train.batch_size
+    update = np.random.default_rng(0).normal(scale=noise, size=20_000)
+    settings = ServerConfig.from_run_config({"task": STUDENT_TASK, "secagg": True}).secagg_settings
+    assert settings is not None
+    np.random.seed(0)  # Flower's stochastic rounding draws from numpy's global generator
+    q = settings.quantization_range
+    errors = {}
+    for max_weight in (settings.max_weight, 1000.0):
+        ratio = round(1 / max_weight * q) / q  # the client mod's dequantized weight
+        (back,) = dequantize(
+            quantize([update * ratio], settings.clipping_range, q), settings.clipping_range, q
+        )
+        errors[max_weight] = float(np.std(back / ratio - update))
+    assert errors[1.0] < noise / 1000  # the deployment's: 1.6e-6
+    assert errors[1000.0] > noise / 10  # what it was: 1.6e-3
