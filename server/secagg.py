@@ -169,10 +169,11 @@ def _masks_installed(module: object) -> bool:
     return getattr(module, "pseudo_rand_gen", None) is _mask_generator
 
 
-#: ``(clients, quantization_range)`` of the sum the unmask stage now running recovers (set by
-#: :meth:`EarlyDropoutTolerantSecAggPlusWorkflow.unmask_stage`), ``None`` outside one.
-_SUMMED: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
-    "fedrec_secagg_summed", default=None
+#: ``(clients, quantization_range, strategy)`` of the sum the unmask stage now running
+#: recovers (set by :meth:`EarlyDropoutTolerantSecAggPlusWorkflow.unmask_stage`; the strategy
+#: ``None`` if it is not a :class:`ValidatingFedAvg`), ``None`` outside one.
+_SUMMED: contextvars.ContextVar[tuple[int, int, ValidatingFedAvg | None] | None] = (
+    contextvars.ContextVar("fedrec_secagg_summed", default=None)
 )
 
 
@@ -190,10 +191,14 @@ def bounded_factor_extract(
     :func:`_cap_weight`), so the sum of ``k`` lies in ``[0, k * quantization_range]``.
     Any other value is what masks that did not cancel (a vector or share damaged,
     on purpose or not) leave: noise up to the modulus, which Flower dequantized and
-    applied (a model entry off by ~35,000 at clipping range 8)."""
+    applied (a model entry off by ~35,000 at clipping range 8).
+
+    The strategy is told the summed weight (:attr:`ValidatingFedAvg.unmasked_weight`, in
+    client weights of max-weight), which its aggregation reads: the number of updates a
+    mean of weight-1 updates is over."""
     summed = _SUMMED.get()
     if summed is not None:
-        clients, quantization_range = summed
+        clients, quantization_range, _ = summed
         bound = clients * quantization_range
         for array in parameters:
             if array.size and not (int(array.min()) >= 0 and int(array.max()) <= bound):
@@ -203,7 +208,10 @@ def bounded_factor_extract(
                     "client's masked vector or shares were damaged, so no update in it can "
                     "be trusted"
                 )
-    return _flwr_factor_extract(parameters)
+    weight, arrays = _flwr_factor_extract(parameters)
+    if summed is not None and summed[2] is not None:
+        summed[2].unmasked_weight = float(weight) / summed[1]
+    return weight, arrays
 
 
 @lru_cache(maxsize=4)
@@ -508,7 +516,9 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
         verifiable about which share was damaged, so no sum can be unmasked). So does an
         unmasked sum that the summed clients' clipped updates cannot add up to
         (:func:`bounded_factor_extract`)."""
-        summed = _SUMMED.set((len(state.active_node_ids), state.quantization_range))
+        strategy = context.strategy
+        ours = strategy if isinstance(strategy, ValidatingFedAvg) else None
+        summed = _SUMMED.set((len(state.active_node_ids), state.quantization_range, ours))
         with np.errstate(divide="ignore", invalid="ignore"):
             try:
                 return bool(super().unmask_stage(grid, context, state))
@@ -525,6 +535,8 @@ class EarlyDropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):
                 return False
             finally:
                 _SUMMED.reset(summed)
+                if ours is not None:  # this sum's only, read or not
+                    ours.unmasked_weight = None
 
 
 #: Functions the unmask stage calls whose own failures are not the masks' (Flower's grid,

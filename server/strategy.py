@@ -288,6 +288,29 @@ def _contributors(
     return [(p, r) for p, r in results if _status_of(r) != FitStatus.DECLINED.value]
 
 
+def _unit_weights(contributors: int, unmasked_weight: float | None, server_round: int) -> float:
+    """How many weight-1 updates a SecAgg+ mean under uniform weights averages: the weight
+    the unmasked sum holds, where the workflow told it (else the replies not declined).
+
+    A reply that says ok but whose masked weight is 0 (which only a modified client sends:
+    the plain path rejects such a reply) adds nothing to the sum; counted, it scaled the
+    honest updates' sum by k / (k - 1), each user's influence past the clip the user-level
+    DP noise is calibrated to."""
+    if unmasked_weight is None:
+        return contributors
+    if unmasked_weight != contributors:
+        log(
+            WARNING,
+            "round %s: the SecAgg+ sum holds client weights adding up to %.6g, but %s "
+            "client(s) replied ok: a client did not weigh its update 1; the sum counts the "
+            "weights it holds",
+            server_round,
+            unmasked_weight,
+            contributors,
+        )
+    return unmasked_weight
+
+
 def _public_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
     return {k: v for k, v in metrics.items() if k not in (METRIC_STATUS, METRIC_REASON)}
 
@@ -441,6 +464,10 @@ class ValidatingFedAvg(FedAvg):
         self._eval_sampled: dict[int, int] = {}
         #: why :meth:`_apply` refused the step of the round being aggregated, or None
         self._refused_step: str | None = None
+        #: The weight the SecAgg+ sum being aggregated holds, in client weights of
+        #: max-weight (its summed weight / quantization range): set by the SecAgg+ workflow
+        #: as it unmasks the sum (:func:`server.secagg.bounded_factor_extract`), read once.
+        self.unmasked_weight: float | None = None
         self.fit_stats: dict[int, FitRoundStats] = {}
         self.eval_stats: dict[int, EvalRoundStats] = {}
 
@@ -928,6 +955,7 @@ class ValidatingFedAvg(FedAvg):
         failures: list[FitFailure],
     ) -> tuple[FitRoundStats, Arrays | None]:
         contributors = _contributors(results)
+        unmasked_weight, self.unmasked_weight = self.unmasked_weight, None  # this sum's only
         declined = len(results) - len(contributors)
         rejections: list[str] = []
         new: Arrays | None = None
@@ -947,10 +975,10 @@ class ValidatingFedAvg(FedAvg):
                 new, norm = self._noise_only(server_round)
             elif self.user_dp is not None:
                 # Clients reported weight 1 (CONFIG_UNIFORM_WEIGHT), so the aggregate is
-                # the plain mean over the contributors: times their count = the sum.
-                k = len(contributors)
+                # the plain mean over the weights in the sum: times their number = the sum.
+                k = _unit_weights(len(contributors), unmasked_weight, server_round)
                 sums = [a.astype(np.float64) * k for a in aggregate]
-                cohort = self._denominator.get(server_round, max(sampled, k))
+                cohort = self._denominator.get(server_round, max(sampled, len(contributors)))
                 new, norm = self._apply(self.user_dp.noisy_mean(sums, cohort))
             else:
                 new, norm = self._apply(aggregate)

@@ -1370,6 +1370,57 @@ def test_secagg_halted_under_user_dp_releases_the_noise_alone() -> None:
     assert float(np.std(noise)) == pytest.approx(1.0 * 0.5 / 5, rel=0.05)
 
 
+def test_user_dp_secagg_sums_only_the_weights_it_unmasked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under user-level DP the SecAgg+ mean was turned back into a sum as mean x k, k the
+    replies not declined: a client whose reply says ok but whose masked weight is 0 (a
+    modified client; the plain path rejects such a reply) added nothing to the mean yet
+    was counted, so the honest updates' sum was scaled by k / (k - 1), each honest user's
+    influence above the clip C the noise is calibrated to. The sum is now the mean times
+    the weights the unmasked sum holds: the honest updates, as the plain path sums them."""
+    from flwr.app import MetricRecord
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    from server.user_dp import UserLevelDP
+
+    sent: list[Arrays] = []
+    honest_unit_weight = secagg_module._report_unit_weight
+
+    def first_weighs_nothing(content: RecordDict) -> None:
+        honest_unit_weight(content)
+        update = parameters_to_ndarrays(recorddict_to_fitres(content, keep_input=True).parameters)
+        if not sent:  # the first reply: status ok, weight 0
+            content.metric_records[secagg_module.FITRES_NUM_EXAMPLES] = MetricRecord(
+                {"num_examples": 0}
+            )
+        sent.append(update)
+
+    sums: list[list[npt.NDArray[np.floating]]] = []
+    noisy_mean = UserLevelDP.noisy_mean
+
+    def recorded(self: UserLevelDP, update_sum: Any, cohort: int) -> Any:
+        sums.append([np.array(a, dtype=np.float64) for a in update_sum])
+        return noisy_mean(self, update_sum, cohort)
+
+    monkeypatch.setattr(secagg_module, "_report_unit_weight", first_weighs_nothing)
+    monkeypatch.setattr(UserLevelDP, "noisy_mean", recorded)
+    config: RunConfig = {
+        "num-rounds": 1,
+        "eval-fraction": 0.0,
+        "secagg": True,
+        "user-dp": True,
+        "user-dp-clip": 0.5,
+        "user-dp-epsilon-budget": 0.0,
+        "cohort-size": 5,
+    }
+    report = _run(config, num_nodes=5)[0]
+    assert report.fit.updated and len(sent) == 5 and len(sums) == 1
+    honest = [sum(u[i].astype(np.float64) for u in sent[1:]) for i in range(len(sent[0]))]
+    assert _max_diff(sums[0], honest) < 5 * 4 * 2 * 8.0 / 2**22  # a step per client
+    assert "weights adding up to 4, but 5 client(s) replied ok" in caplog.text
+
+
 def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
     task = ToyLinearTask()
     params = task.initial_parameters()
