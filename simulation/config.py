@@ -405,12 +405,8 @@ class SimulationConfig:
             "secagg-timeout": self.secagg_timeout,
             "secagg-quantization-range": self.secagg_quantization_range,
             "secagg-modulus-range": self.secagg_modulus_range,
-            # under DP every client reports weight 1 (its example count is not DP), and
-            # SecAgg+ quantizes weight / max-weight times the update: 1 keeps its precision
-            # (min: a value the server refuses, 0 or NaN, is still refused)
-            "secagg-max-weight": min(self.secagg_max_weight, 1.0)
-            if self.dp
-            else self.secagg_max_weight,
+            # the ServerApp uses 1 under DP, where every client weighs 1 (ServerConfig)
+            "secagg-max-weight": self.secagg_max_weight,
             "round-timeout": self.round_timeout,
             "update-clip-norm": self.update_clip_norm,
             "bundle": "",

@@ -47,8 +47,7 @@ def test_every_key_the_apps_read_is_a_simulate_setting_or_set_by_it_for_a_reason
 def test_the_apps_knobs_reach_the_federation() -> None:
     from simulation.config import SimulationConfig
 
-    # without DP: under it every client weighs 1, and secagg-max-weight is 1 (test_config)
-    config = from_flat(SimulationConfig, {"backend": "inprocess", "dp": False, **KNOBS})
+    config = from_flat(SimulationConfig, {"backend": "inprocess", **KNOBS})
     run_config = config.server_run_config(100)
     assert {k: run_config[k] for k in KNOBS} == KNOBS
     server = ServerConfig.from_run_config(run_config).to_run_config()
