@@ -3,10 +3,12 @@ place)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,24 @@ def _isolated_cache(
     """Caches go to a per-session temp dir so tests never touch the user's cache."""
     monkeypatch.setenv("FEDREC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def flower_log(
+    caplog: pytest.LogCaptureFixture, level: int = logging.INFO
+) -> Iterator[pytest.LogCaptureFixture]:
+    """``caplog`` with the records of Flower's logger (the apps' and the workflow's log) at
+    ``level``: that logger does not pass its records on to the root logger's handlers, where
+    ``caplog`` listens, so in a full run (once Flower has configured it) ``caplog`` saw none,
+    and an earlier test may have left the logger above ``level``."""
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(level, logger=FLOWER_LOGGER.name):
+            yield caplog
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
 
 
 @pytest.fixture

@@ -49,7 +49,6 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.constant import ErrorCode
-from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_RESULTS
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.compat.common.recorddict_compat import (
@@ -91,6 +90,7 @@ from shared.federated import (
     register_task,
     validate_update,
 )
+from tests.conftest import flower_log
 
 Arrays = list[npt.NDArray[Any]]
 RunConfig = dict[str, bool | int | float | str]
@@ -111,12 +111,8 @@ def _task_identity() -> None:
 def client_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """``caplog`` with the WARNING lines of Flower's logger (the ClientApp's log), which
     does not pass its records on to the root logger's handlers."""
-    FLOWER_LOGGER.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger=FLOWER_LOGGER.name):
-            yield caplog
-    finally:
-        FLOWER_LOGGER.removeHandler(caplog.handler)
+    with flower_log(caplog, logging.WARNING):
+        yield caplog
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -662,14 +658,9 @@ def test_decline_replies_name_the_kind_of_decline_but_no_device_detail(
     register_task("telling-decliner-test", lambda _cfg: _TellingDecliner(), replace=True)
     params = ToyLinearTask().initial_parameters()
     app = make_client_app({"task": "telling-decliner-test"})
-    FLOWER_LOGGER.addHandler(caplog.handler)
-    try:
-        # on Flower's logger itself: an earlier test may have left it above INFO
-        with caplog.at_level(logging.INFO, logger=FLOWER_LOGGER.name):
-            fit = app(_fit_message(params), _context())
-            evaluate = app(_eval_message(params), _context())
-    finally:
-        FLOWER_LOGGER.removeHandler(caplog.handler)
+    with flower_log(caplog, logging.INFO):
+        fit = app(_fit_message(params), _context())
+        evaluate = app(_eval_message(params), _context())
     fit_metrics = recorddict_to_fitres(fit.content, keep_input=True).metrics
     eval_res = recorddict_to_evaluateres(evaluate.content)
     for metrics in (fit_metrics, eval_res.metrics):
@@ -1839,16 +1830,12 @@ def test_a_clients_huge_error_reason_is_kept_and_logged_cut_short(
             return Message(error, reply_to=msg)
         return call_next(msg, ctx)
 
-    FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
-    try:
-        with caplog.at_level(logging.DEBUG, logger=FLOWER_LOGGER.name):
-            report = _run(
-                {"num-rounds": 1, "eval-fraction": 0.0, "secagg": secagg},
-                num_nodes=5,
-                extra_mods=[loud],
-            )[0]
-    finally:
-        FLOWER_LOGGER.removeHandler(caplog.handler)
+    with flower_log(caplog, logging.DEBUG):
+        report = _run(
+            {"num-rounds": 1, "eval-fraction": 0.0, "secagg": secagg},
+            num_nodes=5,
+            extra_mods=[loud],
+        )[0]
     assert (report.fit.ok, report.fit.failed, report.fit.updated) == (4, 1, True), report.fit
     (reason,) = report.fit.failures
     assert reason.startswith("Error(") and "zzzz" in reason and len(reason) < 1000, len(reason)

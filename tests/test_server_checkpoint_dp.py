@@ -34,6 +34,7 @@ from server.user_dp import UserDPSettings, UserLevelDP
 from shared.errors import ConfigError, DataError, ModelFileError
 from shared.federated import ToyLinearConfig, ToyLinearTask, clip_update_l2, register_task
 from shared.privacy.ledger import RDP_ORDERS
+from tests.conftest import flower_log
 
 
 def _eps(acc: RDPAccountant, delta: float) -> float:
@@ -883,7 +884,7 @@ def test_user_dp_run_ends_when_too_few_of_the_population_are_connected_for_a_rou
     config = _dp_config({"population-size": 8, "cohort-size": 6, "checkpoint-dir": str(ck)})
     assert [r.server_round for r in _run(config, num_nodes=8)] == [1]
     journal = (ck / "user-dp-journal.json").read_text()
-    with caplog.at_level(logging.INFO):
+    with flower_log(caplog, logging.INFO):
         reports = _run({**config, "num-rounds": 3}, num_nodes=4)
     assert reports == []
     assert "run stopped after round 1: round 2: cohorts of 6 of 8 are too small" in caplog.text
