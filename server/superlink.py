@@ -4,10 +4,11 @@ device registrations in line with ``clients.json``, submit the federated run, fo
 How Flower 1.42 is used (its deployment engine; nothing of it is reimplemented here):
 
 * ``flower-superlink`` serves the Fleet API (devices), the Control API (``flwr`` CLI) and the
-  runtime API on **one HTTPS port**, with ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``
-  from ``certs/``, ``--database superlink.db`` (runs, nodes and registrations survive a
-  restart), ``--enable-supernode-auth`` (a SuperNode must sign with a key registered through
-  the Control API; any other is refused at activation) and
+  runtime API on **one HTTPS port** (Control and runtime requests from another host are refused:
+  :mod:`server.superlink_guard`; devices reach only the Fleet API), with
+  ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`` from ``certs/``, ``--database superlink.db``
+  (runs, nodes and registrations survive a restart), ``--enable-supernode-auth`` (a SuperNode must
+  sign with a key registered through the Control API; any other is refused at activation) and
   ``--disable-runtime-dependency-installation`` (the SuperExec it starts runs the ServerApp
   with the packages already installed; nothing is fetched at run time: the app's FAB carries
   only a generated ``pyproject.toml`` whose components point at this installed package).
@@ -551,8 +552,13 @@ class SuperLinkProcess:
 
     def argv(self) -> list[str]:
         pki = self.layout.pki
+        executable("flower-superlink")  # installed (its SuperExec is started by name)
         return [
-            executable("flower-superlink"),
+            # flower-superlink's own code, with the Control and runtime APIs refused to
+            # other hosts (see server.superlink_guard)
+            sys.executable,
+            "-m",
+            "server.superlink_guard",
             "--ssl-ca-certfile",
             str(pki.ca_cert.resolve()),
             "--ssl-certfile",

@@ -13,9 +13,10 @@ its API, 9094 for its SuperNode), as on separate machines.
 The test reaches each device's local API (127.0.0.1 in the device's namespace) from a thread
 that joined that namespace with setns(2).
 
-Needs root and a working `ip netns` (veth, bridge); skipped otherwise. Slow (-m slow): one
-SecAgg+ round with three devices; measured ~4 min in all (the round itself 73 s) on two CPUs
-shared with another federation test.
+Needs root and a working `ip netns` (veth, bridge); skipped otherwise. The federation test is
+slow (-m slow): one SecAgg+ round with three devices; measured ~4 min in all (the round itself
+73 s) on two CPUs shared with another federation test. The SuperLink's Control API test takes
+seconds.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from tests.test_deploy_e2e import (  # noqa: F401  (cleanup: a fixture)
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.network]
+pytestmark = pytest.mark.network
 
 SUBNET = "10.77.0"
 SERVER_IP = f"{SUBNET}.1"
@@ -256,6 +257,7 @@ def _san(cert: Path) -> tuple[list[str], list[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_secagg_round_between_hosts_in_network_namespaces(
     tmp_path: Path,
     network: Network,
@@ -314,3 +316,60 @@ def test_secagg_round_between_hosts_in_network_namespaces(
         assert status["privacy"]["epsilon_spent"] > 0, status
     for device in devices:
         assert device.stop() == 0
+
+
+def test_another_host_cannot_register_a_device_through_the_control_api(
+    tmp_path: Path, network: Network
+) -> None:
+    """Flower serves its Control API, which registers SuperNode keys and stops runs without
+    authenticating the caller, on the port devices reach: from another host, `flwr supernode
+    register` with the server's ca.pem registered the caller's own key, and that device then
+    trained in the next round although `clients.json` never named it. The SuperLink now
+    answers Control requests from its own machine only; the Fleet API still answers there."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from client.device.identity import init_identity
+    from server.state import init_state_dir
+    from server.superlink import (
+        FlwrCli,
+        SuperLinkError,
+        SuperLinkOptions,
+        SuperLinkProcess,
+        write_connection,
+    )
+
+    layout = init_state_dir(tmp_path / "server", [SERVER_IP])
+    superlink = SuperLinkProcess(layout, SuperLinkOptions(port=SERVER_PORT))  # all addresses
+    on_server, on_device = _namespace_thread(network.server), _namespace_thread(network.device(0))
+    try:
+        on_server.submit(superlink.start).result()  # its child runs in the server's namespace
+        write_connection(layout, superlink.address)
+        intruder_key = init_identity(tmp_path / "intruder").layout.public_key
+        # the device's flwr, with the server's ca.pem and address, as any device could set up
+        intruder = init_state_dir(tmp_path / "intruder-home", [SERVER_IP])
+        (intruder.pki.ca_cert).write_bytes(layout.pki.ca_cert.read_bytes())
+        write_connection(intruder, f"{SERVER_IP}:{SERVER_PORT}")
+        with pytest.raises(SuperLinkError, match="only on its own machine"):
+            on_device.submit(FlwrCli(intruder).register, intruder_key).result()
+        with pytest.raises(SuperLinkError, match="only on its own machine"):
+            on_device.submit(FlwrCli(intruder).runs).result()
+        assert on_server.submit(FlwrCli(layout).nodes).result() == {}  # nothing was registered
+
+        def get(path: str) -> int:
+            context = ssl.create_default_context(cafile=str(layout.pki.ca_cert))
+            url = f"https://{SERVER_IP}:{SERVER_PORT}{path}"
+            try:
+                with urllib.request.urlopen(url, timeout=10, context=context) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert on_device.submit(get, "/health").result() == 200  # reached over the link
+        # the server itself still registers devices (what `register-client` runs)
+        assert on_server.submit(FlwrCli(layout).register, intruder_key).result() > 0
+    finally:
+        on_server.submit(superlink.stop).result()
+        on_server.shutdown()
+        on_device.shutdown()

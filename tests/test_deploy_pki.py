@@ -1731,3 +1731,73 @@ def test_a_dp_deployments_secagg_rounding_is_far_below_its_dp_noise() -> None:
         errors[max_weight] = float(np.std(back / ratio - update))
     assert errors[1.0] < noise / 1000  # the deployment's: 1.6e-6
     assert errors[1000.0] > noise / 10  # what it was: 1.6e-3
+
+
+def test_the_superlink_refuses_control_and_runtime_requests_from_other_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower 1.42 serves the unauthenticated Control API (`flwr supernode register`, `flwr
+    stop`) and runtime API on the devices' port: any host that reached it registered its own
+    key and joined the federation without `register-client`. The SuperLink now runs behind
+    a guard that answers those only to this machine; the Fleet API stays open to devices."""
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from server.superlink import SuperLinkOptions, SuperLinkProcess
+    from server.superlink_guard import LocalOnlyMiddleware, install, is_local_address
+
+    argv = SuperLinkProcess(init_state_dir(tmp_path / "s"), SuperLinkOptions(port=19197)).argv()
+    assert argv[:3] == [sys.executable, "-m", "server.superlink_guard"], argv
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/{path:path}", ok, methods=["GET", "POST"])])
+    guarded = LocalOnlyMiddleware(inner)  # type: ignore[arg-type]
+
+    async def status(peer: str, path: str) -> int:
+        transport = httpx.ASGITransport(app=guarded, client=(peer, 40000))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="https://srv") as client:
+            return (await client.post(path)).status_code
+
+    remote = "192.0.2.7"  # TEST-NET-1: no interface here holds it
+    assert not is_local_address(remote) and is_local_address("127.0.0.1")
+    assert is_local_address("::ffff:127.0.0.1") and not is_local_address("testclient")
+    cases = {
+        (remote, "/v1/control/register-supernode"): 403,
+        (remote, "/v1/control/stop-run"): 403,
+        (remote, "/v1/runtime/list-apps-to-launch"): 403,
+        (remote, "/docs"): 403,
+        (remote, "/v1/fleet/activate-node"): 200,
+        (remote, "/health"): 200,
+        ("127.0.0.1", "/v1/control/register-supernode"): 200,
+        ("127.0.0.1", "/v1/runtime/list-apps-to-launch"): 200,
+    }
+    for (peer, path), expected in cases.items():
+        assert asyncio.run(status(peer, path)) == expected, (peer, path)
+    sent: list[dict[str, Any]] = []
+
+    async def websocket(peer: str) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: Any) -> None:
+            sent.append(dict(message))
+
+        scope = {"type": "websocket", "path": "/v1/control/x", "client": (peer, 1)}
+        await guarded(scope, receive, send)
+
+    asyncio.run(websocket(remote))
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+    # installed through Flower's extension hook, outermost of the SuperLink app's middleware
+    from flwr.superlink import extensions
+    from flwr.superlink import main as superlink_main
+
+    monkeypatch.setattr(extensions, "get_middleware", extensions.get_middleware)
+    install()
+    assert superlink_main._get_middleware()[0].cls is LocalOnlyMiddleware
