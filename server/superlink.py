@@ -17,7 +17,8 @@ How Flower 1.42 is used (its deployment engine; nothing of it is reimplemented h
   SuperLink (address + ``root-certificates = certs/ca.pem``).
 * Registration takes effect at once on a running SuperLink (a revoked device's next request
   is refused); ``clients.json`` is the source of truth that every start re-applies (register
-  what is missing, unregister what was revoked while the server was down).
+  what is missing, unregister what was revoked while the server was down, and any node no
+  device in it holds).
 
 Resume: every run is submitted with the same ``checkpoint-dir``, so a new run after a crash
 (of this process, the SuperLink or the machine) continues from the newest checkpoint.
@@ -245,6 +246,7 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
                 key_file.write_text(record.public_key + "\n")
                 try:
                     record.node_id = cli.register(key_file)
+                    listed.add(record.node_id)
                 except SuperLinkError as exc:
                     if "already in use" not in str(exc):
                         raise
@@ -266,6 +268,34 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
             )
         else:
             record.applied = record.revoked is None
+    done += _unregister_unknown(cli, registry, listed)
+    return done
+
+
+def _unregister_unknown(cli: FlwrCli, registry: ClientRegistry, listed: set[int]) -> list[str]:
+    """Unregister the SuperLink's nodes no record of ``registry`` holds (a key registered
+    with ``flwr supernode register`` outside ``register-client``): ``clients.json`` decides
+    which devices may join. None is touched while an active device has no node id the
+    SuperLink lists, since its key may be held under one of those."""
+    known = {record.node_id for record in registry.clients}
+    unknown = sorted(listed - known)
+    if not unknown:
+        return []
+    active = [record.node_id for record in registry.clients if record.revoked is None]
+    if not all(node_id in listed for node_id in active):
+        return [
+            f"node {node_id} is registered with the SuperLink but held by no device in "
+            "clients.json; kept, as a registered device's key may be under it: check with "
+            "`flwr supernode ls`, and remove it with `flwr supernode unregister NODE_ID`"
+            for node_id in unknown
+        ]
+    done = []
+    for node_id in unknown:
+        cli.unregister(node_id)
+        done.append(
+            f"unregistered node {node_id}: no device in clients.json holds it (registered "
+            "outside `fedrec server register-client`)"
+        )
     return done
 
 

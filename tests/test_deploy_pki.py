@@ -1801,3 +1801,39 @@ def test_the_superlink_refuses_control_and_runtime_requests_from_other_hosts(
     monkeypatch.setattr(extensions, "get_middleware", extensions.get_middleware)
     install()
     assert superlink_main._get_middleware()[0].cls is LocalOnlyMiddleware
+
+
+def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) -> None:
+    """A key registered with the SuperLink outside `register-client` (by hand with `flwr
+    supernode register`, or by another host through the Control API before the SuperLink
+    refused that) stayed registered through every `server start`: that device kept joining
+    rounds, and neither `server status` nor `revoke-client` could name it. `clients.json` is
+    the source of truth: such a node is unregistered; none is while an active device's key
+    may be held under a node id the registry does not know (it could be that one)."""
+    from server.superlink import apply_registrations
+
+    layout = init_state_dir(tmp_path / "s")
+    with ClientRegistry.locked(layout.registry) as registry:
+        public = init_identity(tmp_path / "d0").public_key_openssh
+        registry.add(*load_public_key(public, source="key"), name="phone-0")
+        registry.save()
+    link = _FlakySuperLink()
+    link.fail_unregister = False
+    link.registered[7] = "an intruder's key"
+    done = apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert list(link.registered) == [101], done
+    assert any("node 7" in line and "clients.json" in line for line in done), done
+
+    # phone-0's key held under an id the registry lost: the unknown node may be its own
+    link.registered = {7: "phone-0's key, or not", 101: "the id the registry knows"}
+    with ClientRegistry.locked(layout.registry) as registry:
+        registry.clients[0].node_id = None
+        registry.save()
+
+    def already(public_key_file: Path) -> int:
+        raise SuperLinkError("`flwr supernode register` failed: public key already in use")
+
+    link.register = already  # type: ignore[method-assign]
+    done = apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert sorted(link.registered) == [7, 101], done
+    assert any("node 7" in line and "flwr supernode ls" in line for line in done), done
