@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import sys
+import threading
+from types import FrameType
 
 import click
 import typer
@@ -64,8 +67,23 @@ def _root(
     FLOWER_LOGGER.setLevel(level)
 
 
+_interrupted = threading.Event()
+"""Set by :func:`_note_interrupt`: Ctrl-C reached a command that has no handler of its own."""
+
+
+def _note_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Python's own Ctrl-C (a KeyboardInterrupt), noted: Typer turns a command's
+    KeyboardInterrupt into a silent exit status 130, which :func:`main` cannot tell from a
+    command's own ``typer.Exit(130)`` (which has said why) without it."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C, where a
+    command does not handle it itself, "aborted" and 130."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
+        signal.signal(signal.SIGINT, _note_interrupt)
     try:
         code = app(standalone_mode=False)
     except FedRecError as err:
@@ -99,6 +117,8 @@ def main() -> None:
     # without standalone mode Click *returns* a typer.Exit's status instead of exiting with
     # it: `server start` and `client start` exited 0 after a failed run or a signal
     if is_int(code) and code != 0:
+        if code == 130 and _interrupted.is_set():  # Typer swallowed the KeyboardInterrupt
+            typer.echo("aborted", err=True)
         sys.exit(code)
 
 

@@ -640,6 +640,33 @@ def test_the_entry_point_exits_with_a_commands_own_status(monkeypatch: pytest.Mo
         cli.app.registered_commands.pop()
 
 
+def test_ctrl_c_in_a_command_says_aborted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in a command that installs no handler of its own (`fedrec simulate` before it
+    claims its run directory, `fedrec evaluate ...`): Typer turns the KeyboardInterrupt into
+    a silent exit status 130, so the command ended with no word at all."""
+    import os
+    import signal
+    import time
+
+    from fedrec import cli
+
+    @cli.app.command("interrupted", hidden=True)
+    def _interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the signal interrupts this at once
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert _main(monkeypatch, "interrupted") == 130
+    finally:
+        cli.app.registered_commands.pop()
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert err.strip() == "aborted"
+
+
 def _untrained_student(n_items: int) -> Any:
     """A seeded, untrained 16-d student over ``n_items`` items (for publishing a model)."""
     import numpy as np
