@@ -8,7 +8,7 @@ update as a pseudo-gradient and giving it to Adam on the server (FedAdam, Reddi 
 "Adaptive Federated Optimization") takes per-parameter steps of a steady size however small
 or noisy the updates are. Measured with ``bench/federation_emulator.py`` on ml-100k (100
 rounds of 50 clients, each sending one full-batch gradient step): validation sampled HR@10
-rose from 0.697 to 0.731 with FedAdam, while FedAvg with local SGD stayed near where the
+rose from 0.697 to 0.730 with FedAdam, while FedAvg with local SGD stayed near where the
 pretrained student started.
 
 ``avg`` (the default) is FedAvg: ``w += server_lr * mean_update`` (``server_lr`` 1 = plain

@@ -155,7 +155,7 @@ class TeacherConfig:
     (``bench/teacher_curve.py``, ``bench/results/teacher-curve-ml-100k.json``), sampled NDCG
     picks epoch 62, whose federated-user test is 0.632 / 0.118 HR@10, against 0.682 / 0.171
     where patience 5 stops (epoch 20). The public users' validation NLL and full NDCG@10 see
-    the over-fitting (best at epochs 22 and 18: 0.678 / 0.162, 0.675 / 0.168), so they are
+    the over-fitting (best at epochs 22 and 18: 0.677 / 0.162, 0.675 / 0.168), so they are
     safer criteria but no better ones at this patience; the synthetic set teacher does not
     over-fit within 120 epochs (``teacher-curve-synthetic.json``: every criterion keeps
     0.594 to 0.618 / 0.247 to 0.267).

@@ -20,7 +20,7 @@ About a fifth of the teacher's probability sits on items already in the prefix, 
 never recommended (``exclude-seen``). Masking them out of both distributions, so the KL
 covers only what can be ranked, was tried and left out: the distilled student did not move
 (ml-100k split 42, federated users, fp32 sampled / full HR@10 0.666 / 0.162 against
-0.667 / 0.164; ad hoc, same teacher).
+0.667 / 0.163; ad hoc, same teacher).
 """
 
 from __future__ import annotations
