@@ -79,8 +79,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # about ten times what the median update (norm 0.096) needed, and cohort 300 / z 1.4 gave
     # 0.627 / 0.131. The emulator (bench/federation_emulator.py --user-dp) reports that median
     # and, at C = 0.1, matched its own no-DP run exactly (0.675 / 0.171 after 20 rounds); here
-    # C = 0.1 gave 0.678 / 0.165 against no DP's 0.669 / 0.166 with Poisson cohorts, a
-    # −1.3% / 0.9% cost (federation-ml-100k-user-dp-cohort300.json).
+    # C = 0.1 gave 0.673 / 0.166 against no DP's 0.670 / 0.166 with Poisson cohorts, a
+    # −0.4% / 0.0% cost (federation-ml-100k-user-dp-cohort300.json, the f66ae78 rerun).
     "user-dp": {
         "dp": False,
         "secagg": True,
