@@ -15,7 +15,8 @@ here, so a future move to a Message-API SecAgg+ touches this file only:
   ``"secaggplus"`` config record, so it is *not* harmless when the server runs plain
   FedAvg; this wrapper only engages it when the record is present, which lets a single
   ``ClientApp`` serve both modes. It also makes the client report weight 1 when the
-  round config asks for uniform weights (user-level DP).
+  round config asks for uniform weights (user-level DP), and refuses instructions whose
+  answer would unmask a single client's update (:func:`_refuse_unsafe_stage`).
 * :func:`use_fast_secagg_helpers` - Flower 1.42's Shamir helpers start a thread pool on
   every call (for 2 to 20 chunks of pure-Python work the GIL serializes anyway; in a
   busy server each thread start waits for the GIL) and compute bit by bit: 0.3 s per
@@ -1024,8 +1025,7 @@ def secaggplus_when_requested_mod(
 
     masks_token = _FULL_SEED_MASKS.set(full_seed)
     try:
-        if stage == Stage.UNMASK:
-            _refuse_unmasking_both_shares(msg.content.config_records[SECAGG_RECORD])
+        _refuse_unsafe_stage(stage, msg.content.config_records[SECAGG_RECORD], msg)
         reply = secaggplus_mod(msg, ctxt, guarded_next)
     except _HandlerReplied:
         return inner_errors[0]
@@ -1057,18 +1057,47 @@ def secaggplus_when_requested_mod(
     return reply
 
 
-def _refuse_unmasking_both_shares(configs: ConfigRecord) -> None:
-    """Refuse an unmask request that lists a node both as active (asking for the share of
-    its private mask seed) and as dead (the share of its mask key): with both a server
-    strips every mask off that node's own vector and reads its update. Flower's client
-    mod sends both (Bonawitz et al. 2017 require the sets disjoint)."""
-    active = configs.get(Key.ACTIVE_NODE_ID_LIST, [])
-    dead = configs.get(Key.DEAD_NODE_ID_LIST, [])
-    both = sorted(set(cast(list[int], active)) & set(cast(list[int], dead)))
+def _refuse_unsafe_stage(stage: str, configs: ConfigRecord, msg: Message) -> None:
+    """Refuse (:class:`ConfigError`) a SecAgg+ instruction whose answer would let the server
+    read this client's update or a neighbour's: Flower's client mod checks the types of the
+    server's values, not what they reveal (:func:`_refuse_unsafe_unmask`). Each refusal is
+    one no honest server (the project's :class:`SecAggSettings`, Flower's workflow) sends."""
+    if stage == Stage.UNMASK:
+        _refuse_unsafe_unmask(configs, msg.metadata.dst_node_id)
+
+
+def _refuse_unsafe_unmask(configs: ConfigRecord, own_id: int) -> None:
+    """Refuse an unmask request that
+
+    * lists a node both as active (asking for the share of its private mask seed) and as
+      dead (the share of its mask key): with both a server strips every mask off that
+      node's own vector and reads its update. Flower's client mod sends both (Bonawitz et
+      al. 2017 require the sets disjoint);
+    * lists a node twice: Flower checks the active list's *length* against the threshold,
+      so ``[target] * threshold`` as active and every other neighbour as dead passed, and
+      ``threshold`` such answers gave the target's seed and every other node's key, which
+      is the target's update;
+    * lists this client as dead: it is answering, and the share of its own mask key is
+      what no honest request asks for.
+    """
+    active = cast(list[int], configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    dead = cast(list[int], configs.get(Key.DEAD_NODE_ID_LIST, []))
+    both = sorted(set(active) & set(dead))
     if both:
-        raise ValueError(
+        raise ConfigError(
             f"the unmask request lists node(s) {both[:5]} as both active and dropped: both "
             "shares would unmask that node's own update; refusing (a faulty or hostile server)"
+        )
+    for name, nodes in (("active", active), ("dropped", dead)):
+        if len(set(nodes)) != len(nodes):
+            raise ConfigError(
+                f"the unmask request lists a node more than once as {name}: repeated ids "
+                "pass the threshold with fewer nodes; refusing (a faulty or hostile server)"
+            )
+    if own_id in dead:
+        raise ConfigError(
+            "the unmask request lists this client as dropped, asking for the share of its "
+            "own mask key; refusing (a faulty or hostile server)"
         )
 
 

@@ -54,6 +54,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.compat.common.recorddict_compat import (
     evaluateins_to_recorddict,
     fitins_to_recorddict,
+    fitres_to_recorddict,
     recorddict_to_evaluateres,
     recorddict_to_fitres,
 )
@@ -2130,6 +2131,107 @@ def test_a_client_refuses_to_unmask_a_node_listed_as_active_and_dropped(
             assert called == [] and "as both active and dropped" in client_log.text
         else:
             assert called == ["flower"]
+
+
+class _SecAggCohort:
+    """Clients running the project's SecAgg+ mod (with Flower's ``secaggplus_mod``) in a
+    full share graph, driven stage by stage by the test as a (hostile) server would."""
+
+    def __init__(self, size: int, threshold: int, **setup: int | float) -> None:
+        from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+        self.ids = list(range(101, 101 + size))
+        self.contexts = {nid: Context(1, nid, {}, RecordDict(), {}) for nid in self.ids}
+        self.setup_replies = self._stage_all(
+            {
+                Key.STAGE: Stage.SETUP,
+                Key.SAMPLE_NUMBER: size,
+                Key.SHARE_NUMBER: size,
+                Key.THRESHOLD: threshold,
+                Key.CLIPPING_RANGE: 8.0,
+                Key.TARGET_RANGE: 2**22,
+                Key.MOD_RANGE: 2**32,
+                Key.MAX_WEIGHT: 1.0,
+                **setup,
+            }
+        )
+
+    def send(self, nid: int, configs: dict[str, Any]) -> Message:
+        msg = Message(RecordDict({SECAGG_RECORD: ConfigRecord(configs)}), nid, "train")
+
+        def train(m: Message, c: Context) -> Message:
+            fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.full(3, 0.5)]), 1, {})
+            return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=m)
+
+        return secagg_module.secaggplus_when_requested_mod(msg, self.contexts[nid], train)
+
+    def _stage_all(self, configs: dict[str, Any]) -> dict[int, Message]:
+        return {nid: self.send(nid, dict(configs)) for nid in self.ids}
+
+    def run_to_unmask(self) -> None:
+        """Share keys and collect masked vectors, all honestly."""
+        from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+        keys = {
+            str(nid): [
+                r.content[SECAGG_RESULTS][key] for key in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)
+            ]
+            for nid, r in self.setup_replies.items()
+        }
+        inbox: dict[int, list[tuple[int, bytes]]] = {nid: [] for nid in self.ids}
+        for nid, reply in self._stage_all({Key.STAGE: Stage.SHARE_KEYS, **keys}).items():
+            record = reply.content[SECAGG_RESULTS]
+            for dst, ciphertext in zip(
+                record[Key.DESTINATION_LIST], record[Key.CIPHERTEXT_LIST], strict=True
+            ):
+                inbox[int(dst)].append((nid, ciphertext))
+        for nid in self.ids:
+            reply = self.send(
+                nid,
+                {
+                    Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
+                    Key.SOURCE_LIST: [src for src, _ in inbox[nid]],
+                    Key.CIPHERTEXT_LIST: [ct for _, ct in inbox[nid]],
+                },
+            )
+            assert not reply.has_error(), reply.error.reason
+
+    def unmask(self, nid: int, active: list[int], dead: list[int]) -> Message:
+        from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+        return self.send(
+            nid,
+            {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead},
+        )
+
+
+def test_a_client_refuses_an_unmask_request_that_repeats_a_node() -> None:
+    """Flower's client checks only that the unmask request's active list is as long as the
+    threshold, and the overlap check compares the lists as sets: a server listing the node
+    it targets ``threshold`` times as active and every other neighbour as dropped got, from
+    ``threshold`` clients, the shares of that node's mask seed and of every other node's
+    mask key, and read its update exactly (5 clients, threshold 3). Repeated ids are refused."""
+    cohort = _SecAggCohort(5, 3)
+    cohort.run_to_unmask()
+    target, *others = cohort.ids
+    for nid in others[:3]:
+        reply = cohort.unmask(nid, [target] * 3, others)
+        assert reply.has_error() and "unmask" in reply.error.reason
+    reply = cohort.unmask(others[3], [target, others[3]], [others[0], others[0]])
+    assert reply.has_error()
+
+
+def test_a_client_refuses_to_be_unmasked_as_a_dropped_node() -> None:
+    """A client that is asked to unmask is alive: listing it as dropped asks it for the
+    share of its own mask key, which no honest request does (Flower's workflow lists the
+    neighbours it holds as active, itself among them)."""
+    cohort = _SecAggCohort(5, 3)
+    cohort.run_to_unmask()
+    nid, *others = cohort.ids
+    reply = cohort.unmask(nid, others, [nid])
+    assert reply.has_error() and "unmask" in reply.error.reason
+    # an honest request of the same round: itself and its neighbours active
+    assert not cohort.unmask(others[0], cohort.ids, []).has_error()
 
 
 @pytest.mark.parametrize(
