@@ -1060,10 +1060,25 @@ def secaggplus_when_requested_mod(
 def _refuse_unsafe_stage(stage: str, configs: ConfigRecord, msg: Message) -> None:
     """Refuse (:class:`ConfigError`) a SecAgg+ instruction whose answer would let the server
     read this client's update or a neighbour's: Flower's client mod checks the types of the
-    server's values, not what they reveal (:func:`_refuse_unsafe_unmask`). Each refusal is
-    one no honest server (the project's :class:`SecAggSettings`, Flower's workflow) sends."""
-    if stage == Stage.UNMASK:
+    server's values, not what they reveal (:func:`_refuse_unsafe_setup`,
+    :func:`_refuse_unsafe_unmask`). Each refusal is one no honest server (the project's
+    :class:`SecAggSettings`, Flower's workflow) sends."""
+    if stage == Stage.SETUP:
+        _refuse_unsafe_setup(configs)
+    elif stage == Stage.UNMASK:
         _refuse_unsafe_unmask(configs, msg.metadata.dst_node_id)
+
+
+def _refuse_unsafe_setup(configs: ConfigRecord) -> None:
+    """Refuse a setup whose reconstruction threshold is below 2 (with 1, every Shamir share
+    is the secret itself: one neighbour's answer to an unmask request reveals this client's
+    mask seed or key). Values of the wrong type are left to Flower's own check."""
+    threshold = configs.get(Key.THRESHOLD)
+    if is_int(threshold) and threshold < 2:
+        raise ConfigError(
+            f"SecAgg+ reconstruction threshold {threshold} < 2 (at 1 every share is the "
+            "secret itself); refusing (a faulty or hostile server)"
+        )
 
 
 def _refuse_unsafe_unmask(configs: ConfigRecord, own_id: int) -> None:

@@ -2234,6 +2234,17 @@ def test_a_client_refuses_to_be_unmasked_as_a_dropped_node() -> None:
     assert not cohort.unmask(others[0], cohort.ids, []).has_error()
 
 
+def test_a_client_refuses_a_secagg_threshold_below_two() -> None:
+    """With a reconstruction threshold of 1 every Shamir share is the secret itself: one
+    client's answer to one unmask request (a neighbour active, the others dropped) gave the
+    server that neighbour's mask seed and every other mask key, i.e. its update. Flower's
+    client checks only the threshold's type; the project's server never sends < 2."""
+    for threshold in (1, 0, -3):
+        replies = _SecAggCohort(3, threshold).setup_replies
+        assert all(r.has_error() and "setup" in r.error.reason for r in replies.values())
+    assert not any(r.has_error() for r in _SecAggCohort(3, 2).setup_replies.values())
+
+
 @pytest.mark.parametrize(
     "run_config",
     [{"min-available-clients": 3}, {"secagg": True}],
