@@ -140,7 +140,9 @@ def full_seed_masks(
     The replacement of Flower's ``pseudo_rand_gen`` (same arguments, ``int64`` arrays):
     AES-256 in counter mode keyed with SHA-256 of the seed, so two seeds give unrelated
     masks and a mask is as hard to guess as its seed (Flower's folds the seed to 32 bits).
-    ``num_range`` is a power of two <= 2**32 in SecAgg+, so the words stay uniform."""
+    ``num_range`` is a power of two <= 2**32 in SecAgg+ (:class:`SecAggSettings`; a client
+    refuses any other from the server, :func:`_refuse_unsafe_setup`), so the words stay
+    uniform."""
     key = hashlib.sha256(b"fedrec secagg+ mask\0" + seed).digest()
     counts = [math.prod(shape) for shape in dimensions_list]
     stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
@@ -1057,6 +1059,10 @@ def secaggplus_when_requested_mod(
     return reply
 
 
+#: Largest SecAgg+ modulus whose masks are uniform: :func:`full_seed_masks` draws 32-bit words.
+_MAX_MODULUS = 2**32
+
+
 def _refuse_unsafe_stage(stage: str, configs: ConfigRecord, msg: Message) -> None:
     """Refuse (:class:`ConfigError`) a SecAgg+ instruction whose answer would let the server
     read this client's update or a neighbour's: Flower's client mod checks the types of the
@@ -1072,12 +1078,27 @@ def _refuse_unsafe_stage(stage: str, configs: ConfigRecord, msg: Message) -> Non
 def _refuse_unsafe_setup(configs: ConfigRecord) -> None:
     """Refuse a setup whose reconstruction threshold is below 2 (with 1, every Shamir share
     is the secret itself: one neighbour's answer to an unmask request reveals this client's
-    mask seed or key). Values of the wrong type are left to Flower's own check."""
+    mask seed or key) or whose modulus the masks do not cover uniformly (a power of two, at
+    most 2**32 (:func:`full_seed_masks` draws 32-bit words; under 2**40 its masks covered a
+    sliver of the range and the masked vector still correlated with the update) and above
+    the quantization range, which the update would otherwise wrap). Values of the wrong
+    type are left to Flower's own check."""
     threshold = configs.get(Key.THRESHOLD)
     if is_int(threshold) and threshold < 2:
         raise ConfigError(
             f"SecAgg+ reconstruction threshold {threshold} < 2 (at 1 every share is the "
             "secret itself); refusing (a faulty or hostile server)"
+        )
+    modulus, levels = configs.get(Key.MOD_RANGE), configs.get(Key.TARGET_RANGE)
+    if (
+        is_int(modulus)
+        and is_int(levels)
+        and (not levels < modulus <= _MAX_MODULUS or modulus & (modulus - 1))
+    ):
+        raise ConfigError(
+            f"SecAgg+ modulus {modulus} is no power of two in (quantization range {levels}, "
+            "2**32]: the masks would not hide the update in it; refusing (a faulty or "
+            "hostile server)"
         )
 
 

@@ -2245,6 +2245,18 @@ def test_a_client_refuses_a_secagg_threshold_below_two() -> None:
     assert not any(r.has_error() for r in _SecAggCohort(3, 2).setup_replies.values())
 
 
+@pytest.mark.parametrize("modulus", [2**40, 2**33, 3 * 2**30, 2**22, 2**10])
+def test_a_client_refuses_a_secagg_modulus_its_masks_cannot_hide_in(modulus: int) -> None:
+    """The masks drawn from the whole seed (:func:`secagg_module.full_seed_masks`) are 32-bit
+    words reduced by the modulus: under a modulus above 2**32 (that the server chooses in
+    the setup stage) they covered a sliver of it and the masked vector still correlated
+    with the update; one that is no power of two biases them. A modulus not above the
+    quantization range wraps the update itself. The client refuses such a setup, as the
+    project's server settings do (:class:`SecAggSettings`)."""
+    replies = _SecAggCohort(3, 2, **{Key.MOD_RANGE: modulus}).setup_replies
+    assert all(r.has_error() and "setup" in r.error.reason for r in replies.values())
+
+
 @pytest.mark.parametrize(
     "run_config",
     [{"min-available-clients": 3}, {"secagg": True}],
