@@ -431,6 +431,22 @@ def test_model_key_follows_the_weights_contents(tmp_path: Path) -> None:
     assert model_cache_key(copy, 128) != before
 
 
+@pytest.mark.parametrize(
+    "name", ["vocab.json", "added_tokens.json", "tokenizer.model", "sentencepiece.model"]
+)
+def test_model_key_follows_every_tokenizer_file(tmp_path: Path, name: str) -> None:
+    """A RoBERTa- or GPT-2-style folder without tokenizer.json builds its tokenizer from
+    vocab.json and merges.txt (a Llama-style one from tokenizer.model): the key hashed only
+    some tokenizer files, so an edited vocab.json kept the key and the shard's vectors,
+    tokenized by the old vocabulary, were served as the new model's."""
+    (tmp_path / "config.json").write_text("{}")
+    before = model_cache_key(tmp_path, 128)
+    (tmp_path / name).write_text('{"a": 5, "b": 6}')
+    with_file = model_cache_key(tmp_path, 128)
+    (tmp_path / name).write_text('{"a": 6, "b": 5}')
+    assert len({before, with_file, model_cache_key(tmp_path, 128)}) == 3
+
+
 def test_a_tokenizer_without_padding_pads_with_a_token_it_has(
     tmp_path: Path, encoder: ItemEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -79,7 +79,12 @@ _INSTALL_HINT = (
     "containing config.json, tokenizer files and model weights)."
 )
 
-# Files whose *content* defines the model's behaviour and is small enough to hash every time.
+# Files whose *content* defines the model's behaviour and is small enough to hash every time:
+# the config and every file a transformers tokenizer reads (the ``vocab_files_names`` of its
+# tokenizer classes, and ``added_tokens.json``). A folder without ``tokenizer.json`` builds
+# its tokenizer from the others (``vocab.json`` + ``merges.txt``, ``tokenizer.model``, ...),
+# so an unhashed one could change the tokens, and so the vectors, under the same key. A file
+# a folder lacks adds nothing, so the names added later left existing keys as they were.
 _HASHED_FILES = (
     "config.json",
     "tokenizer.json",
@@ -89,6 +94,26 @@ _HASHED_FILES = (
     "merges.txt",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "added_tokens.json",
+    "vocab.json",
+    "tokenizer.model",
+    "sentencepiece.model",
+    "spm.model",
+    "spm_char.model",
+    "source.spm",
+    "target.spm",
+    "bpe.codes",
+    "dict.txt",
+    "normalizer.json",
+    "byte_maps.json",
+    "emoji.json",
+    "entity_vocab.json",
+    "target_vocab.json",
+    "vocab-src.json",
+    "vocab-tgt.json",
+    "word_pronunciation.json",
+    "word_shape.json",
+    "prophetnet.tokenizer",
 )
 # Weight files (and sharded-weight indexes): hashed once per process and file version.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".index.json")
@@ -179,8 +204,8 @@ def model_cache_key(
 
     Covers, via SHA-256:
 
-    * the *contents* of ``config.json`` and the tokenizer files (small, and they decide how
-      text becomes tokens);
+    * the *contents* of ``config.json`` and every tokenizer file it has (small, and they
+      decide how text becomes tokens; see ``_HASHED_FILES``);
     * the name and the *contents* of every weight file (``*.safetensors``, ``*.bin``, ...
       and sharded-weight index files), hashed once per process and file version (about
       0.13 s for MiniLM's 91 MB): copies that keep a file's size and modification time
