@@ -180,6 +180,34 @@ def test_cached_copy_needs_no_network(tmp_path: Path, monkeypatch: pytest.Monkey
     assert calls == []
 
 
+def test_a_cached_copy_of_another_release_is_refused_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder in the cache was returned by name alone: once ARCHIVES named another
+    SHA-256 (GroupLens republished ml-latest-small and the entry was updated), machines
+    holding the old download kept reading its data while fresh ones read the new release,
+    under the same name, split and cache keys. Its recorded hash is now checked."""
+    archive, digest = ml100k_zip(tmp_path)
+    serve(monkeypatch, archive, digest)
+    cache = tmp_path / "cache"
+    folder = download_dataset("ml-100k", cache)
+    serve(monkeypatch, archive, "0" * 64)  # the entry now names another archive
+    no_network(monkeypatch)
+    for read in (
+        lambda: download_dataset("ml-100k", cache),
+        lambda: load_dataset("ml-100k", cache_dir=cache),
+    ):
+        with pytest.raises(DataError, match=f"{digest}.*not the {'0' * 64}") as caught:
+            read()
+        assert str(folder) in str(caught.value) and "--data-dir" in str(caught.value)
+    assert load_dataset("ml-100k", data_dir=folder).n_items == 3  # the way to keep it
+    serve(monkeypatch, archive, None)  # no hash recorded: any download is the release
+    assert download_dataset("ml-100k", cache) == folder
+    (folder / PROVENANCE_FILE).unlink()  # unzipped by hand: nothing to check it by
+    serve(monkeypatch, archive, "0" * 64)
+    assert download_dataset("ml-100k", cache) == folder
+
+
 def test_load_dataset_downloads_into_env_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _cache_env: Path
 ) -> None:

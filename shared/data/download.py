@@ -9,7 +9,9 @@ is built so that a failure leaves nothing half-done behind:
 * extraction refuses absolute paths, ``..`` components and symbolic links (no path
   traversal) and caps the unpacked size;
 * the extracted folder is flushed to disk and renamed into place (``<cache>/<name>``) in one
-  atomic step, so a folder in the cache is always complete, even after a power loss;
+  atomic step, so a folder in the cache is always complete, even after a power loss; it
+  records the archive's hash, and a cached folder of another archive than ``ARCHIVES`` now
+  names (a republished one) is refused, not read as this release;
 * a redirect from the HTTPS address to plain HTTP is refused, not followed;
 * the network timeout is short (:data:`DEFAULT_TIMEOUT_S`): offline machines fail fast with a
   :class:`DatasetNotFoundError` that says how to point at a local copy (``--data-dir PATH``);
@@ -129,9 +131,38 @@ def cached_dataset_dir(name: str, cache_dir: str | Path | None = None) -> Path |
     """``<cache>/<name>`` if it exists and is not empty, else ``None``.
 
     Downloads are renamed into place atomically, so an existing folder is a complete one.
+    One downloaded from another archive than :data:`ARCHIVES` names now (its provenance
+    file records another SHA-256) raises :class:`DataError`: see :func:`_check_release`.
     """
     path = resolve_cache_dir(cache_dir) / name
-    return path if path.is_dir() and any(path.iterdir()) else None
+    if not (path.is_dir() and any(path.iterdir())):
+        return None
+    _check_release(name, path)
+    return path
+
+
+def _check_release(name: str, folder: Path) -> None:
+    """Refuse the cached ``folder`` of ``name`` when its provenance file records another
+    archive than the SHA-256 :data:`ARCHIVES` expects (an entry updated after GroupLens
+    republished the archive): found by name alone, it would be read as the release this
+    code names, so machines that downloaded before the update would train and report on
+    other data than fresh ones, under the same name and cache keys. A folder without a
+    readable record (unzipped by hand) or an entry without a hash is not checked."""
+    spec = ARCHIVES.get(name)
+    if spec is None or spec.sha256 is None:
+        return
+    try:
+        record = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        recorded = record["sha256"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if isinstance(recorded, str) and recorded.lower() != spec.sha256.lower():
+        raise DataError(
+            f"{name}: the cached copy {folder} was downloaded from an archive with SHA-256 "
+            f"{recorded}, not the {spec.sha256} this version reads ({spec.url} was "
+            "republished): its data are another release's. Delete that folder to download "
+            "the dataset again, or pass --data-dir PATH to read that copy all the same."
+        )
 
 
 def download_dataset(
