@@ -143,6 +143,7 @@ def _run_stages(
 
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)
+    run.claim_data(dataset.fingerprint(), _data_name(config))
     _check_population(config, split)
     progress("text", {"items": dataset.n_items})
     bars = _bars(config.progress)
@@ -334,6 +335,11 @@ def write_summary_and_report(summary: dict[str, Any], root: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- stages
+
+
+def _data_name(config: SimulationConfig) -> str:
+    """The data a run reads, as its errors name it: the dataset and its folder, if any."""
+    return f"{config.dataset} ({config.data_dir})" if config.data_dir else config.dataset
 
 
 def load_split(config: SimulationConfig) -> tuple[RecDataset, ProtocolSplit]:

@@ -42,6 +42,9 @@ from shared.io import (
 CONFIG_FILE = "config.json"
 NEW_RUN_FIX = "Pass another --name to start a fresh run"
 """What to do about unreadable run settings when starting a run."""
+DATA_SECTION = "data"
+"""The section of ``config.json`` recording the data a run trains on
+(:meth:`RunDirectory.claim_data`)."""
 LOCK_FILE = ".lock"
 """Held (``flock``) by the run using the folder; holds its pid."""
 _RUN_ENTRIES = (
@@ -191,6 +194,25 @@ class RunDirectory:
                     "or pass another --name to start a fresh run"
                 )
         self.write_config({**(stored or {}), section: dict(settings)})
+
+    def claim_data(self, fingerprint: str, what: str) -> None:
+        """Record the content fingerprint of the data the run trains on (the ``data``
+        section of ``config.json``), after checking that a previous run here trained on the
+        same: its settings can all match while the data differ (a data-dir file edited, a new
+        download, another version's cleaning filters), and its checkpoints, pretrained
+        student and ledgers would be continued on other users and items. ``what`` names the
+        data for the error. A run that recorded none (older code) is not compared."""
+        stored = self.stored_config() or {}
+        previous = stored.get(DATA_SECTION)
+        recorded = previous.get("fingerprint") if isinstance(previous, dict) else None
+        if isinstance(recorded, str) and recorded != fingerprint and self.has_progress():
+            raise ConfigError(
+                f"{self.root} holds a run trained on other data than {what} holds now (its "
+                f"content fingerprint {recorded}, now {fingerprint}): resuming it would "
+                "continue its checkpoints on other users and items. Restore the data it was "
+                "trained on to resume it, or pass another --name to start a fresh run"
+            )
+        self.write_config({**stored, DATA_SECTION: {"fingerprint": fingerprint}})
 
     def has_progress(self) -> bool:
         """Whether a run here got far enough to leave something a rerun resumes from

@@ -977,6 +977,48 @@ def test_noise_shares_beyond_the_datasets_clients_is_refused_before_pretraining(
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+def test_a_resume_on_other_data_is_refused_before_pretraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun with every setting the same resumed a run whose data had changed (an edited
+    data-dir file, a new download): pretraining missed its cache and trained on the new data,
+    the run warned of "another number of threads" and went on from its old student with the
+    new clients' data, failing on the catalog only if that changed size."""
+    import simulation.pipeline
+    from shared.config import from_flat, parse_run_config, to_flat
+    from simulation.config import RESUMABLE_KEYS, SimulationConfig
+    from simulation.pipeline import load_split
+    from simulation.run_dir import RunDirectory
+
+    def no_encoding(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("encoded")  # the stage after the check, before pretraining
+
+    monkeypatch.setattr(simulation.pipeline, "encode_items", no_encoding)
+    keys = "synthetic-users=40 synthetic-items=30"
+    config = from_flat(SimulationConfig, parse_run_config(keys))
+    fingerprint = load_split(config)[0].fingerprint()
+    # the data changed, the same, or not recorded (by older code): not compared
+    for name, recorded in (("changed", "0123456789abcdef"), ("same", fingerprint), ("old", None)):
+        refused = name == "changed"
+        args = ["simulate", "--run-dir", str(tmp_path), "--name", name, "--no-progress"]
+        args += ["--run-config", keys]
+        earlier = RunDirectory(tmp_path / name)  # a run that trained a round on it
+        earlier.claim("simulation", to_flat(config), RESUMABLE_KEYS)
+        if recorded is not None:
+            earlier.claim_data(recorded, "synthetic")
+        (earlier.checkpoints / "round-000001.npz").write_bytes(b"x")
+        earlier.close()
+        result = CliRunner().invoke(app, args)
+        if refused:
+            assert isinstance(result.exception, ConfigError), result.output
+            assert f"fingerprint {recorded}, now {fingerprint}" in str(result.exception)
+            assert "other data than synthetic holds now" in str(result.exception)
+        else:  # resumed (up to the stage patched out here), the data now recorded
+            assert "encoded" in str(result.exception), result.output
+            stored = json.loads((tmp_path / name / "config.json").read_text())
+            assert stored["data"] == {"fingerprint": fingerprint}
+
+
 def test_secagg_settings_beyond_the_datasets_clients_are_refused_before_pretraining(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
