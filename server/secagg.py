@@ -309,6 +309,8 @@ class SecAggSettings:
             raise ConfigError(
                 f"secagg-reconstruction-threshold as a fraction must be in (0, 1], got {t}"
             )
+        if isinstance(self.num_shares, int) and not self.majority(self.num_shares):
+            raise ConfigError(self.minority_problem(self.num_shares))
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(
                 f"secagg-timeout must be > 0 seconds (or 0 for none), got {self.timeout}"
@@ -378,19 +380,68 @@ class SecAggSettings:
         SecAgg+ still halts. Only a fractional ``num_shares`` with an integer threshold has
         any: the share count ``round(num_shares * cohort)`` falls below the threshold again
         (0.1 shares at threshold 4: 15 to 34 clients have 3 neighbours each). Past
-        ``(threshold + 1) / num_shares`` clients the shares reach the threshold for good."""
+        ``(threshold + 1) / num_shares`` clients the shares reach the threshold for good
+        (and past about ``2 * threshold / num_shares`` outgrow a strict majority,
+        :attr:`minority_cohorts`)."""
         t = self.reconstruction_threshold
         if not isinstance(self.num_shares, float) or not isinstance(t, int):
             return ()
         last = min(self.max_cohort, math.ceil((t + 1) / self.num_shares))
         return tuple(c for c in range(self.least_cohort, last + 1) if not self.completes(c))
 
-    def neighbours_and_threshold(self, cohort: int) -> tuple[int, int]:
-        """Each client's neighbours (itself included) and the reconstruction threshold in a
-        round of ``cohort`` sampled clients, as Flower 1.42's setup stage computes them: a
-        fractional threshold is a fraction of the share count (at least 2), which is
-        fixed by an integer ``num_shares``, else a fraction of the cohort."""
-        shares: int
+    def majority(self, cohort: int) -> bool:
+        """Whether the reconstruction threshold of a round of ``cohort`` sampled clients is a
+        strict majority of each client's shares: ``2 * threshold > num_shares``, counting
+        the share count the setup stage sends (Flower's ``num_shares``, which includes the
+        client itself: it keeps one share of its own) and the neighbours that hold them.
+
+        At or below half, a dishonest server can list a client as active to some of its
+        neighbours and as dropped to others (no one client sees both lists) and collect
+        ``threshold`` shares of its mask seed and as many of its mask key, i.e. its update
+        (Bonawitz et al. 2017; Bell et al. 2020). With a strict majority the two sets of
+        answering neighbours must overlap, and a client answers one unmask request a round
+        (:func:`_refuse_unsafe_unmask` refuses one that names a node both ways)."""
+        shares, threshold = self.shares_and_threshold(cohort)
+        neighbours, _ = self.neighbours_and_threshold(cohort)
+        return 2 * threshold > max(shares, neighbours)
+
+    def minority_problem(self, cohort: int) -> str:
+        """Why these settings are refused for a round of ``cohort`` clients: their threshold
+        is no strict majority of the shares (:meth:`majority`)."""
+        shares, threshold = self.shares_and_threshold(cohort)
+        n, t = self.num_shares, self.reconstruction_threshold
+        where = f" in a cohort of {cohort} clients" if isinstance(n, float) else ""
+        n_text = f"{n}: {shares}{where}" if isinstance(n, float) else f"{n}"
+        t_text = f"{t}: {threshold}" if isinstance(t, float) else f"{t}"
+        return (
+            f"secagg-reconstruction-threshold ({t_text}) must be a strict majority of "
+            f"secagg-num-shares ({n_text}; each client's share count, the client itself "
+            "included): 2 * threshold > num-shares. With at most half, a dishonest server "
+            "can tell some of a client's neighbours it dropped out and others it is active, "
+            "and collect both its mask seed and its mask key, i.e. its update. Raise "
+            f"secagg-reconstruction-threshold to at least {shares // 2 + 1}{where} (or lower "
+            "secagg-num-shares)"
+        )
+
+    @property
+    def minority_cohorts(self) -> tuple[int, ...]:
+        """The cohort sizes SecAgg+ completes (:meth:`completes`) whose threshold is no
+        strict majority of the shares (:meth:`majority`). Only a fractional ``num_shares``
+        can have any (an integer one is refused outright): with an integer threshold, every
+        cohort past about ``2 * threshold / num_shares`` clients."""
+        if not isinstance(self.num_shares, float):
+            return ()
+        return tuple(
+            c
+            for c in range(self.least_cohort, self.max_cohort + 1)
+            if self.completes(c) and not self.majority(c)
+        )
+
+    def shares_and_threshold(self, cohort: int) -> tuple[int, int]:
+        """The share count and the reconstruction threshold Flower 1.42's setup stage sends
+        each client in a round of ``cohort`` sampled clients: a fractional ``num_shares`` is
+        a fraction of the cohort (made odd, and the whole cohort if 2 or fewer), a
+        fractional threshold a fraction of the share count (at least 2)."""
         if isinstance(self.num_shares, float):
             shares = round(self.num_shares * cohort)
             if shares < cohort and shares & 1 == 0:
@@ -400,7 +451,13 @@ class SecAggSettings:
         else:
             shares = self.num_shares
         t = self.reconstruction_threshold
-        threshold = t if isinstance(t, int) else max(round(t * shares), 2)
+        return shares, t if isinstance(t, int) else max(round(t * shares), 2)
+
+    def neighbours_and_threshold(self, cohort: int) -> tuple[int, int]:
+        """Each client's neighbours (itself included) and the reconstruction threshold in a
+        round of ``cohort`` sampled clients, as Flower 1.42's setup stage computes them
+        (:meth:`shares_and_threshold`)."""
+        shares, threshold = self.shares_and_threshold(cohort)
         if cohort != shares and shares & 1 == 0:  # made odd after the threshold is set
             shares += 1
         return min(cohort, 2 * (shares >> 1) + 1), threshold
@@ -1078,16 +1135,27 @@ def _refuse_unsafe_stage(stage: str, configs: ConfigRecord, msg: Message) -> Non
 def _refuse_unsafe_setup(configs: ConfigRecord) -> None:
     """Refuse a setup whose reconstruction threshold is below 2 (with 1, every Shamir share
     is the secret itself: one neighbour's answer to an unmask request reveals this client's
-    mask seed or key) or whose modulus the masks do not cover uniformly (a power of two, at
+    mask seed or key) or no strict majority of its share count (``2 * threshold >
+    num_shares``; Flower's ``num_shares`` counts the share this client keeps: at or below
+    half, a server that lists this client as active to some neighbours and as dropped to
+    others collects both its seed and key shares, :meth:`SecAggSettings.majority`), or whose
+    modulus the masks do not cover uniformly (a power of two, at
     most 2**32 (:func:`full_seed_masks` draws 32-bit words; under 2**40 its masks covered a
     sliver of the range and the masked vector still correlated with the update) and above
     the quantization range, which the update would otherwise wrap). Values of the wrong
     type are left to Flower's own check."""
-    threshold = configs.get(Key.THRESHOLD)
+    threshold, shares = configs.get(Key.THRESHOLD), configs.get(Key.SHARE_NUMBER)
     if is_int(threshold) and threshold < 2:
         raise ConfigError(
             f"SecAgg+ reconstruction threshold {threshold} < 2 (at 1 every share is the "
             "secret itself); refusing (a faulty or hostile server)"
+        )
+    if is_int(threshold) and is_int(shares) and not 2 * threshold > shares:
+        raise ConfigError(
+            f"SecAgg+ reconstruction threshold {threshold} is no strict majority of the "
+            f"{shares} shares (2 * threshold > num_shares, this client's own share included): "
+            "the server could tell some neighbours this client dropped out and others it is "
+            "active, and unmask its update; refusing (a faulty or hostile server)"
         )
     modulus, levels = configs.get(Key.MOD_RANGE), configs.get(Key.TARGET_RANGE)
     if (

@@ -285,6 +285,23 @@ class ServerConfig:
                     "before unmasking; raise secagg-num-shares or cohort-size, or lower the "
                     "threshold"
                 )
+            # a fractional secagg-num-shares resolved against the cohort, or every cohort a
+            # round may draw (by fraction, or Poisson under user-dp); SecAggSettings refuses
+            # an integer one that is no majority outright
+            fixed = self.cohort_size > 0 and not self.user_dp
+            cohorts = (self.cohort_size,) if fixed else settings.minority_cohorts
+            weak = [c for c in cohorts if settings.completes(c) and not settings.majority(c)]
+            if weak:
+                hint = (
+                    ""
+                    if fixed
+                    else f" ({len(weak)} cohort sizes from {weak[0]} to {weak[-1]} clients)"
+                )
+                raise ConfigError(
+                    settings.minority_problem(weak[0])
+                    + f"{hint}; a fractional secagg-reconstruction-threshold above 0.5 (of "
+                    "each round's shares) or a fixed cohort-size can keep it a strict majority"
+                )
             for key, value in (
                 ("min-cohort", self.min_cohort),
                 ("noise-shares", self.noise_shares),

@@ -41,7 +41,7 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "secagg_num_shares": "SecAgg+ shares per client (its neighbours): a count, or a "
         "fraction of the cohort.",
         "secagg_reconstruction_threshold": "SecAgg+ shares needed to unmask a dropout: a count, "
-        "or a fraction of the shares.",
+        "or a fraction of the shares; a strict majority of them (2 x threshold > num-shares).",
         "secagg_clipping_range": "SecAgg+ quantization clips each update value to this range.",
         "secagg_timeout": "Seconds a SecAgg+ stage waits for the clients (0 = no timeout).",
         "secagg_quantization_range": "Levels each clipped update value is quantized to.",

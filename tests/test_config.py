@@ -411,17 +411,20 @@ def test_a_misspelt_exploration_key_is_named_as_typed_with_its_prefix() -> None:
 
 def test_simulation_takes_secagg_shares_as_a_count_or_a_fraction_like_the_server() -> None:
     """`fedrec simulate` refused secagg-num-shares=0.5, which the server and `fedrec server
-    start` read as half the cohort."""
+    start` read as half the cohort. (With a fractional threshold too: an integer one is no
+    strict majority of the shares of large cohorts, which the server refuses.)"""
     from simulation.config import SimulationConfig
 
-    config = from_flat(SimulationConfig, {"secagg-num-shares": "0.5"})
+    flat = {"secagg-num-shares": "0.5", "secagg-reconstruction-threshold": "0.6"}
+    config = from_flat(SimulationConfig, flat)
     assert config.secagg_num_shares == 0.5
     server = config.server_run_config(100)
     assert server["secagg-num-shares"] == 0.5
     from server.server_app import ServerConfig
 
     ServerConfig.from_run_config(server)  # the server takes it
-    assert from_flat(SimulationConfig, {"secagg-num-shares": "4"}).secagg_num_shares == 4
+    flat = {"secagg-num-shares": "4", "secagg-reconstruction-threshold": "3"}
+    assert from_flat(SimulationConfig, flat).secagg_num_shares == 4
 
 
 # ------------------------------------------------------------- one coercion rule for all readers

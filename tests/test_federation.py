@@ -471,12 +471,15 @@ def test_secagg_least_cohort_is_the_fewest_clients_a_round_completes_with(
     )
     # a fixed cohort-size below `least` is refused up front (test_server_config_rejects_
     # bad_values), and a round waits for `least` clients to connect (test_a_secagg_round_
-    # waits_for_the_clients_it_completes_with): with that many, it completes
+    # waits_for_the_clients_it_completes_with): with that many, it completes. (A fractional
+    # num-shares with an integer threshold needs a cohort-size: larger cohorts' shares
+    # outgrow twice the threshold, test_secagg_settings_refuse_a_threshold_that_is_no_...)
+    fixed = isinstance(shares, float) and isinstance(threshold, int)
     config: RunConfig = {
         "num-rounds": 1,
         "eval-fraction": 0.0,
         "secagg": True,
-        "cohort-size": 0,
+        "cohort-size": least if fixed else 0,
         "cohort-fraction": 1.0,
         "min-available-clients": 2,
         "secagg-num-shares": shares,
@@ -2243,6 +2246,50 @@ def test_a_client_refuses_a_secagg_threshold_below_two() -> None:
         replies = _SecAggCohort(3, threshold).setup_replies
         assert all(r.has_error() and "setup" in r.error.reason for r in replies.values())
     assert not any(r.has_error() for r in _SecAggCohort(3, 2).setup_replies.values())
+
+
+def test_a_client_refuses_a_secagg_threshold_that_is_no_strict_majority_of_its_shares() -> None:
+    """With a threshold at most half the shares (5 shares, threshold 2) a server could list a
+    client as active to some of its neighbours and as dropped to others: none sees both
+    lists, yet the server collects the shares of its mask seed and of its mask key, i.e. its
+    update. The client refuses a setup unless ``2 * threshold > num_shares`` (its share count,
+    itself included), as the project's server settings do."""
+    for shares, threshold in ((5, 2), (4, 2), (7, 3)):
+        replies = _SecAggCohort(5, threshold, **{Key.SHARE_NUMBER: shares}).setup_replies
+        assert all(
+            r.has_error() and "setup' failed: config:" in r.error.reason for r in replies.values()
+        ), (shares, threshold)
+    for shares, threshold in ((5, 3), (4, 3), (3, 2)):
+        replies = _SecAggCohort(5, threshold, **{Key.SHARE_NUMBER: shares}).setup_replies
+        assert not any(r.has_error() for r in replies.values()), (shares, threshold)
+
+
+def test_secagg_settings_refuse_a_threshold_that_is_no_strict_majority_of_the_shares() -> None:
+    """The server refuses SecAgg+ settings whose threshold is no strict majority of the share
+    count (each client's neighbours, itself included) in a round it can run: a dishonest
+    server could otherwise split the view of a client's neighbours and read its update. A
+    fractional secagg-num-shares is resolved against the cohort (or every cohort, without a
+    cohort-size)."""
+    rule = r"secagg-reconstruction-threshold.*strict majority of secagg-num-shares"
+    for shares, threshold in ((5, 2), (4, 2), (5, 0.4), (9, 0.4)):
+        with pytest.raises(ConfigError, match=rule):
+            SecAggSettings(num_shares=shares, reconstruction_threshold=threshold)
+    for values in (
+        {"cohort-size": 10, "secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 2},
+        {"secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 4},
+        {"cohort-size": 4, "secagg-num-shares": 1.0, "secagg-reconstruction-threshold": 0.6},
+    ):
+        with pytest.raises(ConfigError, match=rule + r".*cohort"):
+            ServerConfig.from_run_config({"secagg": True, **values})
+    for values in (
+        {},
+        {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 2},
+        {"secagg-num-shares": 4, "secagg-reconstruction-threshold": 3},
+        {"cohort-size": 10, "secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 3},
+        {"secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 0.6},
+        {"cohort-size": 5, "secagg-num-shares": 1.0, "secagg-reconstruction-threshold": 0.6},
+    ):
+        assert ServerConfig.from_run_config({"secagg": True, **values}).secagg_settings
 
 
 @pytest.mark.parametrize("modulus", [2**40, 2**33, 3 * 2**30, 2**22, 2**10])

@@ -1228,14 +1228,21 @@ def test_user_dp_a_poisson_cohort_secagg_cannot_complete_is_skipped_and_its_chan
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With a fractional secagg-num-shares and an integer threshold, some cohorts above the
-    least one give each client fewer neighbours than the threshold (0.1 shares at threshold 4:
-    15 to 34 clients have 3), and Flower halts them. A Poisson cohort of such a size was sent
-    out and its round released the noise alone, while one client more or less released the
-    whole sum: that chance was missing from the skip risk charged out of delta."""
+    least one give each client fewer neighbours than the threshold (0.085 shares at threshold
+    9: 18 to 88 clients have 3 to 7), and Flower halts them. A Poisson cohort of such a size
+    was sent out and its round released the noise alone, while one client more or less
+    released the whole sum: that chance was missing from the skip risk charged out of delta.
+    (The quantization range caps cohorts at 200 clients, whose 17 shares the threshold is
+    still a strict majority of: the server refuses settings where it is not.)"""
     n, m = 200, 150
-    server = {"secagg": True, "secagg_num_shares": 0.1, "secagg_reconstruction_threshold": 4}
+    server = {
+        "secagg": True,
+        "secagg_num_shares": 0.085,
+        "secagg_reconstruction_threshold": 9,
+        "secagg_quantization_range": 2**32 // 201 + 1,
+    }
     strategy, user_dp, draw = _user_dp_strategy(n, m, **server)
-    assert strategy.least_cohort() == 4
+    assert strategy.least_cohort() == 9
     monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:20])
     assert draw(1) == []  # never sent: SecAgg+ would halt it
     stats = strategy.fit_stats[1]
@@ -1243,15 +1250,15 @@ def test_user_dp_a_poisson_cohort_secagg_cannot_complete_is_skipped_and_its_chan
     assert user_dp.ledger.history[0].steps == 1  # the draw happened: charged
     q = m / n
     # a cohort of a halting size, or one client short of one, with or without the user
-    near_gaps = range(14, 35)
+    near_gaps = range(17, 89)
     gap = max(
         sum(math.comb(k, j) * q**j * (1 - q) ** (k - j) for j in near_gaps) for k in (n - 1, n)
     )
-    assert user_dp.round_risk == pytest.approx(_below(n - 1, q, 4) + gap, rel=1e-9)
-    monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:35])
-    assert len(draw(2)) == 35  # neighbourhoods of 5: it completes
+    assert user_dp.round_risk == pytest.approx(_below(n - 1, q, 9) + gap, rel=1e-9)
+    monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:89])
+    assert len(draw(2)) == 89  # neighbourhoods of 9: it completes
     # where such sizes are likely the guarantee is void: the round is refused
-    strategy, user_dp, _ = _user_dp_strategy(80, 40, **server)
+    strategy, user_dp, _ = _user_dp_strategy(120, 90, **server)
     refusal = user_dp.refusal(*strategy.user_dp_round(user_dp, 80))
     assert refusal is not None and "a number SecAgg+ halts" in refusal
 

@@ -106,7 +106,7 @@ def test_server_config_reads_the_optimiser_and_noise_shares() -> None:
             "noise-shares": 4,
             "secagg": True,
             "cohort-size": 5,
-            "secagg-reconstruction-threshold": 2,
+            "secagg-reconstruction-threshold": 3,
         }
     )
     assert config.server_optimizer_settings == ServerOptimizerSettings("adam", lr=0.003)
