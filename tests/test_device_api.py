@@ -538,6 +538,31 @@ def test_an_erase_interrupted_by_a_crash_is_finished_when_the_device_opens_again
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name fds")
+def _erase_steps(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Erase, recording in order every unlink and every fsync, of a folder ('sync') or of an
+    empty file ('synced empty': a truncation made durable): what a power loss can undo is
+    whatever was not synced before the erase's marker went."""
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+
+    def fsync(fd: int) -> None:
+        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+        if stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and size == 0):
+            kind = "sync" if stat.S_ISDIR(mode) else "synced empty"
+            steps.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        steps.append(("unlink", os.fspath(path)))
+        real_unlink(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", fsync)
+        patched.setattr(os, "unlink", unlink)
+        daemon.erase()
+    return steps
+
+
 def test_an_erase_makes_its_deletions_durable_before_it_drops_its_marker(
     device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -548,21 +573,7 @@ def test_an_erase_makes_its_deletions_durable_before_it_drops_its_marker(
     daemon.install_model(_int8(tmp_path, "round-7"))
     daemon.install_model(_int8(tmp_path, "round-7+personal"))
     personal = daemon.layout.models_dir / f"model-v{daemon.status().sealed_version}.onnx.sealed"
-    steps: list[tuple[str, str]] = []
-    real_fsync, real_unlink = os.fsync, os.unlink
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            steps.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        steps.append(("unlink", os.fspath(path)))
-        real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "unlink", unlink)
-    daemon.erase()
+    steps = _erase_steps(daemon, monkeypatch)
     assert not personal.exists()
     gone = steps.index(("unlink", str(personal)))
     unmarked = steps.index(("unlink", str(daemon.layout.erase_pending)))
@@ -579,22 +590,7 @@ def test_an_erase_makes_the_emptied_logs_durable_before_it_drops_its_marker(
     log = daemon.layout.supernode_log
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("declined: 12 events, epsilon 3.1\n")
-    steps: list[tuple[str, str]] = []
-    real_fsync, real_unlink = os.fsync, os.unlink
-
-    def fsync(fd: int) -> None:
-        # a file synced while empty: a truncation made durable
-        empty = stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size == 0
-        steps.append(("synced empty" if empty else "sync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        steps.append(("unlink", os.fspath(path)))
-        real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "unlink", unlink)
-    daemon.erase()
+    steps = _erase_steps(daemon, monkeypatch)
     assert log.read_text() == ""
     unmarked = steps.index(("unlink", str(daemon.layout.erase_pending)))
     assert ("synced empty", str(log)) in steps[:unmarked]
