@@ -217,6 +217,18 @@ def bounded_factor_extract(
     return weight, arrays
 
 
+#: Largest SecAgg+ modulus whose masks are uniform: :func:`full_seed_masks` draws 32-bit words.
+MAX_MODULUS = 2**32
+
+
+def is_usable_modulus(modulus: int, quantization_range: int) -> bool:
+    """Whether SecAgg+'s masks hide an update in ``modulus``: a power of two (the masks'
+    words stay uniform modulo it), at most :data:`MAX_MODULUS` and above the quantization
+    range (which an update would otherwise wrap). The server's settings and a client's
+    check of the server's setup both ask this."""
+    return quantization_range < modulus <= MAX_MODULUS and not modulus & (modulus - 1)
+
+
 @lru_cache(maxsize=4)
 def parsed_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
     """Flower's ``bytes_to_private_key``, remembered for the last few keys: the client mod
@@ -326,7 +338,7 @@ class SecAggSettings:
         q, m = self.quantization_range, self.modulus_range
         if not is_int(q) or q < 2:
             raise ConfigError(f"secagg-quantization-range must be an integer >= 2, got {q!r}")
-        if not is_int(m) or m > 2**32 or m & (m - 1) or m <= q:
+        if not is_int(m) or not is_usable_modulus(m, q):
             raise ConfigError(
                 "secagg-modulus-range must be a power of two, <= 2**32 and > "
                 f"secagg-quantization-range ({q}), got {m!r}"
@@ -1116,10 +1128,6 @@ def secaggplus_when_requested_mod(
     return reply
 
 
-#: Largest SecAgg+ modulus whose masks are uniform: :func:`full_seed_masks` draws 32-bit words.
-_MAX_MODULUS = 2**32
-
-
 def _refuse_unsafe_stage(stage: str, configs: ConfigRecord, msg: Message) -> None:
     """Refuse (:class:`ConfigError`) a SecAgg+ instruction whose answer would let the server
     read this client's update or a neighbour's: Flower's client mod checks the types of the
@@ -1158,11 +1166,7 @@ def _refuse_unsafe_setup(configs: ConfigRecord) -> None:
             "active, and unmask its update; refusing (a faulty or hostile server)"
         )
     modulus, levels = configs.get(Key.MOD_RANGE), configs.get(Key.TARGET_RANGE)
-    if (
-        is_int(modulus)
-        and is_int(levels)
-        and (not levels < modulus <= _MAX_MODULUS or modulus & (modulus - 1))
-    ):
+    if is_int(modulus) and is_int(levels) and not is_usable_modulus(modulus, levels):
         raise ConfigError(
             f"SecAgg+ modulus {modulus} is no power of two in (quantization range {levels}, "
             "2**32]: the masks would not hide the update in it; refusing (a faulty or "
