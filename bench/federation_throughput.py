@@ -50,14 +50,13 @@ from server.server_app import (
     run_simulation,
 )
 from server.strategy import RoundReport
-from shared.federated.task import RunConfigValue, get_task
+from shared.federated.task import STUDENT_TASK, RunConfigValue, get_task
 from simulation.provenance import provenance, run_bench
 
 SECAGG_STAGES = ("setup", "share-keys", "collect", "unmask")
 UNBOUNDED_EPSILON = 1e9
 """The student clients' privacy budget in a throughput run: never reached, so every sampled
 client trains in every round."""
-STUDENT_TASK = "shared.federated.student_task:make_task"
 
 
 @dataclass

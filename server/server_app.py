@@ -73,7 +73,7 @@ from shared.federated.local_config import (
     check_noise_shares,
     noise_shares_clip_problem,
 )
-from shared.federated.task import FederatedTask, RunConfigValue, get_task
+from shared.federated.task import STUDENT_TASK, FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 
@@ -330,8 +330,6 @@ class ServerConfig:
         # Under either noise mechanism every client reports weight 1 (uniform weights).
         if self.user_dp or self.noise_shares > 1:
             return 1.0
-        from server.superlink import STUDENT_TASK  # light, and imports this module lazily
-
         if self.dp and self.task == STUDENT_TASK:
             # the student task's clients report weight 1 under record-level DP (min: a
             # value SecAggSettings refuses, 0 or NaN, is still refused)

@@ -59,7 +59,7 @@ from server.state import (
 )
 from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
-from shared.federated.task import RunConfigValue
+from shared.federated.task import STUDENT_TASK, RunConfigValue
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.processes import (
     ProcessKey,
@@ -74,8 +74,6 @@ if TYPE_CHECKING:  # Flower: imported only when the run config is built
     from server.server_app import ServerConfig
 
 CONNECTION = "fedrec"
-#: The task the server runs when a bundle is given (the recommender's student).
-STUDENT_TASK = "shared.federated.student_task:make_task"
 #: The tasks whose run-config keys :func:`run_config_keys` lists.
 BUILT_IN_TASKS = (STUDENT_TASK, "toy-linear")
 DEPLOY_SERVERAPP = "server.deploy_app:app"

@@ -22,7 +22,7 @@ from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.federated.student_config import StudentTaskConfig, check_client_counts
-from shared.federated.task import RunConfigValue
+from shared.federated.task import STUDENT_TASK, RunConfigValue
 from shared.io import check_file_name, home_path
 from shared.models.ensemble import DEFAULT_MEMBERS
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
@@ -31,9 +31,6 @@ from shared.models.item_factors import DEFAULT_ID_INIT, ID_INITS, MAX_DENSE_ITEM
 from shared.models.item_prior import DEFAULT_PRIOR
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
 from shared.text.encoder import resolve_model_dir
-
-TASK = "shared.federated.student_task:make_task"
-"""The federated task every simulation runs: the distilled student."""
 
 RAY_ONLY = ("num-cpus-per-client", "num-gpus-per-client", "ray-address")
 """The settings only Flower's simulation engine (``backend=ray``) reads."""
@@ -56,7 +53,7 @@ also gets ``recs[-<model>]-fewshot-k<K>.csv`` per K (``student-adapted`` has few
 only, so only those)."""
 
 APP_KEYS_SET_BY_SIMULATION: dict[str, str] = {
-    "task": "always the distilled student (TASK)",
+    "task": "always the distilled student (STUDENT_TASK)",
     "num-rounds": "the simulation's rounds",
     "bundle": "the run's own bundle.pt, written after pretraining",
     "bundle-sha256": "unchecked: the virtual clients load the bundle this run wrote",
@@ -386,7 +383,7 @@ class SimulationConfig:
         i.e. off, until the pipeline sets them)."""
         cohort = min(self.cohort_size, n_clients)
         return {
-            "task": TASK,
+            "task": STUDENT_TASK,
             "num-rounds": self.rounds,
             "cohort-size": cohort,
             "min-cohort": min(self.min_cohort, cohort),

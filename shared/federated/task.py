@@ -36,6 +36,10 @@ RunConfig: TypeAlias = Mapping[str, RunConfigValue]
 Arrays: TypeAlias = list[npt.NDArray[np.floating]]
 
 # Keys of the per-round config the server sends with every fit/evaluate instruction.
+STUDENT_TASK = "shared.federated.student_task:make_task"
+"""The distilled student's task (``task`` in a run config): what the simulation always runs and
+a deployment runs by default."""
+
 CONFIG_SERVER_ROUND = "server-round"
 CONFIG_UPDATE_CLIP_NORM = "update-clip-norm"
 CONFIG_RUN_ID = "fedrec-run-id"
