@@ -304,6 +304,15 @@ class SecAggSettings:
             raise ConfigError(
                 f"secagg-num-shares as an integer must be >= 3, got {self.num_shares}"
             )
+        if isinstance(self.num_shares, int) and self.num_shares % 2 == 0:
+            # Flower sends the even count to the clients, then gives each num_shares + 1
+            # neighbours in any larger cohort: the clients' shares run out in share-keys
+            raise ConfigError(
+                f"secagg-num-shares as an integer must be odd, got {self.num_shares}: with an "
+                "even count Flower gives each client one neighbour more than the shares it "
+                "makes, and every round of more clients fails in the key-sharing stage; use "
+                f"{self.num_shares + 1} (or a fraction of the cohort, e.g. 1.0 for all)"
+            )
         if isinstance(self.num_shares, float) and not 0 < self.num_shares <= 1:
             raise ConfigError(
                 f"secagg-num-shares as a fraction must be in (0, 1], got {self.num_shares}"

@@ -38,8 +38,8 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "eval_size": "Clients sampled for federated evaluation per round (0 = none).",
         "eval_negatives": "Sampled negatives per item of the per-round federated evaluation.",
         "secagg": "Secure aggregation (SecAgg+).",
-        "secagg_num_shares": "SecAgg+ shares per client (its neighbours): a count, or a "
-        "fraction of the cohort.",
+        "secagg_num_shares": "SecAgg+ shares per client (its neighbours): an odd "
+        "count, or a fraction of the cohort.",
         "secagg_reconstruction_threshold": "SecAgg+ shares needed to unmask a dropout: a count, "
         "or a fraction of the shares; a strict majority of them (2 x threshold > num-shares).",
         "secagg_clipping_range": "SecAgg+ quantization clips each update value to this range.",

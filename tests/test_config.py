@@ -423,8 +423,8 @@ def test_simulation_takes_secagg_shares_as_a_count_or_a_fraction_like_the_server
     from server.server_app import ServerConfig
 
     ServerConfig.from_run_config(server)  # the server takes it
-    flat = {"secagg-num-shares": "4", "secagg-reconstruction-threshold": "3"}
-    assert from_flat(SimulationConfig, flat).secagg_num_shares == 4
+    flat = {"secagg-num-shares": "7", "secagg-reconstruction-threshold": "4"}
+    assert from_flat(SimulationConfig, flat).secagg_num_shares == 7
 
 
 # ------------------------------------------------------------- one coercion rule for all readers

@@ -2271,7 +2271,7 @@ def test_secagg_settings_refuse_a_threshold_that_is_no_strict_majority_of_the_sh
     fractional secagg-num-shares is resolved against the cohort (or every cohort, without a
     cohort-size)."""
     rule = r"secagg-reconstruction-threshold.*strict majority of secagg-num-shares"
-    for shares, threshold in ((5, 2), (4, 2), (5, 0.4), (9, 0.4)):
+    for shares, threshold in ((5, 2), (7, 3), (5, 0.4), (9, 0.4)):
         with pytest.raises(ConfigError, match=rule):
             SecAggSettings(num_shares=shares, reconstruction_threshold=threshold)
     for values in (
@@ -2284,12 +2284,30 @@ def test_secagg_settings_refuse_a_threshold_that_is_no_strict_majority_of_the_sh
     for values in (
         {},
         {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 2},
-        {"secagg-num-shares": 4, "secagg-reconstruction-threshold": 3},
+        {"secagg-num-shares": 7, "secagg-reconstruction-threshold": 4},
         {"cohort-size": 10, "secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 3},
         {"secagg-num-shares": 0.5, "secagg-reconstruction-threshold": 0.6},
         {"cohort-size": 5, "secagg-num-shares": 1.0, "secagg-reconstruction-threshold": 0.6},
     ):
         assert ServerConfig.from_run_config({"secagg": True, **values}).secagg_settings
+
+
+@pytest.mark.parametrize("shares", [4, 6, 50])
+def test_an_even_integer_secagg_num_shares_is_refused(shares: int) -> None:
+    """Flower's setup stage sends the clients an even integer share count, then gives each
+    client one neighbour more in any larger cohort: the clients run out of shares in the
+    key-sharing stage and every round failed (num-shares 4, threshold 3, 6 clients: 6 of 6
+    failed, 'secure aggregation halted'). Refused up front, naming the odd count to use."""
+    with pytest.raises(
+        ConfigError, match=rf"num-shares as an integer must be odd.*use {shares + 1}"
+    ):
+        SecAggSettings(num_shares=shares, reconstruction_threshold=shares // 2 + 1)
+    with pytest.raises(ConfigError, match="must be odd"):
+        ServerConfig.from_run_config(
+            {"secagg": True, "secagg-num-shares": shares, "secagg-reconstruction-threshold": 3}
+        )
+    odd = SecAggSettings(num_shares=shares + 1, reconstruction_threshold=shares // 2 + 1)
+    assert odd.completes(shares + 5)
 
 
 @pytest.mark.parametrize("modulus", [2**40, 2**33, 3 * 2**30, 2**22, 2**10])

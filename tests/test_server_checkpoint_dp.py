@@ -1210,7 +1210,7 @@ def test_user_dp_a_poisson_cohort_too_small_to_aggregate_is_skipped_but_charged(
     n, m = 40, 20
     # SecAgg+ with reconstruction threshold 4: Flower halts a round of fewer clients
     strategy, user_dp, draw = _user_dp_strategy(
-        n, m, secagg=True, secagg_num_shares=6, secagg_reconstruction_threshold=4
+        n, m, secagg=True, secagg_num_shares=7, secagg_reconstruction_threshold=4
     )
     assert strategy.least_cohort() == 4
     monkeypatch.setattr(UserLevelDP, "sample_cohort", lambda self, c, size, rng=None: c[:3])
