@@ -1624,6 +1624,74 @@ def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path:
     assert daemon.processes[0].exit_codes == [3, 3, 3]  # first run + 2 restarts
 
 
+def _run_in_thread(daemon: Daemon) -> tuple[threading.Thread, list[int]]:
+    """``daemon.run(api=False)`` in a thread; its exit status lands in the list."""
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(daemon.run(api=False)))
+    thread.start()
+    return thread, result
+
+
+def test_a_failing_monitor_check_is_logged_and_monitoring_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One check of the managed processes that raised (an OSError reading a process's state,
+    a bug) ended the monitor thread silently: a SuperNode that exited then was never
+    restarted, nor the daemon stopped, while ``/status`` still looked healthy."""
+    state = tmp_path / "device"
+    init_identity(state)
+    daemon = Daemon.open(state, config=DaemonConfig(monitor_interval_s=0.05))
+    daemon.add_process(
+        ProcessSpec(
+            "crasher", (sys.executable, "-c", "raise SystemExit(3)"), max_restarts=1, backoff_s=0
+        )
+    )
+    check = daemon._check_process
+    failures = iter([OSError(5, "Input/output error")] * 2)
+
+    def flaky(proc: Any) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        check(proc)
+
+    monkeypatch.setattr(daemon, "_check_process", flaky)
+    with caplog.at_level(logging.ERROR, logger="client.device.daemon"):
+        thread, result = _run_in_thread(daemon)
+        thread.join(timeout=10)
+        daemon.request_stop("test over")  # a dead monitor never stops it
+        thread.join(timeout=30)
+    assert result == [1]  # the crasher still restarted once, then stopped the daemon
+    assert daemon.processes[0].exit_codes == [3, 3]
+    failed = [r for r in caplog.records if "checking the managed processes failed" in r.message]
+    assert len(failed) == 2 and failed[0].exc_info is not None  # with its traceback
+
+
+def test_a_monitor_that_keeps_failing_stops_the_daemon_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "device"
+    init_identity(state)
+    daemon = Daemon.open(state, config=DaemonConfig(monitor_interval_s=0.01))
+    daemon.add_process(
+        ProcessSpec("sleeper", (sys.executable, "-c", "import time; time.sleep(60)"))
+    )
+
+    def broken(proc: Any) -> None:
+        raise RuntimeError("a bug in the check")
+
+    monkeypatch.setattr(daemon, "_check_process", broken)
+    with caplog.at_level(logging.ERROR, logger="client.device.daemon"):
+        thread, result = _run_in_thread(daemon)
+        thread.join(timeout=10)
+        daemon.request_stop("test over")
+        thread.join(timeout=30)
+    assert result == [1]
+    assert not daemon.processes[0].state().running  # stopped with the daemon
+    said = caplog.records[-1].getMessage()
+    assert "stopping the daemon" in said and "a bug in the check" in said, said
+
+
 @pytest.mark.parametrize(
     ("line", "meaning"),
     [

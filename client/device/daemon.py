@@ -122,6 +122,11 @@ __all__ = [
 ]
 
 
+MONITOR_FAILURES_TO_STOP = 5
+"""Consecutive monitor ticks whose check of the managed processes raised before the daemon
+stops (:meth:`Daemon._monitor_loop`): a passing failure is logged and outlived, one that
+persists would leave the processes unwatched."""
+
 _DAEMON_ADVICE = (
     "stop it first (SIGTERM or Ctrl-C), then run this again: one daemon per device state "
     "directory (a second device needs its own --state-dir)"
@@ -1295,10 +1300,32 @@ class Daemon:
             self._server = None
 
     def _monitor_loop(self) -> None:
+        """Check the managed processes every ``monitor_interval_s`` until stopped.
+
+        A check that raises (an OSError reading a process's state, a bug) is logged with its
+        traceback and monitoring goes on: a dead monitor thread would never restart a
+        SuperNode that exited, nor stop the daemon, while ``/status`` looked healthy. Checks
+        that fail :data:`MONITOR_FAILURES_TO_STOP` ticks in a row stop the daemon (status 1),
+        saying why."""
         interval = self.config.monitor_interval_s
+        failed_ticks = 0
         while not self._stop.wait(interval):
+            failure: Exception | None = None
             for proc in self.processes:
-                self._check_process(proc)
+                try:
+                    self._check_process(proc)
+                except Exception as exc:
+                    failure = exc
+                    logger.exception("checking the managed processes failed (%s)", proc.spec.name)
+            failed_ticks = failed_ticks + 1 if failure is not None else 0
+            if failed_ticks >= MONITOR_FAILURES_TO_STOP:
+                reason = (
+                    f"the managed processes could not be checked {failed_ticks} times in a "
+                    f"row (last: {failure!r}); their tracebacks are in this log"
+                )
+                logger.error("stopping the daemon: %s", reason)
+                self.request_stop(reason, exit_code=1)
+                return
 
     def _check_process(self, proc: ManagedProcess) -> None:
         now = time.monotonic()
