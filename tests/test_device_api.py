@@ -960,6 +960,24 @@ def test_old_clear_adapter_files_are_removed_at_open_and_by_init_force(tmp_path:
     assert list(federated.iterdir()) == []
 
 
+def test_init_force_empties_the_supernode_log_and_keeps_the_ledger(tmp_path: Path) -> None:
+    """`init --force` erased the store but kept logs/supernode.log, where the ClientApp logs
+    in terms of the erased user's data (what an erase empties for that reason)."""
+    state = tmp_path / "device"
+    layout = init_identity(state).layout
+    with Daemon.open(state) as daemon:
+        daemon.store.add_events([Event(ITEM[1], "view", 1000.0)])
+    layout.supernode_log.parent.mkdir()
+    layout.supernode_log.write_text("WARNING : declined: only 1 event(s) on this device\n")
+    layout.ledger.parent.mkdir()
+    layout.ledger.write_text("{}")
+    init_identity(state, force=True)
+    assert not layout.supernode_log.exists() or layout.supernode_log.stat().st_size == 0
+    assert layout.ledger.read_text() == "{}"  # privacy accounting: never erased
+    with Daemon.open(state) as daemon:
+        assert daemon.store.stats().events == 0
+
+
 def test_temporary_files_of_killed_writes_are_removed_at_open(tmp_path: Path) -> None:
     """A killed atomic write of global.npz, joined.json or the ledger left its temporary
     file, which nothing removed; a live write's (young) file is left alone."""

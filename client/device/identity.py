@@ -192,7 +192,8 @@ class DeviceLayout:
     @property
     def supernode_log(self) -> Path:
         """The SuperNode's log (its ClientApp's output too): it names the user's data in its
-        declines and errors, so an erase empties it, whether or not a SuperNode runs."""
+        declines and errors, so an erase empties it, whether or not a SuperNode runs, and
+        ``init --force`` deletes it."""
         return self.state_dir / "logs" / "supernode.log"
 
     @property
@@ -661,9 +662,10 @@ def init_identity(
 
     Refuses (:class:`IdentityError`) when any identity file exists, unless ``force``: the
     key pair may be registered with a SuperLink and the data key encrypts the local store.
-    With ``force`` the local store and sealed models (encrypted with the old key) and the
-    global model of the last federation are erased; the privacy ledger, the rounds joined and
-    the catalog are kept. ``catalog`` is installed too, if given.
+    With ``force`` the local store and sealed models (encrypted with the old key), the
+    global model of the last federation and the SuperNode's log (it names the erased data)
+    are erased; the privacy ledger, the rounds joined and the catalog are kept.
+    ``catalog`` is installed too, if given.
     ``passphrase_env`` is only recorded (so ``start`` knows where to read the passphrase).
 
     Everything is rewritten under the directory's :class:`StateDirLock`: while a daemon runs
@@ -683,6 +685,8 @@ def init_identity(
             shutil.rmtree(layout.models_dir, ignore_errors=True)
             layout.remove_personal_leftovers()
             layout.remove_federated_model()
+            # it logs in terms of the erased user's data, as an erase knows (which empties it)
+            layout.supernode_log.unlink(missing_ok=True)
         if catalog is not None:
             catalog.save(layout.catalog)
     return result

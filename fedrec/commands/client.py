@@ -134,8 +134,8 @@ def init(
         typer.Option(
             "--force",
             help="Replace an existing identity. The local store and sealed models (encrypted "
-            "with the old key) and the last federation's global model are erased; the privacy "
-            "ledger, rounds joined and catalog are kept.",
+            "with the old key), the last federation's global model and logs/supernode.log are "
+            "erased; the privacy ledger, rounds joined and catalog are kept.",
         ),
     ] = False,
     catalog: Annotated[
