@@ -1,70 +1,27 @@
-"""``fedrec``: the one console command. The root only wires sub-commands."""
+"""``fedrec``: the console command's entry point, :func:`main` (pyproject's
+``[project.scripts]``). The command tree is :mod:`fedrec.app`, imported by :func:`main` once
+Ctrl-C is handled: importing it takes about a second, and a Ctrl-C then printed a Python
+traceback instead of "aborted". So this module imports nothing heavy itself."""
 
 from __future__ import annotations
 
-import errno
-import logging
 import signal
 import sys
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import click
-import typer
-
-from fedrec.commands import bandits, client, data, evaluate, server, simulate
-from shared.config import is_int
-from shared.errors import FedRecError
-
-app = typer.Typer(
-    name="fedrec",
-    help="Federated, privacy-preserving, few-shot recommender.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(data.app, name="data")
-app.add_typer(evaluate.app, name="evaluate")
-app.add_typer(client.app, name="client")
-app.add_typer(server.app, name="server")
-app.add_typer(bandits.app, name="bandits")
-app.command("simulate")(simulate.simulate)
+if TYPE_CHECKING:
+    import typer
 
 
-def _print_version(wanted: bool) -> None:
-    """``--version``: the installed package's version, before any command runs."""
-    if wanted:
-        from importlib.metadata import PackageNotFoundError, version
+def __getattr__(name: str) -> typer.Typer:
+    """``fedrec.cli.app``: the command tree (:data:`fedrec.app.app`), imported on first use."""
+    if name == "app":
+        from fedrec.app import app
 
-        try:
-            typer.echo(f"fedrec {version('fedrec')}")
-        except PackageNotFoundError:  # run from a checkout that was never installed
-            typer.echo("fedrec (not installed: run ./scripts/setup.sh)")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress at INFO level."),
-    show_version: bool = typer.Option(
-        False,
-        "--version",
-        callback=_print_version,
-        is_eager=True,
-        help="Print the installed version and exit.",
-    ),
-) -> None:
-    """Federated, privacy-preserving, few-shot recommender."""
-    level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Flower logs through its own handler; keep it from printing everything twice and from
-    # flooding the live progress display unless asked to. Importing Flower sets its
-    # logger's level (DEBUG), so import it before setting ours: the commands import Flower
-    # later, lazily.
-    from flwr.common.logger import FLOWER_LOGGER
-
-    FLOWER_LOGGER.propagate = False
-    FLOWER_LOGGER.setLevel(level)
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _interrupted = threading.Event()
@@ -81,9 +38,29 @@ def _note_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C, where a
-    command does not handle it itself, "aborted" and 130."""
+    command does not handle it itself, "aborted" and 130, also while the commands are
+    imported."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
         signal.signal(signal.SIGINT, _note_interrupt)
+    try:
+        _run()
+    except KeyboardInterrupt:  # while importing, before Click could turn it into an Abort
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _run() -> None:
+    """Import the command tree and run the command line (see :func:`main`)."""
+    import errno
+    import logging
+
+    import click
+    import typer
+
+    from fedrec.app import app
+    from shared.config import is_int
+    from shared.errors import FedRecError
+
     try:
         code = app(standalone_mode=False)
     except FedRecError as err:

@@ -667,6 +667,35 @@ def test_ctrl_c_in_a_command_says_aborted(
     assert err.strip() == "aborted"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_ctrl_c_while_the_commands_are_imported_says_aborted(tmp_path: Path) -> None:
+    """Ctrl-C in the first second of any `fedrec` command, while its modules were imported
+    (before Click and the command's own handler run), printed a Python traceback and no
+    "aborted". The signal is sent once NumPy's extension is loaded: part of those imports,
+    none of the entry point's."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedrec.cli", "client", "status", "--state-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        maps = Path(f"/proc/{proc.pid}/maps")
+        while "_multiarray_umath" not in maps.read_text() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and err == "aborted\n", err[-2000:]
+
+
 def _untrained_student(n_items: int) -> Any:
     """A seeded, untrained 16-d student over ``n_items`` items (for publishing a model)."""
     import numpy as np
