@@ -660,6 +660,43 @@ def test_a_pruned_student_keeps_its_zeros_through_int8(sparsity: float) -> None:
         assert float((q == 0).mean()) >= sparsity - 0.01, name
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_padding_item_is_no_sign_of_pruning_in_either_orientation(
+    tied: bool, tmp_path: Path
+) -> None:
+    """An all-zero item row (a padding item) was ignored only along the last axis, but the
+    exported MatMul stores the output table transposed ([d, items]): its padding column
+    flagged the dense table as pruned, which then lost the finer centroid + residual int8."""
+    from onnx import numpy_helper
+
+    from shared.compression.quantize import _is_pruned
+
+    n_items = 400  # enough rows for the centroid + residual path
+    student = StandInStudent(n_items=n_items, dim=16, max_len=5, tied=tied).eval()
+    with torch.no_grad():
+        student.item_emb.weight[0] = 0.0
+        student.item_table[0] = 0.0
+    src = tmp_path / "padded.onnx"
+    export_onnx(student, src, model_version="1", catalog_fingerprint="f" * 16)
+    fp32 = onnx.load(str(src))
+    tables = {
+        t.name: numpy_helper.to_array(t)
+        for t in fp32.graph.initializer
+        if len(t.dims) == 2 and n_items in t.dims
+    }
+    assert any(w.shape[0] == n_items for w in tables.values())
+    assert tied or any(w.shape[1] == n_items for w in tables.values())  # the MatMul's [d, items]
+    for w in tables.values():
+        assert not _is_pruned(w) and not _is_pruned(w.T)
+        pruned = np.where(np.abs(w) < np.quantile(np.abs(w), 0.3), 0.0, w)
+        assert _is_pruned(pruned) and _is_pruned(pruned.T)
+    out = tmp_path / "padded.int8.onnx"
+    report = quantize_onnx(src, out, config=QuantizeConfig(min_agreement=None))
+    centers = {t.name for t in onnx.load(str(out)).graph.initializer}
+    stored = [name for name in tables if name in report.quantized]  # not the tied alias
+    assert stored and all(f"{name}__centers" in centers for name in stored)
+
+
 def test_recommend_breaks_ties_by_the_lower_id(
     int8_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,11 +71,15 @@ def top_k_agreement(scores_a: npt.ArrayLike, scores_b: npt.ArrayLike, k: int = 1
 
 
 def _is_pruned(w: np.ndarray) -> bool:
-    """Whether table ``w`` holds exact zeros outside all-zero rows: a pruned table, to be
-    quantized so that its zeros stay zeros. A dense trained table has none (a folded product
-    of float weights); an all-zero row (a padding item) is no sign of pruning."""
+    """Whether 2-D table ``w`` holds exact zeros outside all-zero rows and columns: a pruned
+    table, to be quantized so that its zeros stay zeros. A dense trained table has none (a
+    folded product of float weights); an all-zero item (a padding item) is no sign of
+    pruning, and it is a row of the ``[items, d]`` Gather table but a column of the same
+    table stored transposed (``[d, items]``) for a MatMul, so both are left out."""
     zeros = w == 0
-    return bool((zeros & ~zeros.all(axis=-1, keepdims=True)).any())
+    return bool(
+        (zeros & ~zeros.all(axis=-1, keepdims=True) & ~zeros.all(axis=-2, keepdims=True)).any()
+    )
 
 
 @dataclass(frozen=True)
