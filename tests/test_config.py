@@ -489,7 +489,7 @@ _COERCION_TABLE: list[tuple[str, object, object]] = [
     ("flag", 0, False),
     ("flag", "yes", True),
     ("flag", 2, "must be true or false, got 2"),
-    ("fraction", 4, 4),  # an int | float keeps the type given: 4 devices...
+    ("fraction", 5, 5),  # an int | float keeps the type given: 5 devices...
     ("fraction", 1.0, 1.0),  # ... or all of the cohort, not 1 device
     ("fraction", 0.5, 0.5),
 ]

@@ -1032,7 +1032,7 @@ def test_secagg_settings_beyond_the_datasets_clients_are_refused_before_pretrain
 
     monkeypatch.setattr(simulation.pipeline, "pretrain", no_pretraining)
     args = ["simulate", "--run-dir", str(tmp_path), "--synthetic-users", "40", "--no-progress"]
-    args += ["--cohort-size", "50", "--secagg-num-shares", "40"]
+    args += ["--cohort-size", "50", "--secagg-num-shares", "41"]
     result = CliRunner().invoke(app, [*args, "--secagg-reconstruction-threshold", "35"])
     assert isinstance(result.exception, ConfigError), result.output
     message = str(result.exception)
