@@ -10,7 +10,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -50,6 +51,22 @@ def cache_root() -> Path:
     Read at call time, so tests and CLIs can redirect it through the environment."""
     env = os.environ.get(CACHE_ROOT_ENV, "").strip()
     return home_path(env) if env else Path.home() / ".cache" / "fedrec"
+
+
+def installed_version(name: str) -> str | None:
+    """The installed version of the distribution ``name`` (``None`` when it is not
+    installed). Read at call time (``importlib.metadata``), never cached."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions_key(names: Iterable[str]) -> bytes:
+    """``name=version`` of each of the distributions ``names`` (``name=None`` for one not
+    installed), for a cache key: derived data that a library's upgrade can change (another
+    tokenization, other kernels) must not be reused by the new versions."""
+    return "".join(f"lib:{name}={installed_version(name)}\0" for name in names).encode()
 
 
 def remove_stale_temps(

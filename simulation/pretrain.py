@@ -22,7 +22,7 @@ from shared.data.dataset import RecDataset
 from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
-from shared.io import remove_stale_temps, write_bytes_atomic
+from shared.io import remove_stale_temps, versions_key, write_bytes_atomic
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import Order
 from shared.models.item_factors import IdInit
@@ -59,6 +59,11 @@ PRETRAIN_CACHE_VERSION = 2  # 2: selection on the run's seed's negatives
 loss, the validation that stops training, the student's budget rule): the key holds the
 data and the configs, not the code, so a cache written by older code would still be used."""
 
+PRETRAIN_LIBRARIES = ("torch", "numpy")
+"""The libraries whose installed versions are part of every pretraining cache key: torch runs
+all of training, numpy the teacher prior's EASE inverse (its bundled BLAS); another version
+can train other models from the same data and configs."""
+
 
 def cache_key(
     dataset: RecDataset,
@@ -67,7 +72,10 @@ def cache_key(
     teacher: TeacherConfig,
     student: StudentConfig,
 ) -> str:
+    """The pretraining cache's name for these inputs: the data, split, configs and item
+    text, :data:`PRETRAIN_CACHE_VERSION` and the versions of :data:`PRETRAIN_LIBRARIES`."""
     h = hashlib.sha256(f"pretrain-v{PRETRAIN_CACHE_VERSION}".encode())
+    h.update(versions_key(PRETRAIN_LIBRARIES))
     h.update(dataset.fingerprint().encode())
     h.update(json.dumps(asdict(split.config), sort_keys=True).encode())
     h.update(json.dumps(asdict(teacher), sort_keys=True).encode())

@@ -17,12 +17,12 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError, FedRecError
 from shared.eval.splits import check_seed
+from shared.io import installed_version
 
 __all__ = [
     "LIBRARIES",
@@ -64,13 +64,6 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 _AT_IMPORT = code_version()
 """The code version when the benchmark started (its modules were loaded then): a commit made
 while a long benchmark runs must not be recorded as what measured it."""
@@ -83,7 +76,7 @@ def provenance(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]
     return {
         "command": shlex.join(["python", script, *args]),
         "code": dict(_AT_IMPORT),
-        "libraries": {name: _version(name) for name in LIBRARIES},
+        "libraries": {name: installed_version(name) for name in LIBRARIES},
         "host": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -447,6 +447,30 @@ def test_model_key_follows_every_tokenizer_file(tmp_path: Path, name: str) -> No
     assert len({before, with_file, model_cache_key(tmp_path, 128)}) == 3
 
 
+@pytest.mark.parametrize("library", ["transformers", "tokenizers", "torch"])
+def test_model_key_follows_the_libraries_that_tokenize_and_compute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, library: str
+) -> None:
+    """An upgrade of transformers or tokenizers (which can change how a text is tokenized)
+    or of torch (the forward's kernels) kept the key, so the shard's vectors, computed by the
+    old versions, were served as the new ones'. Another library's upgrade keeps the key."""
+    import importlib.metadata
+
+    (tmp_path / "config.json").write_text("{}")
+    before = model_cache_key(tmp_path, 128)
+    real = importlib.metadata.version
+
+    def upgraded(to: str) -> None:
+        monkeypatch.setattr(
+            importlib.metadata, "version", lambda name: "99.0" if name == to else real(name)
+        )
+
+    upgraded("flwr")
+    assert model_cache_key(tmp_path, 128) == before
+    upgraded(library)
+    assert model_cache_key(tmp_path, 128) != before
+
+
 def test_a_tokenizer_without_padding_pads_with_a_token_it_has(
     tmp_path: Path, encoder: ItemEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -553,6 +553,37 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
     assert np.array_equal(kept.student.score(histories), first.student.score(histories))
 
 
+@pytest.mark.parametrize("library", ["torch", "numpy"])
+def test_the_pretraining_cache_key_follows_the_libraries_that_train(
+    monkeypatch: pytest.MonkeyPatch, library: str
+) -> None:
+    """The key held the data and the configs, not the libraries: after an upgrade of torch
+    (every kernel of training) or numpy (the teacher prior's EASE inverse), a rerun loaded
+    the models the old versions trained. Another library's upgrade keeps the key."""
+    import importlib.metadata
+
+    from simulation.pretrain import cache_key
+
+    ds = chain_dataset(n_users=20, length=6)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+
+    def key() -> str:
+        return cache_key(ds, split, text_features(), TINY_TEACHER, TINY_STUDENT)
+
+    before = key()
+    real = importlib.metadata.version
+
+    def upgraded(to: str) -> None:
+        monkeypatch.setattr(
+            importlib.metadata, "version", lambda name: "99.0" if name == to else real(name)
+        )
+
+    upgraded("flwr")
+    assert key() == before
+    upgraded(library)
+    assert key() != before
+
+
 def test_pretraining_leaves_the_global_rng_as_it_found_it(tmp_path: Path) -> None:
     """Fresh or from the cache, pretraining draws only from seeded, restored generators: what
     runs after it (a benchmark's dropout under DP-SGD) repeats whether the cache was hit."""

@@ -20,8 +20,9 @@ recommender's item tower, so they must be (a) reproducible, (b) available offlin
   cannot be read is ignored with a warning and rebuilt. A long encode writes its progress
   every minute and when it is interrupted, so a rerun does not start again from nothing.
 * **Bounded cache folder.** Every other model identity (another ``text-model``,
-  ``max_length``, ``batch_size`` or :data:`CACHE_FORMAT_VERSION`) gets a shard of its own,
-  so old ones would pile up forever: a write removes the folder's other shards that have
+  ``max_length``, ``batch_size``, :data:`CACHE_FORMAT_VERSION` or version of a library of
+  :data:`KEYED_LIBRARIES`) gets a shard of its own, so old ones would pile up forever: a
+  write removes the folder's other shards that have
   been neither read nor written for :data:`SHARD_MAX_IDLE_SECONDS` (an encoder refreshes
   its shard's modification time when it reads it, at most once a day). Removing one only
   costs a re-encode of the same vectors (every forward pass has one shape), and only files
@@ -52,7 +53,7 @@ import numpy.typing as npt
 
 from shared.config import is_int
 from shared.errors import ConfigError, DataError
-from shared.io import CACHE_ROOT_ENV, cache_root, home_path, remove_stale_temps
+from shared.io import CACHE_ROOT_ENV, cache_root, home_path, remove_stale_temps, versions_key
 
 if TYPE_CHECKING:
     import torch
@@ -119,6 +120,10 @@ _HASHED_FILES = (
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".index.json")
 _WEIGHT_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _WEIGHT_DIGESTS_LOCK = threading.Lock()
+KEYED_LIBRARIES = ("transformers", "tokenizers", "torch")
+"""The libraries whose installed versions are part of every model key: transformers and
+tokenizers turn text into tokens (an upgrade can tokenize a text otherwise), torch runs the
+forward (other kernels move a vector's last bits)."""
 FLUSH_EVERY_SECONDS = 60.0
 """A long encode writes what it has encoded so far to the cache this often."""
 SHARD_MAX_IDLE_SECONDS = 30 * 24 * 3600.0
@@ -215,7 +220,9 @@ def model_cache_key(
       :data:`CACHE_FORMAT_VERSION` (pooling + normalisation);
     * the device type when it is not ``"cpu"`` (a GPU's kernels move a vector's last bits,
       so a cache shared by GPU and CPU runs would make a CPU run's figures depend on which
-      ran first); CPU keys are those of the code before the device was part of the key.
+      ran first);
+    * the installed versions of :data:`KEYED_LIBRARIES`, so an upgrade re-encodes rather
+      than serving vectors the old versions computed.
 
     The directory's *path* is not part of the key: the same files seen through another path
     (symlink, mounted volume preserving mtimes) share one cache.
@@ -225,6 +232,7 @@ def model_cache_key(
     digest.update(f"\0max_length={max_length}\0batch_size={batch_size}\0".encode())
     if device_type != "cpu":
         digest.update(f"device={device_type}\0".encode())
+    digest.update(versions_key(KEYED_LIBRARIES))
     for name in _HASHED_FILES:
         file = model_dir / name
         if file.is_file():
