@@ -432,19 +432,37 @@ def test_model_key_follows_the_weights_contents(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["vocab.json", "added_tokens.json", "tokenizer.model", "sentencepiece.model"]
+    "name",
+    ["vocab.json", "added_tokens.json", "tokenizer.model", "chat_template.jinja", "extra.json"],
 )
-def test_model_key_follows_every_tokenizer_file(tmp_path: Path, name: str) -> None:
+def test_model_key_follows_every_file_of_the_folder(tmp_path: Path, name: str) -> None:
     """A RoBERTa- or GPT-2-style folder without tokenizer.json builds its tokenizer from
-    vocab.json and merges.txt (a Llama-style one from tokenizer.model): the key hashed only
-    some tokenizer files, so an edited vocab.json kept the key and the shard's vectors,
-    tokenized by the old vocabulary, were served as the new model's."""
+    vocab.json and merges.txt (a Llama-style one from tokenizer.model): the key hashed a
+    hand-kept list of tokenizer file names, so a file of a kind it did not list could change
+    the tokens under the same key. Every file of the folder is hashed now; none changed
+    keeps the key."""
     (tmp_path / "config.json").write_text("{}")
     before = model_cache_key(tmp_path, 128)
+    assert model_cache_key(tmp_path, 128) == before
     (tmp_path / name).write_text('{"a": 5, "b": 6}')
     with_file = model_cache_key(tmp_path, 128)
     (tmp_path / name).write_text('{"a": 6, "b": 5}')
     assert len({before, with_file, model_cache_key(tmp_path, 128)}) == 3
+    changed = model_cache_key(tmp_path, 128)
+    (tmp_path / ".DS_Store").write_bytes(b"a file browser's")  # hidden: never read
+    assert model_cache_key(tmp_path, 128) == changed
+
+
+def test_model_key_follows_the_contents_of_weights_of_any_format(tmp_path: Path) -> None:
+    """ONNX (and other) weights the suffix list missed kept the key when they changed."""
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.onnx"
+    weights.write_bytes(b"\0" * 4096)
+    stat = weights.stat()
+    before = model_cache_key(tmp_path, 128)
+    weights.write_bytes(b"\1" + b"\0" * 4095)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p leaves a copy
+    assert model_cache_key(tmp_path, 128) != before
 
 
 @pytest.mark.parametrize("library", ["transformers", "tokenizers", "torch"])

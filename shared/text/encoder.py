@@ -80,44 +80,26 @@ _INSTALL_HINT = (
     "containing config.json, tokenizer files and model weights)."
 )
 
-# Files whose *content* defines the model's behaviour and is small enough to hash every time:
-# the config and every file a transformers tokenizer reads (the ``vocab_files_names`` of its
-# tokenizer classes, and ``added_tokens.json``). A folder without ``tokenizer.json`` builds
-# its tokenizer from the others (``vocab.json`` + ``merges.txt``, ``tokenizer.model``, ...),
-# so an unhashed one could change the tokens, and so the vectors, under the same key. A file
-# a folder lacks adds nothing, so the names added later left existing keys as they were.
-_HASHED_FILES = (
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "merges.txt",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-    "added_tokens.json",
-    "vocab.json",
-    "tokenizer.model",
-    "sentencepiece.model",
-    "spm.model",
-    "spm_char.model",
-    "source.spm",
-    "target.spm",
-    "bpe.codes",
-    "dict.txt",
-    "normalizer.json",
-    "byte_maps.json",
-    "emoji.json",
-    "entity_vocab.json",
-    "target_vocab.json",
-    "vocab-src.json",
-    "vocab-tgt.json",
-    "word_pronunciation.json",
-    "word_shape.json",
-    "prophetnet.tokenizer",
+# Every regular file at the top of the model folder is hashed (transformers reads a model's
+# files from there): its config, its tokenizer's files whatever their names (a hand-kept list
+# of names, copied from transformers' tokenizer classes, could miss a new kind of file, whose
+# edit then changed the tokens under the same key), and its weights. Hidden files (a file
+# browser's .DS_Store, .gitattributes) are never read by a loader and are skipped. Weight
+# files, and any file over _SMALL_FILE_BYTES, are hashed once per process and file version
+# (_file_digest); the small rest are read each time.
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".onnx",
+    ".h5",
+    ".msgpack",
+    ".ot",
+    ".gguf",
+    ".index.json",
 )
-# Weight files (and sharded-weight indexes): hashed once per process and file version.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".index.json")
+_SMALL_FILE_BYTES = 1 << 20
 _WEIGHT_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _WEIGHT_DIGESTS_LOCK = threading.Lock()
 KEYED_LIBRARIES = ("transformers", "tokenizers", "torch")
@@ -209,12 +191,13 @@ def model_cache_key(
 
     Covers, via SHA-256:
 
-    * the *contents* of ``config.json`` and every tokenizer file it has (small, and they
-      decide how text becomes tokens; see ``_HASHED_FILES``);
-    * the name and the *contents* of every weight file (``*.safetensors``, ``*.bin``, ...
-      and sharded-weight index files), hashed once per process and file version (about
-      0.13 s for MiniLM's 91 MB): copies that keep a file's size and modification time
-      (``cp -p``, ``rsync -a``, ``tar x``) cannot carry changed weights past the key;
+    * the name and the *contents* of every file at the top of the folder but hidden ones:
+      ``config.json``, every tokenizer file whatever its name (they decide how text becomes
+      tokens) and the weights (``*.safetensors``, ``*.bin``, ``*.onnx``, ... and
+      sharded-weight index files). Weights and files over 1 MiB are hashed once per process
+      and file version (about 0.13 s for MiniLM's 91 MB): copies that keep a file's size and
+      modification time (``cp -p``, ``rsync -a``, ``tar x``) cannot carry changed weights
+      past the key. Editing any of them (its README too) re-encodes;
     * ``max_length`` (it truncates long texts, so it changes their vectors), ``batch_size``
       (the shape of every forward pass, which moves a vector's last bits) and
       :data:`CACHE_FORMAT_VERSION` (pooling + normalisation);
@@ -233,16 +216,16 @@ def model_cache_key(
     if device_type != "cpu":
         digest.update(f"device={device_type}\0".encode())
     digest.update(versions_key(KEYED_LIBRARIES))
-    for name in _HASHED_FILES:
-        file = model_dir / name
-        if file.is_file():
+    for file in sorted(model_dir.iterdir()):
+        name = file.name
+        if name.startswith(".") or not file.is_file():
+            continue
+        if name.endswith(_WEIGHT_SUFFIXES) or file.stat().st_size > _SMALL_FILE_BYTES:
+            digest.update(f"weights:{name}:{_file_digest(file)}\0".encode())
+        else:
             digest.update(f"file:{name}\0".encode())
             digest.update(file.read_bytes())
             digest.update(b"\0")
-    for file in sorted(model_dir.iterdir()):
-        name = file.name
-        if file.is_file() and name.endswith(_WEIGHT_SUFFIXES):
-            digest.update(f"weights:{name}:{_file_digest(file)}\0".encode())
     return digest.hexdigest()[:32]
 
 
