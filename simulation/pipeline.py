@@ -143,7 +143,8 @@ def _run_stages(
 
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)
-    run.claim_data(dataset.fingerprint(), _data_name(config))
+    fingerprint = dataset.fingerprint()  # once: the resume check and the pretraining cache
+    run.claim_data(fingerprint, _data_name(config))
     _check_population(config, split)
     progress("text", {"items": dataset.n_items})
     bars = _bars(config.progress)
@@ -168,6 +169,7 @@ def _run_stages(
         teacher_config=teacher_cfg,
         student_config=student_cfg,
         progress=bars,
+        fingerprint=fingerprint,
     )
     run.log("pretrain", 0, seconds=round(pre.seconds, 2), cached=pre.cached)
     bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here

@@ -71,12 +71,15 @@ def cache_key(
     text: npt.NDArray[np.float32],
     teacher: TeacherConfig,
     student: StudentConfig,
+    fingerprint: str | None = None,
 ) -> str:
     """The pretraining cache's name for these inputs: the data, split, configs and item
-    text, :data:`PRETRAIN_CACHE_VERSION` and the versions of :data:`PRETRAIN_LIBRARIES`."""
+    text, :data:`PRETRAIN_CACHE_VERSION` and the versions of :data:`PRETRAIN_LIBRARIES`.
+    ``fingerprint`` is ``dataset.fingerprint()`` where the caller has it already (hashing
+    every interaction and text again costs a pass over the data); computed here otherwise."""
     h = hashlib.sha256(f"pretrain-v{PRETRAIN_CACHE_VERSION}".encode())
     h.update(versions_key(PRETRAIN_LIBRARIES))
-    h.update(dataset.fingerprint().encode())
+    h.update((fingerprint if fingerprint is not None else dataset.fingerprint()).encode())
     h.update(json.dumps(asdict(split.config), sort_keys=True).encode())
     h.update(json.dumps(asdict(teacher), sort_keys=True).encode())
     h.update(json.dumps(asdict(student), sort_keys=True).encode())
@@ -111,8 +114,12 @@ def pretrain(
     teacher_config: TeacherConfig,
     student_config: StudentConfig,
     progress: bool = False,
+    fingerprint: str | None = None,
 ) -> Pretrained:
     """Fit (or load) the teacher and the student on the public users' training data.
+
+    ``fingerprint``: ``dataset.fingerprint()``, where the caller has computed it (see
+    :func:`cache_key`).
 
     The student is narrowed, if needed, to a tenth of the trainable parameters of one member
     of the fitted teacher (:meth:`StudentConfig.scaled_to`): the teacher grows with the
@@ -121,7 +128,7 @@ def pretrain(
     ``members`` is.
     """
     teacher = SASRecTeacher(text, teacher_config, progress=progress)
-    key = cache_key(dataset, split, text, teacher_config, student_config)
+    key = cache_key(dataset, split, text, teacher_config, student_config, fingerprint)
     path = cache_dir / "pretrained" / f"{dataset.name}-{key}.pt"
     start = time.perf_counter()
     if path.exists():

@@ -1019,6 +1019,37 @@ def test_a_resume_on_other_data_is_refused_before_pretraining(
             assert stored["data"] == {"fingerprint": fingerprint}
 
 
+def test_a_run_fingerprints_its_data_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume check and the pretraining cache key each hashed every interaction and item
+    text of the dataset; a run computes the fingerprint once and passes it on."""
+    import simulation.pipeline
+    import simulation.pretrain
+    from shared.data.dataset import RecDataset
+    from simulation.config import SimulationConfig
+
+    calls: list[str] = []
+    fingerprint = RecDataset.fingerprint
+
+    def counted(self: RecDataset) -> str:
+        calls.append(self.name)
+        return fingerprint(self)
+
+    def keyed(*args: Any, **kwargs: Any) -> Any:
+        raise ConfigError("stop here")  # the pretraining cache key has been computed
+
+    monkeypatch.setattr(RecDataset, "fingerprint", counted)
+    monkeypatch.setattr(
+        simulation.pipeline, "encode_items", lambda text, cfg: np.zeros((len(text), 8))
+    )
+    monkeypatch.setattr(simulation.pretrain, "Validation", keyed)
+    config = SimulationConfig(
+        synthetic_users=40, run_dir=str(tmp_path), cache_dir=str(tmp_path), progress=False
+    )
+    with pytest.raises(ConfigError, match="stop here"):
+        simulation.pipeline.run_pipeline(config)
+    assert calls == ["synthetic"]
+
+
 def test_secagg_settings_beyond_the_datasets_clients_are_refused_before_pretraining(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
