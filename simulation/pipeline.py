@@ -63,7 +63,7 @@ from shared.training.trainer import limited_threads, seeded
 from simulation.config import RAY_ONLY, RECS_MODELS, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
 from simulation.report import write_report
-from simulation.run_dir import NEW_RUN_FIX, RunDirectory, RunDirectoryInUse
+from simulation.run_dir import NEW_RUN_FIX, RunDirectory, RunDirectoryInUse, check_data
 
 if TYPE_CHECKING:  # the int8 export (onnx): imported when a model is published
     from shared.compression.artifact import ArtifactReport
@@ -397,7 +397,9 @@ class FinishedRun:
 def load_finished_run(root: Path, data_dir: str | None = None) -> FinishedRun:
     """The finished ``fedrec simulate`` run in ``root`` (see :class:`FinishedRun`), for
     benchmarks that re-evaluate it without training; ``data_dir`` overrides the folder its
-    dataset was read from. Reads only: the run's files are left as they are."""
+    dataset was read from. Data whose content differs from what the run recorded it trained
+    on is refused (:func:`~simulation.run_dir.check_data`). Reads only: the run's files are
+    left as they are."""
     from server.checkpoint import CheckpointStore
 
     config = stored_config(root)
@@ -412,6 +414,14 @@ def load_finished_run(root: Path, data_dir: str | None = None) -> FinishedRun:
     if checkpoint is None:
         raise DataError(f"{root} has no checkpoint; run `fedrec simulate` to the end first")
     dataset, split = load_split(config)
+    check_data(
+        root,
+        RunDirectory.read_config(root),
+        dataset.fingerprint(),
+        _data_name(config),
+        "its model would be evaluated on other users and items. Give the data it was "
+        "trained on (data_dir)",
+    )
     model = load_bundle(root / "bundle.pt").student
     set_global_arrays(model, checkpoint.parameters, config.meta_learning)
     init = copy.deepcopy(model.adapter.state_dict())

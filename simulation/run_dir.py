@@ -77,6 +77,23 @@ def has_progress(root: Path) -> bool:
     return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (root / "clients").exists()
 
 
+def check_data(
+    root: Path, stored: Mapping[str, Any] | None, fingerprint: str, what: str, why: str
+) -> None:
+    """Refuse (:class:`ConfigError`) data whose content ``fingerprint`` differs from the one
+    the run in ``root`` recorded (``stored``: its ``config.json``, see
+    :meth:`RunDirectory.claim_data`); ``what`` names the data, ``why`` ends the error (what
+    the run's files would be used for on other data, and what to do). A run that recorded
+    none (older code) is not compared."""
+    previous = (stored or {}).get(DATA_SECTION)
+    recorded = previous.get("fingerprint") if isinstance(previous, dict) else None
+    if isinstance(recorded, str) and recorded != fingerprint:
+        raise ConfigError(
+            f"{root} holds a run trained on other data than {what} holds now (its content "
+            f"fingerprint {recorded}, now {fingerprint}): {why}"
+        )
+
+
 class RunDirectory:
     """Owns the layout of one run's folder."""
 
@@ -203,14 +220,15 @@ class RunDirectory:
         student and ledgers would be continued on other users and items. ``what`` names the
         data for the error. A run that recorded none (older code) is not compared."""
         stored = self.stored_config() or {}
-        previous = stored.get(DATA_SECTION)
-        recorded = previous.get("fingerprint") if isinstance(previous, dict) else None
-        if isinstance(recorded, str) and recorded != fingerprint and self.has_progress():
-            raise ConfigError(
-                f"{self.root} holds a run trained on other data than {what} holds now (its "
-                f"content fingerprint {recorded}, now {fingerprint}): resuming it would "
-                "continue its checkpoints on other users and items. Restore the data it was "
-                "trained on to resume it, or pass another --name to start a fresh run"
+        if self.has_progress():
+            check_data(
+                self.root,
+                stored,
+                fingerprint,
+                what,
+                "resuming it would continue its checkpoints on other users and items. Restore "
+                "the data it was trained on to resume it, or pass another --name to start a "
+                "fresh run",
             )
         self.write_config({**stored, DATA_SECTION: {"fingerprint": fingerprint}})
 

@@ -1019,6 +1019,36 @@ def test_a_resume_on_other_data_is_refused_before_pretraining(
             assert stored["data"] == {"fingerprint": fingerprint}
 
 
+def test_a_finished_run_is_not_re_evaluated_on_other_data(tmp_path: Path) -> None:
+    """The benchmarks re-evaluating a finished run (``load_finished_run``, also with another
+    ``--data-dir``) loaded the data its settings name without comparing it with the content
+    fingerprint the run recorded: a checkpoint trained on other data was evaluated on
+    today's users and items, its figures reported as the run's."""
+    from server.checkpoint import CheckpointStore
+    from shared.config import from_flat, parse_run_config, to_flat
+    from shared.errors import ModelFileError
+    from simulation.config import RESUMABLE_KEYS, SimulationConfig
+    from simulation.pipeline import load_finished_run, load_split
+    from simulation.run_dir import RunDirectory
+
+    config = from_flat(SimulationConfig, parse_run_config("synthetic-users=40 synthetic-items=30"))
+    fingerprint = load_split(config)[0].fingerprint()
+    for name, recorded in (("changed", "0123456789abcdef"), ("same", fingerprint), ("old", None)):
+        root = tmp_path / name
+        run = RunDirectory(root)
+        run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
+        if recorded is not None:
+            run.claim_data(recorded, "synthetic")
+        run.close()
+        CheckpointStore(root / "checkpoints").save(1, [np.zeros(1)], {}, None)
+        if name == "changed":
+            with pytest.raises(ConfigError, match=f"fingerprint {recorded}, now {fingerprint}"):
+                load_finished_run(root)
+        else:  # the data checked (or not recorded): on to the model, which this run lacks
+            with pytest.raises(ModelFileError, match=r"bundle\.pt does not exist"):
+                load_finished_run(root)
+
+
 def test_a_run_fingerprints_its_data_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The resume check and the pretraining cache key each hashed every interaction and item
     text of the dataset; a run computes the fingerprint once and passes it on."""
