@@ -117,7 +117,8 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
         defaults = to_flat(SimulationConfig())
         # a run written before names were made canonical may have stored 'ML-100K'
         canonical = {"dataset": dataset_key, "data-dir": data_dir_key, "text-model": data_dir_key}
-        run.claim("simulation", to_flat(config), RESUMABLE_KEYS, defaults, canonical)
+        # recorded by _run_stages once the data is checked too: a refused rerun changes nothing
+        run.check_settings("simulation", to_flat(config), RESUMABLE_KEYS, defaults, canonical)
         progress("run", {"dir": str(run.root)})
         return _run_stages(config, run, started, progress)
     except BaseException as exc:
@@ -146,6 +147,7 @@ def _run_stages(
     fingerprint = dataset.fingerprint()  # once: the resume check and the pretraining cache
     run.claim_data(fingerprint, _data_name(config))
     _check_population(config, split)
+    run.record_settings("simulation", to_flat(config))  # checked by run_pipeline
     progress("text", {"items": dataset.n_items})
     bars = _bars(config.progress)
     encoder = encoder_config(config.text_model, cache, bars)

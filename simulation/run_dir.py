@@ -172,8 +172,22 @@ class RunDirectory:
         defaults: Mapping[str, Any] | None = None,
         canonical: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> None:
-        """Record ``settings`` under ``section`` of ``config.json``, after checking that a
-        previous run here used the same ones (but for the ``may_change`` keys).
+        """Record ``settings`` under ``section`` of ``config.json`` (:meth:`record_settings`),
+        after checking that a previous run here used the same ones (:meth:`check_settings`)."""
+        self.check_settings(section, settings, may_change, defaults, canonical)
+        self.record_settings(section, settings)
+
+    def check_settings(
+        self,
+        section: str,
+        settings: Mapping[str, Any],
+        may_change: Collection[str],
+        defaults: Mapping[str, Any] | None = None,
+        canonical: Mapping[str, Callable[[Any], Any]] | None = None,
+    ) -> None:
+        """Check that a previous run here used the same ``settings`` under ``section`` of
+        ``config.json`` (but for the ``may_change`` keys); writes nothing, so a run refused
+        by a later check (:meth:`claim_data`) leaves the settings its files were made with.
 
         Raises :class:`ConfigError` listing every differing key: resuming its checkpoints
         (and its devices' privacy ledgers) under other settings would mix two runs and label
@@ -210,7 +224,11 @@ class RunDirectory:
                     "resuming it would mix the two runs. Rerun with its settings to resume it, "
                     "or pass another --name to start a fresh run"
                 )
-        self.write_config({**(stored or {}), section: dict(settings)})
+
+    def record_settings(self, section: str, settings: Mapping[str, Any]) -> None:
+        """Write ``settings`` under ``section`` of ``config.json``, keeping its other
+        sections; check them first (:meth:`check_settings`)."""
+        self.write_config({**(self.stored_config() or {}), section: dict(settings)})
 
     def claim_data(self, fingerprint: str, what: str) -> None:
         """Record the content fingerprint of the data the run trains on (the ``data``

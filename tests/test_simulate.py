@@ -983,7 +983,10 @@ def test_a_resume_on_other_data_is_refused_before_pretraining(
     """A rerun with every setting the same resumed a run whose data had changed (an edited
     data-dir file, a new download): pretraining missed its cache and trained on the new data,
     the run warned of "another number of threads" and went on from its old student with the
-    new clients' data, failing on the catalog only if that changed size."""
+    new clients' data, failing on the catalog only if that changed size. A refused rerun
+    leaves the run's settings as they were: it recorded its own (here more rounds and
+    another adapt-steps) before the data check, and re-evaluations of the finished run
+    (``load_finished_run``) then adapted with settings its figures were not made with."""
     import simulation.pipeline
     from shared.config import from_flat, parse_run_config, to_flat
     from simulation.config import RESUMABLE_KEYS, SimulationConfig
@@ -1001,7 +1004,7 @@ def test_a_resume_on_other_data_is_refused_before_pretraining(
     for name, recorded in (("changed", "0123456789abcdef"), ("same", fingerprint), ("old", None)):
         refused = name == "changed"
         args = ["simulate", "--run-dir", str(tmp_path), "--name", name, "--no-progress"]
-        args += ["--run-config", keys]
+        args += ["--rounds", "9", "--run-config", f"{keys} adapt-steps=50"]
         earlier = RunDirectory(tmp_path / name)  # a run that trained a round on it
         earlier.claim("simulation", to_flat(config), RESUMABLE_KEYS)
         if recorded is not None:
@@ -1015,8 +1018,11 @@ def test_a_resume_on_other_data_is_refused_before_pretraining(
             assert "other data than synthetic holds now" in str(result.exception)
         else:  # resumed (up to the stage patched out here), the data now recorded
             assert "encoded" in str(result.exception), result.output
-            stored = json.loads((tmp_path / name / "config.json").read_text())
-            assert stored["data"] == {"fingerprint": fingerprint}
+        stored = json.loads((tmp_path / name / "config.json").read_text())
+        assert stored["data"] == {"fingerprint": recorded if refused else fingerprint}
+        ran = {"rounds": 9, "adapt-steps": 50}
+        before = {"rounds": config.rounds, "adapt-steps": config.adapt_steps}
+        assert {k: stored["simulation"][k] for k in ran} == (before if refused else ran)
 
 
 def test_a_finished_run_is_not_re_evaluated_on_other_data(tmp_path: Path) -> None:
@@ -1257,6 +1263,9 @@ def test_a_resume_compares_the_text_model_folder_not_its_spelling(
         pass
 
     def stages(config: Any, run: Any, started: float, progress: Any) -> None:
+        from shared.config import to_flat
+
+        run.record_settings("simulation", to_flat(config))  # as the stages do, once checked
         (run.checkpoints / "round-1.npz").write_bytes(b"")  # a round's progress: resumable
         raise Stop(config.text_model)
 
