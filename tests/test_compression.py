@@ -330,6 +330,21 @@ def test_quantization_gate_refuses_and_writes_nothing(
         quantize_onnx(int8_path, out)  # the fixture's file (this test alone ran without it)
 
 
+def test_quantize_config_refuses_a_fractional_k_or_a_bare_min_elements() -> None:
+    """k=2.5 was accepted and failed later with a TypeError slicing the top-k; a bare
+    ``min_elements=1024`` failed with "'int' object is not iterable"."""
+    for k in (2.5, True, 0):
+        with pytest.raises(ConfigError, match="k must be an integer >= 1"):
+            QuantizeConfig(k=k)  # type: ignore[arg-type]
+    for bad in (1024, (1024.5,), (True,), (), (0,), "1024"):
+        with pytest.raises(ConfigError, match=r"min_elements must be a non-empty sequence"):
+            QuantizeConfig(min_elements=bad)  # type: ignore[arg-type]
+    for name in ("n_validation", "residual_clusters"):
+        with pytest.raises(ConfigError, match=f"{name} must be an integer"):
+            QuantizeConfig(**{name: 2.5})  # type: ignore[arg-type]
+    assert QuantizeConfig(k=np.int64(5), min_elements=[np.int64(1), 64]).k == 5  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- runtime
 
 

@@ -39,6 +39,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from shared.config import is_int
 from shared.errors import ConfigError, ModelFileError
 from shared.io import write_bytes_atomic
 from shared.ondevice.runtime import OnDeviceModel
@@ -109,18 +110,28 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ConfigError(f"method must be one of {_METHODS}, got {self.method!r}")
-        if not self.min_elements or any(m < 1 for m in self.min_elements):
+        # a bare int or a fractional count would pass a comparison and fail later with a
+        # TypeError deep in numpy (a top-k slice, a sample size): refuse it here, by name
+        if (
+            not isinstance(self.min_elements, Sequence)
+            or isinstance(self.min_elements, str)
+            or not self.min_elements
+            or not all(is_int(m) and m >= 1 for m in self.min_elements)
+        ):
             raise ConfigError(
-                f"min_elements must be a non-empty tuple of ints >= 1, got {self.min_elements}"
+                f"min_elements must be a non-empty sequence of integers >= 1, such as (1024,)"
+                f" for one rung, got {self.min_elements!r}"
             )
-        if self.residual_clusters < 0:
-            raise ConfigError(f"residual_clusters must be >= 0, got {self.residual_clusters}")
+        if not is_int(self.residual_clusters) or self.residual_clusters < 0:
+            raise ConfigError(
+                f"residual_clusters must be an integer >= 0, got {self.residual_clusters!r}"
+            )
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise ConfigError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
-        if self.n_validation < 1:
-            raise ConfigError(f"n_validation must be >= 1, got {self.n_validation}")
+        if not is_int(self.k) or self.k < 1:
+            raise ConfigError(f"k must be an integer >= 1, got {self.k!r}")
+        if not is_int(self.n_validation) or self.n_validation < 1:
+            raise ConfigError(f"n_validation must be an integer >= 1, got {self.n_validation!r}")
 
 
 @dataclass(frozen=True)
