@@ -731,6 +731,20 @@ def test_model_features_recover_the_models_item_space_and_ignore_popularity() ->
         model_features(lambda hs: np.zeros((len(hs), 39)), 40, 3)
 
 
+def test_model_features_refuse_no_probes_or_an_empty_batch() -> None:
+    """max_probes=0 failed with numpy's "need at least one array to concatenate" (and a
+    negative or fractional one, or batch_size=0, with other numpy/range errors): with no
+    probe the model says nothing about its items."""
+    score = lambda hs: np.zeros((len(hs), 40))  # noqa: E731
+    for probes in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="max_probes must be an integer >= 1"):
+            model_features(score, 40, 3, max_probes=probes)  # type: ignore[arg-type]
+    for batch in (0, 2.5):
+        with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+            model_features(score, 40, 3, batch_size=batch)  # type: ignore[arg-type]
+    assert not model_features(score, 40, 3, max_probes=1).any()  # one probe: no factor yet
+
+
 def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:
     world = generate_world(SyntheticConfig(seed=3, n_users=150, n_items=80, mean_interactions=12))
     shape: dict[str, Any] = {"top_n": 20, "slate_size": 5, "feature_dim": 6, "mmr_lambda": 1.0}

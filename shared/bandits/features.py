@@ -110,6 +110,11 @@ def model_features(
         raise ConfigError(f"n_items must be a positive integer, got {n_items!r}")
     if not is_int(dim) or dim < 0:
         raise ConfigError(f"feature_dim must be an integer >= 0, got {dim!r}")
+    # no probe scores nothing: the model would say nothing about its items
+    if not is_int(max_probes) or max_probes < 1:
+        raise ConfigError(f"max_probes must be an integer >= 1, got {max_probes!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n_probes = min(n_items, max_probes)
     # a doubly centred n_probes x n_items matrix has at most n_probes - 1 factors: a catalog
     # that small gets them, and zero columns (which the policy never learns from) for the rest
