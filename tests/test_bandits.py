@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -674,6 +675,25 @@ def test_mmr_reranker_under_the_protocol(toy_dataset: Any) -> None:
         np.testing.assert_allclose(np.sort(d[top]), np.sort(b[top]))
         rest = np.setdiff1d(np.arange(len(b)), top)
         np.testing.assert_array_equal(diverse[row, rest], base[row, rest])
+
+
+def test_mmr_reranker_counts_a_plus_inf_score_as_a_candidate() -> None:
+    """+inf (the model's surest item) was counted as non-finite when sizing the top-N, so
+    with top_n above the unseen items the last candidate was left out of the re-ranking;
+    only NaN, -inf and the history are no candidates (as for the policies)."""
+
+    class Fixed:
+        n_items = 6
+
+        def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+            return np.array([[0.5, np.inf, 0.9, 0.8, 0.1, np.nan]] * len(histories))
+
+    emb = np.array([[1.0, 0.0]] * 4 + [[0.0, 1.0], [1.0, 0.0]])  # item 4 unlike the others
+    out = MMRReranker(Fixed(), emb, 0.3, top_n=50).score([np.array([0])])[0]
+    # the surest item first, then the item least like it: item 4 takes the second value
+    assert out[1] == np.inf and out[4] == pytest.approx(0.9)
+    np.testing.assert_allclose(np.sort(out[1:5]), [0.1, 0.8, 0.9, np.inf])
+    assert out[0] == pytest.approx(0.5) and np.isnan(out[5])  # history and NaN kept
 
 
 # ---------------------------------------------------------------------------- harness

@@ -170,12 +170,13 @@ def catalog_coverage(slates: Iterable[npt.ArrayLike], n_items: int) -> float:
 class MMRReranker:
     """A :class:`~shared.models.base.Scorer` that re-ranks another scorer's top-N by MMR.
 
-    The top-N items (history excluded) keep their set of score *values*, re-assigned in MMR
-    order: the best value goes to MMR's first pick, and so on. Every other item (history
-    included) keeps its base score. So with ``lam = 1`` the scores are the base scores exactly,
-    ties stay ties (the protocol counts them against the model), and the protocol's
-    :func:`~shared.eval.protocol.evaluate_split` measures what a device running MMR over the
-    model's top-N would show, on the same footing as the model itself.
+    The top-N items (the history and items scored NaN or -inf excluded; +inf is a score) keep
+    their set of score *values*, re-assigned in MMR order: the best value goes to MMR's first
+    pick, and so on. Every other item (history included) keeps its base score. So with
+    ``lam = 1`` the scores are the base scores exactly, ties stay ties (the protocol counts
+    them against the model), and the protocol's :func:`~shared.eval.protocol.evaluate_split`
+    measures what a device running MMR over the model's top-N would show, on the same footing
+    as the model itself.
     """
 
     def __init__(
@@ -207,7 +208,8 @@ class MMRReranker:
             masked = base[row].astype(np.float64)
             masked[np.isnan(masked)] = -np.inf
             masked[np.asarray(hist, dtype=np.int64)] = -np.inf
-            n = min(self.top_n, int(np.isfinite(masked).sum()))
+            # NaN, -inf and the history are no candidates; +inf (the surest item) is one
+            n = min(self.top_n, int((masked > -np.inf).sum()))
             cand = top_k(masked, n)
             picked = cand[mmr_select(masked[cand], self.embeddings[cand], n, self.lam)]
             out[row, picked] = np.sort(base[row, cand])[::-1]
