@@ -1685,6 +1685,46 @@ def test_a_failing_monitor_check_is_logged_and_monitoring_goes_on(
     assert len(failed) == 2 and failed[0].exc_info is not None  # with its traceback
 
 
+def test_a_check_that_failed_after_recording_an_exit_records_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that raised after it had recorded a process's exit code (reaping its group,
+    reading its log) but before it scheduled the restart recorded the same exit again at the
+    next check: ``exit_codes`` showed one crash twice."""
+    state = tmp_path / "device"
+    init_identity(state)
+    with Daemon.open(state) as daemon:
+        daemon.add_process(
+            ProcessSpec(
+                "crasher",
+                (sys.executable, "-c", "raise SystemExit(3)"),
+                max_restarts=1,
+                backoff_s=0,
+            )
+        )
+        proc = daemon.processes[0]
+        proc.start()
+        assert proc.popen is not None and proc.popen.wait(timeout=30) == 3
+        reap = proc.reap_group
+        failures = iter([OSError(5, "Input/output error")])
+
+        def flaky(grace_s: float = 2.0) -> None:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            reap(grace_s)
+
+        monkeypatch.setattr(proc, "reap_group", flaky)
+        with pytest.raises(OSError, match="Input/output"):
+            daemon._check_process(proc)
+        daemon._check_process(proc)  # the retry finishes the check: a restart is scheduled
+        assert proc.exit_codes == [3] and proc.restarts == 1 and proc.next_start is not None
+        daemon._check_process(proc)  # restarts it: its next exit is a new one
+        assert proc.popen.wait(timeout=30) == 3
+        daemon._check_process(proc)
+        assert proc.exit_codes == [3, 3]
+
+
 def test_a_monitor_that_keeps_failing_stops_the_daemon_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

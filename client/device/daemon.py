@@ -393,6 +393,9 @@ class ManagedProcess:
     last_error: str | None = None
     #: Where the current run's output begins in ``spec.log_file`` (its size at the start).
     log_start: int = 0
+    #: The run whose exit is in ``exit_codes`` already: a check that failed after recording
+    #: it is retried at the next tick, which must not record the same exit again.
+    recorded: subprocess.Popen[bytes] | None = None
 
     def state(self) -> ProcessState:
         running = self.popen is not None and self.popen.poll() is None
@@ -1340,7 +1343,9 @@ class Daemon:
         if proc.popen is None or proc.popen.poll() is None:
             return
         code = proc.popen.returncode
-        proc.exit_codes.append(code)
+        if proc.recorded is not proc.popen:
+            proc.exit_codes.append(code)
+            proc.recorded = proc.popen
         proc.reap_group(0.5)
         spec = proc.spec
         lines = log_lines(spec.log_file, start=proc.log_start)  # this run's output only
