@@ -495,6 +495,21 @@ def test_install_model_names_the_file_it_refuses(tmp_path: Path) -> None:
     assert "Traceback" not in binary.stderr
 
 
+def test_install_model_without_catalog_says_the_installed_one_is_damaged(tmp_path: Path) -> None:
+    """A damaged catalog.json was reported as "no catalog installed" (the real cause only in
+    the log line before), so the user looked for a catalog that was there."""
+    state = tmp_path / "device"
+    assert _fedrec("client", "init", "--state-dir", str(state)).returncode == 0
+    (state / "catalog.json").write_text('["a", "b"')
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not onnx")
+    proc = _fedrec("client", "install-model", "--state-dir", str(state), "--model", str(model))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.splitlines()[-1]
+    assert error.startswith("error: the installed catalog is damaged: cannot read the catalog")
+    assert "no catalog installed" not in error and "--catalog catalog.json" in error
+
+
 def test_bandit_plots_are_written_and_stale_ones_removed(tmp_path: Path) -> None:
     from fedrec.commands.bandits import PLOTS
 

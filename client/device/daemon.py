@@ -524,6 +524,9 @@ class Daemon:
         #: How many times local data was erased (see :meth:`install_model`'s ``erasures``).
         self.erasures = 0
         self.catalog: Catalog | None = None
+        #: Why ``catalog.json`` could not be loaded at open (a damaged file), until a catalog
+        #: is installed: "no catalog installed" would send the user looking for a missing one.
+        self.catalog_error: str | None = None
         self.model: OnDeviceModel | None = None
         self.model_info: SealedModelInfo | None = None
         self.model_error: str | None = None
@@ -616,6 +619,7 @@ class Daemon:
             try:
                 self.catalog = Catalog.load(self.layout.catalog)
             except DataError as exc:  # the API stays up: erase and reinstall still work
+                self.catalog_error = str(exc)
                 self.model_error = f"{exc}; {REINSTALL_ADVICE}"
                 logger.error("the installed catalog is unusable: %s", exc)
                 return
@@ -681,6 +685,7 @@ class Daemon:
                 self._adopt_pending_catalog()
             self._record_sealed(info)
             self.catalog, self.model, self.model_info, self.model_error = catalog, model, info, None
+            self.catalog_error = None
             self._model_changed()
             logger.info("installed model %s as sealed v%d", info.model_version, info.version)
             return info
@@ -688,12 +693,17 @@ class Daemon:
     def _install_catalog(self, catalog: Catalog | None, erasures: int | None) -> Catalog:
         """The catalog :meth:`install_model` installs against (``catalog``, else the installed
         one), after its checks: :class:`StaleModelError` for a refit of erased data,
-        :class:`NoCatalogError` without a catalog. Called with the lock held."""
+        :class:`NoCatalogError` without a catalog (saying so when the installed one is damaged).
+        Called with the lock held."""
         if erasures is not None and erasures != self.erasures:
             raise StaleModelError(
                 "the model was fitted on local data that has been erased since; not installed"
             )
         catalog = catalog or self.catalog
+        if catalog is None and self.catalog_error is not None:
+            raise NoCatalogError(
+                f"the installed catalog is damaged: {self.catalog_error}; {REINSTALL_ADVICE}"
+            )
         if catalog is None:
             raise NoCatalogError(
                 "no catalog installed: install the model together with its catalog "
@@ -744,7 +754,7 @@ class Daemon:
                     f"together with its catalog instead"
                 )
             catalog.save(self.layout.catalog)
-            self.catalog = catalog
+            self.catalog, self.catalog_error = catalog, None
 
     # -- API operations -------------------------------------------------------------------------
 
