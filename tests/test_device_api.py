@@ -378,6 +378,25 @@ def test_a_query_parameter_that_would_be_ignored_is_422(
     assert len(device.stored()) == 1  # the refused DELETE erased nothing
 
 
+def test_events_on_a_device_whose_catalog_is_damaged_say_so(tmp_path: Path) -> None:
+    """With a catalog.json that cannot be read, /events answered 503 "no catalog installed
+    yet" (while /status and install-model named the damage), sending the app's developer
+    after an install that had happened."""
+    state = tmp_path / "device"
+    state.mkdir()
+    (state / "catalog.json").write_text('["a", "b"')
+    bare = Device(state, None, None)
+    try:
+        r = bare.client.post("/events", json={"events": [ev(ITEM[0])]})
+        detail = r.json()["detail"]
+        assert r.status_code == 503 and "the installed catalog is damaged" in detail
+        assert "no catalog installed" not in detail and "--catalog catalog.json" in detail
+        bare.daemon.install_catalog(CATALOG)  # the repair
+        assert bare.client.post("/events", json={"events": [ev(ITEM[0])]}).status_code == 200
+    finally:
+        bare.daemon.shutdown()
+
+
 def test_no_model_or_catalog_yet_is_503(tmp_path: Path, int8_model: bytes) -> None:
     bare = Device(tmp_path / "bare", None, None)
     try:

@@ -316,7 +316,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or wrong bearer token.",
         413: "Request body or batch too large.",
         422: "Invalid request (malformed JSON, wrong types, unknown items or impressions).",
-        503: "Not ready: no model or no catalog installed yet.",
+        503: "Not ready: no model or no (readable) catalog installed yet.",
     }
     return {c: {"model": ErrorOut, "description": text[c]} for c in codes}
 

@@ -761,6 +761,11 @@ class Daemon:
     def add_events(self, events: Sequence[Event]) -> int:
         """Store a batch atomically; unknown items refuse the whole batch (422)."""
         catalog = self.catalog
+        if catalog is None and self.catalog_error is not None:
+            raise NoCatalogError(
+                f"the installed catalog is damaged: {self.catalog_error}, so item ids cannot "
+                f"be checked; {REINSTALL_ADVICE}"
+            )
         if catalog is None:
             raise NoCatalogError(
                 "no catalog installed yet, so item ids cannot be checked; install a model "
