@@ -500,6 +500,10 @@ class SuperLinkOptions:
     ready_timeout_s: float = 60.0
     max_restarts: int = 3
     status_interval_s: float = 5.0
+    #: the first status check's delay once the run's final round is recorded: the run
+    #: ends moments later (the ServerApp's summary and exit), and `server start` with it;
+    #: later checks double it, back to ``status_interval_s`` (each is a `flwr` process)
+    final_status_interval_s: float = 0.5
     # a submitted run that no executor has picked up (still "pending") after this long
     # never will: it is reported instead of waited for
     pending_timeout_s: float = 300.0
@@ -952,17 +956,24 @@ class ServerRunner:
         shown = len(read_progress(self.layout))
         first = shown  # this run's rounds are the records after it
         next_check = 0.0
+        interval = self.options.status_interval_s
         pending_until = time.monotonic() + self.options.pending_timeout_s
         while True:
             records = read_progress(self.layout)
             for record in records[shown:]:
                 self.echo(format_round(record))
+                if _final_round(record):
+                    # checked every status_interval_s, a run that had ended was noticed
+                    # seconds late (5 s, with the default, after the last round's line)
+                    interval = min(self.options.final_status_interval_s, interval)
+                    next_check = min(next_check, time.monotonic() + interval)
             shown = len(records)
             if not self.superlink.alive():
                 return None
             now = time.monotonic()
             if now >= next_check:
-                next_check = now + self.options.status_interval_s
+                next_check = now + interval
+                interval = min(2 * interval, self.options.status_interval_s)
                 self.superlink.remember_descendants()
                 try:
                     status = self.cli.run_status(self.run_id)
@@ -1009,6 +1020,12 @@ class ServerRunner:
                         "checkpoint)"
                     )
             time.sleep(0.5)
+
+
+def _final_round(record: dict[str, Any]) -> bool:
+    """Whether progress ``record`` is of its run's last round (``num_rounds``)."""
+    done, total = record.get("round"), record.get("num_rounds")
+    return is_int(done) and is_int(total) and done >= total
 
 
 @contextlib.contextmanager

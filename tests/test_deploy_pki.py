@@ -1156,6 +1156,29 @@ def test_a_bracketed_ipv6_listen_host_is_the_address_itself(tmp_path: Path) -> N
     assert SuperLinkOptions(host="[::]").host == "::"
 
 
+class _AliveSuperLink:
+    """A SuperLink that stays up, for ``ServerRunner._follow``."""
+
+    def alive(self) -> bool:
+        return True
+
+    def remember_descendants(self) -> None:
+        pass
+
+
+class _StatusCli:
+    """The ``flwr`` calls ``ServerRunner._follow`` makes: the run's status from ``status``."""
+
+    def __init__(self, status: Callable[[], str]) -> None:
+        self.status = status
+
+    def run_status(self, run_id: int) -> str:
+        return self.status()
+
+    def save_log(self, run_id: int, path: Path) -> None:
+        pass
+
+
 def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -> None:
     from server.superlink import RunFailedError, ServerRunner, SuperLinkOptions
 
@@ -1164,27 +1187,10 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
     runner = ServerRunner(layout, options, {}, echo=lambda line: None)
     statuses = iter(["pending", "starting", "running", "finished:completed"])
 
-    class Alive:
-        def alive(self) -> bool:
-            return True
-
-        def remember_descendants(self) -> None:
-            pass
-
-    class Cli:
-        def __init__(self, status: Callable[[], str]) -> None:
-            self.status = status
-
-        def run_status(self, run_id: int) -> str:
-            return self.status()
-
-        def save_log(self, run_id: int, path: Path) -> None:
-            pass
-
-    runner.superlink, runner.run_id = Alive(), 7  # type: ignore[assignment]
-    runner.cli = Cli(lambda: next(statuses))  # type: ignore[assignment]
+    runner.superlink, runner.run_id = _AliveSuperLink(), 7  # type: ignore[assignment]
+    runner.cli = _StatusCli(lambda: next(statuses))  # type: ignore[assignment]
     assert runner._follow() == 0  # a run that starts is followed to its end
-    runner.cli = Cli(lambda: "pending")  # type: ignore[assignment]
+    runner.cli = _StatusCli(lambda: "pending")  # type: ignore[assignment]
     started = time.monotonic()
     with pytest.raises(RunFailedError, match=r"run 7 is still pending after 1 s.*superlink"):
         runner._follow()
@@ -1203,13 +1209,13 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
                 f.write(json.dumps({"round": r, "num_rounds": 3, "updated": False}) + "\n")
         return "finished:completed"
 
-    runner.cli = Cli(finish_with_nothing_learned)  # type: ignore[assignment]
+    runner.cli = _StatusCli(finish_with_nothing_learned)  # type: ignore[assignment]
     assert runner._follow() == 1
     assert "no round changed the global model" in lines[-1]
     # a run that ran no round with rounds left (its privacy budget spent before round 1)
     # "completed" with exit status 0 too
     runner.run_config = {"num-rounds": 5}
-    runner.cli = Cli(lambda: "finished:completed")  # type: ignore[assignment]
+    runner.cli = _StatusCli(lambda: "finished:completed")  # type: ignore[assignment]
     assert runner._follow() == 1
     assert "completed without running a round, with 5 of its rounds still to run" in lines[-1]
     # with every round checkpointed already there is nothing left to run: a success
@@ -1227,6 +1233,34 @@ def test_a_run_no_executor_picks_up_is_reported_not_waited_for(tmp_path: Path) -
         "all 5 rounds are done (the checkpoint of round 5); nothing to run. Give more --rounds "
         "to continue the run"
     )
+
+
+def test_the_end_of_a_run_is_noticed_soon_after_its_final_round(tmp_path: Path) -> None:
+    """`server start` checked the run's status (a `flwr ls` process) every 5 s, after the
+    last round too: it noticed a run that had ended up to 5 s late (measured in the
+    deployment test: 6 s from the last round's line to the run's log saved). Once the
+    final round is recorded, it checks every ``final_status_interval_s`` (0.5 s)."""
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    options = SuperLinkOptions(status_interval_s=10.0)
+    runner = ServerRunner(layout, options, {}, echo=lambda line: None)
+    checks: list[float] = []
+
+    def status() -> str:
+        checks.append(time.monotonic())
+        if len(checks) == 1:  # the run goes on, and records its last round
+            with layout.progress.open("a") as f:
+                f.write(json.dumps({"round": 1, "num_rounds": 2, "clients_ok": 1}) + "\n")
+                f.write(json.dumps({"round": 2, "num_rounds": 2, "clients_ok": 1}) + "\n")
+            return "running"
+        return "finished:completed"
+
+    runner.superlink, runner.run_id = _AliveSuperLink(), 7  # type: ignore[assignment]
+    runner.cli = _StatusCli(status)  # type: ignore[assignment]
+    started = time.monotonic()
+    assert runner._follow() == 0
+    assert time.monotonic() - started < 3, checks
 
 
 def test_a_node_with_a_device_dir_trains_on_that_device() -> None:
