@@ -65,15 +65,42 @@ def reap_group(pgid: int, grace_s: float) -> None:
     Signals nothing once the group is gone, or once a process holds the pid ``pgid``: the
     kernel hands out no pid that a live group still uses as its id, so such a process is a
     newcomer that reused the number, and a group of that id is its own (a daemon stopped
-    long after its child crashed would otherwise SIGKILL an unrelated process group)."""
+    long after its child crashed would otherwise SIGKILL an unrelated process group).
+    Members that exited but are not reaped yet (zombies) are not waited for (see
+    :func:`_group_running`)."""
     deadline = time.monotonic() + grace_s
     while True:
-        if _pid_in_use(pgid) or not signal_group(pgid, 0):
+        if _pid_in_use(pgid) or not _group_running(pgid):
             return
         if time.monotonic() >= deadline:
             break
         time.sleep(0.1)
     signal_group(pgid, signal.SIGKILL)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that has not exited. A zombie (exited,
+    not yet reaped) has nothing left to stop: an orphan waits for init to reap it, which
+    some containers' init does late (a device daemon's stop waited 2 s for its SuperNode's
+    exited SuperExec) or never. Without a readable ``/proc``, any member counts."""
+    if not signal_group(pgid, 0):
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    group = str(pgid).encode()
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:  # state, ppid, pgrp after the ')'
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == group and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _pid_in_use(pid: int) -> bool:

@@ -123,6 +123,28 @@ def test_stopping_a_crashed_superlink_stops_the_serverapp_it_left_behind(
     assert _wait_gone(server_app)
 
 
+def test_reap_group_does_not_wait_for_members_that_exited() -> None:
+    """A group whose only member left is a zombie (exited, not reaped: an orphan waits for
+    init, which some containers' init reaps late) has nothing left to stop: reap_group
+    waited its whole grace for it (2 s of every device daemon's stop in such a container)."""
+    leader = subprocess.Popen(["sleep", "30"], process_group=0)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"], process_group=leader.pid)
+    try:
+        deadline = time.monotonic() + 20
+        while pid_alive(zombie.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it has exited; not reaped (no wait): a zombie
+        assert not pid_alive(zombie.pid) and os.getpgid(zombie.pid) == leader.pid
+        leader.kill()
+        leader.wait()
+        started = time.monotonic()
+        reap_group(leader.pid, 5.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        zombie.wait()
+        with contextlib.suppress(ProcessLookupError):
+            leader.kill()
+
+
 def test_reap_group_kills_a_reaped_leaders_group_and_spares_a_reused_pid() -> None:
     """reap_group runs after the leader was reaped: what is left of its group is killed; but a
     process now holding the leader's pid is a newcomer, and the group of that id its own (a
