@@ -10,8 +10,18 @@ is the separate, slower test (-m slow).
 
 Timing on 2 loaded CPUs: each SecAgg+ stage costs a SuperNode poll (<= 3 s) plus one
 `flwr-clientapp` process per device (and the daemons import torch at start). Measured with
-other jobs loading the 2 CPUs (load average ~10): ~100 s per round, ~6-7 min for the main test;
-a quiet machine should need well under half of that (not measured).
+other jobs loading the 2 CPUs (load average ~10): ~100 s per round, ~6-7 min for the main test.
+With the test alone on them (load average ~2, what it makes itself) it takes 169-179 s, in
+seconds: setup commands 11, device daemons up 14, events and adaptation 3, `server start` to
+its run submitted 12-17 and to the first message at a device 5-7 more (its `flwr` CLI calls
+and the ServerApp's start), round 1 44-52, kill 3, restart to the new run's first message
+15-22, round 2 41-49, the run's end to `server start` exiting 5-7, the devices' stop 3-4. A
+round's five messages per device (four SecAgg+ stages, evaluation) each wait for the
+SuperNode's next pull (Flower polls every 3 s), the SuperExec's task poll (1 s) and a
+ClientApp process's start (~1.5 s); training and evaluation compute is the rest. The
+SuperNodes' reconnect back-off after the kill (Flower's: jittered, capped at 20 s) cost at
+most ~2 s in 5 runs: the restarted SuperLink is up ~5 s after the kill, the new run's first
+message 12-17 s after it (`server start`'s `flwr` CLI calls, the ServerApp's start).
 """
 
 from __future__ import annotations
