@@ -486,6 +486,7 @@ def test_a_full_disk_during_the_export_names_the_file_for_a_one_line_error(
     import errno
     import os
 
+    import fedrec.app
     import shared.eval.protocol
     from fedrec import cli
 
@@ -510,7 +511,7 @@ def test_a_full_disk_during_the_export_names_the_file_for_a_one_line_error(
     def command(**kwargs):
         export_recs(Flat(), ds, {0: np.array([1])}, out)
 
-    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(fedrec.app, "app", command)  # the tree cli.main() runs
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 2
