@@ -38,8 +38,9 @@ def test_app_config_parses_into_server_config() -> None:
     assert config.num_rounds >= 1
 
 
-#: Read from the run config but not declared: the clients re-seed every round from the
-#: server's ``seed``, and the toy task's fault-injection sets are test fixtures.
+#: Read from the run config without needing a declaration (pyproject declares it all the
+#: same): the clients re-seed every round from the server's ``seed``. The toy task's
+#: fault-injection sets are test fixtures, never declared.
 UNDECLARED = {"seed"}
 
 
@@ -76,8 +77,15 @@ def test_declared_values_are_the_dataclass_defaults() -> None:
     ):
         for f in fields(cls):
             key = prefix + f.name.replace("_", "-")
-            if key in declared and key not in UNDECLARED:
-                assert declared[key] == f.default, (cls.__name__, key, declared[key], f.default)
+            if key in declared:  # `seed` too: declared, though the apps need not declare it
+                value = declared[key]
+                # the type too: `lr = 1` or `dp = 1` would equal 1.0 / True
+                assert value == f.default and type(value) is type(f.default), (
+                    cls.__name__,
+                    key,
+                    value,
+                    f.default,
+                )
 
 
 def test_the_simulation_and_the_server_share_the_privacy_defaults() -> None:
