@@ -378,6 +378,25 @@ def _registry_problem(raw: object) -> str | None:
             is_bool = isinstance(value, bool)
             if not isinstance(value, types) or (is_bool and bool not in types):
                 return f"{where} has {key} = {json.dumps(value)}, of the wrong type"
+    return _duplicate_active_key(clients)
+
+
+def _duplicate_active_key(clients: list[dict[str, Any]]) -> str | None:
+    """Two active entries holding one key (a hand edit, a merge of backups), or None:
+    ``revoke-client`` revokes one record, and the key stayed authorized under the other
+    while the command said it was revoked."""
+    first: dict[str, int] = {}
+    for i, record in enumerate(clients):
+        if record.get("revoked") is not None:
+            continue
+        j = first.setdefault(record["fingerprint"], i)
+        if j != i:
+            names = f"{clients[j]['name']!r}, {record['name']!r}"
+            return (
+                f'entries {j} and {i} of "clients" ({names}) both authorize the key '
+                f"{record['fingerprint']} (a revocation would leave it active under the "
+                "other; keep one)"
+            )
     return None
 
 

@@ -480,6 +480,17 @@ _GOOD_RECORD = {"name": "phone", "public_key": "k", "fingerprint": "f", "added":
             {"clients": [{**_GOOD_RECORD, "applied": 1}]},
             'entry 0 of "clients" has applied = 1, of the wrong type',
         ),
+        (  # hand-edited or merged: revoking either name (or the key) left the key active
+            {
+                "clients": [
+                    _GOOD_RECORD,
+                    {**_GOOD_RECORD, "revoked": 2},
+                    {**_GOOD_RECORD, "name": "b"},
+                ]
+            },
+            "entries 0 and 2 of \"clients\" ('phone', 'b') both authorize the key f (a "
+            "revocation would leave it active under the other; keep one)",
+        ),
     ],
 )
 def test_a_malformed_registry_is_described_in_the_files_terms(
