@@ -314,10 +314,7 @@ def renew_server_cert(
     paths = PkiPaths(Path(directory))
     for path in (paths.ca_cert, paths.ca_key):
         if not path.is_file():
-            raise PkiError(
-                f"{path} is missing: without the CA no certificate devices trust can be "
-                "issued; recreate the state with `fedrec server init --force` (a new CA)"
-            )
+            raise _missing(paths, path)
     if hosts is None:
         try:
             current = server_names(paths)
@@ -385,11 +382,28 @@ def server_names(paths: PkiPaths) -> list[str]:
     return [*dns, *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
 
 
+def _missing(paths: PkiPaths, path: Path) -> PkiError:
+    """A missing file of ``paths``, with the fix that keeps the most: a server certificate
+    or key is issued again from the same CA (`init`, the fix this named, refuses an existing
+    state and `init --force` makes devices trust a new CA and wipes the run state); without
+    the CA only a backup keeps the devices' trust."""
+    if path in (paths.server_cert, paths.server_key):
+        return PkiError(
+            f"{path} is missing; `fedrec server renew-cert` issues a new server certificate and "
+            "key from the same CA (devices keep their ca.pem; the run state stays)"
+        )
+    return PkiError(
+        f"{path} is missing: without the CA no certificate devices trust can be issued; "
+        "restore it from a backup, or recreate the state with `fedrec server init --force` "
+        "(a new CA)"
+    )
+
+
 def check_pki(paths: PkiPaths) -> None:
     """Refuse a missing file, a key readable by others, or a server cert the CA did not sign."""
     for path in paths.all():
         if not path.is_file():
-            raise PkiError(f"{path} is missing; run `fedrec server init` (or `--force` to redo it)")
+            raise _missing(paths, path)
     for key in (paths.ca_key, paths.server_key):
         mode = stat.S_IMODE(key.stat().st_mode)
         if mode & 0o077:

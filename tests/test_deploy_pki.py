@@ -112,6 +112,24 @@ def test_check_pki_refuses_open_keys_and_foreign_certificates(tmp_path: Path) ->
         check_pki(paths)
 
 
+@pytest.mark.parametrize("name", ["server.pem", "server.key", "ca.pem", "ca.key"])
+def test_a_missing_pki_file_names_the_fix_that_keeps_the_state(tmp_path: Path, name: str) -> None:
+    """A missing server.pem or server.key made `server start` say "run `fedrec server init`
+    (or `--force` to redo it)": init refuses an existing state directory and --force makes a
+    new CA for every device and wipes registrations, checkpoints and the privacy journal,
+    when `renew-cert` (same CA, state kept) is the fix."""
+    pki = create_pki(tmp_path / "certs")
+    (pki.directory / name).unlink()
+    with pytest.raises(PkiError) as err:
+        check_pki(pki)
+    if name.startswith("server"):
+        assert "`fedrec server renew-cert`" in str(err.value) and "init" not in str(err.value)
+        renew_server_cert(pki.directory, ["localhost"])
+        check_pki(pki)
+    else:  # the CA: only a backup keeps the devices' trust
+        assert "restore it from a backup" in str(err.value) and "init --force" in str(err.value)
+
+
 def _expire(cert_path: Path, ca_key_path: Path) -> None:
     """Rewrite the certificate at ``cert_path`` as one that expired on 2021-01-01, signed by
     the CA key at ``ca_key_path`` (names and extensions kept)."""
