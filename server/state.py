@@ -378,7 +378,23 @@ def _registry_problem(raw: object) -> str | None:
             is_bool = isinstance(value, bool)
             if not isinstance(value, types) or (is_bool and bool not in types):
                 return f"{where} has {key} = {json.dumps(value)}, of the wrong type"
+        problem = _key_problem(record)
+        if problem is not None:
+            return f"{where} ({record['name']!r}) {problem}"
     return _duplicate_active_key(clients)
+
+
+def _key_problem(record: dict[str, Any]) -> str | None:
+    """Whether a record's key is a device key with the fingerprint it lists: a damaged key
+    failed `server start` with Flower's multi-line error naming no entry, and a fingerprint
+    edited apart from its key was shown and matched by ``revoke-client`` for another key."""
+    try:
+        _, fingerprint = load_public_key(record["public_key"], source="public_key")
+    except BadPublicKeyError:
+        return "has a public_key that is not a device key"
+    if fingerprint != record["fingerprint"]:
+        return f"has fingerprint {record['fingerprint']}, but its public_key's is {fingerprint}"
+    return None
 
 
 def _duplicate_active_key(clients: list[dict[str, Any]]) -> str | None:

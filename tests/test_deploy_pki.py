@@ -469,7 +469,10 @@ def test_registry_add_revoke_find(tmp_path: Path) -> None:
         loaded.find("nobody")
 
 
-_GOOD_RECORD = {"name": "phone", "public_key": "k", "fingerprint": "f", "added": 1.0}
+_KEY, _FINGERPRINT = load_public_key(
+    _ssh_line(ec.generate_private_key(ec.SECP256R1())), source="a test key"
+)
+_GOOD_RECORD = {"name": "phone", "public_key": _KEY, "fingerprint": _FINGERPRINT, "added": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -506,8 +509,17 @@ _GOOD_RECORD = {"name": "phone", "public_key": "k", "fingerprint": "f", "added":
                     {**_GOOD_RECORD, "name": "b"},
                 ]
             },
-            "entries 0 and 2 of \"clients\" ('phone', 'b') both authorize the key f (a "
-            "revocation would leave it active under the other; keep one)",
+            "entries 0 and 2 of \"clients\" ('phone', 'b') both authorize the key "
+            f"{_FINGERPRINT} (a revocation would leave it active under the other; keep one)",
+        ),
+        (  # `server start` failed on it with Flower's multi-line error naming no entry
+            {"clients": [{**_GOOD_RECORD, "public_key": "ecdsa-sha2-nistp256 AAAAjunk"}]},
+            "entry 0 of \"clients\" ('phone') has a public_key that is not a device key",
+        ),
+        (  # what status showed and revoke-client matched was not the key authorized
+            {"clients": [{**_GOOD_RECORD, "fingerprint": "SHA256:x"}]},
+            f"entry 0 of \"clients\" ('phone') has fingerprint SHA256:x, but its public_key's "
+            f"is {_FINGERPRINT}",
         ),
     ],
 )
