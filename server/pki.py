@@ -329,11 +329,11 @@ def renew_server_cert(
     try:
         ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise PkiError(f"CA key {paths.ca_key} is unreadable ({exc})") from None
+        raise PkiError(f"CA key {paths.ca_key} is unreadable ({exc}); {_NO_CA_FIX}") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or (
         ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers()  # type: ignore[union-attr]
     ):
-        raise PkiError(f"{paths.ca_key} is not the key of {paths.ca_cert}")
+        raise PkiError(f"{paths.ca_key} is not the key of {paths.ca_cert}; {_NO_CA_FIX}")
     _check_ca_current(paths, ca_cert)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     if ca_cert.not_valid_after_utc < now + dt.timedelta(days=valid_days):
@@ -382,6 +382,13 @@ def server_names(paths: PkiPaths) -> list[str]:
     return [*dns, *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
 
 
+_NO_CA_FIX = (
+    "restore it from a backup, or recreate the state with `fedrec server init --force` (a new CA)"
+)
+"""The fix for a CA file that is missing or damaged: only a backup keeps the trust of the
+devices, which hold its ca.pem."""
+
+
 def _missing(paths: PkiPaths, path: Path) -> PkiError:
     """A missing file of ``paths``, with the fix that keeps the most: a server certificate
     or key is issued again from the same CA (`init`, the fix this named, refuses an existing
@@ -394,8 +401,7 @@ def _missing(paths: PkiPaths, path: Path) -> PkiError:
         )
     return PkiError(
         f"{path} is missing: without the CA no certificate devices trust can be issued; "
-        "restore it from a backup, or recreate the state with `fedrec server init --force` "
-        "(a new CA)"
+        f"{_NO_CA_FIX}"
     )
 
 

@@ -234,7 +234,11 @@ def test_an_expired_or_too_narrow_certificate_is_renewed_from_the_same_ca(
     assert again.exit_code == 0 and server_names(pki) == ["localhost", "10.0.0.7", "127.0.0.1"]
     # a CA key that is not the CA's is refused, naming it
     pki.ca_key.write_bytes(create_pki(tmp_path / "other").ca_key.read_bytes())
-    with pytest.raises(PkiError, match="is not the key of"):
+    with pytest.raises(PkiError, match=r"is not the key of .*restore it from a backup.*--force"):
+        renew_server_cert(pki.directory)
+    # and so is one that is no key at all: both said only what was wrong, not what to do
+    pki.ca_key.write_text("junk\n")
+    with pytest.raises(PkiError, match=r"unreadable .*restore it from a backup.*--force"):
         renew_server_cert(pki.directory)
 
 
