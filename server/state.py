@@ -466,7 +466,8 @@ class ClientRegistry:
         ordered = self.active() + [c for c in self.clients if c.revoked is not None]
 
         def matches(c: ClientRecord) -> bool:
-            by_node = ref.isdigit() and c.node_id is not None and int(ref) == c.node_id
+            # ASCII digits only: isdigit() takes '²' (int() fails on it) and other scripts'
+            by_node = ref.isascii() and ref.isdigit() and c.node_id == int(ref)
             return ref in (c.name, c.fingerprint) or by_node
 
         return [c for c in ordered if matches(c)]

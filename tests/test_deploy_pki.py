@@ -637,6 +637,11 @@ def test_registry_names_are_plain_and_node_ids_match_only_known_nodes(tmp_path: 
     assert registry.find("None") is none  # not every record whose node id is still unknown
     phone.node_id = 5
     assert registry.find("5") is phone
+    # digits of other scripts are no node id: '²' was a ValueError traceback from
+    # revoke-client and the Arabic-Indic '٥' revoked node 5
+    for other in ("²", "\u0665", "\uff15"):
+        with pytest.raises(ConfigError, match="no registered client"):
+            registry.find(other)
     registry.add(*load_public_key(keys[2], source="c"), name="5")
     with pytest.raises(ConfigError, match="matches several active clients"):
         registry.find("5")
