@@ -165,6 +165,17 @@ class ServerLayout:
             )
         return self
 
+    def require_registry(self) -> None:
+        """Refuse a missing ``clients.json`` (``init`` writes it) before it is applied: read
+        as an empty registry, it unregistered every device from the SuperLink, which never
+        takes an unregistered key back (restoring the file then left them all locked out)."""
+        if not self.registry.exists():
+            raise DataError(
+                f"{self.registry} is missing: applied as it is, it would unregister every "
+                "device from the SuperLink, which never takes an unregistered key back; "
+                "restore it from a backup"
+            )
+
 
 def _interrupted_init(layout: ServerLayout) -> bool:
     """Whether ``layout`` is what an interrupted :func:`init_state_dir` left (a disk full

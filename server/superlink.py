@@ -227,6 +227,7 @@ def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
     end lost could never be unregistered: a later revocation would leave the device
     accepted), and again when a later SuperLink call fails."""
     with ClientRegistry.locked(layout.registry) as registry:
+        layout.require_registry()
         try:
             return _apply(layout, cli, registry)
         finally:

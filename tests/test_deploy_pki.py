@@ -1887,6 +1887,31 @@ def test_the_superlink_refuses_control_and_runtime_requests_from_other_hosts(
     assert superlink_main._get_middleware()[0].cls is LocalOnlyMiddleware
 
 
+def test_a_missing_clients_json_unregisters_no_device(tmp_path: Path) -> None:
+    """A clients.json gone from a state directory (a restore that missed it, a slip of rm)
+    read as an empty registry: `server start` unregistered every device's node as one
+    "registered outside `fedrec server register-client`", and the SuperLink never takes an
+    unregistered key back, so restoring the file left every device locked out while
+    `status` listed them registered. The start is refused, and the SuperLink untouched."""
+    from server.superlink import apply_registrations
+
+    layout = init_state_dir(tmp_path / "s")
+    link = _FlakySuperLink()
+    link.registered[101] = "phone-0's key"
+    layout.registry.unlink()
+    with pytest.raises(DataError, match=r"clients\.json is missing.*restore it from a backup"):
+        apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert list(link.registered) == [101]
+    assert not layout.registry.exists()  # nothing written in its place
+    # nor by register-client: a new registry of one key would unregister every other device
+    key = tmp_path / "client.pub"
+    key.write_text(init_identity(tmp_path / "d0").public_key_openssh)
+    state = ["--state-dir", str(layout.state_dir)]
+    result = runner.invoke(app, ["server", "register-client", str(key), *state])
+    assert isinstance(result.exception, DataError), result.output
+    assert not layout.registry.exists()
+
+
 def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) -> None:
     """A key registered with the SuperLink outside `register-client` (by hand with `flwr
     supernode register`, or by another host through the Control API before the SuperLink

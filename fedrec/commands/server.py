@@ -157,6 +157,7 @@ def register_client(
     layout = ServerLayout(state_dir).require()
     key, fingerprint = read_public_key_file(public_key_file)
     with ClientRegistry.locked(layout.registry) as registry:
+        layout.require_registry()  # a new one holding only this key unregisters the others
         # under the lock: a server whose SuperLink is not up yet applies clients.json under
         # it once it is, so it sees this change; checked before the lock, a server that came
         # up and applied its registrations in between left the change for a restart
