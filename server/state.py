@@ -169,12 +169,19 @@ class ServerLayout:
         """Refuse a missing ``clients.json`` (``init`` writes it) before it is applied: read
         as an empty registry, it unregistered every device from the SuperLink, which never
         takes an unregistered key back (restoring the file then left them all locked out)."""
-        if not self.registry.exists():
-            raise DataError(
-                f"{self.registry} is missing: applied as it is, it would unregister every "
-                "device from the SuperLink, which never takes an unregistered key back; "
-                "restore it from a backup"
-            )
+        problem = self.registry_problem()
+        if problem is not None:
+            raise DataError(problem)
+
+    def registry_problem(self) -> str | None:
+        """Why ``clients.json`` cannot be used as the registry (it is missing), or None."""
+        if self.registry.exists():
+            return None
+        return (
+            f"{self.registry} is missing: applied as it is, it would unregister every "
+            "device from the SuperLink, which never takes an unregistered key back; "
+            "restore it from a backup"
+        )
 
 
 def _interrupted_init(layout: ServerLayout) -> bool:
@@ -722,6 +729,8 @@ class ServerStatus:
     latest_artifact: str | None
     #: when no server runs: the last start that launched a run (:func:`read_last_start`)
     last_start: dict[str, Any] | None = None
+    #: why the registry's counts mean nothing (``clients.json`` missing), else None
+    clients_problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -763,4 +772,5 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         clients_revoked=len(registry.clients) - len(registry.active()),
         latest_artifact=versions[max(versions)] if versions else None,
         last_start=last_start,
+        clients_problem=layout.registry_problem(),
     )

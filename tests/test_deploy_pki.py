@@ -1910,6 +1910,19 @@ def test_a_missing_clients_json_unregisters_no_device(tmp_path: Path) -> None:
     result = runner.invoke(app, ["server", "register-client", str(key), *state])
     assert isinstance(result.exception, DataError), result.output
     assert not layout.registry.exists()
+    # revoke-client said "no registered client" and status "0 registered": both say it is gone
+    result = runner.invoke(app, ["server", "revoke-client", "phone-0", *state])
+    assert isinstance(result.exception, DataError), result.output
+    assert "clients.json is missing" in str(result.exception)
+    assert not layout.registry.exists()
+    status = server_status(layout)
+    assert (
+        status.clients_problem is not None and "clients.json is missing" in status.clients_problem
+    )
+    shown = runner.invoke(app, ["server", "status", *state])
+    assert shown.exit_code == 0, shown.output
+    line = next(x for x in shown.output.splitlines() if x.startswith("  clients:"))
+    assert line.endswith("restore it from a backup") and "clients.json is missing" in line
 
 
 def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) -> None:

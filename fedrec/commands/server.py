@@ -194,6 +194,7 @@ def revoke_client(
 
     layout = ServerLayout(state_dir).require()
     with ClientRegistry.locked(layout.registry) as registry:
+        layout.require_registry()  # else "no registered client", as if none had been
         cli = live_cli(layout)  # under the lock, as in register-client
         record = registry.find(client)
         if record.revoked is None:
@@ -333,7 +334,9 @@ def status(
         f"  checkpoint: {checkpoint}",
         f"  last round: {format_round(last)}" if last else "  last round: none yet",
         f"  model:      {info.latest_artifact or 'none published yet'}",
-        f"  clients:    {info.clients_registered} registered, {info.clients_revoked} revoked",
+        f"  clients:    {info.clients_problem}"
+        if info.clients_problem
+        else f"  clients:    {info.clients_registered} registered, {info.clients_revoked} revoked",
     ]
     for record in ClientRegistry.load(layout.registry).clients:
         mark = "revoked" if record.revoked is not None else f"node {record.node_id or '-'}"
