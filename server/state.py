@@ -372,10 +372,22 @@ _RECORD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
 _REQUIRED = ("name", "public_key", "fingerprint", "added")
 
 
+REGISTRY_FORMAT = "fedrec-clients/1"
+"""The ``format`` :meth:`ClientRegistry.save` writes into ``clients.json``: another one (a
+newer fedrec's) is refused rather than read by this version's rules and saved back as this
+one, dropping what it does not know."""
+
+
 def _registry_problem(raw: object) -> str | None:
     """What makes a parsed ``clients.json`` unusable, in the file's own terms (or None)."""
     if not isinstance(raw, dict):
         return f"the top level is a JSON {type(raw).__name__}, not an object"
+    written = raw.get("format", REGISTRY_FORMAT)  # none: written by hand, read as this one
+    if written != REGISTRY_FORMAT:
+        return (
+            f"its format is {json.dumps(written)}, not {json.dumps(REGISTRY_FORMAT)}, the one "
+            "this fedrec reads (use the fedrec version that wrote it)"
+        )
     clients = raw.get("clients", [])
     if not isinstance(clients, list):
         return '"clients" is not a list'
@@ -473,7 +485,7 @@ class ClientRegistry:
 
     def save(self) -> None:
         write_json_atomic(
-            self.path, {"format": "fedrec-clients/1", "clients": [asdict(c) for c in self.clients]}
+            self.path, {"format": REGISTRY_FORMAT, "clients": [asdict(c) for c in self.clients]}
         )
 
     def active(self) -> list[ClientRecord]:

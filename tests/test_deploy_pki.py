@@ -525,6 +525,11 @@ _GOOD_RECORD = {"name": "phone", "public_key": _KEY, "fingerprint": _FINGERPRINT
             f"entry 0 of \"clients\" ('phone') has fingerprint SHA256:x, but its public_key's "
             f"is {_FINGERPRINT}",
         ),
+        (  # a newer fedrec's file was read by these rules and saved back as format 1
+            {"format": "fedrec-clients/2", "clients": [_GOOD_RECORD]},
+            'its format is "fedrec-clients/2", not "fedrec-clients/1", the one this fedrec '
+            "reads (use the fedrec version that wrote it)",
+        ),
     ],
 )
 def test_a_malformed_registry_is_described_in_the_files_terms(
