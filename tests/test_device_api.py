@@ -1641,6 +1641,14 @@ def test_daemon_serves_on_loopback_and_stops_cleanly_on_sigterm(
         assert [e.item_id for e in daemon.store.events()] == [ITEM[1]]
 
 
+def _run_in_thread(daemon: Daemon) -> tuple[threading.Thread, list[int]]:
+    """``daemon.run(api=False)`` in a thread; its exit status lands in the list."""
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(daemon.run(api=False)))
+    thread.start()
+    return thread, result
+
+
 def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path: Path) -> None:
     state = tmp_path / "device"
     init_identity(state)
@@ -1652,21 +1660,11 @@ def test_a_crashing_managed_process_is_restarted_then_stops_the_daemon(tmp_path:
     )
     with pytest.raises(ConfigError, match="already registered"):
         daemon.add_process(ProcessSpec("crasher", ("true",)))
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(daemon.run(api=False)))
-    thread.start()
+    thread, result = _run_in_thread(daemon)
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert result == [1]
     assert daemon.processes[0].exit_codes == [3, 3, 3]  # first run + 2 restarts
-
-
-def _run_in_thread(daemon: Daemon) -> tuple[threading.Thread, list[int]]:
-    """``daemon.run(api=False)`` in a thread; its exit status lands in the list."""
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(daemon.run(api=False)))
-    thread.start()
-    return thread, result
 
 
 def test_a_failing_monitor_check_is_logged_and_monitoring_goes_on(
