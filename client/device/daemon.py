@@ -699,17 +699,24 @@ class Daemon:
             raise StaleModelError(
                 "the model was fitted on local data that has been erased since; not installed"
             )
-        catalog = catalog or self.catalog
-        if catalog is None and self.catalog_error is not None:
+        return catalog or self._require_catalog(
+            "",
+            "no catalog installed: install the model together with its catalog "
+            "(`fedrec client install-model --catalog catalog.json`)",
+        )
+
+    def _require_catalog(self, consequence: str, missing: str) -> Catalog:
+        """The installed catalog, else :class:`NoCatalogError`: for a damaged one its cause,
+        then ``consequence`` and the repair ("no catalog installed" would send the user after
+        one that is there); ``missing`` when none was ever installed."""
+        if self.catalog is not None:
+            return self.catalog
+        if self.catalog_error is not None:
             raise NoCatalogError(
-                f"the installed catalog is damaged: {self.catalog_error}; {REINSTALL_ADVICE}"
+                f"the installed catalog is damaged: {self.catalog_error}{consequence}; "
+                f"{REINSTALL_ADVICE}"
             )
-        if catalog is None:
-            raise NoCatalogError(
-                "no catalog installed: install the model together with its catalog "
-                "(`fedrec client install-model --catalog catalog.json`)"
-            )
-        return catalog
+        raise NoCatalogError(missing)
 
     def _finish_catalog_change(self) -> None:
         """Complete or undo an install with a new catalog that a crash interrupted: the new
@@ -760,17 +767,11 @@ class Daemon:
 
     def add_events(self, events: Sequence[Event]) -> int:
         """Store a batch atomically; unknown items refuse the whole batch (422)."""
-        catalog = self.catalog
-        if catalog is None and self.catalog_error is not None:
-            raise NoCatalogError(
-                f"the installed catalog is damaged: {self.catalog_error}, so item ids cannot "
-                f"be checked; {REINSTALL_ADVICE}"
-            )
-        if catalog is None:
-            raise NoCatalogError(
-                "no catalog installed yet, so item ids cannot be checked; install a model "
-                "with its catalog first (`fedrec client install-model`)"
-            )
+        catalog = self._require_catalog(
+            ", so item ids cannot be checked",
+            "no catalog installed yet, so item ids cannot be checked; install a model "
+            "with its catalog first (`fedrec client install-model`)",
+        )
         unknown = catalog.unknown(e.item_id for e in events)
         if unknown:
             shown = ", ".join(repr(i) for i in unknown[:20])
