@@ -787,6 +787,39 @@ def test_learning_policies_beat_greedy_regret_on_a_tiny_world() -> None:
     assert "meets_targets_user_coverage_every_seed" in summary["linucb"]
 
 
+def _exploring_arms() -> list[Arm]:
+    """Two arms whose slates draw on their random stream, named like ``default_arms``."""
+    shape: dict[str, Any] = {"top_n": 10, "slate_size": 3, "feature_dim": 4, "mmr_lambda": 1.0}
+    return [
+        Arm("epsilon_greedy", BanditConfig(policy="epsilon_greedy", epsilon=0.3, **shape)),
+        Arm("thompson", BanditConfig(policy="thompson", thompson_scale=0.1, **shape)),
+    ]
+
+
+def _without_seconds(arms: dict[str, Any]) -> dict[str, Any]:
+    return {name: {k: v for k, v in res.items() if k != "seconds"} for name, res in arms.items()}
+
+
+def test_an_arms_results_do_not_depend_on_its_place_in_the_arm_list() -> None:
+    """Each arm's exploration stream was seeded by its index in the list, so listing the same
+    arms in another order changed epsilon-greedy's and Thompson's regret."""
+    world = generate_world(SyntheticConfig(seed=3, n_users=150, n_items=80, mean_interactions=12))
+    cfg = SimulationConfig(world_seed=3, n_world_users=150, n_users=5, steps=20, features="mf")
+    arms = _exploring_arms()
+    forward = run_simulation(cfg, arms, world=world)["arms"]
+    backward = run_simulation(cfg, arms[::-1], world=world)["arms"]
+    alone = run_simulation(cfg, arms[1:], world=world)["arms"]
+    assert _without_seconds(forward) == _without_seconds(backward)
+    assert _without_seconds(alone)["thompson"] == _without_seconds(forward)["thompson"]
+    numpy_typed = BanditConfig(
+        policy="thompson", top_n=np.int64(10), thompson_scale=np.float32(0.5)
+    )
+    assert (
+        Arm("t", numpy_typed).stream_key()
+        == Arm("t", BanditConfig(policy="thompson", top_n=10, thompson_scale=0.5)).stream_key()
+    )
+
+
 def test_candidates_are_unseen_items_also_when_top_n_exceeds_them() -> None:
     """With top_n above a user's unseen items, the history (scored -inf) entered the
     candidates: the oracle could "show" items the user had already seen, so the regret
@@ -893,6 +926,22 @@ def test_replay_on_a_toy_log(tmp_path: Path) -> None:
         }
         hits = [ranks.get((ds.user_ids[u], ds.item_ids[split.test[u]]), 999) <= 10 for u in users]
         assert sum(hits) / len(hits) == pytest.approx(acc[lam]["test"]["full_hr@10"])
+
+
+def test_a_replayed_arms_results_do_not_depend_on_its_place_in_the_arm_list() -> None:
+    """The replay seeded each arm's exploration by its index in the list, likewise."""
+    ds = _without_repeats(make_dataset(n_users=40, n_items=30, length=10, seed=2))
+    rng = np.random.default_rng(0)
+    ratings = [rng.integers(1, 6, size=len(s)).astype(float) for s in ds.sequences]
+
+    def embed(texts: Any) -> np.ndarray:
+        return np.random.default_rng(1).standard_normal((len(texts), 6)).astype(np.float32)
+
+    cfg = ReplayConfig(seed=1, window=4, min_history=4, features="text")
+    arms = _exploring_arms()
+    forward = run_replay(ds, ratings, arms, cfg, embed, mmr_grid=(1.0,))["replay"]
+    backward = run_replay(ds, ratings, arms[::-1], cfg, embed, mmr_grid=(1.0,))["replay"]
+    assert _without_seconds(forward) == _without_seconds(backward)
 
 
 def test_ml100k_ratings_align_with_the_sequences(ml100k_dir: Path) -> None:

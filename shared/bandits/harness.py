@@ -37,6 +37,8 @@ number of distinct items one device showed, over the catalog size;
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -90,6 +92,19 @@ class Arm:
 
     name: str
     config: BanditConfig
+
+    def stream_key(self) -> list[int]:
+        """Seed words of this arm's exploration stream: a digest of its config (the policy
+        and every setting), so an arm draws the same numbers whatever its place in the arm
+        list and whichever other arms run beside it (an index in the list used to seed it).
+        A numpy number counts as the Python number of the same value."""
+        values = {
+            k: v.item() if isinstance(v, np.generic) else v
+            for k, v in self.config.as_dict().items()
+        }
+        spec = json.dumps(values, sort_keys=True).encode()
+        digest = hashlib.sha256(spec).digest()
+        return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
 
 
 @dataclass(frozen=True)
@@ -307,7 +322,7 @@ def run_simulation(
         position = {int(item): pos for pos, item in enumerate(cand)}
         cand_sims = sim_vectors[cand] @ sim_vectors[cand].T
         user_prior = _user_prior(feats, hist, config.user_prior_weight)
-        for arm_id, arm in enumerate(arms):
+        for arm in arms:
             start = time.perf_counter()
             tr = traces[arm.name]
             _run_session(
@@ -325,7 +340,7 @@ def run_simulation(
                 self_info,
                 config.steps,
                 np.random.default_rng([config.seed, u, 1]),
-                np.random.default_rng([config.seed, u, 2, arm_id]),
+                np.random.default_rng([config.seed, u, 2, *arm.stream_key()]),
                 tr,
                 user_prior,
             )

@@ -247,11 +247,10 @@ def run_replay(
         cand_scores.append(s[cand])
 
     replay: dict[str, Any] = {}
-    for arm_id, arm in enumerate(arms):
+    for arm in arms:
         start = time.perf_counter()
         replay[arm.name] = _replay_arm(
             arm,
-            arm_id,
             streams,
             candidates,
             cand_scores,
@@ -297,7 +296,6 @@ def run_replay(
 
 def _replay_arm(
     arm: Arm,
-    arm_id: int,
     streams: _Streams,
     candidates: list[IntArray],
     cand_scores: list[FloatArray],
@@ -316,7 +314,7 @@ def _replay_arm(
     rejected = 0
     for row, user in enumerate(streams.users):
         policy = make_policy(arm.config, n_items)
-        rng = np.random.default_rng([seed, int(user), 2, arm_id])
+        rng = np.random.default_rng([seed, int(user), 2, *arm.stream_key()])
         alive = np.ones(len(candidates[row]), dtype=bool)
         for item, reward in zip(streams.events[row], streams.rewards[row], strict=True):
             cand = candidates[row][alive]
