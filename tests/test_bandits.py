@@ -1094,6 +1094,29 @@ def test_tune_records_the_bandit_config_its_grid_starts_from(
     assert report["bandit_config"] == ran[0].as_dict() == BanditConfig().as_dict()
 
 
+def test_tune_takes_the_settings_its_grid_starts_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tune` had no --run-config: the committed tuning reports (top-n 50, the default when
+    they ran) could not be produced again once the default became 200."""
+    import fedrec.commands.bandits as cli
+
+    ran: list[BanditConfig] = []
+
+    def grid(seeds: Any, users: int, steps: int, base: BanditConfig) -> dict[str, Any]:
+        ran.append(base)
+        return {"selected": {}}
+
+    monkeypatch.setattr(cli, "_tune_synthetic", grid)
+    args = ["tune", "--seed", "100", "-o", str(tmp_path), "--run-config", "top-n=50"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bandits-synthetic-tuning.json").read_text())
+    assert ran[0].top_n == report["bandit_config"]["top_n"] == 50
+    bad = CliRunner().invoke(cli.app, ["tune", "-o", str(tmp_path), "--run-config", "top-n=0"])
+    assert isinstance(bad.exception, ConfigError) and "top-n" in str(bad.exception)
+
+
 def test_a_slate_larger_than_top_n_takes_the_next_best_candidates() -> None:
     """k above top_n still fills the slate (from the best-scored candidates), as the daemon's
     GET /recommendations?k= promises; the policy re-ranks only among them."""

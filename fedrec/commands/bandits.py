@@ -182,18 +182,21 @@ def tune(
     seeds: SeedsOpt = None,
     users: Annotated[int, typer.Option("--users", help="synthetic: simulated users.")] = 50,
     steps: StepsOpt = 200,
+    run_config: RunConfigOpt = None,
     fmt: FormatOpt = "table",
 ) -> None:
     """The grid the defaults come from, on tuning seeds (default 100 101) only.
 
     synthetic: exploration parameters per policy, for both feature sources, and the MMR
     lambda under LinUCB. ml-100k: the MMR lambda on the protocol's *validation* items.
+    --run-config sets what the grid starts from (top-n, slate size...); the settings the
+    grid varies are its own.
     """
     folder = _check_common(world, fmt, output_dir, users, data_dir)
     chosen = _distinct_seeds(seeds, TUNING_SEEDS)
     # the settings the grid varies from (top-n, slate size, features...), recorded: a
     # tuning run means nothing without the candidates it re-ranked
-    base = BanditConfig()
+    base = _bandit_config(run_config)
     start = time.perf_counter()
     if world == "synthetic":
         report = _tune_synthetic(chosen, users, steps, base)
