@@ -876,6 +876,79 @@ def test_replay_candidates_are_unseen_items_also_when_top_n_exceeds_them(
         assert seen and not seen & history
 
 
+def _boost_and_spy(monkeypatch: pytest.MonkeyPatch, module: Any, item: int) -> list[set[int]]:
+    """Make ``module``'s base model score ``item`` +inf for everyone, and record the candidate
+    set of every slate its policies choose from."""
+    real_fit = module.fit_base_model
+
+    class Boosted:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def score(self, histories: Any) -> np.ndarray:
+            s = np.array(self.inner.score(histories), dtype=np.float64)
+            s[:, item] = np.inf
+            return s
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        return Boosted(real_fit(*args, **kwargs))
+
+    candidate_sets: list[set[int]] = []
+
+    def spying_policy(*args: Any, **kwargs: Any) -> Policy:
+        policy = make_policy(*args, **kwargs)
+        real = policy.select
+
+        def select(candidates: Any, *rest: Any, **kw: Any) -> np.ndarray:
+            candidate_sets.append({int(c) for c in np.asarray(candidates)})
+            return real(candidates, *rest, **kw)
+
+        policy.select = select  # type: ignore[method-assign]
+        return policy
+
+    monkeypatch.setattr(module, "fit_base_model", fit)
+    monkeypatch.setattr(module, "make_policy", spying_policy)
+    return candidate_sets
+
+
+def test_an_item_scored_plus_inf_is_a_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness kept only finite-scored candidates, to drop the history (scored -inf): a
+    base model's +inf (its surest item) was dropped with it."""
+    import shared.bandits.harness as harness
+
+    world = generate_world(SyntheticConfig(seed=3, n_users=150, n_items=80, mean_interactions=12))
+    rare = int(np.argmin(np.bincount(np.concatenate(world.dataset.sequences), minlength=80)))
+    candidate_sets = _boost_and_spy(monkeypatch, harness, rare)
+    shape: dict[str, Any] = {"top_n": 20, "slate_size": 5, "feature_dim": 6, "mmr_lambda": 1.0}
+    arms = [Arm("greedy", BanditConfig(policy="greedy", **shape))]
+    cfg = SimulationConfig(world_seed=3, n_world_users=150, n_users=10, steps=2, features="mf")
+    run_simulation(cfg, arms, world=world)
+    assert candidate_sets and any(rare in c for c in candidate_sets)
+
+
+def test_a_replayed_item_scored_plus_inf_is_a_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay's candidates, likewise."""
+    import shared.bandits.replay as replay
+
+    ds = _without_repeats(make_dataset(n_users=40, n_items=30, length=10, seed=2))
+    rng = np.random.default_rng(0)
+    ratings = [rng.integers(1, 6, size=len(s)).astype(float) for s in ds.sequences]
+    rare = int(np.argmin(np.bincount(np.concatenate(ds.sequences), minlength=30)))
+    candidate_sets = _boost_and_spy(monkeypatch, replay, rare)
+
+    def embed(texts: Any) -> np.ndarray:
+        return np.random.default_rng(1).standard_normal((len(texts), 6)).astype(np.float32)
+
+    cfg = ReplayConfig(seed=1, window=4, min_history=4, features="text")
+    shape: dict[str, Any] = {"top_n": 10, "slate_size": 3, "feature_dim": 4, "mmr_lambda": 1.0}
+    arm = Arm("greedy", BanditConfig(policy="greedy", **shape))
+    run_replay(ds, ratings, [arm], cfg, embed, mmr_grid=(1.0,))
+    assert candidate_sets and any(rare in c for c in candidate_sets)
+
+
 def _without_repeats(ds: RecDataset) -> RecDataset:
     """``ds`` with each user's later interactions with an item dropped, as in MovieLens (the
     protocol ranks the test item against items outside the history)."""

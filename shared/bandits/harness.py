@@ -312,7 +312,7 @@ def run_simulation(
         scores[hist] = -np.inf
         cand = top_k(scores, top_n)
         # fewer unseen items than top_n: the history (-inf) is no candidate, nor the oracle's
-        cand = cand[np.isfinite(scores[cand])]
+        cand = cand[scores[cand] > -np.inf]  # +inf (the surest item) stays; NaN never ranks
         candidate_pool[cand] = True
         prefs = np.asarray(world.true_preference(u, cand), dtype=np.float64)
         oracle[row] = float(np.sort(prefs)[-k:].sum())

@@ -242,7 +242,7 @@ def run_replay(
         s = np.asarray(base.score([hist])[0], dtype=np.float64)
         s[hist] = -np.inf
         cand = top_k(s, top_n)
-        cand = cand[np.isfinite(s[cand])]  # fewer unseen items than top_n: no history item
+        cand = cand[s[cand] > -np.inf]  # fewer unseen items than top_n: no history item
         candidates.append(cand)
         cand_scores.append(s[cand])
 
