@@ -811,8 +811,10 @@ def test_an_arms_results_do_not_depend_on_its_place_in_the_arm_list() -> None:
     alone = run_simulation(cfg, arms[1:], world=world)["arms"]
     assert _without_seconds(forward) == _without_seconds(backward)
     assert _without_seconds(alone)["thompson"] == _without_seconds(forward)["thompson"]
-    numpy_typed = BanditConfig(
-        policy="thompson", top_n=np.int64(10), thompson_scale=np.float32(0.5)
+    numpy_typed = BanditConfig(  # what a grid built with numpy passes
+        policy="thompson",
+        top_n=np.int64(10),  # type: ignore[arg-type]
+        thompson_scale=np.float32(0.5),  # type: ignore[arg-type]
     )
     assert (
         Arm("t", numpy_typed).stream_key()
