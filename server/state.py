@@ -325,10 +325,23 @@ def load_public_key(text: str, *, source: str) -> tuple[str, str]:
     return normalized, device_id_of(normalized)
 
 
+#: Far above an OpenSSH EC public key line (P-521 with a long comment: well under 1 KiB).
+MAX_PUBLIC_KEY_FILE_BYTES = 64 * 1024
+
+
 def read_public_key_file(path: Path) -> tuple[str, str]:
-    """:func:`load_public_key` of a file, with a clear error when it cannot be read."""
+    """:func:`load_public_key` of a file, with a clear error when it cannot be read. Reads
+    at most :data:`MAX_PUBLIC_KEY_FILE_BYTES`: a wrong path (a database, a device file)
+    is refused, not read into memory."""
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            data = file.read(MAX_PUBLIC_KEY_FILE_BYTES + 1)
+        if len(data) > MAX_PUBLIC_KEY_FILE_BYTES:
+            raise BadPublicKeyError(
+                f"{path} is larger than {MAX_PUBLIC_KEY_FILE_BYTES // 1024} KiB, so it is no "
+                "public key file: give the device's identity/client.pub"
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise BadPublicKeyError(f"public key file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -438,6 +438,18 @@ def test_device_keys_from_client_init_are_accepted(tmp_path: Path) -> None:
     assert "not an OpenSSH public key" in str(caught.value) and " holds " not in str(caught.value)
 
 
+def test_a_key_file_far_larger_than_a_key_is_refused_unread(tmp_path: Path) -> None:
+    """`register-client` read the whole file: a wrong path (a database, `/dev/zero`) was read
+    into memory until it ran out (or forever) before any error."""
+    big = tmp_path / "superlink.db"
+    big.write_bytes(b"ecdsa-sha2-nistp256 " + b"A" * 200_000)
+    with pytest.raises(BadPublicKeyError, match="larger than"):
+        read_public_key_file(big)
+    if Path("/dev/zero").exists():
+        with pytest.raises(BadPublicKeyError, match="larger than"):
+            read_public_key_file(Path("/dev/zero"))
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
