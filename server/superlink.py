@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.pki import SubjectNames, check_pki, dns_name_key, server_names, unbracketed
 from server.state import (
+    ClientRecord,
     ClientRegistry,
     ServerLayout,
     StateDirError,
@@ -235,7 +236,8 @@ def apply_registrations(layout: ServerLayout, cli: FlwrCli) -> list[str]:
 
 
 def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list[str]:
-    listed = {n for n, status in cli.nodes().items() if status != "unregistered"}
+    statuses = cli.nodes()
+    listed = {n for n, status in statuses.items() if status != "unregistered"}
     done: list[str] = []
     for record in registry.clients:
         present = record.node_id is not None and record.node_id in listed
@@ -249,6 +251,13 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
                 except SuperLinkError as exc:
                     if "already in use" not in str(exc):
                         raise
+                    if record.node_id is not None and statuses.get(record.node_id) == (
+                        "unregistered"
+                    ):
+                        record.applied = False
+                        registry.save()
+                        done.append(_locked_out(record))
+                        continue
                     done.append(f"{record.name}: already registered")
                 else:
                     done.append(f"registered {record.name} as node {record.node_id}")
@@ -269,6 +278,17 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
             record.applied = record.revoked is None
     done += _unregister_unknown(cli, registry, listed)
     return done
+
+
+def _locked_out(record: ClientRecord) -> str:
+    """What to do about an active device whose key the SuperLink unregistered (by hand, with
+    `flwr supernode unregister`): Flower never registers an unregistered key again."""
+    return (
+        f"{record.name} is refused by the SuperLink: its key was unregistered there outside "
+        f"fedrec (node {record.node_id}), and the SuperLink never accepts an unregistered key "
+        "again; the device must run `fedrec client rotate-key` and its new key be registered "
+        f"(`fedrec server revoke-client {record.name}` first)"
+    )
 
 
 def _unregister_unknown(cli: FlwrCli, registry: ClientRegistry, listed: set[int]) -> list[str]:

@@ -1942,6 +1942,33 @@ def test_a_missing_clients_json_unregisters_no_device(tmp_path: Path) -> None:
     assert line.endswith("restore it from a backup") and "clients.json is missing" in line
 
 
+def test_a_device_unregistered_outside_fedrec_is_reported_locked_out(tmp_path: Path) -> None:
+    """A device whose node was unregistered by hand (`flwr supernode unregister`) was reported
+    "already registered" by every `server start` and `register-client`, as the SuperLink
+    refuses its key as in use; the device stayed locked out with no word of it."""
+    from server.superlink import apply_registrations
+
+    layout = init_state_dir(tmp_path / "s")
+    with ClientRegistry.locked(layout.registry) as registry:
+        public = init_identity(tmp_path / "d0").public_key_openssh
+        registry.add(*load_public_key(public, source="key"), name="phone-0")
+        registry.save()
+    link = _FlakySuperLink()
+    link.fail_unregister = False
+    assert apply_registrations(layout, link) == ["registered phone-0 as node 100"]  # type: ignore[arg-type]
+
+    link.nodes = lambda: {100: "unregistered"}  # type: ignore[method-assign]
+
+    def in_use(public_key_file: Path) -> int:
+        raise SuperLinkError("`flwr supernode register` failed: public key already in use")
+
+    link.register = in_use  # type: ignore[method-assign]
+    done = apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert len(done) == 1 and "already registered" not in done[0], done
+    assert "phone-0" in done[0] and "rotate-key" in done[0] and "node 100" in done[0]
+    assert not ClientRegistry.load(layout.registry).clients[0].applied
+
+
 def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) -> None:
     """A key registered with the SuperLink outside `register-client` (by hand with `flwr
     supernode register`, or by another host through the Control API before the SuperLink
