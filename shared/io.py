@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -14,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn
+
+logger = logging.getLogger(__name__)
 
 PRIVATE_MODE = 0o600
 """``mode`` of what :func:`write_bytes_atomic` writes unless told otherwise: keys, ledgers,
@@ -28,6 +33,15 @@ is younger: it is written in one go, or continuously)."""
 
 
 CACHE_ROOT_ENV = "FEDREC_CACHE_DIR"
+
+CACHE_MAX_IDLE_SECONDS = 30 * 24 * 3600.0
+"""A cache file of other inputs (another model, config or library version) neither read nor
+written for this long is removed by the next write to its cache folder: nothing else would
+ever delete it, and removing one only costs computing it again."""
+
+CACHE_TOUCH_SECONDS = 24 * 3600.0
+"""A cache file that is read is marked as in use (its modification time set to now) once it
+is this old, so a file that is only read is not taken for an idle one."""
 
 
 def home_path(path: str | Path) -> Path:
@@ -67,6 +81,47 @@ def versions_key(names: Iterable[str]) -> bytes:
     installed), for a cache key: derived data that a library's upgrade can change (another
     tokenization, other kernels) must not be reused by the new versions."""
     return "".join(f"lib:{name}={installed_version(name)}\0" for name in names).encode()
+
+
+def mark_in_use(path: Path, *, every: float = CACHE_TOUCH_SECONDS) -> None:
+    """Set the modification time of the cache file ``path`` to now when it is older than
+    ``every`` seconds (see :data:`CACHE_TOUCH_SECONDS`); a failure is ignored."""
+    with contextlib.suppress(OSError):
+        if time.time() - path.stat().st_mtime > every:
+            os.utime(path)
+
+
+def remove_idle_files(
+    folder: Path,
+    name: re.Pattern[str],
+    *,
+    keep: Path,
+    older_than: float = CACHE_MAX_IDLE_SECONDS,
+    what: str = "cache file",
+) -> int:
+    """Remove the regular files of ``folder`` whose whole name matches ``name``, other than
+    ``keep``, that have been neither read nor written for ``older_than`` seconds (see
+    :data:`CACHE_MAX_IDLE_SECONDS`); ``what`` names them in the log. One that cannot be
+    removed is skipped. Returns how many were removed."""
+    now = time.time()
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name == keep.name or not name.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.lstat()
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= older_than:
+                continue
+            entry.unlink()
+        except OSError:
+            continue
+        removed += 1
+        logger.info("removed the %s %s, unused for over %.0f days", what, entry, older_than / 86400)
+    return removed
 
 
 def remove_stale_temps(

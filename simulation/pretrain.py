@@ -1,6 +1,7 @@
 """Server-side pretraining for the simulation: teacher on public users, student distilled
 from it. Cached on disk keyed by everything that determines the result, so a second run (or
-a rerun after a crash) reuses it."""
+a rerun after a crash) reuses it; a write removes the cache files of other keys that have
+been neither read nor written for :data:`shared.io.CACHE_MAX_IDLE_SECONDS` (30 days)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +24,13 @@ from shared.data.dataset import RecDataset
 from shared.data.registry import load_dataset
 from shared.eval.protocol import EvalConfig, evaluate_split
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_users
-from shared.io import remove_stale_temps, versions_key, write_bytes_atomic
+from shared.io import (
+    mark_in_use,
+    remove_idle_files,
+    remove_stale_temps,
+    versions_key,
+    write_bytes_atomic,
+)
 from shared.models.epochs import STUDENT_EPOCHS, TEACHER_EPOCHS
 from shared.models.history_order import Order
 from shared.models.item_factors import IdInit
@@ -155,6 +163,7 @@ def pretrain(
                 model.set_cold_user(split.train_sequences(split.public_users))
             model.set_trainable(["global"])  # as a freshly distilled student leaves it
             model.eval()
+            mark_in_use(path)  # not idle for another key's write
             log.info("pretrained teacher and student loaded from %s", path)
             student = DistilledStudent.from_model(model)
             student.teacher = teacher
@@ -194,9 +203,13 @@ def pretrain(
         write_bytes_atomic(path, header + payload)
     except OSError as err:  # the models are trained: keep them for this run
         log.warning("could not cache the pretrained models in %s (%s); continuing", path, err)
+    else:  # every other data / config / library version leaves a file: old ones go
+        remove_idle_files(path.parent, _CACHE_NAME, keep=path, what="pretraining cache")
     return Pretrained(teacher, student, time.perf_counter() - start, cached=False)
 
 
+_CACHE_NAME = re.compile(r".+-[0-9a-f]{20}\.pt")
+"""A pretraining cache file's name: ``<dataset>-<cache_key>.pt``."""
 _DIGEST_MAGIC = b"fedrec-pretrained sha256:"
 """Start of a cache file: the SHA-256 of the torch payload after it, checked on load."""
 

@@ -284,12 +284,15 @@ def test_a_killed_writes_temp_file_is_removed_by_a_later_write(
     assert shard is not None
     old = shard.parent / f".{shard.stem}.killed.tmp"
     young = shard.parent / f".{shard.stem}.writing.tmp"  # another process writing right now
-    for tmp in (old, young):
+    other = shard.parent / f".{'d' * 32}.killed.tmp"  # another model's shard (was kept)
+    foreign = shard.parent / ".notes.killed.tmp"
+    for tmp in (old, young, other, foreign):
         tmp.write_bytes(b"partial")
     hour_ago = time.time() - 3600
-    os.utime(old, (hour_ago, hour_ago))
+    for tmp in (old, other, foreign):
+        os.utime(tmp, (hour_ago, hour_ago))
     cached_encoder.encode(TEXTS[:2])
-    assert not old.exists() and young.exists()
+    assert not old.exists() and not other.exists() and young.exists() and foreign.exists()
 
 
 def test_shards_of_model_identities_unused_for_a_month_are_removed_by_a_write(

@@ -495,13 +495,27 @@ def test_pretraining_sizes_the_student_to_the_fitted_reading_and_caches_it(
         return {name for name, p in model.named_parameters() if p.requires_grad}
 
     assert trainable(again.student.model) == trainable(first.student.model)
+    (written,) = (tmp_path / "pretrained").glob("*.pt")
+    # a write removes other keys' files unused for a month (each data, config and library
+    # version left one forever); a file that is only read is in use, so it stays
+    month, day = time.time() - 31 * 86400, time.time() - 86400
+    idle = tmp_path / "pretrained" / f"ml-100k-{'a' * 20}.pt"
+    recent = tmp_path / "pretrained" / f"ml-100k-{'b' * 20}.pt"
+    foreign = tmp_path / "pretrained" / "notes.pt"
+    for file in (idle, recent, foreign):
+        file.write_bytes(b"x")
+    for file, stamp in ((idle, month), (recent, day), (foreign, month), (written, month)):
+        os.utime(file, (stamp, stamp))
+    assert pretrain(
+        ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
+    ).cached
     # training code that changed what a config trains to says so through the cache version
     monkeypatch.setattr(pretrain_module, "PRETRAIN_CACHE_VERSION", 10**6)
-    (written,) = (tmp_path / "pretrained").glob("*.pt")
     retrained = pretrain(
         ds, split, text_features(), tmp_path, teacher_config=teacher_cfg, student_config=student_cfg
     )
     assert not retrained.cached
+    assert written.exists() and recent.exists() and foreign.exists() and not idle.exists()
     monkeypatch.undo()
     for path in (tmp_path / "pretrained").glob("*.pt"):
         if path != written:

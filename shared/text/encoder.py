@@ -31,14 +31,12 @@ recommender's item tower, so they must be (a) reproducible, (b) available offlin
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import stat
 import tempfile
 import threading
 import time
@@ -53,7 +51,16 @@ import numpy.typing as npt
 
 from shared.config import is_int
 from shared.errors import ConfigError, DataError
-from shared.io import CACHE_ROOT_ENV, cache_root, home_path, remove_stale_temps, versions_key
+from shared.io import (
+    CACHE_MAX_IDLE_SECONDS,
+    CACHE_ROOT_ENV,
+    CACHE_TOUCH_SECONDS,
+    cache_root,
+    home_path,
+    remove_idle_files,
+    remove_stale_temps,
+    versions_key,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -108,13 +115,15 @@ tokenizers turn text into tokens (an upgrade can tokenize a text otherwise), tor
 forward (other kernels move a vector's last bits)."""
 FLUSH_EVERY_SECONDS = 60.0
 """A long encode writes what it has encoded so far to the cache this often."""
-SHARD_MAX_IDLE_SECONDS = 30 * 24 * 3600.0
+SHARD_MAX_IDLE_SECONDS = CACHE_MAX_IDLE_SECONDS
 """A shard of another model identity neither read nor written for this long is removed by
 the next write to its cache folder (see the module docstring)."""
-SHARD_TOUCH_SECONDS = 24 * 3600.0
+SHARD_TOUCH_SECONDS = CACHE_TOUCH_SECONDS
 """A shard that is read is marked as in use (its modification time set to now) once it is
 this old, so a shard that is only read is not taken for an idle one."""
 _SHARD_NAME = re.compile(r"[0-9a-f]{32}\.npz")
+_SHARD_TEMPS = "." + "[0-9a-f]" * 32 + ".*.tmp"
+"""Glob of the temp files shard writes make (``.<shard stem>.<random>.tmp``)."""
 
 
 def default_cache_dir() -> str:
@@ -758,8 +767,7 @@ class ItemEncoder:
         tmp_name: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            stale = f".{glob.escape(path.stem)}.*.tmp"  # from killed writes
-            remove_stale_temps(path.parent, stale)
+            remove_stale_temps(path.parent, _SHARD_TEMPS)  # from killed writes, any shard's
             with tempfile.NamedTemporaryFile(
                 dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
             ) as fh:
@@ -789,27 +797,9 @@ def remove_idle_shards(
     (another model, ``max_length``, ``batch_size`` or cache format), which nothing else
     would ever delete. Only regular files named like a shard are considered; one that cannot
     be removed is skipped. Returns how many were removed."""
-    now = time.time()
-    removed = 0
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return 0
-    for entry in entries:
-        if entry.name == keep.name or not _SHARD_NAME.fullmatch(entry.name):
-            continue
-        try:
-            st = entry.lstat()
-            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= older_than:
-                continue
-            entry.unlink()
-        except OSError:
-            continue
-        removed += 1
-        logger.info(
-            "removed the embedding cache %s, unused for over %.0f days", entry, older_than / 86400
-        )
-    return removed
+    return remove_idle_files(
+        folder, _SHARD_NAME, keep=keep, older_than=older_than, what="embedding cache"
+    )
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
