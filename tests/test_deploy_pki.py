@@ -1942,12 +1942,8 @@ def test_a_missing_clients_json_unregisters_no_device(tmp_path: Path) -> None:
     assert line.endswith("restore it from a backup") and "clients.json is missing" in line
 
 
-def test_a_device_unregistered_outside_fedrec_is_reported_locked_out(tmp_path: Path) -> None:
-    """A device whose node was unregistered by hand (`flwr supernode unregister`) was reported
-    "already registered" by every `server start` and `register-client`, as the SuperLink
-    refuses its key as in use; the device stayed locked out with no word of it."""
-    from server.superlink import apply_registrations
-
+def _one_device_and_a_superlink(tmp_path: Path) -> tuple[ServerLayout, _FlakySuperLink]:
+    """A server state with one device (phone-0) in clients.json, and a SuperLink's CLI."""
     layout = init_state_dir(tmp_path / "s")
     with ClientRegistry.locked(layout.registry) as registry:
         public = init_identity(tmp_path / "d0").public_key_openssh
@@ -1955,6 +1951,16 @@ def test_a_device_unregistered_outside_fedrec_is_reported_locked_out(tmp_path: P
         registry.save()
     link = _FlakySuperLink()
     link.fail_unregister = False
+    return layout, link
+
+
+def test_a_device_unregistered_outside_fedrec_is_reported_locked_out(tmp_path: Path) -> None:
+    """A device whose node was unregistered by hand (`flwr supernode unregister`) was reported
+    "already registered" by every `server start` and `register-client`, as the SuperLink
+    refuses its key as in use; the device stayed locked out with no word of it."""
+    from server.superlink import apply_registrations
+
+    layout, link = _one_device_and_a_superlink(tmp_path)
     assert apply_registrations(layout, link) == ["registered phone-0 as node 100"]  # type: ignore[arg-type]
 
     link.nodes = lambda: {100: "unregistered"}  # type: ignore[method-assign]
@@ -1978,13 +1984,7 @@ def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) 
     may be held under a node id the registry does not know (it could be that one)."""
     from server.superlink import apply_registrations
 
-    layout = init_state_dir(tmp_path / "s")
-    with ClientRegistry.locked(layout.registry) as registry:
-        public = init_identity(tmp_path / "d0").public_key_openssh
-        registry.add(*load_public_key(public, source="key"), name="phone-0")
-        registry.save()
-    link = _FlakySuperLink()
-    link.fail_unregister = False
+    layout, link = _one_device_and_a_superlink(tmp_path)
     link.registered[7] = "an intruder's key"
     done = apply_registrations(layout, link)  # type: ignore[arg-type]
     assert list(link.registered) == [101], done
