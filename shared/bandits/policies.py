@@ -156,8 +156,8 @@ class BanditConfig:
     ``alpha``, ``thompson_scale`` and ``epsilon`` on the synthetic world (lowest regret among
     settings that show each user >= 3x greedy's distinct items), ``mmr_lambda`` on ml-100k's
     validation items (the most diversity whose mean HR@10 cost is within 2.5%). Those
-    committed grids ran at the top_n of the time, 50 (``tune`` now starts from these
-    defaults and records them as ``bandit_config``). ``top_n`` is
+    committed grids ran at the top_n of the time, 50 (``tune`` starts from these defaults,
+    or from its ``--run-config``, and records them as ``bandit_config``). ``top_n`` is
     200: the union of the users' top-50 candidates covers only about twice greedy's catalog
     coverage on the synthetic world, so no re-ranker could reach 3x there; at 200 the bound
     is 3.0-3.5x (``bench/results/bandits-*-top200.json``).
