@@ -860,14 +860,23 @@ def load_ranks(path: Path) -> dict[str, CaseRanks]:
 def run_ranks(root: Path) -> dict[str, CaseRanks]:
     """The per-case ranks of the finished run in ``root``, each with its cases' users: a file
     an older version saved without them gets them from the run's split, which its recorded
-    settings determine (the case lists are rebuilt in the order they were ranked)."""
+    settings determine (the case lists are rebuilt in the order they were ranked), of data
+    whose content is the run's (:func:`~simulation.run_dir.check_data`)."""
     ranks = load_ranks(root / "ranks.npz")
     if all(r.users is not None for r in ranks.values()):
         return ranks
     config = stored_config(root)
     if config is None:
         raise DataError(f"{root} has no config.json: the users of its ranks cannot be told")
-    _, split = load_split(config)
+    dataset, split = load_split(config)
+    check_data(
+        root,
+        RunDirectory.read_config(root),
+        dataset.fingerprint(),
+        _data_name(config),
+        "the users of its ranks would be taken from another split. Put back the data it "
+        "was evaluated on",
+    )
     users: dict[str, IntArray] = {}
     for group in {key.split("/")[0] for key in ranks}:
         if group.startswith("fewshot k="):

@@ -1031,21 +1031,10 @@ def test_a_finished_run_is_not_re_evaluated_on_other_data(tmp_path: Path) -> Non
     fingerprint the run recorded: a checkpoint trained on other data was evaluated on
     today's users and items, its figures reported as the run's."""
     from server.checkpoint import CheckpointStore
-    from shared.config import from_flat, parse_run_config, to_flat
     from shared.errors import ModelFileError
-    from simulation.config import RESUMABLE_KEYS, SimulationConfig
-    from simulation.pipeline import load_finished_run, load_split
-    from simulation.run_dir import RunDirectory
+    from simulation.pipeline import load_finished_run
 
-    config = from_flat(SimulationConfig, parse_run_config("synthetic-users=40 synthetic-items=30"))
-    fingerprint = load_split(config)[0].fingerprint()
-    for name, recorded in (("changed", "0123456789abcdef"), ("same", fingerprint), ("old", None)):
-        root = tmp_path / name
-        run = RunDirectory(root)
-        run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
-        if recorded is not None:
-            run.claim_data(recorded, "synthetic")
-        run.close()
+    for name, recorded, fingerprint, root in _runs_recording_fingerprints(tmp_path):
         CheckpointStore(root / "checkpoints").save(1, [np.zeros(1)], {}, None)
         if name == "changed":
             with pytest.raises(ConfigError, match=f"fingerprint {recorded}, now {fingerprint}"):
@@ -1053,6 +1042,51 @@ def test_a_finished_run_is_not_re_evaluated_on_other_data(tmp_path: Path) -> Non
         else:  # the data checked (or not recorded): on to the model, which this run lacks
             with pytest.raises(ModelFileError, match=r"bundle\.pt does not exist"):
                 load_finished_run(root)
+
+
+def _runs_recording_fingerprints(tmp_path: Path) -> list[tuple[str, str | None, str, Path]]:
+    """Three run folders of a tiny synthetic config: ``(name, recorded fingerprint, the
+    data's fingerprint now, folder)`` for a run that recorded another fingerprint
+    (``changed``), the data's own (``same``) and none (``old``, older code)."""
+    from shared.config import from_flat, parse_run_config, to_flat
+    from simulation.config import RESUMABLE_KEYS, SimulationConfig
+    from simulation.pipeline import load_split
+    from simulation.run_dir import RunDirectory
+
+    config = from_flat(SimulationConfig, parse_run_config("synthetic-users=40 synthetic-items=30"))
+    fingerprint = load_split(config)[0].fingerprint()
+    runs = []
+    for name, recorded in (("changed", "0123456789abcdef"), ("same", fingerprint), ("old", None)):
+        root = tmp_path / name
+        run = RunDirectory(root)
+        run.claim("simulation", to_flat(config), RESUMABLE_KEYS)
+        if recorded is not None:
+            run.claim_data(recorded, "synthetic")
+        run.close()
+        runs.append((name, recorded, fingerprint, root))
+    return runs
+
+
+def test_ranks_without_users_are_not_given_another_datas_users(tmp_path: Path) -> None:
+    """``run_ranks`` gives a ranks file of older code its cases' users from the run's split,
+    rebuilt from the data its settings name, which it compared only by the number of cases:
+    data that changed since (as many federated users, other ones) gave other users."""
+    from shared.eval.protocol import CaseRanks, loo_cases
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import load_split, stored_config
+
+    for name, recorded, fingerprint, root in _runs_recording_fingerprints(tmp_path):
+        config = stored_config(root)
+        assert isinstance(config, SimulationConfig)
+        _, split = load_split(config)
+        n = len(loo_cases(split, split.population("federated"), "test"))
+        _save_ranks(root / "ranks.npz", {"federated/pop": CaseRanks(np.zeros(n), np.zeros(n))})
+        if name == "changed":
+            with pytest.raises(ConfigError, match=f"fingerprint {recorded}, now {fingerprint}"):
+                run_ranks(root)
+        else:
+            users = run_ranks(root)["federated/pop"].users
+            assert users is not None and len(users) == n
 
 
 def test_a_run_fingerprints_its_data_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
