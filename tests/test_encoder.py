@@ -492,6 +492,30 @@ def test_model_key_follows_the_libraries_that_tokenize_and_compute(
     assert model_cache_key(tmp_path, 128) != before
 
 
+@pytest.mark.parametrize("library", ["sentencepiece", "protobuf"])
+def test_model_key_follows_the_slow_tokenizers_libraries_without_tokenizer_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, library: str
+) -> None:
+    """A folder without tokenizer.json (a Llama- or T5-style tokenizer.model) is tokenized
+    by sentencepiece (and protobuf, which reads its model): their upgrade kept the key. A
+    folder with tokenizer.json does not use them, so theirs keeps its key."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    slow, fast = tmp_path / "slow", tmp_path / "fast"
+    for folder in (slow, fast):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (slow / "tokenizer.model").write_bytes(b"sentencepiece model")
+    (fast / "tokenizer.json").write_text("{}")
+    before = {folder: model_cache_key(folder, 128) for folder in (slow, fast)}
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "99.0" if name == library else real(name)
+    )
+    assert model_cache_key(slow, 128) != before[slow]
+    assert model_cache_key(fast, 128) == before[fast]
+
+
 def test_a_tokenizer_without_padding_pads_with_a_token_it_has(
     tmp_path: Path, encoder: ItemEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

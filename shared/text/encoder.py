@@ -113,6 +113,10 @@ KEYED_LIBRARIES = ("transformers", "tokenizers", "torch")
 """The libraries whose installed versions are part of every model key: transformers and
 tokenizers turn text into tokens (an upgrade can tokenize a text otherwise), torch runs the
 forward (other kernels move a vector's last bits)."""
+SLOW_TOKENIZER_LIBRARIES = ("sentencepiece", "protobuf")
+"""Also part of the model key of a folder without ``tokenizer.json``: transformers then builds
+the tokenizer from a sentencepiece model (``tokenizer.model`` / ``spiece.model``), which these
+read; a folder with ``tokenizer.json`` (the bundled MiniLM) never uses them."""
 FLUSH_EVERY_SECONDS = 60.0
 """A long encode writes what it has encoded so far to the cache this often."""
 SHARD_MAX_IDLE_SECONDS = CACHE_MAX_IDLE_SECONDS
@@ -213,8 +217,9 @@ def model_cache_key(
     * the device type when it is not ``"cpu"`` (a GPU's kernels move a vector's last bits,
       so a cache shared by GPU and CPU runs would make a CPU run's figures depend on which
       ran first);
-    * the installed versions of :data:`KEYED_LIBRARIES`, so an upgrade re-encodes rather
-      than serving vectors the old versions computed.
+    * the installed versions of :data:`KEYED_LIBRARIES`, and of
+      :data:`SLOW_TOKENIZER_LIBRARIES` for a folder without ``tokenizer.json``, so an
+      upgrade re-encodes rather than serving vectors the old versions computed.
 
     The directory's *path* is not part of the key: the same files seen through another path
     (symlink, mounted volume preserving mtimes) share one cache.
@@ -225,6 +230,8 @@ def model_cache_key(
     if device_type != "cpu":
         digest.update(f"device={device_type}\0".encode())
     digest.update(versions_key(KEYED_LIBRARIES))
+    if not (model_dir / "tokenizer.json").is_file():  # the slow tokenizer's libraries read it
+        digest.update(versions_key(SLOW_TOKENIZER_LIBRARIES))
     for file in sorted(model_dir.iterdir()):
         name = file.name
         if name.startswith(".") or not file.is_file():
