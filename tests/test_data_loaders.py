@@ -810,3 +810,22 @@ def test_a_copy_cut_mid_row_or_short_of_the_release_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="shared.data"):
         load_ml100k(ml100k_dir(tmp_path / "cut", data=U_DATA + "2\t4\t1\t88"))
     assert "does not end with a line break: its last row may be cut short" in caplog.text
+
+
+def test_a_movie_list_cut_mid_row_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """movies.dat cut inside its last genre list still parses (``Action|Crime|Thr``: a genre
+    "Thr" in the item's text, "Thriller" lost); the rating tables and movies.csv warned about
+    a file without a final line break, the '::' and '|' movie lists did not."""
+    root = ml1m_dir(tmp_path)
+    movies = root / "movies.dat"
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_ml1m(root)
+    assert "line break" not in caplog.text
+    movies.write_bytes(movies.read_bytes() + b"4::Cut (1999)::Action|Crime|Thr")
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_ml1m(root)
+    assert f"{movies} does not end with a line break: its last row may be cut short" in (
+        caplog.text
+    )

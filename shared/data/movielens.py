@@ -26,6 +26,7 @@ from shared.data.cleaning import (
     parse_int,
     read_numeric_table,
     require_file,
+    warn_if_cut,
 )
 from shared.errors import DataError
 
@@ -251,8 +252,11 @@ def _lines(path: Path, encoding: str) -> list[tuple[int, str]]:
     UTF-8, so the two are told apart, and a UTF-8 copy no longer loads with garbled titles.
     A UTF-16 copy (an editor's "Unicode") is refused by name, as the rating tables refuse it:
     read as latin-1, its NUL bytes made line 1 fail with a misleading complaint (genre flags
-    "must be 0 or 1", or no '::' found).
+    "must be 0 or 1", or no '::' found). A file without a final line break is warned about
+    (:func:`warn_if_cut`), as the rating tables are: ``movies.dat`` cut inside its last genre
+    list still parses, with a shortened genre in that movie's text.
     """
+    warn_if_cut(path)
     raw = path.read_bytes()
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(f"{path} is UTF-16 text; re-save it as UTF-8 (or {encoding})")
