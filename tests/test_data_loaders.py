@@ -829,3 +829,39 @@ def test_a_movie_list_cut_mid_row_is_warned_about(
     assert f"{movies} does not end with a line break: its last row may be cut short" in (
         caplog.text
     )
+
+
+@pytest.mark.parametrize(
+    ("make", "load", "movies", "content"),
+    [
+        (
+            ml1m_dir,
+            load_ml1m,
+            "movies.dat",
+            "1::A (1995)::Drama\n2::::(no genres listed)\n3::C (1990)::\n",
+        ),
+        (
+            ml_latest_dir,
+            load_ml_latest,
+            "movies.csv",
+            "movieId,title,genres\n1,A (1995),Drama\n2, ,(no genres listed)\n5,E (1990),\n",
+        ),
+    ],
+)
+def test_a_movie_without_title_or_genres_is_warned_about(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make: MakeDir,
+    load: Loader,
+    movies: str,
+    content: str,
+) -> None:
+    """A MovieLens movie with neither a title nor a genre has an empty language-model text
+    (every such movie gets the same embedding); items.csv warned about it, the MovieLens
+    movie lists loaded it silently."""
+    root = make(tmp_path)
+    write(root / movies, content, "latin-1")
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        ds = load(root).dataset
+    assert ds.item_text[ds.item_ids.index("2")] == ""
+    assert f"{root / movies}: 1 of 3 items have an empty text (e.g. items ['2'])" in caplog.text

@@ -135,7 +135,9 @@ class LoadedDataset:
 
 @dataclass(frozen=True)
 class Catalog:
-    """Every item of a dataset, in file order; ``ids`` must be unique."""
+    """Every item of a dataset, in file order; ``ids`` must be unique. Items whose text is
+    empty (no title, no genres, no description) are logged as a warning, whatever the layout:
+    the language model gives them all one embedding."""
 
     path: Path
     ids: list[str]
@@ -154,6 +156,15 @@ class Catalog:
             raise DataError(
                 f"{self.path}: item ids must be unique, but {len(dupes)} repeat "
                 f"(e.g. {dupes[:5]}); fix the file so every item appears once"
+            )
+        empty = [i for i, text in zip(self.ids, self.texts, strict=True) if not text.strip()]
+        if empty:
+            logger.warning(
+                "%s: %d of %d items have an empty text (e.g. items %s)",
+                self.path,
+                len(empty),
+                n,
+                empty[:5],
             )
 
 

@@ -14,7 +14,6 @@ an error, so a misspelt column never goes unnoticed.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,6 @@ from shared.data.cleaning import (
 )
 from shared.data.movielens import split_genres
 from shared.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 INTERACTIONS_FILE = "interactions.csv"
 ITEMS_FILE = "items.csv"
@@ -61,7 +58,7 @@ def load_generic(
 
 
 def read_generic_items(path: Path) -> Catalog:
-    """Parse ``items.csv`` into a catalog (file order); empty texts are logged as a warning.
+    """Parse ``items.csv`` into a catalog (file order; the catalog warns of empty texts).
 
     The item text is :func:`item_text` of the row, so ``title`` and ``genres`` reach the
     language model as they do for MovieLens."""
@@ -76,9 +73,6 @@ def read_generic_items(path: Path) -> Catalog:
         texts.append(item_text(text, title, genres))
         titles.append(title or text)  # empty: the text
         categories.append(genres)
-    empty = sum(1 for t in texts if not t)
-    if empty:
-        logger.warning("%s: %d of %d items have an empty text", path, empty, len(texts))
     return Catalog(path, ids, titles, categories, texts)
 
 
