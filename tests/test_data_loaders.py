@@ -865,3 +865,31 @@ def test_a_movie_without_title_or_genres_is_warned_about(
         ds = load(root).dataset
     assert ds.item_text[ds.item_ids.index("2")] == ""
     assert f"{root / movies}: 1 of 3 items have an empty text (e.g. items ['2'])" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("make", "load", "ratings", "blank"),
+    [
+        (ml1m_dir, load_ml1m, "ratings.dat", "\t"),  # was "holds a tab ... another layout"
+        (ml100k_dir, load_ml100k, "u.data", "  "),
+        (ml_latest_dir, load_ml_latest, "ratings.csv", " \t"),
+    ],
+)
+def test_a_line_of_only_spaces_or_tabs_in_a_rating_table_is_skipped_as_blank(
+    tmp_path: Path, make: MakeDir, load: Loader, ratings: str, blank: str
+) -> None:
+    """Empty lines were skipped but a line holding only whitespace (an editor's trailing
+    line) was refused, with a misleading fix for ML-1M (a tab-separated copy of another
+    layout); the movie lists and CSV readers skip such lines. Line numbers stay the file's."""
+    plain = load(make(tmp_path / "plain")).dataset
+    root = make(tmp_path / "odd")
+    path = root / ratings
+    lines = path.read_text(encoding="latin-1").splitlines(keepends=True)
+    lines.insert(len(lines) - 2, blank + "\n")
+    path.write_text("".join(lines) + blank + "\r\n", encoding="latin-1")
+    odd = load(root).dataset
+    assert odd.user_ids == plain.user_ids
+    assert all(np.array_equal(a, b) for a, b in zip(odd.sequences, plain.sequences, strict=True))
+    path.write_text("".join(lines) + "x\n", encoding="latin-1")
+    with pytest.raises(DataError, match=rf"{re.escape(ratings)}, line {len(lines) + 1}: "):
+        load(root)

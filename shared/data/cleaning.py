@@ -26,6 +26,7 @@ import codecs
 import csv
 import io
 import logging
+import re
 import shlex
 import warnings
 from collections import Counter
@@ -358,8 +359,9 @@ def read_numeric_table(
 
     ``columns`` lists the expected columns in file order. With ``has_header`` the first line
     must name exactly those columns, in any order, quoted or not. Any malformed row raises a
-    :class:`DataError` with the file, the line number and what was expected; multi-character
-    separators (ML-1M's ``::``) are supported.
+    :class:`DataError` with the file, the line number and what was expected; blank lines (also
+    of only spaces or tabs) are skipped; multi-character separators (ML-1M's ``::``) are
+    supported.
     """
     names = list(columns)
     encoding = _numeric_encoding(path, encoding)
@@ -429,6 +431,17 @@ def warn_if_cut(path: Path) -> None:
     )
 
 
+_WHITESPACE_LINE = re.compile(r"^[ \t\f\v]+$", re.MULTILINE)
+"""A line holding only spaces or tabs (``text`` with universal newlines)."""
+
+
+def _blank_whitespace_lines(text: str) -> str:
+    """``text`` with every line of only spaces or tabs emptied (the line count kept, so line
+    numbers stay the file's): ``np.loadtxt`` skips empty lines but read such a line as a row
+    of one column, while the movie lists and CSV readers skip it as blank."""
+    return _WHITESPACE_LINE.sub("", text)
+
+
 def _loadtxt(
     path: Path, *, sep: str, dtype: np.dtype[Any], skip: int, encoding: str
 ) -> npt.NDArray[Any]:
@@ -437,14 +450,39 @@ def _loadtxt(
     A tab already in the file is refused first (:func:`_refuse_tab`): after the rewrite it
     would read as a separator, so a tab-separated copy (e.g. ML-100K's ``u.data`` layout
     under ML-1M's name) or a row mixing both loaded as if it were the ``::`` format, and a
-    stray tab at a row's end was a numpy message without a line number."""
-    source: Path | io.StringIO = path
-    delimiter = sep
+    stray tab at a row's end was a numpy message without a line number. Lines of only
+    spaces or tabs are skipped as blank (:func:`_blank_whitespace_lines`): a file refused
+    is read once more without them, so a file without such lines pays nothing."""
+    text = path.read_text(encoding=encoding) if len(sep) > 1 else None
+    try:
+        return _parse_table(path, text, sep, dtype, skip, encoding)
+    except UnicodeDecodeError:
+        raise
+    except (DataError, ValueError):
+        original = text if text is not None else path.read_text(encoding=encoding)
+        blanked = _blank_whitespace_lines(original)
+        if blanked == original:
+            raise
+    return _parse_table(path, blanked, sep, dtype, skip, encoding)
+
+
+def _parse_table(
+    path: Path, text: str | None, sep: str, dtype: np.dtype[Any], skip: int, encoding: str
+) -> npt.NDArray[Any]:
+    """:func:`_loadtxt` of ``text`` (``path``'s content), or of ``path`` itself when ``text``
+    is None (a one-character ``sep`` only)."""
+    if text is None:
+        return _loadtxt_from(path, sep, dtype, skip, encoding)
     if len(sep) > 1:
-        text = path.read_text(encoding=encoding)
         _refuse_tab(path, text, sep)
-        source = io.StringIO(text.replace(sep, "\t"))
-        delimiter = "\t"
+        text, sep = text.replace(sep, "\t"), "\t"
+    return _loadtxt_from(io.StringIO(text), sep, dtype, skip, encoding)
+
+
+def _loadtxt_from(
+    source: Path | io.StringIO, delimiter: str, dtype: np.dtype[Any], skip: int, encoding: str
+) -> npt.NDArray[Any]:
+    """``np.loadtxt`` of ``source`` with this module's settings (no comments, 1-d)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
         return np.loadtxt(
@@ -486,7 +524,7 @@ def _diagnose(
     with path.open(encoding=encoding) as f:
         for number, raw in enumerate(f, start=1):
             line = raw.rstrip("\r\n")
-            if number <= skip or not line:
+            if number <= skip or not line.strip(" \t\f\v"):  # blank lines are skipped
                 continue
             fields = line.split(sep)
             if len(fields) != len(names):
