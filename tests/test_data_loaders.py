@@ -893,3 +893,17 @@ def test_a_line_of_only_spaces_or_tabs_in_a_rating_table_is_skipped_as_blank(
     path.write_text("".join(lines) + "x\n", encoding="latin-1")
     with pytest.raises(DataError, match=rf"{re.escape(ratings)}, line {len(lines) + 1}: "):
         load(root)
+
+
+def test_a_repeated_movie_id_names_the_lines_that_give_it(tmp_path: Path) -> None:
+    """Ids are normalised ("03" is movie 3), so the repeat the error named ('3') could not be
+    found by searching the file for it; the lines that give it are named."""
+    root = ml1m_dir(tmp_path)
+    write(root / "movies.dat", "1::A (1995)::Drama\n2::B::Drama\n\n3::C::Drama\n03::D::Drama\n")
+    with pytest.raises(DataError) as caught:
+        load_ml1m(root)
+    assert "item ids must be unique, but 1 repeat" in str(caught.value)
+    assert "'3' on lines 4 and 5" in str(caught.value)
+    root = generic_dir(tmp_path / "g", items="item,text\nb1,One\nb2,Two\nb1,Again\n")
+    with pytest.raises(DataError, match=r"items\.csv: item ids .*'b1' on lines 2 and 4"):
+        load_generic(root)

@@ -31,7 +31,7 @@ import shlex
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,18 +145,28 @@ class Catalog:
     titles: list[str]
     categories: list[list[str]]
     texts: list[str]
+    lines: list[int] = field(default_factory=list)
+    """The file line of each item (empty: unknown), for the errors: ids are normalised
+    (MovieLens' ``"007"`` is ``"7"``), so an id alone may not be found in the file."""
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        if not len(self.titles) == len(self.categories) == len(self.texts) == n:
+        columns = (self.titles, self.categories, self.texts) + ((self.lines,) if self.lines else ())
+        if any(len(column) != n for column in columns):
             raise DataError(f"{self.path}: catalog columns differ in length")
         if n == 0:
             raise DataError(f"{self.path}: the item file lists no items")
         if len(set(self.ids)) != n:
             dupes = sorted(i for i, count in Counter(self.ids).items() if count > 1)
+            where = ""
+            if self.lines:
+                at = [
+                    str(line) for i, line in zip(self.ids, self.lines, strict=True) if i == dupes[0]
+                ]
+                where = f", {dupes[0]!r} on lines {', '.join(at[:-1])} and {at[-1]}"
             raise DataError(
                 f"{self.path}: item ids must be unique, but {len(dupes)} repeat "
-                f"(e.g. {dupes[:5]}); fix the file so every item appears once"
+                f"(e.g. {dupes[:5]}{where}); fix the file so every item appears once"
             )
         empty = [i for i, text in zip(self.ids, self.texts, strict=True) if not text.strip()]
         if empty:

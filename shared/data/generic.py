@@ -66,14 +66,16 @@ def read_generic_items(path: Path) -> Catalog:
     texts: list[str] = []
     titles: list[str] = []
     categories: list[list[str]] = []
+    lines: list[int] = []
     for line, row in csv_rows(path, ITEM_COLUMNS, ITEM_OPTIONAL_COLUMNS):
         ids.append(_required(row, "item", path, line))
+        lines.append(line)
         text, title = row["text"].strip(), row.get("title", "").strip()
         genres = split_genres(row.get("genres", ""))
         texts.append(item_text(text, title, genres))
         titles.append(title or text)  # empty: the text
         categories.append(genres)
-    return Catalog(path, ids, titles, categories, texts)
+    return Catalog(path, ids, titles, categories, texts, lines)
 
 
 def item_text(text: str, title: str, genres: list[str]) -> str:

@@ -163,7 +163,7 @@ def read_ml100k_items(path: Path, genres: tuple[str, ...]) -> Catalog:
         if bad:
             raise DataError(f"{path}, line {number}: genre flags must be 0 or 1, found {bad[0]!r}")
         names = [g for g, flag in zip(genres, flags, strict=True) if flag.strip() == "1"]
-        builder.add(parse_int(fields[0], path, number, "movie id"), fields[1], names)
+        builder.add(parse_int(fields[0], path, number, "movie id"), fields[1], names, number)
     return builder.build()
 
 
@@ -178,7 +178,7 @@ def read_ml1m_movies(path: Path) -> Catalog:
                 f"{path}, line {number}: expected 3 '::'-separated fields "
                 f"(MovieID, Title, Genres), found {line[:80]!r}"
             )
-        builder.add(parse_int(head, path, number, "MovieID"), title, split_genres(genres))
+        builder.add(parse_int(head, path, number, "MovieID"), title, split_genres(genres), number)
     return builder.build()
 
 
@@ -187,7 +187,7 @@ def read_ml_latest_movies(path: Path) -> Catalog:
     builder = _CatalogBuilder(path)
     for line, row in csv_rows(path, ML_LATEST_MOVIE_COLUMNS):
         movie = parse_int(row["movieId"], path, line, "movieId")
-        builder.add(movie, row["title"], split_genres(row["genres"]))
+        builder.add(movie, row["title"], split_genres(row["genres"]), line)
     return builder.build()
 
 
@@ -205,16 +205,19 @@ class _CatalogBuilder:
         self.ids: list[str] = []
         self.titles: list[str] = []
         self.categories: list[list[str]] = []
+        self.lines: list[int] = []
 
-    def add(self, movie_id: int, title: str, genres: list[str]) -> None:
-        """Record one movie; ids are normalised to their decimal string (``"007"`` -> ``"7"``)."""
+    def add(self, movie_id: int, title: str, genres: list[str], line: int) -> None:
+        """Record one movie (of file line ``line``); ids are normalised to their decimal
+        string (``"007"`` -> ``"7"``)."""
         self.ids.append(str(movie_id))
+        self.lines.append(line)
         self.titles.append(title.strip())
         self.categories.append([g for g in genres if g not in NO_GENRE_MARKERS])
 
     def build(self) -> Catalog:
         texts = [format_item_text(t, g) for t, g in zip(self.titles, self.categories, strict=True)]
-        return Catalog(self.path, self.ids, self.titles, self.categories, texts)
+        return Catalog(self.path, self.ids, self.titles, self.categories, texts, self.lines)
 
 
 def _ml100k_genres(root: Path) -> tuple[str, ...]:
