@@ -907,3 +907,28 @@ def test_a_repeated_movie_id_names_the_lines_that_give_it(tmp_path: Path) -> Non
     root = generic_dir(tmp_path / "g", items="item,text\nb1,One\nb2,Two\nb1,Again\n")
     with pytest.raises(DataError, match=r"items\.csv: item ids .*'b1' on lines 2 and 4"):
         load_generic(root)
+
+
+@pytest.mark.parametrize(
+    ("make", "load", "release"),
+    [
+        (ml1m_dir, load_ml1m, "the MovieLens 1M release 1000209"),
+        (ml_latest_dir, load_ml_latest, "the MovieLens 25M release 25000095"),
+    ],
+)
+def test_a_fixed_release_short_of_its_ratings_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make: MakeDir, load: Loader, release: str
+) -> None:
+    """A partial ml-1m or ml-25m copy (a head of ratings.dat, say) loaded silently under the
+    release's name, as ml-100k's no longer did; ml-latest(-small) is republished with other
+    counts, so it is not checked."""
+    root = make(tmp_path)
+    name = "ml-1m" if load is load_ml1m else "ml-25m"
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_dataset(name, root)
+    assert f"holds 6 ratings, {release}: a partial or edited copy?" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_dataset("ml-latest-small" if name == "ml-25m" else "ml-1m", root)
+        load(root)  # the loader's default name (ml-1m, ml-latest)
+    assert ("partial or edited copy" in caplog.text) is (name == "ml-1m")

@@ -79,6 +79,13 @@ ML_LATEST_RATING_COLUMNS: ColumnKinds = {
 ML_LATEST_MOVIE_COLUMNS = ("movieId", "title", "genres")
 ML100K_RATINGS = 100_000
 """Rows of ``u.data`` in the MovieLens 100K release."""
+RELEASE_RATINGS: dict[str, tuple[str, int]] = {
+    "ml-100k": ("MovieLens 100K", ML100K_RATINGS),
+    "ml-1m": ("MovieLens 1M", 1_000_209),
+    "ml-25m": ("MovieLens 25M", 25_000_095),
+}
+"""The ratings of each fixed release (ml-latest and ml-latest-small are republished with
+other counts, so they have none)."""
 _ML100K_FIXED_ITEM_FIELDS = 5  # id | title | release date | video release date | IMDb URL
 
 
@@ -94,14 +101,7 @@ def load_ml100k(
     catalog = read_ml100k_items(require_file(root / "u.item", name), _ml100k_genres(root))
     cols = read_numeric_table(ratings, sep="\t", columns=ML100K_RATING_COLUMNS, has_header=False)
     raw = RawInteractions(ratings, cols["user id"], cols["item id"], cols["timestamp"])
-    if name == "ml-100k" and len(raw) != ML100K_RATINGS:
-        logger.warning(
-            "%s holds %d ratings, the MovieLens 100K release %d: a partial or edited copy? "
-            "Figures on it are not comparable with published ml-100k results",
-            ratings,
-            len(raw),
-            ML100K_RATINGS,
-        )
+    warn_if_partial(name, raw)
     return finalize(name, raw, catalog, min_user_interactions)
 
 
@@ -117,6 +117,7 @@ def load_ml1m(
     catalog = read_ml1m_movies(require_file(root / "movies.dat", name))
     cols = read_numeric_table(ratings, sep="::", columns=ML1M_RATING_COLUMNS, has_header=False)
     raw = RawInteractions(ratings, cols["UserID"], cols["MovieID"], cols["Timestamp"])
+    warn_if_partial(name, raw)
     return finalize(name, raw, catalog, min_user_interactions)
 
 
@@ -134,7 +135,26 @@ def load_ml_latest(
         ratings, sep=",", columns=ML_LATEST_RATING_COLUMNS, has_header=True, encoding="utf-8-sig"
     )
     raw = RawInteractions(ratings, cols["userId"], cols["movieId"], cols["timestamp"])
+    warn_if_partial(name, raw)
     return finalize(name, raw, catalog, min_user_interactions)
+
+
+def warn_if_partial(name: str, raw: RawInteractions) -> None:
+    """Warn when dataset ``name``, a fixed release (:data:`RELEASE_RATINGS`), holds another
+    number of ratings: a partial or edited copy loads under the release's name, and figures
+    on it would be taken for the release's."""
+    if name not in RELEASE_RATINGS or len(raw) == RELEASE_RATINGS[name][1]:
+        return
+    release, count = RELEASE_RATINGS[name]
+    logger.warning(
+        "%s holds %d ratings, the %s release %d: a partial or edited copy? "
+        "Figures on it are not comparable with published %s results",
+        raw.path,
+        len(raw),
+        release,
+        count,
+        name,
+    )
 
 
 # --------------------------------------------------------------------------- movie lists
