@@ -677,6 +677,19 @@ def test_registry_layout_mismatch(tmp_path: Path) -> None:
         load_dataset("ml-100k", tmp_path)
 
 
+def test_a_partial_copy_beside_another_layout_is_told_what_it_lacks(tmp_path: Path) -> None:
+    """A folder holding ml-latest's files and ml-1m's ratings.dat without its movies.dat was
+    said to hold "the ml-latest layout, not ml-1m's; choose the matching dataset name": the
+    missing file of the dataset asked for went unnamed."""
+    ml_latest_dir(tmp_path)
+    write(tmp_path / "ratings.dat", "1::1::5::978300760\n")
+    with pytest.raises(DatasetNotFoundError, match=r"ml-1m: .* lacks movies\.dat \(found"):
+        load_dataset("ml-1m", tmp_path)
+    (tmp_path / "ratings.dat").unlink()  # nothing of ml-1m's: the other layout is named
+    with pytest.raises(DataError, match=r"holds the ml-latest layout .*not ml-1m's"):
+        load_dataset("ml-1m", tmp_path)
+
+
 def test_registry_missing_or_empty_data_dir(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_dataset("ml-1m", tmp_path / "nope")

@@ -177,7 +177,9 @@ def detect_layout(directory: str | Path) -> str | None:
 
 
 def _find_layout(name: str, root: Path) -> Path:
-    """``root`` or ``root/name`` if it holds ``name``'s layout; else explain what is there."""
+    """``root`` or ``root/name`` if it holds ``name``'s layout; else explain what is there:
+    another layout, unless ``root`` holds some of ``name``'s files (a partial copy beside
+    another dataset's), whose missing ones are named."""
     if not root.is_dir():
         download = ", or omit it to download the dataset" if name in ARCHIVES else ""
         raise DatasetNotFoundError(
@@ -188,7 +190,8 @@ def _find_layout(name: str, root: Path) -> Path:
     if found is not None:
         return found
     other = detect_layout(root)
-    if other is not None:
+    own = [root / f for f in LAYOUT_FILES[_LAYOUT_OF[name]]]
+    if other is not None and not any(p.exists() or p.is_symlink() for p in own):
         raise DataError(
             f"{root} holds the {other} layout ({_files_of(other)}), not {name}'s "
             f"({_files(name)}); choose the matching dataset name"
