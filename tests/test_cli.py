@@ -852,6 +852,29 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
         assert report["split"]["seed"] == seed and report["model"]["trained_on"] is None
 
 
+def test_evaluate_model_recording_the_synthetic_world_refuses_a_data_dir_as_such(
+    tmp_path: Path,
+) -> None:
+    """A server's model recording the synthetic world, given --data-dir, was refused with the
+    loader's advice "add --dataset (e.g. ml-100k) for that folder": doing so was refused in
+    turn (the recorded dataset differs). Dropping the folder is the fix, as for a run's."""
+    from shared.compression.artifact import publish_student
+    from shared.data.provenance import DataProvenance
+    from shared.data.registry import load_dataset
+
+    ds = load_dataset("synthetic", None, synthetic_seed=5)
+    model = tmp_path / "artifacts" / "model-v4.int8.onnx"
+    trained_on = DataProvenance("synthetic", 5, 0.1, 0.3)
+    publish_student(
+        _untrained_student(ds.n_items), ds.item_ids, model, version="4", trained_on=trained_on
+    )
+    refused = runner.invoke(app, ["evaluate", "model", str(model), "--data-dir", str(tmp_path)])
+    assert isinstance(refused.exception, ConfigError), refused.output
+    message = str(refused.exception)
+    assert "add --dataset" not in message, message
+    assert "on the synthetic world" in message and f"drop --data-dir {tmp_path}" in message
+
+
 def test_evaluate_model_refuses_another_split_asked_in_snake_case(tmp_path: Path) -> None:
     """``--run-config cold_user_fraction=0.3`` (snake case, which every other key accepts)
     escaped the recorded-split check and was silently replaced by the recorded 0.1."""

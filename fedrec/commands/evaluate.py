@@ -160,12 +160,8 @@ def model(
         # before --data-dir is applied: a run's config refuses a folder for the synthetic
         # world, whose message ("add --dataset") would be wrong here
         _refuse_another_split(ctx, values, path, _split_of(run), source, "the run's")
+        _refuse_data_dir_for_synthetic(path, source, run.dataset, data_dir)
         if data_dir is not None:
-            if dataset_key(run.dataset) == "synthetic":
-                raise ConfigError(
-                    f"{path} {source} on the synthetic world, which is generated and reads "
-                    f"no files; drop --data-dir {data_dir}"
-                )
             run = replace(run, data_dir=str(data_dir))  # the same dataset, elsewhere
         values["seed"] = run.seed
     typed = dict(values)  # the settings asked for, which a model's recorded split checks
@@ -192,14 +188,10 @@ def model(
         split_cfg = run.split_config()
     else:
         if recorded is not None:  # a published model that says what it was pretrained on
-            _refuse_another_split(
-                ctx,
-                typed,
-                path,
-                _split_of(recorded),
-                "records the data and split it was pretrained with (its metadata)",
-                "recorded",
-            )
+            source = "records the data and split it was pretrained with (its metadata)"
+            _refuse_another_split(ctx, typed, path, _split_of(recorded), source, "recorded")
+            # before the loader, whose advice for a folder ("add --dataset") is refused here
+            _refuse_data_dir_for_synthetic(path, source, recorded.dataset, data_dir)
             dataset = recorded.dataset
             split_cfg = replace(
                 split_cfg,
@@ -283,6 +275,21 @@ def _refuse_another_split(
             f"{path} {source}, on another split than asked ({'; '.join(differing)}); it "
             "would be tested on users it trained on. Drop those options: the data and split "
             "it was trained with are used"
+        )
+
+
+def _refuse_data_dir_for_synthetic(
+    path: Path, source: str, trained: str, data_dir: Path | None
+) -> None:
+    """A model whose dataset is known (``trained``: its run's, or recorded in its metadata;
+    ``source`` says how, as for :func:`_refuse_another_split`) to be the synthetic world
+    reads no files: a ``data_dir`` given is refused with "drop it". The loader's own advice,
+    "add --dataset for that folder", would be refused next as another dataset than the
+    model's."""
+    if data_dir is not None and dataset_key(trained) == "synthetic":
+        raise ConfigError(
+            f"{path} {source} on the synthetic world, which is generated and reads no files; "
+            f"drop --data-dir {data_dir}"
         )
 
 
