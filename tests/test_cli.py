@@ -875,6 +875,55 @@ def test_evaluate_model_recording_the_synthetic_world_refuses_a_data_dir_as_such
     assert "on the synthetic world" in message and f"drop --data-dir {tmp_path}" in message
 
 
+def _small_published_model(tmp_path: Path) -> Path:
+    """A server's int8 model of a 100-user synthetic world, which its metadata records."""
+    from shared.compression.artifact import publish_student
+    from shared.data.provenance import DataProvenance
+    from shared.data.registry import load_dataset
+
+    ds = load_dataset("synthetic", None, synthetic_seed=5, synthetic_users=100, synthetic_items=60)
+    model = tmp_path / "artifacts" / "model-v4.int8.onnx"
+    trained_on = DataProvenance("synthetic", 5, 0.1, 0.3, synthetic_users=100, synthetic_items=60)
+    publish_student(
+        _untrained_student(ds.n_items), ds.item_ids, model, version="4", trained_on=trained_on
+    )
+    return model
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_evaluate_export_leaves_no_fewshot_list_of_an_older_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupted: bool
+) -> None:
+    """--export replaced recs.csv and the few-shot lists of the Ks it evaluated, and left
+    those of other Ks from an earlier export (another model, another split) next to them,
+    as if of this one; Ctrl-C between recs.csv and its few-shot lists left them all. The
+    older lists are now gone before the new files are written; other files stay."""
+    import shared.eval.protocol as protocol
+
+    model = _small_published_model(tmp_path)
+    recs = tmp_path / "recs.csv"
+    older = {recs: "older", tmp_path / "notes.txt": "mine", tmp_path / "recs-fewshot-kx.csv": "x"}
+    older.update({tmp_path / f"recs-fewshot-k{k}.csv": "older" for k in (1, 3, 10)})
+    for path, text in older.items():
+        path.write_text(text)
+    if interrupted:  # Ctrl-C once recs.csv is written, before its first few-shot list
+        written = protocol.export_recs
+
+        def export_recs(*args: Any, **kwargs: Any) -> int:
+            if Path(args[3]) != recs:
+                raise KeyboardInterrupt
+            return written(*args, **kwargs)
+
+        monkeypatch.setattr(protocol, "export_recs", export_recs)
+    args = ["evaluate", "model", str(model), "--shots", "1", "--export", str(recs)]
+    result = runner.invoke(app, args)
+    assert bool(result.exit_code) == interrupted, result.output  # Click: Aborted!, status 1
+    assert recs.read_text().startswith("user,item,rank\n")
+    fewshot = {p.name for p in tmp_path.glob("recs-fewshot-k*.csv")}
+    assert fewshot == {"recs-fewshot-kx.csv", *([] if interrupted else ["recs-fewshot-k1.csv"])}
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_evaluate_model_refuses_another_split_asked_in_snake_case(tmp_path: Path) -> None:
     """``--run-config cold_user_fraction=0.3`` (snake case, which every other key accepts)
     escaped the recorded-split check and was silently replaced by the recorded 0.1."""

@@ -22,8 +22,7 @@ from shared.eval.protocol import (
     cold_item_cases,
     evaluate_fewshot,
     evaluate_split,
-    export_fewshot_recs,
-    export_split_recs,
+    export_model_recs,
     rank_cases,
 )
 from shared.eval.splits import ProtocolSplit, SplitConfig, split_cold_items, split_users
@@ -132,8 +131,7 @@ def run_baseline_benchmark(
 
     if export_path is not None:
         say(f"exporting {export_model}'s top 100 to {export_path}")
-        export_split_recs(fitted[export_model], dataset, split, export_path, eval_config.batch_size)
-        export_fewshot_recs(
+        export_model_recs(
             fitted[export_model], dataset, split, export_path, shots, eval_config.batch_size
         )
     report = split_report(dataset, split, eval_config)

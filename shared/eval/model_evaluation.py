@@ -21,8 +21,7 @@ from shared.eval.protocol import (
     check_recs_outputs,
     evaluate_fewshot,
     evaluate_split,
-    export_fewshot_recs,
-    export_split_recs,
+    export_model_recs,
 )
 from shared.eval.splits import SplitConfig, split_users
 from shared.models.base import Scorer
@@ -50,6 +49,5 @@ def evaluate_model(
     if len(split.cold_users) and shots:
         entry["fewshot"] = evaluate_fewshot(scorer, split, shots, eval_config)
     if export_path is not None:
-        export_split_recs(scorer, dataset, split, export_path, eval_config.batch_size)
-        export_fewshot_recs(scorer, dataset, split, export_path, shots, eval_config.batch_size)
+        export_model_recs(scorer, dataset, split, export_path, shots, eval_config.batch_size)
     return {**split_report(dataset, split, eval_config), "results": {name: entry}}

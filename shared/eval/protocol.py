@@ -12,6 +12,7 @@ import csv
 import glob
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -427,6 +428,37 @@ def export_fewshot_recs(
         logger.info("wrote %d rows to %s", written, target)
         rows += written
     return rows
+
+
+def export_model_recs(
+    scorer: Scorer,
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    path: str | Path,
+    shots: Sequence[int],
+    batch_size: int = EvalConfig.batch_size,
+) -> int:
+    """One model's whole export at ``path``: :func:`export_split_recs` and
+    :func:`export_fewshot_recs` at each K of ``shots``. Returns the rows written in all.
+
+    Every few-shot list an earlier export left beside ``path`` goes first
+    (:func:`remove_fewshot_recs`): one of a K not evaluated now (or of a split without
+    cold-start users) stayed next to this model's ``recs.csv`` as if of this model, and an
+    export interrupted after ``recs.csv`` left every older list there. Each file present is
+    then this model's, or the older ``recs.csv`` alone."""
+    remove_fewshot_recs(path)
+    rows = export_split_recs(scorer, dataset, split, path, batch_size)
+    return rows + export_fewshot_recs(scorer, dataset, split, path, shots, batch_size)
+
+
+def remove_fewshot_recs(path: str | Path) -> None:
+    """Remove the few-shot lists (:func:`fewshot_recs_path`, of any K) of the export at
+    ``path``; other files beside it stay, including names that only look alike."""
+    path = Path(path)
+    own = re.compile(re.escape(path.stem) + r"-fewshot-k[0-9]+" + re.escape(path.suffix))
+    for old in path.parent.glob(glob.escape(path.stem) + "-fewshot-k*"):
+        if own.fullmatch(old.name) and not old.is_dir():
+            old.unlink(missing_ok=True)
 
 
 def _pessimistic_ranks(scores: FloatArray) -> npt.NDArray[np.int64]:
