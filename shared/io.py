@@ -446,9 +446,15 @@ def writable_target(path: str | Path, *, stdout_hint: str = STDOUT_HINT) -> Path
     symbolic links ends at. A :class:`~shared.errors.ConfigError` if that is not a place for
     a file: a device, FIFO or socket (a rename over ``/dev/null`` replaces the device), a
     path through ``/dev`` or ``/proc`` (``/dev/stdout`` leads to the shell's stream or to the
-    file it redirects to, whose open descriptor a rename would orphan), or a link loop."""
+    file it redirects to, whose open descriptor a rename would orphan), a link loop, or
+    ``-`` (standard output by convention, taken for a file in the current folder)."""
     from shared.errors import ConfigError
 
+    if str(path) == "-":  # standard output by convention: it wrote a file named "-" instead
+        raise ConfigError(
+            f"'-' is not standard output here: a report replaces the file it is given, so give "
+            f"a file path (for standard output, {stdout_hint})"
+        )
     path = Path(path)
     start = current = Path(os.path.abspath(path))
     for _ in range(_MAX_LINK_HOPS):

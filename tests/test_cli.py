@@ -924,6 +924,21 @@ def test_evaluate_export_leaves_no_fewshot_list_of_an_older_export(
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("flag", ["--output", "--export"])
+def test_evaluate_refuses_a_dash_for_an_output_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
+    """`-o -` (standard output, by the usual convention) wrote the report to a file named
+    "-" in the current folder, and `--export -` wrote "-" and "--fewshot-k1" there (a name
+    `rm` takes for an option), printing nothing to say so."""
+    model = _small_published_model(tmp_path / "published")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", "model", str(model), flag, "-"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "for standard output, use the command's --format json" in str(result.exception)
+    assert [p.name for p in tmp_path.iterdir()] == ["published"]
+
+
 def test_evaluate_model_refuses_another_split_asked_in_snake_case(tmp_path: Path) -> None:
     """``--run-config cold_user_fraction=0.3`` (snake case, which every other key accepts)
     escaped the recorded-split check and was silently replaced by the recorded 0.1."""
