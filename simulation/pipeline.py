@@ -346,6 +346,14 @@ def _data_name(config: SimulationConfig) -> str:
     return f"{config.dataset} ({config.data_dir})" if config.data_dir else config.dataset
 
 
+def check_run_data(root: Path, config: SimulationConfig, dataset: RecDataset, why: str) -> None:
+    """Refuse ``dataset``, read by the settings ``config`` of the run in ``root``, where its
+    content differs from the data that run recorded it was trained on
+    (:func:`~simulation.run_dir.check_data`; ``why`` ends the error)."""
+    stored = RunDirectory.read_config(root)
+    check_data(root, stored, dataset.fingerprint(), _data_name(config), why)
+
+
 def load_split(config: SimulationConfig) -> tuple[RecDataset, ProtocolSplit]:
     """The run's dataset and its protocol split (a rerun of the same config gets the same)."""
     dataset = load_run_dataset(config)
@@ -416,11 +424,10 @@ def load_finished_run(root: Path, data_dir: str | None = None) -> FinishedRun:
     if checkpoint is None:
         raise DataError(f"{root} has no checkpoint; run `fedrec simulate` to the end first")
     dataset, split = load_split(config)
-    check_data(
+    check_run_data(
         root,
-        RunDirectory.read_config(root),
-        dataset.fingerprint(),
-        _data_name(config),
+        config,
+        dataset,
         "its model would be evaluated on other users and items. Give the data it was "
         "trained on (data_dir)",
     )
@@ -869,11 +876,10 @@ def run_ranks(root: Path) -> dict[str, CaseRanks]:
     if config is None:
         raise DataError(f"{root} has no config.json: the users of its ranks cannot be told")
     dataset, split = load_split(config)
-    check_data(
+    check_run_data(
         root,
-        RunDirectory.read_config(root),
-        dataset.fingerprint(),
-        _data_name(config),
+        config,
+        dataset,
         "the users of its ranks would be taken from another split. Put back the data it "
         "was evaluated on",
     )

@@ -1046,6 +1046,43 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
     assert "drop --data-dir" in str(refused.exception)
 
 
+def test_evaluate_model_of_a_run_refuses_data_that_changed_since(tmp_path: Path) -> None:
+    """A run's model was scored on whatever its data folder held now: data changed since the
+    run (same catalog, so the catalog check passed) gave another split, and the model was
+    tested on what it had trained on, silently. The content fingerprint the run recorded is
+    now compared, as a finished run's re-evaluation and ranks already did."""
+    from shared.compression.artifact import publish_student
+    from shared.config import to_flat
+    from shared.data.registry import load_dataset
+    from simulation.config import SimulationConfig
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.csv").write_text("item,text\n" + "".join(f"i{i},t{i}\n" for i in range(12)))
+    rows = [(u, (u * 5 + j) % 12, j) for u in range(40) for j in range(6)]
+    interactions = data / "interactions.csv"
+    interactions.write_text(
+        "user,item,timestamp\n" + "".join(f"u{u},i{i},{t}\n" for u, i, t in rows)
+    )
+    config = SimulationConfig(dataset="generic", data_dir=str(data), backend="inprocess")
+    ds = load_dataset("generic", data)
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = {"data": {"fingerprint": ds.fingerprint()}, "simulation": to_flat(config)}
+    (run / "config.json").write_text(json.dumps(settings))
+    model = run / "models" / "model-v1.int8.onnx"
+    publish_student(_untrained_student(ds.n_items), ds.item_ids, model, version="1")
+    args = ["evaluate", "model", str(model), "--shots", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    # the same users and items, in another order: the last item of each is another one
+    later = "".join(f"u{u},i{i},{9 - t}\n" for u, i, t in rows)
+    interactions.write_text("user,item,timestamp\n" + later)
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, ConfigError), refused.output
+    message = str(refused.exception)
+    assert "trained on other data than generic" in message and "content fingerprint" in message
+
+
 @pytest.mark.parametrize("timeout", ["nan", "inf", "1e308"])
 def test_client_status_refuses_a_timeout_no_socket_takes(
     tmp_path: Path,

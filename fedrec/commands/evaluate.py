@@ -149,7 +149,7 @@ def model(
     what it learned). --data-dir says where that dataset is."""
     from shared.eval.model_evaluation import evaluate_model
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
-    from simulation.pipeline import load_run_dataset, trained_with
+    from simulation.pipeline import check_run_data, load_run_dataset, trained_with
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
@@ -185,6 +185,13 @@ def model(
                 f"{path} {source} on {run.dataset} read from {run.data_dir} (its config.json), "
                 f"which no longer holds it; pass --data-dir PATH to a copy of {run.dataset}"
             ) from exc
+        check_run_data(
+            path.resolve().parent.parent,
+            run,
+            ds,
+            "the model would be tested on other users and items, some of what it trained on. "
+            "Give the data it was trained on (--data-dir a copy of it)",
+        )
         split_cfg = run.split_config()
     else:
         if recorded is not None:  # a published model that says what it was pretrained on
