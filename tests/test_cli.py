@@ -1083,6 +1083,39 @@ def test_evaluate_model_of_a_run_refuses_data_that_changed_since(tmp_path: Path)
     assert "trained on other data than generic" in message and "content fingerprint" in message
 
 
+def test_evaluate_model_refuses_another_runs_model_in_a_runs_models_folder(
+    tmp_path: Path,
+) -> None:
+    """A model in a run's models/ folder was scored on that run's data and split whatever
+    its metadata recorded: another run's model (seed 7) copied there was tested on seed 5's
+    world, silently. A record without the world's size (an older bundle's) still passes."""
+    from dataclasses import replace
+
+    from shared.compression.artifact import publish_student
+    from shared.config import to_flat
+    from shared.data.provenance import DataProvenance
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import load_run_dataset
+
+    config = SimulationConfig(seed=5, synthetic_users=60, synthetic_items=50, backend="inprocess")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"simulation": to_flat(config)}))
+    dataset = load_run_dataset(config)
+    student = _untrained_student(dataset.n_items)
+    model = run / "models" / "model-v2.int8.onnx"
+    args = ["evaluate", "model", str(model), "--shots", "1"]
+    own = config.data_provenance()
+    for trained_on in (own, DataProvenance("synthetic", 5, 0.1, 0.2)):
+        publish_student(student, dataset.item_ids, model, version="2", trained_on=trained_on)
+        assert runner.invoke(app, args).exit_code == 0
+    publish_student(student, dataset.item_ids, model, version="2", trained_on=replace(own, seed=7))
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, ConfigError), refused.output
+    message = str(refused.exception)
+    assert "seed 7 (the run's: 5)" in message and "another run's model" in message
+
+
 @pytest.mark.parametrize("timeout", ["nan", "inf", "1e308"])
 def test_client_status_refuses_a_timeout_no_socket_takes(
     tmp_path: Path,

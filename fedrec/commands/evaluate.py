@@ -156,7 +156,8 @@ def model(
     values = _values(ctx, run_config, {})
     run = trained_with(path)
     if run is not None:  # a simulation run's model: its own data and split, nothing else
-        source = f"was trained by the run in {path.resolve().parent.parent}"
+        run_root = path.resolve().parent.parent
+        source = f"was trained by the run in {run_root}"
         # before --data-dir is applied: a run's config refuses a folder for the synthetic
         # world, whose message ("add --dataset") would be wrong here
         _refuse_another_split(ctx, values, path, _split_of(run), source, "the run's")
@@ -173,6 +174,8 @@ def model(
     _check_outputs(output, export, model=path, shots=ks)
     scorer = OnDeviceModel(path)
     meta = scorer.metadata
+    if run is not None and meta.trained_on is not None:
+        _refuse_another_runs_model(path, run_root, meta.trained_on, run)
     recorded = meta.trained_on if run is None else None
     if run is not None:
         try:
@@ -186,7 +189,7 @@ def model(
                 f"which no longer holds it; pass --data-dir PATH to a copy of {run.dataset}"
             ) from exc
         check_run_data(
-            path.resolve().parent.parent,
+            run_root,
             run,
             ds,
             "the model would be tested on other users and items, some of what it trained on. "
@@ -297,6 +300,29 @@ def _refuse_data_dir_for_synthetic(
         raise ConfigError(
             f"{path} {source} on the synthetic world, which is generated and reads no files; "
             f"drop --data-dir {data_dir}"
+        )
+
+
+def _refuse_another_runs_model(
+    path: Path, root: Path, recorded: DataProvenance, run: SimulationConfig
+) -> None:
+    """A model in the ``models/`` folder of the run in ``root`` (settings ``run``) whose
+    metadata records other data or another split (``recorded``) than that run's
+    config is another run's model, copied there: scored on this run's split it was tested
+    on other data, or on users it trained on. A setting the model does not record (an older
+    bundle's, without the synthetic world's size) is not compared."""
+    expected = asdict(run.data_provenance())
+    differing = [
+        f"{key.replace('_', '-')} {value!r} (the run's: {expected[key]!r})"
+        for key, value in asdict(recorded).items()
+        if value is not None and value != expected[key]
+    ]
+    if differing:
+        raise ConfigError(
+            f"{path} is in the models/ folder of the run in {root} but records that it was "
+            f"pretrained on other data or another split than that run's ("
+            f"{'; '.join(differing)}): it is another run's model. Copy it out of that "
+            "models/ folder to evaluate it on the data and split it records"
         )
 
 
