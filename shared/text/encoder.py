@@ -23,7 +23,7 @@ recommender's item tower, so they must be (a) reproducible, (b) available offlin
   ``max_length``, ``batch_size``, :data:`CACHE_FORMAT_VERSION` or version of a library of
   :data:`KEYED_LIBRARIES`) gets a shard of its own, so old ones would pile up forever: a
   write removes the folder's other shards that have
-  been neither read nor written for :data:`SHARD_MAX_IDLE_SECONDS` (an encoder refreshes
+  been neither read nor written for :data:`shared.io.CACHE_MAX_IDLE_SECONDS` (an encoder refreshes
   its shard's modification time when it reads it, at most once a day). Removing one only
   costs a re-encode of the same vectors (every forward pass has one shape), and only files
   named like shards (``<32 hex>.npz``) are touched.
@@ -52,11 +52,10 @@ import numpy.typing as npt
 from shared.config import is_int
 from shared.errors import ConfigError, DataError
 from shared.io import (
-    CACHE_MAX_IDLE_SECONDS,
     CACHE_ROOT_ENV,
-    CACHE_TOUCH_SECONDS,
     cache_root,
     home_path,
+    mark_in_use,
     remove_idle_files,
     remove_stale_temps,
     versions_key,
@@ -119,12 +118,6 @@ the tokenizer from a sentencepiece model (``tokenizer.model`` / ``spiece.model``
 read; a folder with ``tokenizer.json`` (the bundled MiniLM) never uses them."""
 FLUSH_EVERY_SECONDS = 60.0
 """A long encode writes what it has encoded so far to the cache this often."""
-SHARD_MAX_IDLE_SECONDS = CACHE_MAX_IDLE_SECONDS
-"""A shard of another model identity neither read nor written for this long is removed by
-the next write to its cache folder (see the module docstring)."""
-SHARD_TOUCH_SECONDS = CACHE_TOUCH_SECONDS
-"""A shard that is read is marked as in use (its modification time set to now) once it is
-this old, so a shard that is only read is not taken for an idle one."""
 _SHARD_NAME = re.compile(r"[0-9a-f]{32}\.npz")
 _SHARD_TEMPS = "." + "[0-9a-f]" * 32 + ".*.tmp"
 """Glob of the temp files shard writes make (``.<shard stem>.<random>.tmp``)."""
@@ -720,12 +713,10 @@ class ItemEncoder:
         loaded = self._load_shard(path)
         if loaded is not None:
             self._memo = {**self._memo, **loaded}
-            if time.time() - stamp[0] / 1e9 > SHARD_TOUCH_SECONDS:
-                # in use: not removed as idle. The stamp kept is the one read, so a file
-                # another process wrote meanwhile (which this may have touched) is still
-                # read before the next write merges into it
-                with suppress(OSError):
-                    os.utime(path)
+            # in use: not removed as idle. The stamp kept is the one read, so a file
+            # another process wrote meanwhile (which this may have touched) is still
+            # read before the next write merges into it
+            mark_in_use(path)
         self._memo_stamp = stamp
         return self._memo
 
@@ -793,20 +784,8 @@ class ItemEncoder:
                     os.unlink(tmp_name)
         self._memo = merged
         self._memo_stamp = self._shard_stamp(path)
-        remove_idle_shards(path.parent, keep=path)
-
-
-def remove_idle_shards(
-    folder: Path, *, keep: Path, older_than: float = SHARD_MAX_IDLE_SECONDS
-) -> int:
-    """Remove the embedding shards in ``folder`` other than ``keep`` that have been neither
-    read nor written for ``older_than`` seconds: those of model identities no longer used
-    (another model, ``max_length``, ``batch_size`` or cache format), which nothing else
-    would ever delete. Only regular files named like a shard are considered; one that cannot
-    be removed is skipped. Returns how many were removed."""
-    return remove_idle_files(
-        folder, _SHARD_NAME, keep=keep, older_than=older_than, what="embedding cache"
-    )
+        # other model identities' shards unused for a month (see the module docstring)
+        remove_idle_files(path.parent, _SHARD_NAME, keep=path, what="embedding cache")
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
