@@ -446,10 +446,12 @@ class SimulationConfig:
             public_fraction=self.public_fraction,
         )
 
-    def data_provenance(self) -> DataProvenance:
+    def data_provenance(self, data_fingerprint: str | None = None) -> DataProvenance:
         """The data and split this simulation pretrains with, as its bundles and published
-        models record them (``fedrec evaluate model`` splits a model's data by them)."""
+        models record them (``fedrec evaluate model`` splits a model's data by them), with
+        the content fingerprint of the data read, ``data_fingerprint``, when given."""
         return DataProvenance(
+            data_fingerprint=data_fingerprint,
             dataset=dataset_key(self.dataset),
             seed=self.seed,
             cold_user_fraction=self.cold_user_fraction,

@@ -180,7 +180,7 @@ def _run_stages(
 
     clients = _client_data(split)
     # both record the data and split, which every model published from them carries
-    trained_on = config.data_provenance()
+    trained_on = config.data_provenance(fingerprint)
     save_bundle(bundle_path, student, clients, dataset.item_ids, trained_on=trained_on)
     # what a deployment's server and devices load: the model alone, readable by containers
     save_bundle(
@@ -1060,7 +1060,7 @@ def _evaluate(
         run,
         trained,
         config.prune_sparsity,
-        config.data_provenance(),
+        config.data_provenance(dataset.fingerprint()),
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs

@@ -77,6 +77,14 @@ def has_progress(root: Path) -> bool:
     return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (root / "clients").exists()
 
 
+def recorded_fingerprint(stored: Mapping[str, Any] | None) -> str | None:
+    """The data content fingerprint a run's settings (``stored``: its ``config.json``)
+    recorded (:meth:`RunDirectory.claim_data`), or ``None`` (older code recorded none)."""
+    section = (stored or {}).get(DATA_SECTION)
+    recorded = section.get("fingerprint") if isinstance(section, dict) else None
+    return recorded if isinstance(recorded, str) else None
+
+
 def check_data(
     root: Path, stored: Mapping[str, Any] | None, fingerprint: str, what: str, why: str
 ) -> None:
@@ -85,9 +93,8 @@ def check_data(
     :meth:`RunDirectory.claim_data`); ``what`` names the data, ``why`` ends the error (what
     the run's files would be used for on other data, and what to do). A run that recorded
     none (older code) is not compared."""
-    previous = (stored or {}).get(DATA_SECTION)
-    recorded = previous.get("fingerprint") if isinstance(previous, dict) else None
-    if isinstance(recorded, str) and recorded != fingerprint:
+    recorded = recorded_fingerprint(stored)
+    if recorded is not None and recorded != fingerprint:
         raise ConfigError(
             f"{root} holds a run trained on other data than {what} holds now (its content "
             f"fingerprint {recorded}, now {fingerprint}): {why}"

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -1056,14 +1057,7 @@ def test_evaluate_model_of_a_run_refuses_data_that_changed_since(tmp_path: Path)
     from shared.data.registry import load_dataset
     from simulation.config import SimulationConfig
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "items.csv").write_text("item,text\n" + "".join(f"i{i},t{i}\n" for i in range(12)))
-    rows = [(u, (u * 5 + j) % 12, j) for u in range(40) for j in range(6)]
-    interactions = data / "interactions.csv"
-    interactions.write_text(
-        "user,item,timestamp\n" + "".join(f"u{u},i{i},{t}\n" for u, i, t in rows)
-    )
+    data = _generic_data(tmp_path)
     config = SimulationConfig(dataset="generic", data_dir=str(data), backend="inprocess")
     ds = load_dataset("generic", data)
     run = tmp_path / "run"
@@ -1074,13 +1068,59 @@ def test_evaluate_model_of_a_run_refuses_data_that_changed_since(tmp_path: Path)
     publish_student(_untrained_student(ds.n_items), ds.item_ids, model, version="1")
     args = ["evaluate", "model", str(model), "--shots", "1"]
     assert runner.invoke(app, args).exit_code == 0
-    # the same users and items, in another order: the last item of each is another one
-    later = "".join(f"u{u},i{i},{9 - t}\n" for u, i, t in rows)
-    interactions.write_text("user,item,timestamp\n" + later)
+    _generic_data(tmp_path, reversed_time=True)
     refused = runner.invoke(app, args)
     assert isinstance(refused.exception, ConfigError), refused.output
     message = str(refused.exception)
     assert "trained on other data than generic" in message and "content fingerprint" in message
+
+
+def _generic_data(tmp_path: Path, reversed_time: bool = False) -> Path:
+    """A small generic-layout dataset in ``tmp_path/data`` (40 users, 12 items); with
+    ``reversed_time`` the same users and items in another order: each user's last item (the
+    split's test) is another one, and the catalog is the same."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "items.csv").write_text("item,text\n" + "".join(f"i{i},t{i}\n" for i in range(12)))
+    rows = [
+        (u, (u * 5 + j) % 12, 9 - j if reversed_time else j) for u in range(40) for j in range(6)
+    ]
+    (data / "interactions.csv").write_text(
+        "user,item,timestamp\n" + "".join(f"u{u},i{i},{t}\n" for u, i, t in rows)
+    )
+    return data
+
+
+def test_evaluate_model_of_a_server_refuses_data_that_changed_since(tmp_path: Path) -> None:
+    """A server's published model records the data and split it was pretrained with, but
+    not the data's content: a changed copy of the same catalog passed the catalog check and
+    its split tested the model on what it had trained on, silently. Its metadata now records
+    the content fingerprint, compared with the data read; a record without one (an older
+    bundle's) is scored as before."""
+    from shared.compression.artifact import publish_student
+    from shared.data.provenance import DataProvenance
+    from shared.data.registry import load_dataset
+
+    data = _generic_data(tmp_path)
+    ds = load_dataset("generic", data)
+    model = tmp_path / "artifacts" / "model-v1.int8.onnx"  # a server's, not a run's models/
+    args = ["evaluate", "model", str(model), "--data-dir", str(data), "--shots", "1"]
+    trained_on = DataProvenance("generic", 42, 0.1, 0.2, data_fingerprint=ds.fingerprint())
+    older = DataProvenance("generic", 42, 0.1, 0.2)
+    student = _untrained_student(ds.n_items)
+    for record in (trained_on, older):
+        publish_student(student, ds.item_ids, model, version="1", trained_on=record)
+        result = runner.invoke(app, [*args, "--format", "json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["model"]["trained_on"] == asdict(record)
+    _generic_data(tmp_path, reversed_time=True)
+    assert runner.invoke(app, args).exit_code == 0  # the older record: not compared
+    publish_student(student, ds.item_ids, model, version="1", trained_on=trained_on)
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, ConfigError), refused.output
+    message = str(refused.exception)
+    assert f"its content fingerprint {ds.fingerprint()}, now " in message
+    assert "trained on other data than generic" in message and "--data-dir" in message
 
 
 def test_evaluate_model_refuses_another_runs_model_in_a_runs_models_folder(
@@ -1108,12 +1148,27 @@ def test_evaluate_model_refuses_another_runs_model_in_a_runs_models_folder(
     own = config.data_provenance()
     for trained_on in (own, DataProvenance("synthetic", 5, 0.1, 0.2)):
         publish_student(student, dataset.item_ids, model, version="2", trained_on=trained_on)
-        assert runner.invoke(app, args).exit_code == 0
+        result = runner.invoke(app, [*args, "--format", "json"])
+        assert result.exit_code == 0, result.output
+        # the report shows what the model records (it showed null for a run's model)
+        assert json.loads(result.output)["model"]["trained_on"] == asdict(trained_on)
     publish_student(student, dataset.item_ids, model, version="2", trained_on=replace(own, seed=7))
     refused = runner.invoke(app, args)
     assert isinstance(refused.exception, ConfigError), refused.output
     message = str(refused.exception)
     assert "seed 7 (the run's: 5)" in message and "another run's model" in message
+    # another run's model of other content (the same split): named by its fingerprint
+    settings = {"data": {"fingerprint": dataset.fingerprint()}, "simulation": to_flat(config)}
+    (run / "config.json").write_text(json.dumps(settings))
+    for fingerprint, passes in ((dataset.fingerprint(), True), ("0123abcd", False)):
+        other = replace(own, data_fingerprint=fingerprint)
+        publish_student(student, dataset.item_ids, model, version="2", trained_on=other)
+        result = runner.invoke(app, args)
+        assert (result.exit_code == 0) is passes, result.output
+    assert isinstance(result.exception, ConfigError)
+    message = str(result.exception)
+    assert "data-fingerprint '0123abcd' (the run's: " in message, message
+    assert "another run's model" in message
 
 
 @pytest.mark.parametrize("timeout", ["nan", "inf", "1e308"])

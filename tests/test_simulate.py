@@ -84,7 +84,11 @@ def test_simulate_tiny_world_end_to_end_and_resume(
     from shared.ondevice.runtime import OnDeviceModel
 
     recorded = (deployable.trained_on, simulated.trained_on)
-    world = DataProvenance("synthetic", 42, 0.1, 0.2, synthetic_users=150, synthetic_items=80)
+    # with the data's content fingerprint, which the run's config.json records too
+    content = json.loads((run / "config.json").read_text())["data"]["fingerprint"]
+    world = DataProvenance(
+        "synthetic", 42, 0.1, 0.2, synthetic_users=150, synthetic_items=80, data_fingerprint=content
+    )
     assert recorded == (world,) * 2
     assert OnDeviceModel(run / "models" / "model-v2.int8.onnx").metadata.trained_on == recorded[0]
     assert stat.S_IMODE((run / "deploy-bundle.pt").stat().st_mode) == 0o644

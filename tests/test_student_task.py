@@ -146,7 +146,7 @@ def test_a_bundle_records_its_data_and_its_published_models_carry_it(
     from shared.data.provenance import DataProvenance
     from shared.ondevice.runtime import META_TRAINED_ON, OnDeviceModel
 
-    trained_on = DataProvenance("ml-100k", 7, 0.1, 0.25)
+    trained_on = DataProvenance("ml-100k", 7, 0.1, 0.25, data_fingerprint="0123abcd")
     recorded = tmp_path / "recorded.pt"
     save_bundle(recorded, _student(), _clients(), trained_on=trained_on)
     assert load_bundle(recorded).trained_on == trained_on
@@ -183,6 +183,15 @@ def test_a_data_record_whose_dataset_is_not_a_name_is_refused(dataset: object) -
     record = {"dataset": dataset, "seed": 7, "cold_user_fraction": 0.1, "public_fraction": 0.2}
     with pytest.raises(ConfigError, match="dataset must be a non-empty one-line key"):
         DataProvenance.from_mapping(record)
+
+
+@pytest.mark.parametrize("digest", ["", "not hex", 16, "0123\nabcd"])
+def test_a_data_record_whose_fingerprint_is_not_a_digest_is_refused(digest: object) -> None:
+    from shared.data.provenance import DataProvenance
+
+    record = {"dataset": "ml-100k", "seed": 7, "cold_user_fraction": 0.1, "public_fraction": 0.2}
+    with pytest.raises(ConfigError, match="data_fingerprint must be a hex digest"):
+        DataProvenance.from_mapping({**record, "data_fingerprint": digest})
 
 
 def test_a_file_that_is_not_a_bundle_is_refused_in_one_line(tmp_path: Path) -> None:

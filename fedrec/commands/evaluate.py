@@ -40,6 +40,7 @@ from shared.eval.splits import SplitConfig
 from shared.io import REPORT_MODE, check_output_file, write_json_atomic
 
 if TYPE_CHECKING:
+    from shared.data.dataset import RecDataset
     from shared.data.provenance import DataProvenance
     from simulation.config import SimulationConfig
 
@@ -225,6 +226,7 @@ def model(
             f"{catalog_fingerprint(ds.item_ids)}); evaluate it on the dataset it was trained "
             "on (--dataset, --data-dir)"
         )
+    _refuse_changed_data(path, meta.trained_on, ds)
     name = f"{path.name} (v{meta.model_version}, {meta.quantization})"
     report = evaluate_model(scorer, name, ds, split_cfg, eval_cfg, ks, export)
     report["model"] = {
@@ -233,7 +235,7 @@ def model(
         "quantization": meta.quantization,
         "n_items": meta.n_items,
         "max_len": meta.max_len,
-        "trained_on": asdict(recorded) if recorded is not None else None,
+        "trained_on": asdict(meta.trained_on) if meta.trained_on is not None else None,
     }
     _emit(report, output, fmt, eval_cfg.k)
 
@@ -303,6 +305,23 @@ def _refuse_data_dir_for_synthetic(
         )
 
 
+def _refuse_changed_data(path: Path, recorded: DataProvenance | None, ds: RecDataset) -> None:
+    """A model whose metadata records the content fingerprint of its training data
+    (``recorded``) is refused on data ``ds`` with other content: a changed copy of the same
+    catalog (ratings added, timestamps edited) passes the catalog check, but its split tests
+    other users on other items, some of them what the model trained on. A model recording no
+    fingerprint (an older bundle's) is not compared."""
+    if recorded is None or recorded.data_fingerprint is None:
+        return
+    if recorded.data_fingerprint != (now := ds.fingerprint()):
+        raise ConfigError(
+            f"{path} was trained on other data than {ds.name} holds now (its content "
+            f"fingerprint {recorded.data_fingerprint}, now {now}): it would be tested on "
+            "other users and items, some of what it trained on. Give the data it was "
+            "trained on (--data-dir a copy of it)"
+        )
+
+
 def _refuse_another_runs_model(
     path: Path, root: Path, recorded: DataProvenance, run: SimulationConfig
 ) -> None:
@@ -310,12 +329,15 @@ def _refuse_another_runs_model(
     metadata records other data or another split (``recorded``) than that run's
     config is another run's model, copied there: scored on this run's split it was tested
     on other data, or on users it trained on. A setting the model does not record (an older
-    bundle's, without the synthetic world's size) is not compared."""
-    expected = asdict(run.data_provenance())
+    bundle's, without the synthetic world's size; a run's that recorded no data
+    fingerprint) is not compared."""
+    from simulation.run_dir import RunDirectory, recorded_fingerprint
+
+    expected = asdict(run.data_provenance(recorded_fingerprint(RunDirectory.read_config(root))))
     differing = [
         f"{key.replace('_', '-')} {value!r} (the run's: {expected[key]!r})"
         for key, value in asdict(recorded).items()
-        if value is not None and value != expected[key]
+        if value is not None and expected[key] is not None and value != expected[key]
     ]
     if differing:
         raise ConfigError(

@@ -9,6 +9,7 @@ Standard library only: the device runtime reads it too.
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass
 
 from shared.config import is_int
@@ -32,11 +33,20 @@ class DataProvenance:
     #: check tells another item count, not another user count.
     synthetic_users: int | None = None
     synthetic_items: int | None = None
+    #: The content hash of the data (``RecDataset.fingerprint()``): a changed copy of the same
+    #: catalog (other ratings, other timestamps) splits into other users' tests, some of them
+    #: what the model trained on, which the catalog check cannot tell. Older records lack it.
+    data_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         name = self.dataset
         if not isinstance(name, str) or not name or any(c in name for c in "\n\r"):
             raise ConfigError(f"dataset must be a non-empty one-line key, got {self.dataset!r}")
+        digest = self.data_fingerprint
+        if digest is not None and (
+            not isinstance(digest, str) or not digest or set(digest) - set(string.hexdigits)
+        ):
+            raise ConfigError(f"data_fingerprint must be a hex digest, got {digest!r}")
         if not is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         for size in ("synthetic_users", "synthetic_items"):
