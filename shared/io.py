@@ -498,9 +498,15 @@ def check_output_file(path: str | Path, *, stdout_hint: str = STDOUT_HINT) -> Pa
 
 def check_output_dir(path: str | Path) -> Path:
     """Say now why the output folder ``path`` could not be created or written (see
-    :func:`check_output_file`); the writer creates it when it writes."""
+    :func:`check_output_file`); the writer creates it when it writes. ``-`` is refused:
+    taken for standard output, it made a folder named ``-``."""
     from shared.errors import ConfigError
 
+    if str(path) == "-":
+        raise ConfigError(
+            "'-' is not standard output here: the output is a folder that files are written "
+            "into; give a folder path"
+        )
     path = Path(path)
     existing = path
     while not existing.exists() and existing != existing.parent:

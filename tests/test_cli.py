@@ -940,6 +940,20 @@ def test_evaluate_refuses_a_dash_for_an_output_file(
     assert [p.name for p in tmp_path.iterdir()] == ["published"]
 
 
+@pytest.mark.parametrize("command", ["evaluate", "tune"])
+def test_bandits_refuse_a_dash_for_the_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """`fedrec bandits evaluate -o -` took "-" (standard output, by the usual convention)
+    for a folder: it ran the whole comparison and wrote the report and plots into a new
+    folder named "-" in the current one."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["bandits", command, "-o", "-"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "'-' is not standard output here" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_model_refuses_another_split_asked_in_snake_case(tmp_path: Path) -> None:
     """``--run-config cold_user_fraction=0.3`` (snake case, which every other key accepts)
     escaped the recorded-split check and was silently replaced by the recorded 0.1."""
