@@ -473,6 +473,27 @@ def test_an_erase_whose_vacuum_fails_still_erases_and_compacts_later(
     assert SECRET_IDS[0].encode() not in _raw_bytes(store.path)
 
 
+def test_a_store_whose_schema_cannot_be_written_is_a_typed_error(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating the schema of a new store on a full disk raised a raw sqlite3
+    OperationalError ('database or disk is full'): `fedrec client install-model`, `start`
+    and `serve-api` on a fresh device printed a traceback. It is the DataError of a store
+    that cannot be opened for writing, naming the fix; the store opens once there is room."""
+    import client.device.store as store_module
+
+    def full(conn: sqlite3.Connection, script: str) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    db = tmp_path / "store.db"
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "_run_script", full)
+        with pytest.raises(DataError, match=r"disk is full.*the disk must have room"):
+            DeviceStore.open(db, key)
+    with DeviceStore.open(db, key) as store:
+        assert store.count_events() == 0
+
+
 def _damage(db: Path, page: int) -> None:
     """Overwrite page ``page`` (0-based, 4096 bytes) of a closed store with junk."""
     with open(db, "r+b") as f:

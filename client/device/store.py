@@ -518,8 +518,8 @@ class DeviceStore:
 
     @staticmethod
     def _prepare_schema(conn: sqlite3.Connection, path: Path, check: str) -> None:
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute("BEGIN IMMEDIATE")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             tables = {
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
@@ -561,6 +561,10 @@ class DeviceStore:
                 conn.execute("ROLLBACK")
             if is_corruption(exc):
                 raise DeviceStore._damaged(path, exc) from exc
+            if isinstance(exc, sqlite3.OperationalError):
+                # creating or migrating the schema on a full disk, a read-only folder, a
+                # lock held past the timeout: a traceback, not the fix (nothing was changed)
+                raise DeviceStore._unopenable(path, exc) from exc
             raise
 
     def close(self) -> None:
