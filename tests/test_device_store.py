@@ -32,6 +32,7 @@ from client.device.identity import (
     StateDirLock,
     WrongPassphraseError,
     derive_passphrase_key,
+    existing_identity_files,
     init_identity,
     rotate_key,
 )
@@ -674,6 +675,39 @@ def test_cli_init_creates_0600_files_and_refuses_to_overwrite(tmp_path: Path) ->
     assert layout.private_key.read_bytes() == before
     forced = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
     assert forced.exit_code == 0 and layout.private_key.read_bytes() != before
+
+
+@pytest.mark.parametrize("failing", ["client.pub", "api.token", "catalog.json"])
+def test_a_first_init_that_fails_on_a_full_disk_leaves_no_part_of_an_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """`client init` on a disk that filled up after its first files ended with "free space
+    on that disk and retry", but the files it had written (the private key, ...) made the
+    retry "a device identity already exists ... Pass --force" (and `start` asked for
+    --force too). A first init that fails now removes what it wrote, so the retry works."""
+    import errno
+
+    real_replace = os.replace
+
+    def full(src: str, dst: str | Path) -> None:
+        if Path(dst).name == failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    state = tmp_path / "device"
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('["a", "b"]')
+    args = ["init", "--state-dir", str(state), "--catalog", str(catalog)]
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", full)
+        result = runner.invoke(client_app, args)
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.ENOSPC
+    layout = DeviceLayout(state)
+    assert existing_identity_files(layout) == []
+    assert not [p for p in layout.identity_dir.iterdir() if p.name.endswith(".tmp")]
+    again = runner.invoke(client_app, args)
+    assert again.exit_code == 0, again.output
+    assert DeviceIdentity.load(state).public_key_openssh == again.stdout.strip()
 
 
 def test_init_refuses_a_store_whose_identity_is_gone(tmp_path: Path) -> None:

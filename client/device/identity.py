@@ -665,7 +665,8 @@ def init_identity(
     With ``force`` the local store and sealed models (encrypted with the old key), the
     global model of the last federation and the SuperNode's log (it names the erased data)
     are erased; the privacy ledger, the rounds joined and the catalog are kept.
-    ``catalog`` is installed too, if given.
+    ``catalog`` is installed too, if given. A first init that fails (a full disk) removes
+    the identity files it wrote, so it can be retried as it was.
     ``passphrase_env`` is only recorded (so ``start`` knows where to read the passphrase).
 
     Everything is rewritten under the directory's :class:`StateDirLock`: while a daemon runs
@@ -677,18 +678,26 @@ def init_identity(
         existing = _existing_or_refuse(layout, force)
         # a replaced key may be registered with the SuperLink: kept for the operator to revoke
         previous = _keep_replaced_key(layout, _replaced_key(layout)) if existing else []
-        result = _create_identity(layout, existing, passphrase, passphrase_env, scrypt)
-        result = replace(result, previous_device_ids=tuple(device_id_of(p) for p in previous))
-        if force:  # unreadable with the new key: remove rather than leave junk
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
-            shutil.rmtree(layout.models_dir, ignore_errors=True)
-            layout.remove_personal_leftovers()
-            layout.remove_federated_model()
-            # it logs in terms of the erased user's data, as an erase knows (which empties it)
-            layout.supernode_log.unlink(missing_ok=True)
-        if catalog is not None:
-            catalog.save(layout.catalog)
+        try:
+            result = _create_identity(layout, existing, passphrase, passphrase_env, scrypt)
+            result = replace(result, previous_device_ids=tuple(device_id_of(p) for p in previous))
+            if force:  # unreadable with the new key: remove rather than leave junk
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
+                shutil.rmtree(layout.models_dir, ignore_errors=True)
+                layout.remove_personal_leftovers()
+                layout.remove_federated_model()
+                # it logs in terms of the erased user's data, as an erase knows (which empties it)
+                layout.supernode_log.unlink(missing_ok=True)
+            if catalog is not None:
+                catalog.save(layout.catalog)
+        except BaseException:
+            if not existing:
+                # a first init that failed (a full disk) leaves no part of an identity: it was
+                # never shown or used, and a part of one refused the retry the error advises
+                for path in existing_identity_files(layout):
+                    path.unlink(missing_ok=True)
+            raise
     return result
 
 
