@@ -84,6 +84,40 @@ def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path) ->
     _acquire(layout.state_dir).release()
 
 
+def test_a_lock_whose_holder_cannot_be_written_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a full disk, writing the holder's pid into daemon.lock raised an OSError that
+    names no file: `client start`, `serve-api`, `install-model`, `init` and `rotate-key`
+    printed a traceback ending in '[Errno 28] No space left on device'. It names the lock
+    file now (the command line's one-line error), and the lock is not left held."""
+    import errno
+
+    from fedrec.cli import main
+
+    layout = DeviceLayout(tmp_path / "dev")
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pwrite", full)
+        with pytest.raises(OSError) as caught:
+            _acquire(layout.state_dir)
+        assert caught.value.filename == str(layout.lock_file)
+        patched.setattr(
+            sys, "argv", ["fedrec", "client", "init", "--state-dir", str(layout.state_dir)]
+        )
+        with pytest.raises(SystemExit) as exited:
+            main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"error: No space left on device: {layout.lock_file}; free space on that disk and retry"
+    )
+    _acquire(layout.state_dir).release()  # not held by the failed attempt
+
+
 def test_the_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
     state = tmp_path / "dev"
     holder = subprocess.Popen(

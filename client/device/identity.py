@@ -66,6 +66,7 @@ from shared.io import (
     fsync_dir,
     is_locked,
     make_dirs_durable,
+    raise_naming,
     remove_stale_temps,
     write_bytes_atomic,
 )
@@ -294,6 +295,10 @@ class StateDirLock:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps({"pid": os.getpid(), "role": role}) + "\n").encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            # a full disk names no file: the one-line error naming the lock, not a traceback
+            raise_naming(exc, path)
         except BaseException:
             os.close(fd)
             raise
