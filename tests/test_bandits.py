@@ -1226,3 +1226,38 @@ def test_max_pending_below_the_slate_size_is_refused() -> None:
 
     with pytest.raises(ConfigError, match=r"max-pending \(1\) must be at least slate-size"):
         BanditConfig(max_pending=1)
+
+
+def test_a_plot_that_cannot_be_written_names_its_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bandits evaluate`'s plots were saved by matplotlib to a temporary file and renamed,
+    bypassing the atomic write: on a full disk a traceback ending in PIL's '[Errno 28] No
+    space left on device' (no file named, so no one-line error), and nothing fsynced. They
+    go through write_bytes_atomic now: the error names the plot, and no file is left."""
+    import errno
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedrec.commands import bandits
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / "bandits-synthetic-regret.png"
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as caught:
+            bandits._save(fig, path)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
+    assert bandits._save(fig, path) == str(path)
+    assert path.read_bytes().startswith(b"\x89PNG") and list(tmp_path.iterdir()) == [path]
+    plt.close(fig)

@@ -39,6 +39,7 @@ from shared.io import (
     REPORT_MODE,
     check_file_name,
     check_output_dir,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -614,10 +615,15 @@ def _write_plots(world: str, report: dict[str, Any], out: Path, stem: str) -> li
 
 
 def _save(fig: Any, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    """Save a plot atomically (:func:`~shared.io.write_bytes_atomic`): rendered in memory,
+    so a full disk is the one-line error naming the file (``savefig`` to a file raised an
+    OSError naming none, a traceback) and leaves no temporary file or torn picture."""
+    import io
+
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes_atomic(path, buf.getvalue(), mode=REPORT_MODE)
     return str(path)
 
 
