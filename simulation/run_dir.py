@@ -5,7 +5,8 @@ Metrics are appended one JSON object per line and flushed at once, so a crash lo
 the line being written; TensorBoard gets the same scalars, each step once: a resumed process
 does not write again what an earlier one logged (its pretraining at step 0), and the rounds
 it runs again (those after the checkpoint it resumed from) replace the earlier ones
-(:meth:`RunDirectory.resume_at`).
+(:meth:`RunDirectory.resume_at`). TensorBoard is a view of ``metrics.jsonl``: a file it
+cannot write (a full disk) stops it, with a warning, and not the run.
 
 One run uses a folder at a time (a lock, :data:`LOCK_FILE`): two would interleave their
 metrics and overwrite each other's checkpoints and ledgers.
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
@@ -38,6 +41,8 @@ from shared.io import (
     try_lock,
     write_json_atomic,
 )
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 NEW_RUN_FIX = "Pass another --name to start a fresh run"
@@ -295,13 +300,30 @@ class RunDirectory:
         append_line(self.metrics_path, json.dumps(record, default=_jsonable))
         if (event, step) in earlier and (self._purge_from is None or step < self._purge_from):
             return
-        writer = self._writer()
-        if writer is not None:
-            for key, value in metrics.items():
-                numeric = isinstance(value, int | float) and not isinstance(value, bool)
-                if numeric and math.isfinite(float(value)):
-                    writer.add_scalar(f"{event}/{key}", float(value), step)
-            writer.flush()
+        try:
+            writer = self._writer()
+            if writer is not None:
+                for key, value in metrics.items():
+                    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+                    if numeric and math.isfinite(float(value)):
+                        writer.add_scalar(f"{event}/{key}", float(value), step)
+                writer.flush()
+        except OSError as exc:
+            self._stop_tensorboard(exc)
+
+    def _stop_tensorboard(self, exc: OSError) -> None:
+        """TensorBoard's file could not be written (a full disk, a read-only folder): it is
+        a view of ``metrics.jsonl``, which holds every record, so the run goes on without it
+        (a warning says so) rather than ending in TensorBoard's traceback."""
+        logger.warning(
+            "TensorBoard logs in %s stopped (%s); metrics.jsonl keeps every record",
+            self.tensorboard,
+            exc.strerror or exc,
+        )
+        writer, self._tb = self._tb, False
+        if writer:
+            with contextlib.suppress(OSError):
+                writer.close()
 
     def resume_at(self, step: int) -> None:
         """This process logs its rounds from ``step`` on (the round after the checkpoint it
@@ -310,8 +332,9 @@ class RunDirectory:
         before logging anything at ``step`` or later."""
         if not any(logged >= step for _, logged in self._earlier_steps()):
             return  # nothing to hide
-        if self._tb is not None:  # the purge is written when a writer starts
-            self._tb.close()
+        if self._tb:  # the purge is written when a writer starts
+            with contextlib.suppress(OSError):  # its file failed: _stop_tensorboard's
+                self._tb.close()
             self._tb = None
         self._purge_from = step
 
@@ -344,21 +367,46 @@ class RunDirectory:
 
     def close(self) -> None:
         """Flush TensorBoard and let another run use the folder."""
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self._tb:
+            with contextlib.suppress(OSError):  # its file failed: _stop_tensorboard's
+                self._tb.close()
+        self._tb = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None
 
     def _writer(self) -> Any:
+        """The TensorBoard writer; None once its file failed (:meth:`_stop_tensorboard`)."""
+        if self._tb is False:
+            return None
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency; degrade rather than crash
                 return None
+            _quiet_tensorboard_thread_errors()
             self._tb = SummaryWriter(log_dir=str(self.tensorboard), purge_step=self._purge_from)
         return self._tb
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """Keep TensorBoard's writer thread from printing the traceback of a file error: it
+    hands the error to the thread that writes next (:meth:`RunDirectory.log` handles it),
+    but it also raises it again itself, and Python printed that as 'Exception in thread
+    Thread-1' with a traceback, cut off where the process exited. Installed once."""
+    previous = threading.excepthook
+    if getattr(previous, "fedrec_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(
+            args.exc_value, OSError
+        ):
+            return
+        previous(args)
+
+    hook.fedrec_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _jsonable(value: Any) -> Any:

@@ -98,6 +98,50 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path: Path) -> No
     assert [r["step"] for r in again.records("round")] == [1, 2, 3, 3, 4]
 
 
+@pytest.mark.parametrize("writes_before", [0, 3])
+def test_a_tensorboard_file_that_cannot_be_written_stops_tensorboard_not_the_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    writes_before: int,
+) -> None:
+    """On a full disk TensorBoard's writer thread failed: `fedrec simulate` ended with exit
+    status 1 in two tracebacks (the thread's, 'Exception in thread Thread-1', cut off at
+    exit, and the main thread's, '[Errno 28] No space left on device' naming no file).
+    TensorBoard is a view of metrics.jsonl: it stops with a warning, the run goes on, and
+    its thread prints nothing."""
+    import errno
+    import logging
+    import os
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    printed: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    real_write = RecordWriter.write
+    count = {"writes": 0}
+
+    def full(self: RecordWriter, data: bytes) -> None:
+        count["writes"] += 1
+        if count["writes"] > writes_before:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", full)
+    run = RunDirectory(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="simulation.run_dir"):
+        for server_round in (1, 2, 3):
+            run.log("round", server_round, loss=1.0 / server_round)
+        run.resume_at(1)
+        run.log("round", 1, loss=0.5)
+    run.close()
+    assert [r["step"] for r in run.records("round")] == [1, 2, 3, 1]
+    warned = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(warned) == 1 and "metrics.jsonl keeps every record" in warned[0]
+    assert printed == []
+
+
 def test_a_kill_between_summary_and_report_leaves_no_stale_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
