@@ -252,10 +252,16 @@ def try_lock(path: str | Path) -> IO[str] | None:
             handle.close()
             return None
         if _is_current(path, handle):
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            try:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+            except OSError as exc:
+                with contextlib.suppress(OSError):  # its close flushes the same bytes again
+                    handle.close()
+                # a full disk names no file: the one-line error naming the lock, not a traceback
+                raise_naming(exc, path)
             return handle
         # its holder removed the file (discarding the folder) between our open and our lock:
         # a lock on the removed file guards nothing, so take the one now at the path

@@ -9,6 +9,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -224,6 +225,42 @@ def test_a_lock_file_another_user_owns_is_refused_in_one_line(
     monkeypatch.setattr(shared.io, "open", refused, raising=False)
     with pytest.raises(DataError, match=r"cannot read the lock file .*Permission denied.*owns"):
         is_locked(path)
+
+
+class _FullDiskHandle:
+    """An open file whose writes reach a full disk at the flush; the rest is the file's."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def test_a_lock_whose_pid_cannot_be_written_names_the_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """try_lock wrote its pid into the lock on a full disk with an OSError naming no file:
+    `fedrec server start` (its state directory's lock) and `fedrec simulate` (its run
+    folder's) printed a traceback ending in '[Errno 28] No space left on device'. It names
+    the lock file now (the command line's one-line error), and the lock is not held."""
+    import shared.io
+
+    def full(*args: Any, **kwargs: Any) -> _FullDiskHandle:
+        return _FullDiskHandle(open(*args, **kwargs))  # try_lock closes it
+
+    path = tmp_path / "run" / ".lock"
+    with monkeypatch.context() as patched:
+        patched.setattr(shared.io, "open", full, raising=False)
+        with pytest.raises(OSError) as caught:
+            try_lock(path)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    held = try_lock(path)
+    assert held is not None
+    held.close()
 
 
 def test_a_lock_is_seen_while_held_and_probing_it_takes_nothing(tmp_path: Path) -> None:
