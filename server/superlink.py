@@ -27,10 +27,12 @@ Resume: every run is submitted with the same ``checkpoint-dir``, so a new run af
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import http.client
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -1036,11 +1038,39 @@ class ServerRunner:
                         self.echo(f"run {self.run_id} completed")
                         return 0
                     raise RunFailedError(
-                        f"run {self.run_id} ended as {status}; the ServerApp's log is in "
-                        f"{run_log} (`fedrec server start` again resumes from the last "
-                        "checkpoint)"
+                        f"run {self.run_id} ended as {status}{_failure_cause(run_log)}; the "
+                        f"ServerApp's log is in {run_log} (`fedrec server start` again "
+                        "resumes from the last checkpoint)"
                     )
             time.sleep(0.5)
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?\w*(?:Error|Exception): .+$")
+"""The last line of a Python traceback: ``OSError: [Errno 28] No space left on device: ...``."""
+
+
+def _failure_cause(run_log: Path) -> str:
+    """``" (CAUSE)"``, CAUSE the last exception the failed run's ServerApp logged in
+    ``run_log`` (its traceback's last line), with the fix for a full disk; ``""`` when the
+    log holds none or could not be read. A checkpoint the disk had no room for failed the
+    run with only "ended as finished:failed; the ServerApp's log is in ...", the reason
+    somewhere in that log."""
+    try:
+        text = run_log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = (_ANSI.sub("", line).strip() for line in reversed(text.splitlines()))
+    cause = next((line for line in lines if _EXCEPTION_LINE.match(line)), None)
+    if cause is None:
+        return ""
+    if len(cause) > 300:
+        cause = cause[:300] + "..."
+    full = any(f"[Errno {code}]" in cause for code in (errno.ENOSPC, errno.EDQUOT))
+    return f" ({cause}{': free space on that disk' if full else ''})"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+"""A terminal colour code (Flower colours its log levels)."""
 
 
 def _final_round(record: dict[str, Any]) -> bool:

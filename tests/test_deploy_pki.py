@@ -1415,6 +1415,53 @@ def test_status_shows_the_total_of_the_run_in_progress(tmp_path: Path) -> None:
         assert "last round: round 3/6" in runner.invoke(app, args).output
 
 
+class _FailedRunCli(_StatusCli):
+    """A run that failed, its ServerApp's log saved as ``flwr log`` shows it."""
+
+    def __init__(self, log: str) -> None:
+        super().__init__(lambda: "finished:failed")
+        self.log = log
+
+    def save_log(self, run_id: int, path: Path) -> None:
+        path.write_text(self.log)
+
+
+def test_a_failed_run_names_the_exception_that_ended_it(tmp_path: Path) -> None:
+    """A checkpoint the server's disk had no room for failed the run: `server start` said
+    only "run N ended as finished:failed; the ServerApp's log is in logs/run-N.log", the
+    full disk somewhere in that log's traceback. The error names it now, with the fix."""
+    from server.superlink import RunFailedError, ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    options = SuperLinkOptions(status_interval_s=0.01)
+    runner = ServerRunner(layout, options, {}, echo=lambda line: None)
+    runner.superlink, runner.run_id = _AliveSuperLink(), 7  # type: ignore[assignment]
+    npz = "/srv/checkpoints/round-00000001.npz"
+    log = (
+        "\x1b[92mINFO \x1b[0m:      [ROUND 1]\n"
+        "Traceback (most recent call last):\n"
+        '  File "/app/shared/io.py", line 183, in write_bytes_atomic\n'
+        "OSError: [Errno 28] No space left on device\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "Traceback (most recent call last):\n"
+        f"OSError: [Errno 28] No space left on device: '{npz}'\n"
+        "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n"
+        "An unhandled exception occurred in the ServerApp.\n"
+    )
+    runner.cli = _FailedRunCli(log)  # type: ignore[assignment]
+    with pytest.raises(RunFailedError) as failed:
+        runner._follow()
+    message = str(failed.value)
+    assert message.startswith(
+        f"run 7 ended as finished:failed (OSError: [Errno 28] No space left on device: "
+        f"'{npz}': free space on that disk); the ServerApp's log is in "
+    )
+    assert "\n" not in message
+    runner.cli = _FailedRunCli("no exception here\n")  # type: ignore[assignment]
+    with pytest.raises(RunFailedError, match=r"^run 7 ended as finished:failed; the Server"):
+        runner._follow()
+
+
 def test_status_says_how_a_start_that_did_not_complete_ended(tmp_path: Path) -> None:
     """A run of 3 rounds, started again with --rounds 6, and that start failed (or was
     stopped, or killed) before a round ended: status said "not running" with the progress
