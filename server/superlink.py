@@ -63,7 +63,7 @@ from server.state import (
 from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import STUDENT_TASK, RunConfigValue
-from shared.io import write_bytes_atomic, write_json_atomic
+from shared.io import raise_naming, write_bytes_atomic, write_json_atomic
 from shared.processes import (
     ProcessKey,
     descendants,
@@ -633,9 +633,13 @@ class SuperLinkProcess:
     def start(self) -> None:
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         self._check_port_free()
-        with open(self.layout.superlink_log, "ab") as log:
-            log.write(f"\n=== fedrec server start: {time.ctime()} ===\n".encode())
-            log.flush()
+        # unbuffered: a banner the disk has no room for fails in its write, named below,
+        # and not again (unnamed, a traceback) in the close's flush
+        with open(self.layout.superlink_log, "ab", buffering=0) as log:
+            try:
+                log.write(f"\n=== fedrec server start: {time.ctime()} ===\n".encode())
+            except OSError as exc:  # a full disk names no file
+                raise_naming(exc, self.layout.superlink_log)
             self._log_offset = log.tell()
             self.popen = subprocess.Popen(
                 self.argv(),

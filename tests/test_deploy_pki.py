@@ -1223,6 +1223,39 @@ def test_a_bracketed_ipv6_listen_host_is_the_address_itself(tmp_path: Path) -> N
     assert SuperLinkOptions(host="[::]").host == "::"
 
 
+def test_a_superlink_log_the_disk_has_no_room_for_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The banner `server start` writes into logs/superlink.log failed on a full disk with
+    an OSError naming no file, and again in the close's flush: a traceback ending in
+    '[Errno 28] No space left on device'. It names the log now (the command line's one-line
+    error), and no SuperLink is started."""
+    import errno
+    import io
+
+    import server.superlink as superlink
+    from server.superlink import SuperLinkOptions, SuperLinkProcess
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    layout = init_state_dir(tmp_path / "s")
+    process = SuperLinkProcess(layout, SuperLinkOptions(port=19198))
+    monkeypatch.setattr(superlink, "open", FullDisk, raising=False)
+    with pytest.raises(OSError) as caught:
+        process.start()
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(layout.superlink_log)
+    assert process.popen is None
+
+
 class _AliveSuperLink:
     """A SuperLink that stays up, for ``ServerRunner._follow``."""
 
