@@ -37,9 +37,9 @@ def _note_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C, where a
-    command does not handle it itself, "aborted" and 130, also while the commands are
-    imported."""
+    """Entry point: user errors, paths that cannot be used and a full disk (also under the
+    redirected output) become one line on stderr and exit code 2; Ctrl-C, where a command
+    does not handle it itself, "aborted" and 130, also while the commands are imported."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
         signal.signal(signal.SIGINT, _note_interrupt)
     try:
@@ -67,14 +67,17 @@ def _run() -> None:
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
     except OSError as err:
-        if err.filename is None:  # not about a path the user gave: a real fault, keep it loud
-            raise
-        # a path given on the command line that cannot be created, read or written
-        logging.getLogger("fedrec").debug("file system error", exc_info=True)
-        where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if err.filename is None and not full:  # neither a path nor the disk: a real fault
+            raise
+        # a path given on the command line that cannot be created, read or written, or a
+        # full disk: also where no file is named, as when the output redirected to a file
+        # (`> report.json` on a full disk, `> /dev/full`) cannot be written
+        logging.getLogger("fedrec").debug("file system error", exc_info=True)
+        where = "" if err.filename is None else f": {err.filename}"
+        where += f" -> {err.filename2}" if err.filename2 else ""
         fix = "free space on that disk and retry" if full else "check the path and its permissions"
-        typer.secho(f"error: {err.strerror or err}: {where}; {fix}", fg="red", err=True)
+        typer.secho(f"error: {err.strerror or err}{where}; {fix}", fg="red", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

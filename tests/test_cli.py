@@ -419,6 +419,22 @@ def test_a_full_disk_is_one_line_naming_the_file(
     assert err.strip().endswith("free space on that disk and retry")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_to_a_full_disk_is_one_line_not_a_traceback() -> None:
+    """`fedrec data info > report.json` on a full disk (here /dev/full): the write to
+    standard output raised an OSError naming no file, shown as a traceback, exit status 1."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedrec.cli", "data", "info"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: No space left on device; free space on that disk and retry\n"
+
+
 def test_a_user_error_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
