@@ -58,13 +58,14 @@ def _run() -> None:
     import typer
 
     from fedrec.app import app
+    from fedrec.options import colored
     from shared.config import is_int
     from shared.errors import FedRecError
 
     try:
         code = app(standalone_mode=False)
     except FedRecError as err:
-        typer.secho(f"error: {err}", fg="red", err=True)
+        colored(f"error: {err}", "red")
         sys.exit(2)
     except OSError as err:
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -77,7 +78,7 @@ def _run() -> None:
         where = "" if err.filename is None else f": {err.filename}"
         where += f" -> {err.filename2}" if err.filename2 else ""
         fix = "free space on that disk and retry" if full else "check the path and its permissions"
-        typer.secho(f"error: {err.strerror or err}{where}; {fix}", fg="red", err=True)
+        colored(f"error: {err.strerror or err}{where}; {fix}", "red")
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

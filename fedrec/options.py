@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import shlex
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -276,3 +277,11 @@ def say(what: str) -> None:
     """One progress line on stderr (stdout holds only the report): for commands whose work
     takes minutes and would otherwise be silent until their report."""
     typer.echo(f"{what} ...", err=True)
+
+
+def colored(message: str, fg: str) -> None:
+    """``message`` on stderr in colour ``fg`` where colours are wanted: on a terminal, unless
+    ``NO_COLOR`` is set (no-color.org) or ``TERM`` is ``dumb`` or ``unknown``, which Rich's
+    tables and usage errors already honour (Click's own test is only "is it a terminal")."""
+    plain = os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") in ("dumb", "unknown")
+    typer.secho(message, fg=fg, err=True, color=False if plain else None)

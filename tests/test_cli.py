@@ -435,6 +435,29 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback() -> None:
     assert proc.stderr == "error: No space left on device; free space on that disk and retry\n"
 
 
+@pytest.mark.parametrize(
+    ("env", "colored"), [({}, True), ({"NO_COLOR": "1"}, False), ({"TERM": "dumb"}, False)]
+)
+def test_the_error_line_is_colored_only_where_colors_are_wanted(
+    env: dict[str, str],
+    colored: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On a terminal the error line is red, but NO_COLOR (no-color.org) and TERM=dumb asked
+    for none: it still came with ANSI escapes, which such a terminal prints as garbage (the
+    tables and usage errors, drawn by Rich, honoured both)."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert _main(monkeypatch, "data", "info", "--dataset", "ml-9m") == 2
+    err = capsys.readouterr().err
+    assert ("\x1b[" in err) is colored, repr(err)
+    assert "error: unknown dataset 'ml-9m'" in err
+
+
 def test_a_user_error_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -26,6 +26,7 @@ from fedrec.options import (
     DatasetOpt,
     RunConfigOpt,
     SeedOpt,
+    colored,
     config_flag_names,
     explicit_options,
     kebab_run_config,
@@ -258,7 +259,7 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
         )
     else:
         message = "interrupted before the first round finished; nothing to resume"
-    typer.secho(message, fg="yellow", err=True)
+    colored(message, "yellow")
     status = 143 if _stopping.terminated else 130
     ray = sys.modules.get("ray")  # imported only if the run got as far as starting Ray
     with contextlib.suppress(Exception):  # Ray's processes would otherwise outlive us
