@@ -9,7 +9,7 @@ import shlex
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import click
 import typer
@@ -17,6 +17,10 @@ import typer
 from shared.config import Scalar, kebab, parse_run_config
 from shared.errors import ConfigError
 from shared.io import home_path
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -285,3 +289,31 @@ def colored(message: str, fg: str) -> None:
     tables and usage errors already honour (Click's own test is only "is it a terminal")."""
     plain = os.environ.get("NO_COLOR", "") != "" or os.environ.get("TERM") in ("dumb", "unknown")
     typer.secho(message, fg=fg, err=True, color=False if plain else None)
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    """``table`` on ``console`` (standard output's by default) at its width or, where that is
+    too narrow for the table, at one that cuts no word (each column at least as wide as its
+    longest word; ``console`` keeps that width): the terminal wraps the longer lines instead.
+    Rich cut the cells that did not fit to "…", figures included (in a 20-column terminal
+    every HR and NDCG of ``evaluate baselines`` read "…"; at 60, ``fedrec simulate``'s
+    populations and model names did)."""
+    from rich.cells import cell_len
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.segment import Segment
+
+    console = console or Console()
+    for column in table.columns:
+        texts = (str(column.header), *(str(cell) for cell in column.cells))
+        column.min_width = max(cell_len(word) for text in texts for word in text.split() or [""])
+    natural = Measurement.get(console, console.options.update_width(2**16), table).maximum
+    width = console.width
+    while width < natural:  # Rich may narrow a column below its minimum, then widen it again
+        segments = console.render(table, console.options.update_width(width))
+        used = max(Segment.get_line_length(line) for line in Segment.split_lines(segments))
+        if used <= width:
+            break
+        width = used
+    console.width = max(console.width, min(width, natural))
+    console.print(table)

@@ -192,6 +192,35 @@ def test_simulate_summary_prints_the_paired_differences(
     assert "A better" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("columns", ["20", "60"])
+def test_a_narrow_terminal_wraps_the_tables_lines_but_cuts_no_figure_or_name(
+    columns: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a 20-column terminal every figure of `fedrec simulate`'s summary (and of
+    `evaluate baselines`) read "0.…" or "…", and at 60 the models "student (federated)"
+    and "student (federated + personal)" both read "student (federa…"."""
+    from fedrec.commands.evaluate import _print_table
+    from fedrec.commands.simulate import _print_summary
+
+    monkeypatch.setenv("COLUMNS", columns)
+    m = {"sampled_hr@10": 0.6, "sampled_ndcg@10": 0.4, "full_hr@10": 0.2, "full_ndcg@10": 0.1}
+    models = ("student (federated)", "student (federated + personal)")
+    summary = {
+        "final": {model: {"federated": m, "public": m} for model in models},
+        "meta": {"run directory": "runs/x"},
+    }
+    _print_summary(summary)
+    out = capsys.readouterr().out
+    assert "…" not in out and out.count("0.6000") == 4 and "personal)" in out
+    row = {"users": 5, "sampled_hr@10": 0.25, "sampled_ndcg@10": 0.125}
+    row |= {"full_hr@10": 0.5, "full_ndcg@10": 0.375}
+    report = {"dataset": {"name": "synthetic"}, "results": {"pop": {"loo": {"all": row}}}}
+    _print_table(report, 10)
+    out = capsys.readouterr().out
+    assert "…" not in out and "loo/sampled" in out and "loo/full" in out
+    assert all(figure in out for figure in ("0.2500", "0.1250", "0.5000", "0.3750"))
+
+
 def test_client_start_passes_the_refit_flags_to_the_learner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fedrec.options import (
@@ -24,6 +23,7 @@ from fedrec.options import (
     command_line,
     explicit_options,
     parsed_entries,
+    print_table,
     say,
 )
 from shared.config import from_flat, kebab, unknown_keys_error
@@ -454,4 +454,4 @@ def _print_table(report: dict[str, Any], k: int) -> None:
             ("n/a: no users", "") if hr is None or ndcg is None else (f"{hr:.4f}", f"{ndcg:.4f}")
         )
         table.add_row(model, section, pop, *cells)
-    Console().print(table)
+    print_table(table)

@@ -30,6 +30,7 @@ from fedrec.options import (
     config_flag_names,
     explicit_options,
     kebab_run_config,
+    print_table,
     with_config_flags,
 )
 from shared.config import from_flat
@@ -292,7 +293,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"{m['full_hr@10']:.4f}",
                 f"{m['full_ndcg@10']:.4f}",
             )
-    console.print(table)
+    print_table(table, console)
     paired = summary.get("paired", {}).get("federated", {})
     if paired:
         from simulation.report import format_difference
@@ -304,5 +305,5 @@ def _print_summary(summary: dict[str, Any]) -> None:
             diffs.add_row(
                 pair, format_difference(d["sampled_hr@10"]), format_difference(d["full_hr@10"])
             )
-        console.print(diffs)
+        print_table(diffs, console)
     console.print(f"report: {summary['meta']['run directory']}/report.md")
