@@ -221,6 +221,20 @@ def test_a_narrow_terminal_wraps_the_tables_lines_but_cuts_no_figure_or_name(
     assert all(figure in out for figure in ("0.2500", "0.1250", "0.5000", "0.3750"))
 
 
+def test_the_summary_names_its_report_on_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a pipe or a log Rich draws 80 columns: a longer report path was broken over two
+    lines ("report: " alone, then the path), so `fedrec simulate | tail -1` got half of it."""
+    from fedrec.commands.simulate import _print_summary
+
+    monkeypatch.setenv("COLUMNS", "40")
+    root = "/home/someone/experiments/federated recommender/runs/ml-100k-20261202-074504"
+    m = {"sampled_hr@10": 0.6, "sampled_ndcg@10": 0.4, "full_hr@10": 0.2, "full_ndcg@10": 0.1}
+    _print_summary({"final": {"pop": {"federated": m}}, "meta": {"run directory": root}})
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: {root}/report.md"
+
+
 def test_client_start_passes_the_refit_flags_to_the_learner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,4 +306,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 pair, format_difference(d["sampled_hr@10"]), format_difference(d["full_hr@10"])
             )
         print_table(diffs, console)
-    console.print(f"report: {summary['meta']['run directory']}/report.md")
+    # one line whatever its length: a path broken over two lines is no path to a script
+    # (`| tail -1`, a log grep) nor to a copy from the terminal
+    console.print(f"report: {summary['meta']['run directory']}/report.md", soft_wrap=True)
