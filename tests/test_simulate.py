@@ -942,6 +942,53 @@ def test_progress_into_a_log_is_a_line_per_stage_and_round(
     assert not [line for line in quiet.stderr.splitlines() if line[:1].isdigit()]
 
 
+def test_a_progress_reader_that_goes_away_ends_the_display_not_the_run(tmp_path: Path) -> None:
+    """`fedrec simulate 2>&1 >summary.txt | head -5` (or quitting `less`): the next progress
+    line met a closed pipe, and Rich's SystemExit ended the federation's server thread
+    there. A 2-round Ray run stopped after round 1, was evaluated and reported as finished,
+    exit status 0, and its summary table went to /dev/null. Every round now runs, and the
+    summary reaches standard output."""
+    import os
+    import subprocess
+
+    script = (  # the pipeline replaced before it is imported: torch and Flower take seconds
+        "import os, sys, time, types\n"
+        "def pipeline(config, progress):\n"
+        "    progress('run', {'dir': 'runs/x'})\n"
+        "    while not os.path.exists('gone'):  # the reader goes away\n"
+        "        time.sleep(0.01)\n"
+        "    row = {'clients_ok': 1, 'clients_declined': 0, 'clients_failed': 0}\n"
+        "    for r in (1, 2, 3):\n"
+        "        progress('round', {'round': r, **row})\n"
+        "    m = dict.fromkeys(['sampled_hr@10', 'sampled_ndcg@10', 'full_hr@10',\n"
+        "                       'full_ndcg@10'], 0.25)\n"
+        "    return {'final': {'pop': {'all': m}}, 'meta': {'run directory': 'runs/x'}}\n"
+        "fake = types.ModuleType('simulation.pipeline')\n"
+        "fake.run_pipeline = pipeline\n"
+        "fake.RunInterrupted = type('RunInterrupted', (KeyboardInterrupt,), {})\n"
+        "sys.modules['simulation.pipeline'] = fake\n"
+        "from fedrec.cli import main\n"
+        "sys.argv = ['fedrec', 'simulate', '--rounds', '3']\n"
+        "main()\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    with open(tmp_path / "summary.txt", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        assert b"run: runs/x" in proc.stderr.readline()
+        proc.stderr.close()
+        (tmp_path / "gone").touch()
+        assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "summary.txt").read_text().splitlines()[-1] == "report: runs/x/report.md"
+
+
 def test_the_run_clock_keeps_running_through_evaluation() -> None:
     """The bar is full once the last round is done; evaluation then takes minutes on
     ml-100k, and rich's elapsed column stopped at the last round (the run looked hung)."""

@@ -111,7 +111,7 @@ def simulate(
     config = from_flat(SimulationConfig, values)
     from simulation.pipeline import RunInterrupted, run_pipeline
 
-    console = Console(stderr=True)
+    console = _ProgressConsole(stderr=True)
     # a bar redraws in place on a terminal; into a log (docker, CI, a file) it would show
     # nothing until the end, so there each stage and round is a line of its own
     lines = config.progress and not console.is_terminal
@@ -185,6 +185,19 @@ def simulate(
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     _print_summary(summary)
+
+
+class _ProgressConsole(Console):
+    """The progress display's console (stderr). A reader of it that went away (``2>&1 |
+    head``, quitting ``less``) ends the display, not the run: Rich's own answer to the
+    broken pipe is ``SystemExit`` after pointing *standard output* at /dev/null, which,
+    raised in the round callback on the simulation engine's server thread, ended that
+    thread alone. The federation stopped after that round, and the run was evaluated and
+    reported as finished with fewer rounds than asked, exit status 0, its summary table
+    thrown away."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
 
 
 class _RunClock(TimeElapsedColumn):
