@@ -646,6 +646,36 @@ def test_a_run_that_outlives_its_interrupt_is_left_by_the_watchdog(
     assert stopping.terminated
 
 
+@pytest.mark.parametrize("stdout_closed", [False, True])
+def test_an_interrupt_after_the_progress_reader_went_away_still_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout_closed: bool
+) -> None:
+    """`fedrec simulate 2>&1 | head -5`, then Ctrl-C (or `kill`): the goodbye line met the
+    closed pipe, and its BrokenPipeError skipped Ray's shutdown and the immediate exit, so
+    the interpreter waited for the engine's threads (for ever, as before the exit at once).
+    A standard output closed from the start (`>&-`: None) failed the same way."""
+    from fedrec.commands import simulate
+    from simulation.pipeline import RunInterrupted
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def leave(status: int) -> None:
+        raise SystemExit(status)
+
+    monkeypatch.setattr(simulate, "_stopping", simulate._Stopping())
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    monkeypatch.setattr(sys, "stdout", None if stdout_closed else ClosedPipe())
+    monkeypatch.setattr(simulate.os, "_exit", leave)
+    with pytest.raises(SystemExit) as exited:
+        simulate._exit_interrupted(RunInterrupted(tmp_path, resumable=True))
+    assert exited.value.code == 130
+
+
 def _assert_group_ends(group: int) -> None:
     """No process of ``group`` is left: Ray's own stop within seconds of ray.shutdown()."""
     import subprocess

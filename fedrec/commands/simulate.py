@@ -273,7 +273,9 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
         )
     else:
         message = "interrupted before the first round finished; nothing to resume"
-    colored(message, "yellow")
+    # a reader gone (`2>&1 | head`, then Ctrl-C) must not skip Ray's shutdown and the exit
+    with contextlib.suppress(OSError):
+        colored(message, "yellow")
     status = 143 if _stopping.terminated else 130
     ray = sys.modules.get("ray")  # imported only if the run got as far as starting Ray
     with contextlib.suppress(Exception):  # Ray's processes would otherwise outlive us
@@ -282,8 +284,10 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
             watchdog.daemon = True
             watchdog.start()
             ray.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            if stream is not None:  # None: started with it closed (`>&-`)
+                stream.flush()
     os._exit(status)
 
 
