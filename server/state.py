@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import time
@@ -146,7 +147,8 @@ class ServerLayout:
         if not self.marker.is_file():
             raise StateDirError(
                 f"{self.state_dir} is not a server state directory (no {self.marker.name}); "
-                f"create it with `fedrec server init --state-dir {self.state_dir}`"
+                "create it with `fedrec server init --state-dir "
+                f"{shlex.quote(str(self.state_dir))}`"
             )
         try:
             marker = tomllib.loads(self.marker.read_text())

@@ -1267,6 +1267,38 @@ def test_evaluate_model_refuses_another_runs_model_in_a_runs_models_folder(
     assert "another run's model" in message
 
 
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [
+        (["client", "status"], "`fedrec client init --state-dir {}`"),
+        (["client", "status", "--init"], "`fedrec client start --state-dir {}`"),
+        (["server", "status"], "`fedrec server init --state-dir {}`"),
+    ],
+)
+def test_a_command_an_error_suggests_can_be_pasted_with_its_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    hint: str,
+) -> None:
+    """A state directory whose path has a space (or another character the shell reads)
+    was put into the suggested command as it is: pasted, the command got two arguments."""
+    import shlex
+
+    from client.device.identity import init_identity
+
+    state = tmp_path / "my device é"
+    state.mkdir()
+    if "--init" in command:  # an identity, no daemon
+        command.remove("--init")
+        init_identity(state)
+    code = _main(monkeypatch, *command, "--state-dir", str(state))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert hint.format(shlex.quote(str(state))) in err, err
+
+
 @pytest.mark.parametrize("timeout", ["nan", "inf", "1e308"])
 def test_client_status_refuses_a_timeout_no_socket_takes(
     tmp_path: Path,

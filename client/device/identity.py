@@ -46,6 +46,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import stat
 import time
@@ -423,7 +424,8 @@ def running_api(state_dir: str | Path | DeviceLayout) -> ApiInfo:
     holder dies. Raises :class:`DaemonNotRunningError` saying which case it is.
     """
     layout = state_dir if isinstance(state_dir, DeviceLayout) else DeviceLayout(Path(state_dir))
-    start = f"`fedrec client start --state-dir {layout.state_dir}` (or `fedrec client serve-api`)"
+    where = shlex.quote(str(layout.state_dir))
+    start = f"`fedrec client start --state-dir {where}` (or `fedrec client serve-api`)"
     # the file first, then the lock: a daemon that starts in between (it takes the lock,
     # then replaces a stale file) is then "not served yet", never a live one called dead
     info = _read_api_info(layout.api_info)
@@ -433,8 +435,7 @@ def running_api(state_dir: str | Path | DeviceLayout) -> ApiInfo:
             raise DaemonNotRunningError(
                 f"no daemon is running on {layout.state_dir}: it is not a device state "
                 f"directory (no {layout.private_key.relative_to(layout.state_dir)}); check "
-                f"the path, or create one with `fedrec client init --state-dir "
-                f"{layout.state_dir}`"
+                f"the path, or create one with `fedrec client init --state-dir {where}`"
             )
         if info is None:
             raise DaemonNotRunningError(
@@ -580,7 +581,7 @@ def _read_secret(path: Path) -> bytes:
     except FileNotFoundError:
         raise IdentityError(
             f"{path} is missing; create the device identity with `fedrec client init "
-            f"--state-dir {path.parent.parent}`"
+            f"--state-dir {shlex.quote(str(path.parent.parent))}`"
         ) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityError(
@@ -851,13 +852,14 @@ class DeviceIdentity:
         if layout.private_key.exists() and not layout.api_token.exists():
             raise IdentityError(
                 f"{layout.api_token} is missing; restore it from backup, or re-create the "
-                f"identity with `fedrec client init --force --state-dir {layout.state_dir}` "
+                "identity with `fedrec client init --force --state-dir "
+                f"{shlex.quote(str(layout.state_dir))}` "
                 f"(the local store is then erased)"
             )
         if not layout.private_key.exists() or not layout.api_token.exists():
             raise IdentityError(
                 f"no device identity in {layout.state_dir}; create one with `fedrec client "
-                f"init --state-dir {layout.state_dir}`"
+                f"init --state-dir {shlex.quote(str(layout.state_dir))}`"
             )
         if not layout.data_key.exists() and not layout.data_key_kdf.exists():
             raise IdentityError(

@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import sqlite3
 import threading
 import time
@@ -552,8 +553,8 @@ class DeviceStore:
                     f"the data key does not open the local store {path} (it was created with "
                     f"another key): check the passphrase / key file in the identity directory "
                     f"(restore it from a backup), or start over with `fedrec client init "
-                    f"--force --state-dir {path.parent}` (erases the store; keeps the privacy "
-                    f"ledger)"
+                    f"--force --state-dir {shlex.quote(str(path.parent))}` (erases the store; "
+                    "keeps the privacy ledger)"
                 )
             conn.execute("COMMIT")
         except BaseException as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -150,7 +151,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
     if not key.is_file():
         raise ConfigError(
             f"{key} is missing; create the device identity with `fedrec client init "
-            f"--state-dir {layout.state_dir}`"
+            f"--state-dir {shlex.quote(str(layout.state_dir))}`"
         )
     state_dir = layout.state_dir.resolve()
     if "'" in str(state_dir):
