@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -279,8 +280,11 @@ def command_line(args: Sequence[str]) -> str:
 
 def say(what: str) -> None:
     """One progress line on stderr (stdout holds only the report): for commands whose work
-    takes minutes and would otherwise be silent until their report."""
-    typer.echo(f"{what} ...", err=True)
+    takes minutes and would otherwise be silent until their report. A reader of them that
+    went away (``2>&1 >/dev/null | head -1``) ends these lines, not the command: the
+    BrokenPipeError ended it, exit status 1, before its ``-o`` report was written."""
+    with contextlib.suppress(OSError):
+        typer.echo(f"{what} ...", err=True)
 
 
 def colored(message: str, fg: str) -> None:

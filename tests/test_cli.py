@@ -478,6 +478,28 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback() -> None:
     assert proc.stderr == "error: No space left on device; free space on that disk and retry\n"
 
 
+def test_a_progress_reader_that_went_away_does_not_end_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedrec evaluate baselines -o report.json 2>&1 >/dev/null | head -1`: the second
+    progress line met the closed pipe and ended the command, exit status 1, before it
+    wrote its report."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    from fedrec.cli import main
+
+    report = tmp_path / "report.json"
+    args = ["evaluate", "baselines", "--no-text", "--no-cold-items", "--run-config", "shots=1"]
+    monkeypatch.setattr(sys, "argv", ["fedrec", *args, "--format", "json", "-o", str(report)])
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    main()  # returns: exit status 0
+    assert json.loads(report.read_text())["results"]
+
+
 @pytest.mark.parametrize(
     ("env", "colored"), [({}, True), ({"NO_COLOR": "1"}, False), ({"TERM": "dumb"}, False)]
 )
