@@ -12,6 +12,7 @@ import re
 import shlex
 import sys
 import types
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +21,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrec.cli import app as fedrec_app
-from shared.data.cleaning import CleaningReport, LoadedDataset, format_item_text
+from shared.data.cleaning import Catalog, CleaningReport, LoadedDataset, format_item_text
 from shared.data.dataset import RecDataset, build_dataset
 from shared.data.generic import load_generic
-from shared.data.movielens import load_ml1m, load_ml100k, load_ml_latest
+from shared.data.movielens import ML100K_GENRES, load_ml1m, load_ml100k, load_ml_latest
 from shared.data.registry import (
     DATASET_NAMES,
     detect_layout,
@@ -945,3 +946,137 @@ def test_a_fixed_release_short_of_its_ratings_is_warned_about(
         load_dataset("ml-latest-small" if name == "ml-25m" else "ml-1m", root)
         load(root)  # the loader's default name (ml-1m, ml-latest)
     assert ("partial or edited copy" in caplog.text) is (name == "ml-1m")
+
+
+# ------------------------------------------- every layout against a straightforward reading
+
+PIN_LAYOUTS = ("ml-100k", "ml-1m", "ml-latest", "generic", "generic-text")
+
+
+def _pin_files(root: Path, layout: str, seed: int) -> tuple[list[tuple[str, str, int]], Catalog]:
+    """Write a small random copy of ``layout`` with every case the filters and the id order
+    meet (unknown items, exact duplicates, repeats, ties in time, short users, ids of mixed
+    width, zero-padded MovieLens ids); returns its rows as (user, item, timestamp) raw ids in
+    file order, and its catalog, both as read here without the loaders."""
+    rng = np.random.default_rng(seed)
+    movies = [(m, f"Film {m}, The ({1990 + m})", ["Comedy", "Drama"][: m % 3]) for m in range(26)]
+    movies[0] = (40, "Café 40", ["Action"])
+    text_ids = layout == "generic-text"
+    users = ["a", "b10", "b9", "c", "Z"] if text_ids else ["1", "2", "9", "10", "007", "1234567"]
+    rows = []
+    for _ in range(160):
+        user = str(rng.choice(users))
+        item = int(rng.choice([*(m for m, _, _ in movies), 97]))  # 97: not in the catalog
+        rows.append((user, str(item), int(rng.integers(0, 6)), float(rng.integers(1, 11) / 2)))
+    rows += [rows[3], rows[10], rows[10], ("e" if text_ids else "5", "1", 1, 1.0)]
+    if layout == "ml-100k":
+        items = [[str(m), t, "01-Jan-1995", "", "http://x"] for m, t, _ in movies]
+        flags = [["1" if f in g else "0" for f in ML100K_GENRES] for _, _, g in movies]
+        lines = ["|".join(fields + f) for fields, f in zip(items, flags, strict=True)]
+        write(root / "u.item", "".join(f"{line}\n" for line in lines), "latin-1")
+        write(root / "u.data", "".join(f"{u}\t{i}\t{r:.0f}\t{t}\n" for u, i, t, r in rows))
+    elif layout == "ml-1m":
+        lines = [f"{m}::{t}::{'|'.join(g)}\n" for m, t, g in movies]
+        write(root / "movies.dat", "".join(lines), "latin-1")
+        write(root / "ratings.dat", "".join(f"{u}::{i}::{r:.0f}::{t}\n" for u, i, t, r in rows))
+    elif layout == "ml-latest":
+        lines = [f'{m},"{t}",{"|".join(g) or "(no genres listed)"}\n' for m, t, g in movies]
+        write(root / "movies.csv", "movieId,title,genres\n" + "".join(lines))
+        lines = [f"{u},{i},{r},{t}\n" for u, i, t, r in rows]
+        write(root / "ratings.csv", "userId,movieId,rating,timestamp\n" + "".join(lines))
+    else:
+        write(root / "items.csv", "item,text\n" + "".join(f'm{m},"{t}"\n' for m, t, _ in movies))
+        lines = [f"{u},m{i},{t},{r}\n" for u, i, t, r in rows]
+        write(root / "interactions.csv", "user,item,timestamp,rating\n" + "".join(lines))
+    generic = layout.startswith("generic")
+    catalog = Catalog(
+        root,
+        [f"m{m}" if generic else str(m) for m, _, _ in movies],
+        [t for _, t, _ in movies],
+        [[] if generic else g for _, _, g in movies],
+        [t if generic else format_item_text(t, g) for _, t, g in movies],
+    )
+    ids = [(u if generic else str(int(u)), f"m{i}" if generic else i, t) for u, i, t, _ in rows]
+    return ids, catalog
+
+
+def _reference(
+    name: str, rows: list[tuple[str, str, int]], catalog: Catalog, min_interactions: int = 3
+) -> RecDataset:
+    """The dataset the module docs of ``shared.data.cleaning`` and ``dataset`` describe, built
+    row by row in plain Python: unknown items, exact duplicates (the first stays), repeats
+    (the earliest stays, ties: the first in the file) and short users dropped; users in the
+    order of their raw ids (numerically when all are integers), items in catalog order, each
+    sequence sorted by time with ties in file order."""
+    position = {item: i for i, item in enumerate(catalog.ids)}
+    kept = [row for row in rows if row[1] in position]
+    kept = [row for n, row in enumerate(kept) if row not in kept[:n]]
+    earliest: dict[tuple[str, str], int] = {}
+    for n, (user, item, stamp) in enumerate(kept):
+        first = earliest.setdefault((user, item), n)
+        if stamp < kept[first][2]:
+            earliest[(user, item)] = n
+    kept = [row for n, row in enumerate(kept) if earliest[row[:2]] == n]
+    count = Counter(user for user, _, _ in kept)
+    kept = [row for row in kept if count[row[0]] >= min_interactions]
+    users = sorted({user for user, _, _ in kept})
+    if all(re.fullmatch(r"-?[0-9]+", user) for user in users):
+        users.sort(key=int)
+    history = {
+        user: sorted((s, n, i) for n, (u, i, s) in enumerate(kept) if u == user) for user in users
+    }
+    return RecDataset(
+        name,
+        users,
+        catalog.ids,
+        catalog.texts,
+        [np.array([position[i] for _, _, i in history[u]], dtype=np.int64) for u in users],
+        [np.array([s for s, _, _ in history[u]], dtype=np.int64) for u in users],
+        catalog.titles,
+        catalog.categories,
+    )
+
+
+@pytest.mark.parametrize("layout", PIN_LAYOUTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_layout_loads_as_a_plain_reading_of_its_files(
+    tmp_path: Path, layout: str, seed: int
+) -> None:
+    """Pins what the loaders produce (ids, order, sequences, timestamps, texts, fingerprint)
+    against a straightforward row-by-row reading, whatever the loaders do to stay fast and
+    small on ml-25m's 25M rows (integer id columns are never turned into strings)."""
+    rows, catalog = _pin_files(tmp_path, layout, seed)
+    name = {"ml-latest": "ml-25m", "generic-text": "generic"}.get(layout, layout)
+    ds = load_dataset(name, tmp_path)
+    expected = _reference(name, rows, catalog)
+    assert ds.user_ids == expected.user_ids
+    assert ds.item_ids == expected.item_ids
+    assert ds.item_text == expected.item_text
+    assert ds.item_titles == expected.item_titles
+    assert ds.item_categories == expected.item_categories
+    for got, want in zip(
+        ds.sequences + ds.timestamps, expected.sequences + expected.timestamps, strict=True
+    ):
+        assert got.dtype == want.dtype and got.tolist() == want.tolist()
+    assert ds.fingerprint() == expected.fingerprint()
+
+
+def test_integer_id_columns_build_the_dataset_their_strings_build() -> None:
+    """build_dataset takes integer id columns as the ids' decimal strings (MovieLens' are
+    never turned into strings: 84 bytes a row), and names the first unknown item in row
+    order."""
+    users = np.array([10, -3, 2, 10, 2, -3, 10], dtype=np.int64)
+    items = np.array([7, 5, 5, 1, 7, 7, 5], dtype=np.int64)
+    stamps = np.array([3, 1, 2, 3, 0, 1, 2], dtype=np.int64)
+    catalog, texts = ["5", "1", "7", "9"], ["e.", "a.", "g.", "i."]
+    as_ints = build_dataset("x", users, items, stamps, catalog, texts)
+    as_text = build_dataset(
+        "x", users.astype(str).tolist(), items.astype(str), stamps, catalog, texts
+    )
+    assert as_ints.user_ids == as_text.user_ids == ["-3", "2", "10"]
+    assert [s.tolist() for s in as_ints.sequences] == [s.tolist() for s in as_text.sequences]
+    assert [s.tolist() for s in as_ints.sequences] == [[0, 2], [2, 0], [0, 2, 1]]
+    assert as_ints.fingerprint() == as_text.fingerprint()
+    for column in (np.array([1, 8, 3, 8]), np.array(["1", "8", "3", "8"])):
+        with pytest.raises(DataError, match=r"item .*'8'.* that is not in the catalog"):
+            build_dataset("x", np.arange(4), column, np.arange(4), ["1", "2"], ["a.", "b."])

@@ -597,8 +597,8 @@ def finalize(
         )
     dataset = build_dataset(
         name,
-        raw.user.astype(str),
-        raw.item.astype(str),
+        raw.user,
+        raw.item,
         raw.timestamp,
         catalog.ids,
         catalog.texts,
