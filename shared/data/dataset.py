@@ -9,6 +9,7 @@ pins; raw ids are kept so exports (``recs.csv``) speak the dataset's own languag
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,13 +135,12 @@ def build_dataset(
     """
     item_dense = _catalog_positions(name, _id_column(raw_item), item_ids)
     user_ids, user_dense = _dense_ids(_id_column(raw_user))
-    order = np.lexsort((np.arange(len(user_dense)), timestamp, user_dense))  # stable by time
-    user_sorted = user_dense[order]
-    bounds = np.searchsorted(user_sorted, np.arange(len(user_ids) + 1))
-    item_sorted = item_dense[order]
-    ts_sorted = np.asarray(timestamp, dtype=np.int64)[order]
-    sequences = [item_sorted[bounds[u] : bounds[u + 1]].copy() for u in range(len(user_ids))]
-    timestamps = [ts_sorted[bounds[u] : bounds[u + 1]].copy() for u in range(len(user_ids))]
+    order = np.lexsort((timestamp, user_dense))  # a stable sort: ties in time keep row order
+    bounds = [0, *np.cumsum(np.bincount(user_dense, minlength=len(user_ids))).tolist()]
+    del user_dense  # each sorted column is built, split and freed in turn: 8 bytes a row each
+    sequences = _split(item_dense[order], bounds)
+    del item_dense
+    timestamps = _split(np.asarray(timestamp, dtype=np.int64)[order], bounds)
     return RecDataset(
         name=name,
         user_ids=user_ids,
@@ -151,6 +151,11 @@ def build_dataset(
         item_titles=list(item_titles) if item_titles is not None else [],
         item_categories=list(item_categories) if item_categories is not None else [],
     )
+
+
+def _split(column: IntArray, bounds: list[int]) -> list[IntArray]:
+    """``column[bounds[u]:bounds[u + 1]]`` for every user ``u``, each its own array."""
+    return [column[start:end].copy() for start, end in itertools.pairwise(bounds)]
 
 
 def _as_integer(raw: str) -> int | None:
