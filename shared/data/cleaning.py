@@ -489,11 +489,14 @@ def _parse_table(
     if len(sep) > 1:
         _refuse_tab(path, text, sep)
         text, sep = text.replace(sep, "\t"), "\t"
-    return _loadtxt_from(io.StringIO(text), sep, dtype, skip, encoding)
+    # decoded as numpy reads it: a StringIO would hold the whole text as 4 bytes a character
+    lines = io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline="\n")
+    del text
+    return _loadtxt_from(lines, sep, dtype, skip, encoding)
 
 
 def _loadtxt_from(
-    source: Path | io.StringIO, delimiter: str, dtype: np.dtype[Any], skip: int, encoding: str
+    source: Path | io.TextIOWrapper, delimiter: str, dtype: np.dtype[Any], skip: int, encoding: str
 ) -> npt.NDArray[Any]:
     """``np.loadtxt`` of ``source`` with this module's settings (no comments, 1-d)."""
     with warnings.catch_warnings():
