@@ -180,7 +180,7 @@ def _catalog_positions(name: str, raw: npt.NDArray[Any], item_ids: list[str]) ->
     positions = np.asarray([index.get(str(v), -1) for v in uniq.tolist()], dtype=np.int64)
     dense = positions[inverse]
     if len(dense) and dense.min() < 0:
-        first = np.str_(raw[int(np.argmax(dense < 0))])
+        first = str(raw[int(np.argmax(dense < 0))])  # '8', not numpy's np.str_('8')
         raise DataError(f"{name}: interaction references item {first!r} that is not in the catalog")
     return dense
 
