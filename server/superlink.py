@@ -246,7 +246,10 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
         if record.revoked is None and not present:
             with tempfile.TemporaryDirectory(dir=layout.logs) as tmp:
                 key_file = Path(tmp) / "client.pub"
-                key_file.write_text(record.public_key + "\n")
+                try:
+                    key_file.write_text(record.public_key + "\n")
+                except OSError as exc:  # a full disk names no file: name the one under logs/
+                    raise_naming(exc, key_file)
                 try:
                     record.node_id = cli.register(key_file)
                     listed.add(record.node_id)

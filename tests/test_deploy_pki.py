@@ -2055,6 +2055,35 @@ def test_a_device_unregistered_outside_fedrec_is_reported_locked_out(tmp_path: P
     assert not ClientRegistry.load(layout.registry).clients[0].applied
 
 
+def test_a_device_key_the_full_logs_disk_has_no_room_for_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device's public key, written to a temporary file under logs/ for `flwr supernode
+    register`, failed on a full disk with an OSError naming no file: the command line said
+    "No space left on device" without which disk. It names the file now (under logs/), no
+    temporary file is left there, and the SuperLink is not called."""
+    import errno
+
+    from server.superlink import apply_registrations
+
+    layout, link = _one_device_and_a_superlink(tmp_path)
+    write_text = Path.write_text
+
+    def full_disk(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "client.pub":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError) as caught:
+        apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename is not None
+    assert Path(caught.value.filename).is_relative_to(layout.logs)
+    assert link.registered == {} and list(layout.logs.iterdir()) == []
+    assert ClientRegistry.load(layout.registry).clients[0].node_id is None
+
+
 def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) -> None:
     """A key registered with the SuperLink outside `register-client` (by hand with `flwr
     supernode register`, or by another host through the Control API before the SuperLink
