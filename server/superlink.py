@@ -187,10 +187,12 @@ class FlwrCli:
     def stop(self, run_id: int) -> None:
         self.call("stop", str(run_id), CONNECTION)
 
-    def save_log(self, run_id: int, path: Path) -> None:
-        """Write the run's logs (ServerApp output) to ``path``; best effort."""
+    def save_log(self, run_id: int, path: Path) -> str | None:
+        """Write the run's logs (ServerApp output) to ``path``; best effort: ``None`` once
+        saved, else why not (a full disk, ``flwr log`` not answering), so that no message
+        points at a log that was never written."""
         argv = [executable("flwr"), "log", str(run_id), CONNECTION, "--show"]
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        try:
             done = subprocess.run(
                 argv,
                 env=flower_env(self.layout),
@@ -200,6 +202,12 @@ class FlwrCli:
                 check=False,
             )
             write_bytes_atomic(path, done.stdout + done.stderr)
+        except subprocess.TimeoutExpired:
+            return f"`flwr log` did not answer in {self.timeout_s:.0f} s"
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            return f"{exc.strerror or exc}{': free space on that disk' if full else ''}"
+        return None
 
 
 def write_connection(layout: ServerLayout, address: str) -> None:
@@ -950,12 +958,15 @@ class ServerRunner:
             # log, where whatever went wrong is. Whatever its status: the SuperLink may have
             # marked it finished (failed) by the time it is back, and then nobody saved it.
             earlier, status = int(run["run-id"]), str(run.get("status", ""))
-            if not self._run_log(earlier).exists():
-                self.cli.save_log(earlier, self._run_log(earlier))
+            log_is = (
+                f"is in {self._run_log(earlier)}"
+                if self._run_log(earlier).exists()
+                else self._save_run_log(earlier)
+            )
             if not status.startswith(_FINISHED):
                 with contextlib.suppress(SuperLinkError):
                     self.cli.stop(earlier)
-                    self.echo(f"stopped stale run {earlier} ({status}); its log is in logs/")
+                    self.echo(f"stopped stale run {earlier} ({status}); its log {log_is}")
         done = resumable_round(self.layout)
         if done:
             self.echo(f"resuming: the run continues after round {done} (its checkpoint)")
@@ -971,6 +982,14 @@ class ServerRunner:
         """Where the ServerApp's log of ``run_id`` is kept: saved when the run finishes, when
         the server is stopped, and when a restart finds the run stale."""
         return self.layout.logs / f"run-{run_id}.log"
+
+    def _save_run_log(self, run_id: int) -> str:
+        """Save the ServerApp's log of ``run_id``; what a message says of it: ``"is in
+        PATH"``, or ``"could not be saved to PATH (why)"`` where the disk had no room for it
+        (a message pointed at a file that was never written)."""
+        path = self._run_log(run_id)
+        problem = self.cli.save_log(run_id, path)
+        return f"is in {path}" if problem is None else f"could not be saved to {path} ({problem})"
 
     def _rounds_left(self) -> int:
         """How many of the run's ``num-rounds`` no checkpoint covers yet."""
@@ -1022,7 +1041,7 @@ class ServerRunner:
                     for record in records[shown:]:
                         self.echo(format_round(record))
                     run_log = self._run_log(self.run_id)
-                    self.cli.save_log(self.run_id, run_log)
+                    log_is = self._save_run_log(self.run_id)
                     if status == "finished:completed":
                         # rounds a restart wrote from an earlier process's checkpoints are
                         # not this run's
@@ -1032,21 +1051,22 @@ class ServerRunner:
                             self.echo(
                                 f"run {self.run_id} completed without running a round, with "
                                 f"{unfinished} of its rounds still to run (e.g. the user-level "
-                                f"privacy budget is spent): see {run_log}"
+                                f"privacy budget is spent); the ServerApp's log {log_is}"
                             )
                             return 1
                         if rounds and not any(round_aggregated(r) for r in rounds):
                             self.echo(
                                 f"run {self.run_id} completed, but no round changed the global "
                                 "model: every sampled device failed or declined (the reasons "
-                                f"are in {run_log} and in the devices' logs/supernode.log)"
+                                "are in the devices' logs/supernode.log and the ServerApp's "
+                                f"log, which {log_is})"
                             )
                             return 1
                         self.echo(f"run {self.run_id} completed")
                         return 0
                     raise RunFailedError(
                         f"run {self.run_id} ended as {status}{_failure_cause(run_log)}; the "
-                        f"ServerApp's log is in {run_log} (`fedrec server start` again "
+                        f"ServerApp's log {log_is} (`fedrec server start` again "
                         "resumes from the last checkpoint)"
                     )
             time.sleep(0.5)

@@ -1495,6 +1495,42 @@ def test_a_failed_run_names_the_exception_that_ended_it(tmp_path: Path) -> None:
         runner._follow()
 
 
+def test_a_run_log_the_full_disk_has_no_room_for_is_not_pointed_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saving the ServerApp's log (`flwr log`) failed silently on a full logs/ disk, and the
+    error then said "the ServerApp's log is in logs/run-7.log", a file never written. It
+    says the log could not be saved, and why."""
+    import errno
+
+    import server.superlink as superlink
+    from server.superlink import FlwrCli, RunFailedError, ServerRunner, SuperLinkOptions
+
+    class FailedRunFlwr(FlwrCli):
+        def run_status(self, run_id: int) -> str:
+            return "finished:failed"
+
+    def flwr_log(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess(argv, 0, b"OSError: [Errno 28] ...\n", b"")
+
+    def full_disk(path: Path, data: bytes, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(superlink.subprocess, "run", flwr_log)
+    monkeypatch.setattr(superlink, "write_bytes_atomic", full_disk)
+    layout = init_state_dir(tmp_path / "s")
+    runner = ServerRunner(layout, SuperLinkOptions(status_interval_s=0.01), {}, echo=print)
+    runner.superlink, runner.run_id = _AliveSuperLink(), 7  # type: ignore[assignment]
+    runner.cli = FailedRunFlwr(layout)
+    with pytest.raises(RunFailedError) as failed:
+        runner._follow()
+    message = str(failed.value)
+    run_log = layout.logs / "run-7.log"
+    assert not run_log.exists()
+    assert "log is in" not in message and "\n" not in message
+    assert f"could not be saved to {run_log} (No space left on device: free space" in message
+
+
 def test_status_says_how_a_start_that_did_not_complete_ended(tmp_path: Path) -> None:
     """A run of 3 rounds, started again with --rounds 6, and that start failed (or was
     stopped, or killed) before a round ended: status said "not running" with the progress
