@@ -1,6 +1,7 @@
 """The persistent privacy ledger: cumulative epsilon, budget refusal, survival of restarts."""
 
 import json
+from pathlib import Path
 
 import pytest
 from opacus.accountants import RDPAccountant
@@ -43,6 +44,39 @@ def test_budget_exceeded_declines_and_is_counted(tmp_path):
         ledger.check(big)
     assert ledger.epsilon() == 0.0  # nothing was spent
     assert PrivacyLedger.open(path, PrivacyBudget(1.0, 1e-5)).declined == 1
+
+
+def test_a_decline_stands_when_the_full_disk_has_no_room_for_its_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Saving the decline count on a full disk raised the OSError out of `check`: the client
+    was reported as failed, not as declining for its budget. The budget's decision stands
+    (a decline spends nothing, so the spent history on disk is unchanged); the count, mere
+    bookkeeping, is kept in memory and the failure is logged on one line naming the file."""
+    import errno
+    import logging
+    import os
+
+    import shared.privacy.ledger as ledger_module
+
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=1.0, delta=1e-5))
+    ledger.record(noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    spent, on_disk = ledger.epsilon(), path.read_text()
+
+    def full_disk(target: Path, data: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(ledger_module, "write_json_atomic", full_disk)
+    with caplog.at_level(logging.WARNING), pytest.raises(PrivacyBudgetExceededError):
+        ledger.check(Spend(noise_multiplier=0.5, sample_rate=1.0, steps=50))
+    assert ledger.declined == 1 and ledger.epsilon() == spent
+    assert path.read_text() == on_disk  # the spend is all there, never under-counted
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and str(path) in warning[0] and "No space left" in warning[0]
+    assert "\n" not in warning[0]
+    with pytest.raises(OSError):  # a spend whose record cannot be saved is still an error
+        ledger.record(noise_multiplier=1.0, sample_rate=0.1, steps=1)
 
 
 def test_exhausted_client_stays_exhausted_after_restart(tmp_path):

@@ -14,7 +14,9 @@ True
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from scipy.special import gammaln, logsumexp
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
 from shared.io import read_json, write_json_atomic
 from shared.privacy.budget import PrivacyBudget, Spend
+
+logger = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
 
@@ -132,10 +136,24 @@ class PrivacyLedger:
         return self.epsilon(extra=spend) > self.budget.epsilon
 
     def check(self, spend: Spend) -> None:
-        """Raise :class:`PrivacyBudgetExceededError` (and count a decline) if over budget."""
+        """Raise :class:`PrivacyBudgetExceededError` (and count a decline) if over budget.
+
+        The decline stands when the count cannot be saved (a full disk): it spends nothing,
+        so the spent history on disk is what it was, and the count is only bookkeeping; the
+        failure is logged (the client was reported failed instead of declining)."""
         if self.would_exceed(spend):
             self.declined += 1
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                logger.warning(
+                    "this client declines to train, but its decline count could not be "
+                    "saved: %s%s%s",
+                    exc.strerror or exc,
+                    f": {exc.filename}" if exc.filename else "",
+                    "; free space on that disk" if full else "",
+                )
             raise PrivacyBudgetExceededError(
                 f"training would spend epsilon {self.epsilon(extra=spend):.3f} > budget "
                 f"{self.budget.epsilon} at delta {self.budget.delta} (spent so far "
