@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -954,6 +955,43 @@ def test_seal_install_load_and_versions(tmp_path: Path, key: bytes) -> None:
     assert sealed.read(3)[1] == tiny_onnx(catalog=CATALOG.fingerprint, version="v3")
     sealed.erase()
     assert sealed.versions() == [] and sealed.current_version() is None
+
+
+def test_a_model_whose_pointer_the_full_disk_has_no_room_for_leaves_no_file(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new sealed file was written, then the `current` pointer's write failed on a full
+    disk: the file stayed, an orphan taking space, until a later install pruned it. It is
+    removed now, and the previous model stays current and readable; a pointer that did move
+    before the failure (its folder's sync failed) keeps its file."""
+    import errno
+
+    import client.device.sealed as sealed_module
+
+    sealed = SealedModelStore(tmp_path, key)
+    sealed.install(tiny_onnx(catalog=CATALOG.fingerprint), catalog=CATALOG)
+    write = sealed_module.write_bytes_atomic
+    moved = False
+
+    def full_disk(path: Path, data: bytes, **kwargs: Any) -> None:
+        if path.name == "current":
+            if moved:
+                write(path, data, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write(path, data, **kwargs)
+
+    monkeypatch.setattr(sealed_module, "write_bytes_atomic", full_disk)
+    v2 = tiny_onnx(catalog=CATALOG.fingerprint, version="v2")
+    with pytest.raises(OSError, match="No space left"):
+        sealed.install(v2, catalog=CATALOG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", sealed_name(1)]
+    assert sealed.current_version() == 1
+    loaded = sealed.load(catalog=CATALOG)
+    assert loaded is not None and loaded[0].model_version == "v1"
+    moved = True
+    with pytest.raises(OSError, match="No space left"):
+        sealed.install(v2, catalog=CATALOG)
+    assert sealed.current_version() == 2 and sealed.read(2)[0].model_version == "v2"
 
 
 def test_a_sealed_model_refused_on_load_is_named_by_its_file(tmp_path: Path, key: bytes) -> None:

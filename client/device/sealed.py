@@ -30,6 +30,7 @@ secret and not personal; it maps the app's raw item ids to model columns and is 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -301,7 +302,16 @@ class SealedModelStore:
         }
         path = self.path(version)  # its folder is created (durably) by the write
         write_bytes_atomic(path, seal_model(data, self._key, header))
-        write_bytes_atomic(self.directory / CURRENT_POINTER, (path.name + "\n").encode())
+        try:
+            write_bytes_atomic(self.directory / CURRENT_POINTER, (path.name + "\n").encode())
+        except BaseException:
+            # the previous model stays current: the new file would be an orphan (taking the
+            # space a full disk lacks) until a later prune; kept where the pointer did move
+            # before the failure (its folder's sync), or where the pointer cannot be read
+            with contextlib.suppress(OSError, ModelFileError):
+                if self.current_version() != version:
+                    path.unlink(missing_ok=True)
+            raise
         self._prune(current=version)
         return self._info(header, path), model
 
