@@ -23,6 +23,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -217,6 +218,14 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
+CLOCK_SKEW: Final = dt.timedelta(days=1)
+"""How long before its issue a certificate :func:`create_pki` or :func:`renew_server_cert`
+makes is already valid: a device whose clock lags the server's by up to this much (a time
+zone set wrong leaves an epoch hours off behind the right local time) still verifies it,
+where one that began when it was issued fails the TLS handshake ("certificate is not yet
+valid") until the device's clock catches up."""
+
+
 def with_default_hosts(hosts: Sequence[str]) -> list[str]:
     """``hosts`` and then :data:`DEFAULT_HOSTS` (those not given), which the server uses
     to reach its own SuperLink."""
@@ -230,7 +239,8 @@ def _issue_server_cert(
     now: dt.datetime,
     valid_days: int,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A fresh server key and its certificate for ``names``, signed by the CA."""
+    """A fresh server key and its certificate for ``names``, signed by the CA, valid from
+    :data:`CLOCK_SKEW` before ``now`` until ``valid_days`` after it."""
     ca_name = ca_cert.subject
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -240,7 +250,7 @@ def _issue_server_cert(
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=valid_days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
@@ -277,7 +287,7 @@ def create_pki(
     names = SubjectNames.parse(hosts)
     paths = PkiPaths(Path(directory))
     make_dirs_durable(paths.directory)
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
+    now = dt.datetime.now(dt.UTC)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("fedrec federation CA")
@@ -288,7 +298,7 @@ def create_pki(
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=ca_valid_days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(ca=True), critical=True)
@@ -335,7 +345,7 @@ def renew_server_cert(
     ):
         raise PkiError(f"{paths.ca_key} is not the key of {paths.ca_cert}; {_NO_CA_FIX}")
     _check_ca_current(paths, ca_cert)
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC)
     if ca_cert.not_valid_after_utc < now + dt.timedelta(days=valid_days):
         valid_days = max(1, (ca_cert.not_valid_after_utc - now).days)
     server_key, server_cert = _issue_server_cert(ca_key, ca_cert, names, now, valid_days)

@@ -85,6 +85,22 @@ def test_server_certificate_chains_to_the_ca_with_the_requested_sans(tmp_path: P
     check_pki(paths)
 
 
+def test_certificates_hold_for_a_device_whose_clock_lags_by_hours(tmp_path: Path) -> None:
+    """The CA and server certificates began 5 minutes before they were made, so a device
+    whose clock lagged the server's by more (a phone whose time zone is set wrong keeps the
+    right local time on an epoch hours off) failed the TLS handshake with "certificate is
+    not yet valid" right after `server init` or `renew-cert`. They now begin a day earlier,
+    and still last their full lifetime from now."""
+    lagging = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=20)
+    pki = create_pki(tmp_path / "certs", valid_days=30, ca_valid_days=60)
+    renewed = renew_server_cert(tmp_path / "certs", valid_days=10)
+    for path, days in ((pki.ca_cert, 60), (renewed.server_cert, 10)):
+        cert = load_cert(path)
+        assert cert.not_valid_before_utc <= lagging, path.name
+        lifetime = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        assert datetime.timedelta(days=days) - lifetime < datetime.timedelta(minutes=1)
+
+
 def test_private_keys_are_owner_only_and_certs_readable(tmp_path: Path) -> None:
     paths = create_pki(tmp_path / "certs")
     for key in (paths.ca_key, paths.server_key):
