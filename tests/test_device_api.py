@@ -1783,6 +1783,18 @@ def test_a_monitor_that_keeps_failing_stops_the_daemon_and_says_why(
         # Flower's words while the server is down were all /status showed
         ("WARNING : Connection attempt failed, retrying in 4.21 seconds", "does not answer"),
         ("ERROR : SSL/TLS handshake error detected.", "--root-cert"),
+        # a device clock behind or ahead of the certificates' validity blamed ca.pem
+        ("ERROR : SSL/TLS handshake error detected.", "clock"),
+        (
+            "Handshake failed with error SSL_ERROR_SSL: error:1000007d:SSL routines:"
+            "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: certificate is not yet valid",
+            "this device's clock",
+        ),
+        (
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has "
+            "expired (_ssl.c:1006)",
+            "this device's clock",
+        ),
         ("ERROR : something Flower says plainly", None),
     ],
 )

@@ -251,12 +251,26 @@ def explain_supernode_error(line: str) -> str | None:
             "--server names the server by a name or address its certificate does not list: "
             "use one of those given to `fedrec server init --host`"
         )
+    if "not yet valid" in line:
+        return (
+            "the server's certificate is not valid yet by this device's clock, which is "
+            "behind: set this device's date and time (and time zone)"
+        )
+    if "has expired" in line:
+        return (
+            "the server's certificate has expired by this device's clock: set this device's "
+            "date and time if it is ahead, else the server needs `fedrec server renew-cert`"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line:
-        return "the server's certificate does not verify against --root-cert"
+        return (
+            "the server's certificate does not verify against --root-cert (or not at this "
+            "device's clock: check its date and time)"
+        )
     if "handshake" in line.lower():
         return (
             "the TLS handshake with --server failed: is --root-cert the server's certs/ca.pem, "
-            "and does --server name the SuperLink's Fleet API port (not another service)?"
+            "does --server name the SuperLink's Fleet API port (not another service), and "
+            "is this device's clock right (a certificate is only valid between two dates)?"
         )
     if _RETRY_NOTICE in line:
         return (
