@@ -1094,6 +1094,9 @@ def run_simulation(
     )
     engine_stopped, server_done = threading.Event(), threading.Event()
     server_threads: list[threading.Thread] = []
+    # what ended the ServerApp's thread that Flower's thread does not catch (it catches
+    # Exception): a SystemExit there ended the thread alone, and the run looked finished
+    server_exits: list[BaseException] = []
     guarded = ServerApp()
 
     @guarded.main()
@@ -1104,6 +1107,11 @@ def run_simulation(
         except RunNotRunningException:
             if not engine_stopped.is_set():
                 raise
+        except Exception:
+            raise
+        except BaseException as exc:
+            server_exits.append(exc)
+            raise
         finally:
             server_done.set()
 
@@ -1133,6 +1141,12 @@ def run_simulation(
         ) from exc
     finally:
         flower_logger.removeFilter(_drop_run_simulation_deprecation)
+    if server_exits:
+        ended = server_exits[0]
+        raise FedRecError(
+            f"the federation's server stopped before the run ended ({type(ended).__name__}: "
+            f"{ended}); its checkpoints are kept, and the same run started again resumes"
+        )
 
 
 ENGINE_STOP_WAIT_S = 30.0

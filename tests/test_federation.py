@@ -2035,6 +2035,28 @@ def test_an_engine_that_fails_to_start_stops_the_server_and_says_why(
     assert reports == []
 
 
+def test_a_server_thread_ended_by_system_exit_is_an_error_not_a_finished_run() -> None:
+    """Flower's server thread catches ``Exception`` only: a ``SystemExit`` raised in a
+    round-end hook (Rich's answer to a progress reader that went away) ended that thread
+    alone, and ``run_simulation`` returned as if the federation had finished, with fewer
+    rounds than asked. It is now an error that names it."""
+    config: RunConfig = {"num-rounds": 3, "eval-fraction": 0.0, "min-available-clients": 2}
+    reports: list[RoundReport] = []
+
+    def leave_after_round_one(report: RoundReport) -> None:
+        reports.append(report)
+        raise SystemExit(1)
+
+    with pytest.raises(FedRecError, match=r"stopped before the run ended \(SystemExit: 1\)"):
+        run_simulation(
+            make_server_app(config, on_round_end=leave_after_round_one),
+            make_client_app(config),
+            num_supernodes=2,
+            backend_config=SimulationBackend(ray_num_cpus=2),
+        )
+    assert [r.server_round for r in reports] == [1]
+
+
 def test_parameters_helper_roundtrip() -> None:
     """Guard for the wire format: float32 arrays survive ``Parameters`` unchanged."""
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3)]
