@@ -481,6 +481,33 @@ def test_end_to_end_with_an_int8_model(device: Device, int8_model: bytes) -> Non
     assert status["privacy"]["epsilon_budget"] == 8.0
 
 
+def test_events_stamped_after_the_clock_was_set_back_stay_the_newest(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history is ordered by time, and the daemon stamps "now" on events the app sends
+    without one. Once a fast clock was corrected backwards (NTP; a board without a real-time
+    clock starting at its last saved time), new events sorted before the older ones, so the
+    model scored and trained on stale behaviour until the clock passed the old stamps."""
+    real = time.time
+    fast = real() + 30 * 86_400
+    monkeypatch.setattr(time, "time", lambda: fast)
+    assert device.client.post("/events", json={"events": [ev(ITEM[1]), ev(ITEM[2])]}).json() == {
+        "stored": 2
+    }
+    monkeypatch.setattr(time, "time", real)  # the clock is corrected, 30 days back
+    assert device.client.post("/events", json={"events": [ev(ITEM[3])]}).json() == {"stored": 1}
+    assert device.stored() == [ITEM[1], ITEM[2], ITEM[3]]
+    rec = device.client.get("/recommendations", params={"k": 3}).json()
+    item = rec["items"][0]["item_id"]
+    fb = {"recommendation_id": rec["recommendation_id"], "item_id": item, "action": "clicked"}
+    assert device.client.post("/feedback", json={"feedback": [fb]}).status_code == 200
+    assert device.stored() == [ITEM[1], ITEM[2], ITEM[3], item]  # the click is the newest
+    # a time the app gives keeps its meaning: a late event sorts by it
+    late = {"events": [ev(ITEM[4], timestamp=real() - 3600)]}
+    assert device.client.post("/events", json=late).json() == {"stored": 1}
+    assert device.stored() == [ITEM[4], ITEM[1], ITEM[2], ITEM[3], item]
+
+
 def test_erase_waits_for_a_recommendation_in_flight_and_keeps_nothing_of_it(
     tmp_path: Path, int8_model: bytes
 ) -> None:

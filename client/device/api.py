@@ -16,6 +16,12 @@ Endpoints
     ``GET /recommendations?k=`` (1..100), ``POST /feedback`` (shown/clicked for items a
     recommendation returned), ``GET /status``, ``DELETE /data`` (204).
 
+Time
+    Events and reports may carry the app's ``timestamp``; the history is ordered by it, so a
+    late event takes its place. Without one the daemon stamps "now", or the newest stored
+    event's time if that is later (after the device's clock was set back), so such events
+    stay in the order they arrived (:mod:`client.device.store`, "Order of events").
+
 Retries
     An event may carry the app's ``event_id`` and a feedback report its ``feedback_id``
     (both optional): one already stored is skipped, so a batch whose reply was lost can be
@@ -145,7 +151,9 @@ Timestamp = Annotated[
         le=MAX_TIMESTAMP,
         allow_inf_nan=False,
         description="Seconds since the Unix epoch (not milliseconds), at most a day ahead "
-        "of the device's clock. Default: now.",
+        "of the device's clock; the history is ordered by it. Default: now, or the newest "
+        "stored event's time if later (the device's clock was set back), so events sent "
+        "without a time stay in the order they arrived.",
     ),
     AfterValidator(_not_ahead),
 ]
@@ -619,7 +627,14 @@ def create_app(
             raise too_large(len(batch.events), "events")
         try:
             events = [
-                Event(e.item_id, e.kind, _now_or(e.timestamp), e.rating, event_id=e.event_id)
+                Event(
+                    e.item_id,
+                    e.kind,
+                    _now_or(e.timestamp),
+                    e.rating,
+                    event_id=e.event_id,
+                    stamped=e.timestamp is None,
+                )
                 for e in batch.events
             ]
         except DataError as exc:  # the schema already enforces this; belt and braces
@@ -670,6 +685,7 @@ def create_app(
                     f.action,
                     _now_or(f.timestamp),
                     feedback_id=f.feedback_id,
+                    stamped=f.timestamp is None,
                 )
                 for f in batch.feedback
             ]

@@ -37,6 +37,15 @@ Schema
     ``PRAGMA user_version`` holds :data:`SCHEMA_VERSION`; a newer file is refused (upgrade
     fedrec), an older one is migrated by :data:`_MIGRATIONS`.
 
+Order of events
+    :meth:`DeviceStore.events` orders the history by timestamp (then insertion order), so an
+    event an app sends late, with its own time, takes its place. An event the daemon stamped
+    itself (``stamped``: the app sent no time) is stored no earlier than the newest stored
+    event, read in the same write transaction: after the device's clock was set back (NTP
+    correcting a fast clock, a board without a real-time clock starting at its last saved
+    time) new events still come after the old ones instead of before them, until the clock
+    passes the old stamps.
+
 Retries
     An app's own ids of events and feedback reports (optional) are kept as blind indexes
     (``events.client_tag``, ``feedback_ids``), so a batch sent again after a lost reply is
@@ -283,6 +292,10 @@ class Event:
     #: daemon stored it, then was killed before answering) stores each event once. Kept as
     #: a blind index only; events read back have none.
     event_id: str | None = None
+    #: ``timestamp`` is the device's "now", not a time the app gave: the store raises it to
+    #: the newest stored event's (see "Order of events" above). Events read back have
+    #: ``False``.
+    stamped: bool = False
 
     def __post_init__(self) -> None:
         _check_item_id(self.item_id, "event")
@@ -315,6 +328,9 @@ class Feedback:
     #: each report once (see :meth:`DeviceStore.add_feedback`). Kept as a blind index only;
     #: feedback read back has none.
     feedback_id: str | None = None
+    #: ``timestamp`` is the device's "now": the ``click`` event a click adds is stamped as
+    #: :attr:`Event.stamped` is. The report itself keeps ``timestamp``.
+    stamped: bool = False
 
     def __post_init__(self) -> None:
         _check_item_id(self.item_id, "feedback")
@@ -654,16 +670,20 @@ class DeviceStore:
 
     def _insert_events(self, conn: sqlite3.Connection, events: Sequence[Event]) -> list[int]:
         """Insert ``events`` inside the caller's write transaction, skipping those whose
-        ``event_id`` is already stored; counts the new ones as pending."""
+        ``event_id`` is already stored; counts the new ones as pending. A ``stamped`` event
+        is dated no earlier than any event stored before it (this batch's included)."""
         tags = [None if ev.event_id is None else self._event_tag(ev.event_id) for ev in events]
         fresh = self._first_sightings(conn, "events", "client_tag", tags)
         first = self._next_id(conn, "events")
+        newest = self._newest_event_time(conn) if any(ev.stamped for ev in events) else 0.0
         rows: list[tuple[int, str, bytes, bytes | None]] = []
         for ev, tag, new in zip(events, tags, fresh, strict=True):
             if not new:
                 continue
             row_id = first + len(rows)
-            payload = {"item": ev.item_id, "ts": ev.timestamp, "rating": ev.rating}
+            ts = max(ev.timestamp, newest) if ev.stamped else ev.timestamp
+            newest = max(newest, ts)
+            payload = {"item": ev.item_id, "ts": ts, "rating": ev.rating}
             sealed = self._seal("events", row_id, ev.kind, payload)
             rows.append((row_id, ev.kind, sealed, tag))
         conn.executemany(
@@ -671,6 +691,20 @@ class DeviceStore:
         )
         self._increment(conn, STATE_ADAPTATION_PENDING, len(rows))
         return [r[0] for r in rows]
+
+    def _newest_event_time(self, conn: sqlite3.Connection) -> float:
+        """The latest timestamp of the stored events (0 when there are none); decrypts them
+        all, so it is read only for a batch with a ``stamped`` event."""
+        rows = conn.execute("SELECT id, kind, payload FROM events").fetchall()
+        return max((self._event_row(*row).timestamp for row in rows), default=0.0)
+
+    def _event_row(self, row_id: int, kind: EventKind, blob: bytes) -> Event:
+        """The event of one ``events`` row (decrypted and checked)."""
+        p = self._open("events", row_id, kind, blob)
+        try:
+            return Event(str(p["item"]), kind, float(p["ts"]), p["rating"], row_id)
+        except (KeyError, TypeError, DataError) as exc:
+            raise StoreIntegrityError(f"{self.path}: row events#{row_id} is malformed") from exc
 
     def _clicked_items(self, conn: sqlite3.Connection) -> set[str]:
         """Items with a stored ``click`` event (decrypts those rows only)."""
@@ -715,13 +749,7 @@ class DeviceStore:
         """Every event, oldest first (by timestamp, then insertion order)."""
         with self._lock:
             rows = self._conn.execute("SELECT id, kind, payload FROM events").fetchall()
-        out = []
-        for row_id, kind, blob in rows:
-            p = self._open("events", row_id, kind, blob)
-            try:
-                out.append(Event(str(p["item"]), kind, float(p["ts"]), p["rating"], row_id))
-            except (KeyError, TypeError, DataError) as exc:
-                raise StoreIntegrityError(f"{self.path}: row events#{row_id} is malformed") from exc
+        out = [self._event_row(*row) for row in rows]
         out.sort(key=lambda e: (e.timestamp, e.id or 0))
         return out
 
@@ -865,7 +893,10 @@ class DeviceStore:
                 "INSERT INTO feedback (id, action, recommendation_id, payload) VALUES (?, ?, ?, ?)",
                 rows,
             )
-            events = [Event(fb.item_id, "click", fb.timestamp) for fb in clicks.values()]
+            events = [
+                Event(fb.item_id, "click", fb.timestamp, stamped=fb.stamped)
+                for fb in clicks.values()
+            ]
             event_ids = self._insert_events(conn, events) if events else []
             if new_tags:
                 self._remember_feedback_ids(conn, new_tags)
