@@ -2050,6 +2050,42 @@ def test_a_running_supernode_the_server_does_not_answer_shows_a_notice() -> None
     assert supernode_notice(["WARNING : Connection attempt failed, retrying..."], 120.0) is None
 
 
+def test_how_long_a_log_was_quiet_ignores_jumps_of_the_wall_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quiet time the notice is read with was the wall clock minus the log's mtime: a
+    clock set forward (NTP) hid "the server does not answer" at once, one set back kept it
+    on for the length of the jump. It is measured on the monotonic clock from the last time
+    the log was seen to grow."""
+    from client.device.daemon import ManagedProcess
+
+    quiet: list[float] = []
+
+    def watch(lines: Sequence[str], quiet_s: float) -> str | None:
+        quiet.append(quiet_s)
+        return None
+
+    log_file = tmp_path / "supernode.log"
+    spec = ProcessSpec("supernode", ("sleep", "30"), log_file=str(log_file), watch=watch)
+    proc = ManagedProcess(spec)
+    proc.start()
+    try:
+        with log_file.open("a") as log:
+            log.write("WARNING : Connection attempt failed, retrying in 0.52 seconds\n")
+        proc.state()
+        real_time, real_monotonic = time.time, time.monotonic
+        monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # set forward
+        proc.state()
+        assert quiet[-1] < 60
+        monkeypatch.setattr(time, "time", lambda: real_time() - 3600)  # set back
+        monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + 120)
+        proc.state()
+        assert 100 < quiet[-1] < 200  # two minutes without a line, whatever the wall clock
+    finally:
+        monkeypatch.undo()
+        proc.stop(1.0)
+
+
 def test_a_retry_whose_packets_are_dropped_keeps_its_notice_until_flower_gives_up() -> None:
     """Flower's Fleet HTTP client gives an attempt 30 s (httpx's connect and read timeout)
     before it fails and the next notice is logged: with a grace of exactly 30 s past the

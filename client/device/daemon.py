@@ -393,6 +393,11 @@ class ManagedProcess:
     last_error: str | None = None
     #: Where the current run's output begins in ``spec.log_file`` (its size at the start).
     log_start: int = 0
+    #: The log's size when last looked at (:meth:`observe_log`), and when (``time.monotonic``)
+    #: it was last seen to grow: how long the log has been quiet, whatever the wall clock
+    #: does (a file's mtime is wall-clock time, which NTP may set back or forward).
+    log_seen: int = 0
+    log_grew_at: float = field(default_factory=time.monotonic)
     #: The run whose exit is in ``exit_codes`` already: a check that failed after recording
     #: it is retried at the next tick, which must not record the same exit again.
     recorded: subprocess.Popen[bytes] | None = None
@@ -413,11 +418,17 @@ class ManagedProcess:
         log_file = self.spec.log_file
         if self.spec.watch is None or log_file is None:
             return None
-        try:
-            quiet_s = max(0.0, time.time() - os.path.getmtime(log_file))
-        except OSError:
-            return None
+        quiet_s = self.observe_log()
         return self.spec.watch(log_lines(log_file, start=self.log_start), quiet_s)
+
+    def observe_log(self) -> float:
+        """Seconds since the log was last seen to grow (checked now and at every monitor
+        tick, so to within ``monitor_interval_s``), on the monotonic clock."""
+        size = log_size(self.spec.log_file)
+        now = time.monotonic()
+        if size != self.log_seen:
+            self.log_seen, self.log_grew_at = size, now
+        return max(0.0, now - self.log_grew_at)
 
     def start(self) -> None:
         env = {**os.environ, **dict(self.spec.env)}
@@ -426,7 +437,8 @@ class ManagedProcess:
         # Its own process group: stopping it signals its descendants too (a SuperNode's
         # SuperExec and ClientApp processes, whose --parent-pid checks are fooled by PID reuse).
         preexec = die_with_parent if sys.platform == "linux" else None
-        self.log_start = log_size(self.spec.log_file)
+        self.log_start = self.log_seen = log_size(self.spec.log_file)
+        self.log_grew_at = time.monotonic()
         if self.spec.log_file is None:
             self.popen = subprocess.Popen(
                 list(self.spec.argv),
@@ -1356,7 +1368,11 @@ class Daemon:
                     logger.error("cannot restart %s: %s", proc.spec.name, exc)
                     self.request_stop(f"{proc.spec.name} cannot start", exit_code=1)
             return
-        if proc.popen is None or proc.popen.poll() is None:
+        if proc.popen is None:
+            return
+        if proc.popen.poll() is None:
+            if proc.spec.watch is not None:
+                proc.observe_log()  # when its log grows, for the notice's quiet time
             return
         code = proc.popen.returncode
         if proc.recorded is not proc.popen:
