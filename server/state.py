@@ -649,7 +649,10 @@ def describe_last_start(record: dict[str, Any]) -> str | None:
     started = record.get("started")
     what = [f"{rounds} rounds"] if is_int(rounds) else []
     if isinstance(started, int | float) and not isinstance(started, bool):
-        what.append(f"begun {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}")
+        # a damaged or hand-edited file (Infinity, NaN, 1e20) is no time a clock can show:
+        # left out, as a num_rounds that is not a count is
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            what.append(f"begun {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}")
     start = f"the last start ({', '.join(what)})" if what else "the last start"
     code, error = record.get("exit_code"), record.get("error")
     if record.get("ended") is None:

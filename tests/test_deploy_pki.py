@@ -1595,6 +1595,18 @@ def test_status_says_how_a_start_that_did_not_complete_ended(tmp_path: Path) -> 
     assert server_status(layout).num_rounds == 3
 
 
+@pytest.mark.parametrize("started", ["Infinity", "NaN", "1e20", "-1e20"])
+def test_status_leaves_out_a_start_time_that_is_no_time(tmp_path: Path, started: str) -> None:
+    """A damaged or hand-edited last-start.json whose "started" is no time a clock can show
+    (json reads Infinity and NaN) made `fedrec server status` fail with an OverflowError
+    traceback; it is left out, as a "num_rounds" that is not a count is."""
+    layout = init_state_dir(tmp_path / "s")
+    layout.last_start.write_text(f'{{"num_rounds": 6, "started": {started}}}')
+    result = runner.invoke(app, ["server", "status", "--state-dir", str(layout.state_dir)])
+    assert result.exit_code == 0, result.output
+    assert "not running: the last start (6 rounds) did not finish" in result.output
+
+
 def test_one_server_per_state_directory(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     with hold_server_lock(layout):
