@@ -123,7 +123,8 @@ class ServerConfig:
     quantized each unit-weight update on a grid 1000 times coarser, 3.8e-3 per
     coordinate, against DP noise of about 4.7e-3 per step). Without DP the clients report
     their example counts, which ``secagg-max-weight`` must bound (a larger one is capped
-    at it); a custom task keeps the value given.
+    at it); a custom task keeps the value given. The same cap (1 under DP) holds without
+    SecAgg+, where the strategy applies it to the count each client claims.
 
     ``server-optimizer`` (``avg`` | ``adam``), ``server-lr``, ``server-beta1``,
     ``server-beta2``, ``server-tau``: how the round's mean update becomes the global step
@@ -321,12 +322,14 @@ class ServerConfig:
             clipping_range=self.secagg_clipping_range,
             quantization_range=self.secagg_quantization_range,
             modulus_range=self.secagg_modulus_range,
-            max_weight=self._max_weight(),
+            max_weight=self.max_weight,
         )
 
-    def _max_weight(self) -> float:
-        """SecAgg+'s ``max_weight``: 1 where every client reports weight 1, which quantizes
-        its update at full precision, else ``secagg-max-weight``."""
+    @property
+    def max_weight(self) -> float:
+        """The largest weight a client's update gets (SecAgg+'s ``max_weight``, and the
+        strategy's cap in plain mode): 1 where every client reports weight 1, which
+        quantizes its update at full precision, else ``secagg-max-weight``."""
         # Under either noise mechanism every client reports weight 1 (uniform weights).
         if self.user_dp or self.noise_shares > 1:
             return 1.0
@@ -431,6 +434,8 @@ def build_strategy(
         user_dp=user_dp if config.user_dp else None,
         server_optimizer=config.server_optimizer_settings,
         noise_shares=config.noise_shares,
+        # plain mode bounds a client's weight as SecAgg+ does
+        max_weight=config.max_weight,
     )
 
 

@@ -1,8 +1,9 @@
 """FedAvg that validates client updates and reports per-round participation.
 
 Clients send *updates* (new minus received parameters, see ``client/client_app.py``);
-this strategy averages them weighted by ``num_examples`` and adds the average to the
-current global model. Averaging deltas equals averaging parameters, but keeps the
+this strategy averages them weighted by ``num_examples`` (each capped at ``max_weight``, as
+SecAgg+ caps it: the count is the client's claim) and adds the average to the current global
+model. Averaging deltas equals averaging parameters, but keeps the
 values small, which is what SecAgg+'s fixed ``clipping_range`` needs.
 
 Why the legacy ``flwr.server.strategy.FedAvg``: ``SecAggPlusWorkflow`` (Flower 1.42)
@@ -252,7 +253,7 @@ def _unit_scale(weights: Iterable[float]) -> int:
     return -math.frexp(largest)[1] if largest > 0 else 0
 
 
-def _weighted_means(pairs: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:
+def _weighted_means(pairs: Sequence[tuple[float, Mapping[str, Scalar]]]) -> dict[str, float]:
     """``num_examples``-weighted means of the numeric (non-bool) metric values."""
     values: dict[str, list[tuple[float, float]]] = {}
     for n, metrics in pairs:
@@ -390,6 +391,11 @@ class ValidatingFedAvg(FedAvg):
     server_optimizer:
         How the round's mean update becomes the global step (FedAvg or FedAdam,
         :mod:`server.server_optimizer`); default plain averaging.
+    max_weight:
+        The largest weight a client's update gets in plain mode: a larger reported
+        ``num_examples`` is capped at it, as SecAgg+ caps it before masking
+        (``secagg-max-weight``, 1 where DP clients weigh 1); a client's claim of 10**12
+        examples made its update the round's step, and its metrics the round's means.
     noise_shares:
         Record-level DP noise split over the clients (``noise-shares`` > 1, see
         :class:`~shared.federated.local_config.LocalTrainConfig`): each contributor added
@@ -421,6 +427,7 @@ class ValidatingFedAvg(FedAvg):
         user_dp: UserLevelDP | None = None,
         server_optimizer: ServerOptimizerSettings | None = None,
         noise_shares: int = 1,
+        max_weight: float = math.inf,
     ) -> None:
         check_float_arrays(initial_parameters, what="initial parameters")
         check_noise_shares(
@@ -453,6 +460,7 @@ class ValidatingFedAvg(FedAvg):
         self.extra_eval_config = dict(extra_eval_config or {})
         self.user_dp = user_dp
         self.noise_shares = noise_shares
+        self.max_weight = max_weight
         self.optimizer = ServerOptimizer(
             server_optimizer or ServerOptimizerSettings(),
             [np.shape(a) for a in initial_parameters],
@@ -852,6 +860,11 @@ class ValidatingFedAvg(FedAvg):
         self._reference = new
         return ndarrays_to_parameters(new), stats.as_metrics()
 
+    def _weight(self, num_examples: float) -> float:
+        """A client's weight in plain mode: its reported count, capped at ``max_weight`` as
+        SecAgg+ caps it before masking (the count is the client's claim)."""
+        return min(float(num_examples), self.max_weight)
+
     def _aggregate_plain(
         self,
         server_round: int,
@@ -882,6 +895,17 @@ class ValidatingFedAvg(FedAvg):
                 update, _ = clip_update_l2(update, self.update_clip_norm)
             accepted.append((res.num_examples, update, res.metrics))
 
+        capped = sum(1 for n, _, _ in accepted if n > self.max_weight)
+        if capped and self.user_dp is None:
+            log(
+                WARNING,
+                "round %s: %s client(s) reported more examples than max-weight %s; each "
+                "update is weighed %s (secagg-max-weight, 1 where DP clients weigh 1)",
+                server_round,
+                capped,
+                self.max_weight,
+                self.max_weight,
+            )
         new: Arrays | None = None
         norm = 0.0
         total = sum(n for n, _, _ in accepted)
@@ -890,9 +914,10 @@ class ValidatingFedAvg(FedAvg):
             # the counts brought near 1 by a power of two (exact: the mean is the same, bit
             # for bit): a finite but huge num_examples times an update, or the counts' sum,
             # overflowed float64 and made the round's mean 0 or NaN
-            exponent = _unit_scale(float(n) for n, _, _ in accepted)
+            exponent = _unit_scale(self._weight(n) for n, _, _ in accepted)
             weights = [
-                1.0 if self.user_dp is not None else math.ldexp(n, exponent) for n, _, _ in accepted
+                1.0 if self.user_dp is not None else math.ldexp(self._weight(n), exponent)
+                for n, _, _ in accepted
             ]
             sums = [np.zeros(ref.shape, dtype=np.float64) for ref in self._reference]
             for weight, (_, update, _) in zip(weights, accepted, strict=True):
@@ -919,7 +944,9 @@ class ValidatingFedAvg(FedAvg):
             updated=new is not None,
             rejections=tuple(rejections[:MAX_REASONS]),
             failures=reasons,
-            client_metrics=_weighted_means([(n, _public_metrics(m)) for n, _, m in accepted]),
+            client_metrics=_weighted_means(
+                [(self._weight(n), _public_metrics(m)) for n, _, m in accepted]
+            ),
             update_norm=norm,
         )
         return stats, new

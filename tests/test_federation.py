@@ -91,6 +91,7 @@ from shared.federated import (
     register_task,
     validate_update,
 )
+from shared.federated.task import STUDENT_TASK
 from tests.conftest import flower_log
 
 Arrays = list[npt.NDArray[Any]]
@@ -962,6 +963,35 @@ def test_the_fedavg_mean_holds_for_huge_example_counts() -> None:
     params, _ = strategy.aggregate_fit(2, results, [])
     assert params is not None and strategy.fit_stats[2].ok == 2
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 1.0 + 1e10, rtol=1e-6)
+
+
+def test_plain_fedavg_caps_a_claimed_example_count_as_secagg_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A device's FedAvg weight is the count it claims. Under SecAgg+ it is capped at the
+    round's max-weight (1 where DP clients weigh 1); in plain mode it was taken as sent, so
+    one device claiming 10**12 examples made its update the whole round's step, and its
+    epsilon the "mean device epsilon" the operator sees. The same cap holds in both modes."""
+    from server.server_app import build_strategy
+
+    def aggregate(values: Mapping[str, Any]) -> tuple[float, Mapping[str, float]]:
+        config = ServerConfig.from_run_config({"secagg": False, **values})
+        strategy = build_strategy(config, [np.zeros(2, np.float32)])
+        honest = [(_proxy(i), _fitres([np.full(2, 1.0, np.float32)], 1)) for i in range(1, 4)]
+        liar = _fitres([np.full(2, -1.0, np.float32)], 10**12)
+        params, _ = strategy.aggregate_fit(1, [*honest, (_proxy(9), liar)], [])
+        assert params is not None
+        return float(parameters_to_ndarrays(params)[0][0]), strategy.fit_stats[1].client_metrics
+
+    # DP student clients weigh 1 (max-weight 1): the plain mean of the four updates
+    step, metrics = aggregate({"task": STUDENT_TASK, "dp": True})
+    assert step == pytest.approx(0.5)
+    assert metrics["train-loss"] == pytest.approx((3 * 1.0 + 1e12) / 4)
+    # without DP, counts up to secagg-max-weight: the liar weighs 1000, not 10**12
+    with flower_log(caplog, logging.WARNING):
+        step, _ = aggregate({"dp": False, "secagg-max-weight": 1000.0})
+    assert step == pytest.approx((3 - 1000) / 1003)
+    assert "1 client(s) reported more examples than max-weight 1000" in caplog.text
 
 
 def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
