@@ -392,7 +392,7 @@ class ValidatingFedAvg(FedAvg):
         How the round's mean update becomes the global step (FedAvg or FedAdam,
         :mod:`server.server_optimizer`); default plain averaging.
     max_weight:
-        The largest weight a client's update gets in plain mode: a larger reported
+        The largest weight a client's update (in plain mode) or evaluation gets: a larger reported
         ``num_examples`` is capped at it, as SecAgg+ caps it before masking
         (``secagg-max-weight``, 1 where DP clients weigh 1); a client's claim of 10**12
         examples made its update the round's step, and its metrics the round's means.
@@ -861,8 +861,8 @@ class ValidatingFedAvg(FedAvg):
         return ndarrays_to_parameters(new), stats.as_metrics()
 
     def _weight(self, num_examples: float) -> float:
-        """A client's weight in plain mode: its reported count, capped at ``max_weight`` as
-        SecAgg+ caps it before masking (the count is the client's claim)."""
+        """A client's weight in plain mode and in evaluation: its reported count, capped at
+        ``max_weight`` as SecAgg+ caps it before masking (the count is the client's claim)."""
         return min(float(num_examples), self.max_weight)
 
     def _aggregate_plain(
@@ -1051,7 +1051,8 @@ class ValidatingFedAvg(FedAvg):
         ]
         bad = len(answered) - len(good)
         total = sum(r.num_examples for _, r in good)
-        loss = _weighted_mean([(float(r.num_examples), float(r.loss)) for _, r in good])
+        # weights capped as in fit: a count of 10**12 made one device's loss and HR the round's
+        loss = _weighted_mean([(self._weight(r.num_examples), float(r.loss)) for _, r in good])
         sampled = self._eval_sampled.get(server_round, len(results) + len(failures))
         failed, reasons = _failure_summary(sampled, len(results), failures)
         # the replies counted failed for what they hold: said why, as the other failures
@@ -1074,7 +1075,7 @@ class ValidatingFedAvg(FedAvg):
             loss=loss,
             num_examples=total,
             metrics=_weighted_means(
-                [(r.num_examples, _public_metrics(r.metrics)) for _, r in good]
+                [(self._weight(r.num_examples), _public_metrics(r.metrics)) for _, r in good]
             ),
             failures=reasons,
         )

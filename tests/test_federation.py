@@ -994,6 +994,19 @@ def test_plain_fedavg_caps_a_claimed_example_count_as_secagg_does(
     assert "1 client(s) reported more examples than max-weight 1000" in caplog.text
 
 
+def test_federated_evaluation_caps_a_claimed_example_count() -> None:
+    """Every device evaluates one held-out event (num_examples 1); one claiming 10**12 made
+    its loss and HR@10 the round's validation figures. Weights are capped as in fit."""
+    from server.server_app import build_strategy
+
+    config = ServerConfig.from_run_config({"task": STUDENT_TASK, "dp": True})
+    strategy = build_strategy(config, [np.zeros(2, np.float32)])
+    honest = [(_proxy(i), _evalres(2.0, 1, {"full_hr@10": 0.0})) for i in range(1, 4)]
+    liar = (_proxy(9), _evalres(0.0, 10**12, {"full_hr@10": 1.0}))
+    loss, metrics = strategy.aggregate_evaluate(1, [*honest, liar], [])
+    assert loss == pytest.approx(1.5) and metrics["full_hr@10"] == pytest.approx(0.25)
+
+
 def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
     """A MetricRecord value may be a list: a client (buggy or hostile) sending its loss, or
     under SecAgg+ its num_examples, as one made float() / sum() raise TypeError in the
