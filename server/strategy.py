@@ -177,8 +177,11 @@ RoundCallback: TypeAlias = Callable[[RoundReport], None]
 
 
 def bounded_reason(text: str) -> str:
-    """``text`` cut to :data:`MAX_REASON_CHARS` (its length said) where longer: what is
-    kept and logged of a reason a client wrote."""
+    """``text`` on one printable line, cut to :data:`MAX_REASON_CHARS` (its length said)
+    where longer: what is kept and logged of a reason a client wrote. A character that is
+    not printable (a newline, an ANSI escape, a bidi override) is written as its escape: a
+    client's text forged whole lines of the server's log and took over its terminal."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
     if len(text) <= MAX_REASON_CHARS:
         return text
     return f"{text[:MAX_REASON_CHARS]}... ({len(text)} characters)"

@@ -1298,6 +1298,31 @@ def test_secagg_early_dropouts_leave_the_survivor_aggregate(
     assert _max_diff(reports[0].parameters, expected) < tol
 
 
+def test_a_client_error_text_cannot_write_lines_or_escapes_into_the_server_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client's error reply carries any text it likes, and the server logs it (a SecAgg+
+    dropout's cause): a newline and ANSI escapes in it forged a log line of the server's
+    own, and took over the operator's terminal. They are logged escaped, on one line."""
+    evil = "oops\nINFO :      round 1 done: all ok\x1b[2J\x1b]0;owned\x07\u202e"
+
+    def hostile(
+        msg: Message, ctx: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
+        records = msg.content.config_records if msg.has_content() else {}
+        if client_id_of(ctx) == 1 and SECAGG_RECORD in records:
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=evil)
+            return Message(error, reply_to=msg)
+        return call_next(msg, ctx)
+
+    config: RunConfig = {"num-rounds": 1, "secagg": True, "eval-fraction": 0.0}
+    with flower_log(caplog, logging.WARNING):
+        _run(config, num_nodes=4, extra_mods=[hostile])
+    (line,) = [r.getMessage() for r in caplog.records if "dropped before sending" in r.getMessage()]
+    assert "oops\\nINFO" in line and "\\x1b[2J" in line, line
+    assert line.isprintable(), line
+
+
 def test_secagg_dropout_in_unmask_stage_keeps_its_masked_update() -> None:
     # A client that already sent its masked vector and then drops is still summed:
     # its private mask is removed with the shares its neighbours hold.
