@@ -81,6 +81,11 @@ MAX_REASONS = 20
 #: text it likes, and the stats of every round stay in memory for the run.
 MAX_REASON_CHARS = 500
 
+#: How many metrics of one client's reply, and how long a key, become round statistics:
+#: the task's own are a handful of short names; the rest are left out.
+MAX_CLIENT_METRICS = 32
+MAX_METRIC_KEY_CHARS = 100
+
 #: Fit-config key: when true, clients report weight 1 instead of ``num_examples`` (so
 #: SecAgg+'s weighted average becomes a plain one; user-level DP needs uniform weights).
 #: Honoured under SecAgg+ by ``server.secagg.secaggplus_when_requested_mod``; in plain
@@ -316,7 +321,17 @@ def _unit_weights(contributors: int, unmasked_weight: float | None, server_round
 
 
 def _public_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
-    return {k: v for k, v in metrics.items() if k not in (METRIC_STATUS, METRIC_REASON)}
+    """The metrics of a reply that become round statistics: not its status, and at most
+    :data:`MAX_CLIENT_METRICS` keys of at most :data:`MAX_METRIC_KEY_CHARS` characters (a
+    client chooses them, and each became a statistic kept all run and written into every
+    checkpoint, progress line and Flower's history log)."""
+    public: dict[str, Scalar] = {}
+    for key, value in metrics.items():
+        if len(public) == MAX_CLIENT_METRICS:
+            break
+        if key not in (METRIC_STATUS, METRIC_REASON) and len(key) <= MAX_METRIC_KEY_CHARS:
+            public[key] = value
+    return public
 
 
 def secure_least_cohort(min_cohort: int, noise_shares: int, secagg_least: int) -> int:

@@ -1007,6 +1007,31 @@ def test_federated_evaluation_caps_a_claimed_example_count() -> None:
     assert loss == pytest.approx(1.5) and metrics["full_hr@10"] == pytest.approx(0.25)
 
 
+def test_a_client_cannot_flood_the_round_stats_with_metric_keys() -> None:
+    """Every numeric metric a client sends becomes a round statistic (``client-KEY``), kept
+    for the whole run, written into every checkpoint and the progress file, and logged in
+    Flower's history: one client sending 10,000 keys, or a key of a megabyte, made each of
+    them that large. A reply's first few short keys are kept; the honest ones stay."""
+    strategy = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)])
+    update = [np.full(2, 0.5, np.float32)]
+    flood = _fitres(update, 1)
+    flood.metrics.update({f"junk-{i}": float(i) for i in range(10_000)})
+    flood.metrics["k" * 1_000_000] = 1.0
+    _, metrics = strategy.aggregate_fit(
+        1, [(_proxy(1), _fitres(update, 1)), (_proxy(2), flood)], []
+    )
+    stats = strategy.fit_stats[1]
+    assert stats.client_metrics["train-loss"] == pytest.approx(1.0)
+    assert len(stats.client_metrics) <= 64 and len(metrics) < 80
+    assert max(map(len, stats.client_metrics)) <= 100
+    _, evaluated = strategy.aggregate_evaluate(
+        1,
+        [(_proxy(1), _evalres(1.0, 1, {"hr": 0.5})), (_proxy(2), _evalres(1.0, 1, flood.metrics))],
+        [],
+    )
+    assert evaluated["hr"] == pytest.approx(0.5) and len(evaluated) < 80
+
+
 def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
     """A MetricRecord value may be a list: a client (buggy or hostile) sending its loss, or
     under SecAgg+ its num_examples, as one made float() / sum() raise TypeError in the
