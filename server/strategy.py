@@ -1029,10 +1029,9 @@ class ValidatingFedAvg(FedAvg):
                 new, norm = self._apply(aggregate)
         else:
             new, norm = self._noise_only(server_round)
-        # clients withhold their counts and metrics here (0, {}): only usable ones count, as
-        # one client's list or NaN in place of its count would make them fail or NaN
-        weighed = [r for _, r in contributors if _positive_weight(r.num_examples)]
-        total = sum(r.num_examples for r in weighed)
+        # every client's SecAgg+ mod withholds its count and metrics here (0, only the status,
+        # server.secagg._scrub_fit_reply): what a reply still carries is from a client without
+        # it, and made up the round's client metrics (the operator's "mean device epsilon")
         failed, reasons = _failure_summary(sampled, len(results), failures)
         stats = FitRoundStats(
             server_round=server_round,
@@ -1041,14 +1040,11 @@ class ValidatingFedAvg(FedAvg):
             declined=declined,
             rejected=len(contributors) if rejections and contributors else 0,
             failed=failed,
-            num_examples=total,
+            num_examples=0,
             secure_aggregation=True,
             updated=new is not None,
             rejections=tuple(rejections),
             failures=reasons,
-            client_metrics=_weighted_means(
-                [(r.num_examples, _public_metrics(r.metrics)) for r in weighed]
-            ),
             update_norm=norm,
         )
         return stats, new

@@ -1056,6 +1056,27 @@ def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 0.5)
 
 
+def test_a_secure_round_reports_no_client_metrics_whatever_a_client_sends() -> None:
+    """Under SecAgg+ every honest client's mod strips its fit metrics and count (0, only the
+    status), so what a reply still carries comes from a client without it: its numbers were
+    the round's "client metrics", and its epsilon the "mean device epsilon" of the operator's
+    progress line, which the README says is n/a under SecAgg+. They are left out."""
+    from server.deploy_app import round_record
+
+    secure = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)], secure_aggregation=True)
+    mean = [np.full(2, 0.5, np.float32)]
+    honest = FitRes(Status(Code.OK, "Success"), ndarrays_to_parameters(mean), 0, {})
+    forged = FitRes(
+        Status(Code.OK, "Success"), ndarrays_to_parameters(mean), 7, {"epsilon": 0.0001}
+    )
+    params, _ = secure.aggregate_fit(1, [(_proxy(1), honest), (_proxy(2), forged)], [])
+    assert params is not None
+    stats = secure.fit_stats[1]
+    assert stats.client_metrics == {} and stats.num_examples == 0
+    report = RoundReport(1, parameters_to_ndarrays(params), stats, None, 1.0, 1.0)
+    assert round_record(report, 3)["epsilon_record_mean"] is None
+
+
 def test_strategy_rejects_unusable_initial_parameters() -> None:
     with pytest.raises(InvalidUpdateError, match="initial parameters array 0 has dtype int64"):
         ValidatingFedAvg(initial_parameters=[np.zeros(2, np.int64)])
