@@ -1095,10 +1095,10 @@ class ValidatingFedAvg(FedAvg):
         )
         self.eval_stats[server_round] = stats
         metrics: dict[str, Scalar] = {
+            **stats.metrics,  # first: a client's metric named like a count does not replace it
             "clients-sampled": stats.sampled,
             "clients-ok": stats.ok,
             "clients-declined": stats.declined,
             "clients-failed": stats.failed,
-            **stats.metrics,
         }
         return loss, metrics

@@ -1032,6 +1032,19 @@ def test_a_client_cannot_flood_the_round_stats_with_metric_keys() -> None:
     assert evaluated["hr"] == pytest.approx(0.5) and len(evaluated) < 80
 
 
+def test_a_client_metric_cannot_overwrite_the_evaluation_counts() -> None:
+    """The evaluation's metrics (Flower's history, logged at the end of the run) held the
+    clients' metric means after the server's counts, so a client reporting a metric named
+    ``clients-failed`` replaced the count of failed clients with its number."""
+    strategy = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float32)])
+    forged = {"clients-failed": 0.0, "clients-ok": 1000.0, "hr": 0.5}
+    _, metrics = strategy.aggregate_evaluate(
+        1, [(_proxy(1), _evalres(1.0, 1, forged)), (_proxy(2), _evalres(math.nan, 1))], []
+    )
+    assert (metrics["clients-ok"], metrics["clients-failed"]) == (1, 1)
+    assert metrics["hr"] == pytest.approx(0.5)
+
+
 def test_a_reply_with_a_list_for_a_number_is_counted_not_fatal() -> None:
     """A MetricRecord value may be a list: a client (buggy or hostile) sending its loss, or
     under SecAgg+ its num_examples, as one made float() / sum() raise TypeError in the
