@@ -34,6 +34,8 @@ DAEMON_SETTINGS_HELP: dict[str, dict[str, str]] = {
     "Processes": {
         "shutdown_grace_s": "Seconds the managed processes get to stop before they are killed.",
         "monitor_interval_s": "Seconds between checks of the managed processes.",
+        "max_log_bytes": "Most bytes logs/supernode.log holds; beyond, its oldest lines are "
+        "dropped (the newest half kept).",
     },
     "Exploration (re-ranking policy)": {
         "bandit_policy": "greedy, epsilon_greedy, linucb or thompson.",

@@ -845,6 +845,54 @@ def test_a_managed_processs_log_is_readable_by_its_owner_only(tmp_path: Path) ->
     assert log_file.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_managed_processs_log_is_kept_under_max_log_bytes(tmp_path: Path) -> None:
+    """The daemon runs for months and ``logs/supernode.log`` was only ever appended to (its
+    SuperNode logs every round, and every retry while the server is down), emptied by an
+    erase alone: it filled the device's disk. The monitor now keeps it at most
+    ``max-log-bytes``, dropping the oldest lines, while the process still writes to it; the
+    current run's newest lines (what ``/status`` reads) stay."""
+    state = tmp_path / "device"
+    init_identity(state)
+    log = tmp_path / "supernode.log"
+    log.write_bytes(b"an earlier run's line\n" * 10_000)  # 220 kB from earlier runs
+    script = (
+        "import sys, time\n"
+        "for i in range(3000): print(f'INFO : round {i:06d} ' + 'x' * 60, flush=True)\n"
+        "print('ERROR : last words', flush=True); time.sleep(600)"
+    )
+    limit = 64 * 1024
+    config = DaemonConfig(monitor_interval_s=0.05, max_log_bytes=limit)
+    daemon = Daemon.open(state, config=config)
+    daemon.add_process(ProcessSpec("supernode", (sys.executable, "-c", script), log_file=str(log)))
+    (proc,) = daemon.processes
+    thread = threading.Thread(target=lambda: daemon.run(api=False))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            data = log.read_bytes()
+            if data.endswith(b"last words\n") and len(data) <= limit:
+                break
+            time.sleep(0.05)
+        data = log.read_bytes()
+        assert data.endswith(b"ERROR : last words\n") and len(data) <= limit
+        assert data.startswith(b"INFO : round ")  # whole lines: the oldest ones dropped
+        assert b"earlier run" not in data
+        # what the current run logged is still its own: the offset followed the trim
+        from client.device.daemon import log_lines
+
+        assert log_lines(str(log), start=proc.log_start)[-1] == "ERROR : last words"
+    finally:
+        daemon.request_stop("test over")
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def test_max_log_bytes_below_what_a_diagnosis_reads_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max-log-bytes"):
+        DaemonConfig(max_log_bytes=1000)
+
+
 def test_an_erase_empties_the_supernode_log_without_a_supernode_registered(
     device: Device,
 ) -> None:

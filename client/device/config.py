@@ -28,6 +28,7 @@ __all__ = [
     "MAX_K",
     "MAX_WAIT_S",
     "MIN_BODY_BYTES",
+    "MIN_LOG_BYTES",
     "DaemonConfig",
 ]
 
@@ -52,6 +53,11 @@ MAX_K = 100
 #: batch with its JSON framing may be refused.
 MIN_BODY_BYTES = 1024
 
+#: The smallest ``max-log-bytes``: a trimmed log keeps half of it, which must hold the
+#: 16 KiB tail the daemon reads to say why a managed process ended
+#: (:func:`client.device.daemon.log_lines`) with room to spare.
+MIN_LOG_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class DaemonConfig:
@@ -68,6 +74,10 @@ class DaemonConfig:
     client start``, caps on the server's ``epsilon-budget`` and ``delta``. ``exploration``:
     the re-ranking policy (:class:`~shared.bandits.policies.BanditConfig`; flat keys
     ``bandit-<key>`` in :meth:`from_values`); its ``top_n`` must fit in ``candidate_pool``.
+    ``max_log_bytes``: the most a managed process's log (``logs/supernode.log``) holds; a
+    daemon runs for months and its SuperNode logs every round and every retry, so beyond
+    it the oldest lines are dropped, keeping the newest half (at least
+    :data:`MIN_LOG_BYTES`).
     """
 
     host: str = "127.0.0.1"
@@ -83,6 +93,7 @@ class DaemonConfig:
     shutdown_grace_s: float = 10.0
     monitor_interval_s: float = 0.5
     log_level: str = "warning"
+    max_log_bytes: int = 10 * 1024 * 1024
     exploration: BanditConfig = field(default_factory=BanditConfig)
 
     @classmethod
@@ -188,6 +199,11 @@ class DaemonConfig:
             raise ConfigError(
                 f"monitor-interval-s must be in (0, {MAX_WAIT_S:g}] seconds, "
                 f"got {self.monitor_interval_s}"
+            )
+        if self.max_log_bytes < MIN_LOG_BYTES:
+            raise ConfigError(
+                f"max-log-bytes must be >= {MIN_LOG_BYTES} (a trimmed log keeps half of it, "
+                f"where the daemon reads why its SuperNode ended), got {self.max_log_bytes}"
             )
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if self.log_level not in levels:
