@@ -1389,6 +1389,22 @@ def test_cli_install_model_keeps_the_sealed_versions_the_daemon_keeps(
         assert daemon.models.versions() == [1, 2, 3, 4, 5, 6]
 
 
+def test_the_stores_model_records_are_those_of_the_sealed_versions_kept(
+    tmp_path: Path, int8_model: bytes
+) -> None:
+    """Every sealed model (each round's global model, each personal refit after new events)
+    added a row to the store's ``models`` table, and none was ever removed while the sealed
+    files themselves were pruned to ``keep-models``: on a device running for months the
+    table grew by a row per refit. The records now follow the sealed versions on disk."""
+    state = tmp_path / "dev"
+    init_identity(state)
+    with Daemon.open(state, config=DaemonConfig(keep_models=2)) as daemon:
+        for _ in range(6):
+            daemon.install_model(int8_model, CATALOG)
+        kept = daemon.models.versions()
+        assert [r.version for r in daemon.store.models()] == kept == [5, 6]
+
+
 def test_the_api_url_of_an_ipv6_loopback_is_usable() -> None:
     from client.device.daemon import api_url
 

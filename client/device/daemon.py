@@ -1144,9 +1144,11 @@ class Daemon:
         return info.version
 
     def _record_sealed(self, info: SealedModelInfo) -> None:
-        """Note a newly sealed model in the store's model history."""
+        """Note a newly sealed model in the store's model history, which keeps the records
+        of the sealed versions still on disk only."""
         self.store.record_model(
-            ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at)
+            ModelRecord(info.version, info.model_version, info.sha256, info.sealed_at),
+            kept=self.models.versions(),
         )
 
     def _scrub_later(self) -> None:

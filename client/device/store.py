@@ -931,8 +931,11 @@ class DeviceStore:
 
     # -- models -------------------------------------------------------------------------------
 
-    def record_model(self, record: ModelRecord) -> None:
-        """Log an installed model version (the sealed file is the source of the bytes)."""
+    def record_model(self, record: ModelRecord, kept: Iterable[int] | None = None) -> None:
+        """Log an installed model version (the sealed file is the source of the bytes).
+        ``kept``: the sealed versions still on disk; the records of every other version are
+        removed, so the table stays as small as the sealed store (a device seals a model
+        per round and per personal refit, for months). ``None``: remove nothing."""
         payload = {
             "model_version": record.model_version,
             "sha256": record.sha256,
@@ -943,6 +946,10 @@ class DeviceStore:
                 "INSERT OR REPLACE INTO models (version, payload) VALUES (?, ?)",
                 (record.version, self._seal("models", record.version, "model", payload)),
             )
+            if kept is not None:
+                keep = sorted({*kept, record.version})
+                marks = ",".join("?" * len(keep))
+                conn.execute(f"DELETE FROM models WHERE version NOT IN ({marks})", keep)
 
     def models(self) -> list[ModelRecord]:
         with self._lock:
