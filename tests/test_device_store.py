@@ -354,6 +354,26 @@ def test_old_impressions_expire(tmp_path: Path, key: bytes) -> None:
         ]
 
 
+def test_feedback_of_expired_impressions_is_not_kept(tmp_path: Path, key: bytes) -> None:
+    """Impressions expire beyond ``max_impressions``, but every feedback report stayed in
+    the store for good (an app reports every item it shows): on a device running for months
+    the table grew without bound, and each ``POST /feedback`` scanned all of it. Feedback
+    whose slate has expired can no longer be matched to anything and goes with it; the
+    count ``/status`` shows still includes it (until an erase)."""
+    with DeviceStore.open(tmp_path / "s.db", key, max_impressions=20) as store:
+        for n in range(50):
+            rec = f"{n:032x}"
+            store.record_impressions([Impression(rec, item, 1, 1.0, 1.0) for item in "abcd"])
+            store.add_feedback([Feedback(rec, item, "shown", 2.0) for item in "abcd"])
+        stats = store.stats()
+        assert stats.impressions == 20 and stats.feedback == 200
+        rows = store.feedback()
+        assert len(rows) <= 24
+        last = f"{49:032x}"
+        assert store.reported([(last, "a")]) == {(last, "a")}
+        assert store.erase() and store.stats().feedback == 0
+
+
 def test_rounds_joined_follow_the_federation_file_and_survive_its_reset(
     tmp_path: Path, key: bytes
 ) -> None:

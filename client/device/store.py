@@ -51,6 +51,11 @@ Retries
     (``events.client_tag``, ``feedback_ids``), so a batch sent again after a lost reply is
     recognised and stored once. The feedback ids are bounded: only the newest
     ``max_feedback_ids`` are remembered.
+
+Bounds
+    Impressions: the newest ``max_impressions``; feedback goes with the last impression of
+    its slate (counted on in :attr:`StoreStats.feedback`); model records: the sealed
+    versions on disk. Events, the user's history, are kept until an erase.
 """
 
 from __future__ import annotations
@@ -114,6 +119,9 @@ _SYNC_BASELINE: dict[str, str] = {
 }
 
 STATE_ADAPTATION_PENDING = "adaptation_pending"
+#: Feedback reports removed with their expired slate (:meth:`DeviceStore.record_impressions`),
+#: still counted in :attr:`StoreStats.feedback` (until an erase).
+STATE_FEEDBACK_EXPIRED = "feedback_expired"
 
 #: Longest ``event_id`` an app may give an event (and ``feedback_id`` a feedback report).
 MAX_EVENT_ID_LENGTH: Final = 128
@@ -761,7 +769,9 @@ class DeviceStore:
 
     def record_impressions(self, impressions: Sequence[Impression]) -> None:
         """Remember what was recommended (so feedback can be checked), pruning the oldest
-        beyond ``max_impressions``."""
+        beyond ``max_impressions``, and the feedback of the slates they were the last
+        impressions of: it can no longer be matched to anything, and an app reports every
+        item it shows (it stays counted in :attr:`StoreStats.feedback`)."""
         if not impressions:
             return
         with self._write() as conn:
@@ -789,7 +799,16 @@ class DeviceStore:
                 rows,
             )
             last = first + len(rows) - 1
-            conn.execute("DELETE FROM impressions WHERE id <= ?", (last - self.max_impressions,))
+            expired = conn.execute(
+                "DELETE FROM impressions WHERE id <= ?", (last - self.max_impressions,)
+            ).rowcount
+            if expired > 0:
+                gone = conn.execute(
+                    "DELETE FROM feedback WHERE recommendation_id NOT IN "
+                    "(SELECT recommendation_id FROM impressions)"
+                ).rowcount
+                if gone > 0:
+                    self._increment(conn, STATE_FEEDBACK_EXPIRED, gone)
 
     def missing_impressions(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         """The ``(recommendation_id, item_id)`` pairs that were never recommended (or expired)."""
@@ -1085,6 +1104,7 @@ class DeviceStore:
                 for t in ("events", "feedback", "impressions", "models")
             }
             pending = int(self._get(self._conn, STATE_ADAPTATION_PENDING, 0))
+            counts["feedback"] += int(self._get(self._conn, STATE_FEEDBACK_EXPIRED, 0))
             rounds = int(self._get(self._conn, STATE_ROUNDS_JOINED, 0))
             without_dp = int(self._get(self._conn, STATE_ROUNDS_WITHOUT_DP, 0))
         return StoreStats(
