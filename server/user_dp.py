@@ -249,8 +249,13 @@ class _MemoizedLedger(PrivacyLedger):
 
     The RDP -> (epsilon, delta) conversion costs ~0.1-0.3 s for ``q < 1`` and the
     server asks it several times per round (charge, report, checkpoint, budget check)
-    for the same history. Accounting is unchanged: the key is the full history.
+    for the same history. Accounting is unchanged: the key is the full history. Every round
+    spends more, so a history is not asked for again rounds later: only the newest
+    :attr:`MEMO_SIZE` results are kept (a server runs many rounds, and restarts rarely).
     """
+
+    #: How many (history, delta) results the memo keeps, the oldest dropped first.
+    MEMO_SIZE = 32
 
     def __init__(self, budget: PrivacyBudget) -> None:
         super().__init__(budget)
@@ -264,6 +269,8 @@ class _MemoizedLedger(PrivacyLedger):
             self.budget.delta if delta is None else delta,
         )
         if key not in self._memo:
+            while len(self._memo) >= self.MEMO_SIZE:
+                del self._memo[next(iter(self._memo))]
             self._memo[key] = super().epsilon(extra=extra, delta=delta)
         return self._memo[key]
 

@@ -1489,3 +1489,31 @@ def test_user_dp_under_secagg_charges_the_rounding_in_its_sensitivity() -> None:
     assert charged == pytest.approx(z * c / (c + slack), rel=1e-12) and charged < z
     plain = ServerConfig.from_run_config({**base, "secagg": False})
     assert make_user_dp(plain, 679, d).spend(50).noise_multiplier == z
+
+
+def test_the_user_level_ledgers_epsilon_memo_stays_small_over_many_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's user-level ledger memoizes epsilon per spent history, and every round
+    spends more, so each round added entries that no later round asks for again: a
+    federation of many rounds kept them all in memory. The memo now keeps the newest few."""
+    from server.user_dp import _MemoizedLedger
+    from shared.privacy.budget import PrivacyBudget
+    from shared.privacy.ledger import PrivacyLedger, Spend
+
+    calls: list[int] = []
+
+    def cheap(self: PrivacyLedger, extra: Spend | None = None, delta: float | None = None) -> float:
+        calls.append(1)
+        return 0.001 * sum(s.steps for s in self.history)
+
+    monkeypatch.setattr(PrivacyLedger, "epsilon", cheap)
+    ledger = _MemoizedLedger(PrivacyBudget(8.0, 1e-5))
+    for _ in range(2000):
+        ledger.epsilon(extra=Spend(1.0, 0.1, 1))  # the charge's check
+        ledger.record(1.0, 0.1, 1)
+        ledger.epsilon()
+        ledger.epsilon()  # asked again in the same round: from the memo
+    assert len(calls) <= 4000  # the repeated asks were answered from the memo
+    assert len(ledger._memo) <= 64
+    assert ledger.epsilon() == pytest.approx(2.0)
