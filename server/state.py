@@ -685,11 +685,16 @@ def read_progress_file(path: Path) -> list[dict[str, Any]]:
     are skipped like a torn line: decoding the whole file strictly made `fedrec server
     status` and the ServerApp's start fail on it."""
     try:
-        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
+    return _progress_records(data)
+
+
+def _progress_records(data: bytes) -> list[dict[str, Any]]:
+    """The round records of progress-file bytes (torn or undecodable lines skipped)."""
     out = []
-    for line in lines:
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -697,6 +702,36 @@ def read_progress_file(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             out.append(record)
     return out
+
+
+class ProgressTail:
+    """Follows a progress file: :meth:`new_records` returns the records appended since the
+    last call (the first call: since this object was made), reading only the new bytes. A
+    file that grows by a line per round for weeks, read whole twice a second, cost the
+    follower more each round. A line still being written is read once it is complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = self._complete(0)[0]
+
+    def _complete(self, start: int) -> tuple[int, bytes]:
+        """The offset after the last complete line from ``start`` on, and those bytes (a
+        file now shorter than ``start``, replaced, is read from its beginning)."""
+        try:
+            with self.path.open("rb") as fh:
+                end = fh.seek(0, os.SEEK_END)
+                if end < start:
+                    start = 0
+                fh.seek(start)
+                data = fh.read(end - start)
+        except FileNotFoundError:
+            return 0, b""
+        complete = data.rfind(b"\n") + 1
+        return start + complete, data[:complete]
+
+    def new_records(self) -> list[dict[str, Any]]:
+        self.offset, data = self._complete(self.offset)
+        return _progress_records(data)
 
 
 _CHECKPOINT_NAME = re.compile(r"round-(\d{8})\.json")

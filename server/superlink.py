@@ -51,10 +51,10 @@ from server.pki import SubjectNames, check_pki, dns_name_key, server_names, unbr
 from server.state import (
     ClientRecord,
     ClientRegistry,
+    ProgressTail,
     ServerLayout,
     StateDirError,
     hold_server_lock,
-    read_progress,
     read_running,
     resumable_round,
     round_aggregated,
@@ -1002,21 +1002,32 @@ class ServerRunner:
         """Print each finished round; the exit status at the end of the run, or ``None``
         when the SuperLink died (the caller restarts it)."""
         assert self.run_id is not None
-        shown = len(read_progress(self.layout))
-        first = shown  # this run's rounds are the records after it
+        progress = ProgressTail(self.layout.progress)  # this run's rounds are the new records
+        # of this run's rounds, less those a restart wrote from an earlier process's
+        # checkpoints: whether any ran, and whether any changed the global model
+        ran = aggregated = False
+
+        def show_new_rounds() -> bool:
+            """Print the rounds recorded since the last call; whether the final one was."""
+            nonlocal ran, aggregated
+            final = False
+            for record in progress.new_records():
+                self.echo(format_round(record))
+                if not record.get("backfilled"):
+                    ran = True
+                    aggregated = aggregated or round_aggregated(record)
+                final = final or _final_round(record)
+            return final
+
         next_check = 0.0
         interval = self.options.status_interval_s
         pending_until = time.monotonic() + self.options.pending_timeout_s
         while True:
-            records = read_progress(self.layout)
-            for record in records[shown:]:
-                self.echo(format_round(record))
-                if _final_round(record):
-                    # checked every status_interval_s, a run that had ended was noticed
-                    # seconds late (5 s, with the default, after the last round's line)
-                    interval = min(self.options.final_status_interval_s, interval)
-                    next_check = min(next_check, time.monotonic() + interval)
-            shown = len(records)
+            if show_new_rounds():
+                # checked every status_interval_s, a run that had ended was noticed
+                # seconds late (5 s, with the default, after the last round's line)
+                interval = min(self.options.final_status_interval_s, interval)
+                next_check = min(next_check, time.monotonic() + interval)
             if not self.superlink.alive():
                 return None
             now = time.monotonic()
@@ -1037,24 +1048,19 @@ class ServerRunner:
                         f"did not start it; see {self.layout.superlink_log} for why"
                     )
                 if status.startswith(_FINISHED):
-                    records = read_progress(self.layout)
-                    for record in records[shown:]:
-                        self.echo(format_round(record))
+                    show_new_rounds()
                     run_log = self._run_log(self.run_id)
                     log_is = self._save_run_log(self.run_id)
                     if status == "finished:completed":
-                        # rounds a restart wrote from an earlier process's checkpoints are
-                        # not this run's
-                        rounds = [r for r in records[first:] if not r.get("backfilled")]
                         unfinished = self._rounds_left()
-                        if not rounds and unfinished:
+                        if not ran and unfinished:
                             self.echo(
                                 f"run {self.run_id} completed without running a round, with "
                                 f"{unfinished} of its rounds still to run (e.g. the user-level "
                                 f"privacy budget is spent); the ServerApp's log {log_is}"
                             )
                             return 1
-                        if rounds and not any(round_aggregated(r) for r in rounds):
+                        if ran and not aggregated:
                             self.echo(
                                 f"run {self.run_id} completed, but no round changed the global "
                                 "model: every sampled device failed or declined (the reasons "
