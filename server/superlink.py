@@ -63,7 +63,13 @@ from server.state import (
 from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import STUDENT_TASK, RunConfigValue
-from shared.io import raise_naming, write_bytes_atomic, write_json_atomic
+from shared.io import (
+    MIN_LOG_BYTES,
+    raise_naming,
+    trim_log,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from shared.processes import (
     ProcessKey,
     descendants,
@@ -541,6 +547,10 @@ class SuperLinkOptions:
     # a submitted run that no executor has picked up (still "pending") after this long
     # never will: it is reported instead of waited for
     pending_timeout_s: float = 300.0
+    #: the most ``logs/superlink.log`` holds: the SuperLink logs calls of every device in
+    #: every round, for as long as the federation runs; beyond it the oldest lines are
+    #: dropped, keeping the newest half
+    max_log_bytes: int = 100 * 1024 * 1024
 
     def __post_init__(self) -> None:
         # an IPv6 address written as in a URL ([::1]), which `server init --host` takes too:
@@ -554,6 +564,11 @@ class SuperLinkOptions:
             raise ConfigError(f"the ready timeout must be > 0, got {self.ready_timeout_s}")
         if not self.pending_timeout_s > 0:
             raise ConfigError("the pending timeout must be > 0")
+        if self.max_log_bytes < MIN_LOG_BYTES:
+            raise ConfigError(
+                f"--max-log-bytes must be >= {MIN_LOG_BYTES} (a trimmed log keeps half of "
+                f"it), got {self.max_log_bytes}"
+            )
 
 
 _WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -610,6 +625,12 @@ class SuperLinkProcess:
         self._descendants: set[ProcessKey] = set()
         #: where this start's output begins in the (appended) log
         self._log_offset = 0
+
+    def trim_log(self) -> None:
+        """Keep ``logs/superlink.log`` under ``max_log_bytes`` (called while following a run;
+        where this start's output begins moves with it)."""
+        dropped = trim_log(self.layout.superlink_log, self.options.max_log_bytes)
+        self._log_offset = max(0, self._log_offset - dropped)
 
     def remember_descendants(self) -> None:
         """Note the processes the SuperLink runs now (called while following a run)."""
@@ -1035,6 +1056,7 @@ class ServerRunner:
                 next_check = now + interval
                 interval = min(2 * interval, self.options.status_interval_s)
                 self.superlink.remember_descendants()
+                self.superlink.trim_log()
                 try:
                     status = self.cli.run_status(self.run_id)
                 except SuperLinkError:

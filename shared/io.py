@@ -368,6 +368,37 @@ def truncate_durably(path: str | Path) -> None:
         os.close(fd)
 
 
+#: The smallest bound :func:`trim_log` is given (a device's ``max-log-bytes``, a server's
+#: ``--max-log-bytes``): a trimmed log keeps half of it, which must hold the 16 KiB tail read
+#: to say why a process ended (:func:`client.device.daemon.log_lines`) with room to spare.
+MIN_LOG_BYTES = 64 * 1024
+
+
+def trim_log(log_file: str | Path, max_bytes: int) -> int:
+    """Keep ``log_file`` at most ``max_bytes``: once it is larger, keep its newest half (from
+    the first whole line in it) and drop the rest; returns the bytes dropped from its front
+    (0: nothing done). The file is rewritten in place, as ``logrotate``'s ``copytruncate``
+    does, because the process writing it holds it open (``O_APPEND``: its next line goes to
+    the new end); a line it writes during the copy may be lost."""
+    try:
+        with open(log_file, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size <= max_bytes:
+                return 0
+            fh.seek(size - max_bytes // 2)
+            tail = fh.read()
+            newline = tail.find(b"\n")
+            if 0 <= newline < len(tail) - 1:
+                tail = tail[newline + 1 :]
+            fh.seek(0)
+            fh.write(tail)
+            fh.truncate(len(tail))
+    except OSError as exc:
+        logger.warning("could not trim %s: %s", log_file, exc)
+        return 0
+    return size - len(tail)
+
+
 def make_dirs_durable(folder: str | Path, *, mode: int = 0o777) -> None:
     """``mkdir -p folder`` (``mode`` for ``folder`` itself, cut by the umask), syncing the
     parent of every folder it creates. Create a folder that durable files go into with this,

@@ -1272,6 +1272,34 @@ def test_a_superlink_log_the_disk_has_no_room_for_is_named(
     assert process.popen is None
 
 
+def test_the_superlink_log_is_kept_under_max_log_bytes(tmp_path: Path) -> None:
+    """`logs/superlink.log` was only ever appended to: the SuperLink logs calls of every
+    device in every round (GetRun, GetFab, PushMessages...), for as long as a federation
+    runs, and every start adds to it, until the server's disk was full. While `server
+    start` follows a run it now keeps the log under `--max-log-bytes`, the oldest lines
+    dropped; what this start wrote is still read from where it begins."""
+    from server.superlink import ServerRunner, SuperLinkOptions, SuperLinkProcess
+
+    layout = init_state_dir(tmp_path / "s")
+    layout.superlink_log.write_bytes(b"INFO : [Fleet.GetRun] Requesting Run\n" * 10_000)
+    options = SuperLinkOptions(port=19199, max_log_bytes=64 * 1024)
+    process = SuperLinkProcess(layout, options)
+    process._log_offset = layout.superlink_log.stat().st_size
+    with layout.superlink_log.open("ab") as log:
+        log.write(b"ERROR : this start's words\n")
+    runner = ServerRunner(layout, options, {}, echo=lambda line: None)
+    runner.superlink, runner.run_id = process, 7
+    runner.cli = _StatusCli(lambda: "finished:completed")  # type: ignore[assignment]
+    process.alive = lambda: True  # type: ignore[method-assign]
+    process.remember_descendants = lambda: None  # type: ignore[method-assign]
+    runner._follow()
+    data = layout.superlink_log.read_bytes()
+    assert len(data) <= 64 * 1024 and data.startswith(b"INFO : [Fleet.GetRun]")
+    assert data[process._log_offset :] == b"ERROR : this start's words\n"
+    with pytest.raises(ConfigError, match="--max-log-bytes"):
+        SuperLinkOptions(max_log_bytes=100)
+
+
 class _AliveSuperLink:
     """A SuperLink that stays up, for ``ServerRunner._follow``."""
 
@@ -1279,6 +1307,9 @@ class _AliveSuperLink:
         return True
 
     def remember_descendants(self) -> None:
+        pass
+
+    def trim_log(self) -> None:
         pass
 
 

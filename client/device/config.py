@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from shared.bandits.policies import BanditConfig
 from shared.config import from_flat, kebab
 from shared.errors import ConfigError
+from shared.io import MIN_LOG_BYTES
 from shared.privacy.budget import PrivacyBudget, check_budget
 
 #: The most adapter refit steps a device takes because the federation's run config asks
@@ -52,11 +53,6 @@ MAX_K = 100
 #: The smallest request body limit (bytes) the local API takes: below it even a one-event
 #: batch with its JSON framing may be refused.
 MIN_BODY_BYTES = 1024
-
-#: The smallest ``max-log-bytes``: a trimmed log keeps half of it, which must hold the
-#: 16 KiB tail the daemon reads to say why a managed process ended
-#: (:func:`client.device.daemon.log_lines`) with room to spare.
-MIN_LOG_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)

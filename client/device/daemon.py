@@ -88,6 +88,7 @@ from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import (
     PRIVATE_MODE,
     fsync_dir,
+    trim_log,
     truncate_durably,
     write_bytes_atomic,
     write_json_atomic,
@@ -304,31 +305,6 @@ def log_size(log_file: str | None) -> int:
         return os.path.getsize(log_file)
     except OSError:
         return 0
-
-
-def trim_log(log_file: str, max_bytes: int) -> int:
-    """Keep ``log_file`` at most ``max_bytes``: once it is larger, keep its newest half (from
-    the first whole line in it) and drop the rest; returns the bytes dropped from its front
-    (0: nothing done). The file is rewritten in place, as ``logrotate``'s ``copytruncate``
-    does, because the process writing it holds it open (``O_APPEND``: its next line goes to
-    the new end); a line it writes during the copy may be lost."""
-    try:
-        with open(log_file, "r+b") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            if size <= max_bytes:
-                return 0
-            fh.seek(size - max_bytes // 2)
-            tail = fh.read()
-            newline = tail.find(b"\n")
-            if 0 <= newline < len(tail) - 1:
-                tail = tail[newline + 1 :]
-            fh.seek(0)
-            fh.write(tail)
-            fh.truncate(len(tail))
-    except OSError as exc:
-        logger.warning("could not trim %s: %s", log_file, exc)
-        return 0
-    return size - len(tail)
 
 
 def log_lines(log_file: str | None, *, start: int = 0, tail_bytes: int = 16_384) -> list[str]:

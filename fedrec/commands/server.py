@@ -265,6 +265,14 @@ def start(
             "two deaths starts the count again).",
         ),
     ] = 3,
+    max_log_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-log-bytes",
+            help="Most bytes logs/superlink.log holds; beyond, its oldest lines are dropped "
+            "(the newest half kept).",
+        ),
+    ] = 100 * 1024 * 1024,
     **settings: Any,
 ) -> None:
     """Run the SuperLink (TLS, device authentication, state database, no run-time installs),
@@ -291,7 +299,9 @@ def start(
     overrides.setdefault("num-rounds", rounds)
     overrides.setdefault("min-available-clients", min_clients)
     config = deployment_run_config(layout, bundle=bundle, num_rounds=rounds, overrides=overrides)
-    options = SuperLinkOptions(host=host, port=port, max_restarts=max_restarts)
+    options = SuperLinkOptions(
+        host=host, port=port, max_restarts=max_restarts, max_log_bytes=max_log_bytes
+    )
     runner = ServerRunner(layout, options, config, echo=lambda line: typer.echo(line))
     code = runner.run()
     if code:
