@@ -551,6 +551,10 @@ class SuperLinkOptions:
     #: every round, for as long as the federation runs; beyond it the oldest lines are
     #: dropped, keeping the newest half
     max_log_bytes: int = 100 * 1024 * 1024
+    #: the most ``logs/run-ID.log`` kept (one is saved for each run a start submits): the
+    #: oldest are removed when one is saved, never the followed run's nor one a message of
+    #: this start names
+    max_run_logs: int = 50
 
     def __post_init__(self) -> None:
         # an IPv6 address written as in a URL ([::1]), which `server init --host` takes too:
@@ -569,6 +573,8 @@ class SuperLinkOptions:
                 f"--max-log-bytes must be >= {MIN_LOG_BYTES} (a trimmed log keeps half of "
                 f"it), got {self.max_log_bytes}"
             )
+        if self.max_run_logs < 1:
+            raise ConfigError(f"--max-run-logs must be >= 1, got {self.max_run_logs}")
 
 
 _WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -834,6 +840,8 @@ class ServerRunner:
         self.superlink = SuperLinkProcess(layout, options)
         self.cli = FlwrCli(layout)
         self.run_id: int | None = None
+        #: the run logs this start's messages named: never removed to bound logs/
+        self._named_logs: set[Path] = set()
         self._stopping = False
         self._stop_status = 130  # a Ctrl-C (SIGINT); _on_signal sets another signal's
 
@@ -938,7 +946,7 @@ class ServerRunner:
         except KeyboardInterrupt:
             self.echo("stopping (the next `fedrec server start` resumes from the checkpoint)")
             if self.run_id is not None and self.superlink.alive():
-                self.cli.save_log(self.run_id, self._run_log(self.run_id))
+                self._save_run_log(self.run_id)
             return self._stop_status
         finally:
             with signals_deferred():  # a second Ctrl-C must not leave the SuperLink running
@@ -974,20 +982,7 @@ class ServerRunner:
         for line in apply_registrations(self.layout, self.cli):
             self.echo(line)
         self._warn_if_too_few_devices()
-        for run in self.cli.runs():
-            # a run of a previous process (its ServerApp died with that SuperLink): keep its
-            # log, where whatever went wrong is. Whatever its status: the SuperLink may have
-            # marked it finished (failed) by the time it is back, and then nobody saved it.
-            earlier, status = int(run["run-id"]), str(run.get("status", ""))
-            log_is = (
-                f"is in {self._run_log(earlier)}"
-                if self._run_log(earlier).exists()
-                else self._save_run_log(earlier)
-            )
-            if not status.startswith(_FINISHED):
-                with contextlib.suppress(SuperLinkError):
-                    self.cli.stop(earlier)
-                    self.echo(f"stopped stale run {earlier} ({status}); its log {log_is}")
+        self._handle_stale_runs()
         done = resumable_round(self.layout)
         if done:
             self.echo(f"resuming: the run continues after round {done} (its checkpoint)")
@@ -999,18 +994,66 @@ class ServerRunner:
             f"({self.run_config.get('num-rounds')} rounds, task {self.run_config.get('task')})"
         )
 
+    def _handle_stale_runs(self) -> None:
+        """Save the logs of the runs of earlier processes, and stop those unfinished."""
+        runs = self.cli.runs()
+        # the newest runs, whose logs are kept: an older finished run's missing log was
+        # removed to keep logs/ bounded, not lost (saving it again would undo that)
+        newest = sorted(runs, key=lambda r: str(r.get("pending-at") or ""), reverse=True)
+        recent = {str(r.get("run-id")) for r in newest[: self.options.max_run_logs]}
+        for run in runs:
+            # a run of a previous process (its ServerApp died with that SuperLink): keep its
+            # log, where whatever went wrong is. Whatever its status: the SuperLink may have
+            # marked it finished (failed) by the time it is back, and then nobody saved it.
+            earlier, status = int(run["run-id"]), str(run.get("status", ""))
+            run_log = self._run_log(earlier)
+            if status.startswith(_FINISHED):
+                if not run_log.exists() and str(earlier) in recent:
+                    self._save_run_log(earlier, named=False)
+                continue
+            if run_log.exists():
+                self._named_logs.add(run_log)
+                log_is = f"is in {run_log}"
+            else:
+                log_is = self._save_run_log(earlier)
+            with contextlib.suppress(SuperLinkError):
+                self.cli.stop(earlier)
+                self.echo(f"stopped stale run {earlier} ({status}); its log {log_is}")
+
     def _run_log(self, run_id: int) -> Path:
         """Where the ServerApp's log of ``run_id`` is kept: saved when the run finishes, when
         the server is stopped, and when a restart finds the run stale."""
         return self.layout.logs / f"run-{run_id}.log"
 
-    def _save_run_log(self, run_id: int) -> str:
+    def _save_run_log(self, run_id: int, named: bool = True) -> str:
         """Save the ServerApp's log of ``run_id``; what a message says of it: ``"is in
         PATH"``, or ``"could not be saved to PATH (why)"`` where the disk had no room for it
-        (a message pointed at a file that was never written)."""
+        (a message pointed at a file that was never written). Older run logs are removed
+        past ``max_run_logs``; this one is kept for this start where a message ``named``
+        it."""
         path = self._run_log(run_id)
         problem = self.cli.save_log(run_id, path)
+        if named:
+            self._named_logs.add(path)
+        self._prune_run_logs()
         return f"is in {path}" if problem is None else f"could not be saved to {path} ({problem})"
+
+    def _prune_run_logs(self) -> None:
+        """Keep the newest ``max_run_logs`` of ``logs/run-ID.log`` (by when each was saved),
+        and the followed run's and those this start named whatever their age: logs/ grew
+        with every run. Best effort: a log that cannot be removed stays."""
+        keep = set(self._named_logs)
+        if self.run_id is not None:
+            keep.add(self._run_log(self.run_id))
+        logs: list[tuple[float, Path]] = []
+        for path in self.layout.logs.glob("run-*.log"):
+            with contextlib.suppress(OSError):
+                logs.append((path.stat().st_mtime, path))
+        logs.sort(reverse=True)
+        for _, path in logs[self.options.max_run_logs :]:
+            if path not in keep:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _rounds_left(self) -> int:
         """How many of the run's ``num-rounds`` no checkpoint covers yet."""

@@ -1589,6 +1589,69 @@ def test_a_failed_run_names_the_exception_that_ended_it(tmp_path: Path) -> None:
         runner._follow()
 
 
+class _RunLogCli(_StatusCli):
+    """Runs listed and their logs saved (``flwr ls``, ``flwr log``), stops recorded."""
+
+    def __init__(self, runs: list[dict[str, Any]]) -> None:
+        super().__init__(lambda: "finished:completed")
+        self.listed, self.saved, self.stopped = runs, list[int](), list[int]()
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self.listed
+
+    def save_log(self, run_id: int, path: Path) -> None:
+        self.saved.append(run_id)
+        path.write_text(f"run {run_id}\n")
+
+    def stop(self, run_id: int) -> None:
+        self.stopped.append(run_id)
+
+
+def test_only_the_newest_run_logs_are_kept(tmp_path: Path) -> None:
+    """`logs/run-ID.log` was written for every run a start submitted and never removed:
+    logs/ grew with the number of starts. The newest `--max-run-logs` are kept; the log of
+    the run followed and those a start points at are never removed, and an old run's log
+    removed is not saved again by the next start."""
+    from server.superlink import ServerRunner, SuperLinkOptions
+
+    layout = init_state_dir(tmp_path / "s")
+    for age, run_id in enumerate([1, 2, 3, 4, 5, 9]):
+        log = layout.logs / f"run-{run_id}.log"
+        log.write_text("old\n")
+        os.utime(log, (1000 + age, 1000 + age))
+    options = SuperLinkOptions(status_interval_s=0.01, max_run_logs=3)
+    runner = ServerRunner(layout, options, {}, echo=lambda line: None)
+    runner.superlink, runner.run_id = _AliveSuperLink(), 9  # type: ignore[assignment]
+    runner.cli = _RunLogCli([])  # type: ignore[assignment]
+    assert runner._follow() == 0
+    kept = {p.name for p in layout.logs.glob("run-*.log")}
+    assert kept == {"run-4.log", "run-5.log", "run-9.log"}
+    # a start saves the log of a stale run, and not those of old finished runs it removed
+    runs = [
+        {"run-id": str(i), "status": "finished:completed", "pending-at": f"2026-01-0{i}"}
+        for i in (1, 2, 3, 4, 5)
+    ]
+    runs.append({"run-id": "6", "status": "running", "pending-at": "2026-01-06"})
+    runs[0]["status"] = "running"  # a stale run whose old log is named: kept too
+    (layout.logs / "run-1.log").write_text("old\n")
+    os.utime(layout.logs / "run-1.log", (1, 1))
+    cli = _RunLogCli(runs)
+    lines: list[str] = []
+    runner = ServerRunner(layout, options, {}, echo=lines.append)
+    runner.cli = cli  # type: ignore[assignment]
+    runner._handle_stale_runs()
+    assert cli.saved == [6] and cli.stopped == [1, 6]
+    assert lines[-1] == f"stopped stale run 6 (running); its log is in {layout.logs / 'run-6.log'}"
+    assert {p.name for p in layout.logs.glob("run-*.log")} == {
+        "run-1.log",
+        "run-5.log",
+        "run-6.log",
+        "run-9.log",
+    }
+    with pytest.raises(ConfigError, match="--max-run-logs"):
+        SuperLinkOptions(max_run_logs=0)
+
+
 def test_a_run_log_the_full_disk_has_no_room_for_is_not_pointed_at(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

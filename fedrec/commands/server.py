@@ -273,6 +273,14 @@ def start(
             "(the newest half kept).",
         ),
     ] = 100 * 1024 * 1024,
+    max_run_logs: Annotated[
+        int,
+        typer.Option(
+            "--max-run-logs",
+            help="Most ServerApp logs (logs/run-ID.log, one per run) kept; beyond, the oldest "
+            "are removed.",
+        ),
+    ] = 50,
     **settings: Any,
 ) -> None:
     """Run the SuperLink (TLS, device authentication, state database, no run-time installs),
@@ -300,7 +308,11 @@ def start(
     overrides.setdefault("min-available-clients", min_clients)
     config = deployment_run_config(layout, bundle=bundle, num_rounds=rounds, overrides=overrides)
     options = SuperLinkOptions(
-        host=host, port=port, max_restarts=max_restarts, max_log_bytes=max_log_bytes
+        host=host,
+        port=port,
+        max_restarts=max_restarts,
+        max_log_bytes=max_log_bytes,
+        max_run_logs=max_run_logs,
     )
     runner = ServerRunner(layout, options, config, echo=lambda line: typer.echo(line))
     code = runner.run()
