@@ -1833,6 +1833,36 @@ def test_a_check_that_failed_after_recording_an_exit_records_it_once(
         assert proc.exit_codes == [3, 3]
 
 
+def test_the_exit_codes_of_a_process_restarted_many_times_stay_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``exit_codes`` got one entry per SuperNode restart, for as long as the daemon ran
+    (``max_restarts`` up to 1,000,000), though only the last is read: the newest
+    ``EXIT_CODES_KEPT`` are kept."""
+    from client.device.daemon import EXIT_CODES_KEPT
+
+    class Exited:
+        """A run that has ended with status 3."""
+
+        returncode, pid = 3, 2**22 + 1
+
+        def poll(self) -> int:
+            return 3
+
+    state = tmp_path / "device"
+    init_identity(state)
+    with Daemon.open(state) as daemon:
+        spec = ProcessSpec("crasher", ("true",), max_restarts=1_000_000, backoff_s=0)
+        daemon.add_process(spec)
+        proc = daemon.processes[0]
+        monkeypatch.setattr(proc, "reap_group", lambda grace_s=2.0: None)
+        for _ in range(EXIT_CODES_KEPT + 50):
+            proc.popen, proc.next_start = Exited(), None  # type: ignore[assignment]
+            daemon._check_process(proc)
+        assert proc.exit_codes == [3] * EXIT_CODES_KEPT
+        assert proc.restarts == EXIT_CODES_KEPT + 50 and proc.state().last_exit_code == 3
+
+
 def test_a_monitor_that_keeps_failing_stops_the_daemon_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

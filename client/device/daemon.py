@@ -380,6 +380,11 @@ class ProcessSpec:
             raise ConfigError(f"{self.name}: max_backoff_s must be >= 0")
 
 
+#: The most exit codes a :class:`ManagedProcess` keeps (the newest): one is recorded per
+#: run, and a SuperNode may be restarted up to a million times while only the last is read.
+EXIT_CODES_KEPT = 100
+
+
 @dataclass
 class ManagedProcess:
     """Runtime state of one :class:`ProcessSpec`."""
@@ -388,6 +393,7 @@ class ManagedProcess:
     popen: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float | None = None
+    #: The exit statuses of its runs, oldest first: the newest ``EXIT_CODES_KEPT``.
     exit_codes: list[int] = field(default_factory=list)
     #: Why it last exited: an error line its run logged, with what it means
     #: (``spec.diagnose``).
@@ -1383,6 +1389,7 @@ class Daemon:
         code = proc.popen.returncode
         if proc.recorded is not proc.popen:
             proc.exit_codes.append(code)
+            del proc.exit_codes[:-EXIT_CODES_KEPT]
             proc.recorded = proc.popen
         proc.reap_group(0.5)
         spec = proc.spec
