@@ -662,7 +662,10 @@ def describe_last_start(record: dict[str, Any]) -> str | None:
     if code in STOPPED_EXIT_CODES:
         return f"{start} was stopped"
     if code != 0:
-        return f"{start} ended with exit status {code} (its log is in logs/)"
+        # a damaged or hand-edited file's code that is no exit status (Infinity, 2.5, "7")
+        # is left out, as a "started" that is no time is
+        status = f" with exit status {code}" if is_int(code) else ""
+        return f"{start} ended{status} (its log is in logs/)"
     return None
 
 

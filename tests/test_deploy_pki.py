@@ -1748,6 +1748,22 @@ def test_status_leaves_out_a_start_time_that_is_no_time(tmp_path: Path, started:
     assert "not running: the last start (6 rounds) did not finish" in result.output
 
 
+@pytest.mark.parametrize("code", ["Infinity", "NaN", "2.5", '"7"', "null"])
+def test_status_leaves_out_an_exit_status_that_is_no_integer(tmp_path: Path, code: str) -> None:
+    """A damaged or hand-edited last-start.json whose "exit_code" is not an integer made
+    `fedrec server status` say "ended with exit status inf"; it is left out, as a
+    "started" that is no time is."""
+    from server.state import describe_last_start
+
+    record = json.loads(f'{{"num_rounds": 6, "ended": 5.0, "exit_code": {code}}}')
+    said = describe_last_start(record)
+    assert said == "the last start (6 rounds) ended (its log is in logs/)", said
+    record["exit_code"] = 3
+    assert describe_last_start(record) == (
+        "the last start (6 rounds) ended with exit status 3 (its log is in logs/)"
+    )
+
+
 def test_one_server_per_state_directory(tmp_path: Path) -> None:
     layout = init_state_dir(tmp_path / "s")
     with hold_server_lock(layout):
