@@ -1080,3 +1080,31 @@ def test_integer_id_columns_build_the_dataset_their_strings_build() -> None:
     for column in (np.array([1, 8, 3, 8]), np.array(["1", "8", "3", "8"])):
         with pytest.raises(DataError, match=r"^x: interaction references item '8' that is not in"):
             build_dataset("x", np.arange(4), column, np.arange(4), ["1", "2"], ["a.", "b."])
+
+
+def test_coded_id_columns_build_the_dataset_their_strings_build() -> None:
+    """build_dataset takes codes into sorted tables of distinct ids (the generic reader's
+    interned columns) as the ids themselves: users ordered numerically when every id in use
+    is an integer, unused names left out, the first unknown item in row order named."""
+    user_names, item_names = np.array(["-3", "10", "2", "x"]), np.array(["1", "5", "7", "8"])
+    users = np.array([1, 0, 2, 1, 2, 0, 1], dtype=np.int64)  # "x" is not in use
+    items = np.array([2, 1, 1, 0, 2, 2, 1], dtype=np.int64)
+    stamps = np.array([3, 1, 2, 3, 0, 1, 2], dtype=np.int64)
+    catalog, texts = ["5", "1", "7", "9"], ["e.", "a.", "g.", "i."]
+    coded = build_dataset(
+        "x", users, items, stamps, catalog, texts, user_names=user_names, item_names=item_names
+    )
+    plain = build_dataset("x", user_names[users], item_names[items], stamps, catalog, texts)
+    assert coded.user_ids == plain.user_ids == ["-3", "2", "10"]
+    assert [s.tolist() for s in coded.sequences] == [s.tolist() for s in plain.sequences]
+    assert coded.fingerprint() == plain.fingerprint()
+    with pytest.raises(DataError, match=r"^x: interaction references item '8' that is not in"):
+        build_dataset(
+            "x",
+            np.arange(4),
+            np.array([0, 3, 1, 3]),
+            np.arange(4),
+            ["1", "5"],
+            ["a.", "b."],
+            item_names=item_names,
+        )

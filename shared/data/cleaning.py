@@ -183,14 +183,20 @@ class Catalog:
 class RawInteractions:
     """Interaction columns in raw ids and file order, as parsed from ``path``.
 
-    ``user``/``item`` hold either integers (MovieLens) or strings (generic format); integer
-    ids are turned into their decimal strings only when the dataset is built.
+    ``user``/``item`` hold either integers (MovieLens) or strings; integer ids are turned into
+    their decimal strings only when the dataset is built. With ``user_names``/``item_names``
+    (generic format) a column holds codes instead: row ``r``'s id is ``names[column[r]]``, the
+    table holding each distinct id once, sorted (as ``np.unique`` gives them), so codes sort
+    and compare as the ids do. A string per row (a Python object, or a fixed-width numpy
+    cell) costs tens of bytes; a code costs 8.
     """
 
     path: Path
     user: npt.NDArray[Any]
     item: npt.NDArray[Any]
     timestamp: IntArray
+    user_names: npt.NDArray[np.str_] | None = None
+    item_names: npt.NDArray[np.str_] | None = None
 
     def __len__(self) -> int:
         return len(self.user)
@@ -200,7 +206,14 @@ class RawInteractions:
         the columns are never written to, and a copy of ml-25m's costs 600 MB)."""
         if keep.all():
             return self
-        return RawInteractions(self.path, self.user[keep], self.item[keep], self.timestamp[keep])
+        return RawInteractions(
+            self.path,
+            self.user[keep],
+            self.item[keep],
+            self.timestamp[keep],
+            self.user_names,
+            self.item_names,
+        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -609,6 +622,8 @@ def finalize(
         catalog.texts,
         catalog.titles,
         catalog.categories,
+        user_names=raw.user_names,
+        item_names=raw.item_names,
     )
     report = CleaningReport(
         dataset=name,
@@ -634,12 +649,16 @@ def drop_unknown_items(
     name: str, raw: RawInteractions, catalog: Catalog
 ) -> tuple[RawInteractions, int]:
     """Drop interactions whose item is not in the catalog; warn with examples."""
-    ids = np.asarray(catalog.ids)
-    keys = ids.astype(raw.item.dtype) if raw.item.dtype.kind in "iu" else ids
-    known = np.isin(raw.item, keys)
+    ids, names = np.asarray(catalog.ids), raw.item_names
+    if names is not None:  # codes: each distinct id is looked up once
+        known = np.isin(names, ids)[raw.item]
+    else:
+        keys = ids.astype(raw.item.dtype) if raw.item.dtype.kind in "iu" else ids
+        known = np.isin(raw.item, keys)
     dropped = int((~known).sum())
     if dropped:
-        examples = _examples(np.unique(raw.item[~known]))
+        unknown = np.unique(raw.item[~known])
+        examples = _examples(unknown if names is None else names[unknown])  # names: sorted
         logger.warning(
             "%s: dropped %d of %d interactions whose item is not in %s (e.g. items %s)",
             name,

@@ -124,6 +124,9 @@ def build_dataset(
     item_text: list[str],
     item_titles: list[str] | None = None,
     item_categories: list[list[str]] | None = None,
+    *,
+    user_names: npt.NDArray[np.str_] | None = None,
+    item_names: npt.NDArray[np.str_] | None = None,
 ) -> RecDataset:
     """Turn raw-id interaction columns into a :class:`RecDataset`.
 
@@ -131,10 +134,12 @@ def build_dataset(
     be in it (loaders filter and log unknown items before calling this). Raw ids are strings,
     or integers (MovieLens), each then the id of its decimal string; integer columns are kept
     as they are, never turned into fixed-width strings (``<U21``: 84 bytes a row, several GB
-    per column for ml-25m's 25M ratings).
+    per column for ml-25m's 25M ratings). With ``user_names``/``item_names`` that column
+    holds integer codes into the table instead, each distinct id once, sorted (see
+    :class:`~shared.data.cleaning.RawInteractions`); the dataset is the same as from the ids.
     """
-    item_dense = _catalog_positions(name, _id_column(raw_item), item_ids)
-    user_ids, user_dense = _dense_ids(_id_column(raw_user))
+    item_dense = _catalog_positions(name, _id_column(raw_item), item_ids, item_names)
+    user_ids, user_dense = _dense_ids(_id_column(raw_user), user_names)
     order = np.lexsort((timestamp, user_dense))  # a stable sort: ties in time keep row order
     bounds = [0, *np.cumsum(np.bincount(user_dense, minlength=len(user_ids))).tolist()]
     del user_dense  # each sorted column is built, split and freed in turn: 8 bytes a row each
@@ -172,24 +177,37 @@ def _id_column(raw: list[str] | npt.NDArray[Any]) -> npt.NDArray[Any]:
     return column if column.dtype.kind in "iu" else column.astype(str, copy=False)
 
 
-def _catalog_positions(name: str, raw: npt.NDArray[Any], item_ids: list[str]) -> IntArray:
-    """The catalog position of every raw item id; an id not in ``item_ids`` (the first in
-    row order) is a :class:`DataError`. Each distinct id is looked up once, not each row."""
-    uniq, inverse = np.unique(raw, return_inverse=True)
+def _catalog_positions(
+    name: str,
+    raw: npt.NDArray[Any],
+    item_ids: list[str],
+    names: npt.NDArray[np.str_] | None = None,
+) -> IntArray:
+    """The catalog position of every raw item id (``names[raw]`` when ``names`` is given:
+    codes); an id not in ``item_ids`` (the first in row order) is a :class:`DataError`. Each
+    distinct id is looked up once, not each row."""
+    uniq, codes = np.unique(raw, return_inverse=True) if names is None else (names, raw)
     index = {iid: i for i, iid in enumerate(item_ids)}
     positions = np.asarray([index.get(str(v), -1) for v in uniq.tolist()], dtype=np.int64)
-    dense = positions[inverse]
+    dense = positions[codes]
     if len(dense) and dense.min() < 0:
-        first = str(raw[int(np.argmax(dense < 0))])  # '8', not numpy's np.str_('8')
+        first = str(uniq[codes[int(np.argmax(dense < 0))]])  # '8', not np.str_('8')
         raise DataError(f"{name}: interaction references item {first!r} that is not in the catalog")
     return dense
 
 
-def _dense_ids(raw: npt.NDArray[Any]) -> tuple[list[str], IntArray]:
+def _dense_ids(
+    raw: npt.NDArray[Any], names: npt.NDArray[np.str_] | None = None
+) -> tuple[list[str], IntArray]:
     """Dense ids ordered by raw id (numerically when all raw ids are integers, as they are
-    in an integer column)."""
-    uniq, inverse = np.unique(raw, return_inverse=True)
-    if raw.dtype.kind not in "iu":
+    in an integer column). With ``names`` (distinct and sorted), ``raw`` holds codes into it:
+    the ids are ``names[raw]``, and only the names in use get a dense id."""
+    if names is None:
+        uniq, inverse = np.unique(raw, return_inverse=True)
+    else:  # as np.unique(names[raw]): names already sorted, so keep those in use, in order
+        used = np.bincount(raw, minlength=len(names)) > 0
+        uniq, inverse = names[used], (np.cumsum(used) - 1)[raw]
+    if uniq.dtype.kind not in "iu":
         numbers = [_as_integer(u) for u in uniq.tolist()]
         integers = [n for n in numbers if n is not None]
         if len(integers) == len(numbers):  # Python ints: any size, no overflow

@@ -14,9 +14,11 @@ an error, so a misspelt column never goes unnoticed.
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from shared.data.cleaning import (
     DEFAULT_MIN_USER_INTERACTIONS,
@@ -90,22 +92,41 @@ def item_text(text: str, title: str, genres: list[str]) -> str:
 
 
 def read_generic_interactions(path: Path) -> RawInteractions:
-    """Parse ``interactions.csv``; non-integer timestamps and non-numeric ratings raise."""
-    users: list[str] = []
-    items: list[str] = []
-    stamps: list[int] = []
+    """Parse ``interactions.csv``; non-integer timestamps and non-numeric ratings raise.
+
+    Each user and item id is interned as it is read: a row keeps an 8-byte code, each
+    distinct id one string (:class:`RawInteractions`' names), not a string per row."""
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    user_codes, item_codes, stamps = array("q"), array("q"), array("q")
     for line, row in csv_rows(path, INTERACTION_COLUMNS, INTERACTION_OPTIONAL_COLUMNS):
-        users.append(_required(row, "user", path, line))
-        items.append(_required(row, "item", path, line))
+        user = _required(row, "user", path, line)
+        item = _required(row, "item", path, line)
         stamps.append(parse_int(row["timestamp"].strip(), path, line, "timestamp"))
         if "rating" in row:
             parse_float(row["rating"].strip(), path, line, "rating")  # validated, then unused
+        user_codes.append(users.setdefault(user, len(users)))
+        item_codes.append(items.setdefault(item, len(items)))
+    user_column, user_names = _sorted_codes(user_codes, users)
+    item_column, item_names = _sorted_codes(item_codes, items)
     return RawInteractions(
         path,
-        np.asarray(users, dtype=str),
-        np.asarray(items, dtype=str),
-        np.asarray(stamps, dtype=np.int64),
+        user_column,
+        item_column,
+        np.frombuffer(stamps, dtype=np.int64),
+        user_names,
+        item_names,
     )
+
+
+def _sorted_codes(
+    codes: array[int], table: dict[str, int]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.str_]]:
+    """``codes`` (first-seen order, ``table``'s) renumbered into the distinct, sorted names
+    :class:`RawInteractions` wants, with those names. The names are a numpy string array, as
+    the id column was: ids that numpy holds as one string (it drops trailing NULs) are one."""
+    names, rank = np.unique(np.asarray(list(table), dtype=str), return_inverse=True)
+    return rank[np.frombuffer(codes, dtype=np.int64)], names
 
 
 def _required(row: dict[str, str], column: str, path: Path, line: int) -> str:
