@@ -51,7 +51,6 @@ def main() -> None:
 
 def _run() -> None:
     """Import the command tree and run the command line (see :func:`main`)."""
-    import errno
     import logging
 
     import click
@@ -61,6 +60,7 @@ def _run() -> None:
     from fedrec.options import colored
     from shared.config import is_int
     from shared.errors import FedRecError
+    from shared.io import disk_full
 
     try:
         code = app(standalone_mode=False)
@@ -68,7 +68,7 @@ def _run() -> None:
         colored(f"error: {err}", "red")
         sys.exit(2)
     except OSError as err:
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = disk_full(err)
         if err.filename is None and not full:  # neither a path nor the disk: a real fault
             raise
         # a path given on the command line that cannot be created, read or written, or a

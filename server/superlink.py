@@ -27,7 +27,6 @@ Resume: every run is submitted with the same ``checkpoint-dir``, so a new run af
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import http.client
 import json
@@ -64,7 +63,9 @@ from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.federated.task import STUDENT_TASK, RunConfigValue
 from shared.io import (
+    DISK_FULL_ERRNOS,
     MIN_LOG_BYTES,
+    disk_full,
     raise_naming,
     trim_log,
     write_bytes_atomic,
@@ -211,8 +212,7 @@ class FlwrCli:
         except subprocess.TimeoutExpired:
             return f"`flwr log` did not answer in {self.timeout_s:.0f} s"
         except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            return f"{exc.strerror or exc}{': free space on that disk' if full else ''}"
+            return f"{exc.strerror or exc}{': free space on that disk' if disk_full(exc) else ''}"
         return None
 
 
@@ -1163,7 +1163,7 @@ def _failure_cause(run_log: Path) -> str:
         return ""
     if len(cause) > 300:
         cause = cause[:300] + "..."
-    full = any(f"[Errno {code}]" in cause for code in (errno.ENOSPC, errno.EDQUOT))
+    full = any(f"[Errno {code}]" in cause for code in DISK_FULL_ERRNOS)
     return f" ({cause}{': free space on that disk' if full else ''})"
 
 

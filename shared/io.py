@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -189,6 +190,16 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, mode: int | None = None
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""The errors of a disk with no room left: full, or over its quota."""
+
+
+def disk_full(exc: OSError) -> bool:
+    """Whether ``exc`` says the disk has no room left (:data:`DISK_FULL_ERRNOS`): freeing
+    space there and retrying is the fix, whichever file it names (often none)."""
+    return exc.errno in DISK_FULL_ERRNOS
 
 
 def raise_naming(exc: OSError, path: str | Path) -> NoReturn:

@@ -43,7 +43,6 @@ Errors (always JSON ``{"detail": "<one line: the problem and the fix>", ...}``)
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import hmac
 import json
@@ -91,6 +90,7 @@ from client.device.store import (
     is_corruption,
 )
 from shared.errors import ConfigError, DataError, FedRecError
+from shared.io import disk_full
 from shared.ondevice.runtime import MAX_ITEM_ID_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -541,7 +541,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         logger.error("%s %s: file error: %s", request.method, request.url.path, exc)
         where = f": {exc.filename}" if exc.filename else ""
         problem = f"{exc.strerror or exc}{where}"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             return _json_response(
                 503,
                 {"detail": f"the device's disk is full ({problem}); free space on it and retry"},

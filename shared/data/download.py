@@ -48,6 +48,7 @@ from shared.errors import DataError, DatasetNotFoundError, FedRecError
 from shared.io import (
     CACHE_ROOT_ENV,
     cache_root,
+    disk_full,
     ensure_dir,
     fsync_dir,
     home_path,
@@ -410,7 +411,7 @@ def _writing(path: Path) -> Iterator[None]:
         raise
     except OSError as err:
         where = err.filename or path
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = disk_full(err) or err.errno == errno.EFBIG  # or the file-size limit
         fix = "free space there or set " if full else "set "
         raise DataError(
             f"cannot write {where}: {err.strerror or err}; {fix}${CACHE_ENV} to a writable "

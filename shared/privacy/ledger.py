@@ -14,7 +14,6 @@ True
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import math
@@ -26,7 +25,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.special import gammaln, logsumexp
 
 from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
-from shared.io import read_json, write_json_atomic
+from shared.io import disk_full, read_json, write_json_atomic
 from shared.privacy.budget import PrivacyBudget, Spend
 
 logger = logging.getLogger(__name__)
@@ -146,13 +145,12 @@ class PrivacyLedger:
             try:
                 self.save()
             except OSError as exc:
-                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
                 logger.warning(
                     "this client declines to train, but its decline count could not be "
                     "saved: %s%s%s",
                     exc.strerror or exc,
                     f": {exc.filename}" if exc.filename else "",
-                    "; free space on that disk" if full else "",
+                    "; free space on that disk" if disk_full(exc) else "",
                 )
             raise PrivacyBudgetExceededError(
                 f"training would spend epsilon {self.epsilon(extra=spend):.3f} > budget "
