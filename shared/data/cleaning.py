@@ -183,17 +183,17 @@ class Catalog:
 class RawInteractions:
     """Interaction columns in raw ids and file order, as parsed from ``path``.
 
-    ``user``/``item`` hold either integers (MovieLens) or strings; integer ids are turned into
-    their decimal strings only when the dataset is built. With ``user_names``/``item_names``
-    (generic format) a column holds codes instead: row ``r``'s id is ``names[column[r]]``, the
-    table holding each distinct id once, sorted (as ``np.unique`` gives them), so codes sort
-    and compare as the ids do. A string per row (a Python object, or a fixed-width numpy
-    cell) costs tens of bytes; a code costs 8.
+    ``user``/``item`` hold integers: the ids themselves (MovieLens), turned into their decimal
+    strings only when the dataset is built, or, with ``user_names``/``item_names`` (generic
+    format), codes: row ``r``'s id is ``names[column[r]]``, the table holding each distinct
+    id once, sorted (as ``np.unique`` gives them), so codes sort and compare as the ids do.
+    A string per row (a Python object, or a fixed-width numpy cell) costs tens of bytes; an
+    integer costs 8.
     """
 
     path: Path
-    user: npt.NDArray[Any]
-    item: npt.NDArray[Any]
+    user: IntArray
+    item: IntArray
     timestamp: IntArray
     user_names: npt.NDArray[np.str_] | None = None
     item_names: npt.NDArray[np.str_] | None = None
@@ -653,8 +653,7 @@ def drop_unknown_items(
     if names is not None:  # codes: each distinct id is looked up once
         known = np.isin(names, ids)[raw.item]
     else:
-        keys = ids.astype(raw.item.dtype) if raw.item.dtype.kind in "iu" else ids
-        known = np.isin(raw.item, keys)
+        known = np.isin(raw.item, ids.astype(raw.item.dtype))
     dropped = int((~known).sum())
     if dropped:
         unknown = np.unique(raw.item[~known])
@@ -713,10 +712,9 @@ def _duplicate_masks(
     repeat = np.zeros(len(raw), dtype=bool)
     if len(raw) < 2:
         return duplicate, repeat
-    user, item = _sort_codes(raw.user), _sort_codes(raw.item)
-    order = np.lexsort((raw.timestamp, item, user))  # stable: equal keys keep file order
+    order = np.lexsort((raw.timestamp, raw.item, raw.user))  # stable: equal keys keep file order
     same_pair = np.ones(len(raw) - 1, dtype=bool)
-    for column in (user, item):
+    for column in (raw.user, raw.item):
         ordered = column[order]
         same_pair &= ordered[1:] == ordered[:-1]
     ordered = raw.timestamp[order]
@@ -724,12 +722,6 @@ def _duplicate_masks(
     duplicate[order[1:][same_time]] = True
     repeat[order[1:][same_pair & ~same_time]] = True
     return duplicate, repeat
-
-
-def _sort_codes(column: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """``column`` when it holds integers, else each value's rank among its distinct values:
-    either sorts, and compares equal, as the values do."""
-    return column if column.dtype.kind in "iu" else np.unique(column, return_inverse=True)[1]
 
 
 def drop_short_users(
