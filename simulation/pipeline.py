@@ -230,7 +230,17 @@ def _run_stages(
         )
     evaluating = time.perf_counter()
     summary = _evaluate(
-        config, run, dataset, split, pre, initial, final_model, adapter_init, trained, progress
+        config,
+        run,
+        dataset,
+        split,
+        pre,
+        initial,
+        final_model,
+        adapter_init,
+        trained,
+        trained_on,
+        progress,
     )
     # a later process on this run directory counts it (total seconds)
     run.log("evaluate", trained, seconds=round(time.perf_counter() - evaluating, 2))
@@ -1031,11 +1041,13 @@ def _evaluate(
     final: StudentModel,
     adapter_init: dict[str, torch.Tensor],
     trained: int,
+    trained_on: DataProvenance,
     progress: ProgressFn = _noop,
 ) -> dict[str, Any]:
     """Score every model and publish the final one as ``model-v{trained}`` (the last round
     trained: a resumed run may be past the rounds asked for, a budget may end one early),
-    unless that version is out with another model (:func:`_publish_final`). ``progress``
+    unless that version is out with another model (:func:`_publish_final`), recording
+    ``trained_on`` as the run's bundles do. ``progress``
     hears ``("evaluate", {"model": name})`` as each model starts (the personal adapters,
     fitted per user, take minutes on ml-100k)."""
     from shared.ondevice.runtime import OnDeviceModel
@@ -1060,7 +1072,7 @@ def _evaluate(
         run,
         trained,
         config.prune_sparsity,
-        config.data_provenance(dataset.fingerprint()),
+        trained_on,
     )
     models["student int8 onnx"] = OnDeviceModel(artifact.path)
     ranks: dict[str, CaseRanks] = {}  # per case, for paired comparisons across runs
