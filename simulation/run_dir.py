@@ -98,10 +98,19 @@ def check_data(
     :meth:`RunDirectory.claim_data`); ``what`` names the data, ``why`` ends the error (what
     the run's files would be used for on other data, and what to do). A run that recorded
     none (older code) is not compared."""
-    recorded = recorded_fingerprint(stored)
+    refuse_other_data(f"{root} holds a run", recorded_fingerprint(stored), fingerprint, what, why)
+
+
+def refuse_other_data(
+    subject: str, recorded: str | None, fingerprint: str, what: str, why: str
+) -> None:
+    """Refuse (:class:`ConfigError`) data of content ``fingerprint`` for ``subject`` (a run,
+    a model: "PATH was") that recorded it was trained on data of content ``recorded``;
+    ``what`` names the data, ``why`` ends the error. ``None`` (older code recorded none) is
+    not compared."""
     if recorded is not None and recorded != fingerprint:
         raise ConfigError(
-            f"{root} holds a run trained on other data than {what} holds now (its content "
+            f"{subject} trained on other data than {what} holds now (its content "
             f"fingerprint {recorded}, now {fingerprint}): {why}"
         )
 

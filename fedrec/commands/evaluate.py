@@ -311,15 +311,18 @@ def _refuse_changed_data(path: Path, recorded: DataProvenance | None, ds: RecDat
     catalog (ratings added, timestamps edited) passes the catalog check, but its split tests
     other users on other items, some of them what the model trained on. A model recording no
     fingerprint (an older bundle's) is not compared."""
+    from simulation.run_dir import refuse_other_data
+
     if recorded is None or recorded.data_fingerprint is None:
         return
-    if recorded.data_fingerprint != (now := ds.fingerprint()):
-        raise ConfigError(
-            f"{path} was trained on other data than {ds.name} holds now (its content "
-            f"fingerprint {recorded.data_fingerprint}, now {now}): it would be tested on "
-            "other users and items, some of what it trained on. Give the data it was "
-            "trained on (--data-dir a copy of it)"
-        )
+    refuse_other_data(
+        f"{path} was",
+        recorded.data_fingerprint,
+        ds.fingerprint(),
+        ds.name,
+        "it would be tested on other users and items, some of what it trained on. Give the "
+        "data it was trained on (--data-dir a copy of it)",
+    )
 
 
 def _refuse_another_runs_model(
