@@ -22,6 +22,7 @@ from fedrec.options import (
 )
 from fedrec.server_settings import DEPLOYMENT_DEFAULTS, NOT_FLAGS, START_SETTINGS_HELP
 from server.server_app import ServerConfig
+from server.superlink import SuperLinkOptions
 from shared.config import MAX_ROUNDS
 from shared.federated.local_config import LocalTrainConfig
 from shared.federated.student_config import StudentTaskConfig
@@ -254,8 +255,10 @@ def start(
     ] = 3,
     host: Annotated[
         str, typer.Option("--host", help="Address the SuperLink listens on.")
-    ] = "0.0.0.0",
-    port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port.")] = 9093,
+    ] = SuperLinkOptions.host,
+    port: Annotated[
+        int, typer.Option("--port", help="The SuperLink's HTTPS port.")
+    ] = SuperLinkOptions.port,
     run_config: RunConfigOpt = None,
     max_restarts: Annotated[
         int,
@@ -264,7 +267,7 @@ def start(
             help="Restarts of a SuperLink that dies, in a row (a round checkpointed between "
             "two deaths starts the count again).",
         ),
-    ] = 3,
+    ] = SuperLinkOptions.max_restarts,
     max_log_bytes: Annotated[
         int,
         typer.Option(
@@ -272,7 +275,7 @@ def start(
             help="Most bytes logs/superlink.log holds; beyond, its oldest lines are dropped "
             "(the newest half kept).",
         ),
-    ] = 100 * 1024 * 1024,
+    ] = SuperLinkOptions.max_log_bytes,
     max_run_logs: Annotated[
         int,
         typer.Option(
@@ -280,7 +283,7 @@ def start(
             help="Most ServerApp logs (logs/run-ID.log, one per run) kept; beyond, the oldest "
             "are removed.",
         ),
-    ] = 50,
+    ] = SuperLinkOptions.max_run_logs,
     **settings: Any,
 ) -> None:
     """Run the SuperLink (TLS, device authentication, state database, no run-time installs),
@@ -290,12 +293,7 @@ def start(
     flag given on the command line wins over the same setting in --run-config (as in
     `fedrec simulate`)."""
     from server.state import ServerLayout
-    from server.superlink import (
-        ServerRunner,
-        SuperLinkOptions,
-        deployment_run_config,
-        run_config_keys,
-    )
+    from server.superlink import ServerRunner, deployment_run_config, run_config_keys
 
     layout = ServerLayout(state_dir).require()
     # one spelling per setting: a device caps the kebab-case privacy keys and refused every
