@@ -153,8 +153,19 @@ OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", "-o", click_type=HOME_PATH, help="Write the JSON report here."),
 ]
+FORMATS = ("table", "json")
+"""What ``--format`` takes: every command that prints a report offers both."""
+
 FormatOpt = Annotated[
-    str, typer.Option("--format", help="'table' for people, 'json' for machines.")
+    str,
+    typer.Option(
+        "--format",
+        click_type=click.Choice(FORMATS),
+        help="'table' for people, 'json' for machines.",
+    ),
+]
+JsonAliasOpt = Annotated[
+    bool, typer.Option("--json", hidden=True, help="The same as --format json (older spelling).")
 ]
 
 

@@ -1070,9 +1070,9 @@ def test_ml100k_is_found_in_data_dir_or_its_ml100k_folder(tmp_path: Path) -> Non
     (copy / "u.item").write_text("1|Toy Story (1995)|01-Jan-1995||url|0|0|0\n")
     out = tmp_path / "out"
     for folder in (copy, copy.parent):
-        assert _check_common("ml-100k", "table", out, None, folder) == copy
+        assert _check_common("ml-100k", out, None, folder) == copy
     with pytest.raises(ConfigError, match="nor does its ml-100k/"):
-        _check_common("ml-100k", "table", out, None, tmp_path)
+        _check_common("ml-100k", out, None, tmp_path)
 
 
 def test_cli_refuses_bad_options(tmp_path: Path) -> None:

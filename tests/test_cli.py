@@ -39,6 +39,37 @@ def test_help_everywhere(args: list[str]) -> None:
     assert "Usage" in result.output
 
 
+def _commands_with(option: str) -> list[list[str]]:
+    """The command paths (``["server", "status"]``) whose command takes ``option``."""
+    import click
+    import typer
+
+    found: list[list[str]] = []
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, [*path, name])
+        elif any(option in param.opts for param in command.params):
+            found.append(path)
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_every_report_command_takes_format_table_or_json_and_refuses_others() -> None:
+    """One spelling for machine-readable output everywhere (``simulate`` and ``server status``
+    took ``--json``, which stays as a hidden alias), checked before any work starts."""
+    commands = _commands_with("--format")
+    for expected in (["simulate"], ["server", "status"], ["evaluate", "model"]):
+        assert expected in commands
+    assert sorted(_commands_with("--json")) == [["server", "status"], ["simulate"]]
+    for path in commands:
+        result = runner.invoke(app, [*path, "--format", "xml"])
+        assert result.exit_code == 2, (path, result.output)
+        assert "'xml' is not one of 'table', 'json'" in result.output, path
+
+
 def _fedrec(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fedrec.cli", *args], capture_output=True, text=True, check=False

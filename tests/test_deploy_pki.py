@@ -1489,10 +1489,10 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
     layout.progress.write_text(json.dumps(record) + "\n{torn")
     # a manifest that does not verify is no resume point (the ServerApp would skip it)
     (layout.checkpoints / "round-00000002.json").write_text("{}")
-    result = runner.invoke(
-        app, ["server", "status", "--state-dir", str(layout.state_dir), "--json"]
-    )
+    asked = ["server", "status", "--state-dir", str(layout.state_dir)]
+    result = runner.invoke(app, [*asked, "--format", "json"])
     assert result.exit_code == 0, result.output
+    assert runner.invoke(app, [*asked, "--json"]).output == result.output  # the older spelling
     status = json.loads(result.output[result.output.index("{") :])
     assert status["checkpoint_round"] is None and status["last"]["round"] == 2
     assert status["num_rounds"] == 5 and status["running"] is False

@@ -43,7 +43,8 @@ def test_simulate_tiny_world_end_to_end_and_resume(
         "tiny",
         "--run-config",
         TINY,
-        "--json",
+        "--format",
+        "json",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

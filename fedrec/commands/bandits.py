@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import typer
 
-from fedrec.options import NON_EMPTY_PATH, command_line, parsed_entries, say
+from fedrec.options import NON_EMPTY_PATH, FormatOpt, command_line, parsed_entries, say
 from shared.bandits.harness import (
     COVERAGE_TARGET,
     REGRET_TARGET,
@@ -108,7 +108,6 @@ RunConfigOpt = Annotated[
 ]
 TagOpt = Annotated[str, typer.Option("--tag", help="Suffix of the output file names.")]
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="'table' for people, 'json'.")]
 
 
 @app.command("evaluate")
@@ -140,7 +139,7 @@ def evaluate(
     """Compare the policies (greedy baseline, epsilon-greedy, Thompson, LinUCB, +MMR)."""
     if tag:
         check_file_name(tag, "--tag")
-    folder = _check_common(world, fmt, output_dir, users, data_dir)
+    folder = _check_common(world, output_dir, users, data_dir)
     if export is not None and world != "ml-100k":
         raise ConfigError(
             "--export writes the protocol's rankings, which only --world ml-100k evaluates "
@@ -193,7 +192,7 @@ def tune(
     --run-config sets what the grid starts from (top-n, slate size...); the settings the
     grid varies are its own.
     """
-    folder = _check_common(world, fmt, output_dir, users, data_dir)
+    folder = _check_common(world, output_dir, users, data_dir)
     chosen = _distinct_seeds(seeds, TUNING_SEEDS)
     # the settings the grid varies from (top-n, slate size, features...), recorded: a
     # tuning run means nothing without the candidates it re-ranked
@@ -629,9 +628,9 @@ def _save(fig: Any, path: Path) -> str:
 
 # ---------------------------------------------------------------------------- helpers
 def _check_common(
-    world: str, fmt: str, output_dir: Path, users: int | None, data_dir: Path | None
+    world: str, output_dir: Path, users: int | None, data_dir: Path | None
 ) -> Path | None:
-    """What can be refused before the run: the world, its data, the format, the user count
+    """What can be refused before the run: the world, its data, the user count
     and an output folder that cannot be written (which would fail only after the run).
     Returns the MovieLens 100K folder for ``--world ml-100k``: ``data_dir`` (or its
     ``ml-100k/``), or the dataset cache (downloaded when missing)."""
@@ -649,8 +648,6 @@ def _check_common(
                 "no u.data and u.item (nor does its ml-100k/); point --data-dir at your copy "
                 "(the folder with u.data and u.item), or leave it out to use the dataset cache"
             ) from None
-    if fmt not in ("table", "json"):
-        raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if users is not None and users < 1:
         raise ConfigError(f"--users must be >= 1, got {users}")
     check_output_dir(output_dir)

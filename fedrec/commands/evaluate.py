@@ -85,8 +85,6 @@ def baselines(
     run_config: RunConfigOpt = None,
 ) -> None:
     """Pop, ItemKNN, EASE and text-only, side by side on one seeded split."""
-    if fmt not in ("table", "json"):
-        raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     if export is None and explicit_options(ctx, {"export_model": "export-model"}):
         raise ConfigError("--export-model chooses what --export writes; give --export FILE too")
     values = _values(ctx, run_config, {"cold_items": "cold-items"})
@@ -152,8 +150,6 @@ def model(
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
     from simulation.pipeline import check_run_data, load_run_dataset, trained_with
 
-    if fmt not in ("table", "json"):
-        raise ConfigError(f"--format must be 'table' or 'json', got {fmt!r}")
     values = _values(ctx, run_config, {})
     run = trained_with(path)
     if run is not None:  # a simulation run's model: its own data and split, nothing else

@@ -14,6 +14,8 @@ import typer
 from fedrec.options import (
     HOME_PATH,
     NON_EMPTY_PATH,
+    FormatOpt,
+    JsonAliasOpt,
     RunConfigOpt,
     config_flag_names,
     explicit_options,
@@ -321,7 +323,8 @@ def start(
 @app.command("status")
 def status(
     state_dir: StateDirOpt,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    fmt: FormatOpt = "table",
+    as_json: JsonAliasOpt = False,
 ) -> None:
     """Round, clients, accuracy and privacy spent, read from the state directory (whether or
     not the server runs)."""
@@ -330,7 +333,7 @@ def status(
 
     layout = ServerLayout(state_dir)
     info = server_status(layout)
-    if as_json:
+    if as_json or fmt == "json":
         typer.echo(json.dumps(info.to_json(), indent=2))
         return
     if not info.running:

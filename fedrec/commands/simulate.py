@@ -24,6 +24,8 @@ from fedrec.options import (
     NON_EMPTY_PATH,
     DataDirOpt,
     DatasetOpt,
+    FormatOpt,
+    JsonAliasOpt,
     RunConfigOpt,
     SeedOpt,
     colored,
@@ -93,7 +95,8 @@ def simulate(
     ] = Path("runs"),
     name: Annotated[str, typer.Option(help="Run directory name (default: dataset-time).")] = "",
     run_config: RunConfigOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    fmt: FormatOpt = "table",
+    json_out: JsonAliasOpt = False,
     **settings: Any,
 ) -> None:
     """Pretrain, distil, federate (SecAgg+ and DP-SGD), evaluate and report, locally.
@@ -181,7 +184,7 @@ def simulate(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    if json_out:
+    if json_out or fmt == "json":
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     _print_summary(summary)
