@@ -5,6 +5,7 @@ traceback instead of "aborted". So this module imports nothing heavy itself."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -36,10 +37,25 @@ def _note_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _open_closed_std_fds() -> None:
+    """Point a closed standard descriptor (``fedrec ... >&-``, a supervisor that closes them)
+    at ``/dev/null``. Left closed, the next file the command opens takes its number: the device
+    store, a key or a report would then receive whatever the SuperNode child or a library
+    writes to "standard output". Python leaves ``sys.stdout`` ``None`` there, so output the
+    command prints is dropped, as under ``> /dev/null``."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: in this order, it is the lowest free number os.open takes
+            os.open(os.devnull, os.O_RDWR)
+
+
 def main() -> None:
     """Entry point: user errors, paths that cannot be used and a full disk (also under the
     redirected output) become one line on stderr and exit code 2; Ctrl-C, where a command
-    does not handle it itself, "aborted" and 130, also while the commands are imported."""
+    does not handle it itself, "aborted" and 130, also while the commands are imported.
+    Closed standard descriptors are opened on ``/dev/null`` first."""
+    _open_closed_std_fds()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
         signal.signal(signal.SIGINT, _note_interrupt)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -507,6 +508,30 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback() -> None:
         )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "error: No space left on device; free space on that disk and retry\n"
+
+
+def test_closed_standard_descriptors_are_opened_on_dev_null(tmp_path: Path) -> None:
+    """`fedrec ... >&-`: the first file the command opened (the device store, a key) took
+    number 1, so what the SuperNode child or a library wrote to standard output went into it."""
+    probe = (
+        "import os, sys\n"
+        "from fedrec.cli import _open_closed_std_fds\n"
+        "_open_closed_std_fds()\n"
+        f"opened = open({str(tmp_path / 'store.db')!r}, 'wb')\n"
+        "print(opened.fileno(), os.path.realpath('/proc/self/fd/1'), file=sys.stderr)\n"
+        "os.write(1, b'a child writing to standard output')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert proc.returncode == 0, proc.stderr
+    number, stdout = proc.stderr.split()
+    assert int(number) > 2 and stdout == os.devnull
+    assert (tmp_path / "store.db").read_bytes() == b""
 
 
 def test_a_progress_reader_that_went_away_does_not_end_the_command(
