@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, BinaryIO, NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +390,9 @@ def trim_log(log_file: str | Path, max_bytes: int) -> int:
     the first whole line in it) and drop the rest; returns the bytes dropped from its front
     (0: nothing done). The file is rewritten in place, as ``logrotate``'s ``copytruncate``
     does, because the process writing it holds it open (``O_APPEND``: its next line goes to
-    the new end); a line it writes during the copy may be lost."""
+    the new end). What it appends while the tail is copied is copied after it before the file
+    is cut; only a line written in the instant between the last such check and the cut can
+    be lost."""
     try:
         with open(log_file, "r+b") as fh:
             size = fh.seek(0, os.SEEK_END)
@@ -403,11 +405,25 @@ def trim_log(log_file: str | Path, max_bytes: int) -> int:
                 tail = tail[newline + 1 :]
             fh.seek(0)
             fh.write(tail)
-            fh.truncate(len(tail))
+            kept, read_at = len(tail), size
+            # the writer's appends land past read_at, always above what is written at kept
+            # (both move by the same amount), so nothing unread is overwritten
+            while more := _read_from(fh, read_at):
+                fh.seek(kept)
+                fh.write(more)
+                kept, read_at = kept + len(more), read_at + len(more)
+            fh.truncate(kept)
     except OSError as exc:
         logger.warning("could not trim %s: %s", log_file, exc)
         return 0
-    return size - len(tail)
+    return read_at - kept
+
+
+def _read_from(fh: BinaryIO, offset: int) -> bytes:
+    """What ``fh`` holds from ``offset`` to its current end (its own writes flushed first)."""
+    fh.flush()
+    fh.seek(offset)
+    return fh.read()
 
 
 def make_dirs_durable(folder: str | Path, *, mode: int = 0o777) -> None:

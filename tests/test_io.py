@@ -23,6 +23,7 @@ from shared.io import (
     is_locked,
     lock_holder,
     remove_stale_temps,
+    trim_log,
     try_lock,
     write_bytes_atomic,
     write_json_atomic,
@@ -139,6 +140,52 @@ def test_a_folder_made_before_its_first_file_is_durable_too(
         if folder != Path(".") and str(tmp_path / folder.parent) not in dirs
     ]
     assert not unsynced, f"made but never synced in their parents: {unsynced}"
+
+
+def test_a_line_the_writer_appends_while_its_log_is_trimmed_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trim copies the log's newest half to its front, then cuts the file: a line the
+    SuperNode (or the SuperLink) appended in between, past the old end, was cut with it."""
+    import shared.io
+
+    log = tmp_path / "supernode.log"
+    log.write_bytes(b"".join(b"old line %04d\n" % i for i in range(1000)))  # 14,000 bytes
+    real_open = open
+
+    class WriterAppendsDuringTheCopy:
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.appended = fh, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> WriterAppendsDuringTheCopy:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+        def write(self, data: bytes) -> int:
+            if not self.appended:  # the writer's own O_APPEND descriptor, mid-copy
+                self.appended = True
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+                os.write(fd, b"written during the trim\n")
+                os.close(fd)
+            return int(self.fh.write(data))
+
+    monkeypatch.setattr(
+        shared.io,
+        "open",
+        lambda *a, **k: WriterAppendsDuringTheCopy(real_open(*a, **k)),
+        raising=False,
+    )
+    dropped = trim_log(log, 4000)
+    kept = log.read_bytes()
+    assert kept.endswith(b"old line 0999\nwritten during the trim\n")
+    assert kept.startswith(b"old line ") and len(kept) <= 4000
+    assert dropped == 14_000 + len(b"written during the trim\n") - len(kept)
+    assert trim_log(log, 4000) == 0  # under the limit: untouched
 
 
 def test_a_record_after_a_torn_line_is_not_lost(tmp_path: Path) -> None:
