@@ -1002,6 +1002,7 @@ def _publish_final(
     from shared.compression.artifact import build_student_artifact, publish_artifact_once
     from shared.compression.prune import publish_prune
     from shared.ondevice.runtime import check_item_id_lengths
+    from shared.published import artifact_file_name
 
     check_item_id_lengths(item_ids)
     # built once: published, or kept unpublished when that version is out with another model
@@ -1012,7 +1013,7 @@ def _publish_final(
         prune=publish_prune(prune_sparsity),
         trained_on=trained_on,
     )
-    published = run.root / "models" / f"model-v{trained}.int8.onnx"
+    published = run.root / "models" / artifact_file_name(trained)
     try:
         return publish_artifact_once(built, item_ids, published, version=str(trained))
     except PublishedVersionError:

@@ -22,7 +22,8 @@ from shared.compression import (
     sparsity_report,
     top_k_agreement,
 )
-from shared.errors import ConfigError, DataError, ModelFileError
+from shared.compression.artifact import StudentArtifact, publish_artifact_once
+from shared.errors import ConfigError, DataError, ModelFileError, PublishedVersionError
 from shared.ondevice import (
     INPUT_NAMES,
     ModelMetadata,
@@ -32,6 +33,14 @@ from shared.ondevice import (
     graph_digest,
     metadata_digest,
     ort_max_opset,
+)
+from shared.published import (
+    RECORD_FILE,
+    artifact_file_name,
+    artifact_versions,
+    published_digests,
+    retire_old_artifacts,
+    sha256_hex,
 )
 
 N_ITEMS, DIM, MAX_LEN = 1682, 64, 50
@@ -788,3 +797,126 @@ def test_the_torch_floor_takes_the_exporter_keyword_the_export_passes() -> None:
 
     assert "dynamo=False" in inspect.getsource(onnx_export)
     assert Version(dependency_floor("torch")) >= Version("2.5")
+
+
+# ------------------------------------------------------------------ published versions
+
+
+def _built(data: bytes) -> StudentArtifact:
+    """A model as :func:`publish_artifact_once` takes it (the bytes are all it reads)."""
+    return StudentArtifact(int8=data, fp32_bytes=len(data), agreement=1.0, sparsity=0.0)
+
+
+def _publish(out: Path, version: int, data: bytes) -> Path:
+    path = out / artifact_file_name(version)
+    publish_artifact_once(_built(data), ["a", "b"], path, version=str(version))
+    return path
+
+
+def _models(out: Path) -> list[str]:
+    return [p.name for _, p in sorted(artifact_versions(out).items())]
+
+
+def test_retention_keeps_the_newest_and_never_the_one_just_published(tmp_path: Path) -> None:
+    """A server kept every model-vN.int8.onnx for ever: months of rounds filled its disk."""
+    out = tmp_path / "artifacts"
+    for version in range(1, 6):
+        _publish(out, version, b"model %d" % version)
+    removed = retire_old_artifacts(out, 2, latest=artifact_file_name(5))
+    assert [p.name for p in removed] == [artifact_file_name(v) for v in (1, 2, 3)]
+    assert _models(out) == [artifact_file_name(4), artifact_file_name(5)]
+    assert (out / "catalog.json").exists() and len(published_digests(out)) == 5
+    # a resumed run republishes its checkpoint's model under an older number than one on
+    # disk (v5 from before a lost checkpoint): the one just published stays
+    assert retire_old_artifacts(out, 1, latest=artifact_file_name(4)) == []
+    assert _models(out) == [artifact_file_name(4), artifact_file_name(5)]
+    assert [p.name for p in retire_old_artifacts(out, 1, latest=artifact_file_name(5))] == [
+        artifact_file_name(4)
+    ]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        retire_old_artifacts(out, 0, latest=artifact_file_name(5))
+
+
+def test_a_removed_version_is_refused_with_another_model_and_taken_with_the_same(
+    tmp_path: Path,
+) -> None:
+    """Once model-v1 was removed, nothing told that version 1 was out: a restarted or new
+    run publishing another model as version 1 wrote it, and devices holding the first one
+    took the two for the same model."""
+    out = tmp_path / "artifacts"
+    for version in (1, 2):
+        _publish(out, version, b"model %d" % version)
+    retire_old_artifacts(out, 1, latest=artifact_file_name(2))
+    assert _models(out) == [artifact_file_name(2)]
+    with pytest.raises(PublishedVersionError, match=r"version 1 is out already.*published\.jsonl"):
+        _publish(out, 1, b"another model")
+    assert _models(out) == [artifact_file_name(2)]  # a refusal writes nothing
+    path = _publish(out, 1, b"model 1")  # the same model: accepted, as before
+    assert path.read_bytes() == b"model 1"
+    assert len((out / RECORD_FILE).read_text().splitlines()) == 2  # recorded once each
+
+
+def test_a_model_published_before_the_record_is_recorded_before_it_is_removed(
+    tmp_path: Path,
+) -> None:
+    """A state directory from before the record holds models without a line: removing one
+    unrecorded would forget its version."""
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    (out / artifact_file_name(1)).write_bytes(b"old model 1")  # no record yet
+    _publish(out, 2, b"model 2")
+    assert artifact_file_name(1) not in published_digests(out)
+    retire_old_artifacts(out, 1, latest=artifact_file_name(2))
+    assert _models(out) == [artifact_file_name(2)]
+    assert published_digests(out)[artifact_file_name(1)] == sha256_hex(b"old model 1")
+    with pytest.raises(PublishedVersionError, match="version 1 is out already"):
+        _publish(out, 1, b"another model")
+
+
+def test_the_record_survives_a_crash_in_the_middle_of_a_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line comes before the model: a write that fails (a full disk) leaves no model,
+    and a crash half way through a line leaves a torn line that is skipped (its model was
+    never written) without losing the lines before it or the one after."""
+    import shared.published
+
+    out = tmp_path / "artifacts"
+    _publish(out, 1, b"model 1")
+
+    def disk_full(path: Path, line: str) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shared.published, "append_line", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            _publish(out, 2, b"model 2")
+    assert _models(out) == [artifact_file_name(1)]  # never published without its line
+    with open(out / RECORD_FILE, "ab") as fh:  # killed in the middle of version 2's line
+        fh.write(b'{"file": "model-v2.int8.onnx", "vers')
+    assert list(published_digests(out)) == [artifact_file_name(1)]
+    _publish(out, 2, b"model 2")
+    _publish(out, 3, b"model 3")
+    retire_old_artifacts(out, 1, latest=artifact_file_name(3))
+    assert published_digests(out) == {
+        artifact_file_name(v): sha256_hex(b"model %d" % v) for v in (1, 2, 3)
+    }
+    for version in (1, 2):
+        with pytest.raises(PublishedVersionError, match=f"version {version} is out already"):
+            _publish(out, version, b"another model")
+
+
+def test_an_unreadable_record_publishes_and_removes_nothing(tmp_path: Path) -> None:
+    """What is out cannot be told without the record: publishing or removing then could
+    reuse a version. Not a refused version either (the simulation would then keep its
+    final model unpublished, blaming another model)."""
+    out = tmp_path / "artifacts"
+    for version in (1, 2):
+        _publish(out, version, b"model %d" % version)
+    (out / RECORD_FILE).unlink()
+    (out / RECORD_FILE).mkdir()  # unreadable as a file, whoever runs the test
+    with pytest.raises(ModelFileError, match=r"published\.jsonl is unreadable") as refused:
+        _publish(out, 3, b"model 3")
+    assert not isinstance(refused.value, PublishedVersionError)
+    assert retire_old_artifacts(out, 1, latest=artifact_file_name(2)) == []
+    assert _models(out) == [artifact_file_name(1), artifact_file_name(2)]

@@ -104,7 +104,12 @@ def test_a_published_version_is_republished_as_is_but_never_replaced(
     with pytest.raises(PublishedVersionError, match="version 2 is out already"):
         task.publish_artifact(other, 2, out)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["catalog.json", "model-v2.int8.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "catalog.json",
+        "model-v2.int8.onnx",
+        "published.jsonl",  # one line: version 2, recorded once
+    ]
+    assert len((out / "published.jsonl").read_text().splitlines()) == 1
     assert task.publish_artifact(other, 3, out).read_bytes() != before  # the next version
 
 

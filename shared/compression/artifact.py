@@ -22,6 +22,7 @@ from shared.errors import DataError, PublishedVersionError
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
 from shared.ondevice.runtime import catalog_fingerprint, check_item_id_lengths
+from shared.published import RECORD_FILE, published_digests, record_published, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -210,25 +211,40 @@ def publish_artifact_once(
     built: StudentArtifact, item_ids: Sequence[str], out_path: str | Path, *, version: str
 ) -> ArtifactReport:
     """Publish model ``version``, built already (:func:`build_student_artifact`): written
-    when ``out_path`` is not there, left as it is when it holds this very model (the int8
-    export is deterministic: a process that died between its checkpoint and its
-    publication, a rerun of a finished run), refused with :class:`PublishedVersionError`
-    when it holds another model (a round that ran again after its checkpoint was lost
-    trains another). The caller may then write ``built`` elsewhere, without building it
-    again.
+    when ``out_path`` is not there and was never published, left as it is when it holds
+    (or was published with) this very model (the int8 export is deterministic: a process
+    that died between its checkpoint and its publication, a rerun of a finished run),
+    refused with :class:`PublishedVersionError` when it holds or was published with
+    another model (a round that ran again after its checkpoint was lost trains another).
+    The caller may then write ``built`` elsewhere, without building it again.
 
     A published version never changes: devices may hold it and tell models apart by their
-    version alone. The model is compared in memory, so a refusal leaves the published
-    folder as it was."""
+    version alone. The record of published versions (:mod:`shared.published`) keeps the
+    SHA-256 of every model published into the folder, so this holds after the file was
+    removed (``artifact-keep``); its line is appended before the model is written. The
+    model is compared in memory, so a refusal leaves the published folder as it was."""
     out = Path(out_path)
-    if not out.exists():
-        return built.write(out, item_ids)
-    if built.int8 != out.read_bytes():
+    digest = sha256_hex(built.int8)
+    recorded = published_digests(out.parent).get(out.name)
+    if recorded is not None and recorded != digest:
+        raise PublishedVersionError(
+            f"model version {version} is out already, with another model ({out.name} in "
+            f"{out.parent / RECORD_FILE}, SHA-256 {recorded[:12]}..., this one "
+            f"{digest[:12]}...): a published version never changes, as devices may hold "
+            "it, even once its file is removed; publish this model under a new version "
+            "(train another round)"
+        )
+    exists = out.exists()
+    if exists and built.int8 != out.read_bytes():
         raise PublishedVersionError(
             f"model version {version} is out already, with another model ({out}): a "
             "published version never changes, as devices may hold it; publish this model "
             "under a new version (train another round)"
         )
+    if recorded is None:  # first published, or published before the record existed
+        record_published(out.parent, out.name, version, digest)
+    if not exists:
+        return built.write(out, item_ids)
     # the catalog is written after the model: a process that died in between left the model
     # alone, and a device cannot install it without its catalog (the model's fingerprint
     # matched these ids, so this is the catalog it was published with)

@@ -357,8 +357,9 @@ class StudentTask:
         """Publish global model ``version`` as ``model-v{version}.int8.onnx``: again with the
         same model is a no-op, with another is refused (:func:`publish_student_once`)."""
         from shared.compression.artifact import publish_student_once
+        from shared.published import artifact_file_name
 
-        path = Path(out_dir) / f"model-v{version}.int8.onnx"
+        path = Path(out_dir) / artifact_file_name(version)
         with self._lock:
             set_global_arrays(self.model, parameters, self._meta)
             publish_student_once(
