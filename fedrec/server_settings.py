@@ -70,9 +70,12 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
         "secagg_max_weight": "Largest example count a device may weigh its update by "
         "(without DP: under --dp every device weighs 1, and it is 1).",
     },
-    "Server optimiser and checkpoints": {
+    "Server optimiser, checkpoints and published models": {
         **_same("server_optimizer", "server_lr", "server_beta1", "server_beta2", "server_tau"),
         "checkpoint_keep": "How many of the newest round checkpoints to keep.",
+        "artifact_keep": "How many of the newest published models to keep in artifacts/ "
+        "(0 = all); older ones are removed after each publication, and their versions "
+        "stay recorded in artifacts/published.jsonl, never reused.",
         **_same("prune_sparsity"),
     },
     "Device training and record-level DP": {

@@ -76,6 +76,7 @@ from shared.federated.local_config import (
 from shared.federated.task import STUDENT_TASK, FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
+from shared.published import RECORD_FILE, retire_old_artifacts
 
 if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-dp is on
     from server.user_dp import UserLevelDP
@@ -91,7 +92,7 @@ USER_DP_JOURNAL = "user-dp-journal.json"
 
 #: Key prefixes that belong to the server: an unknown key with one of them is an error
 #: (a silently ignored ``user-dp-*`` typo could switch privacy settings off).
-_SERVER_PREFIXES = ("secagg-", "user-dp-", "checkpoint-", "server-")
+_SERVER_PREFIXES = ("secagg-", "user-dp-", "checkpoint-", "artifact-", "server-")
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,9 @@ class ServerConfig:
     and read by the task; a key that looks like a misspelt server key is an error.
     ``0`` means "off/none" for ``cohort-size``, ``eval-size``, ``round-timeout``,
     ``update-clip-norm``, ``secagg-timeout``, ``population-size`` (= the number of
-    connected nodes at the start), ``user-dp-delta`` (= 1 / population) and
-    ``user-dp-epsilon-budget`` (= no budget); an empty string means "off" for
+    connected nodes at the start), ``user-dp-delta`` (= 1 / population),
+    ``user-dp-epsilon-budget`` (= no budget) and ``artifact-keep`` (= keep every published
+    model); an empty string means "off" for
     ``checkpoint-dir`` and ``artifact-dir``.
 
     User-level DP (``user-dp = true``) samples Poisson cohorts (each connected client
@@ -168,6 +170,10 @@ class ServerConfig:
     checkpoint_keep: int = 3
     #: Directory for versioned model artifacts (tasks implementing ArtifactPublisher).
     artifact_dir: str = ""
+    #: How many of the newest published on-device models (``model-v{N}.int8.onnx``) stay in
+    #: ``artifact-dir``; the older are removed after each publication; 0 = keep them all.
+    #: Their versions stay recorded (:mod:`shared.published`): never reused.
+    artifact_keep: int = 20
     #: User-level differential privacy (DP-FedAvg).
     user_dp: bool = False
     user_dp_noise_multiplier: float = 1.0
@@ -231,6 +237,12 @@ class ServerConfig:
         )
         require(self.secagg_timeout >= 0, "secagg-timeout", ">= 0", self.secagg_timeout)
         require(self.checkpoint_keep >= 1, "checkpoint-keep", ">= 1", self.checkpoint_keep)
+        require(
+            self.artifact_keep >= 0,
+            "artifact-keep",
+            ">= 0 (the newest published models kept; 0: keep them all)",
+            self.artifact_keep,
+        )
         require(self.population_size >= 0, "population-size", ">= 0", self.population_size)
         if self.user_dp:
             z, c = self.user_dp_noise_multiplier, self.user_dp_clip
@@ -847,7 +859,9 @@ def _run_server(
     def publish(parameters: Any, version: int) -> None:
         """Publish model ``version``; a failure (the int8 agreement gate, a full disk) is
         logged and the run goes on: the checkpoint is saved and training is unaffected, and
-        stopping would only fail the same way again at every restart."""
+        stopping would only fail the same way again at every restart. Once it is published,
+        the models beyond the newest ``artifact-keep`` are removed (never this one); after a
+        failure or a withheld version nothing is."""
         if publisher is None or artifact_dir is None:
             return
         if version in withheld:
@@ -864,8 +878,20 @@ def _run_server(
             path = publisher.publish_artifact(parameters, version, artifact_dir)
         except (FedRecError, OSError) as exc:
             log(ERROR, "model version %s was NOT published (%s); the run goes on", version, exc)
-        else:
-            log(INFO, "published model version %s: %s", version, path)
+            return
+        log(INFO, "published model version %s: %s", version, path)
+        if config.artifact_keep > 0:  # only after a publication, never the one just made
+            retired = retire_old_artifacts(artifact_dir, config.artifact_keep, latest=path.name)
+            if retired:
+                log(
+                    INFO,
+                    "removed %s older model version(s) beyond artifact-keep=%s: %s "
+                    "(their versions stay recorded in %s, never reused)",
+                    len(retired),
+                    config.artifact_keep,
+                    ", ".join(p.name for p in retired),
+                    RECORD_FILE,
+                )
 
     if checkpoint is not None:
         # The previous process may have died between checkpoint and publication.

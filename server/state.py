@@ -10,7 +10,9 @@ file, the last start's record and the generated app::
     DIR/clients.json         the registered device keys (and revoked ones), see ClientRegistry
     DIR/superlink.db         the SuperLink's state database (created by flower-superlink)
     DIR/checkpoints/         one verified checkpoint per round (the run resumes from here)
-    DIR/artifacts/           model-v{round}.int8.onnx, the published global models
+    DIR/artifacts/           model-v{round}.int8.onnx, the published global models (the
+                             newest artifact-keep), catalog.json, and published.jsonl:
+                             every version ever published, with its SHA-256 (never reused)
     DIR/progress.jsonl       one line per finished round (clients, accuracy, epsilon)
     DIR/flwr-home/           FLWR_HOME of the SuperLink and of the `flwr` calls
     DIR/app/                 the Flower app `fedrec server start` submits (generated)
@@ -56,6 +58,7 @@ from shared.io import (
     write_json_atomic,
 )
 from shared.processes import pid_alive
+from shared.published import artifact_versions
 
 LAYOUT_VERSION = 1
 
@@ -738,7 +741,6 @@ class ProgressTail:
 
 
 _CHECKPOINT_NAME = re.compile(r"round-(\d{8})\.json")
-_ARTIFACT_NAME = re.compile(r"model-v(\d+)\.int8\.onnx")
 
 
 def checkpoint_rounds(layout: ServerLayout) -> list[int]:
@@ -812,11 +814,8 @@ def server_status(layout: ServerLayout) -> ServerStatus:
     resumable, problem = checkpoint_state(layout)
     progress = read_progress(layout)
     registry = ClientRegistry.load(layout.registry)
-    versions = {  # anything else in artifacts/ (a backup, a stray file) is not an artifact
-        int(match.group(1)): path.name
-        for path in layout.artifacts.glob("model-v*.int8.onnx")
-        if (match := _ARTIFACT_NAME.fullmatch(path.name))
-    }
+    # the newest on disk: artifact-keep removes older ones, never the newest
+    versions = artifact_versions(layout.artifacts)
     # the running server's total (a resumed start may have asked for more rounds than the
     # run that wrote the last progress line), else the last start's (one that failed or was
     # killed before a round ended wrote none), else the last line's
@@ -838,7 +837,7 @@ def server_status(layout: ServerLayout) -> ServerStatus:
         last=progress[-1] if progress else None,
         clients_registered=len(registry.active()),
         clients_revoked=len(registry.clients) - len(registry.active()),
-        latest_artifact=versions[max(versions)] if versions else None,
+        latest_artifact=versions[max(versions)].name if versions else None,
         last_start=last_start,
         clients_problem=layout.registry_problem(),
     )

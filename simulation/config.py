@@ -60,6 +60,7 @@ APP_KEYS_SET_BY_SIMULATION: dict[str, str] = {
     "state-dir": "the run directory's clients/ folder",
     "checkpoint-dir": "the run directory's checkpoints/ folder",
     "artifact-dir": "the run directory's models/ folder with publish-each-round, else none",
+    "artifact-keep": "0: a run directory keeps every model it published",
     "population-size": "the federated clients of the split (known only after it)",
     "min-available-clients": "every federated client: the virtual clients are all there",
     "availability-timeout": "unused: every virtual client is connected before round 1, so "
@@ -410,6 +411,7 @@ class SimulationConfig:
             "checkpoint-dir": "",
             "checkpoint-keep": self.checkpoint_keep,
             "artifact-dir": "",
+            "artifact-keep": 0,  # a run directory keeps every model it published
             "state-dir": "",
             "epsilon-budget": self.epsilon_budget,
             "delta": self.delta,

@@ -306,6 +306,12 @@ def test_server_config_reads_the_new_keys() -> None:
     [
         ({"checkpoint-keep": 0}, "'checkpoint-keep' must be >= 1"),
         ({"checkpoint-keep": 1.5}, "checkpoint-keep must be int, got 1.5"),
+        ({"artifact-keep": -1}, r"'artifact-keep' must be >= 0 \(the newest published .*0: keep"),
+        ({"artifact-keep": 2.5}, "artifact-keep must be int, got 2.5"),
+        (
+            {"artifact-kep": 3},
+            "unknown server setting 'artifact-kep'; did you mean 'artifact-keep'",
+        ),
         ({"user-dp": True, "user-dp-clip": 0.0}, "'user-dp-clip' must be > 0 with user-dp"),
         (
             {"user-dp": True, "user-dp-clip": 1.0, "user-dp-noise-multiplier": 0},
@@ -575,6 +581,56 @@ def test_a_failed_publication_is_logged_and_the_run_goes_on(
     assert sorted(p.name for p in out.glob("*.npz")) == ["toy-v1.npz", "toy-v3.npz"]
     assert "model version 2 was NOT published (int8 top-10 agreement" in caplog.text
     assert CheckpointStore(tmp_path / "ck").rounds() == [1, 2, 3]
+
+
+class Int8NamedToyTask(ToyLinearTask):
+    """Publishes the toy model's bytes as ``model-v{N}.int8.onnx`` through the student
+    task's publication (:func:`publish_artifact_once`); version 4 fails while
+    ``FAIL_VERSION_4`` is set (e.g. the int8 agreement gate)."""
+
+    FAIL_VERSION_4 = True
+
+    def publish_artifact(
+        self, parameters: Sequence[npt.NDArray[np.floating]], version: int, out_dir: Path
+    ) -> Path:
+        from shared.compression.artifact import StudentArtifact, publish_artifact_once
+        from shared.published import artifact_file_name
+
+        if version == 4 and self.FAIL_VERSION_4:
+            raise ModelFileError("int8 top-10 agreement 0.80 < 0.97: not published")
+        data = b"".join(np.asarray(a).tobytes() for a in parameters)
+        built = StudentArtifact(int8=data, fp32_bytes=len(data), agreement=1.0, sparsity=0.0)
+        path = out_dir / artifact_file_name(version)
+        publish_artifact_once(built, ["a"], path, version=str(version))
+        return path
+
+
+def test_the_server_keeps_the_newest_artifact_keep_models_and_records_every_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server kept every published model for ever (one per round: months of rounds filled
+    its disk). With artifact-keep=2 the older ones go after each publication, never after a
+    failed one; a resumed run republishes its checkpoint's model and goes on."""
+    from shared.published import RECORD_FILE, artifact_versions, published_digests
+
+    out = tmp_path / "artifacts"
+    config = {
+        **_publishing_run("toy-int8-named", Int8NamedToyTask, tmp_path),
+        "num-rounds": 4,
+        "artifact-keep": 2,
+    }
+    assert [r.server_round for r in _run(config, num_nodes=3)] == [1, 2, 3, 4]
+    # version 4 failed: nothing removed after it, v2 and v3 stay
+    assert sorted(artifact_versions(out)) == [2, 3]
+    assert sorted(published_digests(out)) == [f"model-v{v}.int8.onnx" for v in (1, 2, 3)]
+    monkeypatch.setattr(Int8NamedToyTask, "FAIL_VERSION_4", False)
+    resumed = _run({**config, "num-rounds": 6}, num_nodes=3)
+    assert [r.server_round for r in resumed] == [5, 6]  # v4 republished from its checkpoint
+    assert sorted(artifact_versions(out)) == [5, 6]
+    assert len((out / RECORD_FILE).read_text().splitlines()) == 6  # every version, once
+    # 0 keeps them all (the simulation's run directories)
+    _run({**config, "num-rounds": 8, "artifact-keep": 0}, num_nodes=3)
+    assert sorted(artifact_versions(out)) == [5, 6, 7, 8]
 
 
 def test_a_checkpoint_of_another_bundle_is_never_resumed(tmp_path: Path) -> None:
