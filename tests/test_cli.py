@@ -1595,9 +1595,13 @@ def _config_keys(path: tuple[str, ...]) -> set[str] | None:
     """The keys the ``--run-config`` / ``--config`` of `fedrec PATH` takes (``None``: not
     checked here)."""
     from client.device.config import DaemonConfig
+    from fedrec.commands.evaluate import COLD_ITEM_KEYS
     from server.superlink import run_config_keys
     from shared.bandits.policies import BanditConfig
     from shared.config import field_names
+    from shared.eval.baseline_benchmark import BaselineConfig
+    from shared.eval.protocol import EvalConfig
+    from shared.eval.splits import SplitConfig
     from simulation.config import SimulationConfig
 
     if path == ("simulate",):
@@ -1607,14 +1611,28 @@ def _config_keys(path: tuple[str, ...]) -> set[str] | None:
     if path[0] == "client":
         bandit = {f"bandit-{key}" for key in field_names(BanditConfig)}
         return field_names(DaemonConfig) | bandit
+    split = field_names(SplitConfig) | field_names(EvalConfig)
+    if path == ("evaluate", "baselines"):
+        return split | field_names(BaselineConfig)
+    if path == ("evaluate", "model"):
+        return split - COLD_ITEM_KEYS
+    if path[0] == "bandits":  # seed and policy are refused: the evaluation sets them
+        return field_names(BanditConfig) - {"seed", "policy"}
     return None
+
+
+def _placeholder(word: str) -> bool:
+    """A word the docs put where a value goes that stands for one (`--rounds N`, `$BUNDLE`)
+    or for more of the same (`...`, the `/` of `--personal-steps / --personal-lr`)."""
+    return word in {"/", "..."} or "$" in word or word.isupper()
 
 
 def test_every_fedrec_command_and_option_the_docs_give_exists() -> None:
     """The README, docs/ and the docker files' setup comments spell out `fedrec` commands (the
     compose file's `command:` lists are checked in test_docker). A command, option or
     --run-config / --config key renamed in the CLI and left in the docs failed only when a
-    user typed it: each is looked up here (``--[no-]x`` stands for both spellings)."""
+    user typed it: each is looked up here (``--[no-]x`` stands for both spellings), and a
+    number or choice an option is given must be one it takes."""
     import click
     import typer
 
@@ -1647,6 +1665,21 @@ def test_every_fedrec_command_and_option_the_docs_give_exists() -> None:
             for spelling in spellings if "[no-]" in name else [name]:
                 assert spelling in options, f"{shown}: no {spelling}"
                 checked.append(spelling)
+            param = next((p for p in command.params if name in getattr(p, "opts", [])), None)
+            value = words[i + 1] if i + 1 < len(words) else None
+            if "=" in word:  # `--rounds=30`
+                value = word.split("=", 1)[1]
+            kind: Any = getattr(param, "type", None)
+            numeric = isinstance(
+                kind, click.types.IntParamType | click.types.FloatParamType | click.Choice
+            )
+            if numeric and not (
+                value is None or value.startswith("-") or _placeholder(value)
+            ):  # a number or a choice: the value given must be one (`--rounds ten` is not)
+                try:
+                    kind.convert(value, param, None)
+                except click.BadParameter as exc:
+                    pytest.fail(f"{shown}: {name} {value}: {exc.message}")
             keys = _config_keys(tuple(path))
             if name in {"--run-config", "--config"} and keys is not None and i + 1 < len(words):
                 for key in parsed_entries([words[i + 1]], flag=name):
