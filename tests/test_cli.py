@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -1686,3 +1687,99 @@ def test_every_fedrec_command_and_option_the_docs_give_exists() -> None:
                     assert key in keys, f"{shown}: {name} has no key {key!r}"
                     checked.append(key)
     assert len(checked) > 80  # the docs' commands were found
+
+
+@functools.cache
+def _bench_options(script: Path) -> dict[str, tuple[type | None, bool]]:
+    """The options a ``bench/`` script's parser declares, read from its source (importing
+    the scripts would load torch and Flower): ``--name -> (int or float or None, takes
+    several values)``, with the ``--no-`` spelling of a ``BooleanOptionalAction`` and the
+    shared ones of :func:`simulation.pretrain.add_pretrain_arguments` where it calls it."""
+    import ast
+
+    sources = [script.read_text()]
+    if "add_pretrain_arguments(" in sources[0]:
+        sources.append((_ROOT / "simulation" / "pretrain.py").read_text())
+    options: dict[str, tuple[type | None, bool]] = {"--help": (None, False), "-h": (None, False)}
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if not (
+                isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+            ):
+                continue
+            keywords = {k.arg: k.value for k in node.keywords}
+            kind = {"int": int, "float": float}.get(getattr(keywords.get("type"), "id", ""))
+            several = "nargs" in keywords
+            negated = getattr(keywords.get("action"), "attr", "") == "BooleanOptionalAction"
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and str(arg.value).startswith("-"):
+                    assert isinstance(arg.value, str)
+                    options[arg.value] = (kind, several)
+                    if negated:
+                        options["--no-" + arg.value[2:]] = (None, False)
+    return options
+
+
+def _shell_loop_lines(line: str) -> list[str]:
+    """``for c in 10 30; do CMD $c; done`` as the commands it runs; any other line as is."""
+    loop = re.fullmatch(r"\s*for (\w+) in ([^;]+); do (.*); done\s*", line)
+    if loop is None:
+        return [line]
+    var, values, body = loop.groups()
+    return [body.replace(f"${var}", value) for value in values.split()]
+
+
+def test_every_bench_command_and_result_file_the_docs_give_exists() -> None:
+    """The README and docs/ give the commands behind every committed benchmark result and
+    name the results: a benchmark option renamed or a result file moved, and the docs sent
+    readers to a flag that failed or a file that was not there. Each `python bench/X.py ...`
+    must name an existing script and only options its parser declares, with a number where
+    it takes one, and every `bench/results/...` file named (braces expanded, `*` globbed)
+    must be committed."""
+    import glob
+
+    scripts, options_checked, files_checked = set(), 0, 0
+    for source, text in _documented_command_lines():
+        for line in _shell_loop_lines(text):
+            for match in re.finditer(r"(?<![\w/])bench/(\w+)\.py((?:\s+[^\s`]+)*)", line):
+                script = _ROOT / "bench" / f"{match.group(1)}.py"
+                shown = f"{source}: `{match.group(0).strip()}`"
+                assert script.is_file(), f"{shown}: no {script.relative_to(_ROOT)}"
+                scripts.add(script.name)
+                options = _bench_options(script)
+                words = _shell_words(match.group(2))
+                for i, word in enumerate(words):
+                    if not word.startswith("-") or re.fullmatch(r"-[\d.]+", word):
+                        continue  # an argument or an option's value
+                    assert word in options, f"{shown}: {script.name} has no {word}"
+                    options_checked += 1
+                    kind, several = options[word]
+                    values: list[str] = []
+                    for value in words[i + 1 :]:
+                        if value.startswith("--") or (values and not several):
+                            break
+                        values.append(value)
+                    for value in values:
+                        if kind is None:
+                            break
+                        try:
+                            _placeholder(value) or kind(value)
+                        except ValueError:
+                            pytest.fail(f"{shown}: {word} takes {kind.__name__}s, not {value}")
+            for named in re.findall(r"bench/results/[\w.{},*+-]+", line):
+                named = named.rstrip(".,")
+                for path in _brace_expanded(named):
+                    assert glob.glob(str(_ROOT / path)), f"{source}: {path} is not committed"
+                    files_checked += 1
+    assert len(scripts) > 10 and options_checked > 150 and files_checked > 60  # all were found
+
+
+def _brace_expanded(text: str) -> list[str]:
+    """The shell's brace expansion: ``a-{b,c}.json`` is ``a-b.json`` and ``a-c.json``."""
+    match = re.search(r"\{([^{}]*)\}", text)
+    if match is None:
+        return [text]
+    head, tail = text[: match.start()], text[match.end() :]
+    return [
+        path for alt in match.group(1).split(",") for path in _brace_expanded(head + alt + tail)
+    ]
