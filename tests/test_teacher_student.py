@@ -802,6 +802,36 @@ def test_parameter_groups_are_disjoint_and_cover_everything() -> None:
         model.set_trainable(["frozen"])
 
 
+def test_the_parameter_counts_docs_parameters_md_gives_are_the_models() -> None:
+    """docs/parameters.md sizes each parameter group of the default student on ml-100k
+    (1,682 items) and the teacher it is measured against; a change of `StudentConfig`,
+    `TeacherConfig` or the architecture would leave those figures stale without this."""
+    import re
+
+    n_items, config = 1682, StudentConfig()
+    model = StudentModel(
+        np.zeros((n_items, config.text_dim), np.float32),
+        np.zeros((n_items, config.id_dim), np.float32),
+        config,
+    )
+    shapes = dict(model.named_parameters())
+    counts = {
+        group: sum(shapes[name].numel() for name in names)
+        for group, names in model.named_parameter_groups().items()
+    }
+    text = (Path(__file__).resolve().parents[1] / "docs" / "parameters.md").read_text()
+    table = dict(
+        re.findall(r"^\| \*\*(global|personal|frozen)\*\* \|[^|]*\| ([\d,]+) \|", text, re.M)
+    )
+    assert {group: int(n.replace(",", "")) for group, n in table.items()} == counts
+    teacher = SASRecModel(np.zeros((n_items, 384), np.float32), TeacherConfig())
+    trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    own = counts["global"] + counts["personal"]
+    share = f"{100 * own / trainable:.1f}%"
+    claim = f"(global + personal, {own:,} scalars) is {share} of the teacher's {trainable:,}"
+    assert claim in " ".join(text.split())
+
+
 def test_global_state_round_trip() -> None:
     a, b = small_student(), small_student()
     with torch.no_grad():
