@@ -52,7 +52,8 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
         **_same("round_timeout"),
         "availability_timeout": "Seconds between the warnings of a round waiting for --min-clients "
         "devices to connect (it starts once they are); the most an evaluation waits.",
-        "update_clip_norm": "L2 bound of a device's update (0 = none).",
+        "update_clip_norm": "L2 bound of a device's update (0 = none fixed).",
+        **_same("update_clip_median_multiple"),
         "population_size": "Devices that can be sampled (0 = those connected at the start).",
         "seed": "Seed of the cohort sampling (the devices' DP noise stays secret, and so do "
         "user-level DP's training cohorts).",

@@ -60,10 +60,12 @@ from server.pki import unbracketed
 from server.secagg import SecAggSettings, run_rounds
 from server.server_optimizer import ServerOptimizerSettings
 from server.strategy import (
+    UPDATE_CLIP_MEDIAN_MULTIPLE,
     RoundCallback,
     RoundReport,
     StopTraining,
     ValidatingFedAvg,
+    check_clip_median_multiple,
     round_quorum,
 )
 from shared.config import check_rounds, coerce, is_int
@@ -103,7 +105,9 @@ class ServerConfig:
     ``secagg-num-shares``). Other keys (e.g. ``toy-*`` task settings) are ignored here
     and read by the task; a key that looks like a misspelt server key is an error.
     ``0`` means "off/none" for ``cohort-size``, ``eval-size``, ``round-timeout``,
-    ``update-clip-norm``, ``secagg-timeout``, ``population-size`` (= the number of
+    ``update-clip-norm`` (then, in plain mode without user-dp, the server clips each round's
+    updates to ``update-clip-median-multiple`` times their median norm, unless that is 0 too),
+    ``update-clip-median-multiple``, ``secagg-timeout``, ``population-size`` (= the number of
     connected nodes at the start), ``user-dp-delta`` (= 1 / population),
     ``user-dp-epsilon-budget`` (= no budget) and ``artifact-keep`` (= keep every published
     model); an empty string means "off" for
@@ -152,8 +156,11 @@ class ServerConfig:
     #: seconds; an evaluation waits at most this long.
     availability_timeout: float = 120.0
     #: Max L2 norm of a client update (clipped on the client; again on the server in
-    #: plain mode); 0 = no clipping.
+    #: plain mode); 0 = none fixed (see ``update_clip_median_multiple``).
     update_clip_norm: float = 0.0
+    #: Plain mode, no user-dp, update-clip-norm 0: the server clips each round's updates to
+    #: this many times their median L2 norm (norm bounding); 0 = off, else >= 1.
+    update_clip_median_multiple: float = UPDATE_CLIP_MEDIAN_MULTIPLE
     seed: int = 0
     secagg: bool = False
     secagg_num_shares: int | float = 5
@@ -235,6 +242,7 @@ class ServerConfig:
             "a finite number >= 0",
             self.update_clip_norm,
         )
+        check_clip_median_multiple(self.update_clip_median_multiple)
         require(self.secagg_timeout >= 0, "secagg-timeout", ">= 0", self.secagg_timeout)
         require(self.checkpoint_keep >= 1, "checkpoint-keep", ">= 1", self.checkpoint_keep)
         require(
@@ -437,6 +445,7 @@ def build_strategy(
         eval_size=config.eval_size,
         eval_fraction=config.eval_fraction,
         update_clip_norm=config.effective_clip_norm,
+        update_clip_median_multiple=config.update_clip_median_multiple,
         secure_aggregation=settings is not None,
         secagg_max_cohort=settings.max_cohort if settings is not None else None,
         secagg_least=settings.least_cohort if settings is not None else 2,

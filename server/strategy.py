@@ -66,6 +66,8 @@ from shared.federated.validation import (
     check_float_arrays,
     clip_update_l2,
     find_problem,
+    l2_norm,
+    median_clip_bound,
 )
 
 if TYPE_CHECKING:  # user_dp imports Opacus/torch: only where user-level DP is on
@@ -93,6 +95,23 @@ MAX_METRIC_KEY_CHARS = 100
 CONFIG_UNIFORM_WEIGHT = "uniform-weight"
 #: Version of :meth:`ValidatingFedAvg.state_dict`.
 STRATEGY_STATE_VERSION = 1
+#: ``update-clip-median-multiple``'s default: in plain mode without a fixed
+#: ``update-clip-norm``, each round's updates are clipped to this many times their median
+#: norm (:func:`~shared.federated.validation.median_clip_bound`). 0 turns it off.
+UPDATE_CLIP_MEDIAN_MULTIPLE = 5.0
+
+
+def check_clip_median_multiple(multiple: float) -> None:
+    """Raise :class:`ConfigError` unless ``update-clip-median-multiple`` is 0 (off) or a
+    finite number >= 1: below 1 it clipped the round's median, honest, update itself, and
+    NaN compared false with every norm (nothing clipped, yet the setting looked on)."""
+    if not (multiple == 0 or 1 <= multiple < math.inf):
+        raise ConfigError(
+            f"'update-clip-median-multiple' must be 0 (off) or a finite number >= 1, got "
+            f"{multiple!r}: each round's updates are clipped to that many times their median "
+            "norm, and below 1 that clips the median update itself; 5 is the default, or set "
+            "a fixed 'update-clip-norm'"
+        )
 
 
 class StopTraining(Exception):
@@ -124,6 +143,12 @@ class FitRoundStats:
     client_metrics: Mapping[str, float] = field(default_factory=dict)
     #: L2 norm of the applied (averaged) update; 0 if not updated.
     update_norm: float = 0.0
+    #: Accepted updates the server scaled down to ``clip_bound`` (plain mode only).
+    clipped: int = 0
+    #: The L2 bound the server clipped this round's updates to: ``update-clip-norm`` (or
+    #: ``user-dp-clip``), else ``update-clip-median-multiple`` times their median norm;
+    #: 0 when none applied (SecAgg+, clipping off, no update accepted).
+    clip_bound: float = 0.0
     #: Cumulative user-level epsilon after this round (``None`` without user-level DP).
     epsilon_user: float | None = None
 
@@ -135,9 +160,11 @@ class FitRoundStats:
             "clients-declined": self.declined,
             "clients-rejected": self.rejected,
             "clients-failed": self.failed,
+            "clients-clipped": self.clipped,
             "num-examples": self.num_examples,
             "updated": self.updated,
             "update-norm": self.update_norm,
+            "update-clip-bound": self.clip_bound,
         }
         if self.epsilon_user is not None:
             metrics["epsilon-user"] = self.epsilon_user
@@ -387,6 +414,16 @@ class ValidatingFedAvg(FedAvg):
     update_clip_norm:
         If > 0, sent to clients (they clip their update's L2 norm) and, in plain mode,
         enforced again here since the server sees individual updates.
+    update_clip_median_multiple:
+        In plain mode without user-level DP and with ``update_clip_norm`` 0: each round's
+        accepted updates are clipped to this many times their (lower) median L2 norm
+        (:func:`~shared.federated.validation.median_clip_bound`) before they are weighed
+        and averaged, so that one device's huge but finite update moves the global model
+        by at most about ``multiple x median / cohort``, not by ``update / cohort``. 0 =
+        off; otherwise at least 1 (:func:`check_clip_median_multiple`). It never applies
+        under SecAgg+ (the server sees only the sum; ``secagg-clipping-range`` bounds each
+        value there) nor under user-level DP (its fixed clip ``C`` holds). A round's one
+        update is its own median, so it is never clipped.
     secure_aggregation:
         Results arrive already summed by ``SecAggPlusWorkflow`` (every ``FitRes``
         carries the same aggregate); only the aggregate can be validated. Clients
@@ -434,6 +471,7 @@ class ValidatingFedAvg(FedAvg):
         eval_fraction: float = 1.0,
         min_eval: int = 1,
         update_clip_norm: float = 0.0,
+        update_clip_median_multiple: float = UPDATE_CLIP_MEDIAN_MULTIPLE,
         secure_aggregation: bool = False,
         secagg_max_cohort: int | None = None,
         secagg_least: int = 2,
@@ -448,6 +486,7 @@ class ValidatingFedAvg(FedAvg):
         max_weight: float = math.inf,
     ) -> None:
         check_float_arrays(initial_parameters, what="initial parameters")
+        check_clip_median_multiple(update_clip_median_multiple)
         check_noise_shares(
             noise_shares, secure_aggregation=secure_aggregation, cohort_size=cohort_size
         )
@@ -468,6 +507,7 @@ class ValidatingFedAvg(FedAvg):
         self.cohort_size = cohort_size
         self.eval_size = eval_size
         self.update_clip_norm = update_clip_norm
+        self.update_clip_median_multiple = update_clip_median_multiple
         self.secure_aggregation = secure_aggregation
         self.secagg_max_cohort = secagg_max_cohort
         self.secagg_least = secagg_least
@@ -502,9 +542,21 @@ class ValidatingFedAvg(FedAvg):
         mode = "secagg+" if self.secure_aggregation else "plain"
         dp = f", {self.user_dp!r}" if self.user_dp is not None else ""
         shares = f", noise_shares={self.noise_shares}" if self.noise_shares > 1 else ""
+        clip = (
+            f"{self.update_clip_median_multiple:g}x median"
+            if self._median_clipping()
+            else self.update_clip_norm
+        )
+        return f"ValidatingFedAvg({mode}, {self.optimizer!r}, clip={clip}{shares}{dp})"
+
+    def _median_clipping(self) -> bool:
+        """Whether this strategy clips each round's updates to a multiple of their median
+        norm: in plain mode, without user-level DP or a fixed ``update_clip_norm``."""
         return (
-            f"ValidatingFedAvg({mode}, {self.optimizer!r}, clip={self.update_clip_norm}"
-            f"{shares}{dp})"
+            self.update_clip_median_multiple > 0
+            and self.update_clip_norm <= 0
+            and self.user_dp is None
+            and not self.secure_aggregation
         )
 
     # ------------------------------------------------------------------ state
@@ -909,9 +961,8 @@ class ValidatingFedAvg(FedAvg):
             if problem is not None:
                 rejections.append(f"node {proxy.node_id}: {problem}")
                 continue
-            if self.update_clip_norm > 0:
-                update, _ = clip_update_l2(update, self.update_clip_norm)
             accepted.append((res.num_examples, update, res.metrics))
+        accepted, clipped, bound = self._clip(server_round, accepted)
 
         capped = sum(1 for n, _, _ in accepted if n > self.max_weight)
         if capped and self.user_dp is None:
@@ -966,8 +1017,51 @@ class ValidatingFedAvg(FedAvg):
                 [(self._weight(n), _public_metrics(m)) for n, _, m in accepted]
             ),
             update_norm=norm,
+            clipped=clipped,
+            clip_bound=bound,
         )
         return stats, new
+
+    def _clip(
+        self, server_round: int, accepted: list[tuple[int, Arrays, Mapping[str, Scalar]]]
+    ) -> tuple[list[tuple[int, Arrays, Mapping[str, Scalar]]], int, float]:
+        """The accepted updates clipped to the round's L2 bound, how many of them were, and
+        the bound (0 when none applies): ``update_clip_norm`` when set, else (see
+        :meth:`_median_clipping`) ``update_clip_median_multiple`` times their median norm.
+        An update within the bound is kept as it is; of a median norm of 0 (most updates
+        exactly zero) every update that is not becomes zero."""
+        if not accepted or not (self.update_clip_norm > 0 or self._median_clipping()):
+            return accepted, 0, 0.0
+        norms = [l2_norm(update) for _, update, _ in accepted]
+        bound = (
+            self.update_clip_norm
+            if self.update_clip_norm > 0
+            else median_clip_bound(norms, self.update_clip_median_multiple)
+        )
+        kept: list[tuple[int, Arrays, Mapping[str, Scalar]]] = []
+        for (n, update, metrics), norm in zip(accepted, norms, strict=True):
+            if norm > bound:
+                update = (
+                    clip_update_l2(update, bound)[0]
+                    if bound > 0
+                    else [np.zeros_like(a) for a in update]
+                )
+            kept.append((n, update, metrics))
+        clipped = sum(1 for norm in norms if norm > bound)
+        if clipped:
+            log(
+                INFO,
+                "round %s: %s of %s update(s) clipped to L2 norm %.6g (%s)",
+                server_round,
+                clipped,
+                len(accepted),
+                bound,
+                "update-clip-norm"
+                if self.update_clip_norm > 0
+                else f"{self.update_clip_median_multiple:g} x their median norm, "
+                "update-clip-median-multiple",
+            )
+        return kept, clipped, bound
 
     def short_secure_aggregate(self, results: Sequence[tuple[ClientProxy, FitRes]]) -> str | None:
         """Why the secure sum of ``results`` must never be unmasked, or ``None`` if it may be:

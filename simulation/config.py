@@ -164,7 +164,9 @@ class SimulationConfig:
     secagg_modulus_range: int = ServerConfig.secagg_modulus_range
     secagg_max_weight: float = ServerConfig.secagg_max_weight
     round_timeout: float = ServerConfig.round_timeout  # 0 = wait for every reply
-    update_clip_norm: float = ServerConfig.update_clip_norm  # 0 = no clipping
+    update_clip_norm: float = ServerConfig.update_clip_norm  # 0 = none fixed
+    # without SecAgg+ and user-dp, and update-clip-norm 0: clip to this x the round's median norm
+    update_clip_median_multiple: float = ServerConfig.update_clip_median_multiple
     # client training and record-level DP (defaults: LocalTrainConfig, the one place for them)
     dp: bool = LocalTrainConfig.dp
     noise_multiplier: float = LocalTrainConfig.noise_multiplier
@@ -407,6 +409,7 @@ class SimulationConfig:
             "secagg-max-weight": self.secagg_max_weight,
             "round-timeout": self.round_timeout,
             "update-clip-norm": self.update_clip_norm,
+            "update-clip-median-multiple": self.update_clip_median_multiple,
             "bundle": "",
             "checkpoint-dir": "",
             "checkpoint-keep": self.checkpoint_keep,

@@ -33,8 +33,11 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "min_cohort": "Fewest sampled clients a round trains with (capped at the cohort); "
         "under SecAgg+ also the fewest updates whose sum is unmasked.",
         "round_timeout": "Seconds to wait for plain (non-SecAgg+) replies; 0 = all.",
-        "update_clip_norm": "L2 bound of each client's whole update (0 = none; with user-dp "
-        "0 or user-dp-clip).",
+        "update_clip_norm": "L2 bound of each client's whole update (0 = none fixed; with "
+        "user-dp 0 or user-dp-clip).",
+        "update_clip_median_multiple": "Without SecAgg+ and user-dp, and update-clip-norm 0: "
+        "the server clips each round's updates to this many times their median L2 norm "
+        "(0 = off, else >= 1).",
         "eval_size": "Clients sampled for federated evaluation per round (0 = none).",
         "eval_negatives": "Sampled negatives per item of the per-round federated evaluation.",
         "secagg": "Secure aggregation (SecAgg+).",

@@ -914,6 +914,108 @@ def test_strategy_keeps_model_when_everything_is_rejected_and_clips_in_plain_mod
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [0.6, 0.8], rtol=1e-6)
 
 
+def _plain_round(
+    updates: Sequence[Arrays], **strategy: Any
+) -> tuple[npt.NDArray[np.floating], Mapping[str, Any]]:
+    """The global model after one plain round (from zeros) of ``updates``, each weighing 1,
+    and the round's metrics."""
+    fedavg = ValidatingFedAvg(initial_parameters=[np.zeros(2, np.float64)], **strategy)
+    results = [(_proxy(i + 1), _fitres(u, 1)) for i, u in enumerate(updates)]
+    params, metrics = fedavg.aggregate_fit(1, results, [])
+    assert params is not None
+    return parameters_to_ndarrays(params)[0], metrics
+
+
+#: Four honest updates of norms 1 to 4 along x, and one attacker's along -y, 10**6 times
+#: the largest honest norm (finite, so validation lets it through).
+_HONEST = [[np.array([float(a), 0.0])] for a in (1, 2, 3, 4)]
+_ATTACKER = [np.array([0.0, -4e6])]
+
+
+@pytest.mark.parametrize("multiple", [1.0, 3.0, 5.0])
+def test_plain_fedavg_bounds_a_huge_update_by_a_multiple_of_the_rounds_median_norm(
+    multiple: float,
+) -> None:
+    """Without SecAgg+ or user-level DP nothing bounded one device's update: finite, it moved
+    the global model by update / cohort (here 8e5). Each update is now clipped to M times the
+    round's median norm (the lower median of 1, 2, 3, 4, 4e6 is 3) before averaging: the
+    attacker moves the model by exactly M x 3 / 5, the honest updates count as they are."""
+    new, metrics = _plain_round([*_HONEST, _ATTACKER], update_clip_median_multiple=multiple)
+    bound = multiple * 3.0
+    honest_mean_share = (1 + 2 + 3 + 4) / 5  # the honest updates, unclipped, over the cohort
+    clipped_honest = sum(max(0.0, a - bound) for a in (1, 2, 3, 4)) / 5  # M = 1 clips 4 to 3
+    np.testing.assert_allclose(new, [honest_mean_share - clipped_honest, -bound / 5], rtol=1e-12)
+    assert metrics["clients-clipped"] == 1 + sum(a > bound for a in (1, 2, 3, 4))
+    assert metrics["update-clip-bound"] == pytest.approx(bound)
+    assert metrics["clients-ok"] == 5
+
+
+def test_the_median_clip_leaves_an_honest_round_as_it_was() -> None:
+    honest = [*_HONEST, [np.array([-2.5, 1.5])]]
+    off, off_metrics = _plain_round(honest, update_clip_median_multiple=0)
+    new, metrics = _plain_round(honest)  # the default multiple
+    np.testing.assert_array_equal(new, off)
+    assert metrics["clients-clipped"] == 0 and off_metrics["clients-clipped"] == 0
+    assert off_metrics["update-clip-bound"] == 0.0  # off: no bound applied
+
+
+def test_median_clip_off_restores_the_unbounded_mean() -> None:
+    new, metrics = _plain_round([*_HONEST, _ATTACKER], update_clip_median_multiple=0)
+    np.testing.assert_allclose(new, [2.0, -8e5], rtol=1e-12)
+    assert metrics["clients-clipped"] == 0
+
+
+def test_a_fixed_update_clip_norm_wins_over_the_median_clip() -> None:
+    new, metrics = _plain_round(
+        [*_HONEST, _ATTACKER], update_clip_norm=2.0, update_clip_median_multiple=5.0
+    )
+    np.testing.assert_allclose(new, [(1 + 2 + 2 + 2) / 5, -2 / 5], rtol=1e-6)
+    assert (metrics["clients-clipped"], metrics["update-clip-bound"]) == (3, 2.0)
+
+
+def test_the_median_clip_of_one_or_two_updates() -> None:
+    """One update is its own median: nothing to compare it with, so it stands (a one-client
+    round's step is that client's update anyway). Of two, the lower median bounds the larger
+    by the smaller's multiple (their mean would grow with the attacker and bound nothing)."""
+    alone, metrics = _plain_round([_ATTACKER])
+    np.testing.assert_array_equal(alone, _ATTACKER[0])
+    assert metrics["clients-clipped"] == 0
+    pair, metrics = _plain_round([_HONEST[0], _ATTACKER], update_clip_median_multiple=5.0)
+    np.testing.assert_allclose(pair, [0.5, -2.5], rtol=1e-12)
+    assert metrics["clients-clipped"] == 1
+
+
+def test_a_median_of_zero_updates_zeroes_the_others() -> None:
+    zero = [np.zeros(2)]
+    new, metrics = _plain_round([zero, zero, _ATTACKER])
+    np.testing.assert_array_equal(new, [0.0, 0.0])
+    assert metrics["clients-clipped"] == 1
+
+
+def test_the_median_clip_never_touches_a_secure_aggregate() -> None:
+    """Under SecAgg+ the server sees only the sum (secagg-clipping-range bounds each value
+    there): the aggregate is applied as unmasked, nothing counted as clipped."""
+    fedavg = ValidatingFedAvg(
+        initial_parameters=[np.zeros(2, np.float64)], secure_aggregation=True, min_cohort=2
+    )
+    aggregate = _fitres(_ATTACKER, 0)
+    params, metrics = fedavg.aggregate_fit(1, [(_proxy(1), aggregate), (_proxy(2), aggregate)], [])
+    assert params is not None
+    np.testing.assert_array_equal(parameters_to_ndarrays(params)[0], _ATTACKER[0])
+    assert (metrics["clients-clipped"], metrics["update-clip-bound"]) == (0, 0.0)
+    assert "median" not in repr(fedavg) and "5x median" in repr(
+        ValidatingFedAvg(initial_parameters=[np.zeros(2)])
+    )
+
+
+@pytest.mark.parametrize("multiple", [0.5, -1.0, math.nan, math.inf])
+def test_a_bad_median_clip_multiple_is_refused(multiple: float) -> None:
+    with pytest.raises(ConfigError, match=r"'update-clip-median-multiple' must be 0 \(off\)"):
+        ValidatingFedAvg(initial_parameters=[np.zeros(2)], update_clip_median_multiple=multiple)
+    with pytest.raises(ConfigError, match="update-clip-median-multiple"):
+        ServerConfig.from_run_config({"update-clip-median-multiple": multiple})
+
+
 def _evalres(loss: Any, n: Any, metrics: Mapping[str, Any] | None = None) -> EvaluateRes:
     return EvaluateRes(
         status=Status(Code.OK, "Success"), loss=loss, num_examples=n, metrics=dict(metrics or {})
@@ -1554,10 +1656,11 @@ def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
         "toy-malicious-value": 1e6,
         "secagg-clipping-range": clip,
     }
-    plain = _run({**base, "secagg": False}, num_nodes=5)[0]
+    plain = _run({**base, "secagg": False, "update-clip-median-multiple": 0}, num_nodes=5)[0]
     secure = _run({**base, "secagg": True}, num_nodes=5)[0]
     honest = _expected_fedavg(task, range(1, 5), params)
-    # Without SecAgg+ clipping the attacker moves the model by ~1e6 * its weight share.
+    # Without SecAgg+ clipping (or the plain path's median clip) the attacker moves the
+    # model by ~1e6 * its weight share.
     assert _max_diff(plain.parameters, honest) > 1e4
     # With it, each client adds clip(r_i * u_i, +-c) / sum(r): the attacker's pull is at
     # most (c + |r_0 * honest|) / sum(r) per coordinate.

@@ -1236,6 +1236,31 @@ def _user_dp_strategy(
     return strategy, user_dp, draw
 
 
+def test_user_level_dp_keeps_its_fixed_clip_and_no_median_clip() -> None:
+    """Under user-level DP every update is clipped to C (the noise is calibrated to it), not
+    to a multiple of the round's median norm: an update 90 times the median but within C is
+    the client's to send, as it was; one past C is clipped to C."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+    strategy, _, _ = _user_dp_strategy(10, 4, z=1e-9, min_cohort=1)
+    updates = [np.array([0.001, 0, 0])] * 3 + [np.array([0, 0.09, 0]), np.array([0, 5.0, 0])]
+    results = [
+        (
+            GridClientProxy(node_id=i, grid=None, run_id=0),  # type: ignore[arg-type]
+            FitRes(Status(Code.OK, ""), ndarrays_to_parameters([u]), 1, {}),
+        )
+        for i, u in enumerate(updates)
+    ]
+    params, metrics = strategy.aggregate_fit(1, results, [])
+    assert params is not None
+    # the sum over the 5 replies (no configure_fit here, so no expected cohort recorded)
+    np.testing.assert_allclose(
+        parameters_to_ndarrays(params)[0], [0.003 / 5, (0.09 + 0.1) / 5, 0], atol=1e-6
+    )
+    assert (metrics["clients-clipped"], metrics["update-clip-bound"]) == (1, 0.1)
+
+
 def test_user_dp_cohorts_are_poisson_samples_charged_at_their_rate() -> None:
     """Opacus' RDP bound is for Poisson sampling: each client is in a round independently
     with q = m / n, so cohort sizes vary around m (a fixed-size cohort, drawn before, is a

@@ -187,3 +187,20 @@ def clip_update_l2(
         scale *= shrink
         clipped = _scaled(arrays, scale)
     return clipped, norm
+
+
+def median_clip_bound(norms: Sequence[float], multiple: float) -> float:
+    """The data-adaptive L2 bound of one round's updates: ``multiple`` times the lower
+    median of their ``norms`` (norm bounding, Sun et al. 2019, "Can you really backdoor
+    federated learning?", with the bound taken from the round itself).
+
+    The *lower* median (the middle norm; of an even count the smaller of the two middle
+    ones) so that fewer than half of the updates never move it past an honest norm: of two
+    updates, the larger is bounded by the smaller's multiple (their mean would grow with
+    the larger and bound nothing). Of one update it is that update's own norm, which a
+    ``multiple`` >= 1 never clips: a lone update has nothing to be compared with.
+    Raises ``ValueError`` for no norms."""
+    if not norms:
+        raise ValueError("a median clip bound needs at least one update norm")
+    ordered = sorted(norms)
+    return multiple * ordered[(len(ordered) - 1) // 2]
