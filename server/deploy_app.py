@@ -42,6 +42,8 @@ def round_record(report: RoundReport, num_rounds: int) -> dict[str, Any]:
         "clients_ok": fit.ok,
         "clients_declined": fit.declined,
         "clients_failed": fit.failed + fit.rejected,
+        # updates the server scaled down to the round's clip bound (plain mode)
+        "clients_clipped": fit.clipped,
         "secure_aggregation": fit.secure_aggregation,
         "updated": fit.updated,
         "eval_clients": evaluation.ok if evaluation is not None else 0,
@@ -78,6 +80,7 @@ def backfill_progress(path: Path, checkpoint_dir: str, num_rounds: int) -> int:
                 "clients_ok": m.get("clients-ok"),
                 "clients_declined": m.get("clients-declined"),
                 "clients_failed": failed,
+                "clients_clipped": m.get("clients-clipped"),
                 "secure_aggregation": None,
                 "updated": m.get("updated"),
                 "eval_clients": 0,

@@ -796,11 +796,13 @@ def format_round(record: Mapping[str, Any]) -> str:
     acc_name = next((k for k in ("sampled_hr@10", "full_hr@10", "mse") if k in metrics), "acc")
     eps = record.get("epsilon_record_mean")
     eps_user = record.get("epsilon_user")
+    clipped = record.get("clients_clipped")
     parts = [
         f"round {record.get('round')}/{record.get('num_rounds')}",
         f"clients {record.get('clients_ok')}/{record.get('clients_sampled')} ok "
         f"({record.get('clients_declined', 0)} declined, "
-        f"{record.get('clients_failed', 0)} failed)",
+        f"{record.get('clients_failed', 0)} failed"
+        + (f", {clipped} clipped)" if isinstance(clipped, int) and clipped > 0 else ")"),
         f"{acc_name} {acc:.4f}" if isinstance(acc, int | float) else f"{acc_name} n/a",
         f"eval loss {record['eval_loss']:.4f}"
         if isinstance(record.get("eval_loss"), int | float)

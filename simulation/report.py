@@ -34,6 +34,9 @@ ROUND_COLUMNS = {
     "clients_ok": "clients whose update was aggregated",
     "clients_declined": "clients that declined to train (e.g. their epsilon budget)",
     "clients_failed": "clients that failed or whose update was rejected",
+    "clients_clipped": "aggregated updates the server scaled down to the round's L2 bound "
+    "(update-clip-norm, else update-clip-median-multiple x the round's median norm; plain "
+    "FedAvg only)",
     "updated": "whether the round changed the global model",
     "fit_seconds": "seconds from sending the round's training instructions to its last reply",
     "round_seconds": "seconds of the whole round: training, aggregation and evaluation",

@@ -152,7 +152,8 @@ def simulate(
                 )
                 text = (
                     f"ok {info['clients_ok']} declined {info['clients_declined']} "
-                    f"failed {info['clients_failed']} | "
+                    f"failed {info['clients_failed']}"
+                    f"{_clipped(info.get('clients_clipped'))} | "
                     f"valid HR@10 (sampled) {_fmt(info.get('valid_sampled_hr@10'))} | "
                     f"loss {_fmt(info.get('valid_loss'))} | {eps}"
                 )
@@ -296,6 +297,11 @@ def _exit_interrupted(stop: RunInterrupted) -> NoReturn:
 
 def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "-"
+
+
+def _clipped(count: object) -> str:
+    """`` clipped N`` for a round whose updates the server clipped, else nothing."""
+    return f" clipped {count}" if isinstance(count, int) and count > 0 else ""
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
