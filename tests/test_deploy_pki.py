@@ -1486,6 +1486,8 @@ def test_progress_lines_and_status_json(tmp_path: Path) -> None:
     assert "round 2/5" in line and "3/4 ok" in line and "sampled_hr@10 0.2500" in line
     assert "epsilon 1.500" in line and line.endswith("3.0 s")
     assert format_round({**record, "round_seconds": "5"}).endswith("n/a s")  # was a traceback
+    assert "clipped" not in line  # a round the server clipped no update of
+    assert "(0 declined, 1 failed, 2 clipped)" in format_round({**record, "clients_clipped": 2})
     layout.progress.write_text(json.dumps(record) + "\n{torn")
     # a manifest that does not verify is no resume point (the ServerApp would skip it)
     (layout.checkpoints / "round-00000002.json").write_text("{}")
