@@ -92,6 +92,7 @@ from shared.federated import (
     validate_update,
 )
 from shared.federated.task import STUDENT_TASK
+from shared.federated.validation import median_clip_bound
 from tests.conftest import flower_log
 
 Arrays = list[npt.NDArray[Any]]
@@ -1669,16 +1670,26 @@ def test_secagg_clipping_range_bounds_a_malicious_client() -> None:
     assert _max_diff(secure.parameters, honest) < bound
     # ...and the result is exactly the clipped weighted sum (within quantization).
     attacked = ToyLinearTask.from_run_config(base)
-    values = []
+    values, deltas = [], []
     for c in range(5):
         out = attacked.fit(c, params, {})
         delta = [
             (a.astype(np.float32) - p).astype(np.float64)
             for a, p in zip(out.arrays, params, strict=True)
         ]
+        deltas.append(delta)
         values.append([np.clip(r[c] * d, -clip, clip) for d in delta])
     expected = [sum(v[i] for v in values) / r.sum() for i in range(len(params))]
     assert _max_diff(secure.parameters, expected) < _secagg_tolerance(task, range(5), clip, 2**22)
+    # Plain mode by default: each update clipped to 5 x the round's median norm, then the
+    # weighted mean (weights r): the attacker's pull is at most r_0 x 5 x median / sum(r).
+    bounded = _run({**base, "secagg": False}, num_nodes=5)[0]
+    median_bound = median_clip_bound([l2_norm(d) for d in deltas], 5.0)
+    kept = [clip_update_l2(d, median_bound)[0] for d in deltas]
+    mean = [sum(r[c] * kept[c][i] for c in range(5)) / r.sum() for i in range(len(params))]
+    assert (bounded.fit.clipped, bounded.fit.clip_bound) == (1, pytest.approx(median_bound))
+    new = [p + m for p, m in zip(params, mean, strict=True)]
+    assert _max_diff(bounded.parameters, new) < 1e-5
 
 
 def _client_0_reports_weight(monkeypatch: pytest.MonkeyPatch, weight: float) -> Any:
