@@ -146,6 +146,14 @@ def test_database_file_holds_no_plaintext_item_ids(tmp_path: Path, key: bytes) -
     imps = [Impression("ab" * 16, i, r, 1.0, 5.0) for r, i in enumerate(SECRET_IDS[:5], 1)]
     store.record_impressions(imps)
     store.add_feedback([Feedback("ab" * 16, SECRET_IDS[0], "clicked", 6.0)])
+    # the history decrypted for requests stays in memory: no file holds any of it
+    store.add_events([Event(SECRET_IDS[1], "view", 7.0, stamped=True)])
+    assert len(store.events()) == len(SECRET_IDS) + 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "store.db",
+        "store.db-shm",
+        "store.db-wal",
+    ]
     assert _mode(db) == 0o600 and _mode(Path(f"{db}-wal")) == 0o600
     raw = _raw_bytes(db)  # while open: the rows are in the WAL
     # (a short marker would be flaky: random ciphertext holds any 2 given bytes by chance)
@@ -155,7 +163,112 @@ def test_database_file_holds_no_plaintext_item_ids(tmp_path: Path, key: bytes) -
     assert b"secret-item" not in raw
     # and yet they are all there
     with DeviceStore.open(db, key) as again:  # (the click is an event too, the oldest)
-        assert [e.item_id for e in again.events()] == [SECRET_IDS[0], *SECRET_IDS]
+        assert [e.item_id for e in again.events()] == [SECRET_IDS[0], *SECRET_IDS, SECRET_IDS[1]]
+
+
+class _Decrypts:
+    """Counts the event rows each store decrypts (``DeviceStore._event_row``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by: list[DeviceStore] = []
+        real = DeviceStore._event_row
+
+        def counting(store: DeviceStore, *row: Any) -> Event:
+            self.by.append(store)
+            return real(store, *row)
+
+        monkeypatch.setattr(DeviceStore, "_event_row", counting)
+
+    def of(self, store: DeviceStore) -> int:
+        """Rows ``store`` decrypted since the last call (the count then starts again)."""
+        n = sum(s is store for s in self.by)
+        self.by.clear()
+        return n
+
+
+def _fresh_events(db: Path, key: bytes) -> list[Event]:
+    """The history as a store opened anew decrypts it (its close checkpoints the WAL, a
+    commit to the file other connections see, as the ClientApp's does)."""
+    with DeviceStore.open(db, key) as again:
+        return again.events()
+
+
+def test_the_history_is_decrypted_once_and_kept_current_by_the_stores_own_writes(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every recommendation decrypted the whole history (and a stamped event all of it
+    again for the newest time), tenths of a second at tens of thousands of events. Now each
+    row is decrypted once; what is served is what a fresh read gives after every write."""
+    db = tmp_path / "store.db"
+    decrypts = _Decrypts(monkeypatch)
+    with DeviceStore.open(db, key) as first:
+        first.add_events([Event("b", "view", 20.0), Event("a", "view", 10.0)])
+    with DeviceStore.open(db, key) as store:
+        assert [e.item_id for e in store.events()] == ["a", "b"]
+        assert decrypts.of(store) == 2  # the rows on file; the ones it adds are known to it
+        assert store.events() == _fresh_events(db, key)
+        assert decrypts.of(store) == 0  # a second read, after another connection's checkpoint
+        now = time.time()
+        store.add_events([Event("c", "view", now - 5), Event("d", "rating", 15.0, rating=4.0)])
+        store.add_events([Event("e", "view", 5.0, stamped=True)])  # the newest time, kept
+        store.record_impressions(
+            [Impression("r" * 32, i, r, 1.0, now) for r, i in [(1, "f"), (2, "g")]]
+        )
+        store.add_feedback([Feedback("r" * 32, "f", "clicked", 1.0, stamped=True)])
+        history = store.events()
+        assert decrypts.of(store) == 0
+        assert [(e.item_id, e.timestamp) for e in history] == [
+            ("a", 10.0),
+            ("d", 15.0),
+            ("b", 20.0),
+            ("c", now - 5),
+            ("e", now - 5),
+            ("f", now - 5),
+        ]
+        assert history == _fresh_events(db, key)
+        history.clear()  # a copy: the caller's to change
+        assert len(store.events()) == 6
+        # a write that fails after its click event was added leaves nothing of it in memory
+        with monkeypatch.context() as failing, pytest.raises(ZeroDivisionError):
+            failing.setattr(store, "_remember_feedback_ids", lambda *a: 1 / 0)
+            store.add_feedback([Feedback("r" * 32, "g", "clicked", 30.0, feedback_id="fb")])
+        assert [e.item_id for e in store.events()] == ["a", "d", "b", "c", "e", "f"]
+        # an erase forgets the plaintext too; row ids start again from 1 after it
+        store.erase()
+        assert store.events() == [] and not store._plain
+        store.add_events([Event("h", "click", 1.0)])
+        assert store.events() == _fresh_events(db, key) == [Event("h", "click", 1.0, id=1)]
+
+
+def test_a_write_through_another_connection_is_seen_and_an_event_it_deleted_is_not_served(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's store shares the file with other connections (the ClientApp process,
+    a second store object): their commits change ``PRAGMA data_version``, and the history
+    in memory is listed again, decrypting only the rows it has not seen."""
+    db = tmp_path / "store.db"
+    decrypts = _Decrypts(monkeypatch)
+    with DeviceStore.open(db, key) as daemon, DeviceStore.open(db, key) as other:
+        other.add_events([Event(f"m{i}", "view", 10.0 + i) for i in range(5)])
+        assert len(daemon.events()) == 5 and decrypts.of(daemon) == 5
+        assert len(daemon.events()) == 5 and decrypts.of(daemon) == 0
+        later = time.time() + 600  # within the clock-skew bound
+        other.add_events([Event("x", "view", later)])
+        assert daemon.events() == _fresh_events(db, key)
+        assert daemon.events()[-1].item_id == "x" and decrypts.of(daemon) == 1
+        # the newest time comes from the file, not from what this store last read
+        other.add_events([Event("y", "view", later + 60)])
+        daemon.add_events([Event("z", "view", time.time(), stamped=True)])
+        assert [(e.item_id, e.timestamp) for e in daemon.events()[-2:]] == [
+            ("y", later + 60),
+            ("z", later + 60),
+        ]
+        assert daemon.events() == _fresh_events(db, key) == other.events()
+        # an erase through the other connection: nothing of it is served, nor kept in memory
+        other.erase()
+        assert daemon.events() == [] and not daemon._plain
+        other.add_events([Event("n", "view", 1.0)])  # row id 1 again, another payload
+        assert daemon.events() == [Event("n", "view", 1.0, id=1)] == _fresh_events(db, key)
 
 
 def test_the_store_keeps_sqlites_temporary_data_in_memory(store: DeviceStore) -> None:

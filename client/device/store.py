@@ -46,6 +46,19 @@ Order of events
     time) new events still come after the old ones instead of before them, until the clock
     passes the old stamps.
 
+Decrypted history in memory
+    A recommendation and a refit need the whole history, and a ``stamped`` event the newest
+    stored time; decrypting every row each time grows with the history (tenths of a second
+    per request at tens of thousands of events). The store keeps the history it decrypted
+    in memory only (nothing decrypted is written anywhere), as of SQLite's ``PRAGMA
+    data_version``, which changes when another connection (the ClientApp process, a second
+    :class:`DeviceStore` on the file) commits. Its own writes keep it current as they
+    commit (an append adds its events, an erase forgets them all, a rolled-back write drops
+    it); another connection's commit makes the next read list the rows again, decrypting
+    only those it has not seen (a row is recognised by id, kind and ciphertext, which its
+    authentication binds together), so a row deleted elsewhere is never served and its
+    plaintext is dropped.
+
 Retries
     An app's own ids of events and feedback reports (optional) are kept as blind indexes
     (``events.client_tag``, ``feedback_ids``), so a batch sent again after a lost reply is
@@ -71,6 +84,7 @@ import shlex
 import sqlite3
 import threading
 import time
+from bisect import insort
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -398,6 +412,11 @@ class StoreStats:
 # --------------------------------------------------------------------------- store
 
 
+def _history_order(event: Event) -> tuple[float, int]:
+    """The history's order: by timestamp, then insertion order (row id)."""
+    return event.timestamp, event.id or 0
+
+
 class DeviceStore:
     """The encrypted local store (see the module docstring). Thread-safe; one connection.
 
@@ -427,6 +446,14 @@ class DeviceStore:
         self.scrub_pending = False
         #: The ``VACUUM`` of an erase failed (e.g. the disk was full); :meth:`scrub` retries it.
         self._vacuum_pending = False
+        #: The decrypted events (in memory only; see "Decrypted history in memory"), by the
+        #: ``(id, kind, payload)`` of their rows: the rows present when last listed, and
+        #: those this store added since.
+        self._plain: dict[tuple[int, str, bytes], Event] = {}
+        #: Those events oldest first (:meth:`events`' order), current while ``PRAGMA
+        #: data_version`` is ``_history_at``; ``None``: to be listed again.
+        self._history: list[Event] | None = None
+        self._history_at = -1
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -595,6 +622,7 @@ class DeviceStore:
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""
         with self._lock:
+            self._forget_history()
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:  # another process reading: the WAL stays, still safe
@@ -617,6 +645,8 @@ class DeviceStore:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
+                # the history in memory may hold what the write added: listed again
+                self._history = None
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -685,6 +715,7 @@ class DeviceStore:
         first = self._next_id(conn, "events")
         newest = self._newest_event_time(conn) if any(ev.stamped for ev in events) else 0.0
         rows: list[tuple[int, str, bytes, bytes | None]] = []
+        stored: list[Event] = []
         for ev, tag, new in zip(events, tags, fresh, strict=True):
             if not new:
                 continue
@@ -694,17 +725,68 @@ class DeviceStore:
             payload = {"item": ev.item_id, "ts": ts, "rating": ev.rating}
             sealed = self._seal("events", row_id, ev.kind, payload)
             rows.append((row_id, ev.kind, sealed, tag))
+            stored.append(Event(ev.item_id, ev.kind, ts, ev.rating, row_id))
         conn.executemany(
             "INSERT INTO events (id, kind, payload, client_tag) VALUES (?, ?, ?, ?)", rows
         )
         self._increment(conn, STATE_ADAPTATION_PENDING, len(rows))
+        self._remember_added(conn, [(r[0], r[1], r[2]) for r in rows], stored)
         return [r[0] for r in rows]
 
     def _newest_event_time(self, conn: sqlite3.Connection) -> float:
-        """The latest timestamp of the stored events (0 when there are none); decrypts them
-        all, so it is read only for a batch with a ``stamped`` event."""
-        rows = conn.execute("SELECT id, kind, payload FROM events").fetchall()
-        return max((self._event_row(*row).timestamp for row in rows), default=0.0)
+        """The latest timestamp of the stored events (0 when there are none), from the
+        history in memory (the last event of :meth:`events`' order)."""
+        history = self._current_history(conn)
+        return history[-1].timestamp if history else 0.0
+
+    # -- the decrypted history in memory ------------------------------------------------------
+
+    @staticmethod
+    def _data_version(conn: sqlite3.Connection) -> int:
+        """SQLite's count of other connections' commits to the file, as ``conn`` sees it."""
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _current_history(self, conn: sqlite3.Connection) -> list[Event]:
+        """Every event, oldest first, as ``conn`` sees the file (the caller holds
+        ``_lock``; inside a write transaction, as of it). The list in memory while no other
+        connection committed since it was made; else the rows are listed again and only
+        those not seen before are decrypted. The list is the store's own: do not change it."""
+        # read before the rows: a commit in between makes the next call list them again
+        version = self._data_version(conn)
+        if self._history is not None and self._history_at == version:
+            return self._history
+        plain: dict[tuple[int, str, bytes], Event] = {}
+        for row_id, kind, blob in conn.execute("SELECT id, kind, payload FROM events"):
+            key = (row_id, kind, blob)
+            event = self._plain.get(key)
+            plain[key] = self._event_row(row_id, kind, blob) if event is None else event
+        # the rows gone (deleted by another connection) leave memory with their plaintext
+        self._plain = plain
+        self._history = sorted(plain.values(), key=_history_order)
+        self._history_at = version
+        return self._history
+
+    def _remember_added(
+        self,
+        conn: sqlite3.Connection,
+        rows: Sequence[tuple[int, str, bytes]],
+        events: Sequence[Event],
+    ) -> None:
+        """Note ``events``, just inserted as ``rows`` (id, kind, payload) inside the caller's
+        write transaction, in the history in memory (:meth:`_write` drops it if the
+        transaction does not commit)."""
+        for (row_id, kind, sealed), event in zip(rows, events, strict=True):
+            self._plain[(row_id, kind, sealed)] = event
+        if self._history is None or self._history_at != self._data_version(conn):
+            self._history = None  # another connection committed since: listed again
+            return
+        for event in events:
+            insort(self._history, event, key=_history_order)
+
+    def _forget_history(self) -> None:
+        """Drop every decrypted event from memory (an erase, a closed store)."""
+        self._plain = {}
+        self._history = None
 
     def _event_row(self, row_id: int, kind: EventKind, blob: bytes) -> Event:
         """The event of one ``events`` row (decrypted and checked)."""
@@ -715,9 +797,8 @@ class DeviceStore:
             raise StoreIntegrityError(f"{self.path}: row events#{row_id} is malformed") from exc
 
     def _clicked_items(self, conn: sqlite3.Connection) -> set[str]:
-        """Items with a stored ``click`` event (decrypts those rows only)."""
-        rows = conn.execute("SELECT id, kind, payload FROM events WHERE kind = 'click'")
-        return {str(self._open("events", i, kind, blob)["item"]) for i, kind, blob in rows}
+        """Items with a stored ``click`` event (from the history in memory)."""
+        return {e.item_id for e in self._current_history(conn) if e.kind == "click"}
 
     def _event_tag(self, event_id: str) -> bytes:
         """Blind index of an app's event id (apart from the item tags)."""
@@ -754,12 +835,10 @@ class DeviceStore:
         return found
 
     def events(self) -> list[Event]:
-        """Every event, oldest first (by timestamp, then insertion order)."""
+        """Every event, oldest first (by timestamp, then insertion order): a copy of the
+        history in memory, decrypted only where rows are new to it."""
         with self._lock:
-            rows = self._conn.execute("SELECT id, kind, payload FROM events").fetchall()
-        out = [self._event_row(*row) for row in rows]
-        out.sort(key=lambda e: (e.timestamp, e.id or 0))
-        return out
+            return list(self._current_history(self._conn))
 
     def count_events(self) -> int:
         with self._lock:
@@ -1148,6 +1227,7 @@ class DeviceStore:
                 with self._write() as conn:
                     for table in ("events", "impressions", "feedback", "feedback_ids", "models"):
                         conn.execute(f"DELETE FROM {table}")
+                    self._forget_history()
                     marks = ",".join("?" * len(keep))
                     conn.execute(f"DELETE FROM state WHERE key NOT IN ({marks})", keep)
                     self._reset_unreadable(conn, keep)
@@ -1192,6 +1272,7 @@ class DeviceStore:
                 continue
             if value is not None:
                 kept[key] = value
+        self._forget_history()
         try:
             self._conn.close()
         except sqlite3.Error as exc:
