@@ -2422,6 +2422,57 @@ def test_history_maps_items_through_the_catalog_it_is_scored_with(device: Device
     assert device.daemon.history(reversed_catalog) == [N_ITEMS - 1 - 3, N_ITEMS - 1 - 7]
 
 
+def test_recommendations_read_the_history_from_memory_and_see_every_write(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each recommendation decrypted and mapped the whole history (tenths of a second at
+    tens of thousands of events); now only what changed is, and a write through the API,
+    through another connection to the store (as the ClientApp's) or an erase is seen."""
+    from client.device.store import DeviceStore
+
+    calls: list[str] = []
+    real_row, real_dense = DeviceStore._event_row, Catalog.dense
+
+    def row(store: DeviceStore, *args: Any) -> Event:
+        calls.append("decrypt")
+        return real_row(store, *args)
+
+    def dense(catalog: Catalog, item_id: str) -> int | None:
+        calls.append("map")
+        return real_dense(catalog, item_id)
+
+    monkeypatch.setattr(DeviceStore, "_event_row", row)
+    monkeypatch.setattr(Catalog, "dense", dense)
+
+    def served() -> set[str]:
+        r = device.client.get("/recommendations?k=10")
+        assert r.status_code == 200
+        return {it["item_id"] for it in r.json()["items"]}
+
+    device.client.post("/events", json={"events": [ev(ITEM[i]) for i in range(5)]})
+    served()
+    calls.clear()
+    for _ in range(3):
+        assert not served() & set(ITEM[:5])
+    assert calls == []  # neither decrypted nor mapped again
+    device.client.post("/events", json={"events": [ev(ITEM[5])]})
+    assert device.daemon.history() == [0, 1, 2, 3, 4, 5]
+    assert "decrypt" not in calls  # the daemon's own write is known to its store
+    calls.clear()
+    key = device.identity.data_key()
+    with DeviceStore.open(device.daemon.layout.store_db, key) as other:
+        other.add_events([Event(ITEM[6], "view", time.time())])
+    assert not served() & set(ITEM[:7])
+    assert calls.count("decrypt") == 1  # the other connection's row only
+    assert device.daemon.history() == [0, 1, 2, 3, 4, 5, 6]
+    calls.clear()
+    DeviceStore.open(device.daemon.layout.store_db, key).close()  # a commit: a checkpoint
+    served()
+    assert calls == []  # the events did not change: listed again, not decrypted nor mapped
+    assert device.client.delete("/data").status_code == 204
+    assert device.daemon.history() == [] and device.daemon.store.events() == []
+
+
 def test_a_busy_or_failing_store_is_a_503_the_app_can_retry(
     device: Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -543,6 +543,9 @@ class Daemon:
         #: How many times local data was erased (see :meth:`install_model`'s ``erasures``).
         self.erasures = 0
         self.catalog: Catalog | None = None
+        #: The last history mapped to columns (:meth:`_history_columns`): its catalog, the
+        #: store's history mark it was mapped at, and the (read-only) columns; in memory only.
+        self._columns: tuple[Catalog, int, IntArray] | None = None
         #: Why ``catalog.json`` could not be loaded at open (a damaged file), until a catalog
         #: is installed: "no catalog installed" would send the user looking for a missing one.
         self.catalog_error: str | None = None
@@ -832,8 +835,15 @@ class Daemon:
         first (unknown items skipped). Pass the catalog of the model it is scored with: a
         model and catalog switch may land in between."""
         catalog = catalog or self.catalog
-        if catalog is None:
-            return []
+        return [] if catalog is None else self._history_columns(catalog).tolist()
+
+    def _history_columns(self, catalog: Catalog) -> IntArray:
+        """:meth:`history` as a read-only array, mapped again only once the events changed
+        (:meth:`DeviceStore.history_mark`) or for another catalog: a request reads it as is."""
+        mark = self.store.history_mark()  # before the events: a write in between maps again
+        mapped = self._columns
+        if mapped is not None and mapped[0] is catalog and mapped[1] == mark:
+            return mapped[2]
         out = []
         for event in self.store.events():
             col = catalog.dense(event.item_id)
@@ -841,7 +851,10 @@ class Daemon:
                 logger.debug("history item %r is not in the current catalog", event.item_id)
             else:
                 out.append(col)
-        return out
+        columns = np.asarray(out, dtype=np.int64)
+        columns.setflags(write=False)
+        self._columns = (catalog, mark, columns)
+        return columns
 
     def recommend(self, k: int | None = None) -> Recommendation:
         """Top-``k`` items for the local history (history excluded), re-ranked by the policy;
@@ -865,10 +878,10 @@ class Daemon:
                 f"once the first federated round delivered one (or after `fedrec client "
                 f"install-model`)"
             )
-        history = np.asarray(self.history(catalog), dtype=np.int64)
+        history = self._history_columns(catalog)
         scores = model.score([history[-model.max_len :]])[0].astype(np.float32)
         available = np.ones(model.n_items, dtype=bool)
-        available[np.unique(history)] = False
+        available[history] = False
         columns = np.flatnonzero(available)
         pool = min(max(k, self.config.candidate_pool), columns.size)
         rec_id = uuid.uuid4().hex
@@ -1066,6 +1079,7 @@ class Daemon:
             global_model = self._global_model()
             if not self.store.erase():
                 self._scrub_later()
+            self._columns = None  # the erased history's columns leave memory too
             # counted once the data is gone (readers of the history do not take the lock):
             # whoever reads the new count reads an erased store, and a refit that read the
             # old count is refused at install (which waits for this lock)

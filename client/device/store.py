@@ -454,6 +454,8 @@ class DeviceStore:
         #: data_version`` is ``_history_at``; ``None``: to be listed again.
         self._history: list[Event] | None = None
         self._history_at = -1
+        #: Counts the changes of the history in memory (:meth:`history_mark`).
+        self._history_changes = 0
 
     # -- open / close -------------------------------------------------------------------------
 
@@ -646,7 +648,7 @@ class DeviceStore:
                 conn.execute("COMMIT")
             except BaseException:
                 # the history in memory may hold what the write added: listed again
-                self._history = None
+                self._drop_history()
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -762,9 +764,19 @@ class DeviceStore:
             plain[key] = self._event_row(row_id, kind, blob) if event is None else event
         # the rows gone (deleted by another connection) leave memory with their plaintext
         self._plain = plain
-        self._history = sorted(plain.values(), key=_history_order)
-        self._history_at = version
-        return self._history
+        history = sorted(plain.values(), key=_history_order)
+        if history != self._history:  # (not after a commit elsewhere that left the events)
+            self._history_changes += 1
+        self._history, self._history_at = history, version
+        return history
+
+    def history_mark(self) -> int:
+        """A number that changes whenever :meth:`events` would list other events (checked
+        against the file as :meth:`events` checks it): what a caller derives from the history
+        is current while the mark it read *before* :meth:`events` stays the same."""
+        with self._lock:
+            self._current_history(self._conn)
+            return self._history_changes
 
     def _remember_added(
         self,
@@ -778,15 +790,21 @@ class DeviceStore:
         for (row_id, kind, sealed), event in zip(rows, events, strict=True):
             self._plain[(row_id, kind, sealed)] = event
         if self._history is None or self._history_at != self._data_version(conn):
-            self._history = None  # another connection committed since: listed again
+            self._drop_history()  # another connection committed since: listed again
             return
         for event in events:
             insort(self._history, event, key=_history_order)
+        self._history_changes += 1
+
+    def _drop_history(self) -> None:
+        """Have the next read list the rows again (decrypting only those not seen)."""
+        self._history = None
+        self._history_changes += 1
 
     def _forget_history(self) -> None:
         """Drop every decrypted event from memory (an erase, a closed store)."""
         self._plain = {}
-        self._history = None
+        self._drop_history()
 
     def _event_row(self, row_id: int, kind: EventKind, blob: bytes) -> Event:
         """The event of one ``events`` row (decrypted and checked)."""
