@@ -2473,6 +2473,34 @@ def test_recommendations_read_the_history_from_memory_and_see_every_write(
     assert device.daemon.history() == [] and device.daemon.store.events() == []
 
 
+def test_a_started_daemon_decrypts_the_history_before_the_first_recommendation(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from client.device.store import DeviceStore
+
+    device.client.post("/events", json={"events": [ev(ITEM[i]) for i in range(4)]})
+    device.daemon.shutdown()
+    daemon = Daemon.open(device.daemon.layout.state_dir, config=DaemonConfig(exploration=GREEDY))
+    try:
+        # (its other half, importing the accountant, takes seconds in a process of its own)
+        stub = types.ModuleType("shared.privacy.ledger")
+        monkeypatch.setitem(sys.modules, "shared.privacy.ledger", stub)
+        daemon._warm_up()  # what `run` starts in a thread
+        decrypted: list[int] = []
+        real = DeviceStore._event_row
+
+        def row(store: DeviceStore, row_id: int, *args: Any) -> Event:
+            decrypted.append(row_id)
+            return real(store, row_id, *args)
+
+        monkeypatch.setattr(DeviceStore, "_event_row", row)
+        assert daemon.history() == [0, 1, 2, 3] and decrypted == []
+    finally:
+        daemon.shutdown()
+
+
 def test_a_busy_or_failing_store_is_a_503_the_app_can_retry(
     device: Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1287,9 +1287,13 @@ class Daemon:
         return self.exit_code
 
     def _warm_up(self) -> None:
-        """Import the privacy accountant off the request path (it pulls in torch)."""
+        """Import the privacy accountant (it pulls in torch) and decrypt the history into
+        memory off the request path (the first recommendation would, for tenths of a second
+        at tens of thousands of events). A failure here is the request's to report."""
         with contextlib.suppress(Exception):
             import shared.privacy.ledger  # noqa: F401
+        with contextlib.suppress(Exception):
+            self.history()
 
     def bind_socket(self) -> socket.socket:
         """Bind the API socket (so the real port is known before serving, e.g. for port 0)
