@@ -13,7 +13,9 @@ the methods of :class:`DeviceBackend`; the daemon does the domain work:
   is stored), stores the rest atomically and calls the :meth:`Daemon.on_new_events` hook,
   which the few-shot adaptation will use ("adaptation pending" is counted in the store).
 * :meth:`Daemon.recommend` scores the catalog with the current int8 ONNX model over the
-  local history, excludes the history, takes the top ``candidate_pool`` candidates and lets
+  local history (held in memory, decrypted and as model columns, from start-up on and
+  updated as it changes: the store's "Decrypted history in memory"), excludes the
+  history, takes the top ``candidate_pool`` candidates and lets
   the exploration policy pick ``k``: by default the configured bandit
   (:class:`~client.device.exploration.BanditReranker`, ``DaemonConfig.exploration``), any
   :class:`Reranker` when given. Every returned item is remembered as an impression so that
