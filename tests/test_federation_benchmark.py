@@ -305,3 +305,27 @@ def test_pooled_synthetic_splits_resample_every_worlds_users_apart(bench: Module
     checks = bench._pooled_section([one, two])["checks"]["record-dp"]
     paired = checks["paired differences hr@10 (95% interval over users)"]
     assert paired["fewshot"]["k=1"]["sampled_hr@10"]["users"] == 1
+
+
+def test_the_non_private_references_run_without_the_default_median_clipping(
+    bench: ModuleType,
+) -> None:
+    """The plain path clips each update to 5x its round's median norm by default (a defence
+    against a hostile device): the benchmark's no-DP references would then bound honest but
+    uneven updates, the reference DP's cost is measured against; the SecAgg+ variants are
+    never clipped that way."""
+    import argparse
+
+    from simulation.config import SimulationConfig
+
+    args = argparse.Namespace(
+        dataset="synthetic", data_dir="", rounds=2, cohort=50, teacher_epochs=1,
+        student_epochs=1, backend="inprocess", run_dir="runs/bench", run_config="",
+        variants=list(bench.VARIANTS),
+    )  # fmt: skip
+    configs = bench._split_configs(args, 42, "")
+    assert SimulationConfig().update_clip_median_multiple > 0
+    plain = {name for name, c in configs.items() if not c.secagg}
+    assert plain == set(bench.NO_DP)
+    for name in plain:
+        assert configs[name].update_clip_median_multiple == 0, name
