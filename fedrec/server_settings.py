@@ -86,6 +86,8 @@ START_SETTINGS_HELP: dict[str, dict[str, str]] = {
             "max_grad_norm",
             "epsilon_budget",
             "delta",
+            "max_round_steps",
+            "max_round_epsilon",
             "noise_shares",
             "local_epochs",
             "batch_size",

@@ -31,3 +31,14 @@ class PublishedVersionError(ModelFileError):
 
 class PrivacyBudgetExceededError(FedRecError):
     """Training would spend more privacy than the configured budget allows."""
+
+
+class RoundCapExceededError(FedRecError):
+    """One round would take a client past one of its owner's per-round caps (the DP-SGD
+    steps of a round, the epsilon a round spends): it declines that round, as it declines
+    past its budget. ``cap`` names the cap's setting (``max-round-steps``,
+    ``max-round-epsilon``), which is also the decline's kind on the wire."""
+
+    def __init__(self, message: str, cap: str) -> None:
+        super().__init__(message)
+        self.cap = cap

@@ -21,6 +21,7 @@ from shared.data.synthetic import check_world_size
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
+from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS, check_round_caps
 from shared.federated.student_config import StudentTaskConfig, check_client_counts
 from shared.federated.task import STUDENT_TASK, RunConfigValue
 from shared.io import check_file_name, home_path
@@ -173,6 +174,9 @@ class SimulationConfig:
     max_grad_norm: float = LocalTrainConfig.max_grad_norm
     epsilon_budget: float = PrivacyBudget.epsilon
     delta: float = PrivacyBudget.delta
+    # each client's caps on one round (defaults: shared.federated.round_caps)
+    max_round_steps: int = MAX_ROUND_STEPS
+    max_round_epsilon: float = MAX_ROUND_EPSILON
     # user-level DP (server noise on the clipped, weight-1 updates; delta 0 = 1 / clients)
     user_dp: bool = False
     user_dp_noise_multiplier: float = 1.0
@@ -260,6 +264,7 @@ class SimulationConfig:
                 f"got {self.teacher_id_init!r}"
             )
         self.local_train_config()  # the client-training knobs, checked where they are defined
+        check_round_caps(self.max_round_steps, self.max_round_epsilon)
         check_client_counts(self.num_threads, self.eval_negatives)
         self.server_optimizer_settings()
         check_noise_shares(
@@ -418,6 +423,8 @@ class SimulationConfig:
             "state-dir": "",
             "epsilon-budget": self.epsilon_budget,
             "delta": self.delta,
+            "max-round-steps": self.max_round_steps,
+            "max-round-epsilon": self.max_round_epsilon,
             # every client-training knob, from the one object that defines them (each client
             # re-seeds its own rounds, so the base seed is not sent)
             **{k: v for k, v in to_flat(self.local_train_config()).items() if k != "seed"},

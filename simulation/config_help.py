@@ -63,6 +63,10 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "max_grad_norm": "DP-SGD per-example gradient clip (L2).",
         "epsilon_budget": "A client's record-level epsilon budget; past it, it declines.",
         "delta": "Record-level delta.",
+        "max_round_steps": "Most DP-SGD steps a client takes in one round (local-epochs x "
+        "its batches); a round asking more is declined.",
+        "max_round_epsilon": "Most record-level epsilon a client spends in one round (as its "
+        "ledger predicts); a round asking more is declined.",
         "noise_shares": "> 1: each client adds 1/sqrt(m) of the DP noise (1/m of its variance) "
         "to the SecAgg+ sum.",
         "local_epochs": "Local epochs per round.",

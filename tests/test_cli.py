@@ -599,6 +599,23 @@ def test_a_client_training_setting_past_its_bound_is_one_line(
 
 
 @pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("max-round-steps=0", "error: max-round-steps must be an integer >= 1 "),
+        ("max-round-epsilon=nan", "error: max-round-epsilon must be a finite number > 0 "),
+        ("max-round-epsilon=-1", "error: max-round-epsilon must be a finite number > 0 "),
+    ],
+)
+def test_a_round_cap_that_bounds_nothing_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], setting: str, expected: str
+) -> None:
+    code = _main(monkeypatch, "simulate", "--run-config", setting)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(expected), err
+
+
+@pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["bandits", "evaluate", "--users", "0"], "--users must be >= 1"),

@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
+from shared.errors import (
+    ConfigError,
+    DataError,
+    PrivacyBudgetExceededError,
+    RoundCapExceededError,
+)
 from shared.privacy.ledger import RDP_ORDERS, PrivacyBudget, PrivacyLedger, Spend
 
 
@@ -44,6 +49,36 @@ def test_budget_exceeded_declines_and_is_counted(tmp_path):
         ledger.check(big)
     assert ledger.epsilon() == 0.0  # nothing was spent
     assert PrivacyLedger.open(path, PrivacyBudget(1.0, 1e-5)).declined == 1
+
+
+def test_a_spend_past_the_round_cap_declines_within_the_budget_and_spends_nothing(tmp_path):
+    """The per-round cap bounds what one spend adds (epsilon after minus before, the
+    prediction the budget check makes): past it the ledger declines (counted, as a budget
+    decline is) and keeps its history, however much budget is left; at it the spend passes."""
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, PrivacyBudget(epsilon=100.0, delta=1e-5))
+    ledger.record(noise_multiplier=1.5, sample_rate=0.1, steps=10)
+    on_disk = json.loads(path.read_text())["history"]
+    greedy = Spend(noise_multiplier=0.7, sample_rate=1.0, steps=3)
+    added = ledger.round_epsilon(greedy)
+    assert added == pytest.approx(ledger.epsilon(extra=greedy) - ledger.epsilon())
+    assert added > 6.0 and ledger.epsilon(extra=greedy) < 100.0  # within the budget
+    with pytest.raises(RoundCapExceededError, match=r"max-round-epsilon 6; it declines") as err:
+        ledger.check(greedy, max_round_epsilon=6.0)
+    assert err.value.cap == "max-round-epsilon"
+    assert "noise-multiplier" in str(err.value) and "--max-round-epsilon" in str(err.value)
+    reopened = PrivacyLedger.open(path, PrivacyBudget(100.0, 1e-5))
+    assert reopened.history == ledger.history and json.loads(path.read_text())["history"] == on_disk
+    assert reopened.declined == 1
+    ledger.check(greedy, max_round_epsilon=added)  # at the cap: no decline
+    ledger.check(greedy)  # no cap: the budget alone
+
+
+def test_the_budget_is_checked_before_the_round_cap(tmp_path):
+    """A spend past both says it is past the budget (the decline the server knows)."""
+    ledger = PrivacyLedger(PrivacyBudget(epsilon=1.0, delta=1e-5))
+    with pytest.raises(PrivacyBudgetExceededError):
+        ledger.check(Spend(0.5, 1.0, 50), max_round_epsilon=0.5)
 
 
 def test_a_decline_stands_when_the_full_disk_has_no_room_for_its_count(

@@ -821,6 +821,101 @@ def test_a_round_asking_for_endless_training_gets_a_config_error_reply(
     assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()
 
 
+def test_a_round_whose_settings_multiply_past_the_step_cap_is_declined_naming_it(
+    bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each setting was bounded alone: local-epochs 1,000 with batch-size 1 (both within
+    their bounds) asked client 0 for 11,000 DP-SGD steps (500,000 on a larger history). The
+    round is declined before any training, its reply naming the cap (max-round-steps) and
+    the client's log the steps, the cap and both fixes; nothing is spent."""
+    from flwr.common.logger import FLOWER_LOGGER
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+
+    from shared.federated.task import METRIC_REASON, METRIC_STATUS
+
+    fit = _client_app_fit(bundle, tmp_path, {})
+    FLOWER_LOGGER.addHandler(caplog.handler)  # it does not pass records on to the root's
+    try:
+        with caplog.at_level("INFO", logger=FLOWER_LOGGER.name):
+            reply = fit({"local-epochs": 1000, "batch-size": 1})
+    finally:
+        FLOWER_LOGGER.removeHandler(caplog.handler)
+    metrics = recorddict_to_fitres(reply.content, keep_input=True).metrics
+    assert metrics == {METRIC_STATUS: "declined", METRIC_REASON: "max-round-steps"}
+    assert (
+        "fedrec fit declined (max-round-steps): this round would take 11,000 DP-SGD steps "
+        "(1,000 local-epochs x 11 batches of batch-size 1), more than this client's "
+        "max-round-steps 1,000" in caplog.text
+    )
+    assert "fewer 'local-epochs', a larger 'batch-size'" in caplog.text
+    assert "--max-round-steps" in caplog.text
+    assert not (tmp_path / "state" / "client-0" / "ledger.json").exists()  # nothing spent
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_the_step_cap_holds_at_its_value_with_dp_or_without(
+    bundle: Path, tmp_path: Path, dp: bool
+) -> None:
+    """Client 0's 11 examples in batches of 4 take 3 steps an epoch: a cap of 3 trains (and
+    charges 3 steps), a cap of 2 declines, without DP too (the cap bounds the work)."""
+    from shared.federated.task import DECLINE_ROUND_STEPS
+
+    params = _task(bundle, tmp_path / "a").initial_parameters()
+    at_cap = _task(bundle, tmp_path / "a", **{"max-round-steps": 3, "dp": dp})
+    assert at_cap.fit(0, params, {"server-round": 1}).status is FitStatus.OK
+    if dp:
+        assert _ledger_history(tmp_path / "a", 0)[0][2] == 3
+    past = _task(bundle, tmp_path / "b", **{"max-round-steps": 2, "dp": dp})
+    out = past.fit(0, params, {"server-round": 1})
+    assert out.status is FitStatus.DECLINED and out.decline_kind == DECLINE_ROUND_STEPS
+    assert "3 DP-SGD steps" in out.reason and "max-round-steps 2" in out.reason
+
+
+def test_a_round_spending_more_than_the_epsilon_cap_is_declined_and_spends_nothing(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """A server could ask a client, well within a large budget, to spend most of it in one
+    round (noise-multiplier 0.5). The ledger's prediction of the round (epsilon after minus
+    before) is held to max-round-epsilon: the round is declined and the ledger keeps the
+    history it had; a round within the cap trains as before."""
+    from shared.federated.task import DECLINE_ROUND_EPSILON
+    from shared.privacy.ledger import PrivacyBudget, PrivacyLedger, Spend
+
+    state = tmp_path / "state"
+    task = _task(bundle, state, **{"epsilon-budget": 100.0})
+    params = task.initial_parameters()
+    assert task.fit(0, params, {"server-round": 1}).status is FitStatus.OK
+    before = _ledger_history(state, 0)
+    ledger = PrivacyLedger.open(state / "client-0" / "ledger.json", PrivacyBudget(100.0))
+    greedy = Spend(0.5, 1 / 3, 3)  # what round 2 asks of client 0's 11 examples
+    assert ledger.round_epsilon(greedy) > 6.0 and ledger.epsilon(greedy) < 100.0
+    out = task.fit(0, params, {"server-round": 2, "noise-multiplier": 0.5})
+    assert out.status is FitStatus.DECLINED and out.decline_kind == DECLINE_ROUND_EPSILON
+    assert "more than this client's max-round-epsilon 6" in out.reason
+    assert "'noise-multiplier'" in out.reason and "--max-round-epsilon" in out.reason
+    assert _ledger_history(state, 0) == before
+    assert task.fit(0, params, {"server-round": 3}).status is FitStatus.OK  # within the cap
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("max-round-steps", 0, "max-round-steps must be an integer >= 1"),
+        ("max-round-steps", -5, "max-round-steps must be an integer >= 1"),
+        ("max-round-steps", 2.5, "max-round-steps"),
+        ("max-round-epsilon", 0.0, "max-round-epsilon must be a finite number > 0"),
+        ("max-round-epsilon", float("nan"), "max-round-epsilon must be a finite number > 0"),
+        ("max-round-epsilon", float("inf"), "max-round-epsilon must be a finite number > 0"),
+        ("max-round-epsilon", "lots", "max-round-epsilon"),
+    ],
+)
+def test_a_round_cap_that_bounds_nothing_is_refused(
+    bundle: Path, tmp_path: Path, key: str, value: object, match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _task(bundle, tmp_path / "state", **{key: value})
+
+
 @pytest.mark.parametrize(
     ("fit_config", "run_config"),
     [

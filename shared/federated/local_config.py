@@ -139,7 +139,9 @@ class LocalTrainConfig:
     ``batch_size``, ``personal_steps``, ``max_examples``) are bounded above as well as below
     (:data:`MAX_LOCAL_EPOCHS` and the others, each far above its default and any value used
     here): they come from the server, and a device refuses a round past them (an error reply
-    of kind ``config``) rather than training for ever.
+    of kind ``config``) rather than training for ever. Their product, a round's DP-SGD steps,
+    and the epsilon a round spends are held to the client's own caps (``max-round-steps``,
+    ``max-round-epsilon``: :mod:`shared.federated.round_caps`); past them it declines.
     """
 
     local_epochs: int = 1

@@ -113,6 +113,16 @@ def dp_epoch_steps(n: int, batch_size: int) -> int:
     return math.ceil(n / min(batch_size, n))
 
 
+def round_steps(n: int, config: LocalTrainConfig) -> int:
+    """The optimizer steps :func:`train_global_dp` takes in a round over ``n`` examples, with
+    DP or without: ``local_epochs`` x :func:`dp_epoch_steps` (an empty Poisson batch is a
+    step too), or the one released gradient under split noise (``noise_shares`` > 1). What
+    the ledger is charged and what a client's ``max-round-steps`` bounds."""
+    if config.noise_shares > 1:
+        return 1
+    return config.local_epochs * dp_epoch_steps(n, config.batch_size)
+
+
 def _noise_only_step(
     optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
+from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS, check_round_caps
 from shared.privacy.budget import PrivacyBudget
 
 __all__ = ["StudentTaskConfig", "check_client_counts"]
@@ -25,12 +26,16 @@ def check_client_counts(num_threads: int, eval_negatives: int) -> None:
 
 @dataclass(frozen=True)
 class StudentTaskConfig:
-    """Where the task finds its model and keeps per-client state, and the privacy budget."""
+    """Where the task finds its model and keeps per-client state, the privacy budget, and
+    the caps on one round (``max-round-steps``, ``max-round-epsilon``: a round past either
+    is declined; :mod:`shared.federated.round_caps`)."""
 
     bundle: str = ""
     state_dir: str = ""
     epsilon_budget: float = PrivacyBudget.epsilon
     delta: float = PrivacyBudget.delta
+    max_round_steps: int = MAX_ROUND_STEPS
+    max_round_epsilon: float = MAX_ROUND_EPSILON
     eval_negatives: int = 99
     eval_seed: int = 42
     num_threads: int = 1
@@ -48,6 +53,7 @@ class StudentTaskConfig:
         if not self.state_dir:
             raise ConfigError("the student task needs 'state-dir' (per-client state folder)")
         PrivacyBudget(self.epsilon_budget, self.delta)
+        check_round_caps(self.max_round_steps, self.max_round_epsilon)
         check_client_counts(self.num_threads, self.eval_negatives)
         if self.eval_seed < 0:  # NumPy refuses it, on every client's every evaluation
             raise ConfigError(f"'eval-seed' must be an integer >= 0, got {self.eval_seed}")

@@ -3,8 +3,9 @@ global parameters travel; each client trains them with Opacus DP-SGD on its own 
 keeps its privacy ledger on disk, and declines once its budget is spent.
 
 Run-config keys (kebab-case): ``bundle`` (pretrained bundle path), ``state-dir`` (per-client
-ledgers), ``epsilon-budget``, ``delta``, ``meta-learning``, ``device``, ``eval-negatives``,
-``eval-seed``, ``num-threads``, ``prune-sparsity``, plus every
+ledgers), ``epsilon-budget``, ``delta``, ``max-round-steps``, ``max-round-epsilon`` (a round
+past either is declined: :mod:`shared.federated.round_caps`), ``meta-learning``, ``device``,
+``eval-negatives``, ``eval-seed``, ``num-threads``, ``prune-sparsity``, plus every
 :class:`~shared.federated.local_config.LocalTrainConfig` key.
 
 **The personal adapter is not trained here.** Fit and evaluate see the global model as a
@@ -38,7 +39,12 @@ import torch.nn.functional as F
 
 from shared.compression.prune import publish_prune
 from shared.config import field_names, from_flat, kebab
-from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
+from shared.errors import (
+    ConfigError,
+    DataError,
+    PrivacyBudgetExceededError,
+    RoundCapExceededError,
+)
 from shared.eval.metrics import hit_rate_at_k, ndcg_at_k, rank_of_target
 from shared.eval.protocol import sample_negatives
 from shared.federated.bundle import Bundle, ClientData, check_bundle_digest, load_bundle
@@ -47,8 +53,10 @@ from shared.federated.local_training import (
     check_items,
     dp_epoch_steps,
     dp_sample_rate,
+    round_steps,
     train_global_dp,
 )
+from shared.federated.round_caps import check_round_steps
 from shared.federated.student_config import StudentTaskConfig
 from shared.federated.task import (
     CONFIG_UNDER_SECAGG,
@@ -260,18 +268,30 @@ class StudentTask:
             train = self._round_config(config, client_id)
             _refuse_split_noise_in_the_clear(train, config)
             self.check_received(parameters)  # before any privacy is spent on them
+            # the examples and steps train_global_dp will take (one released gradient per
+            # round when the noise is split), held to the owner's caps before any training
+            n = min(len(sequence) - 1, train.max_examples)
+            steps = round_steps(n, train)
             state = self.client_state(client_id)
-            if train.dp:
-                n = min(len(sequence) - 1, train.max_examples)
-                q = dp_sample_rate(n, train.batch_size)
-                # one released gradient per round when the noise is split (noise-shares)
-                epoch = dp_epoch_steps(n, train.batch_size)
-                steps = 1 if train.noise_shares > 1 else train.local_epochs * epoch
-                try:
-                    state.ledger.check(Spend(train.noise_multiplier, q, steps))
-                except PrivacyBudgetExceededError as err:
-                    # the server is told the kind; the epsilons stay in this client's log
-                    return FitOutcome.declined(str(err), DECLINE_PRIVACY_BUDGET)
+            try:
+                check_round_steps(
+                    steps,
+                    self.config.max_round_steps,
+                    local_epochs=train.local_epochs,
+                    epoch_steps=dp_epoch_steps(n, train.batch_size),
+                    batch_size=train.batch_size,
+                )
+                if train.dp:
+                    q = dp_sample_rate(n, train.batch_size)
+                    state.ledger.check(
+                        Spend(train.noise_multiplier, q, steps),
+                        max_round_epsilon=self.config.max_round_epsilon,
+                    )
+            except PrivacyBudgetExceededError as err:
+                # the server is told the kind; the epsilons stay in this client's log
+                return FitOutcome.declined(str(err), DECLINE_PRIVACY_BUDGET)
+            except RoundCapExceededError as err:
+                return FitOutcome.declined(str(err), err.cap)  # the kind names the cap
             # the global model is trained as a newcomer is served it (adapter at its start)
             set_global_arrays(self.model, parameters, self._meta)
             # Reptile in meta mode: the adapter's initialization is trained and sent too

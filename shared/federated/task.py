@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from shared.config import coerce
 from shared.errors import ConfigError, DataError
+from shared.federated.round_caps import ROUND_EPSILON_KEY, ROUND_STEPS_KEY
 
 #: A value a task may put into its metrics (what Flower's ConfigRecord can carry).
 MetricValue: TypeAlias = bool | int | float | str
@@ -64,9 +65,20 @@ DECLINE_NO_LOCAL_DATA = "no-local-data"
 DECLINE_OPTED_OUT = "opted-out"
 #: Any other reason (a task that names none).
 DECLINE_OTHER = "other"
+#: The round would take more DP-SGD steps than the client's owner allows a round.
+DECLINE_ROUND_STEPS = ROUND_STEPS_KEY
+#: The round would spend more epsilon than the client's owner allows a round.
+DECLINE_ROUND_EPSILON = ROUND_EPSILON_KEY
 #: Every decline kind.
 DECLINE_KINDS = frozenset(
-    {DECLINE_PRIVACY_BUDGET, DECLINE_NO_LOCAL_DATA, DECLINE_OPTED_OUT, DECLINE_OTHER}
+    {
+        DECLINE_PRIVACY_BUDGET,
+        DECLINE_NO_LOCAL_DATA,
+        DECLINE_OPTED_OUT,
+        DECLINE_OTHER,
+        DECLINE_ROUND_STEPS,
+        DECLINE_ROUND_EPSILON,
+    }
 )
 
 

@@ -24,7 +24,13 @@ import numpy as np
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.special import gammaln, logsumexp
 
-from shared.errors import ConfigError, DataError, PrivacyBudgetExceededError
+from shared.errors import (
+    ConfigError,
+    DataError,
+    PrivacyBudgetExceededError,
+    RoundCapExceededError,
+)
+from shared.federated.round_caps import ROUND_EPSILON_KEY
 from shared.io import disk_full, read_json, write_json_atomic
 from shared.privacy.budget import PrivacyBudget, Spend
 
@@ -134,31 +140,59 @@ class PrivacyLedger:
         """True when running ``spend`` would take epsilon past the budget."""
         return self.epsilon(extra=spend) > self.budget.epsilon
 
-    def check(self, spend: Spend) -> None:
-        """Raise :class:`PrivacyBudgetExceededError` (and count a decline) if over budget.
+    def round_epsilon(self, spend: Spend) -> float:
+        """The epsilon running ``spend`` would add: the ledger's epsilon after it minus
+        before (what a per-round cap bounds; RDP composition makes it depend on the history,
+        a client's first round spending the most)."""
+        return self.epsilon(extra=spend) - self.epsilon()
+
+    def check(self, spend: Spend, *, max_round_epsilon: float | None = None) -> None:
+        """Raise :class:`PrivacyBudgetExceededError` if ``spend`` would take epsilon past the
+        budget, or :class:`RoundCapExceededError` (``max-round-epsilon``) if it would add more
+        than ``max_round_epsilon`` to it (:meth:`round_epsilon`); either way a decline is
+        counted and nothing is spent.
 
         The decline stands when the count cannot be saved (a full disk): it spends nothing,
         so the spent history on disk is what it was, and the count is only bookkeeping; the
         failure is logged (the client was reported failed instead of declining)."""
-        if self.would_exceed(spend):
-            self.declined += 1
-            try:
-                self.save()
-            except OSError as exc:
-                logger.warning(
-                    "this client declines to train, but its decline count could not be "
-                    "saved: %s%s%s",
-                    exc.strerror or exc,
-                    f": {exc.filename}" if exc.filename else "",
-                    "; free space on that disk" if disk_full(exc) else "",
-                )
-            raise PrivacyBudgetExceededError(
-                f"training would spend epsilon {self.epsilon(extra=spend):.3f} > budget "
+        before, after = self.epsilon(), self.epsilon(extra=spend)
+        problem: PrivacyBudgetExceededError | RoundCapExceededError
+        if after > self.budget.epsilon:
+            problem = PrivacyBudgetExceededError(
+                f"training would spend epsilon {after:.3f} > budget "
                 f"{self.budget.epsilon} at delta {self.budget.delta} (spent so far "
-                f"{self.epsilon():.3f}); this client declines to train. Raise the budget (a "
+                f"{before:.3f}); this client declines to train. Raise the budget (a "
                 "simulation's 'epsilon-budget', a device's 'privacy-epsilon' and "
                 "'--max-epsilon'), or spend less a round: fewer steps ('local-epochs', a larger "
                 "'batch-size') or more noise ('noise-multiplier'), set on the server."
+            )
+        elif max_round_epsilon is not None and after - before > max_round_epsilon:
+            problem = RoundCapExceededError(
+                f"this round would spend epsilon {after - before:.3f} (from {before:.3f} to "
+                f"{after:.3f} at delta {self.budget.delta}), more than this client's "
+                f"{ROUND_EPSILON_KEY} {max_round_epsilon:g}; it declines to train. Spend less "
+                "a round, set on the server: more noise ('noise-multiplier'), fewer steps "
+                "('local-epochs', a larger 'batch-size'); or raise the cap "
+                f"('{ROUND_EPSILON_KEY}' in a simulation's run config, `fedrec client start "
+                "--max-round-epsilon` on a device)",
+                ROUND_EPSILON_KEY,
+            )
+        else:
+            return
+        self._count_decline()
+        raise problem
+
+    def _count_decline(self) -> None:
+        """Count a decline and save it; a failure to save is logged, never raised."""
+        self.declined += 1
+        try:
+            self.save()
+        except OSError as exc:
+            logger.warning(
+                "this client declines to train, but its decline count could not be saved: %s%s%s",
+                exc.strerror or exc,
+                f": {exc.filename}" if exc.filename else "",
+                "; free space on that disk" if disk_full(exc) else "",
             )
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
