@@ -52,6 +52,13 @@ from server.secagg import secaggplus_when_requested_mod, under_secagg
 from shared.config import coerce, is_int
 from shared.errors import ConfigError, DataError, ModelFileError, PrivacyBudgetExceededError
 from shared.federated.local_config import noise_shares_clip_problem
+from shared.federated.round_caps import (
+    MAX_ROUND_EPSILON,
+    MAX_ROUND_STEPS,
+    ROUND_EPSILON_KEY,
+    ROUND_STEPS_KEY,
+    check_round_caps,
+)
 from shared.federated.task import (
     CONFIG_RUN_ID,
     CONFIG_UNDER_SECAGG,
@@ -147,6 +154,12 @@ NODE_REQUIRE_DP = "fedrec-require-dp"
 #: ``--node-config`` key: the largest ``noise-shares`` this device adds its noise for
 #: (``fedrec client start --max-noise-shares``, default 1: all of it, trusting no aggregation).
 NODE_MAX_NOISE_SHARES = "fedrec-max-noise-shares"
+#: ``--node-config`` key: the most DP-SGD steps this device takes in a round, whatever the
+#: server's ``max-round-steps`` (``fedrec client start --max-round-steps``).
+NODE_MAX_ROUND_STEPS = "fedrec-max-round-steps"
+#: ``--node-config`` key: the most epsilon this device spends in a round, whatever the
+#: server's ``max-round-epsilon`` (``fedrec client start --max-round-epsilon``).
+NODE_MAX_ROUND_EPSILON = "fedrec-max-round-epsilon"
 #: ``--node-config`` key: the environment variable holding this device's passphrase (the one
 #: ``fedrec client start`` read, ``--passphrase-env`` or the one recorded at ``init``).
 NODE_PASSPHRASE_ENV = "fedrec-passphrase-env"
@@ -167,9 +180,15 @@ def deployment_run_config(
         merged["bundle"] = str(node_config.get(NODE_BUNDLE, ""))
         merged[NODE_SHARE_EVALUATION] = node_config.get(NODE_SHARE_EVALUATION) is True
         merged[NODE_PASSPHRASE_ENV] = str(node_config.get(NODE_PASSPHRASE_ENV) or "")
-        # the device owner's privacy floor, whatever the server asks for
+        # the device owner's privacy floor and caps on a round, whatever the server asks for
         merged[NODE_REQUIRE_DP] = node_config.get(NODE_REQUIRE_DP) is not False
-        for key, (cap, default) in _privacy_caps(node_config).items():
+        steps, epsilon = node_round_caps(node_config)
+        caps = {
+            **_privacy_caps(node_config),
+            ROUND_STEPS_KEY: (steps, MAX_ROUND_STEPS),
+            ROUND_EPSILON_KEY: (epsilon, MAX_ROUND_EPSILON),
+        }
+        for key, (cap, default) in caps.items():
             asked = _number(merged.get(key, default))
             # a server value that is no number (the task would read "100" as 100) gets the cap
             merged[key] = cap if asked is None else min(asked, cap)
@@ -203,6 +222,19 @@ def _privacy_caps(node_config: Mapping[str, object]) -> dict[str, tuple[float, f
         names=(f"node config {NODE_MAX_EPSILON}", f"node config {NODE_MAX_DELTA}"),
     )
     return caps
+
+
+def node_round_caps(node_config: Mapping[str, object]) -> tuple[int, float]:
+    """The device owner's caps on one round, ``max-round-steps`` (:data:`NODE_MAX_ROUND_STEPS`)
+    and ``max-round-epsilon`` (:data:`NODE_MAX_ROUND_EPSILON`), each its default
+    (:mod:`shared.federated.round_caps`) when unset; a value that is no such cap (NaN, 0,
+    2.5 steps) is refused (:func:`~shared.federated.round_caps.check_round_caps`), never
+    read as no cap."""
+    names = (f"node config {NODE_MAX_ROUND_STEPS}", f"node config {NODE_MAX_ROUND_EPSILON}")
+    steps = coerce(node_config.get(NODE_MAX_ROUND_STEPS, MAX_ROUND_STEPS), int, names[0])
+    epsilon = coerce(node_config.get(NODE_MAX_ROUND_EPSILON, MAX_ROUND_EPSILON), float, names[1])
+    check_round_caps(steps, epsilon, names=names)
+    return steps, epsilon
 
 
 def max_noise_shares(config: Mapping[str, object]) -> int:

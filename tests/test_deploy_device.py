@@ -487,6 +487,40 @@ def test_the_server_cannot_split_a_devices_noise_beyond_its_owners_cap(
     assert used == [1]
 
 
+def test_the_server_cannot_raise_a_devices_caps_on_a_round(device: Path, bundle: Path) -> None:
+    """The owner's --max-round-steps and --max-round-epsilon bound the server's
+    max-round-steps and max-round-epsilon (the smaller applies, as for epsilon-budget), and a
+    round asking more of the device than its cap is declined, naming the cap, spending
+    nothing."""
+    node = {"fedrec-device-dir": str(device), "fedrec-bundle": str(bundle)}
+    greedy = {"max-round-steps": 10**6, "max-round-epsilon": 100.0}
+    capped = deployment_run_config(greedy, node)
+    assert (capped["max-round-steps"], capped["max-round-epsilon"]) == (1000, 6.0)  # defaults
+    owner = {**node, "fedrec-max-round-steps": 2, "fedrec-max-round-epsilon": 0.5}
+    capped = deployment_run_config(greedy, owner)
+    assert (capped["max-round-steps"], capped["max-round-epsilon"]) == (2, 0.5)
+    kept = deployment_run_config({"max-round-steps": 1, "max-round-epsilon": 0.1}, owner)
+    assert (kept["max-round-steps"], kept["max-round-epsilon"]) == (1, 0.1)  # stricter: kept
+    with Daemon.open(device) as daemon:
+        DeviceLearner(daemon, bundle).prepare()
+        daemon.add_events(_events(10))
+    server_side = {
+        "task": "shared.federated.student_task:make_task",
+        "bundle": "/server/only/bundle.pt",
+        "state-dir": "/server/only/state",
+        "batch-size": 4,
+        **greedy,
+    }
+    task: Any = get_task(DEVICE_TASK, deployment_run_config(server_side, owner))
+    params = task.initial_parameters()
+    out = task.fit(0, params, {"server-round": 1})  # 9 examples in batches of 4: 3 steps
+    assert out.status is FitStatus.DECLINED and out.decline_kind == "max-round-steps"
+    out = task.fit(0, params, {"server-round": 1, "batch-size": 8})  # 2 steps: epsilon > 0.5
+    assert out.status is FitStatus.DECLINED and out.decline_kind == "max-round-epsilon"
+    assert "0.000 to" in out.reason  # nothing was spent
+    assert FederatedFiles(device).rounds_joined() == 0
+
+
 @pytest.mark.parametrize("asked", [float("nan"), "nan"])
 def test_a_noise_shares_that_is_no_number_is_a_config_error(device: Path, asked: object) -> None:
     """A NaN noise-shares from the server raised int()'s bare ValueError, which the reply
@@ -507,6 +541,12 @@ def test_a_noise_shares_that_is_no_number_is_a_config_error(device: Path, asked:
         ("fedrec-max-delta", 1.0),
         ("fedrec-max-noise-shares", float("nan")),
         ("fedrec-max-noise-shares", float("inf")),
+        ("fedrec-max-round-steps", 0),
+        ("fedrec-max-round-steps", 2.5),
+        ("fedrec-max-round-steps", float("nan")),
+        ("fedrec-max-round-epsilon", float("nan")),
+        ("fedrec-max-round-epsilon", float("inf")),
+        ("fedrec-max-round-epsilon", 0.0),
     ],
 )
 def test_a_node_cap_that_bounds_nothing_is_refused(key: str, cap: object) -> None:
@@ -824,6 +864,8 @@ def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> N
     assert "fedrec-share-evaluation=false" in node_config  # the owner's choice, off by default
     assert "fedrec-max-epsilon=8.0" in node_config and "fedrec-require-dp=true" in node_config
     assert "fedrec-max-noise-shares=1" in node_config  # all the noise, trusting no one
+    assert "fedrec-max-round-steps=1000" in node_config
+    assert "fedrec-max-round-epsilon=6.0" in node_config
     assert spec.restart and spec.max_backoff_s is not None and spec.log_file
 
 
@@ -920,6 +962,23 @@ def test_a_bad_device_epsilon_cap_is_refused(bundle: Path, tmp_path: Path, cap: 
     ca = create_pki(tmp_path / "certs").ca_cert
     with pytest.raises(ConfigError, match="--max-epsilon"):
         SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle, max_epsilon=cap)
+
+
+@pytest.mark.parametrize(
+    ("caps", "flag"),
+    [
+        ({"max_round_steps": 0}, "--max-round-steps must be an integer >= 1"),
+        ({"max_round_epsilon": 0.0}, "--max-round-epsilon must be a finite number > 0"),
+        ({"max_round_epsilon": float("nan")}, "--max-round-epsilon must be a finite number > 0"),
+        ({"max_round_epsilon": float("inf")}, "--max-round-epsilon must be a finite number > 0"),
+    ],
+)
+def test_a_bad_device_round_cap_is_refused(
+    bundle: Path, tmp_path: Path, caps: dict[str, Any], flag: str
+) -> None:
+    ca = create_pki(tmp_path / "certs").ca_cert
+    with pytest.raises(ConfigError, match=flag):
+        SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle, **caps)
 
 
 def test_a_device_refuses_to_train_with_another_bundle_than_the_servers(

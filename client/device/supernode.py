@@ -32,6 +32,7 @@ from pathlib import Path
 from client.device.daemon import DaemonConfig, ProcessSpec, is_error_line, last_error_explained
 from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
+from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS, check_round_caps
 from shared.privacy.budget import PrivacyBudget, check_budget
 
 
@@ -54,6 +55,10 @@ class SuperNodeOptions:
     max_delta: float = PrivacyBudget.delta
     #: the largest noise-shares this device accepts (1: it adds all its DP noise itself)
     max_noise_shares: int = 1
+    #: the most DP-SGD steps and the most epsilon one round may take on this device (a round
+    #: past either is declined; :mod:`shared.federated.round_caps`)
+    max_round_steps: int = MAX_ROUND_STEPS
+    max_round_epsilon: float = MAX_ROUND_EPSILON
     #: the environment variable the daemon read the passphrase from (``None``: a key file),
     #: passed on so that the ClientApp opens the store with the same one
     passphrase_env: str | None = None
@@ -70,6 +75,11 @@ class SuperNodeOptions:
         check_budget(self.max_epsilon, self.max_delta, names=("--max-epsilon", "privacy-delta"))
         if isinstance(self.max_noise_shares, bool) or self.max_noise_shares < 1:
             raise ConfigError(f"--max-noise-shares must be >= 1, got {self.max_noise_shares}")
+        check_round_caps(
+            self.max_round_steps,
+            self.max_round_epsilon,
+            names=("--max-round-steps", "--max-round-epsilon"),
+        )
         if not 0 < self.runtime_port < 65536:
             raise ConfigError(f"--supernode-port must be in 1..65535, got {self.runtime_port}")
         _check_root_cert(self.root_cert)
@@ -142,6 +152,8 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         NODE_MAX_DELTA,
         NODE_MAX_EPSILON,
         NODE_MAX_NOISE_SHARES,
+        NODE_MAX_ROUND_EPSILON,
+        NODE_MAX_ROUND_STEPS,
         NODE_PASSPHRASE_ENV,
         NODE_REQUIRE_DP,
         NODE_SHARE_EVALUATION,
@@ -162,6 +174,8 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         f"{NODE_SHARE_EVALUATION}={share} {NODE_MAX_EPSILON}={float(options.max_epsilon)!r} "
         f"{NODE_MAX_DELTA}={float(options.max_delta)!r} "
         f"{NODE_MAX_NOISE_SHARES}={int(options.max_noise_shares)} "
+        f"{NODE_MAX_ROUND_STEPS}={int(options.max_round_steps)} "
+        f"{NODE_MAX_ROUND_EPSILON}={float(options.max_round_epsilon)!r} "
         f"{NODE_REQUIRE_DP}={'true' if options.require_dp else 'false'}"
     )
     if options.passphrase_env:  # a variable name (checked when the daemon read it)

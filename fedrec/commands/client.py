@@ -23,6 +23,7 @@ from fedrec.options import (
 from shared.bandits.policies import BanditConfig
 from shared.errors import ConfigError, FedRecError
 from shared.federated.local_config import LocalTrainConfig
+from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS
 from shared.privacy.budget import PrivacyBudget
 
 if TYPE_CHECKING:
@@ -392,6 +393,24 @@ def start(
             "(its ledger charges all of it). 1 (default): all the noise, trusting no one.",
         ),
     ] = 1,
+    max_round_steps: Annotated[
+        int,
+        typer.Option(
+            "--max-round-steps",
+            help="The most DP-SGD steps this device takes in one round (local-epochs x "
+            "batches of its examples), whatever the server's max-round-steps (the smaller "
+            "applies); a round asking more is declined.",
+        ),
+    ] = MAX_ROUND_STEPS,
+    max_round_epsilon: Annotated[
+        float,
+        typer.Option(
+            "--max-round-epsilon",
+            help="The most record-level epsilon this device spends in one round, as its "
+            "ledger predicts before training, whatever the server's max-round-epsilon (the "
+            "smaller applies); a round asking more is declined.",
+        ),
+    ] = MAX_ROUND_EPSILON,
     allow_no_dp: Annotated[
         bool,
         typer.Option(
@@ -446,6 +465,8 @@ def start(
         max_epsilon=max_epsilon,
         require_dp=not allow_no_dp,
         max_noise_shares=max_noise_shares,
+        max_round_steps=max_round_steps,
+        max_round_epsilon=max_round_epsilon,
     )
     _run_daemon(ctx, state_dir, passphrase_env, config, host, port, options, learner)
 
