@@ -41,16 +41,15 @@ ROUND_EPSILON_KEY = "max-round-epsilon"
 MAX_ROUND_STEPS = 1_000
 """Default: the most optimizer steps a client takes in a round. The defaults take at most
 16 (``max-examples`` 256 in batches of 16, one epoch), every simulation preset, benchmark
-and test at most 16 as well (split noise: 1): 62x below. A DP-SGD step of the student on a
-device's CPU takes milliseconds, so the cap bounds a round to seconds or minutes, not the
-days 500,000 steps would take."""
+and test at most 16 as well (split noise: 1): 62x below, where the settings' own bounds
+allowed 1,000 x 100,000."""
 MAX_ROUND_EPSILON = 6.0
 """Default: the most record-level epsilon a client spends in one round (ledger's epsilon
 after the round minus before, at the budget's delta). Below the default budget of 8, so no
 round a server asks for spends a fresh device's whole budget. A round at the defaults
 (noise-multiplier 1.5, batch-size 16) spends at most 3.05 (a client of 17 to 32 examples:
 two steps at rate 1/2), a split-noise round at noise-multiplier 2 or 3 at most 2.17 or
-1.39; the tests' lowest noise (1.0, 11 examples in batches of 4) spends 5.21."""
+1.39; the tests' costliest round (noise 1.0, 11 examples in batches of 4) 5.21."""
 
 
 def check_round_caps(
