@@ -225,7 +225,8 @@ def _run_stages(
     if federation["rounds"] and not updated:
         log.warning(
             "no round changed the global model: in each, the clients declined (e.g. an "
-            "epsilon-budget they had spent), failed or timed out (metrics.jsonl counts them); "
+            "epsilon-budget they had spent, or a round past their max-round-steps or "
+            "max-round-epsilon), failed or timed out (metrics.jsonl counts them); "
             "the federated figures below are the pretrained model's"
         )
     evaluating = time.perf_counter()
