@@ -155,9 +155,10 @@ class PrivacyLedger:
         The decline stands when the count cannot be saved (a full disk): it spends nothing,
         so the spent history on disk is what it was, and the count is only bookkeeping; the
         failure is logged (the client was reported failed instead of declining)."""
+        # memoized (_rdp_epsilon): the figures below are the ones the checks compared
         before, after = self.epsilon(), self.epsilon(extra=spend)
         problem: PrivacyBudgetExceededError | RoundCapExceededError
-        if after > self.budget.epsilon:
+        if self.would_exceed(spend):
             problem = PrivacyBudgetExceededError(
                 f"training would spend epsilon {after:.3f} > budget "
                 f"{self.budget.epsilon} at delta {self.budget.delta} (spent so far "
@@ -166,7 +167,7 @@ class PrivacyLedger:
                 "'--max-epsilon'), or spend less a round: fewer steps ('local-epochs', a larger "
                 "'batch-size') or more noise ('noise-multiplier'), set on the server."
             )
-        elif max_round_epsilon is not None and after - before > max_round_epsilon:
+        elif max_round_epsilon is not None and self.round_epsilon(spend) > max_round_epsilon:
             problem = RoundCapExceededError(
                 f"this round would spend epsilon {after - before:.3f} (from {before:.3f} to "
                 f"{after:.3f} at delta {self.budget.delta}), more than this client's "
