@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
+from typing import Any
 
 from server.server_app import ServerConfig, check_client_resources
 from server.server_optimizer import ServerOptimizerSettings
@@ -449,6 +450,24 @@ class SimulationConfig:
         that fits the cohort stands in (the pipeline caps the cohort at the population)."""
         PrivacyBudget(self.epsilon_budget, self.delta)
         ServerConfig.from_run_config(self.server_run_config(max(self.cohort_size, 2)))
+
+    def unrecorded_defaults(self) -> dict[str, Any]:
+        """What a run directory ran with for each setting its ``config.json`` does not record
+        (written before the setting existed), to compare this rerun's settings with
+        (:meth:`simulation.run_dir.RunDirectory.check_settings`): today's default, except
+        for a setting added with a default that changes what the code did before it.
+
+        ``update-clip-median-multiple``: before it, the server clipped no update to a
+        multiple of its round's median norm, which is 0 where that clipping applies (plain
+        FedAvg without user-level DP or a fixed ``update-clip-norm``); compared with its
+        default of 5, a resumed run switched the clipping on half way and recorded 5 for
+        all of it. Elsewhere it clips nothing, so any value is what the run ran with."""
+        defaults = to_flat(SimulationConfig())
+        median_clipping = not self.secagg and not self.user_dp and self.update_clip_norm == 0
+        defaults["update-clip-median-multiple"] = (
+            0.0 if median_clipping else self.update_clip_median_multiple
+        )
+        return defaults
 
     def split_config(self) -> SplitConfig:
         """The protocol split of this simulation (validated by :class:`SplitConfig`)."""

@@ -114,7 +114,7 @@ def run_pipeline(config: SimulationConfig, progress: ProgressFn = _noop) -> dict
     started = time.perf_counter()
     run = _open_run(config)
     try:
-        defaults = to_flat(SimulationConfig())
+        defaults = config.unrecorded_defaults()  # for a run written before a setting existed
         # a run written before names were made canonical may have stored 'ML-100K'
         canonical = {"dataset": dataset_key, "data-dir": data_dir_key, "text-model": data_dir_key}
         # recorded by _run_stages once the data is checked too: a refused rerun changes nothing

@@ -1402,6 +1402,46 @@ def test_a_resume_compares_the_text_model_folder_not_its_spelling(
     assert "holds a run with other settings (text-model" in str(refused)
 
 
+def test_a_run_from_before_median_clipping_resumes_only_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run directory written before `update-clip-median-multiple` existed has no such key:
+    its plain FedAvg rounds clipped no update to a median multiple. A rerun compared the key
+    with today's default (5), so resuming it with the default switched the clipping on in the
+    middle of the run and recorded 5 for all of it, while `update-clip-median-multiple=0`,
+    what its rounds ran with, was refused as a change. Under SecAgg+ it clips nothing."""
+    import simulation.pipeline as pipeline
+    from shared.config import to_flat
+    from simulation.config import SimulationConfig
+
+    class Stop(Exception):
+        pass
+
+    def stages(config: SimulationConfig, run: Any, started: float, progress: Any) -> None:
+        raise Stop(config.update_clip_median_multiple)
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+    runs = tmp_path / "runs"
+    for name, secagg in (("plain", False), ("secagg", True)):
+        old = to_flat(SimulationConfig(secagg=secagg, name=name, run_dir=str(runs)))
+        del old["update-clip-median-multiple"]  # as the previous release wrote it
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "round-00000001.json").write_text("{}")
+        (runs / name / "config.json").write_text(json.dumps({"simulation": old}))
+
+    def rerun(name: str, keys: str) -> BaseException | None:
+        args = ["simulate", "--backend", "inprocess", "--run-dir", str(runs), "--name", name]
+        return CliRunner().invoke(app, [*args, "--run-config", keys]).exception
+
+    refused = rerun("plain", "secagg=false")
+    assert isinstance(refused, ConfigError)
+    assert "other settings (update-clip-median-multiple 0.0 -> 5.0)" in str(refused)
+    resumed = rerun("plain", "secagg=false update-clip-median-multiple=0")
+    assert isinstance(resumed, Stop) and resumed.args == (0.0,)
+    for keys in ("secagg=true", "update-clip-median-multiple=0"):  # it clips nothing there
+        assert isinstance(rerun("secagg", keys), Stop), keys
+
+
 class _Terminal(io.StringIO):
     """A stderr that says it is a terminal."""
 
