@@ -22,7 +22,13 @@ from shared.data.synthetic import check_world_size
 from shared.errors import ConfigError
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
-from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS, check_round_caps
+from shared.federated.round_caps import (
+    MAX_ROUND_EPSILON,
+    MAX_ROUND_STEPS,
+    ROUND_EPSILON_KEY,
+    ROUND_STEPS_KEY,
+    check_round_caps,
+)
 from shared.federated.student_config import StudentTaskConfig, check_client_counts
 from shared.federated.task import STUDENT_TASK, RunConfigValue
 from shared.io import check_file_name, home_path
@@ -461,12 +467,19 @@ class SimulationConfig:
         multiple of its round's median norm, which is 0 where that clipping applies (plain
         FedAvg without user-level DP or a fixed ``update-clip-norm``); compared with its
         default of 5, a resumed run switched the clipping on half way and recorded 5 for
-        all of it. Elsewhere it clips nothing, so any value is what the run ran with."""
+        all of it. Elsewhere it clips nothing, so any value is what the run ran with.
+
+        ``max-round-steps`` and ``max-round-epsilon``: before them a client trained every
+        round it was asked to, uncapped; compared with their defaults, a run whose rounds
+        take more had every client decline once resumed, and raising the cap, as the
+        decline says, was refused as a change. Any cap is compared as the run's own."""
         defaults = to_flat(SimulationConfig())
         median_clipping = not self.secagg and not self.user_dp and self.update_clip_norm == 0
         defaults["update-clip-median-multiple"] = (
             0.0 if median_clipping else self.update_clip_median_multiple
         )
+        defaults[ROUND_STEPS_KEY] = self.max_round_steps
+        defaults[ROUND_EPSILON_KEY] = self.max_round_epsilon
         return defaults
 
     def split_config(self) -> SplitConfig:

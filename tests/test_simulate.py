@@ -7,6 +7,7 @@ import io
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -1402,6 +1403,44 @@ def test_a_resume_compares_the_text_model_folder_not_its_spelling(
     assert "holds a run with other settings (text-model" in str(refused)
 
 
+class _Resumed(Exception):
+    """Raised in place of a rerun's stages: its settings check let it resume."""
+
+
+def _previous_release_reruns(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runs: dict[str, dict[str, Any]],
+    dropped: Sequence[str],
+) -> Callable[[str, str], BaseException | None]:
+    """Run directories as the previous release left them, one per ``runs`` entry (name:
+    settings): a round's checkpoint, and a config.json without the ``dropped`` settings
+    (added since). Returns a rerun of one of them with ``--run-config`` keys: what it raised,
+    :class:`_Resumed` (with its config) when the check of its settings let it resume."""
+    import simulation.pipeline as pipeline
+    from shared.config import to_flat
+    from simulation.config import SimulationConfig
+
+    def stages(config: SimulationConfig, run: Any, started: float, progress: Any) -> None:
+        raise _Resumed(config)
+
+    monkeypatch.setattr(pipeline, "_run_stages", stages)
+    root = tmp_path / "runs"
+    for name, settings in runs.items():
+        old = to_flat(SimulationConfig(name=name, run_dir=str(root), **settings))
+        for key in dropped:
+            del old[key]
+        (root / name / "checkpoints").mkdir(parents=True)
+        (root / name / "checkpoints" / "round-00000001.json").write_text("{}")
+        (root / name / "config.json").write_text(json.dumps({"simulation": old}))
+
+    def rerun(name: str, keys: str) -> BaseException | None:
+        args = ["simulate", "--backend", "inprocess", "--run-dir", str(root), "--name", name]
+        return CliRunner().invoke(app, [*args, "--run-config", keys]).exception
+
+    return rerun
+
+
 def test_a_run_from_before_median_clipping_resumes_only_without_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1410,36 +1449,34 @@ def test_a_run_from_before_median_clipping_resumes_only_without_it(
     with today's default (5), so resuming it with the default switched the clipping on in the
     middle of the run and recorded 5 for all of it, while `update-clip-median-multiple=0`,
     what its rounds ran with, was refused as a change. Under SecAgg+ it clips nothing."""
-    import simulation.pipeline as pipeline
-    from shared.config import to_flat
-    from simulation.config import SimulationConfig
-
-    class Stop(Exception):
-        pass
-
-    def stages(config: SimulationConfig, run: Any, started: float, progress: Any) -> None:
-        raise Stop(config.update_clip_median_multiple)
-
-    monkeypatch.setattr(pipeline, "_run_stages", stages)
-    runs = tmp_path / "runs"
-    for name, secagg in (("plain", False), ("secagg", True)):
-        old = to_flat(SimulationConfig(secagg=secagg, name=name, run_dir=str(runs)))
-        del old["update-clip-median-multiple"]  # as the previous release wrote it
-        (runs / name / "checkpoints").mkdir(parents=True)
-        (runs / name / "checkpoints" / "round-00000001.json").write_text("{}")
-        (runs / name / "config.json").write_text(json.dumps({"simulation": old}))
-
-    def rerun(name: str, keys: str) -> BaseException | None:
-        args = ["simulate", "--backend", "inprocess", "--run-dir", str(runs), "--name", name]
-        return CliRunner().invoke(app, [*args, "--run-config", keys]).exception
-
+    runs = {"plain": {"secagg": False}, "secagg": {"secagg": True}}
+    rerun = _previous_release_reruns(tmp_path, monkeypatch, runs, ["update-clip-median-multiple"])
     refused = rerun("plain", "secagg=false")
     assert isinstance(refused, ConfigError)
     assert "other settings (update-clip-median-multiple 0.0 -> 5.0)" in str(refused)
     resumed = rerun("plain", "secagg=false update-clip-median-multiple=0")
-    assert isinstance(resumed, Stop) and resumed.args == (0.0,)
+    assert isinstance(resumed, _Resumed)
+    assert resumed.args[0].update_clip_median_multiple == 0
     for keys in ("secagg=true", "update-clip-median-multiple=0"):  # it clips nothing there
-        assert isinstance(rerun("secagg", keys), Stop), keys
+        assert isinstance(rerun("secagg", keys), _Resumed), keys
+
+
+def test_a_run_from_before_the_round_caps_resumes_with_any_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run directory written before `max-round-steps` and `max-round-epsilon` existed
+    trained every round uncapped. Resumed with today's defaults, a run whose rounds spend
+    more (here 14 epsilon a round at noise 0.5) has every client decline; the fix the
+    decline names, raising the cap in the run config, was refused as a change of a setting
+    the run never recorded ("max-round-epsilon 6.0 -> 100.0")."""
+    runs = {"old": {"noise_multiplier": 0.5, "epsilon_budget": 1000.0}}
+    rerun = _previous_release_reruns(
+        tmp_path, monkeypatch, runs, ["max-round-steps", "max-round-epsilon"]
+    )
+    settings = "noise-multiplier=0.5 epsilon-budget=1000"
+    for caps in ("", "max-round-epsilon=100", "max-round-steps=5000", "max-round-epsilon=2"):
+        resumed = rerun("old", f"{settings} {caps}")
+        assert isinstance(resumed, _Resumed), (caps, resumed)
 
 
 class _Terminal(io.StringIO):
