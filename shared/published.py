@@ -100,6 +100,25 @@ def record_published(folder: str | Path, name: str, version: str, digest: str) -
     append_line(Path(folder) / RECORD_FILE, line)
 
 
+def record_unrecorded(folder: str | Path, recorded: dict[str, str], *, skip: str) -> None:
+    """Append a line for every published model in ``folder`` that the record (``recorded``,
+    :func:`published_digests`) lacks, but ``skip``: the files published before the record
+    existed (a run or a state directory from an older release), so that the record holds
+    every version on disk from the first publication on, not only those after it. Adds the
+    lines to ``recorded``. A file that cannot be read or recorded is left for the next time,
+    with a warning (it is not removed unrecorded: :func:`retire_old_artifacts`)."""
+    for version, path in sorted(artifact_versions(folder).items()):
+        if path.name in recorded or path.name == skip:
+            continue
+        try:
+            digest = sha256_hex(path.read_bytes())
+            record_published(folder, path.name, str(version), digest)
+        except OSError as exc:
+            logger.warning("could not record the published model %s: %s", path, exc)
+            continue
+        recorded[path.name] = digest
+
+
 def retire_old_artifacts(folder: str | Path, keep: int, *, latest: str) -> list[Path]:
     """Remove the published models of ``folder`` beyond the ``keep`` newest versions, never
     the file named ``latest`` (the one just published, which a resumed run may republish

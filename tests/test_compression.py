@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -856,16 +857,21 @@ def test_a_removed_version_is_refused_with_another_model_and_taken_with_the_same
     assert len((out / RECORD_FILE).read_text().splitlines()) == 2  # recorded once each
 
 
-def test_a_model_published_before_the_record_is_recorded_before_it_is_removed(
+def test_a_model_published_before_the_record_is_recorded_at_the_first_publication(
     tmp_path: Path,
 ) -> None:
-    """A state directory from before the record holds models without a line: removing one
-    unrecorded would forget its version."""
+    """A state or run directory from before the record holds models without a line:
+    removing one unrecorded would forget its version, and the record left out every version
+    published before the upgrade."""
     out = tmp_path / "artifacts"
     out.mkdir()
     (out / artifact_file_name(1)).write_bytes(b"old model 1")  # no record yet
     _publish(out, 2, b"model 2")
-    assert artifact_file_name(1) not in published_digests(out)
+    lines = [json.loads(line) for line in (out / RECORD_FILE).read_text().splitlines()]
+    assert [(e["file"], e["version"]) for e in lines] == [
+        (artifact_file_name(1), "1"),
+        (artifact_file_name(2), "2"),
+    ]
     retire_old_artifacts(out, 1, latest=artifact_file_name(2))
     assert _models(out) == [artifact_file_name(2)]
     assert published_digests(out)[artifact_file_name(1)] == sha256_hex(b"old model 1")

@@ -22,7 +22,13 @@ from shared.errors import DataError, PublishedVersionError
 from shared.io import write_bytes_atomic, write_json_atomic
 from shared.models.student import ExportableStudent, StudentModel
 from shared.ondevice.runtime import catalog_fingerprint, check_item_id_lengths
-from shared.published import RECORD_FILE, published_digests, record_published, sha256_hex
+from shared.published import (
+    RECORD_FILE,
+    published_digests,
+    record_published,
+    record_unrecorded,
+    sha256_hex,
+)
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,8 @@ def publish_artifact_once(
     model is compared in memory, so a refusal leaves the published folder as it was."""
     out = Path(out_path)
     digest = sha256_hex(built.int8)
-    recorded = published_digests(out.parent).get(out.name)
+    digests = published_digests(out.parent)
+    recorded = digests.get(out.name)
     if recorded is not None and recorded != digest:
         raise PublishedVersionError(
             f"model version {version} is out already, with another model ({out.name} in "
@@ -241,6 +248,8 @@ def publish_artifact_once(
             "published version never changes, as devices may hold it; publish this model "
             "under a new version (train another round)"
         )
+    # the versions published before the record existed, then this one if it is not in it
+    record_unrecorded(out.parent, digests, skip=out.name)
     if recorded is None:  # first published, or published before the record existed
         record_published(out.parent, out.name, version, digest)
     if not exists:
