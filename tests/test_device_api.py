@@ -2473,6 +2473,33 @@ def test_recommendations_read_the_history_from_memory_and_see_every_write(
     assert device.daemon.history() == [] and device.daemon.store.events() == []
 
 
+def test_an_erase_during_a_history_read_leaves_no_columns_of_it_in_memory(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit (or the start-up warm-up) maps the history outside the serving lock; an erase
+    that lands between its read of the events and its caching of their columns cleared the
+    cache first, and the read then cached the erased history's columns, kept in memory
+    after the erase (until some later read replaced them)."""
+    device.client.post("/events", json={"events": [ev(ITEM[i]) for i in range(3)]})
+    daemon = device.daemon
+    real = daemon.store.events
+    erased = []
+
+    def events_then_erase() -> list[Event]:
+        out = real()
+        if not erased:  # the erase lands after the events are read, before they are cached
+            erased.append(True)
+            daemon.erase()
+        return out
+
+    monkeypatch.setattr(daemon.store, "events", events_then_erase)
+    assert daemon.history(Catalog(tuple(daemon.catalog.item_ids))) == [0, 1, 2]  # the read's
+    assert erased
+    cached = daemon._columns
+    assert cached is None or cached[2].size == 0
+    assert daemon.history() == []
+
+
 def test_a_started_daemon_decrypts_the_history_before_the_first_recommendation(
     device: Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

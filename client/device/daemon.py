@@ -548,6 +548,10 @@ class Daemon:
         #: The last history mapped to columns (:meth:`_history_columns`): its catalog, the
         #: store's history mark it was mapped at, and the (read-only) columns; in memory only.
         self._columns: tuple[Catalog, int, IntArray] | None = None
+        #: Held to cache ``_columns`` (only while the history mark they were read at is still
+        #: the store's) and to clear them at an erase: a read that an erase overtook (a refit,
+        #: the warm-up: neither holds the serving lock) never caches the erased history.
+        self._columns_lock = threading.Lock()
         #: Why ``catalog.json`` could not be loaded at open (a damaged file), until a catalog
         #: is installed: "no catalog installed" would send the user looking for a missing one.
         self.catalog_error: str | None = None
@@ -855,7 +859,9 @@ class Daemon:
                 out.append(col)
         columns = np.asarray(out, dtype=np.int64)
         columns.setflags(write=False)
-        self._columns = (catalog, mark, columns)
+        with self._columns_lock:
+            if self.store.history_mark() == mark:  # else the events changed (an erase) since
+                self._columns = (catalog, mark, columns)
         return columns
 
     def recommend(self, k: int | None = None) -> Recommendation:
@@ -1081,7 +1087,8 @@ class Daemon:
             global_model = self._global_model()
             if not self.store.erase():
                 self._scrub_later()
-            self._columns = None  # the erased history's columns leave memory too
+            with self._columns_lock:  # the erased history's columns leave memory too
+                self._columns = None
             # counted once the data is gone (readers of the history do not take the lock):
             # whoever reads the new count reads an erased store, and a refit that read the
             # old count is refused at install (which waits for this lock)
