@@ -399,7 +399,8 @@ def trim_log(log_file: str | Path, max_bytes: int) -> int:
             if size <= max_bytes:
                 return 0
             fh.seek(size - max_bytes // 2)
-            tail = fh.read()
+            # up to the end measured: what is appended from now on is copied below, once
+            tail = fh.read(max_bytes // 2)
             newline = tail.find(b"\n")
             if 0 <= newline < len(tail) - 1:
                 tail = tail[newline + 1 :]

@@ -188,6 +188,52 @@ def test_a_line_the_writer_appends_while_its_log_is_trimmed_is_kept(
     assert trim_log(log, 4000) == 0  # under the limit: untouched
 
 
+def test_a_line_the_writer_appends_before_the_tail_is_read_is_kept_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trim measured the log's end, then read its tail up to the end it found then: a
+    line the writer appended in between was in that tail, and was copied once more after it
+    as an append past the measured end (the log held it twice)."""
+    import shared.io
+
+    log = tmp_path / "supernode.log"
+    log.write_bytes(b"".join(b"old line %04d\n" % i for i in range(1000)))
+    real_open = open
+
+    class WriterAppendsBeforeTheRead:
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.appended = fh, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> WriterAppendsBeforeTheRead:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+        def read(self, *args: Any) -> bytes:
+            if not self.appended:  # the writer's own O_APPEND descriptor, after the seek
+                self.appended = True
+                fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+                os.write(fd, b"written during the trim\n")
+                os.close(fd)
+            return bytes(self.fh.read(*args))
+
+    monkeypatch.setattr(
+        shared.io,
+        "open",
+        lambda *a, **k: WriterAppendsBeforeTheRead(real_open(*a, **k)),
+        raising=False,
+    )
+    dropped = trim_log(log, 4000)
+    kept = log.read_bytes()
+    assert kept.endswith(b"old line 0999\nwritten during the trim\n")
+    assert kept.count(b"written during the trim") == 1
+    assert dropped == 14_000 + len(b"written during the trim\n") - len(kept)
+
+
 def test_a_record_after_a_torn_line_is_not_lost(tmp_path: Path) -> None:
     log = tmp_path / "metrics.jsonl"
     append_line(log, json.dumps({"round": 1}))
