@@ -398,7 +398,15 @@ def stored_config(root: Path, fix: str = NEW_RUN_FIX) -> SimulationConfig | None
     known = field_names(SimulationConfig)
     values = {k: v for k, v in section.items() if k in known and k not in RAY_ONLY}
     values.update({"backend": "inprocess", "device": "auto", "text-model": "", "progress": False})
-    return from_flat(SimulationConfig, values)
+    config = from_flat(SimulationConfig, values)
+    # a setting the run did not record (written before it existed) is what it ran with, not
+    # always today's default (a plain run from before update-clip-median-multiple clipped none)
+    unrecorded = {
+        k: v
+        for k, v in config.unrecorded_defaults().items()
+        if k not in section and k not in values and k not in RAY_ONLY
+    }
+    return from_flat(SimulationConfig, {**values, **unrecorded}) if unrecorded else config
 
 
 @dataclass(frozen=True)

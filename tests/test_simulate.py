@@ -1479,6 +1479,36 @@ def test_a_run_from_before_the_round_caps_resumes_with_any_cap(
         assert isinstance(resumed, _Resumed), (caps, resumed)
 
 
+def test_the_stored_settings_of_a_run_from_before_median_clipping_say_it_ran_without(
+    tmp_path: Path,
+) -> None:
+    """`stored_config` filled a setting the run did not record with today's default: a
+    plain run from before `update-clip-median-multiple` read as clipped at 5, and the
+    federation benchmark's --reuse-runs refused its no-DP references (run, like those runs,
+    with 0) as "run with other update-clip-median-multiple"."""
+    from shared.config import to_flat
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import stored_config
+
+    for name, secagg, ran_with in (("plain", False, 0.0), ("secagg", True, 5.0)):
+        root = tmp_path / name
+        root.mkdir()
+        old = to_flat(SimulationConfig(secagg=secagg, dp=False))
+        for key in ("update-clip-median-multiple", "max-round-steps", "max-round-epsilon"):
+            del old[key]  # as the previous release wrote it
+        (root / "config.json").write_text(json.dumps({"simulation": old}))
+        stored = stored_config(root)
+        assert stored is not None
+        assert stored.update_clip_median_multiple == ran_with, name
+        assert stored.max_round_steps == SimulationConfig.max_round_steps
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    flat = to_flat(SimulationConfig(secagg=False, update_clip_median_multiple=7.0))
+    (recorded / "config.json").write_text(json.dumps({"simulation": flat}))
+    stored = stored_config(recorded)
+    assert stored is not None and stored.update_clip_median_multiple == 7.0
+
+
 class _Terminal(io.StringIO):
     """A stderr that says it is a terminal."""
 
