@@ -25,8 +25,6 @@ from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.federated.round_caps import (
     MAX_ROUND_EPSILON,
     MAX_ROUND_STEPS,
-    ROUND_EPSILON_KEY,
-    ROUND_STEPS_KEY,
     check_round_caps,
 )
 from shared.federated.student_config import StudentTaskConfig, check_client_counts
@@ -107,6 +105,10 @@ RESUMABLE_KEYS = frozenset(
         "checkpoint-keep",
         "progress",
         "export-recs",
+        # gates a client checks before each round, not how it trains: the fix a decline
+        # names is to raise them for the rest of the run
+        "max-round-steps",
+        "max-round-epsilon",
     }
 )
 """Keys a rerun of a run directory may change: how far it trains, how it is evaluated, and
@@ -469,17 +471,14 @@ class SimulationConfig:
         default of 5, a resumed run switched the clipping on half way and recorded 5 for
         all of it. Elsewhere it clips nothing, so any value is what the run ran with.
 
-        ``max-round-steps`` and ``max-round-epsilon``: before them a client trained every
-        round it was asked to, uncapped; compared with their defaults, a run whose rounds
-        take more had every client decline once resumed, and raising the cap, as the
-        decline says, was refused as a change. Any cap is compared as the run's own."""
+        (``max-round-steps`` and ``max-round-epsilon``, added with it, are
+        :data:`RESUMABLE_KEYS`: a rerun may set them, so what a run ran with is not
+        compared.)"""
         defaults = to_flat(SimulationConfig())
         median_clipping = not self.secagg and not self.user_dp and self.update_clip_norm == 0
         defaults["update-clip-median-multiple"] = (
             0.0 if median_clipping else self.update_clip_median_multiple
         )
-        defaults[ROUND_STEPS_KEY] = self.max_round_steps
-        defaults[ROUND_EPSILON_KEY] = self.max_round_epsilon
         return defaults
 
     def split_config(self) -> SplitConfig:

@@ -1108,6 +1108,38 @@ def test_a_resume_on_other_data_is_refused_before_pretraining(
         assert {k: stored["simulation"][k] for k in ran} == (before if refused else ran)
 
 
+def test_a_rerun_may_raise_the_round_caps_a_decline_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client past max-round-epsilon or max-round-steps declines, naming the fix: raise the
+    cap in the run config. A rerun of that run with the cap raised was refused as a run with
+    other settings, so the fix could not be applied to the run it was for."""
+    import simulation.pipeline
+    from shared.config import from_flat, parse_run_config, to_flat
+    from simulation.config import RESUMABLE_KEYS, SimulationConfig
+    from simulation.run_dir import RunDirectory
+
+    def no_encoding(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("encoded")  # the stage after the settings check
+
+    monkeypatch.setattr(simulation.pipeline, "encode_items", no_encoding)
+    keys = "synthetic-users=40 synthetic-items=30"
+    config = from_flat(SimulationConfig, parse_run_config(keys))
+    earlier = RunDirectory(tmp_path / "capped")
+    earlier.claim("simulation", to_flat(config), RESUMABLE_KEYS)
+    (earlier.checkpoints / "round-000001.npz").write_bytes(b"x")
+    earlier.close()
+    raised = f"{keys} max-round-epsilon=20 max-round-steps=5000"
+    args = ["simulate", "--run-dir", str(tmp_path), "--name", "capped", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--run-config", raised])
+    assert "encoded" in str(result.exception), result.output  # past the settings check
+    stored = json.loads((tmp_path / "capped" / "config.json").read_text())["simulation"]
+    assert (stored["max-round-epsilon"], stored["max-round-steps"]) == (20.0, 5000)
+    # a setting that shapes training is still refused
+    result = CliRunner().invoke(app, [*args, "--run-config", f"{keys} local-epochs=3"])
+    assert isinstance(result.exception, ConfigError), result.output
+
+
 def test_a_finished_run_is_not_re_evaluated_on_other_data(tmp_path: Path) -> None:
     """The benchmarks re-evaluating a finished run (``load_finished_run``, also with another
     ``--data-dir``) loaded the data its settings name without comparing it with the content
