@@ -154,7 +154,8 @@ OutputOpt = Annotated[
     typer.Option("--output", "-o", click_type=HOME_PATH, help="Write the JSON report here."),
 ]
 FORMATS = ("table", "json")
-"""What ``--format`` takes: every command that prints a report offers both."""
+"""What ``--format`` takes (the report commands: ``simulate``, ``server status``,
+``evaluate``, ``bandits``; ``data info`` and ``client status`` print JSON only)."""
 
 FormatOpt = Annotated[
     str,
