@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from server.pki import (
     server_names,
 )
 from server.state import (
+    REGISTRY_FORMAT,
     BadPublicKeyError,
     ClientRegistry,
     ServerLayout,
@@ -505,6 +507,27 @@ _KEY, _FINGERPRINT = load_public_key(
     _ssh_line(ec.generate_private_key(ec.SECP256R1())), source="a test key"
 )
 _GOOD_RECORD = {"name": "phone", "public_key": _KEY, "fingerprint": _FINGERPRINT, "added": 1.0}
+
+
+def test_the_registry_is_saved_one_device_per_line(tmp_path: Path) -> None:
+    """`server start` saves clients.json after each registration the SuperLink makes, so a
+    save is paid once per device and grows with the devices: indented JSON (Python's pure
+    encoder) took 37 s of writes to apply 1,000 new devices. Each record is one compact line
+    now (the C encoder: 6 s), read back as it was written."""
+    registry = ClientRegistry(tmp_path / "clients.json")
+    registry.add(_KEY, _FINGERPRINT, "phone")
+    other, fingerprint = load_public_key(
+        _ssh_line(ec.generate_private_key(ec.SECP256R1())), source="key"
+    )
+    registry.add(other, fingerprint, None).node_id = 7
+    registry.save()
+    lines = registry.path.read_text().splitlines()
+    for record in registry.clients:
+        (line,) = [x for x in lines if record.fingerprint in x]
+        assert json.loads(line.strip().rstrip(",")) == asdict(record)
+    assert ClientRegistry.load(registry.path).clients == registry.clients
+    ClientRegistry(registry.path).save()  # none left
+    assert json.loads(registry.path.read_text()) == {"format": REGISTRY_FORMAT, "clients": []}
 
 
 @pytest.mark.parametrize(
