@@ -1240,6 +1240,11 @@ class InProcessGrid(Grid):
     serialized. ``send_and_receive(timeout=...)`` returns what arrived in time; late
     replies are dropped (the client keeps running), like Flower's grids. A ClientApp
     exception becomes an error reply, like Flower's simulation runtime.
+
+    A node's context and lock are made when it first gets a message: a round reaches its
+    cohort, not the population, and a context made up front for every node (each with
+    its own copy of the run config) held 2.3 KB per node, 47 MB for 20,000 nodes and
+    about 380 MB for ml-25m's 162,000 users, for nodes most rounds never reach.
     """
 
     def __init__(
@@ -1253,18 +1258,12 @@ class InProcessGrid(Grid):
     ) -> None:
         self._client_app = client_app
         self._run = Run.create_empty(run_id if run_id is not None else secrets.randbits(63))
-        self._contexts: dict[int, Context] = {}
-        self._locks: dict[int, threading.Lock] = {}
-        for partition in range(num_nodes):
-            node_id = SIMULATED_NODE_ID_BASE + partition
-            self._contexts[node_id] = Context(
-                run_id=self._run.run_id,
-                node_id=node_id,
-                node_config={"partition-id": partition, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=dict(run_config or {}),
-            )
-            self._locks[node_id] = threading.Lock()
+        self._num_nodes = num_nodes
+        self._run_config = dict(run_config or {})
+        self._node_ids = range(SIMULATED_NODE_ID_BASE, SIMULATED_NODE_ID_BASE + num_nodes)
+        # made on a node's first message (node_context), under _nodes_lock
+        self._contexts: dict[int, tuple[Context, threading.Lock]] = {}
+        self._nodes_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="node")
         self._pending: dict[str, Future[Message]] = {}
 
@@ -1290,18 +1289,42 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         """All virtual node ids."""
-        return list(self._contexts)
+        return list(self._node_ids)
 
     def node_context(self, node_id: int) -> Context:
-        """The persistent context of a node (for inspection in tests)."""
-        return self._contexts[node_id]
+        """The persistent context of a node, made on first use (also for inspection in
+        tests); ``KeyError`` for an id that is no node of this grid."""
+        return self._node(node_id)[0]
+
+    def contexts_made(self) -> int:
+        """How many nodes have a context: those that got a message, or were inspected."""
+        return len(self._contexts)
+
+    def _node(self, node_id: int) -> tuple[Context, threading.Lock]:
+        """A node's context and the lock its messages are handled under, one at a time."""
+        if node_id not in self._node_ids:
+            raise KeyError(node_id)
+        with self._nodes_lock:
+            node = self._contexts.get(node_id)
+            if node is None:
+                partition = node_id - SIMULATED_NODE_ID_BASE
+                context = Context(
+                    run_id=self._run.run_id,
+                    node_id=node_id,
+                    node_config={"partition-id": partition, "num-partitions": self._num_nodes},
+                    state=RecordDict(),
+                    run_config=dict(self._run_config),
+                )
+                node = self._contexts[node_id] = (context, threading.Lock())
+            return node
 
     def _deliver(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id
         delivered = copy.deepcopy(message)  # as if serialized over the wire
-        with self._locks[node_id]:
+        context, lock = self._node(node_id)
+        with lock:
             try:
-                reply = self._client_app(delivered, self._contexts[node_id])
+                reply = self._client_app(delivered, context)
             except Exception as exc:
                 reason = f"{type(exc)}:<'{exc}'>"
                 reply = Message(
@@ -1315,7 +1338,7 @@ class InProcessGrid(Grid):
         """Start delivering ``messages``; returns their ids."""
         ids: list[str] = []
         for message in messages:
-            if message.metadata.dst_node_id not in self._contexts:
+            if message.metadata.dst_node_id not in self._node_ids:
                 raise ValueError(f"unknown node id {message.metadata.dst_node_id}")
             message_id = str(uuid.uuid4())
             message.metadata.__dict__["_message_id"] = message_id

@@ -64,8 +64,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import CLIENT_STATE_RECORD, client_id_of, make_client_app
 from server import secagg as secagg_module
+from server import server_app as server_app_module
 from server.secagg import SECAGG_RECORD, SecAggSettings
 from server.server_app import (
+    SIMULATED_NODE_ID_BASE,
+    InProcessGrid,
     ServerConfig,
     SimulationBackend,
     check_ray_reachable,
@@ -1345,6 +1348,48 @@ def test_the_python_api_refuses_a_misspelt_key_as_the_cli_does() -> None:
     (report,) = reports
     assert report.fit.ok == 0 and not report.fit.updated
     assert all("fedrec fit failed: config: " in f for f in report.fit.failures)
+
+
+def test_in_process_nodes_get_a_context_only_once_they_get_a_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every node's context (and its copy of the run config) was made up front: 2.3 KB per
+    node, 47 MB for 20,000 nodes, for nodes most rounds never reach. One is made on a node's
+    first message, and kept for its next ones."""
+    made: list[int] = []
+
+    def counted(**kwargs: Any) -> Context:
+        made.append(kwargs["node_id"])
+        return Context(**kwargs)
+
+    monkeypatch.setattr(server_app_module, "Context", counted)
+
+    def app(message: Message, context: Context) -> Message:
+        records = context.state.config_records
+        count = int(records.get("seen", ConfigRecord({"n": 0}))["n"]) + 1  # type: ignore[arg-type]
+        records["seen"] = ConfigRecord({"n": count})
+        seen = ConfigRecord({"n": count, **context.node_config})
+        return Message(RecordDict({"seen": seen}), reply_to=message)
+
+    grid = InProcessGrid(app, 10_000, run_config={"k": 1}, max_workers=2)  # type: ignore[arg-type]
+    try:
+        node = SIMULATED_NODE_ID_BASE + 7
+        assert len(list(grid.get_node_ids())) == 10_000 and made == []
+        for expected in (1, 2):
+            message = Message(RecordDict(), node, "query", group_id="1")
+            (reply,) = grid.send_and_receive([message])
+            seen = reply.content.config_records["seen"]
+            assert (seen["n"], seen["partition-id"], seen["num-partitions"]) == (
+                expected,
+                7,
+                10_000,
+            )
+        assert made == [node]
+        assert grid.node_context(node).run_config == {"k": 1}
+        with pytest.raises(ValueError, match="unknown node id"):
+            grid.push_messages([Message(RecordDict(), SIMULATED_NODE_ID_BASE + 10_000, "query")])
+    finally:
+        grid.close()
 
 
 def test_run_in_process_judges_keys_by_the_task_the_apps_were_built_with() -> None:
