@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 from fedrec.cli import app
 from shared.errors import ConfigError, DataError
 from shared.eval.metrics import hit_rate_at_k
-from simulation.pipeline import _save_ranks, load_ranks, run_ranks
+from shared.io import write_json_atomic
+from simulation import pipeline
+from simulation.pipeline import ClientEpsilons, _save_ranks, load_ranks, run_ranks
 
 TINY = (
     "synthetic-users=150 synthetic-items=80 teacher-epochs=1 student-epochs=1 eval-size=5 shots=1,3"
@@ -725,6 +727,35 @@ def test_sigterm_stops_a_ray_run_like_ctrl_c(tmp_path: Path) -> None:
     assert "rerun the same command (its options and --run-config" in err
     assert f"with --name t (and --run-dir {tmp_path}) to resume" in err
     _assert_group_ends(proc.pid)
+
+
+def test_each_round_reads_only_the_client_ledgers_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round's line gives the largest and the mean epsilon of every ledger, and every
+    ledger was read and parsed after every round, though a round charges only its cohort:
+    0.76 s a round with 20,000 ledgers. A ledger is read again only once it was rewritten."""
+    reads: list[str] = []
+    ledger_epsilon = pipeline._ledger_epsilon
+
+    def counted(path: Path) -> float | None:
+        reads.append(path.parent.name)
+        return ledger_epsilon(path)
+
+    monkeypatch.setattr(pipeline, "_ledger_epsilon", counted)
+    state = tmp_path / "clients"
+    epsilons = ClientEpsilons(state)
+    assert epsilons.summary() == {"epsilon_record": None, "epsilon_record_mean": None}
+    for client, eps in enumerate((1.0, 2.0, 3.0)):
+        write_json_atomic(state / f"client-{client}" / "ledger.json", {"epsilon": eps})
+    (state / "client-3").mkdir()  # sampled, declined before any ledger was written
+    assert epsilons.summary() == {"epsilon_record": 3.0, "epsilon_record_mean": 2.0}
+    assert sorted(reads) == ["client-0", "client-1", "client-2"]
+    reads.clear()
+    assert epsilons.summary()["epsilon_record"] == 3.0 and reads == []
+    write_json_atomic(state / "client-1" / "ledger.json", {"epsilon": 5.0})  # its next round
+    assert epsilons.summary() == {"epsilon_record": 5.0, "epsilon_record_mean": 3.0}
+    assert reads == ["client-1"]
 
 
 def test_a_round_checkpointed_but_not_logged_is_logged_from_its_checkpoint(
