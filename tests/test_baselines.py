@@ -1,5 +1,9 @@
 """Baselines on hand-checkable data, and the protocol evaluation around them."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -229,6 +233,32 @@ def test_export_recs_ranks_ties_against_the_model_like_the_metrics(tmp_path):
         else:  # not listed: ranked after the top 5 (item 5), or a miss (item 7, NaN)
             assert full + 1 > 6 or not np.isfinite(full)
     assert [p.name for p in tmp_path.iterdir()] == ["recs.csv"]  # no temporary file left
+
+
+def test_export_recs_writes_utf8_whatever_the_locale(tmp_path):
+    """recs.csv is UTF-8 (what the loaders read) under a C / ASCII locale too: written in the
+    locale's encoding, a non-ASCII item id (a generic dataset's "映画") was a
+    UnicodeEncodeError traceback there, and another locale's bytes elsewhere."""
+    out = tmp_path / "recs.csv"
+    script = (
+        "import numpy as np, sys\n"
+        "from shared.data.dataset import build_dataset\n"
+        "from shared.eval.protocol import export_recs\n"
+        # the ids as escapes: the command line itself is decoded with the locale's codec
+        "ids = ['\\u6620\\u753b', '\\xe9', '\\U0001f363']\n"
+        "ds = build_dataset('toy', ['u1', 'u1'], ids[:2], np.array([1, 2]), ids, ['a', 'b', 'c'])\n"
+        "class S:\n"
+        "    n_items = 3\n"
+        "    def score(self, hs):\n"
+        "        return np.tile(np.array([1.0, 3.0, 2.0]), (len(hs), 1))\n"
+        "print(export_recs(S(), ds, {0: np.array([0])}, sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "LANG": "C"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().decode("utf-8").splitlines() == ["user,item,rank", "u1,é,1", "u1,🍣,2"]
 
 
 def test_export_recs_leaves_out_non_finite_scores_so_recs_agree_with_the_metric(tmp_path):

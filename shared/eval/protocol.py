@@ -340,7 +340,9 @@ def export_recs(
     users = sorted(histories)
     rows = 0
     try:
-        with open(fd, "w", newline="") as fh:
+        # UTF-8 whatever the locale: the loaders read UTF-8, and under a C / ASCII locale
+        # (PYTHONUTF8=0 LC_ALL=C) an item id like "映画" was a UnicodeEncodeError traceback
+        with open(fd, "w", encoding="utf-8", newline="") as fh:
             os.fchmod(fd, REPORT_MODE)  # shared like a report, not mkstemp's owner-only
             writer = csv.writer(fh)
             writer.writerow(["user", "item", "rank"])
