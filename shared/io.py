@@ -63,9 +63,25 @@ def home_path(path: str | Path) -> Path:
 def cache_root() -> Path:
     """The root of fedrec's caches (datasets, embeddings, pretrained models):
     ``$FEDREC_CACHE_DIR`` if set to something other than blanks, else ``~/.cache/fedrec``.
-    Read at call time, so tests and CLIs can redirect it through the environment."""
+    Read at call time, so tests and CLIs can redirect it through the environment. Without a
+    home folder (``HOME`` unset and a user the password database does not know, as in a
+    container run as an arbitrary uid or a bare systemd unit) a
+    :class:`~shared.errors.ConfigError` names ``$FEDREC_CACHE_DIR``: pathlib's
+    "RuntimeError: Could not determine home directory" was a traceback."""
+    from shared.errors import ConfigError
+
     env = os.environ.get(CACHE_ROOT_ENV, "").strip()
-    return home_path(env) if env else Path.home() / ".cache" / "fedrec"
+    if env:
+        return home_path(env)
+    try:
+        home = Path.home()
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"no home folder for fedrec's cache (HOME is unset and user id {os.getuid()} has "
+            f"no entry in the password database); set {CACHE_ROOT_ENV} (or HOME) to a "
+            "writable folder"
+        ) from exc
+    return home / ".cache" / "fedrec"
 
 
 def installed_version(name: str) -> str | None:

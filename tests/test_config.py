@@ -542,6 +542,28 @@ def test_a_home_of_no_user_is_a_config_error_not_a_runtime_error(
         cache_root()
 
 
+def test_no_home_folder_names_the_cache_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOME unset for a user the password database does not know (``docker run -u 12345``,
+    a bare systemd unit): ``fedrec simulate`` ended in pathlib's "RuntimeError: Could not
+    determine home directory", a traceback; now an error naming FEDREC_CACHE_DIR."""
+    import pwd
+
+    from shared.data.download import default_cache_dir as datasets
+    from simulation.pretrain import default_cache_root
+
+    def unknown(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("FEDREC_CACHE_DIR", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    for where in (default_cache_root, datasets):
+        with pytest.raises(ConfigError, match=r"HOME is unset.*set FEDREC_CACHE_DIR"):
+            where()
+    monkeypatch.setenv("FEDREC_CACHE_DIR", "/srv/cache")  # the fix it names
+    assert default_cache_root() == Path("/srv/cache")
+
+
 def test_each_run_config_repetition_is_split_on_its_own() -> None:
     """Repetitions of --run-config / --config were joined into one text before shell-style
     splitting, so a quote left open in one swallowed the next: ``a=it's`` then ``b=isn't``
