@@ -28,6 +28,24 @@ checkpoints, whatever the umask."""
 REPORT_MODE = 0o644
 """``mode`` of the reports a user reads and shares (JSON, markdown, schemas)."""
 
+FOLDER_MODE = 0o775
+"""``mode`` of the folders :func:`make_dirs_durable` creates, cut by the umask: never
+writable by other users, also under ``umask 000``, where a 0777 folder let any local user
+delete or replace the owner-only files in it (a client's privacy ledger, a checkpoint).
+The group keeps what the umask gives it (``umask 002``: a team's shared cache or runs)."""
+
+SHARED_FILE_MODE = 0o664
+"""``mode`` of the lock and log files :func:`shared_opener` creates, cut by the umask."""
+
+
+def shared_opener(path: str, flags: int) -> int:
+    """``open(..., opener=shared_opener)``: a file it creates is at most
+    :data:`SHARED_FILE_MODE` (cut by the umask), not Python's 0666: under ``umask 000`` a
+    run's lock, metrics log and ``published.jsonl`` (each model's SHA-256) were writable by
+    every local user."""
+    return os.open(path, flags, SHARED_FILE_MODE)
+
+
 STALE_TEMP_SECONDS = 600.0
 """A temporary file this long untouched is left over from a killed write (a live write's
 is younger: it is written in one go, or continuously)."""
@@ -246,7 +264,7 @@ def exclusive_lock(
     blocked until that holder is done."""
     path = Path(path)
     make_dirs_durable(path.parent)  # what is written beside the lock must survive a crash
-    with open(path, "a+b") as handle:
+    with open(path, "a+b", opener=shared_opener) as handle:
         if cancel is None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         else:
@@ -272,7 +290,7 @@ def try_lock(path: str | Path) -> IO[str] | None:
     path = Path(path)
     for _ in range(100):
         make_dirs_durable(path.parent)
-        handle = open(path, "a+")  # noqa: SIM115 (returned: it holds the lock)
+        handle = open(path, "a+", opener=shared_opener)  # noqa: SIM115 (returned: holds the lock)
         try:
             _flock_past_probes(handle, path)
         except BlockingIOError:
@@ -443,9 +461,10 @@ def _read_from(fh: BinaryIO, offset: int) -> bytes:
     return fh.read()
 
 
-def make_dirs_durable(folder: str | Path, *, mode: int = 0o777) -> None:
-    """``mkdir -p folder`` (``mode`` for ``folder`` itself, cut by the umask), syncing the
-    parent of every folder it creates. Create a folder that durable files go into with this,
+def make_dirs_durable(folder: str | Path, *, mode: int = FOLDER_MODE) -> None:
+    """``mkdir -p folder`` (``mode`` for ``folder`` itself, :data:`FOLDER_MODE` for the
+    parents it creates, both cut by the umask), syncing the parent of every folder it
+    creates. Create a folder that durable files go into with this,
     not ``mkdir``: :func:`write_bytes_atomic` syncs only the folders it creates itself, and
     a folder whose own entry was never synced can vanish in a power loss with every file
     fsynced inside it (a privacy ledger, a checkpoint, a key)."""
@@ -453,7 +472,8 @@ def make_dirs_durable(folder: str | Path, *, mode: int = 0o777) -> None:
     if folder.is_dir():
         return
     missing = [folder, *(p for p in folder.parents if not p.exists())]
-    folder.mkdir(mode=mode, parents=True, exist_ok=True)
+    for created in reversed(missing):  # pathlib's parents=True made the parents 0777
+        created.mkdir(mode=mode if created == folder else FOLDER_MODE, exist_ok=True)
     for created in reversed(missing):
         fsync_dir(created.parent)
 
@@ -467,7 +487,8 @@ def append_line(path: str | Path, line: str) -> None:
     path = Path(path)
     make_dirs_durable(path.parent)
     try:
-        with open(path, "a+b") as fh:  # appends go to the end whatever the read position
+        # appends go to the end whatever the read position
+        with open(path, "a+b", opener=shared_opener) as fh:
             torn = False
             end = fh.seek(0, os.SEEK_END)
             if end > 0:

@@ -458,6 +458,32 @@ def test_the_modes_are_the_documented_ones_whatever_the_umask(tmp_path: Path, um
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
 
 
+def test_nothing_is_writable_by_other_users_under_umask_000(tmp_path: Path) -> None:
+    """Under ``umask 000`` a run's folders (its parents too) came out 0777 and its lock,
+    metrics log and published.jsonl 0666: any local user could delete or replace a client's
+    owner-only privacy ledger, or rewrite the SHA-256 a model is checked against."""
+    from shared.io import exclusive_lock, make_dirs_durable
+
+    run = tmp_path / "runs" / "quick"
+    old = os.umask(0o000)
+    try:
+        make_dirs_durable(run / "clients" / "client-0")
+        held = try_lock(run / ".lock")
+        with exclusive_lock(run / "clients" / "client-0" / ".lock"):
+            append_line(run / "models" / "published.jsonl", "{}")
+    finally:
+        os.umask(old)
+    assert held is not None
+    held.close()
+    modes = {
+        str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")
+    }
+    assert {p for p, m in modes.items() if m & 0o002} == set(), modes
+    # the group keeps what the umask gives it (a team's shared folder under umask 002)
+    assert modes["runs"] == modes["runs/quick/clients/client-0"] == 0o775
+    assert modes["runs/quick/.lock"] == modes["runs/quick/models/published.jsonl"] == 0o664
+
+
 def test_a_device_or_fifo_is_refused_and_a_link_is_written_through(tmp_path: Path) -> None:
     """`--output /dev/null` run as root replaced the system's /dev/null with a JSON file (the
     atomic rename replaces whatever is at the path); a link was replaced by a file."""
