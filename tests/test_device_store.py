@@ -35,6 +35,7 @@ from client.device.identity import (
     derive_passphrase_key,
     existing_identity_files,
     init_identity,
+    read_passphrase_env,
     rotate_key,
 )
 from client.device.sealed import Catalog, SealedModelStore, sealed_name
@@ -738,6 +739,27 @@ def test_passphrase_key_is_derived_and_checked(tmp_path: Path) -> None:
         identity.data_key("wrong horse")
     with pytest.raises(WrongPassphraseError, match="MY_PASS"):
         identity.data_key()
+
+
+def test_a_passphrase_is_its_bytes_whatever_the_locale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon read the passphrase through os.environ, decoded with the locale's codec:
+    a device set up with "päss" under a UTF-8 locale was refused ("does not unlock") when
+    started under a Latin-1 one (LANG=en_US.ISO-8859-1), which spells the same bytes
+    "pÃ¤ss". A device set up under that locale before still opens there."""
+    raw = "päss".encode()
+    init_identity(tmp_path / "utf8", passphrase="päss", passphrase_env="MY_PASS")
+    init_identity(tmp_path / "latin1", passphrase=raw.decode("latin-1"), passphrase_env="MY_PASS")
+    # what a Latin-1 locale's interpreter holds: the bytes, and their Latin-1 spelling
+    monkeypatch.setattr(os, "environb", {b"MY_PASS": raw})
+    monkeypatch.setattr(os, "environ", {"MY_PASS": raw.decode("latin-1")})
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "iso8859-1")
+    passphrase = read_passphrase_env("MY_PASS")
+    for device in ("utf8", "latin1"):
+        assert len(DeviceIdentity.load(tmp_path / device).data_key(passphrase)) == 32
+    with pytest.raises(WrongPassphraseError, match="does not unlock"):
+        DeviceIdentity.load(tmp_path / "utf8").data_key("pass")
 
 
 def test_a_malformed_passphrase_descriptor_is_an_identity_error(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ import secrets
 import shlex
 import shutil
 import stat
+import sys
 import time
 import weakref
 from dataclasses import dataclass, replace
@@ -550,19 +551,33 @@ def derive_passphrase_key(passphrase: str, salt: bytes, params: ScryptParams) ->
 
 
 def read_passphrase_env(var: str) -> str:
-    """The passphrase from environment variable ``var`` (never from the command line)."""
+    """The passphrase from environment variable ``var`` (never from the command line), as
+    the variable's bytes whatever the locale: decoded as UTF-8 (``surrogateescape``), so
+    :func:`derive_passphrase_key` hashes exactly those bytes. ``os.environ`` decodes them
+    with the locale's codec: under a Latin-1 locale (a systemd unit's or an old image's
+    ``LANG``) the UTF-8 passphrase "päss" read as "pÃ¤ss", another key, and a device set up
+    under a UTF-8 locale was refused as "the passphrase does not unlock" there."""
     if not var or not var.replace("_", "").isalnum():
         raise ConfigError(
             f"--passphrase-env takes the *name* of an environment variable (e.g. "
             f"FEDREC_PASSPHRASE), got {var!r}; never put the passphrase itself on the command line"
         )
-    value = os.environ.get(var)
+    value = os.environb.get(os.fsencode(var))
     if not value:
         raise ConfigError(
             f"environment variable {var} is not set or empty; export {var}=<passphrase> before "
             f"running (the passphrase is never read from the command line)"
         )
-    return value
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _locale_spelling(passphrase: str) -> str | None:
+    """How ``os.environ`` spelled ``passphrase`` under this locale, where that differs: the
+    key of a device set up under a Latin-1 locale before :func:`read_passphrase_env` read
+    the variable's bytes was derived from that spelling."""
+    raw = passphrase.encode("utf-8", "surrogateescape")
+    spelled = raw.decode(sys.getfilesystemencoding(), "surrogateescape")
+    return None if spelled == passphrase else spelled
 
 
 # --------------------------------------------------------------------------- files
@@ -957,8 +972,12 @@ class DeviceIdentity:
                 f"environment variable and pass --passphrase-env (e.g. {env})"
             )
         params = ScryptParams(n=int(desc["n"]), r=int(desc["r"]), p=int(desc["p"]))
-        key = derive_passphrase_key(passphrase, base64.b64decode(desc["salt"]), params)
-        if not hmac.compare_digest(key_check_value(key), str(desc.get("check", ""))):
+        salt, check = base64.b64decode(desc["salt"]), str(desc.get("check", ""))
+        key = derive_passphrase_key(passphrase, salt, params)
+        legacy = _locale_spelling(passphrase)
+        if not hmac.compare_digest(key_check_value(key), check) and legacy is not None:
+            key = derive_passphrase_key(legacy, salt, params)  # set up under this locale
+        if not hmac.compare_digest(key_check_value(key), check):
             raise WrongPassphraseError(
                 "the passphrase does not unlock this device's data key (check value mismatch); "
                 "use the passphrase given at `fedrec client init`"
