@@ -472,6 +472,14 @@ def make_dirs_durable(folder: str | Path, *, mode: int = FOLDER_MODE) -> None:
     if folder.is_dir():
         return
     missing = [folder, *(p for p in folder.parents if not p.exists())]
+    for link in (p for p in missing if p.is_symlink()):
+        # a link to a folder not made yet (a volume's mount point): mkdir said "File exists"
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"a link to {os.readlink(link)}, which does not exist; create that folder first, "
+            "or give a path without the link",
+            str(link),
+        )
     for created in reversed(missing):  # pathlib's parents=True made the parents 0777
         created.mkdir(mode=mode if created == folder else FOLDER_MODE, exist_ok=True)
     for created in reversed(missing):

@@ -484,6 +484,20 @@ def test_nothing_is_writable_by_other_users_under_umask_000(tmp_path: Path) -> N
     assert modes["runs/quick/.lock"] == modes["runs/quick/models/published.jsonl"] == 0o664
 
 
+def test_a_folder_through_a_link_to_a_missing_folder_is_named(tmp_path: Path) -> None:
+    """``--state-dir ~/.fedrec`` with ~/.fedrec a link to a volume's folder not made yet
+    was "error: File exists: ~/.fedrec", naming nothing that exists; now the link's target."""
+    from shared.io import make_dirs_durable
+
+    (tmp_path / "state").symlink_to(tmp_path / "volume" / "fedrec")
+    for folder in (tmp_path / "state", tmp_path / "state" / "identity"):
+        with pytest.raises(FileNotFoundError, match=r"a link to .*volume/fedrec, which does not"):
+            make_dirs_durable(folder)
+    (tmp_path / "volume" / "fedrec").mkdir(parents=True)
+    make_dirs_durable(tmp_path / "state" / "identity")  # through the link, once it leads somewhere
+    assert (tmp_path / "volume" / "fedrec" / "identity").is_dir()
+
+
 def test_a_device_or_fifo_is_refused_and_a_link_is_written_through(tmp_path: Path) -> None:
     """`--output /dev/null` run as root replaced the system's /dev/null with a JSON file (the
     atomic rename replaces whatever is at the path); a link was replaced by a file."""
