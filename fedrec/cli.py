@@ -50,12 +50,31 @@ def _open_closed_std_fds() -> None:
             os.open(os.devnull, os.O_RDWR)
 
 
+def _refuse_a_removed_working_folder() -> None:
+    """Exit 2 with one line when the current folder was removed after the shell entered it
+    (``cd`` into a folder another process then deleted). Importing torch there aborted the
+    process with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so" (``simulate``,
+    ``evaluate``, the device daemon), and a relative path given ended in a traceback from
+    ``os.getcwd``."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        print(
+            "error: the current folder no longer exists (removed after the shell entered it); "
+            "cd to an existing folder and run the command again",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main() -> None:
     """Entry point: user errors, paths that cannot be used and a full disk (also under the
     redirected output) become one line on stderr and exit code 2; Ctrl-C, where a command
     does not handle it itself, "aborted" and 130, also while the commands are imported.
-    Closed standard descriptors are opened on ``/dev/null`` first."""
+    Closed standard descriptors are opened on ``/dev/null`` first, and a current folder
+    that was removed is refused (:func:`_refuse_a_removed_working_folder`)."""
     _open_closed_std_fds()
+    _refuse_a_removed_working_folder()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
         signal.signal(signal.SIGINT, _note_interrupt)
     try:

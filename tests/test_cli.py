@@ -511,6 +511,33 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback() -> None:
     assert proc.stderr == "error: No space left on device; free space on that disk and retry\n"
 
 
+def test_a_removed_current_folder_is_one_line(tmp_path: Path) -> None:
+    """`cd` into a folder that is then deleted: `fedrec simulate` aborted in torch's import
+    ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so") and `evaluate baselines
+    --export recs.csv` ended in a traceback from os.getcwd; now one line saying to cd."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+
+    def enter_and_remove() -> None:
+        os.chdir(gone)
+        os.rmdir(gone)
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", "simulate", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        preexec_fn=enter_and_remove,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "error: the current folder no longer exists (removed after the shell entered it); "
+        "cd to an existing folder and run the command again\n"
+    )
+
+
 def test_closed_standard_descriptors_are_opened_on_dev_null(tmp_path: Path) -> None:
     """`fedrec ... >&-`: the first file the command opened (the device store, a key) took
     number 1, so what the SuperNode child or a library wrote to standard output went into it."""
