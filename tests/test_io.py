@@ -142,50 +142,68 @@ def test_a_folder_made_before_its_first_file_is_durable_too(
     assert not unsynced, f"made but never synced in their parents: {unsynced}"
 
 
-def test_a_line_the_writer_appends_while_its_log_is_trimmed_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The trim copies the log's newest half to its front, then cuts the file: a line the
-    SuperNode (or the SuperLink) appended in between, past the old end, was cut with it."""
+LINE_DURING_TRIM = b"written during the trim\n"
+
+
+def _trim_with_a_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str
+) -> tuple[bytes, int]:
+    """Trim a 14,000-byte log to 4,000 while its writer appends :data:`LINE_DURING_TRIM`
+    through its own ``O_APPEND`` descriptor just before the trim's first ``before`` call
+    (``"read"``: before the tail is read; ``"write"``: while it is copied to the front);
+    returns the log's bytes after it and what :func:`trim_log` said it dropped."""
     import shared.io
 
     log = tmp_path / "supernode.log"
-    log.write_bytes(b"".join(b"old line %04d\n" % i for i in range(1000)))  # 14,000 bytes
+    log.write_bytes(b"".join(b"old line %04d\n" % i for i in range(1000)))
     real_open = open
 
-    class WriterAppendsDuringTheCopy:
+    class WriterAppends:
         def __init__(self, fh: Any) -> None:
             self.fh, self.appended = fh, False
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.fh, name)
 
-        def __enter__(self) -> WriterAppendsDuringTheCopy:
+        def __enter__(self) -> WriterAppends:
             return self
 
         def __exit__(self, *exc: object) -> None:
             self.fh.close()
 
-        def write(self, data: bytes) -> int:
-            if not self.appended:  # the writer's own O_APPEND descriptor, mid-copy
+        def _append_once(self) -> None:
+            if not self.appended:
                 self.appended = True
                 fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-                os.write(fd, b"written during the trim\n")
+                os.write(fd, LINE_DURING_TRIM)
                 os.close(fd)
+
+        def read(self, *args: Any) -> bytes:
+            if before == "read":
+                self._append_once()
+            return bytes(self.fh.read(*args))
+
+        def write(self, data: bytes) -> int:
+            if before == "write":
+                self._append_once()
             return int(self.fh.write(data))
 
-    monkeypatch.setattr(
-        shared.io,
-        "open",
-        lambda *a, **k: WriterAppendsDuringTheCopy(real_open(*a, **k)),
-        raising=False,
-    )
+    opener = lambda *a, **k: WriterAppends(real_open(*a, **k))  # noqa: E731
+    monkeypatch.setattr(shared.io, "open", opener, raising=False)
     dropped = trim_log(log, 4000)
-    kept = log.read_bytes()
-    assert kept.endswith(b"old line 0999\nwritten during the trim\n")
+    return log.read_bytes(), dropped
+
+
+def test_a_line_the_writer_appends_while_its_log_is_trimmed_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trim copies the log's newest half to its front, then cuts the file: a line the
+    SuperNode (or the SuperLink) appended in between, past the old end, was cut with it."""
+    kept, dropped = _trim_with_a_writer(tmp_path, monkeypatch, "write")
+    assert kept.endswith(b"old line 0999\n" + LINE_DURING_TRIM)
     assert kept.startswith(b"old line ") and len(kept) <= 4000
-    assert dropped == 14_000 + len(b"written during the trim\n") - len(kept)
-    assert trim_log(log, 4000) == 0  # under the limit: untouched
+    assert dropped == 14_000 + len(LINE_DURING_TRIM) - len(kept)
+    assert trim_log(tmp_path / "supernode.log", 4000) == 0  # under the limit: untouched
 
 
 def test_a_line_the_writer_appends_before_the_tail_is_read_is_kept_once(
@@ -194,44 +212,10 @@ def test_a_line_the_writer_appends_before_the_tail_is_read_is_kept_once(
     """The trim measured the log's end, then read its tail up to the end it found then: a
     line the writer appended in between was in that tail, and was copied once more after it
     as an append past the measured end (the log held it twice)."""
-    import shared.io
-
-    log = tmp_path / "supernode.log"
-    log.write_bytes(b"".join(b"old line %04d\n" % i for i in range(1000)))
-    real_open = open
-
-    class WriterAppendsBeforeTheRead:
-        def __init__(self, fh: Any) -> None:
-            self.fh, self.appended = fh, False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.fh, name)
-
-        def __enter__(self) -> WriterAppendsBeforeTheRead:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.fh.close()
-
-        def read(self, *args: Any) -> bytes:
-            if not self.appended:  # the writer's own O_APPEND descriptor, after the seek
-                self.appended = True
-                fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-                os.write(fd, b"written during the trim\n")
-                os.close(fd)
-            return bytes(self.fh.read(*args))
-
-    monkeypatch.setattr(
-        shared.io,
-        "open",
-        lambda *a, **k: WriterAppendsBeforeTheRead(real_open(*a, **k)),
-        raising=False,
-    )
-    dropped = trim_log(log, 4000)
-    kept = log.read_bytes()
-    assert kept.endswith(b"old line 0999\nwritten during the trim\n")
-    assert kept.count(b"written during the trim") == 1
-    assert dropped == 14_000 + len(b"written during the trim\n") - len(kept)
+    kept, dropped = _trim_with_a_writer(tmp_path, monkeypatch, "read")
+    assert kept.endswith(b"old line 0999\n" + LINE_DURING_TRIM)
+    assert kept.count(LINE_DURING_TRIM) == 1
+    assert dropped == 14_000 + len(LINE_DURING_TRIM) - len(kept)
 
 
 def test_a_record_after_a_torn_line_is_not_lost(tmp_path: Path) -> None:
