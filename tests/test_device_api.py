@@ -2422,6 +2422,32 @@ def test_history_maps_items_through_the_catalog_it_is_scored_with(device: Device
     assert device.daemon.history(reversed_catalog) == [N_ITEMS - 1 - 3, N_ITEMS - 1 - 7]
 
 
+def test_a_refits_own_catalog_keeps_the_served_history_columns(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit reads the history through a catalog it builds from the bundle (the installed
+    one's ids, another object): that evicted the cached columns, and the next recommendation
+    mapped the whole history again."""
+    device.client.post("/events", json={"events": [ev(ITEM[i]) for i in range(4)]})
+    daemon = device.daemon
+    assert daemon.catalog is not None
+    assert daemon.history() == [0, 1, 2, 3]
+    mapped: list[str] = []
+    real_dense = Catalog.dense
+
+    def dense(catalog: Catalog, item_id: str) -> int | None:
+        mapped.append(item_id)
+        return real_dense(catalog, item_id)
+
+    monkeypatch.setattr(Catalog, "dense", dense)
+    refits = Catalog(tuple(daemon.catalog.item_ids))
+    assert daemon.history(refits) == [0, 1, 2, 3]
+    assert device.client.get("/recommendations?k=5").status_code == 200
+    assert mapped == []
+    assert daemon.history(Catalog(tuple(reversed(ITEM)))) == [N_ITEMS - 1 - i for i in range(4)]
+    assert len(mapped) == 4  # another catalog's columns are mapped anew
+
+
 def test_recommendations_read_the_history_from_memory_and_see_every_write(
     device: Device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -845,10 +845,17 @@ class Daemon:
 
     def _history_columns(self, catalog: Catalog) -> IntArray:
         """:meth:`history` as a read-only array, mapped again only once the events changed
-        (:meth:`DeviceStore.history_mark`) or for another catalog: a request reads it as is."""
+        (:meth:`DeviceStore.history_mark`) or for another catalog: a request reads it as is.
+        Catalogs are told apart by their item ids, not by object: a refit builds its own from
+        the bundle, with the installed one's ids, and compared as objects it evicted the
+        served history's columns, so the next request mapped the whole history again."""
         mark = self.store.history_mark()  # before the events: a write in between maps again
         mapped = self._columns
-        if mapped is not None and mapped[0] is catalog and mapped[1] == mark:
+        if (
+            mapped is not None
+            and mapped[1] == mark
+            and (mapped[0] is catalog or mapped[0].item_ids == catalog.item_ids)
+        ):
             return mapped[2]
         out = []
         for event in self.store.events():
