@@ -259,6 +259,8 @@ def test_the_throughput_checks_read_the_unrounded_figures(
 
     def server_app(run_config: Any, reports: list[Any], call_log: Any) -> None:
         seen.update(reports=reports, secagg=run_config["secagg"])
+        # plain rounds timed without the default median-norm clipping, as the results were
+        assert run_config["update-clip-median-multiple"] == 0.0
 
     def run_in_process(server: Any, client: Any, cohort: int, **_: Any) -> None:
         fit = SimpleNamespace(ok=cohort, declined=0, failed=0, client_metrics={})
