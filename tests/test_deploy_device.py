@@ -361,6 +361,9 @@ def test_the_client_app_opens_the_store_with_the_passphrase_variable_the_daemon_
         spec = supernode_spec(daemon.layout, options)
     node_config = spec.argv[list(spec.argv).index("--node-config") + 1]
     assert "fedrec-passphrase-env='START_PASS'" in node_config
+    # the SuperNode (and its ClientApps) run in the device folder, not the daemon's start
+    # folder, which may be removed while the daemon runs
+    assert spec.cwd == str(state.resolve())
     node = {
         "fedrec-device-dir": str(state),
         "fedrec-bundle": str(bundle),

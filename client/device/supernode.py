@@ -208,6 +208,9 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
         name="supernode",
         argv=argv,
         env=env,
+        # not wherever the daemon was started: a folder removed meanwhile (a deploy's old
+        # release) made every restarted SuperNode's ClientApp abort in torch's import
+        cwd=str(state_dir),
         restart=True,
         max_restarts=1_000_000,
         backoff_s=2.0,
