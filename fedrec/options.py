@@ -154,8 +154,9 @@ OutputOpt = Annotated[
     typer.Option("--output", "-o", click_type=HOME_PATH, help="Write the JSON report here."),
 ]
 FORMATS = ("table", "json")
-"""What ``--format`` takes (the report commands: ``simulate``, ``server status``,
-``evaluate``, ``bandits``; ``data info`` and ``client status`` print JSON only)."""
+"""What ``--format`` takes: every command that prints a report offers both, ``table`` by
+default (``simulate``, ``server status``, ``evaluate``, ``bandits``, ``data info``,
+``client status``)."""
 
 FormatOpt = Annotated[
     str,
@@ -168,6 +169,41 @@ FormatOpt = Annotated[
 JsonAliasOpt = Annotated[
     bool, typer.Option("--json", hidden=True, help="The same as --format json (older spelling).")
 ]
+
+
+def field_lines(record: Mapping[str, Any], indent: str = "") -> list[str]:
+    """``record`` (a JSON object) for people: one ``name: value`` line per field, in its
+    order, names with spaces for underscores and values aligned; a nested object is an
+    indented block under its name, a list of objects one block each (titled by its
+    ``name`` where it has one), ``null`` is ``-``. Every field is shown, also one this
+    version does not know (a device daemon of another version answers ``client status``)."""
+    lines: list[str] = []
+    width = max((len(str(key)) for key in record), default=0) + 1
+    for key, value in record.items():
+        label = f"{indent}{str(key).replace('_', ' ') + ':':<{width}}"
+        if isinstance(value, Mapping):
+            lines += [label.rstrip(), *field_lines(value, indent + "  ")]
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            lines.append(label.rstrip())
+            for number, item in enumerate(value, 1):
+                title = item.get("name", f"#{number}")
+                rest = {k: v for k, v in item.items() if k != "name" or title != v}
+                lines += [f"{indent}  {title}", *field_lines(rest, indent + "    ")]
+        elif isinstance(value, list):
+            lines.append(f"{label} {', '.join(_field_text(v) for v in value) or '-'}")
+        else:
+            lines.append(f"{label} {_field_text(value)}")
+    return lines
+
+
+def _field_text(value: object) -> str:
+    """One value of :func:`field_lines`: ``-`` for ``null``, ``true``/``false`` as in the
+    JSON, anything else as ``str`` writes it."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def explicit_options(ctx: typer.Context, names: dict[str, str]) -> dict[str, object]:

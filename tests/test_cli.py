@@ -63,13 +63,74 @@ def test_every_report_command_takes_format_table_or_json_and_refuses_others() ->
     """One spelling for machine-readable output everywhere (``simulate`` and ``server status``
     took ``--json``, which stays as a hidden alias), checked before any work starts."""
     commands = _commands_with("--format")
-    for expected in (["simulate"], ["server", "status"], ["evaluate", "model"]):
-        assert expected in commands
+    expected = [["simulate"], ["server", "status"], ["evaluate", "model"], ["data", "info"]]
+    for path in [*expected, ["client", "status"]]:  # the last two printed JSON only
+        assert path in commands
     assert sorted(_commands_with("--json")) == [["server", "status"], ["simulate"]]
     for path in commands:
         result = runner.invoke(app, [*path, "--format", "xml"])
         assert result.exit_code == 2, (path, result.output)
         assert "'xml' is not one of 'table', 'json'" in result.output, path
+
+
+def test_every_report_command_prints_a_table_by_default() -> None:
+    """The same default everywhere: ``table`` (``data info`` and ``client status`` printed
+    JSON whatever was asked, the others a table)."""
+    import click
+    import typer
+
+    root = typer.main.get_command(app)
+    for path in _commands_with("--format"):
+        command: click.Command = root
+        for name in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[name]
+        (option,) = (p for p in command.params if "--format" in p.opts)
+        assert option.default == "table", path
+
+
+def test_data_info_prints_a_table_or_the_same_json_as_before() -> None:
+    """``data info`` for people by default (its summary and its cleaning report's lines);
+    ``--format json`` is the JSON it printed before, key for key."""
+    table = runner.invoke(app, ["data", "info"])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("synthetic: 1000 users, 600 items, ")
+    assert "read " in lines[1] and "no filters applied (generated data)" in table.stdout
+    assert "{" not in table.stdout
+    result = runner.invoke(app, ["data", "info", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert list(out) == ["summary", "cleaning"] and out["summary"]["users"] == 1000
+    assert result.stdout == json.dumps(out, indent=2) + "\n"
+
+
+def test_field_lines_show_every_field_of_a_json_object() -> None:
+    """``client status``'s table: each field, nested objects and lists of named objects as
+    indented blocks, ``null`` as ``-``, a field this version does not know included."""
+    from fedrec.options import field_lines
+
+    body = {
+        "model_version": None,
+        "rounds_joined": 2,
+        "privacy": {"epsilon_spent": 0.5, "error": None},
+        "processes": [{"name": "supernode", "running": True, "restarts": 0}],
+        "tags": ["a", "b"],
+        "new_field": "x",
+    }
+    assert field_lines(body) == [
+        "model version: -",
+        "rounds joined: 2",
+        "privacy:",
+        "  epsilon spent: 0.5",
+        "  error:         -",
+        "processes:",
+        "  supernode",
+        "    running:  true",
+        "    restarts: 0",
+        "tags:          a, b",
+        "new field:     x",
+    ]
 
 
 def _fedrec(*args: str) -> subprocess.CompletedProcess[str]:
@@ -412,7 +473,7 @@ def test_flags_are_named_in_their_own_errors(
     # the synthetic world is the synthetic world in any case ('Synthetic' refused --seed)
     typed = runner.invoke(app, ["data", "info", "--dataset", "Synthetic", "--seed", "3"])
     assert typed.exit_code == 0, typed.output
-    assert '"name": "synthetic"' in typed.output
+    assert typed.output.startswith("synthetic: ")
 
 
 def test_the_api_names_why_it_cannot_listen(tmp_path: Path) -> None:
@@ -835,7 +896,7 @@ def test_data_info_refuses_loading_options_for_the_generated_world(tmp_path: Pat
         result = runner.invoke(app, ["data", "info", *extra])
         assert result.exit_code != 0
         assert "add --dataset (e.g. ml-100k)" in str(result.exception)
-    plain = runner.invoke(app, ["data", "info"])
+    plain = runner.invoke(app, ["data", "info", "--format", "json"])
     assert plain.exit_code == 0 and json.loads(plain.stdout)["summary"]["name"] == "synthetic"
 
 

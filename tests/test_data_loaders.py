@@ -595,7 +595,7 @@ def test_everything_filtered_is_an_error(tmp_path: Path) -> None:
     # the hint's command works as written (without --dataset it meant the synthetic world)
     hint = re.search(r"`fedrec (data info .*) --min-user-interactions N` shows", str(err.value))
     assert hint is not None, str(err.value)
-    args = [*shlex.split(hint.group(1)), "--min-user-interactions", "1"]
+    args = [*shlex.split(hint.group(1)), "--min-user-interactions", "1", "--format", "json"]
     result = CliRunner().invoke(fedrec_app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["summary"]["interactions"] == 2  # what 1 would keep

@@ -315,9 +315,14 @@ def test_a_daemon_killed_by_sigkill_is_reported_as_not_running_and_the_next_star
         assert daemon.poll() is None
         api = running_api(device)
         assert api.pid == daemon.pid
-        status = runner.invoke(fedrec_app, ["client", "status", "--state-dir", str(device)])
+        asked = ["client", "status", "--state-dir", str(device)]
+        status = runner.invoke(fedrec_app, [*asked, "--format", "json"])
         assert status.exit_code == 0, status.output
         assert json.loads(status.stdout)["events"] == 0
+        table = runner.invoke(fedrec_app, asked)  # the default: for people, every field
+        assert table.exit_code == 0, table.output
+        assert table.stdout.startswith(f"device {device}\n")
+        assert "  events: " in table.stdout and "  privacy:\n    epsilon spent:" in table.stdout
         daemon.send_signal(signal.SIGKILL)
         assert daemon.wait(timeout=30) == -signal.SIGKILL
     finally:

@@ -15,8 +15,10 @@ from fedrec.device_settings import DAEMON_SETTINGS_HELP, NOT_FLAGS
 from fedrec.options import (
     HOME_PATH,
     NON_EMPTY_PATH,
+    FormatOpt,
     config_flag_names,
     explicit_options,
+    field_lines,
     kebab_run_config,
     with_config_flags,
 )
@@ -496,8 +498,10 @@ def status(
             "--timeout", min=0.1, max=MAX_WAIT_S, help="Seconds to wait for the daemon's answer."
         ),
     ] = 30.0,
+    fmt: FormatOpt = "table",
 ) -> None:
-    """Print the running daemon's GET /status (JSON), found through STATE_DIR/api.json.
+    """Print the running daemon's GET /status, found through STATE_DIR/api.json (--format
+    json: its JSON as the API answered it).
 
     Refused (exit 2, saying so) when no daemon runs on STATE_DIR, also when api.json is
     left over from a daemon that was killed (SIGKILL): the file counts only while its
@@ -533,7 +537,10 @@ def status(
             f"the daemon on {state_dir} (pid {api.pid}) does not answer at {api.url} "
             f"({reason}); it may be stopping: retry, or see its log"
         ) from None
-    typer.echo(json.dumps(body, indent=2))
+    if fmt == "json" or not isinstance(body, dict):
+        typer.echo(json.dumps(body, indent=2))
+        return
+    typer.echo("\n".join([f"device {state_dir}", *field_lines(body, "  ")]))
 
 
 @app.command("install-model")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedrec.options import DataDirOpt, DatasetOpt, explicit_options
+from fedrec.options import DataDirOpt, DatasetOpt, FormatOpt, explicit_options
 from shared.data.cleaning import DEFAULT_MIN_USER_INTERACTIONS, check_min_user_interactions
 from shared.data.registry import dataset_key, load_dataset_with_report
 from shared.errors import ConfigError
@@ -35,6 +35,7 @@ def info(
             show_default=False,
         ),
     ] = None,
+    fmt: FormatOpt = "table",
 ) -> None:
     """Load a dataset, apply the documented filters, print its summary and what was dropped."""
     dataset = dataset_key(dataset)  # 'Synthetic' is the synthetic world too
@@ -54,5 +55,14 @@ def info(
     loaded = load_dataset_with_report(
         dataset, data_dir, synthetic_seed=seed, min_user_interactions=min_user_interactions
     )
-    out = {"summary": loaded.dataset.summary(), "cleaning": loaded.report.as_dict()}
-    typer.echo(json.dumps(out, indent=2))
+    summary = loaded.dataset.summary()
+    if fmt == "json":
+        out = {"summary": summary, "cleaning": loaded.report.as_dict()}
+        typer.echo(json.dumps(out, indent=2))
+        return
+    head = (
+        f"{summary['name']}: {summary['users']} users, {summary['items']} items, "
+        f"{summary['interactions']} interactions (density {summary['density']:.4g}, median "
+        f"{summary['median_seq_len']:g} interactions a user)"
+    )
+    typer.echo("\n".join([head, *loaded.report.lines()]))
