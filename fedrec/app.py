@@ -3,14 +3,93 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from fedrec.commands import bandits, client, data, evaluate, server, simulate
 
+
+class OutputClosed(Exception):
+    """The reader of standard output (or error) went away while a command wrote to it:
+    ``fedrec data info | head -1``. Not an :class:`OSError`, so that Click's own handler
+    (exit status 1) lets it through to :func:`fedrec.cli.main`."""
+
+
+def _stream_closed(fd: int) -> bool:
+    """Whether ``fd`` is a pipe or socket whose reader has gone (``poll`` reports an
+    error or a hang-up on it). Without ``poll`` (Windows), any broken pipe counts."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except OSError:
+        return False
+
+
+def _closed_output(err: OSError) -> bool:
+    """``err`` is a broken pipe and standard output or error is the pipe that broke (another
+    broken pipe, a socket or a child's stdin, stays an error of the command)."""
+    return err.errno == errno.EPIPE and any(_stream_closed(fd) for fd in (1, 2))
+
+
+@contextlib.contextmanager
+def _reader_gone() -> Iterator[None]:
+    """Raise :class:`OutputClosed` for a write to a standard stream whose reader went away:
+    the broken pipe itself, or the ``SystemExit(1)`` Rich turns it into (its tables and
+    Typer's ``--help`` print through Rich, which also points standard output at
+    ``/dev/null`` first)."""
+    try:
+        yield
+    except OSError as err:
+        if _closed_output(err):
+            raise OutputClosed from err
+        raise
+    except SystemExit as exit_:
+        if exit_.code == 1 and isinstance(exit_.__context__, BrokenPipeError):
+            raise OutputClosed from exit_.__context__
+        raise
+
+
+class _RootGroup(TyperGroup):
+    """The root command, turning a write to a standard stream whose reader went away into
+    :class:`OutputClosed` (:func:`_reader_gone`): while the command line and ``--help`` are
+    read (:meth:`make_context`) and while a command runs (:meth:`invoke`, also the
+    sub-commands' ``--help``). Click, Typer and Rich exited 1 on it (``fedrec server status
+    | head -1`` "failed" under ``set -o pipefail``)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _reader_gone():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _reader_gone():
+            result = super().invoke(ctx)
+            if sys.stdout is not None:  # what is still buffered breaks here, not at the exit
+                sys.stdout.flush()
+            return result
+
+
 app = typer.Typer(
     name="fedrec",
+    cls=_RootGroup,
     help="Federated, privacy-preserving, few-shot recommender.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -67,10 +67,30 @@ def _refuse_a_removed_working_folder() -> None:
         sys.exit(2)
 
 
+CLOSED_OUTPUT_STATUS = 141
+"""The exit status when the reader of the output went away (``fedrec ... | head -1``):
+128 + SIGPIPE, what the shell reports for ``cat``, ``grep`` or ``git`` there, so that ``set -o
+pipefail`` treats ``fedrec`` like them. Exited with, not killed by the signal, so that
+Python's own cleanup (``atexit``, logging) still runs."""
+
+
+def _quit_closed_output() -> None:
+    """Exit :data:`CLOSED_OUTPUT_STATUS`, silently: the reader of the output went away, so
+    nothing is left to tell. Standard output and error are pointed at ``/dev/null`` first:
+    Python flushes them at exit, and the broken pipe would then print "Exception ignored
+    ... BrokenPipeError" and exit 120."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    sys.exit(CLOSED_OUTPUT_STATUS)
+
+
 def main() -> None:
     """Entry point: user errors, paths that cannot be used and a full disk (also under the
     redirected output) become one line on stderr and exit code 2; Ctrl-C, where a command
-    does not handle it itself, "aborted" and 130, also while the commands are imported.
+    does not handle it itself, "aborted" and 130, also while the commands are imported;
+    output whose reader went away (``| head -1``) a silent exit, status 141.
     Closed standard descriptors are opened on ``/dev/null`` first, and a current folder
     that was removed is refused (:func:`_refuse_a_removed_working_folder`)."""
     _open_closed_std_fds()
@@ -91,7 +111,7 @@ def _run() -> None:
     import click
     import typer
 
-    from fedrec.app import app
+    from fedrec.app import OutputClosed, app
     from fedrec.options import colored
     from shared.config import is_int
     from shared.errors import FedRecError
@@ -99,6 +119,8 @@ def _run() -> None:
 
     try:
         code = app(standalone_mode=False)
+    except OutputClosed:
+        _quit_closed_output()
     except FedRecError as err:
         colored(f"error: {err}", "red")
         sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from typer.testing import CliRunner
@@ -506,6 +508,53 @@ def _bind_error(state: Path, config: Any) -> str:
         except ConfigError as exc:
             return str(exc)
     raise AssertionError(f"bound {config.host}:{config.port}")
+
+
+def _fedrec_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fedrec ARGS | head -0``: its standard output is a pipe whose reader has gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "fedrec.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["data", "info", "--format", "json"], ["--help"]],
+    ids=["click-echo", "rich"],
+)
+def test_output_whose_reader_went_away_ends_quietly_with_status_141(args: list[str]) -> None:
+    """``fedrec data info | head -1``: Click (its echo) and Rich (tables, ``--help``) exited 1
+    when the reader closed the pipe, a failure under ``set -o pipefail``. It now ends as
+    ``cat`` or ``git`` do there, 128 + SIGPIPE, and says nothing (no traceback, no
+    "Exception ignored ... BrokenPipeError" from the flush at exit)."""
+    from fedrec.cli import CLOSED_OUTPUT_STATUS
+
+    proc = _fedrec_into_a_closed_pipe(*args)
+    assert proc.returncode == CLOSED_OUTPUT_STATUS == 141, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_the_output_stays_an_error() -> None:
+    """Only a standard stream whose reader went away ends a command quietly: a broken pipe
+    to a child process or a socket, with the output still open, is the command's error."""
+    from fedrec.app import OutputClosed, _reader_gone
+
+    with pytest.raises(BrokenPipeError), _reader_gone():
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    with pytest.raises(SystemExit), _reader_gone():  # an exit of its own, not Rich's
+        raise SystemExit(1)
+    closed = mock.patch("fedrec.app._stream_closed", return_value=True)
+    with pytest.raises(OutputClosed), closed, _reader_gone():
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
 def _main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
