@@ -63,6 +63,17 @@ CACHE_TOUCH_SECONDS = 24 * 3600.0
 is this old, so a file that is only read is not taken for an idle one."""
 
 
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def readable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` to show to people: each byte the locale could not decode (Python keeps it
+    as a lone surrogate, ``\\udcff`` for byte 0xff) written ``\\xff``, the rest as it is.
+    Printed as it was, such a name became ``?`` under the C locale or raw invalid bytes
+    under UTF-8, and a strict output encoding fails on it."""
+    return _UNDECODED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", os.fspath(path))
+
+
 def home_path(path: str | Path) -> Path:
     """``path`` with a leading ``~`` (or ``~user``) as that home folder. A ``~user`` that
     names no user is a :class:`~shared.errors.ConfigError` (``Path.expanduser`` raised a

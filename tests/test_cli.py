@@ -1937,3 +1937,23 @@ def _brace_expanded(text: str) -> list[str]:
     return [
         path for alt in match.group(1).split(",") for path in _brace_expanded(head + alt + tail)
     ]
+
+
+def test_data_info_shows_a_path_the_locale_cannot_decode_readably(tmp_path: Path) -> None:
+    """A data folder whose name is not valid in the locale's encoding (byte 0xff, e.g.
+    under ``LC_ALL=C``): Python holds that byte as a lone surrogate, which ``data info``
+    printed as ``?`` (C locale) or as the raw invalid byte (UTF-8). It shows ``\\xff``."""
+    from tests.test_data_loaders import ml100k_dir
+
+    try:
+        folder = ml100k_dir(tmp_path / os.fsdecode(b"caf\xff"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    args = ["data", "info", "-d", "ml-100k", "--data-dir", str(folder)]
+    table = runner.invoke(app, [*args, "--min-user-interactions", "1"])
+    assert table.exit_code == 0, table.output
+    assert f"from {tmp_path}/caf\\xff/u.data" in table.stdout
+    assert not re.search("[\udc80-\udcff]", table.stdout)
+    report = runner.invoke(app, [*args, "--min-user-interactions", "1", "--format", "json"])
+    source = json.loads(report.stdout)["cleaning"]["source"]  # the path itself, for programs
+    assert os.fsencode(source) == os.fsencode(folder / "u.data")

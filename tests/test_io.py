@@ -609,3 +609,14 @@ def test_a_failed_write_closes_its_temporary_file(tmp_path: Path, monkeypatch) -
             write_bytes_atomic(tmp_path / "ledger.json", b"{}")
     assert len(os.listdir("/proc/self/fd")) == before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readable_path_writes_undecodable_bytes_as_escapes() -> None:
+    """Bytes the locale could not decode (lone surrogates in Python's str) read ``\\xff``;
+    every other character, ASCII or not, is left as it is."""
+    from shared.io import readable_path
+
+    # undecodable under UTF-8 (the escape); a Latin-1 locale decodes it (ÿ)
+    assert readable_path(os.fsdecode(b"/d/caf\xff")) in ("/d/caf\\xff", "/d/caf\xff")
+    assert readable_path("/d/caf\udcc3\udca9 é") == "/d/caf\\xc3\\xa9 é"
+    assert readable_path(Path("plain")) == "plain"

@@ -41,6 +41,7 @@ import numpy.typing as npt
 from shared.config import is_int
 from shared.data.dataset import IntArray, RecDataset, build_dataset
 from shared.errors import ConfigError, DataError, DatasetNotFoundError
+from shared.io import readable_path
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class CleaningReport:
         """Human-readable summary, one line per filter."""
         head = (
             f"{self.dataset}: read {self.rows_read} interactions of {self.users_read} users "
-            f"from {self.source}"
+            f"from {readable_path(self.source)}"
         )
         kept = (
             f"  kept {self.users} users, {self.items} items ({self.cold_items} cold: never "
