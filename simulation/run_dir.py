@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -34,9 +35,11 @@ from shared.config import is_int
 from shared.errors import ConfigError, FedRecError
 from shared.io import (
     REPORT_MODE,
+    SHARED_FILE_MODE,
     append_line,
     ensure_dir,
     lock_holder,
+    make_dirs_durable,
     read_json,
     try_lock,
     write_json_atomic,
@@ -394,8 +397,24 @@ class RunDirectory:
             except ImportError:  # tensorboard is a dependency; degrade rather than crash
                 return None
             _quiet_tensorboard_thread_errors()
+            # made here, not by SummaryWriter (os.makedirs: 0777 under umask 000, where every
+            # other folder of the run is at most FOLDER_MODE)
+            make_dirs_durable(self.tensorboard)
             self._tb = SummaryWriter(log_dir=str(self.tensorboard), purge_step=self._purge_from)
+            _no_write_for_others(self.tensorboard)
         return self._tb
+
+
+def _no_write_for_others(folder: Path) -> None:
+    """TensorBoard's event files in ``folder`` at most :data:`SHARED_FILE_MODE`, as the run's
+    metrics log: SummaryWriter creates its file (at once, empty) with Python's 0666, which
+    under ``umask 000`` let any local user rewrite the run's curves. A file that is not this
+    user's is left as it is."""
+    for path in folder.glob("events.out.tfevents.*"):
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if path.is_file() and not path.is_symlink() and mode & ~SHARED_FILE_MODE:
+                path.chmod(mode & SHARED_FILE_MODE)
 
 
 def _quiet_tensorboard_thread_errors() -> None:

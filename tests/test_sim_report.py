@@ -532,3 +532,26 @@ def test_the_epsilon_plot_names_the_delta_of_each_epsilon(
     summary["meta"] = {"dataset": "synthetic"}
     write_report(summary, tmp_path / "b")
     assert legends["epsilon_per_round.png"][0] == "record-level, max over clients"
+
+
+def test_tensorboard_logs_are_not_writable_by_other_users_under_umask_000(
+    tmp_path: Path,
+) -> None:
+    """SummaryWriter made its folder with os.makedirs and its event file with open: 0777
+    and 0666 under ``umask 000``, where the run's other folders are at most 0775 and its
+    metrics log 0664 (any local user could replace or rewrite the run's curves)."""
+    import os
+    import stat
+
+    old = os.umask(0o000)
+    try:
+        run = RunDirectory(tmp_path / "run")
+        run.log("round", 1, loss=0.5)
+        run.close()
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.root.rglob("*")}
+    assert {name for name, mode in modes.items() if mode & 0o002} == set(), modes
+    assert modes["tensorboard"] == stat.S_IMODE(run.root.stat().st_mode) == 0o775
+    events = [m for name, m in modes.items() if name.startswith("events.out.tfevents.")]
+    assert events == [0o664]
