@@ -23,11 +23,11 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "onnxruntime": ort.__version__,
+        "onnxruntime": metadata.version("onnxruntime"),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -926,3 +929,35 @@ def test_an_unreadable_record_publishes_and_removes_nothing(tmp_path: Path) -> N
     assert not isinstance(refused.value, PublishedVersionError)
     assert retire_old_artifacts(out, 1, latest=artifact_file_name(2)) == []
     assert _models(out) == [artifact_file_name(1), artifact_file_name(2)]
+
+
+def _load_models_in_a_fresh_process(home: str) -> subprocess.CompletedProcess[str]:
+    """Load ONNX models (ort_max_opset: a session per opset tried) in a new process whose
+    home folder is ``home`` and whose environment does not mention ONNX Runtime's
+    telemetry."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    code = "from shared.ondevice import ort_max_opset; assert ort_max_opset() >= 17"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "HOME": home},
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_onnx_runtime_keeps_no_device_id_and_prints_no_telemetry_warning(tmp_path: Path) -> None:
+    """onnxruntime 1.32's Linux wheel sends usage events to Microsoft and keeps a device
+    identifier in ~/.cache/Microsoft/DeveloperTools/.onnxruntime; with a home folder it
+    cannot write, every command that loads a model printed "Failed to persist telemetry
+    device ID". The project turns that telemetry off (ORT_DISABLE_TELEMETRY, set when
+    ``shared`` is imported)."""
+    proc = _load_models_in_a_fresh_process(str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.rglob("*")) == []
+    assert "telemetry" not in proc.stderr.lower()
+    if Path("/proc/self").is_dir():  # a home folder no one can write, even root
+        unwritable = _load_models_in_a_fresh_process("/proc")
+        assert unwritable.returncode == 0, unwritable.stderr
+        assert "telemetry" not in unwritable.stderr.lower(), unwritable.stderr
