@@ -96,7 +96,7 @@ SETTINGS_HELP: dict[str, dict[str, str]] = {
         "num_cpus_per_client": "CPUs Ray reserves per virtual client.",
         "num_gpus_per_client": "GPU share per virtual client (e.g. 0.1 shares one GPU).",
         "ray_address": "Attach to a running Ray cluster (HOST:PORT, ray://HOST:PORT, auto).",
-        "device": "Where clients train: auto, cpu, cuda or cuda:N.",
+        "device": "Where clients train and the server pretrains: auto, cpu, cuda or cuda:N.",
         "num_threads": "Torch threads a client's training uses.",
     },
     "Output": {

@@ -60,6 +60,7 @@ from shared.models.baselines import EASE, Pop
 from shared.models.sequence import module_device, pad_histories
 from shared.models.student import DistilledStudent, StudentModel
 from shared.text.encoder import encode_items
+from shared.training.device import resolve_device
 from shared.training.trainer import limited_threads, seeded
 from simulation.config import RAY_ONLY, RECS_MODELS, RESUMABLE_KEYS, SimulationConfig, data_dir_key
 from simulation.pretrain import configs_for, default_cache_root, encoder_config, pretrain
@@ -142,6 +143,7 @@ def _run_stages(
         from server.server_app import check_ray_reachable
 
         check_ray_reachable(config.ray_address)
+    pretrain_device = _pretrain_device(config)  # before minutes of loading and encoding
 
     progress("data", {"dataset": config.dataset})
     dataset, split = load_split(config)
@@ -173,6 +175,7 @@ def _run_stages(
         student_config=student_cfg,
         progress=bars,
         fingerprint=fingerprint,
+        device=pretrain_device,
     )
     run.log("pretrain", 0, seconds=round(pre.seconds, 2), cached=pre.cached)
     bundle_path = run.root / "bundle.pt"  # the virtual clients' data too: stays here
@@ -282,6 +285,18 @@ def _run_stages(
     return summary
 
 
+def _pretrain_device(config: SimulationConfig) -> str:
+    """The device pretraining (teacher, distillation) runs on: the run's ``device``,
+    resolved in this process, which pretrains (``auto``: its GPU when torch sees one). Under
+    Ray the configuration checked only the setting's form (the clients see GPUs through
+    their shares), so a CUDA device this process lacks is refused here, before the data is
+    loaded."""
+    try:
+        return str(resolve_device(config.device))
+    except ConfigError as err:
+        raise ConfigError(f"pretraining runs in this process: {err}") from err
+
+
 def _bars(progress: bool) -> bool:
     """Whether the text encoding and pretraining draw their bars: with ``progress``, and only
     on a terminal. A bar redraws itself with carriage returns, so into a log or a pipe (where
@@ -332,7 +347,8 @@ def _resumed_student(run: RunDirectory, bundle: Path, pretrained: StudentModel) 
         return pretrained
     log.warning(
         "pretraining gave another student than the one this run started from (its cache was "
-        "not found, and it trained again, e.g. on a machine with another number of threads): "
+        "not found, and it trained again, e.g. on another device or a machine with another "
+        "number of threads): "
         "the run continues from its own, in %s; the teacher it reports is the new one",
         bundle,
     )

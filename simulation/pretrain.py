@@ -47,6 +47,7 @@ from shared.text.encoder import (
     encode_items,
     resolve_model_dir,
 )
+from shared.training.device import cpu_state, resolve_device
 from shared.training.trainer import Validation, count_parameters, seeded
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,20 @@ def cache_key(
     teacher: TeacherConfig,
     student: StudentConfig,
     fingerprint: str | None = None,
+    device_type: str = "cpu",
 ) -> str:
     """The pretraining cache's name for these inputs: the data, split, configs and item
     text, :data:`PRETRAIN_CACHE_VERSION` and the versions of :data:`PRETRAIN_LIBRARIES`.
     ``fingerprint`` is ``dataset.fingerprint()`` where the caller has it already (hashing
-    every interaction and text again costs a pass over the data); computed here otherwise."""
+    every interaction and text again costs a pass over the data); computed here otherwise.
+
+    ``device_type``, the kind of device that trains (``torch.device.type``), is part of the
+    key only when it is not ``"cpu"``: a GPU's kernels round differently, so its models are
+    not a CPU run's, and a CPU run keeps the key (and the cache) it had before pretraining
+    could run on a GPU. Which GPU (``cuda:1``) is not part of it."""
     h = hashlib.sha256(f"pretrain-v{PRETRAIN_CACHE_VERSION}".encode())
+    if device_type != "cpu":
+        h.update(f"device={device_type}\0".encode())
     h.update(versions_key(PRETRAIN_LIBRARIES))
     h.update((fingerprint if fingerprint is not None else dataset.fingerprint()).encode())
     h.update(json.dumps(asdict(split.config), sort_keys=True).encode())
@@ -123,11 +132,19 @@ def pretrain(
     student_config: StudentConfig,
     progress: bool = False,
     fingerprint: str | None = None,
+    device: str = "cpu",
 ) -> Pretrained:
     """Fit (or load) the teacher and the student on the public users' training data.
 
     ``fingerprint``: ``dataset.fingerprint()``, where the caller has computed it (see
     :func:`cache_key`).
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``;
+    :func:`~shared.training.device.resolve_device`) trains and validates both models; a GPU
+    run has its own cache key (:func:`cache_key`). Either way the models come back, and are
+    cached, on the CPU: a cache written on a GPU loads on a machine without one, and what
+    the run does next (the bundle, the federation, the evaluation) gets what a cache hit
+    gives.
 
     The student is narrowed, if needed, to a tenth of the trainable parameters of one member
     of the fitted teacher (:meth:`StudentConfig.scaled_to`): the teacher grows with the
@@ -135,8 +152,11 @@ def pretrain(
     Counting one member, not the whole ensemble, keeps the student the same whatever
     ``members`` is.
     """
-    teacher = SASRecTeacher(text, teacher_config, progress=progress)
-    key = cache_key(dataset, split, text, teacher_config, student_config, fingerprint)
+    train_on = resolve_device(device)
+    teacher = SASRecTeacher(text, teacher_config, progress=progress, device=str(train_on))
+    key = cache_key(
+        dataset, split, text, teacher_config, student_config, fingerprint, train_on.type
+    )
     path = cache_dir / "pretrained" / f"{dataset.name}-{key}.pt"
     start = time.perf_counter()
     if path.exists():
@@ -180,17 +200,20 @@ def pretrain(
     public = split.public_users
     validation = Validation(split, ("public",))  # negatives of the run's seed
     teacher.fit(split.train_sequences(public), dataset.n_items, validation)
-    student = DistilledStudent(teacher, _student_budget(teacher, student_config), progress=progress)
+    budget = _student_budget(teacher, student_config)
+    student = DistilledStudent(teacher, budget, progress=progress, device=str(train_on))
     student.fit(split.train_sequences(public), dataset.n_items, validation)
+    teacher.model.cpu()  # as a cache hit gives them
+    student.model.cpu()
     buf = io.BytesIO()
     torch.save(
         {
-            "teacher": teacher.model.state_dict(),
+            "teacher": cpu_state(teacher.model.state_dict()),
             "teacher_order": teacher.fitted_order,
             "teacher_order_scores": teacher.order_scores,
             "teacher_member_scores": teacher.member_scores,
             "teacher_prior_scores": teacher.prior_scores,
-            "student": student.model.state_dict(),
+            "student": cpu_state(student.model.state_dict()),
             "text_shape": list(student.model.items.text.weight.shape),
             "ids_shape": list(student.model.items.ids.weight.shape),
         },

@@ -292,6 +292,30 @@ def test_an_unreachable_ray_address_is_refused_before_any_work(
     assert not any(tmp_path.iterdir())  # nothing left behind
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_this_process_lacks_is_refused_for_pretraining_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pretraining runs in this process and trains on ``device``. Under Ray only the
+    setting's form is checked (the clients see their GPU shares on the cluster), so a CUDA
+    device this process lacks would have failed only after the data and the text encoding."""
+    import server.server_app
+    import simulation.pipeline
+
+    def no_data(*args: Any) -> Any:
+        raise AssertionError("the data was loaded before the pretraining device was checked")
+
+    monkeypatch.setattr(server.server_app, "check_ray_reachable", lambda *args: None)
+    monkeypatch.setattr(simulation.pipeline, "load_split", no_data)
+    args = ["simulate", "--ray-address", "127.0.0.1:6379", "--num-gpus-per-client", "0.5"]
+    result = CliRunner().invoke(app, [*args, "--device", "cuda", "--run-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    message = str(result.exception)
+    assert message.startswith("pretraining runs in this process: device 'cuda' asked for CUDA")
+    assert "use device=auto" in message
+    assert not any(tmp_path.iterdir())  # nothing left behind
+
+
 def test_every_setting_is_a_flag_listed_under_its_topic(
     tmp_path: Path, captured_pipeline: Any
 ) -> None:

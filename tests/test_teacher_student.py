@@ -1263,3 +1263,223 @@ def test_histories_and_training_data_outside_the_catalog_are_refused_clearly(
             SASRecTeacher(text_features(), TINY_TEACHER).fit(sequences, N_ITEMS)
         with pytest.raises(DataError, match=r"distillation sequence #2 .*outside"):
             DistilledStudent(teacher, TINY_STUDENT).fit(sequences, N_ITEMS)
+
+
+# --------------------------------------------------------------------------- pretraining device
+
+
+def test_pretraining_refuses_a_device_it_cannot_use(tmp_path: Path) -> None:
+    """Pretraining always trained on the CPU whatever ``device`` said. Now it trains where
+    ``device`` says, so a GPU this machine lacks is refused at once, naming the fix."""
+    from simulation.pretrain import pretrain
+
+    for bad in ("tpu", "gpu", "cuda:x"):
+        with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+            SASRecTeacher(text_features(), TINY_TEACHER, device=bad)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert SASRecTeacher(text_features(), TINY_TEACHER, device="auto").device.type == auto
+    assert DistilledStudent(None, TINY_STUDENT, device="auto").device.type == auto
+    if torch.cuda.is_available():
+        return
+    fix = "torch sees no GPU .*; use device=auto or device=cpu"
+    with pytest.raises(ConfigError, match=f"device 'cuda' asked for CUDA but {fix}"):
+        SASRecTeacher(text_features(), TINY_TEACHER, device="cuda")
+    with pytest.raises(ConfigError, match=f"device 'cuda:0' asked for CUDA but {fix}"):
+        DistilledStudent(None, TINY_STUDENT, device="cuda:0")
+    ds = chain_dataset(n_users=20, length=6)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    with pytest.raises(ConfigError, match=fix):
+        pretrain(
+            ds, split, text_features(), tmp_path, teacher_config=TINY_TEACHER,
+            student_config=TINY_STUDENT, device="cuda",
+        )  # fmt: skip
+    assert not any(tmp_path.iterdir())  # refused before any training or caching
+
+
+class _RecordingTeacherNet(SASRecModel):
+    """A teacher member that records where its loss inputs are (and computes nothing)."""
+
+    seen: list[tuple[torch.device, tuple[int, ...]]]
+
+    def loss(
+        self,
+        items: torch.Tensor,
+        mask: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        exclude_seen: bool = False,
+    ) -> torch.Tensor:
+        self.seen.append((items.device, tuple(items.shape)))
+        assert mask.device == targets.device == items.device
+        return torch.zeros((), device=items.device)
+
+
+def _padded_batch() -> tuple[torch.Tensor, ...]:
+    windows = make_causal_windows([np.arange(1, 6), np.arange(7, 10)], 8)  # 3 padding columns
+    return windows.items, windows.mask, windows.targets
+
+
+def test_teacher_batches_move_to_the_models_device() -> None:
+    """The loader makes batches on the CPU; the teacher's losses moved none of them, so a
+    model on a GPU got CPU inputs. The batch is trimmed (and shuffled, for 'set') on the
+    CPU and handed to the model where its parameters are (a ``meta`` model stands for a GPU
+    here: it holds no data, so it only shows where the inputs went)."""
+    from shared.models.teacher import _sequence_loss, _set_loss
+
+    model = _RecordingTeacherNet(text_features(), replace(TINY_TEACHER, max_len=8))
+    model.seen = []
+    model.to("meta")
+    batch = _padded_batch()
+    assert _sequence_loss(model, batch).device.type == "meta"
+    assert _set_loss(torch.Generator().manual_seed(0))(model, batch).device.type == "meta"
+    assert model.seen == [(torch.device("meta"), (2, 4))] * 2  # trimmed to 4 inputs, not 8
+    assert all(t.device.type == "cpu" for t in batch)  # the loader's batch is left alone
+
+
+class _RecordingTeacher(nn.Module):
+    """Stands in for a teacher net: records where its windows are, returns zero logits."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1, device=device))
+        self.seen: list[torch.device] = []
+
+    def all_logits(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.seen.append(items.device)
+        assert mask.device == items.device
+        return torch.zeros((*items.shape, N_ITEMS), device=self.anchor.device)
+
+
+class _RecordingStudent(nn.Module):
+    """Stands in for a student: records where its prefixes are, returns zero logits."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1, device=device))
+        self.seen: list[tuple[torch.device, tuple[int, ...]]] = []
+
+    def forward(self, items: torch.Tensor, mask: torch.Tensor, gather_first: bool) -> torch.Tensor:
+        self.seen.append((items.device, tuple(items.shape)))
+        assert mask.device == items.device
+        return torch.zeros((items.shape[0], N_ITEMS), device=self.anchor.device) + self.anchor
+
+
+@pytest.mark.parametrize("teacher_on", ["cpu", "meta"])
+def test_distillation_batches_move_to_each_models_device(teacher_on: str) -> None:
+    """Distillation ran its CPU batches through the models wherever these were. The teacher
+    now gets the window where it is, the student its prefixes where it is, and the loss is
+    computed on the student's device (``meta`` standing in for a GPU)."""
+    from shared.training.distill import kd_batch_loss
+
+    teacher, student = _RecordingTeacher(teacher_on), _RecordingStudent("meta")
+    config = replace(TINY_STUDENT, max_len=4, alpha=0.5)
+    loss = kd_batch_loss(teacher, config)(student, _padded_batch())  # type: ignore[arg-type]
+    assert loss.device.type == "meta"
+    assert teacher.seen == [torch.device(teacher_on)]
+    assert student.seen == [(torch.device("meta"), (6, 4))]  # 4 + 2 positions, max_len 4
+
+
+def test_distillation_loss_is_unchanged_on_the_cpu(student: DistilledStudent) -> None:
+    """The teacher's logits at the positions with a target are gathered by index (no mask
+    on a device): exactly the values and order of the boolean selection it replaced."""
+    from shared.training.distill import kd_batch_loss
+
+    assert student.teacher is not None
+    teacher = student.teacher.model
+    config = replace(student.config, alpha=0.5)
+    items, mask, targets = trim_padding(*_padded_batch())
+    select = targets != IGNORE_TARGET
+    with torch.no_grad():
+        student_items, student_mask = trim_padding(*prefix_windows(items, mask, select, 8))
+        want = kd_objective(
+            student.model(student_items, student_mask, gather_first=False),
+            teacher.all_logits(items, mask)[select],
+            targets[select],
+            config.temperature,
+            config.alpha,
+        )
+        got = kd_batch_loss(teacher, config)(student.model, _padded_batch())
+    assert torch.equal(got, want)
+
+
+def test_a_cpu_pretraining_keeps_its_cache_key(tmp_path: Path) -> None:
+    """Existing caches were all trained on the CPU: a CPU run's key is still the one
+    computed before the device was part of it (the formula below), so they are still hit;
+    a GPU run's models differ in their last bits, so it gets a key of its own."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from shared.io import versions_key
+    from simulation.pretrain import (
+        PRETRAIN_CACHE_VERSION,
+        PRETRAIN_LIBRARIES,
+        cache_key,
+        pretrain,
+    )
+
+    ds = chain_dataset(n_users=40, length=8)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    teacher_cfg = replace(TINY_TEACHER, order="sequence", epochs=2)
+    student_cfg = replace(TINY_STUDENT, epochs=2)
+    h = hashlib.sha256(f"pretrain-v{PRETRAIN_CACHE_VERSION}".encode())
+    h.update(versions_key(PRETRAIN_LIBRARIES))
+    h.update(ds.fingerprint().encode())
+    for part in (split.config, teacher_cfg, student_cfg):
+        h.update(json.dumps(asdict(part), sort_keys=True).encode())
+    h.update(np.ascontiguousarray(text_features()).tobytes())
+    before = h.hexdigest()[:20]
+    key = cache_key(ds, split, text_features(), teacher_cfg, student_cfg)
+    assert key == before
+    assert cache_key(ds, split, text_features(), teacher_cfg, student_cfg, None, "cpu") == key
+    gpu = cache_key(ds, split, text_features(), teacher_cfg, student_cfg, None, "cuda")
+    assert gpu != key
+    kwargs: dict[str, Any] = {"teacher_config": teacher_cfg, "student_config": student_cfg}
+    first = pretrain(ds, split, text_features(), tmp_path, **kwargs, device="cpu")
+    assert [p.name for p in (tmp_path / "pretrained").glob("*.pt")] == [f"chains-{key}.pt"]
+    if not torch.cuda.is_available():  # auto is the CPU here: the same cache
+        again = pretrain(ds, split, text_features(), tmp_path, **kwargs, device="auto")
+        assert again.cached and not first.cached
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_pretraining_on_the_gpu_matches_the_cpu_and_caches_cpu_tensors(tmp_path: Path) -> None:
+    """A tiny pretraining on CUDA trains there, comes back (and is cached) on the CPU, under
+    a key of its own, and ends close to the CPU run's weights. No dropout and the full
+    softmax: those draw from the device's generator, which differs from the CPU's. One
+    validation, after the last epoch, so both runs keep the same epoch."""
+    from shared.models.sequence import module_device
+    from simulation.pretrain import pretrain
+
+    ds = chain_dataset(n_users=40, length=8)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    kwargs: dict[str, Any] = {
+        "teacher_config": replace(
+            TINY_TEACHER, order="sequence", dropout=0.0, epochs=2, eval_every=2
+        ),
+        "student_config": replace(TINY_STUDENT, dropout=0.0, epochs=2, eval_every=2),
+    }
+    cpu = pretrain(ds, split, text_features(), tmp_path / "cpu", **kwargs, device="cpu")
+    torch.cuda.reset_peak_memory_stats()
+    gpu = pretrain(ds, split, text_features(), tmp_path / "gpu", **kwargs, device="cuda")
+    assert torch.cuda.max_memory_allocated() > 0  # it trained there
+    (cpu_file,) = (tmp_path / "cpu" / "pretrained").glob("*.pt")
+    (gpu_file,) = (tmp_path / "gpu" / "pretrained").glob("*.pt")
+    assert cpu_file.name != gpu_file.name  # a GPU run's key is its own
+    for run in (gpu.teacher.model, gpu.student.model):
+        assert module_device(run).type == "cpu"  # handed back as a cache hit gives them
+    payload = gpu_file.read_bytes().partition(b"\n")[2]
+    saved = torch.load(io.BytesIO(payload), weights_only=True)  # no map_location
+    for part in ("teacher", "student"):
+        assert all(t.device.type == "cpu" for t in saved[part].values())
+    pairs = ((cpu.teacher.model, gpu.teacher.model), (cpu.student.model, gpu.student.model))
+    for want, got in pairs:  # close, not equal: a GPU's kernels round differently
+        for name, value in want.state_dict().items():
+            assert torch.allclose(value, got.state_dict()[name], atol=1e-2, rtol=1e-2), name
+    histories = [split.history(int(u)) for u in split.public_users[:8]]
+    for cpu_model, gpu_model in ((cpu.teacher, gpu.teacher), (cpu.student, gpu.student)):
+        want_scores, got_scores = cpu_model.score(histories), gpu_model.score(histories)
+        assert np.allclose(want_scores, got_scores, atol=2e-2, rtol=1e-2)
+    # the GPU's cache loads where there is none (map_location is the CPU's)
+    again = pretrain(ds, split, text_features(), tmp_path / "gpu", **kwargs, device="cuda")
+    assert again.cached

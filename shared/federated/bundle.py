@@ -22,6 +22,7 @@ from shared.data.provenance import DataProvenance
 from shared.errors import ModelFileError
 from shared.io import write_bytes_atomic
 from shared.models.student import StudentConfig, StudentModel, load_student_state
+from shared.training.device import cpu_state
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def save_bundle(
         "student_config": asdict(student.config),
         "text_shape": list(student.items.text.weight.shape),
         "ids_shape": list(student.items.ids.weight.shape),
-        "state_dict": student.state_dict(),
+        "state_dict": cpu_state(student.state_dict()),  # loads where there is no GPU
     }
     if trained_on is not None:
         payload["trained_on"] = asdict(trained_on)

@@ -54,6 +54,7 @@ from shared.models.sequence import (
     svd_compress,
 )
 from shared.models.teacher import SASRecTeacher, TeacherNet
+from shared.training.device import resolve_device
 from shared.training.distill import check_temperature
 from shared.training.trainer import (
     METRICS,
@@ -479,6 +480,11 @@ class DistilledStudent(Recommender):
     trains the global parameters with ``alpha * KD + (1 - alpha) * CE`` on ``sequences``
     (public users on the server); ``score`` uses the last ``max_len`` items of a history.
     Wrap an already trained :class:`StudentModel` with :meth:`from_model` to score it.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where ``fit`` distils and
+    validates, and where the fitted model stays (scoring follows it). The model is built on
+    the CPU from its seed and then moved, as the teacher's members are
+    (:class:`~shared.models.teacher.SASRecTeacher`); the teacher may be on another device.
     """
 
     name = "student"
@@ -490,12 +496,14 @@ class DistilledStudent(Recommender):
         *,
         progress: bool = False,
         num_threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
         super().__init__()
         self.teacher = teacher
         self.config = config
         self.progress = progress
         self.num_threads = num_threads
+        self.device = resolve_device(device)
         self._model: StudentModel | None = None
         self.history = TrainHistory()
 
@@ -527,6 +535,7 @@ class DistilledStudent(Recommender):
             raise DataError(f"the teacher knows {teacher_model.n_items} items, data has {n_items}")
         with limited_threads(self.num_threads), seeded(self.config.seed):
             self._model = StudentModel.from_teacher(teacher_model, self.config)
+        self._model.to(self.device)  # before distill seeds: a GPU's generator once CUDA is up
         self._n_items = n_items
         self._model.set_trainable(["global"])
         self.history = distill(

@@ -50,9 +50,11 @@ from shared.models.sequence import (
     MASKED_LOGIT,
     ItemRepresentation,
     causal_attention_mask,
+    module_device,
     recency_index,
     score_histories,
 )
+from shared.training.device import resolve_device, to_device
 from shared.training.trainer import (
     METRICS,
     Batch,
@@ -507,17 +509,22 @@ def permute_windows(
 
 
 def _sequence_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    items, mask, targets = trim_padding(*batch)
+    """The ``'sequence'`` order's loss. The padding is trimmed on the CPU, where the loader
+    made the batch (no device round trip for a shape), then the batch moves to the model."""
+    items, mask, targets = to_device(trim_padding(*batch), module_device(model))
     assert isinstance(model, SASRecModel)
     return model.loss(items, mask, targets)
 
 
 def _set_loss(generator: torch.Generator) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """The ``'set'`` order's loss: shuffled windows, seen items out of the softmax."""
+    """The ``'set'`` order's loss: shuffled windows, seen items out of the softmax. The
+    windows are shuffled and trimmed on the CPU, where the loader made them (``generator``
+    is a CPU generator, and a row-by-row shuffle would be a kernel launch per row on a
+    GPU), then moved to the model's device."""
 
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         items, mask, targets = permute_windows(batch[0], batch[1], batch[2], generator)
-        items, mask, targets = trim_padding(items, mask, targets)
+        items, mask, targets = to_device(trim_padding(items, mask, targets), module_device(model))
         assert isinstance(model, SASRecModel)
         return model.loss(items, mask, targets, exclude_seen=True)
 
@@ -530,6 +537,14 @@ class SASRecTeacher(Recommender):
     ``text_embeddings`` (n_items x t, e.g. ``shared.text.encoder.encode_items``) are frozen.
     ``fit`` accepts an optional :class:`~shared.training.trainer.Validation` for early
     stopping; without one it trains for ``config.epochs`` epochs.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``:
+    :func:`~shared.training.device.resolve_device`) is where ``fit`` trains and validates,
+    and where the fitted model stays (scoring follows it). Members are initialised on the
+    CPU from their seed and then moved, so a model starts from the same weights on any
+    device, and a CPU run is exactly what it was before the setting existed; the data is
+    batched and shuffled on the CPU too. A GPU's kernels round differently, so its weights
+    match a CPU run's closely, not bit for bit.
     """
 
     name = "teacher"
@@ -541,6 +556,7 @@ class SASRecTeacher(Recommender):
         *,
         progress: bool = False,
         num_threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
         super().__init__()
         self.text_embeddings = np.asarray(text_embeddings, dtype=np.float32)
@@ -549,6 +565,7 @@ class SASRecTeacher(Recommender):
         self.config = config
         self.progress = progress
         self.num_threads = num_threads
+        self.device = resolve_device(device)
         self._model: SASRecEnsemble | None = None
         self.history = TrainHistory()
         self.order_scores: dict[str, float] = {}
@@ -583,7 +600,8 @@ class SASRecTeacher(Recommender):
 
     def build(self, n_items: int, order: Reading | None = None) -> SASRecEnsemble:
         """Create the fresh (seeded) ensemble for ``n_items`` items in the shape of reading
-        ``order`` without training it (e.g. to load a saved state into)."""
+        ``order`` without training it (e.g. to load a saved state into), on the CPU whatever
+        ``device`` is (a saved teacher loads without a GPU; ``.to()`` moves it)."""
         members = [self.build_member(n_items, i, order) for i in range(self.config.members)]
         self._model = SASRecEnsemble(members, self._new_prior(n_items)).eval()
         self._n_items = n_items
@@ -657,7 +675,8 @@ class SASRecTeacher(Recommender):
         self.history = trained[0][1]
         self.member_scores = [history.best_metric for _, history in trained]
         prior = self._new_prior(n_items)
-        self._model = SASRecEnsemble([model for model, _ in trained], prior).eval()
+        ensemble = SASRecEnsemble([model for model, _ in trained], prior)
+        self._model = ensemble.to(self.device).eval()  # the prior's buffers too
         self.prior_scores = {}
         if prior is not None and validation is not None:
             with limited_threads(self.num_threads):
@@ -697,6 +716,9 @@ class SASRecTeacher(Recommender):
             if ids is not None:
                 with torch.no_grad():
                     model.items.ids.weight.copy_(ids)
+            # moved before seeding: a GPU's generator (dropout, sampled negatives) is
+            # seeded only once CUDA is initialised
+            model.to(self.device)
             with seeded(self._member_seed(index) + 1) as gen:
                 loader = make_loader(
                     windows.dataset(), config.batch_size, gen, lengths=windows.mask.sum(1)

@@ -1,12 +1,20 @@
-"""Which torch device a run trains on.
+"""Which torch device a run trains on, and moving batches and saved state between devices.
 
-One setting names the device where a model trains: ``auto`` (CUDA when torch sees a GPU,
-else the CPU), ``cpu``, ``cuda`` or ``cuda:N``, resolved by :func:`resolve_device` (here, not
-in :mod:`shared.federated.student_task`, so that server-side training can use it without
-importing the federation).
+One setting names the device everywhere a model trains: ``auto`` (CUDA when torch sees a GPU,
+else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. The federated clients
+(:mod:`shared.federated.student_task`) and the server's pretraining (teacher and distillation,
+:mod:`simulation.pretrain`) resolve it with :func:`resolve_device`, so both refuse a GPU that
+is not there with the same one-line error.
+
+Training data is built, shuffled (the loaders draw from a CPU generator, so a run shuffles
+the same whatever the device) and trimmed on the CPU; the loss functions move only the model
+inputs to the model's device (:func:`to_device`). A model trained on a GPU is saved as CPU
+tensors (:func:`cpu_state`) so the file loads on a machine without one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -44,3 +52,16 @@ def resolve_device(name: str) -> torch.device:
                 f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible"
             )
     return device
+
+
+def to_device(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``batch``'s tensors on ``device`` (the same tensor objects where they are there
+    already, so a CPU run computes exactly what it did before devices were configurable)."""
+    return tuple(t.to(device) for t in batch)
+
+
+def cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a ``state_dict``) with every tensor on the CPU, for a file that must load
+    on a machine without a GPU. Tensors on the CPU are kept as they are (the same bytes
+    saved as before)."""
+    return {name: value.cpu() for name, value in state.items()}

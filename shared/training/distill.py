@@ -36,9 +36,11 @@ from torch import nn
 from shared.data.dataset import IntArray
 from shared.errors import ConfigError, DataError
 from shared.models.base import Scorer, check_histories
-from shared.models.sequence import IGNORE_TARGET, PAD_ITEM
+from shared.models.sequence import IGNORE_TARGET, PAD_ITEM, module_device
+from shared.training.device import to_device
 from shared.training.trainer import (
     Batch,
+    LossFn,
     TrainHistory,
     Validation,
     fit_with_early_stopping,
@@ -112,6 +114,42 @@ def prefix_windows(
     return windows[select], window_masks[select]
 
 
+def kd_batch_loss(teacher: TeacherNet, config: StudentConfig) -> LossFn:
+    """The distillation loss of one batch of teacher windows ``(items, mask, targets)``
+    (:func:`kd_objective` over every position with a target).
+
+    The batch stays on the CPU, where the loader made it, for what only picks positions
+    (trimming the padding, the positions with a target, the student's prefix windows): no
+    device round trip for a shape. Only the model inputs move: the teacher's window to the
+    teacher's device, the student's prefixes to the student's; the teacher's logits at the
+    chosen positions go to the student's device.
+    """
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        device, teacher_device = module_device(model), module_device(teacher)
+        items, mask, targets = trim_padding(*batch)
+        select = targets != IGNORE_TARGET
+        positions = select.flatten().nonzero().squeeze(1)  # the order of x[select]
+        with torch.no_grad():
+            window = to_device((items, mask, positions), teacher_device)
+            logits = teacher.all_logits(window[0], window[1])
+            teacher_logits = logits.flatten(0, 1).index_select(0, window[2]).to(device)
+        student_items, student_mask = prefix_windows(items, mask, select, config.max_len)
+        student_items, student_mask = trim_padding(student_items, student_mask)
+        student_logits = model(
+            *to_device((student_items, student_mask), device), gather_first=False
+        )
+        return kd_objective(
+            student_logits,
+            teacher_logits,
+            targets[select].to(device),
+            config.temperature,
+            config.alpha,
+        )
+
+    return loss
+
+
 def distill(
     student: StudentModel,
     teacher: TeacherNet,
@@ -130,6 +168,10 @@ def distill(
     ``student.set_trainable(['global'])`` first). The teacher is frozen and run in eval
     mode. With ``validation`` and ``scorer`` (a :class:`Scorer` wrapping ``student``), early
     stopping selects the best epoch on ``config.metric``; otherwise all epochs run.
+
+    Training runs where ``student`` is (move it before calling: its dropout draws from that
+    device's generator, seeded here); the teacher's logits are computed where the teacher
+    is and brought over. Batches are made and shuffled on the CPU (:func:`kd_batch_loss`).
     """
     check_histories(sequences, student.n_items, "distillation sequence")
     windows = make_causal_windows(sequences, teacher_max_len)
@@ -142,18 +184,7 @@ def distill(
         raise ConfigError("the student has no trainable parameters; call set_trainable first")
     teacher.eval()
     train_config = config.train_config(progress, num_threads)
-
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        items, mask, targets = trim_padding(*batch)
-        select = targets != IGNORE_TARGET
-        with torch.no_grad():
-            teacher_logits = teacher.all_logits(items, mask)[select]
-        student_items, student_mask = prefix_windows(items, mask, select, config.max_len)
-        student_items, student_mask = trim_padding(student_items, student_mask)
-        student_logits = model(student_items, student_mask, gather_first=False)
-        return kd_objective(
-            student_logits, teacher_logits, targets[select], config.temperature, config.alpha
-        )
+    loss_fn = kd_batch_loss(teacher, config)
 
     with limited_threads(num_threads), seeded(config.seed + 1) as gen:
         loader = make_loader(windows.dataset(), config.batch_size, gen, lengths=windows.mask.sum(1))
