@@ -153,7 +153,7 @@ def _run_stages(
     run.record_settings("simulation", to_flat(config))  # checked by run_pipeline
     progress("text", {"items": dataset.n_items})
     bars = _bars(config.progress)
-    encoder = encoder_config(config.text_model, cache, bars)
+    encoder = encoder_config(config.text_model, cache, bars, pretrain_device)
     text = encode_items(dataset.item_text, encoder)
 
     progress("pretrain", {"public_users": len(split.public_users)})

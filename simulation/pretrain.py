@@ -337,16 +337,20 @@ def pretrain_on(
     return PretrainedRun(ds, split, text, pre)
 
 
-def encoder_config(text_model: str, cache_root: Path, progress: bool = False) -> EncoderConfig:
+def encoder_config(
+    text_model: str, cache_root: Path, progress: bool = False, device: str = "cpu"
+) -> EncoderConfig:
     """The item-text encoder of a run: ``text_model`` (a local Hugging Face model directory;
     "" for the bundled MiniLM), caching under ``cache_root/embeddings`` beside the
-    pretraining cache."""
+    pretraining cache, encoding on ``device`` (the one pretraining runs on: a GPU encodes a
+    large catalog's text many times faster; a CPU run's cache key is unchanged)."""
     if text_model:
         resolve_model_dir(text_model, setting="text-model")  # named as the user gave it
     return EncoderConfig(
         model_path=text_model or None,
         cache_dir=str(cache_root / "embeddings"),
         show_progress=progress,
+        device=device,
     )
 
 

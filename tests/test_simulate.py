@@ -316,6 +316,30 @@ def test_a_gpu_this_process_lacks_is_refused_for_pretraining_before_any_work(
     assert not any(tmp_path.iterdir())  # nothing left behind
 
 
+def test_the_item_text_is_encoded_on_the_pretraining_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The language model encoded the item text on the CPU whatever ``device`` said, while
+    the teacher and the distillation after it trained on the resolved device."""
+    import simulation.pipeline
+
+    class Encoded(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def encode(texts: Any, config: Any) -> Any:
+        seen.append(config.device)
+        raise Encoded
+
+    monkeypatch.setattr(simulation.pipeline, "_pretrain_device", lambda config: "cuda:1")
+    monkeypatch.setattr(simulation.pipeline, "encode_items", encode)
+    args = ["simulate", "--backend", "inprocess", "--run-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--run-config", TINY])
+    assert isinstance(result.exception, Encoded), result.output
+    assert seen == ["cuda:1"]
+
+
 def test_every_setting_is_a_flag_listed_under_its_topic(
     tmp_path: Path, captured_pipeline: Any
 ) -> None:
@@ -1622,7 +1646,7 @@ def test_pretraining_bars_are_drawn_on_a_terminal_only(
 
     seen: dict[str, bool] = {}
 
-    def encoder(text_model: str, cache: Path, show: bool = False) -> None:
+    def encoder(text_model: str, cache: Path, show: bool = False, device: str = "cpu") -> None:
         seen["encoder"] = show
 
     def pretrain(*args: Any, progress: bool = False, **kwargs: Any) -> Any:
