@@ -78,7 +78,7 @@ from shared.federated.local_config import (
 from shared.federated.task import STUDENT_TASK, FederatedTask, RunConfigValue, get_task
 from shared.federated.validation import find_problem
 from shared.privacy.budget import USER_DP_CLIP, PrivacyBudget
-from shared.published import RECORD_FILE, retire_old_artifacts
+from shared.published import RECORD_FILE, highest_published_version, retire_old_artifacts
 
 if TYPE_CHECKING:  # server.user_dp imports Opacus/torch: loaded only when user-dp is on
     from server.user_dp import UserLevelDP
@@ -652,6 +652,28 @@ def withheld_versions(checkpoint: Checkpoint | None) -> set[int]:
     return set(value)
 
 
+#: Checkpoint entry: the number this run's model versions start after (round N is published
+#: as version base + N). A run that starts without a checkpoint into an artifact dir whose
+#: record holds versions (those of the run before ``fedrec server init --force``, or of one
+#: whose checkpoints were removed) trains other models under its round numbers; published
+#: under those numbers, they were refused as versions already out, and devices holding a
+#: newer one would never fetch them. Carried from checkpoint to checkpoint.
+VERSION_BASE_KEY = "version-base"
+
+
+def version_base(checkpoint: Checkpoint) -> int:
+    """The :data:`VERSION_BASE_KEY` of ``checkpoint`` (0 when it has none: a run that
+    numbered its versions by round); a :class:`DataError` naming its file when malformed."""
+    value = checkpoint.extra.get(VERSION_BASE_KEY, 0)
+    if not is_int(value) or value < 0:
+        raise DataError(
+            f"checkpoint {checkpoint.manifest_path} has a malformed '{VERSION_BASE_KEY}' "
+            f"({value!r}: the model version its round 0 stands for); restore the checkpoint "
+            "from a backup, or move that round's files away to resume from the round before"
+        )
+    return int(value)
+
+
 def _ledger_source(checkpoint: Checkpoint) -> str:
     """How errors name ``checkpoint``'s user-level DP state: by its manifest file."""
     return f"the user-level DP state in checkpoint {checkpoint.manifest_path}"
@@ -668,6 +690,7 @@ def _check_checkpoint(
     """Refuse a checkpoint of another model or bundle (``bundle``: this run's digest), or
     one whose privacy history is unusable."""
     withheld_versions(checkpoint)  # refused here when malformed, before anything runs
+    version_base(checkpoint)
     problem = find_problem(checkpoint.parameters, initial, what="checkpoint parameters")
     if problem is not None:
         raise ConfigError(
@@ -859,20 +882,43 @@ def _run_server(
     # The checkpoints keep the list: once a rerun round is checkpointed, a later restart
     # finds its checkpoint valid and would otherwise republish it.
     resumed_at = checkpoint.server_round if checkpoint is not None else 0
+    # round N is published as version base + N: after the versions already in the artifact
+    # dir when the run began without a checkpoint (VERSION_BASE_KEY), kept by its checkpoints
+    base = 0
+    if checkpoint is not None:
+        base = version_base(checkpoint)
+    elif publisher is not None and artifact_dir is not None:
+        base = highest_published_version(artifact_dir)
+        if base:
+            log(
+                INFO,
+                "model versions up to %s were published into %s before this run (see %s); "
+                "this run publishes round N as version %s+N",
+                base,
+                artifact_dir,
+                RECORD_FILE,
+                base,
+            )
     lost = [r for r in store.rounds() if r > resumed_at] if store is not None else []
-    withheld = withheld_versions(checkpoint) | set(range(resumed_at + 1, max(lost, default=0) + 1))
+    withheld = withheld_versions(checkpoint) | {
+        base + r for r in range(resumed_at + 1, max(lost, default=0) + 1)
+    }
     extra: dict[str, Any] = {BUNDLE_DIGEST_KEY: bundle} if bundle else {}
     if withheld:
         extra[WITHHELD_VERSIONS_KEY] = sorted(withheld)
+    if base:
+        extra[VERSION_BASE_KEY] = base
 
-    def publish(parameters: Any, version: int) -> None:
-        """Publish model ``version``; a failure (the int8 agreement gate, a full disk) is
-        logged and the run goes on: the checkpoint is saved and training is unaffected, and
-        stopping would only fail the same way again at every restart. Once it is published,
-        the models beyond the newest ``artifact-keep`` are removed (never this one); after a
-        failure or a withheld version nothing is."""
+    def publish(parameters: Any, server_round: int) -> None:
+        """Publish the model of ``server_round`` as version ``base + server_round``; a
+        failure (the int8 agreement gate, a full disk) is logged and the run goes on: the
+        checkpoint is saved and training is unaffected, and stopping would only fail the
+        same way again at every restart. Once it is published, the models beyond the newest
+        ``artifact-keep`` are removed (never this one); after a failure or a withheld version
+        nothing is."""
         if publisher is None or artifact_dir is None:
             return
+        version = base + server_round
         if version in withheld:
             log(
                 WARNING,

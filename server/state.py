@@ -10,9 +10,11 @@ file, the last start's record and the generated app::
     DIR/clients.json         the registered device keys (and revoked ones), see ClientRegistry
     DIR/superlink.db         the SuperLink's state database (created by flower-superlink)
     DIR/checkpoints/         one verified checkpoint per round (the run resumes from here)
-    DIR/artifacts/           model-v{round}.int8.onnx, the published global models (the
+    DIR/artifacts/           model-v{version}.int8.onnx, the published global models (the
                              newest artifact-keep), catalog.json, and published.jsonl:
-                             every version ever published, with its SHA-256 (never reused)
+                             every version ever published, with its SHA-256 (never reused;
+                             kept by init --force: a run that starts without a checkpoint
+                             publishes round N as version M+N, M the highest recorded)
     DIR/progress.jsonl       one line per finished round (clients, accuracy, epsilon)
     DIR/flwr-home/           FLWR_HOME of the SuperLink and of the `flwr` calls
     DIR/app/                 the Flower app `fedrec server start` submits (generated)
@@ -47,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.pki import DEFAULT_HOSTS, PkiPaths, SubjectNames, create_pki, with_default_hosts
 from shared.config import is_int
-from shared.errors import ConfigError, DataError, FedRecError
+from shared.errors import ConfigError, DataError, FedRecError, ModelFileError
 from shared.io import (
     exclusive_lock,
     is_locked,
@@ -57,7 +59,13 @@ from shared.io import (
     write_bytes_atomic,
 )
 from shared.processes import pid_alive
-from shared.published import artifact_versions
+from shared.published import (
+    ARTIFACT_NAME,
+    RECORD_FILE,
+    artifact_versions,
+    published_digests,
+    record_unrecorded,
+)
 
 LAYOUT_VERSION = 1
 
@@ -215,8 +223,10 @@ def init_state_dir(
     names (:data:`DEFAULT_HOSTS`), which the server uses to reach its own SuperLink.
 
     An existing state directory is refused unless ``force``; with ``force`` the certificates
-    are replaced and the run state (checkpoints, progress, SuperLink database, registrations)
-    is wiped, because devices must then trust the new CA and be registered again.
+    are replaced and the run state (checkpoints, progress, SuperLink database, registrations,
+    published models) is wiped, because devices must then trust the new CA and be
+    registered again. The record of published versions (``artifacts/published.jsonl``)
+    stays: the models devices hold keep their numbers, and the next run publishes after them.
     """
     layout = ServerLayout(Path(state_dir))
     hosts = with_default_hosts(hosts)
@@ -238,7 +248,8 @@ def init_state_dir(
                 "only replaces a server state directory. Pick an empty --state-dir"
             )
         _refuse_if_running(layout)
-        for name in ("certs", "checkpoints", "artifacts", "flwr-home", "app", "logs", "task-state"):
+        _clear_artifacts_keeping_record(layout.artifacts)
+        for name in ("certs", "checkpoints", "flwr-home", "app", "logs", "task-state"):
             shutil.rmtree(layout.state_dir / name, ignore_errors=True)
         for path in (layout.registry, layout.progress, layout.running, layout.last_start):
             path.unlink(missing_ok=True)
@@ -262,6 +273,35 @@ def init_state_dir(
     }
     write_bytes_atomic(layout.marker, tomli_w.dumps(marker).encode())
     return layout
+
+
+def _clear_artifacts_keeping_record(artifacts: Path) -> None:
+    """Empty ``artifacts/`` for ``init --force`` but for the record of published versions
+    (:data:`shared.published.RECORD_FILE`), after adding to it the models on disk it lacks
+    (published before it existed). The versions devices may hold stay out of reach of the
+    new run, which numbers its own after them (:mod:`server.server_app`): wiped with the
+    rest, the next publication reused version 1 for another model, and a device holding a
+    newer version from before would never have fetched the new run's models.
+
+    A model that cannot be recorded stays, and an unreadable record refuses the
+    re-initialisation (:class:`StateDirError`) before anything is removed."""
+    if not artifacts.is_dir():
+        return
+    try:
+        recorded = published_digests(artifacts)
+    except ModelFileError as exc:
+        raise StateDirError(f"{exc} (--force keeps it: nothing was replaced)") from None
+    record_unrecorded(artifacts, recorded, skip="")
+    for path in artifacts.iterdir():
+        # a model that could not be recorded (a warning said so) stays: it still counts
+        if path.name == RECORD_FILE or (
+            ARTIFACT_NAME.fullmatch(path.name) and path.name not in recorded
+        ):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _refuse_if_running(layout: ServerLayout) -> None:

@@ -92,6 +92,18 @@ def published_digests(folder: str | Path) -> dict[str, str]:
     return digests
 
 
+def highest_published_version(folder: str | Path) -> int:
+    """The highest model version ever published into ``folder``: in its record or on disk
+    (a file published before the record existed), 0 when none was. A run that starts
+    without a checkpoint numbers its versions after it (:mod:`server.server_app`): its
+    round 1 trains another model than the version 1 devices may hold. Raises
+    :class:`~shared.errors.ModelFileError` when the record cannot be read
+    (:func:`published_digests`)."""
+    recorded = (ARTIFACT_NAME.fullmatch(name) for name in published_digests(folder))
+    versions = [int(m.group(1)) for m in recorded if m] + list(artifact_versions(folder))
+    return max(versions, default=0)
+
+
 def record_published(folder: str | Path, name: str, version: str, digest: str) -> None:
     """Append ``name`` (model ``version``, SHA-256 ``digest``) to the record of ``folder``,
     durably: called before the model is written, and before a file published without a

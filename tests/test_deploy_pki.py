@@ -58,6 +58,13 @@ from server.superlink import (
     write_app,
 )
 from shared.errors import ConfigError, DataError, ModelFileError
+from shared.published import (
+    RECORD_FILE,
+    highest_published_version,
+    published_digests,
+    record_published,
+    sha256_hex,
+)
 
 runner = CliRunner()
 
@@ -376,6 +383,37 @@ def test_init_creates_the_layout_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert layout.pki.ca_cert.read_bytes() != ca_before
     assert not (layout.checkpoints / "round-00000001.json").exists()
     assert server_names(layout.pki) == ["localhost", "10.0.0.1", "127.0.0.1"]  # + loopback
+
+
+def test_init_force_keeps_the_record_of_published_versions(tmp_path: Path) -> None:
+    """`init --force` removed artifacts/published.jsonl with the models: the next run
+    published version 1 again, another model under a number devices may hold, and devices
+    holding a newer version never fetched its models. The record stays (with the models
+    published before it existed added to it), so the next run numbers after it."""
+    layout = init_state_dir(tmp_path / "s")
+    record_published(layout.artifacts, "model-v1.int8.onnx", "1", "a" * 64)
+    (layout.artifacts / "model-v1.int8.onnx").write_bytes(b"one")
+    (layout.artifacts / "model-v7.int8.onnx").write_bytes(b"seven")  # never recorded
+    (layout.artifacts / "catalog.json").write_text("[]")
+    init_state_dir(layout.state_dir, force=True)
+    assert [p.name for p in layout.artifacts.iterdir()] == [RECORD_FILE]
+    assert published_digests(layout.artifacts) == {
+        "model-v1.int8.onnx": "a" * 64,
+        "model-v7.int8.onnx": sha256_hex(b"seven"),
+    }
+    assert highest_published_version(layout.artifacts) == 7
+    assert server_status(layout).latest_artifact is None  # none on disk yet
+
+
+def test_init_force_refuses_over_an_unreadable_record(tmp_path: Path) -> None:
+    """Kept by --force, a record that cannot be read is not wiped with the rest: it is
+    named, and nothing is replaced."""
+    layout = init_state_dir(tmp_path / "s")
+    (layout.artifacts / RECORD_FILE).mkdir()  # reading it fails (EISDIR)
+    ca = layout.pki.ca_cert.read_bytes()
+    with pytest.raises(StateDirError, match=r"published\.jsonl is unreadable .*nothing was"):
+        init_state_dir(layout.state_dir, force=True)
+    assert layout.pki.ca_cert.read_bytes() == ca
 
 
 def test_init_finishes_over_an_interrupted_init(

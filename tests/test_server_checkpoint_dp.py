@@ -34,6 +34,7 @@ from server.user_dp import UserDPSettings, UserLevelDP
 from shared.errors import ConfigError, DataError, ModelFileError
 from shared.federated import ToyLinearConfig, ToyLinearTask, clip_update_l2, register_task
 from shared.privacy.ledger import RDP_ORDERS
+from shared.published import record_published
 from tests.conftest import flower_log
 
 
@@ -511,6 +512,44 @@ def test_a_rerun_round_never_republishes_a_version_under_another_model(
     assert "model version 3 is not published" in caplog.text
     with np.load(out / "toy-v4.npz") as npz:  # publication goes on after the lost rounds
         np.testing.assert_array_equal(npz["arr_0000"], rerun[-1].parameters[0])
+
+
+def test_a_run_without_a_checkpoint_numbers_its_versions_after_those_published(
+    tmp_path: Path,
+) -> None:
+    """`fedrec server init --force` keeps the record of published versions (versions 1-3
+    here, their files gone) and wipes the checkpoints. The new run published its round 1
+    as version 1 again, another model under a number devices may hold (refused once the
+    record was kept, so nothing was published until its rounds passed the old versions).
+    It publishes after the highest recorded version, and its checkpoints keep that base: a
+    resume goes on from it even if versions were recorded meanwhile."""
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    record_published(out, "model-v3.int8.onnx", "3", "a" * 64)
+    config = {**_publishing_run("toy-publishing", PublishingToyTask, tmp_path), "num-rounds": 2}
+    reports = _run(config, num_nodes=3)
+    assert sorted(p.name for p in out.glob("*.npz")) == ["toy-v4.npz", "toy-v5.npz"]
+    for report in reports:
+        meta = json.loads((out / f"toy-v{report.server_round + 3}.json").read_text())
+        assert meta["version"] == report.server_round + 3
+    latest = CheckpointStore(tmp_path / "ck").latest()
+    assert latest is not None and latest.extra["version-base"] == 3
+    record_published(out, "model-v9.int8.onnx", "9", "b" * 64)
+    resumed = _run({**config, "num-rounds": 3}, num_nodes=3)
+    assert [r.server_round for r in resumed] == [3]
+    with np.load(out / "toy-v6.npz") as npz:
+        np.testing.assert_array_equal(npz["arr_0000"], resumed[-1].parameters[0])
+    # a damaged base is refused naming its file, before anything runs
+    from server.server_app import check_resume
+
+    latest = CheckpointStore(tmp_path / "ck").latest()
+    assert latest is not None
+    data = json.loads(latest.manifest_path.read_text())
+    data["extra"]["version-base"] = -1
+    latest.manifest_path.write_text(json.dumps(data))
+    server = ServerConfig.from_run_config({**config, "num-rounds": 5})
+    with pytest.raises(DataError, match=r"round-00000003\.json has a malformed 'version-base'"):
+        check_resume(server, ToyLinearTask().initial_parameters())
 
 
 def test_a_withheld_version_stays_withheld_after_another_restart(

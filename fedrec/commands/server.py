@@ -73,7 +73,9 @@ def init(
         typer.Option(
             "--force",
             help="Replace an existing state directory: new CA (devices must get the new "
-            "ca.pem), registrations and run state wiped.",
+            "ca.pem), registrations and run state wiped. The record of published model "
+            "versions (artifacts/published.jsonl) stays: devices may hold them, so the next "
+            "run numbers its versions after the highest recorded.",
         ),
     ] = False,
 ) -> None:
