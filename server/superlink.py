@@ -14,7 +14,9 @@ How Flower 1.42 is used (its deployment engine; nothing of it is reimplemented h
   only a generated ``pyproject.toml`` whose components point at this installed package).
 * ``flwr supernode register/unregister/ls``, ``flwr run`` and ``flwr ls/stop`` talk to the
   Control API with ``FLWR_HOME=STATE_DIR/flwr-home``, whose ``config.toml`` names this
-  SuperLink (address + ``root-certificates = certs/ca.pem``).
+  SuperLink (address + ``root-certificates = certs/ca.pem``). New keys are registered in
+  one process over one connection, with the ``flwr`` CLI's own client code
+  (:mod:`server.flwr_register`: ``flwr supernode register`` takes one key a call, 2.3 s each).
 * Registration takes effect at once on a running SuperLink (a revoked device's next request
   is refused); ``clients.json`` is the source of truth that every start re-applies (register
   what is missing, unregister what was revoked while the server was down, and any node no
@@ -32,6 +34,7 @@ import http.client
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -41,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,6 +177,84 @@ class FlwrCli:
         out = self.call("supernode", "register", str(public_key_file.resolve()), CONNECTION)
         return int(out["node-id"])
 
+    def register_keys(self, public_keys: Sequence[str]) -> Iterator[int | SuperLinkError]:
+        """Register each OpenSSH public key line, in order, over one connection (one
+        process, :mod:`server.flwr_register`; one ``flwr`` call a key cost 2.3 s a device):
+        yields its node id, or the :class:`SuperLinkError` that refused that key alone (a key
+        in use, one Flower does not take), and goes on with the next. The next key is sent
+        only once the caller asked for its result (it saved the last one). A failure that is
+        not about one key (the SuperLink unreachable, no answer in ``timeout_s``) is raised,
+        and no key after it is registered."""
+        if not public_keys:
+            return
+        argv = [sys.executable, "-m", "server.flwr_register", CONNECTION]
+        env = flower_env(self.layout)
+        # this very code (a checkout run in place, too), whatever the state dir's folder
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        with (
+            tempfile.TemporaryFile() as stderr,
+            subprocess.Popen(
+                argv,
+                env=env,
+                cwd=self.layout.state_dir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            ) as helper,
+        ):
+            assert helper.stdin is not None and helper.stdout is not None
+            try:
+                for key in public_keys:
+                    answer = self._exchange(helper, key, stderr)
+                    error = answer.get("error")
+                    if error is None:
+                        yield int(answer["node-id"])
+                        continue
+                    failure = SuperLinkError(f"`flwr supernode register` failed: {error}")
+                    if answer.get("fatal", True):
+                        raise failure
+                    yield failure
+            finally:
+                with contextlib.suppress(OSError):
+                    helper.stdin.close()
+                try:
+                    helper.wait(timeout=self.timeout_s)
+                except subprocess.TimeoutExpired:
+                    helper.kill()
+
+    def _exchange(self, helper: subprocess.Popen[str], key: str, stderr: Any) -> dict[str, Any]:
+        """Send ``key`` to the registering process and read its answer (a SuperLinkError
+        when there is none in ``timeout_s``, or when it died: with what it printed)."""
+        assert helper.stdin is not None and helper.stdout is not None
+        try:
+            helper.stdin.write(key.strip() + "\n")
+            helper.stdin.flush()
+        except OSError:  # it died already; its exit is reported below
+            pass
+        ready, _, _ = select.select([helper.stdout], [], [], self.timeout_s)
+        line = helper.stdout.readline() if ready else None
+        if line is None:
+            helper.kill()
+            raise SuperLinkError(
+                f"`flwr supernode register` did not answer in {self.timeout_s:.0f} s; is the "
+                f"SuperLink up? (see {self.layout.superlink_log})"
+            )
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            helper.wait()
+            stderr.seek(0)
+            detail = stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise SuperLinkError(
+                "`flwr supernode register` failed: "
+                f"{detail[0] if detail else f'exit status {helper.returncode}'}"
+            )
+        return answer
+
     def unregister(self, node_id: int) -> None:
         self.call("supernode", "unregister", str(node_id), CONNECTION)
 
@@ -255,46 +336,47 @@ def _apply(layout: ServerLayout, cli: FlwrCli, registry: ClientRegistry) -> list
     statuses = cli.nodes()
     listed = {n for n, status in statuses.items() if status != "unregistered"}
     done: list[str] = []
+    new = [
+        record
+        for record in registry.clients
+        if record.revoked is None and not (record.node_id is not None and record.node_id in listed)
+    ]
+    # all new keys over one connection (cli.register_keys); each result saved before the
+    # next key is sent, and a key the SuperLink refuses leaves the others to go on
+    for record, result in zip(new, cli.register_keys([r.public_key for r in new]), strict=False):
+        if isinstance(result, int):
+            record.node_id = result
+            listed.add(result)
+            record.applied = True
+            done.append(f"registered {record.name} as node {record.node_id}")
+        elif "already in use" not in str(result):
+            record.applied = False
+            done.append(f"could not register {record.name} ({record.fingerprint}): {result}")
+        elif record.node_id is not None and statuses.get(record.node_id) == "unregistered":
+            record.applied = False
+            done.append(_locked_out(record))
+        else:
+            record.applied = True
+            done.append(f"{record.name}: already registered")
+        registry.save()
     for record in registry.clients:
         present = record.node_id is not None and record.node_id in listed
-        if record.revoked is None and not present:
-            with tempfile.TemporaryDirectory(dir=layout.logs) as tmp:
-                key_file = Path(tmp) / "client.pub"
-                try:
-                    key_file.write_text(record.public_key + "\n")
-                except OSError as exc:  # a full disk names no file: name the one under logs/
-                    raise_naming(exc, key_file)
-                try:
-                    record.node_id = cli.register(key_file)
-                    listed.add(record.node_id)
-                except SuperLinkError as exc:
-                    if "already in use" not in str(exc):
-                        raise
-                    if record.node_id is not None and statuses.get(record.node_id) == (
-                        "unregistered"
-                    ):
-                        record.applied = False
-                        registry.save()
-                        done.append(_locked_out(record))
-                        continue
-                    done.append(f"{record.name}: already registered")
-                else:
-                    done.append(f"registered {record.name} as node {record.node_id}")
-            record.applied = True
-            registry.save()
-        elif record.revoked is not None and present and record.node_id is not None:
+        if record.revoked is None:  # registered above, or already
+            record.applied = record.applied or present
+            continue
+        if present and record.node_id is not None:
             cli.unregister(record.node_id)
             record.applied = False
             registry.save()
             done.append(f"unregistered {record.name} (node {record.node_id})")
-        elif record.revoked is not None and record.applied and record.node_id is None:
+        elif record.applied and record.node_id is None:
             done.append(
                 f"could not unregister {record.name}: the SuperLink holds its key under a node "
                 "id this registry does not know; find it with `flwr supernode ls` and remove "
                 "it with `flwr supernode unregister NODE_ID`"
             )
         else:
-            record.applied = record.revoked is None
+            record.applied = False
     done += _unregister_unknown(cli, registry, listed)
     return done
 

@@ -11,8 +11,9 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -847,6 +848,17 @@ class _FlakySuperLink:
         node = 100 + len(self.registered)
         self.registered[node] = public_key_file.read_text()
         return node
+
+    def register_keys(self, public_keys: list[str]) -> Iterator[int | SuperLinkError]:
+        """:meth:`FlwrCli.register_keys` through :meth:`register` (a refusal is the key's)."""
+        for key in public_keys:
+            with tempfile.TemporaryDirectory() as tmp:
+                key_file = Path(tmp) / "client.pub"
+                key_file.write_text(key + "\n")
+                try:
+                    yield self.register(key_file)
+                except SuperLinkError as exc:
+                    yield exc
 
     def unregister(self, node_id: int) -> None:
         if self.fail_unregister:
@@ -2339,33 +2351,63 @@ def test_a_device_unregistered_outside_fedrec_is_reported_locked_out(tmp_path: P
     assert not ClientRegistry.load(layout.registry).clients[0].applied
 
 
-def test_a_device_key_the_full_logs_disk_has_no_room_for_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_new_devices_are_registered_in_one_call_and_a_refused_key_blocks_no_other(
+    tmp_path: Path,
 ) -> None:
-    """The device's public key, written to a temporary file under logs/ for `flwr supernode
-    register`, failed on a full disk with an OSError naming no file: the command line said
-    "No space left on device" without which disk. It names the file now (under logs/), no
-    temporary file is left there, and the SuperLink is not called."""
-    import errno
-
+    """`server start` ran one `flwr supernode register` process per new device (2.3 s
+    each: most of an hour for 1,000), and the first key the SuperLink refused for any
+    reason but "in use" stopped the registration of every device after it. All new keys go
+    through one register_keys call (one process and connection); a refused key is reported,
+    left unapplied in clients.json (retried at the next start), and the others are
+    registered, each node id saved."""
     from server.superlink import apply_registrations
 
-    layout, link = _one_device_and_a_superlink(tmp_path)
-    write_text = Path.write_text
+    layout = init_state_dir(tmp_path / "s")
+    with ClientRegistry.locked(layout.registry) as registry:
+        for i in range(3):
+            public = init_identity(tmp_path / f"d{i}").public_key_openssh
+            registry.add(*load_public_key(public, source="key"), name=f"phone-{i}")
+        registry.save()
+    phone_1 = ClientRegistry.load(layout.registry).clients[1].public_key
+    link = _FlakySuperLink()
+    calls: list[list[str]] = []
+    register_keys = link.register_keys
 
-    def full_disk(self: Path, *args: Any, **kwargs: Any) -> int:
-        if self.name == "client.pub":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write_text(self, *args, **kwargs)
+    def one_call(public_keys: list[str]) -> Iterator[int | SuperLinkError]:
+        calls.append(list(public_keys))
+        return register_keys(public_keys)
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
-    with pytest.raises(OSError) as caught:
-        apply_registrations(layout, link)  # type: ignore[arg-type]
-    assert caught.value.errno == errno.ENOSPC
-    assert caught.value.filename is not None
-    assert Path(caught.value.filename).is_relative_to(layout.logs)
-    assert link.registered == {} and list(layout.logs.iterdir()) == []
-    assert ClientRegistry.load(layout.registry).clients[0].node_id is None
+    def register(public_key_file: Path) -> int:
+        if public_key_file.read_text().strip() == phone_1:
+            raise SuperLinkError("`flwr supernode register` failed: [code: 3] refused")
+        return _FlakySuperLink.register(link, public_key_file)
+
+    link.register_keys = one_call  # type: ignore[method-assign]
+    link.register = register  # type: ignore[method-assign]
+    done = apply_registrations(layout, link)  # type: ignore[arg-type]
+    assert len(calls) == 1 and len(calls[0]) == 3
+    assert done[0] == "registered phone-0 as node 100" and done[2].startswith("registered phone-2")
+    assert done[1].startswith("could not register phone-1") and "[code: 3] refused" in done[1]
+    saved = ClientRegistry.load(layout.registry).clients
+    assert [(c.node_id, c.applied) for c in saved] == [(100, True), (None, False), (101, True)]
+    link.register = lambda public_key_file: _FlakySuperLink.register(link, public_key_file)  # type: ignore[method-assign]
+    assert apply_registrations(layout, link) == ["registered phone-1 as node 102"]  # type: ignore[arg-type]
+    assert calls[-1] == [phone_1]  # only the one left
+
+
+def test_register_keys_reports_a_superlink_it_cannot_reach_for_all_keys(tmp_path: Path) -> None:
+    """The registering process (server.flwr_register) that cannot connect (here: no
+    connection written yet) fails the registration as a whole, with Flower's reason, and
+    registers nothing: not a key-by-key refusal."""
+    from server.superlink import FlwrCli
+
+    layout = init_state_dir(tmp_path / "s")
+    keys = [init_identity(tmp_path / f"d{i}").public_key_openssh for i in range(2)]
+    results = FlwrCli(layout, timeout_s=60).register_keys(keys)
+    with pytest.raises(SuperLinkError, match=r"^`flwr supernode register` failed: An une"):
+        next(results)  # Flower's own message, not a traceback
+    with pytest.raises(StopIteration):
+        next(results)
 
 
 def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) -> None:
