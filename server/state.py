@@ -348,7 +348,8 @@ def load_public_key(text: str, *, source: str) -> tuple[str, str]:
         )
     try:
         key = serialization.load_ssh_public_key(line.encode())
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    # NotImplementedError: a compressed point ("Need uncompressed point"), a traceback before
+    except (ValueError, UnsupportedAlgorithm, NotImplementedError) as exc:
         raise BadPublicKeyError(
             f"{source} is not an OpenSSH public key ({exc}); register the device's "
             "identity/client.pub (one line starting with 'ecdsa-sha2-nistp')"

@@ -4,6 +4,7 @@ errors for missing or bad input."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
@@ -546,6 +547,18 @@ _KEY, _FINGERPRINT = load_public_key(
     _ssh_line(ec.generate_private_key(ec.SECP256R1())), source="a test key"
 )
 _GOOD_RECORD = {"name": "phone", "public_key": _KEY, "fingerprint": _FINGERPRINT, "added": 1.0}
+
+
+def test_a_key_with_a_compressed_point_is_refused_as_a_bad_key() -> None:
+    """cryptography cannot read an OpenSSH key whose EC point is compressed and raises
+    NotImplementedError, which escaped from register-client (and a registry read) as a
+    traceback instead of the bad-key error that names the file to register."""
+    kind, blob = _KEY.split()[:2]
+    raw = base64.b64decode(blob)
+    compressed = raw[:-69] + (33).to_bytes(4, "big") + bytes([2 + raw[-1] % 2]) + raw[-64:-32]
+    line = f"{kind} {base64.b64encode(compressed).decode()}"
+    with pytest.raises(BadPublicKeyError, match="is not an OpenSSH public key"):
+        load_public_key(line, source="phone.pub")
 
 
 def test_the_registry_is_saved_one_device_per_line(tmp_path: Path) -> None:
