@@ -1957,3 +1957,42 @@ def test_data_info_shows_a_path_the_locale_cannot_decode_readably(tmp_path: Path
     report = runner.invoke(app, [*args, "--min-user-interactions", "1", "--format", "json"])
     source = json.loads(report.stdout)["cleaning"]["source"]  # the path itself, for programs
     assert os.fsencode(source) == os.fsencode(folder / "u.data")
+
+
+def test_client_status_shows_a_state_dir_the_locale_cannot_decode_readably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``client status``'s table starts with the state folder's path: one whose name is
+    not valid in the locale's encoding (byte 0xff) ended the command in a
+    UnicodeEncodeError traceback under a strict output encoding (the JSON it printed
+    before escaped it), or printed it as ``?``. It shows ``\\xff``, as ``data info`` does;
+    ``--format json`` is the API's answer, unchanged."""
+    import io
+    import urllib.request
+    from types import SimpleNamespace
+
+    import client.device.identity as identity
+
+    try:
+        state = tmp_path / os.fsdecode(b"phone\xff")
+        state.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    answer = {"events": 3, "privacy": {"epsilon_spent": 0.5}}
+    api = SimpleNamespace(url="http://127.0.0.1:1", pid=1)
+    monkeypatch.setattr(identity, "running_api", lambda state_dir: api)
+    token = SimpleNamespace(api_token=lambda: "t")
+    monkeypatch.setattr(identity.DeviceIdentity, "load", lambda state_dir: token)
+    opened = SimpleNamespace(open=lambda request, timeout: io.BytesIO(json.dumps(answer).encode()))
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *handlers: opened)
+    table = runner.invoke(app, ["client", "status", "--state-dir", str(state)])
+    assert table.exit_code == 0, table.output
+    assert table.stdout.splitlines() == [
+        f"device {tmp_path}/phone\\xff",
+        "  events:  3",
+        "  privacy:",
+        "    epsilon spent: 0.5",
+    ]
+    report = runner.invoke(app, ["client", "status", "--state-dir", str(state), "--format", "json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout) == answer

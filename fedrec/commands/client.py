@@ -540,7 +540,9 @@ def status(
     if fmt == "json" or not isinstance(body, dict):
         typer.echo(json.dumps(body, indent=2))
         return
-    typer.echo("\n".join([f"device {state_dir}", *field_lines(body, "  ")]))
+    from shared.io import readable_path  # a name the locale cannot decode: \xff, no crash
+
+    typer.echo("\n".join([f"device {readable_path(state_dir)}", *field_lines(body, "  ")]))
 
 
 @app.command("install-model")
