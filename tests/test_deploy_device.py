@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -870,6 +872,29 @@ def test_supernode_command_line(device: Path, bundle: Path, tmp_path: Path) -> N
     assert "fedrec-max-round-steps=1000" in node_config
     assert "fedrec-max-round-epsilon=6.0" in node_config
     assert spec.restart and spec.max_backoff_s is not None and spec.log_file
+
+
+def test_a_supernode_found_by_a_relative_path_runs_in_the_device_folder(
+    device: Path, bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started as ``python -m fedrec.cli`` through a relative PATH entry (``PATH=.venv/bin``),
+    Python's ``sys.executable`` is relative, and so was the flower-supernode beside it.
+    Since the SuperNode runs in the device folder, not the daemon's, that path named no
+    file there (Popen resolves it against ``cwd``), and neither did the PATH entry its
+    flower-superexec and flwr-clientapp are found by: the SuperNode never started. Both
+    are absolute."""
+    venv = Path(sys.executable).parent.parent
+    monkeypatch.chdir(venv)
+    monkeypatch.setattr(sys, "executable", str(Path(sys.executable).relative_to(venv)))
+    ca = create_pki(tmp_path / "certs").ca_cert
+    options = SuperNodeOptions(server="127.0.0.1:9093", root_cert=ca, bundle=bundle)
+    with Daemon.open(device) as daemon:
+        spec = supernode_spec(daemon.layout, options)
+    assert spec.cwd == str(device.resolve())
+    assert (Path(spec.cwd) / spec.argv[0]).is_file()  # as Popen(argv, cwd=cwd) finds it
+    assert os.path.samefile(spec.argv[0], venv / "bin" / "flower-supernode")
+    first_on_path = dict(spec.env)["PATH"].split(os.pathsep)[0]
+    assert os.path.isabs(first_on_path) and os.path.samefile(first_on_path, venv / "bin")
 
 
 @pytest.mark.parametrize(

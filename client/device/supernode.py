@@ -135,13 +135,16 @@ def _check_root_cert(path: Path) -> None:
 
 
 def supernode_executable() -> str:
+    """The flower-supernode beside this Python, else the one on PATH, as an absolute path:
+    the SuperNode runs in the device folder, where a relative one (``sys.executable`` is
+    relative when Python was found through a relative PATH entry) names no file."""
     beside = Path(sys.executable).with_name("flower-supernode")
     if beside.exists():
-        return str(beside)
+        return os.path.abspath(beside)
     found = shutil.which("flower-supernode")
     if found is None:
         raise ConfigError("flower-supernode is not installed; install the project (pip install .)")
-    return found
+    return os.path.abspath(found)
 
 
 def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSpec:
