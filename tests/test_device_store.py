@@ -20,7 +20,12 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -997,6 +1002,28 @@ def test_a_damaged_key_is_named_with_its_fix_and_rotate_key_replaces_it(tmp_path
     layout.api_token.unlink()
     with pytest.raises(IdentityError, match=r"api\.token is missing.*init --force"):
         DeviceIdentity.load(layout.state_dir)
+
+
+def test_a_key_whose_ec_point_byte_is_damaged_is_named_with_its_fix(tmp_path: Path) -> None:
+    """A client.key whose public point no longer starts with 0x04 (one damaged byte: the
+    uncompressed-point tag) made cryptography raise NotImplementedError ("Need uncompressed
+    point"), not ValueError: a traceback in every command that reads the key, and in
+    rotate-key, the fix the error names. It is the damaged key it is, and rotate-key
+    replaces it."""
+    first = init_identity(tmp_path / "device")
+    layout = first.layout
+    point = load_ssh_public_key(first.public_key_openssh.encode())
+    assert isinstance(point, ec.EllipticCurvePublicKey)
+    x962 = point.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    head, *body, tail = layout.private_key.read_text().strip().splitlines()
+    blob = base64.b64decode("".join(body))
+    assert blob.count(x962) == 2  # the public half, and again in the private half
+    damaged = base64.b64encode(blob.replace(x962, b"\x05" + x962[1:])).decode()
+    layout.private_key.write_text("\n".join([head, *textwrap.wrap(damaged, 70), tail]) + "\n")
+    with pytest.raises(IdentityError, match=r"not a usable OpenSSH private key.*rotate-key"):
+        DeviceIdentity.load(layout.state_dir).private_key()
+    rotated = rotate_key(layout.state_dir)
+    assert DeviceIdentity.load(layout.state_dir).public_key_openssh == rotated.public_key_openssh
 
 
 def test_rotate_key_prints_the_new_key_when_the_replaced_one_is_unknown(tmp_path: Path) -> None:

@@ -903,7 +903,9 @@ class DeviceIdentity:
         path = self.layout.private_key
         try:
             key = serialization.load_ssh_private_key(_read_secret(path), None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # NotImplementedError: a point not tagged uncompressed ("Need uncompressed point"),
+        # which one damaged byte makes: a traceback before, in rotate-key (the fix) too
+        except (ValueError, TypeError, UnsupportedAlgorithm, NotImplementedError) as exc:
             raise IdentityError(
                 f"{path} is not a usable OpenSSH private key ({exc}); restore it from backup, "
                 f"or give the device a new key with `fedrec client rotate-key --state-dir "
