@@ -904,6 +904,38 @@ def test_a_revocation_the_superlink_missed_can_be_retried(
     assert isinstance(again.exception, ConfigError) and "already revoked" in str(again.exception)
 
 
+def test_register_client_fails_when_the_superlink_refuses_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal of one key is a line of the registrations' output (so that `server start`
+    registers the others); `register-client` printed it and exited 0, the device unable to
+    join. It fails, the key stays saved, and the command again applies it."""
+    import server.superlink
+
+    state = tmp_path / "server"
+    assert runner.invoke(app, ["server", "init", "--state-dir", str(state)]).exit_code == 0
+    link = _FlakySuperLink()
+    monkeypatch.setattr(server.superlink, "live_cli", lambda layout: link)
+    accept = link.register
+
+    def refuse(public_key_file: Path) -> int:
+        raise SuperLinkError("`flwr supernode register` failed: [code: 3] refused")
+
+    link.register = refuse  # type: ignore[method-assign]
+    key = init_identity(tmp_path / "device").layout.public_key
+    args = [str(key), "--state-dir", str(state)]
+    refused = runner.invoke(app, ["server", "register-client", *args])
+    assert isinstance(refused.exception, SuperLinkError), refused.output
+    assert "could not register device-1" in refused.output
+    assert "did not register device-1" in str(refused.exception)
+    (saved,) = ClientRegistry.load(state / "clients.json").clients
+    assert saved.name == "device-1" and not saved.applied
+    link.register = accept  # type: ignore[method-assign]
+    retried = runner.invoke(app, ["server", "register-client", *args])
+    assert retried.exit_code == 0, retried.output
+    assert "registered device-1 as node 100" in retried.output
+
+
 class _DyingSuperLink(_FlakySuperLink):
     """A SuperLink whose server process dies (SIGKILL, power loss: no ``finally`` runs) on
     its second registration; it notes what ``clients.json`` held on disk by then."""

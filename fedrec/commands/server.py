@@ -182,6 +182,26 @@ def register_client(
         return
     for line in apply_registrations(layout, cli):
         typer.echo(f"  SuperLink: {line}")
+    _require_applied(layout, fingerprint)
+
+
+def _require_applied(layout: ServerLayout, fingerprint: str) -> None:
+    """Fail the command when the running SuperLink did not take the key it registered: the
+    SuperLink's refusal of one key leaves ``server start`` registering the others, so it is
+    a line of the output, and ``register-client`` exited 0 with the device still unable to
+    join (a script could not tell)."""
+    from server.state import ClientRegistry
+    from server.superlink import SuperLinkError
+
+    record = next(
+        (c for c in ClientRegistry.load(layout.registry).active() if c.fingerprint == fingerprint),
+        None,
+    )
+    if record is not None and not record.applied:
+        raise SuperLinkError(
+            f"the SuperLink did not register {record.name} ({fingerprint}): see its line above. "
+            "The key stays in clients.json, and `server start` or this command again retries it"
+        )
 
 
 @app.command("revoke-client")
