@@ -36,7 +36,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import signal
 import socket
 import ssl
@@ -76,8 +75,10 @@ from shared.io import (
 )
 from shared.processes import (
     ProcessKey,
+    console_script,
     descendants,
     die_with_parent,
+    python_executable,
     reap_group,
     terminate_group,
     terminate_processes,
@@ -104,23 +105,12 @@ class RunFailedError(FedRecError):
 # --------------------------------------------------------------------------- executables
 
 
-def executable(name: str) -> str:
-    """A console script of the installed packages: beside the interpreter, else on PATH."""
-    beside = Path(sys.executable).with_name(name)
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise ConfigError(f"`{name}` is not installed; install the project (pip install .)")
-    return found
-
-
 def flower_env(layout: ServerLayout) -> dict[str, str]:
     """Environment of every Flower process of this server (offline, own FLWR_HOME)."""
     env = dict(os.environ)
     # flower-superlink starts `flower-superexec` (and it `flwr-serverapp`) by name: the
     # installed console scripts go first on PATH (a virtual environment need not be active).
-    bin_dir = str(Path(executable("flower-superlink")).parent)
+    bin_dir = str(Path(console_script("flower-superlink")).parent)
     env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
     env["FLWR_HOME"] = str(layout.flwr_home.resolve())
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -140,7 +130,7 @@ class FlwrCli:
     timeout_s: float = 60.0
 
     def call(self, *args: str) -> dict[str, Any]:
-        argv = [executable("flwr"), *args, "--format", "json"]
+        argv = [console_script("flwr"), *args, "--format", "json"]
         try:
             done = subprocess.run(
                 argv,
@@ -187,7 +177,7 @@ class FlwrCli:
         and no key after it is registered."""
         if not public_keys:
             return
-        argv = [sys.executable, "-m", "server.flwr_register", CONNECTION]
+        argv = [python_executable(), "-m", "server.flwr_register", CONNECTION]
         env = flower_env(self.layout)
         # this very code (a checkout run in place, too), whatever the state dir's folder
         root = str(Path(__file__).resolve().parent.parent)
@@ -279,7 +269,7 @@ class FlwrCli:
         """Write the run's logs (ServerApp output) to ``path``; best effort: ``None`` once
         saved, else why not (a full disk, ``flwr log`` not answering), so that no message
         points at a log that was never written."""
-        argv = [executable("flwr"), "log", str(run_id), CONNECTION, "--show"]
+        argv = [console_script("flwr"), "log", str(run_id), CONNECTION, "--show"]
         try:
             done = subprocess.run(
                 argv,
@@ -727,11 +717,11 @@ class SuperLinkProcess:
 
     def argv(self) -> list[str]:
         pki = self.layout.pki
-        executable("flower-superlink")  # installed (its SuperExec is started by name)
+        console_script("flower-superlink")  # installed (its SuperExec is started by name)
         return [
             # flower-superlink's own code, with the Control and runtime APIs refused to
             # other hosts (see server.superlink_guard)
-            sys.executable,
+            python_executable(),
             "-m",
             "server.superlink_guard",
             "--ssl-ca-certfile",

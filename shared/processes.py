@@ -4,15 +4,43 @@ SuperNode and API): one way to tie a child to its parent, and one way to stop a 
 Children are started with ``start_new_session=True`` so that each is the leader of its own
 process group: stopping the group also stops what the child spawned (Flower starts a
 ServerApp / ClientApp process per run).
+
+Children run in their state folder (not wherever the command was started, a folder that may
+be removed meanwhile), so the programs they are started with are named by absolute paths:
+``sys.executable`` is relative when Python was found through a relative PATH entry
+(``.venv/bin``), and relative to another folder it names no file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+
+def python_executable() -> str:
+    """This interpreter as an absolute path (see the module docstring)."""
+    return os.path.abspath(sys.executable)
+
+
+def console_script(name: str) -> str:
+    """The installed console script ``name``, as an absolute path: the one beside this
+    interpreter (a virtual environment need not be activated), else the one on PATH;
+    :class:`ConfigError` when neither exists."""
+    beside = Path(python_executable()).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ConfigError(f"`{name}` is not installed; install the project (pip install .)")
+    return os.path.abspath(found)
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

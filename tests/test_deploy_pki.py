@@ -2483,3 +2483,23 @@ def test_a_node_no_device_in_clients_json_holds_is_unregistered(tmp_path: Path) 
     done = apply_registrations(layout, link)  # type: ignore[arg-type]
     assert sorted(link.registered) == [7, 101], done
     assert any("node 7" in line and "flwr supernode ls" in line for line in done), done
+
+
+def test_the_server_starts_flower_by_absolute_paths_from_a_relative_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SuperLink, the `flwr` calls and the registering process run in the state folder;
+    started through a relative PATH entry (``PATH=.venv/bin``), Python's ``sys.executable``
+    is relative and named no file there, so `server start` could not start the SuperLink."""
+    import os
+
+    from server.superlink import SuperLinkOptions, SuperLinkProcess, flower_env
+
+    layout = init_state_dir(tmp_path / "s")
+    venv = Path(sys.executable).parent.parent
+    monkeypatch.chdir(venv)
+    monkeypatch.setattr(sys, "executable", str(Path(sys.executable).relative_to(venv)))
+    argv = SuperLinkProcess(layout, SuperLinkOptions(port=19197)).argv()
+    assert os.path.isabs(argv[0]) and os.path.samefile(argv[0], venv / sys.executable)
+    first_on_path = flower_env(layout)["PATH"].split(os.pathsep)[0]
+    assert os.path.isabs(first_on_path) and os.path.samefile(first_on_path, venv / "bin")

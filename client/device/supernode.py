@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ from client.device.identity import DeviceLayout
 from shared.errors import ConfigError
 from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS, check_round_caps
 from shared.privacy.budget import PrivacyBudget, check_budget
+from shared.processes import console_script
 
 
 @dataclass(frozen=True)
@@ -134,19 +133,6 @@ def _check_root_cert(path: Path) -> None:
         )
 
 
-def supernode_executable() -> str:
-    """The flower-supernode beside this Python, else the one on PATH, as an absolute path:
-    the SuperNode runs in the device folder, where a relative one (``sys.executable`` is
-    relative when Python was found through a relative PATH entry) names no file."""
-    beside = Path(sys.executable).with_name("flower-supernode")
-    if beside.exists():
-        return os.path.abspath(beside)
-    found = shutil.which("flower-supernode")
-    if found is None:
-        raise ConfigError("flower-supernode is not installed; install the project (pip install .)")
-    return os.path.abspath(found)
-
-
 def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSpec:
     """The :class:`ProcessSpec` of this device's SuperNode."""
     from client.client_app import (
@@ -184,7 +170,7 @@ def supernode_spec(layout: DeviceLayout, options: SuperNodeOptions) -> ProcessSp
     if options.passphrase_env:  # a variable name (checked when the daemon read it)
         node_config += f" {NODE_PASSPHRASE_ENV}='{options.passphrase_env}'"
     argv = (
-        supernode_executable(),
+        console_script("flower-supernode"),
         "--superlink",
         options.server,
         "--root-certificates",
