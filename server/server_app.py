@@ -608,11 +608,19 @@ def check_resume(config: ServerConfig, initial: list[Any], bundle_digest: str = 
     to resume from (another model or bundle, another server optimiser, user-level DP over
     rounds that had none, a damaged user-level DP state or journal): launched, that only
     shows as a failed run with the reason in its log, and every restart would fail the same
-    way. Reads only; nothing in the folder changes."""
+    way. Reads only; nothing in the folder changes.
+
+    Without a checkpoint to resume from, the ServerApp numbers its model versions after the
+    highest published into ``artifact-dir``, and refuses to start when that folder's record
+    of published versions is unreadable: refused here too."""
+    checkpoint = None
+    if config.checkpoint_dir:
+        store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep, tidy=False)
+        checkpoint = store.latest()
+    if checkpoint is None and config.artifact_dir:
+        highest_published_version(config.artifact_dir)  # ModelFileError naming the record
     if not config.checkpoint_dir:
         return
-    store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep, tidy=False)
-    checkpoint = store.latest()
     user_dp: UserLevelDP | None = None
     if config.user_dp:  # the ServerApp reads these before its first round, and would fail there
         population = max(2, config.population_size)

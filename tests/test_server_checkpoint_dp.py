@@ -552,6 +552,24 @@ def test_a_run_without_a_checkpoint_numbers_its_versions_after_those_published(
         check_resume(server, ToyLinearTask().initial_parameters())
 
 
+def test_an_unreadable_record_of_versions_is_refused_before_a_run_without_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A run that starts without a checkpoint numbers its versions after the record's highest
+    and refuses to start when the record cannot be read; `server start` launched it anyway,
+    and the user saw only a failed run, its reason in the ServerApp's log."""
+    from server.server_app import check_resume
+
+    out = tmp_path / "artifacts"
+    (out / "published.jsonl").mkdir(parents=True)  # there, but not a readable file
+    config = _publishing_run("toy-publishing", PublishingToyTask, tmp_path)
+    server = ServerConfig.from_run_config(config)
+    with pytest.raises(ModelFileError, match=r"published\.jsonl is unreadable"):
+        check_resume(server, ToyLinearTask().initial_parameters())
+    (out / "published.jsonl").rmdir()
+    check_resume(server, ToyLinearTask().initial_parameters())  # no record yet: fine
+
+
 def test_a_withheld_version_stays_withheld_after_another_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
