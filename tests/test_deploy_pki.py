@@ -952,6 +952,17 @@ class _DyingSuperLink(_FlakySuperLink):
         return super().register(public_key_file)
 
 
+def _state_with_devices(tmp_path: Path, count: int) -> ServerLayout:
+    """A server state whose clients.json holds ``count`` new devices, phone-0, phone-1, ..."""
+    layout = init_state_dir(tmp_path / "s")
+    with ClientRegistry.locked(layout.registry) as registry:
+        for i in range(count):
+            public = init_identity(tmp_path / f"d{i}").public_key_openssh
+            registry.add(*load_public_key(public, source="key"), name=f"phone-{i}")
+        registry.save()
+    return layout
+
+
 def test_each_registration_is_saved_before_the_next_superlink_call(tmp_path: Path) -> None:
     """`server start` registered every new key and saved the node ids only once all were
     done: a server killed in between (SIGKILL, a power loss) lost the node ids the SuperLink
@@ -959,12 +970,7 @@ def test_each_registration_is_saved_before_the_next_superlink_call(tmp_path: Pat
     SuperLink kept accepting it). Each node id is saved as soon as the SuperLink gives it."""
     from server.superlink import apply_registrations
 
-    layout = init_state_dir(tmp_path / "s")
-    with ClientRegistry.locked(layout.registry) as registry:
-        for i in range(2):
-            public = init_identity(tmp_path / f"d{i}").public_key_openssh
-            registry.add(*load_public_key(public, source="key"), name=f"phone-{i}")
-        registry.save()
+    layout = _state_with_devices(tmp_path, 2)
     link = _DyingSuperLink(layout.registry)
     with pytest.raises(KeyboardInterrupt):
         apply_registrations(layout, link)  # type: ignore[arg-type]
@@ -2407,12 +2413,7 @@ def test_new_devices_are_registered_in_one_call_and_a_refused_key_blocks_no_othe
     registered, each node id saved."""
     from server.superlink import apply_registrations
 
-    layout = init_state_dir(tmp_path / "s")
-    with ClientRegistry.locked(layout.registry) as registry:
-        for i in range(3):
-            public = init_identity(tmp_path / f"d{i}").public_key_openssh
-            registry.add(*load_public_key(public, source="key"), name=f"phone-{i}")
-        registry.save()
+    layout = _state_with_devices(tmp_path, 3)
     phone_1 = ClientRegistry.load(layout.registry).clients[1].public_key
     link = _FlakySuperLink()
     calls: list[list[str]] = []
