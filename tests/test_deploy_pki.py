@@ -936,6 +936,46 @@ def test_register_client_fails_when_the_superlink_refuses_its_key(
     assert "registered device-1 as node 100" in retried.output
 
 
+def test_register_client_reads_the_registry_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read of clients.json checks every stored key (0.4 s at 10,000 devices), and
+    `register-client` on a running server read it three times: to add the key, to apply it,
+    and to see whether the SuperLink took it. It reads it once, refused or not."""
+    import server.superlink
+
+    layout = _state_with_devices(tmp_path, 2)
+    link = _FlakySuperLink()
+    monkeypatch.setattr(server.superlink, "live_cli", lambda layout: link)
+    reads: list[Path] = []
+    load = ClientRegistry.load.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[ClientRegistry], path: Path) -> ClientRegistry:
+        reads.append(path)
+        return load(cls, path)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ClientRegistry, "load", classmethod(counting))
+    key = init_identity(tmp_path / "device").layout.public_key
+    args = [str(key), "--state-dir", str(layout.state_dir)]
+    added = runner.invoke(app, ["server", "register-client", *args])
+    assert added.exit_code == 0, added.output
+    assert "registered device-1 as node 102" in added.output
+    assert reads == [layout.registry]
+
+    def refuse(public_key_file: Path) -> int:
+        raise SuperLinkError("`flwr supernode register` failed: [code: 3] refused")
+
+    monkeypatch.setattr(link, "register", refuse)
+    reads.clear()
+    other = init_identity(tmp_path / "device-2").layout.public_key
+    refused = runner.invoke(app, ["server", "register-client", str(other), *args[1:]])
+    assert isinstance(refused.exception, SuperLinkError), refused.output
+    assert "did not register device-2" in str(refused.exception)
+    assert reads == [layout.registry]
+    saved = {c.name: c.applied for c in ClientRegistry.load(layout.registry).clients}
+    assert saved == {"phone-0": True, "phone-1": True, "device-1": True, "device-2": False}
+
+
 class _DyingSuperLink(_FlakySuperLink):
     """A SuperLink whose server process dies (SIGKILL, power loss: no ``finally`` runs) on
     its second registration; it notes what ``clients.json`` held on disk by then."""

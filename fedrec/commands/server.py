@@ -157,50 +157,41 @@ def register_client(
 ) -> None:
     """Authorize a device's key. Takes effect at once on a running server, else at start."""
     from server.state import ClientRegistry, ServerLayout, read_public_key_file
-    from server.superlink import apply_registrations, live_cli
+    from server.superlink import SuperLinkError, apply_locked, live_cli
 
     layout = ServerLayout(state_dir).require()
     key, fingerprint = read_public_key_file(public_key_file)
+    # one lock, one read of clients.json (each read checks every stored key): the key is
+    # added, saved, applied, and its record says whether the SuperLink took it
     with ClientRegistry.locked(layout.registry) as registry:
         layout.require_registry()  # a new one holding only this key unregisters the others
         # under the lock: a server whose SuperLink is not up yet applies clients.json under
         # it once it is, so it sees this change; checked before the lock, a server that came
         # up and applied its registrations in between left the change for a restart
         cli = live_cli(layout)
-        pending = next(
+        record = next(
             (c for c in registry.active() if c.fingerprint == fingerprint and not c.applied),
             None,
         )
-        if pending is None or cli is None:  # a retry of a save whose apply failed is not new
+        if record is None or cli is None:  # a retry of a save whose apply failed is not new
             record = registry.add(key, fingerprint, name)
             registry.save()
             typer.echo(f"registered {record.name} ({fingerprint})")
         else:
-            typer.echo(f"{pending.name} ({fingerprint}) is saved; applying it to the SuperLink")
+            typer.echo(f"{record.name} ({fingerprint}) is saved; applying it to the SuperLink")
+        if cli is not None:
+            for line in apply_locked(layout, cli, registry):
+                typer.echo(f"  SuperLink: {line}")
     if cli is None:
         typer.echo(_not_applied_yet(layout, "the key is applied"))
-        return
-    for line in apply_registrations(layout, cli):
-        typer.echo(f"  SuperLink: {line}")
-    _require_applied(layout, fingerprint)
-
-
-def _require_applied(layout: ServerLayout, fingerprint: str) -> None:
-    """Fail the command when the running SuperLink did not take the key it registered: the
-    SuperLink's refusal of one key leaves ``server start`` registering the others, so it is
-    a line of the output, and ``register-client`` exited 0 with the device still unable to
-    join (a script could not tell)."""
-    from server.state import ClientRegistry
-    from server.superlink import SuperLinkError
-
-    record = next(
-        (c for c in ClientRegistry.load(layout.registry).active() if c.fingerprint == fingerprint),
-        None,
-    )
-    if record is not None and not record.applied:
+    elif not record.applied:
+        # the SuperLink's refusal of one key leaves `server start` registering the others,
+        # so it is a line of the output; exiting 0 on it left a script unable to tell that
+        # the device still cannot join
         raise SuperLinkError(
-            f"the SuperLink did not register {record.name} ({fingerprint}): see its line above. "
-            "The key stays in clients.json, and `server start` or this command again retries it"
+            f"the SuperLink did not register {record.name} ({fingerprint}): see its line "
+            "above. The key stays in clients.json, and `server start` or this command again "
+            "retries it"
         )
 
 
