@@ -936,16 +936,17 @@ def test_register_client_fails_when_the_superlink_refuses_its_key(
     assert "registered device-1 as node 100" in retried.output
 
 
-def test_register_client_reads_the_registry_once(
+def test_register_and_revoke_client_read_the_registry_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each read of clients.json checks every stored key (0.4 s at 10,000 devices), and
     `register-client` on a running server read it three times: to add the key, to apply it,
-    and to see whether the SuperLink took it. It reads it once, refused or not."""
+    and to see whether the SuperLink took it (`revoke-client` twice). Each reads it once."""
     import server.superlink
 
     layout = _state_with_devices(tmp_path, 2)
     link = _FlakySuperLink()
+    link.fail_unregister = False
     monkeypatch.setattr(server.superlink, "live_cli", lambda layout: link)
     reads: list[Path] = []
     load = ClientRegistry.load.__func__  # type: ignore[attr-defined]
@@ -965,6 +966,7 @@ def test_register_client_reads_the_registry_once(
     def refuse(public_key_file: Path) -> int:
         raise SuperLinkError("`flwr supernode register` failed: [code: 3] refused")
 
+    accept = link.register
     monkeypatch.setattr(link, "register", refuse)
     reads.clear()
     other = init_identity(tmp_path / "device-2").layout.public_key
@@ -972,8 +974,15 @@ def test_register_client_reads_the_registry_once(
     assert isinstance(refused.exception, SuperLinkError), refused.output
     assert "did not register device-2" in str(refused.exception)
     assert reads == [layout.registry]
+    monkeypatch.setattr(link, "register", accept)
+    reads.clear()
+    revoked = runner.invoke(app, ["server", "revoke-client", "phone-0", *args[1:]])
+    assert revoked.exit_code == 0, revoked.output
+    assert "unregistered phone-0 (node 100)" in revoked.output and 100 not in link.registered
+    assert "registered device-2 as node 103" in revoked.output  # the refused key, retried
+    assert reads == [layout.registry]  # revoke-client too (it read it twice)
     saved = {c.name: c.applied for c in ClientRegistry.load(layout.registry).clients}
-    assert saved == {"phone-0": True, "phone-1": True, "device-1": True, "device-2": False}
+    assert saved == {"phone-0": False, "phone-1": True, "device-1": True, "device-2": True}
 
 
 class _DyingSuperLink(_FlakySuperLink):

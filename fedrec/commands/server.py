@@ -205,11 +205,11 @@ def revoke_client(
     """Withdraw a device's key. A running SuperLink refuses the device from its next request.
     A name reused after a revocation (a device that rotated its key) means its active key."""
     from server.state import ClientRegistry, ServerLayout, describe_client
-    from server.superlink import apply_registrations, live_cli
+    from server.superlink import apply_locked, live_cli
     from shared.errors import ConfigError
 
     layout = ServerLayout(state_dir).require()
-    with ClientRegistry.locked(layout.registry) as registry:
+    with ClientRegistry.locked(layout.registry) as registry:  # one read, as in register-client
         layout.require_registry()  # else "no registered client", as if none had been
         cli = live_cli(layout)  # under the lock, as in register-client
         record = registry.find(client)
@@ -229,11 +229,11 @@ def revoke_client(
             raise ConfigError(
                 f"{record.name} ({record.fingerprint}) is already revoked; nothing to do"
             )
+        if cli is not None:
+            for line in apply_locked(layout, cli, registry):
+                typer.echo(f"  SuperLink: {line}")
     if cli is None:
         typer.echo(_not_applied_yet(layout, "the SuperLink unregisters it"))
-        return
-    for line in apply_registrations(layout, cli):
-        typer.echo(f"  SuperLink: {line}")
 
 
 @app.command("start")
