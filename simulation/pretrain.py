@@ -47,7 +47,7 @@ from shared.text.encoder import (
     encode_items,
     resolve_model_dir,
 )
-from shared.training.device import cpu_state, resolve_device
+from shared.training.device import cpu_state, release_cached_memory, resolve_device
 from shared.training.trainer import Validation, count_parameters, seeded
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,41 @@ def pretrain(
     catalog and its shape depends on the reading validation chose, the student's does not.
     Counting one member, not the whole ensemble, keeps the student the same whatever
     ``members`` is.
+
+    Once done (or failed), the GPU memory torch cached for it goes back to the driver
+    (:func:`~shared.training.device.release_cached_memory`): the models are on the CPU by
+    then, and a simulation's clients that Ray gives GPU shares run in other processes.
     """
     train_on = resolve_device(device)
+    try:
+        return _fit_or_load(
+            dataset,
+            split,
+            text,
+            cache_dir,
+            train_on,
+            teacher_config=teacher_config,
+            student_config=student_config,
+            progress=progress,
+            fingerprint=fingerprint,
+        )
+    finally:
+        release_cached_memory(train_on)
+
+
+def _fit_or_load(
+    dataset: RecDataset,
+    split: ProtocolSplit,
+    text: npt.NDArray[np.float32],
+    cache_dir: Path,
+    train_on: torch.device,
+    *,
+    teacher_config: TeacherConfig,
+    student_config: StudentConfig,
+    progress: bool,
+    fingerprint: str | None,
+) -> Pretrained:
+    """:func:`pretrain` on the resolved device ``train_on``."""
     teacher = SASRecTeacher(text, teacher_config, progress=progress, device=str(train_on))
     key = cache_key(
         dataset, split, text, teacher_config, student_config, fingerprint, train_on.type

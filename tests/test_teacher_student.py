@@ -1442,6 +1442,37 @@ def test_a_cpu_pretraining_keeps_its_cache_key(tmp_path: Path) -> None:
         assert again.cached and not first.cached
 
 
+def test_pretraining_on_a_gpu_hands_its_cached_memory_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch keeps the GPU memory a pretraining freed reserved for the process, where a
+    simulation's clients, in other processes on Ray's GPU shares, could not use it: a
+    pretraining on CUDA empties torch's cache once done, one on the CPU leaves it alone.
+    No GPU here: this machine is made to look like one with a GPU, and the CUDA run is a
+    cache hit (the CPU run's file under the CUDA key), which builds its models on the CPU."""
+    import shutil
+
+    from simulation.pretrain import cache_key, pretrain
+
+    emptied: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append("emptied"))
+    ds = chain_dataset(n_users=40, length=8)
+    split = split_users(ds, SplitConfig(seed=3, public_fraction=0.5))
+    configs = (replace(TINY_TEACHER, order="sequence", epochs=1), replace(TINY_STUDENT, epochs=1))
+    kwargs: dict[str, Any] = {"teacher_config": configs[0], "student_config": configs[1]}
+    cpu = pretrain(ds, split, text_features(), tmp_path, **kwargs, device="cpu")
+    assert not cpu.cached and emptied == []
+    assert pretrain(ds, split, text_features(), tmp_path, **kwargs, device="cpu").cached
+    assert emptied == []  # nor after a cache hit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    (cpu_file,) = (tmp_path / "pretrained").glob("*.pt")
+    gpu_key = cache_key(ds, split, text_features(), *configs, None, "cuda")
+    shutil.copy(cpu_file, cpu_file.with_name(f"{ds.name}-{gpu_key}.pt"))
+    gpu = pretrain(ds, split, text_features(), tmp_path, **kwargs, device="cuda")
+    assert gpu.cached and emptied == ["emptied"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_pretraining_on_the_gpu_matches_the_cpu_and_caches_cpu_tensors(tmp_path: Path) -> None:
     """A tiny pretraining on CUDA trains there, comes back (and is cached) on the CPU, under

@@ -9,11 +9,13 @@ is not there with the same one-line error.
 Training data is built, shuffled (the loaders draw from a CPU generator, so a run shuffles
 the same whatever the device) and trimmed on the CPU; the loss functions move only the model
 inputs to the model's device (:func:`to_device`). A model trained on a GPU is saved as CPU
-tensors (:func:`cpu_state`) so the file loads on a machine without one.
+tensors (:func:`cpu_state`) so the file loads on a machine without one, and the GPU memory
+torch cached for the work is handed back once it is done (:func:`release_cached_memory`).
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -65,3 +67,15 @@ def cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     on a machine without a GPU. Tensors on the CPU are kept as they are (the same bytes
     saved as before)."""
     return {name: value.cpu() for name, value in state.items()}
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the GPU memory torch's caching allocator still holds after work on ``device``
+    back to the driver; nothing for the CPU. Freed tensors stay reserved by the process
+    that used them: a simulation that pretrained on a GPU kept it, and the clients that Ray
+    gives GPU shares (other processes) could not use it. Garbage is collected first, so
+    that tensors only unreachable cycles still hold are freed too."""
+    if device.type != "cuda":
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
