@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -1108,3 +1109,34 @@ def test_coded_id_columns_build_the_dataset_their_strings_build() -> None:
             ["a.", "b."],
             item_names=item_names,
         )
+
+
+def test_loader_warnings_show_a_path_the_locale_cannot_decode_readably(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data folder whose name is not valid in the locale's encoding (byte 0xff, e.g.
+    under ``LC_ALL=C``): the loaders' warnings printed the lone surrogate Python
+    holds for that byte (``?`` in a C-locale log, a raw invalid byte under UTF-8, an
+    encoding error on a strict stream). They show ``\\xff``, as ``fedrec data info`` does."""
+    try:
+        odd = tmp_path / os.fsdecode(b"caf\xff")
+        odd.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    root = ml100k_dir(odd / "ml", data=U_DATA + "2\t4\t1\t88")  # cut mid-row, not the release
+    items = "item,text\nb1,One\nb2, \nb3,Three\n"  # b2: an empty text
+    rows = "user,item,timestamp\nu,b1,1\nu,zz,2\nu,b3,3\nu,b2,4\n"  # zz: not in items.csv
+    generic = generic_dir(odd / "g", interactions=rows, items=items)
+    with caplog.at_level(logging.WARNING, logger="shared.data"):
+        load_ml100k(root)
+        load_generic(generic)
+    shown = [r.getMessage() for r in caplog.records if "caf" in r.getMessage()]
+    assert not [m for m in shown if re.search("[\udc80-\udcff]", m)]
+    readable = f"{tmp_path}/caf\\xff"
+    for line in (
+        f"{readable}/ml/u.data does not end with a line break",
+        f"{readable}/ml/u.data holds 7 ratings, the MovieLens 100K release 100000",
+        f"{readable}/g/items.csv: 1 of 3 items have an empty text",
+        f"whose item is not in {readable}/g/items.csv (e.g. items ['zz'])",
+    ):
+        assert any(line in m for m in shown), (line, shown)

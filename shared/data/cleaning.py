@@ -173,7 +173,7 @@ class Catalog:
         if empty:
             logger.warning(
                 "%s: %d of %d items have an empty text (e.g. items %s)",
-                self.path,
+                readable_path(self.path),
                 len(empty),
                 n,
                 empty[:5],
@@ -454,7 +454,7 @@ def warn_if_cut(path: Path) -> None:
     logger.warning(
         "%s does not end with a line break: its last row may be cut short (an interrupted "
         "copy?); if so its values are wrong, so copy the file again",
-        path,
+        readable_path(path),
     )
 
 
@@ -664,7 +664,7 @@ def drop_unknown_items(
             name,
             dropped,
             len(raw),
-            catalog.path,
+            readable_path(catalog.path),
             examples,
         )
     else:

@@ -52,6 +52,7 @@ from shared.io import (
     ensure_dir,
     fsync_dir,
     home_path,
+    readable_path,
     remove_stale_temps,
 )
 
@@ -194,7 +195,7 @@ def download_dataset(
         older_than=2 * max(deadline, 600.0),
         folders=True,
     )
-    logger.info("%s: downloading %s into %s", name, spec.url, root)
+    logger.info("%s: downloading %s into %s", name, spec.url, readable_path(root))
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-download-") as tmp:
         archive = Path(tmp) / "archive.zip"
         digest = fetch(
@@ -209,7 +210,7 @@ def download_dataset(
             _write_provenance(folder, name, spec, digest)
             _sync_tree(folder)
         _publish(folder, final)
-    logger.info("%s: ready in %s", name, final)
+    logger.info("%s: ready in %s", name, readable_path(final))
     return final
 
 
@@ -481,6 +482,8 @@ def _publish(folder: Path, final: Path) -> None:
     except OSError:
         if cached_dataset_dir(final.name, final.parent) is None:
             raise
-        logger.info("%s appeared while downloading; keeping the existing copy", final)
+        logger.info(
+            "%s appeared while downloading; keeping the existing copy", readable_path(final)
+        )
         return
     fsync_dir(final.parent)  # the rename itself

@@ -29,6 +29,7 @@ from shared.data.cleaning import (
     warn_if_cut,
 )
 from shared.errors import DataError
+from shared.io import readable_path
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def warn_if_partial(name: str, raw: RawInteractions) -> None:
     logger.warning(
         "%s holds %d ratings, the %s release %d: a partial or edited copy? "
         "Figures on it are not comparable with published %s results",
-        raw.path,
+        readable_path(raw.path),
         len(raw),
         release,
         count,
@@ -244,7 +245,9 @@ def _ml100k_genres(root: Path) -> tuple[str, ...]:
     """Genre names from ``u.genre`` (``name|index``), or the standard 19 if it is absent."""
     path = root / "u.genre"
     if not path.is_file():
-        logger.info("%s not found; using the standard 19 MovieLens 100K genres", path)
+        logger.info(
+            "%s not found; using the standard 19 MovieLens 100K genres", readable_path(path)
+        )
         return ML100K_GENRES
     by_index: dict[int, str] = {}
     line_of: dict[int, int] = {}
