@@ -224,7 +224,7 @@ class ServerConfig:
             "min-cohort",
             f"at most min-available-clients ({self.min_available_clients}: rounds start with "
             "that many devices; raise it: 'min-available-clients', --min-clients on `fedrec "
-            "server start`)",
+            "server start`, or lower 'min-cohort', --min-cohort)",
             self.min_cohort,
         )
         require(self.eval_size >= 0, "eval-size", ">= 0", self.eval_size)

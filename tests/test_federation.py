@@ -413,8 +413,13 @@ def test_server_config_defaults_and_kebab_keys() -> None:
             "'min-cohort' 2000 exceeds the 1023 clients SecAgg",
         ),
         ({"secagg": True, "noise-shares": 2000}, "'noise-shares' 2000 exceeds the 1023 clients"),
-        # rounds start with min-available-clients devices: a larger min-cohort never held
-        ({"min-cohort": 5, "min-available-clients": 2}, "'min-cohort' must be at most min-av"),
+        # rounds start with min-available-clients devices: a larger min-cohort never held;
+        # both fixes are named (one device without SecAgg+ needs --min-cohort 1, since
+        # --min-clients 1 alone met the default min-cohort 2 and was told to raise it)
+        (
+            {"min-cohort": 5, "min-available-clients": 2},
+            "'min-cohort' must be at most min-av.*--min-clients.* or lower 'min-cohort', --min-c",
+        ),
         (
             {"user-dp": True, "user-dp-epsilon-budget": float("inf")},
             r"'user-dp-epsilon-budget' must be a finite number >= 0 \(0: no budget\)",
