@@ -265,7 +265,7 @@ def start(
             "--min-clients",
             min=1,
             help="Devices that must be connected to start; at least SecAgg+'s reconstruction "
-            "threshold (3 by default).",
+            "threshold (3 by default) and --min-cohort (2 by default).",
         ),
     ] = 3,
     host: Annotated[
