@@ -1070,6 +1070,9 @@ class SimulationBackend:
         if self.ray_address:
             init_args["address"] = self.ray_address
         else:
+            # a private cluster: left unset, Ray attaches to the one RAY_ADDRESS names or the
+            # last one `ray start` left on this machine, and refuses the resources below
+            init_args["address"] = "local"
             if self.ray_num_cpus is not None:
                 init_args["num_cpus"] = self.ray_num_cpus
             if self.num_gpus_per_client == 0:

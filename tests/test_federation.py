@@ -568,6 +568,10 @@ def test_simulation_backend_config_is_cpu_only_and_can_attach() -> None:
     local = SimulationBackend(num_cpus_per_client=0.5, ray_num_cpus=2).to_backend_config()
     assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert local["init_args"]["num_gpus"] == 0 and local["init_args"]["num_cpus"] == 2
+    # a private cluster whatever RAY_ADDRESS says or a `ray start` left on this machine:
+    # left unset, Ray attached to that one and refused the resources above ("When
+    # connecting to an existing cluster, num_cpus and num_gpus must not be provided")
+    assert local["init_args"]["address"] == "local"
     attached = SimulationBackend(ray_address="127.0.0.1:6379").to_backend_config()
     assert attached["init_args"]["address"] == "127.0.0.1:6379"
     assert "num_cpus" not in attached["init_args"]
