@@ -517,6 +517,7 @@ def test_a_key_file_far_larger_than_a_key_is_refused_unread(tmp_path: Path) -> N
         ("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n", "private key"),
         ("", "not a public key"),
     ],
+    ids=["rsa", "ed25519", "not-base64", "private-key", "empty"],
 )
 def test_bad_keys_are_refused_with_the_reason(text: str, match: str) -> None:
     with pytest.raises(BadPublicKeyError, match=match):
