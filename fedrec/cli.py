@@ -115,14 +115,20 @@ def _run() -> None:
     from fedrec.options import colored
     from shared.config import is_int
     from shared.errors import FedRecError
-    from shared.io import disk_full
+    from shared.io import disk_full, readable_message
+
+    def error(message: str) -> None:
+        """The one-line error, a byte of a path the locale cannot decode shown as ``\\xff``
+        (printed as Python holds it, it read ``\\udcff``, ``?`` or a raw invalid byte, and a
+        strict output encoding ended the command in a UnicodeEncodeError traceback)."""
+        colored(readable_message(f"error: {message}"), "red")
 
     try:
         code = app(standalone_mode=False)
     except OutputClosed:
         _quit_closed_output()
     except FedRecError as err:
-        colored(f"error: {err}", "red")
+        error(str(err))
         sys.exit(2)
     except OSError as err:
         full = disk_full(err)
@@ -135,7 +141,7 @@ def _run() -> None:
         where = "" if err.filename is None else f": {err.filename}"
         where += f" -> {err.filename2}" if err.filename2 else ""
         fix = "free space on that disk and retry" if full else "check the path and its permissions"
-        colored(f"error: {err.strerror or err}{where}; {fix}", "red")
+        error(f"{err.strerror or err}{where}; {fix}")
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

@@ -74,6 +74,18 @@ def readable_path(path: str | os.PathLike[str]) -> str:
     return _UNDECODED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", os.fspath(path))
 
 
+_QUOTED_UNDECODED_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+
+
+def readable_message(text: str) -> str:
+    """``text`` (a one-line error) to show to people: each byte the locale could not decode
+    written ``\\xff``, as :func:`readable_path` does, also where the message quotes a path
+    with ``repr`` (``'caf\\udcff'``: repr escapes the surrogate itself, which read as a
+    character code rather than the byte the file's name has). Escapes of other characters
+    and doubled backslashes are left as they are."""
+    return _QUOTED_UNDECODED_BYTE.sub(r"\1\\x\2", readable_path(text))
+
+
 def home_path(path: str | Path) -> Path:
     """``path`` with a leading ``~`` (or ``~user``) as that home folder. A ``~user`` that
     names no user is a :class:`~shared.errors.ConfigError` (``Path.expanduser`` raised a

@@ -1996,3 +1996,61 @@ def test_client_status_shows_a_state_dir_the_locale_cannot_decode_readably(
     report = runner.invoke(app, ["client", "status", "--state-dir", str(state), "--format", "json"])
     assert report.exit_code == 0, report.output
     assert json.loads(report.stdout) == answer
+
+
+def _folder_the_locale_cannot_decode(tmp_path: Path) -> Path:
+    """``caf\\xff`` (with a file ``file`` in it) under ``tmp_path``: byte 0xff is not UTF-8,
+    so Python holds it as the lone surrogate ``\\udcff``."""
+    try:
+        folder = tmp_path / os.fsdecode(b"caf\xff")
+        folder.mkdir()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (folder / "file").write_text("")
+    return folder
+
+
+def test_an_error_naming_a_path_the_locale_cannot_decode_shows_it_readably(
+    tmp_path: Path,
+) -> None:
+    """An error naming a folder whose name is not valid in the locale's encoding printed the
+    byte as ``\\udcff`` (stderr's backslashreplace), ``?`` or the raw byte, and a strict
+    output encoding could end it in a UnicodeEncodeError. The one-line error shows ``\\xff``,
+    as ``data info``'s table does."""
+    folder = _folder_the_locale_cannot_decode(tmp_path)
+    args = ["data", "info", "-d", "ml-100k", "--data-dir", str(folder)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", *args],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", "NO_COLOR": "1"},
+        check=False,
+    )
+    err = proc.stderr.decode("utf-8", "surrogateescape")
+    assert proc.returncode == 2, err
+    assert err.startswith("error: ml-100k: ") and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path}/caf\\xff lacks u.data" in err
+    assert "\\udc" not in err and not re.search("[\udc80-\udcff]", err)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data", "info", "--data-dir", "{folder}"],  # quotes the path with repr: 'caf\\udcff'
+        ["server", "init", "--state-dir", "{folder}/file/srv"],  # an OSError's file name
+    ],
+)
+def test_every_error_line_shows_a_path_the_locale_cannot_decode_readably(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+) -> None:
+    """The error printer escapes the byte whatever form the message holds it in: the
+    surrogate itself, repr's ``\\udcff`` escape of it, or an OSError's file name."""
+    folder = _folder_the_locale_cannot_decode(tmp_path)
+    code = _main(monkeypatch, *(arg.format(folder=folder) for arg in args))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path}/caf\\xff" in err
+    assert "\\udc" not in err and not re.search("[\udc80-\udcff]", err)

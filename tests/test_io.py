@@ -620,3 +620,17 @@ def test_readable_path_writes_undecodable_bytes_as_escapes() -> None:
     assert readable_path(os.fsdecode(b"/d/caf\xff")) in ("/d/caf\\xff", "/d/caf\xff")
     assert readable_path("/d/caf\udcc3\udca9 é") == "/d/caf\\xc3\\xa9 é"
     assert readable_path(Path("plain")) == "plain"
+
+
+def test_readable_message_writes_undecodable_bytes_as_escapes_also_where_quoted() -> None:
+    """An error message may hold a path as it is (the lone surrogate) or quoted with repr
+    (``'caf\\udcff'``, the surrogate's own escape): both read ``\\xff``. Other escapes, and a
+    backslash that is part of the name (doubled by repr), are left as they are."""
+    from shared.io import readable_message
+
+    name = "/d/caf\udcff"
+    assert readable_message(f"{name} lacks u.data") == "/d/caf\\xff lacks u.data"
+    assert readable_message(f"data-dir {name!r} is given") == "data-dir '/d/caf\\xff' is given"
+    assert readable_message(repr("a\\udcff")) == repr("a\\udcff")  # typed, not a byte
+    assert readable_message(repr("a\\\udcff")) == "'a\\\\\\xff'"
+    assert readable_message("caf\\u00e9 'x\\n'") == "caf\\u00e9 'x\\n'"
