@@ -1474,3 +1474,38 @@ def test_a_slate_whose_state_cannot_be_saved_leaves_no_trace_in_the_policy(
     again = BanditReranker(config, store)
     again.on_model(model)
     assert again.state() == reranker.state()
+
+
+def test_init_force_says_what_it_erased_and_what_it_kept(tmp_path: Path) -> None:
+    """``init --force`` erased the store, the sealed models, the global model and the
+    SuperNode's log without a word (only --help and the refusal said so): it names on
+    stderr what it erased of what was there, and what it kept; stdout is still the key."""
+    state = tmp_path / "device"
+    layout = init_identity(state).layout
+    with DeviceStore.open(layout.store_db, DeviceIdentity.load(state).data_key()) as store:
+        store.add_events([Event(i, "view", 1.0) for i in SECRET_IDS])
+    for path in (layout.models_dir / "m.sealed", layout.supernode_log, layout.ledger):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (state / "federated").mkdir()
+    (state / "federated" / "global.npz").write_bytes(b"x")
+
+    result = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == layout.public_key.read_text().strip()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "erased the local store, the sealed models, the last federation's global model and "
+        "logs/supernode.log; kept the privacy ledger, the rounds joined and the catalog"
+    )
+    assert layout.ledger.exists() and not layout.store_db.exists()
+    # only what was there is named; a catalog given with --catalog replaces the old one
+    layout.store_db.write_bytes(b"x")
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('["a"]')
+    args = ["init", "--state-dir", str(state), "--force", "--catalog", str(catalog)]
+    again = runner.invoke(client_app, args)
+    assert again.exit_code == 0, again.output
+    assert "erased the local store; kept the privacy ledger and the rounds joined" in again.stderr
+    fresh = runner.invoke(client_app, ["init", "--state-dir", str(tmp_path / "new"), "--force"])
+    assert fresh.exit_code == 0 and "erased" not in fresh.stderr  # nothing was there

@@ -623,6 +623,9 @@ class InitResult:
     #: with ``force``: every key this device had before, oldest first (the replaced one last,
     #: when it was readable), as ``rotate-key`` keeps them: revoke those registered
     previous_device_ids: tuple[str, ...] = ()
+    #: with ``force``: what it erased of what was there, in the words of ``init --help``
+    #: ("the local store", ...), so the command can say so
+    erased: tuple[str, ...] = ()
 
 
 def _public_openssh(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -703,6 +706,7 @@ def init_identity(
             result = _create_identity(layout, existing, passphrase, passphrase_env, scrypt)
             result = replace(result, previous_device_ids=tuple(device_id_of(p) for p in previous))
             if force:  # unreadable with the new key: remove rather than leave junk
+                result = replace(result, erased=_erased_by_force(layout))
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{layout.store_db}{suffix}").unlink(missing_ok=True)
                 shutil.rmtree(layout.models_dir, ignore_errors=True)
@@ -720,6 +724,21 @@ def init_identity(
                     path.unlink(missing_ok=True)
             raise
     return result
+
+
+def _erased_by_force(layout: DeviceLayout) -> tuple[str, ...]:
+    """What ``init --force`` is about to erase that ``layout`` holds, named as its --help
+    names it: the command printed nothing of what it erased."""
+    store = [Path(f"{layout.store_db}{suffix}") for suffix in ("", "-wal", "-shm")]
+    models = layout.models_dir.is_dir() and any(layout.models_dir.iterdir())
+    federated = layout.state_dir / "federated"
+    parts = {
+        "the local store": any(p.exists() for p in store),
+        "the sealed models": models,
+        "the last federation's global model": (federated / "global.npz").exists(),
+        "logs/supernode.log": layout.supernode_log.exists(),
+    }
+    return tuple(name for name, present in parts.items() if present)
 
 
 def _create_identity(

@@ -29,6 +29,8 @@ from shared.federated.round_caps import MAX_ROUND_EPSILON, MAX_ROUND_STEPS
 from shared.privacy.budget import PrivacyBudget
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from client.device.supernode import SuperNodeOptions
     from client.device.training import LearnerConfig
 
@@ -193,8 +195,17 @@ def init(
             f"replaced keys are kept in {layout.previous_public_key}; "
             + _revoke_advice(result.previous_device_ids)
         )
+    if result.erased:  # init --force: what went and what stayed, as --help says
+        kept = ["the privacy ledger", "the rounds joined"]
+        kept += ["the catalog"] if catalog is None else []  # else replaced by --catalog
+        lines.append(f"erased {_and_join(result.erased)}; kept {_and_join(kept)}")
     typer.echo("\n".join(lines), err=True)
     typer.echo(result.public_key_openssh)
+
+
+def _and_join(names: Sequence[str]) -> str:
+    """``names`` as a list in words: "a", "a and b", "a, b and c"."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def _revoke_advice(replaced: tuple[str, ...]) -> str:
