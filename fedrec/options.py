@@ -17,7 +17,7 @@ import typer
 
 from shared.config import Scalar, kebab, parse_run_config
 from shared.errors import ConfigError
-from shared.io import home_path
+from shared.io import home_path, readable_message, readable_path
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -33,7 +33,7 @@ def expand_home(text: str, param: click.Parameter | None, ctx: click.Context | N
     try:
         return home_path(text)
     except ConfigError as err:
-        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+        raise click.BadParameter(readable_message(str(err)), ctx=ctx, param=param) from None
 
 
 class NonEmptyPath(click.ParamType):
@@ -55,7 +55,8 @@ class NonEmptyPath(click.ParamType):
             self.fail("must not be empty (give a folder; '.' for the current one)", param, ctx)
         path = expand_home(text, param, ctx)
         if path.exists() and not path.is_dir():
-            self.fail(f"{text} is a file, not a folder", param, ctx)
+            # a name the locale cannot decode as \xff, as the CLI's own error lines show it
+            self.fail(f"{readable_path(text)} is a file, not a folder", param, ctx)
         return path
 
 
