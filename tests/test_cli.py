@@ -1134,7 +1134,7 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
     publish_student(student, ds.item_ids, model, version="4", trained_on=trained_on)
     result = runner.invoke(app, ["evaluate", "model", str(model), "--format", "json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert (report["split"]["seed"], report["split"]["public_fraction"]) == (5, 0.3)
     assert report["model"]["trained_on"]["seed"] == 5
     same = ["--seed", "5", "--public-fraction", "0.3", "--dataset", "synthetic"]
@@ -1156,7 +1156,7 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
     publish_student(student, ds.item_ids, sized, version="4", trained_on=small)
     result = runner.invoke(app, ["evaluate", "model", str(sized), "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["dataset"]["users"] == 300
+    assert json.loads(result.stdout)["dataset"]["users"] == 300
     assert report["dataset"]["users"] == 1000  # the default world's, recorded without sizes
     older = tmp_path / "older" / "model-v4.int8.onnx"
     publish_student(student, ds.item_ids, older, version="4")
@@ -1164,7 +1164,7 @@ def test_evaluate_model_of_a_server_uses_the_data_and_split_its_metadata_records
     for given, seed in (([], 42), (["--seed", "7"], 7)):
         result = runner.invoke(app, [*args, *given])
         assert result.exit_code == 0, result.output
-        report = json.loads(result.output)
+        report = json.loads(result.stdout)
         assert report["split"]["seed"] == seed and report["model"]["trained_on"] is None
 
 
@@ -1355,7 +1355,7 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
     publish_student(student, dataset.item_ids, model, version="2")
     result = runner.invoke(app, ["evaluate", "model", str(model), "--format", "json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert (report["dataset"]["users"], report["split"]["seed"]) == (60, 5)
     (entry,) = report["results"].values()
     assert entry["loo"]["federated"]["users"] == len(split.evaluable(split.federated_users))
@@ -1374,6 +1374,48 @@ def test_evaluate_model_of_a_run_uses_the_runs_data_and_split(tmp_path: Path) ->
     assert isinstance(refused.exception, ConfigError)
     assert "on the synthetic world" in str(refused.exception)
     assert "drop --data-dir" in str(refused.exception)
+
+
+def test_evaluate_model_of_a_run_scores_at_the_runs_shots(tmp_path: Path) -> None:
+    """A run made with shots=2 had its model scored at K 1, 3, 5 and 10 (the command's own
+    default), not the K of the run's figures; it is now scored at the run's K and says so.
+    --shots still chooses, and a run whose config.json records no shots (older than the
+    setting) keeps the default, saying why."""
+    from shared.compression.artifact import publish_student
+    from shared.config import to_flat
+    from simulation.config import SimulationConfig
+    from simulation.pipeline import load_run_dataset
+
+    config = SimulationConfig(
+        seed=5, synthetic_users=60, synthetic_items=50, backend="inprocess", shots=(2,)
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = to_flat(config)
+    (run / "config.json").write_text(json.dumps({"simulation": settings}))
+    dataset = load_run_dataset(config)
+    model = run / "models" / "model-v2.int8.onnx"
+    publish_student(_untrained_student(dataset.n_items), dataset.item_ids, model, version="2")
+    args = ["evaluate", "model", str(model), "--format", "json"]
+
+    def scored(*given: str) -> tuple[list[str], dict[str, Any], str]:
+        result = runner.invoke(app, [*args, *given])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        (entry,) = report["results"].values()
+        return list(entry["fewshot"]), report["eval"], result.stderr
+
+    ks, used, said = scored()
+    assert ks == ["k=2"] and used["shots"] == [2]
+    assert used["source"] == {"shots": "the run's shots", "seed": "the run's"}
+    assert "evaluation settings: K 2 (the run's shots); HR@10 / NDCG@10 against 99" in said
+    ks, used, said = scored("--shots", "4", "--run-config", "n-negatives=19")
+    assert ks == ["k=4"] and used["n_negatives"] == 19 and "K 4 (--shots)" in said
+    del settings["shots"]
+    (run / "config.json").write_text(json.dumps({"simulation": settings}))
+    ks, used, said = scored()
+    assert ks == ["k=1", "k=3", "k=5", "k=10"]
+    assert "the default: the run's config.json records no shots" in said
 
 
 def test_evaluate_model_of_a_run_refuses_data_that_changed_since(tmp_path: Path) -> None:
@@ -1441,7 +1483,7 @@ def test_evaluate_model_of_a_server_refuses_data_that_changed_since(tmp_path: Pa
         publish_student(student, ds.item_ids, model, version="1", trained_on=record)
         result = runner.invoke(app, [*args, "--format", "json"])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["model"]["trained_on"] == asdict(record)
+        assert json.loads(result.stdout)["model"]["trained_on"] == asdict(record)
     _generic_data(tmp_path, reversed_time=True)
     assert runner.invoke(app, args).exit_code == 0  # the older record: not compared
     publish_student(student, ds.item_ids, model, version="1", trained_on=trained_on)
@@ -1480,7 +1522,7 @@ def test_evaluate_model_refuses_another_runs_model_in_a_runs_models_folder(
         result = runner.invoke(app, [*args, "--format", "json"])
         assert result.exit_code == 0, result.output
         # the report shows what the model records (it showed null for a run's model)
-        assert json.loads(result.output)["model"]["trained_on"] == asdict(trained_on)
+        assert json.loads(result.stdout)["model"]["trained_on"] == asdict(trained_on)
     publish_student(student, dataset.item_ids, model, version="2", trained_on=replace(own, seed=7))
     refused = runner.invoke(app, args)
     assert isinstance(refused.exception, ConfigError), refused.output

@@ -45,7 +45,7 @@ def test_simulate_tiny_world_end_to_end_and_resume(
         "--name",
         "tiny",
         "--run-config",
-        TINY,
+        f"{TINY} eval-negatives=19",  # the per-round evaluation's, not the final one's
         "--format",
         "json",
     ]
@@ -68,6 +68,20 @@ def test_simulate_tiny_world_end_to_end_and_resume(
     for model in ("ease (all)", "teacher", "student (federated)", "student int8 onnx"):
         assert 0 <= final[model]["federated"]["sampled_hr@10"] <= 1
     assert set(summary["fewshot"]["student (adapted)"]) == {"k=1", "k=3"}
+    # `fedrec evaluate model` on the published model reproduces the run's figures at the
+    # run's K (it scored K 5 and 10 too, the command's own default); --shots still chooses
+    published = ["evaluate", "model", str(run / "models" / "model-v2.int8.onnx")]
+    evaluated = CliRunner().invoke(app, [*published, "--format", "json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    (entry,) = json.loads(evaluated.stdout)["results"].values()
+    assert set(entry["fewshot"]) == {"k=1", "k=3"}
+    assert "K 1 3 (the run's shots)" in evaluated.stderr
+    for population in ("public", "federated"):
+        assert entry["loo"][population] == final["student int8 onnx"][population], population
+    asked = CliRunner().invoke(app, [*published, "--shots", "5", "--format", "json"])
+    assert asked.exit_code == 0, asked.output
+    (entry,) = json.loads(asked.stdout)["results"].values()
+    assert set(entry["fewshot"]) == {"k=5"}
     assert summary["artifact"]["int8_bytes"] < summary["artifact"]["fp32_bytes"]
     assert (run / "report.md").read_text().startswith("# Federated simulation report")
     for png in ("accuracy_per_round", "epsilon_per_round", "fewshot_vs_k", "comparison"):

@@ -122,7 +122,9 @@ def model(
     shots: Annotated[
         list[int] | None,
         typer.Option(
-            "--shots", help="Few-shot support sizes K (repeat the flag; default 1 3 5 10)."
+            "--shots",
+            help="Few-shot support sizes K (repeat the flag; default: those of the run whose "
+            "models/ holds PATH, else 1 3 5 10).",
         ),
     ] = None,
     export: Annotated[
@@ -145,7 +147,9 @@ def model(
     folder (scored on the data and split its metadata records, when its
     bundle came from `fedrec simulate`; otherwise give the dataset, --seed
     and fractions it was trained with, or users it trained on are tested on
-    what it learned). --data-dir says where that dataset is."""
+    what it learned). --data-dir says where that dataset is. A run's model is
+    scored at that run's K (its shots) and evaluation seed, reproducing its
+    summary's int8 figures; --shots and --run-config still choose others."""
     from shared.eval.model_evaluation import evaluate_model
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
     from simulation.pipeline import check_run_data, load_run_dataset, trained_with
@@ -165,7 +169,7 @@ def model(
     typed = dict(values)  # the settings asked for, which a model's recorded split checks
     values.setdefault("seed", seed)
     split_cfg, eval_cfg = _split_and_eval(values, unused=COLD_ITEM_KEYS)
-    ks = tuple(shots) if shots else (1, 3, 5, 10)
+    ks, ks_from = _shots_of(shots, run, run_root if run is not None else None)
     if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
         raise ConfigError(f"--shots must be distinct positive support sizes, got {list(ks)}")
     _check_outputs(output, export, model=path, shots=ks)
@@ -224,7 +228,23 @@ def model(
         )
     _refuse_changed_data(path, meta.trained_on, ds)
     name = f"{path.name} (v{meta.model_version}, {meta.quantization})"
+    if run is not None:
+        seed_from = "the run's"
+    elif recorded is not None:
+        seed_from = "recorded in its metadata"
+    else:
+        seed_from = "given" if "seed" in typed else "the default"
+    sources = {"shots": ks_from, "seed": seed_from}
+    # the rest of the protocol (k, the negatives) is EvalConfig's defaults, as in a run's
+    # final evaluation, unless --run-config gives another
+    typer.echo(
+        f"evaluation settings: K {' '.join(map(str, ks))} ({ks_from}); HR@{eval_cfg.k} / "
+        f"NDCG@{eval_cfg.k} against {eval_cfg.n_negatives} sampled negatives, seed "
+        f"{eval_cfg.seed} ({seed_from})",
+        err=True,
+    )
     report = evaluate_model(scorer, name, ds, split_cfg, eval_cfg, ks, export)
+    report["eval"] = {**report["eval"], "shots": list(ks), "source": sources}
     report["model"] = {
         "path": str(path),
         "version": meta.model_version,
@@ -245,6 +265,30 @@ def _emit(report: dict[str, Any], output: Path | None, fmt: str, k: int) -> None
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_table(report, k)
+
+
+DEFAULT_SHOTS = (1, 3, 5, 10)
+"""``evaluate model``'s few-shot K where neither ``--shots`` nor the model's run says."""
+
+
+def _shots_of(
+    given: list[int] | None, run: SimulationConfig | None, root: Path | None
+) -> tuple[tuple[int, ...], str]:
+    """The few-shot K to score at and where they come from: ``given`` (``--shots``), else
+    those of the run in ``root`` (settings ``run``) that trained the model, so its
+    summary's figures are reproduced (a run made with ``shots=1,3`` was scored at 5 and 10
+    too), else :data:`DEFAULT_SHOTS` (a server's model: its metadata records no K; a run
+    older than its ``shots`` setting, which ran at those)."""
+    from simulation.run_dir import RunDirectory
+
+    if given:
+        return tuple(given), "--shots"
+    if run is None or root is None:
+        return DEFAULT_SHOTS, "the default"
+    section = (RunDirectory.read_config(root) or {}).get("simulation") or {}
+    if "shots" not in section:
+        return DEFAULT_SHOTS, "the default: the run's config.json records no shots"
+    return tuple(run.shots), "the run's shots"
 
 
 def _split_of(trained: SimulationConfig | DataProvenance) -> dict[str, object]:
