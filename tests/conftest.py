@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,12 @@ from shared.data.dataset import RecDataset, build_dataset
 
 if TYPE_CHECKING:
     from shared.models.student import StudentModel
+
+# A suite started in the background of a non-interactive shell (`pytest &`, nohup) inherits
+# SIGINT ignored, and so would every process it starts: the tests of what Ctrl-C does then
+# failed ("the signal did not stop the run"). They run under Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ML100K = Path(
     os.environ.get(
