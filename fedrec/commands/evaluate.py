@@ -148,8 +148,9 @@ def model(
     bundle came from `fedrec simulate`; otherwise give the dataset, --seed
     and fractions it was trained with, or users it trained on are tested on
     what it learned). --data-dir says where that dataset is. A run's model is
-    scored at that run's K (its shots) and evaluation seed, reproducing its
-    summary's int8 figures; --shots and --run-config still choose others."""
+    scored with that run's evaluation seed, reproducing its summary's int8
+    (leave-one-out) figures, and at the run's K (its shots); --shots and
+    --run-config still choose others."""
     from shared.eval.model_evaluation import evaluate_model
     from shared.ondevice.runtime import OnDeviceModel, catalog_fingerprint
     from simulation.pipeline import check_run_data, load_run_dataset, trained_with
