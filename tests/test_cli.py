@@ -2096,5 +2096,7 @@ def test_every_error_line_shows_a_path_the_locale_cannot_decode_readably(
     code = _main(monkeypatch, *(arg.format(folder=folder) for arg in args))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
+    if args[-1] != "{folder}/file":  # not Click's usage error: the CLI's one-line error
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert f"{tmp_path}/caf\\xff" in err
     assert "\\udc" not in err and not re.search("[\udc80-\udcff]", err)
