@@ -1484,11 +1484,12 @@ def test_init_force_says_what_it_erased_and_what_it_kept(tmp_path: Path) -> None
     layout = init_identity(state).layout
     with DeviceStore.open(layout.store_db, DeviceIdentity.load(state).data_key()) as store:
         store.add_events([Event(i, "view", 1.0) for i in SECRET_IDS])
-    for path in (layout.models_dir / "m.sealed", layout.supernode_log, layout.ledger):
+    joined = state / "federated" / "joined.json"
+    for path in (layout.models_dir / "m.sealed", layout.supernode_log, layout.ledger, joined):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    (state / "federated").mkdir()
     (state / "federated" / "global.npz").write_bytes(b"x")
+    layout.catalog.write_text('["a"]')
 
     result = runner.invoke(client_app, ["init", "--state-dir", str(state), "--force"])
 
@@ -1509,3 +1510,10 @@ def test_init_force_says_what_it_erased_and_what_it_kept(tmp_path: Path) -> None
     assert "erased the local store; kept the privacy ledger and the rounds joined" in again.stderr
     fresh = runner.invoke(client_app, ["init", "--state-dir", str(tmp_path / "new"), "--force"])
     assert fresh.exit_code == 0 and "erased" not in fresh.stderr  # nothing was there
+    # what was never there is not named as kept (it said "kept the privacy ledger, the rounds
+    # joined and the catalog" of a device that had none of them)
+    unused = init_identity(tmp_path / "unused").layout
+    unused.store_db.write_bytes(b"x")
+    bare = runner.invoke(client_app, ["init", "--state-dir", str(unused.state_dir), "--force"])
+    assert bare.exit_code == 0, bare.output
+    assert bare.stderr.strip().splitlines()[-1] == "erased the local store"

@@ -195,10 +195,16 @@ def init(
             f"replaced keys are kept in {layout.previous_public_key}; "
             + _revoke_advice(result.previous_device_ids)
         )
-    if result.erased:  # init --force: what went and what stayed, as --help says
-        kept = ["the privacy ledger", "the rounds joined"]
-        kept += ["the catalog"] if catalog is None else []  # else replaced by --catalog
-        lines.append(f"erased {_and_join(result.erased)}; kept {_and_join(kept)}")
+    if result.erased:  # init --force: what went and what stayed (of what is there)
+        present = {
+            "the privacy ledger": layout.ledger,
+            "the rounds joined": layout.state_dir / "federated" / "joined.json",
+            # one given with --catalog replaced it
+            "the catalog": layout.catalog if catalog is None else None,
+        }
+        kept = [name for name, path in present.items() if path is not None and path.exists()]
+        note = f"erased {_and_join(result.erased)}"
+        lines.append(f"{note}; kept {_and_join(kept)}" if kept else note)
     typer.echo("\n".join(lines), err=True)
     typer.echo(result.public_key_openssh)
 
