@@ -82,7 +82,10 @@ def readable_message(text: str) -> str:
     written ``\\xff``, as :func:`readable_path` does, also where the message quotes a path
     with ``repr`` (``'caf\\udcff'``: repr escapes the surrogate itself, which read as a
     character code rather than the byte the file's name has). Escapes of other characters
-    and doubled backslashes are left as they are."""
+    and doubled backslashes are left as they are. Text is not parsed for quotes: a name
+    that itself holds the six characters ``\\udcff`` (a typed backslash) reads ``\\xff`` when
+    a message shows it unquoted, as a name holding ``\\xff`` already reads like the byte in
+    :func:`readable_path`'s display."""
     return _QUOTED_UNDECODED_BYTE.sub(r"\1\\x\2", readable_path(text))
 
 
