@@ -276,9 +276,9 @@ def _shots_of(
     given: list[int] | None, run: SimulationConfig | None, root: Path | None
 ) -> tuple[tuple[int, ...], str]:
     """The few-shot K to score at and where they come from: ``given`` (``--shots``), else
-    those of the run in ``root`` (settings ``run``) that trained the model, so its
-    summary's figures are reproduced (a run made with ``shots=1,3`` was scored at 5 and 10
-    too), else :data:`DEFAULT_SHOTS` (a server's model: its metadata records no K; a run
+    those of the run in ``root`` (settings ``run``) that trained the model, the K of its
+    summary's few-shot table (a run made with ``shots=1,3`` was scored at 5 and 10 too),
+    else :data:`DEFAULT_SHOTS` (a server's model: its metadata records no K; a run
     older than its ``shots`` setting, which ran at those)."""
     from simulation.run_dir import RunDirectory
 
