@@ -20,6 +20,7 @@ from shared.data.provenance import DataProvenance
 from shared.data.registry import check_no_data_dir, dataset_key
 from shared.data.synthetic import check_world_size
 from shared.errors import ConfigError
+from shared.eval.protocol import DEFAULT_SHOTS
 from shared.eval.splits import SplitConfig
 from shared.federated.local_config import LocalTrainConfig, check_noise_shares
 from shared.federated.round_caps import (
@@ -214,7 +215,7 @@ class SimulationConfig:
     server_beta2: float = ServerOptimizerSettings.beta2
     server_tau: float = ServerOptimizerSettings.tau
     # few-shot
-    shots: tuple[int, ...] = (1, 3, 5, 10)
+    shots: tuple[int, ...] = DEFAULT_SHOTS
     adapt_steps: int = 10
     adapt_lr: float = 0.001
     # runtime

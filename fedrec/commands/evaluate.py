@@ -35,7 +35,7 @@ from shared.eval.baseline_benchmark import (
     run_baseline_benchmark,
     summary_rows,
 )
-from shared.eval.protocol import EvalConfig, fewshot_recs_path
+from shared.eval.protocol import DEFAULT_SHOTS, EvalConfig, fewshot_recs_path
 from shared.eval.splits import SplitConfig
 from shared.io import REPORT_MODE, check_output_file, write_json_atomic
 
@@ -266,10 +266,6 @@ def _emit(report: dict[str, Any], output: Path | None, fmt: str, k: int) -> None
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_table(report, k)
-
-
-DEFAULT_SHOTS = (1, 3, 5, 10)
-"""``evaluate model``'s few-shot K where neither ``--shots`` nor the model's run says."""
 
 
 def _shots_of(

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from shared.data.dataset import RecDataset
 from shared.errors import ConfigError
 from shared.eval.protocol import (
+    DEFAULT_SHOTS,
     EvalConfig,
     check_recs_outputs,
     cold_item_cases,
@@ -42,7 +43,7 @@ class BaselineConfig:
 
     ease_l2: float = 250.0
     knn_neighbors: int = 100
-    shots: tuple[int, ...] = (1, 3, 5, 10)
+    shots: tuple[int, ...] = DEFAULT_SHOTS
     cold_items: bool = True
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from shared.data.dataset import RecDataset
 from shared.eval.baseline_benchmark import reported_populations, split_report
 from shared.eval.protocol import (
+    DEFAULT_SHOTS,
     EvalConfig,
     check_recs_outputs,
     evaluate_fewshot,
@@ -33,7 +34,7 @@ def evaluate_model(
     dataset: RecDataset,
     split_config: SplitConfig = SplitConfig(),
     eval_config: EvalConfig = EvalConfig(),
-    shots: Sequence[int] = (1, 3, 5, 10),
+    shots: Sequence[int] = DEFAULT_SHOTS,
     export_path: Path | None = None,
 ) -> dict[str, Any]:
     """``scorer``'s test figures per population (and few-shot per K, no adaptation: the

@@ -37,6 +37,10 @@ from shared.models.base import Scorer
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_SHOTS: tuple[int, ...] = (1, 3, 5, 10)
+"""The few-shot support sizes K the protocol reports (``../shared/PROTOCOL.md``,
+"Few-shot"): the default of every evaluation that scores cold-start users."""
+
 _WARNED_SHORT_POOLS: set[tuple[int, int]] = set()
 """``(catalog size, negatives)`` already warned about by :func:`case_ranks`."""
 
@@ -287,7 +291,7 @@ def evaluate_split(
 def fewshot_ranks(
     scorer: Scorer,
     split: ProtocolSplit,
-    shots: Sequence[int] = (1, 3, 5, 10),
+    shots: Sequence[int] = DEFAULT_SHOTS,
     config: EvalConfig = EvalConfig(),
 ) -> dict[str, CaseRanks]:
     """Few-shot ranks per ``'k=K'`` (what :func:`evaluate_fewshot` summarises)."""
@@ -297,7 +301,7 @@ def fewshot_ranks(
 def evaluate_fewshot(
     scorer: Scorer,
     split: ProtocolSplit,
-    shots: Sequence[int] = (1, 3, 5, 10),
+    shots: Sequence[int] = DEFAULT_SHOTS,
     config: EvalConfig = EvalConfig(),
 ) -> dict[str, dict[str, float]]:
     """Few-shot metrics per K for the cold-start users (fold-in from the support set)."""
