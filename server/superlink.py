@@ -12,11 +12,11 @@ How Flower 1.42 is used (its deployment engine; nothing of it is reimplemented h
   ``--disable-runtime-dependency-installation`` (the SuperExec it starts runs the ServerApp
   with the packages already installed; nothing is fetched at run time: the app's FAB carries
   only a generated ``pyproject.toml`` whose components point at this installed package).
-* ``flwr supernode register/unregister/ls``, ``flwr run`` and ``flwr ls/stop`` talk to the
-  Control API with ``FLWR_HOME=STATE_DIR/flwr-home``, whose ``config.toml`` names this
-  SuperLink (address + ``root-certificates = certs/ca.pem``). New keys are registered in
-  one process over one connection, with the ``flwr`` CLI's own client code
-  (:mod:`server.flwr_register`: ``flwr supernode register`` takes one key a call, 2.3 s each).
+* ``flwr supernode unregister/ls``, ``flwr run`` and ``flwr ls/stop`` talk to the Control
+  API with ``FLWR_HOME=STATE_DIR/flwr-home``, whose ``config.toml`` names this SuperLink
+  (address + ``root-certificates = certs/ca.pem``). New keys are registered in one process
+  over one connection, with the ``flwr`` CLI's own client code (:mod:`server.flwr_register`,
+  the same FLWR_HOME: ``flwr supernode register`` takes one key a call, 2.3 s each).
 * Registration takes effect at once on a running SuperLink (a revoked device's next request
   is refused); ``clients.json`` is the source of truth that every start re-applies (register
   what is missing, unregister what was revoked while the server was down, and any node no
@@ -162,10 +162,6 @@ class FlwrCli:
         """Registered node ids and their status (``registered``, ``online``, ...)."""
         out = self.call("supernode", "ls", CONNECTION)
         return {int(n["node-id"]): str(n.get("status", "")) for n in out.get("nodes", [])}
-
-    def register(self, public_key_file: Path) -> int:
-        out = self.call("supernode", "register", str(public_key_file.resolve()), CONNECTION)
-        return int(out["node-id"])
 
     def register_keys(self, public_keys: Sequence[str]) -> Iterator[int | SuperLinkError]:
         """Register each OpenSSH public key line, in order, over one connection (one

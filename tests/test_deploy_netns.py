@@ -333,6 +333,7 @@ def test_another_host_cannot_register_a_device_through_the_control_api(
     from client.device.identity import init_identity
     from server.state import init_state_dir
     from server.superlink import (
+        CONNECTION,
         FlwrCli,
         SuperLinkError,
         SuperLinkOptions,
@@ -351,8 +352,9 @@ def test_another_host_cannot_register_a_device_through_the_control_api(
         intruder = init_state_dir(tmp_path / "intruder-home", [SERVER_IP])
         (intruder.pki.ca_cert).write_bytes(layout.pki.ca_cert.read_bytes())
         write_connection(intruder, f"{SERVER_IP}:{SERVER_PORT}")
+        register = ("supernode", "register", str(intruder_key), CONNECTION)  # plain `flwr`
         with pytest.raises(SuperLinkError, match="only on its own machine"):
-            on_device.submit(FlwrCli(intruder).register, intruder_key).result()
+            on_device.submit(FlwrCli(intruder).call, *register).result()
         with pytest.raises(SuperLinkError, match="only on its own machine"):
             on_device.submit(FlwrCli(intruder).runs).result()
         assert on_server.submit(FlwrCli(layout).nodes).result() == {}  # nothing was registered
@@ -368,7 +370,9 @@ def test_another_host_cannot_register_a_device_through_the_control_api(
 
         assert on_device.submit(get, "/health").result() == 200  # reached over the link
         # the server itself still registers devices (what `register-client` runs)
-        assert on_server.submit(FlwrCli(layout).register, intruder_key).result() > 0
+        keys = [intruder_key.read_text()]
+        (node,) = on_server.submit(lambda: list(FlwrCli(layout).register_keys(keys))).result()
+        assert isinstance(node, int) and node > 0
     finally:
         on_server.submit(superlink.stop).result()
         on_server.shutdown()
